@@ -1,0 +1,55 @@
+# kupd -- top-level entry points.  Every target sets itself up: system
+# packages (scripts/setup-apt.sh) and the Python virtualenv (.venv) are
+# installed idempotently on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .stamp
+
+.PHONY: all setup build native python test demo lint bench vm-test kmod-freebsd-check clean
+
+all: build
+
+$(STAMP):
+	mkdir -p $(STAMP)
+
+$(STAMP)/apt: scripts/setup-apt.sh | $(STAMP)
+	bash scripts/setup-apt.sh
+	touch $@
+
+$(STAMP)/venv: pyproject.toml | $(STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)/apt $(STAMP)/venv
+
+# Native parts: the core, kupsim, libkup, example modules (kmod/Makefile).
+native: setup
+	$(MAKE) -C kmod
+
+# Python parts that need building: the C extension and generated gRPC stubs.
+python: setup native
+	$(PY) setup.py -q build_ext --inplace
+	$(MAKE) -s proto
+
+proto: setup
+	@if [ -f scripts/gen-proto.sh ]; then bash scripts/gen-proto.sh $(PY); fi
+
+build: native python
+
+test: build
+	$(PY) -m pytest tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+demo: build
+	$(PY) -m kupd.demo
+
+clean:
+	$(MAKE) -C kmod clean
+	rm -rf $(STAMP) build

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_os.h -- the contract between the OS-neutral core (kup_core.c) and a
+ * kernel host (kmod/linux, kmod/freebsd, kmod/kupsim).
+ *
+ * Why this split (the netmap pattern): the turn protocol, every bounds
+ * check and every state transition live once, in kup_core.c, and are
+ * tested in user space under sanitizers through kupsim.  A host only
+ * supplies what genuinely differs between kernels: sleeping locks,
+ * sleeping until a condition holds, waking the user side, allocating
+ * shareable zeroed memory, and publishing a device node.  If a host file
+ * grows logic about turns, lengths or sequence numbers, it belongs here.
+ *
+ * Each host provides a header "kup_host.h" (found on its include path)
+ * that must define, before this file's prototypes are used:
+ *
+ *   types
+ *     kup_lock_t            a SLEEPABLE mutex (held across module code
+ *                           between kupdev_receive and kupdev_unlock_channel)
+ *     struct kup_os_dev     host state embedded in every device
+ *     struct kup_os_chan    host state embedded in every channel
+ *   memory ordering on shared-memory words (uint32_t / uint64_t *)
+ *     KUP_LOAD_ACQ32(p)     load-acquire
+ *     KUP_STORE_REL32(p,v)  store-release
+ *     KUP_READ_ONCE32(p)    single, untorn load (no acquire)
+ *     KUP_READ_ONCE64(p)
+ *     KUP_WRITE_ONCE32(p,v) single, untorn store
+ *     KUP_WRITE_ONCE64(p,v)
+ *     KUP_FENCE()           full (seq_cst) fence
+ *     KUP_CPU_RELAX()       spin-loop hint
+ *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
+ *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
+ *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT.
+ */
+#ifndef KUP_OS_H
+#define KUP_OS_H
+
+#include "kup_host.h"
+#include "kupdev.h"
+
+struct kup_chan;
+
+/* ---- locks (sleepable) ---------------------------------------------- */
+void kup_lock_init(kup_lock_t *l, const char *what);
+void kup_lock_destroy(kup_lock_t *l);
+void kup_lock(kup_lock_t *l);
+void kup_unlock(kup_lock_t *l);
+
+/* ---- memory ----------------------------------------------------------- */
+void *kup_os_zalloc(size_t bytes);          /* zeroed, may sleep; NULL on failure */
+void  kup_os_free(void *p, size_t bytes);
+
+/* Allocate the shareable, zeroed, page-aligned memory of one channel
+ * (bytes = KUP_CHAN_BYTES(page, pages)) and return its kernel address;
+ * the host keeps whatever it needs to map it into a user process (memfd,
+ * vmalloc area, VM object) in ch's struct kup_os_chan.  NULL on failure. */
+void *kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes);
+void  kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch);
+
+/* The page size the host maps with. */
+uint32_t kup_os_page_size(void);
+
+/* ---- sleeping and waking ----------------------------------------------
+ * kup_os_chan_sleep: sleep until cond(ch) returns non-zero, the timeout
+ * expires, or the sleep is interrupted.  Returns 0 when cond held,
+ * -ETIMEDOUT, or -EINTR.  timeout_ms < 0 means no timeout.  The host must
+ * evaluate cond after arming its wake-up (prepare_to_wait / under the
+ * sleep mutex / after draining the eventfd), so that a kup_os_chan_wake
+ * issued between the caller's last check and the sleep is never lost.
+ * The core calls this only after setting kernel_waiting and fencing. */
+int  kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
+         int timeout_ms);
+/* Wake every kernel-side sleeper of ch (user asked for a wake-up, user
+ * detached, device shutting down). */
+void kup_os_chan_wake(struct kup_chan *ch);
+/* Wake the user side of ch: make its pollable fd readable (eventfd write,
+ * wake_up of the poll queue, selwakeup + KNOTE). */
+void kup_os_chan_wake_user(struct kup_chan *ch);
+
+/* The same pair for the device: kupdev_wait_channel sleeps here, and
+ * kup_os_dev_wake_user tells device watchers (announce, shutdown). */
+int  kup_os_dev_sleep(struct kupdev_softc *sc,
+         int (*cond)(struct kupdev_softc *), int timeout_ms);
+void kup_os_dev_wake(struct kupdev_softc *sc);
+void kup_os_dev_wake_user(struct kupdev_softc *sc);
+
+/* ---- device node ------------------------------------------------------
+ * Publish / withdraw the device for user space (misc device, make_dev_s,
+ * kupsim socket).  Publish is called after the softc is fully built;
+ * withdraw at the start of unload (no new opens) and must not wait for
+ * existing users.  kup_os_dev_release is called once, when the last
+ * reference is gone, for the host to free what remains. */
+int  kup_os_dev_publish(struct kupdev_softc *sc);
+void kup_os_dev_withdraw(struct kupdev_softc *sc);
+void kup_os_dev_release(struct kupdev_softc *sc);
+
+/* ---- diagnostics ------------------------------------------------------ */
+void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ======================================================================
+ * What the core offers the host (implemented in kup_core.c)
+ * ====================================================================== */
+
+/* Find a device by name and take a reference (NULL: no such device or
+ * shutting down). */
+struct kupdev_softc *kup_core_dev_get(const char *name);
+void kup_core_dev_ref(struct kupdev_softc *sc);
+void kup_core_dev_put(struct kupdev_softc *sc);   /* last put frees */
+
+/* A user side attaches channel chan_id (KUP_CHAN_ANY: first free announced
+ * one) and states the ABI version it was built for.  On success the channel
+ * page is reset (identity written, turn = kernel, sequences 0, attach_gen
+ * bumped), wait_channel waiters are woken and *out is the channel.
+ * Errors: -ENOENT (id out of range), -EAGAIN (not announced yet:
+ * EKU_NOTREADY), -EBUSY (attached elsewhere, or none free for ANY),
+ * -ESHUTDOWN, -EPROTONOSUPPORT (version: EKU_VERSION). */
+#define KUP_CHAN_ANY 0xffffffffU
+int  kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
+         uint32_t abi_version, struct kup_chan **out);
+/* The user side is gone (fd closed, process died): the channel is marked
+ * free, kernel-side waiters are woken and get -EPIPE.  Safe to call from
+ * the host's release/close path; never fails. */
+void kup_core_detach(struct kup_chan *ch);
+/* The user side asks the kernel side to wake (it handed over the turn and
+ * saw kernel_waiting set). */
+void kup_core_user_wake(struct kup_chan *ch);
+
+/* Geometry and facts the host needs for mmap bounds and ioctl replies. */
+size_t   kup_core_chan_bytes(const struct kup_chan *ch);
+void    *kup_core_chan_mem(const struct kup_chan *ch);
+uint32_t kup_core_chan_id(const struct kup_chan *ch);
+struct kupdev_softc *kup_core_chan_dev(const struct kup_chan *ch);
+struct kup_os_chan  *kup_core_chan_os(struct kup_chan *ch);
+struct kup_os_dev   *kup_core_dev_os(struct kupdev_softc *sc);
+struct kup_chan     *kup_core_chan_at(struct kupdev_softc *sc, uint32_t chan_id);
+const char          *kup_core_dev_name(const struct kupdev_softc *sc);
+
+/* A consistent snapshot for the host's "device info" request. */
+struct kup_core_info {
+	char     name[KUP_NAME_MAX];
+	uint32_t abi_version, page_size, chan_count, announced, pages, max_msg;
+	uint64_t notify_gen;
+	uint32_t shutting_down;
+	uint8_t  attached[KUP_MAX_CHANNELS];
+};
+void kup_core_info(struct kupdev_softc *sc, struct kup_core_info *out);
+
+/* Map a negative errno from the core to the KUP_E_* code user space sees. */
+int kup_core_errno_to_kup(int neg_errno);
+
+#endif /* KUP_OS_H */

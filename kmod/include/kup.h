@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup.h -- libkup, the user-space side of KUP.
+ *
+ * The seed's API (kernproxy_open, _channel, _receive, _send, _close,
+ * _error, kernproxy_errno) plus what it lacked: the received length and
+ * kind, an explicit pass, deadlines, and a pollable fd per channel (the
+ * seed's never-built asynchronous mode: poll/kqueue the fd, then call
+ * kernproxy_receive(..., KP_NB)).
+ *
+ * Backends: the device is reached through a backend chosen at
+ * kernproxy_open() time -- kupsim (a unix socket per device in
+ * $KUPSIM_DIR, default /run/kupsim), Linux (/dev/kup/<name>) or FreeBSD
+ * (/dev/kup/<name>).  KUP_BACKEND=sim|linux|freebsd forces one; by default
+ * a name containing '/' is a path, otherwise the kernel device is tried
+ * first and the kupsim socket second.  The turn protocol itself is the same
+ * code for all of them: only attach, wake-up and detach differ.
+ *
+ * Errors: functions that fail return NULL or -1 and set kernproxy_errno
+ * (thread-local) and the handle's error (kernproxy_error) to a KUP_E_* /
+ * EKU_* code from kup_abi.h; EKU_SYS means errno says more.
+ *
+ * Threads: a channel handle is used by one thread at a time; different
+ * channels may be used by different threads at once.
+ */
+#ifndef KUP_H
+#define KUP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "kup_abi.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The seed's names for the error codes. */
+#define EKU_SHUTDOWN  KUP_E_SHUTDOWN
+#define EKU_NOTREADY  KUP_E_NOTREADY
+#define EKU_NOTTURN   KUP_E_NOTTURN
+#define EKU_TOOBIG    KUP_E_TOOBIG
+#define EKU_TIMEDOUT  KUP_E_TIMEDOUT
+#define EKU_PROTO     KUP_E_PROTO
+#define EKU_VERSION   KUP_E_VERSION
+#define EKU_BUSY      KUP_E_BUSY
+#define EKU_NOENT     KUP_E_NOENT
+#define EKU_PEER      KUP_E_PEER
+#define EKU_INVAL     KUP_E_INVAL
+#define EKU_SYS       KUP_E_SYS
+
+/* flags for kernproxy_receive / kernproxy_send */
+#define KP_NB         0x1   /* non-blocking: EKU_NOTREADY instead of waiting */
+
+#define KP_CHAN_ANY   ((size_t)-1)  /* kernproxy_channel: first free channel */
+
+extern __thread int kernproxy_errno;
+
+/* Device information (kernproxy_info). */
+struct kernproxy_info {
+	char     name[KUP_NAME_MAX];
+	uint32_t abi_version;
+	uint32_t page_size;
+	uint32_t chan_count;     /* channels on the device */
+	uint32_t announced;      /* channels announced (attachable) */
+	uint32_t pages;          /* pages per direction */
+	uint32_t max_msg;        /* bytes per message (= pages * page_size) */
+	uint64_t notify_gen;     /* bumped by every kupdev_notify/announce */
+	uint32_t shutting_down;  /* 1 once kupdev_unload has begun */
+	uint8_t  attached[KUP_MAX_CHANNELS]; /* 1 where a user side holds it */
+};
+
+/* A received message. */
+struct kernproxy_msg {
+	const void *data;   /* in the kernel->user area; valid until the next
+	                     * send/pass/close on this channel */
+	size_t      len;
+	uint32_t    kind;   /* KUP_KIND_DATA, _PASS or _CLOSE */
+	uint64_t    seq;
+};
+
+/* Open a KUP device by name.  NULL on failure (EKU_NOENT: no such device). */
+void *kernproxy_open(char const *name);
+
+/* Attach channel chan_id (or KP_CHAN_ANY) of the device, of size pages per
+ * direction (0: whatever the device has; otherwise must match, EKU_INVAL).
+ * EKU_NOTREADY: not yet announced; EKU_BUSY: attached elsewhere;
+ * EKU_VERSION: ABI mismatch; EKU_SHUTDOWN: device going away. */
+void *kernproxy_channel(void *handle, size_t chan_id, size_t size);
+
+/* The seed's receive: returns the payload pointer or NULL (kernproxy_errno
+ * says why: EKU_NOTREADY for a non-blocking call with nothing yet). */
+void *kernproxy_receive(void *chan, int flags);
+
+/* Receive with length/kind/seq and a timeout in ms (-1: forever, 0: do not
+ * wait).  Returns 0 or -1.  Receiving while this side already holds the
+ * turn and has consumed the last message is EKU_NOTTURN (it would wait
+ * forever: send or pass first). */
+int kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms);
+
+/* Send len bytes and hand the turn to the kernel.  Requires holding the
+ * turn: EKU_NOTTURN otherwise (never waits: waiting could only drop the
+ * message the kernel is writing).  EKU_TOOBIG, nothing sent, when
+ * len > max_msg.  flags is accepted for the seed's signature. */
+int kernproxy_send(void *chan, const void *data, size_t len, int flags);
+
+/* Hand the turn to the kernel without data (PASS). */
+int kernproxy_pass(void *chan);
+
+/* A fd that polls readable when the turn may have come to this side or the
+ * device is shutting down.  Level of truth is always the control page:
+ * after it polls readable call kernproxy_receive_msg(chan, &m, 0). */
+int kernproxy_fd(void *chan);
+
+/* Who holds the turn right now: 1 this side, 0 the kernel, -1 error. */
+int kernproxy_my_turn(void *chan);
+
+/* Channel facts. */
+size_t   kernproxy_max_msg(void *chan);
+uint32_t kernproxy_chan_id(void *chan);
+
+/* Device facts (handle from kernproxy_open). */
+int kernproxy_info(void *handle, struct kernproxy_info *info);
+
+/* A fd on the device that polls readable on device events (announce /
+ * shutdown); kernproxy_info() tells what changed. */
+int kernproxy_dev_fd(void *handle);
+
+/* Close a channel (sends CLOSE if holding the turn) or a device handle. */
+void kernproxy_close(void *handle);
+
+/* Last error on a handle (channel or device). */
+int kernproxy_error(void *handle);
+
+/* Human-readable name of a KUP_E_* code. */
+const char *kernproxy_strerror(int code);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KUP_H */

@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kupdev.h -- the KUP kernel API, for kernel modules that talk to user space.
+ *
+ * This is the seed's API (kupdev_create, _wait_channel, _notify, _send,
+ * _receive, _unlock_channel, _pass, _unload) with the same meaning, plus
+ * what the seed lacked: the received length and kind, bounded waits, and
+ * error returns instead of assertions.  The same source of a module builds
+ * for every host: the Linux kernel, the FreeBSD kernel and kupsim.
+ *
+ * Conventions:
+ *   - functions returning int return 0 (or a channel id) on success and a
+ *     NEGATIVE errno value on failure (-EINVAL, -ETIMEDOUT, -ESHUTDOWN,
+ *     -EPIPE, -EPROTO, -EMSGSIZE, -EBUSY, -EAGAIN, -ENOENT, -EINTR);
+ *   - timeouts are in milliseconds; KUPDEV_FOREVER waits without bound
+ *     (still interruptible by kupdev_unload and by peer departure);
+ *   - a channel is used by one kernel thread at a time per direction of
+ *     the turn; the core serialises callers with a per-channel lock.
+ *
+ * Turn semantics (see kup_abi.h): the kernel side owns a fresh channel.
+ * kupdev_send / kupdev_pass hand the turn to user space.  kupdev_receive
+ * waits until user space hands it back and returns the user's message with
+ * the channel locked; the payload stays valid until kupdev_unlock_channel
+ * (user space cannot write while the kernel owns the turn).  Sending while
+ * user space owns the turn is refused with -EAGAIN: it would overwrite
+ * nothing, but it would silently drop the message user space is writing.
+ */
+#ifndef KUPDEV_H
+#define KUPDEV_H
+
+#include "kup_abi.h"
+
+#if !defined(_KERNEL) && !defined(__KERNEL__)
+#include <stddef.h>
+#endif
+
+#define KUPDEV_FOREVER   (-1)
+
+struct kupdev_softc;
+
+/* A received message, filled by kupdev_receive_msg(). */
+struct kupdev_msg {
+	const void *data;   /* payload in the channel's user->kernel area */
+	size_t      len;    /* payload bytes, already bounds-checked */
+	uint32_t    kind;   /* KUP_KIND_DATA, KUP_KIND_PASS or KUP_KIND_CLOSE */
+	uint64_t    seq;    /* sequence number, already checked */
+};
+
+/* Create /dev/<name> (or the host's equivalent) with chan_cnt channels of
+ * size pages per direction.  Channels are not attachable by user space
+ * until announced by kupdev_notify() / kupdev_announce(): an attach before
+ * that fails with EKU_NOTREADY.  Returns NULL on failure (bad name,
+ * size or count out of range, name taken, no memory). */
+struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cnt);
+
+/* Wait until user space attaches a channel that the module has not yet
+ * been told about; returns its id, or a negative errno (-ESHUTDOWN once
+ * kupdev_unload has begun, -ETIMEDOUT). */
+int kupdev_wait_channel(struct kupdev_softc *sc);
+int kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms);
+
+/* Tell user space that new channels exist: announces every channel of the
+ * device and wakes watchers.  kupdev_announce() announces channels
+ * [0, count) only; count may only grow. */
+void kupdev_notify(struct kupdev_softc *sc);
+int  kupdev_announce(struct kupdev_softc *sc, size_t count);
+
+/* Copy len bytes into the kernel->user area and hand the turn to user
+ * space.  Requires the kernel to hold the turn (-EAGAIN otherwise) and
+ * len <= the data area (-EMSGSIZE, nothing sent).  -EPIPE if no user side
+ * is attached, -ESHUTDOWN during unload. */
+int kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_id);
+
+/* The seed's receive: wait (without bound) for user space to hand back the
+ * turn and return a pointer to its payload, channel locked; NULL on error
+ * (shutdown, peer gone, protocol error).  Use kupdev_receive_msg() for the
+ * length, kind and a timeout. */
+void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
+
+/* Wait up to timeout_ms for user space's next message.  On success the
+ * channel is locked until kupdev_unlock_channel().  Errors: -ETIMEDOUT,
+ * -EPIPE (user side left or died; the channel is free again), -EPROTO
+ * (bad length, kind or sequence in the control area: nothing was read
+ * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the
+ * turn and has consumed the last message: send or pass first). */
+int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
+    struct kupdev_msg *msg, int timeout_ms);
+
+/* Release the lock taken by a successful receive. */
+void kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id);
+
+/* Hand the turn to user space without data (the seed's dummy token). */
+int kupdev_pass(struct kupdev_softc *sc, int chan_id);
+
+/* Shut the device down: mark every channel KUP_STATE_SHUTDOWN, wake every
+ * waiter on both sides (user space sees EKU_SHUTDOWN, kernel callers
+ * -ESHUTDOWN), remove the device node and free it once the last user
+ * mapping is gone.  Returns 0, or -EBUSY where the host cannot force
+ * users off (never leaves the device half torn down). */
+int kupdev_unload(struct kupdev_softc *sc);
+
+/* Informational. */
+size_t kupdev_channel_count(const struct kupdev_softc *sc);
+size_t kupdev_data_size(const struct kupdev_softc *sc);
+int    kupdev_channel_attached(struct kupdev_softc *sc, int chan_id);
+
+#endif /* KUPDEV_H */

@@ -1,0 +1,168 @@
+"""The one error taxonomy of kupd.
+
+Every failure anywhere below the gRPC service -- the C channel layer, the
+session and call machinery, policy -- is raised as a subclass of
+:class:`KupError`.  The service edge maps these to gRPC status codes in one
+place (``kupd.service``), and the Python client maps the codes back to the
+same classes in one place (``kupclient``), so application code catches
+``kupd.errors.NotFound`` whether it talks to a channel directly or through
+kupd.
+
+The numeric ``code`` of the errors that come from the shared-page protocol
+is the ``KUP_E_*`` value of ``kmod/include/kup_abi.h`` (mirrored in
+``kupd.abi``); errors that exist only above the channel layer have
+``code = 0``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "Busy",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "KupError",
+    "NotFound",
+    "NotReady",
+    "NotYourTurn",
+    "PeerGone",
+    "PermissionDenied",
+    "ProtocolError",
+    "ResourceExhausted",
+    "Shutdown",
+    "SystemFailure",
+    "TooBig",
+    "VersionMismatch",
+    "error_for_code",
+]
+
+
+class KupError(Exception):
+    """Base of every kupd error.  ``code`` is the KUP_E_* value or 0."""
+
+    code: ClassVar[int] = 0
+    #: The seed's name of the condition, when it has one (e.g. ``EKU_SHUTDOWN``).
+    seed_name: ClassVar[str] = ""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Shutdown(KupError):
+    """The device is shutting down (the seed's EKU_SHUTDOWN)."""
+
+    code = 1001
+    seed_name = "EKU_SHUTDOWN"
+
+
+class NotReady(KupError):
+    """Not ready: the device has not announced the channel yet, or a
+    non-blocking operation would have to wait (the seed's EKU_NOTREADY)."""
+
+    code = 1002
+    seed_name = "EKU_NOTREADY"
+
+
+class NotYourTurn(KupError):
+    """The other side holds the turn."""
+
+    code = 1003
+    seed_name = "EKU_NOTTURN"
+
+
+class TooBig(KupError):
+    """A message is larger than the channel's data area; nothing was sent."""
+
+    code = 1004
+    seed_name = "EKU_TOOBIG"
+
+
+class DeadlineExceeded(KupError):
+    """A deadline passed before the operation could complete."""
+
+    code = 1005
+    seed_name = "EKU_TIMEDOUT"
+
+
+class ProtocolError(KupError):
+    """The peer broke the shared-page protocol (length, kind or sequence)."""
+
+    code = 1006
+    seed_name = "EKU_PROTO"
+
+
+class VersionMismatch(KupError):
+    """The channel's ABI magic or version is not the one we were built for."""
+
+    code = 1007
+    seed_name = "EKU_VERSION"
+
+
+class Busy(KupError):
+    """The channel (or lease) is held by someone else."""
+
+    code = 1008
+    seed_name = "EKU_BUSY"
+
+
+class NotFound(KupError):
+    """No such device, channel or lease."""
+
+    code = 1009
+    seed_name = "EKU_NOENT"
+
+
+class PeerGone(KupError):
+    """The other side left the channel (closed, died or was detached)."""
+
+    code = 1010
+    seed_name = "EKU_PEER"
+
+
+class InvalidArgument(KupError):
+    """A request argument is out of range or malformed."""
+
+    code = 1011
+    seed_name = "EKU_INVAL"
+
+
+class SystemFailure(KupError):
+    """A system call failed underneath the channel layer."""
+
+    code = 1012
+    seed_name = "EKU_SYS"
+
+
+class PermissionDenied(KupError):
+    """Policy forbids this tenant the operation."""
+
+
+class ResourceExhausted(KupError):
+    """A quota or limit was reached."""
+
+
+_BY_CODE: dict[int, type[KupError]] = {
+    cls.code: cls
+    for cls in (
+        Shutdown,
+        NotReady,
+        NotYourTurn,
+        TooBig,
+        DeadlineExceeded,
+        ProtocolError,
+        VersionMismatch,
+        Busy,
+        NotFound,
+        PeerGone,
+        InvalidArgument,
+        SystemFailure,
+    )
+}
+
+
+def error_for_code(code: int, message: str) -> KupError:
+    """Build the exception for a KUP_E_* code (unknown codes: SystemFailure)."""
+    cls = _BY_CODE.get(code, SystemFailure)
+    return cls(message)
