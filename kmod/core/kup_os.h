@@ -97,9 +97,24 @@ void kup_os_dev_release(struct kupdev_softc *sc);
 /* ---- diagnostics ------------------------------------------------------ */
 void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* ---- for modules (declared again in kup_module.h) ----------------------
+ * void kup_os_msleep(unsigned int ms);
+ * int  kup_os_param_int(const char *module, const char *name, int defval);
+ * struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
+ *                                        const char *name);
+ * int  kup_os_thread_join(struct kup_thread *t);
+ * See kmod/include/kup_module.h for their contract. */
+#include "kup_module.h"
+
 /* ======================================================================
  * What the core offers the host (implemented in kup_core.c)
  * ====================================================================== */
+
+/* Host load / unload: the core's device registry (its lock).  Call
+ * kup_core_init() once before any kupdev_create() and kup_core_fini() after
+ * the last device is gone.  0 or a negative errno. */
+int  kup_core_init(void);
+void kup_core_fini(void);
 
 /* Find a device by name and take a reference (NULL: no such device or
  * shutting down). */

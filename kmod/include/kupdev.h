@@ -99,6 +99,13 @@ int kupdev_pass(struct kupdev_softc *sc, int chan_id);
  * users off (never leaves the device half torn down). */
 int kupdev_unload(struct kupdev_softc *sc);
 
+/* First half of kupdev_unload, for modules with threads: mark every channel
+ * KUP_STATE_SHUTDOWN and wake every waiter on both sides; from now on every
+ * kupdev_* call on sc fails with -ESHUTDOWN, but sc stays valid until
+ * kupdev_unload().  Join your threads between the two calls.  Idempotent;
+ * kupdev_unload() calls it if the module did not. */
+int kupdev_shutdown(struct kupdev_softc *sc);
+
 /* Informational. */
 size_t kupdev_channel_count(const struct kupdev_softc *sc);
 size_t kupdev_data_size(const struct kupdev_softc *sc);

@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_module.h -- what a KUP kernel module (e.g. kmod/examples/echo) may use
+ * besides kupdev.h.  One module source builds for every host (kupsim,
+ * Linux, FreeBSD); this header is the whole portable surface:
+ *
+ *   - the two entry points every module defines:
+ *         int  kup_module_init(void);   0 or a negative errno
+ *         void kup_module_fini(void);
+ *     kupsim dlopen()s the module and calls them; the Linux host wraps
+ *     them in module_init/module_exit, FreeBSD in a DECLARE_MODULE handler.
+ *   - allocation, logging, sleeping, module parameters and kernel threads,
+ *     implemented by each host (kmod/kupsim/kupsim_glue.c, kmod/linux,
+ *     kmod/freebsd).  No libc: a module must not call printf/malloc/pthread.
+ *
+ * Unload rule for modules with threads: call kupdev_shutdown() (every
+ * blocked or future kupdev_* call on the device then fails with
+ * -ESHUTDOWN), join your threads, THEN kupdev_unload() (which drops the
+ * module's reference; the softc may be freed after it returns).
+ */
+#ifndef KUP_MODULE_H
+#define KUP_MODULE_H
+
+#include "kupdev.h"
+
+int  kup_module_init(void);
+void kup_module_fini(void);
+
+/* Zeroed memory, may sleep; NULL on failure.  Free with the same size. */
+void *kup_os_zalloc(size_t bytes);
+void  kup_os_free(void *p, size_t bytes);
+
+/* printf-like log line (kupsim: stderr; Linux: printk; FreeBSD: printf). */
+void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Sleep (interruptible by nothing; keep it short). */
+void kup_os_msleep(unsigned int ms);
+
+/* An integer module parameter, defval if unset or malformed.
+ * kupsim: environment variable KUP_PARAM_<MODULE>_<NAME> (upper-cased).
+ * Kernel hosts may map it to their module parameter mechanism. */
+int kup_os_param_int(const char *module, const char *name, int defval);
+
+/* Kernel threads.  kup_os_thread_start runs fn(arg) in a new kernel thread
+ * and returns a handle (NULL on failure); kup_os_thread_join waits until fn
+ * has returned, frees the handle and returns fn's value.  Every started
+ * thread must be joined exactly once. */
+struct kup_thread;
+struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
+    const char *name);
+int kup_os_thread_join(struct kup_thread *t);
+
+#endif /* KUP_MODULE_H */
