@@ -33,7 +33,9 @@ __all__ = [
     "Shutdown",
     "SystemFailure",
     "TooBig",
+    "Unavailable",
     "VersionMismatch",
+    "error_class",
     "error_for_code",
 ]
 
@@ -143,6 +145,12 @@ class ResourceExhausted(KupError):
     """A quota or limit was reached."""
 
 
+class Unavailable(KupError):
+    """The gateway cannot be reached, or refused service for a reason that is
+    not a device condition (client side: the socket is missing, the
+    connection broke)."""
+
+
 _BY_CODE: dict[int, type[KupError]] = {
     cls.code: cls
     for cls in (
@@ -166,3 +174,14 @@ def error_for_code(code: int, message: str) -> KupError:
     """Build the exception for a KUP_E_* code (unknown codes: SystemFailure)."""
     cls = _BY_CODE.get(code, SystemFailure)
     return cls(message)
+
+
+_BY_NAME: dict[str, type[KupError]] = {
+    cls.__name__: cls
+    for cls in (*_BY_CODE.values(), KupError, PermissionDenied, ResourceExhausted, Unavailable)
+}
+
+
+def error_class(name: str) -> type[KupError] | None:
+    """The error class called ``name`` (as carried on the wire), or None."""
+    return _BY_NAME.get(name)

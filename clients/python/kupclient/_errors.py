@@ -1,0 +1,63 @@
+"""gRPC status -> kupd.errors exception: the client's ONE mapping.
+
+The server attaches trailing metadata ``kup-error`` (the class name in
+:mod:`kupd.errors`) to every error it raises, and the same fields appear in
+a Session's in-band ``Error``; both are turned back into that class here.
+Statuses without it (gRPC's own: connection refused, client-side deadline)
+are mapped by code.
+
+The client imports the taxonomy from :mod:`kupd.errors` rather than keeping
+its own copy: the daemon and the client ship in one distribution, the module
+has no dependencies (importing ``kupd`` loads nothing else), and one set of
+classes means ``except kupd.errors.NotFound`` works the same whether code
+talks to a channel directly or through kupd.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kupapi import kup_pb2
+from kupd import errors
+
+__all__ = ["error_from_pb", "error_from_rpc"]
+
+_BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.NotYourTurn,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.ABORTED: errors.PeerGone,
+}
+
+
+def _build(kind: str, message: str, fallback: type[errors.KupError]) -> errors.KupError:
+    cls = errors.error_class(kind) if kind else None
+    return (cls or fallback)(message)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.KupError:
+    """The kupd.errors exception for a failed RPC."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    kind = ""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "kup-error":
+            kind = value if isinstance(value, str) else value.decode()
+    if not kind and code == grpc.StatusCode.UNAVAILABLE and "EKU_SHUTDOWN" in details:
+        kind = "Shutdown"
+    fallback = _BY_STATUS.get(code, errors.SystemFailure)
+    return _build(kind, details, fallback)
+
+
+def error_from_pb(err: kup_pb2.Error) -> errors.KupError:
+    """The exception for a Session's in-band error."""
+    try:
+        status = next(c for c in grpc.StatusCode if c.value[0] == err.grpc_code)
+    except StopIteration:
+        status = grpc.StatusCode.UNKNOWN
+    return _build(err.kind, err.message, _BY_STATUS.get(status, errors.SystemFailure))

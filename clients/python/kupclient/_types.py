@@ -1,0 +1,179 @@
+"""Plain data types of the client API (converted from the protobuf messages)."""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from dataclasses import dataclass, field
+
+from kupapi import MAX_GRPC_MESSAGE, kup_pb2
+from kupd.abi import Kind
+
+__all__ = [
+    "ChannelInfo",
+    "DeviceInfo",
+    "EventType",
+    "Kind",
+    "Lease",
+    "Message",
+    "WatchEvent",
+    "channel_options",
+    "default_caller",
+    "message_from_pb",
+    "receive_mode",
+    "target_for",
+]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message from the kernel side: payload, kind and sequence number."""
+
+    data: bytes
+    kind: Kind
+    seq: int
+
+
+@dataclass(frozen=True)
+class ChannelInfo:
+    id: int
+    state: str  # "free", "session", "lease", "calls", "quarantined", "external", "not_announced"
+    lease_id: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    reachable: bool
+    abi_version: int
+    page_size: int
+    channel_count: int
+    announced: int
+    pages_per_channel: int
+    max_message_bytes: int
+    notify_gen: int
+    shutting_down: bool
+    call_channels: int
+    error: str = ""
+    channels: list[ChannelInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    device: str
+    channel: int
+    max_message_bytes: int
+    idle_timeout_ms: int
+
+
+class EventType(enum.Enum):
+    DEVICE_APPEARED = kup_pb2.WATCH_EVENT_TYPE_DEVICE_APPEARED
+    DEVICE_GONE = kup_pb2.WATCH_EVENT_TYPE_DEVICE_GONE
+    CHANNELS_ANNOUNCED = kup_pb2.WATCH_EVENT_TYPE_CHANNELS_ANNOUNCED
+    DEVICE_SHUTTING_DOWN = kup_pb2.WATCH_EVENT_TYPE_DEVICE_SHUTTING_DOWN
+    LEASE_TAKEN = kup_pb2.WATCH_EVENT_TYPE_LEASE_TAKEN
+    LEASE_RELEASED = kup_pb2.WATCH_EVENT_TYPE_LEASE_RELEASED
+    SERVER_SHUTTING_DOWN = kup_pb2.WATCH_EVENT_TYPE_SERVER_SHUTTING_DOWN
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: EventType
+    device: str
+    channel: int = 0
+    lease_id: str = ""
+    holder: str = ""
+    announced: int = 0
+    notify_gen: int = 0
+    reason: str = ""
+    initial: bool = False
+    time_unix_ms: int = 0
+
+    @classmethod
+    def from_pb(cls, ev: kup_pb2.WatchEvent) -> WatchEvent:
+        return cls(
+            type=EventType(ev.type),
+            device=ev.device,
+            channel=ev.channel,
+            lease_id=ev.lease_id,
+            holder=ev.holder,
+            announced=ev.announced,
+            notify_gen=ev.notify_gen,
+            reason=ev.reason,
+            initial=ev.initial,
+            time_unix_ms=ev.time_unix_ms,
+        )
+
+
+_STATE_NAMES = {
+    kup_pb2.CHANNEL_STATE_NOT_ANNOUNCED: "not_announced",
+    kup_pb2.CHANNEL_STATE_FREE: "free",
+    kup_pb2.CHANNEL_STATE_SESSION: "session",
+    kup_pb2.CHANNEL_STATE_LEASE: "lease",
+    kup_pb2.CHANNEL_STATE_CALLS: "calls",
+    kup_pb2.CHANNEL_STATE_QUARANTINED: "quarantined",
+    kup_pb2.CHANNEL_STATE_EXTERNAL: "external",
+}
+
+
+def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
+    return DeviceInfo(
+        name=d.name,
+        reachable=d.reachable,
+        abi_version=d.abi_version,
+        page_size=d.page_size,
+        channel_count=d.channel_count,
+        announced=d.announced,
+        pages_per_channel=d.pages_per_channel,
+        max_message_bytes=d.max_message_bytes,
+        notify_gen=d.notify_gen,
+        shutting_down=d.shutting_down,
+        call_channels=d.call_channels,
+        error=d.error,
+        channels=[
+            ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id)
+            for c in d.channels
+        ],
+    )
+
+
+def lease_from_pb(a: kup_pb2.AttachResponse) -> Lease:
+    return Lease(a.lease_id, a.device, a.channel, a.max_message_bytes, a.idle_timeout_ms)
+
+
+def message_from_pb(m: kup_pb2.Message) -> Message:
+    return Message(bytes(m.data), Kind(m.kind), m.seq)
+
+
+def receive_mode(timeout: float | None) -> tuple[kup_pb2.ReceiveMode.ValueType, int]:
+    """(mode, timeout_ms) for a libkup-style timeout: None blocks, 0 does not wait."""
+    if timeout is None:
+        return kup_pb2.RECEIVE_MODE_BLOCK, 0
+    if timeout < 0:
+        raise ValueError(f"timeout must be None or >= 0, not {timeout}")
+    if timeout == 0:
+        return kup_pb2.RECEIVE_MODE_NONBLOCK, 0
+    return kup_pb2.RECEIVE_MODE_DEADLINE, max(1, round(timeout * 1000))
+
+
+def target_for(path: str) -> str:
+    """The gRPC target of kupd's unix socket."""
+    if path.startswith("unix:"):
+        return path
+    return "unix:" + os.path.abspath(path)
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def default_caller() -> str:
+    """The Call fairness key of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"

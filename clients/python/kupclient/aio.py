@@ -1,0 +1,237 @@
+"""asyncio kupd client: the same API as :mod:`kupclient.client`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient._errors import error_from_pb, error_from_rpc
+from kupclient._types import (
+    DeviceInfo,
+    Lease,
+    Message,
+    WatchEvent,
+    channel_options,
+    default_caller,
+    device_from_pb,
+    lease_from_pb,
+    message_from_pb,
+    receive_mode,
+    target_for,
+)
+from kupd import errors
+
+__all__ = ["AsyncChannel", "AsyncClient", "AsyncDeviceHandle"]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else timeout + 5.0
+
+
+class AsyncClient:
+    """``async with AsyncClient(path) as c: await c.call("echo", b"hi")``."""
+
+    def __init__(self, path: str, *, caller: str | None = None) -> None:
+        self.path = path
+        self.caller = caller if caller is not None else default_caller()
+        self._channel = grpc.aio.insecure_channel(target_for(path), options=channel_options())
+        self._stub = kup_pb2_grpc.KupStub(self._channel)
+
+    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def devices(self, device: str = "") -> list[DeviceInfo]:
+        resp = await self._unary("ListDevices", kup_pb2.ListDevicesRequest(device=device), 30.0)
+        return [device_from_pb(d) for d in resp.devices]
+
+    async def open(self, device: str) -> AsyncDeviceHandle:
+        await self.devices(device)
+        return AsyncDeviceHandle(self, device)
+
+    async def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return name
+
+    async def call(self, device: str, data: bytes, timeout: float | None = None) -> Message:
+        req = kup_pb2.CallRequest(
+            device=device,
+            data=data,
+            timeout_ms=0 if timeout is None else max(1, round(timeout * 1000)),
+            caller=self.caller,
+        )
+        resp = await self._unary("Call", req, _deadline(timeout))
+        return message_from_pb(resp.reply)
+
+    async def watch(
+        self, device: str = "", *, initial_state: bool = False
+    ) -> AsyncIterator[WatchEvent]:
+        """Device and lease events; kupd's shutdown raises Shutdown at the end."""
+        call = self._stub.Watch(kup_pb2.WatchRequest(device=device, initial_state=initial_state))
+        try:
+            async for ev in call:
+                yield WatchEvent.from_pb(ev)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def attach(self, device: str, chan_id: int | None = None) -> Lease:
+        req = kup_pb2.AttachRequest(device=device)
+        if chan_id is not None:
+            req.channel = chan_id
+        return lease_from_pb(await self._unary("Attach", req, 30.0))
+
+    async def lease_send(self, lease_id: str, data: bytes) -> None:
+        await self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data), 30.0)
+
+    async def lease_pass(self, lease_id: str) -> None:
+        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_id), 30.0)
+
+    async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
+        mode, ms = receive_mode(timeout)
+        req = kup_pb2.ReceiveRequest(lease_id=lease_id, mode=mode, timeout_ms=ms)
+        resp = await self._unary("Receive", req, _deadline(timeout))
+        if resp.not_ready:
+            raise errors.NotReady(f"lease {lease_id}: no message yet")
+        return message_from_pb(resp.message)
+
+    async def release(self, lease_id: str) -> None:
+        await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_id), 30.0)
+
+
+class AsyncDeviceHandle:
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def info(self) -> DeviceInfo:
+        return (await self.client.devices(self.name))[0]
+
+    async def channel(self, chan_id: int | None = None) -> AsyncChannel:
+        """Open a Session holding channel ``chan_id`` (None: any free one)."""
+        ch = AsyncChannel(self.client, self.name)
+        await ch._attach(chan_id)
+        return ch
+
+    async def call(self, data: bytes, timeout: float | None = None) -> Message:
+        return await self.client.call(self.name, data, timeout)
+
+
+class AsyncChannel:
+    """One channel held through a Session stream (``await handle.channel()``)."""
+
+    def __init__(self, client: AsyncClient, device: str) -> None:
+        self.device = device
+        self._call = client._stub.Session()
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.id = -1
+        self.max_msg = 0
+
+    async def _attach(self, chan_id: int | None) -> None:
+        attach = kup_pb2.SessionAttach(device=self.device)
+        if chan_id is not None:
+            attach.channel = chan_id
+        try:
+            resp = await self._op(kup_pb2.SessionRequest(attach=attach))
+        except BaseException:
+            await self.close()
+            raise
+        self.lease = lease_from_pb(resp.attached)
+        self.id = self.lease.channel
+        self.max_msg = self.lease.max_message_bytes
+
+    async def _op(self, req: kup_pb2.SessionRequest) -> kup_pb2.SessionResponse:
+        async with self._lock:
+            if self._closed:
+                raise errors.InvalidArgument(f"channel of {self.device} is closed")
+            self._next_id += 1
+            req.request_id = self._next_id
+            try:
+                await self._call.write(req)
+                resp = await self._call.read()
+            except grpc.RpcError as exc:
+                self._closed = True
+                raise error_from_rpc(exc) from None
+            if resp is grpc.aio.EOF:
+                self._closed = True
+                try:
+                    await self._call
+                except grpc.RpcError as exc:
+                    raise error_from_rpc(exc) from None
+                raise errors.PeerGone(f"session on {self.device} ended")
+        assert isinstance(resp, kup_pb2.SessionResponse)
+        if resp.WhichOneof("result") == "error":
+            raise error_from_pb(resp.error)
+        return resp
+
+    async def send(self, data: bytes) -> None:
+        await self._op(kup_pb2.SessionRequest(send=kup_pb2.SessionSend(data=data)))
+
+    async def pass_(self) -> None:
+        await self._op(kup_pb2.SessionRequest(pass_turn=kup_pb2.SessionPass()))
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        mode, ms = receive_mode(timeout)
+        resp = await self._op(
+            kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
+        )
+        if resp.received.not_ready:
+            raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
+        return message_from_pb(resp.received.message)
+
+    async def try_receive(self) -> Message | None:
+        try:
+            return await self.receive(0)
+        except errors.NotReady:
+            return None
+
+    async def close(self) -> None:
+        if self._closed:
+            self._call.cancel()
+            return
+        self._closed = True
+        try:
+            await self._call.done_writing()
+            await self._call
+        except grpc.RpcError:
+            pass
+        except asyncio.CancelledError:
+            self._call.cancel()
+            raise
+
+    async def __aenter__(self) -> AsyncChannel:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
