@@ -1,0 +1,806 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * _kupchan.c -- kupd's CPython extension: libkup with the GIL released.
+ *
+ * Why C and not ctypes/cffi over libkup.so:
+ *   - The turn protocol lives in libkup (load-acquire / store-release of
+ *     ctrl->turn, the seq_cst fence pair around the waiting flag, the
+ *     short spin then sleep on the wake-up eventfd).  Only C can express
+ *     those fences; calling libkup from C keeps them in one place.
+ *   - Every blocking call must run with the GIL released, and the
+ *     bookkeeping around it (which thread owns the channel, copying the
+ *     payload out of the shared area before the next hand-over, bounded
+ *     wait slices so ^C and close() from another thread are noticed) has
+ *     to happen atomically with respect to other Python threads -- i.e.
+ *     while holding the GIL, right before and after the release.  With
+ *     ctypes the GIL is dropped around the foreign call only, and the
+ *     payload copy and the state checks would be Python code on every
+ *     message: slower, and racy for the gateway's thousands of channels.
+ *   - send() takes any buffer-protocol object without a Python-level copy
+ *     (the one unavoidable copy is into the shared data area); receive()
+ *     copies once out of the shared area into the result bytes (the area
+ *     is reused at the next hand-over, so it cannot be exported).
+ *
+ * Why libkup's sources are compiled into this extension (setup.py globs
+ * kmod/libkup/ *.c) rather than linking kmod/out/libkup.a: the archive is
+ * built for C programs and need not be position-independent, and a
+ * non-PIC archive cannot be linked into a shared object.  Compiling the
+ * sources here gives them the extension's -fPIC and -Wall -Wextra -Werror,
+ * keeps `pip install -e .` self-contained, and still uses the exact same
+ * protocol code as the C clients -- there is no second implementation.
+ *
+ * Errors: every KUP_E_* code is turned into an exception by ONE function,
+ * kupd.errors.error_for_code (imported at module init); this file only
+ * builds the message.  The code -> class mapping lives in kupd/errors.py.
+ *
+ * Concurrency: libkup allows one thread per channel handle at a time.  A
+ * channel object is marked busy (under the GIL) for the duration of each
+ * operation; a second thread using the same channel meanwhile gets Busy
+ * instead of corrupting it.  close() while another thread is blocked in
+ * receive() is deferred: the receiver notices within one wait slice,
+ * raises InvalidArgument("closed by another thread") and closes the handle
+ * itself.  Device operations (info, attach) are serialised by a lock.
+ * A device handle is closed only after its last channel is closed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "kup.h"
+
+/* Longest single sleep inside libkup before we look at signals, deadline
+ * and close requests again.  An idle waiter wakes this often: negligible
+ * CPU, and ^C / close() are noticed within this bound. */
+#define WAIT_SLICE_MS 200
+/* Payloads at least this large are copied out with the GIL released. */
+#define BIG_COPY 65536
+
+static PyObject *error_for_code; /* kupd.errors.error_for_code */
+
+/* ------------------------------------------------------------------ */
+/* errors                                                               */
+/* ------------------------------------------------------------------ */
+
+/* Raise the kupd.errors class for code with a message naming what failed.
+ * Always returns NULL. */
+static PyObject *
+raise_kup(int code, int sys_errno, const char *fmt, ...)
+{
+	va_list ap;
+	PyObject *what, *msg = NULL, *exc = NULL;
+
+	va_start(ap, fmt);
+	what = PyUnicode_FromFormatV(fmt, ap);
+	va_end(ap);
+	if (what == NULL)
+		return NULL;
+	if (code == KUP_E_SYS && sys_errno != 0)
+		msg = PyUnicode_FromFormat("%U: %s (%s)", what, kernproxy_strerror(code),
+		    strerror(sys_errno));
+	else
+		msg = PyUnicode_FromFormat("%U: %s", what, kernproxy_strerror(code));
+	if (msg == NULL)
+		goto out;
+	exc = PyObject_CallFunction(error_for_code, "iO", code, msg);
+	if (exc == NULL)
+		goto out;
+	PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+out:
+	Py_XDECREF(exc);
+	Py_XDECREF(msg);
+	Py_DECREF(what);
+	return NULL;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ------------------------------------------------------------------ */
+/* Device                                                               */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	PyObject_HEAD
+	void *h;                 /* kernproxy_open handle; NULL once released */
+	PyThread_type_lock lock; /* serialises device operations */
+	PyObject *name;          /* str, as given to open() */
+	Py_ssize_t nchannels;    /* channel objects not yet closed */
+	int closed;              /* close() was called */
+} DeviceObject;
+
+typedef struct {
+	PyObject_HEAD
+	void *h;                 /* kernproxy_channel handle; NULL once closed */
+	DeviceObject *dev;       /* strong reference */
+	uint32_t id;
+	size_t max_msg;
+	int fd;
+	int busy;                /* an operation is in progress (GIL released) */
+	int close_requested;     /* close() arrived while busy */
+} ChannelObject;
+
+static PyTypeObject DeviceType;
+static PyTypeObject ChannelType;
+
+static void
+device_release_handle(DeviceObject *d)
+{
+	void *h = d->h;
+
+	d->h = NULL;
+	if (h != NULL) {
+		Py_BEGIN_ALLOW_THREADS
+		kernproxy_close(h);
+		Py_END_ALLOW_THREADS
+	}
+}
+
+static int
+device_lock(DeviceObject *d)
+{
+	if (!PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
+		Py_BEGIN_ALLOW_THREADS
+		PyThread_acquire_lock(d->lock, WAIT_LOCK);
+		Py_END_ALLOW_THREADS
+	}
+	if (d->closed || d->h == NULL) {
+		PyThread_release_lock(d->lock);
+		raise_kup(KUP_E_INVAL, 0, "device %U is closed", d->name);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *
+kupchan_open(PyObject *mod, PyObject *arg)
+{
+	const char *name;
+	void *h;
+	int code, sys_errno;
+	DeviceObject *d;
+
+	(void)mod;
+	if (!PyUnicode_Check(arg)) {
+		PyErr_Format(PyExc_TypeError, "device name must be str, not %.100s",
+		    Py_TYPE(arg)->tp_name);
+		return NULL;
+	}
+	name = PyUnicode_AsUTF8(arg);
+	if (name == NULL)
+		return NULL;
+	if (name[0] == '\0' || strlen(name) != (size_t)PyUnicode_GET_LENGTH(arg))
+		return raise_kup(KUP_E_INVAL, 0, "open %R: empty name or NUL in name", arg);
+	Py_BEGIN_ALLOW_THREADS
+	h = kernproxy_open(name);
+	code = kernproxy_errno;
+	sys_errno = errno;
+	Py_END_ALLOW_THREADS
+	if (h == NULL)
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno, "open device %R", arg);
+
+	d = PyObject_New(DeviceObject, &DeviceType);
+	if (d == NULL)
+		goto fail_close;
+	d->h = h;
+	d->name = Py_NewRef(arg);
+	d->nchannels = 0;
+	d->closed = 0;
+	d->lock = PyThread_allocate_lock();
+	if (d->lock == NULL) {
+		Py_DECREF(d); /* dealloc closes h */
+		return PyErr_NoMemory();
+	}
+	return (PyObject *)d;
+fail_close:
+	kernproxy_close(h);
+	return NULL;
+}
+
+static void
+device_dealloc(DeviceObject *d)
+{
+	/* Channels hold a reference: none can be open here. */
+	device_release_handle(d);
+	if (d->lock != NULL)
+		PyThread_free_lock(d->lock);
+	Py_XDECREF(d->name);
+	PyObject_Free(d);
+}
+
+static PyObject *
+device_info(DeviceObject *d, PyObject *unused)
+{
+	struct kernproxy_info *info;
+	int rc, code, sys_errno;
+	uint32_t n;
+	PyObject *res = NULL;
+
+	(void)unused;
+	info = PyMem_Calloc(1, sizeof(*info)); /* ~1 KiB: keep it off the stack */
+	if (info == NULL)
+		return PyErr_NoMemory();
+	if (device_lock(d) < 0)
+		goto out;
+	Py_BEGIN_ALLOW_THREADS
+	rc = kernproxy_info(d->h, info);
+	code = kernproxy_errno;
+	sys_errno = errno;
+	Py_END_ALLOW_THREADS
+	PyThread_release_lock(d->lock);
+	if (rc != 0) {
+		raise_kup(code ? code : KUP_E_SYS, sys_errno, "info on device %U", d->name);
+		goto out;
+	}
+	n = info->chan_count;
+	if (n > KUP_MAX_CHANNELS) {
+		raise_kup(KUP_E_PROTO, 0, "info on device %U: chan_count %u > %u", d->name,
+		    (unsigned)n, (unsigned)KUP_MAX_CHANNELS);
+		goto out;
+	}
+	res = Py_BuildValue("(s#IIIIIIKIy#)", info->name, (Py_ssize_t)strnlen(info->name,
+	    sizeof(info->name)), info->abi_version, info->page_size, info->chan_count,
+	    info->announced, info->pages, info->max_msg, (unsigned long long)info->notify_gen,
+	    info->shutting_down, (const char *)info->attached, (Py_ssize_t)n);
+out:
+	PyMem_Free(info);
+	return res;
+}
+
+static PyObject *
+device_channel(DeviceObject *d, PyObject *args)
+{
+	long long want;
+	unsigned long long pages = 0;
+	size_t id;
+	void *h;
+	int code, sys_errno;
+	ChannelObject *c;
+
+	if (!PyArg_ParseTuple(args, "L|K:channel", &want, &pages))
+		return NULL;
+	if (want < -1 || want >= (long long)KUP_MAX_CHANNELS)
+		return raise_kup(KUP_E_INVAL, 0, "channel id %lld on device %U: not in [0, %u)",
+		    want, d->name, (unsigned)KUP_MAX_CHANNELS);
+	if (pages > KUP_MAX_PAGES)
+		return raise_kup(KUP_E_INVAL, 0, "channel pages %llu on device %U: more than %u",
+		    pages, d->name, (unsigned)KUP_MAX_PAGES);
+	id = want < 0 ? KP_CHAN_ANY : (size_t)want;
+	if (device_lock(d) < 0)
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	h = kernproxy_channel(d->h, id, (size_t)pages);
+	code = kernproxy_errno;
+	sys_errno = errno;
+	Py_END_ALLOW_THREADS
+	PyThread_release_lock(d->lock);
+	if (h == NULL) {
+		if (want < 0)
+			return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+			    "attach any channel of device %U", d->name);
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+		    "attach channel %lld of device %U", want, d->name);
+	}
+	c = PyObject_New(ChannelObject, &ChannelType);
+	if (c == NULL) {
+		kernproxy_close(h);
+		return NULL;
+	}
+	c->h = h;
+	c->dev = (DeviceObject *)Py_NewRef(d);
+	c->id = kernproxy_chan_id(h);
+	c->max_msg = kernproxy_max_msg(h);
+	c->fd = kernproxy_fd(h);
+	c->busy = 0;
+	c->close_requested = 0;
+	d->nchannels++;
+	return (PyObject *)c;
+}
+
+static PyObject *
+device_event_fd(DeviceObject *d, PyObject *unused)
+{
+	int fd;
+
+	(void)unused;
+	if (d->closed || d->h == NULL)
+		return raise_kup(KUP_E_INVAL, 0, "device %U is closed", d->name);
+	fd = kernproxy_dev_fd(d->h);
+	if (fd < 0)
+		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+		    "event fd of device %U", d->name);
+	return PyLong_FromLong(fd);
+}
+
+static PyObject *
+device_close(DeviceObject *d, PyObject *unused)
+{
+	(void)unused;
+	if (d->closed)
+		Py_RETURN_NONE;
+	d->closed = 1;
+	/* Wait for a device operation in flight, then release the handle
+	 * unless channels still use it (the last channel releases it). */
+	if (!PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
+		Py_BEGIN_ALLOW_THREADS
+		PyThread_acquire_lock(d->lock, WAIT_LOCK);
+		Py_END_ALLOW_THREADS
+	}
+	PyThread_release_lock(d->lock);
+	if (d->nchannels == 0)
+		device_release_handle(d);
+	Py_RETURN_NONE;
+}
+
+static PyObject *
+device_get_closed(DeviceObject *d, void *unused)
+{
+	(void)unused;
+	return PyBool_FromLong(d->closed);
+}
+
+static PyObject *
+device_get_name(DeviceObject *d, void *unused)
+{
+	(void)unused;
+	return Py_NewRef(d->name);
+}
+
+static PyMethodDef device_methods[] = {
+	{"info", (PyCFunction)device_info, METH_NOARGS,
+	 "info() -> (name, abi_version, page_size, chan_count, announced, pages, max_msg,"
+	 " notify_gen, shutting_down, attached: bytes)"},
+	{"channel", (PyCFunction)device_channel, METH_VARARGS,
+	 "channel(chan_id: int (-1: any free), pages: int = 0) -> Channel"},
+	{"event_fd", (PyCFunction)device_event_fd, METH_NOARGS,
+	 "event_fd() -> int: polls readable on device events"},
+	{"close", (PyCFunction)device_close, METH_NOARGS,
+	 "close(): idempotent; the handle is released when the last channel closes"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef device_getset[] = {
+	{"closed", (getter)device_get_closed, NULL, "close() was called", NULL},
+	{"name", (getter)device_get_name, NULL, "the name given to open()", NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DeviceType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "kupd._kupchan.Device",
+	.tp_basicsize = sizeof(DeviceObject),
+	.tp_dealloc = (destructor)device_dealloc,
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "A libkup device handle (use kupd.channel.Device).",
+	.tp_methods = device_methods,
+	.tp_getset = device_getset,
+};
+
+/* ------------------------------------------------------------------ */
+/* Channel                                                              */
+/* ------------------------------------------------------------------ */
+
+/* Release the libkup handle (sends CLOSE if this side holds the turn) and
+ * the device handle if this was its last channel and it was closed. */
+static void
+channel_release(ChannelObject *c)
+{
+	void *h = c->h;
+	DeviceObject *d = c->dev;
+
+	c->h = NULL;
+	if (h == NULL)
+		return;
+	Py_BEGIN_ALLOW_THREADS
+	kernproxy_close(h);
+	Py_END_ALLOW_THREADS
+	d->nchannels--;
+	if (d->nchannels == 0 && d->closed)
+		device_release_handle(d);
+}
+
+/* Claim the channel for one operation (GIL held).  -1 with an exception
+ * when it is closed or another thread is using it. */
+static int
+channel_enter(ChannelObject *c, const char *op)
+{
+	if (c->h == NULL || c->close_requested) {
+		raise_kup(KUP_E_INVAL, 0, "%s on channel %u of device %U: channel is closed", op,
+		    (unsigned)c->id, c->dev->name);
+		return -1;
+	}
+	if (c->busy) {
+		raise_kup(KUP_E_BUSY, 0,
+		    "%s on channel %u of device %U: another thread is using this channel", op,
+		    (unsigned)c->id, c->dev->name);
+		return -1;
+	}
+	c->busy = 1;
+	return 0;
+}
+
+/* End an operation; performs a close() that arrived meanwhile.  Returns
+ * 1 if it did (the caller's result should become an error). */
+static int
+channel_leave(ChannelObject *c)
+{
+	c->busy = 0;
+	if (c->close_requested) {
+		channel_release(c);
+		return 1;
+	}
+	return 0;
+}
+
+static void
+channel_dealloc(ChannelObject *c)
+{
+	channel_release(c);
+	Py_XDECREF(c->dev);
+	PyObject_Free(c);
+}
+
+static PyObject *
+channel_send(ChannelObject *c, PyObject *arg)
+{
+	Py_buffer view;
+	int rc, code = 0, sys_errno = 0;
+
+	if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (channel_enter(c, "send") < 0) {
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	if ((size_t)view.len > c->max_msg) {
+		c->busy = 0;
+		PyBuffer_Release(&view);
+		return raise_kup(KUP_E_TOOBIG, 0,
+		    "send of %zd bytes on channel %u of device %U (max_msg %zu)", view.len,
+		    (unsigned)c->id, c->dev->name, c->max_msg);
+	}
+	Py_BEGIN_ALLOW_THREADS
+	rc = kernproxy_send(c->h, view.buf, (size_t)view.len, 0);
+	if (rc != 0) {
+		code = kernproxy_errno;
+		sys_errno = errno;
+	}
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&view);
+	if (channel_leave(c) && rc == 0)
+		Py_RETURN_NONE; /* sent, then closed as asked */
+	if (rc != 0)
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+		    "send of %zd bytes on channel %u of device %U", view.len, (unsigned)c->id,
+		    c->dev->name);
+	Py_RETURN_NONE;
+}
+
+static PyObject *
+channel_pass(ChannelObject *c, PyObject *unused)
+{
+	int rc, code = 0, sys_errno = 0;
+
+	(void)unused;
+	if (channel_enter(c, "pass") < 0)
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	rc = kernproxy_pass(c->h);
+	if (rc != 0) {
+		code = kernproxy_errno;
+		sys_errno = errno;
+	}
+	Py_END_ALLOW_THREADS
+	channel_leave(c);
+	if (rc != 0)
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+		    "pass on channel %u of device %U", (unsigned)c->id, c->dev->name);
+	Py_RETURN_NONE;
+}
+
+/* Build (data: bytes, kind: int, seq: int) from a received message.  The
+ * channel is still claimed, so the data area cannot be reused meanwhile. */
+static PyObject *
+message_tuple(ChannelObject *c, const struct kernproxy_msg *m)
+{
+	PyObject *data, *res;
+
+	if (m->len > c->max_msg)  /* libkup checked; never trust twice-removed */
+		return raise_kup(KUP_E_PROTO, 0, "receive on channel %u of device %U: length %zu > %zu",
+		    (unsigned)c->id, c->dev->name, m->len, c->max_msg);
+	if (m->len >= BIG_COPY) {
+		data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m->len);
+		if (data == NULL)
+			return NULL;
+		Py_BEGIN_ALLOW_THREADS
+		memcpy(PyBytes_AS_STRING(data), m->data, m->len);
+		Py_END_ALLOW_THREADS
+	} else {
+		data = PyBytes_FromStringAndSize(m->len ? (const char *)m->data : "",
+		    (Py_ssize_t)m->len);
+		if (data == NULL)
+			return NULL;
+	}
+	res = Py_BuildValue("(NIK)", data, (unsigned)m->kind, (unsigned long long)m->seq);
+	return res;
+}
+
+/* The blocking receive.  timeout_ms < 0: forever; > 0: deadline.
+ * Waits in slices of at most WAIT_SLICE_MS with the GIL released. */
+static PyObject *
+channel_receive_wait(ChannelObject *c, long long timeout_ms)
+{
+	struct kernproxy_msg m;
+	int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
+	int rc, code, sys_errno, slice;
+	PyObject *res;
+
+	if (channel_enter(c, "receive") < 0)
+		return NULL;
+	for (;;) {
+		if (timeout_ms < 0) {
+			slice = WAIT_SLICE_MS;
+		} else {
+			int64_t left = deadline - now_ms();
+			if (left <= 0) {
+				code = KUP_E_TIMEDOUT;
+				sys_errno = 0;
+				break;
+			}
+			slice = left < WAIT_SLICE_MS ? (int)left : WAIT_SLICE_MS;
+		}
+		code = 0;
+		sys_errno = 0;
+		Py_BEGIN_ALLOW_THREADS
+		rc = kernproxy_receive_msg(c->h, &m, slice);
+		if (rc != 0) {
+			code = kernproxy_errno;
+			sys_errno = errno;
+		}
+		Py_END_ALLOW_THREADS
+		if (rc == 0) {
+			res = message_tuple(c, &m);
+			if (channel_leave(c)) {
+				Py_XDECREF(res);
+				goto closed;
+			}
+			return res;
+		}
+		if (code == KUP_E_TIMEDOUT || (code == KUP_E_SYS && sys_errno == EINTR)) {
+			if (c->close_requested)
+				break;
+			if (PyErr_CheckSignals() < 0) {
+				(void)channel_leave(c);
+				return NULL;
+			}
+			continue;
+		}
+		break;
+	}
+	if (channel_leave(c))
+		goto closed;
+	if (code == KUP_E_TIMEDOUT)
+		return raise_kup(code, 0, "receive on channel %u of device %U: no message within %lld ms",
+		    (unsigned)c->id, c->dev->name, timeout_ms);
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U",
+	    (unsigned)c->id, c->dev->name);
+closed:
+	return raise_kup(KUP_E_INVAL, 0,
+	    "receive on channel %u of device %U: channel was closed by another thread",
+	    (unsigned)c->id, c->dev->name);
+}
+
+/* Non-blocking receive with the GIL held (a few loads; no sleep).
+ * raise_notready: NotReady exception, else None, when nothing is there. */
+static PyObject *
+channel_receive_now(ChannelObject *c, int raise_notready)
+{
+	struct kernproxy_msg m;
+	int rc, code = 0, sys_errno = 0;
+	PyObject *res;
+
+	if (channel_enter(c, "receive") < 0)
+		return NULL;
+	rc = kernproxy_receive_msg(c->h, &m, 0);
+	if (rc != 0) {
+		code = kernproxy_errno;
+		sys_errno = errno;
+	}
+	if (rc == 0) {
+		res = message_tuple(c, &m);
+		c->busy = 0;
+		return res;
+	}
+	c->busy = 0;
+	if (code == KUP_E_NOTREADY && !raise_notready)
+		Py_RETURN_NONE;
+	if (code == KUP_E_NOTREADY)
+		return raise_kup(code, 0, "receive on channel %u of device %U: the kernel holds the turn",
+		    (unsigned)c->id, c->dev->name);
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U",
+	    (unsigned)c->id, c->dev->name);
+}
+
+static PyObject *
+channel_receive(ChannelObject *c, PyObject *arg)
+{
+	long long timeout_ms = PyLong_AsLongLong(arg);
+
+	if (timeout_ms == -1 && PyErr_Occurred())
+		return NULL;
+	if (timeout_ms < -1)
+		return raise_kup(KUP_E_INVAL, 0, "receive on channel %u of device %U: timeout %lld ms",
+		    (unsigned)c->id, c->dev->name, timeout_ms);
+	if (timeout_ms > ((long long)1 << 40))  /* ~35 years: no deadline overflow */
+		timeout_ms = -1;
+	if (timeout_ms == 0)
+		return channel_receive_now(c, 1);
+	return channel_receive_wait(c, timeout_ms);
+}
+
+static PyObject *
+channel_try_receive(ChannelObject *c, PyObject *unused)
+{
+	(void)unused;
+	return channel_receive_now(c, 0);
+}
+
+static PyObject *
+channel_my_turn(ChannelObject *c, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (c->h == NULL || c->close_requested)
+		return raise_kup(KUP_E_INVAL, 0, "my_turn on channel %u of device %U: channel is closed",
+		    (unsigned)c->id, c->dev->name);
+	r = kernproxy_my_turn(c->h);
+	if (r < 0)
+		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+		    "my_turn on channel %u of device %U", (unsigned)c->id, c->dev->name);
+	return PyBool_FromLong(r);
+}
+
+static PyObject *
+channel_fileno(ChannelObject *c, PyObject *unused)
+{
+	(void)unused;
+	if (c->h == NULL || c->close_requested)
+		return raise_kup(KUP_E_INVAL, 0, "fileno on channel %u of device %U: channel is closed",
+		    (unsigned)c->id, c->dev->name);
+	if (c->fd < 0)
+		return raise_kup(KUP_E_SYS, 0, "fileno on channel %u of device %U: libkup gave no fd",
+		    (unsigned)c->id, c->dev->name);
+	return PyLong_FromLong(c->fd);
+}
+
+static PyObject *
+channel_close(ChannelObject *c, PyObject *unused)
+{
+	(void)unused;
+	if (c->busy)
+		c->close_requested = 1; /* the thread inside finishes the close */
+	else
+		channel_release(c);
+	Py_RETURN_NONE;
+}
+
+static PyObject *
+channel_get_id(ChannelObject *c, void *unused)
+{
+	(void)unused;
+	return PyLong_FromUnsignedLong(c->id);
+}
+
+static PyObject *
+channel_get_max_msg(ChannelObject *c, void *unused)
+{
+	(void)unused;
+	return PyLong_FromSize_t(c->max_msg);
+}
+
+static PyObject *
+channel_get_closed(ChannelObject *c, void *unused)
+{
+	(void)unused;
+	return PyBool_FromLong(c->h == NULL || c->close_requested);
+}
+
+static PyMethodDef channel_methods[] = {
+	{"send", (PyCFunction)channel_send, METH_O, "send(buffer): DATA, hand the turn over"},
+	{"pass_", (PyCFunction)channel_pass, METH_NOARGS, "pass_(): hand the turn over (PASS)"},
+	{"receive", (PyCFunction)channel_receive, METH_O,
+	 "receive(timeout_ms: int; -1 forever, 0 non-blocking) -> (data, kind, seq)"},
+	{"try_receive", (PyCFunction)channel_try_receive, METH_NOARGS,
+	 "try_receive() -> (data, kind, seq) | None, never blocks"},
+	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
+	{"fileno", (PyCFunction)channel_fileno, METH_NOARGS, "fileno() -> int"},
+	{"close", (PyCFunction)channel_close, METH_NOARGS, "close(): idempotent"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef channel_getset[] = {
+	{"id", (getter)channel_get_id, NULL, "channel index on its device", NULL},
+	{"max_msg", (getter)channel_get_max_msg, NULL, "largest message in bytes", NULL},
+	{"closed", (getter)channel_get_closed, NULL, "close() was called", NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ChannelType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "kupd._kupchan.Channel",
+	.tp_basicsize = sizeof(ChannelObject),
+	.tp_dealloc = (destructor)channel_dealloc,
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "A libkup channel handle (use kupd.channel.Channel).",
+	.tp_methods = channel_methods,
+	.tp_getset = channel_getset,
+};
+
+/* ------------------------------------------------------------------ */
+/* module                                                               */
+/* ------------------------------------------------------------------ */
+
+static PyObject *
+kupchan_strerror(PyObject *mod, PyObject *arg)
+{
+	long code = PyLong_AsLong(arg);
+
+	(void)mod;
+	if (code == -1 && PyErr_Occurred())
+		return NULL;
+	return PyUnicode_FromString(kernproxy_strerror((int)code));
+}
+
+static PyMethodDef kupchan_methods[] = {
+	{"open", kupchan_open, METH_O, "open(name: str) -> Device"},
+	{"strerror", kupchan_strerror, METH_O, "strerror(code: int) -> str"},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef kupchan_module = {
+	PyModuleDef_HEAD_INIT,
+	.m_name = "kupd._kupchan",
+	.m_doc = "libkup bindings with the GIL released; use kupd.channel.",
+	.m_size = -1,
+	.m_methods = kupchan_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__kupchan(void)
+{
+	PyObject *m = NULL, *errors = NULL;
+
+	if (PyType_Ready(&DeviceType) < 0 || PyType_Ready(&ChannelType) < 0)
+		return NULL;
+	errors = PyImport_ImportModule("kupd.errors");
+	if (errors == NULL)
+		return NULL;
+	error_for_code = PyObject_GetAttrString(errors, "error_for_code");
+	Py_DECREF(errors);
+	if (error_for_code == NULL)
+		return NULL;
+	m = PyModule_Create(&kupchan_module);
+	if (m == NULL)
+		goto fail;
+	if (PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0 ||
+	    PyModule_AddObjectRef(m, "Channel", (PyObject *)&ChannelType) < 0 ||
+	    PyModule_AddIntConstant(m, "ABI_VERSION", KUP_ABI_VERSION) < 0 ||
+	    PyModule_AddIntConstant(m, "CHAN_ANY", -1) < 0 ||
+	    PyModule_AddIntConstant(m, "WAIT_SLICE_MS", WAIT_SLICE_MS) < 0)
+		goto fail;
+	return m;
+fail:
+	Py_XDECREF(m);
+	Py_CLEAR(error_for_code);
+	return NULL;
+}
