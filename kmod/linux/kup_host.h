@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_host.h -- the Linux kernel host's half of kmod/core/kup_os.h: types
+ * and memory-ordering primitives for the OS-neutral core.  Everything else
+ * of the host lives in kup_linux.c.
+ */
+#ifndef KUP_HOST_H
+#define KUP_HOST_H
+
+#include <linux/types.h>
+#include <linux/errno.h>
+#include <linux/string.h>
+#include <linux/mutex.h>
+#include <linux/wait.h>
+#include <linux/miscdevice.h>
+#include <linux/compiler.h>
+#include <asm/barrier.h>
+#include <asm/processor.h>
+
+#include "kup_abi.h"
+
+typedef struct mutex kup_lock_t;
+
+/* Host state embedded in every device (struct kupdev_softc). */
+struct kup_os_dev {
+	struct kupdev_softc *sc;      /* back pointer, set at publish */
+	struct miscdevice misc;       /* /dev/kup/<name> */
+	char name[KUP_NAME_MAX];      /* the device's name (for open) */
+	char misc_name[KUP_NAME_MAX + 8];   /* "kup-<name>" (sysfs) */
+	char node_name[KUP_NAME_MAX + 8];   /* "kup/<name>" (devtmpfs) */
+	int registered;               /* misc_register succeeded */
+	int withdrawn;                /* unload began: no new opens */
+	int wq_ready;                 /* the wait queues below are initialised */
+	wait_queue_head_t wq;         /* kernel-side sleepers (wait_channel) */
+	wait_queue_head_t poll_wq;    /* user space: device events */
+};
+
+/* Host state embedded in every channel (struct kup_chan). */
+struct kup_os_chan {
+	struct kup_chan *ch;          /* back pointer, set at mem alloc */
+	void *mem;                    /* vmalloc_user() area */
+	size_t bytes;
+	wait_queue_head_t wq;         /* kernel-side sleepers */
+	wait_queue_head_t poll_wq;    /* user space: turn / shutdown */
+};
+
+#define KUP_LOAD_ACQ32(p)      smp_load_acquire((const uint32_t *)(p))
+#define KUP_STORE_REL32(p, v)  smp_store_release((uint32_t *)(p), (uint32_t)(v))
+#define KUP_READ_ONCE32(p)     READ_ONCE(*(const uint32_t *)(p))
+#define KUP_READ_ONCE64(p)     READ_ONCE(*(const uint64_t *)(p))
+#define KUP_WRITE_ONCE32(p, v) WRITE_ONCE(*(uint32_t *)(p), (uint32_t)(v))
+#define KUP_WRITE_ONCE64(p, v) WRITE_ONCE(*(uint64_t *)(p), (uint64_t)(v))
+#define KUP_FENCE()            smp_mb()
+#define KUP_CPU_RELAX()        cpu_relax()
+
+#endif /* KUP_HOST_H */

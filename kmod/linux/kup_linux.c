@@ -1,0 +1,660 @@
+// SPDX-License-Identifier: BSD-2-Clause
+/*
+ * kup_linux.c -- the Linux kernel host of KUP: kmod/core/kup_os.h
+ * implemented with Linux primitives, plus the character device user space
+ * talks to (/dev/kup/<name>, ABI in kmod/include/kup_ioctl.h).
+ *
+ * Lifetimes (why nothing can vanish under a mapping):
+ *   - an open file holds a reference on its device (kup_core_dev_get);
+ *   - a mapping holds its file (vma->vm_file), so the file's release -- and
+ *     with it the detach and the device reference -- comes only after the
+ *     last munmap as well as the last close;
+ *   - the channel memory is freed by the core only when the last device
+ *     reference is gone (kup_os_chan_mem_free from the final put);
+ *   - file operations are owned by this module (THIS_MODULE), so kup.ko
+ *     stays loaded while any file is open; a client module (kup_echo.ko)
+ *     may unload at any time: its kupdev_unload shuts the device down and
+ *     drops its reference, the softc lives on until the files are gone.
+ */
+#include <linux/module.h>
+#include <linux/version.h>
+#include <linux/kernel.h>
+#include <linux/fs.h>
+#include <linux/mm.h>
+#include <linux/poll.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/uaccess.h>
+#include <linux/sched.h>
+#include <linux/kthread.h>
+#include <linux/completion.h>
+#include <linux/delay.h>
+#include <linux/moduleparam.h>
+#include <linux/miscdevice.h>
+
+#include "kup_os.h"
+#include "kup_ioctl.h"
+
+MODULE_LICENSE("Dual BSD/GPL");
+MODULE_DESCRIPTION("KUP: kernel-user proxy channels over shared pages");
+
+static char *params = "";
+module_param(params, charp, 0644);
+MODULE_PARM_DESC(params,
+    "parameters for KUP modules: \"module.name=int,...\" (kup_os_param_int)");
+
+/* ---- locks ------------------------------------------------------------ */
+
+void kup_lock_init(kup_lock_t *l, const char *what)
+{
+	(void)what;
+	mutex_init(l);
+}
+
+void kup_lock_destroy(kup_lock_t *l)
+{
+	mutex_destroy(l);
+}
+
+void kup_lock(kup_lock_t *l)
+{
+	mutex_lock(l);
+}
+
+void kup_unlock(kup_lock_t *l)
+{
+	mutex_unlock(l);
+}
+
+/* ---- memory ----------------------------------------------------------- */
+
+void *kup_os_zalloc(size_t bytes)
+{
+	return kvzalloc(bytes, GFP_KERNEL);
+}
+EXPORT_SYMBOL_GPL(kup_os_zalloc);
+
+void kup_os_free(void *p, size_t bytes)
+{
+	(void)bytes;
+	kvfree(p);
+}
+EXPORT_SYMBOL_GPL(kup_os_free);
+
+void *kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch,
+    size_t bytes)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+
+	(void)sc;
+	oc->ch = ch;
+	init_waitqueue_head(&oc->wq);
+	init_waitqueue_head(&oc->poll_wq);
+	if (bytes == 0 || bytes % PAGE_SIZE != 0)
+		return NULL;
+	/* zeroed, page aligned, flagged VM_USERMAP for remap_vmalloc_range */
+	oc->mem = vmalloc_user(bytes);
+	oc->bytes = oc->mem != NULL ? bytes : 0;
+	return oc->mem;
+}
+
+void kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+
+	(void)sc;
+	vfree(oc->mem);
+	oc->mem = NULL;
+	oc->bytes = 0;
+}
+
+uint32_t kup_os_page_size(void)
+{
+	return (uint32_t)PAGE_SIZE;
+}
+
+/* ---- sleeping and waking ---------------------------------------------- */
+
+static long kup_timeout_jiffies(int timeout_ms)
+{
+	if (timeout_ms < 0)
+		return MAX_SCHEDULE_TIMEOUT;
+	return (long)msecs_to_jiffies((unsigned int)timeout_ms);
+}
+
+/* wait_event_interruptible_timeout re-evaluates cond after queueing itself
+ * (prepare_to_wait_event), so a wake_up between the caller's last look and
+ * the sleep is never lost. */
+static int kup_sleep_result(long r)
+{
+	if (r > 0)
+		return 0;
+	if (r == 0)
+		return -ETIMEDOUT;
+	return -EINTR;
+}
+
+int kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
+    int timeout_ms)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	long r;
+
+	if (timeout_ms == 0)
+		return cond(ch) ? 0 : -ETIMEDOUT;
+	r = wait_event_interruptible_timeout(oc->wq, cond(ch),
+	    kup_timeout_jiffies(timeout_ms));
+	return kup_sleep_result(r);
+}
+
+void kup_os_chan_wake(struct kup_chan *ch)
+{
+	wake_up_all(&kup_core_chan_os(ch)->wq);
+}
+
+void kup_os_chan_wake_user(struct kup_chan *ch)
+{
+	wake_up_all(&kup_core_chan_os(ch)->poll_wq);
+}
+
+static void kup_os_dev_init_wq(struct kup_os_dev *od)
+{
+	if (!od->wq_ready) {
+		init_waitqueue_head(&od->wq);
+		init_waitqueue_head(&od->poll_wq);
+		od->wq_ready = 1;
+	}
+}
+
+int kup_os_dev_sleep(struct kupdev_softc *sc,
+    int (*cond)(struct kupdev_softc *), int timeout_ms)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	long r;
+
+	if (timeout_ms == 0)
+		return cond(sc) ? 0 : -ETIMEDOUT;
+	r = wait_event_interruptible_timeout(od->wq, cond(sc),
+	    kup_timeout_jiffies(timeout_ms));
+	return kup_sleep_result(r);
+}
+
+void kup_os_dev_wake(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (od->wq_ready)
+		wake_up_all(&od->wq);
+}
+
+void kup_os_dev_wake_user(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (od->wq_ready)
+		wake_up_all(&od->poll_wq);
+}
+
+/* ---- diagnostics, module helpers -------------------------------------- */
+
+void kup_os_log(const char *fmt, ...)
+{
+	struct va_format vaf;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vaf.fmt = fmt;
+	vaf.va = &ap;
+	pr_info("kup: %pV\n", &vaf);
+	va_end(ap);
+}
+EXPORT_SYMBOL_GPL(kup_os_log);
+
+void kup_os_msleep(unsigned int ms)
+{
+	msleep(ms);
+}
+EXPORT_SYMBOL_GPL(kup_os_msleep);
+
+/* kup.params="echo.chans=4,echo.pages=2": module.name=int pairs. */
+int kup_os_param_int(const char *module, const char *name, int defval)
+{
+	const char *p = READ_ONCE(params);
+	size_t ml = strlen(module), nl = strlen(name);
+
+	while (p != NULL && *p != '\0') {
+		const char *end = strchrnul(p, ',');
+		size_t len = (size_t)(end - p);
+
+		if (len > ml + nl + 2 && strncmp(p, module, ml) == 0 &&
+		    p[ml] == '.' && strncmp(p + ml + 1, name, nl) == 0 &&
+		    p[ml + 1 + nl] == '=') {
+			char num[24];
+			size_t vl = len - (ml + nl + 2);
+			int v;
+
+			if (vl >= sizeof(num))
+				return defval;
+			memcpy(num, p + ml + nl + 2, vl);
+			num[vl] = '\0';
+			return kstrtoint(num, 0, &v) == 0 ? v : defval;
+		}
+		p = *end == ',' ? end + 1 : end;
+	}
+	return defval;
+}
+EXPORT_SYMBOL_GPL(kup_os_param_int);
+
+struct kup_thread {
+	struct task_struct *task;
+	int (*fn)(void *);
+	void *arg;
+	struct completion done;
+};
+
+static int kup_thread_main(void *p)
+{
+	struct kup_thread *t = p;
+	int r = t->fn(t->arg);
+
+	complete(&t->done);
+	return r;
+}
+
+struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
+    const char *name)
+{
+	struct kup_thread *t = kzalloc(sizeof(*t), GFP_KERNEL);
+	struct task_struct *task;
+
+	if (t == NULL)
+		return NULL;
+	t->fn = fn;
+	t->arg = arg;
+	init_completion(&t->done);
+	task = kthread_create(kup_thread_main, t, "kup-%s", name);
+	if (IS_ERR(task)) {
+		kfree(t);
+		return NULL;
+	}
+	/* keep the task_struct: kthread_stop() after the thread exited */
+	get_task_struct(task);
+	t->task = task;
+	wake_up_process(task);
+	return t;
+}
+EXPORT_SYMBOL_GPL(kup_os_thread_start);
+
+int kup_os_thread_join(struct kup_thread *t)
+{
+	int r;
+
+	/* fn has returned once done completes; kthread_stop then collects its
+	 * value (waiting only for the last instructions of the thread) */
+	wait_for_completion(&t->done);
+	r = kthread_stop(t->task);
+	put_task_struct(t->task);
+	kfree(t);
+	return r;
+}
+EXPORT_SYMBOL_GPL(kup_os_thread_join);
+
+/* ---- the character device --------------------------------------------- */
+
+/* One open file description: a device handle, at most one channel. */
+struct kup_file {
+	struct kupdev_softc *sc;      /* referenced */
+	struct mutex lock;            /* ch, seen_gen */
+	struct kup_chan *ch;          /* attached channel or NULL */
+	uint64_t seen_gen;            /* notify_gen last reported by INFO */
+};
+
+static int kup_dev_is_gone(struct kupdev_softc *sc)
+{
+	return READ_ONCE(kup_core_dev_os(sc)->withdrawn);
+}
+
+static int kup_fop_open(struct inode *inode, struct file *file)
+{
+	struct miscdevice *misc = file->private_data;   /* set by misc_open */
+	struct kup_os_dev *od = container_of(misc, struct kup_os_dev, misc);
+	struct kup_file *kf;
+	struct kupdev_softc *sc;
+	struct kup_core_info *info;
+	int r;
+
+	/* misc_open holds misc_mtx: the device cannot be withdrawn (and so
+	 * cannot be freed) until we return.  Look it up by name to take a
+	 * reference; this also refuses a device already shutting down. */
+	sc = kup_core_dev_get(od->name);
+	if (sc == NULL)
+		return -ENODEV;
+	kf = kzalloc(sizeof(*kf), GFP_KERNEL);
+	info = kmalloc(sizeof(*info), GFP_KERNEL);
+	if (kf == NULL || info == NULL) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	kup_core_info(sc, info);
+	kf->sc = sc;
+	kf->seen_gen = info->notify_gen;
+	mutex_init(&kf->lock);
+	kfree(info);
+	file->private_data = kf;
+	return nonseekable_open(inode, file);
+fail:
+	kfree(info);
+	kfree(kf);
+	kup_core_dev_put(sc);
+	return r;
+}
+
+/* Last reference to the open file: every fd closed AND every mapping gone
+ * (process death included). */
+static int kup_fop_release(struct inode *inode, struct file *file)
+{
+	struct kup_file *kf = file->private_data;
+
+	(void)inode;
+	if (kf->ch != NULL)
+		kup_core_detach(kf->ch);
+	kup_core_dev_put(kf->sc);
+	mutex_destroy(&kf->lock);
+	kfree(kf);
+	return 0;
+}
+
+static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
+{
+	struct kup_ioc_attach a;
+	struct kup_core_info *info = NULL;
+	struct kup_chan *ch = NULL;
+	const struct kup_ctrl *ctrl;
+	size_t i;
+	long r;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (a.reserved_in != 0)
+		return -EINVAL;
+	for (i = 0; i < ARRAY_SIZE(a.reserved); i++)
+		if (a.reserved[i] != 0)
+			return -EINVAL;
+	info = kmalloc(sizeof(*info), GFP_KERNEL);
+	if (info == NULL)
+		return -ENOMEM;
+	mutex_lock(&kf->lock);
+	if (kf->ch != NULL) {
+		r = -EBUSY;           /* one channel per open file */
+		goto out;
+	}
+	kup_core_info(kf->sc, info);
+	if (info->shutting_down) {
+		r = -ESHUTDOWN;
+		goto out;
+	}
+	if (a.pages != 0 && a.pages != info->pages) {
+		r = -EINVAL;
+		goto out;
+	}
+	r = kup_core_attach(kf->sc, a.chan_id, a.abi_version, &ch);
+	if (r != 0)
+		goto out;
+	ctrl = kup_core_chan_mem(ch);
+	a.chan_id = kup_core_chan_id(ch);
+	a.page_size = info->page_size;
+	a.chan_count = info->chan_count;
+	a.dev_pages = info->pages;
+	a.map_offset = 0;
+	a.map_size = kup_core_chan_bytes(ch);
+	a.attach_gen = READ_ONCE(ctrl->attach_gen);
+	if (copy_to_user(uarg, &a, sizeof(a))) {
+		kup_core_detach(ch);
+		r = -EFAULT;
+		goto out;
+	}
+	kf->ch = ch;
+	r = 0;
+out:
+	mutex_unlock(&kf->lock);
+	kfree(info);
+	return r;
+}
+
+static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
+{
+	struct kup_core_info *ci;
+	struct kup_ioc_info *ui;
+	long r = 0;
+
+	ci = kmalloc(sizeof(*ci), GFP_KERNEL);
+	ui = kzalloc(sizeof(*ui), GFP_KERNEL);
+	if (ci == NULL || ui == NULL) {
+		r = -ENOMEM;
+		goto out;
+	}
+	kup_core_info(kf->sc, ci);
+	BUILD_BUG_ON(sizeof(ui->name) != sizeof(ci->name));
+	BUILD_BUG_ON(sizeof(ui->attached) != sizeof(ci->attached));
+	memcpy(ui->name, ci->name, sizeof(ui->name));
+	ui->name[sizeof(ui->name) - 1] = '\0';
+	ui->abi_version = ci->abi_version;
+	ui->page_size = ci->page_size;
+	ui->chan_count = ci->chan_count;
+	ui->announced = ci->announced;
+	ui->pages = ci->pages;
+	ui->max_msg = ci->max_msg;
+	ui->notify_gen = ci->notify_gen;
+	ui->shutting_down = ci->shutting_down || kup_dev_is_gone(kf->sc);
+	memcpy(ui->attached, ci->attached, sizeof(ui->attached));
+	mutex_lock(&kf->lock);
+	ui->attached_chan = kf->ch != NULL ? kup_core_chan_id(kf->ch) :
+	    KUP_IOC_CHAN_ANY;
+	kf->seen_gen = ci->notify_gen;
+	mutex_unlock(&kf->lock);
+	if (copy_to_user(uarg, ui, sizeof(*ui)))
+		r = -EFAULT;
+out:
+	kfree(ci);
+	kfree(ui);
+	return r;
+}
+
+static long kup_fop_ioctl(struct file *file, unsigned int cmd,
+    unsigned long arg)
+{
+	struct kup_file *kf = file->private_data;
+	struct kup_chan *ch;
+
+	switch (cmd) {
+	case KUP_IOC_ATTACH:
+		return kup_ioc_attach(kf, (void __user *)arg);
+	case KUP_IOC_INFO:
+		return kup_ioc_info(kf, (void __user *)arg);
+	case KUP_IOC_WAKE:
+		mutex_lock(&kf->lock);
+		ch = kf->ch;
+		mutex_unlock(&kf->lock);
+		if (ch == NULL)
+			return -EINVAL;
+		kup_core_user_wake(ch);
+		return 0;
+	default:
+		return -ENOTTY;
+	}
+}
+
+static int kup_fop_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct kup_file *kf = file->private_data;
+	struct kup_chan *ch;
+	unsigned long len = vma->vm_end - vma->vm_start;
+	unsigned long pgoff = vma->vm_pgoff;
+	size_t bytes;
+	void *mem;
+
+	mutex_lock(&kf->lock);
+	ch = kf->ch;
+	mutex_unlock(&kf->lock);
+	if (ch == NULL)
+		return -EINVAL;             /* attach first */
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;             /* the pages only make sense shared */
+	bytes = kup_core_chan_bytes(ch);
+	mem = kup_core_chan_mem(ch);
+	/* the whole window [pgoff, pgoff + len) inside the channel; no
+	 * overflow: pgoff is compared before it is shifted */
+	if (pgoff >= (bytes >> PAGE_SHIFT) ||
+	    len > bytes - (pgoff << PAGE_SHIFT))
+		return -EINVAL;
+	/* never grow by mremap; never copied into a core dump */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP);
+#else
+	vma->vm_flags |= VM_DONTEXPAND | VM_DONTDUMP;
+#endif
+	return remap_vmalloc_range(vma, mem, pgoff);
+}
+
+static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
+{
+	struct kup_file *kf = file->private_data;
+	struct kup_os_dev *od = kup_core_dev_os(kf->sc);
+	struct kup_chan *ch;
+	__poll_t mask = 0;
+
+	mutex_lock(&kf->lock);
+	ch = kf->ch;
+	mutex_unlock(&kf->lock);
+	if (ch != NULL) {
+		const struct kup_ctrl *ctrl = kup_core_chan_mem(ch);
+		uint32_t state, turn;
+
+		poll_wait(file, &kup_core_chan_os(ch)->poll_wq, wait);
+		poll_wait(file, &od->poll_wq, wait);
+		/* The page is user-writable: a user who scribbles on it only
+		 * confuses its own poll.  Shutdown is also known privately. */
+		turn = smp_load_acquire(&ctrl->turn);
+		state = READ_ONCE(ctrl->state);
+		if (turn == KUP_TURN_USER)
+			mask |= EPOLLIN | EPOLLRDNORM;
+		if ((state & KUP_STATE_SHUTDOWN) || kup_dev_is_gone(kf->sc))
+			mask |= EPOLLIN | EPOLLRDNORM | EPOLLHUP;
+		if (state & KUP_STATE_PEER_GONE)
+			mask |= EPOLLIN | EPOLLRDNORM | EPOLLERR;
+	} else {
+		struct kup_core_info *ci = kmalloc(sizeof(*ci), GFP_KERNEL);
+
+		poll_wait(file, &od->poll_wq, wait);
+		if (ci == NULL)
+			return EPOLLERR;
+		kup_core_info(kf->sc, ci);
+		mutex_lock(&kf->lock);
+		if (ci->notify_gen != kf->seen_gen)
+			mask |= EPOLLIN | EPOLLRDNORM;
+		mutex_unlock(&kf->lock);
+		if (ci->shutting_down || kup_dev_is_gone(kf->sc))
+			mask |= EPOLLIN | EPOLLRDNORM | EPOLLHUP;
+		kfree(ci);
+	}
+	return mask;
+}
+
+static const struct file_operations kup_fops = {
+	.owner          = THIS_MODULE,
+	.open           = kup_fop_open,
+	.release        = kup_fop_release,
+	.unlocked_ioctl = kup_fop_ioctl,
+	.compat_ioctl   = compat_ptr_ioctl,
+	.mmap           = kup_fop_mmap,
+	.poll           = kup_fop_poll,
+};
+
+/* ---- device node ------------------------------------------------------ */
+
+int kup_os_dev_publish(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	const char *name = kup_core_dev_name(sc);
+	int r;
+
+	od->sc = sc;
+	kup_os_dev_init_wq(od);
+	strscpy(od->name, name, sizeof(od->name));
+	snprintf(od->misc_name, sizeof(od->misc_name), "kup-%s", name);
+	snprintf(od->node_name, sizeof(od->node_name), "kup/%s", name);
+	od->misc.minor = MISC_DYNAMIC_MINOR;
+	od->misc.name = od->misc_name;
+	od->misc.nodename = od->node_name;
+	od->misc.mode = 0600;
+	od->misc.fops = &kup_fops;
+	r = misc_register(&od->misc);
+	if (r != 0) {
+		pr_warn("kup: cannot register /dev/%s: %d\n", od->node_name, r);
+		return r;
+	}
+	od->registered = 1;
+	return 0;
+}
+
+void kup_os_dev_withdraw(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	WRITE_ONCE(od->withdrawn, 1);
+	if (od->registered) {
+		/* waits for an open in progress (misc_mtx), not for users */
+		misc_deregister(&od->misc);
+		od->registered = 0;
+	}
+	kup_os_dev_wake_user(sc);
+}
+
+void kup_os_dev_release(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	/* publish may have failed, or withdraw never ran (create failed) */
+	if (od->registered) {
+		misc_deregister(&od->misc);
+		od->registered = 0;
+	}
+}
+
+/* ---- the kernel API for other modules --------------------------------- */
+
+EXPORT_SYMBOL_GPL(kupdev_create);
+EXPORT_SYMBOL_GPL(kupdev_wait_channel);
+EXPORT_SYMBOL_GPL(kupdev_wait_channel_timeout);
+EXPORT_SYMBOL_GPL(kupdev_notify);
+EXPORT_SYMBOL_GPL(kupdev_announce);
+EXPORT_SYMBOL_GPL(kupdev_send);
+EXPORT_SYMBOL_GPL(kupdev_receive);
+EXPORT_SYMBOL_GPL(kupdev_receive_msg);
+EXPORT_SYMBOL_GPL(kupdev_unlock_channel);
+EXPORT_SYMBOL_GPL(kupdev_pass);
+EXPORT_SYMBOL_GPL(kupdev_shutdown);
+EXPORT_SYMBOL_GPL(kupdev_unload);
+EXPORT_SYMBOL_GPL(kupdev_channel_count);
+EXPORT_SYMBOL_GPL(kupdev_data_size);
+EXPORT_SYMBOL_GPL(kupdev_channel_attached);
+
+static int __init kup_linux_init(void)
+{
+	int r = kup_core_init();
+
+	if (r != 0)
+		pr_err("kup: core init failed: %d\n", r);
+	else
+		pr_info("kup: loaded (ABI %u)\n", KUP_ABI_VERSION);
+	return r;
+}
+
+static void __exit kup_linux_exit(void)
+{
+	kup_core_fini();
+	pr_info("kup: unloaded\n");
+}
+
+module_init(kup_linux_init);
+module_exit(kup_linux_exit);
