@@ -1,0 +1,91 @@
+"""Client side of the bare gRPC echo server (kupbench.grpc_echo)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .grpc_echo import BIDI, GRPC_OPTIONS, UNARY
+from .procs import BenchError, Proc
+
+__all__ = ["BareBidi", "BareUnary", "bare_channel", "start_bare_server"]
+
+
+def start_bare_server(sock: Path, log: Path) -> Proc:
+    """Start the bare echo server process (caller stops it)."""
+    here = Path(__file__).resolve().parent.parent
+    return Proc(
+        [sys.executable, "-m", "kupbench.grpc_echo", "--socket", str(sock)],
+        name="bare grpc echo server",
+        env={"PYTHONPATH": str(here)},
+        ready_line="ready",
+        log=log,
+    ).start()
+
+
+def bare_channel(sock: Path) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"unix:{sock}", options=GRPC_OPTIONS)
+
+
+class BareUnary:
+    """Round trips as unary calls."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._call: Any = channel.unary_unary(UNARY)
+
+    async def rt(self, data: bytes) -> bytes:
+        reply: bytes = await self._call(data)
+        return reply
+
+    async def pump(self, data: bytes, count: int) -> int:
+        raise BenchError("unary echo has no stream to pump")
+
+    async def close(self) -> None:
+        return None
+
+
+class BareBidi:
+    """Round trips on one long-lived bidi stream."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._stream: Any = channel.stream_stream(BIDI)()
+
+    async def rt(self, data: bytes) -> bytes:
+        await self._stream.write(data)
+        reply = await self._stream.read()
+        if reply is grpc.aio.EOF:
+            raise BenchError("bare bidi: stream ended")
+        return bytes(reply)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        """Writer and reader run concurrently on a fresh stream."""
+        stream: Any = self._channel.stream_stream(BIDI)()
+
+        async def writer() -> None:
+            for _ in range(count):
+                await stream.write(data)
+            await stream.done_writing()
+
+        got = 0
+        wtask = asyncio.create_task(writer())
+        try:
+            for _ in range(count):
+                reply = await stream.read()
+                if reply is grpc.aio.EOF:
+                    raise BenchError("bare pump: stream ended early")
+                got += len(reply)
+            await wtask
+        finally:
+            if not wtask.done():
+                wtask.cancel()
+            stream.cancel()
+        return got
+
+    async def close(self) -> None:
+        await self._stream.done_writing()
+        self._stream.cancel()

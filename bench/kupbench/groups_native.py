@@ -1,0 +1,205 @@
+"""Groups 1-3 and the channel wake-up: the C floor, the unix-socket
+alternative, the Python channel layer.
+
+One kupsim (echo module, the largest channel the ABI allows) serves the C
+floor and the channel layer; C echo processes (``uds_pingpong -S``) serve the
+Python unix-socket baseline.  Round-trip figures are measured interleaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import time
+from typing import Any
+
+from .config import KIB
+from .context import FigSpec, RunCtx, group, lat, rate
+from .harness import Figure, TrialFn
+from .native import MIB, UdsClient, build_c, c_trial, start_uds_server
+from .procs import BenchError, Proc
+from .sections import S_CHAN, S_FLOOR, S_IDLE, S_SYSCALL
+from .shapes import check_echo
+
+__all__ = ["run"]
+
+# The largest channel: KUP_MAX_PAGES pages per direction (kup_abi.h).
+ECHO_PAGES_MAX = 1024
+ECHO_CHANNELS = 4
+PAGE = mmap.PAGESIZE
+RECEIVE_TIMEOUT_S = 10.0
+
+
+def _sizes(max_msg: int) -> list[tuple[str, int]]:
+    return [("4k", 4 * KIB), ("64k", 64 * KIB), ("max", max_msg)]
+
+
+class ChanEcho:
+    """One channel-layer channel on the echo device, ready to send."""
+
+    def __init__(self, dev: Any) -> None:
+        self.ch = dev.channel()
+        if not self.ch.my_turn():
+            self.ch.receive(timeout=RECEIVE_TIMEOUT_S)  # the kernel's first hand-over
+
+    def rt(self, data: bytes) -> bytes:
+        self.ch.send(data)
+        m = self.ch.receive(timeout=RECEIVE_TIMEOUT_S)
+        return bytes(m.data)
+
+    def latency(self, data: bytes, n: int) -> dict[str, list[float]]:
+        lat: list[float] = []
+        got = b""
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            got = self.rt(data)
+            lat.append((time.perf_counter_ns() - t0) / 1000.0)
+        check_echo(data, got, "channel layer")
+        return {"": lat}
+
+    def throughput(self, data: bytes, count: int) -> dict[str, list[float]]:
+        t0 = time.perf_counter()
+        got = b""
+        for _ in range(count):
+            got = self.rt(data)
+        dt = time.perf_counter() - t0
+        check_echo(data, got, "channel layer")
+        return {"": [len(data) * count / MIB / dt]}
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _chan_rt(chan: ChanEcho, data: bytes, n: int) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return chan.latency(data, n)
+    return trial
+
+
+def _c_floor(argv: list[str], env: dict[str, str]) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return await c_trial(argv, env, "kup_floor")
+    return trial
+
+
+def _uds_tp(cli: UdsClient, data: bytes, count: int) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return cli.throughput(data, count)
+    return trial
+
+
+def _chan_tp(chan: ChanEcho, data: bytes, count: int) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return chan.throughput(data, count)
+    return trial
+
+
+async def run(ctx: RunCtx) -> None:
+    cfg = ctx.cfg
+    rt_specs = [
+        lat("uds.c64", S_SYSCALL, "C unix-socket round trip, 64 B"),
+        lat("floor.c64", S_FLOOR, "C libkup round trip, 64 B", baseline="uds.c64"),
+        lat("uds.py64", S_SYSCALL, "Python unix-socket round trip, 64 B (C echo process)"),
+        lat("chan.rt64", S_CHAN, "channel round trip, 64 B", baseline="uds.py64"),
+    ]
+    tp_specs = []
+    for nm, pretty in (("4k", "4 KiB"), ("64k", "64 KiB"), ("max", "max")):
+        tp_specs.append(rate(f"uds.py_tp_{nm}", S_SYSCALL,
+                             f"Python unix-socket ping-pong throughput, {pretty}"))
+        tp_specs.append(rate(f"chan.tp_{nm}", S_CHAN, f"channel throughput, {pretty}",
+                             baseline=f"uds.py_tp_{nm}"))
+    wake_spec = lat("idle.wake_chan", S_IDLE,
+                    f"channel round trip after {cfg.wake_idle_s:g} s idle, 64 B",
+                    baseline="chan.rt64")
+
+    async with group(ctx, "native: floor, unix socket, channel layer",
+                     rt_specs + tp_specs + [wake_spec]):
+        uds_prog = build_c(ctx.root, "uds")
+        payload = bytes(range(64))
+        with contextlib.ExitStack() as stack:
+            # -- baselines that need nobody else's code
+            py_srv: Proc = stack.enter_context(start_uds_server(
+                uds_prog, ctx.tmp / "uds64.sock", 64, ctx.logs / "uds64.log"))
+            del py_srv
+            uds = UdsClient(ctx.tmp / "uds64.sock", 64)
+            stack.callback(uds.close)
+
+            async def c_uds() -> dict[str, list[float]]:
+                return await c_trial(
+                    [str(uds_prog), "-d", str(ctx.tmp / "c-uds.sock"), "-n", str(cfg.c_rounds),
+                     "-w", str(cfg.c_warmup_rounds), "-s", "64"], None, "uds_pingpong")
+
+            async def py_uds() -> dict[str, list[float]]:
+                return uds.latency(payload, cfg.py_rounds)
+
+            workloads: dict[str, TrialFn] = {"uds.c64": c_uds, "uds.py64": py_uds}
+
+            # -- kupsim echo: the floor and the channel layer
+            sim_why = ""
+            chan: ChanEcho | None = None
+            try:
+                from .kupsim_echo import echo_sim
+
+                sim = stack.enter_context(echo_sim(ECHO_PAGES_MAX, ECHO_CHANNELS))
+                from kupd.channel import Device
+
+                dev = Device.open(sim.device_path("echo"))
+                stack.callback(dev.close)
+                chan = ChanEcho(dev)
+                stack.callback(chan.close)
+                workloads["chan.rt64"] = _chan_rt(chan, payload, cfg.py_rounds)
+            except (BenchError, ImportError, OSError) as exc:
+                sim_why = _why(exc)
+                ctx.skip([rt_specs[1], rt_specs[3]], sim_why)
+            if chan is not None:
+                try:
+                    floor_prog = build_c(ctx.root, "floor")
+                    argv = [str(floor_prog), "-d", "echo", "-n", str(cfg.c_rounds),
+                            "-w", str(cfg.c_warmup_rounds), "-s", "64"]
+                    workloads["floor.c64"] = _c_floor(argv, sim.env())
+                except BenchError as exc:
+                    ctx.skip([rt_specs[1]], _why(exc))
+
+            await ctx.measure(workloads, rt_specs)
+
+            # -- throughput: Python unix socket vs channel layer, same sizes
+            max_msg = chan.ch.max_msg if chan is not None else ECHO_PAGES_MAX * PAGE
+            tp_work: dict[str, TrialFn] = {}
+            for nm, size in _sizes(max_msg):
+                sock = ctx.tmp / f"uds-{nm}.sock"
+                stack.enter_context(start_uds_server(uds_prog, sock, size,
+                                                     ctx.logs / f"uds-{nm}.log"))
+                cli = UdsClient(sock, size)
+                stack.callback(cli.close)
+                data = (bytes(range(256)) * (size // 256 + 1))[:size]
+                count = max(4, cfg.chan_pump_bytes // size)
+                tp_work[f"uds.py_tp_{nm}"] = _uds_tp(cli, data, count)
+                if chan is not None:
+                    tp_work[f"chan.tp_{nm}"] = _chan_tp(chan, data, count)
+            if chan is None:
+                ctx.skip([s for s in tp_specs if s.workload.startswith("chan.")] + [wake_spec],
+                         sim_why)
+            tp_specs = [FigSpec(s.workload, s.section,
+                                s.label.replace(", max", f", max {max_msg // KIB} KiB"),
+                                s.unit, s.better, s.sub, s.baseline) for s in tp_specs]
+            await ctx.measure(tp_work, tp_specs)
+            if chan is None:
+                return
+
+            # -- wake-up: a round trip on a channel idle for a second
+            samples: list[float] = []
+            for _ in range(cfg.wake_samples):
+                await asyncio.sleep(cfg.wake_idle_s)
+                t0 = time.perf_counter_ns()
+                got = chan.rt(payload)
+                samples.append((time.perf_counter_ns() - t0) / 1000.0)
+                check_echo(payload, got, "channel wake-up")
+            s = wake_spec
+            ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, samples,
+                                  s.baseline, "both sides asleep on their wake-up fds"))
