@@ -1,0 +1,1052 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_freebsd.c -- kupdev.ko: the OS-neutral KUP core (kmod/core/kup_core.c)
+ * hosted in the FreeBSD kernel.
+ *
+ * This file implements kup_os.h / kup_module.h with FreeBSD primitives and
+ * exposes every KUP device as /dev/kup/<name> (root only, 0600) speaking the
+ * ioctl ABI of kmod/include/kup_ioctl.h.  It is deliberately thin: turns,
+ * lengths, sequence numbers, attach rules and shutdown ordering all live in
+ * the core; what is here is only what differs between kernels.
+ *
+ * Objects and their locks (lock order left to right; never the reverse):
+ *
+ *   kup_os_dev.mtx   per device: the list of open files, the interlock of
+ *                    kupdev_wait_channel's sleep, the cached notify_gen /
+ *                    shutdown copy used by poll and kqueue filters
+ *   kup_os_chan.mtx  per channel: the interlock of the kernel side's sleep,
+ *                    and which open file the channel is attached to
+ *   kup_fb_file.mtx  per open file: its knlist (kqueue) and selinfo (poll),
+ *                    the attached channel, the notify_gen it last saw
+ *
+ * A device's mutex and a channel's mutex are never held together.  The
+ * core's sx locks (kup_lock_t) are never taken while any of these mutexes
+ * is held: condition callbacks run under a mutex and only read memory.
+ *
+ * Lifetime:
+ *   - open takes a core reference on the device; the cdevpriv destructor
+ *     (last close of the file, or process death -- the kernel closes every
+ *     descriptor of a dying process) detaches the channel and drops it.
+ *     There is no pid polling anywhere.
+ *   - kupdev_unload -> kup_os_dev_withdraw -> destroy_dev(9): waits for the
+ *     threads currently inside our cdevsw methods (none of which sleeps for
+ *     long), then runs the destructor of every still-open file, so after it
+ *     returns no file refers to the device any more.  Later calls on such a
+ *     descriptor fail with ENXIO in devfs itself; kqueue watchers get EV_EOF
+ *     (knlist_clear), poll(2) wakes up.
+ *   - channel pages are an OBJT_PHYS VM object, see kup_os_chan_mem_alloc:
+ *     a user mapping holds its own reference to that object, so the pages
+ *     outlive the device and even this module without any code of ours
+ *     being involved.  Hence unload never has to wait for munmap and never
+ *     has to refuse with EBUSY because of a mapping; kupdev.ko itself
+ *     refuses to unload (EBUSY) while a device created through it exists.
+ */
+#include <sys/param.h>
+#include <sys/systm.h>
+#include <sys/kernel.h>
+#include <sys/module.h>
+#include <sys/conf.h>
+#include <sys/malloc.h>
+#include <sys/lock.h>
+#include <sys/mutex.h>
+#include <sys/sx.h>
+#include <sys/rwlock.h>
+#include <sys/proc.h>
+#include <sys/kthread.h>
+#include <sys/poll.h>
+#include <sys/selinfo.h>
+#include <sys/event.h>
+#include <sys/filio.h>
+#include <sys/fcntl.h>
+#include <sys/ioccom.h>
+#include <sys/time.h>
+#include <machine/stdarg.h>
+
+#include <vm/vm.h>
+#include <vm/vm_param.h>
+#include <vm/pmap.h>
+#include <vm/vm_object.h>
+#include <vm/vm_page.h>
+#include <vm/vm_pager.h>
+#include <vm/vm_extern.h>
+#include <vm/vm_kern.h>
+
+#include "kup_os.h"
+#include "kup_ioctl.h"
+
+MALLOC_DEFINE(M_KUP, "kup", "KUP kernel-user proxy");
+
+/* Devices published through this module and not yet released. */
+static volatile u_int kup_fb_ndevs;
+/* Kernel threads started with kup_os_thread_start and not yet joined. */
+static volatile u_int kup_fb_nthreads;
+/* Interlock of kup_os_thread_join (global: a per-thread mutex could be
+ * freed by the joiner while the exiting thread is still unlocking it). */
+static struct mtx kup_fb_thr_mtx;
+
+/* One open of /dev/kup/<name>: a device handle with at most one channel. */
+struct kup_fb_file {
+	struct kupdev_softc     *sc;        /* core reference held */
+	struct mtx               mtx;       /* knlist lock; ch, seen_gen, busy */
+	struct kup_chan         *ch;        /* attached channel or NULL */
+	uint64_t                 seen_gen;  /* notify_gen last returned by INFO */
+	int                      attaching; /* an ATTACH is in progress */
+	int                      listed;    /* on kup_os_dev.files */
+	struct selinfo           sel;       /* poll(2) and kqueue(2) */
+	LIST_ENTRY(kup_fb_file)  link;      /* under kup_os_dev.mtx */
+};
+
+static d_open_t     kup_fb_open;
+static d_close_t    kup_fb_close;
+static d_ioctl_t    kup_fb_ioctl;
+static d_poll_t     kup_fb_poll;
+static d_kqfilter_t kup_fb_kqfilter;
+static d_mmap_single_t kup_fb_mmap_single;
+
+static struct cdevsw kup_fb_cdevsw = {
+	.d_version =     D_VERSION,
+	.d_name =        "kup",
+	.d_open =        kup_fb_open,
+	.d_close =       kup_fb_close,
+	.d_ioctl =       kup_fb_ioctl,
+	.d_poll =        kup_fb_poll,
+	.d_kqfilter =    kup_fb_kqfilter,
+	.d_mmap_single = kup_fb_mmap_single,
+};
+
+static int  kup_fb_kqread(struct knote *kn, long hint);
+static void kup_fb_kqdetach(struct knote *kn);
+
+static struct filterops kup_fb_read_filtops = {
+	.f_isfd =   1,
+	.f_detach = kup_fb_kqdetach,
+	.f_event =  kup_fb_kqread,
+};
+
+/* ======================================================================
+ * kup_os.h: locks, memory, logging
+ * ====================================================================== */
+
+void
+kup_lock_init(kup_lock_t *l, const char *what)
+{
+	sx_init(l, what);
+}
+
+void
+kup_lock_destroy(kup_lock_t *l)
+{
+	sx_destroy(l);
+}
+
+void
+kup_lock(kup_lock_t *l)
+{
+	sx_xlock(l);
+}
+
+void
+kup_unlock(kup_lock_t *l)
+{
+	sx_xunlock(l);
+}
+
+void *
+kup_os_zalloc(size_t bytes)
+{
+	if (bytes == 0)
+		return (NULL);
+	return (malloc(bytes, M_KUP, M_WAITOK | M_ZERO));
+}
+
+void
+kup_os_free(void *p, size_t bytes)
+{
+	(void)bytes;
+	free(p, M_KUP);
+}
+
+uint32_t
+kup_os_page_size(void)
+{
+	return (PAGE_SIZE);
+}
+
+void
+kup_os_log(const char *fmt, ...)
+{
+	char buf[256];
+	va_list ap;
+
+	/* One printf per line so concurrent lines do not interleave.  The
+	 * callers' formats are checked as printf(3) formats (kup_os.h); the
+	 * kernel's vsnprintf is declared with the kernel printf format, a
+	 * superset for everything the core uses (%s %d %u %zu %llu %x %p). */
+	va_start(ap, fmt);
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wformat"
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+#pragma clang diagnostic pop
+	va_end(ap);
+	printf("%s\n", buf);
+}
+
+/* ======================================================================
+ * Channel memory
+ *
+ * Why an OBJT_PHYS VM object (and not malloc + cdev_pager, or contigmalloc):
+ * d_mmap_single must hand the VM system an object holding the pages.  A
+ * device-pager object (cdev_pager_allocate / OBJT_SG over malloc'd memory)
+ * does not own its pages: the memory would have to stay allocated, and
+ * this module loaded, until the last user mapping is gone -- which we only
+ * learn through pager callbacks living in this module.  An OBJT_PHYS
+ * object owns ordinary, never paged-out pages; the kernel reaches them
+ * through a private KVA mapping (pmap_qenter, as the kernel's own shared
+ * page does), user processes map the object itself, and each mapping holds
+ * a reference.  Freeing the channel only drops the kernel's reference: a
+ * process that still has the pages mapped keeps them (and can only harm
+ * itself), and nothing of ours runs when it finally unmaps them.  Physical
+ * contiguity (contigmalloc) is not needed and would make large channels
+ * (up to 2 * 4 MiB + a page) fail on fragmented memory.
+ * ====================================================================== */
+
+static void
+kup_fb_chan_pages_release(vm_object_t obj, size_t npages)
+{
+	vm_page_t m;
+	size_t i;
+
+	/* Our wiring kept the pages resident while the kernel mapping
+	 * existed; drop it, the object frees the pages when its last
+	 * reference (ours or a user mapping's) goes. */
+	VM_OBJECT_WLOCK(obj);
+	for (i = 0; i < npages; i++) {
+		m = vm_page_lookup(obj, (vm_pindex_t)i);
+		if (m != NULL)
+			(void)vm_page_unwire_noq(m);
+	}
+	VM_OBJECT_WUNLOCK(obj);
+	vm_object_deallocate(obj);
+}
+
+void *
+kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	vm_object_t obj;
+	vm_page_t *ma = NULL;
+	vm_offset_t kva;
+	size_t npages, i, grabbed = 0;
+
+	(void)sc;
+	if (bytes == 0 || (bytes & PAGE_MASK) != 0) {
+		kup_os_log("kup: channel size %zu is not a multiple of the page size",
+		    bytes);
+		return (NULL);
+	}
+	npages = bytes / PAGE_SIZE;
+	ma = malloc(npages * sizeof(*ma), M_KUP, M_WAITOK | M_ZERO);
+	obj = vm_pager_allocate(OBJT_PHYS, NULL, (vm_ooffset_t)bytes,
+	    VM_PROT_DEFAULT, 0, NULL);
+	if (obj == NULL)
+		goto fail_ma;
+	VM_OBJECT_WLOCK(obj);
+	for (i = 0; i < npages; i++) {
+		/* Zeroed (guaranteed by vm_page_grab with VM_ALLOC_ZERO),
+		 * wired: never reclaimed while the kernel maps it. */
+		ma[i] = vm_page_grab(obj, (vm_pindex_t)i,
+		    VM_ALLOC_NORMAL | VM_ALLOC_ZERO | VM_ALLOC_WIRED);
+		if (ma[i] == NULL)
+			break;
+		vm_page_valid(ma[i]);
+		vm_page_xunbusy(ma[i]);
+		grabbed++;
+	}
+	VM_OBJECT_WUNLOCK(obj);
+	if (grabbed != npages)
+		goto fail_obj;
+	kva = kva_alloc((vm_size_t)bytes);
+	if (kva == 0)
+		goto fail_obj;
+	pmap_qenter(kva, ma, (int)npages);
+	free(ma, M_KUP);
+
+	oc->obj = obj;
+	oc->kva = kva;
+	oc->bytes = bytes;
+	oc->file = NULL;
+	mtx_init(&oc->mtx, "kupchan", NULL, MTX_DEF);
+	oc->inited = 1;
+	return ((void *)kva);
+
+fail_obj:
+	kup_fb_chan_pages_release(obj, grabbed);
+fail_ma:
+	free(ma, M_KUP);
+	kup_os_log("kup: no memory for a channel of %zu bytes", bytes);
+	return (NULL);
+}
+
+void
+kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	size_t npages;
+
+	(void)sc;
+	if (oc->obj != NULL) {
+		npages = oc->bytes / PAGE_SIZE;
+		pmap_qremove(oc->kva, (int)npages);
+		kva_free(oc->kva, (vm_size_t)oc->bytes);
+		kup_fb_chan_pages_release(oc->obj, npages);
+		oc->obj = NULL;
+		oc->kva = 0;
+		oc->bytes = 0;
+	}
+	if (oc->inited) {
+		KASSERT(oc->file == NULL, ("kup: channel freed while attached"));
+		mtx_destroy(&oc->mtx);
+		oc->inited = 0;
+	}
+}
+
+/* ======================================================================
+ * Sleeping and waking
+ *
+ * The condition is evaluated with the sleep mutex held and msleep drops
+ * that mutex atomically with going to sleep; wakers take the same mutex
+ * before wakeup(9).  A wake-up issued between the caller's last look and
+ * the sleep therefore either happens before we take the mutex (and the
+ * condition already holds) or finds us asleep.
+ * ====================================================================== */
+
+static int
+kup_fb_sleep(struct mtx *mtx, void *wchan, const char *wmesg,
+    int (*cond)(void *), void *arg, int timeout_ms)
+{
+	sbintime_t deadline = 0, now;
+	int error, rc;
+
+	if (timeout_ms > 0)
+		deadline = getsbinuptime() + SBT_1MS * (sbintime_t)timeout_ms;
+	mtx_lock(mtx);
+	for (;;) {
+		if (cond(arg)) {
+			rc = 0;
+			break;
+		}
+		if (timeout_ms == 0) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+		if (timeout_ms > 0) {
+			now = getsbinuptime();
+			if (now >= deadline) {
+				rc = -ETIMEDOUT;
+				break;
+			}
+			error = msleep_sbt(wchan, mtx, PCATCH, wmesg,
+			    deadline - now, SBT_1MS, 0);
+		} else {
+			error = msleep(wchan, mtx, PCATCH, wmesg, 0);
+		}
+		if (error == EINTR || error == ERESTART) {
+			rc = cond(arg) ? 0 : -EINTR;
+			break;
+		}
+		/* 0 (woken) or EWOULDBLOCK (timer): look again */
+	}
+	mtx_unlock(mtx);
+	return (rc);
+}
+
+struct kup_fb_chan_cond {
+	int (*cond)(struct kup_chan *);
+	struct kup_chan *ch;
+};
+
+static int
+kup_fb_chan_cond_call(void *arg)
+{
+	struct kup_fb_chan_cond *c = arg;
+
+	return (c->cond(c->ch));
+}
+
+int
+kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
+    int timeout_ms)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	struct kup_fb_chan_cond c = { cond, ch };
+
+	return (kup_fb_sleep(&oc->mtx, &oc->wchan, "kupchan",
+	    kup_fb_chan_cond_call, &c, timeout_ms));
+}
+
+void
+kup_os_chan_wake(struct kup_chan *ch)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+
+	if (!oc->inited)
+		return;
+	mtx_lock(&oc->mtx);
+	wakeup(&oc->wchan);
+	mtx_unlock(&oc->mtx);
+}
+
+/* Tell poll(2)/kqueue(2) waiters of one open file; its mutex is held. */
+static void
+kup_fb_file_notify_locked(struct kup_fb_file *f)
+{
+	mtx_assert(&f->mtx, MA_OWNED);
+	selwakeup(&f->sel);
+	KNOTE_LOCKED(&f->sel.si_note, 0);
+}
+
+void
+kup_os_chan_wake_user(struct kup_chan *ch)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	struct kup_fb_file *f;
+
+	if (!oc->inited)
+		return;
+	mtx_lock(&oc->mtx);
+	f = oc->file;
+	if (f != NULL) {
+		mtx_lock(&f->mtx);
+		kup_fb_file_notify_locked(f);
+		mtx_unlock(&f->mtx);
+	}
+	mtx_unlock(&oc->mtx);
+}
+
+struct kup_fb_dev_cond {
+	int (*cond)(struct kupdev_softc *);
+	struct kupdev_softc *sc;
+};
+
+static int
+kup_fb_dev_cond_call(void *arg)
+{
+	struct kup_fb_dev_cond *c = arg;
+
+	return (c->cond(c->sc));
+}
+
+int
+kup_os_dev_sleep(struct kupdev_softc *sc, int (*cond)(struct kupdev_softc *),
+    int timeout_ms)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct kup_fb_dev_cond c = { cond, sc };
+
+	if (!od->inited)
+		return (cond(sc) ? 0 : -ESHUTDOWN);
+	return (kup_fb_sleep(&od->mtx, &od->wchan, "kupwait",
+	    kup_fb_dev_cond_call, &c, timeout_ms));
+}
+
+void
+kup_os_dev_wake(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (!od->inited)
+		return;
+	mtx_lock(&od->mtx);
+	wakeup(&od->wchan);
+	mtx_unlock(&od->mtx);
+}
+
+void
+kup_os_dev_wake_user(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct kup_core_info *info;
+	struct kup_fb_file *f;
+
+	if (!od->inited)
+		return;
+	/* Refresh the copy of notify_gen / shutdown that the kqueue filter
+	 * reads under a mutex (it cannot take the core's sx lock).  The
+	 * core calls this after every change of either, so the copy is
+	 * never older than the last wake-up a watcher received. */
+	info = malloc(sizeof(*info), M_KUP, M_WAITOK | M_ZERO);
+	kup_core_info(sc, info);
+	mtx_lock(&od->mtx);
+	atomic_store_64(&od->notify_gen, info->notify_gen);
+	atomic_store_int(&od->shutdown, info->shutting_down != 0);
+	LIST_FOREACH(f, &od->files, link) {
+		mtx_lock(&f->mtx);
+		kup_fb_file_notify_locked(f);
+		mtx_unlock(&f->mtx);
+	}
+	mtx_unlock(&od->mtx);
+	free(info, M_KUP);
+}
+
+/* ======================================================================
+ * Module services (kup_module.h)
+ * ====================================================================== */
+
+void
+kup_os_msleep(unsigned int ms)
+{
+	if (ms == 0)
+		return;
+	(void)pause_sbt("kupslp", SBT_1MS * (sbintime_t)ms, 0, 0);
+}
+
+/* Module parameters are loader tunables / kenv(1) variables named
+ * kup.<module>.<name>, e.g. kup.echo.channels="4" in /boot/loader.conf. */
+int
+kup_os_param_int(const char *module, const char *name, int defval)
+{
+	char var[96];
+	int v;
+
+	if (module == NULL || name == NULL)
+		return (defval);
+	if (snprintf(var, sizeof(var), "kup.%s.%s", module, name) >=
+	    (int)sizeof(var))
+		return (defval);
+	if (getenv_int(var, &v) == 0)
+		return (defval);   /* unset or not an integer */
+	return (v);
+}
+
+struct kup_thread {
+	int  (*fn)(void *);
+	void  *arg;
+	int    ret;
+	int    done;          /* under kup_fb_thr_mtx */
+	struct thread *td;
+};
+
+static void
+kup_fb_thread_main(void *arg)
+{
+	struct kup_thread *t = arg;
+	int ret;
+
+	ret = t->fn(t->arg);
+	mtx_lock(&kup_fb_thr_mtx);
+	t->ret = ret;
+	t->done = 1;
+	wakeup(t);
+	mtx_unlock(&kup_fb_thr_mtx);
+	kthread_exit();
+}
+
+struct kup_thread *
+kup_os_thread_start(int (*fn)(void *), void *arg, const char *name)
+{
+	struct kup_thread *t;
+	int error;
+
+	if (fn == NULL)
+		return (NULL);
+	t = malloc(sizeof(*t), M_KUP, M_WAITOK | M_ZERO);
+	t->fn = fn;
+	t->arg = arg;
+	atomic_add_int(&kup_fb_nthreads, 1);
+	error = kthread_add(kup_fb_thread_main, t, NULL, &t->td, 0, 0,
+	    "kup %s", name != NULL ? name : "thread");
+	if (error != 0) {
+		atomic_subtract_int(&kup_fb_nthreads, 1);
+		free(t, M_KUP);
+		kup_os_log("kup: kthread_add(%s): error %d",
+		    name != NULL ? name : "thread", error);
+		return (NULL);
+	}
+	return (t);
+}
+
+int
+kup_os_thread_join(struct kup_thread *t)
+{
+	int ret;
+
+	if (t == NULL)
+		return (-EINVAL);
+	mtx_lock(&kup_fb_thr_mtx);
+	while (!t->done)
+		mtx_sleep(t, &kup_fb_thr_mtx, 0, "kupjoin", 0);
+	ret = t->ret;
+	mtx_unlock(&kup_fb_thr_mtx);
+	free(t, M_KUP);
+	atomic_subtract_int(&kup_fb_nthreads, 1);
+	return (ret);
+}
+
+/* ======================================================================
+ * The device node
+ * ====================================================================== */
+
+int
+kup_os_dev_publish(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct make_dev_args args;
+	int error;
+
+	mtx_init(&od->mtx, "kupdev", NULL, MTX_DEF);
+	LIST_INIT(&od->files);
+	od->notify_gen = 0;
+	od->shutdown = 0;
+	od->inited = 1;
+
+	make_dev_args_init(&args);
+	args.mda_devsw = &kup_fb_cdevsw;
+	args.mda_flags = MAKEDEV_WAITOK | MAKEDEV_CHECKNAME;
+	args.mda_uid = UID_ROOT;
+	args.mda_gid = GID_WHEEL;
+	args.mda_mode = 0600;
+	args.mda_si_drv1 = sc;
+	error = make_dev_s(&args, &od->cdev, "kup/%s", kup_core_dev_name(sc));
+	if (error != 0) {
+		/* kupdev_create frees the softc without a release call */
+		od->cdev = NULL;
+		od->inited = 0;
+		mtx_destroy(&od->mtx);
+		kup_os_log("kup: make_dev_s(/dev/kup/%s): error %d",
+		    kup_core_dev_name(sc), error);
+		return (-error);
+	}
+	atomic_add_int(&kup_fb_ndevs, 1);
+	return (0);
+}
+
+void
+kup_os_dev_withdraw(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct cdev *cdev = od->cdev;
+
+	if (cdev == NULL)
+		return;
+	/* No new opens; threads inside our methods drain (none sleeps);
+	 * every open file's destructor runs (detach + reference drop).
+	 * Existing mappings stay valid: they reference the VM objects. */
+	destroy_dev(cdev);
+	od->cdev = NULL;
+}
+
+void
+kup_os_dev_release(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (od->cdev != NULL)
+		kup_os_dev_withdraw(sc);
+	if (od->inited) {
+		KASSERT(LIST_EMPTY(&od->files), ("kup: device released while open"));
+		mtx_destroy(&od->mtx);
+		od->inited = 0;
+		atomic_subtract_int(&kup_fb_ndevs, 1);
+	}
+}
+
+/* ---- per-open state ---------------------------------------------------- */
+
+static void
+kup_fb_file_dtor(void *arg)
+{
+	struct kup_fb_file *f = arg;
+	struct kupdev_softc *sc = f->sc;
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct kup_os_chan *oc;
+	struct kup_chan *ch;
+
+	mtx_lock(&f->mtx);
+	ch = f->ch;
+	f->ch = NULL;
+	mtx_unlock(&f->mtx);
+	if (ch != NULL) {
+		oc = kup_core_chan_os(ch);
+		mtx_lock(&oc->mtx);
+		if (oc->file == f)
+			oc->file = NULL;
+		mtx_unlock(&oc->mtx);
+		/* the core marks the channel free and wakes the kernel side,
+		 * which sees -EPIPE */
+		kup_core_detach(ch);
+	}
+	if (f->listed) {
+		mtx_lock(&od->mtx);
+		LIST_REMOVE(f, link);
+		mtx_unlock(&od->mtx);
+	}
+	/* kqueue notes still registered on this file get EV_EOF and are
+	 * detached from the knlist, so nothing references f after this */
+	knlist_clear(&f->sel.si_note, 0);
+	seldrain(&f->sel);
+	knlist_destroy(&f->sel.si_note);
+	mtx_destroy(&f->mtx);
+	free(f, M_KUP);
+	kup_core_dev_put(sc);
+}
+
+static int
+kup_fb_open(struct cdev *cdev, int oflags, int devtype, struct thread *td)
+{
+	struct kupdev_softc *dsc = cdev->si_drv1, *sc;
+	struct kup_os_dev *od;
+	struct kup_fb_file *f;
+	int error;
+
+	(void)oflags;
+	(void)devtype;
+	(void)td;
+	if (dsc == NULL)
+		return (ENXIO);
+	/* destroy_dev waits for us, so dsc is alive; take a reference by
+	 * name, which also refuses a device that is shutting down */
+	sc = kup_core_dev_get(kup_core_dev_name(dsc));
+	if (sc == NULL)
+		return (ESHUTDOWN);
+	if (sc != dsc) {
+		kup_core_dev_put(sc);
+		return (ENXIO);
+	}
+	od = kup_core_dev_os(sc);
+	f = malloc(sizeof(*f), M_KUP, M_WAITOK | M_ZERO);
+	f->sc = sc;
+	mtx_init(&f->mtx, "kupfile", NULL, MTX_DEF);
+	knlist_init_mtx(&f->sel.si_note, &f->mtx);
+	mtx_lock(&od->mtx);
+	f->seen_gen = atomic_load_64(&od->notify_gen);
+	LIST_INSERT_HEAD(&od->files, f, link);
+	f->listed = 1;
+	mtx_unlock(&od->mtx);
+	error = devfs_set_cdevpriv(f, kup_fb_file_dtor);
+	if (error != 0)
+		kup_fb_file_dtor(f);
+	return (error);
+}
+
+static int
+kup_fb_close(struct cdev *cdev, int fflag, int devtype, struct thread *td)
+{
+	/* Called on the last close of the node by anyone; per-file state is
+	 * torn down by the cdevpriv destructor, which also covers processes
+	 * that die without closing. */
+	(void)cdev;
+	(void)fflag;
+	(void)devtype;
+	(void)td;
+	return (0);
+}
+
+/* ---- ioctl ------------------------------------------------------------- */
+
+static int
+kup_fb_ioc_attach(struct kup_fb_file *f, struct kup_ioc_attach *a)
+{
+	struct kup_core_info *info = NULL;
+	const struct kup_ctrl *ctrl;
+	struct kup_os_chan *oc;
+	struct kup_chan *ch;
+	size_t i;
+	int error, rc;
+
+	if (a->reserved_in != 0)
+		return (EINVAL);
+	for (i = 0; i < nitems(a->reserved); i++)
+		if (a->reserved[i] != 0)
+			return (EINVAL);
+	mtx_lock(&f->mtx);
+	if (f->ch != NULL || f->attaching) {
+		mtx_unlock(&f->mtx);
+		return (EBUSY);           /* one channel per open file */
+	}
+	f->attaching = 1;
+	mtx_unlock(&f->mtx);
+
+	info = malloc(sizeof(*info), M_KUP, M_WAITOK | M_ZERO);
+	kup_core_info(f->sc, info);
+	if (info->shutting_down) {
+		error = ESHUTDOWN;
+		goto out;
+	}
+	if (a->pages != 0 && a->pages != info->pages) {
+		error = EINVAL;
+		goto out;
+	}
+	/* The core checks the ABI version, the id and the announce state. */
+	rc = kup_core_attach(f->sc, a->chan_id, a->abi_version, &ch);
+	if (rc != 0) {
+		error = -rc;
+		goto out;
+	}
+	oc = kup_core_chan_os(ch);
+	mtx_lock(&oc->mtx);
+	oc->file = f;
+	mtx_unlock(&oc->mtx);
+
+	ctrl = kup_core_chan_mem(ch);
+	a->chan_id = kup_core_chan_id(ch);
+	a->page_size = info->page_size;
+	a->chan_count = info->chan_count;
+	a->dev_pages = info->pages;
+	a->map_offset = 0;
+	a->map_size = kup_core_chan_bytes(ch);
+	a->attach_gen = KUP_READ_ONCE64(&ctrl->attach_gen);
+	mtx_lock(&f->mtx);
+	f->ch = ch;
+	mtx_unlock(&f->mtx);
+	error = 0;
+out:
+	mtx_lock(&f->mtx);
+	f->attaching = 0;
+	mtx_unlock(&f->mtx);
+	free(info, M_KUP);
+	return (error);
+}
+
+static int
+kup_fb_ioc_info(struct kup_fb_file *f, struct kup_ioc_info *ui)
+{
+	struct kup_core_info *ci;
+
+	CTASSERT(sizeof(ui->name) == sizeof(ci->name));
+	CTASSERT(sizeof(ui->attached) == sizeof(ci->attached));
+	ci = malloc(sizeof(*ci), M_KUP, M_WAITOK | M_ZERO);
+	kup_core_info(f->sc, ci);
+	memset(ui, 0, sizeof(*ui));
+	memcpy(ui->name, ci->name, sizeof(ui->name));
+	ui->name[sizeof(ui->name) - 1] = '\0';
+	ui->abi_version = ci->abi_version;
+	ui->page_size = ci->page_size;
+	ui->chan_count = ci->chan_count;
+	ui->announced = ci->announced;
+	ui->pages = ci->pages;
+	ui->max_msg = ci->max_msg;
+	ui->notify_gen = ci->notify_gen;
+	ui->shutting_down = ci->shutting_down != 0;
+	memcpy(ui->attached, ci->attached, sizeof(ui->attached));
+	mtx_lock(&f->mtx);
+	ui->attached_chan = f->ch != NULL ? kup_core_chan_id(f->ch) :
+	    KUP_IOC_CHAN_ANY;
+	f->seen_gen = ci->notify_gen;
+	mtx_unlock(&f->mtx);
+	free(ci, M_KUP);
+	return (0);
+}
+
+static int
+kup_fb_ioctl(struct cdev *cdev, u_long cmd, caddr_t data, int fflag,
+    struct thread *td)
+{
+	struct kup_fb_file *f;
+	struct kup_chan *ch;
+	int error;
+
+	(void)cdev;
+	(void)fflag;
+	(void)td;
+	error = devfs_get_cdevpriv((void **)&f);
+	if (error != 0)
+		return (error);
+	/* data is the kernel copy made by ioctl(2) from the encoded size */
+	switch (cmd) {
+	case KUP_IOC_ATTACH:
+		return (kup_fb_ioc_attach(f, (struct kup_ioc_attach *)data));
+	case KUP_IOC_INFO:
+		return (kup_fb_ioc_info(f, (struct kup_ioc_info *)data));
+	case KUP_IOC_WAKE:
+		mtx_lock(&f->mtx);
+		ch = f->ch;
+		mtx_unlock(&f->mtx);
+		if (ch == NULL)
+			return (EINVAL);
+		kup_core_user_wake(ch);
+		return (0);
+	case FIONBIO:
+		return (0);               /* nothing here ever blocks */
+	case FIOASYNC:
+		return (*(int *)data != 0 ? EINVAL : 0);
+	default:
+		return (ENOTTY);
+	}
+}
+
+/* ---- mmap -------------------------------------------------------------- */
+
+static int
+kup_fb_mmap_single(struct cdev *cdev, vm_ooffset_t *offset, vm_size_t size,
+    struct vm_object **objp, int nprot)
+{
+	struct kup_fb_file *f;
+	struct kup_os_chan *oc;
+	struct kup_chan *ch;
+	vm_ooffset_t off = *offset;
+	size_t bytes;
+	int error;
+
+	(void)cdev;
+	error = devfs_get_cdevpriv((void **)&f);
+	if (error != 0)
+		return (error);
+	mtx_lock(&f->mtx);
+	ch = f->ch;
+	mtx_unlock(&f->mtx);
+	if (ch == NULL)
+		return (EINVAL);          /* attach first */
+	if ((nprot & VM_PROT_EXECUTE) != 0)
+		return (EINVAL);          /* data pages, never code */
+	/* (MAP_PRIVATE never reaches us: vm_mmap_cdev refuses private
+	 * mappings of character devices.) */
+	bytes = kup_core_chan_bytes(ch);
+	oc = kup_core_chan_os(ch);
+	/* [off, off + size) within the channel, compared without overflow */
+	if (off < 0 || (off & PAGE_MASK) != 0 || size == 0 ||
+	    size > bytes || (uint64_t)off > bytes - size)
+		return (EINVAL);
+	vm_object_reference(oc->obj);   /* the mapping's own reference */
+	*objp = oc->obj;
+	return (0);
+}
+
+/* ---- poll / kqueue ----------------------------------------------------- */
+
+/*
+ * Readable: attached file -- the turn is the user's, the kernel side gave up
+ * on this user, or the device is shutting down; unattached file -- the
+ * device's notify_gen differs from the one this file last read with
+ * KUP_IOC_INFO.  Hang-up: shutting down.  The channel page is writable by
+ * the user, so a user that scribbles on it only confuses its own poll.
+ */
+static int
+kup_fb_file_ready(struct kup_fb_file *f, int *hup)
+{
+	struct kup_os_dev *od = kup_core_dev_os(f->sc);
+	const struct kup_ctrl *ctrl;
+	uint32_t state;
+
+	mtx_assert(&f->mtx, MA_OWNED);
+	*hup = atomic_load_int(&od->shutdown) != 0;
+	if (f->ch != NULL) {
+		ctrl = kup_core_chan_mem(f->ch);
+		state = KUP_READ_ONCE32(&ctrl->state);
+		if ((state & KUP_STATE_SHUTDOWN) != 0)
+			*hup = 1;
+		return (*hup || KUP_LOAD_ACQ32(&ctrl->turn) == KUP_TURN_USER ||
+		    (state & KUP_STATE_PEER_GONE) != 0);
+	}
+	return (*hup || atomic_load_64(&od->notify_gen) != f->seen_gen);
+}
+
+static int
+kup_fb_poll(struct cdev *cdev, int events, struct thread *td)
+{
+	struct kup_fb_file *f;
+	int revents = 0, ready, hup;
+
+	(void)cdev;
+	if (devfs_get_cdevpriv((void **)&f) != 0)
+		return (events & (POLLIN | POLLRDNORM | POLLHUP)) | POLLNVAL;
+	mtx_lock(&f->mtx);
+	ready = kup_fb_file_ready(f, &hup);
+	if (ready)
+		revents |= events & (POLLIN | POLLRDNORM);
+	if (hup)
+		revents |= POLLHUP;
+	if (revents == 0 && (events & (POLLIN | POLLRDNORM)) != 0)
+		selrecord(td, &f->sel);
+	mtx_unlock(&f->mtx);
+	return (revents);
+}
+
+static int
+kup_fb_kqfilter(struct cdev *cdev, struct knote *kn)
+{
+	struct kup_fb_file *f;
+	int error;
+
+	(void)cdev;
+	error = devfs_get_cdevpriv((void **)&f);
+	if (error != 0)
+		return (error);
+	if (kn->kn_filter != EVFILT_READ)
+		return (EINVAL);
+	kn->kn_fop = &kup_fb_read_filtops;
+	kn->kn_hook = f;
+	knlist_add(&f->sel.si_note, kn, 0);
+	return (0);
+}
+
+static int
+kup_fb_kqread(struct knote *kn, long hint)
+{
+	struct kup_fb_file *f = kn->kn_hook;
+	int ready, hup;
+
+	(void)hint;
+	ready = kup_fb_file_ready(f, &hup);   /* knlist lock = f->mtx held */
+	if (hup)
+		kn->kn_flags |= EV_EOF;
+	kn->kn_data = ready ? 1 : 0;
+	return (ready);
+}
+
+static void
+kup_fb_kqdetach(struct knote *kn)
+{
+	struct kup_fb_file *f = kn->kn_hook;
+
+	knlist_remove(&f->sel.si_note, kn, 0);
+}
+
+/* ======================================================================
+ * Module glue
+ * ====================================================================== */
+
+static int
+kupdev_modevent(module_t mod, int what, void *arg)
+{
+	int rc;
+
+	(void)mod;
+	(void)arg;
+	switch (what) {
+	case MOD_LOAD:
+		mtx_init(&kup_fb_thr_mtx, "kupthr", NULL, MTX_DEF);
+		rc = kup_core_init();
+		if (rc != 0) {
+			mtx_destroy(&kup_fb_thr_mtx);
+			return (-rc);
+		}
+		return (0);
+	case MOD_QUIESCE:
+		/* Client modules depend on us (MODULE_DEPEND), so the kernel
+		 * only lets us go once they are gone; be explicit anyway. */
+		if (atomic_load_int(&kup_fb_ndevs) != 0 ||
+		    atomic_load_int(&kup_fb_nthreads) != 0)
+			return (EBUSY);
+		return (0);
+	case MOD_UNLOAD:
+		if (atomic_load_int(&kup_fb_ndevs) != 0 ||
+		    atomic_load_int(&kup_fb_nthreads) != 0)
+			return (EBUSY);
+		kup_core_fini();
+		mtx_destroy(&kup_fb_thr_mtx);
+		return (0);
+	case MOD_SHUTDOWN:
+		return (0);
+	default:
+		return (EOPNOTSUPP);
+	}
+}
+
+static moduledata_t kupdev_mod = {
+	"kupdev",
+	kupdev_modevent,
+	NULL
+};
+
+DECLARE_MODULE(kupdev, kupdev_mod, SI_SUB_DRIVERS, SI_ORDER_MIDDLE);
+MODULE_VERSION(kupdev, 1);

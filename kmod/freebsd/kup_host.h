@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_host.h -- the FreeBSD kernel host's half of the kup_os.h contract:
+ * the types and memory-ordering macros the OS-neutral core is compiled
+ * against when it is built into kupdev.ko.
+ *
+ * Everything here is a thin mapping onto FreeBSD primitives:
+ *   kup_lock_t           sx(9): a sleepable lock, because module code runs
+ *                        between kupdev_receive and kupdev_unlock_channel
+ *                        and may sleep (malloc M_WAITOK, copyout, ...).
+ *   acquire/release      atomic(9) (atomic_load_acq_32 / atomic_store_rel_32,
+ *                        atomic_thread_fence_seq_cst).
+ *   struct kup_os_dev    the cdev, the list of open files, the sleep
+ *                        interlock of kupdev_wait_channel.
+ *   struct kup_os_chan   the channel's VM object and its kernel mapping,
+ *                        the sleep interlock of the kernel side, and the
+ *                        open file (if any) the channel is attached to.
+ * The functions live in kup_freebsd.c.
+ */
+#ifndef KUP_HOST_H
+#define KUP_HOST_H
+
+#if !defined(_KERNEL)
+#error "kmod/freebsd/kup_host.h is for the FreeBSD kernel (-D_KERNEL)"
+#endif
+
+#include <sys/param.h>
+#include <sys/systm.h>
+#include <sys/errno.h>
+#include <sys/lock.h>
+#include <sys/mutex.h>
+#include <sys/sx.h>
+#include <sys/queue.h>
+#include <machine/atomic.h>
+#include <machine/cpu.h>
+#include <vm/vm.h>
+
+/* A sleepable mutex. */
+typedef struct sx kup_lock_t;
+
+struct kup_fb_file;                 /* one open of /dev/kup/<name> */
+LIST_HEAD(kup_fb_file_list, kup_fb_file);
+
+struct kup_os_dev {
+	struct cdev             *cdev;      /* /dev/kup/<name>, NULL if not published */
+	struct mtx               mtx;       /* files list, dev sleep interlock */
+	struct kup_fb_file_list  files;     /* every open file of this device */
+	int                      wchan;     /* address slept on by wait_channel */
+	int                      inited;    /* mtx initialised (publish ran) */
+	/* copies for poll/kqueue filters, which run under a mutex and so
+	 * cannot take the core's sx lock; refreshed by kup_os_dev_wake_user */
+	volatile uint64_t        notify_gen;
+	volatile u_int           shutdown;
+};
+
+struct kup_os_chan {
+	vm_object_t              obj;       /* OBJT_PHYS object holding the pages */
+	vm_offset_t              kva;       /* kernel mapping of obj (pmap_qenter) */
+	size_t                   bytes;     /* size of obj and of the mapping */
+	struct mtx               mtx;       /* sleep interlock; protects file */
+	struct kup_fb_file      *file;      /* attached open file, or NULL */
+	int                      wchan;     /* address slept on by the kernel side */
+	int                      inited;    /* mtx initialised (mem_alloc ran) */
+};
+
+/*
+ * Memory ordering on the shared page.  The core may pass const pointers
+ * for loads; atomic(9) takes non-const volatile pointers, so loads strip
+ * the qualifier with __DEQUALIFY (a load never writes).
+ */
+#define KUP_LOAD_ACQ32(p) \
+	atomic_load_acq_32(__DEQUALIFY(volatile uint32_t *, (p)))
+#define KUP_STORE_REL32(p, v) \
+	atomic_store_rel_32((volatile uint32_t *)(p), (uint32_t)(v))
+#define KUP_READ_ONCE32(p)     (*(const volatile uint32_t *)(p))
+#define KUP_READ_ONCE64(p)     (*(const volatile uint64_t *)(p))
+#define KUP_WRITE_ONCE32(p, v) \
+	(*(volatile uint32_t *)(p) = (uint32_t)(v))
+#define KUP_WRITE_ONCE64(p, v) \
+	(*(volatile uint64_t *)(p) = (uint64_t)(v))
+#define KUP_FENCE()            atomic_thread_fence_seq_cst()
+#define KUP_CPU_RELAX()        cpu_spinwait()
+
+#endif /* KUP_HOST_H */
