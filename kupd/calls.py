@@ -1,0 +1,244 @@
+"""The Call pool of one device: request/reply over a set of pooled channels.
+
+* A channel is *free* when user space holds its turn with nothing pending;
+  a Call takes a free channel, sends the request, waits for the kernel's
+  reply (``kupd.waiting``), returns it and puts the channel back.
+* Waiting callers are queued per caller (FIFO) and served round-robin
+  across callers, so one busy caller cannot starve the others.
+* A reply that does not come within the deadline fails the Call with
+  DeadlineExceeded and *quarantines* the channel: it is not handed to the
+  next caller (whose request would be answered with the late reply) until
+  the kernel hands the turn back; the late reply is dropped.
+* A channel that fails with Shutdown / PeerGone / ProtocolError leaves the
+  pool and is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kupd import errors
+from kupd.channel import Channel, Message
+from kupd.log import get_logger
+from kupd.metrics import Metrics
+from kupd.waiting import wait_message
+
+__all__ = ["CallPool", "PoolChannel"]
+
+log = get_logger("kupd.calls")
+
+
+@dataclass(eq=False)
+class PoolChannel:
+    ch: Channel
+    state: str = "warming"  # warming | free | busy | quarantined
+
+
+class CallPool:
+    def __init__(self, device: str, metrics: Metrics, max_queued: int) -> None:
+        self.device = device
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self.channels: dict[int, PoolChannel] = {}
+        self._free: deque[PoolChannel] = deque()
+        self._queues: dict[str, deque[asyncio.Future[PoolChannel]]] = {}
+        self._rr: deque[str] = deque()
+        self._queued = 0
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.on_change: Callable[[], None] = lambda: None
+
+    # -- membership ---------------------------------------------------------
+    def add(self, ch: Channel) -> None:
+        """Adopt a freshly attached channel: free once its first message
+        (the kernel's opening hand-over) has arrived."""
+        pc = PoolChannel(ch)
+        self.channels[ch.id] = pc
+        self._spawn(self._settle(pc, "warming"))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, pc: PoolChannel, why: str) -> None:
+        """Wait for the kernel to hand ``pc`` back, drop what it says, free it."""
+        pc.state = why
+        try:
+            if not pc.ch.my_turn():
+                await wait_message(pc.ch, what=f"{self.device} pool channel {pc.ch.id} ({why})")
+            else:
+                pc.ch.try_receive()  # consume a pending message, if any
+        except errors.KupError as exc:
+            log.warning(
+                "pool channel dropped", device=self.device, channel=pc.ch.id, error=str(exc)
+            )
+            self._drop(pc)
+            return
+        except asyncio.CancelledError:
+            return
+        if why == "quarantined":
+            log.info("pool channel back from quarantine", device=self.device, channel=pc.ch.id)
+        self._put_back(pc)
+
+    def _drop(self, pc: PoolChannel) -> None:
+        if self.channels.get(pc.ch.id) is pc:
+            del self.channels[pc.ch.id]
+        with contextlib.suppress(ValueError):
+            self._free.remove(pc)
+        with contextlib.suppress(errors.KupError):
+            pc.ch.close()
+        self.on_change()
+
+    def _put_back(self, pc: PoolChannel) -> None:
+        if self.closed:
+            self._drop(pc)
+            return
+        pc.state = "free"
+        self._free.append(pc)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._free and self._rr:
+            caller = self._rr.popleft()
+            q = self._queues[caller]
+            while q and q[0].done():  # cancelled waiters
+                q.popleft()
+            if not q:
+                del self._queues[caller]
+                continue
+            fut = q.popleft()
+            if q:
+                self._rr.append(caller)
+            else:
+                del self._queues[caller]
+            pc = self._free.popleft()
+            pc.state = "busy"
+            fut.set_result(pc)
+
+    # -- facts ----------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def state_of(self, chan_id: int) -> str | None:
+        pc = self.channels.get(chan_id)
+        return None if pc is None else pc.state
+
+    # -- the call ---------------------------------------------------------------
+    async def _acquire(self, caller: str, timeout: float) -> PoolChannel:
+        if self._free and not self._rr:
+            pc = self._free.popleft()
+            pc.state = "busy"
+            return pc
+        if self._queued >= self.max_queued:
+            raise errors.ResourceExhausted(
+                f"device {self.device}: {self._queued} calls already queued "
+                f"(limit max_queued_calls={self.max_queued})"
+            )
+        fut: asyncio.Future[PoolChannel] = asyncio.get_running_loop().create_future()
+        q = self._queues.get(caller)
+        if q is None:
+            q = self._queues[caller] = deque()
+            self._rr.append(caller)
+        q.append(fut)
+        self._queued += 1
+        self.metrics.calls_queued.labels(self.device).inc()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._put_back(fut.result())  # granted just as we gave up: hand it on
+            if isinstance(exc, TimeoutError):
+                raise errors.DeadlineExceeded(
+                    f"device {self.device}: no pool channel became free within {timeout:.3f}s "
+                    f"({len(self.channels)} channels, {self._queued} calls queued)"
+                ) from None
+            raise
+        finally:
+            self._queued -= 1
+            self.metrics.calls_queued.labels(self.device).dec()
+
+    async def call(self, data: bytes, timeout: float, caller: str) -> tuple[Message, int]:
+        """Send ``data`` on a free pool channel; the kernel's reply and the channel id."""
+        if self.closed:
+            raise errors.Shutdown(f"device {self.device} is going away")
+        if not self.channels:
+            raise errors.Unavailable(
+                f"device {self.device} has no Call channels (set call_channels in its "
+                "[[device]] config, or the device has not announced them yet)"
+            )
+        limit = min(pc.ch.max_msg for pc in self.channels.values())
+        if len(data) > limit:
+            raise errors.TooBig(
+                f"call of {len(data)} bytes exceeds device {self.device}'s "
+                f"max message of {limit} bytes"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            pc = await self._acquire(caller, timeout)
+            return await self._exchange(pc, data, max(0.0, deadline - loop.time()))
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _exchange(self, pc: PoolChannel, data: bytes, timeout: float) -> tuple[Message, int]:
+        ch = pc.ch
+        sent = False
+        done = False
+        try:
+            ch.send(data)
+            sent = True
+            self.metrics.sent(self.device, ch.id, len(data))
+            t0 = time.monotonic()
+            msg = await wait_message(
+                ch, timeout=timeout, what=f"call on device {self.device} channel {ch.id}"
+            )
+            done = True
+            self.metrics.turn_wait.labels(self.device).observe(time.monotonic() - t0)
+            self.metrics.received(self.device, ch.id, len(msg.data))
+            return msg, ch.id
+        except (errors.Shutdown, errors.PeerGone, errors.ProtocolError, errors.SystemFailure):
+            done = True
+            self._drop(pc)
+            raise
+        finally:
+            if not done:
+                if sent:  # the reply is still owed: never hand this channel on mid-exchange
+                    log.warning("pool channel quarantined", device=self.device, channel=ch.id)
+                    self._spawn(self._settle(pc, "quarantined"))
+                else:
+                    self._put_back(pc)
+            elif pc.state == "busy":
+                self._put_back(pc)
+
+    async def wait_idle(self) -> None:
+        """Until no call is in flight or queued."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self.closed = True
+        for q in self._queues.values():
+            for fut in q:
+                if not fut.done():
+                    fut.set_exception(errors.Shutdown(f"device {self.device} is going away"))
+        self._queues.clear()
+        self._rr.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for pc in list(self.channels.values()):
+            if pc.state != "busy":
+                self._drop(pc)

@@ -1,0 +1,243 @@
+"""kupd configuration: a TOML file (``tomllib``), validated at start, with
+command-line flags overriding it.  Every error names the offending key.
+
+Example (``deploy/kupd.sample.toml`` has the documented version)::
+
+    socket = "/run/kupd/kupd.sock"
+    [[device]]
+    name = "echo"
+    call_channels = 4
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kupd.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
+
+__all__ = ["Config", "ConfigError", "DeviceConfig", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key {key!r}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    #: Device name (kupsim: RUNDIR/<name>.sock found via kupsim_dir; kernel:
+    #: /dev/kup/<name>), or a path.
+    name: str
+    #: Channels kupd attaches at start for the Call pool (the lowest announced
+    #: free ids); the rest are left for sessions and leases.
+    call_channels: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/kupd/kupd.sock"
+    #: Lock file: a second kupd on the same socket refuses to start.
+    lock_file: str = ""  # default: <socket>.lock
+    pid_file: str = ""  # default: <socket>.pid ; "-" for none
+    #: Permission bits of the socket (clients need read+write).
+    socket_mode: int = 0o660
+    devices: tuple[DeviceConfig, ...] = ()
+    #: Where kupsim publishes devices (sets $KUPSIM_DIR for the channel layer).
+    kupsim_dir: str = ""
+    lease_idle_timeout: float = 60.0
+    call_timeout: float = 10.0
+    drain_grace: float = 5.0
+    #: How often unreachable devices are retried and reachable ones probed.
+    health_interval: float = 1.0
+    max_sessions: int = 4096
+    max_queued_calls: int = 10000
+    #: 0: metrics off; otherwise served on metrics_address:metrics_port.
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    keepalive_time: float = 20.0
+    keepalive_timeout: float = 10.0
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lock_path(self) -> str:
+        return self.lock_file or self.socket + ".lock"
+
+    @property
+    def pid_path(self) -> str:
+        if self.pid_file == "-":
+            return ""
+        return self.pid_file or self.socket + ".pid"
+
+    def device(self, name: str) -> DeviceConfig | None:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        return None
+
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _typed(table: dict[str, Any], key: str, prefix: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    full = prefix + key
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(full, f"must be a number, not {type(value).__name__} {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(full, f"must be an integer, not {type(value).__name__} {value!r}")
+        return value
+    if not isinstance(value, kind):
+        raise ConfigError(full, f"must be a {kind.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, not {value}")
+
+
+def _device(raw: Any, index: int) -> DeviceConfig:
+    prefix = f"device[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(f"device[{index}]", "must be a table ([[device]])")
+    unknown = set(raw) - {"name", "call_channels"}
+    if unknown:
+        raise ConfigError(prefix + sorted(unknown)[0], "unknown key (known: name, call_channels)")
+    if "name" not in raw:
+        raise ConfigError(prefix + "name", "is required")
+    name = _typed(raw, "name", prefix, str, "")
+    if not name or (len(name.encode()) >= KUP_NAME_MAX and "/" not in name):
+        raise ConfigError(prefix + "name", f"must be 1..{KUP_NAME_MAX - 1} bytes, not {name!r}")
+    calls = _typed(raw, "call_channels", prefix, int, 0)
+    if not 0 <= calls <= KUP_MAX_CHANNELS:
+        raise ConfigError(prefix + "call_channels", f"must be 0..{KUP_MAX_CHANNELS}, not {calls}")
+    return DeviceConfig(name=name, call_channels=calls)
+
+
+_TOP = {
+    "socket": str,
+    "lock_file": str,
+    "pid_file": str,
+    "socket_mode": str,
+    "kupsim_dir": str,
+    "lease_idle_timeout": float,
+    "call_timeout": float,
+    "drain_grace": float,
+    "health_interval": float,
+    "max_sessions": int,
+    "max_queued_calls": int,
+    "metrics_port": int,
+    "metrics_address": str,
+    "keepalive_time": float,
+    "keepalive_timeout": float,
+    "log_level": str,
+}
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document (or a dict of the same shape)."""
+    return validate(_build(data))
+
+
+def _build(data: dict[str, Any]) -> Config:
+    unknown = set(data) - set(_TOP) - {"device"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown key")
+    values: dict[str, Any] = {}
+    for key, kind in _TOP.items():
+        if key in data:
+            values[key] = _typed(data, key, "", kind, None)
+    if "socket_mode" in values:
+        text = values["socket_mode"]
+        try:
+            mode = int(text, 8)
+        except ValueError:
+            raise ConfigError(
+                "socket_mode", f"must be an octal string like '0660', not {text!r}"
+            ) from None
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError("socket_mode", f"must be within 0777 and include 0600, not {text!r}")
+        values["socket_mode"] = mode
+    devices_raw = data.get("device", [])
+    if not isinstance(devices_raw, list):
+        raise ConfigError("device", "must be an array of tables ([[device]])")
+    devices = tuple(_device(raw, i) for i, raw in enumerate(devices_raw))
+    names = [d.name for d in devices]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"device[{i}].name", f"duplicate device {n!r}")
+    values["devices"] = devices
+    return Config(**values)
+
+
+def validate(cfg: Config) -> Config:
+    """Check cross-field rules; used after flags are applied too."""
+    if not cfg.socket:
+        raise ConfigError("socket", "must not be empty")
+    for key in (
+        "lease_idle_timeout",
+        "call_timeout",
+        "health_interval",
+        "keepalive_time",
+        "keepalive_timeout",
+    ):
+        _positive(key, getattr(cfg, key))
+    _positive("drain_grace", cfg.drain_grace, allow_zero=True)
+    if cfg.max_sessions < 1:
+        raise ConfigError("max_sessions", f"must be >= 1, not {cfg.max_sessions}")
+    if cfg.max_queued_calls < 1:
+        raise ConfigError("max_queued_calls", f"must be >= 1, not {cfg.max_queued_calls}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port", f"must be 0..65535, not {cfg.metrics_port}")
+    if cfg.metrics_address not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            "metrics_address", f"must be a loopback address, not {cfg.metrics_address!r}"
+        )
+    if cfg.log_level not in _LEVELS:
+        levels = ", ".join(_LEVELS)
+        raise ConfigError("log_level", f"must be one of {levels}, not {cfg.log_level!r}")
+    if not cfg.devices:
+        raise ConfigError("device", "at least one [[device]] (or --device) is required")
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Read ``path`` (None: defaults only), then apply ``overrides`` (flags;
+    None values are ignored; "devices" replaces the device list)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"no such file: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    cfg = _build(data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "devices":
+            value = tuple(
+                _device(v, i) if isinstance(v, dict) else DeviceConfig(str(v))
+                for i, v in enumerate(value)
+            )
+        cfg = replace(cfg, **{key: value})
+    if path is not None:
+        cfg = replace(cfg, extra={"path": str(Path(path))})
+    return validate(cfg)

@@ -1,0 +1,112 @@
+"""``kupd``: the KUP gateway daemon (console script).
+
+    kupd --config /etc/kupd.toml
+    kupd --socket /tmp/kupd.sock --device echo:4 --kupsim-dir /tmp/sim
+
+Flags override the config file.  Exit status: 0 after a clean SIGTERM /
+SIGINT drain, 1 when another kupd already serves the socket or start-up
+fails, 2 for a bad configuration (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kupd.config import Config, ConfigError, load_config
+from kupd.log import configure, get_logger
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kupd", description="KUP gateway: kup.v1 gRPC on a unix socket"
+    )
+    p.add_argument("--config", "-c", help="TOML config file (see deploy/kupd.sample.toml)")
+    p.add_argument("--socket", "-s", help="unix socket path to serve on")
+    p.add_argument(
+        "--device",
+        "-d",
+        action="append",
+        metavar="NAME[:CALL_CHANNELS]",
+        help="serve this device (repeatable; replaces the config's devices)",
+    )
+    p.add_argument("--kupsim-dir", help="where kupsim publishes devices ($KUPSIM_DIR)")
+    p.add_argument("--lock-file", help="lock file (default: SOCKET.lock)")
+    p.add_argument("--pid-file", help="pid file (default: SOCKET.pid; '-' for none)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on loopback:PORT")
+    p.add_argument("--lease-idle-timeout", type=float, help="seconds before an idle lease ends")
+    p.add_argument("--call-timeout", type=float, help="default Call deadline, seconds")
+    p.add_argument("--drain-grace", type=float, help="seconds calls get to finish at SIGTERM")
+    p.add_argument("--health-interval", type=float, help="device probe interval, seconds")
+    p.add_argument("--max-sessions", type=int, help="limit on open sessions + leases")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def _device_flag(text: str) -> dict[str, Any]:
+    name, sep, calls = text.rpartition(":")
+    if not sep or not calls.isdigit():
+        return {"name": text}
+    return {"name": name, "call_channels": int(calls)}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        "socket": args.socket,
+        "kupsim_dir": args.kupsim_dir,
+        "lock_file": args.lock_file,
+        "pid_file": args.pid_file,
+        "metrics_port": args.metrics_port,
+        "lease_idle_timeout": args.lease_idle_timeout,
+        "call_timeout": args.call_timeout,
+        "drain_grace": args.drain_grace,
+        "health_interval": args.health_interval,
+        "max_sessions": args.max_sessions,
+        "log_level": args.log_level,
+    }
+    if args.device:
+        overrides["devices"] = [_device_flag(d) for d in args.device]
+    return load_config(args.config, overrides)
+
+
+async def serve(config: Config) -> int:
+    from kupd.server import AlreadyRunning, Server  # needs the C extension
+
+    log = get_logger("kupd.daemon")
+    server = Server(config)
+    try:
+        await server.start()
+    except AlreadyRunning as exc:
+        log.error("refusing to start", error=str(exc))
+        print(f"kupd: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.wait_stopped()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"kupd: {exc}", file=sys.stderr)
+        return 2
+    configure(config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"kupd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The devices kupd serves: opening them, following their events, health,
+attaching channels, and each device's Call pool.
+
+Blocking channel-layer calls that talk to the device host (open, info,
+attach: a round trip to kupsim or an ioctl) run on a small bounded thread
+pool; everything else runs on the asyncio loop.  A configured device that is
+not there is retried every ``health_interval``; a present one is probed with
+``info()`` at that interval (the health check) and on every device event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from kupd import errors
+from kupd.calls import CallPool
+from kupd.channel import Channel, Device, DeviceInfo
+from kupd.config import Config, DeviceConfig
+from kupd.log import get_logger
+from kupd.metrics import Metrics
+from kupd.watch import Event, EventBus, EventType
+
+__all__ = ["DeviceManager", "ManagedDevice"]
+
+log = get_logger("kupd.devices")
+T = TypeVar("T")
+
+#: Threads for blocking device-host calls (attach/info/open): bounded.
+BLOCKING_THREADS = 4
+
+
+class ManagedDevice:
+    def __init__(self, mgr: DeviceManager, cfg: DeviceConfig) -> None:
+        self.mgr = mgr
+        self.cfg = cfg
+        self.name = cfg.name
+        self.dev: Device | None = None
+        self.info: DeviceInfo | None = None
+        self.error = "not opened yet"
+        self.pool = CallPool(self.name, mgr.metrics, mgr.config.max_queued_calls)
+        #: channel id -> (holder "session"/"lease", lease id) for our leases
+        self.holders: dict[int, tuple[str, str]] = {}
+        self._event_fd = -1
+        self._refreshing = False
+        self._refresh_again = False
+        self._announced_seen = -1
+        self._shutdown_seen = False
+        self._pool_filling = False
+        #: callbacks run when the device goes away (sessions/leases end)
+        self.on_gone: list[Callable[[ManagedDevice, errors.KupError], None]] = []
+
+    @property
+    def reachable(self) -> bool:
+        return self.dev is not None and self.info is not None
+
+    @property
+    def healthy(self) -> bool:
+        return self.reachable and self.info is not None and not self.info.shutting_down
+
+    def require(self) -> tuple[Device, DeviceInfo]:
+        """The open device, or the error a request on it gets."""
+        if self.dev is None or self.info is None:
+            raise errors.Unavailable(f"device {self.name} is not reachable: {self.error}")
+        if self.info.shutting_down:
+            raise errors.Shutdown(f"device {self.name} is shutting down")
+        return self.dev, self.info
+
+    # -- opening and events ---------------------------------------------------
+    async def try_open(self) -> None:
+        if self.dev is not None or self.mgr.closing:
+            return
+        try:
+            dev = await self.mgr.blocking(Device.open, self.name)
+        except errors.KupError as exc:
+            self.error = str(exc)
+            return
+        try:
+            info = await self.mgr.blocking(dev.info)
+            fd = dev.event_fd()
+        except errors.KupError as exc:
+            self.error = str(exc)
+            dev.close()
+            return
+        if self.mgr.closing:
+            dev.close()
+            return
+        self.dev, self.info, self.error = dev, info, ""
+        self._event_fd = fd
+        self._announced_seen = info.announced
+        self._shutdown_seen = info.shutting_down
+        self.pool = CallPool(self.name, self.mgr.metrics, self.mgr.config.max_queued_calls)
+        asyncio.get_running_loop().add_reader(fd, self._on_event)
+        log.info(
+            "device appeared",
+            device=self.name,
+            channels=info.chan_count,
+            announced=info.announced,
+            max_msg=info.max_msg,
+        )
+        self.mgr.publish(
+            Event(
+                EventType.DEVICE_APPEARED,
+                self.name,
+                announced=info.announced,
+                notify_gen=info.notify_gen,
+            )
+        )
+        self.mgr.health_changed()
+        if info.max_msg + 65536 > self.mgr.max_grpc_message:
+            log.warning(
+                "device messages exceed the gRPC limit",
+                device=self.name,
+                max_msg=info.max_msg,
+                grpc_limit=self.mgr.max_grpc_message,
+            )
+        self._fill_pool()
+
+    def _on_event(self) -> None:
+        self.mgr.spawn(self.refresh())
+
+    async def refresh(self) -> None:
+        """Re-read the device's state; publish what changed; notice it gone."""
+        if self._refreshing:
+            self._refresh_again = True
+            return
+        self._refreshing = True
+        try:
+            while True:
+                self._refresh_again = False
+                await self._refresh_once()
+                if not self._refresh_again or self.dev is None:
+                    break
+        finally:
+            self._refreshing = False
+
+    async def _refresh_once(self) -> None:
+        dev = self.dev
+        if dev is None:
+            return
+        try:
+            info = await self.mgr.blocking(dev.info)
+        except errors.KupError as exc:
+            self.gone(exc)
+            return
+        if self.dev is not dev:
+            return
+        self.info = info
+        if info.announced != self._announced_seen:
+            self._announced_seen = info.announced
+            self.mgr.publish(
+                Event(
+                    EventType.CHANNELS_ANNOUNCED,
+                    self.name,
+                    announced=info.announced,
+                    notify_gen=info.notify_gen,
+                )
+            )
+            self._fill_pool()
+        if info.shutting_down and not self._shutdown_seen:
+            self._shutdown_seen = True
+            log.warning("device shutting down", device=self.name)
+            self.mgr.publish(
+                Event(EventType.DEVICE_SHUTTING_DOWN, self.name, notify_gen=info.notify_gen)
+            )
+            self.mgr.health_changed()
+
+    def gone(self, why: errors.KupError) -> None:
+        """The device went away: end everything on it; retry opening later."""
+        dev = self.dev
+        if dev is None:
+            return
+        log.warning("device gone", device=self.name, error=str(why))
+        if self._event_fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._event_fd)
+            self._event_fd = -1
+        self.dev, self.info, self.error = None, None, str(why)
+        for cb in list(self.on_gone):
+            cb(self, why)
+        self.pool.close()
+        self.holders.clear()
+        with contextlib.suppress(errors.KupError):
+            dev.close()
+        self.mgr.publish(Event(EventType.DEVICE_GONE, self.name, reason=str(why)))
+        self.mgr.health_changed()
+
+    # -- channels -------------------------------------------------------------------
+    async def attach(self, chan_id: int | None) -> Channel:
+        dev, info = self.require()
+        if chan_id is not None:
+            if chan_id >= info.chan_count:
+                raise errors.NotFound(
+                    f"device {self.name} has no channel {chan_id} (it has {info.chan_count})"
+                )
+            held = self.holders.get(chan_id)
+            if held is not None or self.pool.state_of(chan_id) is not None:
+                what = f"{held[0]} {held[1]}" if held else "the Call pool"
+                raise errors.Busy(f"channel {chan_id} of device {self.name} is held by {what}")
+        return await self.mgr.blocking(dev.channel, chan_id)
+
+    def _fill_pool(self) -> None:
+        if self._pool_filling or self.cfg.call_channels <= len(self.pool.channels):
+            return
+        self._pool_filling = True
+        self.mgr.spawn(self._fill_pool_task())
+
+    async def _fill_pool_task(self) -> None:
+        try:
+            while self.dev is not None and len(self.pool.channels) < self.cfg.call_channels:
+                try:
+                    ch = await self.attach(None)
+                except (errors.NotReady, errors.Busy) as exc:
+                    log.info(
+                        "call pool not full yet",
+                        device=self.name,
+                        have=len(self.pool.channels),
+                        want=self.cfg.call_channels,
+                        reason=str(exc),
+                    )
+                    return
+                except errors.KupError as exc:
+                    log.warning("call pool attach failed", device=self.name, error=str(exc))
+                    return
+                if self.dev is None or self.pool.closed:
+                    ch.close()
+                    return
+                self.pool.add(ch)
+        finally:
+            self._pool_filling = False
+
+    def close(self) -> None:
+        if self._event_fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._event_fd)
+            self._event_fd = -1
+        self.pool.close()
+        if self.dev is not None:
+            with contextlib.suppress(errors.KupError):
+                self.dev.close()
+        self.dev = None
+        self.info = None
+        self.error = "kupd stopped"
+
+
+class DeviceManager:
+    def __init__(
+        self,
+        config: Config,
+        bus: EventBus,
+        metrics: Metrics,
+        max_grpc_message: int,
+        on_health: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.metrics = metrics
+        self.max_grpc_message = max_grpc_message
+        self.on_health = on_health
+        self.closing = False
+        self.executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="kupd-dev")
+        self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        if config.kupsim_dir:
+            os.environ["KUPSIM_DIR"] = config.kupsim_dir
+
+    def get(self, name: str) -> ManagedDevice:
+        dev = self.devices.get(name)
+        if dev is None:
+            served = ", ".join(sorted(self.devices)) or "none"
+            raise errors.NotFound(f"unknown device {name!r} (kupd serves: {served})")
+        return dev
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", error=repr(task.exception()))
+
+    def publish(self, event: Event) -> None:
+        self.bus.publish(event)
+
+    def health_changed(self) -> None:
+        self.on_health()
+
+    @property
+    def all_healthy(self) -> bool:
+        return all(d.healthy for d in self.devices.values())
+
+    async def start(self) -> None:
+        await asyncio.gather(*(d.try_open() for d in self.devices.values()))
+        self._monitor = asyncio.ensure_future(self._monitor_loop())
+
+    async def _monitor_loop(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(self.config.health_interval)
+            for d in list(self.devices.values()):
+                if d.dev is None:
+                    await d.try_open()
+                else:
+                    await d.refresh()
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        for task in list(self._tasks):
+            task.cancel()
+        for d in self.devices.values():
+            d.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

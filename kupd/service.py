@@ -1,0 +1,485 @@
+"""The kup.v1 gRPC servicer: THIN.  Decode the request, call the session /
+call / watch machinery, encode the answer -- and map :mod:`kupd.errors` to
+gRPC status codes, in ONE place (:func:`status_for`).
+
+Every error status carries trailing metadata ``kup-error`` (the class name)
+and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import structlog
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupd import errors
+from kupd.abi import Kind
+from kupd.channel import Message
+from kupd.config import Config
+from kupd.devices import DeviceManager, ManagedDevice
+from kupd.log import bind, get_logger
+from kupd.metrics import Metrics
+from kupd.sessions import Lease, LeaseTable
+from kupd.watch import Event, EventBus, EventType
+
+__all__ = ["KupService", "error_pb", "status_for"]
+
+log = get_logger("kupd.service")
+R = TypeVar("R")
+
+# ---------------------------------------------------------------- the one mapping
+
+_CODES: dict[type[errors.KupError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Busy: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotYourTurn: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Shutdown: grpc.StatusCode.UNAVAILABLE,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,  # attach before announce
+    errors.TooBig: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.PeerGone: grpc.StatusCode.ABORTED,
+    errors.ProtocolError: grpc.StatusCode.INTERNAL,
+    errors.SystemFailure: grpc.StatusCode.INTERNAL,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_for(exc: errors.KupError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and details of a kupd error.  Details start with the
+    seed's name of the condition where it has one (``EKU_SHUTDOWN: ...``)."""
+    code = grpc.StatusCode.UNKNOWN
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            code = _CODES[cls]
+            break
+    details = f"{exc.seed_name}: {exc.message}" if exc.seed_name else exc.message
+    return code, details
+
+
+def error_pb(exc: errors.KupError) -> kup_pb2.Error:
+    """A Session's in-band error (same mapping)."""
+    code, details = status_for(exc)
+    return kup_pb2.Error(
+        grpc_code=code.value[0], message=details, kind=type(exc).__name__, kup_code=exc.code
+    )
+
+
+def _message_pb(m: Message) -> kup_pb2.Message:
+    return kup_pb2.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
+
+
+_request_ids = itertools.count(1)
+
+
+def _unary(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Wrap a unary handler: log context, kupd errors -> status (via _abort)."""
+
+    @wraps(fn)
+    async def wrapper(self: KupService, request: Any, context: grpc.aio.ServicerContext) -> R:
+        structlog.contextvars.clear_contextvars()
+        bind(request=next(_request_ids), rpc=fn.__name__)
+        try:
+            return await fn(self, request, context)
+        except errors.KupError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+def _stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R]]:
+    """Wrap a server-streaming handler the same way."""
+
+    @wraps(fn)
+    async def wrapper(
+        self: KupService, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[R]:
+        structlog.contextvars.clear_contextvars()
+        bind(request=next(_request_ids), rpc=fn.__name__)
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except errors.KupError as exc:
+            await self._abort(context, exc)
+
+    return wrapper
+
+
+# Session operation failures reported in-band (the session goes on).
+_IN_BAND = (
+    errors.NotYourTurn,
+    errors.TooBig,
+    errors.InvalidArgument,
+    errors.DeadlineExceeded,
+    errors.Busy,
+)
+
+_STATE = {
+    "session": kup_pb2.CHANNEL_STATE_SESSION,
+    "lease": kup_pb2.CHANNEL_STATE_LEASE,
+}
+
+
+class KupService(kup_pb2_grpc.KupServicer):
+    def __init__(
+        self,
+        config: Config,
+        mgr: DeviceManager,
+        leases: LeaseTable,
+        bus: EventBus,
+        metrics: Metrics,
+        drain: asyncio.Future[None],
+    ) -> None:
+        self.config = config
+        self.mgr = mgr
+        self.leases = leases
+        self.bus = bus
+        self.metrics = metrics
+        self.drain = drain
+        self.calls_in_flight = 0
+        self.calls_idle = asyncio.Event()
+        self.calls_idle.set()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
+        code, details = status_for(exc)
+        self.metrics.errors.labels(code.name).inc()
+        log.info("rpc failed", code=code.name, error=details)
+        await context.abort(
+            code,
+            details,
+            trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
+        )
+
+    def _check_open(self) -> None:
+        if self.drain.done():
+            raise errors.Shutdown("kupd is shutting down")
+
+    @staticmethod
+    def _deadline_cap(context: grpc.aio.ServicerContext, timeout: float | None) -> float | None:
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return timeout
+        return remaining if timeout is None else min(timeout, remaining)
+
+    # ---------------------------------------------------------------- devices
+    def _device_pb(self, d: ManagedDevice) -> kup_pb2.DeviceInfo:
+        info = d.info
+        if info is None:
+            return kup_pb2.DeviceInfo(name=d.name, reachable=False, error=d.error)
+        out = kup_pb2.DeviceInfo(
+            name=d.name,
+            reachable=True,
+            abi_version=info.abi_version,
+            page_size=info.page_size,
+            channel_count=info.chan_count,
+            announced=info.announced,
+            pages_per_channel=info.pages,
+            max_message_bytes=info.max_msg,
+            notify_gen=info.notify_gen,
+            shutting_down=info.shutting_down,
+            call_channels=len(d.pool.channels),
+        )
+        attached = set(info.attached)
+        for cid in range(info.chan_count):
+            c = out.channels.add(id=cid)
+            held = d.holders.get(cid)
+            pool_state = d.pool.state_of(cid)
+            if held is not None:
+                c.state = _STATE[held[0]]
+                c.lease_id = held[1]
+            elif pool_state is not None:
+                c.state = (
+                    kup_pb2.CHANNEL_STATE_QUARANTINED
+                    if pool_state == "quarantined"
+                    else kup_pb2.CHANNEL_STATE_CALLS
+                )
+            elif cid >= info.announced:
+                c.state = kup_pb2.CHANNEL_STATE_NOT_ANNOUNCED
+            elif cid in attached:
+                c.state = kup_pb2.CHANNEL_STATE_EXTERNAL
+            else:
+                c.state = kup_pb2.CHANNEL_STATE_FREE
+        return out
+
+    @_unary
+    async def ListDevices(
+        self, request: kup_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.ListDevicesResponse:
+        devs = [self.mgr.get(request.device)] if request.device else self.mgr.devices.values()
+        for d in devs:
+            await d.refresh()  # a fresh snapshot (and notices a device gone)
+        return kup_pb2.ListDevicesResponse(devices=[self._device_pb(d) for d in devs])
+
+    # ---------------------------------------------------------------- leases
+    def _attach_pb(self, lease: Lease, idle_ms: int) -> kup_pb2.AttachResponse:
+        return kup_pb2.AttachResponse(
+            lease_id=lease.id,
+            device=lease.dev.name,
+            channel=lease.ch.id,
+            max_message_bytes=lease.ch.max_msg,
+            idle_timeout_ms=idle_ms,
+        )
+
+    async def _take(self, device: str, chan: int | None, holder: str) -> Lease:
+        self._check_open()
+        if not device:
+            raise errors.InvalidArgument("attach: device is required")
+        lease = await self.leases.take(device, chan, holder)
+        bind(device=device, channel=lease.ch.id, lease=lease.id)
+        return lease
+
+    @_unary
+    async def Attach(
+        self, request: kup_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.AttachResponse:
+        chan = request.channel if request.HasField("channel") else None
+        lease = await self._take(request.device, chan, "lease")
+        return self._attach_pb(lease, round(self.config.lease_idle_timeout * 1000))
+
+    def _lease(self, lease_id: str) -> Lease:
+        if not lease_id:
+            raise errors.InvalidArgument("lease_id is required")
+        lease = self.leases.get(lease_id)
+        if lease.holder != "lease":
+            raise errors.Busy(f"lease {lease_id} belongs to a Session stream")
+        bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
+        return lease
+
+    @_unary
+    async def Release(
+        self, request: kup_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.ReleaseResponse:
+        self.leases.end(self._lease(request.lease_id), "released")
+        return kup_pb2.ReleaseResponse()
+
+    @_unary
+    async def Send(
+        self, request: kup_pb2.SendRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.SendResponse:
+        await self.leases.send(self._lease(request.lease_id), request.data)
+        return kup_pb2.SendResponse()
+
+    @_unary
+    async def Pass(
+        self, request: kup_pb2.PassRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.PassResponse:
+        await self.leases.pass_(self._lease(request.lease_id))
+        return kup_pb2.PassResponse()
+
+    async def _receive(
+        self,
+        lease: Lease,
+        mode: int,
+        timeout_ms: int,
+        context: grpc.aio.ServicerContext,
+    ) -> kup_pb2.ReceiveResponse:
+        timeout: float | None = None
+        if mode == kup_pb2.RECEIVE_MODE_DEADLINE:
+            if timeout_ms <= 0:
+                raise errors.InvalidArgument("RECEIVE_MODE_DEADLINE needs timeout_ms > 0")
+            timeout = timeout_ms / 1000
+        elif mode not in (kup_pb2.RECEIVE_MODE_BLOCK, kup_pb2.RECEIVE_MODE_NONBLOCK):
+            raise errors.InvalidArgument(f"unknown receive mode {mode}")
+        msg = await self.leases.receive(
+            lease,
+            self._deadline_cap(context, timeout),
+            nonblocking=mode == kup_pb2.RECEIVE_MODE_NONBLOCK,
+            abort=self.drain,
+        )
+        if msg is None:
+            return kup_pb2.ReceiveResponse(not_ready=True)
+        return kup_pb2.ReceiveResponse(message=_message_pb(msg))
+
+    @_unary
+    async def Receive(
+        self, request: kup_pb2.ReceiveRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.ReceiveResponse:
+        lease = self._lease(request.lease_id)
+        return await self._receive(lease, request.mode, request.timeout_ms, context)
+
+    # ---------------------------------------------------------------- sessions
+    async def _next(
+        self, reader: AsyncIterator[kup_pb2.SessionRequest], lease: Lease | None
+    ) -> kup_pb2.SessionRequest | None:
+        """The next request, or None at the end of the stream; raises when
+        kupd drains or the lease is ended first."""
+        task = asyncio.ensure_future(reader.__anext__())
+        waiters: set[asyncio.Future[Any]] = {task, self.drain}
+        if lease is not None:
+            waiters.add(lease.ended)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            try:
+                return task.result()
+            except StopAsyncIteration:
+                return None
+        if lease is not None and lease.ended.done():
+            exc = lease.ended.exception()
+            if isinstance(exc, errors.KupError):
+                raise type(exc)(exc.message)
+        raise errors.Shutdown("kupd is shutting down")
+
+    async def _session_op(
+        self, lease: Lease, req: kup_pb2.SessionRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.SessionResponse:
+        op = req.WhichOneof("op")
+        rid = req.request_id
+        if op == "send":
+            await self.leases.send(lease, req.send.data)
+            return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
+        if op == "receive":
+            r = await self._receive(lease, req.receive.mode, req.receive.timeout_ms, context)
+            return kup_pb2.SessionResponse(request_id=rid, received=r)
+        if op == "pass_turn":
+            await self.leases.pass_(lease)
+            return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
+        if op == "attach":
+            raise errors.InvalidArgument(
+                f"session already holds channel {lease.ch.id} of device {lease.dev.name}"
+            )
+        raise errors.InvalidArgument("session request without an operation")
+
+    @_stream
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[kup_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[kup_pb2.SessionResponse]:
+        self._check_open()
+        reader = request_iterator.__aiter__()
+        first = await self._next(reader, None)
+        if first is None:
+            return
+        if first.WhichOneof("op") != "attach":
+            raise errors.InvalidArgument("the first Session request must be attach")
+        a = first.attach
+        lease = await self._take(a.device, a.channel if a.HasField("channel") else None, "session")
+        reason = "stream ended"
+        try:
+            yield kup_pb2.SessionResponse(
+                request_id=first.request_id, attached=self._attach_pb(lease, 0)
+            )
+            while True:
+                req = await self._next(reader, lease)
+                if req is None:
+                    return
+                try:
+                    resp = await self._session_op(lease, req, context)
+                except _IN_BAND as exc:
+                    self.metrics.errors.labels(status_for(exc)[0].name).inc()
+                    resp = kup_pb2.SessionResponse(request_id=req.request_id, error=error_pb(exc))
+                yield resp
+        except errors.KupError as exc:
+            reason = f"error: {type(exc).__name__}"
+            raise
+        except asyncio.CancelledError:
+            reason = "stream cancelled"
+            raise
+        finally:
+            self.leases.end(lease, reason)
+
+    # ---------------------------------------------------------------- calls
+    @_unary
+    async def Call(
+        self, request: kup_pb2.CallRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.CallResponse:
+        self._check_open()
+        if not request.device:
+            raise errors.InvalidArgument("call: device is required")
+        dev = self.mgr.get(request.device)
+        dev.require()
+        bind(device=dev.name, caller=request.caller)
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else self.config.call_timeout
+        timeout = self._deadline_cap(context, timeout) or timeout
+        self.calls_in_flight += 1
+        self.calls_idle.clear()
+        code = "OK"
+        try:
+            msg, chan = await dev.pool.call(request.data, timeout, request.caller or "anonymous")
+        except errors.KupError as exc:
+            code = status_for(exc)[0].name
+            raise
+        finally:
+            self.metrics.calls.labels(dev.name, code).inc()
+            self.calls_in_flight -= 1
+            if self.calls_in_flight == 0:
+                self.calls_idle.set()
+        return kup_pb2.CallResponse(reply=_message_pb(msg), channel=chan)
+
+    # ---------------------------------------------------------------- watch
+    def _initial_events(self, device: str) -> list[Event]:
+        out: list[Event] = []
+        for d in self.mgr.devices.values():
+            if device and d.name != device:
+                continue
+            if d.info is not None:
+                out.append(
+                    Event(
+                        EventType.DEVICE_APPEARED,
+                        d.name,
+                        announced=d.info.announced,
+                        notify_gen=d.info.notify_gen,
+                        initial=True,
+                    )
+                )
+                if d.info.shutting_down:
+                    out.append(Event(EventType.DEVICE_SHUTTING_DOWN, d.name, initial=True))
+            else:
+                out.append(Event(EventType.DEVICE_GONE, d.name, reason=d.error, initial=True))
+        for lease in self.leases.leases.values():
+            if not device or lease.dev.name == device:
+                out.append(
+                    Event(
+                        EventType.LEASE_TAKEN,
+                        lease.dev.name,
+                        channel=lease.ch.id,
+                        lease_id=lease.id,
+                        holder=lease.holder,
+                        initial=True,
+                    )
+                )
+        return out
+
+    @_stream
+    async def Watch(
+        self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kup_pb2.WatchEvent]:
+        self._check_open()
+        if request.device:
+            self.mgr.get(request.device)
+        initial = self._initial_events(request.device) if request.initial_state else []
+        async for ev in self.bus.subscribe(request.device, initial):
+            yield kup_pb2.WatchEvent(
+                type=ev.type,  # type: ignore[arg-type]
+                device=ev.device,
+                channel=ev.channel,
+                lease_id=ev.lease_id,
+                holder=ev.holder,
+                announced=ev.announced,
+                notify_gen=ev.notify_gen,
+                reason=ev.reason,
+                initial=ev.initial,
+                time_unix_ms=ev.time_unix_ms,
+            )
+        raise errors.Shutdown("kupd is shutting down")
+
+
+# Kind values are the proto's MessageKind values.
+assert int(Kind.DATA) == kup_pb2.MESSAGE_KIND_DATA
+assert int(Kind.PASS) == kup_pb2.MESSAGE_KIND_PASS
+assert int(Kind.CLOSE) == kup_pb2.MESSAGE_KIND_CLOSE

@@ -1,0 +1,232 @@
+"""Leases: one channel held exclusively by one Session stream or one
+Attach lease id, and the operations on it.
+
+A lease ends when its Session stream ends, on Release, after
+``lease_idle_timeout`` without use (Attach leases only), when the device
+goes away, or when kupd shuts down.  Ending a lease that has an operation
+in flight (a blocked receive) wakes that operation with the reason first;
+the channel is closed once it has left the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+
+from kupd import errors
+from kupd.channel import Channel, Message
+from kupd.devices import DeviceManager, ManagedDevice
+from kupd.log import get_logger
+from kupd.waiting import wait_message
+from kupd.watch import Event, EventType
+
+__all__ = ["Lease", "LeaseTable"]
+
+log = get_logger("kupd.sessions")
+
+
+class Lease:
+    def __init__(self, lease_id: str, holder: str, dev: ManagedDevice, ch: Channel) -> None:
+        self.id = lease_id
+        self.holder = holder  # "session" | "lease"
+        self.dev = dev
+        self.ch = ch
+        self.last_used = time.monotonic()
+        self.ops = 0
+        self.lock = asyncio.Lock()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.end_reason = ""
+
+    @property
+    def active(self) -> bool:
+        return not self.ended.done()
+
+    def describe(self) -> str:
+        return f"{self.holder} {self.id} (device {self.dev.name} channel {self.ch.id})"
+
+
+class LeaseTable:
+    def __init__(self, mgr: DeviceManager, idle_timeout: float, max_leases: int) -> None:
+        self.mgr = mgr
+        self.idle_timeout = idle_timeout
+        self.max_leases = max_leases
+        self.leases: dict[str, Lease] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        for d in mgr.devices.values():
+            d.on_gone.append(self._device_gone)
+
+    def start(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap_loop())
+
+    # -- taking and ending ---------------------------------------------------------
+    async def take(self, device: str, chan_id: int | None, holder: str) -> Lease:
+        if self.mgr.closing:
+            raise errors.Shutdown("kupd is shutting down")
+        if len(self.leases) >= self.max_leases:
+            raise errors.ResourceExhausted(
+                f"{len(self.leases)} leases open (limit max_sessions={self.max_leases})"
+            )
+        dev = self.mgr.get(device)
+        ch = await dev.attach(chan_id)
+        if dev.dev is None or self.mgr.closing:
+            ch.close()
+            raise errors.Shutdown(f"device {device} went away during attach")
+        lease = Lease(secrets.token_hex(8), holder, dev, ch)
+        self.leases[lease.id] = lease
+        dev.holders[ch.id] = (holder, lease.id)
+        gauge = self.mgr.metrics.sessions if holder == "session" else self.mgr.metrics.leases
+        gauge.labels(device).inc()
+        log.info("lease taken", device=device, channel=ch.id, lease=lease.id, holder=holder)
+        self.mgr.publish(
+            Event(EventType.LEASE_TAKEN, device, channel=ch.id, lease_id=lease.id, holder=holder)
+        )
+        return lease
+
+    def get(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None or not lease.active:
+            raise errors.NotFound(f"no lease {lease_id!r} (released, expired, or never taken)")
+        return lease
+
+    def end(self, lease: Lease, reason: str, error: errors.KupError | None = None) -> None:
+        """End ``lease``: wake its in-flight operation with ``error``, free the channel."""
+        if not lease.active:
+            return
+        lease.end_reason = reason
+        lease.ended.set_exception(error or errors.NotFound(f"lease {lease.id} {reason}"))
+        lease.ended.exception()  # retrieved: no "never retrieved" warning
+        self.leases.pop(lease.id, None)
+        dev = lease.dev
+        if dev.holders.get(lease.ch.id, ("", ""))[1] == lease.id:
+            del dev.holders[lease.ch.id]
+        gauge = self.mgr.metrics.sessions if lease.holder == "session" else self.mgr.metrics.leases
+        gauge.labels(dev.name).dec()
+        if lease.ops == 0:
+            self._close_channel(lease)
+        log.info(
+            "lease released", device=dev.name, channel=lease.ch.id, lease=lease.id, reason=reason
+        )
+        self.mgr.publish(
+            Event(
+                EventType.LEASE_RELEASED,
+                dev.name,
+                channel=lease.ch.id,
+                lease_id=lease.id,
+                holder=lease.holder,
+                reason=reason,
+            )
+        )
+
+    @staticmethod
+    def _close_channel(lease: Lease) -> None:
+        with contextlib.suppress(errors.KupError):
+            lease.ch.close()
+
+    def _device_gone(self, dev: ManagedDevice, why: errors.KupError) -> None:
+        for lease in [le for le in self.leases.values() if le.dev is dev]:
+            self.end(lease, "device gone", errors.Shutdown(f"device {dev.name} went away: {why}"))
+
+    def end_all(self, reason: str, error: errors.KupError) -> None:
+        for lease in list(self.leases.values()):
+            self.end(lease, reason, error)
+
+    async def _reap_loop(self) -> None:
+        interval = max(0.05, min(1.0, self.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for lease in list(self.leases.values()):
+                if (
+                    lease.holder == "lease"
+                    and lease.ops == 0
+                    and now - lease.last_used > self.idle_timeout
+                ):
+                    self.end(
+                        lease,
+                        "expired",
+                        errors.NotFound(
+                            f"lease {lease.id} expired after {self.idle_timeout:g}s idle"
+                        ),
+                    )
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    # -- operations ------------------------------------------------------------------
+    async def _enter(self, lease: Lease) -> None:
+        if not lease.active:
+            raise self._ended_error(lease)
+        await lease.lock.acquire()
+        if not lease.active:
+            lease.lock.release()
+            raise self._ended_error(lease)
+        lease.ops += 1
+        lease.last_used = time.monotonic()
+
+    def _leave(self, lease: Lease) -> None:
+        lease.ops -= 1
+        lease.last_used = time.monotonic()
+        lease.lock.release()
+        if not lease.active and lease.ops == 0:
+            self._close_channel(lease)
+
+    @staticmethod
+    def _ended_error(lease: Lease) -> errors.KupError:
+        exc = lease.ended.exception()
+        if isinstance(exc, errors.KupError):
+            return type(exc)(exc.message)
+        return errors.NotFound(f"lease {lease.id} {lease.end_reason or 'ended'}")
+
+    def _check_size(self, lease: Lease, n: int) -> None:
+        if n > lease.ch.max_msg:
+            raise errors.TooBig(
+                f"message of {n} bytes exceeds the data area of channel {lease.ch.id} of "
+                f"device {lease.dev.name} ({lease.ch.max_msg} bytes)"
+            )
+
+    async def send(self, lease: Lease, data: bytes) -> None:
+        self._check_size(lease, len(data))
+        await self._enter(lease)
+        try:
+            lease.ch.send(data)
+            self.mgr.metrics.sent(lease.dev.name, lease.ch.id, len(data))
+        finally:
+            self._leave(lease)
+
+    async def pass_(self, lease: Lease) -> None:
+        await self._enter(lease)
+        try:
+            lease.ch.pass_()
+            self.mgr.metrics.sent(lease.dev.name, lease.ch.id, 0)
+        finally:
+            self._leave(lease)
+
+    async def receive(
+        self,
+        lease: Lease,
+        timeout: float | None,
+        nonblocking: bool,
+        abort: asyncio.Future[None] | None = None,
+    ) -> Message | None:
+        """The kernel's message; None for a non-blocking receive with nothing there."""
+        await self._enter(lease)
+        try:
+            if nonblocking:
+                msg = lease.ch.try_receive()
+            else:
+                t0 = time.monotonic()
+                msg = await wait_message(
+                    lease.ch,
+                    timeout=timeout,
+                    aborts=(lease.ended, abort),
+                    what=f"receive on channel {lease.ch.id} of device {lease.dev.name}",
+                )
+                self.mgr.metrics.turn_wait.labels(lease.dev.name).observe(time.monotonic() - t0)
+            if msg is not None:
+                self.mgr.metrics.received(lease.dev.name, lease.ch.id, len(msg.data))
+            return msg
+        finally:
+            self._leave(lease)
