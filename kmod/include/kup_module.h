@@ -23,6 +23,15 @@
 
 #include "kupdev.h"
 
+/* errno names (EPIPE, ESHUTDOWN, ...) for the module's error checks */
+#if defined(__KERNEL__)
+#include <linux/errno.h>
+#elif defined(_KERNEL)
+#include <sys/errno.h>
+#else
+#include <errno.h>
+#endif
+
 int  kup_module_init(void);
 void kup_module_fini(void);
 

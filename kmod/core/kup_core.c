@@ -1,0 +1,913 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_core.c -- the OS-neutral kernel side of KUP: the seed's kernel API
+ * (kupdev.h) and the turn protocol of kup_abi.h.  Everything here is
+ * shared by the Linux, FreeBSD and kupsim hosts; the host supplies only
+ * the primitives of kup_os.h.
+ *
+ * Locking (outer to inner):
+ *   ch->lock      sleepable; serialises kernel callers of one channel and
+ *                 is held from a successful receive to kupdev_unlock_channel
+ *   sc->lock      device state: attachment flags, announce, refs, shutdown
+ *   kup_reg_lock  the device registry (never held while taking the others)
+ * Host callbacks that may sleep (kup_os_chan_sleep, kup_os_dev_sleep) are
+ * never called with sc->lock held.
+ *
+ * A kernel-side operation is valid only for the attachment the module has
+ * been told about by kupdev_wait_channel(): once the user side detaches, or
+ * a new user attaches that the module has not yet been told about, every
+ * operation on the channel returns -EPIPE.  This is what lets a module
+ * thread that served the previous user notice its departure even if a new
+ * user attached in between.
+ */
+#include "kup_core_priv.h"
+
+#define KUP_SPIN_LOOPS 256
+
+static kup_lock_t kup_reg_lock;
+static struct kupdev_softc *kup_reg_head;
+static int kup_core_ready;
+
+int
+kup_core_init(void)
+{
+	kup_lock_init(&kup_reg_lock, "kup registry");
+	kup_reg_head = NULL;
+	kup_core_ready = 1;
+	return 0;
+}
+
+void
+kup_core_fini(void)
+{
+	if (!kup_core_ready)
+		return;
+	if (kup_reg_head != NULL)
+		kup_os_log("kup: core unloaded with device %s still registered",
+		    kup_reg_head->name);
+	kup_lock_destroy(&kup_reg_lock);
+	kup_core_ready = 0;
+}
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static int
+kup_name_ok(const char *name)
+{
+	size_t i, n;
+
+	if (name == NULL)
+		return 0;
+	n = strnlen(name, KUP_NAME_MAX);
+	if (n == 0 || n >= KUP_NAME_MAX || name[0] == '.')
+		return 0;
+	for (i = 0; i < n; i++) {
+		char c = name[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		    (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
+			return 0;
+	}
+	return 1;
+}
+
+static struct kup_chan *
+kup_chan_lookup(struct kupdev_softc *sc, int chan_id)
+{
+	if (sc == NULL || chan_id < 0 || (size_t)chan_id >= sc->chan_cnt)
+		return NULL;
+	return &sc->chans[chan_id];
+}
+
+/* Page state bits are written under sc->lock only. */
+static void
+kup_state_set(struct kup_chan *ch, uint32_t set, uint32_t clear)
+{
+	uint32_t st = KUP_READ_ONCE32(&ch->ctrl->state);
+
+	st = (st | set) & ~clear;
+	KUP_WRITE_ONCE32(&ch->ctrl->state, st);
+}
+
+/* Write the identity and a fresh protocol state into the control page. */
+static void
+kup_page_reset(struct kup_chan *ch, uint64_t gen)
+{
+	struct kupdev_softc *sc = ch->sc;
+	struct kup_ctrl *c = ch->ctrl;
+
+	memset(c, 0, KUP_CTRL_SIZE);
+	c->magic = KUP_MAGIC;
+	c->abi_version = KUP_ABI_VERSION;
+	c->page_size = sc->page_size;
+	c->ctrl_size = KUP_CTRL_SIZE;
+	c->k2u_off = (uint32_t)KUP_CHAN_K2U_OFF(sc->page_size);
+	c->k2u_size = (uint32_t)sc->data_size;
+	c->u2k_off = (uint32_t)KUP_CHAN_U2K_OFF(sc->page_size, sc->pages);
+	c->u2k_size = (uint32_t)sc->data_size;
+	c->chan_id = ch->id;
+	c->chan_count = (uint32_t)sc->chan_cnt;
+	KUP_WRITE_ONCE64(&c->attach_gen, gen);
+	KUP_WRITE_ONCE32(&c->state, KUP_STATE_ATTACHED);
+	KUP_STORE_REL32(&c->turn, KUP_TURN_KERNEL);
+	KUP_FENCE();
+}
+
+static void
+kup_dev_free(struct kupdev_softc *sc)
+{
+	size_t i;
+
+	for (i = 0; i < sc->chan_cnt; i++) {
+		struct kup_chan *ch = &sc->chans[i];
+		if (ch->mem != NULL)
+			kup_os_chan_mem_free(sc, ch);
+		kup_lock_destroy(&ch->lock);
+	}
+	kup_os_free(sc->chans, sc->chan_cnt * sizeof(*sc->chans));
+	kup_lock_destroy(&sc->lock);
+	kup_os_free(sc, sizeof(*sc));
+}
+
+/* ---- device lifetime --------------------------------------------------- */
+
+struct kupdev_softc *
+kupdev_create(const char *name, size_t size, size_t chan_cnt)
+{
+	struct kupdev_softc *sc, *it;
+	size_t i, made = 0;
+	uint32_t page;
+
+	if (!kup_core_ready) {
+		kup_os_log("kup: kupdev_create before kup_core_init");
+		return NULL;
+	}
+	if (!kup_name_ok(name)) {
+		kup_os_log("kup: kupdev_create: bad device name");
+		return NULL;
+	}
+	if (size < 1 || size > KUP_MAX_PAGES) {
+		kup_os_log("kup: kupdev_create(%s): pages %zu out of range 1..%u",
+		    name, size, KUP_MAX_PAGES);
+		return NULL;
+	}
+	if (chan_cnt < 1 || chan_cnt > KUP_MAX_CHANNELS) {
+		kup_os_log("kup: kupdev_create(%s): channels %zu out of range 1..%u",
+		    name, chan_cnt, KUP_MAX_CHANNELS);
+		return NULL;
+	}
+	page = kup_os_page_size();
+	if (page < KUP_CTRL_SIZE || KUP_CHAN_BYTES(page, size) > 0xffffffffULL) {
+		kup_os_log("kup: kupdev_create(%s): unusable page size %u", name, page);
+		return NULL;
+	}
+
+	sc = kup_os_zalloc(sizeof(*sc));
+	if (sc == NULL)
+		goto fail;
+	memcpy(sc->name, name, strnlen(name, KUP_NAME_MAX - 1));
+	sc->page_size = page;
+	sc->pages = size;
+	sc->chan_cnt = chan_cnt;
+	sc->data_size = (size_t)KUP_CHAN_DATA_SIZE(page, size);
+	sc->chan_bytes = (size_t)KUP_CHAN_BYTES(page, size);
+	sc->refs = 1;
+	kup_lock_init(&sc->lock, "kup device");
+	sc->chans = kup_os_zalloc(chan_cnt * sizeof(*sc->chans));
+	if (sc->chans == NULL)
+		goto fail_lock;
+	for (i = 0; i < chan_cnt; i++) {
+		struct kup_chan *ch = &sc->chans[i];
+
+		ch->sc = sc;
+		ch->id = (uint32_t)i;
+		kup_lock_init(&ch->lock, "kup channel");
+		made = i + 1;
+		ch->mem = kup_os_chan_mem_alloc(sc, ch, sc->chan_bytes);
+		if (ch->mem == NULL)
+			goto fail_chans;
+		ch->bytes = sc->chan_bytes;
+		ch->data_size = sc->data_size;
+		ch->ctrl = ch->mem;
+		ch->k2u = (uint8_t *)ch->mem + KUP_CHAN_K2U_OFF(page);
+		ch->u2k = (uint8_t *)ch->mem + KUP_CHAN_U2K_OFF(page, size);
+		kup_page_reset(ch, 0);
+		KUP_WRITE_ONCE32(&ch->ctrl->state, 0);
+	}
+
+	kup_lock(&kup_reg_lock);
+	for (it = kup_reg_head; it != NULL; it = it->next) {
+		if (strncmp(it->name, sc->name, KUP_NAME_MAX) == 0) {
+			kup_unlock(&kup_reg_lock);
+			kup_os_log("kup: kupdev_create(%s): name taken", name);
+			goto fail_chans;
+		}
+	}
+	sc->next = kup_reg_head;
+	kup_reg_head = sc;
+	kup_unlock(&kup_reg_lock);
+
+	if (kup_os_dev_publish(sc) != 0) {
+		kup_os_log("kup: kupdev_create(%s): publishing the device failed", name);
+		goto fail_reg;
+	}
+	return sc;
+
+fail_reg:
+	kup_lock(&kup_reg_lock);
+	{
+		struct kupdev_softc **pp;
+		for (pp = &kup_reg_head; *pp != NULL; pp = &(*pp)->next) {
+			if (*pp == sc) {
+				*pp = sc->next;
+				break;
+			}
+		}
+	}
+	kup_unlock(&kup_reg_lock);
+fail_chans:
+	sc->chan_cnt = made;   /* free only what was set up */
+	kup_dev_free(sc);
+	return NULL;
+fail_lock:
+	kup_lock_destroy(&sc->lock);
+	kup_os_free(sc, sizeof(*sc));
+fail:
+	kup_os_log("kup: kupdev_create(%s): out of memory", name);
+	return NULL;
+}
+
+int
+kupdev_shutdown(struct kupdev_softc *sc)
+{
+	size_t i;
+
+	if (sc == NULL)
+		return -EINVAL;
+	kup_lock(&sc->lock);
+	if (sc->shutdown) {
+		kup_unlock(&sc->lock);
+		return 0;
+	}
+	KUP_WRITE_ONCE32(&sc->shutdown, 1);
+	for (i = 0; i < sc->chan_cnt; i++)
+		kup_state_set(&sc->chans[i], KUP_STATE_SHUTDOWN, 0);
+	kup_unlock(&sc->lock);
+	KUP_FENCE();
+	for (i = 0; i < sc->chan_cnt; i++) {
+		kup_os_chan_wake_user(&sc->chans[i]);
+		kup_os_chan_wake(&sc->chans[i]);
+	}
+	kup_os_dev_wake(sc);
+	kup_os_dev_wake_user(sc);
+	return 0;
+}
+
+int
+kupdev_unload(struct kupdev_softc *sc)
+{
+	struct kupdev_softc **pp;
+
+	if (sc == NULL)
+		return -EINVAL;
+	kupdev_shutdown(sc);
+	kup_lock(&sc->lock);
+	if (sc->unloaded) {
+		kup_unlock(&sc->lock);
+		return 0;
+	}
+	sc->unloaded = 1;
+	kup_unlock(&sc->lock);
+
+	kup_os_dev_withdraw(sc);
+	kup_lock(&kup_reg_lock);
+	for (pp = &kup_reg_head; *pp != NULL; pp = &(*pp)->next) {
+		if (*pp == sc) {
+			*pp = sc->next;
+			break;
+		}
+	}
+	kup_unlock(&kup_reg_lock);
+	kup_core_dev_put(sc);   /* the module's reference */
+	return 0;
+}
+
+struct kupdev_softc *
+kup_core_dev_get(const char *name)
+{
+	struct kupdev_softc *sc;
+
+	if (name == NULL || !kup_core_ready)
+		return NULL;
+	kup_lock(&kup_reg_lock);
+	for (sc = kup_reg_head; sc != NULL; sc = sc->next) {
+		if (strncmp(sc->name, name, KUP_NAME_MAX) == 0)
+			break;
+	}
+	if (sc != NULL) {
+		kup_lock(&sc->lock);
+		if (sc->shutdown) {
+			kup_unlock(&sc->lock);
+			sc = NULL;
+		} else {
+			sc->refs++;
+			kup_unlock(&sc->lock);
+		}
+	}
+	kup_unlock(&kup_reg_lock);
+	return sc;
+}
+
+void
+kup_core_dev_ref(struct kupdev_softc *sc)
+{
+	kup_lock(&sc->lock);
+	sc->refs++;
+	kup_unlock(&sc->lock);
+}
+
+void
+kup_core_dev_put(struct kupdev_softc *sc)
+{
+	uint32_t left;
+
+	if (sc == NULL)
+		return;
+	kup_lock(&sc->lock);
+	left = --sc->refs;
+	kup_unlock(&sc->lock);
+	if (left == 0) {
+		kup_os_dev_release(sc);
+		kup_dev_free(sc);
+	}
+}
+
+/* ---- announce and wait for attach ---------------------------------------- */
+
+int
+kupdev_announce(struct kupdev_softc *sc, size_t count)
+{
+	if (sc == NULL || count > sc->chan_cnt)
+		return -EINVAL;
+	kup_lock(&sc->lock);
+	if (sc->shutdown) {
+		kup_unlock(&sc->lock);
+		return -ESHUTDOWN;
+	}
+	if (count < sc->announced) {
+		kup_unlock(&sc->lock);
+		return -EINVAL;
+	}
+	sc->announced = (uint32_t)count;
+	sc->notify_gen++;
+	kup_unlock(&sc->lock);
+	kup_os_dev_wake_user(sc);
+	return 0;
+}
+
+void
+kupdev_notify(struct kupdev_softc *sc)
+{
+	if (sc != NULL)
+		(void)kupdev_announce(sc, sc->chan_cnt);
+}
+
+static int
+kup_dev_wait_cond(struct kupdev_softc *sc)
+{
+	return KUP_READ_ONCE32(&sc->npending) != 0 ||
+	    KUP_READ_ONCE32(&sc->shutdown) != 0;
+}
+
+int
+kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
+{
+	int r;
+
+	if (sc == NULL)
+		return -EINVAL;
+	for (;;) {
+		size_t k;
+
+		kup_lock(&sc->lock);
+		if (sc->shutdown) {
+			kup_unlock(&sc->lock);
+			return -ESHUTDOWN;
+		}
+		for (k = 0; k < sc->chan_cnt && sc->npending != 0; k++) {
+			size_t i = (sc->rr + k) % sc->chan_cnt;
+			struct kup_chan *ch = &sc->chans[i];
+
+			if (ch->pending) {
+				KUP_WRITE_ONCE32(&ch->pending, 0);
+				KUP_WRITE_ONCE32(&sc->npending, sc->npending - 1);
+				KUP_WRITE_ONCE64(&ch->kgen, ch->gen);
+				sc->rr = (uint32_t)((i + 1) % sc->chan_cnt);
+				kup_unlock(&sc->lock);
+				/* a thread of the previous attachment may sleep */
+				kup_os_chan_wake(ch);
+				return (int)i;
+			}
+		}
+		kup_unlock(&sc->lock);
+		if (timeout_ms == 0)
+			return -ETIMEDOUT;
+		r = kup_os_dev_sleep(sc, kup_dev_wait_cond, timeout_ms);
+		if (r != 0)
+			return r;
+	}
+}
+
+int
+kupdev_wait_channel(struct kupdev_softc *sc)
+{
+	return kupdev_wait_channel_timeout(sc, KUPDEV_FOREVER);
+}
+
+/* ---- attach / detach (host side) ------------------------------------------ */
+
+int
+kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
+    uint32_t abi_version, struct kup_chan **out)
+{
+	struct kup_chan *ch = NULL;
+	uint64_t gen;
+	size_t i;
+
+	if (sc == NULL || out == NULL)
+		return -EINVAL;
+	if (abi_version != KUP_ABI_VERSION)
+		return -EPROTONOSUPPORT;
+	kup_lock(&sc->lock);
+	if (sc->shutdown) {
+		kup_unlock(&sc->lock);
+		return -ESHUTDOWN;
+	}
+	if (chan_id == KUP_CHAN_ANY) {
+		if (sc->announced == 0) {
+			kup_unlock(&sc->lock);
+			return -EAGAIN;
+		}
+		for (i = 0; i < sc->announced; i++) {
+			if (!sc->chans[i].attached) {
+				ch = &sc->chans[i];
+				break;
+			}
+		}
+		if (ch == NULL) {
+			kup_unlock(&sc->lock);
+			return -EBUSY;
+		}
+	} else {
+		if (chan_id >= sc->chan_cnt) {
+			kup_unlock(&sc->lock);
+			return -ENOENT;
+		}
+		if (chan_id >= sc->announced) {
+			kup_unlock(&sc->lock);
+			return -EAGAIN;
+		}
+		ch = &sc->chans[chan_id];
+		if (ch->attached) {
+			kup_unlock(&sc->lock);
+			return -EBUSY;
+		}
+	}
+	/* reserve it; nobody else can attach it now */
+	KUP_WRITE_ONCE32(&ch->attached, 1);
+	gen = ch->gen + 1;
+	KUP_WRITE_ONCE64(&ch->gen, gen);
+	kup_unlock(&sc->lock);
+
+	/* Wait for a kernel caller of the previous attachment to leave (it
+	 * was woken with -EPIPE by the detach), then reset the page. */
+	kup_lock(&ch->lock);
+	kup_page_reset(ch, gen);
+	kup_unlock(&ch->lock);
+
+	kup_lock(&sc->lock);
+	if (sc->shutdown) {
+		kup_state_set(ch, KUP_STATE_SHUTDOWN, KUP_STATE_ATTACHED);
+		KUP_WRITE_ONCE32(&ch->attached, 0);
+		kup_unlock(&sc->lock);
+		return -ESHUTDOWN;
+	}
+	KUP_WRITE_ONCE32(&ch->pending, 1);
+	KUP_WRITE_ONCE32(&sc->npending, sc->npending + 1);
+	kup_unlock(&sc->lock);
+	kup_os_dev_wake(sc);
+	*out = ch;
+	return 0;
+}
+
+void
+kup_core_detach(struct kup_chan *ch)
+{
+	struct kupdev_softc *sc;
+
+	if (ch == NULL)
+		return;
+	sc = ch->sc;
+	kup_lock(&sc->lock);
+	if (ch->attached) {
+		if (ch->pending) {
+			KUP_WRITE_ONCE32(&ch->pending, 0);
+			KUP_WRITE_ONCE32(&sc->npending, sc->npending - 1);
+		}
+		KUP_WRITE_ONCE32(&ch->attached, 0);
+		kup_state_set(ch, 0, KUP_STATE_ATTACHED);
+	}
+	kup_unlock(&sc->lock);
+	KUP_FENCE();
+	kup_os_chan_wake(ch);
+}
+
+void
+kup_core_user_wake(struct kup_chan *ch)
+{
+	if (ch != NULL)
+		kup_os_chan_wake(ch);
+}
+
+/* ---- kernel-side protocol ---------------------------------------------- */
+
+/* Is the channel usable by the module right now?  Under ch->lock. */
+static int
+kup_chan_enter(struct kup_chan *ch)
+{
+	uint64_t kgen;
+
+	if (KUP_READ_ONCE32(&ch->sc->shutdown))
+		return -ESHUTDOWN;
+	kgen = KUP_READ_ONCE64(&ch->kgen);
+	if (!KUP_READ_ONCE32(&ch->attached) ||
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0)
+		return -EPIPE;
+	if (ch->pgen != kgen) {
+		ch->pgen = kgen;
+		ch->kturn = KUP_KT_KERNEL_CONSUMED;
+		ch->peer_bad = 0;
+		ch->k2u_seq = 0;
+		ch->u2k_seq = 0;
+	}
+	if (ch->peer_bad)
+		return -EPROTO;
+	return 0;
+}
+
+/* Stop talking to a user that broke the protocol. */
+static int
+kup_chan_poison(struct kup_chan *ch, const char *why, uint64_t a, uint64_t b)
+{
+	struct kupdev_softc *sc = ch->sc;
+
+	ch->peer_bad = 1;
+	kup_lock(&sc->lock);
+	if (ch->attached && KUP_READ_ONCE64(&ch->gen) == ch->pgen)
+		kup_state_set(ch, KUP_STATE_PEER_GONE, 0);
+	kup_unlock(&sc->lock);
+	KUP_FENCE();
+	kup_os_chan_wake_user(ch);
+	kup_os_log("kup: %s chan %u: protocol error from user: %s (%llu, limit/expected %llu)",
+	    sc->name, ch->id, why, (unsigned long long)a, (unsigned long long)b);
+	return -EPROTO;
+}
+
+/* The page says the user handed the turn back: read the descriptor ONCE,
+ * validate it against the private sizes and sequence, and take it. */
+static int
+kup_take_user_msg(struct kup_chan *ch, struct kupdev_msg *msg)
+{
+	uint32_t len = KUP_READ_ONCE32(&ch->ctrl->u2k.len);
+	uint32_t kind = KUP_READ_ONCE32(&ch->ctrl->u2k.kind);
+	uint64_t seq = KUP_READ_ONCE64(&ch->ctrl->u2k.seq);
+
+	if (kind != KUP_KIND_DATA && kind != KUP_KIND_PASS &&
+	    kind != KUP_KIND_CLOSE)
+		return kup_chan_poison(ch, "bad message kind", kind, KUP_KIND_CLOSE);
+	if ((size_t)len > ch->data_size)
+		return kup_chan_poison(ch, "length beyond the data area", len,
+		    ch->data_size);
+	if (kind != KUP_KIND_DATA && len != 0)
+		return kup_chan_poison(ch, "non-empty PASS/CLOSE", len, 0);
+	if (seq != ch->u2k_seq + 1)
+		return kup_chan_poison(ch, seq <= ch->u2k_seq ?
+		    "repeated sequence number" : "sequence gap", seq,
+		    ch->u2k_seq + 1);
+	ch->u2k_seq = seq;
+	ch->kturn = KUP_KT_KERNEL_CONSUMED;
+	if (msg != NULL) {
+		msg->data = ch->u2k;
+		msg->len = len;
+		msg->kind = kind;
+		msg->seq = seq;
+	}
+	return 0;
+}
+
+static int
+kup_recv_cond(struct kup_chan *ch)
+{
+	uint64_t kgen = KUP_READ_ONCE64(&ch->kgen);
+
+	return KUP_LOAD_ACQ32(&ch->ctrl->turn) != KUP_TURN_USER ||
+	    KUP_READ_ONCE32(&ch->sc->shutdown) != 0 ||
+	    KUP_READ_ONCE32(&ch->attached) == 0 ||
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen != ch->pgen;
+}
+
+/* Wait, under ch->lock, until the page turn is no longer USER. */
+static int
+kup_wait_turn(struct kup_chan *ch, int timeout_ms)
+{
+	int i, r;
+
+	for (i = 0; i < KUP_SPIN_LOOPS; i++) {
+		if (kup_recv_cond(ch))
+			return 0;
+		KUP_CPU_RELAX();
+	}
+	if (timeout_ms == 0)
+		return -ETIMEDOUT;
+	KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 1);
+	KUP_FENCE();
+	if (kup_recv_cond(ch)) {
+		KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 0);
+		return 0;
+	}
+	r = kup_os_chan_sleep(ch, kup_recv_cond, timeout_ms);
+	KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 0);
+	return r;
+}
+
+int
+kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
+    struct kupdev_msg *msg, int timeout_ms)
+{
+	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	uint32_t turn;
+	int r;
+
+	if (ch == NULL || msg == NULL)
+		return -EINVAL;
+	kup_lock(&ch->lock);
+	r = kup_chan_enter(ch);
+	if (r != 0)
+		goto out;
+	if (ch->kturn == KUP_KT_KERNEL_CONSUMED) {
+		r = -EAGAIN;
+		goto out;
+	}
+	r = kup_wait_turn(ch, timeout_ms);
+	if (r != 0)
+		goto out;
+	r = kup_chan_enter(ch);   /* shutdown / departure while waiting */
+	if (r != 0)
+		goto out;
+	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
+	if (turn != KUP_TURN_KERNEL) {
+		r = kup_chan_poison(ch, "garbage in the turn word", turn,
+		    KUP_TURN_KERNEL);
+		goto out;
+	}
+	r = kup_take_user_msg(ch, msg);
+	if (r != 0)
+		goto out;
+	ch->held = 1;
+	return 0;   /* locked until kupdev_unlock_channel */
+out:
+	kup_unlock(&ch->lock);
+	return r;
+}
+
+void *
+kupdev_receive(struct kupdev_softc *sc, int chan_id)
+{
+	struct kupdev_msg m;
+
+	if (kupdev_receive_msg(sc, chan_id, &m, KUPDEV_FOREVER) != 0)
+		return NULL;
+	return (void *)(uintptr_t)m.data;
+}
+
+void
+kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
+{
+	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+
+	if (ch == NULL)
+		return;
+	/* held is only ever set by the thread holding ch->lock */
+	if (!ch->held) {
+		kup_os_log("kup: %s chan %d: unlock without a receive", sc->name,
+		    chan_id);
+		return;
+	}
+	ch->held = 0;
+	kup_unlock(&ch->lock);
+}
+
+/* Under ch->lock, after kup_chan_enter: make sure the kernel holds the
+ * turn.  An unread user message is validated and dropped. */
+static int
+kup_own_turn(struct kup_chan *ch)
+{
+	uint32_t turn;
+
+	if (ch->kturn == KUP_KT_KERNEL_CONSUMED)
+		return 0;
+	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
+	if (turn == KUP_TURN_USER)
+		return -EAGAIN;
+	if (turn != KUP_TURN_KERNEL)
+		return kup_chan_poison(ch, "garbage in the turn word", turn,
+		    KUP_TURN_KERNEL);
+	return kup_take_user_msg(ch, NULL);
+}
+
+static void
+kup_handover(struct kup_chan *ch, uint32_t len, uint32_t kind, uint64_t seq,
+    uint32_t turn_value)
+{
+	KUP_WRITE_ONCE32(&ch->ctrl->k2u.len, len);
+	KUP_WRITE_ONCE32(&ch->ctrl->k2u.kind, kind);
+	KUP_WRITE_ONCE64(&ch->ctrl->k2u.seq, seq);
+	ch->kturn = KUP_KT_USER;
+	KUP_STORE_REL32(&ch->ctrl->turn, turn_value);
+	KUP_FENCE();
+	if (KUP_READ_ONCE32(&ch->ctrl->user_waiting) != 0)
+		kup_os_chan_wake_user(ch);
+}
+
+static int
+kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
+    size_t len, uint32_t kind)
+{
+	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	int r;
+
+	if (ch == NULL || (len != 0 && data == NULL))
+		return -EINVAL;
+	if (len > ch->data_size)
+		return -EMSGSIZE;
+	kup_lock(&ch->lock);
+	r = kup_chan_enter(ch);
+	if (r != 0)
+		goto out;
+	r = kup_own_turn(ch);
+	if (r != 0)
+		goto out;
+	if (len != 0)
+		memcpy(ch->k2u, data, len);
+	ch->k2u_seq++;
+	kup_handover(ch, (uint32_t)len, kind, ch->k2u_seq, KUP_TURN_USER);
+out:
+	kup_unlock(&ch->lock);
+	return r;
+}
+
+int
+kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_id)
+{
+	return kup_send_common(sc, chan_id, data, len, KUP_KIND_DATA);
+}
+
+int
+kupdev_pass(struct kupdev_softc *sc, int chan_id)
+{
+	return kup_send_common(sc, chan_id, NULL, 0, KUP_KIND_PASS);
+}
+
+int
+kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
+    uint32_t kind, int64_t seq_delta, uint32_t turn_value)
+{
+	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	int r;
+
+	if (ch == NULL)
+		return -EINVAL;
+	kup_lock(&ch->lock);
+	r = kup_chan_enter(ch);
+	if (r == 0)
+		r = kup_own_turn(ch);
+	if (r == 0) {
+		ch->k2u_seq = ch->k2u_seq + 1 + (uint64_t)seq_delta;
+		kup_handover(ch, len, kind, ch->k2u_seq, turn_value);
+	}
+	kup_unlock(&ch->lock);
+	return r;
+}
+
+/* ---- informational --------------------------------------------------- */
+
+size_t
+kupdev_channel_count(const struct kupdev_softc *sc)
+{
+	return sc != NULL ? sc->chan_cnt : 0;
+}
+
+size_t
+kupdev_data_size(const struct kupdev_softc *sc)
+{
+	return sc != NULL ? sc->data_size : 0;
+}
+
+int
+kupdev_channel_attached(struct kupdev_softc *sc, int chan_id)
+{
+	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+
+	if (ch == NULL)
+		return -EINVAL;
+	return KUP_READ_ONCE32(&ch->attached) != 0;
+}
+
+size_t
+kup_core_chan_bytes(const struct kup_chan *ch)
+{
+	return ch->bytes;
+}
+
+void *
+kup_core_chan_mem(const struct kup_chan *ch)
+{
+	return ch->mem;
+}
+
+uint32_t
+kup_core_chan_id(const struct kup_chan *ch)
+{
+	return ch->id;
+}
+
+struct kupdev_softc *
+kup_core_chan_dev(const struct kup_chan *ch)
+{
+	return ch->sc;
+}
+
+struct kup_os_chan *
+kup_core_chan_os(struct kup_chan *ch)
+{
+	return &ch->os;
+}
+
+struct kup_os_dev *
+kup_core_dev_os(struct kupdev_softc *sc)
+{
+	return &sc->os;
+}
+
+struct kup_chan *
+kup_core_chan_at(struct kupdev_softc *sc, uint32_t chan_id)
+{
+	if (sc == NULL || chan_id >= sc->chan_cnt)
+		return NULL;
+	return &sc->chans[chan_id];
+}
+
+const char *
+kup_core_dev_name(const struct kupdev_softc *sc)
+{
+	return sc->name;
+}
+
+void
+kup_core_info(struct kupdev_softc *sc, struct kup_core_info *out)
+{
+	size_t i;
+
+	memset(out, 0, sizeof(*out));
+	kup_lock(&sc->lock);
+	memcpy(out->name, sc->name, sizeof(out->name));
+	out->abi_version = KUP_ABI_VERSION;
+	out->page_size = sc->page_size;
+	out->chan_count = (uint32_t)sc->chan_cnt;
+	out->announced = sc->announced;
+	out->pages = (uint32_t)sc->pages;
+	out->max_msg = (uint32_t)sc->data_size;
+	out->notify_gen = sc->notify_gen;
+	out->shutting_down = sc->shutdown;
+	for (i = 0; i < sc->chan_cnt; i++)
+		out->attached[i] = sc->chans[i].attached ? 1 : 0;
+	kup_unlock(&sc->lock);
+}
+
+int
+kup_core_errno_to_kup(int neg_errno)
+{
+	switch (neg_errno) {
+	case 0:                 return KUP_E_OK;
+	case -ESHUTDOWN:        return KUP_E_SHUTDOWN;
+	case -EAGAIN:           return KUP_E_NOTREADY;
+	case -EMSGSIZE:         return KUP_E_TOOBIG;
+	case -ETIMEDOUT:        return KUP_E_TIMEDOUT;
+	case -EPROTO:           return KUP_E_PROTO;
+	case -EPROTONOSUPPORT:  return KUP_E_VERSION;
+	case -EBUSY:            return KUP_E_BUSY;
+	case -ENOENT:           return KUP_E_NOENT;
+	case -EPIPE:            return KUP_E_PEER;
+	case -EINVAL:           return KUP_E_INVAL;
+	default:                return KUP_E_SYS;
+	}
+}

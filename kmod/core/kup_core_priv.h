@@ -1,0 +1,78 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_core_priv.h -- the core's private structures.  Included by
+ * kup_core.c and by test code (kmod/kupsim/hostile.c, tests/c); hosts use
+ * the accessors in kup_os.h instead.
+ */
+#ifndef KUP_CORE_PRIV_H
+#define KUP_CORE_PRIV_H
+
+#include "kup_os.h"
+
+/* The kernel side's private view of the turn (never read from the page). */
+#define KUP_KT_KERNEL_CONSUMED 0U  /* kernel holds the turn, nothing unread */
+#define KUP_KT_USER            1U  /* handed to user space (page turn USER,
+                                    * until the page says KERNEL again) */
+
+struct kup_chan {
+	struct kupdev_softc *sc;
+	uint32_t id;
+	kup_lock_t lock;          /* kernel callers; held receive..unlock */
+	uint32_t held;            /* 1 while a receive holds lock (under lock) */
+
+	void    *mem;             /* channel mapping, kernel address */
+	size_t   bytes;           /* private copy: never read from the page */
+	size_t   data_size;       /* private copy */
+	struct kup_ctrl *ctrl;
+	uint8_t *k2u;
+	uint8_t *u2k;
+
+	/* attachment state: written under sc->lock, read with READ_ONCE */
+	uint32_t attached;        /* a user side holds the channel */
+	uint32_t pending;         /* attached, module not told yet */
+	uint64_t gen;             /* attachment generation */
+	uint64_t kgen;            /* generation the module was told about */
+
+	/* kernel-side protocol state, under lock */
+	uint64_t pgen;            /* generation this state belongs to */
+	uint32_t kturn;           /* KUP_KT_* */
+	uint32_t peer_bad;        /* user broke the protocol: -EPROTO */
+	uint64_t k2u_seq;         /* last seq sent */
+	uint64_t u2k_seq;         /* last seq received */
+
+	struct kup_os_chan os;
+};
+
+struct kupdev_softc {
+	char     name[KUP_NAME_MAX];
+	uint32_t page_size;
+	size_t   pages;
+	size_t   chan_cnt;
+	size_t   data_size;
+	size_t   chan_bytes;
+
+	kup_lock_t lock;          /* everything below */
+	uint32_t refs;
+	uint32_t shutdown;        /* also read with READ_ONCE */
+	uint32_t unloaded;
+	uint32_t npending;        /* channels with pending != 0 (READ_ONCE) */
+	uint32_t announced;
+	uint64_t notify_gen;
+	uint32_t rr;              /* wait_channel round robin start */
+
+	struct kup_chan *chans;
+	struct kupdev_softc *next; /* registry */
+	struct kup_os_dev os;
+};
+
+/*
+ * Test hook for hostile-kernel tests (kupsim's hostile module): hand the
+ * turn to user space with a descriptor the kernel chooses freely:
+ * {len, kind, last_seq + 1 + seq_delta}, then store turn_value (normally
+ * KUP_TURN_USER) and wake the user.  Nothing is copied.  Same errors as
+ * kupdev_pass.  Never use in a real module.
+ */
+int kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
+    uint32_t kind, int64_t seq_delta, uint32_t turn_value);
+
+#endif /* KUP_CORE_PRIV_H */

@@ -1,0 +1,247 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * echo.c -- example KUP kernel module, one source for every host.
+ *
+ * Device "echo" (ECHO_NAME) with `channels` channels (default 128) of
+ * `pages` pages per direction (default 1).  Parameters: kupsim reads
+ * KUP_PARAM_ECHO_CHANNELS / KUP_PARAM_ECHO_PAGES (for the rot13 build:
+ * KUP_PARAM_ROT13_*).
+ *
+ * What it does with a channel, once a user attaches it:
+ *   - hands the turn to the user at once (PASS), so the user's first
+ *     receive returns a PASS and it may send;
+ *   - every DATA message is answered with one DATA message of the same
+ *     length, transformed by channel:
+ *         even channel id: unchanged (echo)
+ *         odd channel id:  ASCII a-z upper-cased
+ *     (the rot13 build, -DECHO_ROT13: every channel rot13s ASCII letters);
+ *     a message starting with "!delay" is answered after 300 ms (lets a
+ *     test observe the kernel holding the turn);
+ *   - PASS is answered with PASS;
+ *   - CLOSE: the user is leaving; the worker stops;
+ *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
+ *     worker logs it and stops; the channel is attachable again and a new
+ *     worker starts when the next user attaches;
+ *   - -ESHUTDOWN: module unload, everything stops.
+ * Log lines (kupsim: stderr) "echo: chan N: ..." make the kernel side
+ * observable to tests.
+ *
+ * Threads: one acceptor in kupdev_wait_channel(), one worker per attached
+ * channel.  Only kupdev.h and kup_module.h are used.
+ */
+#include "kup_module.h"
+
+#ifndef ECHO_NAME
+#define ECHO_NAME "echo"
+#endif
+#ifndef ECHO_PARAM
+#define ECHO_PARAM "echo"
+#endif
+
+#define ECHO_DELAY_MS 300
+
+struct echo_slot {
+	int               chan;
+	unsigned char    *buf;
+	struct kup_thread *thr;
+};
+
+static struct kupdev_softc *echo_sc;
+static struct echo_slot *echo_slots;
+static size_t echo_nchan;
+static size_t echo_max;
+static struct kup_thread *echo_acceptor;
+
+static unsigned char
+echo_xform(int chan, unsigned char c)
+{
+#ifdef ECHO_ROT13
+	(void)chan;
+	if (c >= 'a' && c <= 'z')
+		return (unsigned char)('a' + (c - 'a' + 13) % 26);
+	if (c >= 'A' && c <= 'Z')
+		return (unsigned char)('A' + (c - 'A' + 13) % 26);
+	return c;
+#else
+	if ((chan & 1) != 0 && c >= 'a' && c <= 'z')
+		return (unsigned char)(c - 'a' + 'A');
+	return c;
+#endif
+}
+
+static int
+echo_is_delay(const unsigned char *p, size_t len)
+{
+	static const char tag[] = "!delay";
+	size_t i;
+
+	if (len < sizeof(tag) - 1)
+		return 0;
+	for (i = 0; i < sizeof(tag) - 1; i++)
+		if (p[i] != (unsigned char)tag[i])
+			return 0;
+	return 1;
+}
+
+static int
+echo_worker(void *arg)
+{
+	struct echo_slot *s = arg;
+	struct kupdev_msg m;
+	size_t i;
+	int r, delay;
+
+	r = kupdev_pass(echo_sc, s->chan);
+	if (r != 0) {
+		kup_os_log("echo: chan %d: first pass failed (%d)", s->chan, r);
+		return r;
+	}
+	for (;;) {
+		r = kupdev_receive_msg(echo_sc, s->chan, &m, KUPDEV_FOREVER);
+		if (r == -EINTR || r == -ETIMEDOUT)
+			continue;
+		if (r == -EPIPE) {
+			kup_os_log("echo: chan %d: peer gone (-EPIPE)", s->chan);
+			return 0;
+		}
+		if (r == -EPROTO) {
+			kup_os_log("echo: chan %d: protocol error (-EPROTO)", s->chan);
+			return 0;
+		}
+		if (r == -ESHUTDOWN)
+			return 0;
+		if (r != 0) {
+			kup_os_log("echo: chan %d: receive failed (%d)", s->chan, r);
+			return r;
+		}
+		switch (m.kind) {
+		case KUP_KIND_DATA:
+			delay = echo_is_delay(m.data, m.len);
+			for (i = 0; i < m.len && i < echo_max; i++)
+				s->buf[i] = echo_xform(s->chan,
+				    ((const unsigned char *)m.data)[i]);
+			kupdev_unlock_channel(echo_sc, s->chan);
+			if (delay)
+				kup_os_msleep(ECHO_DELAY_MS);
+			r = kupdev_send(echo_sc, s->buf, i, s->chan);
+			break;
+		case KUP_KIND_PASS:
+			kupdev_unlock_channel(echo_sc, s->chan);
+			r = kupdev_pass(echo_sc, s->chan);
+			break;
+		default:
+			kupdev_unlock_channel(echo_sc, s->chan);
+			kup_os_log("echo: chan %d: user closed", s->chan);
+			return 0;
+		}
+		if (r == -EPIPE) {
+			kup_os_log("echo: chan %d: peer gone (-EPIPE)", s->chan);
+			return 0;
+		}
+		if (r == -ESHUTDOWN)
+			return 0;
+		if (r != 0) {
+			kup_os_log("echo: chan %d: reply failed (%d)", s->chan, r);
+			return r;
+		}
+	}
+}
+
+static int
+echo_accept(void *arg)
+{
+	int c;
+
+	(void)arg;
+	for (;;) {
+		c = kupdev_wait_channel(echo_sc);
+		if (c == -ESHUTDOWN)
+			return 0;
+		if (c < 0)
+			continue;   /* -EINTR / -ETIMEDOUT */
+		if ((size_t)c >= echo_nchan)
+			continue;
+		/* the previous user's worker sees -EPIPE and ends promptly */
+		if (echo_slots[c].thr != NULL)
+			kup_os_thread_join(echo_slots[c].thr);
+		echo_slots[c].thr = kup_os_thread_start(echo_worker,
+		    &echo_slots[c], ECHO_NAME "-w");
+		if (echo_slots[c].thr == NULL)
+			kup_os_log("echo: chan %d: cannot start a worker", c);
+	}
+}
+
+static void
+echo_free_slots(void)
+{
+	size_t i;
+
+	for (i = 0; i < echo_nchan; i++)
+		if (echo_slots[i].buf != NULL)
+			kup_os_free(echo_slots[i].buf, echo_max);
+	kup_os_free(echo_slots, echo_nchan * sizeof(*echo_slots));
+	echo_slots = NULL;
+}
+
+int
+kup_module_init(void)
+{
+	int nchan = kup_os_param_int(ECHO_PARAM, "channels", 128);
+	int pages = kup_os_param_int(ECHO_PARAM, "pages", 1);
+	size_t i;
+
+	if (nchan < 1 || nchan > (int)KUP_MAX_CHANNELS || pages < 1 ||
+	    pages > (int)KUP_MAX_PAGES) {
+		kup_os_log("echo: bad parameters channels=%d pages=%d", nchan,
+		    pages);
+		return -EINVAL;
+	}
+	echo_sc = kupdev_create(ECHO_NAME, (size_t)pages, (size_t)nchan);
+	if (echo_sc == NULL)
+		return -ENOMEM;
+	echo_nchan = (size_t)nchan;
+	echo_max = kupdev_data_size(echo_sc);
+	echo_slots = kup_os_zalloc(echo_nchan * sizeof(*echo_slots));
+	if (echo_slots == NULL)
+		goto fail_dev;
+	for (i = 0; i < echo_nchan; i++) {
+		echo_slots[i].chan = (int)i;
+		echo_slots[i].buf = kup_os_zalloc(echo_max);
+		if (echo_slots[i].buf == NULL)
+			goto fail_slots;
+	}
+	echo_acceptor = kup_os_thread_start(echo_accept, NULL, ECHO_NAME "-acc");
+	if (echo_acceptor == NULL)
+		goto fail_slots;
+	kupdev_notify(echo_sc);
+	kup_os_log("echo: device %s ready (%d channels, %d pages)", ECHO_NAME,
+	    nchan, pages);
+	return 0;
+
+fail_slots:
+	echo_free_slots();
+fail_dev:
+	kupdev_unload(echo_sc);
+	echo_sc = NULL;
+	return -ENOMEM;
+}
+
+void
+kup_module_fini(void)
+{
+	size_t i;
+
+	if (echo_sc == NULL)
+		return;
+	kupdev_shutdown(echo_sc);
+	kup_os_thread_join(echo_acceptor);
+	for (i = 0; i < echo_nchan; i++) {
+		if (echo_slots[i].thr != NULL)
+			kup_os_thread_join(echo_slots[i].thr);
+		echo_slots[i].thr = NULL;
+	}
+	kupdev_unload(echo_sc);
+	echo_sc = NULL;
+	echo_free_slots();
+	kup_os_log("echo: device %s unloaded", ECHO_NAME);
+}

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * hostile.c -- a kupsim-only test module whose kernel side misbehaves on
+ * command, for testing that user sides (libkup, kupd) reject garbage in
+ * the control page.  Device "hostile" (KUP_PARAM_HOSTILE_CHANNELS, default
+ * 4, one page).  Per attached channel it passes the turn, then answers
+ * every DATA message:
+ *   "seqgap"   PASS with sequence last+2
+ *   "seqrep"   PASS repeating the last sequence number
+ *   "badlen"   DATA with len = data area + 1
+ *   "badkind"  descriptor kind 77
+ *   "badturn"  turn word set to garbage (0x12345678)
+ *   anything else: echoed unchanged
+ * PASS is answered with PASS.  Uses the core's private test hook, so it is
+ * built against kmod/core (never a model for a real module).
+ */
+#include "kup_core_priv.h"
+
+static struct kupdev_softc *h_sc;
+static size_t h_nchan;
+static struct kup_thread *h_acc;
+static struct kup_thread **h_thr;
+static int *h_ids;
+
+static int
+h_is(const struct kupdev_msg *m, const char *s)
+{
+	size_t n = strlen(s);
+
+	return m->len == n && memcmp(m->data, s, n) == 0;
+}
+
+static int
+h_worker(void *arg)
+{
+	int c = *(int *)arg;
+	size_t max = kupdev_data_size(h_sc);
+	unsigned char *buf = kup_os_zalloc(max);
+	struct kupdev_msg m;
+	int r;
+
+	if (buf == NULL)
+		return -ENOMEM;
+	r = kupdev_pass(h_sc, c);
+	while (r == 0) {
+		size_t len;
+
+		r = kupdev_receive_msg(h_sc, c, &m, KUPDEV_FOREVER);
+		if (r != 0)
+			break;
+		if (m.kind != KUP_KIND_DATA) {
+			kupdev_unlock_channel(h_sc, c);
+			r = m.kind == KUP_KIND_PASS ? kupdev_pass(h_sc, c) : -EPIPE;
+			continue;
+		}
+		if (h_is(&m, "seqgap")) {
+			kupdev_unlock_channel(h_sc, c);
+			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 1,
+			    KUP_TURN_USER);
+		} else if (h_is(&m, "seqrep")) {
+			kupdev_unlock_channel(h_sc, c);
+			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, -1,
+			    KUP_TURN_USER);
+		} else if (h_is(&m, "badlen")) {
+			kupdev_unlock_channel(h_sc, c);
+			r = kup_core_test_handover(h_sc, c, (uint32_t)max + 1,
+			    KUP_KIND_DATA, 0, KUP_TURN_USER);
+		} else if (h_is(&m, "badkind")) {
+			kupdev_unlock_channel(h_sc, c);
+			r = kup_core_test_handover(h_sc, c, 0, 77, 0, KUP_TURN_USER);
+		} else if (h_is(&m, "badturn")) {
+			kupdev_unlock_channel(h_sc, c);
+			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 0,
+			    0x12345678U);
+		} else {
+			len = m.len < max ? m.len : max;
+			memcpy(buf, m.data, len);
+			kupdev_unlock_channel(h_sc, c);
+			r = kupdev_send(h_sc, buf, len, c);
+		}
+		if (r == 0)
+			kup_os_log("hostile: chan %d: answered", c);
+	}
+	if (r != -ESHUTDOWN)
+		kup_os_log("hostile: chan %d: worker ends (%d)", c, r);
+	kup_os_free(buf, max);
+	return 0;
+}
+
+static int
+h_accept(void *arg)
+{
+	int c;
+
+	(void)arg;
+	while ((c = kupdev_wait_channel(h_sc)) != -ESHUTDOWN) {
+		if (c < 0 || (size_t)c >= h_nchan)
+			continue;
+		if (h_thr[c] != NULL)
+			kup_os_thread_join(h_thr[c]);
+		h_thr[c] = kup_os_thread_start(h_worker, &h_ids[c], "hostile-w");
+	}
+	return 0;
+}
+
+int
+kup_module_init(void)
+{
+	int n = kup_os_param_int("hostile", "channels", 4);
+	size_t i;
+
+	if (n < 1 || n > (int)KUP_MAX_CHANNELS)
+		return -EINVAL;
+	h_sc = kupdev_create("hostile", 1, (size_t)n);
+	if (h_sc == NULL)
+		return -ENOMEM;
+	h_nchan = (size_t)n;
+	h_thr = kup_os_zalloc(h_nchan * sizeof(*h_thr));
+	h_ids = kup_os_zalloc(h_nchan * sizeof(*h_ids));
+	if (h_thr == NULL || h_ids == NULL)
+		goto fail;
+	for (i = 0; i < h_nchan; i++)
+		h_ids[i] = (int)i;
+	h_acc = kup_os_thread_start(h_accept, NULL, "hostile-acc");
+	if (h_acc == NULL)
+		goto fail;
+	kupdev_notify(h_sc);
+	return 0;
+fail:
+	kup_os_free(h_thr, h_nchan * sizeof(*h_thr));
+	kup_os_free(h_ids, h_nchan * sizeof(*h_ids));
+	kupdev_unload(h_sc);
+	h_sc = NULL;
+	return -ENOMEM;
+}
+
+void
+kup_module_fini(void)
+{
+	size_t i;
+
+	if (h_sc == NULL)
+		return;
+	kupdev_shutdown(h_sc);
+	kup_os_thread_join(h_acc);
+	for (i = 0; i < h_nchan; i++)
+		if (h_thr[i] != NULL)
+			kup_os_thread_join(h_thr[i]);
+	kupdev_unload(h_sc);
+	kup_os_free(h_thr, h_nchan * sizeof(*h_thr));
+	kup_os_free(h_ids, h_nchan * sizeof(*h_ids));
+	h_sc = NULL;
+}

@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_host.h -- kupsim's side of the kup_os.h contract: the core runs in
+ * an ordinary process, with pthread mutexes as sleepable locks, condition
+ * variables for kernel-side sleeps, memfd for shareable channel memory and
+ * eventfds for waking the user side.
+ */
+#ifndef KUP_HOST_H
+#define KUP_HOST_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef pthread_mutex_t kup_lock_t;
+
+struct kup_os_dev {
+	pthread_mutex_t m;      /* sleep mutex for kupdev_wait_channel */
+	pthread_cond_t  cv;
+	int             ready;  /* m/cv initialised (by publish) */
+	int             ev_fd;  /* eventfd: device event for the server */
+	void           *srv;    /* kupsim server's listener record */
+};
+
+struct kup_os_chan {
+	pthread_mutex_t m;      /* sleep mutex for kernel-side waits */
+	pthread_cond_t  cv;
+	int             memfd;  /* the channel pages */
+	int             k2u_efd;/* kernel -> user wake-up */
+	int             u2k_efd;/* user -> kernel wake-up */
+	void           *mem;
+	size_t          bytes;
+};
+
+#define KUP_LOAD_ACQ32(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define KUP_STORE_REL32(p, v)  __atomic_store_n((p), (uint32_t)(v), __ATOMIC_RELEASE)
+#define KUP_READ_ONCE32(p)     __atomic_load_n((p), __ATOMIC_RELAXED)
+#define KUP_READ_ONCE64(p)     __atomic_load_n((p), __ATOMIC_RELAXED)
+#define KUP_WRITE_ONCE32(p, v) __atomic_store_n((p), (uint32_t)(v), __ATOMIC_RELAXED)
+#define KUP_WRITE_ONCE64(p, v) __atomic_store_n((p), (uint64_t)(v), __ATOMIC_RELAXED)
+#define KUP_FENCE()            __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#if defined(__x86_64__) || defined(__i386__)
+#define KUP_CPU_RELAX()        __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define KUP_CPU_RELAX()        __asm__ __volatile__("yield" ::: "memory")
+#else
+#define KUP_CPU_RELAX()        do { } while (0)
+#endif
+
+#endif /* KUP_HOST_H */

@@ -1,0 +1,23 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/* kupsim.h -- between kupsim's glue (kup_os.h side) and its socket server. */
+#ifndef KUPSIM_H
+#define KUPSIM_H
+
+#include <stddef.h>
+
+struct kupdev_softc;
+
+/* Start serving devices under rundir (lock file, poll thread).  Until
+ * started, publish/withdraw/release are no-ops (in-process unit tests).
+ * 0, or -1 with a message printed. */
+int  kupsim_server_start(const char *rundir);
+void kupsim_server_stop(void);
+
+int  kupsim_server_publish(struct kupdev_softc *sc);
+void kupsim_server_withdraw(struct kupdev_softc *sc);
+void kupsim_server_release(struct kupdev_softc *sc);
+
+/* Space-separated names of the published devices into buf. */
+void kupsim_server_names(char *buf, size_t len);
+
+#endif /* KUPSIM_H */

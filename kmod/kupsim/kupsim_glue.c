@@ -1,0 +1,405 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kupsim_glue.c -- kup_os.h and kup_module.h for kupsim.
+ *
+ * Kernel-side sleeps: a mutex + condition variable per channel/device.
+ * kup_os_chan_wake takes the mutex before broadcasting and the sleeper
+ * evaluates cond under the same mutex, so a wake-up issued after the state
+ * change and before the sleep is never lost.  User-side wake-ups: a write
+ * to the channel's kernel->user eventfd (counting, so one that arrives
+ * before the user polls is not lost either).
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kup_os.h"
+#include "kupsim.h"
+
+/* ---- locks ----------------------------------------------------------- */
+
+void
+kup_lock_init(kup_lock_t *l, const char *what)
+{
+	(void)what;
+	pthread_mutex_init(l, NULL);
+}
+
+void
+kup_lock_destroy(kup_lock_t *l)
+{
+	pthread_mutex_destroy(l);
+}
+
+void
+kup_lock(kup_lock_t *l)
+{
+	pthread_mutex_lock(l);
+}
+
+void
+kup_unlock(kup_lock_t *l)
+{
+	pthread_mutex_unlock(l);
+}
+
+/* ---- memory ---------------------------------------------------------- */
+
+void *
+kup_os_zalloc(size_t bytes)
+{
+	return calloc(1, bytes != 0 ? bytes : 1);
+}
+
+void
+kup_os_free(void *p, size_t bytes)
+{
+	(void)bytes;
+	free(p);
+}
+
+uint32_t
+kup_os_page_size(void)
+{
+	long p = sysconf(_SC_PAGESIZE);
+
+	return p > 0 ? (uint32_t)p : 4096U;
+}
+
+static void
+cond_init_mono(pthread_cond_t *cv)
+{
+	pthread_condattr_t a;
+
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(cv, &a);
+	pthread_condattr_destroy(&a);
+}
+
+void *
+kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+	char name[64];
+	void *mem;
+
+	os->memfd = os->k2u_efd = os->u2k_efd = -1;
+	snprintf(name, sizeof(name), "kup-%s-%u", kup_core_dev_name(sc),
+	    kup_core_chan_id(ch));
+	os->memfd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (os->memfd < 0)
+		goto fail;
+	if (ftruncate(os->memfd, (off_t)bytes) != 0)
+		goto fail;
+	/* a user must not be able to shrink the file under us (SIGBUS) */
+	if (fcntl(os->memfd, F_ADD_SEALS,
+	    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+		goto fail;
+	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, os->memfd, 0);
+	if (mem == MAP_FAILED)
+		goto fail;
+	os->k2u_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (os->k2u_efd < 0)
+		goto fail_map;
+	os->u2k_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (os->u2k_efd < 0)
+		goto fail_map;
+	pthread_mutex_init(&os->m, NULL);
+	cond_init_mono(&os->cv);
+	os->mem = mem;
+	os->bytes = bytes;
+	return mem;
+
+fail_map:
+	munmap(mem, bytes);
+fail:
+	kup_os_log("kupsim: channel memory for %s/%u: %s", kup_core_dev_name(sc),
+	    kup_core_chan_id(ch), strerror(errno));
+	if (os->memfd >= 0)
+		close(os->memfd);
+	if (os->k2u_efd >= 0)
+		close(os->k2u_efd);
+	if (os->u2k_efd >= 0)
+		close(os->u2k_efd);
+	os->memfd = os->k2u_efd = os->u2k_efd = -1;
+	return NULL;
+}
+
+void
+kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+
+	(void)sc;
+	if (os->mem == NULL)
+		return;
+	munmap(os->mem, os->bytes);
+	close(os->memfd);
+	close(os->k2u_efd);
+	close(os->u2k_efd);
+	pthread_cond_destroy(&os->cv);
+	pthread_mutex_destroy(&os->m);
+	os->mem = NULL;
+}
+
+/* ---- sleeping and waking -------------------------------------------- */
+
+static void
+deadline_after(struct timespec *ts, int ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	ts->tv_sec += ms / 1000;
+	ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+int
+kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
+    int timeout_ms)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+	struct timespec dl;
+	int r = 0;
+
+	if (timeout_ms >= 0)
+		deadline_after(&dl, timeout_ms);
+	pthread_mutex_lock(&os->m);
+	while (!cond(ch)) {
+		if (timeout_ms < 0) {
+			pthread_cond_wait(&os->cv, &os->m);
+		} else if (pthread_cond_timedwait(&os->cv, &os->m, &dl) == ETIMEDOUT) {
+			r = cond(ch) ? 0 : -ETIMEDOUT;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&os->m);
+	return r;
+}
+
+void
+kup_os_chan_wake(struct kup_chan *ch)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+
+	pthread_mutex_lock(&os->m);
+	pthread_cond_broadcast(&os->cv);
+	pthread_mutex_unlock(&os->m);
+}
+
+static void
+efd_kick(int fd)
+{
+	uint64_t one = 1;
+
+	if (fd >= 0 && write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		kup_os_log("kupsim: eventfd write: %s", strerror(errno));
+}
+
+void
+kup_os_chan_wake_user(struct kup_chan *ch)
+{
+	efd_kick(kup_core_chan_os(ch)->k2u_efd);
+}
+
+int
+kup_os_dev_sleep(struct kupdev_softc *sc, int (*cond)(struct kupdev_softc *),
+    int timeout_ms)
+{
+	struct kup_os_dev *os = kup_core_dev_os(sc);
+	struct timespec dl;
+	int r = 0;
+
+	if (timeout_ms >= 0)
+		deadline_after(&dl, timeout_ms);
+	pthread_mutex_lock(&os->m);
+	while (!cond(sc)) {
+		if (timeout_ms < 0) {
+			pthread_cond_wait(&os->cv, &os->m);
+		} else if (pthread_cond_timedwait(&os->cv, &os->m, &dl) == ETIMEDOUT) {
+			r = cond(sc) ? 0 : -ETIMEDOUT;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&os->m);
+	return r;
+}
+
+void
+kup_os_dev_wake(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *os = kup_core_dev_os(sc);
+
+	pthread_mutex_lock(&os->m);
+	pthread_cond_broadcast(&os->cv);
+	pthread_mutex_unlock(&os->m);
+}
+
+void
+kup_os_dev_wake_user(struct kupdev_softc *sc)
+{
+	efd_kick(kup_core_dev_os(sc)->ev_fd);
+}
+
+/* ---- device node: the server does the socket work ------------------- */
+
+int
+kup_os_dev_publish(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *os = kup_core_dev_os(sc);
+
+	pthread_mutex_init(&os->m, NULL);
+	cond_init_mono(&os->cv);
+	os->ev_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (os->ev_fd < 0)
+		goto fail;
+	if (kupsim_server_publish(sc) != 0)
+		goto fail_fd;
+	os->ready = 1;
+	return 0;
+fail_fd:
+	close(os->ev_fd);
+fail:
+	os->ev_fd = -1;
+	pthread_cond_destroy(&os->cv);
+	pthread_mutex_destroy(&os->m);
+	return -ENOMEM;
+}
+
+void
+kup_os_dev_withdraw(struct kupdev_softc *sc)
+{
+	kupsim_server_withdraw(sc);
+}
+
+void
+kup_os_dev_release(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *os = kup_core_dev_os(sc);
+
+	if (!os->ready)
+		return;
+	kupsim_server_release(sc);
+	close(os->ev_fd);
+	pthread_cond_destroy(&os->cv);
+	pthread_mutex_destroy(&os->m);
+	os->ready = 0;
+}
+
+/* ---- diagnostics and module helpers ---------------------------------- */
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+
+void
+kup_os_log(const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&log_mu);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	fflush(stderr);
+	pthread_mutex_unlock(&log_mu);
+}
+
+void
+kup_os_msleep(unsigned int ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000,
+	    .tv_nsec = (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+int
+kup_os_param_int(const char *module, const char *name, int defval)
+{
+	char var[128];
+	const char *v;
+	char *end;
+	long x;
+	size_t i;
+
+	if (snprintf(var, sizeof(var), "KUP_PARAM_%s_%s", module, name) >=
+	    (int)sizeof(var))
+		return defval;
+	for (i = 0; var[i] != '\0'; i++)
+		var[i] = (char)toupper((unsigned char)var[i]);
+	v = getenv(var);
+	if (v == NULL || *v == '\0')
+		return defval;
+	errno = 0;
+	x = strtol(v, &end, 10);
+	if (errno != 0 || *end != '\0' || x < -2147483647L || x > 2147483647L) {
+		kup_os_log("kupsim: %s=%s is not an integer, using %d", var, v,
+		    defval);
+		return defval;
+	}
+	return (int)x;
+}
+
+struct kup_thread {
+	pthread_t tid;
+	int (*fn)(void *);
+	void *arg;
+	int ret;
+};
+
+static void *
+thread_tramp(void *p)
+{
+	struct kup_thread *t = p;
+
+	t->ret = t->fn(t->arg);
+	return NULL;
+}
+
+struct kup_thread *
+kup_os_thread_start(int (*fn)(void *), void *arg, const char *name)
+{
+	struct kup_thread *t = calloc(1, sizeof(*t));
+	int e;
+
+	if (t == NULL)
+		return NULL;
+	t->fn = fn;
+	t->arg = arg;
+	e = pthread_create(&t->tid, NULL, thread_tramp, t);
+	if (e != 0) {
+		kup_os_log("kupsim: thread %s: %s", name ? name : "?", strerror(e));
+		free(t);
+		return NULL;
+	}
+	if (name != NULL) {
+		char n[16];
+		snprintf(n, sizeof(n), "%s", name);
+		pthread_setname_np(t->tid, n);
+	}
+	return t;
+}
+
+int
+kup_os_thread_join(struct kup_thread *t)
+{
+	int r;
+
+	if (t == NULL)
+		return -EINVAL;
+	pthread_join(t->tid, NULL);
+	r = t->ret;
+	free(t);
+	return r;
+}

@@ -1,0 +1,695 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup.c -- libkup: the user side of the KUP turn protocol (kup_abi.h),
+ * the same for every backend (kup_backend.h).
+ *
+ * The user side trusts nothing in the shared page: the identity is checked
+ * once at attach (magic, version, geometry against the mapping length,
+ * reserved words zero), the sizes are kept privately, and every kernel->
+ * user descriptor is read ONCE into locals and validated (length against
+ * the private size, kind, sequence = last + 1) before a payload byte is
+ * handed to the caller.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kup.h"
+#include "kup_backend.h"
+
+__thread int kernproxy_errno;
+
+#define KP_MAGIC_DEV  0x4b504456U   /* "VDPK" */
+#define KP_MAGIC_CHAN 0x4b504348U   /* "HCPK" */
+#define KP_MAGIC_DEAD 0xdeadbeefU
+
+#define KP_SPIN_LOOPS 2000
+#define KP_SLEEP_SLICE_MS 1000       /* bounded sleeps: re-check at least this often */
+
+/* user side's private view of the turn */
+#define UT_KERNEL        0  /* handed to the kernel (or fresh: kernel first) */
+#define UT_USER_CONSUMED 1  /* we hold it and have read the kernel's message */
+
+#define LOAD_ACQ32(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE_REL32(p, v)  __atomic_store_n((p), (uint32_t)(v), __ATOMIC_RELEASE)
+#define READ32(p)          __atomic_load_n((p), __ATOMIC_RELAXED)
+#define READ64(p)          __atomic_load_n((p), __ATOMIC_RELAXED)
+#define WRITE32(p, v)      __atomic_store_n((p), (uint32_t)(v), __ATOMIC_RELAXED)
+#define WRITE64(p, v)      __atomic_store_n((p), (uint64_t)(v), __ATOMIC_RELAXED)
+#define FENCE()            __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX()        __builtin_ia32_pause()
+#else
+#define CPU_RELAX()        do { } while (0)
+#endif
+
+struct kp_hdr {
+	uint32_t magic;
+	int      err;
+};
+
+struct kp_dev {
+	struct kp_hdr h;
+	const struct kup_backend_ops *ops;
+	void *b;
+};
+
+struct kp_chan {
+	struct kp_hdr h;
+	const struct kup_backend_ops *ops;
+	struct kup_backend_chan b;
+	struct kup_ctrl *ctrl;
+	uint8_t *k2u;
+	uint8_t *u2k;
+	uint32_t k2u_size;      /* private copies, validated at attach */
+	uint32_t u2k_size;
+	uint32_t id;
+	uint64_t gen;
+	uint64_t k2u_seq;       /* last received */
+	uint64_t u2k_seq;       /* last sent */
+	int      uturn;
+	int      poll_mode;     /* kernproxy_fd() was called */
+	int      broken;        /* KUP_E_PROTO seen: refuse further use */
+};
+
+static int
+fail(struct kp_hdr *h, int code)
+{
+	if (h != NULL)
+		h->err = code;
+	kernproxy_errno = code;
+	return -1;
+}
+
+static void *
+fail_null(struct kp_hdr *h, int code)
+{
+	(void)fail(h, code);
+	return NULL;
+}
+
+static struct kp_chan *
+as_chan(void *p)
+{
+	struct kp_chan *c = p;
+
+	if (c == NULL || c->h.magic != KP_MAGIC_CHAN) {
+		kernproxy_errno = KUP_E_INVAL;
+		return NULL;
+	}
+	return c;
+}
+
+static struct kp_dev *
+as_dev(void *p)
+{
+	struct kp_dev *d = p;
+
+	if (d == NULL || d->h.magic != KP_MAGIC_DEV) {
+		kernproxy_errno = KUP_E_INVAL;
+		return NULL;
+	}
+	return d;
+}
+
+/* ---- backends ---------------------------------------------------------- */
+
+static const struct kup_backend_ops *const kp_os_backend =
+#if defined(KUP_HAVE_BACKEND_LINUX)
+    &kup_backend_linux;
+#elif defined(KUP_HAVE_BACKEND_FREEBSD)
+    &kup_backend_freebsd;
+#else
+    NULL;
+#endif
+
+static const struct kup_backend_ops *
+backend_by_name(const char *n)
+{
+	if (strcmp(n, "sim") == 0)
+		return &kup_backend_sim;
+#if defined(KUP_HAVE_BACKEND_LINUX)
+	if (strcmp(n, "linux") == 0)
+		return &kup_backend_linux;
+#endif
+#if defined(KUP_HAVE_BACKEND_FREEBSD)
+	if (strcmp(n, "freebsd") == 0)
+		return &kup_backend_freebsd;
+#endif
+	return NULL;
+}
+
+void *
+kernproxy_open(char const *name)
+{
+	const struct kup_backend_ops *ops = NULL;
+	const char *force = getenv("KUP_BACKEND");
+	struct kp_dev *d;
+	void *b = NULL;
+	int r;
+
+	if (name == NULL || *name == '\0')
+		return fail_null(NULL, KUP_E_INVAL);
+	d = calloc(1, sizeof(*d));
+	if (d == NULL)
+		return fail_null(NULL, KUP_E_SYS);
+	if (force != NULL && *force != '\0') {
+		ops = backend_by_name(force);
+		if (ops == NULL) {
+			free(d);
+			/* unknown or not built into this libkup */
+			return fail_null(NULL, KUP_E_INVAL);
+		}
+		r = ops->open(name, &b);
+	} else {
+		r = KUP_E_NOENT;
+		if (kp_os_backend != NULL) {
+			ops = kp_os_backend;
+			r = ops->open(name, &b);
+		}
+		if (r == KUP_E_NOENT) {
+			ops = &kup_backend_sim;
+			r = ops->open(name, &b);
+		}
+	}
+	if (r != KUP_E_OK) {
+		int e = errno;
+		free(d);
+		errno = e;
+		return fail_null(NULL, r);
+	}
+	d->h.magic = KP_MAGIC_DEV;
+	d->ops = ops;
+	d->b = b;
+	return d;
+}
+
+int
+kernproxy_info(void *handle, struct kernproxy_info *info)
+{
+	struct kp_dev *d = as_dev(handle);
+	int r;
+
+	if (d == NULL)
+		return -1;
+	if (info == NULL)
+		return fail(&d->h, KUP_E_INVAL);
+	if (d->ops->dev_drain != NULL)
+		d->ops->dev_drain(d->b);
+	r = d->ops->info(d->b, info);
+	if (r != KUP_E_OK)
+		return fail(&d->h, r);
+	return 0;
+}
+
+int
+kernproxy_dev_fd(void *handle)
+{
+	struct kp_dev *d = as_dev(handle);
+	int fd;
+
+	if (d == NULL)
+		return -1;
+	fd = d->ops->dev_fd(d->b);
+	if (fd < 0)
+		return fail(&d->h, KUP_E_SYS);
+	return fd;
+}
+
+/* ---- attach ----------------------------------------------------------- */
+
+static int
+test_abi_version(void)
+{
+	const char *v = getenv("KUP_TEST_ABI_VERSION");
+	char *end;
+	unsigned long x;
+
+	if (v == NULL || *v == '\0')
+		return (int)KUP_ABI_VERSION;
+	errno = 0;
+	x = strtoul(v, &end, 10);
+	if (errno != 0 || *end != '\0' || x > 0xffffffffUL)
+		return (int)KUP_ABI_VERSION;
+	return (int)x;
+}
+
+/* Check the identity the kernel wrote, against the mapping we really
+ * have; keep private copies of the geometry. */
+static int
+check_identity(struct kp_chan *c)
+{
+	const struct kup_ctrl *k = c->ctrl;
+	uint64_t bytes = c->b.bytes;
+	uint32_t psz, k2u_off, k2u_size, u2k_off, u2k_size;
+	size_t i;
+
+	if (bytes < KUP_CTRL_SIZE)
+		return KUP_E_VERSION;
+	if (READ32(&k->magic) != KUP_MAGIC ||
+	    READ32(&k->abi_version) != KUP_ABI_VERSION ||
+	    READ32(&k->ctrl_size) != KUP_CTRL_SIZE)
+		return KUP_E_VERSION;
+	for (i = 0; i < sizeof(k->reserved0) / sizeof(k->reserved0[0]); i++)
+		if (READ32(&k->reserved0[i]) != 0)
+			return KUP_E_VERSION;
+	for (i = 0; i < sizeof(k->reserved1) / sizeof(k->reserved1[0]); i++)
+		if (READ32(&k->reserved1[i]) != 0)
+			return KUP_E_VERSION;
+	for (i = 0; i < sizeof(k->reserved2) / sizeof(k->reserved2[0]); i++)
+		if (READ32(&k->reserved2[i]) != 0)
+			return KUP_E_VERSION;
+	for (i = 0; i < sizeof(k->reserved3) / sizeof(k->reserved3[0]); i++)
+		if (READ32(&k->reserved3[i]) != 0)
+			return KUP_E_VERSION;
+	psz = READ32(&k->page_size);
+	k2u_off = READ32(&k->k2u_off);
+	k2u_size = READ32(&k->k2u_size);
+	u2k_off = READ32(&k->u2k_off);
+	u2k_size = READ32(&k->u2k_size);
+	if (psz < KUP_CTRL_SIZE || (psz & (psz - 1)) != 0)
+		return KUP_E_PROTO;
+	if (k2u_off < KUP_CTRL_SIZE || (uint64_t)k2u_off + k2u_size > bytes ||
+	    u2k_off < (uint64_t)k2u_off + k2u_size ||
+	    (uint64_t)u2k_off + u2k_size > bytes || k2u_size == 0 ||
+	    u2k_size == 0)
+		return KUP_E_PROTO;
+	if (READ32(&k->chan_id) != c->b.chan_id)
+		return KUP_E_PROTO;
+	c->k2u_size = k2u_size;
+	c->u2k_size = u2k_size;
+	c->k2u = (uint8_t *)c->b.mem + k2u_off;
+	c->u2k = (uint8_t *)c->b.mem + u2k_off;
+	c->gen = READ64(&k->attach_gen);
+	if (READ32(&k->state) & KUP_STATE_SHUTDOWN)
+		return KUP_E_SHUTDOWN;
+	return KUP_E_OK;
+}
+
+void *
+kernproxy_channel(void *handle, size_t chan_id, size_t size)
+{
+	struct kp_dev *d = as_dev(handle);
+	struct kp_chan *c;
+	uint32_t id;
+	int r;
+
+	if (d == NULL)
+		return NULL;
+	if (chan_id == KP_CHAN_ANY)
+		id = KUP_CHAN_ANY_WIRE;
+	else if (chan_id >= KUP_MAX_CHANNELS)
+		return fail_null(&d->h, KUP_E_NOENT);
+	else
+		id = (uint32_t)chan_id;
+	if (size > KUP_MAX_PAGES)
+		return fail_null(&d->h, KUP_E_INVAL);
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return fail_null(&d->h, KUP_E_SYS);
+	c->ops = d->ops;
+	r = d->ops->attach(d->b, id, (uint32_t)test_abi_version(),
+	    (uint32_t)size, &c->b);
+	if (r != KUP_E_OK) {
+		free(c);
+		return fail_null(&d->h, r);
+	}
+	c->ctrl = c->b.mem;
+	c->id = c->b.chan_id;
+	r = check_identity(c);
+	if (r != KUP_E_OK) {
+		c->ops->detach(&c->b);
+		free(c);
+		return fail_null(&d->h, r);
+	}
+	c->uturn = UT_KERNEL;
+	c->h.magic = KP_MAGIC_CHAN;
+	d->h.err = KUP_E_OK;
+	return c;
+}
+
+/* ---- the turn protocol ------------------------------------------------- */
+
+static int
+chan_state(struct kp_chan *c)
+{
+	uint32_t st = READ32(&c->ctrl->state);
+
+	if (st & KUP_STATE_SHUTDOWN)
+		return KUP_E_SHUTDOWN;
+	if (READ64(&c->ctrl->attach_gen) != c->gen || (st & KUP_STATE_PEER_GONE))
+		return KUP_E_PEER;
+	if (c->broken)
+		return KUP_E_PROTO;
+	return KUP_E_OK;
+}
+
+/* The page says the kernel handed us the turn: take its descriptor, read
+ * once, validated against the private size and the sequence. */
+static int
+take_kernel_msg(struct kp_chan *c, struct kernproxy_msg *msg)
+{
+	uint32_t len = READ32(&c->ctrl->k2u.len);
+	uint32_t kind = READ32(&c->ctrl->k2u.kind);
+	uint64_t seq = READ64(&c->ctrl->k2u.seq);
+
+	if ((kind != KUP_KIND_DATA && kind != KUP_KIND_PASS &&
+	    kind != KUP_KIND_CLOSE) || len > c->k2u_size ||
+	    (kind != KUP_KIND_DATA && len != 0) || seq != c->k2u_seq + 1) {
+		c->broken = 1;
+		return KUP_E_PROTO;
+	}
+	c->k2u_seq = seq;
+	c->uturn = UT_USER_CONSUMED;
+	if (msg != NULL) {
+		msg->data = c->k2u;
+		msg->len = len;
+		msg->kind = kind;
+		msg->seq = seq;
+	}
+	return KUP_E_OK;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait until the page turn is not KERNEL.  KUP_E_OK, or an error. */
+static int
+wait_turn(struct kp_chan *c, int timeout_ms)
+{
+	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+	int i, r;
+
+	if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
+		return KUP_E_OK;
+	if ((r = chan_state(c)) != KUP_E_OK)
+		return r;
+	if (timeout_ms == 0)
+		return KUP_E_NOTREADY;
+	for (i = 0; i < KP_SPIN_LOOPS; i++) {
+		if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
+			return KUP_E_OK;
+		CPU_RELAX();
+	}
+	for (;;) {
+		struct pollfd pf[2];
+		int slice = KP_SLEEP_SLICE_MS, n = 1;
+
+		WRITE32(&c->ctrl->user_waiting, 1);
+		FENCE();
+		if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL) {
+			r = KUP_E_OK;
+			break;
+		}
+		if ((r = chan_state(c)) != KUP_E_OK)
+			break;
+		if (timeout_ms > 0) {
+			int64_t left = deadline - now_ms();
+			if (left <= 0) {
+				r = KUP_E_TIMEDOUT;
+				break;
+			}
+			if (left < slice)
+				slice = (int)left;
+		}
+		pf[0].fd = c->b.wait_fd;
+		pf[0].events = POLLIN;
+		pf[0].revents = 0;
+		if (c->b.hup_fd >= 0) {
+			pf[1].fd = c->b.hup_fd;
+			pf[1].events = 0;
+			pf[1].revents = 0;
+			n = 2;
+		}
+		if (poll(pf, (nfds_t)n, slice) < 0 && errno != EINTR) {
+			r = KUP_E_SYS;
+			break;
+		}
+		c->ops->drain(&c->b);
+		if (n == 2 && (pf[1].revents & (POLLHUP | POLLERR | POLLNVAL))) {
+			/* the host is gone without a word: treat as shutdown,
+			 * unless the turn did come back */
+			r = LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL ?
+			    KUP_E_OK : KUP_E_SHUTDOWN;
+			break;
+		}
+	}
+	if (!c->poll_mode)
+		WRITE32(&c->ctrl->user_waiting, 0);
+	return r;
+}
+
+int
+kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
+{
+	struct kp_chan *c = as_chan(chan);
+	uint32_t turn;
+	int r;
+
+	if (c == NULL)
+		return -1;
+	if (msg == NULL)
+		return fail(&c->h, KUP_E_INVAL);
+	if ((r = chan_state(c)) != KUP_E_OK)
+		return fail(&c->h, r);
+	if (c->uturn == UT_USER_CONSUMED)
+		return fail(&c->h, KUP_E_NOTTURN);
+	r = wait_turn(c, timeout_ms);
+	if (r != KUP_E_OK)
+		return fail(&c->h, r);
+	turn = LOAD_ACQ32(&c->ctrl->turn);
+	if (turn != KUP_TURN_USER) {
+		c->broken = 1;
+		return fail(&c->h, KUP_E_PROTO);
+	}
+	r = take_kernel_msg(c, msg);
+	if (r != KUP_E_OK)
+		return fail(&c->h, r);
+	c->h.err = KUP_E_OK;
+	return 0;
+}
+
+void *
+kernproxy_receive(void *chan, int flags)
+{
+	struct kernproxy_msg m;
+
+	if (kernproxy_receive_msg(chan, &m, (flags & KP_NB) ? 0 : -1) != 0)
+		return NULL;
+	return (void *)(uintptr_t)m.data;
+}
+
+/* Make sure we hold the turn; an unread kernel message is validated and
+ * dropped (the caller chose to answer without reading it). */
+static int
+own_turn(struct kp_chan *c)
+{
+	uint32_t turn;
+
+	if (c->uturn == UT_USER_CONSUMED)
+		return KUP_E_OK;
+	turn = LOAD_ACQ32(&c->ctrl->turn);
+	if (turn == KUP_TURN_KERNEL)
+		return KUP_E_NOTTURN;
+	if (turn != KUP_TURN_USER) {
+		c->broken = 1;
+		return KUP_E_PROTO;
+	}
+	return take_kernel_msg(c, NULL);
+}
+
+static int
+handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
+{
+	int r;
+
+	if ((r = chan_state(c)) != KUP_E_OK)
+		return r;
+	if ((r = own_turn(c)) != KUP_E_OK)
+		return r;
+	if (len != 0)
+		memcpy(c->u2k, data, len);
+	c->u2k_seq++;
+	WRITE32(&c->ctrl->u2k.len, (uint32_t)len);
+	WRITE32(&c->ctrl->u2k.kind, kind);
+	WRITE64(&c->ctrl->u2k.seq, c->u2k_seq);
+	c->uturn = UT_KERNEL;
+	if (c->poll_mode)
+		WRITE32(&c->ctrl->user_waiting, 1);
+	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);
+	FENCE();
+	if (READ32(&c->ctrl->kernel_waiting) != 0) {
+		r = c->ops->wake(&c->b);
+		if (r != KUP_E_OK)
+			return r;
+	}
+	return KUP_E_OK;
+}
+
+int
+kernproxy_send(void *chan, const void *data, size_t len, int flags)
+{
+	struct kp_chan *c = as_chan(chan);
+	int r;
+
+	(void)flags;
+	if (c == NULL)
+		return -1;
+	if (len != 0 && data == NULL)
+		return fail(&c->h, KUP_E_INVAL);
+	if (len > c->u2k_size)
+		return fail(&c->h, KUP_E_TOOBIG);
+	r = handover(c, data, len, KUP_KIND_DATA);
+	if (r != KUP_E_OK)
+		return fail(&c->h, r);
+	c->h.err = KUP_E_OK;
+	return 0;
+}
+
+int
+kernproxy_pass(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+	int r;
+
+	if (c == NULL)
+		return -1;
+	r = handover(c, NULL, 0, KUP_KIND_PASS);
+	if (r != KUP_E_OK)
+		return fail(&c->h, r);
+	c->h.err = KUP_E_OK;
+	return 0;
+}
+
+int
+kernproxy_fd(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return -1;
+	/* from now on the kernel always wakes us on a hand-over */
+	c->poll_mode = 1;
+	WRITE32(&c->ctrl->user_waiting, 1);
+	FENCE();
+	return c->b.wait_fd;
+}
+
+int
+kernproxy_my_turn(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return -1;
+	if (c->uturn == UT_USER_CONSUMED)
+		return 1;
+	return LOAD_ACQ32(&c->ctrl->turn) == KUP_TURN_USER ? 1 : 0;
+}
+
+size_t
+kernproxy_max_msg(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	return c != NULL ? c->u2k_size : 0;
+}
+
+uint32_t
+kernproxy_chan_id(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	return c != NULL ? c->id : 0xffffffffU;
+}
+
+void
+kernproxy_close(void *handle)
+{
+	struct kp_hdr *h = handle;
+
+	if (h == NULL)
+		return;
+	if (h->magic == KP_MAGIC_CHAN) {
+		struct kp_chan *c = handle;
+
+		/* leave politely if we can: CLOSE when holding the turn */
+		if (chan_state(c) == KUP_E_OK && own_turn(c) == KUP_E_OK)
+			(void)handover(c, NULL, 0, KUP_KIND_CLOSE);
+		c->ops->detach(&c->b);
+		c->h.magic = KP_MAGIC_DEAD;
+		free(c);
+	} else if (h->magic == KP_MAGIC_DEV) {
+		struct kp_dev *d = handle;
+
+		d->ops->close(d->b);
+		d->h.magic = KP_MAGIC_DEAD;
+		free(d);
+	} else {
+		kernproxy_errno = KUP_E_INVAL;
+	}
+}
+
+int
+kernproxy_error(void *handle)
+{
+	struct kp_hdr *h = handle;
+
+	if (h == NULL || (h->magic != KP_MAGIC_CHAN && h->magic != KP_MAGIC_DEV))
+		return kernproxy_errno;
+	return h->err;
+}
+
+const char *
+kernproxy_strerror(int code)
+{
+	switch (code) {
+	case KUP_E_OK:       return "success";
+	case KUP_E_SHUTDOWN: return "EKU_SHUTDOWN: the device is shutting down";
+	case KUP_E_NOTREADY: return "EKU_NOTREADY: not ready";
+	case KUP_E_NOTTURN:  return "EKU_NOTTURN: the other side holds the turn";
+	case KUP_E_TOOBIG:   return "EKU_TOOBIG: message larger than the data area";
+	case KUP_E_TIMEDOUT: return "EKU_TIMEDOUT: deadline passed";
+	case KUP_E_PROTO:    return "EKU_PROTO: the peer broke the protocol";
+	case KUP_E_VERSION:  return "EKU_VERSION: ABI version mismatch";
+	case KUP_E_BUSY:     return "EKU_BUSY: channel held by another user";
+	case KUP_E_NOENT:    return "EKU_NOENT: no such device or channel";
+	case KUP_E_PEER:     return "EKU_PEER: the peer left";
+	case KUP_E_INVAL:    return "EKU_INVAL: bad argument";
+	case KUP_E_SYS:      return "EKU_SYS: system call failed (see errno)";
+	default:             return "unknown KUP error";
+	}
+}
+
+/* ---- test-only hooks --------------------------------------------------- */
+
+void *
+kup_test_raw_mapping(void *chan, size_t *bytes)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return NULL;
+	if (bytes != NULL)
+		*bytes = c->b.bytes;
+	return c->b.mem;
+}
+
+int
+kup_test_raw_wake(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return -1;
+	return c->ops->wake(&c->b) == KUP_E_OK ? 0 : -1;
+}
