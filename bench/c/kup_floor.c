@@ -40,7 +40,7 @@ main(int argc, char **argv)
 		goto out_mem;
 	}
 	for (i = 0; i < o.size; i++)
-		out[i] = (char)(i * 31 + 7);
+		out[i] = (char)(i % 96); /* no a-z: odd echo channels upper-case them */
 
 	dev = kernproxy_open(o.target);
 	if (dev == NULL) {

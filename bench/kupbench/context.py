@@ -15,7 +15,7 @@ from .config import Config
 from .harness import Better, Figure, Report, TrialFn, run_interleaved
 from .procs import BenchError
 
-__all__ = ["ROOT", "FigSpec", "RunCtx", "group", "lat", "log", "rate"]
+__all__ = ["ROOT", "FigSpec", "RunCtx", "cost", "group", "lat", "log", "rate"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,3 +114,9 @@ def rate(workload: str, section: str, label: str, baseline: str | None = None,
          sub: str = "", unit: str = "MiB/s", note: str = "") -> FigSpec:
     """A rate figure (higher is better)."""
     return FigSpec(workload, section, label, unit, Better.HIGHER, sub, baseline, note)
+
+
+def cost(workload: str, section: str, label: str, unit: str, baseline: str | None = None,
+         sub: str = "", note: str = "") -> FigSpec:
+    """A cost figure (CPU, memory: lower is better) in ``unit``."""
+    return FigSpec(workload, section, label, unit, Better.LOWER, sub, baseline, note)

@@ -1,10 +1,290 @@
-"""placeholder"""
+"""Groups 4-8: the bare gRPC transport floor and kupd end to end, side by side.
+
+Both servers run at once (the bare echo server and kupd in front of a
+kupsim echo), so every kupd figure's trials are interleaved with its bare
+baseline's.  The client shapes (kupbench.shapes) are the same code for both.
+"""
+
 from __future__ import annotations
 
-from .context import RunCtx
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .bare import BareBidi, BareUnary, bare_channel, start_bare_server
+from .config import KIB, MIB
+from .context import FigSpec, RunCtx, cost, group, lat, log, rate
+from .harness import Figure, TrialFn
+from .procs import BenchError, Proc, cpu_seconds, rss_bytes, run_ns
+from .sections import S_E2E, S_IDLE, S_MEM, S_SCALE, S_TRANSPORT
+from .shapes import Echoer, concurrent_trial, latency_trial, pattern, pump_trial
 
 __all__ = ["run"]
 
+PAYLOAD = pattern(64)
+
+
+def _lat(e: Echoer, n: int, what: str) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return await latency_trial(e, PAYLOAD, n, what)
+    return trial
+
+
+def _pump(e: Echoer, size: int, total: int, what: str) -> TrialFn:
+    data = pattern(size)
+    count = max(4, total // size)
+
+    async def trial() -> dict[str, list[float]]:
+        return await pump_trial(e, data, count, what)
+    return trial
+
+
+def _conc(rts: list[Callable[[bytes], Awaitable[bytes]]], n_each: int, what: str) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        return await concurrent_trial(rts, PAYLOAD, n_each, what)
+    return trial
+
+
+def _pump_sizes(largest: int | None) -> list[tuple[str, str, int]]:
+    out = [("64k", "64 KiB", 64 * KIB), ("1m", "1 MiB", MIB)]
+    if largest is not None and largest not in (64 * KIB, MIB):
+        out.append(("max", f"largest ({largest // KIB} KiB)", largest))
+    return out
+
 
 async def run(ctx: RunCtx) -> None:
-    return None
+    from . import kupd_sut
+
+    cfg = ctx.cfg
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        bare_specs = [
+            lat("bare.unary64", S_TRANSPORT, "unary round trip, 64 B"),
+            lat("bare.bidi64", S_TRANSPORT, "bidi-stream round trip, 64 B"),
+        ]
+        kupd_rt_specs = [
+            lat("kupd.session_rt", S_E2E, "Session round trip (client send+receive), 64 B",
+                baseline="bare.bidi64"),
+            lat("kupd.session_rt_pipe", S_E2E,
+                "Session round trip, send+receive pipelined on the stream, 64 B",
+                baseline="bare.bidi64"),
+            lat("kupd.unary_sr", S_E2E, "unary Send + Receive (2 RPCs), 64 B",
+                baseline="bare.unary64"),
+            lat("kupd.call_rt", S_E2E, "Call round trip, 64 B", baseline="bare.unary64"),
+        ]
+        # -- the two servers
+        bare: Proc | None = None
+        kupd: Any = None
+        kupd_why = ""
+        async with group(ctx, "grpc: start servers", bare_specs):
+            bare = start_bare_server(ctx.tmp / "bare.sock", ctx.logs / "bare.log")
+            stack.callback(bare.stop)
+            bch = bare_channel(ctx.tmp / "bare.sock")
+            stack.push_async_callback(bch.close)
+        if bare is None:
+            return
+        try:
+            kupd = await kupd_sut.KupdSut.start(ctx, stack)
+        except (BenchError, ImportError, OSError, RuntimeError) as exc:
+            kupd_why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log(f"  ! kupd not available: {kupd_why}")
+
+        # -- round trips
+        async with group(ctx, "grpc: round trips", bare_specs + kupd_rt_specs):
+            bu, bb = BareUnary(bch), BareBidi(bch)
+            stack.push_async_callback(bb.close)
+            n = cfg.grpc_rounds
+            work: dict[str, TrialFn] = {
+                "bare.unary64": _lat(bu, n, "bare unary"),
+                "bare.bidi64": _lat(bb, n, "bare bidi"),
+            }
+            if kupd is not None:
+                for name, e in (await kupd.rt_echoers()).items():
+                    work[name] = _lat(e, n, name)
+            else:
+                ctx.skip(kupd_rt_specs, kupd_why)
+            await ctx.measure(work, bare_specs + kupd_rt_specs)
+
+        # -- stream throughput
+        largest = kupd.max_msg if kupd is not None else None
+        sizes = _pump_sizes(largest)
+        pump_specs: list[FigSpec] = []
+        for nm, pretty, _size in sizes:
+            pump_specs.append(rate(f"bare.pump_{nm}", S_TRANSPORT,
+                                   f"bidi stream throughput, {pretty}"))
+            pump_specs.append(rate(f"kupd.pump_{nm}", S_E2E,
+                                   f"Session stream throughput (pipelined), {pretty}",
+                                   baseline=f"bare.pump_{nm}"))
+        pump_specs.append(rate("kupd.client_pp_64k", S_E2E,
+                               "kupclient channel send+receive throughput, 64 KiB",
+                               baseline="bare.pump_64k"))
+        async with group(ctx, "grpc: stream throughput", pump_specs):
+            work = {}
+            for nm, _pretty, size in sizes:
+                work[f"bare.pump_{nm}"] = _pump(bb, size, cfg.pump_bytes, f"bare pump {nm}")
+            if kupd is not None:
+                pipe, client = await kupd.pump_echoers()
+                for nm, _pretty, size in sizes:
+                    if size <= kupd.max_msg:
+                        work[f"kupd.pump_{nm}"] = _pump(pipe, size, cfg.pump_bytes,
+                                                        f"kupd pump {nm}")
+                work["kupd.client_pp_64k"] = _pump(client, 64 * KIB, cfg.pump_bytes,
+                                                   "kupclient 64k")
+            else:
+                ctx.skip([s for s in pump_specs if s.workload.startswith("kupd.")], kupd_why)
+            await ctx.measure(work, pump_specs)
+
+        # -- scale
+        scale_specs: list[FigSpec] = []
+        for k in cfg.scale_clients:
+            for who, base in (("bare", None), ("kupd", "bare")):
+                what = "bidi streams" if who == "bare" else "Sessions, one channel each"
+                scale_specs.append(rate(
+                    f"scale.{who}_{k}", S_SCALE, f"{who}: {k} clients ({what}), aggregate",
+                    sub="rate", unit="rt/s",
+                    baseline=f"scale.bare_{k}.rate" if base else None))
+                scale_specs.append(lat(
+                    f"scale.{who}_{k}", S_SCALE, f"{who}: {k} clients, per round trip",
+                    sub="lat", baseline=f"scale.bare_{k}.lat" if base else None))
+        c, cc = cfg.call_clients, cfg.call_channels
+        scale_specs += [
+            rate("scale.bare_call", S_SCALE, f"bare: {c} clients unary, aggregate",
+                 sub="rate", unit="rt/s"),
+            lat("scale.bare_call", S_SCALE, f"bare: {c} clients unary, per call", sub="lat"),
+            rate("scale.kupd_call", S_SCALE,
+                 f"kupd: {c} clients Call over {cc} channels, aggregate", sub="rate",
+                 unit="rt/s", baseline="scale.bare_call.rate"),
+            lat("scale.kupd_call", S_SCALE, f"kupd: {c} clients Call, per call", sub="lat",
+                baseline="scale.bare_call.lat"),
+        ]
+        async with group(ctx, "grpc: scale", scale_specs):
+            if kupd is None:
+                ctx.skip([s for s in scale_specs if s.workload.startswith("scale.kupd")],
+                         kupd_why)
+            for k in cfg.scale_clients:
+                n_each = max(1, cfg.scale_total // k)
+                bstreams = [BareBidi(bch) for _ in range(k)]
+                for s in bstreams:
+                    stack.push_async_callback(s.close)
+                work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
+                                                 f"bare x{k}")}
+                if kupd is not None:
+                    sessions = await kupd.sessions(k)
+                    work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
+                                                    f"kupd x{k}")
+                await ctx.measure(work, [s for s in scale_specs
+                                         if s.workload in work], cfg.scale_trials)
+                if kupd is not None:
+                    await kupd.close_sessions(sessions)
+            n_each = max(1, cfg.scale_total // c)
+            work = {"scale.bare_call": _conc([bu.rt] * c, n_each, "bare unary x256")}
+            if kupd is not None:
+                work["scale.kupd_call"] = _conc(kupd.callers(c), n_each, "kupd call x256")
+            await ctx.measure(work, [s for s in scale_specs if "call" in s.workload],
+                              cfg.scale_trials)
+
+        # -- idle cost
+        idle_specs = [
+            cost("idle.bare_cpu", S_IDLE,
+                 f"bare server CPU per 1 s, {cfg.idle_sessions} idle streams", "% core"),
+            cost("idle.kupd_cpu", S_IDLE,
+                 f"kupd CPU per 1 s, {cfg.idle_sessions} idle Sessions + {cfg.idle_channels} "
+                 "idle leased channels", "% core", baseline="idle.bare_cpu"),
+            cost("idle.kupd_cpu_stat", S_IDLE,
+                 f"kupd CPU over the whole {cfg.idle_seconds} s (utime+stime)", "% core"),
+            lat("idle.wake_kupd", S_IDLE,
+                f"kupd Session round trip after {cfg.wake_idle_s:g} s idle, 64 B",
+                baseline="kupd.session_rt"),
+        ]
+        async with group(ctx, "grpc: idle cost", idle_specs):
+            bstreams = [BareBidi(bch) for _ in range(cfg.idle_sessions)]
+            for s in bstreams:
+                await s.rt(PAYLOAD)  # streams really open
+            assert bare is not None
+            samples, _total = await cpu_samples(bare.pid, cfg.idle_seconds)
+            _add(ctx, idle_specs[0], samples)
+            for s in bstreams:
+                await s.close()
+            if kupd is None:
+                ctx.skip(idle_specs[1:], kupd_why)
+            else:
+                idle = await kupd.idle_population(cfg.idle_sessions, cfg.idle_channels)
+                samples, total = await cpu_samples(kupd.pid, cfg.idle_seconds)
+                _add(ctx, idle_specs[1], samples)
+                _add(ctx, idle_specs[2], [total])
+                await kupd.close_idle(idle)
+                wake: list[float] = []
+                sess = (await kupd.sessions(1))[0]
+                await sess.rt(PAYLOAD)
+                for _ in range(cfg.wake_samples):
+                    await asyncio.sleep(cfg.wake_idle_s)
+                    t0 = time.perf_counter_ns()
+                    await sess.rt(PAYLOAD)
+                    wake.append((time.perf_counter_ns() - t0) / 1000.0)
+                await kupd.close_sessions([sess])
+                _add(ctx, idle_specs[3], wake)
+
+        # -- memory
+        mem_specs: list[FigSpec] = []
+        for k in cfg.memory_sessions:
+            mem_specs.append(cost(f"mem.bare_{k}", S_MEM, f"bare server RSS, {k} streams",
+                                  "MiB"))
+            mem_specs.append(cost(f"mem.kupd_{k}", S_MEM, f"kupd RSS, {k} Sessions", "MiB",
+                                  baseline=f"mem.bare_{k}"))
+        async with group(ctx, "grpc: memory", mem_specs):
+            for k in cfg.memory_sessions:
+                bstreams = [BareBidi(bch) for _ in range(k)]
+                await asyncio.gather(*(s.rt(PAYLOAD) for s in bstreams))
+                assert bare is not None
+                _add(ctx, _spec(mem_specs, f"mem.bare_{k}"), await rss_samples(bare.pid))
+                for s in bstreams:
+                    await s.close()
+                if kupd is None:
+                    ctx.skip([_spec(mem_specs, f"mem.kupd_{k}")], kupd_why)
+                    continue
+                try:
+                    sessions = await kupd.sessions(k)
+                except (BenchError, RuntimeError, OSError) as exc:
+                    ctx.skip([_spec(mem_specs, f"mem.kupd_{k}")],
+                             f"{type(exc).__name__}: {exc}")
+                    continue
+                _add(ctx, _spec(mem_specs, f"mem.kupd_{k}"), await rss_samples(kupd.pid))
+                await kupd.close_sessions(sessions)
+
+
+def _spec(specs: list[FigSpec], key: str) -> FigSpec:
+    return next(s for s in specs if s.key == key)
+
+
+def _add(ctx: RunCtx, s: FigSpec, samples: list[float]) -> None:
+    ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, samples, s.baseline,
+                          s.note))
+
+
+async def cpu_samples(pid: int, seconds: int) -> tuple[list[float], float]:
+    """CPU use of ``pid`` in % of one core: per-second samples from the
+    threads' schedstat run time (ns resolution), and the whole window from
+    /proc/<pid>/stat utime+stime (clock-tick resolution)."""
+    out: list[float] = []
+    await asyncio.sleep(0.5)  # let set-up work finish
+    t_start, stat_start = time.monotonic(), cpu_seconds(pid)
+    prev_ns, prev_t = run_ns(pid), t_start
+    for _ in range(seconds):
+        await asyncio.sleep(1.0)
+        ns, t = run_ns(pid), time.monotonic()
+        out.append(100.0 * (ns - prev_ns) / 1e9 / (t - prev_t))
+        prev_ns, prev_t = ns, t
+    total = 100.0 * (cpu_seconds(pid) - stat_start) / (time.monotonic() - t_start)
+    return out, total
+
+
+async def rss_samples(pid: int, n: int = 5) -> list[float]:
+    """RSS of ``pid`` in MiB, read ``n`` times 0.2 s apart after a settle."""
+    await asyncio.sleep(0.5)
+    out: list[float] = []
+    for _ in range(n):
+        out.append(rss_bytes(pid) / MIB)
+        await asyncio.sleep(0.2)
+    return out

@@ -20,7 +20,7 @@ from .harness import Figure, TrialFn
 from .native import MIB, UdsClient, build_c, c_trial, start_uds_server
 from .procs import BenchError, Proc
 from .sections import S_CHAN, S_FLOOR, S_IDLE, S_SYSCALL
-from .shapes import check_echo
+from .shapes import check_echo, pattern
 
 __all__ = ["run"]
 
@@ -121,7 +121,7 @@ async def run(ctx: RunCtx) -> None:
     async with group(ctx, "native: floor, unix socket, channel layer",
                      rt_specs + tp_specs + [wake_spec]):
         uds_prog = build_c(ctx.root, "uds")
-        payload = bytes(range(64))
+        payload = pattern(64)
         with contextlib.ExitStack() as stack:
             # -- baselines that need nobody else's code
             py_srv: Proc = stack.enter_context(start_uds_server(
@@ -177,7 +177,7 @@ async def run(ctx: RunCtx) -> None:
                                                      ctx.logs / f"uds-{nm}.log"))
                 cli = UdsClient(sock, size)
                 stack.callback(cli.close)
-                data = (bytes(range(256)) * (size // 256 + 1))[:size]
+                data = pattern(size)
                 count = max(4, cfg.chan_pump_bytes // size)
                 tp_work[f"uds.py_tp_{nm}"] = _uds_tp(cli, data, count)
                 if chan is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "check_echo",
     "concurrent_trial",
     "latency_trial",
+    "pattern",
     "pump_trial",
 ]
 
@@ -39,6 +40,12 @@ class Echoer(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+def pattern(size: int) -> bytes:
+    """A payload of ``size`` bytes with no ASCII a-z: the echo module upper-cases
+    a-z on odd channels, so such a payload comes back unchanged on any channel."""
+    return (bytes(range(96)) * (size // 96 + 1))[:size]
 
 
 def check_echo(sent: bytes, got: bytes, what: str) -> None:

@@ -1,0 +1,328 @@
+"""kupd as a system under test: two kupsim echo hosts, kupd in front, clients.
+
+* kupsim "many": the echo module with 1024 channels of a few pages (round
+  trips, scale, idle, memory: up to 1000 Sessions + the Call pool at once);
+  kupd serves it as device ``echo`` (found through ``kupsim_dir``).
+* kupsim "big": echo with a few channels of KUP_MAX_PAGES pages (the largest
+  message a channel holds), served by kupd under its socket path.
+
+Clients: the kupclient library (what users get) for Session / lease / Call
+round trips and the scale shapes, and the raw kup.v1 stubs for what the
+protocol allows beyond the library (send and receive pipelined on one
+Session stream; distinct Call ``caller`` keys for 256 clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .context import RunCtx, log
+from .kupsim_echo import echo_sim
+from .procs import BenchError, Proc
+from .shapes import pattern
+
+__all__ = ["ClientSession", "KupdSut", "LeaseEcho", "RawSession"]
+
+MANY_CHANNELS = 1024          # KUP_MAX_CHANNELS: 1000 Sessions + Call pool + spare
+MANY_PAGES = 16               # 64 KiB messages
+BIG_CHANNELS = 2
+BIG_PAGES = 1024              # KUP_MAX_PAGES: the largest message a channel holds
+OP_TIMEOUT_S = 30.0
+
+
+class ClientSession:
+    """A channel held through kupclient's AsyncChannel (a Session stream)."""
+
+    def __init__(self, ch: Any) -> None:
+        self.ch = ch
+
+    @classmethod
+    async def open(cls, client: Any, device: str) -> ClientSession:
+        ch = await (await client.open(device)).channel()
+        first = await ch.receive(timeout=OP_TIMEOUT_S)  # echo hands the turn over: PASS
+        del first
+        return cls(ch)
+
+    async def rt(self, data: bytes) -> bytes:
+        await self.ch.send(data)
+        m = await self.ch.receive(timeout=OP_TIMEOUT_S)
+        return bytes(m.data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        got = 0
+        for _ in range(count):
+            got += len(await self.rt(data))
+        return got
+
+    async def close(self) -> None:
+        await self.ch.close()
+
+
+class RawSession:
+    """A Session stream driven with the raw stubs: send and receive requests
+    are written back to back (pipelined), responses read in order."""
+
+    def __init__(self, stub: Any, pb: Any, device: str) -> None:
+        self.pb = pb
+        self.device = device
+        self.call: Any = stub.Session()
+        self.next_id = 0
+        self.max_msg = 0
+
+    def _req(self, **op: Any) -> Any:
+        self.next_id += 1
+        return self.pb.SessionRequest(request_id=self.next_id, **op)
+
+    async def _read(self) -> Any:
+        resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            raise BenchError(f"kupd Session on {self.device} ended")
+        if resp.WhichOneof("result") == "error":
+            raise BenchError(f"kupd Session op failed: {resp.error.kind}: {resp.error.message}")
+        return resp
+
+    async def open(self) -> RawSession:
+        await self.call.write(self._req(attach=self.pb.SessionAttach(device=self.device)))
+        resp = await self._read()
+        self.max_msg = int(resp.attached.max_message_bytes)
+        await self.call.write(self._req(receive=self.pb.SessionReceive()))
+        await self._read()  # the echo module's first PASS
+        return self
+
+    async def rt(self, data: bytes) -> bytes:
+        await self.call.write(self._req(send=self.pb.SessionSend(data=data)))
+        await self.call.write(self._req(receive=self.pb.SessionReceive()))
+        await self._read()
+        resp = await self._read()
+        return bytes(resp.received.message.data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        async def writer() -> None:
+            for _ in range(count):
+                await self.call.write(self._req(send=self.pb.SessionSend(data=data)))
+                await self.call.write(self._req(receive=self.pb.SessionReceive()))
+
+        wtask = asyncio.create_task(writer())
+        got = 0
+        try:
+            for _ in range(count):
+                await self._read()
+                resp = await self._read()
+                got += len(resp.received.message.data)
+            await wtask
+        finally:
+            if not wtask.done():
+                wtask.cancel()
+        return got
+
+    async def close(self) -> None:
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+            await self.call.done_writing()
+        self.call.cancel()
+
+
+class LeaseEcho:
+    """A unary lease: Attach, then Send + Receive as two RPCs per round trip."""
+
+    def __init__(self, client: Any, lease_id: str) -> None:
+        self.client = client
+        self.lease_id = lease_id
+
+    @classmethod
+    async def open(cls, client: Any, device: str) -> LeaseEcho:
+        lease = await client.attach(device)
+        self = cls(client, lease.lease_id)
+        await client.lease_receive(self.lease_id, timeout=OP_TIMEOUT_S)  # first PASS
+        return self
+
+    async def rt(self, data: bytes) -> bytes:
+        await self.client.lease_send(self.lease_id, data)
+        m = await self.client.lease_receive(self.lease_id, timeout=OP_TIMEOUT_S)
+        return bytes(m.data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        raise BenchError("a unary lease has no stream to pump")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.release(self.lease_id)
+
+
+class CallEcho:
+    def __init__(self, client: Any, device: str) -> None:
+        self.client = client
+        self.device = device
+
+    async def rt(self, data: bytes) -> bytes:
+        m = await self.client.call(self.device, data, timeout=OP_TIMEOUT_S)
+        return bytes(m.data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        raise BenchError("Call has no stream to pump")
+
+    async def close(self) -> None:
+        return None
+
+
+class KupdSut:
+    """kupd running in front of two kupsim echo hosts, plus its clients."""
+
+    def __init__(self, ctx: RunCtx, stack: contextlib.AsyncExitStack, proc: Proc,
+                 sock: Path, big_device: str) -> None:
+        from kupapi import kup_pb2, kup_pb2_grpc
+        from kupclient import AsyncClient
+
+        self.ctx = ctx
+        self.stack = stack
+        self.proc = proc
+        self.sock = sock
+        self.device = "echo"
+        self.big_device = big_device
+        self.pb = kup_pb2
+        self.client: Any = AsyncClient(str(sock))
+        self.stub: Any = kup_pb2_grpc.KupStub(self.client._channel)
+        self.max_msg = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def start(cls, ctx: RunCtx, stack: contextlib.AsyncExitStack) -> KupdSut:
+        try:
+            import kupapi  # noqa: F401
+            import kupclient  # noqa: F401
+        except ImportError as exc:
+            raise BenchError(f"kupd client not importable: {exc}") from exc
+        many_dir, big_dir = ctx.tmp / "sim-many", ctx.tmp / "sim-big"
+        stack.enter_context(echo_sim(MANY_PAGES, MANY_CHANNELS, rundir=many_dir))
+        stack.enter_context(echo_sim(BIG_PAGES, BIG_CHANNELS, rundir=big_dir))
+        sock = ctx.tmp / "kupd.sock"
+        big_device = str(big_dir / "echo.sock")
+        conf = ctx.tmp / "kupd.toml"
+        conf.write_text(
+            f'socket = "{sock}"\n'
+            f'pid_file = "-"\n'
+            f'kupsim_dir = "{many_dir}"\n'
+            f'log_level = "warning"\n'
+            f"max_sessions = 4096\n"
+            f"[[device]]\n"
+            f'name = "echo"\n'
+            f"call_channels = {ctx.cfg.call_channels}\n"
+            f"[[device]]\n"
+            f'name = "{big_device}"\n'
+        )
+        argv = [sys.executable, "-m", "kupd.daemon", "--config", str(conf)]
+        env = {"PYTHONPATH": os.pathsep.join(
+            [str(ctx.root), str(ctx.root / "clients" / "python")])}
+        proc = Proc(argv, name="kupd", env=env, ready_path=sock, log=ctx.logs / "kupd.log",
+                    timeout=30.0).start()
+        stack.callback(proc.stop)
+        self = cls(ctx, stack, proc, sock, big_device)
+        stack.push_async_callback(self.client.close)
+        await self._wait_serving()
+        return self
+
+    async def _wait_serving(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.proc is not None and self.proc.proc.poll() is not None:
+                raise BenchError(f"kupd exited with status {self.proc.proc.returncode} "
+                                 f"(log: {self._log_tail()})")
+            try:
+                devs = await self.client.devices()
+                ok = {d.name: d for d in devs if d.reachable}
+                if self.device in ok and self.big_device in ok:
+                    if ok[self.device].call_channels >= self.ctx.cfg.call_channels:
+                        return
+                last = f"devices: {[(d.name, d.reachable, d.error) for d in devs]}"
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.1)
+        raise BenchError(f"kupd not serving both echo devices after {timeout:.0f} s ({last})")
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.ctx.logs / "kupd.log").read_text()[-400:].replace("\n", " | ")
+        except OSError:
+            return "no log"
+
+    # -- echoers ------------------------------------------------------------
+
+    async def rt_echoers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        s = await ClientSession.open(self.client, self.device)
+        self.stack.push_async_callback(s.close)
+        out["kupd.session_rt"] = s
+        raw = await RawSession(self.stub, self.pb, self.device).open()
+        self.stack.push_async_callback(raw.close)
+        out["kupd.session_rt_pipe"] = raw
+        lease = await LeaseEcho.open(self.client, self.device)
+        self.stack.push_async_callback(lease.close)
+        out["kupd.unary_sr"] = lease
+        out["kupd.call_rt"] = CallEcho(self.client, self.device)
+        return out
+
+    async def pump_echoers(self) -> tuple[Any, Any]:
+        raw = await RawSession(self.stub, self.pb, self.big_device).open()
+        self.stack.push_async_callback(raw.close)
+        self.max_msg = raw.max_msg
+        s = await ClientSession.open(self.client, self.big_device)
+        self.stack.push_async_callback(s.close)
+        return raw, s
+
+    async def sessions(self, k: int) -> list[ClientSession]:
+        out: list[ClientSession] = []
+        try:
+            for _ in range(k):
+                out.append(await ClientSession.open(self.client, self.device))
+        except BaseException:
+            await self.close_sessions(out)
+            raise
+        return out
+
+    async def close_sessions(self, sessions: list[ClientSession]) -> None:
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    def callers(self, n: int) -> list[Callable[[bytes], Awaitable[bytes]]]:
+        """``n`` Call clients, each with its own fairness key (raw stubs)."""
+        out = []
+        for i in range(n):
+            out.append(self._caller(f"bench-{os.getpid()}-{i}"))
+        return out
+
+    def _caller(self, name: str) -> Callable[[bytes], Awaitable[bytes]]:
+        stub, pb, dev = self.stub, self.pb, self.device
+
+        async def rt(data: bytes) -> bytes:
+            resp = await stub.Call(pb.CallRequest(device=dev, data=data, caller=name),
+                                   timeout=OP_TIMEOUT_S)
+            return bytes(resp.reply.data)
+        return rt
+
+    async def idle_population(self, sessions: int, channels: int) -> list[Any]:
+        """``sessions`` idle Sessions and ``channels`` idle leased channels, all
+        having done one round trip (so every one is really attached)."""
+        out: list[Any] = list(await self.sessions(sessions))
+        try:
+            for _ in range(channels):
+                out.append(await LeaseEcho.open(self.client, self.device))
+            await asyncio.gather(*(e.rt(pattern(64)) for e in out))
+        except BaseException:
+            await self.close_idle(out)
+            raise
+        log(f"  {sessions} idle Sessions + {channels} idle leases attached")
+        return out
+
+    async def close_idle(self, items: list[Any]) -> None:
+        await asyncio.gather(*(e.close() for e in items), return_exceptions=True)
