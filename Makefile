@@ -43,6 +43,12 @@ build: native python
 test: build
 	$(PY) -m pytest tests
 
+# Compile every FreeBSD source (kupdev.ko glue + core + echo, libkup's
+# FreeBSD backend) against FreeBSD's headers from the ziglang package, for
+# amd64 and arm64 (tests/freebsd/test_compile.py runs it under `make test`).
+kmod-freebsd-check: $(STAMP)/venv
+	PYTHON=$(CURDIR)/$(PY) bash scripts/freebsd-check.sh
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
