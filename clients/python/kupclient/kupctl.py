@@ -1,0 +1,795 @@
+"""kupctl -- command-line client of the kupd gateway.
+
+Every command talks to a running ``kupd`` over its unix socket through the
+Python client library (:mod:`kupclient`).  Output is a readable table or
+text by default, JSON with ``--json`` (one document per result; ``watch``
+and ``session`` print one JSON object per line).
+
+DATA arguments are the argument's own UTF-8 text, ``@PATH`` for a file's
+bytes, or ``-`` for standard input; ``--hex-in`` reads them as hex instead.
+
+Exit codes, one per error class so scripts can tell failures apart (see
+:data:`EXIT_CODES`; ``docs/kupctl.md`` has the same table):
+
+ 0 success                      10 NotReady (e.g. ``recv --nb`` found nothing)
+ 1 other failure (bad file...)  11 PeerGone
+ 2 usage error                  12 ProtocolError
+ 3 NotFound                     13 VersionMismatch
+ 4 Busy                         14 PermissionDenied
+ 5 NotYourTurn                  15 ResourceExhausted
+ 6 Shutdown (EKU_SHUTDOWN)      16 SystemFailure
+ 7 TooBig                       17 Unavailable: kupd (or the metrics endpoint)
+ 8 InvalidArgument                 cannot be reached
+ 9 DeadlineExceeded             18 health: not SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from typing import Any, BinaryIO, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kupclient import Client, Kind, Lease, Message, WatchEvent
+from kupclient import errors as kerr
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "EXIT_CODES",
+    "EXIT_FAILURE",
+    "EXIT_NOT_SERVING",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CliError",
+    "build_parser",
+    "default_socket",
+    "exit_code_for",
+    "main",
+    "read_data",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_SERVING = 18
+
+#: Exit code of each client exception class (first match wins).
+EXIT_CODES: tuple[tuple[type[kerr.KupError], int], ...] = (
+    (kerr.NotFound, 3),
+    (kerr.Busy, 4),
+    (kerr.NotYourTurn, 5),
+    (kerr.Shutdown, 6),
+    (kerr.TooBig, 7),
+    (kerr.InvalidArgument, 8),
+    (kerr.DeadlineExceeded, 9),
+    (kerr.NotReady, 10),
+    (kerr.PeerGone, 11),
+    (kerr.ProtocolError, 12),
+    (kerr.VersionMismatch, 13),
+    (kerr.PermissionDenied, 14),
+    (kerr.ResourceExhausted, 15),
+    (kerr.SystemFailure, 16),
+    (kerr.Unavailable, 17),
+)
+
+#: Where ``kupctl stats`` looks when neither --metrics nor $KUPD_METRICS is set.
+DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
+
+
+class CliError(Exception):
+    """A failure of kupctl itself (bad input, unreachable metrics endpoint)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception raised by a command."""
+    if isinstance(exc, CliError):
+        return exc.exit_code
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_FAILURE
+
+
+def default_socket() -> str:
+    """$KUPD_SOCKET, else the daemon's default socket path."""
+    env = os.environ.get("KUPD_SOCKET")
+    if env:
+        return env
+    from kupd.config import Config  # the daemon's own default, not a copy
+
+    return Config().socket
+
+
+# --------------------------------------------------------------------------
+# input and output helpers
+
+
+def read_data(spec: str, *, hex_in: bool = False, stdin: BinaryIO | None = None) -> bytes:
+    """The bytes a DATA argument names: ``-`` is stdin, ``@PATH`` a file,
+    anything else the argument's own UTF-8 text.  With ``hex_in`` the text
+    (from wherever it came) is decoded as hex."""
+    if spec == "-":
+        raw = (stdin if stdin is not None else sys.stdin.buffer).read()
+    elif spec.startswith("@"):
+        path = spec[1:]
+        if not path:
+            raise CliError("DATA '@' names no file: write @PATH")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise CliError(f"cannot read DATA file {path!r}: {e.strerror}") from e
+    else:
+        raw = spec.encode()
+    if not hex_in:
+        return raw
+    text = raw.decode(errors="replace")
+    try:
+        return bytes.fromhex("".join(text.split()))
+    except ValueError as e:
+        raise CliError(f"DATA is not valid hex ({e}): {text[:40]!r}") from e
+
+
+def render_data(data: bytes, as_hex: bool) -> str:
+    """Payload as text: hex when asked, or ``hex:...`` when not printable UTF-8."""
+    if as_hex:
+        return data.hex()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "hex:" + data.hex()
+    if all(c.isprintable() or c in "\t" for c in text):
+        return text
+    return "hex:" + data.hex()
+
+
+def describe(msg: Message, as_hex: bool) -> str:
+    """One line for a received message: ``#SEQ KIND (N bytes): payload``."""
+    kind = msg.kind.name
+    if msg.kind == Kind.DATA:
+        return f"#{msg.seq} {kind} ({len(msg.data)} bytes): {render_data(msg.data, as_hex)}"
+    return f"#{msg.seq} {kind}"
+
+
+def message_json(msg: Message) -> dict[str, object]:
+    out: dict[str, object] = {
+        "seq": msg.seq,
+        "kind": msg.kind.name.lower(),
+        "data_hex": msg.data.hex(),
+        "size": len(msg.data),
+    }
+    try:
+        out["data"] = msg.data.decode()
+    except UnicodeDecodeError:
+        out["data"] = None
+    return out
+
+
+def lease_json(lease: Lease) -> dict[str, object]:
+    return dict(asdict(lease))
+
+
+def event_json(ev: WatchEvent) -> dict[str, object]:
+    out = dict(asdict(ev))
+    out["type"] = ev.type.name.lower()
+    return out
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+class Output:
+    """Where results go, in the chosen format."""
+
+    def __init__(self, as_json: bool, out: TextIO) -> None:
+        self.as_json = as_json
+        self.out = out
+
+    def json(self, obj: object) -> None:
+        self.out.write(json.dumps(obj, sort_keys=True) + "\n")
+        self.out.flush()
+
+    def line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def _timeout(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not t > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value!r}")
+    return t
+
+
+def _channel_id(value: str) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a channel number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"channel must be >= 0, not {n}")
+    return n
+
+
+# --------------------------------------------------------------------------
+# commands
+
+Handler = Callable[[argparse.Namespace, Output], int]
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.socket)
+
+
+def cmd_devices(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as c:
+        devs = c.devices(args.device or "")
+    if out.as_json:
+        out.json({"devices": [asdict(d) for d in devs]})
+        return EXIT_OK
+    if not devs:
+        out.line("no devices")
+        return EXIT_OK
+    out.line(
+        table(
+            ["DEVICE", "STATE", "ABI", "CHANNELS", "ANNOUNCED", "PAGES", "MAX_MSG", "CALL_POOL"],
+            [
+                (
+                    d.name,
+                    "unreachable"
+                    if not d.reachable
+                    else ("shutting-down" if d.shutting_down else "ok"),
+                    d.abi_version,
+                    d.channel_count,
+                    d.announced,
+                    d.pages_per_channel,
+                    d.max_message_bytes,
+                    d.call_channels,
+                )
+                for d in devs
+            ],
+        )
+    )
+    rows = [(d.name, ch.id, ch.state, ch.lease_id or "-") for d in devs for ch in d.channels]
+    if rows:
+        out.line("")
+        out.line(table(["DEVICE", "CHANNEL", "STATE", "LEASE"], rows))
+    for d in devs:
+        if d.error:
+            out.line(f"{d.name}: {d.error}")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, out: Output) -> int:
+    seen = 0
+    with _client(args) as c, c.watch(args.device or "", initial_state=args.initial) as events:
+        for ev in events:
+            if out.as_json:
+                out.json(event_json(ev))
+            else:
+                out.line(_event_line(ev))
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    return EXIT_OK
+
+
+def _event_line(ev: WatchEvent) -> str:
+    """One readable line per event: time, type, then the fields that are set."""
+    if ev.time_unix_ms:
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.time_unix_ms / 1000))
+        stamp += f".{ev.time_unix_ms % 1000:03d}"
+    else:
+        stamp = "--:--:--.---"
+    parts = [stamp, f"{ev.type.name.lower():<20}", ev.device or "-"]
+    if ev.type.name.startswith("LEASE_") or ev.lease_id:
+        parts.append(f"channel={ev.channel}")
+    for key in ("lease_id", "holder", "announced", "notify_gen", "reason"):
+        value = getattr(ev, key)
+        if value:
+            parts.append(f"{key}={value}")
+    if ev.initial:
+        parts.append("(initial)")
+    return " ".join(parts)
+
+
+def cmd_call(args: argparse.Namespace, out: Output) -> int:
+    data = read_data(args.data, hex_in=args.hex_in)
+    with _client(args) as c:
+        reply = c.call(args.device, data, timeout=args.timeout)
+    return _print_message(reply, args, out, extra={"device": args.device})
+
+
+def _print_message(
+    msg: Message, args: argparse.Namespace, out: Output, extra: dict[str, object] | None = None
+) -> int:
+    if out.as_json:
+        out.json({**(extra or {}), "message": message_json(msg)})
+    elif getattr(args, "raw", False):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(msg.data)
+        sys.stdout.buffer.flush()
+    else:
+        out.line(describe(msg, args.hex))
+    return EXIT_OK
+
+
+def cmd_attach(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as c:
+        lease = c.attach(args.device, args.channel)
+    if out.as_json:
+        out.json(lease_json(lease))
+    else:
+        out.line(lease.lease_id)
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace, out: Output) -> int:
+    data = read_data(args.data, hex_in=args.hex_in)
+    with _client(args) as c:
+        c.lease_send(args.lease, data)
+    if out.as_json:
+        out.json({"lease_id": args.lease, "sent": len(data)})
+    else:
+        out.line(f"sent {len(data)} bytes")
+    return EXIT_OK
+
+
+def cmd_recv(args: argparse.Namespace, out: Output) -> int:
+    timeout: float | None = 0.0 if args.nb else args.timeout
+    with _client(args) as c:
+        try:
+            msg = c.lease_receive(args.lease, timeout)
+        except kerr.NotReady:
+            # Not an error on the wire (a reply marked not-ready), but a
+            # script needs to know: exit code 10 with a readable result.
+            if out.as_json:
+                out.json({"lease_id": args.lease, "ready": False})
+            else:
+                out.line("not ready: the kernel still holds the turn")
+            return exit_code_for(kerr.NotReady(""))
+    return _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
+
+
+def cmd_pass(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as c:
+        c.lease_pass(args.lease)
+    if out.as_json:
+        out.json({"lease_id": args.lease, "passed": True})
+    else:
+        out.line("passed the turn")
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as c:
+        c.release(args.lease)
+    if out.as_json:
+        out.json({"lease_id": args.lease, "released": True})
+    else:
+        out.line(f"released {args.lease}")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as c:
+        status = c.health(args.service)
+    if out.as_json:
+        out.json({"service": args.service, "status": status})
+    else:
+        out.line(status)
+    return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
+
+
+# -- session -------------------------------------------------------------
+
+SESSION_HELP = """\
+plain text          send the line (without its newline) and hand over the turn
+::text              send ':text' (a leading ':' doubled)
+:send TEXT          send TEXT
+:hex HEX            send the bytes written as hex
+:recv [SECONDS]     receive: wait for the kernel's message (at most SECONDS)
+:nb                 non-blocking receive (reports 'not ready' if the turn is not back)
+:pass               hand the turn over without data
+:help               this text
+:quit               end the session (also end of input)"""
+
+
+def cmd_session(args: argparse.Namespace, out: Output) -> int:
+    stdin: TextIO = sys.stdin
+    interactive = stdin.isatty()
+    with _client(args) as c:
+        ch = c.open(args.device).channel(args.channel)
+        with ch:
+            lease = ch.lease
+            if out.as_json:
+                out.json({"op": "attach", **lease_json(lease)})
+            else:
+                out.line(
+                    f"attached {lease.device} channel {lease.channel} "
+                    f"(lease {lease.lease_id}, max {lease.max_message_bytes} bytes); "
+                    "type :help for commands"
+                )
+            while True:
+                if interactive:
+                    sys.stderr.write(f"{lease.device}/{lease.channel}> ")
+                    sys.stderr.flush()
+                line = stdin.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+                if line.endswith("\r"):
+                    line = line[:-1]
+                try:
+                    if not _session_line(ch, line, args, out):
+                        break
+                except kerr.KupError as exc:
+                    _session_error(exc, out)
+                    if isinstance(exc, (kerr.Shutdown, kerr.Unavailable)) or ch_closed(ch):
+                        return exit_code_for(exc)
+                except CliError as exc:
+                    if out.as_json:
+                        err = {"kind": "usage", "message": exc.message}
+                        out.json({"op": "error", "error": err})
+                    else:
+                        out.line(f"error: {exc.message}")
+    if out.as_json:
+        out.json({"op": "end"})
+    else:
+        out.line("session ended")
+    return EXIT_OK
+
+
+def ch_closed(ch: Any) -> bool:
+    return bool(getattr(ch, "_closed", False))
+
+
+def _session_error(exc: kerr.KupError, out: Output) -> None:
+    name = type(exc).__name__
+    if out.as_json:
+        out.json({"op": "error", "error": {"kind": name, "message": exc.message}})
+    else:
+        out.line(f"error: {name}: {exc.message}")
+
+
+def _session_line(ch: Any, line: str, args: argparse.Namespace, out: Output) -> bool:
+    """Run one input line; False when the session should end."""
+    if not line.startswith(":") or line.startswith("::"):
+        return _session_send(ch, (line[1:] if line.startswith("::") else line).encode(), out)
+    cmd, _, rest = line[1:].partition(" ")
+    rest = rest.strip()
+    if cmd in ("quit", "q", "exit"):
+        return False
+    if cmd in ("help", "h", "?"):
+        out.line(SESSION_HELP) if not out.as_json else out.json(
+            {"op": "help", "text": SESSION_HELP}
+        )
+        return True
+    if cmd == "send":
+        return _session_send(ch, rest.encode(), out)
+    if cmd == "hex":
+        return _session_send(ch, read_data(rest, hex_in=True), out)
+    if cmd == "pass":
+        ch.pass_()
+        if out.as_json:
+            out.json({"op": "pass"})
+        else:
+            out.line("passed the turn")
+        return True
+    if cmd in ("recv", "nb"):
+        if cmd == "nb":
+            timeout: float | None = 0.0
+        elif rest:
+            try:
+                timeout = _timeout(rest)
+            except argparse.ArgumentTypeError as e:
+                raise CliError(f":recv {e}") from None
+        else:
+            timeout = None
+        msg = ch.try_receive() if timeout == 0.0 else ch.receive(timeout)
+        if msg is None:
+            if out.as_json:
+                out.json({"op": "recv", "ready": False})
+            else:
+                out.line("not ready: the kernel still holds the turn")
+        elif out.as_json:
+            out.json({"op": "recv", "ready": True, "message": message_json(msg)})
+        else:
+            out.line(describe(msg, args.hex))
+        return True
+    raise CliError(f"unknown session command ':{cmd}' (try :help)")
+
+
+def _session_send(ch: Any, data: bytes, out: Output) -> bool:
+    ch.send(data)
+    if out.as_json:
+        out.json({"op": "send", "size": len(data)})
+    else:
+        out.line(f"sent {len(data)} bytes")
+    return True
+
+
+# -- stats -----------------------------------------------------------------
+
+
+def _metrics_url(value: str) -> str:
+    url = value if "://" in value else "http://" + value
+    scheme, _, rest = url.partition("://")
+    if "/" not in rest:
+        url += "/metrics"
+    if scheme not in ("http", "https"):
+        raise CliError(f"--metrics must be an http URL or HOST:PORT, not {value!r}")
+    return url
+
+
+def fetch_metrics(url: str, timeout: float = 10.0) -> str:
+    """The text exposition at ``url`` (CliError exit 17 when unreachable)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body: bytes = resp.read()
+    except urllib.error.HTTPError as e:
+        raise CliError(f"metrics endpoint {url} answered HTTP {e.code}", 17) from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CliError(
+            f"cannot reach the metrics endpoint {url}: {reason} "
+            "(is kupd running with metrics_port set?)",
+            17,
+        ) from e
+    return body.decode(errors="replace")
+
+
+#: Columns of the per-device/channel table: (column, metric family, label filter).
+_CHANNEL_COLUMNS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("MSGS_TO_KERNEL", "kupd_messages", {"direction": "to_kernel"}),
+    ("MSGS_FROM_KERNEL", "kupd_messages", {"direction": "from_kernel"}),
+    ("BYTES_TO_KERNEL", "kupd_bytes", {"direction": "to_kernel"}),
+    ("BYTES_FROM_KERNEL", "kupd_bytes", {"direction": "from_kernel"}),
+    ("ERRORS", "kupd_errors", {}),
+)
+_DEVICE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("SESSIONS", "kupd_sessions"),
+    ("LEASES", "kupd_leases"),
+    ("CALLS_QUEUED", "kupd_calls_queued"),
+    ("CALLS", "kupd_calls"),
+)
+
+
+def summarize_metrics(text: str) -> dict[str, Any]:
+    """Group kupd's metrics by device and channel.
+
+    Returns ``{"channels": [...], "devices": [...], "errors": [...]}``: one
+    row per (device, channel) with message/byte/error counters, one per
+    device with sessions/leases/queued calls/calls, and errors by code.
+    Metric families kupd does not export are simply absent (zero).
+    """
+    samples: list[tuple[str, dict[str, str], float]] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            # Counters: the value is NAME_total (skip NAME_created); gauges: NAME.
+            if s.name not in (family.name, family.name + "_total"):
+                continue
+            samples.append((family.name, dict(s.labels), float(s.value)))
+
+    channels: dict[tuple[str, str], dict[str, float]] = {}
+    devices: dict[str, dict[str, float]] = {}
+    errors: dict[tuple[str, str, str], float] = {}
+    for fam, labels, value in samples:
+        dev = labels.get("device", "")
+        chan = labels.get("channel", "")
+        for col, name, match in _CHANNEL_COLUMNS:
+            if fam == name and all(labels.get(k) == v for k, v in match.items()) and dev:
+                row = channels.setdefault((dev, chan), {})
+                row[col] = row.get(col, 0.0) + value
+        for col, name in _DEVICE_COLUMNS:
+            if fam == name and dev:
+                row = devices.setdefault(dev, {})
+                row[col] = row.get(col, 0.0) + value
+        if fam == "kupd_errors":
+            key = (dev, chan, labels.get("code", ""))
+            errors[key] = errors.get(key, 0.0) + value
+
+    def num(v: float) -> int | float:
+        return int(v) if v == int(v) else v
+
+    chan_cols = [c for c, _, _ in _CHANNEL_COLUMNS]
+    return {
+        "channels": [
+            {"device": d, "channel": ch, **{c: num(row.get(c, 0.0)) for c in chan_cols}}
+            for (d, ch), row in sorted(channels.items(), key=lambda kv: (kv[0][0], _ckey(kv[0][1])))
+        ],
+        "devices": [
+            {"device": d, **{c: num(row.get(c, 0.0)) for c, _ in _DEVICE_COLUMNS}}
+            for d, row in sorted(devices.items())
+        ],
+        "errors": [
+            {"device": d, "channel": ch, "code": code, "count": num(v)}
+            for (d, ch, code), v in sorted(errors.items())
+            if v
+        ],
+    }
+
+
+def _ckey(chan: str) -> tuple[int, str]:
+    return (int(chan), "") if chan.isdigit() else (1 << 30, chan)
+
+
+def cmd_stats(args: argparse.Namespace, out: Output) -> int:
+    url = _metrics_url(args.metrics or os.environ.get("KUPD_METRICS") or DEFAULT_METRICS)
+    summary = summarize_metrics(fetch_metrics(url))
+    if out.as_json:
+        out.json(summary)
+        return EXIT_OK
+    if summary["channels"]:
+        cols = [c for c, _, _ in _CHANNEL_COLUMNS]
+        out.line(
+            table(
+                ["DEVICE", "CHANNEL", *cols],
+                [
+                    (r["device"], r["channel"] or "-", *(r[c] for c in cols))
+                    for r in summary["channels"]
+                ],
+            )
+        )
+    else:
+        out.line("no channel traffic yet")
+    if summary["devices"]:
+        cols = [c for c, _ in _DEVICE_COLUMNS]
+        out.line("")
+        out.line(
+            table(
+                ["DEVICE", *cols],
+                [(r["device"], *(r[c] for c in cols)) for r in summary["devices"]],
+            )
+        )
+    out.line("")
+    if summary["errors"]:
+        out.line(
+            table(
+                ["DEVICE", "CHANNEL", "ERROR_CODE", "COUNT"],
+                [
+                    (r["device"] or "-", r["channel"] or "-", r["code"], r["count"])
+                    for r in summary["errors"]
+                ],
+            )
+        )
+    else:
+        out.line("no errors")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kupctl",
+        description="Talk to the kupd gateway: devices, calls, leases, sessions, events.",
+        epilog="DATA: text, @FILE or - (stdin).  Exit codes: see docs/kupctl.md.",
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="kupd's unix socket (default: $KUPD_SOCKET, else kupd's default path)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    def data_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("data", metavar="DATA", help="text, @FILE or - for stdin")
+        sp.add_argument("--hex-in", action="store_true", help="DATA is written as hex")
+
+    def out_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--hex", action="store_true", help="show the payload as hex")
+        g.add_argument("--raw", action="store_true", help="write only the raw payload bytes")
+
+    sp = add("devices", cmd_devices, "list devices and their channels")
+    sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device")
+
+    sp = add("watch", cmd_watch, "print device and lease events as they happen")
+    sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device's events")
+    sp.add_argument("--initial", action="store_true", help="first show the current state")
+    sp.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events")
+
+    sp = add("call", cmd_call, "send DATA on a pooled channel and print the reply")
+    sp.add_argument("device", metavar="DEVICE")
+    data_opts(sp)
+    out_opts(sp)
+    sp.add_argument("--timeout", type=_timeout, metavar="S", help="give up after S seconds")
+
+    sp = add("attach", cmd_attach, "take a lease on a channel; prints the lease id")
+    sp.add_argument("device", metavar="DEVICE")
+    sp.add_argument("--channel", type=_channel_id, metavar="N", help="channel id (default: any)")
+
+    sp = add("send", cmd_send, "send DATA on a lease (hands the turn to the kernel)")
+    sp.add_argument("lease", metavar="LEASE")
+    data_opts(sp)
+
+    sp = add("recv", cmd_recv, "receive the kernel's message on a lease")
+    sp.add_argument("lease", metavar="LEASE")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--timeout", type=_timeout, metavar="S", help="wait at most S seconds")
+    g.add_argument("--nb", action="store_true", help="do not wait (exit 10 if not ready)")
+    out_opts(sp)
+
+    sp = add("pass", cmd_pass, "hand the turn to the kernel without data")
+    sp.add_argument("lease", metavar="LEASE")
+
+    sp = add("release", cmd_release, "end a lease")
+    sp.add_argument("lease", metavar="LEASE")
+
+    sp = add("session", cmd_session, "interactive session on one channel (lines from stdin)")
+    sp.add_argument("device", metavar="DEVICE")
+    sp.add_argument("--channel", type=_channel_id, metavar="N", help="channel id (default: any)")
+    sp.add_argument("--hex", action="store_true", help="show received payloads as hex")
+
+    sp = add("health", cmd_health, "kupd's gRPC health status (exit 18 unless SERVING)")
+    sp.add_argument("--service", default="", help="service name (default: the whole server)")
+
+    sp = add("stats", cmd_stats, "traffic, sessions and errors from kupd's metrics endpoint")
+    sp.add_argument(
+        "--metrics",
+        metavar="URL",
+        help=f"metrics URL or HOST:PORT (default: $KUPD_METRICS, else {DEFAULT_METRICS})",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.socket is None:
+        args.socket = default_socket()
+    out = Output(args.json, sys.stdout)
+    handler: Handler = args.handler
+    try:
+        return handler(args, out)
+    except kerr.KupError as exc:
+        code = exit_code_for(exc)
+        hint = f" (is kupd running on {args.socket}?)" if isinstance(exc, kerr.Unavailable) else ""
+        sys.stderr.write(f"kupctl: {type(exc).__name__}: {exc.message}{hint}\n")
+        return code
+    except CliError as exc:
+        sys.stderr.write(f"kupctl: {exc.message}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (kupctl watch | head): not an error of ours.
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
