@@ -1,0 +1,117 @@
+#!/bin/sh
+# Runs INSIDE the test VM (scripts/vm/init chroots into the host tree and
+# runs the job that tests/vm/test_vm.py writes, which execs this script).
+# Environment: REPO (the repo root), KMODDIR (kup.ko, kup_echo.ko), BINDIR
+# (host-built test programs).  Prints "=== STAGE <name>" before and
+# "=== RESULT <name> <rc>" after every stage; test_vm.py turns each stage
+# into a pytest test.  Stages run in order; unload is last.
+set -u
+REPO=${REPO:?}; KMODDIR=${KMODDIR:?}; BINDIR=${BINDIR:?}
+PY=$REPO/.venv/bin/python
+export KUP_BACKEND=linux
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
+STAGES=${STAGES:-"load kfault_basic kfault_mmap kfault_sigkill kfault_hostile libkup_c python_channel kupd unload dmesg"}
+
+stage() {  # stage NAME: run stage_NAME, report its status
+	echo "=== STAGE $1"
+	( set -e; "stage_$1" ) 2>&1
+	rc=$?
+	echo "=== RESULT $1 $rc"
+}
+
+stage_load() {
+	insmod "$KMODDIR/kup.ko" params="echo.channels=32,echo.pages=2"
+	insmod "$KMODDIR/kup_echo.ko"
+	i=0
+	while [ ! -c /dev/kup/echo ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+	ls -l /dev/kup/
+	[ -c /dev/kup/echo ]
+	grep -E '^kup(_echo)? ' /proc/modules
+}
+
+stage_kfault_basic()   { "$BINDIR/kup_kfault" basic; }
+stage_kfault_mmap()    { "$BINDIR/kup_kfault" mmap; }
+stage_kfault_sigkill() {
+	"$BINDIR/kup_kfault" sigkill
+	dmesg | grep -q 'echo: chan 24: peer gone (-EPIPE)' \
+		|| { echo "kernel waiter did not see -EPIPE"; dmesg | tail -20; return 1; }
+}
+stage_kfault_hostile() {
+	"$BINDIR/kup_kfault" hostile
+	n=$(dmesg | grep -c 'protocol error from user' || true)
+	echo "kernel refused $n hostile hand-overs"
+	[ "$n" -ge 7 ]
+}
+
+# helper-1's libkup C scenarios against the real module, where present.
+stage_libkup_c() {
+	if [ ! -x "$BINDIR/run_c_scenarios" ]; then
+		echo "SKIP: no C scenario runner built (tests/c not present)"
+		return 0
+	fi
+	"$BINDIR/run_c_scenarios"
+}
+
+stage_python_channel() {
+	if [ ! -f "$REPO/tests/kupd/test_channel.py" ]; then
+		echo "SKIP: no Python channel tests"
+		return 0
+	fi
+	cd "$REPO"
+	"$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+		-m "not sim_only" tests/kupd/test_channel_linux.py
+}
+
+stage_kupd() {
+	if [ ! -f "$REPO/tests/vm/guest_kupd.py" ]; then
+		echo "SKIP: no kupd scenario"
+		return 0
+	fi
+	cd "$REPO"
+	"$PY" tests/vm/guest_kupd.py
+}
+
+stage_unload() {
+	d=$(mktemp -d)
+	"$BINDIR/kup_kfault" unload-hold "$d" > "$d/out" 2>&1 &
+	pid=$!
+	i=0
+	while [ ! -f "$d/attached" ] && [ $i -lt 300 ]; do
+		kill -0 $pid 2>/dev/null || break
+		sleep 0.1; i=$((i+1))
+	done
+	[ -f "$d/attached" ] || { cat "$d/out"; echo "holder never attached"; return 1; }
+	rmmod kup_echo          # must succeed while user space is attached
+	echo "kup_echo unloaded while attached"
+	i=0
+	while ! grep -q 'saw shutdown' "$d/out" && [ $i -lt 300 ]; do
+		kill -0 $pid 2>/dev/null || break
+		sleep 0.1; i=$((i+1))
+	done
+	grep -q 'saw shutdown' "$d/out" || { cat "$d/out"; echo "holder never saw shutdown"; return 1; }
+	if rmmod kup 2>/dev/null; then
+		echo "kup.ko unloaded while a mapping of its device was alive"
+		return 1
+	fi
+	echo "kup.ko refused to unload while mapped: ok"
+	touch "$d/go"
+	wait $pid; rc=$?
+	cat "$d/out"
+	[ $rc -eq 0 ]
+	rmmod kup
+	echo "kup.ko unloaded after the last mapping went away"
+	! grep -qE '^kup ' /proc/modules
+}
+
+stage_dmesg() {
+	if dmesg | grep -E 'WARNING:|BUG:|Oops|Call Trace|general protection|KASAN|UBSAN|refcount_t:|list_(add|del) corruption|INFO: task .* blocked'; then
+		echo "kernel log shows problems"
+		return 1
+	fi
+	echo "kernel log clean"
+}
+
+for s in $STAGES; do
+	stage "$s"
+done

@@ -1,0 +1,552 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * kup_kfault.c -- kernel-side tests of kup.ko + kup_echo.ko, run inside the
+ * test VM (tests/vm/test_vm.py).  Talks to /dev/kup/echo with the raw
+ * ioctl ABI (kup_ioctl.h) and its own minimal user side of the turn
+ * protocol, so it can also break the protocol on purpose.
+ *
+ *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR
+ *
+ * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
+ * Every wait is bounded (poll with a timeout); nothing asserts on time.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "kup_abi.h"
+#include "kup_ioctl.h"
+
+#define DEV "/dev/kup/echo"
+#define WAIT_MS 20000   /* generous: the VM runs under TCG */
+
+static const char *g_test = "?";
+
+static void __attribute__((noreturn, format(printf, 1, 2)))
+fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "FAIL: %s: ", g_test);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, " (errno %d %s)\n", errno, strerror(errno));
+	exit(1);
+}
+
+#define CHECK(c, ...) do { if (!(c)) fail(__VA_ARGS__); } while (0)
+
+struct chan {
+	int fd;
+	struct kup_ioc_attach a;
+	uint8_t *mem;
+	struct kup_ctrl *ctrl;
+	uint64_t u2k_seq;      /* last sent */
+	uint64_t k2u_seq;      /* last received */
+};
+
+static int
+open_dev(void)
+{
+	int fd = open(DEV, O_RDWR | O_CLOEXEC);
+
+	CHECK(fd >= 0, "open %s", DEV);
+	return fd;
+}
+
+static int
+attach_raw(int fd, uint32_t chan_id, uint32_t abi, struct kup_ioc_attach *a)
+{
+	memset(a, 0, sizeof(*a));
+	a->abi_version = abi;
+	a->chan_id = chan_id;
+	return ioctl(fd, KUP_IOC_ATTACH, a);
+}
+
+static void
+chan_open(struct chan *c, uint32_t chan_id)
+{
+	memset(c, 0, sizeof(*c));
+	c->fd = open_dev();
+	CHECK(attach_raw(c->fd, chan_id, KUP_ABI_VERSION, &c->a) == 0,
+	    "attach chan %u", chan_id);
+	CHECK(c->a.chan_id == chan_id, "attach returned chan %u", c->a.chan_id);
+	c->mem = mmap(NULL, c->a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+	    c->fd, (off_t)c->a.map_offset);
+	CHECK(c->mem != MAP_FAILED, "mmap %llu bytes",
+	    (unsigned long long)c->a.map_size);
+	c->ctrl = (struct kup_ctrl *)c->mem;
+	CHECK(c->ctrl->magic == KUP_MAGIC && c->ctrl->abi_version == KUP_ABI_VERSION,
+	    "control page identity");
+	CHECK(c->ctrl->chan_id == chan_id, "control page chan_id %u", c->ctrl->chan_id);
+	CHECK((uint64_t)c->ctrl->u2k_off + c->ctrl->u2k_size <= c->a.map_size,
+	    "u2k area inside the mapping");
+}
+
+static void
+chan_close(struct chan *c)
+{
+	munmap(c->mem, c->a.map_size);
+	close(c->fd);
+	c->fd = -1;
+}
+
+static uint32_t
+turn(struct chan *c)
+{
+	return __atomic_load_n(&c->ctrl->turn, __ATOMIC_ACQUIRE);
+}
+
+/* Wait until the turn is ours (poll on the fd, as libkup does). */
+static short
+wait_user_turn(struct chan *c)
+{
+	struct pollfd p = { .fd = c->fd, .events = POLLIN };
+	int n;
+
+	for (;;) {
+		if (turn(c) == KUP_TURN_USER)
+			return POLLIN;
+		__atomic_store_n(&c->ctrl->user_waiting, 1, __ATOMIC_SEQ_CST);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (turn(c) == KUP_TURN_USER) {
+			c->ctrl->user_waiting = 0;
+			return POLLIN;
+		}
+		n = poll(&p, 1, WAIT_MS);
+		c->ctrl->user_waiting = 0;
+		CHECK(n >= 0, "poll");
+		CHECK(n == 1, "the kernel never handed the turn back (state 0x%x)",
+		    c->ctrl->state);
+		if (p.revents & (POLLHUP | POLLERR))
+			return p.revents;
+	}
+}
+
+/* Receive the kernel's message (checks seq), returns its kind. */
+static uint32_t
+recv_msg(struct chan *c, void *buf, size_t cap, size_t *lenp)
+{
+	uint32_t len, kind;
+	uint64_t seq;
+	short ev = wait_user_turn(c);
+
+	CHECK(ev == POLLIN, "unexpected poll events 0x%x", ev);
+	len = c->ctrl->k2u.len;
+	kind = c->ctrl->k2u.kind;
+	seq = c->ctrl->k2u.seq;
+	CHECK(seq == c->k2u_seq + 1, "k2u seq %llu after %llu",
+	    (unsigned long long)seq, (unsigned long long)c->k2u_seq);
+	CHECK(len <= c->ctrl->k2u_size && len <= cap, "k2u len %u", len);
+	c->k2u_seq = seq;
+	memcpy(buf, c->mem + c->a.page_size, len);
+	if (lenp != NULL)
+		*lenp = len;
+	return kind;
+}
+
+static void
+handover(struct chan *c)
+{
+	__atomic_store_n(&c->ctrl->turn, KUP_TURN_KERNEL, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&c->ctrl->kernel_waiting, __ATOMIC_RELAXED))
+		CHECK(ioctl(c->fd, KUP_IOC_WAKE) == 0, "wake ioctl");
+}
+
+static void
+send_msg(struct chan *c, uint32_t kind, const void *data, uint32_t len)
+{
+	uint8_t *u2k = c->mem + c->ctrl->u2k_off;
+
+	CHECK(turn(c) == KUP_TURN_USER, "send without the turn");
+	if (len != 0)
+		memcpy(u2k, data, len);
+	c->ctrl->u2k.len = len;
+	c->ctrl->u2k.kind = kind;
+	c->ctrl->u2k.seq = ++c->u2k_seq;
+	handover(c);
+}
+
+/* PASS from the echo worker, then one DATA round trip. */
+static void
+echo_round(struct chan *c, const char *msg, const char *expect)
+{
+	char buf[256];
+	size_t len;
+
+	CHECK(recv_msg(c, buf, sizeof(buf), &len) == KUP_KIND_PASS && len == 0,
+	    "first message is not the worker's PASS");
+	send_msg(c, KUP_KIND_DATA, msg, (uint32_t)strlen(msg));
+	CHECK(recv_msg(c, buf, sizeof(buf), &len) == KUP_KIND_DATA,
+	    "echo reply is not DATA");
+	CHECK(len == strlen(expect) && memcmp(buf, expect, len) == 0,
+	    "echo reply '%.*s' != '%s'", (int)len, buf, expect);
+}
+
+/* ------------------------------------------------------------------ */
+
+static void
+test_basic(void)
+{
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	struct kup_ioc_attach a;
+	struct chan c, c1;
+	struct stat st;
+	int fd, fd2;
+
+	g_test = "basic";
+	CHECK(ii != NULL, "calloc");
+	CHECK(stat(DEV, &st) == 0, "stat %s", DEV);
+	CHECK(S_ISCHR(st.st_mode) && (st.st_mode & 0777) == 0600 && st.st_uid == 0,
+	    "%s is not a root-only (0600) character device: mode %o uid %u", DEV,
+	    st.st_mode, st.st_uid);
+	fd = open_dev();
+	CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+	CHECK(strcmp(ii->name, "echo") == 0, "info name '%s'", ii->name);
+	CHECK(ii->abi_version == KUP_ABI_VERSION && ii->chan_count >= 8 &&
+	    ii->announced == ii->chan_count && ii->pages >= 1 &&
+	    ii->max_msg == ii->pages * ii->page_size && !ii->shutting_down &&
+	    ii->attached_chan == KUP_IOC_CHAN_ANY,
+	    "info facts (chans %u announced %u pages %u max %u)", ii->chan_count,
+	    ii->announced, ii->pages, ii->max_msg);
+
+	/* refusals, each with its errno */
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_WAKE) == -1 && errno == EINVAL, "WAKE unattached");
+	errno = 0;
+	CHECK(ioctl(fd, _IO(KUP_IOC_MAGIC, 0xbf)) == -1 && errno == ENOTTY,
+	    "unknown ioctl");
+	errno = 0;
+	CHECK(attach_raw(fd, 0, KUP_ABI_VERSION + 1, &a) == -1 &&
+	    errno == EPROTONOSUPPORT, "ABI version mismatch refused");
+	errno = 0;
+	CHECK(attach_raw(fd, 1000000, KUP_ABI_VERSION, &a) == -1 && errno == ENOENT,
+	    "channel out of range");
+	memset(&a, 0, sizeof(a));
+	a.abi_version = KUP_ABI_VERSION;
+	a.reserved[3] = 1;
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_ATTACH, &a) == -1 && errno == EINVAL,
+	    "non-zero reserved field");
+	memset(&a, 0, sizeof(a));
+	a.abi_version = KUP_ABI_VERSION;
+	a.pages = ii->pages + 1;
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_ATTACH, &a) == -1 && errno == EINVAL,
+	    "wrong page count");
+	close(fd);
+
+	/* even channel echoes, odd channel upper-cases */
+	chan_open(&c, 0);
+	CHECK(c.a.map_size == (uint64_t)c.a.page_size * (1 + 2 * c.a.dev_pages),
+	    "map size");
+	echo_round(&c, "hello kernel", "hello kernel");
+	chan_open(&c1, 1);
+	echo_round(&c1, "hello kernel", "HELLO KERNEL");
+
+	/* one channel per fd; one fd per channel */
+	errno = 0;
+	CHECK(attach_raw(c.fd, 2, KUP_ABI_VERSION, &a) == -1 && errno == EBUSY,
+	    "second attach on one fd");
+	fd2 = open_dev();
+	errno = 0;
+	CHECK(attach_raw(fd2, 0, KUP_ABI_VERSION, &a) == -1 && errno == EBUSY,
+	    "attach of a busy channel");
+	CHECK(ioctl(fd2, KUP_IOC_INFO, ii) == 0 && ii->attached[0] == 1 &&
+	    ii->attached[1] == 1, "info shows the attachments");
+	CHECK(attach_raw(fd2, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &a) == 0 &&
+	    a.chan_id == 2, "ANY picks the first free channel (got %u)", a.chan_id);
+	close(fd2);
+	chan_close(&c);
+	chan_close(&c1);
+
+	/* after close the channel is free again and starts from scratch */
+	chan_open(&c, 0);
+	echo_round(&c, "again", "again");
+	chan_close(&c);
+	free(ii);
+	printf("basic: ok\n");
+}
+
+static void
+expect_mmap_einval(int fd, size_t len, off_t off, int flags, const char *what)
+{
+	void *p;
+
+	errno = 0;
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, off);
+	if (p != MAP_FAILED)
+		munmap(p, len);
+	CHECK(p == MAP_FAILED && errno == EINVAL, "mmap %s was not refused", what);
+}
+
+static void
+test_mmap(void)
+{
+	struct chan c;
+	size_t bytes, pg;
+	int fd;
+	void *p;
+
+	g_test = "mmap";
+	fd = open_dev();
+	expect_mmap_einval(fd, 4096, 0, MAP_SHARED, "before attach");
+	close(fd);
+
+	chan_open(&c, 4);
+	bytes = c.a.map_size;
+	pg = c.a.page_size;
+	expect_mmap_einval(c.fd, bytes + pg, 0, MAP_SHARED, "one page too long");
+	expect_mmap_einval(c.fd, pg, (off_t)bytes, MAP_SHARED, "offset at the end");
+	expect_mmap_einval(c.fd, bytes, (off_t)pg, MAP_SHARED, "window sliding past the end");
+	expect_mmap_einval(c.fd, pg, (off_t)1 << 40, MAP_SHARED, "huge offset");
+	expect_mmap_einval(c.fd, pg, (off_t)(((uint64_t)1 << 52) - pg), MAP_SHARED,
+	    "offset near overflow");
+	expect_mmap_einval(c.fd, bytes, 0, MAP_PRIVATE, "MAP_PRIVATE");
+
+	/* a window inside the channel is fine, and shows the same bytes */
+	p = mmap(NULL, pg, PROT_READ, MAP_SHARED, c.fd, (off_t)pg);
+	CHECK(p != MAP_FAILED, "mmap of the k2u page alone");
+	c.mem[pg] = 0x5a;
+	CHECK(((volatile uint8_t *)p)[0] == 0x5a, "the two mappings share pages");
+	munmap(p, pg);
+
+	/* the mapping cannot be grown past the channel */
+	errno = 0;
+	p = mremap(c.mem, bytes, bytes + pg, MREMAP_MAYMOVE);
+	CHECK(p == MAP_FAILED, "mremap grew the channel mapping");
+	chan_close(&c);
+	printf("mmap: ok\n");
+}
+
+/* The child attaches, takes the worker's PASS, waits until the kernel
+ * sleeps in receive (kernel_waiting), tells the parent and blocks; the
+ * parent SIGKILLs it.  The kernel waiter must get -EPIPE (echo logs
+ * "peer gone"), the channel must be free again, and a new user must be
+ * served by a new worker (echo joins the old one first: if the old worker
+ * were still stuck, the new round trip would never complete). */
+static void
+test_sigkill(void)
+{
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	int pfd[2], st, fd, i;
+	char b;
+	pid_t pid;
+	struct chan c;
+
+	g_test = "sigkill";
+	CHECK(ii != NULL && pipe(pfd) == 0, "pipe");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		char buf[64];
+
+		close(pfd[0]);
+		chan_open(&c, 24);
+		CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+		/* the worker sleeps once it has given up spinning */
+		for (i = 0; i < WAIT_MS / 10 &&
+		    !__atomic_load_n(&c.ctrl->kernel_waiting, __ATOMIC_ACQUIRE); i++)
+			usleep(10000);
+		b = c.ctrl->kernel_waiting ? 'w' : 'n';
+		CHECK(write(pfd[1], &b, 1) == 1, "write");
+		for (;;)
+			pause();
+	}
+	close(pfd[1]);
+	CHECK(read(pfd[0], &b, 1) == 1, "child did not report");
+	CHECK(b == 'w', "the kernel never went to sleep waiting for the user");
+	CHECK(kill(pid, SIGKILL) == 0, "kill");
+	CHECK(waitpid(pid, &st, 0) == pid && WIFSIGNALED(st), "waitpid");
+	close(pfd[0]);
+
+	fd = open_dev();
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+		if (!ii->attached[24])
+			break;
+		usleep(10000);
+	}
+	CHECK(!ii->attached[24], "channel 24 still attached after its user died");
+	close(fd);
+	chan_open(&c, 24);
+	echo_round(&c, "after the kill", "after the kill");
+	chan_close(&c);
+	free(ii);
+	printf("sigkill: ok\n");
+}
+
+/* A user that writes garbage into the control area: the kernel must
+ * refuse it (-EPROTO inside; user sees PEER_GONE + POLLERR), read no
+ * payload, and the channel must work again for the next user. */
+static void
+hostile_case(uint32_t chan_id, const char *what, uint32_t len, uint32_t kind,
+    uint64_t seq_delta, uint32_t turn_value)
+{
+	struct pollfd p;
+	struct chan c;
+	char buf[64];
+	int n, i;
+
+	chan_open(&c, chan_id);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "%s: PASS", what);
+	c.ctrl->u2k.len = len;
+	c.ctrl->u2k.kind = kind;
+	c.ctrl->u2k.seq = c.u2k_seq + 1 + seq_delta;
+	__atomic_store_n(&c.ctrl->turn, turn_value, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	CHECK(ioctl(c.fd, KUP_IOC_WAKE) == 0, "%s: wake", what);
+	p.fd = c.fd;
+	p.events = POLLIN;
+	for (i = 0; i < 100; i++) {
+		p.revents = 0;
+		n = poll(&p, 1, WAIT_MS);
+		CHECK(n == 1, "%s: no reaction from the kernel", what);
+		if (p.revents & POLLERR)
+			break;
+		/* a garbage turn word of USER is a legal hand-back: poll says
+		 * readable; give the kernel time to look */
+		usleep(10000);
+	}
+	CHECK(p.revents & POLLERR, "%s: poll never reported POLLERR (revents 0x%x)",
+	    what, p.revents);
+	CHECK(c.ctrl->state & KUP_STATE_PEER_GONE, "%s: state 0x%x lacks PEER_GONE",
+	    what, c.ctrl->state);
+	CHECK(c.ctrl->k2u.seq == 1, "%s: the kernel answered garbage", what);
+	chan_close(&c);
+
+	chan_open(&c, chan_id);
+	echo_round(&c, "sane again", chan_id & 1 ? "SANE AGAIN" : "sane again");
+	chan_close(&c);
+	printf("hostile %s: refused\n", what);
+}
+
+static void
+test_hostile(void)
+{
+	struct chan c;
+
+	g_test = "hostile";
+	chan_open(&c, 6);
+	hostile_case(8, "length 0xffffffff", 0xffffffffU, KUP_KIND_DATA, 0,
+	    KUP_TURN_KERNEL);
+	hostile_case(10, "length one past the area", c.ctrl->u2k_size + 1,
+	    KUP_KIND_DATA, 0, KUP_TURN_KERNEL);
+	chan_close(&c);
+	hostile_case(12, "kind 77", 4, 77, 0, KUP_TURN_KERNEL);
+	hostile_case(14, "sequence gap", 4, KUP_KIND_DATA, 5, KUP_TURN_KERNEL);
+	hostile_case(16, "repeated sequence", 4, KUP_KIND_DATA, (uint64_t)-1,
+	    KUP_TURN_KERNEL);
+	hostile_case(18, "PASS with a length", 4, KUP_KIND_PASS, 0, KUP_TURN_KERNEL);
+	hostile_case(20, "garbage turn word", 4, KUP_KIND_DATA, 0, 0x12345678U);
+
+	/* the boundary itself is legal: a full-size message echoes back */
+	{
+		size_t max, len;
+		char *big, *back;
+
+		chan_open(&c, 22);
+		max = c.ctrl->u2k_size;
+		big = malloc(max);
+		back = malloc(max);
+		CHECK(big != NULL && back != NULL, "malloc");
+		memset(big, 'x', max);
+		CHECK(recv_msg(&c, back, max, NULL) == KUP_KIND_PASS, "PASS");
+		send_msg(&c, KUP_KIND_DATA, big, (uint32_t)max);
+		CHECK(recv_msg(&c, back, max, &len) == KUP_KIND_DATA && len == max &&
+		    memcmp(big, back, max) == 0, "full-size echo");
+		chan_close(&c);
+		free(big);
+		free(back);
+	}
+	printf("hostile: ok\n");
+}
+
+/* Attach, take the PASS (the kernel now waits for us), create DIR/attached
+ * and wait: the test script unloads kup_echo.ko meanwhile.  We must see
+ * POLLHUP and KUP_STATE_SHUTDOWN, the pages must stay usable (no fault),
+ * a new open must fail; then wait for DIR/go before letting go of the
+ * mapping (the script checks that kup.ko cannot be unloaded before). */
+static void
+test_unload_hold(const char *dir)
+{
+	char path[512], buf[64];
+	struct pollfd p;
+	struct chan c;
+	int fd, n, i;
+
+	g_test = "unload-hold";
+	chan_open(&c, 0);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	send_msg(&c, KUP_KIND_PASS, NULL, 0);   /* kernel passes back, then waits */
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS back");
+	snprintf(path, sizeof(path), "%s/attached", dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	CHECK(fd >= 0, "create %s", path);
+	close(fd);
+
+	p.fd = c.fd;
+	p.events = POLLIN;
+	p.revents = 0;
+	for (i = 0; i < 60 && !(p.revents & POLLHUP); i++) {
+		n = poll(&p, 1, 1000);
+		CHECK(n >= 0, "poll");
+		if (n == 1 && !(p.revents & POLLHUP))
+			usleep(100000);   /* our own turn: readable, not yet HUP */
+	}
+	CHECK(p.revents & POLLHUP, "no POLLHUP after unload (revents 0x%x)", p.revents);
+	CHECK(c.ctrl->state & KUP_STATE_SHUTDOWN, "state 0x%x lacks SHUTDOWN",
+	    c.ctrl->state);
+	/* the pages outlive the device: still readable and writable */
+	memset(c.mem + c.ctrl->u2k_off, 0xa5, 64);
+	CHECK(c.mem[c.ctrl->u2k_off + 63] == 0xa5, "mapping after unload");
+	send_msg(&c, KUP_KIND_DATA, "anyone?", 7);   /* nobody listens: harmless */
+	errno = 0;
+	fd = open(DEV, O_RDWR);
+	CHECK(fd < 0, "%s still opens after unload", DEV);
+	printf("unload-hold: saw shutdown\n");
+	fflush(stdout);
+
+	snprintf(path, sizeof(path), "%s/go", dir);
+	for (i = 0; i < 600 && access(path, F_OK) != 0; i++)
+		usleep(100000);
+	CHECK(access(path, F_OK) == 0, "the script never said go");
+	chan_close(&c);
+	printf("unload-hold: ok\n");
+}
+
+int
+main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc == 2 && strcmp(argv[1], "basic") == 0)
+		test_basic();
+	else if (argc == 2 && strcmp(argv[1], "mmap") == 0)
+		test_mmap();
+	else if (argc == 2 && strcmp(argv[1], "sigkill") == 0)
+		test_sigkill();
+	else if (argc == 2 && strcmp(argv[1], "hostile") == 0)
+		test_hostile();
+	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
+		test_unload_hold(argv[2]);
+	else {
+		fprintf(stderr,
+		    "usage: kup_kfault basic|mmap|sigkill|hostile|unload-hold DIR\n");
+		return 2;
+	}
+	return 0;
+}
