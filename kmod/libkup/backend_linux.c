@@ -52,8 +52,17 @@ kl_err(int e)
 static int
 kl_open_path(const char *path, int *fdp)
 {
-	int fd = open(path, O_RDWR | O_CLOEXEC);
+	struct stat st;
+	int fd;
 
+	/* only a character device can be a KUP device: anything else (a
+	 * kupsim socket path, a regular file) is "not ours", so that libkup
+	 * falls back to the next backend */
+	if (stat(path, &st) != 0)
+		return kl_err(errno);
+	if (!S_ISCHR(st.st_mode))
+		return KUP_E_NOENT;
+	fd = open(path, O_RDWR | O_CLOEXEC);
 	if (fd < 0) {
 		int e = errno;
 		/* the node exists but the device is being unloaded */
