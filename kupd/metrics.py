@@ -37,7 +37,12 @@ class Metrics:
             "kupd_calls_queued", "Calls waiting for a pool channel", ["device"], registry=r
         )
         self.calls = Counter("kupd_calls", "Calls finished", ["device", "code"], registry=r)
-        self.errors = Counter("kupd_errors", "RPC errors by gRPC code", ["code"], registry=r)
+        self.errors = Counter(
+            "kupd_errors",
+            "RPC errors by gRPC code, per device and channel ('' where not known)",
+            ["device", "channel", "code"],
+            registry=r,
+        )
         self._server: Any = None
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:

@@ -63,7 +63,9 @@ def status_for(exc: errors.KupError) -> tuple[grpc.StatusCode, str]:
         if cls in _CODES:
             code = _CODES[cls]
             break
-    details = f"{exc.seed_name}: {exc.message}" if exc.seed_name else exc.message
+    details = exc.message
+    if exc.seed_name and exc.seed_name not in details:
+        details = f"{exc.seed_name}: {details}"
     return code, details
 
 
@@ -153,13 +155,19 @@ class KupService(kup_pb2_grpc.KupServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
         code, details = status_for(exc)
-        self.metrics.errors.labels(code.name).inc()
+        self._count_error(code)
         log.info("rpc failed", code=code.name, error=details)
         await context.abort(
             code,
             details,
             trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
         )
+
+    def _count_error(self, code: grpc.StatusCode) -> None:
+        ctx = structlog.contextvars.get_contextvars()
+        device = str(ctx.get("device", ""))
+        channel = str(ctx.get("channel", ""))
+        self.metrics.errors.labels(device, channel, code.name).inc()
 
     def _check_open(self) -> None:
         if self.drain.done():
@@ -381,7 +389,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 try:
                     resp = await self._session_op(lease, req, context)
                 except _IN_BAND as exc:
-                    self.metrics.errors.labels(status_for(exc)[0].name).inc()
+                    self._count_error(status_for(exc)[0])
                     resp = kup_pb2.SessionResponse(request_id=req.request_id, error=error_pb(exc))
                 yield resp
         except errors.KupError as exc:

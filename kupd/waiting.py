@@ -11,14 +11,35 @@ never hang it; an idle waiter costs one cheap check per slice.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
 from kupd import errors
 from kupd.channel import Channel, Message
 
-__all__ = ["SAFETY_SLICE", "wait_message"]
+__all__ = ["SAFETY_SLICE", "drain_wakeups", "wait_message"]
 
 SAFETY_SLICE = 1.0
+
+
+def drain_wakeups(fd: int) -> None:
+    """Consume pending wake-ups on a kupsim channel's eventfd.
+
+    libkup's non-blocking receive does not drain the wake-up eventfd, so
+    after one hand-over it would poll readable forever and an event loop
+    would spin.  Draining BEFORE re-checking the turn cannot lose a wake-up:
+    the channel is in poll mode (the kernel wakes us on every hand-over).
+    Only a non-blocking eventfd is touched (the kernel backends' fds need
+    no draining).
+    """
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            return
+        if not os.get_blocking(fd):
+            while True:
+                os.read(fd, 8)
+    except (BlockingIOError, OSError):
+        return
 
 
 async def wait_message(
@@ -55,6 +76,8 @@ async def wait_message(
             await asyncio.wait(waiters, timeout=slice_, return_when=asyncio.FIRST_COMPLETED)
         finally:
             loop.remove_reader(fd)
+        if woke.done():
+            drain_wakeups(fd)
         for abort in aborts:
             if abort is not None and abort.done():
                 exc = abort.exception() if not abort.cancelled() else None
