@@ -47,7 +47,7 @@ test: build
 # FreeBSD backend) against FreeBSD's headers from the ziglang package, for
 # amd64 and arm64 (tests/freebsd/test_compile.py runs it under `make test`).
 kmod-freebsd-check: $(STAMP)/venv
-	PYTHON=$(CURDIR)/$(PY) bash scripts/freebsd-check.sh
+	PYTHON=$(CURDIR)/$(PY) bash scripts/freebsd-check.sh $(if $(FREEBSD_CHECK_OUT),-o $(FREEBSD_CHECK_OUT))
 
 lint: setup
 	$(PY) -m ruff check .

@@ -61,7 +61,13 @@ static moduledata_t kup_client_mod = {
 	NULL
 };
 
-DECLARE_MODULE(KUP_CLIENT_MODNAME, kup_client_mod, SI_SUB_DRIVERS,
-    SI_ORDER_ANY);
-MODULE_DEPEND(KUP_CLIENT_MODNAME, kupdev, 1, 1, 1);
-MODULE_VERSION(KUP_CLIENT_MODNAME, 1);
+/* The module macros paste their name argument (##), which would take
+ * KUP_CLIENT_MODNAME literally; one more macro level expands it first. */
+#define KUP_CM_DECLARE(name)						\
+	DECLARE_MODULE(name, kup_client_mod, SI_SUB_DRIVERS, SI_ORDER_ANY)
+#define KUP_CM_DEPEND(name)	MODULE_DEPEND(name, kupdev, 1, 1, 1)
+#define KUP_CM_VERSION(name)	MODULE_VERSION(name, 1)
+
+KUP_CM_DECLARE(KUP_CLIENT_MODNAME);
+KUP_CM_DEPEND(KUP_CLIENT_MODNAME);
+KUP_CM_VERSION(KUP_CLIENT_MODNAME);
