@@ -340,10 +340,10 @@ chan_state(struct kp_chan *c)
 
 	if (st & KUP_STATE_SHUTDOWN)
 		return KUP_E_SHUTDOWN;
-	if (READ64(&c->ctrl->attach_gen) != c->gen || (st & KUP_STATE_PEER_GONE))
-		return KUP_E_PEER;
 	if (c->broken)
 		return KUP_E_PROTO;
+	if (READ64(&c->ctrl->attach_gen) != c->gen || (st & KUP_STATE_PEER_GONE))
+		return KUP_E_PEER;
 	return KUP_E_OK;
 }
 

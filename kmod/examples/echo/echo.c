@@ -16,7 +16,9 @@
  *         odd channel id:  ASCII a-z upper-cased
  *     (the rot13 build, -DECHO_ROT13: every channel rot13s ASCII letters);
  *     a message starting with "!delay" is answered after 300 ms (lets a
- *     test observe the kernel holding the turn);
+ *     test observe the kernel holding the turn); a message starting with
+ *     "!hold" is never answered: the kernel keeps the turn until the user
+ *     leaves or the device unloads (an idle channel for tests);
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -84,6 +86,28 @@ echo_is_delay(const unsigned char *p, size_t len)
 }
 
 static int
+echo_is_hold(const unsigned char *p, size_t len)
+{
+	return len >= 5 && p[0] == '!' && p[1] == 'h' && p[2] == 'o' &&
+	    p[3] == 'l' && p[4] == 'd';
+}
+
+/* Keep the turn until the user leaves (-EPIPE) or unload (-ESHUTDOWN). */
+static int
+echo_hold(struct echo_slot *s)
+{
+	struct kupdev_msg m;
+	int r;
+
+	for (;;) {
+		r = kupdev_receive_msg(echo_sc, s->chan, &m, 0);
+		if (r != -EAGAIN)
+			return r == 0 ? -EPROTO : r;
+		kup_os_msleep(20);
+	}
+}
+
+static int
 echo_worker(void *arg)
 {
 	struct echo_slot *s = arg;
@@ -116,6 +140,11 @@ echo_worker(void *arg)
 		}
 		switch (m.kind) {
 		case KUP_KIND_DATA:
+			if (echo_is_hold(m.data, m.len)) {
+				kupdev_unlock_channel(echo_sc, s->chan);
+				r = echo_hold(s);
+				break;
+			}
 			delay = echo_is_delay(m.data, m.len);
 			for (i = 0; i < m.len && i < echo_max; i++)
 				s->buf[i] = echo_xform(s->chan,

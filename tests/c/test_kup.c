@@ -1,0 +1,682 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * test_kup.c -- libkup scenarios against a running kupsim (KUPSIM_DIR set
+ * by the pytest driver tests/kmod/test_c_kup.py, which also starts kupsim
+ * with echo.so, rot13.so and hostile.so).
+ *
+ *   test_kup <scenario> [args]
+ *
+ * Every scenario exits 0 on success and prints "FAIL ..." / a CHECK line
+ * and exits 1 otherwise.  Scenarios that need the driver's help (kill a
+ * process, SIGTERM kupsim, read kupsim's log) print marker lines on stdout.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "kup.h"
+#include "kup_backend.h"
+#include "testutil.h"
+
+static void *
+open_dev(const char *name)
+{
+	void *d = kernproxy_open(name);
+
+	if (d == NULL) {
+		fprintf(stderr, "kernproxy_open(%s): %s\n", name,
+		    kernproxy_strerror(kernproxy_errno));
+		exit(1);
+	}
+	return d;
+}
+
+static void *
+attach(void *d, size_t id)
+{
+	void *c = kernproxy_channel(d, id, 0);
+
+	if (c == NULL) {
+		fprintf(stderr, "kernproxy_channel(%zu): %s\n", id,
+		    kernproxy_strerror(kernproxy_error(d)));
+		exit(1);
+	}
+	return c;
+}
+
+/* The first message on a fresh echo channel is the kernel's PASS. */
+static void
+expect_pass(void *c)
+{
+	struct kernproxy_msg m;
+
+	if (kernproxy_receive_msg(c, &m, 10000) != 0) {
+		fprintf(stderr, "receive PASS: %s\n",
+		    kernproxy_strerror(kernproxy_errno));
+		exit(1);
+	}
+	CHECK_EQ(m.kind, KUP_KIND_PASS);
+	CHECK_EQ(m.len, 0);
+}
+
+static char
+upper(char ch)
+{
+	return (ch >= 'a' && ch <= 'z') ? (char)(ch - 'a' + 'A') : ch;
+}
+
+static char
+rot13(char ch)
+{
+	if (ch >= 'a' && ch <= 'z')
+		return (char)('a' + (ch - 'a' + 13) % 26);
+	if (ch >= 'A' && ch <= 'Z')
+		return (char)('A' + (ch - 'A' + 13) % 26);
+	return ch;
+}
+
+/* send buf, receive the reply, compare with the expected transform */
+static void
+round_trip(void *c, const char *buf, size_t len, char (*xf)(char))
+{
+	struct kernproxy_msg m;
+	size_t i;
+
+	if (kernproxy_send(c, buf, len, 0) != 0) {
+		fprintf(stderr, "send: %s\n", kernproxy_strerror(kernproxy_errno));
+		exit(1);
+	}
+	if (kernproxy_receive_msg(c, &m, 10000) != 0) {
+		fprintf(stderr, "receive: %s\n",
+		    kernproxy_strerror(kernproxy_errno));
+		exit(1);
+	}
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, len);
+	for (i = 0; i < len; i++) {
+		char want = xf != NULL ? xf(buf[i]) : buf[i];
+		if (((const char *)m.data)[i] != want) {
+			fprintf(stderr, "byte %zu: got 0x%02x want 0x%02x\n", i,
+			    ((const unsigned char *)m.data)[i], (unsigned char)want);
+			exit(1);
+		}
+	}
+}
+
+static void
+fill(char *buf, size_t len, unsigned seed)
+{
+	size_t i;
+
+	for (i = 0; i < len; i++)
+		buf[i] = (char)('a' + (seed + i * 7) % 26);
+}
+
+/* ---- scenarios ------------------------------------------------------- */
+
+static int
+sc_blocking(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 0);
+	struct kernproxy_msg m;
+	uint64_t seq_prev;
+	char buf[4096];
+	int i;
+
+	CHECK_EQ(kernproxy_chan_id(c), 0);
+	CHECK_EQ(kernproxy_max_msg(c), 4096);
+	/* a second attach of the same channel is refused */
+	CHECK(kernproxy_channel(d, 0, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_BUSY);
+	/* wrong size is refused */
+	CHECK(kernproxy_channel(d, 1, 3) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_INVAL);
+	/* no such channel */
+	CHECK(kernproxy_channel(d, 500, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_NOENT);
+
+	expect_pass(c);
+	CHECK_EQ(kernproxy_my_turn(c), 1);
+	/* holding the turn with the message consumed: receive would wait
+	 * forever */
+	CHECK_EQ(kernproxy_receive_msg(c, &m, -1), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	seq_prev = 1;
+	for (i = 0; i < 200; i++) {
+		size_t len = (size_t)(i * 37) % sizeof(buf) + 1;
+
+		fill(buf, len, (unsigned)i);
+		CHECK_EQ(kernproxy_send(c, buf, len, 0), 0);
+		CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+		CHECK_EQ(m.kind, KUP_KIND_DATA);
+		CHECK_EQ(m.len, len);
+		CHECK(memcmp(m.data, buf, len) == 0);
+		CHECK_EQ(m.seq, seq_prev + 1);
+		seq_prev = m.seq;
+	}
+	/* PASS is answered with PASS; seed-style receive returns the area */
+	CHECK_EQ(kernproxy_pass(c), 0);
+	CHECK(kernproxy_receive(c, 0) != NULL);
+	CHECK_EQ(kernproxy_my_turn(c), 1);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK blocking\n");
+	return 0;
+}
+
+static int
+sc_nonblocking(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 2);
+	struct kernproxy_msg m;
+	struct pollfd pf;
+	int i, fd;
+
+	/* poll until the kernel's PASS arrives (bounded) */
+	for (i = 0; i < 10000; i++) {
+		if (kernproxy_receive(c, KP_NB) != NULL)
+			break;
+		CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+		usleep(1000);
+	}
+	CHECK(i < 10000);
+	/* the kernel keeps the turn for 300 ms after "!delay" */
+	CHECK_EQ(kernproxy_send(c, "!delay ab", 9, 0), 0);
+	CHECK(kernproxy_receive(c, KP_NB) == NULL);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	CHECK_EQ(kernproxy_error(c), EKU_NOTREADY);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	/* sending while the kernel holds the turn: refused, never waits */
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	CHECK_EQ(kernproxy_pass(c), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	CHECK_EQ(kernproxy_my_turn(c), 0);
+	/* asynchronous mode: the fd polls readable when the turn is back */
+	fd = kernproxy_fd(c);
+	CHECK(fd >= 0);
+	pf.fd = fd;
+	pf.events = POLLIN;
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
+	CHECK_EQ(m.len, 9);
+	CHECK(memcmp(m.data, "!delay ab", 9) == 0);
+	/* once more through the fd, with a short timeout receive too */
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, 0), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 20), -1);
+	CHECK_EQ(kernproxy_errno, EKU_TIMEDOUT);
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
+	CHECK_EQ(m.len, 6);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK nonblocking\n");
+	return 0;
+}
+
+static int
+sc_transforms(void)
+{
+	void *d = open_dev("echo");
+	void *c0 = attach(d, 10), *c1 = attach(d, 11);
+	const char *s = "Hello, World! abc xyz 123";
+
+	expect_pass(c0);
+	expect_pass(c1);
+	round_trip(c0, s, strlen(s), NULL);    /* even: echo */
+	round_trip(c1, s, strlen(s), upper);   /* odd: upper-case */
+	round_trip(c0, s, strlen(s), NULL);
+	round_trip(c1, s, strlen(s), upper);
+	kernproxy_close(c0);
+	kernproxy_close(c1);
+	kernproxy_close(d);
+	printf("OK transforms\n");
+	return 0;
+}
+
+static int
+sc_many(void)
+{
+	void *d = open_dev("echo");
+	void *c[128];
+	struct kernproxy_info *info = calloc(1, sizeof(*info));
+	int seen[128] = { 0 };
+	char buf[64];
+	int i, round;
+
+	CHECK(info != NULL);
+	CHECK_EQ(kernproxy_info(d, info), 0);
+	CHECK_EQ(info->chan_count, 128);
+	CHECK_EQ(info->announced, 128);
+	for (i = 0; i < 128; i++) {
+		c[i] = kernproxy_channel(d, KP_CHAN_ANY, 0);
+		if (c[i] == NULL) {
+			fprintf(stderr, "attach #%d: %s\n", i,
+			    kernproxy_strerror(kernproxy_error(d)));
+			return 1;
+		}
+		CHECK(kernproxy_chan_id(c[i]) < 128);
+		CHECK(!seen[kernproxy_chan_id(c[i])]);
+		seen[kernproxy_chan_id(c[i])] = 1;
+	}
+	CHECK(kernproxy_channel(d, KP_CHAN_ANY, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_BUSY);
+	CHECK_EQ(kernproxy_info(d, info), 0);
+	for (i = 0; i < 128; i++)
+		CHECK_EQ(info->attached[i], 1);
+	for (i = 0; i < 128; i++)
+		expect_pass(c[i]);
+	for (round = 0; round < 3; round++) {
+		for (i = 0; i < 128; i++) {
+			uint32_t id = kernproxy_chan_id(c[i]);
+			int n = snprintf(buf, sizeof(buf), "chan %u round %d", id,
+			    round);
+			round_trip(c[i], buf, (size_t)n, (id & 1) ? upper : NULL);
+		}
+	}
+	for (i = 0; i < 128; i++)
+		kernproxy_close(c[i]);
+	free(info);
+	kernproxy_close(d);
+	printf("OK many\n");
+	return 0;
+}
+
+struct thr_arg {
+	void *c;
+	int odd;
+	int iters;
+	int ok;
+};
+
+static void *
+thr_main(void *p)
+{
+	struct thr_arg *a = p;
+	char buf[512];
+	int i;
+
+	expect_pass(a->c);
+	for (i = 0; i < a->iters; i++) {
+		size_t len = (size_t)(i % (int)sizeof(buf)) + 1;
+		fill(buf, len, (unsigned)i + (unsigned)a->odd);
+		round_trip(a->c, buf, len, a->odd ? upper : NULL);
+	}
+	a->ok = 1;
+	return NULL;
+}
+
+static int
+sc_threads(void)
+{
+	void *d = open_dev("echo");
+	struct thr_arg a = { attach(d, 20), 0, 3000, 0 };
+	struct thr_arg b = { attach(d, 21), 1, 3000, 0 };
+	pthread_t ta, tb;
+
+	CHECK_EQ(pthread_create(&ta, NULL, thr_main, &a), 0);
+	CHECK_EQ(pthread_create(&tb, NULL, thr_main, &b), 0);
+	pthread_join(ta, NULL);
+	pthread_join(tb, NULL);
+	CHECK(a.ok && b.ok);
+	kernproxy_close(a.c);
+	kernproxy_close(b.c);
+	kernproxy_close(d);
+	printf("OK threads\n");
+	return 0;
+}
+
+static int
+sc_twodev(void)
+{
+	void *e = open_dev("echo"), *r = open_dev("rot13");
+	void *ce = attach(e, 30), *cr = attach(r, 30);
+	struct kernproxy_info info;
+	const char *s = "Why did the chicken cross the road?";
+	int i;
+
+	CHECK_EQ(kernproxy_info(r, &info), 0);
+	CHECK(strcmp(info.name, "rot13") == 0);
+	CHECK_EQ(kernproxy_info(e, &info), 0);
+	CHECK(strcmp(info.name, "echo") == 0);
+	CHECK_EQ(info.attached[30], 1);
+	expect_pass(ce);
+	expect_pass(cr);
+	for (i = 0; i < 50; i++) {
+		round_trip(ce, s, strlen(s), NULL);
+		round_trip(cr, s, strlen(s), rot13);
+	}
+	kernproxy_close(ce);
+	kernproxy_close(cr);
+	kernproxy_close(e);
+	kernproxy_close(r);
+	CHECK(kernproxy_open("nosuchdev") == NULL);
+	CHECK_EQ(kernproxy_errno, EKU_NOENT);
+	printf("OK twodev\n");
+	return 0;
+}
+
+static int
+sc_sizes(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 40);
+	size_t max = kernproxy_max_msg(c);
+	char *buf = malloc(max + 1);
+	struct kernproxy_msg m;
+
+	CHECK(buf != NULL);
+	expect_pass(c);
+	fill(buf, max + 1, 3);
+	/* one byte over: refused, nothing sent, still our turn */
+	CHECK_EQ(kernproxy_send(c, buf, max + 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_TOOBIG);
+	CHECK_EQ(kernproxy_error(c), EKU_TOOBIG);
+	CHECK_EQ(kernproxy_my_turn(c), 1);
+	/* exactly the data area */
+	round_trip(c, buf, max, NULL);
+	/* empty message: a DATA message of length 0 comes back */
+	CHECK_EQ(kernproxy_send(c, buf, 0, 0), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, 0);
+	round_trip(c, "x", 1, NULL);
+	free(buf);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK sizes\n");
+	return 0;
+}
+
+static int
+sc_version(void)
+{
+	void *d = open_dev("echo");
+	void *c;
+
+	setenv("KUP_TEST_ABI_VERSION", "2", 1);
+	CHECK(kernproxy_channel(d, 50, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_VERSION);
+	CHECK_EQ(kernproxy_errno, EKU_VERSION);
+	setenv("KUP_TEST_ABI_VERSION", "0", 1);
+	CHECK(kernproxy_channel(d, 50, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_VERSION);
+	unsetenv("KUP_TEST_ABI_VERSION");
+	/* refused before anything moved: the channel is still free */
+	c = attach(d, 50);
+	expect_pass(c);
+	round_trip(c, "ok", 2, NULL);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK version\n");
+	return 0;
+}
+
+/* Attach, take the PASS, announce and block until killed. */
+static int
+sc_hold(const char *id)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, (size_t)atoi(id));
+
+	expect_pass(c);
+	printf("ATTACHED %s\n", id);
+	fflush(stdout);
+	for (;;)
+		pause();
+	return 1;
+}
+
+/* After the holder was SIGKILLed: the channel is attachable again. */
+static int
+sc_reattach(const char *id)
+{
+	void *d = open_dev("echo");
+	void *c = NULL;
+	int i;
+
+	/* the host detaches asynchronously: allow a bounded wait */
+	for (i = 0; i < 1000 && c == NULL; i++) {
+		c = kernproxy_channel(d, (size_t)atoi(id), 0);
+		if (c == NULL) {
+			CHECK_EQ(kernproxy_error(d), EKU_BUSY);
+			usleep(10000);
+		}
+	}
+	CHECK(c != NULL);
+	expect_pass(c);
+	round_trip(c, "again", 5, (atoi(id) & 1) ? upper : NULL);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK reattach\n");
+	return 0;
+}
+
+/* Scribble on the control page like a hostile user and hand the turn to
+ * the kernel; the kernel side must refuse (-EPROTO, logged by echo and the
+ * core) and mark the channel PEER_GONE. */
+static int
+sc_hostile_user(const char *variant, const char *id)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, (size_t)atoi(id));
+	size_t bytes;
+	struct kup_ctrl *k;
+	uint32_t st = 0;
+	int i;
+
+	expect_pass(c);
+	k = kup_test_raw_mapping(c, &bytes);
+	CHECK(k != NULL && bytes >= 3 * 4096);
+	if (strcmp(variant, "seqrep") == 0) {
+		/* one good message first, then repeat its sequence number */
+		round_trip(c, "good", 4, NULL);
+		k->u2k.len = 4;
+		k->u2k.kind = KUP_KIND_DATA;
+		k->u2k.seq = 1;
+	} else if (strcmp(variant, "seqgap") == 0) {
+		k->u2k.len = 4;
+		k->u2k.kind = KUP_KIND_DATA;
+		k->u2k.seq = 3;
+	} else if (strcmp(variant, "badlen") == 0) {
+		k->u2k.len = 0xfffffff0U;
+		k->u2k.kind = KUP_KIND_DATA;
+		k->u2k.seq = 1;
+	} else if (strcmp(variant, "badlen1") == 0) {
+		k->u2k.len = 4097;   /* one byte over the data area */
+		k->u2k.kind = KUP_KIND_DATA;
+		k->u2k.seq = 1;
+	} else if (strcmp(variant, "badkind") == 0) {
+		k->u2k.len = 0;
+		k->u2k.kind = 99;
+		k->u2k.seq = 1;
+	} else if (strcmp(variant, "badturn") == 0) {
+		k->u2k.len = 1;
+		k->u2k.kind = KUP_KIND_DATA;
+		k->u2k.seq = 1;
+		__atomic_store_n(&k->turn, 0x41414141U, __ATOMIC_RELEASE);
+		goto wake;
+	} else {
+		fprintf(stderr, "unknown variant %s\n", variant);
+		return 2;
+	}
+	__atomic_store_n(&k->turn, KUP_TURN_KERNEL, __ATOMIC_RELEASE);
+wake:
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	CHECK_EQ(kup_test_raw_wake(c), 0);
+	for (i = 0; i < 1000; i++) {
+		st = __atomic_load_n(&k->state, __ATOMIC_ACQUIRE);
+		if (st & KUP_STATE_PEER_GONE)
+			break;
+		usleep(10000);
+	}
+	CHECK(st & KUP_STATE_PEER_GONE);
+	/* libkup now reports the channel as given up on by the kernel */
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_PEER);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK hostile_user %s\n", variant);
+	return 0;
+}
+
+/* A hostile kernel (hostile.so): libkup must report EKU_PROTO. */
+static int
+sc_hostile_kernel(void)
+{
+	static const char *cmds[] = { "seqgap", "seqrep", "badlen", "badkind",
+	    "badturn" };
+	void *d = open_dev("hostile");
+	struct kernproxy_msg m;
+	size_t i;
+
+	for (i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+		void *c = attach(d, i % 4);
+
+		expect_pass(c);
+		round_trip(c, "fine", 4, NULL);   /* a good exchange first */
+		CHECK_EQ(kernproxy_send(c, cmds[i], strlen(cmds[i]), 0), 0);
+		if (kernproxy_receive_msg(c, &m, 10000) == 0) {
+			fprintf(stderr, "%s: accepted kind %u len %zu seq %llu\n",
+			    cmds[i], m.kind, m.len, (unsigned long long)m.seq);
+			return 1;
+		}
+		if (kernproxy_errno != EKU_PROTO) {
+			fprintf(stderr, "%s: got %s, expected EKU_PROTO\n", cmds[i],
+			    kernproxy_strerror(kernproxy_errno));
+			return 1;
+		}
+		/* and it stays refused */
+		CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+		CHECK_EQ(kernproxy_errno, EKU_PROTO);
+		kernproxy_close(c);
+		printf("refused %s\n", cmds[i]);
+	}
+	kernproxy_close(d);
+	printf("OK hostile_kernel\n");
+	return 0;
+}
+
+/* Block in receive on a channel whose kernel keeps the turn; the driver
+ * SIGTERMs kupsim; report when we saw EKU_SHUTDOWN. */
+static int
+sc_shutdown_wait(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 60);
+	struct kernproxy_msg m;
+	struct kernproxy_info info;
+	struct pollfd pf;
+	long long t;
+	int r, devfd;
+
+	devfd = kernproxy_dev_fd(d);
+	CHECK(devfd >= 0);
+	expect_pass(c);
+	CHECK_EQ(kernproxy_send(c, "!hold", 5, 0), 0);
+	printf("WAITING\n");
+	fflush(stdout);
+	r = kernproxy_receive_msg(c, &m, 30000);
+	t = mono_ns();
+	CHECK_EQ(r, -1);
+	printf("RESULT %d %lld\n", kernproxy_errno, t);
+	fflush(stdout);
+	CHECK_EQ(kernproxy_errno, EKU_SHUTDOWN);
+	/* and stays so */
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_SHUTDOWN);
+	/* device watchers heard about it */
+	pf.fd = devfd;
+	pf.events = POLLIN;
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	r = kernproxy_info(d, &info);
+	CHECK(r != 0 || info.shutting_down == 1);
+	if (r != 0)
+		CHECK_EQ(kernproxy_error(d), EKU_SHUTDOWN);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK shutdown_wait\n");
+	return 0;
+}
+
+/* A receiver blocked on an idle channel must sleep, not spin. */
+static int
+sc_idle(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 70);
+	struct kernproxy_msg m;
+	struct rusage r0, r1;
+	long long t0, t1, cpu_us;
+	double frac;
+
+	expect_pass(c);
+	CHECK_EQ(kernproxy_send(c, "!hold", 5, 0), 0);
+	getrusage(RUSAGE_SELF, &r0);
+	t0 = mono_ns();
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 1000), -1);
+	CHECK_EQ(kernproxy_errno, EKU_TIMEDOUT);
+	t1 = mono_ns();
+	getrusage(RUSAGE_SELF, &r1);
+	cpu_us = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000000LL +
+	    (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) +
+	    (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000000LL +
+	    (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec);
+	frac = (double)cpu_us * 1000.0 / (double)(t1 - t0);
+	printf("IDLE cpu_us=%lld wall_ms=%lld fraction=%.4f\n", cpu_us,
+	    (t1 - t0) / 1000000, frac);
+	CHECK((t1 - t0) >= 900000000LL);   /* it did wait */
+	CHECK(frac < 0.05);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK idle\n");
+	return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *s = argc > 1 ? argv[1] : "";
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (strcmp(s, "blocking") == 0)
+		return sc_blocking();
+	if (strcmp(s, "nonblocking") == 0)
+		return sc_nonblocking();
+	if (strcmp(s, "transforms") == 0)
+		return sc_transforms();
+	if (strcmp(s, "many") == 0)
+		return sc_many();
+	if (strcmp(s, "threads") == 0)
+		return sc_threads();
+	if (strcmp(s, "twodev") == 0)
+		return sc_twodev();
+	if (strcmp(s, "sizes") == 0)
+		return sc_sizes();
+	if (strcmp(s, "version") == 0)
+		return sc_version();
+	if (strcmp(s, "hold") == 0 && argc > 2)
+		return sc_hold(argv[2]);
+	if (strcmp(s, "reattach") == 0 && argc > 2)
+		return sc_reattach(argv[2]);
+	if (strcmp(s, "hostile_user") == 0 && argc > 3)
+		return sc_hostile_user(argv[2], argv[3]);
+	if (strcmp(s, "hostile_kernel") == 0)
+		return sc_hostile_kernel();
+	if (strcmp(s, "shutdown_wait") == 0)
+		return sc_shutdown_wait();
+	if (strcmp(s, "idle") == 0)
+		return sc_idle();
+	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
+	return 2;
+}
