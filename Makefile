@@ -49,6 +49,16 @@ test: build
 kmod-freebsd-check: $(STAMP)/venv
 	PYTHON=$(CURDIR)/$(PY) bash scripts/freebsd-check.sh $(if $(FREEBSD_CHECK_OUT),-o $(FREEBSD_CHECK_OUT))
 
+# Linux kernel module end to end, in a qemu VM under TCG (also part of
+# `make test`): builds kup.ko/kup_echo.ko against the Debian kernel headers,
+# boots /boot/vmlinuz-<that version> with a busybox initramfs, runs
+# tests/vm/guest_tests.sh inside.  Needs the apt packages of
+# scripts/setup-apt.sh (qemu-system-x86 linux-image-amd64 linux-headers-amd64
+# busybox-static cpio) and ~2 GiB RAM; takes a few minutes.
+vm-test: build
+	$(MAKE) -C kmod/linux
+	$(PY) -m pytest tests/vm
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
