@@ -72,6 +72,11 @@ kernel_sources=(
 	"kup_echo:kmod/examples/echo/echo.c"
 	"kup_echo:kmod/freebsd/kup_client_mod.c"
 )
+# One more kernel file to compile the same way (the test suite uses it to
+# prove that a warning fails the check).
+if [ -n "${KUP_FREEBSD_CHECK_EXTRA:-}" ]; then
+	kernel_sources+=("extra:$KUP_FREEBSD_CHECK_EXTRA")
+fi
 
 # Userspace: libkup with the FreeBSD backend (and the sim backend it always
 # carries), as FreeBSD userland.

@@ -1,0 +1,179 @@
+"""`make kmod-freebsd-check`: every FreeBSD source compiles against FreeBSD's
+own headers for amd64 and arm64, and the objects carry what a FreeBSD
+kernel module needs (module metadata, the dependency on kupdev, the
+exported kernel API).
+
+We cannot boot FreeBSD here; these checks are what keeps kmod/freebsd and
+libkup's FreeBSD backend honest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+__all__: list[str] = []
+
+REPO = Path(__file__).resolve().parents[2]
+ARCHS = ("x86_64", "aarch64")
+KERNEL_SOURCES = (
+    "kmod/freebsd/kup_freebsd.c",
+    "kmod/core/kup_core.c",
+    "kmod/examples/echo/echo.c",
+    "kmod/freebsd/kup_client_mod.c",
+)
+USER_SOURCES = ("kmod/libkup/backend_freebsd.c", "kmod/libkup/kup.c")
+# zig's first compilation for a target builds nothing big for -c, but the
+# machine is shared: be generous.
+CHECK_TIMEOUT = 1200
+
+
+def _nm_tool() -> str:
+    for tool in ("llvm-nm", "nm"):
+        path = shutil.which(tool)
+        if path is not None:
+            return path
+    pytest.fail("neither llvm-nm nor nm is installed (binutils / llvm)")
+
+
+def _symbols(obj: Path) -> dict[str, str]:
+    """name -> nm type letter (T defined text, U undefined, d local data...)."""
+    out = subprocess.run(
+        [_nm_tool(), str(obj)], check=True, capture_output=True, text=True
+    ).stdout
+    syms: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            syms[parts[2]] = parts[1]
+        elif len(parts) == 2:
+            syms[parts[1]] = parts[0]
+    return syms
+
+
+def _export_syms() -> set[str]:
+    """EXPORT_SYMS of kmod/freebsd/kupdev/Makefile (bsd.kmod.mk syntax)."""
+    text = (REPO / "kmod/freebsd/kupdev/Makefile").read_text()
+    m = re.search(r"^EXPORT_SYMS=((?:[^\n]*\\\n)*[^\n]*)$", text, re.M)
+    assert m is not None, "kupdev/Makefile has no EXPORT_SYMS"
+    return set(m.group(1).replace("\\\n", " ").split())
+
+
+def _declared_functions(header: Path) -> set[str]:
+    """Names of the functions a header declares (prototypes at file scope)."""
+    text = re.sub(r"/\*.*?\*/", " ", header.read_text(), flags=re.S)
+    text = re.sub(r"^\s*#.*$", " ", text, flags=re.M)
+    names = set()
+    for m in re.finditer(r"\b([A-Za-z_]\w*)\s*\([^;{}]*\)\s*(?:__attribute__\s*\(\(.*?\)\))?\s*;",
+                         text):
+        names.add(m.group(1))
+    return names
+
+
+@pytest.fixture(scope="module")
+def objdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run `make kmod-freebsd-check`, keeping the objects for inspection."""
+    out = tmp_path_factory.mktemp("freebsd-objs")
+    env = dict(os.environ)
+    env.setdefault("ZIG_GLOBAL_CACHE_DIR", str(REPO / ".stamp" / "zig-cache"))
+    proc = subprocess.run(
+        ["nice", "make", "-s", "kmod-freebsd-check", f"FREEBSD_CHECK_OUT={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECK_TIMEOUT,
+    )
+    assert proc.returncode == 0, (
+        f"make kmod-freebsd-check failed (rc {proc.returncode}):\n"
+        f"{proc.stdout}\n{proc.stderr}"
+    )
+    assert "all" in proc.stdout and "compilations passed" in proc.stdout, proc.stdout
+    for arch in ARCHS:
+        for src in KERNEL_SOURCES:
+            assert f"ok    {arch} kernel {src}" in proc.stdout, proc.stdout
+        for src in USER_SOURCES:
+            assert f"ok    {arch} user {src}" in proc.stdout, proc.stdout
+    return out
+
+
+def _obj(objdir: Path, arch: str, kind: str, src: str) -> Path:
+    path = objdir / f"{arch}-{kind}-{Path(src).stem}.o"
+    assert path.is_file(), f"missing object {path.name}"
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_objects_are_elf_for_the_architecture(objdir: Path, arch: str) -> None:
+    machine = {"x86_64": "X86-64", "aarch64": "AArch64"}[arch]
+    readelf = shutil.which("readelf") or shutil.which("llvm-readelf")
+    assert readelf is not None, "readelf is needed to inspect the objects"
+    for kind, sources in (("kern", KERNEL_SOURCES), ("user", USER_SOURCES)):
+        for src in sources:
+            hdr = subprocess.run(
+                [readelf, "-h", str(_obj(objdir, arch, kind, src))],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            assert "REL (Relocatable file)" in hdr, hdr
+            assert machine in hdr, f"{src} for {arch}: {hdr}"
+
+
+def test_export_list_is_exactly_the_kernel_api() -> None:
+    """kupdev.ko exports what kupdev.h and kup_module.h declare for modules
+    (minus the entry points a module itself defines), nothing else."""
+    api = _declared_functions(REPO / "kmod/include/kupdev.h")
+    api |= _declared_functions(REPO / "kmod/include/kup_module.h")
+    api -= {"kup_module_init", "kup_module_fini"}
+    assert "kupdev_create" in api and "kup_os_thread_start" in api, api
+    assert _export_syms() == api
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kupdev_defines_every_export_and_its_module(objdir: Path, arch: str) -> None:
+    glue = _symbols(_obj(objdir, arch, "kern", "kmod/freebsd/kup_freebsd.c"))
+    core = _symbols(_obj(objdir, arch, "kern", "kmod/core/kup_core.c"))
+    defined = {n for syms in (glue, core) for n, t in syms.items() if t == "T"}
+    missing = _export_syms() - defined
+    assert not missing, f"exported but not defined in kupdev.ko: {sorted(missing)}"
+    # MODULE_VERSION(kupdev, 1) and DECLARE_MODULE(kupdev, ...)
+    assert "_kupdev_version" in glue
+    assert "kupdevmodule_sys_init" in glue
+    # every kup_os.h hook the core needs is provided by the glue
+    core_needs = {n for n, t in core.items() if t == "U" and n.startswith("kup_")}
+    glue_has = {n for n, t in glue.items() if t == "T"}
+    assert not core_needs - glue_has, sorted(core_needs - glue_has)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_echo_module_depends_on_kupdev_and_uses_only_its_api(
+    objdir: Path, arch: str
+) -> None:
+    echo = _symbols(_obj(objdir, arch, "kern", "kmod/examples/echo/echo.c"))
+    wrap = _symbols(_obj(objdir, arch, "kern", "kmod/freebsd/kup_client_mod.c"))
+    assert echo.get("kup_module_init") == "T"
+    assert echo.get("kup_module_fini") == "T"
+    # MODULE_DEPEND(kup_echo, kupdev, 1, 1, 1) and MODULE_VERSION(kup_echo, 1)
+    assert "_kup_echo_depend_on_kupdev" in wrap, sorted(wrap)
+    assert "_kup_echo_version" in wrap
+    assert "kup_echomodule_sys_init" in wrap
+    used = {n for n, t in echo.items() if t == "U" and n.startswith("kup")}
+    assert used, "echo calls no kupdev API?"
+    assert not used - _export_syms(), sorted(used - _export_syms())
+
+
+def test_check_fails_on_a_warning(tmp_path: Path) -> None:
+    """The check is only worth something if a warning fails it: compile a
+    deliberately sloppy kernel file with the script's own compiler setup."""
+    bad = tmp_path / "bad.c"
+    bad.write_text("#include <sys/param.h>\nint kup_bad(int x) { int unused; return x; }\n")
+    env = dict(os.environ, KUP_FREEBSD_CHECK_EXTRA=str(bad), ARCHS="x86_64")
+    env.setdefault("ZIG_GLOBAL_CACHE_DIR", str(REPO / ".stamp" / "zig-cache"))
+    proc = subprocess.run(
+        ["nice", "bash", "scripts/freebsd-check.sh"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=CHECK_TIMEOUT,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  x86_64 kernel {bad}" in proc.stderr
+    # -Wmissing-prototypes and -Wunused-variable are both errors here
+    assert "-Werror" in proc.stderr
