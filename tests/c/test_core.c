@@ -1,0 +1,432 @@
+/* SPDX-License-Identifier: BSD-2-Clause */
+/*
+ * test_core.c -- unit tests of the OS-neutral core (kmod/core/kup_core.c)
+ * linked with kupsim's glue, no server: the test plays the host (attach,
+ * detach, wake) and the user side (writes the control page itself, as a
+ * user process would), with kernel-side calls on real threads.
+ */
+#define _GNU_SOURCE
+#include <poll.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "kup_os.h"
+#include "testutil.h"
+
+/* ---- a minimal in-process user side ----------------------------------- */
+
+struct user {
+	struct kup_chan *ch;
+	struct kup_ctrl *k;
+	uint8_t *u2k;
+	uint8_t *k2u;
+	uint64_t u2k_seq;
+	uint64_t k2u_seq;
+};
+
+static void
+user_init(struct user *u, struct kup_chan *ch)
+{
+	memset(u, 0, sizeof(*u));
+	u->ch = ch;
+	u->k = kup_core_chan_mem(ch);
+	u->k2u = (uint8_t *)u->k + u->k->k2u_off;
+	u->u2k = (uint8_t *)u->k + u->k->u2k_off;
+	CHECK_EQ(u->k->magic, KUP_MAGIC);
+	CHECK_EQ(u->k->abi_version, KUP_ABI_VERSION);
+	CHECK_EQ(__atomic_load_n(&u->k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
+	CHECK(u->k->state & KUP_STATE_ATTACHED);
+}
+
+/* raw hand-over with the descriptor the caller chooses */
+static void
+user_handover_raw(struct user *u, uint32_t len, uint32_t kind, uint64_t seq,
+    uint32_t turn)
+{
+	u->k->u2k.len = len;
+	u->k->u2k.kind = kind;
+	u->k->u2k.seq = seq;
+	__atomic_store_n(&u->k->turn, turn, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&u->k->kernel_waiting, __ATOMIC_RELAXED))
+		kup_core_user_wake(u->ch);
+}
+
+static void
+user_send(struct user *u, const void *data, uint32_t len)
+{
+	memcpy(u->u2k, data, len);
+	user_handover_raw(u, len, KUP_KIND_DATA, ++u->u2k_seq, KUP_TURN_KERNEL);
+}
+
+/* wait (bounded) for the kernel to hand over, check the descriptor */
+static void
+user_expect(struct user *u, uint32_t kind, const void *data, uint32_t len)
+{
+	int i;
+
+	for (i = 0; i < 10000; i++) {
+		if (__atomic_load_n(&u->k->turn, __ATOMIC_ACQUIRE) == KUP_TURN_USER)
+			break;
+		usleep(1000);
+	}
+	CHECK_EQ(__atomic_load_n(&u->k->turn, __ATOMIC_ACQUIRE), KUP_TURN_USER);
+	CHECK_EQ(u->k->k2u.kind, kind);
+	CHECK_EQ(u->k->k2u.len, len);
+	CHECK_EQ(u->k->k2u.seq, u->k2u_seq + 1);
+	u->k2u_seq++;
+	if (len != 0)
+		CHECK(memcmp(u->k2u, data, len) == 0);
+}
+
+/* ---- kernel-side helper threads --------------------------------------- */
+
+struct krecv {
+	struct kupdev_softc *sc;
+	int chan;
+	int timeout;
+	int ret;
+	struct kupdev_msg m;
+	char copy[64];
+};
+
+static void *
+krecv_main(void *p)
+{
+	struct krecv *a = p;
+
+	a->ret = kupdev_receive_msg(a->sc, a->chan, &a->m, a->timeout);
+	if (a->ret == 0) {
+		size_t n = a->m.len < sizeof(a->copy) ? a->m.len : sizeof(a->copy);
+		memcpy(a->copy, a->m.data, n);
+		kupdev_unlock_channel(a->sc, a->chan);
+	}
+	return NULL;
+}
+
+struct kwait {
+	struct kupdev_softc *sc;
+	int ret;
+};
+
+static void *
+kwait_main(void *p)
+{
+	struct kwait *a = p;
+
+	a->ret = kupdev_wait_channel(a->sc);
+	return NULL;
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+static void
+test_create_args(void)
+{
+	struct kupdev_softc *sc;
+
+	CHECK(kupdev_create("", 1, 1) == NULL);
+	CHECK(kupdev_create("a/b", 1, 1) == NULL);
+	CHECK(kupdev_create(".hidden", 1, 1) == NULL);
+	CHECK(kupdev_create("x", 0, 1) == NULL);
+	CHECK(kupdev_create("x", KUP_MAX_PAGES + 1, 1) == NULL);
+	CHECK(kupdev_create("x", 1, 0) == NULL);
+	CHECK(kupdev_create("x", 1, KUP_MAX_CHANNELS + 1) == NULL);
+	CHECK(kupdev_create("0123456789012345678901234567890123", 1, 1) == NULL);
+	sc = kupdev_create("dup", 1, 1);
+	CHECK(sc != NULL);
+	CHECK(kupdev_create("dup", 1, 1) == NULL);   /* name taken */
+	CHECK_EQ(kupdev_unload(sc), 0);
+	sc = kupdev_create("dup", 2, 3);             /* free again */
+	CHECK(sc != NULL);
+	CHECK_EQ(kupdev_channel_count(sc), 3);
+	CHECK_EQ(kupdev_data_size(sc), 2 * kup_os_page_size());
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok create_args\n");
+}
+
+static void
+test_attach_rules(void)
+{
+	struct kupdev_softc *sc = kupdev_create("att", 1, 4);
+	struct kup_chan *ch = NULL, *ch2 = NULL;
+
+	CHECK(sc != NULL);
+	/* attach before announce: EKU_NOTREADY */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), -EAGAIN);
+	CHECK_EQ(kup_core_errno_to_kup(-EAGAIN), KUP_E_NOTREADY);
+	CHECK_EQ(kup_core_attach(sc, KUP_CHAN_ANY, KUP_ABI_VERSION, &ch), -EAGAIN);
+	CHECK_EQ(kupdev_announce(sc, 2), 0);
+	CHECK_EQ(kupdev_announce(sc, 1), -EINVAL);   /* may only grow */
+	CHECK_EQ(kupdev_announce(sc, 5), -EINVAL);
+	CHECK_EQ(kup_core_attach(sc, 3, KUP_ABI_VERSION, &ch), -EAGAIN);
+	CHECK_EQ(kup_core_attach(sc, 9, KUP_ABI_VERSION, &ch), -ENOENT);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION + 1, &ch), -EPROTONOSUPPORT);
+	CHECK_EQ(kup_core_errno_to_kup(-EPROTONOSUPPORT), KUP_E_VERSION);
+	/* requested id honoured */
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kup_core_chan_id(ch), 1);
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch2), -EBUSY);
+	CHECK_EQ(kup_core_attach(sc, KUP_CHAN_ANY, KUP_ABI_VERSION, &ch2), 0);
+	CHECK_EQ(kup_core_chan_id(ch2), 0);
+	CHECK_EQ(kup_core_attach(sc, KUP_CHAN_ANY, KUP_ABI_VERSION, &ch2), -EBUSY);
+	kupdev_notify(sc);   /* announces all */
+	{
+		struct kup_core_info *info = calloc(1, sizeof(*info));
+		CHECK(info != NULL);
+		kup_core_info(sc, info);
+		CHECK_EQ(info->announced, 4);
+		CHECK_EQ(info->notify_gen, 2);
+		CHECK_EQ(info->attached[0], 1);
+		CHECK_EQ(info->attached[1], 1);
+		CHECK_EQ(info->attached[2], 0);
+		free(info);
+	}
+	CHECK_EQ(kupdev_channel_attached(sc, 1), 1);
+	CHECK_EQ(kupdev_channel_attached(sc, 2), 0);
+	kup_core_detach(ch);
+	kup_core_detach(ch2);
+	CHECK_EQ(kupdev_channel_attached(sc, 1), 0);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok attach_rules\n");
+}
+
+static void
+test_turns(void)
+{
+	struct kupdev_softc *sc = kupdev_create("turns", 1, 2);
+	struct kup_chan *ch;
+	struct user u;
+	struct kupdev_msg m;
+	struct krecv kr;
+	pthread_t t;
+	char big[8192];
+	size_t max;
+	int i;
+
+	CHECK(sc != NULL);
+	max = kupdev_data_size(sc);
+	kupdev_notify(sc);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);   /* nobody attached */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	user_init(&u, ch);
+	/* the module has not been told yet */
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ETIMEDOUT);
+	/* fresh channel: the kernel holds the turn, nothing to receive */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EAGAIN);
+	CHECK_EQ(kupdev_send(sc, big, max + 1, 0), -EMSGSIZE);
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_send(sc, "abc", 3, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "abc", 3);
+	/* user holds the turn: kernel send refused, receive times out */
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EAGAIN);
+	CHECK_EQ(kupdev_pass(sc, 0), -EAGAIN);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -ETIMEDOUT);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 30), -ETIMEDOUT);
+	CHECK_EQ(u.k->kernel_waiting, 0);
+	/* the user answers; the kernel receives, channel locked */
+	user_send(&u, "hi", 2);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	CHECK_EQ(m.len, 2);
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.seq, 1);
+	CHECK(memcmp(m.data, "hi", 2) == 0);
+	kupdev_unlock_channel(sc, 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EAGAIN);   /* consumed */
+	/* exactly the data area */
+	memset(big, 'z', sizeof(big));
+	CHECK_EQ(kupdev_send(sc, big, max, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, big, (uint32_t)max);
+	/* a sleeping kernel receiver is woken by the user (Dekker pair) */
+	for (i = 0; i < 200; i++) {
+		char msg[16];
+		int n = snprintf(msg, sizeof(msg), "m%d", i);
+
+		memset(&kr, 0, sizeof(kr));
+		kr.sc = sc;
+		kr.chan = 0;
+		kr.timeout = 10000;
+		CHECK_EQ(pthread_create(&t, NULL, krecv_main, &kr), 0);
+		if (i % 2)
+			usleep(2000);   /* let it get to sleep */
+		user_send(&u, msg, (uint32_t)n);
+		pthread_join(t, NULL);
+		CHECK_EQ(kr.ret, 0);
+		CHECK_EQ(kr.m.len, n);
+		CHECK(memcmp(kr.copy, msg, (size_t)n) == 0);
+		CHECK_EQ(kupdev_pass(sc, 0), 0);
+		user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	}
+	/* PASS and an unread user message: send validates and drops it */
+	user_handover_raw(&u, 0, KUP_KIND_PASS, ++u.u2k_seq, KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	/* the seed's receive */
+	user_send(&u, "seed", 4);
+	{
+		void *p = kupdev_receive(sc, 0);
+		CHECK(p != NULL);
+		CHECK(memcmp(p, "seed", 4) == 0);
+		kupdev_unlock_channel(sc, 0);
+	}
+	/* user departs while the kernel waits: -EPIPE */
+	CHECK_EQ(kupdev_send(sc, "q", 1, 0), 0);
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = KUPDEV_FOREVER;
+	CHECK_EQ(pthread_create(&t, NULL, krecv_main, &kr), 0);
+	usleep(20000);
+	kup_core_detach(ch);
+	pthread_join(t, NULL);
+	CHECK_EQ(kr.ret, -EPIPE);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);
+	/* re-attach: fresh sequences, attach_gen bumped */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	user_init(&u, ch);
+	CHECK_EQ(u.k->attach_gen, 2);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);   /* not told yet */
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 100), 0);
+	CHECK_EQ(kupdev_send(sc, "new", 3, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "new", 3);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok turns\n");
+}
+
+/* every malformed user descriptor is refused with -EPROTO */
+static void
+test_proto(void)
+{
+	static const struct {
+		const char *what;
+		uint32_t len, kind, turn;
+		int64_t seq_adj;    /* relative to the correct next seq */
+	} bad[] = {
+		{ "len over", 4097, KUP_KIND_DATA, KUP_TURN_KERNEL, 0 },
+		{ "len huge", 0xffffffffU, KUP_KIND_DATA, KUP_TURN_KERNEL, 0 },
+		{ "kind 0", 0, 0, KUP_TURN_KERNEL, 0 },
+		{ "kind 4", 0, 4, KUP_TURN_KERNEL, 0 },
+		{ "pass with len", 5, KUP_KIND_PASS, KUP_TURN_KERNEL, 0 },
+		{ "seq gap", 1, KUP_KIND_DATA, KUP_TURN_KERNEL, 1 },
+		{ "seq repeat", 1, KUP_KIND_DATA, KUP_TURN_KERNEL, -1 },
+		{ "garbage turn", 1, KUP_KIND_DATA, 0x01020304U, 0 },
+	};
+	struct kupdev_softc *sc = kupdev_create("proto", 1, 1);
+	struct kup_chan *ch;
+	struct kupdev_msg m;
+	struct user u;
+	size_t i;
+
+	CHECK(sc != NULL);
+	CHECK_EQ(kupdev_data_size(sc), 4096);
+	kupdev_notify(sc);
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+		CHECK_EQ(kupdev_wait_channel_timeout(sc, 100), 0);
+		user_init(&u, ch);
+		CHECK_EQ(kupdev_pass(sc, 0), 0);
+		user_expect(&u, KUP_KIND_PASS, NULL, 0);
+		user_send(&u, "ok", 2);   /* one good message: seq 1 */
+		CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+		kupdev_unlock_channel(sc, 0);
+		CHECK_EQ(kupdev_pass(sc, 0), 0);
+		user_expect(&u, KUP_KIND_PASS, NULL, 0);
+		user_handover_raw(&u, bad[i].len, bad[i].kind,
+		    (uint64_t)((int64_t)u.u2k_seq + 1 + bad[i].seq_adj), bad[i].turn);
+		if (kupdev_receive_msg(sc, 0, &m, 1000) != -EPROTO) {
+			fprintf(stderr, "%s: not refused\n", bad[i].what);
+			exit(1);
+		}
+		CHECK(u.k->state & KUP_STATE_PEER_GONE);
+		/* and the channel stays refused until the user leaves */
+		CHECK_EQ(kupdev_pass(sc, 0), -EPROTO);
+		CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EPROTO);
+		kup_core_detach(ch);
+		printf("refused %s\n", bad[i].what);
+	}
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok proto\n");
+}
+
+static void
+test_shutdown(void)
+{
+	struct kupdev_softc *sc = kupdev_create("shut", 1, 2);
+	struct kupdev_softc *ref;
+	struct kup_chan *ch;
+	struct kup_os_chan *os;
+	struct krecv kr;
+	struct kwait kw = { 0 };
+	struct user u;
+	struct pollfd pf;
+	pthread_t t1, t2;
+	uint64_t v;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 100), 0);
+	user_init(&u, ch);
+	os = kup_core_chan_os(ch);
+	while (read(os->k2u_efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+		;
+	ref = kup_core_dev_get("shut");   /* the host's reference */
+	CHECK(ref == sc);
+	CHECK(kup_core_dev_get("nosuch") == NULL);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	/* a kernel receiver and a wait_channel waiter, both asleep */
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = KUPDEV_FOREVER;
+	kw.sc = sc;
+	CHECK_EQ(pthread_create(&t1, NULL, krecv_main, &kr), 0);
+	CHECK_EQ(pthread_create(&t2, NULL, kwait_main, &kw), 0);
+	usleep(30000);
+	CHECK_EQ(kupdev_shutdown(sc), 0);
+	pthread_join(t1, NULL);
+	pthread_join(t2, NULL);
+	CHECK_EQ(kr.ret, -ESHUTDOWN);
+	CHECK_EQ(kw.ret, -ESHUTDOWN);
+	/* the user side was told: state bit and a wake-up on its fd */
+	CHECK(u.k->state & KUP_STATE_SHUTDOWN);
+	pf.fd = os->k2u_efd;
+	pf.events = POLLIN;
+	CHECK_EQ(poll(&pf, 1, 1000), 1);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -ESHUTDOWN);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ESHUTDOWN);
+	CHECK_EQ(kupdev_announce(sc, 2), -ESHUTDOWN);
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch), -ESHUTDOWN);
+	CHECK(kup_core_dev_get("shut") == NULL);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	CHECK_EQ(kupdev_unload(sc), 0);   /* idempotent */
+	/* the host's reference keeps the channel memory alive */
+	CHECK(u.k->state & KUP_STATE_SHUTDOWN);
+	kup_core_detach(kup_core_chan_at(ref, 0));
+	kup_core_dev_put(ref);   /* frees (ASan checks) */
+	/* name free again */
+	sc = kupdev_create("shut", 1, 1);
+	CHECK(sc != NULL);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok shutdown\n");
+}
+
+int
+main(void)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	CHECK(kupdev_create("early", 1, 1) == NULL);   /* before init */
+	CHECK_EQ(kup_core_init(), 0);
+	test_create_args();
+	test_attach_rules();
+	test_turns();
+	test_proto();
+	test_shutdown();
+	kup_core_fini();
+	printf("OK core\n");
+	return 0;
+}
