@@ -21,13 +21,15 @@
  *     copies once out of the shared area into the result bytes (the area
  *     is reused at the next hand-over, so it cannot be exported).
  *
- * Why libkup's sources are compiled into this extension (setup.py globs
- * kmod/libkup/ *.c) rather than linking kmod/out/libkup.a: the archive is
- * built for C programs and need not be position-independent, and a
- * non-PIC archive cannot be linked into a shared object.  Compiling the
- * sources here gives them the extension's -fPIC and -Wall -Wextra -Werror,
- * keeps `pip install -e .` self-contained, and still uses the exact same
- * protocol code as the C clients -- there is no second implementation.
+ * Why libkup's sources are compiled into this extension (setup.py picks
+ * them as kmod/Makefile does) rather than linking kmod/out/libkup.a: the
+ * extension then builds from a clean tree (`pip install -e .` does not
+ * depend on `make -C kmod` having run first, nor on the archive having
+ * been built -fPIC), libkup gets this extension's -Wall -Wextra -Werror
+ * and -fvisibility=hidden (its symbols, kernproxy_errno included, stay
+ * private to the extension and cannot clash with a libkup.so loaded by
+ * something else in the process), and it is still the exact same protocol
+ * code as the C clients use -- there is no second implementation.
  *
  * Errors: every KUP_E_* code is turned into an exception by ONE function,
  * kupd.errors.error_for_code (imported at module init); this file only
@@ -299,7 +301,7 @@ device_channel(DeviceObject *d, PyObject *args)
 	c->dev = (DeviceObject *)Py_NewRef(d);
 	c->id = kernproxy_chan_id(h);
 	c->max_msg = kernproxy_max_msg(h);
-	c->fd = kernproxy_fd(h);
+	c->fd = -1; /* kernproxy_fd() on first fileno(): it switches on poll mode */
 	c->busy = 0;
 	c->close_requested = 0;
 	d->nchannels++;
@@ -677,9 +679,18 @@ channel_fileno(ChannelObject *c, PyObject *unused)
 	if (c->h == NULL || c->close_requested)
 		return raise_kup(KUP_E_INVAL, 0, "fileno on channel %u of device %U: channel is closed",
 		    (unsigned)c->id, c->dev->name);
-	if (c->fd < 0)
-		return raise_kup(KUP_E_SYS, 0, "fileno on channel %u of device %U: libkup gave no fd",
+	if (c->busy)
+		return raise_kup(KUP_E_BUSY, 0,
+		    "fileno on channel %u of device %U: another thread is using this channel",
 		    (unsigned)c->id, c->dev->name);
+	if (c->fd < 0) {
+		/* From now on libkup keeps user_waiting set and the kernel
+		 * writes the wake-up fd on every hand-over. */
+		c->fd = kernproxy_fd(c->h);
+		if (c->fd < 0)
+			return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+			    "fileno on channel %u of device %U", (unsigned)c->id, c->dev->name);
+	}
 	return PyLong_FromLong(c->fd);
 }
 

@@ -18,7 +18,7 @@ The context manager
   afterwards if it created it;
 * starts ``kupsim -d RUNDIR module.so ...`` with stdout and stderr captured
   to files (never pipes: a chatty host can never block on a full pipe);
-* waits, with a timeout, until kupsim prints its ``ready`` line, and fails
+* waits, with a timeout, until kupsim prints its ``kupsim: ready <devices>`` line, and fails
   with kupsim's captured output if it exits or stays silent instead;
 * always stops the process on the way out (SIGTERM, then SIGKILL after a
   grace period) and reaps it, whether the body raised or not.
@@ -52,6 +52,7 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _DEFAULT_READY_TIMEOUT = 20.0
+_READY = "kupsim: ready"  # kupsim's stdout line once every device is published
 _DEFAULT_STOP_TIMEOUT = 10.0
 
 
@@ -102,6 +103,8 @@ class KupSim:
         self._stdout_path = stdout_path
         self._stderr_path = stderr_path
         self._stopped = False  # stop() ran (and checked the status itself)
+        #: device names from kupsim's ready line
+        self.devices: tuple[str, ...] = ()
 
     # -- facts ------------------------------------------------------------
     @property
@@ -191,8 +194,10 @@ def _wait_ready(sim: KupSim, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
-        if any("ready" in line.lower() for line in sim.stdout().splitlines()):
-            return
+        for line in sim.stdout().splitlines():
+            if line.startswith(_READY):
+                sim.devices = tuple(line[len(_READY):].split())
+                return
         rc = sim.proc.poll()
         if rc is not None:
             raise KupSimError(f"kupsim exited with status {rc} before it was ready", sim.output())

@@ -1,0 +1,313 @@
+"""kupd.channel against a real kupsim process running the echo module.
+
+Echo's behaviour (kmod/examples/echo/echo.c): on attach it hands the turn to
+user space with a PASS; then it answers every DATA message with one DATA of
+the same length -- unchanged on even channels, a-z upper-cased on odd ones --
+a PASS with a PASS, and a message starting with b"!delay" only after 300 ms
+(the kernel holds the turn meanwhile).
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable
+
+import pytest
+
+from kupd import abi
+from kupd.channel import Channel, Device, DeviceInfo, Kind, Message
+from kupd.errors import (
+    Busy,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    NotYourTurn,
+    TooBig,
+)
+from kupd.testing import KupSim, kupsim
+
+T = 10.0  # generous bound on any single wait that should succeed
+
+
+def opened(ch: Channel) -> Message:
+    """Take echo's opening hand-over on a fresh channel."""
+    first = ch.receive(timeout=T)
+    assert first.kind is Kind.PASS and first.data == b"" and first.seq == 1
+    return first
+
+
+def roundtrip(ch: Channel, data: bytes) -> Message:
+    ch.send(data)
+    return ch.receive(timeout=T)
+
+
+def echoed(chan_id: int, data: bytes) -> bytes:
+    """What echo answers on channel chan_id."""
+    return data.upper() if chan_id % 2 else data
+
+
+DELAY = b"!delay"  # echo holds the turn 300 ms before answering
+TRIES = 5  # a 300 ms window can be missed on an overloaded machine: retry
+
+
+def while_kernel_holds_turn(ch: Channel, check: Callable[[], bool]) -> bool:
+    """Hand echo a delayed message and run ``check`` while the kernel holds
+    the turn; consume the reply.  True once ``check`` returned True before
+    the reply arrived (it observed the kernel's turn), within TRIES tries."""
+    for _ in range(TRIES):
+        ch.send(DELAY)
+        observed = check()
+        reply = ch.receive(timeout=T)
+        assert reply.data == DELAY and reply.kind is Kind.DATA
+        if observed:
+            return True
+    return False
+
+
+def test_open_missing_device_is_notfound(echo_sim: KupSim) -> None:
+    with pytest.raises(NotFound, match="nope"):
+        Device.open(echo_sim.device_path("nope"))
+
+
+def test_info(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        info = dev.info()
+    assert isinstance(info, DeviceInfo)
+    assert info.name == "echo"
+    assert info.abi_version == abi.KUP_ABI_VERSION
+    assert info.page_size > 0 and info.pages > 0
+    assert info.max_msg == info.page_size * info.pages
+    assert 0 < info.announced <= info.chan_count <= abi.KUP_MAX_CHANNELS
+    assert info.attached == ()
+    assert not info.shutting_down
+
+
+def test_one_channel_blocking(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        assert 0 <= ch.id < dev.info().chan_count
+        assert dev.info().attached == (ch.id,)
+        opened(ch)
+        assert ch.my_turn()
+        for i, text in enumerate([b"hello", b"world", b"\x00\xff binary \x00"]):
+            reply = roundtrip(ch, text)
+            assert reply == Message(text, Kind.DATA, 2 + i)
+        ch.pass_()
+        assert ch.receive(timeout=T).kind is Kind.PASS
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        assert dev.info().attached == ()
+
+
+def test_send_accepts_any_buffer(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        assert roundtrip(ch, bytearray(b"bytearray")).data == b"bytearray"
+        assert roundtrip(ch, memoryview(b"xxmemoryviewxx")[2:-2]).data == b"memoryview"
+        with pytest.raises(TypeError):
+            ch.send("a str is not a buffer")  # type: ignore[arg-type]
+        assert ch.my_turn()  # nothing was sent
+
+
+def test_nonblocking_receive_before_kernel_passes(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+
+        def nonblocking_sees_kernel_turn() -> bool:
+            if ch.my_turn():
+                return False  # the reply already came: retry
+            try:
+                ch.receive(timeout=0)
+            except NotReady:
+                return ch.try_receive() is None
+            return False
+
+        assert while_kernel_holds_turn(ch, nonblocking_sees_kernel_turn)
+        assert roundtrip(ch, b"after").data == b"after"
+
+
+def test_try_receive_after_fileno_readable(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        fd = ch.fileno()
+        r, _, _ = select.select([fd], [], [], T)
+        assert r == [fd], "fileno never polled readable for the opening PASS"
+        first = ch.try_receive()
+        assert first == Message(b"", Kind.PASS, 1)
+        ch.send(b"polled")
+        msg = None
+        for _ in range(1000):  # readable is a hint: the page is the truth
+            r, _, _ = select.select([fd], [], [], T)
+            assert r == [fd], "fileno never polled readable for the reply"
+            msg = ch.try_receive()
+            if msg is not None:
+                break
+        assert msg == Message(b"polled", Kind.DATA, 2)
+
+
+def test_fileno_is_quiet_after_try_receive(echo_sim: KupSim) -> None:
+    """The asyncio pattern (add_reader + try_receive) must not spin: once the
+    message is taken and this side holds the turn, the fd is not readable."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        fd = ch.fileno()
+        for i in range(3):
+            msg = None
+            for _ in range(1000):
+                r, _, _ = select.select([fd], [], [], T)
+                assert r == [fd], "fileno never polled readable"
+                msg = ch.try_receive()
+                if msg is not None:
+                    break
+            assert msg is not None and msg.seq == i + 1
+            r, _, _ = select.select([fd], [], [], 0)
+            assert r == [], "fd still readable after the message was taken: pollers would spin"
+            ch.send(b"x")
+
+
+def test_receive_deadline(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        errors: list[DeadlineExceeded] = []
+
+        def deadline_passes() -> bool:
+            try:
+                ch.receive(timeout=0.02)
+            except DeadlineExceeded as e:
+                errors.append(e)
+                return True
+            # the reply beat the deadline; hand the turn back for the helper
+            ch.pass_()
+            assert ch.receive(timeout=T).kind is Kind.PASS
+            ch.send(DELAY)
+            return False
+
+        assert while_kernel_holds_turn(ch, deadline_passes)
+        assert f"channel {ch.id}" in str(errors[0])
+        # The late reply was still taken, and the channel goes on working.
+        assert roundtrip(ch, b"after").data == b"after"
+
+
+def test_send_when_not_my_turn(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+
+        def refused() -> bool:
+            if ch.my_turn():
+                return False  # the reply already came: retry
+            with pytest.raises(NotYourTurn):
+                ch.send(b"again")
+            with pytest.raises(NotYourTurn):
+                ch.pass_()
+            return True
+
+        assert while_kernel_holds_turn(ch, refused)
+        assert roundtrip(ch, b"ok").data == b"ok"
+
+
+def test_receive_when_holding_turn_is_notyourturn(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel() as ch:
+        opened(ch)
+        with pytest.raises(NotYourTurn):
+            ch.receive(timeout=1)
+        assert roundtrip(ch, b"OK").data == b"OK"
+
+
+def test_max_msg_and_one_over(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        n = ch.max_msg
+        assert n == dev.info().max_msg
+        big = bytes(range(256)) * (n // 256) + b"z" * (n % 256)
+        assert len(big) == n
+        reply = roundtrip(ch, big)
+        assert reply.kind is Kind.DATA and len(reply.data) == n and reply.data == big
+        seq = reply.seq
+        with pytest.raises(TooBig, match=str(n + 1)):
+            ch.send(big + b"!")
+        assert ch.my_turn()  # nothing was sent
+        reply = roundtrip(ch, b"still usable")
+        assert reply == Message(b"still usable", Kind.DATA, seq + 1)
+
+
+def test_empty_message(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel() as ch:
+        opened(ch)
+        reply = roundtrip(ch, b"")
+        assert reply == Message(b"", Kind.DATA, 2)
+
+
+def test_bad_arguments(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        with pytest.raises(InvalidArgument, match="chan_id"):
+            dev.channel(-3)
+        with pytest.raises(NotFound):
+            dev.channel(dev.info().chan_count)
+        with dev.channel() as ch:
+            opened(ch)
+            for bad in (-1, float("nan"), "1"):
+                with pytest.raises(InvalidArgument, match="timeout"):
+                    ch.receive(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="closed"):
+            ch.send(b"x")
+        ch.close()  # idempotent
+    with pytest.raises(InvalidArgument, match="closed"):
+        dev.channel()
+
+
+def test_specific_channel_busy(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        assert ch.id == 0
+        with pytest.raises(Busy):
+            dev.channel(0)
+        with dev.channel() as other:
+            assert other.id != 0
+
+
+def test_two_channels_interleaved(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel() as a, dev.channel() as b:
+        assert a.id != b.id
+        opened(a)
+        opened(b)
+        a.send(b"to a")
+        b.send(b"to b")
+        assert b.receive(timeout=T).data == echoed(b.id, b"to b")
+        assert a.receive(timeout=T).data == echoed(a.id, b"to a")
+
+
+def test_two_channels_different_transforms(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as even, \
+            dev.channel(1) as odd:
+        opened(even)
+        opened(odd)
+        assert roundtrip(even, b"Hello, kernel!").data == b"Hello, kernel!"
+        assert roundtrip(odd, b"Hello, kernel!").data == b"HELLO, KERNEL!"
+
+
+def test_128_channels(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        assert dev.info().chan_count >= 128
+        chans = [dev.channel() for _ in range(128)]
+        try:
+            assert sorted(c.id for c in chans) == list(range(128))
+            assert dev.info().attached == tuple(range(128))
+            for c in chans:
+                opened(c)
+            for c in chans:
+                c.send(b"chan %d" % c.id)
+            for c in reversed(chans):
+                assert c.receive(timeout=T).data == echoed(c.id, b"chan %d" % c.id)
+        finally:
+            for c in chans:
+                c.close()
+
+
+def test_two_devices_at_once() -> None:
+    with kupsim("echo") as sim1, kupsim("echo") as sim2:
+        d1 = Device.open(sim1.device_path("echo"))
+        d2 = Device.open(sim2.device_path("echo"))
+        with d1, d2, d1.channel(0) as c1, d2.channel(0) as c2:
+            opened(c1)
+            opened(c2)
+            c1.send(b"one")
+            c2.send(b"two")
+            assert c2.receive(timeout=T).data == b"two"
+            assert c1.receive(timeout=T).data == b"one"
+            assert d1.info().attached == (0,) and d2.info().attached == (0,)
