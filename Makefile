@@ -63,6 +63,11 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# Benchmarks (not part of `make test`): one run, a table, and
+# bench/results/latest.{json,md}; see docs/performance.md.
+bench: build
+	PYTHONPATH=$(CURDIR)/bench:$(CURDIR)/clients/python:$(CURDIR) $(PY) -m kupbench
+
 demo: build
 	$(PY) -m kupd.demo
 

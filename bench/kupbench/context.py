@@ -93,10 +93,10 @@ async def group(ctx: RunCtx, name: str, specs: list[FigSpec]) -> AsyncIterator[N
     t0 = time.monotonic()
     try:
         yield
-    except (BenchError, OSError, ImportError, RuntimeError) as exc:
+    except Exception as exc:
         why = _why(exc)
         log(f"  ! {name} not run: {why}")
-        if os.environ.get("KUPBENCH_DEBUG"):
+        if os.environ.get("KUPBENCH_DEBUG") or not isinstance(exc, BenchError | OSError):
             traceback.print_exc()
         ctx.skip(specs, why)
     log(f"  ({time.monotonic() - t0:.1f} s)")

@@ -108,7 +108,18 @@ async def run(ctx: RunCtx) -> None:
             await ctx.measure(work, bare_specs + kupd_rt_specs)
 
         # -- stream throughput
-        largest = kupd.max_msg if kupd is not None else None
+        pipe: Any = None
+        client: Any = None
+        largest: int | None = None
+        if kupd is not None:
+            try:
+                pipe, client = await kupd.pump_echoers()
+                largest = kupd.max_msg
+            except Exception as exc:
+                kupd_pump_why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                log(f"  ! kupd pump set-up: {kupd_pump_why}")
+        else:
+            kupd_pump_why = kupd_why
         sizes = _pump_sizes(largest)
         pump_specs: list[FigSpec] = []
         for nm, pretty, _size in sizes:
@@ -124,8 +135,7 @@ async def run(ctx: RunCtx) -> None:
             work = {}
             for nm, _pretty, size in sizes:
                 work[f"bare.pump_{nm}"] = _pump(bb, size, cfg.pump_bytes, f"bare pump {nm}")
-            if kupd is not None:
-                pipe, client = await kupd.pump_echoers()
+            if pipe is not None:
                 for nm, _pretty, size in sizes:
                     if size <= kupd.max_msg:
                         work[f"kupd.pump_{nm}"] = _pump(pipe, size, cfg.pump_bytes,
@@ -133,7 +143,8 @@ async def run(ctx: RunCtx) -> None:
                 work["kupd.client_pp_64k"] = _pump(client, 64 * KIB, cfg.pump_bytes,
                                                    "kupclient 64k")
             else:
-                ctx.skip([s for s in pump_specs if s.workload.startswith("kupd.")], kupd_why)
+                ctx.skip([s for s in pump_specs if s.workload.startswith("kupd.")],
+                         kupd_pump_why)
             await ctx.measure(work, pump_specs)
 
         # -- scale
