@@ -15,12 +15,14 @@ talks to a channel directly or through kupd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from kupapi import kup_pb2
 from kupd import errors
 
-__all__ = ["error_from_pb", "error_from_rpc"]
+__all__ = ["error_from_pb", "error_from_rpc", "error_from_status"]
 
 _BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -42,9 +44,15 @@ def _build(kind: str, message: str, fallback: type[errors.KupError]) -> errors.K
 def error_from_rpc(exc: grpc.RpcError) -> errors.KupError:
     """The kupd.errors exception for a failed RPC."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    kind = ""
+    details = exc.details() if hasattr(exc, "details") else None
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return error_from_status(code, details, trailing)
+
+
+def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any) -> errors.KupError:
+    """The kupd.errors exception for a status (code, details, trailing metadata)."""
+    details = details or str(code)
+    kind = ""
     for key, value in trailing or ():
         if key == "kup-error":
             kind = value if isinstance(value, str) else value.decode()

@@ -12,7 +12,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient._errors import error_from_pb, error_from_rpc
+from kupclient._errors import error_from_pb, error_from_rpc, error_from_status
 from kupclient._types import (
     DeviceInfo,
     Lease,
@@ -183,10 +183,11 @@ class AsyncChannel:
                 raise error_from_rpc(exc) from None
             if resp is grpc.aio.EOF:
                 self._closed = True
-                try:
-                    await self._call
-                except grpc.RpcError as exc:
-                    raise error_from_rpc(exc) from None
+                code = await self._call.code()
+                if code != grpc.StatusCode.OK:
+                    raise error_from_status(
+                        code, await self._call.details(), await self._call.trailing_metadata()
+                    )
                 raise errors.PeerGone(f"session on {self.device} ended")
         assert isinstance(resp, kup_pb2.SessionResponse)
         if resp.WhichOneof("result") == "error":
@@ -221,7 +222,8 @@ class AsyncChannel:
         self._closed = True
         try:
             await self._call.done_writing()
-            await self._call
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
         except grpc.RpcError:
             pass
         except asyncio.CancelledError:

@@ -1,0 +1,263 @@
+"""Every kup.v1 RPC's happy path and every error of the taxonomy, over a
+real unix socket against a real kupd + kupsim (echo module)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from gateway_helpers import Kupd, wait_until
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import AsyncClient, Client, Kind
+from kupd import errors
+from kupd.testing import KupSim
+
+
+def expected(chan: int, data: bytes) -> bytes:
+    """The echo module answers unchanged on even channels, upper-cased on odd."""
+    return data if chan % 2 == 0 else data.upper()
+
+
+def raw_stub(kupd: Kupd) -> tuple[grpc.Channel, kup_pb2_grpc.KupStub]:
+    ch = grpc.insecure_channel("unix:" + kupd.socket)
+    return ch, kup_pb2_grpc.KupStub(ch)
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+def test_list_devices_reports_geometry_and_channel_states(client: Client) -> None:
+    (dev,) = client.devices()
+    assert dev.name == "echo" and dev.reachable and not dev.shutting_down
+    assert dev.abi_version == 1
+    assert dev.channel_count == 128 and dev.announced == 128
+    assert dev.max_message_bytes == dev.page_size * dev.pages_per_channel
+    assert dev.call_channels == 4
+    states = [c.state for c in dev.channels]
+    assert states.count("calls") == 4 and states.count("free") == 124
+    with client.open("echo").channel(7) as ch:
+        lease = client.attach("echo", 9)
+        by_id = {c.id: c for c in client.devices("echo")[0].channels}
+        assert by_id[7].state == "session" and by_id[7].lease_id == ch.lease.lease_id
+        assert by_id[9].state == "lease" and by_id[9].lease_id == lease.lease_id
+        client.release(lease.lease_id)
+    by_id = {c.id: c for c in client.devices("echo")[0].channels}
+    assert by_id[7].state == "free" and by_id[9].state == "free"
+
+
+def test_session_send_receive_pass(client: Client) -> None:
+    with client.open("echo").channel() as ch:
+        first = ch.receive()  # the kernel's opening hand-over
+        assert first.kind == Kind.PASS and first.seq == 1
+        ch.send(b"hello")
+        reply = ch.receive(timeout=10)
+        assert (reply.data, reply.kind, reply.seq) == (expected(ch.id, b"hello"), Kind.DATA, 2)
+        ch.pass_()
+        back = ch.receive()
+        assert back.kind == Kind.PASS and back.seq == 3
+
+
+def test_session_nonblocking_receive_is_not_ready_not_an_error(client: Client) -> None:
+    with client.open("echo").channel(12) as ch:
+        ch.receive()
+        ch.send(b"!delay slow")  # the module holds the turn for 300 ms
+        assert ch.try_receive() is None
+        with pytest.raises(errors.NotReady):
+            ch.receive(0)
+        assert ch.receive(timeout=10).data == b"!delay slow"
+
+
+def test_session_specific_channel_and_reattach_after_close(client: Client) -> None:
+    h = client.open("echo")
+    with h.channel(11) as ch:
+        assert ch.id == 11 and ch.max_msg == 4096
+        ch.receive()
+        ch.send(b"abc")
+        assert ch.receive().data == b"ABC"
+    with h.channel(11) as ch:  # free again, and a fresh conversation
+        assert ch.receive().seq == 1
+
+
+def test_lease_rpcs(client: Client) -> None:
+    lease = client.attach("echo")
+    assert lease.device == "echo" and lease.idle_timeout_ms > 0
+    assert client.lease_receive(lease.lease_id).kind == Kind.PASS
+    client.lease_send(lease.lease_id, b"via lease")
+    assert client.lease_receive(lease.lease_id, timeout=10).data == expected(
+        lease.channel, b"via lease"
+    )
+    client.lease_pass(lease.lease_id)
+    assert client.lease_receive(lease.lease_id).kind == Kind.PASS
+    client.release(lease.lease_id)
+    with pytest.raises(errors.NotFound, match=lease.lease_id):
+        client.lease_send(lease.lease_id, b"x")
+
+
+def test_call(client: Client) -> None:
+    for i in range(10):
+        payload = f"{i}:1234".encode()
+        reply = client.call("echo", payload, timeout=10)
+        assert reply.data == payload and reply.kind == Kind.DATA
+
+
+def test_health_and_reflection(kupd: Kupd, client: Client) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("kup.v1.Kup") == "SERVING"
+    assert client.health("kup.v1.Kup/echo") == "SERVING"
+    ch = grpc.insecure_channel("unix:" + kupd.socket)
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        (resp,) = list(stub.ServerReflectionInfo(iter([req]), timeout=10))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"kup.v1.Kup", "grpc.health.v1.Health"} <= names
+        req = reflection_pb2.ServerReflectionRequest(file_containing_symbol="kup.v1.Kup")
+        (resp,) = list(stub.ServerReflectionInfo(iter([req]), timeout=10))
+        assert resp.file_descriptor_response.file_descriptor_proto
+    finally:
+        ch.close()
+
+
+def test_async_client(kupd: Kupd) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            assert await c.health() == "SERVING"
+            assert (await c.devices())[0].name == "echo"
+            h = await c.open("echo")
+            ch = await h.channel()
+            async with ch:
+                assert (await ch.receive()).kind == Kind.PASS
+                await ch.send(b"async")
+                assert (await ch.receive(timeout=10)).data == expected(ch.id, b"async")
+            assert (await c.call("echo", b"42", timeout=10)).data == b"42"
+            lease = await c.attach("echo")
+            await c.lease_receive(lease.lease_id)
+            await c.lease_pass(lease.lease_id)
+            assert (await c.lease_receive(lease.lease_id)).kind == Kind.PASS
+            await c.release(lease.lease_id)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_device_is_not_found(client: Client) -> None:
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        client.open("nosuch")
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        client.call("nosuch", b"x")
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        client.attach("nosuch")
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        client.devices("nosuch")
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        next(iter(client.watch("nosuch")))
+    with pytest.raises(errors.NotFound, match="nosuch"):
+        client.open("echo").client.open("nosuch").channel()
+
+
+def test_unknown_channel_and_lease_are_not_found(client: Client) -> None:
+    with pytest.raises(errors.NotFound, match="no channel 500"):
+        client.open("echo").channel(500)
+    with pytest.raises(errors.NotFound, match="no lease"):
+        client.lease_receive("0123456789abcdef")
+
+
+def test_grpc_status_codes_and_metadata(kupd: Kupd) -> None:
+    ch, stub = raw_stub(kupd)
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Call(kup_pb2.CallRequest(device="nosuch", data=b"x"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "nosuch" in ei.value.details()
+        assert ("kup-error", "NotFound") in tuple(ei.value.trailing_metadata())
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Call(kup_pb2.CallRequest(device="echo", data=b"x" * 5000), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "4096" in ei.value.details()  # names the limit
+        a = stub.Attach(kup_pb2.AttachRequest(device="echo", channel=20), timeout=10)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Attach(kup_pb2.AttachRequest(device="echo", channel=20), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert a.lease_id in ei.value.details()
+        stub.Receive(kup_pb2.ReceiveRequest(lease_id=a.lease_id), timeout=10)
+        stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=b"!delay"), timeout=10)
+        with pytest.raises(grpc.RpcError) as ei:  # the kernel holds the turn for 300 ms
+            stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=b"x"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "EKU_NOTTURN" in ei.value.details()
+        r = stub.Receive(
+            kup_pb2.ReceiveRequest(lease_id=a.lease_id, mode=kup_pb2.RECEIVE_MODE_NONBLOCK),
+            timeout=10,
+        )
+        assert r.not_ready and not r.HasField("message")
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Receive(
+                kup_pb2.ReceiveRequest(
+                    lease_id=a.lease_id, mode=kup_pb2.RECEIVE_MODE_DEADLINE, timeout_ms=20
+                ),
+                timeout=10,
+            )
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        ch.close()
+
+
+def test_session_errors_in_band_keep_the_session(client: Client) -> None:
+    with client.open("echo").channel() as ch:
+        ch.receive()
+        with pytest.raises(errors.TooBig, match="4096"):
+            ch.send(b"x" * (ch.max_msg + 1))
+        ch.send(b"!delay")
+        with pytest.raises(errors.NotYourTurn):
+            ch.send(b"too early")  # the kernel holds the turn for 300 ms
+        with pytest.raises(errors.DeadlineExceeded):
+            ch.receive(timeout=0.02)
+        assert ch.receive(timeout=10).data == expected(ch.id, b"!delay")
+        with pytest.raises(errors.NotYourTurn):
+            ch.receive()  # already consumed, holding the turn: would wait forever
+        ch.send(b"still alive")
+        assert ch.receive(timeout=10).data == expected(ch.id, b"still alive")
+
+
+def test_channel_held_elsewhere_is_failed_precondition(client: Client) -> None:
+    h = client.open("echo")
+    with h.channel(30), pytest.raises(errors.Busy, match="channel 30"):
+        h.channel(30)
+    with pytest.raises(errors.Busy, match="Call pool"):
+        h.channel(0)
+
+
+def test_call_deadline_quarantines_the_channel(client: Client) -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        client.call("echo", b"!delay", timeout=0.05)
+    # The quarantined channel is never handed on mid-exchange: every later
+    # reply is the answer to its own request, never the late "!delay".
+    for i in range(20):
+        payload = f"{i}".encode()
+        assert client.call("echo", payload, timeout=10).data == payload
+    wait_until(
+        lambda: all(c.state != "quarantined" for c in client.devices("echo")[0].channels),
+        what="quarantine lifted",
+    )
+
+
+def test_device_shutdown_is_unavailable_with_eku_shutdown(sim: KupSim, kupd: Kupd) -> None:
+    with kupd.client() as c:
+        ch = c.open("echo").channel()
+        ch.receive()
+        ch.send(b"!delay")
+        sim.signal(15)  # kupsim unloads the module: EKU_SHUTDOWN on every channel
+        with pytest.raises((errors.Shutdown, errors.PeerGone)) as ei:
+            ch.receive(timeout=10)
+        ch.close()
+        wait_until(lambda: c.health() == "NOT_SERVING", what="health NOT_SERVING")
+        with pytest.raises((errors.Shutdown, errors.Unavailable)) as ei2:
+            c.call("echo", b"x", timeout=5)
+    assert isinstance(ei.value, errors.Shutdown), ei.value
+    assert "EKU_SHUTDOWN" in str(ei.value)
+    assert ei2.value is not None
