@@ -1,0 +1,350 @@
+"""kupd.channel across threads and processes, against a real kupsim + echo.
+
+GIL release (two threads on two channels), unload while a receiver waits,
+a user process SIGKILLed while holding a channel, ABI version refusal, and
+that blocked waiters (user side and kupsim) burn no CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kupd.channel import Channel, Device, Kind
+from kupd.errors import Busy, KupError, Shutdown, VersionMismatch
+from kupd.testing import REPO_ROOT, KupSim, kupsim
+
+T = 10.0
+DELAY = b"!delay"  # echo holds the turn 300 ms before answering
+
+
+def opened(ch: Channel) -> None:
+    first = ch.receive(timeout=T)
+    assert first.kind is Kind.PASS and first.seq == 1
+
+
+# --- threads -----------------------------------------------------------------
+
+
+def test_two_threads_progress_concurrently(echo_sim: KupSim) -> None:
+    """Thread A blocks in receive() (echo holds the turn 300 ms, three times);
+    thread B does round trips on another channel meanwhile.  If the GIL were
+    held during A's wait, B could not complete a single round trip while A
+    is inside receive()."""
+    dev = Device.open(echo_sim.device_path("echo"))
+    a, b = dev.channel(0), dev.channel(2)
+    opened(a)
+    opened(b)
+    b_count = 0
+    stop = threading.Event()
+    during_a_waits: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker_a() -> None:
+        try:
+            for _ in range(3):
+                a.send(DELAY)
+                before = b_count
+                reply = a.receive(timeout=T)  # ~300 ms inside C
+                during_a_waits.append(b_count - before)
+                assert reply.data == DELAY
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            stop.set()
+
+    def worker_b() -> None:
+        nonlocal b_count
+        try:
+            while not stop.is_set():
+                b.send(b"ping %d" % b_count)
+                assert b.receive(timeout=T).data == b"ping %d" % b_count
+                b_count += 1
+        except BaseException as e:
+            errors.append(e)
+
+    with dev, a, b:
+        ta = threading.Thread(target=worker_a)
+        tb = threading.Thread(target=worker_b)
+        tb.start()
+        ta.start()
+        ta.join(60)
+        tb.join(60)
+        assert not ta.is_alive() and not tb.is_alive()
+    assert not errors, errors
+    assert len(during_a_waits) == 3
+    assert sum(during_a_waits) > 0, "B made no progress while A was blocked: GIL held?"
+    print(f"round trips on B during A's three blocked receives: {during_a_waits}")
+
+
+def test_same_channel_from_two_threads_is_busy(echo_sim: KupSim) -> None:
+    """While one thread is inside receive(), another thread using the same
+    channel gets Busy (libkup allows one thread per channel at a time)."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        for _ in range(5):  # the window is echo's 300 ms hold: retry if missed
+            ch.send(DELAY)
+            got: list[object] = []
+            t = threading.Thread(target=lambda g=got: g.append(ch.receive(timeout=T)))
+            t.start()
+            saw_busy = False
+            while t.is_alive() and not saw_busy:
+                try:
+                    ch.try_receive()
+                except Busy as e:
+                    saw_busy = "another thread" in str(e)
+            t.join(T)
+            assert got and getattr(got[0], "data", None) == DELAY
+            if saw_busy:
+                break
+        else:
+            pytest.fail("never caught the receiver inside receive()")
+        assert ch.my_turn()  # the channel is intact afterwards
+        ch.send(b"ok")
+        assert ch.receive(timeout=T).data == b"ok"
+
+
+def test_close_from_another_thread_ends_a_blocked_receive(echo_sim: KupSim) -> None:
+    from kupd.errors import InvalidArgument
+
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        ch = dev.channel(0)
+        opened(ch)
+        ch.send(DELAY)
+        outcome: list[BaseException | object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(ch.receive())
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        ch.close()
+        t.join(T)
+        assert not t.is_alive()
+        assert ch.closed
+        # Either the reply beat the close, or the close ended the wait.
+        r = outcome[0]
+        assert isinstance(r, InvalidArgument) or getattr(r, "data", None) == DELAY, r
+        # The channel is free again for the next user.
+        deadline = time.monotonic() + T
+        while True:
+            try:
+                again = dev.channel(0)
+                break
+            except Busy:
+                assert time.monotonic() < deadline, "channel 0 never became free"
+                time.sleep(0.02)
+        with again:
+            opened(again)
+
+
+# --- unload ------------------------------------------------------------------
+
+
+def test_unload_while_receiver_waits_is_shutdown(record_property: pytest.RecordProperty) -> None:
+    with kupsim("echo") as sim:
+        dev = Device.open(sim.device_path("echo"))
+        ch = dev.channel(0)
+        opened(ch)
+        outcome: list[BaseException] = []
+        sigterm_at: list[float] = []
+        raised_at: list[float] = []
+        waiting = threading.Event()
+
+        def wait() -> None:
+            # Keep the kernel holding the turn until the unload reaches us.
+            try:
+                while True:
+                    ch.send(DELAY)
+                    waiting.set()
+                    ch.receive(timeout=T)
+            except BaseException as e:
+                raised_at.append(time.monotonic())
+                outcome.append(e)
+
+        with dev, ch:
+            t = threading.Thread(target=wait)
+            t.start()
+            assert waiting.wait(T)
+            sigterm_at.append(time.monotonic())
+            sim.signal(signal.SIGTERM)
+            t.join(30)
+            assert not t.is_alive(), "receiver still blocked 30 s after SIGTERM"
+        assert len(outcome) == 1 and isinstance(outcome[0], Shutdown), outcome
+        assert "EKU_SHUTDOWN" in str(outcome[0])
+        latency_ms = (raised_at[0] - sigterm_at[0]) * 1000
+        record_property("shutdown_latency_ms", round(latency_ms, 2))
+        print(f"SIGTERM -> Shutdown in the waiting receiver: {latency_ms:.1f} ms")
+        assert sim.wait(T) == 0, sim.output()
+
+
+def test_operations_after_unload_are_shutdown() -> None:
+    with kupsim("echo") as sim, Device.open(sim.device_path("echo")) as dev:
+        with dev.channel(0) as ch:
+            opened(ch)
+            sim.stop()
+            with pytest.raises(Shutdown):
+                ch.send(b"x")
+            with pytest.raises(Shutdown):
+                ch.receive(timeout=T)
+        with pytest.raises(KupError):
+            dev.channel(1)
+
+
+# --- processes -----------------------------------------------------------------
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from kupd.channel import Device
+    dev = Device.open(sys.argv[1])
+    ch = dev.channel(int(sys.argv[2]))
+    first = ch.receive(timeout=10)
+    print("attached", ch.id, first.kind.name, flush=True)
+    sys.stdin.read()  # hold the channel until killed
+    """
+)
+
+
+def _spawn_holder(sim: KupSim, chan: int) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, sim.device_path("echo"), str(chan)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.split() != ["attached", str(chan), "PASS"]:
+        proc.kill()
+        _, err = proc.communicate(timeout=T)
+        pytest.fail(f"holder did not attach: {line!r}\n{err}")
+    return proc
+
+
+def test_killed_holder_frees_the_channel(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        proc = _spawn_holder(echo_sim, 5)
+        try:
+            assert 5 in dev.info().attached
+            with pytest.raises(Busy):
+                dev.channel(5)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=T)
+            assert proc.returncode == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=T)
+        # kupsim notices the closed connection and detaches; wait for it.
+        deadline = time.monotonic() + T
+        while True:
+            try:
+                ch = dev.channel(5)
+                break
+            except Busy:
+                assert time.monotonic() < deadline, "channel 5 still busy after its holder died"
+                time.sleep(0.02)
+        with ch:
+            opened(ch)  # a fresh attachment: sequence restarts at 1
+            ch.send(b"alive")
+            assert ch.receive(timeout=T).data == b"ALIVE"  # odd channel: upper-cased
+        assert "chan 5: peer gone" in echo_sim.stderr()
+
+
+def test_wrong_abi_version_is_refused(
+    echo_sim: KupSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        monkeypatch.setenv("KUP_TEST_ABI_VERSION", "2")  # libkup's test hook
+        with pytest.raises(VersionMismatch, match="EKU_VERSION"):
+            dev.channel(0)
+        assert dev.info().attached == ()
+        monkeypatch.delenv("KUP_TEST_ABI_VERSION")
+        with dev.channel(0) as ch:
+            opened(ch)
+
+
+# --- idle CPU ------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after the ")" the fields are numbered from 3 (state); utime=14, stime=15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_WAITER = textwrap.dedent(
+    """
+    import sys
+    from kupd.channel import Device
+    dev = Device.open(sys.argv[1])
+    ch = dev.channel(0)
+    ch.receive(timeout=10)
+    print("ready", flush=True)
+    while True:               # blocked in receive ~all the time: echo holds 300 ms
+        ch.send(b"!delay")
+        ch.receive(timeout=10)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_blocked_receiver_uses_no_cpu(echo_sim: KupSim) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WAITER, echo_sim.device_path("echo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        c0, w0 = _cpu_seconds(proc.pid), time.monotonic()
+        k0 = _cpu_seconds(echo_sim.pid)
+        time.sleep(1.0)
+        c1, w1 = _cpu_seconds(proc.pid), time.monotonic()
+        k1 = _cpu_seconds(echo_sim.pid)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.communicate(timeout=T)
+    interval = w1 - w0
+    user_share, kernel_share = (c1 - c0) / interval, (k1 - k0) / interval
+    print(f"over {interval:.2f}s: waiter {user_share:.1%} CPU, kupsim {kernel_share:.1%} CPU")
+    assert user_share < 0.05, f"blocked receiver used {user_share:.1%} of a CPU"
+    assert kernel_share < 0.05, f"kupsim used {kernel_share:.1%} of a CPU"
+
+
+def test_idle_kernel_waiter_uses_no_cpu(echo_sim: KupSim) -> None:
+    """The user holds the turn and does nothing: echo's worker is blocked in
+    kupdev_receive_msg; kupsim must sleep, not spin."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        ch.send(b"x")
+        ch.receive(timeout=T)  # the worker is now waiting for our next message
+        k0, w0 = _cpu_seconds(echo_sim.pid), time.monotonic()
+        time.sleep(1.0)
+        k1, w1 = _cpu_seconds(echo_sim.pid), time.monotonic()
+    share = (k1 - k0) / (w1 - w0)
+    print(f"kupsim with one idle kernel-side waiter: {share:.1%} CPU")
+    assert share < 0.05, f"kupsim used {share:.1%} of a CPU while its worker waited"
