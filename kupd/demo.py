@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kupd.errors import KupError, Shutdown
+from kupd.errors import KupError
 from kupd.testing import REPO_ROOT, KupSim, kmod_out, kupsim
 
 __all__ = ["STEPS", "DemoContext", "main"]
@@ -63,8 +63,8 @@ def heading(text: str) -> None:
 
 
 def _show(data: bytes) -> str:
-    text = data[:120].decode("ascii", "backslashreplace")
-    return repr(text) + (f"...(+{len(data) - 120} bytes)" if len(data) > 120 else "")
+    text = data[:40].decode("ascii", "backslashreplace")
+    return repr(text) + (f"...({len(data)} bytes)" if len(data) > 40 else "")
 
 
 # --- steps -------------------------------------------------------------------
@@ -140,23 +140,32 @@ def step_c_client(ctx: DemoContext) -> None:
 
 
 def step_python_channel(ctx: DemoContext) -> None:
-    from kupd.channel import Device
+    from kupd.channel import Channel, Device
 
     heading("4. Python talks to echo through kupd.channel")
     sim = ctx.need_sim()
-    with Device.open(sim.device_path(ctx.device)) as dev, dev.channel() as ch:
-        say(f"  attached channel {ch.id} (max_msg {ch.max_msg})")
-        first = ch.receive(timeout=10)
-        say(f"  <- {first.kind.name} seq {first.seq} {_show(first.data)}")
-        for text in (b"hello from Python", b"x" * 300, b""):
-            ch.send(text)
-            say(f"  -> DATA {_show(text)}")
-            reply = ch.receive(timeout=10)
-            say(f"  <- {reply.kind.name} seq {reply.seq} {_show(reply.data)}")
-        ch.pass_()
-        say("  -> PASS")
+
+    def exchange(ch: Channel, data: bytes) -> None:
+        ch.send(data)
+        say(f"  [chan {ch.id}] -> DATA {_show(data)}")
         reply = ch.receive(timeout=10)
-        say(f"  <- {reply.kind.name} seq {reply.seq}")
+        say(f"  [chan {ch.id}] <- {reply.kind.name} seq {reply.seq} {_show(reply.data)}")
+
+    with Device.open(sim.device_path(ctx.device)) as dev, dev.channel(0) as even, \
+            dev.channel(1) as odd:
+        for ch in (even, odd):
+            first = ch.receive(timeout=10)
+            say(f"  [chan {ch.id}] attached (max_msg {ch.max_msg});"
+                f" the kernel opens with {first.kind.name} seq {first.seq}")
+        say("  echo answers unchanged on even channels, upper-cased on odd ones:")
+        for ch in (even, odd):
+            exchange(ch, b"hello from Python")
+        exchange(even, bytes(range(32, 127)) * 40)  # 3800 bytes
+        exchange(even, b"")
+        even.pass_()
+        say(f"  [chan {even.id}] -> PASS")
+        reply = even.receive(timeout=10)
+        say(f"  [chan {even.id}] <- {reply.kind.name} seq {reply.seq}")
 
 
 def step_shutdown(ctx: DemoContext) -> None:
@@ -165,36 +174,38 @@ def step_shutdown(ctx: DemoContext) -> None:
     heading("5. unload the module while a receiver waits")
     sim = ctx.need_sim()
     outcome: list[str] = []
-    with Device.open(sim.device_path(ctx.device)) as dev, dev.channel() as ch:
+    raised_at: list[float] = []
+    waiting = threading.Event()
+    with Device.open(sim.device_path(ctx.device)) as dev, dev.channel(0) as ch:
         ch.receive(timeout=10)  # the kernel's opening hand-over
-        ch.send(b"sleep:60000")  # echo answers this one only after a minute
 
         def wait() -> None:
             try:
-                ch.receive(timeout=30)
-                outcome.append("a message (unexpected)")
-            except Shutdown as e:
-                outcome.append(f"Shutdown: {e}")
+                while True:  # "!delay": echo holds the turn 300 ms each time
+                    ch.send(b"!delay")
+                    waiting.set()
+                    ch.receive(timeout=30)
             except KupError as e:
+                raised_at.append(time.monotonic())
                 outcome.append(f"{type(e).__name__}: {e}")
 
         t = threading.Thread(target=wait)
         t.start()
-        time.sleep(0.3)
+        waiting.wait(10)
+        say(f"  a thread waits in receive() on channel {ch.id}; sending SIGTERM to kupsim")
         start = time.monotonic()
         sim.signal(signal.SIGTERM)
         t.join(30)
-        took = time.monotonic() - start
-        say(
-            f"  SIGTERM kupsim -> the waiting receive raised {outcome[0] if outcome else '?'}"
-            f" after {took * 1000:.1f} ms"
-        )
+    if not outcome:
+        raise RuntimeError("the waiting receive did not return within 30 s of SIGTERM")
+    say(f"  -> the waiting receive raised {outcome[0]}")
+    say(f"     {(raised_at[0] - start) * 1000:.1f} ms after SIGTERM")
     rc = sim.wait()
     say(f"  kupsim exited with status {rc}")
-    if not outcome or not outcome[0].startswith("Shutdown"):
-        raise RuntimeError(f"expected Shutdown, got {outcome}")
+    if not outcome[0].startswith("Shutdown"):
+        raise RuntimeError(f"expected Shutdown, got {outcome[0]}")
     if rc != 0:
-        raise RuntimeError(f"kupsim exited with status {rc}:\n{sim.output()}")
+        raise RuntimeError(f"kupsim exited with status {rc}")
 
 
 STEPS: list[Callable[[DemoContext], None]] = [
