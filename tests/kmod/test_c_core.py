@@ -1,0 +1,31 @@
+"""The core's C unit tests (tests/c/test_core.c): kmod/core/kup_core.c linked
+with kupsim's glue, driven in-process, under ASan+UBSan and under TSan."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from kmod_util import assert_clean, sanitizer_env
+
+__all__: list[str] = []
+
+
+def test_core_unit(variant_out: Path) -> None:
+    proc = subprocess.run(
+        ["nice", str(variant_out / "test_core")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=sanitizer_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"test_core failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
+    assert_clean("test_core", proc.stderr)
+    # every section ran, every malformed descriptor was refused
+    for section in ("create_args", "attach_rules", "turns", "proto", "shutdown"):
+        assert f"ok {section}" in proc.stdout
+    assert proc.stdout.count("refused ") == 8
+    assert proc.stdout.rstrip().endswith("OK core")
