@@ -103,6 +103,7 @@ class KupSim:
         self._stdout_path = stdout_path
         self._stderr_path = stderr_path
         self._stopped = False  # stop() ran (and checked the status itself)
+        self._final: tuple[str, str] | None = None  # output once the log files are gone
         #: device names from kupsim's ready line
         self.devices: tuple[str, ...] = ()
 
@@ -123,10 +124,15 @@ class KupSim:
         return env
 
     def stdout(self) -> str:
-        return _read(self._stdout_path)
+        """kupsim's stdout so far (kept after the context manager exits)."""
+        return self._final[0] if self._final is not None else _read(self._stdout_path)
 
     def stderr(self) -> str:
-        return _read(self._stderr_path)
+        """kupsim's stderr so far: module log lines (kept after exit)."""
+        return self._final[1] if self._final is not None else _read(self._stderr_path)
+
+    def _freeze_output(self) -> None:
+        self._final = (_read(self._stdout_path), _read(self._stderr_path))
 
     def output(self) -> str:
         """stdout and stderr so far, labelled, for error messages."""
@@ -267,6 +273,7 @@ def kupsim(
     finally:
         if sim is not None:
             sim.kill()
+            sim._freeze_output()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
