@@ -40,8 +40,9 @@ class PoolChannel:
 
 
 class CallPool:
-    def __init__(self, device: str, metrics: Metrics, max_queued: int) -> None:
+    def __init__(self, device: str, metrics: Metrics, max_queued: int, size: int) -> None:
         self.device = device
+        self.size = size  # configured number of pool channels
         self.metrics = metrics
         self.max_queued = max_queued
         self.channels: dict[int, PoolChannel] = {}
@@ -129,6 +130,10 @@ class CallPool:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     def state_of(self, chan_id: int) -> str | None:
         pc = self.channels.get(chan_id)
         return None if pc is None else pc.state
@@ -168,16 +173,19 @@ class CallPool:
             self._queued -= 1
             self.metrics.calls_queued.labels(self.device).dec()
 
-    async def call(self, data: bytes, timeout: float, caller: str) -> tuple[Message, int]:
-        """Send ``data`` on a free pool channel; the kernel's reply and the channel id."""
+    async def call(
+        self, data: bytes, timeout: float, caller: str, limit: int
+    ) -> tuple[Message, int]:
+        """Send ``data`` on a free pool channel; the kernel's reply and the channel id.
+        ``limit`` is the device's max message.  While the pool is (re)filling,
+        callers wait in the queue."""
         if self.closed:
             raise errors.Shutdown(f"device {self.device} is going away")
-        if not self.channels:
+        if self.size == 0:
             raise errors.Unavailable(
-                f"device {self.device} has no Call channels (set call_channels in its "
-                "[[device]] config, or the device has not announced them yet)"
+                f"device {self.device} has no Call pool (set call_channels in its [[device]] "
+                "config or --device NAME:N)"
             )
-        limit = min(pc.ch.max_msg for pc in self.channels.values())
         if len(data) > limit:
             raise errors.TooBig(
                 f"call of {len(data)} bytes exceeds device {self.device}'s "

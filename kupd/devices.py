@@ -42,7 +42,7 @@ class ManagedDevice:
         self.dev: Device | None = None
         self.info: DeviceInfo | None = None
         self.error = "not opened yet"
-        self.pool = CallPool(self.name, mgr.metrics, mgr.config.max_queued_calls)
+        self.pool = CallPool(self.name, mgr.metrics, mgr.config.max_queued_calls, cfg.call_channels)
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
         self._event_fd = -1
@@ -93,7 +93,9 @@ class ManagedDevice:
         self._event_fd = fd
         self._announced_seen = info.announced
         self._shutdown_seen = info.shutting_down
-        self.pool = CallPool(self.name, self.mgr.metrics, self.mgr.config.max_queued_calls)
+        self.pool = CallPool(
+            self.name, self.mgr.metrics, self.mgr.config.max_queued_calls, self.cfg.call_channels
+        )
         asyncio.get_running_loop().add_reader(fd, self._on_event)
         log.info(
             "device appeared",

@@ -213,7 +213,6 @@ class Server:
             self.drain.set_exception(errors.Shutdown("kupd is shutting down"))
             self.drain.exception()
             self.bus.publish(Event(EventType.SERVER_SHUTTING_DOWN, reason="SIGTERM"))
-            self.bus.close()
             try:
                 async with asyncio.timeout(cfg.drain_grace):
                     await self.service.calls_idle.wait()
@@ -223,6 +222,7 @@ class Server:
                     calls=self.service.calls_in_flight,
                 )
             self.leases.end_all("shutdown", errors.Shutdown("kupd is shutting down"))
+            self.bus.close()  # watchers saw the leases go; their streams end UNAVAILABLE
             if self._grpc is not None:
                 await self._grpc.stop(grace=1.0)
         finally:

@@ -197,6 +197,8 @@ class KupService(kup_pb2_grpc.KupServicer):
             notify_gen=info.notify_gen,
             shutting_down=info.shutting_down,
             call_channels=len(d.pool.channels),
+            calls_in_flight=d.pool.in_flight,
+            calls_queued=d.pool.queued,
         )
         attached = set(info.attached)
         for cid in range(info.chan_count):
@@ -410,7 +412,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         if not request.device:
             raise errors.InvalidArgument("call: device is required")
         dev = self.mgr.get(request.device)
-        dev.require()
+        _, info = dev.require()
         bind(device=dev.name, caller=request.caller)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.config.call_timeout
         timeout = self._deadline_cap(context, timeout) or timeout
@@ -418,7 +420,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.calls_idle.clear()
         code = "OK"
         try:
-            msg, chan = await dev.pool.call(request.data, timeout, request.caller or "anonymous")
+            msg, chan = await dev.pool.call(
+                request.data, timeout, request.caller or "anonymous", info.max_msg
+            )
         except errors.KupError as exc:
             code = status_for(exc)[0].name
             raise

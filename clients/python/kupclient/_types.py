@@ -56,6 +56,8 @@ class DeviceInfo:
     shutting_down: bool
     call_channels: int
     error: str = ""
+    calls_in_flight: int = 0
+    calls_queued: int = 0
     channels: list[ChannelInfo] = field(default_factory=list)
 
 
@@ -132,9 +134,10 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
         shutting_down=d.shutting_down,
         call_channels=d.call_channels,
         error=d.error,
+        calls_in_flight=d.calls_in_flight,
+        calls_queued=d.calls_queued,
         channels=[
-            ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id)
-            for c in d.channels
+            ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],
     )
 

@@ -1,0 +1,198 @@
+"""kupd as a process: dead clients, lease expiry, SIGTERM drain, the lock,
+config errors and health, with real subprocesses and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gateway_helpers import Kupd, StartKupd, child_env, wait_until
+
+from kupclient import Client, EventType, Kind
+from kupd import errors
+from kupd.testing import KupSim, kupsim
+
+HOLDER = """
+import sys
+from kupclient import Client
+c = Client(sys.argv[1])
+ch = c.open("echo").channel(int(sys.argv[2]))
+ch.receive()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, kupd.socket, "40"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"holding"
+        with pytest.raises(errors.Busy):
+            client.open("echo").channel(40)
+        child.kill()
+        child.wait(10)
+        killed = time.monotonic()
+        # A new session can take the channel within 1 s of the kill.
+        while True:
+            try:
+                ch = client.open("echo").channel(40)
+                break
+            except errors.Busy:
+                assert time.monotonic() - killed < 1.0, "channel 40 still held 1 s after SIGKILL"
+                time.sleep(0.02)
+        with ch:
+            assert ch.receive().seq == 1  # a fresh conversation
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim, "--lease-idle-timeout", "0.3")
+    with k.client() as c, c.watch("echo") as events:
+        lease = c.attach("echo", 50)
+        assert c.lease_receive(lease.lease_id).kind == Kind.PASS  # use keeps it alive
+        seen = []
+        for ev in events:
+            seen.append(ev)
+            if ev.type == EventType.LEASE_RELEASED:
+                break
+        assert [e.type for e in seen] == [EventType.LEASE_TAKEN, EventType.LEASE_RELEASED]
+        assert seen[1].lease_id == lease.lease_id and seen[1].reason == "expired"
+        with pytest.raises(errors.NotFound, match="expired"):
+            c.lease_send(lease.lease_id, b"late")
+        c.attach("echo", 50)  # the channel is free again
+
+
+def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim, "--drain-grace", "10")
+    with k.client() as c:
+        events = c.watch()
+        ch = c.open("echo").channel()
+        ch.receive()
+        assert next(events).type == EventType.LEASE_TAKEN
+        result: list[object] = []
+
+        def slow_call() -> None:
+            try:
+                result.append(c.call("echo", b"!delay in flight", timeout=20))
+            except errors.KupError as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=slow_call)
+        t.start()
+        wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="call in flight")
+        k.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        # The call in flight finished within the grace period.
+        assert len(result) == 1 and not isinstance(result[0], Exception), result
+        # The open session ends UNAVAILABLE with EKU_SHUTDOWN.
+        with pytest.raises(errors.Shutdown, match="EKU_SHUTDOWN"):
+            ch.send(b"x")
+        rest = []
+        with pytest.raises(errors.Shutdown):
+            for ev in events:
+                rest.append(ev.type)
+        assert EventType.SERVER_SHUTTING_DOWN in rest
+        assert EventType.LEASE_RELEASED in rest
+    assert k.proc.wait(30) == 0
+    assert not os.path.exists(k.socket)
+    assert not os.path.exists(k.socket + ".pid")
+    assert "kupd stopped" in k.log()
+
+
+def test_second_kupd_on_the_same_socket_refuses(sim: KupSim, start_kupd: StartKupd) -> None:
+    first = start_kupd(sim)
+    second = start_kupd(sim, socket=first.socket, wait=False)
+    assert second.proc.wait(30) == 1
+    assert "lock" in second.log() and str(first.pid) in second.log()
+    with first.client() as c:  # the first one still serves its socket
+        assert c.call("echo", b"7", timeout=10).data == b"7"
+    assert first.terminate() == 0
+
+
+def test_pidfile_and_socket_mode(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim)
+    assert Path(k.socket + ".pid").read_text().strip() == str(k.pid)
+    assert os.stat(k.socket).st_mode & 0o777 == 0o660
+    assert k.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        (
+            'socket = "/tmp/x.sock"\ncall_timeout = "soon"\n[[device]]\nname = "echo"\n',
+            "call_timeout",
+        ),
+        ('[[device]]\nname = "echo"\ncall_channels = -1\n', "device[0].call_channels"),
+        ('[[device]]\nname = "echo"\n[[device]]\nname = "echo"\n', "device[1].name"),
+        ('bogus = 1\n[[device]]\nname = "echo"\n', "bogus"),
+        ('metrics_address = "0.0.0.0"\n[[device]]\nname = "echo"\n', "metrics_address"),
+        ('socket_mode = "0400"\n[[device]]\nname = "echo"\n', "socket_mode"),
+        ("socket = \n", "--config"),
+    ],
+)
+def test_config_error_names_its_key(tmp_path: Path, toml: str, key: str) -> None:
+    cfg = tmp_path / "kupd.toml"
+    cfg.write_text(toml)
+    r = subprocess.run(
+        [sys.executable, "-m", "kupd.daemon", "--config", str(cfg)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"'{key}'" in r.stderr, r.stderr
+
+
+def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKupd) -> None:
+    cfg = tmp_path / "kupd.toml"
+    cfg.write_text('socket = "/nonexistent/dir/x.sock"\n[[device]]\nname = "other"\n')
+    k = start_kupd(sim, "--config", str(cfg))  # --socket and --device from the fixture win
+    with k.client() as c:
+        assert [d.name for d in c.devices()] == ["echo"]
+    assert k.terminate() == 0
+
+
+def test_health_reflects_a_device_going_away(start_kupd: StartKupd, tmp_path: Path) -> None:
+    rundir = tmp_path / "sim"
+    with kupsim("echo", rundir=rundir, check_exit=False) as sim:
+        k = start_kupd(sim)
+        c = k.client()
+        events = c.watch("echo")
+        sim.stop(check=False)
+        wait_until(lambda: c.health() == "NOT_SERVING", what="NOT_SERVING")
+        assert c.health("kup.v1.Kup/echo") == "NOT_SERVING"
+        (dev,) = c.devices()
+        assert not dev.reachable and dev.error
+        types = []
+        for ev in events:
+            types.append(ev.type)
+            if ev.type == EventType.DEVICE_GONE:
+                break
+        assert EventType.DEVICE_GONE in types
+    # the device comes back: kupd finds it again
+    with kupsim("echo", rundir=rundir, check_exit=False):
+        wait_until(lambda: c.health() == "SERVING", what="SERVING again")
+        for ev in events:
+            if ev.type == EventType.DEVICE_APPEARED:
+                break
+        assert c.call("echo", b"99", timeout=10).data == b"99"
+        events.cancel()
+        c.close()
+        assert k.terminate() == 0
