@@ -88,6 +88,12 @@ def _build(kver: str) -> Path:
              "-Ikmod/include"]  # fmt: skip
     _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / "kup_kfault")],
          "building tests/vm/kup_kfault.c")  # fmt: skip
+    libkup = [f"kmod/libkup/{f}" for f in ("kup.c", "backend_sim.c", "backend_linux.c")]
+    _run(
+        [cc, *flags, "-pthread", "-Ikmod/core", "-Ikmod/kupsim", "-Ikmod/libkup", "-Itests/c",
+         "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup, "-o", str(BIN / "test_kup")],
+        "building tests/c/test_kup.c with libkup's linux backend",
+    )  # fmt: skip
     return moddir
 
 

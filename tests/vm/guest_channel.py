@@ -1,0 +1,171 @@
+"""kupd.channel against the real Linux module (run INSIDE the test VM).
+
+tests/vm/guest_tests.sh runs this file with pytest in the guest, after
+kup.ko, kup_echo.ko and kup_rot13.ko are loaded, with KUP_BACKEND=linux so
+libkup (inside kupd._kupchan) can only use /dev/kup/<name>.  It is not
+collected on the host (the name does not start with test_): there is no
+/dev/kup there.  KMODDIR names the directory of the built modules (for the
+unload scenario, which reloads kup_rot13.ko afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kupd import abi
+from kupd.channel import Channel, Device, Kind, Message
+from kupd.errors import (
+    Busy,
+    DeadlineExceeded,
+    NotFound,
+    NotReady,
+    NotYourTurn,
+    Shutdown,
+    TooBig,
+    VersionMismatch,
+)
+
+T = 20.0  # generous bound on any wait that should succeed (TCG is slow)
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/kup/echo"), reason="needs the loaded kernel module (in the VM)"
+)
+
+
+@pytest.fixture
+def echo() -> Iterator[Device]:
+    assert os.environ.get("KUP_BACKEND") == "linux"
+    with Device.open("echo") as dev:
+        yield dev
+
+
+def opened(ch: Channel) -> Message:
+    first = ch.receive(timeout=T)
+    assert first == Message(b"", Kind.PASS, 1)
+    return first
+
+
+def test_info_is_the_modules(echo: Device) -> None:
+    info = echo.info()
+    assert info.name == "echo"
+    assert info.abi_version == abi.KUP_ABI_VERSION
+    assert info.page_size == os.sysconf("SC_PAGE_SIZE")
+    assert info.chan_count == 128 and info.announced == 128
+    assert info.max_msg == info.pages * info.page_size
+    assert not info.shutting_down
+
+
+def test_round_trips_and_pass(echo: Device) -> None:
+    with echo.channel(0) as ch:
+        assert echo.info().attached == (0,)
+        opened(ch)
+        for i, data in enumerate([b"hello", b"\x00\xff binary", b"x" * ch.max_msg]):
+            ch.send(data)
+            assert ch.receive(timeout=T) == Message(data, Kind.DATA, 2 + i)
+        ch.pass_()
+        assert ch.receive(timeout=T).kind is Kind.PASS
+    assert echo.info().attached == ()
+
+
+def test_odd_channel_upper_cases_and_rot13_device(echo: Device) -> None:
+    with echo.channel(1) as ch, Device.open("rot13") as r, r.channel(1) as rc:
+        opened(ch)
+        opened(rc)
+        ch.send(b"Hello, kernel")
+        assert ch.receive(timeout=T).data == b"HELLO, KERNEL"
+        rc.send(b"Hello, kernel")
+        assert rc.receive(timeout=T).data == b"Uryyb, xreary"
+
+
+def test_fileno_polls_readable_when_the_turn_comes_back(echo: Device) -> None:
+    with echo.channel(2) as ch:
+        opened(ch)
+        ch.send(b"poll me")
+        r, _, _ = select.select([ch.fileno()], [], [], T)
+        assert r == [ch.fileno()]
+        msg = ch.try_receive()
+        assert msg == Message(b"poll me", Kind.DATA, 2)
+
+
+def test_refusals(echo: Device) -> None:
+    with echo.channel(4) as ch:
+        with pytest.raises(Busy):
+            echo.channel(4)
+        opened(ch)
+        with pytest.raises(TooBig):
+            ch.send(b"y" * (ch.max_msg + 1))
+        assert ch.my_turn()
+        ch.send(b"!hold")  # echo keeps the turn until we leave
+        with pytest.raises(NotYourTurn):
+            ch.send(b"again")
+        with pytest.raises(NotReady):
+            ch.receive(timeout=0)
+        assert ch.try_receive() is None
+        with pytest.raises(DeadlineExceeded):
+            ch.receive(timeout=0.2)
+    with pytest.raises(NotFound):
+        Device.open("no-such-device")
+
+
+def test_version_mismatch_is_refused_before_anything_moves(
+    echo: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUP_TEST_ABI_VERSION", str(abi.KUP_ABI_VERSION + 1))
+    with pytest.raises(VersionMismatch):
+        echo.channel(6)
+    monkeypatch.delenv("KUP_TEST_ABI_VERSION")
+    with echo.channel(6) as ch:
+        opened(ch)
+
+
+def test_any_channel_and_many_at_once(echo: Device) -> None:
+    chans = [echo.channel() for _ in range(16)]
+    try:
+        assert len({c.id for c in chans}) == 16
+        for c in chans:
+            opened(c)
+            c.send(b"n%d" % c.id)
+        for c in chans:
+            want = b"n%d" % c.id
+            assert c.receive(timeout=T).data == (want.upper() if c.id & 1 else want)
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_unload_while_blocked_raises_shutdown() -> None:
+    """rmmod kup_rot13 while a receiver waits: Shutdown, then the device is gone."""
+    moddir = os.environ["KMODDIR"]
+    dev = Device.open("rot13")
+    ch = dev.channel(3)
+    opened(ch)
+    ch.send(b"!hold")
+    errors: list[BaseException] = []
+
+    def unload() -> None:
+        try:
+            subprocess.run(["rmmod", "kup_rot13"], check=True, timeout=T)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=unload)
+    t.start()
+    try:
+        with pytest.raises(Shutdown):
+            ch.receive(timeout=T)
+        with pytest.raises(Shutdown):
+            ch.receive(timeout=0)
+    finally:
+        t.join(T)
+        ch.close()
+        dev.close()
+    assert errors == []
+    with pytest.raises(NotFound):
+        Device.open("rot13")
+    subprocess.run(["insmod", f"{moddir}/kup_rot13.ko"], check=True, timeout=T)
