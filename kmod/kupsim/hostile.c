@@ -30,6 +30,20 @@ h_is(const struct kupdev_msg *m, const char *s)
 	return m->len == n && memcmp(m->data, s, n) == 0;
 }
 
+/* After a bad hand-over: keep out of the channel (a receive would only
+ * trip over our own garbage) until this user leaves or the device unloads. */
+static int
+h_linger(int c)
+{
+	struct kup_chan *ch = &h_sc->chans[c];
+	uint64_t gen = KUP_READ_ONCE64(&ch->kgen);
+
+	while (!KUP_READ_ONCE32(&h_sc->shutdown) &&
+	    KUP_READ_ONCE32(&ch->attached) && KUP_READ_ONCE64(&ch->gen) == gen)
+		kup_os_msleep(10);
+	return KUP_READ_ONCE32(&h_sc->shutdown) ? -ESHUTDOWN : -EPIPE;
+}
+
 static int
 h_worker(void *arg)
 {
@@ -44,6 +58,7 @@ h_worker(void *arg)
 	r = kupdev_pass(h_sc, c);
 	while (r == 0) {
 		size_t len;
+		int bad = 1;
 
 		r = kupdev_receive_msg(h_sc, c, &m, KUPDEV_FOREVER);
 		if (r != 0)
@@ -73,13 +88,16 @@ h_worker(void *arg)
 			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 0,
 			    0x12345678U);
 		} else {
+			bad = 0;
 			len = m.len < max ? m.len : max;
 			memcpy(buf, m.data, len);
 			kupdev_unlock_channel(h_sc, c);
 			r = kupdev_send(h_sc, buf, len, c);
 		}
-		if (r == 0)
-			kup_os_log("hostile: chan %d: answered", c);
+		if (r == 0 && bad) {
+			kup_os_log("hostile: chan %d: misbehaved", c);
+			r = h_linger(c);
+		}
 	}
 	if (r != -ESHUTDOWN)
 		kup_os_log("hostile: chan %d: worker ends (%d)", c, r);

@@ -73,6 +73,7 @@ struct kp_chan {
 	int      uturn;
 	int      poll_mode;     /* kernproxy_fd() was called */
 	int      broken;        /* KUP_E_PROTO seen: refuse further use */
+	int      host_gone;     /* the host side vanished (kupsim died) */
 };
 
 static int
@@ -338,7 +339,7 @@ chan_state(struct kp_chan *c)
 {
 	uint32_t st = READ32(&c->ctrl->state);
 
-	if (st & KUP_STATE_SHUTDOWN)
+	if ((st & KUP_STATE_SHUTDOWN) || c->host_gone)
 		return KUP_E_SHUTDOWN;
 	if (c->broken)
 		return KUP_E_PROTO;
@@ -436,10 +437,9 @@ wait_turn(struct kp_chan *c, int timeout_ms)
 		}
 		c->ops->drain(&c->b);
 		if (n == 2 && (pf[1].revents & (POLLHUP | POLLERR | POLLNVAL))) {
-			/* the host is gone without a word: treat as shutdown,
-			 * unless the turn did come back */
-			r = LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL ?
-			    KUP_E_OK : KUP_E_SHUTDOWN;
+			/* the host is gone without a word: shutdown, for good */
+			c->host_gone = 1;
+			r = KUP_E_SHUTDOWN;
 			break;
 		}
 	}

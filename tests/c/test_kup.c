@@ -643,6 +643,86 @@ sc_idle(void)
 	return 0;
 }
 
+/* kupsim runs echo with announce_delay_ms: attach before the announce is
+ * EKU_NOTREADY; the device fd reports the announce. */
+static int
+sc_notready(void)
+{
+	void *d = open_dev("echo");
+	struct kernproxy_info info;
+	struct pollfd pf;
+	void *c;
+	int fd, i;
+
+	CHECK_EQ(kernproxy_info(d, &info), 0);
+	CHECK_EQ(info.announced, 0);
+	CHECK_EQ(info.notify_gen, 0);
+	fd = kernproxy_dev_fd(d);
+	CHECK(fd >= 0);
+	CHECK(kernproxy_channel(d, 0, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_NOTREADY);
+	CHECK(kernproxy_channel(d, KP_CHAN_ANY, 0) == NULL);
+	CHECK_EQ(kernproxy_error(d), EKU_NOTREADY);
+	pf.fd = fd;
+	pf.events = POLLIN;
+	CHECK_EQ(poll(&pf, 1, 60000), 1);
+	CHECK_EQ(kernproxy_info(d, &info), 0);
+	CHECK_EQ(info.announced, 128);
+	CHECK_EQ(info.notify_gen, 1);
+	CHECK_EQ(info.shutting_down, 0);
+	/* info drained the event: nothing more to read */
+	CHECK_EQ(poll(&pf, 1, 0), 0);
+	c = attach(d, 0);
+	expect_pass(c);
+	round_trip(c, "late", 4, NULL);
+	for (i = 0; i < 2; i++)
+		round_trip(c, "again", 5, NULL);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK notready\n");
+	return 0;
+}
+
+/* Attach / detach the same channel over and over, in every state: the
+ * module's worker of the previous user must notice each departure even
+ * when the next user is already there. */
+static int
+sc_churn(void)
+{
+	void *d = open_dev("echo");
+	char buf[32];
+	int i;
+
+	for (i = 0; i < 300; i++) {
+		void *c = attach(d, 90);
+		int n;
+
+		switch (i % 3) {
+		case 0:   /* leave at once, maybe before the kernel's PASS */
+			break;
+		case 1:   /* leave holding the turn: CLOSE */
+			expect_pass(c);
+			break;
+		default:  /* a full exchange, leave while the kernel answers */
+			expect_pass(c);
+			n = snprintf(buf, sizeof(buf), "churn %d", i);
+			round_trip(c, buf, (size_t)n, NULL);
+			CHECK_EQ(kernproxy_send(c, buf, (size_t)n, 0), 0);
+			break;
+		}
+		kernproxy_close(c);
+	}
+	{
+		void *c = attach(d, 90);
+		expect_pass(c);
+		round_trip(c, "settled", 7, NULL);
+		kernproxy_close(c);
+	}
+	kernproxy_close(d);
+	printf("OK churn\n");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -677,6 +757,10 @@ main(int argc, char **argv)
 		return sc_shutdown_wait();
 	if (strcmp(s, "idle") == 0)
 		return sc_idle();
+	if (strcmp(s, "notready") == 0)
+		return sc_notready();
+	if (strcmp(s, "churn") == 0)
+		return sc_churn();
 	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
 	return 2;
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kmod_util import assert_clean, sanitizer_env, variant_kupsim
 
-from kupd.testing import KupSim
+from kupd.testing import KupSim, kupsim
 
 __all__: list[str] = []
 
@@ -66,7 +66,17 @@ def read_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60.0) -
 
 @pytest.mark.parametrize(
     "scenario",
-    ["blocking", "nonblocking", "transforms", "many", "threads", "twodev", "sizes", "version"],
+    [
+        "blocking",
+        "nonblocking",
+        "transforms",
+        "many",
+        "threads",
+        "twodev",
+        "sizes",
+        "version",
+        "churn",
+    ],
 )
 def test_scenario(variant_out: Path, scenario: str) -> None:
     with variant_kupsim(variant_out, *MODULES) as sim:
@@ -223,3 +233,45 @@ def test_bad_command_lines(variant_out: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert f"cannot load module {missing}" in proc.stderr
+
+
+def test_attach_before_announce(variant_out: Path) -> None:
+    """echo announces 2 s after init: an attach before that is EKU_NOTREADY,
+    the device fd reports the announce, then attach works."""
+    env = {**os.environ, "KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS": "2000"}
+    with variant_kupsim(variant_out, *MODULES, env=env) as sim:
+        stdout = run_scenario(variant_out, sim, "notready")
+        assert "OK notready" in stdout
+        assert "echo: device echo announced" in sim.stderr()
+
+
+def test_kupsim_killed_receiver_sees_shutdown(variant_out: Path) -> None:
+    """kupsim dies without unloading (SIGKILL): a user blocked in receive
+    notices the host's end of the attachment closing and reports EKU_SHUTDOWN."""
+    with kupsim(
+        *(str(variant_out / f"{m}.so") for m in MODULES),
+        binary=variant_out / "kupsim",
+        env=sanitizer_env(),
+        ready_timeout=60.0,
+        check_exit=False,
+    ) as sim:
+        proc = subprocess.Popen(
+            [str(variant_out / "test_kup"), "shutdown_wait"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sim.env(sanitizer_env()),
+        )
+        try:
+            read_line(proc, "WAITING")
+            time.sleep(0.3)
+            sim.signal(signal.SIGKILL)
+            result = read_line(proc, "RESULT")
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert result.split()[1] == "1001", f"{result}\n{err}"
+        assert proc.returncode == 0, f"{out}\n{err}"
+        assert_clean("test_kup", err)

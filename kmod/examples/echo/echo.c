@@ -5,7 +5,9 @@
  * Device "echo" (ECHO_NAME) with `channels` channels (default 128) of
  * `pages` pages per direction (default 1).  Parameters: kupsim reads
  * KUP_PARAM_ECHO_CHANNELS / KUP_PARAM_ECHO_PAGES (for the rot13 build:
- * KUP_PARAM_ROT13_*).
+ * KUP_PARAM_ROT13_*).  `announce_delay_ms` (default 0) announces the
+ * channels that long after init instead of at once, from a thread (lets
+ * tests see EKU_NOTREADY and the announce event).
  *
  * What it does with a channel, once a user attaches it:
  *   - hands the turn to the user at once (PASS), so the user's first
@@ -53,6 +55,8 @@ static struct echo_slot *echo_slots;
 static size_t echo_nchan;
 static size_t echo_max;
 static struct kup_thread *echo_acceptor;
+static struct kup_thread *echo_announcer;
+static int echo_announce_delay;
 
 static unsigned char
 echo_xform(int chan, unsigned char c)
@@ -200,6 +204,26 @@ echo_accept(void *arg)
 	}
 }
 
+static int
+echo_announce(void *arg)
+{
+	int left = echo_announce_delay;
+
+	(void)arg;
+	/* sleep in slices so that an unload does not wait for the delay; the
+	 * zero-timeout wait_channel only probes for shutdown: nothing can be
+	 * attached (so nothing is taken from the acceptor) before announce */
+	while (left > 0) {
+		if (kupdev_wait_channel_timeout(echo_sc, 0) == -ESHUTDOWN)
+			return 0;
+		kup_os_msleep(left < 20 ? (unsigned int)left : 20U);
+		left -= 20;
+	}
+	kupdev_notify(echo_sc);
+	kup_os_log("echo: device %s announced", ECHO_NAME);
+	return 0;
+}
+
 static void
 echo_free_slots(void)
 {
@@ -218,6 +242,8 @@ kup_module_init(void)
 	int nchan = kup_os_param_int(ECHO_PARAM, "channels", 128);
 	int pages = kup_os_param_int(ECHO_PARAM, "pages", 1);
 	size_t i;
+
+	echo_announce_delay = kup_os_param_int(ECHO_PARAM, "announce_delay_ms", 0);
 
 	if (nchan < 1 || nchan > (int)KUP_MAX_CHANNELS || pages < 1 ||
 	    pages > (int)KUP_MAX_PAGES) {
@@ -242,10 +268,21 @@ kup_module_init(void)
 	echo_acceptor = kup_os_thread_start(echo_accept, NULL, ECHO_NAME "-acc");
 	if (echo_acceptor == NULL)
 		goto fail_slots;
-	kupdev_notify(echo_sc);
+	if (echo_announce_delay > 0) {
+		echo_announcer = kup_os_thread_start(echo_announce, NULL,
+		    ECHO_NAME "-ann");
+		if (echo_announcer == NULL)
+			goto fail_acceptor;
+	} else {
+		kupdev_notify(echo_sc);
+	}
 	kup_os_log("echo: device %s ready (%d channels, %d pages)", ECHO_NAME,
 	    nchan, pages);
 	return 0;
+
+fail_acceptor:
+	kupdev_shutdown(echo_sc);
+	kup_os_thread_join(echo_acceptor);
 
 fail_slots:
 	echo_free_slots();
@@ -264,6 +301,9 @@ kup_module_fini(void)
 		return;
 	kupdev_shutdown(echo_sc);
 	kup_os_thread_join(echo_acceptor);
+	if (echo_announcer != NULL)
+		kup_os_thread_join(echo_announcer);
+	echo_announcer = NULL;
 	for (i = 0; i < echo_nchan; i++) {
 		if (echo_slots[i].thr != NULL)
 			kup_os_thread_join(echo_slots[i].thr);
