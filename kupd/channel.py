@@ -55,11 +55,18 @@ The fd is only a hint ("the turn may have come back, or the device is
 shutting down"): the control page is the truth, which is why the callback
 re-checks with ``try_receive``.  Spurious readiness is harmless; a
 ``None`` just means wait for the next event.  ``try_receive`` holds the GIL
-and does no system call in the common case, so it is cheap enough to call
-on every event; it raises :class:`~kupd.errors.Shutdown` once the device is
-going away, and :class:`~kupd.errors.NotYourTurn` if this side already holds
-the turn (send or pass first).  Remove the reader (``loop.remove_reader``)
-before closing the channel: the fd is closed with it.
+and never sleeps (a few loads of the control page, at most a non-blocking
+read of the wake-up fd), so it is cheap enough to call on every event; it
+raises :class:`~kupd.errors.Shutdown` once the device is going away, and
+:class:`~kupd.errors.NotYourTurn` if this side already holds the turn (send
+or pass first).
+
+The first ``fileno()`` call switches the channel into poll mode: from then
+on the kernel side signals the fd on every hand-over (one eventfd write or
+wake-up per message), which blocking users of a channel do not pay for.
+Call it only for channels you multiplex.  Remove the reader
+(``loop.remove_reader``) before closing the channel: the fd is closed with
+it.
 """
 
 from __future__ import annotations
