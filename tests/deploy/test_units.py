@@ -1,0 +1,140 @@
+"""The deploy files that are not the rc.d script: shellcheck over every
+shell script of this area, the systemd unit (systemd-analyze verify, plus
+the sandboxing keys kupd relies on), modules-load.d, devfs.rules,
+newsyslog, and the FreeBSD config sample (loaded with kupd's own parser).
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+__all__: list[str] = []
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "deploy/linux/kupd.service"
+
+# (path, shell dialect): rc.d scripts are /bin/sh on FreeBSD
+SHELL_SCRIPTS = (
+    ("deploy/freebsd/rc.d/kupd", "sh"),
+    ("tests/deploy/rc.subr", "sh"),
+    ("scripts/freebsd-check.sh", "bash"),
+)
+
+
+@pytest.mark.parametrize(("path", "dialect"), SHELL_SCRIPTS)
+def test_shellcheck(path: str, dialect: str) -> None:
+    tool = shutil.which("shellcheck")
+    assert tool is not None, "shellcheck is required (scripts/setup-apt.sh installs it)"
+    res = subprocess.run(
+        [tool, "-s", dialect, "-S", "style", str(REPO / path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _unit() -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_unit_has_the_keys_kupd_relies_on() -> None:
+    """Checked with a parser whether or not systemd is installed."""
+    unit = _unit()
+    assert unit.sections() == ["Unit", "Service", "Install"]
+    svc = unit["Service"]
+    exec_start = svc["ExecStart"].split()
+    assert exec_start[0] == "/usr/local/bin/kupd"
+    assert "--config" in exec_start and "/etc/kupd/kupd.toml" in exec_start
+    # the socket lives in the RuntimeDirectory systemd creates
+    assert svc["RuntimeDirectory"] == "kupd"
+    assert exec_start[exec_start.index("--socket") + 1].startswith("/run/kupd/")
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert svc["KillSignal"] == "SIGTERM"
+    # sandboxing that still lets kupd open /dev/kup/* (misc devices)
+    assert svc["DevicePolicy"] == "closed"
+    assert svc["DeviceAllow"] == "char-misc rw"
+    assert svc["PrivateDevices"] == "no"
+    assert svc["ProtectSystem"] == "strict"
+    assert svc["ProtectKernelModules"] == "yes"
+    assert svc["NoNewPrivileges"] == "yes"
+    assert svc["CapabilityBoundingSet"] == ""
+    assert "AF_UNIX" in svc["RestrictAddressFamilies"].split()
+    assert unit["Unit"]["After"].split()[0] == "systemd-modules-load.service"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed; "
+                    "test_unit_has_the_keys_kupd_relies_on checked the unit")
+    # verify insists that ExecStart's program exists: point it at a stub
+    stub = tmp_path / "kupd"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit = tmp_path / "kupd.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/kupd", str(stub)))
+    res = subprocess.run(
+        [tool, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+        timeout=120, cwd=tmp_path,
+    )
+    # unknown keys are only warnings: any output at all is a failure
+    assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), (
+        res.stdout + res.stderr
+    )
+
+
+def test_modules_load_d_loads_the_core_module() -> None:
+    lines = (REPO / "deploy/linux/modules-load.d/kup.conf").read_text().splitlines()
+    modules = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    assert modules == ["kup"]
+    # the module kmod/linux builds under that name
+    assert "obj-m := kup.o" in (REPO / "kmod/linux/Kbuild").read_text()
+
+
+def test_devfs_rules_keep_kup_nodes_root_only() -> None:
+    text = (REPO / "deploy/freebsd/devfs.rules").read_text()
+    rulesets = re.findall(r"^\[(\w+)=(\d+)\]$", text, re.M)
+    assert [name for name, _ in rulesets] == ["kup_root_only", "devfsrules_jail_kupd"]
+    assert len({num for _, num in rulesets}) == len(rulesets)
+    perms = re.findall(r"^add path '([^']+)' mode (\d+) user (\w+) group (\w+)$", text, re.M)
+    nodes = [p for p in perms if p[0] == "kup/*"]
+    assert len(nodes) == 2 and all(p[1:] == ("0600", "root", "wheel") for p in nodes)
+    # every rule line is one devfs(8) understands
+    for line in text.splitlines():
+        if line and not line.startswith("#") and not line.startswith("["):
+            assert re.match(r"^add (include \$\w+|path '[^']+' (unhide|mode \d+ .*))$", line), line
+
+
+def test_newsyslog_entry() -> None:
+    lines = [
+        ln for ln in (REPO / "deploy/freebsd/newsyslog.conf.d/kupd.conf").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
+    assert len(lines) == 1
+    fields = lines[0].split()
+    # logfilename owner:group mode count size when flags pid_file sig
+    assert fields[0] == "/var/log/kupd.log"
+    assert fields[1] == "root:wheel" and fields[2] == "640"
+    assert fields[7] == "/var/run/kupd.daemon.pid"   # daemon(8) reopens on HUP
+    assert fields[8] == "1"
+    rc = (REPO / "deploy/freebsd/rc.d/kupd").read_text()
+    assert ': "${kupd_logfile:=/var/log/kupd.log}"' in rc
+    assert ': "${kupd_supervisor_pidfile:=/var/run/${name}.daemon.pid}"' in rc
+
+
+def test_freebsd_config_sample_is_valid_for_kupd() -> None:
+    from kupd.config import load_config
+
+    cfg = load_config(REPO / "deploy/freebsd/kupd.toml.sample")
+    assert cfg.socket == "/var/run/kupd/kupd.sock"
+    assert cfg.pid_path == ""            # rc.d/kupd's daemon(8) owns the pid file
+    assert [d.name for d in cfg.devices] == ["echo"]
