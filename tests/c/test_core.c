@@ -261,6 +261,31 @@ test_turns(void)
 		CHECK_EQ(kupdev_pass(sc, 0), 0);
 		user_expect(&u, KUP_KIND_PASS, NULL, 0);
 	}
+	/* a sleeping user (user_waiting set) gets an eventfd wake-up on the
+	 * hand-over; a user that does not sleep gets none */
+	{
+		struct kup_os_chan *os = kup_core_chan_os(ch);
+		struct pollfd pf = { .fd = os->k2u_efd, .events = POLLIN };
+		uint64_t v;
+
+		while (read(os->k2u_efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+			;
+		user_send(&u, "w", 1);
+		CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+		kupdev_unlock_channel(sc, 0);
+		CHECK_EQ(kupdev_pass(sc, 0), 0);
+		user_expect(&u, KUP_KIND_PASS, NULL, 0);
+		CHECK_EQ(poll(&pf, 1, 0), 0);
+		user_send(&u, "w", 1);
+		CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+		kupdev_unlock_channel(sc, 0);
+		__atomic_store_n(&u.k->user_waiting, 1, __ATOMIC_RELAXED);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		CHECK_EQ(kupdev_pass(sc, 0), 0);
+		CHECK_EQ(poll(&pf, 1, 1000), 1);
+		user_expect(&u, KUP_KIND_PASS, NULL, 0);
+		__atomic_store_n(&u.k->user_waiting, 0, __ATOMIC_RELAXED);
+	}
 	/* PASS and an unread user message: send validates and drops it */
 	user_handover_raw(&u, 0, KUP_KIND_PASS, ++u.u2k_seq, KUP_TURN_KERNEL);
 	CHECK_EQ(kupdev_pass(sc, 0), 0);
