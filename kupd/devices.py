@@ -147,6 +147,13 @@ class ManagedDevice:
         try:
             info = await self.mgr.blocking(dev.info)
         except errors.KupError as exc:
+            if self.dev is dev and not self._shutdown_seen and self._channels_say_shutdown():
+                # The host unloaded the module and closed before we could
+                # read its state: the channels it marked tell us it did.
+                self._shutdown_seen = True
+                self.mgr.publish(
+                    Event(EventType.DEVICE_SHUTTING_DOWN, self.name, reason="unloaded")
+                )
             self.gone(exc)
             return
         if self.dev is not dev:
@@ -170,6 +177,21 @@ class ManagedDevice:
                 Event(EventType.DEVICE_SHUTTING_DOWN, self.name, notify_gen=info.notify_gen)
             )
             self.mgr.health_changed()
+
+    def _channels_say_shutdown(self) -> bool:
+        """Whether a free pool channel carries the kernel's SHUTDOWN mark.
+        (Free pool channels hold the turn with the last message consumed, so
+        probing them cannot take a message from anyone.)"""
+        for pc in list(self.pool.channels.values()):
+            if pc.state != "free":
+                continue
+            try:
+                pc.ch.try_receive()
+            except errors.Shutdown:
+                return True
+            except errors.KupError:
+                continue
+        return False
 
     def gone(self, why: errors.KupError) -> None:
         """The device went away: end everything on it; retry opening later."""

@@ -48,6 +48,21 @@ class Kupd:
     def client(self, **kw: str) -> Client:
         return Client(self.socket, **kw)
 
+    def wait_up(self, timeout: float = START_TIMEOUT) -> str:
+        """Until kupd answers health checks (whatever the status); the status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kupd exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    with self.client() as c:
+                        return c.health()
+                except errors.KupError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"kupd not answering within {timeout}s:\n{self.log()}")
+
     def wait_serving(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
