@@ -216,9 +216,8 @@ kup_fb_chan_pages_release(vm_object_t obj, size_t npages)
 	vm_page_t m;
 	size_t i;
 
-	/* Our wiring kept the pages resident while the kernel mapping
-	 * existed; drop it, the object frees the pages when its last
-	 * reference (ours or a user mapping's) goes. */
+	/* Drop our wiring (see kup_os_chan_mem_alloc); the object frees the
+	 * pages when its last reference (ours or a user mapping's) goes. */
 	VM_OBJECT_WLOCK(obj);
 	for (i = 0; i < npages; i++) {
 		m = vm_page_lookup(obj, (vm_pindex_t)i);
@@ -252,8 +251,11 @@ kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes
 		goto fail_ma;
 	VM_OBJECT_WLOCK(obj);
 	for (i = 0; i < npages; i++) {
-		/* Zeroed (guaranteed by vm_page_grab with VM_ALLOC_ZERO),
-		 * wired: never reclaimed while the kernel maps it. */
+		/* Zeroed (vm_page_grab guarantees it for VM_ALLOC_ZERO).
+		 * OBJT_PHYS objects are OBJ_UNMANAGED: their pages never
+		 * enter the paging queues, so the page daemon never takes
+		 * them; the wiring states the same for as long as the kernel
+		 * mapping exists, whatever the object type. */
 		ma[i] = vm_page_grab(obj, (vm_pindex_t)i,
 		    VM_ALLOC_NORMAL | VM_ALLOC_ZERO | VM_ALLOC_WIRED);
 		if (ma[i] == NULL)
