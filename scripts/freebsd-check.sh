@@ -71,6 +71,8 @@ kernel_sources=(
 	"kupdev:kmod/core/kup_core.c"
 	"kup_echo:kmod/examples/echo/echo.c"
 	"kup_echo:kmod/freebsd/kup_client_mod.c"
+	"kup_rot13:kmod/examples/echo/echo.c"
+	"kup_rot13:kmod/freebsd/kup_client_mod.c"
 )
 # One more kernel file to compile the same way (the test suite uses it to
 # prove that a warning fails the check).
@@ -131,11 +133,19 @@ for arch in $ARCHS; do
 			continue
 		fi
 		obj="$outdir/$arch-kern-$(basename "${src%.c}").o"
+		label="$arch kernel $src"
+		# the same -D flags as kmod/freebsd/<module>/Makefile
 		modflags=()
-		if [ "$mod" = kup_echo ]; then
-			modflags=(-DKUP_CLIENT_MODNAME=kup_echo)
-		fi
-		compile "$arch kernel $src" "$arch-freebsd-none" "$obj" \
+		case "$mod" in
+		kup_echo)
+			modflags=(-DKUP_CLIENT_MODNAME=kup_echo) ;;
+		kup_rot13)
+			modflags=(-DKUP_CLIENT_MODNAME=kup_rot13 -DECHO_ROT13
+				'-DECHO_NAME="rot13"' '-DECHO_PARAM="rot13"')
+			obj="$outdir/$arch-kern-rot13-$(basename "${src%.c}").o"
+			label="$arch kernel $src (rot13)" ;;
+		esac
+		compile "$label" "$arch-freebsd-none" "$obj" \
 			"${kernel_common[@]}" "${march[@]}" "${kinc[@]}" \
 			"${modflags[@]}" "${warn[@]}" "$src"
 	done

@@ -93,6 +93,8 @@ def objdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for arch in ARCHS:
         for src in KERNEL_SOURCES:
             assert f"ok    {arch} kernel {src}" in proc.stdout, proc.stdout
+        for src in ("kmod/examples/echo/echo.c", "kmod/freebsd/kup_client_mod.c"):
+            assert f"ok    {arch} kernel {src} (rot13)" in proc.stdout, proc.stdout
         for src in USER_SOURCES:
             assert f"ok    {arch} user {src}" in proc.stdout, proc.stdout
     return out
@@ -146,17 +148,18 @@ def test_kupdev_defines_every_export_and_its_module(objdir: Path, arch: str) -> 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_echo_module_depends_on_kupdev_and_uses_only_its_api(
-    objdir: Path, arch: str
+@pytest.mark.parametrize(("module", "kind"), [("kup_echo", "kern"), ("kup_rot13", "kern-rot13")])
+def test_client_module_depends_on_kupdev_and_uses_only_its_api(
+    objdir: Path, arch: str, module: str, kind: str
 ) -> None:
-    echo = _symbols(_obj(objdir, arch, "kern", "kmod/examples/echo/echo.c"))
-    wrap = _symbols(_obj(objdir, arch, "kern", "kmod/freebsd/kup_client_mod.c"))
+    echo = _symbols(_obj(objdir, arch, kind, "kmod/examples/echo/echo.c"))
+    wrap = _symbols(_obj(objdir, arch, kind, "kmod/freebsd/kup_client_mod.c"))
     assert echo.get("kup_module_init") == "T"
     assert echo.get("kup_module_fini") == "T"
-    # MODULE_DEPEND(kup_echo, kupdev, 1, 1, 1) and MODULE_VERSION(kup_echo, 1)
-    assert "_kup_echo_depend_on_kupdev" in wrap, sorted(wrap)
-    assert "_kup_echo_version" in wrap
-    assert "kup_echomodule_sys_init" in wrap
+    # MODULE_DEPEND(<module>, kupdev, 1, 1, 1) and MODULE_VERSION(<module>, 1)
+    assert f"_{module}_depend_on_kupdev" in wrap, sorted(wrap)
+    assert f"_{module}_version" in wrap
+    assert f"{module}module_sys_init" in wrap
     used = {n for n, t in echo.items() if t == "U" and n.startswith("kup")}
     assert used, "echo calls no kupdev API?"
     assert not used - _export_syms(), sorted(used - _export_syms())
