@@ -848,12 +848,16 @@ kup_fb_ioctl(struct cdev *cdev, u_long cmd, caddr_t data, int fflag,
 	int error;
 
 	(void)cdev;
-	(void)fflag;
 	(void)td;
 	error = devfs_get_cdevpriv((void **)&f);
 	if (error != 0)
 		return (error);
-	/* data is the kernel copy made by ioctl(2) from the encoded size */
+	/* Taking a channel means writing into it: only on files opened for
+	 * writing.  data is the kernel copy ioctl(2) made from the size
+	 * encoded in cmd (copied out again after we return). */
+	if ((cmd == KUP_IOC_ATTACH || cmd == KUP_IOC_WAKE) &&
+	    (fflag & FWRITE) == 0)
+		return (EBADF);
 	switch (cmd) {
 	case KUP_IOC_ATTACH:
 		return (kup_fb_ioc_attach(f, (struct kup_ioc_attach *)data));
