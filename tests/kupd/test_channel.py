@@ -240,6 +240,9 @@ def test_bad_arguments(echo_sim: KupSim) -> None:
             dev.channel(-3)
         with pytest.raises(NotFound):
             dev.channel(dev.info().chan_count)
+        with pytest.raises(InvalidArgument):
+            dev.channel(0, pages=dev.info().pages + 1)  # must match the device's size
+        assert dev.info().attached == ()
         with dev.channel() as ch:
             opened(ch)
             for bad in (-1, float("nan"), "1"):

@@ -202,6 +202,24 @@ def test_operations_after_unload_are_shutdown() -> None:
             dev.channel(1)
 
 
+def test_event_fd_signals_shutdown() -> None:
+    import select
+
+    with kupsim("echo") as sim, Device.open(sim.device_path("echo")) as dev:
+        fd = dev.event_fd()
+        assert fd == dev.event_fd()  # one fd, owned by the device
+        sim.signal(signal.SIGTERM)
+        r, _, _ = select.select([fd], [], [], T)
+        assert r == [fd], "device event fd did not poll readable at unload"
+        try:
+            info = dev.info()
+        except Shutdown:
+            pass  # the host is already gone
+        else:
+            assert info.shutting_down
+        assert sim.wait(T) == 0
+
+
 # --- processes -----------------------------------------------------------------
 
 _HOLDER = textwrap.dedent(
