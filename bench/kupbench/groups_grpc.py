@@ -26,9 +26,15 @@ __all__ = ["run"]
 PAYLOAD = pattern(64)
 
 
-def _lat(e: Echoer, n: int, what: str) -> TrialFn:
+def _lat(e: Echoer, n: int, what: str, server_pid: int | None = None) -> TrialFn:
+    """Round-trip latencies; with ``server_pid`` also the server's CPU time per
+    round trip over the trial (sub-figure "cpu", one sample per trial)."""
     async def trial() -> dict[str, list[float]]:
-        return await latency_trial(e, PAYLOAD, n, what)
+        c0 = run_ns(server_pid) if server_pid is not None else 0
+        out = await latency_trial(e, PAYLOAD, n, what)
+        if server_pid is not None:
+            out["cpu"] = [(run_ns(server_pid) - c0) / 1000.0 / n]
+        return out
     return trial
 
 
@@ -64,6 +70,20 @@ async def run(ctx: RunCtx) -> None:
             lat("bare.unary64", S_TRANSPORT, "unary round trip, 64 B"),
             lat("bare.bidi64", S_TRANSPORT, "bidi-stream round trip, 64 B"),
         ]
+        cpu_specs = [
+            cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
+                 sub="cpu"),
+            cost("bare.bidi64", S_TRANSPORT, "server CPU per bidi round trip", "us CPU",
+                 sub="cpu"),
+            cost("kupd.session_rt", S_E2E, "kupd CPU per Session round trip (client)",
+                 "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("kupd.session_rt_pipe", S_E2E, "kupd CPU per Session round trip (pipelined)",
+                 "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("kupd.unary_sr", S_E2E, "kupd CPU per unary Send + Receive", "us CPU",
+                 sub="cpu", baseline="bare.unary64.cpu"),
+            cost("kupd.call_rt", S_E2E, "kupd CPU per Call", "us CPU", sub="cpu",
+                 baseline="bare.unary64.cpu"),
+        ]
         kupd_rt_specs = [
             lat("kupd.session_rt", S_E2E, "Session round trip (client send+receive), 64 B",
                 baseline="bare.bidi64"),
@@ -92,20 +112,21 @@ async def run(ctx: RunCtx) -> None:
             log(f"  ! kupd not available: {kupd_why}")
 
         # -- round trips
-        async with group(ctx, "grpc: round trips", bare_specs + kupd_rt_specs):
+        all_rt = bare_specs + kupd_rt_specs + cpu_specs
+        async with group(ctx, "grpc: round trips", all_rt):
             bu, bb = BareUnary(bch), BareBidi(bch)
             stack.push_async_callback(bb.close)
             n = cfg.grpc_rounds
             work: dict[str, TrialFn] = {
-                "bare.unary64": _lat(bu, n, "bare unary"),
-                "bare.bidi64": _lat(bb, n, "bare bidi"),
+                "bare.unary64": _lat(bu, n, "bare unary", bare.pid),
+                "bare.bidi64": _lat(bb, n, "bare bidi", bare.pid),
             }
             if kupd is not None:
                 for name, e in (await kupd.rt_echoers()).items():
-                    work[name] = _lat(e, n, name)
+                    work[name] = _lat(e, n, name, kupd.pid)
             else:
-                ctx.skip(kupd_rt_specs, kupd_why)
-            await ctx.measure(work, bare_specs + kupd_rt_specs)
+                ctx.skip([s for s in all_rt if s.workload.startswith("kupd.")], kupd_why)
+            await ctx.measure(work, all_rt)
 
         # -- stream throughput
         pipe: Any = None
