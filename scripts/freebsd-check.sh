@@ -11,7 +11,9 @@
 # FreeBSD userland.  The compiler and the headers come from the `ziglang`
 # PyPI package (zig's bundled clang and FreeBSD libc/sys headers).
 #
-# Compile only (-c): there is no FreeBSD kernel to link against.
+# Compile only (-c) -- there is no FreeBSD kernel to link against -- plus
+# the partial link (ld -r) bsd.kmod.mk does first, which catches symbols
+# defined twice within a module.
 #
 # Usage: scripts/freebsd-check.sh [-v] [-o OUTDIR]
 #   PYTHON   interpreter that has ziglang (default: .venv/bin/python)
@@ -106,8 +108,24 @@ compile() {   # label target outfile args...
 	else
 		echo "FAIL  $label" >&2
 		failed=$((failed + 1))
+		return 1
 	fi
 }
+
+link() {   # label outfile objects...
+	local label=$1 out=$2
+	shift 2
+	count=$((count + 1))
+	if run "$PYTHON" -m ziglang ld.lld -r -d -o "$out" "$@"; then
+		echo "ok    $label"
+	else
+		echo "FAIL  $label" >&2
+		failed=$((failed + 1))
+		return 1
+	fi
+}
+
+declare -A modobjs=() modbad=()
 
 for arch in $ARCHS; do
 	case "$arch" in
@@ -145,10 +163,24 @@ for arch in $ARCHS; do
 			obj="$outdir/$arch-kern-rot13-$(basename "${src%.c}").o"
 			label="$arch kernel $src (rot13)" ;;
 		esac
-		compile "$label" "$arch-freebsd-none" "$obj" \
+		if compile "$label" "$arch-freebsd-none" "$obj" \
 			"${kernel_common[@]}" "${march[@]}" "${kinc[@]}" \
-			"${modflags[@]}" "${warn[@]}" "$src"
+			"${modflags[@]}" "${warn[@]}" "$src"; then
+			modobjs[$mod]="${modobjs[$mod]:-} $obj"
+		else
+			modbad[$mod]=1
+		fi
 	done
+	# Link each module's objects the way bsd.kmod.mk does first (ld -r -d):
+	# catches symbols defined twice, e.g. by the glue and the core.
+	for mod in "${!modobjs[@]}"; do
+		[ "$mod" = extra ] && continue
+		[ -n "${modbad[$mod]:-}" ] && continue
+		# shellcheck disable=SC2086 # a list of object paths
+		link "$arch $mod.ko (ld -r)" "$outdir/$arch-$mod.kld" ${modobjs[$mod]}
+	done
+	modobjs=()
+	modbad=()
 	for src in "${user_sources[@]}"; do
 		if [ ! -f "$src" ]; then
 			echo "FAIL  $arch user $src: missing" >&2
@@ -157,12 +189,12 @@ for arch in $ARCHS; do
 		fi
 		obj="$outdir/$arch-user-$(basename "${src%.c}").o"
 		compile "$arch user $src" "$arch-freebsd" "$obj" \
-			"${user_common[@]}" "${warn[@]}" "$src"
+			"${user_common[@]}" "${warn[@]}" "$src" || true
 	done
 done
 
 if [ "$failed" -ne 0 ]; then
-	echo "freebsd-check: $failed of $count compilations failed" >&2
+	echo "freebsd-check: $failed of $count compilations/links failed" >&2
 	exit 1
 fi
-echo "freebsd-check: all $count compilations passed ($ARCHS)"
+echo "freebsd-check: all $count compilations and links passed ($ARCHS)"

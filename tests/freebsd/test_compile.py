@@ -89,12 +89,14 @@ def objdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"make kmod-freebsd-check failed (rc {proc.returncode}):\n"
         f"{proc.stdout}\n{proc.stderr}"
     )
-    assert "all" in proc.stdout and "compilations passed" in proc.stdout, proc.stdout
+    assert "compilations and links passed" in proc.stdout, proc.stdout
     for arch in ARCHS:
         for src in KERNEL_SOURCES:
             assert f"ok    {arch} kernel {src}" in proc.stdout, proc.stdout
         for src in ("kmod/examples/echo/echo.c", "kmod/freebsd/kup_client_mod.c"):
             assert f"ok    {arch} kernel {src} (rot13)" in proc.stdout, proc.stdout
+        for mod in ("kupdev", "kup_echo", "kup_rot13"):
+            assert f"ok    {arch} {mod}.ko (ld -r)" in proc.stdout, proc.stdout
         for src in USER_SOURCES:
             assert f"ok    {arch} user {src}" in proc.stdout, proc.stdout
     return out
@@ -133,18 +135,19 @@ def test_export_list_is_exactly_the_kernel_api() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kupdev_defines_every_export_and_its_module(objdir: Path, arch: str) -> None:
-    glue = _symbols(_obj(objdir, arch, "kern", "kmod/freebsd/kup_freebsd.c"))
-    core = _symbols(_obj(objdir, arch, "kern", "kmod/core/kup_core.c"))
-    defined = {n for syms in (glue, core) for n, t in syms.items() if t == "T"}
+    # kupdev.kld: glue + core after bsd.kmod.mk's first link step (ld -r)
+    kld = objdir / f"{arch}-kupdev.kld"
+    assert kld.is_file(), "kmod-freebsd-check did not link kupdev"
+    syms = _symbols(kld)
+    defined = {n for n, t in syms.items() if t == "T"}
     missing = _export_syms() - defined
     assert not missing, f"exported but not defined in kupdev.ko: {sorted(missing)}"
+    # every kup_os.h hook the core calls is provided by the glue
+    unresolved = sorted(n for n, t in syms.items() if t == "U" and n.startswith("kup"))
+    assert not unresolved, f"kupdev.ko leaves these to the kernel: {unresolved}"
     # MODULE_VERSION(kupdev, 1) and DECLARE_MODULE(kupdev, ...)
-    assert "_kupdev_version" in glue
-    assert "kupdevmodule_sys_init" in glue
-    # every kup_os.h hook the core needs is provided by the glue
-    core_needs = {n for n, t in core.items() if t == "U" and n.startswith("kup_")}
-    glue_has = {n for n, t in glue.items() if t == "T"}
-    assert not core_needs - glue_has, sorted(core_needs - glue_has)
+    assert "_kupdev_version" in syms
+    assert "kupdevmodule_sys_init" in syms
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -160,8 +163,10 @@ def test_client_module_depends_on_kupdev_and_uses_only_its_api(
     assert f"_{module}_depend_on_kupdev" in wrap, sorted(wrap)
     assert f"_{module}_version" in wrap
     assert f"{module}module_sys_init" in wrap
-    used = {n for n, t in echo.items() if t == "U" and n.startswith("kup")}
-    assert used, "echo calls no kupdev API?"
+    kld = objdir / f"{arch}-{module}.kld"
+    assert kld.is_file(), f"kmod-freebsd-check did not link {module}"
+    used = {n for n, t in _symbols(kld).items() if t == "U" and n.startswith("kup")}
+    assert used, "the module calls no kupdev API?"
     assert not used - _export_syms(), sorted(used - _export_syms())
 
 
