@@ -21,7 +21,9 @@
  * EKU_* code from kup_abi.h; EKU_SYS means errno says more.
  *
  * Threads: a channel handle is used by one thread at a time; different
- * channels may be used by different threads at once.
+ * channels may be used by different threads at once.  A device handle may
+ * be shared by threads (kernproxy_error() on it then reports some thread's
+ * last error: prefer the thread-local kernproxy_errno).
  */
 #ifndef KUP_H
 #define KUP_H

@@ -541,6 +541,23 @@ poll_main(void *arg)
 			break;
 		}
 		pthread_mutex_lock(&S.mu);
+		/* Departures first: a process that closed one attachment and
+		 * then asked for the channel again on a new connection must
+		 * find it free, whatever order the two show up in. */
+		for (i = 0; i < n; i++) {
+			if (slot[i].tag == TAG_CONN &&
+			    (pf[i].revents & (POLLHUP | POLLERR | POLLNVAL)) &&
+			    conn_alive(slot[i].p)) {
+				size_t j;
+
+				conn_close(slot[i].p);
+				/* forget its slots: the address may be reused */
+				for (j = 0; j < n; j++)
+					if (slot[j].p == slot[i].p && j != i)
+						pf[j].revents = 0;
+				pf[i].revents = 0;
+			}
+		}
 		for (i = 0; i < n; i++) {
 			short re = pf[i].revents;
 
@@ -572,11 +589,7 @@ poll_main(void *arg)
 				c = slot[i].p;
 				if (!conn_alive(c))
 					break;
-				if ((re & POLLIN) && conn_input(c) != 0) {
-					conn_close(c);
-					break;
-				}
-				if (!(re & POLLIN) && (re & (POLLHUP | POLLERR | POLLNVAL)))
+				if ((re & POLLIN) && conn_input(c) != 0)
 					conn_close(c);
 				break;
 			}

@@ -13,6 +13,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -51,10 +52,14 @@ struct kp_hdr {
 	int      err;
 };
 
+/* A device handle may be shared by threads (each attaching its own
+ * channels): err is accessed atomically and mu serialises the backend's
+ * device calls (info / event fd share one connection). */
 struct kp_dev {
 	struct kp_hdr h;
 	const struct kup_backend_ops *ops;
 	void *b;
+	pthread_mutex_t mu;
 };
 
 struct kp_chan {
@@ -80,7 +85,7 @@ static int
 fail(struct kp_hdr *h, int code)
 {
 	if (h != NULL)
-		h->err = code;
+		__atomic_store_n(&h->err, code, __ATOMIC_RELAXED);
 	kernproxy_errno = code;
 	return -1;
 }
@@ -185,6 +190,7 @@ kernproxy_open(char const *name)
 	d->h.magic = KP_MAGIC_DEV;
 	d->ops = ops;
 	d->b = b;
+	pthread_mutex_init(&d->mu, NULL);
 	return d;
 }
 
@@ -198,9 +204,11 @@ kernproxy_info(void *handle, struct kernproxy_info *info)
 		return -1;
 	if (info == NULL)
 		return fail(&d->h, KUP_E_INVAL);
+	pthread_mutex_lock(&d->mu);
 	if (d->ops->dev_drain != NULL)
 		d->ops->dev_drain(d->b);
 	r = d->ops->info(d->b, info);
+	pthread_mutex_unlock(&d->mu);
 	if (r != KUP_E_OK)
 		return fail(&d->h, r);
 	return 0;
@@ -214,7 +222,9 @@ kernproxy_dev_fd(void *handle)
 
 	if (d == NULL)
 		return -1;
+	pthread_mutex_lock(&d->mu);
 	fd = d->ops->dev_fd(d->b);
+	pthread_mutex_unlock(&d->mu);
 	if (fd < 0)
 		return fail(&d->h, KUP_E_SYS);
 	return fd;
@@ -328,7 +338,7 @@ kernproxy_channel(void *handle, size_t chan_id, size_t size)
 	}
 	c->uturn = UT_KERNEL;
 	c->h.magic = KP_MAGIC_CHAN;
-	d->h.err = KUP_E_OK;
+	__atomic_store_n(&d->h.err, KUP_E_OK, __ATOMIC_RELAXED);
 	return c;
 }
 
@@ -633,6 +643,7 @@ kernproxy_close(void *handle)
 
 		d->ops->close(d->b);
 		d->h.magic = KP_MAGIC_DEAD;
+		pthread_mutex_destroy(&d->mu);
 		free(d);
 	} else {
 		kernproxy_errno = KUP_E_INVAL;
@@ -646,7 +657,7 @@ kernproxy_error(void *handle)
 
 	if (h == NULL || (h->magic != KP_MAGIC_CHAN && h->magic != KP_MAGIC_DEV))
 		return kernproxy_errno;
-	return h->err;
+	return __atomic_load_n(&h->err, __ATOMIC_RELAXED);
 }
 
 const char *

@@ -362,6 +362,24 @@ sc_twodev(void)
 	kernproxy_close(r);
 	CHECK(kernproxy_open("nosuchdev") == NULL);
 	CHECK_EQ(kernproxy_errno, EKU_NOENT);
+	/* a name with a '/' is the socket path itself */
+	{
+		char path[512];
+		const char *dir = getenv("KUPSIM_DIR");
+		void *p, *pc;
+
+		CHECK(dir != NULL);
+		snprintf(path, sizeof(path), "%s/rot13.sock", dir);
+		p = open_dev(path);
+		pc = attach(p, 31);
+		expect_pass(pc);
+		round_trip(pc, s, strlen(s), rot13);
+		kernproxy_close(pc);
+		kernproxy_close(p);
+		snprintf(path, sizeof(path), "%s/nosuch.sock", dir);
+		CHECK(kernproxy_open(path) == NULL);
+		CHECK_EQ(kernproxy_errno, EKU_NOENT);
+	}
 	printf("OK twodev\n");
 	return 0;
 }
@@ -723,6 +741,61 @@ sc_churn(void)
 	return 0;
 }
 
+struct stress_arg {
+	void *d;
+	int chan;
+	int ok;
+};
+
+static void *
+stress_main(void *p)
+{
+	struct stress_arg *a = p;
+	char buf[64];
+	int i, j;
+
+	for (i = 0; i < 40; i++) {
+		void *c = attach(a->d, (size_t)a->chan);
+
+		if (i % 4 != 0) {
+			expect_pass(c);
+			for (j = 0; j < 25; j++) {
+				int n = snprintf(buf, sizeof(buf), "s%d.%d.%d", a->chan,
+				    i, j);
+				round_trip(c, buf, (size_t)n, (a->chan & 1) ? upper : NULL);
+			}
+		}
+		kernproxy_close(c);
+	}
+	a->ok = 1;
+	return NULL;
+}
+
+/* Several threads, each attaching, talking and leaving its own channel
+ * over and over, all at once (races in attach/detach/worker hand-off). */
+static int
+sc_stress(void)
+{
+	struct stress_arg a[6];
+	pthread_t t[6];
+	void *d = open_dev("echo");
+	int i;
+
+	for (i = 0; i < 6; i++) {
+		a[i].d = d;
+		a[i].chan = 100 + i;
+		a[i].ok = 0;
+		CHECK_EQ(pthread_create(&t[i], NULL, stress_main, &a[i]), 0);
+	}
+	for (i = 0; i < 6; i++) {
+		pthread_join(t[i], NULL);
+		CHECK(a[i].ok);
+	}
+	kernproxy_close(d);
+	printf("OK stress\n");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -761,6 +834,8 @@ main(int argc, char **argv)
 		return sc_notready();
 	if (strcmp(s, "churn") == 0)
 		return sc_churn();
+	if (strcmp(s, "stress") == 0)
+		return sc_stress();
 	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
 	return 2;
 }

@@ -76,6 +76,7 @@ def read_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60.0) -
         "sizes",
         "version",
         "churn",
+        "stress",
     ],
 )
 def test_scenario(variant_out: Path, scenario: str) -> None:
