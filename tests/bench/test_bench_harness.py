@@ -1,0 +1,157 @@
+"""The benchmark harness (bench/kupbench): statistics, ratios, target verdicts,
+interleaving, writers, and the C ping-pong programs run for a few rounds
+against real processes.  No timing assertions: only that the machinery
+measures what it claims and reports it honestly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kupd.testing import REPO_ROOT, KupSim
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from kupbench.harness import (
+    Better,
+    Figure,
+    Report,
+    Target,
+    run_interleaved,
+)
+from kupbench.native import UdsClient, build_c, c_trial, start_uds_server
+from kupbench.shapes import pattern
+from kupbench.stats import median, percentile
+
+
+def test_percentile_is_nearest_rank_and_a_measured_value() -> None:
+    xs = [float(i) for i in range(1, 101)]  # 1..100
+    assert percentile(xs, 99) == 99.0
+    assert percentile(xs, 100) == 100.0
+    assert percentile(xs, 1) == 1.0
+    assert percentile([5.0, 1.0, 3.0], 99) == 5.0  # < 100 samples: the worst one
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 100.5])
+def test_percentile_rejects_bad_pct(bad: float) -> None:
+    with pytest.raises(ValueError, match="pct"):
+        percentile([1.0], bad)
+
+
+def test_empty_samples_are_refused() -> None:
+    with pytest.raises(ValueError, match="no samples"):
+        median([])
+    r = Report(meta={})
+    with pytest.raises(ValueError, match="no samples"):
+        r.add(Figure("x", "s", "x", "us", Better.LOWER, []))
+
+
+def test_p99_is_the_bad_tail_for_both_directions() -> None:
+    xs = [float(i) for i in range(1, 201)]
+    lat = Figure("l", "s", "l", "us", Better.LOWER, xs)
+    rate = Figure("r", "s", "r", "MiB/s", Better.HIGHER, xs)
+    assert lat.p99 == 198.0
+    assert rate.p99 == 2.0
+
+
+def _report() -> Report:
+    r = Report(meta={"started": "now", "machine": {"nproc": 2}, "config": {"trials": 3}})
+    r.add(Figure("base", "1 a", "baseline", "us", Better.LOWER, [10.0, 10.0, 10.0]))
+    r.add(Figure("fig", "1 a", "figure", "us", Better.LOWER, [11.0, 12.0, 13.0],
+                 baseline="base"))
+    r.add(Figure("tp", "2 b", "throughput", "MiB/s", Better.HIGHER, [50.0]))
+    r.skip("gone", "2 b", "not measurable", "BenchError: helper missing")
+    r.targets = [
+        Target("fig/base <= 1.3", "fig", "<=", 1.3),
+        Target("fig/base <= 1.1", "fig", "<=", 1.1),
+        Target("tp >= 40", "tp", ">=", 40.0, on_ratio=False),
+        Target("gone <= 1", "gone", "<=", 1.0),
+    ]
+    return r
+
+
+def test_ratios_and_verdicts() -> None:
+    r = _report()
+    assert r.ratio("fig") == pytest.approx(1.2)
+    assert r.ratio("base") is None
+    verdicts = [r.judge(t)[1] for t in r.targets]
+    assert verdicts[:3] == ["met", "missed", "met"]
+    assert verdicts[3].startswith("not measured")
+
+
+def test_writers_emit_every_figure_skip_and_target(tmp_path: Path) -> None:
+    r = _report()
+    jpath, mpath = r.write(tmp_path)
+    doc = json.loads(jpath.read_text())
+    assert [f["key"] for f in doc["figures"]] == ["base", "fig", "tp"]
+    fig = next(f for f in doc["figures"] if f["key"] == "fig")
+    assert fig["median"] == 12.0 and fig["ratio"] == pytest.approx(1.2)
+    assert doc["skipped"][0]["reason"] == "BenchError: helper missing"
+    assert [t["verdict"] for t in doc["targets"]][:3] == ["met", "missed", "met"]
+    md = mpath.read_text()
+    assert "| 1 a | figure | 12.00 |" in md
+    assert "not run: BenchError: helper missing" in md
+    assert "missed" in md
+    text = r.text_table()
+    assert "throughput" in text and "not run" in text
+
+
+def test_interleaving_rotates_discards_warmup_and_drops_failures() -> None:
+    calls: list[str] = []
+
+    def wl(name: str, fail_at: int | None = None) -> object:
+        n = 0
+
+        async def trial() -> dict[str, list[float]]:
+            nonlocal n
+            n += 1
+            calls.append(name)
+            if fail_at is not None and n >= fail_at:
+                raise RuntimeError(f"{name} broke")
+            return {"": [float(n)]}
+        return trial
+
+    errors: dict[str, str] = {}
+    res = asyncio.run(run_interleaved(
+        {"a": wl("a"), "b": wl("b"), "c": wl("c", fail_at=2)},  # type: ignore[dict-item]
+        trials=3, warmup=1, on_error=lambda n, e: errors.update({n: str(e)})))
+    assert res["a"][""] == [2.0, 3.0, 4.0]  # trial 1 was the warm-up
+    assert "c" not in res and errors == {"c": "c broke"}
+    assert calls[:3] == ["a", "b", "c"] and calls[3:5] == ["b", "c"]  # rotated
+
+
+def test_uds_programs_measure_real_round_trips(tmp_path: Path) -> None:
+    prog = build_c(REPO_ROOT, "uds")
+    out = asyncio.run(c_trial([str(prog), "-d", str(tmp_path / "c.sock"), "-n", "50",
+                               "-w", "5", "-s", "64"], None, "uds_pingpong"))
+    assert len(out[""]) == 50 and all(v > 0 for v in out[""])
+    with start_uds_server(prog, tmp_path / "py.sock", 64, tmp_path / "srv.log") as srv:
+        cli = UdsClient(tmp_path / "py.sock", 64)
+        try:
+            lat = cli.latency(pattern(64), 20)[""]
+        finally:
+            cli.close()
+        assert len(lat) == 20
+        assert srv.proc is not None
+        srv.proc.wait(timeout=10)  # one connection served: it exits by itself
+        assert srv.proc.returncode == 0
+
+
+def test_uds_program_rejects_bad_arguments(tmp_path: Path) -> None:
+    prog = build_c(REPO_ROOT, "uds")
+    with pytest.raises(Exception, match="-n"):
+        asyncio.run(c_trial([str(prog), "-d", str(tmp_path / "x.sock"), "-n", "zero"],
+                            None, "uds_pingpong"))
+
+
+def test_floor_program_against_kupsim_echo(echo_sim: KupSim) -> None:
+    prog = build_c(REPO_ROOT, "floor")
+    out = asyncio.run(c_trial([str(prog), "-d", "echo", "-n", "100", "-w", "10", "-s", "64"],
+                              echo_sim.env(), "kup_floor"))
+    assert len(out[""]) == 100 and all(v > 0 for v in out[""])
