@@ -3,14 +3,14 @@
 Echo's behaviour (kmod/examples/echo/echo.c): on attach it hands the turn to
 user space with a PASS; then it answers every DATA message with one DATA of
 the same length -- unchanged on even channels, a-z upper-cased on odd ones --
-a PASS with a PASS, and a message starting with b"!delay" only after 300 ms
-(the kernel holds the turn meanwhile).
+a PASS with a PASS; a message starting with b"!delay" only after 300 ms (the
+kernel holds the turn meanwhile), one starting with b"!hold" never (the
+kernel keeps the turn until the user leaves or the device unloads).
 """
 
 from __future__ import annotations
 
 import select
-from collections.abc import Callable
 
 import pytest
 
@@ -47,22 +47,8 @@ def echoed(chan_id: int, data: bytes) -> bytes:
     return data.upper() if chan_id % 2 else data
 
 
-DELAY = b"!delay"  # echo holds the turn 300 ms before answering
-TRIES = 5  # a 300 ms window can be missed on an overloaded machine: retry
-
-
-def while_kernel_holds_turn(ch: Channel, check: Callable[[], bool]) -> bool:
-    """Hand echo a delayed message and run ``check`` while the kernel holds
-    the turn; consume the reply.  True once ``check`` returned True before
-    the reply arrived (it observed the kernel's turn), within TRIES tries."""
-    for _ in range(TRIES):
-        ch.send(DELAY)
-        observed = check()
-        reply = ch.receive(timeout=T)
-        assert reply.data == DELAY and reply.kind is Kind.DATA
-        if observed:
-            return True
-    return False
+DELAY = b"!delay"  # echo holds the turn 300 ms, then answers
+HOLD = b"!hold"  # echo keeps the turn until the user leaves or the device unloads
 
 
 def test_open_missing_device_is_notfound(echo_sim: KupSim) -> None:
@@ -111,18 +97,27 @@ def test_send_accepts_any_buffer(echo_sim: KupSim) -> None:
 def test_nonblocking_receive_before_kernel_passes(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
+        ch.send(HOLD)
+        assert not ch.my_turn()
+        with pytest.raises(NotReady, match="kernel holds the turn"):
+            ch.receive(timeout=0)
+        assert ch.try_receive() is None
+        assert ch.try_receive() is None
 
-        def nonblocking_sees_kernel_turn() -> bool:
-            if ch.my_turn():
-                return False  # the reply already came: retry
-            try:
-                ch.receive(timeout=0)
-            except NotReady:
-                return ch.try_receive() is None
-            return False
 
-        assert while_kernel_holds_turn(ch, nonblocking_sees_kernel_turn)
-        assert roundtrip(ch, b"after").data == b"after"
+def test_nonblocking_receive_then_the_message(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        ch.send(DELAY)
+        seen_not_ready = False
+        while True:  # echo answers after 300 ms; poll until it does
+            msg = ch.try_receive()
+            if msg is not None:
+                break
+            seen_not_ready = True
+            select.select([], [], [], 0.01)
+        assert msg == Message(DELAY, Kind.DATA, 2)
+        assert seen_not_ready
 
 
 def test_try_receive_after_fileno_readable(echo_sim: KupSim) -> None:
@@ -165,41 +160,40 @@ def test_fileno_is_quiet_after_try_receive(echo_sim: KupSim) -> None:
 def test_receive_deadline(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
-        errors: list[DeadlineExceeded] = []
+        ch.send(HOLD)
+        expected = f"channel {ch.id} of device .*: no message within 200 ms"
+        with pytest.raises(DeadlineExceeded, match=expected):
+            ch.receive(timeout=0.2)
+        with pytest.raises(DeadlineExceeded):  # a deadline leaves the channel as it was
+            ch.receive(timeout=0.001)
 
-        def deadline_passes() -> bool:
-            try:
-                ch.receive(timeout=0.02)
-            except DeadlineExceeded as e:
-                errors.append(e)
-                return True
-            # the reply beat the deadline; hand the turn back for the helper
-            ch.pass_()
-            assert ch.receive(timeout=T).kind is Kind.PASS
+
+def test_late_reply_after_deadline(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        for _ in range(5):  # echo answers after 300 ms: a 20 ms deadline passes first
             ch.send(DELAY)
-            return False
-
-        assert while_kernel_holds_turn(ch, deadline_passes)
-        assert f"channel {ch.id}" in str(errors[0])
-        # The late reply was still taken, and the channel goes on working.
+            try:
+                reply = ch.receive(timeout=0.02)
+            except DeadlineExceeded:
+                reply = ch.receive(timeout=T)  # the late reply is still taken
+                assert reply == Message(DELAY, Kind.DATA, reply.seq)
+                break
+            assert reply.data == DELAY  # overloaded machine: the reply won; retry
+        else:
+            pytest.fail("the 20 ms deadline never passed before a 300 ms reply")
         assert roundtrip(ch, b"after").data == b"after"
 
 
 def test_send_when_not_my_turn(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
-
-        def refused() -> bool:
-            if ch.my_turn():
-                return False  # the reply already came: retry
-            with pytest.raises(NotYourTurn):
-                ch.send(b"again")
-            with pytest.raises(NotYourTurn):
-                ch.pass_()
-            return True
-
-        assert while_kernel_holds_turn(ch, refused)
-        assert roundtrip(ch, b"ok").data == b"ok"
+        ch.send(HOLD)
+        with pytest.raises(NotYourTurn, match="send of 5 bytes on channel 0"):
+            ch.send(b"again")
+        with pytest.raises(NotYourTurn):
+            ch.pass_()
+        assert not ch.my_turn()
 
 
 def test_receive_when_holding_turn_is_notyourturn(echo_sim: KupSim) -> None:

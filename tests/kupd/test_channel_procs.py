@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from kupd.channel import Channel, Device, Kind
-from kupd.errors import Busy, KupError, Shutdown, VersionMismatch
+from kupd.errors import Busy, DeadlineExceeded, KupError, Shutdown, VersionMismatch
 from kupd.testing import REPO_ROOT, KupSim, kupsim
 
 T = 10.0
-DELAY = b"!delay"  # echo holds the turn 300 ms before answering
+DELAY = b"!delay"  # echo holds the turn 300 ms, then answers
+HOLD = b"!hold"  # echo keeps the turn until the user leaves or the device unloads
 
 
 def opened(ch: Channel) -> None:
@@ -87,38 +88,83 @@ def test_two_threads_progress_concurrently(echo_sim: KupSim) -> None:
 
 def test_same_channel_from_two_threads_is_busy(echo_sim: KupSim) -> None:
     """While one thread is inside receive(), another thread using the same
-    channel gets Busy (libkup allows one thread per channel at a time)."""
-    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
-        opened(ch)
-        for _ in range(5):  # the window is echo's 300 ms hold: retry if missed
-            ch.send(DELAY)
-            got: list[object] = []
-            t = threading.Thread(target=lambda g=got: g.append(ch.receive(timeout=T)))
-            t.start()
-            saw_busy = False
-            while t.is_alive() and not saw_busy:
-                try:
-                    ch.try_receive()
-                except Busy as e:
-                    saw_busy = "another thread" in str(e)
-            t.join(T)
-            assert got and getattr(got[0], "data", None) == DELAY
-            if saw_busy:
-                break
-        else:
-            pytest.fail("never caught the receiver inside receive()")
-        assert ch.my_turn()  # the channel is intact afterwards
-        ch.send(b"ok")
-        assert ch.receive(timeout=T).data == b"ok"
-
-
-def test_close_from_another_thread_ends_a_blocked_receive(echo_sim: KupSim) -> None:
+    channel gets Busy (libkup allows one thread per channel at a time), and
+    close() from that other thread ends the wait."""
     from kupd.errors import InvalidArgument
 
     with Device.open(echo_sim.device_path("echo")) as dev:
         ch = dev.channel(0)
         opened(ch)
-        ch.send(DELAY)
+        ch.send(HOLD)  # the receiver below waits until we close
+        got: list[BaseException | object] = []
+
+        def wait() -> None:
+            try:
+                got.append(ch.receive())
+            except BaseException as e:
+                got.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        deadline = time.monotonic() + T
+        while True:
+            try:
+                ch.try_receive()
+            except Busy as e:
+                assert "another thread is using this channel" in str(e)
+                break
+            assert time.monotonic() < deadline, "the receiver never became busy"
+            time.sleep(0.001)
+        with pytest.raises(Busy):
+            ch.send(b"x")
+        with pytest.raises(Busy):
+            ch.fileno()
+        ch.close()
+        t.join(T)
+        assert not t.is_alive(), "close() did not end the blocked receive"
+        assert len(got) == 1 and isinstance(got[0], InvalidArgument), got
+        assert "closed by another thread" in str(got[0])
+        assert ch.closed
+
+
+def test_signal_interrupts_a_blocked_receive(echo_sim: KupSim) -> None:
+    """A blocking receive(None) in the main thread is interrupted by a
+    signal handler that raises (^C works): the wait is sliced."""
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        ch.send(HOLD)
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(Interrupted):
+                ch.receive()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        # the channel is untouched: still the kernel's turn, still usable
+        assert not ch.my_turn()
+        with pytest.raises(DeadlineExceeded):
+            ch.receive(timeout=0.05)
+
+
+@pytest.mark.parametrize("hold", [DELAY, HOLD])
+def test_next_user_after_close_gets_a_fresh_channel(echo_sim: KupSim, hold: bytes) -> None:
+    """A user leaves while the kernel holds the turn; the next user of the
+    channel must start a fresh conversation (echo's opening PASS, seq 1),
+    never receive what was meant for the previous user."""
+    from kupd.errors import InvalidArgument
+
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        ch = dev.channel(0)
+        opened(ch)
+        ch.send(hold)
         outcome: list[BaseException | object] = []
 
         def wait() -> None:
@@ -135,7 +181,7 @@ def test_close_from_another_thread_ends_a_blocked_receive(echo_sim: KupSim) -> N
         assert ch.closed
         # Either the reply beat the close, or the close ended the wait.
         r = outcome[0]
-        assert isinstance(r, InvalidArgument) or getattr(r, "data", None) == DELAY, r
+        assert isinstance(r, InvalidArgument) or getattr(r, "data", None) == hold, r
         # The channel is free again for the next user.
         deadline = time.monotonic() + T
         while True:
@@ -163,12 +209,10 @@ def test_unload_while_receiver_waits_is_shutdown(record_property: pytest.RecordP
         waiting = threading.Event()
 
         def wait() -> None:
-            # Keep the kernel holding the turn until the unload reaches us.
             try:
-                while True:
-                    ch.send(DELAY)
-                    waiting.set()
-                    ch.receive(timeout=T)
+                ch.send(HOLD)  # the kernel keeps the turn until the unload
+                waiting.set()
+                ch.receive()
             except BaseException as e:
                 raised_at.append(time.monotonic())
                 outcome.append(e)
@@ -315,10 +359,9 @@ _WAITER = textwrap.dedent(
     dev = Device.open(sys.argv[1])
     ch = dev.channel(0)
     ch.receive(timeout=10)
+    ch.send(b"!hold")         # an idle channel: echo never answers
     print("ready", flush=True)
-    while True:               # blocked in receive ~all the time: echo holds 300 ms
-        ch.send(b"!delay")
-        ch.receive(timeout=10)
+    ch.receive()              # blocked here until killed
     """
 )
 
