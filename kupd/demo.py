@@ -181,10 +181,9 @@ def step_shutdown(ctx: DemoContext) -> None:
 
         def wait() -> None:
             try:
-                while True:  # "!delay": echo holds the turn 300 ms each time
-                    ch.send(b"!delay")
-                    waiting.set()
-                    ch.receive(timeout=30)
+                ch.send(b"!hold")  # echo keeps the turn: nothing will answer
+                waiting.set()
+                ch.receive(timeout=30)
             except KupError as e:
                 raised_at.append(time.monotonic())
                 outcome.append(f"{type(e).__name__}: {e}")
@@ -192,7 +191,8 @@ def step_shutdown(ctx: DemoContext) -> None:
         t = threading.Thread(target=wait)
         t.start()
         waiting.wait(10)
-        say(f"  a thread waits in receive() on channel {ch.id}; sending SIGTERM to kupsim")
+        say(f"  a thread sent '!hold' on channel {ch.id} and waits in receive();"
+            " sending SIGTERM to kupsim")
         start = time.monotonic()
         sim.signal(signal.SIGTERM)
         t.join(30)
