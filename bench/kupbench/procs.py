@@ -70,6 +70,8 @@ class Proc:
         return self.proc.pid
 
     def start(self) -> Proc:
+        if self.proc is not None:
+            raise BenchError(f"{self.name}: started twice")
         full_env = dict(os.environ)
         if self.env:
             full_env.update(self.env)
@@ -138,7 +140,7 @@ class Proc:
             self._logf = None
 
     def __enter__(self) -> Proc:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -102,12 +102,37 @@ async def run_all(cfg: Config, only: list[str], outdir: Path) -> Report:
     return report
 
 
+def reference_md(report: Report, note: str) -> str:
+    """REFERENCE.md: the machine, the circumstances, then the run's table."""
+    m = report.meta.get("machine", {})
+    lines = [
+        "# Reference benchmark run",
+        "",
+        "A representative `make bench` run, kept for comparison "
+        "(see docs/performance.md for how to read it).",
+        "",
+        f"* CPU: {m.get('cpu', '?')}, {m.get('nproc', '?')} logical CPUs (nproc)",
+        f"* kernel: {m.get('kernel', '?')}",
+        f"* Python: {m.get('python', '?')}",
+        f"* git: {m.get('git', '?')}",
+        f"* load average (1/5/15 min) at start: {m.get('loadavg_at_start', '?')}; "
+        f"at end: {m.get('loadavg_at_end', '?')}",
+    ]
+    if note:
+        lines += ["", note]
+    body = report.markdown().split("\n", 1)[1]  # drop the latest.md title
+    return "\n".join(lines) + "\n" + body
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kupbench", description="kupd benchmarks (make bench)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run with few trials (development only, not a result)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                     help="where latest.json and latest.md go (default bench/results)")
+    ap.add_argument("--reference", metavar="NOTE", default=None,
+                    help="also write REFERENCE.md in --out: this run's table headed by the "
+                         "machine description and NOTE (e.g. how loaded the machine was)")
     ap.add_argument("--only", action="append", default=[], metavar="GROUP",
                     help="run only this group (repeatable): " + ", ".join(
                         ["native", "grpc"]))
@@ -122,4 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table())
     jpath, mpath = report.write(args.out)
     log(f"wrote {jpath} and {mpath} ({report.meta['elapsed_s']:.0f} s)")
+    if args.reference is not None:
+        ref = args.out / "REFERENCE.md"
+        ref.write_text(reference_md(report, args.reference))
+        log(f"wrote {ref}")
     return 0
