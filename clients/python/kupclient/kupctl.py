@@ -272,11 +272,21 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
             ],
         )
     )
-    rows = [(d.name, ch.id, ch.state, ch.lease_id or "-") for d in devs for ch in d.channels]
+    rows = [
+        (d.name, ch.id, ch.state, ch.lease_id or "-")
+        for d in devs
+        for ch in d.channels
+        if args.all_channels or ch.state not in ("free", "not_announced")
+    ]
+    out.line("")
     if rows:
-        out.line("")
         out.line(table(["DEVICE", "CHANNEL", "STATE", "LEASE"], rows))
     for d in devs:
+        counts: dict[str, int] = {}
+        for ch in d.channels:
+            counts[ch.state] = counts.get(ch.state, 0) + 1
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        out.line(f"{d.name}: channels {summary or 'none'}")
         if d.error:
             out.line(f"{d.name}: {d.error}")
     return EXIT_OK
@@ -563,17 +573,17 @@ def fetch_metrics(url: str, timeout: float = 10.0) -> str:
 
 #: Columns of the per-device/channel table: (column, metric family, label filter).
 _CHANNEL_COLUMNS: tuple[tuple[str, str, dict[str, str]], ...] = (
-    ("MSGS_TO_KERNEL", "kupd_messages", {"direction": "to_kernel"}),
-    ("MSGS_FROM_KERNEL", "kupd_messages", {"direction": "from_kernel"}),
-    ("BYTES_TO_KERNEL", "kupd_bytes", {"direction": "to_kernel"}),
-    ("BYTES_FROM_KERNEL", "kupd_bytes", {"direction": "from_kernel"}),
-    ("ERRORS", "kupd_errors", {}),
+    ("msgs_to_kernel", "kupd_messages", {"direction": "to_kernel"}),
+    ("msgs_from_kernel", "kupd_messages", {"direction": "from_kernel"}),
+    ("bytes_to_kernel", "kupd_bytes", {"direction": "to_kernel"}),
+    ("bytes_from_kernel", "kupd_bytes", {"direction": "from_kernel"}),
+    ("errors", "kupd_errors", {}),
 )
 _DEVICE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("SESSIONS", "kupd_sessions"),
-    ("LEASES", "kupd_leases"),
-    ("CALLS_QUEUED", "kupd_calls_queued"),
-    ("CALLS", "kupd_calls"),
+    ("sessions", "kupd_sessions"),
+    ("leases", "kupd_leases"),
+    ("calls_queued", "kupd_calls_queued"),
+    ("calls", "kupd_calls"),
 )
 
 
@@ -646,7 +656,7 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
         cols = [c for c, _, _ in _CHANNEL_COLUMNS]
         out.line(
             table(
-                ["DEVICE", "CHANNEL", *cols],
+                ["DEVICE", "CHANNEL", *(c.upper() for c in cols)],
                 [
                     (r["device"], r["channel"] or "-", *(r[c] for c in cols))
                     for r in summary["channels"]
@@ -660,7 +670,7 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
         out.line("")
         out.line(
             table(
-                ["DEVICE", *cols],
+                ["DEVICE", *(c.upper() for c in cols)],
                 [(r["device"], *(r[c] for c in cols)) for r in summary["devices"]],
             )
         )
@@ -690,17 +700,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Talk to the kupd gateway: devices, calls, leases, sessions, events.",
         epilog="DATA: text, @FILE or - (stdin).  Exit codes: see docs/kupctl.md.",
     )
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        default=None,
-        help="kupd's unix socket (default: $KUPD_SOCKET, else kupd's default path)",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+    # The global options are accepted before or after the command name; the
+    # subcommands' copies only set them when given (SUPPRESS), so
+    # `kupctl --json devices` and `kupctl devices --json` mean the same.
+    def global_opts(parser: argparse.ArgumentParser, top: bool) -> None:
+        parser.add_argument(
+            "--socket",
+            metavar="PATH",
+            default=None if top else argparse.SUPPRESS,
+            help="kupd's unix socket (default: $KUPD_SOCKET, else kupd's default path)",
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=False if top else argparse.SUPPRESS,
+            help="machine-readable JSON output",
+        )
+
+    global_opts(p, True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
+        global_opts(sp, False)
         sp.set_defaults(handler=handler)
         return sp
 
@@ -715,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("devices", cmd_devices, "list devices and their channels")
     sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device")
+    sp.add_argument(
+        "--all-channels", action="store_true", help="list free channels too (default: only busy)"
+    )
 
     sp = add("watch", cmd_watch, "print device and lease events as they happen")
     sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device's events")
