@@ -8,7 +8,8 @@
  * (info, device events) and once more per channel it attaches.
  *
  *   open("/dev/kup/<name>", O_RDWR | O_CLOEXEC)
- *   ioctl(fd, KUP_IOC_INFO, &info)          device facts (any time)
+ *   ioctl(fd, KUP_IOC_INFO, &info)          device facts; ESHUTDOWN once the
+ *                                           device was unloaded (gone)
  *   ioctl(fd, KUP_IOC_ATTACH, &att)         bind this fd to a channel
  *   mmap(NULL, att.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
  *        att.map_offset)                    the channel pages (kup_abi.h)
@@ -21,8 +22,9 @@
  *                                           POLLHUP once shutting down
  *   ioctl(fd, KUP_IOC_WAKE)                 wake the kernel side (after a
  *                                           hand-over that saw kernel_waiting)
- *   close(fd)                               detach (also on process death);
- *                                           the pages stay valid until munmap
+ *   close(fd), munmap                       detach once the last reference to
+ *                                           the open file (fds AND mappings) is
+ *                                           gone; process death does both
  *
  * mmap is bounds-checked: offset + length must lie within
  * [map_offset, map_offset + map_size) of the attached channel, offset a

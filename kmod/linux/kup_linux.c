@@ -427,6 +427,11 @@ static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 	struct kup_ioc_info *ui;
 	long r = 0;
 
+	/* Unloaded (node withdrawn): the device is gone, as for kupsim's closed
+	 * socket and FreeBSD's destroy_dev; user space reopens by name.  While
+	 * only shutting down, INFO still answers (shutting_down = 1). */
+	if (kup_dev_is_gone(kf->sc))
+		return -ESHUTDOWN;
 	ci = kmalloc(sizeof(*ci), GFP_KERNEL);
 	ui = kzalloc(sizeof(*ui), GFP_KERNEL);
 	if (ci == NULL || ui == NULL) {
@@ -445,7 +450,7 @@ static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 	ui->pages = ci->pages;
 	ui->max_msg = ci->max_msg;
 	ui->notify_gen = ci->notify_gen;
-	ui->shutting_down = ci->shutting_down || kup_dev_is_gone(kf->sc);
+	ui->shutting_down = ci->shutting_down;
 	memcpy(ui->attached, ci->attached, sizeof(ui->attached));
 	mutex_lock(&kf->lock);
 	ui->attached_chan = kf->ch != NULL ? kup_core_chan_id(kf->ch) :

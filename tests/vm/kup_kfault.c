@@ -518,6 +518,15 @@ test_unload_hold(const char *dir)
 	errno = 0;
 	fd = open(DEV, O_RDWR);
 	CHECK(fd < 0, "%s still opens after unload", DEV);
+	{
+		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+
+		CHECK(ii != NULL, "calloc");
+		errno = 0;
+		CHECK(ioctl(c.fd, KUP_IOC_INFO, ii) == -1 && errno == ESHUTDOWN,
+		    "INFO on an unloaded device must say ESHUTDOWN");
+		free(ii);
+	}
 	printf("unload-hold: saw shutdown\n");
 	fflush(stdout);
 
