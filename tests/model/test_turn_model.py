@@ -1,0 +1,441 @@
+"""Model-check the KUP turn protocol (kmod/include/kup_turn.pml) with SPIN.
+
+For every configuration the model is translated with ``spin -a``, the
+verifier ``pan`` is compiled with gcc and run in a temporary directory.
+
+* Correct configurations must verify with ``errors: 0``: assertions
+  (mutual exclusion on the data areas, sequence numbers 1, 2, 3, ...,
+  payload belongs to its descriptor, nobody touches data after the peer is
+  gone), invalid end states (nobody asleep forever) and the LTL formulas
+  (every hand-over is received, every process ends) under weak fairness.
+  The statements tagged ``@reach:<name>`` in the model that a configuration
+  is meant to exercise must actually be reached, so a model that silently
+  stops sleeping, waking or dying cannot pass.
+* Deliberately broken variants (a missing fence on either side, a wake-up
+  object that drops early wake-ups, a missing release, a shutdown or detach
+  that forgets to wake, a detach without the channel lock) must be REPORTED
+  by SPIN, with the kind of error the bug causes; for lost wake-ups the
+  counter-example is replayed and must end with a side asleep.  If the
+  model stops being able to see these bugs, these tests fail.
+* The model's constants must match kmod/include/kup_abi.h.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+__all__: list[str] = []
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "kmod" / "include" / "kup_turn.pml"
+HEADER = ROOT / "kmod" / "include" / "kup_abi.h"
+MODEL_NAME = MODEL.name
+
+DEPTH = "-m200000"  # search depth bound; "too small" in the output is a failure
+HASH = "-w22"  # 4M-slot hash table: the largest run stores ~1.5M states
+LTL_NAMES = ("mutex", "k2u_recv", "u2k_recv", "terminate")
+SETUP_HINT = "run scripts/setup-apt.sh (or `make setup`) to install it"
+
+
+# ---------------------------------------------------------------------------
+# tools
+
+
+def _require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` not found on PATH: {SETUP_HINT}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tools() -> tuple[str, str]:
+    return _require_tool("spin"), _require_tool("gcc")
+
+
+@dataclass
+class PanResult:
+    """The output of one pan run, with the facts the tests look at."""
+
+    argv: list[str]
+    output: str
+    workdir: Path
+    defines: tuple[str, ...]
+    unreached: dict[str, set[int]] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        m = re.search(r"errors: (\d+)", self.output)
+        if m is None:
+            raise AssertionError(f"no 'errors:' line in pan output:\n{self.output}")
+        return int(m.group(1))
+
+    def describe(self) -> str:
+        return (
+            f"defines={' '.join(self.defines) or '(none)'} argv={' '.join(self.argv)}\n"
+            + (self.output[-4000:])
+        )
+
+
+def _run(argv: list[str], cwd: Path, timeout: float = 240.0) -> str:
+    proc = subprocess.run(
+        ["nice", "-n", "10", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and argv[0] != "./pan":
+        raise AssertionError(f"{' '.join(argv)} failed (exit {proc.returncode}) in {cwd}:\n{out}")
+    return out
+
+
+def _parse_unreached(output: str) -> dict[str, set[int]]:
+    """Map proctype name -> model line numbers pan reports as unreached."""
+    result: dict[str, set[int]] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        m = re.match(r"unreached in (?:proctype|claim) (\S+)", line)
+        if m:
+            current = m.group(1)
+            result.setdefault(current, set())
+            continue
+        if current is not None:
+            m = re.match(rf"\s+{re.escape(MODEL_NAME)}:(\d+), state", line)
+            if m:
+                result[current].add(int(m.group(1)))
+    return result
+
+
+class PanBuilder:
+    """Build one pan per (defines, mode) once per session and run it."""
+
+    def __init__(self, base: Path, spin: str, gcc: str) -> None:
+        self._base = base
+        self._spin = spin
+        self._gcc = gcc
+        self._built: dict[tuple[tuple[str, ...], bool], Path] = {}
+
+    def build(self, defines: tuple[str, ...], safety: bool) -> Path:
+        key = (defines, safety)
+        if key in self._built:
+            return self._built[key]
+        name = ("safety" if safety else "ltl") + "".join(
+            "_" + d.lstrip("-D").replace("=", "") for d in defines
+        )
+        work = self._base / name
+        work.mkdir()
+        shutil.copy(MODEL, work / MODEL_NAME)
+        out = _run([self._spin, *defines, "-a", MODEL_NAME], work)
+        if re.search(r"error", out, re.IGNORECASE) or not (work / "pan.c").exists():
+            raise AssertionError(f"spin -a {' '.join(defines)} rejected the model:\n{out}")
+        # pan.c takes ~6x longer to compile with -O2 than with -O0, and
+        # most runs here are small: optimise only the big liveness runs.
+        opt = "-O2" if (not safety and "-DSHUTDOWN" in defines) else "-O0"
+        cflags = [opt, "-DSAFETY", "-DNOCLAIM"] if safety else [opt, "-DNFAIR=3"]
+        _run([self._gcc, *cflags, "-o", "pan", "pan.c"], work)
+        self._built[key] = work
+        return work
+
+    def safety(self, defines: tuple[str, ...]) -> PanResult:
+        work = self.build(defines, safety=True)
+        argv = ["./pan", DEPTH, HASH]
+        out = _run(argv, work)
+        return PanResult(argv, out, work, defines, _parse_unreached(out))
+
+    def ltl(self, defines: tuple[str, ...], formula: str) -> PanResult:
+        if formula == "mutex":
+            # without the model's exclusion asserts: the formula alone must
+            # judge (the asserts are checked by the safety runs)
+            defines = (*defines, "-DNO_CS_ASSERT")
+        work = self.build(defines, safety=False)
+        argv = ["./pan", "-a", "-f", "-N", formula, DEPTH, HASH]
+        out = _run(argv, work)
+        return PanResult(argv, out, work, defines, _parse_unreached(out))
+
+    def replay(self, res: PanResult) -> str:
+        """Replay the counter-example of a failed run (spin -t)."""
+        assert (res.workdir / f"{MODEL_NAME}.trail").exists(), res.describe()
+        return _run([self._spin, *res.defines, "-t", "-p", MODEL_NAME], res.workdir)
+
+
+@pytest.fixture(scope="session")
+def pan(tools: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[PanBuilder]:
+    spin, gcc = tools
+    yield PanBuilder(tmp_path_factory.mktemp("spin"), spin, gcc)
+
+
+# ---------------------------------------------------------------------------
+# the model's @reach tags
+
+
+def _reach_tags() -> dict[str, int]:
+    tags: dict[str, int] = {}
+    for lineno, line in enumerate(MODEL.read_text().splitlines(), start=1):
+        for tag in re.findall(r"@reach:(\w+)", line):
+            assert tag not in tags, f"@reach:{tag} appears twice in {MODEL_NAME}"
+            tags[tag] = lineno
+    return tags
+
+
+def _sleep_lines() -> set[int]:
+    tags = _reach_tags()
+    return {tags["sleep"], tags["sleep_sp"]}
+
+
+def assert_verified(res: PanResult, reach: dict[str, tuple[str, ...]] | None = None) -> None:
+    out = res.output
+    assert "Full statespace search" in out, res.describe()
+    assert res.errors == 0, "SPIN found an error:\n" + res.describe()
+    for bad in (
+        "assertion violated",
+        "invalid end state (",
+        "acceptance cycle (",
+        "max search depth too small",
+        "pan: error",
+        "out of memory",
+    ):
+        assert bad not in out, f"{bad!r} in pan output:\n" + res.describe()
+    if reach:
+        tags = _reach_tags()
+        compiled = (res.workdir / "pan.m").read_text()
+        for proc, names in reach.items():
+            assert proc in res.unreached, f"no unreached report for {proc}:\n" + res.describe()
+            for name in names:
+                line = tags[name]
+                assert f"{MODEL_NAME}:{line} -" in compiled, (
+                    f"@reach:{name} (line {line}) is not compiled in this configuration"
+                )
+                assert line not in res.unreached[proc], (
+                    f"@reach:{name} (line {line}) never reached in {proc}: "
+                    "the check is vacuous\n" + res.describe()
+                )
+
+
+def assert_found(res: PanResult, kind: str) -> None:
+    """SPIN reported the seeded bug; `kind` is a regex for the report line."""
+    assert res.errors >= 1, "SPIN did NOT find the seeded bug:\n" + res.describe()
+    assert re.search(kind, res.output), f"expected /{kind}/:\n" + res.describe()
+
+
+# ---------------------------------------------------------------------------
+# correct configurations
+
+BASE: tuple[str, ...] = ()
+DEATH = ("-DDEATH",)
+SHUTDOWN = ("-DSHUTDOWN",)
+BOTH = ("-DDEATH", "-DSHUTDOWN")
+
+HANDSHAKE = ("wake", "sleep", "recheck")
+
+SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
+    "base": (BASE, {"Kernel": (*HANDSHAKE, "close"), "User": HANDSHAKE}),
+    "deeper": (("-DNMSG=4", "-DSPINS=2"), {"Kernel": (*HANDSHAKE, "close"), "User": HANDSHAKE}),
+    "no_spin": (("-DSPINS=0",), {"Kernel": HANDSHAKE, "User": HANDSHAKE}),
+    "anykind": (("-DANYKIND",), {"Kernel": HANDSHAKE, "User": HANDSHAKE}),
+    "spurious": (
+        ("-DSPURIOUS",),
+        {"Kernel": ("sleep_sp", "timeout", "recheck"), "User": ("sleep_sp", "timeout")},
+    ),
+    "death": (
+        DEATH,
+        {
+            "Kernel": ("sleep", "wait_peer", "locked_peer", "send_peer"),
+            "User": ("death", "sleep"),
+            "Host": ("wake",),
+        },
+    ),
+    "shutdown": (
+        SHUTDOWN,
+        {
+            "Kernel": ("sleep", "wait_shutdown", "locked_shutdown", "send_shutdown"),
+            "User": ("sleep", "wait_shutdown", "user_wait_stop", "user_send_shutdown"),
+            "Unload": ("wake",),
+        },
+    ),
+    "death_and_shutdown": (
+        BOTH,
+        {
+            "Kernel": ("wait_peer", "wait_shutdown", "send_peer", "send_shutdown"),
+            "User": ("death", "wait_shutdown", "user_send_shutdown"),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAFETY_CASES))
+def test_safety(pan: PanBuilder, case: str) -> None:
+    """Assertions + invalid end states, exhaustively, with reachability."""
+    defines, reach = SAFETY_CASES[case]
+    assert_verified(pan.safety(defines), reach)
+
+
+LTL_CASES: list[tuple[str, tuple[str, ...], str]] = [
+    *(("base", BASE, f) for f in LTL_NAMES),
+    *(("death", DEATH, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
+    *(("shutdown", SHUTDOWN, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
+    ("spurious", ("-DSPURIOUS",), "terminate"),
+    # NMSG=2 (one full round, then CLOSE) keeps this, the largest run, short
+    ("death_and_shutdown", (*BOTH, "-DNMSG=2"), "terminate"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "defines", "formula"), LTL_CASES, ids=[f"{c}-{f}" for c, _, f in LTL_CASES]
+)
+def test_ltl(pan: PanBuilder, case: str, defines: tuple[str, ...], formula: str) -> None:
+    """LTL liveness (and mutex) under weak fairness: no acceptance cycle."""
+    res = pan.ltl(defines, formula)
+    assert f"ltl formula {formula}" in res.output, res.describe()
+    assert "fairness enabled" in res.output, res.describe()
+    assert_verified(res)
+
+
+# ---------------------------------------------------------------------------
+# broken variants: SPIN must find the bug
+
+
+def _asleep_at_end(trail: str) -> list[str]:
+    """Processes the replayed counter-example leaves blocked in a sleep."""
+    sleeps = _sleep_lines()
+    stuck = []
+    for m in re.finditer(
+        rf"proc\s+\d+ \((Kernel|User):\d+\) {re.escape(MODEL_NAME)}:(\d+) \(state \d+\)$",
+        trail,
+        re.MULTILINE,
+    ):
+        if int(m.group(2)) in sleeps:
+            stuck.append(m.group(1))
+    return stuck
+
+
+LOST_WAKEUP_CASES: dict[str, tuple[str, ...]] = {
+    "waiter_no_fence": ("-DBROKEN_WAITER_NO_FENCE",),
+    "passer_no_fence": ("-DBROKEN_PASSER_NO_FENCE",),
+    "early_wake_lost": ("-DBROKEN_EARLY_WAKE_LOST",),
+    "shutdown_no_wake": ("-DSHUTDOWN", "-DBROKEN_SHUTDOWN_NO_WAKE"),
+    "detach_no_wake": ("-DDEATH", "-DBROKEN_DETACH_NO_WAKE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOST_WAKEUP_CASES))
+def test_broken_lost_wakeup_found(pan: PanBuilder, case: str) -> None:
+    """The safety run reports an invalid end state: a side asleep forever."""
+    res = pan.safety(LOST_WAKEUP_CASES[case])
+    assert_found(res, r"invalid end state \(")
+    trail = pan.replay(res)
+    assert _asleep_at_end(trail), "counter-example does not end with a sleeper:\n" + trail[-3000:]
+
+
+@pytest.mark.parametrize("case", ["waiter_no_fence", "passer_no_fence"])
+def test_broken_fence_violates_liveness(pan: PanBuilder, case: str) -> None:
+    """The same bug seen by the LTL check: a hand-over never received."""
+    res = pan.ltl(LOST_WAKEUP_CASES[case], "k2u_recv")
+    assert_found(res, r"acceptance cycle \(")
+
+
+@pytest.mark.parametrize(
+    ("case", "defines", "report"),
+    [
+        # the receiver enters the data area while the sender still writes
+        ("no_release", ("-DBROKEN_NO_RELEASE",), r"assertion violated\s+!\((u|k)_cs\)"),
+        # the kernel writes after the detach it did not wait for
+        (
+            "detach_no_lock",
+            ("-DDEATH", "-DBROKEN_DETACH_NO_LOCK"),
+            r"assertion violated\s+\(\(kstop&6\)==0\)",
+        ),
+    ],
+)
+def test_broken_exclusion_found(
+    pan: PanBuilder, case: str, defines: tuple[str, ...], report: str
+) -> None:
+    """A missing release / an unlocked detach lets two parties touch data."""
+    res = pan.safety(defines)
+    assert_found(res, report)
+
+
+def test_broken_no_release_violates_mutex_ltl(pan: PanBuilder) -> None:
+    """The LTL formula alone (exclusion asserts compiled out) sees the overlap.
+    A violated safety formula shows up as the never claim's own assert."""
+    res = pan.ltl(("-DBROKEN_NO_RELEASE",), "mutex")
+    assert "-DNO_CS_ASSERT" in res.defines
+    assert_found(res, r"assertion violated .*k_cs&&u_cs")
+
+
+# ---------------------------------------------------------------------------
+# the model and the header stay in step
+
+
+def _defines(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, value in re.findall(
+        r"^#define\s+(KUP_\w+)\s+(0[xX][0-9a-fA-F]+|\d+)U?\b", text, re.MULTILINE
+    ):
+        out[name] = int(value, 0)
+    return out
+
+
+REQUIRED_NAMES = (
+    "KUP_ABI_VERSION",
+    "KUP_TURN_KERNEL",
+    "KUP_TURN_USER",
+    "KUP_KIND_DATA",
+    "KUP_KIND_PASS",
+    "KUP_KIND_CLOSE",
+    "KUP_STATE_ATTACHED",
+    "KUP_STATE_SHUTDOWN",
+    "KUP_STATE_PEER_GONE",
+)
+
+
+def test_model_constants_match_header() -> None:
+    header = _defines(HEADER.read_text())
+    model = _defines(MODEL.read_text())
+    for name in REQUIRED_NAMES:
+        assert name in model, f"{MODEL_NAME} no longer models {name}"
+    for name, value in model.items():
+        assert name in header, f"{MODEL_NAME} uses {name}, which kup_abi.h does not define"
+        assert header[name] == value, (
+            f"{name}: kup_abi.h says {header[name]:#x}, {MODEL_NAME} says {value:#x}"
+        )
+
+
+def test_model_names_the_header_version_it_mirrors() -> None:
+    text = MODEL.read_text()
+    m = re.search(r"MIRRORS: kup_abi\.h, KUP_ABI_VERSION (\d+)", text[:3000])
+    assert m, f"{MODEL_NAME} must say at its top which kup_abi.h version it mirrors"
+    assert int(m.group(1)) == _defines(HEADER.read_text())["KUP_ABI_VERSION"], (
+        "kup_abi.h changed KUP_ABI_VERSION: re-check the model and update its MIRRORS line"
+    )
+
+
+def test_header_still_documents_the_modelled_handshake() -> None:
+    """The phrases of the protocol comment the model encodes.  If the header
+    changes the protocol, this fails until the model is looked at again."""
+    text = HEADER.read_text()
+    for phrase in (
+        "kup_turn.pml",
+        "STORE-RELEASE of ctrl->turn",
+        "LOAD-ACQUIRE",
+        "STORE my_waiting = 1",
+        "FULL FENCE (seq_cst)",
+        "if LOAD peer_waiting != 0",
+        "are counting",
+        "unconditional wake-up of the user side",
+        "sends CLOSE if it holds the turn",
+        "waking kernel-side waiters with an error",
+        "seq == last seq seen in that direction + 1",
+    ):
+        assert phrase in text, f"kup_abi.h no longer says {phrase!r}: re-check {MODEL_NAME}"
+    for field_name in ("turn", "state", "kernel_waiting", "user_waiting", "k2u", "u2k"):
+        assert re.search(rf"\b{field_name};", text), f"struct kup_ctrl lost field {field_name}"
