@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,5 +88,9 @@ class BareBidi:
         return got
 
     async def close(self) -> None:
-        await self._stream.done_writing()
+        """End the stream (idempotent)."""
+        if self._stream.done():
+            return
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+            await self._stream.done_writing()
         self._stream.cancel()

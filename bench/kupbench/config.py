@@ -22,11 +22,11 @@ class Config:
     c_rounds: int = 5000          # round trips per trial, C programs (plus -w warm-up)
     c_warmup_rounds: int = 500    # in-program warm-up round trips (not printed)
     py_rounds: int = 2000         # round trips per trial, Python unix socket / channel layer
-    grpc_rounds: int = 200        # round trips per trial, anything over gRPC
+    grpc_rounds: int = 300        # round trips per trial, anything over gRPC
     pump_bytes: int = 16 * MIB    # payload bytes echoed per throughput trial (at least 4 msgs)
     chan_pump_bytes: int = 64 * MIB  # same for the channel layer / unix socket (faster)
     scale_total: int = 768        # round trips per scale trial, split over the clients
-    scale_trials: int = 6         # kept trials per scale shape
+    scale_trials: int = 10        # kept trials per scale shape
     idle_seconds: int = 10        # CPU measured over this long (1 s samples)
     idle_sessions: int = 64       # idle Sessions during the CPU measurement
     idle_channels: int = 64       # idle attached channels (unary leases) during it

@@ -121,12 +121,19 @@ async def run(ctx: RunCtx) -> None:
                 "bare.unary64": _lat(bu, n, "bare unary", bare.pid),
                 "bare.bidi64": _lat(bb, n, "bare bidi", bare.pid),
             }
+            echoers: dict[str, Any] = {}
             if kupd is not None:
-                for name, e in (await kupd.rt_echoers()).items():
+                echoers = await kupd.rt_echoers()
+                for name, e in echoers.items():
                     work[name] = _lat(e, n, name, kupd.pid)
             else:
                 ctx.skip([s for s in all_rt if s.workload.startswith("kupd.")], kupd_why)
-            await ctx.measure(work, all_rt)
+            try:
+                await ctx.measure(work, all_rt)
+            finally:
+                await bb.close()
+                if kupd is not None:
+                    await kupd.close_idle(list(echoers.values()))
 
         # -- stream throughput
         pipe: Any = None
@@ -166,7 +173,11 @@ async def run(ctx: RunCtx) -> None:
             else:
                 ctx.skip([s for s in pump_specs if s.workload.startswith("kupd.")],
                          kupd_pump_why)
-            await ctx.measure(work, pump_specs)
+            try:
+                await ctx.measure(work, pump_specs)
+            finally:
+                if kupd is not None and pipe is not None:
+                    await kupd.close_idle([pipe, client])
 
         # -- scale
         scale_specs: list[FigSpec] = []
@@ -198,18 +209,21 @@ async def run(ctx: RunCtx) -> None:
             for k in cfg.scale_clients:
                 n_each = max(1, cfg.scale_total // k)
                 bstreams = [BareBidi(bch) for _ in range(k)]
-                for s in bstreams:
-                    stack.push_async_callback(s.close)
-                work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
-                                                 f"bare x{k}")}
-                if kupd is not None:
-                    sessions = await kupd.sessions(k)
-                    work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
-                                                    f"kupd x{k}")
-                await ctx.measure(work, [s for s in scale_specs
-                                         if s.workload in work], cfg.scale_trials)
-                if kupd is not None:
-                    await kupd.close_sessions(sessions)
+                sessions: list[Any] = []
+                try:
+                    work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
+                                                     f"bare x{k}")}
+                    if kupd is not None:
+                        sessions = await kupd.sessions(k)
+                        work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
+                                                        f"kupd x{k}")
+                    await ctx.measure(work, [s for s in scale_specs
+                                             if s.workload in work], cfg.scale_trials)
+                finally:
+                    for bs in bstreams:
+                        await bs.close()
+                    if kupd is not None:
+                        await kupd.close_sessions(sessions)
             n_each = max(1, cfg.scale_total // c)
             work = {"scale.bare_call": _conc([bu.rt] * c, n_each, "bare unary x256")}
             if kupd is not None:

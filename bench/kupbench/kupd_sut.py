@@ -265,25 +265,30 @@ class KupdSut:
     # -- echoers ------------------------------------------------------------
 
     async def rt_echoers(self) -> dict[str, Any]:
+        """One echoer per kupd round-trip figure; the caller closes them
+        (``close_idle``) when done, so later figures run without them."""
         out: dict[str, Any] = {}
-        s = await ClientSession.open(self.client, self.device)
-        self.stack.push_async_callback(s.close)
-        out["kupd.session_rt"] = s
-        raw = await RawSession(self.stub, self.pb, self.device).open()
-        self.stack.push_async_callback(raw.close)
-        out["kupd.session_rt_pipe"] = raw
-        lease = await LeaseEcho.open(self.client, self.device)
-        self.stack.push_async_callback(lease.close)
-        out["kupd.unary_sr"] = lease
-        out["kupd.call_rt"] = CallEcho(self.client, self.device)
+        try:
+            out["kupd.session_rt"] = await ClientSession.open(self.client, self.device)
+            out["kupd.session_rt_pipe"] = await RawSession(self.stub, self.pb,
+                                                           self.device).open()
+            out["kupd.unary_sr"] = await LeaseEcho.open(self.client, self.device)
+            out["kupd.call_rt"] = CallEcho(self.client, self.device)
+        except BaseException:
+            await self.close_idle(list(out.values()))
+            raise
         return out
 
     async def pump_echoers(self) -> tuple[Any, Any]:
+        """(pipelined raw Session, kupclient Session) on the big device; the
+        caller closes them (``close_idle``)."""
         raw = await RawSession(self.stub, self.pb, self.big_device).open()
-        self.stack.push_async_callback(raw.close)
         self.max_msg = raw.max_msg
-        s = await ClientSession.open(self.client, self.big_device)
-        self.stack.push_async_callback(s.close)
+        try:
+            s = await ClientSession.open(self.client, self.big_device)
+        except BaseException:
+            await raw.close()
+            raise
         return raw, s
 
     async def sessions(self, k: int) -> list[ClientSession]:
