@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: BSD-2-Clause
+//
+// Node client test against a running kupd serving the echo module:
+//
+//   node clients/node/test/run.js /path/to/kupd.sock [DEVICE]
+//
+// Uses node's built-in test runner (node:test): run directly, it reports
+// each test and exits non-zero when any fails.  tests/node/ starts kupsim +
+// kupd and runs this.
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const kup = require('../kup');
+
+const socketPath = process.argv[2];
+const device = process.argv[3] || 'echo';
+if (!socketPath) {
+  console.error('usage: node test/run.js KUPD_SOCKET [DEVICE]');
+  process.exit(2);
+}
+
+// The echo module: even channels echo, odd channels upper-case ASCII a-z.
+function expectedEcho(channel, text) {
+  return channel % 2 === 0 ? text : text.toUpperCase();
+}
+
+let client;
+test.before(() => {
+  client = kup.connect(socketPath);
+});
+test.after(() => {
+  client.close();
+});
+
+test('ListDevices shows the device and its channels', async () => {
+  const devices = await kup.listDevices(client);
+  const dev = devices.find((d) => d.name === device);
+  assert.ok(dev, `device ${device} in ${JSON.stringify(devices.map((d) => d.name))}`);
+  assert.equal(dev.reachable, true);
+  assert.ok(dev.channel_count > 0);
+  assert.equal(dev.channels.length, dev.channel_count);
+  assert.ok(Number(dev.max_message_bytes) > 0);
+});
+
+test('Session: attach, receive the PASS, send, receive the echo, pass', async () => {
+  const s = await kup.openSession(client, device);
+  try {
+    const lease = s.lease;
+    assert.equal(lease.device, device);
+    assert.ok(lease.lease_id.length > 0, 'lease id');
+    assert.ok(Number(lease.max_message_bytes) > 0);
+
+    // A fresh channel: the kernel hands the turn over with a PASS (seq 1).
+    const first = await s.receive();
+    assert.deepEqual([first.kind, first.seq], ['pass', 1]);
+
+    const text = 'hello from node';
+    await s.send(Buffer.from(text));
+    const reply = await s.receive();
+    assert.equal(reply.kind, 'data');
+    assert.equal(reply.seq, 2);
+    assert.equal(reply.data.toString(), expectedEcho(lease.channel, text));
+
+    // Holding the turn with the reply consumed: receive is NotYourTurn, in-band.
+    await assert.rejects(s.receive(), (err) => err.kupError === 'NotYourTurn');
+
+    await s.pass();
+    const back = await s.receive(5000);
+    assert.deepEqual([back.kind, back.seq], ['pass', 3]);
+
+    // A second round on the same lease, with binary data.
+    const bin = Buffer.from([0, 1, 2, 0xfe, 0xff]);
+    await s.send(bin);
+    const binReply = await s.receive();
+    assert.ok(binReply.data.equals(bin), 'binary payload echoed unchanged');
+    assert.equal(binReply.seq, 4);
+  } finally {
+    s.close();
+  }
+});
+
+test('Session on an explicit channel; a second session on it is refused', async () => {
+  const devices = await kup.listDevices(client, device);
+  const free = devices[0].channels.find((c) => c.state === 'CHANNEL_STATE_FREE' && c.id % 2 === 1);
+  assert.ok(free, 'a free odd channel');
+  const s = await kup.openSession(client, device, free.id);
+  try {
+    assert.equal(s.lease.channel, free.id);
+    await s.receive();
+    await s.send('mixed Case');
+    const reply = await s.receive();
+    assert.equal(reply.data.toString(), 'MIXED CASE');
+    await assert.rejects(kup.openSession(client, device, free.id), (err) => {
+      return err.code === kup.grpc.status.FAILED_PRECONDITION && err.kupError === 'Busy';
+    });
+  } finally {
+    s.close();
+  }
+});
+
+test('Call: request/reply on a pooled channel', async () => {
+  const text = 'ping from node';
+  const r = await kup.call(client, device, Buffer.from(text));
+  assert.equal(r.kind, 'data');
+  assert.equal(r.data.toString(), expectedEcho(r.channel, text));
+});
+
+test('Calls in parallel are all answered correctly', async () => {
+  const texts = Array.from({ length: 20 }, (_, i) => `call number ${i}`);
+  const replies = await Promise.all(texts.map((t) => kup.call(client, device, t)));
+  replies.forEach((r, i) => {
+    assert.equal(r.data.toString(), expectedEcho(r.channel, texts[i]));
+  });
+});
+
+test('Call on an unknown device is NOT_FOUND naming it', async () => {
+  await assert.rejects(kup.call(client, 'no-such-device', 'x'), (err) => {
+    assert.equal(err.code, kup.grpc.status.NOT_FOUND);
+    assert.equal(err.kupError, 'NotFound');
+    assert.match(err.details, /no-such-device/);
+    return true;
+  });
+});

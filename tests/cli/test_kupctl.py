@@ -1,0 +1,404 @@
+"""kupctl end to end: the installed console script against a real kupd +
+kupsim (echo module) over unix sockets.
+
+The echo module answers DATA with DATA of the same length: unchanged on even
+channels, ASCII upper-cased on odd ones; PASS with PASS; ``!hold`` is never
+answered (the kernel keeps the turn).  kupd's Call pool holds channels 0 and
+1; the lease and session tests use explicit channels from 8 up so they never
+meet each other.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from cli_gateway import Gateway, Kupctl, console_script
+
+from kupclient import errors as kerr
+from kupclient import kupctl as kupctl_mod
+
+EXIT_NOT_FOUND = 3
+EXIT_BUSY = 4
+EXIT_NOT_YOUR_TURN = 5
+EXIT_TOO_BIG = 7
+EXIT_NOT_READY = 10
+EXIT_UNAVAILABLE = 17
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """stderr is exactly one line starting 'kupctl:' and naming every needle."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
+    line = lines[0]
+    assert line.startswith("kupctl: "), line
+    for n in needles:
+        assert n in line, f"{n!r} not in {line!r}"
+    return line
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, f"rc={proc.returncode} stderr={proc.stderr!r}"
+    return proc.stdout
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def test_exit_codes_are_distinct_and_cover_every_error_class() -> None:
+    codes = [code for _, code in kupctl_mod.EXIT_CODES]
+    reserved = {
+        kupctl_mod.EXIT_OK,
+        kupctl_mod.EXIT_FAILURE,
+        kupctl_mod.EXIT_USAGE,
+        kupctl_mod.EXIT_NOT_SERVING,
+    }
+    assert len(set(codes)) == len(codes)
+    assert not reserved & set(codes)
+    classes = {cls for cls, _ in kupctl_mod.EXIT_CODES}
+    for name in kerr.__all__:
+        cls = getattr(kerr, name)
+        if isinstance(cls, type) and issubclass(cls, kerr.KupError) and cls is not kerr.KupError:
+            assert cls in classes, f"{name} has no exit code"
+    # The table in the module docstring and docs/kupctl.md say the same.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "kupctl.md").read_text()
+    for cls, code in kupctl_mod.EXIT_CODES:
+        assert f"| {code} | `{cls.__name__}`" in doc, f"docs/kupctl.md lacks {code} {cls.__name__}"
+
+
+# ---------------------------------------------------------------- devices / health
+
+
+def test_devices_table(kupctl: Kupctl) -> None:
+    out = ok(kupctl("devices"))
+    assert out.splitlines()[0].split()[:2] == ["DEVICE", "STATE"]
+    row = next(line.split() for line in out.splitlines() if line.startswith("echo "))
+    assert row[1] == "ok"
+    assert row[3] == "128"  # channels
+    assert row[-1] == "2"  # call pool
+    assert "echo: channels 2 calls" in out
+
+
+def test_devices_json(kupctl: Kupctl) -> None:
+    doc = json.loads(ok(kupctl("devices", "--json")))
+    (dev,) = doc["devices"]
+    assert dev["name"] == "echo"
+    assert dev["reachable"] is True
+    assert dev["channel_count"] == len(dev["channels"]) == 128
+    assert dev["max_message_bytes"] == 4096
+    states = {c["id"]: c["state"] for c in dev["channels"]}
+    assert states[0] == states[1] == "calls"
+    assert states[127] == "free"
+
+
+def test_devices_unknown_device(kupctl: Kupctl) -> None:
+    p = kupctl("devices", "nosuch")
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", "nosuch")
+
+
+def test_health(kupctl: Kupctl) -> None:
+    assert ok(kupctl("health")).strip() == "SERVING"
+    assert json.loads(ok(kupctl("--json", "health"))) == {"service": "", "status": "SERVING"}
+
+
+def test_socket_flag_overrides_env_and_unreachable_daemon(kupctl: Kupctl, gw: Gateway) -> None:
+    env = gw.env()
+    env["KUPD_SOCKET"] = "/nonexistent/kupd.sock"
+    p = kupctl("health", env=env)
+    assert p.returncode == EXIT_UNAVAILABLE
+    one_error_line(p, "Unavailable", "/nonexistent/kupd.sock")
+    assert ok(kupctl("--socket", gw.socket, "health", env=env)).strip() == "SERVING"
+    assert ok(kupctl("health", "--socket", gw.socket, env=env)).strip() == "SERVING"
+
+
+# ---------------------------------------------------------------- call
+
+
+def test_call_text_and_json(kupctl: Kupctl) -> None:
+    out = ok(kupctl("call", "echo", "hello kupctl")).strip()
+    # "#SEQ DATA (12 bytes): payload" -- payload case depends on the pool channel
+    head, _, payload = out.partition(": ")
+    assert head.endswith("DATA (12 bytes)")
+    assert payload in ("hello kupctl", "HELLO KUPCTL")
+    doc = json.loads(ok(kupctl("call", "echo", "abc", "--json")))
+    assert doc["device"] == "echo"
+    msg = doc["message"]
+    assert msg["kind"] == "data"
+    assert msg["data"] in ("abc", "ABC")
+    assert msg["data_hex"] == msg["data"].encode().hex()
+    assert msg["size"] == 3
+    assert msg["seq"] >= 2
+
+
+def test_call_data_sources_and_output_forms(kupctl: Kupctl, tmp_path: Path) -> None:
+    payload = bytes([0, 1, 2, 0x80, 0xFF])  # no letters: every channel echoes it unchanged
+    f = tmp_path / "payload.bin"
+    f.write_bytes(payload)
+    out = ok(kupctl("call", "echo", f"@{f}", "--hex")).strip()
+    assert out.endswith(": " + payload.hex())
+    out = ok(kupctl("call", "echo", "--hex-in", payload.hex(), "--hex")).strip()
+    assert out.endswith(": " + payload.hex())
+    # stdin, raw output
+    out = ok(kupctl("call", "echo", "-", "--raw", input="123 456"))
+    assert out == "123 456"
+    # non-printable payload without --hex is shown as hex:...
+    out = ok(kupctl("call", "echo", f"@{f}")).strip()
+    assert out.endswith(": hex:" + payload.hex())
+
+
+def test_call_errors(kupctl: Kupctl, tmp_path: Path) -> None:
+    p = kupctl("call", "nosuch", "x")
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", "nosuch")
+    p = kupctl("call", "echo", "x" * 5000)
+    assert p.returncode == EXIT_TOO_BIG
+    one_error_line(p, "TooBig", "4096")
+    p = kupctl("call", "echo", f"@{tmp_path}/missing.bin")
+    assert p.returncode == 1
+    one_error_line(p, "missing.bin")
+    p = kupctl("call", "echo", "--hex-in", "zz")
+    assert p.returncode == 1
+    one_error_line(p, "hex")
+    p = kupctl("call", "echo")
+    assert p.returncode == 2  # usage
+    assert "DATA" in p.stderr or "data" in p.stderr
+
+
+# ---------------------------------------------------------------- leases
+
+
+def test_lease_round_trip(kupctl: Kupctl) -> None:
+    lease = ok(kupctl("attach", "echo", "--channel", "9")).strip()
+    assert lease and " " not in lease
+    try:
+        assert ok(kupctl("recv", lease)).strip() == "#1 PASS"
+        assert ok(kupctl("send", lease, "lease data")).strip() == "sent 10 bytes"
+        assert (
+            ok(kupctl("recv", lease, "--timeout", "20")).strip() == "#2 DATA (10 bytes): LEASE DATA"
+        )
+        # we hold the turn and consumed the reply: receive can only be NotYourTurn
+        p = kupctl("recv", lease, "--nb")
+        assert p.returncode == EXIT_NOT_YOUR_TURN
+        one_error_line(p, "NotYourTurn")
+        assert ok(kupctl("pass", lease)).strip() == "passed the turn"
+        doc = json.loads(ok(kupctl("--json", "recv", lease)))
+        assert doc["ready"] is True
+        assert doc["message"]["kind"] == "pass"
+        assert doc["message"]["seq"] == 3
+        # the kernel keeps the turn after !hold: non-blocking receive is not ready
+        ok(kupctl("send", lease, "!hold"))
+        p = kupctl("recv", lease, "--nb")
+        assert p.returncode == EXIT_NOT_READY
+        assert "not ready" in p.stdout
+        p = kupctl("recv", lease, "--nb", "--json")
+        assert p.returncode == EXIT_NOT_READY
+        assert json.loads(p.stdout) == {"lease_id": lease, "ready": False}
+        p = kupctl("pass", lease)
+        assert p.returncode == EXIT_NOT_YOUR_TURN
+        one_error_line(p, "NotYourTurn")
+    finally:
+        released = kupctl("release", lease)
+    assert ok(released).strip() == f"released {lease}"
+    p = kupctl("recv", lease)
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", lease)
+
+
+def test_attach_json(kupctl: Kupctl) -> None:
+    doc = json.loads(ok(kupctl("attach", "echo", "--channel", "10", "--json")))
+    try:
+        assert doc["device"] == "echo"
+        assert doc["channel"] == 10
+        assert doc["max_message_bytes"] == 4096
+        assert doc["idle_timeout_ms"] > 0
+        devs = json.loads(ok(kupctl("devices", "echo", "--json")))["devices"]
+        chan = devs[0]["channels"][10]
+        assert chan == {"id": 10, "state": "lease", "lease_id": doc["lease_id"]}
+        assert json.loads(ok(kupctl("--json", "send", doc["lease_id"], "x"))) == {
+            "lease_id": doc["lease_id"],
+            "sent": 1,
+        }
+    finally:
+        assert json.loads(ok(kupctl("--json", "release", doc["lease_id"]))) == {
+            "lease_id": doc["lease_id"],
+            "released": True,
+        }
+
+
+def test_lease_errors(kupctl: Kupctl) -> None:
+    p = kupctl("attach", "nosuch")
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", "nosuch")
+    p = kupctl("attach", "echo", "--channel", "0")  # the Call pool's
+    assert p.returncode == EXIT_BUSY
+    one_error_line(p, "Busy", "channel 0")
+    for cmd in (
+        ("send", "nolease", "x"),
+        ("recv", "nolease"),
+        ("pass", "nolease"),
+        ("release", "nolease"),
+    ):
+        p = kupctl(*cmd)
+        assert p.returncode == EXIT_NOT_FOUND, cmd
+        one_error_line(p, "NotFound", "nolease")
+    p = kupctl("attach", "echo", "--channel", "-1")
+    assert p.returncode == 2
+    assert "channel" in p.stderr
+
+
+# ---------------------------------------------------------------- session
+
+
+def test_session_interactive(kupctl: Kupctl) -> None:
+    script = "\n".join(
+        [
+            ":recv",  # the kernel's first PASS
+            "hello session",  # plain text = send
+            ":recv",
+            ":recv",  # NotYourTurn, reported, session goes on
+            ":pass",
+            ":recv 20",
+            ":bogus",
+            "::colon",  # a leading ':' doubled sends ':colon'
+            ":recv",
+            ":hex 00ff",
+            ":recv",
+            ":quit",
+            "never sent",
+        ]
+    )
+    out = ok(kupctl("session", "echo", "--channel", "11", input=script + "\n"))
+    lines = out.splitlines()
+    assert lines[0].startswith("attached echo channel 11 (lease ")
+    assert lines[1:] == [
+        "#1 PASS",
+        "sent 13 bytes",
+        "#2 DATA (13 bytes): HELLO SESSION",
+        "error: NotYourTurn: " + lines[4].partition("error: NotYourTurn: ")[2],
+        "passed the turn",
+        "#3 PASS",
+        "error: unknown session command ':bogus' (try :help)",
+        "sent 6 bytes",
+        "#4 DATA (6 bytes): :COLON",
+        "sent 2 bytes",
+        "#5 DATA (2 bytes): hex:00ff",
+        "session ended",
+    ]
+    assert "channel 11" in lines[4]
+    # the lease ended with the session
+    devs = json.loads(ok(kupctl("devices", "echo", "--json")))["devices"]
+    assert devs[0]["channels"][11]["state"] == "free"
+
+
+def test_session_json_and_end_of_input(kupctl: Kupctl) -> None:
+    out = ok(kupctl("--json", "session", "echo", "--channel", "12", input=":nb\nabc\n:recv\n"))
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert docs[0]["op"] == "attach"
+    assert docs[0]["channel"] == 12
+    assert docs[1]["op"] == "recv" and docs[1]["message"]["kind"] == "pass"
+    assert docs[2] == {"op": "send", "size": 3}
+    assert docs[3]["op"] == "recv"
+    assert docs[3]["message"]["data"] == "abc"  # even channel: unchanged
+    assert docs[3]["message"]["seq"] == 2
+    assert docs[4] == {"op": "end"}
+
+
+def test_session_errors(kupctl: Kupctl) -> None:
+    p = kupctl("session", "nosuch", input=":quit\n")
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", "nosuch")
+    p = kupctl("session", "echo", "--channel", "1", input=":quit\n")
+    assert p.returncode == EXIT_BUSY
+    one_error_line(p, "Busy")
+    p = kupctl("session", "echo", "--channel", "14", input=":recv\n" + "y" * 5000 + "\n:quit\n")
+    assert p.returncode == 0  # a failed send is reported and the session goes on
+    assert "error: TooBig:" in p.stdout and "4096" in p.stdout
+
+
+# ---------------------------------------------------------------- watch
+
+
+def _read_json_line(proc: subprocess.Popen[str]) -> dict[str, object]:
+    """The next event of a running ``kupctl --json watch`` (it flushes each
+    one; a hang is bounded by the test timeout)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"watch ended early: rc={proc.poll()}"
+    doc: dict[str, object] = json.loads(line)
+    return doc
+
+
+def test_watch_sees_lease_events(kupctl: Kupctl, gw: Gateway) -> None:
+    watch = subprocess.Popen(
+        [str(console_script("kupctl")), "--json", "watch", "echo", "--initial"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=gw.env(),
+    )
+    try:
+        first = _read_json_line(watch)  # the initial state: the stream is live
+        assert first["initial"] is True
+        assert first["device"] == "echo"
+        lease = ok(kupctl("attach", "echo", "--channel", "13")).strip()
+        ok(kupctl("release", lease))
+        seen: list[dict[str, object]] = []
+        while not any(e["type"] == "lease_released" for e in seen):
+            ev = _read_json_line(watch)
+            if not ev["initial"]:
+                seen.append(ev)
+        taken = next(e for e in seen if e["type"] == "lease_taken")
+        released = next(e for e in seen if e["type"] == "lease_released")
+        for e in (taken, released):
+            assert e["lease_id"] == lease
+            assert e["channel"] == 13
+            assert e["holder"] == "lease"
+        assert released["reason"] == "released"
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=30)
+
+
+def test_watch_table_and_count(kupctl: Kupctl) -> None:
+    out = ok(kupctl("watch", "echo", "--initial", "--count", "1")).strip()
+    fields = out.split()
+    assert fields[1] == "device_appeared"
+    assert fields[2] == "echo"
+    assert "(initial)" in out
+    p = kupctl("watch", "nosuch", "--count", "1")
+    assert p.returncode == EXIT_NOT_FOUND
+    one_error_line(p, "NotFound", "nosuch")
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_stats(kupctl: Kupctl, gw: Gateway) -> None:
+    for i in range(3):
+        ok(kupctl("call", "echo", f"stats {i}"))
+    assert kupctl("call", "nosuch", "x").returncode == EXIT_NOT_FOUND
+    doc = json.loads(ok(kupctl("stats", "--json", "--metrics", gw.metrics_url)))
+    pool = [r for r in doc["channels"] if r["device"] == "echo" and r["channel"] in ("0", "1")]
+    assert sum(int(r["msgs_to_kernel"]) for r in pool) >= 3
+    assert sum(int(r["bytes_to_kernel"]) for r in pool) >= 3 * len("stats 0")
+    (dev,) = [r for r in doc["devices"] if r["device"] == "echo"]
+    assert int(dev["calls"]) >= 3
+    assert any(e["code"] == "NOT_FOUND" and int(e["count"]) >= 1 for e in doc["errors"])
+    # the table, with the endpoint given as HOST:PORT
+    hostport = gw.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    out = ok(kupctl("stats", "--metrics", hostport))
+    assert out.splitlines()[0].split()[:3] == ["DEVICE", "CHANNEL", "MSGS_TO_KERNEL"]
+    assert any(
+        line.split()[:2] == ["echo", "0"] or line.split()[:2] == ["echo", "1"]
+        for line in out.splitlines()
+    )
+    assert "NOT_FOUND" in out
+
+
+def test_stats_unreachable_endpoint(kupctl: Kupctl) -> None:
+    p = kupctl("stats", "--metrics", "127.0.0.1:1")
+    assert p.returncode == EXIT_UNAVAILABLE
+    one_error_line(p, "127.0.0.1:1", "metrics")
