@@ -1,0 +1,95 @@
+"""The Node.js client (clients/node/kup.js, @grpc/grpc-js + @grpc/proto-loader
+loading protos/kup/v1/kup.proto) against a real kupd + kupsim.
+
+The npm dependencies are installed into clients/node/node_modules (ignored by
+git) from the committed package-lock.json with ``npm ci`` the first time, and
+again only when package.json or the lock file changed; npm's cache makes the
+reinstall work offline after the first one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+from kupd.testing import REPO_ROOT
+
+NODE_DIR = REPO_ROOT / "clients" / "node"
+NPM_TIMEOUT = 600.0
+RUN_TIMEOUT = 180.0
+
+
+def _load_cli_gateway() -> ModuleType:
+    """tests/cli/cli_gateway.py (kupsim + kupd runner), shared by path."""
+    path = REPO_ROOT / "tests" / "cli" / "cli_gateway.py"
+    spec = importlib.util.spec_from_file_location("kup_cli_gateway", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _deps_current() -> bool:
+    installed = NODE_DIR / "node_modules" / ".package-lock.json"
+    if not installed.is_file():
+        return False
+    newest = max((NODE_DIR / f).stat().st_mtime for f in ("package.json", "package-lock.json"))
+    return installed.stat().st_mtime >= newest
+
+
+def ensure_node_deps() -> None:
+    """``npm ci`` into clients/node when node_modules is missing or stale
+    (idempotent; serialised by a lock file against parallel runs)."""
+    npm = shutil.which("npm")
+    assert shutil.which("node") and npm, "node and npm must be installed (Node.js >= 18)"
+    with open(NODE_DIR / ".npm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _deps_current():
+            return
+        proc = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT,
+            check=False,
+        )
+        assert proc.returncode == 0, f"npm ci failed:\n{proc.stdout}\n{proc.stderr}"
+        (NODE_DIR / "node_modules" / ".package-lock.json").touch()
+
+
+@pytest.fixture(scope="module")
+def node_deps() -> None:
+    ensure_node_deps()
+
+
+@pytest.fixture
+def kupd_socket(node_deps: None) -> Iterator[str]:
+    cli_gateway = _load_cli_gateway()
+    with cli_gateway.gateway(("echo:2",)) as gw:
+        yield gw.socket
+
+
+def test_node_client_session_and_call(kupd_socket: str) -> None:
+    proc = subprocess.run(
+        ["node", str(NODE_DIR / "test" / "run.js"), kupd_socket, "echo"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    # node:test's summary: every test ran and passed
+    assert "# fail 0" in proc.stdout, report
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
+    assert passed and int(passed[0].split()[2]) >= 6, report
+    assert "ok " in proc.stdout and "Session" in proc.stdout and "Call" in proc.stdout
