@@ -216,10 +216,12 @@ void kup_os_msleep(unsigned int ms)
 }
 EXPORT_SYMBOL_GPL(kup_os_msleep);
 
-/* kup.params="echo.chans=4,echo.pages=2": module.name=int pairs. */
-int kup_os_param_int(const char *module, const char *name, int defval)
+/* kup.params="echo.channels=4,echo.pages=2": module.name=int pairs.  The
+ * string may be rewritten through sysfs at any time: read it under the
+ * module's parameter lock. */
+static int kup_param_lookup(const char *p, const char *module,
+    const char *name, int defval)
 {
-	const char *p = READ_ONCE(params);
 	size_t ml = strlen(module), nl = strlen(name);
 
 	while (p != NULL && *p != '\0') {
@@ -242,6 +244,16 @@ int kup_os_param_int(const char *module, const char *name, int defval)
 		p = *end == ',' ? end + 1 : end;
 	}
 	return defval;
+}
+
+int kup_os_param_int(const char *module, const char *name, int defval)
+{
+	int v;
+
+	kernel_param_lock(THIS_MODULE);
+	v = kup_param_lookup(params, module, name, defval);
+	kernel_param_unlock(THIS_MODULE);
+	return v;
 }
 EXPORT_SYMBOL_GPL(kup_os_param_int);
 

@@ -69,7 +69,7 @@ stage_kfault_hostile() {
 # (kill a holder, unload the module) is done here instead of on kupsim.
 stage_libkup_c() {
 	T=$BINDIR/test_kup
-	for s in blocking nonblocking transforms many threads twodev sizes version idle; do
+	for s in blocking nonblocking transforms many threads sizes version idle churn stress; do
 		"$T" $s
 	done
 	ch=80
@@ -99,7 +99,8 @@ stage_libkup_c() {
 
 stage_python_channel() {
 	cd "$REPO"
-	"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/vm/guest_channel.py
+	"$PY" -m pytest -q -p no:cacheprovider -p no:hypothesispytest -o addopts="" \
+		--durations=3 tests/vm/guest_channel.py
 	lsmod | grep -q '^kup_rot13 '   # the unload scenario reloaded it
 }
 
