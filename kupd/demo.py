@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kupd.demo_gateway import step_gateway
 from kupd.errors import KupError
 from kupd.testing import REPO_ROOT, KupSim, kmod_out, kupsim
 
@@ -214,6 +215,7 @@ STEPS: list[Callable[[DemoContext], None]] = [
     step_c_client,
     step_python_channel,
     step_shutdown,
+    step_gateway,  # kupd + a gRPC client conversation (kupd/demo_gateway.py)
 ]
 
 
