@@ -77,12 +77,15 @@ class ManagedDevice:
         try:
             dev = await self.mgr.blocking(Device.open, self.name)
         except errors.KupError as exc:
+            if str(exc) != self.error:
+                log.info("device not reachable", device=self.name, error=str(exc))
             self.error = str(exc)
             return
         try:
             info = await self.mgr.blocking(dev.info)
             fd = dev.event_fd()
         except errors.KupError as exc:
+            log.info("device not usable yet", device=self.name, error=str(exc))
             self.error = str(exc)
             dev.close()
             return

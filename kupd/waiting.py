@@ -19,7 +19,7 @@ from kupd.channel import Channel, Message
 
 __all__ = ["SAFETY_SLICE", "drain_wakeups", "wait_message"]
 
-SAFETY_SLICE = 1.0
+SAFETY_SLICE = 5.0
 
 
 def drain_wakeups(fd: int) -> None:

@@ -16,7 +16,7 @@ CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
     sys.path.insert(0, CLIENTS)
 
-from kupclient import Client  # noqa: E402
+from kupclient import Client, Watch  # noqa: E402
 from kupd import errors  # noqa: E402
 
 #: Bounded waits (generous: the machine is shared).
@@ -106,3 +106,14 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+def live_watch(c: Client, device: str = "echo") -> Watch:
+    """A Watch that is known to be subscribed: with initial_state, the first
+    (initial) event only arrives once kupd has registered the stream, so no
+    later event can be missed.  For a device without leases there is
+    exactly one initial event."""
+    w = c.watch(device, initial_state=True)
+    first = next(w)
+    assert first.initial and first.device == device, first
+    return w

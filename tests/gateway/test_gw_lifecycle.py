@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, child_env, wait_until
+from gateway_helpers import Kupd, StartKupd, child_env, live_watch, wait_until
 
 from kupclient import Client, EventType, Kind
 from kupd import errors
@@ -62,7 +62,7 @@ def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:
 
 def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
     k = start_kupd(sim, "--lease-idle-timeout", "0.3")
-    with k.client() as c, c.watch("echo") as events:
+    with k.client() as c, live_watch(c) as events:
         lease = c.attach("echo", 50)
         assert c.lease_receive(lease.lease_id).kind == Kind.PASS  # use keeps it alive
         seen = []
@@ -80,7 +80,7 @@ def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
 def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
     k = start_kupd(sim, "--drain-grace", "10")
     with k.client() as c:
-        events = c.watch()
+        events = live_watch(c)
         ch = c.open("echo").channel()
         ch.receive()
         assert next(events).type == EventType.LEASE_TAKEN
@@ -174,7 +174,7 @@ def test_health_reflects_a_device_going_away(start_kupd: StartKupd, tmp_path: Pa
     with kupsim("echo", rundir=rundir, check_exit=False) as sim:
         k = start_kupd(sim)
         c = k.client()
-        events = c.watch("echo")
+        events = live_watch(c)
         sim.stop(check=False)
         wait_until(lambda: c.health() == "NOT_SERVING", what="NOT_SERVING")
         assert c.health("kup.v1.Kup/echo") == "NOT_SERVING"

@@ -181,6 +181,11 @@ class AsyncChannel:
             except grpc.RpcError as exc:
                 self._closed = True
                 raise error_from_rpc(exc) from None
+            except asyncio.CancelledError:
+                # gRPC cancels the whole stream with the read: the session is over
+                self._closed = True
+                self._call.cancel()
+                raise
             if resp is grpc.aio.EOF:
                 self._closed = True
                 code = await self._call.code()
@@ -216,7 +221,9 @@ class AsyncChannel:
             return None
 
     async def close(self) -> None:
-        if self._closed:
+        """End the session (the lease is released by kupd)."""
+        if self._closed or self._call.done():
+            self._closed = True
             self._call.cancel()
             return
         self._closed = True
