@@ -45,6 +45,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-grace", type=float, help="seconds calls get to finish at SIGTERM")
     p.add_argument("--health-interval", type=float, help="device probe interval, seconds")
     p.add_argument("--max-sessions", type=int, help="limit on open sessions + leases")
+    p.add_argument(
+        "--keepalive-time", type=float, help="ping idle client connections every N seconds"
+    )
+    p.add_argument(
+        "--keepalive-timeout", type=float, help="drop a client whose ping is unanswered for N s"
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
 
@@ -68,6 +74,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "drain_grace": args.drain_grace,
         "health_interval": args.health_interval,
         "max_sessions": args.max_sessions,
+        "keepalive_time": args.keepalive_time,
+        "keepalive_timeout": args.keepalive_timeout,
         "log_level": args.log_level,
     }
     if args.device:

@@ -1,0 +1,102 @@
+"""Limits and liveness: the largest KUP message through gRPC both ways,
+hung clients detected by keepalive, metrics on an opt-in loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from gateway_helpers import StartKupd, child_env
+
+from kupclient import Kind
+from kupd import errors
+from kupd.abi import KUP_MAX_PAGES
+from kupd.testing import KupSim, kupsim
+
+HOLDER = """
+import sys
+from kupclient import Client
+c = Client(sys.argv[1])
+ch = c.open("echo").channel(int(sys.argv[2]))
+ch.receive()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:
+    env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="4", KUP_PARAM_ECHO_PAGES=str(KUP_MAX_PAGES))
+    with kupsim("echo", env=env, check_exit=False) as sim:
+        k = start_kupd(sim, devices=("echo:2",))
+        with k.client() as c:
+            (dev,) = c.devices()
+            big = dev.max_message_bytes
+            assert big == KUP_MAX_PAGES * dev.page_size  # 4 MiB with 4 KiB pages
+            payload = bytes(range(256)) * (big // 256)
+            assert c.call("echo", payload, timeout=60).data == payload
+            with pytest.raises(errors.TooBig, match=str(big)):
+                c.call("echo", payload + b"!", timeout=60)
+            with c.open("echo").channel(2) as ch:
+                assert ch.receive().kind == Kind.PASS
+                ch.send(payload)
+                assert ch.receive(timeout=60).data == payload
+        assert k.terminate() == 0
+
+
+def test_hung_client_is_detected_by_keepalive(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim, "--keepalive-time", "1", "--keepalive-timeout", "1")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, k.socket, "44"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"holding"
+        child.send_signal(signal.SIGSTOP)  # alive but answering nothing, socket open
+        with k.client() as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    c.open("echo").channel(44).close()
+                    break
+                except errors.Busy:
+                    assert time.monotonic() < deadline, "hung client never detected"
+                    time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_metrics_on_loopback(sim: KupSim, start_kupd: StartKupd) -> None:
+    port = _free_port()
+    k = start_kupd(sim, "--metrics-port", str(port))
+    with k.client() as c:
+        for i in range(3):
+            c.call("echo", f"{i}".encode(), timeout=10)
+        with pytest.raises(errors.NotFound):
+            c.call("nosuch", b"x")
+        with c.open("echo").channel(9) as ch:
+            ch.receive()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    body = text.decode()
+    assert 'kupd_calls_total{code="OK",device="echo"} 3.0' in body
+    assert 'kupd_sessions{device="echo"} 1.0' in body
+    assert "kupd_turn_wait_seconds_bucket" in body
+    assert 'kupd_messages_total{channel="9",device="echo",direction="from_kernel"} 1.0' in body
+    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""}' in body
+    assert k.terminate() == 0
