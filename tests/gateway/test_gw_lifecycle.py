@@ -196,3 +196,13 @@ def test_health_reflects_a_device_going_away(start_kupd: StartKupd, tmp_path: Pa
         events.cancel()
         c.close()
         assert k.terminate() == 0
+
+
+def test_sample_config_is_valid() -> None:
+    from kupd.config import load_config
+    from kupd.testing import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "deploy" / "kupd.sample.toml")
+    assert [(d.name, d.call_channels) for d in cfg.devices] == [("echo", 4)]
+    assert cfg.socket_mode == 0o660 and cfg.metrics_port == 0
+    assert cfg.lock_path == cfg.socket + ".lock"
