@@ -261,3 +261,26 @@ def test_device_shutdown_is_unavailable_with_eku_shutdown(sim: KupSim, kupd: Kup
     assert isinstance(ei.value, errors.Shutdown), ei.value
     assert "EKU_SHUTDOWN" in str(ei.value)
     assert ei2.value is not None
+
+
+def test_call_reply_that_never_comes_keeps_its_channel_quarantined(client: Client) -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        client.call("echo", b"!hold", timeout=0.1)  # the module never answers
+    (dev,) = client.devices("echo")
+    assert [c.state for c in dev.channels[:4]].count("quarantined") == 1
+    for i in range(12):  # the other three pool channels carry on
+        assert client.call("echo", f"{i}".encode(), timeout=10).data == f"{i}".encode()
+    (dev,) = client.devices("echo")
+    assert [c.state for c in dev.channels[:4]].count("quarantined") == 1
+
+
+def test_session_must_start_with_attach(kupd: Kupd) -> None:
+    ch, stub = raw_stub(kupd)
+    try:
+        reqs = iter([kup_pb2.SessionRequest(request_id=1, send=kup_pb2.SessionSend(data=b"x"))])
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.Session(reqs, timeout=10))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "attach" in ei.value.details()
+    finally:
+        ch.close()

@@ -89,10 +89,12 @@ class AsyncClient:
         return message_from_pb(resp.reply)
 
     async def watch(
-        self, device: str = "", *, initial_state: bool = False
+        self, device: str | None = None, *, initial_state: bool = False
     ) -> AsyncIterator[WatchEvent]:
         """Device and lease events; kupd's shutdown raises Shutdown at the end."""
-        call = self._stub.Watch(kup_pb2.WatchRequest(device=device, initial_state=initial_state))
+        call = self._stub.Watch(
+            kup_pb2.WatchRequest(device=device or "", initial_state=initial_state)
+        )
         try:
             async for ev in call:
                 yield WatchEvent.from_pb(ev)

@@ -105,9 +105,9 @@ class Client:
         return message_from_pb(resp.reply)
 
     # -- watch ------------------------------------------------------------
-    def watch(self, device: str = "", *, initial_state: bool = False) -> Watch:
+    def watch(self, device: str | None = None, *, initial_state: bool = False) -> Watch:
         """Device and lease events (an iterator; ``cancel()`` or ``with`` to stop)."""
-        req = kup_pb2.WatchRequest(device=device, initial_state=initial_state)
+        req = kup_pb2.WatchRequest(device=device or "", initial_state=initial_state)
         return Watch(self._stub.Watch(req))
 
     # -- leases -----------------------------------------------------------
