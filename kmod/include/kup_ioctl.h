@@ -29,7 +29,8 @@
  * mmap is bounds-checked: offset + length must lie within
  * [map_offset, map_offset + map_size) of the attached channel, offset a
  * multiple of the page size; anything else (or mmap before attach) is EINVAL.
- * MAP_PRIVATE is refused (EINVAL): the pages exist only to be shared.
+ * MAP_PRIVATE and PROT_EXEC are refused (EINVAL): the pages exist only to
+ * be shared, as data.
  *
  * Errors are returned the usual way (-1 and errno).  errno -> KUP_E_*:
  *   ENOENT          KUP_E_NOENT     (channel id out of range, no device)

@@ -517,6 +517,8 @@ static int kup_fop_mmap(struct file *file, struct vm_area_struct *vma)
 		return -EINVAL;             /* attach first */
 	if (!(vma->vm_flags & VM_SHARED))
 		return -EINVAL;             /* the pages only make sense shared */
+	if (vma->vm_flags & VM_EXEC)
+		return -EINVAL;             /* data, never code */
 	bytes = kup_core_chan_bytes(ch);
 	mem = kup_core_chan_mem(ch);
 	/* the whole window [pgoff, pgoff + len) inside the channel; no
@@ -524,11 +526,13 @@ static int kup_fop_mmap(struct file *file, struct vm_area_struct *vma)
 	if (pgoff >= (bytes >> PAGE_SHIFT) ||
 	    len > bytes - (pgoff << PAGE_SHIFT))
 		return -EINVAL;
-	/* never grow by mremap; never copied into a core dump */
+	/* never grow by mremap, never in a core dump, never made executable
+	 * later by mprotect */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP);
+	vm_flags_mod(vma, VM_DONTEXPAND | VM_DONTDUMP, VM_MAYEXEC);
 #else
 	vma->vm_flags |= VM_DONTEXPAND | VM_DONTDUMP;
+	vma->vm_flags &= ~VM_MAYEXEC;
 #endif
 	return remap_vmalloc_range(vma, mem, pgoff);
 }

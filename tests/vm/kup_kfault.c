@@ -317,6 +317,12 @@ test_mmap(void)
 	expect_mmap_einval(c.fd, pg, (off_t)(((uint64_t)1 << 52) - pg), MAP_SHARED,
 	    "offset near overflow");
 	expect_mmap_einval(c.fd, bytes, 0, MAP_PRIVATE, "MAP_PRIVATE");
+	errno = 0;
+	p = mmap(NULL, pg, PROT_READ | PROT_EXEC, MAP_SHARED, c.fd, 0);
+	CHECK(p == MAP_FAILED && errno == EINVAL, "PROT_EXEC mapping was not refused");
+	errno = 0;
+	CHECK(mprotect(c.mem, pg, PROT_READ | PROT_EXEC) == -1 && errno == EACCES,
+	    "mprotect made the channel executable");
 
 	/* a window inside the channel is fine, and shows the same bytes */
 	p = mmap(NULL, pg, PROT_READ, MAP_SHARED, c.fd, (off_t)pg);
