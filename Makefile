@@ -66,7 +66,7 @@ lint: setup
 # Benchmarks (not part of `make test`): one run, a table, and
 # bench/results/latest.{json,md}; see docs/performance.md.
 bench: build
-	PYTHONPATH=$(CURDIR)/bench:$(CURDIR)/clients/python:$(CURDIR) $(PY) -m kupbench
+	PYTHONPATH=$(CURDIR)/bench:$(CURDIR)/clients/python:$(CURDIR) $(PY) -m kupbench $(BENCH_ARGS)
 
 demo: build
 	$(PY) -m kupd.demo

@@ -114,7 +114,7 @@ def reference_md(report: Report, note: str) -> str:
         f"* CPU: {m.get('cpu', '?')}, {m.get('nproc', '?')} logical CPUs (nproc)",
         f"* kernel: {m.get('kernel', '?')}",
         f"* Python: {m.get('python', '?')}",
-        f"* git: {m.get('git', '?')}",
+        f"* git: {m.get('git', '?')} (HEAD of the working tree the run used)",
         f"* load average (1/5/15 min) at start: {m.get('loadavg_at_start', '?')}; "
         f"at end: {m.get('loadavg_at_end', '?')}",
     ]
