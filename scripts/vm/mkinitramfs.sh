@@ -15,8 +15,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 moddir=/lib/modules/$kver
 busybox=$(command -v busybox || true)
 [ -d "$moddir/kernel" ] || { echo "mkinitramfs: no modules for $kver in $moddir (install linux-image-amd64)" >&2; exit 1; }
-[ -n "$busybox" ] && file -L "$busybox" | grep -q 'statically linked' \
-  || { echo "mkinitramfs: need a static busybox (install busybox-static)" >&2; exit 1; }
+if [ -z "$busybox" ] || readelf -l "$busybox" 2>/dev/null | grep -q 'program interpreter'; then
+  echo "mkinitramfs: need a static busybox (install busybox-static)" >&2; exit 1
+fi
 
 # What the guest needs; everything else comes from modules.dep.
 wanted=(virtio_pci 9pnet_virtio 9p)
@@ -67,6 +68,8 @@ for mod in "${order[@]}"; do
   echo "$name" >> "$tmp/modules.order"
 done
 mkdir -p "$(dirname "$out")"
-(cd "$tmp" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out.tmp"
-mv "$out.tmp" "$out"
+# write under a private name, then rename: concurrent builders never see
+# (or produce) a half-written image
+(cd "$tmp" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$out.tmp.$$"
+mv -f "$out.tmp.$$" "$out"
 echo "mkinitramfs: $out ($(tr '\n' ' ' < "$tmp/modules.order"))"

@@ -20,6 +20,7 @@ stage() {  # stage NAME: run stage_NAME, report its status
 	rc=$?
 	echo "stage $1 took $(awk -v a="$t0" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN{printf "%.1f", b-a}')s"
 	echo "=== RESULT $1 $rc"
+	[ $rc -eq 0 ] || FAILED="$FAILED $1"
 }
 
 wait_dev() {  # wait_dev NAME: bounded wait for /dev/kup/NAME
@@ -150,6 +151,12 @@ stage_dmesg() {
 	echo "kernel log clean"
 }
 
+FAILED=""
 for s in $STAGES; do
 	stage "$s"
 done
+if [ -n "$FAILED" ]; then
+	echo "failed stages:$FAILED"
+	exit 1
+fi
+echo "all stages passed"

@@ -16,6 +16,7 @@ headers), which need not be the running kernel.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import platform
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,12 +136,34 @@ def guest() -> GuestRun:
         f"export STAGES='{' '.join(STAGES)}'\n"
         f"exec sh {REPO}/tests/vm/guest_tests.sh\n"
     )
-    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kver=kver, keep_dir=OUT / "last-run")
+    # a private output directory: two test sessions may run at once
+    outdir = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
+    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kver=kver, keep_dir=outdir)
     print(
         f"\nvm: kernel {kver}, build {build_s:.1f}s, boot {res.boot_seconds}s (guest uptime), "
-        f"guest run {res.wall_seconds:.1f}s wall, rc={res.rc}, timed_out={res.timed_out}"
+        f"guest run {res.wall_seconds:.1f}s wall, rc={res.rc}, timed_out={res.timed_out}, "
+        f"files in {outdir}"
     )
+    last = OUT / "last-run"
+    with contextlib.suppress(OSError):
+        if last.is_symlink() or last.exists():
+            if last.is_dir() and not last.is_symlink():
+                shutil.rmtree(last)
+            else:
+                last.unlink()
+        last.symlink_to(outdir.name)
+    # keep the files of failed runs only (and the newest run's)
+    for old in OUT.glob("run-*"):
+        if old != outdir and (old / "rc").exists() and _read_rc(old) == 0:
+            shutil.rmtree(old, ignore_errors=True)
     return GuestRun(res, _parse_stages(res.log), build_s)
+
+
+def _read_rc(d: Path) -> int | None:
+    try:
+        return int((d / "rc").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 @pytest.mark.parametrize("name", STAGES)
