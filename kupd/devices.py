@@ -34,6 +34,12 @@ T = TypeVar("T")
 BLOCKING_THREADS = 4
 
 
+def _close_attached(fut: asyncio.Future[Channel]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        with contextlib.suppress(errors.KupError):
+            fut.result().close()
+
+
 class ManagedDevice:
     def __init__(self, mgr: DeviceManager, cfg: DeviceConfig) -> None:
         self.mgr = mgr
@@ -228,7 +234,14 @@ class ManagedDevice:
             if held is not None or self.pool.state_of(chan_id) is not None:
                 what = f"{held[0]} {held[1]}" if held else "the Call pool"
                 raise errors.Busy(f"channel {chan_id} of device {self.name} is held by {what}")
-        return await self.mgr.blocking(dev.channel, chan_id)
+        fut = asyncio.ensure_future(self.mgr.blocking(dev.channel, chan_id))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The requester went away while the host was attaching: do not
+            # leave the channel attached to nobody.
+            fut.add_done_callback(_close_attached)
+            raise
 
     def _fill_pool(self) -> None:
         if self._pool_filling or self.cfg.call_channels <= len(self.pool.channels):

@@ -10,10 +10,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, child_env
+from gateway_helpers import Kupd, StartKupd, child_env, echo_sim
 
 from kupclient import Client
-from kupd.testing import KupSim, kupsim
+from kupd.testing import KupSim
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def start_kupd(tmp_path: Path) -> Iterator[StartKupd]:
 @pytest.fixture
 def sim() -> Iterator[KupSim]:
     """kupsim with the echo module (128 channels of one page)."""
-    with kupsim("echo", check_exit=False) as s:
+    with echo_sim() as s:
         yield s
 
 

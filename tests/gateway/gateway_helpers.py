@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
-from kupd.testing import REPO_ROOT, KupSim
+from kupd.testing import REPO_ROOT, KupSim, kupsim
 
 CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
@@ -117,3 +119,8 @@ def live_watch(c: Client, device: str = "echo") -> Watch:
     first = next(w)
     assert first.initial and first.device == device, first
     return w
+
+
+def echo_sim(**kw: Any) -> AbstractContextManager[KupSim]:
+    """kupsim with the echo module; generous start-up bound (shared machine)."""
+    return kupsim("echo", check_exit=False, ready_timeout=60.0, **kw)

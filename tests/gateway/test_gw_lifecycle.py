@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, child_env, live_watch, wait_until
+from gateway_helpers import Kupd, StartKupd, child_env, echo_sim, live_watch, wait_until
 
 from kupclient import Client, EventType, Kind
 from kupd import errors
-from kupd.testing import KupSim, kupsim
+from kupd.testing import KupSim
 
 HOLDER = """
 import sys
@@ -171,7 +171,7 @@ def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKup
 
 def test_health_reflects_a_device_going_away(start_kupd: StartKupd, tmp_path: Path) -> None:
     rundir = tmp_path / "sim"
-    with kupsim("echo", rundir=rundir, check_exit=False) as sim:
+    with echo_sim(rundir=rundir) as sim:
         k = start_kupd(sim)
         c = k.client()
         events = live_watch(c)
@@ -187,7 +187,7 @@ def test_health_reflects_a_device_going_away(start_kupd: StartKupd, tmp_path: Pa
                 break
         assert EventType.DEVICE_GONE in types
     # the device comes back: kupd finds it again
-    with kupsim("echo", rundir=rundir, check_exit=False):
+    with echo_sim(rundir=rundir):
         wait_until(lambda: c.health() == "SERVING", what="SERVING again")
         for ev in events:
             if ev.type == EventType.DEVICE_APPEARED:

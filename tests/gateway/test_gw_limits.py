@@ -12,12 +12,12 @@ import time
 import urllib.request
 
 import pytest
-from gateway_helpers import StartKupd, child_env
+from gateway_helpers import StartKupd, child_env, echo_sim
 
 from kupclient import Kind
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
-from kupd.testing import KupSim, kupsim
+from kupd.testing import KupSim
 
 HOLDER = """
 import sys
@@ -32,7 +32,7 @@ sys.stdin.read()
 
 def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:
     env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="4", KUP_PARAM_ECHO_PAGES=str(KUP_MAX_PAGES))
-    with kupsim("echo", env=env, check_exit=False) as sim:
+    with echo_sim(env=env) as sim:
         k = start_kupd(sim, devices=("echo:2",))
         with k.client() as c:
             (dev,) = c.devices()

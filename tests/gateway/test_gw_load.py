@@ -10,11 +10,10 @@ from collections import defaultdict
 
 import grpc
 import grpc.aio
-from gateway_helpers import Kupd, StartKupd
+from gateway_helpers import Kupd, StartKupd, echo_sim
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupclient import AsyncChannel, AsyncClient, Kind
-from kupd.testing import kupsim
 
 #: kupd's own threads: grpc's poller/executor, the device-host pool, the
 #: metrics server (off here) -- a constant, not a function of clients.
@@ -100,7 +99,7 @@ def test_calls_are_fair_across_callers(sim: object, start_kupd: StartKupd) -> No
 
 def test_1000_idle_sessions_and_calls_still_succeed(start_kupd: StartKupd) -> None:
     env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="1024")
-    with kupsim("echo", env=env, check_exit=False) as sim:
+    with echo_sim(env=env) as sim:
         k = start_kupd(sim)
         base_threads = k.threads()
 

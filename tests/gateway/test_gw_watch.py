@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from gateway_helpers import StartKupd, child_env
+from gateway_helpers import StartKupd, child_env, echo_sim
 
 from kupclient import EventType, WatchEvent
 from kupd import errors
-from kupd.testing import kupsim
 
 
 def until(events: object, want: EventType, seen: list[WatchEvent]) -> WatchEvent:
@@ -37,7 +36,7 @@ def test_watch_sees_appear_notify_leases_and_device_shutdown(
     first = next(events)
     assert first.type == EventType.DEVICE_GONE and first.initial
     sim_env = dict(os.environ, KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS="3000")
-    with kupsim("echo", rundir=rundir, env=sim_env, check_exit=False) as sim:
+    with echo_sim(rundir=rundir, env=sim_env) as sim:
         appeared = until(events, EventType.DEVICE_APPEARED, seen)
         # kupd polls for the device every 0.2 s; the module announces after 3 s
         assert appeared.announced == 0
@@ -69,7 +68,7 @@ def test_watch_sees_appear_notify_leases_and_device_shutdown(
 
 
 def test_watch_initial_state_lists_leases(start_kupd: StartKupd, tmp_path: Path) -> None:
-    with kupsim("echo", check_exit=False) as sim:
+    with echo_sim() as sim:
         k = start_kupd(sim)
         with k.client() as c:
             lease = c.attach("echo", 60)
