@@ -456,9 +456,9 @@ def cmd_session(args: argparse.Namespace, out: Output) -> int:
                     if not _session_line(ch, line, args, out):
                         break
                 except kerr.KupError as exc:
-                    _session_error(exc, out)
                     if isinstance(exc, (kerr.Shutdown, kerr.Unavailable)) or ch_closed(ch):
-                        return exit_code_for(exc)
+                        raise  # the session is over: main() reports it on stderr
+                    _session_error(exc, out)
                 except CliError as exc:
                     if out.as_json:
                         err = {"kind": "usage", "message": exc.message}
