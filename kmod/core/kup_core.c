@@ -5,20 +5,30 @@
  * shared by the Linux, FreeBSD and kupsim hosts; the host supplies only
  * the primitives of kup_os.h.
  *
- * Locking (outer to inner):
+ * Locking (outer to inner: ch->lock before sc->lock, kup_reg_lock before
+ * sc->lock; ch->lock and kup_reg_lock are never held together):
  *   ch->lock      sleepable; serialises kernel callers of one channel and
  *                 is held from a successful receive to kupdev_unlock_channel
+ *   kup_reg_lock  the device registry
  *   sc->lock      device state: attachment flags, announce, refs, shutdown
- *   kup_reg_lock  the device registry (never held while taking the others)
  * Host callbacks that may sleep (kup_os_chan_sleep, kup_os_dev_sleep) are
  * never called with sc->lock held.
  *
  * A kernel-side operation is valid only for the attachment the module has
  * been told about by kupdev_wait_channel(): once the user side detaches, or
  * a new user attaches that the module has not yet been told about, every
- * operation on the channel returns -EPIPE.  This is what lets a module
- * thread that served the previous user notice its departure even if a new
- * user attached in between.
+ * operation on the channel returns -EPIPE.
+ *
+ * Sessions: the kernel side's conversation with one attachment.  A thread
+ * that served the previous user may still be between two calls (it took a
+ * message and is computing the reply) when the next user attaches and the
+ * module is told about it.  Its next call must not reach the new user: if
+ * the previous session was active (some call succeeded) and has not ended
+ * for the module (no -EPIPE, -EPROTO or CLOSE returned yet), the first call
+ * after the switch gets -EPIPE and ends it; the call after that starts the
+ * new session (fresh sequence numbers, kernel holds the turn).  A module
+ * that stops using a channel after -EPIPE/-EPROTO/CLOSE (as echo does)
+ * therefore never talks to the wrong user.
  */
 #include "kup_core_priv.h"
 
@@ -291,6 +301,31 @@ kupdev_unload(struct kupdev_softc *sc)
 	return 0;
 }
 
+void
+kup_core_shutdown_all(void)
+{
+	struct kupdev_softc *sc;
+
+	if (!kup_core_ready)
+		return;
+	for (;;) {
+		/* one at a time: kupdev_shutdown sleeps, the registry lock
+		 * must not be held across it */
+		kup_lock(&kup_reg_lock);
+		for (sc = kup_reg_head; sc != NULL; sc = sc->next) {
+			if (!KUP_READ_ONCE32(&sc->shutdown))
+				break;
+		}
+		if (sc != NULL)
+			kup_core_dev_ref(sc);
+		kup_unlock(&kup_reg_lock);
+		if (sc == NULL)
+			return;
+		kupdev_shutdown(sc);
+		kup_core_dev_put(sc);
+	}
+}
+
 struct kupdev_softc *
 kup_core_dev_get(const char *name)
 {
@@ -540,12 +575,21 @@ kup_chan_enter(struct kup_chan *ch)
 		return -ESHUTDOWN;
 	kgen = KUP_READ_ONCE64(&ch->kgen);
 	if (!KUP_READ_ONCE32(&ch->attached) ||
-	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0)
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0) {
+		ch->over = 1;   /* the session in progress (pgen) has ended */
 		return -EPIPE;
+	}
 	if (ch->pgen != kgen) {
+		if (ch->pgen != 0 && ch->active && !ch->over) {
+			/* a straggler of the previous session: end it */
+			ch->over = 1;
+			return -EPIPE;
+		}
 		ch->pgen = kgen;
 		ch->kturn = KUP_KT_KERNEL_CONSUMED;
 		ch->peer_bad = 0;
+		ch->active = 0;
+		ch->over = 0;
 		ch->k2u_seq = 0;
 		ch->u2k_seq = 0;
 	}
@@ -561,6 +605,7 @@ kup_chan_poison(struct kup_chan *ch, const char *why, uint64_t a, uint64_t b)
 	struct kupdev_softc *sc = ch->sc;
 
 	ch->peer_bad = 1;
+	ch->over = 1;
 	kup_lock(&sc->lock);
 	if (ch->attached && KUP_READ_ONCE64(&ch->gen) == ch->pgen)
 		kup_state_set(ch, KUP_STATE_PEER_GONE, 0);
@@ -672,6 +717,9 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	r = kup_take_user_msg(ch, msg);
 	if (r != 0)
 		goto out;
+	ch->active = 1;
+	if (msg->kind == KUP_KIND_CLOSE)
+		ch->over = 1;   /* the user said goodbye */
 	ch->held = 1;
 	return 0;   /* locked until kupdev_unlock_channel */
 out:
@@ -721,7 +769,14 @@ kup_own_turn(struct kup_chan *ch)
 	if (turn != KUP_TURN_KERNEL)
 		return kup_chan_poison(ch, "garbage in the turn word", turn,
 		    KUP_TURN_KERNEL);
-	return kup_take_user_msg(ch, NULL);
+	{
+		struct kupdev_msg dropped;
+		int r = kup_take_user_msg(ch, &dropped);
+
+		if (r == 0 && dropped.kind == KUP_KIND_CLOSE)
+			ch->over = 1;
+		return r;
+	}
 }
 
 static void
@@ -759,6 +814,7 @@ kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
 	if (len != 0)
 		memcpy(ch->k2u, data, len);
 	ch->k2u_seq++;
+	ch->active = 1;
 	kup_handover(ch, (uint32_t)len, kind, ch->k2u_seq, KUP_TURN_USER);
 out:
 	kup_unlock(&ch->lock);

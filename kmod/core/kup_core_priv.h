@@ -36,6 +36,9 @@ struct kup_chan {
 	/* kernel-side protocol state, under lock */
 	uint64_t pgen;            /* generation this state belongs to */
 	uint32_t kturn;           /* KUP_KT_* */
+	uint32_t active;          /* an op of session pgen succeeded */
+	uint32_t over;            /* session pgen ended for the module: it got
+	                           * -EPIPE/-EPROTO or the user's CLOSE */
 	uint32_t peer_bad;        /* user broke the protocol: -EPROTO */
 	uint64_t k2u_seq;         /* last seq sent */
 	uint64_t u2k_seq;         /* last seq received */

@@ -116,6 +116,10 @@ void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int  kup_core_init(void);
 void kup_core_fini(void);
 
+/* kupdev_shutdown() every registered device (a host going away: users of
+ * every device are told at once, before the modules' fini run). */
+void kup_core_shutdown_all(void);
+
 /* Find a device by name and take a reference (NULL: no such device or
  * shutting down). */
 struct kupdev_softc *kup_core_dev_get(const char *name);

@@ -53,7 +53,16 @@ struct kupdev_msg {
  * size or count out of range, name taken, no memory). */
 struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cnt);
 
-/* Wait until user space attaches a channel that the module has not yet
+/* Sessions.  Calls on a channel are valid for the attachment the module
+ * was last told about by kupdev_wait_channel().  A module thread that
+ * served the previous user may still be between two calls when the next
+ * user arrives; its next call gets -EPIPE instead of reaching the new user
+ * (it must then stop using the channel), and the call after that starts
+ * the new session.  So stop serving a channel only once a call said the
+ * session is over (-EPIPE, -EPROTO, a CLOSE message, -ESHUTDOWN): a
+ * session dropped silently costs the next user's first call an -EPIPE.
+ *
+ * Wait until user space attaches a channel that the module has not yet
  * been told about; returns its id, or a negative errno (-ESHUTDOWN once
  * kupdev_unload has begun, -ETIMEDOUT). */
 int kupdev_wait_channel(struct kupdev_softc *sc);

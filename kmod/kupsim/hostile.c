@@ -41,7 +41,9 @@ h_linger(int c)
 	while (!KUP_READ_ONCE32(&h_sc->shutdown) &&
 	    KUP_READ_ONCE32(&ch->attached) && KUP_READ_ONCE64(&ch->gen) == gen)
 		kup_os_msleep(10);
-	return KUP_READ_ONCE32(&h_sc->shutdown) ? -ESHUTDOWN : -EPIPE;
+	/* let the core end the session (it answers -EPIPE/-ESHUTDOWN): a
+	 * session dropped silently would cost the next user's first call */
+	return kupdev_pass(h_sc, c);
 }
 
 static int

@@ -132,6 +132,8 @@ main(int argc, char **argv)
 		if (sigwait(&ss, &sig) == 0 && (sig == SIGTERM || sig == SIGINT))
 			break;
 	}
+	/* tell every user of every device at once, then unload the modules */
+	kup_core_shutdown_all();
 	kup_os_log("kupsim: %s: unloading modules", strsignal(sig));
 	rc = 0;
 

@@ -278,6 +278,17 @@ sim_wake(struct kup_backend_chan *ch)
 	return KUP_E_SYS;
 }
 
+static int
+sim_self_wake(struct kup_backend_chan *ch)
+{
+	uint64_t one = 1;
+
+	if (write(ch->wait_fd, &one, sizeof(one)) == (ssize_t)sizeof(one) ||
+	    errno == EAGAIN)
+		return KUP_E_OK;
+	return KUP_E_SYS;
+}
+
 static void
 sim_drain(struct kup_backend_chan *ch)
 {
@@ -358,4 +369,5 @@ const struct kup_backend_ops kup_backend_sim = {
 	.dev_fd = sim_dev_fd,
 	.dev_drain = sim_dev_drain,
 	.close = sim_close,
+	.self_wake = sim_self_wake,
 };

@@ -473,6 +473,11 @@ kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
 		return fail(&c->h, r);
 	if (c->uturn == UT_USER_CONSUMED)
 		return fail(&c->h, KUP_E_NOTTURN);
+	/* poll mode: consume the wake-ups that made the fd readable before
+	 * looking at the turn (a later hand-over wakes us again), so that the
+	 * fd does not stay readable after a spurious wake-up */
+	if (c->poll_mode)
+		c->ops->drain(&c->b);
 	r = wait_turn(c, timeout_ms);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
@@ -484,6 +489,10 @@ kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
 	r = take_kernel_msg(c, msg);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
+	/* poll mode: a wake-up for this hand-over may land after the drain
+	 * above; none can come for a later one before we hand over again */
+	if (c->poll_mode)
+		c->ops->drain(&c->b);
 	c->h.err = KUP_E_OK;
 	return 0;
 }
@@ -587,10 +596,17 @@ kernproxy_fd(void *chan)
 
 	if (c == NULL)
 		return -1;
-	/* from now on the kernel always wakes us on a hand-over */
-	c->poll_mode = 1;
-	WRITE32(&c->ctrl->user_waiting, 1);
-	FENCE();
+	/* from now on the kernel always wakes us on a hand-over; a hand-over
+	 * (or shutdown) that came before gets its wake-up from us */
+	if (!c->poll_mode) {
+		c->poll_mode = 1;
+		WRITE32(&c->ctrl->user_waiting, 1);
+		FENCE();
+		if ((LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL ||
+		    chan_state(c) != KUP_E_OK) && c->ops->self_wake != NULL &&
+		    c->ops->self_wake(&c->b) != KUP_E_OK)
+			return fail(&c->h, KUP_E_SYS);
+	}
 	return c->b.wait_fd;
 }
 

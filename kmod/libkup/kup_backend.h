@@ -58,6 +58,12 @@ struct kup_backend_ops {
 	/* Consume pending device events on dev_fd (non-blocking). */
 	void (*dev_drain)(void *dev);
 	void (*close)(void *dev);
+	/* Optional: make wait_fd readable now (the sim's counting eventfd
+	 * only turns readable on a wake-up, so when kernproxy_fd() starts
+	 * poll mode while the turn is already ours, kup.c kicks it).  NULL
+	 * when wait_fd is level-triggered by the host (a device fd whose poll
+	 * looks at the control page). */
+	int  (*self_wake)(struct kup_backend_chan *ch);
 };
 
 /* wire value of "any channel" */

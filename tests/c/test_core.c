@@ -377,6 +377,56 @@ test_proto(void)
 	printf("ok proto\n");
 }
 
+/* A thread of the previous session must not reach the next user. */
+static void
+test_sessions(void)
+{
+	struct kupdev_softc *sc = kupdev_create("sess", 1, 1);
+	struct kup_chan *ch;
+	struct kupdev_msg m;
+	struct user u;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	/* session 1: the module took a message and is busy with the reply */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	user_send(&u, "old", 3);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	kupdev_unlock_channel(sc, 0);
+	/* ... meanwhile the user leaves and the next one arrives, and the
+	 * module is told about it */
+	kup_core_detach(ch);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	/* the straggler's reply is refused, not delivered */
+	CHECK_EQ(kupdev_send(sc, "old", 3, 0), -EPIPE);
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
+	/* the new session starts fresh */
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	CHECK_EQ(u.k->k2u.seq, 1);
+	/* session 2 ends with the user's CLOSE: no straggler to stop, the
+	 * next session's first call goes through */
+	user_handover_raw(&u, 0, KUP_KIND_CLOSE, ++u.u2k_seq, KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	CHECK_EQ(m.kind, KUP_KIND_CLOSE);
+	kupdev_unlock_channel(sc, 0);
+	kup_core_detach(ch);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok sessions\n");
+}
+
 static void
 test_shutdown(void)
 {
@@ -450,6 +500,7 @@ main(void)
 	test_attach_rules();
 	test_turns();
 	test_proto();
+	test_sessions();
 	test_shutdown();
 	kup_core_fini();
 	printf("OK core\n");

@@ -25,7 +25,7 @@ def test_core_unit(variant_out: Path) -> None:
     )
     assert_clean("test_core", proc.stderr)
     # every section ran, every malformed descriptor was refused
-    for section in ("create_args", "attach_rules", "turns", "proto", "shutdown"):
+    for section in ("create_args", "attach_rules", "turns", "proto", "sessions", "shutdown"):
         assert f"ok {section}" in proc.stdout
     assert proc.stdout.count("refused ") == 8
     assert proc.stdout.rstrip().endswith("OK core")

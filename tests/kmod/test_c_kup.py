@@ -64,6 +64,14 @@ def read_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60.0) -
     raise AssertionError(f"no {prefix!r} line within {timeout}s")
 
 
+def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """The rest of proc's stdout and its stderr, once it has exited (read
+    through the same buffered streams read_line used, so nothing is lost)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.wait(timeout=RUN_TIMEOUT)
+    return proc.stdout.read(), proc.stderr.read()
+
+
 @pytest.mark.parametrize(
     "scenario",
     [
@@ -116,7 +124,7 @@ def test_shutdown_wakes_receiver(variant_out: Path, record_property: Callable[..
             sim.signal(signal.SIGTERM)
             result = read_line(proc, "RESULT")
             _, code, t_ns = result.split()
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            out, err = finish(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -268,7 +276,7 @@ def test_kupsim_killed_receiver_sees_shutdown(variant_out: Path) -> None:
             time.sleep(0.3)
             sim.signal(signal.SIGKILL)
             result = read_line(proc, "RESULT")
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            out, err = finish(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
