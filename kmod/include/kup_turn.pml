@@ -1,75 +1,109 @@
 /* SPDX-License-Identifier: BSD-2-Clause */
 /*
- * kup_turn.pml -- Promela model of the KUP turn protocol, checked with SPIN.
+ * kup_turn.pml -- Promela model of the KUP turn protocol, checked with SPIN
+ * (tests/model/test_turn_model.py runs it; `make test`).
  *
  * MIRRORS: kup_abi.h, KUP_ABI_VERSION 1, the sections
- *   "The turn protocol"     (hand-over order: payload, descriptor,
- *                            STORE-RELEASE turn; receiver reads the
- *                            descriptor once and checks kind/len/seq),
- *   "Sleeping and waking"   (the Dekker pair: waiting flag, full fence,
- *                            re-check; passer: release turn, full fence,
- *                            look at the peer's waiting flag, wake;
- *                            counting wake-up objects),
- *   "Shutdown and departure" (ctrl->state written by the kernel side,
- *                            unconditional wake-up of the user side;
- *                            CLOSE on departure; death = host detaches and
- *                            wakes kernel-side waiters with an error),
- * and docs/DESIGN.md "Turn semantics" (kernel owns a fresh channel, one
- * message per hand-over, sequence numbers from 1 per direction, counting
- * PASS and CLOSE).  Names below are the header's names; values are the
- * header's values written in decimal (Promela has no hex literals).
- * tests/model/test_turn_model.py checks that every KUP_* name defined here
- * exists in kup_abi.h with the same value, so a rename or renumbering in
- * the header breaks the test until this model follows.
+ *   "The turn protocol"     hand-over order: payload, descriptor,
+ *                           STORE-RELEASE turn; the receiver reads the
+ *                           descriptor once and checks kind/len/seq;
+ *   "Sleeping and waking"   the Dekker pair: waiting flag, full fence,
+ *                           re-check; passer: release turn, full fence,
+ *                           look at the peer's waiting flag, wake;
+ *                           wake-up objects that keep early wake-ups;
+ *   "Shutdown and departure" ctrl->state written by the kernel side and an
+ *                           unconditional wake-up of the user side; CLOSE on
+ *                           departure; a dead user is detached by the host,
+ *                           which wakes kernel-side waiters with an error;
+ * docs/DESIGN.md "Turn semantics" (the kernel owns a fresh channel, one
+ * message per hand-over, sequence numbers from 1 per direction, PASS and
+ * CLOSE included), and the code as written in kmod/core/kup_core.c
+ * (kup_wait_turn, kupdev_receive_msg, kup_send_common/kup_handover,
+ * kup_core_detach, kup_core_attach/kup_page_reset, kupdev_shutdown) and
+ * kmod/libkup/kup.c (wait_turn, take_kernel_msg, handover, chan_state).
+ * Names are the header's; values are the header's, in decimal (Promela has
+ * no hex literals).  The test checks every KUP_* value here against
+ * kup_abi.h, so a rename or renumbering there breaks it until this follows.
  *
- * What is modelled.  Processes:
- *   Kernel  -- a module thread: kupdev_send/kupdev_pass, then
- *              kupdev_receive_msg, until it receives CLOSE or an error.
- *              Its view of ownership and of shutdown/detach is PRIVATE
- *              (kturn, kstop), as in kup_core.c: it never trusts the page.
- *   User    -- libkup: receive, reply (DATA or PASS), and after NMSG
- *              messages send CLOSE and leave.
- *   Host    -- the host's release path (kup_core_detach): once the user's
- *              descriptor is closed (exit or death) it marks the channel
- *              PEER_GONE under the channel lock and wakes kernel waiters.
- *   Killer  -- (-DDEATH) kills the user process at an arbitrary point,
- *              including in the middle of writing a message.
- *   Unload  -- (-DSHUTDOWN) kupdev_unload at an arbitrary point: SHUTDOWN
- *              in the core's private state and in ctrl->state, then an
- *              unconditional wake-up of the user side and of kernel waiters.
+ * Processes
+ *   Kernel  a module thread: kupdev_send/kupdev_pass, then
+ *           kupdev_receive_msg, until it receives CLOSE or an error; after an
+ *           error it sends once more and must be refused.  Like kup_core.c
+ *           it trusts only PRIVATE state for ownership (kturn), shutdown
+ *           (kshut), attachment (kattached, kgen): never the page.  It holds
+ *           the channel lock for a whole receive, sleep included.
+ *   User    libkup: receive, answer (DATA or PASS), and after NMSG messages
+ *           send CLOSE (it holds the turn) and leave.
+ *   Host    the host's release path, kup_core_detach: once the user's
+ *           descriptor is closed (exit or death): attached = 0, clear
+ *           KUP_STATE_ATTACHED, fence, wake kernel-side waiters.
+ *   Killer  (-DDEATH) kills the user at an arbitrary point, including
+ *           half-way through writing a message.
+ *   Attach  (-DREATTACH) after the detach, a new user attaches the channel
+ *           (kup_core_attach): reserve it (attached = 1, generation 2), then
+ *           under the channel lock reset the control page for generation 2.
+ *   Unload  (-DSHUTDOWN) kupdev_unload at an arbitrary point: shutdown in
+ *           the private state and KUP_STATE_SHUTDOWN in ctrl->state, fence,
+ *           wake the user side unconditionally and kernel-side waiters.
  *
- * Memory model.  Promela statements are sequentially consistent, so the
- * full fences (KUP_FENCE) are modelled by statement order, and an
- * acquire/release pair by the order of the stores before the turn store.
- * The weaker orders that the fences and the release forbid are modelled
- * explicitly by the BROKEN_* variants below, which move a store after a
- * load (the store-buffer effect a missing fence allows) or the turn store
- * before the data stores (a missing release).  The test suite requires SPIN
- * to FIND the resulting lost wake-up / overlap in each of them: that is the
- * proof that the checks are not vacuous.
+ * Memory model.  Promela statements are sequentially consistent, so a full
+ * fence (KUP_FENCE) is modelled by statement order, and a release/acquire
+ * pair by the order of the stores before the turn store.  The weaker
+ * orders that the fences and the release forbid are modelled explicitly by
+ * the BROKEN_* variants, which move a load before a store (the
+ * store-buffer effect a missing fence allows) or the turn store before the
+ * data stores (a missing release).  The tests require SPIN to FIND the
+ * resulting lost wake-up or overlap in each: proof the checks are not
+ * vacuous.
  *
- * Sleeps have no timeout here (KUPDEV_FOREVER, libkup blocking receive):
- * a lost wake-up is then a process asleep forever, which SPIN reports as
- * an invalid end state and as a violation of the liveness formulas.  A
- * timeout is only a spurious wake-up, modelled by -DSPURIOUS.
+ * Wake-up objects.  Kernel side (kup_os_chan_sleep): arm (prepare_to_wait,
+ * or drain, or take the mutex), THEN evaluate the condition, then block
+ * until woken; a wake-up issued before arming is forgotten, and harmless,
+ * because the waker changed the condition first.  User side (libkup):
+ * poll() the eventfd, then drain it; the eventfd keeps a count, so a
+ * wake-up before the poll is not lost.  The count is modelled as a bit:
+ * the drain consumes all pending wake-ups at once, so counts above 1 are
+ * indistinguishable from 1.
+ *
+ * Sleeps have no timeout here (KUPDEV_FOREVER; libkup's poll slice is a
+ * backstop the protocol must not need): a lost wake-up is then a process
+ * asleep forever, which SPIN reports as an invalid end state and as a
+ * violation of the liveness formulas.  -DSPURIOUS adds early returns
+ * (slice expiry, spurious wake-ups).  Not modelled: libkup's poll mode
+ * (user_waiting kept at 1 while an event loop owns the fd), hostile peers
+ * (tests/c and kupsim's hostile module cover those), several kernel
+ * threads on one channel, and the new user's own session after a re-attach.
+ *
+ * A statement tagged @reach:<name> stands alone on its line (not on the
+ * line of an if's first option, which SPIN also gives the if's guards):
+ * the tests require the configurations meant to exercise it to reach it.
+ *
+ * Every execution of this model is finite (spins are bounded, every sleep
+ * consumes a wake-up and wake-ups come from a bounded number of
+ * hand-overs), so there are no cycles: weak fairness (pan -f) is requested
+ * by the tests but the liveness results do not depend on it.
  *
  * Configuration (spin -D...):
  *   NMSG=n        messages the kernel sends (default 3); the user answers
  *                 n-1 of them and closes with CLOSE
  *   SPINS=n       spin iterations before a side sleeps (default 1)
  *   DEATH         the user process may die at any point
+ *   REATTACH      a new user attaches the channel after the detach
  *   SHUTDOWN      the device may be unloaded at any point
  *   SPURIOUS      sleeps may return without a wake-up (2 in all)
- *   NO_CS_ASSERT  no assert() for mutual exclusion: only "ltl mutex" checks it
  *   ANYKIND       each message is DATA or PASS at random (default:
  *                 alternating, kernel starts with DATA, user with PASS)
- *   BROKEN_WAITER_NO_FENCE   waiter: re-check load overtakes the flag store
- *   BROKEN_PASSER_NO_FENCE   passer: waiting-flag load overtakes the turn store
- *   BROKEN_EARLY_WAKE_LOST   a wake-up sent before the sleep is dropped
+ *   NO_CS_ASSERT  no assert() for mutual exclusion: only "ltl mutex" checks
+ *   BROKEN_WAITER_NO_FENCE   waiters: the re-check overtakes the flag store
+ *   BROKEN_PASSER_NO_FENCE   passers: the waiting-flag load overtakes the
+ *                            turn store
+ *   BROKEN_EARLY_WAKE_LOST   kernel: condition checked before arming;
+ *                            user: eventfd drained before the poll
  *   BROKEN_NO_RELEASE        turn store visible before payload/descriptor
  *   BROKEN_SHUTDOWN_NO_WAKE  unload does not wake the user side
  *   BROKEN_DETACH_NO_WAKE    detach does not wake kernel-side waiters
- *   BROKEN_DETACH_NO_LOCK    detach does not take the channel lock
+ *   BROKEN_ATTACH_NO_LOCK    attach resets the page without the channel lock
+ *   BROKEN_NO_GEN_CHECK      the kernel ignores the attach generation
  */
 
 /* ---- kup_abi.h constants (decimal) ---------------------------------- */
@@ -91,7 +125,7 @@
 #define SPINS 1
 #endif
 #define DATA_SIZE  1          /* the data area holds one payload "byte" */
-#define STOP_BITS  6          /* KUP_STATE_SHUTDOWN | KUP_STATE_PEER_GONE */
+#define SESSION    1          /* the attach generation of the modelled user */
 
 /* results (kernel: -errno, user: KUP_E_*) */
 #define R_OK        0
@@ -100,14 +134,15 @@
 #define R_PROTO     3         /* -EPROTO    / KUP_E_PROTO */
 #define R_NOTTURN   4         /* -EAGAIN    / KUP_E_NOTTURN */
 
-/* kernel's private view of the turn (kup_core_priv.h KUP_KT_*) */
-#define KT_KERNEL   0
-#define KT_USER     1
+/* the kernel's private view of the turn (kup_core_priv.h KUP_KT_*) */
+#define KT_KERNEL   0         /* KUP_KT_KERNEL_CONSUMED */
+#define KT_USER     1         /* KUP_KT_USER */
 
-/* ---- the control page (struct kup_ctrl) and data areas --------------- */
-typedef kup_msg_desc { byte mlen; byte kind; byte seq }  /* len: "len" is a Promela keyword */
-int  turn = KUP_TURN_KERNEL;           /* a fresh channel: kernel owns it */
+/* ---- the control page (struct kup_ctrl) and the data areas ------------- */
+typedef kup_msg_desc { byte mlen; byte kind; byte seq }   /* "len" is a Promela keyword */
+int  turn = KUP_TURN_KERNEL;           /* a fresh channel: the kernel owns it */
 byte state = KUP_STATE_ATTACHED;       /* kernel-written */
+byte attach_gen = SESSION;             /* ctrl->attach_gen */
 kup_msg_desc k2u;                      /* kernel-written */
 kup_msg_desc u2k;                      /* user-written */
 bit  kernel_waiting;
@@ -115,204 +150,206 @@ bit  user_waiting;
 byte k2u_data;                         /* payload: stamped with its seq */
 byte u2k_data;
 
-/* ---- wake-up objects (eventfd / wait queue + condition): counting ----- */
-bit  kwake;                            /* wakes the kernel side */
-bit  uwake;                            /* wakes the user side */
-bit  kasleep;                          /* ghost: blocked in the sleep */
-bit  uasleep;
+/* ---- wake-up objects ---------------------------------------------------- */
+bit  kwake;                            /* kernel side: a wake-up since arming */
+bit  uwake;                            /* user side: the eventfd is readable */
 
-/* ---- kernel private state (struct kup_chan) ---------------------------- */
-bit  chan_lock;                        /* kup_chan.lock */
-byte kstop;                            /* SHUTDOWN / PEER_GONE, private */
-byte kturn = KT_KERNEL;                /* kup_chan.kturn */
+/* ---- kernel private state (struct kup_chan, sc->shutdown) ---------------- */
+bit  chan_lock;                        /* ch->lock */
+bit  kshut;                            /* sc->shutdown */
+bit  kattached = 1;                    /* ch->attached */
+byte kgen = SESSION;                   /* ch->gen (the module was told SESSION) */
+byte kturn = KT_KERNEL;                /* ch->kturn */
 
 /* ---- ghosts for the properties ----------------------------------------- */
-bit  k_cs;                             /* kernel touching a data area */
-bit  u_cs;                             /* user touching a data area */
+bit  k_cs;                             /* kernel inside a data area */
+bit  u_cs;                             /* user inside a data area */
 byte k_sent, u_sent;                   /* hand-overs made (turn stores) */
 byte k_recv, u_recv;                   /* messages accepted by the receiver */
 bit  k_done, u_left, host_done;        /* ended */
-bit  k_stopped, u_stopped;             /* ended on an error / death */
+bit  k_stopped, u_stopped;             /* ended on an error / died */
 bit  kill_user;                        /* DEATH: the user is killed now */
 #ifdef SHUTDOWN
 bit  unload_done;
 #else
 bit  unload_done = 1;
 #endif
-
+#ifdef REATTACH
+bit  attach_done;
+#else
+bit  attach_done = 1;
+#endif
 #ifdef SPURIOUS
-byte spurious = 2;                     /* timeouts / signals, in all */
+byte spurious = 2;                     /* early returns from sleeps, in all */
 #endif
 
 /* Entering a data area: the other side must not be in one.  -DNO_CS_ASSERT
- * leaves the judgement to the LTL formula "mutex" alone (the tests use it
- * to show that the formula, too, sees an overlap). */
+ * leaves the judgement to the formula "mutex" alone (the tests use it to
+ * show that the formula, too, sees an overlap). */
 #ifdef NO_CS_ASSERT
 #define CS_ASSERT(c) skip
 #else
 #define CS_ASSERT(c) assert(c)
 #endif
 
-#define ALL_DONE (k_done && u_left && host_done && unload_done)
+#define ALL_DONE (k_done && u_left && host_done && unload_done && attach_done)
 
 /* ---- properties --------------------------------------------------------- */
 /* (1) the two sides never touch the data areas at the same time */
 ltl mutex     { [] !(k_cs && u_cs) }
 /* (2) every hand-over is eventually received, unless the receiver stopped
- *     (died / saw shutdown / saw the peer gone) */
+ *     (died, saw shutdown, saw the peer gone) */
 ltl k2u_recv  { [] ((k_sent > u_recv) -> <> ((u_recv == k_sent) || u_stopped)) }
 ltl u2k_recv  { [] ((u_sent > k_recv) -> <> ((k_recv == u_sent) || k_stopped)) }
 /* (2)+(3) every process ends: nobody sleeps forever */
 ltl terminate { <> ALL_DONE }
 
-/* ---- building blocks ----------------------------------------------------- */
-inline lock()   { atomic { chan_lock == 0 -> chan_lock = 1 } }
-inline unlock() { chan_lock = 0 }
+/* ---- the orders the fences and the wake-up objects guarantee -------------
+ * (macros, not #ifdef inside the inlines: SPIN's line numbers, which the
+ * tests use, go wrong after conditional blocks inside an inline) */
 
-/* Wake a sleeper.  The object keeps a wake-up issued before the sleep
- * (eventfd counter, or a wait queue whose sleeper re-evaluates its
- * condition after arming).  A sleeper consumes all pending wake-ups at
- * once (eventfd read without EFD_SEMAPHORE), so counts above 1 are
- * indistinguishable from 1 for it: the counter saturates at 1, which keeps
- * the state space small without losing any behaviour. */
-inline wake(W, ASLEEP)
-{
-#ifdef BROKEN_EARLY_WAKE_LOST
-	if
-	:: ASLEEP -> W = 1
-	:: else -> skip                 /* nobody asleep yet: dropped */
-	fi
-#else
-	W = 1  /* @reach:wake */
-#endif
-}
-
-/* Sleep on the wake-up object until a wake-up is counted; consume all
- * pending ones (eventfd read / condition re-armed). */
-inline sleep_on(W, ASLEEP)
-{
-	ASLEEP = 1;
-#ifdef SPURIOUS
-	if
-	:: atomic { W > 0 -> W = 0; ASLEEP = 0 }  /* @reach:sleep_sp */
-	:: atomic { spurious > 0 -> spurious--; ASLEEP = 0 }  /* timeout; @reach:timeout */
-	fi
-#else
-	atomic { W > 0 -> W = 0; ASLEEP = 0 }  /* @reach:sleep */
-#endif
-}
-
-/*
- * The waiter: spin a little on LOAD-ACQUIRE turn, then
- *   STORE waiting = 1; FULL FENCE; re-check turn (and the stop bits);
- *   sleep; waiting = 0; loop.
- * STOPSRC is where this side learns about shutdown/departure: the kernel's
- * private kstop, the user's ctrl->state.  SHUTDOWN wins over the turn (a
- * side told the device is going away reports it); PEER_GONE is checked
- * under the lock by the kernel's receive.
- */
-inline wait_turn(ME, WAITING, W, ASLEEP, STOPSRC, r)
-{
-	spins = 0;
-	do
-	:: s = STOPSRC;
-	   if
-	   :: (s & KUP_STATE_SHUTDOWN) != 0 -> r = R_SHUTDOWN; break  /* @reach:wait_shutdown */
-	   :: (s & STOP_BITS) == KUP_STATE_PEER_GONE -> r = R_PEER; break  /* @reach:wait_peer */
-	   :: else -> skip
-	   fi;
-	   t = turn;                            /* LOAD-ACQUIRE */
-	   if
-	   :: t == ME -> r = R_OK; break
-	   :: else -> skip
-	   fi;
-	   if
-	   :: spins < SPINS -> spins++          /* KUP_CPU_RELAX */
-	   :: else ->
+/* waiter: STORE my_waiting = 1; KUP_FENCE(); LOAD turn (statement order) */
 #ifdef BROKEN_WAITER_NO_FENCE
-		/* no fence: the loads complete while the flag store still
-		 * sits in the store buffer */
-		t = turn;
-		s = STOPSRC;
-		WAITING = 1;
+#define FLAG_THEN_LOOK(FLAG, LOOK)  LOOK; FLAG = 1     /* the load overtakes the store */
 #else
-		WAITING = 1;                    /* STORE my_waiting = 1 */
-		/* KUP_FENCE(): statement order */
-		t = turn;                       /* LOAD-ACQUIRE turn */
-		s = STOPSRC;
+#define FLAG_THEN_LOOK(FLAG, LOOK)  FLAG = 1; LOOK
 #endif
-		if
-		:: t == ME || (s & STOP_BITS) != 0 -> WAITING = 0  /* loop top takes it; @reach:recheck */
-		:: else ->
-			sleep_on(W, ASLEEP);
-			WAITING = 0;
-			spins = 0
-		fi
-	   fi
-	od
-}
 
-/*
- * The passer's second half: STORE-RELEASE turn = peer; FULL FENCE;
- * if peer_waiting: wake the peer.  SENT counts the hand-over (ghost,
- * updated in the same step as the turn store).
- */
-inline hand_over(PEER, PEER_WAITING, W, ASLEEP, SENT)
-{
-#ifdef BROKEN_PASSER_NO_FENCE
-	w = PEER_WAITING;                       /* load overtakes the store */
-	atomic { turn = PEER; SENT++ };
+/* kernel sleep (kup_os_chan_sleep): arm, then evaluate the condition */
+#ifdef BROKEN_EARLY_WAKE_LOST
+#define ARM_THEN_CHECK(W, CHECK)  CHECK; W = 0         /* armed after the check */
 #else
-#ifndef BROKEN_NO_RELEASE
-	atomic { turn = PEER; SENT++ };         /* STORE-RELEASE */
+#define ARM_THEN_CHECK(W, CHECK)  W = 0; CHECK         /* older wake-ups are gone */
 #endif
-	/* KUP_FENCE(): statement order */
-	w = PEER_WAITING;
+
+/* block until woken (or, -DSPURIOUS, return early) */
+#ifdef SPURIOUS
+#define BLOCK_ON(W)  if :: W == 1 :: atomic { spurious > 0 -> spurious-- } fi
+#else
+#define BLOCK_ON(W)  W == 1
 #endif
-	if
-	:: w -> wake(W, ASLEEP)
-	:: else -> skip
-	fi
-}
+
+/* user sleep (libkup wait_turn): poll() the eventfd, then drain it */
+#ifdef BROKEN_EARLY_WAKE_LOST
+#define POLL_THEN_DRAIN(W)  W = 0; BLOCK_ON(W); W = 0  /* drained before the poll */
+#else
+#define POLL_THEN_DRAIN(W)  BLOCK_ON(W); W = 0
+#endif
+
+/* passer: STORE-RELEASE turn; KUP_FENCE(); LOAD peer_waiting.  SENT counts
+ * the hand-over (ghost, same step as the turn store); nobody hands over in
+ * a page that has been reset for a newer attachment. */
+#define RELEASE_TURN(T, SENT)  atomic { assert(attach_gen == SESSION); turn = T; SENT++ }
+#if defined(BROKEN_NO_RELEASE)
+/* no release: the turn store becomes visible before the payload and the
+ * descriptor (made at the start of the write, EARLY_TURN) */
+#define EARLY_TURN(T, SENT)  turn = T; SENT++;
+#define PASS_AND_LOOK(T, SENT, LOOK)  LOOK
+#elif defined(BROKEN_PASSER_NO_FENCE)
+#define EARLY_TURN(T, SENT)
+#define PASS_AND_LOOK(T, SENT, LOOK)  LOOK; RELEASE_TURN(T, SENT)   /* load overtakes the store */
+#else
+#define EARLY_TURN(T, SENT)
+#define PASS_AND_LOOK(T, SENT, LOOK)  RELEASE_TURN(T, SENT); LOOK
+#endif
 
 /* DATA or PASS for the next message: any (-DANYKIND), or alternating so
  * that both kinds travel both ways without doubling the state space per
  * message (the kind only decides whether a payload byte is written). */
-inline pick_kind(KIND, DATA_IF)
-{
 #ifdef ANYKIND
-	if
-	:: KIND = KUP_KIND_DATA
-	:: KIND = KUP_KIND_PASS
-	fi
+#define PICK_KIND(KIND, DATA_IF)  if :: KIND = KUP_KIND_DATA :: KIND = KUP_KIND_PASS fi
 #else
-	if
-	:: DATA_IF -> KIND = KUP_KIND_DATA
-	:: else -> KIND = KUP_KIND_PASS
-	fi
+#define PICK_KIND(KIND, DATA_IF)  if :: DATA_IF -> KIND = KUP_KIND_DATA :: else -> KIND = KUP_KIND_PASS fi
 #endif
+
+/* ---- building blocks ----------------------------------------------------- */
+inline lock()   { atomic { chan_lock == 0 -> chan_lock = 1 } }
+inline unlock() { chan_lock = 0 }
+
+inline wake(W)
+{
+	W = 1  /* @reach:wake */
+}
+
+/* The passer's second half: STORE-RELEASE turn = peer; FULL FENCE; if the
+ * peer's waiting flag is set, wake it.  SENT counts the hand-over (ghost,
+ * same step as the turn store).  Nobody hands over in a page that has been
+ * reset for a newer attachment. */
+inline hand_over(PEER, PEER_WAITING, W, SENT)
+{
+	PASS_AND_LOOK(PEER, SENT, w = PEER_WAITING);
+	if
+	:: w -> wake(W)
+	:: else -> skip
+	fi
 }
 
 /* ---- kernel side (kup_core.c) ------------------------------------------- */
+
+#ifdef BROKEN_NO_GEN_CHECK
+#define K_GONE (!kattached)
+#else
+#define K_GONE (!kattached || kgen != SESSION)
+#endif
+/* kup_recv_cond: the page turn is no longer USER, or shutdown, or departure */
+#define K_COND (turn != KUP_TURN_USER || kshut || K_GONE)
+
+/* kup_chan_enter, under the channel lock */
+inline k_enter(r)
+{
+	if
+	:: kshut ->
+		r = R_SHUTDOWN  /* @reach:enter_shutdown */
+	:: !kshut && K_GONE ->
+		r = R_PEER  /* @reach:enter_peer */
+	:: else -> r = R_OK
+	fi
+}
+
+/* kup_wait_turn (under the channel lock) with kup_os_chan_sleep */
+inline k_wait_turn()
+{
+	spins = 0;
+	do
+	:: K_COND -> break
+	:: !K_COND && spins < SPINS -> spins++          /* KUP_CPU_RELAX */
+	:: !K_COND && spins >= SPINS ->
+		FLAG_THEN_LOOK(kernel_waiting, c = K_COND);
+		if
+		:: c ->
+			kernel_waiting = 0;  /* @reach:krecheck */
+			break
+		:: else -> skip
+		fi;
+		/* kup_os_chan_sleep(cond): arm, evaluate cond, block; repeat */
+		do
+		:: ARM_THEN_CHECK(kwake, c = K_COND);
+		   if
+		   :: c -> break
+		   :: else -> BLOCK_ON(kwake)  /* @reach:ksleep */
+		   fi
+		od;
+		kernel_waiting = 0;
+		break
+	od
+}
 
 /* kupdev_send (KIND == DATA) / kupdev_pass (KIND == PASS) */
 inline k_send(KIND, r)
 {
 	lock();
-	s = kstop;
+	k_enter(r);
 	if
-	:: (s & KUP_STATE_SHUTDOWN) != 0 -> r = R_SHUTDOWN  /* @reach:send_shutdown */
-	:: (s & STOP_BITS) == KUP_STATE_PEER_GONE -> r = R_PEER  /* @reach:send_peer */
-	:: s == 0 && kturn != KT_KERNEL -> r = R_NOTTURN
-	:: s == 0 && kturn == KT_KERNEL ->
-#ifdef BROKEN_NO_RELEASE
-		atomic { turn = KUP_TURN_USER; k_sent++ };
-#endif
-		/* enter: nobody touches data after the peer is gone */
-		atomic { k_cs = 1; CS_ASSERT(!u_cs); assert((kstop & STOP_BITS) == 0) };
-		d_step {                 /* payload, then descriptor {len, kind, seq} */
+	:: r == R_OK && kturn != KT_KERNEL -> r = R_NOTTURN   /* never here */
+	:: r == R_OK && kturn == KT_KERNEL ->
+		atomic { EARLY_TURN(KUP_TURN_USER, k_sent) k_cs = 1; CS_ASSERT(!u_cs); assert(attach_gen == SESSION) };
+		if
+		:: KIND == KUP_KIND_DATA -> k2u_data = kseq + 1     /* memcpy */
+		:: else -> skip
+		fi;
+		d_step {                              /* descriptor {len, kind, seq} */
 			if
-			:: KIND == KUP_KIND_DATA -> k2u_data = kseq + 1; k2u.mlen = 1
+			:: KIND == KUP_KIND_DATA -> k2u.mlen = 1
 			:: else -> k2u.mlen = 0
 			fi;
 			k2u.kind = KIND;
@@ -320,69 +357,74 @@ inline k_send(KIND, r)
 			kseq++;
 			kturn = KT_USER
 		};
-		k_cs = 0;
-		hand_over(KUP_TURN_USER, user_waiting, uwake, uasleep, k_sent);
-		r = R_OK
+		atomic { assert(attach_gen == SESSION); k_cs = 0 };
+		hand_over(KUP_TURN_USER, user_waiting, uwake, k_sent)
+	:: else -> skip
 	fi;
 	unlock()
 }
 
-/* kupdev_receive_msg + kupdev_unlock_channel */
+/* kupdev_receive_msg; the payload is used and the lock released at once
+ * (kupdev_unlock_channel) */
 inline k_receive(r)
 {
-	do
-	:: wait_turn(KUP_TURN_KERNEL, kernel_waiting, kwake, kasleep, kstop, r);
-	   if
-	   :: r != R_OK -> break
-	   :: else -> skip
-	   fi;
-	   lock();
-	   s = kstop;
-	   if
-	   :: (s & KUP_STATE_SHUTDOWN) != 0 -> r = R_SHUTDOWN; unlock(); break  /* @reach:locked_shutdown */
-	   :: (s & STOP_BITS) == KUP_STATE_PEER_GONE -> r = R_PEER; unlock(); break  /* @reach:locked_peer */
-	   :: s == 0 ->
-		atomic { k_cs = 1; CS_ASSERT(!u_cs); assert((kstop & STOP_BITS) == 0) };
-		/* read the descriptor ONCE into locals, validate the locals,
-		 * read the payload only when they are valid */
-		d_step {
-			dlen = u2k.mlen;
-			dkind = u2k.kind;
-			dseq = u2k.seq;
+	lock();
+	k_enter(r);
+	if
+	:: r == R_OK ->
+		assert(kturn == KT_USER);          /* else -EAGAIN: never here */
+		k_wait_turn();
+		k_enter(r);                        /* shutdown / departure while waiting */
+		if
+		:: r == R_OK ->
+			t = turn;                      /* LOAD-ACQUIRE */
 			if
-			:: dkind < KUP_KIND_DATA || dkind > KUP_KIND_CLOSE ||
-			   dlen > DATA_SIZE || dseq != klast + 1 ->
-				r = R_PROTO              /* no payload byte read */
+			:: t != KUP_TURN_KERNEL -> r = R_PROTO   /* garbage in the turn word */
 			:: else ->
-				if
-				:: dlen > 0 ->
-					stamp = u2k_data;
-					assert(stamp == dseq)  /* the payload is this message's */
-				:: else -> skip
-				fi;
-				klast = dseq;
-				k_recv++;
-				kturn = KT_KERNEL;
-				r = R_OK
-			fi;
-			stamp = 0
-		};
-		k_cs = 0;
-		unlock();                            /* kupdev_unlock_channel */
-		break
-	   fi
-	od
+				atomic { k_cs = 1; CS_ASSERT(!u_cs); assert(attach_gen == SESSION) };
+				/* read the descriptor ONCE into locals, validate the
+				 * locals, read the payload only when they are valid */
+				d_step {
+					dlen = u2k.mlen;
+					dkind = u2k.kind;
+					dseq = u2k.seq;
+					if
+					:: dkind < KUP_KIND_DATA || dkind > KUP_KIND_CLOSE ||
+					   dlen > DATA_SIZE || (dkind != KUP_KIND_DATA && dlen != 0) ||
+					   dseq != klast + 1 ->
+						r = R_PROTO          /* no payload byte read */
+					:: else ->
+						if
+						:: dlen > 0 ->
+							stamp = u2k_data;
+							assert(stamp == dseq)   /* the payload is this message's */
+						:: else -> skip
+						fi;
+						klast = dseq;
+						k_recv++;
+						kturn = KT_KERNEL;
+						r = R_OK
+					fi;
+					stamp = 0
+				};
+				atomic { assert(attach_gen == SESSION); k_cs = 0 }
+			fi
+		:: else -> skip
+		fi
+	:: else -> skip
+	fi;
+	unlock()
 }
 
 proctype Kernel()
 {
-	byte spins, s, dlen, dkind, dseq, stamp, kind, r, r2;
+	byte spins, dlen, dkind, dseq, stamp, kind, r, r2;
 	byte kseq, klast;
 	int t;
-	bit w;
+	bit w, c;
 
 	do
-	:: pick_kind(kind, kseq % 2 == 0);
+	:: PICK_KIND(kind, kseq % 2 == 0);
 	   k_send(kind, r);
 	   if
 	   :: r != R_OK -> break
@@ -391,7 +433,9 @@ proctype Kernel()
 	   k_receive(r);
 	   if
 	   :: r != R_OK -> break
-	   :: r == R_OK && dkind == KUP_KIND_CLOSE -> break  /* @reach:close */
+	   :: r == R_OK && dkind == KUP_KIND_CLOSE ->
+		skip;  /* @reach:close */
+		break
 	   :: else -> skip
 	   fi
 	od;
@@ -407,19 +451,80 @@ proctype Kernel()
 	:: else -> skip
 	fi;
 #if !defined(DEATH) && !defined(SHUTDOWN)
-	/* normal run: all messages before CLOSE were received; the CLOSE
-	 * itself may be reported as the peer's departure (-EPIPE) when the
-	 * detach comes first -- KUP_E_PEER covers both */
+	/* normal run: every message before CLOSE was received; the CLOSE
+	 * itself may be reported as the departure (-EPIPE) when the detach
+	 * came first: KUP_E_PEER means "the peer left (CLOSE, died, detached)" */
 	assert(klast >= NMSG - 1);
 	assert(r == R_OK || r == R_PEER);
 #endif
 	k_done = 1
 }
 
-/* ---- user side (libkup) ------------------------------------------------- */
+/* ---- user side (libkup kup.c) --------------------------------------------- */
 
+/* chan_state(): shutdown first, then a newer attachment / PEER_GONE */
+inline u_state(r)
+{
+	s = state;
+	if
+	:: (s & KUP_STATE_SHUTDOWN) != 0 -> r = R_SHUTDOWN
+	:: (s & KUP_STATE_SHUTDOWN) == 0 && ((s & KUP_STATE_PEER_GONE) != 0 || attach_gen != SESSION) ->
+		r = R_PEER
+	:: else -> r = R_OK
+	fi
+}
+
+/* wait_turn(): until the page turn is not KERNEL */
+inline u_wait_turn(r)
+{
+	t = turn;
+	if
+	:: t != KUP_TURN_KERNEL -> r = R_OK
+	:: else ->
+		u_state(r);
+		if
+		:: r == R_OK ->
+			spins = 0;
+			do
+			:: spins < SPINS ->
+				t = turn;
+				if
+				:: t != KUP_TURN_KERNEL -> break
+				:: else -> spins++       /* CPU_RELAX */
+				fi
+			:: else -> break
+			od;
+			if
+			:: t != KUP_TURN_KERNEL -> skip
+			:: else ->
+				do
+				:: true ->
+					FLAG_THEN_LOOK(user_waiting, t = turn);
+					if
+					:: t != KUP_TURN_KERNEL ->
+						r = R_OK;  /* @reach:urecheck */
+						break
+					:: else -> skip
+					fi;
+					u_state(r);
+					if
+					:: r != R_OK -> break
+					:: else -> skip
+					fi;
+					POLL_THEN_DRAIN(uwake)  /* @reach:usleep */
+				od;
+				user_waiting = 0
+			fi
+		:: else -> skip
+		fi
+	fi
+}
+
+/* take_kernel_msg(), after wait_turn() saw the turn */
 inline u_read(r)
 {
+	t = turn;                                      /* LOAD-ACQUIRE */
+	assert(t == KUP_TURN_USER);
 	atomic { u_cs = 1; CS_ASSERT(!k_cs) };
 	d_step {
 		dlen = k2u.mlen;
@@ -427,7 +532,8 @@ inline u_read(r)
 		dseq = k2u.seq;
 		if
 		:: dkind < KUP_KIND_DATA || dkind > KUP_KIND_CLOSE ||
-		   dlen > DATA_SIZE || dseq != ulast + 1 ->
+		   dlen > DATA_SIZE || (dkind != KUP_KIND_DATA && dlen != 0) ||
+		   dseq != ulast + 1 ->
 			r = R_PROTO
 		:: else ->
 			if
@@ -445,16 +551,16 @@ inline u_read(r)
 	u_cs = 0
 }
 
+/* handover(): chan_state, payload, descriptor, release, fence, wake */
 inline u_send(KIND, r)
 {
-	s = state;
+	u_state(r);
 	if
-	:: (s & KUP_STATE_SHUTDOWN) != 0 -> r = R_SHUTDOWN  /* @reach:user_send_shutdown */
-	:: else ->
-#ifdef BROKEN_NO_RELEASE
-		atomic { turn = KUP_TURN_KERNEL; u_sent++ };
-#endif
-		atomic { u_cs = 1; CS_ASSERT(!k_cs) };
+	:: r == R_SHUTDOWN ->
+		skip  /* @reach:user_send_shutdown */
+	:: r == R_PEER -> skip
+	:: r == R_OK ->
+		atomic { EARLY_TURN(KUP_TURN_KERNEL, u_sent) u_cs = 1; CS_ASSERT(!k_cs) };
 		/* two steps, so that a death between payload and descriptor
 		 * leaves a half-written message behind */
 		if
@@ -471,8 +577,7 @@ inline u_send(KIND, r)
 			useq++
 		};
 		u_cs = 0;
-		hand_over(KUP_TURN_KERNEL, kernel_waiting, kwake, kasleep, u_sent);
-		r = R_OK
+		hand_over(KUP_TURN_KERNEL, kernel_waiting, kwake, u_sent)
 	fi
 }
 
@@ -485,25 +590,27 @@ proctype User()
 
 	{
 		do
-		:: wait_turn(KUP_TURN_USER, user_waiting, uwake, uasleep, state, r);
+		:: u_wait_turn(r);
 		   if
-		   :: r != R_OK -> u_stopped = 1; break  /* @reach:user_wait_stop */
+		   :: r != R_OK ->
+			u_stopped = 1;  /* @reach:user_wait_stop */
+			break
 		   :: else -> skip
 		   fi;
 		   u_read(r);
 		   assert(r == R_OK);               /* honest kernel */
 		   if
-		   :: r != R_OK -> u_stopped = 1; break   /* KUP_E_PROTO */
+		   :: r != R_OK -> u_stopped = 1; break
 		   :: else -> skip
 		   fi;
 		   /* (4) the receiver sees 1, 2, 3, ... */
 		   assert(ulast == u_recv);
 		   if
 		   :: u_recv == NMSG ->
-			u_send(KUP_KIND_CLOSE, r);   /* leaving while holding the turn */
+			u_send(KUP_KIND_CLOSE, r);   /* leaving, holding the turn */
 			break
 		   :: else ->
-			pick_kind(kind, useq % 2 == 1);
+			PICK_KIND(kind, useq % 2 == 1);
 			u_send(kind, r);
 			if
 			:: r != R_OK -> u_stopped = 1; break
@@ -512,7 +619,9 @@ proctype User()
 		   fi
 		od
 	} unless {
-		kill_user -> u_cs = 0; u_stopped = 1      /* process death; @reach:death */
+		kill_user ->                               /* process death */
+		u_cs = 0;  /* @reach:death */
+		u_stopped = 1
 	};
 #if !defined(DEATH) && !defined(SHUTDOWN)
 	assert(!u_stopped && ulast == NMSG);
@@ -520,29 +629,17 @@ proctype User()
 	u_left = 1                                     /* descriptor closed */
 }
 
-/* ---- host: kup_core_detach on the release path --------------------------- */
+/* ---- host release path: kup_core_detach ---------------------------------- */
 proctype Host()
 {
 	u_left;
-	/* under the channel lock (one step: the lock is taken, both stores
-	 * made and the lock dropped with nothing else running) */
-#ifdef BROKEN_DETACH_NO_LOCK
-	kstop = kstop | KUP_STATE_PEER_GONE;
-#else
-	atomic {
-		chan_lock == 0 ->
-		kstop = kstop | KUP_STATE_PEER_GONE;
-#endif
-		state = (state & ~KUP_STATE_ATTACHED) | KUP_STATE_PEER_GONE
-#ifndef BROKEN_DETACH_NO_LOCK
-	};
-#else
-	;
-#endif
-	/* KUP_FENCE(), then wake every kernel-side waiter with the error */
+	/* under sc->lock (not the channel lock: a kernel receive sleeps
+	 * holding that one) */
+	atomic { kattached = 0; state = state & ~KUP_STATE_ATTACHED };
+	/* KUP_FENCE(), then wake every kernel-side waiter */
 	atomic {
 #ifndef BROKEN_DETACH_NO_WAKE
-		wake(kwake, kasleep);
+		wake(kwake);
 #endif
 		host_done = 1
 	}
@@ -555,20 +652,44 @@ proctype Killer()
 }
 #endif
 
+#ifdef REATTACH
+/* kup_core_attach by a new user, after the detach */
+proctype Attach()
+{
+	host_done;
+	if
+	:: atomic { kshut -> attach_done = 1 }        /* -ESHUTDOWN */
+	:: atomic { !kshut -> kattached = 1; kgen = SESSION + 1 };   /* reserve, sc->lock */
+#ifndef BROKEN_ATTACH_NO_LOCK
+		lock();              /* wait for the previous session's caller */
+#endif
+		d_step {             /* kup_page_reset; @reach:attach_reset */
+			k2u.mlen = 0; k2u.kind = 0; k2u.seq = 0;
+			u2k.mlen = 0; u2k.kind = 0; u2k.seq = 0;
+			kernel_waiting = 0;
+			user_waiting = 0;
+			attach_gen = SESSION + 1;
+			state = KUP_STATE_ATTACHED;
+			turn = KUP_TURN_KERNEL
+		};
+#ifndef BROKEN_ATTACH_NO_LOCK
+		unlock();
+#endif
+		attach_done = 1
+	fi
+}
+#endif
+
 #ifdef SHUTDOWN
-/* kupdev_unload */
+/* kupdev_unload -> kupdev_shutdown */
 proctype Unload()
 {
-	atomic {                  /* under the channel lock, as in Host */
-		chan_lock == 0 ->
-		kstop = kstop | KUP_STATE_SHUTDOWN;
-		state = state | KUP_STATE_SHUTDOWN
-	};
+	atomic { kshut = 1; state = state | KUP_STATE_SHUTDOWN };   /* sc->lock */
 	/* KUP_FENCE(), then wake both sides unconditionally */
 #ifndef BROKEN_SHUTDOWN_NO_WAKE
-	wake(uwake, uasleep);
+	wake(uwake);
 #endif
-	atomic { wake(kwake, kasleep); unload_done = 1 }
+	atomic { wake(kwake); unload_done = 1 }
 }
 #endif
 
@@ -580,6 +701,9 @@ init
 		run Host();
 #ifdef DEATH
 		run Killer();
+#endif
+#ifdef REATTACH
+		run Attach();
 #endif
 #ifdef SHUTDOWN
 		run Unload();
