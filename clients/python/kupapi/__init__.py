@@ -12,8 +12,8 @@ __all__ = ["KUP_PROTO_PATH", "MAX_GRPC_MESSAGE", "kup_pb2", "kup_pb2_grpc"]
 
 #: The largest KUP message is KUP_MAX_PAGES (1024) pages of 4 KiB = 4 MiB of
 #: payload; gRPC's limits on both ends are set to that plus headroom for the
-#: envelope (other fields, framing).  Larger pages would need a larger limit:
-#: the server refuses to serve a device whose max message does not fit.
+#: envelope (other fields, framing).  Larger pages (e.g. 64 KiB) would need a
+#: larger limit: kupd logs a warning for a device whose max message does not fit.
 MAX_GRPC_MESSAGE = 4 * 1024 * 1024 + 64 * 1024
 
 #: The .proto file shipped with the package (for other-language clients).
