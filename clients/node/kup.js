@@ -30,8 +30,10 @@ const protoLoader = require('@grpc/proto-loader');
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
 const PROTO_FILE = 'kup/v1/kup.proto';
 
-// Channels carry at most a few pages per message; leave room for framing.
-const MAX_MESSAGE = 64 * 1024 * 1024;
+// gRPC message limit, the same as kupd's and the Python client's
+// (kupapi.MAX_GRPC_MESSAGE): the largest KUP message, KUP_MAX_PAGES (1024)
+// pages of 4 KiB, plus 64 KiB for the rest of the envelope.
+const MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024;
 
 let cachedPackage = null;
 

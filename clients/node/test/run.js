@@ -114,6 +114,20 @@ test('Calls in parallel are all answered correctly', async () => {
   });
 });
 
+test('Call with a full-size message; one byte more is INVALID_ARGUMENT naming the limit', async () => {
+  const [dev] = await kup.listDevices(client, device);
+  const max = Number(dev.max_message_bytes);
+  const full = Buffer.alloc(max, 0x2e); // '.' is the same on every channel
+  const r = await kup.call(client, device, full);
+  assert.ok(r.data.equals(full), 'full-size reply');
+  await assert.rejects(kup.call(client, device, Buffer.alloc(max + 1, 0x2e)), (err) => {
+    assert.equal(err.code, kup.grpc.status.INVALID_ARGUMENT);
+    assert.equal(err.kupError, 'TooBig');
+    assert.match(err.details, new RegExp(String(max)));
+    return true;
+  });
+});
+
 test('Call on an unknown device is NOT_FOUND naming it', async () => {
   await assert.rejects(kup.call(client, 'no-such-device', 'x'), (err) => {
     assert.equal(err.code, kup.grpc.status.NOT_FOUND);
