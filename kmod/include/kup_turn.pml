@@ -20,7 +20,8 @@
  * CLOSE included), and the code as written in kmod/core/kup_core.c
  * (kup_wait_turn, kupdev_receive_msg, kup_send_common/kup_handover,
  * kup_core_detach, kup_core_attach/kup_page_reset, kupdev_shutdown) and
- * kmod/libkup/kup.c (wait_turn, take_kernel_msg, handover, chan_state).
+ * kmod/libkup/kup.c (wait_turn, take_kernel_msg, handover, chan_state,
+ * kernproxy_fd and the poll-mode receive).
  * Names are the header's; values are the header's, in decimal (Promela has
  * no hex literals).  The test checks every KUP_* value here against
  * kup_abi.h, so a rename or renumbering there breaks it until this follows.
@@ -69,8 +70,7 @@
  * backstop the protocol must not need): a lost wake-up is then a process
  * asleep forever, which SPIN reports as an invalid end state and as a
  * violation of the liveness formulas.  -DSPURIOUS adds early returns
- * (slice expiry, spurious wake-ups).  Not modelled: libkup's poll mode
- * (user_waiting kept at 1 while an event loop owns the fd), hostile peers
+ * (slice expiry, spurious wake-ups).  Not modelled: hostile peers
  * (tests/c and kupsim's hostile module cover those), several kernel
  * threads on one channel, and the new user's own session after a re-attach.
  *
@@ -93,6 +93,9 @@
  *   SPURIOUS      sleeps may return without a wake-up (2 in all)
  *   ANYKIND       each message is DATA or PASS at random (default:
  *                 alternating, kernel starts with DATA, user with PASS)
+ *   POLL_MODE     the user runs libkup's poll mode: kernproxy_fd() (waiting
+ *                 flag kept at 1, self wake-up), an event loop polling the
+ *                 fd and non-blocking receives
  *   NO_CS_ASSERT  no assert() for mutual exclusion: only "ltl mutex" checks
  *   BROKEN_WAITER_NO_FENCE   waiters: the re-check overtakes the flag store
  *   BROKEN_PASSER_NO_FENCE   passers: the waiting-flag load overtakes the
@@ -104,6 +107,8 @@
  *   BROKEN_DETACH_NO_WAKE    detach does not wake kernel-side waiters
  *   BROKEN_ATTACH_NO_LOCK    attach resets the page without the channel lock
  *   BROKEN_NO_GEN_CHECK      the kernel ignores the attach generation
+ *   BROKEN_POLL_NO_SELF_WAKE poll mode: kernproxy_fd() without self wake-up
+ *   BROKEN_POLL_LATE_DRAIN   poll mode: drain after looking at the turn
  */
 
 /* ---- kup_abi.h constants (decimal) ---------------------------------- */
@@ -260,6 +265,28 @@ ltl terminate { <> ALL_DONE }
 #define PICK_KIND(KIND, DATA_IF)  if :: KIND = KUP_KIND_DATA :: KIND = KUP_KIND_PASS fi
 #else
 #define PICK_KIND(KIND, DATA_IF)  if :: DATA_IF -> KIND = KUP_KIND_DATA :: else -> KIND = KUP_KIND_PASS fi
+#endif
+
+/* libkup poll mode (kernproxy_fd, -DPOLL_MODE): user_waiting stays 1, an
+ * event loop polls the fd and calls the non-blocking receive */
+#ifdef POLL_MODE
+#define U_SETUP()       u_poll_setup()
+#define U_WAIT(r)       u_poll_wait(r)
+#define U_AFTER_TAKE    uwake = 0;      /* drain again after taking it */
+#else
+#define U_SETUP()       skip
+#define U_WAIT(r)       u_wait_turn(r)
+#define U_AFTER_TAKE
+#endif
+#ifdef BROKEN_POLL_NO_SELF_WAKE
+#define SELF_WAKE()     skip            /* forgets a hand-over made before */
+#else
+#define SELF_WAKE()     uwake = 1       /* ops->self_wake */
+#endif
+#ifdef BROKEN_POLL_LATE_DRAIN
+#define DRAIN_THEN_LOOK(LOOK)  LOOK; uwake = 0    /* drains the wake-up it did not see */
+#else
+#define DRAIN_THEN_LOOK(LOOK)  uwake = 0; LOOK
 #endif
 
 /* ---- building blocks ----------------------------------------------------- */
@@ -520,6 +547,43 @@ inline u_wait_turn(r)
 	fi
 }
 
+/* kernproxy_fd(): from now on the kernel always wakes us; a hand-over (or
+ * shutdown) that came before gets its wake-up from us */
+inline u_poll_setup()
+{
+	FLAG_THEN_LOOK(user_waiting, t = turn);
+	u_state(r);
+	if
+	:: t != KUP_TURN_KERNEL || r != R_OK ->
+		SELF_WAKE()  /* @reach:self_wake */
+	:: else -> skip
+	fi
+}
+
+/* the event loop: poll() the fd, then kernproxy_receive_msg(.., 0) until
+ * it stops saying KUP_E_NOTREADY */
+inline u_poll_wait(r)
+{
+	do
+	:: BLOCK_ON(uwake);  /* @reach:upoll */
+	   u_state(r);
+	   if
+	   :: r != R_OK -> break
+	   :: else -> skip
+	   fi;
+	   DRAIN_THEN_LOOK(t = turn);          /* drain, then LOAD-ACQUIRE turn */
+	   if
+	   :: t != KUP_TURN_KERNEL -> r = R_OK; break
+	   :: else -> skip
+	   fi;
+	   u_state(r);                         /* wait_turn(c, 0) */
+	   if
+	   :: r != R_OK -> break
+	   :: else -> skip                     /* KUP_E_NOTREADY: poll again */
+	   fi
+	od
+}
+
 /* take_kernel_msg(), after wait_turn() saw the turn */
 inline u_read(r)
 {
@@ -588,9 +652,10 @@ proctype User()
 	int t;
 	bit w;
 
+	U_SETUP();
 	{
 		do
-		:: u_wait_turn(r);
+		:: U_WAIT(r);
 		   if
 		   :: r != R_OK ->
 			u_stopped = 1;  /* @reach:user_wait_stop */
@@ -598,6 +663,7 @@ proctype User()
 		   :: else -> skip
 		   fi;
 		   u_read(r);
+		   U_AFTER_TAKE
 		   assert(r == R_OK);               /* honest kernel */
 		   if
 		   :: r != R_OK -> u_stopped = 1; break

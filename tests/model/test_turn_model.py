@@ -210,7 +210,7 @@ def _reach_tags() -> dict[str, int]:
 
 def _sleep_lines() -> set[int]:
     tags = _reach_tags()
-    return {tags["ksleep"], tags["usleep"]}
+    return {tags["ksleep"], tags["usleep"], tags["upoll"]}
 
 
 def assert_verified(res: PanResult) -> None:
@@ -261,6 +261,7 @@ BASE: tuple[str, ...] = ()
 DEATH = ("-DDEATH", "-DREATTACH")
 SHUTDOWN = ("-DSHUTDOWN",)
 BOTH = ("-DDEATH", "-DREATTACH", "-DSHUTDOWN")
+POLL = ("-DPOLL_MODE",)
 
 KERNEL_HS = ("wake", "krecheck", "ksleep")
 USER_HS = ("wake", "urecheck", "usleep")
@@ -290,6 +291,15 @@ SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
             "Unload": ("wake",),
         },
     ),
+    "poll_mode": (POLL, {"Kernel": (*KERNEL_HS, "close"), "User": ("self_wake", "upoll")}),
+    "poll_mode_death": (
+        (*POLL, *DEATH),
+        {"Kernel": ("ksleep", "enter_peer"), "User": ("death", "upoll")},
+    ),
+    "poll_mode_shutdown": (
+        (*POLL, *SHUTDOWN),
+        {"Kernel": ("enter_shutdown",), "User": ("upoll", "user_wait_stop", "user_send_shutdown")},
+    ),
     "death_and_shutdown": (
         BOTH,
         {
@@ -315,6 +325,8 @@ LTL_CASES: list[tuple[str, tuple[str, ...], str]] = [
     *(("death", DEATH, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     *(("shutdown", SHUTDOWN, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     ("spurious", ("-DSPURIOUS",), "terminate"),
+    *(("poll_mode", POLL, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
+    ("poll_mode_shutdown", (*POLL, *SHUTDOWN), "terminate"),
     # NMSG=2 (one full round, then CLOSE) keeps this, the largest run, short
     ("death_and_shutdown", (*BOTH, "-DNMSG=2"), "terminate"),
 ]
@@ -355,6 +367,8 @@ LOST_WAKEUP_CASES: dict[str, tuple[str, ...]] = {
     "early_wake_lost": ("-DBROKEN_EARLY_WAKE_LOST",),
     "shutdown_no_wake": ("-DSHUTDOWN", "-DBROKEN_SHUTDOWN_NO_WAKE"),
     "detach_no_wake": ("-DDEATH", "-DBROKEN_DETACH_NO_WAKE"),
+    "poll_no_self_wake": (*POLL, "-DBROKEN_POLL_NO_SELF_WAKE"),
+    "poll_late_drain": (*POLL, "-DBROKEN_POLL_LATE_DRAIN"),
 }
 
 
