@@ -3,7 +3,9 @@ channel's fd plus ``try_receive`` -- no thread per channel, no busy loop.
 
 The fd is a hint (the turn may have come back, or the device is shutting
 down); the control page is the truth, so every wake-up re-checks with
-``try_receive``.  Each wait also re-checks once per ``SAFETY_SLICE`` seconds
+``try_receive`` (which, in libkup's poll mode, also consumes the wake-ups
+that made the fd readable, so a stale wake-up cannot make the loop spin).
+Each wait also re-checks once per ``SAFETY_SLICE`` seconds
 even without a wake-up, so a lost wake-up could only ever delay a reply,
 never hang it; an idle waiter costs one cheap check per slice.
 """
@@ -11,35 +13,14 @@ never hang it; an idle waiter costs one cheap check per slice.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Sequence
 
 from kupd import errors
 from kupd.channel import Channel, Message
 
-__all__ = ["SAFETY_SLICE", "drain_wakeups", "wait_message"]
+__all__ = ["SAFETY_SLICE", "wait_message"]
 
 SAFETY_SLICE = 5.0
-
-
-def drain_wakeups(fd: int) -> None:
-    """Consume pending wake-ups on a kupsim channel's eventfd.
-
-    libkup's non-blocking receive does not drain the wake-up eventfd, so
-    after one hand-over it would poll readable forever and an event loop
-    would spin.  Draining BEFORE re-checking the turn cannot lose a wake-up:
-    the channel is in poll mode (the kernel wakes us on every hand-over).
-    Only a non-blocking eventfd is touched (the kernel backends' fds need
-    no draining).
-    """
-    try:
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
-            return
-        if not os.get_blocking(fd):
-            while True:
-                os.read(fd, 8)
-    except (BlockingIOError, OSError):
-        return
 
 
 async def wait_message(
@@ -76,8 +57,6 @@ async def wait_message(
             await asyncio.wait(waiters, timeout=slice_, return_when=asyncio.FIRST_COMPLETED)
         finally:
             loop.remove_reader(fd)
-        if woke.done():
-            drain_wakeups(fd)
         for abort in aborts:
             if abort is not None and abort.done():
                 exc = abort.exception() if not abort.cancelled() else None
