@@ -86,6 +86,42 @@ def test_two_threads_progress_concurrently(echo_sim: KupSim) -> None:
     print(f"round trips on B during A's three blocked receives: {during_a_waits}")
 
 
+def test_many_threads_share_one_device(echo_sim: KupSim) -> None:
+    """16 threads attach "any" channel of one Device at once and converse;
+    every thread gets its own channel and only its own replies."""
+    dev = Device.open(echo_sim.device_path("echo"))
+    barrier = threading.Barrier(16)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait(T)
+            with dev.channel() as ch:
+                ids.append(ch.id)
+                opened(ch)
+                for i in range(100):
+                    data = b"T%d#%d" % (n, i)
+                    ch.send(data)
+                    reply = ch.receive(timeout=T)
+                    assert reply.data == data and reply.seq == i + 2, (n, i, reply)
+                info = dev.info()  # device calls from many threads at once
+                assert ch.id in info.attached
+        except BaseException as e:
+            errors.append(e)
+
+    with dev:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors
+        assert len(set(ids)) == 16
+        assert dev.info().attached == ()
+
+
 def test_same_channel_from_two_threads_is_busy(echo_sim: KupSim) -> None:
     """While one thread is inside receive(), another thread using the same
     channel gets Busy (libkup allows one thread per channel at a time), and
