@@ -138,6 +138,9 @@ def test_async_client(kupd: Kupd) -> None:
             await c.lease_pass(lease.lease_id)
             assert (await c.lease_receive(lease.lease_id)).kind == Kind.PASS
             await c.release(lease.lease_id)
+            async for ev in c.watch("echo", initial_state=True):
+                assert ev.initial and ev.device == "echo"
+                break
 
     asyncio.run(main())
 

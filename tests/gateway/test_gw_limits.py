@@ -100,3 +100,17 @@ def test_metrics_on_loopback(sim: KupSim, start_kupd: StartKupd) -> None:
     assert 'kupd_messages_total{channel="9",device="echo",direction="from_kernel"} 1.0' in body
     assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""}' in body
     assert k.terminate() == 0
+
+
+def test_session_limit_is_resource_exhausted(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim, "--max-sessions", "2")
+    with k.client() as c:
+        h = c.open("echo")
+        with h.channel(), h.channel():
+            with pytest.raises(errors.ResourceExhausted, match="max_sessions=2"):
+                h.channel()
+            with pytest.raises(errors.ResourceExhausted):
+                c.attach("echo")
+        with h.channel() as ch:  # freed again
+            assert ch.receive().kind == Kind.PASS
+    assert k.terminate() == 0
