@@ -167,6 +167,7 @@ static PyObject *
 kupchan_open(PyObject *mod, PyObject *arg)
 {
 	const char *name;
+	Py_ssize_t len;
 	void *h;
 	int code, sys_errno;
 	DeviceObject *d;
@@ -177,10 +178,10 @@ kupchan_open(PyObject *mod, PyObject *arg)
 		    Py_TYPE(arg)->tp_name);
 		return NULL;
 	}
-	name = PyUnicode_AsUTF8(arg);
+	name = PyUnicode_AsUTF8AndSize(arg, &len);
 	if (name == NULL)
 		return NULL;
-	if (name[0] == '\0' || strlen(name) != (size_t)PyUnicode_GET_LENGTH(arg))
+	if (len == 0 || strlen(name) != (size_t)len)
 		return raise_kup(KUP_E_INVAL, 0, "open %R: empty name or NUL in name", arg);
 	Py_BEGIN_ALLOW_THREADS
 	h = kernproxy_open(name);

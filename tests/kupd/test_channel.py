@@ -56,6 +56,18 @@ def test_open_missing_device_is_notfound(echo_sim: KupSim) -> None:
         Device.open(echo_sim.device_path("nope"))
 
 
+def test_open_bad_names() -> None:
+    for bad in ("", "a\x00b"):
+        with pytest.raises(InvalidArgument, match="empty name or NUL"):
+            Device.open(bad)
+    with pytest.raises(NotFound, match="nonexistent"):
+        Device.open("/nonexistent/dir/echo.sock")
+    with pytest.raises(NotFound):
+        Device.open("/nonexistent/\u00e9.sock")  # non-ASCII is a name like any other
+    with pytest.raises(InvalidArgument, match="device name"):
+        Device.open(b"echo")  # type: ignore[arg-type]
+
+
 def test_info(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev:
         info = dev.info()
