@@ -47,8 +47,9 @@ void kup_lock(kup_lock_t *l);
 void kup_unlock(kup_lock_t *l);
 
 /* ---- memory ----------------------------------------------------------- */
-void *kup_os_zalloc(size_t bytes);          /* zeroed, may sleep; NULL on failure */
-void  kup_os_free(void *p, size_t bytes);
+/* void *kup_os_zalloc(size_t bytes);  zeroed, may sleep; NULL on failure
+ * void  kup_os_free(void *p, size_t bytes);
+ * (declared in kup_module.h, included below: modules use them too) */
 
 /* Allocate the shareable, zeroed, page-aligned memory of one channel
  * (bytes = KUP_CHAN_BYTES(page, pages)) and return its kernel address;
@@ -95,16 +96,17 @@ void kup_os_dev_withdraw(struct kupdev_softc *sc);
 void kup_os_dev_release(struct kupdev_softc *sc);
 
 /* ---- diagnostics ------------------------------------------------------ */
-void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* void kup_os_log(const char *fmt, ...);  printf-like, one line
+ * (declared in kup_module.h) */
 
-/* ---- for modules (declared again in kup_module.h) ----------------------
+/* ---- for modules (declared in kup_module.h) ----------------------------
  * void kup_os_msleep(unsigned int ms);
  * int  kup_os_param_int(const char *module, const char *name, int defval);
  * struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
  *                                        const char *name);
  * int  kup_os_thread_join(struct kup_thread *t);
  * See kmod/include/kup_module.h for their contract. */
-#include "kup_module.h"
+#include "kup_module.h"   /* kup_os_zalloc/free/log and the above */
 
 /* ======================================================================
  * What the core offers the host (implemented in kup_core.c)

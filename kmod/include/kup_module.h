@@ -27,6 +27,7 @@
 #if defined(__KERNEL__)
 #include <linux/errno.h>
 #elif defined(_KERNEL)
+#include <sys/param.h>   /* NULL */
 #include <sys/errno.h>
 #else
 #include <errno.h>
