@@ -392,6 +392,10 @@ static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 	for (i = 0; i < ARRAY_SIZE(a.reserved); i++)
 		if (a.reserved[i] != 0)
 			return -EINVAL;
+	/* a caller built for another ABI learns that first, whatever else
+	 * it asked for */
+	if (a.abi_version != KUP_ABI_VERSION)
+		return -EPROTONOSUPPORT;
 	info = kmalloc(sizeof(*info), GFP_KERNEL);
 	if (info == NULL)
 		return -ENOMEM;

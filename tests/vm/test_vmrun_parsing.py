@@ -1,0 +1,57 @@
+"""Host-only checks of the VM runner's result parsing (no VM is booted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vmrun = _load("vmrun", REPO / "scripts" / "vm" / "vmrun.py")
+test_vm = _load("tests_vm_test_vm", REPO / "tests" / "vm" / "test_vm.py")
+
+
+def test_kernel_problems_finds_warnings_oopses_and_sanitizers() -> None:
+    log = "\n".join(
+        [
+            "[    1.0] kup: loaded (ABI 1)",
+            "[    2.0] kup: echo chan 3: protocol error from user: bad message kind (77, 3)",
+            "[    3.0] WARNING: CPU: 1 PID: 99 at mm/vmalloc.c:123 foo+0x1/0x2",
+            "[    3.1] Call Trace:",
+            "[    4.0] BUG: KASAN: use-after-free in kup_fop_poll+0x10/0x20",
+            "[    5.0] INFO: task kworker/0:1:42 blocked for more than 120 seconds.",
+            "[    6.0] refcount_t: underflow; use-after-free.",
+        ]
+    )
+    found = vmrun.kernel_problems(log)
+    assert len(found) == 5
+    assert not any("protocol error" in f or "loaded" in f for f in found)
+
+
+def test_clean_kernel_log_has_no_problems() -> None:
+    log = "[ 0.5] kup: loaded (ABI 1)\n[ 0.6] kup_echo: module verification failed\n"
+    assert vmrun.kernel_problems(log) == []
+
+
+def test_stage_parsing_reports_unfinished_stages() -> None:
+    log = (
+        "=== STAGE load\nok\nstage load took 1.0s\n=== RESULT load 0\n"
+        "=== STAGE kfault_basic\nFAIL: basic: x\n=== RESULT kfault_basic 1\n"
+        "=== STAGE unload\nhalf way\n"
+    )
+    st = test_vm._parse_stages(log)
+    assert st["load"].rc == 0 and "ok" in st["load"].output
+    assert st["kfault_basic"].rc == 1 and "FAIL: basic" in st["kfault_basic"].output
+    assert st["unload"].rc is None and "half way" in st["unload"].output
