@@ -13,11 +13,17 @@ verifier ``pan`` is compiled with gcc and run in a temporary directory.
   stops sleeping, waking or dying cannot pass.
 * Deliberately broken variants (a missing fence on either side, a wake-up
   object that drops early wake-ups, a missing release, a shutdown or detach
-  that forgets to wake, a detach without the channel lock) must be REPORTED
-  by SPIN, with the kind of error the bug causes; for lost wake-ups the
-  counter-example is replayed and must end with a side asleep.  If the
-  model stops being able to see these bugs, these tests fail.
-* The model's constants must match kmod/include/kup_abi.h.
+  that forgets to wake, a re-attach page reset without the channel lock, a
+  kernel that ignores the attach generation, poll mode without the self
+  wake-up or with a late drain) must be REPORTED by SPIN, with the kind of
+  error the bug causes; for lost wake-ups the counter-example is replayed
+  and must end with a side asleep.  If the model stops being able to see
+  these bugs, these tests fail.
+* The model's constants must match kmod/include/kup_abi.h, and the
+  header's protocol comment must still say what the model encodes.
+
+A missing spin or gcc is a failure (install with scripts/setup-apt.sh),
+never a skip.
 """
 
 from __future__ import annotations
