@@ -8,7 +8,8 @@ added to :data:`STEPS` without touching the earlier ones):
 2. show the device as libkup reports it;
 3. talk to echo from C: build ``kmod/examples/client/kup_client.c`` against
    ``kmod/out/libkup.a`` and run it;
-4. talk to echo from Python through :mod:`kupd.channel`;
+4. talk to echo from Python through :mod:`kupd.channel`, and show its
+   errors (TooBig, NotYourTurn, NotReady);
 5. unload the module (SIGTERM kupsim) and show that a waiting receiver sees
    EKU_SHUTDOWN.
 
@@ -169,6 +170,30 @@ def step_python_channel(ctx: DemoContext) -> None:
         say(f"  [chan {even.id}] <- {reply.kind.name} seq {reply.seq}")
 
 
+def step_errors(ctx: DemoContext) -> None:
+    from kupd.channel import Device
+
+    sim = ctx.need_sim()
+
+    def show(what: str, call: Callable[[], object]) -> None:
+        try:
+            result = call()
+        except KupError as e:
+            say(f"  {what:<28} -> {type(e).__name__} ({e.seed_name})")
+        else:
+            say(f"  {what:<28} -> {result!r}")
+
+    say()
+    say("  errors are kupd.errors exceptions, one class per KUP_E_* code:")
+    with Device.open(sim.device_path(ctx.device)) as dev, dev.channel(0) as ch:
+        ch.receive(timeout=10)
+        show(f"send({ch.max_msg + 1} bytes)", lambda: ch.send(bytes(ch.max_msg + 1)))
+        show("send('!hold') [echo keeps it]", lambda: ch.send(b"!hold"))
+        show("send('again')", lambda: ch.send(b"again"))
+        show("receive(timeout=0)", lambda: ch.receive(timeout=0))
+        show("try_receive()", ch.try_receive)
+
+
 def step_shutdown(ctx: DemoContext) -> None:
     from kupd.channel import Device
 
@@ -214,6 +239,7 @@ STEPS: list[Callable[[DemoContext], None]] = [
     step_device_info,
     step_c_client,
     step_python_channel,
+    step_errors,
     step_shutdown,
     step_gateway,  # kupd + a gRPC client conversation (kupd/demo_gateway.py)
 ]
