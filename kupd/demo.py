@@ -188,7 +188,7 @@ def step_errors(ctx: DemoContext) -> None:
     with Device.open(sim.device_path(ctx.device)) as dev, dev.channel(0) as ch:
         ch.receive(timeout=10)
         show(f"send({ch.max_msg + 1} bytes)", lambda: ch.send(bytes(ch.max_msg + 1)))
-        show("send('!hold') [echo keeps it]", lambda: ch.send(b"!hold"))
+        show("send('!hold'): kernel keeps", lambda: ch.send(b"!hold"))
         show("send('again')", lambda: ch.send(b"again"))
         show("receive(timeout=0)", lambda: ch.receive(timeout=0))
         show("try_receive()", ch.try_receive)
