@@ -76,7 +76,7 @@ def test_devices_table(kupctl: Kupctl) -> None:
     row = next(line.split() for line in out.splitlines() if line.startswith("echo "))
     assert row[1] == "ok"
     assert row[3] == "128"  # channels
-    assert row[-1] == "2"  # call pool
+    assert row[7:] == ["2", "0", "0"]  # call pool, calls in flight, queued
     assert "echo: channels 2 calls" in out
 
 

@@ -254,7 +254,18 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     out.line(
         table(
-            ["DEVICE", "STATE", "ABI", "CHANNELS", "ANNOUNCED", "PAGES", "MAX_MSG", "CALL_POOL"],
+            [
+                "DEVICE",
+                "STATE",
+                "ABI",
+                "CHANNELS",
+                "ANNOUNCED",
+                "PAGES",
+                "MAX_MSG",
+                "CALL_POOL",
+                "CALLS",
+                "QUEUED",
+            ],
             [
                 (
                     d.name,
@@ -267,6 +278,8 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
                     d.pages_per_channel,
                     d.max_message_bytes,
                     d.call_channels,
+                    d.calls_in_flight,
+                    d.calls_queued,
                 )
                 for d in devs
             ],
