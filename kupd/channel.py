@@ -45,7 +45,10 @@ and call :meth:`Channel.try_receive` when it polls readable::
     loop = asyncio.get_running_loop()
 
     def on_readable(ch: Channel) -> None:
-        msg = ch.try_receive()          # never blocks; None: not our turn yet
+        try:
+            msg = ch.try_receive()      # never blocks; None: not our turn yet
+        except NotYourTurn:
+            return                      # a late wake-up for a message already taken
         if msg is not None:
             handle(ch, msg)             # e.g. resolve a future waiting for it
 
@@ -57,9 +60,10 @@ re-checks with ``try_receive``.  Spurious readiness is harmless; a
 ``None`` just means wait for the next event.  ``try_receive`` holds the GIL
 and never sleeps (a few loads of the control page, at most a non-blocking
 read of the wake-up fd), so it is cheap enough to call on every event; it
-raises :class:`~kupd.errors.Shutdown` once the device is going away, and
-:class:`~kupd.errors.NotYourTurn` if this side already holds the turn (send
-or pass first).
+raises :class:`~kupd.errors.Shutdown` once the device is going away (remove
+the reader then), and :class:`~kupd.errors.NotYourTurn` if this side
+already holds the turn and has taken the kernel's message.
+tests/kupd/test_channel_asyncio.py runs this pattern over 32 channels.
 
 The first ``fileno()`` call switches the channel into poll mode: from then
 on the kernel side signals the fd on every hand-over (one eventfd write or
