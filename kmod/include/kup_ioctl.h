@@ -19,7 +19,12 @@
  *                                           readable when the device's
  *                                           notify_gen differs from the one
  *                                           this fd last read via KUP_IOC_INFO,
- *                                           POLLHUP once shutting down
+ *                                           POLLHUP once shutting down.
+ *                                           The kernel wakes a channel's
+ *                                           pollers on a hand-over only while
+ *                                           ctrl->user_waiting is set (the
+ *                                           kup_abi.h handshake; libkup's
+ *                                           poll mode keeps it set)
  *   ioctl(fd, KUP_IOC_WAKE)                 wake the kernel side (after a
  *                                           hand-over that saw kernel_waiting)
  *   close(fd), munmap                       detach once the last reference to
