@@ -55,6 +55,7 @@ class CallPool:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change: Callable[[], None] = lambda: None
 
     # -- membership ---------------------------------------------------------
@@ -75,7 +76,11 @@ class CallPool:
         pc.state = why
         try:
             if not pc.ch.my_turn():
-                await wait_message(pc.ch, what=f"{self.device} pool channel {pc.ch.id} ({why})")
+                await wait_message(
+                    pc.ch,
+                    aborts=(self._abort,),
+                    what=f"{self.device} pool channel {pc.ch.id} ({why})",
+                )
             else:
                 pc.ch.try_receive()  # consume a pending message, if any
         except errors.KupError as exc:
@@ -213,7 +218,10 @@ class CallPool:
             self.metrics.sent(self.device, ch.id, len(data))
             t0 = time.monotonic()
             msg = await wait_message(
-                ch, timeout=timeout, what=f"call on device {self.device} channel {ch.id}"
+                ch,
+                timeout=timeout,
+                aborts=(self._abort,),
+                what=f"call on device {self.device} channel {ch.id}",
             )
             done = True
             self.metrics.turn_wait.labels(self.device).observe(time.monotonic() - t0)
@@ -239,6 +247,10 @@ class CallPool:
 
     def close(self) -> None:
         self.closed = True
+        if not self._abort.done():
+            # wakes every wait on a pool channel (a vanished host writes no wake-up)
+            self._abort.set_exception(errors.Shutdown(f"device {self.device} is going away"))
+            self._abort.exception()
         for q in self._queues.values():
             for fut in q:
                 if not fut.done():

@@ -206,3 +206,26 @@ def test_sample_config_is_valid() -> None:
     assert [(d.name, d.call_channels) for d in cfg.devices] == [("echo", 4)]
     assert cfg.socket_mode == 0o660 and cfg.metrics_port == 0
     assert cfg.lock_path == cfg.socket + ".lock"
+
+
+def test_call_in_flight_when_the_host_dies(start_kupd: StartKupd) -> None:
+    with echo_sim() as sim:
+        k = start_kupd(sim)
+        with k.client() as c:
+            result: list[object] = []
+
+            def slow_call() -> None:
+                try:
+                    result.append(c.call("echo", b"!hold", timeout=120))
+                except errors.KupError as exc:
+                    result.append(exc)
+
+            t = threading.Thread(target=slow_call)
+            t.start()
+            wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="call in flight")
+            sim.proc.kill()  # no unload, no wake-up: the host just vanishes
+            t.join(60)  # far less than the call's own 120 s deadline
+            assert not t.is_alive()
+            assert isinstance(result[0], (errors.Shutdown, errors.Unavailable)), result
+            wait_until(lambda: c.health() == "NOT_SERVING", what="NOT_SERVING")
+        assert k.terminate() == 0
