@@ -10,6 +10,7 @@ kernel keeps the turn until the user leaves or the device unloads).
 
 from __future__ import annotations
 
+import os
 import select
 
 import pytest
@@ -167,6 +168,26 @@ def test_fileno_is_quiet_after_try_receive(echo_sim: KupSim) -> None:
             r, _, _ = select.select([fd], [], [], 0)
             assert r == [], "fd still readable after the message was taken: pollers would spin"
             ch.send(b"x")
+
+
+def test_late_wakeup_while_holding_turn_is_consumed(echo_sim: KupSim) -> None:
+    """The kernel's wake-up for a hand-over can land after the user already
+    took the message (kernel preempted between storing the turn and writing
+    the eventfd).  The documented reaction -- try_receive() when the fd
+    polls readable -- must consume that readiness even though it reports
+    NotYourTurn, or an event loop spins until this side hands over again.
+    The late wake-up is simulated by writing the (kupsim eventfd) wake fd."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        fd = ch.fileno()
+        opened(ch)
+        assert roundtrip(ch, b"x").data == b"x"  # we hold the turn, message taken
+        os.write(fd, (1).to_bytes(8, "little"))  # the late wake-up
+        r, _, _ = select.select([fd], [], [], 0)
+        assert r == [fd]
+        with pytest.raises(NotYourTurn):
+            ch.try_receive()
+        r, _, _ = select.select([fd], [], [], 0)
+        assert r == [], "readiness not consumed: an event loop would spin"
 
 
 def test_receive_deadline(echo_sim: KupSim) -> None:
