@@ -229,3 +229,14 @@ def test_call_in_flight_when_the_host_dies(start_kupd: StartKupd) -> None:
             assert isinstance(result[0], (errors.Shutdown, errors.Unavailable)), result
             wait_until(lambda: c.health() == "NOT_SERVING", what="NOT_SERVING")
         assert k.terminate() == 0
+
+
+def test_restart_after_sigkill_reuses_the_stale_socket(sim: KupSim, start_kupd: StartKupd) -> None:
+    first = start_kupd(sim)
+    first.proc.kill()
+    first.proc.wait(30)
+    assert os.path.exists(first.socket)  # left behind by the killed instance
+    second = start_kupd(sim, socket=first.socket)  # the lock died with its holder
+    with second.client() as c:
+        assert c.call("echo", b"5", timeout=10).data == b"5"
+    assert second.terminate() == 0
