@@ -255,6 +255,20 @@ test_basic(void)
 	CHECK(c.a.map_size == (uint64_t)c.a.page_size * (1 + 2 * c.a.dev_pages),
 	    "map size");
 	echo_round(&c, "hello kernel", "hello kernel");
+	{
+		struct pollfd p = { .fd = c.fd, .events = POLLIN };
+		char buf[64];
+		size_t len;
+
+		/* a reply that comes later wakes the sleeping poller */
+		send_msg(&c, KUP_KIND_DATA, "!delay", 6);
+		CHECK(recv_msg(&c, buf, sizeof(buf), &len) == KUP_KIND_DATA &&
+		    len == 6 && memcmp(buf, "!delay", 6) == 0, "delayed echo");
+		/* a kernel that keeps the turn: the fd is not readable */
+		send_msg(&c, KUP_KIND_DATA, "!hold", 5);
+		CHECK(poll(&p, 1, 0) == 0, "readable while the kernel holds the turn "
+		    "(revents 0x%x)", p.revents);
+	}
 	chan_open(&c1, 1);
 	echo_round(&c1, "hello kernel", "HELLO KERNEL");
 
