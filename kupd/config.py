@@ -64,6 +64,13 @@ class Config:
     keepalive_time: float = 20.0
     keepalive_timeout: float = 10.0
     log_level: str = "info"
+    #: Root-only socket of the Admin service ("" : none).  See docs/security.md.
+    admin_socket: str = ""
+    #: Audit log of policy denials, one JSON line each ("" : kupd's log only).
+    audit_log: str = ""
+    #: [[tenant]] tables (kupd.policy.Tenant); none: ``socket`` serves one
+    #: tenant "default" with everything allowed.
+    tenants: tuple[Any, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,6 +151,8 @@ _TOP = {
     "keepalive_time": float,
     "keepalive_timeout": float,
     "log_level": str,
+    "admin_socket": str,
+    "audit_log": str,
 }
 
 
@@ -153,7 +162,7 @@ def parse_config(data: dict[str, Any]) -> Config:
 
 
 def _build(data: dict[str, Any]) -> Config:
-    unknown = set(data) - set(_TOP) - {"device"}
+    unknown = set(data) - set(_TOP) - {"device", "tenant"}
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown key")
     values: dict[str, Any] = {}
@@ -180,6 +189,10 @@ def _build(data: dict[str, Any]) -> Config:
         if n in names[:i]:
             raise ConfigError(f"device[{i}].name", f"duplicate device {n!r}")
     values["devices"] = devices
+    if "tenant" in data:
+        from kupd.policy import parse_tenants  # policy imports ConfigError from here
+
+        values["tenants"] = parse_tenants(data["tenant"], names)
     return Config(**values)
 
 
@@ -211,6 +224,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("log_level", f"must be one of {levels}, not {cfg.log_level!r}")
     if not cfg.devices:
         raise ConfigError("device", "at least one [[device]] (or --device) is required")
+    if cfg.admin_socket and not cfg.admin_socket.startswith("/"):
+        raise ConfigError("admin_socket", f"must be an absolute path, not {cfg.admin_socket!r}")
+    for i, t in enumerate(cfg.tenants):
+        if t.socket in (cfg.socket, cfg.admin_socket):
+            raise ConfigError(f"tenant[{i}].socket", f"{t.socket} is kupd's own socket")
+        for g in t.grants or ():
+            if cfg.device(g.device) is None:
+                raise ConfigError(f"tenant[{i}].grant", f"no [[device]] named {g.device!r}")
     return cfg
 
 
