@@ -479,8 +479,13 @@ kup_os_dev_wake_user(struct kupdev_softc *sc)
 	info = malloc(sizeof(*info), M_KUP, M_WAITOK | M_ZERO);
 	kup_core_info(sc, info);
 	mtx_lock(&od->mtx);
-	atomic_store_64(&od->notify_gen, info->notify_gen);
-	atomic_store_int(&od->shutdown, info->shutting_down != 0);
+	/* Both only ever grow; two racing callers must not let the older
+	 * snapshot win (a stale notify_gen would keep every watcher that
+	 * already read the newer one readable). */
+	if (info->notify_gen > od->notify_gen)
+		atomic_store_64(&od->notify_gen, info->notify_gen);
+	if (info->shutting_down != 0)
+		atomic_store_int(&od->shutdown, 1);
 	LIST_FOREACH(f, &od->files, link) {
 		mtx_lock(&f->mtx);
 		kup_fb_file_notify_locked(f);
