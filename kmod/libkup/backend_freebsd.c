@@ -76,6 +76,14 @@ kfb_open_path(const char *path, int *fdp)
 	struct stat st;
 	int fd, e;
 
+	/* Only a character device can be a KUP device.  Anything else -- a
+	 * kupsim socket path (open(2) would fail with EOPNOTSUPP), a FIFO
+	 * (open would block), a regular file -- is "not ours", so that
+	 * libkup falls back to its next backend. */
+	if (stat(path, &st) != 0)
+		return kfb_err(errno);
+	if (!S_ISCHR(st.st_mode))
+		return KUP_E_NOENT;
 	fd = open(path, O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		return kfb_err(errno);
@@ -86,7 +94,7 @@ kfb_open_path(const char *path, int *fdp)
 	}
 	if (!S_ISCHR(st.st_mode)) {
 		close(fd);
-		return KUP_E_NOENT;   /* a file, not a KUP device node */
+		return KUP_E_NOENT;   /* replaced since the stat */
 	}
 	*fdp = fd;
 	return KUP_E_OK;
