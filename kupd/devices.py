@@ -57,6 +57,7 @@ class ManagedDevice:
         self._announced_seen = -1
         self._shutdown_seen = False
         self._pool_filling = False
+        self.fill_task: asyncio.Future[Any] | None = None
         #: callbacks run when the device goes away (sessions/leases end)
         self.on_gone: list[Callable[[ManagedDevice, errors.KupError], None]] = []
 
@@ -247,7 +248,7 @@ class ManagedDevice:
         if self._pool_filling or self.cfg.call_channels <= len(self.pool.channels):
             return
         self._pool_filling = True
-        self.mgr.spawn(self._fill_pool_task())
+        self.fill_task = self.mgr.spawn(self._fill_pool_task())
 
     async def _fill_pool_task(self) -> None:
         try:
@@ -304,7 +305,7 @@ class DeviceManager:
         self.closing = False
         self.executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="kupd-dev")
         self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         if config.kupsim_dir:
             os.environ["KUPSIM_DIR"] = config.kupsim_dir
@@ -319,12 +320,13 @@ class DeviceManager:
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def spawn(self, coro: Any) -> asyncio.Future[Any]:
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", error=repr(task.exception()))
@@ -341,6 +343,9 @@ class DeviceManager:
 
     async def start(self) -> None:
         await asyncio.gather(*(d.try_open() for d in self.devices.values()))
+        # Ready means ready: the Call pools of the devices present are filled.
+        fills = [d.fill_task for d in self.devices.values() if d.fill_task is not None]
+        await asyncio.gather(*fills, return_exceptions=True)
         self._monitor = asyncio.ensure_future(self._monitor_loop())
 
     async def _monitor_loop(self) -> None:

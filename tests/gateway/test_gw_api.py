@@ -44,8 +44,12 @@ def test_list_devices_reports_geometry_and_channel_states(client: Client) -> Non
         assert by_id[7].state == "session" and by_id[7].lease_id == ch.lease.lease_id
         assert by_id[9].state == "lease" and by_id[9].lease_id == lease.lease_id
         client.release(lease.lease_id)
-    by_id = {c.id: c for c in client.devices("echo")[0].channels}
-    assert by_id[7].state == "free" and by_id[9].state == "free"
+
+    def both_free() -> bool:  # the host notices the detach asynchronously
+        by_id = {c.id: c for c in client.devices("echo")[0].channels}
+        return by_id[7].state == "free" and by_id[9].state == "free"
+
+    wait_until(both_free, what="channels 7 and 9 free again")
 
 
 def test_session_send_receive_pass(client: Client) -> None:
