@@ -469,15 +469,16 @@ kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
 		return -1;
 	if (msg == NULL)
 		return fail(&c->h, KUP_E_INVAL);
+	/* poll mode: consume the wake-ups that made the fd readable before
+	 * looking at anything (a later hand-over wakes us again), so that the
+	 * fd does not stay readable after a spurious or late wake-up, whatever
+	 * this call answers (an event loop would spin otherwise) */
+	if (c->poll_mode)
+		c->ops->drain(&c->b);
 	if ((r = chan_state(c)) != KUP_E_OK)
 		return fail(&c->h, r);
 	if (c->uturn == UT_USER_CONSUMED)
 		return fail(&c->h, KUP_E_NOTTURN);
-	/* poll mode: consume the wake-ups that made the fd readable before
-	 * looking at the turn (a later hand-over wakes us again), so that the
-	 * fd does not stay readable after a spurious wake-up */
-	if (c->poll_mode)
-		c->ops->drain(&c->b);
 	r = wait_turn(c, timeout_ms);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);

@@ -220,6 +220,17 @@ sc_nonblocking(void)
 	CHECK_EQ(poll(&pf, 1, 10000), 1);
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
 	CHECK_EQ(m.len, 6);
+	/* holding the turn, message taken: the fd is quiet, and a late
+	 * wake-up is consumed by the (NOTTURN) receive it provokes */
+	CHECK_EQ(poll(&pf, 1, 0), 0);
+	{
+		uint64_t one = 1;
+		CHECK_EQ(write(fd, &one, sizeof(one)), (ssize_t)sizeof(one));
+	}
+	CHECK_EQ(poll(&pf, 1, 0), 1);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	CHECK_EQ(poll(&pf, 1, 0), 0);
 	kernproxy_close(c);
 	kernproxy_close(d);
 	printf("OK nonblocking\n");
