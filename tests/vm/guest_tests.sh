@@ -125,6 +125,17 @@ stage_unload() {
 		sleep 0.1; i=$((i+1))
 	done
 	[ -f "$d/attached" ] || { cat "$d/out"; echo "holder never attached"; return 1; }
+	# and traffic in full flow on four more channels while the module goes
+	tpids=""
+	for ch in 40 41 42 43; do
+		"$BINDIR/kup_kfault" traffic "$d" $ch > "$d/traffic-$ch" 2>&1 &
+		tpids="$tpids $!"
+	done
+	for ch in 40 41 42 43; do
+		i=0
+		while [ ! -f "$d/running-$ch" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+		[ -f "$d/running-$ch" ] || { cat "$d/traffic-$ch"; echo "no traffic on $ch"; return 1; }
+	done
 	rmmod kup_rot13
 	rmmod kup_echo          # must succeed while user space is attached
 	echo "kup_echo unloaded while attached"
@@ -134,6 +145,11 @@ stage_unload() {
 		sleep 0.1; i=$((i+1))
 	done
 	grep -q 'saw shutdown' "$d/out" || { cat "$d/out"; echo "holder never saw shutdown"; return 1; }
+	for p in $tpids; do
+		rc=0; wait "$p" || rc=$?
+		[ $rc -eq 0 ] || { cat "$d"/traffic-*; echo "a traffic process failed ($rc)"; return 1; }
+	done
+	cat "$d"/traffic-*
 	if rmmod kup 2>/dev/null; then
 		echo "kup.ko unloaded while a mapping of its device was alive"
 		return 1

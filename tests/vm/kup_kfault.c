@@ -5,7 +5,8 @@
  * ioctl ABI (kup_ioctl.h) and its own minimal user side of the turn
  * protocol, so it can also break the protocol on purpose.
  *
- *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR
+ *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR |
+ *              traffic DIR CHAN
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -558,6 +559,52 @@ test_unload_hold(const char *dir)
 	printf("unload-hold: ok\n");
 }
 
+/* Echo round trips on one channel as fast as possible until the device
+ * shuts down under us (the script unloads the module meanwhile); then the
+ * shutdown must be visible (POLLHUP, KUP_STATE_SHUTDOWN) and nothing may
+ * have been corrupted on the way.  DIR/running-<chan> tells the script
+ * that traffic flows. */
+static void
+test_traffic(const char *dir, uint32_t chan_id)
+{
+	char path[512], msg[64], buf[64];
+	struct chan c;
+	unsigned long i;
+	size_t len;
+	short ev;
+	int fd;
+
+	g_test = "traffic";
+	chan_open(&c, chan_id);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	for (i = 0;; i++) {
+		int n = snprintf(msg, sizeof(msg), "%lu", i);  /* digits: any channel */
+
+		send_msg(&c, KUP_KIND_DATA, msg, (uint32_t)n);
+		ev = wait_user_turn(&c);
+		if (ev & POLLHUP)
+			break;
+		CHECK(ev == POLLIN, "poll events 0x%x", ev);
+		len = c.ctrl->k2u.len;
+		CHECK(c.ctrl->k2u.seq == c.k2u_seq + 1 && len == (size_t)n &&
+		    memcmp(c.mem + c.a.page_size, msg, len) == 0,
+		    "round %lu: wrong reply (seq %llu len %zu)", i,
+		    (unsigned long long)c.ctrl->k2u.seq, len);
+		c.k2u_seq++;
+		if (i == 100) {
+			snprintf(path, sizeof(path), "%s/running-%u", dir, chan_id);
+			fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+			CHECK(fd >= 0, "create %s", path);
+			close(fd);
+		}
+		CHECK(i < 100000000UL, "the device never shut down");
+	}
+	CHECK(c.ctrl->state & KUP_STATE_SHUTDOWN, "POLLHUP without SHUTDOWN (0x%x)",
+	    c.ctrl->state);
+	chan_close(&c);
+	printf("traffic %u: %lu round trips, then shutdown\n", chan_id, i);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -572,9 +619,12 @@ main(int argc, char **argv)
 		test_hostile();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
+	else if (argc == 4 && strcmp(argv[1], "traffic") == 0)
+		test_traffic(argv[2], (uint32_t)strtoul(argv[3], NULL, 10));
 	else {
 		fprintf(stderr,
-		    "usage: kup_kfault basic|mmap|sigkill|hostile|unload-hold DIR\n");
+		    "usage: kup_kfault basic|mmap|sigkill|hostile|unload-hold DIR|"
+		    "traffic DIR CHAN\n");
 		return 2;
 	}
 	return 0;
