@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     from kupd.server import AlreadyRunning, Server  # needs the C extension
 
     log = get_logger("kupd.daemon")
@@ -97,6 +97,10 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    # SIGHUP: re-read the config (flags re-applied) and swap the tenant policy.
+    if args is not None:
+        server.reload_source = lambda: config_from_args(args)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.mgr.spawn(server.reload_logged()))
     await server.wait_stopped()
     return 0
 
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure(config.log_level)
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, args))
     except OSError as exc:
         print(f"kupd: {exc}", file=sys.stderr)
         return 1

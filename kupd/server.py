@@ -11,25 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
+from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
-from kupd.config import Config
+from kupd.audit import AuditLog
+from kupd.config import Config, load_config
 from kupd.devices import DeviceManager
 from kupd.log import get_logger
 from kupd.metrics import Metrics
+from kupd.policy import Guard, Policy
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
+from kupd.tenants import SocketSet, endpoints_for
 from kupd.watch import Event, EventBus, EventType
 
 __all__ = ["AlreadyRunning", "Server", "server_options"]
@@ -81,7 +85,6 @@ class Server:
         self.metrics_port = 0
         self.bus = EventBus()
         self._lock_fd = -1
-        self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self._drain_task: asyncio.Task[None] | None = None
@@ -90,8 +93,17 @@ class Server:
             config, self.bus, self.metrics, MAX_GRPC_MESSAGE, on_health=self._health_changed
         )
         self.leases = LeaseTable(self.mgr, config.lease_idle_timeout, config.max_sessions)
-        self.service = KupService(config, self.mgr, self.leases, self.bus, self.metrics, self.drain)
+        self.audit = AuditLog(config.audit_log)
+        self.guard = Guard(Policy(config.tenants), self.audit)
+        self.service = KupService(
+            config, self.mgr, self.leases, self.bus, self.metrics, self.drain, self.guard
+        )
         self.health = _Health(self)
+        self.sockets: SocketSet | None = None
+        self._reload_lock = asyncio.Lock()
+        #: Re-reads the configuration for a reload (the daemon sets one that
+        #: re-applies its command-line flags); default: the same file.
+        self.reload_source: Callable[[], Config] = self._read_config_again
 
     # -- start ---------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -135,37 +147,83 @@ class Server:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_address)
         await self.mgr.start()
         self.leases.start()
-        server = grpc.aio.server(options=server_options(cfg))
-        kup_pb2_grpc.add_KupServicer_to_server(self.service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        from kupd.admin import AdminService
+
+        # One grpc.aio server per socket (the tenant is the socket): kupd.tenants.
+        self.sockets = SocketSet(
+            server_options(cfg), self.service, self.health, lambda: AdminService(self)
         )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cfg.socket)  # stale: we hold the lock, nobody serves it
-        old = os.umask(0o177)  # the socket is born 0600, then opened up to socket_mode
-        try:
-            port = server.add_insecure_port("unix:" + os.path.abspath(cfg.socket))
-            if port == 0:
-                raise OSError(f"cannot bind unix socket {cfg.socket}")
-            await server.start()
-        finally:
-            os.umask(old)
-        os.chmod(cfg.socket, cfg.socket_mode)
-        self._grpc = server
+        await self.sockets.start(endpoints_for(cfg))
         await self._update_health()
         log.info(
             "kupd ready",
             socket=cfg.socket,
+            tenants=[t.name for t in cfg.tenants],
+            admin_socket=cfg.admin_socket,
             devices=[d.name for d in cfg.devices],
             pid=os.getpid(),
             metrics_port=self.metrics_port,
         )
+
+    # -- reload --------------------------------------------------------------
+    def _read_config_again(self) -> Config:
+        path = self.config.extra.get("path")
+        if not path:
+            return self.config
+        return load_config(path, {"socket": self.config.socket})
+
+    async def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the config and swap the tenant policy atomically; the
+        tenants served and the lease ids the new policy forbade (ended with
+        PERMISSION_DENIED).  ConfigError: nothing changed."""
+        async with self._reload_lock:
+            new = self.reload_source()  # ConfigError propagates: the old policy stays
+            ignored = [
+                k
+                for k in ("socket", "devices", "kupsim_dir", "admin_socket", "audit_log")
+                if getattr(new, k) != getattr(self.config, k)
+            ]
+            if ignored:
+                log.warning("reload: these keys need a restart", keys=ignored)
+            self.guard.policy = Policy(new.tenants)  # one assignment: the swap
+            self.config = dataclasses.replace(self.config, tenants=new.tenants)
+            ended: list[str] = []
+            for lease in list(self.leases.leases.values()):
+                rule = self.guard.still_allowed(
+                    lease.tenant, lease.holder, lease.dev.name, lease.ch.id
+                )
+                if rule:
+                    ended.append(lease.id)
+                    self.guard.record(lease.tenant, lease.holder, lease.dev.name, lease.ch.id, rule)
+                    self.leases.end(
+                        lease,
+                        "policy reload",
+                        errors.PermissionDenied(
+                            f"tenant {lease.tenant}: rule {rule}: the reloaded policy no longer "
+                            f"allows {lease.holder} on device {lease.dev.name} "
+                            f"channel {lease.ch.id}"
+                        ),
+                    )
+            if self.sockets is not None:
+                added, removed = await self.sockets.apply(endpoints_for(self.config))
+            else:
+                added, removed = [], []
+            names = [t.name for t in new.tenants] or ["default"]
+            log.info(
+                "config reloaded",
+                tenants=names,
+                sessions_ended=len(ended),
+                sockets_added=added,
+                sockets_removed=removed,
+            )
+            return names, ended
+
+    async def reload_logged(self) -> None:
+        """SIGHUP: reload; a bad file is logged and the running policy stays."""
+        try:
+            await self.reload()
+        except (ValueError, OSError) as exc:
+            log.error("reload refused; the running policy stays", error=str(exc))
 
     # -- health --------------------------------------------------------------
     def _health_changed(self) -> None:
@@ -223,8 +281,8 @@ class Server:
                 )
             self.leases.end_all("shutdown", errors.Shutdown("kupd is shutting down"))
             self.bus.close()  # watchers saw the leases go; their streams end UNAVAILABLE
-            if self._grpc is not None:
-                await self._grpc.stop(grace=1.0)
+            if self.sockets is not None:
+                await self.sockets.stop(grace=1.0)
         finally:
             await self._cleanup()
             log.info("kupd stopped")
@@ -235,9 +293,9 @@ class Server:
         await self.mgr.close()
         self.metrics.close()
         cfg = self.config
-        if self._grpc is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.socket)
+        if self.sockets is not None:
+            self.sockets.unlink_all()
+        self.audit.close()
         if cfg.pid_path and self._lock_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.pid_path)

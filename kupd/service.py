@@ -26,6 +26,7 @@ from kupd.config import Config
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
+from kupd.policy import Guard, Tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import Event, EventBus, EventType
 
@@ -142,8 +143,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         bus: EventBus,
         metrics: Metrics,
         drain: asyncio.Future[None],
+        guard: Guard | None = None,
     ) -> None:
         self.config = config
+        #: Tenant policy (kupd.policy): every check and denial goes through it.
+        self.guard = guard or Guard()
         self.mgr = mgr
         self.leases = leases
         self.bus = bus
@@ -226,10 +230,27 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def ListDevices(
         self, request: kup_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ListDevicesResponse:
-        devs = [self.mgr.get(request.device)] if request.device else self.mgr.devices.values()
+        from kupd.tenants import scope_device_pb
+
+        t = self.guard.tenant()
+        if request.device:
+            devs = [self.mgr.get(request.device)]
+            if not t.may_see(request.device):
+                self.guard.deny(
+                    t,
+                    "list",
+                    request.device,
+                    None,
+                    "grant",
+                    f"device {request.device!r} is not granted",
+                )
+        else:
+            devs = [d for d in self.mgr.devices.values() if t.may_see(d.name)]
         for d in devs:
             await d.refresh()  # a fresh snapshot (and notices a device gone)
-        return kup_pb2.ListDevicesResponse(devices=[self._device_pb(d) for d in devs])
+        return kup_pb2.ListDevicesResponse(
+            devices=[scope_device_pb(self._device_pb(d), t, self.guard.owner_of) for d in devs]
+        )
 
     # ---------------------------------------------------------------- leases
     def _attach_pb(self, lease: Lease, idle_ms: int) -> kup_pb2.AttachResponse:
@@ -245,9 +266,37 @@ class KupService(kup_pb2_grpc.KupServicer):
         self._check_open()
         if not device:
             raise errors.InvalidArgument("attach: device is required")
-        lease = await self.leases.take(device, chan, holder)
-        bind(device=device, channel=lease.ch.id, lease=lease.id)
+        t = self.guard.tenant()
+        self.guard.check_op(t, holder, device, chan)
+        self.guard.check_drained(device)
+        mine = sum(1 for le in self.leases.leases.values() if le.tenant == t.name)
+        self.guard.check_sessions(t, holder, device, mine)
+        allowed = self.guard.channels_for(t, device)
+        if chan is None and allowed is not None:
+            lease = await self._take_granted(device, allowed, holder, t)
+        else:
+            lease = await self.leases.take(device, chan, holder)
+        lease.tenant = t.name
+        self.guard.owned(lease.id, t.name)
+        bind(device=device, channel=lease.ch.id, lease=lease.id, tenant=t.name)
         return lease
+
+    async def _take_granted(
+        self, device: str, allowed: frozenset[int], holder: str, t: Tenant
+    ) -> Lease:
+        """ "Any free channel" for a tenant granted only some channels."""
+        dev = self.mgr.get(device)
+        _, info = dev.require()
+        for cid in sorted(allowed):
+            if cid >= info.announced or cid in dev.holders or dev.pool.state_of(cid) is not None:
+                continue
+            try:
+                return await self.leases.take(device, cid, holder)
+            except errors.Busy:
+                continue
+        raise errors.Busy(
+            f"tenant {t.name}: no free channel of device {device} among the granted channels"
+        )
 
     @_unary
     async def Attach(
@@ -261,6 +310,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         if not lease_id:
             raise errors.InvalidArgument("lease_id is required")
         lease = self.leases.get(lease_id)
+        t = self.guard.tenant()
+        if lease.tenant != t.name and not t.admin:
+            self.guard.deny(
+                t,
+                "lease",
+                lease.dev.name,
+                lease.ch.id,
+                "lease-owner",
+                f"lease {lease_id} belongs to another tenant",
+            )
+        self.guard.check_op(t, "lease", lease.dev.name, lease.ch.id)
         if lease.holder != "lease":
             raise errors.Busy(f"lease {lease_id} belongs to a Session stream")
         bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
@@ -277,7 +337,11 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Send(
         self, request: kup_pb2.SendRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.SendResponse:
-        await self.leases.send(self._lease(request.lease_id), request.data)
+        lease = self._lease(request.lease_id)
+        self.guard.check_size(
+            self.guard.tenant(), "lease", lease.dev.name, lease.ch.id, len(request.data)
+        )
+        await self.leases.send(lease, request.data)
         return kup_pb2.SendResponse()
 
     @_unary
@@ -350,6 +414,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         op = req.WhichOneof("op")
         rid = req.request_id
         if op == "send":
+            self.guard.check_size(
+                self.guard.tenant(), "session", lease.dev.name, lease.ch.id, len(req.send.data)
+            )
             await self.leases.send(lease, req.send.data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
         if op == "receive":
@@ -412,8 +479,23 @@ class KupService(kup_pb2_grpc.KupServicer):
         if not request.device:
             raise errors.InvalidArgument("call: device is required")
         dev = self.mgr.get(request.device)
+        t = self.guard.tenant()
+        self.guard.begin_call(t, dev.name, len(request.data))
+        try:
+            self.guard.check_drained(dev.name)
+            return await self._call(request, context, dev, t)
+        finally:
+            self.guard.end_call(t)
+
+    async def _call(
+        self,
+        request: kup_pb2.CallRequest,
+        context: grpc.aio.ServicerContext,
+        dev: ManagedDevice,
+        t: Tenant,
+    ) -> kup_pb2.CallResponse:
         _, info = dev.require()
-        bind(device=dev.name, caller=request.caller)
+        bind(device=dev.name, caller=request.caller, tenant=t.name)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.config.call_timeout
         timeout = self._deadline_cap(context, timeout) or timeout
         self.calls_in_flight += 1
@@ -421,7 +503,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         code = "OK"
         try:
             msg, chan = await dev.pool.call(
-                request.data, timeout, request.caller or "anonymous", info.max_msg
+                request.data, timeout, self.guard.fair_key(t, request.caller), info.max_msg
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name
@@ -474,13 +556,24 @@ class KupService(kup_pb2_grpc.KupServicer):
         self._check_open()
         if request.device:
             self.mgr.get(request.device)
+        t = self.guard.tenant()
+        self.guard.check_op(t, "watch", request.device)
         initial = self._initial_events(request.device) if request.initial_state else []
+        scoped = not (t.admin or t.grants is None)
         async for ev in self.bus.subscribe(request.device, initial):
+            lease_id = ev.lease_id
+            if scoped and ev.device:
+                now = self.guard.policy.tenant(t.name)
+                chan = ev.channel if ev.lease_id else None
+                if now is None or not now.may_see(ev.device, chan):
+                    continue  # only what this tenant may use
+                if lease_id and self.guard.owner_of(lease_id) != t.name:
+                    lease_id = ""
             yield kup_pb2.WatchEvent(
                 type=ev.type,  # type: ignore[arg-type]
                 device=ev.device,
                 channel=ev.channel,
-                lease_id=ev.lease_id,
+                lease_id=lease_id,
                 holder=ev.holder,
                 announced=ev.announced,
                 notify_gen=ev.notify_gen,

@@ -38,6 +38,8 @@ class Lease:
         self.lock = asyncio.Lock()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end_reason = ""
+        #: The tenant that took it (kupd.policy; "default" without tenants).
+        self.tenant = "default"
 
     @property
     def active(self) -> bool:

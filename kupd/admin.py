@@ -1,0 +1,112 @@
+"""The kup.v1.Admin service, served only on the root-only admin socket.
+
+ListLeases / RevokeLease / Reload / DrainDevice.  Errors use the same one
+mapping as the Kup service (``kupd.service.status_for``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupd import errors
+from kupd.config import ConfigError
+from kupd.log import get_logger
+
+if TYPE_CHECKING:
+    from kupd.server import Server
+
+__all__ = ["AdminService"]
+
+log = get_logger("kupd.admin")
+
+
+class AdminService(kup_pb2_grpc.AdminServicer):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
+        from kupd.service import status_for
+
+        code, details = status_for(exc)
+        await context.abort(
+            code,
+            details,
+            trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
+        )
+
+    async def ListLeases(
+        self, request: kup_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.ListLeasesResponse:
+        now = time.monotonic()
+        out = kup_pb2.ListLeasesResponse()
+        for lease in list(self.server.leases.leases.values()):
+            tenant = getattr(lease, "tenant", "default")
+            if request.tenant and tenant != request.tenant:
+                continue
+            out.leases.add(
+                lease_id=lease.id,
+                tenant=tenant,
+                device=lease.dev.name,
+                channel=lease.ch.id,
+                holder=lease.holder,
+                idle_seconds=max(0.0, now - lease.last_used),
+            )
+        return out
+
+    async def RevokeLease(
+        self, request: kup_pb2.RevokeLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.RevokeLeaseResponse:
+        try:
+            lease = self.server.leases.get(request.lease_id)
+        except errors.KupError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+        reason = request.reason or "revoked by the admin"
+        log.info("lease revoked", lease=lease.id, reason=reason)
+        self.server.leases.end(
+            lease,
+            "revoked",
+            errors.PermissionDenied(f"lease {lease.id}: rule admin-revoke: {reason}"),
+        )
+        return kup_pb2.RevokeLeaseResponse()
+
+    async def Reload(
+        self, request: kup_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.ReloadResponse:
+        try:
+            tenants, ended = await self.server.reload()
+        except ConfigError as exc:
+            await self._abort(context, errors.InvalidArgument(f"reload refused: {exc}"))
+            raise AssertionError("unreachable") from None
+        except OSError as exc:
+            await self._abort(context, errors.SystemFailure(f"reload failed: {exc}"))
+            raise AssertionError("unreachable") from None
+        return kup_pb2.ReloadResponse(tenants=tenants, sessions_ended=ended)
+
+    async def DrainDevice(
+        self, request: kup_pb2.DrainDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.DrainDeviceResponse:
+        try:
+            dev = self.server.mgr.get(request.device)
+        except errors.KupError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+        guard = self.server.service.guard
+        out = kup_pb2.DrainDeviceResponse()
+        if request.undo:
+            guard.drained.discard(dev.name)
+            log.info("device undrained", device=dev.name)
+            return out
+        guard.drained.add(dev.name)
+        for lease in [le for le in self.server.leases.leases.values() if le.dev is dev]:
+            out.leases_ended.append(lease.id)
+            self.server.leases.end(
+                lease, "drained", errors.Shutdown(f"device {dev.name} is drained by the admin")
+            )
+        log.info("device drained", device=dev.name, leases=len(out.leases_ended))
+        return out

@@ -1,0 +1,502 @@
+"""Tenants and their policy: who may use which devices and channels, with
+which operations, under which limits.
+
+A tenant is identified by the unix socket its requests arrive on (see
+``kupd.tenants``); this module only knows names.  Configuration (TOML)::
+
+    [[tenant]]
+    name = "alice"
+    socket = "/run/kupd/t/alice.sock"
+    owner = "alice"            # user name or uid of the socket (default: kupd's)
+    group = "alice"            # group name or gid (default: kupd's)
+    mode = "0600"              # socket permission bits (default 0600)
+    ops = ["session", "lease", "call", "watch"]   # default: all four
+    max_sessions = 16          # sessions + Attach leases open at once (0: no limit)
+    max_calls_in_flight = 64   # Calls running or queued at once (0: no limit)
+    max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
+    calls_per_second = 100.0   # token bucket, burst = one second's worth (0: no limit)
+
+    [[tenant.grant]]
+    device = "echo"
+    channels = "0-15,32"       # default: every channel
+
+Every denial raises :class:`kupd.errors.PermissionDenied` or
+:class:`kupd.errors.ResourceExhausted` with a message naming the tenant and
+the rule (``ops``, ``grant``, ``channels``, ``lease-owner``,
+``max_sessions``, ...), and writes one audit line (``kupd.audit``).
+
+Without any ``[[tenant]]`` kupd serves one socket as the tenant
+``default`` with everything allowed (the behaviour before tenants).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import grp
+import pwd
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kupd import errors
+from kupd.abi import KUP_MAX_CHANNELS
+
+__all__ = [
+    "ADMIN",
+    "DEFAULT",
+    "OPS",
+    "Grant",
+    "Guard",
+    "Policy",
+    "Tenant",
+    "current_tenant",
+    "parse_channels",
+    "parse_tenants",
+    "use_tenant",
+]
+
+#: The operations a tenant may be allowed.
+OPS = ("session", "lease", "call", "watch")
+
+
+def _config_error(key: str, problem: str) -> Exception:
+    from kupd.config import ConfigError  # config imports this module lazily
+
+    return ConfigError(key, problem)
+
+
+@dataclass(frozen=True)
+class Grant:
+    device: str
+    #: None: every channel; else the granted channel ids.
+    channels: frozenset[int] | None = None
+    #: The text of the rule, for messages ("0-15,32" or "all").
+    text: str = "all"
+
+    def allows(self, chan: int) -> bool:
+        return self.channels is None or chan in self.channels
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    socket: str = ""
+    owner: int | None = None
+    group: int | None = None
+    mode: int = 0o600
+    ops: frozenset[str] = frozenset(OPS)
+    #: None: every device, every channel.
+    grants: tuple[Grant, ...] | None = None
+    max_sessions: int = 0
+    max_calls_in_flight: int = 0
+    max_message_bytes: int = 0
+    calls_per_second: float = 0.0
+    admin: bool = False
+
+    def grant(self, device: str) -> Grant | None:
+        if self.grants is None:
+            return Grant(device)
+        for g in self.grants:
+            if g.device == device:
+                return g
+        return None
+
+    def may_see(self, device: str, chan: int | None = None) -> bool:
+        g = self.grant(device)
+        return g is not None and (chan is None or g.allows(chan))
+
+
+#: The tenant of a kupd without [[tenant]] tables: everything allowed.
+DEFAULT = Tenant("default")
+#: The tenant of the admin socket: everything allowed, plus the Admin service.
+ADMIN = Tenant("admin", admin=True)
+
+_CURRENT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("kupd_tenant", default=DEFAULT)
+
+
+def current_tenant() -> Tenant:
+    """The tenant of the request being served (set per socket by kupd.tenants)."""
+    return _CURRENT.get()
+
+
+def use_tenant(t: Tenant) -> contextvars.Token[Tenant]:
+    return _CURRENT.set(t)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_channels(text: Any, key: str) -> tuple[frozenset[int], str]:
+    """``"0-15,32"`` -> ({0..15, 32}, text).  Also accepts a list of ints."""
+    if isinstance(text, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in text):
+            raise _config_error(key, f"must be a list of channel ids, not {text!r}")
+        text = ",".join(str(c) for c in text)
+    if not isinstance(text, str) or not text.strip():
+        raise _config_error(key, f"must be a range string like '0-15,32', not {text!r}")
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo_s, dash, hi_s = part.partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if dash else lo
+        except ValueError:
+            raise _config_error(key, f"bad channel range {part!r} in {text!r}") from None
+        if not 0 <= lo <= hi < KUP_MAX_CHANNELS:
+            raise _config_error(
+                key, f"channel range {part!r} must be within 0-{KUP_MAX_CHANNELS - 1}, low <= high"
+            )
+        out.update(range(lo, hi + 1))
+    return frozenset(out), text
+
+
+def _uid(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _config_error(key, f"must be a user name or uid >= 0, not {value}")
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise _config_error(key, f"no such user {value!r}") from None
+    raise _config_error(key, f"must be a user name or uid, not {value!r}")
+
+
+def _gid(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _config_error(key, f"must be a group name or gid >= 0, not {value}")
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise _config_error(key, f"no such group {value!r}") from None
+    raise _config_error(key, f"must be a group name or gid, not {value!r}")
+
+
+_TENANT_KEYS = {
+    "name",
+    "socket",
+    "owner",
+    "group",
+    "mode",
+    "ops",
+    "grant",
+    "max_sessions",
+    "max_calls_in_flight",
+    "max_message_bytes",
+    "calls_per_second",
+}
+
+
+def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
+    v = raw.get(k, 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _config_error(prefix + k, f"must be an integer >= 0, not {v!r}")
+    return v
+
+
+def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
+    prefix = f"tenant[{i}]."
+    if not isinstance(raw, dict):
+        raise _config_error(f"tenant[{i}]", "must be a table ([[tenant]])")
+    unknown = set(raw) - _TENANT_KEYS
+    if unknown:
+        known = ", ".join(sorted(_TENANT_KEYS))
+        raise _config_error(prefix + sorted(unknown)[0], f"unknown key (known: {known})")
+    name = raw.get("name")
+    if (
+        not isinstance(name, str)
+        or not name
+        or not name.replace("-", "").replace("_", "").isalnum()
+    ):
+        raise _config_error(prefix + "name", f"must be a name of [A-Za-z0-9_-], not {name!r}")
+    if name in ("admin", "default"):
+        raise _config_error(prefix + "name", f"{name!r} is reserved")
+    sock = raw.get("socket")
+    if not isinstance(sock, str) or not sock.startswith("/"):
+        raise _config_error(prefix + "socket", f"must be an absolute path, not {sock!r}")
+    owner = _uid(raw["owner"], prefix + "owner") if "owner" in raw else None
+    group = _gid(raw["group"], prefix + "group") if "group" in raw else None
+    mode_text = raw.get("mode", "0600")
+    try:
+        mode = int(mode_text, 8) if isinstance(mode_text, str) else -1
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600 or mode & 0o007:
+        raise _config_error(
+            prefix + "mode",
+            f"must be an octal string within 0770 including 0600 (no access for others), "
+            f"not {mode_text!r}",
+        )
+    ops_raw = raw.get("ops", list(OPS))
+    if not isinstance(ops_raw, list) or not all(isinstance(o, str) for o in ops_raw):
+        raise _config_error(prefix + "ops", f"must be a list of strings, not {ops_raw!r}")
+    bad = [o for o in ops_raw if o not in OPS]
+    if bad:
+        raise _config_error(
+            prefix + "ops", f"unknown operation {bad[0]!r} (known: {', '.join(OPS)})"
+        )
+    grants: list[Grant] = []
+    grants_raw = raw.get("grant", [])
+    if not isinstance(grants_raw, list):
+        raise _config_error(prefix + "grant", "must be an array of tables ([[tenant.grant]])")
+    known_devices = set(devices)
+    for j, g in enumerate(grants_raw):
+        gp = f"{prefix}grant[{j}]."
+        if not isinstance(g, dict):
+            raise _config_error(f"{prefix}grant[{j}]", "must be a table")
+        unknown = set(g) - {"device", "channels"}
+        if unknown:
+            raise _config_error(gp + sorted(unknown)[0], "unknown key (known: channels, device)")
+        dev = g.get("device")
+        if not isinstance(dev, str) or not dev:
+            raise _config_error(gp + "device", f"must be a device name, not {dev!r}")
+        if known_devices and dev not in known_devices:
+            raise _config_error(gp + "device", f"no [[device]] named {dev!r}")
+        if any(x.device == dev for x in grants):
+            raise _config_error(gp + "device", f"device {dev!r} granted twice")
+        if "channels" in g:
+            chans, text = parse_channels(g["channels"], gp + "channels")
+            grants.append(Grant(dev, chans, text))
+        else:
+            grants.append(Grant(dev))
+    cps = raw.get("calls_per_second", 0.0)
+    if isinstance(cps, bool) or not isinstance(cps, int | float) or cps < 0:
+        raise _config_error(prefix + "calls_per_second", f"must be a number >= 0, not {cps!r}")
+    return Tenant(
+        name=name,
+        socket=sock,
+        owner=owner,
+        group=group,
+        mode=mode,
+        ops=frozenset(ops_raw),
+        grants=tuple(grants),
+        max_sessions=_int(raw, "max_sessions", prefix),
+        max_calls_in_flight=_int(raw, "max_calls_in_flight", prefix),
+        max_message_bytes=_int(raw, "max_message_bytes", prefix),
+        calls_per_second=float(cps),
+    )
+
+
+def parse_tenants(raw: Any, devices: Iterable[str]) -> tuple[Tenant, ...]:
+    """Validate the ``[[tenant]]`` array; every error names its key."""
+    if not isinstance(raw, list):
+        raise _config_error("tenant", "must be an array of tables ([[tenant]])")
+    devs = list(devices)
+    out = tuple(_tenant(t, i, devs) for i, t in enumerate(raw))
+    for i, t in enumerate(out):
+        for prev in out[:i]:
+            if prev.name == t.name:
+                raise _config_error(f"tenant[{i}].name", f"duplicate tenant {t.name!r}")
+            if prev.socket == t.socket:
+                raise _config_error(
+                    f"tenant[{i}].socket", f"socket {t.socket} already used by {prev.name!r}"
+                )
+    return out
+
+
+# ---------------------------------------------------------------- the running policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An immutable snapshot: swapped as a whole on reload."""
+
+    tenants: tuple[Tenant, ...] = ()
+
+    @property
+    def multi(self) -> bool:
+        return bool(self.tenants)
+
+    def tenant(self, name: str) -> Tenant | None:
+        if name == ADMIN.name:
+            return ADMIN
+        if not self.tenants and name == DEFAULT.name:
+            return DEFAULT
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        return None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class Guard:
+    """Checks requests against the running policy, counts per-tenant usage,
+    and writes an audit line for every denial."""
+
+    policy: Policy = field(default_factory=Policy)
+    audit: Any = None  # kupd.audit.AuditLog (None: no audit file, log only)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    #: Devices drained by the admin: no new sessions, leases or Calls.
+    drained: set[str] = field(default_factory=set)
+    #: lease id -> tenant, for scoping lease ids in ListDevices / Watch
+    #: (kept for released leases too, bounded).
+    lease_owner: dict[str, str] = field(default_factory=dict)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    # -- current view ---------------------------------------------------------
+    def tenant(self) -> Tenant:
+        """The caller's tenant under the CURRENT policy (a reload may have
+        changed or removed it: a removed tenant is denied everything)."""
+        t = current_tenant()
+        if t.admin or t is DEFAULT:
+            return t
+        now = self.policy.tenant(t.name)
+        if now is None:
+            self.deny(t, "any", "", None, "tenant", "tenant removed by a reload")
+        return now  # type: ignore[return-value]
+
+    # -- denials ---------------------------------------------------------------
+    def _record(self, t: Tenant, op: str, device: str, chan: int | None, rule: str) -> None:
+        self.record(t.name, op, device, chan, rule)
+
+    def record(self, tenant: str, op: str, device: str, chan: int | None, rule: str) -> None:
+        """One audit line for a denial."""
+        if self.audit is not None:
+            self.audit.denial(tenant, op, device, chan, rule)
+
+    def deny(self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str) -> None:
+        self._record(t, op, device, chan, rule)
+        raise errors.PermissionDenied(f"tenant {t.name}: rule {rule}: {why}")
+
+    def exhaust(
+        self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str
+    ) -> None:
+        self._record(t, op, device, chan, rule)
+        raise errors.ResourceExhausted(f"tenant {t.name}: rule {rule}: {why}")
+
+    # -- checks ------------------------------------------------------------------
+    def check_op(self, t: Tenant, op: str, device: str = "", chan: int | None = None) -> None:
+        if op not in t.ops:
+            self.deny(t, op, device, chan, "ops", f"operation {op!r} is not allowed")
+        if device and t.grant(device) is None:
+            self.deny(t, op, device, chan, "grant", f"device {device!r} is not granted")
+        if device and chan is not None:
+            g = t.grant(device)
+            assert g is not None
+            if not g.allows(chan):
+                self.deny(
+                    t,
+                    op,
+                    device,
+                    chan,
+                    "channels",
+                    f"channel {chan} of device {device!r} is outside the granted channels {g.text}",
+                )
+
+    def channels_for(self, t: Tenant, device: str) -> frozenset[int] | None:
+        g = t.grant(device)
+        return None if g is None else g.channels
+
+    def check_sessions(self, t: Tenant, op: str, device: str, open_now: int) -> None:
+        if t.max_sessions and open_now >= t.max_sessions:
+            self.exhaust(
+                t,
+                op,
+                device,
+                None,
+                "max_sessions",
+                f"{open_now} sessions and leases open (limit max_sessions={t.max_sessions})",
+            )
+
+    def check_size(self, t: Tenant, op: str, device: str, chan: int | None, n: int) -> None:
+        if t.max_message_bytes and n > t.max_message_bytes:
+            self.exhaust(
+                t,
+                op,
+                device,
+                chan,
+                "max_message_bytes",
+                f"message of {n} bytes exceeds max_message_bytes={t.max_message_bytes}",
+            )
+
+    def begin_call(self, t: Tenant, device: str, n: int) -> None:
+        """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""
+        self.check_op(t, "call", device)
+        self.check_size(t, "call", device, None, n)
+        if t.calls_per_second:
+            now = time.monotonic()
+            b = self._buckets.get(t.name)
+            if b is None:
+                b = self._buckets[t.name] = _Bucket(t.calls_per_second, now)
+            b.tokens = min(t.calls_per_second, b.tokens + (now - b.stamp) * t.calls_per_second)
+            b.stamp = now
+            if b.tokens < 1.0:
+                self.exhaust(
+                    t,
+                    "call",
+                    device,
+                    None,
+                    "calls_per_second",
+                    f"more than calls_per_second={t.calls_per_second:g}",
+                )
+            b.tokens -= 1.0
+        n_in = self.in_flight.get(t.name, 0)
+        if t.max_calls_in_flight and n_in >= t.max_calls_in_flight:
+            self.exhaust(
+                t,
+                "call",
+                device,
+                None,
+                "max_calls_in_flight",
+                f"{n_in} calls in flight (limit max_calls_in_flight={t.max_calls_in_flight})",
+            )
+        self.in_flight[t.name] = n_in + 1
+
+    def end_call(self, t: Tenant) -> None:
+        n = self.in_flight.get(t.name, 1) - 1
+        if n <= 0:
+            self.in_flight.pop(t.name, None)
+        else:
+            self.in_flight[t.name] = n
+
+    def owned(self, lease_id: str, tenant: str) -> None:
+        if len(self.lease_owner) > 65536:
+            for k in list(self.lease_owner)[:32768]:
+                del self.lease_owner[k]
+        self.lease_owner[lease_id] = tenant
+
+    def owner_of(self, lease_id: str) -> str:
+        return self.lease_owner.get(lease_id, "")
+
+    def check_drained(self, device: str) -> None:
+        if device in self.drained:
+            raise errors.Shutdown(f"device {device} is drained by the admin")
+
+    def fair_key(self, t: Tenant, caller: str) -> str:
+        """The Call pool's round-robin key: the tenant when tenants are
+        configured (a tenant cannot win more turns by inventing caller
+        names), the caller otherwise (the behaviour before tenants)."""
+        if t is DEFAULT:
+            return caller or "anonymous"
+        return f"tenant:{t.name}"
+
+    def still_allowed(self, tenant_name: str, op: str, device: str, chan: int) -> str:
+        """Under the current policy: "" if ``tenant_name`` may still hold a
+        lease on ``device``/``chan`` with ``op``, else the rule that forbids it."""
+        if tenant_name in (ADMIN.name, DEFAULT.name) and not self.policy.multi:
+            return ""
+        if tenant_name == ADMIN.name:
+            return ""
+        t = self.policy.tenant(tenant_name)
+        if t is None:
+            return "tenant"
+        if op not in t.ops:
+            return "ops"
+        g = t.grant(device)
+        if g is None:
+            return "grant"
+        if not g.allows(chan):
+            return "channels"
+        return ""
