@@ -243,6 +243,33 @@ test_basic(void)
 	errno = 0;
 	CHECK(ioctl(fd, KUP_IOC_ATTACH, &a) == -1 && errno == EINVAL,
 	    "non-zero reserved field");
+	/* bad pointers are EFAULT, never a crash */
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_ATTACH, NULL) == -1 && errno == EFAULT, "ATTACH NULL");
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_INFO, (void *)16) == -1 && errno == EFAULT, "INFO bad ptr");
+	/* every other request of our ioctl type is ENOTTY, whatever the
+	 * encoded direction and size (deterministic pseudo-random sweep) */
+	{
+		static unsigned char junk[16384];
+		uint32_t x = 12345;
+		int k;
+
+		for (k = 0; k < 4000; k++) {
+			unsigned long cmd;
+
+			x = x * 1103515245U + 12345U;
+			cmd = _IOC((x >> 4) & 3U, KUP_IOC_MAGIC, (x >> 8) & 0xffU,
+			    (x >> 16) & 0x1fffU);
+			if (cmd == KUP_IOC_ATTACH || cmd == KUP_IOC_INFO ||
+			    cmd == KUP_IOC_WAKE)
+				continue;
+			memset(junk, (int)(x & 0xff), sizeof(junk));
+			errno = 0;
+			CHECK(ioctl(fd, cmd, junk) == -1 && errno == ENOTTY,
+			    "ioctl 0x%lx was not refused with ENOTTY", cmd);
+		}
+	}
 	memset(&a, 0, sizeof(a));
 	a.abi_version = KUP_ABI_VERSION;
 	a.pages = ii->pages + 1;

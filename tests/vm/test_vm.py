@@ -90,7 +90,12 @@ def _build(kver: str) -> Path:
              "-Ikmod/include"]  # fmt: skip
     _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / "kup_kfault")],
          "building tests/vm/kup_kfault.c")  # fmt: skip
-    libkup = [f"kmod/libkup/{f}" for f in ("kup.c", "backend_sim.c", "backend_linux.c")]
+    # libkup as kmod/Makefile builds it on Linux: every source but FreeBSD's backend
+    libkup = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "kmod" / "libkup").glob("*.c")
+        if p.name != "backend_freebsd.c"
+    )
     _run(
         [cc, *flags, "-pthread", "-Ikmod/core", "-Ikmod/kupsim", "-Ikmod/libkup", "-Itests/c",
          "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup, "-o", str(BIN / "test_kup")],
