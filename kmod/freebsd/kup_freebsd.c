@@ -24,22 +24,25 @@
  * is held: condition callbacks run under a mutex and only read memory.
  *
  * Lifetime:
- *   - open takes a core reference on the device; the cdevpriv destructor
- *     (last close of the file, or process death -- the kernel closes every
- *     descriptor of a dying process) detaches the channel and drops it.
- *     There is no pid polling anywhere.
+ *   - open takes a core reference on the device.  ATTACH creates an
+ *     attachment (struct kup_fb_att) referenced by the open file and, once
+ *     mapped, by the device-pager object of its mappings; the last of the
+ *     two to go detaches the channel -- the cdevpriv destructor at the last
+ *     close of the file (process death included: the kernel closes every
+ *     descriptor of a dying process), the pager destructor at the last
+ *     munmap.  There is no pid polling anywhere.
  *   - kupdev_unload -> kup_os_dev_withdraw -> destroy_dev(9): waits for the
  *     threads currently inside our cdevsw methods (none of which sleeps for
  *     long), then runs the destructor of every still-open file, so after it
  *     returns no file refers to the device any more.  Later calls on such a
  *     descriptor fail with ENXIO in devfs itself; kqueue watchers get EV_EOF
- *     (knlist_clear), poll(2) wakes up.
- *   - channel pages are an OBJT_PHYS VM object, see kup_os_chan_mem_alloc:
- *     a user mapping holds its own reference to that object, so the pages
- *     outlive the device and even this module without any code of ours
- *     being involved.  Hence unload never has to wait for munmap and never
- *     has to refuse with EBUSY because of a mapping; kupdev.ko itself
- *     refuses to unload (EBUSY) while a device created through it exists.
+ *     (knlist_clear), poll(2) wakes up.  kupdev_shutdown, which runs first,
+ *     has already woken every waiter on both sides.
+ *   - a process that still maps a channel keeps that attachment, and so
+ *     the device's memory, alive after the unload; the pages are freed with
+ *     the device at the last munmap.  Because that last munmap runs our
+ *     pager destructor, kupdev.ko refuses to unload (EBUSY) while any
+ *     channel is mapped, and while a device created through it exists.
  */
 #include <sys/param.h>
 #include <sys/systm.h>
@@ -85,10 +88,13 @@ static volatile u_int kup_fb_nthreads;
 static struct mtx kup_fb_thr_mtx;
 
 /* One open of /dev/kup/<name>: a device handle with at most one channel. */
+struct kup_fb_att;
 struct kup_fb_file {
 	struct kupdev_softc     *sc;        /* core reference held */
-	struct mtx               mtx;       /* knlist lock; ch, seen_gen, busy */
-	struct kup_chan         *ch;        /* attached channel or NULL */
+	struct mtx               mtx;       /* knlist lock; att, ch, seen_gen,
+	                                     * attaching */
+	struct kup_fb_att       *att;       /* our attachment (one reference) */
+	struct kup_chan         *ch;        /* att->ch, or NULL */
 	uint64_t                 seen_gen;  /* notify_gen last returned by INFO */
 	int                      attaching; /* an ATTACH is in progress */
 	int                      listed;    /* on kup_os_dev.files */
@@ -192,50 +198,35 @@ kup_os_log(const char *fmt, ...)
 }
 
 /* ======================================================================
- * Channel memory
+ * Channel memory and user mappings
  *
- * Why an OBJT_PHYS VM object (and not malloc + cdev_pager, or contigmalloc):
- * d_mmap_single must hand the VM system an object holding the pages.  A
- * device-pager object (cdev_pager_allocate / OBJT_SG over malloc'd memory)
- * does not own its pages: the memory would have to stay allocated, and
- * this module loaded, until the last user mapping is gone -- which we only
- * learn through pager callbacks living in this module.  An OBJT_PHYS
- * object owns ordinary, never paged-out pages; the kernel reaches them
- * through a private KVA mapping (pmap_qenter, as the kernel's own shared
- * page does), user processes map the object itself, and each mapping holds
- * a reference.  Freeing the channel only drops the kernel's reference: a
- * process that still has the pages mapped keeps them (and can only harm
- * itself), and nothing of ours runs when it finally unmaps them.  Physical
- * contiguity (contigmalloc) is not needed and would make large channels
- * (up to 2 * 4 MiB + a page) fail on fragmented memory.
+ * The pages of a channel are wired kernel memory (kmem_malloc), mapped
+ * once into the kernel; the core works on that mapping.  User space maps
+ * them through d_mmap_single, which must hand the VM system an object.
+ * Why a device-pager object (cdev_pager_allocate, OBJT_DEVICE) per
+ * attachment, and not an object that owns the pages (OBJT_PHYS / SWAP):
+ * kup_ioctl.h's contract is that an attachment ends when the last
+ * reference to it is gone -- descriptors AND mappings -- so that no
+ * process can keep writing into a channel that a later user has attached.
+ * A device-pager object tells us exactly that: its destructor runs when
+ * the last mapping of it is gone (munmap, exec, exit).  The object is
+ * keyed by the attachment, so a second mmap of the same attachment shares
+ * it, and a new attachment of the channel gets a new one.  Its fault
+ * handler hands out the physical pages of the kernel memory as fictitious
+ * pages (as the kernel's own d_mmap-based device pager does); the memory
+ * outlives every mapping because each attachment holds a reference on
+ * the device, and the core frees channel memory only with the device.
+ * The price: the destructor is code of this module, so kupdev.ko refuses
+ * to unload (EBUSY) while any such object exists.  Physical contiguity
+ * (contigmalloc) is not needed and would make large channels (up to
+ * 2 * 4 MiB + a page) fail on fragmented memory.
  * ====================================================================== */
-
-static void
-kup_fb_chan_pages_release(vm_object_t obj, size_t npages)
-{
-	vm_page_t m;
-	size_t i;
-
-	/* Drop our wiring (see kup_os_chan_mem_alloc); the object frees the
-	 * pages when its last reference (ours or a user mapping's) goes. */
-	VM_OBJECT_WLOCK(obj);
-	for (i = 0; i < npages; i++) {
-		m = vm_page_lookup(obj, (vm_pindex_t)i);
-		if (m != NULL)
-			(void)vm_page_unwire_noq(m);
-	}
-	VM_OBJECT_WUNLOCK(obj);
-	vm_object_deallocate(obj);
-}
 
 void *
 kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes)
 {
 	struct kup_os_chan *oc = kup_core_chan_os(ch);
-	vm_object_t obj;
-	vm_page_t *ma = NULL;
-	vm_offset_t kva;
-	size_t npages, i, grabbed = 0;
+	void *mem;
 
 	(void)sc;
 	if (bytes == 0 || (bytes & PAGE_MASK) != 0) {
@@ -243,66 +234,31 @@ kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes
 		    bytes);
 		return (NULL);
 	}
-	npages = bytes / PAGE_SIZE;
-	ma = malloc(npages * sizeof(*ma), M_KUP, M_WAITOK | M_ZERO);
-	obj = vm_pager_allocate(OBJT_PHYS, NULL, (vm_ooffset_t)bytes,
-	    VM_PROT_DEFAULT, 0, NULL);
-	if (obj == NULL)
-		goto fail_ma;
-	VM_OBJECT_WLOCK(obj);
-	for (i = 0; i < npages; i++) {
-		/* Zeroed (vm_page_grab guarantees it for VM_ALLOC_ZERO).
-		 * OBJT_PHYS objects are OBJ_UNMANAGED: their pages never
-		 * enter the paging queues, so the page daemon never takes
-		 * them; the wiring states the same for as long as the kernel
-		 * mapping exists, whatever the object type. */
-		ma[i] = vm_page_grab(obj, (vm_pindex_t)i,
-		    VM_ALLOC_NORMAL | VM_ALLOC_ZERO | VM_ALLOC_WIRED);
-		if (ma[i] == NULL)
-			break;
-		vm_page_valid(ma[i]);
-		vm_page_xunbusy(ma[i]);
-		grabbed++;
+	/* page-aligned, wired, zeroed kernel memory */
+	mem = kmem_malloc((vm_size_t)bytes, M_WAITOK | M_ZERO);
+	if (mem == NULL) {
+		kup_os_log("kup: no memory for a channel of %zu bytes", bytes);
+		return (NULL);
 	}
-	VM_OBJECT_WUNLOCK(obj);
-	if (grabbed != npages)
-		goto fail_obj;
-	kva = kva_alloc((vm_size_t)bytes);
-	if (kva == 0)
-		goto fail_obj;
-	pmap_qenter(kva, ma, (int)npages);
-	free(ma, M_KUP);
-
-	oc->obj = obj;
-	oc->kva = kva;
+	oc->mem = mem;
 	oc->bytes = bytes;
 	oc->file = NULL;
 	mtx_init(&oc->mtx, "kupchan", NULL, MTX_DEF);
 	oc->inited = 1;
-	return ((void *)kva);
-
-fail_obj:
-	kup_fb_chan_pages_release(obj, grabbed);
-fail_ma:
-	free(ma, M_KUP);
-	kup_os_log("kup: no memory for a channel of %zu bytes", bytes);
-	return (NULL);
+	return (mem);
 }
 
 void
 kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
 {
 	struct kup_os_chan *oc = kup_core_chan_os(ch);
-	size_t npages;
 
 	(void)sc;
-	if (oc->obj != NULL) {
-		npages = oc->bytes / PAGE_SIZE;
-		pmap_qremove(oc->kva, (int)npages);
-		kva_free(oc->kva, (vm_size_t)oc->bytes);
-		kup_fb_chan_pages_release(oc->obj, npages);
-		oc->obj = NULL;
-		oc->kva = 0;
+	/* Called with the device's last reference: no attachment, and so
+	 * no user mapping of these pages, exists any more. */
+	if (oc->mem != NULL) {
+		kmem_free(oc->mem, (vm_size_t)oc->bytes);
+		oc->mem = NULL;
 		oc->bytes = 0;
 	}
 	if (oc->inited) {
@@ -311,6 +267,99 @@ kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
 		oc->inited = 0;
 	}
 }
+
+/*
+ * One attachment of a channel to user space.  References: the open file
+ * that attached it (until its last close) and the device-pager object of
+ * its mappings (until the last munmap).  The last one detaches.
+ */
+struct kup_fb_att {
+	struct kupdev_softc *sc;        /* core reference */
+	struct kup_chan     *ch;
+	void                *mem;       /* the channel's kernel mapping */
+	size_t               bytes;
+	volatile u_int       refs;
+};
+
+static void
+kup_fb_att_rele(struct kup_fb_att *att)
+{
+	if (atomic_fetchadd_int(&att->refs, -1) != 1)
+		return;
+	/* the core marks the channel free and wakes the kernel side, which
+	 * sees -EPIPE */
+	kup_core_detach(att->ch);
+	kup_core_dev_put(att->sc);
+	free(att, M_KUP);
+}
+
+/* Serialises the creation of mapping objects (see kup_fb_mmap_single). */
+static struct sx kup_fb_map_sx;
+/* Mapping objects alive: their destructor is our code. */
+static volatile u_int kup_fb_nmaps;
+
+static int
+kup_fb_pg_ctor(void *handle, vm_ooffset_t size, vm_prot_t prot,
+    vm_ooffset_t foff, struct ucred *cred, u_short *color)
+{
+	struct kup_fb_att *att = handle;
+
+	(void)size;
+	(void)prot;
+	(void)foff;
+	(void)cred;
+	/* Called once per object: kup_fb_mmap_single only allocates when
+	 * no live object of this attachment exists (under kup_fb_map_sx). */
+	atomic_add_int(&att->refs, 1);
+	atomic_add_int(&kup_fb_nmaps, 1);
+	*color = 0;
+	return (0);
+}
+
+static void
+kup_fb_pg_dtor(void *handle)
+{
+	struct kup_fb_att *att = handle;
+
+	/* the last mapping of this attachment is gone */
+	kup_fb_att_rele(att);
+	atomic_subtract_int(&kup_fb_nmaps, 1);
+}
+
+/* Object locked on entry and exit; may drop it to allocate. */
+static int
+kup_fb_pg_fault(vm_object_t object, vm_ooffset_t offset, int prot,
+    vm_page_t *mres)
+{
+	struct kup_fb_att *att = object->handle;
+	vm_paddr_t paddr;
+	vm_page_t page;
+
+	(void)prot;
+	if (offset < 0 || (uint64_t)offset >= att->bytes)
+		return (VM_PAGER_FAIL);
+	paddr = pmap_kextract((vm_offset_t)att->mem + (vm_offset_t)offset);
+	if (((*mres)->flags & PG_FICTITIOUS) != 0) {
+		/* a fake page already: point it at our page */
+		page = *mres;
+		vm_page_updatefake(page, paddr, object->memattr);
+	} else {
+		/* replace the placeholder with a fake page for our page */
+		VM_OBJECT_WUNLOCK(object);
+		page = vm_page_getfake(paddr, object->memattr);
+		VM_OBJECT_WLOCK(object);
+		vm_page_replace(page, object, (*mres)->pindex, *mres);
+		*mres = page;
+	}
+	vm_page_valid(page);
+	return (VM_PAGER_OK);
+}
+
+static struct cdev_pager_ops kup_fb_pg_ops = {
+	.cdev_pg_ctor =  kup_fb_pg_ctor,
+	.cdev_pg_dtor =  kup_fb_pg_dtor,
+	.cdev_pg_fault = kup_fb_pg_fault,
+};
 
 /* ======================================================================
  * Sleeping and waking
@@ -666,21 +715,21 @@ kup_fb_file_dtor(void *arg)
 	struct kupdev_softc *sc = f->sc;
 	struct kup_os_dev *od = kup_core_dev_os(sc);
 	struct kup_os_chan *oc;
-	struct kup_chan *ch;
+	struct kup_fb_att *att;
 
 	mtx_lock(&f->mtx);
-	ch = f->ch;
+	att = f->att;
+	f->att = NULL;
 	f->ch = NULL;
 	mtx_unlock(&f->mtx);
-	if (ch != NULL) {
-		oc = kup_core_chan_os(ch);
+	if (att != NULL) {
+		oc = kup_core_chan_os(att->ch);
 		mtx_lock(&oc->mtx);
 		if (oc->file == f)
 			oc->file = NULL;
 		mtx_unlock(&oc->mtx);
-		/* the core marks the channel free and wakes the kernel side,
-		 * which sees -EPIPE */
-		kup_core_detach(ch);
+		/* detaches now, or at the last munmap if still mapped */
+		kup_fb_att_rele(att);
 	}
 	if (f->listed) {
 		mtx_lock(&od->mtx);
@@ -756,6 +805,7 @@ kup_fb_ioc_attach(struct kup_fb_file *f, struct kup_ioc_attach *a)
 	struct kup_core_info *info = NULL;
 	const struct kup_ctrl *ctrl;
 	struct kup_os_chan *oc;
+	struct kup_fb_att *att;
 	struct kup_chan *ch;
 	size_t i;
 	int error, rc;
@@ -789,6 +839,13 @@ kup_fb_ioc_attach(struct kup_fb_file *f, struct kup_ioc_attach *a)
 		error = -rc;
 		goto out;
 	}
+	att = malloc(sizeof(*att), M_KUP, M_WAITOK | M_ZERO);
+	kup_core_dev_ref(f->sc);
+	att->sc = f->sc;
+	att->ch = ch;
+	att->mem = kup_core_chan_mem(ch);
+	att->bytes = kup_core_chan_bytes(ch);
+	att->refs = 1;                    /* the file's */
 	oc = kup_core_chan_os(ch);
 	mtx_lock(&oc->mtx);
 	oc->file = f;
@@ -803,6 +860,7 @@ kup_fb_ioc_attach(struct kup_fb_file *f, struct kup_ioc_attach *a)
 	a->map_size = kup_core_chan_bytes(ch);
 	a->attach_gen = KUP_READ_ONCE64(&ctrl->attach_gen);
 	mtx_lock(&f->mtx);
+	f->att = att;
 	f->ch = ch;
 	mtx_unlock(&f->mtx);
 	error = 0;
@@ -892,10 +950,9 @@ kup_fb_mmap_single(struct cdev *cdev, vm_ooffset_t *offset, vm_size_t size,
     struct vm_object **objp, int nprot)
 {
 	struct kup_fb_file *f;
-	struct kup_os_chan *oc;
-	struct kup_chan *ch;
+	struct kup_fb_att *att;
 	vm_ooffset_t off = *offset;
-	size_t bytes;
+	vm_object_t obj;
 	int error;
 
 	(void)cdev;
@@ -903,22 +960,31 @@ kup_fb_mmap_single(struct cdev *cdev, vm_ooffset_t *offset, vm_size_t size,
 	if (error != 0)
 		return (error);
 	mtx_lock(&f->mtx);
-	ch = f->ch;
+	att = f->att;
 	mtx_unlock(&f->mtx);
-	if (ch == NULL)
+	if (att == NULL)
 		return (EINVAL);          /* attach first */
 	if ((nprot & VM_PROT_EXECUTE) != 0)
 		return (EINVAL);          /* data pages, never code */
 	/* (MAP_PRIVATE never reaches us: vm_mmap_cdev refuses private
 	 * mappings of character devices.) */
-	bytes = kup_core_chan_bytes(ch);
-	oc = kup_core_chan_os(ch);
 	/* [off, off + size) within the channel, compared without overflow */
 	if (off < 0 || (off & PAGE_MASK) != 0 || size == 0 ||
-	    size > bytes || (uint64_t)off > bytes - size)
+	    size > att->bytes || (uint64_t)off > att->bytes - size)
 		return (EINVAL);
-	vm_object_reference(oc->obj);   /* the mapping's own reference */
-	*objp = oc->obj;
+	/* One live object per attachment: reuse it (referenced by the
+	 * lookup, which skips a dying one), or make it -- its constructor
+	 * takes the attachment reference that its destructor drops. */
+	sx_xlock(&kup_fb_map_sx);
+	obj = cdev_pager_lookup(att);
+	if (obj == NULL)
+		obj = cdev_pager_allocate(att, OBJT_DEVICE, &kup_fb_pg_ops,
+		    (vm_ooffset_t)att->bytes, VM_PROT_READ | VM_PROT_WRITE, 0,
+		    curthread->td_ucred);
+	sx_xunlock(&kup_fb_map_sx);
+	if (obj == NULL)
+		return (ENOMEM);
+	*objp = obj;                      /* the mapping's reference */
 	return (0);
 }
 
@@ -1026,24 +1092,29 @@ kupdev_modevent(module_t mod, int what, void *arg)
 	switch (what) {
 	case MOD_LOAD:
 		mtx_init(&kup_fb_thr_mtx, "kupthr", NULL, MTX_DEF);
+		sx_init(&kup_fb_map_sx, "kupmap");
 		rc = kup_core_init();
 		if (rc != 0) {
+			sx_destroy(&kup_fb_map_sx);
 			mtx_destroy(&kup_fb_thr_mtx);
 			return (-rc);
 		}
 		return (0);
 	case MOD_QUIESCE:
-		/* Client modules depend on us (MODULE_DEPEND), so the kernel
-		 * only lets us go once they are gone; be explicit anyway. */
-		if (atomic_load_int(&kup_fb_ndevs) != 0 ||
-		    atomic_load_int(&kup_fb_nthreads) != 0)
-			return (EBUSY);
-		return (0);
 	case MOD_UNLOAD:
+		/* Client modules depend on us (MODULE_DEPEND), so the kernel
+		 * only lets us go once they are gone.  A device they unloaded
+		 * lives on while a process still maps one of its channels
+		 * (the mapping's destructor is our code): refuse until the
+		 * last munmap. */
 		if (atomic_load_int(&kup_fb_ndevs) != 0 ||
+		    atomic_load_int(&kup_fb_nmaps) != 0 ||
 		    atomic_load_int(&kup_fb_nthreads) != 0)
 			return (EBUSY);
+		if (what == MOD_QUIESCE)
+			return (0);
 		kup_core_fini();
+		sx_destroy(&kup_fb_map_sx);
 		mtx_destroy(&kup_fb_thr_mtx);
 		return (0);
 	case MOD_SHUTDOWN:

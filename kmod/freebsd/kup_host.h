@@ -12,9 +12,9 @@
  *                        atomic_thread_fence_seq_cst).
  *   struct kup_os_dev    the cdev, the list of open files, the sleep
  *                        interlock of kupdev_wait_channel.
- *   struct kup_os_chan   the channel's VM object and its kernel mapping,
- *                        the sleep interlock of the kernel side, and the
- *                        open file (if any) the channel is attached to.
+ *   struct kup_os_chan   the channel's wired kernel pages, the sleep
+ *                        interlock of the kernel side, and the open file
+ *                        (if any) the channel is attached to.
  * The functions live in kup_freebsd.c.
  */
 #ifndef KUP_HOST_H
@@ -54,9 +54,8 @@ struct kup_os_dev {
 };
 
 struct kup_os_chan {
-	vm_object_t              obj;       /* OBJT_PHYS object holding the pages */
-	vm_offset_t              kva;       /* kernel mapping of obj (pmap_qenter) */
-	size_t                   bytes;     /* size of obj and of the mapping */
+	void                    *mem;       /* the pages: kmem_malloc, wired */
+	size_t                   bytes;     /* their size */
 	struct mtx               mtx;       /* sleep interlock; protects file */
 	struct kup_fb_file      *file;      /* attached open file, or NULL */
 	int                      wchan;     /* address slept on by the kernel side */

@@ -6,11 +6,9 @@
  *
  * Files: one open of the node per device handle (INFO, device events) and
  * one more per attached channel -- the kernel keeps per-open state with
- * devfs_set_cdevpriv, and an open may attach at most one channel.  Closing
- * the channel's descriptor (or dying: the kernel closes every descriptor of
- * a dead process) runs the kernel's cdevpriv destructor, which detaches
- * the channel.  The pages stay mapped until munmap; they belong to a VM
- * object the mapping references, so unmapping late is harmless.
+ * devfs_set_cdevpriv, and an open may attach at most one channel.  The
+ * channel is detached when both its descriptor is closed and its pages
+ * are unmapped (a dying process does both); detach unmaps, then closes.
  *
  * Waiting: the channel descriptor is its own wait fd.  kupdev.ko's
  * d_poll / d_kqfilter report it readable exactly when the control page's
