@@ -14,7 +14,7 @@ A tenant is identified by the unix socket its requests arrive on (see
     max_sessions = 16          # sessions + Attach leases open at once (0: no limit)
     max_calls_in_flight = 64   # Calls running or queued at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
-    calls_per_second = 100.0   # token bucket, burst = one second's worth (0: no limit)
+    calls_per_second = 100.0   # token bucket, burst = one second's worth, >= 1 (0: no limit)
 
     [[tenant.grant]]
     device = "echo"
@@ -428,9 +428,10 @@ class Guard:
         if t.calls_per_second:
             now = time.monotonic()
             b = self._buckets.get(t.name)
+            burst = max(1.0, t.calls_per_second)  # one second's worth, at least one call
             if b is None:
-                b = self._buckets[t.name] = _Bucket(t.calls_per_second, now)
-            b.tokens = min(t.calls_per_second, b.tokens + (now - b.stamp) * t.calls_per_second)
+                b = self._buckets[t.name] = _Bucket(burst, now)
+            b.tokens = min(burst, b.tokens + (now - b.stamp) * t.calls_per_second)
             b.stamp = now
             if b.tokens < 1.0:
                 self.exhaust(

@@ -1,0 +1,131 @@
+"""Helpers for the multi-tenant tests: a kupd subprocess started from a TOML
+config with tenants, an admin socket and an audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kupd.testing import REPO_ROOT, KupSim
+
+CLIENTS = str(REPO_ROOT / "clients" / "python")
+if CLIENTS not in sys.path:
+    sys.path.insert(0, CLIENTS)
+
+from kupclient import Client  # noqa: E402
+from kupclient.admin import AdminClient  # noqa: E402
+from kupd import errors  # noqa: E402
+
+START_TIMEOUT = 60.0
+NOBODY = 65534
+
+
+def child_env(sim: KupSim | None) -> dict[str, str]:
+    env = dict(os.environ if sim is None else sim.env())
+    parts = [str(REPO_ROOT), CLIENTS, env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
+    return env
+
+
+def socket_dir() -> Path:
+    """A root-owned 0755 directory for sockets (tmp_path is 0700: other
+    users could not even reach a socket in it)."""
+    d = Path(tempfile.mkdtemp(prefix="kupd-tn-"))
+    d.chmod(0o755)
+    return d
+
+
+class TenantKupd:
+    def __init__(self, sockdir: Path, sim: KupSim, body: str, log: Path) -> None:
+        self.dir = sockdir
+        self.sim = sim
+        self.config = sockdir / "kupd.toml"
+        self.admin_socket = str(sockdir / "admin.sock")
+        self.audit = sockdir / "audit.log"
+        self.log_path = log
+        self.write_config(body)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kupd.daemon", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(sim),
+            )
+        self.wait_serving()
+
+    def head(self) -> str:
+        d = self.dir
+        return (
+            f'socket = "{d}/kupd.sock"\n'
+            f'admin_socket = "{self.admin_socket}"\n'
+            f'audit_log = "{self.audit}"\n'
+            f'kupsim_dir = "{self.sim.rundir}"\n'
+            "health_interval = 0.2\n"
+        )
+
+    def write_config(self, body: str) -> None:
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(self.head() + body.replace("@DIR@", str(self.dir)))
+        os.replace(tmp, self.config)  # a reload never sees half a file
+
+    def sock(self, tenant: str) -> str:
+        return str(self.dir / f"{tenant}.sock")
+
+    def client(self, tenant: str, **kw: Any) -> Client:
+        return Client(self.sock(tenant), **kw)
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.admin_socket)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        if not self.audit.exists():
+            return []
+        return [json.loads(x) for x in self.audit.read_text().splitlines() if x.strip()]
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kupd exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.admin_socket):
+                try:
+                    with Client(self.admin_socket) as c:
+                        if c.health() == "SERVING":
+                            return
+                except errors.KupError as exc:
+                    last = exc
+            time.sleep(0.05)
+        raise AssertionError(f"kupd not SERVING within {START_TIMEOUT}s ({last}):\n{self.log()}")
+
+    def hup(self) -> None:
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)

@@ -1,0 +1,213 @@
+"""Identity by socket, per-tenant policy and limits, audit lines, scoped
+ListDevices / Watch, and the Admin service -- against a real kupd serving
+three tenants over real unix sockets (see conftest.py for the policy)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+import grpc
+import pytest
+from tenancy_helpers import NOBODY, TenantKupd, wait_until
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import EventType
+from kupd import errors
+
+
+def _connect_as(uid: int, paths: list[str]) -> list[int]:
+    """connect(2) to each unix socket as ``uid`` (a forked child that drops
+    root): 0 or the errno, per path.  This is the kernel's identity check."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only syscalls, then _exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            res = []
+            for p in paths:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(p)
+                    res.append(0)
+                except OSError as exc:
+                    res.append(exc.errno or -1)
+                finally:
+                    s.close()
+            os.write(w, (",".join(map(str, res)) + "\n").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return [int(x) for x in text.strip().split(",")]
+
+
+def test_socket_permissions_are_the_identity(tk: TenantKupd) -> None:
+    """A process running as uid 65534 reaches alice's socket (owned by it,
+    0600) and nothing else: bob's and the admin socket refuse it at
+    connect(2) with EACCES."""
+    for name, owner in (("alice", NOBODY), ("bob", 0), ("carol", 0)):
+        st = os.stat(tk.sock(name))
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+        assert st.st_uid == owner, name
+    st = os.stat(tk.admin_socket)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, os.geteuid())
+    assert not os.path.exists(tk.dir / "kupd.sock")  # with tenants only their sockets serve
+    res = _connect_as(NOBODY, [tk.sock("alice"), tk.sock("bob"), tk.admin_socket])
+    assert res == [0, errno.EACCES, errno.EACCES], res
+    with tk.client("alice") as c:
+        assert c.health() == "SERVING"
+
+
+def test_admin_service_only_on_the_admin_socket(tk: TenantKupd) -> None:
+    ch = grpc.insecure_channel("unix:" + tk.sock("carol"))
+    with pytest.raises(grpc.RpcError) as ei:
+        kup_pb2_grpc.AdminStub(ch).ListLeases(kup_pb2.ListLeasesRequest(), timeout=30)
+    assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    ch.close()
+
+
+def _audit_has(tk: TenantKupd, **want: object) -> bool:
+    return any(all(line.get(k) == v for k, v in want.items()) for line in tk.audit_lines())
+
+
+def test_channel_range_and_any_free(tk: TenantKupd) -> None:
+    with tk.client("alice") as c:
+        with c.open("echo").channel() as ch:  # "any free" picks within 8-15
+            assert 8 <= ch.id <= 15
+            ch.receive()
+            ch.send(b"hi")
+            assert ch.receive().data in (b"hi", b"HI")
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            c.open("echo").channel(0)
+        with pytest.raises(errors.PermissionDenied, match="rule grant"):
+            c.open("rot13").channel()
+    wait_until(
+        lambda: _audit_has(
+            tk, tenant="alice", op="session", device="echo", channel=0, rule="channels"
+        ),
+        what="audit line for the channel denial",
+    )
+    assert _audit_has(tk, tenant="alice", device="rot13", rule="grant"), tk.audit_lines()
+
+
+def test_ops_rule(tk: TenantKupd) -> None:
+    with tk.client("bob") as c:
+        assert c.call("echo", b"ping").data in (b"ping", b"PING")
+        with pytest.raises(errors.PermissionDenied, match="rule ops"):
+            c.open("echo").channel()
+        with pytest.raises(errors.PermissionDenied, match="rule ops"):
+            c.attach("echo")
+        with pytest.raises(errors.PermissionDenied, match="rule ops"):
+            next(iter(c.watch("echo")))
+    assert _audit_has(tk, tenant="bob", op="session", rule="ops")
+    assert _audit_has(tk, tenant="bob", op="watch", rule="ops")
+
+
+def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
+    with tk.client("alice") as c:
+        dev = c.open("echo")
+        with dev.channel(), dev.channel():
+            with pytest.raises(errors.ResourceExhausted, match="max_sessions=2"):
+                dev.channel()
+        with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+            c.call("echo", b"x" * 65)
+        assert len(c.call("echo", b"x" * 64).data) == 64
+    with tk.client("carol") as c:
+        c.call("echo", b"one")  # the bucket holds one token, refilled every 100 s
+        with pytest.raises(errors.ResourceExhausted, match="calls_per_second"):
+            c.call("echo", b"two")
+    assert _audit_has(tk, tenant="alice", rule="max_sessions")
+    assert _audit_has(tk, tenant="alice", op="call", rule="max_message_bytes")
+    assert _audit_has(tk, tenant="carol", op="call", rule="calls_per_second")
+
+
+def test_a_lease_id_is_useless_to_another_tenant(tk: TenantKupd) -> None:
+    with tk.client("alice") as a, tk.client("carol") as c:
+        lease = a.attach("echo")
+        try:
+            with pytest.raises(errors.PermissionDenied, match="rule lease-owner"):
+                c.lease_send(lease.lease_id, b"steal")
+            with pytest.raises(errors.PermissionDenied, match="rule lease-owner"):
+                c.release(lease.lease_id)
+            a.lease_receive(lease.lease_id, timeout=10)  # still alice's, untouched
+        finally:
+            a.release(lease.lease_id)
+    assert _audit_has(tk, tenant="carol", op="lease", rule="lease-owner")
+
+
+def test_list_devices_shows_only_what_the_tenant_may_use(tk: TenantKupd) -> None:
+    with tk.client("alice") as a, tk.client("carol") as c, tk.admin() as adm:
+        (dev,) = a.devices()
+        assert dev.name == "echo"
+        assert [ch.id for ch in dev.channels] == list(range(8, 16))
+        with pytest.raises(errors.PermissionDenied, match="rule grant"):
+            a.devices("rot13")
+        assert sorted(d.name for d in c.devices()) == ["echo", "rot13"]
+        with a.open("echo").channel(9) as ch:
+            lease_ids = {x.lease_id for x in adm.list_leases("alice")}
+            assert ch.lease.lease_id in lease_ids
+            (mine,) = [x for x in a.devices()[0].channels if x.id == 9]
+            assert (mine.state, mine.lease_id) == ("session", ch.lease.lease_id)
+            (theirs,) = [x for x in c.devices("echo")[0].channels if x.id == 9]
+            assert theirs.state == "session" and theirs.lease_id == ""  # not carol's to know
+
+
+def test_watch_shows_only_granted_channels(tk: TenantKupd) -> None:
+    with tk.client("alice") as a, tk.client("carol") as c:
+        w = a.watch("echo", initial_state=True)
+        first = next(w)
+        assert first.initial and first.device == "echo"
+        with c.open("echo").channel(5):  # carol on channel 5: not alice's business
+            with a.open("echo").channel(10):
+                pass
+        ev = next(w)
+        while ev.initial:
+            ev = next(w)
+        assert (ev.type, ev.channel) == (EventType.LEASE_TAKEN, 10), ev
+        w.cancel()
+
+
+def test_admin_lists_and_revokes(tk: TenantKupd) -> None:
+    with tk.client("alice") as a, tk.admin() as adm:
+        ch = a.open("echo").channel(12)
+        ch.receive()
+        (info,) = [x for x in adm.list_leases() if x.lease_id == ch.lease.lease_id]
+        assert (info.tenant, info.device, info.channel, info.holder) == (
+            "alice",
+            "echo",
+            12,
+            "session",
+        )
+        adm.revoke(ch.lease.lease_id, "test says so")
+        with pytest.raises(errors.PermissionDenied, match="admin-revoke: test says so"):
+            ch.send(b"after")
+            ch.receive(timeout=10)
+        ch.close()
+        with pytest.raises(errors.NotFound):
+            adm.revoke("no-such-lease")
+
+
+def test_drain_device(tk: TenantKupd) -> None:
+    with tk.client("carol") as c, tk.admin() as adm:
+        ch = c.open("rot13").channel()
+        ch.receive()
+        ended = adm.drain("rot13")
+        assert ch.lease.lease_id in ended
+        with pytest.raises(errors.Shutdown):
+            ch.send(b"x")
+            ch.receive(timeout=10)
+        ch.close()
+        with pytest.raises(errors.KupError, match="drained"):
+            c.open("rot13").channel()
+        adm.drain("rot13", undo=True)
+        with c.open("rot13").channel() as again:
+            again.receive()
