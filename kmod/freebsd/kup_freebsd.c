@@ -136,7 +136,10 @@ static struct filterops kup_fb_read_filtops = {
 void
 kup_lock_init(kup_lock_t *l, const char *what)
 {
-	sx_init(l, what);
+	/* Every channel's lock has the same name, so WITNESS sees one lock
+	 * class; a module may legitimately hold two channels at once (a
+	 * relay), hence DUPOK.  `what` is a string literal of the core. */
+	sx_init_flags(l, what, SX_DUPOK);
 }
 
 void
