@@ -57,6 +57,21 @@ def test_open_missing_device_is_notfound(echo_sim: KupSim) -> None:
         Device.open(echo_sim.device_path("nope"))
 
 
+def test_open_by_name_finds_kupsim_via_env(
+    echo_sim: KupSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare name: libkup tries the kernel device (/dev/kup/echo), then the
+    kupsim socket in $KUPSIM_DIR."""
+    monkeypatch.setenv("KUPSIM_DIR", str(echo_sim.rundir))
+    with Device.open("echo") as dev, dev.channel(0) as ch:
+        assert dev.name == "echo" and dev.info().name == "echo"
+        opened(ch)
+        assert roundtrip(ch, b"by name").data == b"by name"
+    monkeypatch.setenv("KUPSIM_DIR", str(echo_sim.rundir / "elsewhere"))
+    with pytest.raises(NotFound):
+        Device.open("echo")
+
+
 def test_open_bad_names() -> None:
     for bad in ("", "a\x00b"):
         with pytest.raises(InvalidArgument, match="empty name or NUL"):
