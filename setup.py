@@ -1,9 +1,9 @@
 """Build of kupd's C extension ``kupd._kupchan``.
 
 Project metadata lives in pyproject.toml; this file only adds the extension.
-libkup's sources (kmod/libkup, chosen as kmod/Makefile does) are compiled into the extension -- see the
-comment at the top of kupd/_kupchan.c for why they are not linked from
-kmod/out/libkup.a.  ``make python`` runs ``setup.py build_ext --inplace``;
+libkup's sources (kmod/libkup, chosen as kmod/Makefile does) are compiled
+into the extension -- see the comment at the top of kupd/_kupchan.c for why
+they are not linked from kmod/out/libkup.a.  ``make python`` runs ``setup.py build_ext --inplace``;
 ``pip install -e .`` builds the same extension.
 """
 
