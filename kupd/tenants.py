@@ -89,9 +89,7 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         async for item in self.inner.Session(request_iterator, context):
             yield item
 
-    async def Watch(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         use_tenant(self.tenant)
         async for item in self.inner.Watch(request, context):
             yield item
@@ -202,25 +200,35 @@ class SocketSet:
 
     async def apply(self, wanted: list[Endpoint]) -> tuple[list[str], list[str]]:
         """Make the running sockets match ``wanted``: (added, removed) paths.
-        A socket whose tenant keeps its path but changes owner/group/mode is
-        re-created (connections already open on it stay)."""
+        A tenant that keeps its socket path keeps its server (its open
+        sessions are untouched); a changed owner/group/mode is applied to
+        the socket file in place, which governs new connections only (the
+        kernel checked the old permissions when the open ones connected)."""
         want = {ep.key: ep for ep in wanted}
         added: list[str] = []
         removed: list[str] = []
         for key in list(self.servers):
-            ep = self.servers[key][0]
-            new = want.get(key)
-            if new is None or (new.owner, new.group, new.mode) != (ep.owner, ep.group, ep.mode):
+            if key not in want:
+                path = self.servers[key][0].path
                 await self.stop_one(key)
-                removed.append(ep.path)
+                removed.append(path)
         for key, ep in want.items():
             if key not in self.servers:
                 await self.start_one(ep)
                 added.append(ep.path)
-            else:
-                # Same socket, maybe a changed tenant policy: serve the new object.
-                _, server = self.servers[key]
-                self.servers[key] = (ep, server)
+                continue
+            old, server = self.servers[key]
+            if (ep.owner, ep.group, ep.mode) != (old.owner, old.group, old.mode):
+                # Narrow first (mode), then hand over (owner/group), then the final mode.
+                os.chmod(ep.path, ep.mode & old.mode)
+                os.chown(
+                    ep.path,
+                    os.geteuid() if ep.owner is None else ep.owner,
+                    os.getegid() if ep.group is None else ep.group,
+                )
+                os.chmod(ep.path, ep.mode)
+                log.info("socket permissions changed", socket=ep.path, mode=f"{ep.mode:04o}")
+            self.servers[key] = (ep, server)
         return added, removed
 
     async def start(self, wanted: list[Endpoint]) -> None:

@@ -1,0 +1,88 @@
+"""Fairness across tenants: queued Calls are dispatched round-robin by
+TENANT, so a tenant flooding a device (even under many caller names)
+cannot push another tenant's Calls behind its whole queue.  Positions are
+counted, not time."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from conftest import StartTenants
+from tenancy_helpers import wait_until
+
+from kupapi import kup_pb2, kup_pb2_grpc
+
+CONFIG = """
+[[device]]
+name = "echo"
+call_channels = 2
+
+[[tenant]]
+name = "flood"
+socket = "@DIR@/flood.sock"
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "meek"
+socket = "@DIR@/meek.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+FLOOD = 24
+MEEK = 4
+POOL = 2
+
+
+def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) -> None:
+    k = start_tenants(CONFIG)
+    done: list[str] = []
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def finished(tag: str, fut: grpc.Future) -> None:
+        with lock:
+            if fut.exception() is not None:
+                failures.append(fut.exception())  # type: ignore[arg-type]
+            done.append(tag)
+
+    flood_ch = grpc.insecure_channel("unix:" + k.sock("flood"))
+    meek_ch = grpc.insecure_channel("unix:" + k.sock("meek"))
+    flood = kup_pb2_grpc.KupStub(flood_ch)
+    meek = kup_pb2_grpc.KupStub(meek_ch)
+    try:
+        for i in range(FLOOD):
+            # A new caller name per call: per-caller fairness alone would
+            # give the flooding tenant FLOOD turns for meek's one.
+            f = flood.Call.future(
+                kup_pb2.CallRequest(device="echo", data=b"!delay", caller=f"f{i}"), timeout=120
+            )
+            f.add_done_callback(lambda fut: finished("flood", fut))
+        with k.admin() as adm, k.client("flood") as fc:
+            del adm
+            wait_until(
+                lambda: fc.devices("echo")[0].calls_queued >= FLOOD - POOL - 2,
+                what="the flood queued",
+            )
+        with lock:
+            before = done.count("flood")
+        for i in range(MEEK):
+            f = meek.Call.future(
+                kup_pb2.CallRequest(device="echo", data=f"meek {i}".encode(), caller="m"),
+                timeout=120,
+            )
+            f.add_done_callback(lambda fut: finished("meek", fut))
+        wait_until(lambda: len(done) == FLOOD + MEEK, timeout=120, what="every call answered")
+    finally:
+        flood_ch.close()
+        meek_ch.close()
+    assert not failures, failures
+    last_meek = max(i for i, tag in enumerate(done) if tag == "meek")
+    flood_ahead = done[: last_meek + 1].count("flood") - before
+    # Round-robin by tenant: each meek call waits for at most one flood
+    # dispatch, plus the calls already on the pool's channels.  FIFO would
+    # put all of meek's calls behind >= FLOOD - POOL - 2 - before flood calls.
+    assert flood_ahead <= MEEK + POOL + 1, (flood_ahead, done)
+    assert FLOOD - POOL - 2 - before > MEEK + POOL + 1  # the bound discriminates

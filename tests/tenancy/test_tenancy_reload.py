@@ -1,0 +1,88 @@
+"""Reload (SIGHUP and Admin.Reload): the policy is swapped atomically,
+sessions the new policy forbids end with PERMISSION_DENIED, others are
+untouched, sockets are added and removed, and an invalid file is refused
+with the error while the running policy stays."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import DEVICES, TENANTS, StartTenants
+from tenancy_helpers import wait_until
+
+from kupd import errors
+
+NEW_TENANTS = """
+[[tenant]]
+name = "alice"
+socket = "@DIR@/alice.sock"
+max_sessions = 2
+[[tenant.grant]]
+device = "echo"
+channels = "8"
+
+[[tenant]]
+name = "dave"
+socket = "@DIR@/dave.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+def test_sighup_reload(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.client("carol") as c:
+        keep = a.open("echo").channel(8)
+        drop = a.open("echo").channel(9)
+        gone = c.open("rot13").channel()
+        for ch in (keep, drop, gone):
+            ch.receive()
+        k.write_config(DEVICES + NEW_TENANTS)
+        k.hup()
+        wait_until(lambda: os.path.exists(k.sock("dave")), what="dave's socket")
+        wait_until(lambda: not os.path.exists(k.sock("carol")), what="carol's socket removed")
+        # alice's session on channel 9 is no longer allowed ...
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            drop.send(b"x")
+            drop.receive(timeout=10)
+        # ... carol is gone altogether ...
+        with pytest.raises(errors.PermissionDenied, match="rule tenant"):
+            gone.send(b"x")
+            gone.receive(timeout=10)
+        # ... and the session the new policy allows was not touched.
+        keep.send(b"still here")
+        assert keep.receive(timeout=10).data == b"still here"
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            a.open("echo").channel(9)
+        for ch in (keep, drop, gone):
+            ch.close()
+    with k.client("dave") as d:
+        assert d.call("echo", b"new tenant").data.lower() == b"new tenant"
+    lines = k.audit_lines()
+    assert any(x["tenant"] == "alice" and x["rule"] == "channels" for x in lines), lines
+    assert any(x["tenant"] == "carol" and x["rule"] == "tenant" for x in lines), lines
+
+
+def test_invalid_reload_keeps_the_running_policy(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.admin() as adm:
+        ch = a.open("echo").channel(9)
+        ch.receive()
+        k.write_config(DEVICES + TENANTS.replace('mode = "0600"', 'mode = "0666"'))
+        with pytest.raises(errors.InvalidArgument, match=r"tenant\[0\]\.mode"):
+            adm.reload()
+        k.hup()  # the same refusal through SIGHUP: logged, nothing changes
+        wait_until(lambda: "reload refused" in k.log(), what="SIGHUP refusal logged")
+        ch.send(b"unchanged")
+        assert ch.receive(timeout=10).data == b"UNCHANGED"  # odd channel: upper-cased
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            a.open("echo").channel(0)
+        ch.close()
+        # A valid file again: Admin.Reload reports what it did.
+        k.write_config(DEVICES + NEW_TENANTS)
+        with a.open("echo").channel(10) as doomed:
+            doomed.receive()
+            result = adm.reload()
+            assert result.tenants == ("alice", "dave")
+            assert result.sessions_ended == (doomed.lease.lease_id,)
