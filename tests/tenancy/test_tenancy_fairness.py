@@ -45,7 +45,7 @@ def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) ->
     def finished(tag: str, fut: grpc.Future) -> None:
         with lock:
             if fut.exception() is not None:
-                failures.append(fut.exception())  # type: ignore[arg-type]
+                failures.append(fut.exception())
             done.append(tag)
 
     flood_ch = grpc.insecure_channel("unix:" + k.sock("flood"))
