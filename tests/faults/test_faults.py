@@ -17,9 +17,9 @@ socket/lock after SIGKILL (test_gw_lifecycle).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 import signal
 import threading
+from collections.abc import Iterator
 
 import grpc
 import pytest
