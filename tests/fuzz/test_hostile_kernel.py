@@ -1,0 +1,36 @@
+"""A kernel side that writes garbage into the control area (kmod/kupsim/
+hostile.c): kupd rejects it cleanly -- the session ends with a clear
+protocol error (INTERNAL, EKU_PROTO), nothing is read out of bounds (kupd
+keeps running; the channel layer bounds-checks every length it reads), and
+the other channels and devices keep serving."""
+
+from __future__ import annotations
+
+import pytest
+from tenancy_helpers import TenantKupd, wait_until
+
+from kupclient import Client
+from kupd import errors
+
+
+@pytest.mark.parametrize("garbage", ["seqgap", "seqrep", "badlen", "badkind", "badturn"])
+def test_garbage_in_the_control_area_ends_only_that_session(fk: TenantKupd, garbage: str) -> None:
+    with Client(str(fk.dir / "kupd.sock")) as c:
+        bad = c.open("hostile").channel()
+        good = c.open("hostile").channel()
+        for ch in (bad, good):
+            ch.receive()
+        bad.send(garbage.encode())
+        with pytest.raises(errors.KupError) as ei:
+            bad.receive(timeout=10)
+        bad.close()
+        assert isinstance(ei.value, errors.ProtocolError), ei.value
+        assert "EKU_PROTO" in str(ei.value)
+        # the same device's other channel, and another device, carry on
+        good.send(b"fine")
+        assert good.receive(timeout=10).data == b"fine"
+        good.close()
+        assert c.call("echo", b"still").data.lower() == b"still"
+        assert fk.proc.poll() is None
+    with fk.admin() as adm:
+        wait_until(lambda: adm.list_leases() == [], what="no lease left behind")
