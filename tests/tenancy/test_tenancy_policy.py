@@ -211,3 +211,14 @@ def test_drain_device(tk: TenantKupd) -> None:
         adm.drain("rot13", undo=True)
         with c.open("rot13").channel() as again:
             again.receive()
+
+
+def test_sample_config_shows_two_tenants_and_an_admin() -> None:
+    from kupd.config import load_config
+    from kupd.testing import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "deploy" / "kupd.sample.toml")
+    assert len(cfg.tenants) == 2 and cfg.admin_socket and cfg.audit_log
+    alice, probe = cfg.tenants
+    assert alice.grants[0].channels == frozenset(range(8, 64))
+    assert probe.ops == frozenset({"call", "watch"}) and probe.mode == 0o660
