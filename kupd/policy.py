@@ -338,6 +338,9 @@ class Guard:
     policy: Policy = field(default_factory=Policy)
     audit: Any = None  # kupd.audit.AuditLog (None: no audit file, log only)
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: Attaches admitted but not finished yet, per tenant (max_sessions
+    #: counts them: concurrent attaches cannot overshoot the limit).
+    pending: dict[str, int] = field(default_factory=dict)
     #: Devices drained by the admin: no new sessions, leases or Calls.
     drained: set[str] = field(default_factory=set)
     #: lease id -> tenant, for scoping lease ids in ListDevices / Watch
@@ -350,7 +353,7 @@ class Guard:
         """The caller's tenant under the CURRENT policy (a reload may have
         changed or removed it: a removed tenant is denied everything)."""
         t = current_tenant()
-        if t.admin or t is DEFAULT:
+        if t.admin or (t is DEFAULT and not self.policy.multi):
             return t
         now = self.policy.tenant(t.name)
         if now is None:
