@@ -1,4 +1,4 @@
-"""Hypothesis-driven fuzz of every kup.v1 RPC against a real kupd: random
+"""Hypothesis-driven fuzz of every kup.v1 RPC (Kup and Admin) against a real kupd: random
 fields, sizes, orders and cancels.  After each example: kupd is alive and
 SERVING, no lease is left behind (Admin.ListLeases, after the example
 released what it took), and every status is one of the taxonomy's codes --
@@ -76,6 +76,11 @@ ops = st.one_of(
         st.booleans(),  # first request a valid attach
     ),
     st.tuples(st.just("watch"), devices, st.booleans(), st.integers(0, 3)),
+    # the Admin service (admin socket)
+    st.tuples(st.just("leases"), st.text(max_size=10)),
+    st.tuples(st.just("revoke"), lease_refs, st.text(max_size=20)),
+    st.tuples(st.just("drain"), devices, st.booleans()),
+    st.tuples(st.just("reload")),
 )
 
 DEADLINE = 1.5
@@ -86,8 +91,10 @@ def _code(exc: grpc.RpcError) -> grpc.StatusCode:
 
 
 class Runner:
-    def __init__(self, stub: kup_pb2_grpc.KupStub) -> None:
+    def __init__(self, stub: kup_pb2_grpc.KupStub, admin: kup_pb2_grpc.AdminStub) -> None:
         self.stub = stub
+        self.admin = admin
+        self.drained: set[str] = set()
         self.leases: list[str] = []
         self.codes: list[tuple[str, grpc.StatusCode, str]] = []
 
@@ -148,6 +155,21 @@ class Runner:
                         break
             finally:
                 stop.set()
+        elif name == "leases":
+            self.admin.ListLeases(kup_pb2.ListLeasesRequest(tenant=op[1]), timeout=DEADLINE)
+        elif name == "revoke":
+            self.admin.RevokeLease(
+                kup_pb2.RevokeLeaseRequest(lease_id=self.lease(op[1]), reason=op[2]),
+                timeout=DEADLINE,
+            )
+        elif name == "drain":
+            if not op[2]:
+                self.drained.add(op[1])
+            self.admin.DrainDevice(
+                kup_pb2.DrainDeviceRequest(device=op[1], undo=op[2]), timeout=DEADLINE
+            )
+        elif name == "reload":
+            self.admin.Reload(kup_pb2.ReloadRequest(), timeout=10)
         elif name == "watch":
             call = s.Watch(
                 kup_pb2.WatchRequest(device=op[1], initial_state=op[2]), timeout=DEADLINE
@@ -158,6 +180,13 @@ class Runner:
                     break
 
     def release_all(self) -> None:
+        for dev in self.drained:
+            try:
+                self.admin.DrainDevice(
+                    kup_pb2.DrainDeviceRequest(device=dev, undo=True), timeout=10
+                )
+            except grpc.RpcError as exc:
+                assert _code(exc) == grpc.StatusCode.NOT_FOUND, exc
         for lid in self.leases:
             try:
                 self.stub.Release(kup_pb2.ReleaseRequest(lease_id=lid), timeout=10)
@@ -174,6 +203,8 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
         ],
     )
     stub = kup_pb2_grpc.KupStub(chan)
+    admin_chan = grpc.insecure_channel("unix:" + fk.admin_socket)
+    admin = kup_pb2_grpc.AdminStub(admin_chan)
     adm = fk.admin()
 
     @settings(
@@ -184,7 +215,7 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
     )
     @given(st.lists(ops, min_size=1, max_size=8))
     def example(seq: list[tuple[Any, ...]]) -> None:
-        r = Runner(stub)
+        r = Runner(stub, admin)
         try:
             for op in seq:
                 r.run(op)
@@ -201,6 +232,7 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
         example()
     finally:
         adm.close()
+        admin_chan.close()
         chan.close()
     # still serving, after everything
     with fk.client("kupd") as c:
