@@ -210,12 +210,13 @@ class CallPool:
 
     async def _exchange(self, pc: PoolChannel, data: bytes, timeout: float) -> tuple[Message, int]:
         ch = pc.ch
+        cm = self.metrics.channel(self.device, ch.id)
         sent = False
         done = False
         try:
             ch.send(data)
             sent = True
-            self.metrics.sent(self.device, ch.id, len(data))
+            cm.sent(len(data))
             t0 = time.monotonic()
             msg = await wait_message(
                 ch,
@@ -224,8 +225,8 @@ class CallPool:
                 what=f"call on device {self.device} channel {ch.id}",
             )
             done = True
-            self.metrics.turn_wait.labels(self.device).observe(time.monotonic() - t0)
-            self.metrics.received(self.device, ch.id, len(msg.data))
+            cm.turn_wait.observe(time.monotonic() - t0)
+            cm.received(len(msg.data))
             return msg, ch.id
         except (errors.Shutdown, errors.PeerGone, errors.ProtocolError, errors.SystemFailure):
             done = True

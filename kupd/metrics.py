@@ -11,7 +11,30 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["ChannelMetrics", "Metrics"]
+
+
+class ChannelMetrics:
+    """The labelled children of one (device, channel): looked up once, so a
+    message costs no ``labels()`` call (a lock, str conversions, a dict)."""
+
+    __slots__ = ("recv_bytes", "recv_msgs", "sent_bytes", "sent_msgs", "turn_wait")
+
+    def __init__(self, m: Metrics, device: str, channel: int) -> None:
+        c = str(channel)
+        self.sent_msgs = m.messages.labels(device, c, "to_kernel")
+        self.sent_bytes = m.bytes.labels(device, c, "to_kernel")
+        self.recv_msgs = m.messages.labels(device, c, "from_kernel")
+        self.recv_bytes = m.bytes.labels(device, c, "from_kernel")
+        self.turn_wait = m.turn_wait.labels(device)
+
+    def sent(self, nbytes: int) -> None:
+        self.sent_msgs.inc()
+        self.sent_bytes.inc(nbytes)
+
+    def received(self, nbytes: int) -> None:
+        self.recv_msgs.inc()
+        self.recv_bytes.inc(nbytes)
 
 
 class Metrics:
@@ -44,6 +67,7 @@ class Metrics:
             registry=r,
         )
         self._server: Any = None
+        self._channels: dict[tuple[str, int], ChannelMetrics] = {}
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
         """Start the HTTP endpoint (one thread); returns the bound port."""
@@ -58,10 +82,17 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    def channel(self, device: str, channel: int) -> ChannelMetrics:
+        """The (cached) children of one channel; the label sets are bounded by
+        the devices' channel counts, as the series themselves are."""
+        key = (device, channel)
+        cm = self._channels.get(key)
+        if cm is None:
+            cm = self._channels[key] = ChannelMetrics(self, device, channel)
+        return cm
+
     def sent(self, device: str, channel: int, nbytes: int) -> None:
-        self.messages.labels(device, str(channel), "to_kernel").inc()
-        self.bytes.labels(device, str(channel), "to_kernel").inc(nbytes)
+        self.channel(device, channel).sent(nbytes)
 
     def received(self, device: str, channel: int, nbytes: int) -> None:
-        self.messages.labels(device, str(channel), "from_kernel").inc()
-        self.bytes.labels(device, str(channel), "from_kernel").inc(nbytes)
+        self.channel(device, channel).received(nbytes)

@@ -82,6 +82,12 @@ def _message_pb(m: Message) -> kup_pb2.Message:
     return kup_pb2.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
 
 
+def _receive_pb(m: Message | None) -> kup_pb2.ReceiveResponse:
+    if m is None:
+        return kup_pb2.ReceiveResponse(not_ready=True)
+    return kup_pb2.ReceiveResponse(message=_message_pb(m))
+
+
 _request_ids = itertools.count(1)
 
 
@@ -132,6 +138,48 @@ _STATE = {
     "session": kup_pb2.CHANNEL_STATE_SESSION,
     "lease": kup_pb2.CHANNEL_STATE_LEASE,
 }
+
+
+class _StreamGuard:
+    """Ends a Session's wait for its next request when its lease ends or kupd
+    drains -- without a Task and an ``asyncio.wait`` per request: a
+    done-callback on those futures cancels the handler's task, but only while
+    it is waiting for a request (``waiting``); operations in flight see the
+    same futures themselves (``wait_message`` aborts)."""
+
+    __slots__ = ("_futs", "_task", "fired", "waiting")
+
+    def __init__(self, *futs: asyncio.Future[None]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._futs: list[asyncio.Future[None]] = []
+        self.waiting = False
+        self.fired = False
+        for f in futs:
+            self.watch(f)
+
+    def watch(self, fut: asyncio.Future[None]) -> None:
+        self._futs.append(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, _: asyncio.Future[None]) -> None:
+        if self.waiting and not self.fired:
+            self.fired = True
+            self._task.cancel()
+
+    def take_cancel(self) -> bool:
+        """After a CancelledError: True when it was this guard's alone (now
+        withdrawn); False when someone else cancelled too."""
+        if not self.fired:
+            return False
+        self.fired = False
+        return self._task.uncancel() == 0
+
+    def close(self) -> None:
+        for f in self._futs:
+            f.remove_done_callback(self._done)
+        self._futs.clear()
 
 
 class KupService(kup_pb2_grpc.KupServicer):
@@ -341,8 +389,18 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_size(
             self.guard.tenant(), "lease", lease.dev.name, lease.ch.id, len(request.data)
         )
-        await self.leases.send(lease, request.data)
-        return kup_pb2.SendResponse()
+        if not request.wait_reply:
+            await self.leases.send(lease, request.data)
+            return kup_pb2.SendResponse()
+        timeout, nonblocking = self._receive_args(request.reply_mode, request.reply_timeout_ms)
+        msg = await self.leases.exchange(
+            lease,
+            request.data,
+            self._deadline_cap(context, timeout),
+            nonblocking=nonblocking,
+            abort=self.drain,
+        )
+        return kup_pb2.SendResponse(reply=_receive_pb(msg))
 
     @_unary
     async def Pass(
@@ -351,6 +409,19 @@ class KupService(kup_pb2_grpc.KupServicer):
         await self.leases.pass_(self._lease(request.lease_id))
         return kup_pb2.PassResponse()
 
+    @staticmethod
+    def _receive_args(mode: int, timeout_ms: int) -> tuple[float | None, bool]:
+        """(timeout in seconds or None, nonblocking) of a receive mode."""
+        if mode == kup_pb2.RECEIVE_MODE_BLOCK:
+            return None, False
+        if mode == kup_pb2.RECEIVE_MODE_NONBLOCK:
+            return None, True
+        if mode == kup_pb2.RECEIVE_MODE_DEADLINE:
+            if timeout_ms <= 0:
+                raise errors.InvalidArgument("RECEIVE_MODE_DEADLINE needs timeout_ms > 0")
+            return timeout_ms / 1000, False
+        raise errors.InvalidArgument(f"unknown receive mode {mode}")
+
     async def _receive(
         self,
         lease: Lease,
@@ -358,22 +429,14 @@ class KupService(kup_pb2_grpc.KupServicer):
         timeout_ms: int,
         context: grpc.aio.ServicerContext,
     ) -> kup_pb2.ReceiveResponse:
-        timeout: float | None = None
-        if mode == kup_pb2.RECEIVE_MODE_DEADLINE:
-            if timeout_ms <= 0:
-                raise errors.InvalidArgument("RECEIVE_MODE_DEADLINE needs timeout_ms > 0")
-            timeout = timeout_ms / 1000
-        elif mode not in (kup_pb2.RECEIVE_MODE_BLOCK, kup_pb2.RECEIVE_MODE_NONBLOCK):
-            raise errors.InvalidArgument(f"unknown receive mode {mode}")
+        timeout, nonblocking = self._receive_args(mode, timeout_ms)
         msg = await self.leases.receive(
             lease,
             self._deadline_cap(context, timeout),
-            nonblocking=mode == kup_pb2.RECEIVE_MODE_NONBLOCK,
+            nonblocking=nonblocking,
             abort=self.drain,
         )
-        if msg is None:
-            return kup_pb2.ReceiveResponse(not_ready=True)
-        return kup_pb2.ReceiveResponse(message=_message_pb(msg))
+        return _receive_pb(msg)
 
     @_unary
     async def Receive(
@@ -383,36 +446,55 @@ class KupService(kup_pb2_grpc.KupServicer):
         return await self._receive(lease, request.mode, request.timeout_ms, context)
 
     # ---------------------------------------------------------------- sessions
-    async def _next(
-        self, reader: AsyncIterator[kup_pb2.SessionRequest], lease: Lease | None
-    ) -> kup_pb2.SessionRequest | None:
-        """The next request, or None at the end of the stream; raises when
-        kupd drains or the lease is ended first."""
-        task = asyncio.ensure_future(reader.__anext__())
-        waiters: set[asyncio.Future[Any]] = {task, self.drain}
-        if lease is not None:
-            waiters.add(lease.ended)
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-        if task.done() and not task.cancelled():
-            try:
-                return task.result()
-            except StopAsyncIteration:
-                return None
+    def _raise_if_ended(self, lease: Lease | None) -> None:
         if lease is not None and lease.ended.done():
             exc = lease.ended.exception()
             if isinstance(exc, errors.KupError):
                 raise type(exc)(exc.message)
-        raise errors.Shutdown("kupd is shutting down")
+        if self.drain.done():
+            raise errors.Shutdown("kupd is shutting down")
+
+    async def _next(
+        self,
+        reader: AsyncIterator[kup_pb2.SessionRequest],
+        lease: Lease | None,
+        guard: _StreamGuard,
+    ) -> kup_pb2.SessionRequest | None:
+        """The next request, or None at the end of the stream; raises when
+        kupd drains or the lease is ended first (``guard`` cancels the wait)."""
+        self._raise_if_ended(lease)
+        guard.waiting = True
+        try:
+            return await reader.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not guard.take_cancel():
+                raise  # not ours: the client went away
+            self._raise_if_ended(lease)
+            raise errors.Shutdown("kupd is shutting down") from None
+        finally:
+            guard.waiting = False
 
     async def _session_op(
         self, lease: Lease, req: kup_pb2.SessionRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.SessionResponse:
         op = req.WhichOneof("op")
         rid = req.request_id
+        if op == "exchange":
+            x = req.exchange
+            self.guard.check_size(
+                self.guard.tenant(), "session", lease.dev.name, lease.ch.id, len(x.data)
+            )
+            timeout, nonblocking = self._receive_args(x.mode, x.timeout_ms)
+            msg = await self.leases.exchange(
+                lease,
+                x.data,
+                self._deadline_cap(context, timeout),
+                nonblocking=nonblocking,
+                abort=self.drain,
+            )
+            return kup_pb2.SessionResponse(request_id=rid, exchanged=_receive_pb(msg))
         if op == "send":
             self.guard.check_size(
                 self.guard.tenant(), "session", lease.dev.name, lease.ch.id, len(req.send.data)
@@ -439,36 +521,45 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> AsyncIterator[kup_pb2.SessionResponse]:
         self._check_open()
         reader = request_iterator.__aiter__()
-        first = await self._next(reader, None)
-        if first is None:
-            return
-        if first.WhichOneof("op") != "attach":
-            raise errors.InvalidArgument("the first Session request must be attach")
-        a = first.attach
-        lease = await self._take(a.device, a.channel if a.HasField("channel") else None, "session")
-        reason = "stream ended"
+        guard = _StreamGuard(self.drain)
         try:
-            yield kup_pb2.SessionResponse(
-                request_id=first.request_id, attached=self._attach_pb(lease, 0)
+            first = await self._next(reader, None, guard)
+            if first is None:
+                return
+            if first.WhichOneof("op") != "attach":
+                raise errors.InvalidArgument("the first Session request must be attach")
+            a = first.attach
+            lease = await self._take(
+                a.device, a.channel if a.HasField("channel") else None, "session"
             )
-            while True:
-                req = await self._next(reader, lease)
-                if req is None:
-                    return
-                try:
-                    resp = await self._session_op(lease, req, context)
-                except _IN_BAND as exc:
-                    self._count_error(status_for(exc)[0])
-                    resp = kup_pb2.SessionResponse(request_id=req.request_id, error=error_pb(exc))
-                yield resp
-        except errors.KupError as exc:
-            reason = f"error: {type(exc).__name__}"
-            raise
-        except asyncio.CancelledError:
-            reason = "stream cancelled"
-            raise
+            guard.watch(lease.ended)
+            reason = "stream ended"
+            try:
+                yield kup_pb2.SessionResponse(
+                    request_id=first.request_id, attached=self._attach_pb(lease, 0)
+                )
+                while True:
+                    req = await self._next(reader, lease, guard)
+                    if req is None:
+                        return
+                    try:
+                        resp = await self._session_op(lease, req, context)
+                    except _IN_BAND as exc:
+                        self._count_error(status_for(exc)[0])
+                        resp = kup_pb2.SessionResponse(
+                            request_id=req.request_id, error=error_pb(exc)
+                        )
+                    yield resp
+            except errors.KupError as exc:
+                reason = f"error: {type(exc).__name__}"
+                raise
+            except asyncio.CancelledError:
+                reason = "stream cancelled"
+                raise
+            finally:
+                self.leases.end(lease, reason)
         finally:
-            self.leases.end(lease, reason)
+            guard.close()
 
     # ---------------------------------------------------------------- calls
     @_unary

@@ -19,6 +19,7 @@ from kupd import errors
 from kupd.channel import Channel, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
+from kupd.metrics import ChannelMetrics
 from kupd.waiting import wait_message
 from kupd.watch import Event, EventType
 
@@ -28,7 +29,14 @@ log = get_logger("kupd.sessions")
 
 
 class Lease:
-    def __init__(self, lease_id: str, holder: str, dev: ManagedDevice, ch: Channel) -> None:
+    def __init__(
+        self,
+        lease_id: str,
+        holder: str,
+        dev: ManagedDevice,
+        ch: Channel,
+        metrics: ChannelMetrics,
+    ) -> None:
         self.id = lease_id
         self.holder = holder  # "session" | "lease"
         self.dev = dev
@@ -40,6 +48,9 @@ class Lease:
         self.end_reason = ""
         #: The tenant that took it (kupd.policy; "default" without tenants).
         self.tenant = "default"
+        #: This channel's metric children (looked up once, not per message).
+        self.m = metrics
+        self.rx_what = f"receive on channel {ch.id} of device {dev.name}"
 
     @property
     def active(self) -> bool:
@@ -75,7 +86,9 @@ class LeaseTable:
         if dev.dev is None or self.mgr.closing:
             ch.close()
             raise errors.Shutdown(f"device {device} went away during attach")
-        lease = Lease(secrets.token_hex(8), holder, dev, ch)
+        lease = Lease(
+            secrets.token_hex(8), holder, dev, ch, self.mgr.metrics.channel(device, ch.id)
+        )
         self.leases[lease.id] = lease
         dev.holders[ch.id] = (holder, lease.id)
         gauge = self.mgr.metrics.sessions if holder == "session" else self.mgr.metrics.leases
@@ -194,7 +207,7 @@ class LeaseTable:
         await self._enter(lease)
         try:
             lease.ch.send(data)
-            self.mgr.metrics.sent(lease.dev.name, lease.ch.id, len(data))
+            lease.m.sent(len(data))
         finally:
             self._leave(lease)
 
@@ -202,7 +215,7 @@ class LeaseTable:
         await self._enter(lease)
         try:
             lease.ch.pass_()
-            self.mgr.metrics.sent(lease.dev.name, lease.ch.id, 0)
+            lease.m.sent(0)
         finally:
             self._leave(lease)
 
@@ -216,19 +229,48 @@ class LeaseTable:
         """The kernel's message; None for a non-blocking receive with nothing there."""
         await self._enter(lease)
         try:
-            if nonblocking:
-                msg = lease.ch.try_receive()
-            else:
-                t0 = time.monotonic()
-                msg = await wait_message(
-                    lease.ch,
-                    timeout=timeout,
-                    aborts=(lease.ended, abort),
-                    what=f"receive on channel {lease.ch.id} of device {lease.dev.name}",
-                )
-                self.mgr.metrics.turn_wait.labels(lease.dev.name).observe(time.monotonic() - t0)
-            if msg is not None:
-                self.mgr.metrics.received(lease.dev.name, lease.ch.id, len(msg.data))
-            return msg
+            return await self._receive_entered(lease, timeout, nonblocking, abort)
         finally:
             self._leave(lease)
+
+    async def exchange(
+        self,
+        lease: Lease,
+        data: bytes,
+        timeout: float | None,
+        nonblocking: bool,
+        abort: asyncio.Future[None] | None = None,
+    ) -> Message | None:
+        """``send(data)`` then ``receive(...)`` as one operation (one lock
+        hold).  A failed send sent nothing; a failed receive leaves the data
+        sent and the reply owed to a later receive."""
+        self._check_size(lease, len(data))
+        await self._enter(lease)
+        try:
+            lease.ch.send(data)
+            lease.m.sent(len(data))
+            return await self._receive_entered(lease, timeout, nonblocking, abort)
+        finally:
+            self._leave(lease)
+
+    async def _receive_entered(
+        self,
+        lease: Lease,
+        timeout: float | None,
+        nonblocking: bool,
+        abort: asyncio.Future[None] | None,
+    ) -> Message | None:
+        if nonblocking:
+            msg = lease.ch.try_receive()
+        else:
+            t0 = time.monotonic()
+            msg = await wait_message(
+                lease.ch,
+                timeout=timeout,
+                aborts=(lease.ended, abort),
+                what=lease.rx_what,
+            )
+            lease.m.turn_wait.observe(time.monotonic() - t0)
+        if msg is not None:
+            lease.m.received(len(msg.data))
+        return msg

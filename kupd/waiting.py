@@ -40,25 +40,33 @@ async def wait_message(
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     fd = ch.fileno()
+    live = [a for a in aborts if a is not None]
     while True:
+        # One future woken by whichever comes first: the fd, an abort, the
+        # slice's timer -- callbacks only, no asyncio.wait (sets, a waiter
+        # future and a done-callback round per future per wake-up).
         woke: asyncio.Future[None] = loop.create_future()
 
-        def _ready(f: asyncio.Future[None] = woke) -> None:
+        def _ready(_: object = None, f: asyncio.Future[None] = woke) -> None:
             if not f.done():
                 f.set_result(None)
 
+        slice_end = loop.time() + SAFETY_SLICE
+        if deadline is not None and deadline < slice_end:
+            slice_end = deadline
+        timer = loop.call_at(slice_end, _ready)
         loop.add_reader(fd, _ready)
+        for a in live:
+            a.add_done_callback(_ready)
         try:
-            slice_ = SAFETY_SLICE
-            if deadline is not None:
-                slice_ = max(0.0, min(slice_, deadline - loop.time()))
-            waiters: set[asyncio.Future[None]] = {woke}
-            waiters.update(a for a in aborts if a is not None)
-            await asyncio.wait(waiters, timeout=slice_, return_when=asyncio.FIRST_COMPLETED)
+            await woke
         finally:
             loop.remove_reader(fd)
-        for abort in aborts:
-            if abort is not None and abort.done():
+            timer.cancel()
+            for a in live:
+                a.remove_done_callback(_ready)
+        for abort in live:
+            if abort.done():
                 exc = abort.exception() if not abort.cancelled() else None
                 if isinstance(exc, errors.KupError):
                     raise type(exc)(exc.message)  # a fresh exception per waiter
