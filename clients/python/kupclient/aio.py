@@ -124,6 +124,22 @@ class AsyncClient:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
 
+    async def lease_exchange(
+        self, lease_id: str, data: bytes, timeout: float | None = None
+    ) -> Message:
+        """Send ``data`` on a lease and wait for the reply, in one RPC (see
+        :meth:`kupclient.Client.lease_exchange`)."""
+        mode, ms = receive_mode(timeout)
+        req = kup_pb2.SendRequest(
+            lease_id=lease_id, data=data, wait_reply=True, reply_mode=mode, reply_timeout_ms=ms
+        )
+        resp = await self._unary("Send", req, _deadline(timeout))
+        if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
+            return await self.lease_receive(lease_id, timeout)
+        if resp.reply.not_ready:
+            raise errors.NotReady(f"lease {lease_id}: no message yet")
+        return message_from_pb(resp.reply.message)
+
     async def release(self, lease_id: str) -> None:
         await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_id), 30.0)
 
@@ -215,6 +231,19 @@ class AsyncChannel:
         if resp.received.not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
         return message_from_pb(resp.received.message)
+
+    async def exchange(self, data: bytes, timeout: float | None = None) -> Message:
+        """``send(data)`` then ``receive(timeout)`` as one request on the
+        stream (see :meth:`kupclient.Channel.exchange`)."""
+        mode, ms = receive_mode(timeout)
+        resp = await self._op(
+            kup_pb2.SessionRequest(
+                exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms)
+            )
+        )
+        if resp.exchanged.not_ready:
+            raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
+        return message_from_pb(resp.exchanged.message)
 
     async def try_receive(self) -> Message | None:
         try:

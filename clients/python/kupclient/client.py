@@ -133,6 +133,22 @@ class Client:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
 
+    def lease_exchange(self, lease_id: str, data: bytes, timeout: float | None = None) -> Message:
+        """Send ``data`` on a lease and wait for the reply, in one RPC (Send
+        with wait_reply).  ``timeout`` as for :meth:`lease_receive`; when the
+        wait fails (e.g. DeadlineExceeded) the data was sent and the reply is
+        still owed: :meth:`lease_receive` gets it."""
+        mode, ms = receive_mode(timeout)
+        req = kup_pb2.SendRequest(
+            lease_id=lease_id, data=data, wait_reply=True, reply_mode=mode, reply_timeout_ms=ms
+        )
+        resp = self._unary("Send", req, _deadline(timeout))
+        if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
+            return self.lease_receive(lease_id, timeout)
+        if resp.reply.not_ready:
+            raise errors.NotReady(f"lease {lease_id}: no message yet")
+        return message_from_pb(resp.reply.message)
+
     def release(self, lease_id: str) -> None:
         self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_id), 30.0)
 
@@ -233,6 +249,21 @@ class Channel:
         if resp.received.not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
         return message_from_pb(resp.received.message)
+
+    def exchange(self, data: bytes, timeout: float | None = None) -> Message:
+        """``send(data)`` then ``receive(timeout)`` as one request on the
+        stream (half the messages).  A failed send sent nothing; when the wait
+        fails (e.g. DeadlineExceeded) the data was sent and the reply is still
+        owed: :meth:`receive` gets it."""
+        mode, ms = receive_mode(timeout)
+        resp = self._op(
+            kup_pb2.SessionRequest(
+                exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms)
+            )
+        )
+        if resp.exchanged.not_ready:
+            raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
+        return message_from_pb(resp.exchanged.message)
 
     def try_receive(self) -> Message | None:
         """Non-blocking receive: the message, or None when the turn is not back."""
