@@ -44,7 +44,7 @@ lease_refs = st.one_of(st.integers(0, 3), st.text(max_size=20))
 
 @st.composite
 def session_request(draw: Any) -> kup_pb2.SessionRequest:
-    kind = draw(st.sampled_from(["attach", "send", "receive", "pass", "empty"]))
+    kind = draw(st.sampled_from(["attach", "send", "receive", "pass", "exchange", "empty"]))
     r = kup_pb2.SessionRequest(request_id=draw(st.integers(0, 2**64 - 1)))
     if kind == "attach":
         r.attach.device = draw(devices)
@@ -58,6 +58,10 @@ def session_request(draw: Any) -> kup_pb2.SessionRequest:
         r.receive.timeout_ms = draw(timeouts)
     elif kind == "pass":
         r.pass_turn.SetInParent()
+    elif kind == "exchange":
+        r.exchange.data = draw(data)
+        r.exchange.mode = draw(modes)
+        r.exchange.timeout_ms = draw(timeouts)
     return r
 
 
@@ -65,7 +69,7 @@ ops = st.one_of(
     st.tuples(st.just("list"), devices),
     st.tuples(st.just("attach"), devices, channels),
     st.tuples(st.just("release"), lease_refs),
-    st.tuples(st.just("send"), lease_refs, data),
+    st.tuples(st.just("send"), lease_refs, data, st.booleans(), modes, timeouts),
     st.tuples(st.just("receive"), lease_refs, modes, timeouts),
     st.tuples(st.just("pass"), lease_refs),
     st.tuples(st.just("call"), devices, data, timeouts, st.text(max_size=30)),
@@ -124,7 +128,16 @@ class Runner:
         elif name == "release":
             s.Release(kup_pb2.ReleaseRequest(lease_id=self.lease(op[1])), timeout=DEADLINE)
         elif name == "send":
-            s.Send(kup_pb2.SendRequest(lease_id=self.lease(op[1]), data=op[2]), timeout=DEADLINE)
+            s.Send(
+                kup_pb2.SendRequest(
+                    lease_id=self.lease(op[1]),
+                    data=op[2],
+                    wait_reply=op[3],
+                    reply_mode=op[4],
+                    reply_timeout_ms=op[5],
+                ),
+                timeout=DEADLINE,
+            )
         elif name == "receive":
             s.Receive(
                 kup_pb2.ReceiveRequest(lease_id=self.lease(op[1]), mode=op[2], timeout_ms=op[3]),
@@ -215,6 +228,7 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
     )
     @given(st.lists(ops, min_size=1, max_size=8))
     def example(seq: list[tuple[Any, ...]]) -> None:
+        ran.append(len(seq))
         r = Runner(stub, admin)
         try:
             for op in seq:
@@ -228,8 +242,12 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
         with fk.client("kupd") as c:
             assert c.health() == "SERVING"
 
+    ran: list[int] = []
     try:
         example()
+        # hypothesis really ran the bounded batch (not 0 examples)
+        assert len(ran) >= 20, ran
+        print(f"fuzz: {len(ran)} examples, {sum(ran)} operations")
     finally:
         adm.close()
         admin_chan.close()
