@@ -318,12 +318,16 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_op(t, holder, device, chan)
         self.guard.check_drained(device)
         mine = sum(1 for le in self.leases.leases.values() if le.tenant == t.name)
-        self.guard.check_sessions(t, holder, device, mine)
+        self.guard.check_sessions(t, holder, device, mine + self.guard.pending.get(t.name, 0))
         allowed = self.guard.channels_for(t, device)
-        if chan is None and allowed is not None:
-            lease = await self._take_granted(device, allowed, holder, t)
-        else:
-            lease = await self.leases.take(device, chan, holder)
+        self.guard.pending[t.name] = self.guard.pending.get(t.name, 0) + 1
+        try:
+            if chan is None and allowed is not None:
+                lease = await self._take_granted(device, allowed, holder, t)
+            else:
+                lease = await self.leases.take(device, chan, holder)
+        finally:
+            self.guard.pending[t.name] -= 1
         lease.tenant = t.name
         self.guard.owned(lease.id, t.name)
         bind(device=device, channel=lease.ch.id, lease=lease.id, tenant=t.name)
@@ -653,6 +657,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         scoped = not (t.admin or t.grants is None)
         async for ev in self.bus.subscribe(request.device, initial):
             lease_id = ev.lease_id
+            if scoped:
+                # A reload may have removed the tenant or its watch since.
+                self.guard.check_op(self.guard.tenant(), "watch", request.device)
             if scoped and ev.device:
                 now = self.guard.policy.tenant(t.name)
                 chan = ev.channel if ev.lease_id else None
