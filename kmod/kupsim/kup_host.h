@@ -25,11 +25,12 @@ struct kup_os_dev {
 };
 
 struct kup_os_chan {
-	pthread_mutex_t m;      /* sleep mutex for kernel-side waits */
-	pthread_cond_t  cv;
 	int             memfd;  /* the channel pages */
 	int             k2u_efd;/* kernel -> user wake-up */
-	int             u2k_efd;/* user -> kernel wake-up */
+	int             u2k_efd;/* user -> kernel wake-up (the user writes it;
+	                         * kernel-side sleepers poll it) */
+	int             kwake_efd;/* kup_os_chan_wake: detach, shutdown, new
+	                         * attachment (never handed to a user) */
 	void           *mem;
 	size_t          bytes;
 };

@@ -2,16 +2,27 @@
 /*
  * kupsim_glue.c -- kup_os.h and kup_module.h for kupsim.
  *
- * Kernel-side sleeps: a mutex + condition variable per channel/device.
- * kup_os_chan_wake takes the mutex before broadcasting and the sleeper
- * evaluates cond under the same mutex, so a wake-up issued after the state
- * change and before the sleep is never lost.  User-side wake-ups: a write
- * to the channel's kernel->user eventfd (counting, so one that arrives
- * before the user polls is not lost either).
+ * Kernel-side channel sleeps wait on eventfds, so that a user's wake-up
+ * reaches the sleeping module thread in one hop: the sleeper polls the
+ * channel's user->kernel eventfd (the user writes it after handing over
+ * the turn and seeing kernel_waiting) and the channel's internal kwake
+ * eventfd (kup_os_chan_wake: detach, shutdown, a new attachment, and
+ * kup_core_user_wake from in-process tests).  No lost wake-up: the
+ * sleeper drains both eventfds FIRST, then evaluates cond, then polls; a
+ * wake-up written after the drain leaves the eventfd readable, one
+ * written before it follows the state change cond looks at.  The core
+ * sleeps on a channel only under that channel's lock, so there is one
+ * sleeper per channel and draining cannot steal another sleeper's
+ * wake-up.  Device sleeps (kupdev_wait_channel) use a mutex + condition
+ * variable: kup_os_dev_wake takes the mutex before broadcasting and the
+ * sleeper evaluates cond under the same mutex.  User-side wake-ups: a
+ * write to the channel's kernel->user eventfd (counting, so one that
+ * arrives before the user polls is not lost either).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,7 +102,7 @@ kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes
 	char name[64];
 	void *mem;
 
-	os->memfd = os->k2u_efd = os->u2k_efd = -1;
+	os->memfd = os->k2u_efd = os->u2k_efd = os->kwake_efd = -1;
 	snprintf(name, sizeof(name), "kup-%s-%u", kup_core_dev_name(sc),
 	    kup_core_chan_id(ch));
 	os->memfd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -112,8 +123,9 @@ kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes
 	os->u2k_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (os->u2k_efd < 0)
 		goto fail_map;
-	pthread_mutex_init(&os->m, NULL);
-	cond_init_mono(&os->cv);
+	os->kwake_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (os->kwake_efd < 0)
+		goto fail_map;
 	os->mem = mem;
 	os->bytes = bytes;
 	return mem;
@@ -129,7 +141,9 @@ fail:
 		close(os->k2u_efd);
 	if (os->u2k_efd >= 0)
 		close(os->u2k_efd);
-	os->memfd = os->k2u_efd = os->u2k_efd = -1;
+	if (os->kwake_efd >= 0)
+		close(os->kwake_efd);
+	os->memfd = os->k2u_efd = os->u2k_efd = os->kwake_efd = -1;
 	return NULL;
 }
 
@@ -145,12 +159,13 @@ kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
 	close(os->memfd);
 	close(os->k2u_efd);
 	close(os->u2k_efd);
-	pthread_cond_destroy(&os->cv);
-	pthread_mutex_destroy(&os->m);
+	close(os->kwake_efd);
 	os->mem = NULL;
 }
 
 /* ---- sleeping and waking -------------------------------------------- */
+
+static void efd_kick(int fd);
 
 static void
 deadline_after(struct timespec *ts, int ms)
@@ -164,37 +179,63 @@ deadline_after(struct timespec *ts, int ms)
 	}
 }
 
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+efd_drain(int fd)
+{
+	uint64_t v;
+
+	/* non-semaphore eventfd: one read takes the whole count */
+	while (read(fd, &v, sizeof(v)) < 0 && errno == EINTR)
+		;
+}
+
 int
 kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
     int timeout_ms)
 {
 	struct kup_os_chan *os = kup_core_chan_os(ch);
-	struct timespec dl;
-	int r = 0;
+	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 
-	if (timeout_ms >= 0)
-		deadline_after(&dl, timeout_ms);
-	pthread_mutex_lock(&os->m);
-	while (!cond(ch)) {
-		if (timeout_ms < 0) {
-			pthread_cond_wait(&os->cv, &os->m);
-		} else if (pthread_cond_timedwait(&os->cv, &os->m, &dl) == ETIMEDOUT) {
-			r = cond(ch) ? 0 : -ETIMEDOUT;
-			break;
+	for (;;) {
+		struct pollfd pf[2];
+		int slice = -1;
+
+		/* arm: consume old wake-ups, then look */
+		efd_drain(os->u2k_efd);
+		efd_drain(os->kwake_efd);
+		if (cond(ch))
+			return 0;
+		if (timeout_ms == 0)
+			return -ETIMEDOUT;
+		if (timeout_ms > 0) {
+			int64_t left = deadline - now_ms();
+
+			if (left <= 0)
+				return -ETIMEDOUT;
+			slice = left > 0x7fffffff ? 0x7fffffff : (int)left;
+		}
+		pf[0] = (struct pollfd){ .fd = os->u2k_efd, .events = POLLIN };
+		pf[1] = (struct pollfd){ .fd = os->kwake_efd, .events = POLLIN };
+		if (poll(pf, 2, slice) < 0 && errno != EINTR) {
+			kup_os_log("kupsim: kernel-side poll: %s", strerror(errno));
+			return -EINTR;
 		}
 	}
-	pthread_mutex_unlock(&os->m);
-	return r;
 }
 
 void
 kup_os_chan_wake(struct kup_chan *ch)
 {
-	struct kup_os_chan *os = kup_core_chan_os(ch);
-
-	pthread_mutex_lock(&os->m);
-	pthread_cond_broadcast(&os->cv);
-	pthread_mutex_unlock(&os->m);
+	efd_kick(kup_core_chan_os(ch)->kwake_efd);
 }
 
 static void

@@ -3,14 +3,21 @@
  * kupsim_server.c -- publishes each device as RUNDIR/<name>.sock and serves
  * the wire protocol of kupsim_proto.h from one poll thread.
  *
- * One thread polls: a control eventfd, every listening socket, every
- * device's event eventfd, every connection and, for attached connections,
- * the channel's user->kernel eventfd.  A connection's lifetime is its
- * attachment: when the peer closes it (or dies) the thread sees POLLHUP /
- * EOF and calls kup_core_detach().  No pid polling.
+ * One thread waits in epoll on: a control eventfd, every listening socket,
+ * every device's event eventfd and every connection; each fd is registered
+ * once (when its listener / connection appears), so a wake-up costs the
+ * same with 1000 idle attachments as with none.  A connection's lifetime
+ * is its attachment: when the peer closes it (or dies) the thread sees
+ * EPOLLHUP / EOF and calls kup_core_detach().  No pid polling.  The
+ * channels' user->kernel eventfds are NOT watched here: a module thread
+ * sleeping on a channel polls that eventfd itself (kupsim_glue.c), so a
+ * user's wake-up is one hop.
  *
  * S.mu (recursive) protects the lists; the poll thread holds it while it
  * handles events, and module threads take it in publish/withdraw/release.
+ * Objects an event may point at are freed only between batches: a closed
+ * connection is unlinked and marked dead at once and freed after the
+ * batch; withdrawn listeners are reaped after the batch.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -33,11 +41,24 @@
 #include "kupsim.h"
 #include "kupsim_proto.h"
 
+/* what an epoll event points at */
+#define TAG_CTL  0
+#define TAG_LIS  1
+#define TAG_EV   2
+#define TAG_CONN 3
+
+struct etag {
+	int tag;
+	void *p;
+};
+
 struct listener {
 	struct kupdev_softc *sc;   /* valid until withdrawn */
 	int fd;
 	int ev_fd;
 	int withdrawn;
+	int registered;            /* fd and ev_fd are in S.ep */
+	struct etag t_lis, t_ev;
 	char name[KUP_NAME_MAX];
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	struct listener *next;
@@ -50,9 +71,10 @@ struct listener {
 struct conn {
 	int fd;
 	int kind;
+	int dead;                  /* closed; freed after the batch */
 	struct kupdev_softc *sc;   /* referenced */
 	struct kup_chan *ch;       /* CONN_ATTACHED */
-	int u2k_efd;
+	struct etag t;
 	struct conn *next;
 };
 
@@ -62,12 +84,34 @@ static struct {
 	int running;
 	int stop;
 	int ctl_efd;
+	int ep;                    /* epoll: every fd the thread serves */
 	int lock_fd;
 	pthread_t thr;
 	char rundir[PATH_MAX];
 	struct listener *ls;
 	struct conn *cs;
-} S = { .ctl_efd = -1, .lock_fd = -1 };
+	struct conn *graveyard;    /* closed during a batch */
+	struct etag t_ctl;
+} S = { .ctl_efd = -1, .ep = -1, .lock_fd = -1 };
+
+static int
+ep_add(int fd, struct etag *t)
+{
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = t };
+
+	if (epoll_ctl(S.ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+		kup_os_log("kupsim: epoll_ctl(ADD %d): %s", fd, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static void
+ep_del(int fd)
+{
+	if (fd >= 0 && S.ep >= 0)
+		(void)epoll_ctl(S.ep, EPOLL_CTL_DEL, fd, NULL);
+}
 
 static void
 kick(int fd)
@@ -172,8 +216,33 @@ reap_listeners(void)
 		}
 		*pp = l->next;
 		send_event(l->sc, NULL);   /* only touches sc via watchers' refs */
+		if (l->registered) {
+			ep_del(l->fd);
+			ep_del(l->ev_fd);   /* -1 once released (deregistered there) */
+		}
 		close(l->fd);
 		free(l);
+	}
+}
+
+/* Under S.mu, poll thread: put listeners published since into the set. */
+static void
+register_listeners(void)
+{
+	struct listener *l;
+
+	for (l = S.ls; l != NULL; l = l->next) {
+		if (l->registered || l->withdrawn)
+			continue;
+		l->t_lis = (struct etag){ TAG_LIS, l };
+		l->t_ev = (struct etag){ TAG_EV, l };
+		if (ep_add(l->fd, &l->t_lis) != 0)
+			continue;
+		if (ep_add(l->ev_fd, &l->t_ev) != 0) {
+			ep_del(l->fd);
+			continue;
+		}
+		l->registered = 1;
 	}
 }
 
@@ -189,6 +258,10 @@ kupsim_server_release(struct kupdev_softc *sc)
 		if (l->sc == sc) {
 			l->withdrawn = 1;
 			l->sc = NULL;
+			/* the caller closes ev_fd next: out of the epoll set first,
+			 * so that a reused fd number is never deregistered by us */
+			if (l->registered)
+				ep_del(l->ev_fd);
 			l->ev_fd = -1;
 		}
 	}
@@ -222,22 +295,66 @@ kupsim_server_names(char *buf, size_t len)
 
 /* ---- connections ------------------------------------------------------ */
 
+/* Under S.mu: detach and close now; the struct is freed by
+ * free_graveyard() once no event of the current batch can point at it. */
 static void
 conn_close(struct conn *c)
 {
 	struct conn **pp;
 
+	if (c->dead)
+		return;
 	for (pp = &S.cs; *pp != NULL; pp = &(*pp)->next) {
 		if (*pp == c) {
 			*pp = c->next;
 			break;
 		}
 	}
+	c->dead = 1;
 	if (c->kind == CONN_ATTACHED && c->ch != NULL)
 		kup_core_detach(c->ch);
+	ep_del(c->fd);
 	close(c->fd);
+	c->fd = -1;
 	kup_core_dev_put(c->sc);
-	free(c);
+	c->sc = NULL;
+	c->next = S.graveyard;
+	S.graveyard = c;
+}
+
+static void
+free_graveyard(void)
+{
+	struct conn *c;
+
+	while ((c = S.graveyard) != NULL) {
+		S.graveyard = c->next;
+		free(c);
+	}
+}
+
+/* Under S.mu: close the attachments of sc whose peer has already hung up
+ * but whose EPOLLHUP this thread has not handled yet (it may be further
+ * down the ready list than the new ATTACH that wants the channel). */
+static int
+reap_departed(struct kupdev_softc *sc)
+{
+	struct conn *c, *next;
+	int n = 0;
+
+	for (c = S.cs; c != NULL; c = next) {
+		struct pollfd pf = { .fd = c->fd, .events = POLLIN };
+
+		next = c->next;
+		if (c->kind != CONN_ATTACHED || c->sc != sc)
+			continue;
+		if (poll(&pf, 1, 0) == 1 &&
+		    (pf.revents & (POLLHUP | POLLERR | POLLNVAL))) {
+			conn_close(c);
+			n++;
+		}
+	}
+	return n;
 }
 
 static int
@@ -343,6 +460,8 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 	if (q->pages != 0 && q->pages != pages)
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_INVAL);
 	e = kup_core_attach(c->sc, q->chan_id, q->abi_version, &ch);
+	if (e == -EBUSY && reap_departed(c->sc) != 0)
+		e = kup_core_attach(c->sc, q->chan_id, q->abi_version, &ch);
 	if (e != 0)
 		return reply_status(c, KUPSIM_OP_ATTACH, kup_core_errno_to_kup(e));
 	os = kup_core_chan_os(ch);
@@ -373,7 +492,6 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 	memcpy(CMSG_DATA(cmh), fds, sizeof(fds));
 	c->kind = CONN_ATTACHED;
 	c->ch = ch;
-	c->u2k_efd = os->u2k_efd;
 	if (sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)sizeof(r))
 		return -1;   /* caller closes: detaches */
 	return 0;
@@ -428,7 +546,12 @@ accept_on(struct listener *l)
 		}
 		c->fd = fd;
 		c->kind = CONN_PLAIN;
-		c->u2k_efd = -1;
+		c->t = (struct etag){ TAG_CONN, c };
+		if (ep_add(fd, &c->t) != 0) {
+			close(fd);
+			free(c);
+			return;
+		}
 		c->sc = l->sc;
 		kup_core_dev_ref(c->sc);
 		c->next = S.cs;
@@ -438,166 +561,90 @@ accept_on(struct listener *l)
 
 /* ---- the poll thread --------------------------------------------------- */
 
-#define TAG_CTL  0
-#define TAG_LIS  1
-#define TAG_EV   2
-#define TAG_CONN 3
-#define TAG_U2K  4
-
-struct pslot {
-	int tag;
-	void *p;
-};
-
-static int
-listener_alive(struct listener *want)
-{
-	struct listener *l;
-
-	for (l = S.ls; l != NULL; l = l->next)
-		if (l == want)
-			return !l->withdrawn;
-	return 0;
-}
-
-static int
-conn_alive(struct conn *want)
-{
-	struct conn *c;
-
-	for (c = S.cs; c != NULL; c = c->next)
-		if (c == want)
-			return 1;
-	return 0;
-}
+#define EP_BATCH 256
 
 static void *
 poll_main(void *arg)
 {
-	struct pollfd *pf = NULL;
-	struct pslot *slot = NULL;
-	size_t cap = 0;
+	struct epoll_event evs[EP_BATCH];
 
 	(void)arg;
+	pthread_mutex_lock(&S.mu);
+	register_listeners();
+	pthread_mutex_unlock(&S.mu);
 	for (;;) {
-		struct listener *l;
-		struct conn *c;
-		size_t n = 0, i, need = 1;
-		int r;
+		int n, i, ctl = 0;
 
+		n = epoll_wait(S.ep, evs, EP_BATCH, -1);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			kup_os_log("kupsim: epoll_wait: %s", strerror(errno));
+			break;
+		}
 		pthread_mutex_lock(&S.mu);
 		if (S.stop) {
 			pthread_mutex_unlock(&S.mu);
 			break;
 		}
-		reap_listeners();
-		for (l = S.ls; l != NULL; l = l->next)
-			need += 2;
-		for (c = S.cs; c != NULL; c = c->next)
-			need += 2;
-		if (need > cap) {
-			size_t ncap = need * 2;
-			struct pollfd *npf = realloc(pf, ncap * sizeof(*pf));
-			struct pslot *ns;
-
-			if (npf == NULL) {
-				pthread_mutex_unlock(&S.mu);
-				kup_os_log("kupsim: out of memory in poll loop");
-				break;
-			}
-			pf = npf;
-			ns = realloc(slot, ncap * sizeof(*slot));
-			if (ns == NULL) {
-				pthread_mutex_unlock(&S.mu);
-				kup_os_log("kupsim: out of memory in poll loop");
-				break;
-			}
-			slot = ns;
-			cap = ncap;
-		}
-		pf[n] = (struct pollfd){ .fd = S.ctl_efd, .events = POLLIN };
-		slot[n++] = (struct pslot){ TAG_CTL, NULL };
-		for (l = S.ls; l != NULL; l = l->next) {
-			pf[n] = (struct pollfd){ .fd = l->fd, .events = POLLIN };
-			slot[n++] = (struct pslot){ TAG_LIS, l };
-			pf[n] = (struct pollfd){ .fd = l->ev_fd, .events = POLLIN };
-			slot[n++] = (struct pslot){ TAG_EV, l };
-		}
-		for (c = S.cs; c != NULL; c = c->next) {
-			pf[n] = (struct pollfd){ .fd = c->fd, .events = POLLIN };
-			slot[n++] = (struct pslot){ TAG_CONN, c };
-			if (c->kind == CONN_ATTACHED) {
-				pf[n] = (struct pollfd){ .fd = c->u2k_efd, .events = POLLIN };
-				slot[n++] = (struct pslot){ TAG_U2K, c };
-			}
-		}
-		pthread_mutex_unlock(&S.mu);
-
-		r = poll(pf, n, -1);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			kup_os_log("kupsim: poll: %s", strerror(errno));
-			break;
-		}
-		pthread_mutex_lock(&S.mu);
 		/* Departures first: a process that closed one attachment and
 		 * then asked for the channel again on a new connection must
-		 * find it free, whatever order the two show up in. */
+		 * find it free, whatever order the two show up in (one further
+		 * down the ready list is caught by do_attach's reap_departed). */
 		for (i = 0; i < n; i++) {
-			if (slot[i].tag == TAG_CONN &&
-			    (pf[i].revents & (POLLHUP | POLLERR | POLLNVAL)) &&
-			    conn_alive(slot[i].p)) {
-				size_t j;
+			struct etag *t = evs[i].data.ptr;
 
-				conn_close(slot[i].p);
-				/* forget its slots: the address may be reused */
-				for (j = 0; j < n; j++)
-					if (slot[j].p == slot[i].p && j != i)
-						pf[j].revents = 0;
-				pf[i].revents = 0;
+			if (t->tag == TAG_CONN &&
+			    (evs[i].events & (EPOLLHUP | EPOLLERR))) {
+				conn_close(t->p);
+				evs[i].events = 0;
 			}
 		}
 		for (i = 0; i < n; i++) {
-			short re = pf[i].revents;
+			struct etag *t = evs[i].data.ptr;
+			struct listener *l;
+			struct conn *c;
 
-			if (re == 0)
+			if (evs[i].events == 0)
 				continue;
-			switch (slot[i].tag) {
+			switch (t->tag) {
 			case TAG_CTL:
-				drain(S.ctl_efd);
+				ctl = 1;
 				break;
 			case TAG_LIS:
-				if (listener_alive(slot[i].p))
-					accept_on(slot[i].p);
+				l = t->p;
+				if (!l->withdrawn)
+					accept_on(l);
+				else
+					ctl = 1;   /* reap it: level-triggered */
 				break;
 			case TAG_EV:
-				l = slot[i].p;
-				if (listener_alive(l)) {
+				l = t->p;
+				if (!l->withdrawn && l->ev_fd >= 0) {
 					drain(l->ev_fd);
 					send_event(l->sc, NULL);
-				}
-				break;
-			case TAG_U2K:
-				c = slot[i].p;
-				if (conn_alive(c) && c->kind == CONN_ATTACHED) {
-					drain(c->u2k_efd);
-					kup_core_user_wake(c->ch);
+				} else {
+					ctl = 1;
 				}
 				break;
 			case TAG_CONN:
-				c = slot[i].p;
-				if (!conn_alive(c))
-					break;
-				if ((re & POLLIN) && conn_input(c) != 0)
+				c = t->p;
+				if (!c->dead && (evs[i].events & EPOLLIN) &&
+				    conn_input(c) != 0)
 					conn_close(c);
 				break;
 			}
 		}
+		/* publish / withdraw kick the control eventfd; listeners are
+		 * freed only here, after every event that may point at them */
+		if (ctl) {
+			drain(S.ctl_efd);
+			reap_listeners();
+			register_listeners();
+		}
+		free_graveyard();
 		pthread_mutex_unlock(&S.mu);
 	}
-	free(pf);
-	free(slot);
 	return NULL;
 }
 
@@ -638,6 +685,12 @@ kupsim_server_start(const char *rundir)
 	S.ctl_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (S.ctl_efd < 0)
 		goto fail_lock;
+	S.ep = epoll_create1(EPOLL_CLOEXEC);
+	if (S.ep < 0)
+		goto fail_efd;
+	S.t_ctl = (struct etag){ TAG_CTL, NULL };
+	if (ep_add(S.ctl_efd, &S.t_ctl) != 0)
+		goto fail_efd;
 	pthread_mutexattr_init(&a);
 	pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
 	pthread_mutex_init(&S.mu, &a);
@@ -650,6 +703,9 @@ kupsim_server_start(const char *rundir)
 
 fail_efd:
 	S.running = 0;
+	if (S.ep >= 0)
+		close(S.ep);
+	S.ep = -1;
 	close(S.ctl_efd);
 	S.ctl_efd = -1;
 fail_lock:
@@ -681,7 +737,10 @@ kupsim_server_stop(void)
 		close(l->fd);
 		free(l);
 	}
+	free_graveyard();
 	pthread_mutex_unlock(&S.mu);
+	close(S.ep);
+	S.ep = -1;
 	close(S.ctl_efd);
 	S.ctl_efd = -1;
 	S.running = 0;
