@@ -75,21 +75,30 @@ async def run(ctx: RunCtx) -> None:
                  sub="cpu"),
             cost("bare.bidi64", S_TRANSPORT, "server CPU per bidi round trip", "us CPU",
                  sub="cpu"),
-            cost("kupd.session_rt", S_E2E, "kupd CPU per Session round trip (client)",
+            cost("kupd.session_rt", S_E2E, "kupd CPU per Session round trip (client exchange)",
+                 "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("kupd.session_rt_sr", S_E2E,
+                 "kupd CPU per Session round trip (client send+receive)",
                  "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
             cost("kupd.session_rt_pipe", S_E2E, "kupd CPU per Session round trip (pipelined)",
                  "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("kupd.unary_x", S_E2E, "kupd CPU per unary Send (wait_reply)", "us CPU",
+                 sub="cpu", baseline="bare.unary64.cpu"),
             cost("kupd.unary_sr", S_E2E, "kupd CPU per unary Send + Receive", "us CPU",
                  sub="cpu", baseline="bare.unary64.cpu"),
             cost("kupd.call_rt", S_E2E, "kupd CPU per Call", "us CPU", sub="cpu",
                  baseline="bare.unary64.cpu"),
         ]
         kupd_rt_specs = [
-            lat("kupd.session_rt", S_E2E, "Session round trip (client send+receive), 64 B",
+            lat("kupd.session_rt", S_E2E, "Session round trip (client exchange), 64 B",
+                baseline="bare.bidi64"),
+            lat("kupd.session_rt_sr", S_E2E, "Session round trip (client send+receive), 64 B",
                 baseline="bare.bidi64"),
             lat("kupd.session_rt_pipe", S_E2E,
                 "Session round trip, send+receive pipelined on the stream, 64 B",
                 baseline="bare.bidi64"),
+            lat("kupd.unary_x", S_E2E, "unary Send with wait_reply (1 RPC), 64 B",
+                baseline="bare.unary64"),
             lat("kupd.unary_sr", S_E2E, "unary Send + Receive (2 RPCs), 64 B",
                 baseline="bare.unary64"),
             lat("kupd.call_rt", S_E2E, "Call round trip, 64 B", baseline="bare.unary64"),
@@ -154,10 +163,10 @@ async def run(ctx: RunCtx) -> None:
             pump_specs.append(rate(f"bare.pump_{nm}", S_TRANSPORT,
                                    f"bidi stream throughput, {pretty}"))
             pump_specs.append(rate(f"kupd.pump_{nm}", S_E2E,
-                                   f"Session stream throughput (pipelined), {pretty}",
+                                   f"Session stream throughput (pipelined exchanges), {pretty}",
                                    baseline=f"bare.pump_{nm}"))
         pump_specs.append(rate("kupd.client_pp_64k", S_E2E,
-                               "kupclient channel send+receive throughput, 64 KiB",
+                               "kupclient channel exchange throughput, 64 KiB",
                                baseline="bare.pump_64k"))
         async with group(ctx, "grpc: stream throughput", pump_specs):
             work = {}

@@ -8,8 +8,10 @@
 
 Clients: the kupclient library (what users get) for Session / lease / Call
 round trips and the scale shapes, and the raw kup.v1 stubs for what the
-protocol allows beyond the library (send and receive pipelined on one
-Session stream; distinct Call ``caller`` keys for 256 clients).
+protocol allows beyond the library (requests pipelined on one Session
+stream; distinct Call ``caller`` keys for 256 clients).  A request/reply is
+an ``exchange`` (one request, one response) unless the echoer is built with
+``exchange=False`` (a ``send`` then a ``receive``: two of each).
 """
 
 from __future__ import annotations
@@ -42,19 +44,23 @@ OP_TIMEOUT_S = 30.0
 class ClientSession:
     """A channel held through kupclient's AsyncChannel (a Session stream)."""
 
-    def __init__(self, ch: Any) -> None:
+    def __init__(self, ch: Any, exchange: bool = True) -> None:
         self.ch = ch
+        self.exchange = exchange
 
     @classmethod
-    async def open(cls, client: Any, device: str) -> ClientSession:
+    async def open(cls, client: Any, device: str, exchange: bool = True) -> ClientSession:
         ch = await (await client.open(device)).channel()
         first = await ch.receive(timeout=OP_TIMEOUT_S)  # echo hands the turn over: PASS
         del first
-        return cls(ch)
+        return cls(ch, exchange)
 
     async def rt(self, data: bytes) -> bytes:
-        await self.ch.send(data)
-        m = await self.ch.receive(timeout=OP_TIMEOUT_S)
+        if self.exchange:
+            m = await self.ch.exchange(data, timeout=OP_TIMEOUT_S)
+        else:
+            await self.ch.send(data)
+            m = await self.ch.receive(timeout=OP_TIMEOUT_S)
         return bytes(m.data)
 
     async def pump(self, data: bytes, count: int) -> int:
@@ -73,12 +79,14 @@ class ClientSession:
 
 
 class RawSession:
-    """A Session stream driven with the raw stubs: send and receive requests
-    are written back to back (pipelined), responses read in order."""
+    """A Session stream driven with the raw stubs: requests are written back
+    to back (pipelined), responses read in order.  Each echo is one
+    ``exchange`` request, or (``exchange=False``) a ``send`` and a ``receive``."""
 
-    def __init__(self, stub: Any, pb: Any, device: str) -> None:
+    def __init__(self, stub: Any, pb: Any, device: str, exchange: bool = True) -> None:
         self.pb = pb
         self.device = device
+        self.exchange = exchange
         self.call: Any = stub.Session()
         self.next_id = 0
         self.max_msg = 0
@@ -103,26 +111,33 @@ class RawSession:
         await self._read()  # the echo module's first PASS
         return self
 
-    async def rt(self, data: bytes) -> bytes:
-        await self.call.write(self._req(send=self.pb.SessionSend(data=data)))
-        await self.call.write(self._req(receive=self.pb.SessionReceive()))
+    async def _write_echo(self, data: bytes) -> None:
+        if self.exchange:
+            await self.call.write(self._req(exchange=self.pb.SessionExchange(data=data)))
+        else:
+            await self.call.write(self._req(send=self.pb.SessionSend(data=data)))
+            await self.call.write(self._req(receive=self.pb.SessionReceive()))
+
+    async def _read_echo(self) -> bytes:
+        if self.exchange:
+            return bytes((await self._read()).exchanged.message.data)
         await self._read()
-        resp = await self._read()
-        return bytes(resp.received.message.data)
+        return bytes((await self._read()).received.message.data)
+
+    async def rt(self, data: bytes) -> bytes:
+        await self._write_echo(data)
+        return await self._read_echo()
 
     async def pump(self, data: bytes, count: int) -> int:
         async def writer() -> None:
             for _ in range(count):
-                await self.call.write(self._req(send=self.pb.SessionSend(data=data)))
-                await self.call.write(self._req(receive=self.pb.SessionReceive()))
+                await self._write_echo(data)
 
         wtask = asyncio.create_task(writer())
         got = 0
         try:
             for _ in range(count):
-                await self._read()
-                resp = await self._read()
-                got += len(resp.received.message.data)
+                got += len(await self._read_echo())
             await wtask
         finally:
             if not wtask.done():
@@ -136,20 +151,25 @@ class RawSession:
 
 
 class LeaseEcho:
-    """A unary lease: Attach, then Send + Receive as two RPCs per round trip."""
+    """A unary lease: Attach, then per round trip one Send with wait_reply
+    (``lease_exchange``), or (``exchange=False``) Send + Receive: two RPCs."""
 
-    def __init__(self, client: Any, lease_id: str) -> None:
+    def __init__(self, client: Any, lease_id: str, exchange: bool = True) -> None:
         self.client = client
         self.lease_id = lease_id
+        self.exchange = exchange
 
     @classmethod
-    async def open(cls, client: Any, device: str) -> LeaseEcho:
+    async def open(cls, client: Any, device: str, exchange: bool = True) -> LeaseEcho:
         lease = await client.attach(device)
-        self = cls(client, lease.lease_id)
+        self = cls(client, lease.lease_id, exchange)
         await client.lease_receive(self.lease_id, timeout=OP_TIMEOUT_S)  # first PASS
         return self
 
     async def rt(self, data: bytes) -> bytes:
+        if self.exchange:
+            m = await self.client.lease_exchange(self.lease_id, data, timeout=OP_TIMEOUT_S)
+            return bytes(m.data)
         await self.client.lease_send(self.lease_id, data)
         m = await self.client.lease_receive(self.lease_id, timeout=OP_TIMEOUT_S)
         return bytes(m.data)
@@ -229,8 +249,9 @@ class KupdSut:
         argv = [sys.executable, "-m", "kupd.daemon", "--config", str(conf)]
         env = {"PYTHONPATH": os.pathsep.join(
             [str(ctx.root), str(ctx.root / "clients" / "python")])}
-        proc = Proc(argv, name="kupd", env=env, ready_path=sock, log=ctx.logs / "kupd.log",
-                    timeout=30.0).start()
+        # cwd = root too: `python -m` puts the cwd first on sys.path
+        proc = Proc(argv, name="kupd", env=env, cwd=ctx.root, ready_path=sock,
+                    log=ctx.logs / "kupd.log", timeout=30.0).start()
         stack.callback(proc.stop)
         self = cls(ctx, stack, proc, sock, big_device)
         stack.push_async_callback(self.client.close)
@@ -270,9 +291,13 @@ class KupdSut:
         out: dict[str, Any] = {}
         try:
             out["kupd.session_rt"] = await ClientSession.open(self.client, self.device)
-            out["kupd.session_rt_pipe"] = await RawSession(self.stub, self.pb,
-                                                           self.device).open()
-            out["kupd.unary_sr"] = await LeaseEcho.open(self.client, self.device)
+            out["kupd.session_rt_sr"] = await ClientSession.open(self.client, self.device,
+                                                                 exchange=False)
+            out["kupd.session_rt_pipe"] = await RawSession(self.stub, self.pb, self.device,
+                                                           exchange=False).open()
+            out["kupd.unary_x"] = await LeaseEcho.open(self.client, self.device)
+            out["kupd.unary_sr"] = await LeaseEcho.open(self.client, self.device,
+                                                        exchange=False)
             out["kupd.call_rt"] = CallEcho(self.client, self.device)
         except BaseException:
             await self.close_idle(list(out.values()))
