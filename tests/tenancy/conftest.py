@@ -4,63 +4,19 @@ serving three tenants, an admin socket and an audit log."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tenancy_helpers import NOBODY, TenantKupd, socket_dir
+from tenancy_helpers import DEVICES, TENANTS, StartTenants, TenantKupd, socket_dir
 
 from kupd.testing import KupSim, kupsim
-
-DEVICES = """
-[[device]]
-name = "echo"
-call_channels = 4
-
-[[device]]
-name = "rot13"
-call_channels = 0
-"""
-
-#: alice: echo channels 8-15 only, her socket owned by uid 65534 (nobody);
-#: bob: Calls only; carol: both devices, a tiny call rate.
-TENANTS = f"""
-[[tenant]]
-name = "alice"
-socket = "@DIR@/alice.sock"
-owner = {NOBODY}
-mode = "0600"
-max_sessions = 2
-max_message_bytes = 64
-[[tenant.grant]]
-device = "echo"
-channels = "8-15"
-
-[[tenant]]
-name = "bob"
-socket = "@DIR@/bob.sock"
-ops = ["call"]
-[[tenant.grant]]
-device = "echo"
-
-[[tenant]]
-name = "carol"
-socket = "@DIR@/carol.sock"
-calls_per_second = 0.01
-[[tenant.grant]]
-device = "echo"
-[[tenant.grant]]
-device = "rot13"
-"""
 
 
 @pytest.fixture(scope="module")
 def tsim() -> Iterator[KupSim]:
     with kupsim("echo", "rot13", check_exit=False, ready_timeout=60.0) as s:
         yield s
-
-
-StartTenants = Callable[[str], TenantKupd]
 
 
 @pytest.fixture

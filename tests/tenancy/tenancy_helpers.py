@@ -123,9 +123,54 @@ class TenantKupd:
                 self.proc.wait()
 
 
+DEVICES = """
+[[device]]
+name = "echo"
+call_channels = 4
+
+[[device]]
+name = "rot13"
+call_channels = 0
+"""
+
+#: alice: echo channels 8-15 only, her socket owned by uid 65534 (nobody);
+#: bob: Calls only; carol: both devices, a tiny call rate.
+TENANTS = f"""
+[[tenant]]
+name = "alice"
+socket = "@DIR@/alice.sock"
+owner = {NOBODY}
+mode = "0600"
+max_sessions = 2
+max_message_bytes = 64
+[[tenant.grant]]
+device = "echo"
+channels = "8-15"
+
+[[tenant]]
+name = "bob"
+socket = "@DIR@/bob.sock"
+ops = ["call"]
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "carol"
+socket = "@DIR@/carol.sock"
+calls_per_second = 0.01
+[[tenant.grant]]
+device = "echo"
+[[tenant.grant]]
+device = "rot13"
+"""
+
+
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+StartTenants = Callable[[str], TenantKupd]

@@ -8,8 +8,7 @@ from __future__ import annotations
 import threading
 
 import grpc
-from conftest import StartTenants
-from tenancy_helpers import wait_until
+from tenancy_helpers import StartTenants, wait_until
 
 from kupapi import kup_pb2, kup_pb2_grpc
 

@@ -1,6 +1,6 @@
 """Identity by socket, per-tenant policy and limits, audit lines, scoped
 ListDevices / Watch, and the Admin service -- against a real kupd serving
-three tenants over real unix sockets (see conftest.py for the policy)."""
+three tenants over real unix sockets (tenancy_helpers.TENANTS is the policy)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import DEVICES, TENANTS, StartTenants
-from tenancy_helpers import wait_until
+from tenancy_helpers import DEVICES, TENANTS, StartTenants, wait_until
 
 from kupd import errors
 
