@@ -129,6 +129,12 @@ def step_gateway(ctx: DemoContext) -> None:
                 _say(f"    <- {reply.kind.name} seq {reply.seq} {_show(reply.data)}")
                 if reply.data.lower() != data.lower():
                     raise RuntimeError(f"echo answered {reply.data!r} to {data!r}")
+            data = b"request/reply in one request"
+            reply = ch.exchange(data, timeout=10)  # send + receive, one message each way
+            _say(f"    -> DATA {_show(data)}  (exchange: send + wait for the reply)")
+            _say(f"    <- {reply.kind.name} seq {reply.seq} {_show(reply.data)}")
+            if reply.data.lower() != data.lower():
+                raise RuntimeError(f"echo answered {reply.data!r} to {data!r}")
             ch.pass_()
             _say("    -> PASS")
             back = ch.receive(timeout=10)

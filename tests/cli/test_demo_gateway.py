@@ -27,7 +27,8 @@ def test_gateway_step_converses_and_shuts_down(
     for expected in (
         "<- PASS seq 1 (the kernel hands over the turn)",
         "-> DATA 'hello through kupd'",
-        "<- PASS seq 4",
+        "(exchange: send + wait for the reply)",
+        "<- PASS seq 5",
         "session closed: kupd released the channel",
         "call 'ping 1' -> DATA",
         "DATA (17 bytes): ",
