@@ -32,7 +32,31 @@
  */
 #include "kup_core_priv.h"
 
+/*
+ * Kernel-side spin before sleeping in kupdev_receive.  Hosts that define
+ * KUP_NOW_NS() (a cheap monotonic clock in ns; optional in kup_os.h's
+ * contract, kupsim defines it) get the adaptive policy libkup uses: spin
+ * for twice a running average (1/8 weight) of recent waits that a spin
+ * could have caught (<= KUP_SPIN_MAX_NS; longer ones count as 0), within
+ * [KUP_SPIN_MIN_NS, KUP_SPIN_MAX_NS], checking the clock every
+ * KUP_SPIN_CHECK relax hints.  Other hosts spin KUP_SPIN_LOOPS hints.
+ */
+#ifndef KUP_SPIN_LOOPS
 #define KUP_SPIN_LOOPS 256
+#endif
+#ifndef KUP_SPIN_MIN_NS
+#define KUP_SPIN_MIN_NS 1000U
+#endif
+#ifndef KUP_SPIN_MAX_NS
+#define KUP_SPIN_MAX_NS 5000U
+#endif
+#ifndef KUP_SPIN_WOKE_NS
+#define KUP_SPIN_WOKE_NS 2000U
+#endif
+#ifndef KUP_SPIN_INIT_NS
+#define KUP_SPIN_INIT_NS 2500U
+#endif
+#define KUP_SPIN_CHECK   16
 
 static kup_lock_t kup_reg_lock;
 static struct kupdev_softc *kup_reg_head;
@@ -190,6 +214,7 @@ kupdev_create(const char *name, size_t size, size_t chan_cnt)
 
 		ch->sc = sc;
 		ch->id = (uint32_t)i;
+		ch->spin_avg_ns = KUP_SPIN_INIT_NS;
 		kup_lock_init(&ch->lock, "kup channel");
 		made = i + 1;
 		ch->mem = kup_os_chan_mem_alloc(sc, ch, sc->chan_bytes);
@@ -660,27 +685,81 @@ kup_recv_cond(struct kup_chan *ch)
 	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen != ch->pgen;
 }
 
+#ifdef KUP_NOW_NS
+/* Spin for the channel's budget (under ch->lock).  1 when cond held. */
+static int
+kup_spin(struct kup_chan *ch, uint64_t t0)
+{
+	uint64_t budget = 2ULL * ch->spin_avg_ns;
+	int i;
+
+	/* the user side was asleep: it needs a CPU to answer, maybe ours */
+	if (ch->woke_user && KUP_SPIN_WOKE_NS < budget)
+		budget = KUP_SPIN_WOKE_NS;
+	if (budget < KUP_SPIN_MIN_NS)
+		budget = KUP_SPIN_MIN_NS;
+	if (budget > KUP_SPIN_MAX_NS)
+		budget = KUP_SPIN_MAX_NS;
+	for (;;) {
+		for (i = 0; i < KUP_SPIN_CHECK; i++) {
+			if (kup_recv_cond(ch))
+				return 1;
+			KUP_CPU_RELAX();
+		}
+		if (KUP_NOW_NS() - t0 >= budget)
+			return 0;
+	}
+}
+
+/* A wait that started at t0 ended now: feed the running average. */
+static void
+kup_spin_learn(struct kup_chan *ch, uint64_t t0)
+{
+	uint64_t took = KUP_NOW_NS() - t0;
+	int64_t sample = took <= KUP_SPIN_MAX_NS ? (int64_t)took : 0;
+	int64_t avg = (int64_t)ch->spin_avg_ns;
+
+	avg += (sample - avg) / 8;
+	ch->spin_avg_ns = (uint32_t)(avg < 0 ? 0 : avg);
+}
+#endif
+
 /* Wait, under ch->lock, until the page turn is no longer USER. */
 static int
 kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 {
-	int i, r;
+	int r;
+#ifdef KUP_NOW_NS
+	uint64_t t0 = KUP_NOW_NS();
+
+	if (kup_spin(ch, t0)) {
+		kup_spin_learn(ch, t0);
+		return 0;
+	}
+#else
+	int i;
 
 	for (i = 0; i < KUP_SPIN_LOOPS; i++) {
 		if (kup_recv_cond(ch))
 			return 0;
 		KUP_CPU_RELAX();
 	}
+#endif
 	if (timeout_ms == 0)
 		return -ETIMEDOUT;
 	KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 1);
 	KUP_FENCE();
 	if (kup_recv_cond(ch)) {
 		KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 0);
-		return 0;
+		r = 0;
+	} else {
+		r = kup_os_chan_sleep(ch, kup_recv_cond, timeout_ms);
+		KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 0);
 	}
-	r = kup_os_chan_sleep(ch, kup_recv_cond, timeout_ms);
-	KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 0);
+#ifdef KUP_NOW_NS
+	if (r == 0)
+		kup_spin_learn(ch, t0);
+#endif
 	return r;
 }
 
@@ -789,7 +868,8 @@ kup_handover(struct kup_chan *ch, uint32_t len, uint32_t kind, uint64_t seq,
 	ch->kturn = KUP_KT_USER;
 	KUP_STORE_REL32(&ch->ctrl->turn, turn_value);
 	KUP_FENCE();
-	if (KUP_READ_ONCE32(&ch->ctrl->user_waiting) != 0)
+	ch->woke_user = KUP_READ_ONCE32(&ch->ctrl->user_waiting) != 0;
+	if (ch->woke_user)
 		kup_os_chan_wake_user(ch);
 }
 

@@ -42,6 +42,10 @@ struct kup_chan {
 	uint32_t peer_bad;        /* user broke the protocol: -EPROTO */
 	uint64_t k2u_seq;         /* last seq sent */
 	uint64_t u2k_seq;         /* last seq received */
+	uint32_t spin_avg_ns;     /* under lock: running average of waits a
+	                           * spin could catch (KUP_NOW_NS hosts) */
+	uint32_t woke_user;       /* under lock: the last hand-over woke the
+	                           * user side */
 
 	struct kup_os_chan os;
 };

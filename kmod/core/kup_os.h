@@ -28,6 +28,11 @@
  *     KUP_WRITE_ONCE64(p,v)
  *     KUP_FENCE()           full (seq_cst) fence
  *     KUP_CPU_RELAX()       spin-loop hint
+ *   optionally
+ *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
+ *                           when defined, kernel-side waits spin for an
+ *                           adaptive time budget before sleeping; when
+ *                           not, for a fixed number of KUP_CPU_RELAX()
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
  *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT.

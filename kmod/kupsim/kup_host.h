@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef pthread_mutex_t kup_lock_t;
 
@@ -49,5 +50,17 @@ struct kup_os_chan {
 #else
 #define KUP_CPU_RELAX()        do { } while (0)
 #endif
+
+/* Optional (kup_os.h): a cheap monotonic clock in ns; the core then spins
+ * adaptively before a kernel-side sleep (kup_core.c). */
+static inline uint64_t
+kupsim_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+#define KUP_NOW_NS()           kupsim_now_ns()
 
 #endif /* KUP_HOST_H */

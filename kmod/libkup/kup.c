@@ -27,7 +27,31 @@ __thread int kernproxy_errno;
 #define KP_MAGIC_CHAN 0x4b504348U   /* "HCPK" */
 #define KP_MAGIC_DEAD 0xdeadbeefU
 
-#define KP_SPIN_LOOPS 2000
+/*
+ * Spin-then-sleep, adaptive per channel.  Before sleeping, a waiter spins
+ * for a time budget, checking the clock every KP_SPIN_CHECK relax hints
+ * (a pause is ~25 ns, a vDSO clock read ~20-100 ns on the development VM).
+ * The budget is twice a running average (1/8 weight) of how long recent
+ * waits took, counting only waits short enough that a spin could have
+ * caught them (<= KP_SPIN_MAX_NS); a wait that outlasted that (an idle or
+ * slow peer) counts as 0, so a channel whose peer answers late quickly
+ * stops burning CPU, and one that answers fast spins just long enough.
+ * The budget stays within [KP_SPIN_MIN_NS, KP_SPIN_MAX_NS].  Idle costs
+ * nothing either way: a blocked receive spins once, then sleeps.
+ */
+#ifndef KP_SPIN_MIN_NS
+#define KP_SPIN_MIN_NS 2000U
+#endif
+#ifndef KP_SPIN_MAX_NS
+#define KP_SPIN_MAX_NS 20000U
+#endif
+#ifndef KP_SPIN_WOKE_NS
+#define KP_SPIN_WOKE_NS 2000U        /* budget right after waking the peer */
+#endif
+#ifndef KP_SPIN_INIT_NS
+#define KP_SPIN_INIT_NS 10000U      /* average before any wait: budget 20 us */
+#endif
+#define KP_SPIN_CHECK    16
 #define KP_SLEEP_SLICE_MS 1000       /* bounded sleeps: re-check at least this often */
 
 /* user side's private view of the turn */
@@ -79,6 +103,8 @@ struct kp_chan {
 	int      poll_mode;     /* kernproxy_fd() was called */
 	int      broken;        /* KUP_E_PROTO seen: refuse further use */
 	int      host_gone;     /* the host side vanished (kupsim died) */
+	uint32_t spin_avg_ns;   /* running average of catchable waits */
+	int      woke_peer;     /* the last hand-over had to wake the kernel */
 };
 
 static int
@@ -337,6 +363,7 @@ kernproxy_channel(void *handle, size_t chan_id, size_t size)
 		return fail_null(&d->h, r);
 	}
 	c->uturn = UT_KERNEL;
+	c->spin_avg_ns = KP_SPIN_INIT_NS;
 	c->h.magic = KP_MAGIC_CHAN;
 	__atomic_store_n(&d->h.err, KUP_E_OK, __ATOMIC_RELAXED);
 	return c;
@@ -393,12 +420,61 @@ now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Spin for the channel's budget.  1 when the turn came back meanwhile. */
+static int
+spin_turn(struct kp_chan *c, uint64_t t0)
+{
+	uint64_t budget = 2ULL * c->spin_avg_ns;
+	int i;
+
+	/* The kernel side was asleep: it needs a CPU to answer, quite
+	 * possibly this one (a woken thread is often placed on the waker's
+	 * CPU); spinning long would only delay it. */
+	if (c->woke_peer && KP_SPIN_WOKE_NS < budget)
+		budget = KP_SPIN_WOKE_NS;
+	if (budget < KP_SPIN_MIN_NS)
+		budget = KP_SPIN_MIN_NS;
+	if (budget > KP_SPIN_MAX_NS)
+		budget = KP_SPIN_MAX_NS;
+	for (;;) {
+		for (i = 0; i < KP_SPIN_CHECK; i++) {
+			if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
+				return 1;
+			CPU_RELAX();
+		}
+		if (now_ns() - t0 >= budget)
+			return 0;
+	}
+}
+
+/* A wait that started at t0 ended now: feed the running average. */
+static void
+spin_learn(struct kp_chan *c, uint64_t t0)
+{
+	uint64_t took = now_ns() - t0;
+	int64_t sample = took <= KP_SPIN_MAX_NS ? (int64_t)took : 0;
+	int64_t avg = (int64_t)c->spin_avg_ns;
+
+	avg += (sample - avg) / 8;
+	c->spin_avg_ns = (uint32_t)(avg < 0 ? 0 : avg);
+}
+
 /* Wait until the page turn is not KERNEL.  KUP_E_OK, or an error. */
 static int
 wait_turn(struct kp_chan *c, int timeout_ms)
 {
 	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-	int i, r;
+	uint64_t t0;
+	int r;
 
 	if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
 		return KUP_E_OK;
@@ -406,10 +482,10 @@ wait_turn(struct kp_chan *c, int timeout_ms)
 		return r;
 	if (timeout_ms == 0)
 		return KUP_E_NOTREADY;
-	for (i = 0; i < KP_SPIN_LOOPS; i++) {
-		if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
-			return KUP_E_OK;
-		CPU_RELAX();
+	t0 = now_ns();
+	if (spin_turn(c, t0)) {
+		spin_learn(c, t0);
+		return KUP_E_OK;
 	}
 	for (;;) {
 		struct pollfd pf[2];
@@ -455,6 +531,8 @@ wait_turn(struct kp_chan *c, int timeout_ms)
 	}
 	if (!c->poll_mode)
 		WRITE32(&c->ctrl->user_waiting, 0);
+	if (r == KUP_E_OK)
+		spin_learn(c, t0);
 	return r;
 }
 
@@ -547,7 +625,8 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
 		WRITE32(&c->ctrl->user_waiting, 1);
 	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);
 	FENCE();
-	if (READ32(&c->ctrl->kernel_waiting) != 0) {
+	c->woke_peer = READ32(&c->ctrl->kernel_waiting) != 0;
+	if (c->woke_peer) {
 		r = c->ops->wake(&c->b);
 		if (r != KUP_E_OK)
 			return r;
