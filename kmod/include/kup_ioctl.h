@@ -9,22 +9,38 @@
  *
  *   open("/dev/kup/<name>", O_RDWR | O_CLOEXEC)
  *   ioctl(fd, KUP_IOC_INFO, &info)          device facts; ESHUTDOWN once the
- *                                           device was unloaded (gone)
+ *                                           device was unloaded (gone;
+ *                                           FreeBSD: ENXIO from devfs)
  *   ioctl(fd, KUP_IOC_ATTACH, &att)         bind this fd to a channel
  *   mmap(NULL, att.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
  *        att.map_offset)                    the channel pages (kup_abi.h)
- *   poll(fd, POLLIN)                        attached fd: readable when the
- *                                           turn is the user's, or shutdown
- *                                           (POLLIN|POLLHUP); unattached fd:
+ *   poll(fd, POLLIN)                        attached fd: readable while a
+ *                                           wake-up of the user side is
+ *                                           pending (like an eventfd: a
+ *                                           hand-over, shutdown, the kernel
+ *                                           giving up on the user), until
+ *                                           read(2) consumes it; shutdown is
+ *                                           POLLIN|POLLHUP, a user the kernel
+ *                                           gave up on POLLIN|POLLERR, for
+ *                                           good; unattached fd:
  *                                           readable when the device's
  *                                           notify_gen differs from the one
- *                                           this fd last read via KUP_IOC_INFO,
+ *                                           this fd last saw (KUP_IOC_INFO or
+ *                                           read(2)),
  *                                           POLLHUP once shutting down.
  *                                           The kernel wakes a channel's
  *                                           pollers on a hand-over only while
  *                                           ctrl->user_waiting is set (the
  *                                           kup_abi.h handshake; libkup's
- *                                           poll mode keeps it set)
+ *                                           poll mode keeps it set); the
+ *                                           page's turn is the truth
+ *   read(fd, &u64, 8)                       consume pending wake-ups (attached
+ *                                           fd) / the device event (unattached
+ *                                           fd): 8 bytes, or EAGAIN if none;
+ *                                           never blocks
+ *   write(fd, &u64, 8)                      attached fd, u64 != 0: make the
+ *                                           user's own wake-up pending (poll
+ *                                           readable now), as on an eventfd
  *   ioctl(fd, KUP_IOC_WAKE)                 wake the kernel side (after a
  *                                           hand-over that saw kernel_waiting)
  *   close(fd), munmap                       detach once the last reference to

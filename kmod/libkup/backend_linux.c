@@ -4,10 +4,11 @@
  * the device is /dev/kup/<name>, ABI in kmod/include/kup_ioctl.h.
  *
  * One open file per device handle (info, device events) and one more per
- * attached channel: the channel's fd is also its wait fd, because the
- * module's poll reports readable exactly when the turn is the user's or the
- * device shuts down (level-triggered from the control page, so there is
- * nothing to drain).  Closing the channel fd after munmap detaches it; a
+ * attached channel: the channel's fd is also its wait fd.  Like kupsim's
+ * eventfd, it polls readable while a wake-up from the kernel side is
+ * pending (a hand-over seen with user_waiting set, shutdown, the kernel
+ * giving up on us) until read(2) consumes it (drain); shutdown also gives
+ * POLLHUP for good.  Closing the channel fd after munmap detaches it; a
  * process that dies detaches the same way.
  */
 #define _GNU_SOURCE
@@ -217,7 +218,26 @@ kl_wake(struct kup_backend_chan *ch)
 static void
 kl_drain(struct kup_backend_chan *ch)
 {
-	(void)ch;   /* readiness is the page's turn: nothing is queued */
+	struct kl_chan *c = ch->priv;
+	uint64_t v;
+
+	/* read(2) consumes the pending wake-up (never blocks: EAGAIN when
+	 * there is none); errors are harmless here, the page is the truth */
+	if (c != NULL)
+		(void)!read(c->fd, &v, sizeof(v));
+}
+
+/* Make wait_fd readable now: write(2) on a channel fd makes the user's
+ * own wake-up pending, as on an eventfd. */
+static int
+kl_self_wake(struct kup_backend_chan *ch)
+{
+	struct kl_chan *c = ch->priv;
+	uint64_t one = 1;
+
+	if (write(c->fd, &one, sizeof(one)) != (ssize_t)sizeof(one))
+		return kl_err(errno);
+	return KUP_E_OK;
 }
 
 static void
@@ -276,4 +296,5 @@ const struct kup_backend_ops kup_backend_linux = {
 	.dev_fd = kl_dev_fd,
 	.dev_drain = kl_dev_drain,
 	.close = kl_close,
+	.self_wake = kl_self_wake,
 };

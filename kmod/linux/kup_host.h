@@ -14,6 +14,7 @@
 #include <linux/wait.h>
 #include <linux/miscdevice.h>
 #include <linux/compiler.h>
+#include <linux/atomic.h>
 #include <asm/barrier.h>
 #include <asm/processor.h>
 
@@ -42,6 +43,7 @@ struct kup_os_chan {
 	size_t bytes;
 	wait_queue_head_t wq;         /* kernel-side sleepers */
 	wait_queue_head_t poll_wq;    /* user space: turn / shutdown */
+	atomic_t wake_pending;        /* a user wake-up not yet read(2) */
 };
 
 #define KUP_LOAD_ACQ32(p)      smp_load_acquire((const uint32_t *)(p))

@@ -90,6 +90,7 @@ void *kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch,
 	oc->ch = ch;
 	init_waitqueue_head(&oc->wq);
 	init_waitqueue_head(&oc->poll_wq);
+	atomic_set(&oc->wake_pending, 0);
 	if (bytes == 0 || bytes % PAGE_SIZE != 0)
 		return NULL;
 	/* zeroed, page aligned, flagged VM_USERMAP for remap_vmalloc_range */
@@ -152,9 +153,16 @@ void kup_os_chan_wake(struct kup_chan *ch)
 	wake_up_all(&kup_core_chan_os(ch)->wq);
 }
 
+/* Like an eventfd: the wake-up stays pending (the fd polls readable) until
+ * user space consumes it with read(2) -- libkup's drain.  Pending before
+ * the wake_up, so a poller that wakes always sees it. */
 void kup_os_chan_wake_user(struct kup_chan *ch)
 {
-	wake_up_all(&kup_core_chan_os(ch)->poll_wq);
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+
+	atomic_set(&oc->wake_pending, 1);
+	smp_mb__after_atomic();
+	wake_up_all(&oc->poll_wq);
 }
 
 static void kup_os_dev_init_wq(struct kup_os_dev *od)
@@ -416,6 +424,8 @@ static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 	r = kup_core_attach(kf->sc, a.chan_id, a.abi_version, &ch);
 	if (r != 0)
 		goto out;
+	/* nothing of an earlier attachment is pending for this user */
+	atomic_set(&kup_core_chan_os(ch)->wake_pending, 0);
 	ctrl = kup_core_chan_mem(ch);
 	a.chan_id = kup_core_chan_id(ch);
 	a.page_size = info->page_size;
@@ -553,15 +563,18 @@ static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
 	mutex_unlock(&kf->lock);
 	if (ch != NULL) {
 		const struct kup_ctrl *ctrl = kup_core_chan_mem(ch);
-		uint32_t state, turn;
+		struct kup_os_chan *oc = kup_core_chan_os(ch);
+		uint32_t state;
 
-		poll_wait(file, &kup_core_chan_os(ch)->poll_wq, wait);
+		poll_wait(file, &oc->poll_wq, wait);
 		poll_wait(file, &od->poll_wq, wait);
-		/* The page is user-writable: a user who scribbles on it only
-		 * confuses its own poll.  Shutdown is also known privately. */
-		turn = smp_load_acquire(&ctrl->turn);
+		/* Readable while a wake-up is pending (hand-over seen with
+		 * user_waiting set, shutdown, protocol error) until read(2)
+		 * consumes it; HUP / ERR are final states.  The page is
+		 * user-writable: a user who scribbles on it only confuses its
+		 * own poll.  Shutdown is also known privately. */
 		state = READ_ONCE(ctrl->state);
-		if (turn == KUP_TURN_USER)
+		if (atomic_read(&oc->wake_pending))
 			mask |= EPOLLIN | EPOLLRDNORM;
 		if ((state & KUP_STATE_SHUTDOWN) || kup_dev_is_gone(kf->sc))
 			mask |= EPOLLIN | EPOLLRDNORM | EPOLLHUP;
@@ -585,10 +598,77 @@ static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
 	return mask;
 }
 
+/* read(2): consume pending wake-ups, like an eventfd.  Returns 8 bytes
+ * (a uint64_t count, 1) or EAGAIN when nothing is pending; never blocks.
+ * On a channel fd it consumes the channel's user wake-up; on an unattached
+ * fd the device event (as KUP_IOC_INFO does). */
+static ssize_t kup_fop_read(struct file *file, char __user *buf, size_t count,
+    loff_t *ppos)
+{
+	struct kup_file *kf = file->private_data;
+	struct kup_core_info *ci = NULL;
+	uint64_t v = 0;
+
+	(void)ppos;
+	if (count < sizeof(v))
+		return -EINVAL;
+	mutex_lock(&kf->lock);
+	if (kf->ch != NULL) {
+		v = atomic_xchg(&kup_core_chan_os(kf->ch)->wake_pending, 0) ? 1 : 0;
+	} else {
+		ci = kmalloc(sizeof(*ci), GFP_KERNEL);
+		if (ci == NULL) {
+			mutex_unlock(&kf->lock);
+			return -ENOMEM;
+		}
+		kup_core_info(kf->sc, ci);
+		if (ci->notify_gen != kf->seen_gen) {
+			kf->seen_gen = ci->notify_gen;
+			v = 1;
+		}
+	}
+	mutex_unlock(&kf->lock);
+	kfree(ci);
+	if (v == 0)
+		return -EAGAIN;
+	if (copy_to_user(buf, &v, sizeof(v)))
+		return -EFAULT;
+	return sizeof(v);
+}
+
+/* write(2) on a channel fd: make the user's own wake-up pending (libkup's
+ * self_wake: poll mode started while the turn was already the user's).
+ * Like an eventfd write: 8 bytes, a non-zero count.  It wakes only this
+ * channel's pollers, never the kernel side (that is KUP_IOC_WAKE). */
+static ssize_t kup_fop_write(struct file *file, const char __user *buf,
+    size_t count, loff_t *ppos)
+{
+	struct kup_file *kf = file->private_data;
+	struct kup_chan *ch;
+	uint64_t v;
+
+	(void)ppos;
+	if (count < sizeof(v))
+		return -EINVAL;
+	if (copy_from_user(&v, buf, sizeof(v)))
+		return -EFAULT;
+	if (v == 0)
+		return -EINVAL;
+	mutex_lock(&kf->lock);
+	ch = kf->ch;
+	mutex_unlock(&kf->lock);
+	if (ch == NULL)
+		return -EINVAL;
+	kup_os_chan_wake_user(ch);
+	return sizeof(v);
+}
+
 static const struct file_operations kup_fops = {
 	.owner          = THIS_MODULE,
 	.open           = kup_fop_open,
 	.release        = kup_fop_release,
+	.read           = kup_fop_read,
+	.write          = kup_fop_write,
 	.unlocked_ioctl = kup_fop_ioctl,
 	.compat_ioctl   = compat_ptr_ioctl,
 	.mmap           = kup_fop_mmap,

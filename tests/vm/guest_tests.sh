@@ -12,7 +12,7 @@ export KUP_BACKEND=linux
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
-STAGE_TIMEOUT=${STAGE_TIMEOUT:-180}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
 STAGES=${STAGES:-"load kfault_basic kfault_mmap kfault_sigkill kfault_hostile libkup_c python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
