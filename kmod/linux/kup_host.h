@@ -15,6 +15,7 @@
 #include <linux/miscdevice.h>
 #include <linux/compiler.h>
 #include <linux/atomic.h>
+#include <linux/timekeeping.h>
 #include <asm/barrier.h>
 #include <asm/processor.h>
 
@@ -54,5 +55,8 @@ struct kup_os_chan {
 #define KUP_WRITE_ONCE64(p, v) WRITE_ONCE(*(uint64_t *)(p), (uint64_t)(v))
 #define KUP_FENCE()            smp_mb()
 #define KUP_CPU_RELAX()        cpu_relax()
+/* optional in kup_os.h: a cheap monotonic clock for the core's adaptive
+ * spin-before-sleep budget */
+#define KUP_NOW_NS()           ((uint64_t)ktime_get_ns())
 
 #endif /* KUP_HOST_H */
