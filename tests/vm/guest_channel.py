@@ -93,6 +93,37 @@ def test_fileno_polls_readable_when_the_turn_comes_back(echo: Device) -> None:
         assert msg == Message(b"poll me", Kind.DATA, 2)
 
 
+def test_fileno_is_quiet_once_the_message_is_taken(echo: Device) -> None:
+    """The event-loop pattern (poll the fd, then try_receive) must not spin:
+    after the message is taken the fd is not readable until the next one."""
+    with echo.channel(8) as ch:
+        fd = ch.fileno()
+        for seq in (1, 2, 3):
+            msg = None
+            while msg is None:
+                r, _, _ = select.select([fd], [], [], T)
+                assert r == [fd], "the fd never polled readable"
+                msg = ch.try_receive()
+            assert msg.seq == seq
+            assert select.select([fd], [], [], 0)[0] == [], "readable after the take"
+            ch.send(b"%d" % seq)
+
+
+def test_a_late_wakeup_is_consumed_by_try_receive(echo: Device) -> None:
+    """A wake-up that lands after the message was taken (here: the user's own
+    write(2) on the fd, libkup's self-wake) is drained by the next look."""
+    with echo.channel(10) as ch:
+        fd = ch.fileno()
+        opened(ch)
+        ch.send(b"x")
+        assert ch.receive(timeout=T).data == b"x"
+        os.write(fd, (1).to_bytes(8, "little"))
+        assert select.select([fd], [], [], T)[0] == [fd]
+        with pytest.raises(NotYourTurn):
+            ch.try_receive()
+        assert select.select([fd], [], [], 0)[0] == []
+
+
 def test_refusals(echo: Device) -> None:
     with echo.channel(4) as ch:
         with pytest.raises(Busy):
