@@ -134,7 +134,7 @@ call_channels = 0
 """
 
 #: alice: echo channels 8-15 only, her socket owned by uid 65534 (nobody);
-#: bob: Calls only; carol: both devices, a tiny call rate.
+#: bob: Calls only, one at a time; carol: both devices, a tiny call rate.
 TENANTS = f"""
 [[tenant]]
 name = "alice"
@@ -151,6 +151,7 @@ channels = "8-15"
 name = "bob"
 socket = "@DIR@/bob.sock"
 ops = ["call"]
+max_calls_in_flight = 1
 [[tenant.grant]]
 device = "echo"
 

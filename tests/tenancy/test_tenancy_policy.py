@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 
 import grpc
 import pytest
@@ -128,6 +129,28 @@ def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
     assert _audit_has(tk, tenant="alice", rule="max_sessions")
     assert _audit_has(tk, tenant="alice", op="call", rule="max_message_bytes")
     assert _audit_has(tk, tenant="carol", op="call", rule="calls_per_second")
+
+
+def test_calls_in_flight_limit(tk: TenantKupd) -> None:
+    with tk.client("bob") as b:
+        result: list[object] = []
+
+        def held() -> None:
+            try:
+                result.append(b.call("echo", b"!hold", timeout=3))  # never answered
+            except errors.KupError as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=held)
+        t.start()
+        with tk.client("carol") as c:
+            wait_until(lambda: c.devices("echo")[0].calls_in_flight >= 1, what="bob's call")
+        with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight=1"):
+            b.call("echo", b"second")
+        t.join(60)
+        assert isinstance(result[0], errors.DeadlineExceeded), result
+        assert b.call("echo", b"after").data.lower() == b"after"  # the slot is free again
+    assert _audit_has(tk, tenant="bob", op="call", rule="max_calls_in_flight")
 
 
 def test_a_lease_id_is_useless_to_another_tenant(tk: TenantKupd) -> None:
