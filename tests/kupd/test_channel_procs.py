@@ -91,6 +91,9 @@ def test_many_threads_share_one_device(echo_sim: KupSim) -> None:
     every thread gets its own channel and only its own replies."""
     dev = Device.open(echo_sim.device_path("echo"))
     barrier = threading.Barrier(16)
+    # every thread keeps its channel until all have conversed: a channel a
+    # fast thread already closed is free again and may go to a slow one
+    all_done = threading.Barrier(16)
     ids: list[int] = []
     errors: list[BaseException] = []
 
@@ -107,6 +110,7 @@ def test_many_threads_share_one_device(echo_sim: KupSim) -> None:
                     assert reply.data == data and reply.seq == i + 2, (n, i, reply)
                 info = dev.info()  # device calls from many threads at once
                 assert ch.id in info.attached
+                all_done.wait(T)
         except BaseException as e:
             errors.append(e)
 
