@@ -121,6 +121,14 @@ def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
                 dev.channel()
         with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
             c.call("echo", b"x" * 65)
+        with dev.channel() as ch:
+            ch.receive()
+            with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+                ch.send(b"x" * 65)
+        lease = c.attach("echo")
+        with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+            c.lease_send(lease.lease_id, b"x" * 65)
+        c.release(lease.lease_id)
         assert len(c.call("echo", b"x" * 64).data) == 64
     with tk.client("carol") as c:
         c.call("echo", b"one")  # the bucket holds one token, refilled every 100 s
