@@ -237,6 +237,19 @@ test_basic(void)
 	    "info facts (chans %u announced %u pages %u max %u)", ii->chan_count,
 	    ii->announced, ii->pages, ii->max_msg);
 
+	/* a device fd with no news: not readable, nothing to read; writing
+	 * (a channel's self-wake) needs a channel */
+	{
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		uint64_t v = 1;
+
+		CHECK(poll(&p, 1, 0) == 0, "device fd readable without an event (0x%x)",
+		    p.revents);
+		errno = 0;
+		CHECK(read(fd, &v, sizeof(v)) == -1 && errno == EAGAIN, "device fd read");
+		errno = 0;
+		CHECK(write(fd, &v, sizeof(v)) == -1 && errno == EINVAL, "device fd write");
+	}
 	/* refusals, each with its errno */
 	errno = 0;
 	CHECK(ioctl(fd, KUP_IOC_WAKE) == -1 && errno == EINVAL, "WAKE unattached");
