@@ -5,10 +5,13 @@ with the error while the running policy stays."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
-from tenancy_helpers import DEVICES, TENANTS, StartTenants, wait_until
+from tenancy_helpers import DEVICES, TENANTS, StartTenants, child_env, wait_until
 
 from kupd import errors
 
@@ -85,3 +88,32 @@ def test_invalid_reload_keeps_the_running_policy(start_tenants: StartTenants) ->
             result = adm.reload()
             assert result.tenants == ("alice", "dave")
             assert result.sessions_ended == (doomed.lease.lease_id,)
+
+
+def test_admin_command_line(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + TENANTS)
+    env = child_env(None)
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kupclient.admin", "--socket", k.admin_socket, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    with k.client("alice") as a, a.open("echo").channel(9) as ch:
+        out = admin("leases", "--json")
+        assert out.returncode == 0, out
+        (row,) = json.loads(out.stdout)
+        assert (row["lease_id"], row["tenant"], row["channel"]) == (ch.lease.lease_id, "alice", 9)
+        k.write_config(
+            DEVICES + TENANTS.replace("calls_per_second = 0.01", "calls_per_second = -1")
+        )
+        bad = admin("reload")
+        assert bad.returncode == 1 and "tenant[2].calls_per_second" in bad.stderr, bad
+        k.write_config(DEVICES + NEW_TENANTS)
+        good = admin("reload")
+        assert good.returncode == 0, good
+        assert "tenants alice, dave; 1 sessions ended" in good.stdout, good.stdout

@@ -6,11 +6,25 @@
         a.reload()
 
 Errors are :mod:`kupd.errors` exceptions (the same one mapping as Client).
+Also a small command line (``python -m kupclient.admin``)::
+
+    python -m kupclient.admin [--socket PATH] leases [--tenant T] [--json]
+    python -m kupclient.admin [--socket PATH] revoke LEASE_ID [--reason TEXT]
+    python -m kupclient.admin [--socket PATH] reload
+    python -m kupclient.admin [--socket PATH] drain DEVICE [--undo]
+
+``--socket`` defaults to ``$KUPD_ADMIN_SOCKET``, else /run/kupd/admin.sock.
+Exit status 0, or 1 with the error on stderr.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +34,9 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient._errors import error_from_rpc
 from kupclient._types import channel_options, target_for
 
-__all__ = ["AdminClient", "LeaseInfo", "ReloadResult"]
+__all__ = ["DEFAULT_ADMIN_SOCKET", "AdminClient", "LeaseInfo", "ReloadResult", "main"]
+
+DEFAULT_ADMIN_SOCKET = "/run/kupd/admin.sock"
 
 
 @dataclass(frozen=True)
@@ -79,3 +95,62 @@ class AdminClient:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kupd import errors
+
+    p = argparse.ArgumentParser(prog="kupclient.admin", description="kupd's Admin service")
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("KUPD_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET),
+        help="kupd's admin socket (default: $KUPD_ADMIN_SOCKET, else %(default)s)",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("leases", help="every lease of every tenant")
+    ls.add_argument("--tenant", default="")
+    ls.add_argument("--json", action="store_true")
+    rv = sub.add_parser("revoke", help="end a lease (its session gets PERMISSION_DENIED)")
+    rv.add_argument("lease_id")
+    rv.add_argument("--reason", default="")
+    sub.add_parser("reload", help="re-read the config and swap the tenant policy")
+    dr = sub.add_parser("drain", help="refuse new work on a device and end its leases")
+    dr.add_argument("device")
+    dr.add_argument("--undo", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        with AdminClient(args.socket) as a:
+            if args.cmd == "leases":
+                leases = a.list_leases(args.tenant)
+                if args.json:
+                    print(json.dumps([asdict(x) for x in leases], indent=2))
+                else:
+                    print(
+                        f"{'LEASE':<18} {'TENANT':<12} {'DEVICE':<12} {'CH':>4} {'HOLDER':<8} IDLE"
+                    )
+                    for x in leases:
+                        print(
+                            f"{x.lease_id:<18} {x.tenant:<12} {x.device:<12} {x.channel:>4} "
+                            f"{x.holder:<8} {x.idle_seconds:.1f}s"
+                        )
+            elif args.cmd == "revoke":
+                a.revoke(args.lease_id, args.reason)
+                print(f"revoked {args.lease_id}")
+            elif args.cmd == "reload":
+                r = a.reload()
+                print(
+                    f"reloaded: tenants {', '.join(r.tenants)}; "
+                    f"{len(r.sessions_ended)} sessions ended by the new policy"
+                )
+            else:
+                ended = a.drain(args.device, args.undo)
+                what = "undrained" if args.undo else f"drained ({len(ended)} leases ended)"
+                print(f"{args.device}: {what}")
+    except errors.KupError as exc:
+        print(f"kupclient.admin: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
