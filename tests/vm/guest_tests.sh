@@ -52,8 +52,10 @@ stage_load() {
 	wait_dev rot13
 	ls -l /dev/kup/
 	grep -E '^kup(_echo|_rot13)? ' /proc/modules
-	dmesg | grep -q 'echo: device rot13 ready (64 channels' \
-		|| { echo "rot13.channels=64 did not reach the module"; return 1; }
+	n=$("$BINDIR/kup_kfault" chans rot13)
+	[ "$n" = 64 ] || { echo "rot13.channels=64 did not reach the module ($n channels)"; return 1; }
+	n=$("$BINDIR/kup_kfault" chans echo)
+	[ "$n" = 128 ] || { echo "echo.channels=128 did not reach the module ($n channels)"; return 1; }
 }
 
 stage_kfault_basic()   { "$BINDIR/kup_kfault" basic; }

@@ -6,7 +6,7 @@
  * protocol, so it can also break the protocol on purpose.
  *
  *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR |
- *              traffic DIR CHAN
+ *              traffic DIR CHAN | chans NAME
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -676,12 +676,26 @@ main(int argc, char **argv)
 		test_hostile();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
-	else if (argc == 4 && strcmp(argv[1], "traffic") == 0)
+	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
+		/* print a device's channel count (the load stage checks params) */
+		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+		char path[128];
+		int fd;
+
+		g_test = "chans";
+		snprintf(path, sizeof(path), KUP_DEV_DIR "/%s", argv[2]);
+		fd = open(path, O_RDWR | O_CLOEXEC);
+		CHECK(ii != NULL && fd >= 0, "open %s", path);
+		CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO %s", path);
+		printf("%u\n", ii->chan_count);
+		close(fd);
+		free(ii);
+	} else if (argc == 4 && strcmp(argv[1], "traffic") == 0)
 		test_traffic(argv[2], (uint32_t)strtoul(argv[3], NULL, 10));
 	else {
 		fprintf(stderr,
 		    "usage: kup_kfault basic|mmap|sigkill|hostile|unload-hold DIR|"
-		    "traffic DIR CHAN\n");
+		    "traffic DIR CHAN|chans NAME\n");
 		return 2;
 	}
 	return 0;
