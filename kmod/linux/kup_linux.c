@@ -213,7 +213,7 @@ void kup_os_log(const char *fmt, ...)
 	va_start(ap, fmt);
 	vaf.fmt = fmt;
 	vaf.va = &ap;
-	pr_info("kup: %pV\n", &vaf);
+	pr_info("%pV\n", &vaf);   /* callers name themselves ("kup: ", "echo: ") */
 	va_end(ap);
 }
 EXPORT_SYMBOL_GPL(kup_os_log);
