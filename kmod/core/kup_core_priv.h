@@ -44,8 +44,6 @@ struct kup_chan {
 	uint64_t u2k_seq;         /* last seq received */
 	uint32_t spin_avg_ns;     /* under lock: running average of waits a
 	                           * spin could catch (KUP_NOW_NS hosts) */
-	uint32_t woke_user;       /* under lock: the last hand-over woke the
-	                           * user side */
 
 	struct kup_os_chan os;
 };

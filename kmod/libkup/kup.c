@@ -37,16 +37,15 @@ __thread int kernproxy_errno;
  * slow peer) counts as 0, so a channel whose peer answers late quickly
  * stops burning CPU, and one that answers fast spins just long enough.
  * The budget stays within [KP_SPIN_MIN_NS, KP_SPIN_MAX_NS].  Idle costs
- * nothing either way: a blocked receive spins once, then sleeps.
+ * nothing either way: a blocked receive spins once, then sleeps.  (The
+ * old fixed 2000 pauses were ~50 us on the development VM, but ~8 us on
+ * CPUs whose pause is 10 cycles: a time budget means the same everywhere.)
  */
 #ifndef KP_SPIN_MIN_NS
 #define KP_SPIN_MIN_NS 2000U
 #endif
 #ifndef KP_SPIN_MAX_NS
 #define KP_SPIN_MAX_NS 20000U
-#endif
-#ifndef KP_SPIN_WOKE_NS
-#define KP_SPIN_WOKE_NS 2000U        /* budget right after waking the peer */
 #endif
 #ifndef KP_SPIN_INIT_NS
 #define KP_SPIN_INIT_NS 10000U      /* average before any wait: budget 20 us */
@@ -104,7 +103,6 @@ struct kp_chan {
 	int      broken;        /* KUP_E_PROTO seen: refuse further use */
 	int      host_gone;     /* the host side vanished (kupsim died) */
 	uint32_t spin_avg_ns;   /* running average of catchable waits */
-	int      woke_peer;     /* the last hand-over had to wake the kernel */
 };
 
 static int
@@ -436,11 +434,6 @@ spin_turn(struct kp_chan *c, uint64_t t0)
 	uint64_t budget = 2ULL * c->spin_avg_ns;
 	int i;
 
-	/* The kernel side was asleep: it needs a CPU to answer, quite
-	 * possibly this one (a woken thread is often placed on the waker's
-	 * CPU); spinning long would only delay it. */
-	if (c->woke_peer && KP_SPIN_WOKE_NS < budget)
-		budget = KP_SPIN_WOKE_NS;
 	if (budget < KP_SPIN_MIN_NS)
 		budget = KP_SPIN_MIN_NS;
 	if (budget > KP_SPIN_MAX_NS)
@@ -625,8 +618,7 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
 		WRITE32(&c->ctrl->user_waiting, 1);
 	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);
 	FENCE();
-	c->woke_peer = READ32(&c->ctrl->kernel_waiting) != 0;
-	if (c->woke_peer) {
+	if (READ32(&c->ctrl->kernel_waiting) != 0) {
 		r = c->ops->wake(&c->b);
 		if (r != KUP_E_OK)
 			return r;
