@@ -134,7 +134,8 @@ call_channels = 0
 """
 
 #: alice: echo channels 8-15 only, her socket owned by uid 65534 (nobody);
-#: bob: Calls only, one at a time; carol: both devices, a tiny call rate.
+#: bob: Calls only, one at a time; carol: both devices, a tiny call rate,
+#: her socket 0660 with group 65534 (any member of it is carol).
 TENANTS = f"""
 [[tenant]]
 name = "alice"
@@ -158,6 +159,8 @@ device = "echo"
 [[tenant]]
 name = "carol"
 socket = "@DIR@/carol.sock"
+group = {NOBODY}
+mode = "0660"
 calls_per_second = 0.01
 [[tenant.grant]]
 device = "echo"

@@ -19,7 +19,7 @@ from kupclient import EventType
 from kupd import errors
 
 
-def _connect_as(uid: int, paths: list[str]) -> list[int]:
+def _connect_as(uid: int, paths: list[str], gid: int | None = None) -> list[int]:
     """connect(2) to each unix socket as ``uid`` (a forked child that drops
     root): 0 or the errno, per path.  This is the kernel's identity check."""
     r, w = os.pipe()
@@ -28,7 +28,7 @@ def _connect_as(uid: int, paths: list[str]) -> list[int]:
         try:
             os.close(r)
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             res = []
             for p in paths:
@@ -52,18 +52,28 @@ def _connect_as(uid: int, paths: list[str]) -> list[int]:
 
 def test_socket_permissions_are_the_identity(tk: TenantKupd) -> None:
     """A process running as uid 65534 reaches alice's socket (owned by it,
-    0600) and nothing else: bob's and the admin socket refuse it at
-    connect(2) with EACCES."""
-    for name, owner in (("alice", NOBODY), ("bob", 0), ("carol", 0)):
+    0600) and carol's (0660, group 65534); bob's and the admin socket refuse
+    it at connect(2) with EACCES."""
+    for name, owner, group, mode in (
+        ("alice", NOBODY, 0, 0o600),
+        ("bob", 0, 0, 0o600),
+        ("carol", 0, NOBODY, 0o660),
+    ):
         st = os.stat(tk.sock(name))
         assert stat.S_ISSOCK(st.st_mode)
-        assert stat.S_IMODE(st.st_mode) == 0o600, name
-        assert st.st_uid == owner, name
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, owner, group), name
     st = os.stat(tk.admin_socket)
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, os.geteuid())
     assert not os.path.exists(tk.dir / "kupd.sock")  # with tenants only their sockets serve
-    res = _connect_as(NOBODY, [tk.sock("alice"), tk.sock("bob"), tk.admin_socket])
-    assert res == [0, errno.EACCES, errno.EACCES], res
+    res = _connect_as(NOBODY, [tk.sock("alice"), tk.sock("bob"), tk.admin_socket, tk.sock("carol")])
+    assert res == [0, errno.EACCES, errno.EACCES, 0], res
+    # carol's socket is group 65534's: another uid in that group gets in,
+    # the same uid in another group does not
+    assert _connect_as(4321, [tk.sock("carol"), tk.sock("alice")], gid=NOBODY) == [
+        0,
+        errno.EACCES,
+    ]
+    assert _connect_as(4321, [tk.sock("carol")], gid=4321) == [errno.EACCES]
     with tk.client("alice") as c:
         assert c.health() == "SERVING"
 
