@@ -20,6 +20,7 @@ NEW_TENANTS = """
 name = "alice"
 socket = "@DIR@/alice.sock"
 max_sessions = 2
+ops = ["session", "lease", "call"]
 [[tenant.grant]]
 device = "echo"
 channels = "8"
@@ -40,6 +41,8 @@ def test_sighup_reload(start_tenants: StartTenants) -> None:
         gone = c.open("rot13").channel()
         for ch in (keep, drop, gone):
             ch.receive()
+        w = a.watch("echo", initial_state=True)
+        assert next(w).initial
         k.write_config(DEVICES + NEW_TENANTS)
         k.hup()
         wait_until(lambda: os.path.exists(k.sock("dave")), what="dave's socket")
@@ -57,6 +60,10 @@ def test_sighup_reload(start_tenants: StartTenants) -> None:
         assert keep.receive(timeout=10).data == b"still here"
         with pytest.raises(errors.PermissionDenied, match="rule channels"):
             a.open("echo").channel(9)
+        # alice may no longer watch: her open Watch ends at its next event
+        with pytest.raises(errors.PermissionDenied, match="rule ops"):
+            for _ in w:
+                pass
         for ch in (keep, drop, gone):
             ch.close()
     with k.client("dave") as d:
