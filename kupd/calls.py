@@ -48,7 +48,11 @@ class CallPool:
         self.channels: dict[int, PoolChannel] = {}
         self._free: deque[PoolChannel] = deque()
         self._queues: dict[str, deque[asyncio.Future[PoolChannel]]] = {}
+        #: Round-robin over groups (tenants), and within each group over its
+        #: callers.  A caller key "GROUP\x1fCALLER" belongs to GROUP; a key
+        #: without the separator is its own group (one caller per group).
         self._rr: deque[str] = deque()
+        self._groups: dict[str, deque[str]] = {}
         self._queued = 0
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -114,18 +118,28 @@ class CallPool:
 
     def _dispatch(self) -> None:
         while self._free and self._rr:
-            caller = self._rr.popleft()
+            group = self._rr.popleft()
+            callers = self._groups[group]
+            caller = callers.popleft()
             q = self._queues[caller]
             while q and q[0].done():  # cancelled waiters
                 q.popleft()
             if not q:
                 del self._queues[caller]
+                if callers:
+                    self._rr.appendleft(group)  # its next caller; no turn was used
+                else:
+                    del self._groups[group]
                 continue
             fut = q.popleft()
             if q:
-                self._rr.append(caller)
+                callers.append(caller)
             else:
                 del self._queues[caller]
+            if callers:
+                self._rr.append(group)
+            else:
+                del self._groups[group]
             pc = self._free.popleft()
             pc.state = "busy"
             fut.set_result(pc)
@@ -158,7 +172,12 @@ class CallPool:
         q = self._queues.get(caller)
         if q is None:
             q = self._queues[caller] = deque()
-            self._rr.append(caller)
+            group = caller.split("\x1f", 1)[0]
+            callers = self._groups.get(group)
+            if callers is None:
+                callers = self._groups[group] = deque()
+                self._rr.append(group)
+            callers.append(caller)
         q.append(fut)
         self._queued += 1
         self.metrics.calls_queued.labels(self.device).inc()
@@ -258,6 +277,7 @@ class CallPool:
                     fut.set_exception(errors.Shutdown(f"device {self.device} is going away"))
         self._queues.clear()
         self._rr.clear()
+        self._groups.clear()
         for task in list(self._tasks):
             task.cancel()
         for pc in list(self.channels.values()):

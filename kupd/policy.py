@@ -479,12 +479,14 @@ class Guard:
             raise errors.Shutdown(f"device {device} is drained by the admin")
 
     def fair_key(self, t: Tenant, caller: str) -> str:
-        """The Call pool's round-robin key: the tenant when tenants are
-        configured (a tenant cannot win more turns by inventing caller
-        names), the caller otherwise (the behaviour before tenants)."""
+        """The Call pool's round-robin key "GROUP\x1fCALLER": round-robin
+        across tenants first (a tenant cannot win more turns by inventing
+        caller names), then across the tenant's callers.  Without tenants
+        the caller alone (the behaviour before tenants)."""
+        caller = (caller or "anonymous").replace("\x1f", " ")
         if t is DEFAULT:
-            return caller or "anonymous"
-        return f"tenant:{t.name}"
+            return caller
+        return f"tenant:{t.name}\x1f{caller}"
 
     def still_allowed(self, tenant_name: str, op: str, device: str, chan: int) -> str:
         """Under the current policy: "" if ``tenant_name`` may still hold a

@@ -85,3 +85,43 @@ def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) ->
     # put all of meek's calls behind >= FLOOD - POOL - 2 - before flood calls.
     assert flood_ahead <= MEEK + POOL + 1, (flood_ahead, done)
     assert FLOOD - POOL - 2 - before > MEEK + POOL + 1  # the bound discriminates
+
+
+def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTenants) -> None:
+    """Inside one tenant the pool still goes round-robin across callers
+    (issue 3's guarantee), under the round-robin across tenants."""
+    k = start_tenants(CONFIG)
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def finished(tag: str) -> None:
+        with lock:
+            done.append(tag)
+
+    ch = grpc.insecure_channel("unix:" + k.sock("flood"))
+    stub = kup_pb2_grpc.KupStub(ch)
+    try:
+        for _ in range(FLOOD):
+            f = stub.Call.future(
+                kup_pb2.CallRequest(device="echo", data=b"!delay", caller="big"), timeout=120
+            )
+            f.add_done_callback(lambda _f: finished("big"))
+        with k.client("flood") as fc:
+            wait_until(
+                lambda: fc.devices("echo")[0].calls_queued >= FLOOD - POOL - 2,
+                what="the big caller queued",
+            )
+        with lock:
+            before = done.count("big")
+        for i in range(MEEK):
+            f = stub.Call.future(
+                kup_pb2.CallRequest(device="echo", data=f"small {i}".encode(), caller="small"),
+                timeout=120,
+            )
+            f.add_done_callback(lambda _f: finished("small"))
+        wait_until(lambda: len(done) == FLOOD + MEEK, timeout=120, what="every call answered")
+    finally:
+        ch.close()
+    last_small = max(i for i, tag in enumerate(done) if tag == "small")
+    big_ahead = done[: last_small + 1].count("big") - before
+    assert big_ahead <= MEEK + POOL + 1, (big_ahead, done)
