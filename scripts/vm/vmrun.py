@@ -113,6 +113,7 @@ def run_job(
     mem_mib: int = 1536,
     smp: int = 2,
     keep_dir: Path | None = None,
+    keep_paths: list[Path] | None = None,
 ) -> VMResult:
     """Run the shell script text ``job`` in a fresh VM and collect the results."""
     qemu = shutil.which("qemu-system-x86_64")
@@ -128,6 +129,10 @@ def run_job(
     else:
         outdir = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
     (outdir / "job.sh").write_text(job)
+    # host paths the guest must see even where its tmpfs mounts cover them
+    # (a checkout under /tmp): the repository, plus the caller's
+    keep = [REPO, *(keep_paths or ())]
+    (outdir / "keep_paths").write_text("".join(f"{Path(p).resolve()}\n" for p in keep))
     console = outdir / "console.log"
     cmd = [
         qemu,
