@@ -1,0 +1,186 @@
+"""Two kupd trees in ONE run: before/after figures of a change to kupd.
+
+Usage (``bench/`` and the client on ``PYTHONPATH``, as for ``-m kupbench``)::
+
+    git archive OLD kupd clients protos | tar -x -C /tmp/before
+    cp kupd/_kupchan*.so /tmp/before/kupd/
+    (cd /tmp/before && scripts/gen-proto.sh ...)   # or copy clients/python/kupapi
+    python -m kupbench.compare --before /tmp/before [--trials 8] [--out x.json]
+
+The bare grpc.aio echo server, kupd from ``--before`` and kupd from this
+tree run at once (each kupd in front of its own kupsim echo hosts, started
+from its own tree); every workload's trials are interleaved
+(:func:`kupbench.harness.run_interleaved`) and every figure is printed as a
+ratio to the bare server measured in the same run.  The client library is
+this tree's for both kupds, so only the server differs: the old kupd is
+driven with send + receive (``_sr``), the new one with both shapes and, for
+the round trip shapes, ``exchange`` (``_x``) too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import kupd_sut
+from .bare import BareBidi, BareUnary, bare_channel, start_bare_server
+from .config import KIB, MIB, Config
+from .context import ROOT, RunCtx, log
+from .harness import Report, TrialFn, run_interleaved
+from .procs import run_ns
+from .shapes import Echoer, concurrent_trial, latency_trial, pattern, pump_trial
+
+__all__ = ["main"]
+
+P64 = pattern(64)
+Samples = dict[str, dict[str, list[float]]]
+
+
+def _lat(e: Echoer, n: int, pid: int) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        c0 = run_ns(pid)
+        out = await latency_trial(e, P64, n, "compare")
+        out["cpu"] = [(run_ns(pid) - c0) / 1000.0 / n]
+        return out
+
+    return trial
+
+
+def _conc(echoers: list[Any], n_each: int, pid: int) -> TrialFn:
+    async def trial() -> dict[str, list[float]]:
+        c0 = run_ns(pid)
+        out = await concurrent_trial([e.rt for e in echoers], P64, n_each, "compare")
+        out["cpu"] = [(run_ns(pid) - c0) / 1000.0 / (n_each * len(echoers))]
+        return out
+
+    return trial
+
+
+def _pump(e: Echoer, size: int, total: int) -> TrialFn:
+    data = pattern(size)
+    count = max(4, total // size)
+
+    async def trial() -> dict[str, list[float]]:
+        return await pump_trial(e, data, count, "compare")
+
+    return trial
+
+
+def _on_error(name: str, exc: BaseException) -> None:
+    log(f"  ! {name}: {type(exc).__name__}: {exc}")
+
+
+async def _run(before: Path, trials: int, tmp: Path) -> Samples:
+    cfg = Config()
+    res: Samples = {}
+    async with contextlib.AsyncExitStack() as stack:
+        bare = start_bare_server(tmp / "bare.sock", tmp / "bare.log")
+        stack.callback(bare.stop)
+        bch = bare_channel(tmp / "bare.sock")
+        stack.push_async_callback(bch.close)
+        ctx_b = RunCtx(cfg, tmp / "before", Report({}))
+        ctx_b.root = before
+        old = await kupd_sut.KupdSut.start(ctx_b, stack)
+        new = await kupd_sut.KupdSut.start(RunCtx(cfg, tmp / "after", Report({})), stack)
+        log(f"pids: bare {bare.pid}, before {old.pid}, after {new.pid}")
+        cs, le, ce = kupd_sut.ClientSession, kupd_sut.LeaseEcho, kupd_sut.CallEcho
+        n = cfg.grpc_rounds
+        bb = BareBidi(bch)
+        stack.push_async_callback(bb.close)
+        work: dict[str, TrialFn] = {
+            "bare.unary": _lat(BareUnary(bch), n, bare.pid),
+            "bare.bidi": _lat(bb, n, bare.pid),
+            "before.session_sr": _lat(await cs.open(old.client, "echo", False), n, old.pid),
+            "after.session_sr": _lat(await cs.open(new.client, "echo", False), n, new.pid),
+            "after.session_x": _lat(await cs.open(new.client, "echo"), n, new.pid),
+            "before.unary_sr": _lat(await le.open(old.client, "echo", False), n, old.pid),
+            "after.unary_sr": _lat(await le.open(new.client, "echo", False), n, new.pid),
+            "after.unary_x": _lat(await le.open(new.client, "echo"), n, new.pid),
+            "before.call": _lat(ce(old.client, "echo"), n, old.pid),
+            "after.call": _lat(ce(new.client, "echo"), n, new.pid),
+        }
+        log("round trips ...")
+        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+
+        k = cfg.scale_clients[-1]
+        n_each = max(1, cfg.scale_total // k)
+        sessions = {
+            "before.sessions_sr": await old.sessions(k),
+            "after.sessions_sr": await new.sessions(k),
+            "after.sessions_x": await new.sessions(k),
+        }
+        for name, ss in sessions.items():
+            for s in ss:
+                s.exchange = name.endswith("_x")
+        work = {f"bare.streams{k}": _conc([BareBidi(bch) for _ in range(k)], n_each, bare.pid)}
+        for name, ss in sessions.items():
+            work[f"{name}{k}"] = _conc(list(ss), n_each, old.pid if "before" in name else new.pid)
+        log(f"{k} clients ...")
+        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        for ss in sessions.values():
+            await new.close_sessions(ss)
+
+        rs = kupd_sut.RawSession
+        pumps = {
+            "before.pump_sr": await rs(old.stub, old.pb, old.big_device, False).open(),
+            "after.pump_sr": await rs(new.stub, new.pb, new.big_device, False).open(),
+            "after.pump_x": await rs(new.stub, new.pb, new.big_device).open(),
+        }
+        work = {}
+        for label, size in (("64k", 64 * KIB), ("1m", MIB)):
+            work[f"bare.pump_{label}"] = _pump(bb, size, cfg.pump_bytes)
+            for name, p in pumps.items():
+                work[f"{name}_{label}"] = _pump(p, size, cfg.pump_bytes)
+        log("stream throughput ...")
+        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        for p in pumps.values():
+            await p.close()
+    return res
+
+
+def _baseline(name: str) -> str:
+    if ".sessions" in name:
+        return "bare.streams" + "".join(c for c in name if c.isdigit())
+    if ".session" in name:
+        return "bare.bidi"
+    if ".unary" in name or ".call" in name:
+        return "bare.unary"
+    return "bare.pump_" + name.rsplit("_", 1)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--before", type=Path, required=True,
+                    help="a kupd tree (kupd/ with _kupchan built, clients/python/kupapi)")
+    ap.add_argument("--trials", type=int, default=8, help="kept trials per workload")
+    ap.add_argument("--out", type=Path, help="also write every sample and median as JSON")
+    args = ap.parse_args()
+    before = args.before.resolve()
+    if before == ROOT:
+        raise SystemExit("--before must be another tree than this one")
+    tmp = Path(tempfile.mkdtemp(prefix="kupbench-compare-"))
+    res = asyncio.run(_run(before, args.trials, tmp))
+    med = {w: {s: statistics.median(v) for s, v in subs.items()} for w, subs in res.items()}
+    if args.out is not None:
+        args.out.write_text(json.dumps({"samples": res, "median": med}, indent=1))
+    print(f"{'workload':24s} {'figure':5s} {'median':>10s}  {'baseline':16s} {'median':>10s}"
+          "  ratio")
+    for w, subs in med.items():
+        if w.startswith("bare."):
+            continue
+        base = _baseline(w)
+        for s, v in subs.items():
+            b = med.get(base, {}).get(s)
+            ratio = f"{v / b:.2f}" if b else "-"
+            fig = s or ("MiB/s" if ".pump" in w else "us")
+            print(f"{w:24s} {fig:5s} {v:10.1f}  {base:16s} {b or 0:10.1f}  {ratio}")
+
+
+if __name__ == "__main__":
+    main()
