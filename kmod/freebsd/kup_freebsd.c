@@ -17,7 +17,8 @@
  *   kup_os_chan.mtx  per channel: the interlock of the kernel side's sleep,
  *                    and which open file the channel is attached to
  *   kup_fb_file.mtx  per open file: its knlist (kqueue) and selinfo (poll),
- *                    the attached channel, the notify_gen it last saw
+ *                    the attached channel, the notify_gen it last saw, the
+ *                    user wake-up pending on it (read(2) consumes it)
  *
  * A device's mutex and a channel's mutex are never held together.  The
  * core's sx locks (kup_lock_t) are never taken while any of these mutexes
@@ -62,6 +63,7 @@
 #include <sys/filio.h>
 #include <sys/fcntl.h>
 #include <sys/ioccom.h>
+#include <sys/uio.h>
 #include <sys/time.h>
 #include <machine/stdarg.h>
 
@@ -92,10 +94,13 @@ struct kup_fb_att;
 struct kup_fb_file {
 	struct kupdev_softc     *sc;        /* core reference held */
 	struct mtx               mtx;       /* knlist lock; att, ch, seen_gen,
-	                                     * attaching */
+	                                     * wake_pending, attaching */
 	struct kup_fb_att       *att;       /* our attachment (one reference) */
 	struct kup_chan         *ch;        /* att->ch, or NULL */
-	uint64_t                 seen_gen;  /* notify_gen last returned by INFO */
+	uint64_t                 seen_gen;  /* notify_gen last seen by INFO or
+	                                     * read(2) */
+	int                      wake_pending; /* a user wake-up of the attached
+	                                     * channel not yet read(2) */
 	int                      attaching; /* an ATTACH is in progress */
 	int                      listed;    /* on kup_os_dev.files */
 	struct selinfo           sel;       /* poll(2) and kqueue(2) */
@@ -104,6 +109,8 @@ struct kup_fb_file {
 
 static d_open_t     kup_fb_open;
 static d_close_t    kup_fb_close;
+static d_read_t     kup_fb_read;
+static d_write_t    kup_fb_write;
 static d_ioctl_t    kup_fb_ioctl;
 static d_poll_t     kup_fb_poll;
 static d_kqfilter_t kup_fb_kqfilter;
@@ -114,6 +121,8 @@ static struct cdevsw kup_fb_cdevsw = {
 	.d_name =        "kup",
 	.d_open =        kup_fb_open,
 	.d_close =       kup_fb_close,
+	.d_read =        kup_fb_read,
+	.d_write =       kup_fb_write,
 	.d_ioctl =       kup_fb_ioctl,
 	.d_poll =        kup_fb_poll,
 	.d_kqfilter =    kup_fb_kqfilter,
@@ -459,6 +468,14 @@ kup_fb_file_notify_locked(struct kup_fb_file *f)
 	KNOTE_LOCKED(&f->sel.si_note, 0);
 }
 
+/*
+ * Like an eventfd: the wake-up stays pending on the attached open file (its
+ * descriptor polls readable) until user space consumes it with read(2) --
+ * libkup's drain.  Set under the file's mutex, which poll and the kqueue
+ * filter also hold, so a poller either sees it or is on the selinfo /
+ * knlist before selwakeup / KNOTE run.  No file (not attached yet, or
+ * closed while still mapped): nobody can poll, nothing to remember.
+ */
 void
 kup_os_chan_wake_user(struct kup_chan *ch)
 {
@@ -471,6 +488,7 @@ kup_os_chan_wake_user(struct kup_chan *ch)
 	f = oc->file;
 	if (f != NULL) {
 		mtx_lock(&f->mtx);
+		f->wake_pending = 1;
 		kup_fb_file_notify_locked(f);
 		mtx_unlock(&f->mtx);
 	}
@@ -899,7 +917,8 @@ kup_fb_ioc_info(struct kup_fb_file *f, struct kup_ioc_info *ui)
 	mtx_lock(&f->mtx);
 	ui->attached_chan = f->ch != NULL ? kup_core_chan_id(f->ch) :
 	    KUP_IOC_CHAN_ANY;
-	f->seen_gen = ci->notify_gen;
+	if (ci->notify_gen > f->seen_gen)   /* only forward (read(2) too) */
+		f->seen_gen = ci->notify_gen;
 	mtx_unlock(&f->mtx);
 	free(ci, M_KUP);
 	return (0);
@@ -991,17 +1010,39 @@ kup_fb_mmap_single(struct cdev *cdev, vm_ooffset_t *offset, vm_size_t size,
 	return (0);
 }
 
-/* ---- poll / kqueue ----------------------------------------------------- */
-
-/*
- * Readable: attached file -- the turn is the user's, the kernel side gave up
- * on this user, or the device is shutting down; unattached file -- the
- * device's notify_gen differs from the one this file last read with
- * KUP_IOC_INFO.  Hang-up: shutting down.  The channel page is writable by
- * the user, so a user that scribbles on it only confuses its own poll.
+/* ---- the descriptor as an event counter: read / write / poll / kqueue ----
+ *
+ * Like an eventfd (kup_ioctl.h).  Attached file: readable while a wake-up
+ * of the user side is pending -- kup_os_chan_wake_user (a hand-over seen
+ * with user_waiting set, shutdown, the kernel giving up on this user) or
+ * the user's own write(2) -- until read(2) consumes it.  Shutdown
+ * (POLLIN|POLLHUP, EV_EOF) and a user the kernel gave up on (POLLIN|POLLERR;
+ * kqueue has no error bit for a filter, so it stays readable) are final
+ * states, not consumed.  Unattached file: readable while the device's
+ * notify_gen is newer than the one this file last saw (INFO or read(2)),
+ * POLLHUP / EV_EOF once shutting down.  read(2) never blocks: 8 bytes, a
+ * uint64_t 1, or EAGAIN.  The channel page is writable by the user, so a
+ * user that scribbles on its state word only confuses its own poll.
  */
+
+/* What read(2) would consume now; f->mtx held. */
 static int
-kup_fb_file_ready(struct kup_fb_file *f, int *hup)
+kup_fb_file_pending(struct kup_fb_file *f)
+{
+	struct kup_os_dev *od = kup_core_dev_os(f->sc);
+
+	mtx_assert(&f->mtx, MA_OWNED);
+	if (f->ch != NULL)
+		return (f->wake_pending != 0);
+	/* both only grow: "newer", so a file that saw a later value through
+	 * INFO than the poll copy holds is not told about it again */
+	return (atomic_load_64(&od->notify_gen) > f->seen_gen);
+}
+
+/* Readable (pending, or a final state); *hup shutting down, *err the
+ * kernel gave up on this user.  f->mtx held. */
+static int
+kup_fb_file_ready(struct kup_fb_file *f, int *hup, int *err)
 {
 	struct kup_os_dev *od = kup_core_dev_os(f->sc);
 	const struct kup_ctrl *ctrl;
@@ -1009,32 +1050,102 @@ kup_fb_file_ready(struct kup_fb_file *f, int *hup)
 
 	mtx_assert(&f->mtx, MA_OWNED);
 	*hup = atomic_load_int(&od->shutdown) != 0;
+	*err = 0;
 	if (f->ch != NULL) {
 		ctrl = kup_core_chan_mem(f->ch);
 		state = KUP_READ_ONCE32(&ctrl->state);
 		if ((state & KUP_STATE_SHUTDOWN) != 0)
 			*hup = 1;
-		return (*hup || KUP_LOAD_ACQ32(&ctrl->turn) == KUP_TURN_USER ||
-		    (state & KUP_STATE_PEER_GONE) != 0);
+		if ((state & KUP_STATE_PEER_GONE) != 0)
+			*err = 1;
 	}
-	return (*hup || atomic_load_64(&od->notify_gen) != f->seen_gen);
+	return (*hup || *err || kup_fb_file_pending(f));
+}
+
+static int
+kup_fb_read(struct cdev *cdev, struct uio *uio, int ioflag)
+{
+	struct kup_fb_file *f;
+	struct kup_os_dev *od;
+	uint64_t v = 0;
+	int error;
+
+	(void)cdev;
+	(void)ioflag;             /* never blocks, O_NONBLOCK or not */
+	error = devfs_get_cdevpriv((void **)&f);
+	if (error != 0)
+		return (error);
+	if (uio->uio_resid < (ssize_t)sizeof(v))
+		return (EINVAL);
+	od = kup_core_dev_os(f->sc);
+	mtx_lock(&f->mtx);
+	if (kup_fb_file_pending(f)) {
+		v = 1;
+		if (f->ch != NULL)
+			f->wake_pending = 0;
+		else
+			f->seen_gen = atomic_load_64(&od->notify_gen);
+	}
+	mtx_unlock(&f->mtx);
+	if (v == 0)
+		return (EAGAIN);
+	/* outside the mutex: copyout may fault */
+	return (uiomove(&v, sizeof(v), uio));
+}
+
+/* libkup's self_wake: poll mode started while the turn was already the
+ * user's, so no hand-over will wake it.  8 bytes, a non-zero uint64_t, on
+ * an attached file; it wakes this file's pollers only, never the kernel
+ * side (that is KUP_IOC_WAKE).  devfs has already refused a file not
+ * opened for writing (EBADF). */
+static int
+kup_fb_write(struct cdev *cdev, struct uio *uio, int ioflag)
+{
+	struct kup_fb_file *f;
+	uint64_t v;
+	int error;
+
+	(void)cdev;
+	(void)ioflag;
+	error = devfs_get_cdevpriv((void **)&f);
+	if (error != 0)
+		return (error);
+	if (uio->uio_resid < (ssize_t)sizeof(v))
+		return (EINVAL);
+	error = uiomove(&v, sizeof(v), uio);
+	if (error != 0)
+		return (error);
+	if (v == 0)
+		return (EINVAL);
+	mtx_lock(&f->mtx);
+	if (f->ch == NULL) {
+		mtx_unlock(&f->mtx);
+		return (EINVAL);          /* no channel, no wake-up to make */
+	}
+	f->wake_pending = 1;
+	kup_fb_file_notify_locked(f);
+	mtx_unlock(&f->mtx);
+	return (0);
 }
 
 static int
 kup_fb_poll(struct cdev *cdev, int events, struct thread *td)
 {
 	struct kup_fb_file *f;
-	int revents = 0, ready, hup;
+	int revents = 0, hup, err;
 
 	(void)cdev;
 	if (devfs_get_cdevpriv((void **)&f) != 0)
 		return (events & (POLLIN | POLLRDNORM | POLLHUP)) | POLLNVAL;
 	mtx_lock(&f->mtx);
-	ready = kup_fb_file_ready(f, &hup);
-	if (ready)
+	if (kup_fb_file_ready(f, &hup, &err))
 		revents |= events & (POLLIN | POLLRDNORM);
 	if (hup)
 		revents |= POLLHUP;
+	if (err)
+		revents |= POLLERR;
+	/* not ready: be on the selinfo before the mutex is dropped, so the
+	 * next wake-up (taken under the same mutex) cannot be missed */
 	if (revents == 0 && (events & (POLLIN | POLLRDNORM)) != 0)
 		selrecord(td, &f->sel);
 	mtx_unlock(&f->mtx);
@@ -1059,17 +1170,22 @@ kup_fb_kqfilter(struct cdev *cdev, struct knote *kn)
 	return (0);
 }
 
+/* Level-triggered through the filter: it runs under the knlist lock
+ * (f->mtx) both from KNOTE_LOCKED and when kevent(2) collects, so once
+ * read(2) consumed the wake-up the note is dropped at the next collection
+ * (unless the watcher asked for EV_CLEAR). */
 static int
 kup_fb_kqread(struct knote *kn, long hint)
 {
 	struct kup_fb_file *f = kn->kn_hook;
-	int ready, hup;
+	int ready, hup, err;
 
 	(void)hint;
-	ready = kup_fb_file_ready(f, &hup);   /* knlist lock = f->mtx held */
+	ready = kup_fb_file_ready(f, &hup, &err);
 	if (hup)
 		kn->kn_flags |= EV_EOF;
-	kn->kn_data = ready ? 1 : 0;
+	/* what read(2) would return: 1 pending wake-up, or nothing */
+	kn->kn_data = kup_fb_file_pending(f) ? 1 : 0;
 	return (ready);
 }
 

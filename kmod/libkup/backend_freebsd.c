@@ -10,14 +10,18 @@
  * channel is detached when both its descriptor is closed and its pages
  * are unmapped (a dying process does both); detach unmaps, then closes.
  *
- * Waiting: the channel descriptor is its own wait fd.  kupdev.ko's
- * d_poll / d_kqfilter report it readable exactly when the control page's
- * turn is the user's, the kernel gave up on us, or the device is shutting
- * down (POLLHUP / EV_EOF), so kup.c's poll() works, and so does handing
- * the fd (kernproxy_fd) to kqueue(2) with EVFILT_READ -- which is what
- * kupd's event loop does on FreeBSD.  Readiness is level-triggered from the
- * page: there is never anything to drain.  The device handle's descriptor
- * is readable when notify_gen moved past the one its last INFO returned.
+ * Waiting: the channel descriptor is its own wait fd, and behaves like an
+ * eventfd (kup_ioctl.h): kupdev.ko's d_poll / d_kqfilter report it readable
+ * while a wake-up from the kernel side is pending (a hand-over seen with
+ * user_waiting set, shutdown, the kernel giving up on us) until read(2)
+ * consumes it (drain); shutdown is POLLHUP / EV_EOF and the kernel giving
+ * up POLLERR, both for good.  write(2) makes our own wake-up pending
+ * (self_wake: poll mode started while the turn is already ours).  So
+ * kup.c's poll() works, and so does handing the fd (kernproxy_fd) to
+ * kqueue(2) with EVFILT_READ -- which is what kupd's event loop does on
+ * FreeBSD -- without the fd staying readable once the message is taken.
+ * The device handle's descriptor is readable when notify_gen moved past
+ * the one its last INFO returned.
  *
  * After the module unloads the device (destroy_dev), every further call on
  * an old descriptor fails with ENXIO in devfs: reported as EKU_SHUTDOWN.
@@ -252,7 +256,45 @@ kfb_wake(struct kup_backend_chan *ch)
 static void
 kfb_drain(struct kup_backend_chan *ch)
 {
-	(void)ch;   /* level-triggered from the page: nothing is queued */
+	struct kfb_chan *c = ch->priv;
+	uint64_t v;
+
+	/* read(2) consumes the pending wake-up (never blocks: EAGAIN when
+	 * there is none); errors are harmless here, the page is the truth */
+	if (c != NULL)
+		(void)!read(c->fd, &v, sizeof(v));
+}
+
+/* Make wait_fd readable now: write(2) of a non-zero count on the channel
+ * descriptor makes our own wake-up pending, as on an eventfd. */
+static int
+kfb_self_wake(struct kup_backend_chan *ch)
+{
+	struct kfb_chan *c = ch->priv;
+	struct kup_ioc_info ii;
+	uint64_t one = 1;
+	ssize_t n;
+	int e;
+
+	if (c == NULL)
+		return KUP_E_INVAL;
+	n = write(c->fd, &one, sizeof(one));
+	if (n < 0) {
+		e = errno;
+		/* Device destroyed under us (module unloaded): devfs answers
+		 * write itself (EIO from the dead vnode ops) and poll with
+		 * POLLIN|POLLHUP for good, so the fd is readable already.
+		 * INFO, answered ENXIO by devfs then, tells that case apart. */
+		if ((e == EIO || e == ENXIO) && kfb_info_raw(c->fd, &ii) != 0 &&
+		    errno == ENXIO)
+			return KUP_E_OK;
+		return kfb_err(e);
+	}
+	if (n != (ssize_t)sizeof(one)) {
+		errno = EIO;      /* the module takes all 8 bytes or fails */
+		return KUP_E_SYS;
+	}
+	return KUP_E_OK;
 }
 
 static void
@@ -314,4 +356,5 @@ const struct kup_backend_ops kup_backend_freebsd = {
 	.dev_fd = kfb_dev_fd,
 	.dev_drain = kfb_dev_drain,
 	.close = kfb_close,
+	.self_wake = kfb_self_wake,
 };

@@ -75,6 +75,57 @@ def _declared_functions(header: Path) -> set[str]:
     return names
 
 
+def _readelf(obj: Path, *flags: str) -> str:
+    readelf = shutil.which("readelf") or shutil.which("llvm-readelf")
+    assert readelf is not None, "readelf is needed to inspect the objects"
+    return subprocess.run(
+        [readelf, "-W", *flags, str(obj)], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _functions_in_table(obj: Path, table: str) -> dict[int, str]:
+    """Offset within the data object `table` -> name of the function whose
+    address is stored there, read from the object's relocations (a struct
+    of function pointers: a cdevsw, an ops table).  Static functions are
+    referenced as "<section> + <offset>", so offsets are mapped back to the
+    FUNC symbols of that section."""
+    sections: dict[int, str] = {}
+    for m in re.finditer(r"^\s*\[\s*(\d+)\]\s+(\S+)", _readelf(obj, "-S"), re.M):
+        sections[int(m.group(1))] = m.group(2)
+    funcs: dict[tuple[str, int], str] = {}
+    where: tuple[str, int, int] | None = None
+    for line in _readelf(obj, "-s").splitlines():
+        parts = line.split()
+        if len(parts) != 8 or not parts[0].endswith(":") or not parts[6].isdigit():
+            continue
+        value, size, kind = int(parts[1], 16), int(parts[2]), parts[3]
+        ndx, name = int(parts[6]), parts[7]
+        if kind == "FUNC":
+            funcs[(sections[ndx], value)] = name
+        elif kind == "OBJECT" and name == table:
+            where = (sections[ndx], value, size)
+    assert where is not None, f"{obj.name} defines no object {table}"
+    sec, start, size = where
+    table_funcs: dict[int, str] = {}
+    current: str | None = None
+    for line in _readelf(obj, "-r").splitlines():
+        head = re.match(r"Relocation section '\.rela(\S+)'", line)
+        if head is not None:
+            current = head.group(1)
+            continue
+        parts = line.split()
+        if current != sec or len(parts) != 7 or parts[5] != "+":
+            continue
+        offset, target, addend = int(parts[0], 16), parts[4], int(parts[6], 16)
+        if not start <= offset < start + size:
+            continue
+        if (target, addend) in funcs:
+            table_funcs[offset - start] = funcs[(target, addend)]
+        elif addend == 0:
+            table_funcs[offset - start] = target
+    return table_funcs
+
+
 @pytest.fixture(scope="module")
 def objdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run `make kmod-freebsd-check`, keeping the objects for inspection."""
@@ -185,3 +236,33 @@ def test_check_fails_on_a_warning(tmp_path: Path) -> None:
     assert f"FAIL  x86_64 kernel {bad}" in proc.stderr
     # -Wmissing-prototypes and -Wunused-variable are both errors here
     assert "-Werror" in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kupdev_cdevsw_makes_the_fd_an_event_counter(objdir: Path, arch: str) -> None:
+    """kup_ioctl.h: the channel fd is eventfd-like -- read(2) consumes the
+    pending wake-up, write(2) is libkup's self-wake, poll/kqueue report it.
+    The cdevsw must route all of them to the glue (a missing d_read would be
+    ENODEV from devfs, and libkup's drain would silently never drain)."""
+    table = _functions_in_table(_obj(objdir, arch, "kern", "kmod/freebsd/kup_freebsd.c"),
+                                "kup_fb_cdevsw")
+    wired = set(table.values())
+    for fn in ("kup_fb_open", "kup_fb_read", "kup_fb_write", "kup_fb_ioctl",
+               "kup_fb_poll", "kup_fb_kqfilter", "kup_fb_mmap_single"):
+        assert fn in wired, f"{fn} is not in kup_fb_cdevsw ({arch}): {table}"
+    # struct cdevsw: d_version, d_flags, d_name, d_open, d_fdopen, d_close,
+    # d_read, d_write (pointers are 8 bytes on both architectures)
+    assert table.get(0x28) == "kup_fb_read", table
+    assert table.get(0x30) == "kup_fb_write", table
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_freebsd_backend_drains_and_self_wakes(objdir: Path, arch: str) -> None:
+    """libkup's FreeBSD backend fills the optional self_wake hook (kup.c
+    kicks the fd with it when poll mode starts while the turn is already
+    ours), and drain/self_wake really talk to the fd with read/write."""
+    obj = _obj(objdir, arch, "user", "kmod/libkup/backend_freebsd.c")
+    table = set(_functions_in_table(obj, "kup_backend_freebsd").values())
+    assert {"kfb_drain", "kfb_self_wake", "kfb_wake", "kfb_attach"} <= table, table
+    syms = _symbols(obj)
+    assert syms.get("read") == "U" and syms.get("write") == "U", sorted(syms)
