@@ -61,8 +61,10 @@ class Config:
     #: 0: metrics off; otherwise served on metrics_address:metrics_port.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
-    keepalive_time: float = 20.0
-    keepalive_timeout: float = 10.0
+    #: A hung client (e.g. SIGSTOPped) holding a session is dropped within
+    #: about keepalive_time + keepalive_timeout seconds (issue 4: within 5 s).
+    keepalive_time: float = 2.0
+    keepalive_timeout: float = 2.0
     log_level: str = "info"
     #: Root-only socket of the Admin service ("" : none).  See docs/security.md.
     admin_socket: str = ""
