@@ -58,11 +58,13 @@ struct kup_backend_ops {
 	/* Consume pending device events on dev_fd (non-blocking). */
 	void (*dev_drain)(void *dev);
 	void (*close)(void *dev);
-	/* Optional: make wait_fd readable now (the sim's counting eventfd
-	 * only turns readable on a wake-up, so when kernproxy_fd() starts
-	 * poll mode while the turn is already ours, kup.c kicks it).  NULL
-	 * when wait_fd is level-triggered by the host (a device fd whose poll
-	 * looks at the control page). */
+	/* Optional: make wait_fd readable now.  Every wait fd is
+	 * eventfd-like (the sim's eventfd; the Linux and FreeBSD channel fds,
+	 * see kup_ioctl.h): it turns readable only on a wake-up and goes quiet
+	 * once drained, so when kernproxy_fd() starts poll mode while the turn
+	 * is already ours, kup.c kicks it with this (an 8-byte write on all
+	 * three hosts).  NULL only for a backend whose wait fd is
+	 * level-triggered on the control page itself. */
 	int  (*self_wake)(struct kup_backend_chan *ch);
 };
 
