@@ -30,8 +30,9 @@ def _libkup_sources() -> tuple[list[Path], list[tuple[str, str | None]]]:
     (KUP_OS_BACKEND=none leaves it out)."""
     srcs = [LIBKUP / "kup.c", LIBKUP / "backend_sim.c"]
     defs: list[tuple[str, str | None]] = []
-    os_backend = {"linux": ("backend_linux.c", "KUP_HAVE_BACKEND_LINUX"),
-                  "freebsd": ("backend_freebsd.c", "KUP_HAVE_BACKEND_FREEBSD")}
+    # one source for both kernel hosts (/dev/kup/<name>, kup_ioctl.h)
+    os_backend = {"linux": ("backend_kdev.c", "KUP_HAVE_BACKEND_LINUX"),
+                  "freebsd": ("backend_kdev.c", "KUP_HAVE_BACKEND_FREEBSD")}
     plat = "freebsd" if sys.platform.startswith("freebsd") else sys.platform
     if plat in os_backend and os.environ.get("KUP_OS_BACKEND", "auto") != "none":
         name, define = os_backend[plat]

@@ -84,7 +84,7 @@ fi
 
 # Userspace: libkup with the FreeBSD backend (and the sim backend it always
 # carries), as FreeBSD userland.
-user_sources=(kmod/libkup/backend_freebsd.c)
+user_sources=(kmod/libkup/backend_kdev.c)
 for f in kmod/libkup/kup.c kmod/libkup/backend_sim.c; do
 	if [ -f "$f" ]; then user_sources+=("$f"); fi
 done

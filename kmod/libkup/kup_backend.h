@@ -6,8 +6,8 @@
  * opens the device, answers "info", attaches a channel (giving back the
  * mapping of the channel pages, a pollable wait fd and a way to wake the
  * kernel side) and detaches.  Backends: sim (kupsim unix socket,
- * backend_sim.c), linux and freebsd (/dev/kup/<name>, backend_linux.c /
- * backend_freebsd.c).
+ * backend_sim.c), linux and freebsd (/dev/kup/<name>, both from
+ * backend_kdev.c).
  *
  * All functions returning int return KUP_E_OK (0) or a KUP_E_* code from
  * kup_abi.h; KUP_E_SYS means errno says more (the backend leaves errno set).

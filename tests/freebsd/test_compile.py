@@ -27,7 +27,7 @@ KERNEL_SOURCES = (
     "kmod/examples/echo/echo.c",
     "kmod/freebsd/kup_client_mod.c",
 )
-USER_SOURCES = ("kmod/libkup/backend_freebsd.c", "kmod/libkup/kup.c")
+USER_SOURCES = ("kmod/libkup/backend_kdev.c", "kmod/libkup/kup.c")
 # zig's first compilation for a target builds nothing big for -c, but the
 # machine is shared: be generous.
 CHECK_TIMEOUT = 1200
@@ -261,8 +261,8 @@ def test_freebsd_backend_drains_and_self_wakes(objdir: Path, arch: str) -> None:
     """libkup's FreeBSD backend fills the optional self_wake hook (kup.c
     kicks the fd with it when poll mode starts while the turn is already
     ours), and drain/self_wake really talk to the fd with read/write."""
-    obj = _obj(objdir, arch, "user", "kmod/libkup/backend_freebsd.c")
+    obj = _obj(objdir, arch, "user", "kmod/libkup/backend_kdev.c")
     table = set(_functions_in_table(obj, "kup_backend_freebsd").values())
-    assert {"kfb_drain", "kfb_self_wake", "kfb_wake", "kfb_attach"} <= table, table
+    assert {"kd_drain", "kd_self_wake", "kd_wake", "kd_attach"} <= table, table
     syms = _symbols(obj)
     assert syms.get("read") == "U" and syms.get("write") == "U", sorted(syms)

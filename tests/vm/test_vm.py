@@ -90,12 +90,9 @@ def _build(kver: str) -> Path:
              "-Ikmod/include"]  # fmt: skip
     _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / "kup_kfault")],
          "building tests/vm/kup_kfault.c")  # fmt: skip
-    # libkup as kmod/Makefile builds it on Linux: every source but FreeBSD's backend
-    libkup = sorted(
-        str(p.relative_to(REPO))
-        for p in (REPO / "kmod" / "libkup").glob("*.c")
-        if p.name != "backend_freebsd.c"
-    )
+    # libkup as kmod/Makefile builds it on Linux: every source (backend_kdev.c
+    # is the Linux backend under -DKUP_HAVE_BACKEND_LINUX)
+    libkup = sorted(str(p.relative_to(REPO)) for p in (REPO / "kmod" / "libkup").glob("*.c"))
     _run(
         [cc, *flags, "-pthread", "-Ikmod/core", "-Ikmod/kupsim", "-Ikmod/libkup", "-Itests/c",
          "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup, "-o", str(BIN / "test_kup")],
