@@ -12,7 +12,7 @@ import threading
 
 import grpc
 import pytest
-from tenancy_helpers import NOBODY, TenantKupd, wait_until
+from tenancy_helpers import AS_ROOT, NOBODY, TenantKupd, wait_until
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import EventType
@@ -50,6 +50,7 @@ def _connect_as(uid: int, paths: list[str], gid: int | None = None) -> list[int]
     return [int(x) for x in text.strip().split(",")]
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="connecting as other users needs root")
 def test_socket_permissions_are_the_identity(tk: TenantKupd) -> None:
     """A process running as uid 65534 reaches alice's socket (owned by it,
     0600) and carol's (0660, group 65534); bob's and the admin socket refuse
