@@ -124,3 +124,33 @@ def test_admin_command_line(start_tenants: StartTenants) -> None:
         good = admin("reload")
         assert good.returncode == 0, good
         assert "tenants alice, dave; 1 sessions ended" in good.stdout, good.stdout
+
+
+def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + TENANTS)
+    env = child_env(None)
+
+    def kupctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kupclient.kupctl", *args, "--admin-socket", k.admin_socket],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    with k.client("alice") as a, a.open("echo").channel(11) as ch:
+        out = kupctl("leases", "--json")
+        assert out.returncode == 0, out
+        assert [r["lease_id"] for r in json.loads(out.stdout)] == [ch.lease.lease_id]
+        k.write_config(DEVICES + TENANTS.replace('channels = "8-15"', 'channels = "15-8"'))
+        bad = kupctl("reload")
+        assert bad.returncode == 8, bad  # InvalidArgument
+        assert "tenant[0].grant[0].channels" in bad.stderr, bad.stderr
+        k.write_config(DEVICES + NEW_TENANTS)
+        good = kupctl("reload", "--json")
+        assert good.returncode == 0, good
+        assert json.loads(good.stdout) == {
+            "tenants": ["alice", "dave"],
+            "sessions_ended": [ch.lease.lease_id],
+        }

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kupclient import Client, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
+from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -659,6 +660,59 @@ def _ckey(chan: str) -> tuple[int, str]:
     return (int(chan), "") if chan.isdigit() else (1 << 30, chan)
 
 
+# -- admin (kup.v1.Admin on kupd's root-only admin socket; docs/security.md)
+
+
+def _admin(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(args.admin_socket)
+
+
+def cmd_reload(args: argparse.Namespace, out: Output) -> int:
+    with _admin(args) as a:
+        r = a.reload()
+    if args.json:
+        print(json.dumps({"tenants": list(r.tenants), "sessions_ended": list(r.sessions_ended)}))
+    else:
+        print(
+            f"reloaded: tenants {', '.join(r.tenants)}; "
+            f"{len(r.sessions_ended)} sessions ended by the new policy"
+        )
+    return EXIT_OK
+
+
+def cmd_leases(args: argparse.Namespace, out: Output) -> int:
+    with _admin(args) as a:
+        leases = a.list_leases(args.tenant or "")
+    if args.json:
+        print(json.dumps([asdict(x) for x in leases]))
+        return EXIT_OK
+    print(f"{'LEASE':<18} {'TENANT':<12} {'DEVICE':<12} {'CH':>4} {'HOLDER':<8} IDLE")
+    for x in leases:
+        print(
+            f"{x.lease_id:<18} {x.tenant:<12} {x.device:<12} {x.channel:>4} "
+            f"{x.holder:<8} {x.idle_seconds:.1f}s"
+        )
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, out: Output) -> int:
+    with _admin(args) as a:
+        a.revoke(args.lease, args.reason or "")
+    print(f"revoked {args.lease}")
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace, out: Output) -> int:
+    with _admin(args) as a:
+        ended = a.drain(args.device, args.undo)
+    if args.json:
+        print(json.dumps({"device": args.device, "undo": args.undo, "leases_ended": ended}))
+    else:
+        what = "undrained" if args.undo else f"drained ({len(ended)} leases ended)"
+        print(f"{args.device}: {what}")
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
     url = _metrics_url(args.metrics or os.environ.get("KUPD_METRICS") or DEFAULT_METRICS)
     summary = summarize_metrics(fetch_metrics(url))
@@ -801,6 +855,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"metrics URL or HOST:PORT (default: $KUPD_METRICS, else {DEFAULT_METRICS})",
     )
+
+    def admin_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--admin-socket",
+            metavar="PATH",
+            default=os.environ.get("KUPD_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET),
+            help="kupd's root-only admin socket (default: $KUPD_ADMIN_SOCKET, else "
+            f"{DEFAULT_ADMIN_SOCKET})",
+        )
+
+    sp = add("reload", cmd_reload, "admin: re-read kupd's config and swap the tenant policy")
+    admin_opts(sp)
+    sp = add("leases", cmd_leases, "admin: every lease of every tenant")
+    sp.add_argument("--tenant", metavar="NAME", help="only this tenant's")
+    admin_opts(sp)
+    sp = add("revoke", cmd_revoke, "admin: end a lease (its session gets PERMISSION_DENIED)")
+    sp.add_argument("lease", metavar="LEASE")
+    sp.add_argument("--reason", metavar="TEXT", help="shown to the lease's holder")
+    admin_opts(sp)
+    sp = add("drain", cmd_drain, "admin: refuse new work on a device and end its leases")
+    sp.add_argument("device", metavar="DEVICE")
+    sp.add_argument("--undo", action="store_true", help="serve the device again")
+    admin_opts(sp)
     return p
 
 
