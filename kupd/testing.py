@@ -34,18 +34,25 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "REPO_ROOT",
     "KupSim",
     "KupSimError",
+    "Kupd",
+    "KupdError",
     "kmod_out",
+    "kupd",
+    "kupd_env",
     "kupsim",
     "module_path",
+    "start_kupd",
 ]
 
 #: The source tree this module lives in (kupd/ is one level below the root).
@@ -277,3 +284,269 @@ def kupsim(
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# kupd: the gateway daemon as a real subprocess
+# ---------------------------------------------------------------------------
+#
+#     from kupd.testing import kupd, kupsim
+#
+#     with kupsim("echo") as sim, kupd(sim=sim, devices=("echo:2",)) as k:
+#         with k.client() as c:
+#             ...
+#
+# kupd's stdout and stderr go to one log file (never a pipe); start-up waits
+# until the health check answers SERVING; the context manager stops kupd
+# with SIGTERM, checks its clean exit (status 0) and always reaps it.
+
+_KUPD_START_TIMEOUT = 60.0
+_KUPD_STOP_TIMEOUT = 30.0
+#: The Python client library lives outside the ``kupd`` package.
+_CLIENTS = REPO_ROOT / "clients" / "python"
+
+
+class KupdError(RuntimeError):
+    """kupd did not start serving, exited early, or did not stop cleanly."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(f"{message}\n--- kupd log ---\n{log}" if log else message)
+        self.log = log
+
+
+def kupd_env(sim: KupSim | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment for a kupd (or kupctl) child run from this tree: the
+    repository and the Python client are on ``PYTHONPATH``; with ``sim``,
+    ``$KUPSIM_DIR`` points at its devices."""
+    env = sim.env(base) if sim is not None else dict(os.environ if base is None else base)
+    parts = [str(REPO_ROOT), str(_CLIENTS), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
+    return env
+
+
+class Kupd:
+    """A running kupd subprocess.  Made by :func:`start_kupd` / :func:`kupd`."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        socket: str,
+        log_path: Path,
+        *,
+        health_socket: str | None = None,
+        sim: KupSim | None = None,
+        metrics_url: str = "",
+    ) -> None:
+        self.proc = proc
+        #: the (default) client socket; "" when the config names it
+        self.socket = socket
+        self.log_path = log_path
+        #: the socket the health check is asked on (admin socket for tenants)
+        self.health_socket = health_socket or socket
+        self.sim = sim
+        #: "http://127.0.0.1:PORT/metrics", or "" when metrics are off
+        self.metrics_url = metrics_url
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        """kupd's output so far (stdout and stderr, interleaved)."""
+        return _read(self.log_path)
+
+    def client(self, **kw: Any) -> Any:
+        """A ``kupclient.Client`` on :attr:`socket` (close it, or use ``with``)."""
+        from kupclient import Client  # the client library is not part of kupd
+
+        return Client(self.socket, **kw)
+
+    def env(self) -> dict[str, str]:
+        """An environment for kupctl: ``$KUPD_SOCKET`` points at this kupd."""
+        env = dict(os.environ)
+        env["KUPD_SOCKET"] = self.socket
+        env.pop("KUPD_METRICS", None)
+        return env
+
+    def _health(self) -> str:
+        from kupclient import Client
+
+        with Client(self.health_socket) as c:
+            status: str = c.health()
+            return status
+
+    def _wait_health(self, want: str | None, timeout: float) -> str:
+        from kupd import errors
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        status = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise KupdError(f"kupd exited with {self.proc.returncode}", self.log())
+            if os.path.exists(self.health_socket):
+                try:
+                    status = self._health()
+                    if want is None or status == want:
+                        return status
+                except errors.KupError as exc:
+                    last = exc
+            time.sleep(0.05)
+        what = f"{want} (last status {status or None}, {last})" if want else f"answering ({last})"
+        raise KupdError(f"kupd not {what} within {timeout:.0f}s", self.log())
+
+    def wait_up(self, timeout: float = _KUPD_START_TIMEOUT) -> str:
+        """Wait until kupd answers health checks, whatever the status; return it."""
+        return self._wait_health(None, timeout)
+
+    def wait_serving(self, timeout: float = _KUPD_START_TIMEOUT) -> None:
+        """Wait until kupd's health check says SERVING."""
+        self._wait_health("SERVING", timeout)
+
+    def threads(self) -> int:
+        """kupd's current number of threads (Linux ``/proc``)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+        raise KupdError(f"no Threads: line in /proc/{self.pid}/status")
+
+    def terminate(self, timeout: float = _KUPD_STOP_TIMEOUT) -> int:
+        """SIGTERM (if still running) and reap; the exit status.  Raises
+        :class:`KupdError` (after SIGKILL) if kupd ignores SIGTERM."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise KupdError(f"kupd ignored SIGTERM for {timeout:.0f}s", self.log()) from None
+
+    def stop(self, timeout: float = _KUPD_STOP_TIMEOUT) -> None:
+        """Cleanup path: SIGTERM, then SIGKILL after ``timeout``; never raises."""
+        with contextlib.suppress(KupdError):
+            self.terminate(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (no-op once kupd has exited)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=_KUPD_STOP_TIMEOUT)
+
+
+def _free_loopback_port() -> int:
+    import socket as _socket
+
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_kupd(
+    *args: str,
+    log: str | os.PathLike[str],
+    socket: str | os.PathLike[str] | None = None,
+    sim: KupSim | None = None,
+    devices: Sequence[str] = (),
+    config: str | os.PathLike[str] | None = None,
+    health_socket: str | os.PathLike[str] | None = None,
+    health_interval: float | None = 0.2,
+    metrics: bool = False,
+    command: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    wait: bool = True,
+    start_timeout: float = _KUPD_START_TIMEOUT,
+) -> Kupd:
+    """Start kupd; the caller stops it (:meth:`Kupd.terminate` / :meth:`Kupd.stop`).
+
+    ``command`` is how kupd is run (default ``python -m kupd.daemon``; pass
+    the ``kupd`` console script to test that).  ``socket``, ``config``,
+    ``sim`` (``--kupsim-dir``), ``devices`` (``--device NAME[:CALLS]`` each),
+    ``health_interval`` and ``metrics`` (a free loopback ``--metrics-port``)
+    become options; ``args`` are appended as given.  The environment defaults
+    to :func:`kupd_env` of ``sim``.  With ``wait`` this returns once the
+    health check on ``health_socket`` (default ``socket``) says SERVING; if kupd
+    exits or stays unready it is killed and :class:`KupdError` carries its log.
+    """
+    argv = list(command) if command is not None else [sys.executable, "-m", "kupd.daemon"]
+    if config is not None:
+        argv += ["--config", os.fspath(config)]
+    if socket is not None:
+        argv += ["--socket", os.fspath(socket)]
+    if sim is not None:
+        argv += ["--kupsim-dir", str(sim.rundir)]
+    if health_interval is not None:
+        argv += ["--health-interval", str(health_interval)]
+    for d in devices:
+        argv += ["--device", d]
+    metrics_url = ""
+    if metrics:
+        port = _free_loopback_port()
+        argv += ["--metrics-port", str(port)]
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+    argv += args
+    sock = os.fspath(socket) if socket is not None else ""
+    health = os.fspath(health_socket) if health_socket is not None else sock
+    if wait and not health:
+        raise KupdError("start_kupd(wait=True) needs socket= or health_socket= to ask")
+    log_path = Path(log)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else kupd_env(sim),
+        )
+    k = Kupd(proc, sock, log_path, health_socket=health, sim=sim, metrics_url=metrics_url)
+    if wait:
+        try:
+            k.wait_serving(start_timeout)
+        except BaseException:
+            k.kill()
+            raise
+    return k
+
+
+@contextlib.contextmanager
+def kupd(
+    *args: str,
+    sim: KupSim | None = None,
+    devices: Sequence[str] = (),
+    socket: str | os.PathLike[str] | None = None,
+    log: str | os.PathLike[str] | None = None,
+    check_exit: bool = True,
+    stop_timeout: float = _KUPD_STOP_TIMEOUT,
+    **options: Any,
+) -> Iterator[Kupd]:
+    """Run kupd for the duration of the block (see :func:`start_kupd` for
+    ``args`` and ``options``).
+
+    Without ``socket`` / ``log`` they go to a fresh temporary directory,
+    removed afterwards.  Leaving the block normally sends SIGTERM and, with
+    ``check_exit``, raises :class:`KupdError` unless kupd exits 0 in
+    ``stop_timeout``; kupd is always reaped, whether the block raised or not.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="kupd-"))
+    sock = socket if socket is not None or options.get("config") else tmp / "kupd.sock"
+    k: Kupd | None = None
+    try:
+        k = start_kupd(
+            *args,
+            log=log if log is not None else tmp / "kupd.log",
+            socket=sock,
+            sim=sim,
+            devices=devices,
+            **options,
+        )
+        yield k
+        rc = k.terminate(stop_timeout)
+        if check_exit and rc != 0:
+            raise KupdError(f"kupd exited with {rc} after SIGTERM", k.log())
+    finally:
+        if k is not None:
+            k.kill()
+        shutil.rmtree(tmp, ignore_errors=True)

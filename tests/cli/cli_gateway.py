@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from kupclient import Client
-from kupd import errors
-from kupd.testing import REPO_ROOT, KupSim, kupsim
+from kupd.testing import REPO_ROOT, Kupd, kupd, kupsim
 
 __all__ = ["Gateway", "Kupctl", "console_script", "gateway"]
 
@@ -50,95 +43,28 @@ def console_script(name: str) -> Path:
     )
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Gateway:
-    """A running kupsim + kupd pair."""
-
-    sim: KupSim
-    proc: subprocess.Popen[bytes]
-    socket: str
-    log_path: Path
-    metrics_url: str  # "" when metrics are off
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def client(self) -> Client:
-        return Client(self.socket)
-
-    def env(self) -> dict[str, str]:
-        """An environment for kupctl: KUPD_SOCKET points at this kupd."""
-        env = dict(os.environ)
-        env["KUPD_SOCKET"] = self.socket
-        env.pop("KUPD_METRICS", None)
-        return env
-
-
-def _wait_serving(gw: Gateway, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if gw.proc.poll() is not None:
-            raise AssertionError(f"kupd exited with {gw.proc.returncode}:\n{gw.log()}")
-        if os.path.exists(gw.socket):
-            try:
-                with gw.client() as c:
-                    if c.health() == "SERVING":
-                        return
-            except errors.KupError as exc:
-                last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"kupd not SERVING within {timeout}s ({last}):\n{gw.log()}")
+#: A running kupsim + kupd pair: ``gw.sim`` is the kupsim, ``gw.env()`` an
+#: environment for kupctl, ``gw.metrics_url`` "" unless metrics are on.
+Gateway = Kupd
 
 
 @contextlib.contextmanager
 def gateway(devices: Sequence[str] = ("echo:2",), *, metrics: bool = False) -> Iterator[Gateway]:
-    """kupsim with echo and kupd serving ``devices`` (NAME[:CALL_CHANNELS])."""
+    """kupsim with echo and kupd serving ``devices`` (NAME[:CALL_CHANNELS]),
+    run as the installed console script; its clean SIGTERM exit is checked."""
     kupd_exe = console_script("kupd")
     with (
-        tempfile.TemporaryDirectory(prefix="kupd-cli-") as tmp,
         kupsim("echo", check_exit=False) as sim,
+        kupd(
+            "--pid-file",
+            "-",
+            sim=sim,
+            devices=devices,
+            metrics=metrics,
+            command=[str(kupd_exe)],
+            env=sim.env(),
+            start_timeout=START_TIMEOUT,
+            stop_timeout=STOP_TIMEOUT,
+        ) as gw,
     ):
-        sock = os.path.join(tmp, "kupd.sock")
-        log_path = Path(tmp) / "kupd.log"
-        argv = [str(kupd_exe), "--socket", sock, "--kupsim-dir", str(sim.rundir)]
-        argv += ["--pid-file", "-", "--health-interval", "0.2"]
-        for d in devices:
-            argv += ["--device", d]
-        metrics_url = ""
-        if metrics:
-            port = free_loopback_port()
-            argv += ["--metrics-port", str(port)]
-            metrics_url = f"http://127.0.0.1:{port}/metrics"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=sim.env(),
-            )
-        gw = Gateway(sim, proc, sock, log_path, metrics_url)
-        try:
-            _wait_serving(gw, START_TIMEOUT)
-            yield gw
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(
-                    f"kupd ignored SIGTERM for {STOP_TIMEOUT}s:\n{gw.log()}"
-                ) from None
-            assert rc == 0, f"kupd exited with {rc} after SIGTERM:\n{gw.log()}"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        yield gw

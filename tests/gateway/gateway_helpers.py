@@ -1,102 +1,67 @@
-"""Helpers for the gateway tests: a kupd subprocess and bounded waits."""
+"""Helpers for the gateway tests (also used by tests/faults and tests/load):
+the ``start_kupd`` fixture over kupd.testing, and bounded waits."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from kupd.testing import REPO_ROOT, KupSim, kupsim
+import pytest
+
+from kupd import testing
+from kupd.testing import REPO_ROOT, Kupd, KupSim, kupd_env, kupsim
 
 CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
     sys.path.insert(0, CLIENTS)
 
 from kupclient import Client, Watch  # noqa: E402
-from kupd import errors  # noqa: E402
 
 #: Bounded waits (generous: the machine is shared).
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 
 
 def child_env(sim: KupSim | None = None) -> dict[str, str]:
-    env = dict(os.environ if sim is None else sim.env())
-    parts = [str(REPO_ROOT), CLIENTS, env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
-    return env
+    """The environment kupd / kupctl children get (see kupd.testing.kupd_env)."""
+    return kupd_env(sim)
 
 
-class Kupd:
-    """A kupd subprocess."""
+@pytest.fixture
+def start_kupd(tmp_path: Path) -> Iterator[StartKupd]:
+    """start_kupd(sim, *args, socket=None, wait=True, env=None, devices=("echo:4",))
+    -> Kupd on ``tmp_path``; every kupd started is stopped afterwards.  Shared
+    by the gateway, fault and load tests (their conftests import it)."""
+    started: list[Kupd] = []
 
-    def __init__(self, proc: subprocess.Popen[bytes], socket: str, log: Path) -> None:
-        self.proc = proc
-        self.socket = socket
-        self.log_path = log
+    def start(
+        sim: KupSim | None,
+        *args: str,
+        socket: str | None = None,
+        wait: bool = True,
+        env: Mapping[str, str] | None = None,
+        devices: Sequence[str] = ("echo:4",),
+    ) -> Kupd:
+        k = testing.start_kupd(
+            *args,
+            socket=socket or str(tmp_path / "kupd.sock"),
+            log=tmp_path / f"kupd-{len(started)}.log",
+            sim=sim,
+            devices=devices,
+            env=env,
+            wait=False,
+        )
+        started.append(k)  # stopped below even if it never serves
+        if wait:
+            k.wait_serving(START_TIMEOUT)
+        return k
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def client(self, **kw: str) -> Client:
-        return Client(self.socket, **kw)
-
-    def wait_up(self, timeout: float = START_TIMEOUT) -> str:
-        """Until kupd answers health checks (whatever the status); the status."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kupd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket):
-                try:
-                    with self.client() as c:
-                        return c.health()
-                except errors.KupError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"kupd not answering within {timeout}s:\n{self.log()}")
-
-    def wait_serving(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kupd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket):
-                try:
-                    with self.client() as c:
-                        if c.health() == "SERVING":
-                            return
-                except errors.KupError as exc:
-                    last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"kupd not SERVING within {timeout}s ({last}):\n{self.log()}")
-
-    def threads(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        raise AssertionError("no Threads: line")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"kupd ignored SIGTERM for {timeout}s:\n{self.log()}") from None
+    yield start
+    for k in started:
+        k.stop()
 
 
 StartKupd = Callable[..., Kupd]

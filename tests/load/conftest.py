@@ -1,19 +1,14 @@
-"""The load test reuses the kupd fixture of tests/faults (which reuses the
-gateway tests' harness)."""
+"""The load test reuses the ``start_kupd`` fixture of tests/gateway (the
+same kupd harness the fault tests use)."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 from kupd.testing import REPO_ROOT
 
-_spec = importlib.util.spec_from_file_location(
-    "faults_conftest", REPO_ROOT / "tests" / "faults" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-_faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_faults)
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
 
-start_kupd = _faults.start_kupd
+from gateway_helpers import start_kupd
 
 __all__ = ["start_kupd"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kupd.testing import REPO_ROOT, KupSim
+from kupd.testing import REPO_ROOT, KupSim, kupd_env, start_kupd
 
 CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
@@ -22,7 +21,6 @@ if CLIENTS not in sys.path:
 
 from kupclient import Client  # noqa: E402
 from kupclient.admin import AdminClient  # noqa: E402
-from kupd import errors  # noqa: E402
 
 START_TIMEOUT = 60.0
 NOBODY = 65534
@@ -34,10 +32,8 @@ GROUP = NOBODY if AS_ROOT else os.getegid()
 
 
 def child_env(sim: KupSim | None) -> dict[str, str]:
-    env = dict(os.environ if sim is None else sim.env())
-    parts = [str(REPO_ROOT), CLIENTS, env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
-    return env
+    """The environment kupd children get (see kupd.testing.kupd_env)."""
+    return kupd_env(sim)
 
 
 def socket_dir() -> Path:
@@ -57,15 +53,17 @@ class TenantKupd:
         self.audit = sockdir / "audit.log"
         self.log_path = log
         self.write_config(body)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kupd.daemon", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=child_env(sim),
-            )
-        self.wait_serving()
+        # Everything but the environment comes from the config file; the
+        # health check is asked on the admin socket (tenants have no default).
+        self.kupd = start_kupd(
+            config=self.config,
+            log=log,
+            health_socket=self.admin_socket,
+            health_interval=None,
+            env=child_env(sim),
+            start_timeout=START_TIMEOUT,
+        )
+        self.proc = self.kupd.proc
 
     def head(self) -> str:
         d = self.dir
@@ -92,40 +90,18 @@ class TenantKupd:
         return AdminClient(self.admin_socket)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.kupd.log()
 
     def audit_lines(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
             return []
         return [json.loads(x) for x in self.audit.read_text().splitlines() if x.strip()]
 
-    def wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kupd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.admin_socket):
-                try:
-                    with Client(self.admin_socket) as c:
-                        if c.health() == "SERVING":
-                            return
-                except errors.KupError as exc:
-                    last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"kupd not SERVING within {START_TIMEOUT}s ({last}):\n{self.log()}")
-
     def hup(self) -> None:
         self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.kupd.stop()
 
 
 DEVICES = """
