@@ -3,7 +3,10 @@ the ``start_kupd`` fixture over kupd.testing, and bounded waits."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -20,6 +23,7 @@ if CLIENTS not in sys.path:
     sys.path.insert(0, CLIENTS)
 
 from kupclient import Client, Watch  # noqa: E402
+from kupd import errors  # noqa: E402
 
 #: Bounded waits (generous: the machine is shared).
 START_TIMEOUT = 60.0
@@ -89,3 +93,62 @@ def live_watch(c: Client, device: str = "echo") -> Watch:
 def echo_sim(**kw: Any) -> AbstractContextManager[KupSim]:
     """kupsim with the echo module; generous start-up bound (shared machine)."""
     return kupsim("echo", check_exit=False, ready_timeout=60.0, **kw)
+
+
+#: A client process that takes channel argv[2] of echo on socket argv[1],
+#: says "holding" and keeps its session until killed.
+HOLDER = """
+import sys
+from kupclient import Client
+c = Client(sys.argv[1])
+ch = c.open("echo").channel(int(sys.argv[2]))
+ch.receive()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def holding_client(socket: str, channel: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A separate client process holding ``channel`` of echo (see HOLDER);
+    yielded once it holds it, killed and reaped afterwards."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, socket, str(channel)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"holding"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def call_in_flight(c: Client, data: bytes, timeout: float) -> Callable[[float], object]:
+    """Start ``c.call("echo", data, timeout=timeout)`` in a thread and wait
+    until kupd counts it in flight.  Returns ``finish(bound)``: joins the
+    thread (asserting it ended within ``bound`` seconds) and gives the reply
+    or the KupError the call raised."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(c.call("echo", data, timeout=timeout))
+        except errors.KupError as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="call in flight")
+
+    def finish(bound: float) -> object:
+        t.join(bound)
+        assert not t.is_alive(), f"the call was still running after {bound}s"
+        assert len(result) == 1, result
+        return result[0]
+
+    return finish

@@ -1,5 +1,9 @@
 """kupd as a process: dead clients, lease expiry, SIGTERM drain, the lock,
-config errors and health, with real subprocesses and signals."""
+config errors and health, with real subprocesses and signals.
+
+A SIGKILLed kupd restarting on its stale socket and lock, and a Call in
+flight when the device's host dies, are tested once, in tests/faults
+(test_kupd_sigkill_..._reattaches, test_device_goes_others_keep_serving)."""
 
 from __future__ import annotations
 
@@ -7,38 +11,28 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, child_env, echo_sim, live_watch, wait_until
+from gateway_helpers import (
+    Kupd,
+    StartKupd,
+    call_in_flight,
+    child_env,
+    echo_sim,
+    holding_client,
+    live_watch,
+    wait_until,
+)
 
 from kupclient import Client, EventType, Kind
 from kupd import errors
 from kupd.testing import KupSim
 
-HOLDER = """
-import sys
-from kupclient import Client
-c = Client(sys.argv[1])
-ch = c.open("echo").channel(int(sys.argv[2]))
-ch.receive()
-print("holding", flush=True)
-sys.stdin.read()
-"""
-
 
 def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, kupd.socket, "40"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=child_env(),
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == b"holding"
+    with holding_client(kupd.socket, 40) as child:
         with pytest.raises(errors.Busy):
             client.open("echo").channel(40)
         child.kill()
@@ -54,10 +48,6 @@ def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:
                 time.sleep(0.02)
         with ch:
             assert ch.receive().seq == 1  # a fresh conversation
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -84,21 +74,11 @@ def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
         ch = c.open("echo").channel()
         ch.receive()
         assert next(events).type == EventType.LEASE_TAKEN
-        result: list[object] = []
-
-        def slow_call() -> None:
-            try:
-                result.append(c.call("echo", b"!delay in flight", timeout=20))
-            except errors.KupError as exc:
-                result.append(exc)
-
-        t = threading.Thread(target=slow_call)
-        t.start()
-        wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="call in flight")
+        finish = call_in_flight(c, b"!delay in flight", timeout=20)
         k.proc.send_signal(signal.SIGTERM)
-        t.join(30)
         # The call in flight finished within the grace period.
-        assert len(result) == 1 and not isinstance(result[0], Exception), result
+        result = finish(30)
+        assert not isinstance(result, Exception), result
         # The open session ends UNAVAILABLE with EKU_SHUTDOWN.
         with pytest.raises(errors.Shutdown, match="EKU_SHUTDOWN"):
             ch.send(b"x")
@@ -206,37 +186,3 @@ def test_sample_config_is_valid() -> None:
     assert [(d.name, d.call_channels) for d in cfg.devices] == [("echo", 4)]
     assert cfg.socket_mode == 0o660 and cfg.metrics_port == 0
     assert cfg.lock_path == cfg.socket + ".lock"
-
-
-def test_call_in_flight_when_the_host_dies(start_kupd: StartKupd) -> None:
-    with echo_sim() as sim:
-        k = start_kupd(sim)
-        with k.client() as c:
-            result: list[object] = []
-
-            def slow_call() -> None:
-                try:
-                    result.append(c.call("echo", b"!hold", timeout=120))
-                except errors.KupError as exc:
-                    result.append(exc)
-
-            t = threading.Thread(target=slow_call)
-            t.start()
-            wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="call in flight")
-            sim.proc.kill()  # no unload, no wake-up: the host just vanishes
-            t.join(60)  # far less than the call's own 120 s deadline
-            assert not t.is_alive()
-            assert isinstance(result[0], (errors.Shutdown, errors.Unavailable)), result
-            wait_until(lambda: c.health() == "NOT_SERVING", what="NOT_SERVING")
-        assert k.terminate() == 0
-
-
-def test_restart_after_sigkill_reuses_the_stale_socket(sim: KupSim, start_kupd: StartKupd) -> None:
-    first = start_kupd(sim)
-    first.proc.kill()
-    first.proc.wait(30)
-    assert os.path.exists(first.socket)  # left behind by the killed instance
-    second = start_kupd(sim, socket=first.socket)  # the lock died with its holder
-    with second.client() as c:
-        assert c.call("echo", b"5", timeout=10).data == b"5"
-    assert second.terminate() == 0

@@ -6,28 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
-from gateway_helpers import StartKupd, child_env, echo_sim
+from gateway_helpers import StartKupd, echo_sim, holding_client, wait_until
 
 from kupclient import Kind
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
+from kupd.config import Config
 from kupd.testing import KupSim
-
-HOLDER = """
-import sys
-from kupclient import Client
-c = Client(sys.argv[1])
-ch = c.open("echo").channel(int(sys.argv[2]))
-ch.receive()
-print("holding", flush=True)
-sys.stdin.read()
-"""
 
 
 def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:
@@ -52,30 +40,33 @@ def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:
         assert k.terminate() == 0
 
 
-def test_hung_client_is_detected_by_keepalive(sim: KupSim, start_kupd: StartKupd) -> None:
-    k = start_kupd(sim, "--keepalive-time", "1", "--keepalive-timeout", "1")
-    child = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, k.socket, "44"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=child_env(),
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == b"holding"
-        child.send_signal(signal.SIGSTOP)  # alive but answering nothing, socket open
-        with k.client() as c:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    c.open("echo").channel(44).close()
-                    break
-                except errors.Busy:
-                    assert time.monotonic() < deadline, "hung client never detected"
-                    time.sleep(0.2)
-    finally:
-        child.kill()
-        child.wait()
+@pytest.mark.parametrize("settings", ["1s", "default"])
+def test_hung_client_is_detected_by_keepalive(
+    sim: KupSim, start_kupd: StartKupd, settings: str
+) -> None:
+    """A SIGSTOPped client holding a session (alive, socket open, answering
+    nothing) is dropped by keepalive and its channel freed: with 1 s
+    settings (the mechanism), and with kupd's DEFAULT settings, whose sum
+    (ping every keepalive_time, drop after keepalive_timeout) is what bounds
+    the detection time: issue 4 asks for 5 s.  The wait itself is generous
+    because the machine is shared."""
+    if settings == "default":
+        cfg = Config()
+        assert cfg.keepalive_time + cfg.keepalive_timeout <= 5.0
+        k = start_kupd(sim)
+    else:
+        k = start_kupd(sim, "--keepalive-time", "1", "--keepalive-timeout", "1")
+    with holding_client(k.socket, 44) as child, k.client() as c:
+        child.send_signal(signal.SIGSTOP)
+
+        def free() -> bool:
+            try:
+                c.open("echo").channel(44).close()
+                return True
+            except errors.Busy:
+                return False
+
+        wait_until(free, timeout=60, what="hung client dropped by keepalive")
 
 
 def _free_port() -> int:
