@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "kupsim",
     "module_path",
     "start_kupd",
+    "wait_until",
 ]
 
 #: The source tree this module lives in (kupd/ is one level below the root).
@@ -550,3 +551,13 @@ def kupd(
         if k is not None:
             k.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``cond`` until it is true; :class:`TimeoutError` naming ``what``
+    after ``timeout`` seconds (a bounded wait, never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)

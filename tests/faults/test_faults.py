@@ -26,11 +26,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from gateway_helpers import StartKupd, call_in_flight, echo_sim, live_watch, wait_until
+from gateway_helpers import StartKupd, call_in_flight, echo_sim, live_watch
 
 from kupclient import EventType
 from kupd import errors
-from kupd.testing import kupsim
+from kupd.testing import kupsim, wait_until
 
 
 def test_kupd_sigkill_every_channel_sees_it_and_a_restart_reattaches(

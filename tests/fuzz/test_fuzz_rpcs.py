@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tenancy_helpers import TenantKupd, wait_until
+from tenancy_helpers import TenantKupd
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
+from kupd.testing import wait_until
 
 ALLOWED = {
     grpc.StatusCode.OK,

@@ -7,10 +7,11 @@ the other channels and devices keep serving."""
 from __future__ import annotations
 
 import pytest
-from tenancy_helpers import TenantKupd, wait_until
+from tenancy_helpers import TenantKupd
 
 from kupclient import Client
 from kupd import errors
+from kupd.testing import wait_until
 
 
 @pytest.mark.parametrize("garbage", ["seqgap", "seqrep", "badlen", "badkind", "badturn"])

@@ -7,7 +7,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from kupd import testing
-from kupd.testing import REPO_ROOT, Kupd, KupSim, kupd_env, kupsim
+from kupd.testing import REPO_ROOT, Kupd, KupSim, kupd_env, kupsim, wait_until
 
 CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
@@ -69,14 +68,6 @@ def start_kupd(tmp_path: Path) -> Iterator[StartKupd]:
 
 
 StartKupd = Callable[..., Kupd]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 def live_watch(c: Client, device: str = "echo") -> Watch:

@@ -7,13 +7,13 @@ import asyncio
 
 import grpc
 import pytest
-from gateway_helpers import Kupd, wait_until
+from gateway_helpers import Kupd
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import AsyncClient, Client, Kind
 from kupd import errors
-from kupd.testing import KupSim
+from kupd.testing import KupSim, wait_until
 
 
 def expected(chan: int, data: bytes) -> bytes:

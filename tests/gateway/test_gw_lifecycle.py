@@ -23,12 +23,11 @@ from gateway_helpers import (
     echo_sim,
     holding_client,
     live_watch,
-    wait_until,
 )
 
 from kupclient import Client, EventType, Kind
 from kupd import errors
-from kupd.testing import KupSim
+from kupd.testing import KupSim, wait_until
 
 
 def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:

@@ -9,13 +9,13 @@ import socket
 import urllib.request
 
 import pytest
-from gateway_helpers import StartKupd, echo_sim, holding_client, wait_until
+from gateway_helpers import StartKupd, echo_sim, holding_client
 
 from kupclient import Kind
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
 from kupd.config import Config
-from kupd.testing import KupSim
+from kupd.testing import KupSim, wait_until
 
 
 def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:

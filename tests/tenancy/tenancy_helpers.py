@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,19 @@ GROUP = NOBODY if AS_ROOT else os.getegid()
 def child_env(sim: KupSim | None) -> dict[str, str]:
     """The environment kupd children get (see kupd.testing.kupd_env)."""
     return kupd_env(sim)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from this tree (kupd, kupclient.admin,
+    kupclient.kupctl): output captured as text, a hang bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=child_env(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def socket_dir() -> Path:
@@ -148,14 +161,6 @@ device = "echo"
 [[tenant.grant]]
 device = "rot13"
 """
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 StartTenants = Callable[[str], TenantKupd]

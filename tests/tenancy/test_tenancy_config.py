@@ -4,13 +4,11 @@ directory stops kupd before it serves anything."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from tenancy_helpers import child_env
+from tenancy_helpers import run_module
 
 from kupd.config import ConfigError, parse_config
 
@@ -60,13 +58,7 @@ def test_unsafe_socket_directory_is_refused(tmp_path: Path) -> None:
             '[[device]]\nname = "echo"\n'
             f'[[tenant]]\nname = "t"\nsocket = "{d}/t.sock"\n'
         )
-        out = subprocess.run(
-            [sys.executable, "-m", "kupd.daemon", "--config", str(cfg)],
-            env=child_env(None),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_module("kupd.daemon", "--config", str(cfg))
         assert out.returncode == 1, out
         assert "writable by nobody else" in out.stderr, out.stderr
         assert not (d / "t.sock").exists()

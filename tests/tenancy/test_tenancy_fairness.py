@@ -8,9 +8,10 @@ from __future__ import annotations
 import threading
 
 import grpc
-from tenancy_helpers import StartTenants, wait_until
+from tenancy_helpers import StartTenants
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupd.testing import wait_until
 
 CONFIG = """
 [[device]]

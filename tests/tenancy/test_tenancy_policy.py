@@ -12,11 +12,12 @@ import threading
 
 import grpc
 import pytest
-from tenancy_helpers import AS_ROOT, NOBODY, TenantKupd, wait_until
+from tenancy_helpers import AS_ROOT, NOBODY, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import EventType
 from kupd import errors
+from kupd.testing import wait_until
 
 
 def _connect_as(uid: int, paths: list[str], gid: int | None = None) -> list[int]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from tenancy_helpers import DEVICES, TENANTS, StartTenants, child_env, wait_until
+from tenancy_helpers import DEVICES, TENANTS, StartTenants, run_module
 
 from kupd import errors
+from kupd.testing import wait_until
 
 NEW_TENANTS = """
 [[tenant]]
@@ -99,16 +99,9 @@ def test_invalid_reload_keeps_the_running_policy(start_tenants: StartTenants) ->
 
 def test_admin_command_line(start_tenants: StartTenants) -> None:
     k = start_tenants(DEVICES + TENANTS)
-    env = child_env(None)
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kupclient.admin", "--socket", k.admin_socket, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_module("kupclient.admin", "--socket", k.admin_socket, *args)
 
     with k.client("alice") as a, a.open("echo").channel(9) as ch:
         out = admin("leases", "--json")
@@ -128,16 +121,9 @@ def test_admin_command_line(start_tenants: StartTenants) -> None:
 
 def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
     k = start_tenants(DEVICES + TENANTS)
-    env = child_env(None)
 
     def kupctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kupclient.kupctl", *args, "--admin-socket", k.admin_socket],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_module("kupclient.kupctl", *args, "--admin-socket", k.admin_socket)
 
     with k.client("alice") as a, a.open("echo").channel(11) as ch:
         out = kupctl("leases", "--json")
