@@ -11,16 +11,11 @@ drains and exits 0; then kupsim unloads the module).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kupd.errors import KupError
-from kupd.testing import REPO_ROOT, kupsim
+from kupd.testing import KupdError, kupd_env, kupsim, start_kupd
 
 if TYPE_CHECKING:
     from kupd.demo import DemoContext
@@ -40,48 +35,6 @@ def _show(data: bytes) -> str:
     return repr(text) + (f"...({len(data)} bytes)" if len(data) > 40 else "")
 
 
-def _child_env(base: dict[str, str]) -> dict[str, str]:
-    """kupd and kupctl import kupd/kupclient from this tree even without
-    ``pip install -e .``."""
-    env = dict(base)
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "clients" / "python"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return env
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-def _wait_serving(proc: subprocess.Popen[bytes], sock: str, log: Path) -> None:
-    from kupclient import Client
-
-    deadline = time.monotonic() + _START_TIMEOUT
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kupd exited with status {proc.returncode}:\n{_log_tail(log)}")
-        if os.path.exists(sock):
-            try:
-                with Client(sock) as c:
-                    if c.health() == "SERVING":
-                        return
-            except KupError as e:
-                last = f"{type(e).__name__}: {e}"
-        time.sleep(0.05)
-    raise RuntimeError(f"kupd not SERVING within {_START_TIMEOUT:.0f}s ({last}):\n{_log_tail(log)}")
-
-
-def _stop_kupd(proc: subprocess.Popen[bytes]) -> None:
-    """Cleanup path: SIGKILL and reap if the step did not stop kupd itself."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 def step_gateway(ctx: DemoContext) -> None:
     from kupclient import Client
 
@@ -94,21 +47,18 @@ def step_gateway(ctx: DemoContext) -> None:
     _say(f"  kupsim pid {sim.pid} with echo, devices in {sim.rundir}")
 
     sock = str(workdir / "kupd.sock")
-    log = workdir / "kupd.log"
-    argv = [sys.executable, "-m", "kupd.daemon", "--socket", sock, "--kupsim-dir", str(sim.rundir)]
-    argv += ["--device", f"{ctx.device}:2", "--pid-file", "-"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_child_env(sim.env()),
-            start_new_session=True,
-        )
-    ctx.stack.callback(_stop_kupd, proc)
-    _wait_serving(proc, sock, log)
-    _say(f"  kupd pid {proc.pid} serving {ctx.device} on {sock} (Call pool: 2 channels)")
+    k = start_kupd(
+        "--pid-file",
+        "-",
+        socket=sock,
+        log=workdir / "kupd.log",
+        sim=sim,
+        devices=(f"{ctx.device}:2",),
+        health_interval=None,
+        start_timeout=_START_TIMEOUT,
+    )
+    ctx.stack.callback(k.kill)  # cleanup path, if the step does not stop kupd itself
+    _say(f"  kupd pid {k.pid} serving {ctx.device} on {sock} (Call pool: 2 channels)")
 
     with Client(sock) as client:
         (dev,) = client.devices(ctx.device)
@@ -151,20 +101,16 @@ def step_gateway(ctx: DemoContext) -> None:
     kupctl = [sys.executable, "-m", "kupclient.kupctl", "--socket", sock]
     cmd = [*kupctl, "call", ctx.device, "hello from kupctl"]
     _say("  $ kupctl call echo 'hello from kupctl'")
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_child_env(sim.env()))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=kupd_env(sim))
     for line in (run.stdout + run.stderr).splitlines():
         _say(f"    {line}")
     if run.returncode != 0:
         raise RuntimeError(f"kupctl call failed with exit status {run.returncode}")
 
     _say("  SIGTERM to kupd: health goes NOT_SERVING, sessions end, calls drain")
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"kupd ignored SIGTERM for {_STOP_TIMEOUT:.0f}s") from None
+    rc = k.terminate(_STOP_TIMEOUT)
     _say(f"  kupd exited with status {rc}")
     if rc != 0:
-        raise RuntimeError(f"kupd exited with status {rc}:\n{_log_tail(log)}")
+        raise KupdError(f"kupd exited with status {rc}", k.log())
     rc = sim.stop()
     _say(f"  kupsim exited with status {rc}")

@@ -1,4 +1,6 @@
-"""Test helpers: run a real ``kupsim`` kernel host in a private directory.
+"""Test helpers: run a real ``kupsim`` kernel host in a private directory,
+and a real ``kupd`` gateway serving it (:func:`kupd` / :func:`start_kupd`,
+described further down, with :func:`wait_until` for bounded waits).
 
 ``kupsim`` (built by ``make -C kmod`` into ``kmod/out/kupsim``) is the KUP
 kernel core hosted in a user process: it loads module shared objects and
@@ -501,6 +503,7 @@ def start_kupd(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else kupd_env(sim),
+            start_new_session=True,  # a ^C at the terminal is not sent to it twice
         )
     k = Kupd(proc, sock, log_path, health_socket=health, sim=sim, metrics_url=metrics_url)
     if wait:
