@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kupd.testing import REPO_ROOT, Kupd, kupd, kupsim
 
-__all__ = ["Gateway", "Kupctl", "console_script", "gateway"]
+__all__ = ["Gateway", "Kupctl", "console_script", "gateway", "spawn_kupctl"]
 
 #: The kupctl fixture: kupctl(*args, input=None, env=None) -> CompletedProcess.
 Kupctl = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -68,3 +68,17 @@ def gateway(devices: Sequence[str] = ("echo:2",), *, metrics: bool = False) -> I
         ) as gw,
     ):
         yield gw
+
+
+def spawn_kupctl(gw: Gateway, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    """A long-running ``kupctl ARGS`` (watch, session) against ``gw``, its
+    stdout and stderr piped as text; with ``stdin`` its input is a pipe too.
+    The caller reaps it."""
+    return subprocess.Popen(
+        [str(console_script("kupctl")), *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=gw.env(),
+    )

@@ -14,7 +14,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from cli_gateway import Gateway, Kupctl, console_script
+from cli_gateway import Gateway, Kupctl, spawn_kupctl
 
 from kupclient import errors as kerr
 from kupclient import kupctl as kupctl_mod
@@ -331,14 +331,7 @@ def _read_json_line(proc: subprocess.Popen[str]) -> dict[str, object]:
 
 
 def test_watch_sees_lease_events(kupctl: Kupctl, gw: Gateway) -> None:
-    watch = subprocess.Popen(
-        [str(console_script("kupctl")), "--json", "watch", "echo", "--initial"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=gw.env(),
-    )
+    watch = spawn_kupctl(gw, "--json", "watch", "echo", "--initial")
     try:
         first = _read_json_line(watch)  # the initial state: the stream is live
         assert first["initial"] is True

@@ -6,33 +6,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
-from cli_gateway import console_script, gateway
+from cli_gateway import gateway, spawn_kupctl
 
 EXIT_SHUTDOWN = 6
 TIMEOUT = 60.0
 
 
 def test_watch_and_session_end_on_kupd_shutdown() -> None:
-    exe = str(console_script("kupctl"))
     with gateway(("echo:2",)) as gw:
-        watch = subprocess.Popen(
-            [exe, "--json", "watch", "--initial"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=gw.env(),
-        )
-        session = subprocess.Popen(
-            [exe, "session", "echo", "--channel", "5"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=gw.env(),
-        )
+        watch = spawn_kupctl(gw, "--json", "watch", "--initial")
+        session = spawn_kupctl(gw, "session", "echo", "--channel", "5", stdin=True)
         try:
             assert watch.stdout is not None and session.stdout is not None
             assert session.stdin is not None
