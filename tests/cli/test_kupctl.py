@@ -293,7 +293,11 @@ def test_session_interactive(kupctl: Kupctl) -> None:
 
 
 def test_session_json_and_end_of_input(kupctl: Kupctl) -> None:
-    out = ok(kupctl("--json", "session", "echo", "--channel", "12", input=":nb\nabc\n:recv\n"))
+    # ``:nb`` right after attach raced the kernel's first PASS (kupd does not
+    # wait for it), so it is asked where its answer is certain: after
+    # ``!hold`` the kernel keeps the turn, so it must report not ready.
+    script = ":recv\nabc\n:recv\n!hold\n:nb\n"
+    out = ok(kupctl("--json", "session", "echo", "--channel", "12", input=script))
     docs = [json.loads(line) for line in out.splitlines()]
     assert docs[0]["op"] == "attach"
     assert docs[0]["channel"] == 12
@@ -302,7 +306,9 @@ def test_session_json_and_end_of_input(kupctl: Kupctl) -> None:
     assert docs[3]["op"] == "recv"
     assert docs[3]["message"]["data"] == "abc"  # even channel: unchanged
     assert docs[3]["message"]["seq"] == 2
-    assert docs[4] == {"op": "end"}
+    assert docs[4] == {"op": "send", "size": 5}
+    assert docs[5] == {"op": "recv", "ready": False}
+    assert docs[6] == {"op": "end"}
 
 
 def test_session_errors(kupctl: Kupctl) -> None:
