@@ -113,9 +113,18 @@ class DeviceInfo:
     attached: tuple[int, ...]  # ids of the channels a user side holds
 
 
+_FAST_MAX_S = 1e15  # seconds: finite, far beyond any real deadline
+
+# int -> Kind without going through EnumType.__call__ on every message: a
+# plain dict lookup is a handful of instructions, the enum call a few hundred,
+# which shows after the process sat idle (cold caches: bench F5, helper-15).
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+
+
 def _message(raw: tuple[bytes, int, int]) -> Message:
     data, kind, seq = raw
-    return Message(data, Kind(kind), seq)
+    k = _KINDS.get(kind)
+    return Message(data, Kind(kind) if k is None else k, seq)
 
 
 def _timeout_ms(timeout: float | None) -> int:
@@ -192,7 +201,19 @@ class Channel:
         (:class:`~kupd.errors.NotReady`), otherwise seconds
         (:class:`~kupd.errors.DeadlineExceeded`).
         """
-        return _message(self._c.receive(_timeout_ms(timeout)))
+        # _timeout_ms and _message inlined for the usual case (a finite
+        # positive float or int; NaN fails the comparison): after an idle
+        # spell each Python frame costs ~10 us on the development VM (cold
+        # caches), and this is the path a wake-up takes (bench F5, helper-15)
+        if timeout is None:
+            ms = -1
+        elif (type(timeout) is float or type(timeout) is int) and 0 < timeout < _FAST_MAX_S:
+            ms = max(1, math.ceil(timeout * 1000))
+        else:
+            ms = _timeout_ms(timeout)
+        data, kind, seq = self._c.receive(ms)
+        k = _KINDS.get(kind)
+        return Message(data, Kind(kind) if k is None else k, seq)
 
     def try_receive(self) -> Message | None:
         """The kernel's message if the turn is ours, else None.  Never blocks."""
