@@ -1006,7 +1006,7 @@ kup_core_dev_name(const struct kupdev_softc *sc)
 }
 
 void
-kup_core_info(struct kupdev_softc *sc, struct kup_core_info *out)
+kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out)
 {
 	size_t i;
 
@@ -1020,7 +1020,8 @@ kup_core_info(struct kupdev_softc *sc, struct kup_core_info *out)
 	out->pages = (uint32_t)sc->pages;
 	out->max_msg = (uint32_t)sc->data_size;
 	out->notify_gen = sc->notify_gen;
-	out->shutting_down = sc->shutdown;
+	out->shutting_down = sc->shutdown != 0;
+	out->attached_chan = KUP_IOC_CHAN_ANY;
 	for (i = 0; i < sc->chan_cnt; i++)
 		out->attached[i] = sc->chans[i].attached ? 1 : 0;
 	kup_unlock(&sc->lock);

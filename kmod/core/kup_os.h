@@ -42,6 +42,7 @@
 
 #include "kup_host.h"
 #include "kupdev.h"
+#include "kup_ioctl.h"   /* struct kup_ioc_info (data only here) */
 
 struct kup_chan;
 
@@ -161,15 +162,11 @@ struct kup_os_dev   *kup_core_dev_os(struct kupdev_softc *sc);
 struct kup_chan     *kup_core_chan_at(struct kupdev_softc *sc, uint32_t chan_id);
 const char          *kup_core_dev_name(const struct kupdev_softc *sc);
 
-/* A consistent snapshot for the host's "device info" request. */
-struct kup_core_info {
-	char     name[KUP_NAME_MAX];
-	uint32_t abi_version, page_size, chan_count, announced, pages, max_msg;
-	uint64_t notify_gen;
-	uint32_t shutting_down;
-	uint8_t  attached[KUP_MAX_CHANNELS];
-};
-void kup_core_info(struct kupdev_softc *sc, struct kup_core_info *out);
+/* A consistent snapshot for the host's "device info" request, in the
+ * shape of the ioctl ABI (kup_ioctl.h): the Linux and FreeBSD hosts copy it
+ * out as it is, kupsim sends the same fields on its wire.  attached_chan
+ * is set to KUP_IOC_CHAN_ANY; a host whose fd holds a channel sets it. */
+void kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out);
 
 /* Map a negative errno from the core to the KUP_E_* code user space sees. */
 int kup_core_errno_to_kup(int neg_errno);

@@ -537,7 +537,7 @@ void
 kup_os_dev_wake_user(struct kupdev_softc *sc)
 {
 	struct kup_os_dev *od = kup_core_dev_os(sc);
-	struct kup_core_info *info;
+	struct kup_ioc_info *info;
 	struct kup_fb_file *f;
 
 	if (!od->inited)
@@ -823,7 +823,7 @@ kup_fb_close(struct cdev *cdev, int fflag, int devtype, struct thread *td)
 static int
 kup_fb_ioc_attach(struct kup_fb_file *f, struct kup_ioc_attach *a)
 {
-	struct kup_core_info *info = NULL;
+	struct kup_ioc_info *info = NULL;
 	const struct kup_ctrl *ctrl;
 	struct kup_os_chan *oc;
 	struct kup_fb_att *att;
@@ -896,31 +896,13 @@ out:
 static int
 kup_fb_ioc_info(struct kup_fb_file *f, struct kup_ioc_info *ui)
 {
-	struct kup_core_info *ci;
-
-	CTASSERT(sizeof(ui->name) == sizeof(ci->name));
-	CTASSERT(sizeof(ui->attached) == sizeof(ci->attached));
-	ci = malloc(sizeof(*ci), M_KUP, M_WAITOK | M_ZERO);
-	kup_core_info(f->sc, ci);
-	memset(ui, 0, sizeof(*ui));
-	memcpy(ui->name, ci->name, sizeof(ui->name));
-	ui->name[sizeof(ui->name) - 1] = '\0';
-	ui->abi_version = ci->abi_version;
-	ui->page_size = ci->page_size;
-	ui->chan_count = ci->chan_count;
-	ui->announced = ci->announced;
-	ui->pages = ci->pages;
-	ui->max_msg = ci->max_msg;
-	ui->notify_gen = ci->notify_gen;
-	ui->shutting_down = ci->shutting_down != 0;
-	memcpy(ui->attached, ci->attached, sizeof(ui->attached));
+	kup_core_info(f->sc, ui);
 	mtx_lock(&f->mtx);
-	ui->attached_chan = f->ch != NULL ? kup_core_chan_id(f->ch) :
-	    KUP_IOC_CHAN_ANY;
-	if (ci->notify_gen > f->seen_gen)   /* only forward (read(2) too) */
-		f->seen_gen = ci->notify_gen;
+	if (f->ch != NULL)
+		ui->attached_chan = kup_core_chan_id(f->ch);
+	if (ui->notify_gen > f->seen_gen)   /* only forward (read(2) too) */
+		f->seen_gen = ui->notify_gen;
 	mtx_unlock(&f->mtx);
-	free(ci, M_KUP);
 	return (0);
 }
 

@@ -377,7 +377,7 @@ static void
 send_event(struct kupdev_softc *sc, struct conn *only)
 {
 	struct kupsim_event ev;
-	struct kup_core_info *info = NULL;
+	struct kup_ioc_info *info = NULL;
 	struct conn *c;
 
 	if (sc == NULL)
@@ -407,7 +407,7 @@ static int
 do_info(struct conn *c)
 {
 	struct kupsim_info_reply *r = calloc(1, sizeof(*r));
-	struct kup_core_info *info = calloc(1, sizeof(*info));
+	struct kup_ioc_info *info = calloc(1, sizeof(*info));
 	int ret = -1;
 
 	if (r == NULL || info == NULL)
@@ -436,7 +436,7 @@ static int
 do_attach(struct conn *c, const struct kupsim_req *q)
 {
 	struct kupsim_attach_reply r;
-	struct kup_core_info *info;
+	struct kup_ioc_info *info;
 	struct kup_chan *ch = NULL;
 	struct kup_os_chan *os;
 	struct msghdr mh;

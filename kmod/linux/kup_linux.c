@@ -340,7 +340,7 @@ static int kup_fop_open(struct inode *inode, struct file *file)
 	struct kup_os_dev *od = container_of(misc, struct kup_os_dev, misc);
 	struct kup_file *kf;
 	struct kupdev_softc *sc;
-	struct kup_core_info *info;
+	struct kup_ioc_info *info;
 	int r;
 
 	/* misc_open holds misc_mtx: the device cannot be withdrawn (and so
@@ -387,7 +387,7 @@ static int kup_fop_release(struct inode *inode, struct file *file)
 static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 {
 	struct kup_ioc_attach a;
-	struct kup_core_info *info = NULL;
+	struct kup_ioc_info *info = NULL;
 	struct kup_chan *ch = NULL;
 	const struct kup_ctrl *ctrl;
 	size_t i;
@@ -449,7 +449,6 @@ out:
 
 static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 {
-	struct kup_core_info *ci;
 	struct kup_ioc_info *ui;
 	long r = 0;
 
@@ -458,35 +457,17 @@ static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 	 * only shutting down, INFO still answers (shutting_down = 1). */
 	if (kup_dev_is_gone(kf->sc))
 		return -ESHUTDOWN;
-	ci = kmalloc(sizeof(*ci), GFP_KERNEL);
-	ui = kzalloc(sizeof(*ui), GFP_KERNEL);
-	if (ci == NULL || ui == NULL) {
-		r = -ENOMEM;
-		goto out;
-	}
-	kup_core_info(kf->sc, ci);
-	BUILD_BUG_ON(sizeof(ui->name) != sizeof(ci->name));
-	BUILD_BUG_ON(sizeof(ui->attached) != sizeof(ci->attached));
-	memcpy(ui->name, ci->name, sizeof(ui->name));
-	ui->name[sizeof(ui->name) - 1] = '\0';
-	ui->abi_version = ci->abi_version;
-	ui->page_size = ci->page_size;
-	ui->chan_count = ci->chan_count;
-	ui->announced = ci->announced;
-	ui->pages = ci->pages;
-	ui->max_msg = ci->max_msg;
-	ui->notify_gen = ci->notify_gen;
-	ui->shutting_down = ci->shutting_down;
-	memcpy(ui->attached, ci->attached, sizeof(ui->attached));
+	ui = kmalloc(sizeof(*ui), GFP_KERNEL);
+	if (ui == NULL)
+		return -ENOMEM;
+	kup_core_info(kf->sc, ui);
 	mutex_lock(&kf->lock);
-	ui->attached_chan = kf->ch != NULL ? kup_core_chan_id(kf->ch) :
-	    KUP_IOC_CHAN_ANY;
-	kf->seen_gen = ci->notify_gen;
+	if (kf->ch != NULL)
+		ui->attached_chan = kup_core_chan_id(kf->ch);
+	kf->seen_gen = ui->notify_gen;
 	mutex_unlock(&kf->lock);
 	if (copy_to_user(uarg, ui, sizeof(*ui)))
 		r = -EFAULT;
-out:
-	kfree(ci);
 	kfree(ui);
 	return r;
 }
@@ -581,7 +562,7 @@ static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
 		if (state & KUP_STATE_PEER_GONE)
 			mask |= EPOLLIN | EPOLLRDNORM | EPOLLERR;
 	} else {
-		struct kup_core_info *ci = kmalloc(sizeof(*ci), GFP_KERNEL);
+		struct kup_ioc_info *ci = kmalloc(sizeof(*ci), GFP_KERNEL);
 
 		poll_wait(file, &od->poll_wq, wait);
 		if (ci == NULL)
@@ -606,7 +587,7 @@ static ssize_t kup_fop_read(struct file *file, char __user *buf, size_t count,
     loff_t *ppos)
 {
 	struct kup_file *kf = file->private_data;
-	struct kup_core_info *ci = NULL;
+	struct kup_ioc_info *ci = NULL;
 	uint64_t v = 0;
 
 	(void)ppos;

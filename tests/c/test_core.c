@@ -174,7 +174,7 @@ test_attach_rules(void)
 	CHECK_EQ(kup_core_attach(sc, KUP_CHAN_ANY, KUP_ABI_VERSION, &ch2), -EBUSY);
 	kupdev_notify(sc);   /* announces all */
 	{
-		struct kup_core_info *info = calloc(1, sizeof(*info));
+		struct kup_ioc_info *info = calloc(1, sizeof(*info));
 		CHECK(info != NULL);
 		kup_core_info(sc, info);
 		CHECK_EQ(info->announced, 4);
