@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kupd import errors
 from kupd.channel import Channel, Message
@@ -31,6 +32,21 @@ from kupd.waiting import wait_message
 __all__ = ["CallPool", "PoolChannel"]
 
 log = get_logger("kupd.calls")
+
+#: ``Channel.try_exchange(data) -> Message | None`` (send, then spin briefly
+#: for the reply; None: sent, the reply is owed to a later receive), where
+#: this build of the channel layer has it; else send + wait_message.
+_TRY_EXCHANGE: Callable[[Channel, bytes], Message | None] | None = getattr(
+    Channel, "try_exchange", None
+)
+
+
+def _holds_turn(ch: Channel) -> bool:
+    """Whether user space still holds ``ch``'s turn (False if it cannot tell)."""
+    try:
+        return ch.my_turn()
+    except errors.KupError:
+        return False
 
 
 @dataclass(eq=False)
@@ -61,6 +77,7 @@ class CallPool:
         self.closed = False
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change: Callable[[], None] = lambda: None
+        self._counted: dict[str, Any] = {}
 
     # -- membership ---------------------------------------------------------
     def add(self, ch: Channel) -> None:
@@ -215,11 +232,16 @@ class CallPool:
                 f"call of {len(data)} bytes exceeds device {self.device}'s "
                 f"max message of {limit} bytes"
             )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         self._in_flight += 1
-        self._idle.clear()
+        if self._in_flight == 1:
+            self._idle.clear()
         try:
+            if self._free and not self._rr:  # the usual case: no wait, no deadline sums
+                pc = self._free.popleft()
+                pc.state = "busy"
+                return await self._exchange(pc, data, timeout)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             pc = await self._acquire(caller, timeout)
             return await self._exchange(pc, data, max(0.0, deadline - loop.time()))
         finally:
@@ -227,22 +249,40 @@ class CallPool:
             if self._in_flight == 0:
                 self._idle.set()
 
+    def count(self, code: str) -> None:
+        """One finished Call with status ``code`` (the labelled child is
+        looked up once per code, not per Call)."""
+        child = self._counted.get(code)
+        if child is None:
+            child = self._counted[code] = self.metrics.calls.labels(self.device, code)
+        child.inc()
+
     async def _exchange(self, pc: PoolChannel, data: bytes, timeout: float) -> tuple[Message, int]:
         ch = pc.ch
-        cm = self.metrics.channel(self.device, ch.id)
         sent = False
         done = False
         try:
-            ch.send(data)
-            sent = True
-            cm.sent(len(data))
             t0 = time.monotonic()
-            msg = await wait_message(
-                ch,
-                timeout=timeout,
-                aborts=(self._abort,),
-                what=f"call on device {self.device} channel {ch.id}",
-            )
+            # Send, then the reply if it is already there: the kernel side
+            # usually answers within microseconds, and waiting through the
+            # event loop (add_reader, a loop iteration, epoll) costs far more
+            # than that.  try_exchange (where the channel has it) spins
+            # briefly for the reply with the GIL released.
+            if _TRY_EXCHANGE is not None:
+                msg = _TRY_EXCHANGE(ch, data)
+            else:
+                ch.send(data)
+                msg = None
+            sent = True
+            cm = self.metrics.channel(self.device, ch.id)
+            cm.sent(len(data))
+            if msg is None:
+                msg = await wait_message(
+                    ch,
+                    timeout=timeout,
+                    aborts=(self._abort,),
+                    what=f"call on device {self.device} channel {ch.id}",
+                )
             done = True
             cm.turn_wait.observe(time.monotonic() - t0)
             cm.received(len(msg.data))
@@ -253,7 +293,8 @@ class CallPool:
             raise
         finally:
             if not done:
-                if sent:  # the reply is still owed: never hand this channel on mid-exchange
+                if sent or not _holds_turn(ch):
+                    # the reply is still owed: never hand this channel on mid-exchange
                     log.warning("pool channel quarantined", device=self.device, channel=ch.id)
                     self._spawn(self._settle(pc, "quarantined"))
                 else:

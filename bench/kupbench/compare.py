@@ -25,6 +25,7 @@ import contextlib
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,13 @@ Samples = dict[str, dict[str, list[float]]]
 
 
 def _lat(e: Echoer, n: int, pid: int) -> TrialFn:
+    """Latencies; "cpu" = the server's CPU per round trip, "ccpu" = this
+    (client) process's CPU per round trip, all its threads."""
     async def trial() -> dict[str, list[float]]:
-        c0 = run_ns(pid)
+        c0, cc0 = run_ns(pid), time.process_time()
         out = await latency_trial(e, P64, n, "compare")
         out["cpu"] = [(run_ns(pid) - c0) / 1000.0 / n]
+        out["ccpu"] = [(time.process_time() - cc0) * 1e6 / n]
         return out
 
     return trial
@@ -76,7 +80,7 @@ def _on_error(name: str, exc: BaseException) -> None:
     log(f"  ! {name}: {type(exc).__name__}: {exc}")
 
 
-async def _run(before: Path, trials: int, tmp: Path) -> Samples:
+async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str]) -> Samples:
     cfg = Config()
     res: Samples = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -90,23 +94,47 @@ async def _run(before: Path, trials: int, tmp: Path) -> Samples:
         new = await kupd_sut.KupdSut.start(RunCtx(cfg, tmp / "after", Report({})), stack)
         log(f"pids: bare {bare.pid}, before {old.pid}, after {new.pid}")
         cs, le, ce = kupd_sut.ClientSession, kupd_sut.LeaseEcho, kupd_sut.CallEcho
+        rce = kupd_sut.RawCallEcho
         n = cfg.grpc_rounds
         bb = BareBidi(bch)
         stack.push_async_callback(bb.close)
-        work: dict[str, TrialFn] = {
-            "bare.unary": _lat(BareUnary(bch), n, bare.pid),
-            "bare.bidi": _lat(bb, n, bare.pid),
-            "before.session_sr": _lat(await cs.open(old.client, "echo", False), n, old.pid),
-            "after.session_sr": _lat(await cs.open(new.client, "echo", False), n, new.pid),
-            "after.session_x": _lat(await cs.open(new.client, "echo"), n, new.pid),
-            "before.unary_sr": _lat(await le.open(old.client, "echo", False), n, old.pid),
-            "after.unary_sr": _lat(await le.open(new.client, "echo", False), n, new.pid),
-            "after.unary_x": _lat(await le.open(new.client, "echo"), n, new.pid),
-            "before.call": _lat(ce(old.client, "echo"), n, old.pid),
-            "after.call": _lat(ce(new.client, "echo"), n, new.pid),
-        }
+        work: dict[str, TrialFn] = {"bare.unary": _lat(BareUnary(bch), n, bare.pid)}
+        if "rt" in only:
+            work.update({
+                "bare.bidi": _lat(bb, n, bare.pid),
+                "before.session_sr": _lat(await cs.open(old.client, "echo", False), n, old.pid),
+                "after.session_sr": _lat(await cs.open(new.client, "echo", False), n, new.pid),
+                "after.session_x": _lat(await cs.open(new.client, "echo"), n, new.pid),
+                "before.unary_sr": _lat(await le.open(old.client, "echo", False), n, old.pid),
+                "after.unary_sr": _lat(await le.open(new.client, "echo", False), n, new.pid),
+                "after.unary_x": _lat(await le.open(new.client, "echo"), n, new.pid),
+            })
+        if "rt" in only or "call" in only:
+            work.update({
+                "before.call": _lat(ce(old.client, "echo"), n, old.pid),
+                "after.call": _lat(ce(new.client, "echo"), n, new.pid),
+            })
+        if "call" in only:
+            work.update({
+                "before.call_raw": _lat(rce(old.stub, old.pb, "echo"), n, old.pid),
+                "after.call_raw": _lat(rce(new.stub, new.pb, "echo"), n, new.pid),
+            })
         log("round trips ...")
         res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        if "call" in only:
+            c = cfg.call_clients
+            n_each = max(1, cfg.scale_total // c)
+            work = {
+                "bare.unary_x256": _conc([BareUnary(bch)] * c, n_each, bare.pid),
+                "before.call_x256": _conc(
+                    [rce(old.stub, old.pb, "echo", f"c{i}") for i in range(c)], n_each, old.pid),
+                "after.call_x256": _conc(
+                    [rce(new.stub, new.pb, "echo", f"c{i}") for i in range(c)], n_each, new.pid),
+            }
+            log(f"{c} Call clients ...")
+            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        if "scale" not in only and "pump" not in only:
+            return res
 
         k = cfg.scale_clients[-1]
         n_each = max(1, cfg.scale_total // k)
@@ -122,9 +150,12 @@ async def _run(before: Path, trials: int, tmp: Path) -> Samples:
         for name, ss in sessions.items():
             work[f"{name}{k}"] = _conc(list(ss), n_each, old.pid if "before" in name else new.pid)
         log(f"{k} clients ...")
-        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        if "scale" in only:
+            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
         for ss in sessions.values():
             await new.close_sessions(ss)
+        if "pump" not in only:
+            return res
 
         rs = kupd_sut.RawSession
         pumps = {
@@ -145,6 +176,8 @@ async def _run(before: Path, trials: int, tmp: Path) -> Samples:
 
 
 def _baseline(name: str) -> str:
+    if name.endswith("_x256"):
+        return "bare.unary_x256"
     if ".sessions" in name:
         return "bare.streams" + "".join(c for c in name if c.isdigit())
     if ".session" in name:
@@ -159,13 +192,20 @@ def main() -> None:
     ap.add_argument("--before", type=Path, required=True,
                     help="a kupd tree (kupd/ with _kupchan built, clients/python/kupapi)")
     ap.add_argument("--trials", type=int, default=8, help="kept trials per workload")
+    ap.add_argument("--only", default="rt,scale,pump",
+                    help="comma-separated workload groups: rt, call (Call through kupclient "
+                         "and raw stubs, with client CPU, and 256 Call clients), scale, pump")
     ap.add_argument("--out", type=Path, help="also write every sample and median as JSON")
     args = ap.parse_args()
     before = args.before.resolve()
     if before == ROOT:
         raise SystemExit("--before must be another tree than this one")
     tmp = Path(tempfile.mkdtemp(prefix="kupbench-compare-"))
-    res = asyncio.run(_run(before, args.trials, tmp))
+    only = frozenset(args.only.split(","))
+    unknown = only - {"rt", "call", "scale", "pump"}
+    if unknown:
+        raise SystemExit(f"--only: unknown group(s) {', '.join(sorted(unknown))}")
+    res = asyncio.run(_run(before, args.trials, tmp, only))
     med = {w: {s: statistics.median(v) for s, v in subs.items()} for w, subs in res.items()}
     if args.out is not None:
         args.out.write_text(json.dumps({"samples": res, "median": med}, indent=1))

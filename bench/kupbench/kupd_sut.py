@@ -32,7 +32,7 @@ from .kupsim_echo import echo_sim
 from .procs import BenchError, Proc
 from .shapes import pattern
 
-__all__ = ["ClientSession", "KupdSut", "LeaseEcho", "RawSession"]
+__all__ = ["CallEcho", "ClientSession", "KupdSut", "LeaseEcho", "RawCallEcho", "RawSession"]
 
 MANY_CHANNELS = 1024          # KUP_MAX_CHANNELS: 1000 Sessions + Call pool + spare
 MANY_PAGES = 16               # 64 KiB messages
@@ -190,6 +190,29 @@ class CallEcho:
     async def rt(self, data: bytes) -> bytes:
         m = await self.client.call(self.device, data, timeout=OP_TIMEOUT_S)
         return bytes(m.data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        raise BenchError("Call has no stream to pump")
+
+    async def close(self) -> None:
+        return None
+
+
+class RawCallEcho:
+    """Call through the raw kup.v1 stub (no kupclient): what the protocol
+    costs a client, to compare with :class:`CallEcho` (kupclient)."""
+
+    def __init__(self, stub: Any, pb: Any, device: str, caller: str = "") -> None:
+        self.stub = stub
+        self.pb = pb
+        self.device = device
+        self.caller = caller
+
+    async def rt(self, data: bytes) -> bytes:
+        resp = await self.stub.Call(
+            self.pb.CallRequest(device=self.device, data=data, caller=self.caller),
+            timeout=OP_TIMEOUT_S)
+        return bytes(resp.reply.data)
 
     async def pump(self, data: bytes, count: int) -> int:
         raise BenchError("Call has no stream to pump")
