@@ -593,18 +593,20 @@ class KupService(kup_pb2_grpc.KupServicer):
         bind(device=dev.name, caller=request.caller, tenant=t.name)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.config.call_timeout
         timeout = self._deadline_cap(context, timeout) or timeout
+        pool = dev.pool
         self.calls_in_flight += 1
-        self.calls_idle.clear()
+        if self.calls_in_flight == 1:
+            self.calls_idle.clear()
         code = "OK"
         try:
-            msg, chan = await dev.pool.call(
+            msg, chan = await pool.call(
                 request.data, timeout, self.guard.fair_key(t, request.caller), info.max_msg
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name
             raise
         finally:
-            self.metrics.calls.labels(dev.name, code).inc()
+            pool.count(code)  # kupd_calls{device, code}, the child cached per code
             self.calls_in_flight -= 1
             if self.calls_in_flight == 0:
                 self.calls_idle.set()
