@@ -48,6 +48,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -62,6 +63,12 @@
 #define BIG_COPY 65536
 
 static PyObject *error_for_code; /* kupd.errors.error_for_code */
+/* kupd.channel.Message and {int: Kind}, registered by kupd.channel at
+ * import (set_message_type): exchange() builds its result without running
+ * a Python frame (no dataclass __init__: the slots are set directly). */
+static PyTypeObject *message_type;
+static PyObject *message_kinds;
+static PyObject *str_data, *str_kind, *str_seq;
 
 /* ------------------------------------------------------------------ */
 /* errors                                                               */
@@ -513,9 +520,9 @@ channel_pass(ChannelObject *c, PyObject *unused)
 /* Build (data: bytes, kind: int, seq: int) from a received message.  The
  * channel is still claimed, so the data area cannot be reused meanwhile. */
 static PyObject *
-message_tuple(ChannelObject *c, const struct kernproxy_msg *m)
+message_data(ChannelObject *c, const struct kernproxy_msg *m)
 {
-	PyObject *data, *res;
+	PyObject *data;
 
 	if (m->len > c->max_msg)  /* libkup checked; never trust twice-removed */
 		return raise_kup(KUP_E_PROTO, 0, "receive on channel %u of device %U: length %zu > %zu",
@@ -533,61 +540,142 @@ message_tuple(ChannelObject *c, const struct kernproxy_msg *m)
 		if (data == NULL)
 			return NULL;
 	}
-	res = Py_BuildValue("(NIK)", data, (unsigned)m->kind, (unsigned long long)m->seq);
-	return res;
+	return data;
 }
 
-/* The blocking receive.  timeout_ms < 0: forever; > 0: deadline.
- * Waits in slices of at most WAIT_SLICE_MS with the GIL released. */
+static PyObject *
+message_tuple(ChannelObject *c, const struct kernproxy_msg *m)
+{
+	PyObject *data = message_data(c, m);
+
+	if (data == NULL)
+		return NULL;
+	return Py_BuildValue("(NIK)", data, (unsigned)m->kind, (unsigned long long)m->seq);
+}
+
+/* A kupd.channel.Message for a received message, built without a Python
+ * frame: allocated by its type and its three slots set directly (the
+ * dataclass is frozen, so only the slot descriptors may set them). */
+static PyObject *
+message_object(ChannelObject *c, const struct kernproxy_msg *m)
+{
+	PyObject *data = NULL, *key = NULL, *kind, *seq = NULL, *obj = NULL;
+
+	if (message_type == NULL) {
+		PyErr_SetString(PyExc_RuntimeError,
+		    "kupd._kupchan: no Message type registered (import kupd.channel)");
+		return NULL;
+	}
+	key = PyLong_FromUnsignedLong(m->kind);
+	if (key == NULL)
+		return NULL;
+	kind = PyDict_GetItemWithError(message_kinds, key);   /* borrowed */
+	Py_DECREF(key);
+	if (kind == NULL) {
+		if (!PyErr_Occurred())
+			raise_kup(KUP_E_PROTO, 0, "receive on channel %u of device %U: unknown kind %u",
+			    (unsigned)c->id, c->dev->name, (unsigned)m->kind);
+		return NULL;
+	}
+	data = message_data(c, m);
+	if (data == NULL)
+		return NULL;
+	seq = PyLong_FromUnsignedLongLong((unsigned long long)m->seq);
+	if (seq == NULL)
+		goto fail;
+	obj = message_type->tp_alloc(message_type, 0);
+	if (obj == NULL)
+		goto fail;
+	if (PyObject_GenericSetAttr(obj, str_data, data) < 0 ||
+	    PyObject_GenericSetAttr(obj, str_kind, kind) < 0 ||
+	    PyObject_GenericSetAttr(obj, str_seq, seq) < 0)
+		Py_CLEAR(obj);
+fail:
+	Py_XDECREF(data);
+	Py_XDECREF(seq);
+	return obj;
+}
+
+/* Milliseconds left before deadline for the next wait slice (at most
+ * WAIT_SLICE_MS; timeout_ms < 0: no deadline); 0 when it has passed. */
+static int
+wait_slice(long long timeout_ms, int64_t deadline)
+{
+	int64_t left;
+
+	if (timeout_ms < 0)
+		return WAIT_SLICE_MS;
+	left = deadline - now_ms();
+	if (left <= 0)
+		return 0;
+	return left < WAIT_SLICE_MS ? (int)left : WAIT_SLICE_MS;
+}
+
+/* The blocking wait for the kernel's message, the channel claimed; rc,
+ * *code and *sys_errno are the outcome of a first slice the caller already
+ * waited (rc 1: none yet).  Waits in slices of at most WAIT_SLICE_MS with
+ * the GIL released, checking signals and close() between them.  0 with *m
+ * filled; -1 with *code (KUP_E_TIMEDOUT when the deadline passed); -2 with
+ * a Python exception set (a signal handler raised). */
+static int
+wait_message(ChannelObject *c, long long timeout_ms, int64_t deadline, int rc,
+    int *code, int *sys_errno, struct kernproxy_msg *m)
+{
+	int slice;
+
+	for (;;) {
+		if (rc == 0)
+			return 0;
+		if (rc != 1) {
+			if (!(*code == KUP_E_TIMEDOUT ||
+			    (*code == KUP_E_SYS && *sys_errno == EINTR)))
+				return -1;
+			if (c->close_requested)
+				return -1;
+			if (PyErr_CheckSignals() < 0)
+				return -2;
+		}
+		slice = wait_slice(timeout_ms, deadline);
+		if (slice == 0) {
+			*code = KUP_E_TIMEDOUT;
+			*sys_errno = 0;
+			return -1;
+		}
+		*code = 0;
+		*sys_errno = 0;
+		Py_BEGIN_ALLOW_THREADS
+		rc = kernproxy_receive_msg(c->h, m, slice);
+		if (rc != 0) {
+			*code = kernproxy_errno;
+			*sys_errno = errno;
+		}
+		Py_END_ALLOW_THREADS
+	}
+}
+
+/* The blocking receive.  timeout_ms < 0: forever; > 0: deadline. */
 static PyObject *
 channel_receive_wait(ChannelObject *c, long long timeout_ms)
 {
 	struct kernproxy_msg m;
 	int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
-	int rc, code, sys_errno, slice;
+	int rc, code = 0, sys_errno = 0;
 	PyObject *res;
 
 	if (channel_enter(c, "receive") < 0)
 		return NULL;
-	for (;;) {
-		if (timeout_ms < 0) {
-			slice = WAIT_SLICE_MS;
-		} else {
-			int64_t left = deadline - now_ms();
-			if (left <= 0) {
-				code = KUP_E_TIMEDOUT;
-				sys_errno = 0;
-				break;
-			}
-			slice = left < WAIT_SLICE_MS ? (int)left : WAIT_SLICE_MS;
+	rc = wait_message(c, timeout_ms, deadline, 1, &code, &sys_errno, &m);
+	if (rc == 0) {
+		res = message_tuple(c, &m);
+		if (channel_leave(c)) {
+			Py_XDECREF(res);
+			goto closed;
 		}
-		code = 0;
-		sys_errno = 0;
-		Py_BEGIN_ALLOW_THREADS
-		rc = kernproxy_receive_msg(c->h, &m, slice);
-		if (rc != 0) {
-			code = kernproxy_errno;
-			sys_errno = errno;
-		}
-		Py_END_ALLOW_THREADS
-		if (rc == 0) {
-			res = message_tuple(c, &m);
-			if (channel_leave(c)) {
-				Py_XDECREF(res);
-				goto closed;
-			}
-			return res;
-		}
-		if (code == KUP_E_TIMEDOUT || (code == KUP_E_SYS && sys_errno == EINTR)) {
-			if (c->close_requested)
-				break;
-			if (PyErr_CheckSignals() < 0) {
-				(void)channel_leave(c);
-				return NULL;
-			}
-			continue;
-		}
-		break;
+		return res;
+	}
+	if (rc == -2) {
+		(void)channel_leave(c);
+		return NULL;
 	}
 	if (channel_leave(c))
 		goto closed;
@@ -655,6 +743,237 @@ channel_try_receive(ChannelObject *c, PyObject *unused)
 {
 	(void)unused;
 	return channel_receive_now(c, 0);
+}
+
+/* Raise the kupd.errors class for code with exactly this message. */
+static PyObject *
+raise_plain(int code, PyObject *msg)
+{
+	PyObject *exc;
+
+	if (msg == NULL)
+		return NULL;
+	exc = PyObject_CallFunction(error_for_code, "iO", code, msg);
+	Py_DECREF(msg);
+	if (exc != NULL) {
+		PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+		Py_DECREF(exc);
+	}
+	return NULL;
+}
+
+#define FOREVER_MS ((long long)1 << 40)   /* ~35 years: no deadline overflow */
+
+/* exchange()'s timeout in seconds -> milliseconds, as kupd.channel's
+ * _timeout_ms: None or inf forever (-1), 0 no wait, otherwise at least
+ * 1 ms (rounded up).  -2 with InvalidArgument for anything else. */
+static long long
+timeout_arg(PyObject *t)
+{
+	double x, ms;
+
+	if (t == Py_None)
+		return -1;
+	if (PyBool_Check(t) || !(PyLong_Check(t) || PyFloat_Check(t))) {
+		raise_plain(KUP_E_INVAL, PyUnicode_FromFormat(
+		    "timeout must be None or seconds (a number), not %R", t));
+		return -2;
+	}
+	if (PyLong_Check(t)) {
+		int overflow;
+		long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
+
+		if (v == -1 && PyErr_Occurred())
+			return -2;
+		if (overflow > 0)
+			return -1;
+		if (overflow < 0 || v < 0) {
+			raise_plain(KUP_E_INVAL, PyUnicode_FromFormat(
+			    "timeout must be None or >= 0 seconds, not %R", t));
+			return -2;
+		}
+		return v > FOREVER_MS / 1000 ? -1 : v * 1000;
+	}
+	x = PyFloat_AS_DOUBLE(t);
+	if (isnan(x) || x < 0) {
+		raise_plain(KUP_E_INVAL, PyUnicode_FromFormat(
+		    "timeout must be None or >= 0 seconds, not %R", t));
+		return -2;
+	}
+	if (x == 0)
+		return 0;
+	ms = ceil(x * 1000.0);
+	if (!(ms < (double)FOREVER_MS))   /* also inf */
+		return -1;
+	return ms < 1 ? 1 : (long long)ms;
+}
+
+/* The send half of exchange / try_exchange, the channel claimed and the
+ * GIL held: -1 with the exception (nothing was sent: the checks that can
+ * refuse happen before the hand-over). */
+static int
+exchange_check(ChannelObject *c, Py_buffer *view, const char *op)
+{
+	if ((size_t)view->len > c->max_msg) {
+		raise_kup(KUP_E_TOOBIG, 0, "%s: send of %zd bytes on channel %u of device %U (max_msg %zu)",
+		    op, view->len, (unsigned)c->id, c->dev->name, c->max_msg);
+		return -1;
+	}
+	return 0;
+}
+
+/* exchange(data, timeout): send, then wait for the kernel's answer, one
+ * call with the GIL released once (the send and the first wait slice run
+ * together).  A refused send sends nothing; a failed wait leaves the data
+ * sent and the reply owed to a later receive. */
+static PyObject *
+channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer view;
+	struct kernproxy_msg m;
+	long long timeout_ms;
+	int64_t deadline;
+	int src, rc = 1, code = 0, sys_errno = 0, slice;
+	Py_ssize_t len;
+	PyObject *res;
+
+	if (nargs != 2) {
+		PyErr_Format(PyExc_TypeError, "exchange() takes 2 arguments (data, timeout), %zd given",
+		    nargs);
+		return NULL;
+	}
+	timeout_ms = timeout_arg(args[1]);
+	if (timeout_ms == -2)
+		return NULL;
+	if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (channel_enter(c, "exchange") < 0) {
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	if (exchange_check(c, &view, "exchange") < 0) {
+		c->busy = 0;
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	len = view.len;
+	deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
+	slice = timeout_ms == 0 ? 0 : wait_slice(timeout_ms, deadline);
+	Py_BEGIN_ALLOW_THREADS
+	src = kernproxy_send(c->h, view.buf, (size_t)len, 0);
+	if (src != 0) {
+		code = kernproxy_errno;
+		sys_errno = errno;
+	} else if (timeout_ms == 0 || slice > 0) {
+		rc = kernproxy_receive_msg(c->h, &m, slice);
+		if (rc != 0) {
+			code = kernproxy_errno;
+			sys_errno = errno;
+		}
+	}
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&view);
+	if (src != 0) {
+		(void)channel_leave(c);
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+		    "exchange: send of %zd bytes on channel %u of device %U", len, (unsigned)c->id,
+		    c->dev->name);
+	}
+	if (timeout_ms != 0)
+		rc = wait_message(c, timeout_ms, deadline, rc, &code, &sys_errno, &m);
+	else if (rc != 0)
+		rc = -1;
+	if (rc == 0) {
+		res = message_object(c, &m);
+		if (channel_leave(c)) {
+			Py_XDECREF(res);
+			goto closed;
+		}
+		return res;
+	}
+	if (rc == -2) {
+		(void)channel_leave(c);
+		return NULL;
+	}
+	if (channel_leave(c))
+		goto closed;
+	if (code == KUP_E_TIMEDOUT || code == KUP_E_NOTREADY)
+		return raise_kup(code, 0,
+		    "exchange on channel %u of device %U: sent, no reply within %lld ms "
+		    "(the reply is owed to a later receive)", (unsigned)c->id, c->dev->name,
+		    timeout_ms);
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+	    "exchange on channel %u of device %U: sent, waiting for the reply", (unsigned)c->id,
+	    c->dev->name);
+closed:
+	return raise_kup(KUP_E_INVAL, 0,
+	    "exchange on channel %u of device %U: sent, then the channel was closed by another thread",
+	    (unsigned)c->id, c->dev->name);
+}
+
+/* try_exchange(data): send, then spin for the channel's adaptive budget
+ * (GIL released); the reply, or None if it has not come by then (the
+ * reply is owed to a later receive / try_receive).  Never sleeps. */
+static PyObject *
+channel_try_exchange(ChannelObject *c, PyObject *arg)
+{
+	Py_buffer view;
+	struct kernproxy_msg m;
+	int src, rc = -1, code = 0, sys_errno = 0;
+	Py_ssize_t len;
+	PyObject *res;
+
+	if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (channel_enter(c, "try_exchange") < 0) {
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	if (exchange_check(c, &view, "try_exchange") < 0) {
+		c->busy = 0;
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	len = view.len;
+	Py_BEGIN_ALLOW_THREADS
+	src = kernproxy_send(c->h, view.buf, (size_t)len, 0);
+	if (src != 0) {
+		code = kernproxy_errno;
+		sys_errno = errno;
+	} else {
+		rc = kernproxy_receive_spin(c->h, &m);
+		if (rc != 0) {
+			code = kernproxy_errno;
+			sys_errno = errno;
+		}
+	}
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&view);
+	if (src != 0) {
+		(void)channel_leave(c);
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+		    "try_exchange: send of %zd bytes on channel %u of device %U", len,
+		    (unsigned)c->id, c->dev->name);
+	}
+	if (rc == 0) {
+		res = message_object(c, &m);
+		if (channel_leave(c)) {
+			Py_XDECREF(res);
+			goto closed;
+		}
+		return res;
+	}
+	if (channel_leave(c))
+		goto closed;
+	if (code == KUP_E_NOTREADY)
+		Py_RETURN_NONE;
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno,
+	    "try_exchange on channel %u of device %U: sent, waiting for the reply",
+	    (unsigned)c->id, c->dev->name);
+closed:
+	return raise_kup(KUP_E_INVAL, 0,
+	    "try_exchange on channel %u of device %U: sent, then the channel was closed by another "
+	    "thread", (unsigned)c->id, c->dev->name);
 }
 
 static PyObject *
@@ -734,6 +1053,10 @@ static PyMethodDef channel_methods[] = {
 	 "receive(timeout_ms: int; -1 forever, 0 non-blocking) -> (data, kind, seq)"},
 	{"try_receive", (PyCFunction)channel_try_receive, METH_NOARGS,
 	 "try_receive() -> (data, kind, seq) | None, never blocks"},
+	{"exchange", (PyCFunction)(void (*)(void))channel_exchange, METH_FASTCALL,
+	 "exchange(data, timeout: float | None) -> Message: send, then wait for the reply"},
+	{"try_exchange", (PyCFunction)channel_try_exchange, METH_O,
+	 "try_exchange(data) -> Message | None: send, then spin briefly for the reply"},
 	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
 	{"fileno", (PyCFunction)channel_fileno, METH_NOARGS, "fileno() -> int"},
 	{"close", (PyCFunction)channel_close, METH_NOARGS, "close(): idempotent"},
@@ -773,8 +1096,41 @@ kupchan_strerror(PyObject *mod, PyObject *arg)
 	return PyUnicode_FromString(kernproxy_strerror((int)code));
 }
 
+/* set_message_type(Message, {int: Kind}): what exchange() returns.  The
+ * class must have slots named data, kind and seq (kupd.channel.Message). */
+static PyObject *
+kupchan_set_message_type(PyObject *mod, PyObject *args)
+{
+	PyObject *cls, *kinds, *names[3] = { str_data, str_kind, str_seq };
+	int i;
+
+	(void)mod;
+	if (!PyArg_ParseTuple(args, "O!O!:set_message_type", &PyType_Type, &cls, &PyDict_Type,
+	    &kinds))
+		return NULL;
+	for (i = 0; i < 3; i++) {
+		PyObject *d = PyObject_GetAttr(cls, names[i]);
+
+		if (d == NULL)
+			return NULL;
+		if (Py_TYPE(d) != &PyMemberDescr_Type) {
+			Py_DECREF(d);
+			PyErr_Format(PyExc_TypeError,
+			    "set_message_type: %R.%U is not a slot (the class needs __slots__ "
+			    "data, kind, seq)", cls, names[i]);
+			return NULL;
+		}
+		Py_DECREF(d);
+	}
+	Py_XSETREF(message_type, (PyTypeObject *)Py_NewRef(cls));
+	Py_XSETREF(message_kinds, Py_NewRef(kinds));
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef kupchan_methods[] = {
 	{"open", kupchan_open, METH_O, "open(name: str) -> Device"},
+	{"set_message_type", kupchan_set_message_type, METH_VARARGS,
+	 "set_message_type(cls, kinds: dict[int, Kind]): the result type of exchange()"},
 	{"strerror", kupchan_strerror, METH_O, "strerror(code: int) -> str"},
 	{NULL, NULL, 0, NULL},
 };
@@ -793,6 +1149,11 @@ PyInit__kupchan(void)
 	PyObject *m = NULL, *errors = NULL;
 
 	if (PyType_Ready(&DeviceType) < 0 || PyType_Ready(&ChannelType) < 0)
+		return NULL;
+	str_data = PyUnicode_InternFromString("data");
+	str_kind = PyUnicode_InternFromString("kind");
+	str_seq = PyUnicode_InternFromString("seq");
+	if (str_data == NULL || str_kind == NULL || str_seq == NULL)
 		return NULL;
 	errors = PyImport_ImportModule("kupd.errors");
 	if (errors == NULL)

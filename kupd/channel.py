@@ -119,6 +119,8 @@ _FAST_MAX_S = 1e15  # seconds: finite, far beyond any real deadline
 # plain dict lookup is a handful of instructions, the enum call a few hundred,
 # which shows after the process sat idle (cold caches: bench F5, helper-15).
 _KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+# exchange() / try_exchange() build their Message in C, without a frame
+_kupchan.set_message_type(Message, _KINDS)
 
 
 def _message(raw: tuple[bytes, int, int]) -> Message:
@@ -214,6 +216,38 @@ class Channel:
         data, kind, seq = self._c.receive(ms)
         k = _KINDS.get(kind)
         return Message(data, Kind(kind) if k is None else k, seq)
+
+    def exchange(self, data: bytes | bytearray | memoryview,
+                 timeout: float | None = None) -> Message:
+        """Send ``data`` and wait for the kernel's answer: :meth:`send` then
+        :meth:`receive` as ONE call into the extension (the GIL is released
+        once, libkup spins briefly then sleeps, the Message is built in C).
+
+        Errors as those two: a refused send (:class:`~kupd.errors.TooBig`,
+        :class:`~kupd.errors.NotYourTurn`, :class:`~kupd.errors.Busy`, a
+        closed channel) sends nothing; a failed wait
+        (:class:`~kupd.errors.DeadlineExceeded`, ``timeout=0``'s
+        :class:`~kupd.errors.NotReady`, :class:`~kupd.errors.Shutdown`,
+        :class:`~kupd.errors.PeerGone`, a signal) leaves the data sent and the
+        reply owed to a later :meth:`receive` / :meth:`try_receive`.
+        ``timeout`` is as :meth:`receive`'s.
+        """
+        return self._c.exchange(data, timeout)
+
+    def try_exchange(self, data: bytes | bytearray | memoryview) -> Message | None:
+        """Send ``data``, then spin for the kernel's answer for at most the
+        channel's adaptive spin budget (the spin a blocking receive does
+        before it sleeps: microseconds, learnt from recent replies), with the
+        GIL released.  Never sleeps.
+
+        Returns the reply, or None if it has not come by then: the data is
+        sent and the reply is owed to a later :meth:`receive` /
+        :meth:`try_receive` (e.g. when :meth:`fileno` polls readable).  Send
+        errors as :meth:`send` (nothing sent); errors after the send
+        (:class:`~kupd.errors.Shutdown`, :class:`~kupd.errors.PeerGone`) leave
+        the data sent.
+        """
+        return self._c.try_exchange(data)
 
     def try_receive(self) -> Message | None:
         """The kernel's message if the turn is ours, else None.  Never blocks."""

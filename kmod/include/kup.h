@@ -99,6 +99,16 @@ void *kernproxy_receive(void *chan, int flags);
  * forever: send or pass first). */
 int kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms);
 
+/* Like kernproxy_receive_msg(chan, msg, 0), but first spins for up to the
+ * channel's adaptive spin budget (the one a blocking receive spins before
+ * it sleeps: at most a few tens of microseconds) for the turn to come
+ * back; never sleeps.  EKU_NOTREADY when it has not come back by then
+ * (call again, or wait on kernproxy_fd).  For a reply expected within
+ * microseconds: kernproxy_send() then kernproxy_receive_spin() answers it
+ * without a wake-up when the kernel is fast, and costs one bounded spin
+ * when it is not. */
+int kernproxy_receive_spin(void *chan, struct kernproxy_msg *msg);
+
 /* Send len bytes and hand the turn to the kernel.  Requires holding the
  * turn: EKU_NOTTURN otherwise (never waits: waiting could only drop the
  * message the kernel is writing).  EKU_TOOBIG, nothing sent, when

@@ -103,6 +103,8 @@ struct kp_chan {
 	int      broken;        /* KUP_E_PROTO seen: refuse further use */
 	int      host_gone;     /* the host side vanished (kupsim died) */
 	uint32_t spin_avg_ns;   /* running average of catchable waits */
+	int      learn_pending; /* a spin-only receive missed: learn at the take */
+	uint64_t learn_t0;      /* ... from when that wait started */
 };
 
 static int
@@ -461,24 +463,45 @@ spin_learn(struct kp_chan *c, uint64_t t0)
 	c->spin_avg_ns = (uint32_t)(avg < 0 ? 0 : avg);
 }
 
-/* Wait until the page turn is not KERNEL.  KUP_E_OK, or an error. */
+/* The turn came back: a spin-only receive that missed it earlier learns
+ * now how long the wait really took (at least its budget; a wait beyond
+ * what a spin can catch counts as 0, as always). */
+static void
+learn_late(struct kp_chan *c)
+{
+	if (c->learn_pending) {
+		c->learn_pending = 0;
+		spin_learn(c, c->learn_t0);
+	}
+}
+
+/* Wait until the page turn is not KERNEL.  KUP_E_OK, or an error.
+ * spin_only: spin for the budget, then KUP_E_NOTREADY; never sleep. */
 static int
-wait_turn(struct kp_chan *c, int timeout_ms)
+wait_turn(struct kp_chan *c, int timeout_ms, int spin_only)
 {
 	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 	uint64_t t0;
 	int r;
 
-	if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL)
+	if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL) {
+		learn_late(c);
 		return KUP_E_OK;
+	}
 	if ((r = chan_state(c)) != KUP_E_OK)
 		return r;
-	if (timeout_ms == 0)
+	if (timeout_ms == 0 && !spin_only)
 		return KUP_E_NOTREADY;
-	t0 = now_ns();
+	t0 = c->learn_pending ? c->learn_t0 : now_ns();
+	c->learn_pending = 0;
 	if (spin_turn(c, t0)) {
 		spin_learn(c, t0);
 		return KUP_E_OK;
+	}
+	if (spin_only) {
+		c->learn_pending = 1;
+		c->learn_t0 = t0;
+		return KUP_E_NOTREADY;
 	}
 	for (;;) {
 		struct pollfd pf[2];
@@ -529,8 +552,9 @@ wait_turn(struct kp_chan *c, int timeout_ms)
 	return r;
 }
 
-int
-kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
+static int
+receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
+    int spin_only)
 {
 	struct kp_chan *c = as_chan(chan);
 	uint32_t turn;
@@ -550,7 +574,7 @@ kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
 		return fail(&c->h, r);
 	if (c->uturn == UT_USER_CONSUMED)
 		return fail(&c->h, KUP_E_NOTTURN);
-	r = wait_turn(c, timeout_ms);
+	r = wait_turn(c, timeout_ms, spin_only);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
 	turn = LOAD_ACQ32(&c->ctrl->turn);
@@ -567,6 +591,18 @@ kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
 		c->ops->drain(&c->b);
 	c->h.err = KUP_E_OK;
 	return 0;
+}
+
+int
+kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms)
+{
+	return receive_common(chan, msg, timeout_ms, 0);
+}
+
+int
+kernproxy_receive_spin(void *chan, struct kernproxy_msg *msg)
+{
+	return receive_common(chan, msg, 0, 1);
 }
 
 void *
@@ -614,6 +650,7 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
 	WRITE32(&c->ctrl->u2k.kind, kind);
 	WRITE64(&c->ctrl->u2k.seq, c->u2k_seq);
 	c->uturn = UT_KERNEL;
+	c->learn_pending = 0;
 	if (c->poll_mode)
 		WRITE32(&c->ctrl->user_waiting, 1);
 	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);

@@ -237,6 +237,74 @@ sc_nonblocking(void)
 	return 0;
 }
 
+/* kernproxy_receive_spin: never sleeps; NOTREADY (the reply owed to a later
+ * receive) when the kernel is slow, the reply when it is fast; the same
+ * refusals as kernproxy_receive_msg; works in poll mode. */
+static int
+sc_spin(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 4);
+	struct kernproxy_msg m;
+	struct pollfd pf;
+	char buf[64];
+	int i, caught = 0, fd;
+
+	expect_pass(c);
+	/* holding the turn, message taken: nothing to wait for */
+	CHECK_EQ(kernproxy_receive_spin(c, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	CHECK_EQ(kernproxy_receive_spin(c, NULL), -1);
+	CHECK_EQ(kernproxy_errno, EKU_INVAL);
+	CHECK_EQ(kernproxy_receive_spin(NULL, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_INVAL);
+	/* the kernel keeps the turn 300 ms: the spin gives up, repeatedly */
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, 0), 0);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.len, 6);
+	CHECK(memcmp(m.data, "!delay", 6) == 0);
+	/* fast replies: taken by the spin or, when it missed, by a receive */
+	for (i = 0; i < 2000; i++) {
+		fill(buf, sizeof(buf), (unsigned)i);
+		CHECK_EQ(kernproxy_send(c, buf, sizeof(buf), 0), 0);
+		if (kernproxy_receive_spin(c, &m) == 0) {
+			caught++;
+		} else {
+			CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+			CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+		}
+		CHECK_EQ(m.kind, KUP_KIND_DATA);
+		CHECK_EQ(m.len, sizeof(buf));
+		CHECK(memcmp(m.data, buf, sizeof(buf)) == 0);
+	}
+	printf("spin caught %d of 2000\n", caught);
+	/* poll mode: a miss leaves the fd to say when the reply is there */
+	fd = kernproxy_fd(c);
+	CHECK(fd >= 0);
+	pf.fd = fd;
+	pf.events = POLLIN;
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, 0), 0);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), 0);
+	CHECK_EQ(m.len, 6);
+	CHECK_EQ(kernproxy_send(c, "y", 1, 0), 0);
+	for (i = 0; i < 10000 && kernproxy_receive_spin(c, &m) != 0; i++) {
+		CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+		CHECK(poll(&pf, 1, 1000) >= 0);
+	}
+	CHECK_EQ(m.len, 1);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK spin\n");
+	return 0;
+}
+
 static int
 sc_transforms(void)
 {
@@ -837,6 +905,8 @@ main(int argc, char **argv)
 		return sc_nonblocking();
 	if (strcmp(s, "transforms") == 0)
 		return sc_transforms();
+	if (strcmp(s, "spin") == 0)
+		return sc_spin();
 	if (strcmp(s, "many") == 0)
 		return sc_many();
 	if (strcmp(s, "threads") == 0)

@@ -77,6 +77,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
     [
         "blocking",
         "nonblocking",
+        "spin",
         "transforms",
         "many",
         "threads",

@@ -65,6 +65,25 @@ SCENARIO = textwrap.dedent(
         a.send(b"q" * (a.max_msg + 1))
     except TooBig:
         pass
+    # the one-call forms: exchange (Message built in C), try_exchange's spin
+    for payload in (b"", b"e", memoryview(b"E" * a.max_msg)):
+        m = a.exchange(payload, 10)
+        assert m.data == bytes(payload) and m.kind is Kind.DATA, m
+    for bad in (b"q" * (a.max_msg + 1),):
+        try:
+            a.exchange(bad, None)
+        except TooBig:
+            pass
+    for i in range(100):
+        m = a.try_exchange(b"t%d" % i)
+        if m is None:
+            m = a.receive(timeout=10)
+        assert m.data == b"t%d" % i, m
+    try:
+        a.exchange(b"!delay", 0.01)
+    except KupError:
+        pass
+    assert a.receive(timeout=10).data == b"!delay"
     try:
         a.receive(timeout=0.01)
     except NotYourTurn:
@@ -110,8 +129,11 @@ SCENARIO = textwrap.dedent(
         with dev.channel() as ch:
             assert ch.receive(timeout=10).kind is Kind.PASS
             for i in range(100):
-                ch.send(b"T%d#%d" % (n, i))
-                assert ch.receive(timeout=10).data == b"T%d#%d" % (n, i)
+                if i % 2:
+                    ch.send(b"T%d#%d" % (n, i))
+                    assert ch.receive(timeout=10).data == b"T%d#%d" % (n, i)
+                else:
+                    assert ch.exchange(b"T%d#%d" % (n, i), 10).data == b"T%d#%d" % (n, i)
             dev.info()
     ts = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in ts:

@@ -1,0 +1,240 @@
+"""Channel.exchange / Channel.try_exchange against a real kupsim echo.
+
+exchange(data, timeout) is send() then receive() as one call into the
+extension; try_exchange(data) is send() then a bounded spin, None when the
+reply has not come.  What these tests pin down is that the one-call forms
+keep the two-call semantics exactly: a refused send sends nothing (the turn
+stays here, the next message goes through unchanged), a failed wait leaves
+the data sent and the reply owed to a later receive, Busy / closed /
+Shutdown / PeerGone as the existing methods.  See tests/kupd/test_channel.py
+for echo's behaviour (DELAY: answered after 300 ms; HOLD: never answered).
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import threading
+import time
+
+import pytest
+
+from kupd.channel import Channel, Device, Kind, Message
+from kupd.errors import (
+    Busy,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotReady,
+    NotYourTurn,
+    Shutdown,
+    TooBig,
+)
+from kupd.testing import KupSim, kupsim
+
+T = 10.0  # generous bound on any single wait that should succeed
+DELAY = b"!delay"
+HOLD = b"!hold"
+
+
+def opened(ch: Channel) -> None:
+    first = ch.receive(timeout=T)
+    assert first.kind is Kind.PASS and first.seq == 1
+
+
+def test_exchange_is_send_then_receive(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(1) as ch:
+        opened(ch)
+        m = ch.exchange(b"hello", T)
+        assert type(m) is Message
+        assert m == Message(b"HELLO", Kind.DATA, 2)  # odd channel: upper-cased
+        # no timeout (forever), an int timeout, any buffer
+        assert ch.exchange(bytearray(b"abc")) == Message(b"ABC", Kind.DATA, 3)
+        assert ch.exchange(memoryview(b"xyz"), 5).data == b"XYZ"
+        assert ch.exchange(b"").data == b""  # empty DATA is answered with empty DATA
+        big = bytes(range(256)) * (ch.max_msg // 256)
+        assert ch.exchange(big, T).data == big.upper()
+        # and the two-call form still follows on from it
+        ch.send(b"next")
+        assert ch.receive(timeout=T) == Message(b"NEXT", Kind.DATA, 7)
+
+
+def test_exchange_message_is_a_real_message(echo_sim: KupSim) -> None:
+    """The Message built in C is the dataclass: frozen, equal, hashable, repr."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        m = ch.exchange(b"m", T)
+        assert m == Message(b"m", Kind.DATA, 2) and hash(m) == hash(Message(b"m", Kind.DATA, 2))
+        assert m.kind is Kind.DATA
+        assert repr(m) == "Message(data=b'm', kind=<Kind.DATA: 1>, seq=2)"
+        with pytest.raises(AttributeError):
+            m.data = b"other"  # type: ignore[misc]
+
+
+def test_refused_exchange_sends_nothing(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        with pytest.raises(TooBig, match="exchange: send of"):
+            ch.exchange(b"x" * (ch.max_msg + 1), T)
+        with pytest.raises(TooBig, match="try_exchange: send of"):
+            ch.try_exchange(b"x" * (ch.max_msg + 1))
+        for bad in (-1, -0.5, float("nan"), True, "1", [1]):
+            with pytest.raises(InvalidArgument, match="timeout must be None or"):
+                ch.exchange(b"x", bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            ch.exchange(12345)  # type: ignore[arg-type]
+        # nothing went out: the turn is still ours and the sequence continues
+        assert ch.my_turn()
+        assert ch.exchange(b"after", T) == Message(b"after", Kind.DATA, 2)
+
+
+def test_exchange_when_not_my_turn(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        ch.send(b"one")
+        with pytest.raises(NotYourTurn):
+            ch.try_exchange(b"two")
+        assert ch.receive(timeout=T).data == b"one"  # only the first went out
+
+
+def test_exchange_deadline_leaves_the_reply_owed(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        with pytest.raises(DeadlineExceeded, match="reply is owed to a later receive"):
+            ch.exchange(DELAY, 0.01)
+        assert not ch.my_turn()
+        with pytest.raises(NotYourTurn):  # the data was sent: no second send
+            ch.send(b"x")
+        assert ch.receive(timeout=T) == Message(DELAY, Kind.DATA, 2)
+        # timeout=0: send, look once, NotReady
+        with pytest.raises(NotReady, match="reply is owed"):
+            ch.exchange(DELAY, 0)
+        assert ch.receive(timeout=T) == Message(DELAY, Kind.DATA, 3)
+        assert ch.exchange(b"ok", T).seq == 4
+
+
+def test_try_exchange_none_then_receive(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        t0 = time.monotonic()
+        assert ch.try_exchange(DELAY) is None  # 300 ms away: far beyond any spin
+        assert time.monotonic() - t0 < 0.3  # it did not wait for the reply
+        assert ch.try_receive() in (None, Message(DELAY, Kind.DATA, 2))
+        assert ch.receive(timeout=T) == Message(DELAY, Kind.DATA, 2)
+        # a fast reply: mostly caught by the spin; when not, it is owed
+        for i in range(200):
+            data = b"fast %d" % i
+            m = ch.try_exchange(data)
+            if m is None:
+                m = ch.receive(timeout=T)
+            assert m == Message(data, Kind.DATA, 3 + i)
+
+
+def test_try_exchange_in_poll_mode(echo_sim: KupSim) -> None:
+    """The gateway pattern: the fd is registered; try_exchange, and on None
+    wait for the fd and try_receive."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        fd = ch.fileno()
+        r, _, _ = select.select([fd], [], [], T)
+        assert r == [fd]
+        assert ch.try_receive() is not None  # the opening PASS
+        for i, data in enumerate([b"a", DELAY, b"b" * 100, DELAY, b"c"]):
+            m = ch.try_exchange(data)
+            deadline = time.monotonic() + T
+            while m is None:
+                assert time.monotonic() < deadline, "no reply"
+                select.select([fd], [], [], T)
+                m = ch.try_receive()
+            assert m == Message(data, Kind.DATA, 2 + i)
+
+
+def test_exchange_busy_in_another_thread(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        got: list[Message] = []
+        started = threading.Event()
+
+        def slow() -> None:
+            started.set()
+            got.append(ch.exchange(DELAY, T))
+
+        t = threading.Thread(target=slow)
+        t.start()
+        assert started.wait(T)
+        deadline = time.monotonic() + T
+        while ch.my_turn():  # until the DELAY is out and the thread waits
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with pytest.raises(Busy, match=r"exchange on channel 0.*another thread"):
+            ch.exchange(b"x", T)
+        with pytest.raises(Busy):
+            ch.try_exchange(b"x")
+        t.join(T)
+        assert got == [Message(DELAY, Kind.DATA, 2)]
+        assert ch.exchange(b"y", T).seq == 3  # the Busy attempts sent nothing
+
+
+def test_exchange_closed(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        ch = dev.channel(0)
+        opened(ch)
+        ch.close()
+        with pytest.raises(InvalidArgument, match="closed"):
+            ch.exchange(b"x", T)
+        with pytest.raises(InvalidArgument, match="closed"):
+            ch.try_exchange(b"x")
+
+
+def test_exchange_closed_by_another_thread_while_waiting(echo_sim: KupSim) -> None:
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        ch = dev.channel(0)
+        opened(ch)
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                ch.exchange(HOLD)  # never answered
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        deadline = time.monotonic() + T
+        while ch.my_turn():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        ch.close()
+        t.join(T)
+        assert not t.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], InvalidArgument), outcome
+        assert "closed by another thread" in str(outcome[0])
+
+
+def test_exchange_shutdown_while_waiting() -> None:
+    with kupsim("echo") as sim, Device.open(sim.device_path("echo")) as dev:
+        with dev.channel(0) as ch:
+            opened(ch)
+            outcome: list[BaseException] = []
+            waiting = threading.Event()
+
+            def wait() -> None:
+                try:
+                    waiting.set()
+                    ch.exchange(HOLD)
+                except BaseException as e:
+                    outcome.append(e)
+
+            t = threading.Thread(target=wait)
+            t.start()
+            assert waiting.wait(T)
+            deadline = time.monotonic() + T
+            while ch.my_turn():
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            sim.signal(signal.SIGTERM)
+            t.join(30)
+            assert not t.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], Shutdown), outcome
+            with pytest.raises(Shutdown):
+                ch.exchange(b"x", T)
+            with pytest.raises(Shutdown):
+                ch.try_exchange(b"x")
