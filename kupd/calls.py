@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 from kupd import errors
 from kupd.channel import Channel, Message
@@ -33,12 +33,15 @@ __all__ = ["CallPool", "PoolChannel"]
 
 log = get_logger("kupd.calls")
 
-#: ``Channel.try_exchange(data) -> Message | None`` (send, then spin briefly
-#: for the reply; None: sent, the reply is owed to a later receive), where
-#: this build of the channel layer has it; else send + wait_message.
-_TRY_EXCHANGE: Callable[[Channel, bytes], Message | None] | None = getattr(
-    Channel, "try_exchange", None
-)
+
+class _Exchanging(Protocol):
+    def try_exchange(self, data: bytes) -> Message | None: ...
+
+
+#: Whether channels have ``try_exchange(data) -> Message | None`` (send, then
+#: spin briefly for the reply with the GIL released; None: sent, the reply is
+#: owed to a later receive); without it, send + wait_message.
+_HAS_TRY_EXCHANGE = hasattr(Channel, "try_exchange")
 
 
 def _holds_turn(ch: Channel) -> bool:
@@ -268,8 +271,8 @@ class CallPool:
             # event loop (add_reader, a loop iteration, epoll) costs far more
             # than that.  try_exchange (where the channel has it) spins
             # briefly for the reply with the GIL released.
-            if _TRY_EXCHANGE is not None:
-                msg = _TRY_EXCHANGE(ch, data)
+            if _HAS_TRY_EXCHANGE:
+                msg = cast(_Exchanging, ch).try_exchange(data)
             else:
                 ch.send(data)
                 msg = None

@@ -146,8 +146,22 @@ def lease_from_pb(a: kup_pb2.AttachResponse) -> Lease:
     return Lease(a.lease_id, a.device, a.channel, a.max_message_bytes, a.idle_timeout_ms)
 
 
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+_new_message = object.__new__
+_set = object.__setattr__
+
+
 def message_from_pb(m: kup_pb2.Message) -> Message:
-    return Message(bytes(m.data), Kind(m.kind), m.seq)
+    """The Message of ``m``.  On every reply's path, so it skips the frozen
+    dataclass's generated ``__init__`` (same fields, same object) and maps the
+    kind by dict; an unknown kind still goes through ``Kind()`` and raises."""
+    kind = m.kind
+    k = _KINDS.get(kind)
+    msg = _new_message(Message)
+    _set(msg, "data", bytes(m.data))
+    _set(msg, "kind", Kind(kind) if k is None else k)
+    _set(msg, "seq", m.seq)
+    return msg
 
 
 def receive_mode(timeout: float | None) -> tuple[kup_pb2.ReceiveMode.ValueType, int]:
