@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from .procs import BenchError, Proc
 __all__ = ["BareBidi", "BareUnary", "bare_channel", "start_bare_server"]
 
 
-def start_bare_server(sock: Path, log: Path) -> Proc:
-    """Start the bare echo server process (caller stops it)."""
+def start_bare_server(sock: Path, log: Path, kup_call: bool = False) -> Proc:
+    """Start the bare echo server process (caller stops it); with ``kup_call``
+    it also answers kup.v1 Call (protobuf messages) as an echo."""
     here = Path(__file__).resolve().parent.parent
+    kupapi_dir = here.parent / "clients" / "python"  # kup.v1's messages (kup_call)
     return Proc(
-        [sys.executable, "-m", "kupbench.grpc_echo", "--socket", str(sock)],
-        name="bare grpc echo server",
-        env={"PYTHONPATH": str(here)},
+        [sys.executable, "-m", "kupbench.grpc_echo", "--socket", str(sock),
+         *(["--kup-call"] if kup_call else [])],
+        name="bare grpc echo server" + (" (kup.v1 Call)" if kup_call else ""),
+        env={"PYTHONPATH": os.pathsep.join([str(here), str(kupapi_dir)])},
         ready_line="ready",
         log=log,
     ).start()

@@ -36,6 +36,7 @@ class Config:
     scale_clients: tuple[int, ...] = (1, 8, 64)
     call_clients: int = 256
     call_channels: int = 8
+    stripe_sessions: tuple[int, ...] = (4, 8)  # a pump striped over this many Sessions
 
     @staticmethod
     def quick() -> Config:

@@ -28,10 +28,14 @@ PAYLOAD = pattern(64)
 
 def _lat(e: Echoer, n: int, what: str, server_pid: int | None = None) -> TrialFn:
     """Round-trip latencies; with ``server_pid`` also the server's CPU time per
-    round trip over the trial (sub-figure "cpu", one sample per trial)."""
+    round trip over the trial (sub-figure "cpu", one sample per trial).  Sub-figure
+    "ccpu": this client process's CPU time per round trip (all its threads: the
+    client shares the 2 cores with the server, so its cost counts too)."""
     async def trial() -> dict[str, list[float]]:
         c0 = run_ns(server_pid) if server_pid is not None else 0
+        cc0 = time.process_time()
         out = await latency_trial(e, PAYLOAD, n, what)
+        out["ccpu"] = [(time.process_time() - cc0) * 1e6 / n]
         if server_pid is not None:
             out["cpu"] = [(run_ns(server_pid) - c0) / 1000.0 / n]
         return out
@@ -53,6 +57,14 @@ def _conc(rts: list[Callable[[bytes], Awaitable[bytes]]], n_each: int, what: str
     return trial
 
 
+def _pb_call(channel: Any) -> Echoer:
+    """Raw-stub Calls on the bare server's kup.v1 Call echo."""
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    from .kupd_sut import RawCallEcho
+    return RawCallEcho(kup_pb2_grpc.KupStub(channel), kup_pb2, "echo")
+
+
 def _pump_sizes(largest: int | None) -> list[tuple[str, str, int]]:
     out = [("64k", "64 KiB", 64 * KIB), ("1m", "1 MiB", MIB)]
     if largest is not None and largest not in (64 * KIB, MIB):
@@ -69,6 +81,10 @@ async def run(ctx: RunCtx) -> None:
         bare_specs = [
             lat("bare.unary64", S_TRANSPORT, "unary round trip, 64 B"),
             lat("bare.bidi64", S_TRANSPORT, "bidi-stream round trip, 64 B"),
+            lat("bare.call_pb", S_TRANSPORT,
+                "unary round trip with kup.v1 Call messages (protobuf, raw stub), 64 B",
+                note="a second bare server echoing kup.v1 Call: what the API's messages "
+                     "cost without kupd"),
         ]
         cpu_specs = [
             cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
@@ -88,6 +104,25 @@ async def run(ctx: RunCtx) -> None:
                  sub="cpu", baseline="bare.unary64.cpu"),
             cost("kupd.call_rt", S_E2E, "kupd CPU per Call", "us CPU", sub="cpu",
                  baseline="bare.unary64.cpu"),
+            cost("bare.call_pb", S_TRANSPORT, "server CPU per kup.v1 Call echo", "us CPU",
+                 sub="cpu"),
+            cost("kupd.call_rt_raw", S_E2E, "kupd CPU per Call (raw stub)", "us CPU",
+                 sub="cpu", baseline="bare.call_pb.cpu"),
+            # the client's own CPU per round trip (the client shares the cores)
+            cost("bare.unary64", S_TRANSPORT, "client CPU per unary round trip", "us CPU",
+                 sub="ccpu"),
+            cost("bare.bidi64", S_TRANSPORT, "client CPU per bidi round trip", "us CPU",
+                 sub="ccpu"),
+            cost("bare.call_pb", S_TRANSPORT, "client CPU per kup.v1 Call echo (raw stub)",
+                 "us CPU", sub="ccpu"),
+            cost("kupd.call_rt_raw", S_E2E, "client CPU per Call, raw stub", "us CPU",
+                 sub="ccpu", baseline="bare.call_pb.ccpu"),
+            cost("kupd.call_rt", S_E2E, "client CPU per Call, kupclient", "us CPU",
+                 sub="ccpu", baseline="kupd.call_rt_raw.ccpu"),
+            cost("kupd.session_rt_raw", S_E2E, "client CPU per Session exchange, raw stub",
+                 "us CPU", sub="ccpu", baseline="bare.bidi64.ccpu"),
+            cost("kupd.session_rt", S_E2E, "client CPU per Session exchange, kupclient",
+                 "us CPU", sub="ccpu", baseline="kupd.session_rt_raw.ccpu"),
         ]
         kupd_rt_specs = [
             lat("kupd.session_rt", S_E2E, "Session round trip (client exchange), 64 B",
@@ -102,9 +137,16 @@ async def run(ctx: RunCtx) -> None:
             lat("kupd.unary_sr", S_E2E, "unary Send + Receive (2 RPCs), 64 B",
                 baseline="bare.unary64"),
             lat("kupd.call_rt", S_E2E, "Call round trip, 64 B", baseline="bare.unary64"),
+            lat("kupd.call_rt_raw", S_E2E, "Call round trip, raw kup.v1 stub, 64 B",
+                baseline="bare.call_pb"),
+            lat("kupd.session_rt_raw", S_E2E, "Session round trip (raw stub exchange), 64 B",
+                baseline="bare.bidi64"),
         ]
         # -- the two servers
         bare: Proc | None = None
+        bare_pb: Proc | None = None
+        bare_pb_why = ""
+        pbch: Any = None
         kupd: Any = None
         kupd_why = ""
         async with group(ctx, "grpc: start servers", bare_specs):
@@ -112,6 +154,16 @@ async def run(ctx: RunCtx) -> None:
             stack.callback(bare.stop)
             bch = bare_channel(ctx.tmp / "bare.sock")
             stack.push_async_callback(bch.close)
+            try:
+                bare_pb = start_bare_server(ctx.tmp / "bare-pb.sock",
+                                            ctx.logs / "bare-pb.log", kup_call=True)
+            except BenchError as exc:  # e.g. no kupapi: only its figures go
+                bare_pb_why = f"kup.v1 Call echo server: {exc}"
+                log(f"  ! {bare_pb_why}")
+            else:
+                stack.callback(bare_pb.stop)
+                pbch = bare_channel(ctx.tmp / "bare-pb.sock")
+                stack.push_async_callback(pbch.close)
         if bare is None:
             return
         try:
@@ -130,6 +182,10 @@ async def run(ctx: RunCtx) -> None:
                 "bare.unary64": _lat(bu, n, "bare unary", bare.pid),
                 "bare.bidi64": _lat(bb, n, "bare bidi", bare.pid),
             }
+            if bare_pb is not None:
+                work["bare.call_pb"] = _lat(_pb_call(pbch), n, "bare kup.v1 Call", bare_pb.pid)
+            else:
+                ctx.skip([s for s in all_rt if s.workload == "bare.call_pb"], bare_pb_why)
             echoers: dict[str, Any] = {}
             if kupd is not None:
                 echoers = await kupd.rt_echoers()
@@ -147,11 +203,14 @@ async def run(ctx: RunCtx) -> None:
         # -- stream throughput
         pipe: Any = None
         client: Any = None
+        stripes: dict[int, Any] = {}
         largest: int | None = None
         if kupd is not None:
             try:
                 pipe, client = await kupd.pump_echoers()
                 largest = kupd.max_msg
+                for k in cfg.stripe_sessions:
+                    stripes[k] = await kupd.stripes(k)
             except Exception as exc:
                 kupd_pump_why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 log(f"  ! kupd pump set-up: {kupd_pump_why}")
@@ -168,6 +227,15 @@ async def run(ctx: RunCtx) -> None:
         pump_specs.append(rate("kupd.client_pp_64k", S_E2E,
                                "kupclient channel exchange throughput, 64 KiB",
                                baseline="bare.pump_64k"))
+        # Not the target rows above (one Session, one channel): one client
+        # striping its pump over k Sessions, against the one bare stream.
+        stripe_sizes = [(nm, pretty, size) for nm, pretty, size in sizes if nm != "max"]
+        for k in cfg.stripe_sessions:
+            for nm, pretty, _size in stripe_sizes:
+                pump_specs.append(rate(
+                    f"kupd.stripe{k}_{nm}", S_E2E,
+                    f"stream throughput striped over {k} Sessions (pipelined exchanges), "
+                    f"{pretty}", baseline=f"bare.pump_{nm}"))
         async with group(ctx, "grpc: stream throughput", pump_specs):
             work = {}
             for nm, _pretty, size in sizes:
@@ -179,6 +247,10 @@ async def run(ctx: RunCtx) -> None:
                                                         f"kupd pump {nm}")
                 work["kupd.client_pp_64k"] = _pump(client, 64 * KIB, cfg.pump_bytes,
                                                    "kupclient 64k")
+                for k, sp in stripes.items():
+                    for nm, _pretty, size in stripe_sizes:
+                        work[f"kupd.stripe{k}_{nm}"] = _pump(sp, size, cfg.pump_bytes,
+                                                             f"kupd pump {nm} over {k}")
             else:
                 ctx.skip([s for s in pump_specs if s.workload.startswith("kupd.")],
                          kupd_pump_why)
@@ -186,7 +258,7 @@ async def run(ctx: RunCtx) -> None:
                 await ctx.measure(work, pump_specs)
             finally:
                 if kupd is not None and pipe is not None:
-                    await kupd.close_idle([pipe, client])
+                    await kupd.close_idle([pipe, client, *stripes.values()])
 
         # -- scale
         scale_specs: list[FigSpec] = []

@@ -23,20 +23,24 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from .context import RunCtx, log
 from .kupsim_echo import echo_sim
-from .procs import BenchError, Proc
+from .procs import BenchError
 from .shapes import pattern
 
-__all__ = ["CallEcho", "ClientSession", "KupdSut", "LeaseEcho", "RawCallEcho", "RawSession"]
+if TYPE_CHECKING:
+    from kupd.testing import Kupd
+
+__all__ = ["CallEcho", "ClientSession", "KupdSut", "LeaseEcho", "RawCallEcho", "RawSession",
+           "StripedPump"]
 
 MANY_CHANNELS = 1024          # KUP_MAX_CHANNELS: 1000 Sessions + Call pool + spare
 MANY_PAGES = 16               # 64 KiB messages
-BIG_CHANNELS = 2
+BIG_CHANNELS = 2              # + the striped pumps' Sessions (Config.stripe_sessions)
 BIG_PAGES = 1024              # KUP_MAX_PAGES: the largest message a channel holds
 OP_TIMEOUT_S = 30.0
 
@@ -150,6 +154,30 @@ class RawSession:
         self.call.cancel()
 
 
+class StripedPump:
+    """One client's pump striped over several Sessions (channels): the turn
+    protocol allows one message in flight per channel, so a client that
+    wants throughput spreads its messages over channels.  ``pump`` splits
+    the messages as evenly as it can and runs every Session's pipelined pump
+    at once."""
+
+    def __init__(self, sessions: list[RawSession]) -> None:
+        self.sessions = sessions
+
+    async def rt(self, data: bytes) -> bytes:
+        return await self.sessions[0].rt(data)
+
+    async def pump(self, data: bytes, count: int) -> int:
+        n = len(self.sessions)
+        shares = [count // n + (1 if i < count % n else 0) for i in range(n)]
+        got = await asyncio.gather(
+            *(s.pump(data, k) for s, k in zip(self.sessions, shares, strict=True) if k))
+        return sum(got)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
+
+
 class LeaseEcho:
     """A unary lease: Attach, then per round trip one Send with wait_reply
     (``lease_exchange``), or (``exchange=False``) Send + Receive: two RPCs."""
@@ -224,7 +252,7 @@ class RawCallEcho:
 class KupdSut:
     """kupd running in front of two kupsim echo hosts, plus its clients."""
 
-    def __init__(self, ctx: RunCtx, stack: contextlib.AsyncExitStack, proc: Proc,
+    def __init__(self, ctx: RunCtx, stack: contextlib.AsyncExitStack, proc: Kupd,
                  sock: Path, big_device: str) -> None:
         from kupapi import kup_pb2, kup_pb2_grpc
         from kupclient import AsyncClient
@@ -249,11 +277,13 @@ class KupdSut:
         try:
             import kupapi  # noqa: F401
             import kupclient  # noqa: F401
+            from kupd.testing import KupdError, start_kupd
         except ImportError as exc:
             raise BenchError(f"kupd client not importable: {exc}") from exc
         many_dir, big_dir = ctx.tmp / "sim-many", ctx.tmp / "sim-big"
         stack.enter_context(echo_sim(MANY_PAGES, MANY_CHANNELS, rundir=many_dir))
-        stack.enter_context(echo_sim(BIG_PAGES, BIG_CHANNELS, rundir=big_dir))
+        big_channels = BIG_CHANNELS + sum(ctx.cfg.stripe_sessions)  # all open at once
+        stack.enter_context(echo_sim(BIG_PAGES, big_channels, rundir=big_dir))
         sock = ctx.tmp / "kupd.sock"
         big_device = str(big_dir / "echo.sock")
         conf = ctx.tmp / "kupd.toml"
@@ -269,23 +299,38 @@ class KupdSut:
             f"[[device]]\n"
             f'name = "{big_device}"\n'
         )
-        argv = [sys.executable, "-m", "kupd.daemon", "--config", str(conf)]
-        env = {"PYTHONPATH": os.pathsep.join(
-            [str(ctx.root), str(ctx.root / "clients" / "python")])}
-        # cwd = root too: `python -m` puts the cwd first on sys.path
-        proc = Proc(argv, name="kupd", env=env, cwd=ctx.root, ready_path=sock,
-                    log=ctx.logs / "kupd.log", timeout=30.0).start()
-        stack.callback(proc.stop)
+        # kupd.testing's harness (the one the tests use): log capture, wait for
+        # health SERVING, SIGTERM / SIGKILL by pid.  Health is not polled by
+        # kupd itself (health_interval=None): the run measures kupd's defaults.
+        # ``-P``: no cwd on sys.path, so kupd comes from ``ctx.root`` (compare.py
+        # runs an older tree next to this one).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ctx.root), str(ctx.root / "clients" / "python")])
+        try:
+            proc = start_kupd(
+                config=conf,
+                socket=sock,
+                log=ctx.logs / "kupd.log",
+                command=[sys.executable, "-P", "-m", "kupd.daemon"],
+                env=env,
+                health_interval=None,
+                start_timeout=30.0,
+            )
+        except KupdError as exc:
+            raise BenchError(f"kupd did not start: {str(exc).splitlines()[0]} "
+                             f"(log: {ctx.logs / 'kupd.log'})") from exc
+        stack.callback(proc.stop, 5.0)
         self = cls(ctx, stack, proc, sock, big_device)
         stack.push_async_callback(self.client.close)
         await self._wait_serving()
         return self
 
     async def _wait_serving(self, timeout: float = 30.0) -> None:
+        """Until both echo devices are reachable and the Call pool is full."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            if self.proc.proc is not None and self.proc.proc.poll() is not None:
+            if self.proc.proc.poll() is not None:
                 raise BenchError(f"kupd exited with status {self.proc.proc.returncode} "
                                  f"(log: {self._log_tail()})")
             try:
@@ -322,6 +367,9 @@ class KupdSut:
             out["kupd.unary_sr"] = await LeaseEcho.open(self.client, self.device,
                                                         exchange=False)
             out["kupd.call_rt"] = CallEcho(self.client, self.device)
+            # the same shapes through the raw stubs: what kupclient itself costs
+            out["kupd.session_rt_raw"] = await RawSession(self.stub, self.pb, self.device).open()
+            out["kupd.call_rt_raw"] = RawCallEcho(self.stub, self.pb, self.device)
         except BaseException:
             await self.close_idle(list(out.values()))
             raise
@@ -338,6 +386,18 @@ class KupdSut:
             await raw.close()
             raise
         return raw, s
+
+    async def stripes(self, n: int) -> StripedPump:
+        """``n`` pipelined raw Sessions on the big device, pumped together;
+        the caller closes it (``close_idle``)."""
+        out: list[RawSession] = []
+        try:
+            for _ in range(n):
+                out.append(await RawSession(self.stub, self.pb, self.big_device).open())
+        except BaseException:
+            await self.close_idle(list(out))
+            raise
+        return StripedPump(out)
 
     async def sessions(self, k: int) -> list[ClientSession]:
         out: list[ClientSession] = []
