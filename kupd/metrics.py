@@ -3,57 +3,128 @@
 
 Each :class:`Metrics` has its own registry, so several servers (tests) can
 live in one process.
+
+The per-message series (``kupd_messages``, ``kupd_bytes``,
+``kupd_turn_wait_seconds``) are plain Python ints and floats bumped on the
+hot path and turned into metric families only when scraped (a custom
+collector): a ``Counter.inc`` / ``Histogram.observe`` takes a lock and walks
+value objects per call, which showed as 2-4% of kupd's CPU per message
+(bench/results/FINDINGS.md F2).  The exposition is the same as the client
+library's own Counter / Histogram (``_total`` and ``_created`` samples,
+cumulative ``le`` buckets with ``+Inf``, ``_count``, ``_sum``).
 """
 
 from __future__ import annotations
 
+import bisect
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["ChannelMetrics", "Metrics"]
+__all__ = ["ChannelMetrics", "Metrics", "TurnWait"]
+
+TURN_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+
+
+class TurnWait:
+    """One device's turn-wait histogram: counts per bucket, kept as plain
+    numbers (``observe`` is a bisect and two additions)."""
+
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(TURN_WAIT_BUCKETS) + 1)  # the last one: +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(TURN_WAIT_BUCKETS, seconds)] += 1
+        self.sum += seconds
 
 
 class ChannelMetrics:
-    """The labelled children of one (device, channel): looked up once, so a
-    message costs no ``labels()`` call (a lock, str conversions, a dict)."""
+    """The counters of one (device, channel): looked up once per lease, so a
+    message costs two integer additions per direction."""
 
-    __slots__ = ("recv_bytes", "recv_msgs", "sent_bytes", "sent_msgs", "turn_wait")
+    __slots__ = (
+        "created",
+        "recv_bytes",
+        "recv_msgs",
+        "sent_bytes",
+        "sent_msgs",
+        "turn_wait",
+    )
 
-    def __init__(self, m: Metrics, device: str, channel: int) -> None:
-        c = str(channel)
-        self.sent_msgs = m.messages.labels(device, c, "to_kernel")
-        self.sent_bytes = m.bytes.labels(device, c, "to_kernel")
-        self.recv_msgs = m.messages.labels(device, c, "from_kernel")
-        self.recv_bytes = m.bytes.labels(device, c, "from_kernel")
-        self.turn_wait = m.turn_wait.labels(device)
+    def __init__(self, turn_wait: TurnWait) -> None:
+        self.sent_msgs = 0
+        self.sent_bytes = 0
+        self.recv_msgs = 0
+        self.recv_bytes = 0
+        self.turn_wait = turn_wait
+        self.created = time.time()
 
     def sent(self, nbytes: int) -> None:
-        self.sent_msgs.inc()
-        self.sent_bytes.inc(nbytes)
+        self.sent_msgs += 1
+        self.sent_bytes += nbytes
 
     def received(self, nbytes: int) -> None:
-        self.recv_msgs.inc()
-        self.recv_bytes.inc(nbytes)
+        self.recv_msgs += 1
+        self.recv_bytes += nbytes
+
+
+class _MessageCollector(Collector):
+    """Builds the per-message families from :class:`ChannelMetrics` /
+    :class:`TurnWait` when the registry is scraped."""
+
+    def __init__(self, m: Metrics) -> None:
+        self._m = m
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["device", "channel", "direction"]
+        msgs = CounterMetricFamily("kupd_messages", "Messages moved", labels=labels)
+        nbytes = CounterMetricFamily("kupd_bytes", "Payload bytes moved", labels=labels)
+        # a snapshot: the event loop may add channels while the HTTP thread reads
+        for (device, chan), cm in list(self._m._channels.items()):
+            c = str(chan)
+            out, inn = [device, c, "to_kernel"], [device, c, "from_kernel"]
+            msgs.add_metric(out, cm.sent_msgs, created=cm.created)
+            msgs.add_metric(inn, cm.recv_msgs, created=cm.created)
+            nbytes.add_metric(out, cm.sent_bytes, created=cm.created)
+            nbytes.add_metric(inn, cm.recv_bytes, created=cm.created)
+        yield msgs
+        yield nbytes
+        hist = HistogramMetricFamily(
+            "kupd_turn_wait_seconds",
+            "Time waiting for the kernel to hand the turn back",
+            labels=["device"],
+        )
+        for device, tw in list(self._m._turn_waits.items()):
+            counts = list(tw.counts)
+            cumulative: list[tuple[str, float]] = []
+            acc = 0
+            for bound, n in zip((*TURN_WAIT_BUCKETS, float("inf")), counts, strict=True):
+                acc += n
+                cumulative.append((floatToGoString(bound), acc))  # type: ignore[no-untyped-call]
+            hist.add_metric([device], cumulative, tw.sum)
+            hist.samples.append(
+                Sample("kupd_turn_wait_seconds_created", {"device": device}, tw.created)
+            )
+        yield hist
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages = Counter(
-            "kupd_messages", "Messages moved", ["device", "channel", "direction"], registry=r
-        )
-        self.bytes = Counter(
-            "kupd_bytes", "Payload bytes moved", ["device", "channel", "direction"], registry=r
-        )
-        self.turn_wait = Histogram(
-            "kupd_turn_wait_seconds",
-            "Time waiting for the kernel to hand the turn back",
-            ["device"],
-            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
-            registry=r,
-        )
+        self._channels: dict[tuple[str, int], ChannelMetrics] = {}
+        self._turn_waits: dict[str, TurnWait] = {}
+        r.register(_MessageCollector(self))
         self.sessions = Gauge("kupd_sessions", "Open Session streams", ["device"], registry=r)
         self.leases = Gauge("kupd_leases", "Open Attach leases", ["device"], registry=r)
         self.calls_queued = Gauge(
@@ -67,7 +138,6 @@ class Metrics:
             registry=r,
         )
         self._server: Any = None
-        self._channels: dict[tuple[str, int], ChannelMetrics] = {}
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
         """Start the HTTP endpoint (one thread); returns the bound port."""
@@ -82,13 +152,19 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    def turn_wait(self, device: str) -> TurnWait:
+        tw = self._turn_waits.get(device)
+        if tw is None:
+            tw = self._turn_waits[device] = TurnWait()
+        return tw
+
     def channel(self, device: str, channel: int) -> ChannelMetrics:
-        """The (cached) children of one channel; the label sets are bounded by
+        """The (cached) counters of one channel; the label sets are bounded by
         the devices' channel counts, as the series themselves are."""
         key = (device, channel)
         cm = self._channels.get(key)
         if cm is None:
-            cm = self._channels[key] = ChannelMetrics(self, device, channel)
+            cm = self._channels[key] = ChannelMetrics(self.turn_wait(device))
         return cm
 
     def sent(self, device: str, channel: int, nbytes: int) -> None:

@@ -9,6 +9,7 @@ and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
@@ -26,7 +27,7 @@ from kupd.config import Config
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
-from kupd.policy import Guard, Tenant
+from kupd.policy import Guard, Tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import Event, EventBus, EventType
 
@@ -140,46 +141,180 @@ _STATE = {
 }
 
 
-class _StreamGuard:
-    """Ends a Session's wait for its next request when its lease ends or kupd
-    drains -- without a Task and an ``asyncio.wait`` per request: a
-    done-callback on those futures cancels the handler's task, but only while
-    it is waiting for a request (``waiting``); operations in flight see the
-    same futures themselves (``wait_message`` aborts)."""
+#: How far a Session's requests are read ahead of the one being handled:
+#: at most this many requests decoded and waiting ...
+READ_AHEAD = 16
+#: ... holding at most this many payload bytes (at least one request always).
+READ_AHEAD_BYTES = 1 << 20
 
-    __slots__ = ("_futs", "_task", "fired", "waiting")
+_Item = tuple[kup_pb2.SessionRequest | BaseException | None, str | None, bytes, int]
 
-    def __init__(self, *futs: asyncio.Future[None]) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._futs: list[asyncio.Future[None]] = []
-        self.waiting = False
-        self.fired = False
-        for f in futs:
+
+def _split(req: kup_pb2.SessionRequest) -> _Item:
+    """(request, op, payload, payload size): the payload is taken out of the
+    request once, where it is decoded (reading a bytes field copies it)."""
+    op = req.WhichOneof("op")
+    if op == "exchange":
+        data = req.exchange.data
+    elif op == "send":
+        data = req.send.data
+    else:
+        return req, op, b"", 0
+    return req, op, data, len(data)
+
+
+class _Requests:
+    """A Session's request stream, read ahead by a task of its own.
+
+    The task decodes the next requests while the current one waits on the
+    channel (F8 in bench/results/FINDINGS.md: without it a pipelining client
+    gets one channel round trip, then one gRPC read, never both at once).
+    Requests are handled one after another, in order, as before; only the
+    reading runs ahead, and at most ``limit`` requests / ``budget`` payload
+    bytes: a full queue stops the reads, and gRPC's flow control then stops
+    the client.  ``limit`` starts at 1 (the attach is answered before anything
+    else is read) and is raised once the channel is known.
+
+    :meth:`next` also returns early when one of the ``watch``-ed futures
+    completes (drain, the lease ending), so the caller can check them.
+    """
+
+    __slots__ = (
+        "_getter",
+        "_items",
+        "_loop",
+        "_nbytes",
+        "_reader",
+        "_room",
+        "_task",
+        "_watched",
+        "budget",
+        "limit",
+    )
+
+    def __init__(
+        self, reader: AsyncIterator[kup_pb2.SessionRequest], *watch: asyncio.Future[None]
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader = reader
+        self._items: collections.deque[_Item] = collections.deque()
+        self._nbytes = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+        self._watched: list[asyncio.Future[None]] = []
+        self.limit = 1
+        self.budget = READ_AHEAD_BYTES
+        for f in watch:
             self.watch(f)
+        self._task = self._loop.create_task(self._run())
+        self._task.add_done_callback(self._wake)
 
     def watch(self, fut: asyncio.Future[None]) -> None:
-        self._futs.append(fut)
-        fut.add_done_callback(self._done)
+        self._watched.append(fut)
+        fut.add_done_callback(self._wake)
 
-    def _done(self, _: asyncio.Future[None]) -> None:
-        if self.waiting and not self.fired:
-            self.fired = True
-            self._task.cancel()
+    def _wake(self, _: object = None) -> None:
+        g = self._getter
+        if g is not None and not g.done():
+            g.set_result(None)
 
-    def take_cancel(self) -> bool:
-        """After a CancelledError: True when it was this guard's alone (now
-        withdrawn); False when someone else cancelled too."""
-        if not self.fired:
-            return False
-        self.fired = False
-        return self._task.uncancel() == 0
+    def widen(self, limit: int) -> None:
+        self.limit = limit
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def _run(self) -> None:
+        items = self._items
+        try:
+            while True:
+                while len(items) >= self.limit or (items and self._nbytes >= self.budget):
+                    room = self._room = self._loop.create_future()
+                    try:
+                        await room
+                    finally:
+                        self._room = None
+                try:
+                    req = await self._reader.__anext__()
+                except StopAsyncIteration:
+                    items.append((None, None, b"", 0))
+                    return
+                item = _split(req)
+                items.append(item)
+                self._nbytes += item[3]
+                self._wake()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # close(): nobody reads the queue any more
+            items.append((asyncio.CancelledError(), None, b"", 0))
+        except Exception as exc:  # handed to the handler, in order
+            items.append((exc, None, b"", 0))
+
+    async def next(self, check: Callable[[], None]) -> _Item:
+        """The next request (None at the end of the stream) with its op and
+        payload; ``check()`` first and after every early wake-up."""
+        check()
+        items = self._items
+        while not items:
+            if self._task.done():
+                raise asyncio.CancelledError()  # the reader was cancelled under us
+            g = self._getter = self._loop.create_future()
+            try:
+                await g
+            finally:
+                self._getter = None
+            check()
+        item = items.popleft()
+        self._nbytes -= item[3]
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+        if isinstance(item[0], BaseException):
+            raise item[0]
+        return item
 
     def close(self) -> None:
-        for f in self._futs:
-            f.remove_done_callback(self._done)
-        self._futs.clear()
+        for f in self._watched:
+            f.remove_done_callback(self._wake)
+        self._watched.clear()
+        self._task.remove_done_callback(self._wake)
+        if not self._task.done():
+            self._task.cancel()
+        self._items.clear()
+
+
+class _SessionState:
+    """What a Session's operations look up once per stream rather than once
+    per message: whether the RPC has a deadline at all, and the tenant's size
+    limit under the policy it was read from (a reload installs a new policy
+    object, which makes the next check look the tenant up again)."""
+
+    __slots__ = ("_context", "_deadline", "_policy", "_tenant")
+
+    def __init__(self, context: grpc.aio.ServicerContext, guard: Guard) -> None:
+        self._context = context
+        self._deadline = context.time_remaining() is not None
+        self._policy = guard.policy
+        self._tenant = guard.tenant()
+
+    def cap(self, timeout: float | None) -> float | None:
+        """``timeout`` capped by the RPC's deadline (as ``_deadline_cap``)."""
+        if not self._deadline:
+            return timeout
+        remaining: float | None = self._context.time_remaining()
+        if remaining is None:
+            return timeout
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def check_size(self, guard: Guard, lease: Lease, n: int) -> None:
+        """The tenant's max_message_bytes (``Guard.check_size``)."""
+        if guard.policy is not self._policy:
+            self._tenant = guard.tenant()  # PermissionDenied if it was removed
+            self._policy = guard.policy
+        t = self._tenant
+        if t.max_message_bytes and n > t.max_message_bytes:
+            guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
 
 
 class KupService(kup_pb2_grpc.KupServicer):
@@ -450,6 +585,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         return await self._receive(lease, request.mode, request.timeout_ms, context)
 
     # ---------------------------------------------------------------- sessions
+    def _raise_if_draining(self) -> None:
+        if self.drain.done():
+            raise errors.Shutdown("kupd is shutting down")
+
     def _raise_if_ended(self, lease: Lease | None) -> None:
         if lease is not None and lease.ended.done():
             exc = lease.ended.exception()
@@ -458,56 +597,46 @@ class KupService(kup_pb2_grpc.KupServicer):
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
 
-    async def _next(
-        self,
-        reader: AsyncIterator[kup_pb2.SessionRequest],
-        lease: Lease | None,
-        guard: _StreamGuard,
-    ) -> kup_pb2.SessionRequest | None:
-        """The next request, or None at the end of the stream; raises when
-        kupd drains or the lease is ended first (``guard`` cancels the wait)."""
-        self._raise_if_ended(lease)
-        guard.waiting = True
-        try:
-            return await reader.__anext__()
-        except StopAsyncIteration:
-            return None
-        except asyncio.CancelledError:
-            if not guard.take_cancel():
-                raise  # not ours: the client went away
-            self._raise_if_ended(lease)
-            raise errors.Shutdown("kupd is shutting down") from None
-        finally:
-            guard.waiting = False
-
     async def _session_op(
-        self, lease: Lease, req: kup_pb2.SessionRequest, context: grpc.aio.ServicerContext
+        self,
+        lease: Lease,
+        req: kup_pb2.SessionRequest,
+        op: str | None,
+        data: bytes,
+        st: _SessionState,
     ) -> kup_pb2.SessionResponse:
-        op = req.WhichOneof("op")
         rid = req.request_id
         if op == "exchange":
+            st.check_size(self.guard, lease, len(data))
             x = req.exchange
-            self.guard.check_size(
-                self.guard.tenant(), "session", lease.dev.name, lease.ch.id, len(x.data)
-            )
-            timeout, nonblocking = self._receive_args(x.mode, x.timeout_ms)
+            mode = x.mode
+            if mode == kup_pb2.RECEIVE_MODE_BLOCK:
+                timeout: float | None = None
+                nonblocking = False
+            else:
+                timeout, nonblocking = self._receive_args(mode, x.timeout_ms)
             msg = await self.leases.exchange(
-                lease,
-                x.data,
-                self._deadline_cap(context, timeout),
-                nonblocking=nonblocking,
-                abort=self.drain,
+                lease, data, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
             )
-            return kup_pb2.SessionResponse(request_id=rid, exchanged=_receive_pb(msg))
+            resp = kup_pb2.SessionResponse(request_id=rid)
+            if msg is None:
+                resp.exchanged.not_ready = True
+            else:
+                m = resp.exchanged.message
+                m.data = msg.data
+                m.kind = msg.kind  # type: ignore[assignment]
+                m.seq = msg.seq
+            return resp
         if op == "send":
-            self.guard.check_size(
-                self.guard.tenant(), "session", lease.dev.name, lease.ch.id, len(req.send.data)
-            )
-            await self.leases.send(lease, req.send.data)
+            st.check_size(self.guard, lease, len(data))
+            await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
         if op == "receive":
-            r = await self._receive(lease, req.receive.mode, req.receive.timeout_ms, context)
-            return kup_pb2.SessionResponse(request_id=rid, received=r)
+            timeout, nonblocking = self._receive_args(req.receive.mode, req.receive.timeout_ms)
+            msg = await self.leases.receive(
+                lease, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
+            )
+            return kup_pb2.SessionResponse(request_id=rid, received=_receive_pb(msg))
         if op == "pass_turn":
             await self.leases.pass_(lease)
             return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
@@ -517,53 +646,72 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         raise errors.InvalidArgument("session request without an operation")
 
-    @_stream
     async def Session(
         self,
         request_iterator: AsyncIterator[kup_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
+        tenant: Tenant | None = None,
     ) -> AsyncIterator[kup_pb2.SessionResponse]:
-        self._check_open()
-        reader = request_iterator.__aiter__()
-        guard = _StreamGuard(self.drain)
+        """One async generator for the whole stream: what ``_stream`` does
+        for the other streams (log context, KupError -> status) and the
+        tenant's context (``TenantKup`` passes ``tenant``) are inlined, since
+        every extra generator layer costs a resume per response."""
+        if tenant is not None:
+            use_tenant(tenant)  # this RPC's own task (it iterates us)
+        structlog.contextvars.clear_contextvars()
+        bind(request=next(_request_ids), rpc="Session")
+        reqs: _Requests | None = None
+        lease: Lease | None = None
+        reason = "stream ended"
         try:
-            first = await self._next(reader, None, guard)
+            self._check_open()
+            reqs = _Requests(request_iterator.__aiter__(), self.drain)
+            first = (await reqs.next(self._raise_if_draining))[0]
             if first is None:
                 return
+            assert isinstance(first, kup_pb2.SessionRequest)
             if first.WhichOneof("op") != "attach":
                 raise errors.InvalidArgument("the first Session request must be attach")
             a = first.attach
-            lease = await self._take(
-                a.device, a.channel if a.HasField("channel") else None, "session"
+            chan = a.channel if a.HasField("channel") else None
+            lease = await self._take(a.device, chan, "session")
+            reqs.watch(lease.ended)
+            reqs.widen(max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, lease.max_msg))))
+            st = _SessionState(context, self.guard)
+            held = lease
+
+            def check() -> None:
+                self._raise_if_ended(held)
+
+            yield kup_pb2.SessionResponse(
+                request_id=first.request_id, attached=self._attach_pb(lease, 0)
             )
-            guard.watch(lease.ended)
-            reason = "stream ended"
-            try:
-                yield kup_pb2.SessionResponse(
-                    request_id=first.request_id, attached=self._attach_pb(lease, 0)
-                )
-                while True:
-                    req = await self._next(reader, lease, guard)
-                    if req is None:
-                        return
-                    try:
-                        resp = await self._session_op(lease, req, context)
-                    except _IN_BAND as exc:
-                        self._count_error(status_for(exc)[0])
-                        resp = kup_pb2.SessionResponse(
-                            request_id=req.request_id, error=error_pb(exc)
-                        )
-                    yield resp
-            except errors.KupError as exc:
-                reason = f"error: {type(exc).__name__}"
-                raise
-            except asyncio.CancelledError:
-                reason = "stream cancelled"
-                raise
-            finally:
-                self.leases.end(lease, reason)
+            while True:
+                req, op, data, _ = await reqs.next(check)
+                if req is None:
+                    return
+                assert isinstance(req, kup_pb2.SessionRequest)
+                try:
+                    resp = await self._session_op(lease, req, op, data, st)
+                except _IN_BAND as exc:
+                    self._count_error(status_for(exc)[0])
+                    resp = kup_pb2.SessionResponse(request_id=req.request_id, error=error_pb(exc))
+                yield resp
+        except errors.KupError as exc:
+            # the lease ends (and the reader stops) before the status goes out
+            if lease is not None:
+                self.leases.end(lease, f"error: {type(exc).__name__}")
+            if reqs is not None:
+                reqs.close()
+            await self._abort(context, exc)
+        except asyncio.CancelledError:
+            reason = "stream cancelled"
+            raise
         finally:
-            guard.close()
+            if lease is not None:
+                self.leases.end(lease, reason)  # no-op if it ended above
+            if reqs is not None:
+                reqs.close()
 
     # ---------------------------------------------------------------- calls
     @_unary

@@ -11,6 +11,7 @@ the channel is closed once it has left the channel.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 import time
@@ -20,12 +21,54 @@ from kupd.channel import Channel, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
 from kupd.metrics import ChannelMetrics
-from kupd.waiting import wait_message
+from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
-__all__ = ["Lease", "LeaseTable"]
+__all__ = ["Lease", "LeaseTable", "OpLock"]
 
 log = get_logger("kupd.sessions")
+
+
+class OpLock:
+    """A FIFO lock for a lease's operations, like :class:`asyncio.Lock` but
+    taken without a coroutine when free (:meth:`try_take`): a Session's
+    operations are already one after another, so the lock is almost always
+    free and an ``await lock.acquire()`` per message was pure overhead."""
+
+    __slots__ = ("_waiters", "held")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self.held or self._waiters:
+            return False
+        self.held = True
+        return True
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands the lock over: held stays True
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over, then cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # still held: now by that waiter
+                return
+        self.held = False
 
 
 class Lease:
@@ -43,7 +86,7 @@ class Lease:
         self.ch = ch
         self.last_used = time.monotonic()
         self.ops = 0
-        self.lock = asyncio.Lock()
+        self.lock = OpLock()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end_reason = ""
         #: The tenant that took it (kupd.policy; "default" without tenants).
@@ -51,6 +94,11 @@ class Lease:
         #: This channel's metric children (looked up once, not per message).
         self.m = metrics
         self.rx_what = f"receive on channel {ch.id} of device {dev.name}"
+        #: The channel's data area in bytes (a plain int: read per message).
+        self.max_msg = ch.max_msg
+        #: Waits for the kernel's messages (made at the first wait: it puts
+        #: the channel in poll mode).
+        self.waiter: ChannelWaiter | None = None
 
     @property
     def active(self) -> bool:
@@ -136,6 +184,8 @@ class LeaseTable:
 
     @staticmethod
     def _close_channel(lease: Lease) -> None:
+        if lease.waiter is not None:
+            lease.waiter.close()  # before the channel closes its fd
         with contextlib.suppress(errors.KupError):
             lease.ch.close()
 
@@ -174,7 +224,8 @@ class LeaseTable:
     async def _enter(self, lease: Lease) -> None:
         if not lease.active:
             raise self._ended_error(lease)
-        await lease.lock.acquire()
+        if not lease.lock.try_take():
+            await lease.lock.take()
         if not lease.active:
             lease.lock.release()
             raise self._ended_error(lease)
@@ -196,10 +247,10 @@ class LeaseTable:
         return errors.NotFound(f"lease {lease.id} {lease.end_reason or 'ended'}")
 
     def _check_size(self, lease: Lease, n: int) -> None:
-        if n > lease.ch.max_msg:
+        if n > lease.max_msg:
             raise errors.TooBig(
                 f"message of {n} bytes exceeds the data area of channel {lease.ch.id} of "
-                f"device {lease.dev.name} ({lease.ch.max_msg} bytes)"
+                f"device {lease.dev.name} ({lease.max_msg} bytes)"
             )
 
     async def send(self, lease: Lease, data: bytes) -> None:
@@ -247,9 +298,21 @@ class LeaseTable:
         self._check_size(lease, len(data))
         await self._enter(lease)
         try:
-            lease.ch.send(data)
+            if nonblocking:
+                lease.ch.send(data)
+                lease.m.sent(len(data))
+                return await self._receive_entered(lease, timeout, nonblocking, abort)
+            # The fast path: send, then spin (GIL released) for the channel's
+            # short adaptive budget; a kernel that answers within it needs no
+            # fd wake-up, future or event-loop round.  None: sent, reply owed.
+            t0 = time.monotonic()
+            msg = lease.ch.try_exchange(data)
             lease.m.sent(len(data))
-            return await self._receive_entered(lease, timeout, nonblocking, abort)
+            if msg is None:
+                return await self._receive_entered(lease, timeout, nonblocking, abort)
+            lease.m.turn_wait.observe(time.monotonic() - t0)
+            lease.m.received(len(msg.data))
+            return msg
         finally:
             self._leave(lease)
 
@@ -264,12 +327,10 @@ class LeaseTable:
             msg = lease.ch.try_receive()
         else:
             t0 = time.monotonic()
-            msg = await wait_message(
-                lease.ch,
-                timeout=timeout,
-                aborts=(lease.ended, abort),
-                what=lease.rx_what,
-            )
+            w = lease.waiter
+            if w is None:
+                w = lease.waiter = ChannelWaiter(lease.ch, lease.rx_what)
+            msg = await w.wait(timeout, (lease.ended, abort))
             lease.m.turn_wait.observe(time.monotonic() - t0)
         if msg is not None:
             lease.m.received(len(msg.data))

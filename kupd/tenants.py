@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,10 @@ class TenantKup(kup_pb2_grpc.KupServicer):
     def __init__(self, inner: Any, tenant: Tenant) -> None:
         self.inner = inner
         self.tenant = tenant
+        # Session: the service's own generator with the tenant bound, instead
+        # of a generator re-yielding every response of another (a resume per
+        # message).  grpc.aio sees through the partial (inspect unwraps it).
+        self.__dict__["Session"] = functools.partial(inner.Session, tenant=tenant)
 
     async def _unary(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant)  # this RPC's own task: no reset needed
@@ -83,10 +88,9 @@ class TenantKup(kup_pb2_grpc.KupServicer):
     async def Session(
         self, request_iterator: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        # An async generator runs in the context of the task iterating it
-        # (this RPC's own task): the tenant stays set for the stream's life.
-        use_tenant(self.tenant)
-        async for item in self.inner.Session(request_iterator, context):
+        # Shadowed per instance in __init__ (what grpc.aio calls); this is
+        # the same thing spelled as a method, for the servicer's type.
+        async for item in self.inner.Session(request_iterator, context, tenant=self.tenant):
             yield item
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
