@@ -68,7 +68,7 @@ static PyObject *error_for_code; /* kupd.errors.error_for_code */
  * a Python frame (no dataclass __init__: the slots are set directly). */
 static PyTypeObject *message_type;
 static PyObject *message_kinds;
-static PyObject *str_data, *str_kind, *str_seq;
+static PyObject *str_data, *str_kind, *str_seq, *str_timeout;
 
 /* ------------------------------------------------------------------ */
 /* errors                                                               */
@@ -827,25 +827,44 @@ exchange_check(ChannelObject *c, Py_buffer *view, const char *op)
  * together).  A refused send sends nothing; a failed wait leaves the data
  * sent and the reply owed to a later receive. */
 static PyObject *
-channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs)
+channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
+    PyObject *kwnames)
 {
 	Py_buffer view;
 	struct kernproxy_msg m;
 	long long timeout_ms;
 	int64_t deadline;
 	int src, rc = 1, code = 0, sys_errno = 0, slice;
-	Py_ssize_t len;
-	PyObject *res;
+	Py_ssize_t len, i, nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+	PyObject *res, *data = nargs > 0 ? args[0] : NULL, *timeout = nargs > 1 ? args[1] : NULL;
 
-	if (nargs != 2) {
-		PyErr_Format(PyExc_TypeError, "exchange() takes 2 arguments (data, timeout), %zd given",
+	/* exchange(data, timeout=None), keywords allowed, as a def would */
+	if (nargs > 2) {
+		PyErr_Format(PyExc_TypeError, "exchange() takes at most 2 arguments (%zd given)",
 		    nargs);
 		return NULL;
 	}
-	timeout_ms = timeout_arg(args[1]);
+	for (i = 0; i < nkw; i++) {
+		PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+		PyObject **slot = PyUnicode_Compare(k, str_data) == 0 ? &data :
+		    PyUnicode_Compare(k, str_timeout) == 0 ? &timeout : NULL;
+
+		if (slot == NULL || *slot != NULL) {
+			PyErr_Format(PyExc_TypeError, slot == NULL ?
+			    "exchange() got an unexpected keyword argument %R" :
+			    "exchange() got multiple values for argument %R", k);
+			return NULL;
+		}
+		*slot = args[nargs + i];
+	}
+	if (data == NULL) {
+		PyErr_SetString(PyExc_TypeError, "exchange() missing required argument 'data'");
+		return NULL;
+	}
+	timeout_ms = timeout_arg(timeout != NULL ? timeout : Py_None);
 	if (timeout_ms == -2)
 		return NULL;
-	if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+	if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
 		return NULL;
 	if (channel_enter(c, "exchange") < 0) {
 		PyBuffer_Release(&view);
@@ -1053,8 +1072,8 @@ static PyMethodDef channel_methods[] = {
 	 "receive(timeout_ms: int; -1 forever, 0 non-blocking) -> (data, kind, seq)"},
 	{"try_receive", (PyCFunction)channel_try_receive, METH_NOARGS,
 	 "try_receive() -> (data, kind, seq) | None, never blocks"},
-	{"exchange", (PyCFunction)(void (*)(void))channel_exchange, METH_FASTCALL,
-	 "exchange(data, timeout: float | None) -> Message: send, then wait for the reply"},
+	{"exchange", (PyCFunction)(void (*)(void))channel_exchange, METH_FASTCALL | METH_KEYWORDS,
+	 "exchange(data, timeout: float | None = None) -> Message: send, then wait for the reply"},
 	{"try_exchange", (PyCFunction)channel_try_exchange, METH_O,
 	 "try_exchange(data) -> Message | None: send, then spin briefly for the reply"},
 	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
@@ -1153,7 +1172,8 @@ PyInit__kupchan(void)
 	str_data = PyUnicode_InternFromString("data");
 	str_kind = PyUnicode_InternFromString("kind");
 	str_seq = PyUnicode_InternFromString("seq");
-	if (str_data == NULL || str_kind == NULL || str_seq == NULL)
+	str_timeout = PyUnicode_InternFromString("timeout");
+	if (str_data == NULL || str_kind == NULL || str_seq == NULL || str_timeout == NULL)
 		return NULL;
 	errors = PyImport_ImportModule("kupd.errors");
 	if (errors == NULL)

@@ -77,9 +77,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from kupd import _kupchan
 from kupd.abi import Kind
@@ -144,14 +145,54 @@ def _timeout_ms(timeout: float | None) -> int:
     return max(1, math.ceil(timeout * 1000))  # a positive timeout never means "don't wait"
 
 
-class Channel:
-    """An attached channel.  Made by :meth:`Device.channel`."""
+class _Exchange(Protocol):
+    def __call__(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> Message: ...
 
-    __slots__ = ("_c", "_device")
+
+class Channel:
+    """An attached channel.  Made by :meth:`Device.channel`.
+
+    ``exchange(data, timeout=None) -> Message``
+        Send ``data`` and wait for the kernel's answer: :meth:`send` then
+        :meth:`receive` as ONE call into the extension (the GIL is released
+        once, libkup spins briefly then sleeps, the Message is built in C).
+        Errors as those two: a refused send (:class:`~kupd.errors.TooBig`,
+        :class:`~kupd.errors.NotYourTurn`, :class:`~kupd.errors.Busy`, a
+        closed channel, a bad ``timeout``) sends nothing; a failed wait
+        (:class:`~kupd.errors.DeadlineExceeded`, ``timeout=0``'s
+        :class:`~kupd.errors.NotReady`, :class:`~kupd.errors.Shutdown`,
+        :class:`~kupd.errors.PeerGone`, a signal) leaves the data sent and the
+        reply owed to a later :meth:`receive` / :meth:`try_receive`.
+        ``timeout`` is as :meth:`receive`'s.
+
+    ``try_exchange(data) -> Message | None``
+        Send ``data``, then spin for the kernel's answer for at most the
+        channel's adaptive spin budget (the spin a blocking receive does
+        before it sleeps: microseconds, learnt from recent replies), with the
+        GIL released.  Never sleeps.  Returns the reply, or None if it has not
+        come by then: the data is sent and the reply is owed to a later
+        :meth:`receive` / :meth:`try_receive` (e.g. when :meth:`fileno` polls
+        readable).  Send errors as :meth:`send` (nothing sent); errors after
+        the send (:class:`~kupd.errors.Shutdown`,
+        :class:`~kupd.errors.PeerGone`) leave the data sent.
+
+    These two are the extension's own methods, bound per channel: a call
+    runs no Python frame at all (after an idle spell each frame costs ~10 us
+    on the development VM: bench FINDINGS F5).
+    """
+
+    __slots__ = ("_c", "_device", "exchange", "try_exchange")
+
+    exchange: _Exchange
+    try_exchange: Callable[[bytes | bytearray | memoryview], Message | None]
 
     def __init__(self, device: Device, c: _kupchan.Channel) -> None:
         self._device = device  # keeps the device (and its handle) alive
         self._c = c
+        self.exchange = c.exchange
+        self.try_exchange = c.try_exchange
 
     # -- facts -------------------------------------------------------------
     @property
@@ -216,38 +257,6 @@ class Channel:
         data, kind, seq = self._c.receive(ms)
         k = _KINDS.get(kind)
         return Message(data, Kind(kind) if k is None else k, seq)
-
-    def exchange(self, data: bytes | bytearray | memoryview,
-                 timeout: float | None = None) -> Message:
-        """Send ``data`` and wait for the kernel's answer: :meth:`send` then
-        :meth:`receive` as ONE call into the extension (the GIL is released
-        once, libkup spins briefly then sleeps, the Message is built in C).
-
-        Errors as those two: a refused send (:class:`~kupd.errors.TooBig`,
-        :class:`~kupd.errors.NotYourTurn`, :class:`~kupd.errors.Busy`, a
-        closed channel) sends nothing; a failed wait
-        (:class:`~kupd.errors.DeadlineExceeded`, ``timeout=0``'s
-        :class:`~kupd.errors.NotReady`, :class:`~kupd.errors.Shutdown`,
-        :class:`~kupd.errors.PeerGone`, a signal) leaves the data sent and the
-        reply owed to a later :meth:`receive` / :meth:`try_receive`.
-        ``timeout`` is as :meth:`receive`'s.
-        """
-        return self._c.exchange(data, timeout)
-
-    def try_exchange(self, data: bytes | bytearray | memoryview) -> Message | None:
-        """Send ``data``, then spin for the kernel's answer for at most the
-        channel's adaptive spin budget (the spin a blocking receive does
-        before it sleeps: microseconds, learnt from recent replies), with the
-        GIL released.  Never sleeps.
-
-        Returns the reply, or None if it has not come by then: the data is
-        sent and the reply is owed to a later :meth:`receive` /
-        :meth:`try_receive` (e.g. when :meth:`fileno` polls readable).  Send
-        errors as :meth:`send` (nothing sent); errors after the send
-        (:class:`~kupd.errors.Shutdown`, :class:`~kupd.errors.PeerGone`) leave
-        the data sent.
-        """
-        return self._c.try_exchange(data)
 
     def try_receive(self) -> Message | None:
         """The kernel's message if the turn is ours, else None.  Never blocks."""

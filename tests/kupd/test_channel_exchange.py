@@ -58,6 +58,28 @@ def test_exchange_is_send_then_receive(echo_sim: KupSim) -> None:
         assert ch.receive(timeout=T) == Message(b"NEXT", Kind.DATA, 7)
 
 
+def test_exchange_arguments_as_a_def_would_take_them(echo_sim: KupSim) -> None:
+    """exchange is the extension's method bound per channel (no Python frame),
+    but takes its arguments like ``def exchange(self, data, timeout=None)``."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        assert ch.exchange(b"kw", timeout=T).data == b"kw"
+        assert ch.exchange(data=b"kw2", timeout=None).data == b"kw2"
+        assert ch.exchange(timeout=T, data=b"kw3").data == b"kw3"
+        with pytest.raises(TypeError, match="unexpected keyword argument 'deadline'"):
+            ch.exchange(b"x", deadline=T)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="multiple values for argument 'data'"):
+            ch.exchange(b"x", data=b"y")  # type: ignore[misc]
+        with pytest.raises(TypeError, match="missing required argument 'data'"):
+            ch.exchange(timeout=T)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="at most 2 arguments"):
+            ch.exchange(b"x", T, T)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            ch.try_exchange("text")  # type: ignore[arg-type]
+        # none of those sent anything
+        assert ch.exchange(b"last", T).seq == 5
+
+
 def test_exchange_message_is_a_real_message(echo_sim: KupSim) -> None:
     """The Message built in C is the dataclass: frozen, equal, hashable, repr."""
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
@@ -90,10 +112,13 @@ def test_refused_exchange_sends_nothing(echo_sim: KupSim) -> None:
 def test_exchange_when_not_my_turn(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
-        ch.send(b"one")
+        ch.send(DELAY)  # the kernel holds the turn for 300 ms
         with pytest.raises(NotYourTurn):
             ch.try_exchange(b"two")
-        assert ch.receive(timeout=T).data == b"one"  # only the first went out
+        with pytest.raises(NotYourTurn):
+            ch.exchange(b"three", T)
+        assert ch.receive(timeout=T) == Message(DELAY, Kind.DATA, 2)  # only DELAY went out
+        assert ch.exchange(b"four", T).seq == 3
 
 
 def test_exchange_deadline_leaves_the_reply_owed(echo_sim: KupSim) -> None:
