@@ -43,7 +43,13 @@
  * The ceiling is kept short on purpose: on a 2-core machine a 50 us
  * kernel-side ceiling made the Python channel round trip 2.4-3x slower
  * (same-run A/B; the spinning module thread holds a CPU the user side
- * needs), while 5 us matched the old fixed spin at lower CPU cost.
+ * needs; that was before the spin yielded, see KUP_SPIN_YIELD).  It is
+ * 10 us, not 5: a user that wakes the module pays an eventfd write of
+ * 5-10 us on the VM, during which the module already answers, so the
+ * module's next wait is that long; with a 5 us ceiling those waits counted
+ * as uncatchable, the budget collapsed to the minimum and every round trip
+ * kept paying the wake-up (C floor 7 us instead of 0.5; Python send +
+ * receive 10 us instead of 4: bench FINDINGS, session 2).
  */
 #ifndef KUP_SPIN_LOOPS
 #define KUP_SPIN_LOOPS 256
@@ -52,12 +58,15 @@
 #define KUP_SPIN_MIN_NS 1000U
 #endif
 #ifndef KUP_SPIN_MAX_NS
-#define KUP_SPIN_MAX_NS 5000U
+#define KUP_SPIN_MAX_NS 10000U
 #endif
 #ifndef KUP_SPIN_INIT_NS
 #define KUP_SPIN_INIT_NS 2500U
 #endif
 #define KUP_SPIN_CHECK   16
+#ifndef KUP_SPIN_YIELD_NS
+#define KUP_SPIN_YIELD_NS 1000U
+#endif
 
 static kup_lock_t kup_reg_lock;
 static struct kupdev_softc *kup_reg_head;
@@ -691,7 +700,10 @@ kup_recv_cond(struct kup_chan *ch)
 static int
 kup_spin(struct kup_chan *ch, uint64_t t0)
 {
-	uint64_t budget = 2ULL * ch->spin_avg_ns;
+	uint64_t budget = 2ULL * ch->spin_avg_ns, now;
+#if defined(KUP_SPIN_YIELD) && KUP_SPIN_YIELD_NS > 0
+	uint64_t ynext = t0 + (ch->spin_yield_now ? 0 : KUP_SPIN_YIELD_NS), after;
+#endif
 	int i;
 
 	if (budget < KUP_SPIN_MIN_NS)
@@ -704,8 +716,21 @@ kup_spin(struct kup_chan *ch, uint64_t t0)
 				return 1;
 			KUP_CPU_RELAX();
 		}
-		if (KUP_NOW_NS() - t0 >= budget)
+		now = KUP_NOW_NS();
+		if (now - t0 >= budget)
 			return 0;
+#if defined(KUP_SPIN_YIELD) && KUP_SPIN_YIELD_NS > 0
+		/* The user may be waiting for this very CPU.  A yield that
+		 * took long let another thread run here: the user (or someone)
+		 * shares this CPU, so yield at every check from now on (also
+		 * in the next waits) until a yield comes straight back. */
+		if (now >= ynext) {
+			KUP_SPIN_YIELD();
+			after = KUP_NOW_NS();
+			ch->spin_yield_now = after - now >= KUP_SPIN_YIELD_NS;
+			ynext = after + (ch->spin_yield_now ? 0 : KUP_SPIN_YIELD_NS);
+		}
+#endif
 	}
 }
 

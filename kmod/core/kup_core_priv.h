@@ -44,6 +44,9 @@ struct kup_chan {
 	uint64_t u2k_seq;         /* last seq received */
 	uint32_t spin_avg_ns;     /* under lock: running average of waits a
 	                           * spin could catch (KUP_NOW_NS hosts) */
+	int      spin_yield_now;  /* under lock: the last yield let another
+	                           * thread run (it shares our CPU): yield at
+	                           * once in the next spin */
 
 	struct kup_os_chan os;
 };

@@ -33,6 +33,13 @@
  *                           when defined, kernel-side waits spin for an
  *                           adaptive time budget before sleeping; when
  *                           not, for a fixed number of KUP_CPU_RELAX()
+ *     KUP_SPIN_YIELD()      let another runnable thread have this CPU
+ *                           (kupsim: sched_yield(); a kernel: its
+ *                           cond_resched()/maybe_yield()); called from
+ *                           inside that spin (ch->lock held, a sleepable
+ *                           lock) at most every KUP_SPIN_YIELD_NS, so that
+ *                           a spinning module thread does not keep the
+ *                           user it waits for off a shared CPU
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
  *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT.

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -62,5 +63,11 @@ kupsim_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 #define KUP_NOW_NS()           kupsim_now_ns()
+/* Optional (kup_os.h): give the CPU to another runnable thread from inside
+ * that spin.  When the scheduler has put the module thread on the CPU of
+ * the user it waits for, spinning without yielding only delays the user
+ * (kupsim echo pinned to one CPU with its C user, same run: round trip
+ * 6.5 us without yields, 4.1 us with). */
+#define KUP_SPIN_YIELD()       ((void)sched_yield())
 
 #endif /* KUP_HOST_H */
