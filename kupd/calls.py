@@ -27,7 +27,7 @@ from kupd import errors
 from kupd.channel import Channel, Message
 from kupd.log import get_logger
 from kupd.metrics import Metrics
-from kupd.waiting import wait_message
+from kupd.waiting import ChannelWaiter
 
 __all__ = ["CallPool", "PoolChannel"]
 
@@ -40,7 +40,7 @@ class _Exchanging(Protocol):
 
 #: Whether channels have ``try_exchange(data) -> Message | None`` (send, then
 #: spin briefly for the reply with the GIL released; None: sent, the reply is
-#: owed to a later receive); without it, send + wait_message.
+#: owed to a later receive); without it, send + the waiter.
 _HAS_TRY_EXCHANGE = hasattr(Channel, "try_exchange")
 
 
@@ -55,6 +55,9 @@ def _holds_turn(ch: Channel) -> bool:
 @dataclass(eq=False)
 class PoolChannel:
     ch: Channel
+    #: waits for the kernel's reply when it is not there right after the send;
+    #: keeps the fd registered with the loop between waits (kupd.waiting)
+    waiter: ChannelWaiter
     state: str = "warming"  # warming | free | busy | quarantined
 
 
@@ -86,7 +89,7 @@ class CallPool:
     def add(self, ch: Channel) -> None:
         """Adopt a freshly attached channel: free once its first message
         (the kernel's opening hand-over) has arrived."""
-        pc = PoolChannel(ch)
+        pc = PoolChannel(ch, ChannelWaiter(ch, f"call on device {self.device} channel {ch.id}"))
         self.channels[ch.id] = pc
         self._spawn(self._settle(pc, "warming"))
 
@@ -100,11 +103,7 @@ class CallPool:
         pc.state = why
         try:
             if not pc.ch.my_turn():
-                await wait_message(
-                    pc.ch,
-                    aborts=(self._abort,),
-                    what=f"{self.device} pool channel {pc.ch.id} ({why})",
-                )
+                await pc.waiter.wait(aborts=(self._abort,))
             else:
                 pc.ch.try_receive()  # consume a pending message, if any
         except errors.KupError as exc:
@@ -124,6 +123,7 @@ class CallPool:
             del self.channels[pc.ch.id]
         with contextlib.suppress(ValueError):
             self._free.remove(pc)
+        pc.waiter.close()  # before the channel (its fd goes with it)
         with contextlib.suppress(errors.KupError):
             pc.ch.close()
         self.on_change()
@@ -280,12 +280,7 @@ class CallPool:
             cm = self.metrics.channel(self.device, ch.id)
             cm.sent(len(data))
             if msg is None:
-                msg = await wait_message(
-                    ch,
-                    timeout=timeout,
-                    aborts=(self._abort,),
-                    what=f"call on device {self.device} channel {ch.id}",
-                )
+                msg = await pc.waiter.wait(timeout, (self._abort,))
             done = True
             cm.turn_wait.observe(time.monotonic() - t0)
             cm.received(len(msg.data))

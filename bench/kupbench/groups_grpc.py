@@ -282,6 +282,13 @@ async def run(ctx: RunCtx) -> None:
                  unit="rt/s", baseline="scale.bare_call.rate"),
             lat("scale.kupd_call", S_SCALE, f"kupd: {c} clients Call, per call", sub="lat",
                 baseline="scale.bare_call.lat"),
+            # the same 256 raw-stub clients on one gRPC channel against the bare
+            # kup.v1 Call echo: what the API's messages alone cost at this load
+            rate("scale.bare_call_pb", S_SCALE,
+                 f"bare: {c} clients kup.v1 Call echo (protobuf), aggregate", sub="rate",
+                 unit="rt/s"),
+            lat("scale.bare_call_pb", S_SCALE,
+                f"bare: {c} clients kup.v1 Call echo (protobuf), per call", sub="lat"),
         ]
         async with group(ctx, "grpc: scale", scale_specs):
             if kupd is None:
@@ -307,6 +314,12 @@ async def run(ctx: RunCtx) -> None:
                         await kupd.close_sessions(sessions)
             n_each = max(1, cfg.scale_total // c)
             work = {"scale.bare_call": _conc([bu.rt] * c, n_each, "bare unary x256")}
+            if bare_pb is not None:
+                pb_rt = _pb_call(pbch).rt
+                work["scale.bare_call_pb"] = _conc([pb_rt] * c, n_each, "bare kup.v1 Call x256")
+            else:
+                ctx.skip([s for s in scale_specs if s.workload == "scale.bare_call_pb"],
+                         bare_pb_why)
             if kupd is not None:
                 work["scale.kupd_call"] = _conc(kupd.callers(c), n_each, "kupd call x256")
             await ctx.measure(work, [s for s in scale_specs if "call" in s.workload],
