@@ -654,8 +654,10 @@ wait_message(ChannelObject *c, long long timeout_ms, int64_t deadline, int rc,
 }
 
 /* The blocking receive.  timeout_ms < 0: forever; > 0: deadline. */
+typedef PyObject *(*build_fn)(ChannelObject *, const struct kernproxy_msg *);
+
 static PyObject *
-channel_receive_wait(ChannelObject *c, long long timeout_ms)
+channel_receive_wait(ChannelObject *c, long long timeout_ms, build_fn build)
 {
 	struct kernproxy_msg m;
 	int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
@@ -666,7 +668,7 @@ channel_receive_wait(ChannelObject *c, long long timeout_ms)
 		return NULL;
 	rc = wait_message(c, timeout_ms, deadline, 1, &code, &sys_errno, &m);
 	if (rc == 0) {
-		res = message_tuple(c, &m);
+		res = build(c, &m);
 		if (channel_leave(c)) {
 			Py_XDECREF(res);
 			goto closed;
@@ -693,7 +695,7 @@ closed:
 /* Non-blocking receive with the GIL held (a few loads; no sleep).
  * raise_notready: NotReady exception, else None, when nothing is there. */
 static PyObject *
-channel_receive_now(ChannelObject *c, int raise_notready)
+channel_receive_now(ChannelObject *c, int raise_notready, build_fn build)
 {
 	struct kernproxy_msg m;
 	int rc, code = 0, sys_errno = 0;
@@ -707,7 +709,7 @@ channel_receive_now(ChannelObject *c, int raise_notready)
 		sys_errno = errno;
 	}
 	if (rc == 0) {
-		res = message_tuple(c, &m);
+		res = build(c, &m);
 		c->busy = 0;
 		return res;
 	}
@@ -734,15 +736,15 @@ channel_receive(ChannelObject *c, PyObject *arg)
 	if (timeout_ms > ((long long)1 << 40))  /* ~35 years: no deadline overflow */
 		timeout_ms = -1;
 	if (timeout_ms == 0)
-		return channel_receive_now(c, 1);
-	return channel_receive_wait(c, timeout_ms);
+		return channel_receive_now(c, 1, message_tuple);
+	return channel_receive_wait(c, timeout_ms, message_tuple);
 }
 
 static PyObject *
 channel_try_receive(ChannelObject *c, PyObject *unused)
 {
 	(void)unused;
-	return channel_receive_now(c, 0);
+	return channel_receive_now(c, 0, message_tuple);
 }
 
 /* Raise the kupd.errors class for code with exactly this message. */
@@ -995,6 +997,37 @@ closed:
 	    "thread", (unsigned)c->id, c->dev->name);
 }
 
+/* receive_message(timeout=None) -> Message: kupd.channel's receive, the
+ * timeout in seconds as exchange takes it; no Python frame. */
+static PyObject *
+channel_receive_message(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
+    PyObject *kwnames)
+{
+	PyObject *timeout = nargs > 0 ? args[0] : NULL;
+	long long timeout_ms;
+
+	if (nargs > 1 || (kwnames != NULL && (PyTuple_GET_SIZE(kwnames) != 1 || nargs != 0 ||
+	    PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), str_timeout) != 0))) {
+		PyErr_SetString(PyExc_TypeError, "receive() takes one argument: timeout=None");
+		return NULL;
+	}
+	if (kwnames != NULL)
+		timeout = args[0];
+	timeout_ms = timeout_arg(timeout != NULL ? timeout : Py_None);
+	if (timeout_ms == -2)
+		return NULL;
+	if (timeout_ms == 0)
+		return channel_receive_now(c, 1, message_object);
+	return channel_receive_wait(c, timeout_ms, message_object);
+}
+
+static PyObject *
+channel_try_receive_message(ChannelObject *c, PyObject *unused)
+{
+	(void)unused;
+	return channel_receive_now(c, 0, message_object);
+}
+
 static PyObject *
 channel_my_turn(ChannelObject *c, PyObject *unused)
 {
@@ -1076,6 +1109,11 @@ static PyMethodDef channel_methods[] = {
 	 "exchange(data, timeout: float | None = None) -> Message: send, then wait for the reply"},
 	{"try_exchange", (PyCFunction)channel_try_exchange, METH_O,
 	 "try_exchange(data) -> Message | None: send, then spin briefly for the reply"},
+	{"receive_message", (PyCFunction)(void (*)(void))channel_receive_message,
+	 METH_FASTCALL | METH_KEYWORDS,
+	 "receive_message(timeout: float | None = None) -> Message (seconds; 0: never wait)"},
+	{"try_receive_message", (PyCFunction)channel_try_receive_message, METH_NOARGS,
+	 "try_receive_message() -> Message | None, never blocks"},
 	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
 	{"fileno", (PyCFunction)channel_fileno, METH_NOARGS, "fileno() -> int"},
 	{"close", (PyCFunction)channel_close, METH_NOARGS, "close(): idempotent"},

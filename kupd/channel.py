@@ -75,7 +75,6 @@ it.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,35 +113,13 @@ class DeviceInfo:
     attached: tuple[int, ...]  # ids of the channels a user side holds
 
 
-_FAST_MAX_S = 1e15  # seconds: finite, far beyond any real deadline
-
 # int -> Kind without going through EnumType.__call__ on every message: a
 # plain dict lookup is a handful of instructions, the enum call a few hundred,
 # which shows after the process sat idle (cold caches: bench F5, helper-15).
 _KINDS: dict[int, Kind] = {int(k): k for k in Kind}
-# exchange() / try_exchange() build their Message in C, without a frame
+# receive / try_receive / exchange / try_exchange build their Message in C,
+# without a frame (the timeout's seconds -> ms conversion is in C too)
 _kupchan.set_message_type(Message, _KINDS)
-
-
-def _message(raw: tuple[bytes, int, int]) -> Message:
-    data, kind, seq = raw
-    k = _KINDS.get(kind)
-    return Message(data, Kind(kind) if k is None else k, seq)
-
-
-def _timeout_ms(timeout: float | None) -> int:
-    """seconds (None: forever) -> the extension's milliseconds (-1: forever)."""
-    if timeout is None:
-        return -1
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be None or seconds (a number), not {timeout!r}")
-    if math.isnan(timeout) or timeout < 0:
-        raise InvalidArgument(f"timeout must be None or >= 0 seconds, not {timeout!r}")
-    if math.isinf(timeout):
-        return -1
-    if timeout == 0:
-        return 0
-    return max(1, math.ceil(timeout * 1000))  # a positive timeout never means "don't wait"
 
 
 class _Exchange(Protocol):
@@ -151,8 +128,21 @@ class _Exchange(Protocol):
     ) -> Message: ...
 
 
+class _Receive(Protocol):
+    def __call__(self, timeout: float | None = None) -> Message: ...
+
+
 class Channel:
     """An attached channel.  Made by :meth:`Device.channel`.
+
+    ``receive(timeout=None) -> Message``
+        Wait for the kernel's next message.  ``timeout``: None waits without
+        bound, 0 does not wait (:class:`~kupd.errors.NotReady`), otherwise
+        seconds (:class:`~kupd.errors.DeadlineExceeded`); anything else
+        (negative, NaN, not a number) is :class:`~kupd.errors.InvalidArgument`.
+
+    ``try_receive() -> Message | None``
+        The kernel's message if the turn is ours, else None.  Never blocks.
 
     ``exchange(data, timeout=None) -> Message``
         Send ``data`` and wait for the kernel's answer: :meth:`send` then
@@ -178,19 +168,23 @@ class Channel:
         the send (:class:`~kupd.errors.Shutdown`,
         :class:`~kupd.errors.PeerGone`) leave the data sent.
 
-    These two are the extension's own methods, bound per channel: a call
+    These four are the extension's own methods, bound per channel: a call
     runs no Python frame at all (after an idle spell each frame costs ~10 us
     on the development VM: bench FINDINGS F5).
     """
 
-    __slots__ = ("_c", "_device", "exchange", "try_exchange")
+    __slots__ = ("_c", "_device", "exchange", "receive", "try_exchange", "try_receive")
 
+    receive: _Receive
+    try_receive: Callable[[], Message | None]
     exchange: _Exchange
     try_exchange: Callable[[bytes | bytearray | memoryview], Message | None]
 
     def __init__(self, device: Device, c: _kupchan.Channel) -> None:
         self._device = device  # keeps the device (and its handle) alive
         self._c = c
+        self.receive = c.receive_message
+        self.try_receive = c.try_receive_message
         self.exchange = c.exchange
         self.try_exchange = c.try_exchange
 
@@ -236,32 +230,6 @@ class Channel:
     def pass_(self) -> None:
         """Hand the turn to the kernel without data (a PASS message)."""
         self._c.pass_()
-
-    def receive(self, timeout: float | None = None) -> Message:
-        """Wait for the kernel's next message.
-
-        ``timeout``: None waits without bound, 0 does not wait
-        (:class:`~kupd.errors.NotReady`), otherwise seconds
-        (:class:`~kupd.errors.DeadlineExceeded`).
-        """
-        # _timeout_ms and _message inlined for the usual case (a finite
-        # positive float or int; NaN fails the comparison): after an idle
-        # spell each Python frame costs ~10 us on the development VM (cold
-        # caches), and this is the path a wake-up takes (bench F5, helper-15)
-        if timeout is None:
-            ms = -1
-        elif (type(timeout) is float or type(timeout) is int) and 0 < timeout < _FAST_MAX_S:
-            ms = max(1, math.ceil(timeout * 1000))
-        else:
-            ms = _timeout_ms(timeout)
-        data, kind, seq = self._c.receive(ms)
-        k = _KINDS.get(kind)
-        return Message(data, Kind(kind) if k is None else k, seq)
-
-    def try_receive(self) -> Message | None:
-        """The kernel's message if the turn is ours, else None.  Never blocks."""
-        raw = self._c.try_receive()
-        return None if raw is None else _message(raw)
 
     def close(self) -> None:
         """Leave the channel (sends CLOSE if holding the turn).  Idempotent."""

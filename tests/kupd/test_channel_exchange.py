@@ -80,6 +80,43 @@ def test_exchange_arguments_as_a_def_would_take_them(echo_sim: KupSim) -> None:
         assert ch.exchange(b"last", T).seq == 5
 
 
+def test_receive_bound_to_the_extension(echo_sim: KupSim) -> None:
+    """receive / try_receive are the extension's methods too (Message built
+    in C): the same arguments, results and errors as before."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        first = ch.receive(timeout=T)
+        assert type(first) is Message and first == Message(b"", Kind.PASS, 1)
+        ch.send(b"a")
+        assert ch.receive(T) == Message(b"a", Kind.DATA, 2)
+        ch.send(b"b")
+        assert ch.receive() == Message(b"b", Kind.DATA, 3)
+        ch.send(DELAY)
+        with pytest.raises(NotReady):
+            ch.receive(timeout=0)
+        assert ch.try_receive() is None
+        with pytest.raises(DeadlineExceeded, match="no message within 10 ms"):
+            ch.receive(0.01)
+        for bad in (-1, float("nan"), True, "5"):
+            with pytest.raises(InvalidArgument, match="timeout must be None or"):
+                ch.receive(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="timeout=None"):
+            ch.receive(deadline=T)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="timeout=None"):
+            ch.receive(T, T)  # type: ignore[call-arg]
+        assert ch.receive(timeout=float("inf")) == Message(DELAY, Kind.DATA, 4)
+        with pytest.raises(NotYourTurn):
+            ch.receive(T)
+        with pytest.raises(NotYourTurn):
+            ch.try_receive()
+        ch.send(b"c")
+        m = None
+        deadline = time.monotonic() + T
+        while m is None:
+            assert time.monotonic() < deadline
+            m = ch.try_receive()
+        assert m == Message(b"c", Kind.DATA, 5)
+
+
 def test_exchange_message_is_a_real_message(echo_sim: KupSim) -> None:
     """The Message built in C is the dataclass: frozen, equal, hashable, repr."""
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
