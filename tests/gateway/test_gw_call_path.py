@@ -1,0 +1,102 @@
+"""The Call path after its cost cuts (bench issue 7): a Call that succeeds
+binds no log context, so a failed one must still log and count with the same
+context as before; kupclient's async Call keeps its error mapping and its
+Message type; a reply the pool takes right after the send (try_exchange)
+and one it waits for are the same reply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from typing import Any
+
+import pytest
+from gateway_helpers import StartKupd
+
+from kupclient import AsyncClient, Kind, Message
+from kupd import errors
+from kupd.testing import KupSim
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _failed(log: str) -> list[dict[str, Any]]:
+    """kupd's "rpc failed" records (kupd logs one JSON object per line)."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith("{") and '"rpc failed"' in line:
+            rec: dict[str, Any] = json.loads(line)
+            if rec.get("event") == "rpc failed":
+                out.append(rec)
+    return out
+
+
+def test_failed_calls_log_and_count_with_their_context(sim: KupSim, start_kupd: StartKupd) -> None:
+    port = _free_port()
+    k = start_kupd(sim, "--metrics-port", str(port))
+    with k.client(caller="ctx-test") as c:
+        big = c.devices("echo")[0].max_message_bytes + 1
+        for i in range(2):
+            assert c.call("echo", bytes([i, 1]), timeout=10).data == bytes([i, 1])
+        with pytest.raises(errors.TooBig):
+            c.call("echo", b"\x00" * big, timeout=10)  # refused inside the pool
+        with pytest.raises(errors.NotFound):
+            c.call("nosuch", b"x", timeout=10)  # refused before any device is known
+        assert len(c.call("echo", b"\x01\x02", timeout=10).data) == 2  # still serving
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    text = body.decode()
+    assert 'kupd_calls_total{code="OK",device="echo"} 3.0' in text
+    assert 'kupd_calls_total{code="INVALID_ARGUMENT",device="echo"} 1.0' in text
+    # the error counter takes the device from the bound log context
+    assert 'kupd_errors_total{channel="",code="INVALID_ARGUMENT",device="echo"} 1.0' in text
+    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""} 1.0' in text
+    assert k.terminate() == 0
+    recs = _failed(k.log())
+    too_big = [r for r in recs if r["code"] == "INVALID_ARGUMENT"]
+    not_found = [r for r in recs if r["code"] == "NOT_FOUND"]
+    assert len(too_big) == 1 and len(not_found) == 1, recs
+    r = too_big[0]
+    assert (r["rpc"], r["device"], r["caller"], r["tenant"]) == (
+        "Call",
+        "echo",
+        "ctx-test",
+        "default",
+    ), r
+    assert isinstance(r["request"], int) and "EKU_TOOBIG" in r["error"]
+    r = not_found[0]
+    assert r["rpc"] == "Call" and isinstance(r["request"], int)
+    assert "device" not in r and "caller" not in r  # no device was ready: none bound, as before
+
+
+def test_async_call_maps_errors_and_returns_messages(sim: KupSim, start_kupd: StartKupd) -> None:
+    k = start_kupd(sim)
+
+    async def run() -> list[Message]:
+        async with AsyncClient(k.socket) as c:
+            got = [await c.call("echo", bytes([i]) * 64, timeout=10) for i in range(1, 4)]
+            big = (await c.devices("echo"))[0].max_message_bytes + 1
+            with pytest.raises(errors.TooBig):
+                await c.call("echo", b"\x00" * big, timeout=10)
+            with pytest.raises(errors.NotFound):
+                await c.call("nosuch", b"x")
+            # many at once: more Calls than pool channels, each gets its own echo
+            many = await asyncio.gather(
+                *(c.call("echo", f"{i:04d}".encode(), timeout=30) for i in range(40))
+            )
+            assert [m.data for m in many] == [f"{i:04d}".encode() for i in range(40)]
+            return got
+
+    got = asyncio.run(run())
+    for i, m in enumerate(got, start=1):
+        assert isinstance(m, Message)
+        assert m == Message(bytes([i]) * 64, Kind.DATA, m.seq)  # frozen dataclass equality
+        assert m.kind is Kind.DATA and m.seq >= 1
+        with pytest.raises(AttributeError):
+            m.data = b"changed"  # type: ignore[misc]
