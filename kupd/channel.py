@@ -13,6 +13,12 @@ objects::
             greeting = ch.receive()                # the kernel holds a fresh channel
             ch.send(b"hello")                      # hand the turn over with data
             reply = ch.receive(timeout=5.0)        # Message(data, kind, seq)
+            reply = ch.exchange(b"again", 5.0)     # the same two steps as ONE call
+
+``exchange`` (send + receive) is the fastest round trip: one call into the
+extension, no Python frame; ``try_exchange`` sends and only spins briefly for
+the answer (None: it is owed to a later receive), for callers that have an
+event loop to return to.
 
 Turn rules (docs/DESIGN.md): exactly one side holds the turn; ``send`` and
 ``pass_`` need it (else :class:`~kupd.errors.NotYourTurn`, never a wait);
