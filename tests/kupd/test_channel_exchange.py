@@ -300,3 +300,27 @@ def test_exchange_shutdown_while_waiting() -> None:
                 ch.exchange(b"x", T)
             with pytest.raises(Shutdown):
                 ch.try_exchange(b"x")
+
+
+def test_set_message_type_checks_the_class(echo_sim: KupSim) -> None:
+    """The extension fills Message's slots at fixed offsets: it only accepts
+    a class whose data/kind/seq are its own writable object slots, and a
+    refused class leaves the registered one in place."""
+    from kupd import _kupchan
+
+    class Plain:
+        data = b""
+        kind = 0
+        seq = 0
+
+    class Slotted:
+        __slots__ = ("data", "kind")  # no seq
+
+    for bad in (Plain, Slotted):
+        with pytest.raises((TypeError, AttributeError)):
+            _kupchan.set_message_type(bad, {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _kupchan.set_message_type(Message, [])  # type: ignore[arg-type]
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        assert ch.exchange(b"still", T) == Message(b"still", Kind.DATA, 2)
