@@ -15,6 +15,11 @@ ratio to the bare server measured in the same run.  The client library is
 this tree's for both kupds, so only the server differs: the old kupd is
 driven with send + receive (``_sr``), the new one with both shapes and, for
 the round trip shapes, ``exchange`` (``_x``) too.
+
+``--only`` picks workload groups: ``rt`` (round trips), ``call`` (Call through
+kupclient and through the raw stub on both kupds, each with the client's own
+CPU per round trip, "ccpu", and 256 raw-stub Call clients), ``scale``,
+``pump``.  Default: rt, scale, pump.
 """
 
 from __future__ import annotations
