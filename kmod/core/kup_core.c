@@ -35,7 +35,7 @@
 /*
  * Kernel-side spin before sleeping in kupdev_receive.  Hosts that define
  * KUP_NOW_NS() (a cheap monotonic clock in ns; optional in kup_os.h's
- * contract, kupsim defines it) get the adaptive policy libkup uses: spin
+ * contract; all three hosts define it) get the adaptive policy libkup uses: spin
  * for twice a running average (1/8 weight) of recent waits that a spin
  * could have caught (<= KUP_SPIN_MAX_NS; longer ones count as 0), within
  * [KUP_SPIN_MIN_NS, KUP_SPIN_MAX_NS], checking the clock every

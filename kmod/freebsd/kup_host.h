@@ -31,6 +31,8 @@
 #include <sys/mutex.h>
 #include <sys/sx.h>
 #include <sys/queue.h>
+#include <sys/time.h>
+#include <sys/proc.h>
 #include <machine/atomic.h>
 #include <machine/cpu.h>
 #include <vm/vm.h>
@@ -79,5 +81,15 @@ struct kup_os_chan {
 	(*(volatile uint64_t *)(p) = (uint64_t)(v))
 #define KUP_FENCE()            atomic_thread_fence_seq_cst()
 #define KUP_CPU_RELAX()        cpu_spinwait()
+/*
+ * Optional in kup_os.h: with a clock the core's spin before sleeping is the
+ * adaptive time budget kupsim uses (not a fixed loop count, whose length
+ * would depend on the CPU), and maybe_yield() lets a user thread that
+ * shares this CPU run while the module spins for its answer (the spin
+ * runs under ch->lock, an sx lock, where yielding is allowed).
+ * sbinuptime() reads the timecounter: cheap with the TSC.
+ */
+#define KUP_NOW_NS()           ((uint64_t)sbttons(sbinuptime()))
+#define KUP_SPIN_YIELD()       maybe_yield()
 
 #endif /* KUP_HOST_H */

@@ -11,6 +11,7 @@
 #include <linux/errno.h>
 #include <linux/string.h>
 #include <linux/mutex.h>
+#include <linux/sched.h>
 #include <linux/wait.h>
 #include <linux/miscdevice.h>
 #include <linux/compiler.h>
@@ -58,5 +59,9 @@ struct kup_os_chan {
 /* optional in kup_os.h: a cheap monotonic clock for the core's adaptive
  * spin-before-sleep budget */
 #define KUP_NOW_NS()           ((uint64_t)ktime_get_ns())
+/* optional: let a user thread sharing this CPU run while the module spins
+ * for its answer; the spin runs under ch->lock, a mutex, where
+ * cond_resched() is allowed */
+#define KUP_SPIN_YIELD()       cond_resched()
 
 #endif /* KUP_HOST_H */
