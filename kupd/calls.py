@@ -44,6 +44,15 @@ class _Exchanging(Protocol):
 _HAS_TRY_EXCHANGE = hasattr(Channel, "try_exchange")
 
 
+class _QueueTimeout(Exception):
+    """A queued Call's deadline passed before a pool channel was free."""
+
+
+def _expire(fut: asyncio.Future[PoolChannel]) -> None:
+    if not fut.done():
+        fut.set_exception(_QueueTimeout())
+
+
 def _holds_turn(ch: Channel) -> bool:
     """Whether user space still holds ``ch``'s turn (False if it cannot tell)."""
     try:
@@ -84,6 +93,7 @@ class CallPool:
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change: Callable[[], None] = lambda: None
         self._counted: dict[str, Any] = {}
+        self._queued_gauge = metrics.calls_queued.labels(device)
 
     # -- membership ---------------------------------------------------------
     def add(self, ch: Channel) -> None:
@@ -200,22 +210,26 @@ class CallPool:
             callers.append(caller)
         q.append(fut)
         self._queued += 1
-        self.metrics.calls_queued.labels(self.device).inc()
+        self._queued_gauge.inc()
+        # The deadline fails the waiter's future itself (a timer, not an
+        # asyncio.timeout scope per queued Call); a future granted first
+        # keeps its channel, and _dispatch skips futures already done.
+        timer = fut.get_loop().call_later(timeout, _expire, fut)
         try:
-            async with asyncio.timeout(timeout):
-                return await fut
+            return await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._put_back(fut.result())  # granted just as we gave up: hand it on
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, _QueueTimeout):
                 raise errors.DeadlineExceeded(
                     f"device {self.device}: no pool channel became free within {timeout:.3f}s "
                     f"({len(self.channels)} channels, {self._queued} calls queued)"
                 ) from None
             raise
         finally:
+            timer.cancel()
             self._queued -= 1
-            self.metrics.calls_queued.labels(self.device).dec()
+            self._queued_gauge.dec()
 
     async def call(
         self, data: bytes, timeout: float, caller: str, limit: int

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from gateway_helpers import StartKupd
+from gateway_helpers import StartKupd, call_in_flight
 
 from kupclient import AsyncClient, Kind, Message
 from kupd import errors
@@ -100,3 +100,21 @@ def test_async_call_maps_errors_and_returns_messages(sim: KupSim, start_kupd: St
         assert m.kind is Kind.DATA and m.seq >= 1
         with pytest.raises(AttributeError):
             m.data = b"changed"  # type: ignore[misc]
+
+
+def test_queued_call_deadline_and_queue_accounting(sim: KupSim, start_kupd: StartKupd) -> None:
+    """With the one pool channel held by an unanswered Call, the next Call
+    waits in the queue and fails DeadlineExceeded from there (the queue's
+    own deadline timer); the queue count goes back to zero and the held
+    channel is quarantined, never handed to the queued caller."""
+    k = start_kupd(sim, devices=("echo:1",))
+    with k.client(caller="queue-test") as c:
+        held = call_in_flight(c, b"!hold the turn", timeout=3.0)  # never answered
+        with pytest.raises(errors.DeadlineExceeded, match="no pool channel became free"):
+            c.call("echo", b"\x01queued", timeout=0.2)
+        info = c.devices("echo")[0]
+        assert info.calls_queued == 0 and info.calls_in_flight == 1
+        assert isinstance(held(30.0), errors.DeadlineExceeded)
+        info = c.devices("echo")[0]
+        assert [ch.state for ch in info.channels if ch.state == "quarantined"] == ["quarantined"]
+        assert info.calls_queued == 0 and info.calls_in_flight == 0
