@@ -239,14 +239,15 @@ class AsyncChannel:
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (see :meth:`kupclient.Channel.exchange`)."""
         mode, ms = receive_mode(timeout)
-        resp = await self._op(
-            kup_pb2.SessionRequest(
-                exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms)
-            )
-        )
-        if resp.exchanged.not_ready:
+        req = kup_pb2.SessionRequest()
+        x = req.exchange  # filled in place: half the cost of nested constructors
+        x.data = data
+        x.mode = mode
+        x.timeout_ms = ms
+        got = (await self._op(req)).exchanged
+        if got.not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
-        return message_from_pb(resp.exchanged.message)
+        return message_from_pb(got.message)
 
     async def try_receive(self) -> Message | None:
         try:
