@@ -9,7 +9,6 @@ and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
@@ -83,6 +82,18 @@ def _message_pb(m: Message) -> kup_pb2.Message:
     return kup_pb2.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
 
 
+def _fill_receive(r: kup_pb2.ReceiveResponse, m: Message | None) -> None:
+    """``r`` := the ReceiveResponse of ``m``, filled in place (building the
+    nested messages with keyword arguments copies each one into its parent)."""
+    if m is None:
+        r.not_ready = True
+    else:
+        rm = r.message
+        rm.data = m.data
+        rm.kind = m.kind  # type: ignore[assignment]
+        rm.seq = m.seq
+
+
 def _receive_pb(m: Message | None) -> kup_pb2.ReceiveResponse:
     if m is None:
         return kup_pb2.ReceiveResponse(not_ready=True)
@@ -141,147 +152,46 @@ _STATE = {
 }
 
 
-#: How far a Session's requests are read ahead of the one being handled:
-#: at most this many requests decoded and waiting ...
-READ_AHEAD = 16
-#: ... holding at most this many payload bytes (at least one request always).
-READ_AHEAD_BYTES = 1 << 20
+class _StreamGuard:
+    """Ends a Session's wait for its next request when its lease ends or kupd
+    drains -- without a Task and an ``asyncio.wait`` per request: a
+    done-callback on those futures cancels the handler's task, but only while
+    it is waiting for a request (``waiting``); operations in flight see the
+    same futures themselves (``wait_message`` aborts)."""
 
-_Item = tuple[kup_pb2.SessionRequest | BaseException | None, str | None, bytes, int]
+    __slots__ = ("_futs", "_task", "fired", "waiting")
 
-
-def _split(req: kup_pb2.SessionRequest) -> _Item:
-    """(request, op, payload, payload size): the payload is taken out of the
-    request once, where it is decoded (reading a bytes field copies it)."""
-    op = req.WhichOneof("op")
-    if op == "exchange":
-        data = req.exchange.data
-    elif op == "send":
-        data = req.send.data
-    else:
-        return req, op, b"", 0
-    return req, op, data, len(data)
-
-
-class _Requests:
-    """A Session's request stream, read ahead by a task of its own.
-
-    The task decodes the next requests while the current one waits on the
-    channel (F8 in bench/results/FINDINGS.md: without it a pipelining client
-    gets one channel round trip, then one gRPC read, never both at once).
-    Requests are handled one after another, in order, as before; only the
-    reading runs ahead, and at most ``limit`` requests / ``budget`` payload
-    bytes: a full queue stops the reads, and gRPC's flow control then stops
-    the client.  ``limit`` starts at 1 (the attach is answered before anything
-    else is read) and is raised once the channel is known.
-
-    :meth:`next` also returns early when one of the ``watch``-ed futures
-    completes (drain, the lease ending), so the caller can check them.
-    """
-
-    __slots__ = (
-        "_getter",
-        "_items",
-        "_loop",
-        "_nbytes",
-        "_reader",
-        "_room",
-        "_task",
-        "_watched",
-        "budget",
-        "limit",
-    )
-
-    def __init__(
-        self, reader: AsyncIterator[kup_pb2.SessionRequest], *watch: asyncio.Future[None]
-    ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._reader = reader
-        self._items: collections.deque[_Item] = collections.deque()
-        self._nbytes = 0
-        self._getter: asyncio.Future[None] | None = None
-        self._room: asyncio.Future[None] | None = None
-        self._watched: list[asyncio.Future[None]] = []
-        self.limit = 1
-        self.budget = READ_AHEAD_BYTES
-        for f in watch:
+    def __init__(self, *futs: asyncio.Future[None]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._futs: list[asyncio.Future[None]] = []
+        self.waiting = False
+        self.fired = False
+        for f in futs:
             self.watch(f)
-        self._task = self._loop.create_task(self._run())
-        self._task.add_done_callback(self._wake)
 
     def watch(self, fut: asyncio.Future[None]) -> None:
-        self._watched.append(fut)
-        fut.add_done_callback(self._wake)
+        self._futs.append(fut)
+        fut.add_done_callback(self._done)
 
-    def _wake(self, _: object = None) -> None:
-        g = self._getter
-        if g is not None and not g.done():
-            g.set_result(None)
+    def _done(self, _: asyncio.Future[None]) -> None:
+        if self.waiting and not self.fired:
+            self.fired = True
+            self._task.cancel()
 
-    def widen(self, limit: int) -> None:
-        self.limit = limit
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
-
-    async def _run(self) -> None:
-        items = self._items
-        try:
-            while True:
-                while len(items) >= self.limit or (items and self._nbytes >= self.budget):
-                    room = self._room = self._loop.create_future()
-                    try:
-                        await room
-                    finally:
-                        self._room = None
-                try:
-                    req = await self._reader.__anext__()
-                except StopAsyncIteration:
-                    items.append((None, None, b"", 0))
-                    return
-                item = _split(req)
-                items.append(item)
-                self._nbytes += item[3]
-                self._wake()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # close(): nobody reads the queue any more
-            items.append((asyncio.CancelledError(), None, b"", 0))
-        except Exception as exc:  # handed to the handler, in order
-            items.append((exc, None, b"", 0))
-
-    async def next(self, check: Callable[[], None]) -> _Item:
-        """The next request (None at the end of the stream) with its op and
-        payload; ``check()`` first and after every early wake-up."""
-        check()
-        items = self._items
-        while not items:
-            if self._task.done():
-                raise asyncio.CancelledError()  # the reader was cancelled under us
-            g = self._getter = self._loop.create_future()
-            try:
-                await g
-            finally:
-                self._getter = None
-            check()
-        item = items.popleft()
-        self._nbytes -= item[3]
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
-        if isinstance(item[0], BaseException):
-            raise item[0]
-        return item
+    def take_cancel(self) -> bool:
+        """After a CancelledError: True when it was this guard's alone (now
+        withdrawn); False when someone else cancelled too."""
+        if not self.fired:
+            return False
+        self.fired = False
+        return self._task.uncancel() == 0
 
     def close(self) -> None:
-        for f in self._watched:
-            f.remove_done_callback(self._wake)
-        self._watched.clear()
-        self._task.remove_done_callback(self._wake)
-        if not self._task.done():
-            self._task.cancel()
-        self._items.clear()
+        for f in self._futs:
+            f.remove_done_callback(self._done)
+        self._futs.clear()
 
 
 class _SessionState:
@@ -494,6 +404,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         return self._attach_pb(lease, round(self.config.lease_idle_timeout * 1000))
 
     def _lease(self, lease_id: str) -> Lease:
+        return self._lease_t(lease_id)[0]
+
+    def _lease_t(self, lease_id: str) -> tuple[Lease, Tenant]:
+        """The caller's Attach lease ``lease_id`` and the caller's tenant."""
         if not lease_id:
             raise errors.InvalidArgument("lease_id is required")
         lease = self.leases.get(lease_id)
@@ -511,7 +425,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         if lease.holder != "lease":
             raise errors.Busy(f"lease {lease_id} belongs to a Session stream")
         bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
-        return lease
+        return lease, t
 
     @_unary
     async def Release(
@@ -524,22 +438,29 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Send(
         self, request: kup_pb2.SendRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.SendResponse:
-        lease = self._lease(request.lease_id)
-        self.guard.check_size(
-            self.guard.tenant(), "lease", lease.dev.name, lease.ch.id, len(request.data)
-        )
+        lease, t = self._lease_t(request.lease_id)
+        data = request.data  # each read of a bytes field is a copy: once
+        if t.max_message_bytes and len(data) > t.max_message_bytes:
+            self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
         if not request.wait_reply:
-            await self.leases.send(lease, request.data)
+            await self.leases.send(lease, data)
             return kup_pb2.SendResponse()
-        timeout, nonblocking = self._receive_args(request.reply_mode, request.reply_timeout_ms)
+        mode = request.reply_mode
+        if mode == kup_pb2.RECEIVE_MODE_BLOCK:
+            timeout: float | None = None
+            nonblocking = False
+        else:
+            timeout, nonblocking = self._receive_args(mode, request.reply_timeout_ms)
         msg = await self.leases.exchange(
             lease,
-            request.data,
+            data,
             self._deadline_cap(context, timeout),
             nonblocking=nonblocking,
             abort=self.drain,
         )
-        return kup_pb2.SendResponse(reply=_receive_pb(msg))
+        resp = kup_pb2.SendResponse()
+        _fill_receive(resp.reply, msg)
+        return resp
 
     @_unary
     async def Pass(
@@ -597,18 +518,40 @@ class KupService(kup_pb2_grpc.KupServicer):
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
 
+    async def _next(
+        self,
+        reader: AsyncIterator[kup_pb2.SessionRequest],
+        lease: Lease | None,
+        guard: _StreamGuard,
+    ) -> kup_pb2.SessionRequest | None:
+        """The next request, or None at the end of the stream; raises when
+        kupd drains or the lease is ended first (``guard`` cancels the wait)."""
+        self._raise_if_ended(lease)
+        guard.waiting = True
+        try:
+            return await reader.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not guard.take_cancel():
+                raise  # not ours: the client went away
+            self._raise_if_ended(lease)
+            raise errors.Shutdown("kupd is shutting down") from None
+        finally:
+            guard.waiting = False
+
     async def _session_op(
         self,
         lease: Lease,
         req: kup_pb2.SessionRequest,
-        op: str | None,
-        data: bytes,
         st: _SessionState,
     ) -> kup_pb2.SessionResponse:
         rid = req.request_id
+        op = req.WhichOneof("op")
         if op == "exchange":
-            st.check_size(self.guard, lease, len(data))
             x = req.exchange
+            data = x.data
+            st.check_size(self.guard, lease, len(data))
             mode = x.mode
             if mode == kup_pb2.RECEIVE_MODE_BLOCK:
                 timeout: float | None = None
@@ -619,15 +562,10 @@ class KupService(kup_pb2_grpc.KupServicer):
                 lease, data, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
             )
             resp = kup_pb2.SessionResponse(request_id=rid)
-            if msg is None:
-                resp.exchanged.not_ready = True
-            else:
-                m = resp.exchanged.message
-                m.data = msg.data
-                m.kind = msg.kind  # type: ignore[assignment]
-                m.seq = msg.seq
+            _fill_receive(resp.exchanged, msg)
             return resp
         if op == "send":
+            data = req.send.data
             st.check_size(self.guard, lease, len(data))
             await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
@@ -660,49 +598,40 @@ class KupService(kup_pb2_grpc.KupServicer):
             use_tenant(tenant)  # this RPC's own task (it iterates us)
         structlog.contextvars.clear_contextvars()
         bind(request=next(_request_ids), rpc="Session")
-        reqs: _Requests | None = None
+        reader = request_iterator.__aiter__()
+        guard: _StreamGuard | None = None
         lease: Lease | None = None
         reason = "stream ended"
         try:
             self._check_open()
-            reqs = _Requests(request_iterator.__aiter__(), self.drain)
-            first = (await reqs.next(self._raise_if_draining))[0]
+            guard = _StreamGuard(self.drain)
+            first = await self._next(reader, None, guard)
             if first is None:
                 return
-            assert isinstance(first, kup_pb2.SessionRequest)
             if first.WhichOneof("op") != "attach":
                 raise errors.InvalidArgument("the first Session request must be attach")
             a = first.attach
             chan = a.channel if a.HasField("channel") else None
             lease = await self._take(a.device, chan, "session")
-            reqs.watch(lease.ended)
-            reqs.widen(max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, lease.max_msg))))
+            guard.watch(lease.ended)
             st = _SessionState(context, self.guard)
-            held = lease
-
-            def check() -> None:
-                self._raise_if_ended(held)
-
             yield kup_pb2.SessionResponse(
                 request_id=first.request_id, attached=self._attach_pb(lease, 0)
             )
             while True:
-                req, op, data, _ = await reqs.next(check)
+                req = await self._next(reader, lease, guard)
                 if req is None:
                     return
-                assert isinstance(req, kup_pb2.SessionRequest)
                 try:
-                    resp = await self._session_op(lease, req, op, data, st)
+                    resp = await self._session_op(lease, req, st)
                 except _IN_BAND as exc:
                     self._count_error(status_for(exc)[0])
                     resp = kup_pb2.SessionResponse(request_id=req.request_id, error=error_pb(exc))
                 yield resp
         except errors.KupError as exc:
-            # the lease ends (and the reader stops) before the status goes out
+            # the lease ends before the status goes out
             if lease is not None:
                 self.leases.end(lease, f"error: {type(exc).__name__}")
-            if reqs is not None:
-                reqs.close()
             await self._abort(context, exc)
         except asyncio.CancelledError:
             reason = "stream cancelled"
@@ -710,8 +639,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         finally:
             if lease is not None:
                 self.leases.end(lease, reason)  # no-op if it ended above
-            if reqs is not None:
-                reqs.close()
+            if guard is not None:
+                guard.close()
 
     # ---------------------------------------------------------------- calls
     async def Call(

@@ -1,11 +1,12 @@
-"""A Session's requests are read ahead of the one being handled (kupd
-service ``_Requests``): a client pipelining many requests still gets every
-response in request order with its request_id, in-band errors in their
-place, the lease's end / kupd's drain / a cancel with requests queued behave
-as without read-ahead, and a client pipelining far beyond the bound does not
-make kupd read (buffer) its requests without limit.  Real kupd + kupsim
-(echo module: even channels echo, odd ones upper-case; "!hold" is never
-answered)."""
+"""A client pipelining a Session (many requests written before any response
+is read): every response comes in request order with its request_id,
+in-band errors in their place; the lease's end, kupd's drain and a cancel
+with requests still queued behave as for a single request; and a client
+pipelining far beyond what it reads does not make kupd take its requests
+off the stream without limit (kupd reads the next request only when the
+current one is answered: gRPC's flow control holds the rest).  Real kupd +
+kupsim (echo module: even channels echo, odd ones upper-case; "!hold" is
+never answered)."""
 
 from __future__ import annotations
 
@@ -111,9 +112,7 @@ def test_pipelined_requests_answered_in_order(kupd: Kupd) -> None:
                 assert (m.data, m.seq) == (what, seq), resp.request_id
 
 
-def test_cancel_with_requests_queued_frees_the_channel(
-    kupd: Kupd, client: Client
-) -> None:
+def test_cancel_with_requests_queued_frees_the_channel(kupd: Kupd, client: Client) -> None:
     """The first exchange is never answered ("!hold") and 50 more are queued
     behind it; cancelling the stream ends the lease and frees the channel."""
     chan = 9
@@ -127,7 +126,7 @@ def test_cancel_with_requests_queued_frees_the_channel(
         await call.write(exchange(3, b"!hold"))
         for i in range(50):
             await call.write(exchange(4 + i, b"queued"))
-        await asyncio.sleep(0.2)  # let kupd read some of them ahead
+        await asyncio.sleep(0.2)  # let them reach kupd's side of the stream
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call.read()
@@ -175,7 +174,7 @@ def test_lease_revoked_with_requests_queued(sim: KupSim, tmp_path: Path) -> None
                 await call.write(exchange(4 + i, b"queued"))
             await asyncio.sleep(0.2)
             with AdminClient(admin) as adm:
-                await asyncio.to_thread(adm.revoke, lease_id, "readahead test")
+                await asyncio.to_thread(adm.revoke, lease_id, "pipelining test")
             ids: list[int] = []
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 while (resp := await call.read()) is not grpc.aio.EOF:
@@ -187,14 +186,14 @@ def test_lease_revoked_with_requests_queued(sim: KupSim, tmp_path: Path) -> None
         ids, err = out
         assert ids == []
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "admin-revoke: readahead test" in (err.details() or "")
+        assert "admin-revoke: pipelining test" in (err.details() or "")
     finally:
         k.stop()
 
 
 def test_drain_with_requests_queued(sim: KupSim, start_kupd: StartKupd) -> None:
     """kupd drains (SIGTERM) while an exchange waits with requests queued:
-    UNAVAILABLE, as without read-ahead."""
+    UNAVAILABLE, as for a single request."""
     k = start_kupd(sim)
 
     async def body(stub: kup_pb2_grpc.KupStub) -> grpc.aio.AioRpcError:
@@ -220,9 +219,9 @@ def test_drain_with_requests_queued(sim: KupSim, start_kupd: StartKupd) -> None:
 
 def test_pipelining_beyond_the_bound_is_held_back(kupd: Kupd, client: Client) -> None:
     """A client offering 2000 x 64 KiB requests (125 MiB) behind an exchange
-    that is never answered: kupd reads a bounded number of them (its
-    read-ahead plus gRPC's flow-control windows), not all, and the session
-    still ends cleanly when the client cancels."""
+    that is never answered: only a bounded number of them leave the client
+    (gRPC's flow-control windows), not all, and the session still ends
+    cleanly when the client cancels."""
     chan = 12
     payload = b"p" * (64 * 1024)
     offered = 2000
