@@ -406,8 +406,9 @@ class KupService(kup_pb2_grpc.KupServicer):
     def _lease(self, lease_id: str) -> Lease:
         return self._lease_t(lease_id)[0]
 
-    def _lease_t(self, lease_id: str) -> tuple[Lease, Tenant]:
-        """The caller's Attach lease ``lease_id`` and the caller's tenant."""
+    def _lease_t(self, lease_id: str, where: dict[str, Any] | None = None) -> tuple[Lease, Tenant]:
+        """The caller's Attach lease ``lease_id`` and the caller's tenant; its
+        device, channel and id go into the log context, or into ``where``."""
         if not lease_id:
             raise errors.InvalidArgument("lease_id is required")
         lease = self.leases.get(lease_id)
@@ -424,7 +425,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_op(t, "lease", lease.dev.name, lease.ch.id)
         if lease.holder != "lease":
             raise errors.Busy(f"lease {lease_id} belongs to a Session stream")
-        bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
+        if where is None:
+            bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
+        else:
+            where.update(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
         return lease, t
 
     @_unary
@@ -434,11 +438,34 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.leases.end(self._lease(request.lease_id), "released")
         return kup_pb2.ReleaseResponse()
 
-    @_unary
     async def Send(
-        self, request: kup_pb2.SendRequest, context: grpc.aio.ServicerContext
+        self,
+        request: kup_pb2.SendRequest,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant | None = None,
     ) -> kup_pb2.SendResponse:
-        lease, t = self._lease_t(request.lease_id)
+        # Not @_unary (as Call): a Send that succeeds logs nothing, so the log
+        # context (a clear and five contextvars) is bound only when it fails,
+        # with the same keys as before.  ``tenant``: TenantKup binds it here
+        # instead of through a coroutine of its own.
+        if tenant is not None:
+            use_tenant(tenant)
+        where: dict[str, Any] = {}
+        try:
+            return await self._send(request, context, where)
+        except errors.KupError as exc:
+            structlog.contextvars.clear_contextvars()
+            bind(request=next(_request_ids), rpc="Send", **where)
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def _send(
+        self,
+        request: kup_pb2.SendRequest,
+        context: grpc.aio.ServicerContext,
+        where: dict[str, Any],
+    ) -> kup_pb2.SendResponse:
+        lease, t = self._lease_t(request.lease_id, where)
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))

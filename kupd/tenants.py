@@ -59,6 +59,8 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         # of a generator re-yielding every response of another (a resume per
         # message).  grpc.aio sees through the partial (inspect unwraps it).
         self.__dict__["Session"] = functools.partial(inner.Session, tenant=tenant)
+        # Send (the unary exchange): the same, one coroutine instead of two.
+        self.__dict__["Send"] = functools.partial(inner.Send, tenant=tenant)
 
     async def _unary(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant)  # this RPC's own task: no reset needed
@@ -74,7 +76,8 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         return await self._unary("Release", request, context)
 
     async def Send(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unary("Send", request, context)
+        # Shadowed per instance in __init__, as Session.
+        return await self.inner.Send(request, context, tenant=self.tenant)
 
     async def Receive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("Receive", request, context)
