@@ -281,6 +281,16 @@ class Server:
                 )
             self.leases.end_all("shutdown", errors.Shutdown("kupd is shutting down"))
             self.bus.close()  # watchers saw the leases go; their streams end UNAVAILABLE
+            # Let every stream hand its final status to gRPC (bounded: a
+            # client that stopped reading holds its handler in a write).
+            try:
+                async with asyncio.timeout(cfg.drain_grace):
+                    await self.service.streams_idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "streams still open after the grace period",
+                    streams=self.service.streams_in_flight,
+                )
             if self.sockets is not None:
                 await self.sockets.stop(grace=1.0)
         finally:

@@ -128,11 +128,14 @@ def _stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[
     ) -> AsyncIterator[R]:
         structlog.contextvars.clear_contextvars()
         bind(request=next(_request_ids), rpc=fn.__name__)
+        self._stream_started()
         try:
             async for item in fn(self, request, context):
                 yield item
         except errors.KupError as exc:
             await self._abort(context, exc)
+        finally:
+            self._stream_ended()
 
     return wrapper
 
@@ -249,6 +252,15 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.calls_in_flight = 0
         self.calls_idle = asyncio.Event()
         self.calls_idle.set()
+        # Streams (Session, Watch) whose handler has not returned yet: at
+        # SIGTERM kupd ends them with their status (Shutdown) and waits for
+        # that status to be handed to gRPC before it stops the server, whose
+        # grace period would otherwise cancel a stream that a loaded
+        # machine had not scheduled yet (the client then sees CANCELLED
+        # instead of kupd's Shutdown).
+        self.streams_in_flight = 0
+        self.streams_idle = asyncio.Event()
+        self.streams_idle.set()
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
         code, details = status_for(exc)
@@ -259,6 +271,15 @@ class KupService(kup_pb2_grpc.KupServicer):
             details,
             trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
         )
+
+    def _stream_started(self) -> None:
+        self.streams_in_flight += 1
+        self.streams_idle.clear()
+
+    def _stream_ended(self) -> None:
+        self.streams_in_flight -= 1
+        if self.streams_in_flight == 0:
+            self.streams_idle.set()
 
     def _count_error(self, code: grpc.StatusCode) -> None:
         ctx = structlog.contextvars.get_contextvars()
@@ -629,6 +650,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         guard: _StreamGuard | None = None
         lease: Lease | None = None
         reason = "stream ended"
+        self._stream_started()
         try:
             self._check_open()
             guard = _StreamGuard(self.drain)
@@ -668,6 +690,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 self.leases.end(lease, reason)  # no-op if it ended above
             if guard is not None:
                 guard.close()
+            self._stream_ended()
 
     # ---------------------------------------------------------------- calls
     async def Call(
