@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,44 @@ def test_sample_config_is_valid() -> None:
     assert [(d.name, d.call_channels) for d in cfg.devices] == [("echo", 4)]
     assert cfg.socket_mode == 0o660 and cfg.metrics_port == 0
     assert cfg.lock_path == cfg.socket + ".lock"
+
+
+def test_sigterm_ends_every_stream_with_shutdown(sim: KupSim, start_kupd: StartKupd) -> None:
+    """Many open streams at SIGTERM: each Watch and each Session ends with
+    kupd's Shutdown status (not a CANCELLED left by the server's stop), since
+    kupd waits for the handlers to hand their status over before it stops."""
+    k = start_kupd(sim, "--drain-grace", "10")
+    watchers, sessions = 32, 8
+    with k.client() as c:
+        watches = [live_watch(c) for _ in range(watchers)]
+        chans = [c.open("echo").channel() for _ in range(sessions)]
+        for ch in chans:
+            ch.receive()
+        ended: list[BaseException] = []
+        lock = threading.Lock()
+
+        def drain(w: Iterator[object]) -> None:
+            try:
+                for _ in w:
+                    pass
+                exc: BaseException = AssertionError("watch ended without an error")
+            except BaseException as e:  # recorded and checked below
+                exc = e
+            with lock:
+                ended.append(exc)
+
+        threads = [threading.Thread(target=drain, args=(w,)) for w in watches]
+        for t in threads:
+            t.start()
+        k.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "a watch did not end after SIGTERM"
+        assert len(ended) == watchers
+        for exc in ended:
+            assert isinstance(exc, errors.Shutdown), repr(exc)
+        for ch in chans:
+            with pytest.raises(errors.Shutdown, match="EKU_SHUTDOWN"):
+                ch.send(b"x")
+    assert k.proc.wait(30) == 0
+    assert "streams still open" not in k.log()
