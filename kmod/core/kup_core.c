@@ -633,22 +633,72 @@ kup_chan_enter(struct kup_chan *ch)
 	return 0;
 }
 
+/*
+ * Protocol-error lines are rate-limited per device: a hostile user can
+ * break the protocol, re-attach and break it again as fast as it likes, and
+ * each refusal would otherwise be a kernel log line.  At most
+ * KUP_PERR_BURST lines per KUP_PERR_WINDOW_NS; the first line after a quiet
+ * spell says how many were left out.  Hosts without a clock (KUP_NOW_NS is
+ * optional) log the first KUP_PERR_BURST, then one in KUP_PERR_EVERY.
+ * Called under sc->lock; returns how many lines were dropped before this
+ * one, or -1 when this one is to be dropped too.
+ */
+#define KUP_PERR_BURST     10U
+#define KUP_PERR_WINDOW_NS 5000000000ULL
+#define KUP_PERR_EVERY     1000U
+
+static int64_t
+kup_perr_admit(struct kupdev_softc *sc)
+{
+	int64_t dropped;
+
+#ifdef KUP_NOW_NS
+	uint64_t now = KUP_NOW_NS();
+
+	if (sc->perr_lines == 0 || now - sc->perr_window >= KUP_PERR_WINDOW_NS) {
+		sc->perr_window = now;
+		sc->perr_lines = 0;
+	}
+	if (sc->perr_lines >= KUP_PERR_BURST) {
+		sc->perr_dropped++;
+		return -1;
+	}
+	sc->perr_lines++;
+#else
+	sc->perr_window++;
+	if (sc->perr_window > KUP_PERR_BURST &&
+	    sc->perr_window % KUP_PERR_EVERY != 0) {
+		sc->perr_dropped++;
+		return -1;
+	}
+#endif
+	dropped = sc->perr_dropped;
+	sc->perr_dropped = 0;
+	return dropped;
+}
+
 /* Stop talking to a user that broke the protocol. */
 static int
 kup_chan_poison(struct kup_chan *ch, const char *why, uint64_t a, uint64_t b)
 {
 	struct kupdev_softc *sc = ch->sc;
+	int64_t dropped;
 
 	ch->peer_bad = 1;
 	ch->over = 1;
 	kup_lock(&sc->lock);
 	if (ch->attached && KUP_READ_ONCE64(&ch->gen) == ch->pgen)
 		kup_state_set(ch, KUP_STATE_PEER_GONE, 0);
+	dropped = kup_perr_admit(sc);
 	kup_unlock(&sc->lock);
 	KUP_FENCE();
 	kup_os_chan_wake_user(ch);
-	kup_os_log("kup: %s chan %u: protocol error from user: %s (%llu, limit/expected %llu)",
-	    sc->name, ch->id, why, (unsigned long long)a, (unsigned long long)b);
+	if (dropped > 0)
+		kup_os_log("kup: %s: %llu protocol-error lines not logged (rate limit)",
+		    sc->name, (unsigned long long)dropped);
+	if (dropped >= 0)
+		kup_os_log("kup: %s chan %u: protocol error from user: %s (%llu, limit/expected %llu)",
+		    sc->name, ch->id, why, (unsigned long long)a, (unsigned long long)b);
 	return -EPROTO;
 }
 

@@ -67,6 +67,10 @@ struct kupdev_softc {
 	uint32_t announced;
 	uint64_t notify_gen;
 	uint32_t rr;              /* wait_channel round robin start */
+	/* protocol-error log lines: a hostile user must not flood the log */
+	uint64_t perr_window;     /* start of the current window (ns, or count) */
+	uint32_t perr_lines;      /* lines logged in it */
+	uint32_t perr_dropped;    /* lines not logged since the last one */
 
 	struct kup_chan *chans;
 	struct kupdev_softc *next; /* registry */

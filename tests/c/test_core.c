@@ -377,6 +377,45 @@ test_proto(void)
 	printf("ok proto\n");
 }
 
+/*
+ * A user that breaks the protocol over and over (re-attaching each time)
+ * gets KUP_PERR_BURST (10) log lines per 5 s window, not one per refusal;
+ * the first line after the window says how many were left out.  The
+ * Python side counts the lines in stderr (tests/kmod/test_c_core.py).
+ */
+static void
+proto_refusal(struct kupdev_softc *sc)
+{
+	struct kup_chan *ch;
+	struct kupdev_msg m;
+	struct user u;
+
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 100), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	user_handover_raw(&u, 1, 77, u.u2k_seq + 1, KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), -EPROTO);
+	kup_core_detach(ch);
+}
+
+static void
+test_proto_flood(void)
+{
+	struct kupdev_softc *sc = kupdev_create("flood", 1, 1);
+	int i;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	for (i = 0; i < 40; i++)
+		proto_refusal(sc);
+	kup_os_msleep(5100);    /* the window ends */
+	proto_refusal(sc);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok proto_flood\n");
+}
+
 /* A thread of the previous session must not reach the next user. */
 static void
 test_sessions(void)
@@ -500,6 +539,7 @@ main(void)
 	test_attach_rules();
 	test_turns();
 	test_proto();
+	test_proto_flood();
 	test_sessions();
 	test_shutdown();
 	kup_core_fini();
