@@ -451,7 +451,13 @@ kup_dev_wait_cond(struct kupdev_softc *sc)
 int
 kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 {
-	int r;
+	int r, left = timeout_ms;
+#ifdef KUP_NOW_NS
+	/* Another waiter can take the channel that woke us; the next sleep
+	 * then gets what is left of timeout_ms, not all of it again. */
+	uint64_t deadline = timeout_ms > 0 ?
+	    KUP_NOW_NS() + (uint64_t)timeout_ms * 1000000ULL : 0;
+#endif
 
 	if (sc == NULL)
 		return -EINVAL;
@@ -479,11 +485,20 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 			}
 		}
 		kup_unlock(&sc->lock);
-		if (timeout_ms == 0)
+		if (left == 0)
 			return -ETIMEDOUT;
-		r = kup_os_dev_sleep(sc, kup_dev_wait_cond, timeout_ms);
+		r = kup_os_dev_sleep(sc, kup_dev_wait_cond, left);
 		if (r != 0)
 			return r;
+#ifdef KUP_NOW_NS
+		if (timeout_ms > 0) {
+			uint64_t now = KUP_NOW_NS();
+
+			/* rounded up: a sleep never ends before the deadline */
+			left = now >= deadline ? 0 :
+			    (int)((deadline - now + 999999ULL) / 1000000ULL);
+		}
+#endif
 	}
 }
 

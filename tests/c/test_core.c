@@ -120,6 +120,27 @@ kwait_main(void *p)
 	return NULL;
 }
 
+/* A kupdev_wait_channel_timeout(300 ms) caller that keeps losing the
+ * channel that woke it to another waiter: it must still time out. */
+struct kloser {
+	struct kupdev_softc *sc;
+	int done;       /* __atomic: set when it saw -ETIMEDOUT */
+	int won;        /* channels it took itself meanwhile */
+};
+
+static void *
+kloser_main(void *p)
+{
+	struct kloser *a = p;
+	int r;
+
+	while ((r = kupdev_wait_channel_timeout(a->sc, 300)) >= 0)
+		a->won++;
+	CHECK_EQ(r, -ETIMEDOUT);
+	__atomic_store_n(&a->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
 /* ---- tests -------------------------------------------------------------- */
 
 static void
@@ -416,6 +437,37 @@ test_proto_flood(void)
 	printf("ok proto_flood\n");
 }
 
+/*
+ * The wait's timeout is the caller's bound, not a bound per wake-up: a
+ * user arrives every 20 ms and is taken by this thread (mostly) before the
+ * woken waiter gets there; the waiter must still time out after its 300 ms
+ * instead of starting them over at every wake-up (which it would do
+ * forever here).  Bounded by 500 arrivals (10 s).
+ */
+static void
+test_wait_timeout_kept(void)
+{
+	struct kupdev_softc *sc = kupdev_create("kept", 1, 1);
+	struct kloser a = { .sc = sc };
+	struct kup_chan *ch;
+	pthread_t t;
+	int i;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(pthread_create(&t, NULL, kloser_main, &a), 0);
+	for (i = 0; i < 500 && !__atomic_load_n(&a.done, __ATOMIC_ACQUIRE); i++) {
+		CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+		(void)kupdev_wait_channel_timeout(sc, 0);   /* usually first */
+		kup_core_detach(ch);
+		kup_os_msleep(20);
+	}
+	CHECK(__atomic_load_n(&a.done, __ATOMIC_ACQUIRE));
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok wait_timeout_kept (%d arrivals, waiter took %d)\n", i, a.won);
+}
+
 /* A thread of the previous session must not reach the next user. */
 static void
 test_sessions(void)
@@ -540,6 +592,7 @@ main(void)
 	test_turns();
 	test_proto();
 	test_proto_flood();
+	test_wait_timeout_kept();
 	test_sessions();
 	test_shutdown();
 	kup_core_fini();
