@@ -68,6 +68,14 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             raise AssertionError("unreachable") from None
         reason = request.reason or "revoked by the admin"
         log.info("lease revoked", lease=lease.id, reason=reason)
+        self.server.audit.admin(
+            "revoke",
+            lease=lease.id,
+            tenant=lease.tenant,
+            device=lease.dev.name,
+            channel=lease.ch.id,
+            reason=reason,
+        )
         self.server.leases.end(
             lease,
             "revoked",
@@ -79,7 +87,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReloadResponse:
         try:
-            tenants, ended = await self.server.reload()
+            tenants, ended = await self.server.reload(via="admin")
         except ConfigError as exc:
             await self._abort(context, errors.InvalidArgument(f"reload refused: {exc}"))
             raise AssertionError("unreachable") from None
@@ -101,6 +109,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         if request.undo:
             guard.drained.discard(dev.name)
             log.info("device undrained", device=dev.name)
+            self.server.audit.admin("undrain", device=dev.name)
             return out
         guard.drained.add(dev.name)
         for lease in [le for le in self.server.leases.leases.values() if le.dev is dev]:
@@ -109,4 +118,5 @@ class AdminService(kup_pb2_grpc.AdminServicer):
                 lease, "drained", errors.Shutdown(f"device {dev.name} is drained by the admin")
             )
         log.info("device drained", device=dev.name, leases=len(out.leases_ended))
+        self.server.audit.admin("drain", device=dev.name, leases_ended=list(out.leases_ended))
         return out

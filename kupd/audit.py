@@ -1,7 +1,13 @@
-"""The audit log: one JSON line per policy denial.
+"""The audit log: one JSON line per policy denial and per admin action.
 
     {"time": "...", "event": "denied", "tenant": "bob", "op": "session",
      "device": "echo", "channel": 40, "rule": "channels"}
+    {"time": "...", "event": "admin", "action": "revoke", "lease": "...",
+     "tenant": "bob", "device": "echo", "channel": 40, "reason": "..."}
+
+Admin actions: ``revoke`` (lease, tenant, device, channel, reason),
+``drain`` / ``undrain`` (device, leases_ended), ``reload`` (via: admin or
+SIGHUP; ok; tenants and sessions_ended, or the error when refused).
 
 Written to the file named by the config key ``audit_log`` (opened for
 append, mode 0600, line-buffered) and, always, to kupd's structured log
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 
 from kupd.log import get_logger
 
@@ -41,6 +48,20 @@ class AuditLog:
             "rule": rule,
         }
         log.warning("audit", **{k: v for k, v in rec.items() if k not in ("time", "event")})
+        self._write(rec)
+
+    def admin(self, action: str, **fields: object) -> None:
+        """One line for an action taken through the admin socket (or SIGHUP)."""
+        rec: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event": "admin",
+            "action": action,
+            **fields,
+        }
+        log.info("audit", **{k: v for k, v in rec.items() if k not in ("time", "event")})
+        self._write(rec)
+
+    def _write(self, rec: Mapping[str, object]) -> None:
         if self._fd >= 0:
             # One write(2) of one line with O_APPEND: lines never interleave.
             os.write(self._fd, (json.dumps(rec, sort_keys=True) + "\n").encode())

@@ -172,10 +172,20 @@ class Server:
             return self.config
         return load_config(path, {"socket": self.config.socket})
 
-    async def reload(self) -> tuple[list[str], list[str]]:
+    async def reload(self, via: str = "SIGHUP") -> tuple[list[str], list[str]]:
         """Re-read the config and swap the tenant policy atomically; the
         tenants served and the lease ids the new policy forbade (ended with
-        PERMISSION_DENIED).  ConfigError: nothing changed."""
+        PERMISSION_DENIED).  ConfigError: nothing changed.  Either way one
+        audit line (``via``: who asked)."""
+        try:
+            names, ended = await self._reload()
+        except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+            self.audit.admin("reload", via=via, ok=False, error=str(exc))
+            raise
+        self.audit.admin("reload", via=via, ok=True, tenants=names, sessions_ended=ended)
+        return names, ended
+
+    async def _reload(self) -> tuple[list[str], list[str]]:
         async with self._reload_lock:
             new = self.reload_source()  # ConfigError propagates: the old policy stays
             ignored = [

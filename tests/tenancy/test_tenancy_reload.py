@@ -69,8 +69,13 @@ def test_sighup_reload(start_tenants: StartTenants) -> None:
     with k.client("dave") as d:
         assert d.call("echo", b"new tenant").data.lower() == b"new tenant"
     lines = k.audit_lines()
-    assert any(x["tenant"] == "alice" and x["rule"] == "channels" for x in lines), lines
-    assert any(x["tenant"] == "carol" and x["rule"] == "tenant" for x in lines), lines
+    denied = [x for x in lines if x["event"] == "denied"]
+    assert any(x["tenant"] == "alice" and x["rule"] == "channels" for x in denied), lines
+    assert any(x["tenant"] == "carol" and x["rule"] == "tenant" for x in denied), lines
+    reloads = [x for x in lines if x["event"] == "admin" and x["action"] == "reload"]
+    assert len(reloads) == 1 and reloads[0]["via"] == "SIGHUP" and reloads[0]["ok"], lines
+    assert reloads[0]["tenants"] == ["alice", "dave"], lines
+    assert len(reloads[0]["sessions_ended"]) == 2, lines
 
 
 def test_invalid_reload_keeps_the_running_policy(start_tenants: StartTenants) -> None:
@@ -140,3 +145,33 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
             "tenants": ["alice", "dave"],
             "sessions_ended": [ch.lease.lease_id],
         }
+
+
+def test_admin_actions_are_audited(start_tenants: StartTenants) -> None:
+    """Every admin action leaves one audit line: revoke (with the lease's
+    tenant, device, channel and the reason), drain / undrain, and reload
+    through the admin socket, refused as well as done."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.admin() as adm:
+        ch = a.open("echo").channel(9)
+        ch.receive()
+        (lease,) = [x for x in adm.list_leases() if x.channel == 9]
+        adm.revoke(lease.lease_id, reason="maintenance")
+        ended = adm.drain("rot13")
+        adm.drain("rot13", undo=True)
+        k.write_config(DEVICES + "[[tenant]]\nname = 1\n")
+        with pytest.raises(errors.InvalidArgument, match="reload refused"):
+            adm.reload()
+        k.write_config(DEVICES + TENANTS)
+        adm.reload()
+        ch.close()
+    admin = [x for x in k.audit_lines() if x["event"] == "admin"]
+    assert [x["action"] for x in admin] == ["revoke", "drain", "undrain", "reload", "reload"]
+    revoke, drain, undrain, bad, good = admin
+    assert revoke["lease"] == lease.lease_id and revoke["tenant"] == "alice", revoke
+    assert (revoke["device"], revoke["channel"], revoke["reason"]) == ("echo", 9, "maintenance")
+    assert drain == {**drain, "device": "rot13", "leases_ended": ended}, drain
+    assert undrain["device"] == "rot13", undrain
+    assert bad["via"] == "admin" and bad["ok"] is False and "name" in bad["error"], bad
+    assert good["via"] == "admin" and good["ok"] is True, good
+    assert all(x["time"].endswith("Z") for x in admin), admin
