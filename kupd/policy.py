@@ -347,6 +347,8 @@ class Guard:
     #: (kept for released leases too, bounded).
     lease_owner: dict[str, str] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    #: (tenant, rule) -> denials so far (metrics: kupd_tenant_denials_total)
+    denials: dict[tuple[str, str], int] = field(default_factory=dict)
 
     # -- current view ---------------------------------------------------------
     def tenant(self) -> Tenant:
@@ -365,7 +367,9 @@ class Guard:
         self.record(t.name, op, device, chan, rule)
 
     def record(self, tenant: str, op: str, device: str, chan: int | None, rule: str) -> None:
-        """One audit line for a denial."""
+        """One audit line (and one count) for a denial."""
+        key = (tenant, rule)
+        self.denials[key] = self.denials.get(key, 0) + 1
         if self.audit is not None:
             self.audit.denial(tenant, op, device, chan, rule)
 

@@ -29,7 +29,7 @@ from kupd.audit import AuditLog
 from kupd.config import Config, load_config
 from kupd.devices import DeviceManager
 from kupd.log import get_logger
-from kupd.metrics import Metrics
+from kupd.metrics import Metrics, TenantCollector
 from kupd.policy import Guard, Policy
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
@@ -95,6 +95,14 @@ class Server:
         self.leases = LeaseTable(self.mgr, config.lease_idle_timeout, config.max_sessions)
         self.audit = AuditLog(config.audit_log)
         self.guard = Guard(Policy(config.tenants), self.audit)
+        self.metrics.registry.register(
+            TenantCollector(
+                # read from the scrape thread: list() copies under the GIL
+                lambda: [(le.tenant, le.holder) for le in list(self.leases.leases.values())],
+                self._calls_in_flight,
+                lambda: self.guard.denials.copy(),
+            )
+        )
         self.service = KupService(
             config, self.mgr, self.leases, self.bus, self.metrics, self.drain, self.guard
         )
@@ -171,6 +179,12 @@ class Server:
         if not path:
             return self.config
         return load_config(path, {"socket": self.config.socket})
+
+    def _calls_in_flight(self) -> dict[str, int]:
+        """Per tenant of the running policy (0 included), plus any tenant a
+        reload removed whose Calls are still finishing."""
+        names = [t.name for t in self.guard.policy.tenants] or ["default"]
+        return {**dict.fromkeys(names, 0), **self.guard.in_flight}
 
     async def reload(self, via: str = "SIGHUP") -> tuple[list[str], list[str]]:
         """Re-read the config and swap the tenant policy atomically; the

@@ -1,0 +1,67 @@
+"""Per-tenant metrics on the opt-in loopback port: open Sessions and leases,
+Calls in flight and policy denials by rule, each labelled with its tenant."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+
+import pytest
+from tenancy_helpers import DEVICES, TENANTS, StartTenants
+
+from kupd import errors
+from kupd.testing import wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_tenant_metrics(start_tenants: StartTenants) -> None:
+    port = _free_port()
+    k = start_tenants(f"metrics_port = {port}\n" + DEVICES + TENANTS)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            body: bytes = r.read()
+        return body.decode()
+
+    with k.client("alice") as a, k.client("bob") as b:
+        ch = a.open("echo").channel(8)
+        ch.receive()
+        lease = a.attach("echo", 9)
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            a.open("echo").channel(20)
+        with pytest.raises(errors.PermissionDenied, match="rule ops"):
+            b.open("echo").channel(10)
+        done: list[object] = []
+        t = threading.Thread(target=lambda: done.append(b.call("echo", b"!delay", timeout=30)))
+        t.start()
+        try:
+            wait_until(
+                lambda: 'kupd_tenant_calls_in_flight{tenant="bob"} 1.0' in scrape(),
+                timeout=20,
+                what="bob's Call counted in flight",
+            )
+            body = scrape()
+        finally:
+            t.join(30)
+        assert done and not isinstance(done[0], Exception), done
+        assert 'kupd_tenant_leases{holder="session",tenant="alice"} 1.0' in body, body
+        assert 'kupd_tenant_leases{holder="lease",tenant="alice"} 1.0' in body, body
+        assert 'kupd_tenant_denials_total{rule="channels",tenant="alice"} 1.0' in body, body
+        assert 'kupd_tenant_denials_total{rule="ops",tenant="bob"} 1.0' in body, body
+        ch.close()
+        a.release(lease.lease_id)
+    wait_until(
+        lambda: (
+            'kupd_tenant_leases{holder="session",tenant="alice"}' not in scrape()
+            and 'kupd_tenant_calls_in_flight{tenant="bob"} 0.0' in scrape()
+        ),
+        timeout=20,
+        what="the session and the Call gone from the metrics",
+    )
