@@ -937,7 +937,9 @@ closed:
 
 /* try_exchange(data): send, then spin for the channel's adaptive budget
  * (GIL released); the reply, or None if it has not come by then (the
- * reply is owed to a later receive / try_receive).  Never sleeps. */
+ * reply is owed to a later receive / try_receive).  Never sleeps.  The
+ * send is KP_SPIN_NEXT: in poll mode the kernel side writes the fd only if
+ * the spin misses, so a caught reply leaves no late wake-up for the loop. */
 static PyObject *
 channel_try_exchange(ChannelObject *c, PyObject *arg)
 {
@@ -960,7 +962,7 @@ channel_try_exchange(ChannelObject *c, PyObject *arg)
 	}
 	len = view.len;
 	Py_BEGIN_ALLOW_THREADS
-	src = kernproxy_send(c->h, view.buf, (size_t)len, 0);
+	src = kernproxy_send(c->h, view.buf, (size_t)len, KP_SPIN_NEXT);
 	if (src != 0) {
 		code = kernproxy_errno;
 		sys_errno = errno;

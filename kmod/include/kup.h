@@ -52,6 +52,9 @@ extern "C" {
 
 /* flags for kernproxy_receive / kernproxy_send */
 #define KP_NB         0x1   /* non-blocking: EKU_NOTREADY instead of waiting */
+#define KP_SPIN_NEXT  0x2   /* kernproxy_send: a receive follows at once (in
+                             * poll mode the kernel's wake-up is asked for
+                             * only if that receive's spin misses) */
 
 #define KP_CHAN_ANY   ((size_t)-1)  /* kernproxy_channel: first free channel */
 
@@ -112,7 +115,12 @@ int kernproxy_receive_spin(void *chan, struct kernproxy_msg *msg);
 /* Send len bytes and hand the turn to the kernel.  Requires holding the
  * turn: EKU_NOTTURN otherwise (never waits: waiting could only drop the
  * message the kernel is writing).  EKU_TOOBIG, nothing sent, when
- * len > max_msg.  flags is accepted for the seed's signature. */
+ * len > max_msg.  flags: 0, or KP_SPIN_NEXT when the caller calls
+ * kernproxy_receive_spin() (or another receive) right after: in poll mode
+ * the kernel then does not write the fd for a reply that the spin catches
+ * (no wake-up to pay, none left late on the fd); a receive that does not
+ * catch it asks for the wake-up before it returns or sleeps.  Do not wait
+ * on kernproxy_fd() between such a send and that receive. */
 int kernproxy_send(void *chan, const void *data, size_t len, int flags);
 
 /* Hand the turn to the kernel without data (PASS). */

@@ -114,6 +114,8 @@ struct kp_chan {
 	int      yield_now;     /* the last spin yield let another thread run */
 	int      learn_pending; /* a spin-only receive missed: learn at the take */
 	uint64_t learn_t0;      /* ... from when that wait started */
+	int      quiet;         /* the last send was KP_SPIN_NEXT: poll mode's
+	                         * user_waiting left 0 until the next receive */
 };
 
 static int
@@ -504,16 +506,43 @@ learn_late(struct kp_chan *c)
 
 /* Wait until the page turn is not KERNEL.  KUP_E_OK, or an error.
  * spin_only: spin for the budget, then KUP_E_NOTREADY; never sleep. */
+/* After a KP_SPIN_NEXT send (poll mode): ask for the kernel's wake-up
+ * again, then look at the turn (the kernel stores the turn, fences, then
+ * reads user_waiting: one of the two sides sees the other). */
+static void
+unquiet(struct kp_chan *c)
+{
+	c->quiet = 0;
+	WRITE32(&c->ctrl->user_waiting, 1);
+	FENCE();
+}
+
+/* quiet: the hand-over was made with user_waiting 0 (poll mode, a
+ * KP_SPIN_NEXT send).  A spin-only wait spins with it 0, so a reply caught
+ * by the spin costs the kernel no wake-up and leaves no late one on the fd;
+ * on a miss it sets user_waiting again and looks once more.  Any other
+ * wait sets it first. */
 static int
-wait_turn(struct kp_chan *c, int timeout_ms, int spin_only)
+wait_turn(struct kp_chan *c, int timeout_ms, int spin_only, int quiet)
 {
 	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 	uint64_t t0;
 	int r;
 
+	if (quiet && !spin_only) {
+		unquiet(c);
+		quiet = 0;
+	}
 	if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL) {
+		/* quiet: keep user_waiting 0 while we hold the turn (setting
+		 * it now could still draw a late wake-up for this hand-over);
+		 * the next hand-over sets it again */
 		learn_late(c);
 		return KUP_E_OK;
+	}
+	if (quiet && (r = chan_state(c)) != KUP_E_OK) {
+		unquiet(c);
+		return r;
 	}
 	if ((r = chan_state(c)) != KUP_E_OK)
 		return r;
@@ -524,6 +553,13 @@ wait_turn(struct kp_chan *c, int timeout_ms, int spin_only)
 	if (spin_turn(c, t0)) {
 		spin_learn(c, t0);
 		return KUP_E_OK;
+	}
+	if (quiet) {
+		unquiet(c);
+		if (LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL) {
+			spin_learn(c, t0);
+			return KUP_E_OK;
+		}
 	}
 	if (spin_only) {
 		c->learn_pending = 1;
@@ -585,23 +621,31 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 {
 	struct kp_chan *c = as_chan(chan);
 	uint32_t turn;
-	int r;
+	int r, quiet;
 
 	if (c == NULL)
 		return -1;
 	if (msg == NULL)
 		return fail(&c->h, KUP_E_INVAL);
+	quiet = c->quiet;
 	/* poll mode: consume the wake-ups that made the fd readable before
 	 * looking at anything (a later hand-over wakes us again), so that the
 	 * fd does not stay readable after a spurious or late wake-up, whatever
 	 * this call answers (an event loop would spin otherwise) */
 	if (c->poll_mode)
 		c->ops->drain(&c->b);
-	if ((r = chan_state(c)) != KUP_E_OK)
+	if ((r = chan_state(c)) != KUP_E_OK) {
+		if (quiet)
+			unquiet(c);
 		return fail(&c->h, r);
+	}
 	if (c->uturn == UT_USER_CONSUMED)
 		return fail(&c->h, KUP_E_NOTTURN);
-	r = wait_turn(c, timeout_ms, spin_only);
+	r = wait_turn(c, timeout_ms, spin_only, quiet);
+	/* still quiet only after a hit with user_waiting 0: no wake-up was
+	 * asked for this hand-over, none can come late */
+	quiet = c->quiet;
+	c->quiet = 0;
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
 	turn = LOAD_ACQ32(&c->ctrl->turn);
@@ -614,7 +658,7 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 		return fail(&c->h, r);
 	/* poll mode: a wake-up for this hand-over may land after the drain
 	 * above; none can come for a later one before we hand over again */
-	if (c->poll_mode)
+	if (c->poll_mode && !quiet)
 		c->ops->drain(&c->b);
 	c->h.err = KUP_E_OK;
 	return 0;
@@ -662,7 +706,8 @@ own_turn(struct kp_chan *c)
 }
 
 static int
-handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
+handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind,
+    int quiet)
 {
 	int r;
 
@@ -678,8 +723,9 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind)
 	WRITE64(&c->ctrl->u2k.seq, c->u2k_seq);
 	c->uturn = UT_KERNEL;
 	c->learn_pending = 0;
+	c->quiet = quiet && c->poll_mode;
 	if (c->poll_mode)
-		WRITE32(&c->ctrl->user_waiting, 1);
+		WRITE32(&c->ctrl->user_waiting, c->quiet ? 0 : 1);
 	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);
 	FENCE();
 	if (READ32(&c->ctrl->kernel_waiting) != 0) {
@@ -696,14 +742,13 @@ kernproxy_send(void *chan, const void *data, size_t len, int flags)
 	struct kp_chan *c = as_chan(chan);
 	int r;
 
-	(void)flags;
 	if (c == NULL)
 		return -1;
 	if (len != 0 && data == NULL)
 		return fail(&c->h, KUP_E_INVAL);
 	if (len > c->u2k_size)
 		return fail(&c->h, KUP_E_TOOBIG);
-	r = handover(c, data, len, KUP_KIND_DATA);
+	r = handover(c, data, len, KUP_KIND_DATA, (flags & KP_SPIN_NEXT) != 0);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
 	c->h.err = KUP_E_OK;
@@ -718,7 +763,7 @@ kernproxy_pass(void *chan)
 
 	if (c == NULL)
 		return -1;
-	r = handover(c, NULL, 0, KUP_KIND_PASS);
+	r = handover(c, NULL, 0, KUP_KIND_PASS, 0);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
 	c->h.err = KUP_E_OK;
@@ -786,7 +831,7 @@ kernproxy_close(void *handle)
 
 		/* leave politely if we can: CLOSE when holding the turn */
 		if (chan_state(c) == KUP_E_OK && own_turn(c) == KUP_E_OK)
-			(void)handover(c, NULL, 0, KUP_KIND_CLOSE);
+			(void)handover(c, NULL, 0, KUP_KIND_CLOSE, 0);
 		c->ops->detach(&c->b);
 		c->h.magic = KP_MAGIC_DEAD;
 		free(c);

@@ -299,6 +299,38 @@ sc_spin(void)
 		CHECK(poll(&pf, 1, 1000) >= 0);
 	}
 	CHECK_EQ(m.len, 1);
+	/* KP_SPIN_NEXT (poll mode): no wake-up asked while the spin looks;
+	 * every miss must still make the fd readable */
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, KP_SPIN_NEXT), 0);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	CHECK_EQ(kernproxy_receive_spin(c, &m), 0);
+	CHECK_EQ(m.len, 6);
+	caught = 0;
+	for (i = 0; i < 2000; i++) {
+		fill(buf, sizeof(buf), (unsigned)i);
+		CHECK_EQ(kernproxy_send(c, buf, sizeof(buf), KP_SPIN_NEXT), 0);
+		if (kernproxy_receive_spin(c, &m) == 0) {
+			caught++;
+		} else {
+			CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+			CHECK_EQ(poll(&pf, 1, 10000), 1);   /* not lost */
+			CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
+		}
+		CHECK_EQ(m.len, sizeof(buf));
+		CHECK(memcmp(m.data, buf, sizeof(buf)) == 0);
+	}
+	printf("spin (KP_SPIN_NEXT) caught %d of 2000\n", caught);
+	/* a blocking receive after a KP_SPIN_NEXT send asks for the wake-up */
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, KP_SPIN_NEXT), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.len, 6);
+	/* a plain send after a quiet hit asks for it again too */
+	CHECK_EQ(kernproxy_send(c, "!delay", 6, 0), 0);
+	CHECK_EQ(poll(&pf, 1, 10000), 1);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
+	CHECK_EQ(m.len, 6);
 	kernproxy_close(c);
 	kernproxy_close(d);
 	printf("OK spin\n");

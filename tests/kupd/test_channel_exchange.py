@@ -209,6 +209,55 @@ def test_try_exchange_in_poll_mode(echo_sim: KupSim) -> None:
             assert m == Message(data, Kind.DATA, 2 + i)
 
 
+def test_try_exchange_poll_mode_wakes_on_every_miss(echo_sim: KupSim) -> None:
+    """try_exchange sends with KP_SPIN_NEXT: in poll mode the kernel is not
+    asked to write the fd while the spin looks, only once it has missed.
+    Every miss must still make the fd readable (the fd alone, no
+    try_receive polling), after hits, after plain sends and after
+    exchange(), in any order."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        fd = ch.fileno()
+        assert select.select([fd], [], [], T)[0] == [fd]
+        assert ch.try_receive() is not None  # the opening PASS
+        seq = 2
+
+        def miss() -> None:
+            nonlocal seq
+            assert ch.try_exchange(DELAY) is None  # 300 ms: always a miss
+            assert select.select([fd], [], [], T)[0] == [fd], "wake-up lost"
+            assert ch.try_receive() == Message(DELAY, Kind.DATA, seq)
+            seq += 1
+
+        def fast(i: int) -> None:
+            nonlocal seq
+            data = b"fast %d" % i
+            m = ch.try_exchange(data)
+            while m is None:  # a miss: the fd must say so
+                assert select.select([fd], [], [], T)[0] == [fd], "wake-up lost"
+                m = ch.try_receive()
+            assert m == Message(data, Kind.DATA, seq)
+            seq += 1
+
+        miss()
+        for i in range(50):
+            fast(i)
+        miss()
+        # a plain send after a try_exchange hit asks for the wake-up again
+        fast(100)
+        ch.send(DELAY)
+        assert select.select([fd], [], [], T)[0] == [fd], "wake-up lost after send"
+        assert ch.try_receive() == Message(DELAY, Kind.DATA, seq)
+        seq += 1
+        # exchange() after a hit, then a miss again
+        fast(101)
+        assert ch.exchange(b"x", T) == Message(b"x", Kind.DATA, seq)
+        seq += 1
+        miss()
+        for i in range(20):
+            fast(200 + i)
+            miss()
+
+
 def test_exchange_busy_in_another_thread(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
@@ -324,3 +373,4 @@ def test_set_message_type_checks_the_class(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
         assert ch.exchange(b"still", T) == Message(b"still", Kind.DATA, 2)
+
