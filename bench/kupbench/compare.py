@@ -12,9 +12,11 @@ tree run at once (each kupd in front of its own kupsim echo hosts, started
 from its own tree); every workload's trials are interleaved
 (:func:`kupbench.harness.run_interleaved`) and every figure is printed as a
 ratio to the bare server measured in the same run.  The client library is
-this tree's for both kupds, so only the server differs: the old kupd is
-driven with send + receive (``_sr``), the new one with both shapes and, for
-the round trip shapes, ``exchange`` (``_x``) too.
+this tree's for both kupds, so only the server differs: each kupd is
+driven with send + receive (``_sr``) and with ``exchange`` (``_x``, the
+Session / Send ``wait_reply`` shape; the old tree must have it), so that
+``before.X`` vs ``after.X`` compares servers under the same protocol.
+``--shapes x`` (or ``sr``) runs one shape only (shorter runs).
 
 ``--only`` picks workload groups: ``rt`` (round trips), ``call`` (Call through
 kupclient and through the raw stub on both kupds, each with the client's own
@@ -85,7 +87,8 @@ def _on_error(name: str, exc: BaseException) -> None:
     log(f"  ! {name}: {type(exc).__name__}: {exc}")
 
 
-async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str]) -> Samples:
+async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
+               shapes: frozenset[str]) -> Samples:
     cfg = Config()
     res: Samples = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -107,13 +110,19 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str]) -> Sa
         if "rt" in only:
             work.update({
                 "bare.bidi": _lat(bb, n, bare.pid),
-                "before.session_sr": _lat(await cs.open(old.client, "echo", False), n, old.pid),
-                "after.session_sr": _lat(await cs.open(new.client, "echo", False), n, new.pid),
-                "after.session_x": _lat(await cs.open(new.client, "echo"), n, new.pid),
-                "before.unary_sr": _lat(await le.open(old.client, "echo", False), n, old.pid),
-                "after.unary_sr": _lat(await le.open(new.client, "echo", False), n, new.pid),
-                "after.unary_x": _lat(await le.open(new.client, "echo"), n, new.pid),
             })
+            for shape in sorted(shapes):
+                x = shape == "x"
+                work.update({
+                    f"before.session_{shape}": _lat(await cs.open(old.client, "echo", x), n,
+                                                    old.pid),
+                    f"after.session_{shape}": _lat(await cs.open(new.client, "echo", x), n,
+                                                   new.pid),
+                    f"before.unary_{shape}": _lat(await le.open(old.client, "echo", x), n,
+                                                  old.pid),
+                    f"after.unary_{shape}": _lat(await le.open(new.client, "echo", x), n,
+                                                 new.pid),
+                })
         if "rt" in only or "call" in only:
             work.update({
                 "before.call": _lat(ce(old.client, "echo"), n, old.pid),
@@ -143,11 +152,10 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str]) -> Sa
 
         k = cfg.scale_clients[-1]
         n_each = max(1, cfg.scale_total // k)
-        sessions = {
-            "before.sessions_sr": await old.sessions(k),
-            "after.sessions_sr": await new.sessions(k),
-            "after.sessions_x": await new.sessions(k),
-        }
+        sessions = {}
+        for shape in sorted(shapes):
+            sessions[f"before.sessions_{shape}"] = await old.sessions(k)
+            sessions[f"after.sessions_{shape}"] = await new.sessions(k)
         for name, ss in sessions.items():
             for s in ss:
                 s.exchange = name.endswith("_x")
@@ -157,17 +165,17 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str]) -> Sa
         log(f"{k} clients ...")
         if "scale" in only:
             res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
-        for ss in sessions.values():
-            await new.close_sessions(ss)
+        for name, ss in sessions.items():
+            await (old if name.startswith("before.") else new).close_sessions(ss)
         if "pump" not in only:
             return res
 
         rs = kupd_sut.RawSession
-        pumps = {
-            "before.pump_sr": await rs(old.stub, old.pb, old.big_device, False).open(),
-            "after.pump_sr": await rs(new.stub, new.pb, new.big_device, False).open(),
-            "after.pump_x": await rs(new.stub, new.pb, new.big_device).open(),
-        }
+        pumps = {}
+        for shape in sorted(shapes):
+            x = shape == "x"
+            pumps[f"before.pump_{shape}"] = await rs(old.stub, old.pb, old.big_device, x).open()
+            pumps[f"after.pump_{shape}"] = await rs(new.stub, new.pb, new.big_device, x).open()
         work = {}
         for label, size in (("64k", 64 * KIB), ("1m", MIB)):
             work[f"bare.pump_{label}"] = _pump(bb, size, cfg.pump_bytes)
@@ -200,6 +208,9 @@ def main() -> None:
     ap.add_argument("--only", default="rt,scale,pump",
                     help="comma-separated workload groups: rt, call (Call through kupclient "
                          "and raw stubs, with client CPU, and 256 Call clients), scale, pump")
+    ap.add_argument("--shapes", default="sr,x",
+                    help="comma-separated client shapes for both kupds: sr (send + receive), "
+                         "x (exchange)")
     ap.add_argument("--out", type=Path, help="also write every sample and median as JSON")
     args = ap.parse_args()
     before = args.before.resolve()
@@ -210,7 +221,10 @@ def main() -> None:
     unknown = only - {"rt", "call", "scale", "pump"}
     if unknown:
         raise SystemExit(f"--only: unknown group(s) {', '.join(sorted(unknown))}")
-    res = asyncio.run(_run(before, args.trials, tmp, only))
+    shapes = frozenset(args.shapes.split(","))
+    if not shapes or shapes - {"sr", "x"}:
+        raise SystemExit(f"--shapes: expected sr and/or x, got {args.shapes!r}")
+    res = asyncio.run(_run(before, args.trials, tmp, only, shapes))
     med = {w: {s: statistics.median(v) for s, v in subs.items()} for w, subs in res.items()}
     if args.out is not None:
         args.out.write_text(json.dumps({"samples": res, "median": med}, indent=1))
