@@ -210,6 +210,7 @@ class Server:
             if ignored:
                 log.warning("reload: these keys need a restart", keys=ignored)
             self.guard.policy = Policy(new.tenants)  # one assignment: the swap
+            self.bus.recheck()  # open Watches re-check their permission now
             self.config = dataclasses.replace(self.config, tenants=new.tenants)
             ended: list[str] = []
             for lease in list(self.leases.leases.values()):

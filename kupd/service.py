@@ -28,7 +28,7 @@ from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
-from kupd.watch import Event, EventBus, EventType
+from kupd.watch import RECHECK, Event, EventBus, EventType
 
 __all__ = ["KupService", "error_pb", "status_for"]
 
@@ -806,8 +806,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         async for ev in self.bus.subscribe(request.device, initial):
             lease_id = ev.lease_id
             if scoped:
-                # A reload may have removed the tenant or its watch since.
+                # A reload may have removed the tenant or its watch since
+                # (a reload hands every Watch RECHECK, so this runs at once).
                 self.guard.check_op(self.guard.tenant(), "watch", request.device)
+            if ev is RECHECK:
+                continue
             if scoped and ev.device:
                 now = self.guard.policy.tenant(t.name)
                 chan = ev.channel if ev.lease_id else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kupd import errors
 
-__all__ = ["Event", "EventBus", "EventType"]
+__all__ = ["RECHECK", "Event", "EventBus", "EventType"]
 
 
 class EventType:
@@ -41,6 +41,11 @@ class Event:
     time_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
+#: Not an event for clients: handed to every subscriber after a policy
+#: reload so that each Watch re-checks its tenant's permission at once
+#: instead of at the next real event (which may never come).
+RECHECK = Event(type=0, reason="policy reloaded")
+
 _QUEUE = 1024
 _OVERFLOW = object()
 _END = object()
@@ -64,6 +69,10 @@ class EventBus:
             q.put_nowait(_END)
         self._subs.clear()
 
+    def recheck(self) -> None:
+        """Hand RECHECK to every subscriber (after a policy reload)."""
+        self.publish(RECHECK)
+
     @property
     def subscribers(self) -> int:
         return len(self._subs)
@@ -86,7 +95,7 @@ class EventBus:
                         f"watch fell more than {_QUEUE} events behind; re-subscribe"
                     )
                 assert isinstance(item, Event)
-                if not device or not item.device or item.device == device:
+                if item is RECHECK or not device or not item.device or item.device == device:
                     yield item
         finally:
             self._subs.discard(q)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 from tenancy_helpers import DEVICES, TENANTS, StartTenants, run_module
@@ -60,7 +61,7 @@ def test_sighup_reload(start_tenants: StartTenants) -> None:
         assert keep.receive(timeout=10).data == b"still here"
         with pytest.raises(errors.PermissionDenied, match="rule channels"):
             a.open("echo").channel(9)
-        # alice may no longer watch: her open Watch ends at its next event
+        # alice may no longer watch: her open Watch ended at the reload
         with pytest.raises(errors.PermissionDenied, match="rule ops"):
             for _ in w:
                 pass
@@ -175,3 +176,39 @@ def test_admin_actions_are_audited(start_tenants: StartTenants) -> None:
     assert bad["via"] == "admin" and bad["ok"] is False and "name" in bad["error"], bad
     assert good["via"] == "admin" and good["ok"] is True, good
     assert all(x["time"].endswith("Z") for x in admin), admin
+
+
+def test_reload_ends_a_forbidden_watch_at_once(start_tenants: StartTenants) -> None:
+    """A Watch the reloaded policy forbids ends PERMISSION_DENIED right after
+    the reload, without waiting for a device or lease event (none comes
+    here); a Watch still allowed keeps running and sees later events."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.client("carol") as c:
+        forbidden = a.watch("echo", initial_state=True)
+        assert next(forbidden).initial
+        allowed = c.watch("echo", initial_state=True)
+        assert next(allowed).initial
+        ended: list[BaseException] = []
+
+        def drain() -> None:
+            try:
+                for _ in forbidden:
+                    pass
+            except BaseException as exc:  # recorded and checked below
+                ended.append(exc)
+
+        t = threading.Thread(target=drain)
+        t.start()
+        no_watch = 'max_message_bytes = 64\nops = ["session", "lease", "call"]\n'
+        assert TENANTS.count("max_message_bytes = 64\n") == 1  # alice's
+        k.write_config(DEVICES + TENANTS.replace("max_message_bytes = 64\n", no_watch))
+        k.hup()
+        t.join(20)
+        assert not t.is_alive(), "the forbidden Watch did not end after the reload"
+        assert len(ended) == 1 and isinstance(ended[0], errors.PermissionDenied), ended
+        assert "rule ops" in str(ended[0]), ended
+        # carol may still watch: her stream saw no error and gets the next event
+        with c.open("echo").channel(30) as ch:
+            ch.receive()
+            ev = next(allowed)
+            assert ev.channel == 30 and not ev.initial, ev
