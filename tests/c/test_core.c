@@ -120,25 +120,36 @@ kwait_main(void *p)
 	return NULL;
 }
 
-/* A kupdev_wait_channel_timeout(300 ms) caller that keeps losing the
- * channel that woke it to another waiter: it must still time out. */
+/* A kupdev_wait_channel_timeout(300 ms) caller while users keep arriving:
+ * records how long its longest call took, until the device shuts down. */
 struct kloser {
 	struct kupdev_softc *sc;
-	int done;       /* __atomic: set when it saw -ETIMEDOUT */
-	int won;        /* channels it took itself meanwhile */
+	long long longest_ns;   /* longest call that did not end in shutdown */
+	int won;                /* channels it took itself */
+	int timeouts;
 };
 
 static void *
 kloser_main(void *p)
 {
 	struct kloser *a = p;
+	long long t0, took;
 	int r;
 
-	while ((r = kupdev_wait_channel_timeout(a->sc, 300)) >= 0)
-		a->won++;
-	CHECK_EQ(r, -ETIMEDOUT);
-	__atomic_store_n(&a->done, 1, __ATOMIC_RELEASE);
-	return NULL;
+	for (;;) {
+		t0 = mono_ns();
+		r = kupdev_wait_channel_timeout(a->sc, 300);
+		took = mono_ns() - t0;
+		if (r == -ESHUTDOWN)
+			return NULL;
+		CHECK(r >= 0 || r == -ETIMEDOUT);
+		if (r >= 0)
+			a->won++;
+		else
+			a->timeouts++;
+		if (took > a->longest_ns)
+			a->longest_ns = took;
+	}
 }
 
 /* ---- tests -------------------------------------------------------------- */
@@ -438,11 +449,14 @@ test_proto_flood(void)
 }
 
 /*
- * The wait's timeout is the caller's bound, not a bound per wake-up: a
- * user arrives every 20 ms and is taken by this thread (mostly) before the
- * woken waiter gets there; the waiter must still time out after its 300 ms
- * instead of starting them over at every wake-up (which it would do
- * forever here).  Bounded by 500 arrivals (10 s).
+ * The wait's timeout is the caller's bound, not a bound per wake-up: users
+ * arrive every 20 ms for 2 s and this thread takes each one right away, so
+ * a woken waiter may find nothing and sleep again -- for what is left of
+ * its 300 ms, not all of it (the core used to restart it).  Every call must
+ * end within its 300 ms (1 s of slack for a loaded machine).  kupsim's
+ * sleep re-checks the condition under its own mutex, so the window in which
+ * a waiter is woken and then loses the channel is narrow here: this checks
+ * the bound, it does not reliably reproduce the old restart.
  */
 static void
 test_wait_timeout_kept(void)
@@ -456,16 +470,23 @@ test_wait_timeout_kept(void)
 	CHECK(sc != NULL);
 	kupdev_notify(sc);
 	CHECK_EQ(pthread_create(&t, NULL, kloser_main, &a), 0);
-	for (i = 0; i < 500 && !__atomic_load_n(&a.done, __ATOMIC_ACQUIRE); i++) {
+	for (i = 0; i < 100; i++) {
 		CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
 		(void)kupdev_wait_channel_timeout(sc, 0);   /* usually first */
 		kup_core_detach(ch);
 		kup_os_msleep(20);
 	}
-	CHECK(__atomic_load_n(&a.done, __ATOMIC_ACQUIRE));
+	CHECK_EQ(kupdev_shutdown(sc), 0);
 	CHECK_EQ(pthread_join(t, NULL), 0);
 	CHECK_EQ(kupdev_unload(sc), 0);
-	printf("ok wait_timeout_kept (%d arrivals, waiter took %d)\n", i, a.won);
+	if (a.longest_ns > 1300LL * 1000000LL) {
+		fprintf(stderr, "wait_timeout_kept: a 300 ms wait took %lld ms "
+		    "(waiter took %d channels, %d timeouts)\n",
+		    a.longest_ns / 1000000LL, a.won, a.timeouts);
+		exit(1);
+	}
+	printf("ok wait_timeout_kept (longest %lld ms; waiter took %d, %d timeouts)\n",
+	    a.longest_ns / 1000000LL, a.won, a.timeouts);
 }
 
 /* A thread of the previous session must not reach the next user. */
