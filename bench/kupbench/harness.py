@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -333,8 +334,15 @@ async def run_interleaved(
     on_error: Callable[[str, BaseException], None] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Run ``warmup`` discarded trials then ``trials`` kept ones of each workload,
-    interleaved, rotating the order every round.  A workload that raises is
-    dropped from the remaining rounds and reported through ``on_error``."""
+    interleaved, in a new order every round (shuffled with the round number as
+    seed, so runs are repeatable).  Shuffled, not rotated: a rotation keeps
+    each workload's predecessor fixed, and what the previous trial left behind
+    (a sleeping kupsim thread woken onto the client's CPU, warm or cold
+    caches) then biases the same workload every round -- Channel.exchange,
+    always run right after the Python unix-socket trial (which leaves the
+    kupsim thread asleep), measured 2-3x slower than send + receive, which
+    always ran right after it, that way.  A workload that raises is dropped from the remaining
+    rounds and reported through ``on_error``."""
     if trials < 1 or warmup < 0:
         raise ValueError(f"run_interleaved: trials must be >= 1 and warmup >= 0 "
                          f"(got trials={trials}, warmup={warmup})")
@@ -342,8 +350,9 @@ async def run_interleaved(
     alive = set(names)
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for rnd in range(warmup + trials):
-        shift = rnd % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
+        order = list(names)
+        random.Random(rnd).shuffle(order)
+        for name in order:
             if name not in alive:
                 continue
             try:

@@ -102,7 +102,7 @@ def test_writers_emit_every_figure_skip_and_target(tmp_path: Path) -> None:
     assert "throughput" in text and "not run" in text
 
 
-def test_interleaving_rotates_discards_warmup_and_drops_failures() -> None:
+def test_interleaving_shuffles_discards_warmup_and_drops_failures() -> None:
     calls: list[str] = []
 
     def wl(name: str, fail_at: int | None = None) -> object:
@@ -123,7 +123,25 @@ def test_interleaving_rotates_discards_warmup_and_drops_failures() -> None:
         trials=3, warmup=1, on_error=lambda n, e: errors.update({n: str(e)})))
     assert res["a"][""] == [2.0, 3.0, 4.0]  # trial 1 was the warm-up
     assert "c" not in res and errors == {"c": "c broke"}
-    assert calls[:3] == ["a", "b", "c"] and calls[3:5] == ["b", "c"]  # rotated
+    # every round runs each live workload once, in an order of its own
+    # (repeatable: shuffled with the round number as seed)
+    assert sorted(calls[:3]) == ["a", "b", "c"] and sorted(calls[3:6]) == ["a", "b", "c"]
+    assert len(calls) == 10 and sorted(calls[6:8]) == sorted(calls[8:]) == ["a", "b"]
+    calls2: list[str] = []
+    names = [f"w{i}" for i in range(6)]
+
+    def rec(name: str) -> object:
+        async def trial() -> dict[str, list[float]]:
+            calls2.append(name)
+            return {"": [1.0]}
+        return trial
+
+    asyncio.run(run_interleaved({n: rec(n) for n in names}, trials=8, warmup=0))  # type: ignore[misc]
+    rounds = [calls2[i:i + 6] for i in range(0, len(calls2), 6)]
+    assert all(sorted(r) == names for r in rounds)
+    # no workload always follows the same one (what rotation did)
+    preds = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in names}
+    assert all(len(p) > 1 for p in preds.values()), preds
 
 
 def test_uds_programs_measure_real_round_trips(tmp_path: Path) -> None:
