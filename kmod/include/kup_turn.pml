@@ -96,6 +96,11 @@
  *   POLL_MODE     the user runs libkup's poll mode: kernproxy_fd() (waiting
  *                 flag kept at 1, self wake-up), an event loop polling the
  *                 fd and non-blocking receives
+ *   QUIET_SPIN    with POLL_MODE: each send may be libkup's KP_SPIN_NEXT
+ *                 send (try_exchange): user_waiting written 0 before the
+ *                 hand-over, one look at the turn (the spin), and on a miss
+ *                 user_waiting set again, fence, one more look, then the
+ *                 event loop's poll
  *   NO_CS_ASSERT  no assert() for mutual exclusion: only "ltl mutex" checks
  *   BROKEN_WAITER_NO_FENCE   waiters: the re-check overtakes the flag store
  *   BROKEN_PASSER_NO_FENCE   passers: the waiting-flag load overtakes the
@@ -109,6 +114,8 @@
  *   BROKEN_NO_GEN_CHECK      the kernel ignores the attach generation
  *   BROKEN_POLL_NO_SELF_WAKE poll mode: kernproxy_fd() without self wake-up
  *   BROKEN_POLL_LATE_DRAIN   poll mode: drain after looking at the turn
+ *   BROKEN_QUIET_NO_UNQUIET  QUIET_SPIN: a spin that missed goes to the poll
+ *                            with user_waiting still 0
  */
 
 /* ---- kup_abi.h constants (decimal) ---------------------------------- */
@@ -282,6 +289,25 @@ ltl terminate { <> ALL_DONE }
 #define SELF_WAKE()     skip            /* forgets a hand-over made before */
 #else
 #define SELF_WAKE()     uwake = 1       /* ops->self_wake */
+#endif
+/* KP_SPIN_NEXT (-DQUIET_SPIN): a poll-mode hand-over writes user_waiting
+ * first, 0 for a quiet send (the kernel then writes no wake-up for a reply
+ * the spin catches) and 1 otherwise; the wait after a quiet send spins,
+ * then sets the flag and looks again before it polls (libkup unquiet()) */
+#if defined(QUIET_SPIN) && !defined(POLL_MODE)
+#error QUIET_SPIN models a poll-mode send: use it with POLL_MODE
+#endif
+#ifdef QUIET_SPIN
+#undef U_WAIT
+#define U_WAIT(r)          u_quiet_wait(r)
+#define U_FLAG_FOR_SEND()  if :: quiet = 1; user_waiting = 0 :: quiet = 0; user_waiting = 1 fi
+#else
+#define U_FLAG_FOR_SEND()  skip
+#endif
+#ifdef BROKEN_QUIET_NO_UNQUIET
+#define UNQUIET_THEN_LOOK(LOOK)  LOOK           /* the flag stays 0 */
+#else
+#define UNQUIET_THEN_LOOK(LOOK)  FLAG_THEN_LOOK(user_waiting, LOOK)
 #endif
 #ifdef BROKEN_POLL_LATE_DRAIN
 #define DRAIN_THEN_LOOK(LOOK)  LOOK; uwake = 0    /* drains the wake-up it did not see */
@@ -584,6 +610,32 @@ inline u_poll_wait(r)
 	od
 }
 
+#ifdef QUIET_SPIN
+/* after a send: kernproxy_receive_spin (quiet) or the event loop's wait */
+inline u_quiet_wait(r)
+{
+	if
+	:: quiet ->
+		quiet = 0;
+		t = turn;                               /* the spin's look */
+		if
+		:: t != KUP_TURN_KERNEL ->
+			r = R_OK  /* @reach:quiet_hit */
+		:: else ->
+			UNQUIET_THEN_LOOK(t = turn);    /* flag, fence, look */
+			if
+			:: t != KUP_TURN_KERNEL ->
+				r = R_OK  /* @reach:quiet_late */
+			:: else ->
+				skip;  /* @reach:quiet_miss */
+				u_poll_wait(r)
+			fi
+		fi
+	:: else -> u_poll_wait(r)
+	fi
+}
+#endif
+
 /* take_kernel_msg(), after wait_turn() saw the turn */
 inline u_read(r)
 {
@@ -641,6 +693,7 @@ inline u_send(KIND, r)
 			useq++
 		};
 		u_cs = 0;
+		U_FLAG_FOR_SEND();
 		hand_over(KUP_TURN_KERNEL, kernel_waiting, kwake, u_sent)
 	fi
 }
@@ -651,6 +704,9 @@ proctype User()
 	byte useq, ulast;
 	int t;
 	bit w;
+#ifdef QUIET_SPIN
+	bit quiet;
+#endif
 
 	U_SETUP();
 	{

@@ -298,6 +298,13 @@ SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
         },
     ),
     "poll_mode": (POLL, {"Kernel": (*KERNEL_HS, "close"), "User": ("self_wake", "upoll")}),
+    "poll_quiet": (
+        (*POLL, "-DQUIET_SPIN"),
+        {
+            "Kernel": (*KERNEL_HS, "close"),
+            "User": ("self_wake", "upoll", "quiet_hit", "quiet_late", "quiet_miss"),
+        },
+    ),
     "poll_mode_death": (
         (*POLL, *DEATH),
         {"Kernel": ("ksleep", "enter_peer"), "User": ("death", "upoll")},
@@ -333,6 +340,7 @@ LTL_CASES: list[tuple[str, tuple[str, ...], str]] = [
     ("spurious", ("-DSPURIOUS",), "terminate"),
     *(("poll_mode", POLL, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     ("poll_mode_shutdown", (*POLL, *SHUTDOWN), "terminate"),
+    *(("poll_quiet", (*POLL, "-DQUIET_SPIN"), f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     # NMSG=2 (one full round, then CLOSE) keeps this, the largest run, short
     ("death_and_shutdown", (*BOTH, "-DNMSG=2"), "terminate"),
 ]
@@ -375,6 +383,7 @@ LOST_WAKEUP_CASES: dict[str, tuple[str, ...]] = {
     "detach_no_wake": ("-DDEATH", "-DBROKEN_DETACH_NO_WAKE"),
     "poll_no_self_wake": (*POLL, "-DBROKEN_POLL_NO_SELF_WAKE"),
     "poll_late_drain": (*POLL, "-DBROKEN_POLL_LATE_DRAIN"),
+    "quiet_no_unquiet": (*POLL, "-DQUIET_SPIN", "-DBROKEN_QUIET_NO_UNQUIET"),
 }
 
 
