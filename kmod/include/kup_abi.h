@@ -180,7 +180,8 @@ struct kup_ctrl {
 
 	/* line 3: user -> kernel descriptor and the user's waiting flag */
 	struct kup_msg_desc u2k; /* written by the user side only */
-	uint32_t user_waiting;   /* 1 while the user side sleeps */
+	uint32_t user_waiting;   /* 1 while the user side wants a wake-up:
+	                          * asleep, or (poll mode) polling its fd */
 	uint32_t reserved3[11];  /* zero */
 };
 
