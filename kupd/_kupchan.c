@@ -813,15 +813,24 @@ timeout_arg(PyObject *t)
 	return ms < 1 ? 1 : (long long)ms;
 }
 
-/* The send half of exchange / try_exchange, the channel claimed and the
- * GIL held: -1 with the exception (nothing was sent: the checks that can
- * refuse happen before the hand-over). */
+/* The start of exchange / try_exchange, with the GIL held: take data's
+ * buffer, claim the channel, check the size.  0 with the buffer held and
+ * the channel claimed; -1 with the exception and neither (nothing was
+ * sent: the checks that can refuse happen before the hand-over). */
 static int
-exchange_check(ChannelObject *c, Py_buffer *view, const char *op)
+exchange_begin(ChannelObject *c, PyObject *data, Py_buffer *view, const char *op)
 {
+	if (PyObject_GetBuffer(data, view, PyBUF_SIMPLE) < 0)
+		return -1;
+	if (channel_enter(c, op) < 0) {
+		PyBuffer_Release(view);
+		return -1;
+	}
 	if ((size_t)view->len > c->max_msg) {
 		raise_kup(KUP_E_TOOBIG, 0, "%s: send of %zd bytes on channel %u of device %U (max_msg %zu)",
 		    op, view->len, (unsigned)c->id, c->dev->name, c->max_msg);
+		c->busy = 0;
+		PyBuffer_Release(view);
 		return -1;
 	}
 	return 0;
@@ -869,17 +878,8 @@ channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
 	timeout_ms = timeout_arg(timeout != NULL ? timeout : Py_None);
 	if (timeout_ms == -2)
 		return NULL;
-	if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+	if (exchange_begin(c, data, &view, "exchange") < 0)
 		return NULL;
-	if (channel_enter(c, "exchange") < 0) {
-		PyBuffer_Release(&view);
-		return NULL;
-	}
-	if (exchange_check(c, &view, "exchange") < 0) {
-		c->busy = 0;
-		PyBuffer_Release(&view);
-		return NULL;
-	}
 	len = view.len;
 	deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
 	slice = timeout_ms == 0 ? 0 : wait_slice(timeout_ms, deadline);
@@ -949,17 +949,8 @@ channel_try_exchange(ChannelObject *c, PyObject *arg)
 	Py_ssize_t len;
 	PyObject *res;
 
-	if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+	if (exchange_begin(c, arg, &view, "try_exchange") < 0)
 		return NULL;
-	if (channel_enter(c, "try_exchange") < 0) {
-		PyBuffer_Release(&view);
-		return NULL;
-	}
-	if (exchange_check(c, &view, "try_exchange") < 0) {
-		c->busy = 0;
-		PyBuffer_Release(&view);
-		return NULL;
-	}
 	len = view.len;
 	Py_BEGIN_ALLOW_THREADS
 	src = kernproxy_send(c->h, view.buf, (size_t)len, KP_SPIN_NEXT);

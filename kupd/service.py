@@ -272,6 +272,19 @@ class KupService(kup_pb2_grpc.KupServicer):
             trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
         )
 
+    async def _abort_unbound(
+        self,
+        context: grpc.aio.ServicerContext,
+        exc: errors.KupError,
+        rpc: str,
+        where: dict[str, Any],
+    ) -> None:
+        """_abort for the RPCs that bind no log context on success (Send,
+        Call): bind what a failure is logged with, then abort."""
+        structlog.contextvars.clear_contextvars()
+        bind(request=next(_request_ids), rpc=rpc, **where)
+        await self._abort(context, exc)
+
     def _stream_started(self) -> None:
         self.streams_in_flight += 1
         self.streams_idle.clear()
@@ -475,9 +488,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         try:
             return await self._send(request, context, where)
         except errors.KupError as exc:
-            structlog.contextvars.clear_contextvars()
-            bind(request=next(_request_ids), rpc="Send", **where)
-            await self._abort(context, exc)
+            await self._abort_unbound(context, exc, "Send", where)
             raise AssertionError("unreachable") from None
 
     async def _send(
@@ -715,9 +726,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             finally:
                 self.guard.end_call(t)
         except errors.KupError as exc:
-            structlog.contextvars.clear_contextvars()
-            bind(request=next(_request_ids), rpc="Call", **where)
-            await self._abort(context, exc)
+            await self._abort_unbound(context, exc, "Call", where)
             raise AssertionError("unreachable") from None
 
     async def _call(
