@@ -851,6 +851,38 @@ kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 	return r;
 }
 
+/*
+ * A module thread that still holds the channel from its own receive and
+ * calls receive, send or pass on it again would block forever on ch->lock
+ * (not recursive) -- on a real kernel an unkillable thread that also keeps
+ * the module from unloading.  Refuse with -EDEADLK instead, and log it
+ * once per channel: it is a bug in the module (unlock first: the payload
+ * it received lives in the area the user writes next, so it must not
+ * stay in use across the hand-over anyway).  Only the holder writes
+ * ch->holder, under ch->lock, so a thread reads its own identity there
+ * only while it is the holder; any other thread reads 0 or someone
+ * else's, takes the lock and waits its turn as before.
+ */
+static uint64_t
+kup_self(void)
+{
+	return (uint64_t)(uintptr_t)KUP_CURTHREAD();
+}
+
+static int
+kup_reentered(struct kup_chan *ch, const char *op)
+{
+	if (KUP_READ_ONCE64(&ch->holder) != kup_self())
+		return 0;
+	if (!ch->reentry_logged) {
+		ch->reentry_logged = 1;   /* the holder writes it: we hold */
+		kup_os_log("kup: %s chan %u: %s while this thread holds the "
+		    "channel from its receive: call kupdev_unlock_channel "
+		    "first (-EDEADLK)", ch->sc->name, ch->id, op);
+	}
+	return 1;
+}
+
 int
 kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms)
@@ -861,6 +893,8 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 
 	if (ch == NULL || msg == NULL)
 		return -EINVAL;
+	if (kup_reentered(ch, "receive"))
+		return -EDEADLK;
 	kup_lock(&ch->lock);
 	r = kup_chan_enter(ch);
 	if (r != 0)
@@ -887,7 +921,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	ch->active = 1;
 	if (msg->kind == KUP_KIND_CLOSE)
 		ch->over = 1;   /* the user said goodbye */
-	ch->held = 1;
+	KUP_WRITE_ONCE64(&ch->holder, kup_self());
 	return 0;   /* locked until kupdev_unlock_channel */
 out:
 	kup_unlock(&ch->lock);
@@ -911,13 +945,15 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 
 	if (ch == NULL)
 		return;
-	/* held is only ever set by the thread holding ch->lock */
-	if (!ch->held) {
-		kup_os_log("kup: %s chan %d: unlock without a receive", sc->name,
-		    chan_id);
+	/* holder is only ever set by the thread holding ch->lock; only that
+	 * thread may release it (a kernel mutex belongs to its
+	 * owner: unlocking someone else's is undefined, or a panic) */
+	if (KUP_READ_ONCE64(&ch->holder) != kup_self()) {
+		kup_os_log("kup: %s chan %d: unlock without a receive by this "
+		    "thread", sc->name, chan_id);
 		return;
 	}
-	ch->held = 0;
+	KUP_WRITE_ONCE64(&ch->holder, 0);
 	kup_unlock(&ch->lock);
 }
 
@@ -971,6 +1007,8 @@ kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
 		return -EINVAL;
 	if (len > ch->data_size)
 		return -EMSGSIZE;
+	if (kup_reentered(ch, kind == KUP_KIND_PASS ? "pass" : "send"))
+		return -EDEADLK;
 	kup_lock(&ch->lock);
 	r = kup_chan_enter(ch);
 	if (r != 0)

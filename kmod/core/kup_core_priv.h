@@ -18,7 +18,10 @@ struct kup_chan {
 	struct kupdev_softc *sc;
 	uint32_t id;
 	kup_lock_t lock;          /* kernel callers; held receive..unlock */
-	uint32_t held;            /* 1 while a receive holds lock (under lock) */
+	uint64_t holder;          /* KUP_CURTHREAD() of the receive that holds
+	                           * lock until kupdev_unlock_channel, else 0;
+	                           * written under lock, read without it */
+	uint32_t reentry_logged;  /* a re-entry by the holder was logged */
 
 	void    *mem;             /* channel mapping, kernel address */
 	size_t   bytes;           /* private copy: never read from the page */

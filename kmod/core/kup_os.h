@@ -28,6 +28,12 @@
  *     KUP_WRITE_ONCE64(p,v)
  *     KUP_FENCE()           full (seq_cst) fence
  *     KUP_CPU_RELAX()       spin-loop hint
+ *     KUP_CURTHREAD()       the calling thread's identity, a non-NULL
+ *                           pointer that no other live thread shares
+ *                           (Linux: current; FreeBSD: curthread): lets
+ *                           the core refuse, instead of deadlocking, a
+ *                           module thread that calls back into a channel
+ *                           it still holds from its own receive
  *   optionally
  *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
  *                           when defined, kernel-side waits spin for an
@@ -42,7 +48,7 @@
  *                           user it waits for off a shared CPU
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
- *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT.
+ *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK.
  */
 #ifndef KUP_OS_H
 #define KUP_OS_H

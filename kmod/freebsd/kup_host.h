@@ -91,5 +91,7 @@ struct kup_os_chan {
  */
 #define KUP_NOW_NS()           ((uint64_t)sbttons(sbinuptime()))
 #define KUP_SPIN_YIELD()       maybe_yield()
+/* kup_os.h: the calling thread's identity */
+#define KUP_CURTHREAD()        ((const void *)curthread)
 
 #endif /* KUP_HOST_H */

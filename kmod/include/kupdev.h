@@ -11,11 +11,16 @@
  * Conventions:
  *   - functions returning int return 0 (or a channel id) on success and a
  *     NEGATIVE errno value on failure (-EINVAL, -ETIMEDOUT, -ESHUTDOWN,
- *     -EPIPE, -EPROTO, -EMSGSIZE, -EBUSY, -EAGAIN, -ENOENT, -EINTR);
+ *     -EPIPE, -EPROTO, -EMSGSIZE, -EBUSY, -EAGAIN, -ENOENT, -EINTR,
+ *     -EDEADLK);
  *   - timeouts are in milliseconds; KUPDEV_FOREVER waits without bound
  *     (still interruptible by kupdev_unload and by peer departure);
  *   - a channel is used by one kernel thread at a time per direction of
- *     the turn; the core serialises callers with a per-channel lock.
+ *     the turn; the core serialises callers with a per-channel lock.  A
+ *     successful receive keeps that lock until kupdev_unlock_channel(),
+ *     which only the receiving thread may call; that thread's own
+ *     receive, send or pass on the channel before it unlocks fails with
+ *     -EDEADLK (and a log line) instead of blocking it forever.
  *
  * Turn semantics (see kup_abi.h): the kernel side owns a fresh channel.
  * kupdev_send / kupdev_pass hand the turn to user space.  kupdev_receive

@@ -69,5 +69,15 @@ kupsim_now_ns(void)
  * (kupsim echo pinned to one CPU with its C user, same run: round trip
  * 6.5 us without yields, 4.1 us with). */
 #define KUP_SPIN_YIELD()       ((void)sched_yield())
+/* kup_os.h: the calling thread's identity.  The address of a thread-local
+ * byte: distinct for every live thread, never NULL. */
+static inline const void *
+kupsim_curthread(void)
+{
+	static __thread char tag;
+
+	return &tag;
+}
+#define KUP_CURTHREAD()        kupsim_curthread()
 
 #endif /* KUP_HOST_H */

@@ -63,5 +63,7 @@ struct kup_os_chan {
  * for its answer; the spin runs under ch->lock, a mutex, where
  * cond_resched() is allowed */
 #define KUP_SPIN_YIELD()       cond_resched()
+/* kup_os.h: the calling thread's identity */
+#define KUP_CURTHREAD()        ((const void *)current)
 
 #endif /* KUP_HOST_H */

@@ -106,6 +106,14 @@ krecv_main(void *p)
 	return NULL;
 }
 
+/* kupdev_unlock_channel(sc, 0) from a thread that did not receive */
+static void *
+kunlock_main(void *p)
+{
+	kupdev_unlock_channel(p, 0);
+	return NULL;
+}
+
 struct kwait {
 	struct kupdev_softc *sc;
 	int ret;
@@ -267,6 +275,19 @@ test_turns(void)
 	CHECK_EQ(m.kind, KUP_KIND_DATA);
 	CHECK_EQ(m.seq, 1);
 	CHECK(memcmp(m.data, "hi", 2) == 0);
+	/* the holder calling back into its channel before unlocking: refused
+	 * with -EDEADLK (logged once), not a thread blocked forever */
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EDEADLK);
+	CHECK_EQ(kupdev_pass(sc, 0), -EDEADLK);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EDEADLK);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, KUPDEV_FOREVER), -EDEADLK);
+	/* another thread cannot release the holder's lock: after its unlock
+	 * the holder still holds (its send is still refused) */
+	CHECK_EQ(pthread_create(&t, NULL, kunlock_main, sc), 0);
+	pthread_join(t, NULL);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EDEADLK);
+	CHECK(memcmp(m.data, "hi", 2) == 0);
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
 	kupdev_unlock_channel(sc, 0);
 	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EAGAIN);   /* consumed */
 	/* exactly the data area */

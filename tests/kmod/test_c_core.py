@@ -42,4 +42,10 @@ def test_core_unit(variant_out: Path) -> None:
     assert len(logged) + sum(summaries) == 41, flood
     assert len(flood) == len(logged) + len(summaries), flood
     assert proc.stdout.count("refused ") == 8
+    # the holder's re-entry (-EDEADLK) is logged once per channel, and an
+    # unlock by a thread that did not receive is refused with a line
+    reentry = [ln for ln in proc.stderr.splitlines()
+               if "call kupdev_unlock_channel first (-EDEADLK)" in ln]
+    assert len(reentry) == 1 and "send while this thread holds" in reentry[0], reentry
+    assert "unlock without a receive by this thread" in proc.stderr
     assert proc.stdout.rstrip().endswith("OK core")
