@@ -577,6 +577,16 @@ kup_os_msleep(unsigned int ms)
 	(void)pause_sbt("kupslp", SBT_1MS * (sbintime_t)ms, 0, 0);
 }
 
+/* the uptime clock: what user space reads as CLOCK_MONOTONIC */
+uint64_t
+kup_os_now_ns(void)
+{
+	struct timespec ts;
+
+	nanouptime(&ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 /* Module parameters are loader tunables / kenv(1) variables named
  * kup.<module>.<name>, e.g. kup.echo.channels="4" in /boot/loader.conf. */
 int

@@ -46,6 +46,12 @@ void kup_os_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Sleep (interruptible by nothing; keep it short). */
 void kup_os_msleep(unsigned int ms);
 
+/* A monotonic clock in nanoseconds: the one user space reads as
+ * CLOCK_MONOTONIC (Linux: ktime_get_ns; FreeBSD: the uptime clock, which is
+ * its CLOCK_MONOTONIC; kupsim: clock_gettime), so a module can stamp a
+ * message with the time it was handed over. */
+uint64_t kup_os_now_ns(void);
+
 /* An integer module parameter, defval if unset or malformed.
  * kupsim: environment variable KUP_PARAM_<MODULE>_<NAME> (upper-cased).
  * Kernel hosts may map it to their module parameter mechanism. */

@@ -365,6 +365,15 @@ kup_os_msleep(unsigned int ms)
 		;
 }
 
+uint64_t
+kup_os_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 int
 kup_os_param_int(const char *module, const char *name, int defval)
 {

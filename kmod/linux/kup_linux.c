@@ -224,6 +224,13 @@ void kup_os_msleep(unsigned int ms)
 }
 EXPORT_SYMBOL_GPL(kup_os_msleep);
 
+/* CLOCK_MONOTONIC, as user space reads it */
+u64 kup_os_now_ns(void)
+{
+	return ktime_get_ns();
+}
+EXPORT_SYMBOL_GPL(kup_os_now_ns);
+
 /* kup.params="echo.channels=4,echo.pages=2": module.name=int pairs.  The
  * string may be rewritten through sysfs at any time: read it under the
  * module's parameter lock. */

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import select
+import sys
+import time
 
 import pytest
 
@@ -356,3 +358,45 @@ def test_two_devices_at_once() -> None:
             assert c2.receive(timeout=T).data == b"two"
             assert c1.receive(timeout=T).data == b"one"
             assert d1.info().attached == (0,) and d2.info().attached == (0,)
+
+
+def test_stamp_answers_later_with_the_kernel_clock(echo_sim: KupSim) -> None:
+    """b"!stamp<ms>" (>= 16 bytes): answered ms later, the last 8 bytes the
+    module's CLOCK_MONOTONIC at the hand-over (the benchmark's wake-up
+    figure subtracts it from the receiver's clock)."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        req = b"!stamp120".ljust(64, b".")
+        t0 = time.monotonic_ns()
+        reply = roundtrip(ch, req)
+        t1 = time.monotonic_ns()
+        stamp = int.from_bytes(reply.data[-8:], sys.byteorder)
+        assert reply.data[:-8] == req[:-8] and reply.kind is Kind.DATA
+        assert t0 + 120_000_000 <= stamp <= t1, (t0, stamp, t1)
+        # too short for a stamp, or no digits (1000 ms default, not waited
+        # for here): a plain echo, or an answer after the default delay
+        assert roundtrip(ch, b"!stamp12").data == b"!stamp12"
+        t0 = time.monotonic_ns()
+        reply = roundtrip(ch, b"!stamp".ljust(16, b"-"))
+        assert int.from_bytes(reply.data[-8:], sys.byteorder) >= t0 + 1_000_000_000
+
+
+def test_stamp_wait_ends_when_the_user_leaves(echo_sim: KupSim) -> None:
+    """A user that leaves during the stamp's wait frees the channel within
+    the module's 20 ms look-out, not after the full wait."""
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        with dev.channel(0) as ch:
+            opened(ch)
+            ch.send(b"!stamp9000".ljust(32, b"."))
+        t0 = time.monotonic()
+        while True:
+            try:
+                ch2 = dev.channel(0)
+                break
+            except Busy:
+                assert time.monotonic() - t0 < T, "channel 0 stayed busy"
+                time.sleep(0.01)
+        with ch2:
+            opened(ch2)
+            assert roundtrip(ch2, b"after").data == b"after"
+        assert time.monotonic() - t0 < 5.0

@@ -23,6 +23,12 @@
  *     test observe the kernel holding the turn); a message starting with
  *     "!hold" is never answered: the kernel keeps the turn until the user
  *     leaves or the device unloads (an idle channel for tests);
+ *     a message of at least 16 bytes starting with "!stamp" and optional
+ *     decimal digits N (milliseconds, default 1000, at most 10000) is
+ *     answered N ms later, its last 8 bytes replaced by kup_os_now_ns()
+ *     (host byte order) read just before the hand-over: the user's clock
+ *     at its receive minus that stamp is how long a message arriving on
+ *     an idle channel takes to reach it (the benchmark's wake-up figure);
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -140,11 +146,59 @@ echo_is_delay(const unsigned char *p, size_t len)
 	return 1;
 }
 
+#define ECHO_STAMP_MIN_LEN  16
+#define ECHO_STAMP_DEFAULT  1000U
+#define ECHO_STAMP_MAX_MS   10000U
+
+/* "!stamp[N]": 0 if not one, else the delay in ms (N, bounded). */
+static unsigned int
+echo_stamp_ms(const unsigned char *p, size_t len)
+{
+	static const char tag[] = "!stamp";
+	unsigned int ms = 0;
+	size_t i;
+	int digits = 0;
+
+	if (len < ECHO_STAMP_MIN_LEN)
+		return 0;
+	for (i = 0; i < sizeof(tag) - 1; i++)
+		if (p[i] != (unsigned char)tag[i])
+			return 0;
+	for (; i < len - 8 && p[i] >= '0' && p[i] <= '9'; i++) {
+		digits = 1;
+		if (ms <= ECHO_STAMP_MAX_MS)
+			ms = ms * 10U + (unsigned int)(p[i] - '0');
+	}
+	if (!digits || ms == 0)
+		ms = ECHO_STAMP_DEFAULT;
+	return ms > ECHO_STAMP_MAX_MS ? ECHO_STAMP_MAX_MS : ms;
+}
+
 static int
 echo_is_hold(const unsigned char *p, size_t len)
 {
 	return len >= 5 && p[0] == '!' && p[1] == 'h' && p[2] == 'o' &&
 	    p[3] == 'l' && p[4] == 'd';
+}
+
+/* Hold the turn for ms milliseconds, looking every 20 ms whether the user
+ * left or the device is unloading (then that error, as echo_hold). */
+static int
+echo_wait_ms(struct echo_slot *s, unsigned int ms)
+{
+	struct kupdev_msg m;
+	int r;
+
+	while (ms > 0) {
+		unsigned int step = ms < 20U ? ms : 20U;
+
+		kup_os_msleep(step);
+		ms -= step;
+		r = kupdev_receive_msg(echo_sc, s->chan, &m, 0);
+		if (r != -EAGAIN)
+			return r == 0 ? -EPROTO : r;
+	}
+	return 0;
 }
 
 /* Keep the turn until the user leaves (-EPIPE) or unload (-ESHUTDOWN). */
@@ -169,6 +223,7 @@ echo_worker(void *arg)
 	struct kupdev_msg m;
 	size_t n;
 	int r, delay;
+	unsigned int stamp_ms;
 
 	r = kupdev_pass(echo_sc, s->chan);
 	if (r != 0) {
@@ -202,10 +257,20 @@ echo_worker(void *arg)
 			}
 			delay = echo_is_delay(m.data, m.len);
 			n = m.len < echo_max ? m.len : echo_max;
+			stamp_ms = echo_stamp_ms(m.data, n);
 			echo_transform(s->chan, s->buf, m.data, n);
 			kupdev_unlock_channel(echo_sc, s->chan);
 			if (delay)
 				kup_os_msleep(ECHO_DELAY_MS);
+			if (stamp_ms != 0) {
+				uint64_t now;
+
+				r = echo_wait_ms(s, stamp_ms);
+				if (r != 0)
+					break;
+				now = kup_os_now_ns();
+				ECHO_MEMCPY(s->buf + n - 8, &now, 8);
+			}
 			r = kupdev_send(echo_sc, s->buf, n, s->chan);
 			break;
 		case KUP_KIND_PASS:
