@@ -613,6 +613,19 @@ kup_core_user_wake(struct kup_chan *ch)
 		kup_os_chan_wake(ch);
 }
 
+int
+kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *))
+{
+	int r;
+
+	if (ch == NULL || fn == NULL)
+		return -EINVAL;
+	kup_lock(&ch->lock);
+	r = fn(ch);
+	kup_unlock(&ch->lock);
+	return r;
+}
+
 /* ---- kernel-side protocol ---------------------------------------------- */
 
 /* Is the channel usable by the module right now?  Under ch->lock. */

@@ -164,6 +164,15 @@ void kup_core_detach(struct kup_chan *ch);
 /* The user side asks the kernel side to wake (it handed over the turn and
  * saw kernel_waiting set). */
 void kup_core_user_wake(struct kup_chan *ch);
+/* Run fn(ch) with ch's channel lock held and return its result: no
+ * kernel-side operation of ch runs meanwhile (one in progress, e.g. a
+ * module thread between its receive and kupdev_unlock_channel, is waited
+ * for).  For a host whose user-visible objects outlive an attachment
+ * (kupsim: memfd and eventfds) and that gives a detached channel fresh
+ * ones, so that no kernel caller of the previous attachment touches them
+ * half-way.  May sleep: call it with no core lock held, never from a
+ * module thread. */
+int  kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *));
 
 /* Geometry and facts the host needs for mmap bounds and ioctl replies. */
 size_t   kup_core_chan_bytes(const struct kup_chan *ch);
