@@ -4,6 +4,14 @@
  * implemented with Linux primitives, plus the character device user space
  * talks to (/dev/kup/<name>, ABI in kmod/include/kup_ioctl.h).
  *
+ * Device nodes: kup.ko owns one character major, named "kup" in
+ * /proc/devices, and gives each KUP device one minor of it (a cdev plus a
+ * struct device of class "kup": /sys/class/kup/<name>, and devtmpfs makes
+ * /dev/kup/<name>, mode 0600, root's).  A major of its own rather than misc
+ * minors so that a sandbox can allow exactly these nodes: kupd's systemd
+ * unit says DeviceAllow=char-kup, where char-misc would also have let it
+ * open /dev/kvm, /dev/fuse, /dev/uinput, ...
+ *
  * Lifetimes (why nothing can vanish under a mapping):
  *   - an open file holds a reference on its device (kup_core_dev_get);
  *   - a mapping holds its file (vma->vm_file), so the file's release -- and
@@ -30,7 +38,10 @@
 #include <linux/completion.h>
 #include <linux/delay.h>
 #include <linux/moduleparam.h>
-#include <linux/miscdevice.h>
+#include <linux/cdev.h>
+#include <linux/device.h>
+#include <linux/idr.h>
+#include <linux/list.h>
 
 #include "kup_os.h"
 #include "kup_ioctl.h"
@@ -341,19 +352,53 @@ static int kup_dev_is_gone(struct kupdev_softc *sc)
 	return READ_ONCE(kup_core_dev_os(sc)->withdrawn);
 }
 
+/* One published device node: a minor of the "kup" major.  The struct
+ * device owns the memory (kup_node_free, its release); the cdev holds a
+ * reference on it (cdev_device_add makes the device the cdev's parent) and
+ * every open file holds the cdev, so a node outlives the device's withdraw
+ * for as long as a file opened through it is open or being opened.  It keeps
+ * its own copy of the name: the softc may be gone before the node is. */
+struct kup_node {
+	struct device dev;
+	struct cdev cdev;
+	struct list_head link;        /* kup_nodes, while published */
+	struct kupdev_softc *sc;      /* NULL once withdrawn (kup_nodes_lock) */
+	char name[KUP_NAME_MAX];
+	int minor;                    /* from kup_minors */
+};
+
+#define KUP_MINORS 256            /* devices published at once */
+
+static dev_t kup_devt;            /* first dev_t of the region */
+static DEFINE_IDA(kup_minors);
+/* kup_nodes and every node's sc.  Lock order: kup_nodes_lock before the
+ * core's locks (open looks the device up while holding it); it is never
+ * taken with a core lock held (publish, withdraw and release are called
+ * without one, and no kup_core_dev_put runs under it). */
+static DEFINE_MUTEX(kup_nodes_lock);
+static LIST_HEAD(kup_nodes);
+
 static int kup_fop_open(struct inode *inode, struct file *file)
 {
-	struct miscdevice *misc = file->private_data;   /* set by misc_open */
-	struct kup_os_dev *od = container_of(misc, struct kup_os_dev, misc);
+	/* chrdev_open holds a reference on the cdev, so on the node */
+	struct kup_node *node = container_of(inode->i_cdev, struct kup_node, cdev);
 	struct kup_file *kf;
 	struct kupdev_softc *sc;
 	struct kup_ioc_info *info;
 	int r;
 
-	/* misc_open holds misc_mtx: the device cannot be withdrawn (and so
-	 * cannot be freed) until we return.  Look it up by name to take a
-	 * reference; this also refuses a device already shutting down. */
-	sc = kup_core_dev_get(od->name);
+	/* The node's device cannot be withdrawn (and so cannot be freed) while
+	 * kup_nodes_lock is held.  Look it up by name to take a reference;
+	 * this also refuses a device already shutting down.  A node withdrawn
+	 * already (an open racing unload, or a stale inode) has no device. */
+	mutex_lock(&kup_nodes_lock);
+	sc = node->sc != NULL ? kup_core_dev_get(node->name) : NULL;
+	if (sc != NULL && sc != node->sc) {
+		mutex_unlock(&kup_nodes_lock);
+		kup_core_dev_put(sc);          /* never ours: cannot be */
+		return -ENODEV;
+	}
+	mutex_unlock(&kup_nodes_lock);
 	if (sc == NULL)
 		return -ENODEV;
 	kf = kzalloc(sizeof(*kf), GFP_KERNEL);
@@ -665,29 +710,121 @@ static const struct file_operations kup_fops = {
 
 /* ---- device node ------------------------------------------------------ */
 
+/* devtmpfs (and udev, which reads the same DEVNAME) creates the node as
+ * kup/<name>, root's, 0600: only root -- in practice kupd -- talks to the
+ * kernel, everyone else goes through kupd's socket. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+static char *kup_devnode(const struct device *dev, umode_t *mode)
+#else
+static char *kup_devnode(struct device *dev, umode_t *mode)
+#endif
+{
+	if (mode != NULL)
+		*mode = 0600;
+	return kasprintf(GFP_KERNEL, "kup/%s", dev_name(dev));
+}
+
+static struct class kup_class = {
+	.name    = "kup",
+	.devnode = kup_devnode,
+};
+
+/* the struct device's release: the last reference to the node is gone */
+static void kup_node_free(struct device *dev)
+{
+	struct kup_node *node = container_of(dev, struct kup_node, dev);
+
+	ida_free(&kup_minors, node->minor);
+	kfree(node);
+}
+
 int kup_os_dev_publish(struct kupdev_softc *sc)
 {
 	struct kup_os_dev *od = kup_core_dev_os(sc);
 	const char *name = kup_core_dev_name(sc);
+	struct kup_node *node;
 	int r;
 
 	od->sc = sc;
 	kup_os_dev_init_wq(od);
 	strscpy(od->name, name, sizeof(od->name));
-	snprintf(od->misc_name, sizeof(od->misc_name), "kup-%s", name);
-	snprintf(od->node_name, sizeof(od->node_name), "kup/%s", name);
-	od->misc.minor = MISC_DYNAMIC_MINOR;
-	od->misc.name = od->misc_name;
-	od->misc.nodename = od->node_name;
-	od->misc.mode = 0600;
-	od->misc.fops = &kup_fops;
-	r = misc_register(&od->misc);
-	if (r != 0) {
-		pr_warn("kup: cannot register /dev/%s: %d\n", od->node_name, r);
-		return r;
+	node = kzalloc(sizeof(*node), GFP_KERNEL);
+	if (node == NULL) {
+		r = -ENOMEM;
+		goto fail;
 	}
+	strscpy(node->name, name, sizeof(node->name));
+	INIT_LIST_HEAD(&node->link);
+	node->minor = ida_alloc_max(&kup_minors, KUP_MINORS - 1, GFP_KERNEL);
+	if (node->minor < 0) {
+		r = node->minor;
+		pr_warn("kup: no free minor for /dev/kup/%s (%d devices at most): %d\n",
+		    name, KUP_MINORS, r);
+		goto fail_node;
+	}
+	/* from here on the struct device owns node: put_device frees it */
+	device_initialize(&node->dev);
+	node->dev.class = &kup_class;
+	node->dev.devt = MKDEV(MAJOR(kup_devt), node->minor);
+	node->dev.release = kup_node_free;
+	r = dev_set_name(&node->dev, "%s", name);
+	if (r != 0)
+		goto fail_dev;
+	cdev_init(&node->cdev, &kup_fops);
+	node->cdev.owner = THIS_MODULE;
+	/* An open can start as soon as the cdev is added: under the lock it
+	 * waits until the node is either complete or known dead. */
+	mutex_lock(&kup_nodes_lock);
+	r = cdev_device_add(&node->cdev, &node->dev);
+	if (r == 0) {
+		node->sc = sc;
+		list_add(&node->link, &kup_nodes);
+	}
+	mutex_unlock(&kup_nodes_lock);
+	if (r != 0)
+		goto fail_dev;
 	od->registered = 1;
 	return 0;
+
+fail_dev:
+	put_device(&node->dev);       /* kup_node_free: minor and memory */
+	goto fail;
+fail_node:
+	kfree(node);
+fail:
+	pr_warn("kup: cannot register /dev/kup/%s: %d\n", name, r);
+	return r;
+}
+
+/* Unpublish sc's node: no new opens (open sees node->sc == NULL), the node
+ * leaves /dev and sysfs; open files keep the node's memory, not the minor's
+ * mapping. */
+static void kup_node_remove(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	struct kup_node *node = NULL, *it;
+
+	if (!od->registered)
+		return;
+	mutex_lock(&kup_nodes_lock);
+	list_for_each_entry(it, &kup_nodes, link) {
+		if (it->sc == sc) {
+			node = it;
+			break;
+		}
+	}
+	if (node != NULL) {
+		list_del_init(&node->link);
+		node->sc = NULL;
+	}
+	mutex_unlock(&kup_nodes_lock);
+	od->registered = 0;
+	if (node == NULL) {
+		WARN_ONCE(1, "kup: device %s registered without a node\n", od->name);
+		return;
+	}
+	cdev_device_del(&node->cdev, &node->dev);
+	put_device(&node->dev);
 }
 
 void kup_os_dev_withdraw(struct kupdev_softc *sc)
@@ -695,23 +832,15 @@ void kup_os_dev_withdraw(struct kupdev_softc *sc)
 	struct kup_os_dev *od = kup_core_dev_os(sc);
 
 	WRITE_ONCE(od->withdrawn, 1);
-	if (od->registered) {
-		/* waits for an open in progress (misc_mtx), not for users */
-		misc_deregister(&od->misc);
-		od->registered = 0;
-	}
+	/* waits for an open in progress (kup_nodes_lock), not for users */
+	kup_node_remove(sc);
 	kup_os_dev_wake_user(sc);
 }
 
 void kup_os_dev_release(struct kupdev_softc *sc)
 {
-	struct kup_os_dev *od = kup_core_dev_os(sc);
-
-	/* publish may have failed, or withdraw never ran (create failed) */
-	if (od->registered) {
-		misc_deregister(&od->misc);
-		od->registered = 0;
-	}
+	/* withdraw may never have run (the device was never unloaded) */
+	kup_node_remove(sc);
 }
 
 /* ---- the kernel API for other modules --------------------------------- */
@@ -734,18 +863,43 @@ EXPORT_SYMBOL_GPL(kupdev_channel_attached);
 
 static int __init kup_linux_init(void)
 {
-	int r = kup_core_init();
+	int r;
 
-	if (r != 0)
+	r = alloc_chrdev_region(&kup_devt, 0, KUP_MINORS, "kup");
+	if (r != 0) {
+		pr_err("kup: cannot allocate a character major: %d\n", r);
+		goto fail;
+	}
+	r = class_register(&kup_class);
+	if (r != 0) {
+		pr_err("kup: cannot register the device class: %d\n", r);
+		goto fail_region;
+	}
+	r = kup_core_init();
+	if (r != 0) {
 		pr_err("kup: core init failed: %d\n", r);
-	else
-		pr_info("kup: loaded (ABI %u)\n", KUP_ABI_VERSION);
+		goto fail_class;
+	}
+	pr_info("kup: loaded (ABI %u, major %u)\n", KUP_ABI_VERSION, MAJOR(kup_devt));
+	return 0;
+
+fail_class:
+	class_unregister(&kup_class);
+fail_region:
+	unregister_chrdev_region(kup_devt, KUP_MINORS);
+fail:
 	return r;
 }
 
+/* Runs only once no file of ours is open (THIS_MODULE owns the fops) and
+ * every client module is gone (they depend on our symbols): no device, no
+ * node, no minor is left. */
 static void __exit kup_linux_exit(void)
 {
 	kup_core_fini();
+	class_unregister(&kup_class);
+	unregister_chrdev_region(kup_devt, KUP_MINORS);
+	ida_destroy(&kup_minors);
 	pr_info("kup: unloaded\n");
 }
 

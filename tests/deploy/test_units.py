@@ -58,9 +58,12 @@ def test_unit_has_the_keys_kupd_relies_on() -> None:
     assert exec_start[exec_start.index("--socket") + 1].startswith("/run/kupd/")
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["KillSignal"] == "SIGTERM"
-    # sandboxing that still lets kupd open /dev/kup/* (misc devices)
+    # sandboxing that still lets kupd open /dev/kup/*: kup.ko's own major
+    # ("kup" in /proc/devices), and no other character device
     assert svc["DevicePolicy"] == "closed"
-    assert svc["DeviceAllow"] == "char-misc rw"
+    assert svc["DeviceAllow"] == "char-kup rw"
+    # the parser keeps only the last of repeated keys: one allow line only
+    assert re.findall(r"^\s*DeviceAllow\s*=\s*(.*)$", UNIT.read_text(), re.M) == ["char-kup rw"]
     assert svc["PrivateDevices"] == "no"
     assert svc["ProtectSystem"] == "strict"
     assert svc["ProtectKernelModules"] == "yes"
@@ -69,6 +72,18 @@ def test_unit_has_the_keys_kupd_relies_on() -> None:
     assert "AF_UNIX" in svc["RestrictAddressFamilies"].split()
     assert unit["Unit"]["After"].split()[0] == "systemd-modules-load.service"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_device_allow_names_the_major_kup_ko_registers() -> None:
+    """char-kup is resolved from /proc/devices: the name must be the one
+    kup.ko's alloc_chrdev_region registers (tests/vm checks the running
+    module: /proc/devices lists it and /dev/kup/echo is of that major)."""
+    src = (REPO / "kmod/linux/kup_linux.c").read_text()
+    names = re.findall(r"alloc_chrdev_region\([^;]*?\"([^\"]+)\"\)", src)
+    assert names == ["kup"]
+    allow = _unit()["Service"]["DeviceAllow"].split()
+    assert allow == [f"char-{names[0]}", "rw"]
+    assert "misc_register" not in src
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:

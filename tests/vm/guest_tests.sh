@@ -13,7 +13,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load kfault_basic kfault_mmap kfault_sigkill kfault_hostile libkup_c python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile libkup_c python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -43,6 +43,42 @@ wait_for() {  # wait_for TEXT FILE PID: bounded wait for a marker line
 	grep -q "$1" "$2" || { cat "$2"; echo "never saw '$1'"; return 1; }
 }
 
+kup_major() {  # kup_major: the "kup" character major from /proc/devices
+	awk '/^Character devices:/ { c = 1; next } /^Block devices:/ { c = 0 }
+	     c && $2 == "kup" { print $1 }' /proc/devices
+}
+
+# check_kup_major NAME...: kup.ko has a character major of its own (what
+# kupd.service's DeviceAllow=char-kup resolves), each /dev/kup/NAME is a
+# character device of it, root's and 0600, and none is a misc device any
+# more (char-misc would allow /dev/kvm, /dev/fuse, ... as well)
+check_kup_major() {
+	major=$(kup_major)
+	echo "/proc/devices: kup is character major '${major}'"
+	case $major in
+	''|*[!0-9]*) echo "/proc/devices lists no single 'kup' character major"; grep -n . /proc/devices; return 1 ;;
+	esac
+	[ "$major" != 10 ] || { echo "kup got the misc major"; return 1; }
+	for n in "$@"; do
+		f=/dev/kup/$n
+		[ -c "$f" ] || { echo "$f is not a character device"; return 1; }
+		read -r hmaj hmin mode uid gid <<-EOF
+		$(stat -L -c '%t %T %a %u %g' "$f")
+		EOF
+		maj=$(printf '%d' "0x$hmaj"); min=$(printf '%d' "0x$hmin")
+		echo "$f: $maj:$min mode $mode uid $uid gid $gid"
+		[ "$maj" = "$major" ] || { echo "$f has major $maj, not kup's $major"; return 1; }
+		[ "$mode $uid $gid" = "600 0 0" ] || { echo "$f must be 0600 root:root"; return 1; }
+		# the class device behind it: /sys/class/kup/NAME, same numbers
+		[ "$(cat "/sys/class/kup/$n/dev")" = "$maj:$min" ] \
+			|| { echo "/sys/class/kup/$n/dev disagrees with $f"; return 1; }
+	done
+	if grep -E ' kup-' /proc/misc; then
+		echo "a KUP device is still registered as a misc device"
+		return 1
+	fi
+}
+
 stage_load() {
 	# kup.ko's params reach the modules' kup_os_param_int()
 	insmod "$KMODDIR/kup.ko" params="echo.channels=128,rot13.channels=64"
@@ -57,6 +93,8 @@ stage_load() {
 	n=$("$BINDIR/kup_kfault" chans echo)
 	[ "$n" = 128 ] || { echo "echo.channels=128 did not reach the module ($n channels)"; return 1; }
 }
+
+stage_devnode() { check_kup_major echo rot13; }
 
 stage_kfault_basic()   { "$BINDIR/kup_kfault" basic; }
 stage_kfault_mmap()    { "$BINDIR/kup_kfault" mmap; }
@@ -143,9 +181,19 @@ stage_unload() {
 		while [ ! -f "$d/running-$ch" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 		[ -f "$d/running-$ch" ] || { cat "$d/traffic-$ch"; echo "no traffic on $ch"; return 1; }
 	done
+	# a node of echo's numbers outside devtmpfs, held open on fd 3: its
+	# inode keeps pointing at the cdev after the device is gone
+	stale=$d/stale-echo
+	stale_min=$(printf '%d' "0x$(stat -L -c '%T' /dev/kup/echo)")
+	mknod "$stale" c "$(kup_major)" "$stale_min"
+	exec 3< "$stale"
 	rmmod kup_rot13
 	rmmod kup_echo          # must succeed while user space is attached
 	echo "kup_echo unloaded while attached"
+	# its node left /dev and sysfs at once, open files or not
+	for p in /dev/kup/echo /dev/kup/rot13 /sys/class/kup/echo /sys/class/kup/rot13; do
+		[ ! -e "$p" ] || { echo "$p outlived its module"; return 1; }
+	done
 	i=0
 	while ! grep -q 'saw shutdown' "$d/out" && [ $i -lt 300 ]; do
 		kill -0 $pid 2>/dev/null || break
@@ -157,6 +205,25 @@ stage_unload() {
 		[ $rc -eq 0 ] || { cat "$d"/traffic-*; echo "a traffic process failed ($rc)"; return 1; }
 	done
 	cat "$d"/traffic-*
+	# No new open reaches the unloaded device, not even through an inode
+	# that still holds its cdev, and not even once a new device of the same
+	# name exists (it gets another minor: the old one lives while fd 3 does)
+	if (exec 4< "$stale") 2>/dev/null; then
+		echo "$stale opened after kup_echo was unloaded"
+		return 1
+	fi
+	insmod "$KMODDIR/kup_echo.ko"
+	wait_dev echo
+	new_min=$(printf '%d' "0x$(stat -L -c '%T' /dev/kup/echo)")
+	[ "$new_min" != "$stale_min" ] || { echo "the reloaded echo reuses minor $stale_min"; return 1; }
+	if (exec 4< "$stale") 2>/dev/null; then
+		echo "$stale (minor $stale_min) opened the reloaded echo (minor $new_min)"
+		return 1
+	fi
+	"$BINDIR/kup_kfault" chans echo > /dev/null   # the new node works
+	rmmod kup_echo
+	exec 3<&-
+	echo "a stale node of an unloaded device does not open, before or after a reload: ok"
 	if rmmod kup 2>/dev/null; then
 		echo "kup.ko unloaded while a mapping of its device was alive"
 		return 1
@@ -168,7 +235,10 @@ stage_unload() {
 	[ $rc -eq 0 ]
 	rmmod kup
 	echo "kup.ko unloaded after the last mapping went away"
-	! grep -qE '^kup ' /proc/modules
+	if grep -E '^kup ' /proc/modules; then echo "kup.ko still listed"; return 1; fi
+	# and gave back its major and class
+	[ -z "$(kup_major)" ] || { echo "/proc/devices still lists kup"; return 1; }
+	[ ! -e /sys/class/kup ] || { echo "/sys/class/kup outlived kup.ko"; return 1; }
 }
 
 stage_dmesg() {

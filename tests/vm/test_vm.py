@@ -1,9 +1,10 @@
 """End-to-end tests of the Linux kernel module in a qemu VM (TCG).
 
 One VM boot per pytest session runs every in-guest stage of
-tests/vm/guest_tests.sh (module load, kernel-side fault tests, libkup C
-scenarios, Python channel scenarios, kupd with a client, unload while
-attached, kernel-log check); each stage is one test here, failing with the
+tests/vm/guest_tests.sh (module load, the device nodes on kup.ko's own
+character major, kernel-side fault tests, libkup C scenarios, Python
+channel scenarios, kupd with a client, unload while attached, kernel-log
+check); each stage is one test here, failing with the
 stage's own output, and the whole guest kernel log is checked for
 warnings, oopses and sanitizer reports.
 
@@ -38,6 +39,7 @@ OUT = REPO / "kmod" / "out" / "vm"
 BIN = OUT / "bin"
 STAGES = [
     "load",
+    "devnode",
     "kfault_basic",
     "kfault_mmap",
     "kfault_sigkill",
