@@ -17,6 +17,17 @@ int  kupsim_server_publish(struct kupdev_softc *sc);
 void kupsim_server_withdraw(struct kupdev_softc *sc);
 void kupsim_server_release(struct kupdev_softc *sc);
 
+/* Give channel ch, which the caller has just detached (kup_core_detach),
+ * fresh user-visible objects: a new memfd for its pages (mapped by the
+ * kernel side at the same address, zeroed) and new kernel->user and
+ * user->kernel eventfds, so that whoever held the previous ones can
+ * neither touch nor observe the next attachment.  Waits for a kernel-side
+ * operation in progress on ch to finish.  0, or -errno: the channel keeps
+ * objects a previous user may hold and must not be handed out again until
+ * a later call succeeds. */
+struct kup_chan;
+int  kupsim_chan_renew(struct kup_chan *ch);
+
 /* Space-separated names of the published devices into buf. */
 void kupsim_server_names(char *buf, size_t len);
 

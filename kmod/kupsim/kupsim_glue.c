@@ -18,6 +18,14 @@
  * sleeper evaluates cond under the same mutex.  User-side wake-ups: a
  * write to the channel's kernel->user eventfd (counting, so one that
  * arrives before the user polls is not lost either).
+ *
+ * Every attachment gets objects of its own: when one ends, the server
+ * calls kupsim_chan_renew(), which (under the channel lock) maps a new
+ * memfd over the kernel side's mapping and puts new eventfds behind the
+ * same descriptor numbers, so a previous holder that kept its fds or its
+ * mapping can neither touch nor observe the next user's channel (the
+ * Linux and FreeBSD hosts get the same by tying the user's mapping to the
+ * attachment).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -95,24 +103,39 @@ cond_init_mono(pthread_cond_t *cv)
 	pthread_condattr_destroy(&a);
 }
 
+/* A sealed memfd of bytes zeroed bytes for the pages of channel ch: a
+ * user must not be able to shrink the file under us (SIGBUS) or grow it.
+ * The descriptor, or -1 with errno set. */
+static int
+chan_memfd(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes)
+{
+	char name[64];
+	int fd, e;
+
+	snprintf(name, sizeof(name), "kup-%s-%u", kup_core_dev_name(sc),
+	    kup_core_chan_id(ch));
+	fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return -1;
+	if (ftruncate(fd, (off_t)bytes) != 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+		e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
 void *
 kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch, size_t bytes)
 {
 	struct kup_os_chan *os = kup_core_chan_os(ch);
-	char name[64];
 	void *mem;
 
 	os->memfd = os->k2u_efd = os->u2k_efd = os->kwake_efd = -1;
-	snprintf(name, sizeof(name), "kup-%s-%u", kup_core_dev_name(sc),
-	    kup_core_chan_id(ch));
-	os->memfd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	os->memfd = chan_memfd(sc, ch, bytes);
 	if (os->memfd < 0)
-		goto fail;
-	if (ftruncate(os->memfd, (off_t)bytes) != 0)
-		goto fail;
-	/* a user must not be able to shrink the file under us (SIGBUS) */
-	if (fcntl(os->memfd, F_ADD_SEALS,
-	    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
 		goto fail;
 	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, os->memfd, 0);
 	if (mem == MAP_FAILED)
@@ -161,6 +184,108 @@ kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
 	close(os->u2k_efd);
 	close(os->kwake_efd);
 	os->mem = NULL;
+}
+
+/*
+ * Fresh user-visible objects for a channel (kupsim.h).  Runs under the
+ * channel lock (kup_core_chan_exclusive), with the channel detached: no
+ * kernel-side operation is in progress and any that starts sees the
+ * channel detached (-EPIPE) before it touches the page, so nothing of the
+ * previous session reaches the new objects, and no module thread is
+ * asleep in poll() on the old u2k eventfd (the sleeper holds the lock;
+ * the detach woke it through kwake_efd).
+ *
+ * The objects change behind the same numbers and the same address:
+ *   - the new memfd is mapped with MAP_FIXED over the old mapping (which
+ *     that unmaps), so the core's ch->ctrl / k2u / u2k stay valid; its
+ *     pages are zero, and kup_core_attach writes the control page of the
+ *     next attachment into them (under the same lock) as it does on a
+ *     channel that was never attached;
+ *   - dup3() puts each new file on the old descriptor number (dropping
+ *     our reference to the old file), so kup_os_chan_wake_user, which
+ *     kupdev_shutdown calls without the channel lock, never writes to a
+ *     closed or reused number.
+ * The previous holder keeps only its own references: its mapping and
+ * eventfds now lead nowhere the kernel side looks.  A failure leaves a
+ * consistent channel (the kernel mapping is always the file of
+ * os->memfd) but not a fresh one: -errno, and the caller must not hand
+ * the channel out until a later renewal succeeds.
+ */
+static int
+fd_replace(int newfd, int oldfd)
+{
+	int tries;
+
+	for (tries = 0; tries < 100; tries++) {
+		if (dup3(newfd, oldfd, O_CLOEXEC) == oldfd)
+			return 0;
+		if (errno != EINTR && errno != EBUSY)
+			break;
+	}
+	return -1;
+}
+
+static int
+chan_renew_locked(struct kup_chan *ch)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+	struct kupdev_softc *sc = kup_core_chan_dev(ch);
+	int mfd = -1, k2u = -1, u2k = -1, e = 0;
+
+	if (os->mem == NULL)
+		return -EINVAL;
+	mfd = chan_memfd(sc, ch, os->bytes);
+	if (mfd < 0)
+		goto fail;
+	k2u = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (k2u < 0)
+		goto fail;
+	u2k = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (u2k < 0)
+		goto fail;
+	if (fd_replace(k2u, os->k2u_efd) != 0 ||
+	    fd_replace(u2k, os->u2k_efd) != 0)
+		goto fail;
+	if (mmap(os->mem, os->bytes, PROT_READ | PROT_WRITE,
+	    MAP_SHARED | MAP_FIXED, mfd, 0) == MAP_FAILED)
+		goto fail_remap;
+	if (fd_replace(mfd, os->memfd) != 0)
+		goto fail_remap;
+	close(mfd);
+	close(k2u);
+	close(u2k);
+	return 0;
+
+fail_remap:
+	e = errno;
+	/* A failed MAP_FIXED may already have unmapped the old range, and
+	 * the core's pointers must never dangle: map os->memfd's file (the
+	 * old one) there again.  Without that the process cannot go on. */
+	if (mmap(os->mem, os->bytes, PROT_READ | PROT_WRITE,
+	    MAP_SHARED | MAP_FIXED, os->memfd, 0) == MAP_FAILED) {
+		kup_os_log("kupsim: %s/%u: channel mapping lost: %s",
+		    kup_core_dev_name(sc), kup_core_chan_id(ch), strerror(errno));
+		abort();
+	}
+	errno = e;
+fail:
+	e = errno != 0 ? errno : ENOMEM;
+	kup_os_log("kupsim: %s/%u: fresh channel objects for the next "
+	    "attachment: %s", kup_core_dev_name(sc), kup_core_chan_id(ch),
+	    strerror(e));
+	if (mfd >= 0)
+		close(mfd);
+	if (k2u >= 0)
+		close(k2u);
+	if (u2k >= 0)
+		close(u2k);
+	return -e;
+}
+
+int
+kupsim_chan_renew(struct kup_chan *ch)
+{
+	return kup_core_chan_exclusive(ch, chan_renew_locked);
 }
 
 /* ---- sleeping and waking -------------------------------------------- */

@@ -14,6 +14,10 @@
  *              [2] user->kernel eventfd (write 8 bytes to wake the kernel)
  *              The connection's lifetime IS the attachment: closing it (or
  *              dying) detaches the channel.  One ATTACH per connection.
+ *              The fds belong to this attachment only: every attachment
+ *              gets new ones, and once it ends the old memfd and eventfds
+ *              are no longer the channel's (writes to them reach nobody,
+ *              the kernel side never wakes them again).
  *   WATCH   -> struct kupsim_hdr (status); the connection then receives a
  *              struct kupsim_event packet on every announce/notify and at
  *              shutdown.  Events may be dropped if the reader is slow: the

@@ -8,7 +8,9 @@
  * once (when its listener / connection appears), so a wake-up costs the
  * same with 1000 idle attachments as with none.  A connection's lifetime
  * is its attachment: when the peer closes it (or dies) the thread sees
- * EPOLLHUP / EOF and calls kup_core_detach().  No pid polling.  The
+ * EPOLLHUP / EOF and calls kup_core_detach(), then kupsim_chan_renew():
+ * the next attachment of the channel gets a new memfd and new eventfds,
+ * and the fds this one was given lead nowhere.  No pid polling.  The
  * channels' user->kernel eventfds are NOT watched here: a module thread
  * sleeping on a channel polls that eventfd itself (kupsim_glue.c), so a
  * user's wake-up is one hop.
@@ -58,6 +60,9 @@ struct listener {
 	int ev_fd;
 	int withdrawn;
 	int registered;            /* fd and ev_fd are in S.ep */
+	/* 1: the channel still has objects a previous user may hold (their
+	 * renewal failed): it is not handed out until a renewal succeeds */
+	uint8_t stale[KUP_MAX_CHANNELS];
 	struct etag t_lis, t_ev;
 	char name[KUP_NAME_MAX];
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -295,8 +300,37 @@ kupsim_server_names(char *buf, size_t len)
 
 /* ---- connections ------------------------------------------------------ */
 
+/* Under S.mu: the published listener of sc (NULL once withdrawn: the
+ * device is unloading and no attach can succeed any more). */
+static struct listener *
+listener_of(struct kupdev_softc *sc)
+{
+	struct listener *l;
+
+	for (l = S.ls; l != NULL; l = l->next)
+		if (l->sc == sc && !l->withdrawn)
+			return l;
+	return NULL;
+}
+
+/* Under S.mu, ch detached: give it fresh objects for its next attachment
+ * and remember whether that worked.  0 when the channel is fresh. */
+static int
+chan_renew(struct kupdev_softc *sc, struct kup_chan *ch)
+{
+	struct listener *l = listener_of(sc);
+	uint32_t id = kup_core_chan_id(ch);
+	int r = kupsim_chan_renew(ch);
+
+	if (l != NULL && id < KUP_MAX_CHANNELS)
+		l->stale[id] = r != 0;
+	return r;
+}
+
 /* Under S.mu: detach and close now; the struct is freed by
- * free_graveyard() once no event of the current batch can point at it. */
+ * free_graveyard() once no event of the current batch can point at it.
+ * Every attachment's end renews the channel's objects (kupsim.h), so the
+ * next user gets its own and this one's copies lead nowhere. */
 static void
 conn_close(struct conn *c)
 {
@@ -311,8 +345,10 @@ conn_close(struct conn *c)
 		}
 	}
 	c->dead = 1;
-	if (c->kind == CONN_ATTACHED && c->ch != NULL)
+	if (c->kind == CONN_ATTACHED && c->ch != NULL) {
 		kup_core_detach(c->ch);
+		(void)chan_renew(c->sc, c->ch);
+	}
 	ep_del(c->fd);
 	close(c->fd);
 	c->fd = -1;
@@ -439,6 +475,7 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 	struct kup_ioc_info *info;
 	struct kup_chan *ch = NULL;
 	struct kup_os_chan *os;
+	struct listener *l;
 	struct msghdr mh;
 	struct iovec iov;
 	union {
@@ -464,6 +501,15 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 		e = kup_core_attach(c->sc, q->chan_id, q->abi_version, &ch);
 	if (e != 0)
 		return reply_status(c, KUPSIM_OP_ATTACH, kup_core_errno_to_kup(e));
+	/* Objects a previous user may still hold are never handed out: undo
+	 * the attachment (the module sees it end: -EPIPE), try the renewal
+	 * again for the next request, and say a system call failed. */
+	l = listener_of(c->sc);
+	if (l != NULL && l->stale[kup_core_chan_id(ch)]) {
+		kup_core_detach(ch);
+		(void)chan_renew(c->sc, ch);
+		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_SYS);
+	}
 	os = kup_core_chan_os(ch);
 	memset(&r, 0, sizeof(r));
 	r.hdr.op = KUPSIM_OP_ATTACH;
@@ -475,8 +521,7 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 	fds[0] = os->memfd;
 	fds[1] = os->k2u_efd;
 	fds[2] = os->u2k_efd;
-	drain(os->u2k_efd);   /* leftovers of a previous user */
-	drain(os->k2u_efd);
+	/* fresh objects: no wake-up of a previous user is left in them */
 	memset(&mh, 0, sizeof(mh));
 	memset(&cm, 0, sizeof(cm));
 	iov.iov_base = &r;

@@ -1,11 +1,16 @@
 """Helpers for the C tests of kmod/: build a sanitizer variant of kupsim,
 libkup, the modules and the C test programs (``make -C kmod asan|tsan``),
-run kupsim from that variant, and check sanitizer reports."""
+run kupsim from that variant, and check sanitizer reports.  Also kupsim's
+wire protocol (kmod/kupsim/kupsim_proto.h) spoken by hand, for the tests
+that talk to kupsim without libkup."""
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,13 +18,34 @@ from pathlib import Path
 from kupd.testing import REPO_ROOT, KupSim, kupsim
 
 __all__ = [
+    "ABI",
+    "ANY",
+    "ATTACH_REPLY",
+    "E_BUSY",
+    "E_INVAL",
+    "E_NOENT",
+    "E_OK",
+    "E_SYS",
+    "E_VERSION",
+    "HDR",
+    "INFO_SIZE",
     "KMOD",
+    "OP_ATTACH",
+    "OP_INFO",
+    "OP_WATCH",
+    "PROTO",
+    "REQ",
     "SANITIZER_MARKERS",
     "VARIANTS",
     "assert_clean",
     "build_variant",
     "sanitizer_env",
     "variant_kupsim",
+    "wire_attach",
+    "wire_connect",
+    "wire_info",
+    "wire_req",
+    "wire_status",
 ]
 
 KMOD = REPO_ROOT / "kmod"
@@ -85,3 +111,60 @@ def variant_kupsim(
         yield sim
         sim.stop(timeout=60.0)
         assert_clean("kupsim", sim.stderr())
+
+
+# ---- kupsim's wire protocol, by hand (kmod/kupsim/kupsim_proto.h) ---------
+
+OP_INFO, OP_ATTACH, OP_WATCH = 1, 2, 3
+PROTO = 1
+ABI = 1
+ANY = 0xFFFFFFFF
+E_OK, E_VERSION, E_NOENT, E_INVAL, E_BUSY, E_SYS = 0, 1007, 1009, 1011, 1008, 1012
+REQ = struct.Struct("<8I")
+HDR = struct.Struct("<Ii")
+INFO_SIZE = 8 + 32 + 4 * 6 + 4 + 4 + 8 + 1024
+ATTACH_REPLY = struct.Struct("<IiIIIIQ")
+
+
+def wire_req(op: int, chan: int = 0, abi: int = ABI, pages: int = 0, proto: int = PROTO) -> bytes:
+    """One request packet."""
+    return REQ.pack(op, proto, chan, abi, pages, 0, 0, 0)
+
+
+def wire_connect(path: str) -> socket.socket:
+    """A new connection to a device socket (30 s timeout on every call)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(30)
+    s.connect(path)
+    return s
+
+
+def wire_status(s: socket.socket, packet: bytes) -> tuple[int, int]:
+    """Send packet; the reply's (op, status)."""
+    s.send(packet)
+    op, st = HDR.unpack_from(s.recv(4096))
+    return op, st
+
+
+def wire_info(s: socket.socket) -> tuple[str, bytes]:
+    """INFO: the device name and its attached[] bytes."""
+    s.send(wire_req(OP_INFO))
+    data = s.recv(4096)
+    assert len(data) == INFO_SIZE
+    op, st = HDR.unpack_from(data)
+    assert (op, st) == (OP_INFO, E_OK)
+    name = data[8:40].split(b"\0", 1)[0].decode()
+    attached = data[80 : 80 + 1024]
+    return name, attached
+
+
+def wire_attach(s: socket.socket, chan: int, **kw: int) -> tuple[int, list[int], bytes]:
+    """ATTACH: (status, the fds that came with the reply, the reply)."""
+    s.send(wire_req(OP_ATTACH, chan, **kw))
+    fds = array.array("i")
+    msg, anc, _flags, _addr = s.recvmsg(4096, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    _op, st = HDR.unpack_from(msg)
+    return st, list(fds), msg
