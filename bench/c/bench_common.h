@@ -12,6 +12,9 @@
  *   -s S   payload bytes (default 64)
  *   -S     serve only, where the program has a server side (uds_pingpong:
  *          print "ready", echo one connection until it closes, exit)
+ *   -i MS  arrival mode, where the program has one (kup_floor): each
+ *          sample is one message that arrives MS ms after the request,
+ *          timed from the sender's hand-over to the receive returning
  */
 #ifndef BENCH_COMMON_H
 #define BENCH_COMMON_H
@@ -30,6 +33,7 @@ struct bench_opts {
 	long size;
 	const char *target; /* -d: device name / socket path, program-specific */
 	int serve;          /* -S: serve only (programs that have a server side) */
+	long idle_ms;       /* -i: arrival mode after this idle time, 0: off */
 };
 
 static inline uint64_t
@@ -68,7 +72,8 @@ bench_parse(int argc, char **argv, struct bench_opts *o)
 	o->size = 64;
 	o->target = NULL;
 	o->serve = 0;
-	while ((c = getopt(argc, argv, "n:w:s:d:S")) != -1) {
+	o->idle_ms = 0;
+	while ((c = getopt(argc, argv, "n:w:s:d:Si:")) != -1) {
 		switch (c) {
 		case 'n':
 			if (bench_parse_long("-n (round trips)", optarg, 1,
@@ -91,9 +96,14 @@ bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 'S':
 			o->serve = 1;
 			break;
+		case 'i':
+			if (bench_parse_long("-i (idle ms)", optarg, 1, 10000L,
+			    &o->idle_ms) != 0)
+				return -1;
+			break;
 		default:
 			fprintf(stderr, "usage: %s [-n rounds] [-w warmup] "
-			    "[-s bytes] -d target\n", argv[0]);
+			    "[-s bytes] [-i idle_ms] -d target\n", argv[0]);
 			return -1;
 		}
 	}

@@ -7,6 +7,11 @@
  * Each round trip: kernproxy_send(payload) then kernproxy_receive_msg()
  * of the echo, checked byte for byte.  Output: one round-trip time in ns
  * per line (bench_common.h).
+ *
+ * -i MS, arrival mode: each sample sends echo's "!stamp<MS>" (answered MS
+ * ms later, its last 8 bytes the module's CLOCK_MONOTONIC at the
+ * hand-over) and prints the time from that stamp to the blocking receive
+ * returning: a message arriving on a channel idle for MS ms.  No warm-up.
  */
 #include "bench_common.h"
 #include "kup.h"
@@ -63,6 +68,43 @@ main(int argc, char **argv)
 	if (kernproxy_my_turn(ch) != 1 &&
 	    kernproxy_receive_msg(ch, &m, FLOOR_TIMEOUT_MS) != 0) {
 		kup_fail("initial receive", -1);
+		goto out_ch;
+	}
+	if (o.idle_ms != 0) {
+		if (o.size < 16) {
+			fprintf(stderr, "kup_floor: -i needs -s 16 or more\n");
+			goto out_ch;
+		}
+		memset(out, '.', (size_t)o.size);
+		snprintf(out, (size_t)o.size, "!stamp%ld", o.idle_ms);
+		out[strlen(out)] = '.';   /* no NUL inside the request */
+		for (i = 0; i < o.n; i++) {
+			uint64_t stamp, now;
+
+			if (kernproxy_send(ch, out, (size_t)o.size, 0) != 0) {
+				kup_fail("send", i);
+				goto out_ch;
+			}
+			if (kernproxy_receive_msg(ch, &m, (int)o.idle_ms +
+			    FLOOR_TIMEOUT_MS) != 0) {
+				kup_fail("receive", i);
+				goto out_ch;
+			}
+			now = bench_now_ns();
+			if (m.kind != KUP_KIND_DATA || m.len != (size_t)o.size) {
+				fprintf(stderr, "kup_floor: bad stamped reply at "
+				    "round %ld (kind %u, len %zu)\n", i, m.kind, m.len);
+				goto out_ch;
+			}
+			memcpy(&stamp, (const char *)m.data + m.len - 8, 8);
+			if (stamp > now) {
+				fprintf(stderr, "kup_floor: stamp from the future at "
+				    "round %ld\n", i);
+				goto out_ch;
+			}
+			ns[i] = now - stamp;
+		}
+		rc = 0;
 		goto out_ch;
 	}
 	for (i = -o.warmup; i < o.n; i++) {

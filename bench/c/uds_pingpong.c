@@ -74,6 +74,10 @@ main(int argc, char **argv)
 
 	if (bench_parse(argc, argv, &o) != 0)
 		return 2;
+	if (o.idle_ms != 0) {
+		fprintf(stderr, "uds_pingpong: -i (arrival mode) is kup_floor's only\n");
+		return 2;
+	}
 	memset(&sa, 0, sizeof(sa));
 	sa.sun_family = AF_UNIX;
 	if (strlen(o.target) >= sizeof(sa.sun_path)) {

@@ -14,12 +14,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .bare import BareBidi, BareUnary, bare_channel, start_bare_server
-from .config import KIB, MIB
+from .config import KIB, MIB, Config
 from .context import FigSpec, RunCtx, cost, group, lat, log, rate
 from .harness import Figure, TrialFn
 from .procs import BenchError, Proc, cpu_seconds, rss_bytes, run_ns
 from .sections import S_E2E, S_IDLE, S_MEM, S_SCALE, S_TRANSPORT
-from .shapes import Echoer, concurrent_trial, latency_trial, pattern, pump_trial
+from .shapes import (
+    Echoer,
+    concurrent_trial,
+    latency_trial,
+    pattern,
+    pump_trial,
+    stamp_latency_us,
+    stamp_request,
+)
 
 __all__ = ["run"]
 
@@ -69,6 +77,17 @@ def _pump_sizes(largest: int | None) -> list[tuple[str, str, int]]:
     out = [("64k", "64 KiB", 64 * KIB), ("1m", "1 MiB", MIB)]
     if largest is not None and largest not in (64 * KIB, MIB):
         out.append(("max", f"largest ({largest // KIB} KiB)", largest))
+    return out
+
+
+async def _idle_rts(echoer: Echoer, cfg: Config) -> list[float]:
+    """cfg.wake_samples round trips, each after cfg.wake_idle_s of silence."""
+    out: list[float] = []
+    for _ in range(cfg.wake_samples):
+        await asyncio.sleep(cfg.wake_idle_s)
+        t0 = time.perf_counter_ns()
+        await echoer.rt(PAYLOAD)
+        out.append((time.perf_counter_ns() - t0) / 1000.0)
     return out
 
 
@@ -334,9 +353,15 @@ async def run(ctx: RunCtx) -> None:
                  "idle leased channels", "% core", baseline="idle.bare_cpu"),
             cost("idle.kupd_cpu_stat", S_IDLE,
                  f"kupd CPU over the whole {cfg.idle_seconds} s (utime+stime)", "% core"),
+            lat("idle.wake_bare", S_IDLE,
+                f"bare gRPC bidi round trip after {cfg.wake_idle_s:g} s idle, 64 B"),
             lat("idle.wake_kupd", S_IDLE,
                 f"kupd Session round trip after {cfg.wake_idle_s:g} s idle, 64 B",
-                baseline="kupd.session_rt"),
+                baseline="idle.wake_bare"),
+            lat("idle.arrive_kupd", S_IDLE,
+                f"message arriving on a Session idle for {cfg.wake_idle_s:g} s: "
+                "module's hand-over -> client has it through kupd, 64 B",
+                baseline="idle.arrive_chan"),
         ]
         async with group(ctx, "grpc: idle cost", idle_specs):
             bstreams = [BareBidi(bch) for _ in range(cfg.idle_sessions)]
@@ -345,26 +370,30 @@ async def run(ctx: RunCtx) -> None:
             assert bare is not None
             samples, _total = await cpu_samples(bare.pid, cfg.idle_seconds)
             _add(ctx, idle_specs[0], samples)
+            _add(ctx, idle_specs[3], await _idle_rts(bstreams[0], cfg))
             for s in bstreams:
                 await s.close()
             if kupd is None:
-                ctx.skip(idle_specs[1:], kupd_why)
+                ctx.skip(idle_specs[1:3] + idle_specs[4:], kupd_why)
             else:
                 idle = await kupd.idle_population(cfg.idle_sessions, cfg.idle_channels)
                 samples, total = await cpu_samples(kupd.pid, cfg.idle_seconds)
                 _add(ctx, idle_specs[1], samples)
                 _add(ctx, idle_specs[2], [total])
                 await kupd.close_idle(idle)
-                wake: list[float] = []
                 sess = (await kupd.sessions(1))[0]
                 await sess.rt(PAYLOAD)
+                wake = await _idle_rts(sess, cfg)
+                # the module answers a second after the request: kupd's
+                # loop and the client both wait that second
+                arrive: list[float] = []
+                req = stamp_request(int(cfg.wake_idle_s * 1000))
                 for _ in range(cfg.wake_samples):
-                    await asyncio.sleep(cfg.wake_idle_s)
-                    t0 = time.perf_counter_ns()
-                    await sess.rt(PAYLOAD)
-                    wake.append((time.perf_counter_ns() - t0) / 1000.0)
+                    reply = await sess.rt(req)
+                    arrive.append(stamp_latency_us(reply, time.monotonic_ns()))
                 await kupd.close_sessions([sess])
-                _add(ctx, idle_specs[3], wake)
+                _add(ctx, idle_specs[4], wake)
+                _add(ctx, idle_specs[5], arrive)
 
         # -- memory
         mem_specs: list[FigSpec] = []

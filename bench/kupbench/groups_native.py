@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import select
 import time
 from typing import Any
 
@@ -20,9 +21,9 @@ from .harness import Figure, TrialFn
 from .native import MIB, UdsClient, build_c, c_trial, start_uds_server
 from .procs import BenchError, Proc
 from .sections import S_CHAN, S_FLOOR, S_IDLE, S_SYSCALL
-from .shapes import check_echo, pattern
+from .shapes import check_echo, pattern, stamp_latency_us, stamp_request
 
-__all__ = ["run"]
+__all__ = ["arrival_samples", "run"]
 
 # The largest channel: KUP_MAX_PAGES pages per direction (kup_abi.h).
 ECHO_PAGES_MAX = 1024
@@ -90,6 +91,28 @@ class ChanEcho:
         self.ch.close()
 
 
+def arrival_samples(dev: Any, idle_ms: int, n: int) -> list[float]:
+    """n messages each arriving on a channel idle for idle_ms: the receiver
+    asleep in poll(2) on the channel's fd, then try_receive."""
+    req = stamp_request(idle_ms)
+    out: list[float] = []
+    with dev.channel() as ch:
+        if not ch.my_turn():
+            ch.receive(timeout=RECEIVE_TIMEOUT_S)
+        fd = ch.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        for _ in range(n):
+            ch.send(req)
+            m = None
+            while m is None:
+                if not poller.poll(idle_ms + RECEIVE_TIMEOUT_S * 1000):
+                    raise BenchError("channel arrival: no stamped reply in time")
+                m = ch.try_receive()
+            out.append(stamp_latency_us(m.data, time.monotonic_ns()))
+    return out
+
+
 def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -146,9 +169,16 @@ async def run(ctx: RunCtx) -> None:
     wake_spec = lat("idle.wake_chan", S_IDLE,
                     f"channel round trip (Channel.exchange) after {cfg.wake_idle_s:g} s idle, 64 B",
                     baseline="chan.rt64")
+    arrive_c_spec = lat("idle.arrive_c", S_IDLE,
+                        f"message arriving on a channel idle for {cfg.wake_idle_s:g} s: "
+                        "module's hand-over -> C libkup receive returns, 64 B")
+    arrive_spec = lat("idle.arrive_chan", S_IDLE,
+                      f"message arriving on a channel idle for {cfg.wake_idle_s:g} s: "
+                      "module's hand-over -> Python receiver has it, 64 B",
+                      baseline="idle.arrive_c")
 
     async with group(ctx, "native: floor, unix socket, channel layer",
-                     rt_specs + tp_specs + [wake_spec]):
+                     rt_specs + tp_specs + [wake_spec, arrive_c_spec, arrive_spec]):
         uds_prog = build_c(ctx.root, "uds")
         payload = pattern(64)
         with contextlib.ExitStack() as stack:
@@ -187,11 +217,12 @@ async def run(ctx: RunCtx) -> None:
             except (BenchError, ImportError, OSError) as exc:
                 sim_why = _why(exc)
                 ctx.skip([rt_specs[1], rt_specs[3], rt_specs[4]], sim_why)
+            floor_argv: list[str] | None = None
             if chan is not None:
                 try:
                     floor_prog = build_c(ctx.root, "floor")
-                    argv = [str(floor_prog), "-d", "echo", "-n", str(cfg.c_rounds),
-                            "-w", str(cfg.c_warmup_rounds), "-s", "64"]
+                    floor_argv = [str(floor_prog), "-d", "echo", "-s", "64"]
+                    argv = [*floor_argv, "-n", str(cfg.c_rounds), "-w", str(cfg.c_warmup_rounds)]
                     workloads["floor.c64"] = _c_floor(argv, sim.env())
                 except BenchError as exc:
                     ctx.skip([rt_specs[1]], _why(exc))
@@ -213,8 +244,8 @@ async def run(ctx: RunCtx) -> None:
                 if chan is not None:
                     tp_work[f"chan.tp_{nm}"] = _chan_tp(chan, data, count)
             if chan is None:
-                ctx.skip([s for s in tp_specs if s.workload.startswith("chan.")] + [wake_spec],
-                         sim_why)
+                ctx.skip([s for s in tp_specs if s.workload.startswith("chan.")]
+                         + [wake_spec, arrive_c_spec, arrive_spec], sim_why)
             tp_specs = [FigSpec(s.workload, s.section,
                                 s.label.replace(", max", f", max {max_msg // KIB} KiB"),
                                 s.unit, s.better, s.sub, s.baseline) for s in tp_specs]
@@ -236,3 +267,23 @@ async def run(ctx: RunCtx) -> None:
             s = wake_spec
             ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, samples,
                                   s.baseline, "both sides asleep on their wake-up fds"))
+
+            # -- arrival: the module answers a second later; the receiver
+            # sleeps in poll on the channel's fd (as kupd's event loop does)
+            # and takes the message; latency = its clock minus the module's
+            # stamp (echo's "!stamp", both CLOCK_MONOTONIC)
+            idle_ms = int(cfg.wake_idle_s * 1000)
+            s = arrive_c_spec
+            if floor_argv is None:
+                ctx.skip([s], "kup_floor not built")
+            else:
+                got = await c_trial(
+                    [*floor_argv, "-n", str(cfg.wake_samples), "-i", str(idle_ms)],
+                    sim.env(), "kup_floor -i",
+                    timeout=cfg.wake_samples * (cfg.wake_idle_s + 10.0))
+                ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, got[""],
+                                      s.baseline, "receiver asleep in libkup's receive"))
+            s = arrive_spec
+            arrivals = arrival_samples(dev, idle_ms, cfg.wake_samples)
+            ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, arrivals,
+                                  s.baseline, "receiver asleep in poll on the channel's fd"))

@@ -8,6 +8,7 @@ for kupd, so a ratio between them compares the servers, not the clients.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -21,6 +22,8 @@ __all__ = [
     "latency_trial",
     "pattern",
     "pump_trial",
+    "stamp_latency_us",
+    "stamp_request",
 ]
 
 MIB = 1024.0 * 1024.0
@@ -98,3 +101,14 @@ async def concurrent_trial(
     await asyncio.gather(*(one(c) for c in clients))
     dt = time.perf_counter() - t0
     return {"rate": [len(clients) * n_each / dt], "lat": lat}
+
+
+def stamp_request(idle_ms: int, size: int = 64) -> bytes:
+    """echo's b"!stamp<ms>": answered idle_ms later, its last 8 bytes the
+    module's CLOCK_MONOTONIC at the hand-over (kmod/examples/echo)."""
+    return (b"!stamp%d" % idle_ms).ljust(size, b".")
+
+
+def stamp_latency_us(reply: bytes, now_ns: int) -> float:
+    """How long the stamped reply took from the module's hand-over to now_ns."""
+    return (now_ns - int.from_bytes(reply[-8:], sys.byteorder)) / 1000.0
