@@ -87,14 +87,16 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReloadResponse:
         try:
-            tenants, ended = await self.server.reload(via="admin")
+            tenants, ended, needs_restart = await self.server.reload(via="admin")
         except ConfigError as exc:
             await self._abort(context, errors.InvalidArgument(f"reload refused: {exc}"))
             raise AssertionError("unreachable") from None
         except OSError as exc:
             await self._abort(context, errors.SystemFailure(f"reload failed: {exc}"))
             raise AssertionError("unreachable") from None
-        return kup_pb2.ReloadResponse(tenants=tenants, sessions_ended=ended)
+        return kup_pb2.ReloadResponse(
+            tenants=tenants, sessions_ended=ended, needs_restart=needs_restart
+        )
 
     async def DrainDevice(
         self, request: kup_pb2.DrainDeviceRequest, context: grpc.aio.ServicerContext

@@ -19,7 +19,19 @@ from typing import Any
 
 from kupd.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
 
-__all__ = ["Config", "ConfigError", "DeviceConfig", "load_config", "parse_config"]
+__all__ = [
+    "RESTART_ONLY_KEYS",
+    "Config",
+    "ConfigError",
+    "DeviceConfig",
+    "load_config",
+    "parse_config",
+]
+
+#: Config keys a reload reads but cannot apply (the listening socket, the
+#: devices and their Call pools, where kupsim lives, the admin socket, the
+#: audit file are set up once at start); a reload reports them as changed.
+RESTART_ONLY_KEYS = ("socket", "devices", "kupsim_dir", "admin_socket", "audit_log")
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
-from kupd.config import Config, load_config
+from kupd.config import RESTART_ONLY_KEYS, Config, load_config
 from kupd.devices import DeviceManager
 from kupd.log import get_logger
 from kupd.metrics import Metrics, TenantCollector
@@ -186,25 +186,29 @@ class Server:
         names = [t.name for t in self.guard.policy.tenants] or ["default"]
         return {**dict.fromkeys(names, 0), **self.guard.in_flight}
 
-    async def reload(self, via: str = "SIGHUP") -> tuple[list[str], list[str]]:
+    async def reload(self, via: str = "SIGHUP") -> tuple[list[str], list[str], list[str]]:
         """Re-read the config and swap the tenant policy atomically; the
-        tenants served and the lease ids the new policy forbade (ended with
-        PERMISSION_DENIED).  ConfigError: nothing changed.  Either way one
-        audit line (``via``: who asked)."""
+        tenants served, the lease ids the new policy forbade (ended with
+        PERMISSION_DENIED) and the changed keys that only a restart applies.
+        ConfigError: nothing changed.  Either way one audit line (``via``:
+        who asked)."""
         try:
-            names, ended = await self._reload()
+            names, ended, needs_restart = await self._reload()
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
             raise
-        self.audit.admin("reload", via=via, ok=True, tenants=names, sessions_ended=ended)
-        return names, ended
+        self.audit.admin(
+            "reload", via=via, ok=True, tenants=names, sessions_ended=ended,
+            needs_restart=needs_restart,
+        )
+        return names, ended, needs_restart
 
-    async def _reload(self) -> tuple[list[str], list[str]]:
+    async def _reload(self) -> tuple[list[str], list[str], list[str]]:
         async with self._reload_lock:
             new = self.reload_source()  # ConfigError propagates: the old policy stays
             ignored = [
                 k
-                for k in ("socket", "devices", "kupsim_dir", "admin_socket", "audit_log")
+                for k in RESTART_ONLY_KEYS
                 if getattr(new, k) != getattr(self.config, k)
             ]
             if ignored:
@@ -241,7 +245,7 @@ class Server:
                 sockets_added=added,
                 sockets_removed=removed,
             )
-            return names, ended
+            return names, ended, ignored
 
     async def reload_logged(self) -> None:
         """SIGHUP: reload; a bad file is logged and the running policy stays."""

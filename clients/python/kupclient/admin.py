@@ -34,7 +34,14 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient._errors import error_from_rpc
 from kupclient._types import channel_options, target_for
 
-__all__ = ["DEFAULT_ADMIN_SOCKET", "AdminClient", "LeaseInfo", "ReloadResult", "main"]
+__all__ = [
+    "DEFAULT_ADMIN_SOCKET",
+    "AdminClient",
+    "LeaseInfo",
+    "ReloadResult",
+    "main",
+    "reload_summary",
+]
 
 DEFAULT_ADMIN_SOCKET = "/run/kupd/admin.sock"
 
@@ -53,6 +60,20 @@ class LeaseInfo:
 class ReloadResult:
     tenants: tuple[str, ...]
     sessions_ended: tuple[str, ...]
+    #: changed keys that only a restart applies (the rest was applied)
+    needs_restart: tuple[str, ...] = ()
+
+
+def reload_summary(r: ReloadResult) -> str:
+    """One line for an operator: what the reload applied, and what waits for
+    a restart."""
+    line = (
+        f"reloaded: tenants {', '.join(r.tenants)}; "
+        f"{len(r.sessions_ended)} sessions ended by the new policy"
+    )
+    if r.needs_restart:
+        line += f"; changed but applied only at restart: {', '.join(r.needs_restart)}"
+    return line
 
 
 class AdminClient:
@@ -79,7 +100,9 @@ class AdminClient:
 
     def reload(self) -> ReloadResult:
         resp = self._unary("Reload", kup_pb2.ReloadRequest())
-        return ReloadResult(tuple(resp.tenants), tuple(resp.sessions_ended))
+        return ReloadResult(
+            tuple(resp.tenants), tuple(resp.sessions_ended), tuple(resp.needs_restart)
+        )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:
         resp = self._unary("DrainDevice", kup_pb2.DrainDeviceRequest(device=device, undo=undo))
@@ -137,11 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 a.revoke(args.lease_id, args.reason)
                 print(f"revoked {args.lease_id}")
             elif args.cmd == "reload":
-                r = a.reload()
-                print(
-                    f"reloaded: tenants {', '.join(r.tenants)}; "
-                    f"{len(r.sessions_ended)} sessions ended by the new policy"
-                )
+                print(reload_summary(a.reload()))
             else:
                 ended = a.drain(args.device, args.undo)
                 what = "undrained" if args.undo else f"drained ({len(ended)} leases ended)"

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kupclient import Client, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
-from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient
+from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -671,12 +671,13 @@ def cmd_reload(args: argparse.Namespace, out: Output) -> int:
     with _admin(args) as a:
         r = a.reload()
     if args.json:
-        print(json.dumps({"tenants": list(r.tenants), "sessions_ended": list(r.sessions_ended)}))
+        print(json.dumps({
+            "tenants": list(r.tenants),
+            "sessions_ended": list(r.sessions_ended),
+            "needs_restart": list(r.needs_restart),
+        }))
     else:
-        print(
-            f"reloaded: tenants {', '.join(r.tenants)}; "
-            f"{len(r.sessions_ended)} sessions ended by the new policy"
-        )
+        print(reload_summary(r))
     return EXIT_OK
 
 
