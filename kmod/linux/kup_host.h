@@ -13,7 +13,6 @@
 #include <linux/mutex.h>
 #include <linux/sched.h>
 #include <linux/wait.h>
-#include <linux/miscdevice.h>
 #include <linux/compiler.h>
 #include <linux/atomic.h>
 #include <linux/timekeeping.h>
@@ -27,11 +26,8 @@ typedef struct mutex kup_lock_t;
 /* Host state embedded in every device (struct kupdev_softc). */
 struct kup_os_dev {
 	struct kupdev_softc *sc;      /* back pointer, set at publish */
-	struct miscdevice misc;       /* /dev/kup/<name> */
 	char name[KUP_NAME_MAX];      /* the device's name (for open) */
-	char misc_name[KUP_NAME_MAX + 8];   /* "kup-<name>" (sysfs) */
-	char node_name[KUP_NAME_MAX + 8];   /* "kup/<name>" (devtmpfs) */
-	int registered;               /* misc_register succeeded */
+	int registered;               /* its node (kup_linux.c) was added */
 	int withdrawn;                /* unload began: no new opens */
 	int wq_ready;                 /* the wait queues below are initialised */
 	wait_queue_head_t wq;         /* kernel-side sleepers (wait_channel) */
