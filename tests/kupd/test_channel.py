@@ -400,3 +400,14 @@ def test_stamp_wait_ends_when_the_user_leaves(echo_sim: KupSim) -> None:
             opened(ch2)
             assert roundtrip(ch2, b"after").data == b"after"
         assert time.monotonic() - t0 < 5.0
+
+
+def test_module_reentry_is_refused_not_a_hang(echo_sim: KupSim) -> None:
+    """echo's b"!reenter": its worker sends and receives on the channel it
+    still holds from its receive; the core must refuse both (-EDEADLK)
+    rather than block the worker forever, and the channel goes on."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        opened(ch)
+        for _ in range(2):  # refused every time, not just the first
+            assert roundtrip(ch, b"!reenter").data == b"!reenter ok"
+        assert roundtrip(ch, b"after").data == b"after"

@@ -73,6 +73,20 @@ def test_round_trips_and_pass(echo: Device) -> None:
     assert echo.info().attached == ()
 
 
+def test_module_reentry_is_refused_by_the_linux_core(echo: Device) -> None:
+    """echo's "!reenter": its kernel thread sends and receives on the channel
+    it still holds; kup.ko refuses both with -EDEADLK (KUP_CURTHREAD() is
+    `current`) instead of leaving an unkillable thread, and the channel goes on."""
+    with echo.channel(2) as ch:
+        opened(ch)
+        ch.send(b"!reenter")
+        assert ch.receive(timeout=T).data == b"!reenter ok"
+        ch.send(b"after")
+        assert ch.receive(timeout=T).data == b"after"
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    assert "call kupdev_unlock_channel first (-EDEADLK)" in log, log[-2000:]
+
+
 def test_odd_channel_upper_cases_and_rot13_device(echo: Device) -> None:
     with echo.channel(1) as ch, Device.open("rot13") as r, r.channel(1) as rc:
         opened(ch)

@@ -23,6 +23,10 @@
  *     test observe the kernel holding the turn); a message starting with
  *     "!hold" is never answered: the kernel keeps the turn until the user
  *     leaves or the device unloads (an idle channel for tests);
+ *     a message starting with "!reenter" makes the worker call send and
+ *     receive on the channel it still holds (a module bug on purpose):
+ *     the answer is "!reenter ok" when the core refused both with
+ *     -EDEADLK, "!reenter bad" otherwise;
  *     a message of at least 16 bytes starting with "!stamp" and optional
  *     decimal digits N (milliseconds, default 1000, at most 10000) is
  *     answered N ms later, its last 8 bytes replaced by kup_os_now_ns()
@@ -132,16 +136,14 @@ echo_transform(int chan, unsigned char *dst, const unsigned char *src,
 #endif
 }
 
+/* Does the message start with tag? */
 static int
-echo_is_delay(const unsigned char *p, size_t len)
+echo_has_prefix(const unsigned char *p, size_t len, const char *tag)
 {
-	static const char tag[] = "!delay";
 	size_t i;
 
-	if (len < sizeof(tag) - 1)
-		return 0;
-	for (i = 0; i < sizeof(tag) - 1; i++)
-		if (p[i] != (unsigned char)tag[i])
+	for (i = 0; tag[i] != '\0'; i++)
+		if (i >= len || p[i] != (unsigned char)tag[i])
 			return 0;
 	return 1;
 }
@@ -159,12 +161,9 @@ echo_stamp_ms(const unsigned char *p, size_t len)
 	size_t i;
 	int digits = 0;
 
-	if (len < ECHO_STAMP_MIN_LEN)
+	if (len < ECHO_STAMP_MIN_LEN || !echo_has_prefix(p, len, tag))
 		return 0;
-	for (i = 0; i < sizeof(tag) - 1; i++)
-		if (p[i] != (unsigned char)tag[i])
-			return 0;
-	for (; i < len - 8 && p[i] >= '0' && p[i] <= '9'; i++) {
+	for (i = sizeof(tag) - 1; i < len - 8 && p[i] >= '0' && p[i] <= '9'; i++) {
 		digits = 1;
 		if (ms <= ECHO_STAMP_MAX_MS)
 			ms = ms * 10U + (unsigned int)(p[i] - '0');
@@ -174,11 +173,29 @@ echo_stamp_ms(const unsigned char *p, size_t len)
 	return ms > ECHO_STAMP_MAX_MS ? ECHO_STAMP_MAX_MS : ms;
 }
 
-static int
-echo_is_hold(const unsigned char *p, size_t len)
+/* "!reenter": the module bug the core refuses, on purpose.  While still
+ * holding the channel from its receive, the worker calls send and receive
+ * on it again; both must fail with -EDEADLK instead of blocking the worker
+ * forever.  Then it unlocks and answers "!reenter ok" (or "!reenter bad"),
+ * so a test on any host sees the core's answer. */
+static size_t
+echo_reenter(struct echo_slot *s)
 {
-	return len >= 5 && p[0] == '!' && p[1] == 'h' && p[2] == 'o' &&
-	    p[3] == 'l' && p[4] == 'd';
+	static const char ok[] = "!reenter ok", bad[] = "!reenter bad";
+	struct kupdev_msg again;
+	int rs, rr;
+
+	rs = kupdev_send(echo_sc, "x", 1, s->chan);
+	rr = kupdev_receive_msg(echo_sc, s->chan, &again, 0);
+	kupdev_unlock_channel(echo_sc, s->chan);
+	if (rs == -EDEADLK && rr == -EDEADLK) {
+		ECHO_MEMCPY(s->buf, ok, sizeof(ok) - 1);
+		return sizeof(ok) - 1;
+	}
+	kup_os_log("echo: chan %d: re-entry not refused (send %d, receive %d)",
+	    s->chan, rs, rr);
+	ECHO_MEMCPY(s->buf, bad, sizeof(bad) - 1);
+	return sizeof(bad) - 1;
 }
 
 /* Hold the turn for ms milliseconds, looking every 20 ms whether the user
@@ -250,12 +267,17 @@ echo_worker(void *arg)
 		}
 		switch (m.kind) {
 		case KUP_KIND_DATA:
-			if (echo_is_hold(m.data, m.len)) {
+			if (echo_has_prefix(m.data, m.len, "!reenter")) {
+				n = echo_reenter(s);   /* unlocks */
+				r = kupdev_send(echo_sc, s->buf, n, s->chan);
+				break;
+			}
+			if (echo_has_prefix(m.data, m.len, "!hold")) {
 				kupdev_unlock_channel(echo_sc, s->chan);
 				r = echo_hold(s);
 				break;
 			}
-			delay = echo_is_delay(m.data, m.len);
+			delay = echo_has_prefix(m.data, m.len, "!delay");
 			n = m.len < echo_max ? m.len : echo_max;
 			stamp_ms = echo_stamp_ms(m.data, n);
 			echo_transform(s->chan, s->buf, m.data, n);
