@@ -621,7 +621,9 @@ kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 	if (ch == NULL || fn == NULL)
 		return -EINVAL;
 	kup_lock(&ch->lock);
+	kup_lock(&ch->sc->lock);   /* kupdev_shutdown writes every page */
 	r = fn(ch);
+	kup_unlock(&ch->sc->lock);
 	kup_unlock(&ch->lock);
 	return r;
 }

@@ -105,8 +105,9 @@ void kup_os_dev_wake(struct kupdev_softc *sc);
 void kup_os_dev_wake_user(struct kupdev_softc *sc);
 
 /* ---- device node ------------------------------------------------------
- * Publish / withdraw the device for user space (misc device, make_dev_s,
- * kupsim socket).  Publish is called after the softc is fully built;
+ * Publish / withdraw the device for user space (Linux: a character
+ * device on kup.ko's major; FreeBSD: make_dev_s; kupsim: a socket).
+ * Publish is called after the softc is fully built;
  * withdraw at the start of unload (no new opens) and must not wait for
  * existing users.  kup_os_dev_release is called once, when the last
  * reference is gone, for the host to free what remains. */
@@ -164,14 +165,15 @@ void kup_core_detach(struct kup_chan *ch);
 /* The user side asks the kernel side to wake (it handed over the turn and
  * saw kernel_waiting set). */
 void kup_core_user_wake(struct kup_chan *ch);
-/* Run fn(ch) with ch's channel lock held and return its result: no
- * kernel-side operation of ch runs meanwhile (one in progress, e.g. a
- * module thread between its receive and kupdev_unlock_channel, is waited
- * for).  For a host whose user-visible objects outlive an attachment
- * (kupsim: memfd and eventfds) and that gives a detached channel fresh
- * ones, so that no kernel caller of the previous attachment touches them
- * half-way.  May sleep: call it with no core lock held, never from a
- * module thread. */
+/* Run fn(ch) with ch's channel lock and its device's lock held and return
+ * its result: no kernel-side operation of ch runs meanwhile (one in
+ * progress, e.g. a module thread between its receive and
+ * kupdev_unlock_channel, is waited for), and no attach, detach or
+ * shutdown writes ch's page.  For a host whose user-visible objects
+ * outlive an attachment (kupsim: memfd and eventfds) and that gives a
+ * detached channel fresh ones, so that nothing of the previous attachment
+ * touches them half-way.  fn must not call into the core.  May sleep:
+ * call it with no core lock held, never from a module thread. */
 int  kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *));
 
 /* Geometry and facts the host needs for mmap bounds and ioctl replies. */

@@ -186,6 +186,24 @@ kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
 	os->mem = NULL;
 }
 
+/* Put newfd's file on descriptor number oldfd (close-on-exec), dropping
+ * what oldfd referred to, in one step: another thread using oldfd sees
+ * either file, never a closed number.  EBUSY: Linux's answer when oldfd
+ * is being opened concurrently; retried like EINTR.  0 or -1 (errno). */
+static int
+fd_replace(int newfd, int oldfd)
+{
+	int tries;
+
+	for (tries = 0; tries < 100; tries++) {
+		if (dup3(newfd, oldfd, O_CLOEXEC) == oldfd)
+			return 0;
+		if (errno != EINTR && errno != EBUSY)
+			break;
+	}
+	return -1;
+}
+
 /*
  * Fresh user-visible objects for a channel (kupsim.h).  Runs under the
  * channel lock (kup_core_chan_exclusive), with the channel detached: no
@@ -211,20 +229,6 @@ kup_os_chan_mem_free(struct kupdev_softc *sc, struct kup_chan *ch)
  * os->memfd) but not a fresh one: -errno, and the caller must not hand
  * the channel out until a later renewal succeeds.
  */
-static int
-fd_replace(int newfd, int oldfd)
-{
-	int tries;
-
-	for (tries = 0; tries < 100; tries++) {
-		if (dup3(newfd, oldfd, O_CLOEXEC) == oldfd)
-			return 0;
-		if (errno != EINTR && errno != EBUSY)
-			break;
-	}
-	return -1;
-}
-
 static int
 chan_renew_locked(struct kup_chan *ch)
 {

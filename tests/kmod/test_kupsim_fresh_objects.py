@@ -350,6 +350,17 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_table(pid: int) -> list[str]:
+    """What process pid's descriptors are (for failure messages)."""
+    out = []
+    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(f"{name} -> {os.readlink(f'/proc/{pid}/fd/{name}')}")
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
     """1000 attach/detach cycles (each one renews the channel's objects):
     kupsim ends with as many descriptors and channel mappings as it began
@@ -365,14 +376,14 @@ def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
         probe = wire_connect(path)
         RawUser(path, chan).close()
         wait_detached_on(probe, chan)
-        fds_before = fd_count(sim.pid)
+        table_before = fd_table(sim.pid)
         maps_before = memfd_inodes_mapped(sim.pid)
         assert len(maps_before) == int(CHANNELS)
         prev: int | None = None
         for i in range(1000):
             with wire_connect(path) as s:
                 st, fds, _msg = wire_attach(s, chan)
-                assert st == E_OK and len(fds) == 3, (i, st)
+                assert st == E_OK and len(fds) == 3, (i, st, sim.stderr())
                 if prev is not None:
                     assert os.fstat(fds[0]).st_ino != os.fstat(prev).st_ino, i
                     os.close(prev)
@@ -382,7 +393,8 @@ def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
         assert prev is not None
         os.close(prev)
         wait_detached_on(probe, chan)
-        assert fd_count(sim.pid) == fds_before
+        table_after = fd_table(sim.pid)
+        assert len(table_after) == len(table_before), (table_before, table_after)
         maps_after = memfd_inodes_mapped(sim.pid)
         assert len(maps_after) == int(CHANNELS)
         assert len(maps_after - maps_before) == 1  # only channel 2's was replaced
