@@ -206,12 +206,14 @@ fd_replace(int newfd, int oldfd)
 
 /*
  * Fresh user-visible objects for a channel (kupsim.h).  Runs under the
- * channel lock (kup_core_chan_exclusive), with the channel detached: no
- * kernel-side operation is in progress and any that starts sees the
- * channel detached (-EPIPE) before it touches the page, so nothing of the
- * previous session reaches the new objects, and no module thread is
- * asleep in poll() on the old u2k eventfd (the sleeper holds the lock;
- * the detach woke it through kwake_efd).
+ * channel and device locks (kup_core_chan_exclusive; the device lock
+ * orders the page's replacement with kupdev_shutdown's writes of the
+ * state word), with the channel detached: no kernel-side operation is in
+ * progress and any that starts sees the channel detached (-EPIPE) before
+ * it touches the page, so nothing of the previous session reaches the
+ * new objects, and no module thread is asleep in poll() on the old u2k
+ * eventfd (the sleeper holds the channel lock; the detach woke it through
+ * kwake_efd).
  *
  * The objects change behind the same numbers and the same address:
  *   - the new memfd is mapped with MAP_FIXED over the old mapping (which
