@@ -296,12 +296,16 @@ kupdev_shutdown(struct kupdev_softc *sc)
 	KUP_WRITE_ONCE32(&sc->shutdown, 1);
 	for (i = 0; i < sc->chan_cnt; i++)
 		kup_state_set(&sc->chans[i], KUP_STATE_SHUTDOWN, 0);
-	kup_unlock(&sc->lock);
 	KUP_FENCE();
+	/* The channel wake-ups too under sc->lock (they never sleep): a host
+	 * that renews a detached channel's wake-up objects does so under it
+	 * (kup_core_chan_exclusive), so a wake-up never meets an object
+	 * half-replaced (kupsim: an eventfd number being dup3'd onto). */
 	for (i = 0; i < sc->chan_cnt; i++) {
 		kup_os_chan_wake_user(&sc->chans[i]);
 		kup_os_chan_wake(&sc->chans[i]);
 	}
+	kup_unlock(&sc->lock);
 	kup_os_dev_wake(sc);
 	kup_os_dev_wake_user(sc);
 	return 0;

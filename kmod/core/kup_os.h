@@ -94,7 +94,8 @@ int  kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
  * detached, device shutting down). */
 void kup_os_chan_wake(struct kup_chan *ch);
 /* Wake the user side of ch: make its pollable fd readable (eventfd write,
- * wake_up of the poll queue, selwakeup + KNOTE). */
+ * wake_up of the poll queue, selwakeup + KNOTE).  Both wakes must not
+ * sleep: the core may call them with ch->lock or sc->lock held. */
 void kup_os_chan_wake_user(struct kup_chan *ch);
 
 /* The same pair for the device: kupdev_wait_channel sleeps here, and
