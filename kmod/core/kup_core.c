@@ -568,12 +568,13 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 	kup_unlock(&sc->lock);
 
 	/* Wait for a kernel caller of the previous attachment to leave (it
-	 * was woken with -EPIPE by the detach), then reset the page. */
+	 * was woken with -EPIPE by the detach), then reset the page -- under
+	 * sc->lock too, as kupdev_shutdown writes every page's state word
+	 * under it (a shutdown meanwhile is seen just below). */
 	kup_lock(&ch->lock);
-	kup_page_reset(ch, gen);
-	kup_unlock(&ch->lock);
-
 	kup_lock(&sc->lock);
+	kup_page_reset(ch, gen);
+	kup_unlock(&ch->lock);   /* sc->lock stays: ch before sc, as ever */
 	if (sc->shutdown) {
 		kup_state_set(ch, KUP_STATE_SHUTDOWN, KUP_STATE_ATTACHED);
 		KUP_WRITE_ONCE32(&ch->attached, 0);
