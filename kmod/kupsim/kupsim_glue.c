@@ -222,9 +222,10 @@ fd_replace(int newfd, int oldfd)
  *     next attachment into them (under the same lock) as it does on a
  *     channel that was never attached;
  *   - dup3() puts each new file on the old descriptor number (dropping
- *     our reference to the old file), so kup_os_chan_wake_user, which
- *     kupdev_shutdown calls without the channel lock, never writes to a
- *     closed or reused number.
+ *     our reference to the old file), so a descriptor number the core or
+ *     a module thread holds on to never becomes closed or reused; the
+ *     wake-ups themselves are serialised with this (kup_handover's under
+ *     the channel lock, kupdev_shutdown's under the device lock).
  * The previous holder keeps only its own references: its mapping and
  * eventfds now lead nowhere the kernel side looks.  A failure leaves a
  * consistent channel (the kernel mapping is always the file of
