@@ -49,6 +49,7 @@ __all__ = [
     "KupSimError",
     "Kupd",
     "KupdError",
+    "channel_when_free",
     "kmod_out",
     "kupd",
     "kupd_env",
@@ -564,3 +565,20 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+def channel_when_free(dev: Any, chan_id: int, timeout: float = 20.0) -> Any:
+    """``dev.channel(chan_id)`` on a :class:`kupd.channel.Device`, retried
+    while the channel is Busy: its previous user's detach (a closed or dead
+    holder) may still be on its way to the kernel side.  TimeoutError
+    naming the channel after ``timeout`` seconds (a bounded wait)."""
+    from kupd.errors import Busy
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return dev.channel(chan_id)
+        except Busy:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"channel {chan_id} still busy after {timeout}s") from None
+            time.sleep(0.02)

@@ -28,7 +28,7 @@ from kupd.errors import (
     NotYourTurn,
     TooBig,
 )
-from kupd.testing import KupSim, kupsim
+from kupd.testing import KupSim, channel_when_free, kupsim
 
 T = 10.0  # generous bound on any single wait that should succeed
 
@@ -390,15 +390,7 @@ def test_stamp_wait_ends_when_the_user_leaves(echo_sim: KupSim) -> None:
         with dev.channel(0) as ch:
             opened(ch)
             ch.send(b"!stamp10000".ljust(32, b"."))
-        deadline = time.monotonic() + T
-        while True:
-            try:
-                ch2 = dev.channel(0)
-                break
-            except Busy:
-                assert time.monotonic() < deadline, "channel 0 stayed busy"
-                time.sleep(0.01)
-        with ch2:
+        with channel_when_free(dev, 0, T) as ch2:
             first = ch2.receive(timeout=4.0)  # DeadlineExceeded: the old worker slept on
             assert first.kind is Kind.PASS and first.seq == 1
             assert roundtrip(ch2, b"after").data == b"after"

@@ -20,7 +20,7 @@ import pytest
 
 from kupd.channel import Channel, Device, Kind
 from kupd.errors import Busy, DeadlineExceeded, KupError, Shutdown, VersionMismatch
-from kupd.testing import REPO_ROOT, KupSim, kupsim
+from kupd.testing import REPO_ROOT, KupSim, channel_when_free, kupsim
 
 T = 10.0
 DELAY = b"!delay"  # echo holds the turn 300 ms, then answers
@@ -223,15 +223,7 @@ def test_next_user_after_close_gets_a_fresh_channel(echo_sim: KupSim, hold: byte
         r = outcome[0]
         assert isinstance(r, InvalidArgument) or getattr(r, "data", None) == hold, r
         # The channel is free again for the next user.
-        deadline = time.monotonic() + T
-        while True:
-            try:
-                again = dev.channel(0)
-                break
-            except Busy:
-                assert time.monotonic() < deadline, "channel 0 never became free"
-                time.sleep(0.02)
-        with again:
+        with channel_when_free(dev, 0, T) as again:
             opened(again)
 
 
@@ -354,15 +346,7 @@ def test_killed_holder_frees_the_channel(echo_sim: KupSim) -> None:
                 proc.kill()
                 proc.communicate(timeout=T)
         # kupsim notices the closed connection and detaches; wait for it.
-        deadline = time.monotonic() + T
-        while True:
-            try:
-                ch = dev.channel(5)
-                break
-            except Busy:
-                assert time.monotonic() < deadline, "channel 5 still busy after its holder died"
-                time.sleep(0.02)
-        with ch:
+        with channel_when_free(dev, 5, T) as ch:
             opened(ch)  # a fresh attachment: sequence restarts at 1
             ch.send(b"alive")
             assert ch.receive(timeout=T).data == b"ALIVE"  # odd channel: upper-cased
