@@ -9,7 +9,8 @@
  *         void kup_module_fini(void);
  *     kupsim dlopen()s the module and calls them; the Linux host wraps
  *     them in module_init/module_exit, FreeBSD in a DECLARE_MODULE handler.
- *   - allocation, logging, sleeping, module parameters and kernel threads,
+ *   - allocation, logging, sleeping, a monotonic clock, module parameters
+ *     and kernel threads,
  *     implemented by each host (kmod/kupsim/kupsim_glue.c, kmod/linux,
  *     kmod/freebsd).  No libc: a module must not call printf/malloc/pthread.
  *
