@@ -20,7 +20,7 @@ from typing import Any
 from kupd.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
 
 __all__ = [
-    "RESTART_ONLY_KEYS",
+    "RELOADED_KEYS",
     "Config",
     "ConfigError",
     "DeviceConfig",
@@ -28,10 +28,11 @@ __all__ = [
     "parse_config",
 ]
 
-#: Config keys a reload reads but cannot apply (the listening socket, the
-#: devices and their Call pools, where kupsim lives, the admin socket, the
-#: audit file are set up once at start); a reload reports them as changed.
-RESTART_ONLY_KEYS = ("socket", "devices", "kupsim_dir", "admin_socket", "audit_log")
+#: The config keys a reload applies (the tenant policy, and with it the
+#: tenants' sockets).  Every other key is used once, at start (the socket,
+#: the devices and their Call pools, the timeouts, ...): a reload reports
+#: the ones that changed in the file as needing a restart.
+RELOADED_KEYS = ("tenants",)
 
 
 class ConfigError(ValueError):

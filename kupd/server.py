@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
-from kupd.config import RESTART_ONLY_KEYS, Config, load_config
+from kupd.config import RELOADED_KEYS, Config, load_config
 from kupd.devices import DeviceManager
 from kupd.log import get_logger
 from kupd.metrics import Metrics, TenantCollector
@@ -207,9 +207,10 @@ class Server:
         async with self._reload_lock:
             new = self.reload_source()  # ConfigError propagates: the old policy stays
             ignored = [
-                k
-                for k in RESTART_ONLY_KEYS
-                if getattr(new, k) != getattr(self.config, k)
+                f.name
+                for f in dataclasses.fields(new)
+                if f.name not in RELOADED_KEYS
+                and getattr(new, f.name) != getattr(self.config, f.name)
             ]
             if ignored:
                 log.warning("reload: these keys need a restart", keys=ignored)

@@ -151,23 +151,28 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
 
 def test_reload_names_the_keys_only_a_restart_applies(start_tenants: StartTenants) -> None:
     """A reload applies the tenants and says which other changed keys wait
-    for a restart (here the devices' Call pools); kupd keeps serving."""
+    for a restart (here the devices' Call pools and the Call timeout);
+    kupd keeps serving."""
     k = start_tenants(DEVICES + TENANTS)
 
     def kupctl(*args: str) -> subprocess.CompletedProcess[str]:
         return run_module("kupclient.kupctl", *args, "--admin-socket", k.admin_socket)
 
-    k.write_config(DEVICES.replace("call_channels = 4", "call_channels = 2") + NEW_TENANTS)
+    k.write_config(
+        "call_timeout = 7.5\n"
+        + DEVICES.replace("call_channels = 4", "call_channels = 2")
+        + NEW_TENANTS
+    )
     out = kupctl("reload")
     assert out.returncode == 0, out
     assert "tenants alice, dave" in out.stdout, out.stdout
-    assert "changed but applied only at restart: devices" in out.stdout, out.stdout
+    assert "changed but applied only at restart: devices, call_timeout" in out.stdout, out.stdout
     out = kupctl("reload", "--json")
-    assert json.loads(out.stdout)["needs_restart"] == ["devices"], out.stdout
+    assert json.loads(out.stdout)["needs_restart"] == ["devices", "call_timeout"], out.stdout
     with k.client("dave") as d:  # the tenants were applied
         assert d.call("echo", b"x").data.lower() == b"x"
     reloads = [x for x in k.audit_lines() if x["event"] == "admin" and x["action"] == "reload"]
-    assert [x["needs_restart"] for x in reloads] == [["devices"], ["devices"]], reloads
+    assert [x["needs_restart"] for x in reloads] == [["devices", "call_timeout"]] * 2, reloads
 
 
 def test_admin_actions_are_audited(start_tenants: StartTenants) -> None:
