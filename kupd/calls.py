@@ -8,7 +8,11 @@
 * A reply that does not come within the deadline fails the Call with
   DeadlineExceeded and *quarantines* the channel: it is not handed to the
   next caller (whose request would be answered with the late reply) until
-  the kernel hands the turn back; the late reply is dropped.
+  the kernel hands the turn back; the late reply is dropped.  A channel
+  still owing its reply after ``quarantine`` seconds is closed (the module
+  sees its user leave) and the device attaches a fresh one: a module that
+  never answers some request costs the pool a channel for that long, not
+  for good.
 * A channel that fails with Shutdown / PeerGone / ProtocolError leaves the
   pool and is closed.
 """
@@ -71,9 +75,12 @@ class PoolChannel:
 
 
 class CallPool:
-    def __init__(self, device: str, metrics: Metrics, max_queued: int, size: int) -> None:
+    def __init__(
+        self, device: str, metrics: Metrics, max_queued: int, size: int, quarantine: float = 30.0
+    ) -> None:
         self.device = device
         self.size = size  # configured number of pool channels
+        self.quarantine = quarantine
         self.metrics = metrics
         self.max_queued = max_queued
         self.channels: dict[int, PoolChannel] = {}
@@ -113,9 +120,19 @@ class CallPool:
         pc.state = why
         try:
             if not pc.ch.my_turn():
-                await pc.waiter.wait(aborts=(self._abort,))
+                limit = self.quarantine if why == "quarantined" else None
+                await pc.waiter.wait(limit, aborts=(self._abort,))
             else:
                 pc.ch.try_receive()  # consume a pending message, if any
+        except errors.DeadlineExceeded:
+            log.warning(
+                "pool channel replaced: its reply did not come",
+                device=self.device,
+                channel=pc.ch.id,
+                waited_s=self.quarantine,
+            )
+            self._drop(pc)
+            return
         except errors.KupError as exc:
             log.warning(
                 "pool channel dropped", device=self.device, channel=pc.ch.id, error=str(exc)

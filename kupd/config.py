@@ -66,6 +66,9 @@ class Config:
     kupsim_dir: str = ""
     lease_idle_timeout: float = 60.0
     call_timeout: float = 10.0
+    #: A Call pool channel whose reply never came is replaced (closed, and a
+    #: fresh channel attached) once it has waited this long for it.
+    call_quarantine: float = 30.0
     drain_grace: float = 5.0
     #: How often unreachable devices are retried and reachable ones probed.
     health_interval: float = 1.0
@@ -157,6 +160,7 @@ _TOP = {
     "kupsim_dir": str,
     "lease_idle_timeout": float,
     "call_timeout": float,
+    "call_quarantine": float,
     "drain_grace": float,
     "health_interval": float,
     "max_sessions": int,
@@ -218,6 +222,7 @@ def validate(cfg: Config) -> Config:
     for key in (
         "lease_idle_timeout",
         "call_timeout",
+        "call_quarantine",
         "health_interval",
         "keepalive_time",
         "keepalive_timeout",

@@ -42,6 +42,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on loopback:PORT")
     p.add_argument("--lease-idle-timeout", type=float, help="seconds before an idle lease ends")
     p.add_argument("--call-timeout", type=float, help="default Call deadline, seconds")
+    p.add_argument(
+        "--call-quarantine",
+        type=float,
+        help="seconds a Call pool channel may owe its reply before it is replaced",
+    )
     p.add_argument("--drain-grace", type=float, help="seconds calls get to finish at SIGTERM")
     p.add_argument("--health-interval", type=float, help="device probe interval, seconds")
     p.add_argument("--max-sessions", type=int, help="limit on open sessions + leases")
@@ -71,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "metrics_port": args.metrics_port,
         "lease_idle_timeout": args.lease_idle_timeout,
         "call_timeout": args.call_timeout,
+        "call_quarantine": args.call_quarantine,
         "drain_grace": args.drain_grace,
         "health_interval": args.health_interval,
         "max_sessions": args.max_sessions,

@@ -48,7 +48,7 @@ class ManagedDevice:
         self.dev: Device | None = None
         self.info: DeviceInfo | None = None
         self.error = "not opened yet"
-        self.pool = CallPool(self.name, mgr.metrics, mgr.config.max_queued_calls, cfg.call_channels)
+        self.pool = self._new_pool()
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
         self._event_fd = -1
@@ -103,9 +103,7 @@ class ManagedDevice:
         self._event_fd = fd
         self._announced_seen = info.announced
         self._shutdown_seen = info.shutting_down
-        self.pool = CallPool(
-            self.name, self.mgr.metrics, self.mgr.config.max_queued_calls, self.cfg.call_channels
-        )
+        self.pool = self._new_pool()
         asyncio.get_running_loop().add_reader(fd, self._on_event)
         log.info(
             "device appeared",
@@ -243,6 +241,22 @@ class ManagedDevice:
             # leave the channel attached to nobody.
             fut.add_done_callback(_close_attached)
             raise
+
+    def _new_pool(self) -> CallPool:
+        pool = CallPool(
+            self.name,
+            self.mgr.metrics,
+            self.mgr.config.max_queued_calls,
+            self.cfg.call_channels,
+            self.mgr.config.call_quarantine,
+        )
+
+        def changed() -> None:  # a channel left the pool: attach another
+            if self.pool is pool and not pool.closed and self.dev is not None:
+                self._fill_pool()
+
+        pool.on_change = changed
+        return pool
 
     def _fill_pool(self) -> None:
         if self._pool_filling or self.cfg.call_channels <= len(self.pool.channels):

@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from gateway_helpers import Kupd
+from gateway_helpers import Kupd, StartKupd
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
@@ -279,6 +279,38 @@ def test_call_reply_that_never_comes_keeps_its_channel_quarantined(client: Clien
         assert client.call("echo", f"{i}".encode(), timeout=10).data == f"{i}".encode()
     (dev,) = client.devices("echo")
     assert [c.state for c in dev.channels[:4]].count("quarantined") == 1
+
+
+def test_quarantined_channels_whose_reply_never_comes_are_replaced(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """Four Calls the module never answers quarantine the whole 4-channel
+    pool; after --call-quarantine each of those channels is closed (echo's
+    worker sees its user leave) and a fresh one attached, so Calls work
+    again instead of timing out for good."""
+    k = start_kupd(sim, "--call-quarantine", "1.0")
+    with k.client() as c:
+        for _ in range(4):
+            with pytest.raises(errors.DeadlineExceeded):
+                c.call("echo", b"!hold", timeout=0.2)
+        (dev,) = c.devices("echo")
+        held = sorted(ch.id for ch in dev.channels if ch.state == "quarantined")
+        assert len(held) == 4, dev.channels
+        # a Call now waits for a replacement, and gets one
+        assert c.call("echo", b"after", timeout=20).data == b"after"
+
+        def states() -> list[str]:
+            return [ch.state for ch in c.devices("echo")[0].channels]
+
+        wait_until(
+            lambda: states().count("calls") == 4 and "quarantined" not in states(),
+            what="a full pool of 4 channels again, none quarantined",
+        )
+        for i in range(8):  # the replacements carry Calls
+            assert c.call("echo", b"%d" % i, timeout=10).data == b"%d" % i
+    log = k.log()
+    assert log.count("pool channel replaced: its reply did not come") == 4, log[-3000:]
+    assert sim.stderr().count("peer gone (-EPIPE)") >= 4
 
 
 def test_session_must_start_with_attach(kupd: Kupd) -> None:
