@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -54,6 +55,23 @@ def send(rid: int, data: bytes) -> Req:
 async def _session(socket: str, body: Callable[[kup_pb2_grpc.KupStub], object]) -> object:
     async with grpc.aio.insecure_channel("unix:" + socket, options=OPTS) as ch:
         return await body(kup_pb2_grpc.KupStub(ch))  # type: ignore[misc]
+
+
+async def _held_with_queue(stub: kup_pb2_grpc.KupStub, chan: int, queued: int) -> Any:
+    """A Session on ``chan`` whose first exchange is never answered
+    ("!hold") with ``queued`` more written behind it and given time to reach
+    kupd's side of the stream; the call and the attach response."""
+    call = stub.Session(timeout=120)
+    await call.write(attach(1, chan))
+    await call.write(receive(2))
+    attached = await call.read()
+    assert attached.WhichOneof("result") == "attached"
+    assert (await call.read()).WhichOneof("result") == "received"
+    await call.write(exchange(3, b"!hold"))
+    for i in range(queued):
+        await call.write(exchange(4 + i, b"queued"))
+    await asyncio.sleep(0.2)
+    return call, attached
 
 
 def _channel_free(c: Client, chan: int) -> bool:
@@ -118,15 +136,7 @@ def test_cancel_with_requests_queued_frees_the_channel(kupd: Kupd, client: Clien
     chan = 9
 
     async def body(stub: kup_pb2_grpc.KupStub) -> None:
-        call = stub.Session(timeout=120)
-        await call.write(attach(1, chan))
-        await call.write(receive(2))
-        assert (await call.read()).WhichOneof("result") == "attached"
-        assert (await call.read()).WhichOneof("result") == "received"
-        await call.write(exchange(3, b"!hold"))
-        for i in range(50):
-            await call.write(exchange(4 + i, b"queued"))
-        await asyncio.sleep(0.2)  # let them reach kupd's side of the stream
+        call, _ = await _held_with_queue(stub, chan, 50)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call.read()
@@ -164,15 +174,8 @@ def test_lease_revoked_with_requests_queued(sim: KupSim, tmp_path: Path) -> None
     try:
 
         async def body(stub: kup_pb2_grpc.KupStub) -> tuple[list[int], grpc.aio.AioRpcError]:
-            call = stub.Session(timeout=120)
-            await call.write(attach(1, 4))
-            lease_id = (await call.read()).attached.lease_id
-            await call.write(receive(2))
-            await call.read()
-            await call.write(exchange(3, b"!hold"))
-            for i in range(30):
-                await call.write(exchange(4 + i, b"queued"))
-            await asyncio.sleep(0.2)
+            call, attached = await _held_with_queue(stub, 4, 30)
+            lease_id = attached.attached.lease_id
             with AdminClient(admin) as adm:
                 await asyncio.to_thread(adm.revoke, lease_id, "pipelining test")
             ids: list[int] = []
@@ -197,15 +200,7 @@ def test_drain_with_requests_queued(sim: KupSim, start_kupd: StartKupd) -> None:
     k = start_kupd(sim)
 
     async def body(stub: kup_pb2_grpc.KupStub) -> grpc.aio.AioRpcError:
-        call = stub.Session(timeout=120)
-        await call.write(attach(1, 14))
-        await call.read()
-        await call.write(receive(2))
-        await call.read()
-        await call.write(exchange(3, b"!hold"))
-        for i in range(30):
-            await call.write(exchange(4 + i, b"queued"))
-        await asyncio.sleep(0.2)
+        call, _ = await _held_with_queue(stub, 14, 30)
         k.terminate()
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             while await call.read() is not grpc.aio.EOF:
