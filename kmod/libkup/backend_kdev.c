@@ -280,7 +280,7 @@ kd_wake(struct kup_backend_chan *ch)
 	return KUP_E_OK;
 }
 
-static void
+static int
 kd_drain(struct kup_backend_chan *ch)
 {
 	struct kd_chan *c = ch->priv;
@@ -288,8 +288,7 @@ kd_drain(struct kup_backend_chan *ch)
 
 	/* read(2) consumes the pending wake-up (never blocks: EAGAIN when
 	 * there is none); errors are harmless here, the page is the truth */
-	if (c != NULL)
-		(void)!read(c->fd, &v, sizeof(v));
+	return c != NULL && read(c->fd, &v, sizeof(v)) == (ssize_t)sizeof(v);
 }
 
 /* Make wait_fd readable now: write(2) of a non-zero count on the channel

@@ -289,13 +289,13 @@ sim_self_wake(struct kup_backend_chan *ch)
 	return KUP_E_SYS;
 }
 
-static void
+static int
 sim_drain(struct kup_backend_chan *ch)
 {
 	uint64_t v;
 
-	while (read(ch->wait_fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
-		;
+	/* an eventfd read returns the whole count and zeroes it: one read */
+	return read(ch->wait_fd, &v, sizeof(v)) == (ssize_t)sizeof(v);
 }
 
 static void

@@ -48,8 +48,9 @@ struct kup_backend_ops {
 	         uint32_t pages, struct kup_backend_chan *out);
 	/* Wake the kernel side (it set kernel_waiting). */
 	int  (*wake)(struct kup_backend_chan *ch);
-	/* Consume pending wake-ups on wait_fd (non-blocking). */
-	void (*drain)(struct kup_backend_chan *ch);
+	/* Consume pending wake-ups on wait_fd (non-blocking): one read(2),
+	 * which takes them all (eventfd-like).  1 if any was pending. */
+	int  (*drain)(struct kup_backend_chan *ch);
 	/* Unmap and close everything of the channel (the host detaches). */
 	void (*detach)(struct kup_backend_chan *ch);
 	/* A fd that polls readable on device events (announce, shutdown);
