@@ -87,7 +87,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReloadResponse:
         try:
-            tenants, ended, needs_restart = await self.server.reload(via="admin")
+            done = await self.server.reload(via="admin")
         except ConfigError as exc:
             await self._abort(context, errors.InvalidArgument(f"reload refused: {exc}"))
             raise AssertionError("unreachable") from None
@@ -95,7 +95,10 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             await self._abort(context, errors.SystemFailure(f"reload failed: {exc}"))
             raise AssertionError("unreachable") from None
         return kup_pb2.ReloadResponse(
-            tenants=tenants, sessions_ended=ended, needs_restart=needs_restart
+            tenants=done.tenants,
+            sessions_ended=done.sessions_ended,
+            needs_restart=done.needs_restart,
+            applied=done.applied,
         )
 
     async def DrainDevice(

@@ -12,6 +12,10 @@ SIGHUP; ok; tenants and sessions_ended, or the error when refused).
 Written to the file named by the config key ``audit_log`` (opened for
 append, mode 0600, line-buffered) and, always, to kupd's structured log
 as an ``audit`` event.  ``channel`` is null when the request named none.
+A config reload re-opens the file (at the new path if ``audit_log``
+changed): :meth:`AuditLog.open_file` first, which may refuse, then
+:meth:`AuditLog.use`, which cannot fail.  Re-opening at each reload also
+lets go of a file that logrotate renamed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import time
 from collections.abc import Mapping
 
+from kupd.config import ConfigError
 from kupd.log import get_logger
 
 __all__ = ["AuditLog"]
@@ -35,6 +40,24 @@ class AuditLog:
         if path:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.count = 0
+
+    @staticmethod
+    def open_file(path: str) -> int:
+        """Open ``path`` for :meth:`use` (-1 for "": no file).  ConfigError
+        naming ``audit_log`` when it cannot be opened."""
+        if not path:
+            return -1
+        try:
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError("audit_log", f"cannot open {path}: {exc.strerror}") from None
+
+    def use(self, path: str, fd: int) -> None:
+        """Write to ``fd`` (from :meth:`open_file` of ``path``) from now on;
+        the previous file is closed."""
+        old, self._fd, self.path = self._fd, fd, path
+        if old >= 0:
+            os.close(old)
 
     def denial(self, tenant: str, op: str, device: str, channel: int | None, rule: str) -> None:
         self.count += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,56 @@ from kupd.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
 
 __all__ = [
     "RELOADED_KEYS",
+    "RESTART_KEYS",
     "Config",
     "ConfigError",
     "DeviceConfig",
     "load_config",
     "parse_config",
+    "reloaded",
+    "validate",
 ]
 
-#: The config keys a reload applies (the tenant policy, and with it the
-#: tenants' sockets).  Every other key is used once, at start (the socket,
-#: the devices and their Call pools, the timeouts, ...): a reload reports
-#: the ones that changed in the file as needing a restart.
-RELOADED_KEYS = ("tenants",)
+#: The config keys a reload applies to the running kupd (SIGHUP,
+#: Admin.Reload).  Each holder of a value gets the new one: the tenant policy
+#: and its sockets, the default socket's mode (chmod in place), the Call
+#: deadline, the idle timeout of leases taken from now on (a lease already
+#: held keeps the one its Attach reply announced: its holder paces its use
+#: by it), the Call pools' quarantine and queue limit (every pool at once),
+#: the drain grace, the health loop's interval (from its next round), kupd's
+#: session limit (leases already open over a lowered limit stay; the gRPC
+#: max_concurrent_streams option, a per-connection cap set from max_sessions
+#: at start, stays), the log level and the audit log (re-opened, at the new
+#: path if it changed -- so a rotated file is let go at each reload).
+RELOADED_KEYS = (
+    "tenants",
+    "socket_mode",
+    "call_timeout",
+    "lease_idle_timeout",
+    "call_quarantine",
+    "max_queued_calls",
+    "drain_grace",
+    "health_interval",
+    "max_sessions",
+    "log_level",
+    "audit_log",
+)
+
+#: The keys only a restart applies, and why.  A reload names the ones that
+#: changed in the file (``needs_restart``) and keeps running with the old
+#: value, which is what ``Server.config`` keeps saying.
+RESTART_KEYS: dict[str, str] = {
+    "socket": "bound at start, next to its lock; clients connect by this path",
+    "lock_file": "held from start to exit: moving it would let a second kupd start",
+    "pid_file": "written at start and removed at exit (service managers read it)",
+    "devices": "each device's handle, Call pool, health and metrics are built at start",
+    "kupsim_dir": "the devices are found through it when kupd opens them",
+    "metrics_port": "the metrics HTTP listener is bound once, at start",
+    "metrics_address": "the metrics HTTP listener is bound once, at start",
+    "keepalive_time": "a gRPC server option, fixed when the servers are built",
+    "keepalive_timeout": "a gRPC server option, fixed when the servers are built",
+    "admin_socket": "a Reload may arrive on it: moving it would cut that very call",
+}
 
 
 class ConfigError(ValueError):
@@ -41,6 +79,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config key {key!r}: {problem}")
         self.key = key
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -253,6 +292,29 @@ def validate(cfg: Config) -> Config:
             if cfg.device(g.device) is None:
                 raise ConfigError(f"tenant[{i}].grant", f"no [[device]] named {g.device!r}")
     return cfg
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a reload of ``new`` makes of the ``running`` config: the config
+    kupd runs with afterwards (``new``'s live keys, ``running``'s restart-only
+    ones), the live keys that changed (applied) and the restart-only keys
+    that changed (not applied).  ConfigError: the result breaks a rule (a
+    tenant granted a device the running kupd does not serve, ...)."""
+    changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
+    applied = [k for k in changed if k in RELOADED_KEYS]
+    needs_restart = [k for k in changed if k in RESTART_KEYS]
+    live = {k: getattr(new, k) for k in RELOADED_KEYS}
+    try:
+        cfg = validate(replace(running, **live))
+    except ConfigError as exc:
+        if not needs_restart:
+            raise
+        raise ConfigError(
+            exc.key,
+            f"{exc.problem} (checked against the running {', '.join(needs_restart)}: "
+            "the file's new value applies only at a restart)",
+        ) from None
+    return cfg, applied, needs_restart
 
 
 def load_config(

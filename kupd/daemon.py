@@ -3,7 +3,9 @@
     kupd --config /etc/kupd.toml
     kupd --socket /tmp/kupd.sock --device echo:4 --kupsim-dir /tmp/sim
 
-Flags override the config file.  Exit status: 0 after a clean SIGTERM /
+Flags override the config file (at start and at every reload: SIGHUP
+re-reads the file, see kupd.config.RELOADED_KEYS for what it applies).
+Exit status: 0 after a clean SIGTERM /
 SIGINT drain, 1 when another kupd already serves the socket or start-up
 fails, 2 for a bad configuration (the message names the key).
 """
@@ -103,7 +105,9 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    # SIGHUP: re-read the config (flags re-applied) and swap the tenant policy.
+    # SIGHUP: re-read the config and apply what a running kupd can change
+    # (kupd.config.RELOADED_KEYS).  The command-line flags are re-applied on
+    # top of the file, so a key given as a flag keeps the flag's value.
     if args is not None:
         server.reload_source = lambda: config_from_args(args)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.mgr.spawn(server.reload_logged()))

@@ -4,6 +4,11 @@ Every line is one JSON object on stderr with ``event``, ``level``,
 ``timestamp`` and whatever context is bound: ``device``, ``channel``,
 ``lease`` and ``request`` ids are bound with :func:`bind` (contextvars, so
 they follow the asyncio task that serves a request).
+
+:func:`set_level` changes the level of a running kupd (a config reload):
+the loggers :func:`get_logger` hands out are small proxies that re-bind
+their structlog logger when the configuration changed, because a bound
+structlog logger keeps the level filter it was made with.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["bind", "configure", "get_logger"]
+__all__ = ["bind", "configure", "get_logger", "set_level"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -24,8 +29,17 @@ _LEVELS = {
 }
 
 
+#: Bumped by every configure(): proxies re-bind when it moved.
+_generation = 0
+_stream: Any = None
+
+
 def configure(level: str = "info", stream: Any = None) -> None:
     """Set up JSON logging at ``level`` to ``stream`` (default stderr)."""
+    global _generation, _stream
+    if level not in _LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, not {level!r}")
+    _stream = stream
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -38,11 +52,39 @@ def configure(level: str = "info", stream: Any = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _generation += 1
+
+
+def set_level(level: str) -> None:
+    """Log at ``level`` from now on, to the same stream; every logger from
+    :func:`get_logger` follows, including module-level ones."""
+    configure(level, _stream)
+
+
+class _Logger:
+    """A structlog logger for ``logger=name`` that follows :func:`configure`."""
+
+    __slots__ = ("_bound", "_ctx", "_gen")
+
+    def __init__(self, ctx: dict[str, Any]) -> None:
+        self._ctx = ctx
+        self._gen = -1
+        self._bound: Any = None
+
+    def __getattr__(self, attr: str) -> Any:  # info, debug, warning, error, ...
+        if self._gen != _generation:
+            self._bound = structlog.get_logger().bind(**self._ctx)
+            self._gen = _generation
+        return getattr(self._bound, attr)
+
+    def bind(self, **values: Any) -> _Logger:
+        return _Logger({**self._ctx, **values})
 
 
 def get_logger(name: str = "kupd") -> Any:
-    """A bound structlog logger carrying ``logger=name``."""
-    return structlog.get_logger().bind(logger=name)
+    """A structlog logger carrying ``logger=name`` (at the current level, and
+    at whatever level :func:`set_level` sets later)."""
+    return _Logger({"logger": name})
 
 
 def bind(**ids: Any) -> None:

@@ -26,9 +26,9 @@ from grpc_health.v1._async import HealthServicer
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
-from kupd.config import RELOADED_KEYS, Config, load_config
+from kupd.config import Config, load_config, reloaded
 from kupd.devices import DeviceManager
-from kupd.log import get_logger
+from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.policy import Guard, Policy
 from kupd.service import KupService
@@ -36,7 +36,7 @@ from kupd.sessions import LeaseTable
 from kupd.tenants import SocketSet, endpoints_for
 from kupd.watch import Event, EventBus, EventType
 
-__all__ = ["AlreadyRunning", "Server", "server_options"]
+__all__ = ["AlreadyRunning", "Reloaded", "Server", "server_options"]
 
 log = get_logger("kupd.server")
 SERVICE_NAME = kup_pb2.DESCRIPTOR.services_by_name["Kup"].full_name
@@ -46,7 +46,24 @@ class AlreadyRunning(RuntimeError):
     """Another kupd holds the lock of this socket."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Reloaded:
+    """What a reload did."""
+
+    #: tenants served now ("default" without tenants)
+    tenants: list[str]
+    #: lease ids the new policy forbade (ended with PERMISSION_DENIED)
+    sessions_ended: list[str]
+    #: changed keys now in effect (kupd.config.RELOADED_KEYS)
+    applied: list[str]
+    #: changed keys that only a restart applies (kupd.config.RESTART_KEYS)
+    needs_restart: list[str]
+
+
 def server_options(config: Config) -> list[tuple[str, Any]]:
+    """The gRPC server options, fixed when a server is built: a reload does
+    not change them (keepalive_* are restart-only; max_concurrent_streams is
+    a per-connection cap derived from max_sessions at start)."""
     return [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
@@ -75,6 +92,7 @@ class _Health(HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         await self._kupd.probe()
+        log.debug("health check", service=request.service)
         return await super().Check(request, context)
 
 
@@ -186,37 +204,53 @@ class Server:
         names = [t.name for t in self.guard.policy.tenants] or ["default"]
         return {**dict.fromkeys(names, 0), **self.guard.in_flight}
 
-    async def reload(self, via: str = "SIGHUP") -> tuple[list[str], list[str], list[str]]:
-        """Re-read the config and swap the tenant policy atomically; the
-        tenants served, the lease ids the new policy forbade (ended with
-        PERMISSION_DENIED) and the changed keys that only a restart applies.
-        ConfigError: nothing changed.  Either way one audit line (``via``:
-        who asked)."""
+    async def reload(self, via: str = "SIGHUP") -> Reloaded:
+        """Re-read the config and apply every key a running kupd can change
+        (kupd.config.RELOADED_KEYS) at once: the tenant policy and sockets,
+        the timeouts and limits, the log level and the audit log.  All of
+        it is checked first: a ConfigError (bad value, unopenable audit_log)
+        changes nothing and the running config stays.  Either way one audit
+        line (``via``: who asked)."""
         try:
-            names, ended, needs_restart = await self._reload()
+            done = await self._reload()
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
             raise
         self.audit.admin(
-            "reload", via=via, ok=True, tenants=names, sessions_ended=ended,
-            needs_restart=needs_restart,
+            "reload",
+            via=via,
+            ok=True,
+            tenants=done.tenants,
+            sessions_ended=done.sessions_ended,
+            applied=done.applied,
+            needs_restart=done.needs_restart,
         )
-        return names, ended, needs_restart
+        return done
 
-    async def _reload(self) -> tuple[list[str], list[str], list[str]]:
+    async def _reload(self) -> Reloaded:
         async with self._reload_lock:
-            new = self.reload_source()  # ConfigError propagates: the old policy stays
-            ignored = [
-                f.name
-                for f in dataclasses.fields(new)
-                if f.name not in RELOADED_KEYS
-                and getattr(new, f.name) != getattr(self.config, f.name)
-            ]
-            if ignored:
-                log.warning("reload: these keys need a restart", keys=ignored)
-            self.guard.policy = Policy(new.tenants)  # one assignment: the swap
+            # -- check: a refusal here leaves everything as it was
+            new = self.reload_source()
+            cfg, applied, needs_restart = reloaded(self.config, new)
+            policy = Policy(cfg.tenants)
+            audit_fd = self.audit.open_file(cfg.audit_log)  # the last check
+            # -- apply: nothing below refuses
+            old = self.config
+            # The one running config: every holder reads this object.
+            self.config = self.service.config = self.mgr.config = cfg
+            if cfg.log_level != old.log_level:
+                set_level(cfg.log_level)
+            self.audit.use(cfg.audit_log, audit_fd)
+            self.leases.idle_timeout = cfg.lease_idle_timeout
+            self.leases.max_leases = cfg.max_sessions
+            for d in self.mgr.devices.values():
+                # A pool made later (a device re-opened) reads mgr.config.
+                d.pool.quarantine = cfg.call_quarantine
+                d.pool.max_queued = cfg.max_queued_calls
+            if needs_restart:
+                log.warning("reload: these keys need a restart", keys=needs_restart)
+            self.guard.policy = policy  # one assignment: the swap
             self.bus.recheck()  # open Watches re-check their permission now
-            self.config = dataclasses.replace(self.config, tenants=new.tenants)
             ended: list[str] = []
             for lease in list(self.leases.leases.values()):
                 rule = self.guard.still_allowed(
@@ -235,25 +269,27 @@ class Server:
                         ),
                     )
             if self.sockets is not None:
-                added, removed = await self.sockets.apply(endpoints_for(self.config))
+                added, removed = await self.sockets.apply(endpoints_for(cfg))
             else:
                 added, removed = [], []
-            names = [t.name for t in new.tenants] or ["default"]
+            names = [t.name for t in cfg.tenants] or ["default"]
             log.info(
                 "config reloaded",
+                applied=applied,
+                needs_restart=needs_restart,
                 tenants=names,
                 sessions_ended=len(ended),
                 sockets_added=added,
                 sockets_removed=removed,
             )
-            return names, ended, ignored
+            return Reloaded(names, ended, applied, needs_restart)
 
     async def reload_logged(self) -> None:
-        """SIGHUP: reload; a bad file is logged and the running policy stays."""
+        """SIGHUP: reload; a bad file is logged and the running config stays."""
         try:
             await self.reload()
         except (ValueError, OSError) as exc:
-            log.error("reload refused; the running policy stays", error=str(exc))
+            log.error("reload refused; the running config stays", error=str(exc))
 
     # -- health --------------------------------------------------------------
     def _health_changed(self) -> None:

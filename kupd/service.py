@@ -241,6 +241,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         drain: asyncio.Future[None],
         guard: Guard | None = None,
     ) -> None:
+        #: The running config (a reload replaces it: call_timeout is read per Call).
         self.config = config
         #: Tenant policy (kupd.policy): every check and denial goes through it.
         self.guard = guard or Guard()
@@ -435,7 +436,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.AttachResponse:
         chan = request.channel if request.HasField("channel") else None
         lease = await self._take(request.device, chan, "lease")
-        return self._attach_pb(lease, round(self.config.lease_idle_timeout * 1000))
+        return self._attach_pb(lease, round(lease.idle_timeout * 1000))
 
     def _lease(self, lease_id: str) -> Lease:
         return self._lease_t(lease_id)[0]

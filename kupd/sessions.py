@@ -91,6 +91,10 @@ class Lease:
         self.end_reason = ""
         #: The tenant that took it (kupd.policy; "default" without tenants).
         self.tenant = "default"
+        #: Seconds without use after which an Attach lease ends: the table's
+        #: value when it was taken (what its Attach reply announced), kept
+        #: for its life even if a reload changes the table's.
+        self.idle_timeout = 0.0
         #: This channel's metric children (looked up once, not per message).
         self.m = metrics
         self.rx_what = f"receive on channel {ch.id} of device {dev.name}"
@@ -111,7 +115,10 @@ class Lease:
 class LeaseTable:
     def __init__(self, mgr: DeviceManager, idle_timeout: float, max_leases: int) -> None:
         self.mgr = mgr
+        #: For leases taken from now on (a reload sets it: lease_idle_timeout).
         self.idle_timeout = idle_timeout
+        #: Sessions + leases open at once (a reload sets it: max_sessions;
+        #: lowering it ends none, it refuses new ones until below).
         self.max_leases = max_leases
         self.leases: dict[str, Lease] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -137,6 +144,7 @@ class LeaseTable:
         lease = Lease(
             secrets.token_hex(8), holder, dev, ch, self.mgr.metrics.channel(device, ch.id)
         )
+        lease.idle_timeout = self.idle_timeout
         self.leases[lease.id] = lease
         dev.holders[ch.id] = (holder, lease.id)
         gauge = self.mgr.metrics.sessions if holder == "session" else self.mgr.metrics.leases
@@ -198,23 +206,25 @@ class LeaseTable:
             self.end(lease, reason, error)
 
     async def _reap_loop(self) -> None:
-        interval = max(0.05, min(1.0, self.idle_timeout / 4))
+        shortest = self.idle_timeout
         while True:
-            await asyncio.sleep(interval)
+            # a quarter of the shortest timeout in use (leases keep theirs)
+            await asyncio.sleep(max(0.05, min(1.0, shortest / 4)))
             now = time.monotonic()
+            shortest = self.idle_timeout
             for lease in list(self.leases.values()):
-                if (
-                    lease.holder == "lease"
-                    and lease.ops == 0
-                    and now - lease.last_used > self.idle_timeout
-                ):
+                if lease.holder != "lease":
+                    continue
+                if lease.ops == 0 and now - lease.last_used > lease.idle_timeout:
                     self.end(
                         lease,
                         "expired",
                         errors.NotFound(
-                            f"lease {lease.id} expired after {self.idle_timeout:g}s idle"
+                            f"lease {lease.id} expired after {lease.idle_timeout:g}s idle"
                         ),
                     )
+                else:
+                    shortest = min(shortest, lease.idle_timeout)
 
     def close(self) -> None:
         if self._reaper is not None:

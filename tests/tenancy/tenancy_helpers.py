@@ -63,7 +63,11 @@ class TenantKupd:
         self.sim = sim
         self.config = sockdir / "kupd.toml"
         self.admin_socket = str(sockdir / "admin.sock")
+        #: head() writes these: a test changes one, then write_config()
+        #: (audit_lines() reads the file self.audit names).
+        self.socket = sockdir / "kupd.sock"
         self.audit = sockdir / "audit.log"
+        self.health_interval = 0.2
         self.log_path = log
         self.write_config(body)
         # Everything but the environment comes from the config file; the
@@ -79,13 +83,12 @@ class TenantKupd:
         self.proc = self.kupd.proc
 
     def head(self) -> str:
-        d = self.dir
         return (
-            f'socket = "{d}/kupd.sock"\n'
+            f'socket = "{self.socket}"\n'
             f'admin_socket = "{self.admin_socket}"\n'
             f'audit_log = "{self.audit}"\n'
             f'kupsim_dir = "{self.sim.rundir}"\n'
-            "health_interval = 0.2\n"
+            f"health_interval = {self.health_interval}\n"
         )
 
     def write_config(self, body: str) -> None:

@@ -145,14 +145,15 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
         assert json.loads(good.stdout) == {
             "tenants": ["alice", "dave"],
             "sessions_ended": [ch.lease.lease_id],
+            "applied": ["tenants"],
             "needs_restart": [],
         }
 
 
 def test_reload_names_the_keys_only_a_restart_applies(start_tenants: StartTenants) -> None:
-    """A reload applies the tenants and says which other changed keys wait
-    for a restart (here the devices' Call pools and the Call timeout);
-    kupd keeps serving."""
+    """A reload applies the tenants and the Call timeout and says so; the
+    changed devices (their Call pools) wait for a restart and are named as
+    such; kupd keeps serving."""
     k = start_tenants(DEVICES + TENANTS)
 
     def kupctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -166,13 +167,16 @@ def test_reload_names_the_keys_only_a_restart_applies(start_tenants: StartTenant
     out = kupctl("reload")
     assert out.returncode == 0, out
     assert "tenants alice, dave" in out.stdout, out.stdout
-    assert "changed but applied only at restart: devices, call_timeout" in out.stdout, out.stdout
-    out = kupctl("reload", "--json")
-    assert json.loads(out.stdout)["needs_restart"] == ["devices", "call_timeout"], out.stdout
+    assert "applied: call_timeout, tenants" in out.stdout, out.stdout
+    assert "changed but applied only at restart: devices" in out.stdout, out.stdout
+    out = kupctl("reload", "--json")  # the same file again: nothing left to apply
+    assert json.loads(out.stdout)["needs_restart"] == ["devices"], out.stdout
+    assert json.loads(out.stdout)["applied"] == [], out.stdout
     with k.client("dave") as d:  # the tenants were applied
         assert d.call("echo", b"x").data.lower() == b"x"
     reloads = [x for x in k.audit_lines() if x["event"] == "admin" and x["action"] == "reload"]
-    assert [x["needs_restart"] for x in reloads] == [["devices", "call_timeout"]] * 2, reloads
+    assert [x["needs_restart"] for x in reloads] == [["devices"]] * 2, reloads
+    assert [x["applied"] for x in reloads] == [["call_timeout", "tenants"], []], reloads
 
 
 def test_admin_actions_are_audited(start_tenants: StartTenants) -> None:

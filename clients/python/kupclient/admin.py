@@ -60,8 +60,10 @@ class LeaseInfo:
 class ReloadResult:
     tenants: tuple[str, ...]
     sessions_ended: tuple[str, ...]
-    #: changed keys that only a restart applies (the rest was applied)
+    #: changed keys that only a restart applies (kupd runs on with the old values)
     needs_restart: tuple[str, ...] = ()
+    #: changed keys the reload applied (the tenants, call_timeout, log_level, ...)
+    applied: tuple[str, ...] = ()
 
 
 def reload_summary(r: ReloadResult) -> str:
@@ -71,6 +73,8 @@ def reload_summary(r: ReloadResult) -> str:
         f"reloaded: tenants {', '.join(r.tenants)}; "
         f"{len(r.sessions_ended)} sessions ended by the new policy"
     )
+    if r.applied:
+        line += f"; applied: {', '.join(r.applied)}"
     if r.needs_restart:
         line += f"; changed but applied only at restart: {', '.join(r.needs_restart)}"
     return line
@@ -101,7 +105,10 @@ class AdminClient:
     def reload(self) -> ReloadResult:
         resp = self._unary("Reload", kup_pb2.ReloadRequest())
         return ReloadResult(
-            tuple(resp.tenants), tuple(resp.sessions_ended), tuple(resp.needs_restart)
+            tuple(resp.tenants),
+            tuple(resp.sessions_ended),
+            tuple(resp.needs_restart),
+            tuple(resp.applied),
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:
@@ -136,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rv = sub.add_parser("revoke", help="end a lease (its session gets PERMISSION_DENIED)")
     rv.add_argument("lease_id")
     rv.add_argument("--reason", default="")
-    sub.add_parser("reload", help="re-read the config and swap the tenant policy")
+    sub.add_parser("reload", help="re-read the config, apply what can change live")
     dr = sub.add_parser("drain", help="refuse new work on a device and end its leases")
     dr.add_argument("device")
     dr.add_argument("--undo", action="store_true")

@@ -674,6 +674,7 @@ def cmd_reload(args: argparse.Namespace, out: Output) -> int:
         print(json.dumps({
             "tenants": list(r.tenants),
             "sessions_ended": list(r.sessions_ended),
+            "applied": list(r.applied),
             "needs_restart": list(r.needs_restart),
         }))
     else:
@@ -866,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{DEFAULT_ADMIN_SOCKET})",
         )
 
-    sp = add("reload", cmd_reload, "admin: re-read kupd's config and swap the tenant policy")
+    sp = add("reload", cmd_reload, "admin: re-read kupd's config, apply what can change live")
     admin_opts(sp)
     sp = add("leases", cmd_leases, "admin: every lease of every tenant")
     sp.add_argument("--tenant", metavar="NAME", help="only this tenant's")
