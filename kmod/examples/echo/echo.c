@@ -27,6 +27,19 @@
  *     receive on the channel it still holds (a module bug on purpose):
  *     the answer is "!reenter ok" when the core refused both with
  *     -EDEADLK, "!reenter bad" otherwise;
+ *     a message starting with "!lockhold" and optional decimal digits N
+ *     (milliseconds, default 10000, at most 60000) makes the worker keep
+ *     the channel locked -- between its receive and kupdev_unlock_channel,
+ *     as a module computing a long reply does -- until "!lockfree" arrives
+ *     on another channel of the device, N ms have passed, or the module
+ *     unloads; then it unlocks and answers as an even/odd channel does.
+ *     It logs "echo: chan N: holding the channel locked" when the hold
+ *     starts and "echo: chan N: lock hold ended (released|timed out|
+ *     unloading)" when it ends, so a test can tell what the host did
+ *     while the module held the channel (kupsim's server must go on
+ *     serving every other request; tests/kmod/
+ *     test_kupsim_renew_nonblocking.py); "!lockfree" is answered like any
+ *     DATA message;
  *     a message of at least 16 bytes starting with "!stamp" and optional
  *     decimal digits N (milliseconds, default 1000, at most 10000) is
  *     answered N ms later, its last 8 bytes replaced by kup_os_now_ns()
@@ -55,6 +68,14 @@
 #endif
 
 #define ECHO_DELAY_MS 300
+
+#define ECHO_LOCKHOLD_DEFAULT 10000U
+#define ECHO_LOCKHOLD_MAX_MS  60000U
+
+/* "!lockfree" messages seen (any channel) and the module unloading: read
+ * by a worker holding its channel locked ("!lockhold") every 20 ms */
+static unsigned int echo_lockfree_gen;
+static int echo_unloading;
 
 struct echo_slot {
 	int               chan;
@@ -173,6 +194,54 @@ echo_stamp_ms(const unsigned char *p, size_t len)
 	return ms > ECHO_STAMP_MAX_MS ? ECHO_STAMP_MAX_MS : ms;
 }
 
+/* "!lockhold[N]": the hold's bound in ms (N, bounded; default 10 s). */
+static unsigned int
+echo_lockhold_ms(const unsigned char *p, size_t len)
+{
+	static const char tag[] = "!lockhold";
+	unsigned int ms = 0;
+	size_t i;
+	int digits = 0;
+
+	for (i = sizeof(tag) - 1; i < len && p[i] >= '0' && p[i] <= '9'; i++) {
+		digits = 1;
+		if (ms <= ECHO_LOCKHOLD_MAX_MS)
+			ms = ms * 10U + (unsigned int)(p[i] - '0');
+	}
+	if (!digits || ms == 0)
+		ms = ECHO_LOCKHOLD_DEFAULT;
+	return ms > ECHO_LOCKHOLD_MAX_MS ? ECHO_LOCKHOLD_MAX_MS : ms;
+}
+
+/* Keep the channel locked (the caller holds it from its receive and
+ * unlocks after) until a "!lockfree" on another channel, ms milliseconds,
+ * or unload.  No core call on this channel meanwhile: it would be the
+ * re-entry the core refuses (-EDEADLK). */
+static void
+echo_lock_hold(struct echo_slot *s, unsigned int ms)
+{
+	unsigned int gen = __atomic_load_n(&echo_lockfree_gen, __ATOMIC_ACQUIRE);
+	const char *why = "timed out";
+
+	kup_os_log("echo: chan %d: holding the channel locked (up to %u ms)",
+	    s->chan, ms);
+	while (ms > 0) {
+		unsigned int step = ms < 20U ? ms : 20U;
+
+		if (__atomic_load_n(&echo_lockfree_gen, __ATOMIC_ACQUIRE) != gen) {
+			why = "released";
+			break;
+		}
+		if (__atomic_load_n(&echo_unloading, __ATOMIC_ACQUIRE)) {
+			why = "unloading";
+			break;
+		}
+		kup_os_msleep(step);
+		ms -= step;
+	}
+	kup_os_log("echo: chan %d: lock hold ended (%s)", s->chan, why);
+}
+
 /* "!reenter": the module bug the core refuses, on purpose.  While still
  * holding the channel from its receive, the worker calls send and receive
  * on it again; both must fail with -EDEADLK instead of blocking the worker
@@ -277,10 +346,15 @@ echo_worker(void *arg)
 				r = echo_hold(s);
 				break;
 			}
+			if (echo_has_prefix(m.data, m.len, "!lockfree"))
+				__atomic_add_fetch(&echo_lockfree_gen, 1U,
+				    __ATOMIC_RELEASE);
 			delay = echo_has_prefix(m.data, m.len, "!delay");
 			n = m.len < echo_max ? m.len : echo_max;
 			stamp_ms = echo_stamp_ms(m.data, n);
 			echo_transform(s->chan, s->buf, m.data, n);
+			if (echo_has_prefix(m.data, n, "!lockhold"))
+				echo_lock_hold(s, echo_lockhold_ms(m.data, n));
 			kupdev_unlock_channel(echo_sc, s->chan);
 			if (delay)
 				kup_os_msleep(ECHO_DELAY_MS);
@@ -437,6 +511,7 @@ kup_module_fini(void)
 	if (echo_sc == NULL)
 		return;
 	kupdev_shutdown(echo_sc);
+	__atomic_store_n(&echo_unloading, 1, __ATOMIC_RELEASE);
 	kup_os_thread_join(echo_acceptor);
 	if (echo_announcer != NULL)
 		kup_os_thread_join(echo_announcer);
