@@ -120,6 +120,12 @@ class CallPool:
         pc.state = why
         try:
             if not pc.ch.my_turn():
+                # A warming channel (fresh, waiting for the module's opening
+                # hand-over) has no limit, on purpose: a module that is slow
+                # to take up a channel would get every replacement dropped
+                # too, and the pool would never fill; one that is truly hung
+                # would not serve a replacement either.  It shows as
+                # "warming" in ListDevices, and the pool works one short.
                 limit = self.quarantine if why == "quarantined" else None
                 await pc.waiter.wait(limit, aborts=(self._abort,))
             else:
