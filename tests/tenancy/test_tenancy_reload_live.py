@@ -1,0 +1,304 @@
+"""A reload applies every key a running kupd can change (kupd.config's
+RELOADED_KEYS), each shown here by its effect on a real kupd after SIGHUP or
+Admin.Reload; a bad value is refused naming the key and the old value stays
+in effect; the reply names what was applied and what waits for a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import threading
+from typing import Any
+
+import pytest
+from tenancy_helpers import DEVICES, TENANTS, StartTenants, TenantKupd
+
+from kupd import errors
+from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config
+from kupd.testing import wait_until
+
+#: echo with a single Call pool channel: one held Call fills the pool.
+ONE_POOL_CHANNEL = """
+[[device]]
+name = "echo"
+call_channels = 1
+"""
+
+
+def log_records(k: TenantKupd, event: str) -> list[dict[str, Any]]:
+    """kupd's JSON log lines whose event is ``event``."""
+    out = []
+    for line in k.log().splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def hup_and_wait(k: TenantKupd) -> dict[str, Any]:
+    """SIGHUP, then the "config reloaded" log line it produced."""
+    before = len(log_records(k, "config reloaded"))
+    k.hup()
+    wait_until(lambda: len(log_records(k, "config reloaded")) > before, what="SIGHUP reload logged")
+    return log_records(k, "config reloaded")[-1]
+
+
+def test_every_key_is_either_live_or_restart_only() -> None:
+    keys = {f.name for f in dataclasses.fields(Config)} - {"extra"}
+    assert not set(RELOADED_KEYS) & set(RESTART_KEYS)
+    assert set(RELOADED_KEYS) | set(RESTART_KEYS) == keys
+    assert all(why for why in RESTART_KEYS.values())
+
+
+def test_call_timeout(start_tenants: StartTenants) -> None:
+    """A Call with no deadline of its own gets the reloaded call_timeout
+    (the DEADLINE_EXCEEDED message names it); a refused reload -- even one
+    with a good call_timeout next to the bad key -- leaves the old one."""
+    head = "call_timeout = 30\ncall_quarantine = 1\n"
+    k = start_tenants(head + DEVICES)
+    with k.client("kupd") as c, k.admin() as adm:
+        k.write_config(head.replace("30", "0.5") + DEVICES)
+        r = adm.reload()
+        assert (r.applied, r.needs_restart) == (("call_timeout",), ()), r
+        with pytest.raises(errors.DeadlineExceeded, match=r"within 0\.500s"):
+            c.call("echo", b"!hold")
+        # a good call_timeout and a bad max_queued_calls: nothing applied
+        k.write_config(head.replace("30", "0.25") + "max_queued_calls = 0\n" + DEVICES)
+        with pytest.raises(errors.InvalidArgument, match="max_queued_calls"):
+            adm.reload()
+        with pytest.raises(errors.DeadlineExceeded, match=r"within 0\.500s"):
+            c.call("echo", b"!hold")
+        # SIGHUP applies it too
+        k.write_config(head.replace("30", "0.25") + DEVICES)
+        rec = hup_and_wait(k)
+        assert rec["applied"] == ["call_timeout"], rec
+        with pytest.raises(errors.DeadlineExceeded, match=r"within 0\.250s"):
+            c.call("echo", b"!hold")
+        assert c.call("echo", b"fine", timeout=30).data.lower() == b"fine"
+
+
+def test_max_sessions_and_lease_idle_timeout(start_tenants: StartTenants) -> None:
+    """A lowered max_sessions refuses the next session (open ones stay); a
+    new lease_idle_timeout is what the next Attach announces and gets, while
+    a lease taken before keeps the timeout its Attach announced."""
+    head = "lease_idle_timeout = 60\nmax_sessions = 100\n"
+    k = start_tenants(head + DEVICES)
+    with k.client("kupd") as c, k.admin() as adm:
+        old = c.attach("echo")
+        assert old.idle_timeout_ms == 60000
+        k.write_config(head.replace("100", "1") + DEVICES)
+        assert adm.reload().applied == ("max_sessions",)
+        with pytest.raises(errors.ResourceExhausted, match="limit max_sessions=1"):
+            c.open("echo").channel()
+        k.write_config(head.replace("100", "0") + DEVICES)
+        with pytest.raises(errors.InvalidArgument, match="max_sessions"):
+            adm.reload()
+        with pytest.raises(errors.ResourceExhausted, match="limit max_sessions=1"):
+            c.open("echo").channel()  # the old limit still applies
+        k.write_config(head.replace("60", "0.5") + DEVICES)
+        rec = hup_and_wait(k)
+        assert rec["applied"] == ["lease_idle_timeout", "max_sessions"], rec
+        new = c.attach("echo")
+        assert new.idle_timeout_ms == 500
+        wait_until(
+            lambda: new.lease_id not in [x.lease_id for x in adm.list_leases()],
+            what="the new lease expired after 0.5 s idle",
+        )
+        with pytest.raises(errors.NotFound):
+            c.lease_send(new.lease_id, b"late")
+        # the older lease, idle as long, is still held: it keeps its 60 s
+        assert old.lease_id in [x.lease_id for x in adm.list_leases()]
+        c.lease_receive(old.lease_id, timeout=10)  # the kernel's opening hand-over
+        reply = c.lease_exchange(old.lease_id, b"still mine", timeout=10)
+        assert reply.data.lower() == b"still mine"
+        c.release(old.lease_id)
+
+
+def test_log_level(start_tenants: StartTenants) -> None:
+    """kupd logs each health check at debug: only while log_level is debug."""
+    k = start_tenants(DEVICES)
+    with k.client("kupd") as c, k.admin() as adm:
+
+        def checks_logged() -> int:
+            assert c.health() == "SERVING"
+            return len(log_records(k, "health check"))
+
+        assert checks_logged() == 0
+        k.write_config('log_level = "loud"\n' + DEVICES)
+        with pytest.raises(errors.InvalidArgument, match="log_level"):
+            adm.reload()
+        assert checks_logged() == 0
+        k.write_config('log_level = "debug"\n' + DEVICES)
+        assert hup_and_wait(k)["applied"] == ["log_level"]
+        n = checks_logged()
+        assert n >= 1
+        assert checks_logged() > n  # each one logged before its reply
+        k.write_config('log_level = "warning"\n' + DEVICES)
+        assert adm.reload().applied == ("log_level",)
+        n = checks_logged()
+        assert checks_logged() == n
+        # and the info line of the next reload is not written either
+        reloaded = len(log_records(k, "config reloaded"))
+        adm.reload()
+        assert len(log_records(k, "config reloaded")) == reloaded
+
+
+def test_audit_log(start_tenants: StartTenants) -> None:
+    """After a reload naming a new audit_log the next denial lands in the
+    new file; a path that cannot be opened is refused naming audit_log and
+    the file in use stays."""
+    k = start_tenants(DEVICES + TENANTS)
+    first = k.audit
+
+    def denied() -> list[dict[str, Any]]:
+        with k.client("bob") as b, pytest.raises(errors.PermissionDenied, match="rule ops"):
+            b.open("echo").channel()
+        return [x for x in k.audit_lines() if x["event"] == "denied"]
+
+    with k.admin() as adm:
+        assert len(denied()) == 1
+        k.audit = k.dir / "audit-2.log"
+        k.write_config(DEVICES + TENANTS)
+        r = adm.reload()
+        assert r.applied == ("audit_log",), r
+        assert len(denied()) == 1  # the new file's first
+        (line,) = [x for x in k.audit_lines() if x["event"] == "admin"]
+        assert line["action"] == "reload" and line["applied"] == ["audit_log"], line
+        k.audit = k.dir / "no-such-dir" / "audit.log"
+        k.write_config(DEVICES + TENANTS)
+        with pytest.raises(errors.InvalidArgument, match=r"audit_log.*no-such-dir"):
+            adm.reload()
+        k.audit = k.dir / "audit-2.log"
+        assert len(denied()) == 2  # still the file in use
+    k.audit = first
+    assert len([x for x in k.audit_lines() if x["event"] == "denied"]) == 1
+    assert os.stat(k.dir / "audit-2.log").st_mode & 0o777 == 0o600
+
+
+def test_call_pool_limits(start_tenants: StartTenants) -> None:
+    """call_quarantine: a held Call's pool channel is replaced after the
+    reloaded 1 s instead of 600 s (the next Call gets the fresh channel);
+    max_queued_calls: with the pool busy and one Call queued, the next is
+    refused naming the reloaded limit."""
+    head = "call_timeout = 0.5\ncall_quarantine = 600\n"
+    k = start_tenants(head + ONE_POOL_CHANNEL)
+    with k.client("kupd") as c, k.admin() as adm:
+        k.write_config(head.replace("600", "1") + ONE_POOL_CHANNEL)
+        assert adm.reload().applied == ("call_quarantine",)
+        with pytest.raises(errors.DeadlineExceeded):
+            c.call("echo", b"!hold")
+        # with 600 s this would fail: the only pool channel stays quarantined
+        assert c.call("echo", b"after", timeout=30).data.lower() == b"after"
+        replaced = log_records(k, "pool channel replaced: its reply did not come")
+        assert [x["waited_s"] for x in replaced] == [1.0], replaced
+
+        k.write_config(head + "max_queued_calls = 0\n" + ONE_POOL_CHANNEL)
+        with pytest.raises(errors.InvalidArgument, match="max_queued_calls"):
+            adm.reload()
+        k.write_config(head.replace("600", "1") + "max_queued_calls = 1\n" + ONE_POOL_CHANNEL)
+        assert hup_and_wait(k)["applied"] == ["max_queued_calls"]
+        results: list[BaseException | bytes] = []
+
+        def call(data: bytes, timeout: float) -> None:
+            try:
+                results.append(c.call("echo", data, timeout=timeout).data)
+            except errors.KupError as exc:
+                results.append(exc)
+
+        hold = threading.Thread(target=call, args=(b"!hold", 20.0))
+        hold.start()
+        wait_until(lambda: c.open("echo").info().calls_in_flight == 1, what="the pool busy")
+        queued = threading.Thread(target=call, args=(b"queued", 60.0))
+        queued.start()
+        wait_until(lambda: c.open("echo").info().calls_queued == 1, what="one Call queued")
+        with pytest.raises(errors.ResourceExhausted, match="limit max_queued_calls=1"):
+            c.call("echo", b"one too many", timeout=30)
+        hold.join(60)
+        queued.join(60)
+        assert not hold.is_alive() and not queued.is_alive()
+        # the held Call timed out; its channel was replaced and served the queued one
+        assert len(results) == 2 and isinstance(results[0], errors.DeadlineExceeded), results
+        assert isinstance(results[1], bytes) and results[1].lower() == b"queued", results
+
+
+def test_drain_grace(start_tenants: StartTenants) -> None:
+    """At SIGTERM kupd waits the reloaded drain_grace for a Call in flight
+    (held 60 s by the module), not the 600 s it started with."""
+    k = start_tenants("drain_grace = 600\n" + DEVICES)
+    with k.client("kupd") as c, k.admin() as adm:
+        k.write_config("drain_grace = 0.5\n" + DEVICES)
+        assert adm.reload().applied == ("drain_grace",)
+        failed: list[BaseException] = []
+
+        def held() -> None:
+            try:
+                c.call("echo", b"!hold", timeout=60)
+            except errors.KupError as exc:
+                failed.append(exc)
+
+        t = threading.Thread(target=held)
+        t.start()
+        wait_until(lambda: c.open("echo").info().calls_in_flight == 1, what="a Call in flight")
+        k.stop()
+        t.join(60)
+        assert not t.is_alive() and len(failed) == 1, failed
+    (draining,) = log_records(k, "kupd draining")
+    assert draining["grace"] == 0.5, draining
+    assert log_records(k, "calls still in flight after the grace period"), k.log()
+
+
+def test_socket_mode_and_health_interval(start_tenants: StartTenants) -> None:
+    """socket_mode is applied to the served socket in place; health_interval
+    is reported applied (the device monitor reads it each round)."""
+    k = start_tenants(DEVICES)
+    assert stat.S_IMODE(os.stat(k.socket).st_mode) == 0o660
+    k.health_interval = 0.3
+    k.write_config('socket_mode = "0600"\n' + DEVICES)
+    with k.admin() as adm:
+        r = adm.reload()
+    assert r.applied == ("socket_mode", "health_interval"), r
+    assert stat.S_IMODE(os.stat(k.socket).st_mode) == 0o600
+    with k.client("kupd") as c:  # the same server, still serving
+        assert c.call("echo", b"x", timeout=30).data.lower() == b"x"
+
+
+def test_restart_only_keys_are_named_and_not_applied(start_tenants: StartTenants) -> None:
+    """A changed socket and metrics_port are named in needs_restart (reply,
+    log and audit line) next to the applied call_timeout; kupd keeps its
+    socket; a tenant granted a device the running kupd does not serve is
+    refused, the message saying the devices change only at a restart."""
+    k = start_tenants(DEVICES)
+    old_socket = k.socket
+    k.socket = k.dir / "moved.sock"
+    k.write_config("metrics_port = 9999\ncall_timeout = 3\n" + DEVICES)
+    with k.admin() as adm:
+        r = adm.reload()
+        assert r.needs_restart == ("socket", "metrics_port"), r
+        assert r.applied == ("call_timeout",), r
+        assert os.path.exists(old_socket) and not os.path.exists(k.socket)
+        with k.client("kupd") as c:
+            assert c.call("echo", b"x", timeout=30).data.lower() == b"x"
+        rec = log_records(k, "config reloaded")[-1]
+        assert (rec["applied"], rec["needs_restart"]) == (
+            ["call_timeout"],
+            ["socket", "metrics_port"],
+        )
+        k.socket = old_socket
+        extra = '\n[[device]]\nname = "spare"\n'
+        grant = (
+            '[[tenant]]\nname = "eve"\nsocket = "@DIR@/eve.sock"\n'
+            '[[tenant.grant]]\ndevice = "spare"\n'
+        )
+        k.write_config(DEVICES + extra + grant)
+        with pytest.raises(errors.InvalidArgument, match=r"tenant\[0\]\.grant.*only at a restart"):
+            adm.reload()
+    reloads = [x for x in k.audit_lines() if x["event"] == "admin" and x["action"] == "reload"]
+    assert reloads[0]["needs_restart"] == ["socket", "metrics_port"], reloads
+    assert reloads[1]["ok"] is False and "spare" in reloads[1]["error"], reloads
