@@ -2,7 +2,8 @@
 # Runs INSIDE the test VM (scripts/vm/init chroots into the host tree and
 # runs the job that tests/vm/test_vm.py writes, which execs this script).
 # Environment: REPO (the repo root), KMODDIR (kup.ko, kup_echo.ko), BINDIR
-# (host-built test programs).  Prints "=== STAGE <name>" before and
+# (host-built test programs), KVER (the kernel release the VM was meant to
+# boot and KMODDIR was built for; test_vm.py runs one VM per kernel).  Prints "=== STAGE <name>" before and
 # "=== RESULT <name> <rc>" after every stage; test_vm.py turns each stage
 # into a pytest test.  Stages run in order; unload is last.
 set -u
@@ -80,6 +81,12 @@ check_kup_major() {
 }
 
 stage_load() {
+	# the VM runs the kernel the modules were built for (test_vm.py boots
+	# one VM per kernel series, each with its own build of the modules)
+	echo "kernel $(uname -r); kup.ko vermagic: $(modinfo -F vermagic "$KMODDIR/kup.ko")"
+	if [ -n "${KVER:-}" ] && [ "$(uname -r)" != "$KVER" ]; then
+		echo "the VM booted $(uname -r), not $KVER"; return 1
+	fi
 	# kup.ko's params reach the modules' kup_os_param_int()
 	insmod "$KMODDIR/kup.ko" params="echo.channels=128,rot13.channels=64"
 	insmod "$KMODDIR/kup_echo.ko"

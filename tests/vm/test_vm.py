@@ -1,22 +1,27 @@
-"""End-to-end tests of the Linux kernel module in a qemu VM (TCG).
+"""End-to-end tests of the Linux kernel module in a qemu VM (TCG), on every
+kernel series in KERNELS: Debian bookworm's 6.1 and bookworm-backports' 6.12.
 
-One VM boot per pytest session runs every in-guest stage of
-tests/vm/guest_tests.sh (module load, the device nodes on kup.ko's own
-character major, kernel-side fault tests, libkup C scenarios, Python
-channel scenarios, kupd with a client, unload while attached, kernel-log
-check); each stage is one test here, failing with the
-stage's own output, and the whole guest kernel log is checked for
-warnings, oopses and sanitizer reports.
+Per kernel, one VM boot runs every in-guest stage of tests/vm/guest_tests.sh
+(module load, the device nodes on kup.ko's own character major, kernel-side
+fault tests, libkup C scenarios, Python channel scenarios, kupd with a
+client, unload while attached, kernel-log check) against kup.ko/kup_echo.ko
+built for that kernel; each stage is one test here (``test_stage[6.12-load]``),
+failing with the stage's own output, and the whole guest kernel log is
+checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
+at the same time (KUPD_VM_JOBS, default 2; 1 runs them one after the other).
 
 Needs (installed by scripts/setup-apt.sh, i.e. ``make setup``):
-qemu-system-x86, linux-image-amd64, linux-headers-amd64, busybox-static,
-cpio and gcc.  The modules are built against the Debian kernel's headers
-(kmod/linux/Makefile picks the newest kernel with both an image in /boot and
-headers), which need not be the running kernel.
+qemu-system-x86, linux-image-amd64, linux-headers-amd64, a 6.12
+linux-image/linux-headers pair from bookworm-backports, busybox-static, cpio
+and gcc.  The modules are built against each kernel's headers, which need
+not be the running kernel.  A kernel series that is not installed is
+skipped, with the reason -- unless KUPD_REQUIRE_VM=1 (``make test`` and
+``make vm-test`` set it, after setup-apt.sh installed both), where it fails.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib.util
 import os
@@ -26,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +57,12 @@ STAGES = [
     "unload",
     "dmesg",
 ]
+# Kernel series the module must build and pass on: bookworm's own and the
+# newer longterm kernel from bookworm-backports (scripts/setup-apt.sh),
+# which compiles kmod/linux's branches for kernels after 6.1.
+KERNELS = ("6.1", "6.12")
+REQUIRE_ENV = "KUPD_REQUIRE_VM"  # "1": a missing kernel fails instead of skipping
+JOBS_ENV = "KUPD_VM_JOBS"  # VMs booted at once (default 2)
 VM_TIMEOUT = 900.0  # host-side bound on the whole guest run (generous: shared, loaded hosts)
 
 pytestmark = [
@@ -57,7 +70,8 @@ pytestmark = [
         sys.platform != "linux" or platform.machine() != "x86_64",
         reason="the VM tests boot Debian's x86_64 Linux kernel",
     ),
-    pytest.mark.timeout(VM_TIMEOUT + 300),
+    # the second kernel's tests may wait for both VMs to finish
+    pytest.mark.timeout(2 * VM_TIMEOUT + 300),
 ]
 
 
@@ -79,12 +93,44 @@ def _run(cmd: list[str], what: str) -> None:
         raise AssertionError(f"{what} failed ({' '.join(cmd)}):\n{p.stdout}\n{p.stderr}")
 
 
-def _build(kver: str) -> Path:
-    """Modules against the Debian headers, and the in-guest test programs."""
-    _run(["make", "-s", "-C", "kmod/linux", f"KVER={kver}"], "building kup.ko/kup_echo.ko")
+def _version_key(kver: str) -> tuple[int, ...]:
+    """Sort key of a kernel release: its leading numbers, 6.12.117+deb12-amd64
+    -> (6, 12, 117, 12)."""
+    return tuple(int(n) for n in re.findall(r"\d+", kver))
+
+
+def installed_kernels(root: Path = Path("/")) -> dict[str, str]:
+    """The newest usable kernel release of every series ("6.1", "6.12") under
+    ``root``: usable = an image /boot/vmlinuz-V, headers /lib/modules/V/build
+    and modules /lib/modules/V/kernel (the initramfs takes virtio/9p from
+    there)."""
+    found: dict[str, str] = {}
+    for img in (root / "boot").glob("vmlinuz-*"):
+        kver = img.name.removeprefix("vmlinuz-")
+        m = re.match(r"(\d+\.\d+)[.-]", kver)
+        mods = root / "lib" / "modules" / kver
+        if m is None or not (mods / "build").is_dir() or not (mods / "kernel").is_dir():
+            continue
+        series = m.group(1)
+        if series not in found or _version_key(kver) > _version_key(found[series]):
+            found[series] = kver
+    return found
+
+
+def _build_modules(kver: str) -> Path:
+    """kup.ko/kup_echo.ko/kup_rot13.ko against that kernel's headers."""
+    _run(
+        ["make", "-s", "-C", "kmod/linux", f"KVER={kver}"],
+        f"building kup.ko/kup_echo.ko for {kver}",
+    )
     moddir = REPO / "kmod" / "out" / "linux" / kver
-    for ko in ("kup.ko", "kup_echo.ko"):
+    for ko in ("kup.ko", "kup_echo.ko", "kup_rot13.ko"):
         assert (moddir / ko).is_file(), f"{ko} was not built in {moddir}"
+    return moddir
+
+
+def _build_programs() -> None:
+    """The in-guest test programs (user space: the same for every kernel)."""
     BIN.mkdir(parents=True, exist_ok=True)
     cc = shutil.which(os.environ.get("CC", "gcc")) or "gcc"
     flags = ["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
@@ -100,7 +146,6 @@ def _build(kver: str) -> Path:
          "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup, "-o", str(BIN / "test_kup")],
         "building tests/c/test_kup.c with libkup's linux backend",
     )  # fmt: skip
-    return moddir
 
 
 @dataclass
@@ -112,6 +157,7 @@ class Stage:
 
 @dataclass
 class GuestRun:
+    kver: str
     result: Any  # vmrun.VMResult
     stages: dict[str, Stage]
     build_seconds: float
@@ -129,26 +175,10 @@ def _parse_stages(log: str) -> dict[str, Stage]:
     return stages
 
 
-@pytest.fixture(scope="module")
-def guest() -> GuestRun:
-    t0 = time.monotonic()
-    kver = vmrun.debian_kver()
-    moddir = _build(kver)
-    build_s = time.monotonic() - t0
-    job = (
-        f"export REPO={REPO} KMODDIR={moddir} BINDIR={BIN}\n"
-        f"export STAGES='{' '.join(STAGES)}'\n"
-        f"exec sh {REPO}/tests/vm/guest_tests.sh\n"
-    )
-    # a private output directory: two test sessions may run at once
-    outdir = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
-    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kver=kver, keep_dir=outdir)
-    print(
-        f"\nvm: kernel {kver}, build {build_s:.1f}s, boot {res.boot_seconds}s (guest uptime), "
-        f"guest run {res.wall_seconds:.1f}s wall, rc={res.rc}, timed_out={res.timed_out}, "
-        f"files in {outdir}"
-    )
-    last = OUT / "last-run"
+def _keep_newest(series: str, outdir: Path) -> None:
+    """Point last-run-SERIES at this run; drop that kernel's older runs that
+    passed (failed runs stay for a look)."""
+    last = OUT / f"last-run-{series}"
     with contextlib.suppress(OSError):
         if last.is_symlink() or last.exists():
             if last.is_dir() and not last.is_symlink():
@@ -156,11 +186,105 @@ def guest() -> GuestRun:
             else:
                 last.unlink()
         last.symlink_to(outdir.name)
-    # keep the files of failed runs only (and the newest run's)
-    for old in OUT.glob("run-*"):
+    for old in OUT.glob(f"run-{series}-*"):
         if old != outdir and (old / "rc").exists() and _read_rc(old) == 0:
             shutil.rmtree(old, ignore_errors=True)
-    return GuestRun(res, _parse_stages(res.log), build_s)
+
+
+def _run_guest(series: str, kver: str, moddir: Path) -> GuestRun:
+    job = (
+        f"export REPO={REPO} KMODDIR={moddir} BINDIR={BIN} KVER={kver}\n"
+        f"export STAGES='{' '.join(STAGES)}'\n"
+        f"exec sh {REPO}/tests/vm/guest_tests.sh\n"
+    )
+    # a private output directory: two test sessions may run at once
+    OUT.mkdir(parents=True, exist_ok=True)
+    outdir = Path(tempfile.mkdtemp(prefix=f"run-{series}-", dir=OUT))
+    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kver=kver, keep_dir=outdir)
+    _keep_newest(series, outdir)
+    return GuestRun(kver, res, _parse_stages(res.log), 0.0)
+
+
+class _Runs:
+    """The session's VMs: on the first request, builds what the guests need
+    and boots one VM per requested kernel series, up to KUPD_VM_JOBS at a
+    time, so the kernels' runs overlap (each is mostly one busy TCG vCPU)."""
+
+    def __init__(self, wanted: list[str]) -> None:
+        self.wanted = wanted
+        self.kernels = installed_kernels()
+        self.lock = threading.Lock()
+        self.started = False
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.futures: dict[str, concurrent.futures.Future[GuestRun]] = {}
+        self.build_error: BaseException | None = None
+        self.build_seconds = 0.0
+
+    def _start(self) -> None:
+        t0 = time.monotonic()
+        todo = [s for s in self.wanted if s in self.kernels]
+        try:
+            moddirs = {s: _build_modules(self.kernels[s]) for s in todo}
+            _build_programs()
+        except BaseException as e:  # reported by every kernel's tests
+            self.build_error = e
+            return
+        self.build_seconds = time.monotonic() - t0
+        jobs = max(1, int(os.environ.get(JOBS_ENV, "2")))
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+        for s in todo:
+            self.futures[s] = self.pool.submit(_run_guest, s, self.kernels[s], moddirs[s])
+
+    def get(self, series: str) -> GuestRun:
+        kver = self.kernels.get(series)
+        if kver is None:
+            why = (
+                f"no Linux {series} kernel installed (need /boot/vmlinuz-{series}.*, and "
+                f"/lib/modules/<it>/build and /kernel; installed: {self.kernels or 'none'}): "
+                "run scripts/setup-apt.sh"
+            )
+            if os.environ.get(REQUIRE_ENV) == "1":
+                pytest.fail(f"{why} ({REQUIRE_ENV}=1: every kernel in KERNELS must be tested)")
+            pytest.skip(why)
+        with self.lock:
+            if not self.started:
+                self.started = True
+                self._start()
+        if self.build_error is not None:
+            raise self.build_error
+        run = self.futures[series].result()
+        run.build_seconds = self.build_seconds
+        return run
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def vm_runs(request: pytest.FixtureRequest) -> Iterator[_Runs]:
+    # only the kernels some selected test asks for (-k 6.12 boots one VM)
+    wanted = {
+        item.callspec.params["guest"]
+        for item in request.session.items
+        if hasattr(item, "callspec") and "guest" in item.callspec.params
+    }
+    runs = _Runs([k for k in KERNELS if k in wanted])
+    yield runs
+    runs.close()
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def guest(request: pytest.FixtureRequest, vm_runs: _Runs) -> GuestRun:
+    series: str = request.param
+    run = vm_runs.get(series)
+    res = run.result
+    print(
+        f"\nvm: Linux {series} = {run.kver}, build {run.build_seconds:.1f}s (all kernels), "
+        f"boot {res.boot_seconds}s (guest uptime), guest run {res.wall_seconds:.1f}s wall, "
+        f"rc={res.rc}, timed_out={res.timed_out}, files in {OUT / f'last-run-{series}'}"
+    )
+    return run
 
 
 def _read_rc(d: Path) -> int | None:

@@ -55,3 +55,29 @@ def test_stage_parsing_reports_unfinished_stages() -> None:
     assert st["load"].rc == 0 and "ok" in st["load"].output
     assert st["kfault_basic"].rc == 1 and "FAIL: basic" in st["kfault_basic"].output
     assert st["unload"].rc is None and "half way" in st["unload"].output
+
+
+def _kernel(root: Path, kver: str, *, image: bool = True, build: bool = True) -> None:
+    (root / "boot").mkdir(exist_ok=True)
+    if image:
+        (root / "boot" / f"vmlinuz-{kver}").write_bytes(b"")
+    mods = root / "lib" / "modules" / kver
+    (mods / "kernel").mkdir(parents=True)
+    if build:
+        (mods / "build").mkdir()
+
+
+def test_installed_kernels_picks_the_newest_usable_release_per_series(tmp_path: Path) -> None:
+    _kernel(tmp_path, "6.1.0-56-amd64")
+    _kernel(tmp_path, "6.1.0-9-amd64")  # older: 9 < 56 numerically, not as text
+    _kernel(tmp_path, "6.12.117+deb12-amd64")
+    _kernel(tmp_path, "6.12.200+deb12-amd64", build=False)  # no headers: unusable
+    _kernel(tmp_path, "6.13.1-amd64", image=False)  # no image: unusable
+    assert test_vm.installed_kernels(tmp_path) == {
+        "6.1": "6.1.0-56-amd64",
+        "6.12": "6.12.117+deb12-amd64",
+    }
+
+
+def test_installed_kernels_of_an_empty_root_is_empty(tmp_path: Path) -> None:
+    assert test_vm.installed_kernels(tmp_path) == {}
