@@ -7,7 +7,9 @@
 
 Admin actions: ``revoke`` (lease, tenant, device, channel, reason),
 ``drain`` / ``undrain`` (device, leases_ended), ``reload`` (via: admin or
-SIGHUP; ok; tenants and sessions_ended, or the error when refused).
+SIGHUP; ok; tenants, sessions_ended, applied and needs_restart -- the
+changed keys applied and those left for a restart -- or the error when
+refused).
 
 Written to the file named by the config key ``audit_log`` (opened for
 append, mode 0600, line-buffered) and, always, to kupd's structured log

@@ -16,7 +16,7 @@ import pytest
 from tenancy_helpers import DEVICES, TENANTS, StartTenants, TenantKupd
 
 from kupd import errors
-from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config
+from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config, parse_config, reloaded
 from kupd.testing import wait_until
 
 #: echo with a single Call pool channel: one held Call fills the pool.
@@ -55,6 +55,24 @@ def test_every_key_is_either_live_or_restart_only() -> None:
     assert not set(RELOADED_KEYS) & set(RESTART_KEYS)
     assert set(RELOADED_KEYS) | set(RESTART_KEYS) == keys
     assert all(why for why in RESTART_KEYS.values())
+
+
+def test_the_running_config_keeps_restart_only_values() -> None:
+    """kupd.config.reloaded: the config kupd runs with after a reload has the
+    file's live values and the running restart-only ones."""
+    running = parse_config({"socket": "/run/a.sock", "device": [{"name": "echo"}]})
+    new = parse_config(
+        {
+            "socket": "/run/b.sock",
+            "call_timeout": 2.5,
+            "keepalive_time": 9.0,
+            "device": [{"name": "echo"}, {"name": "rot13"}],
+        }
+    )
+    cfg, applied, needs_restart = reloaded(running, new)
+    assert (applied, needs_restart) == (["call_timeout"], ["socket", "devices", "keepalive_time"])
+    assert (cfg.call_timeout, cfg.socket, cfg.keepalive_time) == (2.5, "/run/a.sock", 2.0)
+    assert [d.name for d in cfg.devices] == ["echo"]
 
 
 def test_call_timeout(start_tenants: StartTenants) -> None:
@@ -177,6 +195,11 @@ def test_audit_log(start_tenants: StartTenants) -> None:
             adm.reload()
         k.audit = k.dir / "audit-2.log"
         assert len(denied()) == 2  # still the file in use
+        # logrotate: the file renamed, a reload re-opens the path afresh
+        os.rename(k.audit, k.dir / "audit-2.log.1")
+        k.write_config(DEVICES + TENANTS)
+        assert adm.reload().applied == ()
+        assert len(denied()) == 1
     k.audit = first
     assert len([x for x in k.audit_lines() if x["event"] == "denied"]) == 1
     assert os.stat(k.dir / "audit-2.log").st_mode & 0o777 == 0o600
