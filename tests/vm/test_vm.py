@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -115,6 +115,20 @@ def installed_kernels(root: Path = Path("/")) -> dict[str, str]:
         if series not in found or _version_key(kver) > _version_key(found[series]):
             found[series] = kver
     return found
+
+
+def missing_kernel(series: str, kernels: dict[str, str], env: Mapping[str, str]) -> tuple[str, str]:
+    """What a kernel series that is not installed means: ("skip", why) when
+    someone runs pytest by hand, ("fail", why) under KUPD_REQUIRE_VM=1 (make
+    test / make vm-test, after setup-apt.sh should have installed it)."""
+    why = (
+        f"no Linux {series} kernel installed (need /boot/vmlinuz-{series}.*, with "
+        f"/lib/modules/<it>/build and /lib/modules/<it>/kernel; installed: "
+        f"{', '.join(sorted(kernels.values())) or 'none'}): run scripts/setup-apt.sh"
+    )
+    if env.get(REQUIRE_ENV) == "1":
+        return "fail", f"{why} ({REQUIRE_ENV}=1: every kernel in KERNELS must be tested)"
+    return "skip", why
 
 
 def _build_modules(kver: str) -> Path:
@@ -238,13 +252,9 @@ class _Runs:
     def get(self, series: str) -> GuestRun:
         kver = self.kernels.get(series)
         if kver is None:
-            why = (
-                f"no Linux {series} kernel installed (need /boot/vmlinuz-{series}.*, and "
-                f"/lib/modules/<it>/build and /kernel; installed: {self.kernels or 'none'}): "
-                "run scripts/setup-apt.sh"
-            )
-            if os.environ.get(REQUIRE_ENV) == "1":
-                pytest.fail(f"{why} ({REQUIRE_ENV}=1: every kernel in KERNELS must be tested)")
+            verdict, why = missing_kernel(series, self.kernels, os.environ)
+            if verdict == "fail":
+                pytest.fail(why)
             pytest.skip(why)
         with self.lock:
             if not self.started:

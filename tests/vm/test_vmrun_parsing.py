@@ -81,3 +81,14 @@ def test_installed_kernels_picks_the_newest_usable_release_per_series(tmp_path: 
 
 def test_installed_kernels_of_an_empty_root_is_empty(tmp_path: Path) -> None:
     assert test_vm.installed_kernels(tmp_path) == {}
+
+
+def test_a_missing_kernel_skips_by_hand_and_fails_under_make_test() -> None:
+    kernels = {"6.1": "6.1.0-56-amd64"}
+    verdict, why = test_vm.missing_kernel("6.12", kernels, {})
+    assert verdict == "skip"
+    assert "no Linux 6.12 kernel installed" in why and "6.1.0-56-amd64" in why
+    assert "setup-apt.sh" in why
+    verdict, why = test_vm.missing_kernel("6.12", kernels, {"KUPD_REQUIRE_VM": "1"})
+    assert verdict == "fail" and "KUPD_REQUIRE_VM=1" in why
+    assert test_vm.missing_kernel("6.12", {}, {"KUPD_REQUIRE_VM": "0"})[0] == "skip"
