@@ -70,6 +70,17 @@
 
 static kup_lock_t kup_reg_lock;
 static struct kupdev_softc *kup_reg_head;
+
+/* A kernel-side call lets go of ch->lock: the host may want to know
+ * (KUP_CHAN_UNLOCKED, optional in kup_os.h). */
+static inline void
+kup_chan_unlock(struct kup_chan *ch)
+{
+	kup_unlock(&ch->lock);
+#ifdef KUP_CHAN_UNLOCKED
+	KUP_CHAN_UNLOCKED(ch);
+#endif
+}
 static int kup_core_ready;
 
 int
@@ -633,6 +644,24 @@ kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 	return r;
 }
 
+#ifdef KUP_LOCK_TRY
+int
+kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
+{
+	int r;
+
+	if (ch == NULL || fn == NULL)
+		return -EINVAL;
+	if (!KUP_LOCK_TRY(&ch->lock))
+		return -EBUSY;
+	kup_lock(&ch->sc->lock);   /* ch before sc, as in the waiting one */
+	r = fn(ch);
+	kup_unlock(&ch->sc->lock);
+	kup_unlock(&ch->lock);
+	return r;
+}
+#endif
+
 /* ---- kernel-side protocol ---------------------------------------------- */
 
 /* Is the channel usable by the module right now?  Under ch->lock. */
@@ -944,7 +973,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	KUP_WRITE_ONCE64(&ch->holder, kup_self());
 	return 0;   /* locked until kupdev_unlock_channel */
 out:
-	kup_unlock(&ch->lock);
+	kup_chan_unlock(ch);
 	return r;
 }
 
@@ -974,7 +1003,7 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 		return;
 	}
 	KUP_WRITE_ONCE64(&ch->holder, 0);
-	kup_unlock(&ch->lock);
+	kup_chan_unlock(ch);
 }
 
 /* Under ch->lock, after kup_chan_enter: make sure the kernel holds the
@@ -1042,7 +1071,7 @@ kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
 	ch->active = 1;
 	kup_handover(ch, (uint32_t)len, kind, ch->k2u_seq, KUP_TURN_USER);
 out:
-	kup_unlock(&ch->lock);
+	kup_chan_unlock(ch);
 	return r;
 }
 
@@ -1075,7 +1104,7 @@ kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
 		ch->k2u_seq = ch->k2u_seq + 1 + (uint64_t)seq_delta;
 		kup_handover(ch, len, kind, ch->k2u_seq, turn_value);
 	}
-	kup_unlock(&ch->lock);
+	kup_chan_unlock(ch);
 	return r;
 }
 

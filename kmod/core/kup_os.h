@@ -46,6 +46,19 @@
  *                           lock) at most every KUP_SPIN_YIELD_NS, so that
  *                           a spinning module thread does not keep the
  *                           user it waits for off a shared CPU
+ *     KUP_LOCK_TRY(l)       take kup_lock_t *l only if that needs no
+ *                           wait: non-zero when taken (pthread trylock,
+ *                           mutex_trylock, sx_try_xlock); when defined,
+ *                           the core offers kup_core_chan_exclusive_try
+ *     KUP_CHAN_UNLOCKED(ch) called by the core right after a kernel-side
+ *                           call of ch (a module thread's receive, send,
+ *                           pass or kupdev_unlock_channel) lets go of
+ *                           ch->lock, with no core lock held; must not
+ *                           sleep.  For a host that waits for that lock
+ *                           without blocking (kupsim's server retries a
+ *                           channel renewal kup_core_chan_exclusive_try
+ *                           found held): a cheap hint, not a guarantee
+ *                           (no fence orders it with the try)
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
  *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK.
@@ -176,6 +189,16 @@ void kup_core_user_wake(struct kup_chan *ch);
  * touches them half-way.  fn must not call into the core.  May sleep:
  * call it with no core lock held, never from a module thread. */
 int  kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *));
+#ifdef KUP_LOCK_TRY
+/* The same without waiting for ch->lock: -EBUSY (fn not run) when a
+ * kernel-side caller holds it -- e.g. a module thread between its receive
+ * and kupdev_unlock_channel, for as long as the module computes.  Waits
+ * only for sc->lock, which no one holds across module code.  For a host
+ * whose one service thread must not stall on a single channel (kupsim);
+ * fn must not return -EBUSY itself.  Hosts defining KUP_LOCK_TRY only. */
+int  kup_core_chan_exclusive_try(struct kup_chan *ch,
+         int (*fn)(struct kup_chan *));
+#endif
 
 /* Geometry and facts the host needs for mmap bounds and ioctl replies. */
 size_t   kup_core_chan_bytes(const struct kup_chan *ch);

@@ -35,6 +35,10 @@ struct kup_os_chan {
 	                         * attachment (never handed to a user) */
 	void           *mem;
 	size_t          bytes;
+	int             renew_wanted;/* the server wants ch->lock to renew the
+	                         * channel (kupsim_chan_renew_try found it
+	                         * held): a module thread letting go of it
+	                         * kicks the server (__atomic) */
 };
 
 #define KUP_LOAD_ACQ32(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -79,5 +83,22 @@ kupsim_curthread(void)
 	return &tag;
 }
 #define KUP_CURTHREAD()        kupsim_curthread()
+
+/* Optional (kup_os.h): the server thread renews a detached channel only
+ * if it can take the channel lock at once (it serves every device and
+ * must not wait for a module thread that holds a channel: kupsim.h). */
+#define KUP_LOCK_TRY(l)        (pthread_mutex_trylock(l) == 0)
+/* Optional (kup_os.h): a module thread let go of ch->lock; if the server
+ * waits for it, wake the server.  Inline (one relaxed load when no renewal
+ * waits: it runs on every receive, send and unlock); expanded only in
+ * kup_core.c, where struct kup_chan is complete. */
+void kupsim_server_kick(void);
+static inline void
+kupsim_chan_unlocked(struct kup_os_chan *os)
+{
+	if (__atomic_load_n(&os->renew_wanted, __ATOMIC_RELAXED))
+		kupsim_server_kick();
+}
+#define KUP_CHAN_UNLOCKED(ch)  kupsim_chan_unlocked(&(ch)->os)
 
 #endif /* KUP_HOST_H */

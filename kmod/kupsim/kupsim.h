@@ -17,16 +17,24 @@ int  kupsim_server_publish(struct kupdev_softc *sc);
 void kupsim_server_withdraw(struct kupdev_softc *sc);
 void kupsim_server_release(struct kupdev_softc *sc);
 
-/* Give channel ch, which the caller has just detached (kup_core_detach),
+/* Give channel ch, which the caller has detached (kup_core_detach),
  * fresh user-visible objects: a new memfd for its pages (mapped by the
  * kernel side at the same address, zeroed) and new kernel->user and
  * user->kernel eventfds, so that whoever held the previous ones can
- * neither touch nor observe the next attachment.  Waits for a kernel-side
- * operation in progress on ch to finish.  0, or -errno: the channel keeps
+ * neither touch nor observe the next attachment.  Never waits for the
+ * channel lock: -EBUSY when a kernel-side operation holds it (a module
+ * thread between its receive and kupdev_unlock_channel); until a later
+ * call has run, a module thread letting go of the lock calls
+ * kupsim_server_kick().  0, or -errno (-EBUSY included): the channel keeps
  * objects a previous user may hold and must not be handed out again until
  * a later call succeeds. */
 struct kup_chan;
-int  kupsim_chan_renew(struct kup_chan *ch);
+int  kupsim_chan_renew_try(struct kup_chan *ch);
+
+/* Wake the server thread (it retries the renewals still to run).  Safe
+ * from any thread while the server runs, a no-op when it does not; never
+ * sleeps. */
+void kupsim_server_kick(void);
 
 /* Space-separated names of the published devices into buf. */
 void kupsim_server_names(char *buf, size_t len);

@@ -20,12 +20,13 @@
  * arrives before the user polls is not lost either).
  *
  * Every attachment gets objects of its own: when one ends, the server
- * calls kupsim_chan_renew(), which (under the channel lock) maps a new
- * memfd over the kernel side's mapping and puts new eventfds behind the
- * same descriptor numbers, so a previous holder that kept its fds or its
- * mapping can neither touch nor observe the next user's channel (the
- * Linux and FreeBSD hosts get the same by tying the user's mapping to the
- * attachment).
+ * calls kupsim_chan_renew_try(), which (under the channel lock, if it is
+ * free) maps a new memfd over the kernel side's mapping and puts new
+ * eventfds behind the same descriptor numbers, so a previous holder that
+ * kept its fds or its mapping can neither touch nor observe the next
+ * user's channel (the Linux and FreeBSD hosts get the same by tying the
+ * user's mapping to the attachment).  A channel whose lock a module
+ * thread still holds is renewed when it lets go (kupsim_server.c).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -206,7 +207,7 @@ fd_replace(int newfd, int oldfd)
 
 /*
  * Fresh user-visible objects for a channel (kupsim.h).  Runs under the
- * channel and device locks (kup_core_chan_exclusive; the device lock
+ * channel and device locks (kup_core_chan_exclusive_try; the device lock
  * orders the page's replacement with kupdev_shutdown's writes of the
  * state word), with the channel detached: no kernel-side operation is in
  * progress and any that starts sees the channel detached (-EPIPE) before
@@ -233,7 +234,7 @@ fd_replace(int newfd, int oldfd)
  * the channel out until a later renewal succeeds.
  */
 static int
-chan_renew_locked(struct kup_chan *ch)
+chan_renew_objects(struct kup_chan *ch)
 {
 	struct kup_os_chan *os = kup_core_chan_os(ch);
 	struct kupdev_softc *sc = kup_core_chan_dev(ch);
@@ -289,10 +290,38 @@ fail:
 	return -e;
 }
 
-int
-kupsim_chan_renew(struct kup_chan *ch)
+static int
+chan_renew_locked(struct kup_chan *ch)
 {
-	return kup_core_chan_exclusive(ch, chan_renew_locked);
+	int r = chan_renew_objects(ch);
+
+	/* -EBUSY means "lock held" to kupsim_chan_renew_try's caller; a
+	 * failure that happens to be EBUSY is still a failure */
+	return r == -EBUSY ? -EIO : r;
+}
+
+/*
+ * The server's one thread must not wait for a channel lock a module thread
+ * holds (the module may compute for seconds between its receive and
+ * kupdev_unlock_channel; every device's attach, detach and info would
+ * wait with it), so the renewal only tries the lock.  renew_wanted is set
+ * first and cleared once the renewal ran: while it is set, a module thread
+ * letting go of the lock kicks the server (KUP_CHAN_UNLOCKED, kup_host.h),
+ * which tries again at once.  No fence pairs the flag with the try: a kick
+ * missed that way costs the server's retry period (kupsim_server.c), not
+ * the renewal.
+ */
+int
+kupsim_chan_renew_try(struct kup_chan *ch)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+	int r;
+
+	__atomic_store_n(&os->renew_wanted, 1, __ATOMIC_RELAXED);
+	r = kup_core_chan_exclusive_try(ch, chan_renew_locked);
+	if (r != -EBUSY)
+		__atomic_store_n(&os->renew_wanted, 0, __ATOMIC_RELAXED);
+	return r;
 }
 
 /* ---- sleeping and waking -------------------------------------------- */

@@ -8,12 +8,36 @@
  * once (when its listener / connection appears), so a wake-up costs the
  * same with 1000 idle attachments as with none.  A connection's lifetime
  * is its attachment: when the peer closes it (or dies) the thread sees
- * EPOLLHUP / EOF and calls kup_core_detach(), then kupsim_chan_renew():
+ * EPOLLHUP / EOF and calls kup_core_detach(), then kupsim_chan_renew_try():
  * the next attachment of the channel gets a new memfd and new eventfds,
  * and the fds this one was given lead nowhere.  No pid polling.  The
  * channels' user->kernel eventfds are NOT watched here: a module thread
  * sleeping on a channel polls that eventfd itself (kupsim_glue.c), so a
  * user's wake-up is one hop.
+ *
+ * This thread never waits for a channel lock.  It serves every device, and
+ * a module thread holds its channel's lock from its receive until
+ * kupdev_unlock_channel -- for as long as the module computes, seconds if
+ * it likes.  Waiting there (as the renewal once did) stalled every attach,
+ * detach and info of every device for that long.  So a renewal only tries
+ * the lock, and a channel it found held is "pending renewal" (struct
+ * listener's renew[]): it is never handed out with the old objects, and
+ *   - the renewal is tried again whenever the module lets go of the lock
+ *     (the core's KUP_CHAN_UNLOCKED hook kicks ctl_efd while a renewal
+ *     waits: usually microseconds after the detach, the time a worker
+ *     asleep in its receive takes to see -EPIPE) and every RENEW_RETRY_MS
+ *     while any waits (a kick the hook missed; it is a hint, unfenced);
+ *   - an ATTACH of that id, or of any channel when every free one is
+ *     pending, waits (the connection is parked, this thread goes on
+ *     serving everyone else) up to PARK_MS for the renewal, so that a user
+ *     who re-attaches the channel it just left is not refused because the
+ *     module had not woken up yet; then KUP_E_BUSY ("held, retry later"),
+ *     the answer for a channel the module genuinely still holds;
+ *   - an ATTACH of any channel gets a free, renewed one if there is one.
+ * kup_core_attach itself takes the channel lock too (to reset the page),
+ * which is why a pending channel is never passed to it: a channel whose
+ * renewal ran was detached while we held its lock, so any module call on
+ * it since sees it detached and lets go at once.
  *
  * S.mu (recursive) protects the lists; the poll thread holds it while it
  * handles events, and module threads take it in publish/withdraw/release.
@@ -37,6 +61,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kup_os.h"
@@ -60,14 +85,26 @@ struct listener {
 	int ev_fd;
 	int withdrawn;
 	int registered;            /* fd and ev_fd are in S.ep */
-	/* 1: the channel still has objects a previous user may hold (their
-	 * renewal failed): it is not handed out until a renewal succeeds */
-	uint8_t stale[KUP_MAX_CHANNELS];
+	/* RENEW_*: whether each channel's objects are its own, i.e. whether
+	 * it may be handed out; only a detached channel is ever not DONE */
+	uint8_t renew[KUP_MAX_CHANNELS];
+	uint32_t npending;         /* renew[] entries RENEW_PENDING */
+	uint32_t nfailed;          /* renew[] entries RENEW_FAILED */
 	struct etag t_lis, t_ev;
 	char name[KUP_NAME_MAX];
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	struct listener *next;
 };
+
+#define RENEW_DONE    0   /* fresh objects, or never attached */
+#define RENEW_PENDING 1   /* a module thread held the lock: retried here */
+#define RENEW_FAILED  2   /* the renewal failed (e.g. EMFILE): tried again
+                           * by the next ATTACH that wants the channel */
+
+/* How often a pending renewal is retried without a kick (ms), and how long
+ * an ATTACH waits for one before it is refused with KUP_E_BUSY (ms). */
+#define RENEW_RETRY_MS 10
+#define PARK_MS        500
 
 #define CONN_PLAIN    0
 #define CONN_ATTACHED 1
@@ -77,6 +114,10 @@ struct conn {
 	int fd;
 	int kind;
 	int dead;                  /* closed; freed after the batch */
+	int parked;                /* an ATTACH (pq) waits for a renewal; not
+	                            * polled for input meanwhile */
+	int64_t park_until;        /* then it is refused (monotonic ms) */
+	struct kupsim_req pq;
 	struct kupdev_softc *sc;   /* referenced */
 	struct kup_chan *ch;       /* CONN_ATTACHED */
 	struct etag t;
@@ -96,8 +137,18 @@ static struct {
 	struct listener *ls;
 	struct conn *cs;
 	struct conn *graveyard;    /* closed during a batch */
+	uint32_t nparked;          /* connections with parked set */
 	struct etag t_ctl;
 } S = { .ctl_efd = -1, .ep = -1, .lock_fd = -1 };
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static int
 ep_add(int fd, struct etag *t)
@@ -109,6 +160,17 @@ ep_add(int fd, struct etag *t)
 		return -1;
 	}
 	return 0;
+}
+
+/* Watch fd for input (EPOLLIN) or, events 0, only for its hang-up
+ * (EPOLLHUP / EPOLLERR are always reported). */
+static void
+ep_mod(int fd, struct etag *t, uint32_t events)
+{
+	struct epoll_event ev = { .events = events, .data.ptr = t };
+
+	if (epoll_ctl(S.ep, EPOLL_CTL_MOD, fd, &ev) != 0)
+		kup_os_log("kupsim: epoll_ctl(MOD %d): %s", fd, strerror(errno));
 }
 
 static void
@@ -134,6 +196,17 @@ drain(int fd)
 
 	while (read(fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
 		;
+}
+
+void
+kupsim_server_kick(void)
+{
+	/* ctl_efd is set before the first module thread exists and closed
+	 * after the last is joined; atomic for the sanitizers' sake */
+	int fd = __atomic_load_n(&S.ctl_efd, __ATOMIC_ACQUIRE);
+
+	if (fd >= 0)
+		kick(fd);
 }
 
 /* ---- publish / withdraw ------------------------------------------------ */
@@ -313,18 +386,64 @@ listener_of(struct kupdev_softc *sc)
 	return NULL;
 }
 
-/* Under S.mu, ch detached: give it fresh objects for its next attachment
- * and remember whether that worked.  0 when the channel is fresh. */
+/* Under S.mu: record channel id's renewal state in l. */
+static void
+renew_set(struct listener *l, uint32_t id, uint8_t st)
+{
+	if (id >= KUP_MAX_CHANNELS || l->renew[id] == st)
+		return;
+	if (l->renew[id] == RENEW_PENDING)
+		l->npending--;
+	else if (l->renew[id] == RENEW_FAILED)
+		l->nfailed--;
+	if (st == RENEW_PENDING)
+		l->npending++;
+	else if (st == RENEW_FAILED)
+		l->nfailed++;
+	l->renew[id] = st;
+}
+
+/* Under S.mu, ch detached: try to give it fresh objects for its next
+ * attachment (never waiting for the channel lock) and remember the
+ * outcome in l (NULL: the device is withdrawn, no attach can succeed any
+ * more).  0 when the channel is fresh, -EBUSY when a module thread holds
+ * it (pending), another -errno when the renewal failed. */
+static int
+chan_renew_in(struct listener *l, struct kup_chan *ch)
+{
+	int r = kupsim_chan_renew_try(ch);
+
+	if (l != NULL)
+		renew_set(l, kup_core_chan_id(ch), r == 0 ? RENEW_DONE :
+		    r == -EBUSY ? RENEW_PENDING : RENEW_FAILED);
+	return r;
+}
+
 static int
 chan_renew(struct kupdev_softc *sc, struct kup_chan *ch)
 {
-	struct listener *l = listener_of(sc);
-	uint32_t id = kup_core_chan_id(ch);
-	int r = kupsim_chan_renew(ch);
+	return chan_renew_in(listener_of(sc), ch);
+}
 
-	if (l != NULL && id < KUP_MAX_CHANNELS)
-		l->stale[id] = r != 0;
-	return r;
+/* Under S.mu: try the pending renewals of l again (l not withdrawn, so
+ * l->sc holds the module's reference).  The lock tries cost nothing when
+ * the module still holds; a renewal that runs takes what a detach took. */
+static void
+renew_retry(struct listener *l)
+{
+	uint32_t id;
+
+	for (id = 0; id < KUP_MAX_CHANNELS && l->npending != 0; id++) {
+		struct kup_chan *ch;
+
+		if (l->renew[id] != RENEW_PENDING)
+			continue;
+		ch = kup_core_chan_at(l->sc, id);
+		if (ch != NULL)
+			(void)chan_renew_in(l, ch);
+		else
+			renew_set(l, id, RENEW_DONE);   /* no such channel */
+	}
 }
 
 /* Under S.mu: detach and close now; the struct is freed by
@@ -345,6 +464,10 @@ conn_close(struct conn *c)
 		}
 	}
 	c->dead = 1;
+	if (c->parked) {
+		c->parked = 0;
+		S.nparked--;
+	}
 	if (c->kind == CONN_ATTACHED && c->ch != NULL) {
 		kup_core_detach(c->ch);
 		(void)chan_renew(c->sc, c->ch);
@@ -468,8 +591,90 @@ out:
 	return ret;
 }
 
+/* What do_attach may pass to kup_core_attach for a request of want */
+#define PICK_OK    0   /* *id: a channel (or ANY) that is not pending */
+#define PICK_WAIT  1   /* only a pending channel would do: wait for it */
+#define PICK_BUSY  2   /* none free */
+#define PICK_SYS   3   /* only channels whose renewal fails would do */
+
+/*
+ * Under S.mu: the channel id to pass to kup_core_attach for a request of
+ * want, such that the core is never handed a channel whose renewal has
+ * not run (it would wait for the module's lock, and the channel still has
+ * the previous user's objects).  info is a snapshot taken now; only this
+ * thread attaches or detaches, so its attached[] is current.  A failed
+ * renewal is tried again here, for the channel the request would get.
+ */
 static int
-do_attach(struct conn *c, const struct kupsim_req *q)
+pick_channel(struct listener *l, const struct kup_ioc_info *info,
+    uint32_t want, uint32_t *id)
+{
+	struct kup_chan *ch;
+	uint32_t i, n = info->announced;
+	int waiting = 0, failed = 0, r;
+
+	*id = want;
+	if (l->npending == 0 && l->nfailed == 0)
+		return PICK_OK;   /* every free channel is fresh */
+	if (want != KUP_CHAN_ANY) {
+		if (want >= KUP_MAX_CHANNELS || info->attached[want])
+			return PICK_OK;   /* the core says what is wrong */
+		if (l->renew[want] == RENEW_PENDING)
+			return PICK_WAIT;
+		if (l->renew[want] == RENEW_FAILED) {
+			ch = kup_core_chan_at(l->sc, want);
+			r = ch != NULL ? chan_renew_in(l, ch) : 0;
+			if (r == -EBUSY)
+				return PICK_WAIT;
+			if (r != 0)
+				return PICK_SYS;
+		}
+		return PICK_OK;
+	}
+	if (n > info->chan_count)
+		n = info->chan_count;
+	if (n > KUP_MAX_CHANNELS)
+		n = KUP_MAX_CHANNELS;
+	if (n == 0)
+		return PICK_OK;   /* the core: not announced yet */
+	for (i = 0; i < n; i++) {
+		if (info->attached[i])
+			continue;
+		if (l->renew[i] == RENEW_DONE) {
+			*id = i;
+			return PICK_OK;
+		}
+		if (l->renew[i] == RENEW_PENDING)
+			waiting = 1;
+		else
+			failed = 1;
+	}
+	/* no fresh free channel: one whose renewal failed may renew now */
+	for (i = 0; failed && i < n; i++) {
+		if (info->attached[i] || l->renew[i] != RENEW_FAILED)
+			continue;
+		ch = kup_core_chan_at(l->sc, i);
+		r = ch != NULL ? chan_renew_in(l, ch) : -ENOENT;
+		if (r == 0) {
+			*id = i;
+			return PICK_OK;
+		}
+		if (r == -EBUSY)
+			waiting = 1;
+	}
+	return waiting ? PICK_WAIT : failed ? PICK_SYS : PICK_BUSY;
+}
+
+/*
+ * ATTACH.  0 (answered), -1 (close the connection: detaches), or
+ * ATTACH_WAIT: the channel it wants is pending renewal and may_wait is
+ * set -- the caller parks the request and asks again after the next
+ * renewal (may_wait 0 once the wait is over: KUP_E_BUSY).
+ */
+#define ATTACH_WAIT 1
+
+static int
+do_attach(struct conn *c, const struct kupsim_req *q, int may_wait)
 {
 	struct kupsim_attach_reply r;
 	struct kup_ioc_info *info;
@@ -483,8 +688,8 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 		struct cmsghdr align;
 	} cm;
 	struct cmsghdr *cmh;
-	int fds[3], e;
-	uint32_t pages;
+	int fds[3], e, pick, tries;
+	uint32_t pages, id;
 
 	if (c->kind != CONN_PLAIN)
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_INVAL);
@@ -493,21 +698,49 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_SYS);
 	kup_core_info(c->sc, info);
 	pages = info->pages;
-	free(info);
-	if (q->pages != 0 && q->pages != pages)
+	if (q->pages != 0 && q->pages != pages) {
+		free(info);
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_INVAL);
-	e = kup_core_attach(c->sc, q->chan_id, q->abi_version, &ch);
-	if (e == -EBUSY && reap_departed(c->sc) != 0)
-		e = kup_core_attach(c->sc, q->chan_id, q->abi_version, &ch);
+	}
+	for (tries = 0;; tries++) {
+		/* A wrong ABI version or a device shutting down (for good: the
+		 * flag never clears) is refused by the core before it looks at
+		 * any channel; withdrawn (l NULL) implies shutting down. */
+		l = listener_of(c->sc);
+		id = q->chan_id;
+		pick = PICK_OK;
+		if (l != NULL && q->abi_version == KUP_ABI_VERSION &&
+		    !info->shutting_down) {
+			renew_retry(l);
+			pick = pick_channel(l, info, q->chan_id, &id);
+		}
+		if (pick != PICK_OK)
+			break;
+		e = kup_core_attach(c->sc, id, q->abi_version, &ch);
+		/* a holder that hung up further down the ready list: close it
+		 * and look again (its channel may now be pending renewal) */
+		if (e == -EBUSY && tries == 0 && reap_departed(c->sc) != 0) {
+			kup_core_info(c->sc, info);
+			continue;
+		}
+		break;
+	}
+	free(info);
+	if (pick == PICK_WAIT && may_wait)
+		return ATTACH_WAIT;
+	if (pick != PICK_OK)
+		return reply_status(c, KUPSIM_OP_ATTACH,
+		    pick == PICK_SYS ? KUP_E_SYS : KUP_E_BUSY);
 	if (e != 0)
 		return reply_status(c, KUPSIM_OP_ATTACH, kup_core_errno_to_kup(e));
-	/* Objects a previous user may still hold are never handed out: undo
-	 * the attachment (the module sees it end: -EPIPE), try the renewal
-	 * again for the next request, and say a system call failed. */
+	/* pick_channel never lets the core choose a channel that is not
+	 * fresh; should that ever change, undo rather than hand it out */
 	l = listener_of(c->sc);
-	if (l != NULL && l->stale[kup_core_chan_id(ch)]) {
+	if (l != NULL && l->renew[kup_core_chan_id(ch)] != RENEW_DONE) {
+		kup_os_log("kupsim: %s/%u: attached before its renewal; undone",
+		    l->name, kup_core_chan_id(ch));
 		kup_core_detach(ch);
-		(void)chan_renew(c->sc, ch);
+		(void)chan_renew_in(l, ch);
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_SYS);
 	}
 	os = kup_core_chan_os(ch);
@@ -542,6 +775,67 @@ do_attach(struct conn *c, const struct kupsim_req *q)
 	return 0;
 }
 
+/* Under S.mu: c's ATTACH q waits for a renewal (no input read from c
+ * meanwhile: its requests are answered in order). */
+static void
+park(struct conn *c, const struct kupsim_req *q)
+{
+	if (c->parked)
+		return;
+	c->parked = 1;
+	c->pq = *q;
+	c->park_until = now_ms() + PARK_MS;
+	S.nparked++;
+	ep_mod(c->fd, &c->t, 0);
+}
+
+static void
+unpark(struct conn *c)
+{
+	if (!c->parked)
+		return;
+	c->parked = 0;
+	S.nparked--;
+	ep_mod(c->fd, &c->t, EPOLLIN);
+}
+
+/* Under S.mu, after a batch: retry the pending renewals, then the parked
+ * ATTACHes (answered once their channel is renewed or their wait is
+ * over).  Returns the epoll timeout for the next wait: RENEW_RETRY_MS
+ * while anything waits, else -1. */
+static int
+renew_service(void)
+{
+	struct listener *l;
+	struct conn *c, *next;
+	int64_t now;
+	int waiting = 0, r;
+
+	for (l = S.ls; l != NULL; l = l->next)
+		if (!l->withdrawn && l->npending != 0)
+			renew_retry(l);
+	if (S.nparked != 0) {
+		now = now_ms();
+		/* conn_close (reap_departed) only unlinks: a closed next is
+		 * skipped as dead and still leads on */
+		for (c = S.cs; c != NULL; c = next) {
+			next = c->next;
+			if (c->dead || !c->parked)
+				continue;
+			r = do_attach(c, &c->pq, now < c->park_until);
+			if (r == ATTACH_WAIT)
+				continue;
+			unpark(c);
+			if (r != 0)
+				conn_close(c);
+		}
+	}
+	for (l = S.ls; l != NULL; l = l->next)
+		if (!l->withdrawn && l->npending != 0)
+			waiting = 1;
+	return waiting || S.nparked != 0 ? RENEW_RETRY_MS : -1;
+}
+
 /* Handle one readable connection.  -1: close it. */
 static int
 conn_input(struct conn *c)
@@ -551,6 +845,7 @@ conn_input(struct conn *c)
 		char raw[256];
 	} u;
 	ssize_t n = recv(c->fd, &u, sizeof(u), MSG_DONTWAIT);
+	int r;
 
 	if (n == 0)
 		return -1;
@@ -566,7 +861,12 @@ conn_input(struct conn *c)
 	case KUPSIM_OP_INFO:
 		return do_info(c);
 	case KUPSIM_OP_ATTACH:
-		return do_attach(c, &u.q);
+		r = do_attach(c, &u.q, 1);
+		if (r == ATTACH_WAIT) {
+			park(c, &u.q);
+			r = 0;
+		}
+		return r;
 	case KUPSIM_OP_WATCH:
 		if (c->kind != CONN_PLAIN)
 			return reply_status(c, KUPSIM_OP_WATCH, KUP_E_INVAL);
@@ -612,6 +912,7 @@ static void *
 poll_main(void *arg)
 {
 	struct epoll_event evs[EP_BATCH];
+	int wait_ms = -1;   /* RENEW_RETRY_MS while a renewal or ATTACH waits */
 
 	(void)arg;
 	pthread_mutex_lock(&S.mu);
@@ -620,7 +921,7 @@ poll_main(void *arg)
 	for (;;) {
 		int n, i, ctl = 0;
 
-		n = epoll_wait(S.ep, evs, EP_BATCH, -1);
+		n = epoll_wait(S.ep, evs, EP_BATCH, wait_ms);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -687,6 +988,9 @@ poll_main(void *arg)
 			reap_listeners();
 			register_listeners();
 		}
+		/* renewals the module let go of (its unlock kicked ctl_efd) or
+		 * that the retry period is up for, and the ATTACHes they hold */
+		wait_ms = renew_service();
 		free_graveyard();
 		pthread_mutex_unlock(&S.mu);
 	}
@@ -727,7 +1031,8 @@ kupsim_server_start(const char *rundir)
 		S.lock_fd = -1;
 		return -1;
 	}
-	S.ctl_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	__atomic_store_n(&S.ctl_efd, eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK),
+	    __ATOMIC_RELEASE);
 	if (S.ctl_efd < 0)
 		goto fail_lock;
 	S.ep = epoll_create1(EPOLL_CLOEXEC);
@@ -752,7 +1057,7 @@ fail_efd:
 		close(S.ep);
 	S.ep = -1;
 	close(S.ctl_efd);
-	S.ctl_efd = -1;
+	__atomic_store_n(&S.ctl_efd, -1, __ATOMIC_RELEASE);
 fail_lock:
 	fprintf(stderr, "kupsim: starting the server: %s\n", strerror(errno));
 	close(S.lock_fd);
@@ -787,7 +1092,7 @@ kupsim_server_stop(void)
 	close(S.ep);
 	S.ep = -1;
 	close(S.ctl_efd);
-	S.ctl_efd = -1;
+	__atomic_store_n(&S.ctl_efd, -1, __ATOMIC_RELEASE);
 	S.running = 0;
 	close(S.lock_fd);
 	S.lock_fd = -1;

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kmod_util import (
     ATTACH_REPLY,
+    E_BUSY,
     E_OK,
     E_SYS,
     variant_kupsim,
@@ -92,9 +93,15 @@ class RawUser:
     waits poll the kernel->user eventfd in short slices and re-check the
     turn word, so they never depend on a wake-up arriving."""
 
-    def __init__(self, path: str, chan: int) -> None:
+    def __init__(self, path: str, chan: int, busy_timeout: float = 0.0) -> None:
+        """Attach chan; while kupsim answers KUP_E_BUSY, ask again every
+        20 ms for up to busy_timeout seconds (a bounded wait)."""
+        deadline = time.monotonic() + busy_timeout
         self.sock = wire_connect(path)
         st, fds, msg = wire_attach(self.sock, chan)
+        while st == E_BUSY and time.monotonic() < deadline:
+            time.sleep(0.02)
+            st, fds, msg = wire_attach(self.sock, chan)
         assert st == E_OK and len(fds) == 3, (st, fds)
         self.memfd, self.k2u_efd, self.u2k_efd = fds
         _op, _st, self.chan, _pages, _psz, _pad, self.nbytes = ATTACH_REPLY.unpack_from(msg)
@@ -230,9 +237,16 @@ def test_detached_holder_cannot_reach_next_attachment(variant_out: Path) -> None
         a.detach()
         wait_detached(path, chan)
 
-        # kupsim let go of A's file at the detach: not mapped, not open
-        assert ino_a not in memfd_inodes_mapped(sim.pid)
-        assert ino_a not in memfd_inodes_open(sim.pid)
+        # kupsim lets go of A's file once the channel is renewed: at the
+        # detach, or as soon as echo's worker (asleep in its receive,
+        # holding the channel) has seen A leave -- not mapped, not open
+        wait_until(
+            lambda: (
+                ino_a not in memfd_inodes_mapped(sim.pid)
+                and ino_a not in memfd_inodes_open(sim.pid)
+            ),
+            "kupsim to renew the channel",
+        )
 
         b = RawUser(path, chan)
         try:
@@ -404,12 +418,12 @@ def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
 def test_channel_not_handed_out_until_renewed(tmp_path: Path) -> None:
     """When kupsim cannot make the fresh objects (here: out of descriptors
     when the previous user leaves), the channel keeps objects the previous
-    holder has, and kupsim must not hand them out: the next ATTACH of it is
-    refused with KUP_E_SYS (the module sees that attachment end), the
-    renewal is tried again then, and the ATTACH after that gets a fresh
-    memfd.  The plain build (no sanitizer runtime that might open a
-    descriptor of its own at the wrong moment), run with a small
-    RLIMIT_NOFILE through a wrapper script."""
+    holder has, and kupsim must not hand them out: an ATTACH of it tries
+    the renewal again and, while that still fails, is refused with
+    KUP_E_SYS; once descriptors are free again the next ATTACH's renewal
+    runs and it gets a fresh memfd.  The plain build (no sanitizer runtime
+    that might open a descriptor of its own at the wrong moment), run with
+    a small RLIMIT_NOFILE through a wrapper script."""
     limit = 48
     wrapper = tmp_path / "kupsim-nofile"
     real = kmod_out() / "kupsim"
@@ -438,20 +452,24 @@ def test_channel_not_handed_out_until_renewed(tmp_path: Path) -> None:
             lambda: "fresh channel objects for the next attachment" in sim.stderr(),
             "kupsim to report the failed renewal",
         )
-        for s in fillers[:8]:
-            s.close()
-        wait_until(lambda: fd_count(sim.pid) <= limit - 8, "kupsim to close 8 connections")
+        # A's connection was the one descriptor freed: this one takes it,
+        # and the renewal this ATTACH tries fails again
         with wire_connect(path) as s:
             st, fds, _msg = wire_attach(s, chan)
             assert (st, fds) == (E_SYS, [])
-            st, fds, _msg = wire_attach(s, chan)  # renewed meanwhile
+            log = sim.stderr()
+            assert log.count("fresh channel objects for the next attachment") == 2, log
+            for f in fillers[:8]:
+                f.close()
+            wait_until(lambda: fd_count(sim.pid) <= limit - 8, "kupsim to close 8 connections")
+            st, fds, _msg = wire_attach(s, chan)  # renewed by this request
             assert st == E_OK and len(fds) == 3
             assert os.fstat(fds[0]).st_ino != ino_a
             assert ino_a not in memfd_inodes_mapped(sim.pid)
             for fd in fds:
                 os.close(fd)
         log = sim.stderr()
-        assert log.count("fresh channel objects for the next attachment") == 1, log
+        assert log.count("fresh channel objects for the next attachment") == 2, log
         for s in fillers[8:]:
             s.close()
         probe.close()
