@@ -37,11 +37,12 @@ __all__ = [
 #: deadline, the idle timeout of leases taken from now on (a lease already
 #: held keeps the one its Attach reply announced: its holder paces its use
 #: by it), the Call pools' quarantine and queue limit (every pool at once),
-#: the drain grace, the health loop's interval (from its next round), kupd's
-#: session limit (leases already open over a lowered limit stay; the gRPC
-#: max_concurrent_streams option, a per-connection cap set from max_sessions
-#: at start, stays), the log level and the audit log (re-opened, at the new
-#: path if it changed -- so a rotated file is let go at each reload).
+#: the drain grace, the health loop's interval (at once: the wait under way
+#: ends), kupd's session limit (leases already open over a lowered limit
+#: stay; the gRPC max_concurrent_streams option, a per-connection cap set
+#: from max_sessions at start, stays), the log level and the audit log
+#: (re-opened, at the new path if it changed -- so a rotated file is let go
+#: at each reload).
 RELOADED_KEYS = (
     "tenants",
     "socket_mode",

@@ -321,6 +321,10 @@ class DeviceManager:
         self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        #: set by reschedule(): the monitor's wait ends early (a reload
+        #: changed health_interval; the round under way must not wait out
+        #: the old one, which may be an hour)
+        self._rescheduled = asyncio.Event()
         if config.kupsim_dir:
             os.environ["KUPSIM_DIR"] = config.kupsim_dir
 
@@ -362,9 +366,15 @@ class DeviceManager:
         await asyncio.gather(*fills, return_exceptions=True)
         self._monitor = asyncio.ensure_future(self._monitor_loop())
 
+    def reschedule(self) -> None:
+        """health_interval changed: run a round now, then wait the new one."""
+        self._rescheduled.set()
+
     async def _monitor_loop(self) -> None:
         while not self.closing:
-            await asyncio.sleep(self.config.health_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._rescheduled.wait(), self.config.health_interval)
+            self._rescheduled.clear()
             for d in list(self.devices.values()):
                 if d.dev is None:
                     await d.try_open()

@@ -241,6 +241,8 @@ class Server:
             if cfg.log_level != old.log_level:
                 set_level(cfg.log_level)
             self.audit.use(cfg.audit_log, audit_fd)
+            if cfg.health_interval != old.health_interval:
+                self.mgr.reschedule()
             self.leases.idle_timeout = cfg.lease_idle_timeout
             self.leases.max_leases = cfg.max_sessions
             for d in self.mgr.devices.values():

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import stat
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from tenancy_helpers import DEVICES, TENANTS, StartTenants, TenantKupd
 
 from kupd import errors
 from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config, parse_config, reloaded
-from kupd.testing import wait_until
+from kupd.testing import kupd_env, kupsim, start_kupd, wait_until
 
 #: echo with a single Call pool channel: one held Call fills the pool.
 ONE_POOL_CHANNEL = """
@@ -325,3 +327,44 @@ def test_restart_only_keys_are_named_and_not_applied(start_tenants: StartTenants
     reloads = [x for x in k.audit_lines() if x["event"] == "admin" and x["action"] == "reload"]
     assert reloads[0]["needs_restart"] == ["socket", "metrics_port"], reloads
     assert reloads[1]["ok"] is False and "spare" in reloads[1]["error"], reloads
+
+
+def test_health_interval_applies_at_once(tmp_path: Path) -> None:
+    """A device that appears while the monitor waits out a long
+    health_interval is found right after a reload shortens it: the wait under
+    way ends (it used to run out on the old interval, here an hour).  Seen in
+    kupd's log, not through the health check, which probes by itself."""
+    rundir = tmp_path / "later"
+    rundir.mkdir()
+    sock = tmp_path / "kupd.sock"
+    conf = tmp_path / "kupd.toml"
+
+    def write(interval: float) -> None:
+        conf.write_text(
+            f'socket = "{sock}"\nkupsim_dir = "{rundir}"\nhealth_interval = {interval}\n'
+            '[[device]]\nname = "echo"\n'
+        )
+
+    write(3600)
+    log = tmp_path / "kupd.log"
+    k = start_kupd(
+        config=conf, log=log, env=kupd_env(None), health_interval=None, wait=False
+    )
+    try:
+        wait_until(lambda: "device not reachable" in k.log(), what="kupd started, echo absent")
+        with kupsim("echo", rundir=rundir):
+            write(0.2)
+            os.kill(k.pid, signal.SIGHUP)
+            wait_until(
+                lambda: '"device appeared"' in k.log(),
+                timeout=30,
+                what="echo found after the reload shortened health_interval",
+            )
+            (rec,) = [
+                json.loads(line)
+                for line in k.log().splitlines()
+                if '"config reloaded"' in line
+            ]
+            assert rec["applied"] == ["health_interval"], rec
+    finally:
+        k.stop()
