@@ -17,7 +17,13 @@
  *              The fds belong to this attachment only: every attachment
  *              gets new ones, and once it ends the old memfd and eventfds
  *              are no longer the channel's (writes to them reach nobody,
- *              the kernel side never wakes them again).
+ *              the kernel side never wakes them again).  A channel whose
+ *              previous attachment ended while the module still held it
+ *              (between its receive and kupdev_unlock_channel) gets its
+ *              new objects when the module lets go: an ATTACH of it (or
+ *              of any channel, when no other is free) is answered then,
+ *              or after at most 0.5 s with KUP_E_BUSY; a channel whose
+ *              new objects cannot be made is refused with KUP_E_SYS.
  *   WATCH   -> struct kupsim_hdr (status); the connection then receives a
  *              struct kupsim_event packet on every announce/notify and at
  *              shutdown.  Events may be dropped if the reader is slow: the
