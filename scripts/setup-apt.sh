@@ -37,6 +37,9 @@ fi
 # metapackage, which would replace 6.1's.  Headers and image must be the
 # same ABI (backports publishes them from different source packages, so
 # their versions can briefly differ): we take the newest ABI that has both.
+# Once any 6.12 pair is installed nothing is fetched again (no upgrades).
+# Note: on a machine that boots through GRUB, the newest installed kernel
+# (this one) becomes the default boot entry; the tests never boot the host.
 have_612() {  # an installed 6.12 image with its headers
   local pkg abi
   while read -r pkg; do

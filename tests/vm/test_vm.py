@@ -150,16 +150,22 @@ def _build_programs() -> None:
     flags = ["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
              "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
              "-Ikmod/include"]  # fmt: skip
-    _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / "kup_kfault")],
+    # each under a private name, then renamed: another session's guest may
+    # be running the previous binary right now
+    tmp = f".tmp.{os.getpid()}"
+    _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / f"kup_kfault{tmp}")],
          "building tests/vm/kup_kfault.c")  # fmt: skip
+    os.replace(BIN / f"kup_kfault{tmp}", BIN / "kup_kfault")
     # libkup as kmod/Makefile builds it on Linux: every source (backend_kdev.c
     # is the Linux backend under -DKUP_HAVE_BACKEND_LINUX)
     libkup = sorted(str(p.relative_to(REPO)) for p in (REPO / "kmod" / "libkup").glob("*.c"))
     _run(
         [cc, *flags, "-pthread", "-Ikmod/core", "-Ikmod/kupsim", "-Ikmod/libkup", "-Itests/c",
-         "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup, "-o", str(BIN / "test_kup")],
+         "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup,
+         "-o", str(BIN / f"test_kup{tmp}")],
         "building tests/c/test_kup.c with libkup's linux backend",
     )  # fmt: skip
+    os.replace(BIN / f"test_kup{tmp}", BIN / "test_kup")
 
 
 @dataclass
