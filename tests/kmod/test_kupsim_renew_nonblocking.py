@@ -15,8 +15,9 @@ renewal runs as soon as the module lets go (kmod/kupsim/kupsim_server.c).
 The module holds a channel on command: echo's "!lockhold" keeps the channel
 locked until "!lockfree" arrives on another channel (or a bound expires,
 logged as "timed out"), so the tests prove the order of events by what
-echo logs, never by timing: everything the other users did completed while
-the hold was still on, because the hold ends only when the test says so.
+echo logs, never by timing: everything the other users did (on echo and on
+the rot13 device) completed while the hold was still on, because the hold
+ends only when the test says so.
 Real kupsim processes (ASan+UBSan and TSan builds: exit 0, no report),
 real sockets, kupsim's wire protocol and the turn protocol spoken by hand
 (test_kupsim_fresh_objects.RawUser)."""
@@ -110,9 +111,12 @@ def attach_status(path: str, chan: int) -> int:
 
 
 def test_server_serves_while_module_holds_a_detached_channel(variant_out: Path) -> None:
-    with variant_kupsim(variant_out, "echo", env=echo_env()) as sim:
+    env = {**echo_env(), "KUP_PARAM_ROT13_CHANNELS": "4"}
+    with variant_kupsim(variant_out, "echo", "rot13", env=env) as sim:
         path = sim.device_path("echo")
+        rot13 = sim.device_path("rot13")
         probe = wire_connect(path)
+        rot13_probe = wire_connect(rot13)
         a = start_hold(sim, path)
         ino_a = a.inode()
         try:
@@ -129,6 +133,9 @@ def test_server_serves_while_module_holds_a_detached_channel(variant_out: Path) 
                 assert got != HELD, (i, got)
                 _name, attached = wire_info(probe)
                 assert attached[HELD] == 0
+                # and another device's users are served as well
+                assert attach_cycle(rot13, i % 4) == i % 4, i
+                assert wire_info(rot13_probe)[0] == "rot13"
             # all of the above happened while echo still held the channel
             assert HOLD_ENDED not in sim.stderr(), sim.stderr()
             # the held channel is refused as busy, not handed out with the
@@ -168,6 +175,7 @@ def test_server_serves_while_module_holds_a_detached_channel(variant_out: Path) 
         finally:
             a.close()
             probe.close()
+            rot13_probe.close()
         assert_no_protocol_errors(sim)
 
 
