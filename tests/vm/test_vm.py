@@ -131,6 +131,14 @@ def missing_kernel(series: str, kernels: dict[str, str], env: Mapping[str, str])
     return "skip", why
 
 
+def vm_jobs(env: Mapping[str, str]) -> int:
+    """KUPD_VM_JOBS: how many VMs boot at once (default 2: both kernels)."""
+    text = env.get(JOBS_ENV, "2")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{JOBS_ENV}={text!r}: want a whole number of VMs, 1 or more")
+    return int(text)
+
+
 def _build_modules(kver: str) -> Path:
     """kup.ko/kup_echo.ko/kup_rot13.ko against that kernel's headers."""
     _run(
@@ -246,11 +254,11 @@ class _Runs:
         try:
             moddirs = {s: _build_modules(self.kernels[s]) for s in todo}
             _build_programs()
-        except BaseException as e:  # reported by every kernel's tests
+        except Exception as e:  # reported by every kernel's tests
             self.build_error = e
             return
         self.build_seconds = time.monotonic() - t0
-        jobs = max(1, int(os.environ.get(JOBS_ENV, "2")))
+        jobs = vm_jobs(os.environ)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
         for s in todo:
             self.futures[s] = self.pool.submit(_run_guest, s, self.kernels[s], moddirs[s])

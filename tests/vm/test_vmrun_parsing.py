@@ -1,4 +1,5 @@
-"""Host-only checks of the VM runner's result parsing (no VM is booted)."""
+"""Host-only checks of the VM runner's result parsing, kernel discovery and
+settings (no VM is booted)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,3 +95,11 @@ def test_a_missing_kernel_skips_by_hand_and_fails_under_make_test() -> None:
     verdict, why = test_vm.missing_kernel("6.12", kernels, {"KUPD_REQUIRE_VM": "1"})
     assert verdict == "fail" and "KUPD_REQUIRE_VM=1" in why
     assert test_vm.missing_kernel("6.12", {}, {"KUPD_REQUIRE_VM": "0"})[0] == "skip"
+
+
+def test_vm_jobs_defaults_to_both_kernels_and_names_a_bad_value() -> None:
+    assert test_vm.vm_jobs({}) == 2
+    assert test_vm.vm_jobs({"KUPD_VM_JOBS": "1"}) == 1
+    for bad in ("0", "two", "-1", ""):
+        with pytest.raises(ValueError, match="KUPD_VM_JOBS"):
+            test_vm.vm_jobs({"KUPD_VM_JOBS": bad})
