@@ -70,6 +70,7 @@
 
 static kup_lock_t kup_reg_lock;
 static struct kupdev_softc *kup_reg_head;
+static int kup_core_ready;
 
 /* A kernel-side call lets go of ch->lock: the host may want to know
  * (KUP_CHAN_UNLOCKED, optional in kup_os.h). */
@@ -81,7 +82,6 @@ kup_chan_unlock(struct kup_chan *ch)
 	KUP_CHAN_UNLOCKED(ch);
 #endif
 }
-static int kup_core_ready;
 
 int
 kup_core_init(void)
