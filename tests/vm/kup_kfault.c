@@ -366,6 +366,54 @@ expect_mmap_einval(int fd, size_t len, off_t off, int flags, const char *what)
 	CHECK(p == MAP_FAILED && errno == EINVAL, "mmap %s was not refused", what);
 }
 
+/* The VmFlags line of /proc/self/smaps for the mapping that starts at
+ * addr, into buf ("" if there is none).  The flags the module sets through
+ * its version branch (vm_flags_mod from 6.3, vma->vm_flags before) show
+ * there as two-letter names. */
+static void
+vm_flags_of(const void *addr, char *buf, size_t size)
+{
+	char line[512], perms[8];
+	unsigned long start, end;
+	size_t n;
+	int here = 0;
+	FILE *f = fopen("/proc/self/smaps", "r");
+
+	CHECK(f != NULL, "open /proc/self/smaps");
+	buf[0] = '\0';
+	while (fgets(line, sizeof(line), f) != NULL) {
+		/* a mapping's header: "start-end perms offset dev inode path" */
+		if (sscanf(line, "%lx-%lx %7s", &start, &end, perms) == 3) {
+			here = start == (unsigned long)addr;
+			continue;
+		}
+		if (here && strncmp(line, "VmFlags:", 8) == 0) {
+			n = strlen(line + 8);
+			if (n >= size)
+				n = size - 1;
+			memcpy(buf, line + 8, n);
+			buf[n] = '\0';
+			break;
+		}
+	}
+	fclose(f);
+}
+
+/* flags: the VmFlags text; name: a two-letter flag */
+static int
+has_vm_flag(const char *flags, const char *name)
+{
+	const char *p = flags;
+	size_t n = strlen(name);
+
+	while ((p = strstr(p, name)) != NULL) {
+		if ((p == flags || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\n' || p[n] == '\0'))
+			return 1;
+		p += n;
+	}
+	return 0;
+}
+
 static void
 test_mmap(void)
 {
@@ -395,6 +443,18 @@ test_mmap(void)
 	errno = 0;
 	CHECK(mprotect(c.mem, pg, PROT_READ | PROT_EXEC) == -1 && errno == EACCES,
 	    "mprotect made the channel executable");
+	/* what the kernel recorded: never expandable ("de"), never in a core
+	 * dump ("dd"), never executable later ("me" gone) */
+	{
+		char flags[256];
+
+		vm_flags_of(c.mem, flags, sizeof(flags));
+		CHECK(flags[0] != '\0', "no VmFlags for the channel mapping in smaps");
+		CHECK(has_vm_flag(flags, "de") && has_vm_flag(flags, "dd") &&
+		    !has_vm_flag(flags, "me") && has_vm_flag(flags, "sh"),
+		    "channel mapping VmFlags:%s want de dd sh, no me", flags);
+		printf("mmap: VmFlags:%s", flags);
+	}
 
 	/* a window inside the channel is fine, and shows the same bytes */
 	p = mmap(NULL, pg, PROT_READ, MAP_SHARED, c.fd, (off_t)pg);
