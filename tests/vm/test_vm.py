@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+__all__ = ["KERNELS", "installed_kernels", "missing_kernel", "vm_jobs"]
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "kmod" / "out" / "vm"
 BIN = OUT / "bin"

@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+__all__: list[str] = []
+
 REPO = Path(__file__).resolve().parents[2]
 
 
