@@ -218,6 +218,34 @@ def wait_detached_on(s: socket.socket, chan: int) -> None:
     wait_until(lambda: wire_info(s)[1][chan] == 0, f"channel {chan} to detach")
 
 
+def assert_fresh_attachment(
+    sim: KupSim, a: RawUser, ino_a: int, b: RawUser, seed: int
+) -> Scribbler:
+    """B, the next user of the channel detached holder A had (its memfd inode
+    ino_a), has fresh objects: its own file, which kupsim maps and A's is
+    gone, the next generation, the kernel's opening PASS, zeroed pages; and A
+    doing its worst (scribbling its old mapping, poking its old eventfds)
+    while B holds the turn and the kernel side sleeps changes nothing of B's.
+    Returns A's scribbler, for more of the same."""
+    assert b.inode() != ino_a
+    assert b.inode() in memfd_inodes_mapped(sim.pid)  # the kernel side maps B's
+    assert ino_a not in memfd_inodes_mapped(sim.pid)
+    assert b.gen == a.gen + 1
+    assert b.receive() == (KIND_PASS, b"")
+    # nothing of A's session is in B's pages
+    assert bytes(b.mem[b.u2k_off : b.u2k_off + b.u2k_size]).count(0) == b.u2k_size
+    assert bytes(b.mem[b.k2u_off : b.k2u_off + b.k2u_size]).count(0) == b.k2u_size
+    # the kernel side says so in B's page before it sleeps
+    wait_until(lambda: b.u32(OFF_KERNEL_WAITING) == 1, "echo to sleep")
+    scribbler = Scribbler(a, seed=seed)
+    before = bytes(b.mem)
+    for _ in range(20):
+        scribbler.once()
+    assert bytes(b.mem) == before
+    assert not readable(b.k2u_efd) and not readable(b.u2k_efd)
+    return scribbler
+
+
 def assert_no_protocol_errors(sim: KupSim) -> None:
     log = sim.stderr()
     bad = [ln for ln in log.splitlines() if "protocol error" in ln or "-EPROTO" in ln]
@@ -250,24 +278,7 @@ def test_detached_holder_cannot_reach_next_attachment(variant_out: Path) -> None
 
         b = RawUser(path, chan)
         try:
-            assert b.inode() != ino_a
-            assert b.inode() in memfd_inodes_mapped(sim.pid)  # the kernel side maps B's
-            assert b.gen == a.gen + 1
-            assert b.receive() == (KIND_PASS, b"")
-            # nothing of A's session is in B's pages
-            assert bytes(b.mem[b.u2k_off : b.u2k_off + b.u2k_size]).count(0) == b.u2k_size
-            assert bytes(b.mem[b.k2u_off : b.k2u_off + b.k2u_size]).count(0) == b.k2u_size
-
-            # A does its worst while B holds the turn and the kernel side
-            # sleeps (it says so in B's page, before it sleeps): B's pages do
-            # not change and no eventfd of B's becomes readable
-            wait_until(lambda: b.u32(OFF_KERNEL_WAITING) == 1, "echo to sleep")
-            scribbler = Scribbler(a, seed=1)
-            before = bytes(b.mem)
-            for _ in range(20):
-                scribbler.once()
-            assert bytes(b.mem) == before
-            assert not readable(b.k2u_efd) and not readable(b.u2k_efd)
+            scribbler = assert_fresh_attachment(sim, a, ino_a, b, seed=1)
             # and the other way round: B's eventfds do not reach A's
             efd_drain(a.k2u_efd)
             efd_drain(a.u2k_efd)

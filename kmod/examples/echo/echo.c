@@ -173,44 +173,42 @@ echo_has_prefix(const unsigned char *p, size_t len, const char *tag)
 #define ECHO_STAMP_DEFAULT  1000U
 #define ECHO_STAMP_MAX_MS   10000U
 
-/* "!stamp[N]": 0 if not one, else the delay in ms (N, bounded). */
+/* The decimal milliseconds at p[from..to) (digits only, stopping at the
+ * first other byte): dflt when there are none or they say 0, at most max. */
+static unsigned int
+echo_ms_arg(const unsigned char *p, size_t from, size_t to, unsigned int dflt,
+    unsigned int max)
+{
+	unsigned int ms = 0;
+	size_t i;
+
+	for (i = from; i < to && p[i] >= '0' && p[i] <= '9'; i++)
+		if (ms <= max)
+			ms = ms * 10U + (unsigned int)(p[i] - '0');
+	if (ms == 0)
+		ms = dflt;
+	return ms > max ? max : ms;
+}
+
+/* "!stamp[N]": 0 if not one, else the delay in ms (N, bounded); the last
+ * 8 bytes are the stamp's, not digits. */
 static unsigned int
 echo_stamp_ms(const unsigned char *p, size_t len)
 {
 	static const char tag[] = "!stamp";
-	unsigned int ms = 0;
-	size_t i;
-	int digits = 0;
 
 	if (len < ECHO_STAMP_MIN_LEN || !echo_has_prefix(p, len, tag))
 		return 0;
-	for (i = sizeof(tag) - 1; i < len - 8 && p[i] >= '0' && p[i] <= '9'; i++) {
-		digits = 1;
-		if (ms <= ECHO_STAMP_MAX_MS)
-			ms = ms * 10U + (unsigned int)(p[i] - '0');
-	}
-	if (!digits || ms == 0)
-		ms = ECHO_STAMP_DEFAULT;
-	return ms > ECHO_STAMP_MAX_MS ? ECHO_STAMP_MAX_MS : ms;
+	return echo_ms_arg(p, sizeof(tag) - 1, len - 8, ECHO_STAMP_DEFAULT,
+	    ECHO_STAMP_MAX_MS);
 }
 
 /* "!lockhold[N]": the hold's bound in ms (N, bounded; default 10 s). */
 static unsigned int
 echo_lockhold_ms(const unsigned char *p, size_t len)
 {
-	static const char tag[] = "!lockhold";
-	unsigned int ms = 0;
-	size_t i;
-	int digits = 0;
-
-	for (i = sizeof(tag) - 1; i < len && p[i] >= '0' && p[i] <= '9'; i++) {
-		digits = 1;
-		if (ms <= ECHO_LOCKHOLD_MAX_MS)
-			ms = ms * 10U + (unsigned int)(p[i] - '0');
-	}
-	if (!digits || ms == 0)
-		ms = ECHO_LOCKHOLD_DEFAULT;
-	return ms > ECHO_LOCKHOLD_MAX_MS ? ECHO_LOCKHOLD_MAX_MS : ms;
+	return echo_ms_arg(p, sizeof("!lockhold") - 1, len, ECHO_LOCKHOLD_DEFAULT,
+	    ECHO_LOCKHOLD_MAX_MS);
 }
 
 /* Keep the channel locked (the caller holds it from its receive and
