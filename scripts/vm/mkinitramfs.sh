@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Build the busybox initramfs that boots the KUP test VM.
 #
-#   scripts/vm/mkinitramfs.sh KVER OUTPUT.cpio.gz
+#   scripts/vm/mkinitramfs.sh KVER OUTPUT.cpio.gz [MODDIR]
 #
 # Contents: a static busybox, scripts/vm/init as /init, and the modules the
 # guest needs to reach the host (virtio PCI transport and 9p over virtio)
-# taken from /lib/modules/KVER with their dependencies, in load order
+# taken from the kernel's own module tree MODDIR (default /lib/modules/KVER;
+# for a kernel unpacked in the kernel cache, CACHE/KVER/lib/modules/KVER)
+# with their dependencies, in load order
 # (modules.dep lists a module's dependencies; we emit them depth-first so
 # plain insmod works -- no modprobe, no depmod inside the guest).
 set -euo pipefail
-kver=${1:?usage: mkinitramfs.sh KVER OUTPUT}
-out=${2:?usage: mkinitramfs.sh KVER OUTPUT}
+kver=${1:?usage: mkinitramfs.sh KVER OUTPUT [MODDIR]}
+out=${2:?usage: mkinitramfs.sh KVER OUTPUT [MODDIR]}
+moddir=${3:-/lib/modules/$kver}
 here=$(cd "$(dirname "$0")" && pwd)
-moddir=/lib/modules/$kver
 busybox=$(command -v busybox || true)
-[ -d "$moddir/kernel" ] || { echo "mkinitramfs: no modules for $kver in $moddir (install linux-image-amd64)" >&2; exit 1; }
+[ -d "$moddir/kernel" ] || { echo "mkinitramfs: no modules for $kver in $moddir (run scripts/setup-apt.sh)" >&2; exit 1; }
+[ -f "$moddir/modules.dep" ] || { echo "mkinitramfs: no $moddir/modules.dep (run depmod for $kver)" >&2; exit 1; }
 if [ -z "$busybox" ] || readelf -l "$busybox" 2>/dev/null | grep -q 'program interpreter'; then
   echo "mkinitramfs: need a static busybox (install busybox-static)" >&2; exit 1
 fi

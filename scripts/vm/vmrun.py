@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Boot the Debian kernel in qemu (TCG) and run one shell job inside it.
+"""Boot a Debian kernel in qemu (TCG) and run one shell job inside it.
+
+The kernel is an installed one (/boot/vmlinuz-V with /lib/modules/V) or one
+unpacked, not installed, into the kernel cache (KUPD_KERNEL_CACHE, default
+.cache/kernels: V/boot/vmlinuz-V and V/lib/modules/V, which
+scripts/setup-apt.sh puts there for bookworm-backports' 6.12); either way
+with headers in /lib/modules/V/build or /usr/src/linux-headers-V.
 
 The guest (scripts/vm/init in a busybox initramfs) sees the host's root
 read-only at / (over virtio-9p, with writable tmpfs /tmp, /run, /var/tmp)
@@ -15,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import re
 import shutil
@@ -23,12 +28,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["VMError", "VMResult", "build_initramfs", "debian_kver", "kernel_problems", "run_job"]
+__all__ = [
+    "CACHE_ENV",
+    "Kernel",
+    "VMError",
+    "VMResult",
+    "build_initramfs",
+    "debian_kver",
+    "find_kernel",
+    "find_kernels",
+    "kernel_cache",
+    "kernel_problems",
+    "run_job",
+    "version_key",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "kmod" / "out" / "vm"
+CACHE_ENV = "KUPD_KERNEL_CACHE"  # where kernels are unpacked (scripts/setup-apt.sh)
 
 # Lines in dmesg that fail a run: warnings, oopses, BUGs, sanitizer reports, lockdep.
 _PROBLEM = re.compile(
@@ -52,13 +72,15 @@ class VMResult:
     boot_seconds: float | None  # guest uptime when the job started
     wall_seconds: float  # host time from qemu start to exit
     timed_out: bool
+    image: str = ""  # the vmlinuz qemu booted
 
     def problems(self) -> list[str]:
         return kernel_problems(self.dmesg + "\n" + self.console)
 
     def report(self) -> str:
         return (
-            f"--- job log (rc={self.rc}, timed_out={self.timed_out}) ---\n{self.log}\n"
+            f"--- job log (kernel {self.image}, rc={self.rc}, timed_out={self.timed_out}) ---\n"
+            f"{self.log}\n"
             f"--- guest dmesg ---\n{self.dmesg}\n--- serial console ---\n{self.console[-8000:]}"
         )
 
@@ -68,30 +90,122 @@ def kernel_problems(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if _PROBLEM.search(ln)]
 
 
-def debian_kver() -> str:
-    """The newest installed kernel that has both an image in /boot and headers."""
-    found = []
-    for img in glob.glob("/boot/vmlinuz-*"):
-        ver = img.removeprefix("/boot/vmlinuz-")
-        if os.path.isdir(f"/lib/modules/{ver}/build") and os.path.isdir(
-            f"/lib/modules/{ver}/kernel"
-        ):
-            found.append(ver)
-    if not found:
-        raise VMError(
-            "no kernel with headers found (need /boot/vmlinuz-V, /lib/modules/V/build and "
-            "/lib/modules/V/kernel: apt-get install linux-image-amd64 linux-headers-amd64)"
-        )
-    return sorted(found)[-1]
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A kernel the VM can boot and the module can be built against."""
+
+    kver: str  # its release, `uname -r` in the guest
+    image: Path  # vmlinuz
+    modules: Path  # its module tree (kernel/, modules.dep): the initramfs takes virtio/9p from here
+    headers: Path  # its build tree, for out-of-tree modules
+    cached: bool  # unpacked in the kernel cache (True) or installed in /boot (False)
 
 
-def build_initramfs(kver: str) -> Path:
-    """(Re)build the initramfs when the builder or init changed."""
-    out = OUT / f"initramfs-{kver}.cpio.gz"
-    srcs = [REPO / "scripts/vm/init", REPO / "scripts/vm/mkinitramfs.sh"]
+def kernel_cache(env: Mapping[str, str] = os.environ) -> Path:
+    """The kernel cache: $KUPD_KERNEL_CACHE (absolute), else .cache/kernels
+    in the repository."""
+    text = env.get(CACHE_ENV, "")
+    if not text:
+        return REPO / ".cache" / "kernels"
+    path = Path(text)
+    if not path.is_absolute():
+        raise VMError(f"{CACHE_ENV}={text!r}: want an absolute path")
+    return path
+
+
+def version_key(kver: str) -> tuple[tuple[int, ...], str]:
+    """Sort key of a kernel release by its numbers, not as text:
+    6.12.117+deb12-amd64 -> (6, 12, 117, 12), so 6.12 ranks above 6.9 and
+    6.1.0-56 above 6.1.0-9 (the text breaks ties between flavours)."""
+    return tuple(int(n) for n in re.findall(r"\d+", kver)), kver
+
+
+def _headers(root: Path, kver: str) -> Path | None:
+    for d in (
+        root / "lib" / "modules" / kver / "build",
+        root / "usr" / "src" / f"linux-headers-{kver}",
+    ):
+        if d.is_dir():
+            return d
+    return None
+
+
+def find_kernels(root: Path = Path("/"), cache: Path | None = None) -> list[Kernel]:
+    """Every usable kernel, newest first.  Installed: ROOT/boot/vmlinuz-V
+    with modules in ROOT/lib/modules/V/kernel.  Cached: CACHE/V/boot/vmlinuz-V
+    with CACHE/V/lib/modules/V/modules.dep (a complete unpack).  Both need
+    headers, ROOT/lib/modules/V/build or ROOT/usr/src/linux-headers-V (the
+    headers package is installed either way).  A release that is both
+    installed and cached is the cache copy: that is what a fresh machine
+    gets, so every machine tests the same thing."""
+    cache = kernel_cache() if cache is None else cache
+    found: dict[str, Kernel] = {}
+    for img in sorted((root / "boot").glob("vmlinuz-*")):
+        kver = img.name.removeprefix("vmlinuz-")
+        mods = root / "lib" / "modules" / kver
+        hdr = _headers(root, kver)
+        if img.is_file() and hdr is not None and (mods / "kernel").is_dir():
+            found[kver] = Kernel(kver, img, mods, hdr, cached=False)
+    if cache.is_dir():
+        for d in sorted(cache.iterdir()):
+            kver = d.name
+            if kver.startswith("."):  # a fetch in progress (setup-apt.sh)
+                continue
+            img = d / "boot" / f"vmlinuz-{kver}"
+            mods = d / "lib" / "modules" / kver
+            hdr = _headers(root, kver)
+            if img.is_file() and hdr is not None and (mods / "modules.dep").is_file():
+                found[kver] = Kernel(kver, img, mods, hdr, cached=True)
+    return sorted(found.values(), key=lambda k: version_key(k.kver), reverse=True)
+
+
+def _no_kernel_hint(cache: Path) -> str:
+    return (
+        "need an image /boot/vmlinuz-V with /lib/modules/V/kernel, or one unpacked in "
+        f"{cache}/V (boot/vmlinuz-V, lib/modules/V/modules.dep), and headers in "
+        "/lib/modules/V/build or /usr/src/linux-headers-V: run scripts/setup-apt.sh"
+    )
+
+
+def find_kernel(kver: str, root: Path = Path("/"), cache: Path | None = None) -> Kernel:
+    """The usable kernel of release ``kver`` (the cache copy if both)."""
+    cache = kernel_cache() if cache is None else cache
+    kernels = find_kernels(root, cache)
+    for k in kernels:
+        if k.kver == kver:
+            return k
+    have = ", ".join(k.kver for k in kernels) or "none"
+    raise VMError(f"kernel {kver!r} not found (usable: {have}; {_no_kernel_hint(cache)})")
+
+
+def debian_kver(root: Path = Path("/"), cache: Path | None = None) -> str:
+    """The newest usable kernel release (numerically: 6.12 above 6.9)."""
+    cache = kernel_cache() if cache is None else cache
+    kernels = find_kernels(root, cache)
+    if not kernels:
+        raise VMError(f"no usable kernel found ({_no_kernel_hint(cache)})")
+    return kernels[0].kver
+
+
+def build_initramfs(kernel: Kernel) -> Path:
+    """(Re)build the kernel's initramfs when the builder, init or the
+    kernel's module index changed."""
+    tag = "-cache" if kernel.cached else ""
+    out = OUT / f"initramfs-{kernel.kver}{tag}.cpio.gz"
+    srcs = [
+        REPO / "scripts/vm/init",
+        REPO / "scripts/vm/mkinitramfs.sh",
+        kernel.modules / "modules.dep",
+    ]
     if not out.exists() or any(s.stat().st_mtime > out.stat().st_mtime for s in srcs):
         subprocess.run(
-            ["bash", str(REPO / "scripts/vm/mkinitramfs.sh"), kver, str(out)],
+            [
+                "bash",
+                str(REPO / "scripts/vm/mkinitramfs.sh"),
+                kernel.kver,
+                str(out),
+                str(kernel.modules),
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -110,17 +224,20 @@ def run_job(
     *,
     timeout: float = 240.0,
     kver: str | None = None,
+    kernel: Kernel | None = None,
     mem_mib: int = 1536,
     smp: int = 2,
     keep_dir: Path | None = None,
     keep_paths: list[Path] | None = None,
 ) -> VMResult:
-    """Run the shell script text ``job`` in a fresh VM and collect the results."""
+    """Run the shell script text ``job`` in a fresh VM and collect the results.
+    The kernel is ``kernel``, else release ``kver``, else the newest usable one."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise VMError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    kver = kver or debian_kver()
-    initrd = build_initramfs(kver)
+    if kernel is None:
+        kernel = find_kernel(kver or debian_kver())
+    initrd = build_initramfs(kernel)
     OUT.mkdir(parents=True, exist_ok=True)
     if keep_dir is not None:
         shutil.rmtree(keep_dir, ignore_errors=True)
@@ -143,7 +260,7 @@ def run_job(
         "-nodefaults", "-no-reboot", "-display", "none",
         "-monitor", "none",
         "-serial", f"file:{console}",
-        "-kernel", f"/boot/vmlinuz-{kver}",
+        "-kernel", str(kernel.image),
         "-initrd", str(initrd),
         # no soft-lockup watchdog / RCU stall reports: under TCG on a loaded
         # host a vCPU can starve for seconds, which is not a kernel bug
@@ -154,6 +271,7 @@ def run_job(
         "-fsdev", f"local,id=vmout,path={outdir},security_model=none",
         "-device", "virtio-9p-pci,fsdev=vmout,mount_tag=vmout",
     ]  # fmt: skip
+    (outdir / "qemu-cmd").write_text(" ".join(cmd) + "\n")  # which kernel this run booted
     t0 = time.monotonic()
     timed_out = False
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -175,6 +293,7 @@ def run_job(
         boot_seconds=float(boot) if boot else None,
         wall_seconds=wall,
         timed_out=timed_out,
+        image=str(kernel.image),
     )
     if keep_dir is None:
         shutil.rmtree(outdir, ignore_errors=True)

@@ -10,13 +10,17 @@ failing with the stage's own output, and the whole guest kernel log is
 checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
 at the same time (KUPD_VM_JOBS, default 2; 1 runs them one after the other).
 
-Needs (installed by scripts/setup-apt.sh, i.e. ``make setup``):
-qemu-system-x86, linux-image-amd64, linux-headers-amd64, a 6.12
-linux-image/linux-headers pair from bookworm-backports, busybox-static, cpio
-and gcc.  The modules are built against each kernel's headers, which need
-not be the running kernel.  A kernel series that is not installed is
-skipped, with the reason -- unless KUPD_REQUIRE_VM=1 (``make test`` and
-``make vm-test`` set it, after setup-apt.sh installed both), where it fails.
+Needs (from scripts/setup-apt.sh, i.e. ``make setup``): qemu-system-x86,
+linux-image-amd64, linux-headers-amd64, bookworm-backports' 6.12 headers
+(installed) and the 6.12 image of the same ABI -- unpacked into the kernel
+cache (KUPD_KERNEL_CACHE, default .cache/kernels), not installed, so the
+tests never change what the host boots -- busybox-static, cpio and gcc.
+Kernels are found in /boot + /lib/modules or in the cache (the cache copy
+when both; scripts/vm/vmrun.py find_kernels).  The modules are built
+against each kernel's headers, which need not be the running kernel.  A
+kernel series that is not found is skipped, with the reason -- unless
+KUPD_REQUIRE_VM=1 (``make test`` and ``make vm-test`` set it, after
+setup-apt.sh provided both), where it fails.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["KERNELS", "installed_kernels", "missing_kernel", "vm_jobs"]
+__all__ = ["KERNELS", "available_kernels", "missing_kernel", "vm_jobs"]
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "kmod" / "out" / "vm"
@@ -95,37 +99,30 @@ def _run(cmd: list[str], what: str) -> None:
         raise AssertionError(f"{what} failed ({' '.join(cmd)}):\n{p.stdout}\n{p.stderr}")
 
 
-def _version_key(kver: str) -> tuple[int, ...]:
-    """Sort key of a kernel release: its leading numbers, 6.12.117+deb12-amd64
-    -> (6, 12, 117, 12)."""
-    return tuple(int(n) for n in re.findall(r"\d+", kver))
-
-
-def installed_kernels(root: Path = Path("/")) -> dict[str, str]:
-    """The newest usable kernel release of every series ("6.1", "6.12") under
-    ``root``: usable = an image /boot/vmlinuz-V, headers /lib/modules/V/build
-    and modules /lib/modules/V/kernel (the initramfs takes virtio/9p from
-    there)."""
-    found: dict[str, str] = {}
-    for img in (root / "boot").glob("vmlinuz-*"):
-        kver = img.name.removeprefix("vmlinuz-")
-        m = re.match(r"(\d+\.\d+)[.-]", kver)
-        mods = root / "lib" / "modules" / kver
-        if m is None or not (mods / "build").is_dir() or not (mods / "kernel").is_dir():
-            continue
-        series = m.group(1)
-        if series not in found or _version_key(kver) > _version_key(found[series]):
-            found[series] = kver
+def available_kernels(root: Path = Path("/"), cache: Path | None = None) -> dict[str, Any]:
+    """The newest usable kernel (a vmrun.Kernel) of every series ("6.1",
+    "6.12"), installed under ``root`` or unpacked in ``cache`` (default: the
+    kernel cache); see vmrun.find_kernels for what usable means."""
+    found: dict[str, Any] = {}
+    for k in vmrun.find_kernels(root, cache):  # newest first
+        m = re.match(r"(\d+\.\d+)[.-]", k.kver)
+        if m is not None and m.group(1) not in found:
+            found[m.group(1)] = k
     return found
 
 
-def missing_kernel(series: str, kernels: dict[str, str], env: Mapping[str, str]) -> tuple[str, str]:
-    """What a kernel series that is not installed means: ("skip", why) when
+def missing_kernel(
+    series: str, kernels: Mapping[str, str], env: Mapping[str, str], cache: Path | None = None
+) -> tuple[str, str]:
+    """What a kernel series that is not found means: ("skip", why) when
     someone runs pytest by hand, ("fail", why) under KUPD_REQUIRE_VM=1 (make
-    test / make vm-test, after setup-apt.sh should have installed it)."""
+    test / make vm-test, after setup-apt.sh should have provided it).
+    ``kernels``: series -> release of what was found."""
+    cache = vmrun.kernel_cache(env) if cache is None else cache
     why = (
-        f"no Linux {series} kernel installed (need /boot/vmlinuz-{series}.*, with "
-        f"/lib/modules/<it>/build and /lib/modules/<it>/kernel; installed: "
+        f"no Linux {series} kernel found (need an image /boot/vmlinuz-{series}.* with "
+        f"/lib/modules/<it>/kernel, or one unpacked in {cache}/<it>, and headers in "
+        f"/lib/modules/<it>/build or /usr/src/linux-headers-<it>; found: "
         f"{', '.join(sorted(kernels.values())) or 'none'}): run scripts/setup-apt.sh"
     )
     if env.get(REQUIRE_ENV) == "1":
@@ -141,10 +138,11 @@ def vm_jobs(env: Mapping[str, str]) -> int:
     return int(text)
 
 
-def _build_modules(kver: str) -> Path:
+def _build_modules(kernel: Any) -> Path:
     """kup.ko/kup_echo.ko/kup_rot13.ko against that kernel's headers."""
+    kver: str = kernel.kver
     _run(
-        ["make", "-s", "-C", "kmod/linux", f"KVER={kver}"],
+        ["make", "-s", "-C", "kmod/linux", f"KVER={kver}", f"KDIR={kernel.headers}"],
         f"building kup.ko/kup_echo.ko for {kver}",
     )
     moddir = REPO / "kmod" / "out" / "linux" / kver
@@ -188,6 +186,7 @@ class Stage:
 @dataclass
 class GuestRun:
     kver: str
+    cached: bool  # booted the kernel cache's copy (not an installed image)
     result: Any  # vmrun.VMResult
     stages: dict[str, Stage]
     build_seconds: float
@@ -221,7 +220,8 @@ def _keep_newest(series: str, outdir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _run_guest(series: str, kver: str, moddir: Path) -> GuestRun:
+def _run_guest(series: str, kernel: Any, moddir: Path) -> GuestRun:
+    kver: str = kernel.kver
     job = (
         f"export REPO={REPO} KMODDIR={moddir} BINDIR={BIN} KVER={kver}\n"
         f"export STAGES='{' '.join(STAGES)}'\n"
@@ -230,9 +230,9 @@ def _run_guest(series: str, kver: str, moddir: Path) -> GuestRun:
     # a private output directory: two test sessions may run at once
     OUT.mkdir(parents=True, exist_ok=True)
     outdir = Path(tempfile.mkdtemp(prefix=f"run-{series}-", dir=OUT))
-    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kver=kver, keep_dir=outdir)
+    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kernel=kernel, keep_dir=outdir)
     _keep_newest(series, outdir)
-    return GuestRun(kver, res, _parse_stages(res.log), 0.0)
+    return GuestRun(kver, kernel.cached, res, _parse_stages(res.log), 0.0)
 
 
 class _Runs:
@@ -242,7 +242,7 @@ class _Runs:
 
     def __init__(self, wanted: list[str]) -> None:
         self.wanted = wanted
-        self.kernels = installed_kernels()
+        self.kernels = available_kernels()
         self.lock = threading.Lock()
         self.started = False
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -266,9 +266,9 @@ class _Runs:
             self.futures[s] = self.pool.submit(_run_guest, s, self.kernels[s], moddirs[s])
 
     def get(self, series: str) -> GuestRun:
-        kver = self.kernels.get(series)
-        if kver is None:
-            verdict, why = missing_kernel(series, self.kernels, os.environ)
+        if series not in self.kernels:
+            found = {s: k.kver for s, k in self.kernels.items()}
+            verdict, why = missing_kernel(series, found, os.environ)
             if verdict == "fail":
                 pytest.fail(why)
             pytest.skip(why)
@@ -306,7 +306,9 @@ def guest(request: pytest.FixtureRequest, vm_runs: _Runs) -> GuestRun:
     run = vm_runs.get(series)
     res = run.result
     print(
-        f"\nvm: Linux {series} = {run.kver}, build {run.build_seconds:.1f}s (all kernels), "
+        f"\nvm: Linux {series} = {run.kver} from {res.image} "
+        f"({'unpacked in the kernel cache' if run.cached else 'installed'}), "
+        f"build {run.build_seconds:.1f}s (all kernels), "
         f"boot {res.boot_seconds}s (guest uptime), guest run {res.wall_seconds:.1f}s wall, "
         f"rc={res.rc}, timed_out={res.timed_out}, files in {OUT / f'last-run-{series}'}"
     )

@@ -3,7 +3,11 @@ settings (no VM is booted)."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import lzma
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -63,37 +67,151 @@ def test_stage_parsing_reports_unfinished_stages() -> None:
 
 
 def _kernel(root: Path, kver: str, *, image: bool = True, build: bool = True) -> None:
-    (root / "boot").mkdir(exist_ok=True)
+    """An installed kernel under ``root``: /boot/vmlinuz-V, /lib/modules/V/kernel
+    and (``build``) its headers' /lib/modules/V/build."""
+    (root / "boot").mkdir(parents=True, exist_ok=True)
     if image:
         (root / "boot" / f"vmlinuz-{kver}").write_bytes(b"")
     mods = root / "lib" / "modules" / kver
-    (mods / "kernel").mkdir(parents=True)
+    (mods / "kernel").mkdir(parents=True, exist_ok=True)
     if build:
         (mods / "build").mkdir()
 
 
-def test_installed_kernels_picks_the_newest_usable_release_per_series(tmp_path: Path) -> None:
-    _kernel(tmp_path, "6.1.0-56-amd64")
-    _kernel(tmp_path, "6.1.0-9-amd64")  # older: 9 < 56 numerically, not as text
-    _kernel(tmp_path, "6.12.117+deb12-amd64")
-    _kernel(tmp_path, "6.12.200+deb12-amd64", build=False)  # no headers: unusable
-    _kernel(tmp_path, "6.13.1-amd64", image=False)  # no image: unusable
-    assert test_vm.installed_kernels(tmp_path) == {
+def _headers_only(root: Path, kver: str, *, usr_src: bool = False) -> None:
+    """Only the headers package of ``kver`` installed: its build link in
+    /lib/modules/V (Debian's linux-headers-V ships it), or (``usr_src``)
+    just /usr/src/linux-headers-V."""
+    if usr_src:
+        (root / "usr" / "src" / f"linux-headers-{kver}").mkdir(parents=True)
+    else:
+        (root / "lib" / "modules" / kver / "build").mkdir(parents=True)
+
+
+def _cached(cache: Path, kver: str, *, complete: bool = True) -> None:
+    """An image unpacked in the kernel cache as setup-apt.sh leaves it;
+    ``complete=False``: no modules.dep (depmod never ran)."""
+    (cache / kver / "boot").mkdir(parents=True)
+    (cache / kver / "boot" / f"vmlinuz-{kver}").write_bytes(b"")
+    mods = cache / kver / "lib" / "modules" / kver
+    (mods / "kernel").mkdir(parents=True)
+    if complete:
+        (mods / "modules.dep").write_text("")
+
+
+def test_available_kernels_picks_the_newest_usable_release_per_series(tmp_path: Path) -> None:
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _kernel(root, "6.1.0-56-amd64")
+    _kernel(root, "6.1.0-9-amd64")  # older: 9 < 56 numerically, not as text
+    _kernel(root, "6.12.117+deb12-amd64")
+    _kernel(root, "6.12.200+deb12-amd64", build=False)  # no headers: unusable
+    _kernel(root, "6.13.1-amd64", image=False)  # no image: unusable
+    found = test_vm.available_kernels(root, cache)
+    assert {s: k.kver for s, k in found.items()} == {
         "6.1": "6.1.0-56-amd64",
         "6.12": "6.12.117+deb12-amd64",
     }
+    k = found["6.12"]
+    assert not k.cached
+    assert k.image == root / "boot" / "vmlinuz-6.12.117+deb12-amd64"
+    assert k.modules == root / "lib" / "modules" / "6.12.117+deb12-amd64"
+    assert k.headers == k.modules / "build"
 
 
-def test_installed_kernels_of_an_empty_root_is_empty(tmp_path: Path) -> None:
-    assert test_vm.installed_kernels(tmp_path) == {}
+def test_available_kernels_of_an_empty_root_is_empty(tmp_path: Path) -> None:
+    assert test_vm.available_kernels(tmp_path, tmp_path / "no-cache") == {}
+
+
+def test_a_kernel_unpacked_in_the_cache_is_found_with_the_installed_headers(
+    tmp_path: Path,
+) -> None:
+    # a fresh machine after setup-apt.sh: 6.1 installed; 6.12 has only its
+    # headers installed and its image unpacked in the cache
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _kernel(root, "6.1.0-56-amd64")
+    _headers_only(root, "6.12.117+deb12-amd64")
+    _cached(cache, "6.12.117+deb12-amd64")
+    found = test_vm.available_kernels(root, cache)
+    assert {s: k.kver for s, k in found.items()} == {
+        "6.1": "6.1.0-56-amd64",
+        "6.12": "6.12.117+deb12-amd64",
+    }
+    k = found["6.12"]
+    base = cache / "6.12.117+deb12-amd64"
+    assert k.cached
+    assert k.image == base / "boot" / "vmlinuz-6.12.117+deb12-amd64"
+    # the initramfs takes virtio/9p from the kernel's own module tree
+    assert k.modules == base / "lib" / "modules" / "6.12.117+deb12-amd64"
+    assert k.headers == root / "lib" / "modules" / "6.12.117+deb12-amd64" / "build"
+    assert not found["6.1"].cached
+
+
+def test_headers_in_usr_src_alone_are_enough(tmp_path: Path) -> None:
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _headers_only(root, "6.12.117+deb12-amd64", usr_src=True)
+    _cached(cache, "6.12.117+deb12-amd64")
+    (k,) = vmrun.find_kernels(root, cache)
+    assert k.headers == root / "usr" / "src" / "linux-headers-6.12.117+deb12-amd64"
+
+
+def test_the_cache_copy_wins_over_the_same_installed_release(tmp_path: Path) -> None:
+    # what a fresh machine boots is what every machine tests
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _kernel(root, "6.12.117+deb12-amd64")
+    _cached(cache, "6.12.117+deb12-amd64")
+    (k,) = vmrun.find_kernels(root, cache)
+    assert k.cached and k.image.is_relative_to(cache)
+    assert vmrun.find_kernel("6.12.117+deb12-amd64", root, cache) == k
+    # but a newer installed release of the series is newer
+    _kernel(root, "6.12.200+deb12-amd64")
+    newest = test_vm.available_kernels(root, cache)["6.12"]
+    assert newest.kver == "6.12.200+deb12-amd64" and not newest.cached
+
+
+def test_unusable_cache_entries_are_ignored(tmp_path: Path) -> None:
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _headers_only(root, "6.12.117+deb12-amd64")
+    _cached(cache, "6.12.117+deb12-amd64", complete=False)  # no modules.dep yet
+    _cached(cache, "6.12.300+deb12-amd64")  # no headers installed
+    (cache / ".fetch-6.12.117+deb12-amd64.abc123").mkdir()  # a fetch in progress
+    (cache / "stray-file").write_text("")
+    assert vmrun.find_kernels(root, cache) == []
+    with pytest.raises(vmrun.VMError, match=r"no usable kernel found .*setup-apt\.sh"):
+        vmrun.debian_kver(root, cache)
+    with pytest.raises(vmrun.VMError, match=r"kernel '6\.12\.117\+deb12-amd64' not found"):
+        vmrun.find_kernel("6.12.117+deb12-amd64", root, cache)
+
+
+def test_newest_kernel_is_chosen_numerically_not_as_text(tmp_path: Path) -> None:
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _kernel(root, "6.9.12-amd64")
+    _kernel(root, "6.12.117+deb12-amd64")
+    _kernel(root, "6.1.0-56-amd64")
+    assert sorted(["6.9.12-amd64", "6.12.117+deb12-amd64"])[-1] == "6.9.12-amd64"  # text order
+    assert vmrun.debian_kver(root, cache) == "6.12.117+deb12-amd64"
+    assert [k.kver for k in vmrun.find_kernels(root, cache)] == [
+        "6.12.117+deb12-amd64",
+        "6.9.12-amd64",
+        "6.1.0-56-amd64",
+    ]
+    assert vmrun.version_key("6.1.0-56-amd64") > vmrun.version_key("6.1.0-9-amd64")
+    assert vmrun.version_key("6.12.1-amd64") > vmrun.version_key("6.9.12-amd64")
+
+
+def test_kernel_cache_location_comes_from_the_environment() -> None:
+    assert vmrun.kernel_cache({}) == REPO / ".cache" / "kernels"
+    assert vmrun.kernel_cache({"KUPD_KERNEL_CACHE": ""}) == REPO / ".cache" / "kernels"
+    assert vmrun.kernel_cache({"KUPD_KERNEL_CACHE": "/var/tmp/k"}) == Path("/var/tmp/k")
+    with pytest.raises(vmrun.VMError, match=r"KUPD_KERNEL_CACHE='kernels': want an absolute"):
+        vmrun.kernel_cache({"KUPD_KERNEL_CACHE": "kernels"})
 
 
 def test_a_missing_kernel_skips_by_hand_and_fails_under_make_test() -> None:
     kernels = {"6.1": "6.1.0-56-amd64"}
     verdict, why = test_vm.missing_kernel("6.12", kernels, {})
     assert verdict == "skip"
-    assert "no Linux 6.12 kernel installed" in why and "6.1.0-56-amd64" in why
-    assert "setup-apt.sh" in why
+    assert "no Linux 6.12 kernel found" in why and "6.1.0-56-amd64" in why
+    assert "setup-apt.sh" in why and str(REPO / ".cache" / "kernels") in why
     verdict, why = test_vm.missing_kernel("6.12", kernels, {"KUPD_REQUIRE_VM": "1"})
     assert verdict == "fail" and "KUPD_REQUIRE_VM=1" in why
     assert test_vm.missing_kernel("6.12", {}, {"KUPD_REQUIRE_VM": "0"})[0] == "skip"
@@ -105,3 +223,89 @@ def test_vm_jobs_defaults_to_both_kernels_and_names_a_bad_value() -> None:
     for bad in ("0", "two", "-1", ""):
         with pytest.raises(ValueError, match="KUPD_VM_JOBS"):
             test_vm.vm_jobs({"KUPD_VM_JOBS": bad})
+
+
+def _fake_moddir(moddir: Path) -> dict[str, bytes]:
+    """A module tree with modules.dep like a Debian kernel's (some modules
+    xz-compressed); the .ko files are marker bytes, never loaded."""
+    mods = {
+        "kernel/drivers/virtio/virtio_pci.ko.xz": (
+            "kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz kernel/drivers/virtio/virtio_ring.ko"
+        ),
+        "kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz": "",
+        "kernel/drivers/virtio/virtio_ring.ko": "",
+        "kernel/net/9p/9pnet_virtio.ko": (
+            "kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko"
+        ),
+        "kernel/net/9p/9pnet.ko": "",
+        "kernel/fs/9p/9p.ko.xz": "kernel/net/9p/9pnet.ko kernel/fs/netfs/netfs.ko",
+        "kernel/fs/netfs/netfs.ko": "",
+    }
+    contents: dict[str, bytes] = {}
+    for rel in mods:
+        name = Path(rel).name.removesuffix(".xz")
+        data = f"module {name}\n".encode()
+        contents[name] = data
+        f = moddir / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(lzma.compress(data, format=lzma.FORMAT_XZ) if rel.endswith(".xz") else data)
+    (moddir / "modules.dep").write_text("".join(f"{m}: {d}\n" for m, d in mods.items()))
+    return contents
+
+
+@pytest.mark.skipif(
+    shutil.which("busybox") is None or shutil.which("cpio") is None,
+    reason="needs busybox-static and cpio (scripts/setup-apt.sh)",
+)
+def test_initramfs_takes_the_modules_from_the_kernels_own_tree(tmp_path: Path) -> None:
+    # a kernel unpacked in the cache has no /lib/modules/V: the builder reads
+    # the tree it is given, dependencies first
+    kver = "6.12.999+test-amd64"
+    moddir = tmp_path / "cache" / kver / "lib" / "modules" / kver
+    contents = _fake_moddir(moddir)
+    out = tmp_path / "initramfs.cpio.gz"
+    subprocess.run(
+        ["bash", str(REPO / "scripts/vm/mkinitramfs.sh"), kver, str(out), str(moddir)],
+        check=True,
+        capture_output=True,
+    )
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with gzip.open(out) as cpio_in:
+        subprocess.run(
+            ["cpio", "-i", "-d", "--quiet"], input=cpio_in.read(), cwd=unpacked, check=True
+        )
+    order = (unpacked / "modules.order").read_text().split()
+    assert set(order) == set(contents)
+    for mod, dep in [
+        ("virtio_pci.ko", "virtio_pci_modern_dev.ko"),
+        ("virtio_pci.ko", "virtio_ring.ko"),
+        ("9pnet_virtio.ko", "9pnet.ko"),
+        ("9p.ko", "netfs.ko"),
+        ("9p.ko", "9pnet.ko"),
+    ]:
+        assert order.index(dep) < order.index(mod), order
+    for name, data in contents.items():  # decompressed for plain insmod
+        assert (unpacked / "lib" / "modules" / name).read_bytes() == data
+    assert (unpacked / "init").is_file() and (unpacked / "bin" / "busybox").is_file()
+
+
+def test_initramfs_builder_names_a_module_tree_without_an_index(tmp_path: Path) -> None:
+    moddir = tmp_path / "lib" / "modules" / "6.12.1-amd64"
+    (moddir / "kernel").mkdir(parents=True)
+    p = subprocess.run(
+        ["bash", str(REPO / "scripts/vm/mkinitramfs.sh"), "6.12.1-amd64",
+         str(tmp_path / "out.cpio.gz"), str(moddir)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert f"no {moddir}/modules.dep" in p.stderr and "depmod" in p.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts/setup-apt.sh", "scripts/vm/mkinitramfs.sh"])
+def test_vm_scripts_pass_shellcheck(script: str) -> None:
+    tool = shutil.which("shellcheck")
+    assert tool is not None, "shellcheck is required (scripts/setup-apt.sh installs it)"
+    p = subprocess.run([tool, "-s", "bash", "-S", "style", str(REPO / script)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
