@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages the build and the tests need, idempotently:
 # nothing is fetched when every package is already installed and the 6.12
-# kernel image (below) is already unpacked.
+# kernel (below) is already unpacked.
 #
-# KUPD_KERNEL_CACHE: where that image is unpacked (an absolute path;
+# KUPD_KERNEL_CACHE: where that kernel is unpacked (an absolute path;
 # default .cache/kernels in the repository).
 set -euo pipefail
 pkgs=(
@@ -37,22 +37,30 @@ fi
 # branches for kernels newer than bookworm's 6.1 (class_create() lost its
 # owner argument in 6.4, and so on) that only compile, and only run, against
 # a newer kernel -- the 6.12 from bookworm-backports (the next longterm
-# kernel, trixie's), under its own ABI name (linux-headers-6.12.N+debNN-amd64).
+# kernel, trixie's), under its own ABI name (linux-image-6.12.N+debNN-amd64).
 #
-# Its headers are installed with apt: they are needed to build the module
-# and change nothing about how the machine boots.  Its image is NOT
-# installed: an installed kernel image becomes the default GRUB entry of a
-# real Debian host (the newest kernel wins; and under Secure Boot it may not
-# even be bootable), and a test suite must not change what the developer's
-# machine boots.  The VM test only needs the files, so the image .deb is
-# fetched with `apt-get download` (the same ABI as the headers, so modules
-# built against them load) and unpacked with `dpkg-deb -x` into
-# $cache/ABI/ (boot/vmlinuz-ABI, lib/modules/ABI/), plus the module index
-# depmod would have made at install time; tests/vm and kmod/linux look for
-# kernels there as well as in /boot.
+# None of it is installed.  An installed kernel image becomes the default
+# GRUB entry of a real Debian host (the newest kernel wins; and under Secure
+# Boot it may not even be bootable), and a test suite must not change what
+# the developer's machine boots.  Nor can its headers be installed alone:
+# unlike 6.1's, linux-headers-6.12.N+debNN-amd64 Depends on
+# linux-image-6.12.N+debNN-amd64 (or its -unsigned twin), so apt would
+# install the image with them.  The VM test and the module build need only
+# the files, so the four packages of one ABI -- the image, the headers, the
+# common headers those include and the kbuild tools they run -- are fetched
+# with `apt-get download` and unpacked with `dpkg-deb -x` into $cache/ABI/,
+# a small root: boot/vmlinuz-ABI; lib/modules/ABI/ with the module index
+# depmod would have made at install time; usr/src/linux-headers-ABI (the
+# build tree), its -common twin and usr/lib/linux-kbuild-*.  The headers'
+# absolute references (the build Makefile's include of the common tree,
+# lib/modules/ABI/build and source) are made relative, so the tree works
+# where it lies.
+# What those packages need from the system (the compiler they were built
+# with, pahole, libelf...) is installed with apt as usual.  tests/vm and
+# kmod/linux look for kernels there as well as in /boot.
 #
-# Once installed headers have their unpacked image, nothing is fetched
-# again (no upgrades, no apt-get at all).
+# Once a complete tree is in the cache, nothing is fetched again (no
+# upgrades, no apt-get at all).
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${KUPD_KERNEL_CACHE:-$repo/.cache/kernels}
 case $cache in
@@ -60,76 +68,111 @@ case $cache in
   *) echo "setup-apt: KUPD_KERNEL_CACHE=$cache: want an absolute path" >&2; exit 1 ;;
 esac
 
-installed_612_headers() {  # ABIs of the installed 6.12 headers, newest first
-  dpkg-query -W -f='${Package} ${Status}\n' 'linux-headers-6.12.*-amd64' 2>/dev/null \
-    | awk '/install ok installed/ {print $1}' | sed 's/^linux-headers-//' | sort -rV
-}
-
-unpacked() {  # is ABI's image already unpacked in the cache?
-  [ -f "$cache/$1/boot/vmlinuz-$1" ] && [ -f "$cache/$1/lib/modules/$1/modules.dep" ]
-}
-
 die() { echo "setup-apt: $*" >&2; exit 1; }
 
-# fetch_image ABI: download linux-image-ABI (or its -unsigned twin) and
-# unpack it into $cache/ABI.  Returns 1, leaving nothing behind, when apt
-# cannot get it; any other failure ends the script (explicitly: set -e does
-# not apply inside a function called from an if).  Built in a private
-# directory (removed on exit, however the script ends) and renamed into
-# place, so a run that fails, is interrupted or races another run never
-# leaves a half tree.
+kernel_complete() {  # is ABI's kernel completely unpacked in the cache?
+  local d=$cache/$1
+  [ -f "$d/boot/vmlinuz-$1" ] && [ -f "$d/lib/modules/$1/modules.dep" ] \
+    && [ -f "$d/usr/src/linux-headers-$1/Makefile" ]
+}
+
+# deps_of DEB...: what the packages need from the system -- the first
+# alternative of each Depends entry, without version, leaving out the
+# kernel's own packages (they come from the cache, never from apt)
+deps_of() {
+  local deb
+  for deb in "$@"; do dpkg-deb -f "$deb" Depends; done | tr ',' '\n' \
+    | sed -E 's/\|.*//; s/\(.*\)//; s/:any//; s/[[:space:]]//g' \
+    | grep -vE '^$|^linux-(image|headers|kbuild)-|^linux-base$' | sort -u || true
+}
+
+# fetch_kernel ABI: download and unpack ABI's kernel into $cache/ABI.
+# Returns 1, leaving nothing behind, when apt cannot get its packages; any
+# other failure ends the script (explicitly: set -e does not apply inside
+# a function called from an if).  Built in a private directory (removed on
+# exit, however the script ends) and renamed into place, so a run that
+# fails, is interrupted or races another run never leaves a half tree.
 fetch_tmp=""
 trap '[ -z "$fetch_tmp" ] || rm -rf "$fetch_tmp"' EXIT
-fetch_image() {
-  local abi=$1 tmp img got="" sandbox=()
+fetch_kernel() {
+  local abi=$1 tmp img got="" p extra=() need=() sandbox=() tree
   mkdir -p "$cache" || die "cannot create $cache"
   tmp=$(mktemp -d "$cache/.fetch-$abi.XXXXXX") || die "cannot create a directory in $cache"
   fetch_tmp=$tmp
   # as root, apt's download sandbox user (_apt) cannot write to $tmp
   [ "$(id -u)" -ne 0 ] || sandbox=(-o APT::Sandbox::User=root)
   for img in "linux-image-$abi" "linux-image-$abi-unsigned"; do
-    if (cd "$tmp" && apt-get download -qq "${sandbox[@]}" "$img"); then got=$img; break; fi
+    if (cd "$tmp" && apt-get download -qq "${sandbox[@]}" "$img" "linux-headers-$abi"); then
+      got=$img; break
+    fi
   done
   if [ -z "$got" ]; then rm -rf "$tmp"; fetch_tmp=""; return 1; fi
-  echo "setup-apt: unpacking $got into $cache/$abi (not installed: see setup-apt.sh)"
-  dpkg-deb -x "$tmp/${got}"_*.deb "$tmp/tree" || die "cannot unpack $got"
-  rm -f "$tmp"/*.deb
-  if [ ! -f "$tmp/tree/boot/vmlinuz-$abi" ] || [ ! -d "$tmp/tree/lib/modules/$abi/kernel" ]; then
-    die "$got has no boot/vmlinuz-$abi and lib/modules/$abi/kernel"
+  # the common headers and kbuild tools of exactly these headers
+  while read -r p; do extra+=("$p"); done < <(dpkg-deb -f "$tmp/linux-headers-${abi}"_*.deb Depends \
+    | tr ',|' '\n' | sed -E 's/\(.*\)//; s/[[:space:]]//g' | grep -E '^linux-(headers-.*-common|kbuild-.*)$' | sort -u)
+  [ ${#extra[@]} -eq 2 ] || die "linux-headers-$abi: expected one -common and one linux-kbuild- dependency, got: ${extra[*]:-none}"
+  (cd "$tmp" && apt-get download -qq "${sandbox[@]}" "${extra[@]}") || { rm -rf "$tmp"; fetch_tmp=""; return 1; }
+  for p in $(deps_of "$tmp"/*.deb); do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup-apt: installing ${need[*]} (needed by the 6.12 kernel's build tools)"
+    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" || die "cannot install ${need[*]}"
   fi
-  # the package leaves modules.dep to its postinst; the VM's initramfs
+  echo "setup-apt: unpacking $got, linux-headers-$abi, ${extra[*]} into $cache/$abi (not installed: see setup-apt.sh)"
+  tree=$tmp/tree
+  for p in "$tmp"/*.deb; do dpkg-deb -x "$p" "$tree" || die "cannot unpack $p"; done
+  rm -f "$tmp"/*.deb
+  if [ ! -f "$tree/boot/vmlinuz-$abi" ] || [ ! -d "$tree/lib/modules/$abi/kernel" ] \
+     || [ ! -f "$tree/usr/src/linux-headers-$abi/Makefile" ]; then
+    die "$got + linux-headers-$abi have no boot/vmlinuz-$abi, lib/modules/$abi/kernel and usr/src/linux-headers-$abi/Makefile"
+  fi
+  # relative, so the tree works in the cache (and survives the rename below)
+  # shellcheck disable=SC2016  # make syntax, for make to expand
+  sed -i -E 's|^include /usr/src/|include $(dir $(lastword $(MAKEFILE_LIST)))../|' \
+    "$tree/usr/src/linux-headers-$abi/Makefile" || die "cannot edit the headers' Makefile"
+  ln -sfn "../../../usr/src/linux-headers-$abi" "$tree/lib/modules/$abi/build" || die "cannot link build"
+  for p in "${extra[@]}"; do
+    case $p in
+      linux-headers-*-common) ln -sfn "../../../usr/src/$p" "$tree/lib/modules/$abi/source" || die "cannot link source" ;;
+    esac
+  done
+  if grep -q '^include /' "$tree/usr/src/linux-headers-$abi/Makefile"; then
+    die "linux-headers-$abi's Makefile still includes an absolute path"
+  fi
+  # the image package leaves modules.dep to its postinst; the VM's initramfs
   # builder (scripts/vm/mkinitramfs.sh) resolves module dependencies with it
-  PATH=$PATH:/usr/sbin:/sbin depmod -b "$tmp/tree" "$abi" \
-    || die "depmod failed on the unpacked $got"
-  if ! mv -T "$tmp/tree" "$cache/$abi" 2>/dev/null; then
+  PATH=$PATH:/usr/sbin:/sbin depmod -b "$tree" "$abi" || die "depmod failed on the unpacked $got"
+  # an incomplete tree there (an older layout of this cache) is replaced:
+  # moved aside in one step (removed with $tmp), so no reader sees it half gone
+  if [ -e "$cache/$abi" ] && ! kernel_complete "$abi"; then
+    mv -T "$cache/$abi" "$tmp/old" || die "cannot move the incomplete $cache/$abi aside"
+  fi
+  if ! mv -T "$tree" "$cache/$abi" 2>/dev/null; then
     # a concurrent run may have put the same kernel there first
-    unpacked "$abi" || die "cannot move the unpacked kernel to $cache/$abi"
+    kernel_complete "$abi" || die "cannot move the unpacked kernel to $cache/$abi"
   fi
   rm -rf "$tmp"; fetch_tmp=""
 }
 
-done612=0
-for abi in $(installed_612_headers); do
-  if unpacked "$abi"; then done612=1; break; fi
-done
-if [ "$done612" -eq 0 ]; then
-  abi=$(installed_612_headers | head -n 1)
-  if [ -n "$abi" ] && fetch_image "$abi"; then
-    done612=1
-  elif [ -n "$abi" ]; then
-    echo "setup-apt: no image for the installed linux-headers-$abi in the package lists; looking again"
-  fi
-fi
-if [ "$done612" -eq 0 ]; then
+have_612() {  # a complete 6.12 kernel in the cache
+  local d
+  for d in "$cache"/6.12.*-amd64; do
+    if [ -d "$d" ] && kernel_complete "$(basename "$d")"; then return 0; fi
+  done
+  return 1
+}
+
+get_612() {
+  local abi="" h img
   if ! grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo "setup-apt: adding bookworm-backports (for a 6.12 kernel next to 6.1)"
     $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources > /dev/null <<'EOF'
 # Added by kupd's scripts/setup-apt.sh: the VM test (tests/vm) builds and
 # boots the Linux kernel module on bookworm's 6.1 and on the 6.12 kernel
-# from bookworm-backports (its headers are installed; its image is only
-# unpacked into the repository's kernel cache, never installed).
-# Backports has priority 100: nothing else is upgraded from here unless
-# asked for by name.
+# from bookworm-backports (downloaded and unpacked into the repository's
+# kernel cache, never installed).  Backports has priority 100: nothing
+# else is upgraded from here unless asked for by name.
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports
@@ -139,10 +182,9 @@ EOF
     updated=0
   fi
   apt_update
-  # Headers and image must be the same ABI (backports publishes them from
+  # Image and headers must be the same ABI (backports publishes them from
   # different source packages, so one can briefly lag the other): take the
   # newest ABI that has both.
-  abi=""
   for h in $(apt-cache pkgnames linux-headers-6.12. | grep -E '^linux-headers-6\.12\.[0-9]+\+[a-z0-9.]+-amd64$' \
                | sed 's/^linux-headers-//' | sort -rV); do
     for img in "linux-image-$h" "linux-image-$h-unsigned"; do
@@ -152,9 +194,7 @@ EOF
     done
   done
   [ -n "$abi" ] || die "bookworm-backports has no 6.12 amd64 kernel image with matching headers"
-  if ! dpkg-query -W -f='${Status}' "linux-headers-$abi" 2>/dev/null | grep -q "install ok installed"; then
-    echo "setup-apt: installing linux-headers-$abi (bookworm-backports)"
-    $SUDO apt-get install -y -qq --no-install-recommends "linux-headers-$abi"
-  fi
-  fetch_image "$abi" || die "cannot download linux-image-$abi"
-fi
+  fetch_kernel "$abi" || die "cannot download the packages of the $abi kernel"
+}
+
+if ! have_612; then get_612; fi  # (not `||`: set -e must hold inside get_612)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Boot a Debian kernel in qemu (TCG) and run one shell job inside it.
 
-The kernel is an installed one (/boot/vmlinuz-V with /lib/modules/V) or one
-unpacked, not installed, into the kernel cache (KUPD_KERNEL_CACHE, default
-.cache/kernels: V/boot/vmlinuz-V and V/lib/modules/V, which
-scripts/setup-apt.sh puts there for bookworm-backports' 6.12); either way
-with headers in /lib/modules/V/build or /usr/src/linux-headers-V.
+The kernel is an installed one (/boot/vmlinuz-V with /lib/modules/V, headers
+in /lib/modules/V/build or /usr/src/linux-headers-V) or one unpacked, not
+installed, into the kernel cache (KUPD_KERNEL_CACHE, default
+.cache/kernels: V/boot/vmlinuz-V, V/lib/modules/V and the headers
+V/usr/src/linux-headers-V, which scripts/setup-apt.sh puts there for
+bookworm-backports' 6.12).
 
 The guest (scripts/vm/init in a busybox initramfs) sees the host's root
 read-only at / (over virtio-9p, with writable tmpfs /tmp, /run, /var/tmp)
@@ -132,10 +133,13 @@ def _headers(root: Path, kver: str) -> Path | None:
 
 def find_kernels(root: Path = Path("/"), cache: Path | None = None) -> list[Kernel]:
     """Every usable kernel, newest first.  Installed: ROOT/boot/vmlinuz-V
-    with modules in ROOT/lib/modules/V/kernel.  Cached: CACHE/V/boot/vmlinuz-V
-    with CACHE/V/lib/modules/V/modules.dep (a complete unpack).  Both need
-    headers, ROOT/lib/modules/V/build or ROOT/usr/src/linux-headers-V (the
-    headers package is installed either way).  A release that is both
+    with modules in ROOT/lib/modules/V/kernel and headers in
+    ROOT/lib/modules/V/build or ROOT/usr/src/linux-headers-V.  Cached:
+    CACHE/V/boot/vmlinuz-V with CACHE/V/lib/modules/V/modules.dep (a
+    complete unpack) and headers unpacked next to it,
+    CACHE/V/usr/src/linux-headers-V (else installed ones, as above: Debian's
+    6.12 headers package cannot be installed without the image, but other
+    kernels' can).  A release that is both
     installed and cached is the cache copy: that is what a fresh machine
     gets, so every machine tests the same thing."""
     cache = kernel_cache() if cache is None else cache
@@ -153,7 +157,9 @@ def find_kernels(root: Path = Path("/"), cache: Path | None = None) -> list[Kern
                 continue
             img = d / "boot" / f"vmlinuz-{kver}"
             mods = d / "lib" / "modules" / kver
-            hdr = _headers(root, kver)
+            hdr = d / "usr" / "src" / f"linux-headers-{kver}"
+            if not (hdr / "Makefile").is_file():
+                hdr = _headers(root, kver)
             if img.is_file() and hdr is not None and (mods / "modules.dep").is_file():
                 found[kver] = Kernel(kver, img, mods, hdr, cached=True)
     return sorted(found.values(), key=lambda k: version_key(k.kver), reverse=True)
@@ -163,7 +169,8 @@ def _no_kernel_hint(cache: Path) -> str:
     return (
         "need an image /boot/vmlinuz-V with /lib/modules/V/kernel, or one unpacked in "
         f"{cache}/V (boot/vmlinuz-V, lib/modules/V/modules.dep), and headers in "
-        "/lib/modules/V/build or /usr/src/linux-headers-V: run scripts/setup-apt.sh"
+        "/lib/modules/V/build, /usr/src/linux-headers-V or the cache's "
+        "V/usr/src/linux-headers-V: run scripts/setup-apt.sh"
     )
 
 

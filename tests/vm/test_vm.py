@@ -11,10 +11,10 @@ checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
 at the same time (KUPD_VM_JOBS, default 2; 1 runs them one after the other).
 
 Needs (from scripts/setup-apt.sh, i.e. ``make setup``): qemu-system-x86,
-linux-image-amd64, linux-headers-amd64, bookworm-backports' 6.12 headers
-(installed) and the 6.12 image of the same ABI -- unpacked into the kernel
-cache (KUPD_KERNEL_CACHE, default .cache/kernels), not installed, so the
-tests never change what the host boots -- busybox-static, cpio and gcc.
+linux-image-amd64, linux-headers-amd64, bookworm-backports' 6.12 image and
+headers -- unpacked into the kernel cache (KUPD_KERNEL_CACHE, default
+.cache/kernels), not installed, so the tests never change what the host
+boots -- busybox-static, cpio and gcc.
 Kernels are found in /boot + /lib/modules or in the cache (the cache copy
 when both; scripts/vm/vmrun.py find_kernels).  The modules are built
 against each kernel's headers, which need not be the running kernel.  A
@@ -121,8 +121,8 @@ def missing_kernel(
     cache = vmrun.kernel_cache(env) if cache is None else cache
     why = (
         f"no Linux {series} kernel found (need an image /boot/vmlinuz-{series}.* with "
-        f"/lib/modules/<it>/kernel, or one unpacked in {cache}/<it>, and headers in "
-        f"/lib/modules/<it>/build or /usr/src/linux-headers-<it>; found: "
+        f"/lib/modules/<it>/kernel and headers in /lib/modules/<it>/build, or one "
+        f"unpacked with its headers in {cache}/<it>; found: "
         f"{', '.join(sorted(kernels.values())) or 'none'}): run scripts/setup-apt.sh"
     )
     if env.get(REQUIRE_ENV) == "1":

@@ -88,15 +88,20 @@ def _headers_only(root: Path, kver: str, *, usr_src: bool = False) -> None:
         (root / "lib" / "modules" / kver / "build").mkdir(parents=True)
 
 
-def _cached(cache: Path, kver: str, *, complete: bool = True) -> None:
-    """An image unpacked in the kernel cache as setup-apt.sh leaves it;
-    ``complete=False``: no modules.dep (depmod never ran)."""
+def _cached(cache: Path, kver: str, *, complete: bool = True, headers: bool = True) -> None:
+    """A kernel unpacked in the kernel cache as setup-apt.sh leaves it:
+    image, modules and (``headers``) its build tree;  ``complete=False``: no
+    modules.dep (depmod never ran)."""
     (cache / kver / "boot").mkdir(parents=True)
     (cache / kver / "boot" / f"vmlinuz-{kver}").write_bytes(b"")
     mods = cache / kver / "lib" / "modules" / kver
     (mods / "kernel").mkdir(parents=True)
     if complete:
         (mods / "modules.dep").write_text("")
+    if headers:
+        hdr = cache / kver / "usr" / "src" / f"linux-headers-{kver}"
+        hdr.mkdir(parents=True)
+        (hdr / "Makefile").write_text("include $(dir $(lastword $(MAKEFILE_LIST)))../x/Makefile\n")
 
 
 def test_available_kernels_picks_the_newest_usable_release_per_series(tmp_path: Path) -> None:
@@ -122,14 +127,11 @@ def test_available_kernels_of_an_empty_root_is_empty(tmp_path: Path) -> None:
     assert test_vm.available_kernels(tmp_path, tmp_path / "no-cache") == {}
 
 
-def test_a_kernel_unpacked_in_the_cache_is_found_with_the_installed_headers(
-    tmp_path: Path,
-) -> None:
-    # a fresh machine after setup-apt.sh: 6.1 installed; 6.12 has only its
-    # headers installed and its image unpacked in the cache
+def test_a_kernel_unpacked_in_the_cache_is_found_with_its_own_headers(tmp_path: Path) -> None:
+    # a fresh machine after setup-apt.sh: 6.1 installed; nothing of 6.12 is
+    # installed, its image and headers are unpacked in the cache
     root, cache = tmp_path / "root", tmp_path / "cache"
     _kernel(root, "6.1.0-56-amd64")
-    _headers_only(root, "6.12.117+deb12-amd64")
     _cached(cache, "6.12.117+deb12-amd64")
     found = test_vm.available_kernels(root, cache)
     assert {s: k.kver for s, k in found.items()} == {
@@ -142,16 +144,20 @@ def test_a_kernel_unpacked_in_the_cache_is_found_with_the_installed_headers(
     assert k.image == base / "boot" / "vmlinuz-6.12.117+deb12-amd64"
     # the initramfs takes virtio/9p from the kernel's own module tree
     assert k.modules == base / "lib" / "modules" / "6.12.117+deb12-amd64"
-    assert k.headers == root / "lib" / "modules" / "6.12.117+deb12-amd64" / "build"
+    assert k.headers == base / "usr" / "src" / "linux-headers-6.12.117+deb12-amd64"
     assert not found["6.1"].cached
 
 
-def test_headers_in_usr_src_alone_are_enough(tmp_path: Path) -> None:
+def test_a_cached_image_without_headers_uses_installed_ones(tmp_path: Path) -> None:
     root, cache = tmp_path / "root", tmp_path / "cache"
-    _headers_only(root, "6.12.117+deb12-amd64", usr_src=True)
-    _cached(cache, "6.12.117+deb12-amd64")
+    _headers_only(root, "6.12.117+deb12-amd64", usr_src=True)  # /usr/src alone is enough
+    _cached(cache, "6.12.117+deb12-amd64", headers=False)
     (k,) = vmrun.find_kernels(root, cache)
+    assert k.cached
     assert k.headers == root / "usr" / "src" / "linux-headers-6.12.117+deb12-amd64"
+    _headers_only(root, "6.12.117+deb12-amd64")  # the build link comes first
+    (k,) = vmrun.find_kernels(root, cache)
+    assert k.headers == root / "lib" / "modules" / "6.12.117+deb12-amd64" / "build"
 
 
 def test_the_cache_copy_wins_over_the_same_installed_release(tmp_path: Path) -> None:
@@ -170,9 +176,8 @@ def test_the_cache_copy_wins_over_the_same_installed_release(tmp_path: Path) -> 
 
 def test_unusable_cache_entries_are_ignored(tmp_path: Path) -> None:
     root, cache = tmp_path / "root", tmp_path / "cache"
-    _headers_only(root, "6.12.117+deb12-amd64")
     _cached(cache, "6.12.117+deb12-amd64", complete=False)  # no modules.dep yet
-    _cached(cache, "6.12.300+deb12-amd64")  # no headers installed
+    _cached(cache, "6.12.300+deb12-amd64", headers=False)  # no headers anywhere
     (cache / ".fetch-6.12.117+deb12-amd64.abc123").mkdir()  # a fetch in progress
     (cache / "stray-file").write_text("")
     assert vmrun.find_kernels(root, cache) == []
