@@ -112,7 +112,8 @@ fetch_kernel() {
     | tr ',|' '\n' | sed -E 's/\(.*\)//; s/[[:space:]]//g' | grep -E '^linux-(headers-.*-common|kbuild-.*)$' | sort -u)
   [ ${#extra[@]} -eq 2 ] || die "linux-headers-$abi: expected one -common and one linux-kbuild- dependency, got: ${extra[*]:-none}"
   (cd "$tmp" && apt-get download -qq "${sandbox[@]}" "${extra[@]}") || { rm -rf "$tmp"; fetch_tmp=""; return 1; }
-  for p in $(deps_of "$tmp"/*.deb); do
+  # (the image's own dependencies serve its maintainer scripts, never run here)
+  for p in $(deps_of "$tmp"/linux-headers-*.deb "$tmp"/linux-kbuild-*.deb); do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then
