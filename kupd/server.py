@@ -233,7 +233,18 @@ class Server:
             new = self.reload_source()
             cfg, applied, needs_restart = reloaded(self.config, new)
             policy = Policy(cfg.tenants)
-            audit_fd = self.audit.open_file(cfg.audit_log)  # the last check
+            audit_fd = self.audit.open_file(cfg.audit_log)
+            # The new tenants' sockets are bound and served before anything
+            # is applied, the last check: one that cannot be bound refuses
+            # the reload.  No handler runs on them until the next await,
+            # after the swap below.
+            endpoints = endpoints_for(cfg)
+            try:
+                started = await self.sockets.prepare(endpoints) if self.sockets else []
+            except BaseException:
+                if audit_fd >= 0:
+                    os.close(audit_fd)
+                raise
             # -- apply: nothing below refuses
             old = self.config
             # The one running config: every holder reads this object.
@@ -271,7 +282,7 @@ class Server:
                         ),
                     )
             if self.sockets is not None:
-                added, removed = await self.sockets.apply(endpoints_for(cfg))
+                added, removed = await self.sockets.commit(endpoints, started)
             else:
                 added, removed = [], []
             names = [t.name for t in cfg.tenants] or ["default"]

@@ -163,6 +163,10 @@ class SocketSet:
         self.servers: dict[tuple[str, str], tuple[Endpoint, grpc.aio.Server]] = {}
 
     async def start_one(self, ep: Endpoint) -> None:
+        self.servers[ep.key] = (ep, await self._serve(ep))
+
+    async def _serve(self, ep: Endpoint) -> grpc.aio.Server:
+        """A started server on ep's socket (not registered in servers)."""
         if ep.check_dir:
             _check_dir(ep.path)
         else:
@@ -195,8 +199,8 @@ class SocketSet:
         except OSError:
             await server.stop(None)
             raise
-        self.servers[ep.key] = (ep, server)
         log.info("socket serving", socket=ep.path, tenant=ep.tenant.name, mode=f"{ep.mode:04o}")
+        return server
 
     async def stop_one(self, key: tuple[str, str], grace: float | None = 1.0) -> None:
         ep, server = self.servers.pop(key)
@@ -205,14 +209,43 @@ class SocketSet:
             os.unlink(ep.path)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
 
-    async def apply(self, wanted: list[Endpoint]) -> tuple[list[str], list[str]]:
-        """Make the running sockets match ``wanted``: (added, removed) paths.
-        A tenant that keeps its socket path keeps its server (its open
-        sessions are untouched); a changed owner/group/mode is applied to
-        the socket file in place, which governs new connections only (the
-        kernel checked the old permissions when the open ones connected)."""
+    async def prepare(self, wanted: list[Endpoint]) -> list[tuple[Endpoint, grpc.aio.Server]]:
+        """The first half of a reload's socket change, the half that can fail:
+        start the servers of ``wanted``'s new endpoints, all or none -- a
+        socket that cannot be bound or handed over stops the ones already
+        started and raises OSError, so the reload is refused with nothing
+        changed.  They take effect with :meth:`commit` (or go with
+        :meth:`discard`); no handler runs before the caller next awaits."""
+        started: list[tuple[Endpoint, grpc.aio.Server]] = []
+        try:
+            for ep in wanted:
+                if ep.key not in self.servers:
+                    started.append((ep, await self._serve(ep)))
+        except BaseException:
+            await self.discard(started)
+            raise
+        return started
+
+    async def discard(self, started: list[tuple[Endpoint, grpc.aio.Server]]) -> None:
+        for ep, server in started:
+            await server.stop(None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ep.path)
+            log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
+
+    async def commit(
+        self, wanted: list[Endpoint], started: list[tuple[Endpoint, grpc.aio.Server]]
+    ) -> tuple[list[str], list[str]]:
+        """Make the running sockets match ``wanted`` (prepared by
+        :meth:`prepare`): (added, removed) paths.  A tenant that keeps its
+        socket path keeps its server (its open sessions are untouched); a
+        changed owner/group/mode is applied to the socket file in place,
+        which governs new connections only (the kernel checked the old
+        permissions when the open ones connected)."""
         want = {ep.key: ep for ep in wanted}
-        added: list[str] = []
+        for ep, server in started:
+            self.servers[ep.key] = (ep, server)
+        added = [ep.path for ep, _ in started]
         removed: list[str] = []
         for key in list(self.servers):
             if key not in want:
@@ -220,10 +253,6 @@ class SocketSet:
                 await self.stop_one(key)
                 removed.append(path)
         for key, ep in want.items():
-            if key not in self.servers:
-                await self.start_one(ep)
-                added.append(ep.path)
-                continue
             old, server = self.servers[key]
             if (ep.owner, ep.group, ep.mode) != (old.owner, old.group, old.mode):
                 # Narrow first (mode), then hand over (owner/group), then the final mode.

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import stat
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -368,3 +370,36 @@ def test_health_interval_applies_at_once(tmp_path: Path) -> None:
             assert rec["applied"] == ["health_interval"], rec
     finally:
         k.stop()
+
+
+def test_a_socket_that_cannot_be_served_refuses_the_whole_reload(
+    start_tenants: StartTenants,
+) -> None:
+    """A reload adding a tenant whose socket directory anyone could write (so
+    anyone could replace the socket) is refused as a whole: no socket of it
+    is left, the call_timeout changed next to it is not applied (the next,
+    good reload still finds it changed), and the running tenants still serve."""
+    head = "call_timeout = 30\n"
+    k = start_tenants(head + DEVICES + TENANTS)
+    unsafe = Path(tempfile.mkdtemp(prefix="kupd-unsafe-"))
+    try:
+        unsafe.chmod(0o777)
+        dave = (
+            f'[[tenant]]\nname = "dave"\nsocket = "{unsafe}/dave.sock"\n'
+            '[[tenant.grant]]\ndevice = "echo"\n'
+        )
+        with k.admin() as adm:
+            k.write_config(head.replace("30", "0.5") + DEVICES + TENANTS + dave)
+            with pytest.raises(errors.SystemFailure, match="writable by nobody else"):
+                adm.reload()
+            assert not (unsafe / "dave.sock").exists()
+            with k.client("bob") as c:
+                assert c.call("echo", b"still", timeout=30).data.lower() == b"still"
+            (refused,) = [x for x in k.audit_lines() if x.get("action") == "reload"]
+            assert refused["ok"] is False, refused
+            k.write_config(head.replace("30", "0.5") + DEVICES + TENANTS)
+            r = adm.reload()
+            assert r.applied == ("call_timeout",), r
+            assert "dave" not in r.tenants
+    finally:
+        shutil.rmtree(unsafe, ignore_errors=True)
