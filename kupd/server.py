@@ -236,8 +236,10 @@ class Server:
             audit_fd = self.audit.open_file(cfg.audit_log)
             # The new tenants' sockets are bound and served before anything
             # is applied, the last check: one that cannot be bound refuses
-            # the reload.  No handler runs on them until the next await,
-            # after the swap below.
+            # the reload.  A request on one of them while the next is being
+            # started is judged by its tenant's own grants (TenantKup binds
+            # the new Tenant); after the last, no handler runs before the
+            # swap below (no await in between).
             endpoints = endpoints_for(cfg)
             try:
                 started = await self.sockets.prepare(endpoints) if self.sockets else []
