@@ -560,6 +560,92 @@ test_sessions(void)
 	printf("ok sessions\n");
 }
 
+/* A module thread that receives and keeps the channel (between its receive
+ * and kupdev_unlock_channel) until `release` is set. */
+struct kholder {
+	struct kupdev_softc *sc;
+	int holding;   /* set once it holds the channel */
+	int release;
+	int ret;
+};
+
+static void *
+kholder_main(void *p)
+{
+	struct kholder *a = p;
+	struct kupdev_msg m;
+
+	a->ret = kupdev_receive_msg(a->sc, 0, &m, 10000);
+	if (a->ret != 0)
+		return NULL;
+	__atomic_store_n(&a->holding, 1, __ATOMIC_RELEASE);
+	while (!__atomic_load_n(&a->release, __ATOMIC_ACQUIRE))
+		usleep(1000);
+	kupdev_unlock_channel(a->sc, 0);
+	return NULL;
+}
+
+static int excl_runs;
+
+static int
+excl_fn(struct kup_chan *ch)
+{
+	(void)ch;
+	excl_runs++;
+	return 7;
+}
+
+/* kup_core_chan_exclusive_try: runs fn under the channel's locks when no
+ * kernel-side call holds the channel, -EBUSY (fn not run) when one does --
+ * a module thread asleep in its receive, or one that took a message and
+ * has not unlocked yet -- and never waits for it (the host's one service
+ * thread must not stall on one channel: kupsim). */
+static void
+test_chan_exclusive_try(void)
+{
+	struct kupdev_softc *sc = kupdev_create("excl", 1, 1);
+	struct kup_chan *ch = NULL;
+	struct kholder h;
+	struct user u;
+	pthread_t t;
+	int i;
+
+	CHECK(sc != NULL);
+	CHECK_EQ(kupdev_announce(sc, 1), 0);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kup_core_chan_exclusive_try(NULL, excl_fn), -EINVAL);
+	CHECK_EQ(kup_core_chan_exclusive_try(ch, NULL), -EINVAL);
+	CHECK_EQ(kup_core_chan_exclusive_try(ch, excl_fn), 7);   /* free */
+	CHECK_EQ(excl_runs, 1);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);   /* the module takes it */
+	CHECK_EQ(kupdev_pass(sc, 0), 0);   /* the user holds the turn */
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	memset(&h, 0, sizeof(h));
+	h.sc = sc;
+	CHECK_EQ(pthread_create(&t, NULL, kholder_main, &h), 0);
+	/* asleep in its receive, the module thread holds the channel */
+	for (i = 0; i < 10000 && !__atomic_load_n(&u.k->kernel_waiting, __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&u.k->kernel_waiting, __ATOMIC_ACQUIRE), 1);
+	CHECK_EQ(kup_core_chan_exclusive_try(ch, excl_fn), -EBUSY);
+	/* it took the message and computes: still held */
+	user_send(&u, "x", 1);
+	for (i = 0; i < 10000 && !__atomic_load_n(&h.holding, __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&h.holding, __ATOMIC_ACQUIRE), 1);
+	CHECK_EQ(kup_core_chan_exclusive_try(ch, excl_fn), -EBUSY);
+	CHECK_EQ(excl_runs, 1);
+	__atomic_store_n(&h.release, 1, __ATOMIC_RELEASE);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(h.ret, 0);
+	CHECK_EQ(kup_core_chan_exclusive_try(ch, excl_fn), 7);   /* let go */
+	CHECK_EQ(excl_runs, 2);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok chan_exclusive_try\n");
+}
+
 static void
 test_shutdown(void)
 {
@@ -636,6 +722,7 @@ main(void)
 	test_proto_flood();
 	test_wait_timeout_kept();
 	test_sessions();
+	test_chan_exclusive_try();
 	test_shutdown();
 	kup_core_fini();
 	printf("OK core\n");
