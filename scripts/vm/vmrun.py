@@ -15,7 +15,8 @@ and this run's output directory read-write at /run/vmout.  The job is
 back as files in the output directory.
 
 Usage as a program:  vmrun.py [--timeout S] [--kver V] JOB.sh  (exit status =
-the job's, 124 on timeout; kernel warnings/oopses in dmesg make it fail).
+the job's, 124 on timeout, 2 when no kernel or VM could be set up; kernel
+warnings/oopses in dmesg make it fail).
 """
 
 from __future__ import annotations
@@ -314,7 +315,11 @@ def main() -> int:
     ap.add_argument("--kver", default=None)
     ap.add_argument("--keep", type=Path, default=None, help="keep the output directory here")
     a = ap.parse_args()
-    res = run_job(Path(a.job).read_text(), timeout=a.timeout, kver=a.kver, keep_dir=a.keep)
+    try:
+        res = run_job(Path(a.job).read_text(), timeout=a.timeout, kver=a.kver, keep_dir=a.keep)
+    except VMError as e:
+        print(f"vmrun: {e}", file=sys.stderr)
+        return 2
     sys.stdout.write(res.log)
     probs = res.problems()
     print(
