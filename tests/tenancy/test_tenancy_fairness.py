@@ -1,14 +1,17 @@
 """Fairness across tenants: queued Calls are dispatched round-robin by
 TENANT, so a tenant flooding a device (even under many caller names)
 cannot push another tenant's Calls behind its whole queue.  Positions are
-counted, not time."""
+counted, not time, and everything is queued before the pool serves any
+of it, so the order does not depend on how loaded the machine is."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import grpc
-from tenancy_helpers import StartTenants
+from tenancy_helpers import StartTenants, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client
@@ -35,10 +38,14 @@ device = "echo"
 FLOOD = 24
 MEEK = 4
 POOL = 2
-#: Each meek call waits for at most one flood dispatch (round-robin), plus
-#: the calls on the pool's channels when meek queued, plus slack for a flood
-#: call finishing between our count and meek's submission.
-BOUND = MEEK + 2 * POOL + 1
+#: Everything is queued before the pool serves anything (see gated_pool), so
+#: round-robin dispatches the meek tenant's calls among the first 2 * MEEK;
+#: completion order may differ from dispatch order by the POOL calls that
+#: run at once.
+BOUND = MEEK + POOL
+#: Each gating Call holds its pool channel locked (echo "!lockhold") up to
+#: this long; a "!lockfree" from a Session ends them all.
+GATE = b"!lockhold60000"
 
 
 class Completions:
@@ -63,20 +70,37 @@ class Completions:
                 self.failures.append(exc)
             self.done.append(tag)
 
-    def count(self, tag: str) -> int:
+    def ahead(self, big: str, small: str) -> int:
+        """How many ``big`` calls completed before the last ``small`` one."""
         with self._lock:
-            return self.done.count(tag)
-
-    def ahead(self, big: str, small: str, before: int) -> int:
-        """How many ``big`` calls completed before the last ``small`` one,
-        not counting the ``before`` that had completed when ``small`` queued."""
-        last_small = max(i for i, tag in enumerate(self.done) if tag == small)
-        return self.done[: last_small + 1].count(big) - before
+            last_small = max(i for i, tag in enumerate(self.done) if tag == small)
+            return self.done[: last_small + 1].count(big)
 
 
-def wait_queued(fc: Client, what: str) -> None:
-    """Until the flood fills the queue (all but the pool and some slack)."""
-    wait_until(lambda: fc.devices("echo")[0].calls_queued >= FLOOD - POOL - 2, what=what)
+def wait_calls(fc: Client, in_flight: int, queued: int, what: str) -> None:
+    """Until kupd counts exactly these Calls on echo (taken or waiting /
+    waiting for a pool channel)."""
+
+    def now() -> bool:
+        (d,) = fc.devices("echo")
+        return (d.calls_in_flight, d.calls_queued) == (in_flight, queued)
+
+    wait_until(now, what=what)
+
+
+@contextlib.contextmanager
+def gated_pool(k: TenantKupd, stub: kup_pb2_grpc.KupStub, calls: Completions) -> Iterator[Client]:
+    """Both pool channels held by a gating Call each, so that what the block
+    submits queues whole before any of it is dispatched (the order then does
+    not depend on how fast this process submits on a loaded machine); on
+    leaving, a "!lockfree" on a Session's channel lets the pool go."""
+    with k.client("flood") as fc:
+        for _ in range(POOL):
+            calls.submit(stub, "gate", GATE, caller="gate")
+        wait_calls(fc, POOL, 0, "the gating calls to hold the pool")
+        yield fc
+        with fc.open("echo").channel() as ch:
+            assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
 
 
 def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) -> None:
@@ -87,26 +111,27 @@ def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) ->
     flood = kup_pb2_grpc.KupStub(flood_ch)
     meek = kup_pb2_grpc.KupStub(meek_ch)
     try:
-        for i in range(FLOOD):
-            # A new caller name per call: per-caller fairness alone would
-            # give the flooding tenant FLOOD turns for meek's one.
-            calls.submit(flood, "flood", b"!delay", caller=f"f{i}")
-        with k.client("flood") as fc:
-            wait_queued(fc, "the flood queued")
-        before = calls.count("flood")
-        for i in range(MEEK):
-            calls.submit(meek, "meek", f"meek {i}".encode(), caller="m")
-        wait_until(lambda: len(calls.done) == FLOOD + MEEK, timeout=120, what="every call answered")
+        with gated_pool(k, flood, calls) as fc:
+            for i in range(FLOOD):
+                # A new caller name per call: per-caller fairness alone would
+                # give the flooding tenant FLOOD turns for meek's one.
+                calls.submit(flood, "flood", b"!delay", caller=f"f{i}")
+            wait_calls(fc, POOL + FLOOD, FLOOD, "the flood queued")
+            for i in range(MEEK):
+                calls.submit(meek, "meek", f"meek {i}".encode(), caller="m")
+            wait_calls(fc, POOL + FLOOD + MEEK, FLOOD + MEEK, "meek queued behind it")
+        wait_until(
+            lambda: len(calls.done) == POOL + FLOOD + MEEK, timeout=120, what="every call answered"
+        )
     finally:
         flood_ch.close()
         meek_ch.close()
     assert not calls.failures, calls.failures
-    flood_ahead = calls.ahead("flood", "meek", before)
-    # FIFO would put all of meek's calls behind >= FLOOD - POOL - 2 - before
-    # flood calls.
+    flood_ahead = calls.ahead("flood", "meek")
+    # FIFO would put all FLOOD flood calls ahead of meek's.
     print(f"fairness: {flood_ahead} flood calls ahead (bound {BOUND})")
     assert flood_ahead <= BOUND, (flood_ahead, calls.done)
-    assert FLOOD - POOL - 2 - before > BOUND  # the bound discriminates
+    assert FLOOD > BOUND  # the bound discriminates
 
 
 def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTenants) -> None:
@@ -117,18 +142,20 @@ def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTena
     ch = grpc.insecure_channel("unix:" + k.sock("flood"))
     stub = kup_pb2_grpc.KupStub(ch)
     try:
-        for _ in range(FLOOD):
-            calls.submit(stub, "big", b"!delay", caller="big")
-        with k.client("flood") as fc:
-            wait_queued(fc, "the big caller queued")
-        before = calls.count("big")
-        for i in range(MEEK):
-            calls.submit(stub, "small", f"small {i}".encode(), caller="small")
-        wait_until(lambda: len(calls.done) == FLOOD + MEEK, timeout=120, what="every call answered")
+        with gated_pool(k, stub, calls) as fc:
+            for _ in range(FLOOD):
+                calls.submit(stub, "big", b"!delay", caller="big")
+            wait_calls(fc, POOL + FLOOD, FLOOD, "the big caller queued")
+            for i in range(MEEK):
+                calls.submit(stub, "small", f"small {i}".encode(), caller="small")
+            wait_calls(fc, POOL + FLOOD + MEEK, FLOOD + MEEK, "the small caller queued")
+        wait_until(
+            lambda: len(calls.done) == POOL + FLOOD + MEEK, timeout=120, what="every call answered"
+        )
     finally:
         ch.close()
     assert not calls.failures, calls.failures
-    big_ahead = calls.ahead("big", "small", before)
+    big_ahead = calls.ahead("big", "small")
     print(f"fairness: {big_ahead} big-caller calls ahead (bound {BOUND})")
     assert big_ahead <= BOUND, (big_ahead, calls.done)
-    assert FLOOD - POOL - 2 - before > BOUND
+    assert FLOOD > BOUND
