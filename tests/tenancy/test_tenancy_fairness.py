@@ -100,6 +100,7 @@ def gated_pool(k: TenantKupd, stub: kup_pb2_grpc.KupStub, calls: Completions) ->
         wait_calls(fc, POOL, 0, "the gating calls to hold the pool")
         yield fc
         with fc.open("echo").channel() as ch:
+            ch.receive(timeout=30)  # the kernel's opening hand-over
             assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
 
 
