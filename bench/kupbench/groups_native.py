@@ -113,6 +113,23 @@ def arrival_samples(dev: Any, idle_ms: int, n: int) -> list[float]:
     return out
 
 
+def arrival_samples_blocking(dev: Any, idle_ms: int, n: int) -> list[float]:
+    """The same, the receiver asleep inside ``Channel.receive`` (libkup's
+    blocking receive, the GIL released): one thread per channel, the way a
+    program with a single channel would wait."""
+    req = stamp_request(idle_ms)
+    out: list[float] = []
+    with dev.channel() as ch:
+        if not ch.my_turn():
+            ch.receive(timeout=RECEIVE_TIMEOUT_S)
+        receive = ch.receive
+        for _ in range(n):
+            ch.send(req)
+            m = receive(idle_ms / 1000 + RECEIVE_TIMEOUT_S)
+            out.append(stamp_latency_us(m.data, time.monotonic_ns()))
+    return out
+
+
 def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -176,9 +193,14 @@ async def run(ctx: RunCtx) -> None:
                       f"message arriving on a channel idle for {cfg.wake_idle_s:g} s: "
                       "module's hand-over -> Python receiver has it, 64 B",
                       baseline="idle.arrive_c")
+    arrive_block_spec = lat("idle.arrive_chan_block", S_IDLE,
+                            f"message arriving on a channel idle for {cfg.wake_idle_s:g} s: "
+                            "module's hand-over -> Python blocking receive returns, 64 B",
+                            baseline="idle.arrive_c")
 
+    idle_specs = [wake_spec, arrive_c_spec, arrive_spec, arrive_block_spec]
     async with group(ctx, "native: floor, unix socket, channel layer",
-                     rt_specs + tp_specs + [wake_spec, arrive_c_spec, arrive_spec]):
+                     rt_specs + tp_specs + idle_specs):
         uds_prog = build_c(ctx.root, "uds")
         payload = pattern(64)
         with contextlib.ExitStack() as stack:
@@ -245,7 +267,7 @@ async def run(ctx: RunCtx) -> None:
                     tp_work[f"chan.tp_{nm}"] = _chan_tp(chan, data, count)
             if chan is None:
                 ctx.skip([s for s in tp_specs if s.workload.startswith("chan.")]
-                         + [wake_spec, arrive_c_spec, arrive_spec], sim_why)
+                         + idle_specs, sim_why)
             tp_specs = [FigSpec(s.workload, s.section,
                                 s.label.replace(", max", f", max {max_msg // KIB} KiB"),
                                 s.unit, s.better, s.sub, s.baseline) for s in tp_specs]
@@ -287,3 +309,7 @@ async def run(ctx: RunCtx) -> None:
             arrivals = arrival_samples(dev, idle_ms, cfg.wake_samples)
             ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, arrivals,
                                   s.baseline, "receiver asleep in poll on the channel's fd"))
+            s = arrive_block_spec
+            arrivals = arrival_samples_blocking(dev, idle_ms, cfg.wake_samples)
+            ctx.report.add(Figure(s.key, s.section, s.label, s.unit, s.better, arrivals,
+                                  s.baseline, "receiver asleep in Channel.receive"))
