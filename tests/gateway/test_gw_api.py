@@ -297,7 +297,8 @@ def test_quarantined_channels_whose_reply_never_comes_are_replaced(
         held = sorted(ch.id for ch in dev.channels if ch.state == "quarantined")
         assert len(held) == 4, dev.channels
         # a Call now waits for a replacement, and gets one
-        assert c.call("echo", b"after", timeout=20).data == b"after"
+        # the replacement may be an odd channel, which upper-cases
+        assert c.call("echo", b"after", timeout=20).data.lower() == b"after"
 
         def states() -> list[str]:
             return [ch.state for ch in c.devices("echo")[0].channels]
