@@ -29,6 +29,7 @@ from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
+from kupd.wire import WireRequest, encode_reply
 
 __all__ = ["KupService", "error_pb", "status_for"]
 
@@ -580,10 +581,10 @@ class KupService(kup_pb2_grpc.KupServicer):
 
     async def _next(
         self,
-        reader: AsyncIterator[kup_pb2.SessionRequest],
+        reader: AsyncIterator[kup_pb2.SessionRequest | WireRequest],
         lease: Lease | None,
         guard: _StreamGuard,
-    ) -> kup_pb2.SessionRequest | None:
+    ) -> kup_pb2.SessionRequest | WireRequest | None:
         """The next request, or None at the end of the stream; raises when
         kupd drains or the lease is ended first (``guard`` cancels the wait)."""
         self._raise_if_ended(lease)
@@ -603,9 +604,13 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def _session_op(
         self,
         lease: Lease,
-        req: kup_pb2.SessionRequest,
+        req: kup_pb2.SessionRequest | WireRequest,
         st: _SessionState,
-    ) -> kup_pb2.SessionResponse:
+    ) -> kup_pb2.SessionResponse | bytes:
+        """One request's response: a generated SessionResponse, or for the
+        data path (exchanged, received) its encoding (kupd.wire: the payload
+        copied once; a send / exchange request's data is a memoryview of
+        the received bytes when kupd.wire read it)."""
         rid = req.request_id
         op = req.WhichOneof("op")
         if op == "exchange":
@@ -621,20 +626,19 @@ class KupService(kup_pb2_grpc.KupServicer):
             msg = await self.leases.exchange(
                 lease, data, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
             )
-            resp = kup_pb2.SessionResponse(request_id=rid)
-            _fill_receive(resp.exchanged, msg)
-            return resp
+            return encode_reply(rid, True, msg)
         if op == "send":
             data = req.send.data
             st.check_size(self.guard, lease, len(data))
             await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
+        assert isinstance(req, kup_pb2.SessionRequest)  # kupd.wire reads send / exchange only
         if op == "receive":
             timeout, nonblocking = self._receive_args(req.receive.mode, req.receive.timeout_ms)
             msg = await self.leases.receive(
                 lease, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
             )
-            return kup_pb2.SessionResponse(request_id=rid, received=_receive_pb(msg))
+            return encode_reply(rid, False, msg)
         if op == "pass_turn":
             await self.leases.pass_(lease)
             return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
@@ -644,12 +648,12 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         raise errors.InvalidArgument("session request without an operation")
 
-    async def Session(
+    async def Session(  # type: ignore[override]  # the stream's codec is kupd.wire's
         self,
-        request_iterator: AsyncIterator[kup_pb2.SessionRequest],
+        request_iterator: AsyncIterator[kup_pb2.SessionRequest | WireRequest],
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
-    ) -> AsyncIterator[kup_pb2.SessionResponse]:
+    ) -> AsyncIterator[kup_pb2.SessionResponse | bytes]:
         """One async generator for the whole stream: what ``_stream`` does
         for the other streams (log context, KupError -> status) and the
         tenant's context (``TenantKup`` passes ``tenant``) are inlined, since
@@ -669,7 +673,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             first = await self._next(reader, None, guard)
             if first is None:
                 return
-            if first.WhichOneof("op") != "attach":
+            if not isinstance(first, kup_pb2.SessionRequest) or first.WhichOneof("op") != "attach":
                 raise errors.InvalidArgument("the first Session request must be attach")
             a = first.attach
             chan = a.channel if a.HasField("channel") else None

@@ -263,7 +263,7 @@ class LeaseTable:
                 f"device {lease.dev.name} ({lease.max_msg} bytes)"
             )
 
-    async def send(self, lease: Lease, data: bytes) -> None:
+    async def send(self, lease: Lease, data: bytes | memoryview) -> None:
         self._check_size(lease, len(data))
         await self._enter(lease)
         try:
@@ -297,7 +297,7 @@ class LeaseTable:
     async def exchange(
         self,
         lease: Lease,
-        data: bytes,
+        data: bytes | memoryview,
         timeout: float | None,
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,

@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupd.log import get_logger
 from kupd.policy import ADMIN, DEFAULT, Tenant, use_tenant
+from kupd.wire import add_kup_servicer
 
 __all__ = ["Endpoint", "SocketSet", "TenantKup", "endpoints_for", "scope_device_pb"]
 
@@ -172,7 +173,7 @@ class SocketSet:
         else:
             os.makedirs(os.path.dirname(ep.path), mode=0o755, exist_ok=True)
         server = grpc.aio.server(options=self.options)
-        kup_pb2_grpc.add_KupServicer_to_server(TenantKup(self.kup, ep.tenant), server)
+        add_kup_servicer(TenantKup(self.kup, ep.tenant), server)  # kupd.wire: Session by hand
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:

@@ -1,0 +1,230 @@
+"""The Session stream's data path in protobuf's wire format, by hand.
+
+Why: a Session carries payloads up to a channel's size (MiBs).  Through the
+generated classes kupd copied a payload seven times per exchange (parse,
+field read, the page in and out, the reply field, serialize, gRPC), the bare
+echo server twice (bench/results/FINDINGS.md, session 3).  Here a ``send``
+or ``exchange`` request's payload is a ``memoryview`` of the received bytes
+(no copy until the channel's page), and an ``exchanged`` / ``received``
+reply is its few header bytes joined with the payload (one copy).  All
+other requests and replies go through the generated classes, and anything
+this reader does not expect field for field (an unknown field, a field
+twice, another wire type) is left to them too, so the wire format stays
+kup.v1's and the two paths cannot disagree on it.
+
+The low-level readers (:func:`varint`, :func:`read_varint`, :func:`fields`)
+are shared with the Python client's codec (``kupclient._wire``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from kupapi import kup_pb2, kup_pb2_grpc
+
+if TYPE_CHECKING:  # not imported: the client's codec shares this module
+    from kupd.channel import Message
+
+__all__ = [
+    "LEN",
+    "VARINT",
+    "Unexpected",
+    "WireRequest",
+    "add_kup_servicer",
+    "deserialize_request",
+    "encode_reply",
+    "fields",
+    "read_varint",
+    "serialize_response",
+    "varint",
+]
+
+VARINT, LEN = 0, 2
+# kup.v1 field numbers (protos/kup/v1/kup.proto)
+_REQ_ID, _REQ_SEND, _REQ_EXCHANGE = 1, 3, 6
+_RESP_RECEIVED, _RESP_EXCHANGED = 4, 7
+
+
+class Unexpected(Exception):
+    """Not a message a hand-written reader takes field for field: the
+    generated class reads it instead."""
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
+    """(value, next index) of the varint at buf[i]; Unexpected if it runs
+    past ``end`` or past 64 bits."""
+    val = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise Unexpected
+        b = buf[i]
+        i += 1
+        val |= (b & 0x7F) << shift
+        if b < 0x80:
+            return val, i
+        shift += 7
+
+
+def fields(buf: bytes | memoryview, i: int, end: int) -> dict[int, tuple[int, int, int]]:
+    """field -> (wire type, a, b) of the message at buf[i:end]: a varint's
+    value in a (b 0), a length-delimited field's span buf[a:b].  Unexpected
+    for another wire type, a field seen twice or a length past ``end``."""
+    out: dict[int, tuple[int, int, int]] = {}
+    while i < end:
+        key, i = read_varint(buf, i, end)
+        field, wire = key >> 3, key & 7
+        if field in out:
+            raise Unexpected
+        if wire == VARINT:
+            v, i = read_varint(buf, i, end)
+            out[field] = (VARINT, v, 0)
+        elif wire == LEN:
+            n, i = read_varint(buf, i, end)
+            if i + n > end:
+                raise Unexpected
+            out[field] = (LEN, i, i + n)
+            i += n
+        else:
+            raise Unexpected
+    return out
+
+
+def _scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
+    wire, v, _ = f.get(n, (VARINT, 0, 0))
+    if wire != VARINT:
+        raise Unexpected
+    return v
+
+
+class WireRequest:
+    """A ``send`` or ``exchange`` request read by hand.  It answers what
+    kupd's Session loop asks of a generated ``SessionRequest`` --
+    ``request_id``, ``WhichOneof("op")``, ``.send.data``,
+    ``.exchange.data/.mode/.timeout_ms`` -- with ``data`` a memoryview of
+    the received bytes."""
+
+    __slots__ = ("data", "mode", "op", "request_id", "timeout_ms")
+
+    def __init__(
+        self, request_id: int, op: str, data: memoryview, mode: int = 0, timeout_ms: int = 0
+    ) -> None:
+        self.request_id = request_id
+        self.op = op
+        self.data = data
+        self.mode = mode
+        self.timeout_ms = timeout_ms
+
+    def WhichOneof(self, group: str) -> str:  # the protobuf name
+        return self.op
+
+    @property
+    def exchange(self) -> WireRequest:
+        return self
+
+    @property
+    def send(self) -> WireRequest:
+        return self
+
+
+def _read_request(raw: bytes) -> WireRequest:
+    top = fields(raw, 0, len(raw))
+    ops = [f for f in (_REQ_SEND, _REQ_EXCHANGE) if f in top]
+    if len(ops) != 1 or set(top) - {_REQ_ID, ops[0]}:
+        raise Unexpected
+    wire, a, b = top[ops[0]]
+    if wire != LEN:
+        raise Unexpected
+    sub = fields(raw, a, b)
+    allowed = {1, 2, 3} if ops[0] == _REQ_EXCHANGE else {1}
+    if set(sub) - allowed:
+        raise Unexpected
+    wire, da, db = sub.get(1, (LEN, 0, 0))
+    if wire != LEN:
+        raise Unexpected
+    return WireRequest(
+        _scalar(top, _REQ_ID),
+        "exchange" if ops[0] == _REQ_EXCHANGE else "send",
+        memoryview(raw)[da:db],
+        _scalar(sub, 2),
+        _scalar(sub, 3),
+    )
+
+
+def deserialize_request(raw: bytes) -> kup_pb2.SessionRequest | WireRequest:
+    try:
+        return _read_request(raw)
+    except Unexpected:
+        return kup_pb2.SessionRequest.FromString(raw)
+
+
+def encode_reply(request_id: int, exchanged: bool, m: Message | None) -> bytes:
+    """The SessionResponse (``exchanged``, else ``received``) carrying ``m``
+    (None: not_ready), as the generated class would write it."""
+    field = _RESP_EXCHANGED if exchanged else _RESP_RECEIVED
+    head = b"\x08" + varint(request_id) if request_id else b""
+    if m is None:
+        return head + bytes(((field << 3) | LEN, 2, 0x08, 1))
+    n = len(m.data)
+    tail = b""
+    if m.kind:
+        tail += b"\x10" + varint(int(m.kind))
+    if m.seq:
+        tail += b"\x18" + varint(m.seq)
+    data_head = b"\x0a" + varint(n) if n else b""
+    msg_len = len(data_head) + n + len(tail)
+    rr = b"\x12" + varint(msg_len)  # ReceiveResponse.message (2)
+    rr_len = len(rr) + msg_len
+    head += varint((field << 3) | LEN) + varint(rr_len) + rr + data_head
+    return b"".join((head, m.data, tail))
+
+
+def serialize_response(resp: Any) -> bytes:
+    if isinstance(resp, bytes):
+        return resp
+    return bytes(resp.SerializeToString())
+
+
+class _Capture:
+    """Stands in for a server to take the generated method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = handlers
+
+
+def add_kup_servicer(servicer: Any, server: grpc.aio.Server) -> None:
+    """``kup_pb2_grpc.add_KupServicer_to_server`` with the Session stream's
+    requests read by :func:`deserialize_request` and its replies written by
+    :func:`serialize_response`; every other method as generated."""
+    cap = _Capture()
+    kup_pb2_grpc.add_KupServicer_to_server(servicer, cap)
+    handlers = dict(cap.handlers)
+    if "Session" not in handlers:
+        raise RuntimeError("kup.v1 stubs without a Session method: regenerate them")
+    handlers["Session"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Session,
+        request_deserializer=deserialize_request,
+        response_serializer=serialize_response,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("kup.v1.Kup", handlers),)
+    )
+    server.add_registered_method_handlers("kup.v1.Kup", handlers)
