@@ -12,6 +12,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import _wire
 from kupclient._errors import error_from_pb, error_from_rpc, error_from_status
 from kupclient._types import (
     DeviceInfo,
@@ -170,7 +171,12 @@ class AsyncChannel:
 
     def __init__(self, client: AsyncClient, device: str) -> None:
         self.device = device
-        self._call = client._stub.Session()
+        # the data path's own wire codec (kupclient._wire), not the stub's
+        self._call = client._channel.stream_stream(
+            _wire.SESSION_METHOD,
+            request_serializer=_wire.serialize,
+            response_deserializer=_wire.deserialize,
+        )()
         self._next_id = 0
         self._lock = asyncio.Lock()
         self._closed = False
@@ -186,11 +192,14 @@ class AsyncChannel:
         except BaseException:
             await self.close()
             raise
+        assert isinstance(resp, kup_pb2.SessionResponse)
         self.lease = lease_from_pb(resp.attached)
         self.id = self.lease.channel
         self.max_msg = self.lease.max_message_bytes
 
-    async def _op(self, req: kup_pb2.SessionRequest) -> kup_pb2.SessionResponse:
+    async def _op(
+        self, req: kup_pb2.SessionRequest | _wire.WireOp
+    ) -> kup_pb2.SessionResponse | _wire.WireReply:
         async with self._lock:
             if self._closed:
                 raise errors.InvalidArgument(f"channel of {self.device} is closed")
@@ -215,13 +224,15 @@ class AsyncChannel:
                         code, await self._call.details(), await self._call.trailing_metadata()
                     )
                 raise errors.PeerGone(f"session on {self.device} ended")
+        if isinstance(resp, _wire.WireReply):
+            return resp
         assert isinstance(resp, kup_pb2.SessionResponse)
         if resp.WhichOneof("result") == "error":
             raise error_from_pb(resp.error)
         return resp
 
     async def send(self, data: bytes) -> None:
-        await self._op(kup_pb2.SessionRequest(send=kup_pb2.SessionSend(data=data)))
+        await self._op(_wire.WireOp.send(data))
 
     async def pass_(self) -> None:
         await self._op(kup_pb2.SessionRequest(pass_turn=kup_pb2.SessionPass()))
@@ -231,23 +242,23 @@ class AsyncChannel:
         resp = await self._op(
             kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
         )
-        if resp.received.not_ready:
+        not_ready, msg = _wire.reply_of(resp, "received")
+        if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
-        return message_from_pb(resp.received.message)
+        assert msg is not None  # reply_of: None only when not_ready
+        return msg
 
     async def exchange(self, data: bytes, timeout: float | None = None) -> Message:
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (see :meth:`kupclient.Channel.exchange`)."""
         mode, ms = receive_mode(timeout)
-        req = kup_pb2.SessionRequest()
-        x = req.exchange  # filled in place: half the cost of nested constructors
-        x.data = data
-        x.mode = mode
-        x.timeout_ms = ms
-        got = (await self._op(req)).exchanged
-        if got.not_ready:
+        not_ready, msg = _wire.reply_of(
+            await self._op(_wire.WireOp.exchange(data, mode, ms)), "exchanged"
+        )
+        if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
-        return message_from_pb(got.message)
+        assert msg is not None  # reply_of: None only when not_ready
+        return msg
 
     async def try_receive(self) -> Message | None:
         try:

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import _wire
 from kupclient._errors import error_from_pb, error_from_rpc
 from kupclient._types import (
     DeviceInfo,
@@ -191,8 +192,13 @@ class Channel:
         self._next_id = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._responses: Iterator[kup_pb2.SessionResponse] = client._stub.Session(
-            self._request_iter()
+        # the data path's own wire codec (kupclient._wire), not the stub's
+        self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
+            client._channel.stream_stream(
+                _wire.SESSION_METHOD,
+                request_serializer=_wire.serialize,
+                response_deserializer=_wire.deserialize,
+            )(self._request_iter())
         )
         attach = kup_pb2.SessionAttach(device=device)
         if chan_id is not None:
@@ -202,19 +208,22 @@ class Channel:
         except BaseException:
             self.close()
             raise
+        assert isinstance(resp, kup_pb2.SessionResponse)
         self.lease = lease_from_pb(resp.attached)
         self.id = self.lease.channel
         self.max_msg = self.lease.max_message_bytes
 
-    def _request_iter(self) -> Iterator[kup_pb2.SessionRequest]:
+    def _request_iter(self) -> Iterator[kup_pb2.SessionRequest | _wire.WireOp]:
         while True:
             item = self._requests.get()
             if item is _END:
                 return
-            assert isinstance(item, kup_pb2.SessionRequest)
+            assert isinstance(item, (kup_pb2.SessionRequest, _wire.WireOp))
             yield item
 
-    def _op(self, req: kup_pb2.SessionRequest) -> kup_pb2.SessionResponse:
+    def _op(
+        self, req: kup_pb2.SessionRequest | _wire.WireOp
+    ) -> kup_pb2.SessionResponse | _wire.WireReply:
         with self._lock:
             if self._closed:
                 raise errors.InvalidArgument(f"channel of {self.device} is closed")
@@ -228,13 +237,15 @@ class Channel:
             except grpc.RpcError as exc:
                 self._closed = True
                 raise error_from_rpc(exc) from None
+        if isinstance(resp, _wire.WireReply):
+            return resp
         if resp.WhichOneof("result") == "error":
             raise error_from_pb(resp.error)
         return resp
 
     def send(self, data: bytes) -> None:
         """Send ``data`` and hand the turn to the kernel."""
-        self._op(kup_pb2.SessionRequest(send=kup_pb2.SessionSend(data=data)))
+        self._op(_wire.WireOp.send(data))
 
     def pass_(self) -> None:
         """Hand the turn to the kernel without data."""
@@ -246,9 +257,11 @@ class Channel:
         resp = self._op(
             kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
         )
-        if resp.received.not_ready:
+        not_ready, msg = _wire.reply_of(resp, "received")
+        if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
-        return message_from_pb(resp.received.message)
+        assert msg is not None  # reply_of: None only when not_ready
+        return msg
 
     def exchange(self, data: bytes, timeout: float | None = None) -> Message:
         """``send(data)`` then ``receive(timeout)`` as one request on the
@@ -256,14 +269,12 @@ class Channel:
         fails (e.g. DeadlineExceeded) the data was sent and the reply is still
         owed: :meth:`receive` gets it."""
         mode, ms = receive_mode(timeout)
-        resp = self._op(
-            kup_pb2.SessionRequest(
-                exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms)
-            )
-        )
-        if resp.exchanged.not_ready:
+        resp = self._op(_wire.WireOp.exchange(data, mode, ms))
+        not_ready, msg = _wire.reply_of(resp, "exchanged")
+        if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
-        return message_from_pb(resp.exchanged.message)
+        assert msg is not None  # reply_of: None only when not_ready
+        return msg
 
     def try_receive(self) -> Message | None:
         """Non-blocking receive: the message, or None when the turn is not back."""

@@ -1,0 +1,172 @@
+"""The Session stream's data path in protobuf's wire format, by hand.
+
+Why: a Session carries payloads up to a channel's size (MiBs).  Through the
+generated classes a payload is copied four or five times on the way out
+(the ``SessionExchange``, the oneof assignment, ``SerializeToString``) and
+again on the way in (parse, ``.data``); for 1 MiB messages that made the
+Python client cost more CPU than kupd itself (bench/results/FINDINGS.md,
+session 4).  Here a ``send`` / ``exchange`` request is its few header bytes
+joined with the payload (one copy), and a ``received`` / ``exchanged``
+response is read by walking its fields and slicing the payload out (one
+copy).  Everything else -- attach, pass, errors, any response this reader
+does not expect field for field -- goes through the generated classes, so
+the wire format stays kup.v1's and the two paths cannot disagree on it.
+
+The stream is opened with these functions as its (de)serializers:
+:func:`serialize` takes a generated ``SessionRequest`` or a :class:`WireOp`;
+:func:`deserialize` returns a ``SessionResponse`` or a :class:`WireReply`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kupapi import kup_pb2
+from kupclient._types import Kind, Message, message_from_pb
+from kupd.wire import LEN, VARINT, Unexpected, fields, varint
+
+__all__ = [
+    "SESSION_METHOD",
+    "WireOp",
+    "WireReply",
+    "deserialize",
+    "reply_of",
+    "serialize",
+]
+
+SESSION_METHOD = "/kup.v1.Kup/Session"
+
+# Field numbers of kup.v1 (protos/kup/v1/kup.proto); tags are (n << 3) | type.
+_REQ_SEND, _REQ_EXCHANGE = 3, 6
+_RESP_RECEIVED, _RESP_EXCHANGED = 4, 7
+_REQ_ID = 1
+
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+_new_message = object.__new__
+_set = object.__setattr__
+
+
+class WireOp:
+    """A ``send`` or ``exchange`` request, encoded by :func:`serialize` as
+    the generated class would encode it.  ``request_id`` is set by the
+    stream's owner just before it is written, as on a generated request."""
+
+    __slots__ = ("data", "field", "mode", "request_id", "timeout_ms")
+
+    def __init__(self, field: int, data: bytes, mode: int = 0, timeout_ms: int = 0) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+        self.field = field
+        self.data = data
+        self.mode = mode
+        self.timeout_ms = timeout_ms
+        self.request_id = 0
+
+    @classmethod
+    def send(cls, data: bytes) -> WireOp:
+        return cls(_REQ_SEND, data)
+
+    @classmethod
+    def exchange(cls, data: bytes, mode: int, timeout_ms: int) -> WireOp:
+        return cls(_REQ_EXCHANGE, data, mode, timeout_ms)
+
+    def encode(self) -> bytes:
+        n = memoryview(self.data).nbytes
+        # the submessage: data (1), then for an exchange mode (2) and
+        # timeout_ms (3); proto3 leaves out zeros and empty bytes
+        inner = bytearray()
+        if n:
+            inner += b"\x0a" + varint(n)
+        tail = b""
+        if self.mode:
+            tail += b"\x10" + varint(self.mode)
+        if self.timeout_ms:
+            tail += b"\x18" + varint(self.timeout_ms)
+        head = bytearray()
+        if self.request_id:
+            head += b"\x08" + varint(self.request_id)
+        head += varint((self.field << 3) | LEN) + varint(len(inner) + n + len(tail)) + inner
+        return b"".join((head, self.data, tail))
+
+
+class WireReply:
+    """A ``received`` or ``exchanged`` response read by hand."""
+
+    __slots__ = ("message", "not_ready", "request_id", "result")
+
+    def __init__(
+        self, request_id: int, result: str, not_ready: bool, message: Message | None
+    ) -> None:
+        self.request_id = request_id
+        self.result = result  # "received" | "exchanged"
+        self.not_ready = not_ready
+        self.message = message
+
+
+def serialize(req: Any) -> bytes:
+    if isinstance(req, WireOp):
+        return req.encode()
+    return bytes(req.SerializeToString())
+
+
+def _scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
+    wire, v, _ = f.get(n, (VARINT, 0, 0))
+    if wire != VARINT:
+        raise Unexpected
+    return v
+
+
+def _span(f: dict[int, tuple[int, int, int]], n: int) -> tuple[int, int]:
+    wire, a, b = f.get(n, (LEN, 0, 0))
+    if wire != LEN:
+        raise Unexpected
+    return a, b
+
+
+def _read_reply(raw: bytes) -> WireReply:
+    top = fields(raw, 0, len(raw))
+    results = [f for f in (_RESP_RECEIVED, _RESP_EXCHANGED) if f in top]
+    if len(results) != 1 or set(top) - {_REQ_ID, results[0]}:
+        raise Unexpected
+    rr = fields(raw, *_span(top, results[0]))
+    if set(rr) - {1, 2}:
+        raise Unexpected
+    rid = _scalar(top, _REQ_ID)
+    not_ready = bool(_scalar(rr, 1))
+    result = "received" if results[0] == _RESP_RECEIVED else "exchanged"
+    if not_ready and 2 not in rr:
+        return WireReply(rid, result, True, None)
+    # an absent message reads as the default one, as the generated class has it
+    m = fields(raw, *_span(rr, 2)) if 2 in rr else {}
+    if set(m) - {1, 2, 3}:
+        raise Unexpected
+    a, b = _span(m, 1)
+    k = _KINDS.get(_scalar(m, 2))
+    if k is None:
+        raise Unexpected  # the generated path raises for it, as before
+    message = _new_message(Message)
+    _set(message, "data", raw[a:b])
+    _set(message, "kind", k)
+    _set(message, "seq", _scalar(m, 3))
+    return WireReply(rid, result, not_ready, message)
+
+
+def deserialize(raw: bytes) -> kup_pb2.SessionResponse | WireReply:
+    try:
+        return _read_reply(raw)
+    except Unexpected:
+        return kup_pb2.SessionResponse.FromString(raw)
+
+
+def reply_of(
+    resp: kup_pb2.SessionResponse | WireReply, result: str
+) -> tuple[bool, Message | None]:
+    """(not_ready, message) of a ``received`` / ``exchanged`` response,
+    whichever path read it; the message is None only when not_ready and
+    there is none (it is not built: a default one has no valid kind)."""
+    if isinstance(resp, WireReply):
+        return resp.not_ready, resp.message
+    rr = getattr(resp, result)
+    if rr.not_ready and not rr.HasField("message"):
+        return True, None
+    return rr.not_ready, message_from_pb(rr.message)
