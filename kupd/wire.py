@@ -30,18 +30,26 @@ if TYPE_CHECKING:  # not imported: the client's codec shares this module
 __all__ = [
     "LEN",
     "VARINT",
+    "WIRE_MIN_BYTES",
     "Unexpected",
     "WireRequest",
     "add_kup_servicer",
     "deserialize_request",
     "encode_reply",
     "fields",
+    "read_request",
     "read_varint",
     "serialize_response",
     "varint",
+    "write_reply",
 ]
 
 VARINT, LEN = 0, 2
+#: Below this many bytes the generated classes (C) are faster than reading
+#: or writing by hand (Python): the hand path costs a few microseconds of
+#: interpreter per message, the generated one a copy or two of the payload
+#: (measured: 64 B 5.3 vs 1.2 us to read, 64 KiB even, 1 MiB 6 vs 173 us).
+WIRE_MIN_BYTES = 64 * 1024
 # kup.v1 field numbers (protos/kup/v1/kup.proto)
 _REQ_ID, _REQ_SEND, _REQ_EXCHANGE = 1, 3, 6
 _RESP_RECEIVED, _RESP_EXCHANGED = 4, 7
@@ -161,16 +169,43 @@ def _read_request(raw: bytes) -> WireRequest:
     )
 
 
+def read_request(raw: bytes) -> WireRequest:
+    """A send / exchange request read by hand; Unexpected for anything else."""
+    return _read_request(raw)
+
+
 def deserialize_request(raw: bytes) -> kup_pb2.SessionRequest | WireRequest:
-    try:
-        return _read_request(raw)
-    except Unexpected:
-        return kup_pb2.SessionRequest.FromString(raw)
+    if len(raw) >= WIRE_MIN_BYTES:
+        try:
+            return _read_request(raw)
+        except Unexpected:
+            pass
+    return kup_pb2.SessionRequest.FromString(raw)
 
 
-def encode_reply(request_id: int, exchanged: bool, m: Message | None) -> bytes:
+def encode_reply(
+    request_id: int, exchanged: bool, m: Message | None
+) -> kup_pb2.SessionResponse | bytes:
     """The SessionResponse (``exchanged``, else ``received``) carrying ``m``
-    (None: not_ready), as the generated class would write it."""
+    (None: not_ready): written by hand (:func:`write_reply`) from
+    WIRE_MIN_BYTES up, a generated one below."""
+    if m is not None and len(m.data) >= WIRE_MIN_BYTES:
+        return write_reply(request_id, exchanged, m)
+    resp = kup_pb2.SessionResponse(request_id=request_id)
+    rr = resp.exchanged if exchanged else resp.received
+    if m is None:
+        rr.not_ready = True
+    else:
+        rm = rr.message  # filled in place: nested constructors copy
+        rm.data = m.data
+        rm.kind = m.kind  # type: ignore[assignment]
+        rm.seq = m.seq
+    return resp
+
+
+def write_reply(request_id: int, exchanged: bool, m: Message | None) -> bytes:
+    """The SessionResponse (``exchanged``, else ``received``) carrying ``m``
+    (None: not_ready), written by hand as the generated class writes it."""
     field = _RESP_EXCHANGED if exchanged else _RESP_RECEIVED
     head = b"\x08" + varint(request_id) if request_id else b""
     if m is None:

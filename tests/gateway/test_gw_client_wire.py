@@ -7,16 +7,27 @@ messages, then end to end through kupd with large payloads."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
+from gateway_helpers import StartKupd, echo_sim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kupapi import kup_pb2
-from kupclient import AsyncClient, Client, Kind
+from kupclient import AsyncClient, Kind
 from kupclient._types import message_from_pb
-from kupclient._wire import WireOp, WireReply, deserialize, reply_of, serialize
-from kupd.testing import Kupd
+from kupclient._wire import (
+    DECODE_MIN_BYTES,
+    ENCODE_MIN_BYTES,
+    WireOp,
+    WireReply,
+    deserialize,
+    read_reply,
+    reply_of,
+    serialize,
+)
+from kupd.wire import Unexpected
 
 __all__: list[str] = []
 
@@ -34,7 +45,8 @@ def test_exchange_request_is_what_protobuf_writes(
 ) -> None:
     op = WireOp.exchange(data, mode, ms)
     op.request_id = rid
-    raw = serialize(op)
+    raw = op.encode()
+    assert serialize(op) == raw  # below ENCODE_MIN_BYTES: the generated path
     want = kup_pb2.SessionRequest(
         request_id=rid, exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms)  # type: ignore[arg-type]
     )
@@ -52,7 +64,25 @@ def test_send_request_is_what_protobuf_writes(rid: int, data: bytes) -> None:
     op = WireOp.send(bytearray(data))
     op.request_id = rid
     want = kup_pb2.SessionRequest(request_id=rid, send=kup_pb2.SessionSend(data=data))
-    assert serialize(op) == want.SerializeToString()
+    assert op.encode() == serialize(op) == want.SerializeToString()
+
+
+def test_requests_and_replies_by_size() -> None:
+    """The hand path from ENCODE_MIN_BYTES (writing) / DECODE_MIN_BYTES
+    (reading) up, the generated classes below: the same bytes either way."""
+    for n in (0, ENCODE_MIN_BYTES - 1, ENCODE_MIN_BYTES, DECODE_MIN_BYTES):
+        op = WireOp.exchange(bytes(n), 2, 500)
+        op.request_id = 9
+        assert serialize(op) == op.generated().SerializeToString() == op.encode()
+    for n, hand in ((64, False), (DECODE_MIN_BYTES - 64, False), (DECODE_MIN_BYTES, True)):
+        raw = kup_pb2.SessionResponse(
+            request_id=9,
+            exchanged=kup_pb2.ReceiveResponse(message=kup_pb2.Message(data=bytes(n), kind=1)),
+        ).SerializeToString()
+        got = deserialize(raw)
+        assert isinstance(got, WireReply) is hand, n
+        _, m = reply_of(got, "exchanged")
+        assert m is not None and m.data == bytes(n)
 
 
 def test_generated_requests_pass_through() -> None:
@@ -89,7 +119,11 @@ def test_reply_reads_as_protobuf_does(
         rr.SetInParent()
     raw = resp.SerializeToString()
     generated = kup_pb2.SessionResponse.FromString(raw)
-    got = deserialize(raw)
+    got: kup_pb2.SessionResponse | WireReply
+    try:
+        got = read_reply(raw)
+    except Unexpected:  # what deserialize then leaves to protobuf
+        got = generated
     if not has_message and not_ready:
         assert reply_of(got, result) == reply_of(generated, result) == (True, None)
         return
@@ -124,43 +158,56 @@ def test_other_results_go_to_protobuf(resp: kup_pb2.SessionResponse) -> None:
 
 def test_unexpected_encodings_go_to_protobuf() -> None:
     """A field twice (protobuf: the last wins), an unknown field, a
-    truncated message: the generated class decides, as it would have."""
+    truncated message: the hand reader refuses them, the generated class
+    decides, as it would have."""
+    big = bytes(DECODE_MIN_BYTES)
     one = kup_pb2.SessionResponse(
-        request_id=1, exchanged=kup_pb2.ReceiveResponse(message=kup_pb2.Message(data=b"a", kind=1))
+        request_id=1,
+        exchanged=kup_pb2.ReceiveResponse(message=kup_pb2.Message(data=big, kind=1)),
     ).SerializeToString()
     twice = one + kup_pb2.SessionResponse(request_id=9).SerializeToString()
+    unknown = one + b"\x98\x06\x01"  # field 99, varint 1
+    for odd in (twice, unknown, one[:-1]):
+        with pytest.raises(Unexpected):
+            read_reply(odd)
     got = deserialize(twice)
     assert isinstance(got, kup_pb2.SessionResponse) and got.request_id == 9
-    unknown = one + b"\x98\x06\x01"  # field 99, varint 1
     got = deserialize(unknown)
-    assert isinstance(got, kup_pb2.SessionResponse) and got.exchanged.message.data == b"a"
+    assert isinstance(got, kup_pb2.SessionResponse) and got.exchanged.message.data == big
     with pytest.raises(Exception, match=r"(?i)pars|decod|truncat"):
         deserialize(one[:-1])
 
 
-def test_large_payloads_through_kupd(kupd: Kupd) -> None:
-    """Both clients, both paths (exchange, send + receive), a channel-sized
-    payload and an empty one, through a real kupd and kupsim echo."""
-    with Client(kupd.socket) as c, c.open("echo").channel() as ch:
-        assert ch.receive(timeout=30).kind == Kind.PASS
-        big = bytes(range(256)) * (ch.max_msg // 256)
-        m = ch.exchange(big, timeout=30)
-        assert (m.data, m.kind) == (big, Kind.DATA)
-        ch.send(b"")
-        assert ch.receive(timeout=30).data == b""
-        ch.send(big[:1000])
-        assert ch.receive(timeout=30).data == big[:1000]
+def test_large_payloads_through_kupd(start_kupd: StartKupd) -> None:
+    """Both clients, both data paths (exchange, send + receive) through a
+    real kupd and kupsim echo with 1 MiB channels: payloads below, at and
+    above each hand-path threshold (so kupd.wire and kupclient._wire read
+    and write for real), an empty one, and a memoryview."""
+    env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="4", KUP_PARAM_ECHO_PAGES="256")
+    # No ASCII a-z: an odd channel upper-cases them.
+    alphabet = bytes(b for b in range(256) if not 0x61 <= b <= 0x7A)
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim, devices=("echo:0",))
+        with k.client() as c, c.open("echo").channel() as ch:
+            assert ch.receive(timeout=30).kind == Kind.PASS
+            big = (alphabet * (ch.max_msg // len(alphabet) + 1))[: ch.max_msg]
+            assert len(big) == 1 << 20
+            for n in (0, 100, ENCODE_MIN_BYTES, DECODE_MIN_BYTES, len(big)):
+                m = ch.exchange(big[:n], timeout=30)
+                assert (m.data, m.kind) == (big[:n], Kind.DATA), n
+                ch.send(big[:n])
+                assert ch.receive(timeout=30).data == big[:n], n
 
-    async def main() -> None:
-        async with AsyncClient(kupd.socket) as ac:
-            ch = await (await ac.open("echo")).channel()
-            try:
-                assert (await ch.receive(timeout=30)).kind == Kind.PASS
-                got = await ch.exchange(big, timeout=30)
-                assert got.data == big and got.kind == Kind.DATA
-                await ch.send(memoryview(big)[:77])
-                assert (await ch.receive(timeout=30)).data == big[:77]
-            finally:
-                await ch.close()
+        async def main() -> None:
+            async with AsyncClient(k.socket) as ac:
+                ch = await (await ac.open("echo")).channel()
+                try:
+                    assert (await ch.receive(timeout=30)).kind == Kind.PASS
+                    got = await ch.exchange(big, timeout=30)
+                    assert got.data == big and got.kind == Kind.DATA
+                    await ch.send(memoryview(big)[:DECODE_MIN_BYTES])
+                    assert (await ch.receive(timeout=30)).data == big[:DECODE_MIN_BYTES]
+                finally:
+                    await ch.close()
 
-    asyncio.run(main())
+        asyncio.run(main())

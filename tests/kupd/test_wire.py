@@ -16,10 +16,14 @@ from kupapi import kup_pb2
 from kupd.abi import Kind
 from kupd.channel import Message
 from kupd.wire import (
+    WIRE_MIN_BYTES,
+    Unexpected,
     WireRequest,
     deserialize_request,
     encode_reply,
+    read_request,
     serialize_response,
+    write_reply,
 )
 
 __all__: list[str] = []
@@ -43,7 +47,7 @@ def test_data_requests_read_as_protobuf_does(
             request_id=rid,
             exchange=kup_pb2.SessionExchange(data=data, mode=mode, timeout_ms=ms),  # type: ignore[arg-type]
         )
-    got = deserialize_request(req.SerializeToString())
+    got = read_request(req.SerializeToString())
     assert isinstance(got, WireRequest)
     assert (got.request_id, got.WhichOneof("op")) == (rid, op)
     assert isinstance(got.data, memoryview) and bytes(got.data) == data
@@ -66,20 +70,37 @@ def test_other_requests_go_to_protobuf(req: kup_pb2.SessionRequest) -> None:
     assert isinstance(got, kup_pb2.SessionRequest) and got == req
 
 
+def test_requests_by_size() -> None:
+    """Below WIRE_MIN_BYTES the generated class reads every request (it is
+    faster there); from it up a send / exchange is read by hand."""
+    for n, hand in ((0, False), (WIRE_MIN_BYTES - 64, False), (WIRE_MIN_BYTES, True)):
+        req = kup_pb2.SessionRequest(request_id=5, exchange=kup_pb2.SessionExchange(data=bytes(n)))
+        got = deserialize_request(req.SerializeToString())
+        assert isinstance(got, WireRequest) is hand, n
+        assert bytes(got.exchange.data) == bytes(n)
+
+
 def test_unexpected_encodings_go_to_protobuf() -> None:
     """An unknown field, a field twice (protobuf: the last wins), a
-    submessage field of the wrong wire type, a truncated message."""
+    submessage field of the wrong wire type, a truncated message: the hand
+    reader refuses them, and protobuf decides."""
+    big = bytes(WIRE_MIN_BYTES)
     one = kup_pb2.SessionRequest(
-        request_id=1, exchange=kup_pb2.SessionExchange(data=b"abc")
+        request_id=1, exchange=kup_pb2.SessionExchange(data=big)
     ).SerializeToString()
+    for odd in (one + b"\x98\x06\x01", one + b"\x08\x07", b"\x08\x01\x32\x02\x08\x05"):
+        with pytest.raises(Unexpected):
+            read_request(odd)
     got = deserialize_request(one + b"\x98\x06\x01")  # field 99
-    assert isinstance(got, kup_pb2.SessionRequest) and got.exchange.data == b"abc"
+    assert isinstance(got, kup_pb2.SessionRequest) and got.exchange.data == big
     got = deserialize_request(one + b"\x08\x07")  # request_id again
     assert isinstance(got, kup_pb2.SessionRequest) and got.request_id == 7
     # exchange.data (field 1) as a varint: not kup.v1's type; protobuf
     # decides (it keeps it as an unknown field)
     got = deserialize_request(b"\x08\x01\x32\x02\x08\x05")
     assert isinstance(got, kup_pb2.SessionRequest) and got.exchange.data == b""
+    with pytest.raises(Unexpected):
+        read_request(one[:-1])
     with pytest.raises(Exception, match=r"(?i)pars|decod|truncat"):
         deserialize_request(one[:-1])
 
@@ -110,8 +131,23 @@ def test_replies_are_what_protobuf_writes(
         rr.message.kind = int(kind)  # type: ignore[assignment]
         rr.message.seq = seq
         rr.SetInParent()
-    raw = encode_reply(rid, exchanged, m)
+    raw = write_reply(rid, exchanged, m)
     assert raw == want.SerializeToString()
     assert kup_pb2.SessionResponse.FromString(raw) == want
     assert serialize_response(raw) is raw
     assert serialize_response(want) == raw
+    # below WIRE_MIN_BYTES the generated class writes it
+    small = encode_reply(rid, exchanged, m)
+    assert isinstance(small, kup_pb2.SessionResponse) and small == want
+
+
+def test_large_replies_are_written_by_hand() -> None:
+    m = Message(bytes(range(256)) * (WIRE_MIN_BYTES // 256), Kind.DATA, 9)
+    raw = encode_reply(3, True, m)
+    assert isinstance(raw, bytes)
+    back = kup_pb2.SessionResponse.FromString(raw)
+    assert (back.request_id, back.exchanged.message.data, back.exchanged.message.seq) == (
+        3,
+        m.data,
+        9,
+    )
