@@ -221,12 +221,13 @@ async def run(ctx: RunCtx) -> None:
 
         # -- stream throughput
         pipe: Any = None
+        pipe_pb: Any = None
         client: Any = None
         stripes: dict[int, Any] = {}
         largest: int | None = None
         if kupd is not None:
             try:
-                pipe, client = await kupd.pump_echoers()
+                pipe, pipe_pb, client = await kupd.pump_echoers()
                 largest = kupd.max_msg
                 for k in cfg.stripe_sessions:
                     stripes[k] = await kupd.stripes(k)
@@ -243,6 +244,11 @@ async def run(ctx: RunCtx) -> None:
             pump_specs.append(rate(f"kupd.pump_{nm}", S_E2E,
                                    f"Session stream throughput (pipelined exchanges), {pretty}",
                                    baseline=f"bare.pump_{nm}"))
+            if nm != "max":
+                pump_specs.append(rate(
+                    f"kupd.pump_pb_{nm}", S_E2E,
+                    f"Session stream throughput, client on the generated stubs, {pretty}",
+                    baseline=f"kupd.pump_{nm}"))
         pump_specs.append(rate("kupd.client_pp_64k", S_E2E,
                                "kupclient channel exchange throughput, 64 KiB",
                                baseline="bare.pump_64k"))
@@ -264,6 +270,9 @@ async def run(ctx: RunCtx) -> None:
                     if size <= kupd.max_msg:
                         work[f"kupd.pump_{nm}"] = _pump(pipe, size, cfg.pump_bytes,
                                                         f"kupd pump {nm}")
+                        if nm != "max":
+                            work[f"kupd.pump_pb_{nm}"] = _pump(
+                                pipe_pb, size, cfg.pump_bytes, f"kupd pump {nm} (stubs)")
                 work["kupd.client_pp_64k"] = _pump(client, 64 * KIB, cfg.pump_bytes,
                                                    "kupclient 64k")
                 for k, sp in stripes.items():
@@ -277,7 +286,7 @@ async def run(ctx: RunCtx) -> None:
                 await ctx.measure(work, pump_specs)
             finally:
                 if kupd is not None and pipe is not None:
-                    await kupd.close_idle([pipe, client, *stripes.values()])
+                    await kupd.close_idle([pipe, pipe_pb, client, *stripes.values()])
 
         # -- scale
         scale_specs: list[FigSpec] = []

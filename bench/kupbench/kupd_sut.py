@@ -40,7 +40,7 @@ __all__ = ["CallEcho", "ClientSession", "KupdSut", "LeaseEcho", "RawCallEcho", "
 
 MANY_CHANNELS = 1024          # KUP_MAX_CHANNELS: 1000 Sessions + Call pool + spare
 MANY_PAGES = 16               # 64 KiB messages
-BIG_CHANNELS = 2              # + the striped pumps' Sessions (Config.stripe_sessions)
+BIG_CHANNELS = 3              # pump_echoers; + the striped pumps' Sessions (Config.stripe_sessions)
 BIG_PAGES = 1024              # KUP_MAX_PAGES: the largest message a channel holds
 OP_TIMEOUT_S = 30.0
 
@@ -152,6 +152,53 @@ class RawSession:
         with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
             await self.call.done_writing()
         self.call.cancel()
+
+
+class WireSession(RawSession):
+    """A pipelined Session like :class:`RawSession`, written and read with
+    kupclient's own Session codec (``kupclient._wire``: the payload joined
+    with its few header bytes on the way out, sliced out on the way in)
+    instead of the generated classes -- what the bare echo's client does
+    with its raw bytes, so that the stream throughput rows time kupd, not
+    the client's protobuf library (the generated-stub rows stay, as
+    ``kupd.pump_pb_*``)."""
+
+    def __init__(self, channel: Any, pb: Any, device: str) -> None:
+        from kupclient import _wire
+
+        self.pb = pb
+        self.device = device
+        self.exchange = True
+        self._wire = _wire
+        self.call = channel.stream_stream(
+            _wire.SESSION_METHOD,
+            request_serializer=_wire.serialize,
+            response_deserializer=_wire.deserialize,
+        )()
+        self.next_id = 0
+        self.max_msg = 0
+
+    async def _read(self) -> Any:
+        resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            raise BenchError(f"kupd Session on {self.device} ended")
+        if isinstance(resp, self._wire.WireReply):
+            return resp
+        if resp.WhichOneof("result") == "error":
+            raise BenchError(f"kupd Session op failed: {resp.error.kind}: {resp.error.message}")
+        return resp
+
+    async def _write_echo(self, data: bytes) -> None:
+        op = self._wire.WireOp.exchange(data, 0, 0)
+        self.next_id += 1
+        op.request_id = self.next_id
+        await self.call.write(op)
+
+    async def _read_echo(self) -> bytes:
+        not_ready, m = self._wire.reply_of(await self._read(), "exchanged")
+        if not_ready or m is None:
+            raise BenchError(f"kupd Session on {self.device}: exchange answered not_ready")
+        return m.data
 
 
 class StripedPump:
@@ -375,25 +422,30 @@ class KupdSut:
             raise
         return out
 
-    async def pump_echoers(self) -> tuple[Any, Any]:
-        """(pipelined raw Session, kupclient Session) on the big device; the
+    async def pump_echoers(self) -> tuple[Any, Any, Any]:
+        """(pipelined Session with kupclient's codec, pipelined Session with
+        the generated stubs, kupclient Session) on the big device; the
         caller closes them (``close_idle``)."""
-        raw = await RawSession(self.stub, self.pb, self.big_device).open()
-        self.max_msg = raw.max_msg
+        out: list[Any] = []
         try:
-            s = await ClientSession.open(self.client, self.big_device)
+            out.append(await WireSession(self.client._channel, self.pb, self.big_device).open())
+            self.max_msg = out[0].max_msg
+            out.append(await RawSession(self.stub, self.pb, self.big_device).open())
+            out.append(await ClientSession.open(self.client, self.big_device))
         except BaseException:
-            await raw.close()
+            await self.close_idle(out)
             raise
-        return raw, s
+        return out[0], out[1], out[2]
 
     async def stripes(self, n: int) -> StripedPump:
-        """``n`` pipelined raw Sessions on the big device, pumped together;
-        the caller closes it (``close_idle``)."""
+        """``n`` pipelined Sessions (kupclient's codec) on the big device,
+        pumped together; the caller closes it (``close_idle``)."""
         out: list[RawSession] = []
         try:
             for _ in range(n):
-                out.append(await RawSession(self.stub, self.pb, self.big_device).open())
+                out.append(
+                    await WireSession(self.client._channel, self.pb, self.big_device).open()
+                )
         except BaseException:
             await self.close_idle(list(out))
             raise
