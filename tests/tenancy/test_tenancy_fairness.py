@@ -104,6 +104,29 @@ def gated_pool(k: TenantKupd, stub: kup_pb2_grpc.KupStub, calls: Completions) ->
             assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
 
 
+Submit = tuple[kup_pb2_grpc.KupStub, str, bytes, str]  # stub, tag, data, caller
+
+
+def run_gated(
+    k: TenantKupd,
+    calls: Completions,
+    gate: kup_pb2_grpc.KupStub,
+    first: list[Submit],
+    then: list[Submit],
+) -> None:
+    """Behind the gated pool, queue ``first`` whole, then ``then``; let the
+    pool go and wait until every call is answered."""
+    with gated_pool(k, gate, calls) as fc:
+        for stub, tag, data, caller in first:
+            calls.submit(stub, tag, data, caller)
+        wait_calls(fc, POOL + len(first), len(first), "the first calls queued")
+        for stub, tag, data, caller in then:
+            calls.submit(stub, tag, data, caller)
+        n = len(first) + len(then)
+        wait_calls(fc, POOL + n, n, "the later calls queued behind them")
+    wait_until(lambda: len(calls.done) == POOL + n, timeout=120, what="every call answered")
+
+
 def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) -> None:
     k = start_tenants(CONFIG)
     calls = Completions()
@@ -112,17 +135,14 @@ def test_a_flooding_tenant_cannot_starve_another(start_tenants: StartTenants) ->
     flood = kup_pb2_grpc.KupStub(flood_ch)
     meek = kup_pb2_grpc.KupStub(meek_ch)
     try:
-        with gated_pool(k, flood, calls) as fc:
-            for i in range(FLOOD):
-                # A new caller name per call: per-caller fairness alone would
-                # give the flooding tenant FLOOD turns for meek's one.
-                calls.submit(flood, "flood", b"!delay", caller=f"f{i}")
-            wait_calls(fc, POOL + FLOOD, FLOOD, "the flood queued")
-            for i in range(MEEK):
-                calls.submit(meek, "meek", f"meek {i}".encode(), caller="m")
-            wait_calls(fc, POOL + FLOOD + MEEK, FLOOD + MEEK, "meek queued behind it")
-        wait_until(
-            lambda: len(calls.done) == POOL + FLOOD + MEEK, timeout=120, what="every call answered"
+        # A new caller name per flood call: per-caller fairness alone would
+        # give the flooding tenant FLOOD turns for meek's one.
+        run_gated(
+            k,
+            calls,
+            flood,
+            [(flood, "flood", b"!delay", f"f{i}") for i in range(FLOOD)],
+            [(meek, "meek", f"meek {i}".encode(), "m") for i in range(MEEK)],
         )
     finally:
         flood_ch.close()
@@ -143,15 +163,12 @@ def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTena
     ch = grpc.insecure_channel("unix:" + k.sock("flood"))
     stub = kup_pb2_grpc.KupStub(ch)
     try:
-        with gated_pool(k, stub, calls) as fc:
-            for _ in range(FLOOD):
-                calls.submit(stub, "big", b"!delay", caller="big")
-            wait_calls(fc, POOL + FLOOD, FLOOD, "the big caller queued")
-            for i in range(MEEK):
-                calls.submit(stub, "small", f"small {i}".encode(), caller="small")
-            wait_calls(fc, POOL + FLOOD + MEEK, FLOOD + MEEK, "the small caller queued")
-        wait_until(
-            lambda: len(calls.done) == POOL + FLOOD + MEEK, timeout=120, what="every call answered"
+        run_gated(
+            k,
+            calls,
+            stub,
+            [(stub, "big", b"!delay", "big") for _ in range(FLOOD)],
+            [(stub, "small", f"small {i}".encode(), "small") for i in range(MEEK)],
         )
     finally:
         ch.close()
