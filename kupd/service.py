@@ -29,7 +29,7 @@ from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
-from kupd.wire import WireRequest, encode_reply
+from kupd.wire import WireRequest, encode_reply, fill_receive
 
 __all__ = ["KupService", "error_pb", "status_for"]
 
@@ -81,18 +81,6 @@ def error_pb(exc: errors.KupError) -> kup_pb2.Error:
 
 def _message_pb(m: Message) -> kup_pb2.Message:
     return kup_pb2.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
-
-
-def _fill_receive(r: kup_pb2.ReceiveResponse, m: Message | None) -> None:
-    """``r`` := the ReceiveResponse of ``m``, filled in place (building the
-    nested messages with keyword arguments copies each one into its parent)."""
-    if m is None:
-        r.not_ready = True
-    else:
-        rm = r.message
-        rm.data = m.data
-        rm.kind = m.kind  # type: ignore[assignment]
-        rm.seq = m.seq
 
 
 def _receive_pb(m: Message | None) -> kup_pb2.ReceiveResponse:
@@ -520,7 +508,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             abort=self.drain,
         )
         resp = kup_pb2.SendResponse()
-        _fill_receive(resp.reply, msg)
+        fill_receive(resp.reply, msg)
         return resp
 
     @_unary

@@ -37,9 +37,12 @@ __all__ = [
     "deserialize_request",
     "encode_reply",
     "fields",
+    "fill_receive",
     "read_request",
     "read_varint",
+    "scalar",
     "serialize_response",
+    "span",
     "varint",
     "write_reply",
 ]
@@ -108,11 +111,20 @@ def fields(buf: bytes | memoryview, i: int, end: int) -> dict[int, tuple[int, in
     return out
 
 
-def _scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
+def scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
+    """Varint field n of :func:`fields`' result (0 when absent)."""
     wire, v, _ = f.get(n, (VARINT, 0, 0))
     if wire != VARINT:
         raise Unexpected
     return v
+
+
+def span(f: dict[int, tuple[int, int, int]], n: int) -> tuple[int, int]:
+    """(start, stop) of length-delimited field n (empty when absent)."""
+    wire, a, b = f.get(n, (LEN, 0, 0))
+    if wire != LEN:
+        raise Unexpected
+    return a, b
 
 
 class WireRequest:
@@ -145,42 +157,44 @@ class WireRequest:
         return self
 
 
-def _read_request(raw: bytes) -> WireRequest:
+def read_request(raw: bytes) -> WireRequest:
+    """A send / exchange request read by hand; Unexpected for anything else."""
     top = fields(raw, 0, len(raw))
     ops = [f for f in (_REQ_SEND, _REQ_EXCHANGE) if f in top]
     if len(ops) != 1 or set(top) - {_REQ_ID, ops[0]}:
         raise Unexpected
-    wire, a, b = top[ops[0]]
-    if wire != LEN:
+    sub = fields(raw, *span(top, ops[0]))
+    if set(sub) - ({1, 2, 3} if ops[0] == _REQ_EXCHANGE else {1}):
         raise Unexpected
-    sub = fields(raw, a, b)
-    allowed = {1, 2, 3} if ops[0] == _REQ_EXCHANGE else {1}
-    if set(sub) - allowed:
-        raise Unexpected
-    wire, da, db = sub.get(1, (LEN, 0, 0))
-    if wire != LEN:
-        raise Unexpected
+    da, db = span(sub, 1)
     return WireRequest(
-        _scalar(top, _REQ_ID),
+        scalar(top, _REQ_ID),
         "exchange" if ops[0] == _REQ_EXCHANGE else "send",
         memoryview(raw)[da:db],
-        _scalar(sub, 2),
-        _scalar(sub, 3),
+        scalar(sub, 2),
+        scalar(sub, 3),
     )
-
-
-def read_request(raw: bytes) -> WireRequest:
-    """A send / exchange request read by hand; Unexpected for anything else."""
-    return _read_request(raw)
 
 
 def deserialize_request(raw: bytes) -> kup_pb2.SessionRequest | WireRequest:
     if len(raw) >= WIRE_MIN_BYTES:
         try:
-            return _read_request(raw)
+            return read_request(raw)
         except Unexpected:
             pass
     return kup_pb2.SessionRequest.FromString(raw)
+
+
+def fill_receive(r: kup_pb2.ReceiveResponse, m: Message | None) -> None:
+    """``r`` := the ReceiveResponse of ``m``, filled in place (building the
+    nested messages with keyword arguments copies each one into its parent)."""
+    if m is None:
+        r.not_ready = True
+    else:
+        rm = r.message
+        rm.data = m.data
+        rm.kind = m.kind  # type: ignore[assignment]
+        rm.seq = m.seq
 
 
 def encode_reply(
@@ -192,14 +206,7 @@ def encode_reply(
     if m is not None and len(m.data) >= WIRE_MIN_BYTES:
         return write_reply(request_id, exchanged, m)
     resp = kup_pb2.SessionResponse(request_id=request_id)
-    rr = resp.exchanged if exchanged else resp.received
-    if m is None:
-        rr.not_ready = True
-    else:
-        rm = rr.message  # filled in place: nested constructors copy
-        rm.data = m.data
-        rm.kind = m.kind  # type: ignore[assignment]
-        rm.seq = m.seq
+    fill_receive(resp.exchanged if exchanged else resp.received, m)
     return resp
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from kupapi import kup_pb2
 from kupclient._types import Kind, Message, message_from_pb
-from kupd.wire import LEN, VARINT, Unexpected, fields, varint
+from kupd.wire import LEN, Unexpected, fields, scalar, span, varint
 
 #: From these sizes up the hand path is the faster one (below, the generated
 #: classes' C beats a few microseconds of interpreter): writing a request
@@ -134,57 +134,39 @@ def serialize(req: Any) -> bytes:
     return bytes(req.SerializeToString())
 
 
-def _scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
-    wire, v, _ = f.get(n, (VARINT, 0, 0))
-    if wire != VARINT:
-        raise Unexpected
-    return v
-
-
-def _span(f: dict[int, tuple[int, int, int]], n: int) -> tuple[int, int]:
-    wire, a, b = f.get(n, (LEN, 0, 0))
-    if wire != LEN:
-        raise Unexpected
-    return a, b
-
-
-def _read_reply(raw: bytes) -> WireReply:
+def read_reply(raw: bytes) -> WireReply:
+    """A received / exchanged reply read by hand; Unexpected for anything else."""
     top = fields(raw, 0, len(raw))
     results = [f for f in (_RESP_RECEIVED, _RESP_EXCHANGED) if f in top]
     if len(results) != 1 or set(top) - {_REQ_ID, results[0]}:
         raise Unexpected
-    rr = fields(raw, *_span(top, results[0]))
+    rr = fields(raw, *span(top, results[0]))
     if set(rr) - {1, 2}:
         raise Unexpected
-    rid = _scalar(top, _REQ_ID)
-    not_ready = bool(_scalar(rr, 1))
+    rid = scalar(top, _REQ_ID)
+    not_ready = bool(scalar(rr, 1))
     result = "received" if results[0] == _RESP_RECEIVED else "exchanged"
     if not_ready and 2 not in rr:
         return WireReply(rid, result, True, None)
     # an absent message reads as the default one, as the generated class has it
-    m = fields(raw, *_span(rr, 2)) if 2 in rr else {}
+    m = fields(raw, *span(rr, 2)) if 2 in rr else {}
     if set(m) - {1, 2, 3}:
         raise Unexpected
-    a, b = _span(m, 1)
-    k = _KINDS.get(_scalar(m, 2))
+    a, b = span(m, 1)
+    k = _KINDS.get(scalar(m, 2))
     if k is None:
         raise Unexpected  # the generated path raises for it, as before
     message = _new_message(Message)
     _set(message, "data", raw[a:b])
     _set(message, "kind", k)
-    _set(message, "seq", _scalar(m, 3))
+    _set(message, "seq", scalar(m, 3))
     return WireReply(rid, result, not_ready, message)
-
-
-def read_reply(raw: bytes) -> WireReply:
-    """A received / exchanged reply read by hand; Unexpected for anything else."""
-    return _read_reply(raw)
 
 
 def deserialize(raw: bytes) -> kup_pb2.SessionResponse | WireReply:
     if len(raw) >= DECODE_MIN_BYTES:
         try:
-            return _read_reply(raw)
+            return read_reply(raw)
         except Unexpected:
             pass
     return kup_pb2.SessionResponse.FromString(raw)
