@@ -259,9 +259,13 @@ chan_renew_objects(struct kup_chan *ch)
 		goto fail_remap;
 	if (fd_replace(mfd, os->memfd) != 0)
 		goto fail_remap;
-	close(mfd);
+	/* The new memfd's spare descriptor goes last: a second descriptor
+	 * of a channel's memfd then means this renewal is still running,
+	 * which is how a test (or an operator reading /proc) can tell a
+	 * renewal under way from a leak. */
 	close(k2u);
 	close(u2k);
+	close(mfd);
 	return 0;
 
 fail_remap:

@@ -375,6 +375,34 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memfd_descriptors(pid: int) -> int:
+    """How many descriptors process pid holds of kup channel memfds."""
+    n = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:kup-"):
+                n += 1
+        except FileNotFoundError:
+            continue
+    return n
+
+
+def wait_renewed(sim: KupSim, old_ino: int) -> None:
+    """Wait until kupsim has finished renewing the channel whose memfd was
+    old_ino.  A detach usually finds a module thread asleep on the channel
+    (holding its lock), so the renewal runs a moment after INFO already
+    says "detached", and while it runs kupsim holds the new objects' spare
+    descriptors: reading the descriptor table then is not a leak.  Done
+    means the old file is no longer mapped and there is one memfd
+    descriptor per channel again (kupsim closes the new memfd's spare
+    descriptor last, kupsim_glue.c)."""
+    wait_until(
+        lambda: old_ino not in memfd_inodes_mapped(sim.pid)
+        and memfd_descriptors(sim.pid) == int(CHANNELS),
+        "the channel's renewal to finish",
+    )
+
+
 def fd_table(pid: int) -> list[str]:
     """What process pid's descriptors are (for failure messages)."""
     out = []
@@ -399,8 +427,11 @@ def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
         # before a count would still be open in kupsim until it sees the
         # close.  One cycle first: echo's threads exist from then on.
         probe = wire_connect(path)
-        RawUser(path, chan).close()
+        first = RawUser(path, chan)
+        first.detach()  # its memfd stays open here: the inode stays unique
         wait_detached_on(probe, chan)
+        wait_renewed(sim, first.inode())
+        first.close()
         table_before = fd_table(sim.pid)
         maps_before = memfd_inodes_mapped(sim.pid)
         assert len(maps_before) == int(CHANNELS)
@@ -416,10 +447,14 @@ def test_attach_detach_cycles_do_not_leak(variant_out: Path) -> None:
                 for fd in fds[1:]:
                     os.close(fd)
         assert prev is not None
-        os.close(prev)
         wait_detached_on(probe, chan)
+        wait_renewed(sim, os.fstat(prev).st_ino)
+        os.close(prev)
         table_after = fd_table(sim.pid)
-        assert len(table_after) == len(table_before), (table_before, table_after)
+        assert len(table_after) == len(table_before), (
+            sorted(set(table_before) - set(table_after)),
+            sorted(set(table_after) - set(table_before)),
+        )
         maps_after = memfd_inodes_mapped(sim.pid)
         assert len(maps_after) == int(CHANNELS)
         assert len(maps_after - maps_before) == 1  # only channel 2's was replaced
