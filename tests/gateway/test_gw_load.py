@@ -13,7 +13,7 @@ import grpc.aio
 from gateway_helpers import Kupd, StartKupd, echo_sim
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
-from kupclient import AsyncChannel, AsyncClient, Kind
+from kupclient import AsyncChannel, AsyncClient, Kind, Message
 
 #: kupd's own threads: grpc's poller/executor, the device-host pool, the
 #: metrics server (off here) -- a constant, not a function of clients.
@@ -54,39 +54,63 @@ def test_100_concurrent_calls_over_4_channels(kupd: Kupd) -> None:
 
 
 def test_calls_are_fair_across_callers(sim: object, start_kupd: StartKupd) -> None:
+    """One pool channel, held by a gating Call (echo "!lockhold": the module
+    keeps the channel locked until a "!lockfree" arrives on another channel)
+    while a greedy caller queues 8 Calls and then a modest one 3; once the
+    gate opens, the order the pool serves them is read from the replies'
+    sequence numbers on that one channel -- positions, not time, so neither
+    how fast this process submits nor the order replies reach it matters."""
     k = start_kupd(sim, devices=("echo:1",))  # one pool channel: strict queueing
 
     async def main() -> list[str]:
-        order: list[str] = []
         async with (
             AsyncClient(k.socket, caller="greedy") as greedy,
             AsyncClient(k.socket, caller="modest") as modest,
+            AsyncClient(k.socket, caller="gate") as gate,
             AsyncClient(k.socket) as probe,
         ):
 
-            async def call(c: AsyncClient, tag: str) -> None:
-                # "!delay": the module answers after 300 ms, so the queue builds up
-                await c.call("echo", f"!delay {tag}".encode(), timeout=60)
-                order.append(tag)
-
-            async def submit(c: AsyncClient, tag: str) -> asyncio.Future[None]:
-                # submit, then wait until kupd has it (in flight or queued), so
-                # the server's arrival order is the order of these submits
-                want = len(tasks) + 1
-                fut = asyncio.ensure_future(call(c, tag))
-                while True:
+            async def wait_counted(in_flight: int, queued: int) -> None:
+                for _ in range(6000):  # bounded: 60 s at most
                     (dev,) = await probe.devices("echo")
-                    if dev.calls_in_flight + len(order) >= want:
-                        return fut
-                    await asyncio.sleep(0.005)
+                    if (dev.calls_in_flight, dev.calls_queued) == (in_flight, queued):
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"kupd never counted {in_flight} calls, {queued} queued")
 
-            tasks: list[asyncio.Future[None]] = []
+            held = asyncio.ensure_future(gate.call("echo", b"!lockhold60000", timeout=120))
+            await wait_counted(1, 0)  # the gate holds the only pool channel
+
+            tasks: list[tuple[str, asyncio.Future[Message]]] = []
+
+            async def submit(c: AsyncClient, tag: str) -> None:
+                # submit, then wait until kupd has it queued, so the server's
+                # arrival order is the order of these submits
+                fut = asyncio.ensure_future(c.call("echo", tag.encode(), timeout=120))
+                tasks.append((tag, fut))
+                await wait_counted(1 + len(tasks), len(tasks))
+
             for i in range(8):
-                tasks.append(await submit(greedy, f"g{i}"))
+                await submit(greedy, f"g{i}")
             for i in range(3):
-                tasks.append(await submit(modest, f"m{i}"))
-            await asyncio.gather(*tasks)
-        return order
+                await submit(modest, f"m{i}")
+            # open the gate from a Session on another channel
+            ch = await (await probe.open("echo")).channel()
+            async with ch:
+                assert (await ch.receive(timeout=30)).kind == Kind.PASS
+                await ch.send(b"!lockfree")
+                assert (await ch.receive(timeout=30)).data.lower() == b"!lockfree"
+            gate_reply = await held
+            replies = [(tag, await fut) for tag, fut in tasks]
+        # every queued Call went through the gate's channel after the gate:
+        # its hand-over numbers are the order the pool dispatched them in
+        assert all(m.data.lower() == tag.encode() for tag, m in replies), replies
+        seqs = sorted(m.seq for _tag, m in replies)
+        assert seqs == list(range(gate_reply.seq + 1, gate_reply.seq + 1 + len(replies))), (
+            gate_reply,
+            replies,
+        )
+        return [tag for tag, _m in sorted(replies, key=lambda r: r[1].seq)]
 
     order = asyncio.run(main())
     # FIFO within each caller, round-robin across callers: the modest caller
