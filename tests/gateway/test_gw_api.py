@@ -288,7 +288,11 @@ def test_quarantined_channels_whose_reply_never_comes_are_replaced(
     pool; after --call-quarantine each of those channels is closed (echo's
     worker sees its user leave) and a fresh one attached, so Calls work
     again instead of timing out for good."""
-    k = start_kupd(sim, "--call-quarantine", "1.0")
+    # The four Calls and the look at the pool must all happen before the
+    # first quarantined channel is replaced: a few seconds, not one, so a
+    # loaded machine does not see a replacement before the pool is all
+    # quarantined (the test then takes that long to see the replacements).
+    k = start_kupd(sim, "--call-quarantine", "5.0")
     with k.client() as c:
         for _ in range(4):
             with pytest.raises(errors.DeadlineExceeded):
