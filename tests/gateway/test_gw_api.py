@@ -21,6 +21,27 @@ def expected(chan: int, data: bytes) -> bytes:
     return data if chan % 2 == 0 else data.upper()
 
 
+#: echo keeps the channel locked -- the kernel holding the turn -- until a
+#: "!lockfree" arrives on another channel (the bound, 60 s, is never reached
+#: when the test releases it): a window that lasts until the test closes it,
+#: where echo's "!delay" (300 ms) is a window a loaded machine can miss.
+LOCKHOLD = b"!lockhold60000"
+
+
+def wait_locked(sim: KupSim, chan: int) -> None:
+    """Until echo's worker on ``chan`` holds the channel locked: only then
+    can a "!lockfree" end the hold (one sent earlier would not be seen)."""
+    wait_until(
+        lambda: f"echo: chan {chan}: holding the channel locked" in sim.stderr(),
+        what=f"echo to hold channel {chan} locked",
+    )
+
+
+def unlock(client: Client) -> None:
+    """End every lock hold: "!lockfree" through the Call pool (other channels)."""
+    assert client.call("echo", b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+
+
 def raw_stub(kupd: Kupd) -> tuple[grpc.Channel, kup_pb2_grpc.KupStub]:
     ch = grpc.insecure_channel("unix:" + kupd.socket)
     return ch, kup_pb2_grpc.KupStub(ch)
@@ -64,14 +85,18 @@ def test_session_send_receive_pass(client: Client) -> None:
         assert back.kind == Kind.PASS and back.seq == 3
 
 
-def test_session_nonblocking_receive_is_not_ready_not_an_error(client: Client) -> None:
+def test_session_nonblocking_receive_is_not_ready_not_an_error(
+    sim: KupSim, client: Client
+) -> None:
     with client.open("echo").channel(12) as ch:
         ch.receive()
-        ch.send(b"!delay slow")  # the module holds the turn for 300 ms
+        ch.send(LOCKHOLD)  # the module holds the turn until unlock()
+        wait_locked(sim, 12)
         assert ch.try_receive() is None
         with pytest.raises(errors.NotReady):
             ch.receive(0)
-        assert ch.receive(timeout=10).data == b"!delay slow"
+        unlock(client)
+        assert ch.receive(timeout=10).data == LOCKHOLD
 
 
 def test_session_specific_channel_and_reattach_after_close(client: Client) -> None:
@@ -174,7 +199,7 @@ def test_unknown_channel_and_lease_are_not_found(client: Client) -> None:
         client.lease_receive("0123456789abcdef")
 
 
-def test_grpc_status_codes_and_metadata(kupd: Kupd) -> None:
+def test_grpc_status_codes_and_metadata(sim: KupSim, kupd: Kupd) -> None:
     ch, stub = raw_stub(kupd)
     try:
         with pytest.raises(grpc.RpcError) as ei:
@@ -192,8 +217,9 @@ def test_grpc_status_codes_and_metadata(kupd: Kupd) -> None:
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert a.lease_id in ei.value.details()
         stub.Receive(kup_pb2.ReceiveRequest(lease_id=a.lease_id), timeout=10)
-        stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=b"!delay"), timeout=10)
-        with pytest.raises(grpc.RpcError) as ei:  # the kernel holds the turn for 300 ms
+        stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=LOCKHOLD), timeout=10)
+        wait_locked(sim, 20)
+        with pytest.raises(grpc.RpcError) as ei:  # the kernel holds the turn until the unlock
             stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=b"x"), timeout=10)
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "EKU_NOTTURN" in ei.value.details()
@@ -210,21 +236,26 @@ def test_grpc_status_codes_and_metadata(kupd: Kupd) -> None:
                 timeout=10,
             )
         assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stub.Call(kup_pb2.CallRequest(device="echo", data=b"!lockfree"), timeout=30)  # unlock
+        r = stub.Receive(kup_pb2.ReceiveRequest(lease_id=a.lease_id), timeout=30)
+        assert r.message.data == LOCKHOLD  # even channel: unchanged
     finally:
         ch.close()
 
 
-def test_session_errors_in_band_keep_the_session(client: Client) -> None:
+def test_session_errors_in_band_keep_the_session(sim: KupSim, client: Client) -> None:
     with client.open("echo").channel() as ch:
         ch.receive()
         with pytest.raises(errors.TooBig, match="4096"):
             ch.send(b"x" * (ch.max_msg + 1))
-        ch.send(b"!delay")
+        ch.send(LOCKHOLD)
+        wait_locked(sim, ch.id)
         with pytest.raises(errors.NotYourTurn):
-            ch.send(b"too early")  # the kernel holds the turn for 300 ms
+            ch.send(b"too early")  # the kernel holds the turn until unlock()
         with pytest.raises(errors.DeadlineExceeded):
             ch.receive(timeout=0.02)
-        assert ch.receive(timeout=10).data == expected(ch.id, b"!delay")
+        unlock(client)
+        assert ch.receive(timeout=10).data == expected(ch.id, LOCKHOLD)
         with pytest.raises(errors.NotYourTurn):
             ch.receive()  # already consumed, holding the turn: would wait forever
         ch.send(b"still alive")
@@ -257,7 +288,7 @@ def test_device_shutdown_is_unavailable_with_eku_shutdown(sim: KupSim, kupd: Kup
     with kupd.client() as c:
         ch = c.open("echo").channel()
         ch.receive()
-        ch.send(b"!delay")
+        ch.send(b"!hold")  # never answered: the receive below can only end by the unload
         sim.signal(15)  # kupsim unloads the module: EKU_SHUTDOWN on every channel
         with pytest.raises((errors.Shutdown, errors.PeerGone)) as ei:
             ch.receive(timeout=10)
