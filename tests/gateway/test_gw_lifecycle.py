@@ -52,7 +52,9 @@ def test_sigkilled_client_frees_its_channel(kupd: Kupd, client: Client) -> None:
 
 
 def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
-    k = start_kupd(sim, "--lease-idle-timeout", "0.3")
+    # long enough that the Receive right after the Attach is never late for
+    # it on a loaded machine (at 0.3 s it could find the lease expired)
+    k = start_kupd(sim, "--lease-idle-timeout", "2")
     with k.client() as c, live_watch(c) as events:
         lease = c.attach("echo", 50)
         assert c.lease_receive(lease.lease_id).kind == Kind.PASS  # use keeps it alive
