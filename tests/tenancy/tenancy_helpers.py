@@ -167,3 +167,16 @@ device = "rot13"
 
 
 StartTenants = Callable[[str], TenantKupd]
+
+#: echo keeps the channel of a message starting with this locked -- its
+#: reply owed -- until a "!lockfree" arrives on another channel (the bound,
+#: 20 s, is only reached if a test never sends it): a Call that stays in
+#: flight for exactly as long as a test needs, where "!delay" (300 ms) is a
+#: window a loaded machine can miss.
+LOCKHOLD = b"!lockhold20000"
+
+
+def lock_holds(sim: KupSim) -> int:
+    """How many lock holds echo has started so far (kupsim's log): a
+    "!lockfree" only ends a hold that has started."""
+    return sim.stderr().count("holding the channel locked")

@@ -8,7 +8,7 @@ import threading
 import urllib.request
 
 import pytest
-from tenancy_helpers import DEVICES, TENANTS, StartTenants
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, lock_holds
 
 from kupd import errors
 from kupd.testing import wait_until
@@ -39,9 +39,12 @@ def test_tenant_metrics(start_tenants: StartTenants) -> None:
         with pytest.raises(errors.PermissionDenied, match="rule ops"):
             b.open("echo").channel(10)
         done: list[object] = []
-        t = threading.Thread(target=lambda: done.append(b.call("echo", b"!delay", timeout=30)))
+        holds = lock_holds(k.sim)
+        # bob's Call stays in flight until alice's channel says "!lockfree"
+        t = threading.Thread(target=lambda: done.append(b.call("echo", LOCKHOLD, timeout=60)))
         t.start()
         try:
+            wait_until(lambda: lock_holds(k.sim) > holds, what="echo to hold bob's Call")
             wait_until(
                 lambda: 'kupd_tenant_calls_in_flight{tenant="bob"} 1.0' in scrape(),
                 timeout=20,
@@ -49,6 +52,7 @@ def test_tenant_metrics(start_tenants: StartTenants) -> None:
             )
             body = scrape()
         finally:
+            assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"  # channel 8: even
             t.join(30)
         assert done and not isinstance(done[0], Exception), done
         assert 'kupd_tenant_leases{holder="session",tenant="alice"} 1.0' in body, body
