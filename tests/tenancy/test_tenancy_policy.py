@@ -12,7 +12,7 @@ import threading
 
 import grpc
 import pytest
-from tenancy_helpers import AS_ROOT, NOBODY, TenantKupd
+from tenancy_helpers import AS_ROOT, LOCKHOLD, NOBODY, TenantKupd, lock_holds
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import EventType
@@ -152,24 +152,39 @@ def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
 
 
 def test_calls_in_flight_limit(tk: TenantKupd) -> None:
-    with tk.client("bob") as b:
+    """bob may have one Call in flight.  His first is held by echo
+    ("!lockhold") until this test lets it go -- not for a fixed time that a
+    loaded machine could use up before the second Call is refused."""
+    with tk.client("bob") as b, tk.client("carol") as c:
         result: list[object] = []
 
         def held() -> None:
             try:
-                result.append(b.call("echo", b"!hold", timeout=3))  # never answered
+                result.append(b.call("echo", LOCKHOLD, timeout=60))
             except errors.KupError as exc:
                 result.append(exc)
 
+        holds = lock_holds(tk.sim)
         t = threading.Thread(target=held)
         t.start()
-        with tk.client("carol") as c:
-            wait_until(lambda: c.devices("echo")[0].calls_in_flight >= 1, what="bob's call")
-        with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight=1"):
-            b.call("echo", b"second")
-        t.join(60)
-        assert isinstance(result[0], errors.DeadlineExceeded), result
+        try:
+            wait_until(lambda: lock_holds(tk.sim) > holds, what="echo to hold bob's call")
+            assert c.devices("echo")[0].calls_in_flight >= 1
+            with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight=1"):
+                b.call("echo", b"second")
+        finally:
+            with c.open("echo").channel() as ch:  # carol's Session lets the hold go
+                ch.receive(timeout=30)
+                assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+            t.join(60)
+        assert not t.is_alive()
+        assert not isinstance(result[0], errors.KupError), result
+        assert result[0].data.lower() == LOCKHOLD  # type: ignore[attr-defined]
         assert b.call("echo", b"after").data.lower() == b"after"  # the slot is free again
+        # and after a Call that fails (its deadline: the module never answers)
+        with pytest.raises(errors.DeadlineExceeded):
+            b.call("echo", b"!hold", timeout=0.2)
+        assert b.call("echo", b"again").data.lower() == b"again"
     assert _audit_has(tk, tenant="bob", op="call", rule="max_calls_in_flight")
 
 
