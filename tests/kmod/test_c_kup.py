@@ -246,13 +246,18 @@ def test_bad_command_lines(variant_out: Path, tmp_path: Path) -> None:
 
 
 def test_attach_before_announce(variant_out: Path) -> None:
-    """echo announces 2 s after init: an attach before that is EKU_NOTREADY,
-    the device fd reports the announce, then attach works."""
-    env = {**os.environ, "KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS": "2000"}
+    """echo announces 5 s after init: an attach before that is EKU_NOTREADY,
+    the device fd reports the announce, then attach works.  (The program's
+    first look must come before the announce: starting a sanitizer build on
+    a loaded machine can take a good part of a second, so the delay is not
+    the 2 s it once was.)"""
+    env = {**os.environ, "KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS": "5000"}
     with variant_kupsim(variant_out, *MODULES, env=env) as sim:
         stdout = run_scenario(variant_out, sim, "notready")
         assert "OK notready" in stdout
-        assert "echo: device echo announced" in sim.stderr()
+        # echo logs the announce just after making it: the program may have
+        # seen it, attached and finished before that line is written
+        wait_for(lambda: "echo: device echo announced" in sim.stderr(), "echo's announce line")
 
 
 def test_kupsim_killed_receiver_sees_shutdown(variant_out: Path) -> None:
