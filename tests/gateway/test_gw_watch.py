@@ -35,10 +35,12 @@ def test_watch_sees_appear_notify_leases_and_device_shutdown(
     seen: list[WatchEvent] = []
     first = next(events)
     assert first.type == EventType.DEVICE_GONE and first.initial
-    sim_env = dict(os.environ, KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS="3000")
+    # kupd must see the device, publish it and refuse an attach before the
+    # announce: seconds of room on a loaded machine (kupd polls every 0.2 s)
+    sim_env = dict(os.environ, KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS="6000")
     with echo_sim(rundir=rundir, env=sim_env) as sim:
         appeared = until(events, EventType.DEVICE_APPEARED, seen)
-        # kupd polls for the device every 0.2 s; the module announces after 3 s
+        # kupd polls for the device every 0.2 s; the module announces after 6 s
         assert appeared.announced == 0
         with pytest.raises(errors.NotReady):  # EKU_NOTREADY before the announce
             c.open("echo").channel(10)
