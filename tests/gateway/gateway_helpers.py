@@ -119,6 +119,28 @@ def holding_client(socket: str, channel: int) -> Iterator[subprocess.Popen[bytes
         child.wait()
 
 
+#: echo keeps the channel locked -- the kernel holding the turn -- until a
+#: "!lockfree" arrives on another channel (the bound, 60 s, is never reached
+#: when the test releases it): a window that lasts until the test closes it,
+#: where echo's "!delay" (300 ms) is a window a loaded machine can miss.
+LOCKHOLD = b"!lockhold60000"
+
+
+def wait_locked(sim: KupSim, chan: int) -> None:
+    """Until echo's worker on ``chan`` holds the channel locked: only then
+    can a "!lockfree" end the hold (one sent earlier would not be seen).
+    One hold per channel per kupsim (it looks for the first log line)."""
+    wait_until(
+        lambda: f"echo: chan {chan}: holding the channel locked" in sim.stderr(),
+        what=f"echo to hold channel {chan} locked",
+    )
+
+
+def unlock(c: Client) -> None:
+    """End every lock hold: "!lockfree" through the Call pool (other channels)."""
+    assert c.call("echo", b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+
+
 def call_in_flight(c: Client, data: bytes, timeout: float) -> Callable[[float], object]:
     """Start ``c.call("echo", data, timeout=timeout)`` in a thread and wait
     until kupd counts it in flight.  Returns ``finish(bound)``: joins the

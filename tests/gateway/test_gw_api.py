@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from gateway_helpers import Kupd, StartKupd
+from gateway_helpers import LOCKHOLD, Kupd, StartKupd, unlock, wait_locked
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
@@ -19,27 +19,6 @@ from kupd.testing import KupSim, wait_until
 def expected(chan: int, data: bytes) -> bytes:
     """The echo module answers unchanged on even channels, upper-cased on odd."""
     return data if chan % 2 == 0 else data.upper()
-
-
-#: echo keeps the channel locked -- the kernel holding the turn -- until a
-#: "!lockfree" arrives on another channel (the bound, 60 s, is never reached
-#: when the test releases it): a window that lasts until the test closes it,
-#: where echo's "!delay" (300 ms) is a window a loaded machine can miss.
-LOCKHOLD = b"!lockhold60000"
-
-
-def wait_locked(sim: KupSim, chan: int) -> None:
-    """Until echo's worker on ``chan`` holds the channel locked: only then
-    can a "!lockfree" end the hold (one sent earlier would not be seen)."""
-    wait_until(
-        lambda: f"echo: chan {chan}: holding the channel locked" in sim.stderr(),
-        what=f"echo to hold channel {chan} locked",
-    )
-
-
-def unlock(client: Client) -> None:
-    """End every lock hold: "!lockfree" through the Call pool (other channels)."""
-    assert client.call("echo", b"!lockfree", timeout=30).data.lower() == b"!lockfree"
 
 
 def raw_stub(kupd: Kupd) -> tuple[grpc.Channel, kup_pb2_grpc.KupStub]:

@@ -10,11 +10,12 @@ import asyncio
 
 import grpc
 import pytest
-from gateway_helpers import Kupd
+from gateway_helpers import LOCKHOLD, Kupd, unlock, wait_locked
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import AsyncClient, Client, Kind
 from kupd import errors
+from kupd.testing import KupSim
 
 
 def expected(chan: int, data: bytes) -> bytes:
@@ -57,13 +58,15 @@ def test_session_exchange_too_big_sends_nothing(client: Client) -> None:
         assert reply.data == expected(ch.id, b"after") and reply.seq == 2
 
 
-def test_session_exchange_not_your_turn(client: Client) -> None:
+def test_session_exchange_not_your_turn(sim: KupSim, client: Client) -> None:
     with client.open("echo").channel() as ch:
         assert ch.receive(timeout=10).kind == Kind.PASS
-        ch.send(b"!delay")
+        ch.send(LOCKHOLD)
+        wait_locked(sim, ch.id)
         with pytest.raises(errors.NotYourTurn):
             ch.exchange(b"too early", timeout=10)  # the kernel holds the turn
-        assert ch.receive(timeout=10).data == expected(ch.id, b"!delay")
+        unlock(client)
+        assert ch.receive(timeout=10).data == expected(ch.id, LOCKHOLD)
         assert ch.exchange(b"now", timeout=10).data == expected(ch.id, b"now")
 
 
@@ -134,13 +137,15 @@ def test_lease_exchange_returns_the_reply(client: Client) -> None:
         client.release(lease.lease_id)
 
 
-def test_lease_exchange_too_big_and_not_your_turn(client: Client) -> None:
+def test_lease_exchange_too_big_and_not_your_turn(sim: KupSim, client: Client) -> None:
     lease = client.attach("echo")
     try:
         client.lease_receive(lease.lease_id)
-        client.lease_send(lease.lease_id, b"!delay")
+        client.lease_send(lease.lease_id, LOCKHOLD)
+        wait_locked(sim, lease.channel)
         with pytest.raises(errors.NotYourTurn):
             client.lease_exchange(lease.lease_id, b"early", timeout=10)  # kernel's turn
+        unlock(client)
         assert client.lease_receive(lease.lease_id, timeout=10).seq == 2
         with pytest.raises(errors.TooBig, match=str(lease.max_message_bytes)):
             client.lease_exchange(lease.lease_id, b"x" * (lease.max_message_bytes + 1))
