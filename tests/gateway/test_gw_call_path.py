@@ -109,7 +109,10 @@ def test_queued_call_deadline_and_queue_accounting(sim: KupSim, start_kupd: Star
     channel is quarantined, never handed to the queued caller."""
     k = start_kupd(sim, devices=("echo:1",))
     with k.client(caller="queue-test") as c:
-        held = call_in_flight(c, b"!hold the turn", timeout=3.0)  # never answered
+        # never answered; its deadline is the window for the checks below
+        # (a ListDevices poll, a 0.2 s queued Call, a ListDevices): ample
+        # even on a loaded machine, where 3 s once was most of it
+        held = call_in_flight(c, b"!hold the turn", timeout=6.0)
         with pytest.raises(errors.DeadlineExceeded, match="no pool channel became free"):
             c.call("echo", b"\x01queued", timeout=0.2)
         info = c.devices("echo")[0]
