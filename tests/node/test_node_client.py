@@ -25,6 +25,11 @@ NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
 RUN_TIMEOUT = 180.0
 
+# The first test pays for `npm ci` (a clean clone: node_modules missing) and
+# kupsim + kupd's start-up inside its own time; pytest's default 300 s would
+# cut short the 600 s this file allows npm on a slow network.
+pytestmark = pytest.mark.timeout(NPM_TIMEOUT + RUN_TIMEOUT + 120)
+
 
 def _load_cli_gateway() -> ModuleType:
     """tests/cli/cli_gateway.py (kupsim + kupd runner), shared by path."""
