@@ -12,10 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from gateway_helpers import (
@@ -25,9 +23,10 @@ from gateway_helpers import (
     echo_sim,
     holding_client,
     live_watch,
+    when_free,
 )
 
-from kupclient import Client, EventType, Kind
+from kupclient import EventType, Kind
 from kupd import errors
 from kupd.testing import KupSim, wait_until
 
@@ -58,21 +57,9 @@ def test_sigkilled_client_frees_its_channel(sim: KupSim, start_kupd: StartKupd) 
             ), released
             assert released.reason in ("stream cancelled", "stream ended"), released
         # kupsim may still be renewing the channel a moment after the detach
-        ch = _session_when_free(client, 40)
+        ch = when_free(lambda: client.open("echo").channel(40), "channel 40")
         with ch:
             assert ch.receive().seq == 1  # a fresh conversation
-
-
-def _session_when_free(client: Client, chan: int, timeout: float = 30.0) -> Any:
-    """A Session on ``chan``, retried while it is Busy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.open("echo").channel(chan)
-        except errors.Busy:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -91,7 +78,7 @@ def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
         assert seen[1].lease_id == lease.lease_id and seen[1].reason == "expired"
         with pytest.raises(errors.NotFound, match="expired"):
             c.lease_send(lease.lease_id, b"late")
-        c.attach("echo", 50)  # the channel is free again
+        when_free(lambda: c.attach("echo", 50), "channel 50")  # the channel is free again
 
 
 def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
