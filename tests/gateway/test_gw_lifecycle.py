@@ -7,6 +7,7 @@ flight when the device's host dies, are tested once, in tests/faults
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from gateway_helpers import (
+    LOCKHOLD,
+    Kupd,
     StartKupd,
     call_in_flight,
     child_env,
@@ -28,6 +31,8 @@ from gateway_helpers import (
 
 from kupclient import EventType, Kind
 from kupd import errors
+from kupd.channel import Device
+from kupd.channel import Kind as ChannelKind
 from kupd.testing import KupSim, wait_until
 
 
@@ -81,15 +86,40 @@ def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
         when_free(lambda: c.attach("echo", 50), "channel 50")  # the channel is free again
 
 
+def _draining(k: Kupd) -> list[dict[str, object]]:
+    """kupd's "kupd draining" log records (one JSON object per line)."""
+    out = []
+    for line in k.log().splitlines():
+        if line.startswith("{") and '"kupd draining"' in line:
+            rec = json.loads(line)
+            if rec.get("event") == "kupd draining":
+                out.append(rec)
+    return out
+
+
 def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
+    """A Call in flight at SIGTERM finishes within the drain grace.  echo
+    holds it ("!lockhold") until the test, having seen kupd start draining
+    with the Call counted, releases it from a channel of its own straight
+    on kupsim (kupd takes no new requests by then) -- rather than a 300 ms
+    "!delay" that could end before the poll saw it in flight, or before
+    the SIGTERM."""
     k = start_kupd(sim, "--drain-grace", "10")
     with k.client() as c:
         events = live_watch(c)
         ch = c.open("echo").channel()
         ch.receive()
         assert next(events).type == EventType.LEASE_TAKEN
-        finish = call_in_flight(c, b"!delay in flight", timeout=20)
+        finish = call_in_flight(c, LOCKHOLD, timeout=60)
+        wait_until(
+            lambda: "holding the channel locked" in sim.stderr(), what="echo to hold the Call"
+        )
         k.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: bool(_draining(k)), what="kupd to start draining")
+        assert _draining(k)[0]["calls"] == 1, _draining(k)
+        with Device.open(sim.device_path("echo")) as dev, dev.channel() as free:
+            assert free.receive(timeout=30).kind is ChannelKind.PASS
+            assert free.exchange(b"!lockfree", 30).data.lower() == b"!lockfree"
         # The call in flight finished within the grace period.
         result = finish(30)
         assert not isinstance(result, Exception), result
