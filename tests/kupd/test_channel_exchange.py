@@ -34,6 +34,25 @@ from kupd.testing import KupSim, kupsim
 T = 10.0  # generous bound on any single wait that should succeed
 DELAY = b"!delay"
 HOLD = b"!hold"
+#: echo keeps the channel locked (the kernel holding the turn) until a
+#: "!lockfree" on another channel: a window the test closes itself
+LOCKHOLD = b"!lockhold60000"
+
+
+def wait_locked(sim: KupSim, chan: int) -> None:
+    """Until echo holds ``chan`` locked (a "!lockfree" before that would not
+    end the hold).  One hold per channel per kupsim."""
+    deadline = time.monotonic() + 30
+    while f"echo: chan {chan}: holding the channel locked" not in sim.stderr():
+        assert time.monotonic() < deadline, f"echo never held channel {chan}"
+        time.sleep(0.005)
+
+
+def unlock(dev: Device) -> None:
+    """End echo's lock holds: "!lockfree" on a channel of its own."""
+    with dev.channel() as other:
+        opened(other)
+        assert other.exchange(b"!lockfree", T).data.lower() == b"!lockfree"
 
 
 def opened(ch: Channel) -> None:
@@ -162,11 +181,13 @@ def test_exchange_deadline_leaves_the_reply_owed(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
         with pytest.raises(DeadlineExceeded, match="reply is owed to a later receive"):
-            ch.exchange(DELAY, 0.01)
+            ch.exchange(LOCKHOLD, 0.01)  # held until unlock(): the checks cannot be late
         assert not ch.my_turn()
         with pytest.raises(NotYourTurn):  # the data was sent: no second send
             ch.send(b"x")
-        assert ch.receive(timeout=T) == Message(DELAY, Kind.DATA, 2)
+        wait_locked(echo_sim, 0)
+        unlock(dev)
+        assert ch.receive(timeout=T) == Message(LOCKHOLD, Kind.DATA, 2)
         # timeout=0: send, look once, NotReady
         with pytest.raises(NotReady, match="reply is owed"):
             ch.exchange(DELAY, 0)
@@ -259,6 +280,9 @@ def test_try_exchange_poll_mode_wakes_on_every_miss(echo_sim: KupSim) -> None:
 
 
 def test_exchange_busy_in_another_thread(echo_sim: KupSim) -> None:
+    """The other thread's exchange is held by echo ("!lockhold") until the
+    Busy attempts are done: with a 300 ms "!delay" a loaded machine could
+    let it finish first (then the attempts were not Busy at all)."""
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         opened(ch)
         got: list[Message] = []
@@ -266,7 +290,7 @@ def test_exchange_busy_in_another_thread(echo_sim: KupSim) -> None:
 
         def slow() -> None:
             started.set()
-            got.append(ch.exchange(DELAY, T))
+            got.append(ch.exchange(LOCKHOLD, 60))
 
         t = threading.Thread(target=slow)
         t.start()
@@ -279,8 +303,10 @@ def test_exchange_busy_in_another_thread(echo_sim: KupSim) -> None:
             ch.exchange(b"x", T)
         with pytest.raises(Busy):
             ch.try_exchange(b"x")
+        wait_locked(echo_sim, 0)
+        unlock(dev)
         t.join(T)
-        assert got == [Message(DELAY, Kind.DATA, 2)]
+        assert got == [Message(LOCKHOLD, Kind.DATA, 2)]
         assert ch.exchange(b"y", T).seq == 3  # the Busy attempts sent nothing
 
 
