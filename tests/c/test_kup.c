@@ -38,17 +38,31 @@ open_dev(const char *name)
 	return d;
 }
 
+/*
+ * Attach channel id (or KP_CHAN_ANY).  EKU_BUSY is retried, bounded (30 s):
+ * right after a user of the channel left, the host may still be renewing
+ * it -- kupsim waits only 0.5 s for the module's worker to let go of it
+ * before it answers "busy, retry later", and a worker not scheduled for
+ * that long on a loaded machine is not a bug.  Any other error, or a
+ * channel still busy after the bound, fails the scenario.
+ */
 static void *
 attach(void *d, size_t id)
 {
-	void *c = kernproxy_channel(d, id, 0);
+	void *c;
+	int i;
 
-	if (c == NULL) {
-		fprintf(stderr, "kernproxy_channel(%zu): %s\n", id,
-		    kernproxy_strerror(kernproxy_error(d)));
-		exit(1);
+	for (i = 0;; i++) {
+		c = kernproxy_channel(d, id, 0);
+		if (c != NULL)
+			return c;
+		if (kernproxy_errno != EKU_BUSY || i >= 3000)
+			break;
+		usleep(10000);
 	}
-	return c;
+	fprintf(stderr, "kernproxy_channel(%zu): %s\n", id,
+	    kernproxy_strerror(kernproxy_errno));
+	exit(1);
 }
 
 /* The first message on a fresh echo channel is the kernel's PASS. */
