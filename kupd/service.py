@@ -31,7 +31,7 @@ from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import WireRequest, encode_reply, fill_receive
 
-__all__ = ["KupService", "error_pb", "status_for"]
+__all__ = ["KupService", "call_timeout", "error_pb", "status_for"]
 
 log = get_logger("kupd.service")
 R = TypeVar("R")
@@ -69,6 +69,22 @@ def status_for(exc: errors.KupError) -> tuple[grpc.StatusCode, str]:
     if exc.seed_name and exc.seed_name not in details:
         details = f"{exc.seed_name}: {details}"
     return code, details
+
+
+def call_timeout(requested_ms: int, default: float, remaining: float | None) -> float:
+    """How long a Call may wait for its reply, in seconds: the request's
+    ``timeout_ms`` (0: kupd's ``call_timeout``, ``default``), capped by what
+    is left of the RPC's deadline (``remaining``, None: it has none).
+    DeadlineExceeded when none is left: the request must not be sent, since
+    its caller has already been told that the Call failed."""
+    timeout = requested_ms / 1000 if requested_ms else default
+    if remaining is None:
+        return timeout
+    if remaining <= 0:
+        raise errors.DeadlineExceeded(
+            "call: the RPC's deadline passed before kupd could send the request (not sent)"
+        )
+    return min(timeout, remaining)
 
 
 def error_pb(exc: errors.KupError) -> kup_pb2.Error:
@@ -734,8 +750,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         where["device"] = dev.name  # the log context, should the Call fail (see Call)
         where["caller"] = request.caller
         where["tenant"] = t.name
-        timeout = request.timeout_ms / 1000 if request.timeout_ms else self.config.call_timeout
-        timeout = self._deadline_cap(context, timeout) or timeout
+        timeout = call_timeout(
+            request.timeout_ms, self.config.call_timeout, context.time_remaining()
+        )
         pool = dev.pool
         self.calls_in_flight += 1
         if self.calls_in_flight == 1:

@@ -121,3 +121,21 @@ def test_queued_call_deadline_and_queue_accounting(sim: KupSim, start_kupd: Star
         info = c.devices("echo")[0]
         assert [ch.state for ch in info.channels if ch.state == "quarantined"] == ["quarantined"]
         assert info.calls_queued == 0 and info.calls_in_flight == 0
+
+
+def test_call_timeout_is_the_request_s_capped_by_the_rpc_deadline() -> None:
+    """A Call waits for the request's timeout_ms (0: kupd's call_timeout),
+    never past the RPC's deadline; once that has passed, kupd must not send
+    the request at all (its caller has been told the Call failed).  A
+    deadline left at exactly 0 once meant the full call_timeout, and a
+    passed one a negative wait after the request was sent."""
+    from kupd.service import call_timeout
+
+    assert call_timeout(0, 30.0, None) == 30.0
+    assert call_timeout(250, 30.0, None) == 0.25
+    assert call_timeout(250, 30.0, 0.1) == 0.1
+    assert call_timeout(0, 30.0, 2.0) == 2.0
+    assert call_timeout(250, 30.0, 5.0) == 0.25
+    for remaining in (0.0, -0.5):
+        with pytest.raises(errors.DeadlineExceeded, match=r"deadline passed .*not sent"):
+            call_timeout(0, 30.0, remaining)
