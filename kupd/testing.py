@@ -50,6 +50,7 @@ __all__ = [
     "Kupd",
     "KupdError",
     "channel_when_free",
+    "echo_lock_holds",
     "kmod_out",
     "kupd",
     "kupd_env",
@@ -565,6 +566,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+def echo_lock_holds(sim: KupSim, chan: int | None = None) -> int:
+    """How many lock holds the example echo module has started so far, on
+    channel ``chan`` or on any (a "!lockhold" message: echo keeps the
+    channel locked until a "!lockfree" on another channel; it logs the start
+    of each hold, kmod/examples/echo/echo.c).  A "!lockfree" sent before a
+    hold has started does not end it, so tests wait for this count first."""
+    where = "" if chan is None else f"echo: chan {chan}: "
+    return sim.stderr().count(f"{where}holding the channel locked")
 
 
 def channel_when_free(dev: Any, chan_id: int, timeout: float = 20.0) -> Any:

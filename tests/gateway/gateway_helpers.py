@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from kupd import testing
-from kupd.testing import REPO_ROOT, Kupd, KupSim, kupd_env, kupsim, wait_until
+from kupd.testing import REPO_ROOT, Kupd, KupSim, echo_lock_holds, kupd_env, kupsim, wait_until
 
 CLIENTS = str(REPO_ROOT / "clients" / "python")
 if CLIENTS not in sys.path:
@@ -149,10 +149,7 @@ def wait_locked(sim: KupSim, chan: int) -> None:
     """Until echo's worker on ``chan`` holds the channel locked: only then
     can a "!lockfree" end the hold (one sent earlier would not be seen).
     One hold per channel per kupsim (it looks for the first log line)."""
-    wait_until(
-        lambda: f"echo: chan {chan}: holding the channel locked" in sim.stderr(),
-        what=f"echo to hold channel {chan} locked",
-    )
+    wait_until(lambda: echo_lock_holds(sim, chan) > 0, what=f"echo to hold channel {chan} locked")
 
 
 def unlock(c: Client) -> None:

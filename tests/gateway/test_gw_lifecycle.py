@@ -33,7 +33,7 @@ from kupclient import EventType, Kind
 from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
-from kupd.testing import KupSim, wait_until
+from kupd.testing import KupSim, echo_lock_holds, wait_until
 
 
 def test_sigkilled_client_frees_its_channel(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -111,9 +111,7 @@ def test_sigterm_drain(sim: KupSim, start_kupd: StartKupd) -> None:
         ch.receive()
         assert next(events).type == EventType.LEASE_TAKEN
         finish = call_in_flight(c, LOCKHOLD, timeout=60)
-        wait_until(
-            lambda: "holding the channel locked" in sim.stderr(), what="echo to hold the Call"
-        )
+        wait_until(lambda: echo_lock_holds(sim) > 0, what="echo to hold the Call")
         k.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: bool(_draining(k)), what="kupd to start draining")
         assert _draining(k)[0]["calls"] == 1, _draining(k)

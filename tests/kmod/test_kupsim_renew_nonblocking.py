@@ -52,7 +52,7 @@ from test_kupsim_fresh_objects import (
     wait_until,
 )
 
-from kupd.testing import KupSim
+from kupd.testing import KupSim, echo_lock_holds
 
 __all__: list[str] = []
 
@@ -177,10 +177,7 @@ def test_any_gets_another_channel_and_waits_for_the_last(variant_out: Path) -> N
         try:
             assert a.receive() == (KIND_PASS, b"")
             a.send(HOLD)
-            wait_until(
-                lambda: "echo: chan 0: holding the channel locked" in sim.stderr(),
-                "echo to hold channel 0",
-            )
+            wait_until(lambda: echo_lock_holds(sim, 0) > 0, "echo to hold channel 0")
             ino_a = a.inode()
             a.detach()
             wait_detached_on(probe, 0)

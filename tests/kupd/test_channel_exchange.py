@@ -29,7 +29,7 @@ from kupd.errors import (
     Shutdown,
     TooBig,
 )
-from kupd.testing import KupSim, kupsim
+from kupd.testing import KupSim, echo_lock_holds, kupsim, wait_until
 
 T = 10.0  # generous bound on any single wait that should succeed
 DELAY = b"!delay"
@@ -42,10 +42,7 @@ LOCKHOLD = b"!lockhold60000"
 def wait_locked(sim: KupSim, chan: int) -> None:
     """Until echo holds ``chan`` locked (a "!lockfree" before that would not
     end the hold).  One hold per channel per kupsim."""
-    deadline = time.monotonic() + 30
-    while f"echo: chan {chan}: holding the channel locked" not in sim.stderr():
-        assert time.monotonic() < deadline, f"echo never held channel {chan}"
-        time.sleep(0.005)
+    wait_until(lambda: echo_lock_holds(sim, chan) > 0, 30, f"echo to hold channel {chan} locked")
 
 
 def unlock(dev: Device) -> None:

@@ -175,8 +175,3 @@ StartTenants = Callable[[str], TenantKupd]
 #: window a loaded machine can miss.
 LOCKHOLD = b"!lockhold20000"
 
-
-def lock_holds(sim: KupSim) -> int:
-    """How many lock holds echo has started so far (kupsim's log): a
-    "!lockfree" only ends a hold that has started."""
-    return sim.stderr().count("holding the channel locked")

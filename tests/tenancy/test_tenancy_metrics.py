@@ -8,10 +8,10 @@ import threading
 import urllib.request
 
 import pytest
-from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, lock_holds
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants
 
 from kupd import errors
-from kupd.testing import wait_until
+from kupd.testing import echo_lock_holds, wait_until
 
 
 def _free_port() -> int:
@@ -39,12 +39,12 @@ def test_tenant_metrics(start_tenants: StartTenants) -> None:
         with pytest.raises(errors.PermissionDenied, match="rule ops"):
             b.open("echo").channel(10)
         done: list[object] = []
-        holds = lock_holds(k.sim)
+        holds = echo_lock_holds(k.sim)
         # bob's Call stays in flight until alice's channel says "!lockfree"
         t = threading.Thread(target=lambda: done.append(b.call("echo", LOCKHOLD, timeout=60)))
         t.start()
         try:
-            wait_until(lambda: lock_holds(k.sim) > holds, what="echo to hold bob's Call")
+            wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold bob's Call")
             wait_until(
                 lambda: 'kupd_tenant_calls_in_flight{tenant="bob"} 1.0' in scrape(),
                 timeout=20,

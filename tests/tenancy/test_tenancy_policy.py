@@ -12,12 +12,12 @@ import threading
 
 import grpc
 import pytest
-from tenancy_helpers import AS_ROOT, LOCKHOLD, NOBODY, TenantKupd, lock_holds
+from tenancy_helpers import AS_ROOT, LOCKHOLD, NOBODY, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import EventType
 from kupd import errors
-from kupd.testing import wait_until
+from kupd.testing import echo_lock_holds, wait_until
 
 
 def _connect_as(uid: int, paths: list[str], gid: int | None = None) -> list[int]:
@@ -164,11 +164,11 @@ def test_calls_in_flight_limit(tk: TenantKupd) -> None:
             except errors.KupError as exc:
                 result.append(exc)
 
-        holds = lock_holds(tk.sim)
+        holds = echo_lock_holds(tk.sim)
         t = threading.Thread(target=held)
         t.start()
         try:
-            wait_until(lambda: lock_holds(tk.sim) > holds, what="echo to hold bob's call")
+            wait_until(lambda: echo_lock_holds(tk.sim) > holds, what="echo to hold bob's call")
             assert c.devices("echo")[0].calls_in_flight >= 1
             with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight=1"):
                 b.call("echo", b"second")
