@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,11 +34,17 @@ T = TypeVar("T")
 #: Threads for blocking device-host calls (attach/info/open): bounded.
 BLOCKING_THREADS = 4
 
-
-def _close_attached(fut: asyncio.Future[Channel]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        with contextlib.suppress(errors.KupError):
-            fut.result().close()
+#: A channel kupd has just closed may not be attachable at once: its module
+#: lets go of it only when its worker, often asleep in a receive, wakes and
+#: sees the user gone (kupsim then renews the channel's objects; it parks an
+#: ATTACH for 0.5 s waiting for that, and answers Busy after).  An attach
+#: that is refused Busy while a channel it could get was released by kupd
+#: less than this many seconds ago is tried again, so a client re-attaching
+#: the channel it just left -- a restarted client, a reconnecting Session --
+#: is not refused because a loaded machine was slow to wake the module.
+REATTACH_GRACE = 10.0
+#: Pause between such tries (kupsim's own park covers most of the wait).
+REATTACH_PAUSE = 0.05
 
 
 class ManagedDevice:
@@ -51,6 +58,9 @@ class ManagedDevice:
         self.pool = self._new_pool()
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
+        #: channel id -> when kupd closed it, until kupd attaches it again
+        #: (or REATTACH_GRACE passes): see :func:`ManagedDevice.attach`
+        self.released: dict[int, float] = {}
         self._event_fd = -1
         self._refreshing = False
         self._refresh_again = False
@@ -216,6 +226,7 @@ class ManagedDevice:
             cb(self, why)
         self.pool.close()
         self.holders.clear()
+        self.released.clear()  # the next device instance starts afresh
         with contextlib.suppress(errors.KupError):
             dev.close()
         self.mgr.publish(Event(EventType.DEVICE_GONE, self.name, reason=str(why)))
@@ -223,24 +234,87 @@ class ManagedDevice:
 
     # -- channels -------------------------------------------------------------------
     async def attach(self, chan_id: int | None) -> Channel:
-        dev, info = self.require()
-        if chan_id is not None:
-            if chan_id >= info.chan_count:
-                raise errors.NotFound(
-                    f"device {self.name} has no channel {chan_id} (it has {info.chan_count})"
-                )
-            held = self.holders.get(chan_id)
-            if held is not None or self.pool.state_of(chan_id) is not None:
-                what = f"{held[0]} {held[1]}" if held else "the Call pool"
-                raise errors.Busy(f"channel {chan_id} of device {self.name} is held by {what}")
-        fut = asyncio.ensure_future(self.mgr.blocking(dev.channel, chan_id))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The requester went away while the host was attaching: do not
-            # leave the channel attached to nobody.
-            fut.add_done_callback(_close_attached)
-            raise
+        """Attach channel ``chan_id`` (None: any free one) on the host.
+
+        A Busy answer is tried again, every REATTACH_PAUSE, while kupd
+        itself closed that channel (for None: any channel not since taken
+        again) less than REATTACH_GRACE seconds ago: the module has not let
+        go of it yet.  Anything else held -- by another kupd lease, the Call
+        pool, or a process using the device directly -- is Busy at once.
+        """
+        waited = False
+        while True:
+            dev, info = self.require()
+            if chan_id is not None:
+                if chan_id >= info.chan_count:
+                    raise errors.NotFound(
+                        f"device {self.name} has no channel {chan_id} (it has {info.chan_count})"
+                    )
+                held = self.holders.get(chan_id)
+                if held is not None or self.pool.state_of(chan_id) is not None:
+                    what = f"{held[0]} {held[1]}" if held else "the Call pool"
+                    raise errors.Busy(
+                        f"channel {chan_id} of device {self.name} is held by {what}"
+                    )
+            fut = asyncio.ensure_future(self.mgr.blocking(dev.channel, chan_id))
+            try:
+                ch = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                # The requester went away while the host was attaching: do not
+                # leave the channel attached to nobody.
+                fut.add_done_callback(self._close_attached)
+                raise
+            except errors.Busy as exc:
+                ago = self._released_ago(chan_id)
+                if ago is None:
+                    raise
+                if ago >= REATTACH_GRACE:
+                    what = "every free channel" if chan_id is None else f"channel {chan_id}"
+                    raise errors.Busy(
+                        f"device {self.name}: the module still holds {what} "
+                        f"{ago:.1f} s after kupd released it; retry later"
+                    ) from exc
+                if not waited:
+                    waited = True
+                    log.info(
+                        "attach waits for the module to let go",
+                        device=self.name,
+                        channel="any" if chan_id is None else chan_id,
+                        released_ago=round(ago, 3),
+                    )
+                await asyncio.sleep(REATTACH_PAUSE)
+                continue
+            self.released.pop(ch.id, None)
+            return ch
+
+    def note_released(self, chan_id: int) -> None:
+        """kupd has just closed its channel ``chan_id`` (see :func:`attach`)."""
+        now = time.monotonic()
+        for cid, when in list(self.released.items()):
+            if now - when >= REATTACH_GRACE:
+                del self.released[cid]
+        self.released[chan_id] = now
+
+    def _released_ago(self, chan_id: int | None) -> float | None:
+        """Seconds since kupd closed ``chan_id`` (None: the most recently
+        closed channel nobody in kupd has taken since), or None."""
+        if chan_id is None:
+            free = [
+                when
+                for cid, when in self.released.items()
+                if cid not in self.holders and self.pool.state_of(cid) is None
+            ]
+            when = max(free, default=None)
+        else:
+            when = self.released.get(chan_id)
+        return None if when is None else time.monotonic() - when
+
+    def _close_attached(self, fut: asyncio.Future[Channel]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            ch = fut.result()
+            with contextlib.suppress(errors.KupError):
+                ch.close()
+            self.note_released(ch.id)
 
     def _new_pool(self) -> CallPool:
         pool = CallPool(
@@ -256,6 +330,7 @@ class ManagedDevice:
                 self._fill_pool()
 
         pool.on_change = changed
+        pool.on_closed = self.note_released
         return pool
 
     def _fill_pool(self) -> None:

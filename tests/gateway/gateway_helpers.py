@@ -7,7 +7,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -120,22 +119,6 @@ def holding_client(socket: str, channel: int) -> Iterator[subprocess.Popen[bytes
         if child.poll() is None:
             child.kill()
         child.wait()
-
-
-def when_free(take: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    """``take()`` (a Session or lease on one given channel), retried while
-    it is Busy: right after its previous user left, kupsim may still be
-    renewing the channel -- echo's worker, asleep in its receive, has to
-    wake and let go first, and kupsim waits only 0.5 s for that before it
-    answers Busy ("retry later").  Bounded: TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return take()
-        except errors.Busy:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} still busy after {timeout}s") from None
-            time.sleep(0.02)
 
 
 #: echo keeps the channel locked -- the kernel holding the turn -- until a

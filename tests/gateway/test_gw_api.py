@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from gateway_helpers import LOCKHOLD, Kupd, StartKupd, unlock, wait_locked, when_free
+from gateway_helpers import LOCKHOLD, Kupd, StartKupd, unlock, wait_locked
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
@@ -85,8 +85,8 @@ def test_session_specific_channel_and_reattach_after_close(client: Client) -> No
         ch.receive()
         ch.send(b"abc")
         assert ch.receive().data == b"ABC"
-    # free again (once kupsim has renewed it: Busy meanwhile), and a fresh conversation
-    with when_free(lambda: h.channel(11), "channel 11") as ch:
+    # free again at once (kupd waits while kupsim renews it), a fresh conversation
+    with h.channel(11) as ch:
         assert ch.receive().seq == 1
 
 

@@ -26,7 +26,6 @@ from gateway_helpers import (
     echo_sim,
     holding_client,
     live_watch,
-    when_free,
 )
 
 from kupclient import EventType, Kind
@@ -61,8 +60,8 @@ def test_sigkilled_client_frees_its_channel(sim: KupSim, start_kupd: StartKupd) 
                 taken.lease_id,
             ), released
             assert released.reason in ("stream cancelled", "stream ended"), released
-        # kupsim may still be renewing the channel a moment after the detach
-        ch = when_free(lambda: client.open("echo").channel(40), "channel 40")
+        # kupsim may still be renewing the channel: kupd waits for that
+        ch = client.open("echo").channel(40)
         with ch:
             assert ch.receive().seq == 1  # a fresh conversation
 
@@ -83,7 +82,7 @@ def test_lease_idle_expiry(sim: KupSim, start_kupd: StartKupd) -> None:
         assert seen[1].lease_id == lease.lease_id and seen[1].reason == "expired"
         with pytest.raises(errors.NotFound, match="expired"):
             c.lease_send(lease.lease_id, b"late")
-        when_free(lambda: c.attach("echo", 50), "channel 50")  # the channel is free again
+        c.attach("echo", 50)  # the channel is free again
 
 
 def _draining(k: Kupd) -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from gateway_helpers import Kupd, StartKupd, when_free
+from gateway_helpers import Kupd, StartKupd
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupclient import Client
@@ -143,9 +143,9 @@ def test_cancel_with_requests_queued_frees_the_channel(kupd: Kupd, client: Clien
 
     asyncio.run(_session(kupd.socket, body))
     wait_until(lambda: _channel_free(client, chan), what=f"channel {chan} free again")
-    # kupd serves on: the same channel can be taken and used again (once
-    # kupsim has renewed it: Busy until then)
-    with when_free(lambda: client.open("echo").channel(chan), f"channel {chan}") as ch:
+    # kupd serves on: the same channel can be taken and used again (kupd
+    # waits for kupsim to renew it)
+    with client.open("echo").channel(chan) as ch:
         ch.receive(timeout=10)
         assert ch.exchange(b"again", timeout=10).data == b"AGAIN"
 
