@@ -1,4 +1,5 @@
-"""Client side of the bare gRPC echo server (kupbench.grpc_echo)."""
+"""Client side of the bare gRPC echo server (kupbench.grpc_echo) and of the
+hop floor (kupbench.grpc_hop: the same methods, one channel hop per message)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import grpc
 from .grpc_echo import BIDI, GRPC_OPTIONS, UNARY
 from .procs import BenchError, Proc
 
-__all__ = ["BareBidi", "BareUnary", "bare_channel", "start_bare_server"]
+__all__ = ["BareBidi", "BareUnary", "bare_channel", "start_bare_server", "start_hop_server"]
 
 
 def start_bare_server(sock: Path, log: Path, kup_call: bool = False) -> Proc:
@@ -27,6 +28,21 @@ def start_bare_server(sock: Path, log: Path, kup_call: bool = False) -> Proc:
          *(["--kup-call"] if kup_call else [])],
         name="bare grpc echo server" + (" (kup.v1 Call)" if kup_call else ""),
         env={"PYTHONPATH": os.pathsep.join([str(here), str(kupapi_dir)])},
+        ready_line="ready",
+        log=log,
+    ).start()
+
+
+def start_hop_server(sock: Path, log: Path, device: str, unary_channels: int) -> Proc:
+    """Start the hop-floor server (kupbench.grpc_hop) in front of the kupsim
+    echo device ``device`` (caller stops it)."""
+    here = Path(__file__).resolve().parent.parent
+    root = here.parent  # kupd's channel layer
+    return Proc(
+        [sys.executable, "-m", "kupbench.grpc_hop", "--socket", str(sock), "--device", device,
+         "--unary-channels", str(unary_channels)],
+        name="hop-floor server (bare grpc.aio + one channel hop)",
+        env={"PYTHONPATH": os.pathsep.join([str(here), str(root)])},
         ready_line="ready",
         log=log,
     ).start()

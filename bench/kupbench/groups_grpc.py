@@ -13,10 +13,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .bare import BareBidi, BareUnary, bare_channel, start_bare_server
+from .bare import BareBidi, BareUnary, bare_channel, start_bare_server, start_hop_server
 from .config import KIB, MIB, Config
 from .context import FigSpec, RunCtx, cost, group, lat, log, rate
 from .harness import Figure, TrialFn
+from .kupsim_echo import echo_sim
 from .procs import BenchError, Proc, cpu_seconds, rss_bytes, run_ns
 from .sections import S_E2E, S_IDLE, S_MEM, S_SCALE, S_TRANSPORT
 from .shapes import (
@@ -32,6 +33,13 @@ from .shapes import (
 __all__ = ["run"]
 
 PAYLOAD = pattern(64)
+
+#: the hop floor's kupsim echo: channels of 1 MiB (the 1 MiB pump), enough
+#: even ones for the 64-stream scale figure, the pumps and the unary pool
+HOP_PAGES = 256
+HOP_CHANNELS = 192
+HOP_NOTE = ("the bare echo server, exchanging every message over a kupsim echo channel "
+            "with kupd's channel layer before answering (kupbench.grpc_hop): no kupd code")
 
 
 def _lat(e: Echoer, n: int, what: str, server_pid: int | None = None) -> TrialFn:
@@ -104,12 +112,21 @@ async def run(ctx: RunCtx) -> None:
                 "unary round trip with kup.v1 Call messages (protobuf, raw stub), 64 B",
                 note="a second bare server echoing kup.v1 Call: what the API's messages "
                      "cost without kupd"),
+            lat("hop.unary64", S_TRANSPORT, "hop floor: unary round trip + one channel hop, 64 B",
+                baseline="bare.unary64", note=HOP_NOTE),
+            lat("hop.bidi64", S_TRANSPORT,
+                "hop floor: bidi-stream round trip + one channel hop, 64 B",
+                baseline="bare.bidi64", note=HOP_NOTE),
         ]
         cpu_specs = [
             cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
                  sub="cpu"),
             cost("bare.bidi64", S_TRANSPORT, "server CPU per bidi round trip", "us CPU",
                  sub="cpu"),
+            cost("hop.unary64", S_TRANSPORT, "hop floor: server CPU per unary round trip",
+                 "us CPU", sub="cpu", baseline="bare.unary64.cpu"),
+            cost("hop.bidi64", S_TRANSPORT, "hop floor: server CPU per bidi round trip",
+                 "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
             cost("kupd.session_rt", S_E2E, "kupd CPU per Session round trip (client exchange)",
                  "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
             cost("kupd.session_rt_sr", S_E2E,
@@ -166,6 +183,9 @@ async def run(ctx: RunCtx) -> None:
         bare_pb: Proc | None = None
         bare_pb_why = ""
         pbch: Any = None
+        hop: Proc | None = None
+        hop_why = ""
+        hch: Any = None
         kupd: Any = None
         kupd_why = ""
         async with group(ctx, "grpc: start servers", bare_specs):
@@ -183,6 +203,18 @@ async def run(ctx: RunCtx) -> None:
                 stack.callback(bare_pb.stop)
                 pbch = bare_channel(ctx.tmp / "bare-pb.sock")
                 stack.push_async_callback(pbch.close)
+            try:
+                hop_sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
+                                                       rundir=ctx.tmp / "sim-hop"))
+                hop = start_hop_server(ctx.tmp / "hop.sock", ctx.logs / "hop.log",
+                                       hop_sim.device_path("echo"), cfg.call_channels)
+            except BenchError as exc:  # e.g. kupsim not built: only the floor figures go
+                hop_why = f"hop-floor server: {exc}"
+                log(f"  ! {hop_why}")
+            else:
+                stack.callback(hop.stop)
+                hch = bare_channel(ctx.tmp / "hop.sock")
+                stack.push_async_callback(hch.close)
         if bare is None:
             return
         try:
@@ -205,6 +237,14 @@ async def run(ctx: RunCtx) -> None:
                 work["bare.call_pb"] = _lat(_pb_call(pbch), n, "bare kup.v1 Call", bare_pb.pid)
             else:
                 ctx.skip([s for s in all_rt if s.workload == "bare.call_pb"], bare_pb_why)
+            hb: BareBidi | None = None
+            if hop is not None:
+                hb = BareBidi(hch)
+                stack.push_async_callback(hb.close)
+                work["hop.unary64"] = _lat(BareUnary(hch), n, "hop unary", hop.pid)
+                work["hop.bidi64"] = _lat(hb, n, "hop bidi", hop.pid)
+            else:
+                ctx.skip([s for s in all_rt if s.workload.startswith("hop.")], hop_why)
             echoers: dict[str, Any] = {}
             if kupd is not None:
                 echoers = await kupd.rt_echoers()
@@ -216,6 +256,8 @@ async def run(ctx: RunCtx) -> None:
                 await ctx.measure(work, all_rt)
             finally:
                 await bb.close()
+                if hb is not None:
+                    await hb.close()
                 if kupd is not None:
                     await kupd.close_idle(list(echoers.values()))
 
@@ -241,6 +283,10 @@ async def run(ctx: RunCtx) -> None:
         for nm, pretty, _size in sizes:
             pump_specs.append(rate(f"bare.pump_{nm}", S_TRANSPORT,
                                    f"bidi stream throughput, {pretty}"))
+            if nm != "max":
+                pump_specs.append(rate(f"hop.pump_{nm}", S_TRANSPORT,
+                                       f"hop floor: bidi stream throughput, {pretty}",
+                                       baseline=f"bare.pump_{nm}", note=HOP_NOTE))
             pump_specs.append(rate(f"kupd.pump_{nm}", S_E2E,
                                    f"Session stream throughput (pipelined exchanges), {pretty}",
                                    baseline=f"bare.pump_{nm}"))
@@ -265,6 +311,12 @@ async def run(ctx: RunCtx) -> None:
             work = {}
             for nm, _pretty, size in sizes:
                 work[f"bare.pump_{nm}"] = _pump(bb, size, cfg.pump_bytes, f"bare pump {nm}")
+                if hb is not None and nm != "max":
+                    # a pump opens a fresh stream per trial (as ``bb``'s): the
+                    # round trips' stream, closed by now, only names the channel
+                    work[f"hop.pump_{nm}"] = _pump(hb, size, cfg.pump_bytes, f"hop pump {nm}")
+            if hb is None:
+                ctx.skip([s for s in pump_specs if s.workload.startswith("hop.")], hop_why)
             if pipe is not None:
                 for nm, _pretty, size in sizes:
                     if size <= kupd.max_msg:
@@ -291,8 +343,9 @@ async def run(ctx: RunCtx) -> None:
         # -- scale
         scale_specs: list[FigSpec] = []
         for k in cfg.scale_clients:
-            for who, base in (("bare", None), ("kupd", "bare")):
-                what = "bidi streams" if who == "bare" else "Sessions, one channel each"
+            for who, base in (("bare", None), ("hop", "bare"), ("kupd", "bare")):
+                what = {"bare": "bidi streams", "hop": "hop floor: bidi streams + a channel each",
+                        "kupd": "Sessions, one channel each"}[who]
                 scale_specs.append(rate(
                     f"scale.{who}_{k}", S_SCALE, f"{who}: {k} clients ({what}), aggregate",
                     sub="rate", unit="rt/s",
@@ -305,6 +358,11 @@ async def run(ctx: RunCtx) -> None:
             rate("scale.bare_call", S_SCALE, f"bare: {c} clients unary, aggregate",
                  sub="rate", unit="rt/s"),
             lat("scale.bare_call", S_SCALE, f"bare: {c} clients unary, per call", sub="lat"),
+            rate("scale.hop_call", S_SCALE,
+                 f"hop: {c} clients unary over {cc} channels (hop floor), aggregate",
+                 sub="rate", unit="rt/s", baseline="scale.bare_call.rate"),
+            lat("scale.hop_call", S_SCALE, f"hop: {c} clients unary, per call", sub="lat",
+                baseline="scale.bare_call.lat"),
             rate("scale.kupd_call", S_SCALE,
                  f"kupd: {c} clients Call over {cc} channels, aggregate", sub="rate",
                  unit="rt/s", baseline="scale.bare_call.rate"),
@@ -322,13 +380,20 @@ async def run(ctx: RunCtx) -> None:
             if kupd is None:
                 ctx.skip([s for s in scale_specs if s.workload.startswith("scale.kupd")],
                          kupd_why)
+            if hop is None:
+                ctx.skip([s for s in scale_specs if s.workload.startswith("scale.hop")],
+                         hop_why)
             for k in cfg.scale_clients:
                 n_each = max(1, cfg.scale_total // k)
                 bstreams = [BareBidi(bch) for _ in range(k)]
+                hstreams = [BareBidi(hch) for _ in range(k)] if hop is not None else []
                 sessions: list[Any] = []
                 try:
                     work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
                                                      f"bare x{k}")}
+                    if hstreams:
+                        work[f"scale.hop_{k}"] = _conc([s.rt for s in hstreams], n_each,
+                                                       f"hop x{k}")
                     if kupd is not None:
                         sessions = await kupd.sessions(k)
                         work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
@@ -336,7 +401,7 @@ async def run(ctx: RunCtx) -> None:
                     await ctx.measure(work, [s for s in scale_specs
                                              if s.workload in work], cfg.scale_trials)
                 finally:
-                    for bs in bstreams:
+                    for bs in bstreams + hstreams:
                         await bs.close()
                     if kupd is not None:
                         await kupd.close_sessions(sessions)
@@ -348,6 +413,8 @@ async def run(ctx: RunCtx) -> None:
             else:
                 ctx.skip([s for s in scale_specs if s.workload == "scale.bare_call_pb"],
                          bare_pb_why)
+            if hop is not None:
+                work["scale.hop_call"] = _conc([BareUnary(hch).rt] * c, n_each, "hop unary x256")
             if kupd is not None:
                 work["scale.kupd_call"] = _conc(kupd.callers(c), n_each, "kupd call x256")
             await ctx.measure(work, [s for s in scale_specs if "call" in s.workload],

@@ -88,6 +88,12 @@ class Target:
     limit: float
     on_ratio: bool = True
     baseline: str | None = None  # None: the figure's own baseline
+    #: the figure that measures the least any implementation of this shape
+    #: costs on this machine (e.g. the bare server plus one channel hop, no
+    #: kupd), judged the same way (ratio to the same baseline, or median):
+    #: printed next to the value so a miss can be read against what is
+    #: reachable at all.  Reported only, never part of the verdict.
+    floor: str | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("<=", ">="):
@@ -156,6 +162,16 @@ class Report:
         ok = value <= t.limit if t.op == "<=" else value >= t.limit
         return value, "met" if ok else "missed"
 
+    def floor_of(self, t: Target) -> float | None:
+        """The target's floor figure judged as the target is (None: none or
+        not measured)."""
+        if t.floor is None:
+            return None
+        if t.on_ratio:
+            return self.ratio(t.floor, t.baseline or self._baseline_of(t.figure))
+        fig = self.figures.get(t.floor)
+        return fig.median if fig is not None else None
+
     def _baseline_of(self, key: str) -> str | None:
         fig = self.figures.get(key)
         return fig.baseline if fig is not None else None
@@ -194,16 +210,18 @@ class Report:
             ))
         return rows
 
-    def _target_rows(self) -> list[tuple[str, str, str, str]]:
+    def _target_rows(self) -> list[tuple[str, str, str, str, str]]:
         out = []
         for t in self.targets:
             value, verdict = self.judge(t)
+            floor = self.floor_of(t)
             what = "ratio" if t.on_ratio else "median"
             out.append((
                 t.label,
                 f"{what} {_fmt(value)}" if value is not None else "-",
                 f"{t.op} {_fmt(t.limit)}",
                 verdict,
+                f"{_fmt(floor)} ({t.floor})" if floor is not None else "-",
             ))
         return out
 
@@ -212,7 +230,8 @@ class Report:
         head = ("section", "figure", "median", "p99", "unit", "baseline", "ratio")
         lines = [_text_grid(head, rows)]
         lines.append("")
-        lines.append(_text_grid(("target", "value", "limit", "verdict"), self._target_rows()))
+        lines.append(_text_grid(("target", "value", "limit", "verdict", "floor"),
+                                self._target_rows()))
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -239,8 +258,11 @@ class Report:
         out.append("")
         out.append("## Targets (reported, not asserted)")
         out.append("")
-        out.append("| target | value | limit | verdict |")
-        out.append("|---|---:|---|---|")
+        out.append("The floor column: the same ratio (or median) for the least that shape "
+                   "costs on this machine without kupd's own code (see each row's figure).")
+        out.append("")
+        out.append("| target | value | limit | verdict | floor |")
+        out.append("|---|---:|---|---|---|")
         for trow in self._target_rows():
             out.append("| " + " | ".join(trow) + " |")
         if self.notes:
@@ -281,6 +303,8 @@ class Report:
                 "limit": t.limit,
                 "value": value,
                 "verdict": verdict,
+                "floor_figure": t.floor,
+                "floor": self.floor_of(t),
             })
         return {
             "meta": self.meta,

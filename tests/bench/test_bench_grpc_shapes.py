@@ -78,3 +78,37 @@ def _is_zombie_free(pid: int) -> bool:
     except OSError:
         return True
     return b"kupd.daemon" not in cmd
+
+
+def test_hop_floor_server_echoes_through_even_channels_and_reuses_them(tmp_path: Path) -> None:
+    """The hop floor (kupbench.grpc_hop) answers what echo answered: on even
+    channels unchanged, so lower-case letters come back as sent.  Its device
+    has 8 channels: 2 for the unary calls, so the 6 bidi streams opened one
+    after the other can only all be served if a finished stream's channel
+    is handed to the next one."""
+    from kupbench.bare import BareBidi, BareUnary, start_hop_server
+    from kupbench.kupsim_echo import echo_sim
+
+    async def run() -> tuple[bytes, list[bytes], int, dict[str, list[float]]]:
+        with echo_sim(4, 8, rundir=tmp_path / "sim") as sim:
+            sock = tmp_path / "hop.sock"
+            with start_hop_server(sock, tmp_path / "hop.log", sim.device_path("echo"), 2) as srv:
+                ch = bare_channel(sock)
+                try:
+                    unary = await BareUnary(ch).rt(b"lower case, unary")
+                    streams = []
+                    for i in range(6):
+                        s = BareBidi(ch)
+                        streams.append(await s.rt(b"stream %d" % i))
+                        await s.close()
+                    got = await BareBidi(ch).pump(pattern(4096), 5)
+                    lat = await _lat(BareUnary(ch), 5, "hop unary", srv.pid)()
+                finally:
+                    await ch.close()
+        return unary, streams, got, lat
+
+    unary, streams, got, lat = asyncio.run(run())
+    assert unary == b"lower case, unary"
+    assert streams == [b"stream %d" % i for i in range(6)]
+    assert got == 5 * 4096
+    assert len(lat[""]) == 5 and lat["cpu"][0] > 0

@@ -66,11 +66,13 @@ def _report() -> Report:
     r.add(Figure("fig", "1 a", "figure", "us", Better.LOWER, [11.0, 12.0, 13.0],
                  baseline="base"))
     r.add(Figure("tp", "2 b", "throughput", "MiB/s", Better.HIGHER, [50.0]))
+    r.add(Figure("least", "1 a", "the floor of fig", "us", Better.LOWER, [11.0],
+                 baseline="base"))
     r.skip("gone", "2 b", "not measurable", "BenchError: helper missing")
     r.targets = [
         Target("fig/base <= 1.3", "fig", "<=", 1.3),
-        Target("fig/base <= 1.1", "fig", "<=", 1.1),
-        Target("tp >= 40", "tp", ">=", 40.0, on_ratio=False),
+        Target("fig/base <= 1.1", "fig", "<=", 1.1, floor="least"),
+        Target("tp >= 40", "tp", ">=", 40.0, on_ratio=False, floor="least"),
         Target("gone <= 1", "gone", "<=", 1.0),
     ]
     return r
@@ -83,21 +85,28 @@ def test_ratios_and_verdicts() -> None:
     verdicts = [r.judge(t)[1] for t in r.targets]
     assert verdicts[:3] == ["met", "missed", "met"]
     assert verdicts[3].startswith("not measured")
+    # the floor is judged as its target is, and never changes the verdict
+    floors = [r.floor_of(t) for t in r.targets]
+    assert floors[0] is None and floors[3] is None
+    assert floors[1] == pytest.approx(1.1) and floors[2] == 11.0
 
 
 def test_writers_emit_every_figure_skip_and_target(tmp_path: Path) -> None:
     r = _report()
     jpath, mpath = r.write(tmp_path)
     doc = json.loads(jpath.read_text())
-    assert [f["key"] for f in doc["figures"]] == ["base", "fig", "tp"]
+    assert [f["key"] for f in doc["figures"]] == ["base", "fig", "tp", "least"]
     fig = next(f for f in doc["figures"] if f["key"] == "fig")
     assert fig["median"] == 12.0 and fig["ratio"] == pytest.approx(1.2)
     assert doc["skipped"][0]["reason"] == "BenchError: helper missing"
     assert [t["verdict"] for t in doc["targets"]][:3] == ["met", "missed", "met"]
+    assert doc["targets"][1]["floor_figure"] == "least"
+    assert doc["targets"][1]["floor"] == pytest.approx(1.1)
     md = mpath.read_text()
     assert "| 1 a | figure | 12.00 |" in md
     assert "not run: BenchError: helper missing" in md
     assert "missed" in md
+    assert "| fig/base <= 1.1 | ratio 1.20 | <= 1.10 | missed | 1.10 (least) |" in md
     text = r.text_table()
     assert "throughput" in text and "not run" in text
 
