@@ -33,16 +33,19 @@ def start_bare_server(sock: Path, log: Path, kup_call: bool = False) -> Proc:
     ).start()
 
 
-def start_hop_server(sock: Path, log: Path, device: str, unary_channels: int) -> Proc:
+def start_hop_server(sock: Path, log: Path, device: str, unary_channels: int,
+                     kup_v1: bool = False) -> Proc:
     """Start the hop-floor server (kupbench.grpc_hop) in front of the kupsim
-    echo device ``device`` (caller stops it)."""
+    echo device ``device`` (caller stops it); ``kup_v1``: kup.v1 Session and
+    Call too."""
     here = Path(__file__).resolve().parent.parent
-    root = here.parent  # kupd's channel layer
+    root = here.parent  # kupd's channel layer; kupapi for kup.v1's messages
     return Proc(
         [sys.executable, "-m", "kupbench.grpc_hop", "--socket", str(sock), "--device", device,
-         "--unary-channels", str(unary_channels)],
+         "--unary-channels", str(unary_channels), *(["--kup-v1"] if kup_v1 else [])],
         name="hop-floor server (bare grpc.aio + one channel hop)",
-        env={"PYTHONPATH": os.pathsep.join([str(here), str(root)])},
+        env={"PYTHONPATH": os.pathsep.join([str(here), str(root),
+                                            str(root / "clients" / "python")])},
         ready_line="ready",
         log=log,
     ).start()

@@ -37,7 +37,7 @@ PAYLOAD = pattern(64)
 #: the hop floor's kupsim echo: channels of 1 MiB (the 1 MiB pump), enough
 #: even ones for the 64-stream scale figure, the pumps and the unary pool
 HOP_PAGES = 256
-HOP_CHANNELS = 192
+HOP_CHANNELS = 256
 HOP_NOTE = ("the bare echo server, exchanging every message over a kupsim echo channel "
             "with kupd's channel layer before answering (kupbench.grpc_hop): no kupd code")
 
@@ -81,6 +81,23 @@ def _pb_call(channel: Any) -> Echoer:
     return RawCallEcho(kup_pb2_grpc.KupStub(channel), kup_pb2, "echo")
 
 
+def _hop_kup_call(channel: Any) -> Echoer:
+    """Raw-stub kup.v1 Calls on the hop floor (the same client as kupd's)."""
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    from .kupd_sut import RawCallEcho
+    return RawCallEcho(kup_pb2_grpc.KupStub(channel), kup_pb2, "echo")
+
+
+async def _hop_kup_sessions(channel: Any, k: int) -> list[Any]:
+    """``k`` raw-stub kup.v1 Sessions on the hop floor (kupd's raw-stub client)."""
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    from .kupd_sut import RawSession
+    stub = kup_pb2_grpc.KupStub(channel)
+    return [await RawSession(stub, kup_pb2, "echo").open() for _ in range(k)]
+
+
 def _pump_sizes(largest: int | None) -> list[tuple[str, str, int]]:
     out = [("64k", "64 KiB", 64 * KIB), ("1m", "1 MiB", MIB)]
     if largest is not None and largest not in (64 * KIB, MIB):
@@ -117,6 +134,15 @@ async def run(ctx: RunCtx) -> None:
             lat("hop.bidi64", S_TRANSPORT,
                 "hop floor: bidi-stream round trip + one channel hop, 64 B",
                 baseline="bare.bidi64", note=HOP_NOTE),
+            # the same, in kup.v1's messages through the generated classes and
+            # driven by the same raw-stub clients as kupd's "raw stub" rows: the
+            # floor under kupd with its API; kupd over it is kupd's own code
+            lat("hop.kup_session", S_TRANSPORT,
+                "hop floor, kup.v1 messages: Session exchange round trip (raw stub), 64 B",
+                baseline="bare.bidi64", note=HOP_NOTE),
+            lat("hop.kup_call", S_TRANSPORT,
+                "hop floor, kup.v1 messages: Call round trip (raw stub), 64 B",
+                baseline="bare.unary64", note=HOP_NOTE),
         ]
         cpu_specs = [
             cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
@@ -127,6 +153,11 @@ async def run(ctx: RunCtx) -> None:
                  "us CPU", sub="cpu", baseline="bare.unary64.cpu"),
             cost("hop.bidi64", S_TRANSPORT, "hop floor: server CPU per bidi round trip",
                  "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("hop.kup_session", S_TRANSPORT,
+                 "hop floor, kup.v1 messages: server CPU per Session exchange", "us CPU",
+                 sub="cpu", baseline="bare.bidi64.cpu"),
+            cost("hop.kup_call", S_TRANSPORT, "hop floor, kup.v1 messages: server CPU per Call",
+                 "us CPU", sub="cpu", baseline="bare.unary64.cpu"),
             cost("kupd.session_rt", S_E2E, "kupd CPU per Session round trip (client exchange)",
                  "us CPU", sub="cpu", baseline="bare.bidi64.cpu"),
             cost("kupd.session_rt_sr", S_E2E,
@@ -207,7 +238,8 @@ async def run(ctx: RunCtx) -> None:
                 hop_sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
                                                        rundir=ctx.tmp / "sim-hop"))
                 hop = start_hop_server(ctx.tmp / "hop.sock", ctx.logs / "hop.log",
-                                       hop_sim.device_path("echo"), cfg.call_channels)
+                                       hop_sim.device_path("echo"), cfg.call_channels,
+                                       kup_v1=True)
             except BenchError as exc:  # e.g. kupsim not built: only the floor figures go
                 hop_why = f"hop-floor server: {exc}"
                 log(f"  ! {hop_why}")
@@ -238,11 +270,16 @@ async def run(ctx: RunCtx) -> None:
             else:
                 ctx.skip([s for s in all_rt if s.workload == "bare.call_pb"], bare_pb_why)
             hb: BareBidi | None = None
+            hop_kup_sessions: list[Any] = []
             if hop is not None:
                 hb = BareBidi(hch)
                 stack.push_async_callback(hb.close)
                 work["hop.unary64"] = _lat(BareUnary(hch), n, "hop unary", hop.pid)
                 work["hop.bidi64"] = _lat(hb, n, "hop bidi", hop.pid)
+                hks = await _hop_kup_sessions(hch, 1)
+                hop_kup_sessions = hks
+                work["hop.kup_session"] = _lat(hks[0], n, "hop kup.v1 Session", hop.pid)
+                work["hop.kup_call"] = _lat(_hop_kup_call(hch), n, "hop kup.v1 Call", hop.pid)
             else:
                 ctx.skip([s for s in all_rt if s.workload.startswith("hop.")], hop_why)
             echoers: dict[str, Any] = {}
@@ -258,6 +295,8 @@ async def run(ctx: RunCtx) -> None:
                 await bb.close()
                 if hb is not None:
                     await hb.close()
+                for hs in hop_kup_sessions:
+                    await hs.close()
                 if kupd is not None:
                     await kupd.close_idle(list(echoers.values()))
 
@@ -343,8 +382,10 @@ async def run(ctx: RunCtx) -> None:
         # -- scale
         scale_specs: list[FigSpec] = []
         for k in cfg.scale_clients:
-            for who, base in (("bare", None), ("hop", "bare"), ("kupd", "bare")):
+            for who, base in (("bare", None), ("hop", "bare"), ("hopkup", "bare"),
+                              ("kupd", "bare")):
                 what = {"bare": "bidi streams", "hop": "hop floor: bidi streams + a channel each",
+                        "hopkup": "hop floor: kup.v1 Sessions (raw stub), a channel each",
                         "kupd": "Sessions, one channel each"}[who]
                 scale_specs.append(rate(
                     f"scale.{who}_{k}", S_SCALE, f"{who}: {k} clients ({what}), aggregate",
@@ -387,6 +428,7 @@ async def run(ctx: RunCtx) -> None:
                 n_each = max(1, cfg.scale_total // k)
                 bstreams = [BareBidi(bch) for _ in range(k)]
                 hstreams = [BareBidi(hch) for _ in range(k)] if hop is not None else []
+                hkups = await _hop_kup_sessions(hch, k) if hop is not None else []
                 sessions: list[Any] = []
                 try:
                     work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
@@ -394,6 +436,8 @@ async def run(ctx: RunCtx) -> None:
                     if hstreams:
                         work[f"scale.hop_{k}"] = _conc([s.rt for s in hstreams], n_each,
                                                        f"hop x{k}")
+                        work[f"scale.hopkup_{k}"] = _conc([s.rt for s in hkups], n_each,
+                                                          f"hop kup.v1 x{k}")
                     if kupd is not None:
                         sessions = await kupd.sessions(k)
                         work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
@@ -403,6 +447,8 @@ async def run(ctx: RunCtx) -> None:
                 finally:
                     for bs in bstreams + hstreams:
                         await bs.close()
+                    for hs in hkups:
+                        await hs.close()
                     if kupd is not None:
                         await kupd.close_sessions(sessions)
             n_each = max(1, cfg.scale_total // c)

@@ -15,11 +15,19 @@ cost over the bare transport on this machine: the floor under kupd's
 "kupd / bare" target rows.  kupd over this server is what kupd's own layers
 add.
 
-Channels: a bidi stream takes one for its life (a free one, else it attaches
+With ``--kup-v1`` it also serves kup.v1's own Session (attach, receive,
+exchange) and Call, in kup.v1's protobuf messages through the generated
+classes, the same way: the floor under kupd with the API's messages, so
+that what is left above it is kupd's own code.
+
+Channels: a bidi stream takes an even one for its life (a free one, else it attaches
 the next even channel) and gives it back when it ends; unary calls share
 ``--unary-channels`` of them, first come first served, as kupd's Call pool
-shares its channels.  A stream that ends while a request is with the module
-closes its channel instead (its reply is owed; kupsim renews it).
+shares its channels (kup.v1 Calls too).  A stream that ends while a request
+is with the module closes its channel instead (its reply is owed; kupsim
+renews it).  A kup.v1 Session attaches an odd channel of its own, receives
+echo's first PASS when its client asks, as from kupd, and closes it at the
+end.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -44,6 +53,7 @@ class _Channels:
         self.dev = Device.open(device)
         self.free: list[Channel] = []
         self.next_id = 0
+        self.next_odd = 1
         self.unary: asyncio.Queue[Channel] = asyncio.Queue()
         for _ in range(unary_channels):
             self.unary.put_nowait(self.take())
@@ -60,6 +70,14 @@ class _Channels:
             del first
             return ch
 
+    def attach_fresh(self) -> Channel:
+        """A newly attached odd channel, echo's first PASS still to be received
+        (a kup.v1 Session receives it, as from kupd; closed when the Session
+        ends).  Odd channels upper-case a-z, which the bench's payloads avoid."""
+        cid = self.next_odd
+        self.next_odd += 2
+        return self.dev.channel(cid)
+
     @staticmethod
     async def exchange(ch: Channel, data: bytes) -> bytes:
         msg = ch.try_exchange(data)
@@ -68,7 +86,67 @@ class _Channels:
         return msg.data
 
 
-async def serve(socket_path: str, device: str, unary_channels: int) -> None:
+def _kup_v1_handler(chans: _Channels) -> grpc.GenericRpcHandler:
+    """kup.v1 Session (attach, receive, exchange) and Call over the same
+    channels, in the generated classes: nothing of kupd's service."""
+    from kupapi import kup_pb2 as pb
+
+    def message(m: Any) -> Any:
+        return pb.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
+
+    async def session(requests: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        ch: Channel | None = None
+        try:
+            async for req in requests:
+                op = req.WhichOneof("op")
+                rid = req.request_id
+                if op == "attach" and ch is None:
+                    ch = chans.attach_fresh()
+                    yield pb.SessionResponse(request_id=rid, attached=pb.AttachResponse(
+                        device=req.attach.device, channel=ch.id, max_message_bytes=ch.max_msg))
+                elif op == "exchange" and ch is not None:
+                    m = ch.try_exchange(req.exchange.data)
+                    if m is None:
+                        m = await wait_message(ch, 30.0)
+                    yield pb.SessionResponse(request_id=rid, exchanged=pb.ReceiveResponse(
+                        message=message(m)))
+                elif op == "receive" and ch is not None:
+                    m = await wait_message(ch, 30.0)
+                    yield pb.SessionResponse(request_id=rid, received=pb.ReceiveResponse(
+                        message=message(m)))
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"hop floor: no {op} here")
+        finally:
+            if ch is not None:
+                ch.close()
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ch = await chans.unary.get()
+        try:
+            m = ch.try_exchange(request.data)
+            if m is None:
+                m = await wait_message(ch, 30.0)
+        except BaseException:
+            ch.close()
+            chans.unary.put_nowait(chans.take())
+            raise
+        chans.unary.put_nowait(ch)
+        return pb.CallResponse(channel=ch.id, reply=message(m))
+
+    return grpc.method_handlers_generic_handler("kup.v1.Kup", {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            session, request_deserializer=pb.SessionRequest.FromString,
+            response_serializer=pb.SessionResponse.SerializeToString),
+        "Call": grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=pb.CallRequest.FromString,
+            response_serializer=pb.CallResponse.SerializeToString),
+    })
+
+
+async def serve(socket_path: str, device: str, unary_channels: int,
+                kup_v1: bool = False) -> None:
     chans = _Channels(device, unary_channels)
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -99,13 +177,16 @@ async def serve(socket_path: str, device: str, unary_channels: int) -> None:
                 ch.close()
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+    handlers = [grpc.method_handlers_generic_handler(
         "kupbench.Echo",
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         },
-    )])
+    )]
+    if kup_v1:
+        handlers.append(_kup_v1_handler(chans))
+    server.add_generic_rpc_handlers(handlers)
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
         raise SystemExit(f"grpc_hop: cannot listen on unix:{socket_path}")
     await server.start()
@@ -124,8 +205,10 @@ def main() -> None:
     ap.add_argument("--device", required=True, help="a kupsim echo device's socket path")
     ap.add_argument("--unary-channels", type=int, default=8,
                     help="channels shared by the unary calls (kupd's Call pool: 8)")
+    ap.add_argument("--kup-v1", action="store_true",
+                    help="also serve kup.v1 Session and Call (protobuf messages; needs kupapi)")
     args = ap.parse_args()
-    asyncio.run(serve(args.socket, args.device, args.unary_channels))
+    asyncio.run(serve(args.socket, args.device, args.unary_channels, args.kup_v1))
 
 
 if __name__ == "__main__":

@@ -83,32 +83,43 @@ def _is_zombie_free(pid: int) -> bool:
 def test_hop_floor_server_echoes_through_even_channels_and_reuses_them(tmp_path: Path) -> None:
     """The hop floor (kupbench.grpc_hop) answers what echo answered: on even
     channels unchanged, so lower-case letters come back as sent.  Its device
-    has 8 channels: 2 for the unary calls, so the 6 bidi streams opened one
-    after the other can only all be served if a finished stream's channel
-    is handed to the next one."""
+    has 16 channels, 8 of them even: 2 for the unary calls, so the 8 bidi
+    streams opened one after the other can only all be served if a finished
+    stream's channel is handed to the next one.  With --kup-v1 it speaks
+    kup.v1 Session and Call to kupd's own raw-stub clients."""
+    from kupapi import kup_pb2, kup_pb2_grpc
     from kupbench.bare import BareBidi, BareUnary, start_hop_server
     from kupbench.kupsim_echo import echo_sim
 
-    async def run() -> tuple[bytes, list[bytes], int, dict[str, list[float]]]:
-        with echo_sim(4, 8, rundir=tmp_path / "sim") as sim:
+    async def run() -> tuple[bytes, list[bytes], int, dict[str, list[float]], bytes, bytes]:
+        with echo_sim(4, 16, rundir=tmp_path / "sim") as sim:
             sock = tmp_path / "hop.sock"
-            with start_hop_server(sock, tmp_path / "hop.log", sim.device_path("echo"), 2) as srv:
+            with start_hop_server(sock, tmp_path / "hop.log", sim.device_path("echo"), 2,
+                                  kup_v1=True) as srv:
                 ch = bare_channel(sock)
                 try:
                     unary = await BareUnary(ch).rt(b"lower case, unary")
                     streams = []
-                    for i in range(6):
+                    for i in range(8):
                         s = BareBidi(ch)
                         streams.append(await s.rt(b"stream %d" % i))
                         await s.close()
                     got = await BareBidi(ch).pump(pattern(4096), 5)
                     lat = await _lat(BareUnary(ch), 5, "hop unary", srv.pid)()
+                    stub = kup_pb2_grpc.KupStub(ch)
+                    sess = await kupd_sut.RawSession(stub, kup_pb2, "echo").open()
+                    try:
+                        by_session = await sess.rt(pattern(64))
+                    finally:
+                        await sess.close()
+                    by_call = await kupd_sut.RawCallEcho(stub, kup_pb2, "echo").rt(pattern(64))
                 finally:
                     await ch.close()
-        return unary, streams, got, lat
+        return unary, streams, got, lat, by_session, by_call
 
-    unary, streams, got, lat = asyncio.run(run())
+    unary, streams, got, lat, by_session, by_call = asyncio.run(run())
     assert unary == b"lower case, unary"
-    assert streams == [b"stream %d" % i for i in range(6)]
+    assert streams == [b"stream %d" % i for i in range(8)]
     assert got == 5 * 4096
     assert len(lat[""]) == 5 and lat["cpu"][0] > 0
+    assert by_session == pattern(64) and by_call == pattern(64)
