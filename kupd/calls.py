@@ -25,12 +25,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from kupd import errors
 from kupd.channel import Channel, Message
 from kupd.log import get_logger
-from kupd.metrics import Metrics
+from kupd.metrics import CallCount, Metrics
 from kupd.waiting import ChannelWaiter
 
 __all__ = ["CallPool", "PoolChannel"]
@@ -102,7 +102,7 @@ class CallPool:
         #: a pool channel was closed (its id): the device may refuse it Busy
         #: for a moment (kupd.devices.REATTACH_GRACE)
         self.on_closed: Callable[[int], None] = lambda chan_id: None
-        self._counted: dict[str, Any] = {}
+        self._counted: dict[str, CallCount] = {}
         self._queued_gauge = metrics.calls_queued.labels(device)
 
     # -- membership ---------------------------------------------------------
@@ -296,10 +296,10 @@ class CallPool:
     def count(self, code: str) -> None:
         """One finished Call with status ``code`` (the labelled child is
         looked up once per code, not per Call)."""
-        child = self._counted.get(code)
-        if child is None:
-            child = self._counted[code] = self.metrics.calls.labels(self.device, code)
-        child.inc()
+        cc = self._counted.get(code)
+        if cc is None:
+            cc = self._counted[code] = self.metrics.call_count(self.device, code)
+        cc.n += 1
 
     async def _exchange(self, pc: PoolChannel, data: bytes, timeout: float) -> tuple[Message, int]:
         ch = pc.ch

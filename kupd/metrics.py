@@ -5,10 +5,11 @@ Each :class:`Metrics` has its own registry, so several servers (tests) can
 live in one process.
 
 The per-message series (``kupd_messages``, ``kupd_bytes``,
-``kupd_turn_wait_seconds``) are plain Python ints and floats bumped on the
-hot path and turned into metric families only when scraped (a custom
-collector): a ``Counter.inc`` / ``Histogram.observe`` takes a lock and walks
-value objects per call, which showed as 2-4% of kupd's CPU per message
+``kupd_turn_wait_seconds``) and the per-Call ``kupd_calls`` are plain
+Python ints and floats bumped on the hot path and turned into metric
+families only when scraped (a custom collector): a ``Counter.inc`` /
+``Histogram.observe`` takes a lock and walks value objects per call, which
+showed as 2-4% of kupd's CPU per message
 (bench/results/FINDINGS.md F2).  The exposition is the same as the client
 library's own Counter / Histogram (``_total`` and ``_created`` samples,
 cumulative ``le`` buckets with ``+Inf``, ``_count``, ``_sum``).
@@ -32,7 +33,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["ChannelMetrics", "Metrics", "TenantCollector", "TurnWait"]
+__all__ = ["CallCount", "ChannelMetrics", "Metrics", "TenantCollector", "TurnWait"]
 
 TURN_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 
@@ -51,6 +52,18 @@ class TurnWait:
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(TURN_WAIT_BUCKETS, seconds)] += 1
         self.sum += seconds
+
+
+class CallCount:
+    """Finished Calls of one (device, code): a plain number, turned into
+    ``kupd_calls_total`` at scrape time (a prometheus Counter takes a lock
+    per ``inc``)."""
+
+    __slots__ = ("created", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.created = time.time()
 
 
 class ChannelMetrics:
@@ -104,6 +117,10 @@ class _MessageCollector(Collector):
             nbytes.add_metric(inn, cm.recv_bytes, created=cm.created)
         yield msgs
         yield nbytes
+        calls = CounterMetricFamily("kupd_calls", "Calls finished", labels=["device", "code"])
+        for (device, code), cc in list(self._m._calls.items()):
+            calls.add_metric([device, code], cc.n, created=cc.created)
+        yield calls
         hist = HistogramMetricFamily(
             "kupd_turn_wait_seconds",
             "Time waiting for the kernel to hand the turn back",
@@ -176,13 +193,13 @@ class Metrics:
         r = self.registry
         self._channels: dict[tuple[str, int], ChannelMetrics] = {}
         self._turn_waits: dict[str, TurnWait] = {}
+        self._calls: dict[tuple[str, str], CallCount] = {}
         r.register(_MessageCollector(self))
         self.sessions = Gauge("kupd_sessions", "Open Session streams", ["device"], registry=r)
         self.leases = Gauge("kupd_leases", "Open Attach leases", ["device"], registry=r)
         self.calls_queued = Gauge(
             "kupd_calls_queued", "Calls waiting for a pool channel", ["device"], registry=r
         )
-        self.calls = Counter("kupd_calls", "Calls finished", ["device", "code"], registry=r)
         self.errors = Counter(
             "kupd_errors",
             "RPC errors by gRPC code, per device and channel ('' where not known)",
@@ -218,6 +235,15 @@ class Metrics:
         if cm is None:
             cm = self._channels[key] = ChannelMetrics(self.turn_wait(device))
         return cm
+
+    def call_count(self, device: str, code: str) -> CallCount:
+        """The (cached) count of finished Calls of ``device`` with status
+        ``code`` (bounded: devices x gRPC codes)."""
+        key = (device, code)
+        cc = self._calls.get(key)
+        if cc is None:
+            cc = self._calls[key] = CallCount()
+        return cc
 
     def sent(self, device: str, channel: int, nbytes: int) -> None:
         self.channel(device, channel).sent(nbytes)

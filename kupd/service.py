@@ -714,13 +714,19 @@ class KupService(kup_pb2_grpc.KupServicer):
 
     # ---------------------------------------------------------------- calls
     async def Call(
-        self, request: kup_pb2.CallRequest, context: grpc.aio.ServicerContext
+        self,
+        request: kup_pb2.CallRequest,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant | None = None,
     ) -> kup_pb2.CallResponse:
         # Not @_unary: binding the log context (structlog contextvars: a clear
         # and five keys) costs about a third of kupd's own Python work per
         # Call, and a Call that succeeds logs nothing.  A failed Call binds
         # the same keys as before (request, rpc; device, caller, tenant once
         # the device was ready) before its status is logged and counted.
+        # ``tenant``: TenantKup binds it here, as for Send.
+        if tenant is not None:
+            use_tenant(tenant)
         where: dict[str, Any] = {}
         try:
             self._check_open()

@@ -60,8 +60,10 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         # of a generator re-yielding every response of another (a resume per
         # message).  grpc.aio sees through the partial (inspect unwraps it).
         self.__dict__["Session"] = functools.partial(inner.Session, tenant=tenant)
-        # Send (the unary exchange): the same, one coroutine instead of two.
+        # Send (the unary exchange) and Call: the same, one coroutine instead
+        # of two.
         self.__dict__["Send"] = functools.partial(inner.Send, tenant=tenant)
+        self.__dict__["Call"] = functools.partial(inner.Call, tenant=tenant)
 
     async def _unary(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant)  # this RPC's own task: no reset needed
@@ -87,7 +89,8 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         return await self._unary("Pass", request, context)
 
     async def Call(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unary("Call", request, context)
+        # Shadowed per instance in __init__, as Session.
+        return await self.inner.Call(request, context, tenant=self.tenant)
 
     async def Session(
         self, request_iterator: Any, context: grpc.aio.ServicerContext
