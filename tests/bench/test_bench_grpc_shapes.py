@@ -87,9 +87,10 @@ def test_hop_floor_server_echoes_through_even_channels_and_reuses_them(tmp_path:
     streams opened one after the other can only all be served if a finished
     stream's channel is handed to the next one.  With --kup-v1 it speaks
     kup.v1 Session and Call to kupd's own raw-stub clients."""
-    from kupapi import kup_pb2, kup_pb2_grpc
     from kupbench.bare import BareBidi, BareUnary, start_hop_server
     from kupbench.kupsim_echo import echo_sim
+
+    from kupapi import kup_pb2, kup_pb2_grpc
 
     async def run() -> tuple[bytes, list[bytes], int, dict[str, list[float]], bytes, bytes]:
         with echo_sim(4, 16, rundir=tmp_path / "sim") as sim:
