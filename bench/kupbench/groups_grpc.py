@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from .bare import BareBidi, BareUnary, bare_channel, start_bare_server, start_hop_server
@@ -79,6 +80,22 @@ def _pb_call(channel: Any) -> Echoer:
 
     from .kupd_sut import RawCallEcho
     return RawCallEcho(kup_pb2_grpc.KupStub(channel), kup_pb2, "echo")
+
+
+def _optional_server(stack: contextlib.AsyncExitStack, what: str, sock: Path,
+                     start: Callable[[], Proc]) -> tuple[Proc | None, Any, str]:
+    """(process, gRPC channel to it, "") -- or (None, None, why) when it could
+    not start: only the figures that need it are skipped."""
+    try:
+        proc = start()
+    except BenchError as exc:
+        why = f"{what}: {exc}"
+        log(f"  ! {why}")
+        return None, None, why
+    stack.callback(proc.stop)
+    ch = bare_channel(sock)
+    stack.push_async_callback(ch.close)
+    return proc, ch, ""
 
 
 def _hop_kup_call(channel: Any) -> Echoer:
@@ -224,29 +241,22 @@ async def run(ctx: RunCtx) -> None:
             stack.callback(bare.stop)
             bch = bare_channel(ctx.tmp / "bare.sock")
             stack.push_async_callback(bch.close)
-            try:
-                bare_pb = start_bare_server(ctx.tmp / "bare-pb.sock",
-                                            ctx.logs / "bare-pb.log", kup_call=True)
-            except BenchError as exc:  # e.g. no kupapi: only its figures go
-                bare_pb_why = f"kup.v1 Call echo server: {exc}"
-                log(f"  ! {bare_pb_why}")
-            else:
-                stack.callback(bare_pb.stop)
-                pbch = bare_channel(ctx.tmp / "bare-pb.sock")
-                stack.push_async_callback(pbch.close)
-            try:
-                hop_sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
-                                                       rundir=ctx.tmp / "sim-hop"))
-                hop = start_hop_server(ctx.tmp / "hop.sock", ctx.logs / "hop.log",
-                                       hop_sim.device_path("echo"), cfg.call_channels,
-                                       kup_v1=True)
-            except BenchError as exc:  # e.g. kupsim not built: only the floor figures go
-                hop_why = f"hop-floor server: {exc}"
-                log(f"  ! {hop_why}")
-            else:
-                stack.callback(hop.stop)
-                hch = bare_channel(ctx.tmp / "hop.sock")
-                stack.push_async_callback(hch.close)
+            # e.g. no kupapi: only its figures go
+            bare_pb, pbch, bare_pb_why = _optional_server(
+                stack, "kup.v1 Call echo server", ctx.tmp / "bare-pb.sock",
+                lambda: start_bare_server(ctx.tmp / "bare-pb.sock", ctx.logs / "bare-pb.log",
+                                          kup_call=True))
+
+            def hop_start() -> Proc:
+                sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
+                                                   rundir=ctx.tmp / "sim-hop"))
+                return start_hop_server(ctx.tmp / "hop.sock", ctx.logs / "hop.log",
+                                        sim.device_path("echo"), cfg.call_channels,
+                                        kup_v1=True)
+
+            # e.g. kupsim not built: only the floor figures go
+            hop, hch, hop_why = _optional_server(stack, "hop-floor server",
+                                                 ctx.tmp / "hop.sock", hop_start)
         if bare is None:
             return
         try:

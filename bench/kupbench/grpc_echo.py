@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-__all__ = ["BIDI", "GRPC_OPTIONS", "UNARY", "main", "serve"]
+__all__ = ["BIDI", "GRPC_OPTIONS", "UNARY", "main", "run_until_signalled", "serve"]
 
 UNARY = "/kupbench.Echo/Unary"
 BIDI = "/kupbench.Echo/Bidi"
@@ -82,8 +82,14 @@ async def serve(socket_path: str, kup_call: bool = False) -> None:
     if kup_call:
         handlers.append(_kup_call_handler())
     server.add_generic_rpc_handlers(handlers)
+    await run_until_signalled(server, socket_path, "grpc_echo")
+
+
+async def run_until_signalled(server: grpc.aio.Server, socket_path: str, name: str) -> None:
+    """Listen on ``socket_path``, say "ready" (the benchmark waits for that
+    line), serve until SIGTERM / SIGINT."""
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
-        raise SystemExit(f"grpc_echo: cannot listen on unix:{socket_path}")
+        raise SystemExit(f"{name}: cannot listen on unix:{socket_path}")
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

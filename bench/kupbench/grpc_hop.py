@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,7 +42,7 @@ import grpc
 from kupd.channel import Channel, Device
 from kupd.waiting import wait_message
 
-from .grpc_echo import GRPC_OPTIONS
+from .grpc_echo import GRPC_OPTIONS, run_until_signalled
 
 __all__ = ["main", "serve"]
 
@@ -187,16 +186,7 @@ async def serve(socket_path: str, device: str, unary_channels: int,
     if kup_v1:
         handlers.append(_kup_v1_handler(chans))
     server.add_generic_rpc_handlers(handlers)
-    if server.add_insecure_port(f"unix:{socket_path}") == 0:
-        raise SystemExit(f"grpc_hop: cannot listen on unix:{socket_path}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await server.stop(grace=0.5)
+    await run_until_signalled(server, socket_path, "grpc_hop")
 
 
 def main() -> None:
