@@ -8,6 +8,7 @@ Call pool) and /dev/kup/rot13, then, through kupclient:
   * ListDevices reports the module's geometry;
   * a Session on echo channel 7: the kernel's opening PASS, a DATA round trip
     through the real shared pages (odd channel: upper-cased), a PASS back;
+    then channel 7 again at once, a fresh attachment;
   * a Call through the pool;
   * a Watch on rot13 sees the device shut down when kup_rot13.ko is unloaded
     and reappear when it is loaded again, after which a Session works.
@@ -89,6 +90,11 @@ def scenario(sock: str, moddir: str) -> None:
             assert reply.data == b"HELLO THROUGH KUPD" and reply.seq == 2, reply
             ch.pass_()
             assert ch.receive(timeout=T).kind is Kind.PASS
+        # the channel just left, at once: a fresh attachment (kupd waits, should
+        # the module still hold it) with the kernel's opening PASS again
+        with c.open("echo").channel(7) as ch:
+            again = ch.receive(timeout=T)
+            assert again.kind is Kind.PASS and again.seq == 1, again
         print("session: ok", flush=True)
 
         # payloads without a-z: the pool may use odd (upper-casing) channels
