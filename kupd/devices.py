@@ -266,9 +266,9 @@ class ManagedDevice:
                 raise
             except errors.Busy as exc:
                 ago = self._released_ago(chan_id)
-                if ago is None:
-                    raise
-                if ago >= REATTACH_GRACE:
+                if ago is None or (ago >= REATTACH_GRACE and not waited):
+                    raise  # not released by kupd lately: held by someone else
+                if ago >= REATTACH_GRACE:  # waited, and the module still has it
                     what = "every free channel" if chan_id is None else f"channel {chan_id}"
                     raise errors.Busy(
                         f"device {self.name}: the module still holds {what} "
