@@ -54,6 +54,41 @@ def test_clean_kernel_log_has_no_problems() -> None:
     assert vmrun.kernel_problems(log) == []
 
 
+EARLY_OOPS = (
+    "[    2.492450] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+    "[    2.493400] RIP: 0010:sched_clock_cpu+0x9/0x190\n"
+    "[    2.501834] Kernel panic - not syncing: Fatal exception in interrupt\n"
+)
+
+
+def _result(**kw: object) -> object:
+    fields: dict[str, object] = dict(
+        rc=None, log="", dmesg="", console=EARLY_OOPS, boot_seconds=None,
+        wall_seconds=5.0, timed_out=False,
+    )  # fmt: skip
+    fields.update(kw)
+    return vmrun.VMResult(**fields)
+
+
+def test_a_kernel_dying_before_the_job_is_a_boot_to_retry_and_nothing_else_is() -> None:
+    # the 6.12 guest once died like this in its first 3 s, before init ran
+    assert vmrun.died_before_job(_result())
+    # the job had started: whatever happened next is the test's to report
+    assert not vmrun.died_before_job(_result(boot_seconds=3.2))
+    assert not vmrun.died_before_job(_result(log="=== STAGE load\n"))
+    assert not vmrun.died_before_job(_result(rc=0, console=""))
+    # no kernel problem on the console, or the VM hung: not this case either
+    assert not vmrun.died_before_job(_result(console="[ 1.0] Run /init as init process\n"))
+    assert not vmrun.died_before_job(_result(timed_out=True))
+
+
+def test_a_retried_boot_is_reported_with_the_result() -> None:
+    res = _result(rc=0, console="", boot_seconds=3.0, failed_boots=(EARLY_OOPS,))
+    report = res.report()  # type: ignore[attr-defined]
+    assert "boot 1 died before the job started (retried)" in report
+    assert "sched_clock_cpu" in report
+
+
 def test_stage_parsing_reports_unfinished_stages() -> None:
     log = (
         "=== STAGE load\nok\nstage load took 1.0s\n=== RESULT load 0\n"
