@@ -75,7 +75,7 @@ def _conc(rts: list[Callable[[bytes], Awaitable[bytes]]], n_each: int, what: str
 
 
 def _pb_call(channel: Any) -> Echoer:
-    """Raw-stub Calls on the bare server's kup.v1 Call echo."""
+    """Raw-stub kup.v1 Calls (the bare kup.v1 Call echo's, the hop floor's)."""
     from kupapi import kup_pb2, kup_pb2_grpc
 
     from .kupd_sut import RawCallEcho
@@ -96,14 +96,6 @@ def _optional_server(stack: contextlib.AsyncExitStack, what: str, sock: Path,
     ch = bare_channel(sock)
     stack.push_async_callback(ch.close)
     return proc, ch, ""
-
-
-def _hop_kup_call(channel: Any) -> Echoer:
-    """Raw-stub kup.v1 Calls on the hop floor (the same client as kupd's)."""
-    from kupapi import kup_pb2, kup_pb2_grpc
-
-    from .kupd_sut import RawCallEcho
-    return RawCallEcho(kup_pb2_grpc.KupStub(channel), kup_pb2, "echo")
 
 
 async def _hop_kup_sessions(channel: Any, k: int) -> list[Any]:
@@ -286,10 +278,10 @@ async def run(ctx: RunCtx) -> None:
                 stack.push_async_callback(hb.close)
                 work["hop.unary64"] = _lat(BareUnary(hch), n, "hop unary", hop.pid)
                 work["hop.bidi64"] = _lat(hb, n, "hop bidi", hop.pid)
-                hks = await _hop_kup_sessions(hch, 1)
-                hop_kup_sessions = hks
-                work["hop.kup_session"] = _lat(hks[0], n, "hop kup.v1 Session", hop.pid)
-                work["hop.kup_call"] = _lat(_hop_kup_call(hch), n, "hop kup.v1 Call", hop.pid)
+                hop_kup_sessions = await _hop_kup_sessions(hch, 1)
+                work["hop.kup_session"] = _lat(hop_kup_sessions[0], n, "hop kup.v1 Session",
+                                               hop.pid)
+                work["hop.kup_call"] = _lat(_pb_call(hch), n, "hop kup.v1 Call", hop.pid)
             else:
                 ctx.skip([s for s in all_rt if s.workload.startswith("hop.")], hop_why)
             echoers: dict[str, Any] = {}

@@ -39,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from kupd.channel import Channel, Device
+from kupd.channel import Channel, Device, Message
 from kupd.waiting import wait_message
 
 from .grpc_echo import GRPC_OPTIONS, run_until_signalled
@@ -61,13 +61,11 @@ class _Channels:
         """A channel at the user's turn (blocking attach: stream start only)."""
         if self.free:
             return self.free.pop()
-        while True:
-            cid = self.next_id
-            self.next_id += 2  # even channels: echo answers unchanged
-            ch = self.dev.channel(cid)
-            first = ch.receive(timeout=10.0)  # echo hands the turn over: PASS
-            del first
-            return ch
+        cid = self.next_id
+        self.next_id += 2  # even channels: echo answers unchanged
+        ch = self.dev.channel(cid)
+        ch.receive(timeout=10.0)  # echo hands the turn over: PASS
+        return ch
 
     def attach_fresh(self) -> Channel:
         """A newly attached odd channel, echo's first PASS still to be received
@@ -78,11 +76,25 @@ class _Channels:
         return self.dev.channel(cid)
 
     @staticmethod
-    async def exchange(ch: Channel, data: bytes) -> bytes:
+    async def exchange(ch: Channel, data: bytes) -> Message:
+        """kupd's way: send and spin briefly, else wait on the fd."""
         msg = ch.try_exchange(data)
         if msg is None:
             msg = await wait_message(ch, 30.0)
-        return msg.data
+        return msg
+
+    async def pooled_exchange(self, data: bytes) -> tuple[Message, int]:
+        """An exchange on one of the unary channels (first come first served);
+        a channel whose reply is still owed is replaced, not handed on."""
+        ch = await self.unary.get()
+        try:
+            msg = await self.exchange(ch, data)
+        except BaseException:
+            ch.close()
+            self.unary.put_nowait(self.take())
+            raise
+        self.unary.put_nowait(ch)
+        return msg, ch.id
 
 
 def _kup_v1_handler(chans: _Channels) -> grpc.GenericRpcHandler:
@@ -105,9 +117,7 @@ def _kup_v1_handler(chans: _Channels) -> grpc.GenericRpcHandler:
                     yield pb.SessionResponse(request_id=rid, attached=pb.AttachResponse(
                         device=req.attach.device, channel=ch.id, max_message_bytes=ch.max_msg))
                 elif op == "exchange" and ch is not None:
-                    m = ch.try_exchange(req.exchange.data)
-                    if m is None:
-                        m = await wait_message(ch, 30.0)
+                    m = await chans.exchange(ch, req.exchange.data)
                     yield pb.SessionResponse(request_id=rid, exchanged=pb.ReceiveResponse(
                         message=message(m)))
                 elif op == "receive" and ch is not None:
@@ -122,17 +132,8 @@ def _kup_v1_handler(chans: _Channels) -> grpc.GenericRpcHandler:
                 ch.close()
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        ch = await chans.unary.get()
-        try:
-            m = ch.try_exchange(request.data)
-            if m is None:
-                m = await wait_message(ch, 30.0)
-        except BaseException:
-            ch.close()
-            chans.unary.put_nowait(chans.take())
-            raise
-        chans.unary.put_nowait(ch)
-        return pb.CallResponse(channel=ch.id, reply=message(m))
+        m, chan = await chans.pooled_exchange(request.data)
+        return pb.CallResponse(channel=chan, reply=message(m))
 
     return grpc.method_handlers_generic_handler("kup.v1.Kup", {
         "Session": grpc.stream_stream_rpc_method_handler(
@@ -149,15 +150,7 @@ async def serve(socket_path: str, device: str, unary_channels: int,
     chans = _Channels(device, unary_channels)
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        ch = await chans.unary.get()
-        try:
-            reply = await chans.exchange(ch, request)
-        except BaseException:
-            ch.close()
-            chans.unary.put_nowait(chans.take())
-            raise
-        chans.unary.put_nowait(ch)
-        return reply
+        return (await chans.pooled_exchange(request))[0].data
 
     async def bidi(requests: AsyncIterator[bytes],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -168,7 +161,7 @@ async def serve(socket_path: str, device: str, unary_channels: int,
                 clean = False
                 reply = await chans.exchange(ch, req)
                 clean = True
-                yield reply
+                yield reply.data
         finally:
             if clean:
                 chans.free.append(ch)
