@@ -5,7 +5,7 @@ Usage (``bench/`` and the client on ``PYTHONPATH``, as for ``-m kupbench``)::
     git archive OLD kupd clients protos | tar -x -C /tmp/before
     cp kupd/_kupchan*.so /tmp/before/kupd/
     (cd /tmp/before && scripts/gen-proto.sh ...)   # or copy clients/python/kupapi
-    python -m kupbench.compare --before /tmp/before [--trials 8] [--out x.json]
+    python -m kupbench.compare --before /tmp/before [--trials 8] [--out x.json] [--seed N]
 
 The bare grpc.aio echo server, kupd from ``--before`` and kupd from this
 tree run at once (each kupd in front of its own kupsim echo hosts, started
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import statistics
 import tempfile
 import time
@@ -88,8 +89,8 @@ def _on_error(name: str, exc: BaseException) -> None:
 
 
 async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
-               shapes: frozenset[str]) -> Samples:
-    cfg = Config()
+               shapes: frozenset[str], seed: int) -> Samples:
+    cfg = Config(seed=seed)
     res: Samples = {}
     async with contextlib.AsyncExitStack() as stack:
         bare = start_bare_server(tmp / "bare.sock", tmp / "bare.log")
@@ -134,7 +135,7 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
                 "after.call_raw": _lat(rce(new.stub, new.pb, "echo"), n, new.pid),
             })
         log("round trips ...")
-        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error, cfg.seed))
         if "call" in only:
             c = cfg.call_clients
             n_each = max(1, cfg.scale_total // c)
@@ -146,7 +147,7 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
                     [rce(new.stub, new.pb, "echo", f"c{i}") for i in range(c)], n_each, new.pid),
             }
             log(f"{c} Call clients ...")
-            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error, cfg.seed))
         if "scale" not in only and "pump" not in only:
             return res
 
@@ -164,7 +165,7 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
             work[f"{name}{k}"] = _conc(list(ss), n_each, old.pid if "before" in name else new.pid)
         log(f"{k} clients ...")
         if "scale" in only:
-            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+            res.update(await run_interleaved(work, trials, cfg.warmup, _on_error, cfg.seed))
         for name, ss in sessions.items():
             await (old if name.startswith("before.") else new).close_sessions(ss)
         if "pump" not in only:
@@ -182,7 +183,7 @@ async def _run(before: Path, trials: int, tmp: Path, only: frozenset[str],
             for name, p in pumps.items():
                 work[f"{name}_{label}"] = _pump(p, size, cfg.pump_bytes)
         log("stream throughput ...")
-        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error))
+        res.update(await run_interleaved(work, trials, cfg.warmup, _on_error, cfg.seed))
         for p in pumps.values():
             await p.close()
     return res
@@ -212,6 +213,8 @@ def main() -> None:
                     help="comma-separated client shapes for both kupds: sr (send + receive), "
                          "x (exchange)")
     ap.add_argument("--out", type=Path, help="also write every sample and median as JSON")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the trials' shuffled order (default: random, printed)")
     args = ap.parse_args()
     before = args.before.resolve()
     if before == ROOT:
@@ -224,7 +227,9 @@ def main() -> None:
     shapes = frozenset(args.shapes.split(","))
     if not shapes or shapes - {"sr", "x"}:
         raise SystemExit(f"--shapes: expected sr and/or x, got {args.shapes!r}")
-    res = asyncio.run(_run(before, args.trials, tmp, only, shapes))
+    seed = args.seed if args.seed is not None else secrets.randbelow(1 << 31)
+    log(f"trial order seed {seed} (repeat with --seed {seed})")
+    res = asyncio.run(_run(before, args.trials, tmp, only, shapes, seed))
     med = {w: {s: statistics.median(v) for s, v in subs.items()} for w, subs in res.items()}
     if args.out is not None:
         args.out.write_text(json.dumps({"samples": res, "median": med}, indent=1))

@@ -37,6 +37,7 @@ class Config:
     call_clients: int = 256
     call_channels: int = 8
     stripe_sessions: tuple[int, ...] = (4, 8)  # a pump striped over this many Sessions
+    seed: int = 0                 # the trial orders' shuffle (kupbench --seed; default: random)
 
     @staticmethod
     def quick() -> Config:

@@ -64,7 +64,7 @@ class RunCtx:
 
         t0 = time.monotonic()
         res = await run_interleaved(workloads, trials or self.cfg.trials, self.cfg.warmup,
-                                    on_error)
+                                    on_error, seed=self.cfg.seed)
         log(f"  measured {', '.join(workloads)} in {time.monotonic() - t0:.1f} s")
         for s in specs:
             samples = res.get(s.workload, {}).get(s.sub)

@@ -41,6 +41,8 @@ HOP_PAGES = 256
 HOP_CHANNELS = 256
 HOP_NOTE = ("the bare echo server, exchanging every message over a kupsim echo channel "
             "with kupd's channel layer before answering (kupbench.grpc_hop): no kupd code")
+TWIN_NOTE = ("a second hop-floor server, identical to the first (own process, own kupsim): "
+             "how far two servers running the same code land apart in this run")
 
 
 def _lat(e: Echoer, n: int, what: str, server_pid: int | None = None) -> TrialFn:
@@ -152,6 +154,13 @@ async def run(ctx: RunCtx) -> None:
             lat("hop.kup_call", S_TRANSPORT,
                 "hop floor, kup.v1 messages: Call round trip (raw stub), 64 B",
                 baseline="bare.unary64", note=HOP_NOTE),
+            # A/A: the same two floors on a second, identical server
+            lat("hop.kup_session_twin", S_TRANSPORT,
+                "A/A twin of the hop floor: Session exchange round trip (raw stub), 64 B",
+                baseline="bare.bidi64", note=TWIN_NOTE),
+            lat("hop.kup_call_twin", S_TRANSPORT,
+                "A/A twin of the hop floor: Call round trip (raw stub), 64 B",
+                baseline="bare.unary64", note=TWIN_NOTE),
         ]
         cpu_specs = [
             cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
@@ -226,6 +235,9 @@ async def run(ctx: RunCtx) -> None:
         hop: Proc | None = None
         hop_why = ""
         hch: Any = None
+        twin: Proc | None = None
+        twin_why = ""
+        tch: Any = None
         kupd: Any = None
         kupd_why = ""
         async with group(ctx, "grpc: start servers", bare_specs):
@@ -239,16 +251,21 @@ async def run(ctx: RunCtx) -> None:
                 lambda: start_bare_server(ctx.tmp / "bare-pb.sock", ctx.logs / "bare-pb.log",
                                           kup_call=True))
 
-            def hop_start() -> Proc:
-                sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
-                                                   rundir=ctx.tmp / "sim-hop"))
-                return start_hop_server(ctx.tmp / "hop.sock", ctx.logs / "hop.log",
-                                        sim.device_path("echo"), cfg.call_channels,
-                                        kup_v1=True)
+            def hop_start(name: str) -> Callable[[], Proc]:
+                def start() -> Proc:
+                    sim = stack.enter_context(echo_sim(HOP_PAGES, HOP_CHANNELS,
+                                                       rundir=ctx.tmp / f"sim-{name}"))
+                    return start_hop_server(ctx.tmp / f"{name}.sock", ctx.logs / f"{name}.log",
+                                            sim.device_path("echo"), cfg.call_channels,
+                                            kup_v1=True)
+                return start
 
             # e.g. kupsim not built: only the floor figures go
             hop, hch, hop_why = _optional_server(stack, "hop-floor server",
-                                                 ctx.tmp / "hop.sock", hop_start)
+                                                 ctx.tmp / "hop.sock", hop_start("hop"))
+            twin, tch, twin_why = _optional_server(stack, "hop-floor twin",
+                                                   ctx.tmp / "hop-twin.sock",
+                                                   hop_start("hop-twin"))
         if bare is None:
             return
         try:
@@ -283,7 +300,16 @@ async def run(ctx: RunCtx) -> None:
                                                hop.pid)
                 work["hop.kup_call"] = _lat(_pb_call(hch), n, "hop kup.v1 Call", hop.pid)
             else:
-                ctx.skip([s for s in all_rt if s.workload.startswith("hop.")], hop_why)
+                ctx.skip([s for s in all_rt if s.workload.startswith("hop.")
+                          and not s.workload.endswith("_twin")], hop_why)
+            if twin is not None:
+                twin_sessions = await _hop_kup_sessions(tch, 1)
+                hop_kup_sessions += twin_sessions
+                work["hop.kup_session_twin"] = _lat(twin_sessions[0], n, "hop twin Session",
+                                                    twin.pid)
+                work["hop.kup_call_twin"] = _lat(_pb_call(tch), n, "hop twin Call", twin.pid)
+            else:
+                ctx.skip([s for s in all_rt if s.workload.endswith("_twin")], twin_why)
             echoers: dict[str, Any] = {}
             if kupd is not None:
                 echoers = await kupd.rt_echoers()

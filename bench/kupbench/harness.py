@@ -94,6 +94,13 @@ class Target:
     #: printed next to the value so a miss can be read against what is
     #: reachable at all.  Reported only, never part of the verdict.
     floor: str | None = None
+    #: the same floor measured on a second, identical copy of its server (its
+    #: own process and kupsim), the same way: how far two servers that run
+    #: the very same code land apart in this run (where each one's threads
+    #: were placed on the 2 cores, what the trial before left behind).  A gap
+    #: between the value and the floor no wider than the one between the
+    #: floor and its twin is not kupd's code.  Reported only.
+    twin: str | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("<=", ">="):
@@ -165,12 +172,29 @@ class Report:
     def floor_of(self, t: Target) -> float | None:
         """The target's floor figure judged as the target is (None: none or
         not measured)."""
-        if t.floor is None:
+        return self._judged_as(t, t.floor)
+
+    def twin_of(self, t: Target) -> float | None:
+        """The floor's twin (:attr:`Target.twin`) judged as the target is."""
+        return self._judged_as(t, t.twin)
+
+    def _judged_as(self, t: Target, key: str | None) -> float | None:
+        if key is None:
             return None
         if t.on_ratio:
-            return self.ratio(t.floor, t.baseline or self._baseline_of(t.figure))
-        fig = self.figures.get(t.floor)
+            return self.ratio(key, t.baseline or self._baseline_of(t.figure))
+        fig = self.figures.get(key)
         return fig.median if fig is not None else None
+
+    def _floor_cell(self, t: Target) -> str:
+        floor = self.floor_of(t)
+        if floor is None:
+            return "-"
+        cell = f"{_fmt(floor)} ({t.floor})"
+        twin = self.twin_of(t)
+        if twin is not None:
+            cell += f"; A/A twin {_fmt(twin)}, spread {abs(twin - floor):.2f}"
+        return cell
 
     def _baseline_of(self, key: str) -> str | None:
         fig = self.figures.get(key)
@@ -214,14 +238,13 @@ class Report:
         out = []
         for t in self.targets:
             value, verdict = self.judge(t)
-            floor = self.floor_of(t)
             what = "ratio" if t.on_ratio else "median"
             out.append((
                 t.label,
                 f"{what} {_fmt(value)}" if value is not None else "-",
                 f"{t.op} {_fmt(t.limit)}",
                 verdict,
-                f"{_fmt(floor)} ({t.floor})" if floor is not None else "-",
+                self._floor_cell(t),
             ))
         return out
 
@@ -259,7 +282,10 @@ class Report:
         out.append("## Targets (reported, not asserted)")
         out.append("")
         out.append("The floor column: the same ratio (or median) for the least that shape "
-                   "costs on this machine without kupd's own code (see each row's figure).")
+                   "costs on this machine without kupd's own code (see each row's figure). "
+                   "An A/A twin is the same floor measured on a second, identical copy of "
+                   "its server: a gap between two servers no wider than its spread is "
+                   "noise of the run, not code.")
         out.append("")
         out.append("| target | value | limit | verdict | floor |")
         out.append("|---|---:|---|---|---|")
@@ -305,6 +331,8 @@ class Report:
                 "verdict": verdict,
                 "floor_figure": t.floor,
                 "floor": self.floor_of(t),
+                "twin_figure": t.twin,
+                "twin": self.twin_of(t),
             })
         return {
             "meta": self.meta,
@@ -356,16 +384,24 @@ async def run_interleaved(
     trials: int,
     warmup: int = 1,
     on_error: Callable[[str, BaseException], None] | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, list[float]]]:
     """Run ``warmup`` discarded trials then ``trials`` kept ones of each workload,
-    interleaved, in a new order every round (shuffled with the round number as
-    seed, so runs are repeatable).  Shuffled, not rotated: a rotation keeps
+    interleaved, in a new order every round (shuffled from ``seed`` and the
+    round number, so a run is repeatable with its seed).  Shuffled, not rotated: a rotation keeps
     each workload's predecessor fixed, and what the previous trial left behind
     (a sleeping kupsim thread woken onto the client's CPU, warm or cold
     caches) then biases the same workload every round -- Channel.exchange,
     always run right after the Python unix-socket trial (which leaves the
     kupsim thread asleep), measured 2-3x slower than send + receive, which
-    always ran right after it, that way.  A workload that raises is dropped from the remaining
+    always ran right after it, that way.  The seed matters for the same
+    reason: one fixed sequence of orders repeats the same predecessors in
+    every run -- of two identical hop-floor servers, one sequence made the
+    same one the slower in three runs of three, another sequence the other
+    one, by up to 0.1 of bare (bench/results/FINDINGS.md, session 7).  A
+    run's own seed (kupbench --seed, random by default) spreads that bias
+    across runs instead of repeating it.
+    A workload that raises is dropped from the remaining
     rounds and reported through ``on_error``."""
     if trials < 1 or warmup < 0:
         raise ValueError(f"run_interleaved: trials must be >= 1 and warmup >= 0 "
@@ -375,7 +411,7 @@ async def run_interleaved(
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for rnd in range(warmup + trials):
         order = list(names)
-        random.Random(rnd).shuffle(order)
+        random.Random(f"{seed}/{rnd}").shuffle(order)
         for name in order:
             if name not in alive:
                 continue

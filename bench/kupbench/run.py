@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one run, one table, latest.json / latest.md.
 
-Usage: ``python -m kupbench [--quick] [--out DIR] [--only GROUP ...]``
+Usage: ``python -m kupbench [--quick] [--out DIR] [--only GROUP ...] [--seed N]``
 (with ``bench/`` on ``PYTHONPATH``; the Makefile does this).
 """
 
@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +58,9 @@ def targets() -> list[Target]:
         # (kupbench.grpc_hop), in kup.v1's messages where the row's client
         # speaks kup.v1; for the channel rows, C on libkup
         Target("Session round trip / bare gRPC bidi round trip", "kupd.session_rt", "<=", 1.2,
-               floor="hop.kup_session"),
+               floor="hop.kup_session", twin="hop.kup_session_twin"),
         Target("Call round trip / bare gRPC unary round trip", "kupd.call_rt", "<=", 1.2,
-               floor="hop.kup_call"),
+               floor="hop.kup_call", twin="hop.kup_call_twin"),
         Target("stream throughput 64 KiB / bare gRPC", "kupd.pump_64k", ">=", 0.8,
                floor="hop.pump_64k"),
         Target("stream throughput 1 MiB / bare gRPC", "kupd.pump_1m", ">=", 0.8,
@@ -144,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="GROUP",
                     help="run only this group (repeatable): " + ", ".join(
                         ["native", "grpc"]))
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the trials' shuffled order (default: a random one; every "
+                         "run prints and records its seed, so a run's orders can be repeated)")
     args = ap.parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
+    seed = args.seed if args.seed is not None else secrets.randbelow(1 << 31)
+    cfg = replace(cfg, seed=seed)
+    log(f"trial order seed {seed} (repeat with --seed {seed})")
     unknown = [g for g in args.only if g not in ("native", "grpc")]
     if unknown:
         ap.error(f"unknown group(s): {', '.join(unknown)}")

@@ -68,10 +68,12 @@ def _report() -> Report:
     r.add(Figure("tp", "2 b", "throughput", "MiB/s", Better.HIGHER, [50.0]))
     r.add(Figure("least", "1 a", "the floor of fig", "us", Better.LOWER, [11.0],
                  baseline="base"))
+    r.add(Figure("least2", "1 a", "the floor's A/A twin", "us", Better.LOWER, [11.5],
+                 baseline="base"))
     r.skip("gone", "2 b", "not measurable", "BenchError: helper missing")
     r.targets = [
         Target("fig/base <= 1.3", "fig", "<=", 1.3),
-        Target("fig/base <= 1.1", "fig", "<=", 1.1, floor="least"),
+        Target("fig/base <= 1.1", "fig", "<=", 1.1, floor="least", twin="least2"),
         Target("tp >= 40", "tp", ">=", 40.0, on_ratio=False, floor="least"),
         Target("gone <= 1", "gone", "<=", 1.0),
     ]
@@ -89,24 +91,32 @@ def test_ratios_and_verdicts() -> None:
     floors = [r.floor_of(t) for t in r.targets]
     assert floors[0] is None and floors[3] is None
     assert floors[1] == pytest.approx(1.1) and floors[2] == 11.0
+    # so is the floor's A/A twin, where there is one
+    twins = [r.twin_of(t) for t in r.targets]
+    assert twins[1] == pytest.approx(1.15) and twins[0] is None and twins[2] is None
 
 
 def test_writers_emit_every_figure_skip_and_target(tmp_path: Path) -> None:
     r = _report()
     jpath, mpath = r.write(tmp_path)
     doc = json.loads(jpath.read_text())
-    assert [f["key"] for f in doc["figures"]] == ["base", "fig", "tp", "least"]
+    assert [f["key"] for f in doc["figures"]] == ["base", "fig", "tp", "least", "least2"]
     fig = next(f for f in doc["figures"] if f["key"] == "fig")
     assert fig["median"] == 12.0 and fig["ratio"] == pytest.approx(1.2)
     assert doc["skipped"][0]["reason"] == "BenchError: helper missing"
     assert [t["verdict"] for t in doc["targets"]][:3] == ["met", "missed", "met"]
     assert doc["targets"][1]["floor_figure"] == "least"
     assert doc["targets"][1]["floor"] == pytest.approx(1.1)
+    assert doc["targets"][1]["twin_figure"] == "least2"
+    assert doc["targets"][1]["twin"] == pytest.approx(1.15)
+    assert doc["targets"][2]["twin"] is None
     md = mpath.read_text()
     assert "| 1 a | figure | 12.00 |" in md
     assert "not run: BenchError: helper missing" in md
     assert "missed" in md
-    assert "| fig/base <= 1.1 | ratio 1.20 | <= 1.10 | missed | 1.10 (least) |" in md
+    assert ("| fig/base <= 1.1 | ratio 1.20 | <= 1.10 | missed | "
+            "1.10 (least); A/A twin 1.15, spread 0.05 |") in md
+    assert "| tp >= 40 | median 50.00 | >= 40.00 | met | 11.00 (least) |" in md
     text = r.text_table()
     assert "throughput" in text and "not run" in text
 
@@ -147,6 +157,23 @@ def test_interleaving_shuffles_discards_warmup_and_drops_failures() -> None:
 
     asyncio.run(run_interleaved({n: rec(n) for n in names}, trials=8, warmup=0))  # type: ignore[misc]
     rounds = [calls2[i:i + 6] for i in range(0, len(calls2), 6)]
+    # a run's seed picks its orders: the same seed repeats them, another one
+    # gives other orders (so runs do not all share one order's bias)
+
+    def orders(seed: int) -> list[str]:
+        got: list[str] = []
+
+        def rec2(name: str) -> object:
+            async def trial() -> dict[str, list[float]]:
+                got.append(name)
+                return {"": [1.0]}
+            return trial
+
+        asyncio.run(run_interleaved({n: rec2(n) for n in names}, trials=8,  # type: ignore[misc]
+                                    warmup=0, seed=seed))
+        return got
+
+    assert orders(0) == calls2 and orders(7) == orders(7) != calls2
     assert all(sorted(r) == names for r in rounds)
     # no workload always follows the same one (what rotation did)
     preds = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in names}
