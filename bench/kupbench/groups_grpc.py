@@ -411,9 +411,11 @@ async def run(ctx: RunCtx) -> None:
         scale_specs: list[FigSpec] = []
         for k in cfg.scale_clients:
             for who, base in (("bare", None), ("hop", "bare"), ("hopkup", "bare"),
-                              ("kupd", "bare")):
+                              ("kupdraw", "bare"), ("kupd", "bare")):
                 what = {"bare": "bidi streams", "hop": "hop floor: bidi streams + a channel each",
                         "hopkup": "hop floor: kup.v1 Sessions (raw stub), a channel each",
+                        # the hop floor's client on kupd: kupd's own cost at this load
+                        "kupdraw": "Sessions (raw stub), one channel each",
                         "kupd": "Sessions, one channel each"}[who]
                 scale_specs.append(rate(
                     f"scale.{who}_{k}", S_SCALE, f"{who}: {k} clients ({what}), aggregate",
@@ -458,6 +460,7 @@ async def run(ctx: RunCtx) -> None:
                 hstreams = [BareBidi(hch) for _ in range(k)] if hop is not None else []
                 hkups = await _hop_kup_sessions(hch, k) if hop is not None else []
                 sessions: list[Any] = []
+                raw_sessions: list[Any] = []
                 try:
                     work = {f"scale.bare_{k}": _conc([s.rt for s in bstreams], n_each,
                                                      f"bare x{k}")}
@@ -470,6 +473,9 @@ async def run(ctx: RunCtx) -> None:
                         sessions = await kupd.sessions(k)
                         work[f"scale.kupd_{k}"] = _conc([s.rt for s in sessions], n_each,
                                                         f"kupd x{k}")
+                        raw_sessions = await kupd.sessions(k, raw=True)
+                        work[f"scale.kupdraw_{k}"] = _conc([s.rt for s in raw_sessions], n_each,
+                                                           f"kupd raw stub x{k}")
                     await ctx.measure(work, [s for s in scale_specs
                                              if s.workload in work], cfg.scale_trials)
                 finally:
@@ -478,7 +484,7 @@ async def run(ctx: RunCtx) -> None:
                     for hs in hkups:
                         await hs.close()
                     if kupd is not None:
-                        await kupd.close_sessions(sessions)
+                        await kupd.close_sessions(sessions + raw_sessions)
             n_each = max(1, cfg.scale_total // c)
             work = {"scale.bare_call": _conc([bu.rt] * c, n_each, "bare unary x256")}
             if bare_pb is not None:

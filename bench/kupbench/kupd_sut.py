@@ -451,17 +451,22 @@ class KupdSut:
             raise
         return StripedPump(out)
 
-    async def sessions(self, k: int) -> list[ClientSession]:
-        out: list[ClientSession] = []
+    async def sessions(self, k: int, raw: bool = False) -> list[ClientSession | RawSession]:
+        """``k`` Sessions on the echo device: kupclient's (what users get), or
+        with ``raw`` the raw kup.v1 stub's (the hop floor's client)."""
+        out: list[ClientSession | RawSession] = []
         try:
             for _ in range(k):
-                out.append(await ClientSession.open(self.client, self.device))
+                if raw:
+                    out.append(await RawSession(self.stub, self.pb, self.device).open())
+                else:
+                    out.append(await ClientSession.open(self.client, self.device))
         except BaseException:
             await self.close_sessions(out)
             raise
         return out
 
-    async def close_sessions(self, sessions: list[ClientSession]) -> None:
+    async def close_sessions(self, sessions: list[ClientSession | RawSession]) -> None:
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
     def callers(self, n: int) -> list[Callable[[bytes], Awaitable[bytes]]]:
