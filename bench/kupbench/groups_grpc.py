@@ -147,20 +147,19 @@ async def run(ctx: RunCtx) -> None:
                 baseline="bare.bidi64", note=HOP_NOTE),
             # the same, in kup.v1's messages through the generated classes and
             # driven by the same raw-stub clients as kupd's "raw stub" rows: the
-            # floor under kupd with its API; kupd over it is kupd's own code
-            lat("hop.kup_session", S_TRANSPORT,
-                "hop floor, kup.v1 messages: Session exchange round trip (raw stub), 64 B",
-                baseline="bare.bidi64", note=HOP_NOTE),
-            lat("hop.kup_call", S_TRANSPORT,
-                "hop floor, kup.v1 messages: Call round trip (raw stub), 64 B",
-                baseline="bare.unary64", note=HOP_NOTE),
-            # A/A: the same two floors on a second, identical server
-            lat("hop.kup_session_twin", S_TRANSPORT,
-                "A/A twin of the hop floor: Session exchange round trip (raw stub), 64 B",
-                baseline="bare.bidi64", note=TWIN_NOTE),
-            lat("hop.kup_call_twin", S_TRANSPORT,
-                "A/A twin of the hop floor: Call round trip (raw stub), 64 B",
-                baseline="bare.unary64", note=TWIN_NOTE),
+            # floor under kupd with its API; kupd over it is kupd's own code.
+            # Then the same two on a second, identical server (A/A).
+            *(spec for sfx, what, note in (
+                ("", "hop floor, kup.v1 messages", HOP_NOTE),
+                ("_twin", "A/A twin of the hop floor", TWIN_NOTE),
+            ) for spec in (
+                lat(f"hop.kup_session{sfx}", S_TRANSPORT,
+                    f"{what}: Session exchange round trip (raw stub), 64 B",
+                    baseline="bare.bidi64", note=note),
+                lat(f"hop.kup_call{sfx}", S_TRANSPORT,
+                    f"{what}: Call round trip (raw stub), 64 B",
+                    baseline="bare.unary64", note=note),
+            )),
         ]
         cpu_specs = [
             cost("bare.unary64", S_TRANSPORT, "server CPU per unary round trip", "us CPU",
