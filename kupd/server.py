@@ -93,6 +93,17 @@ class _Health(HealthServicer):  # type: ignore[misc]
     ) -> health_pb2.HealthCheckResponse:
         await self._kupd.probe()
         log.debug("health check", service=request.service)
+        known = self._kupd.health_services()
+        if request.service not in known:
+            # the stock servicer's NOT_FOUND has no details: say what there is
+            await self._kupd.service._abort(
+                context,
+                errors.NotFound(
+                    f"no health status for service {request.service!r}; kupd reports "
+                    + ", ".join(repr(s) for s in known)
+                    + " ('' is kupd as a whole)"
+                ),
+            )
         return await super().Check(request, context)
 
 
@@ -310,6 +321,11 @@ class Server:
     def _health_changed(self) -> None:
         if not self._stopping:
             self.mgr.spawn(self._update_health())
+
+    def health_services(self) -> list[str]:
+        """The services kupd reports health for: "" (kupd as a whole),
+        kup.v1.Kup, and kup.v1.Kup/DEVICE for each device."""
+        return ["", SERVICE_NAME, *(f"{SERVICE_NAME}/{name}" for name in self.mgr.devices)]
 
     async def _update_health(self) -> None:
         if self._stopping:

@@ -101,6 +101,14 @@ def test_devices_unknown_device(kupctl: Kupctl) -> None:
 def test_health(kupctl: Kupctl) -> None:
     assert ok(kupctl("health")).strip() == "SERVING"
     assert json.loads(ok(kupctl("--json", "health"))) == {"service": "", "status": "SERVING"}
+    assert ok(kupctl("health", "--service", "kup.v1.Kup/echo")).strip() == "SERVING"
+
+
+def test_health_unknown_service_names_the_known_ones(kupctl: Kupctl) -> None:
+    p = kupctl("health", "--service", "echo")
+    assert p.returncode == EXIT_NOT_FOUND
+    line = one_error_line(p, "NotFound", "no health status for service 'echo'")
+    assert "'kup.v1.Kup/echo'" in line and "'kup.v1.Kup'" in line
 
 
 def test_socket_flag_overrides_env_and_unreachable_daemon(kupctl: Kupctl, gw: Gateway) -> None:
@@ -370,6 +378,11 @@ def test_watch_table_and_count(kupctl: Kupctl) -> None:
     p = kupctl("watch", "nosuch", "--count", "1")
     assert p.returncode == EXIT_NOT_FOUND
     one_error_line(p, "NotFound", "nosuch")
+    # a count that could never stop the watch is a usage error, not "forever"
+    for bad, why in (("0", "must be >= 1"), ("-3", "must be >= 1"), ("x", "not a number")):
+        p = kupctl("watch", "echo", "--count", bad)
+        assert p.returncode == 2, (bad, p.stderr)
+        assert f"argument --count: {why}" in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------- stats

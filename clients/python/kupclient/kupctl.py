@@ -234,6 +234,16 @@ def _channel_id(value: str) -> int:
     return n
 
 
+def _event_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of events: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out to watch until ^C), not {n}")
+    return n
+
+
 # --------------------------------------------------------------------------
 # commands
 
@@ -315,7 +325,7 @@ def cmd_watch(args: argparse.Namespace, out: Output) -> int:
             else:
                 out.line(_event_line(ev))
             seen += 1
-            if args.count and seen >= args.count:
+            if args.count is not None and seen >= args.count:
                 break
     return EXIT_OK
 
@@ -814,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("watch", cmd_watch, "print device and lease events as they happen")
     sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device's events")
     sp.add_argument("--initial", action="store_true", help="first show the current state")
-    sp.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events")
+    sp.add_argument("--count", type=_event_count, metavar="N",
+                    help="stop after N events (default: until interrupted)")
 
     sp = add("call", cmd_call, "send DATA on a pooled channel and print the reply")
     sp.add_argument("device", metavar="DEVICE")
