@@ -12,6 +12,7 @@ Example (``deploy/kupd.sample.toml`` has the documented version)::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -174,6 +175,10 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, not {value}")
 
 
+#: the names kupdev_create accepts (kmod/core/kup_core.c, kup_name_ok)
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
 def _device(raw: Any, index: int) -> DeviceConfig:
     prefix = f"device[{index}]."
     if not isinstance(raw, dict):
@@ -186,6 +191,13 @@ def _device(raw: Any, index: int) -> DeviceConfig:
     name = _typed(raw, "name", prefix, str, "")
     if not name or (len(name.encode()) >= KUP_NAME_MAX and "/" not in name):
         raise ConfigError(prefix + "name", f"must be 1..{KUP_NAME_MAX - 1} bytes, not {name!r}")
+    if "/" not in name and not _DEVICE_NAME.fullmatch(name):
+        # no module can ever publish it: refused here rather than waited for
+        raise ConfigError(
+            prefix + "name",
+            f"{name!r} is not a device name (letters, digits, '_', '-' and '.', not "
+            "starting with '.', as kupdev_create takes them) nor a device path (with a '/')",
+        )
     calls = _typed(raw, "call_channels", prefix, int, 0)
     if not 0 <= calls <= KUP_MAX_CHANNELS:
         raise ConfigError(prefix + "call_channels", f"must be 0..{KUP_MAX_CHANNELS}, not {calls}")

@@ -63,10 +63,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _device_flag(text: str) -> dict[str, Any]:
+    """``--device NAME[:CALL_CHANNELS]`` (a path may hold ':' of its own)."""
     name, sep, calls = text.rpartition(":")
-    if not sep or not calls.isdigit():
-        return {"name": text}
-    return {"name": name, "call_channels": int(calls)}
+    if sep and calls.isdigit():
+        return {"name": name, "call_channels": int(calls)}
+    if sep and "/" not in text:
+        raise ConfigError(
+            "--device",
+            f"{text!r}: CALL_CHANNELS after the ':' must be a number >= 0, not {calls!r}",
+        )
+    return {"name": text}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -24,6 +24,10 @@ DEV = {"device": [{"name": "echo"}]}
         ({"device": [{"call_channels": 1}]}, "device[0].name"),
         ({"device": [{"name": "echo", "colour": "red"}]}, "device[0].colour"),
         ({"device": [{"name": "x" * 40}]}, "device[0].name"),
+        # names kupdev_create would refuse: no module could ever publish them
+        ({"device": [{"name": "echo:4x"}]}, "device[0].name"),
+        ({"device": [{"name": ".echo"}]}, "device[0].name"),
+        ({"device": [{"name": "my echo"}]}, "device[0].name"),
         ({}, "device"),
     ],
 )
@@ -44,3 +48,9 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     assert [d.name for d in cfg.devices] == ["rot13"] and cfg.call_timeout == 10.0
     with pytest.raises(ConfigError, match="'lease_idle_timeout'"):
         load_config(f, {"lease_idle_timeout": -2.0})
+
+
+def test_device_names_and_paths_that_are_accepted() -> None:
+    names = ["echo", "rot13", "a.b-c_D9", "-x", "/run/kupsim/echo.sock", "/odd:dir/echo.sock"]
+    cfg = parse_config({"device": [{"name": n} for n in names]})
+    assert [d.name for d in cfg.devices] == names

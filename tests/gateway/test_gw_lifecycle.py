@@ -181,6 +181,26 @@ def test_config_error_names_its_key(tmp_path: Path, toml: str, key: str) -> None
     assert f"'{key}'" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "needle"),
+    [
+        ("echo:4x", "'--device': 'echo:4x': CALL_CHANNELS after the ':' must be a number >= 0"),
+        ("echo:-1", "'--device': 'echo:-1': CALL_CHANNELS after the ':' must be a number >= 0"),
+        ("bad name", "'device[0].name': 'bad name' is not a device name"),
+    ],
+)
+def test_device_flag_error_names_it(flag: str, needle: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kupd.daemon", "--socket", "/nonexistent/x.sock", "--device", flag],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
 def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKupd) -> None:
     cfg = tmp_path / "kupd.toml"
     cfg.write_text('socket = "/nonexistent/dir/x.sock"\n[[device]]\nname = "other"\n')
