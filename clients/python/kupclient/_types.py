@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
+from kupclient._args import seconds_arg
 from kupd.abi import Kind
 
 __all__ = [
@@ -166,13 +167,12 @@ def message_from_pb(m: kup_pb2.Message) -> Message:
 
 def receive_mode(timeout: float | None) -> tuple[kup_pb2.ReceiveMode.ValueType, int]:
     """(mode, timeout_ms) for a libkup-style timeout: None blocks, 0 does not wait."""
-    if timeout is None:
+    t = seconds_arg(timeout, zero_ok=True)
+    if t is None:
         return kup_pb2.RECEIVE_MODE_BLOCK, 0
-    if timeout < 0:
-        raise ValueError(f"timeout must be None or >= 0, not {timeout}")
-    if timeout == 0:
+    if t == 0:
         return kup_pb2.RECEIVE_MODE_NONBLOCK, 0
-    return kup_pb2.RECEIVE_MODE_DEADLINE, max(1, round(timeout * 1000))
+    return kup_pb2.RECEIVE_MODE_DEADLINE, max(1, round(t * 1000))
 
 
 def target_for(path: str) -> str:

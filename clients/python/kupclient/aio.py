@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import _wire
+from kupclient._args import call_timeout_ms, channel_arg, data_arg, device_arg
 from kupclient._errors import error_from_pb, error_from_rpc, error_from_status
 from kupclient._types import (
     DeviceInfo,
@@ -67,7 +68,7 @@ class AsyncClient:
         return [device_from_pb(d) for d in resp.devices]
 
     async def open(self, device: str) -> AsyncDeviceHandle:
-        await self.devices(device)
+        await self.devices(device_arg(device))
         return AsyncDeviceHandle(self, device)
 
     async def health(self, service: str = "") -> str:
@@ -81,9 +82,9 @@ class AsyncClient:
 
     async def call(self, device: str, data: bytes, timeout: float | None = None) -> Message:
         req = kup_pb2.CallRequest(
-            device=device,
-            data=data,
-            timeout_ms=0 if timeout is None else max(1, round(timeout * 1000)),
+            device=device_arg(device),
+            data=data_arg(data),
+            timeout_ms=call_timeout_ms(timeout),
             caller=self.caller,
         )
         try:  # the stub directly, not through _unary: this is the hot path
@@ -109,13 +110,14 @@ class AsyncClient:
             call.cancel()
 
     async def attach(self, device: str, chan_id: int | None = None) -> Lease:
-        req = kup_pb2.AttachRequest(device=device)
-        if chan_id is not None:
-            req.channel = chan_id
+        req = kup_pb2.AttachRequest(device=device_arg(device))
+        chan = channel_arg(chan_id)
+        if chan is not None:
+            req.channel = chan
         return lease_from_pb(await self._unary("Attach", req, 30.0))
 
     async def lease_send(self, lease_id: str, data: bytes) -> None:
-        await self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data), 30.0)
+        await self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data_arg(data)), 30.0)
 
     async def lease_pass(self, lease_id: str) -> None:
         await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_id), 30.0)
@@ -135,7 +137,11 @@ class AsyncClient:
         :meth:`kupclient.Client.lease_exchange`)."""
         mode, ms = receive_mode(timeout)
         req = kup_pb2.SendRequest(
-            lease_id=lease_id, data=data, wait_reply=True, reply_mode=mode, reply_timeout_ms=ms
+            lease_id=lease_id,
+            data=data_arg(data),
+            wait_reply=True,
+            reply_mode=mode,
+            reply_timeout_ms=ms,
         )
         resp = await self._unary("Send", req, _deadline(timeout))
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
@@ -158,6 +164,7 @@ class AsyncDeviceHandle:
 
     async def channel(self, chan_id: int | None = None) -> AsyncChannel:
         """Open a Session holding channel ``chan_id`` (None: any free one)."""
+        chan_id = channel_arg(chan_id)
         ch = AsyncChannel(self.client, self.name)
         await ch._attach(chan_id)
         return ch

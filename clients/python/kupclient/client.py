@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import _wire
+from kupclient._args import call_timeout_ms, channel_arg, data_arg, device_arg
 from kupclient._errors import error_from_pb, error_from_rpc
 from kupclient._types import (
     DeviceInfo,
@@ -80,7 +81,7 @@ class Client:
 
     def open(self, device: str) -> DeviceHandle:
         """A handle on ``device`` (checked to exist: NotFound otherwise)."""
-        self.devices(device)
+        self.devices(device_arg(device))
         return DeviceHandle(self, device)
 
     def health(self, service: str = "") -> str:
@@ -97,9 +98,9 @@ class Client:
     def call(self, device: str, data: bytes, timeout: float | None = None) -> Message:
         """Send ``data`` on a pooled channel of ``device`` and return the reply."""
         req = kup_pb2.CallRequest(
-            device=device,
-            data=data,
-            timeout_ms=0 if timeout is None else max(1, round(timeout * 1000)),
+            device=device_arg(device),
+            data=data_arg(data),
+            timeout_ms=call_timeout_ms(timeout),
             caller=self.caller,
         )
         resp = self._unary("Call", req, _deadline(timeout))
@@ -114,13 +115,14 @@ class Client:
     # -- leases -----------------------------------------------------------
     def attach(self, device: str, chan_id: int | None = None) -> Lease:
         """Take a lease on a channel (any free one if ``chan_id`` is None)."""
-        req = kup_pb2.AttachRequest(device=device)
-        if chan_id is not None:
-            req.channel = chan_id
+        req = kup_pb2.AttachRequest(device=device_arg(device))
+        chan = channel_arg(chan_id)
+        if chan is not None:
+            req.channel = chan
         return lease_from_pb(self._unary("Attach", req, 30.0))
 
     def lease_send(self, lease_id: str, data: bytes) -> None:
-        self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data), 30.0)
+        self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data_arg(data)), 30.0)
 
     def lease_pass(self, lease_id: str) -> None:
         self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_id), 30.0)
@@ -141,7 +143,11 @@ class Client:
         still owed: :meth:`lease_receive` gets it."""
         mode, ms = receive_mode(timeout)
         req = kup_pb2.SendRequest(
-            lease_id=lease_id, data=data, wait_reply=True, reply_mode=mode, reply_timeout_ms=ms
+            lease_id=lease_id,
+            data=data_arg(data),
+            wait_reply=True,
+            reply_mode=mode,
+            reply_timeout_ms=ms,
         )
         resp = self._unary("Send", req, _deadline(timeout))
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
@@ -166,7 +172,7 @@ class DeviceHandle:
 
     def channel(self, chan_id: int | None = None) -> Channel:
         """Open a Session holding channel ``chan_id`` (None: any free one)."""
-        return Channel(self.client, self.name, chan_id)
+        return Channel(self.client, self.name, channel_arg(chan_id))
 
     def call(self, data: bytes, timeout: float | None = None) -> Message:
         return self.client.call(self.name, data, timeout)

@@ -1,0 +1,90 @@
+"""kupclient refuses a bad argument itself, naming it, before anything goes
+on the wire (kupclient._args): a Client on a socket nobody serves still
+answers TypeError / ValueError, not Unavailable.  Good arguments of every
+accepted type still work against a real kupd."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_helpers import Kupd
+
+from kupclient import AsyncClient, Client
+
+# (what, the call on a client, the exception, a regex of its message)
+BAD: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
+    ("call data None", lambda c: c.call("echo", None), TypeError,
+     "data must be bytes, not NoneType"),
+    ("call data str", lambda c: c.call("echo", "hi"), TypeError, "data must be bytes, not str"),
+    ("call timeout < 0", lambda c: c.call("echo", b"x", timeout=-1), ValueError,
+     r"timeout must be None or a finite number > 0 seconds, not -1"),
+    ("call timeout 0", lambda c: c.call("echo", b"x", timeout=0), ValueError,
+     r"> 0 seconds, not 0"),
+    ("call timeout nan", lambda c: c.call("echo", b"x", timeout=math.nan), ValueError, "not nan"),
+    ("call timeout str", lambda c: c.call("echo", b"x", timeout="1"), TypeError,
+     "timeout must be a number of seconds or None, not str"),
+    ("call device ''", lambda c: c.call("", b"x"), ValueError, "device name is required"),
+    ("open ''", lambda c: c.open(""), ValueError, "device name is required"),
+    ("open None", lambda c: c.open(None), TypeError, "device must be a str, not NoneType"),
+    ("attach channel -5", lambda c: c.attach("echo", -5), ValueError,
+     "channel must be >= 0, not -5"),
+    ("attach channel str", lambda c: c.attach("echo", "3"), TypeError,
+     "channel must be an int or None, not str"),
+    ("attach channel bool", lambda c: c.attach("echo", True), TypeError, "not bool"),
+    ("lease_send data None", lambda c: c.lease_send("l", None), TypeError, "data must be bytes"),
+    ("lease_exchange data int", lambda c: c.lease_exchange("l", 5), TypeError,
+     "data must be bytes, not int"),
+    ("lease_receive timeout < 0", lambda c: c.lease_receive("l", timeout=-0.5), ValueError,
+     r">= 0 seconds, not -0.5"),
+    ("lease_receive timeout inf", lambda c: c.lease_receive("l", timeout=math.inf), ValueError,
+     "not inf"),
+]
+
+
+@pytest.mark.parametrize(("what", "op", "exc", "msg"), BAD, ids=[b[0] for b in BAD])
+def test_sync_client_refuses_before_the_wire(
+    tmp_path: Path, what: str, op: Callable[[Any], Any], exc: type[Exception], msg: str
+) -> None:
+    with Client(str(tmp_path / "nobody.sock")) as c, pytest.raises(exc, match=msg):
+        op(c)
+
+
+@pytest.mark.parametrize(("what", "op", "exc", "msg"), BAD, ids=[b[0] for b in BAD])
+def test_async_client_refuses_before_the_wire(
+    tmp_path: Path, what: str, op: Callable[[Any], Any], exc: type[Exception], msg: str
+) -> None:
+    async def go() -> None:
+        async with AsyncClient(str(tmp_path / "nobody.sock")) as c:
+            with pytest.raises(exc, match=msg):
+                await op(c)
+
+    asyncio.run(go())
+
+
+def test_a_channel_of_a_bad_id_is_refused_by_the_handle(kupd: Kupd) -> None:
+    with kupd.client() as c:
+        h = c.open("echo")
+        with pytest.raises(ValueError, match=re.escape("channel must be >= 0, not -1")):
+            h.channel(-1)
+        with pytest.raises(TypeError, match="channel must be an int or None, not str"):
+            h.channel("2")  # type: ignore[arg-type]
+
+
+def test_every_accepted_type_still_works(kupd: Kupd) -> None:
+    with kupd.client() as c:
+        for data in (b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4]):
+            assert c.call("echo", data, timeout=5).data.lower() == b"abc"
+        assert c.call("echo", b"t", timeout=1).data.lower() == b"t"  # an int timeout
+        lease = c.attach("echo", 6)
+        try:
+            assert c.lease_receive(lease.lease_id, timeout=5).data == b""  # echo's first PASS
+            got = c.lease_exchange(lease.lease_id, bytearray(b"even"), timeout=5)
+            assert got.data == b"even"
+        finally:
+            c.release(lease.lease_id)
