@@ -11,6 +11,7 @@ meet each other.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -116,9 +117,26 @@ def test_socket_flag_overrides_env_and_unreachable_daemon(kupctl: Kupctl, gw: Ga
     env["KUPD_SOCKET"] = "/nonexistent/kupd.sock"
     p = kupctl("health", env=env)
     assert p.returncode == EXIT_UNAVAILABLE
-    one_error_line(p, "Unavailable", "/nonexistent/kupd.sock")
+    one_error_line(p, "Unavailable", "nothing at /nonexistent/kupd.sock", "$KUPD_SOCKET")
     assert ok(kupctl("--socket", gw.socket, "health", env=env)).strip() == "SERVING"
     assert ok(kupctl("health", "--socket", gw.socket, env=env)).strip() == "SERVING"
+
+
+def test_unreachable_socket_hints_name_the_cause(kupctl: Kupctl, tmp_path: Path) -> None:
+    # a socket file nobody accepts on (a kupd killed without cleaning up)
+    dead = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(dead))
+    s.close()
+    p = kupctl("--socket", str(dead), "health")
+    assert p.returncode == EXIT_UNAVAILABLE
+    one_error_line(p, "Unavailable", f"{dead} exists but nobody accepts on it")
+    # EACCES cannot be provoked as root (the tests' user): the hint from
+    # gRPC's own wording of it
+    denied = "connect failed: ... error: Permission denied"
+    hint = kupctl_mod.unavailable_hint(denied, "/run/kupd/kupd.sock")
+    assert "no permission to connect to /run/kupd/kupd.sock" in hint and "socket_mode" in hint
+    assert kupctl_mod.unavailable_hint("deadline", "/x.sock") == " (is kupd running on /x.sock?)"
 
 
 # ---------------------------------------------------------------- call

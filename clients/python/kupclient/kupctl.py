@@ -55,6 +55,7 @@ __all__ = [
     "exit_code_for",
     "main",
     "read_data",
+    "unavailable_hint",
 ]
 
 EXIT_OK = 0
@@ -894,6 +895,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unavailable_hint(message: str, socket: str) -> str:
+    """What to check when kupd could not be reached, from gRPC's reason."""
+    if "Permission denied" in message:
+        return (
+            f" (no permission to connect to {socket}: it is for kupd's group, see "
+            "socket_mode, or use a tenant socket of your own; docs/security.md)"
+        )
+    if "No such file or directory" in message:
+        return f" (nothing at {socket}: is kupd running, and is --socket / $KUPD_SOCKET right?)"
+    if "Connection refused" in message:
+        return (
+            f" ({socket} exists but nobody accepts on it: kupd is not running there, "
+            "or it is not a kupd socket)"
+        )
+    return f" (is kupd running on {socket}?)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -905,7 +923,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, out)
     except kerr.KupError as exc:
         code = exit_code_for(exc)
-        hint = f" (is kupd running on {args.socket}?)" if isinstance(exc, kerr.Unavailable) else ""
+        hint = ""
+        if isinstance(exc, kerr.Unavailable):
+            hint = unavailable_hint(exc.message, args.socket)
         sys.stderr.write(f"kupctl: {type(exc).__name__}: {exc.message}{hint}\n")
         return code
     except CliError as exc:
