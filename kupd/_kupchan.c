@@ -76,6 +76,19 @@ static PyObject *str_data, *str_kind, *str_seq, *str_timeout;
 /* errors                                                               */
 /* ------------------------------------------------------------------ */
 
+/* Why a KUP_E_NOTTURN happened, in the caller's terms: libkup's one code
+ * covers both wrong sides of the turn, and "not your turn" alone reads as
+ * the opposite of the truth for a receive (there it is this side's turn). */
+static const char *
+turn_why(int code, int receiving)
+{
+	if (code != KUP_E_NOTTURN)
+		return "";
+	return receiving ? ": this side holds the turn (the kernel's message was "
+	    "already received); send or pass first" :
+	    ": the kernel holds the turn; receive its message first";
+}
+
 /* Raise the kupd.errors class for code with a message naming what failed.
  * Always returns NULL. */
 static PyObject *
@@ -492,8 +505,8 @@ channel_send(ChannelObject *c, PyObject *arg)
 		Py_RETURN_NONE; /* sent, then closed as asked */
 	if (rc != 0)
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "send of %zd bytes on channel %u of device %U", view.len, (unsigned)c->id,
-		    c->dev->name);
+		    "send of %zd bytes on channel %u of device %U%s", view.len, (unsigned)c->id,
+		    c->dev->name, turn_why(code, 0));
 	Py_RETURN_NONE;
 }
 
@@ -515,7 +528,8 @@ channel_pass(ChannelObject *c, PyObject *unused)
 	channel_leave(c);
 	if (rc != 0)
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "pass on channel %u of device %U", (unsigned)c->id, c->dev->name);
+		    "pass on channel %u of device %U%s", (unsigned)c->id, c->dev->name,
+		    turn_why(code, 0));
 	Py_RETURN_NONE;
 }
 
@@ -687,8 +701,8 @@ channel_receive_wait(ChannelObject *c, long long timeout_ms, build_fn build)
 	if (code == KUP_E_TIMEDOUT)
 		return raise_kup(code, 0, "receive on channel %u of device %U: no message within %lld ms",
 		    (unsigned)c->id, c->dev->name, timeout_ms);
-	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U",
-	    (unsigned)c->id, c->dev->name);
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
+	    (unsigned)c->id, c->dev->name, turn_why(code, 1));
 closed:
 	return raise_kup(KUP_E_INVAL, 0,
 	    "receive on channel %u of device %U: channel was closed by another thread",
@@ -722,8 +736,8 @@ channel_receive_now(ChannelObject *c, int raise_notready, build_fn build)
 	if (code == KUP_E_NOTREADY)
 		return raise_kup(code, 0, "receive on channel %u of device %U: the kernel holds the turn",
 		    (unsigned)c->id, c->dev->name);
-	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U",
-	    (unsigned)c->id, c->dev->name);
+	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
+	    (unsigned)c->id, c->dev->name, turn_why(code, 1));
 }
 
 static PyObject *
@@ -900,8 +914,8 @@ channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
 	if (src != 0) {
 		(void)channel_leave(c);
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "exchange: send of %zd bytes on channel %u of device %U", len, (unsigned)c->id,
-		    c->dev->name);
+		    "exchange: send of %zd bytes on channel %u of device %U%s", len, (unsigned)c->id,
+		    c->dev->name, turn_why(code, 0));
 	}
 	if (timeout_ms != 0)
 		rc = wait_message(c, timeout_ms, deadline, rc, &code, &sys_errno, &m);

@@ -68,7 +68,8 @@ class NotReady(KupError):
 
 
 class NotYourTurn(KupError):
-    """The other side holds the turn."""
+    """The turn is on the wrong side: a send or pass while the kernel holds
+    it, or a receive of a message already taken (this side holds it)."""
 
     code = 1003
     seed_name = "EKU_NOTTURN"

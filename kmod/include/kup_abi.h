@@ -129,7 +129,9 @@
 #define KUP_E_SHUTDOWN   1001  /* EKU_SHUTDOWN: the device is shutting down */
 #define KUP_E_NOTREADY   1002  /* EKU_NOTREADY: not ready (device not yet
                                 * announced, or non-blocking op would wait) */
-#define KUP_E_NOTTURN    1003  /* the other side holds the turn */
+#define KUP_E_NOTTURN    1003  /* wrong side of the turn: a send or pass while
+                                * the other side holds it, or a receive of a
+                                * message already taken (this side holds it) */
 #define KUP_E_TOOBIG     1004  /* message larger than the data area */
 #define KUP_E_TIMEDOUT   1005  /* deadline passed */
 #define KUP_E_PROTO      1006  /* peer broke the protocol (len/kind/seq) */

@@ -874,7 +874,7 @@ kernproxy_strerror(int code)
 	case KUP_E_OK:       return "success";
 	case KUP_E_SHUTDOWN: return "EKU_SHUTDOWN: the device is shutting down";
 	case KUP_E_NOTREADY: return "EKU_NOTREADY: not ready";
-	case KUP_E_NOTTURN:  return "EKU_NOTTURN: the other side holds the turn";
+	case KUP_E_NOTTURN:  return "EKU_NOTTURN: the turn is on the wrong side for this operation";
 	case KUP_E_TOOBIG:   return "EKU_TOOBIG: message larger than the data area";
 	case KUP_E_TIMEDOUT: return "EKU_TIMEDOUT: deadline passed";
 	case KUP_E_PROTO:    return "EKU_PROTO: the peer broke the protocol";

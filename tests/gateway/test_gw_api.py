@@ -230,14 +230,16 @@ def test_session_errors_in_band_keep_the_session(sim: KupSim, client: Client) ->
             ch.send(b"x" * (ch.max_msg + 1))
         ch.send(LOCKHOLD)
         wait_locked(sim, ch.id)
-        with pytest.raises(errors.NotYourTurn):
+        with pytest.raises(errors.NotYourTurn, match="the kernel holds the turn; receive"):
             ch.send(b"too early")  # the kernel holds the turn until unlock()
         with pytest.raises(errors.DeadlineExceeded):
             ch.receive(timeout=0.02)
         unlock(client)
         assert ch.receive(timeout=10).data == expected(ch.id, LOCKHOLD)
-        with pytest.raises(errors.NotYourTurn):
-            ch.receive()  # already consumed, holding the turn: would wait forever
+        # already consumed, holding the turn: would wait forever; the error
+        # says whose turn it is (not "the other side's")
+        with pytest.raises(errors.NotYourTurn, match=r"this side holds the turn .*send or pass"):
+            ch.receive()
         ch.send(b"still alive")
         assert ch.receive(timeout=10).data == expected(ch.id, b"still alive")
 
