@@ -94,6 +94,43 @@ function toMessage(m) {
   };
 }
 
+// Argument checks, before anything goes on the wire (as kupclient._args in
+// Python): a bad one is named instead of reaching kupd as something else
+// (a negative timeout_ms becomes a huge uint32, undefined data an empty
+// message).
+function dataArg(data) {
+  if (typeof data === 'string') return Buffer.from(data);
+  if (Buffer.isBuffer(data)) return data;
+  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const what = data === null ? 'null' : typeof data;
+  throw new TypeError(`data must be a Buffer, Uint8Array or string, not ${what}`);
+}
+
+function deviceArg(device) {
+  if (typeof device !== 'string' || device === '') {
+    throw new TypeError(`device must be a non-empty string, not ${JSON.stringify(device)}`);
+  }
+  return device;
+}
+
+// A channel id, or null for any free channel.
+function channelArg(channel) {
+  if (channel === undefined || channel === null) return null;
+  if (!Number.isInteger(channel) || channel < 0) {
+    throw new RangeError(`channel must be an integer >= 0, not ${channel}`);
+  }
+  return channel;
+}
+
+function msArg(ms, zeroOk, what) {
+  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms < 0 || (ms === 0 && !zeroOk)
+      || ms > 0xffffffff) {
+    const bound = zeroOk ? '>= 0' : '> 0';
+    throw new RangeError(`${what} must be a finite number of milliseconds ${bound}, not ${ms}`);
+  }
+  return Math.max(zeroOk && ms === 0 ? 0 : 1, Math.round(ms));
+}
+
 function unary(client, method, request, timeoutMs = 30000) {
   return new Promise((resolve, reject) => {
     const deadline = new Date(Date.now() + timeoutMs);
@@ -106,12 +143,13 @@ function unary(client, method, request, timeoutMs = 30000) {
 
 // Request/reply without holding a channel.  Resolves to {data, kind, seq, channel}.
 async function call(client, device, data, { timeoutMs = 10000, caller = '' } = {}) {
-  const resp = await unary(
-    client,
-    'Call',
-    { device, data: Buffer.from(data), timeout_ms: timeoutMs, caller },
-    timeoutMs + 5000,
-  );
+  const request = {
+    device: deviceArg(device),
+    data: dataArg(data),
+    timeout_ms: msArg(timeoutMs, false, 'timeoutMs'),
+    caller,
+  };
+  const resp = await unary(client, 'Call', request, request.timeout_ms + 5000);
   return { ...toMessage(resp.reply), channel: resp.channel };
 }
 
@@ -159,14 +197,14 @@ class Session {
   }
 
   async attach(device, channel) {
-    const attach = { device };
-    if (channel !== undefined && channel !== null) attach.channel = channel;
+    const attach = { device: deviceArg(device) };
+    if (channelArg(channel) !== null) attach.channel = channel;
     this.lease = await this._op({ attach });
     return this.lease;
   }
 
-  send(data) {
-    return this._op({ send: { data: Buffer.from(data) } }).then(() => undefined);
+  async send(data) {
+    await this._op({ send: { data: dataArg(data) } });
   }
 
   pass() {
@@ -179,7 +217,7 @@ class Session {
     let receive;
     if (timeoutMs === undefined || timeoutMs === null) receive = { mode: 'RECEIVE_MODE_BLOCK' };
     else if (timeoutMs === 0) receive = { mode: 'RECEIVE_MODE_NONBLOCK' };
-    else receive = { mode: 'RECEIVE_MODE_DEADLINE', timeout_ms: timeoutMs };
+    else receive = { mode: 'RECEIVE_MODE_DEADLINE', timeout_ms: msArg(timeoutMs, true, 'timeoutMs') };
     const r = await this._op({ receive });
     if (r.not_ready) return null;
     return toMessage(r.message);
@@ -192,6 +230,10 @@ class Session {
 }
 
 async function openSession(client, device, channel) {
+  // checked before the stream exists: a stream opened and cancelled unused
+  // kept node from exiting
+  deviceArg(device);
+  channelArg(channel);
   const s = new Session(client);
   try {
     await s.attach(device, channel);

@@ -136,3 +136,35 @@ test('Call on an unknown device is NOT_FOUND naming it', async () => {
     return true;
   });
 });
+
+test('bad arguments are refused before the wire, naming them', async () => {
+  const refused = [
+    [kup.call(client, device, undefined), TypeError, /data must be a Buffer, Uint8Array or string, not undefined/],
+    [kup.call(client, device, 42), TypeError, /not number/],
+    [kup.call(client, '', 'x'), TypeError, /device must be a non-empty string/],
+    [kup.call(client, device, 'x', { timeoutMs: -1 }), RangeError, /timeoutMs must be .* > 0, not -1/],
+    [kup.call(client, device, 'x', { timeoutMs: 0 }), RangeError, /> 0, not 0/],
+    [kup.call(client, device, 'x', { timeoutMs: NaN }), RangeError, /not NaN/],
+    [kup.openSession(client, device, -2), RangeError, /channel must be an integer >= 0, not -2/],
+    [kup.openSession(client, device, 1.5), RangeError, /not 1.5/],
+  ];
+  for (const [promise, cls, re] of refused) {
+    await assert.rejects(promise, (err) => {
+      assert.ok(err instanceof cls, `${err} is a ${cls.name}`);
+      assert.match(err.message, re);
+      return true;
+    });
+  }
+  // and on an open session, which goes on afterwards
+  const s = await kup.openSession(client, device);
+  try {
+    await s.receive(10000); // echo's opening PASS
+    await assert.rejects(s.receive(-5), /timeoutMs must be .* >= 0, not -5/);
+    await assert.rejects(s.send(null), /data must be a Buffer, Uint8Array or string, not null/);
+    await s.send(new Uint8Array([0x2e, 0x2e]));
+    const m = await s.receive(10000);
+    assert.equal(m.data.toString(), '..');
+  } finally {
+    s.close();
+  }
+});
