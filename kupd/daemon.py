@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kupd import __version__
+from kupd.abi import KUP_ABI_VERSION
 from kupd.config import Config, ConfigError, load_config
 from kupd.log import configure, get_logger
 
@@ -28,6 +30,11 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="kupd", description="KUP gateway: kup.v1 gRPC on a unix socket"
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"kupd {__version__} (API kup.v1, KUP ABI version {KUP_ABI_VERSION})",
     )
     p.add_argument("--config", "-c", help="TOML config file (see deploy/kupd.sample.toml)")
     p.add_argument("--socket", "-s", help="unix socket path to serve on")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import tomllib
 from pathlib import Path
 
-from cli_gateway import Gateway, Kupctl, spawn_kupctl
+from cli_gateway import Gateway, Kupctl, console_script, spawn_kupctl
 
 from kupclient import errors as kerr
 from kupclient import kupctl as kupctl_mod
+from kupd.testing import REPO_ROOT
 
 EXIT_NOT_FOUND = 3
 EXIT_BUSY = 4
@@ -432,3 +434,16 @@ def test_stats_unreachable_endpoint(kupctl: Kupctl) -> None:
     p = kupctl("stats", "--metrics", "127.0.0.1:1")
     assert p.returncode == EXIT_UNAVAILABLE
     one_error_line(p, "127.0.0.1:1", "metrics")
+
+
+def test_version_of_both_commands_is_the_project_version() -> None:
+    want = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, text in (
+        ("kupctl", f"kupctl {want} (API kup.v1)"),
+        ("kupd", f"kupd {want} (API kup.v1, KUP ABI version 1)"),
+    ):
+        p = subprocess.run(
+            [str(console_script(name)), "--version"], capture_output=True, text=True, timeout=60
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == text

@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kupclient import Client, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
+from kupd import __version__ as kupd_version
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -779,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kupctl",
         description="Talk to the kupd gateway: devices, calls, leases, sessions, events.",
         epilog="DATA: text, @FILE or - (stdin).  Exit codes: see docs/kupctl.md.",
+    )
+    p.add_argument(
+        "--version", action="version", version=f"kupctl {kupd_version} (API kup.v1)"
     )
 
     # The global options are accepted before or after the command name; the
