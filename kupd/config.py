@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -267,10 +268,31 @@ def _build(data: dict[str, Any]) -> Config:
     return Config(**values)
 
 
+#: sockaddr_un's sun_path, the terminating NUL included: 108 bytes on
+#: Linux, 104 on FreeBSD.  A longer path cannot be bound at all (gRPC only
+#: says "Failed to bind").
+SUN_PATH_MAX = 104 if sys.platform.startswith("freebsd") else 108
+
+
+def _unix_socket_path(key: str, path: str) -> None:
+    n = len(os.fsencode(path))
+    if n >= SUN_PATH_MAX:
+        raise ConfigError(
+            key,
+            f"a unix socket path is at most {SUN_PATH_MAX - 1} bytes (sun_path), "
+            f"this one is {n}: {path}",
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Check cross-field rules; used after flags are applied too."""
     if not cfg.socket:
         raise ConfigError("socket", "must not be empty")
+    _unix_socket_path("socket", cfg.socket)
+    if cfg.admin_socket:
+        _unix_socket_path("admin_socket", cfg.admin_socket)
+    for i, t in enumerate(cfg.tenants):
+        _unix_socket_path(f"tenant[{i}].socket", t.socket)
     for key in (
         "lease_idle_timeout",
         "call_timeout",

@@ -187,7 +187,10 @@ class SocketSet:
             os.unlink(ep.path)  # stale: we hold kupd's lock, nobody serves it
         old = os.umask(0o777 & ~ep.mode)  # born with exactly ep.mode
         try:
-            port = server.add_insecure_port("unix:" + ep.path)
+            try:
+                port = server.add_insecure_port("unix:" + ep.path)
+            except RuntimeError:  # grpcio's "Failed to bind", without the reason
+                port = 0
             if port == 0:
                 raise OSError(f"cannot bind unix socket {ep.path} (tenant {ep.tenant.name})")
             await server.start()

@@ -24,6 +24,9 @@ DEV = {"device": [{"name": "echo"}]}
         ({"device": [{"call_channels": 1}]}, "device[0].name"),
         ({"device": [{"name": "echo", "colour": "red"}]}, "device[0].colour"),
         ({"device": [{"name": "x" * 40}]}, "device[0].name"),
+        # longer than sockaddr_un's sun_path: could never be bound
+        ({"socket": "/run/" + "d" * 110 + "/kupd.sock", **DEV}, "socket"),
+        ({"admin_socket": "/run/" + "d" * 110 + "/admin.sock", **DEV}, "admin_socket"),
         # names kupdev_create would refuse: no module could ever publish them
         ({"device": [{"name": "echo:4x"}]}, "device[0].name"),
         ({"device": [{"name": ".echo"}]}, "device[0].name"),

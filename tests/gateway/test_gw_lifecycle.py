@@ -7,6 +7,7 @@ flight when the device's host dies, are tested once, in tests/faults
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -199,6 +200,24 @@ def test_device_flag_error_names_it(flag: str, needle: str) -> None:
     )
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr, r.stderr
+
+
+def test_a_socket_that_cannot_be_bound_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    lock = tmp_path / "kupd.lock"
+    r = subprocess.run(
+        [sys.executable, "-m", "kupd.daemon", "--socket", "/proc/kupd-test.sock",
+         "--lock-file", str(lock), "--pid-file", "-", "--device", "echo"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "kupd: cannot bind unix socket /proc/kupd-test.sock (tenant default)" in r.stderr
+    assert "Traceback" not in r.stderr
+    # the lock file stays (by design: see Server._cleanup), but nobody holds it
+    with open(lock, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKupd) -> None:
