@@ -209,8 +209,17 @@ class Metrics:
         self._server: Any = None
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
-        """Start the HTTP endpoint (one thread); returns the bound port."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        """Start the HTTP endpoint (one thread); returns the bound port.
+        OSError naming the address when it cannot be bound."""
+        try:
+            server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            err = OSError(
+                f"cannot serve metrics on {address}:{port} (metrics_port): "
+                f"{exc.strerror or exc}"
+            )
+            err.errno = exc.errno
+            raise err from None
         self._server = server
         bound: int = server.server_port
         return bound

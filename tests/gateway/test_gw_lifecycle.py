@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -218,6 +219,25 @@ def test_a_socket_that_cannot_be_bound_is_named_and_nothing_is_left(tmp_path: Pa
     # the lock file stays (by design: see Server._cleanup), but nobody holds it
     with open(lock, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_metrics_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))  # held (listening) for the whole run
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "kupd.daemon", "--socket", str(tmp_path / "k.sock"),
+             "--device", "echo", "--metrics-port", str(port)],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1, r.stderr
+    assert (f"kupd: cannot serve metrics on 127.0.0.1:{port} (metrics_port): "
+            "Address already in use") in r.stderr, r.stderr
+    assert not (tmp_path / "k.sock").exists()
 
 
 def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKupd) -> None:
