@@ -447,3 +447,15 @@ def test_version_of_both_commands_is_the_project_version() -> None:
         )
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == text
+
+
+def test_reload_on_the_wrong_socket_says_which(kupctl: Kupctl, gw: Gateway, tmp_path: Path) -> None:
+    # nothing at the admin socket: the hint names it and how it was given
+    gone = str(tmp_path / "admin.sock")
+    p = kupctl("reload", "--admin-socket", gone)
+    assert p.returncode == EXIT_UNAVAILABLE
+    one_error_line(p, "Unavailable", f"nothing at {gone}", "--admin-socket / $KUPD_ADMIN_SOCKET")
+    # the client socket instead of the admin one: it serves no Admin method
+    p = kupctl("reload", "--admin-socket", gw.socket)
+    assert p.returncode == 16
+    one_error_line(p, "SystemFailure", "does not serve that method", "admin_socket")

@@ -58,6 +58,12 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             kind = value if isinstance(value, str) else value.decode()
     if not kind and code == grpc.StatusCode.UNAVAILABLE and "EKU_SHUTDOWN" in details:
         kind = "Shutdown"
+    if not kind and code == grpc.StatusCode.UNIMPLEMENTED:
+        # gRPC's own "Method not found!": say what that means here
+        details = (
+            f"the server on this socket does not serve that method ({details}): an Admin "
+            "call needs kupd's admin_socket; otherwise the kupd is older than this client"
+        )
     fallback = _BY_STATUS.get(code, errors.SystemFailure)
     return _build(kind, details, fallback)
 

@@ -899,15 +899,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def unavailable_hint(message: str, socket: str) -> str:
-    """What to check when kupd could not be reached, from gRPC's reason."""
+def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUPD_SOCKET") -> str:
+    """What to check when kupd could not be reached, from gRPC's reason;
+    ``given_by``: where the user set ``socket``."""
     if "Permission denied" in message:
         return (
             f" (no permission to connect to {socket}: it is for kupd's group, see "
             "socket_mode, or use a tenant socket of your own; docs/security.md)"
         )
     if "No such file or directory" in message:
-        return f" (nothing at {socket}: is kupd running, and is --socket / $KUPD_SOCKET right?)"
+        return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
     if "Connection refused" in message:
         return (
             f" ({socket} exists but nobody accepts on it: kupd is not running there, "
@@ -929,7 +930,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(exc)
         hint = ""
         if isinstance(exc, kerr.Unavailable):
-            hint = unavailable_hint(exc.message, args.socket)
+            # the socket this command dialed: reload's is the admin socket
+            admin = getattr(args, "admin_socket", None)
+            if admin:
+                hint = unavailable_hint(exc.message, admin, "--admin-socket / $KUPD_ADMIN_SOCKET")
+            else:
+                hint = unavailable_hint(exc.message, args.socket)
         sys.stderr.write(f"kupctl: {type(exc).__name__}: {exc.message}{hint}\n")
         return code
     except CliError as exc:
