@@ -29,6 +29,33 @@ _LEVELS = {
 }
 
 
+class _Sink:
+    """The log stream, written so that logging never raises.  Why: kupd logs
+    to stderr, usually a pipe to a supervisor or a log reader; when that
+    reader goes away, every write raises BrokenPipeError in whatever kupd
+    was doing -- kupd died on the next line, and a drain that logged into
+    the closed pipe never finished.  Lines that cannot be written are
+    dropped (and counted); serving goes on."""
+
+    __slots__ = ("__weakref__", "dropped", "stream")  # structlog keeps a lock per file
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.dropped += 1
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 #: Bumped by every configure(): proxies re-bind when it moved.
 _generation = 0
 _stream: Any = None
@@ -49,7 +76,7 @@ def configure(level: str = "info", stream: Any = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=_Sink(stream or sys.stderr)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     _generation += 1

@@ -30,7 +30,7 @@ from gateway_helpers import (
     live_watch,
 )
 
-from kupclient import EventType, Kind
+from kupclient import Client, EventType, Kind
 from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
@@ -238,6 +238,34 @@ def test_a_metrics_port_in_use_is_named(tmp_path: Path) -> None:
     assert (f"kupd: cannot serve metrics on 127.0.0.1:{port} (metrics_port): "
             "Address already in use") in r.stderr, r.stderr
     assert not (tmp_path / "k.sock").exists()
+
+
+def test_kupd_outlives_its_log_reader(sim: KupSim, tmp_path: Path) -> None:
+    """stderr is a pipe whose reader goes away (a supervisor's logger
+    restarted): kupd once died on its next log line, and a drain that logged
+    into the closed pipe never finished.  It drops the lines and serves on."""
+    sock = tmp_path / "k.sock"
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kupd.daemon", "--socket", str(sock),
+         "--kupsim-dir", str(sim.rundir), "--device", "echo:2", "--log-level", "debug"],
+        stdin=subprocess.DEVNULL, stdout=w, stderr=w, env=child_env(sim),
+    )
+    os.close(w)
+    try:
+        os.read(r, 100)  # kupd has started logging
+        os.close(r)  # ... and its reader is gone
+        with Client(str(sock)) as c:
+            wait_until(lambda: sock.exists() and c.health() == "SERVING", what="SERVING")
+            for i in range(20):  # every Call logs at debug: each line hits the closed pipe
+                assert c.call("echo", b"%d" % i, timeout=10).data == b"%d" % i
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_flags_override_config(tmp_path: Path, sim: KupSim, start_kupd: StartKupd) -> None:
