@@ -9,10 +9,19 @@ import os
 import socket
 import stat
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
-from tenancy_helpers import AS_ROOT, LOCKHOLD, NOBODY, TenantKupd
+from tenancy_helpers import (
+    AS_ROOT,
+    DEVICES,
+    LOCKHOLD,
+    NOBODY,
+    TENANTS,
+    StartTenants,
+    TenantKupd,
+)
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import EventType
@@ -280,3 +289,21 @@ def test_sample_config_shows_two_tenants_and_an_admin() -> None:
     alice, probe = cfg.tenants
     assert alice.grants[0].channels == frozenset(range(8, 64))
     assert probe.ops == frozenset({"call", "watch"}) and probe.mode == 0o660
+
+
+def test_a_full_audit_disk_leaves_the_denial_standing(start_tenants: StartTenants) -> None:
+    """The audit log on a full disk (/dev/full: every write is ENOSPC): the
+    client still gets its PERMISSION_DENIED, not an internal error, and kupd
+    logs the failed write once per cause."""
+    tk = start_tenants(DEVICES + TENANTS)
+    tk.audit = Path("/dev/full")
+    tk.write_config(DEVICES + TENANTS)
+    tk.hup()
+    wait_until(lambda: "reload" in tk.log() and "/dev/full" in tk.log(), what="reloaded")
+    with tk.client("bob") as c:
+        for _ in range(3):
+            with pytest.raises(errors.PermissionDenied, match="rule ops"):
+                c.attach("echo")
+        assert c.call("echo", b"still serving").data in (b"still serving", b"STILL SERVING")
+    failed = [ln for ln in tk.log().splitlines() if "audit log write failed" in ln]
+    assert len(failed) == 1 and "/dev/full" in failed[0], tk.log()
