@@ -42,8 +42,6 @@ class AuditLog:
         if path:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.count = 0
-        #: lines that could not be written (see _write)
-        self.write_failures = 0
         self._write_errno: int | None = None
 
     @staticmethod
@@ -97,9 +95,8 @@ class AuditLog:
             os.write(self._fd, (json.dumps(rec, sort_keys=True) + "\n").encode())
         except OSError as exc:
             # A full disk must not turn the denial being recorded into an
-            # internal error for its client: the denial stands, the failure
-            # is logged (once per cause, not once per line) and counted.
-            self.write_failures += 1
+            # internal error for its client: the denial stands, and the
+            # failure is logged once per cause, not once per line.
             if exc.errno != self._write_errno:
                 log.error("audit log write failed", path=self.path, error=exc.strerror)
             self._write_errno = exc.errno

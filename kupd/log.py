@@ -35,19 +35,18 @@ class _Sink:
     reader goes away, every write raises BrokenPipeError in whatever kupd
     was doing -- kupd died on the next line, and a drain that logged into
     the closed pipe never finished.  Lines that cannot be written are
-    dropped (and counted); serving goes on."""
+    dropped (there is nowhere left to say so); serving goes on."""
 
-    __slots__ = ("__weakref__", "dropped", "stream")  # structlog keeps a lock per file
+    __slots__ = ("__weakref__", "stream")  # structlog keeps a lock per file
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self.dropped = 0
 
     def write(self, text: str) -> None:
         try:
             self.stream.write(text)
         except (OSError, ValueError):  # ValueError: the stream was closed
-            self.dropped += 1
+            pass
 
     def flush(self) -> None:
         try:
