@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "REPO_ROOT",
@@ -58,7 +58,10 @@ __all__ = [
     "module_path",
     "start_kupd",
     "wait_until",
+    "with_metrics_port",
 ]
+
+T = TypeVar("T")
 
 #: The source tree this module lives in (kupd/ is one level below the root).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -450,6 +453,29 @@ def _free_loopback_port() -> int:
         return port
 
 
+#: How many ports :func:`with_metrics_port` tries before it gives up.
+_METRICS_PORT_TRIES = 5
+
+
+def with_metrics_port(start: Callable[[int], T], tries: int = _METRICS_PORT_TRIES) -> T:
+    """``start(port)`` with a free loopback port for kupd's ``metrics_port``.
+
+    The port is free when it is chosen, but kupd binds it later: another
+    process on the machine may take it in between.  kupd then refuses to
+    start ("cannot serve metrics on ... (metrics_port): Address already in
+    use") and ``start`` raises :class:`KupdError` with that log; this tries
+    again with another port, up to ``tries`` times.  Any other failure is
+    raised as it is.
+    """
+    for attempt in range(tries):
+        try:
+            return start(_free_loopback_port())
+        except KupdError as exc:
+            if "(metrics_port): Address already in use" not in str(exc) or attempt + 1 == tries:
+                raise
+    raise AssertionError("unreachable")  # the last try returned or raised
+
+
 def start_kupd(
     *args: str,
     log: str | os.PathLike[str],
@@ -470,8 +496,10 @@ def start_kupd(
     ``command`` is how kupd is run (default ``python -m kupd.daemon``; pass
     the ``kupd`` console script to test that).  ``socket``, ``config``,
     ``sim`` (``--kupsim-dir``), ``devices`` (``--device NAME[:CALLS]`` each),
-    ``health_interval`` and ``metrics`` (a free loopback ``--metrics-port``)
-    become options; ``args`` are appended as given.  The environment defaults
+    ``health_interval`` and ``metrics`` (a free loopback ``--metrics-port``,
+    chosen again if it is taken before kupd binds it: :func:`with_metrics_port`)
+    become options; ``args`` are appended as given (a ``--metrics-port`` among
+    them sets :attr:`Kupd.metrics_url` too).  The environment defaults
     to :func:`kupd_env` of ``sim``.  With ``wait`` this returns once the
     health check on ``health_socket`` (default ``socket``) says SERVING; if kupd
     exits or stays unready it is killed and :class:`KupdError` carries its log.
@@ -487,11 +515,21 @@ def start_kupd(
         argv += ["--health-interval", str(health_interval)]
     for d in devices:
         argv += ["--device", d]
-    metrics_url = ""
     if metrics:
-        port = _free_loopback_port()
-        argv += ["--metrics-port", str(port)]
-        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        # a port taken by someone else between choice and bind: another port
+        def start(port: int) -> Kupd:
+            return start_kupd(
+                "--metrics-port", str(port), *args, log=log, socket=socket, sim=sim,
+                devices=devices, config=config, health_socket=health_socket,
+                health_interval=health_interval, command=command, env=env, wait=wait,
+                start_timeout=start_timeout,
+            )  # fmt: skip
+
+        return with_metrics_port(start)
+    metrics_url = ""
+    for i, a in enumerate(args[:-1]):
+        if a == "--metrics-port":
+            metrics_url = f"http://127.0.0.1:{args[i + 1]}/metrics"
     argv += args
     sock = os.fspath(socket) if socket is not None else ""
     health = os.fspath(health_socket) if health_socket is not None else sock

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.request
 from typing import Any
 
@@ -17,14 +16,7 @@ from gateway_helpers import StartKupd, call_in_flight
 
 from kupclient import AsyncClient, Kind, Message
 from kupd import errors
-from kupd.testing import KupSim
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from kupd.testing import KupSim, with_metrics_port
 
 
 def _failed(log: str) -> list[dict[str, Any]]:
@@ -39,8 +31,7 @@ def _failed(log: str) -> list[dict[str, Any]]:
 
 
 def test_failed_calls_log_and_count_with_their_context(sim: KupSim, start_kupd: StartKupd) -> None:
-    port = _free_port()
-    k = start_kupd(sim, "--metrics-port", str(port))
+    k = with_metrics_port(lambda port: start_kupd(sim, "--metrics-port", str(port)))
     with k.client(caller="ctx-test") as c:
         big = c.devices("echo")[0].max_message_bytes + 1
         for i in range(2):
@@ -50,7 +41,7 @@ def test_failed_calls_log_and_count_with_their_context(sim: KupSim, start_kupd: 
         with pytest.raises(errors.NotFound):
             c.call("nosuch", b"x", timeout=10)  # refused before any device is known
         assert len(c.call("echo", b"\x01\x02", timeout=10).data) == 2  # still serving
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        body = urllib.request.urlopen(k.metrics_url, timeout=10).read()
     text = body.decode()
     assert 'kupd_calls_total{code="OK",device="echo"} 3.0' in text
     assert 'kupd_calls_total{code="INVALID_ARGUMENT",device="echo"} 1.0' in text

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from kupclient import Client, EventType, Kind
 from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
-from kupd.testing import KupSim, echo_lock_holds, wait_until
+from kupd.testing import KupdError, KupSim, echo_lock_holds, wait_until, with_metrics_port
 
 
 def test_sigkilled_client_frees_its_channel(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -238,6 +239,40 @@ def test_a_metrics_port_in_use_is_named(tmp_path: Path) -> None:
     assert (f"kupd: cannot serve metrics on 127.0.0.1:{port} (metrics_port): "
             "Address already in use") in r.stderr, r.stderr
     assert not (tmp_path / "k.sock").exists()
+
+
+def test_with_metrics_port_tries_another_port_when_one_is_taken(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """The testing helper's answer to a port taken between its choice and
+    kupd's bind: kupd refuses it (as above), the helper starts it again on
+    another port; any other failure is not tried again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        tried: list[int] = []
+
+        def start(port: int) -> Kupd:
+            tried.append(port)
+            # the first try gets the port someone else holds
+            return start_kupd(sim, "--metrics-port", str(taken if len(tried) == 1 else port))
+
+        k = with_metrics_port(start)
+    assert len(tried) == 2 and k.metrics_url == f"http://127.0.0.1:{tried[1]}/metrics"
+    body = urllib.request.urlopen(k.metrics_url, timeout=10).read().decode()
+    assert "kupd_sessions" in body
+    assert k.terminate() == 0
+
+    bad: list[int] = []
+
+    def start_bad(port: int) -> Kupd:
+        bad.append(port)
+        return start_kupd(sim, "--metrics-port", str(port), "--max-sessions", "-1")
+
+    with pytest.raises(KupdError, match="max_sessions"):
+        with_metrics_port(start_bad)
+    assert len(bad) == 1
 
 
 def test_kupd_outlives_its_log_reader(sim: KupSim, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import urllib.request
 
 import pytest
@@ -15,7 +14,7 @@ from kupclient import Kind
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
 from kupd.config import Config
-from kupd.testing import KupSim, wait_until
+from kupd.testing import KupSim, wait_until, with_metrics_port
 
 
 def test_largest_channel_fits_through_grpc(start_kupd: StartKupd) -> None:
@@ -69,16 +68,8 @@ def test_hung_client_is_detected_by_keepalive(
         wait_until(free, timeout=60, what="hung client dropped by keepalive")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_metrics_on_loopback(sim: KupSim, start_kupd: StartKupd) -> None:
-    port = _free_port()
-    k = start_kupd(sim, "--metrics-port", str(port))
+    k = with_metrics_port(lambda port: start_kupd(sim, "--metrics-port", str(port)))
     with k.client() as c:
         for i in range(3):
             c.call("echo", f"{i}".encode(), timeout=10)
@@ -86,7 +77,7 @@ def test_metrics_on_loopback(sim: KupSim, start_kupd: StartKupd) -> None:
             c.call("nosuch", b"x")
         with c.open("echo").channel(9) as ch:
             ch.receive()
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            text = urllib.request.urlopen(k.metrics_url, timeout=10).read()
     body = text.decode()
     assert 'kupd_calls_total{code="OK",device="echo"} 3.0' in body
     assert 'kupd_sessions{device="echo"} 1.0' in body

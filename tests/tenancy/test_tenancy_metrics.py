@@ -3,27 +3,25 @@ Calls in flight and policy denials by rule, each labelled with its tenant."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import urllib.request
 
 import pytest
-from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
 from kupd import errors
-from kupd.testing import echo_lock_holds, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from kupd.testing import echo_lock_holds, wait_until, with_metrics_port
 
 
 def test_tenant_metrics(start_tenants: StartTenants) -> None:
-    port = _free_port()
-    k = start_tenants(f"metrics_port = {port}\n" + DEVICES + TENANTS)
+    ports: list[int] = []
+
+    def start(port: int) -> TenantKupd:
+        ports.append(port)
+        return start_tenants(f"metrics_port = {port}\n" + DEVICES + TENANTS)
+
+    k = with_metrics_port(start)
+    port = ports[-1]
 
     def scrape() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
