@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupd.config import SUN_PATH_MAX
 from kupd.log import get_logger
 from kupd.policy import ADMIN, DEFAULT, Tenant, use_tenant
 from kupd.wire import add_kup_servicer
@@ -150,8 +152,49 @@ def _check_dir(path: str) -> None:
         )
 
 
+#: A server started by :meth:`SocketSet.prepare`: its endpoint, the server,
+#: and the name it is bound at until :meth:`SocketSet.commit` renames it to
+#: ``ep.path``.
+Started = tuple[Endpoint, grpc.aio.Server, str]
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path``, or None when there is none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _someone_accepts(path: str) -> bool:
+    """A unix socket at ``path`` that a process accepts connections on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False  # refused (stale), gone, or not ours to judge: EACCES
+        return True
+
+
 class SocketSet:
-    """The running gRPC servers, one per endpoint."""
+    """The running gRPC servers, one per endpoint.
+
+    What is at a socket's path matters: binding needs the path free, and a
+    gRPC server removes the socket at the path it bound when it stops.  So
+    every server is bound under a private name in the socket's directory
+    (".kN", never reused) and then renamed to its path -- atomically, over a
+    stale socket -- and kupd itself removes a path only while it is still the
+    file that server bound (told by its inode).  Hence:
+
+    * a file at the path that is not a socket, or a socket another process
+      serves, is refused, never replaced;
+    * a reload that gives a path kupd serves to another tenant (a renamed
+      tenant, two tenants swapping sockets) renames the new server over the
+      old one: the path is never missing, and stopping the old server (which
+      removes only its private name) leaves the new one in place.
+    """
 
     def __init__(
         self,
@@ -165,16 +208,70 @@ class SocketSet:
         self.health = health
         self.admin = admin  # builds the AdminServicer
         self.servers: dict[tuple[str, str], tuple[Endpoint, grpc.aio.Server]] = {}
+        #: the socket file each server bound (st_dev, st_ino), by key
+        self._bound: dict[tuple[str, str], tuple[int, int] | None] = {}
+        #: servers bound at their path itself (no room for a private name):
+        #: stopping one removes the path, so it cannot be handed over
+        self._direct: set[tuple[str, str]] = set()
+        self._names = 0
 
-    async def start_one(self, ep: Endpoint) -> None:
-        self.servers[ep.key] = (ep, await self._serve(ep))
+    def _serving(self, path: str) -> tuple[str, str] | None:
+        """The key of kupd's running server whose socket is at ``path``."""
+        fid = _file_id(path)
+        for key, bound in self._bound.items():
+            if fid is not None and bound == fid:
+                return key
+        return None
 
-    async def _serve(self, ep: Endpoint) -> grpc.aio.Server:
-        """A started server on ep's socket (not registered in servers)."""
+    @staticmethod
+    def _check_free(ep: Endpoint) -> None:
+        """ep.path may take a socket: nothing there, or a stale socket (then
+        replaced by the rename).  OSError naming the path and the tenant for
+        anything else."""
+        try:
+            st = os.lstat(ep.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(
+                f"{ep.path} (tenant {ep.tenant.name}) exists and is not a socket: "
+                "kupd will not replace it"
+            )
+        if _someone_accepts(ep.path):
+            raise OSError(
+                f"{ep.path} (tenant {ep.tenant.name}) is a socket another process serves: "
+                "kupd will not take it over"
+            )
+
+    def _private_name(self, ep: Endpoint) -> str:
+        """A free name next to ep.path to bind at, or ep.path itself when
+        no name fits in sun_path there."""
+        while True:
+            self._names += 1
+            path = os.path.join(os.path.dirname(ep.path), f".k{self._names}")
+            if len(os.fsencode(path)) >= SUN_PATH_MAX:
+                return ep.path
+            if _file_id(path) is None:
+                return path
+
+    async def _serve(self, ep: Endpoint, handover: bool = False) -> Started:
+        """A started server of ep, bound at a private name (not yet at
+        ep.path, not registered in servers).  ``handover``: another of
+        kupd's servers is at ep.path now."""
         if ep.check_dir:
             _check_dir(ep.path)
         else:
             os.makedirs(os.path.dirname(ep.path), mode=0o755, exist_ok=True)
+        path = self._private_name(ep)
+        if path == ep.path and handover:
+            raise OSError(
+                f"cannot hand socket {ep.path} over to tenant {ep.tenant.name}: no room "
+                "for a private name next to it (sun_path); restart kupd instead"
+            )
+        if path == ep.path:
+            self._check_free(ep)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale (checked above)
         server = grpc.aio.server(options=self.options)
         add_kup_servicer(TenantKup(self.kup, ep.tenant), server)  # kupd.wire: Session by hand
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -183,12 +280,10 @@ class SocketSet:
             kup_pb2_grpc.add_AdminServicer_to_server(self.admin(), server)
             names.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(names, server)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ep.path)  # stale: we hold kupd's lock, nobody serves it
         old = os.umask(0o777 & ~ep.mode)  # born with exactly ep.mode
         try:
             try:
-                port = server.add_insecure_port("unix:" + ep.path)
+                port = server.add_insecure_port("unix:" + path)
             except RuntimeError:  # grpcio's "Failed to bind", without the reason
                 port = 0
             if port == 0:
@@ -199,66 +294,102 @@ class SocketSet:
         try:
             if ep.owner is not None or ep.group is not None:
                 os.chown(
-                    ep.path,
+                    path,
                     -1 if ep.owner is None else ep.owner,
                     -1 if ep.group is None else ep.group,
                 )
-        except OSError:
+        except OSError as exc:
             await server.stop(None)
-            raise
+            raise OSError(
+                f"cannot give socket {ep.path} (tenant {ep.tenant.name}) to owner "
+                f"{ep.owner} / group {ep.group}: {exc.strerror} (chown needs CAP_CHOWN)"
+            ) from None
+        return ep, server, path
+
+    def _install(self, started: Started) -> None:
+        """Rename a started server's socket to its path; it serves there now."""
+        ep, server, path = started
+        if path != ep.path:
+            os.rename(path, ep.path)
+        else:
+            self._direct.add(ep.key)
+        self.servers[ep.key] = (ep, server)
+        self._bound[ep.key] = _file_id(ep.path)
         log.info("socket serving", socket=ep.path, tenant=ep.tenant.name, mode=f"{ep.mode:04o}")
-        return server
+
+    @staticmethod
+    def _unlink_if(path: str, fid: tuple[int, int] | None) -> None:
+        """Remove ``path`` if it is still the file ``fid`` (not a socket
+        renamed there since for another server)."""
+        if fid is not None and _file_id(path) == fid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def start_one(self, ep: Endpoint) -> None:
+        self._check_free(ep)
+        self._install(await self._serve(ep))
 
     async def stop_one(self, key: tuple[str, str], grace: float | None = 1.0) -> None:
         ep, server = self.servers.pop(key)
+        fid = self._bound.pop(key, None)
+        self._direct.discard(key)
         await server.stop(grace)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ep.path)
+        self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
 
-    async def prepare(self, wanted: list[Endpoint]) -> list[tuple[Endpoint, grpc.aio.Server]]:
+    async def prepare(self, wanted: list[Endpoint]) -> list[Started]:
         """The first half of a reload's socket change, the half that can fail:
         start the servers of ``wanted``'s new endpoints, all or none -- a
         socket that cannot be bound or handed over stops the ones already
         started and raises OSError, so the reload is refused with nothing
         changed.  They take effect with :meth:`commit` (or go with
         :meth:`discard`); no handler runs before the caller next awaits."""
-        started: list[tuple[Endpoint, grpc.aio.Server]] = []
+        started: list[Started] = []
         try:
             for ep in wanted:
-                if ep.key not in self.servers:
-                    started.append((ep, await self._serve(ep)))
+                if ep.key in self.servers:
+                    continue
+                holder = self._serving(ep.path)
+                if holder is None:
+                    self._check_free(ep)
+                elif holder in self._direct:
+                    raise OSError(
+                        f"cannot hand socket {ep.path} over to tenant {ep.tenant.name}: "
+                        "its server is bound at the path itself (no room for a private "
+                        "name next to it in sun_path); restart kupd instead"
+                    )
+                started.append(await self._serve(ep, handover=holder is not None))
         except BaseException:
             await self.discard(started)
             raise
         return started
 
-    async def discard(self, started: list[tuple[Endpoint, grpc.aio.Server]]) -> None:
-        for ep, server in started:
-            await server.stop(None)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ep.path)
-            log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
+    async def discard(self, started: list[Started]) -> None:
+        for _ep, server, _name in started:
+            await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
-        self, wanted: list[Endpoint], started: list[tuple[Endpoint, grpc.aio.Server]]
+        self, wanted: list[Endpoint], started: list[Started]
     ) -> tuple[list[str], list[str]]:
         """Make the running sockets match ``wanted`` (prepared by
-        :meth:`prepare`): (added, removed) paths.  A tenant that keeps its
-        socket path keeps its server (its open sessions are untouched); a
-        changed owner/group/mode is applied to the socket file in place,
+        :meth:`prepare`): (added, removed) paths.  A new server's socket is
+        renamed to its path (atomic: a client connecting meanwhile reaches
+        the old server or the new one, never nothing).  A tenant that keeps
+        its socket path keeps its server (its open sessions are untouched);
+        a changed owner/group/mode is applied to the socket file in place,
         which governs new connections only (the kernel checked the old
         permissions when the open ones connected)."""
         want = {ep.key: ep for ep in wanted}
-        for ep, server in started:
-            self.servers[ep.key] = (ep, server)
-        added = [ep.path for ep, _ in started]
+        added = [ep.path for ep, _, _ in started]
+        for st in started:
+            self._install(st)
         removed: list[str] = []
         for key in list(self.servers):
             if key not in want:
                 path = self.servers[key][0].path
                 await self.stop_one(key)
-                removed.append(path)
+                if path not in added:
+                    removed.append(path)
         for key, ep in want.items():
             old, server = self.servers[key]
             if (ep.owner, ep.group, ep.mode) != (old.owner, old.group, old.mode):
@@ -282,9 +413,8 @@ class SocketSet:
         await asyncio.gather(*(self.stop_one(k, grace) for k in list(self.servers)))
 
     def unlink_all(self) -> None:
-        for ep, _ in self.servers.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ep.path)
+        for key, (ep, _) in self.servers.items():
+            self._unlink_if(ep.path, self._bound.get(key))
 
 
 def scope_device_pb(

@@ -1,0 +1,123 @@
+"""What kupd does to the files at its socket paths (kupd.tenants.SocketSet).
+
+Binding a unix socket needs its path free.  kupd removes a stale socket
+there, and nothing else: a reload that hands a path it serves to another
+tenant (a renamed tenant, two tenants swapping sockets) must leave the path
+served -- it once bound the new server and then removed the file as it
+stopped the old one, so the tenant's socket was gone until a restart --
+and a path holding a file that is not a socket, or a socket another process
+serves, is refused rather than replaced."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+from tenancy_helpers import DEVICES, StartTenants
+
+from kupd import errors
+
+
+def _tenants(a: tuple[str, str], b: tuple[str, str]) -> str:
+    """Two tenants (name, socket file name): the first may use echo channel
+    8 only, the second channel 9 only -- so a client can tell them apart."""
+    out = ""
+    for (name, sock), chan in ((a, 8), (b, 9)):
+        out += (
+            f'[[tenant]]\nname = "{name}"\nsocket = "@DIR@/{sock}"\n'
+            f'[[tenant.grant]]\ndevice = "echo"\nchannels = "{chan}"\n'
+        )
+    return out
+
+
+def _serves_channel(path: str, chan: int) -> bool:
+    """A client on ``path`` may open echo channel ``chan`` (its tenant's)."""
+    from kupclient import Client
+
+    with Client(path) as c:
+        try:
+            with c.open("echo").channel(chan) as ch:
+                ch.receive(timeout=10)
+        except errors.PermissionDenied:
+            return False
+    return True
+
+
+def test_a_renamed_tenant_keeps_its_socket(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+    a = str(k.dir / "a.sock")
+    before = os.stat(a).st_ino
+    with k.admin() as adm:
+        k.write_config(DEVICES + _tenants(("x2", "a.sock"), ("y", "b.sock")))
+        r = adm.reload()
+        assert "x2" in r.tenants and "x" not in r.tenants, r
+        assert stat.S_ISSOCK(os.stat(a).st_mode) and os.stat(a).st_ino != before
+        assert _serves_channel(a, 8)  # x2 now, with x's grants
+        k.write_config(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+        adm.reload()
+    assert _serves_channel(a, 8)
+
+
+def test_two_tenants_swap_sockets(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+    a, b = str(k.dir / "a.sock"), str(k.dir / "b.sock")
+    assert _serves_channel(a, 8) and not _serves_channel(a, 9)
+    # connections keep arriving while the reload hands the paths over
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def knock() -> None:
+        while not stop.is_set():
+            for path in (a, b):
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(path)
+                except OSError as exc:
+                    failures.append(exc)
+
+    t = threading.Thread(target=knock)
+    t.start()
+    try:
+        with k.admin() as adm:
+            k.write_config(DEVICES + _tenants(("x", "b.sock"), ("y", "a.sock")))
+            adm.reload()
+    finally:
+        stop.set()
+        t.join(10)
+    assert not failures, failures[:3]  # never a moment without a socket
+    assert _serves_channel(a, 9) and not _serves_channel(a, 8)  # a.sock is y's now
+    assert _serves_channel(b, 8) and not _serves_channel(b, 9)
+    assert not [p for p in os.listdir(k.dir) if p.startswith(".k")]  # no temporary left
+
+
+def test_a_file_that_is_not_a_socket_is_never_replaced(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+    precious = k.dir / "precious.txt"
+    precious.write_text("data\n")
+    with k.admin() as adm:
+        k.write_config(DEVICES + _tenants(("x", "a.sock"), ("y", "precious.txt")))
+        refused = r"precious\.txt \(tenant y\) exists and is not a socket"
+        with pytest.raises(errors.KupError, match=refused):
+            adm.reload()
+    assert precious.read_text() == "data\n"
+    # refused as a whole: y keeps b.sock
+    assert _serves_channel(str(k.dir / "b.sock"), 9)
+
+
+def test_a_socket_another_process_serves_is_not_taken(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+    other = str(k.dir / "other.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(other)
+        listener.listen()
+        with k.admin() as adm:
+            k.write_config(DEVICES + _tenants(("x", "a.sock"), ("y", "other.sock")))
+            with pytest.raises(errors.KupError, match="another process serves"):
+                adm.reload()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(other)  # still the other process's
+        listener.accept()[0].close()
+    assert _serves_channel(str(k.dir / "b.sock"), 9)
