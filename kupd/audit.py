@@ -39,8 +39,7 @@ class AuditLog:
     def __init__(self, path: str = "") -> None:
         self.path = path
         self._fd = -1
-        if path:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = self.open_file(path)
         self.count = 0
         self._write_errno: int | None = None
 

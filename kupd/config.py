@@ -11,6 +11,7 @@ Example (``deploy/kupd.sample.toml`` has the documented version)::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -171,9 +172,19 @@ def _typed(table: dict[str, Any], key: str, prefix: str, kind: type, default: An
     return value
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+def _positive(
+    key: str, value: float, allow_zero: bool = False, most: float = 1e9, least: float = 0.0
+) -> None:
+    """A number of seconds: finite (TOML has nan and inf), > 0 (or >= 0),
+    at least ``least`` and at most ``most``."""
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number of seconds, not {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, not {value}")
+    if value > most:
+        raise ConfigError(key, f"must be at most {most:g} seconds, not {value:g}")
+    if 0 < value < least:
+        raise ConfigError(key, f"must be at least {least:g} seconds, not {value:g}")
 
 
 #: the names kupdev_create accepts (kmod/core/kup_core.c, kup_name_ok)
@@ -256,10 +267,7 @@ def _build(data: dict[str, Any]) -> Config:
     if not isinstance(devices_raw, list):
         raise ConfigError("device", "must be an array of tables ([[device]])")
     devices = tuple(_device(raw, i) for i, raw in enumerate(devices_raw))
-    names = [d.name for d in devices]
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            raise ConfigError(f"device[{i}].name", f"duplicate device {n!r}")
+    names = [d.name for d in devices]  # duplicates: validate()
     values["devices"] = devices
     if "tenant" in data:
         from kupd.policy import parse_tenants  # policy imports ConfigError from here
@@ -284,6 +292,36 @@ def _unix_socket_path(key: str, path: str) -> None:
         )
 
 
+#: gRPC's millisecond options are int32.
+_GRPC_MS_MAX = 2**31 - 1
+#: The health loop's shortest interval, seconds.
+HEALTH_INTERVAL_MIN = 0.01
+#: max_sessions' ceiling (far above what one process can hold open).
+MAX_SESSIONS_MAX = 1_000_000
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Two spellings of one path (``t/./a.sock``, ``t//a.sock``)."""
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def _check_paths(cfg: Config) -> None:
+    """No socket may be another socket, or a file kupd writes: binding a
+    unix socket replaces whatever is at its path (kupd's own lock file
+    included, which would let a second kupd start)."""
+    sockets: list[tuple[str, str]] = []
+    if not cfg.tenants:
+        sockets.append(("socket", cfg.socket))
+    sockets += [(f"tenant[{i}].socket", t.socket) for i, t in enumerate(cfg.tenants)]
+    if cfg.admin_socket:
+        sockets.append(("admin_socket", cfg.admin_socket))
+    files = [("lock_file", cfg.lock_path), ("pid_file", cfg.pid_path), ("audit_log", cfg.audit_log)]
+    for i, (key, path) in enumerate(sockets):
+        for other_key, other in [*sockets[:i], *files]:
+            if other and _same_path(path, other):
+                raise ConfigError(key, f"{path} is also {other_key} ({other})")
+
+
 def validate(cfg: Config) -> Config:
     """Check cross-field rules; used after flags are applied too."""
     if not cfg.socket:
@@ -293,18 +331,19 @@ def validate(cfg: Config) -> Config:
         _unix_socket_path("admin_socket", cfg.admin_socket)
     for i, t in enumerate(cfg.tenants):
         _unix_socket_path(f"tenant[{i}].socket", t.socket)
-    for key in (
-        "lease_idle_timeout",
-        "call_timeout",
-        "call_quarantine",
-        "health_interval",
-        "keepalive_time",
-        "keepalive_timeout",
-    ):
+    for key in ("lease_idle_timeout", "call_timeout", "call_quarantine"):
         _positive(key, getattr(cfg, key))
+    # gRPC takes keepalive times as int32 milliseconds
+    for key in ("keepalive_time", "keepalive_timeout"):
+        _positive(key, getattr(cfg, key), most=_GRPC_MS_MAX / 1000)
+    # a health loop every microsecond would spin a core
+    _positive("health_interval", cfg.health_interval, least=HEALTH_INTERVAL_MIN)
     _positive("drain_grace", cfg.drain_grace, allow_zero=True)
-    if cfg.max_sessions < 1:
-        raise ConfigError("max_sessions", f"must be >= 1, not {cfg.max_sessions}")
+    # max_sessions + 1024 becomes gRPC's int32 max_concurrent_streams
+    if not 1 <= cfg.max_sessions <= MAX_SESSIONS_MAX:
+        raise ConfigError(
+            "max_sessions", f"must be 1..{MAX_SESSIONS_MAX}, not {cfg.max_sessions}"
+        )
     if cfg.max_queued_calls < 1:
         raise ConfigError("max_queued_calls", f"must be >= 1, not {cfg.max_queued_calls}")
     if not 0 <= cfg.metrics_port <= 65535:
@@ -320,12 +359,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("device", "at least one [[device]] (or --device) is required")
     if cfg.admin_socket and not cfg.admin_socket.startswith("/"):
         raise ConfigError("admin_socket", f"must be an absolute path, not {cfg.admin_socket!r}")
+    names = [d.name for d in cfg.devices]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"device[{i}].name", f"duplicate device {n!r}")
     for i, t in enumerate(cfg.tenants):
-        if t.socket in (cfg.socket, cfg.admin_socket):
-            raise ConfigError(f"tenant[{i}].socket", f"{t.socket} is kupd's own socket")
+        for key, own in (("socket", cfg.socket), ("admin_socket", cfg.admin_socket)):
+            if own and _same_path(t.socket, own):
+                raise ConfigError(f"tenant[{i}].socket", f"{t.socket} is kupd's own {key}")
         for g in t.grants or ():
             if cfg.device(g.device) is None:
                 raise ConfigError(f"tenant[{i}].grant", f"no [[device]] named {g.device!r}")
+    _check_paths(cfg)
     return cfg
 
 
@@ -366,6 +411,10 @@ def load_config(
             raise ConfigError("--config", f"no such file: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not UTF-8 text (TOML): {exc}") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     cfg = _build(data)
     for key, value in (overrides or {}).items():
         if value is None:

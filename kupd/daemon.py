@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(config.log_level)
     try:
         return asyncio.run(serve(config, args))
+    except ConfigError as exc:  # found only at start (audit_log cannot be opened)
+        print(f"kupd: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"kupd: {exc}", file=sys.stderr)
         return 1

@@ -145,7 +145,10 @@ class Server:
     # -- start ---------------------------------------------------------------
     def _take_lock(self) -> None:
         path = self.config.lock_path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OSError(f"cannot open lock_file {path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -178,8 +181,11 @@ class Server:
         cfg = self.config
         _raise_nofile()
         if cfg.pid_path:
-            with open(cfg.pid_path, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            try:
+                with open(cfg.pid_path, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise OSError(f"cannot write pid_file {cfg.pid_path}: {exc.strerror}") from None
         if cfg.metrics_port:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_address)
         await self.mgr.start()

@@ -32,6 +32,20 @@ DEV = {"device": [{"name": "echo"}]}
         ({"device": [{"name": ".echo"}]}, "device[0].name"),
         ({"device": [{"name": "my echo"}]}, "device[0].name"),
         ({}, "device"),
+        # TOML has nan and inf; each passed "> 0" and failed later
+        ({"lease_idle_timeout": float("nan"), **DEV}, "lease_idle_timeout"),
+        ({"call_timeout": float("inf"), **DEV}, "call_timeout"),
+        ({"keepalive_time": float("inf"), **DEV}, "keepalive_time"),
+        ({"keepalive_timeout": 1e300, **DEV}, "keepalive_timeout"),  # gRPC: int32 ms
+        ({"max_sessions": 2**31, **DEV}, "max_sessions"),  # + 1024: gRPC's int32
+        ({"health_interval": 1e-6, **DEV}, "health_interval"),  # would spin a core
+        ({"device": [{"name": "echo"}, {"name": "echo"}]}, "device[1].name"),
+        # a socket is another socket or a file kupd writes: binding it would
+        # replace that file (the lock file: a second kupd could start)
+        ({"socket": "/run/k/a.sock", "admin_socket": "/run/k/./a.sock", **DEV}, "admin_socket"),
+        ({"socket": "/run/k/a.sock", "lock_file": "/run/k//a.sock", **DEV}, "socket"),
+        ({"socket": "/run/k/a.sock", "pid_file": "/run/k/a.sock", **DEV}, "socket"),
+        ({"socket": "/run/k/a.sock", "audit_log": "/run/k/a.sock", **DEV}, "socket"),
     ],
 )
 def test_invalid_values_name_their_key(doc: dict[str, object], key: str) -> None:
@@ -57,3 +71,31 @@ def test_device_names_and_paths_that_are_accepted() -> None:
     names = ["echo", "rot13", "a.b-c_D9", "-x", "/run/kupsim/echo.sock", "/odd:dir/echo.sock"]
     cfg = parse_config({"device": [{"name": n} for n in names]})
     assert [d.name for d in cfg.devices] == names
+
+
+def test_duplicate_device_flags_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'device\[1\]\.name'.*duplicate device 'echo'"):
+        load_config(None, {"devices": ["echo", "echo"]})
+
+
+def test_a_config_that_cannot_be_read_as_toml_text_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'--config'.*cannot read .*: Is a directory"):
+        load_config(tmp_path)
+    binary = tmp_path / "k.toml"
+    binary.write_bytes(b"socket = \"\xff\xfe\"\n")
+    with pytest.raises(ConfigError, match=r"'--config'.*is not UTF-8 text"):
+        load_config(binary)
+
+
+def test_tenant_sockets_spelled_differently_are_the_same_socket() -> None:
+    tenants = [
+        {"name": "a", "socket": "/run/k/t/ab.sock", "grant": [{"device": "echo"}]},
+        {"name": "b", "socket": "/run/k/t/./ab.sock", "grant": [{"device": "echo"}]},
+    ]
+    with pytest.raises(ConfigError) as ei:
+        parse_config({**DEV, "tenant": tenants})
+    assert ei.value.key == "tenant[1].socket"
+    admin = [{"name": "a", "socket": "/run/k//admin.sock", "grant": [{"device": "echo"}]}]
+    with pytest.raises(ConfigError, match="kupd's own admin_socket") as ei:
+        parse_config({**DEV, "admin_socket": "/run/k/admin.sock", "tenant": admin})
+    assert ei.value.key == "tenant[0].socket"

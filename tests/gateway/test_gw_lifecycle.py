@@ -241,6 +241,34 @@ def test_a_metrics_port_in_use_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "k.sock").exists()
 
 
+def test_files_kupd_cannot_open_at_start_are_named(tmp_path: Path) -> None:
+    """Each said "[Errno 2] No such file or directory: PATH", naming neither
+    the key nor what kupd wanted the file for (and the audit log exited 1
+    where every other config error exits 2)."""
+    missing = tmp_path / "no-such-dir"
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'audit_log = "{missing}/audit.log"\n[[device]]\nname = "echo"\n')
+    cases = [
+        (["--config", str(cfg)], 2, f"config key 'audit_log': cannot open {missing}/audit.log"),
+        (["--device", "echo", "--lock-file", f"{missing}/k.lock"], 1,
+         f"kupd: cannot open lock_file {missing}/k.lock: No such file or directory"),
+        (["--device", "echo", "--pid-file", f"{missing}/k.pid"], 1,
+         f"kupd: cannot write pid_file {missing}/k.pid: No such file or directory"),
+    ]  # fmt: skip
+    for args, rc, said in cases:
+        r = subprocess.run(
+            [sys.executable, "-m", "kupd.daemon", "--socket", str(tmp_path / "k.sock"), *args],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == rc, (args, r.stderr)
+        assert said in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "k.sock").exists()
+
+
 def test_with_metrics_port_tries_another_port_when_one_is_taken(
     sim: KupSim, start_kupd: StartKupd
 ) -> None:
