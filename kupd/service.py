@@ -728,6 +728,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         if tenant is not None:
             use_tenant(tenant)
         where: dict[str, Any] = {}
+        dev: ManagedDevice | None = None
         try:
             self._check_open()
             if not request.device:
@@ -741,6 +742,14 @@ class KupService(kup_pb2_grpc.KupServicer):
             finally:
                 self.guard.end_call(t)
         except errors.KupError as exc:
+            if dev is not None and "device" not in where:
+                # refused before its exchange (policy, device not ready): a
+                # Call of this served device all the same, counted and logged
+                # under it -- an unknown name never becomes a label
+                where["device"] = dev.name
+                where["caller"] = request.caller
+                where["tenant"] = self.guard.tenant().name
+                dev.pool.count(status_for(exc)[0].name)
             await self._abort_unbound(context, exc, "Call", where)
             raise AssertionError("unreachable") from None
 
@@ -752,10 +761,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         t: Tenant,
         where: dict[str, Any],
     ) -> kup_pb2.CallResponse:
+        where["tenant"] = t.name
         _, info = dev.require()
         where["device"] = dev.name  # the log context, should the Call fail (see Call)
         where["caller"] = request.caller
-        where["tenant"] = t.name
         timeout = call_timeout(
             request.timeout_ms, self.config.call_timeout, context.time_remaining()
         )

@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from gateway_helpers import StartKupd, call_in_flight
+from gateway_helpers import Kupd, StartKupd, call_in_flight
 
 from kupclient import AsyncClient, Kind, Message
 from kupd import errors
@@ -130,3 +130,34 @@ def test_call_timeout_is_the_request_s_capped_by_the_rpc_deadline() -> None:
     for remaining in (0.0, -0.5):
         with pytest.raises(errors.DeadlineExceeded, match=r"deadline passed .*not sent"):
             call_timeout(0, 30.0, remaining)
+
+
+def test_a_call_refused_before_its_exchange_counts_under_its_device(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """A Call to a served device that is not reachable was counted as an
+    error of device "" and not at all in kupd_calls_total; a name kupd does
+    not serve still never becomes a label."""
+
+    def start(port: int) -> Kupd:
+        # ghost is never reachable: kupd answers, NOT_SERVING
+        k = start_kupd(
+            sim, "--metrics-port", str(port), devices=("echo:4", "ghost"), wait=False
+        )
+        k.wait_up()
+        return k
+
+    k = with_metrics_port(start)
+    with k.client() as c:
+        with pytest.raises(errors.Unavailable, match="ghost"):
+            c.call("ghost", b"x", timeout=10)
+        with pytest.raises(errors.NotFound):
+            c.call("nosuch", b"x", timeout=10)
+        body = urllib.request.urlopen(k.metrics_url, timeout=10).read().decode()
+    assert 'kupd_calls_total{code="UNAVAILABLE",device="ghost"} 1.0' in body, body
+    assert 'kupd_errors_total{channel="",code="UNAVAILABLE",device="ghost"} 1.0' in body
+    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""} 1.0' in body
+    assert "nosuch" not in body
+    failed = [r for r in _failed(k.log()) if r.get("device") == "ghost"]
+    assert failed and failed[0]["rpc"] == "Call" and failed[0]["tenant"] == "default", failed
+    assert k.terminate() == 0
