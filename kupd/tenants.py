@@ -141,6 +141,12 @@ def endpoints_for(config: Any) -> list[Endpoint]:
 
 
 def _check_dir(path: str) -> None:
+    """The directory of a tenant or admin socket, and every directory above
+    it, must be out of other users' reach: whoever can rename an entry on
+    the way can put a socket of their own at the path.  The directory
+    itself: kupd's user's, writable by nobody else.  Each one above: root's
+    or kupd's user's, and writable by others only with the sticky bit (as
+    /tmp: nobody renames what they do not own)."""
     d = os.path.dirname(path)
     os.makedirs(d, mode=0o755, exist_ok=True)
     st = os.stat(d)
@@ -150,6 +156,20 @@ def _check_dir(path: str) -> None:
             f"by nobody else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
             "another user could replace the socket"
         )
+    up = os.path.dirname(os.path.realpath(d))
+    while True:
+        st = os.stat(up)
+        shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (0, os.geteuid()) or shared:
+            raise OSError(
+                f"directory {up} above the socket {path} must be owned by root or uid "
+                f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
+                f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
+                "rename the directories below it and replace the socket"
+            )
+        if up == "/":
+            return
+        up = os.path.dirname(up)
 
 
 #: A server started by :meth:`SocketSet.prepare`: its endpoint, the server,

@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tenancy_helpers import run_module
+from tenancy_helpers import child_env, run_module
 
 from kupd.config import ConfigError, parse_config
+from kupd.testing import start_kupd
 
 BASE = {"device": [{"name": "echo"}]}
 
@@ -62,5 +63,41 @@ def test_unsafe_socket_directory_is_refused(tmp_path: Path) -> None:
         assert out.returncode == 1, out
         assert "writable by nobody else" in out.stderr, out.stderr
         assert not (d / "t.sock").exists()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_socket_below_a_directory_others_may_rename_in_is_refused(tmp_path: Path) -> None:
+    """The socket's own directory is kupd's and 0755, but the one above it
+    is writable by anyone without the sticky bit: anyone could rename the
+    socket's directory away and put one of their own in its place."""
+    d = Path(tempfile.mkdtemp(prefix="kupd-unsafe-"))
+    try:
+        d.chmod(0o777)
+        (d / "sub").mkdir(mode=0o755)
+        cfg = tmp_path / "kupd.toml"
+        cfg.write_text(
+            f'socket = "{tmp_path}/kupd.sock"\n'
+            f'kupsim_dir = "{tmp_path}/nosim"\n'
+            '[[device]]\nname = "echo"\n'
+            f'[[tenant]]\nname = "t"\nsocket = "{d}/sub/t.sock"\n'
+        )
+        out = run_module("kupd.daemon", "--config", str(cfg))
+        assert out.returncode == 1, out
+        assert f"directory {d} above the socket {d}/sub/t.sock" in out.stderr, out.stderr
+        assert not (d / "sub" / "t.sock").exists()
+        d.chmod(0o1777)  # sticky, as /tmp: nobody renames what they do not own
+        k = start_kupd(
+            config=cfg,
+            log=tmp_path / "kupd.log",
+            health_socket=f"{d}/sub/t.sock",
+            health_interval=None,
+            env=child_env(None),
+            wait=False,
+        )
+        try:
+            k.wait_up()  # serving t.sock (NOT_SERVING: no kupsim there)
+        finally:
+            k.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
