@@ -97,9 +97,10 @@ void *kernproxy_channel(void *handle, size_t chan_id, size_t size);
 void *kernproxy_receive(void *chan, int flags);
 
 /* Receive with length/kind/seq and a timeout in ms (-1: forever, 0: do not
- * wait).  Returns 0 or -1.  Receiving while this side already holds the
- * turn and has consumed the last message is EKU_NOTTURN (it would wait
- * forever: send or pass first). */
+ * wait, > 0: at most that long, then EKU_TIMEDOUT); any other negative
+ * value is EKU_INVAL, nothing done.  Returns 0 or -1.  Receiving while
+ * this side already holds the turn and has consumed the last message is
+ * EKU_NOTTURN (it would wait forever: send or pass first). */
 int kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms);
 
 /* Like kernproxy_receive_msg(chan, msg, 0), but first spins for up to the
@@ -145,7 +146,10 @@ int kernproxy_info(void *handle, struct kernproxy_info *info);
  * shutdown); kernproxy_info() tells what changed. */
 int kernproxy_dev_fd(void *handle);
 
-/* Close a channel (sends CLOSE if holding the turn) or a device handle. */
+/* Close a channel (sends CLOSE if holding the turn) or a device handle.
+ * The handle's memory is freed: like free(3), closing it a second time or
+ * passing it to any kernproxy_* call afterwards is undefined behaviour
+ * (not an error code) -- forget the pointer once closed. */
 void kernproxy_close(void *handle);
 
 /* Last error on a handle (channel or device). */

@@ -31,6 +31,7 @@
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -539,6 +540,23 @@ kup_os_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* KUP_PARAM_* values refused so far; kupsim_main refuses to start after
+ * an init that asked for one (the init itself only sees the default) */
+static int param_errors;
+
+int
+kupsim_param_errors(void)
+{
+	return __atomic_load_n(&param_errors, __ATOMIC_RELAXED);
+}
+
+/*
+ * KUP_PARAM_<MODULE>_<NAME>: unset or empty is defval; otherwise a decimal
+ * int, nothing else (no blanks, no 0x, no trailing text).  A value that is
+ * not one is logged, counted (kupsim_param_errors: kupsim then refuses to
+ * start) and replaced by defval only so that the module's init, which has
+ * no way to hear of it, can finish and be undone cleanly.
+ */
 int
 kup_os_param_int(const char *module, const char *name, int defval)
 {
@@ -558,12 +576,22 @@ kup_os_param_int(const char *module, const char *name, int defval)
 		return defval;
 	errno = 0;
 	x = strtol(v, &end, 10);
-	if (errno != 0 || *end != '\0' || x < -2147483647L || x > 2147483647L) {
-		kup_os_log("kupsim: %s=%s is not an integer, using %d", var, v,
-		    defval);
-		return defval;
+	/* strtol skips leading blanks and stops at the first non-digit:
+	 * "5x" and " 5" are malformed, not 5 */
+	if (isspace((unsigned char)*v) || end == v || *end != '\0') {
+		kup_os_log("kupsim: %s=%s is not an integer", var, v);
+		goto bad;
+	}
+	if (errno == ERANGE || x < INT_MIN || x > INT_MAX) {
+		kup_os_log("kupsim: %s=%s is out of range (an int: %d to %d)",
+		    var, v, INT_MIN, INT_MAX);
+		goto bad;
 	}
 	return (int)x;
+
+bad:
+	__atomic_add_fetch(&param_errors, 1, __ATOMIC_RELAXED);
+	return defval;
 }
 
 struct kup_thread {

@@ -10,10 +10,18 @@
  * serves until SIGTERM/SIGINT; then calls every module's kup_module_fini()
  * in reverse order (which unloads its devices: user sides see
  * EKU_SHUTDOWN) and exits 0.
+ *
+ * Every module is loaded before any is initialised, so that one given
+ * twice is refused (exit 2) before its init could run twice on the same
+ * globals.  A module path is always a file path: one without a '/' is
+ * loaded as ./path, never looked up on the library path.  Exit 2 also
+ * for a RUNDIR too long for its sockets' paths (kupsim_server_start) and
+ * for a KUP_PARAM_* value that is not an int (kupsim_glue.c).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,10 +33,12 @@
 #include "kupsim.h"
 
 struct module {
-	const char *path;
+	const char *path;          /* as given on the command line */
+	char *real;                /* realpath(path), NULL if it failed */
 	void *dl;
 	int (*init)(void);
 	void (*fini)(void);
+	int inited;                /* init returned 0: fini is owed */
 };
 
 static void
@@ -47,6 +57,61 @@ raise_nofile(void)
 		rl.rlim_cur = rl.rlim_max;
 		(void)setrlimit(RLIMIT_NOFILE, &rl);
 	}
+}
+
+/*
+ * dlopen m->path and find its entry points.  A name without a '/' would
+ * make dlopen search the library path (and miss the file in the current
+ * directory, the README's "kupsim -d DIR mymod.so"): it is loaded as
+ * ./name.  0, or -1 with a message printed.
+ */
+static int
+load_module(struct module *m)
+{
+	char local[PATH_MAX];
+	const char *p = m->path;
+	int n;
+
+	if (strchr(p, '/') == NULL) {
+		n = snprintf(local, sizeof(local), "./%s", p);
+		if (n < 0 || (size_t)n >= sizeof(local)) {
+			fprintf(stderr, "kupsim: module path too long: %s\n", p);
+			return -1;
+		}
+		p = local;
+	}
+	m->dl = dlopen(p, RTLD_NOW | RTLD_LOCAL);
+	if (m->dl == NULL) {
+		fprintf(stderr, "kupsim: cannot load module %s: %s\n",
+		    m->path, dlerror());
+		return -1;
+	}
+	m->init = (int (*)(void))dlsym(m->dl, "kup_module_init");
+	m->fini = (void (*)(void))dlsym(m->dl, "kup_module_fini");
+	if (m->init == NULL || m->fini == NULL) {
+		fprintf(stderr, "kupsim: module %s lacks kup_module_init "
+		    "or kup_module_fini\n", m->path);
+		dlclose(m->dl);
+		m->dl = NULL;
+		return -1;
+	}
+	/* only to recognise the same file given twice; dlopen found it, so
+	 * a failure here leaves the handle comparison alone to do it */
+	m->real = realpath(p, NULL);
+	return 0;
+}
+
+/*
+ * The module mods[i] is also mods[j], j < i: the same handle (dlopen
+ * recognises a file it has loaded, under any name) or the same file.  Its
+ * init would run twice on the same globals (the second one fails half-way
+ * and leaves the first one's device behind): refused.
+ */
+static int
+same_module(const struct module *a, const struct module *b)
+{
+	return a->dl == b->dl ||
+	    (a->real != NULL && b->real != NULL && strcmp(a->real, b->real) == 0);
 }
 
 int
@@ -84,6 +149,26 @@ main(int argc, char **argv)
 		return 1;
 	raise_nofile();
 
+	/* load them all first: a module given twice is refused before any
+	 * init has run (dlopen runs no module code but constructors) */
+	for (i = 0; i < nmods; i++) {
+		int j;
+
+		mods[i].path = argv[optind + i];
+		if (load_module(&mods[i]) != 0)
+			goto out;
+		for (j = 0; j < i; j++) {
+			if (same_module(&mods[i], &mods[j])) {
+				fprintf(stderr, "kupsim: module %s given twice "
+				    "(as %s and as %s): refusing to start\n",
+				    mods[i].real != NULL ? mods[i].real :
+				    mods[i].path, mods[j].path, mods[i].path);
+				rc = 2;
+				goto out;
+			}
+		}
+	}
+
 	/* every thread inherits this mask; main collects the signal */
 	sigemptyset(&ss);
 	sigaddset(&ss, SIGTERM);
@@ -93,34 +178,37 @@ main(int argc, char **argv)
 
 	if (kup_core_init() != 0)
 		goto out;
-	if (kupsim_server_start(rundir) != 0)
+	/* ENAMETOOLONG: RUNDIR cannot hold a device's socket path (refused
+	 * before anything is created, with a message): the command line's
+	 * fault, like a bad option */
+	errno = 0;
+	if (kupsim_server_start(rundir) != 0) {
+		if (errno == ENAMETOOLONG)
+			rc = 2;
 		goto out_core;
+	}
 
 	for (i = 0; i < nmods; i++) {
 		struct module *m = &mods[i];
+		int perr = kupsim_param_errors();
 		int r;
 
-		m->path = argv[optind + i];
-		m->dl = dlopen(m->path, RTLD_NOW | RTLD_LOCAL);
-		if (m->dl == NULL) {
-			fprintf(stderr, "kupsim: cannot load module %s: %s\n",
-			    m->path, dlerror());
-			goto out_fini;
-		}
-		m->init = (int (*)(void))dlsym(m->dl, "kup_module_init");
-		m->fini = (void (*)(void))dlsym(m->dl, "kup_module_fini");
-		if (m->init == NULL || m->fini == NULL) {
-			fprintf(stderr, "kupsim: module %s lacks kup_module_init "
-			    "or kup_module_fini\n", m->path);
-			dlclose(m->dl);
-			m->dl = NULL;
-			goto out_fini;
-		}
 		r = m->init();
 		if (r != 0) {
 			fprintf(stderr, "kupsim: module %s: kup_module_init "
 			    "failed: %s\n", m->path, strerror(r < 0 ? -r : r));
-			m->fini = NULL;   /* init failed: it cleaned up */
+			if (kupsim_param_errors() != perr)
+				rc = 2;
+			goto out_fini;   /* init failed: it cleaned up */
+		}
+		m->inited = 1;
+		/* a bad KUP_PARAM_* value was replaced by the default only so
+		 * that init could finish: a typo must not start kupsim with
+		 * defaults nobody asked for */
+		if (kupsim_param_errors() != perr) {
+			fprintf(stderr, "kupsim: module %s: bad KUP_PARAM_* "
+			    "value (see above): refusing to start\n", m->path);
+			rc = 2;
 			goto out_fini;
 		}
 	}
@@ -139,7 +227,7 @@ main(int argc, char **argv)
 
 out_fini:
 	for (i = nmods - 1; i >= 0; i--) {
-		if (mods[i].fini != NULL && mods[i].dl != NULL)
+		if (mods[i].inited)
 			mods[i].fini();
 	}
 	kupsim_server_stop();
@@ -147,6 +235,8 @@ out_fini:
 out_core:
 	kup_core_fini();
 out:
+	for (i = 0; i < nmods; i++)
+		free(mods[i].real);
 	free(mods);
 	return rc;
 }

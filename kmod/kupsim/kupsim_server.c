@@ -1004,8 +1004,21 @@ kupsim_server_start(const char *rundir)
 	char lockpath[PATH_MAX + 16];
 	int n;
 
-	if (strlen(rundir) >= sizeof(S.rundir) - KUP_NAME_MAX - 8) {
-		fprintf(stderr, "kupsim: run directory path too long: %s\n", rundir);
+	/* every device's socket is RUNDIR/<name>.sock (kupsim_server_publish),
+	 * bound through sun_path: refuse now a RUNDIR that leaves no room for
+	 * a name of KUP_NAME_MAX - 1 characters, rather than fail a module's
+	 * kupdev_create later.  errno ENAMETOOLONG tells kupsim_main it is the
+	 * command line's fault. */
+	if (strlen(rundir) + sizeof("/.sock") + KUP_NAME_MAX - 1 >
+	    sizeof(((struct sockaddr_un *)0)->sun_path)) {
+		fprintf(stderr, "kupsim: run directory path too long for the "
+		    "devices' unix sockets: %s (%zu characters; at most %zu, so "
+		    "that %s/<device name of up to %u characters>.sock fits "
+		    "sun_path's %zu bytes)\n", rundir, strlen(rundir),
+		    sizeof(((struct sockaddr_un *)0)->sun_path) -
+		    sizeof("/.sock") - (KUP_NAME_MAX - 1), rundir,
+		    KUP_NAME_MAX - 1U, sizeof(((struct sockaddr_un *)0)->sun_path));
+		errno = ENAMETOOLONG;
 		return -1;
 	}
 	snprintf(S.rundir, sizeof(S.rundir), "%s", rundir);

@@ -625,7 +625,10 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 
 	if (c == NULL)
 		return -1;
-	if (msg == NULL)
+	/* kup.h defines -1 (forever), 0 and > 0 only: any other negative
+	 * value would wait forever, which a caller who computed a deadline
+	 * that has passed (or overflowed) never meant */
+	if (msg == NULL || timeout_ms < -1)
 		return fail(&c->h, KUP_E_INVAL);
 	quiet = c->quiet;
 	/* poll mode: consume the wake-ups that made the fd readable before

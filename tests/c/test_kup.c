@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -939,6 +940,45 @@ sc_stress(void)
 	return 0;
 }
 
+/* A timeout below -1 is EKU_INVAL at once (kup.h: -1 forever, 0 do not
+ * wait, > 0 ms), whether or not a message is waiting, and consumes
+ * nothing: it used to mean "forever" (or take what was there). */
+static int
+sc_badtimeout(void)
+{
+	static const int bad[] = { -2, -1000, INT_MIN };
+	void *d = open_dev("echo");
+	void *c = attach(d, 80);
+	struct kernproxy_msg m;
+	size_t i;
+
+	/* the kernel's PASS is waiting (or about to be) */
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		CHECK_EQ(kernproxy_receive_msg(c, &m, bad[i]), -1);
+		CHECK_EQ(kernproxy_errno, EKU_INVAL);
+		CHECK_EQ(kernproxy_error(c), EKU_INVAL);
+	}
+	expect_pass(c);
+	/* a reply on its way: still refused, and still there afterwards */
+	CHECK_EQ(kernproxy_send(c, "abc", 3, 0), 0);
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		CHECK_EQ(kernproxy_receive_msg(c, &m, bad[i]), -1);
+		CHECK_EQ(kernproxy_errno, EKU_INVAL);
+	}
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, 3);
+	CHECK(memcmp(m.data, "abc", 3) == 0);
+	/* -1 is still "forever" */
+	CHECK_EQ(kernproxy_pass(c), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, -1), 0);
+	CHECK_EQ(m.kind, KUP_KIND_PASS);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK badtimeout\n");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -981,6 +1021,8 @@ main(int argc, char **argv)
 		return sc_churn();
 	if (strcmp(s, "stress") == 0)
 		return sc_stress();
+	if (strcmp(s, "badtimeout") == 0)
+		return sc_badtimeout();
 	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
 	return 2;
 }

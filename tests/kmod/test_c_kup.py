@@ -86,6 +86,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
         "version",
         "churn",
         "stress",
+        "badtimeout",
     ],
 )
 def test_scenario(variant_out: Path, scenario: str) -> None:

@@ -1,0 +1,202 @@
+"""kupsim's command line and environment, run under ASan+UBSan and TSan:
+a module named without a '/' is a file in the current directory; a module
+given twice, a run directory too long for its sockets and a KUP_PARAM_*
+value that is not an int are refused at start (exit 2, a message naming
+what was wrong), never half-started."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from kmod_util import assert_clean, sanitizer_env
+
+__all__: list[str] = []
+
+TIMEOUT = 60.0
+READY = "kupsim: ready"
+
+
+def start(
+    exe: Path, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(exe), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=sanitizer_env(env),
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """SIGTERM if still running; (status, rest of stdout, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def ready_line(proc: subprocess.Popen[str]) -> str | None:
+    """kupsim's ready line, or None when it exited without one (its stdout
+    says nothing else; a kupsim that wrongly starts shows up here at once
+    instead of as a timeout)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        if line.startswith(READY):
+            return line.strip()
+    raise AssertionError(f"kupsim printed no ready line within {TIMEOUT}s")
+
+
+def refused(exe: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run kupsim expecting a refusal at start: exit 2, no ready line, no
+    sanitizer report; returns its stderr."""
+    proc = start(exe, *args, env=env)
+    try:
+        line = ready_line(proc)
+    finally:
+        rc, out, err = stop(proc)
+    assert line is None, f"kupsim started ({line!r}), should have refused:\n{err}"
+    assert rc == 2, f"exit {rc}, expected 2:\n{out}\n{err}"
+    assert_clean("kupsim", err)
+    return err
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path (pytest's tmp_path may be
+    near the socket path limit on its own)."""
+    d = Path(tempfile.mkdtemp(prefix="kupc-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_bare_module_name_is_a_file_in_cwd(variant_out: Path, short_tmp: Path) -> None:
+    """``kupsim -d DIR echo.so`` loads ./echo.so (README's own example),
+    not a library-path lookup: an echo.so earlier on LD_LIBRARY_PATH (here
+    the hostile module under that name) is not the one loaded."""
+    work = short_tmp / "cwd"
+    libdir = short_tmp / "lib"
+    work.mkdir()
+    libdir.mkdir()
+    shutil.copy(variant_out / "echo.so", work / "echo.so")
+    shutil.copy(variant_out / "hostile.so", libdir / "echo.so")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
+    proc = start(variant_out / "kupsim", "-d", str(short_tmp / "run"), "echo.so", cwd=work, env=env)
+    try:
+        line = ready_line(proc)
+    finally:
+        rc, out, err = stop(proc)
+    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
+    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
+    assert_clean("kupsim", err)
+
+
+def test_module_given_twice(variant_out: Path, short_tmp: Path) -> None:
+    """The same module twice (same argument, or another path to the same
+    file) is refused before any init runs: no "name taken", no device left
+    registered."""
+    exe = variant_out / "kupsim"
+    echo = str(variant_out / "echo.so")
+    err = refused(exe, "-d", str(short_tmp / "r1"), echo, echo)
+    assert f"given twice (as {echo} and as {echo})" in err, err
+    assert "echo: device echo ready" not in err, err
+
+    link = short_tmp / "other-name.so"
+    link.symlink_to(variant_out / "echo.so")
+    rot13 = str(variant_out / "rot13.so")
+    err = refused(exe, "-d", str(short_tmp / "r2"), echo, rot13, str(link))
+    assert f"given twice (as {echo} and as {link})" in err, err
+    # refused before the first module's init, not after it
+    assert "device echo ready" not in err and "device rot13 ready" not in err, err
+
+
+def test_rundir_too_long_for_socket_path(variant_out: Path, short_tmp: Path) -> None:
+    """RUNDIR + "/" + a 31-character device name + ".sock" must fit
+    sun_path (108 bytes): RUNDIR of 71 characters is refused at start with
+    the limit named; 70 works."""
+    exe = variant_out / "kupsim"
+    base = str(short_tmp) + "/"
+    too_long = base + "x" * (71 - len(base))
+    assert len(too_long) == 71
+    err = refused(exe, "-d", too_long, str(variant_out / "echo.so"))
+    assert f"run directory path too long for the devices' unix sockets: {too_long}" in err, err
+    assert "at most 70" in err, err
+    assert "kup_module_init" not in err and "device echo ready" not in err, err
+
+    longest = base + "y" * (70 - len(base))
+    proc = start(exe, "-d", longest, str(variant_out / "echo.so"))
+    try:
+        line = ready_line(proc)
+    finally:
+        rc, out, err = stop(proc)
+    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
+    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
+    assert_clean("kupsim", err)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("abc", "is not an integer"),
+        ("5x", "is not an integer"),
+        ("0x10", "is not an integer"),
+        (" 5", "is not an integer"),
+        ("-", "is not an integer"),
+        ("99999999999", "is out of range"),
+        ("-2147483649", "is out of range"),
+    ],
+)
+def test_bad_param_refuses_to_start(
+    variant_out: Path, short_tmp: Path, value: str, why: str
+) -> None:
+    """A KUP_PARAM_* typo is fatal, not a silent default: kupsim names the
+    variable, the value and what is wrong with it, and exits 2."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": value}
+    err = refused(
+        variant_out / "kupsim", "-d", str(short_tmp / "run"), str(variant_out / "echo.so"), env=env
+    )
+    assert f"KUP_PARAM_ECHO_CHANNELS={value} {why}" in err, err
+    assert "refusing to start" in err, err
+    # what init made with the default is undone
+    assert "echo: device echo unloaded" in err, err
+
+
+def test_good_params_still_apply(variant_out: Path, short_tmp: Path) -> None:
+    """In-range values (a leading "+" included) are still taken."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "+16", "KUP_PARAM_ECHO_PAGES": "2"}
+    proc = start(
+        variant_out / "kupsim",
+        "-d",
+        str(short_tmp / "run"),
+        str(variant_out / "echo.so"),
+        env=env,
+    )
+    try:
+        line = ready_line(proc)
+    finally:
+        rc, out, err = stop(proc)
+    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
+    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
+    assert "echo: device echo ready (16 channels, 2 pages)" in err, err
+    assert_clean("kupsim", err)
