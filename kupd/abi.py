@@ -33,6 +33,7 @@ __all__ = [
     "KUP_E_OK",
     "KUP_E_PEER",
     "KUP_E_PROTO",
+    "KUP_E_RELEASING",
     "KUP_E_SHUTDOWN",
     "KUP_E_SYS",
     "KUP_E_TIMEDOUT",
@@ -109,6 +110,7 @@ KUP_E_NOENT: Final = 1009
 KUP_E_PEER: Final = 1010
 KUP_E_INVAL: Final = 1011
 KUP_E_SYS: Final = 1012
+KUP_E_RELEASING: Final = 1013
 
 #: Every KUP_E_* name (except OK) and its value, for tables and tests.
 ERROR_CODES: Final[dict[str, int]] = {
@@ -124,6 +126,7 @@ ERROR_CODES: Final[dict[str, int]] = {
     "KUP_E_PEER": KUP_E_PEER,
     "KUP_E_INVAL": KUP_E_INVAL,
     "KUP_E_SYS": KUP_E_SYS,
+    "KUP_E_RELEASING": KUP_E_RELEASING,
 }
 
 # --- struct kup_msg_desc --------------------------------------------------------

@@ -99,9 +99,6 @@ class CallPool:
         self.closed = False
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change: Callable[[], None] = lambda: None
-        #: a pool channel was closed (its id): the device may refuse it Busy
-        #: for a moment (kupd.devices.REATTACH_GRACE)
-        self.on_closed: Callable[[int], None] = lambda chan_id: None
         self._counted: dict[str, CallCount] = {}
         self._queued_gauge = metrics.calls_queued.labels(device)
 
@@ -162,7 +159,6 @@ class CallPool:
         pc.waiter.close()  # before the channel (its fd goes with it)
         with contextlib.suppress(errors.KupError):
             pc.ch.close()
-        self.on_closed(pc.ch.id)
         self.on_change()
 
     def _put_back(self, pc: PoolChannel) -> None:

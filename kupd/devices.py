@@ -34,16 +34,18 @@ T = TypeVar("T")
 #: Threads for blocking device-host calls (attach/info/open): bounded.
 BLOCKING_THREADS = 4
 
-#: A channel kupd has just closed may not be attachable at once: its module
-#: lets go of it only when its worker, often asleep in a receive, wakes and
-#: sees the user gone (kupsim then renews the channel's objects; it parks an
-#: ATTACH for 0.5 s waiting for that, and answers Busy after).  An attach
-#: that is refused Busy while a channel it could get was released by kupd
-#: less than this many seconds ago is tried again, so a client re-attaching
-#: the channel it just left -- a restarted client, a reconnecting Session --
-#: is not refused because a loaded machine was slow to wake the module.
+#: A channel whose last user has just left may not be attachable at once:
+#: its module lets go of it only when its worker, often asleep in a receive,
+#: wakes and sees the user gone, or, computing a reply, once it is done.
+#: The host waits for that for a moment (kupsim parks the ATTACH for 0.5 s,
+#: a kernel tries the lock for KUP_ATTACH_LETGO_MS) and then answers
+#: :class:`~kupd.errors.Releasing` -- not Busy, which is another user
+#: holding it.  kupd tries a Releasing channel again for this many seconds,
+#: so that a client re-attaching the channel it just left (a restarted
+#: client, a reconnecting Session) is not refused because a loaded machine
+#: was slow to wake the module.
 REATTACH_GRACE = 10.0
-#: Pause between such tries (kupsim's own park covers most of the wait).
+#: Pause between such tries (the host's own wait covers most of it).
 REATTACH_PAUSE = 0.05
 
 
@@ -58,9 +60,6 @@ class ManagedDevice:
         self.pool = self._new_pool()
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
-        #: channel id -> when kupd closed it, until kupd attaches it again
-        #: (or REATTACH_GRACE passes): see :func:`ManagedDevice.attach`
-        self.released: dict[int, float] = {}
         self._event_fd = -1
         self._refreshing = False
         self._refresh_again = False
@@ -226,7 +225,6 @@ class ManagedDevice:
             cb(self, why)
         self.pool.close()
         self.holders.clear()
-        self.released.clear()  # the next device instance starts afresh
         with contextlib.suppress(errors.KupError):
             dev.close()
         self.mgr.publish(Event(EventType.DEVICE_GONE, self.name, reason=str(why)))
@@ -236,13 +234,13 @@ class ManagedDevice:
     async def attach(self, chan_id: int | None) -> Channel:
         """Attach channel ``chan_id`` (None: any free one) on the host.
 
-        A Busy answer is tried again, every REATTACH_PAUSE, while kupd
-        itself closed that channel (for None: any channel not since taken
-        again) less than REATTACH_GRACE seconds ago: the module has not let
-        go of it yet.  Anything else held -- by another kupd lease, the Call
-        pool, or a process using the device directly -- is Busy at once.
+        A channel held by another kupd lease, the Call pool or a process
+        using the device directly is :class:`~kupd.errors.Busy` at once.
+        One the host answers :class:`~kupd.errors.Releasing` (its last user
+        left, its module has not let go of it yet) is tried again, every
+        REATTACH_PAUSE, for up to REATTACH_GRACE seconds.
         """
-        waited = False
+        started: float | None = None
         while True:
             dev, info = self.require()
             if chan_id is not None:
@@ -258,63 +256,35 @@ class ManagedDevice:
                     )
             fut = asyncio.ensure_future(self.mgr.blocking(dev.channel, chan_id))
             try:
-                ch = await asyncio.shield(fut)
+                return await asyncio.shield(fut)
             except asyncio.CancelledError:
                 # The requester went away while the host was attaching: do not
                 # leave the channel attached to nobody.
                 fut.add_done_callback(self._close_attached)
                 raise
-            except errors.Busy as exc:
-                ago = self._released_ago(chan_id)
-                if ago is None or (ago >= REATTACH_GRACE and not waited):
-                    raise  # not released by kupd lately: held by someone else
-                if ago >= REATTACH_GRACE:  # waited, and the module still has it
-                    what = "every free channel" if chan_id is None else f"channel {chan_id}"
-                    raise errors.Busy(
-                        f"device {self.name}: the module still holds {what} "
-                        f"{ago:.1f} s after kupd released it; retry later"
-                    ) from exc
-                if not waited:
-                    waited = True
+            except errors.Releasing as exc:
+                now = time.monotonic()
+                if started is None:
+                    started = now
                     log.info(
                         "attach waits for the module to let go",
                         device=self.name,
                         channel="any" if chan_id is None else chan_id,
-                        released_ago=round(ago, 3),
                     )
+                elif now - started >= REATTACH_GRACE:
+                    what = "every free channel" if chan_id is None else f"channel {chan_id}"
+                    raise errors.Releasing(
+                        f"device {self.name}: {what} is still held by the module after "
+                        f"its last user left (kupd waited {now - started:.1f} s for it "
+                        "to let go); retry later"
+                    ) from exc
                 await asyncio.sleep(REATTACH_PAUSE)
-                continue
-            self.released.pop(ch.id, None)
-            return ch
-
-    def note_released(self, chan_id: int) -> None:
-        """kupd has just closed its channel ``chan_id`` (see :func:`attach`)."""
-        now = time.monotonic()
-        for cid, when in list(self.released.items()):
-            if now - when >= REATTACH_GRACE:
-                del self.released[cid]
-        self.released[chan_id] = now
-
-    def _released_ago(self, chan_id: int | None) -> float | None:
-        """Seconds since kupd closed ``chan_id`` (None: the most recently
-        closed channel nobody in kupd has taken since), or None."""
-        if chan_id is None:
-            free = [
-                when
-                for cid, when in self.released.items()
-                if cid not in self.holders and self.pool.state_of(cid) is None
-            ]
-            when = max(free, default=None)
-        else:
-            when = self.released.get(chan_id)
-        return None if when is None else time.monotonic() - when
 
     def _close_attached(self, fut: asyncio.Future[Channel]) -> None:
         if not fut.cancelled() and fut.exception() is None:
             ch = fut.result()
             with contextlib.suppress(errors.KupError):
                 ch.close()
-            self.note_released(ch.id)
 
     def _new_pool(self) -> CallPool:
         pool = CallPool(
@@ -330,7 +300,6 @@ class ManagedDevice:
                 self._fill_pool()
 
         pool.on_change = changed
-        pool.on_closed = self.note_released
         return pool
 
     def _fill_pool(self) -> None:

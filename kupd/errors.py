@@ -29,6 +29,7 @@ __all__ = [
     "PeerGone",
     "PermissionDenied",
     "ProtocolError",
+    "Releasing",
     "ResourceExhausted",
     "Shutdown",
     "SystemFailure",
@@ -110,6 +111,16 @@ class Busy(KupError):
     seed_name = "EKU_BUSY"
 
 
+class Releasing(Busy):
+    """An attach found the channel's last user gone but its kernel side still
+    holding it (a module computing a reply): retry shortly.  A :class:`Busy`,
+    so code that retries or reports Busy treats it alike; plain Busy means
+    another user holds the channel."""
+
+    code = 1013
+    seed_name = "EKU_RELEASING"
+
+
 class NotFound(KupError):
     """No such device, channel or lease."""
 
@@ -167,6 +178,7 @@ _BY_CODE: dict[int, type[KupError]] = {
         PeerGone,
         InvalidArgument,
         SystemFailure,
+        Releasing,
     )
 }
 

@@ -196,7 +196,6 @@ class LeaseTable:
             lease.waiter.close()  # before the channel closes its fd
         with contextlib.suppress(errors.KupError):
             lease.ch.close()
-        lease.dev.note_released(lease.ch.id)
 
     def _device_gone(self, dev: ManagedDevice, why: errors.KupError) -> None:
         for lease in [le for le in self.leases.values() if le.dev is dev]:

@@ -525,6 +525,38 @@ kupdev_wait_channel(struct kupdev_softc *sc)
 
 /* ---- attach / detach (host side) ------------------------------------------ */
 
+#ifndef KUP_ATTACH_LETGO_MS
+#define KUP_ATTACH_LETGO_MS 500U
+#endif
+
+/*
+ * Take ch->lock for an attach.  Why not kup_lock(): a module holds the lock
+ * of a channel from its receive to kupdev_unlock_channel -- for as long as
+ * it computes, seconds if it likes -- and goes on holding it after its user
+ * has left until it next calls into the core.  An attach waiting in the
+ * sleepable lock would sleep unkillably for that long (Linux: D state).  A
+ * worker asleep in its receive lets go within microseconds of the detach,
+ * which covers a user re-attaching the channel it has just left; so the
+ * attach tries the lock for up to KUP_ATTACH_LETGO_MS, pausing
+ * interruptibly, then gives up with -EINPROGRESS (KUP_E_RELEASING: retry
+ * later), or -EINTR on a signal.
+ */
+static int
+kup_attach_lock(struct kup_chan *ch)
+{
+	unsigned int paused;
+	int r;
+
+	for (paused = 0; !KUP_LOCK_TRY(&ch->lock); paused++) {
+		if (paused == KUP_ATTACH_LETGO_MS)   /* counts up from 0 by 1 */
+			return -EINPROGRESS;
+		r = kup_os_attach_pause();
+		if (r != 0)
+			return r;
+	}
+	return 0;
+}
+
 int
 kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
     uint32_t abi_version, struct kup_chan **out)
@@ -532,6 +564,7 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 	struct kup_chan *ch = NULL;
 	uint64_t gen;
 	size_t i;
+	int r;
 
 	if (sc == NULL || out == NULL)
 		return -EINVAL;
@@ -582,7 +615,16 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 	 * was woken with -EPIPE by the detach), then reset the page -- under
 	 * sc->lock too, as kupdev_shutdown writes every page's state word
 	 * under it (a shutdown meanwhile is seen just below). */
-	kup_lock(&ch->lock);
+	r = kup_attach_lock(ch);
+	if (r != 0) {
+		/* still the module's: give the reservation back (the bumped
+		 * generation only tells its worker, once more, that the
+		 * attachment it served is over) */
+		kup_lock(&sc->lock);
+		KUP_WRITE_ONCE32(&ch->attached, 0);
+		kup_unlock(&sc->lock);
+		return r;
+	}
 	kup_lock(&sc->lock);
 	kup_page_reset(ch, gen);
 	kup_unlock(&ch->lock);   /* sc->lock stays: ch before sc, as ever */
@@ -644,7 +686,6 @@ kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 	return r;
 }
 
-#ifdef KUP_LOCK_TRY
 int
 kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 {
@@ -660,7 +701,6 @@ kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 	kup_unlock(&ch->lock);
 	return r;
 }
-#endif
 
 /* ---- kernel-side protocol ---------------------------------------------- */
 
@@ -1216,6 +1256,7 @@ kup_core_errno_to_kup(int neg_errno)
 	case -EPROTO:           return KUP_E_PROTO;
 	case -EPROTONOSUPPORT:  return KUP_E_VERSION;
 	case -EBUSY:            return KUP_E_BUSY;
+	case -EINPROGRESS:      return KUP_E_RELEASING;
 	case -ENOENT:           return KUP_E_NOENT;
 	case -EPIPE:            return KUP_E_PEER;
 	case -EINVAL:           return KUP_E_INVAL;

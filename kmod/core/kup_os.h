@@ -34,6 +34,12 @@
  *                           the core refuse, instead of deadlocking, a
  *                           module thread that calls back into a channel
  *                           it still holds from its own receive
+ *     KUP_LOCK_TRY(l)       take kup_lock_t *l only if that needs no
+ *                           wait: non-zero when taken (pthread trylock,
+ *                           mutex_trylock, sx_try_xlock).  An attach
+ *                           never waits for ch->lock in the lock itself
+ *                           (kup_core_attach says why), and it lets the
+ *                           core offer kup_core_chan_exclusive_try
  *   optionally
  *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
  *                           when defined, kernel-side waits spin for an
@@ -46,10 +52,10 @@
  *                           lock) at most every KUP_SPIN_YIELD_NS, so that
  *                           a spinning module thread does not keep the
  *                           user it waits for off a shared CPU
- *     KUP_LOCK_TRY(l)       take kup_lock_t *l only if that needs no
- *                           wait: non-zero when taken (pthread trylock,
- *                           mutex_trylock, sx_try_xlock); when defined,
- *                           the core offers kup_core_chan_exclusive_try
+ *     KUP_ATTACH_LETGO_MS   how long, in ms, an attach waits for the module
+ *                           to let go of a channel whose last user left
+ *                           (default 500; kupsim: 0, its server thread
+ *                           parks the request itself and must never wait)
  *     KUP_CHAN_UNLOCKED(ch) called by the core right after a kernel-side
  *                           call of ch (a module thread's receive, send,
  *                           pass or kupdev_unlock_channel) lets go of
@@ -61,7 +67,7 @@
  *                           (no fence orders it with the try)
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
- *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK.
+ *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK EINPROGRESS.
  */
 #ifndef KUP_OS_H
 #define KUP_OS_H
@@ -118,6 +124,12 @@ int  kup_os_dev_sleep(struct kupdev_softc *sc,
 void kup_os_dev_wake(struct kupdev_softc *sc);
 void kup_os_dev_wake_user(struct kupdev_softc *sc);
 
+/* Sleep about a millisecond in a user's attach, interruptibly: 0, or
+ * -EINTR when a signal is pending for the caller (the attach then fails
+ * with -EINTR; the signal's handler runs and libkup asks again).  Called
+ * with no core lock held. */
+int  kup_os_attach_pause(void);
+
 /* ---- device node ------------------------------------------------------
  * Publish / withdraw the device for user space (Linux: a character
  * device on kup.ko's major; FreeBSD: make_dev_s; kupsim: a socket).
@@ -168,7 +180,9 @@ void kup_core_dev_put(struct kupdev_softc *sc);   /* last put frees */
  * bumped), wait_channel waiters are woken and *out is the channel.
  * Errors: -ENOENT (id out of range), -EAGAIN (not announced yet:
  * EKU_NOTREADY), -EBUSY (attached elsewhere, or none free for ANY),
- * -ESHUTDOWN, -EPROTONOSUPPORT (version: EKU_VERSION). */
+ * -EINPROGRESS (its last user left and the module still holds it after
+ * KUP_ATTACH_LETGO_MS: EKU_RELEASING), -EINTR (a signal during that
+ * wait), -ESHUTDOWN, -EPROTONOSUPPORT (version: EKU_VERSION). */
 #define KUP_CHAN_ANY 0xffffffffU
 int  kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
          uint32_t abi_version, struct kup_chan **out);
@@ -189,16 +203,14 @@ void kup_core_user_wake(struct kup_chan *ch);
  * touches them half-way.  fn must not call into the core.  May sleep:
  * call it with no core lock held, never from a module thread. */
 int  kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *));
-#ifdef KUP_LOCK_TRY
 /* The same without waiting for ch->lock: -EBUSY (fn not run) when a
  * kernel-side caller holds it -- e.g. a module thread between its receive
  * and kupdev_unlock_channel, for as long as the module computes.  Waits
  * only for sc->lock, which no one holds across module code.  For a host
  * whose one service thread must not stall on a single channel (kupsim);
- * fn must not return -EBUSY itself.  Hosts defining KUP_LOCK_TRY only. */
+ * fn must not return -EBUSY itself. */
 int  kup_core_chan_exclusive_try(struct kup_chan *ch,
          int (*fn)(struct kup_chan *));
-#endif
 
 /* Geometry and facts the host needs for mmap bounds and ioctl replies. */
 size_t   kup_core_chan_bytes(const struct kup_chan *ch);

@@ -577,6 +577,17 @@ kup_os_msleep(unsigned int ms)
 	(void)pause_sbt("kupslp", SBT_1MS * (sbintime_t)ms, 0, 0);
 }
 
+/* kup_os.h: in the attaching thread's ioctl; C_CATCH: a signal ends the
+ * sleep with EINTR or ERESTART, the timeout with EWOULDBLOCK */
+int
+kup_os_attach_pause(void)
+{
+	int error;
+
+	error = pause_sbt("kupatt", SBT_1MS, 0, C_CATCH);
+	return ((error == EINTR || error == ERESTART) ? -EINTR : 0);
+}
+
 /* the uptime clock: what user space reads as CLOCK_MONOTONIC */
 uint64_t
 kup_os_now_ns(void)

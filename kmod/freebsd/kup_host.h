@@ -93,5 +93,8 @@ struct kup_os_chan {
 #define KUP_SPIN_YIELD()       maybe_yield()
 /* kup_os.h: the calling thread's identity */
 #define KUP_CURTHREAD()        ((const void *)curthread)
+/* kup_os.h: take a kup_lock_t (an sx lock) only if free; an attach tries
+ * ch->lock with it rather than sleeping uninterruptibly in sx_xlock */
+#define KUP_LOCK_TRY(l)        (sx_try_xlock(l) != 0)
 
 #endif /* KUP_HOST_H */

@@ -49,6 +49,7 @@ extern "C" {
 #define EKU_PEER      KUP_E_PEER
 #define EKU_INVAL     KUP_E_INVAL
 #define EKU_SYS       KUP_E_SYS
+#define EKU_RELEASING KUP_E_RELEASING
 
 /* flags for kernproxy_receive / kernproxy_send */
 #define KP_NB         0x1   /* non-blocking: EKU_NOTREADY instead of waiting */
@@ -89,7 +90,9 @@ void *kernproxy_open(char const *name);
 /* Attach channel chan_id (or KP_CHAN_ANY) of the device, of size pages per
  * direction (0: whatever the device has; otherwise must match, EKU_INVAL).
  * EKU_NOTREADY: not yet announced; EKU_BUSY: attached elsewhere;
- * EKU_VERSION: ABI mismatch; EKU_SHUTDOWN: device going away. */
+ * EKU_RELEASING: its last user left and the kernel side has not let go of
+ * it yet (the host waited up to ~0.5 s; retry later); EKU_VERSION: ABI
+ * mismatch; EKU_SHUTDOWN: device going away. */
 void *kernproxy_channel(void *handle, size_t chan_id, size_t size);
 
 /* The seed's receive: returns the payload pointer or NULL (kernproxy_errno

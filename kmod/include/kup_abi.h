@@ -141,6 +141,10 @@
 #define KUP_E_PEER       1010  /* the peer left (CLOSE, died, detached) */
 #define KUP_E_INVAL      1011  /* bad argument */
 #define KUP_E_SYS        1012  /* a system call failed: see errno */
+#define KUP_E_RELEASING  1013  /* attach: the channel's last user has left,
+                                * but its kernel side has not let go of it
+                                * yet (still computing); retry shortly.
+                                * KUP_E_BUSY is "another user holds it". */
 
 /* One message descriptor per direction.  16 bytes. */
 struct kup_msg_desc {

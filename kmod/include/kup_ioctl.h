@@ -11,7 +11,14 @@
  *   ioctl(fd, KUP_IOC_INFO, &info)          device facts; ESHUTDOWN once the
  *                                           device was unloaded (gone;
  *                                           FreeBSD: ENXIO from devfs)
- *   ioctl(fd, KUP_IOC_ATTACH, &att)         bind this fd to a channel
+ *   ioctl(fd, KUP_IOC_ATTACH, &att)         bind this fd to a channel; a
+ *                                           channel whose last user left
+ *                                           while its module still holds it
+ *                                           (computing) is waited for up to
+ *                                           KUP_ATTACH_LETGO_MS, in
+ *                                           interruptible sleeps, then
+ *                                           EINPROGRESS (never an
+ *                                           unkillable wait)
  *   mmap(NULL, att.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
  *        att.map_offset)                    the channel pages (kup_abi.h)
  *   poll(fd, POLLIN)                        attached fd: readable while a
@@ -58,6 +65,10 @@
  *   EAGAIN          KUP_E_NOTREADY  (channel not announced yet)
  *   EBUSY           KUP_E_BUSY      (channel attached elsewhere / none free,
  *                                    or this fd is already attached)
+ *   EINPROGRESS     KUP_E_RELEASING (attach: its last user left, the module
+ *                                    has not let go of it yet: retry)
+ *   EINTR           (attach: a signal came during that wait; libkup asks
+ *                                    again)
  *   EPROTONOSUPPORT KUP_E_VERSION   (abi_version != the module's)
  *   ESHUTDOWN       KUP_E_SHUTDOWN  (device going away)
  *   EINVAL          KUP_E_INVAL     (reserved field non-zero, bad request,

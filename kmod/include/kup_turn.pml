@@ -42,7 +42,10 @@
  *           half-way through writing a message.
  *   Attach  (-DREATTACH) after the detach, a new user attaches the channel
  *           (kup_core_attach): reserve it (attached = 1, generation 2), then
- *           under the channel lock reset the control page for generation 2.
+ *           under the channel lock reset the control page for generation 2;
+ *           or, while the kernel side still holds the lock, give up
+ *           (KUP_ATTACH_LETGO_MS passed: -EINPROGRESS): attached = 0 again,
+ *           the generation stays bumped.
  *   Unload  (-DSHUTDOWN) kupdev_unload at an arbitrary point: shutdown in
  *           the private state and KUP_STATE_SHUTDOWN in ctrl->state, fence,
  *           wake the user side unconditionally and kernel-side waiters.
@@ -783,7 +786,13 @@ proctype Attach()
 	:: atomic { kshut -> attach_done = 1 }        /* -ESHUTDOWN */
 	:: atomic { !kshut -> kattached = 1; kgen = SESSION + 1 };   /* reserve, sc->lock */
 #ifndef BROKEN_ATTACH_NO_LOCK
-		lock();              /* wait for the previous session's caller */
+		if
+		:: lock()            /* the previous session's caller has left */
+		/* it still holds the lock: give up (-EINPROGRESS), under sc->lock */
+		:: atomic { chan_lock == 1 -> kattached = 0 };
+			attach_done = 1;   /* @reach:attach_gave_up */
+			goto attach_end
+		fi;
 #endif
 		d_step {             /* kup_page_reset; @reach:attach_reset */
 			k2u.mlen = 0; k2u.kind = 0; k2u.seq = 0;
@@ -798,7 +807,9 @@ proctype Attach()
 		unlock();
 #endif
 		attach_done = 1
-	fi
+	fi;
+attach_end:
+	skip
 }
 #endif
 

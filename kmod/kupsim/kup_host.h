@@ -37,8 +37,9 @@ struct kup_os_chan {
 	size_t          bytes;
 	int             renew_wanted;/* the server wants ch->lock to renew the
 	                         * channel (kupsim_chan_renew_try found it
-	                         * held): a module thread letting go of it
-	                         * kicks the server (__atomic) */
+	                         * held) or to attach it (kupsim_chan_want_lock:
+	                         * a parked ATTACH): a module thread letting go
+	                         * of it kicks the server (__atomic) */
 };
 
 #define KUP_LOAD_ACQ32(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -84,10 +85,17 @@ kupsim_curthread(void)
 }
 #define KUP_CURTHREAD()        kupsim_curthread()
 
-/* Optional (kup_os.h): the server thread renews a detached channel only
- * if it can take the channel lock at once (it serves every device and
- * must not wait for a module thread that holds a channel: kupsim.h). */
+/* kup_os.h: the server thread renews a detached channel only if it can
+ * take the channel lock at once (it serves every device and must not wait
+ * for a module thread that holds a channel: kupsim.h). */
 #define KUP_LOCK_TRY(l)        (pthread_mutex_trylock(l) == 0)
+/* kup_os.h: an attach never waits in the server thread, which serves every
+ * device.  It attaches only channels it has renewed and parks an ATTACH of
+ * one still pending renewal; a renewed channel's lock may still be taken
+ * for a moment by a worker of an earlier attachment calling into the core
+ * (it sees the detach and lets go at once): the core's -EINPROGRESS then
+ * parks the ATTACH the same way (kupsim_server.c do_attach) */
+#define KUP_ATTACH_LETGO_MS    0U
 /* Optional (kup_os.h): a module thread let go of ch->lock; if the server
  * waits for it, wake the server.  Inline (one relaxed load when no renewal
  * waits: it runs on every receive, send and unlock); expanded only in

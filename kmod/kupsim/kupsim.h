@@ -30,6 +30,9 @@ void kupsim_server_release(struct kupdev_softc *sc);
  * a later call succeeds. */
 struct kup_chan;
 int  kupsim_chan_renew_try(struct kup_chan *ch);
+/* A parked ATTACH waits for ch->lock (the core's -EINPROGRESS): a module
+ * thread letting go of it kicks the server, which asks again at once. */
+void kupsim_chan_want_lock(struct kup_chan *ch);
 
 /* Wake the server thread (it retries the renewals still to run).  Safe
  * from any thread while the server runs, a no-op when it does not; never

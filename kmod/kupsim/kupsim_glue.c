@@ -329,6 +329,14 @@ kupsim_chan_renew_try(struct kup_chan *ch)
 	return r;
 }
 
+void
+kupsim_chan_want_lock(struct kup_chan *ch)
+{
+	/* cleared by the next renewal of ch, which runs after this
+	 * attachment ends; until then an extra kick is harmless */
+	__atomic_store_n(&kup_core_chan_os(ch)->renew_wanted, 1, __ATOMIC_RELAXED);
+}
+
 /* ---- sleeping and waking -------------------------------------------- */
 
 static void efd_kick(int fd);
@@ -529,6 +537,15 @@ kup_os_msleep(unsigned int ms)
 
 	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
 		;
+}
+
+/* kup_os.h; never called here (KUP_ATTACH_LETGO_MS is 0: kup_host.h),
+ * defined for the contract */
+int
+kup_os_attach_pause(void)
+{
+	kup_os_msleep(1);
+	return 0;
 }
 
 uint64_t

@@ -22,7 +22,8 @@
  *              (between its receive and kupdev_unlock_channel) gets its
  *              new objects when the module lets go: an ATTACH of it (or
  *              of any channel, when no other is free) is answered then,
- *              or after at most 0.5 s with KUP_E_BUSY; a channel whose
+ *              or after at most 0.5 s with KUP_E_RELEASING (KUP_E_BUSY
+ *              is another user holding it); a channel whose
  *              new objects cannot be made is refused with KUP_E_SYS.
  *   WATCH   -> struct kupsim_hdr (status); the connection then receives a
  *              struct kupsim_event packet on every announce/notify and at

@@ -31,8 +31,9 @@
  *     pending, waits (the connection is parked, this thread goes on
  *     serving everyone else) up to PARK_MS for the renewal, so that a user
  *     who re-attaches the channel it just left is not refused because the
- *     module had not woken up yet; then KUP_E_BUSY ("held, retry later"),
- *     the answer for a channel the module genuinely still holds;
+ *     module had not woken up yet; then KUP_E_RELEASING ("retry later"),
+ *     the answer for a channel the module genuinely still holds (a
+ *     channel another user holds is KUP_E_BUSY at once);
  *   - an ATTACH of any channel gets a free, renewed one if there is one.
  * kup_core_attach itself takes the channel lock too (to reset the page),
  * which is why a pending channel is never passed to it: a channel whose
@@ -669,7 +670,7 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
  * ATTACH.  0 (answered), -1 (close the connection: detaches), or
  * ATTACH_WAIT: the channel it wants is pending renewal and may_wait is
  * set -- the caller parks the request and asks again after the next
- * renewal (may_wait 0 once the wait is over: KUP_E_BUSY).
+ * renewal (may_wait 0 once the wait is over: KUP_E_RELEASING).
  */
 #define ATTACH_WAIT 1
 
@@ -726,11 +727,23 @@ do_attach(struct conn *c, const struct kupsim_req *q, int may_wait)
 		break;
 	}
 	free(info);
+	/* -EINPROGRESS: a renewed channel's lock taken for a moment by a
+	 * worker of an earlier attachment (KUP_ATTACH_LETGO_MS is 0 here):
+	 * park as for a pending renewal; the worker letting go kicks us */
+	if (pick == PICK_OK && e == -EINPROGRESS) {
+		pick = PICK_WAIT;
+		if ((ch = kup_core_chan_at(c->sc, id)) != NULL)
+			kupsim_chan_want_lock(ch);
+		ch = NULL;
+	}
 	if (pick == PICK_WAIT && may_wait)
 		return ATTACH_WAIT;
+	/* PICK_WAIT here: parked PARK_MS already, the module still holds
+	 * it -- not "another user has it" (KUP_E_BUSY) */
 	if (pick != PICK_OK)
 		return reply_status(c, KUPSIM_OP_ATTACH,
-		    pick == PICK_SYS ? KUP_E_SYS : KUP_E_BUSY);
+		    pick == PICK_SYS ? KUP_E_SYS :
+		    pick == PICK_WAIT ? KUP_E_RELEASING : KUP_E_BUSY);
 	if (e != 0)
 		return reply_status(c, KUPSIM_OP_ATTACH, kup_core_errno_to_kup(e));
 	/* pick_channel never lets the core choose a channel that is not

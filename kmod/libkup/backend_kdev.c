@@ -76,6 +76,7 @@ kd_err(int e)
 	case ENOENT:          return KUP_E_NOENT;
 	case EAGAIN:          return KUP_E_NOTREADY;
 	case EBUSY:           return KUP_E_BUSY;
+	case EINPROGRESS:     return KUP_E_RELEASING;
 	case EPROTONOSUPPORT: return KUP_E_VERSION;
 	case ENOTTY:          return KUP_E_VERSION;
 	case ESHUTDOWN:       return KUP_E_SHUTDOWN;
@@ -230,7 +231,11 @@ kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
 	a.abi_version = abi_version;
 	a.chan_id = chan_id == KUP_CHAN_ANY_WIRE ? KUP_IOC_CHAN_ANY : chan_id;
 	a.pages = pages;
-	if (ioctl(fd, KUP_IOC_ATTACH, &a) != 0) {
+	/* EINTR: the wait for the kernel side to let go of the channel
+	 * (bounded, interruptible) met a signal whose handler has run */
+	while (ioctl(fd, KUP_IOC_ATTACH, &a) != 0) {
+		if (errno == EINTR)
+			continue;
 		r = kd_err(errno);
 		goto fail;
 	}

@@ -887,6 +887,9 @@ kernproxy_strerror(int code)
 	case KUP_E_PEER:     return "EKU_PEER: the peer left";
 	case KUP_E_INVAL:    return "EKU_INVAL: bad argument";
 	case KUP_E_SYS:      return "EKU_SYS: system call failed (see errno)";
+	case KUP_E_RELEASING:
+		return "EKU_RELEASING: the channel's last user left and its kernel side "
+		    "has not let go of it yet; retry shortly";
 	default:             return "unknown KUP error";
 	}
 }

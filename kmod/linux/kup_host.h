@@ -61,5 +61,8 @@ struct kup_os_chan {
 #define KUP_SPIN_YIELD()       cond_resched()
 /* kup_os.h: the calling thread's identity */
 #define KUP_CURTHREAD()        ((const void *)current)
+/* kup_os.h: take a kup_lock_t (a mutex) only if free; an attach tries
+ * ch->lock with it rather than sleeping unkillably in mutex_lock */
+#define KUP_LOCK_TRY(l)        (mutex_trylock(l) != 0)
 
 #endif /* KUP_HOST_H */

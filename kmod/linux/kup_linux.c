@@ -34,6 +34,7 @@
 #include <linux/vmalloc.h>
 #include <linux/uaccess.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/kthread.h>
 #include <linux/completion.h>
 #include <linux/delay.h>
@@ -234,6 +235,13 @@ void kup_os_msleep(unsigned int ms)
 	msleep(ms);
 }
 EXPORT_SYMBOL_GPL(kup_os_msleep);
+
+/* kup_os.h: in the attaching process's ioctl; a signal ends the sleep */
+int kup_os_attach_pause(void)
+{
+	msleep_interruptible(1);
+	return signal_pending(current) ? -EINTR : 0;
+}
 
 /* CLOCK_MONOTONIC, as user space reads it */
 u64 kup_os_now_ns(void)

@@ -40,12 +40,14 @@ open_dev(const char *name)
 }
 
 /*
- * Attach channel id (or KP_CHAN_ANY).  EKU_BUSY is retried, bounded (30 s):
- * right after a user of the channel left, the host may still be renewing
- * it -- kupsim waits only 0.5 s for the module's worker to let go of it
- * before it answers "busy, retry later", and a worker not scheduled for
- * that long on a loaded machine is not a bug.  Any other error, or a
- * channel still busy after the bound, fails the scenario.
+ * Attach channel id (or KP_CHAN_ANY).  EKU_RELEASING and EKU_BUSY are
+ * retried, bounded (30 s): right after a user of the channel left, the host
+ * may still be renewing it -- kupsim waits only 0.5 s for the module's
+ * worker to let go of it before it answers "releasing, retry later", and a
+ * worker not scheduled for that long on a loaded machine is not a bug; and
+ * the host may not have seen the last user's hang-up yet (busy).  Any
+ * other error, or a channel still held after the bound, fails the
+ * scenario.
  */
 static void *
 attach(void *d, size_t id)
@@ -57,7 +59,8 @@ attach(void *d, size_t id)
 		c = kernproxy_channel(d, id, 0);
 		if (c != NULL)
 			return c;
-		if (kernproxy_errno != EKU_BUSY || i >= 3000)
+		if ((kernproxy_errno != EKU_BUSY &&
+		    kernproxy_errno != EKU_RELEASING) || i >= 3000)
 			break;
 		usleep(10000);
 	}
@@ -595,7 +598,9 @@ sc_reattach(const char *id)
 	for (i = 0; i < 1000 && c == NULL; i++) {
 		c = kernproxy_channel(d, (size_t)atoi(id), 0);
 		if (c == NULL) {
-			CHECK_EQ(kernproxy_error(d), EKU_BUSY);
+			/* not seen gone yet, or its module not yet let go */
+			CHECK(kernproxy_error(d) == EKU_BUSY ||
+			    kernproxy_error(d) == EKU_RELEASING);
 			usleep(10000);
 		}
 	}

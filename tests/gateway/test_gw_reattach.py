@@ -1,10 +1,13 @@
-"""Re-attaching a channel kupd has just released (kupd.devices.attach).
+"""Re-attaching a channel whose module has not let go of it yet
+(kupd.devices.attach).
 
 The module lets go of a channel only when its worker sees the user gone;
-kupsim parks an ATTACH 0.5 s for that, then answers Busy.  kupd tries again
-while it released the channel itself less than REATTACH_GRACE ago, and only
-then.  echo's "!lockhold" makes the module keep the channel locked after
-the user left for as long as the test likes, far beyond kupsim's park."""
+kupsim parks an ATTACH 0.5 s for that, then answers Releasing -- distinct
+from Busy, another user holding the channel.  kupd tries a Releasing
+channel again for up to REATTACH_GRACE, whoever its last user was, and
+gives up on a Busy one at once.  echo's "!lockhold" makes the module keep
+the channel locked after the user left for as long as the test likes, far
+beyond kupsim's park."""
 
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from gateway_helpers import LOCKHOLD, Kupd, unlock, wait_locked
 from kupclient import Client, Kind, Lease
 from kupd import errors
 from kupd.channel import Device
+from kupd.channel import Kind as ChannelKind
 from kupd.devices import REATTACH_GRACE
-from kupd.testing import KupSim, wait_until
+from kupd.testing import KupSim, channel_when_free, wait_until
 
 WAITS = "attach waits for the module to let go"
 
@@ -53,8 +57,8 @@ def test_reattach_waits_for_the_module_to_let_go(
 
     t = threading.Thread(target=reattach)
     t.start()
-    # kupsim has parked the attach and answered Busy at least once: without
-    # the retry the client would have its FAILED_PRECONDITION by now
+    # kupsim has parked the attach and answered Releasing at least once:
+    # without the retry the client would have its FAILED_PRECONDITION by now
     wait_until(lambda: _waits(kupd, 20) == 1, what="kupd to retry the attach of channel 20")
     assert not got, got
     unlock(client)  # the module lets go; kupsim renews the channel
@@ -73,9 +77,13 @@ def test_reattach_waits_for_the_module_to_let_go(
 def test_reattach_gives_up_after_the_grace(sim: KupSim, kupd: Kupd, client: Client) -> None:
     _leave_locked(sim, client, 22)
     released = time.monotonic()
-    gave_up = r"module still holds channel 22 [0-9.]+ s after kupd released"
-    with pytest.raises(errors.Busy, match=gave_up):
+    gave_up = (
+        r"device echo: channel 22 is still held by the module after its last user left "
+        r"\(kupd waited [0-9.]+ s for it to let go\); retry later"
+    )
+    with pytest.raises(errors.Releasing, match=gave_up) as info:
         client.attach("echo", 22)
+    assert isinstance(info.value, errors.Busy)  # what callers that retry catch
     assert time.monotonic() - released >= REATTACH_GRACE  # it did keep trying
     unlock(client)
     # and the channel is not left attached to anybody: it can be taken
@@ -90,8 +98,8 @@ def _free(client: Client, chan: int) -> bool:
 
 
 def test_channel_held_outside_kupd_is_busy_at_once(sim: KupSim, kupd: Kupd, client: Client) -> None:
-    # a process using the device directly holds channel 30: kupd never
-    # released it, so there is nothing to wait for
+    # a process using the device directly holds channel 30: another user,
+    # so there is nothing to wait for
     with Device.open(sim.device_path("echo")) as dev, dev.channel(30):
         with pytest.raises(errors.Busy, match="30"):
             client.attach("echo", 30)
@@ -99,3 +107,58 @@ def test_channel_held_outside_kupd_is_busy_at_once(sim: KupSim, kupd: Kupd, clie
             with client.open("echo").channel(30) as ch:
                 ch.receive(timeout=10)
     assert _waits(kupd, 30) == 0
+
+
+def test_channel_kupd_released_then_taken_directly_is_busy_at_once(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """kupd released channel 32 a moment ago and a process using the device
+    directly has taken it since: that is another user, Busy at once -- not
+    a wait of REATTACH_GRACE for a module that has long let go (what kupd
+    did when it could not tell the two apart)."""
+    with client.open("echo").channel(32) as ch:
+        assert ch.receive(timeout=10).kind == Kind.PASS
+    with Device.open(sim.device_path("echo")) as dev:
+        direct = channel_when_free(dev, 32)
+        try:
+            start = time.monotonic()
+            with pytest.raises(errors.Busy, match="held by another user") as info:
+                client.attach("echo", 32)
+            assert not isinstance(info.value, errors.Releasing)
+            assert time.monotonic() - start < REATTACH_GRACE / 2
+        finally:
+            direct.close()
+    assert _waits(kupd, 32) == 0
+
+
+def test_kupd_waits_for_a_channel_a_direct_user_left_locked(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """A process using the device directly left channel 34 while echo's
+    worker still holds it: nobody holds it but the module, so kupd waits for
+    the module to let go, as for a channel it released itself."""
+    with Device.open(sim.device_path("echo")) as dev:
+        direct = channel_when_free(dev, 34)
+        try:
+            assert direct.receive(timeout=10).kind == ChannelKind.PASS
+            direct.send(LOCKHOLD)
+            wait_locked(sim, 34)
+        finally:
+            direct.close()
+    got: list[Lease | errors.KupError] = []
+
+    def attach() -> None:
+        try:
+            got.append(client.attach("echo", 34))
+        except errors.KupError as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=attach)
+    t.start()
+    wait_until(lambda: _waits(kupd, 34) == 1, what="kupd to retry the attach of channel 34")
+    assert not got, got
+    unlock(client)
+    t.join(30)
+    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], Lease), got
+    assert client.lease_receive(got[0].lease_id, timeout=10).kind == Kind.PASS
+    client.release(got[0].lease_id)

@@ -25,6 +25,7 @@ __all__ = [
     "E_INVAL",
     "E_NOENT",
     "E_OK",
+    "E_RELEASING",
     "E_SYS",
     "E_VERSION",
     "HDR",
@@ -120,6 +121,7 @@ PROTO = 1
 ABI = 1
 ANY = 0xFFFFFFFF
 E_OK, E_VERSION, E_NOENT, E_INVAL, E_BUSY, E_SYS = 0, 1007, 1009, 1011, 1008, 1012
+E_RELEASING = 1013
 REQ = struct.Struct("<8I")
 HDR = struct.Struct("<Ii")
 INFO_SIZE = 8 + 32 + 4 * 6 + 4 + 4 + 8 + 1024

@@ -31,6 +31,7 @@ from kmod_util import (
     ATTACH_REPLY,
     E_BUSY,
     E_OK,
+    E_RELEASING,
     E_SYS,
     variant_kupsim,
     wire_attach,
@@ -94,12 +95,14 @@ class RawUser:
     turn word, so they never depend on a wake-up arriving."""
 
     def __init__(self, path: str, chan: int, busy_timeout: float = 0.0) -> None:
-        """Attach chan; while kupsim answers KUP_E_BUSY, ask again every
-        20 ms for up to busy_timeout seconds (a bounded wait)."""
+        """Attach chan; while kupsim answers KUP_E_RELEASING (the module
+        has not let go of it yet) or KUP_E_BUSY (its last user's hang-up not
+        yet seen), ask again every 20 ms for up to busy_timeout seconds (a
+        bounded wait)."""
         deadline = time.monotonic() + busy_timeout
         self.sock = wire_connect(path)
         st, fds, msg = wire_attach(self.sock, chan)
-        while st == E_BUSY and time.monotonic() < deadline:
+        while st in (E_BUSY, E_RELEASING) and time.monotonic() < deadline:
             time.sleep(0.02)
             st, fds, msg = wire_attach(self.sock, chan)
         assert st == E_OK and len(fds) == 3, (st, fds)

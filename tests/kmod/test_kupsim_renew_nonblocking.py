@@ -9,7 +9,8 @@ request of every device for as long as the module held one channel.  Now
 the renewal only tries the lock; a channel it could not renew yet is
 "pending renewal": never handed out with its old objects, an ATTACH of its
 id waits a bounded moment for the renewal and is then refused with
-KUP_E_BUSY, an ATTACH of any channel gets another free one, and the
+KUP_E_RELEASING (not KUP_E_BUSY: no other user holds it), an ATTACH of
+any channel gets another free one, and the
 renewal runs as soon as the module lets go (kmod/kupsim/kupsim_server.c).
 
 The module holds a channel on command: echo's "!lockhold" keeps the channel
@@ -31,8 +32,8 @@ from pathlib import Path
 from kmod_util import (
     ANY,
     ATTACH_REPLY,
-    E_BUSY,
     E_OK,
+    E_RELEASING,
     HDR,
     OP_ATTACH,
     variant_kupsim,
@@ -137,9 +138,10 @@ def test_server_serves_while_module_holds_a_detached_channel(variant_out: Path) 
                 assert wire_info(rot13_probe)[0] == "rot13"
             # all of the above happened while echo still held the channel
             assert HOLD_ENDED not in sim.stderr(), sim.stderr()
-            # the held channel is refused as busy, not handed out with the
-            # objects A still has, nor with a misleading system error
-            assert attach_status(path, HELD) == E_BUSY
+            # the held channel is refused as still being released, not
+            # handed out with the objects A still has, nor with a misleading
+            # "another user holds it" or system error
+            assert attach_status(path, HELD) == E_RELEASING
             assert HOLD_ENDED not in sim.stderr(), sim.stderr()
             assert HOLD_STARTED in sim.stderr()
 
@@ -167,8 +169,9 @@ def test_server_serves_while_module_holds_a_detached_channel(variant_out: Path) 
 
 def test_any_gets_another_channel_and_waits_for_the_last(variant_out: Path) -> None:
     """With two channels, one held: ANY gets the other one; with that one
-    attached too, ANY is refused as busy (none free) rather than handed
-    the held one; after the hold ANY gets the renewed channel."""
+    attached too, ANY is refused as still being released (the only one not
+    attached is the held one) rather than handed the held one; after the
+    hold ANY gets the renewed channel."""
     env = {**echo_env(), "KUP_PARAM_ECHO_CHANNELS": "2"}
     with variant_kupsim(variant_out, "echo", env=env) as sim:
         path = sim.device_path("echo")
@@ -186,8 +189,8 @@ def test_any_gets_another_channel_and_waits_for_the_last(variant_out: Path) -> N
             other = RawUser(path, 1)
             try:
                 assert other.receive() == (KIND_PASS, b"")
-                assert attach_status(path, ANY) == E_BUSY
-                assert attach_status(path, 0) == E_BUSY
+                assert attach_status(path, ANY) == E_RELEASING
+                assert attach_status(path, 0) == E_RELEASING
                 assert "echo: chan 0: lock hold ended" not in sim.stderr()
                 # odd channel: echo upper-cases the answer
                 assert other.exchange(b"!lockfree") == b"!LOCKFREE"
@@ -210,7 +213,7 @@ def test_any_gets_another_channel_and_waits_for_the_last(variant_out: Path) -> N
                                 assert ATTACH_REPLY.unpack_from(msg)[2] == 0
                                 assert os.fstat(fds[0]).st_ino != ino_a
                                 break
-                            assert st == E_BUSY, st
+                            assert st == E_RELEASING, st
                         finally:
                             for fd in fds:
                                 os.close(fd)
@@ -246,7 +249,7 @@ def test_unload_with_a_renewal_pending(variant_out: Path) -> None:
                     raise AssertionError(f"no answer for the waiting attach: {e!r}") from e
                 if reply:
                     _op, st = HDR.unpack_from(reply)
-                    assert st in (E_BUSY, E_SHUTDOWN), st
+                    assert st in (E_RELEASING, E_SHUTDOWN), st
             finally:
                 waiter.close()
             log = sim.stderr()

@@ -279,14 +279,17 @@ SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "anykind": (("-DANYKIND",), {"Kernel": KERNEL_HS, "User": USER_HS}),
     # ksleep/usleep lines then hold both the wake-up and the early return
     "spurious": (("-DSPURIOUS",), {"Kernel": ("ksleep",), "User": ("usleep",)}),
-    "reattach": (("-DREATTACH",), {"Kernel": ("enter_peer",), "Attach": ("attach_reset",)}),
+    "reattach": (
+        ("-DREATTACH",),
+        {"Kernel": ("enter_peer",), "Attach": ("attach_reset", "attach_gave_up")},
+    ),
     "death": (
         DEATH,
         {
             "Kernel": ("ksleep", "enter_peer"),
             "User": ("death", "usleep"),
             "Host": ("wake",),
-            "Attach": ("attach_reset",),
+            "Attach": ("attach_reset", "attach_gave_up"),
         },
     ),
     "shutdown": (

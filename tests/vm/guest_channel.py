@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +28,7 @@ from kupd.errors import (
     NotFound,
     NotReady,
     NotYourTurn,
+    Releasing,
     Shutdown,
     TooBig,
     VersionMismatch,
@@ -85,6 +88,67 @@ def test_module_reentry_is_refused_by_the_linux_core(echo: Device) -> None:
         assert ch.receive(timeout=T).data == b"after"
     log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
     assert "call kupdev_unlock_channel first (-EDEADLK)" in log, log[-2000:]
+
+
+def _dmesg() -> str:
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+
+
+def _wait_dmesg(line: str) -> None:
+    deadline = time.monotonic() + T
+    while line not in _dmesg():
+        assert time.monotonic() < deadline, f"no {line!r} in dmesg"
+        time.sleep(0.05)
+
+
+def test_attach_while_the_module_still_holds_the_channel(echo: Device) -> None:
+    """A user leaves channel 40 while echo's worker keeps it locked
+    ("!lockhold", as a module computing a long reply).  Another attach of
+    it used to sleep in mutex_lock -- unkillable, D state -- for the whole
+    hold; now it tries for KUP_ATTACH_LETGO_MS and fails with Releasing (a
+    Busy), a signal meanwhile does not break it, and once the module lets go
+    the channel attaches with a fresh conversation."""
+    ch = echo.channel(40)
+    opened(ch)
+    ch.send(b"!lockhold60000")
+    _wait_dmesg("echo: chan 40: holding the channel locked")
+    ch.close()
+    for _ in range(2):
+        start = time.monotonic()
+        with pytest.raises(Releasing, match="EKU_RELEASING") as info:
+            echo.channel(40)
+        took = time.monotonic() - start
+        assert isinstance(info.value, Busy)
+        assert 0.4 <= took < 10.0, took  # waited its ~0.5 s, then gave up
+    # a signal during the wait: libkup asks again after the handler ran
+    hits: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda signo, frame: hits.append(signo))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Releasing):
+            echo.channel(40)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert hits == [signal.SIGALRM]
+    # "!lockfree" on another channel ends the hold; echo lets go
+    with echo.channel(41) as other:
+        opened(other)
+        other.send(b"!lockfree")
+        assert other.receive(timeout=T).data == b"!LOCKFREE"
+    _wait_dmesg("echo: chan 40: lock hold ended (released)")
+    deadline = time.monotonic() + T
+    while True:
+        try:
+            again = echo.channel(40)
+            break
+        except Busy:
+            assert time.monotonic() < deadline, "channel 40 never let go"
+            time.sleep(0.05)
+    with again:
+        opened(again)
+        again.send(b"fresh")
+        assert again.receive(timeout=T).data == b"fresh"
 
 
 def test_odd_channel_upper_cases_and_rot13_device(echo: Device) -> None:
