@@ -234,6 +234,9 @@ class SocketSet:
         #: stopping one removes the path, so it cannot be handed over
         self._direct: set[tuple[str, str]] = set()
         self._names = 0
+        #: kept sockets whose permissions prepare() changed: (path, uid,
+        #: gid, mode) as they were, restored by discard()
+        self._undo: list[tuple[str, int, int, int]] = []
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -362,12 +365,16 @@ class SocketSet:
         start the servers of ``wanted``'s new endpoints, all or none -- a
         socket that cannot be bound or handed over stops the ones already
         started and raises OSError, so the reload is refused with nothing
-        changed.  They take effect with :meth:`commit` (or go with
+        changed.  The owner/group/mode of kept sockets is changed here too
+        (the step that may be refused: EPERM), and put back should the rest
+        fail.  They take effect with :meth:`commit` (or go with
         :meth:`discard`); no handler runs before the caller next awaits."""
         started: list[Started] = []
+        self._undo = []
         try:
             for ep in wanted:
                 if ep.key in self.servers:
+                    self._set_permissions(ep, self.servers[ep.key][0])
                     continue
                 holder = self._serving(ep.path)
                 if holder is None:
@@ -384,7 +391,38 @@ class SocketSet:
             raise
         return started
 
+    def _set_permissions(self, ep: Endpoint, old: Endpoint) -> None:
+        """A kept socket whose owner/group/mode changed: apply it to the
+        file in place (it governs new connections only: the kernel checked
+        the old permissions when the open ones connected).  Undone by
+        discard(): a reload refused later leaves it as it was."""
+        if (ep.owner, ep.group, ep.mode) == (old.owner, old.group, old.mode):
+            return
+        st = os.stat(ep.path)
+        self._undo.append((ep.path, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        try:
+            # Narrow first (mode), then hand over (owner/group), then the final mode.
+            os.chmod(ep.path, ep.mode & old.mode)
+            os.chown(
+                ep.path,
+                os.geteuid() if ep.owner is None else ep.owner,
+                os.getegid() if ep.group is None else ep.group,
+            )
+            os.chmod(ep.path, ep.mode)
+        except OSError as exc:
+            raise OSError(
+                f"cannot change owner/group/mode of socket {ep.path} (tenant "
+                f"{ep.tenant.name}): {exc.strerror} (chown/chmod of a socket another "
+                "user owns needs CAP_CHOWN / CAP_FOWNER)"
+            ) from None
+        log.info("socket permissions changed", socket=ep.path, mode=f"{ep.mode:04o}")
+
     async def discard(self, started: list[Started]) -> None:
+        for path, uid, gid, mode in reversed(self._undo):
+            with contextlib.suppress(OSError):  # as far as it can go back
+                os.chown(path, uid, gid)
+                os.chmod(path, mode)
+        self._undo = []
         for _ep, server, _name in started:
             await server.stop(None)  # gRPC removes the socket it bound
 
@@ -395,10 +433,8 @@ class SocketSet:
         :meth:`prepare`): (added, removed) paths.  A new server's socket is
         renamed to its path (atomic: a client connecting meanwhile reaches
         the old server or the new one, never nothing).  A tenant that keeps
-        its socket path keeps its server (its open sessions are untouched);
-        a changed owner/group/mode is applied to the socket file in place,
-        which governs new connections only (the kernel checked the old
-        permissions when the open ones connected)."""
+        its socket path keeps its server (its open sessions are untouched;
+        a changed owner/group/mode was applied by prepare)."""
         want = {ep.key: ep for ep in wanted}
         added = [ep.path for ep, _, _ in started]
         for st in started:
@@ -410,19 +446,9 @@ class SocketSet:
                 await self.stop_one(key)
                 if path not in added:
                     removed.append(path)
+        self._undo = []
         for key, ep in want.items():
-            old, server = self.servers[key]
-            if (ep.owner, ep.group, ep.mode) != (old.owner, old.group, old.mode):
-                # Narrow first (mode), then hand over (owner/group), then the final mode.
-                os.chmod(ep.path, ep.mode & old.mode)
-                os.chown(
-                    ep.path,
-                    os.geteuid() if ep.owner is None else ep.owner,
-                    os.getegid() if ep.group is None else ep.group,
-                )
-                os.chmod(ep.path, ep.mode)
-                log.info("socket permissions changed", socket=ep.path, mode=f"{ep.mode:04o}")
-            self.servers[key] = (ep, server)
+            self.servers[key] = (ep, self.servers[key][1])
         return added, removed
 
     async def start(self, wanted: list[Endpoint]) -> None:

@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 from tenancy_helpers import DEVICES, StartTenants
@@ -121,3 +122,28 @@ def test_a_socket_another_process_serves_is_not_taken(start_tenants: StartTenant
             s.connect(other)  # still the other process's
         listener.accept()[0].close()
     assert _serves_channel(str(k.dir / "b.sock"), 9)
+
+
+def test_a_refused_reload_puts_changed_socket_permissions_back(
+    start_tenants: StartTenants, tmp_path: Path
+) -> None:
+    """The reload changes x's socket mode, then fails on a tenant whose
+    socket path holds a regular file: refused as a whole, so x's socket has
+    its old mode again (it used to be changed after the point of no return,
+    where a refusal left half a reload applied)."""
+    k = start_tenants(DEVICES + _tenants(("x", "a.sock"), ("y", "b.sock")))
+    a = k.dir / "a.sock"
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o600
+    (k.dir / "file").write_text("not a socket\n")
+    wider = _tenants(("x", "a.sock"), ("y", "b.sock")).replace(
+        'socket = "@DIR@/a.sock"\n', 'socket = "@DIR@/a.sock"\nmode = "0660"\n'
+    )
+    bad = 'name = "z"\nsocket = "@DIR@/file"\n[[tenant.grant]]\ndevice = "echo"\n'
+    with k.admin() as adm:
+        k.write_config(DEVICES + wider + "[[tenant]]\n" + bad)
+        with pytest.raises(errors.KupError, match="exists and is not a socket"):
+            adm.reload()
+        assert stat.S_IMODE(os.stat(a).st_mode) == 0o600
+        k.write_config(DEVICES + wider)
+        adm.reload()
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o660
