@@ -80,13 +80,18 @@ static PyObject *str_data, *str_kind, *str_seq, *str_timeout;
  * covers both wrong sides of the turn, and "not your turn" alone reads as
  * the opposite of the truth for a receive (there it is this side's turn). */
 static const char *
-turn_why(int code, int receiving)
+turn_why(int code, int receiving, void *h)
 {
 	if (code != KUP_E_NOTTURN)
 		return "";
-	return receiving ? ": this side holds the turn (the kernel's message was "
-	    "already received); send or pass first" :
-	    ": the kernel holds the turn; receive its message first";
+	if (receiving)
+		return ": this side holds the turn (the kernel's message was "
+		    "already received); send or pass first";
+	/* a channel that keeps unread messages (keep_unread) */
+	if (h != NULL && kernproxy_unread(h) == KUP_KIND_DATA)
+		return ": the kernel's message is unread (this side holds the turn); "
+		    "receive it first: sending now would drop it";
+	return ": the kernel holds the turn; receive its message first";
 }
 
 /* Raise the kupd.errors class for code with a message naming what failed.
@@ -506,7 +511,7 @@ channel_send(ChannelObject *c, PyObject *arg)
 	if (rc != 0)
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
 		    "send of %zd bytes on channel %u of device %U%s", view.len, (unsigned)c->id,
-		    c->dev->name, turn_why(code, 0));
+		    c->dev->name, turn_why(code, 0, c->h));
 	Py_RETURN_NONE;
 }
 
@@ -529,7 +534,7 @@ channel_pass(ChannelObject *c, PyObject *unused)
 	if (rc != 0)
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
 		    "pass on channel %u of device %U%s", (unsigned)c->id, c->dev->name,
-		    turn_why(code, 0));
+		    turn_why(code, 0, c->h));
 	Py_RETURN_NONE;
 }
 
@@ -702,7 +707,7 @@ channel_receive_wait(ChannelObject *c, long long timeout_ms, build_fn build)
 		return raise_kup(code, 0, "receive on channel %u of device %U: no message within %lld ms",
 		    (unsigned)c->id, c->dev->name, timeout_ms);
 	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
-	    (unsigned)c->id, c->dev->name, turn_why(code, 1));
+	    (unsigned)c->id, c->dev->name, turn_why(code, 1, NULL));
 closed:
 	return raise_kup(KUP_E_INVAL, 0,
 	    "receive on channel %u of device %U: channel was closed by another thread",
@@ -737,7 +742,7 @@ channel_receive_now(ChannelObject *c, int raise_notready, build_fn build)
 		return raise_kup(code, 0, "receive on channel %u of device %U: the kernel holds the turn",
 		    (unsigned)c->id, c->dev->name);
 	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
-	    (unsigned)c->id, c->dev->name, turn_why(code, 1));
+	    (unsigned)c->id, c->dev->name, turn_why(code, 1, NULL));
 }
 
 static PyObject *
@@ -915,7 +920,7 @@ channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
 		(void)channel_leave(c);
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
 		    "exchange: send of %zd bytes on channel %u of device %U%s", len, (unsigned)c->id,
-		    c->dev->name, turn_why(code, 0));
+		    c->dev->name, turn_why(code, 0, c->h));
 	}
 	if (timeout_ms != 0)
 		rc = wait_message(c, timeout_ms, deadline, rc, &code, &sys_errno, &m);
@@ -983,8 +988,8 @@ channel_try_exchange(ChannelObject *c, PyObject *arg)
 	if (src != 0) {
 		(void)channel_leave(c);
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "try_exchange: send of %zd bytes on channel %u of device %U", len,
-		    (unsigned)c->id, c->dev->name);
+		    "try_exchange: send of %zd bytes on channel %u of device %U%s", len,
+		    (unsigned)c->id, c->dev->name, turn_why(code, 0, c->h));
 	}
 	if (rc == 0) {
 		res = message_object(c, &m);
@@ -1052,6 +1057,39 @@ channel_my_turn(ChannelObject *c, PyObject *unused)
 		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
 		    "my_turn on channel %u of device %U", (unsigned)c->id, c->dev->name);
 	return PyBool_FromLong(r);
+}
+
+static PyObject *
+channel_unread(ChannelObject *c, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (c->h == NULL || c->close_requested)
+		return raise_kup(KUP_E_INVAL, 0, "unread on channel %u of device %U: channel is closed",
+		    (unsigned)c->id, c->dev->name);
+	r = kernproxy_unread(c->h);
+	if (r < 0)
+		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+		    "unread on channel %u of device %U", (unsigned)c->id, c->dev->name);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *
+channel_keep_unread(ChannelObject *c, PyObject *arg)
+{
+	int on = PyObject_IsTrue(arg);
+
+	if (on < 0)
+		return NULL;
+	if (c->h == NULL || c->close_requested)
+		return raise_kup(KUP_E_INVAL, 0,
+		    "keep_unread on channel %u of device %U: channel is closed",
+		    (unsigned)c->id, c->dev->name);
+	if (kernproxy_keep_unread(c->h, on) != 0)
+		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+		    "keep_unread on channel %u of device %U", (unsigned)c->id, c->dev->name);
+	Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1125,6 +1163,10 @@ static PyMethodDef channel_methods[] = {
 	{"try_receive_message", (PyCFunction)channel_try_receive_message, METH_NOARGS,
 	 "try_receive_message() -> Message | None, never blocks"},
 	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
+	{"unread", (PyCFunction)channel_unread, METH_NOARGS,
+	 "unread() -> int: kind of the kernel's message not yet received, 0 if none"},
+	{"keep_unread", (PyCFunction)channel_keep_unread, METH_O,
+	 "keep_unread(on): a send/pass that would drop an unread DATA message is NotYourTurn"},
 	{"fileno", (PyCFunction)channel_fileno, METH_NOARGS, "fileno() -> int"},
 	{"close", (PyCFunction)channel_close, METH_NOARGS, "close(): idempotent"},
 	{NULL, NULL, 0, NULL},

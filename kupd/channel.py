@@ -222,6 +222,20 @@ class Channel:
         """True if this side holds the turn right now."""
         return self._c.my_turn()
 
+    def unread(self) -> Kind | None:
+        """The kind of the kernel's message this side holds the turn with
+        and has not received yet; None when there is none."""
+        kind = self._c.unread()
+        return Kind(kind) if kind else None
+
+    def keep_unread(self, on: bool = True) -> None:
+        """A send or pass while the kernel's DATA message is unread drops
+        it (the caller answers without reading).  With ``on`` it raises
+        :class:`~kupd.errors.NotYourTurn` instead and the message stays for
+        a receive -- what kupd sets on every channel it leases: it never
+        drops a kernel message on a client's behalf."""
+        self._c.keep_unread(on)
+
     # -- the turn protocol -----------------------------------------------------
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` (any C-contiguous buffer) and hand the turn to the kernel.

@@ -141,6 +141,9 @@ class LeaseTable:
         if dev.dev is None or self.mgr.closing:
             ch.close()
             raise errors.Shutdown(f"device {device} went away during attach")
+        # a client's send or pass never drops the kernel's unread message:
+        # NotYourTurn, "receive it first" (kupd loses nothing on its behalf)
+        ch.keep_unread(True)
         lease = Lease(
             secrets.token_hex(8), holder, dev, ch, self.mgr.metrics.channel(device, ch.id)
         )

@@ -138,6 +138,20 @@ int kernproxy_fd(void *chan);
 /* Who holds the turn right now: 1 this side, 0 the kernel, -1 error. */
 int kernproxy_my_turn(void *chan);
 
+/* The kind of the kernel's message this side holds the turn with and has
+ * not received yet (KUP_KIND_DATA, _PASS, _CLOSE), 0 when there is none
+ * (the kernel holds the turn, or the message was received), -1 error.
+ * Never waits. */
+int kernproxy_unread(void *chan);
+
+/* A send or pass while the kernel's last message is unread drops that
+ * message (the caller chose to answer without reading it).  With on != 0,
+ * one that would drop a DATA message fails with EKU_NOTTURN instead and
+ * the message stays for a receive (an unread PASS is still dropped: it
+ * carries nothing).  For a gateway that must lose no message of the
+ * kernel's on a client's behalf.  0, or -1 (EKU_INVAL). */
+int kernproxy_keep_unread(void *chan, int on);
+
 /* Channel facts. */
 size_t   kernproxy_max_msg(void *chan);
 uint32_t kernproxy_chan_id(void *chan);

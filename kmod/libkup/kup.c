@@ -116,6 +116,8 @@ struct kp_chan {
 	uint64_t learn_t0;      /* ... from when that wait started */
 	int      quiet;         /* the last send was KP_SPIN_NEXT: poll mode's
 	                         * user_waiting left 0 until the next receive */
+	int      keep_unread;   /* kernproxy_keep_unread: a send or pass
+	                         * refuses to drop an unread DATA message */
 };
 
 static int
@@ -700,7 +702,9 @@ kernproxy_receive(void *chan, int flags)
 }
 
 /* Make sure we hold the turn; an unread kernel message is validated and
- * dropped (the caller chose to answer without reading it). */
+ * dropped (the caller chose to answer without reading it) -- unless it
+ * carries data and the channel keeps unread messages (EKU_NOTTURN, the
+ * message left for a receive: kernproxy_keep_unread). */
 static int
 own_turn(struct kp_chan *c)
 {
@@ -715,6 +719,8 @@ own_turn(struct kp_chan *c)
 		c->broken = 1;
 		return KUP_E_PROTO;
 	}
+	if (c->keep_unread && READ32(&c->ctrl->k2u.kind) == KUP_KIND_DATA)
+		return KUP_E_NOTTURN;
 	return take_kernel_msg(c, NULL);
 }
 
@@ -814,6 +820,34 @@ kernproxy_my_turn(void *chan)
 	if (c->uturn == UT_USER_CONSUMED)
 		return 1;
 	return LOAD_ACQ32(&c->ctrl->turn) == KUP_TURN_USER ? 1 : 0;
+}
+
+int
+kernproxy_unread(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+	uint32_t kind;
+
+	if (c == NULL)
+		return -1;
+	if (c->uturn == UT_USER_CONSUMED ||
+	    LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_USER)
+		return 0;
+	/* read once; a bad kind is the take's to report (EKU_PROTO) */
+	kind = READ32(&c->ctrl->k2u.kind);
+	return (kind == KUP_KIND_DATA || kind == KUP_KIND_PASS ||
+	    kind == KUP_KIND_CLOSE) ? (int)kind : 0;
+}
+
+int
+kernproxy_keep_unread(void *chan, int on)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return -1;
+	c->keep_unread = on != 0;
+	return 0;
 }
 
 size_t

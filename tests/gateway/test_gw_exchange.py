@@ -7,6 +7,8 @@ answered after 300 ms; "!hold" never answered)."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -219,3 +221,42 @@ def test_async_exchange(kupd: Kupd) -> None:
             await c.release(lease.lease_id)
 
     asyncio.run(main())
+
+
+def _until_unread(op: Callable[[], object]) -> str:
+    """Run ``op`` until kupd refuses it because the kernel's reply is unread
+    (before the reply comes it is refused too, "the kernel holds the turn");
+    the refusal's text."""
+    deadline = time.monotonic() + 20
+    while True:
+        with pytest.raises(errors.NotYourTurn) as info:
+            op()
+        if "unread" in str(info.value):
+            return str(info.value)
+        assert time.monotonic() < deadline, info.value
+        time.sleep(0.02)
+
+
+def test_kupd_never_drops_an_unread_kernel_message(client: Client) -> None:
+    """A lease Send (or a Session send) while the kernel's reply is unread
+    used to succeed and drop the reply silently.  kupd refuses it instead
+    (NotYourTurn, "receive it first"), the reply stays for the next receive,
+    and the conversation goes on."""
+    lease = client.attach("echo", 60)
+    try:
+        assert client.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
+        client.lease_send(lease.lease_id, b"hello")
+        said = _until_unread(lambda: client.lease_send(lease.lease_id, b"again"))
+        assert "receive it first" in said, said
+        reply = client.lease_receive(lease.lease_id, timeout=10)
+        assert (reply.data, reply.seq) == (b"hello", 2)
+        assert client.lease_exchange(lease.lease_id, b"again", timeout=10).data == b"again"
+    finally:
+        client.release(lease.lease_id)
+    with client.open("echo").channel(62) as ch:
+        assert ch.receive(timeout=10).kind == Kind.PASS
+        with pytest.raises(errors.DeadlineExceeded):
+            ch.exchange(b"!delay", timeout=0.05)  # the reply is owed to a receive
+        _until_unread(lambda: ch.exchange(b"next", timeout=10))
+        assert ch.receive(timeout=10).data == b"!delay"  # the session went on
+        assert ch.exchange(b"next", timeout=10).data == b"next"

@@ -246,6 +246,48 @@ def test_send_when_not_my_turn(echo_sim: KupSim) -> None:
         assert not ch.my_turn()
 
 
+def _wait_unread(ch: Channel) -> Kind | None:
+    deadline = time.monotonic() + T
+    while (kind := ch.unread()) is None:
+        assert time.monotonic() < deadline, "the kernel's message never came"
+        time.sleep(0.001)
+    return kind
+
+
+def test_unread_and_keep_unread(echo_sim: KupSim) -> None:
+    """unread() tells what the kernel handed over and nobody received yet.
+    A send over an unread DATA message drops it (libkup's rule: the caller
+    answers without reading); keep_unread() makes that NotYourTurn, the
+    message kept for a receive.  An unread PASS is dropped either way."""
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        assert _wait_unread(ch) is Kind.PASS
+        opened(ch)
+        assert ch.unread() is None
+        ch.send(b"one")
+        assert _wait_unread(ch) is Kind.DATA
+        ch.send(b"two")  # drops "one"'s reply
+        assert ch.receive(timeout=T) == Message(b"two", Kind.DATA, 3)
+        ch.keep_unread()
+        ch.send(b"three")
+        assert _wait_unread(ch) is Kind.DATA
+        unread = "the kernel's message is unread .this side holds the turn.; receive it first"
+        with pytest.raises(NotYourTurn, match=f"send of 4 bytes on channel 0 of device .*: {unread}"):
+            ch.send(b"four")
+        with pytest.raises(NotYourTurn, match=unread):
+            ch.pass_()
+        with pytest.raises(NotYourTurn, match=unread):
+            ch.exchange(b"four", T)
+        with pytest.raises(NotYourTurn, match=unread):
+            ch.try_exchange(b"four")
+        assert ch.unread() is Kind.DATA
+        assert ch.receive(timeout=T) == Message(b"three", Kind.DATA, 4)  # kept
+        assert roundtrip(ch, b"four").data == b"four"
+    with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
+        ch.keep_unread()
+        assert _wait_unread(ch) is Kind.PASS
+        assert roundtrip(ch, b"x").data == b"x"  # the opening PASS: dropped, not refused
+
+
 def test_receive_when_holding_turn_is_notyourturn(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel() as ch:
         opened(ch)
