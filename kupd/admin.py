@@ -94,6 +94,9 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         except OSError as exc:
             await self._abort(context, errors.SystemFailure(f"reload failed: {exc}"))
             raise AssertionError("unreachable") from None
+        except errors.KupError as exc:  # Shutdown: kupd is draining
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
         return kup_pb2.ReloadResponse(
             tenants=done.tenants,
             sessions_ended=done.sessions_ended,

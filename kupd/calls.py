@@ -341,16 +341,20 @@ class CallPool:
         """Until no call is in flight or queued."""
         await self._idle.wait()
 
-    def close(self) -> None:
+    def close(self, why: errors.KupError | None = None) -> None:
+        """No more Calls: every one in flight or queued fails with ``why``
+        (default: Shutdown, the device is going away)."""
         self.closed = True
+        if why is None:
+            why = errors.Shutdown(f"device {self.device} is going away")
         if not self._abort.done():
             # wakes every wait on a pool channel (a vanished host writes no wake-up)
-            self._abort.set_exception(errors.Shutdown(f"device {self.device} is going away"))
+            self._abort.set_exception(why)
             self._abort.exception()
         for q in self._queues.values():
             for fut in q:
                 if not fut.done():
-                    fut.set_exception(errors.Shutdown(f"device {self.device} is going away"))
+                    fut.set_exception(type(why)(why.message))
         self._queues.clear()
         self._rr.clear()
         self._groups.clear()

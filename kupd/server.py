@@ -230,7 +230,7 @@ class Server:
         line (``via``: who asked)."""
         try:
             done = await self._reload()
-        except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        except (ValueError, OSError, errors.KupError) as exc:  # ConfigError: ValueError
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
             raise
         self.audit.admin(
@@ -247,6 +247,9 @@ class Server:
     async def _reload(self) -> Reloaded:
         async with self._reload_lock:
             # -- check: a refusal here leaves everything as it was
+            if self._stopping:
+                # its sockets would be bound only to answer EKU_SHUTDOWN
+                raise errors.Shutdown("kupd is shutting down: reload refused")
             new = self.reload_source()
             cfg, applied, needs_restart = reloaded(self.config, new)
             policy = Policy(cfg.tenants)
@@ -320,7 +323,7 @@ class Server:
         """SIGHUP: reload; a bad file is logged and the running config stays."""
         try:
             await self.reload()
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, errors.KupError) as exc:
             log.error("reload refused; the running config stays", error=str(exc))
 
     # -- health --------------------------------------------------------------
@@ -382,6 +385,17 @@ class Server:
                     "calls still in flight after the grace period",
                     calls=self.service.calls_in_flight,
                 )
+                # end them with kupd's own answer, not gRPC's "Cancelling
+                # all calls" when the sockets stop
+                why = errors.Shutdown(
+                    f"kupd is shutting down: the Call did not finish within "
+                    f"drain_grace ({cfg.drain_grace:g} s)"
+                )
+                for d in self.mgr.devices.values():
+                    d.pool.close(why)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self.service.calls_idle.wait()
             self.leases.end_all("shutdown", errors.Shutdown("kupd is shutting down"))
             self.bus.close()  # watchers saw the leases go; their streams end UNAVAILABLE
             # Let every stream hand its final status to gRPC (bounded: a

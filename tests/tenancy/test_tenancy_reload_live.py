@@ -273,9 +273,17 @@ def test_drain_grace(start_tenants: StartTenants) -> None:
         t = threading.Thread(target=held)
         t.start()
         wait_until(lambda: c.open("echo").info().calls_in_flight == 1, what="a Call in flight")
-        k.stop()
+        k.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: bool(log_records(k, "kupd draining")), what="kupd draining")
+        # a reload now would bind sockets only to answer EKU_SHUTDOWN: refused
+        with pytest.raises(errors.Shutdown, match="shutting down: reload refused"):
+            adm.reload()
         t.join(60)
+        # kupd's own answer, not gRPC's "Cancelling all calls"
         assert not t.is_alive() and len(failed) == 1, failed
+        assert isinstance(failed[0], errors.Shutdown), failed
+        assert "did not finish within drain_grace (0.5 s)" in str(failed[0]), failed
+        k.stop()
     (draining,) = log_records(k, "kupd draining")
     assert draining["grace"] == 0.5, draining
     assert log_records(k, "calls still in flight after the grace period"), k.log()
