@@ -271,7 +271,8 @@ def test_unread_and_keep_unread(echo_sim: KupSim) -> None:
         ch.send(b"three")
         assert _wait_unread(ch) is Kind.DATA
         unread = "the kernel's message is unread .this side holds the turn.; receive it first"
-        with pytest.raises(NotYourTurn, match=f"send of 4 bytes on channel 0 of device .*: {unread}"):
+        sent = "send of 4 bytes on channel 0 of device .*"
+        with pytest.raises(NotYourTurn, match=f"{sent}: {unread}"):
             ch.send(b"four")
         with pytest.raises(NotYourTurn, match=unread):
             ch.pass_()
