@@ -39,6 +39,10 @@ void kupsim_chan_want_lock(struct kup_chan *ch);
  * sleeps. */
 void kupsim_server_kick(void);
 
+/* Devices whose socket path did not fit sun_path so far (each one logged,
+ * naming it): their module's init failed for the command line's -d. */
+int  kupsim_server_publish_errors(void);
+
 /* Space-separated names of the published devices into buf. */
 void kupsim_server_names(char *buf, size_t len);
 

@@ -191,13 +191,23 @@ main(int argc, char **argv)
 	for (i = 0; i < nmods; i++) {
 		struct module *m = &mods[i];
 		int perr = kupsim_param_errors();
+		int pub = kupsim_server_publish_errors();
 		int r;
 
 		r = m->init();
 		if (r != 0) {
-			fprintf(stderr, "kupsim: module %s: kup_module_init "
-			    "failed: %s\n", m->path, strerror(r < 0 ? -r : r));
-			if (kupsim_param_errors() != perr)
+			/* the module's own errno would mislead when kupsim could
+			 * not publish its device (echo says ENOMEM for any
+			 * kupdev_create failure): name the cause logged above */
+			if (kupsim_server_publish_errors() != pub)
+				fprintf(stderr, "kupsim: module %s: kup_module_init "
+				    "failed: its device could not be published "
+				    "(see above)\n", m->path);
+			else
+				fprintf(stderr, "kupsim: module %s: kup_module_init "
+				    "failed: %s\n", m->path, strerror(r < 0 ? -r : r));
+			if (kupsim_param_errors() != perr ||
+			    kupsim_server_publish_errors() != pub)
 				rc = 2;
 			goto out_fini;   /* init failed: it cleaned up */
 		}

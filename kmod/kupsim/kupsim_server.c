@@ -139,6 +139,8 @@ static struct {
 	struct conn *cs;
 	struct conn *graveyard;    /* closed during a batch */
 	uint32_t nparked;          /* connections with parked set */
+	int publish_errors;        /* devices whose socket path cannot be
+	                            * bound (__atomic: main reads it) */
 	struct etag t_ctl;
 } S = { .ctl_efd = -1, .ep = -1, .lock_fd = -1 };
 
@@ -229,8 +231,13 @@ kupsim_server_publish(struct kupdev_softc *sc)
 	l->ev_fd = kup_core_dev_os(sc)->ev_fd;
 	snprintf(l->name, sizeof(l->name), "%s", name);
 	n = snprintf(l->path, sizeof(l->path), "%s/%s.sock", S.rundir, name);
-	if (n < 0 || (size_t)n >= sizeof(l->path)) {
-		kup_os_log("kupsim: socket path for %s too long", name);
+	if (n < 0 || (size_t)n >= sizeof(l->path) ||
+	    (size_t)n >= sizeof(sa.sun_path)) {
+		kup_os_log("kupsim: device %s: its socket path %s/%s.sock is too "
+		    "long for a unix socket (sun_path holds %zu bytes): use a "
+		    "shorter run directory (-d)", name, S.rundir, name,
+		    sizeof(sa.sun_path) - 1);
+		__atomic_add_fetch(&S.publish_errors, 1, __ATOMIC_RELAXED);
 		goto fail;
 	}
 	l->fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -345,6 +352,12 @@ kupsim_server_release(struct kupdev_softc *sc)
 		}
 	}
 	pthread_mutex_unlock(&S.mu);
+}
+
+int
+kupsim_server_publish_errors(void)
+{
+	return __atomic_load_n(&S.publish_errors, __ATOMIC_RELAXED);
 }
 
 void
@@ -1019,18 +1032,15 @@ kupsim_server_start(const char *rundir)
 
 	/* every device's socket is RUNDIR/<name>.sock (kupsim_server_publish),
 	 * bound through sun_path: refuse now a RUNDIR that leaves no room for
-	 * a name of KUP_NAME_MAX - 1 characters, rather than fail a module's
-	 * kupdev_create later.  errno ENAMETOOLONG tells kupsim_main it is the
-	 * command line's fault. */
-	if (strlen(rundir) + sizeof("/.sock") + KUP_NAME_MAX - 1 >
+	 * any name at all.  (A longer name that does not fit is refused when
+	 * its device is published, naming it.)  errno ENAMETOOLONG tells
+	 * kupsim_main it is the command line's fault. */
+	if (strlen(rundir) + sizeof("/x.sock") >
 	    sizeof(((struct sockaddr_un *)0)->sun_path)) {
 		fprintf(stderr, "kupsim: run directory path too long for the "
-		    "devices' unix sockets: %s (%zu characters; at most %zu, so "
-		    "that %s/<device name of up to %u characters>.sock fits "
-		    "sun_path's %zu bytes)\n", rundir, strlen(rundir),
-		    sizeof(((struct sockaddr_un *)0)->sun_path) -
-		    sizeof("/.sock") - (KUP_NAME_MAX - 1), rundir,
-		    KUP_NAME_MAX - 1U, sizeof(((struct sockaddr_un *)0)->sun_path));
+		    "devices' unix sockets: %s (%zu characters; %s/<name>.sock "
+		    "must fit sun_path's %zu bytes)\n", rundir, strlen(rundir),
+		    rundir, sizeof(((struct sockaddr_un *)0)->sun_path));
 		errno = ENAMETOOLONG;
 		return -1;
 	}

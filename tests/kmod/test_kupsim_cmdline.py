@@ -132,19 +132,32 @@ def test_module_given_twice(variant_out: Path, short_tmp: Path) -> None:
 
 
 def test_rundir_too_long_for_socket_path(variant_out: Path, short_tmp: Path) -> None:
-    """RUNDIR + "/" + a 31-character device name + ".sock" must fit
-    sun_path (108 bytes): RUNDIR of 71 characters is refused at start with
-    the limit named; 70 works."""
+    """A device's socket is RUNDIR/<name>.sock, bound through sun_path (108
+    bytes).  A RUNDIR with no room for any name is refused at start; one
+    with no room for "echo" fails when echo publishes, naming the device
+    and the cause -- it used to say "kup_module_init failed: Cannot allocate
+    memory" (echo's errno for any kupdev_create failure) and exit 1; the
+    longest RUNDIR echo fits in works."""
     exe = variant_out / "kupsim"
     base = str(short_tmp) + "/"
-    too_long = base + "x" * (71 - len(base))
-    assert len(too_long) == 71
-    err = refused(exe, "-d", too_long, str(variant_out / "echo.so"))
-    assert f"run directory path too long for the devices' unix sockets: {too_long}" in err, err
-    assert "at most 70" in err, err
+
+    def rundir(n: int, c: str) -> str:
+        d = base + c * (n - len(base))
+        assert len(d) == n
+        return d
+
+    no_room = rundir(101, "x")  # + "/x.sock" + NUL = 109
+    err = refused(exe, "-d", no_room, str(variant_out / "echo.so"))
+    assert f"run directory path too long for the devices' unix sockets: {no_room}" in err, err
     assert "kup_module_init" not in err and "device echo ready" not in err, err
 
-    longest = base + "y" * (70 - len(base))
+    no_echo = rundir(98, "y")  # + "/echo.sock" + NUL = 109
+    err = refused(exe, "-d", no_echo, str(variant_out / "echo.so"))
+    assert f"device echo: its socket path {no_echo}/echo.sock is too long" in err, err
+    assert "its device could not be published (see above)" in err, err
+    assert "Cannot allocate memory" not in err, err
+
+    longest = rundir(97, "z")
     proc = start(exe, "-d", longest, str(variant_out / "echo.so"))
     try:
         line = ready_line(proc)
