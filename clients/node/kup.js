@@ -57,6 +57,10 @@ function loadKup() {
 
 // A client of kupd on the unix socket at socketPath.
 function connect(socketPath) {
+  if (typeof socketPath !== 'string' || socketPath === '') {
+    const what = typeof socketPath === 'string' ? '""' : describe(socketPath);
+    throw new TypeError(`socketPath must be a non-empty string, not ${what}`);
+  }
   const kup = loadKup();
   const target = socketPath.startsWith('unix:') ? socketPath : `unix:${path.resolve(socketPath)}`;
   return new kup.Kup(target, grpc.credentials.createInsecure(), {
@@ -94,6 +98,17 @@ function toMessage(m) {
   };
 }
 
+// Channel ids and timeouts are uint32 on the wire: a larger number would
+// wrap (channel 2**32 + 40 attached channel 40).
+const MAX_UINT32 = 0xffffffff;
+
+function describe(value) {
+  if (value === null) return 'null';
+  if (typeof value === 'string') return `string ${JSON.stringify(value)}`;
+  if (typeof value === 'number' || typeof value === 'bigint') return String(value);
+  return typeof value;
+}
+
 // Argument checks, before anything goes on the wire (as kupclient._args in
 // Python): a bad one is named instead of reaching kupd as something else
 // (a negative timeout_ms becomes a huge uint32, undefined data an empty
@@ -116,17 +131,23 @@ function deviceArg(device) {
 // A channel id, or null for any free channel.
 function channelArg(channel) {
   if (channel === undefined || channel === null) return null;
-  if (!Number.isInteger(channel) || channel < 0) {
-    throw new RangeError(`channel must be an integer >= 0, not ${channel}`);
+  if (typeof channel !== 'number') {
+    throw new TypeError(`channel must be an integer or null, not ${describe(channel)}`);
+  }
+  if (!Number.isInteger(channel) || channel < 0 || channel > MAX_UINT32) {
+    throw new RangeError(`channel must be an integer in 0..${MAX_UINT32} (uint32), not ${channel}`);
   }
   return channel;
 }
 
 function msArg(ms, zeroOk, what) {
-  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms < 0 || (ms === 0 && !zeroOk)
-      || ms > 0xffffffff) {
+  if (typeof ms !== 'number') {
+    throw new TypeError(`${what} must be a number of milliseconds, not ${describe(ms)}`);
+  }
+  if (!Number.isFinite(ms) || ms < 0 || (ms === 0 && !zeroOk) || ms > MAX_UINT32) {
     const bound = zeroOk ? '>= 0' : '> 0';
-    throw new RangeError(`${what} must be a finite number of milliseconds ${bound}, not ${ms}`);
+    throw new RangeError(
+      `${what} must be a finite number of milliseconds <= ${MAX_UINT32} and ${bound}, not ${ms}`);
   }
   return Math.max(zeroOk && ms === 0 ? 0 : 1, Math.round(ms));
 }
@@ -165,6 +186,7 @@ class Session {
     this.nextId = 0;
     this.pending = [];      // FIFO of {id, resolve, reject}: kupd answers in order
     this.ended = null;      // Error once the stream is over
+    this.closed = false;    // close() was called
     this.stream.on('data', (resp) => this._onResponse(resp));
     this.stream.on('error', (err) => this._fail(kupError(err)));
     this.stream.on('end', () => this._fail(new Error('session stream ended')));
@@ -203,8 +225,21 @@ class Session {
     return this.lease;
   }
 
+  // TooBig (nothing sent, the session goes on) when data is larger than the
+  // channel's max_message_bytes: over gRPC's own limit it would end the stream.
   async send(data) {
-    await this._op({ send: { data: dataArg(data) } });
+    const buf = dataArg(data);
+    const max = this.lease ? Number(this.lease.max_message_bytes) : 0;
+    if (max && buf.length > max) {
+      const ch = this.lease.channel;
+      const e = new Error(`TooBig: message of ${buf.length} bytes exceeds the data area of `
+        + `channel ${ch} of device ${this.lease.device} (${max} bytes)`);
+      e.code = grpc.status.INVALID_ARGUMENT;
+      e.kupError = 'TooBig';
+      e.details = e.message.slice('TooBig: '.length);
+      throw e;
+    }
+    await this._op({ send: { data: buf } });
   }
 
   pass() {
@@ -223,9 +258,29 @@ class Session {
     return toMessage(r.message);
   }
 
+  // Ends the session (kupd releases the lease).  An operation still waiting
+  // (a blocked receive) rejects with an Error saying the session was closed,
+  // and the stream is cancelled under it: half-closing would leave kupd
+  // waiting in the receive, the lease held and node unable to exit.
   close() {
-    if (!this.ended) this.ended = new Error('session closed');
-    this.stream.end();
+    if (this.closed) return;
+    this.closed = true;
+    const where = this.lease ? `channel ${this.lease.channel} of ${this.lease.device}` : 'session';
+    const closed = new Error(`session closed (${where})`);
+    closed.code = grpc.status.CANCELLED;
+    closed.kupError = '';
+    closed.details = closed.message;
+    const waiting = this.pending.length > 0;
+    if (!this.ended) this.ended = closed;
+    for (const p of this.pending.splice(0)) {
+      const e = new Error(`session closed (${where}) while the operation waited`);
+      e.code = closed.code;
+      e.kupError = '';
+      e.details = e.message;
+      p.reject(e);
+    }
+    if (waiting) this.stream.cancel();
+    else this.stream.end();
   }
 }
 

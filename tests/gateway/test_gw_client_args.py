@@ -16,6 +16,7 @@ import pytest
 from gateway_helpers import Kupd
 
 from kupclient import AsyncClient, Client
+from kupclient._args import ArgumentError
 
 # (what, the call on a client, the exception, a regex of its message)
 BAD: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
@@ -44,6 +45,28 @@ BAD: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
      r">= 0 seconds, not -0.5"),
     ("lease_receive timeout inf", lambda c: c.lease_receive("l", timeout=math.inf), ValueError,
      "not inf"),
+    # past what the wire holds (uint32): "Value out of range" naming nothing before
+    ("call timeout 1e10", lambda c: c.call("echo", b"x", 1e10), ValueError,
+     r"timeout must be at most 4294967.295 seconds \(uint32 milliseconds on the wire\)"),
+    ("call timeout huge int", lambda c: c.call("echo", b"x", 10**400), ValueError,
+     "timeout must be None or a finite number"),
+    ("lease_receive timeout 1e10", lambda c: c.lease_receive("l", 1e10), ValueError,
+     "timeout must be at most 4294967.295 seconds"),
+    ("lease_exchange timeout 1e10", lambda c: c.lease_exchange("l", b"x", 1e10), ValueError,
+     "timeout must be at most"),
+    ("attach channel 2**32", lambda c: c.attach("echo", 2**32), ValueError,
+     r"channel must be <= 4294967295 \(channel ids are uint32\), not 4294967296"),
+    # device names and lease ids are checked too
+    ("devices int", lambda c: c.devices(5), TypeError, "device must be a str, not int"),
+    ("lease_send lease int", lambda c: c.lease_send(5, b"x"), TypeError,
+     "lease id must be a str, not int"),
+    ("lease_pass lease None", lambda c: c.lease_pass(None), TypeError,
+     "lease id must be a str, not NoneType"),
+    ("lease_receive lease ''", lambda c: c.lease_receive(""), ValueError, "lease id is required"),
+    ("release lease not UTF-8", lambda c: c.release("\udcff"), ValueError,
+     "lease id must be valid UTF-8 text"),
+    ("attach device not UTF-8", lambda c: c.attach("\udcff"), ValueError,
+     "device must be valid UTF-8 text"),
 ]
 
 
@@ -67,6 +90,31 @@ def test_async_client_refuses_before_the_wire(
     asyncio.run(go())
 
 
+def test_refusals_are_argument_errors(tmp_path: Path) -> None:
+    """kupctl tells a refused argument (a usage error) from any other
+    ValueError / TypeError by this class."""
+    with Client(str(tmp_path / "nobody.sock")) as c:
+        for _, op, _, _ in BAD:
+            with pytest.raises(ArgumentError):
+                op(c)
+
+
+def test_sync_watch_checks_its_device(tmp_path: Path) -> None:
+    with Client(str(tmp_path / "nobody.sock")) as c:
+        with pytest.raises(TypeError, match="device must be a str, not int"):
+            c.watch(5)  # type: ignore[arg-type]
+
+
+def test_async_watch_checks_its_device(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with AsyncClient(str(tmp_path / "nobody.sock")) as c:
+            with pytest.raises(TypeError, match="device must be a str, not int"):
+                async for _ in c.watch(5):  # type: ignore[arg-type]
+                    pass
+
+    asyncio.run(go())
+
+
 def test_a_channel_of_a_bad_id_is_refused_by_the_handle(kupd: Kupd) -> None:
     with kupd.client() as c:
         h = c.open("echo")
@@ -74,6 +122,8 @@ def test_a_channel_of_a_bad_id_is_refused_by_the_handle(kupd: Kupd) -> None:
             h.channel(-1)
         with pytest.raises(TypeError, match="channel must be an int or None, not str"):
             h.channel("2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="channel must be <= 4294967295"):
+            h.channel(2**32 + 40)  # wrapped to channel 40 on the wire before
 
 
 def test_every_accepted_type_still_works(kupd: Kupd) -> None:

@@ -96,5 +96,5 @@ def test_node_client_session_and_call(kupd_socket: str) -> None:
     # node:test's summary: every test ran and passed
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
-    assert passed and int(passed[0].split()[2]) >= 7, report
+    assert passed and int(passed[0].split()[2]) >= 11, report
     assert "ok " in proc.stdout and "Session" in proc.stdout and "Call" in proc.stdout

@@ -145,7 +145,14 @@ test('bad arguments are refused before the wire, naming them', async () => {
     [kup.call(client, device, 'x', { timeoutMs: -1 }), RangeError, /timeoutMs must be .* > 0, not -1/],
     [kup.call(client, device, 'x', { timeoutMs: 0 }), RangeError, /> 0, not 0/],
     [kup.call(client, device, 'x', { timeoutMs: NaN }), RangeError, /not NaN/],
-    [kup.openSession(client, device, -2), RangeError, /channel must be an integer >= 0, not -2/],
+    [kup.openSession(client, device, -2), RangeError, /channel must be an integer in 0\.\.4294967295 \(uint32\), not -2/],
+    // a channel id past uint32 wrapped on the wire (2**32 + 40 attached channel 40)
+    [kup.openSession(client, device, 2 ** 32 + 40), RangeError, /0\.\.4294967295 .*not 4294967336/],
+    [kup.openSession(client, device, 2 ** 32), RangeError, /not 4294967296/],
+    [kup.openSession(client, device, '3'), TypeError, /channel must be an integer or null, not string "3"/],
+    [kup.call(client, device, 'x', { timeoutMs: '1000' }), TypeError,
+      /timeoutMs must be a number of milliseconds, not string "1000"/],
+    [kup.call(client, device, 'x', { timeoutMs: 2 ** 32 }), RangeError, /<= 4294967295 .*not 4294967296/],
     [kup.openSession(client, device, 1.5), RangeError, /not 1.5/],
   ];
   for (const [promise, cls, re] of refused) {
@@ -164,6 +171,66 @@ test('bad arguments are refused before the wire, naming them', async () => {
     await s.send(new Uint8Array([0x2e, 0x2e]));
     const m = await s.receive(10000);
     assert.equal(m.data.toString(), '..');
+  } finally {
+    s.close();
+  }
+});
+
+test('connect refuses a socket path that is not a non-empty string', () => {
+  assert.throws(() => kup.connect(5), { name: 'TypeError', message: /socketPath must be a non-empty string, not 5/ });
+  assert.throws(() => kup.connect(''), { name: 'TypeError', message: /socketPath must be a non-empty string, not ""/ });
+  assert.throws(() => kup.connect(undefined), /socketPath must be a non-empty string, not undefined/);
+});
+
+async function channelState(id) {
+  const [dev] = await kup.listDevices(client, device);
+  return dev.channels.find((c) => c.id === id).state;
+}
+
+async function waitFree(id) {
+  for (let i = 0; i < 100; i += 1) {
+    if (await channelState(id) === 'CHANNEL_STATE_FREE') return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.fail(`channel ${id} still ${await channelState(id)} after close`);
+}
+
+test('close() while a receive waits rejects it, cancels the stream and frees the channel', async () => {
+  const s = await kup.openSession(client, device);
+  const id = s.lease.channel;
+  await s.receive(10000); // echo's opening PASS
+  await s.send('!hold'); // echo never answers it: the receive below waits
+  const pending = s.receive();
+  await new Promise((r) => setTimeout(r, 300));
+  const t0 = Date.now();
+  s.close();
+  await assert.rejects(pending, (err) => {
+    assert.match(err.message, /session closed \(channel \d+ of .*\) while the operation waited/);
+    assert.equal(err.code, kup.grpc.status.CANCELLED);
+    return true;
+  });
+  assert.ok(Date.now() - t0 < 2000, 'the receive was rejected promptly');
+  await assert.rejects(s.receive(0), /session closed/); // and the session stays closed
+  await waitFree(id);
+});
+
+test('a send larger than the channel is TooBig before the wire; the session goes on', async () => {
+  const s = await kup.openSession(client, device);
+  try {
+    await s.receive(10000);
+    const max = Number(s.lease.max_message_bytes);
+    for (const n of [max + 1, kup.MAX_MESSAGE + 1]) { // the second is over gRPC's own limit
+      await assert.rejects(s.send(Buffer.alloc(n, 0x2e)), (err) => {
+        assert.equal(err.kupError, 'TooBig');
+        assert.equal(err.code, kup.grpc.status.INVALID_ARGUMENT);
+        assert.match(err.message, new RegExp(`${n} bytes .*\\(${max} bytes\\)`));
+        return true;
+      });
+    }
+    await s.send('..');
+    const m = await s.receive(10000);
+    assert.equal(m.data.toString(), '..');
+    assert.equal(m.seq, 2); // nothing else was sent
   } finally {
     s.close();
   }

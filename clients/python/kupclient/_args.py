@@ -2,18 +2,55 @@
 
 Why: protobuf takes ``None`` for a bytes field as "unset" (an empty
 message goes out), a negative Call timeout became 1 ms, ``open("")``
-listed every device instead of failing, and a negative channel id failed
-deep in protobuf ("Value out of range").  Each public method checks its
+listed every device instead of failing, and a negative channel id (or one
+>= 2**32, or a timeout of more than 2**32 ms) failed deep in protobuf
+("Value out of range") naming nothing.  Each public method checks its
 arguments here first, so a bad one is refused before anything goes on the
 wire, with an error that names it: TypeError for a wrong type, ValueError
-for a wrong value.
+for a wrong value.  Both are :class:`ArgumentError`\\ s, so a program (like
+kupctl) can tell a refused argument from any other ValueError / TypeError.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["call_timeout_ms", "channel_arg", "data_arg", "device_arg", "seconds_arg"]
+from kupd import errors
+
+__all__ = [
+    "MAX_CHANNEL",
+    "MAX_TIMEOUT_MS",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ArgumentValueError",
+    "call_timeout_ms",
+    "channel_arg",
+    "check_size",
+    "data_arg",
+    "device_arg",
+    "device_filter_arg",
+    "lease_arg",
+    "seconds_arg",
+]
+
+#: Channel ids are uint32 on the wire (SessionAttach.channel, AttachRequest.channel).
+MAX_CHANNEL = 0xFFFF_FFFF
+#: Timeouts travel as uint32 milliseconds (timeout_ms, reply_timeout_ms).
+MAX_TIMEOUT_MS = 0xFFFF_FFFF
+_MAX_TIMEOUT_S = MAX_TIMEOUT_MS / 1000
+
+
+class ArgumentError(Exception):
+    """An argument check of the client refused an argument (nothing was sent)."""
+
+
+class ArgumentValueError(ArgumentError, ValueError):
+    """A refused argument value (a ValueError)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """A refused argument type (a TypeError)."""
+
 
 def data_arg(data: object, name: str = "data") -> bytes:
     """Bytes for a generated message's bytes field (a bytearray or memoryview
@@ -22,40 +59,78 @@ def data_arg(data: object, name: str = "data") -> bytes:
         return data
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
-    raise TypeError(f"{name} must be bytes, not {type(data).__name__}")
+    raise ArgumentTypeError(f"{name} must be bytes, not {type(data).__name__}")
+
+
+def _text_arg(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ArgumentValueError(f"{name} must be valid UTF-8 text, not {value!r}") from None
+    return value
 
 
 def device_arg(device: object) -> str:
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a str, not {type(device).__name__}")
-    if not device:
-        raise ValueError("device name is required")
-    return device
+    """A device name (required)."""
+    name = _text_arg(device, "device")
+    if not name:
+        raise ArgumentValueError("device name is required")
+    return name
+
+
+def device_filter_arg(device: object) -> str:
+    """A device to filter by: a name, or None / "" for every device."""
+    if device is None:
+        return ""
+    return _text_arg(device, "device")
+
+
+def lease_arg(lease_id: object) -> str:
+    """A lease id (required)."""
+    lease = _text_arg(lease_id, "lease id")
+    if not lease:
+        raise ArgumentValueError("lease id is required")
+    return lease
 
 
 def channel_arg(chan_id: object) -> int | None:
-    """A channel id, or None for any free channel."""
+    """A channel id (uint32), or None for any free channel."""
     if chan_id is None:
         return None
     if isinstance(chan_id, bool) or not isinstance(chan_id, int):
-        raise TypeError(f"channel must be an int or None, not {type(chan_id).__name__}")
+        raise ArgumentTypeError(f"channel must be an int or None, not {type(chan_id).__name__}")
     if chan_id < 0:
-        raise ValueError(f"channel must be >= 0, not {chan_id}")
+        raise ArgumentValueError(f"channel must be >= 0, not {chan_id}")
+    if chan_id > MAX_CHANNEL:
+        raise ArgumentValueError(
+            f"channel must be <= {MAX_CHANNEL} (channel ids are uint32), not {chan_id}"
+        )
     return chan_id
 
 
 def seconds_arg(timeout: object, zero_ok: bool) -> float | None:
-    """A timeout in seconds: None, or a finite number > 0 (>= 0 with ``zero_ok``)."""
+    """A timeout in seconds: None, or a finite number > 0 (>= 0 with
+    ``zero_ok``) of at most 2**32-1 ms (what the protocol's uint32 holds)."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         kind = type(timeout).__name__
-        raise TypeError(f"timeout must be a number of seconds or None, not {kind}")
-    t = float(timeout)
+        raise ArgumentTypeError(f"timeout must be a number of seconds or None, not {kind}")
+    try:
+        t = float(timeout)
+    except OverflowError:  # an int too large for a float
+        t = math.inf
     if not math.isfinite(t) or t < 0 or (t == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(
+        raise ArgumentValueError(
             f"timeout must be None or a finite number {bound} seconds, not {timeout!r}"
+        )
+    if round(t * 1000) > MAX_TIMEOUT_MS:
+        raise ArgumentValueError(
+            f"timeout must be at most {_MAX_TIMEOUT_S} seconds (uint32 milliseconds on "
+            f"the wire), not {timeout!r}"
         )
     return t
 
@@ -64,3 +139,15 @@ def call_timeout_ms(timeout: object) -> int:
     """A Call's timeout_ms: 0 (kupd's default) for None, else at least 1 ms."""
     t = seconds_arg(timeout, zero_ok=False)
     return 0 if t is None else max(1, round(t * 1000))
+
+
+def check_size(data: object, limit: int, chan: int, device: str) -> None:
+    """TooBig (as kupd words it) when ``data`` is larger than the channel's
+    ``limit``: refused before it is sent, so the session goes on (a message
+    over gRPC's own limit would otherwise end the stream)."""
+    n = memoryview(data).nbytes if isinstance(data, (bytes, bytearray, memoryview)) else 0
+    if limit and n > limit:
+        raise errors.TooBig(
+            f"message of {n} bytes exceeds the data area of channel {chan} of "
+            f"device {device} ({limit} bytes)"
+        )

@@ -15,6 +15,7 @@ talks to a channel directly or through kupd.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import grpc
@@ -22,7 +23,18 @@ import grpc
 from kupapi import kup_pb2
 from kupd import errors
 
-__all__ = ["error_from_pb", "error_from_rpc", "error_from_status"]
+__all__ = [
+    "channel_closed",
+    "client_closed",
+    "error_from_pb",
+    "error_from_rpc",
+    "error_from_status",
+    "is_connection_failure",
+]
+
+#: Errors made from a status kupd did not send (no kup-error metadata):
+#: gRPC's own, e.g. the connection to the socket failed.
+_NOT_FROM_KUPD: weakref.WeakSet[errors.KupError] = weakref.WeakSet()
 
 _BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -65,7 +77,30 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             "call needs kupd's admin_socket; otherwise the kupd is older than this client"
         )
     fallback = _BY_STATUS.get(code, errors.SystemFailure)
-    return _build(kind, details, fallback)
+    exc = _build(kind, details, fallback)
+    if not kind:
+        _NOT_FROM_KUPD.add(exc)
+    return exc
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True for an Unavailable that gRPC itself raised (kupd could not be
+    reached, or the connection to it broke), False for one kupd answered
+    (e.g. "device rot13 is not reachable")."""
+    return isinstance(exc, errors.Unavailable) and exc in _NOT_FROM_KUPD
+
+
+def client_closed(path: str) -> errors.KupError:
+    """The error of an RPC on a Client after its close()."""
+    return errors.InvalidArgument(f"client of {path} is closed")
+
+
+def channel_closed(what: str, pending: bool = False) -> errors.KupError:
+    """The error of an operation on a closed Session channel; ``pending``: the
+    operation was waiting when close() ended the session."""
+    if pending:
+        return errors.InvalidArgument(f"{what} was closed while the operation waited")
+    return errors.InvalidArgument(f"{what} is closed")
 
 
 def error_from_pb(err: kup_pb2.Error) -> errors.KupError:

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient._args import device_arg, lease_arg
 from kupclient._errors import error_from_rpc
 from kupclient._types import channel_options, target_for
 
@@ -100,7 +101,8 @@ class AdminClient:
         ]
 
     def revoke(self, lease_id: str, reason: str = "") -> None:
-        self._unary("RevokeLease", kup_pb2.RevokeLeaseRequest(lease_id=lease_id, reason=reason))
+        req = kup_pb2.RevokeLeaseRequest(lease_id=lease_arg(lease_id), reason=reason)
+        self._unary("RevokeLease", req)
 
     def reload(self) -> ReloadResult:
         resp = self._unary("Reload", kup_pb2.ReloadRequest())
@@ -112,7 +114,8 @@ class AdminClient:
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:
-        resp = self._unary("DrainDevice", kup_pb2.DrainDeviceRequest(device=device, undo=undo))
+        req = kup_pb2.DrainDeviceRequest(device=device_arg(device), undo=undo)
+        resp = self._unary("DrainDevice", req)
         return list(resp.leases_ended)
 
     def close(self) -> None:

@@ -13,8 +13,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import _wire
-from kupclient._args import call_timeout_ms, channel_arg, data_arg, device_arg
-from kupclient._errors import error_from_pb, error_from_rpc, error_from_status
+from kupclient._args import (
+    call_timeout_ms,
+    channel_arg,
+    check_size,
+    data_arg,
+    device_arg,
+    device_filter_arg,
+    lease_arg,
+)
+from kupclient._errors import (
+    channel_closed,
+    client_closed,
+    error_from_pb,
+    error_from_rpc,
+    error_from_status,
+)
 from kupclient._types import (
     DeviceInfo,
     Lease,
@@ -43,16 +57,23 @@ class AsyncClient:
     def __init__(self, path: str, *, caller: str | None = None) -> None:
         self.path = path
         self.caller = caller if caller is not None else default_caller()
+        self._closed = False
         self._channel = grpc.aio.insecure_channel(target_for(path), options=channel_options())
         self._stub = kup_pb2_grpc.KupStub(self._channel)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed(self.path)
+
     async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        self._check_open()
         try:
             return await getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -64,7 +85,8 @@ class AsyncClient:
         await self.close()
 
     async def devices(self, device: str = "") -> list[DeviceInfo]:
-        resp = await self._unary("ListDevices", kup_pb2.ListDevicesRequest(device=device), 30.0)
+        req = kup_pb2.ListDevicesRequest(device=device_filter_arg(device))
+        resp = await self._unary("ListDevices", req, 30.0)
         return [device_from_pb(d) for d in resp.devices]
 
     async def open(self, device: str) -> AsyncDeviceHandle:
@@ -72,6 +94,7 @@ class AsyncClient:
         return AsyncDeviceHandle(self, device)
 
     async def health(self, service: str = "") -> str:
+        self._check_open()
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
@@ -87,6 +110,8 @@ class AsyncClient:
             timeout_ms=call_timeout_ms(timeout),
             caller=self.caller,
         )
+        if self._closed:
+            raise client_closed(self.path)
         try:  # the stub directly, not through _unary: this is the hot path
             resp = await self._stub.Call(req, timeout=_deadline(timeout))
         except grpc.RpcError as exc:
@@ -97,9 +122,9 @@ class AsyncClient:
         self, device: str | None = None, *, initial_state: bool = False
     ) -> AsyncIterator[WatchEvent]:
         """Device and lease events; kupd's shutdown raises Shutdown at the end."""
-        call = self._stub.Watch(
-            kup_pb2.WatchRequest(device=device or "", initial_state=initial_state)
-        )
+        req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
+        self._check_open()
+        call = self._stub.Watch(req)
         try:
             async for ev in call:
                 yield WatchEvent.from_pb(ev)
@@ -117,14 +142,15 @@ class AsyncClient:
         return lease_from_pb(await self._unary("Attach", req, 30.0))
 
     async def lease_send(self, lease_id: str, data: bytes) -> None:
-        await self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data_arg(data)), 30.0)
+        req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        await self._unary("Send", req, 30.0)
 
     async def lease_pass(self, lease_id: str) -> None:
-        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_id), 30.0)
+        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
 
     async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
         mode, ms = receive_mode(timeout)
-        req = kup_pb2.ReceiveRequest(lease_id=lease_id, mode=mode, timeout_ms=ms)
+        req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
         resp = await self._unary("Receive", req, _deadline(timeout))
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
@@ -137,7 +163,7 @@ class AsyncClient:
         :meth:`kupclient.Client.lease_exchange`)."""
         mode, ms = receive_mode(timeout)
         req = kup_pb2.SendRequest(
-            lease_id=lease_id,
+            lease_id=lease_arg(lease_id),
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
@@ -151,7 +177,7 @@ class AsyncClient:
         return message_from_pb(resp.reply.message)
 
     async def release(self, lease_id: str) -> None:
-        await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_id), 30.0)
+        await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 
 class AsyncDeviceHandle:
@@ -165,6 +191,7 @@ class AsyncDeviceHandle:
     async def channel(self, chan_id: int | None = None) -> AsyncChannel:
         """Open a Session holding channel ``chan_id`` (None: any free one)."""
         chan_id = channel_arg(chan_id)
+        self.client._check_open()
         ch = AsyncChannel(self.client, self.name)
         await ch._attach(chan_id)
         return ch
@@ -178,6 +205,7 @@ class AsyncChannel:
 
     def __init__(self, client: AsyncClient, device: str) -> None:
         self.device = device
+        self._what = f"session on {device}"
         # the data path's own wire codec (kupclient._wire), not the stub's
         self._call = client._channel.stream_stream(
             _wire.SESSION_METHOD,
@@ -187,6 +215,7 @@ class AsyncChannel:
         self._next_id = 0
         self._lock = asyncio.Lock()
         self._closed = False
+        self._closing = False  # close() cancelled the stream under a waiting operation
         self.id = -1
         self.max_msg = 0
 
@@ -203,13 +232,14 @@ class AsyncChannel:
         self.lease = lease_from_pb(resp.attached)
         self.id = self.lease.channel
         self.max_msg = self.lease.max_message_bytes
+        self._what = f"channel {self.id} of {self.device}"
 
     async def _op(
         self, req: kup_pb2.SessionRequest | _wire.WireOp
     ) -> kup_pb2.SessionResponse | _wire.WireReply:
         async with self._lock:
             if self._closed:
-                raise errors.InvalidArgument(f"channel of {self.device} is closed")
+                raise channel_closed(self._what)
             self._next_id += 1
             req.request_id = self._next_id
             try:
@@ -217,20 +247,28 @@ class AsyncChannel:
                 resp = await self._call.read()
             except grpc.RpcError as exc:
                 self._closed = True
+                if self._closing:
+                    raise channel_closed(self._what, pending=True) from None
                 raise error_from_rpc(exc) from None
             except asyncio.CancelledError:
                 # gRPC cancels the whole stream with the read: the session is over
                 self._closed = True
                 self._call.cancel()
+                task = asyncio.current_task()
+                if self._closing and not (task is not None and task.cancelling()):
+                    # not this task cancelled, but the stream by close()
+                    raise channel_closed(self._what, pending=True) from None
                 raise
             if resp is grpc.aio.EOF:
                 self._closed = True
+                if self._closing:
+                    raise channel_closed(self._what, pending=True)
                 code = await self._call.code()
                 if code != grpc.StatusCode.OK:
                     raise error_from_status(
                         code, await self._call.details(), await self._call.trailing_metadata()
                     )
-                raise errors.PeerGone(f"session on {self.device} ended")
+                raise errors.PeerGone(f"{self._what}: session ended")
         if isinstance(resp, _wire.WireReply):
             return resp
         assert isinstance(resp, kup_pb2.SessionResponse)
@@ -239,6 +277,8 @@ class AsyncChannel:
         return resp
 
     async def send(self, data: bytes) -> None:
+        """Send ``data`` (TooBig, and nothing sent, over the channel's ``max_msg``)."""
+        check_size(data, self.max_msg, self.id, self.device)
         await self._op(_wire.WireOp.send(data))
 
     async def pass_(self) -> None:
@@ -259,6 +299,7 @@ class AsyncChannel:
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (see :meth:`kupclient.Channel.exchange`)."""
         mode, ms = receive_mode(timeout)
+        check_size(data, self.max_msg, self.id, self.device)
         not_ready, msg = _wire.reply_of(
             await self._op(_wire.WireOp.exchange(data, mode, ms)), "exchanged"
         )
@@ -274,21 +315,34 @@ class AsyncChannel:
             return None
 
     async def close(self) -> None:
-        """End the session (the lease is released by kupd)."""
+        """End the session (the lease is released by kupd).
+
+        An operation waiting on the channel in another task (a blocked
+        receive) fails with InvalidArgument "... was closed while the
+        operation waited"; close() cancels the stream and does not wait."""
         if self._closed or self._call.done():
             self._closed = True
             self._call.cancel()
             return
-        self._closed = True
-        try:
-            await self._call.done_writing()
-            while await self._call.read() is not grpc.aio.EOF:
-                pass
-        except grpc.RpcError:
-            pass
-        except asyncio.CancelledError:
+        if self._lock.locked():
+            # an operation holds the stream: cancel it under the operation
+            self._closing = True
+            self._closed = True
             self._call.cancel()
-            raise
+            return
+        self._closed = True
+        # idle: half-close, and kupd ends the stream once it has let go of
+        # the lease, so the channel is free when close() returns
+        async with self._lock:
+            try:
+                await self._call.done_writing()
+                while await self._call.read() is not grpc.aio.EOF:
+                    pass
+            except grpc.RpcError:
+                pass
+            except asyncio.CancelledError:
+                self._call.cancel()
+                raise
 
     async def __aenter__(self) -> AsyncChannel:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -13,8 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import _wire
-from kupclient._args import call_timeout_ms, channel_arg, data_arg, device_arg
-from kupclient._errors import error_from_pb, error_from_rpc
+from kupclient._args import (
+    call_timeout_ms,
+    channel_arg,
+    check_size,
+    data_arg,
+    device_arg,
+    device_filter_arg,
+    lease_arg,
+)
+from kupclient._errors import channel_closed, client_closed, error_from_pb, error_from_rpc
 from kupclient._types import (
     DeviceInfo,
     Lease,
@@ -52,17 +61,24 @@ class Client:
     def __init__(self, path: str, *, caller: str | None = None) -> None:
         self.path = path
         self.caller = caller if caller is not None else default_caller()
+        self._closed = False
         self._channel = grpc.insecure_channel(target_for(path), options=channel_options())
         self._stub = kup_pb2_grpc.KupStub(self._channel)
 
     # -- plumbing ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed(self.path)
+
     def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        self._check_open()
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -76,7 +92,8 @@ class Client:
     # -- devices ----------------------------------------------------------
     def devices(self, device: str = "") -> list[DeviceInfo]:
         """Devices kupd serves (or only ``device``), with channel states."""
-        resp = self._unary("ListDevices", kup_pb2.ListDevicesRequest(device=device), 30.0)
+        req = kup_pb2.ListDevicesRequest(device=device_filter_arg(device))
+        resp = self._unary("ListDevices", req, 30.0)
         return [device_from_pb(d) for d in resp.devices]
 
     def open(self, device: str) -> DeviceHandle:
@@ -86,6 +103,7 @@ class Client:
 
     def health(self, service: str = "") -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of ``service``."""
+        self._check_open()
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
@@ -109,7 +127,8 @@ class Client:
     # -- watch ------------------------------------------------------------
     def watch(self, device: str | None = None, *, initial_state: bool = False) -> Watch:
         """Device and lease events (an iterator; ``cancel()`` or ``with`` to stop)."""
-        req = kup_pb2.WatchRequest(device=device or "", initial_state=initial_state)
+        req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
+        self._check_open()
         return Watch(self._stub.Watch(req))
 
     # -- leases -----------------------------------------------------------
@@ -122,15 +141,16 @@ class Client:
         return lease_from_pb(self._unary("Attach", req, 30.0))
 
     def lease_send(self, lease_id: str, data: bytes) -> None:
-        self._unary("Send", kup_pb2.SendRequest(lease_id=lease_id, data=data_arg(data)), 30.0)
+        req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        self._unary("Send", req, 30.0)
 
     def lease_pass(self, lease_id: str) -> None:
-        self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_id), 30.0)
+        self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
 
     def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
         """Receive on a lease: None blocks, 0 raises NotReady when nothing is there."""
         mode, ms = receive_mode(timeout)
-        req = kup_pb2.ReceiveRequest(lease_id=lease_id, mode=mode, timeout_ms=ms)
+        req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
         resp = self._unary("Receive", req, _deadline(timeout))
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
@@ -143,7 +163,7 @@ class Client:
         still owed: :meth:`lease_receive` gets it."""
         mode, ms = receive_mode(timeout)
         req = kup_pb2.SendRequest(
-            lease_id=lease_id,
+            lease_id=lease_arg(lease_id),
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
@@ -157,7 +177,7 @@ class Client:
         return message_from_pb(resp.reply.message)
 
     def release(self, lease_id: str) -> None:
-        self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_id), 30.0)
+        self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 
 class DeviceHandle:
@@ -189,23 +209,55 @@ class DeviceHandle:
         self.close()
 
 
+def _requests_of(q: queue.SimpleQueue[object]) -> Iterator[kup_pb2.SessionRequest | _wire.WireOp]:
+    """A Session's request stream: what its Channel puts on ``q``, until _END.
+
+    A function of the queue alone, not a method: gRPC's request thread runs
+    it for the life of the stream, and a generator holding the Channel kept
+    a Channel dropped without close() alive (and its channel held)."""
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        assert isinstance(item, (kup_pb2.SessionRequest, _wire.WireOp))
+        yield item
+
+
+def _cancel_session(responses: Any, requests: queue.SimpleQueue[object]) -> None:
+    """Cancel a Session stream (kupd then releases its lease) and end its
+    request thread.  close() of a channel with an operation waiting, and the
+    finalizer of a channel dropped without close()."""
+    requests.put(_END)
+    cancel = getattr(responses, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
 class Channel:
     """One channel held through a Session stream for as long as it is open."""
 
     def __init__(self, client: Client, device: str, chan_id: int | None) -> None:
+        client._check_open()
         self.device = device
+        self._what = f"session on {device}"
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._next_id = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._closing = False  # close() cancelled the stream under a waiting operation
+        self.max_msg = 0
         # the data path's own wire codec (kupclient._wire), not the stub's
         self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
             client._channel.stream_stream(
                 _wire.SESSION_METHOD,
                 request_serializer=_wire.serialize,
                 response_deserializer=_wire.deserialize,
-            )(self._request_iter())
+            )(_requests_of(self._requests))
         )
+        # A Channel dropped without close() cancels its stream (nothing else
+        # refers to the Channel: see _requests_of).
+        self._cancel = weakref.finalize(self, _cancel_session, self._responses, self._requests)
+        self._cancel.atexit = False
         attach = kup_pb2.SessionAttach(device=device)
         if chan_id is not None:
             attach.channel = chan_id
@@ -218,31 +270,36 @@ class Channel:
         self.lease = lease_from_pb(resp.attached)
         self.id = self.lease.channel
         self.max_msg = self.lease.max_message_bytes
-
-    def _request_iter(self) -> Iterator[kup_pb2.SessionRequest | _wire.WireOp]:
-        while True:
-            item = self._requests.get()
-            if item is _END:
-                return
-            assert isinstance(item, (kup_pb2.SessionRequest, _wire.WireOp))
-            yield item
+        self._what = f"channel {self.id} of {device}"
 
     def _op(
         self, req: kup_pb2.SessionRequest | _wire.WireOp
     ) -> kup_pb2.SessionResponse | _wire.WireReply:
         with self._lock:
             if self._closed:
-                raise errors.InvalidArgument(f"channel of {self.device} is closed")
+                raise channel_closed(self._what)
             self._next_id += 1
             req.request_id = self._next_id
             self._requests.put(req)
             try:
                 resp = next(self._responses)
             except StopIteration:
-                raise errors.PeerGone(f"session on {self.device} ended") from None
+                self._closed = True
+                self._cancel()
+                raise errors.PeerGone(f"{self._what}: session ended") from None
             except grpc.RpcError as exc:
                 self._closed = True
+                self._cancel()  # the stream is over: end its request thread too
+                if self._closing:
+                    raise channel_closed(self._what, pending=True) from None
                 raise error_from_rpc(exc) from None
+            except BaseException:
+                # Interrupted while waiting (KeyboardInterrupt): the reply is
+                # still owed and would answer the next request, so the
+                # session cannot go on.  Cancel it (kupd releases the lease).
+                self._closed = True
+                self._cancel()
+                raise
         if isinstance(resp, _wire.WireReply):
             return resp
         if resp.WhichOneof("result") == "error":
@@ -250,7 +307,9 @@ class Channel:
         return resp
 
     def send(self, data: bytes) -> None:
-        """Send ``data`` and hand the turn to the kernel."""
+        """Send ``data`` and hand the turn to the kernel (TooBig, and nothing
+        sent, when it is larger than the channel's ``max_msg``)."""
+        check_size(data, self.max_msg, self.id, self.device)
         self._op(_wire.WireOp.send(data))
 
     def pass_(self) -> None:
@@ -275,6 +334,7 @@ class Channel:
         fails (e.g. DeadlineExceeded) the data was sent and the reply is still
         owed: :meth:`receive` gets it."""
         mode, ms = receive_mode(timeout)
+        check_size(data, self.max_msg, self.id, self.device)
         resp = self._op(_wire.WireOp.exchange(data, mode, ms))
         not_ready, msg = _wire.reply_of(resp, "exchanged")
         if not_ready:
@@ -290,20 +350,35 @@ class Channel:
             return None
 
     def close(self) -> None:
-        """End the session (the lease is released by kupd)."""
-        with self._lock:
+        """End the session (the lease is released by kupd).
+
+        Safe from another thread: an operation waiting on the channel (a
+        blocked receive) fails with InvalidArgument "... was closed while the
+        operation waited", and close() does not wait for it."""
+        if self._closed:
+            self._cancel()  # no-op unless the stream is still open
+            return
+        if not self._lock.acquire(blocking=False):
+            # an operation holds the stream: cancel it under the operation
+            self._closing = True
+            self._closed = True
+            self._cancel()
+            return
+        try:
             if self._closed:
                 return
             self._closed = True
-        self._requests.put(_END)
-        cancel = getattr(self._responses, "cancel", None)
-        try:
-            for _ in self._responses:
+            # idle: half-close, and kupd ends the stream once it has let go
+            # of the lease, so the channel is free when close() returns
+            self._requests.put(_END)
+            try:
+                for _ in self._responses:
+                    pass
+            except grpc.RpcError:
                 pass
-        except grpc.RpcError:
-            pass
-        if cancel is not None:
-            cancel()
+        finally:
+            self._cancel()
+            self._lock.release()
 
     def __enter__(self) -> Channel:
         return self

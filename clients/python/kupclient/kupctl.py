@@ -40,6 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kupclient import Client, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
+from kupclient._args import ArgumentError, channel_arg, seconds_arg
+from kupclient._errors import is_connection_failure
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
 from kupd import __version__ as kupd_version
 
@@ -136,7 +138,9 @@ def read_data(spec: str, *, hex_in: bool = False, stdin: BinaryIO | None = None)
         except OSError as e:
             raise CliError(f"cannot read DATA file {path!r}: {e.strerror}") from e
     else:
-        raw = spec.encode()
+        # the argument's own bytes, even when they are not UTF-8 (Python
+        # decoded argv with surrogateescape)
+        raw = spec.encode(errors="surrogateescape")
     if not hex_in:
         return raw
     text = raw.decode(errors="replace")
@@ -223,7 +227,12 @@ def _timeout(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
     if not t > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value!r}")
-    return t
+    try:  # the client's own bounds: finite, and what the wire's uint32 ms holds
+        checked = seconds_arg(t, zero_ok=False)
+    except ArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert checked is not None
+    return checked
 
 
 def _channel_id(value: str) -> int:
@@ -231,9 +240,12 @@ def _channel_id(value: str) -> int:
         n = int(value, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a channel number: {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"channel must be >= 0, not {n}")
-    return n
+    try:
+        checked = channel_arg(n)
+    except ArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert checked is not None
+    return checked
 
 
 def _event_count(value: str) -> int:
@@ -454,7 +466,8 @@ plain text          send the line (without its newline) and hand over the turn
 
 
 def cmd_session(args: argparse.Namespace, out: Output) -> int:
-    stdin: TextIO = sys.stdin
+    # bytes: a data line is sent as it is, UTF-8 or not
+    stdin: BinaryIO = sys.stdin.buffer
     interactive = stdin.isatty()
     with _client(args) as c:
         ch = c.open(args.device).channel(args.channel)
@@ -475,8 +488,8 @@ def cmd_session(args: argparse.Namespace, out: Output) -> int:
                 line = stdin.readline()
                 if not line:
                     break
-                line = line.rstrip("\n")
-                if line.endswith("\r"):
+                line = line.rstrip(b"\n")
+                if line.endswith(b"\r"):
                     line = line[:-1]
                 try:
                     if not _session_line(ch, line, args, out):
@@ -485,12 +498,13 @@ def cmd_session(args: argparse.Namespace, out: Output) -> int:
                     if isinstance(exc, (kerr.Shutdown, kerr.Unavailable)) or ch_closed(ch):
                         raise  # the session is over: main() reports it on stderr
                     _session_error(exc, out)
-                except CliError as exc:
+                except (CliError, ArgumentError) as exc:
+                    message = exc.message if isinstance(exc, CliError) else str(exc)
                     if out.as_json:
-                        err = {"kind": "usage", "message": exc.message}
+                        err = {"kind": "usage", "message": message}
                         out.json({"op": "error", "error": err})
                     else:
-                        out.line(f"error: {exc.message}")
+                        out.line(f"error: {message}")
     if out.as_json:
         out.json({"op": "end"})
     else:
@@ -510,10 +524,14 @@ def _session_error(exc: kerr.KupError, out: Output) -> None:
         out.line(f"error: {name}: {exc.message}")
 
 
-def _session_line(ch: Any, line: str, args: argparse.Namespace, out: Output) -> bool:
+def _session_line(ch: Any, raw: bytes, args: argparse.Namespace, out: Output) -> bool:
     """Run one input line; False when the session should end."""
-    if not line.startswith(":") or line.startswith("::"):
-        return _session_send(ch, (line[1:] if line.startswith("::") else line).encode(), out)
+    if not raw.startswith(b":") or raw.startswith(b"::"):
+        return _session_send(ch, raw[1:] if raw.startswith(b"::") else raw, out)
+    try:
+        line = raw.decode()
+    except UnicodeDecodeError:
+        raise CliError(f"session command is not valid UTF-8: {raw[:40]!r}") from None
     cmd, _, rest = line[1:].partition(" ")
     rest = rest.strip()
     if cmd in ("quit", "q", "exit"):
@@ -712,7 +730,10 @@ def cmd_leases(args: argparse.Namespace, out: Output) -> int:
 def cmd_revoke(args: argparse.Namespace, out: Output) -> int:
     with _admin(args) as a:
         a.revoke(args.lease, args.reason or "")
-    print(f"revoked {args.lease}")
+    if args.json:
+        print(json.dumps({"lease_id": args.lease, "revoked": True}))
+    else:
+        print(f"revoked {args.lease}")
     return EXIT_OK
 
 
@@ -922,14 +943,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.socket is None:
         args.socket = default_socket()
+    if not args.socket:
+        parser.error("argument --socket: must not be empty")
+    if getattr(args, "admin_socket", None) == "":
+        parser.error("argument --admin-socket: must not be empty")
     out = Output(args.json, sys.stdout)
     handler: Handler = args.handler
     try:
         return handler(args, out)
+    except ArgumentError as exc:
+        # the client library refused an argument before sending anything
+        sys.stderr.write(f"kupctl: {args.command}: {exc}\n")
+        return EXIT_USAGE
     except kerr.KupError as exc:
         code = exit_code_for(exc)
         hint = ""
-        if isinstance(exc, kerr.Unavailable):
+        if is_connection_failure(exc):
+            # only when the connection itself failed, not for kupd's own
+            # Unavailable ("device rot13 is not reachable")
             # the socket this command dialed: reload's is the admin socket
             admin = getattr(args, "admin_socket", None)
             if admin:

@@ -1,0 +1,197 @@
+"""kupclient's Session channels end cleanly: close() from another thread or
+task while a receive waits cancels the stream (kupd releases the lease),
+returns at once and fails the receive with a kupd.errors error saying the
+channel was closed; a Channel dropped without close() is released; a send
+larger than the channel is TooBig before anything is sent (over gRPC's
+own message limit it used to kill the session); a closed Client says so."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+
+import pytest
+from gateway_helpers import Kupd
+
+from kupapi import MAX_GRPC_MESSAGE
+from kupclient import AsyncClient, Client
+from kupd import errors
+from kupd.testing import wait_until
+
+BOUND = 5.0  # close() and the failing receive: prompt, far below this
+
+
+def _state(c: Client, chan: int) -> str:
+    return c.devices("echo")[0].channels[chan].state
+
+
+def _wait_free(c: Client, chan: int) -> None:
+    wait_until(lambda: _state(c, chan) == "free", what=f"channel {chan} released")
+
+
+def test_sync_close_from_another_thread_ends_a_blocked_receive(kupd: Kupd) -> None:
+    with kupd.client() as c:
+        ch = c.open("echo").channel(20)
+        ch.receive(timeout=10)  # echo's opening PASS
+        ch.send(b"!hold")  # never answered: the receive below waits in kupd
+        got: list[BaseException | object] = []
+
+        def receive() -> None:
+            try:
+                got.append(ch.receive())
+            except BaseException as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        closer = threading.Thread(target=ch.close, daemon=True)
+        start = time.monotonic()
+        closer.start()
+        closer.join(BOUND)
+        assert not closer.is_alive(), "close() hung behind the waiting receive"
+        t.join(BOUND)
+        assert not t.is_alive(), "the receive still waits after close()"
+        assert time.monotonic() - start < BOUND
+        (exc,) = got
+        assert isinstance(exc, errors.InvalidArgument), repr(exc)
+        assert "channel 20 of echo was closed" in str(exc)
+        with pytest.raises(errors.InvalidArgument, match="channel 20 of echo is closed"):
+            ch.send(b"x")
+        ch.close()  # again: nothing
+        _wait_free(c, 20)
+
+
+def test_async_close_from_another_task_ends_a_blocked_receive(kupd: Kupd) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(21)
+            await ch.receive(timeout=10)
+            await ch.send(b"!hold")
+            pending = asyncio.create_task(ch.receive())
+            await asyncio.sleep(0.3)
+            await asyncio.wait_for(ch.close(), BOUND)
+            with pytest.raises(errors.InvalidArgument, match="channel 21 of echo was closed"):
+                await asyncio.wait_for(pending, BOUND)
+            with pytest.raises(errors.InvalidArgument, match="channel 21 of echo is closed"):
+                await ch.receive()
+            await ch.close()
+
+    asyncio.run(main())
+    with kupd.client() as c:
+        _wait_free(c, 21)
+
+
+def test_async_cancelling_the_receivers_task_still_cancels(kupd: Kupd) -> None:
+    """The task's own cancellation stays a CancelledError (not 'closed')."""
+
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(22)
+            await ch.receive(timeout=10)
+            await ch.send(b"!hold")
+            pending = asyncio.create_task(ch.receive())
+            await asyncio.sleep(0.3)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            await ch.close()
+
+    asyncio.run(main())
+    with kupd.client() as c:
+        _wait_free(c, 22)
+
+
+def test_idle_close_still_frees_the_channel_before_it_returns(kupd: Kupd) -> None:
+    with kupd.client() as c:
+        with c.open("echo").channel(23) as ch:
+            ch.receive(timeout=10)
+            assert ch.exchange(b"x", timeout=10).data == b"X"
+        assert _state(c, 23) == "free"
+
+
+def test_a_channel_dropped_without_close_is_released(kupd: Kupd) -> None:
+    with kupd.client() as c:
+        ch = c.open("echo").channel(24)
+        ch.receive(timeout=10)
+        assert _state(c, 24) == "session"
+        del ch
+        gc.collect()
+        _wait_free(c, 24)
+
+
+@pytest.mark.parametrize("size", ["max_msg + 1", "over gRPC's limit"])
+def test_sync_session_send_too_big_is_refused_before_the_wire(kupd: Kupd, size: str) -> None:
+    with kupd.client() as c, c.open("echo").channel(26) as ch:
+        ch.receive(timeout=10)
+        n = ch.max_msg + 1 if size == "max_msg + 1" else MAX_GRPC_MESSAGE + 1
+        for op in (ch.send, lambda d: ch.exchange(d, timeout=10)):
+            with pytest.raises(errors.TooBig, match=rf"{n} bytes .*\({ch.max_msg} bytes\)"):
+                op(b"." * n)
+        # nothing was sent and the session goes on
+        reply = ch.exchange(b"after", timeout=10)
+        assert reply.data == b"after" and reply.seq == 2
+
+
+def test_async_session_send_too_big_is_refused_before_the_wire(kupd: Kupd) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(28)
+            async with ch:
+                await ch.receive(timeout=10)
+                big = b"." * (MAX_GRPC_MESSAGE + 1)
+                with pytest.raises(errors.TooBig, match=rf"\({ch.max_msg} bytes\)"):
+                    await ch.send(big)
+                with pytest.raises(errors.TooBig, match=rf"\({ch.max_msg} bytes\)"):
+                    await ch.exchange(big, timeout=10)
+                reply = await ch.exchange(b"after", timeout=10)
+                assert reply.data == b"after" and reply.seq == 2
+
+    asyncio.run(main())
+
+
+def test_a_session_refuses_a_timeout_past_uint32_ms_and_goes_on(kupd: Kupd) -> None:
+    with kupd.client() as c, c.open("echo").channel(30) as ch:
+        with pytest.raises(ValueError, match=r"timeout must be at most 4294967\.295 seconds"):
+            ch.receive(1e10)
+        ch.receive(timeout=10)
+        with pytest.raises(ValueError, match="timeout must be at most"):
+            ch.exchange(b"x", timeout=1e10)
+        assert ch.exchange(b"x", timeout=10).data == b"x"
+
+
+def test_a_closed_client_says_so() -> None:
+    c = Client("/nonexistent/kupd.sock")
+    c.close()
+    for op in (
+        lambda: c.devices(),
+        lambda: c.call("echo", b"x"),
+        lambda: c.health(),
+        lambda: c.attach("echo"),
+        lambda: c.lease_send("l", b"x"),
+        lambda: c.watch(),
+        lambda: c.open("echo"),
+    ):
+        closed = r"client of /nonexistent/kupd\.sock is closed"
+        with pytest.raises(errors.InvalidArgument, match=closed):
+            op()
+
+    async def main() -> None:
+        a = AsyncClient("/nonexistent/kupd.sock")
+        await a.close()
+        for op in (
+            lambda: a.devices(),
+            lambda: a.call("echo", b"x"),
+            lambda: a.health(),
+            lambda: a.lease_receive("l"),
+            lambda: a.open("echo"),
+        ):
+            with pytest.raises(errors.InvalidArgument, match="is closed"):
+                await op()
+        with pytest.raises(errors.InvalidArgument, match="is closed"):
+            async for _ in a.watch():
+                pass
+
+    asyncio.run(main())
