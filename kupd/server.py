@@ -304,7 +304,9 @@ class Server:
                         ),
                     )
             if self.sockets is not None:
-                added, removed = await self.sockets.commit(endpoints, started)
+                added, removed = await self.sockets.commit(
+                    endpoints, started, calls_grace=cfg.call_timeout
+                )
             else:
                 added, removed = [], []
             names = [t.name for t in cfg.tenants] or ["default"]

@@ -237,6 +237,8 @@ class SocketSet:
         #: kept sockets whose permissions prepare() changed: (path, uid,
         #: gid, mode) as they were, restored by discard()
         self._undo: list[tuple[str, int, int, int]] = []
+        #: servers a reload removed, finishing their Calls (see commit)
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -427,14 +429,18 @@ class SocketSet:
             await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
-        self, wanted: list[Endpoint], started: list[Started]
+        self, wanted: list[Endpoint], started: list[Started], calls_grace: float = 1.0
     ) -> tuple[list[str], list[str]]:
         """Make the running sockets match ``wanted`` (prepared by
         :meth:`prepare`): (added, removed) paths.  A new server's socket is
         renamed to its path (atomic: a client connecting meanwhile reaches
         the old server or the new one, never nothing).  A tenant that keeps
         its socket path keeps its server (its open sessions are untouched;
-        a changed owner/group/mode was applied by prepare)."""
+        a changed owner/group/mode was applied by prepare).  A removed
+        server's socket goes at once; the server itself stops in the
+        background, its Calls in flight (admitted before the reload) given
+        up to ``calls_grace`` seconds to finish -- not cut off with gRPC's
+        "Cancelling all calls"."""
         want = {ep.key: ep for ep in wanted}
         added = [ep.path for ep, _, _ in started]
         for st in started:
@@ -443,7 +449,7 @@ class SocketSet:
         for key in list(self.servers):
             if key not in want:
                 path = self.servers[key][0].path
-                await self.stop_one(key)
+                self._retire(key, calls_grace)
                 if path not in added:
                     removed.append(path)
         self._undo = []
@@ -451,12 +457,28 @@ class SocketSet:
             self.servers[key] = (ep, self.servers[key][1])
         return added, removed
 
+    def _retire(self, key: tuple[str, str], grace: float) -> None:
+        """Take a removed server out of service: its socket file goes now
+        (no new connection reaches it; gRPC itself refuses new RPCs on the
+        ones open), the server stops in the background with ``grace``."""
+        ep, server = self.servers.pop(key)
+        fid = self._bound.pop(key, None)
+        self._direct.discard(key)
+        self._unlink_if(ep.path, fid)
+        log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
+        task = asyncio.ensure_future(server.stop(grace))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def start(self, wanted: list[Endpoint]) -> None:
         for ep in wanted:
             await self.start_one(ep)
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        await asyncio.gather(*(self.stop_one(k, grace) for k in list(self.servers)))
+        await asyncio.gather(
+            *(self.stop_one(k, grace) for k in list(self.servers)),
+            *list(self._retiring),  # a removed tenant's last Calls
+        )
 
     def unlink_all(self) -> None:
         for key, (ep, _) in self.servers.items():

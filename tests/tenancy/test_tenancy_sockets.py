@@ -17,9 +17,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from tenancy_helpers import DEVICES, StartTenants
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants
 
 from kupd import errors
+from kupd.testing import echo_lock_holds, wait_until
 
 
 def _tenants(a: tuple[str, str], b: tuple[str, str]) -> str:
@@ -147,3 +148,42 @@ def test_a_refused_reload_puts_changed_socket_permissions_back(
         k.write_config(DEVICES + wider)
         adm.reload()
     assert stat.S_IMODE(os.stat(a).st_mode) == 0o660
+
+
+def test_a_removed_tenants_call_in_flight_finishes(start_tenants: StartTenants) -> None:
+    """A reload removes bob while his Call is in flight (admitted under the
+    old policy).  His socket goes at once -- nobody new gets in -- but the
+    Call gets its reply, where it used to end with gRPC's "Cancelling all
+    calls" as his server stopped under it."""
+    k = start_tenants(DEVICES + TENANTS)
+    without_bob = TENANTS.replace(
+        '[[tenant]]\nname = "bob"\nsocket = "@DIR@/bob.sock"\nops = ["call"]\n'
+        'max_calls_in_flight = 1\n[[tenant.grant]]\ndevice = "echo"\n\n',
+        "",
+    )
+    assert "bob" not in without_bob
+    with k.client("alice") as a, k.client("bob") as b, k.admin() as adm:
+        ch = a.open("echo").channel(8)
+        ch.receive(timeout=10)
+        got: list[object] = []
+
+        def call() -> None:
+            try:
+                got.append(b.call("echo", LOCKHOLD, timeout=60))
+            except errors.KupError as exc:
+                got.append(exc)
+
+        holds = echo_lock_holds(k.sim)
+        t = threading.Thread(target=call)
+        t.start()
+        try:
+            wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold bob's Call")
+            k.write_config(DEVICES + without_bob)
+            assert "bob" not in adm.reload().tenants
+            assert not os.path.exists(k.sock("bob"))
+        finally:
+            assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+            t.join(30)
+        ch.close()
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert getattr(got[0], "data", b"").lower() == LOCKHOLD
