@@ -16,7 +16,8 @@ import pytest
 from gateway_helpers import Kupd
 
 from kupclient import AsyncClient, Client
-from kupclient._args import ArgumentError
+from kupclient._args import MAX_PAYLOAD, ArgumentError
+from kupd import errors
 
 # (what, the call on a client, the exception, a regex of its message)
 BAD: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
@@ -138,3 +139,23 @@ def test_every_accepted_type_still_works(kupd: Kupd) -> None:
             assert got.data == b"even"
         finally:
             c.release(lease.lease_id)
+
+
+def test_a_payload_past_grpcs_limit_is_toobig_before_the_wire(tmp_path: Path) -> None:
+    """A Call or lease Send past gRPC's message limit died in gRPC itself
+    ("ResourceExhausted: CLIENT: Sent message larger than max"): TooBig
+    naming the limit, refused on a socket nobody serves (nothing sent)."""
+    big = b"x" * (MAX_PAYLOAD + 1)
+    said = f"data of {MAX_PAYLOAD + 1} bytes is larger than any message kupd carries"
+    with Client(str(tmp_path / "nobody.sock")) as c:
+        with pytest.raises(errors.TooBig, match=said):
+            c.call("echo", big)
+        with pytest.raises(errors.TooBig, match=said):
+            c.lease_send("l", bytearray(big))
+
+    async def go() -> None:
+        async with AsyncClient(str(tmp_path / "nobody.sock")) as c:
+            with pytest.raises(errors.TooBig, match=said):
+                await c.call("echo", big)
+
+    asyncio.run(go())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from kupapi import MAX_GRPC_MESSAGE
 from kupd import errors
 
 __all__ = [
@@ -52,14 +53,27 @@ class ArgumentTypeError(ArgumentError, TypeError):
     """A refused argument type (a TypeError)."""
 
 
+#: The largest payload kupd's messages carry: gRPC's limit on both ends
+#: (kupapi.MAX_GRPC_MESSAGE) less its headroom for the envelope.  Larger,
+#: gRPC itself refuses the message ("Sent message larger than max").
+MAX_PAYLOAD = MAX_GRPC_MESSAGE - 64 * 1024
+
+
 def data_arg(data: object, name: str = "data") -> bytes:
     """Bytes for a generated message's bytes field (a bytearray or memoryview
-    is copied into one; bytes pass as they are)."""
+    is copied into one; bytes pass as they are).  TooBig past MAX_PAYLOAD."""
     if isinstance(data, bytes):
-        return data
-    if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
-    raise ArgumentTypeError(f"{name} must be bytes, not {type(data).__name__}")
+        out = data
+    elif isinstance(data, (bytearray, memoryview)):
+        out = bytes(data)
+    else:
+        raise ArgumentTypeError(f"{name} must be bytes, not {type(data).__name__}")
+    if len(out) > MAX_PAYLOAD:
+        raise errors.TooBig(
+            f"{name} of {len(out)} bytes is larger than any message kupd carries "
+            f"({MAX_PAYLOAD} bytes, gRPC's limit)"
+        )
+    return out
 
 
 def _text_arg(value: object, name: str) -> str:
