@@ -208,6 +208,22 @@ sim_info(void *dev, struct kernproxy_info *out)
 	return r;
 }
 
+/*
+ * The kupsim this handle opened has gone (exited, or restarted: its INFO
+ * connection hung up).  A handle is one device instance: INFO on it says
+ * EKU_SHUTDOWN for good, so attach and the event fd must say the same
+ * rather than reach a new kupsim through the same path (the caller opens
+ * the device again for that).
+ */
+static int
+sim_dev_gone(const struct sim_dev *d)
+{
+	struct pollfd p = { .fd = d->fd, .events = POLLIN };
+
+	return poll(&p, 1, 0) == 1 &&
+	    (p.revents & (POLLHUP | POLLERR | POLLNVAL)) != 0;
+}
+
 static int
 sim_attach(void *dev, uint32_t chan_id, uint32_t abi, uint32_t pages,
     struct kup_backend_chan *out)
@@ -219,6 +235,8 @@ sim_attach(void *dev, uint32_t chan_id, uint32_t abi, uint32_t pages,
 	int fds[3] = { -1, -1, -1 }, nfds = 0, conn, r;
 	void *mem;
 
+	if (sim_dev_gone(d))
+		return KUP_E_SHUTDOWN;
 	r = sim_connect(d->path, &conn);
 	if (r != KUP_E_OK)
 		return r == KUP_E_NOENT ? KUP_E_SHUTDOWN : r;
@@ -320,9 +338,16 @@ sim_dev_fd(void *dev)
 
 	if (d->watch_fd >= 0)
 		return d->watch_fd;
-	r = sim_connect(d->path, &fd);
-	if (r != KUP_E_OK)
+	if (sim_dev_gone(d)) {
+		errno = ESHUTDOWN;
 		return -1;
+	}
+	r = sim_connect(d->path, &fd);
+	if (r != KUP_E_OK) {
+		if (r == KUP_E_NOENT)
+			errno = ESHUTDOWN;
+		return -1;
+	}
 	r = sim_rpc(fd, KUPSIM_OP_WATCH, 0, 0, 0, &h, sizeof(h), fds, 1, &nfds);
 	close_fds(fds, nfds);
 	if (r != KUP_E_OK) {

@@ -264,8 +264,8 @@ kernproxy_dev_fd(void *handle)
 	pthread_mutex_lock(&d->mu);
 	fd = d->ops->dev_fd(d->b);
 	pthread_mutex_unlock(&d->mu);
-	if (fd < 0)
-		return fail(&d->h, KUP_E_SYS);
+	if (fd < 0)   /* ESHUTDOWN: the device (kupsim) has gone */
+		return fail(&d->h, errno == ESHUTDOWN ? KUP_E_SHUTDOWN : KUP_E_SYS);
 	return fd;
 }
 

@@ -433,3 +433,28 @@ def test_idle_kernel_waiter_uses_no_cpu(echo_sim: KupSim) -> None:
     share = (k1 - k0) / (w1 - w0)
     print(f"kupsim with one idle kernel-side waiter: {share:.1%} CPU")
     assert share < 0.05, f"kupsim used {share:.1%} of a CPU while its worker waited"
+
+
+def test_a_handle_of_a_kupsim_that_restarted_stays_shut_down(tmp_path: Path) -> None:
+    """A device handle is one kupsim instance.  After a restart in the same
+    run directory its info() said Shutdown for good while channel() quietly
+    attached through the same path to the new kupsim -- half of one handle on
+    each instance.  Now every call on the old handle says Shutdown, and
+    opening the device again reaches the new one."""
+    run = tmp_path / "run"
+    with kupsim("echo", rundir=run) as first:
+        dev = Device.open(first.device_path("echo"))
+        with dev.channel(0) as ch:
+            ch.receive(timeout=10)
+    try:
+        with kupsim("echo", rundir=run) as second:
+            with pytest.raises(Shutdown):
+                dev.info()
+            with pytest.raises(Shutdown):
+                dev.channel(1)
+            with pytest.raises(Shutdown):
+                dev.event_fd()
+            with Device.open(second.device_path("echo")) as again, again.channel(1) as ch:
+                assert ch.receive(timeout=10).kind.name == "PASS"
+    finally:
+        dev.close()
