@@ -64,6 +64,33 @@ def test_sync_close_from_another_thread_ends_a_blocked_receive(kupd: Kupd) -> No
         _wait_free(c, 20)
 
 
+def test_close_after_an_interrupt_that_left_a_reply_owed(kupd: Kupd) -> None:
+    """^C landing between an operation's request going out and its read (in
+    kupctl session: the KeyboardInterrupt left _op before its handler) left
+    the reply owed, and close() half-closed and waited for the stream to
+    end -- which kupd, blocked on the kernel for that receive, never did:
+    kupctl hung.  The interrupted state is made here by hand: a receive
+    request out, its reply never read."""
+    from kupapi import kup_pb2
+    from kupclient._types import receive_mode
+
+    with kupd.client() as c:
+        ch = c.open("echo").channel(22)
+        ch.receive(timeout=10)
+        ch.send(b"!hold")  # never answered: a receive waits in kupd for good
+        mode, ms = receive_mode(None)  # a blocking receive, as kupctl's :recv
+        req = kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
+        ch._next_id += 1
+        req.request_id = ch._next_id
+        ch._owed = True  # what _op sets before the put the interrupt followed
+        ch._requests.put(req)
+        closer = threading.Thread(target=ch.close, daemon=True)
+        closer.start()
+        closer.join(BOUND)
+        assert not closer.is_alive(), "close() waited for a reply kupd cannot give"
+        _wait_free(c, 22)
+
+
 def test_async_close_from_another_task_ends_a_blocked_receive(kupd: Kupd) -> None:
     async def main() -> None:
         async with AsyncClient(kupd.socket) as c:

@@ -245,6 +245,7 @@ class Channel:
         self._lock = threading.Lock()
         self._closed = False
         self._closing = False  # close() cancelled the stream under a waiting operation
+        self._owed = False  # a request is out whose reply has not been read
         self.max_msg = 0
         # the data path's own wire codec (kupclient._wire), not the stub's
         self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
@@ -280,9 +281,14 @@ class Channel:
                 raise channel_closed(self._what)
             self._next_id += 1
             req.request_id = self._next_id
+            # owed from the put until next() returns: an interrupt anywhere
+            # in between (even before the try below) leaves a reply owed,
+            # which close() must not wait for (kupd may wait forever)
+            self._owed = True
             self._requests.put(req)
             try:
                 resp = next(self._responses)
+                self._owed = False
             except StopIteration:
                 self._closed = True
                 self._cancel()
@@ -368,6 +374,11 @@ class Channel:
             if self._closed:
                 return
             self._closed = True
+            if self._owed:
+                # an operation was interrupted after its request went out:
+                # kupd may be waiting on the kernel for it (a blocked
+                # receive), so the stream would not end: cancel
+                return
             # idle: half-close, and kupd ends the stream once it has let go
             # of the lease, so the channel is free when close() returns
             self._requests.put(_END)
