@@ -18,6 +18,7 @@ are shared with the Python client's codec (``kupclient._wire``).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,6 +32,7 @@ __all__ = [
     "LEN",
     "VARINT",
     "WIRE_MIN_BYTES",
+    "MalformedRequest",
     "Unexpected",
     "WireRequest",
     "add_kup_servicer",
@@ -111,10 +113,13 @@ def fields(buf: bytes | memoryview, i: int, end: int) -> dict[int, tuple[int, in
     return out
 
 
-def scalar(f: dict[int, tuple[int, int, int]], n: int) -> int:
-    """Varint field n of :func:`fields`' result (0 when absent)."""
+def scalar(f: dict[int, tuple[int, int, int]], n: int, bits: int) -> int:
+    """Varint field n of :func:`fields`' result (0 when absent), for a field
+    of ``bits`` bits: a larger value (a varint may carry 70) is Unexpected,
+    so that the generated parser applies protobuf's own truncation and the
+    two paths cannot disagree."""
     wire, v, _ = f.get(n, (VARINT, 0, 0))
-    if wire != VARINT:
+    if wire != VARINT or v >> bits:
         raise Unexpected
     return v
 
@@ -168,21 +173,50 @@ def read_request(raw: bytes) -> WireRequest:
         raise Unexpected
     da, db = span(sub, 1)
     return WireRequest(
-        scalar(top, _REQ_ID),
+        scalar(top, _REQ_ID, 64),  # uint64
         "exchange" if ops[0] == _REQ_EXCHANGE else "send",
         memoryview(raw)[da:db],
-        scalar(sub, 2),
-        scalar(sub, 3),
+        scalar(sub, 2, 31),  # ReceiveMode, an int32 enum: negative ones too
+        scalar(sub, 3, 32),  # uint32
     )
 
 
-def deserialize_request(raw: bytes) -> kup_pb2.SessionRequest | WireRequest:
+class MalformedRequest:
+    """A request protobuf could not parse (truncated, a length that lies,
+    field 0): handed to the handler in its place, so that kupd answers
+    INVALID_ARGUMENT naming it -- a deserializer that raises makes grpc.aio
+    answer UNKNOWN "Unexpected <class DecodeError>", without kup-error.  In a
+    Session stream it reads as an operation "malformed" (answered in-band:
+    gRPC's framing is intact, the stream goes on)."""
+
+    __slots__ = ("error", "method")
+    request_id = 0
+
+    def __init__(self, method: str, error: str) -> None:
+        self.method = method
+        self.error = error
+
+    def WhichOneof(self, name: str) -> str:  # protobuf's name
+        return "malformed"
+
+    def describe(self) -> str:
+        return f"malformed {self.method} request (not a kup.v1 message): {self.error}"
+
+
+def _parse_session_request(raw: bytes) -> kup_pb2.SessionRequest | MalformedRequest:
+    try:
+        return kup_pb2.SessionRequest.FromString(raw)
+    except Exception as exc:  # google.protobuf.message.DecodeError
+        return MalformedRequest("Session", str(exc))
+
+
+def deserialize_request(raw: bytes) -> kup_pb2.SessionRequest | WireRequest | MalformedRequest:
     if len(raw) >= WIRE_MIN_BYTES:
         try:
             return read_request(raw)
         except Unexpected:
             pass
-    return kup_pb2.SessionRequest.FromString(raw)
+    return _parse_session_request(raw)
 
 
 def fill_receive(r: kup_pb2.ReceiveResponse, m: Message | None) -> None:
@@ -252,15 +286,60 @@ class _Capture:
         self.handlers = handlers
 
 
-def add_kup_servicer(servicer: Any, server: grpc.aio.Server) -> None:
+def _tolerant(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:  # google.protobuf.message.DecodeError
+            return MalformedRequest(method, str(exc))
+
+    return read
+
+
+def _refusing(method: str, handler: Any, on_malformed: Any) -> Any:
+    """``handler`` (unary request) whose deserializer hands a request
+    protobuf cannot parse to ``on_malformed(request, context)`` (which
+    aborts) instead of raising in gRPC."""
+    read = _tolerant(method, handler.request_deserializer)
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            if type(request) is MalformedRequest:
+                await on_malformed(request, context)
+            return await inner(request, context)
+
+        return handler._replace(request_deserializer=read, unary_unary=unary)
+    if handler.unary_stream is not None:
+        gen = handler.unary_stream
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if type(request) is MalformedRequest:
+                await on_malformed(request, context)
+            async for item in gen(request, context):
+                yield item
+
+        return handler._replace(request_deserializer=read, unary_stream=stream)
+    return handler
+
+
+def add_kup_servicer(
+    servicer: Any, server: grpc.aio.Server, on_malformed: Any = None
+) -> None:
     """``kup_pb2_grpc.add_KupServicer_to_server`` with the Session stream's
     requests read by :func:`deserialize_request` and its replies written by
-    :func:`serialize_response`; every other method as generated."""
+    :func:`serialize_response`; every other method as generated, except that
+    a request protobuf cannot parse goes to ``on_malformed(request,
+    context)`` -- kupd's service edge, which aborts INVALID_ARGUMENT."""
     cap = _Capture()
     kup_pb2_grpc.add_KupServicer_to_server(servicer, cap)
     handlers = dict(cap.handlers)
     if "Session" not in handlers:
         raise RuntimeError("kup.v1 stubs without a Session method: regenerate them")
+    if on_malformed is not None:
+        for name, h in list(handlers.items()):
+            if name != "Session":
+                handlers[name] = _refusing(name, h, on_malformed)
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(
         servicer.Session,
         request_deserializer=deserialize_request,

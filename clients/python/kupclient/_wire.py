@@ -143,8 +143,8 @@ def read_reply(raw: bytes) -> WireReply:
     rr = fields(raw, *span(top, results[0]))
     if set(rr) - {1, 2}:
         raise Unexpected
-    rid = scalar(top, _REQ_ID)
-    not_ready = bool(scalar(rr, 1))
+    rid = scalar(top, _REQ_ID, 64)
+    not_ready = bool(scalar(rr, 1, 64))  # bool: any varint
     result = "received" if results[0] == _RESP_RECEIVED else "exchanged"
     if not_ready and 2 not in rr:
         return WireReply(rid, result, True, None)
@@ -153,13 +153,13 @@ def read_reply(raw: bytes) -> WireReply:
     if set(m) - {1, 2, 3}:
         raise Unexpected
     a, b = span(m, 1)
-    k = _KINDS.get(scalar(m, 2))
+    k = _KINDS.get(scalar(m, 2, 31))
     if k is None:
         raise Unexpected  # the generated path raises for it, as before
     message = _new_message(Message)
     _set(message, "data", raw[a:b])
     _set(message, "kind", k)
-    _set(message, "seq", scalar(m, 3))
+    _set(message, "seq", scalar(m, 3, 64))
     return WireReply(rid, result, not_ready, message)
 
 
