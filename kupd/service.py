@@ -29,7 +29,7 @@ from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
-from kupd.wire import WireRequest, encode_reply, fill_receive
+from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
 
 __all__ = ["KupService", "call_timeout", "error_pb", "status_for"]
 
@@ -276,6 +276,15 @@ class KupService(kup_pb2_grpc.KupServicer):
             code,
             details,
             trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
+        )
+
+    async def refuse_malformed(
+        self, request: MalformedRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A unary request protobuf could not parse (kupd.wire.add_kup_servicer):
+        INVALID_ARGUMENT naming it, counted and logged as any other."""
+        await self._abort_unbound(
+            context, errors.InvalidArgument(request.describe()), request.method, {}
         )
 
     async def _abort_unbound(
@@ -585,10 +594,10 @@ class KupService(kup_pb2_grpc.KupServicer):
 
     async def _next(
         self,
-        reader: AsyncIterator[kup_pb2.SessionRequest | WireRequest],
+        reader: AsyncIterator[kup_pb2.SessionRequest | WireRequest | MalformedRequest],
         lease: Lease | None,
         guard: _StreamGuard,
-    ) -> kup_pb2.SessionRequest | WireRequest | None:
+    ) -> kup_pb2.SessionRequest | WireRequest | MalformedRequest | None:
         """The next request, or None at the end of the stream; raises when
         kupd drains or the lease is ended first (``guard`` cancels the wait)."""
         self._raise_if_ended(lease)
@@ -608,13 +617,15 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def _session_op(
         self,
         lease: Lease,
-        req: kup_pb2.SessionRequest | WireRequest,
+        req: kup_pb2.SessionRequest | WireRequest | MalformedRequest,
         st: _SessionState,
     ) -> kup_pb2.SessionResponse | bytes:
         """One request's response: a generated SessionResponse, or for the
         data path (exchanged, received) its encoding (kupd.wire: the payload
         copied once; a send / exchange request's data is a memoryview of
         the received bytes when kupd.wire read it)."""
+        if isinstance(req, MalformedRequest):
+            raise errors.InvalidArgument(req.describe())  # in-band: the stream goes on
         rid = req.request_id
         op = req.WhichOneof("op")
         if op == "exchange":
@@ -654,7 +665,7 @@ class KupService(kup_pb2_grpc.KupServicer):
 
     async def Session(  # type: ignore[override]  # the stream's codec is kupd.wire's
         self,
-        request_iterator: AsyncIterator[kup_pb2.SessionRequest | WireRequest],
+        request_iterator: AsyncIterator[kup_pb2.SessionRequest | WireRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
     ) -> AsyncIterator[kup_pb2.SessionResponse | bytes]:
@@ -677,6 +688,8 @@ class KupService(kup_pb2_grpc.KupServicer):
             first = await self._next(reader, None, guard)
             if first is None:
                 return
+            if isinstance(first, MalformedRequest):
+                raise errors.InvalidArgument(first.describe())
             if not isinstance(first, kup_pb2.SessionRequest) or first.WhichOneof("op") != "attach":
                 raise errors.InvalidArgument("the first Session request must be attach")
             a = first.attach

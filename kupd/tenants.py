@@ -298,7 +298,11 @@ class SocketSet:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale (checked above)
         server = grpc.aio.server(options=self.options)
-        add_kup_servicer(TenantKup(self.kup, ep.tenant), server)  # kupd.wire: Session by hand
+        # kupd.wire: the Session by hand; a request protobuf cannot parse
+        # answered INVALID_ARGUMENT by the service edge
+        add_kup_servicer(
+            TenantKup(self.kup, ep.tenant), server, getattr(self.kup, "refuse_malformed", None)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:
