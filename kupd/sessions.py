@@ -121,6 +121,9 @@ class LeaseTable:
         #: lowering it ends none, it refuses new ones until below).
         self.max_leases = max_leases
         self.leases: dict[str, Lease] = {}
+        #: takes between their max_leases check and their lease (an attach
+        #: awaits the host): counted, or concurrent ones all pass the check
+        self._taking = 0
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
@@ -132,12 +135,18 @@ class LeaseTable:
     async def take(self, device: str, chan_id: int | None, holder: str) -> Lease:
         if self.mgr.closing:
             raise errors.Shutdown("kupd is shutting down")
-        if len(self.leases) >= self.max_leases:
+        if len(self.leases) + self._taking >= self.max_leases:
+            taking = f" ({self._taking} of them being attached)" if self._taking else ""
             raise errors.ResourceExhausted(
-                f"{len(self.leases)} leases open (limit max_sessions={self.max_leases})"
+                f"{len(self.leases) + self._taking} leases open{taking} "
+                f"(limit max_sessions={self.max_leases})"
             )
         dev = self.mgr.get(device)
-        ch = await dev.attach(chan_id)
+        self._taking += 1
+        try:
+            ch = await dev.attach(chan_id)
+        finally:
+            self._taking -= 1
         if dev.dev is None or self.mgr.closing:
             ch.close()
             raise errors.Shutdown(f"device {device} went away during attach")

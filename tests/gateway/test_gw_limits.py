@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import urllib.request
 
 import pytest
-from gateway_helpers import StartKupd, echo_sim, holding_client
+from gateway_helpers import Kupd, StartKupd, echo_sim, holding_client
 
-from kupclient import Kind
+from kupclient import Client, Kind, Lease
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
 from kupd.config import Config
@@ -98,4 +99,52 @@ def test_session_limit_is_resource_exhausted(sim: KupSim, start_kupd: StartKupd)
                 c.attach("echo")
         with h.channel() as ch:  # freed again
             assert ch.receive().kind == Kind.PASS
+    assert k.terminate() == 0
+
+
+def _attach_together(k: Kupd, n: int) -> tuple[list[Lease], list[BaseException]]:
+    """n clients attach at the same moment: (leases held, refusals)."""
+    barrier = threading.Barrier(n)
+    held: list[Lease] = []
+    refused: list[BaseException] = []
+    lock = threading.Lock()
+    clients = [k.client() for _ in range(n)]
+
+    def take(c: Client) -> None:
+        barrier.wait()
+        try:
+            lease = c.attach("echo")
+        except errors.ResourceExhausted as exc:
+            with lock:
+                refused.append(exc)
+        else:
+            with lock:
+                held.append(lease)
+
+    try:
+        threads = [threading.Thread(target=take, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for lease in held:
+            clients[0].release(lease.lease_id)
+    finally:
+        for c in clients:
+            c.close()
+    return held, refused
+
+
+def test_concurrent_attaches_never_exceed_max_sessions(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """max_sessions was checked before an attach awaited the host and the
+    lease counted only after: attaches arriving together all passed the
+    check (15 held against a limit of 10).  Twenty at once, three rounds:
+    never more than the limit, the rest ResourceExhausted naming it."""
+    k = start_kupd(sim, "--max-sessions", "3")
+    for _ in range(3):
+        held, refused = _attach_together(k, 20)
+        assert len(held) <= 3 and len(held) + len(refused) == 20, (len(held), refused)
+        assert all("limit max_sessions=3" in str(e) for e in refused), refused[:2]
     assert k.terminate() == 0
