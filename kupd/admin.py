@@ -118,8 +118,10 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             guard.drained.discard(dev.name)
             log.info("device undrained", device=dev.name)
             self.server.audit.admin("undrain", device=dev.name)
+            self.server.health_changed()
             return out
         guard.drained.add(dev.name)
+        self.server.health_changed()  # its health: NOT_SERVING
         for lease in [le for le in self.server.leases.leases.values() if le.dev is dev]:
             out.leases_ended.append(lease.id)
             self.server.leases.end(

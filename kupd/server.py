@@ -329,6 +329,10 @@ class Server:
             log.error("reload refused; the running config stays", error=str(exc))
 
     # -- health --------------------------------------------------------------
+    def health_changed(self) -> None:
+        """Something health depends on changed (a device, a drain): update."""
+        self._health_changed()
+
     def _health_changed(self) -> None:
         if not self._stopping:
             self.mgr.spawn(self._update_health())
@@ -346,8 +350,13 @@ class Server:
         overall = serving if self.mgr.all_healthy else not_serving
         await self.health.set("", overall)
         await self.health.set(SERVICE_NAME, overall)
+        drained = self.guard.drained
         for d in self.mgr.devices.values():
-            await self.health.set(f"{SERVICE_NAME}/{d.name}", serving if d.healthy else not_serving)
+            # a drained device refuses every new session, lease and Call: a
+            # health checker must not send it traffic (kupd as a whole, ""
+            # and kup.v1.Kup, stays SERVING for the other devices)
+            up = d.healthy and d.name not in drained
+            await self.health.set(f"{SERVICE_NAME}/{d.name}", serving if up else not_serving)
 
     async def probe(self) -> None:
         """The real health check: reach every device now."""

@@ -329,8 +329,9 @@ class KupService(kup_pb2_grpc.KupServicer):
     # ---------------------------------------------------------------- devices
     def _device_pb(self, d: ManagedDevice) -> kup_pb2.DeviceInfo:
         info = d.info
+        drained = d.name in self.guard.drained
         if info is None:
-            return kup_pb2.DeviceInfo(name=d.name, reachable=False, error=d.error)
+            return kup_pb2.DeviceInfo(name=d.name, reachable=False, error=d.error, drained=drained)
         out = kup_pb2.DeviceInfo(
             name=d.name,
             reachable=True,
@@ -345,6 +346,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             call_channels=len(d.pool.channels),
             calls_in_flight=d.pool.in_flight,
             calls_queued=d.pool.queued,
+            drained=drained,
         )
         attached = set(info.attached)
         for cid in range(info.chan_count):
@@ -423,6 +425,21 @@ class KupService(kup_pb2_grpc.KupServicer):
         finally:
             self.guard.pending[t.name] -= 1
         lease.tenant = t.name
+        # The attach awaited the host (a channel its module had not let go
+        # of: up to REATTACH_GRACE): a drain, or a reload that took the
+        # grant away, may have come meanwhile and found no lease to end.
+        try:
+            self.guard.check_drained(device)
+            rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
+            if rule:
+                self.guard.record(t.name, holder, device, lease.ch.id, rule)
+                raise errors.PermissionDenied(
+                    f"tenant {t.name}: rule {rule}: a reload while the attach waited no "
+                    f"longer allows {holder} on device {device} channel {lease.ch.id}"
+                )
+        except errors.KupError as exc:
+            self.leases.end(lease, "refused after its attach", exc)
+            raise
         self.guard.owned(lease.id, t.name)
         bind(device=device, channel=lease.ch.id, lease=lease.id, tenant=t.name)
         return lease
@@ -792,6 +809,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away (or its deadline): not OK
             raise
         finally:
             pool.count(code)  # kupd_calls{device, code}, the child cached per code

@@ -16,7 +16,7 @@ from gateway_helpers import Kupd, StartKupd, call_in_flight
 
 from kupclient import AsyncClient, Kind, Message
 from kupd import errors
-from kupd.testing import KupSim, with_metrics_port
+from kupd.testing import KupSim, wait_until, with_metrics_port
 
 
 def _failed(log: str) -> list[dict[str, Any]]:
@@ -160,4 +160,30 @@ def test_a_call_refused_before_its_exchange_counts_under_its_device(
     assert "nosuch" not in body
     failed = [r for r in _failed(k.log()) if r.get("device") == "ghost"]
     assert failed and failed[0]["rpc"] == "Call" and failed[0]["tenant"] == "default", failed
+    assert k.terminate() == 0
+
+
+def test_a_call_its_client_cancels_is_counted_cancelled_not_ok(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    k = with_metrics_port(lambda port: start_kupd(sim, "--metrics-port", str(port)))
+
+    def count(code: str) -> float:
+        body = urllib.request.urlopen(k.metrics_url, timeout=10).read().decode()
+        key = f'kupd_calls_total{{code="{code}",device="echo"}} '
+        line = [x for x in body.splitlines() if x.startswith(key)]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    async def go() -> None:
+        async with AsyncClient(k.socket) as c:
+            assert (await c.call("echo", b"ok", timeout=10)).data == b"ok"
+            task = asyncio.ensure_future(c.call("echo", b"!delay", timeout=10))
+            await asyncio.sleep(0.1)  # in flight: echo answers after 300 ms
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    wait_until(lambda: count("CANCELLED") == 1.0, what="the cancelled Call counted")
+    assert count("OK") == 1.0
     assert k.terminate() == 0

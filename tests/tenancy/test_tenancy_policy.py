@@ -275,7 +275,15 @@ def test_drain_device(tk: TenantKupd) -> None:
         ch.close()
         with pytest.raises(errors.KupError, match="drained"):
             c.open("rot13").channel()
+        # it says so: ListDevices, and its health (a checker must not send
+        # it traffic) -- kupd as a whole still serves echo
+        assert c.devices("rot13")[0].drained
+        assert not c.devices("echo")[0].drained
+        wait_until(lambda: c.health("kup.v1.Kup/rot13") == "NOT_SERVING", what="rot13 drained")
+        assert c.health("kup.v1.Kup/echo") == "SERVING" and c.health("") == "SERVING"
         adm.drain("rot13", undo=True)
+        assert not c.devices("rot13")[0].drained
+        wait_until(lambda: c.health("kup.v1.Kup/rot13") == "SERVING", what="rot13 undrained")
         with c.open("rot13").channel() as again:
             again.receive()
 

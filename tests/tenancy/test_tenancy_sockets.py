@@ -187,3 +187,42 @@ def test_a_removed_tenants_call_in_flight_finishes(start_tenants: StartTenants) 
         ch.close()
     assert len(got) == 1 and not isinstance(got[0], Exception), got
     assert getattr(got[0], "data", b"").lower() == LOCKHOLD
+
+
+def test_an_attach_waiting_for_its_channel_is_refused_by_a_drain_meanwhile(
+    start_tenants: StartTenants,
+) -> None:
+    """alice's attach waits for echo to let go of channel 9 (kupd retries
+    Releasing for up to 10 s); the admin drains echo meanwhile.  The drain
+    found no lease to end, and the attach used to succeed afterwards on the
+    drained device; it is now refused (Shutdown, "drained") and the channel
+    is not left attached.  echo lets go by itself after 3 s (a drained echo
+    takes no "!lockfree")."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.admin() as adm:
+        with a.open("echo").channel(9) as ch:
+            ch.receive(timeout=10)
+            ch.send(b"!lockhold3000")
+            wait_until(lambda: echo_lock_holds(k.sim, 9) > 0, what="echo to hold channel 9")
+        got: list[object] = []
+
+        def attach() -> None:
+            try:
+                got.append(a.attach("echo", 9))
+            except errors.KupError as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=attach)
+        t.start()
+        wait_until(
+            lambda: "attach waits for the module to let go" in k.log(),
+            what="the attach waiting for channel 9",
+        )
+        assert adm.drain("echo") == []  # nothing to end yet
+        t.join(30)
+        assert len(got) == 1 and isinstance(got[0], errors.Shutdown), got
+        assert "drained by the admin" in str(got[0])
+        assert [le for le in adm.list_leases() if le.channel == 9] == []
+        adm.drain("echo", undo=True)
+        with a.open("echo").channel(9) as again:  # not left attached
+            again.receive(timeout=10)

@@ -60,6 +60,8 @@ class DeviceInfo:
     calls_in_flight: int = 0
     calls_queued: int = 0
     channels: list[ChannelInfo] = field(default_factory=list)
+    #: the admin drained it: no new sessions, leases or Calls until undone
+    drained: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
         error=d.error,
         calls_in_flight=d.calls_in_flight,
         calls_queued=d.calls_queued,
+        drained=d.drained,
         channels=[
             ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],

@@ -296,7 +296,9 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
                     d.name,
                     "unreachable"
                     if not d.reachable
-                    else ("shutting-down" if d.shutting_down else "ok"),
+                    else "shutting-down"
+                    if d.shutting_down
+                    else ("drained" if d.drained else "ok"),
                     d.abi_version,
                     d.channel_count,
                     d.announced,
