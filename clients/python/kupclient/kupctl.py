@@ -26,9 +26,11 @@ Exit codes, one per error class so scripts can tell failures apart (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -951,6 +953,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("argument --admin-socket: must not be empty")
     out = Output(args.json, sys.stdout)
     handler: Handler = args.handler
+    # The command runs in a thread of its own, the main thread only waits:
+    # a ^C (KeyboardInterrupt, raised in the main thread) must never land
+    # inside gRPC's blocking calls -- it can leave their internal lock held,
+    # and the close that follows then hangs (or fails "cannot release
+    # un-acquired lock").  On ^C kupctl exits 130 at once; closing its
+    # connection ends its streams, so kupd releases what they held.
+    done: list[int] = []
+    worker = threading.Thread(
+        target=lambda: done.append(_run(args, out, handler)), name="kupctl", daemon=True
+    )
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+    except KeyboardInterrupt:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(130)
+    return done[0] if done else EXIT_FAILURE
+
+
+def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
+    """One command, its failures turned into kupctl's exit codes."""
     try:
         return handler(args, out)
     except ArgumentError as exc:
