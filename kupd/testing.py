@@ -38,10 +38,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = [
     "REPO_ROOT",
@@ -51,6 +52,7 @@ __all__ = [
     "KupdError",
     "channel_when_free",
     "echo_lock_holds",
+    "in_background",
     "kmod_out",
     "kupd",
     "kupd_env",
@@ -614,6 +616,41 @@ def echo_lock_holds(sim: KupSim, chan: int | None = None) -> int:
     hold has started does not end it, so tests wait for this count first."""
     where = "" if chan is None else f"echo: chan {chan}: "
     return sim.stderr().count(f"{where}holding the channel locked")
+
+
+class Background(Generic[T]):
+    """``fn()`` running in a thread (see :func:`in_background`)."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._got: list[T | BaseException] = []
+
+        def run() -> None:
+            try:
+                self._got.append(fn())
+            except Exception as exc:  # kept for the test to look at
+                self._got.append(exc)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    @property
+    def done(self) -> bool:
+        return bool(self._got)
+
+    def outcome(self, timeout: float = 30.0) -> T | BaseException:
+        """What ``fn`` returned, or the exception it raised; AssertionError
+        if it is still running after ``timeout`` seconds."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError(f"still running after {timeout}s")
+        return self._got[0]
+
+
+def in_background(fn: Callable[[], T]) -> Background[T]:
+    """Start ``fn()`` in a thread: for a test that does something while a
+    call waits (a Call held in flight, an attach waiting for its channel),
+    then looks at how it ended with :meth:`Background.outcome`."""
+    return Background(fn)
 
 
 def channel_when_free(dev: Any, chan_id: int, timeout: float = 20.0) -> Any:

@@ -11,7 +11,6 @@ beyond kupsim's park."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
 from kupd.devices import REATTACH_GRACE
-from kupd.testing import KupSim, channel_when_free, wait_until
+from kupd.testing import KupSim, channel_when_free, in_background, wait_until
 
 WAITS = "attach waits for the module to let go"
 
@@ -46,25 +45,13 @@ def test_reattach_waits_for_the_module_to_let_go(
     sim: KupSim, kupd: Kupd, client: Client
 ) -> None:
     _leave_locked(sim, client, 20)
-    got: list[Lease | errors.KupError] = []
-
-    def reattach() -> None:
-        try:
-            lease = client.attach("echo", 20)
-            got.append(lease)
-        except errors.KupError as exc:
-            got.append(exc)
-
-    t = threading.Thread(target=reattach)
-    t.start()
+    reattach = in_background(lambda: client.attach("echo", 20))
     # kupsim has parked the attach and answered Releasing at least once:
     # without the retry the client would have its FAILED_PRECONDITION by now
     wait_until(lambda: _waits(kupd, 20) == 1, what="kupd to retry the attach of channel 20")
-    assert not got, got
+    assert not reattach.done
     unlock(client)  # the module lets go; kupsim renews the channel
-    t.join(30)
-    assert not t.is_alive() and len(got) == 1, got
-    lease = got[0]
+    lease = reattach.outcome(30)
     assert isinstance(lease, Lease), lease
     # a fresh conversation on the renewed channel
     assert client.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
@@ -145,20 +132,11 @@ def test_kupd_waits_for_a_channel_a_direct_user_left_locked(
             wait_locked(sim, 34)
         finally:
             direct.close()
-    got: list[Lease | errors.KupError] = []
-
-    def attach() -> None:
-        try:
-            got.append(client.attach("echo", 34))
-        except errors.KupError as exc:
-            got.append(exc)
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = in_background(lambda: client.attach("echo", 34))
     wait_until(lambda: _waits(kupd, 34) == 1, what="kupd to retry the attach of channel 34")
-    assert not got, got
+    assert not attach.done
     unlock(client)
-    t.join(30)
-    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], Lease), got
-    assert client.lease_receive(got[0].lease_id, timeout=10).kind == Kind.PASS
-    client.release(got[0].lease_id)
+    lease = attach.outcome(30)
+    assert isinstance(lease, Lease), lease
+    assert client.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
+    client.release(lease.lease_id)

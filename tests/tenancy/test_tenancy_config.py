@@ -48,18 +48,23 @@ def test_duplicate_tenant_socket() -> None:
         parse_config({**BASE, "tenant": [_tenant(), _tenant(name="u")]})
 
 
+def _one_tenant(tmp_path: Path, socket: str) -> Path:
+    """A config of one tenant "t" on ``socket`` (echo, no kupsim behind it)."""
+    cfg = tmp_path / "kupd.toml"
+    cfg.write_text(
+        f'socket = "{tmp_path}/kupd.sock"\n'
+        f'kupsim_dir = "{tmp_path}/nosim"\n'
+        '[[device]]\nname = "echo"\n'
+        f'[[tenant]]\nname = "t"\nsocket = "{socket}"\n'
+    )
+    return cfg
+
+
 def test_unsafe_socket_directory_is_refused(tmp_path: Path) -> None:
     d = Path(tempfile.mkdtemp(prefix="kupd-unsafe-"))
     try:
         d.chmod(0o777)  # anyone could replace the socket
-        cfg = tmp_path / "kupd.toml"
-        cfg.write_text(
-            f'socket = "{tmp_path}/kupd.sock"\n'
-            f'kupsim_dir = "{tmp_path}/nosim"\n'
-            '[[device]]\nname = "echo"\n'
-            f'[[tenant]]\nname = "t"\nsocket = "{d}/t.sock"\n'
-        )
-        out = run_module("kupd.daemon", "--config", str(cfg))
+        out = run_module("kupd.daemon", "--config", str(_one_tenant(tmp_path, f"{d}/t.sock")))
         assert out.returncode == 1, out
         assert "writable by nobody else" in out.stderr, out.stderr
         assert not (d / "t.sock").exists()
@@ -75,13 +80,7 @@ def test_a_socket_below_a_directory_others_may_rename_in_is_refused(tmp_path: Pa
     try:
         d.chmod(0o777)
         (d / "sub").mkdir(mode=0o755)
-        cfg = tmp_path / "kupd.toml"
-        cfg.write_text(
-            f'socket = "{tmp_path}/kupd.sock"\n'
-            f'kupsim_dir = "{tmp_path}/nosim"\n'
-            '[[device]]\nname = "echo"\n'
-            f'[[tenant]]\nname = "t"\nsocket = "{d}/sub/t.sock"\n'
-        )
+        cfg = _one_tenant(tmp_path, f"{d}/sub/t.sock")
         out = run_module("kupd.daemon", "--config", str(cfg))
         assert out.returncode == 1, out
         assert f"directory {d} above the socket {d}/sub/t.sock" in out.stderr, out.stderr

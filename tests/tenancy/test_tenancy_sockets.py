@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants
 
+from kupclient import Message
 from kupd import errors
-from kupd.testing import echo_lock_holds, wait_until
+from kupd.testing import echo_lock_holds, in_background, wait_until
 
 
 def _tenants(a: tuple[str, str], b: tuple[str, str]) -> str:
@@ -165,17 +166,8 @@ def test_a_removed_tenants_call_in_flight_finishes(start_tenants: StartTenants) 
     with k.client("alice") as a, k.client("bob") as b, k.admin() as adm:
         ch = a.open("echo").channel(8)
         ch.receive(timeout=10)
-        got: list[object] = []
-
-        def call() -> None:
-            try:
-                got.append(b.call("echo", LOCKHOLD, timeout=60))
-            except errors.KupError as exc:
-                got.append(exc)
-
         holds = echo_lock_holds(k.sim)
-        t = threading.Thread(target=call)
-        t.start()
+        call = in_background(lambda: b.call("echo", LOCKHOLD, timeout=60))
         try:
             wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold bob's Call")
             k.write_config(DEVICES + without_bob)
@@ -183,10 +175,9 @@ def test_a_removed_tenants_call_in_flight_finishes(start_tenants: StartTenants) 
             assert not os.path.exists(k.sock("bob"))
         finally:
             assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
-            t.join(30)
+            reply = call.outcome(30)
         ch.close()
-    assert len(got) == 1 and not isinstance(got[0], Exception), got
-    assert getattr(got[0], "data", b"").lower() == LOCKHOLD
+    assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
 
 
 def test_an_attach_waiting_for_its_channel_is_refused_by_a_drain_meanwhile(
@@ -204,24 +195,15 @@ def test_an_attach_waiting_for_its_channel_is_refused_by_a_drain_meanwhile(
             ch.receive(timeout=10)
             ch.send(b"!lockhold3000")
             wait_until(lambda: echo_lock_holds(k.sim, 9) > 0, what="echo to hold channel 9")
-        got: list[object] = []
-
-        def attach() -> None:
-            try:
-                got.append(a.attach("echo", 9))
-            except errors.KupError as exc:
-                got.append(exc)
-
-        t = threading.Thread(target=attach)
-        t.start()
+        attach = in_background(lambda: a.attach("echo", 9))
         wait_until(
             lambda: "attach waits for the module to let go" in k.log(),
             what="the attach waiting for channel 9",
         )
         assert adm.drain("echo") == []  # nothing to end yet
-        t.join(30)
-        assert len(got) == 1 and isinstance(got[0], errors.Shutdown), got
-        assert "drained by the admin" in str(got[0])
+        refused = attach.outcome(30)
+        assert isinstance(refused, errors.Shutdown), refused
+        assert "drained by the admin" in str(refused)
         assert [le for le in adm.list_leases() if le.channel == 9] == []
         adm.drain("echo", undo=True)
         with a.open("echo").channel(9) as again:  # not left attached
