@@ -165,7 +165,12 @@ class TenantCollector(Collector):
         leases = GaugeMetricFamily(
             "kupd_tenant_leases", "Open Sessions and leases per tenant", labels=["tenant", "holder"]
         )
-        counts: dict[tuple[str, str], int] = {}
+        # every tenant (the in-flight map names them all), so that a tenant
+        # with no lease reads 0 rather than a series that goes stale
+        flights = dict(self._in_flight())
+        counts: dict[tuple[str, str], int] = {
+            (tenant, holder): 0 for tenant in flights for holder in ("lease", "session")
+        }
         for key in self._holders():
             counts[key] = counts.get(key, 0) + 1
         for (tenant, holder), n in sorted(counts.items()):
@@ -174,7 +179,7 @@ class TenantCollector(Collector):
         calls = GaugeMetricFamily(
             "kupd_tenant_calls_in_flight", "Calls in flight per tenant", labels=["tenant"]
         )
-        for tenant, n in sorted(dict(self._in_flight()).items()):
+        for tenant, n in sorted(flights.items()):
             calls.add_metric([tenant], n)
         yield calls
         denied = CounterMetricFamily(

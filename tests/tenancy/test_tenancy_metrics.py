@@ -61,8 +61,10 @@ def test_tenant_metrics(start_tenants: StartTenants) -> None:
         a.release(lease.lease_id)
     wait_until(
         lambda: (
-            'kupd_tenant_leases{holder="session",tenant="alice"}' not in scrape()
+            'kupd_tenant_leases{holder="session",tenant="alice"} 0.0' in scrape()
             and 'kupd_tenant_calls_in_flight{tenant="bob"} 0.0' in scrape()
+            # a tenant with no lease reads 0, not a series gone stale
+            and 'kupd_tenant_leases{holder="lease",tenant="carol"} 0.0' in scrape()
         ),
         timeout=20,
         what="the session and the Call gone from the metrics",
