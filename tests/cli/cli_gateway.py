@@ -70,12 +70,21 @@ def gateway(devices: Sequence[str] = ("echo:2",), *, metrics: bool = False) -> I
         yield gw
 
 
+_SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def spawn_kupctl(gw: Gateway, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
     """A long-running ``kupctl ARGS`` (watch, session) against ``gw``, its
     stdout and stderr piped as text; with ``stdin`` its input is a pipe too.
     The caller reaps it."""
+    # ^C must reach it as a terminal's would: a test runner started in the
+    # background (nohup, "&") has SIGINT ignored, and an ignored SIGINT is
+    # inherited across exec -- reset it on the way in
     return subprocess.Popen(
-        [str(console_script("kupctl")), *args],
+        [sys.executable, "-c", _SIGINT_DEFAULT, str(console_script("kupctl")), *args],
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
