@@ -66,6 +66,22 @@ def ready_line(proc: subprocess.Popen[str]) -> str | None:
     raise AssertionError(f"kupsim printed no ready line within {TIMEOUT}s")
 
 
+def serves_echo(
+    exe: Path, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """Run kupsim expecting it to publish echo: the ready line, then exit 0
+    at SIGTERM with no sanitizer report; returns its stderr."""
+    proc = start(exe, *args, cwd=cwd, env=env)
+    try:
+        line = ready_line(proc)
+    finally:
+        rc, out, err = stop(proc)
+    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
+    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
+    assert_clean("kupsim", err)
+    return err
+
+
 def refused(exe: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Run kupsim expecting a refusal at start: exit 2, no ready line, no
     sanitizer report; returns its stderr."""
@@ -102,14 +118,7 @@ def test_bare_module_name_is_a_file_in_cwd(variant_out: Path, short_tmp: Path) -
     shutil.copy(variant_out / "echo.so", work / "echo.so")
     shutil.copy(variant_out / "hostile.so", libdir / "echo.so")
     env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
-    proc = start(variant_out / "kupsim", "-d", str(short_tmp / "run"), "echo.so", cwd=work, env=env)
-    try:
-        line = ready_line(proc)
-    finally:
-        rc, out, err = stop(proc)
-    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
-    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
-    assert_clean("kupsim", err)
+    serves_echo(variant_out / "kupsim", "-d", str(short_tmp / "run"), "echo.so", cwd=work, env=env)
 
 
 def test_module_given_twice(variant_out: Path, short_tmp: Path) -> None:
@@ -157,15 +166,7 @@ def test_rundir_too_long_for_socket_path(variant_out: Path, short_tmp: Path) -> 
     assert "its device could not be published (see above)" in err, err
     assert "Cannot allocate memory" not in err, err
 
-    longest = rundir(97, "z")
-    proc = start(exe, "-d", longest, str(variant_out / "echo.so"))
-    try:
-        line = ready_line(proc)
-    finally:
-        rc, out, err = stop(proc)
-    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
-    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
-    assert_clean("kupsim", err)
+    serves_echo(exe, "-d", rundir(97, "z"), str(variant_out / "echo.so"))
 
 
 @pytest.mark.parametrize(
@@ -198,18 +199,6 @@ def test_bad_param_refuses_to_start(
 def test_good_params_still_apply(variant_out: Path, short_tmp: Path) -> None:
     """In-range values (a leading "+" included) are still taken."""
     env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "+16", "KUP_PARAM_ECHO_PAGES": "2"}
-    proc = start(
-        variant_out / "kupsim",
-        "-d",
-        str(short_tmp / "run"),
-        str(variant_out / "echo.so"),
-        env=env,
-    )
-    try:
-        line = ready_line(proc)
-    finally:
-        rc, out, err = stop(proc)
-    assert line == f"{READY} echo", f"{line!r}\n{out}\n{err}"
-    assert rc == 0, f"exit {rc}:\n{out}\n{err}"
+    run = str(short_tmp / "run")
+    err = serves_echo(variant_out / "kupsim", "-d", run, str(variant_out / "echo.so"), env=env)
     assert "echo: device echo ready (16 channels, 2 pages)" in err, err
-    assert_clean("kupsim", err)
