@@ -16,6 +16,7 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import ConfigError
 from kupd.log import get_logger
+from kupd.watch import Event, EventType
 
 if TYPE_CHECKING:
     from kupd.server import Server
@@ -119,9 +120,12 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             log.info("device undrained", device=dev.name)
             self.server.audit.admin("undrain", device=dev.name)
             self.server.health_changed()
+            self.server.bus.publish(Event(EventType.DEVICE_UNDRAINED, dev.name, reason="admin"))
             return out
         guard.drained.add(dev.name)
         self.server.health_changed()  # its health: NOT_SERVING
+        # before the LEASE_RELEASED "drained" of its leases: a watcher learns why
+        self.server.bus.publish(Event(EventType.DEVICE_DRAINED, dev.name, reason="admin"))
         for lease in [le for le in self.server.leases.leases.values() if le.dev is dev]:
             out.leases_ended.append(lease.id)
             self.server.leases.end(

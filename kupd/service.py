@@ -845,6 +845,8 @@ class KupService(kup_pb2_grpc.KupServicer):
                     out.append(Event(EventType.DEVICE_SHUTTING_DOWN, d.name, initial=True))
             else:
                 out.append(Event(EventType.DEVICE_GONE, d.name, reason=d.error, initial=True))
+            if d.name in self.guard.drained:
+                out.append(Event(EventType.DEVICE_DRAINED, d.name, reason="admin", initial=True))
         for lease in self.leases.leases.values():
             if not device or lease.dev.name == device:
                 out.append(

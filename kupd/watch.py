@@ -25,6 +25,8 @@ class EventType:
     LEASE_TAKEN = 5
     LEASE_RELEASED = 6
     SERVER_SHUTTING_DOWN = 7
+    DEVICE_DRAINED = 8
+    DEVICE_UNDRAINED = 9
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,9 @@ def test_drain_device(tk: TenantKupd) -> None:
     with tk.client("carol") as c, tk.admin() as adm:
         ch = c.open("rot13").channel()
         ch.receive()
+        w = c.watch("rot13", initial_state=True)
+        replay = [next(w), next(w)]  # APPEARED, carol's LEASE_TAKEN: subscribed
+        assert [e.type for e in replay] == [EventType.DEVICE_APPEARED, EventType.LEASE_TAKEN]
         ended = adm.drain("rot13")
         assert ch.lease.lease_id in ended
         with pytest.raises(errors.Shutdown):
@@ -269,7 +272,16 @@ def test_drain_device(tk: TenantKupd) -> None:
         assert not c.devices("echo")[0].drained
         wait_until(lambda: c.health("kup.v1.Kup/rot13") == "NOT_SERVING", what="rot13 drained")
         assert c.health("kup.v1.Kup/echo") == "SERVING" and c.health("") == "SERVING"
+        # and Watch: the drain first, then what it ended; a new watcher's
+        # replay includes it
+        drained, released = next(w), next(w)
+        assert (drained.type, drained.reason) == (EventType.DEVICE_DRAINED, "admin"), drained
+        assert (released.type, released.reason) == (EventType.LEASE_RELEASED, "drained")
+        with c.watch("rot13", initial_state=True) as w2:
+            assert EventType.DEVICE_DRAINED in [next(w2).type, next(w2).type]
         adm.drain("rot13", undo=True)
+        assert next(w).type == EventType.DEVICE_UNDRAINED
+        w.cancel()
         assert not c.devices("rot13")[0].drained
         wait_until(lambda: c.health("kup.v1.Kup/rot13") == "SERVING", what="rot13 undrained")
         with c.open("rot13").channel() as again:
