@@ -11,6 +11,7 @@ import asyncio
 import gc
 import threading
 import time
+from typing import Any
 
 import pytest
 from gateway_helpers import Kupd
@@ -75,7 +76,7 @@ def test_close_after_an_interrupt_that_left_a_reply_owed(kupd: Kupd) -> None:
     from kupclient._types import receive_mode
 
     with kupd.client() as c:
-        ch = c.open("echo").channel(22)
+        ch = c.open("echo").channel(25)
         ch.receive(timeout=10)
         ch.send(b"!hold")  # never answered: a receive waits in kupd for good
         mode, ms = receive_mode(None)  # a blocking receive, as kupctl's :recv
@@ -88,17 +89,24 @@ def test_close_after_an_interrupt_that_left_a_reply_owed(kupd: Kupd) -> None:
         closer.start()
         closer.join(BOUND)
         assert not closer.is_alive(), "close() waited for a reply kupd cannot give"
-        _wait_free(c, 22)
+        _wait_free(c, 25)
+
+
+async def _blocked_receive(c: AsyncClient, chan: int) -> tuple[Any, asyncio.Task[Any]]:
+    """A Session on echo's ``chan`` and a task blocked in its receive (echo
+    never answers "!hold")."""
+    ch = await (await c.open("echo")).channel(chan)
+    await ch.receive(timeout=10)
+    await ch.send(b"!hold")
+    pending = asyncio.create_task(ch.receive())
+    await asyncio.sleep(0.3)  # the receive is in kupd (a wait, not a timing check)
+    return ch, pending
 
 
 def test_async_close_from_another_task_ends_a_blocked_receive(kupd: Kupd) -> None:
     async def main() -> None:
         async with AsyncClient(kupd.socket) as c:
-            ch = await (await c.open("echo")).channel(21)
-            await ch.receive(timeout=10)
-            await ch.send(b"!hold")
-            pending = asyncio.create_task(ch.receive())
-            await asyncio.sleep(0.3)
+            ch, pending = await _blocked_receive(c, 21)
             await asyncio.wait_for(ch.close(), BOUND)
             with pytest.raises(errors.InvalidArgument, match="channel 21 of echo was closed"):
                 await asyncio.wait_for(pending, BOUND)
@@ -116,11 +124,7 @@ def test_async_cancelling_the_receivers_task_still_cancels(kupd: Kupd) -> None:
 
     async def main() -> None:
         async with AsyncClient(kupd.socket) as c:
-            ch = await (await c.open("echo")).channel(22)
-            await ch.receive(timeout=10)
-            await ch.send(b"!hold")
-            pending = asyncio.create_task(ch.receive())
-            await asyncio.sleep(0.3)
+            ch, pending = await _blocked_receive(c, 22)
             pending.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await pending
