@@ -1,7 +1,8 @@
 """kupclient's Session channels end cleanly: close() from another thread or
 task while a receive waits cancels the stream (kupd releases the lease),
 returns at once and fails the receive with a kupd.errors error saying the
-channel was closed; a Channel dropped without close() is released; a send
+channel was closed; a Channel or AsyncChannel dropped without close() is
+released; an AsyncClient serves whichever event loop uses it, one at a time; a send
 larger than the channel is TooBig before anything is sent (over gRPC's
 own message limit it used to kill the session); a closed Client says so."""
 
@@ -151,6 +152,63 @@ def test_a_channel_dropped_without_close_is_released(kupd: Kupd) -> None:
         del ch
         gc.collect()
         _wait_free(c, 24)
+
+
+def test_an_async_channel_dropped_without_close_is_released(kupd: Kupd) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(25)
+            await ch.receive(timeout=10)
+            assert (await c.devices("echo"))[0].channels[25].state == "session"
+            del ch
+            gc.collect()
+            for _ in range(100):
+                if (await c.devices("echo"))[0].channels[25].state == "free":
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("channel 25 still held after its AsyncChannel was collected")
+
+    asyncio.run(main())
+
+
+def test_an_async_client_made_outside_a_loop_serves_each_loop_in_turn(kupd: Kupd) -> None:
+    """gRPC's aio channel belongs to one event loop: the client makes it in
+    the loop that first uses it, and afresh once that loop is closed."""
+    c = AsyncClient(kupd.socket)
+
+    async def call() -> bytes:  # (lower(): the pool's odd channels upper-case)
+        return (await c.call("echo", b"hi", timeout=10)).data.lower()
+
+    assert asyncio.run(call()) == b"hi"
+    assert asyncio.run(call()) == b"hi"  # a second asyncio.run(): a new loop
+
+    async def open_channel() -> Any:
+        ch = await (await c.open("echo")).channel(27)
+        await ch.receive(timeout=10)
+        return ch
+
+    loop = asyncio.new_event_loop()
+    try:
+        ch = loop.run_until_complete(open_channel())
+        other = asyncio.new_event_loop()
+        try:
+            # the first loop is still open: neither the client nor the
+            # channel can serve a second one, and each says so
+            with pytest.raises(errors.InvalidArgument, match="in use by another event loop"):
+                other.run_until_complete(call())
+            with pytest.raises(errors.InvalidArgument, match="channel 27 of echo belongs to"):
+                other.run_until_complete(ch.exchange(b"x", timeout=10))
+        finally:
+            other.close()
+        # ... and both still work in their own loop
+        assert loop.run_until_complete(ch.exchange(b"x", timeout=10)).data == b"X"
+        loop.run_until_complete(ch.close())
+        assert loop.run_until_complete(call()) == b"hi"
+        loop.run_until_complete(c.close())
+    finally:
+        loop.close()
+    with kupd.client() as sync:
+        assert _state(sync, 27) == "free"
 
 
 @pytest.mark.parametrize("size", ["max_msg + 1", "over gRPC's limit"])

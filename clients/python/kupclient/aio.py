@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -58,23 +59,63 @@ class AsyncClient:
         self.path = path
         self.caller = caller if caller is not None else default_caller()
         self._closed = False
-        self._channel = grpc.aio.insecure_channel(target_for(path), options=channel_options())
-        self._stub = kup_pb2_grpc.KupStub(self._channel)
+        # gRPC's aio channel belongs to the event loop it is made in, so it is
+        # made on first use, in the loop that uses it: an AsyncClient built
+        # outside a loop and then used under asyncio.run() works (it failed
+        # with "attached to a different loop"), and so does a second
+        # asyncio.run() once the first loop is closed.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._grpc: grpc.aio.Channel | None = None
+        self._stub_: kup_pb2_grpc.KupStub | None = None
 
     def _check_open(self) -> None:
         if self._closed:
             raise client_closed(self.path)
 
-    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise errors.InvalidArgument(
+                f"client of {self.path} is in use by another event loop"
+                " (make one AsyncClient per event loop)"
+            )
+        # the old loop is closed, and its channel with it: start afresh
+        self._grpc = grpc.aio.insecure_channel(target_for(self.path), options=channel_options())
+        self._stub_ = kup_pb2_grpc.KupStub(self._grpc)
+        self._loop = loop
+
+    @property
+    def _channel(self) -> grpc.aio.Channel:
+        """gRPC's channel, for this event loop (InvalidArgument once closed)."""
         self._check_open()
+        if self._loop is not asyncio.get_running_loop():
+            self._bind()
+        assert self._grpc is not None
+        return self._grpc
+
+    @property
+    def _stub(self) -> kup_pb2_grpc.KupStub:
+        self._check_open()
+        if self._loop is not asyncio.get_running_loop():
+            self._bind()
+        assert self._stub_ is not None
+        return self._stub_
+
+    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        stub = self._stub
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout)
+            return await getattr(stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
     async def close(self) -> None:
         self._closed = True
-        await self._channel.close()
+        ch, self._grpc, self._stub_ = self._grpc, None, None
+        if ch is not None and self._loop is asyncio.get_running_loop():
+            await ch.close()
+        # else: never used, or its loop is gone (and the channel with it)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -94,7 +135,6 @@ class AsyncClient:
         return AsyncDeviceHandle(self, device)
 
     async def health(self, service: str = "") -> str:
-        self._check_open()
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
@@ -110,10 +150,9 @@ class AsyncClient:
             timeout_ms=call_timeout_ms(timeout),
             caller=self.caller,
         )
-        if self._closed:
-            raise client_closed(self.path)
+        stub = self._stub
         try:  # the stub directly, not through _unary: this is the hot path
-            resp = await self._stub.Call(req, timeout=_deadline(timeout))
+            resp = await stub.Call(req, timeout=_deadline(timeout))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return message_from_pb(resp.reply)
@@ -123,7 +162,6 @@ class AsyncClient:
     ) -> AsyncIterator[WatchEvent]:
         """Device and lease events; kupd's shutdown raises Shutdown at the end."""
         req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
-        self._check_open()
         call = self._stub.Watch(req)
         try:
             async for ev in call:
@@ -200,6 +238,21 @@ class AsyncDeviceHandle:
         return await self.client.call(self.name, data, timeout)
 
 
+def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the stream of an AsyncChannel collected without close(), in its
+    own loop (a collection can run in any thread)."""
+    if call.done() or loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        call.cancel()
+    else:
+        loop.call_soon_threadsafe(call.cancel)
+
+
 class AsyncChannel:
     """One channel held through a Session stream (``await handle.channel()``)."""
 
@@ -212,6 +265,12 @@ class AsyncChannel:
             request_serializer=_wire.serialize,
             response_deserializer=_wire.deserialize,
         )()
+        self._loop = asyncio.get_running_loop()
+        # A channel dropped without close() cancels its stream, so kupd
+        # releases the lease: gRPC's own cancel-on-collection never runs for
+        # a live stream (gRPC's core keeps its call object alive).
+        self._release = weakref.finalize(self, _cancel_dropped, self._call, self._loop)
+        self._release.atexit = False
         self._next_id = 0
         self._lock = asyncio.Lock()
         self._closed = False
@@ -237,6 +296,11 @@ class AsyncChannel:
     async def _op(
         self, req: kup_pb2.SessionRequest | _wire.WireOp
     ) -> kup_pb2.SessionResponse | _wire.WireReply:
+        if self._loop is not asyncio.get_running_loop():
+            raise errors.InvalidArgument(
+                f"{self._what} belongs to another event loop (a Session stream"
+                " lives in the loop that opened it)"
+            )
         async with self._lock:
             if self._closed:
                 raise channel_closed(self._what)
@@ -320,6 +384,12 @@ class AsyncChannel:
         An operation waiting on the channel in another task (a blocked
         receive) fails with InvalidArgument "... was closed while the
         operation waited"; close() cancels the stream and does not wait."""
+        if self._loop is not asyncio.get_running_loop():
+            # closed from another loop: the stream can only be cancelled
+            # (in its own loop, if that still runs)
+            self._closed = True
+            _cancel_dropped(self._call, self._loop)
+            return
         if self._closed or self._call.done():
             self._closed = True
             self._call.cancel()
