@@ -61,7 +61,9 @@ class ManagedDevice:
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
         self._event_fd = -1
-        self._refreshing = False
+        #: the refresh in progress (done when it and any pass asked for
+        #: during it have run), None when none runs
+        self._refreshing: asyncio.Future[None] | None = None
         self._refresh_again = False
         self._announced_seen = -1
         self._shutdown_seen = False
@@ -69,6 +71,9 @@ class ManagedDevice:
         self.fill_task: asyncio.Future[Any] | None = None
         #: callbacks run when the device goes away (sessions/leases end)
         self.on_gone: list[Callable[[ManagedDevice, errors.KupError], None]] = []
+        #: callbacks run when its module starts unloading (sessions/leases end:
+        #: every channel of the device now answers SHUTDOWN)
+        self.on_shutdown: list[Callable[[ManagedDevice], None]] = []
 
     @property
     def reachable(self) -> bool:
@@ -143,11 +148,15 @@ class ManagedDevice:
         self.mgr.spawn(self.refresh())
 
     async def refresh(self) -> None:
-        """Re-read the device's state; publish what changed; notice it gone."""
-        if self._refreshing:
+        """Re-read the device's state; publish what changed; notice it gone.
+
+        Returns once a read that started after the call has been acted on
+        (joining the refresh in progress, which then reads once more)."""
+        if self._refreshing is not None:
             self._refresh_again = True
+            await asyncio.shield(self._refreshing)
             return
-        self._refreshing = True
+        done = self._refreshing = asyncio.get_running_loop().create_future()
         try:
             while True:
                 self._refresh_again = False
@@ -155,7 +164,8 @@ class ManagedDevice:
                 if not self._refresh_again or self.dev is None:
                     break
         finally:
-            self._refreshing = False
+            self._refreshing = None
+            done.set_result(None)
 
     async def _refresh_once(self) -> None:
         dev = self.dev
@@ -167,8 +177,7 @@ class ManagedDevice:
             if self.dev is dev and not self._shutdown_seen and self._channels_say_shutdown():
                 # The host unloaded the module and closed before we could
                 # read its state: the channels it marked tell us it did.
-                self._shutdown_seen = True
-                self.mgr.publish(
+                self._shutting_down(
                     Event(EventType.DEVICE_SHUTTING_DOWN, self.name, reason="unloaded")
                 )
             self.gone(exc)
@@ -188,12 +197,19 @@ class ManagedDevice:
             )
             self._fill_pool()
         if info.shutting_down and not self._shutdown_seen:
-            self._shutdown_seen = True
-            log.warning("device shutting down", device=self.name)
-            self.mgr.publish(
+            self._shutting_down(
                 Event(EventType.DEVICE_SHUTTING_DOWN, self.name, notify_gen=info.notify_gen)
             )
             self.mgr.health_changed()
+
+    def _shutting_down(self, ev: Event) -> None:
+        """The module unloads: say so, then end what holds its channels (in
+        that order, so a watcher sees why the leases end)."""
+        self._shutdown_seen = True
+        log.warning("device shutting down", device=self.name)
+        self.mgr.publish(ev)
+        for cb in list(self.on_shutdown):
+            cb(self)
 
     def _channels_say_shutdown(self) -> bool:
         """Whether a free pool channel carries the kernel's SHUTDOWN mark.

@@ -730,6 +730,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         except errors.KupError as exc:
             # the lease ends before the status goes out
             if lease is not None:
+                if isinstance(exc, errors.Shutdown) and lease.active:
+                    # The kernel's SHUTDOWN reached this Session before kupd
+                    # read the device's state: read it now, so that watchers
+                    # see the device shutting down before this lease ends,
+                    # and it ends for the reason its device's other leases do.
+                    await lease.dev.refresh()
                 self.leases.end(lease, f"error: {type(exc).__name__}")
             await self._abort(context, exc)
         except asyncio.CancelledError:

@@ -127,6 +127,7 @@ class LeaseTable:
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
+            d.on_shutdown.append(self._device_shutting_down)
 
     def start(self) -> None:
         self._reaper = asyncio.ensure_future(self._reap_loop())
@@ -212,6 +213,14 @@ class LeaseTable:
     def _device_gone(self, dev: ManagedDevice, why: errors.KupError) -> None:
         for lease in [le for le in self.leases.values() if le.dev is dev]:
             self.end(lease, "device gone", errors.Shutdown(f"device {dev.name} went away: {why}"))
+
+    def _device_shutting_down(self, dev: ManagedDevice) -> None:
+        for lease in [le for le in self.leases.values() if le.dev is dev]:
+            self.end(
+                lease,
+                "device shutting down",
+                errors.Shutdown(f"device {dev.name} is shutting down"),
+            )
 
     def end_all(self, reason: str, error: errors.KupError) -> None:
         for lease in list(self.leases.values()):

@@ -79,3 +79,51 @@ def test_watch_initial_state_lists_leases(start_kupd: StartKupd, tmp_path: Path)
             assert got[0].type == EventType.DEVICE_APPEARED and got[0].initial
             assert got[1].type == EventType.LEASE_TAKEN and got[1].lease_id == lease.lease_id
         assert k.terminate() == 0
+
+
+def test_an_unload_is_announced_before_the_leases_it_ends(start_kupd: StartKupd) -> None:
+    """kupsim unloads the module: a Session waiting on its channel wakes with
+    the kernel's SHUTDOWN before kupd has read the device's state.  Watchers
+    still see DEVICE_SHUTTING_DOWN first, then each lease released for the
+    same reason, whether it was a Session or a lease."""
+    import threading
+
+    with echo_sim() as sim:
+        k = start_kupd(sim)
+        with k.client() as c:
+            events = c.watch("echo")
+            seen: list[WatchEvent] = []
+            ch = c.open("echo").channel(12)
+            until(events, EventType.LEASE_TAKEN, seen)
+            ch.receive(timeout=10)
+            ch.send(b"!hold")  # never answered: the receive below waits in kupd
+            lease = c.attach("echo", 13)
+            until(events, EventType.LEASE_TAKEN, seen)
+            failed: list[BaseException] = []
+
+            def receive() -> None:
+                try:
+                    ch.receive(timeout=60)
+                except BaseException as exc:
+                    failed.append(exc)
+
+            t = threading.Thread(target=receive, daemon=True)
+            t.start()
+            sim.signal(15)
+            until(events, EventType.DEVICE_GONE, seen)
+            t.join(30)
+            events.cancel()
+            ch.close()
+            assert failed and isinstance(failed[0], errors.Shutdown), failed
+            order = [(e.type, e.channel, e.reason) for e in seen[2:]]
+            shutting = [i for i, e in enumerate(seen) if e.type == EventType.DEVICE_SHUTTING_DOWN]
+            released = {e.channel: (i, e) for i, e in enumerate(seen)
+                        if e.type == EventType.LEASE_RELEASED}
+            assert shutting and set(released) == {12, 13}, order
+            assert all(i > shutting[0] for i, _ in released.values()), order
+            assert released[12][1].reason == released[13][1].reason, order
+            assert released[12][1].reason.startswith("device"), order
+            with pytest.raises(errors.NotFound):
+                c.lease_send(lease.lease_id, b"x")
+        sim.wait()
+    assert k.terminate() == 0
