@@ -117,7 +117,7 @@ def _start_line(rc: RcEnv, *extra: str) -> str:
     return " ".join(
         [
             "run: limits -C daemon /usr/sbin/daemon",
-            "-f", "-o", str(rc.dir / "kupd.log"),
+            "-f", "-H", "-o", str(rc.dir / "kupd.log"),
             "-p", str(rc.pidfile), "-P", str(rc.dir / "kupd.daemon.pid"),
             "-t", "kupd", str(rc.binary), "--config", str(rc.config),
             "--pid-file", "-", *extra,
