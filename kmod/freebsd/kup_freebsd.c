@@ -36,9 +36,9 @@
  *     threads currently inside our cdevsw methods (none of which sleeps for
  *     long), then runs the destructor of every still-open file, so after it
  *     returns no file refers to the device any more.  Later calls on such a
- *     descriptor fail with ENXIO in devfs itself; kqueue watchers get EV_EOF
- *     (knlist_clear), poll(2) wakes up.  kupdev_shutdown, which runs first,
- *     has already woken every waiter on both sides.
+ *     descriptor fail with ENXIO in devfs itself; kqueue notes are dropped
+ *     (knlist_delete), poll(2) wakes up.  kupdev_shutdown, which runs
+ *     first, has already woken every waiter on both sides (EV_EOF too).
  *   - a process that still maps a channel keeps that attachment, and so
  *     the device's memory, alive after the unload; the pages are freed with
  *     the device at the last munmap.  Because that last munmap runs our
@@ -85,6 +85,10 @@ MALLOC_DEFINE(M_KUP, "kup", "KUP kernel-user proxy");
 static volatile u_int kup_fb_ndevs;
 /* Kernel threads started with kup_os_thread_start and not yet joined. */
 static volatile u_int kup_fb_nthreads;
+/* Open-file destructors running: their last device reference may free a
+ * device -- megabytes of kmem_free in this module's code -- after that
+ * device has left kup_fb_ndevs. */
+static volatile u_int kup_fb_ndtors;
 /* Interlock of kup_os_thread_join (global: a per-thread mutex could be
  * freed by the joiner while the exiting thread is still unlocking it). */
 static struct mtx kup_fb_thr_mtx;
@@ -759,6 +763,7 @@ kup_fb_file_dtor(void *arg)
 	struct kup_os_chan *oc;
 	struct kup_fb_att *att;
 
+	atomic_add_int(&kup_fb_ndtors, 1);
 	mtx_lock(&f->mtx);
 	att = f->att;
 	f->att = NULL;
@@ -778,14 +783,19 @@ kup_fb_file_dtor(void *arg)
 		LIST_REMOVE(f, link);
 		mtx_unlock(&od->mtx);
 	}
-	/* kqueue notes still registered on this file get EV_EOF and are
-	 * detached from the knlist, so nothing references f after this */
-	knlist_clear(&f->sel.si_note, 0);
+	/* kqueue notes still registered on this file (destroy_dev runs us
+	 * while it is open; a close has removed them already) are dropped,
+	 * not cleared: a cleared note stays on its kqueue pointing at
+	 * kup_fb_read_filtops, which dangles once kupdev.ko unloads, and the
+	 * kqueue reads it when it drops the note.  kupdev_shutdown, before
+	 * destroy_dev, has fired them with EV_EOF. */
+	knlist_delete(&f->sel.si_note, curthread, 0);
 	seldrain(&f->sel);
 	knlist_destroy(&f->sel.si_note);
 	mtx_destroy(&f->mtx);
 	free(f, M_KUP);
 	kup_core_dev_put(sc);
+	atomic_subtract_int(&kup_fb_ndtors, 1);
 }
 
 static int
@@ -1143,6 +1153,9 @@ kup_fb_poll(struct cdev *cdev, int events, struct thread *td)
 	mtx_lock(&f->mtx);
 	if (kup_fb_file_ready(f, &hup, &err))
 		revents |= events & (POLLIN | POLLRDNORM);
+	/* write(2) (a self-wake) never blocks: always writable, as an
+	 * eventfd is on Linux */
+	revents |= events & (POLLOUT | POLLWRNORM);
 	if (hup)
 		revents |= POLLHUP;
 	if (err)
@@ -1231,7 +1244,8 @@ kupdev_modevent(module_t mod, int what, void *arg)
 		 * last munmap. */
 		if (atomic_load_int(&kup_fb_ndevs) != 0 ||
 		    atomic_load_int(&kup_fb_nmaps) != 0 ||
-		    atomic_load_int(&kup_fb_nthreads) != 0)
+		    atomic_load_int(&kup_fb_nthreads) != 0 ||
+		    atomic_load_int(&kup_fb_ndtors) != 0)
 			return (EBUSY);
 		if (what == MOD_QUIESCE)
 			return (0);
