@@ -546,10 +546,25 @@ kup_attach_lock(struct kup_chan *ch)
 {
 	unsigned int paused;
 	int r;
+#ifdef KUP_NOW_NS
+	/* Why a deadline and not a count of pauses: a host's "about a
+	 * millisecond" is a tick or two (Linux: msleep(1) is two jiffies, 8 ms
+	 * at HZ=250), and 500 of them were 4 s, not the 500 ms documented. */
+	uint64_t deadline = 0;
+#endif
 
 	for (paused = 0; !KUP_LOCK_TRY(&ch->lock); paused++) {
-		if (paused == KUP_ATTACH_LETGO_MS)   /* counts up from 0 by 1 */
+#ifdef KUP_NOW_NS
+		uint64_t now = KUP_NOW_NS();
+
+		if (paused == 0)
+			deadline = now + (uint64_t)KUP_ATTACH_LETGO_MS * 1000000ULL;
+		if (now >= deadline)          /* at once when LETGO is 0 (kupsim) */
 			return -EINPROGRESS;
+#else
+		if (paused == KUP_ATTACH_LETGO_MS)   /* no clock: count pauses */
+			return -EINPROGRESS;
+#endif
 		r = kup_os_attach_pause();
 		if (r != 0)
 			return r;
@@ -580,12 +595,29 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 			kup_unlock(&sc->lock);
 			return -EAGAIN;
 		}
+		struct kup_chan *releasing = NULL;
+
+		/* The first free channel whose lock is free now.  Why try the
+		 * lock: a channel whose last user left while its module still
+		 * holds it (computing) would make this attach wait and give up
+		 * with RELEASING while others are free -- and a retry would pick
+		 * it again.  Such a channel is the fallback when it is the only
+		 * free one.  (A try under sc->lock cannot deadlock.) */
 		for (i = 0; i < sc->announced; i++) {
-			if (!sc->chans[i].attached) {
-				ch = &sc->chans[i];
+			struct kup_chan *c = &sc->chans[i];
+
+			if (c->attached)
+				continue;
+			if (KUP_LOCK_TRY(&c->lock)) {
+				kup_unlock(&c->lock);
+				ch = c;
 				break;
 			}
+			if (releasing == NULL)
+				releasing = c;
 		}
+		if (ch == NULL)
+			ch = releasing;
 		if (ch == NULL) {
 			kup_unlock(&sc->lock);
 			return -EBUSY;
@@ -625,6 +657,15 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 		kup_unlock(&sc->lock);
 		return r;
 	}
+#ifndef KUP_CHAN_MEM_FRESH
+	/* Nothing of the previous user's conversation reaches this one: the
+	 * data areas are cleared too, not just the control area (under
+	 * ch->lock only: megabytes, on a big channel). */
+	memset((uint8_t *)ch->ctrl + KUP_CHAN_K2U_OFF(sc->page_size), 0,
+	    sc->data_size);
+	memset((uint8_t *)ch->ctrl + KUP_CHAN_U2K_OFF(sc->page_size, sc->pages),
+	    0, sc->data_size);
+#endif
 	kup_lock(&sc->lock);
 	kup_page_reset(ch, gen);
 	kup_unlock(&ch->lock);   /* sc->lock stays: ch before sc, as ever */

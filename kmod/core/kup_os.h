@@ -56,6 +56,10 @@
  *                           to let go of a channel whose last user left
  *                           (default 500; kupsim: 0, its server thread
  *                           parks the request itself and must never wait)
+ *     KUP_CHAN_MEM_FRESH    define when every attachment gets new, zeroed
+ *                           channel memory (kupsim: a fresh memfd); the
+ *                           core then does not clear the data areas at
+ *                           attach (which would fault in every page)
  *     KUP_CHAN_UNLOCKED(ch) called by the core right after a kernel-side
  *                           call of ch (a module thread's receive, send,
  *                           pass or kupdev_unlock_channel) lets go of

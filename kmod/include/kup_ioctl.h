@@ -58,7 +58,10 @@
  * [map_offset, map_offset + map_size) of the attached channel, offset a
  * multiple of the page size; anything else (or mmap before attach) is EINVAL.
  * MAP_PRIVATE and PROT_EXEC are refused (EINVAL): the pages exist only to
- * be shared, as data.
+ * be shared, as data.  (Linux also refuses a later mprotect(PROT_EXEC);
+ * FreeBSD cannot: devfs sets a device mapping's maximum protection and
+ * gives the driver no say in it.)  ATTACH and WAKE need a file opened for
+ * writing (EBADF); INFO, poll and read do not.
  *
  * Errors are returned the usual way (-1 and errno).  errno -> KUP_E_*:
  *   ENOENT          KUP_E_NOENT     (channel id out of range, no device)

@@ -96,6 +96,9 @@ kupsim_curthread(void)
  * (it sees the detach and lets go at once): the core's -EINPROGRESS then
  * parks the ATTACH the same way (kupsim_server.c do_attach) */
 #define KUP_ATTACH_LETGO_MS    0U
+/* kup_os.h: every attachment maps a fresh memfd (kupsim_chan_renew), all
+ * zeroes: nothing of the previous user is left to clear */
+#define KUP_CHAN_MEM_FRESH     1
 /* Optional (kup_os.h): a module thread let go of ch->lock; if the server
  * waits for it, wake the server.  Inline (one relaxed load when no renewal
  * waits: it runs on every receive, send and unlock); expanded only in

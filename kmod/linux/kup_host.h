@@ -40,7 +40,9 @@ struct kup_os_chan {
 	void *mem;                    /* vmalloc_user() area */
 	size_t bytes;
 	wait_queue_head_t wq;         /* kernel-side sleepers */
-	wait_queue_head_t poll_wq;    /* user space: turn / shutdown */
+	spinlock_t user_lock;         /* user_wq */
+	wait_queue_head_t *user_wq;   /* the attached file's pollers (turn /
+	                               * shutdown), NULL while unattached */
 	atomic_t wake_pending;        /* a user wake-up not yet read(2) */
 };
 

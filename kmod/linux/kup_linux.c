@@ -38,6 +38,7 @@
 #include <linux/kthread.h>
 #include <linux/completion.h>
 #include <linux/delay.h>
+#include <linux/hrtimer.h>
 #include <linux/moduleparam.h>
 #include <linux/cdev.h>
 #include <linux/device.h>
@@ -101,7 +102,8 @@ void *kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch,
 	(void)sc;
 	oc->ch = ch;
 	init_waitqueue_head(&oc->wq);
-	init_waitqueue_head(&oc->poll_wq);
+	spin_lock_init(&oc->user_lock);
+	oc->user_wq = NULL;
 	atomic_set(&oc->wake_pending, 0);
 	if (bytes == 0 || bytes % PAGE_SIZE != 0)
 		return NULL;
@@ -167,14 +169,33 @@ void kup_os_chan_wake(struct kup_chan *ch)
 
 /* Like an eventfd: the wake-up stays pending (the fd polls readable) until
  * user space consumes it with read(2) -- libkup's drain.  Pending before
- * the wake_up, so a poller that wakes always sees it. */
+ * the wake_up, so a poller that wakes always sees it.  The pollers wait on
+ * the attached file's queue, not the channel's: epoll registers a file's
+ * queues once, at EPOLL_CTL_ADD, and a file added before its ATTACH would
+ * never hear of its channel. */
 void kup_os_chan_wake_user(struct kup_chan *ch)
 {
 	struct kup_os_chan *oc = kup_core_chan_os(ch);
 
 	atomic_set(&oc->wake_pending, 1);
 	smp_mb__after_atomic();
-	wake_up_all(&oc->poll_wq);
+	spin_lock(&oc->user_lock);
+	if (oc->user_wq != NULL)
+		wake_up_all(oc->user_wq);
+	spin_unlock(&oc->user_lock);
+}
+
+/* Route the channel's user wake-ups to a file's queue (NULL: to nobody).
+ * Clearing under the lock means no wake-up touches the queue afterwards. */
+static void kup_chan_set_user_wq(struct kup_chan *ch, wait_queue_head_t *q,
+    wait_queue_head_t *only_if)
+{
+	struct kup_os_chan *oc = kup_core_chan_os(ch);
+
+	spin_lock(&oc->user_lock);
+	if (only_if == NULL || oc->user_wq == only_if)
+		oc->user_wq = q;
+	spin_unlock(&oc->user_lock);
 }
 
 static void kup_os_dev_init_wq(struct kup_os_dev *od)
@@ -236,10 +257,16 @@ void kup_os_msleep(unsigned int ms)
 }
 EXPORT_SYMBOL_GPL(kup_os_msleep);
 
-/* kup_os.h: in the attaching process's ioctl; a signal ends the sleep */
+/* kup_os.h: in the attaching process's ioctl; a signal ends the sleep.
+ * An hrtimer sleep, not msleep_interruptible(1): that is two jiffies (8 ms
+ * at HZ=250), and the pause is what a channel its module has just let go
+ * of waits for. */
 int kup_os_attach_pause(void)
 {
-	msleep_interruptible(1);
+	ktime_t t = ms_to_ktime(1);
+
+	set_current_state(TASK_INTERRUPTIBLE);
+	schedule_hrtimeout_range(&t, 500 * NSEC_PER_USEC, HRTIMER_MODE_REL);
 	return signal_pending(current) ? -EINTR : 0;
 }
 
@@ -350,8 +377,13 @@ EXPORT_SYMBOL_GPL(kup_os_thread_join);
 /* One open file description: a device handle, at most one channel. */
 struct kup_file {
 	struct kupdev_softc *sc;      /* referenced */
-	struct mutex lock;            /* ch, seen_gen */
+	struct mutex lock;            /* ch, attaching, seen_gen; held briefly:
+	                               * never across a user copy or a wait
+	                               * (mmap takes it under mmap_lock) */
 	struct kup_chan *ch;          /* attached channel or NULL */
+	bool attaching;               /* an ATTACH is in progress */
+	wait_queue_head_t poll_wq;    /* this file's pollers: its channel's
+	                               * wake-ups (kup_chan_set_user_wq) */
 	uint64_t seen_gen;            /* notify_gen last reported by INFO */
 };
 
@@ -419,6 +451,7 @@ static int kup_fop_open(struct inode *inode, struct file *file)
 	kf->sc = sc;
 	kf->seen_gen = info->notify_gen;
 	mutex_init(&kf->lock);
+	init_waitqueue_head(&kf->poll_wq);
 	kfree(info);
 	file->private_data = kf;
 	return nonseekable_open(inode, file);
@@ -436,8 +469,10 @@ static int kup_fop_release(struct inode *inode, struct file *file)
 	struct kup_file *kf = file->private_data;
 
 	(void)inode;
-	if (kf->ch != NULL)
+	if (kf->ch != NULL) {
+		kup_chan_set_user_wq(kf->ch, NULL, &kf->poll_wq);
 		kup_core_detach(kf->ch);
+	}
 	kup_core_dev_put(kf->sc);
 	mutex_destroy(&kf->lock);
 	kfree(kf);
@@ -467,11 +502,17 @@ static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 	info = kmalloc(sizeof(*info), GFP_KERNEL);
 	if (info == NULL)
 		return -ENOMEM;
+	/* Claim the file, then attach without its lock: the attach may wait up
+	 * to KUP_ATTACH_LETGO_MS and the copy out may fault (taking mmap_lock,
+	 * which mmap holds when it takes kf->lock). */
 	mutex_lock(&kf->lock);
-	if (kf->ch != NULL) {
-		r = -EBUSY;           /* one channel per open file */
-		goto out;
+	if (kf->ch != NULL || kf->attaching) {
+		mutex_unlock(&kf->lock);
+		kfree(info);
+		return -EBUSY;        /* one channel per open file */
 	}
+	kf->attaching = true;
+	mutex_unlock(&kf->lock);
 	kup_core_info(kf->sc, info);
 	if (info->shutting_down) {
 		r = -ESHUTDOWN;
@@ -486,6 +527,7 @@ static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 		goto out;
 	/* nothing of an earlier attachment is pending for this user */
 	atomic_set(&kup_core_chan_os(ch)->wake_pending, 0);
+	kup_chan_set_user_wq(ch, &kf->poll_wq, NULL);
 	ctrl = kup_core_chan_mem(ch);
 	a.chan_id = kup_core_chan_id(ch);
 	a.page_size = info->page_size;
@@ -495,13 +537,17 @@ static long kup_ioc_attach(struct kup_file *kf, void __user *uarg)
 	a.map_size = kup_core_chan_bytes(ch);
 	a.attach_gen = READ_ONCE(ctrl->attach_gen);
 	if (copy_to_user(uarg, &a, sizeof(a))) {
+		kup_chan_set_user_wq(ch, NULL, &kf->poll_wq);
 		kup_core_detach(ch);
+		ch = NULL;
 		r = -EFAULT;
 		goto out;
 	}
-	kf->ch = ch;
 	r = 0;
 out:
+	mutex_lock(&kf->lock);
+	kf->ch = ch;
+	kf->attaching = false;
 	mutex_unlock(&kf->lock);
 	kfree(info);
 	return r;
@@ -538,6 +584,11 @@ static long kup_fop_ioctl(struct file *file, unsigned int cmd,
 	struct kup_file *kf = file->private_data;
 	struct kup_chan *ch;
 
+	/* Taking a channel means writing into it: only on files opened for
+	 * writing, as on FreeBSD (a read-only file may still ask INFO). */
+	if ((cmd == KUP_IOC_ATTACH || cmd == KUP_IOC_WAKE) &&
+	    !(file->f_mode & FMODE_WRITE))
+		return -EBADF;
 	switch (cmd) {
 	case KUP_IOC_ATTACH:
 		return kup_ioc_attach(kf, (void __user *)arg);
@@ -607,7 +658,7 @@ static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
 		struct kup_os_chan *oc = kup_core_chan_os(ch);
 		uint32_t state;
 
-		poll_wait(file, &oc->poll_wq, wait);
+		poll_wait(file, &kf->poll_wq, wait);
 		poll_wait(file, &od->poll_wq, wait);
 		/* Readable while a wake-up is pending (hand-over seen with
 		 * user_waiting set, shutdown, protocol error) until read(2)
@@ -624,6 +675,7 @@ static __poll_t kup_fop_poll(struct file *file, poll_table *wait)
 	} else {
 		struct kup_ioc_info *ci = kmalloc(sizeof(*ci), GFP_KERNEL);
 
+		poll_wait(file, &kf->poll_wq, wait);  /* for after an ATTACH */
 		poll_wait(file, &od->poll_wq, wait);
 		if (ci == NULL)
 			return EPOLLERR;

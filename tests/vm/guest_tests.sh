@@ -117,6 +117,8 @@ stage_kfault_hostile() {
 	[ "$n" -ge 7 ]
 }
 
+stage_kfault_release() { "$BINDIR/kup_kfault" release; }
+
 # libkup's C scenarios (tests/c/test_kup.c, the same program the kupsim
 # tests run) against the real module, KUP_BACKEND=linux; the driver's part
 # (kill a holder, unload the module) is done here instead of on kupsim.

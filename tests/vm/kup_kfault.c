@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -294,6 +295,20 @@ test_basic(void)
 			CHECK(ioctl(fd, cmd, junk) == -1 && errno == ENOTTY,
 			    "ioctl 0x%lx was not refused with ENOTTY", cmd);
 		}
+	}
+	/* a file opened read-only may ask INFO, never take a channel */
+	{
+		int ro = open(DEV, O_RDONLY | O_CLOEXEC);
+
+		CHECK(ro >= 0, "open %s read-only", DEV);
+		CHECK(ioctl(ro, KUP_IOC_INFO, ii) == 0, "INFO on a read-only file");
+		errno = 0;
+		CHECK(attach_raw(ro, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &a) == -1 &&
+		    errno == EBADF, "ATTACH on a read-only file");
+		errno = 0;
+		CHECK(ioctl(ro, KUP_IOC_WAKE) == -1 && errno == EBADF,
+		    "WAKE on a read-only file");
+		close(ro);
 	}
 	memset(&a, 0, sizeof(a));
 	a.abi_version = KUP_ABI_VERSION;
@@ -722,6 +737,131 @@ test_traffic(const char *dir, uint32_t chan_id)
 	printf("traffic %u: %lu round trips, then shutdown\n", chan_id, i);
 }
 
+/* Bounded wait for a line of the kernel log (the module says what it did). */
+static void
+wait_dmesg(const char *needle)
+{
+	char line[512];
+	int i, found = 0;
+
+	for (i = 0; i < 200 && !found; i++) {
+		FILE *f = popen("dmesg", "r");
+
+		CHECK(f != NULL, "popen dmesg");
+		while (fgets(line, sizeof(line), f) != NULL)
+			if (strstr(line, needle) != NULL)
+				found = 1;
+		pclose(f);
+		if (!found)
+			usleep(50 * 1000);
+	}
+	CHECK(found, "no '%s' in dmesg", needle);
+}
+
+static int
+all_zero(const uint8_t *p, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		if (p[i] != 0)
+			return 0;
+	return 1;
+}
+
+/* What a channel's next user finds, and how it is woken:
+ *   - nothing of the previous user's conversation is left in the data
+ *     areas (the core cleared only the control area);
+ *   - a file added to epoll BEFORE its ATTACH hears of its channel (epoll
+ *     registers a file's wait queues once, at EPOLL_CTL_ADD);
+ *   - ATTACH of "any channel" passes over a channel whose module still
+ *     holds it (it waited, and gave up with EINPROGRESS, while others
+ *     were free). */
+static void
+test_release(void)
+{
+	static const char secret[] = "PREVIOUS-USER-SECRET-PAYLOAD";
+	struct kup_ioc_attach a;
+	struct epoll_event ev = { .events = EPOLLIN };
+	struct chan c, held, any;
+	char buf[64];
+	size_t len;
+	int efd, n;
+
+	g_test = "release";
+	chan_open(&c, 50);
+	echo_round(&c, secret, secret);
+	chan_close(&c);
+	chan_open(&c, 50);
+	CHECK(all_zero(c.mem + c.ctrl->u2k_off, c.ctrl->u2k_size),
+	    "the previous user's message is still in the u2k area");
+	CHECK(all_zero(c.mem + c.ctrl->k2u_off, c.ctrl->k2u_size),
+	    "the previous reply is still in the k2u area");
+	echo_round(&c, "fresh", "fresh");
+	chan_close(&c);
+
+	/* epoll first, ATTACH after */
+	memset(&c, 0, sizeof(c));
+	c.fd = open_dev();
+	efd = epoll_create1(EPOLL_CLOEXEC);
+	CHECK(efd >= 0, "epoll_create1");
+	ev.data.fd = c.fd;
+	CHECK(epoll_ctl(efd, EPOLL_CTL_ADD, c.fd, &ev) == 0, "EPOLL_CTL_ADD");
+	CHECK(attach_raw(c.fd, 52, KUP_ABI_VERSION, &c.a) == 0, "attach chan 52");
+	c.mem = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+	    c.fd, (off_t)c.a.map_offset);
+	CHECK(c.mem != MAP_FAILED, "mmap");
+	c.ctrl = (struct kup_ctrl *)c.mem;
+	CHECK(recv_msg(&c, buf, sizeof(buf), &len) == KUP_KIND_PASS, "first PASS");
+	send_msg(&c, KUP_KIND_DATA, "!delay", 6);   /* answered after 300 ms */
+	__atomic_store_n(&c.ctrl->user_waiting, 1, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	n = epoll_wait(efd, &ev, 1, WAIT_MS);
+	c.ctrl->user_waiting = 0;
+	CHECK(n == 1 && (ev.events & EPOLLIN), "epoll registered before ATTACH "
+	    "never heard of the reply (n %d, turn %u)", n, turn(&c));
+	CHECK(turn(&c) == KUP_TURN_USER, "woken before the reply");
+	CHECK(recv_msg(&c, buf, sizeof(buf), &len) == KUP_KIND_DATA && len == 6,
+	    "delayed reply");
+	close(efd);
+	chan_close(&c);
+
+	/* channel 0 left while echo holds it locked; "any" takes another */
+	chan_open(&held, 0);
+	CHECK(recv_msg(&held, buf, sizeof(buf), &len) == KUP_KIND_PASS, "PASS on 0");
+	send_msg(&held, KUP_KIND_DATA, "!lockhold20000", 14);
+	wait_dmesg("echo: chan 0: holding the channel locked");
+	chan_close(&held);
+	memset(&any, 0, sizeof(any));
+	any.fd = open_dev();
+	errno = 0;
+	CHECK(attach_raw(any.fd, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &any.a) == 0,
+	    "ATTACH any with channel 0 still the module's");
+	CHECK(any.a.chan_id != 0, "ATTACH any chose channel 0, which its module holds");
+	any.mem = mmap(NULL, any.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+	    any.fd, (off_t)any.a.map_offset);
+	CHECK(any.mem != MAP_FAILED, "mmap");
+	any.ctrl = (struct kup_ctrl *)any.mem;
+	CHECK(recv_msg(&any, buf, sizeof(buf), &len) == KUP_KIND_PASS, "PASS");
+	send_msg(&any, KUP_KIND_DATA, "!lockfree", 9);   /* ends the hold */
+	CHECK(recv_msg(&any, buf, sizeof(buf), &len) == KUP_KIND_DATA, "!lockfree");
+	chan_close(&any);
+	/* and channel 0 comes back once echo has let go */
+	for (n = 0;; n++) {
+		int fd = open_dev();
+
+		if (attach_raw(fd, 0, KUP_ABI_VERSION, &a) == 0) {
+			close(fd);
+			break;
+		}
+		CHECK((errno == EINPROGRESS || errno == EBUSY) && n < 100,
+		    "channel 0 never came back");
+		close(fd);
+		usleep(50 * 1000);
+	}
+	printf("release: ok\n");
+}
+
 int
 main(int argc, char **argv)
 {
@@ -734,6 +874,8 @@ main(int argc, char **argv)
 		test_sigkill();
 	else if (argc == 2 && strcmp(argv[1], "hostile") == 0)
 		test_hostile();
+	else if (argc == 2 && strcmp(argv[1], "release") == 0)
+		test_release();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
@@ -754,7 +896,7 @@ main(int argc, char **argv)
 		test_traffic(argv[2], (uint32_t)strtoul(argv[3], NULL, 10));
 	else {
 		fprintf(stderr,
-		    "usage: kup_kfault basic|mmap|sigkill|hostile|unload-hold DIR|"
+		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|unload-hold DIR|"
 		    "traffic DIR CHAN|chans NAME\n");
 		return 2;
 	}

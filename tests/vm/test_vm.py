@@ -57,6 +57,7 @@ STAGES = [
     "kfault_mmap",
     "kfault_sigkill",
     "kfault_hostile",
+    "kfault_release",
     "libkup_c",
     "python_channel",
     "kupd",
