@@ -92,15 +92,21 @@ def kmod_out() -> Path:
 
 def module_path(module: str | os.PathLike[str]) -> Path:
     """Resolve a module: a bare name ``echo`` means ``kmod/out/echo.so``;
-    anything containing a ``/`` or ending in ``.so`` is taken as a path."""
+    anything containing a ``/`` is a path; ``echo.so`` is a file of the
+    current directory if there is one, else ``kmod/out/echo.so``."""
     text = os.fspath(module)
-    if "/" in text or text.endswith(".so"):
-        path = Path(text)
+    if "/" in text:
+        tried = [Path(text)]
+    elif text.endswith(".so"):
+        tried = [Path(text), kmod_out() / text]
     else:
-        path = kmod_out() / f"{text}.so"
-    if not path.is_file():
-        raise KupSimError(f"kupsim module {text!r} not found at {path} (run `make -C kmod`)")
-    return path
+        tried = [kmod_out() / f"{text}.so"]
+    for path in tried:
+        if path.is_file():
+            return path
+    where = " or ".join(str(p) for p in tried)
+    hint = " (run `make -C kmod`)" if any(p.parent == kmod_out() for p in tried) else ""
+    raise KupSimError(f"kupsim module {text!r} not found at {where}{hint}")
 
 
 class KupSim:

@@ -42,10 +42,15 @@ struct module {
 };
 
 static void
-usage(void)
+usage(FILE *f)
 {
-	fprintf(stderr, "usage: kupsim [-d RUNDIR] module.so [module.so ...]\n"
-	    "  RUNDIR defaults to $KUPSIM_DIR, else /run/kupsim\n");
+	fprintf(f, "usage: kupsim [-d RUNDIR] module.so [module.so ...]\n"
+	    "  -d RUNDIR    where the device sockets go (default $KUPSIM_DIR,"
+	    " else /run/kupsim)\n"
+	    "  module.so    a module file (a bare name: in the current directory)\n"
+	    "  environment  KUP_PARAM_<MODULE>_<NAME>=<integer>: module parameters,\n"
+	    "               e.g. KUP_PARAM_ECHO_CHANNELS=8 (a malformed one is fatal)\n"
+	    "  SIGTERM or SIGINT unloads every module and exits.\n");
 }
 
 static void
@@ -123,16 +128,22 @@ main(int argc, char **argv)
 	sigset_t ss;
 	int opt, nmods, i, sig, rc = 1;
 
+	for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+		if (strcmp(argv[i], "--help") == 0) {
+			usage(stdout);
+			return 0;
+		}
+	}
 	while ((opt = getopt(argc, argv, "d:h")) != -1) {
 		switch (opt) {
 		case 'd':
 			rundir = optarg;
 			break;
 		case 'h':
-			usage();
+			usage(stdout);
 			return 0;
 		default:
-			usage();
+			usage(stderr);
 			return 2;
 		}
 	}
@@ -141,7 +152,7 @@ main(int argc, char **argv)
 	nmods = argc - optind;
 	if (nmods <= 0) {
 		fprintf(stderr, "kupsim: no module given\n");
-		usage();
+		usage(stderr);
 		return 2;
 	}
 	mods = calloc((size_t)nmods, sizeof(*mods));

@@ -2,7 +2,7 @@
 a module named without a '/' is a file in the current directory; a module
 given twice, a run directory too long for its sockets and a KUP_PARAM_*
 value that is not an int are refused at start (exit 2, a message naming
-what was wrong), never half-started."""
+what was wrong), never half-started; -h and --help print the usage to stdout."""
 
 from __future__ import annotations
 
@@ -202,3 +202,16 @@ def test_good_params_still_apply(variant_out: Path, short_tmp: Path) -> None:
     run = str(short_tmp / "run")
     err = serves_echo(variant_out / "kupsim", "-d", run, str(variant_out / "echo.so"), env=env)
     assert "echo: device echo ready (16 channels, 2 pages)" in err, err
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_is_on_stdout_and_exits_0(variant_out: Path, flag: str) -> None:
+    """Help asked for is not an error; a wrong option is (usage on stderr)."""
+    proc = start(variant_out / "kupsim", flag, "echo.so")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, (out, err)
+    assert out.startswith("usage: kupsim") and "KUP_PARAM_<MODULE>_<NAME>" in out, out
+    assert_clean("kupsim " + flag, err)
+    proc = start(variant_out / "kupsim", "--bogus")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2 and out == "" and "usage: kupsim" in err, (out, err)

@@ -42,6 +42,19 @@ def test_missing_module_is_named() -> None:
         pass
 
 
+def test_a_module_file_name_is_found_here_or_in_kmod_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's ``kupsim("echo.so")`` from any directory: a file of that
+    name in the current directory, else kmod/out's; both named if neither."""
+    monkeypatch.chdir(tmp_path)
+    with kupsim("echo.so") as sim:
+        assert "echo" in sim.devices
+    with pytest.raises(KupSimError, match=r"'nope\.so' not found at nope\.so or .*/nope\.so"):
+        with kupsim("nope.so"):
+            pass
+
+
 def test_broken_module_shows_kupsim_output(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.so"
     bogus.write_text("not an ELF file\n")
