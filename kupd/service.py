@@ -410,6 +410,14 @@ class KupService(kup_pb2_grpc.KupServicer):
         self._check_open()
         if not device:
             raise errors.InvalidArgument("attach: device is required")
+        md = self.mgr.devices.get(device)
+        if md is not None:
+            # an attach refused below is counted (kupd_errors_total) and
+            # logged under its device -- and its channel when there is
+            # such a channel: the labels stay bounded by the configuration
+            bind(device=device)
+            if chan is not None and md.info is not None and chan < md.info.chan_count:
+                bind(channel=chan)
         t = self.guard.tenant()
         self.guard.check_op(t, holder, device, chan)
         self.guard.check_drained(device)

@@ -41,18 +41,36 @@ def test_failed_calls_log_and_count_with_their_context(sim: KupSim, start_kupd: 
         with pytest.raises(errors.NotFound):
             c.call("nosuch", b"x", timeout=10)  # refused before any device is known
         assert len(c.call("echo", b"\x01\x02", timeout=10).data) == 2  # still serving
+        with pytest.raises(errors.Busy):
+            c.attach("echo", 0)  # a Call pool channel
+        with pytest.raises(errors.NotFound):
+            c.attach("echo", 999)  # no such channel: not a label of its own
+        with pytest.raises(errors.NotFound):
+            c.attach("nosuch", 3)
         body = urllib.request.urlopen(k.metrics_url, timeout=10).read()
     text = body.decode()
     assert 'kupd_calls_total{code="OK",device="echo"} 3.0' in text
     assert 'kupd_calls_total{code="INVALID_ARGUMENT",device="echo"} 1.0' in text
     # the error counter takes the device from the bound log context
     assert 'kupd_errors_total{channel="",code="INVALID_ARGUMENT",device="echo"} 1.0' in text
-    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""} 1.0' in text
+    # refused attaches too, with the channel when the device has it
+    assert 'kupd_errors_total{channel="0",code="FAILED_PRECONDITION",device="echo"} 1.0' in text
+    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device="echo"} 1.0' in text
+    assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""} 2.0' in text
     assert k.terminate() == 0
     recs = _failed(k.log())
-    too_big = [r for r in recs if r["code"] == "INVALID_ARGUMENT"]
-    not_found = [r for r in recs if r["code"] == "NOT_FOUND"]
+    calls = [r for r in recs if r["rpc"] == "Call"]
+    too_big = [r for r in calls if r["code"] == "INVALID_ARGUMENT"]
+    not_found = [r for r in calls if r["code"] == "NOT_FOUND"]
     assert len(too_big) == 1 and len(not_found) == 1, recs
+    attaches = [
+        (r["code"], r.get("device"), r.get("channel")) for r in recs if r["rpc"] == "Attach"
+    ]
+    assert attaches == [
+        ("FAILED_PRECONDITION", "echo", 0),
+        ("NOT_FOUND", "echo", None),
+        ("NOT_FOUND", None, None),
+    ], attaches
     r = too_big[0]
     assert (r["rpc"], r["device"], r["caller"], r["tenant"]) == (
         "Call",
