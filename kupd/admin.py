@@ -63,7 +63,10 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.RevokeLeaseRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.RevokeLeaseResponse:
         try:
-            lease = self.server.leases.get(request.lease_id)
+            try:
+                lease = self.server.leases.get(request.lease_id)
+            except errors.PermissionDenied:  # its holder's answer, not the admin's
+                raise errors.NotFound(f"lease {request.lease_id} has ended (revoked)") from None
         except errors.KupError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None

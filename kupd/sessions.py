@@ -28,6 +28,9 @@ __all__ = ["Lease", "LeaseTable", "OpLock"]
 
 log = get_logger("kupd.sessions")
 
+#: how many ended leases get() still explains (~200 bytes each)
+ENDED_KEPT = 4096
+
 
 class OpLock:
     """A FIFO lock for a lease's operations, like :class:`asyncio.Lock` but
@@ -124,6 +127,12 @@ class LeaseTable:
         #: takes between their max_leases check and their lease (an attach
         #: awaits the host): counted, or concurrent ones all pass the check
         self._taking = 0
+        #: recently ended leases: id -> (tenant, the error a later use of
+        #: the id gets), the oldest dropped past ENDED_KEPT, so that an
+        #: Attach lease's holder learns why it ended (revoked, expired ...)
+        self._ended: collections.OrderedDict[str, tuple[str, errors.KupError]] = (
+            collections.OrderedDict()
+        )
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
@@ -168,9 +177,15 @@ class LeaseTable:
         )
         return lease
 
-    def get(self, lease_id: str) -> Lease:
+    def get(self, lease_id: str, tenant: str | None = None) -> Lease:
+        """The active lease ``lease_id``.  One that ended lately is NotFound
+        saying how it ended -- PermissionDenied with the reason when the
+        admin revoked it -- to its own ``tenant`` (None: anyone's)."""
         lease = self.leases.get(lease_id)
         if lease is None or not lease.active:
+            gone = self._ended.get(lease_id)
+            if gone is not None and (tenant is None or gone[0] == tenant):
+                raise type(gone[1])(gone[1].message)
             raise errors.NotFound(f"no lease {lease_id!r} (released, expired, or never taken)")
         return lease
 
@@ -182,6 +197,14 @@ class LeaseTable:
         lease.ended.set_exception(error or errors.NotFound(f"lease {lease.id} {reason}"))
         lease.ended.exception()  # retrieved: no "never retrieved" warning
         self.leases.pop(lease.id, None)
+        later: errors.KupError = (
+            errors.PermissionDenied(error.message)
+            if isinstance(error, errors.PermissionDenied)
+            else errors.NotFound(f"lease {lease.id} has ended ({reason})")
+        )
+        self._ended[lease.id] = (lease.tenant, later)
+        if len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
         dev = lease.dev
         if dev.holders.get(lease.ch.id, ("", ""))[1] == lease.id:
             del dev.holders[lease.ch.id]

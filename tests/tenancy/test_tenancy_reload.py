@@ -209,6 +209,32 @@ def test_admin_actions_are_audited(start_tenants: StartTenants) -> None:
     assert all(x["time"].endswith("Z") for x in admin), admin
 
 
+def test_an_attach_leases_holder_learns_why_it_ended(start_tenants: StartTenants) -> None:
+    """The holder of an Attach lease the admin revoked gets PermissionDenied
+    with the reason on its next use (it used to be "no lease ..."); one it
+    released says so; another tenant using that id learns nothing."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a, k.client("carol") as c, k.admin() as adm:
+        lease = a.attach("echo", 10)
+        adm.revoke(lease.lease_id, reason="maintenance window")
+        for _ in range(2):  # not only the first use
+            with pytest.raises(errors.PermissionDenied, match="admin-revoke: maintenance window"):
+                a.lease_send(lease.lease_id, b"x")
+        with pytest.raises(errors.NotFound, match=r"\(released, expired, or never taken\)"):
+            c.lease_send(lease.lease_id, b"x")
+        other = a.attach("echo", 11)
+        a.release(other.lease_id)
+        with pytest.raises(
+            errors.NotFound, match=f"lease {other.lease_id} has ended \\(released\\)"
+        ):
+            a.lease_receive(other.lease_id, timeout=0)
+        # and the admin (any tenant's lease) sees the same
+        with pytest.raises(errors.NotFound, match="has ended"):
+            adm.revoke(other.lease_id)
+        with pytest.raises(errors.NotFound, match=r"has ended \(revoked\)"):
+            adm.revoke(lease.lease_id)
+
+
 def test_reload_ends_a_forbidden_watch_at_once(start_tenants: StartTenants) -> None:
     """A Watch the reloaded policy forbids ends PERMISSION_DENIED right after
     the reload, without waiting for a device or lease event (none comes
