@@ -26,7 +26,7 @@ from kupd.log import get_logger
 from kupd.metrics import Metrics
 from kupd.watch import Event, EventBus, EventType
 
-__all__ = ["DeviceManager", "ManagedDevice"]
+__all__ = ["REATTACH_GRACE", "REATTACH_PAUSE", "DeviceManager", "ManagedDevice"]
 
 log = get_logger("kupd.devices")
 T = TypeVar("T")
@@ -247,14 +247,15 @@ class ManagedDevice:
         self.mgr.health_changed()
 
     # -- channels -------------------------------------------------------------------
-    async def attach(self, chan_id: int | None) -> Channel:
+    async def attach(self, chan_id: int | None, *, wait_releasing: bool = True) -> Channel:
         """Attach channel ``chan_id`` (None: any free one) on the host.
 
         A channel held by another kupd lease, the Call pool or a process
         using the device directly is :class:`~kupd.errors.Busy` at once.
         One the host answers :class:`~kupd.errors.Releasing` (its last user
         left, its module has not let go of it yet) is tried again, every
-        REATTACH_PAUSE, for up to REATTACH_GRACE seconds.
+        REATTACH_PAUSE, for up to REATTACH_GRACE seconds -- unless
+        ``wait_releasing`` is False (a caller with other channels to try).
         """
         started: float | None = None
         while True:
@@ -279,6 +280,8 @@ class ManagedDevice:
                 fut.add_done_callback(self._close_attached)
                 raise
             except errors.Releasing as exc:
+                if not wait_releasing:
+                    raise
                 now = time.monotonic()
                 if started is None:
                     started = now

@@ -23,7 +23,7 @@ from kupd import errors
 from kupd.abi import Kind
 from kupd.channel import Message
 from kupd.config import Config
-from kupd.devices import DeviceManager, ManagedDevice
+from kupd.devices import REATTACH_GRACE, REATTACH_PAUSE, DeviceManager, ManagedDevice
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
@@ -455,16 +455,39 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def _take_granted(
         self, device: str, allowed: frozenset[int], holder: str, t: Tenant
     ) -> Lease:
-        """ "Any free channel" for a tenant granted only some channels."""
+        """ "Any free channel" for a tenant granted only some channels.  One
+        its module still holds (Releasing) is waited for only when no other
+        granted channel is free: the host's own "any" passes over it too."""
         dev = self.mgr.get(device)
-        _, info = dev.require()
-        for cid in sorted(allowed):
-            if cid >= info.announced or cid in dev.holders or dev.pool.state_of(cid) is not None:
-                continue
-            try:
-                return await self.leases.take(device, cid, holder)
-            except errors.Busy:
-                continue
+        waited_since: float | None = None
+        while True:
+            _, info = dev.require()
+            releasing = False
+            for cid in sorted(allowed):
+                if cid >= info.announced or cid in dev.holders:
+                    continue
+                if dev.pool.state_of(cid) is not None:
+                    continue
+                try:
+                    return await self.leases.take(device, cid, holder, wait_releasing=False)
+                except errors.Releasing:
+                    releasing = True
+                except errors.Busy:
+                    continue
+            if not releasing:
+                break
+            # only channels their module still holds are left: try them all
+            # again, for as long as one attach would wait for its channel
+            now = asyncio.get_running_loop().time()
+            if waited_since is None:
+                waited_since = now
+            elif now - waited_since >= REATTACH_GRACE:
+                raise errors.Releasing(
+                    f"tenant {t.name}: every free granted channel of device {device} is "
+                    f"still held by its module after its last user left (kupd waited "
+                    f"{now - waited_since:.1f} s); retry later"
+                )
+            await asyncio.sleep(REATTACH_PAUSE)
         raise errors.Busy(
             f"tenant {t.name}: no free channel of device {device} among the granted channels"
         )

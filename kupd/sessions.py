@@ -142,7 +142,12 @@ class LeaseTable:
         self._reaper = asyncio.ensure_future(self._reap_loop())
 
     # -- taking and ending ---------------------------------------------------------
-    async def take(self, device: str, chan_id: int | None, holder: str) -> Lease:
+    async def take(
+        self, device: str, chan_id: int | None, holder: str, *, wait_releasing: bool = True
+    ) -> Lease:
+        """Attach and lease a channel (see :meth:`ManagedDevice.attach`;
+        ``wait_releasing`` False: a channel its module still holds is
+        Releasing at once, not waited for)."""
         if self.mgr.closing:
             raise errors.Shutdown("kupd is shutting down")
         if len(self.leases) + self._taking >= self.max_leases:
@@ -154,7 +159,7 @@ class LeaseTable:
         dev = self.mgr.get(device)
         self._taking += 1
         try:
-            ch = await dev.attach(chan_id)
+            ch = await dev.attach(chan_id, wait_releasing=wait_releasing)
         finally:
             self._taking -= 1
         if dev.dev is None or self.mgr.closing:

@@ -120,6 +120,29 @@ def test_channel_range_and_any_free(tk: TenantKupd) -> None:
     assert _audit_has(tk, tenant="alice", device="rot13", rule="grant"), tk.audit_lines()
 
 
+def test_any_granted_channel_passes_over_one_its_module_holds(tk: TenantKupd) -> None:
+    """Channel 8 (alice's first granted) is left while echo still holds it
+    locked: alice's next "any" takes 9 at once.  It used to wait up to 10 s
+    for 8 on every request, with 9-15 free."""
+    with tk.client("alice") as c:
+        with c.open("echo").channel(8) as ch:
+            ch.receive(timeout=30)
+            ch.send(b"!lockhold30000")
+            wait_until(
+                lambda: "echo: chan 8: holding the channel locked" in tk.sim.stderr(),
+                what="echo to hold channel 8",
+            )
+        with c.open("echo").channel() as ch:
+            assert ch.id == 9
+            ch.receive(timeout=30)
+            assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+    assert "attach waits for the module to let go" not in tk.log()
+    wait_until(
+        lambda: "echo: chan 8: lock hold ended (released)" in tk.sim.stderr(),
+        what="echo to let go of channel 8",
+    )
+
+
 def test_ops_rule(tk: TenantKupd) -> None:
     with tk.client("bob") as c:
         assert c.call("echo", b"ping").data in (b"ping", b"PING")
