@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import time
 from collections.abc import Callable
@@ -63,7 +64,7 @@ class ManagedDevice:
         self._event_fd = -1
         #: the refresh in progress (done when it and any pass asked for
         #: during it have run), None when none runs
-        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._refresh_again = False
         self._announced_seen = -1
         self._shutdown_seen = False
@@ -151,12 +152,19 @@ class ManagedDevice:
         """Re-read the device's state; publish what changed; notice it gone.
 
         Returns once a read that started after the call has been acted on
-        (joining the refresh in progress, which then reads once more)."""
-        if self._refreshing is not None:
+        (joining the refresh in progress, which then reads once more).  The
+        reads run in a task of their own, in an empty context: what the
+        device logs (shutting down, gone, the leases that end with it) is
+        the device's, not the fields of the request that asked."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(
+                self._refresh_passes(), context=contextvars.Context()
+            )
+        else:
             self._refresh_again = True
-            await asyncio.shield(self._refreshing)
-            return
-        done = self._refreshing = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_passes(self) -> None:
         try:
             while True:
                 self._refresh_again = False
@@ -165,7 +173,6 @@ class ManagedDevice:
                     break
         finally:
             self._refreshing = None
-            done.set_result(None)
 
     async def _refresh_once(self) -> None:
         dev = self.dev

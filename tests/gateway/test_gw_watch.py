@@ -3,6 +3,7 @@ device shutting down and gone, against a real kupsim started after kupd."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -127,3 +128,13 @@ def test_an_unload_is_announced_before_the_leases_it_ends(start_kupd: StartKupd)
                 c.lease_send(lease.lease_id, b"x")
         sim.wait()
     assert k.terminate() == 0
+    # the Session that noticed the unload had the device re-read; what that
+    # logged is the device's, not the Session's (request, rpc, lease ...)
+    recs = [json.loads(ln) for ln in k.log().splitlines() if ln.startswith("{")]
+    device_wide = [
+        r for r in recs
+        if r.get("event") in ("device shutting down", "device gone")
+        or (r.get("event") == "lease released" and r.get("channel") == 13)
+    ]
+    assert len(device_wide) == 3, device_wide
+    assert all("rpc" not in r and "request" not in r for r in device_wide), device_wide
