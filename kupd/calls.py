@@ -244,6 +244,12 @@ class CallPool:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._put_back(fut.result())  # granted just as we gave up: hand it on
             if isinstance(exc, _QueueTimeout):
+                if not self.channels:
+                    raise errors.DeadlineExceeded(
+                        f"device {self.device}: its Call pool got no channel within "
+                        f"{timeout:.3f}s (the module has announced none yet, or every "
+                        "channel is held by a session)"
+                    ) from None
                 raise errors.DeadlineExceeded(
                     f"device {self.device}: no pool channel became free within {timeout:.3f}s "
                     f"({len(self.channels)} channels, {self._queued} calls queued)"

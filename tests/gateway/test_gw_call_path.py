@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.request
 from typing import Any
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, call_in_flight
+from gateway_helpers import Kupd, StartKupd, call_in_flight, echo_sim
 
 from kupclient import AsyncClient, Kind, Message
 from kupd import errors
@@ -204,4 +205,20 @@ def test_a_call_its_client_cancels_is_counted_cancelled_not_ok(
     asyncio.run(go())
     wait_until(lambda: count("CANCELLED") == 1.0, what="the cancelled Call counted")
     assert count("OK") == 1.0
+    assert k.terminate() == 0
+
+
+def test_a_call_before_the_module_announces_waits_and_says_why(start_kupd: StartKupd) -> None:
+    """A Call before the module has announced a channel waits for the Call
+    pool to get one; at its deadline the error says the pool has none yet
+    (it used to say "no pool channel became free ... (0 channels ...)")."""
+    env = dict(os.environ, KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS="8000")
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim)
+        with k.client() as c:
+            with pytest.raises(errors.DeadlineExceeded, match="Call pool got no channel within"):
+                c.call("echo", b"early", timeout=0.5)
+            # once the module announces, the pool fills and the same call works
+            reply = c.call("echo", b"later", timeout=30)
+            assert reply.data.lower() == b"later"
     assert k.terminate() == 0
