@@ -381,7 +381,10 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     that changed (not applied).  ConfigError: the result breaks a rule (a
     tenant granted a device the running kupd does not serve, ...)."""
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
-    applied = [k for k in changed if k in RELOADED_KEYS]
+    # with [[tenant]] tables the top-level socket is not served: a changed
+    # socket_mode changes nothing, and is not reported as applied
+    inert = {"socket_mode"} if new.tenants else set()
+    applied = [k for k in changed if k in RELOADED_KEYS and k not in inert]
     needs_restart = [k for k in changed if k in RESTART_KEYS]
     live = {k: getattr(new, k) for k in RELOADED_KEYS}
     try:

@@ -79,6 +79,19 @@ def test_the_running_config_keeps_restart_only_values() -> None:
     assert [d.name for d in cfg.devices] == ["echo"]
 
 
+def test_socket_mode_is_not_applied_where_no_plain_socket_is_served() -> None:
+    """With [[tenant]] tables each tenant's mode applies; the top-level
+    socket_mode changes nothing, and a reload does not say it applied it."""
+    tenant = {"name": "a", "socket": "/run/kupd/a.sock"}
+    base = {"device": [{"name": "echo"}], "tenant": [tenant]}
+    running = parse_config(base)
+    new = parse_config({**base, "socket_mode": "0640"})
+    assert reloaded(running, new)[1:] == ([], [])
+    plain = {"device": [{"name": "echo"}]}
+    _, applied, _ = reloaded(parse_config(plain), parse_config({**plain, "socket_mode": "0640"}))
+    assert applied == ["socket_mode"]
+
+
 def test_call_timeout(start_tenants: StartTenants) -> None:
     """A Call with no deadline of its own gets the reloaded call_timeout
     (the DEADLINE_EXCEEDED message names it); a refused reload -- even one
