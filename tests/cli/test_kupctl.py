@@ -432,10 +432,18 @@ def test_stats(kupctl: Kupctl, gw: Gateway) -> None:
     assert "NOT_FOUND" in out
 
 
-def test_stats_unreachable_endpoint(kupctl: Kupctl) -> None:
+def test_stats_unreachable_endpoint(kupctl: Kupctl, gw: Gateway) -> None:
     p = kupctl("stats", "--metrics", "127.0.0.1:1")
     assert p.returncode == EXIT_UNAVAILABLE
-    one_error_line(p, "127.0.0.1:1", "metrics")
+    line = one_error_line(p, "127.0.0.1:1", "metrics")
+    # the documented `kupctl: Kind: message`, like every other error
+    assert line.startswith("kupctl: Unavailable: cannot reach the metrics endpoint "), line
+    # the same when the URL comes from $KUPD_METRICS
+    env = {**gw.env(), "KUPD_METRICS": "http://127.0.0.1:1/metrics"}
+    p = kupctl("stats", env=env)
+    assert p.returncode == EXIT_UNAVAILABLE
+    line = one_error_line(p, "http://127.0.0.1:1/metrics")
+    assert line.startswith("kupctl: Unavailable: cannot reach the metrics endpoint "), line
 
 
 def test_version_of_both_commands_is_the_project_version() -> None:
@@ -457,7 +465,10 @@ def test_reload_on_the_wrong_socket_says_which(kupctl: Kupctl, gw: Gateway, tmp_
     p = kupctl("reload", "--admin-socket", gone)
     assert p.returncode == EXIT_UNAVAILABLE
     one_error_line(p, "Unavailable", f"nothing at {gone}", "--admin-socket / $KUPD_ADMIN_SOCKET")
-    # the client socket instead of the admin one: it serves no Admin method
-    p = kupctl("reload", "--admin-socket", gw.socket)
-    assert p.returncode == 16
-    one_error_line(p, "SystemFailure", "does not serve that method", "admin_socket")
+    # the client socket instead of the admin one: it serves no Admin method,
+    # which is NotFound (exit 3), not a system call failing in kupd
+    for cmd in ("reload", "leases"):
+        p = kupctl(cmd, "--admin-socket", gw.socket)
+        assert p.returncode == EXIT_NOT_FOUND, (cmd, p.stderr)
+        line = one_error_line(p, "does not serve that method", "admin_socket")
+        assert line.startswith("kupctl: NotFound: the server on this socket "), line

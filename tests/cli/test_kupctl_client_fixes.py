@@ -1,7 +1,9 @@
 """kupctl's answers to bad input and interruptions: one line and a usage
 exit code instead of a traceback; ^C during a session's receive exits 130;
 ``--json revoke`` prints JSON; the "is kupd running?" hint only when the
-connection itself failed, not for kupd's own Unavailable."""
+connection itself failed, not for kupd's own Unavailable, nor when kupd
+closed it (keepalive); an empty path variable is a usage error; an Admin
+call on a socket without Admin is NotFound."""
 
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ from cli_gateway import Gateway, console_script, spawn_kupctl
 from kupclient import Client
 from kupclient import errors as kerr
 from kupclient._errors import error_from_status, is_connection_failure
+from kupclient.admin import AdminClient
+from kupclient.kupctl import unavailable_hint
 from kupd.testing import Kupd, kupsim, start_kupd, wait_until
 
 EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
 EXIT_UNAVAILABLE = 17
 TIMEOUT = 60.0
 
@@ -52,6 +57,7 @@ def one_line(p: subprocess.CompletedProcess[str]) -> str:
         (("--socket", "", "health"), "argument --socket: must not be empty"),
         (("health", "--socket", ""), "argument --socket: must not be empty"),
         (("revoke", "x", "--admin-socket", ""), "argument --admin-socket: must not be empty"),
+        (("stats", "--metrics", ""), "argument --metrics: must not be empty"),
     ],
 )
 def test_bad_arguments_are_usage_errors(
@@ -65,6 +71,34 @@ def test_bad_arguments_are_usage_errors(
     )
     assert p.returncode == EXIT_USAGE, (p.returncode, p.stderr)
     assert needle in one_line(p), p.stderr
+
+
+@pytest.mark.parametrize(
+    ("var", "args"),
+    [
+        ("KUPD_SOCKET", ("health",)),
+        ("KUPD_SOCKET", ("devices", "--json")),
+        ("KUPD_ADMIN_SOCKET", ("leases",)),
+        ("KUPD_METRICS", ("stats",)),
+    ],
+)
+def test_empty_variables_are_usage_errors(gw: Gateway, var: str, args: tuple[str, ...]) -> None:
+    """An empty path or URL variable is refused like the empty option, not
+    silently replaced by the default (which may be another kupd)."""
+    p = subprocess.run(
+        [str(console_script("kupctl")), *args],
+        capture_output=True, text=True, env={**gw.env(), var: ""}, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert p.returncode == EXIT_USAGE, (p.returncode, p.stderr)
+    assert one_line(p) == f"kupctl: error: ${var} is set but empty: unset it for the default"
+    # the option still wins over the variable, empty or not
+    if var == "KUPD_SOCKET":
+        p = subprocess.run(
+            [str(console_script("kupctl")), "--socket", gw.socket, *args],
+            capture_output=True, text=True, env={**gw.env(), var: ""}, timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
 
 
 def test_data_argument_that_is_not_utf8_is_sent_as_its_bytes(gw: Gateway) -> None:
@@ -136,6 +170,58 @@ def test_unavailable_hint_only_for_connection_failures() -> None:
     assert not is_connection_failure(kerr.Unavailable("made by hand"))
 
 
+def test_hint_when_kupd_closed_the_connection() -> None:
+    hint = unavailable_hint("ping timeout", "/x.sock")
+    assert hint == (
+        " (kupd closed the connection: keepalive ping not answered in time "
+        "(client too slow or stopped))"
+    )
+    goaway = "GOAWAY received; Error code: 11; Debug Text: ping_timeout"
+    assert unavailable_hint(goaway, "/x.sock") == hint
+    cancelled = "GOAWAY received; Error code: 2; Debug Text: Cancelling all calls"
+    assert unavailable_hint(cancelled, "/x.sock") == (
+        " (kupd closed the connection: it is shutting down)"
+    )
+    # written to after kupd closed it: kupd stopped, or dropped this client
+    broken = unavailable_hint("Stream removed (sendmsg: Broken pipe (32))", "/x.sock")
+    assert broken.startswith(" (kupd closed the connection: it stopped, or it dropped "), broken
+    assert "keepalive ping not answered in time" in broken, broken
+    # read the end of the connection (kupd was killed): is it running?
+    assert unavailable_hint("Stream removed (Socket closed)", "/x.sock") == (
+        " (is kupd running on /x.sock?)"
+    )
+
+
+def test_client_dropped_by_keepalive_is_told_so(gw: Gateway) -> None:
+    """kupd drops a client that does not answer its keepalive pings (here:
+    stopped with SIGSTOP until kupd has freed its channel); the session's
+    next operation says so, not "is kupd running?" -- kupd is."""
+    session = spawn_kupctl(gw, "session", "echo", "--channel", "43", stdin=True)
+    try:
+        assert session.stdout is not None
+        assert session.stdout.readline().startswith("attached echo channel 43 ")
+        session.send_signal(signal.SIGSTOP)
+        with Client(gw.socket) as c:
+            wait_until(
+                lambda: c.devices("echo")[0].channels[43].state == "free",
+                timeout=TIMEOUT,
+                what="the stopped client dropped by keepalive",
+            )
+        session.send_signal(signal.SIGCONT)
+        _, err = session.communicate(":recv\n", timeout=TIMEOUT)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
+    assert session.returncode == EXIT_UNAVAILABLE, err
+    # gRPC's reason depends on whether the resumed client first reads kupd's
+    # "ping timeout" or first writes to the closed socket ("Broken pipe")
+    assert err.startswith("kupctl: Unavailable: ") and err.count("\n") == 1, err
+    assert " (kupd closed the connection: " in err, err
+    assert "keepalive ping not answered in time (client too slow or stopped))" in err, err
+    assert "is kupd running" not in err, err
+
+
 @pytest.fixture(scope="module")
 def admin_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kupd, str]]:
     """kupd with an admin socket, serving echo without a Call pool."""
@@ -174,6 +260,17 @@ def test_kupds_own_unavailable_gets_no_connection_hint(admin_gw: tuple[Kupd, str
     p = _run(k, "--socket", str(Path(k.socket).parent / "none.sock"), "health")
     assert p.returncode == EXIT_UNAVAILABLE
     assert "nothing at" in one_line(p)
+
+
+def test_admin_call_on_a_socket_without_admin_is_not_found(admin_gw: tuple[Kupd, str]) -> None:
+    """kupd's client socket serves no Admin method: gRPC's UNIMPLEMENTED is
+    NotFound (the method is not found there), not a SystemFailure."""
+    k, _ = admin_gw
+    with AdminClient(k.socket) as a, pytest.raises(kerr.NotFound, match="admin_socket"):
+        a.list_leases()
+    p = _run(k, "leases", "--admin-socket", k.socket)
+    assert p.returncode == EXIT_NOT_FOUND, p.stderr
+    assert one_line(p).startswith("kupctl: NotFound: the server on this socket does not serve")
 
 
 def test_revoke_json(admin_gw: tuple[Kupd, str]) -> None:

@@ -45,6 +45,9 @@ _BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.ABORTED: errors.PeerGone,
+    # gRPC's own "Method not found!": not on this socket (an Admin call on a
+    # client socket), not a failure inside kupd
+    grpc.StatusCode.UNIMPLEMENTED: errors.NotFound,
 }
 
 

@@ -36,7 +36,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, BinaryIO, TextIO
+
+# gRPC's core logs to stderr on its own ("I1127 ... chttp2_transport.cc:1403]
+# ...: Got goaway [2] ..." when kupd drops or drains a connection), where
+# kupctl writes its one error line: when kupctl is the program, only gRPC's
+# errors, unless the user set GRPC_VERBOSITY.  gRPC reads it when grpc is
+# first imported, so this comes before the imports below (the kupclient
+# package itself imports no grpc).
+if __name__ == "__main__" or Path((getattr(sys, "argv", None) or [""])[0]).stem == "kupctl":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -92,7 +102,7 @@ DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
 
 class CliError(Exception):
-    """A failure of kupctl itself (bad input, unreachable metrics endpoint)."""
+    """A failure of kupctl itself (bad input)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
@@ -603,18 +613,18 @@ def _metrics_url(value: str) -> str:
 
 
 def fetch_metrics(url: str, timeout: float = 10.0) -> str:
-    """The text exposition at ``url`` (CliError exit 17 when unreachable)."""
+    """The text exposition at ``url`` (:class:`~kupd.errors.Unavailable`, exit
+    17, when it cannot be fetched)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             body: bytes = resp.read()
     except urllib.error.HTTPError as e:
-        raise CliError(f"metrics endpoint {url} answered HTTP {e.code}", 17) from e
+        raise kerr.Unavailable(f"metrics endpoint {url} answered HTTP {e.code}") from e
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise CliError(
+        raise kerr.Unavailable(
             f"cannot reach the metrics endpoint {url}: {reason} "
-            "(is kupd running with metrics_port set?)",
-            17,
+            "(is kupd running with metrics_port set?)"
         ) from e
     return body.decode(errors="replace")
 
@@ -753,7 +763,7 @@ def cmd_drain(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
-    url = _metrics_url(args.metrics or os.environ.get("KUPD_METRICS") or DEFAULT_METRICS)
+    url = _metrics_url(args.metrics)  # main() filled it in
     summary = summarize_metrics(fetch_metrics(url))
     if out.as_json:
         out.json(summary)
@@ -903,7 +913,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--admin-socket",
             metavar="PATH",
-            default=os.environ.get("KUPD_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET),
             help="kupd's root-only admin socket (default: $KUPD_ADMIN_SOCKET, else "
             f"{DEFAULT_ADMIN_SOCKET})",
         )
@@ -925,8 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUPD_SOCKET") -> str:
-    """What to check when kupd could not be reached, from gRPC's reason;
-    ``given_by``: where the user set ``socket``."""
+    """What to check when kupd could not be reached (or why it closed the
+    connection), from gRPC's reason; ``given_by``: where the user set ``socket``."""
     if "Permission denied" in message:
         return (
             f" (no permission to connect to {socket}: it is for kupd's group, see "
@@ -939,18 +948,26 @@ def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUP
             f" ({socket} exists but nobody accepts on it: kupd is not running there, "
             "or it is not a kupd socket)"
         )
+    # kupd ended the connection itself: the status kupd's gRPC sends on the
+    # streams it cuts ("ping timeout"), or the GOAWAY frame's own text
+    keepalive = "keepalive ping not answered in time (client too slow or stopped)"
+    if message == "ping timeout" or "ping_timeout" in message:
+        return f" (kupd closed the connection: {keepalive})"
+    if "Broken pipe" in message:
+        # this client wrote before it read that the connection was closed
+        # (e.g. it was stopped while kupd dropped it)
+        return f" (kupd closed the connection: it stopped, or it dropped this client: {keepalive})"
+    if "Cancelling all calls" in message:  # the status of the calls a stopping server cuts
+        return " (kupd closed the connection: it is shutting down)"
+    if "GOAWAY" in message:
+        return " (kupd closed the connection)"
     return f" (is kupd running on {socket}?)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.socket is None:
-        args.socket = default_socket()
-    if not args.socket:
-        parser.error("argument --socket: must not be empty")
-    if getattr(args, "admin_socket", None) == "":
-        parser.error("argument --admin-socket: must not be empty")
+    _fill_defaults(parser, args)
     out = Output(args.json, sys.stdout)
     handler: Handler = args.handler
     # The command runs in a thread of its own, the main thread only waits:
@@ -973,6 +990,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stream.flush()
         os._exit(130)
     return done[0] if done else EXIT_FAILURE
+
+
+def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The paths and URLs left out, from the environment or the built-in
+    defaults.  An empty one is a usage error, whether given as the option or
+    as its variable ($KUPD_SOCKET, $KUPD_ADMIN_SOCKET, $KUPD_METRICS): never
+    a silent fall back to the default."""
+
+    def env(name: str) -> str | None:
+        value = os.environ.get(name)
+        if value == "":
+            parser.error(f"${name} is set but empty: unset it for the default")
+        return value
+
+    if args.socket is None:
+        args.socket = env("KUPD_SOCKET") or default_socket()
+    if not args.socket:
+        parser.error("argument --socket: must not be empty")
+    if hasattr(args, "admin_socket"):  # the admin commands
+        if args.admin_socket is None:
+            args.admin_socket = env("KUPD_ADMIN_SOCKET") or DEFAULT_ADMIN_SOCKET
+        if not args.admin_socket:
+            parser.error("argument --admin-socket: must not be empty")
+    if hasattr(args, "metrics"):  # stats
+        if args.metrics is None:
+            args.metrics = env("KUPD_METRICS") or DEFAULT_METRICS
+        if not args.metrics:
+            parser.error("argument --metrics: must not be empty")
 
 
 def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
