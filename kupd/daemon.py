@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -128,12 +129,26 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     return 0
 
 
+#: libkup's backends (kmod/libkup/kup.c backend_by_name; $KUP_BACKEND)
+KUP_BACKENDS = ("sim", "linux", "freebsd")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         print(f"kupd: {exc}", file=sys.stderr)
+        return 2
+    backend = os.environ.get("KUP_BACKEND", "")
+    if backend not in ("", *KUP_BACKENDS):
+        # libkup would refuse every device with a bare EKU_INVAL
+        print(
+            f"kupd: environment KUP_BACKEND={backend!r}: not a libkup backend "
+            f"({', '.join(KUP_BACKENDS)}; unset: the kernel's device node if there is "
+            "one, else kupsim)",
+            file=sys.stderr,
+        )
         return 2
     configure(config.log_level)
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,21 @@ def test_tenant_sockets_spelled_differently_are_the_same_socket() -> None:
     with pytest.raises(ConfigError, match="kupd's own admin_socket") as ei:
         parse_config({**DEV, "admin_socket": "/run/k/admin.sock", "tenant": admin})
     assert ei.value.key == "tenant[0].socket"
+
+
+def test_an_unknown_kup_backend_is_named_at_start(tmp_path: Path) -> None:
+    """KUP_BACKEND=garbage made libkup refuse every device with a bare
+    EKU_INVAL; kupd names the variable and exits 2 before serving."""
+    env = {**os.environ, "KUP_BACKEND": "linx"}
+    sock = str(tmp_path / "k.sock")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kupd.daemon", "--socket", sock, "--device", "echo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc
+    assert "KUP_BACKEND='linx': not a libkup backend (sim, linux, freebsd" in proc.stderr
+    assert not Path(sock).exists()
