@@ -130,7 +130,20 @@ main(int argc, char **argv)
 	}
 	ch = kernproxy_channel(dev, chan < 0 ? KP_CHAN_ANY : (size_t)chan, 0);
 	if (ch == NULL) {
-		rc = fail("attach", kernproxy_errno);
+		int code = kernproxy_errno;
+		struct kernproxy_info *info;
+
+		/* a channel id past the device's: say which ids there are */
+		info = code == KUP_E_NOENT && chan >= 0 ? calloc(1, sizeof(*info)) : NULL;
+		if (info != NULL && kernproxy_info(dev, info) == 0 &&
+		    (uint32_t)chan >= info->chan_count) {
+			fprintf(stderr, "kup_client: attach: %s has no channel %ld "
+			    "(it has %u: 0..%u)\n", argv[optind], chan,
+			    info->chan_count, info->chan_count - 1);
+			rc = 1;
+		} else
+			rc = fail("attach", code);
+		free(info);
 		goto out_dev;
 	}
 	printf("attached %s channel %u max_msg %zu\n", argv[optind], kernproxy_chan_id(ch),
