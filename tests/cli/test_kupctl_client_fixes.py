@@ -157,6 +157,31 @@ def test_interrupt_during_a_session_receive_exits_130(gw: Gateway) -> None:
         )
 
 
+def _loading_grpc(pid: int) -> bool:
+    """Whether process ``pid`` has mapped gRPC's extension (kupctl loads it
+    after Python's own start-up, a ^C there is kupctl's to handle)."""
+    try:
+        return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_interrupt_while_kupctl_loads_exits_quietly(gw: Gateway) -> None:
+    """A ^C while kupctl is still loading (grpc, protobuf: a third of a
+    second) exits 130 with nothing on stderr; it printed a KeyboardInterrupt
+    traceback from the import."""
+    for _ in range(3):
+        p = spawn_kupctl(gw, "watch")
+        deadline = time.monotonic() + TIMEOUT
+        while not _loading_grpc(p.pid) and p.poll() is None:
+            assert time.monotonic() < deadline, "kupctl never loaded grpc"
+            time.sleep(0.001)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 130, (p.returncode, err)
+        assert err == "", err
+
+
 # ---------------------------------------------------------------- Unavailable hint
 
 
