@@ -189,6 +189,9 @@ def _positive(
 
 #: the names kupdev_create accepts (kmod/core/kup_core.c, kup_name_ok)
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+#: the longest device name or path kupd serves (a path: PATH_MAX with its
+#: NUL); a client's longer name is refused before it is looked up or logged
+DEVICE_ARG_MAX = 4095
 
 
 def _device(raw: Any, index: int) -> DeviceConfig:
@@ -203,6 +206,8 @@ def _device(raw: Any, index: int) -> DeviceConfig:
     name = _typed(raw, "name", prefix, str, "")
     if not name or (len(name.encode()) >= KUP_NAME_MAX and "/" not in name):
         raise ConfigError(prefix + "name", f"must be 1..{KUP_NAME_MAX - 1} bytes, not {name!r}")
+    if len(name.encode()) > DEVICE_ARG_MAX:
+        raise ConfigError(prefix + "name", f"a path of at most {DEVICE_ARG_MAX} bytes")
     if "/" not in name and not _DEVICE_NAME.fullmatch(name):
         # no module can ever publish it: refused here rather than waited for
         raise ConfigError(

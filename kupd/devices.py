@@ -22,14 +22,48 @@ from typing import Any, TypeVar
 from kupd import errors
 from kupd.calls import CallPool
 from kupd.channel import Channel, Device, DeviceInfo
-from kupd.config import Config, DeviceConfig
+from kupd.config import DEVICE_ARG_MAX, Config, DeviceConfig
 from kupd.log import get_logger
 from kupd.metrics import Metrics
 from kupd.watch import Event, EventBus, EventType
 
-__all__ = ["REATTACH_GRACE", "REATTACH_PAUSE", "DeviceManager", "ManagedDevice"]
+__all__ = [
+    "REATTACH_GRACE",
+    "REATTACH_PAUSE",
+    "SHOWN_MAX",
+    "DeviceManager",
+    "ManagedDevice",
+    "device_arg",
+    "shown",
+]
 
 log = get_logger("kupd.devices")
+
+#: how much of a client's device name goes into a message, a log or the audit
+SHOWN_MAX = 64
+
+
+def device_arg(name: str) -> str:
+    """A device name a client sent, refused (InvalidArgument) when no device
+    can have it: longer than any (DEVICE_ARG_MAX), or with a NUL.  Checked
+    before the name reaches a lookup, a policy record or a log line: a
+    4 MiB name made a 4 MiB audit line per request."""
+    if len(name) > DEVICE_ARG_MAX or len(name.encode()) > DEVICE_ARG_MAX:
+        raise errors.InvalidArgument(
+            f"device name of {len(name.encode())} bytes: no device name is longer "
+            f"than {DEVICE_ARG_MAX}"
+        )
+    if "\x00" in name:
+        raise errors.InvalidArgument(f"device name {shown(name)} contains a NUL")
+    return name
+
+
+def shown(name: str) -> str:
+    """``name`` quoted for a message or a record, at most SHOWN_MAX characters
+    of it (a client chose it)."""
+    if len(name) <= SHOWN_MAX:
+        return repr(name)
+    return f"{name[:SHOWN_MAX]!r}... ({len(name.encode())} bytes)"
 T = TypeVar("T")
 
 #: Threads for blocking device-host calls (attach/info/open): bounded.
@@ -274,7 +308,9 @@ class ManagedDevice:
                     )
                 held = self.holders.get(chan_id)
                 if held is not None or self.pool.state_of(chan_id) is not None:
-                    what = f"{held[0]} {held[1]}" if held else "the Call pool"
+                    # not the lease id: it is its holder's, and tenants with
+                    # overlapping grants see each other's channels busy
+                    what = f"a {held[0]}" if held else "the Call pool"
                     raise errors.Busy(
                         f"channel {chan_id} of device {self.name} is held by {what}"
                     )
@@ -402,7 +438,7 @@ class DeviceManager:
         dev = self.devices.get(name)
         if dev is None:
             served = ", ".join(sorted(self.devices)) or "none"
-            raise errors.NotFound(f"unknown device {name!r} (kupd serves: {served})")
+            raise errors.NotFound(f"unknown device {shown(name)} (kupd serves: {served})")
         return dev
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:

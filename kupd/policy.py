@@ -41,6 +41,7 @@ from typing import Any
 
 from kupd import errors
 from kupd.abi import KUP_MAX_CHANNELS
+from kupd.devices import SHOWN_MAX, shown
 
 __all__ = [
     "ADMIN",
@@ -367,9 +368,12 @@ class Guard:
         self.record(t.name, op, device, chan, rule)
 
     def record(self, tenant: str, op: str, device: str, chan: int | None, rule: str) -> None:
-        """One audit line (and one count) for a denial."""
+        """One audit line (and one count) for a denial.  The device is a
+        client's string: at most SHOWN_MAX characters of it are recorded."""
         key = (tenant, rule)
         self.denials[key] = self.denials.get(key, 0) + 1
+        if len(device) > SHOWN_MAX:
+            device = f"{device[:SHOWN_MAX]}... ({len(device.encode())} bytes)"
         if self.audit is not None:
             self.audit.denial(tenant, op, device, chan, rule)
 
@@ -388,7 +392,7 @@ class Guard:
         if op not in t.ops:
             self.deny(t, op, device, chan, "ops", f"operation {op!r} is not allowed")
         if device and t.grant(device) is None:
-            self.deny(t, op, device, chan, "grant", f"device {device!r} is not granted")
+            self.deny(t, op, device, chan, "grant", f"device {shown(device)} is not granted")
         if device and chan is not None:
             g = t.grant(device)
             assert g is not None

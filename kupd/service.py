@@ -23,7 +23,14 @@ from kupd import errors
 from kupd.abi import Kind
 from kupd.channel import Message
 from kupd.config import Config
-from kupd.devices import REATTACH_GRACE, REATTACH_PAUSE, DeviceManager, ManagedDevice
+from kupd.devices import (
+    REATTACH_GRACE,
+    REATTACH_PAUSE,
+    DeviceManager,
+    ManagedDevice,
+    device_arg,
+    shown,
+)
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
 from kupd.policy import Guard, Tenant, use_tenant
@@ -378,16 +385,14 @@ class KupService(kup_pb2_grpc.KupServicer):
 
         t = self.guard.tenant()
         if request.device:
-            devs = [self.mgr.get(request.device)]
-            if not t.may_see(request.device):
+            device = device_arg(request.device)
+            # the grant first: a tenant learns nothing of devices it may not
+            # see, not even whether they exist
+            if not t.may_see(device):
                 self.guard.deny(
-                    t,
-                    "list",
-                    request.device,
-                    None,
-                    "grant",
-                    f"device {request.device!r} is not granted",
+                    t, "list", device, None, "grant", f"device {shown(device)} is not granted"
                 )
+            devs = [self.mgr.get(device)]
         else:
             devs = [d for d in self.mgr.devices.values() if t.may_see(d.name)]
         for d in devs:
@@ -410,6 +415,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         self._check_open()
         if not device:
             raise errors.InvalidArgument("attach: device is required")
+        device = device_arg(device)
         md = self.mgr.devices.get(device)
         if md is not None:
             # an attach refused below is counted (kupd_errors_total) and
@@ -429,7 +435,14 @@ class KupService(kup_pb2_grpc.KupServicer):
             if chan is None and allowed is not None:
                 lease = await self._take_granted(device, allowed, holder, t)
             else:
-                lease = await self.leases.take(device, chan, holder)
+                try:
+                    lease = await self.leases.take(device, chan, holder)
+                except errors.Busy as exc:
+                    # the holder's lease id only to its own tenant
+                    held = md.holders.get(chan) if md is not None and chan is not None else None
+                    if held is None or self.guard.owner_of(held[1]) != t.name:
+                        raise
+                    raise type(exc)(f"{exc.message}: your {held[0]} {held[1]}") from None
         finally:
             self.guard.pending[t.name] -= 1
         lease.tenant = t.name
@@ -800,8 +813,11 @@ class KupService(kup_pb2_grpc.KupServicer):
             self._check_open()
             if not request.device:
                 raise errors.InvalidArgument("call: device is required")
-            dev = self.mgr.get(request.device)
             t = self.guard.tenant()
+            device = device_arg(request.device)
+            if not t.may_see(device):  # before the lookup: see ListDevices
+                self.guard.check_op(t, "call", device)
+            dev = self.mgr.get(device)
             self.guard.begin_call(t, dev.name, len(request.data))
             try:
                 self.guard.check_drained(dev.name)
@@ -903,10 +919,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
         self._check_open()
+        t = self.guard.tenant()
+        if request.device:
+            device_arg(request.device)
+        self.guard.check_op(t, "watch", request.device)  # before the lookup
         if request.device:
             self.mgr.get(request.device)
-        t = self.guard.tenant()
-        self.guard.check_op(t, "watch", request.device)
         initial = self._initial_events(request.device) if request.initial_state else []
         scoped = not (t.admin or t.grants is None)
         async for ev in self.bus.subscribe(request.device, initial):

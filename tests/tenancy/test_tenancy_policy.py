@@ -143,6 +143,57 @@ def test_any_granted_channel_passes_over_one_its_module_holds(tk: TenantKupd) ->
     )
 
 
+def test_a_tenant_learns_nothing_of_devices_or_leases_not_its_own(tk: TenantKupd) -> None:
+    """Unknown and ungranted devices look the same to a tenant (PERMISSION_DENIED
+    "not granted", no list of what kupd serves), whatever the RPC; a channel
+    another tenant holds is Busy without that tenant's lease id."""
+    with tk.client("alice") as a, tk.client("carol") as c:
+        for name in ("nosuch", "rot13"):  # unknown; served but not alice's
+            for op in (
+                lambda n=name: a.devices(n),
+                lambda n=name: a.call(n, b"x"),
+                lambda n=name: next(iter(a.watch(n))),
+                lambda n=name: a.attach(n),
+            ):
+                with pytest.raises(errors.PermissionDenied) as ei:
+                    op()
+                assert "is not granted" in str(ei.value) and "serves" not in str(ei.value)
+        with a.open("echo").channel(9) as ch:
+            ch.receive(timeout=30)
+            with pytest.raises(errors.Busy) as ei:
+                c.attach("echo", 9)
+            assert ch.lease.lease_id not in str(ei.value), ei.value
+            assert "held by a session" in str(ei.value), ei.value
+            with pytest.raises(errors.Busy, match=f"your session {ch.lease.lease_id}"):
+                a.attach("echo", 9)  # its own tenant is told which
+
+
+def test_a_device_name_no_device_can_have_is_refused_unrecorded(tk: TenantKupd) -> None:
+    """A client's device name longer than any device's is InvalidArgument
+    before the policy sees it (a 4 MiB name made a 4 MiB audit line per
+    request); a long one that may be a name is recorded cut short."""
+    before = len(tk.audit_lines())
+    huge = "d" * 5000
+    with tk.client("alice") as a:
+        for op in (
+            lambda: a.devices(huge),
+            lambda: a.call(huge, b"x"),
+            lambda: next(iter(a.watch(huge))),
+            lambda: a.attach(huge),
+        ):
+            with pytest.raises(errors.InvalidArgument, match="5000 bytes: no device name") as ei:
+                op()
+            assert len(str(ei.value)) < 200, ei.value
+        assert len(tk.audit_lines()) == before
+        with pytest.raises(errors.PermissionDenied) as ei:
+            a.attach("e" * 1000)
+        assert len(str(ei.value)) < 300, ei.value
+    wait_until(lambda: len(tk.audit_lines()) == before + 1, what="the denial's audit line")
+    line = tk.audit_lines()[-1]
+    assert line["device"] == "e" * 64 + "... (1000 bytes)", line
+    assert huge not in tk.log() and "e" * 1000 not in tk.log()
+
+
 def test_ops_rule(tk: TenantKupd) -> None:
     with tk.client("bob") as c:
         assert c.call("echo", b"ping").data in (b"ping", b"PING")
