@@ -1,28 +1,74 @@
 // SPDX-License-Identifier: BSD-2-Clause
 //
-// kup.js -- a small Node.js client of the kupd gateway.
+// kup.js -- the Node.js client of the kupd gateway.
 //
 // It loads the same protos/kup/v1/kup.proto as every other client (through
 // @grpc/proto-loader, no generated code) and talks to kupd over its unix
-// socket with @grpc/grpc-js.
+// socket with @grpc/grpc-js.  The Python client (clients/python/kupclient)
+// is the reference: same operations, same errors, same argument checks.
 //
 //   const kup = require('./kup');
-//   const client = kup.connect('/run/kupd/kupd.sock');
-//   const s = await kup.openSession(client, 'echo');      // {lease, ...}
-//   const first = await s.receive();                       // the kernel's PASS
+//   const client = kup.connect('/run/kupd/kupd.sock');   // {caller} optional
+//   await client.listDevices();                    // [{name, channels: [{id, state: 'free'}], ...}]
+//   const s = await client.openSession('echo');    // s.lease: {lease_id, channel, ...}
+//   const first = await s.receive();               // the kernel's PASS
 //   await s.send(Buffer.from('hello'));
-//   const reply = await s.receive();                       // {data, kind, seq}
+//   const reply = await s.receive(5000);           // {data, kind: 'data', seq}
+//   const r2 = await s.exchange('again', 5000);    // send + receive as one request
 //   await s.pass();
-//   s.close();
-//   const r = await kup.call(client, 'echo', Buffer.from('ping'));
-//   client.close();
+//   await s.close();                               // resolves once kupd let go of the lease
+//   const r = await client.call('echo', 'ping');   // {data, kind, seq, channel}
+//   const lease = await client.attach('echo');     // leaseSend / leaseReceive /
+//   //   leaseExchange / leasePass / release(lease.lease_id)
+//   for await (const ev of client.watch('echo', { initialState: true })) ...  // watch.cancel()
+//   await client.health();                         // 'SERVING'
+//   client.close();                                // ends its open sessions and watches too
 //
-// Errors are Error objects with .code (the gRPC status code), .kupError
-// (the kupd error class name, e.g. "NotYourTurn") and .details.
+// kup.call(client, ...), kup.listDevices(client, ...) and
+// kup.openSession(client, ...) are the same methods as functions; the raw
+// grpc-js stub is client.stub.
+//
+// The contract (docs/gateway.md, "Node.js client"):
+//
+// * Errors are instances of kup.KupError subclasses named as kupd's classes
+//   (kup.NotFound, kup.Busy, kup.Releasing (a Busy), kup.NotYourTurn,
+//   kup.Shutdown, kup.TooBig, kup.InvalidArgument, kup.DeadlineExceeded, ...)
+//   with .name and .kupError the class name, .code the gRPC status code,
+//   .kupCode the KUP_E_* number (or 0), .details (= .message) kupd's text and
+//   .fromKupd false when gRPC itself failed (kupd not reachable, connection
+//   broken): those are mapped by status code (UNAVAILABLE -> Unavailable, or
+//   Shutdown when it says EKU_SHUTDOWN; UNIMPLEMENTED -> NotFound; ...).
+//   Bad arguments are refused before anything is sent with a TypeError or
+//   RangeError naming them; data larger than any message kupd carries
+//   (MAX_PAYLOAD) or than the session's channel is TooBig, nothing sent.
+// * Timeouts are milliseconds.  A receive / exchange / leaseReceive /
+//   leaseExchange timeout of undefined (or null) blocks, 0 does not wait and
+//   resolves null when nothing is there (Python raises NotReady), > 0 waits at
+//   most that long (DeadlineExceeded after).  A Call without timeoutMs sends
+//   timeout_ms 0 (kupd's call_timeout) with no RPC deadline; with one, the
+//   RPC's deadline is that plus 5 s, so kupd answers the deadline itself.
+// * Calls carry caller `${os.hostname()}:${process.pid}` unless
+//   connect(path, {caller}) or call(..., {caller}) names another.
+// * Result objects use the .proto's snake_case field names (the same as the
+//   Python client's DeviceInfo, ChannelInfo, Lease and WatchEvent); channel
+//   states and watch event types are Python's strings ('free', 'session',
+//   'lease', 'calls', 'quarantined', 'external', 'not_announced';
+//   'LEASE_TAKEN', ...), message kinds 'data' | 'pass' | 'close'.
+// * data is a string (UTF-8), a Buffer (sent as it is), or an ArrayBuffer /
+//   any ArrayBufferView (copied).
+// * A Session holds its channel until close(), client.close(), kupd ending
+//   the stream, or, dropped without close(), until it is garbage-collected
+//   (its stream is then cancelled).  An open Session keeps Node running,
+//   as an open socket does.  After close() its operations reject with
+//   InvalidArgument "... is closed" (one still waiting: "... was closed while
+//   the operation waited"); after the stream ended otherwise, with the error
+//   that ended it.  After client.close() every method rejects with
+//   InvalidArgument "client of PATH is closed".
 'use strict';
 
 const path = require('node:path');
 const fs = require('node:fs');
+const os = require('node:os');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
@@ -34,8 +80,30 @@ const PROTO_FILE = 'kup/v1/kup.proto';
 // (kupapi.MAX_GRPC_MESSAGE): the largest KUP message, KUP_MAX_PAGES (1024)
 // pages of 4 KiB, plus 64 KiB for the rest of the envelope.
 const MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024;
+// The largest payload kupd's messages carry (kupclient._args.MAX_PAYLOAD):
+// larger, gRPC itself would refuse the message (and end a Session).
+const MAX_PAYLOAD = MAX_MESSAGE - 64 * 1024;
+
+// Channel ids and timeouts are uint32 on the wire: a larger number would
+// wrap (channel 2**32 + 40 attached channel 40).
+const MAX_UINT32 = 0xffffffff;
+
+// Deadline of the short unary RPCs (ListDevices, Attach, Send, ...), as Python's.
+const UNARY_DEADLINE_MS = 30000;
+// A timeout given to kupd gets that much more on the RPC's own deadline, so
+// kupd answers DEADLINE_EXCEEDED itself, with its error attached.
+const DEADLINE_SLACK_MS = 5000;
+
+const LOAD_OPTIONS = {
+  keepCase: true,      // field names exactly as in the .proto
+  longs: Number,       // seq and sizes fit a double here
+  enums: String,       // 'MESSAGE_KIND_DATA', ...
+  defaults: true,
+  oneofs: true,        // resp.result names the set member
+};
 
 let cachedPackage = null;
+let cachedHealth = null;
 
 function loadKup() {
   if (cachedPackage) return cachedPackage;
@@ -43,89 +111,221 @@ function loadKup() {
   if (!fs.existsSync(full)) {
     throw new Error(`kup.proto not found at ${full}`);
   }
-  const def = protoLoader.loadSync(PROTO_FILE, {
-    includeDirs: [PROTO_ROOT],
-    keepCase: true,      // field names exactly as in the .proto
-    longs: Number,       // seq and sizes fit a double here
-    enums: String,       // 'MESSAGE_KIND_DATA', ...
-    defaults: true,
-    oneofs: true,        // resp.result names the set member
-  });
+  const def = protoLoader.loadSync(PROTO_FILE, { includeDirs: [PROTO_ROOT], ...LOAD_OPTIONS });
   cachedPackage = grpc.loadPackageDefinition(def).kup.v1;
   return cachedPackage;
 }
 
-// A client of kupd on the unix socket at socketPath.
-function connect(socketPath) {
-  if (typeof socketPath !== 'string' || socketPath === '') {
-    const what = typeof socketPath === 'string' ? '""' : describe(socketPath);
-    throw new TypeError(`socketPath must be a non-empty string, not ${what}`);
-  }
-  const kup = loadKup();
-  const target = socketPath.startsWith('unix:') ? socketPath : `unix:${path.resolve(socketPath)}`;
-  return new kup.Kup(target, grpc.credentials.createInsecure(), {
-    'grpc.max_send_message_length': MAX_MESSAGE,
-    'grpc.max_receive_message_length': MAX_MESSAGE,
-  });
-}
-
-// Turn a gRPC status error into an Error naming the kupd error class.
-function kupError(err) {
-  if (!err || typeof err.code !== 'number') return err;
-  const md = err.metadata && err.metadata.get ? err.metadata.get('kup-error') : [];
-  const kind = md && md.length ? String(md[0]) : '';
-  const e = new Error(`${kind || grpc.status[err.code]}: ${err.details || err.message}`);
-  e.code = err.code;
-  e.kupError = kind;
-  e.details = err.details;
-  return e;
-}
-
-// Session in-band errors (the session goes on).
-function inbandError(err) {
-  const e = new Error(`${err.kind || 'Error'}: ${err.message}`);
-  e.code = err.grpc_code;
-  e.kupError = err.kind;
-  e.details = err.message;
-  return e;
-}
-
-function toMessage(m) {
-  return {
-    data: Buffer.from(m.data || []),
-    kind: String(m.kind).replace('MESSAGE_KIND_', '').toLowerCase(), // 'data' | 'pass' | 'close'
-    seq: Number(m.seq),
+// grpc.health.v1 (not in this repository's protos): the two messages and
+// the Check method, as protobufjs JSON.
+function loadHealth() {
+  if (cachedHealth) return cachedHealth;
+  const json = {
+    nested: { grpc: { nested: { health: { nested: { v1: { nested: {
+      HealthCheckRequest: { fields: { service: { type: 'string', id: 1 } } },
+      HealthCheckResponse: {
+        fields: { status: { type: 'ServingStatus', id: 1 } },
+        nested: { ServingStatus: { values: { UNKNOWN: 0, SERVING: 1, NOT_SERVING: 2, SERVICE_UNKNOWN: 3 } } },
+      },
+      Health: { methods: { Check: { requestType: 'HealthCheckRequest', responseType: 'HealthCheckResponse' } } },
+    } } } } } } },
   };
+  const def = protoLoader.fromJSON(json, LOAD_OPTIONS);
+  cachedHealth = grpc.loadPackageDefinition(def).grpc.health.v1.Health;
+  return cachedHealth;
 }
 
-// Channel ids and timeouts are uint32 on the wire: a larger number would
-// wrap (channel 2**32 + 40 attached channel 40).
-const MAX_UINT32 = 0xffffffff;
+// ---------------------------------------------------------------- errors
 
-function describe(value) {
-  if (value === null) return 'null';
-  if (typeof value === 'string') return `string ${JSON.stringify(value)}`;
-  if (typeof value === 'number' || typeof value === 'bigint') return String(value);
-  return typeof value;
+const S = grpc.status;
+
+// kupd's error classes (kupd/errors.py): name -> [KUP_E_* code, the gRPC
+// code kupd answers it with (kupd/service.py), parent].
+class KupError extends Error {
+  constructor(message, { code, kupCode, fromKupd = true } = {}) {
+    super(message);
+    this.name = new.target.name;
+    this.kupError = new.target.name;
+    this.code = code !== undefined ? code : new.target.grpcCode;
+    this.kupCode = kupCode !== undefined ? kupCode : new.target.kupCode;
+    this.details = message;
+    this.fromKupd = fromKupd;
+  }
 }
+KupError.grpcCode = S.UNKNOWN;
+KupError.kupCode = 0;
+
+function errorClass(name, parent, kupCode, grpcCode) {
+  const cls = { [name]: class extends parent {} }[name];
+  cls.kupCode = kupCode;
+  cls.grpcCode = grpcCode;
+  return cls;
+}
+
+const Shutdown = errorClass('Shutdown', KupError, 1001, S.UNAVAILABLE);
+const NotReady = errorClass('NotReady', KupError, 1002, S.UNAVAILABLE);
+const NotYourTurn = errorClass('NotYourTurn', KupError, 1003, S.FAILED_PRECONDITION);
+const TooBig = errorClass('TooBig', KupError, 1004, S.INVALID_ARGUMENT);
+const DeadlineExceeded = errorClass('DeadlineExceeded', KupError, 1005, S.DEADLINE_EXCEEDED);
+const ProtocolError = errorClass('ProtocolError', KupError, 1006, S.INTERNAL);
+const VersionMismatch = errorClass('VersionMismatch', KupError, 1007, S.FAILED_PRECONDITION);
+const Busy = errorClass('Busy', KupError, 1008, S.FAILED_PRECONDITION);
+const Releasing = errorClass('Releasing', Busy, 1013, S.FAILED_PRECONDITION);
+const NotFound = errorClass('NotFound', KupError, 1009, S.NOT_FOUND);
+const PeerGone = errorClass('PeerGone', KupError, 1010, S.ABORTED);
+const InvalidArgument = errorClass('InvalidArgument', KupError, 1011, S.INVALID_ARGUMENT);
+const SystemFailure = errorClass('SystemFailure', KupError, 1012, S.INTERNAL);
+const PermissionDenied = errorClass('PermissionDenied', KupError, 0, S.PERMISSION_DENIED);
+const ResourceExhausted = errorClass('ResourceExhausted', KupError, 0, S.RESOURCE_EXHAUSTED);
+const Unavailable = errorClass('Unavailable', KupError, 0, S.UNAVAILABLE);
+
+const ERRORS = {
+  KupError, Shutdown, NotReady, NotYourTurn, TooBig, DeadlineExceeded, ProtocolError,
+  VersionMismatch, Busy, Releasing, NotFound, PeerGone, InvalidArgument, SystemFailure,
+  PermissionDenied, ResourceExhausted, Unavailable,
+};
+
+// A status kupd did not send (no kup-error metadata) is mapped by its code
+// (kupclient._errors._BY_STATUS).
+const BY_STATUS = {
+  [S.NOT_FOUND]: NotFound,
+  [S.FAILED_PRECONDITION]: NotYourTurn,
+  [S.INVALID_ARGUMENT]: InvalidArgument,
+  [S.DEADLINE_EXCEEDED]: DeadlineExceeded,
+  [S.UNAVAILABLE]: Unavailable,
+  [S.PERMISSION_DENIED]: PermissionDenied,
+  [S.RESOURCE_EXHAUSTED]: ResourceExhausted,
+  [S.ABORTED]: PeerGone,
+  // gRPC's own "Method not found!": not served on this socket
+  [S.UNIMPLEMENTED]: NotFound,
+};
+
+function classOf(kind) {
+  return Object.prototype.hasOwnProperty.call(ERRORS, kind) ? ERRORS[kind] : null;
+}
+
+function metadataValue(metadata, key) {
+  const v = metadata && typeof metadata.get === 'function' ? metadata.get(key) : [];
+  return v && v.length ? String(v[0]) : '';
+}
+
+// The KupError of a failed RPC (a grpc-js ServiceError: code, details,
+// metadata = the trailers).  Anything else is returned as it is.
+function errorFromGrpc(err) {
+  if (!err || typeof err.code !== 'number') return err;
+  let details = err.details || err.message || (S[err.code] || String(err.code));
+  let kind = metadataValue(err.metadata, 'kup-error');
+  const fromKupd = kind !== '';
+  if (!kind && err.code === S.UNAVAILABLE && details.includes('EKU_SHUTDOWN')) kind = 'Shutdown';
+  if (!kind && err.code === S.UNIMPLEMENTED) {
+    details = `the server on this socket does not serve that method (${details}): an Admin `
+      + 'call needs kupd\'s admin_socket; otherwise the kupd is older than this client';
+  }
+  const cls = classOf(kind) || BY_STATUS[err.code] || SystemFailure;
+  const kupCode = Number(metadataValue(err.metadata, 'kup-code')) || cls.kupCode;
+  return new cls(details, { code: err.code, kupCode, fromKupd });
+}
+
+// A Session's in-band error (the session goes on).
+function errorFromPb(err) {
+  const cls = classOf(err.kind) || BY_STATUS[err.grpc_code] || SystemFailure;
+  return new cls(err.message, { code: err.grpc_code, kupCode: err.kup_code || cls.kupCode });
+}
+
+// True for an Unavailable that gRPC itself raised (kupd could not be
+// reached, or the connection broke), false for one kupd answered.
+function isConnectionFailure(err) {
+  return err instanceof Unavailable && !err.fromKupd;
+}
+
+function clientClosed(where, pending) {
+  return new InvalidArgument(pending
+    ? `client of ${where} was closed while the operation waited`
+    : `client of ${where} is closed`);
+}
+
+function channelClosed(what, pending) {
+  return new InvalidArgument(pending ? `${what} was closed while the operation waited` : `${what} is closed`);
+}
+
+// ---------------------------------------------------------------- arguments
 
 // Argument checks, before anything goes on the wire (as kupclient._args in
 // Python): a bad one is named instead of reaching kupd as something else
 // (a negative timeout_ms becomes a huge uint32, undefined data an empty
 // message).
-function dataArg(data) {
-  if (typeof data === 'string') return Buffer.from(data);
+function describe(value) {
+  if (value === null) return 'null';
+  if (typeof value === 'string') return `string ${JSON.stringify(value)}`;
+  if (typeof value === 'number') return String(value);
+  if (typeof value === 'bigint') return `bigint ${value}n`;
+  if (typeof value === 'symbol') return `symbol ${String(value)}`;
+  if (Array.isArray(value)) return 'array';
+  return typeof value;
+}
+
+// A Buffer for a bytes field: a string is UTF-8, a Buffer goes as it is
+// (grpc-js serializes it before the call returns), an ArrayBuffer or any
+// other view (Uint8Array, DataView, Float32Array, ...) is copied.
+function toBuffer(data, name = 'data') {
+  if (typeof data === 'string') return Buffer.from(data, 'utf8');
   if (Buffer.isBuffer(data)) return data;
-  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  const what = data === null ? 'null' : typeof data;
-  throw new TypeError(`data must be a Buffer, Uint8Array or string, not ${what}`);
+  if (ArrayBuffer.isView(data)) {
+    return Buffer.from(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  }
+  if (data instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && data instanceof SharedArrayBuffer)) {
+    return Buffer.from(new Uint8Array(data));
+  }
+  const what = data === null ? 'null' : Array.isArray(data) ? 'array' : typeof data;
+  throw new TypeError(`${name} must be a Buffer, Uint8Array, ArrayBuffer(View) or string, not ${what}`);
+}
+
+function checkPayload(buf, name = 'data') {
+  if (buf.length > MAX_PAYLOAD) {
+    throw new TooBig(`${name} of ${buf.length} bytes is larger than any message kupd carries `
+      + `(${MAX_PAYLOAD} bytes, gRPC's limit)`);
+  }
+  return buf;
+}
+
+function dataArg(data, name = 'data') {
+  return checkPayload(toBuffer(data, name), name);
+}
+
+function textArg(value, name) {
+  if (typeof value !== 'string') {
+    throw new TypeError(`${name} must be a string, not ${describe(value)}`);
+  }
+  if (Buffer.from(value, 'utf8').toString('utf8') !== value) {
+    throw new RangeError(`${name} must be valid UTF-8 text (no lone surrogates), not ${JSON.stringify(value)}`);
+  }
+  return value;
 }
 
 function deviceArg(device) {
   if (typeof device !== 'string' || device === '') {
-    throw new TypeError(`device must be a non-empty string, not ${JSON.stringify(device)}`);
+    const what = device === '' ? '""' : describe(device);
+    throw new TypeError(`device must be a non-empty string, not ${what}`);
   }
-  return device;
+  return textArg(device, 'device');
+}
+
+// A device to filter by: a name, or undefined / null / '' for every device.
+function deviceFilterArg(device) {
+  if (device === undefined || device === null) return '';
+  return textArg(device, 'device');
+}
+
+function leaseArg(leaseId) {
+  if (typeof leaseId !== 'string' || leaseId === '') {
+    const what = leaseId === '' ? '""' : describe(leaseId);
+    throw new TypeError(`lease id must be a non-empty string, not ${what}`);
+  }
+  return textArg(leaseId, 'lease id');
+}
+
+function callerArg(caller) {
+  return textArg(caller, 'caller');
 }
 
 // A channel id, or null for any free channel.
@@ -152,63 +352,181 @@ function msArg(ms, zeroOk, what) {
   return Math.max(zeroOk && ms === 0 ? 0 : 1, Math.round(ms));
 }
 
-function unary(client, method, request, timeoutMs = 30000) {
-  return new Promise((resolve, reject) => {
-    const deadline = new Date(Date.now() + timeoutMs);
-    client[method](request, { deadline }, (err, resp) => {
-      if (err) reject(kupError(err));
-      else resolve(resp);
-    });
-  });
+// An options object: undefined / null for none; unknown keys are refused
+// (a misspelt timeoutMs would otherwise be ignored).
+function optionsArg(opts, known, what) {
+  if (opts === undefined || opts === null) return {};
+  if (typeof opts !== 'object' || Array.isArray(opts)) {
+    throw new TypeError(`${what} options must be an object, not ${describe(opts)}`);
+  }
+  for (const key of Object.keys(opts)) {
+    if (!known.includes(key)) {
+      throw new TypeError(`${what}: unknown option ${JSON.stringify(key)} (known: ${known.join(', ')})`);
+    }
+  }
+  return opts;
 }
 
-// Request/reply without holding a channel.  Resolves to {data, kind, seq, channel}.
-async function call(client, device, data, { timeoutMs = 10000, caller = '' } = {}) {
-  const request = {
-    device: deviceArg(device),
-    data: dataArg(data),
-    timeout_ms: msArg(timeoutMs, false, 'timeoutMs'),
-    caller,
+// {mode, timeout_ms} of a receive: undefined / null blocks, 0 does not wait.
+function receiveMode(timeoutMs) {
+  if (timeoutMs === undefined || timeoutMs === null) return { mode: 'RECEIVE_MODE_BLOCK', timeout_ms: 0 };
+  const ms = msArg(timeoutMs, true, 'timeoutMs');
+  if (ms === 0) return { mode: 'RECEIVE_MODE_NONBLOCK', timeout_ms: 0 };
+  return { mode: 'RECEIVE_MODE_DEADLINE', timeout_ms: ms };
+}
+
+// The RPC deadline for a wait of timeoutMs (undefined / null: none).
+function deadlineFor(timeoutMs) {
+  return timeoutMs === undefined || timeoutMs === null ? null : timeoutMs + DEADLINE_SLACK_MS;
+}
+
+// ---------------------------------------------------------------- results
+
+const STATE_NAMES = {
+  CHANNEL_STATE_NOT_ANNOUNCED: 'not_announced',
+  CHANNEL_STATE_FREE: 'free',
+  CHANNEL_STATE_SESSION: 'session',
+  CHANNEL_STATE_LEASE: 'lease',
+  CHANNEL_STATE_CALLS: 'calls',
+  CHANNEL_STATE_QUARANTINED: 'quarantined',
+  CHANNEL_STATE_EXTERNAL: 'external',
+};
+
+function toMessage(m) {
+  return {
+    data: Buffer.from(m.data || []),
+    kind: String(m.kind).replace('MESSAGE_KIND_', '').toLowerCase(), // 'data' | 'pass' | 'close'
+    seq: Number(m.seq),
   };
-  const resp = await unary(client, 'Call', request, request.timeout_ms + 5000);
-  return { ...toMessage(resp.reply), channel: resp.channel };
 }
 
-async function listDevices(client, device = '') {
-  const resp = await unary(client, 'ListDevices', { device });
-  return resp.devices;
+// A ReceiveResponse: the message, or null when a non-blocking receive found nothing.
+function fromReceived(r) {
+  if (!r || r.not_ready) return null;
+  return toMessage(r.message);
 }
 
-// A Session stream: an exclusive lease on one channel while it is open.
-class Session {
+function toDevice(d) {
+  return {
+    name: d.name,
+    reachable: d.reachable,
+    abi_version: d.abi_version,
+    page_size: d.page_size,
+    channel_count: d.channel_count,
+    announced: d.announced,
+    pages_per_channel: d.pages_per_channel,
+    max_message_bytes: Number(d.max_message_bytes),
+    notify_gen: Number(d.notify_gen),
+    shutting_down: d.shutting_down,
+    call_channels: d.call_channels,
+    error: d.error,
+    calls_in_flight: d.calls_in_flight,
+    calls_queued: d.calls_queued,
+    channels: (d.channels || []).map((c) => ({
+      id: c.id, state: STATE_NAMES[c.state] || 'unknown', lease_id: c.lease_id,
+    })),
+    drained: d.drained,
+  };
+}
+
+function toLease(a) {
+  return {
+    lease_id: a.lease_id,
+    device: a.device,
+    channel: a.channel,
+    max_message_bytes: Number(a.max_message_bytes),
+    idle_timeout_ms: a.idle_timeout_ms,
+  };
+}
+
+function toEvent(e) {
+  return {
+    type: String(e.type).replace('WATCH_EVENT_TYPE_', ''), // 'LEASE_TAKEN', ... (Python's EventType names)
+    device: e.device,
+    channel: e.channel,
+    lease_id: e.lease_id,
+    holder: e.holder,
+    announced: e.announced,
+    notify_gen: Number(e.notify_gen),
+    reason: e.reason,
+    initial: e.initial,
+    time_unix_ms: Number(e.time_unix_ms),
+  };
+}
+
+// ---------------------------------------------------------------- streams
+
+// A stream dropped without close() (its Session or Watch collected) is
+// cancelled, so kupd releases the lease.  The registry holds the stream's
+// core, which never refers back to its Session / Watch.
+const dropped = new FinalizationRegistry((core) => core.abandon());
+
+// A stream of the stub, made without a stack trace: grpc-js keeps an Error
+// made at the call (for its own error stacks), and the frames of its stack
+// trace would keep their receivers -- the Session being made -- alive for
+// the life of the stream, so a dropped Session was never collected.
+function openStream(make) {
+  const limit = Error.stackTraceLimit;
+  Error.stackTraceLimit = 0;
+  try {
+    return make();
+  } finally {
+    Error.stackTraceLimit = limit;
+  }
+}
+
+// The state of a Session stream, apart from the Session object.
+class SessionCore {
   constructor(client) {
-    this.stream = client.Session();
-    this.nextId = 0;
+    this.client = client;
+    this.what = 'session';
     this.pending = [];      // FIFO of {id, resolve, reject}: kupd answers in order
-    this.ended = null;      // Error once the stream is over
-    this.closed = false;    // close() was called
-    this.stream.on('data', (resp) => this._onResponse(resp));
-    this.stream.on('error', (err) => this._fail(kupError(err)));
-    this.stream.on('end', () => this._fail(new Error('session stream ended')));
+    this.nextId = 0;
+    this.ended = null;      // the error of any later operation, once over
+    this.finished = false;  // the stream's status has arrived
+    this.onFinished = [];
+    this.stream = openStream(() => client.stub.Session());
+    this.stream.on('data', (resp) => this.onResponse(resp));
+    this.stream.on('error', (err) => this.fail(errorFromGrpc(err)));
+    this.stream.on('end', () => this.fail(new PeerGone(`${this.what}: session ended`)));
+    this.stream.on('status', () => this.finish());
+    client.live.add(this);
   }
 
-  _onResponse(resp) {
+  onResponse(resp) {
     const p = this.pending.shift();
     if (!p) return;
     if (Number(resp.request_id) !== p.id) {
-      p.reject(new Error(`response to request ${resp.request_id}, expected ${p.id}`));
+      const e = new ProtocolError(`${this.what}: response to request ${resp.request_id}, expected ${p.id}`);
+      p.reject(e);
+      this.fail(e);
+      this.stream.cancel();
       return;
     }
-    if (resp.result === 'error') p.reject(inbandError(resp.error));
+    if (resp.result === 'error') p.reject(errorFromPb(resp.error));
     else p.resolve(resp[resp.result]);
   }
 
-  _fail(err) {
+  // The stream is over (or being ended): later operations get `err`, the
+  // waiting ones `pendingErr` (default `err`).
+  fail(err, pendingErr) {
     if (!this.ended) this.ended = err;
-    for (const p of this.pending.splice(0)) p.reject(this.ended);
+    const e = pendingErr || this.ended;
+    for (const p of this.pending.splice(0)) p.reject(e);
+    this.client.live.delete(this);
   }
 
-  _op(op) {
+  finish() {
+    this.finished = true;
+    this.client.live.delete(this);
+    for (const f of this.onFinished.splice(0)) f();
+  }
+
+  done() {
+    return this.finished ? Promise.resolve() : new Promise((r) => this.onFinished.push(r));
+  }
+
+  op(op) {
     if (this.ended) return Promise.reject(this.ended);
     this.nextId += 1;
     const id = this.nextId;
@@ -218,95 +536,454 @@ class Session {
     });
   }
 
+  // close(): cancel under a waiting operation (half-closing would leave kupd
+  // waiting in a blocked receive, the lease held), else half-close and let
+  // kupd end the stream once it has let go of the lease.
+  close() {
+    const waiting = this.pending.length > 0;
+    this.fail(channelClosed(this.what, false), channelClosed(this.what, true));
+    if (this.finished) return;
+    if (waiting) {
+      this.stream.cancel();
+    } else {
+      this.stream.end();
+      // kupd ends the stream at once; should it not, do not wait forever
+      const t = setTimeout(() => this.stream.cancel(), 10000);
+      t.unref();
+      this.onFinished.push(() => clearTimeout(t));
+    }
+  }
+
+  // client.close(): cancel, the session's operations say it was closed
+  abort() {
+    this.fail(channelClosed(this.what, false), channelClosed(this.what, true));
+    if (!this.finished) this.stream.cancel();
+  }
+
+  // the Session was collected without close()
+  abandon() {
+    if (this.finished) return;
+    this.fail(channelClosed(this.what, false));
+    this.stream.cancel();
+  }
+}
+
+// A Session stream: an exclusive lease on one channel while it is open.
+// Made by client.openSession(device, channel) (or kup.openSession).
+class Session {
+  constructor(client) {
+    clientArg(client).checkOpen();
+    this.client = client;
+    this.lease = null;
+    this.closed = false;    // close() was called
+    this._core = new SessionCore(client);
+    dropped.register(this, this._core, this._core);
+  }
+
+  get stream() {
+    return this._core.stream;
+  }
+
+  get device() {
+    return this.lease ? this.lease.device : null;
+  }
+
+  get channel() {
+    return this.lease ? this.lease.channel : null;
+  }
+
   async attach(device, channel) {
     const attach = { device: deviceArg(device) };
     if (channelArg(channel) !== null) attach.channel = channel;
-    this.lease = await this._op({ attach });
+    this._core.what = `session on ${device}`;
+    this.lease = toLease(await this._core.op({ attach }));
+    this._core.what = `channel ${this.lease.channel} of ${this.lease.device}`;
     return this.lease;
   }
 
   // TooBig (nothing sent, the session goes on) when data is larger than the
   // channel's max_message_bytes: over gRPC's own limit it would end the stream.
-  async send(data) {
-    const buf = dataArg(data);
-    const max = this.lease ? Number(this.lease.max_message_bytes) : 0;
+  _payload(data) {
+    const buf = toBuffer(data);
+    const max = this.lease ? this.lease.max_message_bytes : 0;
     if (max && buf.length > max) {
-      const ch = this.lease.channel;
-      const e = new Error(`TooBig: message of ${buf.length} bytes exceeds the data area of `
-        + `channel ${ch} of device ${this.lease.device} (${max} bytes)`);
-      e.code = grpc.status.INVALID_ARGUMENT;
-      e.kupError = 'TooBig';
-      e.details = e.message.slice('TooBig: '.length);
-      throw e;
+      throw new TooBig(`message of ${buf.length} bytes exceeds the data area of `
+        + `channel ${this.lease.channel} of device ${this.lease.device} (${max} bytes)`);
     }
-    await this._op({ send: { data: buf } });
+    return checkPayload(buf);
   }
 
-  pass() {
-    return this._op({ pass_turn: {} }).then(() => undefined);
+  async send(data) {
+    await this._core.op({ send: { data: this._payload(data) } });
+  }
+
+  async pass() {
+    await this._core.op({ pass_turn: {} });
   }
 
   // timeoutMs: undefined blocks, 0 does not wait (resolves null when not
-  // ready), > 0 waits at most that long (DEADLINE_EXCEEDED after).
+  // ready), > 0 waits at most that long (DeadlineExceeded after).
   async receive(timeoutMs) {
-    let receive;
-    if (timeoutMs === undefined || timeoutMs === null) receive = { mode: 'RECEIVE_MODE_BLOCK' };
-    else if (timeoutMs === 0) receive = { mode: 'RECEIVE_MODE_NONBLOCK' };
-    else receive = { mode: 'RECEIVE_MODE_DEADLINE', timeout_ms: msArg(timeoutMs, true, 'timeoutMs') };
-    const r = await this._op({ receive });
-    if (r.not_ready) return null;
-    return toMessage(r.message);
+    const receive = receiveMode(timeoutMs);
+    return fromReceived(await this._core.op({ receive }));
   }
 
-  // Ends the session (kupd releases the lease).  An operation still waiting
-  // (a blocked receive) rejects with an Error saying the session was closed,
-  // and the stream is cancelled under it: half-closing would leave kupd
-  // waiting in the receive, the lease held and node unable to exit.
+  // send(data) then receive(timeoutMs) as one request on the stream.  A
+  // refused send sent nothing; when the wait fails (DeadlineExceeded) the
+  // data was sent and the reply is still owed: receive() gets it.
+  async exchange(data, timeoutMs) {
+    const { mode, timeout_ms } = receiveMode(timeoutMs);
+    const buf = this._payload(data);
+    return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }));
+  }
+
+  // Ends the session (kupd releases the lease); resolves once the stream is
+  // over (the channel is free then), never rejects.  An operation still
+  // waiting (a blocked receive) rejects with InvalidArgument "... was
+  // closed while the operation waited".
+  close() {
+    if (!this.closed) {
+      this.closed = true;
+      dropped.unregister(this._core);
+      this._core.close();
+    }
+    return this._core.done();
+  }
+}
+
+// An async iterator of watch events ({type, device, channel, lease_id,
+// ...}); ends when cancel()led (or the client closed); a kupd shutdown ends
+// it by throwing Shutdown after the SERVER_SHUTTING_DOWN event.
+class WatchCore {
+  constructor(client, request) {
+    this.client = client;
+    this.queue = [];
+    this.waiters = [];
+    this.error = null;
+    this.over = false;
+    this.cancelled = false;
+    this.stream = openStream(() => client.stub.Watch(request));
+    this.stream.on('data', (ev) => {
+      this.push({ value: toEvent(ev), done: false });
+      if (this.queue.length >= 1024) this.stream.pause();
+    });
+    this.stream.on('error', (err) => {
+      if (!this.cancelled) this.error = errorFromGrpc(err);
+      this.end();
+    });
+    this.stream.on('end', () => this.end());
+    this.stream.on('status', () => this.end());
+    client.live.add(this);
+  }
+
+  push(item) {
+    const w = this.waiters.shift();
+    if (w) w.resolve(item);
+    else this.queue.push(item);
+  }
+
+  end() {
+    if (this.over) return;
+    this.over = true;
+    this.client.live.delete(this);
+    for (const w of this.waiters.splice(0)) {
+      if (this.error) {
+        w.reject(this.error);
+        this.error = null;
+      } else {
+        w.resolve({ value: undefined, done: true });
+      }
+    }
+  }
+
+  next() {
+    if (this.queue.length) {
+      const item = this.queue.shift();
+      if (this.queue.length < 256 && !this.over) this.stream.resume();
+      return Promise.resolve(item);
+    }
+    if (this.over) {
+      if (this.error) {
+        const e = this.error;
+        this.error = null;
+        return Promise.reject(e);
+      }
+      return Promise.resolve({ value: undefined, done: true });
+    }
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
+  cancel() {
+    if (this.over) return;
+    this.cancelled = true;
+    this.queue.length = 0;
+    this.stream.cancel();
+    this.end();
+  }
+
+  abort() {
+    this.cancel();
+  }
+
+  abandon() {
+    this.cancel();
+  }
+}
+
+class Watch {
+  constructor(client, request) {
+    this._core = new WatchCore(client, request);
+    dropped.register(this, this._core, this._core);
+  }
+
+  get stream() {
+    return this._core.stream;
+  }
+
+  next() {
+    return this._core.next();
+  }
+
+  // for await ... break
+  return() {
+    this.cancel();
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  cancel() {
+    dropped.unregister(this._core);
+    this._core.cancel();
+  }
+}
+
+// ---------------------------------------------------------------- client
+
+// A client of kupd on a unix socket (kup.connect()).
+class Client {
+  constructor(socketPath, { caller } = {}) {
+    this.path = socketPath;
+    this.caller = caller === undefined || caller === null
+      ? `${os.hostname()}:${process.pid}` : callerArg(caller);
+    this.closed = false;
+    this.live = new Set();      // open stream cores (Sessions, Watches)
+    this.inflight = new Set();  // unary RPCs under way: {call, reject}
+    const kup = loadKup();
+    const target = socketPath.startsWith('unix:') ? socketPath : `unix:${path.resolve(socketPath)}`;
+    // the raw grpc-js stub (kup.v1.Kup)
+    this.stub = new kup.Kup(target, grpc.credentials.createInsecure(), {
+      'grpc.max_send_message_length': MAX_MESSAGE,
+      'grpc.max_receive_message_length': MAX_MESSAGE,
+      'grpc.keepalive_time_ms': 30000,
+      'grpc.keepalive_timeout_ms': 10000,
+    });
+    this._health = null;
+  }
+
+  checkOpen() {
+    if (this.closed) throw clientClosed(this.path, false);
+  }
+
+  // A unary RPC; deadlineMs null: none.
+  _unary(method, request, deadlineMs, stub = this.stub) {
+    this.checkOpen();
+    return new Promise((resolve, reject) => {
+      const opts = deadlineMs === null ? {} : { deadline: new Date(Date.now() + deadlineMs) };
+      const entry = { reject, call: null };
+      this.inflight.add(entry);
+      try {
+        entry.call = stub[method](request, opts, (err, resp) => {
+          this.inflight.delete(entry);
+          if (err) reject(errorFromGrpc(err));
+          else resolve(resp);
+        });
+      } catch (err) {
+        this.inflight.delete(entry);
+        throw err;
+      }
+    });
+  }
+
+  // Ends the client: its open Sessions and Watches are cancelled (kupd
+  // releases their leases), RPCs under way reject with InvalidArgument
+  // "client of PATH was closed while the operation waited", later ones with
+  // "client of PATH is closed".
   close() {
     if (this.closed) return;
     this.closed = true;
-    const where = this.lease ? `channel ${this.lease.channel} of ${this.lease.device}` : 'session';
-    const closed = new Error(`session closed (${where})`);
-    closed.code = grpc.status.CANCELLED;
-    closed.kupError = '';
-    closed.details = closed.message;
-    const waiting = this.pending.length > 0;
-    if (!this.ended) this.ended = closed;
-    for (const p of this.pending.splice(0)) {
-      const e = new Error(`session closed (${where}) while the operation waited`);
-      e.code = closed.code;
-      e.kupError = '';
-      e.details = e.message;
-      p.reject(e);
+    for (const core of [...this.live]) {
+      dropped.unregister(core);
+      core.abort();
     }
-    if (waiting) this.stream.cancel();
-    else this.stream.end();
+    for (const entry of [...this.inflight]) {
+      entry.reject(clientClosed(this.path, true));
+      entry.call.cancel();
+    }
+    this.inflight.clear();
+    this.stub.close();
   }
+
+  // Devices kupd serves (or only `device`), with channel states.
+  async listDevices(device) {
+    const request = { device: deviceFilterArg(device) };
+    const resp = await this._unary('ListDevices', request, UNARY_DEADLINE_MS);
+    return resp.devices.map(toDevice);
+  }
+
+  // Request/reply without holding a channel.  Resolves to {data, kind, seq, channel}.
+  async call(device, data, opts) {
+    const { timeoutMs, caller } = optionsArg(opts, ['timeoutMs', 'caller'], 'call');
+    const none = timeoutMs === undefined || timeoutMs === null;
+    const request = {
+      device: deviceArg(device),
+      data: dataArg(data),
+      timeout_ms: none ? 0 : msArg(timeoutMs, false, 'timeoutMs'),
+      caller: caller === undefined || caller === null ? this.caller : callerArg(caller),
+    };
+    const resp = await this._unary('Call', request, none ? null : request.timeout_ms + DEADLINE_SLACK_MS);
+    return { ...toMessage(resp.reply), channel: resp.channel };
+  }
+
+  // A Session holding channel `channel` of `device` (null: any free one).
+  async openSession(device, channel) {
+    // checked before the stream exists: a stream opened and cancelled unused
+    // kept node from exiting
+    deviceArg(device);
+    channelArg(channel);
+    this.checkOpen();
+    const s = new Session(this);
+    try {
+      await s.attach(device, channel);
+    } catch (err) {
+      s.closed = true;
+      dropped.unregister(s._core);
+      s._core.abort();
+      throw err;
+    }
+    return s;
+  }
+
+  // Device and lease events of `device` (null / '': every device); with
+  // initialState the current state first, as events with initial = true.
+  watch(device, opts) {
+    const { initialState = false } = optionsArg(opts, ['initialState'], 'watch');
+    if (typeof initialState !== 'boolean') {
+      throw new TypeError(`initialState must be a boolean, not ${describe(initialState)}`);
+    }
+    const request = { device: deviceFilterArg(device), initial_state: initialState };
+    this.checkOpen();
+    return new Watch(this, request);
+  }
+
+  // The health status name ('SERVING', 'NOT_SERVING', ...) of `service`
+  // ('' or 'kup.v1.Kup': kupd as a whole; 'kup.v1.Kup/DEVICE': one device).
+  async health(service = '') {
+    textArg(service, 'service');
+    this.checkOpen();
+    if (!this._health) {
+      const Health = loadHealth();
+      this._health = new Health('unused', grpc.credentials.createInsecure(),
+        { channelOverride: this.stub.getChannel() });
+    }
+    const resp = await this._unary('Check', { service }, UNARY_DEADLINE_MS, this._health);
+    return String(resp.status);
+  }
+
+  // -- leases: Attach / Send / Receive / Pass / Release -------------------
+
+  // A lease on a channel (any free one when channel is null / undefined).
+  async attach(device, channel) {
+    const request = { device: deviceArg(device) };
+    if (channelArg(channel) !== null) request.channel = channel;
+    return toLease(await this._unary('Attach', request, UNARY_DEADLINE_MS));
+  }
+
+  async leaseSend(leaseId, data) {
+    const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
+    await this._unary('Send', request, UNARY_DEADLINE_MS);
+  }
+
+  // timeoutMs as Session.receive: undefined blocks, 0 resolves null when
+  // nothing is there, > 0 waits at most that long.
+  async leaseReceive(leaseId, timeoutMs) {
+    const { mode, timeout_ms } = receiveMode(timeoutMs);
+    const request = { lease_id: leaseArg(leaseId), mode, timeout_ms };
+    return fromReceived(await this._unary('Receive', request, deadlineFor(timeoutMs)));
+  }
+
+  // Send with wait_reply: the data and the wait for the reply in one RPC.
+  // When the wait fails (DeadlineExceeded) the data was sent and the reply
+  // is still owed: leaseReceive gets it.
+  async leaseExchange(leaseId, data, timeoutMs) {
+    const { mode, timeout_ms } = receiveMode(timeoutMs);
+    const request = {
+      lease_id: leaseArg(leaseId),
+      data: dataArg(data),
+      wait_reply: true,
+      reply_mode: mode,
+      reply_timeout_ms: timeout_ms,
+    };
+    const resp = await this._unary('Send', request, deadlineFor(timeoutMs));
+    if (!resp.reply) return this.leaseReceive(leaseId, timeoutMs); // a kupd without wait_reply
+    return fromReceived(resp.reply);
+  }
+
+  async leasePass(leaseId) {
+    await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS);
+  }
+
+  async release(leaseId) {
+    await this._unary('Release', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS);
+  }
+}
+
+function clientArg(client) {
+  if (!(client instanceof Client)) {
+    throw new TypeError(`client must be a client made by kup.connect(), not ${describe(client)}`);
+  }
+  return client;
+}
+
+// A client of kupd on the unix socket at socketPath.  opts.caller: the
+// Calls' fairness key (default `${os.hostname()}:${process.pid}`).
+function connect(socketPath, opts) {
+  if (typeof socketPath !== 'string' || socketPath === '') {
+    const what = typeof socketPath === 'string' ? '""' : describe(socketPath);
+    throw new TypeError(`socketPath must be a non-empty string, not ${what}`);
+  }
+  return new Client(socketPath, optionsArg(opts, ['caller'], 'connect'));
+}
+
+// The functions of the first versions of this client, kept: the methods.
+async function call(client, device, data, opts) {
+  return clientArg(client).call(device, data, opts);
+}
+
+async function listDevices(client, device) {
+  return clientArg(client).listDevices(device);
 }
 
 async function openSession(client, device, channel) {
-  // checked before the stream exists: a stream opened and cancelled unused
-  // kept node from exiting
-  deviceArg(device);
-  channelArg(channel);
-  const s = new Session(client);
-  try {
-    await s.attach(device, channel);
-  } catch (err) {
-    s.stream.cancel();
-    throw err;
-  }
-  return s;
+  return clientArg(client).openSession(device, channel);
 }
 
 module.exports = {
+  ...ERRORS,
+  Client,
   MAX_MESSAGE,
+  MAX_PAYLOAD,
   PROTO_FILE,
   PROTO_ROOT,
   Session,
+  Watch,
   call,
   connect,
+  errorFromGrpc,
   grpc,
+  isConnectionFailure,
   listDevices,
   loadKup,
   openSession,

@@ -1,6 +1,12 @@
 """The Node.js client (clients/node/kup.js, @grpc/grpc-js + @grpc/proto-loader
 loading protos/kup/v1/kup.proto) against a real kupd + kupsim.
 
+Each file of clients/node/test/ (run.js, lifecycle.js, api.js, errors.js;
+node:test files taking the socket path) runs as one test, in turn, against
+one kupd with a short call_timeout (errors.js checks that a Call without a
+timeout gets kupd's) and call_quarantine (the Calls left unanswered there
+give their pool channel back soon).
+
 The npm dependencies are installed into clients/node/node_modules (ignored by
 git) from the committed package-lock.json with ``npm ci`` the first time, and
 again only when package.json or the lock file changed; npm's cache makes the
@@ -19,7 +25,7 @@ from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT
+from kupd.testing import REPO_ROOT, kupd, kupsim
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
@@ -76,16 +82,43 @@ def node_deps() -> None:
     ensure_node_deps()
 
 
-@pytest.fixture
+#: kupd's call_timeout here, seconds (errors.js expects a Call without
+#: timeoutMs to fail after about this long).
+CALL_TIMEOUT = "2"
+
+#: The test files and the least number of tests each must pass.
+NODE_TESTS = {"run.js": 11, "lifecycle.js": 6, "api.js": 6, "errors.js": 8}
+
+
+@pytest.fixture(scope="module")
 def kupd_socket(node_deps: None) -> Iterator[str]:
     cli_gateway = _load_cli_gateway()
-    with cli_gateway.gateway(("echo:2",)) as gw:
+    with (
+        kupsim("echo", check_exit=False) as sim,
+        kupd(
+            "--pid-file",
+            "-",
+            "--call-timeout",
+            CALL_TIMEOUT,
+            "--call-quarantine",
+            "1",
+            sim=sim,
+            devices=("echo:2",),
+            command=[str(cli_gateway.console_script("kupd"))],
+            env=sim.env(),
+            start_timeout=cli_gateway.START_TIMEOUT,
+            stop_timeout=cli_gateway.STOP_TIMEOUT,
+        ) as gw,
+    ):
         yield gw.socket
 
 
-def test_node_client_session_and_call(kupd_socket: str) -> None:
+@pytest.mark.parametrize("name", sorted(NODE_TESTS))
+def test_node_client(kupd_socket: str, name: str) -> None:
+    # --expose-gc: lifecycle.js checks that a dropped Session is released
+    # when it is collected
     proc = subprocess.run(
-        ["node", str(NODE_DIR / "test" / "run.js"), kupd_socket, "echo"],
+        ["node", "--expose-gc", str(NODE_DIR / "test" / name), kupd_socket, "echo"],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -96,5 +129,4 @@ def test_node_client_session_and_call(kupd_socket: str) -> None:
     # node:test's summary: every test ran and passed
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
-    assert passed and int(passed[0].split()[2]) >= 11, report
-    assert "ok " in proc.stdout and "Session" in proc.stdout and "Call" in proc.stdout
+    assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report

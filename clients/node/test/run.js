@@ -2,28 +2,19 @@
 //
 // Node client test against a running kupd serving the echo module:
 //
-//   node clients/node/test/run.js /path/to/kupd.sock [DEVICE]
+//   node --expose-gc clients/node/test/run.js /path/to/kupd.sock [DEVICE]
 //
 // Uses node's built-in test runner (node:test): run directly, it reports
 // each test and exits non-zero when any fails.  tests/node/ starts kupsim +
-// kupd and runs this.
+// kupd and runs this and the other files here (lifecycle.js: closing and
+// dropping; api.js: exchange, leases, watch, health, listDevices; errors.js:
+// errors, argument checks, caller and timeouts).  This one goes through the
+// first version's functions (kup.call(client, ...), ...), the others
+// through the client's methods.
 'use strict';
 
 const test = require('node:test');
-const assert = require('node:assert/strict');
-const kup = require('../kup');
-
-const socketPath = process.argv[2];
-const device = process.argv[3] || 'echo';
-if (!socketPath) {
-  console.error('usage: node test/run.js KUPD_SOCKET [DEVICE]');
-  process.exit(2);
-}
-
-// The echo module: even channels echo, odd channels upper-case ASCII a-z.
-function expectedEcho(channel, text) {
-  return channel % 2 === 0 ? text : text.toUpperCase();
-}
+const { assert, device, expectedEcho, kup, kupErr, socketPath, waitState } = require('./common');
 
 let client;
 test.before(() => {
@@ -82,7 +73,7 @@ test('Session: attach, receive the PASS, send, receive the echo, pass', async ()
 
 test('Session on an explicit channel; a second session on it is refused', async () => {
   const devices = await kup.listDevices(client, device);
-  const free = devices[0].channels.find((c) => c.state === 'CHANNEL_STATE_FREE' && c.id % 2 === 1);
+  const free = devices[0].channels.find((c) => c.state === 'free' && c.id % 2 === 1);
   assert.ok(free, 'a free odd channel');
   const s = await kup.openSession(client, device, free.id);
   try {
@@ -92,7 +83,8 @@ test('Session on an explicit channel; a second session on it is refused', async 
     const reply = await s.receive();
     assert.equal(reply.data.toString(), 'MIXED CASE');
     await assert.rejects(kup.openSession(client, device, free.id), (err) => {
-      return err.code === kup.grpc.status.FAILED_PRECONDITION && err.kupError === 'Busy';
+      return err.code === kup.grpc.status.FAILED_PRECONDITION && err.kupError === 'Busy'
+        && err instanceof kup.Busy;
     });
   } finally {
     s.close();
@@ -139,7 +131,7 @@ test('Call on an unknown device is NOT_FOUND naming it', async () => {
 
 test('bad arguments are refused before the wire, naming them', async () => {
   const refused = [
-    [kup.call(client, device, undefined), TypeError, /data must be a Buffer, Uint8Array or string, not undefined/],
+    [kup.call(client, device, undefined), TypeError, /data must be a Buffer, Uint8Array, ArrayBuffer\(View\) or string, not undefined/],
     [kup.call(client, device, 42), TypeError, /not number/],
     [kup.call(client, '', 'x'), TypeError, /device must be a non-empty string/],
     [kup.call(client, device, 'x', { timeoutMs: -1 }), RangeError, /timeoutMs must be .* > 0, not -1/],
@@ -167,7 +159,7 @@ test('bad arguments are refused before the wire, naming them', async () => {
   try {
     await s.receive(10000); // echo's opening PASS
     await assert.rejects(s.receive(-5), /timeoutMs must be .* >= 0, not -5/);
-    await assert.rejects(s.send(null), /data must be a Buffer, Uint8Array or string, not null/);
+    await assert.rejects(s.send(null), /data must be a Buffer, Uint8Array, ArrayBuffer\(View\) or string, not null/);
     await s.send(new Uint8Array([0x2e, 0x2e]));
     const m = await s.receive(10000);
     assert.equal(m.data.toString(), '..');
@@ -182,19 +174,6 @@ test('connect refuses a socket path that is not a non-empty string', () => {
   assert.throws(() => kup.connect(undefined), /socketPath must be a non-empty string, not undefined/);
 });
 
-async function channelState(id) {
-  const [dev] = await kup.listDevices(client, device);
-  return dev.channels.find((c) => c.id === id).state;
-}
-
-async function waitFree(id) {
-  for (let i = 0; i < 100; i += 1) {
-    if (await channelState(id) === 'CHANNEL_STATE_FREE') return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  assert.fail(`channel ${id} still ${await channelState(id)} after close`);
-}
-
 test('close() while a receive waits rejects it, cancels the stream and frees the channel', async () => {
   const s = await kup.openSession(client, device);
   const id = s.lease.channel;
@@ -204,14 +183,14 @@ test('close() while a receive waits rejects it, cancels the stream and frees the
   await new Promise((r) => setTimeout(r, 300));
   const t0 = Date.now();
   s.close();
-  await assert.rejects(pending, (err) => {
-    assert.match(err.message, /session closed \(channel \d+ of .*\) while the operation waited/);
-    assert.equal(err.code, kup.grpc.status.CANCELLED);
-    return true;
-  });
+  // InvalidArgument as Python's (kupclient._errors.channel_closed), not a bare CANCELLED
+  await assert.rejects(pending, kupErr(kup.InvalidArgument,
+    new RegExp(`^channel ${id} of ${device} was closed while the operation waited$`),
+    kup.grpc.status.INVALID_ARGUMENT));
   assert.ok(Date.now() - t0 < 2000, 'the receive was rejected promptly');
-  await assert.rejects(s.receive(0), /session closed/); // and the session stays closed
-  await waitFree(id);
+  // and the session stays closed
+  await assert.rejects(s.receive(0), kupErr(kup.InvalidArgument, new RegExp(`^channel ${id} of ${device} is closed$`)));
+  await waitState(client, id, 'free');
 });
 
 test('a send larger than the channel is TooBig before the wire; the session goes on', async () => {
@@ -221,6 +200,7 @@ test('a send larger than the channel is TooBig before the wire; the session goes
     const max = Number(s.lease.max_message_bytes);
     for (const n of [max + 1, kup.MAX_MESSAGE + 1]) { // the second is over gRPC's own limit
       await assert.rejects(s.send(Buffer.alloc(n, 0x2e)), (err) => {
+        assert.ok(err instanceof kup.TooBig);
         assert.equal(err.kupError, 'TooBig');
         assert.equal(err.code, kup.grpc.status.INVALID_ARGUMENT);
         assert.match(err.message, new RegExp(`${n} bytes .*\\(${max} bytes\\)`));

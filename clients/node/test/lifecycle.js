@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: BSD-2-Clause
+//
+// The Node client: closing and dropping sessions and clients (run with
+// --expose-gc; see common.js).
+'use strict';
+
+const test = require('node:test');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const { assert, channelState, device, kup, kupErr, sleep, socketPath, waitState } = require('./common');
+
+let client;
+test.before(() => {
+  client = kup.connect(socketPath);
+});
+test.after(() => {
+  client.close();
+});
+
+const IA = kup.grpc.status.INVALID_ARGUMENT;
+
+test('close() resolves once kupd let go of the channel; later operations say it is closed', async () => {
+  for (let i = 0; i < 3; i += 1) {
+    const s = await client.openSession(device);
+    const id = s.lease.channel;
+    await s.receive(10000);
+    await s.close();
+    // free the moment close() resolved: attachable again at once
+    assert.equal(await channelState(client, id), 'free', `round ${i}`);
+    const closed = kupErr(kup.InvalidArgument, new RegExp(`^channel ${id} of ${device} is closed$`), IA);
+    await assert.rejects(s.send('x'), closed);
+    await assert.rejects(s.receive(0), closed);
+    await assert.rejects(s.pass(), closed);
+    await assert.rejects(s.exchange('x', 1000), closed);
+    await s.close(); // twice: nothing more
+    const again = await client.openSession(device, id);
+    assert.equal(again.lease.channel, id);
+    await again.close();
+  }
+});
+
+test('client.close() ends its open sessions, watches and RPCs under way', async () => {
+  const c2 = kup.connect(socketPath);
+  const s = await c2.openSession(device);
+  const idle = await c2.openSession(device);
+  const id = s.lease.channel;
+  await s.receive(10000);
+  await s.send('!hold'); // never answered: the receive below waits
+  const pending = s.receive();
+  const lease = await c2.attach(device);
+  await c2.leaseReceive(lease.lease_id, 10000);
+  await c2.leaseSend(lease.lease_id, '!hold');
+  const leaseWait = c2.leaseReceive(lease.lease_id); // a unary RPC under way
+  const w = c2.watch(device);
+  const events = (async () => { const got = []; for await (const ev of w) got.push(ev); return got; })();
+  await sleep(300);
+  c2.close();
+  await assert.rejects(pending, kupErr(kup.InvalidArgument,
+    new RegExp(`^channel ${id} of ${device} was closed while the operation waited$`), IA));
+  await assert.rejects(leaseWait, kupErr(kup.InvalidArgument,
+    new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA));
+  await events; // the watch ended
+  await assert.rejects(s.send('x'), kupErr(kup.InvalidArgument, /^channel \d+ of .* is closed$/, IA));
+  await assert.rejects(idle.receive(0), kupErr(kup.InvalidArgument, /is closed$/, IA));
+  // kupd released both sessions' channels (the stream was cancelled)
+  await waitState(client, id, 'free', 5000);
+  await waitState(client, idle.lease.channel, 'free', 5000);
+  await client.release(lease.lease_id);
+});
+
+test('a client used after close() is InvalidArgument "client of PATH is closed"', async () => {
+  const c2 = kup.connect(socketPath);
+  await c2.listDevices();
+  c2.close();
+  c2.close(); // twice: nothing more
+  const closed = kupErr(kup.InvalidArgument, new RegExp(`^client of ${socketPath} is closed$`), IA);
+  await assert.rejects(c2.call(device, 'x'), closed);
+  await assert.rejects(kup.call(c2, device, 'x'), closed);
+  await assert.rejects(c2.listDevices(), closed);
+  await assert.rejects(kup.listDevices(c2), closed);
+  await assert.rejects(c2.openSession(device), closed);
+  await assert.rejects(kup.openSession(c2, device), closed);
+  await assert.rejects(c2.attach(device), closed);
+  await assert.rejects(c2.leaseSend('l', 'x'), closed);
+  await assert.rejects(c2.leaseReceive('l', 0), closed);
+  await assert.rejects(c2.leaseExchange('l', 'x'), closed);
+  await assert.rejects(c2.leasePass('l'), closed);
+  await assert.rejects(c2.release('l'), closed);
+  await assert.rejects(c2.health(), closed);
+  assert.throws(() => c2.watch(device), closed);
+});
+
+test('a Session dropped without close() is cancelled when collected (its channel freed)', async () => {
+  assert.equal(typeof global.gc, 'function', 'run with node --expose-gc');
+  const id = await (async () => {
+    const s = await client.openSession(device);
+    await s.receive(10000);
+    return s.lease.channel;
+  })();
+  assert.equal(await channelState(client, id), 'session');
+  for (let i = 0; i < 5; i += 1) {
+    global.gc();
+    await sleep(100);
+  }
+  await waitState(client, id, 'free', 5000);
+});
+
+function runHolder(mode) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--expose-gc', path.join(__dirname, 'holder.js'), socketPath, device, mode],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { out += d; });
+    const t0 = Date.now();
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10000);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, out, ms: Date.now() - t0 });
+    });
+  });
+}
+
+for (const mode of ['clientclose', 'dropped']) {
+  test(`node exits by itself after client.close() with a session left open (${mode})`, async () => {
+    const r = await runHolder(mode);
+    assert.equal(r.signal, null, `node did not exit within 10 s (killed): ${r.out}`);
+    assert.equal(r.code, 0, r.out);
+    const m = /channel (\d+)/.exec(r.out);
+    assert.ok(m, r.out);
+    await waitState(client, Number(m[1]), 'free', 5000);
+  });
+}
