@@ -23,7 +23,7 @@ from tenancy_helpers import (
 )
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import EventType, Message
+from kupclient import Client, EventType, Message
 from kupd import errors
 from kupd.testing import echo_lock_holds, in_background, wait_until
 
@@ -192,6 +192,41 @@ def test_a_device_name_no_device_can_have_is_refused_unrecorded(tk: TenantKupd) 
     line = tk.audit_lines()[-1]
     assert line["device"] == "e" * 64 + "... (1000 bytes)", line
     assert huge not in tk.log() and "e" * 1000 not in tk.log()
+
+
+def test_watch_streams_are_bounded_per_tenant(tk: TenantKupd) -> None:
+    """A tenant holds at most WATCHES_PER_TENANT Watch streams; the next is
+    ResourceExhausted (audited), another tenant's are not affected, and one
+    ended makes room."""
+    from kupd.service import WATCHES_PER_TENANT
+
+    with tk.client("carol") as c, tk.client("alice") as a:
+        watches = [c.watch("echo", initial_state=True) for _ in range(WATCHES_PER_TENANT)]
+        try:
+            for w in watches:  # each stream is open: its first (initial) event came
+                assert next(iter(w)).initial
+            with pytest.raises(errors.ResourceExhausted, match="rule watches"):
+                next(iter(c.watch("echo", initial_state=True)))
+            with a.watch("echo", initial_state=True) as other:
+                assert next(iter(other)).initial
+            watches.pop().cancel()
+            wait_until(
+                lambda: _watch_opens(c), what="a Watch stream once one of carol's ended"
+            )
+        finally:
+            for w in watches:
+                w.cancel()
+    assert _audit_has(tk, tenant="carol", op="watch", rule="watches"), tk.audit_lines()
+
+
+def _watch_opens(c: Client) -> bool:
+    w = c.watch("echo", initial_state=True)
+    try:
+        return bool(next(iter(w)).initial)
+    except errors.ResourceExhausted:
+        return False
+    finally:
+        w.cancel()
 
 
 def test_ops_rule(tk: TenantKupd) -> None:
