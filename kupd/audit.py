@@ -12,8 +12,11 @@ changed keys applied and those left for a restart -- or the error when
 refused).
 
 Written to the file named by the config key ``audit_log`` (opened for
-append, mode 0600, line-buffered) and, always, to kupd's structured log
-as an ``audit`` event.  ``channel`` is null when the request named none.
+append, mode 0600, line-buffered; never through a symbolic link at its
+name, and only a regular file of one name or a character device such as
+/dev/null: kupd.tenants.open_regular) and, always, to kupd's structured
+log as an ``audit`` event.  ``channel`` is null when the request named
+none.
 A config reload re-opens the file (at the new path if ``audit_log``
 changed): :meth:`AuditLog.open_file` first, which may refuse, then
 :meth:`AuditLog.use`, which cannot fail.  Re-opening at each reload also
@@ -29,6 +32,7 @@ from collections.abc import Mapping
 
 from kupd.config import ConfigError
 from kupd.log import get_logger
+from kupd.tenants import open_regular
 
 __all__ = ["AuditLog"]
 
@@ -50,9 +54,12 @@ class AuditLog:
         if not path:
             return -1
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # a link, FIFO or hard link planted at the name is refused, never
+            # written through (kupd.tenants.open_regular)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            return open_regular(path, flags, 0o600, "audit_log", devices=True)
         except OSError as exc:
-            raise ConfigError("audit_log", f"cannot open {path}: {exc.strerror}") from None
+            raise ConfigError("audit_log", f"cannot open {path}: {exc.strerror or exc}") from None
 
     def use(self, path: str, fd: int) -> None:
         """Write to ``fd`` (from :meth:`open_file` of ``path``) from now on;

@@ -33,7 +33,7 @@ from kupd.metrics import Metrics, TenantCollector
 from kupd.policy import Guard, Policy
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
-from kupd.tenants import SocketSet, endpoints_for
+from kupd.tenants import SocketSet, check_path, endpoints_for, open_regular, write_replacing
 from kupd.watch import Event, EventBus, EventType
 
 __all__ = ["AlreadyRunning", "Reloaded", "Server", "server_options"]
@@ -146,9 +146,11 @@ class Server:
     def _take_lock(self) -> None:
         path = self.config.lock_path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # a link, FIFO or hard link planted at the name is refused, never
+            # truncated through (the directory may be shared, as /tmp)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o600, "lock_file")
         except OSError as exc:
-            raise OSError(f"cannot open lock_file {path}: {exc.strerror}") from None
+            raise OSError(f"cannot open lock_file {path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,8 +168,11 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        sock_dir = os.path.dirname(os.path.abspath(cfg.socket))
-        os.makedirs(sock_dir, mode=0o755, exist_ok=True)
+        # The socket's directory (made if missing; the lock is there by
+        # default): every directory and link on the way out of other users'
+        # reach (kupd.tenants.check_path; a shared sticky one, as /tmp, is
+        # accepted for the plain socket).
+        check_path(os.path.abspath(cfg.socket), "socket", private=False, create=True)
         # The lock BEFORE the socket: gRPC unlinks an existing socket path
         # when it binds, so a second instance must never get that far.
         self._take_lock()
@@ -182,10 +187,13 @@ class Server:
         _raise_nofile()
         if cfg.pid_path:
             try:
-                with open(cfg.pid_path, "w") as f:
-                    f.write(f"{os.getpid()}\n")
+                # a new file renamed into place: nothing planted at the name
+                # is written through
+                write_replacing(cfg.pid_path, f"{os.getpid()}\n".encode(), 0o644, "pid_file")
             except OSError as exc:
-                raise OSError(f"cannot write pid_file {cfg.pid_path}: {exc.strerror}") from None
+                raise OSError(
+                    f"cannot write pid_file {cfg.pid_path}: {exc.strerror or exc}"
+                ) from None
         if cfg.metrics_port:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_address)
         await self.mgr.start()

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +117,10 @@ class Endpoint:
     owner: int | None = None
     group: int | None = None
     mode: int = 0o600
-    #: Tenant and admin sockets must live in a directory only kupd's user can write.
+    #: Tenant and admin sockets must live in a directory only kupd's user
+    #: can write; the plain socket (no tenants) may be in a shared sticky one
+    #: such as /tmp.  Either way every directory and link on the way is
+    #: checked (:func:`check_path`).
     check_dir: bool = True
 
     @property
@@ -140,36 +145,186 @@ def endpoints_for(config: Any) -> list[Endpoint]:
     return eps
 
 
-def _check_dir(path: str) -> None:
-    """The directory of a tenant or admin socket, and every directory above
-    it, must be out of other users' reach: whoever can rename an entry on
-    the way can put a socket of their own at the path.  The directory
-    itself: kupd's user's, writable by nobody else.  Each one above: root's
-    or kupd's user's, and writable by others only with the sticky bit (as
-    /tmp: nobody renames what they do not own)."""
-    d = os.path.dirname(path)
-    os.makedirs(d, mode=0o755, exist_ok=True)
-    st = os.stat(d)
-    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+#: Symbolic links followed by hand on the way to one path, at most (the
+#: kernel's own limit, ELOOP).
+_MAX_LINKS = 40
+
+
+def _trusted(uid: int) -> bool:
+    """Root or kupd's user: the owners whose entries nobody else may change."""
+    return uid in (0, os.geteuid())
+
+
+def _others_write(st: os.stat_result) -> bool:
+    """A directory that users other than root and kupd's user may write in
+    (its owner can always give itself write permission)."""
+    return not _trusted(st.st_uid) or bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _unsafe_above(st: os.stat_result) -> bool:
+    """A directory on the way to a file kupd makes that someone else could
+    rename an entry in: another user's, or writable by others without the
+    sticky bit (with it, as /tmp, nobody renames what they do not own)."""
+    return not _trusted(st.st_uid) or bool(
+        st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+    )
+
+
+def check_path(path: str, what: str = "socket", private: bool = True, create: bool = False) -> str:
+    """Check the directories a file kupd makes at ``path`` (a socket, its
+    lock, pid file or audit log) is reached through, as the path is written:
+    each component is lstat'ed from ``/`` down and a symbolic link is
+    followed by hand, so a link planted on the way is seen, not resolved
+    away.  Whoever can rename an entry on the way, or point a link on it
+    elsewhere, can put a file of their own at the path or have kupd write
+    through to another.  So:
+
+    * every directory on the way is root's or kupd's user's, and writable
+      by others only with the sticky bit;
+    * a symbolic link on the way sits in a directory nobody else can write,
+      or is root's or kupd's user's in a sticky one (nobody else can replace
+      it there);
+    * the last directory, when ``private`` (tenant and admin sockets): kupd's
+      user's and writable by nobody else at all; otherwise (the plain
+      socket, lock_file, pid_file, audit_log) it may be shared and sticky,
+      as /tmp, and the file itself is then made so that nothing planted at
+      its name is followed (see :func:`open_regular`).
+
+    ``create``: make missing directories (0755) on the way; otherwise a
+    missing one is FileNotFoundError.  OSError naming the component and
+    ``what`` for anything unsafe.  Returns the directory resolved."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    parts = [p for p in os.path.dirname(path).split("/") if p]
+    #: the directories entered so far (resolved) with their lstat, "/" first
+    trail: list[tuple[str, os.stat_result]] = [("/", os.lstat("/"))]
+    links = 0
+
+    def refuse_above(d: str, st: os.stat_result) -> None:
         raise OSError(
-            f"socket directory {d} of {path} must be owned by uid {os.geteuid()} and writable "
-            f"by nobody else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
-            "another user could replace the socket"
+            f"directory {d} above the {what} {path} must be owned by root or uid "
+            f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
+            f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
+            f"rename the entries in it and replace the {what}"
         )
-    up = os.path.dirname(os.path.realpath(d))
-    while True:
-        st = os.stat(up)
-        shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
-        if st.st_uid not in (0, os.geteuid()) or shared:
+
+    if parts and _unsafe_above(trail[0][1]):
+        refuse_above("/", trail[0][1])
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if len(trail) > 1:
+                trail.pop()
+            continue
+        cur, cur_st = trail[-1]
+        nxt = os.path.join(cur, name)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            if not create:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), nxt) from None
+            with contextlib.suppress(FileExistsError):  # made meanwhile: judged below
+                os.mkdir(nxt, 0o755)
+            st = os.lstat(nxt)
+        if stat.S_ISLNK(st.st_mode):
+            if _others_write(cur_st) and not _trusted(st.st_uid):
+                raise OSError(
+                    f"{nxt} on the way to the {what} {path} is a symbolic link (uid "
+                    f"{st.st_uid}) in directory {cur}, which users other than root and uid "
+                    f"{os.geteuid()} can write (it is uid {cur_st.st_uid}, mode "
+                    f"{stat.S_IMODE(cur_st.st_mode):04o}): kupd will not follow it -- "
+                    "another user could point it elsewhere"
+                )
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                del trail[1:]
+            parts[:0] = [p for p in target.split("/") if p]
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), nxt)
+        if parts and _unsafe_above(st):
+            refuse_above(nxt, st)
+        trail.append((nxt, st))
+    d, st = trail[-1]
+    shown = os.path.dirname(path)
+    shown = d if d == shown else f"{shown} (that is {d})"
+    if private:
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise OSError(
-                f"directory {up} above the socket {path} must be owned by root or uid "
-                f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
-                f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
-                "rename the directories below it and replace the socket"
+                f"socket directory {shown} of {path} must be owned by uid {os.geteuid()} "
+                f"and writable by nobody else (it is uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): another user could replace the socket"
             )
-        if up == "/":
-            return
-        up = os.path.dirname(up)
+    elif _unsafe_above(st):
+        raise OSError(
+            f"directory {shown} of the {what} {path} must be owned by root or uid "
+            f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
+            f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
+            f"replace the {what} or plant a link at its name"
+        )
+    return d
+
+
+def open_regular(path: str, flags: int, mode: int, what: str, devices: bool = False) -> int:
+    """``os.open`` a file kupd writes (lock_file, audit_log) without
+    following a link at its name (O_NOFOLLOW) and without blocking on a
+    FIFO, after :func:`check_path` of its directory; refused unless it is a
+    regular file of one name (a hard link to another file, which anyone may
+    make in a shared directory where the kernel allows it, would have kupd
+    write there) -- or, with ``devices``, a character device (only root
+    makes one: /dev/null, /dev/full).  OSError naming ``what``, its
+    strerror saying why, otherwise."""
+    check_path(path, what, private=False)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        why = exc
+        with contextlib.suppress(OSError):
+            found = os.lstat(path).st_mode
+            if stat.S_ISLNK(found):
+                why = OSError(
+                    errno.ELOOP,
+                    "it is a symbolic link (kupd follows none at the name of a file it writes)",
+                )
+            elif stat.S_ISFIFO(found) or stat.S_ISSOCK(found):  # ENXIO: no reader
+                why = OSError(exc.errno, "it is not a regular file: kupd will not write to it")
+        raise why from None
+    st = os.fstat(fd)
+    kind = ""
+    if stat.S_ISREG(st.st_mode):
+        if st.st_nlink != 1:
+            kind = f"a regular file of {st.st_nlink} names (a hard link)"
+    elif not (devices and stat.S_ISCHR(st.st_mode)):
+        kind = "not a regular file"
+    if kind:
+        os.close(fd)
+        raise OSError(errno.EPERM, f"it is {kind}: kupd will not write to it")
+    return fd
+
+
+def write_replacing(path: str, data: bytes, mode: int, what: str) -> None:
+    """Write ``path`` (the pid_file) as a new file: made under a fresh name
+    next to it (O_CREAT|O_EXCL|O_NOFOLLOW: nothing planted is followed) and
+    renamed over the name, so a link or file someone left there is replaced,
+    never written through."""
+    d = check_path(path, what, private=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(d, os.path.basename(path)))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 #: A server started by :meth:`SocketSet.prepare`: its endpoint, the server,
@@ -196,6 +351,46 @@ def _someone_accepts(path: str) -> bool:
         except OSError:
             return False  # refused (stale), gone, or not ours to judge: EACCES
         return True
+
+
+def _not_ours(path: str, tenant: str) -> OSError:
+    return OSError(
+        f"{path} (tenant {tenant}) is no longer the socket kupd bound there (replaced or "
+        "moved since): kupd will not change the owner or mode of another file; restart "
+        "kupd to serve the socket again"
+    )
+
+
+@contextlib.contextmanager
+def _the_socket(
+    path: str, fid: tuple[int, int] | None, tenant: str
+) -> Iterator[tuple[str, os.stat_result, bool]]:
+    """The socket kupd bound at ``path`` (inode ``fid``; None: any socket),
+    pinned for chown/chmod: (name, stat, follow_symlinks) to pass them,
+    never another file, whatever is renamed at ``path`` meanwhile.  On
+    Linux, an O_PATH|O_NOFOLLOW descriptor of it, changed through
+    /proc/self/fd (there is no lchmod); elsewhere the path itself, links
+    not followed.  OSError when ``path`` is not that socket (a link, another
+    file, another socket)."""
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISSOCK(st.st_mode) or (fid is not None and (st.st_dev, st.st_ino) != fid):
+            raise _not_ours(path, tenant)
+
+    check(os.lstat(path))
+    if not hasattr(os, "O_PATH") or not os.path.isdir("/proc/self/fd"):
+        # lchmod where there is one (the BSDs); a Linux without /proc has
+        # none: the path then, checked just now in a directory nobody else
+        # can write (check_path)
+        yield path, os.lstat(path), os.chmod not in os.supports_follow_symlinks
+        return
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        check(st)
+        yield f"/proc/self/fd/{fd}", st, True
+    finally:
+        os.close(fd)
 
 
 class SocketSet:
@@ -234,9 +429,13 @@ class SocketSet:
         #: stopping one removes the path, so it cannot be handed over
         self._direct: set[tuple[str, str]] = set()
         self._names = 0
-        #: kept sockets whose permissions prepare() changed: (path, uid,
-        #: gid, mode) as they were, restored by discard()
-        self._undo: list[tuple[str, int, int, int]] = []
+        #: the inode each started server's socket was bound as, by the name
+        #: it was bound at (until _install renames it)
+        self._born: dict[str, tuple[int, int]] = {}
+        #: kept sockets whose permissions prepare() changed: (path, the
+        #: socket's inode, tenant, uid, gid, mode) as they were, restored by
+        #: discard()
+        self._undo: list[tuple[str, tuple[int, int] | None, str, int, int, int]] = []
         #: servers a reload removed, finishing their Calls (see commit)
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -283,10 +482,7 @@ class SocketSet:
         """A started server of ep, bound at a private name (not yet at
         ep.path, not registered in servers).  ``handover``: another of
         kupd's servers is at ep.path now."""
-        if ep.check_dir:
-            _check_dir(ep.path)
-        else:
-            os.makedirs(os.path.dirname(ep.path), mode=0o755, exist_ok=True)
+        check_path(ep.path, "socket", private=ep.check_dir, create=True)
         path = self._private_name(ep)
         if path == ep.path and handover:
             raise OSError(
@@ -321,18 +517,25 @@ class SocketSet:
         finally:
             os.umask(old)
         try:
-            if ep.owner is not None or ep.group is not None:
-                os.chown(
-                    path,
-                    -1 if ep.owner is None else ep.owner,
-                    -1 if ep.group is None else ep.group,
-                )
+            # The socket just bound, pinned: a file renamed to its name
+            # meanwhile is refused, never chown'ed.
+            with _the_socket(path, None, ep.tenant.name) as (name, st, follow):
+                if ep.owner is not None or ep.group is not None:
+                    os.chown(
+                        name,
+                        -1 if ep.owner is None else ep.owner,
+                        -1 if ep.group is None else ep.group,
+                        follow_symlinks=follow,
+                    )
         except OSError as exc:
             await server.stop(None)
+            if exc.strerror is None:  # _not_ours
+                raise
             raise OSError(
                 f"cannot give socket {ep.path} (tenant {ep.tenant.name}) to owner "
                 f"{ep.owner} / group {ep.group}: {exc.strerror} (chown needs CAP_CHOWN)"
             ) from None
+        self._born[path] = (st.st_dev, st.st_ino)
         return ep, server, path
 
     def _install(self, started: Started) -> None:
@@ -343,7 +546,7 @@ class SocketSet:
         else:
             self._direct.add(ep.key)
         self.servers[ep.key] = (ep, server)
-        self._bound[ep.key] = _file_id(ep.path)
+        self._bound[ep.key] = self._born.pop(path, None) or _file_id(ep.path)
         log.info("socket serving", socket=ep.path, tenant=ep.tenant.name, mode=f"{ep.mode:04o}")
 
     @staticmethod
@@ -380,7 +583,7 @@ class SocketSet:
         try:
             for ep in wanted:
                 if ep.key in self.servers:
-                    self._set_permissions(ep, self.servers[ep.key][0])
+                    self._set_permissions(ep, self.servers[ep.key][0], self._bound.get(ep.key))
                     continue
                 holder = self._serving(ep.path)
                 if holder is None:
@@ -397,25 +600,34 @@ class SocketSet:
             raise
         return started
 
-    def _set_permissions(self, ep: Endpoint, old: Endpoint) -> None:
+    def _set_permissions(self, ep: Endpoint, old: Endpoint, fid: tuple[int, int] | None) -> None:
         """A kept socket whose owner/group/mode changed: apply it to the
         file in place (it governs new connections only: the kernel checked
-        the old permissions when the open ones connected).  Undone by
-        discard(): a reload refused later leaves it as it was."""
+        the old permissions when the open ones connected).  Only to the
+        socket kupd bound (inode ``fid``), reached through directories
+        still out of other users' reach: anything else at the path refuses
+        the reload.  Undone by discard(): a reload refused later leaves it
+        as it was."""
         if (ep.owner, ep.group, ep.mode) == (old.owner, old.group, old.mode):
             return
-        st = os.stat(ep.path)
-        self._undo.append((ep.path, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        check_path(ep.path, "socket", private=ep.check_dir)
         try:
-            # Narrow first (mode), then hand over (owner/group), then the final mode.
-            os.chmod(ep.path, ep.mode & old.mode)
-            os.chown(
-                ep.path,
-                os.geteuid() if ep.owner is None else ep.owner,
-                os.getegid() if ep.group is None else ep.group,
-            )
-            os.chmod(ep.path, ep.mode)
+            with _the_socket(ep.path, fid, ep.tenant.name) as (name, st, follow):
+                self._undo.append(
+                    (ep.path, fid, ep.tenant.name, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+                )
+                # Narrow first (mode), then hand over (owner/group), then the final mode.
+                os.chmod(name, ep.mode & old.mode, follow_symlinks=follow)
+                os.chown(
+                    name,
+                    os.geteuid() if ep.owner is None else ep.owner,
+                    os.getegid() if ep.group is None else ep.group,
+                    follow_symlinks=follow,
+                )
+                os.chmod(name, ep.mode, follow_symlinks=follow)
         except OSError as exc:
+            if exc.strerror is None:  # _not_ours
+                raise
             raise OSError(
                 f"cannot change owner/group/mode of socket {ep.path} (tenant "
                 f"{ep.tenant.name}): {exc.strerror} (chown/chmod of a socket another "
@@ -424,12 +636,14 @@ class SocketSet:
         log.info("socket permissions changed", socket=ep.path, mode=f"{ep.mode:04o}")
 
     async def discard(self, started: list[Started]) -> None:
-        for path, uid, gid, mode in reversed(self._undo):
-            with contextlib.suppress(OSError):  # as far as it can go back
-                os.chown(path, uid, gid)
-                os.chmod(path, mode)
+        for path, fid, tenant, uid, gid, mode in reversed(self._undo):
+            # as far as it can go back, and only on the socket kupd bound
+            with contextlib.suppress(OSError), _the_socket(path, fid, tenant) as (name, _, f):
+                os.chown(name, uid, gid, follow_symlinks=f)
+                os.chmod(name, mode, follow_symlinks=f)
         self._undo = []
-        for _ep, server, _name in started:
+        for _ep, server, name in started:
+            self._born.pop(name, None)
             await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
