@@ -1045,7 +1045,10 @@ kupsim_server_start(const char *rundir)
 		return -1;
 	}
 	snprintf(S.rundir, sizeof(S.rundir), "%s", rundir);
-	if (mkdir(rundir, 0755) != 0 && errno != EEXIST) {
+	/* 0700: whoever can reach a device socket attaches channels directly,
+	 * past kupd's policy (docs/security.md); a directory kupsim makes is
+	 * its user's alone.  One that exists is used as it is. */
+	if (mkdir(rundir, 0700) != 0 && errno != EEXIST) {
 		fprintf(stderr, "kupsim: cannot create run directory %s: %s\n",
 		    rundir, strerror(errno));
 		return -1;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -215,3 +216,11 @@ def test_help_is_on_stdout_and_exits_0(variant_out: Path, flag: str) -> None:
     proc = start(variant_out / "kupsim", "--bogus")
     out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 2 and out == "" and "usage: kupsim" in err, (out, err)
+
+
+def test_a_run_directory_kupsim_makes_is_private(variant_out: Path, short_tmp: Path) -> None:
+    """Whoever reaches a device socket attaches channels past kupd's policy:
+    a run directory kupsim creates is 0700 (it was 0755, with 0666 sockets)."""
+    run = short_tmp / "new-run"
+    serves_echo(variant_out / "kupsim", "-d", str(run), str(variant_out / "echo.so"))
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
