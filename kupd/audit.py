@@ -68,9 +68,19 @@ class AuditLog:
         if old >= 0:
             os.close(old)
 
-    def denial(self, tenant: str, op: str, device: str, channel: int | None, rule: str) -> None:
+    def denial(
+        self,
+        tenant: str,
+        op: str,
+        device: str,
+        channel: int | None,
+        rule: str,
+        unrecorded: int = 0,
+    ) -> None:
+        """One denial; ``unrecorded``: the tenant's denials left out since its
+        last line (kupd.policy's budget of lines per tenant)."""
         self.count += 1
-        rec = {
+        rec: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "event": "denied",
             "tenant": tenant,
@@ -79,6 +89,8 @@ class AuditLog:
             "channel": channel,
             "rule": rule,
         }
+        if unrecorded:
+            rec["unrecorded_before"] = unrecorded
         log.warning("audit", **{k: v for k, v in rec.items() if k not in ("time", "event")})
         self._write(rec)
 

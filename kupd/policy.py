@@ -45,6 +45,8 @@ from kupd.devices import SHOWN_MAX, shown
 
 __all__ = [
     "ADMIN",
+    "AUDIT_DENIALS_BURST",
+    "AUDIT_DENIALS_PER_SECOND",
     "DEFAULT",
     "OPS",
     "Grant",
@@ -325,6 +327,12 @@ class Policy:
         return None
 
 
+#: Denial lines one tenant gets in the audit log (and kupd's log): this
+#: many per second, after a burst of AUDIT_DENIALS_BURST.
+AUDIT_DENIALS_PER_SECOND = 10.0
+AUDIT_DENIALS_BURST = 100.0
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -350,6 +358,10 @@ class Guard:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     #: (tenant, rule) -> denials so far (metrics: kupd_tenant_denials_total)
     denials: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: per tenant: its budget of denial lines (AUDIT_DENIALS_*), and the
+    #: denials left out since its last line
+    _audit_buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _unrecorded: dict[str, int] = field(default_factory=dict)
 
     # -- current view ---------------------------------------------------------
     def tenant(self) -> Tenant:
@@ -372,10 +384,27 @@ class Guard:
         client's string: at most SHOWN_MAX characters of it are recorded."""
         key = (tenant, rule)
         self.denials[key] = self.denials.get(key, 0) + 1
+        if self.audit is None:
+            return
+        # A line per denial, up to a budget per tenant: denials cost a tenant
+        # nothing, and each wrote two lines (audit file and log) -- a disk
+        # filler.  Past the budget they are counted (metrics count them all)
+        # and the next line says how many were left out.
+        now = time.monotonic()
+        b = self._audit_buckets.get(tenant)
+        if b is None:
+            b = self._audit_buckets[tenant] = _Bucket(AUDIT_DENIALS_BURST, now)
+        b.tokens = min(AUDIT_DENIALS_BURST, b.tokens + (now - b.stamp) * AUDIT_DENIALS_PER_SECOND)
+        b.stamp = now
+        if b.tokens < 1.0:
+            self._unrecorded[tenant] = self._unrecorded.get(tenant, 0) + 1
+            return
+        b.tokens -= 1.0
         if len(device) > SHOWN_MAX:
             device = f"{device[:SHOWN_MAX]}... ({len(device.encode())} bytes)"
-        if self.audit is not None:
-            self.audit.denial(tenant, op, device, chan, rule)
+        self.audit.denial(
+            tenant, op, device, chan, rule, unrecorded=self._unrecorded.pop(tenant, 0)
+        )
 
     def deny(self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str) -> None:
         self._record(t, op, device, chan, rule)

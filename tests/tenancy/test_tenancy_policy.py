@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 
 import grpc
@@ -227,6 +228,29 @@ def _watch_opens(c: Client) -> bool:
         return False
     finally:
         w.cancel()
+
+
+def test_denials_get_audit_lines_up_to_a_budget(start_tenants: StartTenants) -> None:
+    """A tenant's denials cost it nothing: past AUDIT_DENIALS_BURST lines
+    (then AUDIT_DENIALS_PER_SECOND) they are counted, not written, and the
+    tenant's next line says how many were left out."""
+    from kupd.policy import AUDIT_DENIALS_BURST
+
+    burst = int(AUDIT_DENIALS_BURST)
+    tk = start_tenants(DEVICES + TENANTS)  # its own: the budget is spent here
+    before = [x for x in tk.audit_lines() if x.get("tenant") == "bob"]
+    with tk.client("bob") as b:  # bob may only call: every attach is denied
+        for _ in range(burst + 50):
+            with pytest.raises(errors.PermissionDenied):
+                b.attach("echo", 30)
+        time.sleep(0.3)  # a line's worth of budget again
+        with pytest.raises(errors.PermissionDenied):
+            b.attach("echo", 30)
+    lines = [x for x in tk.audit_lines() if x.get("tenant") == "bob"][len(before) :]
+    assert burst <= len(lines) < burst + 25, len(lines)
+    left_out = sum(x.get("unrecorded_before", 0) for x in lines)
+    assert left_out > 0 and left_out + len(lines) == burst + 51, (left_out, len(lines))
+    assert lines[-1]["unrecorded_before"] > 0, lines[-1]
 
 
 def test_ops_rule(tk: TenantKupd) -> None:
