@@ -5,15 +5,9 @@
 'use strict';
 
 const test = require('node:test');
-const { assert, channelState, device, expectedEcho, kup, kupErr, sleep, socketPath, waitState } = require('./common');
+const { assert, channelState, connectForTests, device, expectedEcho, kup, kupErr, sleep, socketPath, waitState } = require('./common');
 
-let client;
-test.before(() => {
-  client = kup.connect(socketPath);
-});
-test.after(() => {
-  client.close();
-});
+const client = connectForTests();
 
 test('listDevices: plain objects with the Python client\'s field names and state strings', async () => {
   const all = await client.listDevices();

@@ -19,6 +19,14 @@ if (!socketPath) {
   process.exit(2);
 }
 
+// A client of the kupd under test for a file's tests, closed after them
+// (kup.connect does not connect until the first call).
+function connectForTests() {
+  const client = kup.connect(socketPath);
+  require('node:test').after(() => client.close());
+  return client;
+}
+
 // The echo module: even channels echo, odd channels upper-case ASCII a-z.
 function expectedEcho(channel, text) {
   return channel % 2 === 0 ? text : text.toUpperCase();
@@ -57,4 +65,4 @@ function kupErr(cls, re, code) {
   };
 }
 
-module.exports = { assert, channelState, device, expectedEcho, kup, kupErr, sleep, socketPath, waitState };
+module.exports = { assert, channelState, connectForTests, device, expectedEcho, kup, kupErr, sleep, socketPath, waitState };

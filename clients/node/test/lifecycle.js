@@ -7,15 +7,9 @@
 const test = require('node:test');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
-const { assert, channelState, device, kup, kupErr, sleep, socketPath, waitState } = require('./common');
+const { assert, channelState, connectForTests, device, kup, kupErr, sleep, socketPath, waitState } = require('./common');
 
-let client;
-test.before(() => {
-  client = kup.connect(socketPath);
-});
-test.after(() => {
-  client.close();
-});
+const client = connectForTests();
 
 const IA = kup.grpc.status.INVALID_ARGUMENT;
 

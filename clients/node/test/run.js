@@ -14,15 +14,9 @@
 'use strict';
 
 const test = require('node:test');
-const { assert, device, expectedEcho, kup, kupErr, socketPath, waitState } = require('./common');
+const { assert, connectForTests, device, expectedEcho, kup, kupErr, socketPath, waitState } = require('./common');
 
-let client;
-test.before(() => {
-  client = kup.connect(socketPath);
-});
-test.after(() => {
-  client.close();
-});
+const client = connectForTests();
 
 test('ListDevices shows the device and its channels', async () => {
   const devices = await kup.listDevices(client);
