@@ -24,7 +24,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from kupd import errors
@@ -72,6 +72,9 @@ class PoolChannel:
     #: keeps the fd registered with the loop between waits (kupd.waiting)
     waiter: ChannelWaiter
     state: str = "warming"  # warming | free | busy | quarantined
+    #: run once its quarantine settles (back in the pool or dropped): what
+    #: the Call that left it quarantined still holds (a tenant's slot)
+    settled: list[Callable[[], None]] = field(default_factory=list)
 
 
 class CallPool:
@@ -116,7 +119,15 @@ class CallPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _settle(self, pc: PoolChannel, why: str) -> None:
-        """Wait for the kernel to hand ``pc`` back, drop what it says, free it."""
+        """Wait for the kernel to hand ``pc`` back, drop what it says, free it;
+        then run ``pc.settled``."""
+        try:
+            await self._settle_once(pc, why)
+        finally:
+            while pc.settled:
+                pc.settled.pop()()
+
+    async def _settle_once(self, pc: PoolChannel, why: str) -> None:
         pc.state = why
         try:
             if not pc.ch.my_turn():
@@ -261,11 +272,19 @@ class CallPool:
             self._queued_gauge.dec()
 
     async def call(
-        self, data: bytes, timeout: float, caller: str, limit: int
+        self,
+        data: bytes,
+        timeout: float,
+        caller: str,
+        limit: int,
+        held: list[Callable[[], None]] | None = None,
     ) -> tuple[Message, int]:
         """Send ``data`` on a free pool channel; the kernel's reply and the channel id.
         ``limit`` is the device's max message.  While the pool is (re)filling,
-        callers wait in the queue."""
+        callers wait in the queue.  ``held``: what the Call holds (one
+        callable that lets it go); a Call that leaves its channel
+        quarantined takes it out of the list and runs it only once the
+        quarantine settles -- the caller runs what is left, if anything."""
         if self.closed:
             raise errors.Shutdown(f"device {self.device} is going away")
         if self.size == 0:
@@ -285,11 +304,11 @@ class CallPool:
             if self._free and not self._rr:  # the usual case: no wait, no deadline sums
                 pc = self._free.popleft()
                 pc.state = "busy"
-                return await self._exchange(pc, data, timeout)
+                return await self._exchange(pc, data, timeout, held)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             pc = await self._acquire(caller, timeout)
-            return await self._exchange(pc, data, max(0.0, deadline - loop.time()))
+            return await self._exchange(pc, data, max(0.0, deadline - loop.time()), held)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -303,7 +322,13 @@ class CallPool:
             cc = self._counted[code] = self.metrics.call_count(self.device, code)
         cc.n += 1
 
-    async def _exchange(self, pc: PoolChannel, data: bytes, timeout: float) -> tuple[Message, int]:
+    async def _exchange(
+        self,
+        pc: PoolChannel,
+        data: bytes,
+        timeout: float,
+        held: list[Callable[[], None]] | None = None,
+    ) -> tuple[Message, int]:
         ch = pc.ch
         sent = False
         done = False
@@ -337,6 +362,12 @@ class CallPool:
                 if sent or not _holds_turn(ch):
                     # the reply is still owed: never hand this channel on mid-exchange
                     log.warning("pool channel quarantined", device=self.device, channel=ch.id)
+                    # and the Call's tenant keeps its slot until it settles:
+                    # Calls that time out at once must not take a tenant's
+                    # whole share of the pool out of service for everyone
+                    if held:
+                        pc.settled.extend(held)
+                        held.clear()
                     self._spawn(self._settle(pc, "quarantined"))
                 else:
                     self._put_back(pc)

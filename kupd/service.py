@@ -9,6 +9,7 @@ and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
@@ -821,11 +822,16 @@ class KupService(kup_pb2_grpc.KupServicer):
                 self.guard.check_op(t, "call", device)
             dev = self.mgr.get(device)
             self.guard.begin_call(t, dev.name, len(request.data))
+            # the tenant's slot: let go when the Call ends -- or, when it
+            # leaves its pool channel quarantined, when that settles (the
+            # pool takes it out of the list)
+            held: list[Callable[[], None]] = [functools.partial(self.guard.end_call, t)]
             try:
                 self.guard.check_drained(dev.name)
-                return await self._call(request, context, dev, t, where)
+                return await self._call(request, context, dev, t, where, held)
             finally:
-                self.guard.end_call(t)
+                for let_go in held:
+                    let_go()
         except errors.KupError as exc:
             if dev is not None and "device" not in where:
                 # refused before its exchange (policy, device not ready): a
@@ -845,6 +851,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         dev: ManagedDevice,
         t: Tenant,
         where: dict[str, Any],
+        held: list[Callable[[], None]],
     ) -> kup_pb2.CallResponse:
         where["tenant"] = t.name
         _, info = dev.require()
@@ -860,7 +867,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         code = "OK"
         try:
             msg, chan = await pool.call(
-                request.data, timeout, self.guard.fair_key(t, request.caller), info.max_msg
+                request.data, timeout, self.guard.fair_key(t, request.caller), info.max_msg, held
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name
