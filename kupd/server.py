@@ -30,7 +30,7 @@ from kupd.config import Config, load_config, reloaded
 from kupd.devices import DeviceManager
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
-from kupd.policy import Guard, Policy
+from kupd.policy import Guard, Policy, Tenant, current_tenant
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
 from kupd.tenants import SocketSet, check_path, endpoints_for, open_regular, write_replacing
@@ -93,7 +93,7 @@ class _Health(HealthServicer):  # type: ignore[misc]
     ) -> health_pb2.HealthCheckResponse:
         await self._kupd.probe()
         log.debug("health check", service=request.service)
-        known = self._kupd.health_services()
+        known = self._kupd.health_services(current_tenant())
         if request.service not in known:
             # the stock servicer's NOT_FOUND has no details: say what there is
             await self._kupd.service._abort(
@@ -105,6 +105,18 @@ class _Health(HealthServicer):  # type: ignore[misc]
                 ),
             )
         return await super().Check(request, context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        if request.service not in self._kupd.health_services(current_tenant()):
+            # a device the tenant may not see is a service it cannot know:
+            # answered as gRPC answers one nobody reports (SERVICE_UNKNOWN,
+            # then nothing)
+            unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            await context.write(health_pb2.HealthCheckResponse(status=unknown))
+            await asyncio.Event().wait()
+        await super().Watch(request, context)
 
 
 class Server:
@@ -345,10 +357,12 @@ class Server:
         if not self._stopping:
             self.mgr.spawn(self._update_health())
 
-    def health_services(self) -> list[str]:
+    def health_services(self, tenant: Tenant | None = None) -> list[str]:
         """The services kupd reports health for: "" (kupd as a whole),
-        kup.v1.Kup, and kup.v1.Kup/DEVICE for each device."""
-        return ["", SERVICE_NAME, *(f"{SERVICE_NAME}/{name}" for name in self.mgr.devices)]
+        kup.v1.Kup, and kup.v1.Kup/DEVICE for each device (that ``tenant``
+        may see: a tenant learns nothing of devices not granted to it)."""
+        names = [n for n in self.mgr.devices if tenant is None or tenant.may_see(n)]
+        return ["", SERVICE_NAME, *(f"{SERVICE_NAME}/{name}" for name in names)]
 
     async def _update_health(self) -> None:
         if self._stopping:

@@ -45,13 +45,40 @@ from kupd.log import get_logger
 from kupd.policy import ADMIN, DEFAULT, Tenant, use_tenant
 from kupd.wire import add_kup_servicer
 
-__all__ = ["Endpoint", "SocketSet", "TenantKup", "endpoints_for", "scope_device_pb"]
+__all__ = [
+    "Endpoint",
+    "SocketSet",
+    "TenantHealth",
+    "TenantKup",
+    "check_path",
+    "endpoints_for",
+    "open_regular",
+    "scope_device_pb",
+    "write_replacing",
+]
 
 log = get_logger("kupd.tenants")
 
 KUP_SERVICE = kup_pb2.DESCRIPTOR.services_by_name["Kup"].full_name
 ADMIN_SERVICE = kup_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """kupd's health service as seen through one tenant's socket (per-device
+    health only for the devices the tenant may see)."""
+
+    def __init__(self, inner: Any, tenant: Tenant) -> None:
+        self.inner = inner
+        self.tenant = tenant
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        use_tenant(self.tenant)
+        return await self.inner.Check(request, context)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        use_tenant(self.tenant)
+        await self.inner.Watch(request, context)
 
 
 class TenantKup(kup_pb2_grpc.KupServicer):
@@ -499,7 +526,7 @@ class SocketSet:
         add_kup_servicer(
             TenantKup(self.kup, ep.tenant), server, getattr(self.kup, "refuse_malformed", None)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(TenantHealth(self.health, ep.tenant), server)
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:
             kup_pb2_grpc.add_AdminServicer_to_server(self.admin(), server)

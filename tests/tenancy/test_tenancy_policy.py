@@ -169,6 +169,33 @@ def test_a_tenant_learns_nothing_of_devices_or_leases_not_its_own(tk: TenantKupd
                 a.attach("echo", 9)  # its own tenant is told which
 
 
+def test_health_shows_a_tenant_only_its_devices(tk: TenantKupd) -> None:
+    """Per-device health is for the devices a tenant may see: alice (echo
+    only) is told nothing of rot13, not even that it exists; carol (both)
+    and the admin see both."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with tk.client("alice") as a:
+        assert a.health("kup.v1.Kup/echo") == "SERVING"
+        for name in ("kup.v1.Kup/rot13", "kup.v1.Kup/nosuch"):
+            with pytest.raises(errors.NotFound) as ei:
+                a.health(name)
+            assert "rot13" not in str(ei.value).replace(name, ""), ei.value
+        # Watch: an unseen device is an unknown service, as gRPC answers it
+        chan = grpc.insecure_channel("unix:" + tk.sock("alice"))
+        try:
+            watch = health_pb2_grpc.HealthStub(chan).Watch(
+                health_pb2.HealthCheckRequest(service="kup.v1.Kup/rot13"), timeout=5
+            )
+            first = next(iter(watch))
+            assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            watch.cancel()
+        finally:
+            chan.close()
+    with tk.client("carol") as c:
+        assert c.health("kup.v1.Kup/rot13") == "SERVING"
+
+
 def test_a_device_name_no_device_can_have_is_refused_unrecorded(tk: TenantKupd) -> None:
     """A client's device name longer than any device's is InvalidArgument
     before the policy sees it (a 4 MiB name made a 4 MiB audit line per
