@@ -3,10 +3,14 @@ hung clients detected by keepalive, metrics on an opt-in loopback port."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import socket
 import threading
+import time
 import urllib.request
+from urllib.parse import urlparse
 
 import pytest
 from gateway_helpers import Kupd, StartKupd, echo_sim, holding_client
@@ -85,6 +89,38 @@ def test_metrics_on_loopback(sim: KupSim, start_kupd: StartKupd) -> None:
     assert "kupd_turn_wait_seconds_bucket" in body
     assert 'kupd_messages_total{channel="9",device="echo",direction="from_kernel"} 1.0' in body
     assert 'kupd_errors_total{channel="",code="NOT_FOUND",device=""}' in body
+    assert k.terminate() == 0
+
+
+def test_the_metrics_endpoint_spends_a_bounded_number_of_threads(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """Any local user can connect to the metrics port: idle connections
+    used to cost kupd a thread each (31 -> 482 threads in a probe).  Now at
+    most 8 are served at once; the rest are closed, and scraping works again
+    once the idle ones are gone."""
+    k = with_metrics_port(lambda port: start_kupd(sim, "--metrics-port", str(port)))
+    url = urlparse(k.metrics_url)
+    urllib.request.urlopen(k.metrics_url, timeout=10).read()
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{k.pid}/task"))
+
+    before = threads()
+    idle = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(40)]
+    try:
+        time.sleep(1.0)  # each accepted one would have its thread by now
+        assert threads() <= before + 8, (before, threads())
+    finally:
+        for conn in idle:
+            conn.close()
+    def scraped() -> bool:
+        try:
+            return b"kupd_sessions" in urllib.request.urlopen(k.metrics_url, timeout=10).read()
+        except (OSError, http.client.HTTPException):  # a slot not free yet
+            return False
+
+    wait_until(scraped, what="a scrape once the idle connections are gone")
     assert k.terminate() == 0
 
 
