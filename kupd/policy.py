@@ -49,6 +49,7 @@ __all__ = [
     "AUDIT_DENIALS_PER_SECOND",
     "DEFAULT",
     "OPS",
+    "Budget",
     "Grant",
     "Guard",
     "Policy",
@@ -339,6 +340,33 @@ class _Bucket:
     stamp: float
 
 
+class Budget:
+    """Lines a key (a tenant) may have written: ``burst`` at once, then
+    ``rate`` per second.  take() is the number of lines left out since the
+    key's last one (0 or more) when one may be written, else None (counted
+    as left out).  For records a client can cause at no cost to itself --
+    denials, failed requests -- which would otherwise fill a disk."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+        self._left_out: dict[str, int] = {}
+
+    def take(self, key: str) -> int | None:
+        now = time.monotonic()
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(self.burst, now)
+        b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+        b.stamp = now
+        if b.tokens < 1.0:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return None
+        b.tokens -= 1.0
+        return self._left_out.pop(key, 0)
+
+
 @dataclass
 class Guard:
     """Checks requests against the running policy, counts per-tenant usage,
@@ -358,10 +386,10 @@ class Guard:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     #: (tenant, rule) -> denials so far (metrics: kupd_tenant_denials_total)
     denials: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: per tenant: its budget of denial lines (AUDIT_DENIALS_*), and the
-    #: denials left out since its last line
-    _audit_buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _unrecorded: dict[str, int] = field(default_factory=dict)
+    #: per tenant: its budget of denial lines (AUDIT_DENIALS_*)
+    _audit_budget: Budget = field(
+        default_factory=lambda: Budget(AUDIT_DENIALS_PER_SECOND, AUDIT_DENIALS_BURST)
+    )
 
     # -- current view ---------------------------------------------------------
     def tenant(self) -> Tenant:
@@ -390,21 +418,12 @@ class Guard:
         # nothing, and each wrote two lines (audit file and log) -- a disk
         # filler.  Past the budget they are counted (metrics count them all)
         # and the next line says how many were left out.
-        now = time.monotonic()
-        b = self._audit_buckets.get(tenant)
-        if b is None:
-            b = self._audit_buckets[tenant] = _Bucket(AUDIT_DENIALS_BURST, now)
-        b.tokens = min(AUDIT_DENIALS_BURST, b.tokens + (now - b.stamp) * AUDIT_DENIALS_PER_SECOND)
-        b.stamp = now
-        if b.tokens < 1.0:
-            self._unrecorded[tenant] = self._unrecorded.get(tenant, 0) + 1
+        unrecorded = self._audit_budget.take(tenant)
+        if unrecorded is None:
             return
-        b.tokens -= 1.0
         if len(device) > SHOWN_MAX:
             device = f"{device[:SHOWN_MAX]}... ({len(device.encode())} bytes)"
-        self.audit.denial(
-            tenant, op, device, chan, rule, unrecorded=self._unrecorded.pop(tenant, 0)
-        )
+        self.audit.denial(tenant, op, device, chan, rule, unrecorded=unrecorded)
 
     def deny(self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str) -> None:
         self._record(t, op, device, chan, rule)

@@ -27,7 +27,7 @@ from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
 from kupd.config import Config, load_config, reloaded
-from kupd.devices import DeviceManager
+from kupd.devices import DeviceManager, shown
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.policy import Guard, Policy, Tenant, current_tenant
@@ -99,7 +99,7 @@ class _Health(HealthServicer):  # type: ignore[misc]
             await self._kupd.service._abort(
                 context,
                 errors.NotFound(
-                    f"no health status for service {request.service!r}; kupd reports "
+                    f"no health status for service {shown(request.service)}; kupd reports "
                     + ", ".join(repr(s) for s in known)
                     + " ('' is kupd as a whole)"
                 ),

@@ -9,9 +9,10 @@ and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ from kupd.devices import (
 )
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
-from kupd.policy import Guard, Tenant, use_tenant
+from kupd.policy import Budget, Guard, Tenant, current_tenant, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
@@ -268,6 +269,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.calls_idle.set()
         #: Watch streams open per tenant (bounded: WATCHES_PER_TENANT)
         self.watches: dict[str, int] = {}
+        self._log_budget = Budget(LOG_FAILURES_PER_SECOND, LOG_FAILURES_BURST)
         # Streams (Session, Watch) whose handler has not returned yet: at
         # SIGTERM kupd ends them with their status (Shutdown) and waits for
         # that status to be handed to gRPC before it stops the server, whose
@@ -281,7 +283,16 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
         code, details = status_for(exc)
         self._count_error(code)
-        log.info("rpc failed", code=code.name, error=details)
+        if len(details) > DETAILS_MAX:  # a client's string may be in it
+            details = f"{details[:DETAILS_MAX]}... ({len(details)} characters)"
+        # A failed request costs its client nothing: its log line is within
+        # a budget per tenant (the rest counted, in kupd_errors_total, and
+        # said by the next line)
+        unlogged = self._log_budget.take(current_tenant().name)
+        if unlogged:
+            log.info("rpc failed", code=code.name, error=details, unlogged_before=unlogged)
+        elif unlogged is not None:
+            log.info("rpc failed", code=code.name, error=details)
         await context.abort(
             code,
             details,
@@ -524,6 +535,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         device, channel and id go into the log context, or into ``where``."""
         if not lease_id:
             raise errors.InvalidArgument("lease_id is required")
+        if len(lease_id) > LEASE_ID_MAX:  # kupd's are 16 hex digits
+            raise errors.InvalidArgument(f"lease_id of {len(lease_id)} characters: not a lease id")
         t = self.guard.tenant()
         lease = self.leases.get(lease_id, None if t.admin else t.name)
         if lease.tenant != t.name and not t.admin:
@@ -934,26 +947,34 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_op(t, "watch", request.device)  # before the lookup
         if request.device:
             self.mgr.get(request.device)
-        bounded = self.guard.policy.multi and not t.admin
-        if bounded:
-            open_now = self.watches.get(t.name, 0)
-            if open_now >= WATCHES_PER_TENANT:
-                self.guard.exhaust(
-                    t,
-                    "watch",
-                    request.device,
-                    None,
-                    "watches",
-                    f"{open_now} Watch streams open (limit {WATCHES_PER_TENANT} per tenant)",
-                )
-            self.watches[t.name] = open_now + 1
-        try:
+        with self.watch_slot(t, request.device):
             async for event in self._watch(request, t):
                 yield event
-        finally:
-            if bounded:
-                self.watches[t.name] -= 1
         raise errors.Shutdown("kupd is shutting down")
+
+    @contextlib.contextmanager
+    def watch_slot(self, t: Tenant, device: str = "") -> Iterator[None]:
+        """One of the tenant's WATCHES_PER_TENANT watch streams (kup.v1 Watch
+        and the health service's Watch alike), for the block; past the
+        limit ResourceExhausted, rule watches."""
+        if not self.guard.policy.multi or t.admin:
+            yield
+            return
+        open_now = self.watches.get(t.name, 0)
+        if open_now >= WATCHES_PER_TENANT:
+            self.guard.exhaust(
+                t,
+                "watch",
+                device,
+                None,
+                "watches",
+                f"{open_now} watch streams open (limit {WATCHES_PER_TENANT} per tenant)",
+            )
+        self.watches[t.name] = open_now + 1
+        try:
+            yield
+        finally:
+            self.watches[t.name] -= 1
 
     async def _watch(
         self, request: kup_pb2.WatchRequest, t: Tenant
@@ -988,6 +1009,18 @@ class KupService(kup_pb2_grpc.KupServicer):
                 time_unix_ms=ev.time_unix_ms,
             )
 
+
+#: the longest lease_id a request may carry (kupd's are 16 hex digits;
+#: a longer one is refused before it is looked up or quoted)
+LEASE_ID_MAX = 64
+
+#: "rpc failed" lines one tenant gets in kupd's log: a burst, then this many
+#: per second (the rest are counted, and the next line says how many)
+LOG_FAILURES_PER_SECOND = 10.0
+LOG_FAILURES_BURST = 100.0
+#: how much of a failed request's error text goes to its client and into
+#: kupd's log (a client's string may be in it)
+DETAILS_MAX = 1024
 
 #: Watch streams one tenant may hold open at once (with [[tenant]] tables;
 #: not the admin's).  Every event is queued to every Watch: a tenant that

@@ -40,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupd import errors
 from kupd.config import SUN_PATH_MAX
 from kupd.log import get_logger
 from kupd.policy import ADMIN, DEFAULT, Tenant, use_tenant
@@ -68,9 +69,10 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """kupd's health service as seen through one tenant's socket (per-device
     health only for the devices the tenant may see)."""
 
-    def __init__(self, inner: Any, tenant: Tenant) -> None:
+    def __init__(self, inner: Any, tenant: Tenant, kup: Any) -> None:
         self.inner = inner
         self.tenant = tenant
+        self.kup = kup  # KupService: the tenant's watch streams are counted there
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant)
@@ -78,7 +80,11 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         use_tenant(self.tenant)
-        await self.inner.Watch(request, context)
+        try:
+            with self.kup.watch_slot(self.tenant):
+                await self.inner.Watch(request, context)
+        except errors.KupError as exc:  # past the tenant's watch streams
+            await self.kup._abort(context, exc)
 
 
 class TenantKup(kup_pb2_grpc.KupServicer):
@@ -326,6 +332,10 @@ def open_regular(path: str, flags: int, mode: int, what: str, devices: bool = Fa
     if stat.S_ISREG(st.st_mode):
         if st.st_nlink != 1:
             kind = f"a regular file of {st.st_nlink} names (a hard link)"
+        elif not _trusted(st.st_uid):
+            # made first by another user in a shared directory: it could
+            # read, rewrite or truncate what kupd writes (the audit log)
+            kind = f"a file of uid {st.st_uid}, not root's or kupd's"
     elif not (devices and stat.S_ISCHR(st.st_mode)):
         kind = "not a regular file"
     if kind:
@@ -526,7 +536,9 @@ class SocketSet:
         add_kup_servicer(
             TenantKup(self.kup, ep.tenant), server, getattr(self.kup, "refuse_malformed", None)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(TenantHealth(self.health, ep.tenant), server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            TenantHealth(self.health, ep.tenant, self.kup), server
+        )
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:
             kup_pb2_grpc.add_AdminServicer_to_server(self.admin(), server)

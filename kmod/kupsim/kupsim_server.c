@@ -1056,7 +1056,9 @@ kupsim_server_start(const char *rundir)
 	n = snprintf(lockpath, sizeof(lockpath), "%s/kupsim.lock", rundir);
 	if (n < 0 || (size_t)n >= sizeof(lockpath))
 		return -1;
-	S.lock_fd = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	/* O_NOFOLLOW: a link planted at the name in a run directory others
+	 * can write must not make kupsim create a file where it points */
+	S.lock_fd = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
 	if (S.lock_fd < 0) {
 		fprintf(stderr, "kupsim: cannot open lock file %s: %s\n", lockpath,
 		    strerror(errno));

@@ -224,3 +224,16 @@ def test_a_run_directory_kupsim_makes_is_private(variant_out: Path, short_tmp: P
     run = short_tmp / "new-run"
     serves_echo(variant_out / "kupsim", "-d", str(run), str(variant_out / "echo.so"))
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
+
+
+def test_a_link_at_the_lock_is_not_followed(variant_out: Path, short_tmp: Path) -> None:
+    """kupsim.lock planted as a link in a run directory others can write:
+    kupsim used to create the file it named (as root: anywhere)."""
+    run = short_tmp / "run"
+    run.mkdir()
+    target = short_tmp / "made-by-kupsim"
+    (run / "kupsim.lock").symlink_to(target)
+    proc = start(variant_out / "kupsim", "-d", str(run), str(variant_out / "echo.so"))
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0 and "cannot open lock file" in err, (proc.returncode, err)
+    assert not target.exists()

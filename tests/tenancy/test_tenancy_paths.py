@@ -84,6 +84,10 @@ def _plant(at: Path, victim: Path, kind: str) -> None:
         at.symlink_to(victim)
     elif kind == "hardlink":
         os.link(victim, at)
+    elif kind == "theirs":  # made first, empty, by another user (who keeps it)
+        at.write_text("")
+        at.chmod(0o666)
+        os.chown(at, 65534, 65534)
     else:
         os.mkfifo(at, 0o666)
 
@@ -99,6 +103,11 @@ def _plain(tmp_path: Path, sock: Path) -> list[str]:
         ("symlink", "it is a symbolic link"),
         ("hardlink", "it is a regular file of 2 names (a hard link)"),
         ("fifo", "it is not a regular file"),
+        pytest.param(
+            "theirs",
+            "it is a file of uid 65534, not root's or kupd's",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid"),
+        ),
     ],
 )
 def test_a_file_planted_at_the_lock_is_refused(tmp_path: Path, kind: str, said: str) -> None:
@@ -146,6 +155,11 @@ def test_a_file_planted_at_the_pid_file_is_replaced_not_written(tmp_path: Path, 
         ("symlink", "it is a symbolic link"),
         ("hardlink", "it is a regular file of 2 names (a hard link)"),
         ("fifo", "it is not a regular file"),  # used to block kupd in open(2) for good
+        pytest.param(
+            "theirs",
+            "it is a file of uid 65534, not root's or kupd's",  # it could forge the log
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid"),
+        ),
     ],
 )
 def test_a_file_planted_at_the_audit_log_is_refused(tmp_path: Path, kind: str, said: str) -> None:

@@ -169,6 +169,33 @@ def test_a_tenant_learns_nothing_of_devices_or_leases_not_its_own(tk: TenantKupd
                 a.attach("echo", 9)  # its own tenant is told which
 
 
+def test_a_clients_long_strings_never_reach_kupds_log_whole(start_tenants: StartTenants) -> None:
+    """A 1 MB lease id or health service name was quoted whole in the error
+    and in kupd's "rpc failed" line (~28 MB/s of log from one client).  A
+    lease id longer than any is InvalidArgument; error texts are bounded;
+    and a tenant's failed requests get log lines up to a budget, the next
+    one saying how many were left out."""
+    k = start_tenants(DEVICES + TENANTS)  # its own: the log budget is spent here
+    huge = "x" * 1_000_000
+    with k.client("alice") as a:
+        with pytest.raises(errors.InvalidArgument, match="1000000 characters: not a lease id"):
+            a.lease_send(huge, b"x")
+        with pytest.raises(errors.NotFound) as ei:
+            a.health("s" * 1_000_000)
+        assert len(str(ei.value)) < 2000, len(str(ei.value))
+        for _ in range(300):
+            with pytest.raises(errors.NotFound):
+                a.lease_send("feedfacefeedface", b"x")
+        time.sleep(0.3)
+        with pytest.raises(errors.NotFound):
+            a.lease_send("feedfacefeedface", b"x")
+    log = k.log()
+    assert "x" * 2000 not in log and "s" * 2000 not in log
+    failed = [ln for ln in log.splitlines() if '"rpc failed"' in ln]  # (all alice's)
+    assert 100 <= len(failed) < 150, len(failed)
+    assert '"unlogged_before"' in failed[-1], failed[-1]
+
+
 def test_health_shows_a_tenant_only_its_devices(tk: TenantKupd) -> None:
     """Per-device health is for the devices a tenant may see: alice (echo
     only) is told nothing of rot13, not even that it exists; carol (both)
@@ -235,6 +262,18 @@ def test_watch_streams_are_bounded_per_tenant(tk: TenantKupd) -> None:
                 assert next(iter(w)).initial
             with pytest.raises(errors.ResourceExhausted, match="rule watches"):
                 next(iter(c.watch("echo", initial_state=True)))
+            # the health service's Watch counts too (it was unbounded)
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            chan = grpc.insecure_channel("unix:" + tk.sock("carol"))
+            try:
+                hw = health_pb2_grpc.HealthStub(chan).Watch(health_pb2.HealthCheckRequest())
+                with pytest.raises(grpc.RpcError) as ei:
+                    next(iter(hw))
+                assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+                assert "rule watches" in (ei.value.details() or "")
+            finally:
+                chan.close()
             with a.watch("echo", initial_state=True) as other:
                 assert next(iter(other)).initial
             watches.pop().cancel()
