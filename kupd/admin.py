@@ -92,11 +92,12 @@ class AdminService(kup_pb2_grpc.AdminServicer):
     ) -> kup_pb2.ReloadResponse:
         try:
             done = await self.server.reload(via="admin")
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
+            # Either way nothing changed and the running config stays: a
+            # key's value, or a path it names that cannot be served (an
+            # unsafe directory, a path in use) -- the operator's to fix, as
+            # kupctl's exit code 8 says, not kupd's INTERNAL fault.
             await self._abort(context, errors.InvalidArgument(f"reload refused: {exc}"))
-            raise AssertionError("unreachable") from None
-        except OSError as exc:
-            await self._abort(context, errors.SystemFailure(f"reload failed: {exc}"))
             raise AssertionError("unreachable") from None
         except errors.KupError as exc:  # Shutdown: kupd is draining
             await self._abort(context, exc)
