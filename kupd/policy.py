@@ -375,6 +375,9 @@ class Guard:
     policy: Policy = field(default_factory=Policy)
     audit: Any = None  # kupd.audit.AuditLog (None: no audit file, log only)
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: Of in_flight, the slots of Calls that ended but left their pool
+    #: channel quarantined: kept until the channel settles (kupd.calls).
+    kept: dict[str, int] = field(default_factory=dict)
     #: Attaches admitted but not finished yet, per tenant (max_sessions
     #: counts them: concurrent attaches cannot overshoot the limit).
     pending: dict[str, int] = field(default_factory=dict)
@@ -504,22 +507,45 @@ class Guard:
             b.tokens -= 1.0
         n_in = self.in_flight.get(t.name, 0)
         if t.max_calls_in_flight and n_in >= t.max_calls_in_flight:
+            kept = self.kept.get(t.name, 0)
+            # a slot kept by a timed-out Call's quarantined channel shows in
+            # no Call of the tenant's: say so, or "3 calls in flight" reads
+            # as wrong to a tenant that has none running
+            why = (
+                f" ({kept} of them timed out and keep their slot until their pool "
+                "channel is back from quarantine)"
+                if kept
+                else ""
+            )
             self.exhaust(
                 t,
                 "call",
                 device,
                 None,
                 "max_calls_in_flight",
-                f"{n_in} calls in flight (limit max_calls_in_flight={t.max_calls_in_flight})",
+                f"{n_in} calls in flight{why} (limit max_calls_in_flight="
+                f"{t.max_calls_in_flight})",
             )
         self.in_flight[t.name] = n_in + 1
 
-    def end_call(self, t: Tenant) -> None:
+    def end_call(self, t: Tenant, kept: bool = False) -> None:
+        """A Call's slot is free again; ``kept``: it was kept (:meth:`keep_call`)."""
         n = self.in_flight.get(t.name, 1) - 1
         if n <= 0:
             self.in_flight.pop(t.name, None)
         else:
             self.in_flight[t.name] = n
+        if kept:
+            k = self.kept.get(t.name, 1) - 1
+            if k <= 0:
+                self.kept.pop(t.name, None)
+            else:
+                self.kept[t.name] = k
+
+    def keep_call(self, t: Tenant) -> None:
+        """A Call ended but its slot stays taken until its quarantined pool
+        channel settles (then ``end_call(t, kept=True)``)."""
+        self.kept[t.name] = self.kept.get(t.name, 0) + 1
 
     def owned(self, lease_id: str, tenant: str) -> None:
         if len(self.lease_owner) > 65536:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import wraps
@@ -242,6 +241,30 @@ class _SessionState:
         t = self._tenant
         if t.max_message_bytes and n > t.max_message_bytes:
             guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
+
+
+class _CallSlot:
+    """A Call's place in its tenant's ``max_calls_in_flight``: calling it
+    lets the place go (once).  A Call that leaves its pool channel
+    quarantined hands it to the pool, which calls it when the channel
+    settles; :meth:`keep` counts it meanwhile, so that a refusal can say
+    why slots are taken with no Call running."""
+
+    __slots__ = ("_done", "_guard", "_kept", "_tenant")
+
+    def __init__(self, guard: Guard, tenant: Tenant) -> None:
+        self._guard, self._tenant = guard, tenant
+        self._done = self._kept = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._guard.end_call(self._tenant, kept=self._kept)
+
+    def keep(self) -> None:
+        if not self._done and not self._kept:
+            self._kept = True
+            self._guard.keep_call(self._tenant)
 
 
 class KupService(kup_pb2_grpc.KupServicer):
@@ -838,13 +861,17 @@ class KupService(kup_pb2_grpc.KupServicer):
             # the tenant's slot: let go when the Call ends -- or, when it
             # leaves its pool channel quarantined, when that settles (the
             # pool takes it out of the list)
-            held: list[Callable[[], None]] = [functools.partial(self.guard.end_call, t)]
+            slot = _CallSlot(self.guard, t)
+            held: list[Callable[[], None]] = [slot]
             try:
                 self.guard.check_drained(dev.name)
                 return await self._call(request, context, dev, t, where, held)
             finally:
-                for let_go in held:
-                    let_go()
+                if held:
+                    for let_go in held:
+                        let_go()
+                else:  # the pool runs it once the channel is back
+                    slot.keep()
         except errors.KupError as exc:
             if dev is not None and "device" not in where:
                 # refused before its exchange (policy, device not ready): a

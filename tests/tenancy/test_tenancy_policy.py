@@ -383,7 +383,9 @@ def test_calls_in_flight_limit(tk: TenantKupd) -> None:
         # out of service for everyone (bob could do that four times over)
         with pytest.raises(errors.DeadlineExceeded):
             b.call("echo", LOCKHOLD, timeout=0.2)
-        with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight=1"):
+        # the refusal says why a slot is taken with no Call of bob's running
+        kept = r"1 calls in flight \(1 of them timed out and keep their slot until"
+        with pytest.raises(errors.ResourceExhausted, match=kept + ".*max_calls_in_flight=1"):
             b.call("echo", b"meanwhile")
         with c.open("echo").channel() as ch:  # the module answers at last
             ch.receive(timeout=30)
@@ -529,3 +531,43 @@ def test_a_full_audit_disk_leaves_the_denial_standing(start_tenants: StartTenant
         assert c.call("echo", b"still serving").data in (b"still serving", b"STILL SERVING")
     failed = [ln for ln in tk.log().splitlines() if "audit log write failed" in ln]
     assert len(failed) == 1 and "/dev/full" in failed[0], tk.log()
+
+
+def test_a_kept_call_slot_is_counted_once_and_let_go_once() -> None:
+    """kupd.service._CallSlot with the real Guard: a Call whose pool channel
+    stays quarantined keeps its slot (the refusal says so), and the slot goes
+    back exactly once, whichever of the pool and the Call runs it."""
+    from kupd.config import parse_config
+    from kupd.policy import Guard, Policy
+    from kupd.service import _CallSlot
+
+    cfg = parse_config(
+        {
+            "device": [{"name": "echo"}],
+            "tenant": [
+                {
+                    "name": "bob",
+                    "socket": "/run/kupd/bob/bob.sock",
+                    "max_calls_in_flight": 1,
+                    "grant": [{"device": "echo"}],
+                }
+            ],
+        }
+    )
+    guard = Guard(Policy(cfg.tenants))
+    (bob,) = cfg.tenants
+    guard.begin_call(bob, "echo", 1)
+    slot = _CallSlot(guard, bob)
+    slot.keep()  # the Call ended; its channel is quarantined
+    slot.keep()
+    with pytest.raises(errors.ResourceExhausted, match=r"\(1 of them timed out"):
+        guard.begin_call(bob, "echo", 1)
+    slot()  # the channel settled
+    slot()
+    assert guard.in_flight == {} and guard.kept == {}
+    guard.begin_call(bob, "echo", 1)  # the slot is free again
+    with pytest.raises(errors.ResourceExhausted) as ei:
+        guard.begin_call(bob, "echo", 1)
+    assert "timed out" not in str(ei.value)
+    _CallSlot(guard, bob)()  # a Call that ran to its end lets go at once
+    assert guard.in_flight == {} and guard.kept == {}
