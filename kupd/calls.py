@@ -261,9 +261,20 @@ class CallPool:
                         f"{timeout:.3f}s (the module has announced none yet, or every "
                         "channel is held by a session)"
                     ) from None
+                # quarantined channels are out of service for up to
+                # call_quarantine: say so, or a caller sees a pool of N
+                # channels that serves nobody with no reason given
+                n_q = sum(1 for pc in self.channels.values() if pc.state == "quarantined")
+                held = (
+                    f", {n_q} of them quarantined: a timed-out Call's reply is still owed "
+                    f"(each back when the module answers, or replaced after "
+                    f"call_quarantine={self.quarantine:g}s)"
+                    if n_q
+                    else ""
+                )
                 raise errors.DeadlineExceeded(
                     f"device {self.device}: no pool channel became free within {timeout:.3f}s "
-                    f"({len(self.channels)} channels, {self._queued} calls queued)"
+                    f"({len(self.channels)} channels{held}; {self._queued} calls queued)"
                 ) from None
             raise
         finally:

@@ -4,6 +4,7 @@ real unix socket against a real kupd + kupsim (echo module)."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 import pytest
@@ -334,6 +335,26 @@ def test_quarantined_channels_whose_reply_never_comes_are_replaced(
         lambda: sim.stderr().count("peer gone (-EPIPE)") >= 4,
         what="echo to log the 4 replaced channels' users gone",
     )
+
+
+def test_a_call_refused_by_a_quarantined_pool_says_so(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """With every pool channel quarantined, a Call's DeadlineExceeded says
+    that the pool is out of service for that reason and for how long at
+    most -- not just "no pool channel became free"."""
+    k = start_kupd(sim, "--call-quarantine", "120")
+    with k.client() as c:
+        for _ in range(4):
+            with pytest.raises(errors.DeadlineExceeded):
+                c.call("echo", b"!hold", timeout=0.2)
+        with pytest.raises(errors.DeadlineExceeded) as ei:
+            c.call("echo", b"next", timeout=0.3)
+    assert re.search(
+        r"no pool channel became free within 0\.300s \(4 channels, 4 of them quarantined: "
+        r"a timed-out Call's reply is still owed .*call_quarantine=120s\); 1 calls queued\)",
+        str(ei.value),
+    ), ei.value
 
 
 def test_session_must_start_with_attach(kupd: Kupd) -> None:
