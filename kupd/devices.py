@@ -322,6 +322,12 @@ class ManagedDevice:
                 # leave the channel attached to nobody.
                 fut.add_done_callback(self._close_attached)
                 raise
+            except errors.Busy as exc:
+                if chan_id is not None:
+                    raise
+                # libkup's "channel held by another user" for ANY: say that
+                # none is free, and who holds them
+                raise errors.Busy(self._none_free(info.chan_count, info.announced)) from exc
             except errors.Releasing as exc:
                 if not wait_releasing:
                     raise
@@ -341,6 +347,22 @@ class ManagedDevice:
                         "to let go); retry later"
                     ) from exc
                 await asyncio.sleep(REATTACH_PAUSE)
+
+    def _none_free(self, count: int, announced: int) -> str:
+        kinds: dict[str, int] = {}
+        for kind, _ in self.holders.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        held = [f"{n} by {k}s" for k, n in sorted(kinds.items())]
+        if self.pool.channels:
+            held.append(f"{len(self.pool.channels)} by the Call pool")
+        rest = announced - len(self.holders) - len(self.pool.channels)
+        if rest > 0:
+            held.append(f"{rest} by other users of the device")
+        unannounced = f", {count - announced} not announced yet" if count > announced else ""
+        return (
+            f"device {self.name} has no free channel: of its {count} channels, "
+            f"{', '.join(held) or 'all are held'}{unannounced}"
+        )
 
     def _close_attached(self, fut: asyncio.Future[Channel]) -> None:
         if not fut.cancelled() and fut.exception() is None:

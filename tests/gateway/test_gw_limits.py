@@ -184,3 +184,30 @@ def test_concurrent_attaches_never_exceed_max_sessions(
         assert len(held) <= 3 and len(held) + len(refused) == 20, (len(held), refused)
         assert all("limit max_sessions=3" in str(e) for e in refused), refused[:2]
     assert k.terminate() == 0
+
+
+def test_no_free_channel_says_who_holds_them(start_kupd: StartKupd) -> None:
+    """With every channel taken, "any channel" is Busy naming the device and
+    who holds its channels -- not libkup's "channel held by another user",
+    which reads as if someone else were in the way."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "8"}
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim, devices=("echo:2",))
+        with k.client() as c:
+            wait_until(lambda: c.devices("echo")[0].call_channels == 2, what="the Call pool")
+            sessions = [c.open("echo").channel() for _ in range(5)]
+            lease = c.attach("echo")
+            want = (
+                "device echo has no free channel: of its 8 channels, "
+                "1 by leases, 5 by sessions, 2 by the Call pool"
+            )
+            with pytest.raises(errors.Busy) as ei:
+                c.open("echo").channel()
+            assert str(ei.value).endswith(want), ei.value
+            with pytest.raises(errors.Busy) as ei:
+                c.attach("echo")
+            assert str(ei.value).endswith(want), ei.value
+            c.release(lease.lease_id)
+            for ch in sessions:
+                ch.close()
+            c.open("echo").channel().close()  # free again
