@@ -114,7 +114,8 @@ raise_kup(int code, int sys_errno, const char *fmt, ...)
 		msg = PyUnicode_FromFormat("%U: %s", what, kernproxy_strerror(code));
 	if (msg == NULL)
 		goto out;
-	exc = PyObject_CallFunction(error_for_code, "iO", code, msg);
+	exc = PyObject_CallFunction(error_for_code, "iOi", code, msg,
+	    code == KUP_E_SYS ? sys_errno : 0);
 	if (exc == NULL)
 		goto out;
 	PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);

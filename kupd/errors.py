@@ -16,6 +16,7 @@ is the ``KUP_E_*`` value of ``kmod/include/kup_abi.h`` (mirrored in
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 __all__ = [
@@ -183,8 +184,19 @@ _BY_CODE: dict[int, type[KupError]] = {
 }
 
 
-def error_for_code(code: int, message: str) -> KupError:
-    """Build the exception for a KUP_E_* code (unknown codes: SystemFailure)."""
+#: errno values of a failed system call that mean kupd itself ran out of
+#: file descriptors: a limit to raise or sessions to close, not a fault
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def error_for_code(code: int, message: str, sys_errno: int = 0) -> KupError:
+    """Build the exception for a KUP_E_* code (unknown codes: SystemFailure).
+    ``sys_errno``: the errno of a failed system call (KUP_E_SYS)."""
+    if code == SystemFailure.code and sys_errno in _OUT_OF_FDS:
+        return ResourceExhausted(
+            f"{message}: kupd has run out of file descriptors (close sessions, or raise "
+            "its limit: LimitNOFILE / login.conf openfiles)"
+        )
     cls = _BY_CODE.get(code, SystemFailure)
     return cls(message)
 

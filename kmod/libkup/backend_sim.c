@@ -135,7 +135,16 @@ sim_rpc(int fd, uint32_t op, uint32_t chan_id, uint32_t abi, uint32_t pages,
 		goto proto;
 	if (h->status != KUP_E_OK)
 		return h->status;
-	if ((size_t)n != replen || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+	if (mh.msg_flags & MSG_CTRUNC) {
+		/* The kernel could not install every descriptor kupsim passed
+		 * (we are at RLIMIT_NOFILE, or the system at its file limit):
+		 * our own shortage, not kupsim breaking the protocol. */
+		close_fds(fds, *nfds);
+		*nfds = 0;
+		errno = EMFILE;
+		return KUP_E_SYS;
+	}
+	if ((size_t)n != replen || (mh.msg_flags & MSG_TRUNC))
 		goto proto;
 	return KUP_E_OK;
 proto:

@@ -458,3 +458,45 @@ def test_a_handle_of_a_kupsim_that_restarted_stays_shut_down(tmp_path: Path) -> 
                 assert ch.receive(timeout=10).kind.name == "PASS"
     finally:
         dev.close()
+
+
+# --- file descriptors ----------------------------------------------------------
+
+
+def test_out_of_file_descriptors_is_resource_exhausted(echo_sim: KupSim) -> None:
+    """A process at its descriptor limit cannot receive a channel's
+    descriptors from kupsim: that is its own shortage -- ResourceExhausted
+    saying so -- not kupsim breaking the protocol (EKU_PROTO, as it was)."""
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from kupd.channel import Device
+        from kupd.errors import KupError
+        dev = Device.open(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        held = []
+        try:
+            for _ in range(64):
+                held.append(dev.channel())
+        except KupError as exc:
+            print(type(exc).__name__, len(held), exc, flush=True)
+        for ch in held:
+            ch.close()
+        held.append(dev.channel())  # descriptors back: attaching works again
+        print("again", flush=True)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(echo_sim.device_path("echo"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert out.returncode == 0, out.stderr
+    first, again = out.stdout.splitlines()
+    assert first.startswith("ResourceExhausted "), first
+    assert "run out of file descriptors" in first, first
+    assert int(first.split()[1]) > 0, first
+    assert again == "again"
