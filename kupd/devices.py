@@ -93,6 +93,8 @@ class ManagedDevice:
         self.info: DeviceInfo | None = None
         self.error = "not opened yet"
         self.pool = self._new_pool()
+        #: why the Call pool was last left short (logged once per cause)
+        self._pool_short_why: str | None = None
         #: channel id -> (holder "session"/"lease", lease id) for our leases
         self.holders: dict[int, tuple[str, str]] = {}
         self._event_fd = -1
@@ -242,6 +244,12 @@ class ManagedDevice:
                 Event(EventType.DEVICE_SHUTTING_DOWN, self.name, notify_gen=info.notify_gen)
             )
             self.mgr.health_changed()
+        elif len(self.pool.channels) < self.cfg.call_channels and not self.pool.closed:
+            # A pool left short (every channel was held when it filled, or
+            # an attach failed: out of descriptors) tries again each round:
+            # a channel freed by a session or by another user of the device
+            # makes no event of its own.
+            self._fill_pool()
 
     def _shutting_down(self, ev: Event) -> None:
         """The module unloads: say so, then end what holds its channels (in
@@ -398,23 +406,34 @@ class ManagedDevice:
                 try:
                     ch = await self.attach(None)
                 except (errors.NotReady, errors.Busy) as exc:
-                    log.info(
-                        "call pool not full yet",
-                        device=self.name,
-                        have=len(self.pool.channels),
-                        want=self.cfg.call_channels,
-                        reason=str(exc),
-                    )
+                    # retried every health round: said once per cause
+                    self._pool_short("call pool not full yet", "info", exc)
                     return
                 except errors.KupError as exc:
-                    log.warning("call pool attach failed", device=self.name, error=str(exc))
+                    self._pool_short("call pool attach failed", "warning", exc)
                     return
                 if self.dev is None or self.pool.closed:
                     ch.close()
                     return
                 self.pool.add(ch)
+            if self._pool_short_why is not None and self.dev is not None:
+                self._pool_short_why = None
+                log.info("call pool full again", device=self.name, have=len(self.pool.channels))
         finally:
             self._pool_filling = False
+
+    def _pool_short(self, what: str, level: str, exc: errors.KupError) -> None:
+        why = f"{what}: {type(exc).__name__}"
+        if why == self._pool_short_why:
+            return
+        self._pool_short_why = why
+        getattr(log, level)(
+            what,
+            device=self.name,
+            have=len(self.pool.channels),
+            want=self.cfg.call_channels,
+            error=str(exc),
+        )
 
     def close(self) -> None:
         if self._event_fd >= 0:

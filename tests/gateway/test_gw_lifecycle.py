@@ -418,3 +418,33 @@ def test_sigterm_ends_every_stream_with_shutdown(sim: KupSim, start_kupd: StartK
                 ch.send(b"x")
     assert k.proc.wait(30) == 0
     assert "streams still open" not in k.log()
+
+
+def test_a_short_call_pool_fills_up_once_a_channel_is_free(start_kupd: StartKupd) -> None:
+    """Another user of the device holds all but three channels when kupd
+    starts: the pool of four gets three.  When that user lets one go, the
+    pool takes it within a health round or two -- a freed channel makes no
+    event of its own, and the pool used to stay short for good."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "8"}
+    with echo_sim(env=env) as sim:
+        dev = Device.open(sim.device_path("echo"))
+        try:
+            other = [dev.channel(i) for i in range(5)]
+            k = start_kupd(sim, devices=("echo:4",))
+            with k.client() as c:
+                wait_until(lambda: c.devices("echo")[0].call_channels == 3, what="3 pool channels")
+                other.pop().close()
+                wait_until(
+                    lambda: c.devices("echo")[0].call_channels == 4,
+                    timeout=20,
+                    what="the pool to take the freed channel",
+                )
+                for i in range(8):
+                    assert c.call("echo", b"%d" % i, timeout=10).data.lower() == b"%d" % i
+            log = k.log()
+            assert log.count("call pool not full yet") == 1, log[-3000:]
+            assert "call pool full again" in log
+        finally:
+            for ch in other:
+                ch.close()
+            dev.close()
