@@ -5,6 +5,12 @@
     {"time": "...", "event": "admin", "action": "revoke", "lease": "...",
      "tenant": "bob", "device": "echo", "channel": 40, "reason": "..."}
 
+Records that could not be written (a full disk) are counted; the next
+line that can be written before them says how many are missing and since
+when: ``{"time": "...", "event": "lost", "lost": 12, "since": "..."}``.
+A line a full disk cut short is cut off the file again, so the file holds
+whole JSON lines only.
+
 Admin actions: ``revoke`` (lease, tenant, device, channel, reason),
 ``drain`` / ``undrain`` (device, leases_ended), ``reload`` (via: admin or
 SIGHUP; ok; tenants, sessions_ended, applied and needs_restart -- the
@@ -25,6 +31,7 @@ lets go of a file that logrotate renamed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -46,6 +53,11 @@ class AuditLog:
         self._fd = self.open_file(path)
         self.count = 0
         self._write_errno: int | None = None
+        #: records that could not be written since the last one that was
+        #: (a full disk); the next line written says so ("event": "lost")
+        self.lost = 0
+        self._lost_since = ""
+        self._cut: int | None = None
 
     @staticmethod
     def open_file(path: str) -> int:
@@ -108,18 +120,57 @@ class AuditLog:
     def _write(self, rec: Mapping[str, object]) -> None:
         if self._fd < 0:
             return
+        text = json.dumps(rec, sort_keys=True) + "\n"
+        if self.lost:
+            # the first record written after a failure comes after a line
+            # saying what is missing, in the same write: both or neither
+            gap = {
+                "time": rec["time"],
+                "event": "lost",
+                "lost": self.lost,
+                "since": self._lost_since,
+            }
+            text = json.dumps(gap, sort_keys=True) + "\n" + text
+        if not self._append(text):
+            if not self.lost:
+                self._lost_since = str(rec["time"])
+            self.lost += 1
+        elif self.lost:
+            log.info("audit log written again", path=self.path, lost=self.lost)
+            self.lost = 0
+
+    def _append(self, line: str) -> bool:
+        """One write(2) of whole lines with O_APPEND (lines never
+        interleave); False when they did not all get there.  A line cut
+        short by a full disk is cut off again, so that the file holds whole
+        JSON lines only and the next one does not run on from a fragment."""
+        data = line.encode()
         try:
-            # One write(2) of one line with O_APPEND: lines never interleave.
-            os.write(self._fd, (json.dumps(rec, sort_keys=True) + "\n").encode())
+            if self._cut is not None:  # a fragment that could not be removed
+                os.write(self._fd, b"\n")
+                self._cut = None
+            end = os.fstat(self._fd).st_size
+            n = os.write(self._fd, data)
         except OSError as exc:
-            # A full disk must not turn the denial being recorded into an
-            # internal error for its client: the denial stands, and the
-            # failure is logged once per cause, not once per line.
-            if exc.errno != self._write_errno:
-                log.error("audit log write failed", path=self.path, error=exc.strerror)
-            self._write_errno = exc.errno
-        else:
+            self._error(exc.errno, exc.strerror or str(exc))
+            return False
+        if n == len(data):
             self._write_errno = None
+            return True
+        try:
+            os.ftruncate(self._fd, end)
+        except OSError:
+            self._cut = end  # end it with a newline before the next line
+        self._error(errno.ENOSPC, f"short write ({n} of {len(data)} bytes)")
+        return False
+
+    def _error(self, code: int | None, why: str) -> None:
+        # A full disk must not turn the denial being recorded into an
+        # internal error for its client: the denial stands, and the failure
+        # is logged once per cause, not once per line.
+        if code != self._write_errno:
+            log.error("audit log write failed", path=self.path, error=why)
+        self._write_errno = code
 
     def close(self) -> None:
         if self._fd >= 0:
