@@ -3,7 +3,7 @@ close) over the kup.v1 gRPC service, plus ``call`` and ``watch``.
 
 Synchronous::
 
-    with Client("/run/kupd.sock") as c:
+    with Client("/run/kupd/kupd.sock") as c:
         with c.open("echo").channel() as ch:
             ch.receive()              # the kernel's first hand-over
             ch.send(b"hello")
@@ -11,7 +11,9 @@ Synchronous::
         print(c.call("echo", b"ping").data)
 
 asyncio: :class:`AsyncClient` with the same methods, awaitable.
-Errors are the classes of :mod:`kupd.errors`.
+Errors are the classes of :mod:`kupd.errors`, re-exported by
+:mod:`kupclient.errors` with the client's argument errors (ArgumentTypeError,
+ArgumentValueError) and ``is_connection_failure``.
 
 Importing the package loads only :mod:`kupclient.errors`; the names below
 (and with them grpc) are loaded when first used.  kupctl relies on that: it

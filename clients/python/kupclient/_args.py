@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from kupapi import MAX_GRPC_MESSAGE
+from kupclient.errors import ArgumentError, ArgumentTypeError, ArgumentValueError
 from kupd import errors
 
 __all__ = [
@@ -39,18 +40,6 @@ MAX_CHANNEL = 0xFFFF_FFFF
 #: Timeouts travel as uint32 milliseconds (timeout_ms, reply_timeout_ms).
 MAX_TIMEOUT_MS = 0xFFFF_FFFF
 _MAX_TIMEOUT_S = MAX_TIMEOUT_MS / 1000
-
-
-class ArgumentError(Exception):
-    """An argument check of the client refused an argument (nothing was sent)."""
-
-
-class ArgumentValueError(ArgumentError, ValueError):
-    """A refused argument value (a ValueError)."""
-
-
-class ArgumentTypeError(ArgumentError, TypeError):
-    """A refused argument type (a TypeError)."""
 
 
 #: The largest payload kupd's messages carry: gRPC's limit on both ends

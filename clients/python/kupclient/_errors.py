@@ -15,26 +15,24 @@ talks to a channel directly or through kupd.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import grpc
 
 from kupapi import kup_pb2
+from kupclient.errors import _NOT_FROM_KUPD, is_connection_failure
 from kupd import errors
 
 __all__ = [
     "channel_closed",
     "client_closed",
+    "client_forked",
     "error_from_pb",
     "error_from_rpc",
     "error_from_status",
     "is_connection_failure",
+    "kupd_not_answering",
 ]
-
-#: Errors made from a status kupd did not send (no kup-error metadata):
-#: gRPC's own, e.g. the connection to the socket failed.
-_NOT_FROM_KUPD: weakref.WeakSet[errors.KupError] = weakref.WeakSet()
 
 _BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -86,24 +84,42 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
     return exc
 
 
-def is_connection_failure(exc: BaseException) -> bool:
-    """True for an Unavailable that gRPC itself raised (kupd could not be
-    reached, or the connection to it broke), False for one kupd answered
-    (e.g. "device rot13 is not reachable")."""
-    return isinstance(exc, errors.Unavailable) and exc in _NOT_FROM_KUPD
-
-
-def client_closed(path: str) -> errors.KupError:
-    """The error of an RPC on a Client after its close()."""
+def client_closed(path: str, pending: bool = False) -> errors.KupError:
+    """The error of an RPC on a Client after its close(); ``pending``: the RPC
+    was under way when close() ended it."""
+    if pending:
+        return errors.InvalidArgument(f"client of {path} was closed while the operation waited")
     return errors.InvalidArgument(f"client of {path} is closed")
 
 
-def channel_closed(what: str, pending: bool = False) -> errors.KupError:
+def client_forked(what: str, pid: int, new: str = "Client") -> errors.KupError:
+    """The error of an operation on a client (or one of its channels) in a
+    child process: gRPC's channels do not survive fork()."""
+    return errors.InvalidArgument(
+        f"{what} was created in process {pid} and cannot be used after fork(); "
+        f"create a new {new} in the child"
+    )
+
+
+def channel_closed(what: str, pending: bool = False, cause: str = "") -> errors.KupError:
     """The error of an operation on a closed Session channel; ``pending``: the
-    operation was waiting when close() ended the session."""
+    operation was waiting when close() ended the session; ``cause``: why the
+    client itself ended it (an operation cancelled, kupd not answering)."""
     if pending:
         return errors.InvalidArgument(f"{what} was closed while the operation waited")
+    if cause:
+        return errors.InvalidArgument(f"{what} is closed: {cause}")
     return errors.InvalidArgument(f"{what} is closed")
+
+
+def kupd_not_answering(what: str, bound: float) -> errors.KupError:
+    """The error of a Session operation kupd did not answer within its
+    timeout plus the grace (kupclient._types.KUPD_GRACE): the session is
+    ended, its state being unknown."""
+    return errors.DeadlineExceeded(
+        f"{what}: kupd did not answer within {bound:g} s (the operation's timeout plus "
+        "the client's grace); the session was ended"
+    )
 
 
 def error_from_pb(err: kup_pb2.Error) -> errors.KupError:

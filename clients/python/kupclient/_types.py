@@ -6,13 +6,16 @@ import enum
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupclient._args import seconds_arg
 from kupd.abi import Kind
 
 __all__ = [
+    "KUPD_GRACE",
     "ChannelInfo",
+    "Data",
     "DeviceInfo",
     "EventType",
     "Kind",
@@ -20,11 +23,17 @@ __all__ = [
     "Message",
     "WatchEvent",
     "channel_options",
+    "deadline",
     "default_caller",
     "message_from_pb",
     "receive_mode",
     "target_for",
 ]
+
+
+#: What a data argument may be: a ``bytearray`` or ``memoryview`` is copied
+#: (or encoded as it is) before the call returns.
+Data: TypeAlias = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,19 @@ def message_from_pb(m: kup_pb2.Message) -> Message:
     _set(msg, "kind", Kind(kind) if k is None else k)
     _set(msg, "seq", m.seq)
     return msg
+
+
+#: Seconds the client waits past an operation's own timeout for kupd's
+#: answer: kupd applies the timeout and answers DeadlineExceeded itself (with
+#: its error attached); only when kupd does not answer at all (hung, stopped)
+#: does the client give up, after timeout + KUPD_GRACE.  The gRPC deadline
+#: of a unary RPC with a timeout, and the bound of a Session operation.
+KUPD_GRACE = 5.0
+
+
+def deadline(timeout: float | None) -> float | None:
+    """The client-side bound of an operation with ``timeout`` (None: none)."""
+    return None if timeout is None else timeout + KUPD_GRACE
 
 
 def receive_mode(timeout: float | None) -> tuple[kup_pb2.ReceiveMode.ValueType, int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from kupapi import kup_pb2
-from kupclient._types import Kind, Message, message_from_pb
+from kupclient._types import Data, Kind, Message, message_from_pb
 from kupd.wire import LEN, Unexpected, fields, scalar, span, varint
 
 #: From these sizes up the hand path is the faster one (below, the generated
@@ -63,7 +63,7 @@ class WireOp:
 
     __slots__ = ("data", "field", "mode", "request_id", "timeout_ms")
 
-    def __init__(self, field: int, data: bytes, mode: int = 0, timeout_ms: int = 0) -> None:
+    def __init__(self, field: int, data: Data, mode: int = 0, timeout_ms: int = 0) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
         self.field = field
@@ -73,11 +73,11 @@ class WireOp:
         self.request_id = 0
 
     @classmethod
-    def send(cls, data: bytes) -> WireOp:
+    def send(cls, data: Data) -> WireOp:
         return cls(_REQ_SEND, data)
 
     @classmethod
-    def exchange(cls, data: bytes, mode: int, timeout_ms: int) -> WireOp:
+    def exchange(cls, data: Data, mode: int, timeout_ms: int) -> WireOp:
         return cls(_REQ_EXCHANGE, data, mode, timeout_ms)
 
     def generated(self) -> kup_pb2.SessionRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -13,7 +14,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import _wire
+from kupclient import _fork, _wire
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -26,16 +27,20 @@ from kupclient._args import (
 from kupclient._errors import (
     channel_closed,
     client_closed,
+    client_forked,
     error_from_pb,
     error_from_rpc,
     error_from_status,
+    kupd_not_answering,
 )
 from kupclient._types import (
+    Data,
     DeviceInfo,
     Lease,
     Message,
     WatchEvent,
     channel_options,
+    deadline,
     default_caller,
     device_from_pb,
     lease_from_pb,
@@ -48,8 +53,19 @@ from kupd import errors
 __all__ = ["AsyncChannel", "AsyncClient", "AsyncDeviceHandle"]
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else timeout + 5.0
+#: How often a channel's watchdog looks at its waiting operation (seconds).
+_TICK = 0.5
+
+#: Why a session the client ended itself is closed (the next operation says so).
+CAUSE_CANCELLED = "an operation on it was cancelled (use timeout= to keep the session)"
+CAUSE_NO_ANSWER = "kupd did not answer an operation within its timeout plus the grace"
+
+
+def _cancelled() -> bool:
+    """True when the current task itself is being cancelled (not a stream
+    cancelled under it by close())."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class AsyncClient:
@@ -58,7 +74,10 @@ class AsyncClient:
     def __init__(self, path: str, *, caller: str | None = None) -> None:
         self.path = path
         self.caller = caller if caller is not None else default_caller()
-        self._closed = False
+        self._closed = False  # close(), or a fork (then _forked too)
+        self._forked = False
+        self._pid = os.getpid()
+        self._sessions: weakref.WeakSet[AsyncChannel] = weakref.WeakSet()
         # gRPC's aio channel belongs to the event loop it is made in, so it is
         # made on first use, in the loop that uses it: an AsyncClient built
         # outside a loop and then used under asyncio.run() works (it failed
@@ -67,10 +86,26 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._grpc: grpc.aio.Channel | None = None
         self._stub_: kup_pb2_grpc.KupStub | None = None
+        _fork.track(self)
+
+    def _gone(self, pending: bool = False) -> errors.KupError:
+        """The error of an operation once ``_closed`` is set: closed (while
+        it waited: ``pending``), or inherited across fork()."""
+        if self._forked:
+            return client_forked(f"client of {self.path}", self._pid, "AsyncClient")
+        return client_closed(self.path, pending)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise client_closed(self.path)
+            raise self._gone()
+
+    def _after_fork(self) -> None:
+        """In a child process (see kupclient._fork): nothing of gRPC's is
+        touched, every operation fails naming the fork."""
+        self._forked = True
+        self._closed = True
+        for ch in list(self._sessions):
+            ch._after_fork()
 
     def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -108,10 +143,24 @@ class AsyncClient:
         try:
             return await getattr(stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if self._closed:  # close() in another task cancelled it
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
+        except asyncio.CancelledError:
+            if self._closed and not _cancelled():  # close(), not this task cancelled
+                raise self._gone(pending=True) from None
+            raise
 
     async def close(self) -> None:
+        """Close the connection and end the client's open sessions: their
+        waiting operations, and the client's, fail with InvalidArgument
+        "... was closed while the operation waited"; later ones with
+        "client of PATH is closed" / "channel N of DEV is closed"."""
+        if self._closed:
+            return  # (after a fork: gRPC's channel belongs to the parent)
         self._closed = True
+        for session in list(self._sessions):
+            session._abort()
         ch, self._grpc, self._stub_ = self._grpc, None, None
         if ch is not None and self._loop is asyncio.get_running_loop():
             await ch.close()
@@ -139,11 +188,17 @@ class AsyncClient:
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
         except grpc.RpcError as exc:
+            if self._closed:
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
+        except asyncio.CancelledError:
+            if self._closed and not _cancelled():
+                raise self._gone(pending=True) from None
+            raise
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return name
 
-    async def call(self, device: str, data: bytes, timeout: float | None = None) -> Message:
+    async def call(self, device: str, data: Data, timeout: float | None = None) -> Message:
         req = kup_pb2.CallRequest(
             device=device_arg(device),
             data=data_arg(data),
@@ -152,9 +207,15 @@ class AsyncClient:
         )
         stub = self._stub
         try:  # the stub directly, not through _unary: this is the hot path
-            resp = await stub.Call(req, timeout=_deadline(timeout))
+            resp = await stub.Call(req, timeout=deadline(timeout))
         except grpc.RpcError as exc:
+            if self._closed:  # close() in another task cancelled it
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
+        except asyncio.CancelledError:
+            if self._closed and not _cancelled():  # close(), not this task cancelled
+                raise self._gone(pending=True) from None
+            raise
         return message_from_pb(resp.reply)
 
     async def watch(
@@ -179,7 +240,7 @@ class AsyncClient:
             req.channel = chan
         return lease_from_pb(await self._unary("Attach", req, 30.0))
 
-    async def lease_send(self, lease_id: str, data: bytes) -> None:
+    async def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
         await self._unary("Send", req, 30.0)
 
@@ -189,13 +250,13 @@ class AsyncClient:
     async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
         mode, ms = receive_mode(timeout)
         req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
-        resp = await self._unary("Receive", req, _deadline(timeout))
+        resp = await self._unary("Receive", req, deadline(timeout))
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
 
     async def lease_exchange(
-        self, lease_id: str, data: bytes, timeout: float | None = None
+        self, lease_id: str, data: Data, timeout: float | None = None
     ) -> Message:
         """Send ``data`` on a lease and wait for the reply, in one RPC (see
         :meth:`kupclient.Client.lease_exchange`)."""
@@ -207,7 +268,7 @@ class AsyncClient:
             reply_mode=mode,
             reply_timeout_ms=ms,
         )
-        resp = await self._unary("Send", req, _deadline(timeout))
+        resp = await self._unary("Send", req, deadline(timeout))
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return await self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -219,6 +280,9 @@ class AsyncClient:
 
 
 class AsyncDeviceHandle:
+    """A device seen through kupd (``await client.open(name)``); ``async with``
+    as :class:`kupclient.DeviceHandle` is ``with``."""
+
     def __init__(self, client: AsyncClient, name: str) -> None:
         self.client = client
         self.name = name
@@ -234,8 +298,19 @@ class AsyncDeviceHandle:
         await ch._attach(chan_id)
         return ch
 
-    async def call(self, data: bytes, timeout: float | None = None) -> Message:
+    async def call(self, data: Data, timeout: float | None = None) -> Message:
         return await self.client.call(self.name, data, timeout)
+
+    async def close(self) -> None:
+        """Nothing to release: channels are closed one by one."""
+
+    async def __aenter__(self) -> AsyncDeviceHandle:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEventLoop) -> None:
@@ -248,16 +323,44 @@ def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEvent
     except RuntimeError:
         running = None
     if running is loop:
-        call.cancel()
+        _cancel_under(call)
     else:
-        loop.call_soon_threadsafe(call.cancel)
+        loop.call_soon_threadsafe(_cancel_under, call)
+
+
+def _cancel_under(call: grpc.aio.StreamStreamCall) -> None:
+    """Cancel a stream an operation may be waiting on.
+
+    gRPC's write() first waits for the call's metadata to be sent, on an
+    event that a cancel() does not set: an operation in that wait (the
+    attach of a channel just opened) hung for good.  Setting it lets the
+    write see the call done and raise (CancelledError)."""
+    call.cancel()
+    sent = getattr(call, "_metadata_sent", None)
+    if isinstance(sent, asyncio.Event):
+        sent.set()
+
+
+def _watch(ref: weakref.ref[AsyncChannel]) -> None:
+    """An AsyncChannel's watchdog (every _TICK in its loop, while it is open)."""
+    ch = ref()
+    if ch is None or ch._closed:
+        return
+    ch._watch(ch._loop.time())
+    ch._loop.call_later(_TICK, _watch, ref)
 
 
 class AsyncChannel:
-    """One channel held through a Session stream (``await handle.channel()``)."""
+    """One channel held through a Session stream (``await handle.channel()``).
+
+    Cancelling an operation (``task.cancel()``, ``asyncio.wait_for``) ends the
+    session: gRPC cancels the stream with it, and the reply would be lost
+    anyway.  The next operation says so: "channel N of DEV is closed: an
+    operation on it was cancelled".  A ``timeout=`` keeps the session."""
 
     def __init__(self, client: AsyncClient, device: str) -> None:
         self.device = device
+        self._client = client
         self._what = f"session on {device}"
         # the data path's own wire codec (kupclient._wire), not the stub's
         self._call = client._channel.stream_stream(
@@ -275,8 +378,16 @@ class AsyncChannel:
         self._lock = asyncio.Lock()
         self._closed = False
         self._closing = False  # close() cancelled the stream under a waiting operation
+        self._cause = ""  # why the client ended the session itself (the next op says)
+        self._late = 0.0  # the watchdog ended it: kupd did not answer within this bound
+        self._owed = False  # a request is out whose reply has not been read
+        self._bound: float | None = None  # the waiting operation's timeout + grace
+        self._seen = 0  # the watchdog's last sample of _next_id
+        self._seen_at = 0.0
         self.id = -1
         self.max_msg = 0
+        client._sessions.add(self)
+        self._loop.call_later(_TICK, _watch, weakref.ref(self))
 
     async def _attach(self, chan_id: int | None) -> None:
         attach = kup_pb2.SessionAttach(device=self.device)
@@ -293,9 +404,47 @@ class AsyncChannel:
         self.max_msg = self.lease.max_message_bytes
         self._what = f"channel {self.id} of {self.device}"
 
+    def _gone(self, pending: bool = False) -> errors.KupError:
+        """The error of an operation on the closed channel."""
+        if self._client._forked:
+            c = self._client
+            return client_forked(f"{self._what} (client of {c.path})", c._pid, "AsyncClient")
+        if self._late and pending:
+            return kupd_not_answering(self._what, self._late)
+        return channel_closed(self._what, pending and self._closing, self._cause)
+
+    def _abort(self) -> None:
+        """AsyncClient.close(): end the session; an operation waiting fails
+        with "... was closed while the operation waited"."""
+        if not self._closed:
+            self._closing = True
+            self._closed = True
+        _cancel_dropped(self._call, self._loop)
+
+    def _after_fork(self) -> None:
+        """In a child process: the stream is the parent's (not cancelled here)."""
+        self._closed = True
+        self._release.detach()
+
+    def _watch(self, now: float) -> None:
+        """End the session when the same operation has waited past its bound."""
+        bound = self._bound
+        if not self._owed or bound is None:
+            self._seen = 0
+            return
+        if self._seen != self._next_id:
+            self._seen, self._seen_at = self._next_id, now
+        elif now - self._seen_at > bound:
+            self._late = bound
+            self._cause = CAUSE_NO_ANSWER
+            self._closed = True
+            _cancel_under(self._call)
+
     async def _op(
-        self, req: kup_pb2.SessionRequest | _wire.WireOp
+        self, req: kup_pb2.SessionRequest | _wire.WireOp, bound: float | None = None
     ) -> kup_pb2.SessionResponse | _wire.WireReply:
+        if self._closed:
+            raise self._gone()
         if self._loop is not asyncio.get_running_loop():
             raise errors.InvalidArgument(
                 f"{self._what} belongs to another event loop (a Session stream"
@@ -303,30 +452,42 @@ class AsyncChannel:
             )
         async with self._lock:
             if self._closed:
-                raise channel_closed(self._what)
+                raise self._gone()
             self._next_id += 1
             req.request_id = self._next_id
+            self._bound = bound
+            self._owed = True
             try:
                 await self._call.write(req)
                 resp = await self._call.read()
+                self._owed = False
             except grpc.RpcError as exc:
                 self._closed = True
-                if self._closing:
-                    raise channel_closed(self._what, pending=True) from None
+                if self._closing or self._late:
+                    raise self._gone(pending=True) from None
                 raise error_from_rpc(exc) from None
+            except asyncio.InvalidStateError:
+                # gRPC's "RPC already finished": the stream was cancelled
+                # (close(), the watchdog) before the write
+                self._closed = True
+                if self._closing or self._late:
+                    raise self._gone(pending=True) from None
+                raise channel_closed(self._what, cause=self._cause) from None
             except asyncio.CancelledError:
                 # gRPC cancels the whole stream with the read: the session is over
-                self._closed = True
                 self._call.cancel()
-                task = asyncio.current_task()
-                if self._closing and not (task is not None and task.cancelling()):
+                if (self._closing or self._late) and not _cancelled():
                     # not this task cancelled, but the stream by close()
-                    raise channel_closed(self._what, pending=True) from None
+                    self._closed = True
+                    raise self._gone(pending=True) from None
+                if not self._closed:
+                    self._cause = CAUSE_CANCELLED
+                self._closed = True
                 raise
             if resp is grpc.aio.EOF:
                 self._closed = True
-                if self._closing:
-                    raise channel_closed(self._what, pending=True)
+                if self._closing or self._late:
+                    raise self._gone(pending=True)
                 code = await self._call.code()
                 if code != grpc.StatusCode.OK:
                     raise error_from_status(
@@ -340,7 +501,7 @@ class AsyncChannel:
             raise error_from_pb(resp.error)
         return resp
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: Data) -> None:
         """Send ``data`` (TooBig, and nothing sent, over the channel's ``max_msg``)."""
         check_size(data, self.max_msg, self.id, self.device)
         await self._op(_wire.WireOp.send(data))
@@ -351,7 +512,8 @@ class AsyncChannel:
     async def receive(self, timeout: float | None = None) -> Message:
         mode, ms = receive_mode(timeout)
         resp = await self._op(
-            kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
+            kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms)),
+            deadline(timeout),
         )
         not_ready, msg = _wire.reply_of(resp, "received")
         if not_ready:
@@ -359,13 +521,13 @@ class AsyncChannel:
         assert msg is not None  # reply_of: None only when not_ready
         return msg
 
-    async def exchange(self, data: bytes, timeout: float | None = None) -> Message:
+    async def exchange(self, data: Data, timeout: float | None = None) -> Message:
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (see :meth:`kupclient.Channel.exchange`)."""
         mode, ms = receive_mode(timeout)
         check_size(data, self.max_msg, self.id, self.device)
         not_ready, msg = _wire.reply_of(
-            await self._op(_wire.WireOp.exchange(data, mode, ms)), "exchanged"
+            await self._op(_wire.WireOp.exchange(data, mode, ms), deadline(timeout)), "exchanged"
         )
         if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
@@ -384,6 +546,9 @@ class AsyncChannel:
         An operation waiting on the channel in another task (a blocked
         receive) fails with InvalidArgument "... was closed while the
         operation waited"; close() cancels the stream and does not wait."""
+        if self._client._forked:
+            self._closed = True
+            return  # the stream is the parent's
         if self._loop is not asyncio.get_running_loop():
             # closed from another loop: the stream can only be cancelled
             # (in its own loop, if that still runs)
@@ -398,7 +563,7 @@ class AsyncChannel:
             # an operation holds the stream: cancel it under the operation
             self._closing = True
             self._closed = True
-            self._call.cancel()
+            _cancel_under(self._call)
             return
         self._closed = True
         # idle: half-close, and kupd ends the stream once it has let go of
@@ -408,11 +573,13 @@ class AsyncChannel:
                 await self._call.done_writing()
                 while await self._call.read() is not grpc.aio.EOF:
                     pass
-            except grpc.RpcError:
-                pass
             except asyncio.CancelledError:
                 self._call.cancel()
-                raise
+                if _cancelled() or not self._client._closed:
+                    raise
+                # else the client's close() cancelled the stream: closed
+            except Exception:  # over already (RpcError, "RPC already finished", ...)
+                self._call.cancel()
 
     async def __aenter__(self) -> AsyncChannel:
         return self

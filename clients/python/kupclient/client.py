@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from types import TracebackType
@@ -13,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import _wire
+from kupclient import _fork, _wire
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -23,13 +25,22 @@ from kupclient._args import (
     device_filter_arg,
     lease_arg,
 )
-from kupclient._errors import channel_closed, client_closed, error_from_pb, error_from_rpc
+from kupclient._errors import (
+    channel_closed,
+    client_closed,
+    client_forked,
+    error_from_pb,
+    error_from_rpc,
+    kupd_not_answering,
+)
 from kupclient._types import (
+    Data,
     DeviceInfo,
     Lease,
     Message,
     WatchEvent,
     channel_options,
+    deadline,
     default_caller,
     device_from_pb,
     lease_from_pb,
@@ -43,11 +54,58 @@ __all__ = ["Channel", "Client", "DeviceHandle", "Watch"]
 
 _END = object()
 
+#: How often the watchdog looks at the Session operations waiting (seconds).
+_TICK = 0.5
 
-def _deadline(timeout: float | None) -> float | None:
-    # Give the server time to answer DEADLINE_EXCEEDED itself (with the
-    # kupd error attached) before the client's own deadline fires.
-    return None if timeout is None else timeout + 5.0
+#: Why a session the client ended itself is closed (the next operation says so).
+CAUSE_INTERRUPTED = "an operation on it was interrupted"
+CAUSE_NO_ANSWER = "kupd did not answer an operation within its timeout plus the grace"
+
+
+class _Watchdog:
+    """Bounds the Session operations that have a timeout: one that kupd has
+    not answered after timeout + KUPD_GRACE ends its session (DeadlineExceeded).
+
+    A thread, started with the first Channel and ending with the last,
+    samples each channel's request id every _TICK: an operation costs no
+    clock reads or timers, only the bound stored with its request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def track(self, ch: Channel) -> None:
+        with self._lock:
+            self._channels.add(ch)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="kupclient-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_TICK)
+            with self._lock:
+                channels = list(self._channels)
+                if not channels:
+                    self._thread = None
+                    return
+            now = time.monotonic()
+            for ch in channels:
+                ch._watch(now)
+            del channels, ch
+
+    def _after_fork(self) -> None:
+        # the thread did not survive the fork (and the channels are dead)
+        self._lock = threading.Lock()
+        self._channels = weakref.WeakSet()
+        self._thread = None
+
+
+_WATCHDOG = _Watchdog()
+_fork.at_fork_in_child(_WATCHDOG._after_fork)
 
 
 class Client:
@@ -61,24 +119,62 @@ class Client:
     def __init__(self, path: str, *, caller: str | None = None) -> None:
         self.path = path
         self.caller = caller if caller is not None else default_caller()
-        self._closed = False
+        self._closed = False  # close(), or a fork (then _forked too)
+        self._forked = False
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # close() against a Channel being opened
+        self._sessions: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._channel = grpc.insecure_channel(target_for(path), options=channel_options())
         self._stub = kup_pb2_grpc.KupStub(self._channel)
+        _fork.track(self)
 
     # -- plumbing ---------------------------------------------------------
+    def _gone(self, pending: bool = False) -> errors.KupError:
+        """The error of an operation once ``_closed`` is set: closed (while
+        it waited: ``pending``), or inherited across fork()."""
+        if self._forked:
+            return client_forked(f"client of {self.path}", self._pid)
+        return client_closed(self.path, pending)
+
     def _check_open(self) -> None:
         if self._closed:
-            raise client_closed(self.path)
+            raise self._gone()
 
     def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
         self._check_open()
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if self._closed:  # close() in another thread cancelled it
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
+        except ValueError:
+            if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
+                raise self._gone(pending=True) from None
+            raise
+
+    def _after_fork(self) -> None:
+        """In a child process (see kupclient._fork): nothing of gRPC's is
+        touched, every operation fails naming the fork."""
+        self._forked = True
+        self._closed = True
+        for ch in list(self._sessions):
+            ch._after_fork()
 
     def close(self) -> None:
-        self._closed = True
+        """Close the connection and end the client's open sessions: their
+        waiting operations, and the client's, fail with InvalidArgument
+        "... was closed while the operation waited"; later ones with
+        "client of PATH is closed" / "channel N of DEV is closed"."""
+        if self._forked:
+            return  # gRPC's channel belongs to the parent
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._sessions)
+        for ch in sessions:
+            ch._abort()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -108,12 +204,18 @@ class Client:
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
         except grpc.RpcError as exc:
+            if self._closed:
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
+        except ValueError:
+            if self._closed:
+                raise self._gone(pending=True) from None
+            raise
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return name
 
     # -- calls ------------------------------------------------------------
-    def call(self, device: str, data: bytes, timeout: float | None = None) -> Message:
+    def call(self, device: str, data: Data, timeout: float | None = None) -> Message:
         """Send ``data`` on a pooled channel of ``device`` and return the reply."""
         req = kup_pb2.CallRequest(
             device=device_arg(device),
@@ -121,7 +223,7 @@ class Client:
             timeout_ms=call_timeout_ms(timeout),
             caller=self.caller,
         )
-        resp = self._unary("Call", req, _deadline(timeout))
+        resp = self._unary("Call", req, deadline(timeout))
         return message_from_pb(resp.reply)
 
     # -- watch ------------------------------------------------------------
@@ -129,7 +231,12 @@ class Client:
         """Device and lease events (an iterator; ``cancel()`` or ``with`` to stop)."""
         req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
         self._check_open()
-        return Watch(self._stub.Watch(req))
+        try:
+            return Watch(self._stub.Watch(req))
+        except ValueError:
+            if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
+                raise self._gone(pending=True) from None
+            raise
 
     # -- leases -----------------------------------------------------------
     def attach(self, device: str, chan_id: int | None = None) -> Lease:
@@ -140,7 +247,7 @@ class Client:
             req.channel = chan
         return lease_from_pb(self._unary("Attach", req, 30.0))
 
-    def lease_send(self, lease_id: str, data: bytes) -> None:
+    def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
         self._unary("Send", req, 30.0)
 
@@ -151,12 +258,12 @@ class Client:
         """Receive on a lease: None blocks, 0 raises NotReady when nothing is there."""
         mode, ms = receive_mode(timeout)
         req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
-        resp = self._unary("Receive", req, _deadline(timeout))
+        resp = self._unary("Receive", req, deadline(timeout))
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
 
-    def lease_exchange(self, lease_id: str, data: bytes, timeout: float | None = None) -> Message:
+    def lease_exchange(self, lease_id: str, data: Data, timeout: float | None = None) -> Message:
         """Send ``data`` on a lease and wait for the reply, in one RPC (Send
         with wait_reply).  ``timeout`` as for :meth:`lease_receive`; when the
         wait fails (e.g. DeadlineExceeded) the data was sent and the reply is
@@ -169,7 +276,7 @@ class Client:
             reply_mode=mode,
             reply_timeout_ms=ms,
         )
-        resp = self._unary("Send", req, _deadline(timeout))
+        resp = self._unary("Send", req, deadline(timeout))
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -194,7 +301,7 @@ class DeviceHandle:
         """Open a Session holding channel ``chan_id`` (None: any free one)."""
         return Channel(self.client, self.name, channel_arg(chan_id))
 
-    def call(self, data: bytes, timeout: float | None = None) -> Message:
+    def call(self, data: Data, timeout: float | None = None) -> Message:
         return self.client.call(self.name, data, timeout)
 
     def close(self) -> None:
@@ -239,26 +346,38 @@ class Channel:
     def __init__(self, client: Client, device: str, chan_id: int | None) -> None:
         client._check_open()
         self.device = device
+        self._client = client
         self._what = f"session on {device}"
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._next_id = 0
         self._lock = threading.Lock()
         self._closed = False
         self._closing = False  # close() cancelled the stream under a waiting operation
+        self._cause = ""  # why the client ended the session itself (the next op says)
+        self._late = 0.0  # the watchdog ended it: kupd did not answer within this bound
         self._owed = False  # a request is out whose reply has not been read
+        self._bound: float | None = None  # the waiting operation's timeout + grace
+        self._seen = 0  # the watchdog's last sample of _next_id
+        self._seen_at = 0.0
         self.max_msg = 0
-        # the data path's own wire codec (kupclient._wire), not the stub's
-        self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
-            client._channel.stream_stream(
-                _wire.SESSION_METHOD,
-                request_serializer=_wire.serialize,
-                response_deserializer=_wire.deserialize,
-            )(_requests_of(self._requests))
-        )
-        # A Channel dropped without close() cancels its stream (nothing else
-        # refers to the Channel: see _requests_of).
-        self._cancel = weakref.finalize(self, _cancel_session, self._responses, self._requests)
-        self._cancel.atexit = False
+        with client._lock:  # not opened on a client being closed
+            client._check_open()
+            # the data path's own wire codec (kupclient._wire), not the stub's
+            self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
+                client._channel.stream_stream(
+                    _wire.SESSION_METHOD,
+                    request_serializer=_wire.serialize,
+                    response_deserializer=_wire.deserialize,
+                )(_requests_of(self._requests))
+            )
+            # A Channel dropped without close() cancels its stream (nothing
+            # else refers to the Channel: see _requests_of).
+            self._cancel = weakref.finalize(
+                self, _cancel_session, self._responses, self._requests
+            )
+            self._cancel.atexit = False
+            client._sessions.add(self)
+        _WATCHDOG.track(self)
         attach = kup_pb2.SessionAttach(device=device)
         if chan_id is not None:
             attach.channel = chan_id
@@ -273,14 +392,54 @@ class Channel:
         self.max_msg = self.lease.max_message_bytes
         self._what = f"channel {self.id} of {device}"
 
+    def _gone(self, pending: bool = False) -> errors.KupError:
+        """The error of an operation on the closed channel."""
+        if self._client._forked:
+            c = self._client
+            return client_forked(f"{self._what} (client of {c.path})", c._pid)
+        if self._late and pending:
+            return kupd_not_answering(self._what, self._late)
+        return channel_closed(self._what, pending and self._closing, self._cause)
+
+    def _abort(self) -> None:
+        """Client.close(): end the session; an operation waiting fails with
+        "... was closed while the operation waited"."""
+        if not self._closed:
+            self._closing = True
+            self._closed = True
+        self._cancel()
+
+    def _after_fork(self) -> None:
+        """In a child process: the stream is the parent's (not cancelled here)."""
+        self._closed = True
+        self._cancel.detach()
+
+    def _watch(self, now: float) -> None:
+        """The watchdog's sample (see _Watchdog): end the session when the
+        same operation has waited past its bound."""
+        bound = self._bound
+        if not self._owed or bound is None or self._closed:
+            self._seen = 0
+            return
+        if self._seen != self._next_id:
+            self._seen, self._seen_at = self._next_id, now
+        elif now - self._seen_at > bound:
+            self._late = bound
+            self._cause = CAUSE_NO_ANSWER
+            self._closed = True
+            self._cancel()
+
     def _op(
-        self, req: kup_pb2.SessionRequest | _wire.WireOp
+        self, req: kup_pb2.SessionRequest | _wire.WireOp, bound: float | None = None
     ) -> kup_pb2.SessionResponse | _wire.WireReply:
+        if self._closed:  # before the lock: a forked child's may be held for ever
+            raise self._gone()
         with self._lock:
             if self._closed:
-                raise channel_closed(self._what)
+                raise self._gone()
             self._next_id += 1
             req.request_id = self._next_id
+            self._bound = bound
             # owed from the put until next() returns: an interrupt anywhere
             # in between (even before the try below) leaves a reply owed,
             # which close() must not wait for (kupd may wait forever)
@@ -292,17 +451,21 @@ class Channel:
             except StopIteration:
                 self._closed = True
                 self._cancel()
+                if self._closing or self._late:
+                    raise self._gone(pending=True) from None
                 raise errors.PeerGone(f"{self._what}: session ended") from None
             except grpc.RpcError as exc:
                 self._closed = True
                 self._cancel()  # the stream is over: end its request thread too
-                if self._closing:
-                    raise channel_closed(self._what, pending=True) from None
+                if self._closing or self._late:
+                    raise self._gone(pending=True) from None
                 raise error_from_rpc(exc) from None
             except BaseException:
                 # Interrupted while waiting (KeyboardInterrupt): the reply is
                 # still owed and would answer the next request, so the
                 # session cannot go on.  Cancel it (kupd releases the lease).
+                if not self._closed:
+                    self._cause = CAUSE_INTERRUPTED
                 self._closed = True
                 self._cancel()
                 raise
@@ -312,7 +475,7 @@ class Channel:
             raise error_from_pb(resp.error)
         return resp
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Data) -> None:
         """Send ``data`` and hand the turn to the kernel (TooBig, and nothing
         sent, when it is larger than the channel's ``max_msg``)."""
         check_size(data, self.max_msg, self.id, self.device)
@@ -326,7 +489,8 @@ class Channel:
         """Wait for the kernel's message: None blocks, 0 raises NotReady, >0 seconds."""
         mode, ms = receive_mode(timeout)
         resp = self._op(
-            kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms))
+            kup_pb2.SessionRequest(receive=kup_pb2.SessionReceive(mode=mode, timeout_ms=ms)),
+            deadline(timeout),
         )
         not_ready, msg = _wire.reply_of(resp, "received")
         if not_ready:
@@ -334,14 +498,14 @@ class Channel:
         assert msg is not None  # reply_of: None only when not_ready
         return msg
 
-    def exchange(self, data: bytes, timeout: float | None = None) -> Message:
+    def exchange(self, data: Data, timeout: float | None = None) -> Message:
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (half the messages).  A failed send sent nothing; when the wait
         fails (e.g. DeadlineExceeded) the data was sent and the reply is still
         owed: :meth:`receive` gets it."""
         mode, ms = receive_mode(timeout)
         check_size(data, self.max_msg, self.id, self.device)
-        resp = self._op(_wire.WireOp.exchange(data, mode, ms))
+        resp = self._op(_wire.WireOp.exchange(data, mode, ms), deadline(timeout))
         not_ready, msg = _wire.reply_of(resp, "exchanged")
         if not_ready:
             raise errors.NotReady(f"channel {self.id} of {self.device}: no message yet")
@@ -361,6 +525,9 @@ class Channel:
         Safe from another thread: an operation waiting on the channel (a
         blocked receive) fails with InvalidArgument "... was closed while the
         operation waited", and close() does not wait for it."""
+        if self._client._forked:
+            self._closed = True
+            return  # the stream is the parent's
         if self._closed:
             self._cancel()  # no-op unless the stream is still open
             return

@@ -1,0 +1,511 @@
+"""kupclient at its edges, against a real kupd: a client closed while other
+threads or tasks use it (or its channels) says so with one error,
+InvalidArgument "client of PATH was closed while the operation waited" /
+"... is closed" (a genuinely cancelled task still gets CancelledError); a
+Session ended by the client itself (an operation cancelled, kupd not
+answering within timeout + KUPD_GRACE) says why; a client inherited across
+fork() fails at once in the child; and the public API (py.typed, the
+exported errors, AsyncDeviceHandle as a context manager)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_helpers import Kupd
+
+import kupclient
+from kupclient import AsyncClient, Client, _types
+from kupclient import errors as kerrors
+from kupd import errors
+from kupd.testing import REPO_ROOT, wait_until
+
+BOUND = 5.0  # what must be prompt ends far below this
+#: the grace past an operation's timeout, made short for the tests (a hung
+#: kupd is then given up on after timeout + GRACE, not timeout + 5 s)
+GRACE = 1.0
+
+
+def _closed_msg(path: str) -> str:
+    return rf"client of {re.escape(path)} (is closed|was closed while the operation waited)$"
+
+
+def _state(c: Client, chan: int) -> str:
+    return c.devices("echo")[0].channels[chan].state
+
+
+# -- 1. AsyncClient.close() under operations in flight -------------------------
+
+
+def test_async_client_close_fails_calls_and_sessions_in_flight(kupd: Kupd) -> None:
+    async def main() -> None:
+        c = AsyncClient(kupd.socket)
+        ch = await (await c.open("echo")).channel(30)
+        await ch.receive(timeout=10)
+        call = asyncio.create_task(c.call("echo", b"!delay", timeout=10))
+        session = asyncio.create_task(ch.exchange(b"!hold", timeout=10))
+        await asyncio.sleep(0.1)  # both wait in kupd (echo: 300 ms / never)
+        await asyncio.wait_for(c.close(), BOUND)
+        waited = f"client of {kupd.socket} was closed while the operation waited"
+        with pytest.raises(errors.InvalidArgument, match=re.escape(waited)):
+            await asyncio.wait_for(call, BOUND)
+        with pytest.raises(
+            errors.InvalidArgument, match="channel 30 of echo was closed while the operation"
+        ):
+            await asyncio.wait_for(session, BOUND)
+        # started after close()
+        with pytest.raises(errors.InvalidArgument, match=_closed_msg(kupd.socket)):
+            await c.call("echo", b"x", timeout=1)
+        with pytest.raises(errors.InvalidArgument, match=r"channel 30 of echo is closed$"):
+            await ch.exchange(b"x", timeout=1)
+        await ch.close()
+
+    asyncio.run(main())
+    with kupd.client() as c:
+        wait_until(lambda: _state(c, 30) == "free", what="channel 30 released")
+
+
+def test_async_client_close_leaves_a_real_cancel_a_cancel(kupd: Kupd) -> None:
+    async def main() -> None:
+        c = AsyncClient(kupd.socket)
+        call = asyncio.create_task(c.call("echo", b"!delay", timeout=10))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        await c.close()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(main())
+
+
+def test_async_channel_used_after_its_client_closed(kupd: Kupd) -> None:
+    async def main() -> None:
+        c = AsyncClient(kupd.socket)
+        ch = await (await c.open("echo")).channel(31)
+        await ch.receive(timeout=10)
+        await c.close()
+        with pytest.raises(errors.InvalidArgument, match=r"channel 31 of echo is closed$"):
+            await ch.exchange(b"x", timeout=1)
+
+    asyncio.run(main())
+
+
+async def _race_close(c: AsyncClient, seen: list[BaseException]) -> None:
+    """AsyncClient.close() among tasks calling, exchanging and opening channels."""
+
+    async def caller() -> None:
+        while True:
+            await c.call("echo", b"x", timeout=5)
+
+    async def session() -> None:
+        ch = await (await c.open("echo")).channel()
+        await ch.receive(timeout=5)
+        while True:
+            await ch.exchange(b"y", timeout=5)
+
+    async def opener() -> None:
+        while True:
+            ch = await (await c.open("echo")).channel()
+            await ch.close()
+
+    async def record(coro: Any) -> None:
+        try:
+            await coro
+        except BaseException as exc:
+            seen.append(exc)
+
+    tasks = [
+        asyncio.create_task(record(f()))
+        for f in [caller] * 4 + [session] * 3 + [opener] * 4
+    ]
+    await asyncio.sleep(0.4)
+    await c.close()
+    _, pending = await asyncio.wait(tasks, timeout=BOUND)
+    assert not pending, f"{len(pending)} tasks still wait after close()"
+
+
+def test_async_client_close_among_calls_sessions_and_opens(kupd: Kupd) -> None:
+    """Tasks opening a channel when close() came hung (gRPC's write waited
+    for metadata a cancelled call never sends) or got a raw CancelledError
+    or gRPC's ExecuteBatchError from the channel's close()."""
+    chan = r"(channel \d+ of|session on) echo (is closed|was closed while the operation waited)$"
+    for _ in range(6):  # the hang came in about half the rounds
+        seen: list[BaseException] = []
+        asyncio.run(_race_close(AsyncClient(kupd.socket), seen))
+        assert len(seen) == 11
+        for exc in seen:
+            assert isinstance(exc, errors.InvalidArgument), repr(exc)
+            msg = str(exc)
+            assert re.search(_closed_msg(kupd.socket), msg) or re.match(chan, msg), msg
+
+
+# -- 2./3. Client.close() under threads in flight ----------------------------------
+
+
+def _call_until_it_fails(c: Client, seen: list[BaseException]) -> None:
+    try:
+        while True:
+            c.call("echo", b"x", timeout=5)
+    except BaseException as exc:
+        seen.append(exc)
+
+
+def test_sync_client_close_gives_one_error_to_every_thread(kupd: Kupd) -> None:
+    for _ in range(3):
+        c = Client(kupd.socket)
+        seen: list[BaseException] = []
+
+        threads = [
+            threading.Thread(target=_call_until_it_fails, args=(c, seen), daemon=True)
+            for _ in range(12)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        c.close()
+        for t in threads:
+            t.join(BOUND)
+            assert not t.is_alive()
+        assert len(seen) == len(threads)
+        for exc in seen:
+            assert isinstance(exc, errors.InvalidArgument), repr(exc)
+            assert re.search(_closed_msg(kupd.socket), str(exc)), str(exc)
+
+
+def test_sync_channel_used_after_or_during_its_client_close(kupd: Kupd) -> None:
+    c = Client(kupd.socket)
+    idle = c.open("echo").channel(32)
+    idle.receive(timeout=10)
+    busy = c.open("echo").channel(33)
+    busy.receive(timeout=10)
+    got: list[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            busy.exchange(b"!hold", timeout=30)
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=waiting, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    c.close()
+    t.join(BOUND)
+    assert not t.is_alive()
+    (exc,) = got
+    assert isinstance(exc, errors.InvalidArgument), repr(exc)
+    assert "channel 33 of echo was closed while the operation waited" in str(exc)
+    with pytest.raises(errors.InvalidArgument, match=r"channel 32 of echo is closed$"):
+        idle.exchange(b"x", timeout=1)
+    with pytest.raises(errors.InvalidArgument, match=r"channel 33 of echo is closed$"):
+        busy.receive(timeout=1)
+    idle.close()
+    busy.close()
+    with kupd.client() as c2:
+        wait_until(lambda: _state(c2, 32) == _state(c2, 33) == "free", what="released")
+
+
+# -- 4. a cancelled operation ends its session, and the next op says why ---------
+
+
+def test_async_cancelled_operation_names_the_cause(kupd: Kupd) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(34)
+            await ch.receive(timeout=10)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ch.exchange(b"!delay"), 0.1)
+            with pytest.raises(
+                errors.InvalidArgument,
+                match=r"channel 34 of echo is closed: an operation on it was cancelled "
+                r"\(use timeout= to keep the session\)",
+            ):
+                await ch.receive(timeout=1)
+
+    asyncio.run(main())
+
+
+# -- 5. kupd not answering: timeout + grace ----------------------------------------
+
+
+@pytest.fixture
+def stopped(kupd: Kupd, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """stop() SIGSTOPs kupd (SIGCONT afterwards, whatever happens); the
+    client's grace is GRACE."""
+    monkeypatch.setattr(_types, "KUPD_GRACE", GRACE, raising=False)
+    halted = []
+
+    def stop() -> None:
+        os.kill(kupd.pid, signal.SIGSTOP)
+        halted.append(True)
+
+    yield stop
+    if halted:
+        os.kill(kupd.pid, signal.SIGCONT)
+
+
+NO_ANSWER = r"channel 35 of echo: kupd did not answer within 1.3 s"
+CLOSED_NO_ANSWER = r"channel 35 of echo is closed: kupd did not answer an operation"
+
+
+def test_sync_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> None:
+    with kupd.client() as c:
+        ch = c.open("echo").channel(35)
+        ch.receive(timeout=10)
+        stopped()
+        start = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded, match=NO_ANSWER):
+            ch.exchange(b"x", timeout=0.3)
+        took = time.monotonic() - start
+        assert 1.3 <= took < 1.3 + BOUND, took
+        with pytest.raises(errors.InvalidArgument, match=CLOSED_NO_ANSWER):
+            ch.receive(timeout=0)
+        start = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            c.call("echo", b"x", timeout=0.3)  # gRPC's deadline: timeout + grace
+        assert time.monotonic() - start < 1.3 + BOUND
+        ch.close()
+
+
+def test_async_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> None:
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(35)
+            await ch.receive(timeout=10)
+            stopped()
+            start = time.monotonic()
+            with pytest.raises(errors.DeadlineExceeded, match=NO_ANSWER):
+                await asyncio.wait_for(ch.exchange(b"x", timeout=0.3), 1.3 + BOUND)
+            assert 1.3 <= time.monotonic() - start < 1.3 + BOUND
+            with pytest.raises(errors.InvalidArgument, match=CLOSED_NO_ANSWER):
+                await ch.receive(timeout=0)
+            with pytest.raises(errors.DeadlineExceeded):
+                await asyncio.wait_for(c.call("echo", b"x", timeout=0.3), 1.3 + BOUND)
+            await ch.close()
+
+    asyncio.run(main())
+
+
+# -- 6. fork ---------------------------------------------------------------------
+
+
+def _in_child(body: Any) -> list[str]:
+    """Run ``body()`` (-> lines) in a forked child; its lines, or the failure."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            signal.alarm(20)
+            out = "\n".join(body())
+        except BaseException as exc:
+            out, code = f"child failed: {exc!r}", 1
+        os.write(w, out.encode())
+        os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung")
+        time.sleep(0.05)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, out)
+    return out.splitlines()
+
+
+def _err(fn: Any) -> str:
+    try:
+        fn()
+    except errors.KupError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_sync_client_after_fork_fails_fast_in_the_child(kupd: Kupd) -> None:
+    c = Client(kupd.socket)
+    ch = c.open("echo").channel(36)
+    ch.receive(timeout=10)
+    parent = os.getpid()
+
+    def child() -> list[str]:
+        start = time.monotonic()
+        lines = [
+            _err(lambda: c.call("echo", b"x", timeout=2)),
+            _err(lambda: ch.exchange(b"x", timeout=2)),
+            _err(lambda: c.open("echo")),
+        ]
+        ch.close()  # nothing, at once
+        c.close()
+        with Client(kupd.socket) as fresh:  # a new client in the child works
+            lines.append(fresh.call("echo", b"fresh", timeout=5).data.decode())
+        lines.append(f"{time.monotonic() - start:.1f}")
+        return lines
+
+    call, chan, opened, fresh, took = _in_child(child)
+    forked = (
+        f"was created in process {parent} and cannot be used after fork(); "
+        "create a new Client in the child"
+    )
+    assert call == f"InvalidArgument: client of {kupd.socket} {forked}"
+    assert chan == f"InvalidArgument: channel 36 of echo (client of {kupd.socket}) {forked}"
+    assert opened == call
+    assert fresh.lower() == "fresh"
+    assert float(took) < BOUND
+    # the parent's client and session are untouched
+    assert ch.exchange(b"parent", timeout=5).data.lower() == b"parent"
+    assert c.call("echo", b"p", timeout=5).data.lower() == b"p"
+    ch.close()
+    c.close()
+
+
+def test_async_client_after_fork_fails_fast_in_the_child(kupd: Kupd) -> None:
+    parent = os.getpid()
+
+    async def main() -> list[str]:
+        async with AsyncClient(kupd.socket) as c:
+            ch = await (await c.open("echo")).channel(37)
+            await ch.receive(timeout=10)
+
+            def child() -> list[str]:
+                async def use() -> list[str]:
+                    out = []
+                    for coro in (c.call("echo", b"x", timeout=2), ch.exchange(b"x", timeout=2)):
+                        try:
+                            await coro
+                            out.append("no error")
+                        except errors.KupError as exc:
+                            out.append(f"{type(exc).__name__}: {exc}")
+                    await ch.close()
+                    await c.close()
+                    return out
+
+                return asyncio.new_event_loop().run_until_complete(use())
+
+            lines = _in_child(child)
+            reply = await ch.exchange(b"parent", timeout=5)
+            assert reply.data.lower() == b"parent"
+            await ch.close()
+            return lines
+
+    call, chan = asyncio.run(main())
+    forked = (
+        f"was created in process {parent} and cannot be used after fork(); "
+        "create a new AsyncClient in the child"
+    )
+    assert call == f"InvalidArgument: client of {kupd.socket} {forked}"
+    assert chan == f"InvalidArgument: channel 37 of echo (client of {kupd.socket}) {forked}"
+
+
+# -- 7./8. the public API ------------------------------------------------------------
+
+
+PROGRAM = """
+from kupclient import AsyncClient, Client
+from kupclient.errors import ArgumentValueError, KupError, is_connection_failure
+from kupd.errors import Busy
+
+
+def use(c: Client, data: bytearray, view: memoryview) -> int:
+    ch = c.open("echo").channel()
+    ch.send(data)
+    ch.exchange(view, timeout=1)
+    c.call("echo", data)
+    c.lease_send("x", view)
+    try:
+        c.call("echo", b"x")
+    except KupError as exc:
+        return 1 if is_connection_failure(exc) else 2
+    except ArgumentValueError:
+        return 3
+    except Busy:
+        return 4
+    return 0
+
+
+async def ause(c: AsyncClient, data: bytearray) -> None:
+    async with await c.open("echo") as dev:
+        ch = await dev.channel()
+        await ch.exchange(data, timeout=1)
+        await dev.call(memoryview(data))
+
+
+def wrong(c: Client) -> None:
+    c.call("echo", "not bytes")
+    bad: int = c.health()
+"""
+
+
+def test_py_typed_ships_and_mypy_strict_sees_the_annotations(tmp_path: Path) -> None:
+    pkg = REPO_ROOT / "clients" / "python" / "kupclient"
+    assert (pkg / "py.typed").is_file()
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    assert "py.typed" in setuptools["package-data"]["kupclient"]
+    # kupclient.errors re-exports kupd.errors' classes: kupd is typed too
+    assert (REPO_ROOT / "kupd" / "py.typed").is_file()
+    assert "py.typed" in setuptools["package-data"]["kupd"]
+    # an installed-like layout: a venv whose site-packages holds the packages
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python3*/site-packages")
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c")
+    shutil.copytree(pkg, site / "kupclient", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "clients" / "python" / "kupapi", site / "kupapi", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "kupd", site / "kupd", ignore=ignore)
+    (tmp_path / "app.py").write_text(PROGRAM)
+    mypy = Path(sys.executable).with_name("mypy")
+    run = subprocess.run(
+        [str(mypy), "--strict", "--no-incremental", "--python-executable",
+         str(venv / "bin" / "python"), "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in run.stdout.splitlines() if ": error:" in ln]
+    assert len(lines) == 2, run.stdout + run.stderr
+    assert 'Argument 2 to "call" of "Client" has incompatible type "str"' in lines[0]
+    assert 'Incompatible types in assignment (expression has type "str"' in lines[1]
+
+
+def test_public_errors_and_handles(kupd: Kupd) -> None:
+    from kupclient import _args, _errors
+
+    for name in ("ArgumentTypeError", "ArgumentValueError", "ArgumentError"):
+        assert name in kerrors.__all__
+        assert getattr(kerrors, name) is getattr(_args, name)
+    assert "is_connection_failure" in kerrors.__all__
+    assert kerrors.is_connection_failure is _errors.is_connection_failure
+    assert "/run/kupd/kupd.sock" in (kupclient.__doc__ or "")
+    assert "/run/kupd.sock" not in (kupclient.__doc__ or "")
+    with Client(str(kupd.socket) + ".none") as c:
+        with pytest.raises(errors.Unavailable) as refused:
+            c.devices()
+    assert kerrors.is_connection_failure(refused.value)
+    with Client(kupd.socket) as c, pytest.raises(kerrors.ArgumentTypeError):
+        c.call("echo", "text")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            async with await c.open("echo") as dev:
+                assert (await dev.call(bytearray(b"abc"), timeout=5)).data.lower() == b"abc"
+
+    asyncio.run(main())
