@@ -83,6 +83,13 @@ REATTACH_GRACE = 10.0
 #: Pause between such tries (the host's own wait covers most of it).
 REATTACH_PAUSE = 0.05
 
+#: How long a health check, ListDevices or the monitor's round waits for
+#: one device's host to answer (a host stopped or hung can keep a call for
+#: libkup's whole RPC timeout, 30 s with kupsim).  Past it the device is
+#: *stalled* -- NOT_SERVING, ListDevices says so -- while the call goes on
+#: in the background; the other devices are not held up meanwhile.
+PROBE_WAIT = 2.0
+
 
 class ManagedDevice:
     def __init__(self, mgr: DeviceManager, cfg: DeviceConfig) -> None:
@@ -102,6 +109,11 @@ class ManagedDevice:
         #: during it have run), None when none runs
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_again = False
+        #: the open in progress (try_open), None when none runs
+        self._opening: asyncio.Task[None] | None = None
+        #: since when (monotonic) a probe has waited PROBE_WAIT in vain for
+        #: the host, None while it answers
+        self.stalled_since: float | None = None
         self._announced_seen = -1
         self._shutdown_seen = False
         self._pool_filling = False
@@ -118,7 +130,12 @@ class ManagedDevice:
 
     @property
     def healthy(self) -> bool:
-        return self.reachable and self.info is not None and not self.info.shutting_down
+        return (
+            self.reachable
+            and self.info is not None
+            and not self.info.shutting_down
+            and self.stalled_since is None
+        )
 
     def require(self) -> tuple[Device, DeviceInfo]:
         """The open device, or the error a request on it gets."""
@@ -129,7 +146,48 @@ class ManagedDevice:
         return self.dev, self.info
 
     # -- opening and events ---------------------------------------------------
+    async def probe(self, limit: float = PROBE_WAIT) -> None:
+        """Reach the host now (open the device if it is not open), waiting
+        at most ``limit`` seconds: one that has not answered by then marks
+        the device stalled until it does (the call goes on meanwhile)."""
+        work = asyncio.ensure_future(self.try_open() if self.dev is None else self.refresh())
+        try:
+            await asyncio.wait_for(asyncio.shield(work), limit)
+        except TimeoutError:
+            if self.stalled_since is None and not work.done():
+                self.stalled_since = time.monotonic()
+                log.warning("device not answering", device=self.name, waited_s=limit)
+                self.mgr.health_changed()
+
+    def _answered(self) -> None:
+        """The host answered (or is gone for good): no longer stalled."""
+        if self.stalled_since is not None:
+            log.info(
+                "device answering again",
+                device=self.name,
+                after_s=round(time.monotonic() - self.stalled_since, 1),
+            )
+            self.stalled_since = None
+            self.mgr.health_changed()
+
     async def try_open(self) -> None:
+        """Open the device if it is not open (one open at a time: callers
+        join the one in progress)."""
+        if self.dev is not None or self.mgr.closing:
+            return
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.get_running_loop().create_task(
+                self._open(), context=contextvars.Context()
+            )
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
+        try:
+            await self._open_once()
+        finally:
+            self._answered()
+
+    async def _open_once(self) -> None:
         if self.dev is not None or self.mgr.closing:
             return
         try:
@@ -209,6 +267,7 @@ class ManagedDevice:
                     break
         finally:
             self._refreshing = None
+            self._answered()
 
     async def _refresh_once(self) -> None:
         dev = self.dev
@@ -522,11 +581,8 @@ class DeviceManager:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._rescheduled.wait(), self.config.health_interval)
             self._rescheduled.clear()
-            for d in list(self.devices.values()):
-                if d.dev is None:
-                    await d.try_open()
-                else:
-                    await d.refresh()
+            # each device on its own: one whose host hangs holds up no other
+            await asyncio.gather(*(d.probe() for d in list(self.devices.values())))
 
     async def close(self) -> None:
         self.closing = True

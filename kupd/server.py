@@ -384,11 +384,9 @@ class Server:
         """The real health check: reach every device now."""
         if self._stopping:
             return
-        for d in list(self.mgr.devices.values()):
-            if d.dev is None:
-                await d.try_open()
-            else:
-                await d.refresh()
+        # each device waited for at most PROBE_WAIT: a hung host makes its
+        # device NOT_SERVING, not the whole check late
+        await asyncio.gather(*(d.probe() for d in list(self.mgr.devices.values())))
         await self._update_health()
 
     # -- stop ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from kupd.abi import Kind
 from kupd.channel import Message
 from kupd.config import Config
 from kupd.devices import (
+    PROBE_WAIT,
     REATTACH_GRACE,
     REATTACH_PAUSE,
     DeviceManager,
@@ -376,6 +378,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         drained = d.name in self.guard.drained
         if info is None:
             return kup_pb2.DeviceInfo(name=d.name, reachable=False, error=d.error, drained=drained)
+        stalled = ""
+        if d.stalled_since is not None:
+            stalled = (
+                f"device {d.name} has not answered for "
+                f"{time.monotonic() - d.stalled_since + PROBE_WAIT:.1f} s (its host may be "
+                "hung); the state shown is the last it gave"
+            )
         out = kup_pb2.DeviceInfo(
             name=d.name,
             reachable=True,
@@ -391,6 +400,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             calls_in_flight=d.pool.in_flight,
             calls_queued=d.pool.queued,
             drained=drained,
+            error=stalled,
         )
         attached = set(info.attached)
         for cid in range(info.chan_count):
@@ -432,8 +442,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             devs = [self.mgr.get(device)]
         else:
             devs = [d for d in self.mgr.devices.values() if t.may_see(d.name)]
-        for d in devs:
-            await d.refresh()  # a fresh snapshot (and notices a device gone)
+        # a fresh snapshot (and notices a device gone), each device waited
+        # for at most PROBE_WAIT: a hung host shows as such, in time
+        await asyncio.gather(*(d.probe() for d in devs))
         return kup_pb2.ListDevicesResponse(
             devices=[scope_device_pb(self._device_pb(d), t, self.guard.owner_of) for d in devs]
         )

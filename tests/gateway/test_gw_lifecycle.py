@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -448,3 +449,39 @@ def test_a_short_call_pool_fills_up_once_a_channel_is_free(start_kupd: StartKupd
             for ch in other:
                 ch.close()
             dev.close()
+
+
+def test_a_hung_host_makes_its_device_not_serving_in_time(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """echo's kupsim is stopped (SIGSTOP: it accepts nothing and answers
+    nothing, as a hung host would).  A health check and ListDevices answer
+    within a few seconds all the same -- echo NOT_SERVING and marked as not
+    answering, rot13 (another kupsim) SERVING -- where they waited out
+    libkup's 30 s RPC timeout for echo before answering anything."""
+    from kupd.testing import kupsim
+
+    with kupsim("rot13", check_exit=False, ready_timeout=60.0) as sim2:
+        rot13 = str(sim2.device_path("rot13"))
+        k = start_kupd(sim, devices=("echo:2", f"{rot13}:2"))
+        with k.client() as c:
+            assert c.health() == "SERVING"
+            os.kill(sim.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                assert c.health() == "NOT_SERVING"
+                assert c.health(f"kup.v1.Kup/{rot13}") == "SERVING"
+                assert c.health("kup.v1.Kup/echo") == "NOT_SERVING"
+                devs = {d.name: d for d in c.devices()}
+                took = time.monotonic() - t0
+                assert took < 15.0, f"health and ListDevices took {took:.1f} s"
+                assert "has not answered for" in devs["echo"].error, devs["echo"]
+                assert devs[rot13].error == "" and devs[rot13].reachable
+                assert c.call(rot13, b"abc", timeout=10).data == b"nop"
+            finally:
+                os.kill(sim.pid, signal.SIGCONT)
+            wait_until(lambda: c.health() == "SERVING", timeout=60, what="echo answering again")
+            assert c.devices("echo")[0].error == ""
+            assert c.call("echo", b"back", timeout=10).data.lower() == b"back"
+        log = k.log()
+        assert "device not answering" in log and "device answering again" in log, log[-3000:]
