@@ -389,12 +389,6 @@ class ManagedDevice:
                 # leave the channel attached to nobody.
                 fut.add_done_callback(self._close_attached)
                 raise
-            except errors.Busy as exc:
-                if chan_id is not None:
-                    raise
-                # libkup's "channel held by another user" for ANY: say that
-                # none is free, and who holds them
-                raise errors.Busy(self._none_free(info.chan_count, info.announced)) from exc
             except errors.Releasing as exc:
                 if not wait_releasing:
                     raise
@@ -414,6 +408,12 @@ class ManagedDevice:
                         "to let go); retry later"
                     ) from exc
                 await asyncio.sleep(REATTACH_PAUSE)
+            except errors.Busy as exc:  # after Releasing, a Busy of its own
+                if chan_id is not None:
+                    raise
+                # libkup's "channel held by another user" for ANY: say that
+                # none is free, and who holds them
+                raise errors.Busy(self._none_free(info.chan_count, info.announced)) from exc
 
     def _none_free(self, count: int, announced: int) -> str:
         kinds: dict[str, int] = {}
