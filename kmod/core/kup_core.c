@@ -6,7 +6,10 @@
  * the primitives of kup_os.h.
  *
  * Locking (outer to inner: ch->lock before sc->lock, kup_reg_lock before
- * sc->lock; ch->lock and kup_reg_lock are never held together):
+ * sc->lock, ch->lock before kup_reg_lock -- a module thread that holds a
+ * channel from its receive may call kupdev_notify or _wait_channel, which
+ * look sc up in the registry; the core never takes ch->lock under
+ * kup_reg_lock):
  *   ch->lock      sleepable; serialises kernel callers of one channel and
  *                 is held from a successful receive to kupdev_unlock_channel
  *   kup_reg_lock  the device registry
@@ -71,6 +74,9 @@
 static kup_lock_t kup_reg_lock;
 static struct kupdev_softc *kup_reg_head;
 static int kup_core_ready;
+/* misuse lines about no device at all (NULL or not registered), under
+ * kup_reg_lock: same budget as a device's (kup_misuse_admit) */
+static uint32_t kup_nodev_misuse;
 
 /* A kernel-side call lets go of ch->lock: the host may want to know
  * (KUP_CHAN_UNLOCKED, optional in kup_os.h). */
@@ -104,25 +110,176 @@ kup_core_fini(void)
 	kup_core_ready = 0;
 }
 
+/* ---- misuse of the API: log lines for the module's author ------------------
+ *
+ * A module that calls the API wrongly (channel id out of range, a NULL
+ * pointer, a message larger than the channel, a timeout below
+ * KUPDEV_FOREVER, a call on a device it has unloaded, re-entry while it
+ * holds the channel) gets an error code -- and, so that its author can see
+ * which call was wrong, a log line naming the device, the channel, the call
+ * and the value.  Conditions of normal operation (-EPIPE, -EAGAIN while
+ * polling, -ESHUTDOWN, -ETIMEDOUT) are never logged here.  Why a budget: a
+ * buggy module repeats its mistake in a loop, and the kernel log must not
+ * be flooded; the first KUP_MISUSE_BUDGET lines per device are enough to
+ * find the bug, then one line says the rest is not logged.
+ */
+#define KUP_MISUSE_BUDGET 16U
+
+/* 1: log this line; *last set when it is the budget's last one.  Takes
+ * sc->lock (callers hold no core lock but possibly ch->lock: ch before sc). */
+static int
+kup_misuse_admit(struct kupdev_softc *sc, int *last)
+{
+	uint32_t n;
+
+	kup_lock(&sc->lock);
+	n = sc->misuse_lines;
+	if (n <= KUP_MISUSE_BUDGET)
+		sc->misuse_lines = n + 1;
+	kup_unlock(&sc->lock);
+	*last = n + 1 == KUP_MISUSE_BUDGET;
+	return n < KUP_MISUSE_BUDGET;
+}
+
+#define KUP_MISUSE(sc, fmt, ...) do {                                       \
+	int kup_last_;                                                      \
+	if (kup_misuse_admit((sc), &kup_last_)) {                           \
+		kup_os_log("kup: %s: " fmt, (sc)->name, ##__VA_ARGS__);     \
+		if (kup_last_)                                              \
+			kup_os_log("kup: %s: further misuse of the kupdev API " \
+			    "is not logged", (sc)->name);                   \
+	}                                                                   \
+} while (0)
+
+/* The same for calls that name no usable device (NULL, or a pointer that
+ * is not a registered device): one budget for the whole core. */
+static int
+kup_nodev_admit(int *last)
+{
+	uint32_t n;
+
+	if (!kup_core_ready) {
+		*last = 0;
+		return 1;
+	}
+	kup_lock(&kup_reg_lock);
+	n = kup_nodev_misuse;
+	if (n <= KUP_MISUSE_BUDGET)
+		kup_nodev_misuse = n + 1;
+	kup_unlock(&kup_reg_lock);
+	*last = n + 1 == KUP_MISUSE_BUDGET;
+	return n < KUP_MISUSE_BUDGET;
+}
+
+#define KUP_NODEV_MISUSE(fmt, ...) do {                                     \
+	int kup_last_;                                                      \
+	if (kup_nodev_admit(&kup_last_)) {                                  \
+		kup_os_log("kup: " fmt, ##__VA_ARGS__);                     \
+		if (kup_last_)                                              \
+			kup_os_log("kup: further kupdev calls without a live " \
+			    "device are not logged");                       \
+	}                                                                   \
+} while (0)
+
+/*
+ * Is sc a device of the registry (created and not yet unloaded)?  Compares
+ * pointers only: a pointer the module got from kupdev_create and has since
+ * passed to kupdev_unload may point to freed memory (the device is freed
+ * once its last user is gone), so it must not be dereferenced before it is
+ * found here.  This catches a second unload, or a call after unload, as
+ * long as no new device has been created at the same address; it is a
+ * diagnostic, not a guarantee.  Takes kup_reg_lock: kept off the message
+ * path (send/receive/pass/unlock), used by the calls a module makes once
+ * per device or per session.
+ */
+static int
+kup_dev_live(struct kupdev_softc *sc, const char *op, const char *hint)
+{
+	struct kupdev_softc *it;
+
+	if (sc == NULL) {
+		KUP_NODEV_MISUSE("%s: NULL device", op);
+		return 0;
+	}
+	if (!kup_core_ready)
+		return 0;
+	kup_lock(&kup_reg_lock);
+	for (it = kup_reg_head; it != NULL && it != sc; it = it->next)
+		;
+	kup_unlock(&kup_reg_lock);
+	if (it == NULL)
+		KUP_NODEV_MISUSE("%s: not a live device (%s)", op, hint);
+	return it != NULL;
+}
+
+/* Look up chan_id for a call named op; logs the misuse when it is none. */
+static struct kup_chan *
+kup_chan_arg(struct kupdev_softc *sc, int chan_id, const char *op)
+{
+	if (sc == NULL) {
+		KUP_NODEV_MISUSE("%s: NULL device", op);
+		return NULL;
+	}
+	if (chan_id < 0 || (size_t)chan_id >= sc->chan_cnt) {
+		KUP_MISUSE(sc, "%s: channel %d out of range 0..%zu", op,
+		    chan_id, sc->chan_cnt - 1);
+		return NULL;
+	}
+	return &sc->chans[chan_id];
+}
+
 /* ---- helpers ----------------------------------------------------------- */
 
-static int
-kup_name_ok(const char *name)
+/* NULL, or what is wrong with the name */
+static const char *
+kup_name_bad(const char *name)
 {
 	size_t i, n;
 
 	if (name == NULL)
-		return 0;
+		return "NULL";
 	n = strnlen(name, KUP_NAME_MAX);
-	if (n == 0 || n >= KUP_NAME_MAX || name[0] == '.')
-		return 0;
+	if (n == 0)
+		return "empty";
+	if (n >= KUP_NAME_MAX)
+		return "too long";
+	if (name[0] == '.')
+		return "starts with '.'";
 	for (i = 0; i < n; i++) {
 		char c = name[i];
 		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
 		    (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
-			return 0;
+			return "a character outside [A-Za-z0-9_.-]";
 	}
-	return 1;
+	return NULL;
+}
+
+/*
+ * A string from the module or from an administrator, fit for a log line:
+ * at most KUP_SHOW_MAX bytes of s (the rest is "..."), every byte that is
+ * not printable ASCII (or is a quote) shown as '?'.  Why: the log line
+ * must name what was wrong without letting a control character or an
+ * unterminated buffer into the kernel log.  n bounds the bytes read.
+ */
+#define KUP_SHOW_MAX 40U
+
+static const char *
+kup_show(char out[KUP_SHOW_MAX + 4], const char *s, size_t n)
+{
+	size_t i, k = 0;
+
+	if (s == NULL)
+		return "(NULL)";
+	for (i = 0; i < n && s[i] != '\0' && k < KUP_SHOW_MAX; i++) {
+		unsigned char c = (unsigned char)s[i];
+		out[k++] = (c >= 0x20 && c < 0x7f && c != '"') ? (char)c : '?';
+	}
+	if (i < n && s[i] != '\0') {
+		memcpy(out + k, "...", 3);
+		k += 3;
+	}
+	out[k] = '\0';
+	return out;
 }
 
 static struct kup_chan *
@@ -191,13 +348,19 @@ kupdev_create(const char *name, size_t size, size_t chan_cnt)
 	struct kupdev_softc *sc, *it;
 	size_t i, made = 0;
 	uint32_t page;
+	const char *why;
+	char shown[KUP_SHOW_MAX + 4];
 
 	if (!kup_core_ready) {
 		kup_os_log("kup: kupdev_create before kup_core_init");
 		return NULL;
 	}
-	if (!kup_name_ok(name)) {
-		kup_os_log("kup: kupdev_create: bad device name");
+	why = kup_name_bad(name);
+	if (why != NULL) {
+		kup_os_log("kup: kupdev_create: bad device name \"%s\": %s "
+		    "(1..%u characters of [A-Za-z0-9_.-], not starting with '.')",
+		    kup_show(shown, name, KUP_NAME_MAX + 1), why,
+		    KUP_NAME_MAX - 1);
 		return NULL;
 	}
 	if (size < 1 || size > KUP_MAX_PAGES) {
@@ -292,17 +455,17 @@ fail:
 	return NULL;
 }
 
-int
-kupdev_shutdown(struct kupdev_softc *sc)
+/* kupdev_shutdown on a device known to be alive (registered, or held by a
+ * reference) */
+static void
+kup_dev_shutdown(struct kupdev_softc *sc)
 {
 	size_t i;
 
-	if (sc == NULL)
-		return -EINVAL;
 	kup_lock(&sc->lock);
 	if (sc->shutdown) {
 		kup_unlock(&sc->lock);
-		return 0;
+		return;
 	}
 	KUP_WRITE_ONCE32(&sc->shutdown, 1);
 	for (i = 0; i < sc->chan_cnt; i++)
@@ -319,6 +482,14 @@ kupdev_shutdown(struct kupdev_softc *sc)
 	kup_unlock(&sc->lock);
 	kup_os_dev_wake(sc);
 	kup_os_dev_wake_user(sc);
+}
+
+int
+kupdev_shutdown(struct kupdev_softc *sc)
+{
+	if (!kup_dev_live(sc, "kupdev_shutdown", "called after kupdev_unload?"))
+		return -EINVAL;
+	kup_dev_shutdown(sc);
 	return 0;
 }
 
@@ -327,9 +498,12 @@ kupdev_unload(struct kupdev_softc *sc)
 {
 	struct kupdev_softc **pp;
 
-	if (sc == NULL)
+	/* Why the registry first: the first unload drops the module's
+	 * reference, and with no user attached that frees sc; a second
+	 * unload must be refused before it reads anything through sc. */
+	if (!kup_dev_live(sc, "kupdev_unload", "unloaded twice?"))
 		return -EINVAL;
-	kupdev_shutdown(sc);
+	kup_dev_shutdown(sc);
 	kup_lock(&sc->lock);
 	if (sc->unloaded) {
 		kup_unlock(&sc->lock);
@@ -371,7 +545,9 @@ kup_core_shutdown_all(void)
 		kup_unlock(&kup_reg_lock);
 		if (sc == NULL)
 			return;
-		kupdev_shutdown(sc);
+		/* our reference keeps sc alive even if its module unloads it
+		 * meanwhile (it is then no longer registered) */
+		kup_dev_shutdown(sc);
 		kup_core_dev_put(sc);
 	}
 }
@@ -428,18 +604,26 @@ kup_core_dev_put(struct kupdev_softc *sc)
 
 /* ---- announce and wait for attach ---------------------------------------- */
 
-int
-kupdev_announce(struct kupdev_softc *sc, size_t count)
+static int
+kup_announce(struct kupdev_softc *sc, size_t count, const char *op)
 {
-	if (sc == NULL || count > sc->chan_cnt)
+	uint32_t had;
+
+	if (count > sc->chan_cnt) {
+		KUP_MISUSE(sc, "%s: count %zu beyond the %zu channels", op,
+		    count, sc->chan_cnt);
 		return -EINVAL;
+	}
 	kup_lock(&sc->lock);
 	if (sc->shutdown) {
 		kup_unlock(&sc->lock);
 		return -ESHUTDOWN;
 	}
 	if (count < sc->announced) {
+		had = sc->announced;
 		kup_unlock(&sc->lock);
+		KUP_MISUSE(sc, "%s: count %zu below the %u already announced "
+		    "(it may only grow)", op, count, had);
 		return -EINVAL;
 	}
 	sc->announced = (uint32_t)count;
@@ -449,11 +633,19 @@ kupdev_announce(struct kupdev_softc *sc, size_t count)
 	return 0;
 }
 
+int
+kupdev_announce(struct kupdev_softc *sc, size_t count)
+{
+	if (!kup_dev_live(sc, "kupdev_announce", "called after kupdev_unload?"))
+		return -EINVAL;
+	return kup_announce(sc, count, "kupdev_announce");
+}
+
 void
 kupdev_notify(struct kupdev_softc *sc)
 {
-	if (sc != NULL)
-		(void)kupdev_announce(sc, sc->chan_cnt);
+	if (kup_dev_live(sc, "kupdev_notify", "called after kupdev_unload?"))
+		(void)kup_announce(sc, sc->chan_cnt, "kupdev_notify");
 }
 
 static int
@@ -474,8 +666,16 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 	    KUP_NOW_NS() + (uint64_t)timeout_ms * 1000000ULL : 0;
 #endif
 
-	if (sc == NULL)
+	if (!kup_dev_live(sc, "kupdev_wait_channel",
+	    "called after kupdev_unload?"))
 		return -EINVAL;
+	if (timeout_ms < KUPDEV_FOREVER) {
+		/* the hosts' sleeps take any negative value as "no bound":
+		 * a computed timeout that went negative would wait forever */
+		KUP_MISUSE(sc, "kupdev_wait_channel_timeout: timeout %d ms "
+		    "(0 or more, or KUPDEV_FOREVER = -1)", timeout_ms);
+		return -EINVAL;
+	}
 	for (;;) {
 		size_t k;
 
@@ -986,7 +1186,8 @@ kup_wait_turn(struct kup_chan *ch, int timeout_ms)
  * calls receive, send or pass on it again would block forever on ch->lock
  * (not recursive) -- on a real kernel an unkillable thread that also keeps
  * the module from unloading.  Refuse with -EDEADLK instead, and log it
- * once per channel: it is a bug in the module (unlock first: the payload
+ * (each time, within the device's misuse budget: KUP_MISUSE): it is a bug
+ * in the module (unlock first: the payload
  * it received lives in the area the user writes next, so it must not
  * stay in use across the hand-over anyway).  Only the holder writes
  * ch->holder, under ch->lock, so a thread reads its own identity there
@@ -1004,12 +1205,9 @@ kup_reentered(struct kup_chan *ch, const char *op)
 {
 	if (KUP_READ_ONCE64(&ch->holder) != kup_self())
 		return 0;
-	if (!ch->reentry_logged) {
-		ch->reentry_logged = 1;   /* the holder writes it: we hold */
-		kup_os_log("kup: %s chan %u: %s while this thread holds the "
-		    "channel from its receive: call kupdev_unlock_channel "
-		    "first (-EDEADLK)", ch->sc->name, ch->id, op);
-	}
+	KUP_MISUSE(ch->sc, "chan %u: %s while this thread holds the channel "
+	    "from its receive: call kupdev_unlock_channel first (-EDEADLK)",
+	    ch->id, op);
 	return 1;
 }
 
@@ -1017,12 +1215,22 @@ int
 kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms)
 {
-	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_receive_msg");
 	uint32_t turn;
 	int r;
 
-	if (ch == NULL || msg == NULL)
+	if (ch == NULL)
 		return -EINVAL;
+	if (msg == NULL) {
+		KUP_MISUSE(sc, "chan %d: kupdev_receive_msg: NULL msg", chan_id);
+		return -EINVAL;
+	}
+	if (timeout_ms < KUPDEV_FOREVER) {
+		/* the hosts' sleeps take any negative value as "no bound" */
+		KUP_MISUSE(sc, "chan %d: kupdev_receive_msg: timeout %d ms (0 or "
+		    "more, or KUPDEV_FOREVER = -1)", chan_id, timeout_ms);
+		return -EINVAL;
+	}
 	if (kup_reentered(ch, "receive"))
 		return -EDEADLK;
 	kup_lock(&ch->lock);
@@ -1071,7 +1279,7 @@ kupdev_receive(struct kupdev_softc *sc, int chan_id)
 void
 kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 {
-	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_unlock_channel");
 
 	if (ch == NULL)
 		return;
@@ -1079,8 +1287,8 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 	 * thread may release it (a kernel mutex belongs to its
 	 * owner: unlocking someone else's is undefined, or a panic) */
 	if (KUP_READ_ONCE64(&ch->holder) != kup_self()) {
-		kup_os_log("kup: %s chan %d: unlock without a receive by this "
-		    "thread", sc->name, chan_id);
+		KUP_MISUSE(sc, "chan %d: kupdev_unlock_channel: unlock without a "
+		    "receive by this thread", chan_id);
 		return;
 	}
 	KUP_WRITE_ONCE64(&ch->holder, 0);
@@ -1088,9 +1296,11 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 }
 
 /* Under ch->lock, after kup_chan_enter: make sure the kernel holds the
- * turn.  An unread user message is validated and dropped. */
+ * turn.  An unread user message is validated and dropped (kupdev.h: the
+ * seed's semantics); a dropped DATA message is logged, within the misuse
+ * budget, since the module then never saw what its user sent. */
 static int
-kup_own_turn(struct kup_chan *ch)
+kup_own_turn(struct kup_chan *ch, const char *op)
 {
 	uint32_t turn;
 
@@ -1108,6 +1318,11 @@ kup_own_turn(struct kup_chan *ch)
 
 		if (r == 0 && dropped.kind == KUP_KIND_CLOSE)
 			ch->over = 1;
+		if (r == 0 && dropped.kind == KUP_KIND_DATA)
+			KUP_MISUSE(ch->sc, "chan %u: %s dropped the user's unread "
+			    "message (seq %llu, %zu bytes): receive before "
+			    "sending again", ch->id, op,
+			    (unsigned long long)dropped.seq, dropped.len);
 		return r;
 	}
 }
@@ -1130,20 +1345,29 @@ static int
 kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
     size_t len, uint32_t kind)
 {
-	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	const char *op = kind == KUP_KIND_PASS ? "kupdev_pass" : "kupdev_send";
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, op);
 	int r;
 
-	if (ch == NULL || (len != 0 && data == NULL))
+	if (ch == NULL)
 		return -EINVAL;
-	if (len > ch->data_size)
+	if (len != 0 && data == NULL) {
+		KUP_MISUSE(sc, "chan %d: %s: NULL data with length %zu", chan_id,
+		    op, len);
+		return -EINVAL;
+	}
+	if (len > ch->data_size) {
+		KUP_MISUSE(sc, "chan %d: %s: %zu bytes do not fit the channel's "
+		    "%zu (nothing sent)", chan_id, op, len, ch->data_size);
 		return -EMSGSIZE;
+	}
 	if (kup_reentered(ch, kind == KUP_KIND_PASS ? "pass" : "send"))
 		return -EDEADLK;
 	kup_lock(&ch->lock);
 	r = kup_chan_enter(ch);
 	if (r != 0)
 		goto out;
-	r = kup_own_turn(ch);
+	r = kup_own_turn(ch, op);
 	if (r != 0)
 		goto out;
 	if (len != 0)
@@ -1180,7 +1404,7 @@ kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
 	kup_lock(&ch->lock);
 	r = kup_chan_enter(ch);
 	if (r == 0)
-		r = kup_own_turn(ch);
+		r = kup_own_turn(ch, "test hand-over");
 	if (r == 0) {
 		ch->k2u_seq = ch->k2u_seq + 1 + (uint64_t)seq_delta;
 		kup_handover(ch, len, kind, ch->k2u_seq, turn_value);
@@ -1206,7 +1430,7 @@ kupdev_data_size(const struct kupdev_softc *sc)
 int
 kupdev_channel_attached(struct kupdev_softc *sc, int chan_id)
 {
-	struct kup_chan *ch = kup_chan_lookup(sc, chan_id);
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_channel_attached");
 
 	if (ch == NULL)
 		return -EINVAL;
@@ -1283,6 +1507,56 @@ kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out)
 	for (i = 0; i < sc->chan_cnt; i++)
 		out->attached[i] = sc->chans[i].attached ? 1 : 0;
 	kup_unlock(&sc->lock);
+}
+
+/*
+ * kup_os_param_int's one rule for every host (kup_module.h): no value, or
+ * an empty one, is defval; otherwise an optional sign and decimal digits,
+ * nothing else (no blanks, no 0x or leading-0 octal, no trailing text),
+ * within int.  Anything else is logged, naming the module, the parameter,
+ * where it came from and the value, and gives defval.  Why here and not in
+ * each host: kstrtoint(base 0), getenv_int and strtol each accept a
+ * different set ("0x10", "010", " 5", "5k"), and a module must read the
+ * same value on every host.  v need not be NUL-terminated: at most len
+ * bytes are read.
+ */
+int
+kup_core_param_value(const char *module, const char *name, const char *src,
+    const char *v, size_t len, int defval)
+{
+	char shown[KUP_SHOW_MAX + 4];
+	int64_t x = 0, limit = 2147483647LL;
+	size_t i = 0;
+	int neg = 0, digits = 0, big = 0;
+
+	if (v == NULL || len == 0 || v[0] == '\0')
+		return defval;
+	if (v[0] == '+' || v[0] == '-') {
+		neg = v[0] == '-';
+		limit += neg;   /* -2147483648 fits, +2147483648 does not */
+		i = 1;
+	}
+	for (; i < len && v[i] >= '0' && v[i] <= '9'; i++, digits++) {
+		/* stop accumulating once past the limit: no overflow */
+		if (!big)
+			x = x * 10 + (v[i] - '0');
+		if (x > limit)
+			big = 1;
+	}
+	if (digits == 0 || (i < len && v[i] != '\0')) {
+		kup_os_log("kup: module %s: parameter %s (%s) = \"%s\" is not a "
+		    "decimal integer: using the default %d", module, name, src,
+		    kup_show(shown, v, len), defval);
+		return defval;
+	}
+	if (big) {
+		kup_os_log("kup: module %s: parameter %s (%s) = \"%s\" is out of "
+		    "range (an int: -2147483648 to 2147483647): using the "
+		    "default %d", module, name, src, kup_show(shown, v, len),
+		    defval);
+		return defval;
+	}
+	return (int)(neg ? -x : x);
 }
 
 int

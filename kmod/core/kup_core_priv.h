@@ -21,7 +21,6 @@ struct kup_chan {
 	uint64_t holder;          /* KUP_CURTHREAD() of the receive that holds
 	                           * lock until kupdev_unlock_channel, else 0;
 	                           * written under lock, read without it */
-	uint32_t reentry_logged;  /* a re-entry by the holder was logged */
 
 	void    *mem;             /* channel mapping, kernel address */
 	size_t   bytes;           /* private copy: never read from the page */
@@ -74,6 +73,8 @@ struct kupdev_softc {
 	uint64_t perr_window;     /* start of the current window (ns, or count) */
 	uint32_t perr_lines;      /* lines logged in it */
 	uint32_t perr_dropped;    /* lines not logged since the last one */
+	/* misuse of the API by the module (kup_core.c: KUP_MISUSE) */
+	uint32_t misuse_lines;    /* lines logged, up to the budget + 1 */
 
 	struct kup_chan *chans;
 	struct kupdev_softc *next; /* registry */

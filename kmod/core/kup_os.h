@@ -106,7 +106,8 @@ uint32_t kup_os_page_size(void);
 /* ---- sleeping and waking ----------------------------------------------
  * kup_os_chan_sleep: sleep until cond(ch) returns non-zero, the timeout
  * expires, or the sleep is interrupted.  Returns 0 when cond held,
- * -ETIMEDOUT, or -EINTR.  timeout_ms < 0 means no timeout.  The host must
+ * -ETIMEDOUT, or -EINTR.  timeout_ms < 0 means no timeout (the core passes
+ * only KUPDEV_FOREVER, -1: it refuses other negative values).  The host must
  * evaluate cond after arming its wake-up (prepare_to_wait / under the
  * sleep mutex / after draining the eventfd), so that a kup_os_chan_wake
  * issued between the caller's last check and the sleep is never lost.
@@ -231,6 +232,15 @@ const char          *kup_core_dev_name(const struct kupdev_softc *sc);
  * out as it is, kupsim sends the same fields on its wire.  attached_chan
  * is set to KUP_IOC_CHAN_ANY; a host whose fd holds a channel sets it. */
 void kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out);
+
+/* kup_os_param_int's value, parsed by the one rule of kup_module.h: v is
+ * the raw value (NULL when unset; at most len bytes read, a NUL ends it
+ * earlier), src says where it came from for the log line (kupsim:
+ * "KUP_PARAM_ECHO_CHANNELS", Linux: "kup.params", FreeBSD: the kenv
+ * name).  Returns the int, or defval (logged when v was malformed or out of
+ * range). */
+int kup_core_param_value(const char *module, const char *name, const char *src,
+    const char *v, size_t len, int defval);
 
 /* Map a negative errno from the core to the KUP_E_* code user space sees. */
 int kup_core_errno_to_kup(int neg_errno);

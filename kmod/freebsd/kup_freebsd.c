@@ -603,21 +603,32 @@ kup_os_now_ns(void)
 }
 
 /* Module parameters are loader tunables / kenv(1) variables named
- * kup.<module>.<name>, e.g. kup.echo.channels="4" in /boot/loader.conf. */
+ * kup.<module>.<name>, e.g. kup.echo.channels="4" in /boot/loader.conf.
+ * The value is parsed by the core, by the one rule of kup_module.h
+ * (decimal only; malformed or out of range: logged, defval) -- not
+ * getenv_int(), which takes "0x10", "010" and "4k" and silently gives
+ * the default for anything it cannot read. */
 int
 kup_os_param_int(const char *module, const char *name, int defval)
 {
 	char var[96];
-	int v;
+	char *v;
+	int r;
 
 	if (module == NULL || name == NULL)
 		return (defval);
 	if (snprintf(var, sizeof(var), "kup.%s.%s", module, name) >=
-	    (int)sizeof(var))
+	    (int)sizeof(var)) {
+		kup_os_log("kup: module %s: parameter %s: name too long for a "
+		    "kenv variable: using the default %d", module, name, defval);
 		return (defval);
-	if (getenv_int(var, &v) == 0)
-		return (defval);   /* unset or not an integer */
-	return (v);
+	}
+	v = kern_getenv(var);   /* a copy, or NULL when unset */
+	if (v == NULL)
+		return (defval);
+	r = kup_core_param_value(module, name, var, v, strlen(v), defval);
+	freeenv(v);
+	return (r);
 }
 
 struct kup_thread {

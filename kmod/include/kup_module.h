@@ -53,9 +53,20 @@ void kup_os_msleep(unsigned int ms);
  * message with the time it was handed over. */
 uint64_t kup_os_now_ns(void);
 
-/* An integer module parameter, defval if unset or malformed.
- * kupsim: environment variable KUP_PARAM_<MODULE>_<NAME> (upper-cased).
- * Kernel hosts may map it to their module parameter mechanism. */
+/* An integer module parameter.  One rule on every host (the core parses
+ * it: kup_core_param_value):
+ *   - unset or empty: defval, silently;
+ *   - otherwise the value must be decimal: an optional '+' or '-', then
+ *     digits, nothing else (no blanks, no "0x", and "010" is ten, not
+ *     octal eight), within int (-2147483648..2147483647);
+ *   - anything else is malformed or out of range: a log line names the
+ *     module, the parameter, where it came from and the value, and the
+ *     call returns defval.  Nothing refuses to load: check the log.
+ * Where the value comes from:
+ *   kupsim:  environment variable KUP_PARAM_<MODULE>_<NAME> (upper-cased);
+ *   Linux:   kup.ko's parameter params="<module>.<name>=<value>,..."
+ *            (e.g. modprobe kup params=echo.channels=4,echo.pages=2);
+ *   FreeBSD: kenv(1) / loader tunable kup.<module>.<name>. */
 int kup_os_param_int(const char *module, const char *name, int defval);
 
 /* Kernel threads.  kup_os_thread_start runs fn(arg) in a new kernel thread

@@ -13,14 +13,41 @@
  *     NEGATIVE errno value on failure (-EINVAL, -ETIMEDOUT, -ESHUTDOWN,
  *     -EPIPE, -EPROTO, -EMSGSIZE, -EBUSY, -EAGAIN, -ENOENT, -EINTR,
  *     -EDEADLK);
- *   - timeouts are in milliseconds; KUPDEV_FOREVER waits without bound
- *     (still interruptible by kupdev_unload and by peer departure);
+ *   - timeouts are in milliseconds; KUPDEV_FOREVER (-1) waits without
+ *     bound (still interruptible by kupdev_unload and by peer departure);
+ *     any other negative timeout is refused with -EINVAL (and a log line),
+ *     never taken as "forever";
  *   - a channel is used by one kernel thread at a time per direction of
  *     the turn; the core serialises callers with a per-channel lock.  A
  *     successful receive keeps that lock until kupdev_unlock_channel(),
  *     which only the receiving thread may call; that thread's own
  *     receive, send or pass on the channel before it unlocks fails with
- *     -EDEADLK (and a log line) instead of blocking it forever.
+ *     -EDEADLK (and a log line, each time, within the budget below)
+ *     instead of blocking it forever;
+ *   - misuse of the API is logged so that the module's author can see
+ *     which call was wrong: the line names the device, the channel, the
+ *     call and the offending value or limit ("kup: <dev>: chan 0:
+ *     kupdev_send: 5000 bytes do not fit the channel's 4096 ...").  Logged:
+ *     a channel id out of range, a NULL msg or data pointer, -EMSGSIZE, a
+ *     timeout below KUPDEV_FOREVER, an announce count out of range,
+ *     -EDEADLK, an unlock without a receive, a call on a device that is not
+ *     live (below), and an unread user message dropped by a send or pass
+ *     (below).  Not logged: what happens in normal operation (-EPIPE,
+ *     -EAGAIN, -ETIMEDOUT, -ESHUTDOWN; -EPROTO is logged as the USER's
+ *     error, rate-limited).  The volume is bounded: the first 16 such
+ *     lines per device, then one line saying further misuse is not logged
+ *     (calls naming no live device share one budget of 16 per host);
+ *   - a device pointer is live from kupdev_create until kupdev_unload.
+ *     kupdev_unload, kupdev_shutdown, kupdev_announce/_notify and
+ *     kupdev_wait_channel(_timeout) check that sc is a live device (by
+ *     comparing pointers with the registry, never reading through a stale
+ *     one) and refuse a stale or NULL one with -EINVAL and a log line
+ *     ("kupdev_unload: not a live device (unloaded twice?)").  That is a
+ *     diagnostic, not a licence: a device created after the unload may
+ *     reuse the address and pass the check, and the per-message calls
+ *     (send, receive, pass, unlock, the informational ones) do not check
+ *     at all (it would put a global lock on every message).  Never use sc
+ *     after kupdev_unload.
  *
  * Turn semantics (see kup_abi.h): the kernel side owns a fresh channel.
  * kupdev_send / kupdev_pass hand the turn to user space.  kupdev_receive
@@ -29,6 +56,18 @@
  * (user space cannot write while the kernel owns the turn).  Sending while
  * user space owns the turn is refused with -EAGAIN: it would overwrite
  * nothing, but it would silently drop the message user space is writing.
+ *
+ * !! A send or pass while an unread user message is waiting DROPS that
+ * !! message.  The turn is one token: once user space has handed it back
+ * !! with a message, the kernel's next send/pass takes the turn (the
+ * !! message is validated and discarded) without the module having seen
+ * !! it.  E.g. the module sends "first", the user answers "request", the
+ * !! module sends "second" without a receive in between: "request" is
+ * !! lost.  This is the seed's ping-pong semantics (a pass is how either
+ * !! side skips its turn), kept as is; the core logs a line for each user
+ * !! DATA message dropped this way, within the misuse budget (a dropped
+ * !! PASS or CLOSE carries no data and is not logged).  To hear every
+ * !! message, receive before each send after the first.
  */
 #ifndef KUPDEV_H
 #define KUPDEV_H
@@ -69,7 +108,8 @@ struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cn
  *
  * Wait until user space attaches a channel that the module has not yet
  * been told about; returns its id, or a negative errno (-ESHUTDOWN once
- * kupdev_unload has begun, -ETIMEDOUT). */
+ * kupdev_unload has begun, -ETIMEDOUT; -EINVAL, logged, for a timeout
+ * below KUPDEV_FOREVER or a device that is not live). */
 int kupdev_wait_channel(struct kupdev_softc *sc);
 int kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms);
 
@@ -81,8 +121,10 @@ int  kupdev_announce(struct kupdev_softc *sc, size_t count);
 
 /* Copy len bytes into the kernel->user area and hand the turn to user
  * space.  Requires the kernel to hold the turn (-EAGAIN otherwise) and
- * len <= the data area (-EMSGSIZE, nothing sent).  -EPIPE if no user side
- * is attached, -ESHUTDOWN during unload. */
+ * len <= the data area (-EMSGSIZE, nothing sent, logged).  -EPIPE if no
+ * user side is attached, -ESHUTDOWN during unload, -EINVAL (logged) for a
+ * channel out of range or data == NULL with len != 0.
+ * DROPS an unread user message (see "Turn semantics" above; logged). */
 int kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_id);
 
 /* The seed's receive: wait (without bound) for user space to hand back the
@@ -91,8 +133,9 @@ int kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_
  * length, kind and a timeout. */
 void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 
-/* Wait up to timeout_ms for user space's next message.  On success the
- * channel is locked until kupdev_unlock_channel().  Errors: -ETIMEDOUT,
+/* Wait up to timeout_ms (>= 0, or KUPDEV_FOREVER; anything else: -EINVAL,
+ * logged) for user space's next message.  On success the channel is
+ * locked until kupdev_unlock_channel().  Errors: -ETIMEDOUT,
  * -EPIPE (user side left or died; the channel is free again), -EPROTO
  * (bad length, kind or sequence in the control area: nothing was read
  * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the
@@ -100,24 +143,30 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms);
 
-/* Release the lock taken by a successful receive. */
+/* Release the lock taken by a successful receive.  A channel out of range,
+ * or a thread that does not hold the channel, is a logged no-op. */
 void kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id);
 
-/* Hand the turn to user space without data (the seed's dummy token). */
+/* Hand the turn to user space without data (the seed's dummy token).
+ * Same errors as kupdev_send.  DROPS an unread user message (see "Turn
+ * semantics" above; a dropped DATA message is logged). */
 int kupdev_pass(struct kupdev_softc *sc, int chan_id);
 
 /* Shut the device down: mark every channel KUP_STATE_SHUTDOWN, wake every
  * waiter on both sides (user space sees EKU_SHUTDOWN, kernel callers
  * -ESHUTDOWN), remove the device node and free it once the last user
  * mapping is gone.  Returns 0, or -EBUSY where the host cannot force
- * users off (never leaves the device half torn down). */
+ * users off (never leaves the device half torn down).  sc must not be used
+ * afterwards: it may already be freed.  A second kupdev_unload of the same
+ * pointer is refused with -EINVAL and a log line (see "live" above). */
 int kupdev_unload(struct kupdev_softc *sc);
 
 /* First half of kupdev_unload, for modules with threads: mark every channel
  * KUP_STATE_SHUTDOWN and wake every waiter on both sides; from now on every
  * kupdev_* call on sc fails with -ESHUTDOWN, but sc stays valid until
- * kupdev_unload().  Join your threads between the two calls.  Idempotent;
- * kupdev_unload() calls it if the module did not. */
+ * kupdev_unload().  Join your threads between the two calls.  Idempotent
+ * until kupdev_unload (-EINVAL after it); kupdev_unload() calls it if the
+ * module did not. */
 int kupdev_shutdown(struct kupdev_softc *sc);
 
 /* Informational. */

@@ -46,9 +46,4 @@ int  kupsim_server_publish_errors(void);
 /* Space-separated names of the published devices into buf. */
 void kupsim_server_names(char *buf, size_t len);
 
-/* KUP_PARAM_* values kup_os_param_int refused so far (kupsim_glue.c; each
- * one logged with its variable and value): kupsim_main then refuses to
- * start. */
-int  kupsim_param_errors(void);
-
 #endif /* KUPSIM_H */

@@ -557,58 +557,34 @@ kup_os_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* KUP_PARAM_* values refused so far; kupsim_main refuses to start after
- * an init that asked for one (the init itself only sees the default) */
-static int param_errors;
-
-int
-kupsim_param_errors(void)
-{
-	return __atomic_load_n(&param_errors, __ATOMIC_RELAXED);
-}
-
 /*
- * KUP_PARAM_<MODULE>_<NAME>: unset or empty is defval; otherwise a decimal
- * int, nothing else (no blanks, no 0x, no trailing text).  A value that is
- * not one is logged, counted (kupsim_param_errors: kupsim then refuses to
- * start) and replaced by defval only so that the module's init, which has
- * no way to hear of it, can finish and be undone cleanly.
+ * KUP_PARAM_<MODULE>_<NAME> (upper-cased), read by the one rule of
+ * kup_module.h (kup_core_param_value): unset or empty is defval; a value
+ * that is not a decimal int is logged and gives defval, as on the kernel
+ * hosts -- kupsim used to refuse to start instead, which made a module
+ * behave differently here than in a kernel.
  */
 int
 kup_os_param_int(const char *module, const char *name, int defval)
 {
 	char var[128];
 	const char *v;
-	char *end;
-	long x;
 	size_t i;
 
-	if (snprintf(var, sizeof(var), "KUP_PARAM_%s_%s", module, name) >=
-	    (int)sizeof(var))
+	if (module == NULL || name == NULL)
 		return defval;
+	if (snprintf(var, sizeof(var), "KUP_PARAM_%s_%s", module, name) >=
+	    (int)sizeof(var)) {
+		kup_os_log("kupsim: module %s: parameter %s: name too long for "
+		    "an environment variable: using the default %d", module,
+		    name, defval);
+		return defval;
+	}
 	for (i = 0; var[i] != '\0'; i++)
 		var[i] = (char)toupper((unsigned char)var[i]);
 	v = getenv(var);
-	if (v == NULL || *v == '\0')
-		return defval;
-	errno = 0;
-	x = strtol(v, &end, 10);
-	/* strtol skips leading blanks and stops at the first non-digit:
-	 * "5x" and " 5" are malformed, not 5 */
-	if (isspace((unsigned char)*v) || end == v || *end != '\0') {
-		kup_os_log("kupsim: %s=%s is not an integer", var, v);
-		goto bad;
-	}
-	if (errno == ERANGE || x < INT_MIN || x > INT_MAX) {
-		kup_os_log("kupsim: %s=%s is out of range (an int: %d to %d)",
-		    var, v, INT_MIN, INT_MAX);
-		goto bad;
-	}
-	return (int)x;
-
-bad:
-	__atomic_add_fetch(&param_errors, 1, __ATOMIC_RELAXED);
-	return defval;
+	return kup_core_param_value(module, name, var, v,
+	    v != NULL ? strlen(v) : 0, defval);
 }
 
 struct kup_thread {

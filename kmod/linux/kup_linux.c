@@ -279,7 +279,10 @@ EXPORT_SYMBOL_GPL(kup_os_now_ns);
 
 /* kup.params="echo.channels=4,echo.pages=2": module.name=int pairs.  The
  * string may be rewritten through sysfs at any time: read it under the
- * module's parameter lock. */
+ * module's parameter lock.  The value is parsed by the core, by the one
+ * rule of kup_module.h (decimal only; malformed or out of range: logged,
+ * defval) -- not kstrtoint(base 0), which read "010" as 8 and "0x10" as
+ * 16 where kupsim and FreeBSD did not, and said nothing about a typo. */
 static int kup_param_lookup(const char *p, const char *module,
     const char *name, int defval)
 {
@@ -289,19 +292,11 @@ static int kup_param_lookup(const char *p, const char *module,
 		const char *end = strchrnul(p, ',');
 		size_t len = (size_t)(end - p);
 
-		if (len > ml + nl + 2 && strncmp(p, module, ml) == 0 &&
+		if (len >= ml + nl + 2 && strncmp(p, module, ml) == 0 &&
 		    p[ml] == '.' && strncmp(p + ml + 1, name, nl) == 0 &&
-		    p[ml + 1 + nl] == '=') {
-			char num[24];
-			size_t vl = len - (ml + nl + 2);
-			int v;
-
-			if (vl >= sizeof(num))
-				return defval;
-			memcpy(num, p + ml + nl + 2, vl);
-			num[vl] = '\0';
-			return kstrtoint(num, 0, &v) == 0 ? v : defval;
-		}
+		    p[ml + 1 + nl] == '=')
+			return kup_core_param_value(module, name, "kup.params",
+			    p + ml + nl + 2, len - (ml + nl + 2), defval);
 		p = *end == ',' ? end + 1 : end;
 	}
 	return defval;
@@ -311,6 +306,8 @@ int kup_os_param_int(const char *module, const char *name, int defval)
 {
 	int v;
 
+	if (module == NULL || name == NULL)
+		return defval;
 	kernel_param_lock(THIS_MODULE);
 	v = kup_param_lookup(params, module, name, defval);
 	kernel_param_unlock(THIS_MODULE);

@@ -175,6 +175,8 @@ test_create_args(void)
 	CHECK(kupdev_create("x", 1, 0) == NULL);
 	CHECK(kupdev_create("x", 1, KUP_MAX_CHANNELS + 1) == NULL);
 	CHECK(kupdev_create("0123456789012345678901234567890123", 1, 1) == NULL);
+	/* the log line shows the name, control characters as '?' */
+	CHECK(kupdev_create("bad\nname", 1, 1) == NULL);
 	sc = kupdev_create("dup", 1, 1);
 	CHECK(sc != NULL);
 	CHECK(kupdev_create("dup", 1, 1) == NULL);   /* name taken */
@@ -697,7 +699,9 @@ test_shutdown(void)
 	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch), -ESHUTDOWN);
 	CHECK(kup_core_dev_get("shut") == NULL);
 	CHECK_EQ(kupdev_unload(sc), 0);
-	CHECK_EQ(kupdev_unload(sc), 0);   /* idempotent */
+	/* a second unload is refused (logged): sc is no longer registered,
+	 * though the host's reference still keeps it alive here */
+	CHECK_EQ(kupdev_unload(sc), -EINVAL);
 	/* the host's reference keeps the channel memory alive */
 	CHECK(u.k->state & KUP_STATE_SHUTDOWN);
 	kup_core_detach(kup_core_chan_at(ref, 0));
@@ -707,6 +711,162 @@ test_shutdown(void)
 	CHECK(sc != NULL);
 	CHECK_EQ(kupdev_unload(sc), 0);
 	printf("ok shutdown\n");
+}
+
+/*
+ * kupdev_unload twice on a device no user holds: the first one frees the
+ * softc, the second must be refused from the registry alone, without
+ * reading the freed memory (ASan checks), and logged.  The other calls a
+ * module makes once per device or session are refused the same way.
+ */
+static void
+test_unload_twice(void)
+{
+	struct kupdev_softc *sc = kupdev_create("twice", 1, 1);
+	struct kupdev_softc *other;
+
+	CHECK(sc != NULL);
+	/* another live device in the registry (made before sc is freed: one
+	 * made after could get sc's address, which the check cannot tell
+	 * from sc -- kupdev.h says so) */
+	other = kupdev_create("other", 1, 1);
+	CHECK(other != NULL);
+	CHECK_EQ(kupdev_unload(sc), 0);   /* frees sc */
+	CHECK_EQ(kupdev_unload(sc), -EINVAL);
+	CHECK_EQ(kupdev_shutdown(sc), -EINVAL);
+	CHECK_EQ(kupdev_announce(sc, 1), -EINVAL);
+	kupdev_notify(sc);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -EINVAL);
+	CHECK_EQ(kupdev_unload(NULL), -EINVAL);
+	CHECK_EQ(kupdev_send(NULL, "x", 1, 0), -EINVAL);
+	/* the live device is untouched */
+	CHECK_EQ(kupdev_announce(other, 1), 0);
+	CHECK_EQ(kupdev_unload(other), 0);
+	printf("ok unload_twice\n");
+}
+
+/*
+ * Misuse of the API is refused AND logged, naming the device, channel,
+ * call and value (tests/kmod/test_c_core.py reads the lines); a timeout
+ * below KUPDEV_FOREVER is refused, not taken as "forever".  Every case is
+ * set up so that a core without the check would succeed instead (a
+ * pending channel, a waiting message), so the test fails rather than
+ * hangs.  Normal conditions (-EPIPE, -EAGAIN, -ETIMEDOUT) log nothing.
+ */
+static void
+test_misuse(void)
+{
+	struct kupdev_softc *sc = kupdev_create("misuse", 1, 2);
+	struct kup_chan *ch;
+	struct kupdev_msg m;
+	struct user u;
+	char big[8192];
+	size_t max;
+	int i;
+
+	CHECK(sc != NULL);
+	max = kupdev_data_size(sc);
+	memset(big, 'b', sizeof(big));
+	kupdev_notify(sc);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);          /* not logged */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	/* a channel is pending: only the check stops the wait */
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, -2), -EINVAL);   /* line 1 */
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EAGAIN);   /* not logged */
+	CHECK_EQ(kupdev_send(sc, "q", 1, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "q", 1);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EAGAIN);         /* not logged */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -ETIMEDOUT); /* not logged */
+	user_send(&u, "hello", 5);
+	/* a message waits: only the check refuses these */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, -1000), -EINVAL);  /* 2 */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, NULL, 0), -EINVAL);    /* 3 */
+	CHECK_EQ(kupdev_receive_msg(sc, 5, &m, 0), -EINVAL);      /* 4 */
+	CHECK_EQ(kupdev_send(sc, "x", 1, -1), -EINVAL);           /* 5 */
+	CHECK_EQ(kupdev_send(sc, NULL, 4, 0), -EINVAL);           /* 6 */
+	CHECK_EQ(kupdev_send(sc, big, max + 1, 0), -EMSGSIZE);    /* 7 */
+	CHECK_EQ(kupdev_pass(sc, 2), -EINVAL);                    /* 8 */
+	kupdev_unlock_channel(sc, 7);                             /* 9 */
+	CHECK_EQ(kupdev_announce(sc, 3), -EINVAL);                /* 10 */
+	CHECK_EQ(kupdev_announce(sc, 1), -EINVAL);                /* 11 */
+	CHECK_EQ(kupdev_channel_attached(sc, 2), -EINVAL);        /* 12 */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, KUPDEV_FOREVER), 0);
+	CHECK(memcmp(m.data, "hello", 5) == 0);
+	kupdev_unlock_channel(sc, 0);
+	/* the budget: 16 lines, then one saying the rest is not logged */
+	for (i = 0; i < 20; i++)
+		CHECK_EQ(kupdev_send(sc, big, max + 1 + (size_t)i, 0), -EMSGSIZE);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok misuse\n");
+}
+
+/*
+ * A second send with no receive in between drops the user's unread
+ * message (the documented semantics): the module sends "first", the user
+ * answers "request", the module sends "second" -- the request is lost,
+ * and a line says so.  A dropped PASS (no data lost) is not logged.
+ */
+static void
+test_dropped_request(void)
+{
+	struct kupdev_softc *sc = kupdev_create("drop", 1, 1);
+	struct kup_chan *ch;
+	struct user u;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_send(sc, "first", 5, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "first", 5);
+	user_send(&u, "request", 7);
+	CHECK_EQ(kupdev_send(sc, "second", 6, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "second", 6);
+	user_handover_raw(&u, 0, KUP_KIND_PASS, ++u.u2k_seq, KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok dropped_request\n");
+}
+
+/* kup_os_param_int's one rule (kup_module.h), shared by every host */
+static void
+test_param_rule(void)
+{
+	static const struct {
+		const char *v;
+		int want;
+	} cases[] = {
+		{ "16", 16 }, { "+16", 16 }, { "-5", -5 }, { "010", 10 },
+		{ "0", 0 }, { "2147483647", 2147483647 },
+		{ "-2147483648", -2147483647 - 1 },
+		{ "", 77 }, { "0x10", 77 }, { " 5", 77 }, { "5 ", 77 },
+		{ "5x", 77 }, { "-", 77 }, { "+", 77 }, { "1e3", 77 },
+		{ "2147483648", 77 }, { "-2147483649", 77 },
+		{ "99999999999999999999999999", 77 },
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int got = kup_core_param_value("mod", "p", "TEST", cases[i].v,
+		    strlen(cases[i].v), 77);
+		if (got != cases[i].want) {
+			fprintf(stderr, "param \"%s\": %d, expected %d\n",
+			    cases[i].v, got, cases[i].want);
+			exit(1);
+		}
+	}
+	CHECK_EQ(kup_core_param_value("mod", "p", "TEST", NULL, 0, 77), 77);
+	/* len bounds the value: Linux passes "12" out of "12,echo.pages=2" */
+	CHECK_EQ(kup_core_param_value("mod", "p", "TEST", "12,x.y=2", 2, 77), 12);
+	CHECK_EQ(kup_core_param_value("mod", "p", "TEST", "12,x.y=2", 3, 77), 77);
+	CHECK_EQ(kup_core_param_value("mod", "p", "TEST", "bad\x01value", 9, 77), 77);
+	printf("ok param_rule\n");
 }
 
 int
@@ -724,6 +884,10 @@ main(void)
 	test_sessions();
 	test_chan_exclusive_try();
 	test_shutdown();
+	test_unload_twice();
+	test_misuse();
+	test_dropped_request();
+	test_param_rule();
 	kup_core_fini();
 	printf("OK core\n");
 	return 0;

@@ -63,11 +63,13 @@ SANITIZER_MARKERS = (
 
 
 def build_variant(variant: str) -> Path:
-    """``make -C kmod <variant>``; returns the variant's output directory."""
+    """``make -C kmod <variant>``; returns the variant's output directory
+    (``kmod/out/<variant>``, or ``$KUP_KMOD_OUT/<variant>`` when set)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown sanitizer variant {variant!r}; expected one of {VARIANTS}")
+    base = Path(os.environ.get("KUP_KMOD_OUT") or KMOD / "out").resolve()
     proc = subprocess.run(
-        ["nice", "make", "-s", "-C", str(KMOD), variant],
+        ["nice", "make", "-s", "-C", str(KMOD), variant, f"VARIANT_BASE={base}"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -75,7 +77,7 @@ def build_variant(variant: str) -> Path:
     )
     if proc.returncode != 0:
         raise AssertionError(f"make -C kmod {variant} failed:\n{proc.stdout}\n{proc.stderr}")
-    return KMOD / "out" / variant
+    return base / variant
 
 
 def sanitizer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
