@@ -44,7 +44,9 @@
 // * Timeouts are milliseconds.  A receive / exchange / leaseReceive /
 //   leaseExchange timeout of undefined (or null) blocks, 0 does not wait and
 //   resolves null when nothing is there (Python raises NotReady), > 0 waits at
-//   most that long (DeadlineExceeded after).  A Call without timeoutMs sends
+//   most that long (DeadlineExceeded after; should kupd itself not answer
+//   within that plus 5 s -- hung, stopped -- DeadlineExceeded too, and a
+//   Session's stream is then ended).  A Call without timeoutMs sends
 //   timeout_ms 0 (kupd's call_timeout) with no RPC deadline; with one, the
 //   RPC's deadline is that plus 5 s, so kupd answers the deadline itself.
 // * Calls carry caller `${os.hostname()}:${process.pid}` unless
@@ -526,14 +528,39 @@ class SessionCore {
     return this.finished ? Promise.resolve() : new Promise((r) => this.onFinished.push(r));
   }
 
-  op(op) {
+  // waitMs (0 or more; undefined: a blocking wait, unbounded): kupd bounds
+  // the wait itself; should kupd not answer within that plus
+  // DEADLINE_SLACK_MS (hung, stopped), the operation fails with
+  // DeadlineExceeded and the session is ended (its state is unknown), as
+  // the Python client does.
+  op(op, waitMs) {
     if (this.ended) return Promise.reject(this.ended);
     this.nextId += 1;
     const id = this.nextId;
     return new Promise((resolve, reject) => {
-      this.pending.push({ id, resolve, reject });
+      const p = { id, resolve, reject };
+      if (waitMs !== undefined) {
+        const bound = waitMs + DEADLINE_SLACK_MS;
+        const t = setTimeout(() => this.noAnswer(p, bound), bound);
+        t.unref();
+        p.resolve = (v) => { clearTimeout(t); resolve(v); };
+        p.reject = (e) => { clearTimeout(t); reject(e); };
+      }
+      this.pending.push(p);
       this.stream.write({ request_id: id, ...op });
     });
+  }
+
+  noAnswer(p, bound) {
+    if (!this.pending.includes(p) || this.finished) return;
+    const s = bound / 1000;
+    this.fail(
+      new InvalidArgument(`${this.what} is closed: kupd did not answer an operation within `
+        + 'its timeout plus the grace'),
+      new DeadlineExceeded(`${this.what}: kupd did not answer within ${s} s (the operation's `
+        + "timeout plus the client's grace); the session was ended"),
+    );
+    this.stream.cancel();
   }
 
   // close(): cancel under a waiting operation (half-closing would leave kupd
@@ -625,7 +652,8 @@ class Session {
   // ready), > 0 waits at most that long (DeadlineExceeded after).
   async receive(timeoutMs) {
     const receive = receiveMode(timeoutMs);
-    return fromReceived(await this._core.op({ receive }));
+    const wait = receive.mode === 'RECEIVE_MODE_BLOCK' ? undefined : receive.timeout_ms;
+    return fromReceived(await this._core.op({ receive }, wait));
   }
 
   // send(data) then receive(timeoutMs) as one request on the stream.  A
@@ -634,7 +662,8 @@ class Session {
   async exchange(data, timeoutMs) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const buf = this._payload(data);
-    return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }));
+    const wait = mode === 'RECEIVE_MODE_BLOCK' ? undefined : timeout_ms;
+    return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }, wait));
   }
 
   // Ends the session (kupd releases the lease); resolves once the stream is

@@ -125,3 +125,32 @@ for (const mode of ['clientclose', 'dropped']) {
     await waitState(client, Number(m[1]), 'free', 5000);
   });
 }
+
+// kupd stopped (SIGSTOP: it answers nothing, as a hung kupd would): an
+// operation with a timeout fails after that plus the client's 5 s grace,
+// not after gRPC's keepalive, and the session is ended, saying why.
+test('a session operation kupd does not answer fails after its timeout plus 5 s', async (t) => {
+  const pid = Number(process.env.KUPD_PID);
+  if (!pid) {
+    t.skip('KUPD_PID not set (tests/node sets it)');
+    return;
+  }
+  const s = await client.openSession(device);
+  const id = s.lease.channel;
+  await s.receive(10000);
+  const t0 = Date.now();
+  process.kill(pid, 'SIGSTOP');
+  try {
+    await assert.rejects(s.exchange('x', 500), kupErr(kup.DeadlineExceeded,
+      new RegExp(`^channel ${id} of ${device}: kupd did not answer within 5\\.5 s .*the session was ended$`),
+      kup.grpc.status.DEADLINE_EXCEEDED));
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+  const took = Date.now() - t0;
+  assert.ok(took >= 5500 && took < 30000, `failed after ${took} ms`);
+  await assert.rejects(s.send('y'), kupErr(kup.InvalidArgument,
+    new RegExp(`^channel ${id} of ${device} is closed: kupd did not answer`), IA));
+  await s.close();
+  await waitState(client, id, 'free', 10000);
+});
