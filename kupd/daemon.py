@@ -116,6 +116,12 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         log.error("refusing to start", error=str(exc))
         print(f"kupd: {exc}", file=sys.stderr)
         return 1
+    except (ConfigError, OSError) as exc:
+        # an unsafe path, a socket another process serves, an audit log
+        # that cannot be opened: in the log too, not only on stderr (main
+        # prints it and picks the exit code)
+        log.error("refusing to start", error=str(exc))
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)

@@ -227,6 +227,34 @@ class Server:
             pid=os.getpid(),
             metrics_port=self.metrics_port,
         )
+        self.mgr.spawn(self._watch_fds())
+
+    async def _watch_fds(self) -> None:
+        """Say so before kupd runs out of file descriptors.  At the limit
+        nothing connects any more -- the admin socket included -- and new
+        channels cannot be received; what gRPC logs then is one plain line a
+        second.  A warning at FD_WARN of the limit (and a line when usage is
+        back under FD_CLEAR of it) tells the operator in time, in kupd's own
+        log."""
+        high = False
+        while not self._stopping:
+            await asyncio.sleep(FD_WATCH_S)
+            used, limit = fd_usage()
+            if used is None or limit is None:
+                return  # no way to count them here (no /proc/self/fd, /dev/fd)
+            if not high and used >= FD_WARN * limit:
+                high = True
+                log.warning(
+                    "file descriptors nearly used up: at the limit no client can connect, "
+                    "the admin socket included",
+                    used=used,
+                    limit=limit,
+                    hint="close sessions or connections, or raise kupd's limit "
+                    "(systemd LimitNOFILE, login.conf openfiles)",
+                )
+            elif high and used < FD_CLEAR * limit:
+                high = False
+                log.info("file descriptors back under the warning level", used=used, limit=limit)
 
     # -- reload --------------------------------------------------------------
     def _read_config_again(self) -> Config:
@@ -469,6 +497,29 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+#: How often kupd counts its file descriptors (seconds), and the shares of
+#: its RLIMIT_NOFILE at which it warns and says it is clear again.
+FD_WATCH_S = 5.0
+FD_WARN = 0.9
+FD_CLEAR = 0.8
+
+
+def fd_usage() -> tuple[int | None, int | None]:
+    """(descriptors open, soft RLIMIT_NOFILE); None where they cannot be
+    counted (/proc/self/fd on Linux; /dev/fd on FreeBSD only with fdescfs
+    mounted -- without it /dev/fd shows 0-2, which would under-count)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = None if soft == resource.RLIM_INFINITY else soft
+    for d in ("/proc/self/fd", "/dev/fd"):
+        if d == "/dev/fd" and not os.path.ismount("/dev/fd"):
+            continue
+        try:
+            return len(os.listdir(d)), limit
+        except OSError:
+            continue
+    return None, limit
 
 
 def _raise_nofile() -> None:

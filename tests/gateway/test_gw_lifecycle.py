@@ -218,6 +218,11 @@ def test_a_socket_that_cannot_be_bound_is_named_and_nothing_is_left(tmp_path: Pa
     assert r.returncode == 1, r.stderr
     assert "kupd: cannot bind unix socket /proc/kupd-test.sock (tenant default)" in r.stderr
     assert "Traceback" not in r.stderr
+    # in kupd's log too (a service manager's journal), not only the plain line
+    (refused,) = [
+        json.loads(line) for line in r.stderr.splitlines() if '"refusing to start"' in line
+    ]
+    assert "cannot bind unix socket /proc/kupd-test.sock" in refused["error"], refused
     # the lock file stays (by design: see Server._cleanup), but nobody holds it
     with open(lock, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -211,3 +214,46 @@ def test_no_free_channel_says_who_holds_them(start_kupd: StartKupd) -> None:
             for ch in sessions:
                 ch.close()
             c.open("echo").channel().close()  # free again
+
+
+def test_running_out_of_descriptors_is_warned_of_and_named(sim: KupSim, tmp_path: Path) -> None:
+    """kupd under a small RLIMIT_NOFILE: its log warns when 90 % of the
+    descriptors are in use (at the limit nobody connects, the admin socket
+    included), a session it can no longer receive a channel for is
+    ResourceExhausted naming the cause (not 'the peer broke the protocol'),
+    and the log says when usage is back down."""
+    from kupd import testing
+
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    k = testing.start_kupd(
+        log=tmp_path / "kupd.log",
+        socket=tmp_path / "kupd.sock",
+        sim=sim,
+        devices=("echo:1",),
+        command=[prlimit, "--nofile=80:80", sys.executable, "-m", "kupd.daemon"],
+    )
+    try:
+        with Client(str(tmp_path / "kupd.sock")) as c:
+            held = []
+            with pytest.raises(errors.ResourceExhausted) as ei:
+                for _ in range(100):
+                    held.append(c.open("echo").channel())
+            assert "kupd has run out of file descriptors" in str(ei.value), ei.value
+            assert held, "not one session before the limit"
+            wait_until(
+                lambda: "file descriptors nearly used up" in k.log(),
+                timeout=30,
+                what="kupd's warning",
+            )
+            for ch in held:
+                ch.close()
+            wait_until(
+                lambda: "file descriptors back under the warning level" in k.log(),
+                timeout=30,
+                what="kupd's all-clear",
+            )
+            assert c.open("echo").channel().id >= 0  # serving as before
+    finally:
+        k.stop()
