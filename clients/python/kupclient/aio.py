@@ -14,7 +14,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import _fork, _wire
+from kupclient import _fork, _types, _wire
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -567,12 +567,17 @@ class AsyncChannel:
             return
         self._closed = True
         # idle: half-close, and kupd ends the stream once it has let go of
-        # the lease, so the channel is free when close() returns
+        # the lease, so the channel is free when close() returns -- within
+        # KUPD_GRACE: a kupd that does not answer (hung, stopped) gets the
+        # stream cancelled instead (the lease goes with it once kupd runs)
         async with self._lock:
             try:
-                await self._call.done_writing()
-                while await self._call.read() is not grpc.aio.EOF:
-                    pass
+                async with asyncio.timeout(_types.KUPD_GRACE):
+                    await self._call.done_writing()
+                    while await self._call.read() is not grpc.aio.EOF:
+                        pass
+            except TimeoutError:
+                self._call.cancel()
             except asyncio.CancelledError:
                 self._call.cancel()
                 if _cancelled() or not self._client._closed:

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import _fork, _wire
+from kupclient import _fork, _types, _wire
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -358,6 +358,7 @@ class Channel:
         self._owed = False  # a request is out whose reply has not been read
         self._bound: float | None = None  # the waiting operation's timeout + grace
         self._seen = 0  # the watchdog's last sample of _next_id
+        self._drain_until: float | None = None  # close() waits for kupd until then
         self._seen_at = 0.0
         self.max_msg = 0
         with client._lock:  # not opened on a client being closed
@@ -417,6 +418,13 @@ class Channel:
     def _watch(self, now: float) -> None:
         """The watchdog's sample (see _Watchdog): end the session when the
         same operation has waited past its bound."""
+        if self._drain_until is not None and now > self._drain_until:
+            # close()'s wait for kupd to end the stream: kupd is not
+            # answering; cancel (close() returns, the lease goes with the
+            # stream once kupd runs again)
+            self._drain_until = None
+            self._cancel()
+            return
         bound = self._bound
         if not self._owed or bound is None or self._closed:
             self._seen = 0
@@ -547,7 +555,10 @@ class Channel:
                 # receive), so the stream would not end: cancel
                 return
             # idle: half-close, and kupd ends the stream once it has let go
-            # of the lease, so the channel is free when close() returns
+            # of the lease, so the channel is free when close() returns --
+            # within KUPD_GRACE: a kupd that does not answer (hung, stopped)
+            # gets the stream cancelled by the watchdog instead
+            self._drain_until = time.monotonic() + _types.KUPD_GRACE
             self._requests.put(_END)
             try:
                 for _ in self._responses:
