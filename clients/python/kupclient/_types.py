@@ -21,6 +21,7 @@ __all__ = [
     "Kind",
     "Lease",
     "Message",
+    "Sampled",
     "WatchEvent",
     "channel_options",
     "deadline",
@@ -190,6 +191,31 @@ KUPD_GRACE = 5.0
 def deadline(timeout: float | None) -> float | None:
     """The client-side bound of an operation with ``timeout`` (None: none)."""
     return None if timeout is None else timeout + KUPD_GRACE
+
+
+class Sampled:
+    """What a Session channel keeps for the watchdog that bounds its
+    operations (sync: a thread; async: a loop timer): the operation waiting
+    (``_next_id``, its bound, whether its reply is owed) and the watchdog's
+    last look at it.  :meth:`_overdue` is that look."""
+
+    _next_id: int
+    _owed: bool
+    _bound: float | None
+    _seen: int
+    _seen_at: float
+
+    def _overdue(self, now: float) -> bool:
+        """Whether the same operation has now waited past its bound (the
+        request id sampled at the previous look is still the one waiting)."""
+        bound = self._bound
+        if not self._owed or bound is None:
+            self._seen = 0
+            return False
+        if self._seen != self._next_id:
+            self._seen, self._seen_at = self._next_id, now
+            return False
+        return now - self._seen_at > bound
 
 
 def receive_mode(timeout: float | None) -> tuple[kup_pb2.ReceiveMode.ValueType, int]:

@@ -38,6 +38,7 @@ from kupclient._types import (
     DeviceInfo,
     Lease,
     Message,
+    Sampled,
     WatchEvent,
     channel_options,
     deadline,
@@ -350,7 +351,7 @@ def _watch(ref: weakref.ref[AsyncChannel]) -> None:
     ch._loop.call_later(_TICK, _watch, ref)
 
 
-class AsyncChannel:
+class AsyncChannel(Sampled):
     """One channel held through a Session stream (``await handle.channel()``).
 
     Cancelling an operation (``task.cancel()``, ``asyncio.wait_for``) ends the
@@ -428,14 +429,8 @@ class AsyncChannel:
 
     def _watch(self, now: float) -> None:
         """End the session when the same operation has waited past its bound."""
-        bound = self._bound
-        if not self._owed or bound is None:
-            self._seen = 0
-            return
-        if self._seen != self._next_id:
-            self._seen, self._seen_at = self._next_id, now
-        elif now - self._seen_at > bound:
-            self._late = bound
+        if self._overdue(now):
+            self._late = self._bound or 0.0
             self._cause = CAUSE_NO_ANSWER
             self._closed = True
             _cancel_under(self._call)

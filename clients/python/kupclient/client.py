@@ -38,6 +38,7 @@ from kupclient._types import (
     DeviceInfo,
     Lease,
     Message,
+    Sampled,
     WatchEvent,
     channel_options,
     deadline,
@@ -340,7 +341,7 @@ def _cancel_session(responses: Any, requests: queue.SimpleQueue[object]) -> None
         cancel()
 
 
-class Channel:
+class Channel(Sampled):
     """One channel held through a Session stream for as long as it is open."""
 
     def __init__(self, client: Client, device: str, chan_id: int | None) -> None:
@@ -425,14 +426,8 @@ class Channel:
             self._drain_until = None
             self._cancel()
             return
-        bound = self._bound
-        if not self._owed or bound is None or self._closed:
-            self._seen = 0
-            return
-        if self._seen != self._next_id:
-            self._seen, self._seen_at = self._next_id, now
-        elif now - self._seen_at > bound:
-            self._late = bound
+        if not self._closed and self._overdue(now):
+            self._late = self._bound or 0.0
             self._cause = CAUSE_NO_ANSWER
             self._closed = True
             self._cancel()
