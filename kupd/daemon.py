@@ -109,8 +109,8 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     from kupd.server import AlreadyRunning, Server  # needs the C extension
 
     log = get_logger("kupd.daemon")
-    server = Server(config)
     try:
+        server = Server(config)  # opens the audit log
         await server.start()
     except AlreadyRunning as exc:
         log.error("refusing to start", error=str(exc))

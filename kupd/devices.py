@@ -149,7 +149,11 @@ class ManagedDevice:
     async def probe(self, limit: float = PROBE_WAIT) -> None:
         """Reach the host now (open the device if it is not open), waiting
         at most ``limit`` seconds: one that has not answered by then marks
-        the device stalled until it does (the call goes on meanwhile)."""
+        the device stalled until it does (the call goes on meanwhile).
+        Known stalled with that call still under way: nothing new to wait
+        for, so no wait at all."""
+        if self.stalled_since is not None and self._host_call_under_way():
+            return
         work = asyncio.ensure_future(self.try_open() if self.dev is None else self.refresh())
         try:
             await asyncio.wait_for(asyncio.shield(work), limit)
@@ -158,6 +162,10 @@ class ManagedDevice:
                 self.stalled_since = time.monotonic()
                 log.warning("device not answering", device=self.name, waited_s=limit)
                 self.mgr.health_changed()
+
+    def _host_call_under_way(self) -> bool:
+        busy = [t for t in (self._refreshing, self._opening) if t is not None]
+        return any(not t.done() for t in busy)
 
     def _answered(self) -> None:
         """The host answered (or is gone for good): no longer stalled."""

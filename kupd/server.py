@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import resource
@@ -91,7 +92,7 @@ class _Health(HealthServicer):  # type: ignore[misc]
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        await self._kupd.probe()
+        await self._kupd.probe(request.service)
         log.debug("health check", service=request.service)
         known = self._kupd.health_services(current_tenant())
         if request.service not in known:
@@ -237,11 +238,13 @@ class Server:
         back under FD_CLEAR of it) tells the operator in time, in kupd's own
         log."""
         high = False
+        if None in fd_usage():
+            return  # no way to count them here (no /proc/self/fd, /dev/fd), or no limit
         while not self._stopping:
             await asyncio.sleep(FD_WATCH_S)
             used, limit = fd_usage()
             if used is None or limit is None:
-                return  # no way to count them here (no /proc/self/fd, /dev/fd)
+                continue
             if not high and used >= FD_WARN * limit:
                 high = True
                 log.warning(
@@ -408,13 +411,18 @@ class Server:
             up = d.healthy and d.name not in drained
             await self.health.set(f"{SERVICE_NAME}/{d.name}", serving if up else not_serving)
 
-    async def probe(self) -> None:
-        """The real health check: reach every device now."""
+    async def probe(self, service: str = "") -> None:
+        """The real health check: reach the devices now -- only the one a
+        per-device ``service`` (kup.v1.Kup/DEVICE) names, else all."""
         if self._stopping:
             return
+        devices = list(self.mgr.devices.values())
+        prefix = f"{SERVICE_NAME}/"
+        if service.startswith(prefix) and service[len(prefix):] in self.mgr.devices:
+            devices = [self.mgr.devices[service[len(prefix):]]]
         # each device waited for at most PROBE_WAIT: a hung host makes its
         # device NOT_SERVING, not the whole check late
-        await asyncio.gather(*(d.probe() for d in list(self.mgr.devices.values())))
+        await asyncio.gather(*(d.probe() for d in devices))
         await self._update_health()
 
     # -- stop ----------------------------------------------------------------
@@ -517,7 +525,10 @@ def fd_usage() -> tuple[int | None, int | None]:
             continue
         try:
             return len(os.listdir(d)), limit
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # listing them takes one more: there is none left
+                return limit, limit
             continue
     return None, limit
 

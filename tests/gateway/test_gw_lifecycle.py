@@ -273,6 +273,11 @@ def test_files_kupd_cannot_open_at_start_are_named(tmp_path: Path) -> None:
         assert said in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
         assert not (tmp_path / "k.sock").exists()
+        # and in kupd's log (the journal), not only the plain line
+        (refused,) = [
+            json.loads(line) for line in r.stderr.splitlines() if '"refusing to start"' in line
+        ]
+        assert said.removeprefix("kupd: ") in refused["error"], (args, refused)
 
 
 def test_with_metrics_port_tries_another_port_when_one_is_taken(
@@ -480,6 +485,13 @@ def test_a_hung_host_makes_its_device_not_serving_in_time(
                 devs = {d.name: d for d in c.devices()}
                 took = time.monotonic() - t0
                 assert took < 15.0, f"health and ListDevices took {took:.1f} s"
+                # known stalled: later checks do not wait for echo again, and a
+                # check of rot13 alone does not wait for echo at all (a probe
+                # with grpc_health_probe's 1 s deadline)
+                for service in ("", f"kup.v1.Kup/{rot13}"):
+                    t1 = time.monotonic()
+                    c.health(service)
+                    assert time.monotonic() - t1 < 1.5, (service, time.monotonic() - t1)
                 assert "has not answered for" in devs["echo"].error, devs["echo"]
                 assert devs[rot13].error == "" and devs[rot13].reachable
                 assert c.call(rot13, b"abc", timeout=10).data == b"nop"

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from gateway_helpers import Kupd, StartKupd, echo_sim, holding_client
+from gateway_helpers import Kupd, StartKupd, child_env, echo_sim, holding_client
 
 from kupclient import Client, Kind, Lease
 from kupd import errors
@@ -257,3 +258,35 @@ def test_running_out_of_descriptors_is_warned_of_and_named(sim: KupSim, tmp_path
             assert c.open("echo").channel().id >= 0  # serving as before
     finally:
         k.stop()
+
+
+def test_descriptor_count_at_the_limit_is_the_limit() -> None:
+    """kupd.server.fd_usage at RLIMIT_NOFILE: listing /proc/self/fd needs a
+    descriptor of its own and fails with EMFILE -- which means every one is
+    in use, not that they cannot be counted (the watch gave up for good)."""
+    script = (
+        "import os, resource\n"
+        "from kupd.server import fd_usage\n"
+        "used, _ = fd_usage()\n"
+        "lim = used + 4\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (lim, lim))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "u, l = fd_usage()\n"
+        "os.close(held.pop())\n"
+        "os.close(held.pop())\n"
+        "u2, l2 = fd_usage()\n"
+        "print(lim, u, l, u2, l2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        env=child_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    lim, at_used, at_limit, below_used, below_limit = map(int, out.stdout.split())
+    assert (at_used, at_limit) == (lim, lim), out.stdout  # at the limit: all in use
+    assert below_limit == lim and below_used < lim, out.stdout  # counted again
