@@ -258,6 +258,7 @@ def stopped(kupd: Kupd, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 NO_ANSWER = r"channel 35 of echo: kupd did not answer within 1.3 s"
 CLOSED_NO_ANSWER = r"channel 35 of echo is closed: kupd did not answer an operation"
+RPC_NO_ANSWER = r"^kupd did not answer within the RPC's deadline .*: Deadline Exceeded$"
 
 
 def test_sync_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> None:
@@ -273,7 +274,7 @@ def test_sync_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> No
         with pytest.raises(errors.InvalidArgument, match=CLOSED_NO_ANSWER):
             ch.receive(timeout=0)
         start = time.monotonic()
-        with pytest.raises(errors.DeadlineExceeded):
+        with pytest.raises(errors.DeadlineExceeded, match=RPC_NO_ANSWER):
             c.call("echo", b"x", timeout=0.3)  # gRPC's deadline: timeout + grace
         assert time.monotonic() - start < 1.3 + BOUND
         ch.close()
@@ -321,7 +322,7 @@ def test_async_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> N
             assert 1.3 <= time.monotonic() - start < 1.3 + BOUND
             with pytest.raises(errors.InvalidArgument, match=CLOSED_NO_ANSWER):
                 await ch.receive(timeout=0)
-            with pytest.raises(errors.DeadlineExceeded):
+            with pytest.raises(errors.DeadlineExceeded, match=RPC_NO_ANSWER):
                 await asyncio.wait_for(c.call("echo", b"x", timeout=0.3), 1.3 + BOUND)
             await ch.close()
 

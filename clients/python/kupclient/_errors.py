@@ -71,6 +71,13 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             kind = value if isinstance(value, str) else value.decode()
     if not kind and code == grpc.StatusCode.UNAVAILABLE and "EKU_SHUTDOWN" in details:
         kind = "Shutdown"
+    if not kind and code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+        # gRPC's own deadline, not kupd's answer: kupd gets the timeout
+        # and answers DEADLINE_EXCEEDED itself, so kupd did not answer
+        details = (
+            "kupd did not answer within the RPC's deadline (the operation's timeout plus "
+            "the client's grace, or the fixed deadline of a short RPC): Deadline Exceeded"
+        )
     if not kind and code == grpc.StatusCode.UNIMPLEMENTED:
         # gRPC's own "Method not found!": say what that means here
         details = (
