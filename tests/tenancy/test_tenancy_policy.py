@@ -5,6 +5,7 @@ three tenants over real unix sockets (tenancy_helpers.TENANTS is the policy)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import stat
@@ -191,9 +192,13 @@ def test_a_clients_long_strings_never_reach_kupds_log_whole(start_tenants: Start
             a.lease_send("feedfacefeedface", b"x")
     log = k.log()
     assert "x" * 2000 not in log and "s" * 2000 not in log
-    failed = [ln for ln in log.splitlines() if '"rpc failed"' in ln]  # (all alice's)
-    assert 100 <= len(failed) < 150, len(failed)
-    assert '"unlogged_before"' in failed[-1], failed[-1]
+    failed = [json.loads(ln) for ln in log.splitlines() if '"rpc failed"' in ln]  # alice's
+    # the budget (100 at once, then 10 a second): however slowly the
+    # requests went, far fewer lines than requests, and every request left
+    # out is counted by a later line (the last, after the pause, has room)
+    left_out = sum(r.get("unlogged_before", 0) for r in failed)
+    assert 100 <= len(failed) < 250 and left_out > 0, (len(failed), left_out)
+    assert len(failed) + left_out == 303, (len(failed), left_out)
 
 
 def test_health_shows_a_tenant_only_its_devices(tk: TenantKupd) -> None:
