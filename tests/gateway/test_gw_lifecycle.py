@@ -7,6 +7,7 @@ flight when the device's host dies, are tested once, in tests/faults
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -478,6 +479,9 @@ def test_a_hung_host_makes_its_device_not_serving_in_time(
             assert c.health() == "SERVING"
             os.kill(sim.pid, signal.SIGSTOP)
             try:
+                # a stop takes effect as each of kupsim's threads next runs:
+                # one may still answer a request sent just before it
+                wait_until(lambda: _all_stopped(sim.pid), what="kupsim stopped")
                 t0 = time.monotonic()
                 assert c.health() == "NOT_SERVING"
                 assert c.health(f"kup.v1.Kup/{rot13}") == "SERVING"
@@ -502,3 +506,12 @@ def test_a_hung_host_makes_its_device_not_serving_in_time(
             assert c.call("echo", b"back", timeout=10).data.lower() == b"back"
         log = k.log()
         assert "device not answering" in log and "device answering again" in log, log[-3000:]
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` in the stopped state (T)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(st == "T" for st in states)
