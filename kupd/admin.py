@@ -1,11 +1,12 @@
 """The kup.v1.Admin service, served only on the root-only admin socket.
 
-ListLeases / RevokeLease / Reload / DrainDevice.  Errors use the same one
+ListLeases / RevokeLease / Reload / DrainDevice / GetMetrics.  Errors use the same one
 mapping as the Kup service (``kupd.service.status_for``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import grpc.aio
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import ConfigError
+from kupd.devices import shown
 from kupd.log import get_logger
 from kupd.watch import Event, EventType
 
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["AdminService"]
 
 log = get_logger("kupd.admin")
+
+#: What may start a metric name (Prometheus' data model: [a-zA-Z_:][a-zA-Z0-9_:]*).
+_METRIC_PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 class AdminService(kup_pb2_grpc.AdminServicer):
@@ -138,3 +143,20 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         log.info("device drained", device=dev.name, leases=len(out.leases_ended))
         self.server.audit.admin("drain", device=dev.name, leases_ended=list(out.leases_ended))
         return out
+
+    async def GetMetrics(
+        self, request: kup_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> kup_pb2.GetMetricsResponse:
+        prefix = request.prefix
+        if prefix and not _METRIC_PREFIX.fullmatch(prefix):
+            await self._abort(
+                context,
+                errors.InvalidArgument(
+                    f"metrics prefix {shown(prefix)} cannot start a metric name "
+                    "(letters, digits, '_' and ':', not starting with a digit)"
+                ),
+            )
+            raise AssertionError("unreachable") from None
+        # collected in the loop's thread, where the hot path bumps the
+        # plain-number series: one consistent snapshot
+        return kup_pb2.GetMetricsResponse(text=self.server.metrics.exposition(prefix))

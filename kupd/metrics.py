@@ -26,7 +26,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -241,6 +241,19 @@ class _MetricsServer6(_MetricsServer):
     address_family = socket.AF_INET6
 
 
+class _Families:
+    """A registry's families whose name starts with a prefix (what
+    ``generate_latest`` needs: ``collect()``)."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self._registry, self._prefix = registry, prefix
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name.startswith(self._prefix):
+                yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -286,6 +299,13 @@ class Metrics:
         self._server = server
         bound: int = server.server_port
         return bound
+
+    def exposition(self, prefix: str = "") -> str:
+        """The text the endpoint serves (Prometheus text format 0.0.4), of
+        the families whose name starts with ``prefix``: what the admin
+        socket's GetMetrics answers, for an operator who keeps the loopback
+        endpoint (readable by every local user) off."""
+        return generate_latest(_Families(self.registry, prefix)).decode()
 
     def close(self) -> None:
         if self._server is not None:

@@ -87,6 +87,8 @@ ops = st.one_of(
     st.tuples(st.just("revoke"), lease_refs, st.text(max_size=20)),
     st.tuples(st.just("drain"), devices, st.booleans()),
     st.tuples(st.just("reload")),
+    st.tuples(st.just("metrics"), st.one_of(st.sampled_from(["", "kupd_", "kupd_calls"]),
+                                            st.text(max_size=12))),
 )
 
 DEADLINE = 1.5
@@ -185,6 +187,14 @@ class Runner:
             )
         elif name == "reload":
             self.admin.Reload(kup_pb2.ReloadRequest(), timeout=10)
+        elif name == "metrics":
+            text = self.admin.GetMetrics(
+                kup_pb2.GetMetricsRequest(prefix=op[1]), timeout=DEADLINE
+            ).text
+            for line in text.splitlines():
+                # every family kept, and only those: the prefix starts each name
+                name_of = line.split()[2] if line.startswith("#") else line
+                assert name_of.startswith(op[1]), (op[1], line)
         elif name == "watch":
             call = s.Watch(
                 kup_pb2.WatchRequest(device=op[1], initial_state=op[2]), timeout=DEADLINE

@@ -12,6 +12,7 @@ Also a small command line (``python -m kupclient.admin``)::
     python -m kupclient.admin [--socket PATH] revoke LEASE_ID [--reason TEXT]
     python -m kupclient.admin [--socket PATH] reload
     python -m kupclient.admin [--socket PATH] drain DEVICE [--undo]
+    python -m kupclient.admin [--socket PATH] metrics [--prefix NAME]
 
 ``--socket`` defaults to ``$KUPD_ADMIN_SOCKET``, else /run/kupd/admin.sock.
 Exit status 0, or 1 with the error on stderr.
@@ -118,6 +119,14 @@ class AdminClient:
         resp = self._unary("DrainDevice", req)
         return list(resp.leases_ended)
 
+    def metrics(self, prefix: str = "") -> str:
+        """kupd's metrics in Prometheus text format (what the metrics
+        endpoint serves, with no metrics_port needed), only the families
+        whose name starts with ``prefix`` if given."""
+        resp = self._unary("GetMetrics", kup_pb2.GetMetricsRequest(prefix=prefix))
+        text: str = resp.text
+        return text
+
     def close(self) -> None:
         self._channel.close()
 
@@ -150,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dr = sub.add_parser("drain", help="refuse new work on a device and end its leases")
     dr.add_argument("device")
     dr.add_argument("--undo", action="store_true")
+    me = sub.add_parser("metrics", help="kupd's metrics, in Prometheus text format")
+    me.add_argument("--prefix", default="")
     args = p.parse_args(argv)
     try:
         with AdminClient(args.socket) as a:
@@ -171,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"revoked {args.lease_id}")
             elif args.cmd == "reload":
                 print(reload_summary(a.reload()))
+            elif args.cmd == "metrics":
+                sys.stdout.write(a.metrics(args.prefix))
             else:
                 ended = a.drain(args.device, args.undo)
                 what = "undrained" if args.undo else f"drained ({len(ended)} leases ended)"

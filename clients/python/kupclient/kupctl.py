@@ -751,6 +751,23 @@ def cmd_revoke(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
+    with _admin(args) as a:
+        text = a.metrics(args.prefix or "")
+    if not text:
+        # an empty exposition reads as "kupd exports nothing": say why
+        raise kerr.NotFound(f"kupd has no metric family starting with {args.prefix!r}")
+    if args.json:
+        print(json.dumps([
+            {"name": s.name, "labels": dict(s.labels), "value": s.value}
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_drain(args: argparse.Namespace, out: Output) -> int:
     with _admin(args) as a:
         ended = a.drain(args.device, args.undo)
@@ -763,8 +780,12 @@ def cmd_drain(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
-    url = _metrics_url(args.metrics)  # main() filled it in
-    summary = summarize_metrics(fetch_metrics(url))
+    if args.admin:
+        with _admin(args) as a:
+            text = a.metrics()
+    else:
+        text = fetch_metrics(_metrics_url(args.metrics))  # main() filled it in
+    summary = summarize_metrics(text)
     if out.as_json:
         out.json(summary)
         return EXIT_OK
@@ -902,13 +923,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("health", cmd_health, "kupd's gRPC health status (exit 18 unless SERVING)")
     sp.add_argument("--service", default="", help="service name (default: the whole server)")
 
-    sp = add("stats", cmd_stats, "traffic, sessions and errors from kupd's metrics endpoint")
-    sp.add_argument(
-        "--metrics",
-        metavar="URL",
-        help=f"metrics URL or HOST:PORT (default: $KUPD_METRICS, else {DEFAULT_METRICS})",
-    )
-
     def admin_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--admin-socket",
@@ -916,6 +930,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="kupd's root-only admin socket (default: $KUPD_ADMIN_SOCKET, else "
             f"{DEFAULT_ADMIN_SOCKET})",
         )
+
+    sp = add("stats", cmd_stats, "traffic, sessions and errors from kupd's metrics")
+    sp.add_argument(
+        "--metrics",
+        metavar="URL",
+        help=f"metrics URL or HOST:PORT (default: $KUPD_METRICS, else {DEFAULT_METRICS})",
+    )
+    sp.add_argument(
+        "--admin",
+        action="store_true",
+        help="read them over the admin socket instead (kupd needs no metrics_port)",
+    )
+    admin_opts(sp)
 
     sp = add("reload", cmd_reload, "admin: re-read kupd's config, apply what can change live")
     admin_opts(sp)
@@ -925,6 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("revoke", cmd_revoke, "admin: end a lease (its session gets PERMISSION_DENIED)")
     sp.add_argument("lease", metavar="LEASE")
     sp.add_argument("--reason", metavar="TEXT", help="shown to the lease's holder")
+    admin_opts(sp)
+    sp = add("metrics", cmd_metrics, "admin: kupd's metrics, in Prometheus text format")
+    sp.add_argument(
+        "--prefix", metavar="NAME", help="only the families whose name starts with this"
+    )
     admin_opts(sp)
     sp = add("drain", cmd_drain, "admin: refuse new work on a device and end its leases")
     sp.add_argument("device", metavar="DEVICE")
@@ -1008,12 +1040,22 @@ def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.socket = env("KUPD_SOCKET") or default_socket()
     if not args.socket:
         parser.error("argument --socket: must not be empty")
-    if hasattr(args, "admin_socket"):  # the admin commands
+    if hasattr(args, "metrics"):  # stats: the endpoint, or --admin's socket
+        if args.admin_socket is not None:
+            args.admin = True  # --admin-socket says where, and so which
+        if args.admin and args.metrics is not None:
+            parser.error(
+                "argument --metrics: not with --admin / --admin-socket (one source: "
+                "the metrics endpoint or the admin socket)"
+            )
+        if not args.admin:
+            del args.admin_socket  # a connection failure's hint names the endpoint
+    if hasattr(args, "admin_socket"):  # the admin commands, stats --admin
         if args.admin_socket is None:
             args.admin_socket = env("KUPD_ADMIN_SOCKET") or DEFAULT_ADMIN_SOCKET
         if not args.admin_socket:
             parser.error("argument --admin-socket: must not be empty")
-    if hasattr(args, "metrics"):  # stats
+    if hasattr(args, "metrics") and not args.admin:  # stats from the endpoint
         if args.metrics is None:
             args.metrics = env("KUPD_METRICS") or DEFAULT_METRICS
         if not args.metrics:
