@@ -74,6 +74,7 @@ RESTART_KEYS: dict[str, str] = {
     "keepalive_time": "a gRPC server option, fixed when the servers are built",
     "keepalive_timeout": "a gRPC server option, fixed when the servers are built",
     "admin_socket": "a Reload may arrive on it: moving it would cut that very call",
+    "max_connections": "a gRPC server option of the socket's server, fixed when it is built",
 }
 
 
@@ -117,6 +118,9 @@ class Config:
     health_interval: float = 1.0
     max_sessions: int = 4096
     max_queued_calls: int = 10000
+    #: Connections at once on ``socket`` (0: no limit); one more is closed
+    #: as it is made.  Tenants' sockets: each tenant's own max_connections.
+    max_connections: int = 0
     #: 0: metrics off; otherwise served on metrics_address:metrics_port.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
@@ -234,6 +238,7 @@ _TOP = {
     "health_interval": float,
     "max_sessions": int,
     "max_queued_calls": int,
+    "max_connections": int,
     "metrics_port": int,
     "metrics_address": str,
     "keepalive_time": float,
@@ -303,6 +308,9 @@ _GRPC_MS_MAX = 2**31 - 1
 HEALTH_INTERVAL_MIN = 0.01
 #: max_sessions' ceiling (far above what one process can hold open).
 MAX_SESSIONS_MAX = 1_000_000
+#: max_connections' ceiling, for the plain socket and each tenant's (gRPC's
+#: option is an int; a process holds far fewer descriptors than this).
+MAX_CONNECTIONS_MAX = 1_000_000
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -349,6 +357,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "max_sessions", f"must be 1..{MAX_SESSIONS_MAX}, not {cfg.max_sessions}"
         )
+    if not 0 <= cfg.max_connections <= MAX_CONNECTIONS_MAX:
+        raise ConfigError(
+            "max_connections",
+            f"must be 0..{MAX_CONNECTIONS_MAX} (0: no limit), not {cfg.max_connections}",
+        )
     if cfg.max_queued_calls < 1:
         raise ConfigError("max_queued_calls", f"must be >= 1, not {cfg.max_queued_calls}")
     if not 0 <= cfg.metrics_port <= 65535:
@@ -385,12 +398,25 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     ones), the live keys that changed (applied) and the restart-only keys
     that changed (not applied).  ConfigError: the result breaks a rule (a
     tenant granted a device the running kupd does not serve, ...)."""
+    # A tenant that keeps its socket keeps its server, and a server's
+    # connection cap is fixed when it is built (a gRPC option): the running
+    # value stays, reported like a restart-only key.  A tenant with a new
+    # socket gets a new server, built with the new value.
+    served = {(t.name, t.socket): t for t in running.tenants}
+    tenants = list(new.tenants)
+    kept_caps: list[str] = []
+    for i, t in enumerate(tenants):
+        old = served.get((t.name, t.socket))
+        if old is not None and old.max_connections != t.max_connections:
+            tenants[i] = replace(t, max_connections=old.max_connections)
+            kept_caps.append(f"tenant[{i}].max_connections")
+    new = replace(new, tenants=tuple(tenants))
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
     # with [[tenant]] tables the top-level socket is not served: a changed
-    # socket_mode changes nothing, and is not reported as applied
-    inert = {"socket_mode"} if new.tenants else set()
+    # socket_mode or max_connections changes nothing, and is not reported
+    inert = {"socket_mode", "max_connections"} if new.tenants else set()
     applied = [k for k in changed if k in RELOADED_KEYS and k not in inert]
-    needs_restart = [k for k in changed if k in RESTART_KEYS]
+    needs_restart = [k for k in changed if k in RESTART_KEYS and k not in inert] + kept_caps
     live = {k: getattr(new, k) for k in RELOADED_KEYS}
     try:
         cfg = validate(replace(running, **live))

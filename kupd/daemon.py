@@ -61,6 +61,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--health-interval", type=float, help="device probe interval, seconds")
     p.add_argument("--max-sessions", type=int, help="limit on open sessions + leases")
     p.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections at once on --socket (0: no limit; tenants: their own key)",
+    )
+    p.add_argument(
         "--keepalive-time", type=float, help="ping idle client connections every N seconds"
     )
     p.add_argument(
@@ -96,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "drain_grace": args.drain_grace,
         "health_interval": args.health_interval,
         "max_sessions": args.max_sessions,
+        "max_connections": args.max_connections,
         "keepalive_time": args.keepalive_time,
         "keepalive_timeout": args.keepalive_timeout,
         "log_level": args.log_level,

@@ -15,6 +15,7 @@ A tenant is identified by the unix socket its requests arrive on (see
     max_calls_in_flight = 64   # Calls running or queued at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
     calls_per_second = 100.0   # token bucket, burst = one second's worth, >= 1 (0: no limit)
+    max_connections = 8        # connections at once on its socket (0: no limit)
 
     [[tenant.grant]]
     device = "echo"
@@ -96,6 +97,9 @@ class Tenant:
     max_calls_in_flight: int = 0
     max_message_bytes: int = 0
     calls_per_second: float = 0.0
+    #: connections at once on the tenant's socket (0: no limit): a gRPC
+    #: option of its server, so a reload changes it only with the socket
+    max_connections: int = 0
     admin: bool = False
 
     def grant(self, device: str) -> Grant | None:
@@ -194,6 +198,7 @@ _TENANT_KEYS = {
     "max_calls_in_flight",
     "max_message_bytes",
     "calls_per_second",
+    "max_connections",
 }
 
 
@@ -284,7 +289,20 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         max_calls_in_flight=_int(raw, "max_calls_in_flight", prefix),
         max_message_bytes=_int(raw, "max_message_bytes", prefix),
         calls_per_second=float(cps),
+        max_connections=_connections(raw, prefix),
     )
+
+
+def _connections(raw: dict[str, Any], prefix: str) -> int:
+    from kupd.config import MAX_CONNECTIONS_MAX
+
+    n = _int(raw, "max_connections", prefix)
+    if n > MAX_CONNECTIONS_MAX:
+        raise _config_error(
+            prefix + "max_connections",
+            f"must be 0..{MAX_CONNECTIONS_MAX} (0: no limit), not {n}",
+        )
+    return n
 
 
 def parse_tenants(raw: Any, devices: Iterable[str]) -> tuple[Tenant, ...]:

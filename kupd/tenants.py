@@ -155,6 +155,12 @@ class Endpoint:
     #: such as /tmp.  Either way every directory and link on the way is
     #: checked (:func:`check_path`).
     check_dir: bool = True
+    #: Connections at once (0: no limit): gRPC's
+    #: grpc.max_allowed_incoming_connections on this socket's own server,
+    #: which closes one more as it is accepted, before any HTTP/2 --
+    #: the one cap grpcio offers on connections, and why each tenant's
+    #: socket has a server of its own is what makes it a per-tenant cap.
+    max_connections: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -168,11 +174,17 @@ def endpoints_for(config: Any) -> list[Endpoint]:
     if not config.tenants:
         eps.append(
             Endpoint(
-                os.path.abspath(config.socket), DEFAULT, mode=config.socket_mode, check_dir=False
+                os.path.abspath(config.socket),
+                DEFAULT,
+                mode=config.socket_mode,
+                check_dir=False,
+                max_connections=config.max_connections,
             )
         )
     for t in config.tenants:
-        eps.append(Endpoint(t.socket, t, t.owner, t.group, t.mode))
+        eps.append(
+            Endpoint(t.socket, t, t.owner, t.group, t.mode, max_connections=t.max_connections)
+        )
     if config.admin_socket:
         eps.append(Endpoint(os.path.abspath(config.admin_socket), ADMIN, os.geteuid(), None, 0o600))
     return eps
@@ -530,7 +542,10 @@ class SocketSet:
             self._check_free(ep)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale (checked above)
-        server = grpc.aio.server(options=self.options)
+        options = list(self.options)
+        if ep.max_connections:
+            options.append(("grpc.max_allowed_incoming_connections", ep.max_connections))
+        server = grpc.aio.server(options=options)
         # kupd.wire: the Session by hand; a request protobuf cannot parse
         # answered INVALID_ARGUMENT by the service edge
         add_kup_servicer(
@@ -586,7 +601,13 @@ class SocketSet:
             self._direct.add(ep.key)
         self.servers[ep.key] = (ep, server)
         self._bound[ep.key] = self._born.pop(path, None) or _file_id(ep.path)
-        log.info("socket serving", socket=ep.path, tenant=ep.tenant.name, mode=f"{ep.mode:04o}")
+        log.info(
+            "socket serving",
+            socket=ep.path,
+            tenant=ep.tenant.name,
+            mode=f"{ep.mode:04o}",
+            max_connections=ep.max_connections or None,
+        )
 
     @staticmethod
     def _unlink_if(path: str, fid: tuple[int, int] | None) -> None:

@@ -975,6 +975,12 @@ def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUP
         )
     if "No such file or directory" in message:
         return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
+    if "Connection reset by peer" in message and "failed to connect" in message:
+        # closed as it was accepted, before any HTTP/2: gRPC's connection cap
+        return (
+            f" (kupd closed the connection as it was made: {socket} is at its "
+            "max_connections limit -- other clients of it must close theirs first)"
+        )
     if "Connection refused" in message:
         return (
             f" ({socket} exists but nobody accepts on it: kupd is not running there, "
