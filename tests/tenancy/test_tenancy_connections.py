@@ -105,10 +105,14 @@ def test_a_tenant_at_its_cap_is_refused_and_nobody_else_is(start_tenants: StartT
     held = [_hold(capped), _hold(capped)]
     try:
         exc = _refused(capped)
-        assert "Connection reset by peer" in exc.message, exc
+        # gRPC's words depend on which side wrote first
+        assert any(
+            why in exc.message
+            for why in ("Connection reset by peer", "Broken pipe", "Socket closed")
+        ), exc
         p = _kupctl(k, capped)
         assert p.returncode == 17, p.stderr
-        assert f"{capped} is at its max_connections limit" in p.stderr, p.stderr
+        assert f"{capped} is likely at its max_connections limit" in p.stderr, p.stderr
         # the other tenant, with no cap, and the admin socket: as before
         others = [_hold(k.sock("open")) for _ in range(4)]
         try:

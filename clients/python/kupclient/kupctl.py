@@ -975,10 +975,13 @@ def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUP
         )
     if "No such file or directory" in message:
         return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
-    if "Connection reset by peer" in message and "failed to connect" in message:
-        # closed as it was accepted, before any HTTP/2: gRPC's connection cap
+    if "failed to connect" in message and any(
+        why in message for why in ("Connection reset by peer", "Broken pipe", "Socket closed")
+    ):
+        # closed as it was accepted, before any HTTP/2: gRPC's connection
+        # cap (gRPC's words depend on which side wrote first)
         return (
-            f" (kupd closed the connection as it was made: {socket} is at its "
+            f" (the connection was closed as it was made: {socket} is likely at its "
             "max_connections limit -- other clients of it must close theirs first)"
         )
     if "Connection refused" in message:
