@@ -15,6 +15,11 @@
   for good.
 * A channel that fails with Shutdown / PeerGone / ProtocolError leaves the
   pool and is closed.
+* A group (tenant) may be given a *share*: the most pool channels its Calls
+  hold at once, busy or quarantined.  Its Calls beyond that wait in the
+  queue (their turn passes to the next group) until one of its channels is
+  back: a tenant whose Calls time out at once can take that many channels
+  out of service, never the whole pool.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class PoolChannel:
     #: keeps the fd registered with the loop between waits (kupd.waiting)
     waiter: ChannelWaiter
     state: str = "warming"  # warming | free | busy | quarantined
+    #: the share-limited group whose Call holds it (busy or quarantined), or ""
+    group: str = ""
     #: run once its quarantine settles (back in the pool or dropped): what
     #: the Call that left it quarantined still holds (a tenant's slot)
     settled: list[Callable[[], None]] = field(default_factory=list)
@@ -95,6 +102,9 @@ class CallPool:
         self._rr: deque[str] = deque()
         self._groups: dict[str, deque[str]] = {}
         self._queued = 0
+        #: per share-limited group: its share, and the channels its Calls hold
+        self._shares: dict[str, int] = {}
+        self._held: dict[str, int] = {}
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -163,6 +173,9 @@ class CallPool:
         self._put_back(pc)
 
     def _drop(self, pc: PoolChannel) -> None:
+        if pc.group:
+            self._let_go(pc)
+            self._dispatch()  # its group may take a free channel now
         if self.channels.get(pc.ch.id) is pc:
             del self.channels[pc.ch.id]
         with contextlib.suppress(ValueError):
@@ -172,7 +185,29 @@ class CallPool:
             pc.ch.close()
         self.on_change()
 
+    def _take(self, pc: PoolChannel, group: str, share: int) -> PoolChannel:
+        pc.state = "busy"
+        if share:
+            pc.group = group
+            self._held[group] = self._held.get(group, 0) + 1
+        return pc
+
+    def _let_go(self, pc: PoolChannel) -> None:
+        """``pc`` no longer counts in its group's share (back, or dropped)."""
+        if pc.group:
+            n = self._held[pc.group] - 1
+            if n:
+                self._held[pc.group] = n
+            else:
+                del self._held[pc.group]
+            pc.group = ""
+
+    def _at_share(self, group: str) -> bool:
+        share = self._shares.get(group, 0)
+        return bool(share) and self._held.get(group, 0) >= share
+
     def _put_back(self, pc: PoolChannel) -> None:
+        self._let_go(pc)
         if self.closed:
             self._drop(pc)
             return
@@ -181,8 +216,14 @@ class CallPool:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._free and self._rr:
+        passed = 0  # groups at their share whose turn passed, in a row
+        while self._free and len(self._rr) > passed:
             group = self._rr.popleft()
+            if self._at_share(group):
+                self._rr.append(group)  # waits for one of its own channels
+                passed += 1
+                continue
+            passed = 0
             callers = self._groups[group]
             caller = callers.popleft()
             q = self._queues[caller]
@@ -204,9 +245,7 @@ class CallPool:
                 self._rr.append(group)
             else:
                 del self._groups[group]
-            pc = self._free.popleft()
-            pc.state = "busy"
-            fut.set_result(pc)
+            fut.set_result(self._take(self._free.popleft(), group, self._shares.get(group, 0)))
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -222,11 +261,10 @@ class CallPool:
         return None if pc is None else pc.state
 
     # -- the call ---------------------------------------------------------------
-    async def _acquire(self, caller: str, timeout: float) -> PoolChannel:
-        if self._free and not self._rr:
-            pc = self._free.popleft()
-            pc.state = "busy"
-            return pc
+    async def _acquire(self, caller: str, timeout: float, share: int = 0) -> PoolChannel:
+        group = caller.split("\x1f", 1)[0]
+        if self._free and not self._rr and not (share and self._at_share(group)):
+            return self._take(self._free.popleft(), group, share)
         if self._queued >= self.max_queued:
             raise errors.ResourceExhausted(
                 f"device {self.device}: {self._queued} calls already queued "
@@ -236,7 +274,6 @@ class CallPool:
         q = self._queues.get(caller)
         if q is None:
             q = self._queues[caller] = deque()
-            group = caller.split("\x1f", 1)[0]
             callers = self._groups.get(group)
             if callers is None:
                 callers = self._groups[group] = deque()
@@ -245,6 +282,10 @@ class CallPool:
         q.append(fut)
         self._queued += 1
         self._queued_gauge.inc()
+        if self._free:
+            # a channel free while callers queue: kept from a group at its
+            # share -- this caller may take it
+            self._dispatch()
         # The deadline fails the waiter's future itself (a timer, not an
         # asyncio.timeout scope per queued Call); a future granted first
         # keeps its channel, and _dispatch skips futures already done.
@@ -255,6 +296,18 @@ class CallPool:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._put_back(fut.result())  # granted just as we gave up: hand it on
             if isinstance(exc, _QueueTimeout):
+                if share and self._at_share(group):
+                    mine = [pc for pc in self.channels.values() if pc.group == group]
+                    n_q = sum(1 for pc in mine if pc.state == "quarantined")
+                    raise errors.DeadlineExceeded(
+                        f"device {self.device}: {group.removeprefix('tenant:')}'s Calls "
+                        f"already hold {len(mine)} of its {len(self.channels)} pool "
+                        f"channels (limit max_pool_channels={share}; {n_q} of them "
+                        "quarantined: a timed-out Call's reply is still owed, each back "
+                        "when the module answers, or replaced after "
+                        f"call_quarantine={self.quarantine:g}s), and none came back "
+                        f"within {timeout:.3f}s"
+                    ) from None
                 if not self.channels:
                     raise errors.DeadlineExceeded(
                         f"device {self.device}: its Call pool got no channel within "
@@ -289,13 +342,16 @@ class CallPool:
         caller: str,
         limit: int,
         held: list[Callable[[], None]] | None = None,
+        share: int = 0,
     ) -> tuple[Message, int]:
         """Send ``data`` on a free pool channel; the kernel's reply and the channel id.
         ``limit`` is the device's max message.  While the pool is (re)filling,
         callers wait in the queue.  ``held``: what the Call holds (one
         callable that lets it go); a Call that leaves its channel
         quarantined takes it out of the list and runs it only once the
-        quarantine settles -- the caller runs what is left, if anything."""
+        quarantine settles -- the caller runs what is left, if anything.
+        ``share``: the most pool channels the caller's group may hold at
+        once (0: no limit)."""
         if self.closed:
             raise errors.Shutdown(f"device {self.device} is going away")
         if self.size == 0:
@@ -312,13 +368,20 @@ class CallPool:
         if self._in_flight == 1:
             self._idle.clear()
         try:
-            if self._free and not self._rr:  # the usual case: no wait, no deadline sums
+            if self._free and not self._rr and not share:
+                # the usual case: no wait, no deadline sums
                 pc = self._free.popleft()
                 pc.state = "busy"
                 return await self._exchange(pc, data, timeout, held)
+            if share or self._shares:  # the group's share as it is now (a reload)
+                group = caller.split("\x1f", 1)[0]
+                if share:
+                    self._shares[group] = share
+                else:
+                    self._shares.pop(group, None)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            pc = await self._acquire(caller, timeout)
+            pc = await self._acquire(caller, timeout, share)
             return await self._exchange(pc, data, max(0.0, deadline - loop.time()), held)
         finally:
             self._in_flight -= 1

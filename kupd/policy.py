@@ -13,6 +13,7 @@ A tenant is identified by the unix socket its requests arrive on (see
     ops = ["session", "lease", "call", "watch"]   # default: all four
     max_sessions = 16          # sessions + Attach leases open at once (0: no limit)
     max_calls_in_flight = 64   # Calls running or queued at once (0: no limit)
+    max_pool_channels = 3      # a device's Call pool channels its Calls hold at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
     calls_per_second = 100.0   # token bucket, burst = one second's worth, >= 1 (0: no limit)
     max_connections = 8        # connections at once on its socket (0: no limit)
@@ -95,6 +96,9 @@ class Tenant:
     grants: tuple[Grant, ...] | None = None
     max_sessions: int = 0
     max_calls_in_flight: int = 0
+    #: a device's Call pool channels its Calls hold at once, busy or
+    #: quarantined after a timeout (0: no limit); beyond it they wait
+    max_pool_channels: int = 0
     max_message_bytes: int = 0
     calls_per_second: float = 0.0
     #: connections at once on the tenant's socket (0: no limit): a gRPC
@@ -196,6 +200,7 @@ _TENANT_KEYS = {
     "grant",
     "max_sessions",
     "max_calls_in_flight",
+    "max_pool_channels",
     "max_message_bytes",
     "calls_per_second",
     "max_connections",
@@ -287,6 +292,7 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         grants=tuple(grants),
         max_sessions=_int(raw, "max_sessions", prefix),
         max_calls_in_flight=_int(raw, "max_calls_in_flight", prefix),
+        max_pool_channels=_int(raw, "max_pool_channels", prefix),
         max_message_bytes=_int(raw, "max_message_bytes", prefix),
         calls_per_second=float(cps),
         max_connections=_connections(raw, prefix),

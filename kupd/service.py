@@ -918,7 +918,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         code = "OK"
         try:
             msg, chan = await pool.call(
-                request.data, timeout, self.guard.fair_key(t, request.caller), info.max_msg, held
+                request.data,
+                timeout,
+                self.guard.fair_key(t, request.caller),
+                info.max_msg,
+                held,
+                t.max_pool_channels,
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name

@@ -1,0 +1,108 @@
+"""A tenant's ``max_pool_channels``: the most Call pool channels of a device
+its Calls hold at once, busy or quarantined after timing out.  A tenant
+whose Calls time out at once (the module keeps every reply owed) takes at
+most that many channels out of service: another tenant's Call is still
+served at once, and the tenant's own next Call waits for one of its
+channels, then fails saying why.  Without the key, nothing changes."""
+
+from __future__ import annotations
+
+import pytest
+from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd
+
+from kupclient import Client, Message, errors
+from kupd.config import ConfigError, parse_config
+from kupd.testing import echo_lock_holds, in_background, wait_until
+
+POOL = 3
+BODY = f"""
+[[device]]
+name = "echo"
+call_channels = {POOL}
+
+[[tenant]]
+name = "hog"
+socket = "@DIR@/hog.sock"
+max_pool_channels = 2
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "other"
+socket = "@DIR@/other.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+def _pool(c: Client) -> tuple[int, int, list[str]]:
+    (d,) = c.devices("echo")
+    states = [ch.state for ch in d.channels if ch.state in ("calls", "quarantined")]
+    return d.calls_in_flight, d.calls_queued, states
+
+
+def _free_the_holds(k: TenantKupd) -> None:
+    """A "!lockfree" on a Session's channel ends every lock hold of echo."""
+    with k.client("other") as c, c.open("echo").channel() as ch:
+        ch.receive(timeout=30)  # the kernel's opening hand-over
+        assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+
+
+def _wait_holds(k: TenantKupd, n: int) -> None:
+    wait_until(lambda: echo_lock_holds(k.sim) >= n, what=f"echo to hold {n} channels")
+
+
+def test_timed_out_calls_take_at_most_the_share(start_tenants: StartTenants) -> None:
+    k = start_tenants(BODY)
+    with k.client("hog") as hog, k.client("other") as other:
+        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        holds = echo_lock_holds(k.sim)
+        try:
+            # Each Call's reply stays owed: its channel is quarantined.
+            for _ in range(2):
+                with pytest.raises(errors.DeadlineExceeded):
+                    hog.call("echo", LOCKHOLD, timeout=0.3)
+            _wait_holds(k, holds + 2)
+            assert sorted(_pool(other)[2]) == ["calls", "quarantined", "quarantined"]
+            # the third pool channel is not the hog's to take
+            with pytest.raises(errors.DeadlineExceeded) as ei:
+                hog.call("echo", b"more", timeout=0.5)
+            msg = ei.value.message
+            assert "hog's Calls already hold 2 of its 3 pool channels" in msg, msg
+            assert "limit max_pool_channels=2; 2 of them quarantined" in msg, msg
+            # and it is there for the other tenant
+            assert other.call("echo", b"served", timeout=10).data.lower() == b"served"
+        finally:
+            _free_the_holds(k)
+        # the module answers at last: the hog's channels come back
+        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool back")
+        assert hog.call("echo", b"again", timeout=10).data.lower() == b"again"
+
+
+def test_busy_calls_beyond_the_share_wait_and_others_pass(start_tenants: StartTenants) -> None:
+    k = start_tenants(BODY)
+    with k.client("hog") as hog, k.client("other") as other:
+        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        holds = echo_lock_holds(k.sim)
+        calls = [in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60)) for _ in range(3)]
+        try:
+            _wait_holds(k, holds + 2)
+            # two hold a channel each; the third waits though one is free
+            wait_until(lambda: _pool(other)[:2] == (3, 1), what="the hog's third Call queued")
+            assert other.call("echo", b"first", timeout=10).data.lower() == b"first"
+            assert _pool(other)[:2] == (3, 1)
+        finally:
+            _free_the_holds(k)
+        # the third gets a channel once one of the hog's is back
+        _wait_holds(k, holds + 3)
+        _free_the_holds(k)
+        for bg in calls:
+            reply = bg.outcome(60)
+            assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
+
+
+def test_the_key_is_checked() -> None:
+    tenant = {"name": "t", "socket": "/run/t.sock", "max_pool_channels": -1}
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"device": [{"name": "echo"}], "tenant": [tenant]})
+    assert ei.value.key == "tenant[0].max_pool_channels"
