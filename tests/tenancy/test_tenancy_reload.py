@@ -142,12 +142,15 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
         k.write_config(DEVICES + NEW_TENANTS)
         good = kupctl("reload", "--json")
         assert good.returncode == 0, good
+        # kupd's log with it: this once failed with no session ended (seen
+        # once, on a loaded machine, not reproduced): the log says whether
+        # the session had ended before the reload, and why
         assert json.loads(good.stdout) == {
             "tenants": ["alice", "dave"],
             "sessions_ended": [ch.lease.lease_id],
             "applied": ["tenants"],
             "needs_restart": [],
-        }
+        }, (good.stdout, k.log()[-6000:])
 
 
 def test_reload_names_the_keys_only_a_restart_applies(start_tenants: StartTenants) -> None:
