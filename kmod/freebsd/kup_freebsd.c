@@ -631,6 +631,62 @@ kup_os_param_int(const char *module, const char *name, int defval)
 	return (r);
 }
 
+int
+kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	/* checked as a printf(3) format (kup_module.h), given to the kernel's
+	 * vsnprintf: as kup_os_log, a superset of what kup_module.h allows */
+	va_start(ap, fmt);
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wformat"
+	n = vsnprintf(buf, size, fmt, ap);
+#pragma clang diagnostic pop
+	va_end(ap);
+	return (n);
+}
+
+/* sx(9): a sleepable lock (its holder may sleep, as kup_module.h allows;
+ * a mtx(9) holder may not).  sx_init keeps the name pointer: a copy. */
+struct kup_mutex {
+	struct sx sx;
+	char      name[32];
+};
+
+struct kup_mutex *
+kup_os_mutex_new(const char *name)
+{
+	struct kup_mutex *m;
+
+	m = malloc(sizeof(*m), M_KUP, M_WAITOK | M_ZERO);
+	strlcpy(m->name, name != NULL ? name : "kup module", sizeof(m->name));
+	sx_init(&m->sx, m->name);
+	return (m);
+}
+
+void
+kup_os_mutex_lock(struct kup_mutex *m)
+{
+	sx_xlock(&m->sx);
+}
+
+void
+kup_os_mutex_unlock(struct kup_mutex *m)
+{
+	sx_xunlock(&m->sx);
+}
+
+void
+kup_os_mutex_free(struct kup_mutex *m)
+{
+	if (m == NULL)
+		return;
+	sx_destroy(&m->sx);
+	free(m, M_KUP);
+}
+
 struct kup_thread {
 	int  (*fn)(void *);
 	void  *arg;

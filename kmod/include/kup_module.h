@@ -9,8 +9,8 @@
  *         void kup_module_fini(void);
  *     kupsim dlopen()s the module and calls them; the Linux host wraps
  *     them in module_init/module_exit, FreeBSD in a DECLARE_MODULE handler.
- *   - allocation, logging, sleeping, a monotonic clock, module parameters
- *     and kernel threads,
+ *   - allocation, logging, formatting, sleeping, a monotonic clock, module
+ *     parameters, kernel threads and a mutex,
  *     implemented by each host (kmod/kupsim/kupsim_glue.c, kmod/linux,
  *     kmod/freebsd).  No libc: a module must not call printf/malloc/pthread.
  *
@@ -77,5 +77,37 @@ struct kup_thread;
 struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
     const char *name);
 int kup_os_thread_join(struct kup_thread *t);
+
+/* Memory: the compiler's builtins, on every host (inline code, or a call
+ * to the memcpy/memset/memcmp that the Linux and FreeBSD kernels and libc
+ * all provide).  No other C library function is available. */
+#define kup_memcpy(d, s, n) __builtin_memcpy((d), (s), (n))
+#define kup_memset(d, c, n) __builtin_memset((d), (c), (n))
+#define kup_memcmp(a, b, n) __builtin_memcmp((a), (b), (n))
+
+/* snprintf(3) into buf: what a module needs to build a text reply.  The
+ * conversions every host's kernel printf has: %d %i %u %x %X %c %s %p and
+ * %%, with the l, ll, z and j length modifiers, widths and precisions; no
+ * floating point (kernels have none).  Always NUL-terminates when size >
+ * 0; returns the length the whole text needs (>= size: it was cut). */
+int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* A mutex for state a module's threads share (e.g. what every channel's
+ * worker reads and updates).  The holder may sleep and call kupdev_*
+ * (Linux: struct mutex; FreeBSD: sx(9); kupsim: an error-checking
+ * pthread mutex, which logs a double lock or a foreign unlock -- the
+ * kernels would hang or panic).  Not recursive.  Never hold one across a
+ * call that waits for a user (kupdev_receive with a timeout, a blocking
+ * send) that another thread needs the same mutex to answer: that is a
+ * deadlock no host detects.
+ *   kup_os_mutex_new: NULL when out of memory; name (copied, at most 31
+ *     bytes kept) shows in the kernel's lock debugging;
+ *   kup_os_mutex_free: the mutex must be unlocked; NULL is ignored. */
+struct kup_mutex;
+struct kup_mutex *kup_os_mutex_new(const char *name);
+void kup_os_mutex_lock(struct kup_mutex *m);
+void kup_os_mutex_unlock(struct kup_mutex *m);
+void kup_os_mutex_free(struct kup_mutex *m);
 
 #endif /* KUP_MODULE_H */

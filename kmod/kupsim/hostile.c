@@ -13,6 +13,11 @@
  *   anything else: echoed unchanged
  * PASS is answered with PASS.  Uses the core's private test hook, so it is
  * built against kmod/core (never a model for a real module).
+ *
+ * With KUP_PARAM_HOSTILE_MUTEX_MISUSE=1 its init also misuses a kup_mutex
+ * the three ways kupsim's error-checking mutex reports (kup_module.h): a
+ * second lock by its holder, an unlock of an unlocked mutex, and a free
+ * of a locked one -- each a hang or a panic in a kernel.
  */
 #include "kup_core_priv.h"
 
@@ -123,11 +128,29 @@ h_accept(void *arg)
 	return 0;
 }
 
+static void
+h_mutex_misuse(void)
+{
+	struct kup_mutex *m = kup_os_mutex_new("hostile-m");
+
+	if (m == NULL)
+		return;
+	kup_os_mutex_lock(m);
+	kup_os_mutex_lock(m);     /* its holder again */
+	kup_os_mutex_unlock(m);
+	kup_os_mutex_unlock(m);   /* not locked any more */
+	kup_os_mutex_lock(m);
+	kup_os_mutex_free(m);     /* still locked */
+}
+
 int
 kup_module_init(void)
 {
 	int n = kup_os_param_int("hostile", "channels", 4);
 	size_t i;
+
+	if (kup_os_param_int("hostile", "mutex_misuse", 0) != 0)
+		h_mutex_misuse();
 
 	if (n < 1 || n > (int)KUP_MAX_CHANNELS)
 		return -EINVAL;

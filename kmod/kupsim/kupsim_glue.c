@@ -587,6 +587,80 @@ kup_os_param_int(const char *module, const char *name, int defval)
 	    v != NULL ? strlen(v) : 0, defval);
 }
 
+int
+kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, size, fmt, ap);
+	va_end(ap);
+	return n;
+}
+
+/* An error-checking mutex: where module authors test, a double lock or an
+ * unlock by another thread is logged instead of hanging (a kernel would
+ * hang or panic on it). */
+struct kup_mutex {
+	pthread_mutex_t mtx;
+	char name[32];
+};
+
+struct kup_mutex *
+kup_os_mutex_new(const char *name)
+{
+	struct kup_mutex *m = calloc(1, sizeof(*m));
+	pthread_mutexattr_t attr;
+
+	if (m == NULL)
+		return NULL;
+	snprintf(m->name, sizeof(m->name), "%s", name != NULL ? name : "?");
+	pthread_mutexattr_init(&attr);
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+	if (pthread_mutex_init(&m->mtx, &attr) != 0) {
+		pthread_mutexattr_destroy(&attr);
+		free(m);
+		return NULL;
+	}
+	pthread_mutexattr_destroy(&attr);
+	return m;
+}
+
+void
+kup_os_mutex_lock(struct kup_mutex *m)
+{
+	int e = pthread_mutex_lock(&m->mtx);
+
+	if (e != 0)
+		kup_os_log("kupsim: mutex %s: lock: %s (a module bug: a kernel "
+		    "would hang here)", m->name, strerror(e));
+}
+
+void
+kup_os_mutex_unlock(struct kup_mutex *m)
+{
+	int e = pthread_mutex_unlock(&m->mtx);
+
+	if (e != 0)
+		kup_os_log("kupsim: mutex %s: unlock: %s (a module bug: not "
+		    "held by this thread)", m->name, strerror(e));
+}
+
+void
+kup_os_mutex_free(struct kup_mutex *m)
+{
+	int e;
+
+	if (m == NULL)
+		return;
+	e = pthread_mutex_destroy(&m->mtx);
+	if (e != 0)
+		kup_os_log("kupsim: mutex %s: free: %s (a module bug: still "
+		    "locked)", m->name, strerror(e));
+	free(m);
+}
+
 struct kup_thread {
 	pthread_t tid;
 	int (*fn)(void *);

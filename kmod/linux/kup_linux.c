@@ -315,6 +315,54 @@ int kup_os_param_int(const char *module, const char *name, int defval)
 }
 EXPORT_SYMBOL_GPL(kup_os_param_int);
 
+int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, size, fmt, ap);
+	va_end(ap);
+	return n;
+}
+EXPORT_SYMBOL_GPL(kup_os_snprintf);
+
+struct kup_mutex {
+	struct mutex mtx;
+};
+
+struct kup_mutex *kup_os_mutex_new(const char *name)
+{
+	struct kup_mutex *m = kzalloc(sizeof(*m), GFP_KERNEL);
+
+	(void)name;   /* lockdep names a mutex by its init site, not a string */
+	if (m != NULL)
+		mutex_init(&m->mtx);
+	return m;
+}
+EXPORT_SYMBOL_GPL(kup_os_mutex_new);
+
+void kup_os_mutex_lock(struct kup_mutex *m)
+{
+	mutex_lock(&m->mtx);
+}
+EXPORT_SYMBOL_GPL(kup_os_mutex_lock);
+
+void kup_os_mutex_unlock(struct kup_mutex *m)
+{
+	mutex_unlock(&m->mtx);
+}
+EXPORT_SYMBOL_GPL(kup_os_mutex_unlock);
+
+void kup_os_mutex_free(struct kup_mutex *m)
+{
+	if (m == NULL)
+		return;
+	mutex_destroy(&m->mtx);
+	kfree(m);
+}
+EXPORT_SYMBOL_GPL(kup_os_mutex_free);
+
 struct kup_thread {
 	struct task_struct *task;
 	int (*fn)(void *);

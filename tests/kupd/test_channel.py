@@ -439,6 +439,52 @@ def test_stamp_wait_ends_when_the_user_leaves(echo_sim: KupSim) -> None:
             assert roundtrip(ch2, b"after").data == b"after"
 
 
+def _count_parts(msg: Message) -> tuple[int, int]:
+    """(N, C) of echo's "!count N prev C"."""
+    word, n, prev, c = msg.data.decode().split()
+    assert (word, prev) == ("!count", "prev"), msg.data
+    return int(n), int(c)
+
+
+def test_module_state_shared_under_a_kup_mutex(echo_sim: KupSim) -> None:
+    """echo's "!count2": every channel's worker reads one count and the
+    channel of the last "!count", sleeps 2 ms, and updates both, all under
+    a kup_os_mutex, then formats the reply with kup_os_snprintf.  Four
+    channels counting at once: the counts are consecutive, none twice, and
+    each reply's "prev" is the channel that got the count before it --
+    without the mutex, overlapping updates give counts twice."""
+    import threading
+
+    rounds, chans = 40, (4, 5, 6, 7)
+    got: dict[int, list[tuple[int, int]]] = {}
+    with Device.open(echo_sim.device_path("echo")) as dev:
+        opened_chans = [dev.channel(c) for c in chans]
+        try:
+            for ch in opened_chans:
+                opened(ch)
+
+            def count(ch: Channel) -> None:
+                got[ch.id] = [_count_parts(roundtrip(ch, b"!count2")) for _ in range(rounds)]
+
+            threads = [threading.Thread(target=count, args=(ch,)) for ch in opened_chans]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert sorted(got) == list(chans)
+            # the channel goes on echoing after its counts
+            assert roundtrip(opened_chans[0], b"after").data == b"after"
+        finally:
+            for ch in opened_chans:
+                ch.close()
+    by_n = {n: (chan, prev) for chan, rs in got.items() for n, prev in rs}
+    assert len(by_n) == rounds * len(chans), "a count was given twice"
+    first = min(by_n)
+    assert sorted(by_n) == list(range(first, first + rounds * len(chans)))
+    for n in range(first + 1, first + rounds * len(chans)):
+        assert by_n[n][1] == by_n[n - 1][0], (n, by_n[n], by_n[n - 1])
+
+
 def test_module_reentry_is_refused_not_a_hang(echo_sim: KupSim) -> None:
     """echo's b"!reenter": its worker sends and receives on the channel it
     still holds from its receive; the core must refuse both (-EDEADLK)

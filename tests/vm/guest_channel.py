@@ -76,6 +76,45 @@ def test_round_trips_and_pass(echo: Device) -> None:
     assert echo.info().attached == ()
 
 
+def test_module_state_under_a_kup_mutex_in_the_kernel(echo: Device) -> None:
+    """echo's "!count2" on kup.ko: kup_os_mutex is a struct mutex its holder
+    may sleep under (2 ms between read and update), kup_os_snprintf the
+    kernel's vsnprintf.  Three kernel threads counting at once: consecutive
+    counts, none twice, each "prev" the channel counted just before."""
+    rounds, chans = 15, (50, 51, 52)
+    got: dict[int, list[tuple[int, int]]] = {}
+    opened_chans = [echo.channel(c) for c in chans]
+    try:
+        for ch in opened_chans:
+            opened(ch)
+
+        def count(ch: Channel) -> None:
+            out = []
+            for _ in range(rounds):
+                ch.send(b"!count2")
+                word, n, prev, c = ch.receive(timeout=T).data.decode().split()
+                assert (word, prev) == ("!count", "prev")
+                out.append((int(n), int(c)))
+            got[ch.id] = out
+
+        threads = [threading.Thread(target=count, args=(ch,)) for ch in opened_chans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T * 3)
+        assert sorted(got) == list(chans)
+    finally:
+        for ch in opened_chans:
+            ch.close()
+    by_n = {n: (chan, prev) for chan, rs in got.items() for n, prev in rs}
+    total = rounds * len(chans)
+    assert len(by_n) == total, "a count was given twice"
+    first = min(by_n)
+    assert sorted(by_n) == list(range(first, first + total))
+    for n in range(first + 1, first + total):
+        assert by_n[n][1] == by_n[n - 1][0], (n, by_n[n], by_n[n - 1])
+
+
 def test_module_reentry_is_refused_by_the_linux_core(echo: Device) -> None:
     """echo's "!reenter": its kernel thread sends and receives on the channel
     it still holds; kup.ko refuses both with -EDEADLK (KUP_CURTHREAD() is

@@ -46,6 +46,15 @@
  *     (host byte order) read just before the hand-over: the user's clock
  *     at its receive minus that stamp is how long a message arriving on
  *     an idle channel takes to reach it (the benchmark's wake-up figure);
+ *     a message starting with "!count" and optional decimal digits N
+ *     (milliseconds, default 0, at most 100) is answered with the text
+ *     "!count K prev C" (not the same length): K counts the "!count"
+ *     messages of every channel of the device since it loaded, C is the
+ *     channel of the one before (-1: none) -- state all the workers share,
+ *     read, then (after sleeping N ms: a long critical section, so that a
+ *     test sees the mutex at work) updated under one kup_mutex, and
+ *     formatted with kup_os_snprintf: the pattern of a module that keeps
+ *     state across channels;
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -77,6 +86,12 @@
 static unsigned int echo_lockfree_gen;
 static int echo_unloading;
 
+/* "!count": the device's count and the channel of the last one, read and
+ * updated together by any channel's worker -- the two under one mutex */
+static struct kup_mutex *echo_count_mtx;
+static unsigned long echo_count;
+static int echo_count_prev = -1;
+
 struct echo_slot {
 	int               chan;
 	unsigned char    *buf;
@@ -91,9 +106,7 @@ static struct kup_thread *echo_acceptor;
 static struct kup_thread *echo_announcer;
 static int echo_announce_delay;
 
-/* memcpy of every host (the compiler's builtin: inline code, or a call to
- * the memcpy that the Linux and FreeBSD kernels and libc all provide) */
-#define ECHO_MEMCPY(d, s, n) __builtin_memcpy((d), (s), (n))
+#define ECHO_MEMCPY(d, s, n) kup_memcpy((d), (s), (n))
 
 #ifdef ECHO_ROT13
 static unsigned char
@@ -209,6 +222,34 @@ echo_lockhold_ms(const unsigned char *p, size_t len)
 {
 	return echo_ms_arg(p, sizeof("!lockhold") - 1, len, ECHO_LOCKHOLD_DEFAULT,
 	    ECHO_LOCKHOLD_MAX_MS);
+}
+
+#define ECHO_COUNT_MAX_MS 100U
+
+/* "!count[N]": count it, and write the reply text into the slot's buffer;
+ * returns its length (without the NUL).  The read and the update are one
+ * step under the mutex, however long it takes (ms: slept in between; the
+ * holder of a kup_mutex may sleep): two workers counting at once each see
+ * the other's count, never the same one. */
+static size_t
+echo_counted(struct echo_slot *s, unsigned int ms)
+{
+	unsigned long n;
+	int prev, len;
+
+	kup_os_mutex_lock(echo_count_mtx);
+	n = echo_count + 1;
+	prev = echo_count_prev;
+	if (ms != 0)
+		kup_os_msleep(ms);
+	echo_count = n;
+	echo_count_prev = s->chan;
+	kup_os_mutex_unlock(echo_count_mtx);
+	len = kup_os_snprintf((char *)s->buf, echo_max, "!count %lu prev %d", n,
+	    prev);
+	if (len < 0)
+		return 0;
+	return (size_t)len < echo_max ? (size_t)len : echo_max - 1;
 }
 
 /* Keep the channel locked (the caller holds it from its receive and
@@ -339,6 +380,16 @@ echo_worker(void *arg)
 				r = kupdev_send(echo_sc, s->buf, n, s->chan);
 				break;
 			}
+			if (echo_has_prefix(m.data, m.len, "!count")) {
+				unsigned int ms = echo_ms_arg(m.data,
+				    sizeof("!count") - 1, m.len, 0,
+				    ECHO_COUNT_MAX_MS);
+
+				kupdev_unlock_channel(echo_sc, s->chan);
+				n = echo_counted(s, ms);
+				r = kupdev_send(echo_sc, s->buf, n, s->chan);
+				break;
+			}
 			if (echo_has_prefix(m.data, m.len, "!hold")) {
 				kupdev_unlock_channel(echo_sc, s->chan);
 				r = echo_hold(s);
@@ -460,9 +511,12 @@ kup_module_init(void)
 		    pages);
 		return -EINVAL;
 	}
+	echo_count_mtx = kup_os_mutex_new(ECHO_NAME "-count");
+	if (echo_count_mtx == NULL)
+		return -ENOMEM;
 	echo_sc = kupdev_create(ECHO_NAME, (size_t)pages, (size_t)nchan);
 	if (echo_sc == NULL)
-		return -ENOMEM;
+		goto fail_mtx;
 	echo_nchan = (size_t)nchan;
 	echo_max = kupdev_data_size(echo_sc);
 	echo_slots = kup_os_zalloc(echo_nchan * sizeof(*echo_slots));
@@ -498,6 +552,9 @@ fail_slots:
 fail_dev:
 	kupdev_unload(echo_sc);
 	echo_sc = NULL;
+fail_mtx:
+	kup_os_mutex_free(echo_count_mtx);
+	echo_count_mtx = NULL;
 	return -ENOMEM;
 }
 
@@ -522,5 +579,7 @@ kup_module_fini(void)
 	kupdev_unload(echo_sc);
 	echo_sc = NULL;
 	echo_free_slots();
+	kup_os_mutex_free(echo_count_mtx);   /* every worker is joined */
+	echo_count_mtx = NULL;
 	kup_os_log("echo: device %s unloaded", ECHO_NAME);
 }

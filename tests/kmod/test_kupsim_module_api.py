@@ -1,0 +1,42 @@
+"""kup_module.h's mutex as kupsim implements it: an error-checking mutex
+that logs a module's misuse -- a second lock by its holder, an unlock of an
+unlocked mutex, a free of a locked one -- naming the mutex, where a kernel
+would hang or panic; and the module goes on serving.  (Its correct use,
+shared state across channels, is echo's "!count": tests/kupd/test_channel.py
+and, on Linux, tests/vm/guest_channel.py.)"""
+
+from __future__ import annotations
+
+import os
+
+from kupd.channel import Device, Kind
+from kupd.testing import kupsim, wait_until
+
+T = 20.0
+
+
+def test_mutex_misuse_is_logged_not_a_hang() -> None:
+    env = {**os.environ, "KUP_PARAM_HOSTILE_MUTEX_MISUSE": "1"}
+    with kupsim("hostile", env=env) as sim:
+        want = (
+            "kupsim: mutex hostile-m: lock: Resource deadlock avoided (a module bug: "
+            "a kernel would hang here)",
+            "kupsim: mutex hostile-m: unlock: Operation not permitted (a module bug: "
+            "not held by this thread)",
+            "kupsim: mutex hostile-m: free: Device or resource busy (a module bug: "
+            "still locked)",
+        )
+        wait_until(lambda: all(w in sim.stderr() for w in want), timeout=T,
+                   what="the three misuses logged")
+        # each once: the module's init went on, and so does the device
+        for w in want:
+            assert sim.stderr().count(w) == 1, sim.stderr()
+        with Device.open(sim.device_path("hostile")) as dev, dev.channel(0) as ch:
+            assert ch.receive(timeout=T).kind is Kind.PASS
+            ch.send(b"fine")
+            assert ch.receive(timeout=T).data == b"fine"
+
+
+def test_no_misuse_no_log() -> None:
+    with kupsim("hostile") as sim:
+        assert "kupsim: mutex" not in sim.stderr()
