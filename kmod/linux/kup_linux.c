@@ -107,7 +107,7 @@ void *kup_os_chan_mem_alloc(struct kupdev_softc *sc, struct kup_chan *ch,
 	atomic_set(&oc->wake_pending, 0);
 	if (bytes == 0 || bytes % PAGE_SIZE != 0)
 		return NULL;
-	/* zeroed, page aligned, flagged VM_USERMAP for remap_vmalloc_range */
+	/* zeroed and page aligned; mapped page by page (kup_map_pages) */
 	oc->mem = vmalloc_user(bytes);
 	oc->bytes = oc->mem != NULL ? bytes : 0;
 	return oc->mem;
@@ -652,6 +652,34 @@ static long kup_fop_ioctl(struct file *file, unsigned int cmd,
 	}
 }
 
+/*
+ * Map the channel's vmalloc pages as raw page frames (VM_PFNMAP), one
+ * remap_pfn_range per page, not remap_vmalloc_range: a page inserted as a
+ * struct page can be pinned by get_user_pages -- vmsplice into a pipe, an
+ * io_uring fixed buffer, O_DIRECT -- and a pin outlives the attachment, so
+ * a previous user could read (or write) the next user's messages through
+ * it: the channel memory is reused for every attachment.  A PFNMAP mapping
+ * refuses every pin (EFAULT).  The pages still outlive every mapping: a
+ * mapping holds its file, the file a device reference, and the memory is
+ * freed only with the last one (see the top of this file).
+ */
+static int kup_map_pages(struct vm_area_struct *vma, void *mem,
+    unsigned long pgoff)
+{
+	unsigned long addr;
+	char *p = (char *)mem + (pgoff << PAGE_SHIFT);
+	int r;
+
+	for (addr = vma->vm_start; addr < vma->vm_end;
+	    addr += PAGE_SIZE, p += PAGE_SIZE) {
+		r = remap_pfn_range(vma, addr, vmalloc_to_pfn(p), PAGE_SIZE,
+		    vma->vm_page_prot);
+		if (r != 0)
+			return r;   /* the failed mmap unmaps what was done */
+	}
+	return 0;
+}
+
 static int kup_fop_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct kup_file *kf = file->private_data;
@@ -685,7 +713,7 @@ static int kup_fop_mmap(struct file *file, struct vm_area_struct *vma)
 	vma->vm_flags |= VM_DONTEXPAND | VM_DONTDUMP;
 	vma->vm_flags &= ~VM_MAYEXEC;
 #endif
-	return remap_vmalloc_range(vma, mem, pgoff);
+	return kup_map_pages(vma, mem, pgoff);
 }
 
 static __poll_t kup_fop_poll(struct file *file, poll_table *wait)

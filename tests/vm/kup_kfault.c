@@ -25,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -466,9 +467,27 @@ test_mmap(void)
 		vm_flags_of(c.mem, flags, sizeof(flags));
 		CHECK(flags[0] != '\0', "no VmFlags for the channel mapping in smaps");
 		CHECK(has_vm_flag(flags, "de") && has_vm_flag(flags, "dd") &&
-		    !has_vm_flag(flags, "me") && has_vm_flag(flags, "sh"),
-		    "channel mapping VmFlags:%s want de dd sh, no me", flags);
+		    !has_vm_flag(flags, "me") && has_vm_flag(flags, "sh") &&
+		    has_vm_flag(flags, "pf"),
+		    "channel mapping VmFlags:%s want de dd sh pf, no me", flags);
 		printf("mmap: VmFlags:%s", flags);
+	}
+
+	/* no page of the channel can be pinned: a pin (vmsplice into a pipe,
+	 * an io_uring buffer, O_DIRECT) would outlive this attachment and
+	 * show the next user's messages -- the pages are reused */
+	{
+		struct iovec iov = { .iov_base = c.mem, .iov_len = pg };
+		int pfd[2];
+		ssize_t n;
+
+		CHECK(pipe(pfd) == 0, "pipe");
+		errno = 0;
+		n = vmsplice(pfd[1], &iov, 1, 0);
+		CHECK(n == -1 && errno == EFAULT,
+		    "vmsplice pinned the channel's pages (returned %zd)", n);
+		close(pfd[0]);
+		close(pfd[1]);
 	}
 
 	/* a window inside the channel is fine, and shows the same bytes */
