@@ -61,10 +61,20 @@ class Reloaded:
     needs_restart: list[str]
 
 
+#: gRPC's own int options are int32
+_GRPC_INT_MAX = 2**31 - 1
+
+
 def server_options(config: Config) -> list[tuple[str, Any]]:
     """The gRPC server options, fixed when a server is built: a reload does
     not change them (keepalive_* are restart-only; max_concurrent_streams is
     a per-connection cap derived from max_sessions at start)."""
+    # gRPC's core cancels new RPCs that wait for the application beyond
+    # 1000 (at random, then all beyond 3000): a burst of a few thousand
+    # Calls on one connection came back partly CANCELLED, with no reason
+    # and nothing in kupd's log.  kupd bounds its own queues and says so
+    # (max_queued_calls, max_sessions: RESOURCE_EXHAUSTED naming the key).
+    pending = min(config.max_queued_calls + config.max_sessions + 1024, _GRPC_INT_MAX)
     return [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
@@ -78,6 +88,8 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.http2.min_time_between_pings_ms", 5000),
         ("grpc.max_concurrent_streams", config.max_sessions + 1024),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
         ("grpc.so_reuseport", 0),
     ]
 

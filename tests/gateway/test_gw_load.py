@@ -53,6 +53,17 @@ def test_100_concurrent_calls_over_4_channels(kupd: Kupd) -> None:
         assert sorted(seqs) == list(range(2, len(seqs) + 2)), (chan, sorted(seqs))
 
 
+def test_a_burst_of_thousands_of_calls_on_one_connection_is_served(kupd: Kupd) -> None:
+    """4000 Calls sent at once on one connection: every one answered.
+    gRPC's core cancels (CANCELLED, no reason given) new RPCs waiting for
+    the application beyond 1000 at random and beyond 3000 all; kupd raises
+    that bound above its own queue limits, which refuse with a reason."""
+    results = asyncio.run(_raw_calls(kupd.socket, callers=40, per_caller=100))
+    assert len(results) == 4000
+    for _caller, _i, data, resp in results:
+        assert resp.reply.data == (data if resp.channel % 2 == 0 else data.upper())
+
+
 def test_calls_are_fair_across_callers(sim: object, start_kupd: StartKupd) -> None:
     """One pool channel, held by a gating Call (echo "!lockhold": the module
     keeps the channel locked until a "!lockfree" arrives on another channel)
