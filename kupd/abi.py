@@ -39,6 +39,8 @@ __all__ = [
     "KUP_E_TIMEDOUT",
     "KUP_E_TOOBIG",
     "KUP_E_VERSION",
+    "KUP_INFO_ATTACHED",
+    "KUP_INFO_MODULE_HOLDS",
     "KUP_KIND_CLOSE",
     "KUP_KIND_DATA",
     "KUP_KIND_PASS",
@@ -158,6 +160,10 @@ KUP_OFF_USER_WAITING: Final = 208
 KUP_MAX_CHANNELS: Final = 1024
 KUP_MAX_PAGES: Final = 1024
 KUP_NAME_MAX: Final = 32  # including the NUL
+
+# bits of a channel's byte in a device's INFO (kup_ioctl.h says what each means)
+KUP_INFO_ATTACHED: Final = 0x01  # a user side holds the channel
+KUP_INFO_MODULE_HOLDS: Final = 0x02  # a module thread holds it locked
 
 
 class Kind(enum.IntEnum):

@@ -88,7 +88,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from kupd import _kupchan
-from kupd.abi import Kind
+from kupd.abi import KUP_INFO_ATTACHED, KUP_INFO_MODULE_HOLDS, Kind
 from kupd.errors import InvalidArgument
 
 __all__ = ["Channel", "Device", "DeviceInfo", "Kind", "Message"]
@@ -117,6 +117,11 @@ class DeviceInfo:
     notify_gen: int  # bumped by every kupdev_notify / announce
     shutting_down: bool
     attached: tuple[int, ...]  # ids of the channels a user side holds
+    #: ids of the channels a module thread holds locked (from its receive to
+    #: kupdev_unlock_channel): computing a reply, or, not attached, still
+    #: not let go after its user left -- for good if the thread exited or
+    #: hangs without unlocking (attaching it waits, then Releasing)
+    module_holds: tuple[int, ...] = ()
 
 
 # int -> Kind without going through EnumType.__call__ on every message: a
@@ -311,7 +316,10 @@ class Device:
             max_msg=max_msg,
             notify_gen=notify_gen,
             shutting_down=bool(shutting_down),
-            attached=tuple(i for i, a in enumerate(attached) if a),
+            attached=tuple(i for i, a in enumerate(attached) if a & KUP_INFO_ATTACHED),
+            module_holds=tuple(
+                i for i, a in enumerate(attached) if a & KUP_INFO_MODULE_HOLDS
+            ),
         )
 
     def channel(self, chan_id: int | None = None, pages: int = 0) -> Channel:

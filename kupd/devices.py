@@ -69,6 +69,10 @@ T = TypeVar("T")
 #: Threads for blocking device-host calls (attach/info/open): bounded.
 BLOCKING_THREADS = 4
 
+#: How long the "no free channel" answer waits for a fresh INFO to count
+#: the channels their module still holds (seconds)
+MODULE_HELD_WAIT = 1.0
+
 #: A channel whose last user has just left may not be attachable at once:
 #: its module lets go of it only when its worker, often asleep in a receive,
 #: wakes and sees the user gone, or, computing a reply, once it is done.
@@ -421,9 +425,22 @@ class ManagedDevice:
                     raise
                 # libkup's "channel held by another user" for ANY: say that
                 # none is free, and who holds them
-                raise errors.Busy(self._none_free(info.chan_count, info.announced)) from exc
+                module = await self._module_held(dev)
+                raise errors.Busy(
+                    self._none_free(info.chan_count, info.announced, module)
+                ) from exc
 
-    def _none_free(self, count: int, announced: int) -> str:
+    async def _module_held(self, dev: Device) -> int:
+        """Channels no user holds that their module still holds locked,
+        from a fresh INFO (0 when the host does not answer within
+        MODULE_HELD_WAIT: this is for an error message)."""
+        try:
+            fresh = await asyncio.wait_for(self.mgr.blocking(dev.info), MODULE_HELD_WAIT)
+        except (errors.KupError, TimeoutError):
+            return 0
+        return len(set(fresh.module_holds) - set(fresh.attached))
+
+    def _none_free(self, count: int, announced: int, module: int = 0) -> str:
         kinds: dict[str, int] = {}
         for kind, _ in self.holders.values():
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -431,8 +448,13 @@ class ManagedDevice:
         if self.pool.channels:
             held.append(f"{len(self.pool.channels)} by the Call pool")
         rest = announced - len(self.holders) - len(self.pool.channels)
-        if rest > 0:
-            held.append(f"{rest} by other users of the device")
+        module = min(module, max(rest, 0))
+        if rest - module > 0:
+            held.append(f"{rest - module} by other users of the device")
+        if module:
+            # a worker that exited or hangs between its receive and
+            # kupdev_unlock_channel keeps its channel for good
+            held.append(f"{module} by the module itself, with no user (not let go)")
         unannounced = f", {count - announced} not announced yet" if count > announced else ""
         return (
             f"device {self.name} has no free channel: of its {count} channels, "

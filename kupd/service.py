@@ -403,6 +403,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             error=stalled,
         )
         attached = set(info.attached)
+        module_holds = set(info.module_holds)
         for cid in range(info.chan_count):
             c = out.channels.add(id=cid)
             held = d.holders.get(cid)
@@ -420,6 +421,9 @@ class KupService(kup_pb2_grpc.KupServicer):
                 c.state = kup_pb2.CHANNEL_STATE_NOT_ANNOUNCED
             elif cid in attached:
                 c.state = kup_pb2.CHANNEL_STATE_EXTERNAL
+            elif cid in module_holds:
+                # no user, yet not attachable: its module has not let go
+                c.state = kup_pb2.CHANNEL_STATE_MODULE
             else:
                 c.state = kup_pb2.CHANNEL_STATE_FREE
         return out

@@ -392,6 +392,7 @@ const STATE_NAMES = {
   CHANNEL_STATE_CALLS: 'calls',
   CHANNEL_STATE_QUARANTINED: 'quarantined',
   CHANNEL_STATE_EXTERNAL: 'external',
+  CHANNEL_STATE_MODULE: 'module',
 };
 
 function toMessage(m) {

@@ -1505,7 +1505,10 @@ kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out)
 	out->shutting_down = sc->shutdown != 0;
 	out->attached_chan = KUP_IOC_CHAN_ANY;
 	for (i = 0; i < sc->chan_cnt; i++)
-		out->attached[i] = sc->chans[i].attached ? 1 : 0;
+		out->attached[i] = (uint8_t)((sc->chans[i].attached ?
+		    KUP_INFO_ATTACHED : 0) |
+		    (KUP_READ_ONCE64(&sc->chans[i].holder) != 0 ?
+		    KUP_INFO_MODULE_HOLDS : 0));
 	kup_unlock(&sc->lock);
 }
 

@@ -72,7 +72,9 @@ struct kernproxy_info {
 	uint32_t max_msg;        /* bytes per message (= pages * page_size) */
 	uint64_t notify_gen;     /* bumped by every kupdev_notify/announce */
 	uint32_t shutting_down;  /* 1 once kupdev_unload has begun */
-	uint8_t  attached[KUP_MAX_CHANNELS]; /* 1 where a user side holds it */
+	uint8_t  attached[KUP_MAX_CHANNELS]; /* KUP_INFO_ATTACHED: a user side
+	                          * holds it; KUP_INFO_MODULE_HOLDS: its module
+	                          * holds it locked (kup_ioctl.h) */
 };
 
 /* A received message. */

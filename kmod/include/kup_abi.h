@@ -255,4 +255,9 @@ KUP_ABI_ASSERT(KUP_OFF_U2K % KUP_CACHELINE == 0, "u2k on its own line");
 #define KUP_MAX_PAGES          1024U   /* per direction: 4 MiB with 4 KiB pages */
 #define KUP_NAME_MAX           32U     /* including the NUL */
 
+/* Bits of a channel's byte in a device's INFO (attached[]; kup_ioctl.h
+ * says what each means). */
+#define KUP_INFO_ATTACHED      0x01U   /* a user side holds the channel */
+#define KUP_INFO_MODULE_HOLDS  0x02U   /* a module thread holds it locked */
+
 #endif /* KUP_ABI_H */

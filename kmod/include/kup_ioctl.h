@@ -134,8 +134,26 @@ struct kup_ioc_info {
 	uint32_t shutting_down;
 	uint32_t attached_chan;          /* this fd's channel, or KUP_IOC_CHAN_ANY */
 	uint32_t reserved[6];            /* zero */
-	uint8_t  attached[KUP_MAX_CHANNELS];
+	uint8_t  attached[KUP_MAX_CHANNELS];   /* KUP_INFO_* bits per channel */
 };
+
+/*
+ * attached[i] of KUP_IOC_INFO (and of kupsim's INFO, libkup's
+ * kernproxy_info): bits, test them, do not compare the byte.
+ *   KUP_INFO_ATTACHED      a user side holds the channel
+ *   KUP_INFO_MODULE_HOLDS  a module thread holds it locked, between its
+ *                          kupdev_receive and kupdev_unlock_channel: while
+ *                          computing a reply (with ATTACHED), or after its
+ *                          user left (without: an attach of it waits, then
+ *                          EKU_RELEASING) -- for good if the thread exited
+ *                          or hangs without unlocking, a module bug the
+ *                          operator can only see this way.
+ * The second bit came after ABI version 1's first release without a
+ * version bump: a reader that tests the byte against 0 sees a channel its
+ * module holds as attached, which is safe (it cannot be attached).
+ */
+/* KUP_INFO_ATTACHED, KUP_INFO_MODULE_HOLDS: in kup_abi.h (libkup's kup.h
+ * reports the same bytes) */
 
 #define KUP_IOC_ATTACH  _IOWR(KUP_IOC_MAGIC, 0xb0, struct kup_ioc_attach)
 #define KUP_IOC_WAKE    _IO(KUP_IOC_MAGIC, 0xb1)

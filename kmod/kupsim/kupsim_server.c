@@ -631,7 +631,7 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 	if (l->npending == 0 && l->nfailed == 0)
 		return PICK_OK;   /* every free channel is fresh */
 	if (want != KUP_CHAN_ANY) {
-		if (want >= KUP_MAX_CHANNELS || info->attached[want])
+		if (want >= KUP_MAX_CHANNELS || (info->attached[want] & KUP_INFO_ATTACHED))
 			return PICK_OK;   /* the core says what is wrong */
 		if (l->renew[want] == RENEW_PENDING)
 			return PICK_WAIT;
@@ -652,7 +652,7 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 	if (n == 0)
 		return PICK_OK;   /* the core: not announced yet */
 	for (i = 0; i < n; i++) {
-		if (info->attached[i])
+		if (info->attached[i] & KUP_INFO_ATTACHED)
 			continue;
 		if (l->renew[i] == RENEW_DONE) {
 			*id = i;
@@ -665,7 +665,7 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 	}
 	/* no fresh free channel: one whose renewal failed may renew now */
 	for (i = 0; failed && i < n; i++) {
-		if (info->attached[i] || l->renew[i] != RENEW_FAILED)
+		if ((info->attached[i] & KUP_INFO_ATTACHED) || l->renew[i] != RENEW_FAILED)
 			continue;
 		ch = kup_core_chan_at(l->sc, i);
 		r = ch != NULL ? chan_renew_in(l, ch) : -ENOENT;

@@ -403,8 +403,8 @@ sc_many(void)
 	CHECK(kernproxy_channel(d, KP_CHAN_ANY, 0) == NULL);
 	CHECK_EQ(kernproxy_error(d), EKU_BUSY);
 	CHECK_EQ(kernproxy_info(d, info), 0);
-	for (i = 0; i < 128; i++)
-		CHECK_EQ(info->attached[i], 1);
+	for (i = 0; i < 128; i++)   /* echo's workers may be in a receive */
+		CHECK(info->attached[i] & KUP_INFO_ATTACHED);
 	for (i = 0; i < 128; i++)
 		expect_pass(c[i]);
 	for (round = 0; round < 3; round++) {
@@ -480,7 +480,7 @@ sc_twodev(void)
 	CHECK(strcmp(info.name, "rot13") == 0);
 	CHECK_EQ(kernproxy_info(e, &info), 0);
 	CHECK(strcmp(info.name, "echo") == 0);
-	CHECK_EQ(info.attached[30], 1);
+	CHECK(info.attached[30] & KUP_INFO_ATTACHED);
 	expect_pass(ce);
 	expect_pass(cr);
 	for (i = 0; i < 50; i++) {

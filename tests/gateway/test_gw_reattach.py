@@ -140,3 +140,32 @@ def test_kupd_waits_for_a_channel_a_direct_user_left_locked(
     assert isinstance(lease, Lease), lease
     assert client.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
     client.release(lease.lease_id)
+
+
+def _state(client: Client, chan: int) -> str:
+    (dev,) = client.devices("echo")
+    return dev.channels[chan].state
+
+
+def test_a_channel_its_module_still_holds_shows_as_module(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """A channel whose user left while its module's worker keeps it locked
+    (echo "!lockhold": as a worker that exited or hangs between its receive
+    and kupdev_unlock_channel would, for good) is neither free nor
+    attachable: INFO says so (KUP_INFO_MODULE_HOLDS) and ListDevices shows
+    it as "module" -- it used to show "free" while every attach of it
+    failed -- until the module lets go."""
+    _leave_locked(sim, client, 36)
+    with Device.open(sim.device_path("echo")) as dev:
+        wait_until(
+            lambda: 36 not in dev.info().attached, what="channel 36 without a user"
+        )
+        assert 36 in dev.info().module_holds
+    wait_until(lambda: _state(client, 36) == "module", what="channel 36 shown as module")
+    with pytest.raises(errors.Releasing, match="channel 36 is still held by the module"):
+        client.attach("echo", 36)
+    unlock(client)
+    wait_until(lambda: _state(client, 36) == "free", what="channel 36 free once let go")
+    with Device.open(sim.device_path("echo")) as dev:
+        assert 36 not in dev.info().module_holds

@@ -152,6 +152,9 @@ def test_attach_while_the_module_still_holds_the_channel(echo: Device) -> None:
     ch.send(b"!lockhold60000")
     _wait_dmesg("echo: chan 40: holding the channel locked")
     ch.close()
+    # INFO tells why: no user, and the module holds it (KUP_INFO_MODULE_HOLDS)
+    info = echo.info()
+    assert 40 not in info.attached and 40 in info.module_holds, info
     for _ in range(2):
         start = time.monotonic()
         with pytest.raises(Releasing, match="EKU_RELEASING") as info:
@@ -190,6 +193,7 @@ def test_attach_while_the_module_still_holds_the_channel(echo: Device) -> None:
         opened(again)
         again.send(b"fresh")
         assert again.receive(timeout=T).data == b"fresh"
+        assert 40 in echo.info().attached and 40 not in echo.info().module_holds
 
 
 def test_odd_channel_upper_cases_and_rot13_device(echo: Device) -> None:

@@ -49,7 +49,9 @@ class Message:
 @dataclass(frozen=True)
 class ChannelInfo:
     id: int
-    state: str  # "free", "session", "lease", "calls", "quarantined", "external", "not_announced"
+    #: "free", "session", "lease", "calls", "quarantined", "external",
+    #: "module" (its module still holds it locked, no user), "not_announced"
+    state: str
     lease_id: str = ""
 
 
@@ -132,6 +134,7 @@ _STATE_NAMES = {
     kup_pb2.CHANNEL_STATE_CALLS: "calls",
     kup_pb2.CHANNEL_STATE_QUARANTINED: "quarantined",
     kup_pb2.CHANNEL_STATE_EXTERNAL: "external",
+    kup_pb2.CHANNEL_STATE_MODULE: "module",
 }
 
 
