@@ -25,6 +25,11 @@ $(STAMP)/venv: pyproject.toml | $(STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]'
+	# setuptools' editable install finds kupd and kupclient with an import
+	# hook, which mypy cannot follow: a program type-checked against this
+	# venv (mypy --python-executable .venv/bin/python) saw neither.  Plain
+	# path entries, as a compat-mode install would write, let it.
+	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "kupd-typing-paths.pth").write_text("$(CURDIR)\n$(CURDIR)/clients/python\n")'
 	touch $@
 
 setup: apt $(STAMP)/venv

@@ -561,6 +561,19 @@ def test_py_typed_ships_and_mypy_strict_sees_the_annotations(tmp_path: Path) -> 
     assert len(lines) == 2, run.stdout + run.stderr
     assert 'Argument 2 to "call" of "Client" has incompatible type "str"' in lines[0]
     assert 'Incompatible types in assignment (expression has type "str"' in lines[1]
+    # the same program against this project's own venv (make's editable
+    # install): mypy sees the packages there too, from any directory
+    dev = subprocess.run(
+        [str(mypy), "--strict", "--no-incremental", "--python-executable", sys.executable,
+         "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert [ln for ln in dev.stdout.splitlines() if ": error:" in ln] == lines, (
+        dev.stdout + dev.stderr
+    )
 
 
 def test_public_errors_and_handles(kupd: Kupd) -> None:
