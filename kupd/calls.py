@@ -173,6 +173,8 @@ class CallPool:
         self._put_back(pc)
 
     def _drop(self, pc: PoolChannel) -> None:
+        # not "busy" any more: the Call that dropped it must not put it back
+        pc.state = "dropped"
         if pc.group:
             self._let_go(pc)
             self._dispatch()  # its group may take a free channel now
