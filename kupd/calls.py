@@ -204,6 +204,13 @@ class CallPool:
                 del self._held[pc.group]
             pc.group = ""
 
+    def set_shares(self, shares: dict[str, int]) -> None:
+        """The share of every group, as a reload left them (0 or absent: no
+        limit): the next dispatch judges queued Calls by them, not by the
+        share their group had when they queued."""
+        self._shares = {g: n for g, n in shares.items() if n}
+        self._dispatch()
+
     def _at_share(self, group: str) -> bool:
         share = self._shares.get(group, 0)
         return bool(share) and self._held.get(group, 0) >= share
@@ -265,7 +272,12 @@ class CallPool:
     # -- the call ---------------------------------------------------------------
     async def _acquire(self, caller: str, timeout: float, share: int = 0) -> PoolChannel:
         group = caller.split("\x1f", 1)[0]
-        if self._free and not self._rr and not (share and self._at_share(group)):
+        if self._free and not (share and self._at_share(group)):
+            # A channel free while callers queue is one every queued group
+            # is at its share for (dispatch serves the others as soon as a
+            # channel is free): this caller may have it at once -- before
+            # the queue limit, or such a group's waiting Calls, filling the
+            # queue, would lock every other tenant out of free channels.
             return self._take(self._free.popleft(), group, share)
         if self._queued >= self.max_queued:
             raise errors.ResourceExhausted(
@@ -301,14 +313,18 @@ class CallPool:
                 if share and self._at_share(group):
                     mine = [pc for pc in self.channels.values() if pc.group == group]
                     n_q = sum(1 for pc in mine if pc.state == "quarantined")
+                    why = (
+                        f"; {n_q} of them quarantined: a timed-out Call's reply is still "
+                        "owed, each back when the module answers, or replaced after "
+                        f"call_quarantine={self.quarantine:g}s"
+                        if n_q
+                        else ""
+                    )
                     raise errors.DeadlineExceeded(
                         f"device {self.device}: {group.removeprefix('tenant:')}'s Calls "
                         f"already hold {len(mine)} of its {len(self.channels)} pool "
-                        f"channels (limit max_pool_channels={share}; {n_q} of them "
-                        "quarantined: a timed-out Call's reply is still owed, each back "
-                        "when the module answers, or replaced after "
-                        f"call_quarantine={self.quarantine:g}s), and none came back "
-                        f"within {timeout:.3f}s"
+                        f"channels (limit max_pool_channels={share}{why}), and none came "
+                        f"back within {timeout:.3f}s"
                     ) from None
                 if not self.channels:
                     raise errors.DeadlineExceeded(

@@ -119,6 +119,9 @@ class Tenant:
         return g is not None and (chan is None or g.allows(chan))
 
 
+#: A tenant's Call pool group: the GROUP of Guard.fair_key's keys.
+_GROUP = "tenant:"
+
 #: The tenant of a kupd without [[tenant]] tables: everything allowed.
 DEFAULT = Tenant("default")
 #: The tenant of the admin socket: everything allowed, plus the Admin service.
@@ -592,7 +595,16 @@ class Guard:
         caller = (caller or "anonymous").replace("\x1f", " ")
         if t is DEFAULT:
             return caller
-        return f"tenant:{t.name}\x1f{caller}"
+        return f"{_GROUP}{t.name}\x1f{caller}"
+
+    def pool_shares(self) -> dict[str, int]:
+        """Each tenant's max_pool_channels by its Call pool group (the
+        GROUP of :meth:`fair_key`): what a reload hands every pool."""
+        return {
+            f"{_GROUP}{t.name}": t.max_pool_channels
+            for t in self.policy.tenants
+            if t.max_pool_channels
+        }
 
     def still_allowed(self, tenant_name: str, op: str, device: str, chan: int) -> str:
         """Under the current policy: "" if ``tenant_name`` may still hold a

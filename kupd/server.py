@@ -348,6 +348,10 @@ class Server:
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
             self.guard.policy = policy  # one assignment: the swap
+            shares = self.guard.pool_shares()
+            for d in self.mgr.devices.values():
+                # Calls already queued are judged by the new shares too
+                d.pool.set_shares(shares)
             self.bus.recheck()  # open Watches re-check their permission now
             ended: list[str] = []
             for lease in list(self.leases.leases.values()):

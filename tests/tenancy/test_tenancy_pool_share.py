@@ -106,3 +106,59 @@ def test_the_key_is_checked() -> None:
     with pytest.raises(ConfigError) as ei:
         parse_config({"device": [{"name": "echo"}], "tenant": [tenant]})
     assert ei.value.key == "tenant[0].max_pool_channels"
+
+
+def test_a_tenant_at_its_share_filling_the_queue_locks_nobody_out(
+    start_tenants: StartTenants,
+) -> None:
+    """The hog (share 1) holds its one channel and fills the device's whole
+    queue (max_queued_calls = 2) with Calls waiting for it: another
+    tenant's Call still gets one of the free channels at once, not
+    RESOURCE_EXHAUSTED "2 calls already queued"."""
+    k = start_tenants("max_queued_calls = 2\n" + BODY.replace("max_pool_channels = 2",
+                                                              "max_pool_channels = 1"))
+    with k.client("hog") as hog, k.client("other") as other:
+        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        holds = echo_lock_holds(k.sim)
+        calls = [in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60)) for _ in range(3)]
+        try:
+            _wait_holds(k, holds + 1)
+            wait_until(lambda: _pool(other)[:2] == (3, 2), what="the hog's two Calls queued")
+            for i in range(3):
+                got = other.call("echo", f"other {i}".encode(), timeout=10)
+                assert got.data.lower() == f"other {i}".encode()
+        finally:
+            _free_the_holds(k)
+        for n in (2, 3):  # the queued two, one after the other
+            _wait_holds(k, holds + n)
+            _free_the_holds(k)
+        for bg in calls:
+            reply = bg.outcome(60)
+            assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
+
+
+def test_a_reload_that_lifts_the_share_frees_queued_calls(start_tenants: StartTenants) -> None:
+    """A Call queued behind its tenant's share is served once a reload
+    raises the share -- not only when the tenant next calls."""
+    body = BODY.replace("max_pool_channels = 2", "max_pool_channels = 1")
+    k = start_tenants(body)
+    with k.client("hog") as hog, k.client("other") as other:
+        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        holds = echo_lock_holds(k.sim)
+        first = in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60))
+        try:
+            _wait_holds(k, holds + 1)
+            second = in_background(lambda: hog.call("echo", b"second", timeout=60))
+            wait_until(lambda: _pool(other)[:2] == (2, 1), what="the hog's second Call queued")
+            k.write_config(body.replace("max_pool_channels = 1", "max_pool_channels = 2"))
+            with k.admin() as adm:
+                assert "tenants" in adm.reload().applied
+            reply = second.outcome(30)
+            assert isinstance(reply, Message) and reply.data.lower() == b"second", reply
+            # served while the first still holds its channel: by the reload,
+            # not by the first's channel coming back
+            assert not first.done
+        finally:
+            _free_the_holds(k)
+        reply = first.outcome(60)
+        assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
