@@ -249,8 +249,11 @@ class _Families:
         self._registry, self._prefix = registry, prefix
 
     def collect(self) -> Iterator[Metric]:
+        p = self._prefix
         for family in self._registry.collect():
-            if family.name.startswith(self._prefix):
+            # by the name the text shows too: a counter family "kupd_calls"
+            # is printed as kupd_calls_total
+            if family.name.startswith(p) or any(s.name.startswith(p) for s in family.samples):
                 yield family
 
 
@@ -302,7 +305,8 @@ class Metrics:
 
     def exposition(self, prefix: str = "") -> str:
         """The text the endpoint serves (Prometheus text format 0.0.4), of
-        the families whose name starts with ``prefix``: what the admin
+        the families whose name, or a sample's (``kupd_calls_total``),
+        starts with ``prefix``: what the admin
         socket's GetMetrics answers, for an operator who keeps the loopback
         endpoint (readable by every local user) off."""
         return generate_latest(_Families(self.registry, prefix)).decode()

@@ -54,7 +54,7 @@
 // * Result objects use the .proto's snake_case field names (the same as the
 //   Python client's DeviceInfo, ChannelInfo, Lease and WatchEvent); channel
 //   states and watch event types are Python's strings ('free', 'session',
-//   'lease', 'calls', 'quarantined', 'external', 'not_announced';
+//   'lease', 'calls', 'quarantined', 'external', 'module', 'not_announced';
 //   'LEASE_TAKEN', ...), message kinds 'data' | 'pass' | 'close'.
 // * data is a string (UTF-8), a Buffer (sent as it is), or an ArrayBuffer /
 //   any ArrayBufferView (copied).

@@ -87,8 +87,9 @@ int kup_os_thread_join(struct kup_thread *t);
 
 /* snprintf(3) into buf: what a module needs to build a text reply.  The
  * conversions every host's kernel printf has: %d %i %u %x %X %c %s %p and
- * %%, with the l, ll, z and j length modifiers, widths and precisions; no
- * floating point (kernels have none).  Always NUL-terminates when size >
+ * %%, with the l, ll and z length modifiers, widths and precisions; no
+ * floating point (kernels have none), and no j (Linux's printf warns and
+ * stops there).  Always NUL-terminates when size >
  * 0; returns the length the whole text needs (>= size: it was cut). */
 int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

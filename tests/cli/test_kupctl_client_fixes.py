@@ -307,3 +307,16 @@ def test_revoke_json(admin_gw: tuple[Kupd, str]) -> None:
     assert json.loads(p.stdout) == {"lease_id": lease, "revoked": True}
     p = _run(k, "revoke", "nolease", "--admin-socket", admin)
     assert p.returncode == 3, p.stderr
+
+
+def test_hint_for_a_connection_closed_as_it_was_made() -> None:
+    """gRPC's words for a connection closed at once (the socket's
+    max_connections): the hint names the limit -- but not for the admin
+    socket, which has none."""
+    for why in ("Connection reset by peer", "Broken pipe", "Socket closed"):
+        msg = f"failed to connect to all addresses; last error: UNAVAILABLE: unix:/x.sock: {why}"
+        assert "/x.sock is likely at its max_connections limit" in unavailable_hint(
+            msg, "/x.sock"
+        ), why
+        admin = unavailable_hint(msg, "/a.sock", "--admin-socket", capped=False)
+        assert "max_connections" not in admin, admin

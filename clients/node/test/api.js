@@ -29,7 +29,7 @@ test('listDevices: plain objects with the Python client\'s field names and state
   const states = new Set(dev.channels.map((c) => c.state));
   assert.ok(states.has('calls') && states.has('free'), [...states].join());
   for (const st of states) {
-    assert.ok(['free', 'session', 'lease', 'calls', 'quarantined', 'external', 'not_announced'].includes(st), st);
+    assert.ok(['free', 'session', 'lease', 'calls', 'quarantined', 'external', 'module', 'not_announced'].includes(st), st);
   }
   const s = await client.openSession(device);
   try {

@@ -965,9 +965,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUPD_SOCKET") -> str:
+def unavailable_hint(
+    message: str, socket: str, given_by: str = "--socket / $KUPD_SOCKET", capped: bool = True
+) -> str:
     """What to check when kupd could not be reached (or why it closed the
-    connection), from gRPC's reason; ``given_by``: where the user set ``socket``."""
+    connection), from gRPC's reason; ``given_by``: where the user set ``socket``;
+    ``capped``: the socket may have a connection cap (the admin socket has none)."""
     if "Permission denied" in message:
         return (
             f" (no permission to connect to {socket}: it is for kupd's group, see "
@@ -975,7 +978,7 @@ def unavailable_hint(message: str, socket: str, given_by: str = "--socket / $KUP
         )
     if "No such file or directory" in message:
         return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
-    if "failed to connect" in message and any(
+    if capped and "failed to connect" in message and any(
         why in message for why in ("Connection reset by peer", "Broken pipe", "Socket closed")
     ):
         # closed as it was accepted, before any HTTP/2: gRPC's connection
@@ -1088,7 +1091,9 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
             # the socket this command dialed: reload's is the admin socket
             admin = getattr(args, "admin_socket", None)
             if admin:
-                hint = unavailable_hint(exc.message, admin, "--admin-socket / $KUPD_ADMIN_SOCKET")
+                hint = unavailable_hint(
+                    exc.message, admin, "--admin-socket / $KUPD_ADMIN_SOCKET", capped=False
+                )
             else:
                 hint = unavailable_hint(exc.message, args.socket)
         sys.stderr.write(f"kupctl: {type(exc).__name__}: {exc.message}{hint}\n")
