@@ -92,6 +92,19 @@ def _accepted(path: str) -> bool:
         return False
 
 
+def _keep_accepted(path: str, found: list[Client]) -> bool:
+    """A new client of ``path`` that got its answer, kept open in ``found``."""
+    c = Client(path)
+    try:
+        if c.health() == "SERVING":
+            found.append(c)
+            return True
+    except errors.Unavailable:
+        pass
+    c.close()
+    return False
+
+
 def _kupctl(k: TenantKupd, path: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kupclient.kupctl", "--socket", path, "health"],
@@ -172,9 +185,12 @@ def test_the_plain_socket_cap(tmp_path: Path) -> None:
             devices=("echo:1",),
         )
         try:
-            # kupd's readiness check has closed its connection by now
-            wait_until(lambda: _accepted(str(sock)), what="the one place free")
-            with Client(str(sock)) as c:
+            # the one place: free once kupd has seen its readiness check's
+            # connection (and each refused try here) closed -- which it
+            # learns when it next reads them, not when they close
+            found: list[Client] = []
+            wait_until(lambda: _keep_accepted(str(sock), found), what="the one place free")
+            with found[0] as c:
                 assert c.call("echo", b"one").data.lower() == b"one"
                 # this process's one connection holds the place
                 held = _hold_refused(str(sock))
