@@ -44,6 +44,9 @@
 #include <linux/device.h>
 #include <linux/idr.h>
 #include <linux/list.h>
+#include <linux/mutex.h>
+#include <linux/lockdep.h>
+#include <linux/string.h>
 
 #include "kup_os.h"
 #include "kup_ioctl.h"
@@ -327,17 +330,25 @@ int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
 }
 EXPORT_SYMBOL_GPL(kup_os_snprintf);
 
+/* Each mutex its own lockdep class, under the module's name for it: with
+ * mutex_init's one static key, every kup_mutex would share a class, and a
+ * module nesting two of them would be reported as recursive locking.
+ * (Without CONFIG_LOCKDEP, the key and its registration are nothing.) */
 struct kup_mutex {
 	struct mutex mtx;
+	struct lock_class_key key;
+	char name[32];
 };
 
 struct kup_mutex *kup_os_mutex_new(const char *name)
 {
 	struct kup_mutex *m = kzalloc(sizeof(*m), GFP_KERNEL);
 
-	(void)name;   /* lockdep names a mutex by its init site, not a string */
-	if (m != NULL)
-		mutex_init(&m->mtx);
+	if (m == NULL)
+		return NULL;
+	strscpy(m->name, name != NULL ? name : "kup module", sizeof(m->name));
+	lockdep_register_key(&m->key);
+	__mutex_init(&m->mtx, m->name, &m->key);
 	return m;
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_new);
@@ -359,6 +370,7 @@ void kup_os_mutex_free(struct kup_mutex *m)
 	if (m == NULL)
 		return;
 	mutex_destroy(&m->mtx);
+	lockdep_unregister_key(&m->key);
 	kfree(m);
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_free);
