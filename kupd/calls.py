@@ -309,6 +309,15 @@ class CallPool:
         except BaseException as exc:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._put_back(fut.result())  # granted just as we gave up: hand it on
+            else:
+                # out of its caller's queue now (FIFO: mostly the head), not
+                # when its group next gets a turn: a group at its share may
+                # not get one for call_quarantine seconds, and its expired
+                # waiters would pile up meanwhile
+                waiting = self._queues.get(caller)
+                if waiting is not None:
+                    with contextlib.suppress(ValueError):
+                        waiting.remove(fut)
             if isinstance(exc, _QueueTimeout):
                 if share and self._at_share(group):
                     mine = [pc for pc in self.channels.values() if pc.group == group]

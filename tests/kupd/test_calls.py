@@ -1,0 +1,200 @@
+"""kupd.calls.CallPool by itself, on fake channels (a pipe for the wake-up,
+the reply handed over when the test says): the per-tenant share
+(max_pool_channels) bookkeeping under random traffic, timeouts, cancels,
+module hold-ups and share changes; a dropped channel never coming back;
+waiters that gave up leaving no trace.  The same pool behind a real kupd
+and kupsim: tests/tenancy/test_tenancy_pool_share.py, test_gw_load.py."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+
+import pytest
+
+from kupd import errors
+from kupd.calls import CallPool
+from kupd.channel import Kind, Message
+from kupd.metrics import Metrics
+
+
+class FakeChannel:
+    """What the pool uses of a Channel.  ``mode``: "echo" answers inside
+    try_exchange; "hold" keeps the reply owed until :meth:`answer`;
+    "broken" fails the exchange with a protocol error."""
+
+    def __init__(self, chan_id: int) -> None:
+        self.id = chan_id
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        self.turn = True  # user space holds it
+        self.owed: bytes | None = None
+        self.pending: Message | None = None
+        self.mode = "echo"
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def _open(self) -> None:
+        if self.closed:
+            raise errors.InvalidArgument(f"channel {self.id} is closed")
+
+    def my_turn(self) -> bool:
+        self._open()
+        return self.turn
+
+    def try_receive(self) -> Message | None:
+        self._open()
+        try:
+            os.read(self._r, 64)
+        except BlockingIOError:
+            pass
+        if self.turn and self.pending is not None:
+            msg, self.pending = self.pending, None
+            return msg
+        return None
+
+    def try_exchange(self, data: bytes) -> Message | None:
+        self._open()
+        if self.mode == "broken":
+            raise errors.ProtocolError(f"channel {self.id}: garbage")
+        if self.mode == "hold":
+            self.turn, self.owed = False, data
+            return None
+        return Message(data, Kind.DATA, 0)
+
+    def answer(self) -> None:
+        """The module hands the owed reply back."""
+        if not self.turn and not self.closed:
+            self.turn, self.pending = True, Message(self.owed or b"", Kind.DATA, 0)
+            os.write(self._w, b"x")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._r)
+            os.close(self._w)
+
+
+async def _pool(n: int, **kw: float) -> tuple[CallPool, list[FakeChannel]]:
+    pool = CallPool("dev", Metrics(), max_queued=100, size=n, **kw)
+    chans = [FakeChannel(i) for i in range(n)]
+    for ch in chans:
+        pool.add(ch)  # type: ignore[arg-type]
+    for _ in range(20):  # each settles: free once its (absent) opening message is taken
+        await asyncio.sleep(0)
+    assert len(pool._free) == n
+    return pool, chans
+
+
+def _check(pool: CallPool, where: object) -> None:
+    """The share bookkeeping agrees with the channels, and nobody who could
+    be served waits while a channel is free."""
+    held = collections.Counter(pc.group for pc in pool.channels.values() if pc.group)
+    assert dict(held) == pool._held, (where, dict(held), pool._held)
+    assert not [pc for pc in pool._free if pc.group or pc.state != "free"], where
+    if pool._free:
+        for caller, q in pool._queues.items():
+            group = caller.split("\x1f", 1)[0]
+            waiting = [f for f in q if not f.done()]
+            assert not waiting or pool._at_share(group), (where, caller, pool._held)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_share_bookkeeping_under_random_traffic(seed: int) -> None:
+    async def main() -> None:
+        rnd = random.Random(seed)
+        pool, chans = await _pool(rnd.randint(1, 4), quarantine=0.05)
+        shares = {"tenant:a": rnd.randint(0, 2), "tenant:b": rnd.randint(0, 2), "tenant:c": 0}
+        tasks: list[asyncio.Task[None]] = []
+
+        async def call(group: str, caller: str) -> None:
+            key = f"{group}\x1f{caller}"
+            timeout = rnd.choice([0.01, 0.03, 0.2])
+            try:
+                await pool.call(b"x", timeout, key, 100, None, shares[group])
+            except errors.KupError:
+                pass
+
+        for step in range(150):
+            r = rnd.random()
+            if r < 0.5:
+                group = rnd.choice(list(shares))
+                tasks.append(asyncio.ensure_future(call(group, rnd.choice("xyz"))))
+            elif r < 0.6:
+                rnd.choice(chans).mode = rnd.choice(["echo", "hold", "hold"])
+            elif r < 0.75:
+                for ch in chans:
+                    if rnd.random() < 0.5:
+                        ch.answer()
+            elif r < 0.8 and tasks:
+                rnd.choice(tasks).cancel()
+            elif r < 0.85:
+                shares[rnd.choice(["tenant:a", "tenant:b"])] = rnd.randint(0, 2)
+                if rnd.random() < 0.5:
+                    pool.set_shares(shares)  # a reload
+            await asyncio.sleep(rnd.choice([0, 0, 0.005, 0.02]))
+            _check(pool, (seed, step))
+        for ch in chans:
+            ch.mode = "echo"
+        for _ in range(10):
+            for ch in chans:
+                ch.answer()
+            await asyncio.sleep(0.03)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        _check(pool, (seed, "end"))
+        # everything came back: every channel free, nothing held or queued
+        assert pool._held == {} and pool.queued == 0
+        assert all(not q for q in pool._queues.values())
+        pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_broken_channel_leaves_the_pool_for_good() -> None:
+    async def main() -> None:
+        pool, chans = await _pool(2)
+        chans[0].mode = "broken"
+        outcomes = []
+        for i in range(6):
+            try:
+                msg, chan = await pool.call(f"c{i}".encode(), 1.0, "k", 100)
+                outcomes.append((chan, msg.data))
+            except errors.ProtocolError:
+                outcomes.append((-1, b""))
+        # at most the first Call on channel 0 fails; the rest go to channel 1
+        assert outcomes.count((-1, b"")) == 1, outcomes
+        assert [c for c, _ in outcomes if c != -1] == [1] * 5, outcomes
+        assert 0 not in pool.channels and chans[0].closed
+        pool.close()
+
+    asyncio.run(main())
+
+
+def test_waiters_that_gave_up_leave_the_queue() -> None:
+    """A tenant at its share whose Calls keep timing out in the queue:
+    each expired waiter leaves at once, not when the tenant next gets a
+    turn (which its quarantined channels may delay for call_quarantine)."""
+
+    async def main() -> None:
+        pool, chans = await _pool(2, quarantine=60.0)
+        chans[0].mode = chans[1].mode = "hold"
+        with pytest.raises(errors.DeadlineExceeded):
+            await pool.call(b"x", 0.01, "tenant:a\x1fk", 100, None, 1)  # quarantines one
+        for _ in range(50):
+            with pytest.raises(errors.DeadlineExceeded, match="max_pool_channels=1"):
+                await pool.call(b"x", 0.001, "tenant:a\x1fk", 100, None, 1)
+        assert sum(len(q) for q in pool._queues.values()) == 0
+        assert pool.queued == 0
+        # the other channel still serves another tenant at once
+        chans[1].mode = "echo"
+        msg, chan = await pool.call(b"other", 1.0, "tenant:b\x1fk", 100, None, 1)
+        assert (msg.data, chan) == (b"other", 1)
+        pool.close()
+        for ch in chans:
+            ch.close()
+
+    asyncio.run(main())
