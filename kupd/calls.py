@@ -330,10 +330,10 @@ class CallPool:
                         else ""
                     )
                     raise errors.DeadlineExceeded(
-                        f"device {self.device}: {group.removeprefix('tenant:')}'s Calls "
-                        f"already hold {len(mine)} of its {len(self.channels)} pool "
-                        f"channels (limit max_pool_channels={share}{why}), and none came "
-                        f"back within {timeout:.3f}s"
+                        f"device {self.device}: tenant {group.removeprefix('tenant:')}'s "
+                        f"Calls already hold {len(mine)} of the device's "
+                        f"{len(self.channels)} pool channels (limit max_pool_channels="
+                        f"{share}{why}), and none came back within {timeout:.3f}s"
                     ) from None
                 if not self.channels:
                     raise errors.DeadlineExceeded(

@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeviceConfig",
+    "advisories",
     "load_config",
     "parse_config",
     "reloaded",
@@ -257,7 +258,13 @@ def parse_config(data: dict[str, Any]) -> Config:
 def _build(data: dict[str, Any]) -> Config:
     unknown = set(data) - set(_TOP) - {"device", "tenant"}
     if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
+        from kupd.policy import TENANT_KEYS  # policy imports ConfigError from here
+
+        key = sorted(unknown)[0]
+        where = {"call_channels": "a [[device]] key", "name": "a [[device]] or [[tenant]] key"}.get(
+            key, "a [[tenant]] key" if key in TENANT_KEYS else None
+        )
+        raise ConfigError(key, f"unknown key here ({where})" if where else "unknown key")
     values: dict[str, Any] = {}
     for key, kind in _TOP.items():
         if key in data:
@@ -390,6 +397,31 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"tenant[{i}].grant", f"no [[device]] named {g.device!r}")
     _check_paths(cfg)
     return cfg
+
+
+def advisories(cfg: Config) -> list[tuple[str, str]]:
+    """Valid settings that do not do what their key suggests: (key, why),
+    for a warning at start and at each reload."""
+    out: list[tuple[str, str]] = []
+    if cfg.tenants and cfg.max_connections:
+        out.append((
+            "max_connections",
+            "unused with [[tenant]] tables (the plain socket is not served): "
+            "each tenant's own max_connections caps its socket",
+        ))
+    for i, t in enumerate(cfg.tenants):
+        if not t.max_pool_channels or "call" not in t.ops:
+            continue
+        for d in cfg.devices:
+            if d.call_channels and t.grant(d.name) is not None:
+                if t.max_pool_channels >= d.call_channels:
+                    out.append((
+                        f"tenant[{i}].max_pool_channels",
+                        f"{t.max_pool_channels} is not below device {d.name}'s "
+                        f"call_channels={d.call_channels}: tenant {t.name}'s Calls "
+                        "can still hold that whole pool",
+                    ))
+    return out
 
 
 def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:

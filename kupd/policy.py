@@ -51,6 +51,7 @@ __all__ = [
     "AUDIT_DENIALS_PER_SECOND",
     "DEFAULT",
     "OPS",
+    "TENANT_KEYS",
     "Budget",
     "Grant",
     "Guard",
@@ -193,7 +194,8 @@ def _gid(value: Any, key: str) -> int:
     raise _config_error(key, f"must be a group name or gid, not {value!r}")
 
 
-_TENANT_KEYS = {
+#: The keys of a [[tenant]] table.
+TENANT_KEYS = frozenset({
     "name",
     "socket",
     "owner",
@@ -207,7 +209,7 @@ _TENANT_KEYS = {
     "max_message_bytes",
     "calls_per_second",
     "max_connections",
-}
+})
 
 
 def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
@@ -221,9 +223,9 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
     prefix = f"tenant[{i}]."
     if not isinstance(raw, dict):
         raise _config_error(f"tenant[{i}]", "must be a table ([[tenant]])")
-    unknown = set(raw) - _TENANT_KEYS
+    unknown = set(raw) - TENANT_KEYS
     if unknown:
-        known = ", ".join(sorted(_TENANT_KEYS))
+        known = ", ".join(sorted(TENANT_KEYS))
         raise _config_error(prefix + sorted(unknown)[0], f"unknown key (known: {known})")
     name = raw.get("name")
     if (

@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
-from kupd.config import Config, load_config, reloaded
+from kupd.config import Config, advisories, load_config, reloaded
 from kupd.devices import DeviceManager, shown
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
@@ -59,6 +59,14 @@ class Reloaded:
     applied: list[str]
     #: changed keys that only a restart applies (kupd.config.RESTART_KEYS)
     needs_restart: list[str]
+
+
+def _advise(cfg: Config) -> None:
+    """A warning per setting that is valid but does not do what its key
+    suggests (kupd.config.advisories): an operator would otherwise learn it
+    only when the protection it meant is not there."""
+    for key, why in advisories(cfg):
+        log.warning("config key has no effect as set", key=key, why=why)
 
 
 #: gRPC's own int options are int32
@@ -231,6 +239,7 @@ class Server:
         )
         await self.sockets.start(endpoints_for(cfg))
         await self._update_health()
+        _advise(cfg)
         log.info(
             "kupd ready",
             socket=cfg.socket,
@@ -347,6 +356,7 @@ class Server:
                 d.pool.max_queued = cfg.max_queued_calls
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
+            _advise(cfg)
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             for d in self.mgr.devices.values():

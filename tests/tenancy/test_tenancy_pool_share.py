@@ -7,11 +7,13 @@ channels, then fails saying why.  Without the key, nothing changes."""
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd
 
 from kupclient import Client, Message, errors
-from kupd.config import ConfigError, parse_config
+from kupd.config import ConfigError, advisories, parse_config
 from kupd.testing import echo_lock_holds, in_background, wait_until
 
 POOL = 3
@@ -68,7 +70,7 @@ def test_timed_out_calls_take_at_most_the_share(start_tenants: StartTenants) -> 
             with pytest.raises(errors.DeadlineExceeded) as ei:
                 hog.call("echo", b"more", timeout=0.5)
             msg = ei.value.message
-            assert "hog's Calls already hold 2 of its 3 pool channels" in msg, msg
+            assert "tenant hog's Calls already hold 2 of the device's 3 pool channels" in msg, msg
             assert "limit max_pool_channels=2; 2 of them quarantined" in msg, msg
             # and it is there for the other tenant
             assert other.call("echo", b"served", timeout=10).data.lower() == b"served"
@@ -162,3 +164,32 @@ def test_a_reload_that_lifts_the_share_frees_queued_calls(start_tenants: StartTe
             _free_the_holds(k)
         reply = first.outcome(60)
         assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
+
+
+def test_settings_that_protect_nothing_are_named_at_start_and_reload(
+    start_tenants: StartTenants,
+) -> None:
+    """A share not below the pool it governs, and a top-level
+    max_connections with tenants (no plain socket is served): valid, but
+    they do not do what the key suggests -- kupd says so, at start and at
+    each reload, naming the key."""
+    body = "max_connections = 2\n" + BODY.replace("max_pool_channels = 2", "max_pool_channels = 3")
+    k = start_tenants(body)
+    want = ('"key": "tenant[0].max_pool_channels"', '"key": "max_connections"')
+    wait_until(lambda: all(w in k.log() for w in want), what="the warnings at start")
+    line = next(x for x in k.log().splitlines() if want[0] in x)
+    assert "3 is not below device echo's call_channels=3" in line, line
+    with k.admin() as adm:
+        adm.reload()
+    wait_until(
+        lambda: all(k.log().count(w) == 2 for w in want), what="the warnings again at reload"
+    )
+    # within the pool, and no top-level cap: nothing to say
+    cfg = parse_config(tomllib.loads(BODY.replace("@DIR@", "/run/t")))
+    assert advisories(cfg) == []
+
+
+def test_a_tenant_key_at_the_top_level_says_where_it_belongs() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key here \(a \[\[tenant\]\] key\)") as ei:
+        parse_config({"device": [{"name": "echo"}], "max_pool_channels": 2})
+    assert ei.value.key == "max_pool_channels"
