@@ -138,6 +138,12 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         server.reload_source = lambda: config_from_args(args)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.mgr.spawn(server.reload_logged()))
     await server.wait_stopped()
+    # Drained.  Closing the loop would put SIGTERM back to its default: a
+    # SIGTERM while the interpreter and gRPC's threads wind down (a service
+    # manager's or a test's second stop) would turn this clean exit into
+    # death by signal.  Ignored from here on; SIGKILL still ends a hung exit.
+    loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

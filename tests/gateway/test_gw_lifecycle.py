@@ -391,6 +391,24 @@ def test_sample_config_is_valid() -> None:
     assert cfg.lock_path == cfg.socket + ".lock"
 
 
+def test_sigterm_again_while_kupd_exits_still_exits_0(sim: KupSim, start_kupd: StartKupd) -> None:
+    """A second SIGTERM (a service manager's, a test helper's stop) that
+    lands after the drain, while the interpreter and gRPC's threads wind
+    down, used to kill kupd (exit status -15, seen in a fresh-clone run):
+    the drain's handler was gone with the loop.  SIGTERMs are sent here
+    from the first until kupd has exited, so some land in that window."""
+    k = start_kupd(sim)
+    with k.client() as c:
+        assert c.call("echo", b"before").data.lower() == b"before"
+    k.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "kupd stopped" in k.log(), what="kupd to finish its drain")
+    while k.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            k.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+    assert k.proc.returncode == 0, k.log()
+
+
 def test_sigterm_ends_every_stream_with_shutdown(sim: KupSim, start_kupd: StartKupd) -> None:
     """Many open streams at SIGTERM: each Watch and each Session ends with
     kupd's Shutdown status (not a CANCELLED left by the server's stop), since

@@ -65,7 +65,11 @@ def test_a_malformed_session_request_is_answered_in_band(kupd: Kupd) -> None:
     attach = kup_pb2.SessionRequest(
         request_id=1, attach=kup_pb2.SessionAttach(device="echo", channel=70)
     ).SerializeToString()
-    recv = kup_pb2.SessionRequest(request_id=3, receive=kup_pb2.SessionReceive(mode=1))
+    # waits for echo's opening PASS (its worker hands it over after the
+    # attach answered: a non-blocking receive could find nothing yet)
+    recv = kup_pb2.SessionRequest(
+        request_id=3, receive=kup_pb2.SessionReceive(mode=2, timeout_ms=10000)
+    )
     big_garbage = b"\x32\xff\xff\x03" + b"x" * 70000  # at kupd.wire's hand size, lying
     with grpc.insecure_channel(target_for(kupd.socket)) as c:
         session = c.stream_stream("/kup.v1.Kup/Session")
