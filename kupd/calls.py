@@ -296,10 +296,6 @@ class CallPool:
         q.append(fut)
         self._queued += 1
         self._queued_gauge.inc()
-        if self._free:
-            # a channel free while callers queue: kept from a group at its
-            # share -- this caller may take it
-            self._dispatch()
         # The deadline fails the waiter's future itself (a timer, not an
         # asyncio.timeout scope per queued Call); a future granted first
         # keeps its channel, and _dispatch skips futures already done.
