@@ -340,15 +340,21 @@ device_channel(DeviceObject *d, PyObject *args)
 static PyObject *
 device_event_fd(DeviceObject *d, PyObject *unused)
 {
-	int fd;
+	int fd, code, sys_errno;
 
 	(void)unused;
-	if (d->closed || d->h == NULL)
-		return raise_kup(KUP_E_INVAL, 0, "device %U is closed", d->name);
+	/* the first call may connect and subscribe (kupsim: a blocking
+	 * request): not with the GIL held, which would stall every thread */
+	if (device_lock(d) < 0)
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
 	fd = kernproxy_dev_fd(d->h);
+	code = kernproxy_errno;
+	sys_errno = errno;
+	Py_END_ALLOW_THREADS
+	PyThread_release_lock(d->lock);
 	if (fd < 0)
-		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
-		    "event fd of device %U", d->name);
+		return raise_kup(code ? code : KUP_E_SYS, sys_errno, "event fd of device %U", d->name);
 	return PyLong_FromLong(fd);
 }
 
@@ -732,8 +738,16 @@ channel_receive_now(ChannelObject *c, int raise_notready, build_fn build)
 		sys_errno = errno;
 	}
 	if (rc == 0) {
+		/* a large message is copied out with the GIL released
+		 * (message_data): a close() from another thread may have
+		 * arrived meanwhile, and is carried out here */
 		res = build(c, &m);
-		c->busy = 0;
+		if (channel_leave(c)) {
+			Py_XDECREF(res);
+			return raise_kup(KUP_E_INVAL, 0,
+			    "receive on channel %u of device %U: channel was closed by another thread",
+			    (unsigned)c->id, c->dev->name);
+		}
 		return res;
 	}
 	c->busy = 0;
@@ -847,9 +861,11 @@ exchange_begin(ChannelObject *c, PyObject *data, Py_buffer *view, const char *op
 		return -1;
 	}
 	if ((size_t)view->len > c->max_msg) {
+		/* leave first: raising may run Python code, and so let a
+		 * close() from another thread in while the channel is claimed */
+		(void)channel_leave(c);
 		raise_kup(KUP_E_TOOBIG, 0, "%s: send of %zd bytes on channel %u of device %U (max_msg %zu)",
 		    op, view->len, (unsigned)c->id, c->dev->name, c->max_msg);
-		c->busy = 0;
 		PyBuffer_Release(view);
 		return -1;
 	}
@@ -1079,15 +1095,20 @@ channel_unread(ChannelObject *c, PyObject *unused)
 static PyObject *
 channel_keep_unread(ChannelObject *c, PyObject *arg)
 {
-	int on = PyObject_IsTrue(arg);
+	int rc, on = PyObject_IsTrue(arg);
 
 	if (on < 0)
 		return NULL;
-	if (c->h == NULL || c->close_requested)
+	/* claimed like an operation: libkup's receive, perhaps running in
+	 * another thread with the GIL released, reads the setting */
+	if (channel_enter(c, "keep_unread") < 0)
+		return NULL;
+	rc = kernproxy_keep_unread(c->h, on);
+	if (channel_leave(c))
 		return raise_kup(KUP_E_INVAL, 0,
-		    "keep_unread on channel %u of device %U: channel is closed",
+		    "keep_unread on channel %u of device %U: channel was closed by another thread",
 		    (unsigned)c->id, c->dev->name);
-	if (kernproxy_keep_unread(c->h, on) != 0)
+	if (rc != 0)
 		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
 		    "keep_unread on channel %u of device %U", (unsigned)c->id, c->dev->name);
 	Py_RETURN_NONE;

@@ -500,3 +500,61 @@ def test_out_of_file_descriptors_is_resource_exhausted(echo_sim: KupSim) -> None
     assert "run out of file descriptors" in first, first
     assert int(first.split()[1]) > 0, first
     assert again == "again"
+
+
+def test_close_during_a_large_nonblocking_receive_is_carried_out() -> None:
+    """try_receive copies a large message (>= 64 KiB) out with the GIL
+    released.  A close() from another thread that lands in that copy must
+    still release the channel: before, the receive cleared the claim
+    without looking at the close it recorded, so .closed said True while
+    the channel stayed attached (every other user got Busy)."""
+    from kupd.errors import InvalidArgument
+
+    env = {"KUP_PARAM_ECHO_CHANNELS": "2", "KUP_PARAM_ECHO_PAGES": "1024"}
+    with kupsim("echo", env=env) as sim, Device.open(sim.device_path("echo")) as dev:
+        payload = b"x" * (dev.info().max_msg // 2)
+        for _ in range(50):
+            ch = channel_when_free(dev, 0)
+            opened(ch)
+            ch.send(payload)
+            deadline = time.monotonic() + T
+            while not ch.my_turn():
+                assert time.monotonic() < deadline, "echo never answered"
+                time.sleep(0.001)
+            stop = threading.Event()
+            hit: list[bool] = []
+
+            def closer(
+                ch: Channel = ch, stop: threading.Event = stop, hit: list[bool] = hit
+            ) -> None:
+                # spins on the GIL: it runs as soon as the copy lets go of it
+                while not stop.is_set():
+                    try:
+                        ch.fileno()  # Busy while the channel is claimed
+                    except Busy:
+                        ch.close()
+                        hit.append(True)
+                        return
+
+            t = threading.Thread(target=closer)
+            t.start()
+            try:
+                got: object = ch.try_receive()
+            except InvalidArgument as e:
+                got = e
+            stop.set()
+            t.join(T)
+            assert not t.is_alive()
+            if not hit:  # the close came after the receive: try again
+                ch.close()
+                continue
+            assert isinstance(got, InvalidArgument), got
+            assert "closed by another thread" in str(got)
+            assert ch.closed
+            deadline = time.monotonic() + T
+            while 0 in dev.info().attached:
+                assert time.monotonic() < deadline, "the closed channel stayed attached"
+                time.sleep(0.01)
+            channel_when_free(dev, 0).close()  # and the next user gets it
+            return
+        pytest.fail("the close never landed inside the copy in 50 tries")
