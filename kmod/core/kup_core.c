@@ -859,8 +859,12 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 	}
 #ifndef KUP_CHAN_MEM_FRESH
 	/* Nothing of the previous user's conversation reaches this one: the
-	 * data areas are cleared too, not just the control area (under
-	 * ch->lock only: megabytes, on a big channel). */
+	 * rest of the control page (mapped read/write, so a user may have
+	 * written there) and the data areas are cleared too, not just the
+	 * control area kup_page_reset writes (under ch->lock only:
+	 * megabytes, on a big channel). */
+	memset((uint8_t *)ch->ctrl + KUP_CTRL_SIZE, 0,
+	    sc->page_size - KUP_CTRL_SIZE);
 	memset((uint8_t *)ch->ctrl + KUP_CHAN_K2U_OFF(sc->page_size), 0,
 	    sc->data_size);
 	memset((uint8_t *)ch->ctrl + KUP_CHAN_U2K_OFF(sc->page_size, sc->pages),

@@ -97,8 +97,13 @@ kupsim_curthread(void)
  * parks the ATTACH the same way (kupsim_server.c do_attach) */
 #define KUP_ATTACH_LETGO_MS    0U
 /* kup_os.h: every attachment maps a fresh memfd (kupsim_chan_renew), all
- * zeroes: nothing of the previous user is left to clear */
+ * zeroes: nothing of the previous user is left to clear.  The core's unit
+ * test is also built with KUPSIM_REUSE_CHAN_MEM (no server, so no renewal:
+ * the memory is reused), to run the core's clearing that the Linux and
+ * FreeBSD hosts rely on. */
+#ifndef KUPSIM_REUSE_CHAN_MEM
 #define KUP_CHAN_MEM_FRESH     1
+#endif
 /* Optional (kup_os.h): a module thread let go of ch->lock; if the server
  * waits for it, wake the server.  Inline (one relaxed load when no renewal
  * waits: it runs on every receive, send and unlock); expanded only in

@@ -869,6 +869,51 @@ test_param_rule(void)
 	printf("ok param_rule\n");
 }
 
+#ifdef KUPSIM_REUSE_CHAN_MEM
+/* The core on a host that reuses channel memory across attachments (Linux,
+ * FreeBSD; kupsim maps a fresh memfd instead): nothing the previous user
+ * wrote anywhere in its read/write mapping -- past struct kup_ctrl in the
+ * control page, or in either data area -- reaches the next user. */
+static void
+test_reattach_clean(void)
+{
+	struct kupdev_softc *sc = kupdev_create("clean", 1, 2);
+	struct kup_chan *ch = NULL;
+	struct kup_ctrl *k;
+	uint8_t *mem;
+	size_t total, i, dirty = 0;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	mem = kup_core_chan_mem(ch);
+	k = (struct kup_ctrl *)mem;
+	total = (size_t)KUP_CHAN_BYTES(k->page_size, (k->u2k_off / k->page_size) - 1);
+	CHECK_EQ(total, (size_t)k->u2k_off + k->u2k_size);
+	/* user A: its descriptor and everything past the control area */
+	k->u2k.len = 123;
+	k->u2k.kind = KUP_KIND_DATA;
+	k->u2k.seq = 77;
+	memset(mem + KUP_CTRL_SIZE, 0xa5, total - KUP_CTRL_SIZE);
+	kup_core_detach(ch);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK(kup_core_chan_mem(ch) == mem);   /* the same memory, reused */
+	CHECK_EQ(k->u2k.len, 0);
+	CHECK_EQ(k->u2k.kind, 0);
+	CHECK_EQ(k->u2k.seq, 0);
+	for (i = KUP_CTRL_SIZE; i < total; i++)
+		dirty += mem[i] != 0;
+	if (dirty != 0) {
+		fprintf(stderr, "reattach_clean: %zu bytes of the previous user left "
+		    "(first past the control area at %zu)\n", dirty, (size_t)KUP_CTRL_SIZE);
+		exit(1);
+	}
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok reattach_clean\n");
+}
+#endif
+
 int
 main(void)
 {
@@ -888,6 +933,9 @@ main(void)
 	test_misuse();
 	test_dropped_request();
 	test_param_rule();
+#ifdef KUPSIM_REUSE_CHAN_MEM
+	test_reattach_clean();
+#endif
 	kup_core_fini();
 	printf("OK core\n");
 	return 0;

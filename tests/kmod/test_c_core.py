@@ -12,6 +12,26 @@ from kmod_util import assert_clean, sanitizer_env
 __all__: list[str] = []
 
 
+def test_core_unit_on_reused_memory(variant_out: Path) -> None:
+    """The same tests on the core built as the Linux and FreeBSD hosts run
+    it (channel memory reused across attachments, cleared by the core):
+    nothing a user wrote anywhere in its mapping reaches the next user."""
+    proc = subprocess.run(
+        ["nice", str(variant_out / "test_core_reuse")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=sanitizer_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"test_core_reuse failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
+    assert_clean("test_core_reuse", proc.stderr)
+    assert "ok reattach_clean" in proc.stdout
+    assert "OK core" in proc.stdout
+
+
 def test_core_unit(variant_out: Path) -> None:
     proc = subprocess.run(
         ["nice", str(variant_out / "test_core")],
