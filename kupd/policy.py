@@ -60,6 +60,7 @@ __all__ = [
     "current_tenant",
     "parse_channels",
     "parse_tenants",
+    "sendable",
     "use_tenant",
 ]
 
@@ -626,3 +627,11 @@ class Guard:
         if not g.allows(chan):
             return "channels"
         return ""
+
+
+def sendable(channel_max: int, t: Tenant) -> int:
+    """The largest message ``t`` may send on a channel of ``channel_max``
+    bytes: its max_message_bytes when lower (0: no limit of its own)."""
+    if t.max_message_bytes and channel_max:
+        return min(channel_max, t.max_message_bytes)
+    return channel_max

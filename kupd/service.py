@@ -36,7 +36,7 @@ from kupd.devices import (
 )
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
-from kupd.policy import Budget, Guard, Tenant, current_tenant, use_tenant
+from kupd.policy import Budget, Guard, Tenant, current_tenant, sendable, use_tenant
 from kupd.sessions import Lease, LeaseTable
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
@@ -156,9 +156,12 @@ def _stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[
 
 
 # Session operation failures reported in-band (the session goes on).
+# ResourceExhausted: the one a Session operation can meet is its tenant's
+# max_message_bytes, which refuses that message only, as TooBig does.
 _IN_BAND = (
     errors.NotYourTurn,
     errors.TooBig,
+    errors.ResourceExhausted,
     errors.InvalidArgument,
     errors.DeadlineExceeded,
     errors.Busy,
@@ -459,7 +462,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             lease_id=lease.id,
             device=lease.dev.name,
             channel=lease.ch.id,
-            max_message_bytes=lease.ch.max_msg,
+            # what this caller may send: a client sizing its messages by it
+            # must not meet its tenant's lower limit
+            max_message_bytes=sendable(lease.ch.max_msg, self.guard.tenant()),
             idle_timeout_ms=idle_ms,
         )
 

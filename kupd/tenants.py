@@ -43,7 +43,7 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
 from kupd.log import get_logger
-from kupd.policy import ADMIN, DEFAULT, Tenant, use_tenant
+from kupd.policy import ADMIN, DEFAULT, Tenant, sendable, use_tenant
 from kupd.wire import add_kup_servicer
 
 __all__ = [
@@ -767,9 +767,11 @@ def scope_device_pb(
     pb: kup_pb2.DeviceInfo, t: Tenant, owner_of: Callable[[str], str]
 ) -> kup_pb2.DeviceInfo:
     """Trim a DeviceInfo to what ``t`` may see: its granted channels only,
-    and lease ids of other tenants' leases blanked."""
+    lease ids of other tenants' leases blanked, and the largest message it
+    may send (:func:`sendable`)."""
     if t.admin or t is DEFAULT:
         return pb
+    pb.max_message_bytes = sendable(pb.max_message_bytes, t)
     g = t.grant(pb.name)
     keep = [c for c in pb.channels if g is not None and g.allows(c.id)]
     del pb.channels[:]

@@ -630,13 +630,15 @@ class Session {
   }
 
   // TooBig (nothing sent, the session goes on) when data is larger than the
-  // channel's max_message_bytes: over gRPC's own limit it would end the stream.
+  // session's max_message_bytes (the channel's data area, or the tenant's own
+  // limit if lower): over gRPC's own limit it would end the stream.
   _payload(data) {
     const buf = toBuffer(data);
     const max = this.lease ? this.lease.max_message_bytes : 0;
     if (max && buf.length > max) {
-      throw new TooBig(`message of ${buf.length} bytes exceeds the data area of `
-        + `channel ${this.lease.channel} of device ${this.lease.device} (${max} bytes)`);
+      throw new TooBig(`message of ${buf.length} bytes exceeds max_message_bytes=${max} of `
+        + `channel ${this.lease.channel} of device ${this.lease.device} `
+        + '(its data area, or the tenant\'s own limit if lower)');
     }
     return checkPayload(buf);
   }

@@ -337,6 +337,39 @@ def test_ops_rule(tk: TenantKupd) -> None:
     assert _audit_has(tk, tenant="bob", op="watch", rule="ops")
 
 
+def test_a_message_over_the_tenant_limit_ends_no_session(tk: TenantKupd) -> None:
+    """A Session message over the tenant's max_message_bytes is refused
+    in-band (RESOURCE_EXHAUSTED naming the rule), like one over the channel's
+    size: the session goes on.  Before, the whole stream ended."""
+    chan = grpc.insecure_channel("unix:" + tk.sock("alice"))
+    try:
+        stub = kup_pb2_grpc.KupStub(chan)
+        reqs = iter(
+            [
+                kup_pb2.SessionRequest(request_id=1, attach=kup_pb2.SessionAttach(device="echo")),
+                kup_pb2.SessionRequest(request_id=2, receive=kup_pb2.SessionReceive()),
+                kup_pb2.SessionRequest(
+                    request_id=3, exchange=kup_pb2.SessionExchange(data=b"x" * 65)
+                ),
+                kup_pb2.SessionRequest(request_id=4, send=kup_pb2.SessionSend(data=b"x" * 65)),
+                kup_pb2.SessionRequest(
+                    request_id=5, exchange=kup_pb2.SessionExchange(data=b"y" * 64)
+                ),
+            ]
+        )
+        got = list(stub.Session(reqs, timeout=30))
+    finally:
+        chan.close()
+    assert [r.request_id for r in got] == [1, 2, 3, 4, 5]
+    assert got[0].attached.max_message_bytes == 64
+    for r in got[2:4]:
+        assert r.WhichOneof("result") == "error", r
+        assert r.error.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "rule max_message_bytes" in r.error.message
+    assert got[4].exchanged.message.data == b"y" * 64
+    assert _audit_has(tk, tenant="alice", op="session", rule="max_message_bytes")
+
+
 def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
     with tk.client("alice") as c:
         dev = c.open("echo")
@@ -346,13 +379,20 @@ def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
         with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
             c.call("echo", b"x" * 65)
         with dev.channel() as ch:
+            # kupd announces what this tenant may send, not the channel's
+            # size: the client refuses more before sending it
+            assert ch.max_msg == 64
             ch.receive()
-            with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+            with pytest.raises(errors.TooBig, match="max_message_bytes=64"):
                 ch.send(b"x" * 65)
+            assert ch.exchange(b"y" * 64).data == b"y" * 64  # the session goes on
         lease = c.attach("echo")
+        assert lease.max_message_bytes == 64
         with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
             c.lease_send(lease.lease_id, b"x" * 65)
         c.release(lease.lease_id)
+        (echo,) = [d for d in c.devices() if d.name == "echo"]
+        assert echo.max_message_bytes == 64
         assert len(c.call("echo", b"x" * 64).data) == 64
     with tk.client("carol") as c:
         c.call("echo", b"one")  # the bucket holds one token, refilled every 100 s

@@ -145,12 +145,13 @@ def call_timeout_ms(timeout: object) -> int:
 
 
 def check_size(data: object, limit: int, chan: int, device: str) -> None:
-    """TooBig (as kupd words it) when ``data`` is larger than the channel's
-    ``limit``: refused before it is sent, so the session goes on (a message
+    """TooBig when ``data`` is larger than ``limit``, the session's
+    max_message_bytes (the channel's data area, or the tenant's own limit if
+    lower): refused before it is sent, so the session goes on (a message
     over gRPC's own limit would otherwise end the stream)."""
     n = memoryview(data).nbytes if isinstance(data, (bytes, bytearray, memoryview)) else 0
     if limit and n > limit:
         raise errors.TooBig(
-            f"message of {n} bytes exceeds the data area of channel {chan} of "
-            f"device {device} ({limit} bytes)"
+            f"message of {n} bytes exceeds max_message_bytes={limit} of channel {chan} of "
+            f"device {device} (its data area, or the tenant's own limit if lower)"
         )
