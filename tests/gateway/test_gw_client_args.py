@@ -127,6 +127,34 @@ def test_a_channel_of_a_bad_id_is_refused_by_the_handle(kupd: Kupd) -> None:
             h.channel(2**32 + 40)  # wrapped to channel 40 on the wire before
 
 
+def test_a_session_refuses_data_of_a_wrong_type_as_an_argument_error(kupd: Kupd) -> None:
+    """A Session channel's send / exchange refuse data that is not bytes
+    with the library's ArgumentTypeError (a plain TypeError before), and
+    the session goes on."""
+    from kupclient.errors import ArgumentTypeError
+
+    async def go_async() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            async with await (await c.open("echo")).channel() as ch:
+                await ch.receive(timeout=5)
+                for bad in ("str", 5, None):
+                    with pytest.raises(ArgumentTypeError, match="data must be bytes, not"):
+                        await ch.send(bad)  # type: ignore[arg-type]
+                    with pytest.raises(ArgumentTypeError, match="data must be bytes, not"):
+                        await ch.exchange(bad, timeout=5)  # type: ignore[arg-type]
+                assert (await ch.exchange(b"ok", timeout=5)).data == b"ok"
+
+    with kupd.client() as c, c.open("echo").channel() as ch:
+        ch.receive(timeout=5)
+        for bad in ("str", 5, None):
+            with pytest.raises(ArgumentTypeError, match="data must be bytes, not"):
+                ch.send(bad)  # type: ignore[arg-type]
+            with pytest.raises(ArgumentTypeError, match="data must be bytes, not"):
+                ch.exchange(bad, timeout=5)  # type: ignore[arg-type]
+        assert ch.exchange(b"ok", timeout=5).data == b"ok"
+    asyncio.run(go_async())
+
+
 def test_every_accepted_type_still_works(kupd: Kupd) -> None:
     with kupd.client() as c:
         for data in (b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4]):

@@ -23,6 +23,7 @@ from typing import Any
 
 from kupapi import kup_pb2
 from kupclient._types import Data, Kind, Message, message_from_pb
+from kupclient.errors import ArgumentTypeError
 from kupd.wire import LEN, Unexpected, fields, scalar, span, varint
 
 #: From these sizes up the hand path is the faster one (below, the generated
@@ -65,7 +66,9 @@ class WireOp:
 
     def __init__(self, field: int, data: Data, mode: int = 0, timeout_ms: int = 0) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+            # the library's own refusal, as data_arg words it for the other
+            # RPCs (a plain TypeError would look like a bug of the caller's)
+            raise ArgumentTypeError(f"data must be bytes, not {type(data).__name__}")
         self.field = field
         self.data = data
         self.mode = mode
