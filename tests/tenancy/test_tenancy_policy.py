@@ -507,9 +507,59 @@ def test_admin_lists_and_revokes(tk: TenantKupd) -> None:
         with pytest.raises(errors.PermissionDenied, match="admin-revoke: test says so"):
             ch.send(b"after")
             ch.receive(timeout=10)
+        # the next operation says why the channel is closed, not only that it is
+        with pytest.raises(
+            errors.InvalidArgument,
+            match=r"channel 12 of echo is closed: the session ended with PermissionDenied: .*"
+            "admin-revoke: test says so",
+        ):
+            ch.send(b"again")
         ch.close()
         with pytest.raises(errors.NotFound):
             adm.revoke("no-such-lease")
+
+
+def test_async_session_says_why_it_is_closed(tk: TenantKupd) -> None:
+    """AsyncClient: after a revocation ended the stream, the next operation
+    names the error that ended it."""
+    import asyncio
+
+    from kupclient import AsyncClient
+
+    async def go() -> None:
+        async with AsyncClient(tk.sock("alice")) as a:
+            ch = await (await a.open("echo")).channel(13)
+            await ch.receive(timeout=10)
+            with tk.admin() as adm:
+                adm.revoke(ch.lease.lease_id, "async test says so")
+            # kupd's status has reached the client (the stream is done): the
+            # next operation raises it, not gRPC's "RPC already finished"
+            for _ in range(1000):
+                if ch._call.done():
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(errors.PermissionDenied, match="async test says so"):
+                await ch.send(b"after")
+            with pytest.raises(
+                errors.InvalidArgument,
+                match=r"closed: the session ended with PermissionDenied: .*async test says so",
+            ):
+                await ch.send(b"again")
+            await ch.close()
+            # the same as the status arrives: kupd's reason, or if gRPC lost
+            # it in the race with the write, PeerGone saying so (before:
+            # SystemFailure "Internal error from Core")
+            ch = await (await a.open("echo")).channel(13)
+            await ch.receive(timeout=10)
+            with tk.admin() as adm:
+                adm.revoke(ch.lease.lease_id, "async test says so again")
+            with pytest.raises((errors.PermissionDenied, errors.PeerGone)) as ended:
+                while True:
+                    await ch.exchange(b"x", timeout=10)
+            assert "again" in str(ended.value) or "as this request was sent" in str(ended.value)
+            await ch.close()
+
+    asyncio.run(go())
 
 
 def test_drain_device(tk: TenantKupd) -> None:
@@ -523,6 +573,8 @@ def test_drain_device(tk: TenantKupd) -> None:
         assert ch.lease.lease_id in ended
         with pytest.raises(errors.Shutdown):
             ch.send(b"x")
+            ch.receive(timeout=10)
+        with pytest.raises(errors.InvalidArgument, match=r"ended with Shutdown: .*drained"):
             ch.receive(timeout=10)
         ch.close()
         with pytest.raises(errors.KupError, match="drained"):

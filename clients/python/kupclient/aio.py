@@ -414,6 +414,12 @@ class AsyncChannel(Sampled):
             return kupd_not_answering(self._what, self._late)
         return channel_closed(self._what, pending and self._closing, self._cause)
 
+    def _ended(self, exc: errors.KupError) -> errors.KupError:
+        """``exc`` ended the stream: later operations say so (the admin's
+        reason of a revocation, a device shutting down), not only "closed"."""
+        self._cause = f"the session ended with {type(exc).__name__}: {exc.message}"
+        return exc
+
     def _abort(self) -> None:
         """AsyncClient.close(): end the session; an operation waiting fails
         with "... was closed while the operation waited"."""
@@ -452,21 +458,42 @@ class AsyncChannel(Sampled):
             req.request_id = self._next_id
             self._bound = bound
             self._owed = True
+            written = False
             try:
                 await self._call.write(req)
+                written = True
                 resp = await self._call.read()
                 self._owed = False
             except grpc.RpcError as exc:
                 self._closed = True
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
-                raise error_from_rpc(exc) from None
+                if not written and exc.code() == grpc.StatusCode.INTERNAL:
+                    # kupd ended the stream (a revocation, a drain...) as
+                    # this request was sent: grpc.aio then reports its own
+                    # INTERNAL "Internal error from Core" in place of the
+                    # status kupd sent, which is lost
+                    raise self._ended(
+                        errors.PeerGone(
+                            f"{self._what}: kupd ended the session as this request was sent "
+                            "(nothing was sent; gRPC did not pass on kupd's reason: a "
+                            "revocation, a drain, the device or kupd stopping)"
+                        )
+                    ) from None
+                raise self._ended(error_from_rpc(exc)) from None
             except asyncio.InvalidStateError:
                 # gRPC's "RPC already finished": the stream was cancelled
-                # (close(), the watchdog) before the write
+                # (close(), the watchdog) before the write, or kupd ended it
                 self._closed = True
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
+                code = await self._call.code()
+                if not self._cause and code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                    raise self._ended(
+                        error_from_status(
+                            code, await self._call.details(), await self._call.trailing_metadata()
+                        )
+                    ) from None
                 raise channel_closed(self._what, cause=self._cause) from None
             except asyncio.CancelledError:
                 # gRPC cancels the whole stream with the read: the session is over
@@ -485,10 +512,12 @@ class AsyncChannel(Sampled):
                     raise self._gone(pending=True)
                 code = await self._call.code()
                 if code != grpc.StatusCode.OK:
-                    raise error_from_status(
-                        code, await self._call.details(), await self._call.trailing_metadata()
+                    raise self._ended(
+                        error_from_status(
+                            code, await self._call.details(), await self._call.trailing_metadata()
+                        )
                     )
-                raise errors.PeerGone(f"{self._what}: session ended")
+                raise self._ended(errors.PeerGone(f"{self._what}: session ended"))
         if isinstance(resp, _wire.WireReply):
             return resp
         assert isinstance(resp, kup_pb2.SessionResponse)

@@ -403,6 +403,12 @@ class Channel(Sampled):
             return kupd_not_answering(self._what, self._late)
         return channel_closed(self._what, pending and self._closing, self._cause)
 
+    def _ended(self, exc: errors.KupError) -> errors.KupError:
+        """``exc`` ended the stream: later operations say so (the admin's
+        reason of a revocation, a device shutting down), not only "closed"."""
+        self._cause = f"the session ended with {type(exc).__name__}: {exc.message}"
+        return exc
+
     def _abort(self) -> None:
         """Client.close(): end the session; an operation waiting fails with
         "... was closed while the operation waited"."""
@@ -456,13 +462,13 @@ class Channel(Sampled):
                 self._cancel()
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
-                raise errors.PeerGone(f"{self._what}: session ended") from None
+                raise self._ended(errors.PeerGone(f"{self._what}: session ended")) from None
             except grpc.RpcError as exc:
                 self._closed = True
                 self._cancel()  # the stream is over: end its request thread too
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
-                raise error_from_rpc(exc) from None
+                raise self._ended(error_from_rpc(exc)) from None
             except BaseException:
                 # Interrupted while waiting (KeyboardInterrupt): the reply is
                 # still owed and would answer the next request, so the
