@@ -13,6 +13,8 @@ from kupclient._args import seconds_arg
 from kupd.abi import Kind
 
 __all__ = [
+    "KEEPALIVE_TIMEOUT_MS",
+    "KEEPALIVE_TIME_MS",
     "KUPD_GRACE",
     "ChannelInfo",
     "Data",
@@ -238,12 +240,27 @@ def target_for(path: str) -> str:
     return "unix:" + os.path.abspath(path)
 
 
+#: The client pings kupd after this long without traffic on the connection
+#: (kupd accepts a ping every 5 s at most, and answers more with GOAWAY) ...
+KEEPALIVE_TIME_MS = 30_000
+#: ... and drops the connection when the ping is not answered within this
+#: long: an operation waiting on a hung (e.g. stopped) kupd fails Unavailable
+#: instead of waiting as long as kupd does.
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
 def channel_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC's core times a ping out by this one (keepalive_timeout_ms
+        # alone left the Python client waiting for a stopped kupd as long as
+        # it was stopped), and by default sends only two pings while no data
+        # flows: a receive that waits long would be unguarded after that
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
