@@ -290,14 +290,13 @@ kup_chan_lookup(struct kupdev_softc *sc, int chan_id)
 	return &sc->chans[chan_id];
 }
 
-/* Page state bits are written under sc->lock only. */
+/* Page state bits are written under sc->lock only, from the private copy:
+ * bits a user scribbled on its page are not kept. */
 static void
 kup_state_set(struct kup_chan *ch, uint32_t set, uint32_t clear)
 {
-	uint32_t st = KUP_READ_ONCE32(&ch->ctrl->state);
-
-	st = (st | set) & ~clear;
-	KUP_WRITE_ONCE32(&ch->ctrl->state, st);
+	ch->state = (ch->state | set) & ~clear;
+	KUP_WRITE_ONCE32(&ch->ctrl->state, ch->state);
 }
 
 /* Write the identity and a fresh protocol state into the control page. */
@@ -319,7 +318,8 @@ kup_page_reset(struct kup_chan *ch, uint64_t gen)
 	c->chan_id = ch->id;
 	c->chan_count = (uint32_t)sc->chan_cnt;
 	KUP_WRITE_ONCE64(&c->attach_gen, gen);
-	KUP_WRITE_ONCE32(&c->state, KUP_STATE_ATTACHED);
+	ch->state = KUP_STATE_ATTACHED;
+	KUP_WRITE_ONCE32(&c->state, ch->state);
 	KUP_STORE_REL32(&c->turn, KUP_TURN_KERNEL);
 	KUP_FENCE();
 }
@@ -410,6 +410,7 @@ kupdev_create(const char *name, size_t size, size_t chan_cnt)
 		ch->k2u = (uint8_t *)ch->mem + KUP_CHAN_K2U_OFF(page);
 		ch->u2k = (uint8_t *)ch->mem + KUP_CHAN_U2K_OFF(page, size);
 		kup_page_reset(ch, 0);
+		ch->state = 0;
 		KUP_WRITE_ONCE32(&ch->ctrl->state, 0);
 	}
 

@@ -34,6 +34,9 @@ struct kup_chan {
 	uint32_t pending;         /* attached, module not told yet */
 	uint64_t gen;             /* attachment generation */
 	uint64_t kgen;            /* generation the module was told about */
+	uint32_t state;           /* what ctrl->state was last set to: the page
+	                           * is user-writable, so the core never reads
+	                           * it back (kup_state_set) */
 
 	/* kernel-side protocol state, under lock */
 	uint64_t pgen;            /* generation this state belongs to */

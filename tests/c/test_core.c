@@ -683,13 +683,15 @@ test_shutdown(void)
 	CHECK_EQ(pthread_create(&t1, NULL, krecv_main, &kr), 0);
 	CHECK_EQ(pthread_create(&t2, NULL, kwait_main, &kw), 0);
 	usleep(30000);
+	/* the user scribbles on its state word: the kernel does not keep that */
+	__atomic_store_n(&u.k->state, KUP_STATE_PEER_GONE | 0x100, __ATOMIC_RELAXED);
 	CHECK_EQ(kupdev_shutdown(sc), 0);
 	pthread_join(t1, NULL);
 	pthread_join(t2, NULL);
 	CHECK_EQ(kr.ret, -ESHUTDOWN);
 	CHECK_EQ(kw.ret, -ESHUTDOWN);
 	/* the user side was told: state bit and a wake-up on its fd */
-	CHECK(u.k->state & KUP_STATE_SHUTDOWN);
+	CHECK_EQ(u.k->state, KUP_STATE_ATTACHED | KUP_STATE_SHUTDOWN);
 	pf.fd = os->k2u_efd;
 	pf.events = POLLIN;
 	CHECK_EQ(poll(&pf, 1, 1000), 1);
