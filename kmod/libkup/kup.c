@@ -399,14 +399,19 @@ chan_state(struct kp_chan *c)
 }
 
 /* The page says the kernel handed us the turn: take its descriptor, read
- * once, validated against the private size and the sequence. */
+ * once, validated against the private size and the sequence.  keep_data:
+ * leave a DATA message where it is (EKU_NOTTURN), judged by the same read
+ * of kind as the take (a kernel side rewriting it meanwhile must not get a
+ * kept message dropped). */
 static int
-take_kernel_msg(struct kp_chan *c, struct kernproxy_msg *msg)
+take_kernel_msg(struct kp_chan *c, struct kernproxy_msg *msg, int keep_data)
 {
 	uint32_t len = READ32(&c->ctrl->k2u.len);
 	uint32_t kind = READ32(&c->ctrl->k2u.kind);
 	uint64_t seq = READ64(&c->ctrl->k2u.seq);
 
+	if (keep_data && kind == KUP_KIND_DATA)
+		return KUP_E_NOTTURN;
 	if ((kind != KUP_KIND_DATA && kind != KUP_KIND_PASS &&
 	    kind != KUP_KIND_CLOSE) || len > c->k2u_size ||
 	    (kind != KUP_KIND_DATA && len != 0) || seq != c->k2u_seq + 1) {
@@ -661,7 +666,7 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 		c->broken = 1;
 		return fail(&c->h, KUP_E_PROTO);
 	}
-	r = take_kernel_msg(c, msg);
+	r = take_kernel_msg(c, msg, 0);
 	if (r != KUP_E_OK)
 		return fail(&c->h, r);
 	/* poll mode: a wake-up for this hand-over may land after the drain
@@ -719,9 +724,7 @@ own_turn(struct kp_chan *c)
 		c->broken = 1;
 		return KUP_E_PROTO;
 	}
-	if (c->keep_unread && READ32(&c->ctrl->k2u.kind) == KUP_KIND_DATA)
-		return KUP_E_NOTTURN;
-	return take_kernel_msg(c, NULL);
+	return take_kernel_msg(c, NULL, c->keep_unread);
 }
 
 static int
