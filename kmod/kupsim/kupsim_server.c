@@ -118,6 +118,7 @@ struct conn {
 	int parked;                /* an ATTACH (pq) waits for a renewal; not
 	                            * polled for input meanwhile */
 	int64_t park_until;        /* then it is refused (monotonic ms) */
+	uint64_t park_pass;        /* the renew_service pass that last tried it */
 	struct kupsim_req pq;
 	struct kupdev_softc *sc;   /* referenced */
 	struct kup_chan *ch;       /* CONN_ATTACHED */
@@ -832,6 +833,7 @@ unpark(struct conn *c)
 static int
 renew_service(void)
 {
+	static uint64_t pass;
 	struct listener *l;
 	struct conn *c, *next;
 	int64_t now;
@@ -842,18 +844,24 @@ renew_service(void)
 			renew_retry(l);
 	if (S.nparked != 0) {
 		now = now_ms();
-		/* conn_close (reap_departed) only unlinks: a closed next is
-		 * skipped as dead and still leads on */
+		pass++;
 		for (c = S.cs; c != NULL; c = next) {
 			next = c->next;
-			if (c->dead || !c->parked)
+			if (c->dead || !c->parked || c->park_pass == pass)
 				continue;
+			c->park_pass = pass;
 			r = do_attach(c, &c->pq, now < c->park_until);
-			if (r == ATTACH_WAIT)
-				continue;
-			unpark(c);
-			if (r != 0)
-				conn_close(c);
+			if (r != ATTACH_WAIT) {
+				unpark(c);
+				if (r != 0)
+					conn_close(c);
+			}
+			/* do_attach may close other connections (reap_departed),
+			 * and conn_close moves a connection to the graveyard:
+			 * a closed next leads there, not on through S.cs.  Start
+			 * over; park_pass skips those already tried. */
+			if (next != NULL && next->dead)
+				next = S.cs;
 		}
 	}
 	for (l = S.ls; l != NULL; l = l->next)
