@@ -494,6 +494,28 @@ kupdev_shutdown(struct kupdev_softc *sc)
 	return 0;
 }
 
+/* Name the channels a module thread still holds at unload: a receive that
+ * was never followed by kupdev_unlock_channel (the thread returned, or
+ * hangs).  Nothing else shows it: such a channel was lost to its users for
+ * good ("module" in kupd's ListDevices), and the unload itself goes on. */
+static void
+kup_unload_report_held(struct kupdev_softc *sc)
+{
+	size_t i, held = 0;
+
+	for (i = 0; i < sc->chan_cnt; i++) {
+		if (KUP_READ_ONCE64(&sc->chans[i].holder) == 0)
+			continue;
+		if (held++ < 8)
+			kup_os_log("kup: %s: chan %zu: still held by a module thread at "
+			    "unload (kupdev_receive without kupdev_unlock_channel: a module "
+			    "bug; users could not attach it)", sc->name, i);
+	}
+	if (held > 8)
+		kup_os_log("kup: %s: %zu channels in all still held at unload",
+		    sc->name, held);
+}
+
 int
 kupdev_unload(struct kupdev_softc *sc)
 {
@@ -512,6 +534,7 @@ kupdev_unload(struct kupdev_softc *sc)
 	}
 	sc->unloaded = 1;
 	kup_unlock(&sc->lock);
+	kup_unload_report_held(sc);
 
 	kup_os_dev_withdraw(sc);
 	kup_lock(&kup_reg_lock);

@@ -666,15 +666,28 @@ kup_os_mutex_new(const char *name)
 	return (m);
 }
 
+/* sx(9) checks its holder only under INVARIANTS (a release kernel would
+ * hang on a double lock, or release another thread's hold): check here,
+ * say so, and leave the lock as it is. */
 void
 kup_os_mutex_lock(struct kup_mutex *m)
 {
+	if (sx_xlocked(&m->sx)) {
+		kup_os_log("kup: mutex %s: lock: already held by this thread "
+		    "(a module bug: not recursive)", m->name);
+		return;
+	}
 	sx_xlock(&m->sx);
 }
 
 void
 kup_os_mutex_unlock(struct kup_mutex *m)
 {
+	if (!sx_xlocked(&m->sx)) {
+		kup_os_log("kup: mutex %s: unlock: not held by this thread "
+		    "(a module bug; left as it is)", m->name);
+		return;
+	}
 	sx_xunlock(&m->sx);
 }
 
@@ -683,6 +696,8 @@ kup_os_mutex_free(struct kup_mutex *m)
 {
 	if (m == NULL)
 		return;
+	if (sx_xholder(&m->sx) != NULL)
+		kup_os_log("kup: mutex %s: free: still locked (a module bug)", m->name);
 	sx_destroy(&m->sx);
 	free(m, M_KUP);
 }

@@ -96,9 +96,13 @@ int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
 
 /* A mutex for state a module's threads share (e.g. what every channel's
  * worker reads and updates).  The holder may sleep and call kupdev_*
- * (Linux: struct mutex; FreeBSD: sx(9); kupsim: an error-checking
- * pthread mutex, which logs a double lock or a foreign unlock -- the
- * kernels would hang or panic).  Not recursive.  Never hold one across a
+ * (Linux: struct mutex; FreeBSD: sx(9); kupsim: an error-checking, robust
+ * pthread mutex).  Not recursive.  Every host logs a lock by its holder (and
+ * goes on holding it, where it would deadlock), an unlock by a thread that
+ * does not hold it (and leaves it as it is, where it would release another
+ * thread's hold) and a free of a locked mutex, naming the mutex; kupsim
+ * also tells the next locker of a mutex whose holder thread exited without
+ * unlocking it, and hands it over (a kernel hangs that locker).  Never hold one across a
  * call that waits for a user (kupdev_receive with a timeout, a blocking
  * send) that another thread needs the same mutex to answer: that is a
  * deadlock no host detects.

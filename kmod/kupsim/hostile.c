@@ -10,6 +10,8 @@
  *   "badlen"   DATA with len = data area + 1
  *   "badkind"  descriptor kind 77
  *   "badturn"  turn word set to garbage (0x12345678)
+ *   "leaklock" the worker ends without kupdev_unlock_channel (the channel
+ *              stays held: kupdev_unload logs it)
  *   anything else: echoed unchanged
  * PASS is answered with PASS.  Uses the core's private test hook, so it is
  * built against kmod/core (never a model for a real module).
@@ -75,6 +77,14 @@ h_worker(void *arg)
 			r = m.kind == KUP_KIND_PASS ? kupdev_pass(h_sc, c) : -EPIPE;
 			continue;
 		}
+		if (h_is(&m, "leaklock")) {
+			/* the bug on purpose: the worker ends holding the
+			 * channel (no kupdev_unlock_channel); kupdev_unload
+			 * names it */
+			kup_os_log("hostile: chan %d: worker ends holding the channel", c);
+			kup_os_free(buf, max);
+			return 0;
+		}
 		if (h_is(&m, "seqgap")) {
 			kupdev_unlock_channel(h_sc, c);
 			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 1,
@@ -128,12 +138,21 @@ h_accept(void *arg)
 	return 0;
 }
 
+static int
+h_lock_and_exit(void *arg)
+{
+	kup_os_mutex_lock(arg);   /* and never unlocked */
+	return 0;
+}
+
 static void
 h_mutex_misuse(void)
 {
 	struct kup_mutex *m = kup_os_mutex_new("hostile-m");
+	struct kup_mutex *d = kup_os_mutex_new("hostile-dead");
+	struct kup_thread *t;
 
-	if (m == NULL)
+	if (m == NULL || d == NULL)
 		return;
 	kup_os_mutex_lock(m);
 	kup_os_mutex_lock(m);     /* its holder again */
@@ -141,6 +160,13 @@ h_mutex_misuse(void)
 	kup_os_mutex_unlock(m);   /* not locked any more */
 	kup_os_mutex_lock(m);
 	kup_os_mutex_free(m);     /* still locked */
+	/* a thread that exits holding it: the next locker is told, not hung */
+	t = kup_os_thread_start(h_lock_and_exit, d, "hostile-dead");
+	if (t != NULL)
+		(void)kup_os_thread_join(t);
+	kup_os_mutex_lock(d);
+	kup_os_mutex_unlock(d);
+	kup_os_mutex_free(d);
 }
 
 int

@@ -618,6 +618,10 @@ kup_os_mutex_new(const char *name)
 	snprintf(m->name, sizeof(m->name), "%s", name != NULL ? name : "?");
 	pthread_mutexattr_init(&attr);
 	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+	/* robust: a thread that exits holding it is reported to the next
+	 * locker (EOWNERDEAD), which would otherwise wait for ever -- and
+	 * kupsim's unload with it, joining that waiter */
+	pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
 	if (pthread_mutex_init(&m->mtx, &attr) != 0) {
 		pthread_mutexattr_destroy(&attr);
 		free(m);
@@ -632,7 +636,12 @@ kup_os_mutex_lock(struct kup_mutex *m)
 {
 	int e = pthread_mutex_lock(&m->mtx);
 
-	if (e != 0)
+	if (e == EOWNERDEAD) {
+		kup_os_log("kupsim: mutex %s: lock: the thread that held it exited "
+		    "without unlocking it (a module bug: a kernel would hang here); "
+		    "taken over", m->name);
+		pthread_mutex_consistent(&m->mtx);
+	} else if (e != 0)
 		kup_os_log("kupsim: mutex %s: lock: %s (a module bug: a kernel "
 		    "would hang here)", m->name, strerror(e));
 }
@@ -654,10 +663,16 @@ kup_os_mutex_free(struct kup_mutex *m)
 
 	if (m == NULL)
 		return;
-	e = pthread_mutex_destroy(&m->mtx);
-	if (e != 0)
+	/* a robust mutex's destroy does not check that it is unlocked: a
+	 * trylock does (it fails EBUSY, EDEADLK for the holder itself, or
+	 * EOWNERDEAD when a holder exited) */
+	e = pthread_mutex_trylock(&m->mtx);
+	if (e == 0)
+		pthread_mutex_unlock(&m->mtx);
+	else
 		kup_os_log("kupsim: mutex %s: free: %s (a module bug: still "
-		    "locked)", m->name, strerror(e));
+		    "locked)", m->name, strerror(EBUSY));
+	(void)pthread_mutex_destroy(&m->mtx);
 	free(m);
 }
 

@@ -337,6 +337,8 @@ EXPORT_SYMBOL_GPL(kup_os_snprintf);
 struct kup_mutex {
 	struct mutex mtx;
 	struct lock_class_key key;
+	struct task_struct *owner;  /* who holds it: the misuse a Debian kernel
+	                             * (no DEBUG_MUTEXES) does not report */
 	char name[32];
 };
 
@@ -355,12 +357,26 @@ EXPORT_SYMBOL_GPL(kup_os_mutex_new);
 
 void kup_os_mutex_lock(struct kup_mutex *m)
 {
+	if (READ_ONCE(m->owner) == current) {
+		/* would deadlock on itself: say so, and go on holding it */
+		kup_os_log("kup: mutex %s: lock: already held by this thread "
+		    "(a module bug: not recursive)", m->name);
+		return;
+	}
 	mutex_lock(&m->mtx);
+	WRITE_ONCE(m->owner, current);
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_lock);
 
 void kup_os_mutex_unlock(struct kup_mutex *m)
 {
+	if (READ_ONCE(m->owner) != current) {
+		/* a mutex_unlock here would release another thread's hold */
+		kup_os_log("kup: mutex %s: unlock: not held by this thread "
+		    "(a module bug; left as it is)", m->name);
+		return;
+	}
+	WRITE_ONCE(m->owner, NULL);
 	mutex_unlock(&m->mtx);
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_unlock);
@@ -369,6 +385,8 @@ void kup_os_mutex_free(struct kup_mutex *m)
 {
 	if (m == NULL)
 		return;
+	if (READ_ONCE(m->owner) != NULL)
+		kup_os_log("kup: mutex %s: free: still locked (a module bug)", m->name);
 	mutex_destroy(&m->mtx);
 	lockdep_unregister_key(&m->key);
 	kfree(m);
