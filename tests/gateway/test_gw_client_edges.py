@@ -380,9 +380,35 @@ def test_async_session_op_bounded_when_kupd_hangs(kupd: Kupd, stopped: Any) -> N
 #: The sync fork scenario, in a process of its own for the same reason as
 #: the async one below: forking pytest's process, full of other tests'
 #: gRPC threads, once hung the fork itself in a full run.
+#: Runs body() in a forked child, its result back as JSON (both scripts).
+IN_CHILD = """
+def in_child(body):
+    # gRPC's own fork handling now and then kills a child of a process
+    # using grpc.aio before any of its code runs: fork again then
+    for _ in range(5):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)
+            try:
+                out = json.dumps(body())
+            except BaseException as exc:
+                out = json.dumps(["child failed: " + repr(exc)])
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            out = f.read().decode()
+        if out or not os.WIFSIGNALED(status):
+            return json.loads(out) if out else ["child exited " + str(status)]
+    return ["child killed at fork 5 times"]
+"""
+
 SYNC_FORK = """
 import json, os, signal, sys, time
 from kupclient import Client, errors
+""" + IN_CHILD + """
 
 def err(fn):
     try:
@@ -419,28 +445,7 @@ def child():
     lines.append(time.monotonic() - start)
     return lines
 
-# gRPC's own fork handling now and then kills the child (a signal, with
-# nothing written) -- as with grpc.aio below: fork again then
-for _ in range(5):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        signal.alarm(20)
-        try:
-            out = json.dumps(child())
-        except BaseException as exc:
-            out = json.dumps(["child failed: " + repr(exc)])
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    if out or not os.WIFSIGNALED(status):
-        lines = json.loads(out) if out else ["child exited " + str(status)]
-        break
-else:
-    lines = ["child killed at fork 5 times"]
+lines = in_child(child)  # gRPC kills a sync client's child now and then too
 # the parent's client and session are untouched
 parent = [
     ch.exchange(b"parent", timeout=5).data.decode(),
@@ -482,29 +487,7 @@ def test_sync_client_after_fork_fails_fast_in_the_child(kupd: Kupd) -> None:
 ASYNC_FORK = """
 import asyncio, json, os, signal, sys
 from kupclient import AsyncClient, errors
-
-def in_child(body):
-    # gRPC's own fork handling now and then kills a child of a process
-    # using grpc.aio before any of its code runs: fork again then
-    for _ in range(5):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            signal.alarm(20)
-            try:
-                out = json.dumps(body())
-            except BaseException as exc:
-                out = json.dumps(["child failed: " + repr(exc)])
-            os.write(w, out.encode())
-            os._exit(0)
-        os.close(w)
-        _, status = os.waitpid(pid, 0)
-        with os.fdopen(r, "rb") as f:
-            out = f.read().decode()
-        if out or not os.WIFSIGNALED(status):
-            return json.loads(out) if out else ["child exited " + str(status)]
-    return ["child killed at fork 5 times"]
-
+""" + IN_CHILD + """
 async def main():
     async with AsyncClient(sys.argv[1]) as c:
         ch = await (await c.open("echo")).channel(37)

@@ -12,39 +12,33 @@ from kmod_util import assert_clean, sanitizer_env
 __all__: list[str] = []
 
 
-def test_core_unit_on_reused_memory(variant_out: Path) -> None:
-    """The same tests on the core built as the Linux and FreeBSD hosts run
-    it (channel memory reused across attachments, cleared by the core):
-    nothing a user wrote anywhere in its mapping reaches the next user."""
+def _run_clean(variant_out: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """Run the C test ``name`` of a sanitizer build: it passed, and the
+    sanitizers reported nothing."""
     proc = subprocess.run(
-        ["nice", str(variant_out / "test_core_reuse")],
+        ["nice", str(variant_out / name)],
         capture_output=True,
         text=True,
         timeout=240,
         env=sanitizer_env(),
         check=False,
     )
-    assert proc.returncode == 0, (
-        f"test_core_reuse failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    )
-    assert_clean("test_core_reuse", proc.stderr)
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert_clean(name, proc.stderr)
+    return proc
+
+
+def test_core_unit_on_reused_memory(variant_out: Path) -> None:
+    """The same tests on the core built as the Linux and FreeBSD hosts run
+    it (channel memory reused across attachments, cleared by the core):
+    nothing a user wrote anywhere in its mapping reaches the next user."""
+    proc = _run_clean(variant_out, "test_core_reuse")
     assert "ok reattach_clean" in proc.stdout
     assert "OK core" in proc.stdout
 
 
 def test_core_unit(variant_out: Path) -> None:
-    proc = subprocess.run(
-        ["nice", str(variant_out / "test_core")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=sanitizer_env(),
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"test_core failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    )
-    assert_clean("test_core", proc.stderr)
+    proc = _run_clean(variant_out, "test_core")
     # every section ran, every malformed descriptor was refused
     sections = (
         "create_args",
