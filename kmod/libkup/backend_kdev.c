@@ -50,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kup_backend.h"
@@ -205,6 +206,19 @@ kd_info(void *dev, struct kernproxy_info *out)
 	return KUP_E_OK;
 }
 
+/* How long an attach asks again after signals interrupted the kernel's
+ * wait for a module to let go of the channel: twice that wait (500 ms). */
+#define KD_ATTACH_RETRY_MS 1000
+
+static int64_t
+kd_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static int
 kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
     struct kup_backend_chan *out)
@@ -212,6 +226,7 @@ kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
 	struct kd_dev *d = dev;
 	struct kd_chan *c;
 	struct kup_ioc_attach a;
+	int64_t retry_until;
 	long psz = sysconf(_SC_PAGESIZE);
 	int map_flags = MAP_SHARED;
 	void *mem;
@@ -232,10 +247,21 @@ kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
 	a.chan_id = chan_id == KUP_CHAN_ANY_WIRE ? KUP_IOC_CHAN_ANY : chan_id;
 	a.pages = pages;
 	/* EINTR: the wait for the kernel side to let go of the channel
-	 * (bounded, interruptible) met a signal whose handler has run */
-	while (ioctl(fd, KUP_IOC_ATTACH, &a) != 0) {
-		if (errno == EINTR)
+	 * (bounded, interruptible) met a signal whose handler has run.  Each
+	 * ioctl starts the kernel's wait afresh: a process signalled more
+	 * often than that wait (a profiler's SIGPROF, a runtime's preemption
+	 * signal) would ask for ever, so the retries share one deadline, past
+	 * which the answer is the kernel's own: still releasing. */
+	for (retry_until = 0; ioctl(fd, KUP_IOC_ATTACH, &a) != 0;) {
+		if (errno == EINTR) {
+			if (retry_until == 0)
+				retry_until = kd_now_ms() + KD_ATTACH_RETRY_MS;
+			else if (kd_now_ms() >= retry_until) {
+				r = KUP_E_RELEASING;
+				goto fail;
+			}
 			continue;
+		}
 		r = kd_err(errno);
 		goto fail;
 	}
