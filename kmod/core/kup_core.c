@@ -120,34 +120,68 @@ kup_core_fini(void)
  * and the value.  Conditions of normal operation (-EPIPE, -EAGAIN while
  * polling, -ESHUTDOWN, -ETIMEDOUT) are never logged here.  Why a budget: a
  * buggy module repeats its mistake in a loop, and the kernel log must not
- * be flooded; the first KUP_MISUSE_BUDGET lines per device are enough to
- * find the bug, then one line says the rest is not logged.
+ * be flooded; the first KUP_MISUSE_BUDGET lines per device in a window of
+ * KUP_MISUSE_WINDOW_NS are enough to find the bug, then one line says the
+ * rest of the window is not logged.  A window, not a budget for the
+ * device's life: a loop's mistake early on must not hide a different one
+ * made later; the first line of a new window says how many were left out.
+ * A host without a clock (KUP_NOW_NS) keeps one budget for the device.
  */
 #define KUP_MISUSE_BUDGET 16U
+#define KUP_MISUSE_WINDOW_NS 10000000000ULL
 
-/* 1: log this line; *last set when it is the budget's last one.  Takes
- * sc->lock (callers hold no core lock but possibly ch->lock: ch before sc). */
+/* 1: log this line; *last set when it is the budget's last one in the
+ * window, *dropped to the lines not logged before it.  Takes sc->lock
+ * (callers hold no core lock but possibly ch->lock: ch before sc). */
 static int
-kup_misuse_admit(struct kupdev_softc *sc, int *last)
+kup_misuse_admit(struct kupdev_softc *sc, int *last, uint32_t *dropped)
 {
 	uint32_t n;
 
+	*dropped = 0;
 	kup_lock(&sc->lock);
+#ifdef KUP_NOW_NS
+	{
+		uint64_t now = KUP_NOW_NS();
+
+		if (sc->misuse_lines == 0 ||
+		    now - sc->misuse_window >= KUP_MISUSE_WINDOW_NS) {
+			sc->misuse_window = now;
+			sc->misuse_lines = 0;
+		}
+	}
+#endif
 	n = sc->misuse_lines;
 	if (n <= KUP_MISUSE_BUDGET)
 		sc->misuse_lines = n + 1;
+	if (n >= KUP_MISUSE_BUDGET) {
+		sc->misuse_dropped++;
+	} else {
+		*dropped = sc->misuse_dropped;
+		sc->misuse_dropped = 0;
+	}
 	kup_unlock(&sc->lock);
 	*last = n + 1 == KUP_MISUSE_BUDGET;
 	return n < KUP_MISUSE_BUDGET;
 }
 
+#ifdef KUP_NOW_NS
+#define KUP_MISUSE_REST " for 10 s"
+#else
+#define KUP_MISUSE_REST ""
+#endif
+
 #define KUP_MISUSE(sc, fmt, ...) do {                                       \
 	int kup_last_;                                                      \
-	if (kup_misuse_admit((sc), &kup_last_)) {                           \
+	uint32_t kup_dropped_;                                              \
+	if (kup_misuse_admit((sc), &kup_last_, &kup_dropped_)) {            \
+		if (kup_dropped_ != 0)                                      \
+			kup_os_log("kup: %s: %u misuse lines not logged "   \
+			    "(rate limit)", (sc)->name, kup_dropped_);      \
 		kup_os_log("kup: %s: " fmt, (sc)->name, ##__VA_ARGS__);     \
 		if (kup_last_)                                              \
 			kup_os_log("kup: %s: further misuse of the kupdev API " \
-			    "is not logged", (sc)->name);                   \
+			    "is not logged" KUP_MISUSE_REST, (sc)->name);   \
 	}                                                                   \
 } while (0)
 

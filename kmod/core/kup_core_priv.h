@@ -77,7 +77,10 @@ struct kupdev_softc {
 	uint32_t perr_lines;      /* lines logged in it */
 	uint32_t perr_dropped;    /* lines not logged since the last one */
 	/* misuse of the API by the module (kup_core.c: KUP_MISUSE) */
-	uint32_t misuse_lines;    /* lines logged, up to the budget + 1 */
+	uint32_t misuse_lines;    /* lines logged in the window, up to the
+	                           * budget + 1 */
+	uint32_t misuse_dropped;  /* lines not logged since the last one */
+	uint64_t misuse_window;   /* start of the current window (ns) */
 
 	struct kup_chan *chans;
 	struct kupdev_softc *next; /* registry */

@@ -34,9 +34,13 @@
  *     live (below), and an unread user message dropped by a send or pass
  *     (below).  Not logged: what happens in normal operation (-EPIPE,
  *     -EAGAIN, -ETIMEDOUT, -ESHUTDOWN; -EPROTO is logged as the USER's
- *     error, rate-limited).  The volume is bounded: the first 16 such
- *     lines per device, then one line saying further misuse is not logged
- *     (calls naming no live device share one budget of 16 per host);
+ *     error, rate-limited).  The volume is bounded: at most 16 such lines
+ *     per device in 10 s, then one line saying further misuse is not
+ *     logged for the rest of those 10 s; the first line after that counts
+ *     the lines left out (calls naming no live device share one budget of
+ *     16 per host, for its life).  -EAGAIN from a send while the user
+ *     holds the turn is not logged: a module that answers twice without a
+ *     receive in between sees it only in that return value;
  *   - a device pointer is live from kupdev_create until kupdev_unload.
  *     kupdev_unload, kupdev_shutdown, kupdev_announce/_notify and
  *     kupdev_wait_channel(_timeout) check that sc is a live device (by

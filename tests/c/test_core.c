@@ -800,6 +800,10 @@ test_misuse(void)
 	/* the budget: 16 lines, then one saying the rest is not logged */
 	for (i = 0; i < 20; i++)
 		CHECK_EQ(kupdev_send(sc, big, max + 1 + (size_t)i, 0), -EMSGSIZE);
+	/* ... for the window: a later, different mistake is logged, after a
+	 * line counting those left out */
+	sleep(11);
+	CHECK_EQ(kupdev_pass(sc, 9), -EINVAL);
 	kup_core_detach(ch);
 	CHECK_EQ(kupdev_unload(sc), 0);
 	printf("ok misuse\n");
