@@ -31,6 +31,7 @@ __all__ = [
     "REATTACH_GRACE",
     "REATTACH_PAUSE",
     "SHOWN_MAX",
+    "SHUTDOWN_REASON",
     "DeviceManager",
     "ManagedDevice",
     "device_arg",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 log = get_logger("kupd.devices")
+
+#: DEVICE_SHUTTING_DOWN's reason, however kupd learnt it (the device's INFO,
+#: or the kernel's mark on a channel kupd holds once the device has closed)
+SHUTDOWN_REASON = "module shutting down"
 
 #: how much of a client's device name goes into a message, a log or the audit
 SHOWN_MAX = 64
@@ -292,7 +297,7 @@ class ManagedDevice:
                 # The host unloaded the module and closed before we could
                 # read its state: the channels it marked tell us it did.
                 self._shutting_down(
-                    Event(EventType.DEVICE_SHUTTING_DOWN, self.name, reason="unloaded")
+                    Event(EventType.DEVICE_SHUTTING_DOWN, self.name, reason=SHUTDOWN_REASON)
                 )
             self.gone(exc)
             return
@@ -312,7 +317,12 @@ class ManagedDevice:
             self._fill_pool()
         if info.shutting_down and not self._shutdown_seen:
             self._shutting_down(
-                Event(EventType.DEVICE_SHUTTING_DOWN, self.name, notify_gen=info.notify_gen)
+                Event(
+                    EventType.DEVICE_SHUTTING_DOWN,
+                    self.name,
+                    reason=SHUTDOWN_REASON,
+                    notify_gen=info.notify_gen,
+                )
             )
             self.mgr.health_changed()
         elif len(self.pool.channels) < self.cfg.call_channels and not self.pool.closed:

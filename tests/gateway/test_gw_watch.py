@@ -60,6 +60,8 @@ def test_watch_sees_appear_notify_leases_and_device_shutdown(
         assert gone.device == "echo"
         types = [e.type for e in seen]
         assert EventType.DEVICE_SHUTTING_DOWN in types
+        (shutting,) = [e for e in seen if e.type == EventType.DEVICE_SHUTTING_DOWN]
+        assert shutting.reason == "module shutting down", seen
         # The held lease ended with the device.
         assert EventType.LEASE_RELEASED in types[types.index(EventType.LEASE_TAKEN, 3) :]
         with pytest.raises(errors.NotFound):
@@ -121,6 +123,8 @@ def test_an_unload_is_announced_before_the_leases_it_ends(start_kupd: StartKupd)
             released = {e.channel: (i, e) for i, e in enumerate(seen)
                         if e.type == EventType.LEASE_RELEASED}
             assert shutting and set(released) == {12, 13}, order
+            # one reason however kupd learnt it (the state, or a channel's mark)
+            assert seen[shutting[0]].reason == "module shutting down", order
             assert all(i > shutting[0] for i, _ in released.values()), order
             assert released[12][1].reason == released[13][1].reason, order
             assert released[12][1].reason.startswith("device"), order
