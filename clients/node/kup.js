@@ -35,8 +35,9 @@
 //   kup.Shutdown, kup.TooBig, kup.InvalidArgument, kup.DeadlineExceeded, ...)
 //   with .name and .kupError the class name, .code the gRPC status code,
 //   .kupCode the KUP_E_* number (or 0), .details (= .message) kupd's text and
-//   .fromKupd false when gRPC itself failed (kupd not reachable, connection
-//   broken): those are mapped by status code (UNAVAILABLE -> Unavailable, or
+//   .fromKupd true for kupd's answers, false when gRPC itself failed (kupd
+//   not reachable, connection broken) or the client refused on its own: gRPC's
+//   failures are mapped by status code (UNAVAILABLE -> Unavailable, or
 //   Shutdown when it says EKU_SHUTDOWN; UNIMPLEMENTED -> NotFound; ...).
 //   Bad arguments are refused before anything is sent with a TypeError or
 //   RangeError naming them; data larger than any message kupd carries
@@ -144,7 +145,10 @@ const S = grpc.status;
 // kupd's error classes (kupd/errors.py): name -> [KUP_E_* code, the gRPC
 // code kupd answers it with (kupd/service.py), parent].
 class KupError extends Error {
-  constructor(message, { code, kupCode, fromKupd = true } = {}) {
+  // fromKupd: true only for kupd's answers (errorFromGrpc with kupd's
+  // trailers, a Session's in-band error); the client's own refusals (TooBig
+  // before sending, "... is closed") and gRPC's failures are false
+  constructor(message, { code, kupCode, fromKupd = false } = {}) {
     super(message);
     this.name = new.target.name;
     this.kupError = new.target.name;
@@ -231,7 +235,7 @@ function errorFromGrpc(err) {
 // A Session's in-band error (the session goes on).
 function errorFromPb(err) {
   const cls = classOf(err.kind) || BY_STATUS[err.grpc_code] || SystemFailure;
-  return new cls(err.message, { code: err.grpc_code, kupCode: err.kup_code || cls.kupCode });
+  return new cls(err.message, { code: err.grpc_code, kupCode: err.kup_code || cls.kupCode, fromKupd: true });
 }
 
 // True for an Unavailable that gRPC itself raised (kupd could not be

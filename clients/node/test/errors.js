@@ -192,6 +192,8 @@ test('data over any message kupd carries is TooBig before it is sent', async () 
   const tooBig = kupErr(kup.TooBig, new RegExp(`^data of ${kup.MAX_PAYLOAD + 1} bytes is larger than any message kupd `
     + `carries \\(${kup.MAX_PAYLOAD} bytes, gRPC's limit\\)$`), S.INVALID_ARGUMENT);
   await assert.rejects(client.call(device, big), tooBig);
+  // the client's own refusal: kupd never saw it
+  await assert.rejects(client.call(device, big), (err) => err.fromKupd === false);
   await assert.rejects(client.call(device, Buffer.alloc(kup.MAX_MESSAGE + 1)), kupErr(kup.TooBig));
   const lease = await client.attach(device);
   try {
