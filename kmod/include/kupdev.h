@@ -143,7 +143,11 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
  * -EPIPE (user side left or died; the channel is free again), -EPROTO
  * (bad length, kind or sequence in the control area: nothing was read
  * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the
- * turn and has consumed the last message: send or pass first). */
+ * turn and has consumed the last message: send or pass first).  The user's
+ * departure and the device's shutdown are reported before -EAGAIN, so a
+ * module holding the turn for long (computing a reply, waiting on
+ * something else) learns that its user left with a 0 ms receive: -EPIPE
+ * or -ESHUTDOWN, else -EAGAIN (echo.c: echo_hold, echo_wait_ms). */
 int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms);
 
