@@ -24,9 +24,11 @@ from kupclient.errors import _NOT_FROM_KUPD, is_connection_failure
 from kupd import errors
 
 __all__ = [
+    "CLOSED_AS_MADE",
     "channel_closed",
     "client_closed",
     "client_forked",
+    "closed_as_made",
     "error_from_pb",
     "error_from_rpc",
     "error_from_status",
@@ -62,6 +64,23 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.KupError:
     return error_from_status(code, details, trailing)
 
 
+#: What a connection closed as it was accepted most likely means: gRPC's
+#: connection cap (kupd's max_connections) closes one more that way.
+CLOSED_AS_MADE = (
+    "the connection was closed as it was made: a kupd socket with max_connections "
+    "set closes connections beyond it -- other clients of it must close theirs first"
+)
+
+
+def closed_as_made(details: str) -> bool:
+    """Whether gRPC's text says the connection was closed as it was made
+    (before any HTTP/2): gRPC words it three ways, depending on which side
+    wrote first."""
+    return "failed to connect" in details and any(
+        why in details for why in ("Connection reset by peer", "Broken pipe", "Socket closed")
+    )
+
+
 def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any) -> errors.KupError:
     """The kupd.errors exception for a status (code, details, trailing metadata)."""
     details = details or str(code)
@@ -71,6 +90,8 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             kind = value if isinstance(value, str) else value.decode()
     if not kind and code == grpc.StatusCode.UNAVAILABLE and "EKU_SHUTDOWN" in details:
         kind = "Shutdown"
+    if not kind and code == grpc.StatusCode.UNAVAILABLE and closed_as_made(details):
+        details += f" ({CLOSED_AS_MADE})"
     if not kind and code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
         # gRPC's own deadline, not kupd's answer: kupd gets the timeout
         # and answers DEADLINE_EXCEEDED itself, so kupd did not answer

@@ -53,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kupclient import Client, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient._args import ArgumentError, channel_arg, seconds_arg
-from kupclient._errors import is_connection_failure
+from kupclient._errors import closed_as_made, is_connection_failure
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
 from kupd import __version__ as kupd_version
 
@@ -978,15 +978,12 @@ def unavailable_hint(
         )
     if "No such file or directory" in message:
         return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
-    if capped and "failed to connect" in message and any(
-        why in message for why in ("Connection reset by peer", "Broken pipe", "Socket closed")
-    ):
+    if capped and closed_as_made(message):
         # closed as it was accepted, before any HTTP/2: gRPC's connection
-        # cap (gRPC's words depend on which side wrote first)
-        return (
-            f" (the connection was closed as it was made: {socket} is likely at its "
-            "max_connections limit -- other clients of it must close theirs first)"
-        )
+        # cap.  The library's message says what that means; kupctl names
+        # the socket
+        return f" ({socket} is likely at its max_connections limit)"
+
     if "Connection refused" in message:
         return (
             f" ({socket} exists but nobody accepts on it: kupd is not running there, "
