@@ -165,9 +165,20 @@ static PyTypeObject ChannelType;
 static void
 device_release_handle(DeviceObject *d)
 {
-	void *h = d->h;
+	void *h;
 
+	/* under the device lock: the last channel's deferred close may come
+	 * while another thread is inside info() or event_fd() on the handle
+	 * (with the GIL released) -- it must not be freed under that call */
+	if (d->lock != NULL && !PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
+		Py_BEGIN_ALLOW_THREADS
+		PyThread_acquire_lock(d->lock, WAIT_LOCK);
+		Py_END_ALLOW_THREADS
+	}
+	h = d->h;
 	d->h = NULL;
+	if (d->lock != NULL)
+		PyThread_release_lock(d->lock);
 	if (h != NULL) {
 		Py_BEGIN_ALLOW_THREADS
 		kernproxy_close(h);

@@ -146,6 +146,46 @@ SCENARIO = textwrap.dedent(
 )
 
 
+#: The last channel's deferred close while another thread is inside info()
+#: on a host that does not answer (kupsim stopped): the device handle was
+#: freed under that info() call.  argv: device path, kupsim's pid.
+SCENARIO_HOST_STOPPED = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from kupd.channel import Device
+    from kupd.errors import KupError
+    path, sim = sys.argv[1], int(sys.argv[2])
+    dev = Device.open(path)
+    ch = dev.channel(3)
+    ch.receive(timeout=10)
+    ch.send(b"!hold")                 # echo keeps the turn: the receive waits
+    def receiver():
+        try:
+            ch.receive()
+        except KupError:
+            pass                      # "closed by another thread"
+    r = threading.Thread(target=receiver)
+    r.start()
+    time.sleep(0.3)
+    os.kill(sim, signal.SIGSTOP)      # info() now waits for kupsim
+    try:
+        p = threading.Thread(target=lambda: dev.info())
+        p.start()
+        time.sleep(0.3)               # inside info(), the device lock held
+        ch.close()                    # deferred to the receiver
+        closer = threading.Thread(target=dev.close)
+        closer.start()
+        time.sleep(0.6)               # the receiver ends: the last channel goes
+    finally:
+        os.kill(sim, signal.SIGCONT)
+    for t in (p, closer, r):
+        t.join(30)
+        assert not t.is_alive()
+    print("scenario done", flush=True)
+    """
+)
+
+
 def _runtime(lib: str) -> str | None:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
@@ -193,11 +233,15 @@ def test_extension_under_sanitizer(sanitized_pkg: tuple[str, Path], echo_sim: Ku
         env=env, capture_output=True, text=True, timeout=60, cwd=lib_dir,
     )
     assert where.stdout.startswith(str(lib_dir)), where
-    run = subprocess.run(
-        [sys.executable, "-c", SCENARIO, echo_sim.device_path("echo")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=lib_dir,
-    )
-    report = f"{name}: exit {run.returncode}\n[stdout]\n{run.stdout}\n[stderr]\n{run.stderr}"
-    assert not any(r in run.stderr for r in REPORTS), report
-    assert run.returncode == 0, report
-    assert "scenario done" in run.stdout, report
+    for scenario, args in (
+        (SCENARIO, [echo_sim.device_path("echo")]),
+        (SCENARIO_HOST_STOPPED, [echo_sim.device_path("echo"), str(echo_sim.pid)]),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-c", scenario, *args],
+            env=env, capture_output=True, text=True, timeout=300, cwd=lib_dir,
+        )
+        report = f"{name}: exit {run.returncode}\n[stdout]\n{run.stdout}\n[stderr]\n{run.stderr}"
+        assert not any(r in run.stderr for r in REPORTS), report
+        assert run.returncode == 0, report
+        assert "scenario done" in run.stdout, report
