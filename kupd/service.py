@@ -29,6 +29,7 @@ from kupd.devices import (
     PROBE_WAIT,
     REATTACH_GRACE,
     REATTACH_PAUSE,
+    SHUTDOWN_REASON,
     DeviceManager,
     ManagedDevice,
     device_arg,
@@ -969,7 +970,14 @@ class KupService(kup_pb2_grpc.KupServicer):
                     )
                 )
                 if d.info.shutting_down:
-                    out.append(Event(EventType.DEVICE_SHUTTING_DOWN, d.name, initial=True))
+                    out.append(
+                        Event(
+                            EventType.DEVICE_SHUTTING_DOWN,
+                            d.name,
+                            reason=SHUTDOWN_REASON,
+                            initial=True,
+                        )
+                    )
             else:
                 out.append(Event(EventType.DEVICE_GONE, d.name, reason=d.error, initial=True))
             if d.name in self.guard.drained:

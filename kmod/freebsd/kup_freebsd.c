@@ -696,8 +696,13 @@ kup_os_mutex_free(struct kup_mutex *m)
 {
 	if (m == NULL)
 		return;
-	if (sx_xholder(&m->sx) != NULL)
-		kup_os_log("kup: mutex %s: free: still locked (a module bug)", m->name);
+	if (sx_xholder(&m->sx) != NULL) {
+		/* left allocated: sx_destroy of a held lock panics an
+		 * INVARIANTS kernel, and its holder may still unlock it */
+		kup_os_log("kup: mutex %s: free: still locked (a module bug; not freed)",
+		    m->name);
+		return;
+	}
 	sx_destroy(&m->sx);
 	free(m, M_KUP);
 }

@@ -667,11 +667,15 @@ kup_os_mutex_free(struct kup_mutex *m)
 	 * trylock does (it fails EBUSY, EDEADLK for the holder itself, or
 	 * EOWNERDEAD when a holder exited) */
 	e = pthread_mutex_trylock(&m->mtx);
-	if (e == 0)
-		pthread_mutex_unlock(&m->mtx);
-	else
+	if (e != 0) {
+		/* left allocated: a held robust mutex is on its holder's robust
+		 * list, which glibc (and the kernel, at the thread's exit) would
+		 * go on writing through into freed memory */
 		kup_os_log("kupsim: mutex %s: free: %s (a module bug: still "
-		    "locked)", m->name, strerror(EBUSY));
+		    "locked; not freed)", m->name, strerror(EBUSY));
+		return;
+	}
+	pthread_mutex_unlock(&m->mtx);
 	(void)pthread_mutex_destroy(&m->mtx);
 	free(m);
 }

@@ -385,8 +385,12 @@ void kup_os_mutex_free(struct kup_mutex *m)
 {
 	if (m == NULL)
 		return;
-	if (READ_ONCE(m->owner) != NULL)
-		kup_os_log("kup: mutex %s: free: still locked (a module bug)", m->name);
+	if (READ_ONCE(m->owner) != NULL) {
+		/* left allocated: its holder may still unlock it */
+		kup_os_log("kup: mutex %s: free: still locked (a module bug; not freed)",
+		    m->name);
+		return;
+	}
 	mutex_destroy(&m->mtx);
 	lockdep_unregister_key(&m->key);
 	kfree(m);

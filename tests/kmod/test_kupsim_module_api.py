@@ -24,7 +24,7 @@ def test_mutex_misuse_is_logged_not_a_hang() -> None:
             "kupsim: mutex hostile-m: unlock: Operation not permitted (a module bug: "
             "not held by this thread)",
             "kupsim: mutex hostile-m: free: Device or resource busy (a module bug: "
-            "still locked)",
+            "still locked; not freed)",
             # a robust mutex: the next locker is told, where it would hang
             "kupsim: mutex hostile-dead: lock: the thread that held it exited without "
             "unlocking it (a module bug: a kernel would hang here); taken over",
