@@ -1110,8 +1110,8 @@ channel_keep_unread(ChannelObject *c, PyObject *arg)
 
 	if (on < 0)
 		return NULL;
-	/* claimed like an operation: libkup's receive, perhaps running in
-	 * another thread with the GIL released, reads the setting */
+	/* claimed like an operation: libkup's send, pass and close, perhaps
+	 * running in another thread with the GIL released, read the setting */
 	if (channel_enter(c, "keep_unread") < 0)
 		return NULL;
 	rc = kernproxy_keep_unread(c->h, on);

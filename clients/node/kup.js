@@ -495,7 +495,8 @@ class SessionCore {
     this.stream = openStream(() => client.stub.Session());
     this.stream.on('data', (resp) => this.onResponse(resp));
     this.stream.on('error', (err) => this.fail(errorFromGrpc(err)));
-    this.stream.on('end', () => this.fail(new PeerGone(`${this.what}: session ended`)));
+    // kupd ended the stream without an error status: its answer
+    this.stream.on('end', () => this.fail(new PeerGone(`${this.what}: session ended`, { fromKupd: true })));
     this.stream.on('status', () => this.finish());
     client.live.add(this);
   }

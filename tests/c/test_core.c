@@ -801,9 +801,12 @@ test_misuse(void)
 	for (i = 0; i < 20; i++)
 		CHECK_EQ(kupdev_send(sc, big, max + 1 + (size_t)i, 0), -EMSGSIZE);
 	/* ... for the window: a later, different mistake is logged, after a
-	 * line counting those left out */
+	 * line counting those left out (once: not again in the build on
+	 * reused memory, which the window does not concern) */
+#ifndef KUPSIM_REUSE_CHAN_MEM
 	sleep(11);
 	CHECK_EQ(kupdev_pass(sc, 9), -EINVAL);
+#endif
 	kup_core_detach(ch);
 	CHECK_EQ(kupdev_unload(sc), 0);
 	printf("ok misuse\n");

@@ -468,7 +468,11 @@ class AsyncChannel(Sampled):
                 self._closed = True
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
-                if not written and exc.code() == grpc.StatusCode.INTERNAL:
+                if (
+                    not written
+                    and exc.code() == grpc.StatusCode.INTERNAL
+                    and "Internal error from Core" in (exc.details() or "")
+                ):
                     # kupd ended the stream (a revocation, a drain...) as
                     # this request was sent: grpc.aio then reports its own
                     # INTERNAL "Internal error from Core" in place of the
