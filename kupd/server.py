@@ -37,7 +37,7 @@ from kupd.sessions import LeaseTable
 from kupd.tenants import SocketSet, check_path, endpoints_for, open_regular, write_replacing
 from kupd.watch import Event, EventBus, EventType
 
-__all__ = ["AlreadyRunning", "Reloaded", "Server", "server_options"]
+__all__ = ["AlreadyRunning", "Reloaded", "Server", "pending_bound", "server_options"]
 
 log = get_logger("kupd.server")
 SERVICE_NAME = kup_pb2.DESCRIPTOR.services_by_name["Kup"].full_name
@@ -73,6 +73,12 @@ def _advise(cfg: Config) -> None:
 _GRPC_INT_MAX = 2**31 - 1
 
 
+def pending_bound(config: Config) -> int:
+    """gRPC's bound on new RPCs waiting for kupd to take them
+    (``grpc.server.max_pending_requests``): above kupd's own queues."""
+    return min(config.max_queued_calls + config.max_sessions + 1024, _GRPC_INT_MAX)
+
+
 def server_options(config: Config) -> list[tuple[str, Any]]:
     """The gRPC server options, fixed when a server is built: a reload does
     not change them (keepalive_* are restart-only; max_concurrent_streams is
@@ -82,7 +88,7 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
     # Calls on one connection came back partly CANCELLED, with no reason
     # and nothing in kupd's log.  kupd bounds its own queues and says so
     # (max_queued_calls, max_sessions: RESOURCE_EXHAUSTED naming the key).
-    pending = min(config.max_queued_calls + config.max_sessions + 1024, _GRPC_INT_MAX)
+    pending = pending_bound(config)
     return [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
@@ -170,6 +176,8 @@ class Server:
         )
         self.health = _Health(self)
         self.sockets: SocketSet | None = None
+        #: pending_bound() the servers were built with (a reload keeps it)
+        self.built_pending_bound = 0
         self._reload_lock = asyncio.Lock()
         #: Re-reads the configuration for a reload (the daemon sets one that
         #: re-applies its command-line flags); default: the same file.
@@ -237,6 +245,7 @@ class Server:
         self.sockets = SocketSet(
             server_options(cfg), self.service, self.health, lambda: AdminService(self)
         )
+        self.built_pending_bound = pending_bound(cfg)
         await self.sockets.start(endpoints_for(cfg))
         await self._update_health()
         _advise(cfg)
@@ -357,6 +366,18 @@ class Server:
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
             _advise(cfg)
+            if self.built_pending_bound and pending_bound(cfg) > self.built_pending_bound:
+                # max_queued_calls / max_sessions apply at once, but gRPC's
+                # own bound in front of them was fixed when the servers were
+                # built: a burst beyond it is cut (CANCELLED) before kupd's
+                # limits, which name themselves, are reached
+                log.warning(
+                    "reload: gRPC's bound on RPCs waiting for kupd stays as started "
+                    "until a restart",
+                    bound=self.built_pending_bound,
+                    wanted=pending_bound(cfg),
+                    keys=["max_queued_calls", "max_sessions"],
+                )
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             for d in self.mgr.devices.values():

@@ -426,3 +426,22 @@ def test_a_socket_that_cannot_be_served_refuses_the_whole_reload(
             assert "dave" not in r.tenants
     finally:
         shutil.rmtree(unsafe, ignore_errors=True)
+
+
+def test_a_reload_past_grpcs_pending_bound_says_it_stays(start_tenants: StartTenants) -> None:
+    """max_queued_calls applies at once, but gRPC's bound on RPCs waiting
+    for kupd (max_queued_calls + max_sessions + 1024) was fixed when the
+    servers were built: a reload that raises it past that is told so in
+    the log; one that stays below it is not."""
+    head = "max_queued_calls = 100\n"
+    k = start_tenants(head + DEVICES)
+    event = "reload: gRPC's bound on RPCs waiting for kupd stays as started until a restart"
+    with k.admin() as adm:
+        k.write_config("max_queued_calls = 50\n" + DEVICES)  # lower: nothing to say
+        assert adm.reload().applied == ("max_queued_calls",)
+        assert log_records(k, event) == []
+        k.write_config("max_queued_calls = 5000\n" + DEVICES)
+        assert adm.reload().applied == ("max_queued_calls",)
+        (rec,) = log_records(k, event)
+    assert rec["bound"] < rec["wanted"], rec
+    assert rec["wanted"] - rec["bound"] == 5000 - 100, rec
