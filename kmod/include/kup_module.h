@@ -101,9 +101,9 @@ int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
  * goes on holding it, where it would deadlock), an unlock by a thread that
  * does not hold it (and leaves it as it is, where it would release another
  * thread's hold) and a free of a locked mutex (which it leaves allocated),
- * naming the mutex; kupsim
- * also tells the next locker of a mutex whose holder thread exited without
- * unlocking it, and hands it over (a kernel hangs that locker).  Never hold one across a
+ * naming the mutex; kupsim also tells the next locker of a mutex whose
+ * holder thread exited without unlocking it, and hands it over (a kernel
+ * hangs that locker).  Never hold one across a
  * call that waits for a user (kupdev_receive with a timeout, a blocking
  * send) that another thread needs the same mutex to answer: that is a
  * deadlock no host detects.

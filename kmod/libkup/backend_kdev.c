@@ -50,7 +50,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "kup_backend.h"
@@ -210,15 +209,6 @@ kd_info(void *dev, struct kernproxy_info *out)
  * wait for a module to let go of the channel: twice that wait (500 ms). */
 #define KD_ATTACH_RETRY_MS 1000
 
-static int64_t
-kd_now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int
 kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
     struct kup_backend_chan *out)
@@ -255,8 +245,8 @@ kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
 	for (retry_until = 0; ioctl(fd, KUP_IOC_ATTACH, &a) != 0;) {
 		if (errno == EINTR) {
 			if (retry_until == 0)
-				retry_until = kd_now_ms() + KD_ATTACH_RETRY_MS;
-			else if (kd_now_ms() >= retry_until) {
+				retry_until = kup_now_ms() + KD_ATTACH_RETRY_MS;
+			else if (kup_now_ms() >= retry_until) {
 				r = KUP_E_RELEASING;
 				goto fail;
 			}

@@ -429,8 +429,9 @@ take_kernel_msg(struct kp_chan *c, struct kernproxy_msg *msg, int keep_data)
 	return KUP_E_OK;
 }
 
-static int64_t
-now_ms(void)
+/* kup_backend.h: the monotonic clock in ms, for this file and the backends */
+int64_t
+kup_now_ms(void)
 {
 	struct timespec ts;
 
@@ -532,7 +533,7 @@ unquiet(struct kp_chan *c)
 static int
 wait_turn(struct kp_chan *c, int timeout_ms, int spin_only, int quiet)
 {
-	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+	int64_t deadline = timeout_ms > 0 ? kup_now_ms() + timeout_ms : 0;
 	uint64_t t0;
 	int r;
 
@@ -586,7 +587,7 @@ wait_turn(struct kp_chan *c, int timeout_ms, int spin_only, int quiet)
 		if ((r = chan_state(c)) != KUP_E_OK)
 			break;
 		if (timeout_ms > 0) {
-			int64_t left = deadline - now_ms();
+			int64_t left = deadline - kup_now_ms();
 			if (left <= 0) {
 				r = KUP_E_TIMEDOUT;
 				break;

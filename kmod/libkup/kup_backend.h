@@ -69,6 +69,9 @@ struct kup_backend_ops {
 	int  (*self_wake)(struct kup_backend_chan *ch);
 };
 
+/* CLOCK_MONOTONIC in milliseconds (kup.c; for the backends too) */
+int64_t kup_now_ms(void);
+
 /* wire value of "any channel" */
 #define KUP_CHAN_ANY_WIRE 0xffffffffU
 
