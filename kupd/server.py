@@ -57,7 +57,8 @@ class Reloaded:
     sessions_ended: list[str]
     #: changed keys now in effect (kupd.config.RELOADED_KEYS)
     applied: list[str]
-    #: changed keys that only a restart applies (kupd.config.RESTART_KEYS)
+    #: changed keys that only a restart applies (kupd.config.RESTART_KEYS), and
+    #: max_queued_calls / max_sessions raised past the gRPC bound built at start
     needs_restart: list[str]
 
 
@@ -178,6 +179,8 @@ class Server:
         self.sockets: SocketSet | None = None
         #: pending_bound() the servers were built with (a reload keeps it)
         self.built_pending_bound = 0
+        #: the config the servers were built with (their gRPC options)
+        self.built_config = config
         self._reload_lock = asyncio.Lock()
         #: Re-reads the configuration for a reload (the daemon sets one that
         #: re-applies its command-line flags); default: the same file.
@@ -246,6 +249,7 @@ class Server:
             server_options(cfg), self.service, self.health, lambda: AdminService(self)
         )
         self.built_pending_bound = pending_bound(cfg)
+        self.built_config = cfg
         await self.sockets.start(endpoints_for(cfg))
         await self._update_health()
         _advise(cfg)
@@ -363,21 +367,29 @@ class Server:
                 # A pool made later (a device re-opened) reads mgr.config.
                 d.pool.quarantine = cfg.call_quarantine
                 d.pool.max_queued = cfg.max_queued_calls
-            if needs_restart:
-                log.warning("reload: these keys need a restart", keys=needs_restart)
-            _advise(cfg)
             if self.built_pending_bound and pending_bound(cfg) > self.built_pending_bound:
                 # max_queued_calls / max_sessions apply at once, but gRPC's
                 # own bound in front of them was fixed when the servers were
                 # built: a burst beyond it is cut (CANCELLED) before kupd's
-                # limits, which name themselves, are reached
+                # limits, which name themselves, are reached.  So a key
+                # raised past its value at start is in effect and needs a
+                # restart, both: needs_restart names it (applied too, when
+                # this reload changed it).
+                raised = [
+                    k for k in ("max_queued_calls", "max_sessions")
+                    if getattr(cfg, k) > getattr(self.built_config, k)
+                ]
+                needs_restart = needs_restart + [k for k in raised if k not in needs_restart]
                 log.warning(
                     "reload: gRPC's bound on RPCs waiting for kupd stays as started "
                     "until a restart",
                     bound=self.built_pending_bound,
                     wanted=pending_bound(cfg),
-                    keys=["max_queued_calls", "max_sessions"],
+                    keys=raised,
                 )
+            if needs_restart:
+                log.warning("reload: these keys need a restart", keys=needs_restart)
+            _advise(cfg)
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             for d in self.mgr.devices.values():

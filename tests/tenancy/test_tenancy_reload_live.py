@@ -432,16 +432,25 @@ def test_a_reload_past_grpcs_pending_bound_says_it_stays(start_tenants: StartTen
     """max_queued_calls applies at once, but gRPC's bound on RPCs waiting
     for kupd (max_queued_calls + max_sessions + 1024) was fixed when the
     servers were built: a reload that raises it past that is told so in
-    the log; one that stays below it is not."""
+    the log and in the reply's needs_restart (the key is applied as well);
+    one that stays below it is not, and a later reload that leaves the
+    raised key as it is still names it."""
     head = "max_queued_calls = 100\n"
     k = start_tenants(head + DEVICES)
     event = "reload: gRPC's bound on RPCs waiting for kupd stays as started until a restart"
     with k.admin() as adm:
         k.write_config("max_queued_calls = 50\n" + DEVICES)  # lower: nothing to say
-        assert adm.reload().applied == ("max_queued_calls",)
+        r = adm.reload()
+        assert (r.applied, r.needs_restart) == (("max_queued_calls",), ()), r
         assert log_records(k, event) == []
         k.write_config("max_queued_calls = 5000\n" + DEVICES)
-        assert adm.reload().applied == ("max_queued_calls",)
+        r = adm.reload()
+        assert (r.applied, r.needs_restart) == (("max_queued_calls",), ("max_queued_calls",)), r
         (rec,) = log_records(k, event)
+        k.write_config("max_queued_calls = 5000\ncall_timeout = 20\n" + DEVICES)
+        r = adm.reload()
+        assert (r.applied, r.needs_restart) == (("call_timeout",), ("max_queued_calls",)), r
+        assert len(log_records(k, event)) == 2
     assert rec["bound"] < rec["wanted"], rec
     assert rec["wanted"] - rec["bound"] == 5000 - 100, rec
+    assert rec["keys"] == ["max_queued_calls"], rec
