@@ -12,6 +12,10 @@
  *   "badturn"  turn word set to garbage (0x12345678)
  *   "leaklock" the worker ends without kupdev_unlock_channel (the channel
  *              stays held: kupdev_unload logs it)
+ *   "slowexit" echoed; when the module later unloads, its accept thread
+ *              takes 3 s to end after kupdev_shutdown, so the device
+ *              stays in its shutting-down state that long (a user can
+ *              watch it there; a slow module's unload does the same)
  *   anything else: echoed unchanged
  * PASS is answered with PASS.  Uses the core's private test hook, so it is
  * built against kmod/core (never a model for a real module).
@@ -28,6 +32,7 @@ static size_t h_nchan;
 static struct kup_thread *h_acc;
 static struct kup_thread **h_thr;
 static int *h_ids;
+static int h_slowexit;	/* "slowexit" seen: the accept thread ends late */
 
 static int
 h_is(const struct kupdev_msg *m, const char *s)
@@ -85,6 +90,8 @@ h_worker(void *arg)
 			kup_os_free(buf, max);
 			return 0;
 		}
+		if (h_is(&m, "slowexit"))
+			__atomic_store_n(&h_slowexit, 1, __ATOMIC_RELEASE);
 		if (h_is(&m, "seqgap")) {
 			kupdev_unlock_channel(h_sc, c);
 			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 1,
@@ -134,6 +141,10 @@ h_accept(void *arg)
 		if (h_thr[c] != NULL)
 			kup_os_thread_join(h_thr[c]);
 		h_thr[c] = kup_os_thread_start(h_worker, &h_ids[c], "hostile-w");
+	}
+	if (__atomic_load_n(&h_slowexit, __ATOMIC_ACQUIRE)) {
+		kup_os_log("hostile: slow exit: the accept thread ends in 3 s");
+		kup_os_msleep(3000);
 	}
 	return 0;
 }

@@ -12,6 +12,7 @@ from gateway_helpers import StartKupd, child_env, echo_sim
 
 from kupclient import EventType, WatchEvent
 from kupd import errors
+from kupd.testing import kupsim
 
 
 def until(events: object, want: EventType, seen: list[WatchEvent]) -> WatchEvent:
@@ -142,3 +143,30 @@ def test_an_unload_is_announced_before_the_leases_it_ends(start_kupd: StartKupd)
     ]
     assert len(device_wide) == 3, device_wide
     assert all("rpc" not in r and "request" not in r for r in device_wide), device_wide
+
+
+def test_a_watch_started_during_an_unload_replays_the_shutdown(start_kupd: StartKupd) -> None:
+    """A watcher that starts while a module is unloading gets the device's
+    DEVICE_SHUTTING_DOWN in its initial-state replay, with the reason the
+    live event had (hostile's "slowexit" keeps its unload in that state
+    for 3 s)."""
+    with kupsim("hostile", check_exit=False, ready_timeout=60.0) as sim:
+        k = start_kupd(sim, devices=("hostile:0",))
+        with k.client() as c:
+            with c.open("hostile").channel(0) as ch:
+                ch.receive(timeout=10)  # hostile passes the turn first
+                assert ch.exchange(b"slowexit", timeout=10).data == b"slowexit"
+            live = c.watch("hostile")
+            seen: list[WatchEvent] = []
+            sim.signal(15)
+            shutting = until(live, EventType.DEVICE_SHUTTING_DOWN, seen)
+            assert not shutting.initial
+            with c.watch("hostile", initial_state=True) as events:
+                first = next(events)
+                assert first.type == EventType.DEVICE_APPEARED and first.initial, first
+                replayed = next(events)
+            live.cancel()
+            assert replayed.type == EventType.DEVICE_SHUTTING_DOWN and replayed.initial, replayed
+            assert replayed.reason == shutting.reason == "module shutting down", (replayed, seen)
+            sim.wait()
+        assert k.terminate() == 0
