@@ -465,6 +465,9 @@ class CallPool:
                     if held:
                         pc.settled.extend(held)
                         held.clear()
+                    # quarantined from now, not from the task's first step:
+                    # a close() before that step must see it as not busy
+                    pc.state = "quarantined"
                     self._spawn(self._settle(pc, "quarantined"))
                 else:
                     self._put_back(pc)
@@ -496,4 +499,9 @@ class CallPool:
             task.cancel()
         for pc in list(self.channels.values()):
             if pc.state != "busy":
+                # A settle task cancelled before its first step runs none of
+                # its code (its finally included): what the channel's last
+                # Call still held (a tenant's slot) is given back here.
+                while pc.settled:
+                    pc.settled.pop()()
                 self._drop(pc)

@@ -198,3 +198,45 @@ def test_waiters_that_gave_up_leave_the_queue() -> None:
             ch.close()
 
     asyncio.run(main())
+
+
+def test_a_close_right_after_a_timeout_still_settles_the_channel() -> None:
+    """A Call that times out leaves its channel quarantined, with its
+    tenant's slot, to a settle task it spawns.  A close() in the same loop
+    iteration (the device went away, kupd's drain) cancels that task
+    before its first step, which then runs none of its code: the slot
+    is still given back and the channel closed."""
+
+    async def main() -> None:
+        pool = CallPool("dev", Metrics(), max_queued=10, size=1, quarantine=60.0)
+        ch = FakeChannel(0)
+        pool.add(ch)  # type: ignore[arg-type]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(pool._free) == 1
+        ch.mode = "hold"  # the module does not answer in time
+        loop = asyncio.get_running_loop()
+        looks = 0
+        real = ch.try_receive
+
+        def try_receive() -> Message | None:
+            # the second look is the one the Call's deadline woke: the
+            # device goes away in the very next callback
+            nonlocal looks
+            looks += 1
+            if looks == 2:
+                loop.call_soon(pool.close)
+            return real()
+
+        ch.try_receive = try_receive  # type: ignore[method-assign]
+        released: list[str] = []
+        held = [lambda: released.append("slot")]
+        with pytest.raises(errors.DeadlineExceeded):
+            await pool.call(b"x", 0.05, "k", 100, held)
+        assert held == [], "the quarantined channel took the tenant's slot"
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert pool.closed and looks >= 2
+        assert (released, ch.closed) == (["slot"], True), pool.state_of(0)
+
+    asyncio.run(main())
