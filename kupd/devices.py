@@ -216,7 +216,9 @@ class ManagedDevice:
             return
         try:
             info = await self.mgr.blocking(dev.info)
-            fd = dev.event_fd()
+            # its first call connects (kupsim: a WATCH round trip the host
+            # may be slow to answer): never on the loop thread
+            fd = await self.mgr.blocking(dev.event_fd)
         except errors.KupError as exc:
             log.info("device not usable yet", device=self.name, error=str(exc))
             self.error = str(exc)
@@ -257,7 +259,20 @@ class ManagedDevice:
         self._fill_pool()
 
     def _on_event(self) -> None:
-        self.mgr.spawn(self.refresh())
+        # The fd is level-triggered and only the refresh's INFO drains it,
+        # in an executor thread that may first wait for the device lock (an
+        # attach in progress) or for a free thread: until then it stays
+        # readable, and a reader left registered would run this on every
+        # loop iteration.  So it is watched again once the refresh is done.
+        dev, fd = self.dev, self._event_fd
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)
+
+        def rearm(_: object) -> None:
+            if self.dev is dev and dev is not None and self._event_fd == fd:
+                loop.add_reader(fd, self._on_event)
+
+        self.mgr.spawn(self.refresh()).add_done_callback(rearm)
 
     async def refresh(self) -> None:
         """Re-read the device's state; publish what changed; notice it gone.

@@ -505,9 +505,11 @@ class KupService(kup_pb2_grpc.KupServicer):
             self.guard.pending[t.name] -= 1
         lease.tenant = t.name
         # The attach awaited the host (a channel its module had not let go
-        # of: up to REATTACH_GRACE): a drain, or a reload that took the
-        # grant away, may have come meanwhile and found no lease to end.
+        # of: up to REATTACH_GRACE): kupd's own drain (SIGTERM), an admin's
+        # drain of the device, or a reload that took the grant away, may
+        # have come meanwhile and found no lease to end.
         try:
+            self._check_open()
             self.guard.check_drained(device)
             rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
             if rule:
