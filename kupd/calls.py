@@ -38,9 +38,25 @@ from kupd.log import get_logger
 from kupd.metrics import CallCount, Metrics
 from kupd.waiting import ChannelWaiter
 
-__all__ = ["CallPool", "PoolChannel"]
+__all__ = ["CALLER_MAX", "CallPool", "PoolChannel", "caller_arg"]
 
 log = get_logger("kupd.calls")
+
+#: The longest Call ``caller`` (fairness key) kupd takes, in UTF-8 bytes: a
+#: key is kept per queued Call and logged with a failed one (a 3 MiB key
+#: made a 3 MiB log line per refused Call).
+CALLER_MAX = 256
+
+
+def caller_arg(caller: str) -> str:
+    """A Call's ``caller`` as the client sent it; InvalidArgument when it is
+    longer than CALLER_MAX bytes."""
+    if len(caller) > CALLER_MAX or len(caller.encode()) > CALLER_MAX:
+        raise errors.InvalidArgument(
+            f"call: caller of {len(caller.encode())} bytes: a caller (fairness key) "
+            f"is at most {CALLER_MAX} bytes"
+        )
+    return caller
 
 
 class _Exchanging(Protocol):
@@ -256,6 +272,20 @@ class CallPool:
                 del self._groups[group]
             fut.set_result(self._take(self._free.popleft(), group, self._shares.get(group, 0)))
 
+    def _forget(self, caller: str, group: str) -> None:
+        """``caller``'s queue is empty: drop it, and its group when that was
+        the group's last caller."""
+        del self._queues[caller]
+        callers = self._groups.get(group)
+        if callers is None:
+            return
+        with contextlib.suppress(ValueError):
+            callers.remove(caller)
+        if not callers:
+            del self._groups[group]
+            with contextlib.suppress(ValueError):
+                self._rr.remove(group)
+
     # -- facts ----------------------------------------------------------------
     @property
     def queued(self) -> int:
@@ -314,6 +344,11 @@ class CallPool:
                 if waiting is not None:
                     with contextlib.suppress(ValueError):
                         waiting.remove(fut)
+                    if not waiting:
+                        # and its caller out of its group, its group out of
+                        # the round: a stream of Calls under new caller keys
+                        # that all time out would leave one entry each
+                        self._forget(caller, group)
             if isinstance(exc, _QueueTimeout):
                 if share and self._at_share(group):
                     mine = [pc for pc in self.channels.values() if pc.group == group]

@@ -23,6 +23,7 @@ import structlog
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.abi import Kind
+from kupd.calls import CALLER_MAX, caller_arg
 from kupd.channel import Message
 from kupd.config import Config
 from kupd.devices import (
@@ -880,6 +881,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             if not t.may_see(device):  # before the lookup: see ListDevices
                 self.guard.check_op(t, "call", device)
             dev = self.mgr.get(device)
+            caller_arg(request.caller)
             self.guard.begin_call(t, dev.name, len(request.data))
             # the tenant's slot: let go when the Call ends -- or, when it
             # leaves its pool channel quarantined, when that settles (the
@@ -901,7 +903,8 @@ class KupService(kup_pb2_grpc.KupServicer):
                 # Call of this served device all the same, counted and logged
                 # under it -- an unknown name never becomes a label
                 where["device"] = dev.name
-                where["caller"] = request.caller
+                c = request.caller  # refused above when too long: then shortened
+                where["caller"] = c if len(c.encode()) <= CALLER_MAX else shown(c)
                 where["tenant"] = self.guard.tenant().name
                 dev.pool.count(status_for(exc)[0].name)
             await self._abort_unbound(context, exc, "Call", where)

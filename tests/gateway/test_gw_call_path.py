@@ -222,3 +222,21 @@ def test_a_call_before_the_module_announces_waits_and_says_why(start_kupd: Start
             reply = c.call("echo", b"later", timeout=30)
             assert reply.data.lower() == b"later"
     assert k.terminate() == 0
+
+
+def test_a_call_with_an_overlong_caller_is_refused_and_logged_short(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """The caller key is kept per queued Call and logged with a failed
+    one: kupd takes at most 256 bytes of it, and refuses a longer one with
+    InvalidArgument naming the key -- its log line stays short."""
+    k = start_kupd(sim)
+    with k.client(caller="é" * 128) as c:  # 256 bytes: the most there is
+        assert c.call("echo", b"ok", timeout=10).data == b"ok"
+    with k.client(caller="x" * (1 << 20)) as c:
+        with pytest.raises(errors.InvalidArgument, match=r"caller of 1048576 bytes.* at most 256"):
+            c.call("echo", b"x", timeout=10)
+    assert k.terminate() == 0
+    (r,) = [r for r in _failed(k.log()) if r["rpc"] == "Call"]
+    assert r["code"] == "INVALID_ARGUMENT" and r["caller"].startswith("'xxx"), r
+    assert len(k.log()) < 100_000

@@ -96,6 +96,10 @@ def _check(pool: CallPool, where: object) -> None:
     held = collections.Counter(pc.group for pc in pool.channels.values() if pc.group)
     assert dict(held) == pool._held, (where, dict(held), pool._held)
     assert not [pc for pc in pool._free if pc.group or pc.state != "free"], where
+    # every caller with a queue is in its group, every group in the round
+    callers = [c for cs in pool._groups.values() for c in cs]
+    assert sorted(callers) == sorted(pool._queues), (where, callers, list(pool._queues))
+    assert sorted(pool._rr) == sorted(pool._groups), (where, list(pool._rr))
     if pool._free:
         for caller, q in pool._queues.items():
             group = caller.split("\x1f", 1)[0]
@@ -189,6 +193,19 @@ def test_waiters_that_gave_up_leave_the_queue() -> None:
                 await pool.call(b"x", 0.001, "tenant:a\x1fk", 100, None, 1)
         assert sum(len(q) for q in pool._queues.values()) == 0
         assert pool.queued == 0
+        # Calls under a new caller key each (a tenant at its share, and one
+        # waiting for a busy pool) leave no key behind either
+        for i in range(50):
+            with pytest.raises(errors.DeadlineExceeded):
+                await pool.call(b"x", 0.001, f"tenant:a\x1fk{i}", 100, None, 1)
+        held = asyncio.ensure_future(pool.call(b"y", 60.0, "tenant:c\x1fk", 100))
+        await asyncio.sleep(0.01)  # holds the last free channel
+        for i in range(50):
+            with pytest.raises(errors.DeadlineExceeded):
+                await pool.call(b"x", 0.001, f"tenant:d\x1fk{i}", 100)
+        assert (pool._queues, pool._groups, list(pool._rr)) == ({}, {}, [])
+        chans[1].answer()
+        assert (await held)[0].data == b"y"
         # the other channel still serves another tenant at once
         chans[1].mode = "echo"
         msg, chan = await pool.call(b"other", 1.0, "tenant:b\x1fk", 100, None, 1)
