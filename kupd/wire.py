@@ -58,6 +58,11 @@ WIRE_MIN_BYTES = 64 * 1024
 # kup.v1 field numbers (protos/kup/v1/kup.proto)
 _REQ_ID, _REQ_SEND, _REQ_EXCHANGE = 1, 3, 6
 _RESP_RECEIVED, _RESP_EXCHANGED = 4, 7
+#: the fields read_request reads: a request with any other is the
+#: generated parser's (SessionRequest; SessionSend / SessionExchange)
+_REQ_TOP = frozenset({_REQ_ID, _REQ_SEND, _REQ_EXCHANGE})
+_SEND_FIELDS = frozenset({1})
+_EXCHANGE_FIELDS = frozenset({1, 2, 3})
 
 
 class Unexpected(Exception):
@@ -89,15 +94,21 @@ def read_varint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def fields(buf: bytes | memoryview, i: int, end: int) -> dict[int, tuple[int, int, int]]:
+def fields(
+    buf: bytes | memoryview, i: int, end: int, known: frozenset[int]
+) -> dict[int, tuple[int, int, int]]:
     """field -> (wire type, a, b) of the message at buf[i:end]: a varint's
     value in a (b 0), a length-delimited field's span buf[a:b].  Unexpected
-    for another wire type, a field seen twice or a length past ``end``."""
+    for a field not in ``known``, another wire type, a field seen twice or
+    a length past ``end``.  At the first field not known, not after
+    collecting them all: a 4 MiB message of 900 000 distinct unknown
+    fields took 0.8 s of the event loop to refuse, the generated parser
+    (which then reads it) 6 ms."""
     out: dict[int, tuple[int, int, int]] = {}
     while i < end:
         key, i = read_varint(buf, i, end)
         field, wire = key >> 3, key & 7
-        if field in out:
+        if field not in known or field in out:
             raise Unexpected
         if wire == VARINT:
             v, i = read_varint(buf, i, end)
@@ -164,13 +175,12 @@ class WireRequest:
 
 def read_request(raw: bytes) -> WireRequest:
     """A send / exchange request read by hand; Unexpected for anything else."""
-    top = fields(raw, 0, len(raw))
+    top = fields(raw, 0, len(raw), _REQ_TOP)
     ops = [f for f in (_REQ_SEND, _REQ_EXCHANGE) if f in top]
-    if len(ops) != 1 or set(top) - {_REQ_ID, ops[0]}:
+    if len(ops) != 1:
         raise Unexpected
-    sub = fields(raw, *span(top, ops[0]))
-    if set(sub) - ({1, 2, 3} if ops[0] == _REQ_EXCHANGE else {1}):
-        raise Unexpected
+    a, b = span(top, ops[0])
+    sub = fields(raw, a, b, _EXCHANGE_FIELDS if ops[0] == _REQ_EXCHANGE else _SEND_FIELDS)
     da, db = span(sub, 1)
     return WireRequest(
         scalar(top, _REQ_ID, 64),  # uint64

@@ -51,6 +51,11 @@ SESSION_METHOD = "/kup.v1.Kup/Session"
 _REQ_SEND, _REQ_EXCHANGE = 3, 6
 _RESP_RECEIVED, _RESP_EXCHANGED = 4, 7
 _REQ_ID = 1
+#: the fields read_reply reads (SessionResponse; ReceiveResponse; Message):
+#: a reply with any other is the generated parser's
+_REPLY_TOP = frozenset({_REQ_ID, _RESP_RECEIVED, _RESP_EXCHANGED})
+_RESULT_FIELDS = frozenset({1, 2})
+_MESSAGE_FIELDS = frozenset({1, 2, 3})
 
 _KINDS: dict[int, Kind] = {int(k): k for k in Kind}
 _new_message = object.__new__
@@ -139,22 +144,18 @@ def serialize(req: Any) -> bytes:
 
 def read_reply(raw: bytes) -> WireReply:
     """A received / exchanged reply read by hand; Unexpected for anything else."""
-    top = fields(raw, 0, len(raw))
+    top = fields(raw, 0, len(raw), _REPLY_TOP)
     results = [f for f in (_RESP_RECEIVED, _RESP_EXCHANGED) if f in top]
-    if len(results) != 1 or set(top) - {_REQ_ID, results[0]}:
+    if len(results) != 1:
         raise Unexpected
-    rr = fields(raw, *span(top, results[0]))
-    if set(rr) - {1, 2}:
-        raise Unexpected
+    rr = fields(raw, *span(top, results[0]), _RESULT_FIELDS)
     rid = scalar(top, _REQ_ID, 64)
     not_ready = bool(scalar(rr, 1, 64))  # bool: any varint
     result = "received" if results[0] == _RESP_RECEIVED else "exchanged"
     if not_ready and 2 not in rr:
         return WireReply(rid, result, True, None)
     # an absent message reads as the default one, as the generated class has it
-    m = fields(raw, *span(rr, 2)) if 2 in rr else {}
-    if set(m) - {1, 2, 3}:
-        raise Unexpected
+    m = fields(raw, *span(rr, 2), _MESSAGE_FIELDS) if 2 in rr else {}
     a, b = span(m, 1)
     k = _KINDS.get(scalar(m, 2, 31))
     if k is None:
