@@ -267,6 +267,12 @@ class Metrics:
         r.register(_MessageCollector(self))
         self.sessions = Gauge("kupd_sessions", "Open Session streams", ["device"], registry=r)
         self.leases = Gauge("kupd_leases", "Open Attach leases", ["device"], registry=r)
+        self.sessions_unattached = Gauge(
+            "kupd_sessions_unattached",
+            "Session streams that have not sent their attach yet (they count against "
+            "max_sessions)",
+            registry=r,
+        )
         self.calls_queued = Gauge(
             "kupd_calls_queued", "Calls waiting for a pool channel", ["device"], registry=r
         )

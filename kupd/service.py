@@ -351,6 +351,24 @@ class KupService(kup_pb2_grpc.KupServicer):
         bind(request=next(_request_ids), rpc=rpc, **where)
         await self._abort(context, exc)
 
+    def _unattached(self) -> str:
+        """Count a Session stream that has not sent its attach yet (see
+        LeaseTable.unattached), refused (ResourceExhausted) when kupd's or
+        its tenant's max_sessions is reached.  Returns the tenant's name,
+        for LeaseTable.unattached_leave."""
+        t = self.guard.tenant()
+        if t.max_sessions:
+            self.guard.check_sessions(t, "session", "", self._open_of(t.name))
+        self.leases.check_room()
+        self.leases.unattached_enter(t.name)
+        return t.name
+
+    def _open_of(self, tenant: str) -> int:
+        """The tenant's leases, attaches under way and Session streams not
+        attached yet: what its max_sessions bounds."""
+        mine = sum(1 for le in self.leases.leases.values() if le.tenant == tenant)
+        return mine + self.guard.pending.get(tenant, 0) + self.leases.unattached.get(tenant, 0)
+
     def _stream_started(self) -> None:
         self.streams_in_flight += 1
         self.streams_idle.clear()
@@ -486,8 +504,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         t = self.guard.tenant()
         self.guard.check_op(t, holder, device, chan)
         self.guard.check_drained(device)
-        mine = sum(1 for le in self.leases.leases.values() if le.tenant == t.name)
-        self.guard.check_sessions(t, holder, device, mine + self.guard.pending.get(t.name, 0))
+        self.guard.check_sessions(t, holder, device, self._open_of(t.name))
         allowed = self.guard.channels_for(t, device)
         self.guard.pending[t.name] = self.guard.pending.get(t.name, 0) + 1
         try:
@@ -809,7 +826,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         try:
             self._check_open()
             guard = _StreamGuard(self.drain)
-            first = await self._next(reader, None, guard)
+            counted = self._unattached()
+            try:
+                first = await self._next(reader, None, guard)
+            finally:
+                self.leases.unattached_leave(counted)
             if first is None:
                 return
             if isinstance(first, MalformedRequest):

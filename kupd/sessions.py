@@ -31,6 +31,11 @@ log = get_logger("kupd.sessions")
 #: how many ended leases get() still explains (~200 bytes each)
 ENDED_KEPT = 4096
 
+#: how many operations (unary RPCs on an Attach lease) may wait for a
+#: lease's one running operation: each waiting RPC costs kupd memory, and
+#: nothing else bounds how many a client starts on one lease
+MAX_WAITING_OPS = 64
+
 
 class OpLock:
     """A FIFO lock for a lease's operations, like :class:`asyncio.Lock` but
@@ -43,6 +48,11 @@ class OpLock:
     def __init__(self) -> None:
         self.held = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Takers waiting for the lock."""
+        return len(self._waiters)
 
     def try_take(self) -> bool:
         if self.held or self._waiters:
@@ -127,6 +137,10 @@ class LeaseTable:
         #: takes between their max_leases check and their lease (an attach
         #: awaits the host): counted, or concurrent ones all pass the check
         self._taking = 0
+        #: Session streams not attached yet, per tenant: a stream costs kupd
+        #: ~23 KB before its first request, so it counts against
+        #: max_sessions (kupd's and its tenant's) from its start
+        self.unattached: dict[str, int] = {}
         #: recently ended leases: id -> (tenant, the error a later use of
         #: the id gets), the oldest dropped past ENDED_KEPT, so that an
         #: Attach lease's holder learns why it ended (revoked, expired ...)
@@ -137,6 +151,39 @@ class LeaseTable:
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
             d.on_shutdown.append(self._device_shutting_down)
+
+    def check_room(self) -> None:
+        """ResourceExhausted when the leases open, those being attached and
+        the Session streams not attached yet reach max_sessions."""
+        waiting = sum(self.unattached.values())
+        open_now = len(self.leases) + self._taking + waiting
+        if open_now >= self.max_leases:
+            parts = [
+                f"{n} {what}"
+                for n, what in (
+                    (self._taking, "being attached"),
+                    (waiting, "Sessions not attached yet"),
+                )
+                if n
+            ]
+            of = f" ({', '.join(parts)})" if parts else ""
+            raise errors.ResourceExhausted(
+                f"{open_now} leases open{of} (limit max_sessions={self.max_leases})"
+            )
+
+    def unattached_enter(self, tenant: str) -> None:
+        """A Session stream of ``tenant`` before its attach: it counts like
+        the lease it asks for (pair with :meth:`unattached_leave`)."""
+        self.unattached[tenant] = self.unattached.get(tenant, 0) + 1
+        self.mgr.metrics.sessions_unattached.inc()
+
+    def unattached_leave(self, tenant: str) -> None:
+        self.mgr.metrics.sessions_unattached.dec()
+        n = self.unattached[tenant] - 1
+        if n:
+            self.unattached[tenant] = n
+        else:
+            del self.unattached[tenant]
 
     def start(self) -> None:
         self._reaper = asyncio.ensure_future(self._reap_loop())
@@ -150,12 +197,7 @@ class LeaseTable:
         Releasing at once, not waited for)."""
         if self.mgr.closing:
             raise errors.Shutdown("kupd is shutting down")
-        if len(self.leases) + self._taking >= self.max_leases:
-            taking = f" ({self._taking} of them being attached)" if self._taking else ""
-            raise errors.ResourceExhausted(
-                f"{len(self.leases) + self._taking} leases open{taking} "
-                f"(limit max_sessions={self.max_leases})"
-            )
+        self.check_room()
         dev = self.mgr.get(device)
         self._taking += 1
         try:
@@ -284,6 +326,11 @@ class LeaseTable:
         if not lease.active:
             raise self._ended_error(lease)
         if not lease.lock.try_take():
+            if lease.lock.waiting >= MAX_WAITING_OPS:
+                raise errors.ResourceExhausted(
+                    f"lease {lease.id}: {lease.lock.waiting} operations already wait for "
+                    f"it (they run one at a time; at most {MAX_WAITING_OPS} wait)"
+                )
             await lease.lock.take()
         if not lease.active:
             lease.lock.release()

@@ -13,12 +13,16 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import grpc
 import pytest
 from gateway_helpers import Kupd, StartKupd, child_env, echo_sim, holding_client
 
+from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, Kind, Lease
 from kupd import errors
 from kupd.abi import KUP_MAX_PAGES
@@ -290,3 +294,95 @@ def test_descriptor_count_at_the_limit_is_the_limit() -> None:
     lim, at_used, at_limit, below_used, below_limit = map(int, out.stdout.split())
     assert (at_used, at_limit) == (lim, lim), out.stdout  # at the limit: all in use
     assert below_limit == lim and below_used < lim, out.stdout  # counted again
+
+
+def _silent_sessions(k: Kupd, n: int) -> tuple[grpc.Channel, list[Any], threading.Event]:
+    """n raw Session streams that send nothing (not even their attach)
+    until the event is set, then end their side."""
+    chan = grpc.insecure_channel("unix:" + k.socket)
+    stub = kup_pb2_grpc.KupStub(chan)
+    done = threading.Event()
+
+    def nothing() -> Iterator[kup_pb2.SessionRequest]:
+        done.wait()
+        yield from ()
+
+    return chan, [stub.Session(nothing()) for _ in range(n)], done
+
+
+def _unattached(k: Kupd) -> float:
+    """kupd_sessions_unattached, from kupd's metrics endpoint."""
+    assert k.metrics_url is not None
+    text = urllib.request.urlopen(k.metrics_url, timeout=10).read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("kupd_sessions_unattached ")]
+    return float(line.split()[-1])
+
+
+def test_sessions_not_attached_yet_count_against_max_sessions(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """A Session stream costs kupd memory before its first request: streams
+    that never attach count against max_sessions like the leases they
+    would take (Sessions and unary Attach alike), so a client cannot hold
+    an unbounded number of them, and the refusal names them.  Once they
+    end, their room is back."""
+    k = with_metrics_port(
+        lambda port: start_kupd(sim, "--metrics-port", str(port), "--max-sessions", "3")
+    )
+    chan, streams, done = _silent_sessions(k, 2)
+    try:
+        wait_until(lambda: _unattached(k) == 2, what="kupd counting both silent streams")
+        with k.client() as c:
+            with c.open("echo").channel() as ch:  # the third
+                assert ch.receive(timeout=10).kind == Kind.PASS
+                want = r"3 leases open \(2 Sessions not attached yet\) \(limit max_sessions=3\)"
+                with pytest.raises(errors.ResourceExhausted, match=want):
+                    c.open("echo").channel()
+                with pytest.raises(errors.ResourceExhausted, match=want):
+                    c.attach("echo")
+            done.set()
+            for s in streams:
+                assert list(s) == []  # ended before an attach: nothing to answer
+            assert _unattached(k) == 0
+            held = [c.open("echo").channel() for _ in range(3)]
+            for h in held:
+                h.close()
+    finally:
+        done.set()
+        chan.close()
+    assert k.terminate() == 0
+
+
+def test_operations_waiting_for_one_lease_are_bounded(sim: KupSim, start_kupd: StartKupd) -> None:
+    """Unary operations on one Attach lease run one at a time; those that
+    wait for it each cost kupd memory, so at most 64 may wait: the next is
+    ResourceExhausted naming the bound.  The waiting ones are unharmed."""
+    from kupd.sessions import MAX_WAITING_OPS
+
+    k = start_kupd(sim)
+    with k.client() as c:
+        lease = c.attach("echo", 40)
+        assert c.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
+        c.lease_send(lease.lease_id, b"!hold")  # never answered: receives wait
+        chan = grpc.insecure_channel("unix:" + k.socket)
+        try:
+            stub = kup_pb2_grpc.KupStub(chan)
+            req = kup_pb2.ReceiveRequest(
+                lease_id=lease.lease_id, mode=kup_pb2.RECEIVE_MODE_DEADLINE, timeout_ms=5000
+            )
+            # the first holds the lease for 5 s; the others' RPC deadlines
+            # end them while they wait or right after
+            running = stub.Receive.future(req, timeout=8)
+            time.sleep(0.5)
+            waiting = [stub.Receive.future(req, timeout=8) for _ in range(MAX_WAITING_OPS)]
+            time.sleep(1.0)  # all in the lease's queue
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Receive(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"at most {MAX_WAITING_OPS} wait" in str(e.value.details()), e.value
+            codes = {f.exception().code() for f in [running, *waiting]}  # type: ignore[union-attr]
+            assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+        finally:
+            chan.close()
+        c.release(lease.lease_id)
+    assert k.terminate() == 0

@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -368,6 +369,49 @@ def test_a_message_over_the_tenant_limit_ends_no_session(tk: TenantKupd) -> None
         assert "rule max_message_bytes" in r.error.message
     assert got[4].exchanged.message.data == b"y" * 64
     assert _audit_has(tk, tenant="alice", op="session", rule="max_message_bytes")
+
+
+def test_sessions_not_attached_yet_count_against_the_tenants_max_sessions(
+    tk: TenantKupd,
+) -> None:
+    """Session streams that never send their attach count against their
+    tenant's max_sessions (each costs kupd memory): alice's two silent
+    streams leave her no session, and nobody else loses one."""
+    import threading
+
+    chan = grpc.insecure_channel("unix:" + tk.sock("alice"))
+    done = threading.Event()
+
+    def nothing() -> Iterator[kup_pb2.SessionRequest]:
+        done.wait()
+        yield from ()
+
+    stub = kup_pb2_grpc.KupStub(chan)
+    streams = [stub.Session(nothing()) for _ in range(2)]
+    try:
+        with tk.client("alice") as c:
+
+            def refused() -> bool:
+                try:
+                    c.open("echo").channel().close()
+                except errors.ResourceExhausted as exc:
+                    assert "rule max_sessions: 2 sessions and leases open" in str(exc), exc
+                    return True
+                return False
+
+            wait_until(refused, what="kupd counting alice's silent streams")
+            with tk.client("carol") as other:
+                with other.open("echo").channel() as ch:
+                    assert ch.receive(timeout=10).kind.name == "PASS"
+            done.set()
+            for st in streams:
+                assert list(st) == []
+            with c.open("echo").channel(), c.open("echo").channel():
+                pass
+    finally:
+        done.set()
+        chan.close()
+    assert _audit_has(tk, tenant="alice", op="session", rule="max_sessions")
 
 
 def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
