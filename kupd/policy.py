@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import grp
+import math
 import pwd
 import time
 from collections.abc import Iterable
@@ -286,8 +287,15 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         else:
             grants.append(Grant(dev))
     cps = raw.get("calls_per_second", 0.0)
-    if isinstance(cps, bool) or not isinstance(cps, int | float) or cps < 0:
-        raise _config_error(prefix + "calls_per_second", f"must be a number >= 0, not {cps!r}")
+    if (
+        isinstance(cps, bool)
+        or not isinstance(cps, int | float)
+        or not math.isfinite(cps)  # nan and inf both read as "no limit"
+        or cps < 0
+    ):
+        raise _config_error(
+            prefix + "calls_per_second", f"must be a finite number >= 0, not {cps!r}"
+        )
     return Tenant(
         name=name,
         socket=sock,
@@ -491,8 +499,10 @@ class Guard:
         g = t.grant(device)
         return None if g is None else g.channels
 
-    def check_sessions(self, t: Tenant, op: str, device: str, open_now: int) -> None:
-        if t.max_sessions and open_now >= t.max_sessions:
+    def check_sessions(
+        self, t: Tenant, op: str, device: str, open_now: int, slack: int = 0
+    ) -> None:
+        if t.max_sessions and open_now >= t.max_sessions + slack:
             self.exhaust(
                 t,
                 op,

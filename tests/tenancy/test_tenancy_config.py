@@ -30,6 +30,9 @@ def _tenant(**kw: object) -> dict[str, object]:
         (_tenant(group="no-such-group-kupd"), "tenant[0].group"),
         (_tenant(max_sessions=-1), "tenant[0].max_sessions"),
         (_tenant(calls_per_second="fast"), "tenant[0].calls_per_second"),
+        # TOML has nan and inf: both read as no limit at all
+        (_tenant(calls_per_second=float("nan")), "tenant[0].calls_per_second"),
+        (_tenant(calls_per_second=float("inf")), "tenant[0].calls_per_second"),
         (_tenant(grant=[{"device": "nope"}]), "tenant[0].grant[0].device"),
         (_tenant(grant=[{"device": "echo", "channels": "9-3"}]), "tenant[0].grant[0].channels"),
         (_tenant(grant=[{"device": "echo", "chans": "1"}]), "tenant[0].grant[0].chans"),
