@@ -215,6 +215,12 @@ def _unsafe_above(st: os.stat_result) -> bool:
     )
 
 
+def _trusted_owners() -> str:
+    """Who may own a directory on a socket's path: root, or kupd's user."""
+    uid = os.geteuid()
+    return "root (uid 0)" if uid == 0 else f"root or kupd's user (uid {uid})"
+
+
 def check_path(path: str, what: str = "socket", private: bool = True, create: bool = False) -> str:
     """Check the directories a file kupd makes at ``path`` (a socket, its
     lock, pid file or audit log) is reached through, as the path is written:
@@ -247,8 +253,8 @@ def check_path(path: str, what: str = "socket", private: bool = True, create: bo
 
     def refuse_above(d: str, st: os.stat_result) -> None:
         raise OSError(
-            f"directory {d} above the {what} {path} must be owned by root or uid "
-            f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
+            f"directory {d} above the {what} {path} must be owned by {_trusted_owners()} "
+            f"and writable by nobody else unless sticky (it is uid "
             f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
             f"rename the entries in it and replace the {what}"
         )
@@ -307,8 +313,8 @@ def check_path(path: str, what: str = "socket", private: bool = True, create: bo
             )
     elif _unsafe_above(st):
         raise OSError(
-            f"directory {shown} of the {what} {path} must be owned by root or uid "
-            f"{os.geteuid()} and writable by nobody else unless sticky (it is uid "
+            f"directory {shown} of the {what} {path} must be owned by {_trusted_owners()} "
+            f"and writable by nobody else unless sticky (it is uid "
             f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user could "
             f"replace the {what} or plant a link at its name"
         )

@@ -185,7 +185,8 @@ def test_the_plain_socket_in_a_directory_anyone_may_write_is_refused(tmp_path: P
     d.chmod(0o777)
     rc, err = _kupd_refuses(*_plain(tmp_path, d / "kupd.sock"))
     assert rc == 1, err
-    assert f"directory {d} of the socket {d}/kupd.sock must be owned by root or uid" in err, err
+    want = f"directory {d} of the socket {d}/kupd.sock must be owned by root (uid 0) and"
+    assert want in err, err
     assert os.listdir(d) == []  # not even the lock
 
 
