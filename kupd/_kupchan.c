@@ -142,9 +142,10 @@ now_ms(void)
 typedef struct {
 	PyObject_HEAD
 	void *h;                 /* kernproxy_open handle; NULL once released */
-	PyThread_type_lock lock; /* serialises device operations */
+	PyThread_type_lock lock; /* serialises info / event fd (one connection) */
 	PyObject *name;          /* str, as given to open() */
 	Py_ssize_t nchannels;    /* channel objects not yet closed */
+	Py_ssize_t attaching;    /* channel() calls inside libkup (GIL-protected) */
 	int closed;              /* close() was called */
 } DeviceObject;
 
@@ -167,6 +168,10 @@ device_release_handle(DeviceObject *d)
 {
 	void *h;
 
+	/* an attach in flight uses the handle without the device lock: the
+	 * last of them releases it (device_channel) */
+	if (d->attaching > 0)
+		return;
 	/* under the device lock: the last channel's deferred close may come
 	 * while another thread is inside info() or event_fd() on the handle
 	 * (with the GIL released) -- it must not be freed under that call */
@@ -236,6 +241,7 @@ kupchan_open(PyObject *mod, PyObject *arg)
 	d->h = h;
 	d->name = Py_NewRef(arg);
 	d->nchannels = 0;
+	d->attaching = 0;
 	d->closed = 0;
 	d->lock = PyThread_allocate_lock();
 	if (d->lock == NULL) {
@@ -304,7 +310,7 @@ device_channel(DeviceObject *d, PyObject *args)
 	long long want;
 	unsigned long long pages = 0;
 	size_t id;
-	void *h;
+	void *h, *dh;
 	int code, sys_errno;
 	ChannelObject *c;
 
@@ -317,14 +323,25 @@ device_channel(DeviceObject *d, PyObject *args)
 		return raise_kup(KUP_E_INVAL, 0, "channel pages %llu on device %U: more than %u",
 		    pages, d->name, (unsigned)KUP_MAX_PAGES);
 	id = want < 0 ? KP_CHAN_ANY : (size_t)want;
-	if (device_lock(d) < 0)
-		return NULL;
+	if (d->closed || d->h == NULL)
+		return raise_kup(KUP_E_INVAL, 0, "device %U is closed", d->name);
+	/* Not under the device lock: the host may hold an attach for up to
+	 * half a second (a channel its module has not let go of yet), and
+	 * info() -- kupd's health check -- must not wait behind a queue of
+	 * those.  libkup attaches on a connection of their own; the count
+	 * keeps the handle from being released meanwhile. */
+	dh = d->h;
+	d->attaching++;
 	Py_BEGIN_ALLOW_THREADS
-	h = kernproxy_channel(d->h, id, (size_t)pages);
+	h = kernproxy_channel(dh, id, (size_t)pages);
 	code = kernproxy_errno;
 	sys_errno = errno;
 	Py_END_ALLOW_THREADS
-	PyThread_release_lock(d->lock);
+	d->attaching--;
+	/* a close() meanwhile left the handle to the last attach (a channel
+	 * made here keeps it until that channel closes, as one made before) */
+	if (h == NULL && d->attaching == 0 && d->nchannels == 0 && d->closed)
+		device_release_handle(d);
 	if (h == NULL) {
 		if (want < 0)
 			return raise_kup(code ? code : KUP_E_SYS, sys_errno,
@@ -376,8 +393,9 @@ device_close(DeviceObject *d, PyObject *unused)
 	if (d->closed)
 		Py_RETURN_NONE;
 	d->closed = 1;
-	/* Wait for a device operation in flight, then release the handle
-	 * unless channels still use it (the last channel releases it). */
+	/* Wait for an info() or event_fd() in flight, then release the
+	 * handle unless channels or attaches in flight still use it (the
+	 * last of them releases it). */
 	if (!PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
 		Py_BEGIN_ALLOW_THREADS
 		PyThread_acquire_lock(d->lock, WAIT_LOCK);

@@ -71,8 +71,19 @@ def shown(name: str) -> str:
     return f"{name[:SHOWN_MAX]!r}... ({len(name.encode())} bytes)"
 T = TypeVar("T")
 
-#: Threads for blocking device-host calls (attach/info/open): bounded.
+#: Threads for attaching channels on the host (an attach may wait there up
+#: to half a second for a module to let go of its channel): bounded.
 BLOCKING_THREADS = 4
+
+#: Attaches one tenant may have under way on the host at once: a tenant
+#: that keeps asking for channels its module still holds (each attempt
+#: parked by the host) takes at most these threads, not every tenant's.
+ATTACHES_PER_TENANT = BLOCKING_THREADS // 2
+
+#: Threads for the device calls kupd's health and events rest on (open,
+#: info, the event fd): apart from the attaches, so that a pile of parked
+#: attaches never makes a device look hung.
+MONITOR_THREADS = 2
 
 #: How long the "no free channel" answer waits for a fresh INFO to count
 #: the channels their module still holds (seconds)
@@ -249,6 +260,16 @@ class ManagedDevice:
             )
         )
         self.mgr.health_changed()
+        if self.cfg.call_channels >= info.chan_count:
+            # the pool would take every channel it can attach, and keep
+            # trying for the rest: sessions and leases get none
+            log.warning(
+                "call_channels is not below the device's channel count",
+                device=self.name,
+                call_channels=self.cfg.call_channels,
+                channels=info.chan_count,
+                effect="the Call pool takes every free channel; none is left for sessions",
+            )
         if info.max_msg + 65536 > self.mgr.max_grpc_message:
             log.warning(
                 "device messages exceed the gRPC limit",
@@ -392,8 +413,11 @@ class ManagedDevice:
         self.mgr.health_changed()
 
     # -- channels -------------------------------------------------------------------
-    async def attach(self, chan_id: int | None, *, wait_releasing: bool = True) -> Channel:
-        """Attach channel ``chan_id`` (None: any free one) on the host.
+    async def attach(
+        self, chan_id: int | None, *, wait_releasing: bool = True, tenant: str = ""
+    ) -> Channel:
+        """Attach channel ``chan_id`` (None: any free one) on the host, for
+        ``tenant`` ("": kupd's own Call pool; see DeviceManager.attaching).
 
         A channel held by another kupd lease, the Call pool or a process
         using the device directly is :class:`~kupd.errors.Busy` at once.
@@ -418,7 +442,7 @@ class ManagedDevice:
                     raise errors.Busy(
                         f"channel {chan_id} of device {self.name} is held by {what}"
                     )
-            fut = asyncio.ensure_future(self.mgr.blocking(dev.channel, chan_id))
+            fut = asyncio.ensure_future(self.mgr.attaching(tenant, dev.channel, chan_id))
             try:
                 return await asyncio.shield(fut)
             except asyncio.CancelledError:
@@ -579,6 +603,9 @@ class DeviceManager:
         self.on_health = on_health
         self.closing = False
         self.executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="kupd-dev")
+        self.monitor_executor = ThreadPoolExecutor(MONITOR_THREADS, thread_name_prefix="kupd-mon")
+        #: per tenant ("" for kupd's own Call pool): ATTACHES_PER_TENANT slots
+        self._attach_slots: dict[str, asyncio.Semaphore] = {}
         self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -597,7 +624,17 @@ class DeviceManager:
         return dev
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` on a monitor thread (open, info, event fd)."""
+        return await asyncio.get_running_loop().run_in_executor(self.monitor_executor, fn, *args)
+
+    async def attaching(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a host attach) on an attach thread, with one of
+        ``tenant``'s ATTACHES_PER_TENANT slots."""
+        slots = self._attach_slots.get(tenant)
+        if slots is None:
+            slots = self._attach_slots[tenant] = asyncio.Semaphore(ATTACHES_PER_TENANT)
+        async with slots:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def spawn(self, coro: Any) -> asyncio.Future[Any]:
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)
@@ -650,3 +687,4 @@ class DeviceManager:
         for d in self.devices.values():
             d.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.monitor_executor.shutdown(wait=False, cancel_futures=True)

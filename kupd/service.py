@@ -357,9 +357,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         its tenant's max_sessions is reached.  Returns the tenant's name,
         for LeaseTable.unattached_leave."""
         t = self.guard.tenant()
+        # One stream past the limit may wait for its attach: that attach is
+        # then refused by _take, after the checks that come first there (a
+        # tenant at its limit asking for a channel it is not granted is
+        # told PERMISSION_DENIED, as before).
         if t.max_sessions:
-            self.guard.check_sessions(t, "session", "", self._open_of(t.name))
-        self.leases.check_room()
+            self.guard.check_sessions(t, "session", "", self._open_of(t.name), slack=1)
+        self.leases.check_room(slack=1)
         self.leases.unattached_enter(t.name)
         return t.name
 
@@ -512,7 +516,9 @@ class KupService(kup_pb2_grpc.KupServicer):
                 lease = await self._take_granted(device, allowed, holder, t)
             else:
                 try:
-                    lease = await self.leases.take(device, chan, holder)
+                    lease = await self.leases.take(
+                        device, chan, holder, tenant=t.name, via=t.socket
+                    )
                 except errors.Busy as exc:
                     # the holder's lease id only to its own tenant
                     held = md.holders.get(chan) if md is not None and chan is not None else None
@@ -521,7 +527,6 @@ class KupService(kup_pb2_grpc.KupServicer):
                     raise type(exc)(f"{exc.message}: your {held[0]} {held[1]}") from None
         finally:
             self.guard.pending[t.name] -= 1
-        lease.tenant = t.name
         # The attach awaited the host (a channel its module had not let go
         # of: up to REATTACH_GRACE): kupd's own drain (SIGTERM), an admin's
         # drain of the device, or a reload that took the grant away, may
@@ -560,7 +565,9 @@ class KupService(kup_pb2_grpc.KupServicer):
                 if dev.pool.state_of(cid) is not None:
                     continue
                 try:
-                    return await self.leases.take(device, cid, holder, wait_releasing=False)
+                    return await self.leases.take(
+                        device, cid, holder, wait_releasing=False, tenant=t.name, via=t.socket
+                    )
                 except errors.Releasing:
                     releasing = True
                 except errors.Busy:

@@ -104,6 +104,9 @@ class Lease:
         self.end_reason = ""
         #: The tenant that took it (kupd.policy; "default" without tenants).
         self.tenant = "default"
+        #: The tenant socket it was taken through ("" for kupd's own socket):
+        #: a reload that moves that socket ends the Sessions it serves.
+        self.via = ""
         #: Seconds without use after which an Attach lease ends: the table's
         #: value when it was taken (what its Attach reply announced), kept
         #: for its life even if a reload changes the table's.
@@ -152,12 +155,12 @@ class LeaseTable:
             d.on_gone.append(self._device_gone)
             d.on_shutdown.append(self._device_shutting_down)
 
-    def check_room(self) -> None:
+    def check_room(self, slack: int = 0) -> None:
         """ResourceExhausted when the leases open, those being attached and
-        the Session streams not attached yet reach max_sessions."""
+        the Session streams not attached yet reach max_sessions (+ slack)."""
         waiting = sum(self.unattached.values())
         open_now = len(self.leases) + self._taking + waiting
-        if open_now >= self.max_leases:
+        if open_now >= self.max_leases + slack:
             parts = [
                 f"{n} {what}"
                 for n, what in (
@@ -190,18 +193,26 @@ class LeaseTable:
 
     # -- taking and ending ---------------------------------------------------------
     async def take(
-        self, device: str, chan_id: int | None, holder: str, *, wait_releasing: bool = True
+        self,
+        device: str,
+        chan_id: int | None,
+        holder: str,
+        *,
+        wait_releasing: bool = True,
+        tenant: str = "default",
+        via: str = "",
     ) -> Lease:
         """Attach and lease a channel (see :meth:`ManagedDevice.attach`;
         ``wait_releasing`` False: a channel its module still holds is
-        Releasing at once, not waited for)."""
+        Releasing at once, not waited for) for ``tenant``, through its
+        socket ``via`` (Lease.tenant, Lease.via)."""
         if self.mgr.closing:
             raise errors.Shutdown("kupd is shutting down")
         self.check_room()
         dev = self.mgr.get(device)
         self._taking += 1
         try:
-            ch = await dev.attach(chan_id, wait_releasing=wait_releasing)
+            ch = await dev.attach(chan_id, wait_releasing=wait_releasing, tenant=tenant)
         finally:
             self._taking -= 1
         if dev.dev is None or self.mgr.closing:
@@ -214,11 +225,19 @@ class LeaseTable:
             secrets.token_hex(8), holder, dev, ch, self.mgr.metrics.channel(device, ch.id)
         )
         lease.idle_timeout = self.idle_timeout
+        lease.tenant, lease.via = tenant, via
         self.leases[lease.id] = lease
         dev.holders[ch.id] = (holder, lease.id)
         gauge = self.mgr.metrics.sessions if holder == "session" else self.mgr.metrics.leases
         gauge.labels(device).inc()
-        log.info("lease taken", device=device, channel=ch.id, lease=lease.id, holder=holder)
+        log.info(
+            "lease taken",
+            device=device,
+            channel=ch.id,
+            lease=lease.id,
+            holder=holder,
+            tenant=tenant,
+        )
         self.mgr.publish(
             Event(EventType.LEASE_TAKEN, device, channel=ch.id, lease_id=lease.id, holder=holder)
         )

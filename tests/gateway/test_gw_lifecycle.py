@@ -533,3 +533,20 @@ def _all_stopped(pid: int) -> bool:
         with contextlib.suppress(OSError):
             states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
     return bool(states) and all(st == "T" for st in states)
+
+
+def test_a_call_pool_as_large_as_the_device_is_warned_about(start_kupd: StartKupd) -> None:
+    """call_channels at or above the device's channel count is valid, but
+    its pool takes every channel it can and leaves sessions none: kupd
+    says so when the device appears, naming both numbers."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "8"}
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim, devices=("echo:1000",))
+        with k.client() as c:
+            wait_until(lambda: c.devices("echo")[0].call_channels == 8, what="8 pool channels")
+            with pytest.raises(errors.Busy):
+                c.open("echo").channel()
+        assert k.terminate() == 0
+    recs = [json.loads(x) for x in k.log().splitlines() if x.startswith("{")]
+    (warned,) = [r for r in recs if r["event"].startswith("call_channels is not below")]
+    assert (warned["call_channels"], warned["channels"], warned["level"]) == (1000, 8, "warning")

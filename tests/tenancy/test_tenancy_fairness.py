@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -15,7 +16,7 @@ from tenancy_helpers import StartTenants, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client
-from kupd.testing import wait_until
+from kupd.testing import echo_lock_holds, wait_until
 
 CONFIG = """
 [[device]]
@@ -177,3 +178,79 @@ def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTena
     print(f"fairness: {big_ahead} big-caller calls ahead (bound {BOUND})")
     assert big_ahead <= BOUND, (big_ahead, calls.done)
     assert FLOOD > BOUND
+
+
+ATTACH_CONFIG = """
+[[device]]
+name = "echo"
+call_channels = 0
+
+[[tenant]]
+name = "flood"
+socket = "@DIR@/flood.sock"
+[[tenant.grant]]
+device = "echo"
+channels = "0-7"
+
+[[tenant]]
+name = "meek"
+socket = "@DIR@/meek.sock"
+[[tenant.grant]]
+device = "echo"
+channels = "8-15"
+"""
+
+
+def test_one_tenants_parked_attaches_do_not_hold_up_another_tenant(
+    start_tenants: StartTenants,
+) -> None:
+    """flood leaves its channels held by the module (echo's "!lockhold")
+    and keeps attaching them from many threads: the host parks each such
+    attach for half a second, and kupd retries it for REATTACH_GRACE.
+    meek, on channels of its own, must still attach at once, and the
+    device must not look hung -- those retries used to take every one of
+    kupd's blocking threads, queueing meek's attaches and the health
+    check's INFO behind them for seconds."""
+    k = start_tenants(ATTACH_CONFIG)
+    held = range(4)
+    with Client(k.sock("flood")) as f:
+        for cid in held:
+            ch = f.open("echo").channel(cid)
+            ch.receive(timeout=10)
+            ch.send(b"!lockhold30000")
+            wait_until(lambda c=cid: echo_lock_holds(k.sim, c) > 0, what=f"hold on {cid}")
+            ch.close()
+    stop = threading.Event()
+
+    def hammer(cid: int) -> None:
+        chan = grpc.insecure_channel("unix:" + k.sock("flood"))
+        stub = kup_pb2_grpc.KupStub(chan)
+        while not stop.is_set():
+            with contextlib.suppress(grpc.RpcError):
+                stub.Attach(kup_pb2.AttachRequest(device="echo", channel=cid), timeout=30)
+        chan.close()
+
+    threads = [threading.Thread(target=hammer, args=(held[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    took: list[float] = []
+    try:
+        time.sleep(1.5)  # every hammer is parked or retrying now
+        with Client(k.sock("meek")) as m:
+            for _ in range(4):
+                t0 = time.monotonic()
+                with m.open("echo").channel() as ch:
+                    ch.receive(timeout=10)
+                m.devices()
+                took.append(time.monotonic() - t0)
+    finally:
+        stop.set()
+        with Client(k.sock("meek")) as m:
+            with m.open("echo").channel(8) as ch:
+                ch.receive(timeout=10)
+                assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+        for t in threads:
+            t.join(60)
+    # a parked attach holds the host for 0.5 s: meek must not queue behind them
+    assert max(took) < 1.5, took
+    assert "device not answering" not in k.log()
