@@ -255,8 +255,9 @@ class Server:
         _advise(cfg)
         log.info(
             "kupd ready",
-            socket=cfg.socket,
-            tenants=[t.name for t in cfg.tenants],
+            # with [[tenant]] tables the plain socket is not served
+            socket=None if cfg.tenants else cfg.socket,
+            tenants={t.name: t.socket for t in cfg.tenants},
             admin_socket=cfg.admin_socket,
             devices=[d.name for d in cfg.devices],
             pid=os.getpid(),
@@ -413,6 +414,7 @@ class Server:
                             f"channel {lease.ch.id}"
                         ),
                     )
+            ended += self._end_moved_sessions(old, cfg)
             if self.sockets is not None:
                 added, removed = await self.sockets.commit(
                     endpoints, started, calls_grace=cfg.call_timeout
@@ -430,6 +432,31 @@ class Server:
                 sockets_removed=removed,
             )
             return Reloaded(names, ended, applied, needs_restart)
+
+    def _end_moved_sessions(self, old: Config, cfg: Config) -> list[str]:
+        """End the Sessions served by a tenant socket this reload moves
+        (the tenant stays, its socket path changed): that socket's server
+        stops, which would cut them after call_timeout with gRPC's bare
+        "Cancelling all calls" and count them nowhere.  They end now with
+        Unavailable naming the new socket, counted in sessions_ended.  An
+        Attach lease stays: its id works through the new socket."""
+        was = {t.name: t.socket for t in old.tenants}
+        moved = {t.name: t.socket for t in cfg.tenants if was.get(t.name, t.socket) != t.socket}
+        ended: list[str] = []
+        for lease in list(self.leases.leases.values()):
+            new = moved.get(lease.tenant)
+            if new is None or lease.holder != "session" or not lease.via or lease.via == new:
+                continue
+            ended.append(lease.id)
+            self.leases.end(
+                lease,
+                "socket moved by reload",
+                errors.Unavailable(
+                    f"tenant {lease.tenant}: a reload moved its socket from {lease.via} to "
+                    f"{new}: connect there"
+                ),
+            )
+        return ended
 
     async def reload_logged(self) -> None:
         """SIGHUP: reload; a bad file is logged and the running config stays."""

@@ -13,6 +13,7 @@ import threading
 import pytest
 from tenancy_helpers import DEVICES, TENANTS, StartTenants, run_module
 
+from kupclient import Client
 from kupd import errors
 from kupd.testing import wait_until
 
@@ -272,3 +273,43 @@ def test_reload_ends_a_forbidden_watch_at_once(start_tenants: StartTenants) -> N
             ch.receive()
             ev = next(allowed)
             assert ev.channel == 30 and not ev.initial, ev
+
+
+def test_a_reload_that_moves_a_tenants_socket_ends_its_sessions_saying_where(
+    start_tenants: StartTenants,
+) -> None:
+    """alice's socket moves: her Sessions on the old socket end at once
+    with Unavailable naming the new one (not, call_timeout later, with
+    gRPC's bare "Cancelling all calls"), released as "socket moved by
+    reload" and counted in sessions_ended; her Attach lease stays, usable
+    through the new socket."""
+    k = start_tenants(DEVICES + TENANTS)
+    old = k.sock("alice")
+    with k.client("alice") as a:
+        session = a.open("echo").channel(8)
+        session.receive(timeout=10)
+        lease = a.attach("echo", 10)
+        assert a.lease_receive(lease.lease_id, timeout=10).kind.name == "PASS"
+        events = a.watch("echo")
+        k.write_config(DEVICES + TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock"))
+        with k.admin() as adm:
+            r = adm.reload()
+        assert r.sessions_ended == (session.lease.lease_id,), r
+        new = k.sock("alice2")
+        with pytest.raises(errors.Unavailable, match=f"moved its socket from {old} to {new}"):
+            session.send(b"x")
+            session.receive(timeout=10)
+        released = next(e for e in events if e.type.name == "LEASE_RELEASED")
+        assert released.reason == "socket moved by reload", released
+        assert released.lease_id == session.lease.lease_id, released
+        events.cancel()
+    with Client(new) as a2:
+        a2.lease_send(lease.lease_id, b"y")
+        assert a2.lease_receive(lease.lease_id, timeout=10).data == b"y"
+        a2.release(lease.lease_id)
+    # the log names the tenant of every lease, taken or released
+    recs = [json.loads(x) for x in k.log().splitlines() if x.startswith("{")]
+    taken = {r["lease"]: r.get("tenant") for r in recs if r.get("event") == "lease taken"}
+    assert taken == {session.lease.lease_id: "alice", lease.lease_id: "alice"}, taken
+    (ready,) = [r for r in recs if r.get("event") == "kupd ready"]
+    assert ready["socket"] is None and ready["tenants"]["alice"] == old, ready
