@@ -50,7 +50,7 @@ if __name__ == "__main__" or Path((getattr(sys, "argv", None) or [""])[0]).stem 
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kupclient import Client, Kind, Lease, Message, WatchEvent
+from kupclient import Client, DeviceInfo, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient._args import ArgumentError, channel_arg, seconds_arg
 from kupclient._errors import closed_as_made, is_connection_failure
@@ -280,6 +280,22 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.socket)
 
 
+def _device_state(d: DeviceInfo) -> str:
+    """The STATE column of ``kupctl devices``.
+
+    kupd has no field of its own for a host that stopped answering: it sets
+    ``error`` on a *reachable* device only then (kup.proto's DeviceInfo), the
+    rest of the info being the last state the host gave -- so that state
+    (ok, shutting-down, drained) must not be shown as if it were current."""
+    if not d.reachable:
+        return "unreachable"
+    if d.error:
+        return "not answering"
+    if d.shutting_down:
+        return "shutting-down"
+    return "drained" if d.drained else "ok"
+
+
 def cmd_devices(args: argparse.Namespace, out: Output) -> int:
     with _client(args) as c:
         devs = c.devices(args.device or "")
@@ -306,11 +322,7 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
             [
                 (
                     d.name,
-                    "unreachable"
-                    if not d.reachable
-                    else "shutting-down"
-                    if d.shutting_down
-                    else ("drained" if d.drained else "ok"),
+                    _device_state(d),
                     d.abi_version,
                     d.channel_count,
                     d.announced,
