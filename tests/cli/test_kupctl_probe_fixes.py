@@ -5,14 +5,21 @@ connect to, the hint for a connection kupd's gRPC server cut."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from pathlib import Path
+from subprocess import CompletedProcess
 
+import pytest
 from cli_gateway import console_script, gateway
 
-from kupd.testing import wait_until
+from kupd.testing import kupd, kupsim, wait_until
 
 TIMEOUT = 60.0
+EXIT_UNAVAILABLE = 17
 
 
 def _kupctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -49,3 +56,59 @@ def test_devices_state_says_the_host_is_not_answering() -> None:
             lambda: _kupctl(env, "devices").stdout.splitlines()[1].split()[:2] == ["echo", "ok"],
             what="echo answering again",
         )
+
+
+def _kupctl_without_dac_override(sim_env: dict[str, str], sock: str) -> CompletedProcess:
+    """``kupctl --socket SOCK health`` as root without CAP_DAC_OVERRIDE (and
+    _READ_SEARCH): the kernel checks the socket's mode against uid 0 and
+    its groups as for anyone.  (Another uid cannot run this virtualenv's
+    interpreter when it lives under /root.)"""
+    return subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+         str(console_script("kupctl")), "--socket", sock, "health"],
+        capture_output=True, text=True, env=sim_env, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or os.getegid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root (kupd hands sockets to other users) and setpriv",
+)
+def test_permission_hint_names_the_socket_owner_and_group(tmp_path: Path) -> None:
+    """kupctl refused connect(2) (EACCES) on tenant sockets: alice's is uid
+    1001's, gid 0, mode 0600 (only that user), carol's uid 1001's and gid
+    1003's, mode 0660 (that group too); kupctl runs as root (groups: 0)
+    without the capabilities that bypass file modes.  The hint says which,
+    from the socket's stat -- not "kupd's group, see socket_mode", which
+    kupd does not use for tenant sockets."""
+    d = Path(tempfile.mkdtemp(prefix="kupctl-perm-"))
+    try:
+        with kupsim("echo", check_exit=False) as sim:
+            config = d / "kupd.toml"
+            config.write_text(
+                f'admin_socket = "{d}/admin.sock"\n'
+                f'kupsim_dir = "{sim.rundir}"\n'
+                'pid_file = "-"\n'
+                '[[device]]\nname = "echo"\n'
+                f'[[tenant]]\nname = "alice"\nsocket = "{d}/t/alice.sock"\n'
+                'owner = 1001\nmode = "0600"\n[[tenant.grant]]\ndevice = "echo"\n'
+                f'[[tenant]]\nname = "carol"\nsocket = "{d}/t/carol.sock"\n'
+                'owner = 1001\ngroup = 1003\nmode = "0660"\n[[tenant.grant]]\ndevice = "echo"\n'
+            )
+            with kupd(
+                config=config, health_socket=d / "admin.sock", log=tmp_path / "kupd.log",
+                env=sim.env(), start_timeout=TIMEOUT,
+            ):  # fmt: skip
+                alice = _kupctl_without_dac_override(sim.env(), f"{d}/t/alice.sock")
+                carol = _kupctl_without_dac_override(sim.env(), f"{d}/t/carol.sock")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    why = f"alice: {alice.stderr!r}"
+    assert alice.returncode == EXIT_UNAVAILABLE and "Permission denied" in alice.stderr, why
+    assert "socket_mode" not in alice.stderr, why
+    assert f"no permission to connect to {d}/t/alice.sock: owned by uid 1001, " in alice.stderr, why
+    assert "mode 0600: only uid 1001 may connect: it is for a tenant you are not" in alice.stderr
+    why = f"carol: {carol.stderr!r}"
+    assert carol.returncode == EXIT_UNAVAILABLE and "Permission denied" in carol.stderr, why
+    assert ", gid 1003, mode 0660: only uid 1001 and members of gid 1003 may " in carol.stderr, why
+    assert "you are neither: be a member of gid 1003" in carol.stderr, why

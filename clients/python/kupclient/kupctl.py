@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import json
 import os
+import pwd
+import stat
 import sys
 import threading
 import time
@@ -69,6 +72,7 @@ __all__ = [
     "default_socket",
     "exit_code_for",
     "main",
+    "permission_hint",
     "read_data",
     "unavailable_hint",
 ]
@@ -977,6 +981,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _socket_file(socket: str) -> str:
+    """The file of a socket given as PATH, unix:PATH or unix:///PATH."""
+    if socket.startswith("unix://"):
+        return socket[len("unix://") :]
+    return socket.removeprefix("unix:")
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return f"gid {gid} ({grp.getgrgid(gid).gr_name})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def permission_hint(socket: str) -> str:
+    """Why connect(2) to ``socket`` was refused (EACCES), from what this
+    process can see: the socket's owner, group and mode against its own uid
+    and groups.  kupctl cannot tell kupd's default socket (``socket_mode``,
+    kupd's group) from a tenant's (the ``[[tenant]]``'s owner, group and
+    mode), so it names what the file says and both places it comes from."""
+    try:
+        st = os.stat(_socket_file(socket))
+    except PermissionError:
+        return (
+            f" (no permission to connect to {socket}: a directory on its path does not let "
+            "you through (search permission); docs/security.md)"
+        )
+    except OSError:
+        return f" (no permission to connect to {socket}; docs/security.md)"
+    mode = stat.S_IMODE(st.st_mode)
+    owner, group = _user(st.st_uid), _group(st.st_gid)
+    uid = os.geteuid()
+    in_group = st.st_gid in {os.getegid(), *os.getgroups()}
+    # the one class of the mode that applies to this process, as the kernel picks it
+    lets_in = mode & (0o200 if st.st_uid == uid else 0o020 if in_group else 0o002)
+    what = f"no permission to connect to {socket}: owned by {owner}, {group}, mode {mode:04o}"
+    if lets_in:
+        why = "its mode lets you in, so something else refused (an ACL or a security module)"
+    elif st.st_uid == uid:
+        why = "its mode does not let even its owner (you) connect"
+    elif mode & 0o020 and not in_group:
+        why = (
+            f"only {owner} and members of {group} may connect, and you are neither: "
+            f"be a member of {group} (kupd's group for its own socket, see socket_mode; "
+            "a tenant's `group` for a tenant's socket) or use your own tenant's socket"
+        )
+    else:
+        why = (
+            f"only {owner} may connect: it is for a tenant you are not (or for kupd's "
+            "user only); run as that user or use your own tenant's socket"
+        )
+    return f" ({what}: {why}; docs/security.md)"
+
+
 def unavailable_hint(
     message: str, socket: str, given_by: str = "--socket / $KUPD_SOCKET", capped: bool = True
 ) -> str:
@@ -984,10 +1049,7 @@ def unavailable_hint(
     connection), from gRPC's reason; ``given_by``: where the user set ``socket``;
     ``capped``: the socket may have a connection cap (the admin socket has none)."""
     if "Permission denied" in message:
-        return (
-            f" (no permission to connect to {socket}: it is for kupd's group, see "
-            "socket_mode, or use a tenant socket of your own; docs/security.md)"
-        )
+        return permission_hint(socket)
     if "No such file or directory" in message:
         return f" (nothing at {socket}: is kupd running, and is {given_by} right?)"
     if capped and closed_as_made(message):
