@@ -112,3 +112,51 @@ def test_permission_hint_names_the_socket_owner_and_group(tmp_path: Path) -> Non
     assert carol.returncode == EXIT_UNAVAILABLE and "Permission denied" in carol.stderr, why
     assert ", gid 1003, mode 0660: only uid 1001 and members of gid 1003 may " in carol.stderr, why
     assert "you are neither: be a member of gid 1003" in carol.stderr, why
+
+
+def test_watch_cut_by_a_reload_that_moved_its_socket() -> None:
+    """A reload moves tenant alice's socket: kupd stops the old socket's gRPC
+    server, which cuts the watch on it with gRPC's bare "Cancelling all
+    calls".  kupd is not shutting down, so the hint must not say it is."""
+    d = Path(tempfile.mkdtemp(prefix="kupctl-mv-"))
+    try:
+        with kupsim("echo", check_exit=False) as sim:
+            config = d / "kupd.toml"
+            body = (
+                f'admin_socket = "{d}/admin.sock"\n'
+                f'kupsim_dir = "{sim.rundir}"\n'
+                'pid_file = "-"\n'
+                '[[device]]\nname = "echo"\n'
+                f'[[tenant]]\nname = "alice"\nsocket = "{d}/t/alice.sock"\n'
+                '[[tenant.grant]]\ndevice = "echo"\n'
+            )
+            config.write_text(body)
+            with kupd(
+                config=config, health_socket=d / "admin.sock", log=d / "kupd.log",
+                env=sim.env(), start_timeout=TIMEOUT,
+            ) as k:  # fmt: skip
+                watch = subprocess.Popen(
+                    [str(console_script("kupctl")), "--socket", f"{d}/t/alice.sock",
+                     "watch", "--initial"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True, env=sim.env(),
+                )  # fmt: skip
+                try:
+                    assert watch.stdout is not None
+                    assert "(initial)" in watch.stdout.readline()
+                    config.write_text(body.replace("alice.sock", "alice-new.sock"))
+                    r = _kupctl(sim.env(), "reload", "--admin-socket", f"{d}/admin.sock")
+                    assert r.returncode == 0, (r.stdout, r.stderr, k.log())
+                    out, err = watch.communicate(timeout=TIMEOUT)
+                finally:
+                    if watch.poll() is None:
+                        watch.kill()
+                        watch.communicate()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    why = f"rc={watch.returncode} stdout={out!r} stderr={err!r}"
+    assert watch.returncode == EXIT_UNAVAILABLE, why
+    assert err == (
+        "kupctl: Unavailable: Cancelling all calls (kupd closed the connection: it is "
+        "stopping, or a reload moved or removed this socket)\n"
+    ), why

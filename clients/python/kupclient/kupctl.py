@@ -1072,8 +1072,14 @@ def unavailable_hint(
         # this client wrote before it read that the connection was closed
         # (e.g. it was stopped while kupd dropped it)
         return f" (kupd closed the connection: it stopped, or it dropped this client: {keepalive})"
-    if "Cancelling all calls" in message:  # the status of the calls a stopping server cuts
-        return " (kupd closed the connection: it is shutting down)"
+    if "Cancelling all calls" in message:
+        # gRPC's status for the calls a server being stopped cuts (bare, or as
+        # the GOAWAY's debug text): kupd stopping, but also a reload stopping
+        # the server of a socket it moved or removed -- gRPC does not say which
+        return (
+            " (kupd closed the connection: it is stopping, or a reload moved or removed "
+            "this socket)"
+        )
     if "GOAWAY" in message:
         return " (kupd closed the connection)"
     return f" (is kupd running on {socket}?)"
