@@ -1,6 +1,9 @@
-"""Build of kupd's C extension ``kupd._kupchan``.
+"""Build of kupd's C extension ``kupd._kupchan`` and of the generated gRPC stubs.
 
-Project metadata lives in pyproject.toml; this file only adds the extension.
+Project metadata lives in pyproject.toml; this file only adds the extension
+and the step that generates ``kupapi.kup.v1`` (scripts/gen_proto.py, the same
+generator ``make proto`` runs): the stubs are not in git, and a ``pip
+install .`` or wheel without them gives a kupd that cannot start.
 libkup's sources (kmod/libkup, chosen as kmod/Makefile does) are compiled
 into the extension -- see the comment at the top of kupd/_kupchan.c for why
 they are not linked from kmod/out/libkup.a.  ``make python`` runs ``setup.py build_ext --inplace``;
@@ -9,11 +12,14 @@ they are not linked from kmod/out/libkup.a.  ``make python`` runs ``setup.py bui
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 LIBKUP = ROOT / "kmod" / "libkup"
@@ -21,6 +27,35 @@ LIBKUP = ROOT / "kmod" / "libkup"
 
 def _rel(p: Path) -> str:
     return str(p.relative_to(ROOT))
+
+
+def _gen_proto() -> Any:
+    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+#: the generated packages: not there when pyproject.toml's package search ran
+#: on a fresh checkout, so build_py adds them once generated
+STUB_PACKAGES = ("kupapi.kup", "kupapi.kup.v1")
+
+
+class BuildPyWithStubs(build_py):
+    """build_py that first generates kupapi.kup.v1 from protos/ (grpcio-tools
+    is a build requirement in pyproject.toml; the .pyi stubs are made when
+    mypy-protobuf is there too)."""
+
+    def run(self) -> None:
+        _gen_proto().generate(mypy="auto")
+        for pkg in STUB_PACKAGES:
+            if pkg not in (self.packages or []):
+                self.packages = [*(self.packages or []), pkg]  # dir: kupapi's
+        # data files are computed lazily from self.packages: forget any
+        # computed before the generated packages were added
+        self.__dict__.pop("data_files", None)
+        super().run()
 
 
 
@@ -63,12 +98,14 @@ kupchan = Extension(
     libraries=["pthread"],
 )
 
+cmdclass = {"build_py": BuildPyWithStubs}
+
 if libkup_sources:
-    setup(ext_modules=[kupchan])
+    setup(ext_modules=[kupchan], cmdclass=cmdclass)
 else:
     # Only while the native tree is being written: metadata-only installs
     # (pip install -e .) keep working; importing kupd.channel then fails
     # with ModuleNotFoundError for kupd._kupchan.
     print(f"setup.py: WARNING: no libkup sources in {LIBKUP}: kupd._kupchan not built",
           file=sys.stderr)
-    setup()
+    setup(cmdclass=cmdclass)
