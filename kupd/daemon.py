@@ -17,13 +17,42 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
-from kupd import __version__
-from kupd.abi import KUP_ABI_VERSION
-from kupd.config import Config, ConfigError, load_config
-from kupd.log import configure, get_logger
+#: A SIGHUP came before the server was up to reload (serve() reloads once
+#: when it is).
+_hup_pending = False
+
+
+def _remember_hup(signum: int, frame: FrameType | None) -> None:
+    global _hup_pending
+    _hup_pending = True
+
+
+def _hold_sighup() -> None:
+    """SIGHUP's default action ends the process (exit 129, which systemd
+    counts as a clean exit: no restart).  A reload right after the start
+    (``systemctl start kupd; systemctl reload kupd``: ExecReload falls back
+    to ``kill -HUP`` while there is no admin socket yet) must not do that:
+    from here until serve() installs the loop's handler a SIGHUP is
+    remembered, and applied once the server is up.  Installed when this
+    module loads, before the rest of kupd (and grpc) is imported -- the
+    console script and ``python -m kupd.daemon`` both get here first."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(
+        signal.SIGHUP
+    ) in (signal.SIG_DFL, _remember_hup):
+        signal.signal(signal.SIGHUP, _remember_hup)
+
+
+_hold_sighup()
+
+from kupd import __version__  # noqa: E402  (after _hold_sighup: see there)
+from kupd.abi import KUP_ABI_VERSION  # noqa: E402
+from kupd.config import Config, ConfigError, load_config  # noqa: E402
+from kupd.log import configure, get_logger  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -137,13 +166,22 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     if args is not None:
         server.reload_source = lambda: config_from_args(args)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.mgr.spawn(server.reload_logged()))
+    # a SIGHUP during the start (_hold_sighup): the reload it asked for, now
+    # (after the loop's handler is in place: one arriving meanwhile is not lost)
+    global _hup_pending
+    if _hup_pending:
+        _hup_pending = False
+        log.info("SIGHUP during start-up: reloading now")
+        server.mgr.spawn(server.reload_logged())
     await server.wait_stopped()
-    # Drained.  Closing the loop would put SIGTERM back to its default: a
-    # SIGTERM while the interpreter and gRPC's threads wind down (a service
-    # manager's or a test's second stop) would turn this clean exit into
-    # death by signal.  Ignored from here on; SIGKILL still ends a hung exit.
-    loop.remove_signal_handler(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Drained.  Closing the loop would put SIGTERM and SIGHUP back to their
+    # defaults: one of them while the interpreter and gRPC's threads wind
+    # down (a service manager's or a test's second stop, a late reload)
+    # would turn this clean exit into death by signal.  Ignored from here
+    # on; SIGKILL still ends a hung exit.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
@@ -152,6 +190,7 @@ KUP_BACKENDS = ("sim", "linux", "freebsd")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _hold_sighup()  # again: kupd.daemon may have been imported in another way
     args = parse_args(argv)
     try:
         config = config_from_args(args)
