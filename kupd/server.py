@@ -569,12 +569,22 @@ class Server:
             self._stopped.set()
 
     async def _cleanup(self) -> None:
+        if self.sockets is not None:
+            self.sockets.unlink_all()
+            # Servers still running here are those of a start that failed
+            # after binding some sockets (a drain has stopped its own).  They
+            # stop now, on this loop: left to grpc.aio's Server.__del__ after
+            # asyncio.run closed the loop, each printed "Exception ignored
+            # ... Event loop is closed" and "coroutine 'AioServer.shutdown'
+            # was never awaited" under kupd's one-line refusal.
+            try:
+                await self.sockets.stop(grace=None)
+            except Exception as exc:  # the rest of the cleanup still runs
+                log.warning("stopping the gRPC servers failed", error=repr(exc))
         self.leases.close()
         await self.mgr.close()
         self.metrics.close()
         cfg = self.config
-        if self.sockets is not None:
-            self.sockets.unlink_all()
         self.audit.close()
         if cfg.pid_path and self._lock_fd >= 0:
             with contextlib.suppress(FileNotFoundError):

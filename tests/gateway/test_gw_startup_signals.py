@@ -1,18 +1,23 @@
 """kupd's start-up, seen from outside: a SIGHUP before the server is up
 (``systemctl start kupd; systemctl reload kupd``, whose ExecReload falls
 back to ``kill -HUP`` while the admin socket is missing) does not end kupd
-and is applied once it is.  Real kupd and kupsim processes."""
+and is applied once it is; a start that fails after some sockets were
+bound (a second kupd on the same admin socket) stops their servers and
+exits 1 with one clear line, no traceback or asyncio noise.  Real kupd and
+kupsim processes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from kupd.testing import KupSim, start_kupd, wait_until
+from kupd.testing import KupSim, kupd_env, start_kupd, wait_until
 
 __all__: list[str] = []
 
@@ -56,3 +61,37 @@ def test_sighup_before_the_server_is_up_is_applied_not_fatal(
     finally:
         k.kill()
 
+
+def test_start_failure_after_binding_stops_the_servers_cleanly(
+    sim: KupSim, tmp_path: Path
+) -> None:
+    d = tmp_path / "si"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    cfg = d / "k.toml"
+    cfg.write_text(
+        f'socket = "{d}/a.sock"\nadmin_socket = "{d}/admin.sock"\n'
+        f'kupsim_dir = "{sim.rundir}"\npid_file = "-"\n[[device]]\nname = "echo"\n'
+    )
+    first = start_kupd(
+        log=d / "first.log", config=cfg, health_socket=d / "a.sock", health_interval=None
+    )
+    try:
+        # a second kupd on its own socket (its own lock) but the same admin socket
+        res = subprocess.run(
+            [sys.executable, "-m", "kupd.daemon", "--config", str(cfg),
+             "--socket", str(d / "b.sock")],
+            capture_output=True, text=True, timeout=60, env=kupd_env(sim),
+        )  # fmt: skip
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out
+        assert f"kupd: {d}/admin.sock" in res.stderr and "another process serves" in res.stderr
+        for noise in ("Traceback", "Exception ignored", "never awaited", "Event loop is closed"):
+            assert noise not in out, out
+        # what it had bound is gone again; the first kupd still serves
+        assert not (d / "b.sock").exists()
+        assert (d / "admin.sock").exists()
+        assert first.proc.poll() is None
+        assert first.terminate() == 0, first.log()
+    finally:
+        first.kill()
