@@ -161,3 +161,54 @@ def test_freebsd_config_sample_is_valid_for_kupd() -> None:
     assert cfg.socket == "/var/run/kupd/kupd.sock"
     assert cfg.pid_path == ""            # rc.d/kupd's daemon(8) owns the pid file
     assert [d.name for d in cfg.devices] == ["echo"]
+
+
+def test_the_docs_the_unit_names_exist() -> None:
+    """The unit's comments send the reader to "FILE.md (Section)": every such
+    file ships and has that section (README.md had no Deploy section)."""
+    refs = re.findall(r"([\w/.-]+\.md) \(([^)]+)\)", UNIT.read_text())
+    assert ("README.md", "Deploy") in refs
+    for name, section in refs:
+        doc = REPO / name
+        assert doc.is_file(), name
+        headings = re.findall(r"^#+ (.*)$", doc.read_text(), re.M)
+        assert any(h.startswith(section) for h in headings), f"{name} has no section {section!r}"
+
+
+def test_linux_install_puts_the_programs_where_the_unit_runs_them() -> None:
+    """docs/linux.md installs kupd and kupctl at the paths of ExecStart and
+    ExecReload."""
+    svc = _unit()["Service"]
+    doc = (REPO / "docs/linux.md").read_text()
+    progs = {svc["ExecStart"].split()[0]}
+    progs |= set(re.findall(r"/usr/local/bin/kup\w+", svc["ExecReload"]))
+    assert progs == {"/usr/local/bin/kupd", "/usr/local/bin/kupctl"}
+    (line,) = [ln for ln in doc.splitlines() if ln.startswith("ln -sf ") and "/usr/local/bin" in ln]
+    for prog in progs:
+        assert f"/bin/{Path(prog).name} " in line + " ", line
+    assert "pip install ." in doc
+
+
+def test_secure_bits_are_not_a_lock_on_nothing() -> None:
+    """noroot-locked only locks the noroot bit: alone it does nothing (and
+    noroot would take CAP_CHOWN / CAP_FOWNER from root-run kupd)."""
+    bits = _unit()["Service"].get("SecureBits", "").split()
+    assert "noroot" not in bits
+    assert "noroot-locked" not in bits
+
+
+def test_stop_timeout_outlasts_the_longest_drain() -> None:
+    """Server._drain_and_stop: drain_grace for Calls (+1 s), drain_grace for
+    streams, 1 s for the sockets; the unit must wait longer before SIGKILL
+    (with a margin for closing the devices) at the sample's drain_grace."""
+    from kupd.config import load_config
+
+    grace = load_config(REPO / "deploy/kupd.sample.toml").drain_grace
+    stop = float(_unit()["Service"]["TimeoutStopSec"].removesuffix("s"))
+    assert stop >= 2 * grace + 6, (stop, grace)
+    src = (REPO / "kupd/server.py").read_text()
+    drain = src[src.index("async def _drain_and_stop"):src.index("async def _cleanup")]
+    # the bound the unit's comment states: two drain_grace waits, two of 1 s
+    assert drain.count("asyncio.timeout(cfg.drain_grace)") == 2
+    assert drain.count("asyncio.timeout(1.0)") == 1 and "sockets.stop(grace=1.0)" in drain
+    assert "2 x drain_grace + 2 s" in UNIT.read_text()
