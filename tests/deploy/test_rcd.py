@@ -50,16 +50,21 @@ class RcEnv:
             "kupd_supervisor_pidfile": str(self.dir / "kupd.daemon.pid"),
             "kupd_rundir": str(self.rundir),
             "kupd_logfile": str(self.dir / "kupd.log"),
+            # no process to look at after start, unless a test spawns one
+            "kupd_start_check": "0",
         }
         values.update(overrides)
         self.rc_conf.write_text(
             "".join(f'{k}="{v}"\n' for k, v in values.items() if v is not None)
         )
 
-    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+    def run(self, command: str, spawn: str = "") -> subprocess.CompletedProcess[str]:
+        """``spawn``: the shell command start runs in daemon(8)'s place."""
         if self.record.exists():
             self.record.unlink()
         env = dict(os.environ, RC_RECORD=str(self.record), RC_CONF=str(self.rc_conf))
+        if spawn:
+            env["RC_SPAWN"] = spawn
         return subprocess.run(
             [SH, str(self.script), command], env=env, capture_output=True, text=True,
             timeout=60,
@@ -253,7 +258,7 @@ def test_rc_script_declares_rc_subr_conventions() -> None:
     text = RC_SCRIPT.read_text()
     for line in (
         "# PROVIDE: kupd",
-        "# REQUIRE: FILESYSTEMS kld syslogd",
+        "# REQUIRE: LOGIN kld",
         "# KEYWORD: shutdown",
         'name="kupd"',
         'rcvar="kupd_enable"',
@@ -262,8 +267,11 @@ def test_rc_script_declares_rc_subr_conventions() -> None:
         'sig_reload="HUP"',
         'required_modules="kupdev ${kupd_modules}"',
         'run_rc_command "$1"',
+        'start_postcmd="kupd_poststart"',
     ):
         assert line in text, line
+    # LOGIN comes after DAEMON: "BEFORE: DAEMON" would make a cycle
+    assert "# BEFORE:" not in text
     assert os.access(RC_SCRIPT, os.X_OK), "rc.d scripts must be executable"
 
 
@@ -277,3 +285,118 @@ def test_unknown_command_is_refused(rc: RcEnv) -> None:
     res = rc.run("frobnicate")
     assert res.returncode == 1
     assert "unknown directive 'frobnicate'" in res.stderr
+
+
+# -- start checks that kupd came up --------------------------------------------
+def _as_daemon(rc: RcEnv) -> str:
+    """What daemon(8) does at start, as the stand-in's RC_SPAWN: kupd
+    detached, its output appended to the log, its pid in the pid file."""
+    return (
+        f"'{rc.binary}' --config '{rc.config}' >> '{rc.dir / 'kupd.log'}' 2>&1 "
+        f"< /dev/null & echo $! > '{rc.pidfile}'"
+    )
+
+
+def _reap(rc: RcEnv) -> None:
+    try:
+        pid = int(rc.pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_start_fails_when_kupd_exits_during_start_up(rc: RcEnv) -> None:
+    """daemon(8) returns at once; a kupd that then exits (here: a bad
+    config, exit 2) must fail the start, with its last words."""
+    rc.binary.write_text(
+        f"#!{sys.executable}\nimport sys, time\ntime.sleep(0.3)\n"
+        "print(\"kupd: config key 'call_timeout': must be > 0\", file=sys.stderr)\n"
+        "sys.exit(2)\n"
+    )
+    rc.write_conf(kupd_start_check="5")
+    try:
+        t0 = time.monotonic()
+        res = rc.run("start", spawn=_as_daemon(rc))
+        took = time.monotonic() - t0
+    finally:
+        _reap(rc)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Starting kupd." in res.stdout
+    assert "kupd exited during start-up" in res.stderr
+    assert "config key 'call_timeout'" in res.stderr  # the end of its log
+    assert took < 4.5, took  # not the whole kupd_start_check
+
+
+def test_start_succeeds_once_kupd_is_ready(rc: RcEnv) -> None:
+    rc.binary.write_text(
+        f"#!{sys.executable}\nimport json, os, sys, time\ntime.sleep(0.3)\n"
+        "print(json.dumps({'event': 'kupd ready', 'level': 'info', 'pid': os.getpid()},"
+        " sort_keys=True), file=sys.stderr, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    rc.write_conf(kupd_start_check="20")
+    try:
+        t0 = time.monotonic()
+        res = rc.run("start", spawn=_as_daemon(rc))
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert took < 10, took  # at the ready line, not after kupd_start_check
+        res = rc.run("status")
+        assert res.returncode == 0 and "kupd is running as pid" in res.stdout
+    finally:
+        _reap(rc)
+
+
+def test_start_succeeds_while_kupd_still_starts(rc: RcEnv) -> None:
+    """No ready line (yet) when kupd_start_check is up, but kupd runs: success."""
+    rc.write_conf(kupd_start_check="1")
+    try:
+        res = rc.run("start", spawn=_as_daemon(rc))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "exited" not in res.stderr
+    finally:
+        _reap(rc)
+
+
+def test_start_refused_without_kupd_or_its_interpreter(rc: RcEnv) -> None:
+    interp = rc.dir / "no-such-python3.11"
+    rc.binary.write_text(f"#!{interp}\n")
+    res = rc.run("start")
+    assert res.returncode == 1
+    assert f"{interp} is not readable" in res.stderr
+    assert rc.recorded() == []
+    rc.binary.unlink()
+    res = rc.run("start")
+    assert res.returncode == 1
+    assert f"{rc.binary} is not readable" in res.stderr
+    assert rc.recorded() == []
+
+
+def test_interpreter_from_pips_sh_trampoline(rc: RcEnv) -> None:
+    """pip writes `#!/bin/sh` + `\'\'\'exec\' "PYTHON" "$0" "$@"` when the
+    interpreter's path has a space (or is too long for #!): the running
+    process is "PYTHON kupd", not "/bin/sh kupd"."""
+    pydir = rc.dir / "kupd venv" / "bin"
+    pydir.mkdir(parents=True)
+    (pydir / "python3").symlink_to(sys.executable)
+    rc.binary.write_text(
+        f"#!/bin/sh\n\'\'\'exec\' \"{pydir}/python3\" \"$0\" \"$@\"\n\' \'\'\'\n"
+        "import time\ntime.sleep(600)\n"
+    )
+    proc = subprocess.Popen([str(rc.binary), "--config", str(rc.config)])
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 30
+        while not cmdline.read_bytes().startswith(os.fsencode(pydir)):
+            assert time.monotonic() < deadline, cmdline.read_bytes()
+            time.sleep(0.05)
+        rc.pidfile.write_text(f"{proc.pid}\n")
+        res = rc.run("status")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"running as pid {proc.pid}" in res.stdout
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
