@@ -440,7 +440,16 @@ class CallPool:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             pc = await self._acquire(caller, timeout, share)
-            return await self._exchange(pc, data, max(0.0, deadline - loop.time()), held)
+            left = deadline - loop.time()
+            if left <= 0:
+                # granted at its deadline: sending now would only leave the
+                # channel quarantined, owing a reply nobody waits for
+                self._put_back(pc)
+                raise errors.DeadlineExceeded(
+                    f"device {self.device}: a pool channel became free only at the "
+                    f"Call's deadline ({timeout:.3f}s); nothing was sent"
+                )
+            return await self._exchange(pc, data, left, held)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

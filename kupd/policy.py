@@ -527,6 +527,7 @@ class Guard:
         """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""
         self.check_op(t, "call", device)
         self.check_size(t, "call", device, None, n)
+        b: _Bucket | None = None
         if t.calls_per_second:
             now = time.monotonic()
             b = self._buckets.get(t.name)
@@ -544,7 +545,6 @@ class Guard:
                     "calls_per_second",
                     f"more than calls_per_second={t.calls_per_second:g}",
                 )
-            b.tokens -= 1.0
         n_in = self.in_flight.get(t.name, 0)
         if t.max_calls_in_flight and n_in >= t.max_calls_in_flight:
             kept = self.kept.get(t.name, 0)
@@ -566,6 +566,10 @@ class Guard:
                 f"{n_in} calls in flight{why} (limit max_calls_in_flight="
                 f"{t.max_calls_in_flight})",
             )
+        if b is not None:
+            # only a Call admitted spends the rate: one refused for its
+            # in-flight limit must not also cost the next Call its token
+            b.tokens -= 1.0
         self.in_flight[t.name] = n_in + 1
 
     def end_call(self, t: Tenant, kept: bool = False) -> None:

@@ -257,3 +257,34 @@ def test_a_close_right_after_a_timeout_still_settles_the_channel() -> None:
         assert (released, ch.closed) == (["slot"], True), pool.state_of(0)
 
     asyncio.run(main())
+
+
+def test_a_channel_granted_at_the_calls_deadline_is_not_used() -> None:
+    """A queued Call whose channel comes free only as its deadline passes
+    (the loop was busy meanwhile) is DeadlineExceeded with nothing sent:
+    sending then would only have left the channel quarantined, owing a
+    reply nobody waits for."""
+
+    async def main() -> None:
+        import time
+
+        pool, (ch,) = await _pool(1, quarantine=60.0)
+        ch.mode = "hold"
+        pc = pool._free.popleft()  # busy with a Call of its own
+        pc.state = "busy"
+        loop = asyncio.get_running_loop()
+
+        def back_then_busy() -> None:
+            pool._put_back(pc)  # granted to the queued Call ...
+            time.sleep(0.06)  # ... which resumes past its deadline
+
+        loop.call_later(0.02, back_then_busy)
+        with pytest.raises(errors.DeadlineExceeded, match="nothing was sent"):
+            await pool.call(b"b", 0.05, "k2", 100)
+        assert ch.owed is None and pool.state_of(0) == "free"
+        ch.mode = "echo"
+        assert (await pool.call(b"c", 1.0, "k3", 100))[0].data == b"c"
+        pool.close()
+        ch.close()
+
+    asyncio.run(main())

@@ -712,3 +712,37 @@ def test_a_kept_call_slot_is_counted_once_and_let_go_once() -> None:
     assert "timed out" not in str(ei.value)
     _CallSlot(guard, bob)()  # a Call that ran to its end lets go at once
     assert guard.in_flight == {} and guard.kept == {}
+
+
+def test_a_call_refused_for_its_in_flight_limit_spends_no_rate() -> None:
+    """calls_per_second is spent by admitted Calls only: a Call refused
+    for max_calls_in_flight took a token as well, so the tenant's next
+    Call, within its rate, was refused for the rate."""
+    from kupd.config import parse_config
+    from kupd.policy import Guard, Policy
+
+    cfg = parse_config(
+        {
+            "device": [{"name": "echo"}],
+            "tenant": [
+                {
+                    "name": "bob",
+                    "socket": "/run/kupd/bob/bob.sock",
+                    "max_calls_in_flight": 1,
+                    "calls_per_second": 2,  # a burst of 2, one more each 0.5 s
+                    "grant": [{"device": "echo"}],
+                }
+            ],
+        }
+    )
+    guard = Guard(Policy(cfg.tenants))
+    (bob,) = cfg.tenants
+    guard.begin_call(bob, "echo", 1)
+    for _ in range(3):
+        with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight"):
+            guard.begin_call(bob, "echo", 1)
+    guard.end_call(bob)
+    guard.begin_call(bob, "echo", 1)  # the burst's second token
+    guard.end_call(bob)
+    with pytest.raises(errors.ResourceExhausted, match="calls_per_second"):
+        guard.begin_call(bob, "echo", 1)
