@@ -198,7 +198,9 @@ class TenantCollector(Collector):
 
 
 class _MetricsHandler(WSGIRequestHandler):
-    #: a client that sends nothing, or trickles, is dropped after this long
+    #: a client that sends nothing for this long is dropped (a per-read
+    #: socket timeout: one that trickles a byte at a time keeps its slot,
+    #: which max_clients bounds)
     timeout = 5.0
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -210,7 +212,7 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
     per connection, and any local user can connect (loopback only is not a
     tenant boundary): a security probe grew kupd from 31 to 482 threads with
     idle connections.  At most ``max_clients`` at once; one more is closed
-    at once, and each has _MetricsHandler.timeout to send its request."""
+    at once, and each may go _MetricsHandler.timeout without sending."""
 
     daemon_threads = True
     allow_reuse_address = True

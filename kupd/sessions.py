@@ -402,7 +402,11 @@ class LeaseTable:
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,
     ) -> Message | None:
-        """The kernel's message; None for a non-blocking receive with nothing there."""
+        """The kernel's message; None for a non-blocking receive with nothing
+        there -- or with another operation on the lease under way (a
+        blocking receive would take what comes first): it does not wait."""
+        if nonblocking and (lease.lock.held or lease.lock.waiting) and lease.active:
+            return None
         await self._enter(lease)
         try:
             return await self._receive_entered(lease, timeout, nonblocking, abort)

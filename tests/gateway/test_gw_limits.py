@@ -386,3 +386,34 @@ def test_operations_waiting_for_one_lease_are_bounded(sim: KupSim, start_kupd: S
             chan.close()
         c.release(lease.lease_id)
     assert k.terminate() == 0
+
+
+def test_a_nonblocking_receive_does_not_wait_behind_a_blocking_one(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """A non-blocking Receive on a lease whose blocking Receive is waiting
+    answers not ready at once, instead of waiting behind it."""
+    k = start_kupd(sim)
+    with k.client() as c:
+        lease = c.attach("echo", 42)
+        assert c.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
+        c.lease_send(lease.lease_id, b"!hold")  # never answered
+        chan = grpc.insecure_channel("unix:" + k.socket)
+        try:
+            stub = kup_pb2_grpc.KupStub(chan)
+            blocked = stub.Receive.future(
+                kup_pb2.ReceiveRequest(
+                    lease_id=lease.lease_id, mode=kup_pb2.RECEIVE_MODE_DEADLINE, timeout_ms=5000
+                ),
+                timeout=30,
+            )
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            with pytest.raises(errors.NotReady):
+                c.lease_receive(lease.lease_id, timeout=0)
+            assert time.monotonic() - t0 < 2.5  # not the 5 s of the blocking one
+            assert blocked.exception() is not None  # its own deadline
+        finally:
+            chan.close()
+        c.release(lease.lease_id)
+    assert k.terminate() == 0
