@@ -541,6 +541,7 @@ class ManagedDevice:
     async def _fill_pool_task(self) -> None:
         try:
             while self.dev is not None and len(self.pool.channels) < self.cfg.call_channels:
+                dev, pool = self.dev, self.pool
                 try:
                     ch = await self.attach(None)
                 except (errors.NotReady, errors.Busy) as exc:
@@ -550,9 +551,14 @@ class ManagedDevice:
                 except errors.KupError as exc:
                     self._pool_short("call pool attach failed", "warning", exc)
                     return
-                if self.dev is None or self.pool.closed:
+                if self.dev is not dev or self.pool is not pool or pool.closed:
+                    # the device went away (and maybe came back, with a new
+                    # pool) during the attach: this channel is the old one's;
+                    # a new pool is filled on (this task keeps _pool_filling)
                     ch.close()
-                    return
+                    if self.dev is None or self.pool.closed:
+                        return
+                    continue
                 self.pool.add(ch)
             if self._pool_short_why is not None and self.dev is not None:
                 self._pool_short_why = None
