@@ -373,6 +373,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         mine = sum(1 for le in self.leases.leases.values() if le.tenant == tenant)
         return mine + self.guard.pending.get(tenant, 0) + self.leases.unattached.get(tenant, 0)
 
+    def _owner_of(self, lease_id: str) -> str:
+        """The tenant of ``lease_id``: an open lease's own, else what the
+        guard remembers of an ended one (a bounded record)."""
+        lease = self.leases.leases.get(lease_id)
+        return lease.tenant if lease is not None else self.guard.owner_of(lease_id)
+
     def _stream_started(self) -> None:
         self.streams_in_flight += 1
         self.streams_idle.clear()
@@ -477,7 +483,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         # for at most PROBE_WAIT: a hung host shows as such, in time
         await asyncio.gather(*(d.probe() for d in devs))
         return kup_pb2.ListDevicesResponse(
-            devices=[scope_device_pb(self._device_pb(d), t, self.guard.owner_of) for d in devs]
+            devices=[scope_device_pb(self._device_pb(d), t, self._owner_of) for d in devs]
         )
 
     # ---------------------------------------------------------------- leases
@@ -522,7 +528,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 except errors.Busy as exc:
                     # the holder's lease id only to its own tenant
                     held = md.holders.get(chan) if md is not None and chan is not None else None
-                    if held is None or self.guard.owner_of(held[1]) != t.name:
+                    if held is None or self._owner_of(held[1]) != t.name:
                         raise
                     raise type(exc)(f"{exc.message}: your {held[0]} {held[1]}") from None
         finally:
@@ -1087,7 +1093,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 chan = ev.channel if ev.lease_id else None
                 if now is None or not now.may_see(ev.device, chan):
                     continue  # only what this tenant may use
-                if lease_id and self.guard.owner_of(lease_id) != t.name:
+                if lease_id and self._owner_of(lease_id) != t.name:
                     lease_id = ""
             yield kup_pb2.WatchEvent(
                 type=ev.type,  # type: ignore[arg-type]
