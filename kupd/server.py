@@ -119,9 +119,13 @@ class _Health(HealthServicer):  # type: ignore[misc]
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        await self._kupd.probe(request.service)
+        t = current_tenant()
+        known = self._kupd.health_services(t)
+        if request.service in known:
+            # only what the tenant may see is probed: how long a device it
+            # is not granted takes to answer is not its business either
+            await self._kupd.probe(request.service, t)
         log.debug("health check", service=request.service)
-        known = self._kupd.health_services(current_tenant())
         if request.service not in known:
             # the stock servicer's NOT_FOUND has no details: say what there is
             await self._kupd.service._abort(
@@ -132,6 +136,14 @@ class _Health(HealthServicer):  # type: ignore[misc]
                     + " ('' is kupd as a whole)"
                 ),
             )
+        if request.service in ("", SERVICE_NAME) and len(known) - 2 < len(self._kupd.mgr.devices):
+            # kupd as a whole, for a tenant that sees only some devices:
+            # the devices it may use (not whether others' are down)
+            up = all(
+                self._kupd.mgr.devices[n[len(SERVICE_NAME) + 1 :]].healthy for n in known[2:]
+            )
+            status = health_pb2.HealthCheckResponse
+            return status(status=status.SERVING if up else status.NOT_SERVING)
         return await super().Check(request, context)
 
     async def Watch(
@@ -497,12 +509,15 @@ class Server:
             up = d.healthy and d.name not in drained
             await self.health.set(f"{SERVICE_NAME}/{d.name}", serving if up else not_serving)
 
-    async def probe(self, service: str = "") -> None:
+    async def probe(self, service: str = "", tenant: Tenant | None = None) -> None:
         """The real health check: reach the devices now -- only the one a
-        per-device ``service`` (kup.v1.Kup/DEVICE) names, else all."""
+        per-device ``service`` (kup.v1.Kup/DEVICE) names, else all (that
+        ``tenant`` may see)."""
         if self._stopping:
             return
-        devices = list(self.mgr.devices.values())
+        devices = [
+            d for d in self.mgr.devices.values() if tenant is None or tenant.may_see(d.name)
+        ]
         prefix = f"{SERVICE_NAME}/"
         if service.startswith(prefix) and service[len(prefix):] in self.mgr.devices:
             devices = [self.mgr.devices[service[len(prefix):]]]

@@ -23,6 +23,7 @@ from tenancy_helpers import (
     TENANTS,
     StartTenants,
     TenantKupd,
+    socket_dir,
 )
 
 from kupapi import kup_pb2, kup_pb2_grpc
@@ -746,3 +747,34 @@ def test_a_call_refused_for_its_in_flight_limit_spends_no_rate() -> None:
     guard.end_call(bob)
     with pytest.raises(errors.ResourceExhausted, match="calls_per_second"):
         guard.begin_call(bob, "echo", 1)
+
+
+def test_a_tenants_health_is_that_of_its_own_devices(tmp_path: Path) -> None:
+    """rot13's host hangs (its own kupsim, stopped): carol, granted it,
+    sees kupd NOT_SERVING; alice, granted echo only, sees SERVING -- and
+    asking after rot13 is NOT_FOUND at once for her, without the probe of
+    a device she may not see (whose duration would tell her it is hung)."""
+    import shutil
+    import signal
+
+    from kupd.testing import kupsim
+
+    with kupsim("echo", ready_timeout=60.0) as a, kupsim("rot13", ready_timeout=60.0) as b:
+        os.symlink(b.rundir / "rot13.sock", a.rundir / "rot13.sock")
+        k = TenantKupd(socket_dir(), a, DEVICES + TENANTS, tmp_path / "kupd.log")
+        try:
+            b.signal(signal.SIGSTOP)
+            try:
+                with Client(k.sock("alice")) as alice, Client(k.sock("carol")) as carol:
+                    assert carol.health() == "NOT_SERVING"
+                    assert alice.health() == "SERVING"
+                    t0 = time.monotonic()
+                    with pytest.raises(errors.NotFound):
+                        alice.health("kup.v1.Kup/rot13")
+                    # a probe of rot13 waits PROBE_WAIT (2 s) for its host
+                    assert time.monotonic() - t0 < 1.5
+            finally:
+                b.signal(signal.SIGCONT)
+        finally:
+            k.stop()
+            shutil.rmtree(k.dir, ignore_errors=True)
