@@ -412,10 +412,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         if info is None:
             return kup_pb2.DeviceInfo(name=d.name, reachable=False, error=d.error, drained=drained)
         stalled = ""
+        silent_s = 0.0
         if d.stalled_since is not None:
+            silent_s = time.monotonic() - d.stalled_since + PROBE_WAIT
             stalled = (
-                f"device {d.name} has not answered for "
-                f"{time.monotonic() - d.stalled_since + PROBE_WAIT:.1f} s (its host may be "
+                f"device {d.name} has not answered for {silent_s:.1f} s (its host may be "
                 "hung); the state shown is the last it gave"
             )
         out = kup_pb2.DeviceInfo(
@@ -434,6 +435,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             calls_queued=d.pool.queued,
             drained=drained,
             error=stalled,
+            not_answering_ms=min(int(silent_s * 1000), 2**32 - 1),
         )
         attached = set(info.attached)
         module_holds = set(info.module_holds)

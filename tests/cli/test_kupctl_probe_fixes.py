@@ -48,6 +48,7 @@ def test_devices_state_says_the_host_is_not_answering() -> None:
         assert p.returncode == 0 and j.returncode == 0, why
         dev = json.loads(j.stdout)["devices"][0]
         assert dev["reachable"] is True and "has not answered for" in dev["error"], why
+        assert dev["not_answering_s"] >= 2.0, why  # at least PROBE_WAIT
         row = p.stdout.splitlines()[1]
         assert row.startswith("echo ") and " not answering " in row, why
         assert "echo: device echo has not answered for" in p.stdout, why

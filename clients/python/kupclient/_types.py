@@ -76,6 +76,9 @@ class DeviceInfo:
     channels: list[ChannelInfo] = field(default_factory=list)
     #: the admin drained it: no new sessions, leases or Calls until undone
     drained: bool = False
+    #: seconds its host has not answered kupd (reachable: hung or stopped;
+    #: the rest is the last state it gave); 0.0 while it answers
+    not_answering_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
         calls_in_flight=d.calls_in_flight,
         calls_queued=d.calls_queued,
         drained=d.drained,
+        not_answering_s=d.not_answering_ms / 1000,
         channels=[
             ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],

@@ -287,13 +287,13 @@ def _client(args: argparse.Namespace) -> Client:
 def _device_state(d: DeviceInfo) -> str:
     """The STATE column of ``kupctl devices``.
 
-    kupd has no field of its own for a host that stopped answering: it sets
-    ``error`` on a *reachable* device only then (kup.proto's DeviceInfo), the
-    rest of the info being the last state the host gave -- so that state
-    (ok, shutting-down, drained) must not be shown as if it were current."""
+    A host that stopped answering leaves the rest of the info at the last
+    state it gave -- so that state (ok, shutting-down, drained) must not be
+    shown as if it were current.  (A kupd before ``not_answering_ms`` set
+    ``error`` on a *reachable* device only then.)"""
     if not d.reachable:
         return "unreachable"
-    if d.error:
+    if d.not_answering_s or d.error:
         return "not answering"
     if d.shutting_down:
         return "shutting-down"
