@@ -166,6 +166,9 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     if args is not None:
         server.reload_source = lambda: config_from_args(args)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.mgr.spawn(server.reload_logged()))
+    # SIGUSR1: re-open the audit log only (after logrotate / newsyslog
+    # renamed it), without re-reading a config file that may be mid-edit
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_audit_log)
     # a SIGHUP during the start (_hold_sighup): the reload it asked for, now
     # (after the loop's handler is in place: one arriving meanwhile is not lost)
     global _hup_pending
@@ -179,7 +182,7 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     # down (a service manager's or a test's second stop, a late reload)
     # would turn this clean exit into death by signal.  Ignored from here
     # on; SIGKILL still ends a hung exit.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     return 0

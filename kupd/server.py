@@ -470,6 +470,23 @@ class Server:
             )
         return ended
 
+    def reopen_audit_log(self) -> None:
+        """SIGUSR1: open ``audit_log`` at its path again (a rotation renamed
+        the file kupd writes to) and let go of the old one; nothing else of
+        the config is read.  A path that cannot be opened keeps the old
+        file, and says so."""
+        path = self.config.audit_log
+        if not path:
+            log.info("SIGUSR1: no audit_log to re-open")
+            return
+        try:
+            fd = self.audit.open_file(path)
+        except (OSError, ValueError) as exc:
+            log.error("audit log not re-opened; writing on to the old file", error=str(exc))
+            return
+        self.audit.use(path, fd)
+        log.info("audit log re-opened", audit_log=path)
+
     async def reload_logged(self) -> None:
         """SIGHUP: reload; a bad file is logged and the running config stays."""
         try:

@@ -9,6 +9,7 @@ set -euo pipefail
 pkgs=(
   spin              # Promela model checker for kmod/include/kup_turn.pml
   shellcheck        # deploy scripts
+  logrotate         # deploy/linux/logrotate.d/kupd, checked with logrotate --debug
   qemu-system-x86   # Linux module tests in a VM (-accel tcg)
   linux-image-amd64 linux-headers-amd64 busybox-static cpio
   kmod              # depmod, for the unpacked 6.12 kernel's module index

@@ -142,16 +142,48 @@ def test_newsyslog_entry() -> None:
         ln for ln in (REPO / "deploy/freebsd/newsyslog.conf.d/kupd.conf").read_text().splitlines()
         if ln and not ln.startswith("#")
     ]
-    assert len(lines) == 1
+    assert len(lines) == 2
     fields = lines[0].split()
     # logfilename owner:group mode count size when flags pid_file sig
     assert fields[0] == "/var/log/kupd.log"
     assert fields[1] == "root:wheel" and fields[2] == "640"
     assert fields[7] == "/var/run/kupd.daemon.pid"   # daemon(8) reopens on HUP
     assert fields[8] == "1"
+    # the audit log: kupd's own pid file, SIGUSR1 (30 on FreeBSD), no create
+    audit = lines[1].split()
+    assert audit[0] == "/var/log/kupd/audit.log" and audit[2] == "600", audit
+    assert "C" not in audit[6] and audit[7:] == ["/var/run/kupd.pid", "30"], audit
     rc = (REPO / "deploy/freebsd/rc.d/kupd").read_text()
     assert ': "${kupd_logfile:=/var/log/kupd.log}"' in rc
     assert ': "${kupd_supervisor_pidfile:=/var/run/${name}.daemon.pid}"' in rc
+
+
+def test_logrotate_entry_signals_kupd_to_reopen(tmp_path: Path) -> None:
+    """deploy/linux/logrotate.d/kupd rotates the sample's audit_log and
+    sends the unit's main process SIGUSR1 (kupd re-opens the file), not
+    SIGHUP (a reload of whatever the config file holds); kupd creates
+    the new file itself."""
+    text = (REPO / "deploy/linux/logrotate.d/kupd").read_text()
+    body = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    from kupd.config import load_config
+
+    cfg = load_config(REPO / "deploy/kupd.sample.toml")
+    assert body[0] == f"{cfg.audit_log} {{", body
+    assert "nocreate" in body and "create" not in body
+    post = body[body.index("postrotate") + 1]
+    assert "--signal=SIGUSR1" in post and "kupd.service" in post, post
+    unit = (REPO / "deploy/linux/kupd.service").read_text()
+    assert "LogsDirectory=kupd" in unit and cfg.audit_log.startswith("/var/log/kupd/")
+    logrotate = shutil.which("logrotate")
+    if logrotate is None:
+        pytest.skip("logrotate is not installed (scripts/setup-apt.sh installs it)")
+    conf = REPO / "deploy/linux/logrotate.d/kupd"
+    state = tmp_path / "logrotate.state"
+    p = subprocess.run(
+        [logrotate, "--debug", "--state", str(state), str(conf)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0 and "error" not in p.stderr.lower(), p.stderr
 
 
 def test_freebsd_config_sample_is_valid_for_kupd() -> None:

@@ -313,3 +313,28 @@ def test_a_reload_that_moves_a_tenants_socket_ends_its_sessions_saying_where(
     assert taken == {session.lease.lease_id: "alice", lease.lease_id: "alice"}, taken
     (ready,) = [r for r in recs if r.get("event") == "kupd ready"]
     assert ready["socket"] is None and ready["tenants"]["alice"] == old, ready
+
+
+def test_sigusr1_reopens_the_audit_log_and_reads_no_config(start_tenants: StartTenants) -> None:
+    """logrotate / newsyslog rename the audit log, then send SIGUSR1: kupd
+    writes to a new file at the path, and the renamed one keeps what it
+    had.  Nothing else is re-read: a config file mid-edit (here: broken)
+    is not looked at."""
+    import signal
+
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a:
+        with pytest.raises(errors.PermissionDenied):
+            a.open("echo").channel(20)
+        wait_until(lambda: k.audit.exists() and "channels" in k.audit.read_text(), what="line 1")
+        rotated = k.audit.with_suffix(".log.1")
+        os.rename(k.audit, rotated)
+        k.config.write_text("this is not = = toml\n")
+        k.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "audit log re-opened" in k.log(), what="the re-open")
+        with pytest.raises(errors.PermissionDenied):
+            a.open("echo").channel(21)
+    wait_until(lambda: k.audit.exists() and '"channel": 21' in k.audit.read_text(), what="line 2")
+    assert '"channel": 20' in rotated.read_text() and '"channel": 21' not in rotated.read_text()
+    assert '"channel": 20' not in k.audit.read_text()
+    assert "reload" not in k.log()
