@@ -110,6 +110,21 @@ struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cn
  * session is over (-EPIPE, -EPROTO, a CLOSE message, -ESHUTDOWN): a
  * session dropped silently costs the next user's first call an -EPIPE.
  *
+ * The pitfall of one acceptor thread plus a worker per channel: a worker
+ * started for attachment A whose user left before the worker's first call
+ * serves the NEXT attachment B with that call (nothing of A's session
+ * happened, so there is no straggler to end).  When the acceptor then
+ * hears of B from kupdev_wait_channel, the worker it would "replace" is
+ * serving B, for as long as B's user likes: an acceptor that joins the old
+ * worker before starting a new one blocks there (uninterruptibly, on
+ * Linux), and every other channel's user waits for its first PASS
+ * meanwhile.  Never wait in the acceptor for a worker that may be serving.
+ * kmod/examples/echo/echo.c shows one way: per channel, "running" and
+ * "again" under a mutex; the acceptor flags "again" when the worker runs,
+ * and a worker whose session is over serves again (its first call then
+ * may find no user, -EPIPE: not an error) or marks itself not running and
+ * exits; the acceptor joins only workers that are no longer running.
+ *
  * Wait until user space attaches a channel that the module has not yet
  * been told about; returns its id, or a negative errno (-ESHUTDOWN once
  * kupdev_unload has begun, -ETIMEDOUT; -EINVAL, logged, for a timeout

@@ -32,6 +32,13 @@ static size_t h_nchan;
 static struct kup_thread *h_acc;
 static struct kup_thread **h_thr;
 static int *h_ids;
+/* Per channel, under h_mtx: its worker has not decided to exit, and an
+ * attach came meanwhile.  The accept thread never joins a running worker:
+ * it may be serving the very attachment the accept thread just heard of
+ * (kupdev.h, "Sessions"); the worker serves again instead (echo.c, struct
+ * echo_slot, says more). */
+static struct kup_mutex *h_mtx;
+static unsigned char *h_running, *h_again;
 static int h_slowexit;	/* "slowexit" seen: the accept thread ends late */
 
 static int
@@ -58,18 +65,18 @@ h_linger(int c)
 	return kupdev_pass(h_sc, c);
 }
 
+/* One session of channel c (buf: max bytes); returns the call's result
+ * that ended it.  again: a session served before by this worker (its
+ * first pass finding no user is expected then: not logged). */
 static int
-h_worker(void *arg)
+h_serve(int c, unsigned char *buf, size_t max, int again)
 {
-	int c = *(int *)arg;
-	size_t max = kupdev_data_size(h_sc);
-	unsigned char *buf = kup_os_zalloc(max);
 	struct kupdev_msg m;
 	int r;
 
-	if (buf == NULL)
-		return -ENOMEM;
 	r = kupdev_pass(h_sc, c);
+	if (again && r == -EPIPE)
+		return r;
 	while (r == 0) {
 		size_t len;
 		int bad = 1;
@@ -87,8 +94,7 @@ h_worker(void *arg)
 			 * channel (no kupdev_unlock_channel); kupdev_unload
 			 * names it */
 			kup_os_log("hostile: chan %d: worker ends holding the channel", c);
-			kup_os_free(buf, max);
-			return 0;
+			return -EDEADLK;   /* no further session: it holds ch */
 		}
 		if (h_is(&m, "slowexit"))
 			__atomic_store_n(&h_slowexit, 1, __ATOMIC_RELEASE);
@@ -125,7 +131,33 @@ h_worker(void *arg)
 	}
 	if (r != -ESHUTDOWN)
 		kup_os_log("hostile: chan %d: worker ends (%d)", c, r);
-	kup_os_free(buf, max);
+	return r;
+}
+
+static int
+h_worker(void *arg)
+{
+	int c = *(int *)arg;
+	size_t max = kupdev_data_size(h_sc);
+	unsigned char *buf = kup_os_zalloc(max);
+	int again = 0, r = -ENOMEM;
+
+	for (;;) {
+		if (buf != NULL)
+			r = h_serve(c, buf, max, again);
+		kup_os_mutex_lock(h_mtx);
+		if (buf == NULL || r == -ESHUTDOWN || r == -EDEADLK ||
+		    !h_again[c]) {
+			h_running[c] = 0;
+			kup_os_mutex_unlock(h_mtx);
+			break;
+		}
+		h_again[c] = 0;
+		kup_os_mutex_unlock(h_mtx);
+		again = 1;
+	}
+	if (buf != NULL)
+		kup_os_free(buf, max);
 	return 0;
 }
 
@@ -138,9 +170,23 @@ h_accept(void *arg)
 	while ((c = kupdev_wait_channel(h_sc)) != -ESHUTDOWN) {
 		if (c < 0 || (size_t)c >= h_nchan)
 			continue;
+		kup_os_mutex_lock(h_mtx);
+		if (h_running[c]) {
+			h_again[c] = 1;   /* served when its session is over */
+			kup_os_mutex_unlock(h_mtx);
+			continue;
+		}
+		h_running[c] = 1;
+		h_again[c] = 0;
+		kup_os_mutex_unlock(h_mtx);
 		if (h_thr[c] != NULL)
-			kup_os_thread_join(h_thr[c]);
+			kup_os_thread_join(h_thr[c]);   /* it has decided to exit */
 		h_thr[c] = kup_os_thread_start(h_worker, &h_ids[c], "hostile-w");
+		if (h_thr[c] == NULL) {
+			kup_os_mutex_lock(h_mtx);
+			h_running[c] = 0;
+			kup_os_mutex_unlock(h_mtx);
+		}
 	}
 	if (__atomic_load_n(&h_slowexit, __ATOMIC_ACQUIRE)) {
 		kup_os_log("hostile: slow exit: the accept thread ends in 3 s");
@@ -180,6 +226,21 @@ h_mutex_misuse(void)
 	kup_os_mutex_free(d);
 }
 
+/* Free what init allocated for the channels (each may be NULL). */
+static void
+h_free_slots(void)
+{
+	kup_os_free(h_thr, h_nchan * sizeof(*h_thr));
+	kup_os_free(h_ids, h_nchan * sizeof(*h_ids));
+	kup_os_free(h_running, h_nchan);
+	kup_os_free(h_again, h_nchan);
+	kup_os_mutex_free(h_mtx);
+	h_thr = NULL;
+	h_ids = NULL;
+	h_running = h_again = NULL;
+	h_mtx = NULL;
+}
+
 int
 kup_module_init(void)
 {
@@ -197,7 +258,11 @@ kup_module_init(void)
 	h_nchan = (size_t)n;
 	h_thr = kup_os_zalloc(h_nchan * sizeof(*h_thr));
 	h_ids = kup_os_zalloc(h_nchan * sizeof(*h_ids));
-	if (h_thr == NULL || h_ids == NULL)
+	h_running = kup_os_zalloc(h_nchan);
+	h_again = kup_os_zalloc(h_nchan);
+	h_mtx = kup_os_mutex_new("hostile-slots");
+	if (h_thr == NULL || h_ids == NULL || h_running == NULL ||
+	    h_again == NULL || h_mtx == NULL)
 		goto fail;
 	for (i = 0; i < h_nchan; i++)
 		h_ids[i] = (int)i;
@@ -207,8 +272,7 @@ kup_module_init(void)
 	kupdev_notify(h_sc);
 	return 0;
 fail:
-	kup_os_free(h_thr, h_nchan * sizeof(*h_thr));
-	kup_os_free(h_ids, h_nchan * sizeof(*h_ids));
+	h_free_slots();
 	kupdev_unload(h_sc);
 	h_sc = NULL;
 	return -ENOMEM;
@@ -227,7 +291,6 @@ kup_module_fini(void)
 		if (h_thr[i] != NULL)
 			kup_os_thread_join(h_thr[i]);
 	kupdev_unload(h_sc);
-	kup_os_free(h_thr, h_nchan * sizeof(*h_thr));
-	kup_os_free(h_ids, h_nchan * sizeof(*h_ids));
+	h_free_slots();
 	h_sc = NULL;
 }

@@ -7,7 +7,11 @@
  * KUP_PARAM_ECHO_CHANNELS / KUP_PARAM_ECHO_PAGES (for the rot13 build:
  * KUP_PARAM_ROT13_*).  `announce_delay_ms` (default 0) announces the
  * channels that long after init instead of at once, from a thread (lets
- * tests see EKU_NOTREADY and the announce event).
+ * tests see EKU_NOTREADY and the announce event).  `start_delay_ms`
+ * (default 0, at most 10000) makes a newly started worker sleep that long
+ * before its first call: a slow thread start on a loaded machine, made
+ * certain, so that a test can attach, leave and attach again before the
+ * worker's first call (tests/kmod/test_kupsim_echo_acceptor.py).
  *
  * What it does with a channel, once a user attaches it:
  *   - hands the turn to the user at once (PASS), so the user's first
@@ -58,14 +62,16 @@
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
- *     worker logs it and stops; the channel is attachable again and a new
- *     worker starts when the next user attaches;
+ *     worker logs it and its session ends; the channel is attachable
+ *     again.  The worker then stops, or, when the next user attached
+ *     meanwhile, serves that one (struct echo_slot says why the acceptor
+ *     never waits for a running worker);
  *   - -ESHUTDOWN: module unload, everything stops.
  * Log lines (kupsim: stderr) "echo: chan N: ..." make the kernel side
  * observable to tests.
  *
- * Threads: one acceptor in kupdev_wait_channel(), one worker per attached
- * channel.  Only kupdev.h and kup_module.h are used.
+ * Threads: one acceptor in kupdev_wait_channel(), at most one worker per
+ * channel, serving its sessions one after the other.  Only kupdev.h and kup_module.h are used.
  */
 #include "kup_module.h"
 
@@ -92,19 +98,34 @@ static struct kup_mutex *echo_count_mtx;
 static unsigned long echo_count;
 static int echo_count_prev = -1;
 
+/*
+ * One slot per channel.  Why running/again and not "join the old worker,
+ * start a new one" in the acceptor: a worker may serve a session the
+ * acceptor has not heard of yet.  A worker started for attachment A whose
+ * user left before the worker's first call serves the NEXT attachment B
+ * with that call (kupdev.h, "Sessions"); when the acceptor then hears of
+ * B, joining that worker would wait for as long as B's user stays, and the
+ * one acceptor would serve no other channel meanwhile.  So the acceptor
+ * never waits for a running worker: it flags "again", and the worker,
+ * once its session is over, serves the next one instead of exiting.
+ */
 struct echo_slot {
 	int               chan;
 	unsigned char    *buf;
-	struct kup_thread *thr;
+	struct kup_thread *thr;      /* the acceptor's (and fini's) only */
+	int               running;   /* echo_slot_mtx: thr has not decided to exit */
+	int               again;     /* echo_slot_mtx: an attach came while running */
 };
 
 static struct kupdev_softc *echo_sc;
+static struct kup_mutex *echo_slot_mtx;   /* every slot's running/again */
 static struct echo_slot *echo_slots;
 static size_t echo_nchan;
 static size_t echo_max;
 static struct kup_thread *echo_acceptor;
 static struct kup_thread *echo_announcer;
 static int echo_announce_delay;
+static unsigned int echo_start_delay;   /* ms; start_delay_ms */
 
 #define ECHO_MEMCPY(d, s, n) kup_memcpy((d), (s), (n))
 
@@ -341,10 +362,14 @@ echo_hold(struct echo_slot *s)
 	}
 }
 
+/* Serve one session of the slot's channel, from the first pass to the
+ * call that says it is over.  again: this worker already served a session
+ * and was asked for another; a first pass that finds no user (-EPIPE) is
+ * then expected (the attach it was asked for may be the one it has just
+ * served, or one whose user has come and gone) and not logged. */
 static int
-echo_worker(void *arg)
+echo_serve(struct echo_slot *s, int again)
 {
-	struct echo_slot *s = arg;
 	struct kupdev_msg m;
 	size_t n;
 	int r, delay;
@@ -352,7 +377,8 @@ echo_worker(void *arg)
 
 	r = kupdev_pass(echo_sc, s->chan);
 	if (r != 0) {
-		kup_os_log("echo: chan %d: first pass failed (%d)", s->chan, r);
+		if (!(again && r == -EPIPE))
+			kup_os_log("echo: chan %d: first pass failed (%d)", s->chan, r);
 		return r;
 	}
 	for (;;) {
@@ -368,7 +394,7 @@ echo_worker(void *arg)
 			return 0;
 		}
 		if (r == -ESHUTDOWN)
-			return 0;
+			return r;   /* the worker exits */
 		if (r != 0) {
 			kup_os_log("echo: chan %d: receive failed (%d)", s->chan, r);
 			return r;
@@ -432,7 +458,7 @@ echo_worker(void *arg)
 			return 0;
 		}
 		if (r == -ESHUTDOWN)
-			return 0;
+			return r;   /* the worker exits */
 		if (r != 0) {
 			kup_os_log("echo: chan %d: reply failed (%d)", s->chan, r);
 			return r;
@@ -440,9 +466,38 @@ echo_worker(void *arg)
 	}
 }
 
+/* A channel's worker: serves sessions until one ends with no further
+ * attach flagged by the acceptor.  Deciding to exit and the acceptor's
+ * flag are one step each under echo_slot_mtx, so every attach the
+ * acceptor hears of is served: either the flag comes first and this
+ * worker serves again, or running = 0 comes first and the acceptor starts
+ * a new worker. */
+static int
+echo_worker(void *arg)
+{
+	struct echo_slot *s = arg;
+	int again = 0, r;
+
+	if (echo_start_delay != 0)
+		kup_os_msleep(echo_start_delay);
+	for (;;) {
+		r = echo_serve(s, again);
+		kup_os_mutex_lock(echo_slot_mtx);
+		if (r == -ESHUTDOWN || !s->again) {
+			s->running = 0;
+			kup_os_mutex_unlock(echo_slot_mtx);
+			return 0;
+		}
+		s->again = 0;
+		kup_os_mutex_unlock(echo_slot_mtx);
+		again = 1;
+	}
+}
+
 static int
 echo_accept(void *arg)
 {
+	struct echo_slot *s;
 	int c;
 
 	(void)arg;
@@ -454,13 +509,30 @@ echo_accept(void *arg)
 			continue;   /* -EINTR / -ETIMEDOUT */
 		if ((size_t)c >= echo_nchan)
 			continue;
-		/* the previous user's worker sees -EPIPE and ends promptly */
-		if (echo_slots[c].thr != NULL)
-			kup_os_thread_join(echo_slots[c].thr);
-		echo_slots[c].thr = kup_os_thread_start(echo_worker,
-		    &echo_slots[c], ECHO_NAME "-w");
-		if (echo_slots[c].thr == NULL)
+		s = &echo_slots[c];
+		kup_os_mutex_lock(echo_slot_mtx);
+		if (s->running) {
+			/* never join a running worker: it may be serving
+			 * this very attachment, for as long as its user
+			 * likes (see struct echo_slot).  It serves again
+			 * once its session is over. */
+			s->again = 1;
+			kup_os_mutex_unlock(echo_slot_mtx);
+			continue;
+		}
+		s->running = 1;
+		s->again = 0;
+		kup_os_mutex_unlock(echo_slot_mtx);
+		/* the previous worker has decided to exit: joins at once */
+		if (s->thr != NULL)
+			kup_os_thread_join(s->thr);
+		s->thr = kup_os_thread_start(echo_worker, s, ECHO_NAME "-w");
+		if (s->thr == NULL) {
 			kup_os_log("echo: chan %d: cannot start a worker", c);
+			kup_os_mutex_lock(echo_slot_mtx);
+			s->running = 0;
+			kup_os_mutex_unlock(echo_slot_mtx);
+		}
 	}
 }
 
@@ -501,9 +573,12 @@ kup_module_init(void)
 {
 	int nchan = kup_os_param_int(ECHO_PARAM, "channels", 128);
 	int pages = kup_os_param_int(ECHO_PARAM, "pages", 1);
+	int start_delay = kup_os_param_int(ECHO_PARAM, "start_delay_ms", 0);
 	size_t i;
 
 	echo_announce_delay = kup_os_param_int(ECHO_PARAM, "announce_delay_ms", 0);
+	echo_start_delay = start_delay < 0 ? 0U :
+	    start_delay > 10000 ? 10000U : (unsigned int)start_delay;
 
 	if (nchan < 1 || nchan > (int)KUP_MAX_CHANNELS || pages < 1 ||
 	    pages > (int)KUP_MAX_PAGES) {
@@ -514,9 +589,12 @@ kup_module_init(void)
 	echo_count_mtx = kup_os_mutex_new(ECHO_NAME "-count");
 	if (echo_count_mtx == NULL)
 		return -ENOMEM;
+	echo_slot_mtx = kup_os_mutex_new(ECHO_NAME "-slots");
+	if (echo_slot_mtx == NULL)
+		goto fail_mtx;
 	echo_sc = kupdev_create(ECHO_NAME, (size_t)pages, (size_t)nchan);
 	if (echo_sc == NULL)
-		goto fail_mtx;
+		goto fail_slot_mtx;
 	echo_nchan = (size_t)nchan;
 	echo_max = kupdev_data_size(echo_sc);
 	echo_slots = kup_os_zalloc(echo_nchan * sizeof(*echo_slots));
@@ -552,6 +630,9 @@ fail_slots:
 fail_dev:
 	kupdev_unload(echo_sc);
 	echo_sc = NULL;
+fail_slot_mtx:
+	kup_os_mutex_free(echo_slot_mtx);
+	echo_slot_mtx = NULL;
 fail_mtx:
 	kup_os_mutex_free(echo_count_mtx);
 	echo_count_mtx = NULL;
@@ -581,5 +662,7 @@ kup_module_fini(void)
 	echo_free_slots();
 	kup_os_mutex_free(echo_count_mtx);   /* every worker is joined */
 	echo_count_mtx = NULL;
+	kup_os_mutex_free(echo_slot_mtx);
+	echo_slot_mtx = NULL;
 	kup_os_log("echo: device %s unloaded", ECHO_NAME);
 }
