@@ -1575,6 +1575,52 @@ kup_core_info(struct kupdev_softc *sc, struct kup_ioc_info *out)
 }
 
 /*
+ * kup_ratelimit_admit (kup_module.h): a module's own per-event log lines,
+ * limited the way the core limits its protocol-error lines, but reusable
+ * (any number of limiters, static ones included: no init call, no lock
+ * to create, hence atomics on the limiter's fields).  One thread opens a
+ * window (the compare-exchange of start_ns); the others count into it.
+ * At a window's edge a racing thread may count into the old window's
+ * `used` before the opener resets it, and lose its line: an approximation
+ * a log limiter can afford, and no lock for modules to get wrong.
+ */
+int
+kup_ratelimit_admit(struct kup_ratelimit *rl)
+{
+	uint64_t now, start, win;
+	unsigned int n, missed;
+
+	if (rl == NULL)
+		return 1;
+	now = kup_os_now_ns();
+	if (now == 0)
+		now = 1;   /* 0 is "no window yet" */
+	win = (uint64_t)(rl->window_ms != 0 ? rl->window_ms : 1U) * 1000000ULL;
+	start = __atomic_load_n(&rl->start_ns, __ATOMIC_ACQUIRE);
+	/* signed: a thread that read the clock before another opened the
+	 * window sees "now" slightly before start -- still that window */
+	if (start == 0 || (int64_t)(now - start) >= (int64_t)win) {
+		if (__atomic_compare_exchange_n(&rl->start_ns, &start, now, 0,
+		    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+			__atomic_store_n(&rl->used, 0U, __ATOMIC_RELEASE);
+			missed = __atomic_exchange_n(&rl->missed, 0U,
+			    __ATOMIC_ACQ_REL);
+			if (missed != 0)
+				kup_os_log("%s: %u lines not logged", rl->name,
+				    missed);
+		}
+	}
+	n = __atomic_add_fetch(&rl->used, 1U, __ATOMIC_ACQ_REL);
+	if (n <= rl->burst)
+		return 1;
+	__atomic_add_fetch(&rl->missed, 1U, __ATOMIC_ACQ_REL);
+	if (n == rl->burst + 1U)
+		kup_os_log("%s: further lines not logged for up to %u ms",
+		    rl->name, rl->window_ms);
+	return 0;
+}
+
+/*
  * kup_os_param_int's one rule for every host (kup_module.h): no value, or
  * an empty one, is defval; otherwise an optional sign and decimal digits,
  * nothing else (no blanks, no 0x or leading-0 octal, no trailing text),

@@ -78,6 +78,43 @@ struct kup_thread *kup_os_thread_start(int (*fn)(void *), void *arg,
     const char *name);
 int kup_os_thread_join(struct kup_thread *t);
 
+/* Rate-limited log lines, for what a user can make a module log at will
+ * (one line per session end: a user that attaches and leaves in a loop
+ * would otherwise write thousands of kernel log lines a second).  One
+ * limiter per kind of line (or per module), shared by every thread:
+ *
+ *     static struct kup_ratelimit rl = KUP_RATELIMIT_INIT("echo", 20, 5000);
+ *     kup_log_limited(&rl, "echo: chan %d: peer gone (-EPIPE)", c);
+ *
+ * At most `burst` lines are logged per window of `window_ms` ms (the
+ * window opens with the first line after the previous one closed): the
+ * first lines of a burst are kept, and the first line left out is replaced
+ * by "<name>: further lines not logged for up to <window_ms> ms"; the
+ * first line logged in a later window is preceded by "<name>: <N> lines
+ * not logged".  Lock-free (atomics; never sleeps, but reads the clock and
+ * may log): call it from any thread that may call kup_os_log.  Counting is
+ * exact for one thread; threads racing at a window's edge may see a line
+ * or two attributed to the neighbouring window.  kup_ratelimit_admit
+ * says whether to log (1) or not (0), for a caller that does more than
+ * one kup_os_log per event.  Implemented once, in the core. */
+struct kup_ratelimit {
+	const char  *name;        /* prefix of the limiter's own lines */
+	unsigned int burst;       /* lines per window (0: none) */
+	unsigned int window_ms;   /* window length (0: 1 ms) */
+	/* the limiter's state: zero before the first line */
+	uint64_t     start_ns;    /* kup_os_now_ns() when the window opened */
+	unsigned int used;        /* lines asked for in the window */
+	unsigned int missed;      /* lines left out, not yet reported */
+};
+#define KUP_RATELIMIT_INIT(name, burst, window_ms) \
+	{ (name), (burst), (window_ms), 0, 0, 0 }
+
+int kup_ratelimit_admit(struct kup_ratelimit *rl);
+#define kup_log_limited(rl, ...) do {				\
+	if (kup_ratelimit_admit(rl))				\
+		kup_os_log(__VA_ARGS__);			\
+} while (0)
+
 /* Memory: the compiler's builtins, on every host (inline code, or a call
  * to the memcpy/memset/memcmp that the Linux and FreeBSD kernels and libc
  * all provide).  No other C library function is available. */

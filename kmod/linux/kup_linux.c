@@ -1027,6 +1027,7 @@ EXPORT_SYMBOL_GPL(kupdev_unload);
 EXPORT_SYMBOL_GPL(kupdev_channel_count);
 EXPORT_SYMBOL_GPL(kupdev_data_size);
 EXPORT_SYMBOL_GPL(kupdev_channel_attached);
+EXPORT_SYMBOL_GPL(kup_ratelimit_admit);
 
 static int __init kup_linux_init(void)
 {

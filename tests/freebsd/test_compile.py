@@ -67,7 +67,9 @@ def _export_syms() -> set[str]:
 def _declared_functions(header: Path) -> set[str]:
     """Names of the functions a header declares (prototypes at file scope)."""
     text = re.sub(r"/\*.*?\*/", " ", header.read_text(), flags=re.S)
-    text = re.sub(r"^\s*#.*$", " ", text, flags=re.M)
+    # preprocessor lines, with their continuations (a function-like macro
+    # such as kup_log_limited is not a function the module links against)
+    text = re.sub(r"^\s*#(?:[^\n]*\\\n)*[^\n]*$", " ", text, flags=re.M)
     names = set()
     for m in re.finditer(r"\b([A-Za-z_]\w*)\s*\([^;{}]*\)\s*(?:__attribute__\s*\(\(.*?\)\))?\s*;",
                          text):

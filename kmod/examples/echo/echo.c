@@ -68,7 +68,11 @@
  *     never waits for a running worker);
  *   - -ESHUTDOWN: module unload, everything stops.
  * Log lines (kupsim: stderr) "echo: chan N: ..." make the kernel side
- * observable to tests.
+ * observable to tests.  The ones a user can cause at will (a session's
+ * end, a failed first pass, the "!lockhold" lines) are rate-limited with
+ * kup_log_limited (kup_module.h): the first ECHO_LOG_BURST of a burst are
+ * logged, then that many per ECHO_LOG_WINDOW_MS at most (lock holds:
+ * ECHO_LOCKHOLD_LOG_BURST), with a line saying how many were left out.
  *
  * Threads: one acceptor in kupdev_wait_channel(), at most one worker per
  * channel, serving its sessions one after the other.  Only kupdev.h and kup_module.h are used.
@@ -116,6 +120,24 @@ struct echo_slot {
 	int               running;   /* echo_slot_mtx: thr has not decided to exit */
 	int               again;     /* echo_slot_mtx: an attach came while running */
 };
+
+/* Per-session log lines (a session's end, a failed first pass, ...) and the
+ * "!lockhold" lines: a user decides how many sessions and messages there
+ * are, so these go through limiters (kup_module.h): the first
+ * ECHO_LOG_BURST lines of a burst, then at most that many per
+ * ECHO_LOG_WINDOW_MS, each kind on its own budget so that a flood of one
+ * does not hide the other. */
+#define ECHO_LOG_BURST     20U
+#define ECHO_LOG_WINDOW_MS 5000U
+/* tests wait for the "holding the channel locked" line before they end a
+ * hold: a larger budget, so that no test that holds a few times a second
+ * ever misses it, still bounding a user's "!lockhold1" loop */
+#define ECHO_LOCKHOLD_LOG_BURST 100U
+static struct kup_ratelimit echo_session_rl =
+    KUP_RATELIMIT_INIT("echo", ECHO_LOG_BURST, ECHO_LOG_WINDOW_MS);
+static struct kup_ratelimit echo_lockhold_rl =
+    KUP_RATELIMIT_INIT("echo (lock holds)", ECHO_LOCKHOLD_LOG_BURST,
+	ECHO_LOG_WINDOW_MS);
 
 static struct kupdev_softc *echo_sc;
 static struct kup_mutex *echo_slot_mtx;   /* every slot's running/again */
@@ -283,7 +305,8 @@ echo_lock_hold(struct echo_slot *s, unsigned int ms)
 	unsigned int gen = __atomic_load_n(&echo_lockfree_gen, __ATOMIC_ACQUIRE);
 	const char *why = "timed out";
 
-	kup_os_log("echo: chan %d: holding the channel locked (up to %u ms)",
+	kup_log_limited(&echo_lockhold_rl,
+	    "echo: chan %d: holding the channel locked (up to %u ms)",
 	    s->chan, ms);
 	while (ms > 0) {
 		unsigned int step = ms < 20U ? ms : 20U;
@@ -299,7 +322,8 @@ echo_lock_hold(struct echo_slot *s, unsigned int ms)
 		kup_os_msleep(step);
 		ms -= step;
 	}
-	kup_os_log("echo: chan %d: lock hold ended (%s)", s->chan, why);
+	kup_log_limited(&echo_lockhold_rl, "echo: chan %d: lock hold ended (%s)",
+	    s->chan, why);
 }
 
 /* "!reenter": the module bug the core refuses, on purpose.  While still
@@ -321,7 +345,8 @@ echo_reenter(struct echo_slot *s)
 		ECHO_MEMCPY(s->buf, ok, sizeof(ok) - 1);
 		return sizeof(ok) - 1;
 	}
-	kup_os_log("echo: chan %d: re-entry not refused (send %d, receive %d)",
+	kup_log_limited(&echo_session_rl,
+	    "echo: chan %d: re-entry not refused (send %d, receive %d)",
 	    s->chan, rs, rr);
 	ECHO_MEMCPY(s->buf, bad, sizeof(bad) - 1);
 	return sizeof(bad) - 1;
@@ -378,7 +403,8 @@ echo_serve(struct echo_slot *s, int again)
 	r = kupdev_pass(echo_sc, s->chan);
 	if (r != 0) {
 		if (!(again && r == -EPIPE))
-			kup_os_log("echo: chan %d: first pass failed (%d)", s->chan, r);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: first pass failed (%d)", s->chan, r);
 		return r;
 	}
 	for (;;) {
@@ -386,17 +412,20 @@ echo_serve(struct echo_slot *s, int again)
 		if (r == -EINTR || r == -ETIMEDOUT)
 			continue;
 		if (r == -EPIPE) {
-			kup_os_log("echo: chan %d: peer gone (-EPIPE)", s->chan);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: peer gone (-EPIPE)", s->chan);
 			return 0;
 		}
 		if (r == -EPROTO) {
-			kup_os_log("echo: chan %d: protocol error (-EPROTO)", s->chan);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: protocol error (-EPROTO)", s->chan);
 			return 0;
 		}
 		if (r == -ESHUTDOWN)
 			return r;   /* the worker exits */
 		if (r != 0) {
-			kup_os_log("echo: chan %d: receive failed (%d)", s->chan, r);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: receive failed (%d)", s->chan, r);
 			return r;
 		}
 		switch (m.kind) {
@@ -450,17 +479,20 @@ echo_serve(struct echo_slot *s, int again)
 			break;
 		default:
 			kupdev_unlock_channel(echo_sc, s->chan);
-			kup_os_log("echo: chan %d: user closed", s->chan);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: user closed", s->chan);
 			return 0;
 		}
 		if (r == -EPIPE) {
-			kup_os_log("echo: chan %d: peer gone (-EPIPE)", s->chan);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: peer gone (-EPIPE)", s->chan);
 			return 0;
 		}
 		if (r == -ESHUTDOWN)
 			return r;   /* the worker exits */
 		if (r != 0) {
-			kup_os_log("echo: chan %d: reply failed (%d)", s->chan, r);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: reply failed (%d)", s->chan, r);
 			return r;
 		}
 	}
@@ -528,7 +560,8 @@ echo_accept(void *arg)
 			kup_os_thread_join(s->thr);
 		s->thr = kup_os_thread_start(echo_worker, s, ECHO_NAME "-w");
 		if (s->thr == NULL) {
-			kup_os_log("echo: chan %d: cannot start a worker", c);
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: cannot start a worker", c);
 			kup_os_mutex_lock(echo_slot_mtx);
 			s->running = 0;
 			kup_os_mutex_unlock(echo_slot_mtx);
