@@ -16,7 +16,9 @@
  *
  *   types
  *     kup_lock_t            a SLEEPABLE mutex (held across module code
- *                           between kupdev_receive and kupdev_unlock_channel)
+ *                           between kupdev_receive and kupdev_unlock_channel);
+ *                           kup_lock_init gives it its role's lock class
+ *                           (below, "locks")
  *     struct kup_os_dev     host state embedded in every device
  *     struct kup_os_chan    host state embedded in every channel
  *   memory ordering on shared-memory words (uint32_t / uint64_t *)
@@ -82,8 +84,37 @@
 
 struct kup_chan;
 
-/* ---- locks (sleepable) ---------------------------------------------- */
-void kup_lock_init(kup_lock_t *l, const char *what);
+/* ---- locks (sleepable) ----------------------------------------------
+ * The core's locks play three roles, and the host must give each role a
+ * lock class of its own in the kernel's lock checker (Linux lockdep: one
+ * lock_class_key per role; FreeBSD WITNESS: one name per role): the core
+ * nests them, and a checker that sees one class for all would report the
+ * first nesting (an attach takes sc->lock inside ch->lock) as recursive
+ * locking -- lockdep then turns itself off for the rest of the boot.
+ *
+ * Lock order, outer to inner (kup_core.c's header says where each is
+ * taken):
+ *     KUP_LOCK_CHANNEL   ch->lock: one channel's kernel callers; held by a
+ *                        module thread from its receive to
+ *                        kupdev_unlock_channel, across module code
+ *     KUP_LOCK_REGISTRY  kup_reg_lock: the device registry
+ *     KUP_LOCK_DEVICE    sc->lock: device state; held only for short
+ *                        sections, never across a sleep or module code
+ * A lock is never taken while one of a later role is held, except with
+ * KUP_LOCK_TRY (which cannot deadlock: an attach tries a channel's lock
+ * under sc->lock).  Two channel locks may be held at once by a module
+ * thread (a relay receiving on a second channel): same role, no order
+ * between them (FreeBSD: DUPOK); Linux lockdep, where a kernel has it,
+ * reports that as recursive locking of the channel class -- a relay
+ * module would need mutex_lock_nested, which the core does not do.
+ * kupsim checks this order at run time (kupsim_glue.c). */
+enum kup_lock_role {
+	KUP_LOCK_CHANNEL = 0,
+	KUP_LOCK_REGISTRY,
+	KUP_LOCK_DEVICE,
+	KUP_LOCK_NROLES
+};
+void kup_lock_init(kup_lock_t *l, enum kup_lock_role role);
 void kup_lock_destroy(kup_lock_t *l);
 void kup_lock(kup_lock_t *l);
 void kup_unlock(kup_lock_t *l);

@@ -146,13 +146,25 @@ static struct filterops kup_fb_read_filtops = {
  * kup_os.h: locks, memory, logging
  * ====================================================================== */
 
+/* WITNESS classes locks by name: one name per role (kup_os.h), so that it
+ * checks the core's order (channel, then registry, then device) instead
+ * of seeing one class.  Only channel locks are DUPOK: a module may
+ * legitimately hold two channels at once (a relay), while two device
+ * locks or two registry locks held together would be a core bug that
+ * WITNESS should report. */
+static const char *const kup_lock_names[KUP_LOCK_NROLES] = {
+	[KUP_LOCK_CHANNEL]  = "kup channel",
+	[KUP_LOCK_REGISTRY] = "kup registry",
+	[KUP_LOCK_DEVICE]   = "kup device",
+};
+
 void
-kup_lock_init(kup_lock_t *l, const char *what)
+kup_lock_init(kup_lock_t *l, enum kup_lock_role role)
 {
-	/* Every channel's lock has the same name, so WITNESS sees one lock
-	 * class; a module may legitimately hold two channels at once (a
-	 * relay), hence DUPOK.  `what` is a string literal of the core. */
-	sx_init_flags(l, what, SX_DUPOK);
+	if ((unsigned int)role >= KUP_LOCK_NROLES)
+		role = KUP_LOCK_DEVICE;   /* never: the core passes its enum */
+	sx_init_flags(l, kup_lock_names[role],
+	    role == KUP_LOCK_CHANNEL ? SX_DUPOK : 0);
 }
 
 void

@@ -16,7 +16,14 @@
 #include <string.h>
 #include <time.h>
 
-typedef pthread_mutex_t kup_lock_t;
+/* The core's lock, with its role (kup_os.h, enum kup_lock_role): kupsim
+ * checks the core's lock order at run time with it (kupsim_glue.c,
+ * kup_lock), the check a kernel's lockdep or WITNESS makes. */
+typedef struct {
+	pthread_mutex_t m;
+	int             role;
+} kup_lock_t;
+int kupsim_lock_try(kup_lock_t *l);
 
 struct kup_os_dev {
 	pthread_mutex_t m;      /* sleep mutex for kupdev_wait_channel */
@@ -88,7 +95,7 @@ kupsim_curthread(void)
 /* kup_os.h: the server thread renews a detached channel only if it can
  * take the channel lock at once (it serves every device and must not wait
  * for a module thread that holds a channel: kupsim.h). */
-#define KUP_LOCK_TRY(l)        (pthread_mutex_trylock(l) == 0)
+#define KUP_LOCK_TRY(l)        kupsim_lock_try(l)
 /* kup_os.h: an attach never waits in the server thread, which serves every
  * device.  It attaches only channels it has renewed and parks an ATTACH of
  * one still pending renewal; a renewed channel's lock may still be taken

@@ -61,10 +61,23 @@ MODULE_PARM_DESC(params,
 
 /* ---- locks ------------------------------------------------------------ */
 
-void kup_lock_init(kup_lock_t *l, const char *what)
+/* One lockdep class per role (kup_os.h).  Why not mutex_init: its static
+ * lock_class_key is per call site, and the core initialises every lock
+ * through this one function -- one class for the registry, every device
+ * and every channel, so lockdep would take the core's ch->lock -> sc->lock
+ * nesting for recursive locking and switch itself off. */
+static struct lock_class_key kup_lock_keys[KUP_LOCK_NROLES];
+static const char *const kup_lock_names[KUP_LOCK_NROLES] = {
+	[KUP_LOCK_CHANNEL]  = "kup_chan_lock",
+	[KUP_LOCK_REGISTRY] = "kup_reg_lock",
+	[KUP_LOCK_DEVICE]   = "kup_dev_lock",
+};
+
+void kup_lock_init(kup_lock_t *l, enum kup_lock_role role)
 {
-	(void)what;
-	mutex_init(l);
+	if ((unsigned int)role >= KUP_LOCK_NROLES)
+		role = KUP_LOCK_DEVICE;   /* never: the core passes its enum */
+	__mutex_init(l, kup_lock_names[role], &kup_lock_keys[role]);
 }
 
 void kup_lock_destroy(kup_lock_t *l)

@@ -12,7 +12,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "kup_os.h"
+#include <signal.h>
+#include <sys/wait.h>
+
+#include "kup_core_priv.h"   /* struct kupdev_softc: its locks' roles */
 #include "testutil.h"
 
 /* ---- a minimal in-process user side ----------------------------------- */
@@ -923,12 +926,68 @@ test_reattach_clean(void)
 }
 #endif
 
+/* kup_os.h's lock roles: the core gives the registry, each device and each
+ * channel a role of its own (so that a kernel's lock checker sees three
+ * classes), and kupsim checks the order between them at run time -- an
+ * inversion aborts it.  Every other test of this file runs under that
+ * check, i.e. with the core's real nesting. */
+static void
+test_lock_roles(void)
+{
+	struct kupdev_softc *sc = kupdev_create("roles", 1, 2);
+	kup_lock_t dev, reg, ch1, ch2;
+	pid_t pid;
+	int st;
+
+	CHECK(sc != NULL);
+	CHECK_EQ(sc->lock.role, KUP_LOCK_DEVICE);
+	CHECK_EQ(sc->chans[0].lock.role, KUP_LOCK_CHANNEL);
+	CHECK_EQ(sc->chans[1].lock.role, KUP_LOCK_CHANNEL);
+	CHECK_EQ(kupdev_unload(sc), 0);
+
+	kup_lock_init(&dev, KUP_LOCK_DEVICE);
+	kup_lock_init(&reg, KUP_LOCK_REGISTRY);
+	kup_lock_init(&ch1, KUP_LOCK_CHANNEL);
+	kup_lock_init(&ch2, KUP_LOCK_CHANNEL);
+	/* the order, and two channels at once (a relay module): allowed */
+	kup_lock(&ch1);
+	kup_lock(&ch2);
+	kup_lock(&reg);
+	kup_lock(&dev);
+	kup_unlock(&dev);
+	kup_unlock(&reg);
+	kup_unlock(&ch2);
+	kup_unlock(&ch1);
+	/* a try under a later role cannot deadlock: allowed (kup_core_attach) */
+	kup_lock(&dev);
+	CHECK(KUP_LOCK_TRY(&ch1));
+	kup_unlock(&ch1);
+	kup_unlock(&dev);
+	/* the inversion aborts (in a child: it is the end of the process) */
+	fflush(NULL);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		kup_lock(&dev);
+		kup_lock(&ch1);   /* channel under device: aborts here */
+		_exit(0);
+	}
+	CHECK_EQ(waitpid(pid, &st, 0), pid);
+	CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT);
+	kup_lock_destroy(&ch2);
+	kup_lock_destroy(&ch1);
+	kup_lock_destroy(&reg);
+	kup_lock_destroy(&dev);
+	printf("ok lock_roles\n");
+}
+
 int
 main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	CHECK(kupdev_create("early", 1, 1) == NULL);   /* before init */
 	CHECK_EQ(kup_core_init(), 0);
+	test_lock_roles();
 	test_create_args();
 	test_attach_rules();
 	test_turns();
