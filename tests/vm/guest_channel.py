@@ -339,3 +339,57 @@ def test_unload_while_blocked_raises_shutdown() -> None:
     with pytest.raises(NotFound):
         Device.open("rot13")
     subprocess.run(["insmod", f"{moddir}/kup_rot13.ko"], check=True, timeout=T)
+
+
+def _reload_rot13(params: str) -> None:
+    """rmmod kup_rot13, set kup.ko's params, insmod it again (its
+    kup_os_param_int reads them at init) and wait for its node."""
+    moddir = os.environ["KMODDIR"]
+    subprocess.run(["rmmod", "kup_rot13"], check=True, timeout=T)
+    with open("/sys/module/kup/parameters/params", "w") as f:
+        f.write(params)
+    subprocess.run(["insmod", f"{moddir}/kup_rot13.ko"], check=True, timeout=T)
+    deadline = time.monotonic() + T
+    while not os.path.exists("/dev/kup/rot13"):
+        assert time.monotonic() < deadline, "/dev/kup/rot13 did not come back"
+        time.sleep(0.05)
+
+
+def _attach(dev: Device, chan: int) -> Channel:
+    deadline = time.monotonic() + T
+    while True:
+        try:
+            return dev.channel(chan)
+        except Releasing:  # the module still lets go of the last user
+            assert time.monotonic() < deadline, f"channel {chan} stays releasing"
+            time.sleep(0.01)
+
+
+def test_a_held_reattach_does_not_stall_the_acceptor() -> None:
+    """Attach, close and re-attach channels at once and hold them: the
+    worker started for the first attachment (made to sleep 300 ms before
+    its first call: rot13.start_delay_ms) serves the second one, and the
+    module's acceptor must not wait for it -- another channel still gets
+    its PASS (echo.c, struct echo_slot; the fuzzer's "task kup-echo-acc
+    blocked for more than 120 seconds")."""
+    with open("/sys/module/kup/parameters/params") as f:
+        saved = f.read().strip()
+    _reload_rot13(saved + ",rot13.start_delay_ms=300")
+    try:
+        with Device.open("rot13") as dev:
+            held = []
+            try:
+                for c in range(4):
+                    _attach(dev, c).close()
+                    held.append(_attach(dev, c))
+                with _attach(dev, 9) as probe:
+                    assert probe.receive(timeout=T).kind is Kind.PASS
+                    assert probe.exchange(b"ab", T).data == b"no"
+                for ch in held:
+                    assert ch.receive(timeout=T).kind is Kind.PASS
+                    assert ch.exchange(b"ab", T).data == b"no"
+            finally:
+                for ch in held:
+                    ch.close()
+    finally:
+        _reload_rot13(saved)
