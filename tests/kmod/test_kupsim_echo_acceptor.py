@@ -5,8 +5,9 @@ A user attaches channel c, closes it and attaches c again at once, keeping
 it.  The worker echo started for the first attachment may not have made
 its first call yet; that call then serves the second attachment (kupdev.h,
 "Sessions"); echo's start_delay_ms makes that certain (every new worker
-sleeps before its first call, as on a loaded machine).  echo's one acceptor used to hear of the second attachment and
-join that worker -- which serves the user for as long as the user likes --
+sleeps before its first call, as on a loaded machine).  echo's one
+acceptor used to hear of the second attachment and join that worker --
+which serves the user for as long as the user likes --
 so no other channel's user got its first PASS meanwhile.  Here a second
 channel must get its PASS promptly while every re-attached channel is held,
 round after round; then the held channels still work.
@@ -48,9 +49,10 @@ def attach(dev: Device, chan: int) -> Channel:
 
 
 def test_a_held_reattach_does_not_stall_other_channels(variant_out: Path) -> None:
-    with variant_kupsim(
-        variant_out, "echo", env={"KUP_PARAM_ECHO_CHANNELS": "8", "KUP_PARAM_ECHO_START_DELAY_MS": "300"}
-    ) as sim, Device.open(sim.device_path("echo")) as dev:
+    env = {"KUP_PARAM_ECHO_CHANNELS": "8", "KUP_PARAM_ECHO_START_DELAY_MS": "300"}
+    with variant_kupsim(variant_out, "echo", env=env) as sim, Device.open(
+        sim.device_path("echo")
+    ) as dev:
         for rnd in range(ROUNDS):
             held = []
             for c in range(HELD):
