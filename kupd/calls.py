@@ -69,6 +69,12 @@ class _Exchanging(Protocol):
 _HAS_TRY_EXCHANGE = hasattr(Channel, "try_exchange")
 
 
+#: A queued Call granted its channel with less time left than this sends
+#: nothing (DeadlineExceeded): the reply could not come in time, and the
+#: channel would be left quarantined owing it.
+_SEND_MIN_LEFT = 0.001
+
+
 class _QueueTimeout(Exception):
     """A queued Call's deadline passed before a pool channel was free."""
 
@@ -441,7 +447,7 @@ class CallPool:
             deadline = loop.time() + timeout
             pc = await self._acquire(caller, timeout, share)
             left = deadline - loop.time()
-            if left <= 0:
+            if left < _SEND_MIN_LEFT:
                 # granted at its deadline: sending now would only leave the
                 # channel quarantined, owing a reply nobody waits for
                 self._put_back(pc)

@@ -80,10 +80,6 @@ BLOCKING_THREADS = 4
 #: parked by the host) takes at most these threads, not every tenant's.
 ATTACHES_PER_TENANT = BLOCKING_THREADS // 2
 
-#: Threads for the device calls kupd's health and events rest on (open,
-#: info, the event fd): apart from the attaches, so that a pile of parked
-#: attaches never makes a device look hung.
-MONITOR_THREADS = 2
 
 #: How long the "no free channel" answer waits for a fresh INFO to count
 #: the channels their module still holds (seconds)
@@ -116,6 +112,13 @@ class ManagedDevice:
         self.mgr = mgr
         self.cfg = cfg
         self.name = cfg.name
+        #: One thread of its own for the calls health and events rest on
+        #: (open, info, the event fd): a hung host ties up only its own
+        #: device's, never another device's probe (the extension serialises
+        #: a device's info and event fd anyway), and attaches -- which may
+        #: wait on the host for a module to let go -- run elsewhere
+        #: (DeviceManager.attaching).
+        self.monitor = ThreadPoolExecutor(1, thread_name_prefix=f"kupd-mon-{cfg.name[:8]}")
         self.dev: Device | None = None
         self.info: DeviceInfo | None = None
         self.error = "not opened yet"
@@ -164,6 +167,10 @@ class ManagedDevice:
         if self.info.shutting_down:
             raise errors.Shutdown(f"device {self.name} is shutting down")
         return self.dev, self.info
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (open, info, event fd) on this device's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.monitor, fn, *args)
 
     # -- opening and events ---------------------------------------------------
     async def probe(self, limit: float = PROBE_WAIT) -> None:
@@ -219,17 +226,17 @@ class ManagedDevice:
         if self.dev is not None or self.mgr.closing:
             return
         try:
-            dev = await self.mgr.blocking(Device.open, self.name)
+            dev = await self.blocking(Device.open, self.name)
         except errors.KupError as exc:
             if str(exc) != self.error:
                 log.info("device not reachable", device=self.name, error=str(exc))
             self.error = str(exc)
             return
         try:
-            info = await self.mgr.blocking(dev.info)
+            info = await self.blocking(dev.info)
             # its first call connects (kupsim: a WATCH round trip the host
             # may be slow to answer): never on the loop thread
-            fd = await self.mgr.blocking(dev.event_fd)
+            fd = await self.blocking(dev.event_fd)
         except errors.KupError as exc:
             log.info("device not usable yet", device=self.name, error=str(exc))
             self.error = str(exc)
@@ -281,8 +288,8 @@ class ManagedDevice:
 
     def _on_event(self) -> None:
         # The fd is level-triggered and only the refresh's INFO drains it,
-        # in an executor thread that may first wait for the device lock (an
-        # attach in progress) or for a free thread: until then it stays
+        # on the device's thread, after whatever call is ahead of it there
+        # and for as long as the host takes to answer: until then it stays
         # readable, and a reader left registered would run this on every
         # loop iteration.  So it is watched again once the refresh is done.
         dev, fd = self.dev, self._event_fd
@@ -327,7 +334,7 @@ class ManagedDevice:
         if dev is None:
             return
         try:
-            info = await self.mgr.blocking(dev.info)
+            info = await self.blocking(dev.info)
         except errors.KupError as exc:
             if self.dev is dev and not self._shutdown_seen and self._channels_say_shutdown():
                 # The host unloaded the module and closed before we could
@@ -484,7 +491,7 @@ class ManagedDevice:
         from a fresh INFO (0 when the host does not answer within
         MODULE_HELD_WAIT: this is for an error message)."""
         try:
-            fresh = await asyncio.wait_for(self.mgr.blocking(dev.info), MODULE_HELD_WAIT)
+            fresh = await asyncio.wait_for(self.blocking(dev.info), MODULE_HELD_WAIT)
         except (errors.KupError, TimeoutError):
             return 0
         return len(set(fresh.module_holds) - set(fresh.attached))
@@ -609,7 +616,6 @@ class DeviceManager:
         self.on_health = on_health
         self.closing = False
         self.executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="kupd-dev")
-        self.monitor_executor = ThreadPoolExecutor(MONITOR_THREADS, thread_name_prefix="kupd-mon")
         #: per tenant ("" for kupd's own Call pool): ATTACHES_PER_TENANT slots
         self._attach_slots: dict[str, asyncio.Semaphore] = {}
         self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
@@ -629,16 +635,16 @@ class DeviceManager:
             raise errors.NotFound(f"unknown device {shown(name)} (kupd serves: {served})")
         return dev
 
-    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on a monitor thread (open, info, event fd)."""
-        return await asyncio.get_running_loop().run_in_executor(self.monitor_executor, fn, *args)
 
     async def attaching(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (a host attach) on an attach thread, with one of
         ``tenant``'s ATTACHES_PER_TENANT slots."""
         slots = self._attach_slots.get(tenant)
         if slots is None:
-            slots = self._attach_slots[tenant] = asyncio.Semaphore(ATTACHES_PER_TENANT)
+            # without [[tenant]] tables every client is "default": no one
+            # to keep apart, every attach thread is theirs
+            n = BLOCKING_THREADS if tenant == "default" else ATTACHES_PER_TENANT
+            slots = self._attach_slots[tenant] = asyncio.Semaphore(n)
         async with slots:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
@@ -693,4 +699,5 @@ class DeviceManager:
         for d in self.devices.values():
             d.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.monitor_executor.shutdown(wait=False, cancel_futures=True)
+        for d in self.devices.values():
+            d.monitor.shutdown(wait=False, cancel_futures=True)

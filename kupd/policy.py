@@ -499,10 +499,8 @@ class Guard:
         g = t.grant(device)
         return None if g is None else g.channels
 
-    def check_sessions(
-        self, t: Tenant, op: str, device: str, open_now: int, slack: int = 0
-    ) -> None:
-        if t.max_sessions and open_now >= t.max_sessions + slack:
+    def check_sessions(self, t: Tenant, op: str, device: str, open_now: int) -> None:
+        if t.max_sessions and open_now >= t.max_sessions:
             self.exhaust(
                 t,
                 op,

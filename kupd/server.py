@@ -139,7 +139,7 @@ class _Health(HealthServicer):  # type: ignore[misc]
         if request.service in ("", SERVICE_NAME) and len(known) - 2 < len(self._kupd.mgr.devices):
             # kupd as a whole, for a tenant that sees only some devices:
             # the devices it may use (not whether others' are down)
-            up = all(
+            up = not self._kupd.stopping and all(
                 self._kupd.mgr.devices[n[len(SERVICE_NAME) + 1 :]].healthy for n in known[2:]
             )
             status = health_pb2.HealthCheckResponse
@@ -544,6 +544,11 @@ class Server:
         await self._update_health()
 
     # -- stop ----------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        """SIGTERM's drain (or a stop) has begun: nothing is SERVING."""
+        return self._stopping
+
     def request_stop(self) -> None:
         if not self._stopping:
             self._stopping = True

@@ -357,13 +357,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         its tenant's max_sessions is reached.  Returns the tenant's name,
         for LeaseTable.unattached_leave."""
         t = self.guard.tenant()
-        # One stream past the limit may wait for its attach: that attach is
-        # then refused by _take, after the checks that come first there (a
-        # tenant at its limit asking for a channel it is not granted is
-        # told PERMISSION_DENIED, as before).
-        if t.max_sessions:
-            self.guard.check_sessions(t, "session", "", self._open_of(t.name), slack=1)
-        self.leases.check_room(slack=1)
+        # a tenant not allowed Sessions at all holds no stream open (and
+        # takes no room from the others): refused now, not at its attach
+        self.guard.check_op(t, "session")
+        self.guard.check_sessions(t, "session", "", self._open_of(t.name))
+        self.leases.check_room()
         self.leases.unattached_enter(t.name)
         return t.name
 
@@ -372,6 +370,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         attached yet: what its max_sessions bounds."""
         mine = sum(1 for le in self.leases.leases.values() if le.tenant == tenant)
         return mine + self.guard.pending.get(tenant, 0) + self.leases.unattached.get(tenant, 0)
+
+    @staticmethod
+    def _check_socket(t: Tenant, via: str) -> None:
+        """Unavailable when a reload moved the tenant's socket away from
+        ``via``, the one this request came in on: the old socket's server is
+        on its way out, and a Session it served would be cut with it."""
+        if via and t.socket and via != t.socket:
+            raise errors.Unavailable(
+                f"tenant {t.name}: a reload moved its socket from {via} to {t.socket}: "
+                "connect there"
+            )
 
     def _owner_of(self, lease_id: str) -> str:
         """The tenant of ``lease_id``: an open lease's own, else what the
@@ -514,19 +523,21 @@ class KupService(kup_pb2_grpc.KupServicer):
             if chan is not None and md.info is not None and chan < md.info.chan_count:
                 bind(channel=chan)
         t = self.guard.tenant()
+        # the socket this request came in on: the tenant's own under the
+        # policy it was served by (a reload may have moved it since)
+        via = current_tenant().socket
         self.guard.check_op(t, holder, device, chan)
         self.guard.check_drained(device)
+        self._check_socket(t, via)
         self.guard.check_sessions(t, holder, device, self._open_of(t.name))
         allowed = self.guard.channels_for(t, device)
         self.guard.pending[t.name] = self.guard.pending.get(t.name, 0) + 1
         try:
             if chan is None and allowed is not None:
-                lease = await self._take_granted(device, allowed, holder, t)
+                lease = await self._take_granted(device, allowed, holder, t, via)
             else:
                 try:
-                    lease = await self.leases.take(
-                        device, chan, holder, tenant=t.name, via=t.socket
-                    )
+                    lease = await self.leases.take(device, chan, holder, tenant=t.name, via=via)
                 except errors.Busy as exc:
                     # the holder's lease id only to its own tenant
                     held = md.holders.get(chan) if md is not None and chan is not None else None
@@ -537,11 +548,13 @@ class KupService(kup_pb2_grpc.KupServicer):
             self.guard.pending[t.name] -= 1
         # The attach awaited the host (a channel its module had not let go
         # of: up to REATTACH_GRACE): kupd's own drain (SIGTERM), an admin's
-        # drain of the device, or a reload that took the grant away, may
-        # have come meanwhile and found no lease to end.
+        # drain of the device, or a reload that took the grant away or
+        # moved the tenant's socket, may have come meanwhile and found no
+        # lease to end.
         try:
             self._check_open()
             self.guard.check_drained(device)
+            self._check_socket(self.guard.tenant(), via)
             rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
             if rule:
                 self.guard.record(t.name, holder, device, lease.ch.id, rule)
@@ -557,7 +570,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         return lease
 
     async def _take_granted(
-        self, device: str, allowed: frozenset[int], holder: str, t: Tenant
+        self, device: str, allowed: frozenset[int], holder: str, t: Tenant, via: str
     ) -> Lease:
         """ "Any free channel" for a tenant granted only some channels.  One
         its module still holds (Releasing) is waited for only when no other
@@ -574,7 +587,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                     continue
                 try:
                     return await self.leases.take(
-                        device, cid, holder, wait_releasing=False, tenant=t.name, via=t.socket
+                        device, cid, holder, wait_releasing=False, tenant=t.name, via=via
                     )
                 except errors.Releasing:
                     releasing = True

@@ -155,23 +155,24 @@ class LeaseTable:
             d.on_gone.append(self._device_gone)
             d.on_shutdown.append(self._device_shutting_down)
 
-    def check_room(self, slack: int = 0) -> None:
+    def check_room(self) -> None:
         """ResourceExhausted when the leases open, those being attached and
-        the Session streams not attached yet reach max_sessions (+ slack)."""
+        the Session streams not attached yet reach max_sessions."""
         waiting = sum(self.unattached.values())
         open_now = len(self.leases) + self._taking + waiting
-        if open_now >= self.max_leases + slack:
+        if open_now >= self.max_leases:
             parts = [
                 f"{n} {what}"
                 for n, what in (
+                    (len(self.leases), "held"),
                     (self._taking, "being attached"),
                     (waiting, "Sessions not attached yet"),
                 )
                 if n
             ]
-            of = f" ({', '.join(parts)})" if parts else ""
             raise errors.ResourceExhausted(
-                f"{open_now} leases open{of} (limit max_sessions={self.max_leases})"
+                f"{open_now} sessions and leases open ({', '.join(parts)}; "
+                f"limit max_sessions={self.max_leases})"
             )
 
     def unattached_enter(self, tenant: str) -> None:
@@ -406,6 +407,7 @@ class LeaseTable:
         there -- or with another operation on the lease under way (a
         blocking receive would take what comes first): it does not wait."""
         if nonblocking and (lease.lock.held or lease.lock.waiting) and lease.active:
+            lease.last_used = time.monotonic()  # a use all the same (idle timeout)
             return None
         await self._enter(lease)
         try:

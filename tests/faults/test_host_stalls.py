@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from gateway_helpers import Kupd, StartKupd, echo_sim
-from simproxy import OP_ATTACH, OP_WATCH, SimProxy, proxy_dir
+from simproxy import OP_ATTACH, OP_INFO, OP_WATCH, SimProxy, proxy_dir
 
 from kupd import errors
 from kupd.testing import KupSim, wait_until
@@ -89,44 +89,33 @@ def test_a_host_slow_to_answer_watch_does_not_freeze_kupd(
             proxy.close()
 
 
-def test_a_device_event_during_a_slow_attach_does_not_spin(
+def test_a_device_event_while_the_host_is_slow_to_answer_info_does_not_spin(
     tmp_path: Path, start_kupd: StartKupd
 ) -> None:
-    """The device's event fd stays readable until an INFO drains it, which
-    waits behind an attach in progress: kupd must not spin meanwhile."""
+    """The device's event fd stays readable until an INFO drains it: while
+    the host is slow to answer that INFO, kupd must not spin on the fd."""
     hold = 3.0
     with echo_sim() as sim:
         proxy, k = _behind_proxy(start_kupd, sim, tmp_path)
         try:
             assert proxy.watchers, "kupd subscribed to the device's events"
-            with k.client() as c:
-                proxy.delay[OP_ATTACH] = hold
-                out: list[object] = []
-
-                def attach() -> None:
-                    try:
-                        out.append(c.attach("echo", 5))
-                    except errors.KupError as exc:
-                        out.append(exc)
-
-                t = threading.Thread(target=attach)
-                t.start()
-                time.sleep(0.5)  # the attach holds the device now
-                cpu0, t0 = _cpu_seconds(k.pid), time.monotonic()
-                proxy.inject_event()  # as kupsim sends when a module announces
-                time.sleep(hold - 1.0)
-                used = _cpu_seconds(k.pid) - cpu0
-                wall = time.monotonic() - t0
-                t.join(30)
-                proxy.delay.clear()
-                assert used < 0.3 * wall, (
-                    f"kupd used {used:.2f} s of CPU in {wall:.2f} s after one device event "
-                    "while an attach held the device"
-                )
-                # the event was acted on once the attach was done: kupd
-                # still serves the device (the attach itself was answered)
-                assert len(out) == 1
-                assert c.devices("echo")[0].reachable
+            proxy.delay[OP_INFO] = hold  # the host is slow to answer INFO
+            time.sleep(0.5)  # a health round's INFO is held up now
+            cpu0, t0 = _cpu_seconds(k.pid), time.monotonic()
+            proxy.inject_event()  # as kupsim sends when a module announces
+            time.sleep(hold - 1.0)
+            used = _cpu_seconds(k.pid) - cpu0
+            wall = time.monotonic() - t0
+            proxy.delay.clear()
+            assert used < 0.3 * wall, (
+                f"kupd used {used:.2f} s of CPU in {wall:.2f} s after one device event "
+                "while its host was slow to answer INFO"
+            )
+            with k.client() as c:  # the event was acted on: kupd still serves it
+                wait_until(lambda: c.devices("echo")[0].not_answering_s == 0.0, timeout=30)
+                with c.open("echo").channel(4) as ch:
+                    ch.receive(timeout=10)
+                    assert ch.exchange(b"x", timeout=10).data == b"x"
         finally:
             proxy.close()
 
@@ -160,3 +149,46 @@ def test_an_attach_in_flight_when_kupd_drains_gets_no_lease(
             assert k.proc.wait(30) == 0
         finally:
             proxy.close()
+
+
+def test_two_hung_hosts_do_not_make_a_third_device_look_hung(
+    tmp_path: Path, start_kupd: StartKupd
+) -> None:
+    """Each device's INFO runs on a thread of its own: two devices whose
+    hosts stop answering INFO must not hold up a third, healthy device's
+    probes (with a pool shared by all, they took it, and rot13 showed NOT
+    answering too)."""
+    from kupd.testing import kupsim
+
+    with kupsim("echo", "rot13", check_exit=False, ready_timeout=60.0) as sim:
+        pdir = tmp_path / "proxy"
+        pdir.mkdir()
+        real = sim.rundir
+        px = {
+            name: SimProxy(str(real / f"{up}.sock"), str(pdir / f"{name}.sock"))
+            for name, up in (("echo", "echo"), ("echo2", "echo"), ("rot13", "rot13"))
+        }
+        sim.rundir = pdir
+        try:
+            k = start_kupd(
+                sim, "--health-interval", "0.5", devices=("echo:0", "echo2:0", "rot13:0")
+            )
+        finally:
+            sim.rundir = real
+        try:
+            with k.client() as c:
+                assert all(d.reachable and not d.not_answering_s for d in c.devices())
+                px["echo"].delay[OP_INFO] = px["echo2"].delay[OP_INFO] = 30.0
+                wait_until(
+                    lambda: c.devices("echo")[0].not_answering_s > 0,
+                    timeout=30,
+                    what="echo's host seen hung",
+                )
+                time.sleep(3.0)  # several health rounds
+                rot = c.devices("rot13")[0]
+                assert c.health("kup.v1.Kup/rot13") == "SERVING" and not rot.not_answering_s
+                assert c.health("kup.v1.Kup/echo2") == "NOT_SERVING"
+        finally:
+            for p in px.values():
+                p.delay.clear()
+                p.close()

@@ -335,7 +335,10 @@ def test_sessions_not_attached_yet_count_against_max_sessions(
         with k.client() as c:
             with c.open("echo").channel() as ch:  # the third
                 assert ch.receive(timeout=10).kind == Kind.PASS
-                want = r"3 leases open \(2 Sessions not attached yet\) \(limit max_sessions=3\)"
+                want = (
+                    r"3 sessions and leases open \(1 held, 2 Sessions not attached yet; "
+                    r"limit max_sessions=3\)"
+                )
                 with pytest.raises(errors.ResourceExhausted, match=want):
                     c.open("echo").channel()
                 with pytest.raises(errors.ResourceExhausted, match=want):
@@ -416,4 +419,35 @@ def test_a_nonblocking_receive_does_not_wait_behind_a_blocking_one(
         finally:
             chan.close()
         c.release(lease.lease_id)
+    assert k.terminate() == 0
+
+
+def test_the_stream_within_max_sessions_keeps_its_room(sim: KupSim, start_kupd: StartKupd) -> None:
+    """max_sessions = 1: a Session stream that has not attached yet holds
+    the room; a second stream is refused at its start, and the first one's
+    attach, later, is served."""
+    k = start_kupd(sim, "--max-sessions", "1")
+    chan = grpc.insecure_channel("unix:" + k.socket)
+    go = threading.Event()
+
+    def first() -> Iterator[kup_pb2.SessionRequest]:
+        go.wait()
+        yield kup_pb2.SessionRequest(
+            request_id=1, attach=kup_pb2.SessionAttach(device="echo", channel=20)
+        )
+
+    try:
+        stub = kup_pb2_grpc.KupStub(chan)
+        a = stub.Session(first())
+        time.sleep(0.5)  # a is counted
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.Session(iter([kup_pb2.SessionRequest(request_id=1)])))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 Sessions not attached yet; limit max_sessions=1" in str(e.value.details())
+        go.set()
+        assert next(a).WhichOneof("result") == "attached"
+        a.cancel()
+    finally:
+        go.set()
+        chan.close()
     assert k.terminate() == 0

@@ -29,11 +29,11 @@ def test_tenant_metrics(start_tenants: StartTenants) -> None:
         return body.decode()
 
     with k.client("alice") as a, k.client("bob") as b:
+        with pytest.raises(errors.PermissionDenied, match="rule channels"):
+            a.open("echo").channel(20)
         ch = a.open("echo").channel(8)
         ch.receive()
         lease = a.attach("echo", 9)
-        with pytest.raises(errors.PermissionDenied, match="rule channels"):
-            a.open("echo").channel(20)
         with pytest.raises(errors.PermissionDenied, match="rule ops"):
             b.open("echo").channel(10)
         done: list[object] = []

@@ -401,6 +401,16 @@ def test_sessions_not_attached_yet_count_against_the_tenants_max_sessions(
                 return False
 
             wait_until(refused, what="kupd counting alice's silent streams")
+            # bob may not hold Sessions at all: his stream is refused at its
+            # start, before it takes any room
+            bob = grpc.insecure_channel("unix:" + tk.sock("bob"))
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    next(kup_pb2_grpc.KupStub(bob).Session(nothing(), timeout=30))
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+                assert "rule ops" in str(e.value.details())
+            finally:
+                bob.close()
             with tk.client("carol") as other:
                 with other.open("echo").channel() as ch:
                     assert ch.receive(timeout=10).kind.name == "PASS"
@@ -778,3 +788,36 @@ def test_a_tenants_health_is_that_of_its_own_devices(tmp_path: Path) -> None:
         finally:
             k.stop()
             shutil.rmtree(k.dir, ignore_errors=True)
+
+
+def test_a_tenants_health_while_kupd_drains_is_not_serving(start_tenants: StartTenants) -> None:
+    """After SIGTERM (a Call still in flight keeps the drain going), every
+    tenant's Check of kupd as a whole is NOT_SERVING -- also one that sees
+    only some devices, whose answer is worked out from those."""
+    import signal
+    import threading
+
+    k = start_tenants("drain_grace = 3\n" + DEVICES + TENANTS)
+    res: list[object] = []
+
+    def run() -> None:
+        with k.client("bob") as b:
+            try:
+                res.append(b.call("echo", LOCKHOLD, timeout=30))
+            except errors.KupError as e:
+                res.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    with k.client("carol") as c, k.client("alice") as a:
+        wait_until(lambda: c.devices("echo")[0].calls_in_flight == 1, what="bob's Call")
+        assert a.health("") == "SERVING"
+        k.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "kupd draining" in k.log(), what="the drain")
+        got = {
+            "carol ''": c.health(""),
+            "alice ''": a.health(""),
+            "alice kup.v1.Kup": a.health("kup.v1.Kup"),
+        }
+    t.join(30)
+    assert set(got.values()) == {"NOT_SERVING"}, got

@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from tenancy_helpers import DEVICES, TENANTS, StartTenants, run_module
@@ -338,3 +340,46 @@ def test_sigusr1_reopens_the_audit_log_and_reads_no_config(start_tenants: StartT
     assert '"channel": 20' in rotated.read_text() and '"channel": 21' not in rotated.read_text()
     assert '"channel": 20' not in k.audit.read_text()
     assert "reload" not in k.log()
+
+
+def test_a_session_that_attaches_on_a_moved_socket_is_told_where(
+    start_tenants: StartTenants,
+) -> None:
+    """A Session stream open on alice's socket, not attached yet, when a
+    reload moves that socket: its attach, after the reload, is refused
+    with Unavailable naming the new socket (it would be cut with the old
+    socket's server), not served on a socket on its way out."""
+    import threading
+
+    import grpc
+
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    k = start_tenants(DEVICES + TENANTS)
+    old, new = k.sock("alice"), k.sock("alice2")
+    chan = grpc.insecure_channel("unix:" + old)
+    go = threading.Event()
+
+    def requests() -> Iterator[kup_pb2.SessionRequest]:
+        go.wait()
+        yield kup_pb2.SessionRequest(
+            request_id=1, attach=kup_pb2.SessionAttach(device="echo", channel=9)
+        )
+
+    try:
+        stream = kup_pb2_grpc.KupStub(chan).Session(requests(), timeout=30)
+        time.sleep(0.5)  # the stream is open, its attach not sent
+        k.write_config(DEVICES + TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock"))
+        with k.admin() as adm:
+            assert adm.reload().applied == ("tenants",)
+        go.set()
+        with pytest.raises(grpc.RpcError) as e:
+            next(stream)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        assert f"moved its socket from {old} to {new}" in str(e.value.details())
+    finally:
+        go.set()
+        chan.close()
+    with Client(new) as a:  # the new socket serves the same channel
+        with a.open("echo").channel(9) as ch:
+            assert ch.receive(timeout=10).kind.name == "PASS"
