@@ -41,9 +41,12 @@ def _hold_sighup() -> None:
     remembered, and applied once the server is up.  Installed when this
     module loads, before the rest of kupd (and grpc) is imported -- the
     console script and ``python -m kupd.daemon`` both get here first."""
+    # SIG_IGN too: started under nohup(1), kupd inherits an ignored SIGHUP,
+    # which serve() replaces with the reload handler all the same -- the
+    # reload asked for during the start must not be the one that is lost
     if threading.current_thread() is threading.main_thread() and signal.getsignal(
         signal.SIGHUP
-    ) in (signal.SIG_DFL, _remember_hup):
+    ) in (signal.SIG_DFL, signal.SIG_IGN, _remember_hup):
         signal.signal(signal.SIGHUP, _remember_hup)
 
 
