@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,17 +232,15 @@ def test_pid_of_another_program_is_not_kupd(rc: RcEnv) -> None:
         other.wait(timeout=30)
 
 
-def test_interpreter_from_env_shebang(rc: RcEnv) -> None:
-    """`#!/usr/bin/env python3` scripts: rc.subr matches "python3 kupd"."""
-    rc.binary.write_text("#!/usr/bin/env python3\nimport time\ntime.sleep(600)\n")
-    assert shutil.which("python3") is not None
-    proc = subprocess.Popen([str(rc.binary)])
+def _status_finds(rc: RcEnv, argv: list[str], started: Callable[[bytes], bool]) -> None:
+    """Run ``argv``; once its /proc cmdline satisfies ``started`` (the
+    interpreter has taken over), ``status`` with its pid in the pid file
+    must find it running."""
+    proc = subprocess.Popen(argv)
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline")
         deadline = time.monotonic() + 30
-        # env(1) first, then python3 (possibly by its full path, through a
-        # shim) once env has exec'd it
-        while cmdline.read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1] != b"python3":
+        while not started(cmdline.read_bytes()):
             assert time.monotonic() < deadline, cmdline.read_bytes()
             time.sleep(0.05)
         rc.pidfile.write_text(f"{proc.pid}\n")
@@ -252,6 +250,17 @@ def test_interpreter_from_env_shebang(rc: RcEnv) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_interpreter_from_env_shebang(rc: RcEnv) -> None:
+    """`#!/usr/bin/env python3` scripts: rc.subr matches "python3 kupd"."""
+    rc.binary.write_text("#!/usr/bin/env python3\nimport time\ntime.sleep(600)\n")
+    assert shutil.which("python3") is not None
+    # env(1) first, then python3 (possibly by its full path, through a
+    # shim) once env has exec'd it
+    _status_finds(
+        rc, [str(rc.binary)], lambda cmd: cmd.split(b"\0")[0].rsplit(b"/", 1)[-1] == b"python3"
+    )
 
 
 def test_rc_script_declares_rc_subr_conventions() -> None:
@@ -386,17 +395,8 @@ def test_interpreter_from_pips_sh_trampoline(rc: RcEnv) -> None:
         f"#!/bin/sh\n\'\'\'exec\' \"{pydir}/python3\" \"$0\" \"$@\"\n\' \'\'\'\n"
         "import time\ntime.sleep(600)\n"
     )
-    proc = subprocess.Popen([str(rc.binary), "--config", str(rc.config)])
-    try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline")
-        deadline = time.monotonic() + 30
-        while not cmdline.read_bytes().startswith(os.fsencode(pydir)):
-            assert time.monotonic() < deadline, cmdline.read_bytes()
-            time.sleep(0.05)
-        rc.pidfile.write_text(f"{proc.pid}\n")
-        res = rc.run("status")
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert f"running as pid {proc.pid}" in res.stdout
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    _status_finds(
+        rc,
+        [str(rc.binary), "--config", str(rc.config)],
+        lambda cmd: cmd.startswith(os.fsencode(pydir)),
+    )

@@ -18,23 +18,19 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client
 from kupd.testing import echo_lock_holds, wait_until
 
-CONFIG = """
-[[device]]
-name = "echo"
-call_channels = 2
 
-[[tenant]]
-name = "flood"
-socket = "@DIR@/flood.sock"
-[[tenant.grant]]
-device = "echo"
+def _config(pool: int, flood: str = "", meek: str = "") -> str:
+    """echo with a Call pool of ``pool``; tenants flood and meek, granted
+    the channels ``flood`` / ``meek`` ("": all)."""
+    out = f'[[device]]\nname = "echo"\ncall_channels = {pool}\n'
+    for name, chans in (("flood", flood), ("meek", meek)):
+        out += f'[[tenant]]\nname = "{name}"\nsocket = "@DIR@/{name}.sock"\n'
+        out += '[[tenant.grant]]\ndevice = "echo"\n'
+        out += f'channels = "{chans}"\n' if chans else ""
+    return out
 
-[[tenant]]
-name = "meek"
-socket = "@DIR@/meek.sock"
-[[tenant.grant]]
-device = "echo"
-"""
+
+CONFIG = _config(2)
 
 FLOOD = 24
 MEEK = 4
@@ -180,25 +176,7 @@ def test_callers_within_a_tenant_are_served_round_robin(start_tenants: StartTena
     assert FLOOD > BOUND
 
 
-ATTACH_CONFIG = """
-[[device]]
-name = "echo"
-call_channels = 0
-
-[[tenant]]
-name = "flood"
-socket = "@DIR@/flood.sock"
-[[tenant.grant]]
-device = "echo"
-channels = "0-7"
-
-[[tenant]]
-name = "meek"
-socket = "@DIR@/meek.sock"
-[[tenant.grant]]
-device = "echo"
-channels = "8-15"
-"""
+ATTACH_CONFIG = _config(0, flood="0-7", meek="8-15")
 
 
 def test_one_tenants_parked_attaches_do_not_hold_up_another_tenant(

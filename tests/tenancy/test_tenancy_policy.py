@@ -12,6 +12,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -685,29 +686,26 @@ def test_a_full_audit_disk_leaves_the_denial_standing(start_tenants: StartTenant
     assert len(failed) == 1 and "/dev/full" in failed[0], tk.log()
 
 
+def _guard_of_bob(**limits: object) -> tuple[Any, Any]:
+    """A Guard (no kupd) of one tenant, bob: Calls on echo, one at a time,
+    and ``limits``."""
+    from kupd.config import parse_config
+    from kupd.policy import Guard, Policy
+
+    bob = {"name": "bob", "socket": "/run/kupd/bob/bob.sock", "max_calls_in_flight": 1}
+    bob.update(limits, grant=[{"device": "echo"}])
+    cfg = parse_config({"device": [{"name": "echo"}], "tenant": [bob]})
+    (t,) = cfg.tenants
+    return Guard(Policy(cfg.tenants)), t
+
+
 def test_a_kept_call_slot_is_counted_once_and_let_go_once() -> None:
     """kupd.service._CallSlot with the real Guard: a Call whose pool channel
     stays quarantined keeps its slot (the refusal says so), and the slot goes
     back exactly once, whichever of the pool and the Call runs it."""
-    from kupd.config import parse_config
-    from kupd.policy import Guard, Policy
     from kupd.service import _CallSlot
 
-    cfg = parse_config(
-        {
-            "device": [{"name": "echo"}],
-            "tenant": [
-                {
-                    "name": "bob",
-                    "socket": "/run/kupd/bob/bob.sock",
-                    "max_calls_in_flight": 1,
-                    "grant": [{"device": "echo"}],
-                }
-            ],
-        }
-    )
-    guard = Guard(Policy(cfg.tenants))
-    (bob,) = cfg.tenants
+    guard, bob = _guard_of_bob()
     guard.begin_call(bob, "echo", 1)
     slot = _CallSlot(guard, bob)
     slot.keep()  # the Call ended; its channel is quarantined
@@ -729,25 +727,7 @@ def test_a_call_refused_for_its_in_flight_limit_spends_no_rate() -> None:
     """calls_per_second is spent by admitted Calls only: a Call refused
     for max_calls_in_flight took a token as well, so the tenant's next
     Call, within its rate, was refused for the rate."""
-    from kupd.config import parse_config
-    from kupd.policy import Guard, Policy
-
-    cfg = parse_config(
-        {
-            "device": [{"name": "echo"}],
-            "tenant": [
-                {
-                    "name": "bob",
-                    "socket": "/run/kupd/bob/bob.sock",
-                    "max_calls_in_flight": 1,
-                    "calls_per_second": 2,  # a burst of 2, one more each 0.5 s
-                    "grant": [{"device": "echo"}],
-                }
-            ],
-        }
-    )
-    guard = Guard(Policy(cfg.tenants))
-    (bob,) = cfg.tenants
+    guard, bob = _guard_of_bob(calls_per_second=2)  # a burst of 2, one more each 0.5 s
     guard.begin_call(bob, "echo", 1)
     for _ in range(3):
         with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight"):
