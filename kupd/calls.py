@@ -278,6 +278,22 @@ class CallPool:
                 del self._groups[group]
             fut.set_result(self._take(self._free.popleft(), group, self._shares.get(group, 0)))
 
+    def groups_queued(self) -> list[str]:
+        """The groups with Calls waiting in the queue."""
+        return list(self._groups)
+
+    def refuse_group(self, group: str, why: errors.KupError) -> int:
+        """Fail every queued Call of ``group`` with ``why`` (a reload took
+        its tenant's right to Call away); returns how many.  Calls already
+        on a channel run on."""
+        n = 0
+        for caller in list(self._groups.get(group, ())):
+            for fut in list(self._queues.get(caller, ())):
+                if not fut.done():
+                    fut.set_exception(type(why)(why.message))
+                    n += 1
+        return n
+
     def _forget(self, caller: str, group: str) -> None:
         """``caller``'s queue is empty: drop it, and its group when that was
         the group's last caller."""

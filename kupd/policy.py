@@ -621,6 +621,19 @@ class Guard:
             if t.max_pool_channels
         }
 
+    def calls_allowed(self, group: str, device: str) -> str:
+        """Under the current policy: "" if the tenant of Call pool ``group``
+        (fair_key's GROUP) may still Call ``device``, else the rule that
+        forbids it."""
+        if not group.startswith(_GROUP):
+            return ""  # no tenants: the caller alone
+        t = self.policy.tenant(group[len(_GROUP) :])
+        if t is None:
+            return "tenant"
+        if "call" not in t.ops:
+            return "ops"
+        return "grant" if t.grant(device) is None else ""
+
     def still_allowed(self, tenant_name: str, op: str, device: str, chan: int) -> str:
         """Under the current policy: "" if ``tenant_name`` may still hold a
         lease on ``device``/``chan`` with ``op``, else the rule that forbids it."""

@@ -406,7 +406,22 @@ class Server:
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             for d in self.mgr.devices.values():
-                # Calls already queued are judged by the new shares too
+                # Calls already queued are judged by the new shares too --
+                # and by the new grants: a tenant the reload took Calls on
+                # this device from (or removed) has its queued ones refused
+                # (those already on a channel run on)
+                for group in d.pool.groups_queued():
+                    rule = self.guard.calls_allowed(group, d.name)
+                    if rule:
+                        name = group.removeprefix("tenant:")
+                        self.guard.record(name, "call", d.name, None, rule)
+                        d.pool.refuse_group(
+                            group,
+                            errors.PermissionDenied(
+                                f"tenant {name}: rule {rule}: the reloaded policy no longer "
+                                f"allows call on device {d.name}"
+                            ),
+                        )
                 d.pool.set_shares(shares)
             self.bus.recheck()  # open Watches re-check their permission now
             ended: list[str] = []

@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tenancy_helpers import DEVICES, TENANTS, StartTenants, run_module
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, run_module
 
 from kupclient import Client
 from kupd import errors
-from kupd.testing import wait_until
+from kupd.testing import echo_lock_holds, wait_until
 
 NEW_TENANTS = """
 [[tenant]]
@@ -383,3 +383,55 @@ def test_a_session_that_attaches_on_a_moved_socket_is_told_where(
     with Client(new) as a:  # the new socket serves the same channel
         with a.open("echo").channel(9) as ch:
             assert ch.receive(timeout=10).kind.name == "PASS"
+
+
+def test_a_reload_that_takes_calls_away_refuses_the_queued_ones(
+    start_tenants: StartTenants,
+) -> None:
+    """flood's Calls wait in the pool's queue (it may hold one channel, and
+    holds it); a reload takes Calls away from flood: the queued ones end
+    with PERMISSION_DENIED naming the rule at once -- not run on the
+    module later, by a tenant no longer allowed to -- and the one on a
+    channel runs on."""
+
+    import grpc
+
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    cfg = (
+        '[[device]]\nname = "echo"\ncall_channels = 2\n'
+        '[[tenant]]\nname = "flood"\nsocket = "@DIR@/flood.sock"\nmax_pool_channels = 1\n'
+        '[[tenant.grant]]\ndevice = "echo"\n'
+        '[[tenant]]\nname = "meek"\nsocket = "@DIR@/meek.sock"\n'
+        '[[tenant.grant]]\ndevice = "echo"\n'
+    )
+    k = start_tenants(cfg)
+    chan = grpc.insecure_channel("unix:" + k.sock("flood"))
+    try:
+        stub = kup_pb2_grpc.KupStub(chan)
+        held = stub.Call.future(
+            kup_pb2.CallRequest(device="echo", data=LOCKHOLD, timeout_ms=30000), timeout=60
+        )
+        wait_until(lambda: echo_lock_holds(k.sim) > 0, what="flood's Call on a channel")
+        queued = [
+            stub.Call.future(
+                kup_pb2.CallRequest(device="echo", data=b"%d" % i, timeout_ms=30000), timeout=60
+            )
+            for i in range(3)
+        ]
+        with k.client("meek") as m:
+            wait_until(lambda: m.devices("echo")[0].calls_queued == 3, what="3 Calls queued")
+            no_calls = 'max_pool_channels = 1\nops = ["watch"]\n'
+            k.write_config(cfg.replace("max_pool_channels = 1\n", no_calls))
+            with k.admin() as adm:
+                adm.reload()
+            for f in queued:
+                e = f.exception(timeout=10)
+                assert e is not None and e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+                assert "rule ops" in e.details() and "no longer allows call" in e.details()
+            assert m.call("echo", b"!lockfree", timeout=10).data.lower() == b"!lockfree"
+        assert held.result(timeout=30).reply.data == LOCKHOLD
+    finally:
+        chan.close()
+    denied = [x for x in k.audit_lines() if x.get("rule") == "ops" and x["tenant"] == "flood"]
+    assert denied and denied[0]["op"] == "call", k.audit_lines()
