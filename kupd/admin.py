@@ -23,12 +23,17 @@ from kupd.watch import Event, EventType
 if TYPE_CHECKING:
     from kupd.server import Server
 
-__all__ = ["AdminService"]
+__all__ = ["REASON_MAX", "AdminService"]
 
 log = get_logger("kupd.admin")
 
 #: What may start a metric name (Prometheus' data model: [a-zA-Z_:][a-zA-Z0-9_:]*).
 _METRIC_PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+#: the longest RevokeLease reason kupd takes (it goes to the log, the audit
+#: file and the lease holder's error)
+REASON_MAX = 1024
 
 
 class AdminService(kup_pb2_grpc.AdminServicer):
@@ -68,6 +73,16 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.RevokeLeaseRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.RevokeLeaseResponse:
         try:
+            from kupd.service import LEASE_ID_MAX
+
+            if len(request.lease_id) > LEASE_ID_MAX:  # refused before it is quoted
+                raise errors.InvalidArgument(
+                    f"lease_id of {len(request.lease_id)} characters: not a lease id"
+                )
+            if len(request.reason) > REASON_MAX:  # it goes into logs and the audit file
+                raise errors.InvalidArgument(
+                    f"reason of {len(request.reason)} characters: at most {REASON_MAX}"
+                )
             try:
                 lease = self.server.leases.get(request.lease_id)
             except errors.PermissionDenied:  # its holder's answer, not the admin's
@@ -125,11 +140,17 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         guard = self.server.service.guard
         out = kup_pb2.DrainDeviceResponse()
         if request.undo:
+            if dev.name not in guard.drained:  # nothing changes: no event, no audit line
+                log.info("undrain: device was not drained", device=dev.name)
+                return out
             guard.drained.discard(dev.name)
             log.info("device undrained", device=dev.name)
             self.server.audit.admin("undrain", device=dev.name)
             self.server.health_changed()
             self.server.bus.publish(Event(EventType.DEVICE_UNDRAINED, dev.name, reason="admin"))
+            return out
+        if dev.name in guard.drained:  # drained already: its leases ended then
+            log.info("drain: device is drained already", device=dev.name)
             return out
         guard.drained.add(dev.name)
         self.server.health_changed()  # its health: NOT_SERVING

@@ -648,13 +648,35 @@ def test_drain_device(tk: TenantKupd) -> None:
         assert (released.type, released.reason) == (EventType.LEASE_RELEASED, "drained")
         with c.watch("rot13", initial_state=True) as w2:
             assert EventType.DEVICE_DRAINED in [next(w2).type, next(w2).type]
+        audited = len(tk.audit_lines())
+        assert adm.drain("rot13") == []  # drained already: nothing happens again
         adm.drain("rot13", undo=True)
-        assert next(w).type == EventType.DEVICE_UNDRAINED
+        assert next(w).type == EventType.DEVICE_UNDRAINED  # not a second DRAINED first
+        adm.drain("rot13", undo=True)  # not drained any more: nothing to say
+        assert len(tk.audit_lines()) == audited + 1  # the one undrain
         w.cancel()
         assert not c.devices("rot13")[0].drained
         wait_until(lambda: c.health("kup.v1.Kup/rot13") == "SERVING", what="rot13 undrained")
         with c.open("rot13").channel() as again:
             again.receive()
+
+
+def test_admin_revoke_refuses_an_overlong_id_or_reason(tk: TenantKupd) -> None:
+    """RevokeLease names what is wrong with its arguments, within gRPC's
+    limits: a 20 KB lease id is InvalidArgument (it was quoted whole into a
+    status gRPC refused to send: RESOURCE_EXHAUSTED about metadata), and a
+    reason longer than REASON_MAX is refused, not written to the logs."""
+    from kupd.admin import REASON_MAX
+
+    with tk.client("carol") as c, tk.admin() as adm:
+        with pytest.raises(errors.InvalidArgument, match="lease_id of 20000 characters"):
+            adm.revoke("x" * 20000)
+        lease = c.attach("echo")
+        with pytest.raises(errors.InvalidArgument, match=f"at most {REASON_MAX}"):
+            adm.revoke(lease.lease_id, "r" * (REASON_MAX + 1))
+        adm.revoke(lease.lease_id, "r" * REASON_MAX)
+        with pytest.raises(errors.PermissionDenied, match="rule admin-revoke: rrr"):
+            c.lease_send(lease.lease_id, b"x")
 
 
 def test_sample_config_shows_two_tenants_and_an_admin() -> None:
