@@ -421,6 +421,23 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
                         f"call_channels={d.call_channels}: tenant {t.name}'s Calls "
                         "can still hold that whole pool",
                     ))
+    for d in cfg.devices:
+        if not d.call_channels:
+            continue
+        capped = [
+            t
+            for t in cfg.tenants
+            if t.max_pool_channels and "call" in t.ops and t.grant(d.name) is not None
+        ]
+        total = sum(t.max_pool_channels for t in capped)
+        if len(capped) > 1 and total >= d.call_channels:
+            names = ", ".join(f"{t.name}={t.max_pool_channels}" for t in capped)
+            out.append((
+                "max_pool_channels",
+                f"device {d.name}'s call_channels={d.call_channels}: tenants' limits "
+                f"({names}) add up to {total}: together their Calls can hold the whole "
+                "pool, and another tenant's Call then finds no channel",
+            ))
     return out
 
 

@@ -193,3 +193,20 @@ def test_a_tenant_key_at_the_top_level_says_where_it_belongs() -> None:
     with pytest.raises(ConfigError, match=r"unknown key here \(a \[\[tenant\]\] key\)") as ei:
         parse_config({"device": [{"name": "echo"}], "max_pool_channels": 2})
     assert ei.value.key == "max_pool_channels"
+
+
+def test_limits_that_add_up_to_the_whole_pool_are_named() -> None:
+    """Each tenant's max_pool_channels below the pool, but together its
+    size or more: their Calls can still hold every channel, and another
+    tenant then finds none -- the advisory names the tenants and the sum;
+    below the pool together, nothing is said."""
+    both = BODY.replace(
+        'name = "other"\nsocket = "@DIR@/other.sock"\n',
+        'name = "other"\nsocket = "@DIR@/other.sock"\nmax_pool_channels = 1\n',
+    ).replace("@DIR@", "/run/t")
+    cfg = parse_config(tomllib.loads(both))  # 2 + 1 against a pool of 3
+    ((key, why),) = advisories(cfg)
+    assert key == "max_pool_channels" and "(hog=2, other=1) add up to 3" in why, why
+    one_each = both.replace("max_pool_channels = 2", "max_pool_channels = 1")
+    cfg = parse_config(tomllib.loads(one_each))
+    assert advisories(cfg) == []
