@@ -44,10 +44,14 @@ def _hold_sighup() -> None:
     # SIG_IGN too: started under nohup(1), kupd inherits an ignored SIGHUP,
     # which serve() replaces with the reload handler all the same -- the
     # reload asked for during the start must not be the one that is lost
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(
-        signal.SIGHUP
-    ) in (signal.SIG_DFL, signal.SIG_IGN, _remember_hup):
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, signal.SIG_IGN, _remember_hup):
         signal.signal(signal.SIGHUP, _remember_hup)
+    # SIGUSR1 (re-open the audit log: logrotate's postrotate) would end kupd
+    # the same way; during the start there is nothing to re-open yet
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 _hold_sighup()
