@@ -371,20 +371,30 @@ def test_operations_waiting_for_one_lease_are_bounded(sim: KupSim, start_kupd: S
         try:
             stub = kup_pb2_grpc.KupStub(chan)
             req = kup_pb2.ReceiveRequest(
-                lease_id=lease.lease_id, mode=kup_pb2.RECEIVE_MODE_DEADLINE, timeout_ms=5000
+                lease_id=lease.lease_id, mode=kup_pb2.RECEIVE_MODE_DEADLINE, timeout_ms=20000
             )
-            # the first holds the lease for 5 s; the others' RPC deadlines
-            # end them while they wait or right after
-            running = stub.Receive.future(req, timeout=8)
-            time.sleep(0.5)
-            waiting = [stub.Receive.future(req, timeout=8) for _ in range(MAX_WAITING_OPS)]
-            time.sleep(1.0)  # all in the lease's queue
-            with pytest.raises(grpc.RpcError) as e:
-                stub.Receive(req, timeout=30)
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert f"at most {MAX_WAITING_OPS} wait" in str(e.value.details()), e.value
-            codes = {f.exception().code() for f in [running, *waiting]}  # type: ignore[union-attr]
-            assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+            # the first holds the lease (20 s); the others queue behind it
+            running = stub.Receive.future(req, timeout=30)
+            waiting = [stub.Receive.future(req, timeout=30) for _ in range(MAX_WAITING_OPS)]
+            refusal: list[grpc.RpcError] = []
+
+            def refused() -> bool:
+                # one more: refused once all of them are queued (until then
+                # it queues too, and its own 1 s deadline takes it out)
+                try:
+                    stub.Receive(req, timeout=1.0)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refusal.append(exc)
+                        return True
+                    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                return False
+
+            wait_until(refused, timeout=15, what="the lease's queue full")
+            assert f"at most {MAX_WAITING_OPS} wait" in str(refusal[0].details()), refusal
+            assert not any(f.done() for f in [running, *waiting])  # unharmed
+            for f in [running, *waiting]:
+                f.cancel()
         finally:
             chan.close()
         c.release(lease.lease_id)
@@ -426,7 +436,9 @@ def test_the_stream_within_max_sessions_keeps_its_room(sim: KupSim, start_kupd: 
     """max_sessions = 1: a Session stream that has not attached yet holds
     the room; a second stream is refused at its start, and the first one's
     attach, later, is served."""
-    k = start_kupd(sim, "--max-sessions", "1")
+    k = with_metrics_port(
+        lambda port: start_kupd(sim, "--metrics-port", str(port), "--max-sessions", "1")
+    )
     chan = grpc.insecure_channel("unix:" + k.socket)
     go = threading.Event()
 
@@ -439,7 +451,7 @@ def test_the_stream_within_max_sessions_keeps_its_room(sim: KupSim, start_kupd: 
     try:
         stub = kup_pb2_grpc.KupStub(chan)
         a = stub.Session(first())
-        time.sleep(0.5)  # a is counted
+        wait_until(lambda: _unattached(k) == 1, what="kupd counting the first stream")
         with pytest.raises(grpc.RpcError) as e:
             next(stub.Session(iter([kup_pb2.SessionRequest(request_id=1)])))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -9,11 +9,10 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, run_module
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd, run_module
 
 from kupclient import Client
 from kupd import errors
@@ -342,6 +341,13 @@ def test_sigusr1_reopens_the_audit_log_and_reads_no_config(start_tenants: StartT
     assert "reload" not in k.log()
 
 
+def _unattached_sessions(k: TenantKupd) -> float:
+    """kupd_sessions_unattached, over the admin socket."""
+    with k.admin() as adm:
+        text = adm.metrics("kupd_sessions_unattached")
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x and x[0] != "#")
+
+
 def test_a_session_that_attaches_on_a_moved_socket_is_told_where(
     start_tenants: StartTenants,
 ) -> None:
@@ -368,7 +374,9 @@ def test_a_session_that_attaches_on_a_moved_socket_is_told_where(
 
     try:
         stream = kup_pb2_grpc.KupStub(chan).Session(requests(), timeout=30)
-        time.sleep(0.5)  # the stream is open, its attach not sent
+        # kupd has the stream (a call gRPC has not handed to kupd yet would
+        # be cut by the old server's stop instead), its attach not sent
+        wait_until(lambda: _unattached_sessions(k) == 1, what="kupd counting the stream")
         k.write_config(DEVICES + TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock"))
         with k.admin() as adm:
             assert adm.reload().applied == ("tenants",)
