@@ -762,32 +762,46 @@ def test_a_call_refused_for_its_in_flight_limit_spends_no_rate() -> None:
 
 
 def test_a_tenants_health_is_that_of_its_own_devices(tmp_path: Path) -> None:
-    """rot13's host hangs (its own kupsim, stopped): carol, granted it,
-    sees kupd NOT_SERVING; alice, granted echo only, sees SERVING -- and
-    asking after rot13 is NOT_FOUND at once for her, without the probe of
-    a device she may not see (whose duration would tell her it is hung)."""
+    """rot13's host hangs (its own kupsim, behind a proxy that holds its
+    INFO answers): carol, granted it, sees kupd NOT_SERVING; alice, granted
+    echo only, sees SERVING -- and asking after rot13 is NOT_FOUND for her
+    without a probe of it (no INFO reaches its host; how long one took
+    would tell her it is hung)."""
     import shutil
-    import signal
+    import sys
 
-    from kupd.testing import kupsim
+    from kupd.testing import REPO_ROOT, kupsim
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "faults"))
+    from simproxy import OP_INFO, proxy_dir
 
     with kupsim("echo", ready_timeout=60.0) as a, kupsim("rot13", ready_timeout=60.0) as b:
-        os.symlink(b.rundir / "rot13.sock", a.rundir / "rot13.sock")
+        pdir, proxy = proxy_dir(tmp_path, b.rundir, "rot13")
+        os.symlink(pdir / "rot13.sock", a.rundir / "rot13.sock")
         k = TenantKupd(socket_dir(), a, DEVICES + TENANTS, tmp_path / "kupd.log")
         try:
-            b.signal(signal.SIGSTOP)
-            try:
-                with Client(k.sock("alice")) as alice, Client(k.sock("carol")) as carol:
-                    assert carol.health() == "NOT_SERVING"
-                    assert alice.health() == "SERVING"
-                    t0 = time.monotonic()
-                    with pytest.raises(errors.NotFound):
-                        alice.health("kup.v1.Kup/rot13")
-                    # a probe of rot13 waits PROBE_WAIT (2 s) for its host
-                    assert time.monotonic() - t0 < 1.5
-            finally:
-                b.signal(signal.SIGCONT)
+            k.health_interval = 3600  # no monitor rounds: only Checks probe
+            k.write_config(DEVICES + TENANTS)
+            with k.admin() as adm:
+                adm.reload()
+            # the round the reload runs is over before rot13's host hangs:
+            # the proxy forwards one request at a time, and a held one
+            # would hide the next from the count
+            wait_until(lambda: "config reloaded" in k.log(), what="the reload")
+            time.sleep(1.0)
+            proxy.delay[OP_INFO] = 30.0
+            with Client(k.sock("alice")) as alice, Client(k.sock("carol")) as carol:
+                asked = proxy.count(OP_INFO)
+                assert alice.health() == "SERVING"  # her devices: echo
+                with pytest.raises(errors.NotFound):
+                    alice.health("kup.v1.Kup/rot13")
+                time.sleep(0.5)
+                assert proxy.count(OP_INFO) == asked  # neither Check probed rot13
+                assert carol.health() == "NOT_SERVING"
+                assert proxy.count(OP_INFO) > asked  # carol's Check did probe it
         finally:
+            proxy.delay.clear()
+            proxy.close()
             k.stop()
             shutil.rmtree(k.dir, ignore_errors=True)
 
