@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 #: A SIGHUP came before the server was up to reload (serve() reloads once
 #: when it is).
@@ -60,6 +60,9 @@ from kupd import __version__  # noqa: E402  (after _hold_sighup: see there)
 from kupd.abi import KUP_ABI_VERSION  # noqa: E402
 from kupd.config import Config, ConfigError, load_config  # noqa: E402
 from kupd.log import configure, get_logger  # noqa: E402
+
+if TYPE_CHECKING:
+    from kupd.server import Server
 
 __all__ = ["main", "parse_args"]
 
@@ -183,7 +186,19 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         _hup_pending = False
         log.info("SIGHUP during start-up: reloading now")
         server.mgr.spawn(server.reload_logged())
-    await server.wait_stopped()
+    # systemd's Type=notify: started now, not at exec (kupd.notify)
+    server.notify.ready(server.status_line())
+    pings = (
+        asyncio.ensure_future(_watchdog(server))
+        if server.notify.enabled and server.notify.watchdog_usec
+        else None
+    )
+    try:
+        await server.wait_stopped()
+    finally:
+        if pings is not None:
+            pings.cancel()
+        server.notify.close()
     # Drained.  Closing the loop would put SIGTERM and SIGHUP back to their
     # defaults: one of them while the interpreter and gRPC's threads wind
     # down (a service manager's or a test's second stop, a late reload)
@@ -193,6 +208,17 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+async def _watchdog(server: Server) -> None:
+    """WatchdogSec: ping at half the period while this loop runs, the
+    drain included (a drain is bounded by TimeoutStopSec, not the
+    watchdog).  A loop that hangs stops the pings, and systemd restarts
+    kupd."""
+    period = server.notify.watchdog_usec / 2e6
+    while True:
+        server.notify.watchdog()
+        await asyncio.sleep(period)
 
 
 #: libkup's backends (kmod/libkup/kup.c backend_by_name; $KUP_BACKEND)

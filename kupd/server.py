@@ -31,6 +31,7 @@ from kupd.config import Config, advisories, load_config, reloaded
 from kupd.devices import DeviceManager, shown
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
+from kupd.notify import notifier_from_env
 from kupd.policy import Guard, Policy, Tenant, current_tenant
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
@@ -197,6 +198,8 @@ class Server:
         #: Re-reads the configuration for a reload (the daemon sets one that
         #: re-applies its command-line flags); default: the same file.
         self.reload_source: Callable[[], Config] = self._read_config_again
+        #: systemd's notify socket ($NOTIFY_SOCKET; a no-op without one)
+        self.notify = notifier_from_env()
 
     # -- start ---------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -325,12 +328,17 @@ class Server:
         the timeouts and limits, the log level and the audit log.  All of
         it is checked first: a ConfigError (bad value, unopenable audit_log)
         changes nothing and the running config stays.  Either way one audit
-        line (``via``: who asked)."""
+        line (``via``: who asked).  The service manager hears RELOADING
+        before and READY after, whether the reload was applied or refused
+        (STOPPING again if a stop began meanwhile)."""
+        self.notify.reloading()
         try:
             done = await self._reload()
         except (ValueError, OSError, errors.KupError) as exc:  # ConfigError: ValueError
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
+            self._notify_after_reload(f"last reload refused: {exc}")
             raise
+        self._notify_after_reload("")
         self.audit.admin(
             "reload",
             via=via,
@@ -341,6 +349,19 @@ class Server:
             needs_restart=done.needs_restart,
         )
         return done
+
+    def _notify_after_reload(self, note: str) -> None:
+        if self._stopping:
+            self.notify.stopping("draining")
+        else:
+            self.notify.ready("; ".join(x for x in (self.status_line(), note) if x))
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what kupd serves, and where."""
+        cfg = self.config
+        where = ", ".join(t.socket for t in cfg.tenants) if cfg.tenants else cfg.socket
+        n = len(cfg.devices)
+        return f"serving {n} device{'s' if n != 1 else ''} on {where}"
 
     async def _reload(self) -> Reloaded:
         async with self._reload_lock:
@@ -567,6 +588,7 @@ class Server:
     def request_stop(self) -> None:
         if not self._stopping:
             self._stopping = True
+            self.notify.stopping(f"draining: Calls get {self.config.drain_grace:g} s to finish")
             self._drain_task = asyncio.ensure_future(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
