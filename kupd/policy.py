@@ -511,14 +511,16 @@ class Guard:
             )
 
     def check_size(self, t: Tenant, op: str, device: str, chan: int | None, n: int) -> None:
+        """A message over the tenant's max_message_bytes is TooBig, as one
+        over the channel's size is: the lease and ListDevices announce the
+        lower of the two as the one limit, so a client handles one error
+        for it (not RESOURCE_EXHAUSTED, which says "later", while this
+        message never fits).  Audited like any other denial."""
         if t.max_message_bytes and n > t.max_message_bytes:
-            self.exhaust(
-                t,
-                op,
-                device,
-                chan,
-                "max_message_bytes",
-                f"message of {n} bytes exceeds max_message_bytes={t.max_message_bytes}",
+            self._record(t, op, device, chan, "max_message_bytes")
+            raise errors.TooBig(
+                f"tenant {t.name}: rule max_message_bytes: message of {n} bytes exceeds "
+                f"max_message_bytes={t.max_message_bytes}"
             )
 
     def begin_call(self, t: Tenant, device: str, n: int) -> None:

@@ -342,8 +342,8 @@ def test_ops_rule(tk: TenantKupd) -> None:
 
 def test_a_message_over_the_tenant_limit_ends_no_session(tk: TenantKupd) -> None:
     """A Session message over the tenant's max_message_bytes is refused
-    in-band (RESOURCE_EXHAUSTED naming the rule), like one over the channel's
-    size: the session goes on.  Before, the whole stream ended."""
+    in-band as TooBig (INVALID_ARGUMENT naming the rule), like one over the
+    channel's size: the session goes on.  Before, the whole stream ended."""
     chan = grpc.insecure_channel("unix:" + tk.sock("alice"))
     try:
         stub = kup_pb2_grpc.KupStub(chan)
@@ -367,7 +367,8 @@ def test_a_message_over_the_tenant_limit_ends_no_session(tk: TenantKupd) -> None
     assert got[0].attached.max_message_bytes == 64
     for r in got[2:4]:
         assert r.WhichOneof("result") == "error", r
-        assert r.error.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert r.error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert r.error.kind == "TooBig", r
         assert "rule max_message_bytes" in r.error.message
     assert got[4].exchanged.message.data == b"y" * 64
     assert _audit_has(tk, tenant="alice", op="session", rule="max_message_bytes")
@@ -426,13 +427,15 @@ def test_sessions_not_attached_yet_count_against_the_tenants_max_sessions(
     assert _audit_has(tk, tenant="alice", op="session", rule="max_sessions")
 
 
-def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
+def test_limits_are_resource_exhausted_and_size_is_too_big(tk: TenantKupd) -> None:
     with tk.client("alice") as c:
         dev = c.open("echo")
         with dev.channel(), dev.channel():
             with pytest.raises(errors.ResourceExhausted, match="max_sessions=2"):
                 dev.channel()
-        with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+        # over the tenant's max_message_bytes: TooBig, whoever refuses it --
+        # kupd (a Call, a lease send) or the client that knows the limit
+        with pytest.raises(errors.TooBig, match="max_message_bytes=64"):
             c.call("echo", b"x" * 65)
         with dev.channel() as ch:
             # kupd announces what this tenant may send, not the channel's
@@ -444,7 +447,7 @@ def test_limits_are_resource_exhausted(tk: TenantKupd) -> None:
             assert ch.exchange(b"y" * 64).data == b"y" * 64  # the session goes on
         lease = c.attach("echo")
         assert lease.max_message_bytes == 64
-        with pytest.raises(errors.ResourceExhausted, match="max_message_bytes=64"):
+        with pytest.raises(errors.TooBig, match="max_message_bytes=64"):
             c.lease_send(lease.lease_id, b"x" * 65)
         c.release(lease.lease_id)
         (echo,) = [d for d in c.devices() if d.name == "echo"]
