@@ -17,10 +17,30 @@ pkgs=(
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
+# apt_get ARGS...: apt-get, waiting its turn when another apt-get or dpkg
+# (another checkout's setup, an unattended upgrade) holds one of apt's locks
+# -- apt-get itself gives up at once with "Could not get lock" -- for up to
+# KUPD_APT_LOCK_WAIT seconds (default 600).
+apt_get() {
+  local waited=0 limit=${KUPD_APT_LOCK_WAIT:-600} err rc
+  err=$(mktemp)
+  while true; do
+    rc=0
+    $SUDO apt-get -o DPkg::Lock::Timeout=60 "$@" 2> >(tee "$err" >&2) || rc=$?
+    wait  # the tee above
+    if [ "$rc" -eq 0 ] || ! grep -q "Could not get lock" "$err" || [ "$waited" -ge "$limit" ]; then
+      rm -f "$err"
+      return "$rc"
+    fi
+    echo "setup-apt: another apt-get or dpkg holds its lock; waiting (${waited} s so far)" >&2
+    sleep 5
+    waited=$((waited + 5))
+  done
+}
 updated=0
 apt_update() {
   [ "$updated" -eq 1 ] && return 0
-  $SUDO apt-get update -qq
+  apt_get update -qq
   updated=1
 }
 
@@ -31,7 +51,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup-apt: installing ${missing[*]}"
   apt_update
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt_get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # A second kernel for the VM test (tests/vm): kmod/linux has version
@@ -119,7 +139,7 @@ fetch_kernel() {
   done
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup-apt: installing ${need[*]} (needed by the 6.12 kernel's build tools)"
-    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" || die "cannot install ${need[*]}"
+    apt_get install -y -qq --no-install-recommends "${need[@]}" || die "cannot install ${need[*]}"
   fi
   echo "setup-apt: unpacking $got, linux-headers-$abi, ${extra[*]} into $cache/$abi (not installed: see setup-apt.sh)"
   tree=$tmp/tree
