@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
 from kupd.config import Config, advisories, load_config, reloaded
 from kupd.devices import DeviceManager, shown
+from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.notify import notifier_from_env
@@ -110,7 +110,7 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
     ]
 
 
-class _Health(HealthServicer):  # type: ignore[misc]
+class _Health(HealthStatuses):
     """Health backed by a live check: each Check first probes the devices."""
 
     def __init__(self, server: Server) -> None:
@@ -552,15 +552,15 @@ class Server:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         overall = serving if self.mgr.all_healthy else not_serving
-        await self.health.set("", overall)
-        await self.health.set(SERVICE_NAME, overall)
+        self.health.set("", overall)
+        self.health.set(SERVICE_NAME, overall)
         drained = self.guard.drained
         for d in self.mgr.devices.values():
             # a drained device refuses every new session, lease and Call: a
             # health checker must not send it traffic (kupd as a whole, ""
             # and kup.v1.Kup, stays SERVING for the other devices)
             up = d.healthy and d.name not in drained
-            await self.health.set(f"{SERVICE_NAME}/{d.name}", serving if up else not_serving)
+            self.health.set(f"{SERVICE_NAME}/{d.name}", serving if up else not_serving)
 
     async def probe(self, service: str = "", tenant: Tenant | None = None) -> None:
         """The real health check: reach the devices now -- only the one a
@@ -600,7 +600,7 @@ class Server:
             leases=len(self.leases.leases),
         )
         try:
-            await self.health.enter_graceful_shutdown()
+            self.health.enter_graceful_shutdown()
             self.drain.set_exception(errors.Shutdown("kupd is shutting down"))
             self.drain.exception()
             self.bus.publish(Event(EventType.SERVER_SHUTTING_DOWN, reason="SIGTERM"))
