@@ -409,29 +409,53 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             "unused with [[tenant]] tables (the plain socket is not served): "
             "each tenant's own max_connections caps its socket",
         ))
-    for i, t in enumerate(cfg.tenants):
-        if not t.max_pool_channels or "call" not in t.ops:
-            continue
-        for d in cfg.devices:
-            if d.call_channels and t.grant(d.name) is not None:
-                if t.max_pool_channels >= d.call_channels:
-                    out.append((
-                        f"tenant[{i}].max_pool_channels",
-                        f"{t.max_pool_channels} is not below device {d.name}'s "
-                        f"call_channels={d.call_channels}: tenant {t.name}'s Calls "
-                        "can still hold that whole pool",
-                    ))
     for d in cfg.devices:
         if not d.call_channels:
             continue
-        capped = [
-            t
-            for t in cfg.tenants
-            if t.max_pool_channels and "call" in t.ops and t.grant(d.name) is not None
+        # How many of this pool's channels each tenant that may Call the
+        # device can hold at once (busy, or quarantined after a timeout):
+        # its max_pool_channels, or its max_calls_in_flight (a bound for
+        # every device at once), or else the whole pool.
+        callers = [
+            (i, t)
+            for i, t in enumerate(cfg.tenants)
+            if "call" in t.ops and t.grant(d.name) is not None
         ]
-        total = sum(t.max_pool_channels for t in capped)
-        if len(capped) > 1 and total >= d.call_channels:
-            names = ", ".join(f"{t.name}={t.max_pool_channels}" for t in capped)
+        holds = {
+            t.name: min(
+                [x for x in (t.max_pool_channels, t.max_calls_in_flight) if x],
+                default=d.call_channels,
+            )
+            for _, t in callers
+        }
+        whole = False
+        for i, t in callers:
+            if holds[t.name] < d.call_channels:
+                continue
+            whole = True
+            if t.max_pool_channels:
+                out.append((
+                    f"tenant[{i}].max_pool_channels",
+                    f"{t.max_pool_channels} is not below device {d.name}'s "
+                    f"call_channels={d.call_channels}: tenant {t.name}'s Calls "
+                    "can still hold that whole pool",
+                ))
+            else:
+                by = (
+                    f"max_calls_in_flight={t.max_calls_in_flight} is not below it either"
+                    if t.max_calls_in_flight
+                    else "nor max_calls_in_flight"
+                )
+                out.append((
+                    f"tenant[{i}].max_pool_channels",
+                    f"not set ({by}): tenant {t.name}'s Calls can hold all of device "
+                    f"{d.name}'s call_channels={d.call_channels} -- Calls that time out "
+                    "quarantine them, and other tenants' Calls then find no channel; "
+                    "set it below call_channels",
+                ))
+        total = sum(holds.values())
+        if len(callers) > 1 and not whole and total >= d.call_channels:
+            names = ", ".join(f"{t.name}={holds[t.name]}" for _, t in callers)
             out.append((
                 "max_pool_channels",
                 f"device {d.name}'s call_channels={d.call_channels}: tenants' limits "

@@ -185,8 +185,54 @@ def test_settings_that_protect_nothing_are_named_at_start_and_reload(
         lambda: all(k.log().count(w) == 2 for w in want), what="the warnings again at reload"
     )
     # within the pool, and no top-level cap: nothing to say
-    cfg = parse_config(tomllib.loads(BODY.replace("@DIR@", "/run/t")))
-    assert advisories(cfg) == []
+    one_each = _capped(BODY.replace("max_pool_channels = 2", "max_pool_channels = 1"), other=1)
+    assert advisories(parse_config(tomllib.loads(one_each.replace("@DIR@", "/run/t")))) == []
+
+
+def _capped(body: str, other: int) -> str:
+    """BODY with tenant "other" given max_pool_channels = ``other``."""
+    return body.replace(
+        'name = "other"\nsocket = "@DIR@/other.sock"\n',
+        f'name = "other"\nsocket = "@DIR@/other.sock"\nmax_pool_channels = {other}\n',
+    )
+
+
+def test_a_tenant_without_a_pool_limit_is_named() -> None:
+    """A tenant that may Call a device with neither max_pool_channels nor
+    a max_calls_in_flight below the pool's size can hold the whole pool
+    (Calls that time out quarantine their channels): named, unless
+    max_calls_in_flight alone keeps it below the pool.  Before, only a
+    tenant that had set max_pool_channels was ever checked."""
+    cfg = parse_config(tomllib.loads(BODY.replace("@DIR@", "/run/t")))  # "other": no limits
+    ((key, why),) = advisories(cfg)
+    assert key == "tenant[1].max_pool_channels", key
+    assert "not set (nor max_calls_in_flight)" in why and "tenant other's" in why, why
+    inflight = BODY.replace(
+        'name = "other"\nsocket = "@DIR@/other.sock"\n',
+        f'name = "other"\nsocket = "@DIR@/other.sock"\nmax_calls_in_flight = {POOL}\n',
+    ).replace("@DIR@", "/run/t")
+    ((key, why),) = advisories(parse_config(tomllib.loads(inflight)))
+    assert f"max_calls_in_flight={POOL} is not below it either" in why, why
+    # max_calls_in_flight below the pool bounds its hold: with hog's 2,
+    # 2 + 1 = 3 covers the pool of 3 -- the sum is named instead
+    below = inflight.replace(f"max_calls_in_flight = {POOL}", "max_calls_in_flight = 1")
+    ((key, why),) = advisories(parse_config(tomllib.loads(below)))
+    assert key == "max_pool_channels" and "(hog=2, other=1) add up to 3" in why, why
+    # a tenant without the call op, or without a grant of the device, holds none
+    no_calls = BODY.replace(
+        'name = "other"\nsocket = "@DIR@/other.sock"\n',
+        'name = "other"\nsocket = "@DIR@/other.sock"\nops = ["session"]\n',
+    ).replace("@DIR@", "/run/t")
+    assert advisories(parse_config(tomllib.loads(no_calls))) == []
+
+
+def test_the_sample_config_keeps_a_channel_for_others() -> None:
+    """deploy/kupd.sample.toml says its Calling tenants' limits leave the
+    others a channel: no advisory may contradict it."""
+    from kupd.testing import REPO_ROOT
+
+    sample = tomllib.loads((REPO_ROOT / "deploy" / "kupd.sample.toml").read_text())
+    assert advisories(parse_config(sample)) == []
 
 
 def test_a_tenant_key_at_the_top_level_says_where_it_belongs() -> None:
@@ -200,10 +246,7 @@ def test_limits_that_add_up_to_the_whole_pool_are_named() -> None:
     size or more: their Calls can still hold every channel, and another
     tenant then finds none -- the advisory names the tenants and the sum;
     below the pool together, nothing is said."""
-    both = BODY.replace(
-        'name = "other"\nsocket = "@DIR@/other.sock"\n',
-        'name = "other"\nsocket = "@DIR@/other.sock"\nmax_pool_channels = 1\n',
-    ).replace("@DIR@", "/run/t")
+    both = _capped(BODY, other=1).replace("@DIR@", "/run/t")
     cfg = parse_config(tomllib.loads(both))  # 2 + 1 against a pool of 3
     ((key, why),) = advisories(cfg)
     assert key == "max_pool_channels" and "(hog=2, other=1) add up to 3" in why, why
