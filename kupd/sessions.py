@@ -21,6 +21,7 @@ from kupd.channel import Channel, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
 from kupd.metrics import ChannelMetrics
+from kupd.policy import Budget
 from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
@@ -35,6 +36,11 @@ ENDED_KEPT = 4096
 #: lease's one running operation: each waiting RPC costs kupd memory, and
 #: nothing else bounds how many a client starts on one lease
 MAX_WAITING_OPS = 64
+
+#: "lease taken" / "lease released" lines one tenant may write: a burst,
+#: then a rate per second (the rest counted: ``unlogged_before``)
+LEASE_LINES_BURST = 200.0
+LEASE_LINES_PER_SECOND = 20.0
 
 
 class OpLock:
@@ -137,6 +143,11 @@ class LeaseTable:
         #: lowering it ends none, it refuses new ones until below).
         self.max_leases = max_leases
         self.leases: dict[str, Lease] = {}
+        #: "lease taken" / "lease released" lines per tenant: a tenant that
+        #: attaches and releases in a loop, within its limits, wrote two
+        #: lines per lease (300 KiB/s from one tenant); past the budget they
+        #: are counted, and the next line written says how many were not
+        self._line_budget = Budget(LEASE_LINES_PER_SECOND, LEASE_LINES_BURST)
         #: takes between their max_leases check and their lease (an attach
         #: awaits the host): counted, or concurrent ones all pass the check
         self._taking = 0
@@ -231,14 +242,17 @@ class LeaseTable:
         dev.holders[ch.id] = (holder, lease.id)
         gauge = self.mgr.metrics.sessions if holder == "session" else self.mgr.metrics.leases
         gauge.labels(device).inc()
-        log.info(
-            "lease taken",
-            device=device,
-            channel=ch.id,
-            lease=lease.id,
-            holder=holder,
-            tenant=tenant,
-        )
+        unlogged = self._line_budget.take(tenant)
+        if unlogged is not None:
+            log.info(
+                "lease taken",
+                device=device,
+                channel=ch.id,
+                lease=lease.id,
+                holder=holder,
+                tenant=tenant,
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
         self.mgr.publish(
             Event(EventType.LEASE_TAKEN, device, channel=ch.id, lease_id=lease.id, holder=holder)
         )
@@ -279,9 +293,17 @@ class LeaseTable:
         gauge.labels(dev.name).dec()
         if lease.ops == 0:
             self._close_channel(lease)
-        log.info(
-            "lease released", device=dev.name, channel=lease.ch.id, lease=lease.id, reason=reason
-        )
+        unlogged = self._line_budget.take(lease.tenant)
+        if unlogged is not None:
+            log.info(
+                "lease released",
+                device=dev.name,
+                channel=lease.ch.id,
+                lease=lease.id,
+                reason=reason,
+                tenant=lease.tenant,
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
         self.mgr.publish(
             Event(
                 EventType.LEASE_RELEASED,
