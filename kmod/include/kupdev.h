@@ -110,6 +110,21 @@ struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cn
  * session is over (-EPIPE, -EPROTO, a CLOSE message, -ESHUTDOWN): a
  * session dropped silently costs the next user's first call an -EPIPE.
  *
+ * A module cannot always end a session that way: a call that fails with
+ * anything else (a reply that does not fit, -EMSGSIZE; a bug's -EDEADLK or
+ * -EINVAL) leaves a module that gives up on its user with a session the
+ * core still counts as in progress.  So the first call of a session -- by
+ * whichever thread, however long after -- may get -EPIPE for an earlier
+ * session, not for this one; a module that takes it for "no user" leaves
+ * the user it was told about waiting for its first message for ever.  The
+ * rule for the call that starts a session (typically its first
+ * kupdev_pass): on -EPIPE, call once more.  That -EPIPE has ended the
+ * earlier session, so the second call starts the session of the
+ * attachment the module was last told about, or answers -EPIPE again:
+ * there is no user now.  One retry is enough (every -EPIPE ends the
+ * session it answers for), and costs nothing when there was no earlier
+ * session to end.
+ *
  * The pitfall of one acceptor thread plus a worker per channel: a worker
  * started for attachment A whose user left before the worker's first call
  * serves the NEXT attachment B with that call (nothing of A's session
@@ -122,8 +137,10 @@ struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cn
  * kmod/examples/echo/echo.c shows one way: per channel, "running" and
  * "again" under a mutex; the acceptor flags "again" when the worker runs,
  * and a worker whose session is over serves again (its first call then
- * may find no user, -EPIPE: not an error) or marks itself not running and
- * exits; the acceptor joins only workers that are no longer running.
+ * may find no user, -EPIPE: not an error -- once it has called again, as
+ * above: a first -EPIPE may be its own given-up session's) or marks itself
+ * not running and exits; the acceptor joins only workers that are no
+ * longer running.
  *
  * Wait until user space attaches a channel that the module has not yet
  * been told about; returns its id, or a negative errno (-ESHUTDOWN once

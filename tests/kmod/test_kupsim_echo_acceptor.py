@@ -26,6 +26,7 @@ from kmod_util import variant_kupsim
 
 from kupd.channel import Channel, Device, Kind
 from kupd.errors import Releasing
+from kupd.testing import KupSim, wait_until
 
 ROUNDS = 3
 HELD = 4  # channels attached, closed and re-attached per round
@@ -72,3 +73,64 @@ def test_a_held_reattach_does_not_stall_other_channels(variant_out: Path) -> Non
         # the worker's re-pass after the held user left finds nobody: an
         # expected -EPIPE, not logged as a failure
         assert "first pass failed" not in sim.stderr(), sim.stderr()[-3000:]
+
+
+def _given_up(sim: KupSim, dev: Device, chan: int, msg: bytes) -> Channel:
+    """A user of ``chan`` whose session echo gives up on: "!oversize" makes
+    the worker's reply fail with -EMSGSIZE, an error that does not end the
+    session for the core (the user is still there, the core still counts
+    the session as in progress).  Returns that user, still attached, once
+    echo has taken the message."""
+    user = attach(dev, chan)
+    assert user.receive(timeout=PROMPT).kind is Kind.PASS
+    user.send(msg)
+    wait_until(
+        lambda: f"echo: chan {chan}: oversize reply in" in sim.stderr(),
+        timeout=PROMPT * 3,
+        what=f"echo to take the message on channel {chan}",
+    )
+    return user
+
+
+def _served(dev: Device, chan: int) -> None:
+    """The channel's next user gets its first PASS and its answers."""
+    with attach(dev, chan) as nxt:
+        assert nxt.receive(timeout=PROMPT).kind is Kind.PASS, chan
+        assert nxt.exchange(b"next%d" % chan, PROMPT).data.lower() == b"next%d" % chan
+
+
+def test_the_next_user_is_served_after_a_session_given_up(variant_out: Path) -> None:
+    """A session echo's worker gave up on (an error other than -EPIPE,
+    -EPROTO or CLOSE) is still in progress for the core, so the next
+    session's first call -- the PASS of a new worker, or the re-pass of
+    this one when the acceptor flagged a new attach meanwhile -- gets
+    -EPIPE for it (the straggler rule, kupdev.h "Sessions").  echo took that
+    -EPIPE for "no user" and stopped: the next user waited for its first
+    PASS for ever.  Both ways, the next user must be served.
+
+    Channel 2: the user leaves after the reply failed (the worker, flagged
+    or not, is done with the session: a new worker's first PASS, or its own
+    re-pass).  Channel 4: the user leaves and the next one attaches while
+    the worker still sleeps before its failing reply (the acceptor flags
+    "again"; the worker's re-pass after the failure).  Which of the two
+    happens on a loaded machine may vary; every one of them must serve."""
+    env = {"KUP_PARAM_ECHO_CHANNELS": "8"}
+    with variant_kupsim(variant_out, "echo", env=env) as sim, Device.open(
+        sim.device_path("echo")
+    ) as dev:
+        user = _given_up(sim, dev, 2, b"!oversize")
+        wait_until(
+            lambda: "echo: chan 2: reply failed (-90)" in sim.stderr(),
+            timeout=PROMPT * 3,
+            what="the failed reply",
+        )
+        user.close()
+        _served(dev, 2)
+
+        user = _given_up(sim, dev, 4, b"!oversize1000")
+        user.close()
+        _served(dev, 4)
+        assert "echo: chan 4: reply failed (-90)" in sim.stderr(), sim.stderr()[-3000:]
+        # and the channels go on working, session after session
+        _served(dev, 2)
+        _served(dev, 4)

@@ -393,3 +393,41 @@ def test_a_held_reattach_does_not_stall_the_acceptor() -> None:
                     ch.close()
     finally:
         _reload_rot13(saved)
+
+
+def _given_up(dev: Device, chan: int, msg: bytes) -> Channel:
+    """A user of ``chan`` whose session echo gives up on ("!oversize": the
+    worker's reply fails with -EMSGSIZE, which does not end the session for
+    the core), returned still attached once echo has taken the message."""
+    user = _attach(dev, chan)
+    assert user.receive(timeout=T).kind is Kind.PASS
+    user.send(msg)
+    _wait_dmesg(f"echo: chan {chan}: oversize reply in")
+    return user
+
+
+def _next_served(dev: Device, chan: int) -> None:
+    with _attach(dev, chan) as nxt:
+        assert nxt.receive(timeout=T).kind is Kind.PASS, chan
+        assert nxt.exchange(b"next", T).data == b"next"
+
+
+def test_the_next_user_is_served_after_a_session_given_up(echo: Device) -> None:
+    """kup_echo.ko gives up on a session with an error that does not end
+    it for the core (echo's "!oversize"); the first call of the channel's
+    next session -- a new worker's PASS, or the re-pass of the same worker
+    flagged by the acceptor -- gets -EPIPE for the given-up session, and
+    the module must call again instead of leaving the next user without
+    its first PASS (kupdev.h, "Sessions").  Channel 64: the user leaves
+    after the failed reply; channel 66: the next user attaches while the
+    worker still sleeps before its failing reply."""
+    user = _given_up(echo, 64, b"!oversize")
+    _wait_dmesg("echo: chan 64: reply failed (-90)")
+    user.close()
+    _next_served(echo, 64)
+    user = _given_up(echo, 66, b"!oversize1000")
+    user.close()
+    _next_served(echo, 66)
+    assert "echo: chan 66: reply failed (-90)" in _dmesg()
+    _next_served(echo, 64)
+    _next_served(echo, 66)

@@ -59,6 +59,16 @@
  *     test sees the mutex at work) updated under one kup_mutex, and
  *     formatted with kup_os_snprintf: the pattern of a module that keeps
  *     state across channels;
+ *     a message starting with "!oversize" and optional decimal digits N
+ *     (milliseconds, default 0, at most 10000) is answered N ms later
+ *     (slept, not watching the user) with one byte more than the channel
+ *     holds: kupdev_send refuses it (-EMSGSIZE, nothing sent, logged) and
+ *     the session ends there, on an error that does not end it for the
+ *     core -- a module bug on purpose, the worker giving up on a user
+ *     whose session is not over (echo_serve says what the next session's
+ *     first call makes of it).  It logs "echo: chan N: oversize reply in
+ *     N ms" once it has taken the message, so that a test knows when the
+ *     user may leave;
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -66,6 +76,10 @@
  *     again.  The worker then stops, or, when the next user attached
  *     meanwhile, serves that one (struct echo_slot says why the acceptor
  *     never waits for a running worker);
+ *   - any other error (a reply that failed, a receive that failed): the
+ *     worker logs it and gives up on the session, which the core does not
+ *     count as ended; the channel's next session starts all the same
+ *     (echo_serve);
  *   - -ESHUTDOWN: module unload, everything stops.
  * Log lines (kupsim: stderr) "echo: chan N: ..." make the kernel side
  * observable to tests.  The ones a user can cause at will (a session's
@@ -269,6 +283,9 @@ echo_lockhold_ms(const unsigned char *p, size_t len)
 
 #define ECHO_COUNT_MAX_MS 100U
 
+/* "!oversize[N]": the bound on N */
+#define ECHO_OVERSIZE_MAX_MS 10000U
+
 /* "!count[N]": count it, and write the reply text into the slot's buffer;
  * returns its length (without the NUL).  The read and the update are one
  * step under the mutex, however long it takes (ms: slept in between; the
@@ -391,7 +408,9 @@ echo_hold(struct echo_slot *s)
  * call that says it is over.  again: this worker already served a session
  * and was asked for another; a first pass that finds no user (-EPIPE) is
  * then expected (the attach it was asked for may be the one it has just
- * served, or one whose user has come and gone) and not logged. */
+ * served, or one whose user has come and gone) and not logged.  A session
+ * may also end on an error that does not end it for the core (returned
+ * as is, non-zero); the first pass of the next one takes care of that. */
 static int
 echo_serve(struct echo_slot *s, int again)
 {
@@ -401,6 +420,18 @@ echo_serve(struct echo_slot *s, int again)
 	unsigned int stamp_ms;
 
 	r = kupdev_pass(echo_sc, s->chan);
+	if (r == -EPIPE) {
+		/* Maybe no user, maybe the end of an earlier session: one that
+		 * ended on an error other than -EPIPE, -EPROTO or CLOSE (a
+		 * reply that failed: "!oversize") is still in progress for the
+		 * core, and the next call on the channel -- this one, by a new
+		 * worker or by this worker serving again -- answers -EPIPE for
+		 * it (kupdev.h, "Sessions").  That -EPIPE has ended it; the
+		 * call after it starts the session of the user the acceptor
+		 * was told about, who would otherwise wait for its first PASS
+		 * for ever.  A second -EPIPE: nobody there, really. */
+		r = kupdev_pass(echo_sc, s->chan);
+	}
 	if (r != 0) {
 		if (!(again && r == -EPIPE))
 			kup_log_limited(&echo_session_rl,
@@ -443,6 +474,23 @@ echo_serve(struct echo_slot *s, int again)
 				kupdev_unlock_channel(echo_sc, s->chan);
 				n = echo_counted(s, ms);
 				r = kupdev_send(echo_sc, s->buf, n, s->chan);
+				break;
+			}
+			if (echo_has_prefix(m.data, m.len, "!oversize")) {
+				unsigned int ms = echo_ms_arg(m.data,
+				    sizeof("!oversize") - 1, m.len, 0,
+				    ECHO_OVERSIZE_MAX_MS);
+
+				kupdev_unlock_channel(echo_sc, s->chan);
+				kup_log_limited(&echo_session_rl,
+				    "echo: chan %d: oversize reply in %u ms",
+				    s->chan, ms);
+				if (ms != 0)
+					kup_os_msleep(ms);
+				/* the core refuses a length beyond the data
+				 * area before it reads a byte of the data */
+				r = kupdev_send(echo_sc, s->buf, echo_max + 1,
+				    s->chan);
 				break;
 			}
 			if (echo_has_prefix(m.data, m.len, "!hold")) {
