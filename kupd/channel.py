@@ -248,7 +248,11 @@ class Channel:
         :class:`~kupd.errors.TooBig` (nothing sent, channel unchanged) if
         ``len(data) > max_msg``; :class:`~kupd.errors.NotYourTurn` if the
         kernel holds the turn; :class:`~kupd.errors.Shutdown`,
-        :class:`~kupd.errors.PeerGone`.
+        :class:`~kupd.errors.PeerGone`.  It raises only before the
+        hand-over: once it returns, the message is the kernel's (never send
+        it again).  A failed wake-up of the kernel side does not make it
+        raise: the next receive wakes it again, or raises that error
+        (libkup's kup.h, kernproxy_send "Delivery").
         """
         self._c.send(data)
 

@@ -105,7 +105,10 @@ void *kernproxy_receive(void *chan, int flags);
  * wait, > 0: at most that long, then EKU_TIMEDOUT); any other negative
  * value is EKU_INVAL, nothing done.  Returns 0 or -1.  Receiving while
  * this side already holds the turn and has consumed the last message is
- * EKU_NOTTURN (it would wait forever: send or pass first). */
+ * EKU_NOTTURN (it would wait forever: send or pass first).  A wake-up the
+ * last send or pass could not make is made first; when it fails again,
+ * the receive fails with its error, the message still the kernel's
+ * (kernproxy_send, "Delivery"). */
 int kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms);
 
 /* Like kernproxy_receive_msg(chan, msg, 0), but first spins for up to the
@@ -126,10 +129,27 @@ int kernproxy_receive_spin(void *chan, struct kernproxy_msg *msg);
  * the kernel then does not write the fd for a reply that the spin catches
  * (no wake-up to pay, none left late on the fd); a receive that does not
  * catch it asks for the wake-up before it returns or sleeps.  Do not wait
- * on kernproxy_fd() between such a send and that receive. */
+ * on kernproxy_fd() between such a send and that receive.
+ *
+ * Delivery: 0 means the message is the kernel's, once.  A send (or pass)
+ * fails only BEFORE the hand-over (the errors above, EKU_PEER,
+ * EKU_SHUTDOWN, EKU_PROTO), and then nothing was sent; once the turn is
+ * handed over it returns 0 even when the system call that wakes a
+ * sleeping kernel side fails -- the message is in the kernel's area and
+ * its turn, and sending it again would either duplicate it or meet
+ * EKU_NOTTURN.  That wake-up is owed instead: the channel's next receive
+ * makes it again before it waits (a wake-up interrupted by a signal is
+ * made again at once, in the send), and if it fails again that receive
+ * fails with its error (EKU_SYS and errno, or EKU_SHUTDOWN...) instead of
+ * waiting for an answer that could not come; the message is still the
+ * kernel's (do not send it again: receive again, which tries the wake-up
+ * again, or close).  In poll mode the channel's fd is made readable for
+ * that receive.  A kernel side that waits with a timeout finds the
+ * message at its next look without any wake-up. */
 int kernproxy_send(void *chan, const void *data, size_t len, int flags);
 
-/* Hand the turn to the kernel without data (PASS). */
+/* Hand the turn to the kernel without data (PASS).  Fails only before the
+ * hand-over, like kernproxy_send (its "Delivery"). */
 int kernproxy_pass(void *chan);
 
 /* A fd that polls readable when the turn may have come to this side or the

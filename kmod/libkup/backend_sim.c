@@ -33,6 +33,8 @@ struct sim_dev {
 struct sim_chan {
 	int conn;        /* the attachment */
 	int u2k_efd;
+	unsigned int fail_wakes;   /* test hook: wake-ups still to fail
+	                            * (kup_sim_test_fail_wakes) */
 };
 
 static int
@@ -299,10 +301,25 @@ sim_wake(struct kup_backend_chan *ch)
 	struct sim_chan *sc = ch->priv;
 	uint64_t one = 1;
 
+	if (sc->fail_wakes > 0) {
+		/* injected: the eventfd write "failed", nothing written */
+		sc->fail_wakes--;
+		errno = EIO;
+		return KUP_E_SYS;
+	}
 	if (write(sc->u2k_efd, &one, sizeof(one)) == (ssize_t)sizeof(one) ||
 	    errno == EAGAIN)
 		return KUP_E_OK;
 	return KUP_E_SYS;
+}
+
+/* kup_backend.h: the channel's next n wake-ups of the kernel side fail */
+void
+kup_sim_test_fail_wakes(struct kup_backend_chan *ch, unsigned int n)
+{
+	struct sim_chan *sc = ch->priv;
+
+	sc->fail_wakes = n;
 }
 
 static int

@@ -60,6 +60,7 @@ __thread int kernproxy_errno;
 #define KP_SPIN_YIELD_NS 1000U       /* sched_yield() this often while spinning */
 #endif
 #define KP_SLEEP_SLICE_MS 1000       /* bounded sleeps: re-check at least this often */
+#define KP_WAKE_TRIES    3           /* a wake-up interrupted (EINTR): made again */
 
 /* user side's private view of the turn */
 #define UT_KERNEL        0  /* handed to the kernel (or fresh: kernel first) */
@@ -118,6 +119,9 @@ struct kp_chan {
 	                         * user_waiting left 0 until the next receive */
 	int      keep_unread;   /* kernproxy_keep_unread: a send or pass
 	                         * refuses to drop an unread DATA message */
+	int      wake_owed;     /* the last hand-over's wake-up of the kernel
+	                         * side failed: made again before this side
+	                         * waits (pay_owed_wake) */
 };
 
 static int
@@ -623,6 +627,41 @@ wait_turn(struct kp_chan *c, int timeout_ms, int spin_only, int quiet)
 	return r;
 }
 
+/* Wake the kernel side (it set kernel_waiting); a wake-up interrupted by a
+ * signal is made again at once.  KUP_E_OK or the backend's error (errno
+ * set for KUP_E_SYS). */
+static int
+wake_kernel(struct kp_chan *c)
+{
+	int r, tries = 0;
+
+	do
+		r = c->ops->wake(&c->b);
+	while (r == KUP_E_SYS && errno == EINTR && ++tries < KP_WAKE_TRIES);
+	return r;
+}
+
+/* The wake-up a hand-over could not make (handover): make it now, unless
+ * it is no longer needed -- the kernel side handed the turn back (it woke),
+ * or it is not waiting (it finds the turn when it next looks: it sets
+ * kernel_waiting, fences and looks at the turn before it sleeps, as we
+ * store the turn, fence and read kernel_waiting).  KUP_E_OK, or the
+ * wake-up's error, still owed (the next call tries again). */
+static int
+pay_owed_wake(struct kp_chan *c)
+{
+	int r;
+
+	if (!c->wake_owed)
+		return KUP_E_OK;
+	if (LOAD_ACQ32(&c->ctrl->turn) == KUP_TURN_KERNEL &&
+	    READ32(&c->ctrl->kernel_waiting) != 0 &&
+	    (r = wake_kernel(c)) != KUP_E_OK)
+		return r;
+	c->wake_owed = 0;
+	return KUP_E_OK;
+}
+
 static int
 receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
     int spin_only)
@@ -652,6 +691,14 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 	}
 	if (c->uturn == UT_USER_CONSUMED)
 		return fail(&c->h, KUP_E_NOTTURN);
+	/* a wake-up our last hand-over owes the kernel: made before we wait
+	 * for an answer it would never give without it; when it fails again,
+	 * say so instead of waiting (the message stays the kernel's) */
+	if ((r = pay_owed_wake(c)) != KUP_E_OK) {
+		if (quiet)
+			unquiet(c);
+		return fail(&c->h, r);
+	}
 	/* the turn already ours before any wait: the wake-up drained above
 	 * was (all but always) this hand-over's own */
 	looked = LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL;
@@ -738,6 +785,8 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind,
 		return r;
 	if ((r = own_turn(c)) != KUP_E_OK)
 		return r;
+	/* the kernel handed the turn back: it woke, nothing is owed */
+	c->wake_owed = 0;
 	if (len != 0)
 		memcpy(c->u2k, data, len);
 	c->u2k_seq++;
@@ -751,10 +800,19 @@ handover(struct kp_chan *c, const void *data, size_t len, uint32_t kind,
 		WRITE32(&c->ctrl->user_waiting, c->quiet ? 0 : 1);
 	STORE_REL32(&c->ctrl->turn, KUP_TURN_KERNEL);
 	FENCE();
-	if (READ32(&c->ctrl->kernel_waiting) != 0) {
-		r = c->ops->wake(&c->b);
-		if (r != KUP_E_OK)
-			return r;
+	/* From here on the message is the kernel's: delivered, whatever the
+	 * wake-up below does.  Failing the send now would tell the caller it
+	 * was not sent -- and a caller that sends it again would have it
+	 * twice, or (the kernel still holding the turn) get EKU_NOTTURN for a
+	 * message it believes lost.  A wake-up that fails is owed instead: the
+	 * next receive makes it again before it waits and reports the error
+	 * if it fails again (kup.h, kernproxy_send); an event loop waiting on
+	 * kernproxy_fd() is woken for that receive. */
+	if (READ32(&c->ctrl->kernel_waiting) != 0 &&
+	    wake_kernel(c) != KUP_E_OK) {
+		c->wake_owed = 1;
+		if (c->poll_mode && c->ops->self_wake != NULL)
+			(void)c->ops->self_wake(&c->b);
 	}
 	return KUP_E_OK;
 }
@@ -807,7 +865,8 @@ kernproxy_fd(void *chan)
 		WRITE32(&c->ctrl->user_waiting, 1);
 		FENCE();
 		if ((LOAD_ACQ32(&c->ctrl->turn) != KUP_TURN_KERNEL ||
-		    chan_state(c) != KUP_E_OK) && c->ops->self_wake != NULL &&
+		    chan_state(c) != KUP_E_OK || c->wake_owed) &&
+		    c->ops->self_wake != NULL &&
 		    c->ops->self_wake(&c->b) != KUP_E_OK)
 			return fail(&c->h, KUP_E_SYS);
 	}
@@ -954,4 +1013,15 @@ kup_test_raw_wake(void *chan)
 	if (c == NULL)
 		return -1;
 	return c->ops->wake(&c->b) == KUP_E_OK ? 0 : -1;
+}
+
+int
+kup_test_fail_wakes(void *chan, unsigned int n)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL || c->ops != &kup_backend_sim)
+		return -1;
+	kup_sim_test_fail_wakes(&c->b, n);
+	return 0;
 }

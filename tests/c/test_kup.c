@@ -984,6 +984,109 @@ sc_badtimeout(void)
 	return 0;
 }
 
+/* Wait (bounded: 10 s) until the kernel side sleeps for our hand-over,
+ * so that the next send has to wake it (kernel_waiting, kup_abi.h). */
+static void
+wait_kernel_waiting(void *c)
+{
+	struct kup_ctrl *ctrl = kup_test_raw_mapping(c, NULL);
+	int i;
+
+	CHECK(ctrl != NULL);
+	for (i = 0; i < 10000; i++) {
+		if (__atomic_load_n(&ctrl->kernel_waiting, __ATOMIC_ACQUIRE) != 0)
+			return;
+		usleep(1000);
+	}
+	fprintf(stderr, "the kernel side never waited\n");
+	exit(1);
+}
+
+/* The answer to the message just sent: one DATA message, its text, the
+ * kernel's sequence number seq. */
+static void
+expect_echo(void *c, const char *text, uint64_t seq)
+{
+	struct kernproxy_msg m;
+
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, strlen(text));
+	CHECK(memcmp(m.data, text, m.len) == 0);
+	CHECK_EQ(m.seq, seq);
+}
+
+/* A hand-over whose wake-up of the sleeping kernel side fails (injected in
+ * the sim backend: kup_test_fail_wakes).  The message is the kernel's
+ * from the hand-over on, so the send succeeds (it used to fail with
+ * EKU_SYS: a caller sending again got EKU_NOTTURN, or, once the kernel
+ * had answered, sent the message twice); the next receive makes the owed
+ * wake-up and gets the one answer; a wake-up that fails again is that
+ * receive's error, and a later receive makes it again.  In poll mode the
+ * fd turns readable for the receive that makes it. */
+static int
+sc_wakefail(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 12);
+	struct kernproxy_msg m;
+	struct pollfd pf;
+	int i, fd;
+
+	expect_pass(c);
+	/* one failed wake-up: owed, made by the receive */
+	wait_kernel_waiting(c);
+	CHECK_EQ(kup_test_fail_wakes(c, 1), 0);
+	CHECK_EQ(kernproxy_send(c, "one", 3, 0), 0);
+	CHECK_EQ(kernproxy_error(c), KUP_E_OK);
+	CHECK_EQ(kernproxy_my_turn(c), 0);
+	expect_echo(c, "one", 2);
+
+	/* it fails at the receive too: reported there, not a lost message */
+	wait_kernel_waiting(c);
+	CHECK_EQ(kup_test_fail_wakes(c, 2), 0);
+	CHECK_EQ(kernproxy_pass(c), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), -1);
+	CHECK_EQ(kernproxy_errno, EKU_SYS);
+	CHECK_EQ(errno, EIO);
+	CHECK_EQ(kernproxy_my_turn(c), 0);
+	/* the PASS is the kernel's: nothing to send again */
+	CHECK_EQ(kernproxy_send(c, "dup", 3, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	CHECK_EQ(m.kind, KUP_KIND_PASS);
+	CHECK_EQ(m.seq, 3);
+
+	/* poll mode: an event loop hears of the owed wake-up */
+	fd = kernproxy_fd(c);
+	CHECK(fd >= 0);
+	/* (consumes the wake-up kernproxy_fd made: the turn was ours) */
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	wait_kernel_waiting(c);
+	CHECK_EQ(kup_test_fail_wakes(c, 1), 0);
+	CHECK_EQ(kernproxy_send(c, "three", 5, 0), 0);
+	for (i = 0;; i++) {
+		CHECK(i < 1000);
+		pf = (struct pollfd){ .fd = fd, .events = POLLIN };
+		CHECK_EQ(poll(&pf, 1, 10000), 1);
+		if (kernproxy_receive_msg(c, &m, 0) == 0)
+			break;
+		CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	}
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, 5);
+	CHECK(memcmp(m.data, "three", 5) == 0);
+	CHECK_EQ(m.seq, 4);
+	/* and the channel goes on as ever: every message once */
+	CHECK_EQ(kernproxy_send(c, "four", 4, 0), 0);
+	expect_echo(c, "four", 5);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK wakefail\n");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1028,6 +1131,8 @@ main(int argc, char **argv)
 		return sc_stress();
 	if (strcmp(s, "badtimeout") == 0)
 		return sc_badtimeout();
+	if (strcmp(s, "wakefail") == 0)
+		return sc_wakefail();
 	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
 	return 2;
 }

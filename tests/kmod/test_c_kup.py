@@ -87,6 +87,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
         "churn",
         "stress",
         "badtimeout",
+        "wakefail",
     ],
 )
 def test_scenario(variant_out: Path, scenario: str) -> None:
