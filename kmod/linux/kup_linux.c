@@ -346,12 +346,30 @@ EXPORT_SYMBOL_GPL(kup_os_snprintf);
 /* Each mutex its own lockdep class, under the module's name for it: with
  * mutex_init's one static key, every kup_mutex would share a class, and a
  * module nesting two of them would be reported as recursive locking.
- * (Without CONFIG_LOCKDEP, the key and its registration are nothing.) */
+ * (Without CONFIG_LOCKDEP, the key and its registration are nothing.)
+ *
+ * owner: who holds it, for the misuse a Debian kernel (no DEBUG_MUTEXES)
+ * does not report -- a second lock by the holder (a deadlock on itself),
+ * an unlock by a thread that does not hold it (it would release another
+ * thread's hold), a free while locked.  Only ever compared with current,
+ * never dereferenced.  A bare task pointer would not do: a holder that
+ * exits without unlocking (a module bug) leaves it pointing at freed
+ * memory, which the next task may get -- and that task's current equals
+ * it, so its unlock was taken for the holder's (and released the dead
+ * holder's lock: mutex_unlock's own owner check compares the same
+ * address) and its lock for a second lock by the holder (it went on
+ * without the lock).  So the holder is pinned (get_task_struct) for as
+ * long as owner names it: set after mutex_lock, cleared before
+ * mutex_unlock and unpinned after, all by the holder.  A pinned
+ * task_struct is never reused, so owner == current holds only for the
+ * thread that locked it and has not unlocked it, even when read without
+ * the lock (any other thread reads NULL or another, live or pinned,
+ * task).  A holder that exits holding it stays pinned -- one task_struct
+ * leaked with the mutex, as kup_os_mutex_free leaks the mutex. */
 struct kup_mutex {
 	struct mutex mtx;
 	struct lock_class_key key;
-	struct task_struct *owner;  /* who holds it: the misuse a Debian kernel
-	                             * (no DEBUG_MUTEXES) does not report */
+	struct task_struct *owner;  /* the holder, pinned; NULL: unlocked */
 	char name[32];
 };
 
@@ -377,6 +395,7 @@ void kup_os_mutex_lock(struct kup_mutex *m)
 		return;
 	}
 	mutex_lock(&m->mtx);
+	get_task_struct(current);
 	WRITE_ONCE(m->owner, current);
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_lock);
@@ -391,6 +410,7 @@ void kup_os_mutex_unlock(struct kup_mutex *m)
 	}
 	WRITE_ONCE(m->owner, NULL);
 	mutex_unlock(&m->mtx);
+	put_task_struct(current);   /* never the last reference: it runs */
 }
 EXPORT_SYMBOL_GPL(kup_os_mutex_unlock);
 
@@ -399,7 +419,8 @@ void kup_os_mutex_free(struct kup_mutex *m)
 	if (m == NULL)
 		return;
 	if (READ_ONCE(m->owner) != NULL) {
-		/* left allocated: its holder may still unlock it */
+		/* left allocated: its holder may still unlock it (or has
+		 * exited holding it, and stays pinned) */
 		kup_os_log("kup: mutex %s: free: still locked (a module bug; not freed)",
 		    m->name);
 		return;

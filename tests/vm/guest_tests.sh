@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs INSIDE the test VM (scripts/vm/init chroots into the host tree and
 # runs the job that tests/vm/test_vm.py writes, which execs this script).
-# Environment: REPO (the repo root), KMODDIR (kup.ko, kup_echo.ko), BINDIR
+# Environment: REPO (the repo root), KMODDIR (kup.ko, kup_echo.ko),
+# TESTKMODDIR (kup_mtxtest.ko, built by test_vm.py), BINDIR
 # (host-built test programs), KVER (the kernel release the VM was meant to
 # boot and KMODDIR was built for; test_vm.py runs one VM per kernel).  Prints "=== STAGE <name>" before and
 # "=== RESULT <name> <rc>" after every stage; test_vm.py turns each stage
@@ -14,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile libkup_c python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex libkup_c python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -118,6 +119,27 @@ stage_kfault_hostile() {
 }
 
 stage_kfault_release() { "$BINDIR/kup_kfault" release; }
+
+# kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
+# kup_mtxtest.ko (tests/vm/kup_mtxtest.c) makes threads that may run in the
+# dead holder's task_struct memory unlock it; every unlock must be refused
+# and the final free must find it still locked.  (It used to keep a bare
+# task pointer: a thread in the reused memory passed for the holder.)
+stage_kmutex() {
+	insmod "${TESTKMODDIR:?}/kup_mtxtest.ko"
+	rmmod kup_mtxtest
+	dmesg | grep 'kup_mtxtest:'
+	line=$(dmesg | grep 'kup_mtxtest: .* unlocks by other threads' | tail -1)
+	n=$(echo "$line" | sed -E 's/.*kup_mtxtest: ([0-9]+) unlocks.*/\1/')
+	case $n in
+	''|*[!0-9]*|0) echo "kup_mtxtest did not report"; return 1 ;;
+	esac
+	refused=$(dmesg | grep -c 'kup: mutex kup-mtxtest: unlock: not held by this thread' || true)
+	echo "kup_mtxtest: $refused of $n unlocks refused"
+	[ "$refused" -eq "$n" ] || { echo "an unlock by a thread that did not hold the mutex released it"; return 1; }
+	dmesg | grep -q 'kup: mutex kup-mtxtest: free: still locked' \
+		|| { echo "the dead holder's mutex was not locked any more at the free"; return 1; }
+}
 
 # libkup's C scenarios (tests/c/test_kup.c, the same program the kupsim
 # tests run) against the real module, KUP_BACKEND=linux; the driver's part

@@ -58,6 +58,7 @@ STAGES = [
     "kfault_sigkill",
     "kfault_hostile",
     "kfault_release",
+    "kmutex",
     "libkup_c",
     "python_channel",
     "kupd",
@@ -149,7 +150,34 @@ def _build_modules(kernel: Any) -> Path:
     moddir = REPO / "kmod" / "out" / "linux" / kver
     for ko in ("kup.ko", "kup_echo.ko", "kup_rot13.ko"):
         assert (moddir / ko).is_file(), f"{ko} was not built in {moddir}"
+    _build_test_module(kernel, moddir)
     return moddir
+
+
+def _test_module_dir(kver: str) -> Path:
+    return OUT / f"testmod-{kver}"
+
+
+def _build_test_module(kernel: Any, moddir: Path) -> None:
+    """tests/vm/kup_mtxtest.c (the kmutex stage's module), built as a module
+    of one's own is (docs/linux.md): out of tree, against that kernel's
+    headers and kup.ko's Module.symvers, in a directory of symlinks."""
+    kver: str = kernel.kver
+    d = _test_module_dir(kver)
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / "kup_mtxtest.c"
+    if src.is_symlink() or src.exists():
+        src.unlink()
+    src.symlink_to(REPO / "tests" / "vm" / "kup_mtxtest.c")
+    (d / "Kbuild").write_text(
+        f"obj-m := kup_mtxtest.o\nccflags-y := -Werror -I{REPO / 'kmod' / 'include'}\n"
+    )
+    _run(
+        ["make", "-s", "-C", str(kernel.headers), f"M={d}",
+         f"KBUILD_EXTRA_SYMBOLS={moddir / 'Module.symvers'}", "modules"],
+        f"building tests/vm/kup_mtxtest.c for {kver}",
+    )  # fmt: skip
+    assert (d / "kup_mtxtest.ko").is_file(), f"kup_mtxtest.ko was not built in {d}"
 
 
 def _build_programs() -> None:
@@ -225,6 +253,7 @@ def _run_guest(series: str, kernel: Any, moddir: Path) -> GuestRun:
     kver: str = kernel.kver
     job = (
         f"export REPO={REPO} KMODDIR={moddir} BINDIR={BIN} KVER={kver}\n"
+        f"export TESTKMODDIR={_test_module_dir(kver)}\n"
         f"export STAGES='{' '.join(STAGES)}'\n"
         f"exec sh {REPO}/tests/vm/guest_tests.sh\n"
     )
