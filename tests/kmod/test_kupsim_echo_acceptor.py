@@ -120,7 +120,7 @@ def test_the_next_user_is_served_after_a_session_given_up(variant_out: Path) -> 
     ) as dev:
         user = _given_up(sim, dev, 2, b"!oversize")
         wait_until(
-            lambda: "echo: chan 2: reply failed (-90)" in sim.stderr(),
+            lambda: "echo: chan 2: oversize reply: -90" in sim.stderr(),
             timeout=PROMPT * 3,
             what="the failed reply",
         )
@@ -130,7 +130,7 @@ def test_the_next_user_is_served_after_a_session_given_up(variant_out: Path) -> 
         user = _given_up(sim, dev, 4, b"!oversize1000")
         user.close()
         _served(dev, 4)
-        assert "echo: chan 4: reply failed (-90)" in sim.stderr(), sim.stderr()[-3000:]
+        assert "echo: chan 4: oversize reply: -90" in sim.stderr(), sim.stderr()[-3000:]
         # and the channels go on working, session after session
         _served(dev, 2)
         _served(dev, 4)

@@ -67,8 +67,9 @@
  *     core -- a module bug on purpose, the worker giving up on a user
  *     whose session is not over (echo_serve says what the next session's
  *     first call makes of it).  It logs "echo: chan N: oversize reply in
- *     N ms" once it has taken the message, so that a test knows when the
- *     user may leave;
+ *     N ms" once it has taken the message (so that a test knows when the
+ *     user may leave) and "echo: chan N: oversize reply: -90" (what the
+ *     send returned) after, on a log budget of their own;
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -151,6 +152,11 @@ static struct kup_ratelimit echo_session_rl =
     KUP_RATELIMIT_INIT("echo", ECHO_LOG_BURST, ECHO_LOG_WINDOW_MS);
 static struct kup_ratelimit echo_lockhold_rl =
     KUP_RATELIMIT_INIT("echo (lock holds)", ECHO_LOCKHOLD_LOG_BURST,
+	ECHO_LOG_WINDOW_MS);
+/* "!oversize": tests wait for its lines too, also after a burst of session
+ * ends has used up echo_session_rl -- the same budget as lock holds */
+static struct kup_ratelimit echo_oversize_rl =
+    KUP_RATELIMIT_INIT("echo (oversize replies)", ECHO_LOCKHOLD_LOG_BURST,
 	ECHO_LOG_WINDOW_MS);
 
 static struct kupdev_softc *echo_sc;
@@ -482,7 +488,7 @@ echo_serve(struct echo_slot *s, int again)
 				    ECHO_OVERSIZE_MAX_MS);
 
 				kupdev_unlock_channel(echo_sc, s->chan);
-				kup_log_limited(&echo_session_rl,
+				kup_log_limited(&echo_oversize_rl,
 				    "echo: chan %d: oversize reply in %u ms",
 				    s->chan, ms);
 				if (ms != 0)
@@ -491,6 +497,9 @@ echo_serve(struct echo_slot *s, int again)
 				 * area before it reads a byte of the data */
 				r = kupdev_send(echo_sc, s->buf, echo_max + 1,
 				    s->chan);
+				kup_log_limited(&echo_oversize_rl,
+				    "echo: chan %d: oversize reply: %d", s->chan,
+				    r);
 				break;
 			}
 			if (echo_has_prefix(m.data, m.len, "!hold")) {
