@@ -2,6 +2,9 @@
 
     {"time": "...", "event": "denied", "tenant": "bob", "op": "session",
      "device": "echo", "channel": 40, "rule": "channels"}
+    {"time": "...", "event": "denied", "tenant": "carol", "op": "lease",
+     "device": "echo", "channel": 9, "rule": "lease-owner",
+     "lease": "...", "owner": "alice"}
     {"time": "...", "event": "admin", "action": "revoke", "lease": "...",
      "tenant": "bob", "device": "echo", "channel": 40, "reason": "..."}
 
@@ -10,6 +13,10 @@ line that can be written before them says how many are missing and since
 when: ``{"time": "...", "event": "lost", "lost": 12, "since": "..."}``.
 A line a full disk cut short is cut off the file again, so the file holds
 whole JSON lines only.
+
+A ``lease-owner`` line is a tenant's use of another tenant's live lease
+id: the tenant was answered NOT_FOUND as for an id that names no lease;
+the line names the lease and its ``owner``.
 
 Admin actions: ``revoke`` (lease, tenant, device, channel, reason),
 ``drain`` / ``undrain`` (device, leases_ended), ``reload`` (via: admin or
@@ -88,9 +95,11 @@ class AuditLog:
         channel: int | None,
         rule: str,
         unrecorded: int = 0,
+        **extra: str,
     ) -> None:
         """One denial; ``unrecorded``: the tenant's denials left out since its
-        last line (kupd.policy's budget of lines per tenant)."""
+        last line (kupd.policy's budget of lines per tenant); ``extra``: more
+        fields (rule lease-owner: ``lease`` and its ``owner`` tenant)."""
         self.count += 1
         rec: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -100,6 +109,7 @@ class AuditLog:
             "device": device,
             "channel": channel,
             "rule": rule,
+            **extra,
         }
         if unrecorded:
             rec["unrecorded_before"] = unrecorded

@@ -24,8 +24,11 @@ A tenant is identified by the unix socket its requests arrive on (see
 
 Every denial raises :class:`kupd.errors.PermissionDenied` or
 :class:`kupd.errors.ResourceExhausted` with a message naming the tenant and
-the rule (``ops``, ``grant``, ``channels``, ``lease-owner``,
-``max_sessions``, ...), and writes one audit line (``kupd.audit``).
+the rule (``ops``, ``grant``, ``channels``, ``max_sessions``, ...), and
+writes one audit line (``kupd.audit``).  One rule is answered otherwise:
+``lease-owner`` (another tenant's lease id) is the NotFound of a lease id
+that names nothing, so that the answer does not tell the id is live; only
+its audit line says what it was.
 
 Without any ``[[tenant]]`` kupd serves one socket as the tenant
 ``default`` with everything allowed (the behaviour before tenants).
@@ -448,9 +451,13 @@ class Guard:
     def _record(self, t: Tenant, op: str, device: str, chan: int | None, rule: str) -> None:
         self.record(t.name, op, device, chan, rule)
 
-    def record(self, tenant: str, op: str, device: str, chan: int | None, rule: str) -> None:
-        """One audit line (and one count) for a denial.  The device is a
-        client's string: at most SHOWN_MAX characters of it are recorded."""
+    def record(
+        self, tenant: str, op: str, device: str, chan: int | None, rule: str, **extra: str
+    ) -> None:
+        """One audit line (and one count) for a denial; ``extra``: more
+        fields of the line, for the operator only (lease-owner: the lease and
+        its owner).  The device is a client's string: at most SHOWN_MAX
+        characters of it are recorded."""
         key = (tenant, rule)
         self.denials[key] = self.denials.get(key, 0) + 1
         if self.audit is None:
@@ -464,7 +471,7 @@ class Guard:
             return
         if len(device) > SHOWN_MAX:
             device = f"{device[:SHOWN_MAX]}... ({len(device.encode())} bytes)"
-        self.audit.denial(tenant, op, device, chan, rule, unrecorded=unrecorded)
+        self.audit.denial(tenant, op, device, chan, rule, unrecorded=unrecorded, **extra)
 
     def deny(self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str) -> None:
         self._record(t, op, device, chan, rule)

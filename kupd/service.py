@@ -39,7 +39,7 @@ from kupd.devices import (
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
 from kupd.policy import Budget, Guard, Tenant, current_tenant, sendable, use_tenant
-from kupd.sessions import Lease, LeaseTable
+from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
 
@@ -634,14 +634,20 @@ class KupService(kup_pb2_grpc.KupServicer):
         t = self.guard.tenant()
         lease = self.leases.get(lease_id, None if t.admin else t.name)
         if lease.tenant != t.name and not t.admin:
-            self.guard.deny(
-                t,
+            # Another tenant's lease is answered as one that does not exist
+            # (the same NotFound, word for word): any other answer would
+            # confirm that the id is live.  The operator's audit log still
+            # records the attempt, as rule lease-owner, naming the owner.
+            self.guard.record(
+                t.name,
                 "lease",
                 lease.dev.name,
                 lease.ch.id,
                 "lease-owner",
-                f"lease {lease_id} belongs to another tenant",
+                lease=lease.id,
+                owner=lease.tenant,
             )
+            raise no_lease(lease_id)
         self.guard.check_op(t, "lease", lease.dev.name, lease.ch.id)
         if lease.holder != "lease":
             raise errors.Busy(f"lease {lease_id} belongs to a Session stream")

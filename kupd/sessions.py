@@ -25,7 +25,7 @@ from kupd.policy import Budget
 from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
-__all__ = ["Lease", "LeaseTable", "OpLock"]
+__all__ = ["Lease", "LeaseTable", "OpLock", "no_lease"]
 
 log = get_logger("kupd.sessions")
 
@@ -132,6 +132,13 @@ class Lease:
 
     def describe(self) -> str:
         return f"{self.holder} {self.id} (device {self.dev.name} channel {self.ch.id})"
+
+
+def no_lease(lease_id: str) -> errors.NotFound:
+    """The answer for a lease id that names no lease of the caller's: one
+    never taken, one ended long ago -- and another tenant's, live or not,
+    which must read exactly the same (docs/security.md)."""
+    return errors.NotFound(f"no lease {lease_id!r} (released, expired, or never taken)")
 
 
 class LeaseTable:
@@ -267,7 +274,7 @@ class LeaseTable:
             gone = self._ended.get(lease_id)
             if gone is not None and (tenant is None or gone[0] == tenant):
                 raise type(gone[1])(gone[1].message)
-            raise errors.NotFound(f"no lease {lease_id!r} (released, expired, or never taken)")
+            raise no_lease(lease_id)
         return lease
 
     def end(self, lease: Lease, reason: str, error: errors.KupError | None = None) -> None:

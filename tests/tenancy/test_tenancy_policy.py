@@ -505,18 +505,63 @@ def _calls_again(b: Client) -> bool:
         return False
 
 
-def test_a_lease_id_is_useless_to_another_tenant(tk: TenantKupd) -> None:
-    with tk.client("alice") as a, tk.client("carol") as c:
-        lease = a.attach("echo")
-        try:
-            with pytest.raises(errors.PermissionDenied, match="rule lease-owner"):
-                c.lease_send(lease.lease_id, b"steal")
-            with pytest.raises(errors.PermissionDenied, match="rule lease-owner"):
-                c.release(lease.lease_id)
-            a.lease_receive(lease.lease_id, timeout=10)  # still alice's, untouched
-        finally:
-            a.release(lease.lease_id)
-    assert _audit_has(tk, tenant="carol", op="lease", rule="lease-owner")
+def _lease_rpcs(
+    stub: kup_pb2_grpc.KupStub, lease_id: str
+) -> Iterator[tuple[str, tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]]]:
+    """Every RPC that takes a lease id, called with ``lease_id``: (name, its
+    status code, details and kupd's trailing metadata)."""
+    calls = {
+        "Send": lambda: stub.Send(kup_pb2.SendRequest(lease_id=lease_id, data=b"x"), timeout=10),
+        "Send wait_reply": lambda: stub.Send(
+            kup_pb2.SendRequest(lease_id=lease_id, data=b"x", wait_reply=True), timeout=10
+        ),
+        "Receive": lambda: stub.Receive(
+            kup_pb2.ReceiveRequest(lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_NONBLOCK),
+            timeout=10,
+        ),
+        "Pass": lambda: stub.Pass(kup_pb2.PassRequest(lease_id=lease_id), timeout=10),
+        "Release": lambda: stub.Release(kup_pb2.ReleaseRequest(lease_id=lease_id), timeout=10),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        e: Any = ei.value
+        kup = tuple((k, v) for k, v in (e.trailing_metadata() or ()) if k.startswith("kup-"))
+        yield name, (e.code(), e.details(), kup)
+
+
+def test_another_tenants_lease_id_reads_as_no_lease(tk: TenantKupd) -> None:
+    """A lease id of another tenant -- live, or ended -- gets exactly the
+    answer of an id that names no lease (NOT_FOUND, the same words): a
+    PERMISSION_DENIED told carol that alice's id was live.  Alice's lease
+    is untouched, and the operator's audit log records carol's attempt as
+    rule lease-owner, naming the lease and its owner."""
+    unknown = "0123456789abcdef"
+    chan = grpc.insecure_channel("unix:" + tk.sock("carol"))
+    try:
+        stub = kup_pb2_grpc.KupStub(chan)
+        nothing = dict(_lease_rpcs(stub, unknown))
+        assert {v[0] for v in nothing.values()} == {grpc.StatusCode.NOT_FOUND}, nothing
+        with tk.client("alice") as a:
+            lease = a.attach("echo")
+            live = lease.lease_id
+            try:
+                for name, got in _lease_rpcs(stub, live):
+                    code, details, meta = nothing[name]
+                    assert got == (code, details.replace(unknown, live), meta), (name, got)
+                with tk.client("carol") as c, pytest.raises(errors.NotFound):
+                    c.lease_send(live, b"steal")  # the client library's view: the same
+                a.lease_receive(live, timeout=10)  # still alice's, untouched
+            finally:
+                a.release(live)
+        for name, got in _lease_rpcs(stub, live):  # ended: the same again
+            code, details, meta = nothing[name]
+            assert got == (code, details.replace(unknown, live), meta), (name, got)
+    finally:
+        chan.close()
+    assert _audit_has(
+        tk, tenant="carol", op="lease", rule="lease-owner", lease=live, owner="alice"
+    ), tk.audit_lines()
 
 
 def test_list_devices_shows_only_what_the_tenant_may_use(tk: TenantKupd) -> None:
