@@ -106,6 +106,15 @@ class PoolChannel:
     settled: list[Callable[[], None]] = field(default_factory=list)
 
 
+def _down(counts: dict[str, int], key: str) -> None:
+    """One fewer for ``key`` (gone at 0: keys are tenants' and callers')."""
+    n = counts[key] - 1
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]
+
+
 class CallPool:
     def __init__(
         self, device: str, metrics: Metrics, max_queued: int, size: int, quarantine: float = 30.0
@@ -128,6 +137,10 @@ class CallPool:
         self._shares: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._in_flight = 0
+        #: of _in_flight and _queued, each group's (tenant's): what
+        #: ListDevices shows a tenant, whose view is its own Calls only
+        self._group_in_flight: dict[str, int] = {}
+        self._group_queued: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -317,6 +330,15 @@ class CallPool:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def in_flight_of(self, group: str) -> int:
+        """Of :attr:`in_flight`, the Calls of ``group`` (a tenant's, as
+        Guard.fair_key names it)."""
+        return self._group_in_flight.get(group, 0)
+
+    def queued_of(self, group: str) -> int:
+        """Of :attr:`queued`, the Calls of ``group``."""
+        return self._group_queued.get(group, 0)
+
     def state_of(self, chan_id: int) -> str | None:
         pc = self.channels.get(chan_id)
         return None if pc is None else pc.state
@@ -347,6 +369,7 @@ class CallPool:
             callers.append(caller)
         q.append(fut)
         self._queued += 1
+        self._group_queued[group] = self._group_queued.get(group, 0) + 1
         self._queued_gauge.inc()
         # The deadline fails the waiter's future itself (a timer, not an
         # asyncio.timeout scope per queued Call); a future granted first
@@ -413,6 +436,7 @@ class CallPool:
         finally:
             timer.cancel()
             self._queued -= 1
+            _down(self._group_queued, group)
             self._queued_gauge.dec()
 
     async def call(
@@ -447,6 +471,9 @@ class CallPool:
         self._in_flight += 1
         if self._in_flight == 1:
             self._idle.clear()
+        group = caller.partition("\x1f")[0]
+        mine = self._group_in_flight
+        mine[group] = mine.get(group, 0) + 1
         try:
             if self._free and not self._rr and not share:
                 # the usual case: no wait, no deadline sums
@@ -454,7 +481,6 @@ class CallPool:
                 pc.state = "busy"
                 return await self._exchange(pc, data, timeout, held)
             if share or self._shares:  # the group's share as it is now (a reload)
-                group = caller.split("\x1f", 1)[0]
                 if share:
                     self._shares[group] = share
                 else:
@@ -473,6 +499,7 @@ class CallPool:
                 )
             return await self._exchange(pc, data, left, held)
         finally:
+            _down(mine, group)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

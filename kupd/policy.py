@@ -619,7 +619,12 @@ class Guard:
         caller = (caller or "anonymous").replace("\x1f", " ")
         if t is DEFAULT:
             return caller
-        return f"{_GROUP}{t.name}\x1f{caller}"
+        return f"{self.pool_group(t)}\x1f{caller}"
+
+    @staticmethod
+    def pool_group(t: Tenant) -> str:
+        """The tenant's Call pool group (the GROUP of :meth:`fair_key`)."""
+        return f"{_GROUP}{t.name}"
 
     def pool_shares(self) -> dict[str, int]:
         """Each tenant's max_pool_channels by its Call pool group (the

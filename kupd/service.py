@@ -38,7 +38,15 @@ from kupd.devices import (
 )
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
-from kupd.policy import Budget, Guard, Tenant, current_tenant, sendable, use_tenant
+from kupd.policy import (
+    DEFAULT,
+    Budget,
+    Guard,
+    Tenant,
+    current_tenant,
+    sendable,
+    use_tenant,
+)
 from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
@@ -416,7 +424,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         return remaining if timeout is None else min(timeout, remaining)
 
     # ---------------------------------------------------------------- devices
-    def _device_pb(self, d: ManagedDevice) -> kup_pb2.DeviceInfo:
+    def _device_pb(self, d: ManagedDevice, t: Tenant) -> kup_pb2.DeviceInfo:
+        """``d`` as ``t`` sees it: the Calls of the pool it is shown are its
+        own, unless it is the admin's socket or the one tenant of a kupd
+        without [[tenant]] tables (scope_device_pb trims the rest)."""
         info = d.info
         drained = d.name in self.guard.drained
         if info is None:
@@ -441,12 +452,17 @@ class KupService(kup_pb2_grpc.KupServicer):
             notify_gen=info.notify_gen,
             shutting_down=info.shutting_down,
             call_channels=len(d.pool.channels),
-            calls_in_flight=d.pool.in_flight,
-            calls_queued=d.pool.queued,
             drained=drained,
             error=stalled,
             not_answering_ms=min(int(silent_s * 1000), 2**32 - 1),
         )
+        pool = d.pool
+        if t.admin or t is DEFAULT:  # every Call is the caller's business
+            out.calls_in_flight, out.calls_queued = pool.in_flight, pool.queued
+        else:  # other tenants' Calls are not: its own only, and it is told so
+            group = self.guard.pool_group(t)
+            out.calls_in_flight, out.calls_queued = pool.in_flight_of(group), pool.queued_of(group)
+            out.calls_tenant = t.name
         attached = set(info.attached)
         module_holds = set(info.module_holds)
         for cid in range(info.chan_count):
@@ -495,7 +511,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         # for at most PROBE_WAIT: a hung host shows as such, in time
         await asyncio.gather(*(d.probe() for d in devs))
         return kup_pb2.ListDevicesResponse(
-            devices=[scope_device_pb(self._device_pb(d), t, self._owner_of) for d in devs]
+            devices=[scope_device_pb(self._device_pb(d, t), t, self._owner_of) for d in devs]
         )
 
     # ---------------------------------------------------------------- leases

@@ -429,6 +429,8 @@ function toDevice(d) {
     error: d.error,
     calls_in_flight: d.calls_in_flight,
     calls_queued: d.calls_queued,
+    // the tenant whose Calls the two above count ('': every Call of the pool)
+    calls_tenant: d.calls_tenant,
     channels: (d.channels || []).map((c) => ({
       id: c.id, state: STATE_NAMES[c.state] || 'unknown', lease_id: c.lease_id,
     })),

@@ -74,15 +74,17 @@ class Completions:
             return self.done[: last_small + 1].count(big)
 
 
-def wait_calls(fc: Client, in_flight: int, queued: int, what: str) -> None:
+def wait_calls(k: TenantKupd, in_flight: int, queued: int, what: str) -> None:
     """Until kupd counts exactly these Calls on echo (taken or waiting /
-    waiting for a pool channel)."""
+    waiting for a pool channel): every tenant's, as the admin socket sees
+    them (a tenant's socket counts its own)."""
 
     def now() -> bool:
-        (d,) = fc.devices("echo")
+        (d,) = whole.devices("echo")
         return (d.calls_in_flight, d.calls_queued) == (in_flight, queued)
 
-    wait_until(now, what=what)
+    with Client(k.admin_socket) as whole:
+        wait_until(now, what=what)
 
 
 @contextlib.contextmanager
@@ -94,7 +96,7 @@ def gated_pool(k: TenantKupd, stub: kup_pb2_grpc.KupStub, calls: Completions) ->
     with k.client("flood") as fc:
         for _ in range(POOL):
             calls.submit(stub, "gate", GATE, caller="gate")
-        wait_calls(fc, POOL, 0, "the gating calls to hold the pool")
+        wait_calls(k, POOL, 0, "the gating calls to hold the pool")
         yield fc
         with fc.open("echo").channel() as ch:
             ch.receive(timeout=30)  # the kernel's opening hand-over
@@ -113,14 +115,14 @@ def run_gated(
 ) -> None:
     """Behind the gated pool, queue ``first`` whole, then ``then``; let the
     pool go and wait until every call is answered."""
-    with gated_pool(k, gate, calls) as fc:
+    with gated_pool(k, gate, calls):
         for stub, tag, data, caller in first:
             calls.submit(stub, tag, data, caller)
-        wait_calls(fc, POOL + len(first), len(first), "the first calls queued")
+        wait_calls(k, POOL + len(first), len(first), "the first calls queued")
         for stub, tag, data, caller in then:
             calls.submit(stub, tag, data, caller)
         n = len(first) + len(then)
-        wait_calls(fc, POOL + n, n, "the later calls queued behind them")
+        wait_calls(k, POOL + n, n, "the later calls queued behind them")
     wait_until(lambda: len(calls.done) == POOL + n, timeout=120, what="every call answered")
 
 

@@ -37,8 +37,12 @@ device = "echo"
 """
 
 
-def _pool(c: Client) -> tuple[int, int, list[str]]:
-    (d,) = c.devices("echo")
+def _pool(k: TenantKupd) -> tuple[int, int, list[str]]:
+    """echo's Call pool: every tenant's Calls in flight and queued, as the
+    admin socket counts them (a tenant's socket counts its own only), and
+    the pool channels' states."""
+    with Client(k.admin_socket) as whole:
+        (d,) = whole.devices("echo")
     states = [ch.state for ch in d.channels if ch.state in ("calls", "quarantined")]
     return d.calls_in_flight, d.calls_queued, states
 
@@ -57,7 +61,7 @@ def _wait_holds(k: TenantKupd, n: int) -> None:
 def test_timed_out_calls_take_at_most_the_share(start_tenants: StartTenants) -> None:
     k = start_tenants(BODY)
     with k.client("hog") as hog, k.client("other") as other:
-        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        wait_until(lambda: _pool(k)[2] == ["calls"] * POOL, what="the pool to fill")
         holds = echo_lock_holds(k.sim)
         try:
             # Each Call's reply stays owed: its channel is quarantined.
@@ -65,7 +69,7 @@ def test_timed_out_calls_take_at_most_the_share(start_tenants: StartTenants) -> 
                 with pytest.raises(errors.DeadlineExceeded):
                     hog.call("echo", LOCKHOLD, timeout=0.3)
             _wait_holds(k, holds + 2)
-            assert sorted(_pool(other)[2]) == ["calls", "quarantined", "quarantined"]
+            assert sorted(_pool(k)[2]) == ["calls", "quarantined", "quarantined"]
             # the third pool channel is not the hog's to take
             with pytest.raises(errors.DeadlineExceeded) as ei:
                 hog.call("echo", b"more", timeout=0.5)
@@ -77,22 +81,22 @@ def test_timed_out_calls_take_at_most_the_share(start_tenants: StartTenants) -> 
         finally:
             _free_the_holds(k)
         # the module answers at last: the hog's channels come back
-        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool back")
+        wait_until(lambda: _pool(k)[2] == ["calls"] * POOL, what="the pool back")
         assert hog.call("echo", b"again", timeout=10).data.lower() == b"again"
 
 
 def test_busy_calls_beyond_the_share_wait_and_others_pass(start_tenants: StartTenants) -> None:
     k = start_tenants(BODY)
     with k.client("hog") as hog, k.client("other") as other:
-        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        wait_until(lambda: _pool(k)[2] == ["calls"] * POOL, what="the pool to fill")
         holds = echo_lock_holds(k.sim)
         calls = [in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60)) for _ in range(3)]
         try:
             _wait_holds(k, holds + 2)
             # two hold a channel each; the third waits though one is free
-            wait_until(lambda: _pool(other)[:2] == (3, 1), what="the hog's third Call queued")
+            wait_until(lambda: _pool(k)[:2] == (3, 1), what="the hog's third Call queued")
             assert other.call("echo", b"first", timeout=10).data.lower() == b"first"
-            assert _pool(other)[:2] == (3, 1)
+            assert _pool(k)[:2] == (3, 1)
         finally:
             _free_the_holds(k)
         # the third gets a channel once one of the hog's is back
@@ -120,12 +124,12 @@ def test_a_tenant_at_its_share_filling_the_queue_locks_nobody_out(
     k = start_tenants("max_queued_calls = 2\n" + BODY.replace("max_pool_channels = 2",
                                                               "max_pool_channels = 1"))
     with k.client("hog") as hog, k.client("other") as other:
-        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+        wait_until(lambda: _pool(k)[2] == ["calls"] * POOL, what="the pool to fill")
         holds = echo_lock_holds(k.sim)
         calls = [in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60)) for _ in range(3)]
         try:
             _wait_holds(k, holds + 1)
-            wait_until(lambda: _pool(other)[:2] == (3, 2), what="the hog's two Calls queued")
+            wait_until(lambda: _pool(k)[:2] == (3, 2), what="the hog's two Calls queued")
             for i in range(3):
                 got = other.call("echo", f"other {i}".encode(), timeout=10)
                 assert got.data.lower() == f"other {i}".encode()
@@ -144,14 +148,14 @@ def test_a_reload_that_lifts_the_share_frees_queued_calls(start_tenants: StartTe
     raises the share -- not only when the tenant next calls."""
     body = BODY.replace("max_pool_channels = 2", "max_pool_channels = 1")
     k = start_tenants(body)
-    with k.client("hog") as hog, k.client("other") as other:
-        wait_until(lambda: _pool(other)[2] == ["calls"] * POOL, what="the pool to fill")
+    with k.client("hog") as hog:
+        wait_until(lambda: _pool(k)[2] == ["calls"] * POOL, what="the pool to fill")
         holds = echo_lock_holds(k.sim)
         first = in_background(lambda: hog.call("echo", LOCKHOLD, timeout=60))
         try:
             _wait_holds(k, holds + 1)
             second = in_background(lambda: hog.call("echo", b"second", timeout=60))
-            wait_until(lambda: _pool(other)[:2] == (2, 1), what="the hog's second Call queued")
+            wait_until(lambda: _pool(k)[:2] == (2, 1), what="the hog's second Call queued")
             k.write_config(body.replace("max_pool_channels = 1", "max_pool_channels = 2"))
             with k.admin() as adm:
                 assert "tenants" in adm.reload().applied

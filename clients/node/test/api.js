@@ -17,8 +17,8 @@ test('listDevices: plain objects with the Python client\'s field names and state
   const dev = all.find((d) => d.name === device);
   assert.ok(dev, `device ${device}`);
   assert.deepEqual(Object.keys(dev).sort(), [
-    'abi_version', 'announced', 'call_channels', 'calls_in_flight', 'calls_queued', 'channel_count',
-    'channels', 'drained', 'error', 'max_message_bytes', 'name', 'notify_gen', 'page_size',
+    'abi_version', 'announced', 'call_channels', 'calls_in_flight', 'calls_queued', 'calls_tenant',
+    'channel_count', 'channels', 'drained', 'error', 'max_message_bytes', 'name', 'notify_gen', 'page_size',
     'pages_per_channel', 'reachable', 'shutting_down',
   ]);
   assert.equal(typeof dev.max_message_bytes, 'number');

@@ -71,6 +71,9 @@ class DeviceInfo:
     shutting_down: bool
     call_channels: int
     error: str = ""
+    #: the Call pool's Calls in flight / queued: the caller's tenant's own
+    #: (calls_tenant names it), or every Call of the pool (calls_tenant "":
+    #: the admin socket, a kupd without tenants)
     calls_in_flight: int = 0
     calls_queued: int = 0
     channels: list[ChannelInfo] = field(default_factory=list)
@@ -79,6 +82,8 @@ class DeviceInfo:
     #: seconds its host has not answered kupd (reachable: hung or stopped;
     #: the rest is the last state it gave); 0.0 while it answers
     not_answering_s: float = 0.0
+    #: the tenant whose Calls calls_in_flight / calls_queued count ("": all)
+    calls_tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
         calls_queued=d.calls_queued,
         drained=d.drained,
         not_answering_s=d.not_answering_ms / 1000,
+        calls_tenant=d.calls_tenant,
         channels=[
             ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],

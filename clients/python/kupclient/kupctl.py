@@ -301,7 +301,8 @@ def _device_state(d: DeviceInfo) -> str:
 
 
 def cmd_devices(args: argparse.Namespace, out: Output) -> int:
-    with _client(args) as c:
+    # --admin: the admin socket's view, which counts every tenant's Calls
+    with Client(args.admin_socket) if args.admin else _client(args) as c:
         devs = c.devices(args.device or "")
     if out.as_json:
         out.json({"devices": [asdict(d) for d in devs]})
@@ -355,6 +356,12 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
             counts[ch.state] = counts.get(ch.state, 0) + 1
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         out.line(f"{d.name}: channels {summary or 'none'}")
+        if d.calls_tenant:
+            # a tenant's socket: CALLS and QUEUED are that tenant's own
+            out.line(
+                f"{d.name}: CALLS and QUEUED count tenant {d.calls_tenant}'s Calls only "
+                "(the whole pool: kupctl devices --admin)"
+            )
         if d.error:
             out.line(f"{d.name}: {d.error}")
     return EXIT_OK
@@ -897,6 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--all-channels", action="store_true", help="list free channels too (default: only busy)"
     )
+    sp.add_argument(
+        "--admin",
+        action="store_true",
+        help="ask on the admin socket: every device, channel and lease, and the Calls of "
+        "every tenant (a tenant's socket counts its own)",
+    )
 
     sp = add("watch", cmd_watch, "print device and lease events as they happen")
     sp.add_argument("device", nargs="?", metavar="DEVICE", help="only this device's events")
@@ -946,6 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="kupd's root-only admin socket (default: $KUPD_ADMIN_SOCKET, else "
             f"{DEFAULT_ADMIN_SOCKET})",
         )
+
+    admin_opts(sub.choices["devices"])
 
     sp = add("stats", cmd_stats, "traffic, sessions and errors from kupd's metrics")
     sp.add_argument(
@@ -1129,6 +1144,11 @@ def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.socket = env("KUPD_SOCKET") or default_socket()
     if not args.socket:
         parser.error("argument --socket: must not be empty")
+    if hasattr(args, "admin") and not hasattr(args, "metrics"):  # devices
+        if args.admin_socket is not None:
+            args.admin = True  # --admin-socket says where, and so which
+        if not args.admin:
+            del args.admin_socket  # a connection failure's hint names the socket
     if hasattr(args, "metrics"):  # stats: the endpoint, or --admin's socket
         if args.admin_socket is not None:
             args.admin = True  # --admin-socket says where, and so which

@@ -1,0 +1,106 @@
+"""What one tenant can learn of another through the API: nothing of its
+activity.  ListDevices counts a tenant's own Calls only (the admin socket,
+and kupctl devices --admin, count the whole pool) -- against a real kupd
+with two tenants sharing one device's Call pool of ONE channel, so that
+where a Call is (on the channel, queued) is set by the test, not by time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
+
+from kupclient import Client, Message
+from kupd.testing import Background, echo_lock_holds, in_background, wait_until
+
+BODY = """
+[[device]]
+name = "echo"
+call_channels = 1
+
+[[tenant]]
+name = "ann"
+socket = "@DIR@/ann.sock"
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "ben"
+socket = "@DIR@/ben.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+#: the kupd, and the three Calls of busy_pool
+BusyPool = tuple[TenantKupd, list[Background[Message]]]
+
+
+def _calls(c: Client) -> tuple[int, int, str]:
+    (d,) = c.devices("echo")
+    return d.calls_in_flight, d.calls_queued, d.calls_tenant
+
+
+def _let_go(k: TenantKupd) -> None:
+    """A "!lockfree" on a Session's channel ends echo's lock holds."""
+    with k.client("ben") as c, c.open("echo").channel() as ch:
+        ch.receive(timeout=30)  # the kernel's opening hand-over
+        assert ch.exchange(b"!lockfree", timeout=30).data.lower() == b"!lockfree"
+
+
+@pytest.fixture
+def busy_pool(start_tenants: StartTenants) -> Iterator[BusyPool]:
+    """ann's Call holds the pool's one channel (echo keeps its reply owed);
+    ann has a second Call queued behind it, ben one."""
+    k = start_tenants(BODY)
+    ann, ben = k.client("ann"), k.client("ben")
+    whole = Client(k.admin_socket)
+    calls: list[Background[Message]] = []
+    try:
+        wait_until(lambda: _calls(whole)[:2] == (0, 0), what="kupd up")
+        holds = echo_lock_holds(k.sim)
+        calls.append(in_background(lambda: ann.call("echo", LOCKHOLD, timeout=60)))
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold ann's Call")
+        calls.append(in_background(lambda: ann.call("echo", b"ann queued", timeout=60)))
+        calls.append(in_background(lambda: ben.call("echo", b"ben queued", timeout=60)))
+        wait_until(lambda: _calls(whole) == (3, 2, ""), what="two Calls queued")
+        yield k, calls
+    finally:
+        _let_go(k)
+        for c in calls:
+            c.outcome(60)
+        for x in (ann, ben, whole):
+            x.close()
+
+
+def test_list_devices_counts_a_tenants_own_calls(
+    busy_pool: BusyPool,
+) -> None:
+    """calls_in_flight / calls_queued showed every tenant the whole pool --
+    ben saw that ann had two Calls going.  Each now sees its own, and is
+    told whose (calls_tenant); the admin socket sees the pool's."""
+    k, _ = busy_pool
+    with k.client("ann") as ann, k.client("ben") as ben, Client(k.admin_socket) as whole:
+        assert _calls(ann) == (2, 1, "ann")
+        assert _calls(ben) == (1, 1, "ben")
+        assert _calls(whole) == (3, 2, "")
+
+
+def test_kupctl_devices_says_whose_calls_and_admin_shows_the_pool(
+    busy_pool: BusyPool,
+) -> None:
+    k, _ = busy_pool
+    mine = run_module("kupclient.kupctl", "--socket", k.sock("ben"), "devices")
+    assert mine.returncode == 0, mine
+    assert "CALLS and QUEUED count tenant ben's Calls only" in mine.stdout, mine.stdout
+    got = run_module("kupclient.kupctl", "--json", "devices", "--admin-socket", k.admin_socket)
+    assert got.returncode == 0, got
+    (d,) = json.loads(got.stdout)["devices"]
+    assert (d["calls_in_flight"], d["calls_queued"], d["calls_tenant"]) == (3, 2, ""), d
+    text = run_module(
+        "kupclient.kupctl", "--socket", k.sock("ben"), "devices", "--admin",
+        "--admin-socket", k.admin_socket,
+    )
+    assert text.returncode == 0 and "count tenant" not in text.stdout, text
