@@ -38,7 +38,7 @@ from kupd.log import get_logger
 from kupd.metrics import CallCount, Metrics
 from kupd.waiting import ChannelWaiter
 
-__all__ = ["CALLER_MAX", "CallPool", "PoolChannel", "caller_arg"]
+__all__ = ["CALLER_MAX", "TENANT_GROUP", "CallPool", "PoolChannel", "caller_arg"]
 
 log = get_logger("kupd.calls")
 
@@ -73,6 +73,10 @@ _HAS_TRY_EXCHANGE = hasattr(Channel, "try_exchange")
 #: nothing (DeadlineExceeded): the reply could not come in time, and the
 #: channel would be left quarantined owing it.
 _SEND_MIN_LEFT = 0.001
+
+
+#: A tenant's Call pool group starts with this (kupd.policy, Guard.fair_key).
+TENANT_GROUP = "tenant:"
 
 
 class _QueueTimeout(Exception):
@@ -339,6 +343,15 @@ class CallPool:
         """Of :attr:`queued`, the Calls of ``group``."""
         return self._group_queued.get(group, 0)
 
+    def _queued_text(self, group: str) -> str:
+        """The queue as a refused Call of ``group`` is told of it: a
+        tenant's own Calls only (the others' are not its business, as in
+        ListDevices); without tenants, every Call."""
+        if group.startswith(TENANT_GROUP):
+            name = group[len(TENANT_GROUP) :]
+            return f"{self.queued_of(group)} of tenant {name}'s Calls queued"
+        return f"{self._queued} calls queued"
+
     def state_of(self, chan_id: int) -> str | None:
         pc = self.channels.get(chan_id)
         return None if pc is None else pc.state
@@ -406,7 +419,7 @@ class CallPool:
                         else ""
                     )
                     raise errors.DeadlineExceeded(
-                        f"device {self.device}: tenant {group.removeprefix('tenant:')}'s "
+                        f"device {self.device}: tenant {group.removeprefix(TENANT_GROUP)}'s "
                         f"Calls already hold {len(mine)} of the device's "
                         f"{len(self.channels)} pool channels (limit max_pool_channels="
                         f"{share}{why}), and none came back within {timeout:.3f}s"
@@ -430,7 +443,7 @@ class CallPool:
                 )
                 raise errors.DeadlineExceeded(
                     f"device {self.device}: no pool channel became free within {timeout:.3f}s "
-                    f"({len(self.channels)} channels{held}; {self._queued} calls queued)"
+                    f"({len(self.channels)} channels{held}; {self._queued_text(group)})"
                 ) from None
             raise
         finally:

@@ -47,6 +47,7 @@ from typing import Any
 
 from kupd import errors
 from kupd.abi import KUP_MAX_CHANNELS
+from kupd.calls import TENANT_GROUP
 from kupd.devices import SHOWN_MAX, shown
 
 __all__ = [
@@ -126,7 +127,7 @@ class Tenant:
 
 
 #: A tenant's Call pool group: the GROUP of Guard.fair_key's keys.
-_GROUP = "tenant:"
+_GROUP = TENANT_GROUP
 
 #: The tenant of a kupd without [[tenant]] tables: everything allowed.
 DEFAULT = Tenant("default")

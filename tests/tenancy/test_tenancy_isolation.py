@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
 
-from kupclient import Client, Message
+from kupclient import Client, Message, errors
 from kupd.testing import Background, echo_lock_holds, in_background, wait_until
 
 BODY = """
@@ -104,3 +104,13 @@ def test_kupctl_devices_says_whose_calls_and_admin_shows_the_pool(
         "--admin-socket", k.admin_socket,
     )
     assert text.returncode == 0 and "count tenant" not in text.stdout, text
+
+
+def test_a_calls_deadline_counts_its_own_tenants_queue(busy_pool: BusyPool) -> None:
+    """A Call that found no free pool channel was told how many Calls were
+    queued on the device -- every tenant's.  It is told its tenant's (this
+    one and ben's other queued Call), not ann's."""
+    k, _ = busy_pool
+    with k.client("ben") as ben, pytest.raises(errors.DeadlineExceeded) as ei:
+        ben.call("echo", b"too late", timeout=0.3)
+    assert str(ei.value).endswith("(1 channels; 2 of tenant ben's Calls queued)"), ei.value
