@@ -329,10 +329,12 @@ def _check_paths(cfg: Config) -> None:
     """No socket may be another socket, or a file kupd writes: binding a
     unix socket replaces whatever is at its path (kupd's own lock file
     included, which would let a second kupd start)."""
+    from kupd.policy import tenant_key
+
     sockets: list[tuple[str, str]] = []
     if not cfg.tenants:
         sockets.append(("socket", cfg.socket))
-    sockets += [(f"tenant[{i}].socket", t.socket) for i, t in enumerate(cfg.tenants)]
+    sockets += [(tenant_key(i, t.name) + ".socket", t.socket) for i, t in enumerate(cfg.tenants)]
     if cfg.admin_socket:
         sockets.append(("admin_socket", cfg.admin_socket))
     files = [("lock_file", cfg.lock_path), ("pid_file", cfg.pid_path), ("audit_log", cfg.audit_log)]
@@ -344,13 +346,15 @@ def _check_paths(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check cross-field rules; used after flags are applied too."""
+    from kupd.policy import tenant_key  # policy imports ConfigError from here
+
     if not cfg.socket:
         raise ConfigError("socket", "must not be empty")
     _unix_socket_path("socket", cfg.socket)
     if cfg.admin_socket:
         _unix_socket_path("admin_socket", cfg.admin_socket)
     for i, t in enumerate(cfg.tenants):
-        _unix_socket_path(f"tenant[{i}].socket", t.socket)
+        _unix_socket_path(tenant_key(i, t.name) + ".socket", t.socket)
     for key in ("lease_idle_timeout", "call_timeout", "call_quarantine"):
         _positive(key, getattr(cfg, key))
     # gRPC takes keepalive times as int32 milliseconds
@@ -391,10 +395,14 @@ def validate(cfg: Config) -> Config:
     for i, t in enumerate(cfg.tenants):
         for key, own in (("socket", cfg.socket), ("admin_socket", cfg.admin_socket)):
             if own and _same_path(t.socket, own):
-                raise ConfigError(f"tenant[{i}].socket", f"{t.socket} is kupd's own {key}")
+                raise ConfigError(
+                    tenant_key(i, t.name) + ".socket", f"{t.socket} is kupd's own {key}"
+                )
         for g in t.grants or ():
             if cfg.device(g.device) is None:
-                raise ConfigError(f"tenant[{i}].grant", f"no [[device]] named {g.device!r}")
+                raise ConfigError(
+                    tenant_key(i, t.name) + ".grant", f"no [[device]] named {g.device!r}"
+                )
     _check_paths(cfg)
     return cfg
 
@@ -402,6 +410,8 @@ def validate(cfg: Config) -> Config:
 def advisories(cfg: Config) -> list[tuple[str, str]]:
     """Valid settings that do not do what their key suggests: (key, why),
     for a warning at start and at each reload."""
+    from kupd.policy import tenant_key
+
     out: list[tuple[str, str]] = []
     if cfg.tenants and cfg.max_connections:
         out.append((
@@ -435,7 +445,7 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             whole = True
             if t.max_pool_channels:
                 out.append((
-                    f"tenant[{i}].max_pool_channels",
+                    tenant_key(i, t.name) + ".max_pool_channels",
                     f"{t.max_pool_channels} is not below device {d.name}'s "
                     f"call_channels={d.call_channels}: tenant {t.name}'s Calls "
                     "can still hold that whole pool",
@@ -447,7 +457,7 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
                     else "nor max_calls_in_flight"
                 )
                 out.append((
-                    f"tenant[{i}].max_pool_channels",
+                    tenant_key(i, t.name) + ".max_pool_channels",
                     f"not set ({by}): tenant {t.name}'s Calls can hold all of device "
                     f"{d.name}'s call_channels={d.call_channels} -- Calls that time out "
                     "quarantine them, and other tenants' Calls then find no channel; "
@@ -471,6 +481,8 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     ones), the live keys that changed (applied) and the restart-only keys
     that changed (not applied).  ConfigError: the result breaks a rule (a
     tenant granted a device the running kupd does not serve, ...)."""
+    from kupd.policy import tenant_key
+
     # A tenant that keeps its socket keeps its server, and a server's
     # connection cap is fixed when it is built (a gRPC option): the running
     # value stays, reported like a restart-only key.  A tenant with a new
@@ -482,7 +494,7 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
         old = served.get((t.name, t.socket))
         if old is not None and old.max_connections != t.max_connections:
             tenants[i] = replace(t, max_connections=old.max_connections)
-            kept_caps.append(f"tenant[{i}].max_connections")
+            kept_caps.append(tenant_key(i, t.name) + ".max_connections")
     new = replace(new, tenants=tuple(tenants))
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
     # with [[tenant]] tables the top-level socket is not served: a changed

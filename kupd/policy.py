@@ -66,8 +66,14 @@ __all__ = [
     "parse_channels",
     "parse_tenants",
     "sendable",
+    "tenant_key",
     "use_tenant",
 ]
+
+#: The names of kupd's own tenants (the admin socket's; the plain socket's
+#: without [[tenant]] tables): no [[tenant]] may take them.
+ADMIN_NAME = "admin"
+DEFAULT_NAME = "default"
 
 #: The operations a tenant may be allowed.
 OPS = ("session", "lease", "call", "watch")
@@ -130,9 +136,9 @@ class Tenant:
 _GROUP = TENANT_GROUP
 
 #: The tenant of a kupd without [[tenant]] tables: everything allowed.
-DEFAULT = Tenant("default")
+DEFAULT = Tenant(DEFAULT_NAME)
 #: The tenant of the admin socket: everything allowed, plus the Admin service.
-ADMIN = Tenant("admin", admin=True)
+ADMIN = Tenant(ADMIN_NAME, admin=True)
 
 _CURRENT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("kupd_tenant", default=DEFAULT)
 
@@ -218,6 +224,24 @@ TENANT_KEYS = frozenset({
 })
 
 
+def _good_name(name: Any) -> bool:
+    """A tenant name kupd takes: [A-Za-z0-9_-]+, not a reserved one."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name.replace("-", "").replace("_", "").isalnum()
+        and name not in (ADMIN_NAME, DEFAULT_NAME)
+    )
+
+
+def tenant_key(i: int, name: Any = None) -> str:
+    """How a config error names the ``i``-th [[tenant]] table: by its name
+    when it has a good one (``tenant[name=alice]``: an operator looks for
+    the name, and an index shifts as tables are added), else by its index
+    (``tenant[3]``: a missing or bad name, or the name is the problem)."""
+    return f"tenant[name={name}]" if _good_name(name) else f"tenant[{i}]"
+
+
 def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
     v = raw.get(k, 0)
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -226,22 +250,21 @@ def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
 
 
 def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
-    prefix = f"tenant[{i}]."
     if not isinstance(raw, dict):
         raise _config_error(f"tenant[{i}]", "must be a table ([[tenant]])")
+    name = raw.get("name")
+    prefix = tenant_key(i, name) + "."
     unknown = set(raw) - TENANT_KEYS
     if unknown:
         known = ", ".join(sorted(TENANT_KEYS))
         raise _config_error(prefix + sorted(unknown)[0], f"unknown key (known: {known})")
-    name = raw.get("name")
-    if (
-        not isinstance(name, str)
-        or not name
-        or not name.replace("-", "").replace("_", "").isalnum()
-    ):
-        raise _config_error(prefix + "name", f"must be a name of [A-Za-z0-9_-], not {name!r}")
-    if name in ("admin", "default"):
-        raise _config_error(prefix + "name", f"{name!r} is reserved")
+    if not _good_name(name):  # the name is the problem: named by index
+        if name in (ADMIN_NAME, DEFAULT_NAME):
+            raise _config_error(f"tenant[{i}].name", f"{name!r} is reserved")
+        raise _config_error(
+            f"tenant[{i}].name", f"must be a name of [A-Za-z0-9_-], not {name!r}"
+        )
+    assert isinstance(name, str)
     sock = raw.get("socket")
     if not isinstance(sock, str) or not sock.startswith("/"):
         raise _config_error(prefix + "socket", f"must be an absolute path, not {sock!r}")
@@ -334,14 +357,21 @@ def parse_tenants(raw: Any, devices: Iterable[str]) -> tuple[Tenant, ...]:
     if not isinstance(raw, list):
         raise _config_error("tenant", "must be an array of tables ([[tenant]])")
     devs = list(devices)
+    # Duplicate names first: every later error names its tenant by name,
+    # which must then be one tenant's.  The name is the problem: by index.
+    names = [t.get("name") if isinstance(t, dict) else None for t in raw]
+    for i, name in enumerate(names):
+        if _good_name(name) and name in names[:i]:
+            raise _config_error(
+                f"tenant[{i}].name", f"duplicate tenant {name!r} (also tenant[{names.index(name)}])"
+            )
     out = tuple(_tenant(t, i, devs) for i, t in enumerate(raw))
     for i, t in enumerate(out):
         for prev in out[:i]:
-            if prev.name == t.name:
-                raise _config_error(f"tenant[{i}].name", f"duplicate tenant {t.name!r}")
             if prev.socket == t.socket:
                 raise _config_error(
-                    f"tenant[{i}].socket", f"socket {t.socket} already used by {prev.name!r}"
+                    tenant_key(i, t.name) + ".socket",
+                    f"socket {t.socket} already used by tenant {prev.name!r}",
                 )
     return out
 

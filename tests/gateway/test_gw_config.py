@@ -97,11 +97,11 @@ def test_tenant_sockets_spelled_differently_are_the_same_socket() -> None:
     ]
     with pytest.raises(ConfigError) as ei:
         parse_config({**DEV, "tenant": tenants})
-    assert ei.value.key == "tenant[1].socket"
+    assert ei.value.key == "tenant[name=b].socket"
     admin = [{"name": "a", "socket": "/run/k//admin.sock", "grant": [{"device": "echo"}]}]
     with pytest.raises(ConfigError, match="kupd's own admin_socket") as ei:
         parse_config({**DEV, "admin_socket": "/run/k/admin.sock", "tenant": admin})
-    assert ei.value.key == "tenant[0].socket"
+    assert ei.value.key == "tenant[name=a].socket"
 
 
 def test_an_unknown_kup_backend_is_named_at_start(tmp_path: Path) -> None:

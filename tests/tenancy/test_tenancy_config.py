@@ -23,32 +23,54 @@ def _tenant(**kw: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("tenant", "key"),
     [
-        (_tenant(socket="relative.sock"), "tenant[0].socket"),
-        (_tenant(mode="0666"), "tenant[0].mode"),
-        (_tenant(ops=["session", "teleport"]), "tenant[0].ops"),
-        (_tenant(owner="no-such-user-kupd"), "tenant[0].owner"),
-        (_tenant(group="no-such-group-kupd"), "tenant[0].group"),
-        (_tenant(max_sessions=-1), "tenant[0].max_sessions"),
-        (_tenant(calls_per_second="fast"), "tenant[0].calls_per_second"),
+        (_tenant(socket="relative.sock"), "tenant[name=t].socket"),
+        (_tenant(mode="0666"), "tenant[name=t].mode"),
+        (_tenant(ops=["session", "teleport"]), "tenant[name=t].ops"),
+        (_tenant(owner="no-such-user-kupd"), "tenant[name=t].owner"),
+        (_tenant(group="no-such-group-kupd"), "tenant[name=t].group"),
+        (_tenant(max_sessions=-1), "tenant[name=t].max_sessions"),
+        (_tenant(calls_per_second="fast"), "tenant[name=t].calls_per_second"),
         # TOML has nan and inf: both read as no limit at all
-        (_tenant(calls_per_second=float("nan")), "tenant[0].calls_per_second"),
-        (_tenant(calls_per_second=float("inf")), "tenant[0].calls_per_second"),
-        (_tenant(grant=[{"device": "nope"}]), "tenant[0].grant[0].device"),
-        (_tenant(grant=[{"device": "echo", "channels": "9-3"}]), "tenant[0].grant[0].channels"),
-        (_tenant(grant=[{"device": "echo", "chans": "1"}]), "tenant[0].grant[0].chans"),
-        (_tenant(colour="blue"), "tenant[0].colour"),
+        (_tenant(calls_per_second=float("nan")), "tenant[name=t].calls_per_second"),
+        (_tenant(calls_per_second=float("inf")), "tenant[name=t].calls_per_second"),
+        (_tenant(grant=[{"device": "nope"}]), "tenant[name=t].grant[0].device"),
+        (
+            _tenant(grant=[{"device": "echo", "channels": "9-3"}]),
+            "tenant[name=t].grant[0].channels",
+        ),
+        (_tenant(grant=[{"device": "echo", "chans": "1"}]), "tenant[name=t].grant[0].chans"),
+        (_tenant(colour="blue"), "tenant[name=t].colour"),
+        # the name is the problem, or there is none: by index
         (_tenant(name="admin"), "tenant[0].name"),
+        (_tenant(name="a b"), "tenant[0].name"),
+        ({"socket": "/run/kupd/t/t.sock"}, "tenant[0].name"),
+        ({"socket": "/run/kupd/t/t.sock", "colour": "blue"}, "tenant[0].colour"),
     ],
 )
 def test_tenant_errors_name_their_key(tenant: dict[str, object], key: str) -> None:
+    """A tenant's key is named by the tenant's name (an index shifts as
+    tables are added, and the operator looks for the name) -- by its index
+    when the name is missing or is itself the problem."""
+    first = _tenant(name="first", socket="/run/kupd/t/f.sock")  # the tenant is the second
     with pytest.raises(ConfigError) as ei:
-        parse_config({**BASE, "tenant": [tenant]})
-    assert ei.value.key == key, ei.value
+        parse_config({**BASE, "tenant": [first, tenant]})
+    want = key.replace("tenant[0]", "tenant[1]")
+    assert ei.value.key == want, ei.value
+    assert f"config key {want!r}" in str(ei.value), ei.value
 
 
-def test_duplicate_tenant_socket() -> None:
-    with pytest.raises(ConfigError, match=r"tenant\[1\]\.socket"):
+def test_duplicate_tenants() -> None:
+    with pytest.raises(ConfigError) as ei:
         parse_config({**BASE, "tenant": [_tenant(), _tenant(name="u")]})
+    assert ei.value.key == "tenant[name=u].socket", ei.value
+    assert "already used by tenant 't'" in str(ei.value), ei.value
+    # a duplicate name is named by index (by name it would be both): and
+    # before any other error of the two, which could name neither
+    dup = [_tenant(), _tenant(socket="/run/kupd/t/u.sock", mode="0666")]
+    with pytest.raises(ConfigError) as ei:
+        parse_config({**BASE, "tenant": dup})
+    assert ei.value.key == "tenant[1].name", ei.value
+    assert "duplicate tenant 't' (also tenant[0])" in str(ei.value), ei.value
 
 
 def _one_tenant(tmp_path: Path, socket: str) -> Path:

@@ -111,7 +111,7 @@ def test_the_key_is_checked() -> None:
     tenant = {"name": "t", "socket": "/run/t.sock", "max_pool_channels": -1}
     with pytest.raises(ConfigError) as ei:
         parse_config({"device": [{"name": "echo"}], "tenant": [tenant]})
-    assert ei.value.key == "tenant[0].max_pool_channels"
+    assert ei.value.key == "tenant[name=t].max_pool_channels"
 
 
 def test_a_tenant_at_its_share_filling_the_queue_locks_nobody_out(
@@ -179,7 +179,7 @@ def test_settings_that_protect_nothing_are_named_at_start_and_reload(
     each reload, naming the key."""
     body = "max_connections = 2\n" + BODY.replace("max_pool_channels = 2", "max_pool_channels = 3")
     k = start_tenants(body)
-    want = ('"key": "tenant[0].max_pool_channels"', '"key": "max_connections"')
+    want = ('"key": "tenant[name=hog].max_pool_channels"', '"key": "max_connections"')
     wait_until(lambda: all(w in k.log() for w in want), what="the warnings at start")
     line = next(x for x in k.log().splitlines() if want[0] in x)
     assert "3 is not below device echo's call_channels=3" in line, line
@@ -209,7 +209,7 @@ def test_a_tenant_without_a_pool_limit_is_named() -> None:
     tenant that had set max_pool_channels was ever checked."""
     cfg = parse_config(tomllib.loads(BODY.replace("@DIR@", "/run/t")))  # "other": no limits
     ((key, why),) = advisories(cfg)
-    assert key == "tenant[1].max_pool_channels", key
+    assert key == "tenant[name=other].max_pool_channels", key
     assert "not set (nor max_calls_in_flight)" in why and "tenant other's" in why, why
     inflight = BODY.replace(
         'name = "other"\nsocket = "@DIR@/other.sock"\n',

@@ -87,10 +87,14 @@ def test_invalid_reload_keeps_the_running_policy(start_tenants: StartTenants) ->
         ch = a.open("echo").channel(9)
         ch.receive()
         k.write_config(DEVICES + TENANTS.replace('mode = "0600"', 'mode = "0666"'))
-        with pytest.raises(errors.InvalidArgument, match=r"tenant\[0\]\.mode"):
+        # the tenant by name, not by its place in the file (tenant[0])
+        with pytest.raises(errors.InvalidArgument, match=r"'tenant\[name=alice\]\.mode'"):
             adm.reload()
         k.hup()  # the same refusal through SIGHUP: logged, nothing changes
         wait_until(lambda: "reload refused" in k.log(), what="SIGHUP refusal logged")
+        refused = [x for x in k.audit_lines() if x.get("action") == "reload"]
+        assert [x["via"] for x in refused] == ["admin", "SIGHUP"], refused
+        assert all("'tenant[name=alice].mode'" in x["error"] for x in refused), refused
         ch.send(b"unchanged")
         assert ch.receive(timeout=10).data == b"UNCHANGED"  # odd channel: upper-cased
         with pytest.raises(errors.PermissionDenied, match="rule channels"):
@@ -120,7 +124,7 @@ def test_admin_command_line(start_tenants: StartTenants) -> None:
             DEVICES + TENANTS.replace("calls_per_second = 0.01", "calls_per_second = -1")
         )
         bad = admin("reload")
-        assert bad.returncode == 1 and "tenant[2].calls_per_second" in bad.stderr, bad
+        assert bad.returncode == 1 and "tenant[name=carol].calls_per_second" in bad.stderr, bad
         k.write_config(DEVICES + NEW_TENANTS)
         good = admin("reload")
         assert good.returncode == 0, good
@@ -140,7 +144,7 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
         k.write_config(DEVICES + TENANTS.replace('channels = "8-15"', 'channels = "15-8"'))
         bad = kupctl("reload")
         assert bad.returncode == 8, bad  # InvalidArgument
-        assert "tenant[0].grant[0].channels" in bad.stderr, bad.stderr
+        assert "'tenant[name=alice].grant[0].channels'" in bad.stderr, bad.stderr
         k.write_config(DEVICES + NEW_TENANTS)
         good = kupctl("reload", "--json")
         assert good.returncode == 0, good

@@ -345,7 +345,8 @@ def test_restart_only_keys_are_named_and_not_applied(start_tenants: StartTenants
             '[[tenant.grant]]\ndevice = "spare"\n'
         )
         k.write_config(DEVICES + extra + grant)
-        with pytest.raises(errors.InvalidArgument, match=r"tenant\[0\]\.grant.*only at a restart"):
+        refused = r"tenant\[name=eve\]\.grant.*only at a restart"
+        with pytest.raises(errors.InvalidArgument, match=refused):
             adm.reload()
     reloads = [x for x in k.audit_lines() if x["event"] == "admin" and x["action"] == "reload"]
     assert reloads[0]["needs_restart"] == ["socket", "metrics_port"], reloads
