@@ -1120,7 +1120,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         initial = self._initial_events(request.device) if request.initial_state else []
         scoped = not (t.admin or t.grants is None)
         async for ev in self.bus.subscribe(request.device, initial):
-            lease_id = ev.lease_id
+            lease_id, reason = ev.lease_id, ev.reason
             if scoped:
                 # A reload may have removed the tenant or its watch since
                 # (a reload hands every Watch RECHECK, so this runs at once).
@@ -1133,7 +1133,14 @@ class KupService(kup_pb2_grpc.KupServicer):
                 if now is None or not now.may_see(ev.device, chan):
                     continue  # only what this tenant may use
                 if lease_id and self._owner_of(lease_id) != t.name:
+                    # another tenant's lease: that the channel was taken or
+                    # let go, nothing more -- its id, and why it ended
+                    # unless the device itself is why (an admin's revocation,
+                    # a reload of the other's policy, its client's doings
+                    # are the other tenant's business)
                     lease_id = ""
+                    if reason not in DEVICE_REASONS:
+                        reason = ""
             yield kup_pb2.WatchEvent(
                 type=ev.type,  # type: ignore[arg-type]
                 device=ev.device,
@@ -1142,11 +1149,15 @@ class KupService(kup_pb2_grpc.KupServicer):
                 holder=ev.holder,
                 announced=ev.announced,
                 notify_gen=ev.notify_gen,
-                reason=ev.reason,
+                reason=reason,
                 initial=ev.initial,
                 time_unix_ms=ev.time_unix_ms,
             )
 
+
+#: LEASE_RELEASED reasons a tenant is told for another tenant's lease: the
+#: device's own fate, which its device events tell it anyway
+DEVICE_REASONS = frozenset({"device gone", "device shutting down", "shutdown", "drained"})
 
 #: the longest lease_id a request may carry (kupd's are 16 hex digits;
 #: a longer one is refused before it is looked up or quoted)

@@ -10,9 +10,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd, run_module
 
-from kupclient import Client, Message, errors
+from kupclient import Client, EventType, Message, WatchEvent, errors
 from kupd.testing import Background, echo_lock_holds, in_background, wait_until
 
 BODY = """
@@ -114,3 +114,56 @@ def test_a_calls_deadline_counts_its_own_tenants_queue(busy_pool: BusyPool) -> N
     with k.client("ben") as ben, pytest.raises(errors.DeadlineExceeded) as ei:
         ben.call("echo", b"too late", timeout=0.3)
     assert str(ei.value).endswith("(1 channels; 2 of tenant ben's Calls queued)"), ei.value
+
+
+def _released(w: Iterator[WatchEvent], n: int) -> list[tuple[int, str, str]]:
+    """The next ``n`` LEASE_RELEASED events of ``w``: (channel, lease id, reason)."""
+    out: list[tuple[int, str, str]] = []
+    for ev in w:
+        if ev.type == EventType.LEASE_RELEASED:
+            out.append((ev.channel, ev.lease_id, ev.reason))
+            if len(out) == n:
+                break
+    return out
+
+
+def test_watch_tells_nothing_of_why_another_tenants_lease_ended(
+    start_tenants: StartTenants,
+) -> None:
+    """alice (echo channels 8-15) watching carol's leases on her channels
+    was told why each ended: that the admin revoked it, that carol's
+    client let it go or dropped it.  She is told that it ended; why only
+    when the device is why (drained, gone, shutting down) -- which its own
+    events tell her anyway.  Her own leases, and carol's to carol, keep
+    their reasons."""
+    k = start_tenants(DEVICES + TENANTS)
+    with (
+        k.client("alice") as a,
+        k.client("carol") as c,
+        k.admin() as adm,
+        a.watch("echo") as aw,
+        c.watch("echo") as cw,
+    ):
+        revoked = c.attach("echo", 9)
+        adm.revoke(revoked.lease_id, "the operator's own words")
+        released = c.attach("echo", 10)
+        c.release(released.lease_id)
+        with a.open("echo").channel(11) as ch:
+            ch.receive(timeout=30)
+        drained = c.attach("echo", 12)
+        adm.drain("echo")
+        try:
+            assert _released(iter(aw), 4) == [
+                (9, "", ""),
+                (10, "", ""),
+                (11, ch.lease.lease_id, "stream ended"),
+                (12, "", "drained"),
+            ]
+            assert _released(iter(cw), 4) == [
+                (9, revoked.lease_id, "revoked"),
+                (10, released.lease_id, "released"),
+                (11, "", ""),
+                (12, drained.lease_id, "drained"),
+            ]
+        finally:
+            adm.drain("echo", undo=True)
