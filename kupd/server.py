@@ -110,6 +110,14 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
     ]
 
 
+def tenant_health_key(tenant: str) -> str:
+    """The health service's name for "kupd as a whole" as ``tenant`` sees
+    it (its devices only): Watched in place of "" and kup.v1.Kup by a
+    tenant that sees only some devices.  No client can name it: Check and
+    Watch take only the names ``health_services`` lists."""
+    return f"{SERVICE_NAME}#tenant={tenant}"
+
+
 class _Health(HealthStatuses):
     """Health backed by a live check: each Check first probes the devices."""
 
@@ -137,13 +145,11 @@ class _Health(HealthStatuses):
                     + " ('' is kupd as a whole)"
                 ),
             )
-        if request.service in ("", SERVICE_NAME) and len(known) - 2 < len(self._kupd.mgr.devices):
+        if request.service in ("", SERVICE_NAME) and self._kupd.sees_part(t):
             # kupd as a whole, for a tenant that sees only some devices:
             # the devices it may use (not whether others' are down)
-            up = not self._kupd.stopping and all(
-                self._kupd.mgr.devices[n[len(SERVICE_NAME) + 1 :]].healthy for n in known[2:]
-            )
             status = health_pb2.HealthCheckResponse
+            up = not self._kupd.stopping and self._kupd.tenant_healthy(t)
             return status(status=status.SERVING if up else status.NOT_SERVING)
         return await super().Check(request, context)
 
@@ -157,6 +163,16 @@ class _Health(HealthStatuses):
             unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
             await context.write(health_pb2.HealthCheckResponse(status=unknown))
             await asyncio.Event().wait()
+        t = current_tenant()
+        if request.service in ("", SERVICE_NAME) and self._kupd.sees_part(t):
+            # kupd as a whole for a tenant that sees only some devices, as
+            # its Check: a status of its own, which kupd keeps up to date
+            # with the others (kupd's own would go NOT_SERVING for a device
+            # it may not know of)
+            key = tenant_health_key(t.name)
+            if not self._kupd.stopping:
+                self.set(key, self._kupd.tenant_status(t))
+            request = health_pb2.HealthCheckRequest(service=key)
         await super().Watch(request, context)
 
 
@@ -445,6 +461,7 @@ class Server:
                         )
                 d.pool.set_shares(shares)
             self.bus.recheck()  # open Watches re-check their permission now
+            self._health_changed()  # a tenant's view of kupd's health: its new grants
             ended: list[str] = []
             for lease in list(self.leases.leases.values()):
                 rule = self.guard.still_allowed(
@@ -546,6 +563,21 @@ class Server:
         names = [n for n in self.mgr.devices if tenant is None or tenant.may_see(n)]
         return ["", SERVICE_NAME, *(f"{SERVICE_NAME}/{name}" for name in names)]
 
+    def sees_part(self, tenant: Tenant) -> bool:
+        """Whether ``tenant`` may see only some of the devices: its "kupd as
+        a whole" is then its devices' health, not kupd's."""
+        return not tenant.admin and not all(tenant.may_see(n) for n in self.mgr.devices)
+
+    def tenant_healthy(self, tenant: Tenant) -> bool:
+        """Every device ``tenant`` may see is healthy."""
+        return all(d.healthy for n, d in self.mgr.devices.items() if tenant.may_see(n))
+
+    def tenant_status(self, tenant: Tenant) -> Any:
+        """``tenant``'s "kupd as a whole", as a HealthCheckResponse status."""
+        ok = self.tenant_healthy(tenant)
+        status = health_pb2.HealthCheckResponse
+        return status.SERVING if ok else status.NOT_SERVING
+
     async def _update_health(self) -> None:
         if self._stopping:
             return
@@ -554,6 +586,11 @@ class Server:
         overall = serving if self.mgr.all_healthy else not_serving
         self.health.set("", overall)
         self.health.set(SERVICE_NAME, overall)
+        for t in self.guard.policy.tenants:
+            # the status a tenant that sees only some devices Watches for ""
+            # and kup.v1.Kup (_Health.Watch): under the policy as it is now
+            if self.sees_part(t):
+                self.health.set(tenant_health_key(t.name), self.tenant_status(t))
         drained = self.guard.drained
         for d in self.mgr.devices.values():
             # a drained device refuses every new session, lease and Call: a

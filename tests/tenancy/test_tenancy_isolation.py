@@ -7,13 +7,25 @@ where a Call is (on the channel, queued) is set by the test, not by time."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
-from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd, run_module
+from tenancy_helpers import (
+    DEVICES,
+    LOCKHOLD,
+    TENANTS,
+    StartTenants,
+    TenantKupd,
+    run_module,
+    socket_dir,
+)
 
 from kupclient import Client, EventType, Message, WatchEvent, errors
-from kupd.testing import Background, echo_lock_holds, in_background, wait_until
+from kupd.testing import Background, echo_lock_holds, in_background, kupsim, wait_until
 
 BODY = """
 [[device]]
@@ -167,3 +179,44 @@ def test_watch_tells_nothing_of_why_another_tenants_lease_ended(
             ]
         finally:
             adm.drain("echo", undo=True)
+
+
+def _first_health(sock: str, service: str) -> str:
+    """The first status the health service's Watch of ``service`` sends."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    chan = grpc.insecure_channel("unix:" + sock)
+    try:
+        watch = health_pb2_grpc.HealthStub(chan).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=30
+        )
+        first = next(iter(watch))
+        watch.cancel()
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(first.status))
+    finally:
+        chan.close()
+
+
+def test_a_health_watch_of_kupd_covers_the_tenants_devices(tmp_path: Path) -> None:
+    """A tenant's Check of kupd as a whole ("", kup.v1.Kup) covered only its
+    devices, but its Watch streamed kupd's own status: NOT_SERVING told
+    alice (echo only) that a device she may not know of was down.  Her
+    Watch now follows her devices, as her Check does; carol's (both
+    devices) and the admin's follow every device."""
+    with kupsim("echo", ready_timeout=60.0) as a, kupsim("rot13", ready_timeout=60.0) as b:
+        os.symlink(b.rundir / "rot13.sock", a.rundir / "rot13.sock")
+        k = TenantKupd(socket_dir(), a, DEVICES + TENANTS, tmp_path / "kupd.log")
+        try:
+            assert _first_health(k.sock("alice"), "") == "SERVING"
+            b.stop()  # rot13's host goes: rot13 is gone
+            with k.client("carol") as c:
+                wait_until(lambda: c.health("") == "NOT_SERVING", what="rot13 seen gone")
+            for service in ("", "kup.v1.Kup"):
+                assert _first_health(k.sock("alice"), service) == "SERVING", service
+                assert _first_health(k.sock("carol"), service) == "NOT_SERVING", service
+                assert _first_health(k.admin_socket, service) == "NOT_SERVING", service
+            with k.client("alice") as al:
+                assert al.health("") == "SERVING"  # her Check, as before
+        finally:
+            k.stop()
+            shutil.rmtree(k.dir, ignore_errors=True)
