@@ -1119,7 +1119,16 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
         initial = self._initial_events(request.device) if request.initial_state else []
         scoped = not (t.admin or t.grants is None)
-        async for ev in self.bus.subscribe(request.device, initial):
+
+        def visible(ev: Event) -> bool:
+            """Whether the tenant may see ``ev`` now: only such events are
+            queued for this stream (and count towards its bound)."""
+            if not ev.device:
+                return True
+            now = self.guard.policy.tenant(t.name)
+            return now is not None and now.may_see(ev.device, ev.channel if ev.lease_id else None)
+
+        async for ev in self.bus.subscribe(request.device, initial, visible if scoped else None):
             lease_id, reason = ev.lease_id, ev.reason
             if scoped:
                 # A reload may have removed the tenant or its watch since

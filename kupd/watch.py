@@ -2,14 +2,18 @@
 
 Publishing never blocks: each subscriber has a bounded queue; a subscriber
 that falls that far behind is dropped (its stream ends RESOURCE_EXHAUSTED)
-rather than slowing kupd down or growing memory without bound.
+rather than slowing kupd down or growing memory without bound.  Only the
+events a subscriber may see go into its queue (its device, its tenant's
+devices and channels): events it would never be shown must not count
+towards its bound -- a tenant whose Watch ended "fell behind" would learn
+that other tenants were busy on devices it may not know of.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from kupd import errors
@@ -53,14 +57,21 @@ _OVERFLOW = object()
 _END = object()
 
 
+#: Which events a subscriber's queue takes (RECHECK always)
+Accept = Callable[[Event], bool]
+
+
 class EventBus:
     def __init__(self) -> None:
-        self._subs: set[asyncio.Queue[object]] = set()
+        #: each subscriber's queue, and which events go into it
+        self._subs: dict[asyncio.Queue[object], Accept] = {}
 
     def publish(self, event: Event) -> None:
-        for q in list(self._subs):
+        for q, accept in list(self._subs.items()):
+            if event is not RECHECK and not accept(event):
+                continue  # not its to see: not in its queue, not counted
             if q.qsize() >= _QUEUE - 1:
-                self._subs.discard(q)
+                del self._subs[q]
                 q.put_nowait(_OVERFLOW)
             else:
                 q.put_nowait(event)
@@ -80,11 +91,18 @@ class EventBus:
         return len(self._subs)
 
     async def subscribe(
-        self, device: str = "", initial: list[Event] | None = None
+        self, device: str = "", initial: list[Event] | None = None, accept: Accept | None = None
     ) -> AsyncIterator[Event]:
-        """Events for ``device`` (all if empty), after ``initial``."""
+        """Events for ``device`` (all if empty) that ``accept`` takes (None:
+        all), after ``initial``; both are judged as an event is published."""
+
+        def take(ev: Event) -> bool:
+            if device and ev.device and ev.device != device:
+                return False
+            return accept is None or accept(ev)
+
         q: asyncio.Queue[object] = asyncio.Queue()
-        self._subs.add(q)
+        self._subs[q] = take
         try:
             for ev in initial or ():
                 yield ev
@@ -97,7 +115,6 @@ class EventBus:
                         f"watch fell more than {_QUEUE} events behind; re-subscribe"
                     )
                 assert isinstance(item, Event)
-                if item is RECHECK or not device or not item.device or item.device == device:
-                    yield item
+                yield item
         finally:
-            self._subs.discard(q)
+            self._subs.pop(q, None)

@@ -24,6 +24,7 @@ from tenancy_helpers import (
     socket_dir,
 )
 
+from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, EventType, Message, WatchEvent, errors
 from kupd.testing import Background, echo_lock_holds, in_background, kupsim, wait_until
 
@@ -220,3 +221,48 @@ def test_a_health_watch_of_kupd_covers_the_tenants_devices(tmp_path: Path) -> No
         finally:
             k.stop()
             shutil.rmtree(k.dir, ignore_errors=True)
+
+
+def test_events_a_watch_may_not_see_do_not_fill_its_queue(start_tenants: StartTenants) -> None:
+    """Every event went into every Watch's queue (bounded: a Watch that
+    falls 1024 events behind ends RESOURCE_EXHAUSTED), and was dropped only
+    when the stream came to it: a tenant reading its Watch slowly had it
+    ended by other tenants' activity on devices it may not know of -- and
+    so learned of it.  Only the events a Watch may see are queued now.
+
+    alice's Watch is read by a client that reads ahead nothing (gRPC's
+    lookahead), so kupd's writes to it wait from its first event on and
+    every later event stays in kupd's queue for it, until she reads."""
+    k = start_tenants(DEVICES + TENANTS)
+    slow = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1)]
+    chans = [
+        grpc.insecure_channel("unix:" + k.sock("alice"), options=slow),
+        grpc.insecure_channel("unix:" + k.sock("alice")),
+        grpc.insecure_channel("unix:" + k.sock("carol")),
+    ]
+    try:
+        watch = kup_pb2_grpc.KupStub(chans[0]).Watch(
+            kup_pb2.WatchRequest(initial_state=True), timeout=120
+        )
+        assert next(watch).initial  # subscribed
+        alice, carol = (kup_pb2_grpc.KupStub(c) for c in chans[1:])
+
+        def churn(stub: kup_pb2_grpc.KupStub, device: str, n: int) -> None:
+            for _ in range(n):
+                lease = stub.Attach(kup_pb2.AttachRequest(device=device), timeout=30)
+                stub.Release(kup_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=30)
+
+        churn(alice, "echo", 200)  # 400 events of hers, queued
+        churn(carol, "rot13", 600)  # 1200 she may not see: not queued
+        churn(alice, "echo", 1)
+        seen = 0
+        for ev in watch:
+            if not ev.initial:
+                assert ev.device == "echo", ev
+                seen += 1
+                if seen == 402:
+                    break
+        watch.cancel()
+    finally:
+        for c in chans:
+            c.close()
