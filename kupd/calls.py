@@ -367,6 +367,12 @@ class CallPool:
             # queue, would lock every other tenant out of free channels.
             return self._take(self._free.popleft(), group, share)
         if self._queued >= self.max_queued:
+            if group.startswith(TENANT_GROUP):  # its own share: see _queued_text
+                raise errors.ResourceExhausted(
+                    f"device {self.device}: its Call queue is full (limit "
+                    f"max_queued_calls={self.max_queued}: the Calls of every tenant count; "
+                    f"{self._queued_text(group)})"
+                )
             raise errors.ResourceExhausted(
                 f"device {self.device}: {self._queued} calls already queued "
                 f"(limit max_queued_calls={self.max_queued})"

@@ -370,7 +370,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_op(t, "session")
         if t.max_sessions:  # counting walks every lease: only when there is a limit
             self.guard.check_sessions(t, "session", "", self._open_of(t.name))
-        self.leases.check_room()
+        self.leases.check_room(t.name)
         self.leases.unattached_enter(t.name)
         return t.name
 

@@ -21,7 +21,7 @@ from kupd.channel import Channel, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
 from kupd.metrics import ChannelMetrics
-from kupd.policy import Budget
+from kupd.policy import ADMIN, DEFAULT, Budget
 from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
@@ -173,12 +173,23 @@ class LeaseTable:
             d.on_gone.append(self._device_gone)
             d.on_shutdown.append(self._device_shutting_down)
 
-    def check_room(self) -> None:
+    def check_room(self, tenant: str = DEFAULT.name) -> None:
         """ResourceExhausted when the leases open, those being attached and
-        the Session streams not attached yet reach max_sessions."""
+        the Session streams not attached yet reach max_sessions.  The
+        refusal tells a ``tenant`` of [[tenant]] tables its own share only:
+        how busy the others are is not its business (the admin's socket and
+        a kupd without tenants: how many are held, being attached, not
+        attached yet)."""
         waiting = sum(self.unattached.values())
         open_now = len(self.leases) + self._taking + waiting
         if open_now >= self.max_leases:
+            if tenant not in (DEFAULT.name, ADMIN.name):
+                mine = sum(1 for le in self.leases.values() if le.tenant == tenant)
+                mine += self.unattached.get(tenant, 0)
+                raise errors.ResourceExhausted(
+                    f"kupd's limit max_sessions={self.max_leases} is reached: the sessions "
+                    f"and leases of every tenant count ({mine} of them tenant {tenant}'s)"
+                )
             parts = [
                 f"{n} {what}"
                 for n, what in (
@@ -227,7 +238,7 @@ class LeaseTable:
         socket ``via`` (Lease.tenant, Lease.via)."""
         if self.mgr.closing:
             raise errors.Shutdown("kupd is shutting down")
-        self.check_room()
+        self.check_room(tenant)
         dev = self.mgr.get(device)
         self._taking += 1
         try:

@@ -266,3 +266,37 @@ def test_events_a_watch_may_not_see_do_not_fill_its_queue(start_tenants: StartTe
     finally:
         for c in chans:
             c.close()
+
+
+def test_kupds_shared_limits_tell_a_tenant_its_own_share(start_tenants: StartTenants) -> None:
+    """kupd's max_sessions and a device's max_queued_calls are shared by
+    every tenant, and a refusal said how the others used them ("3 held",
+    "1 calls already queued").  A tenant is told that the shared limit is
+    reached, and how much of it is its own."""
+    k = start_tenants("max_sessions = 3\nmax_queued_calls = 1\n" + BODY)
+    with k.client("ann") as ann, k.client("ben") as ben:
+        leases = [ann.attach("echo") for _ in range(3)]
+        for refused in (lambda: ben.attach("echo"), lambda: ben.open("echo").channel()):
+            with pytest.raises(errors.ResourceExhausted) as ei:
+                refused()
+            why = str(ei.value)
+            assert "limit max_sessions=3 is reached" in why, why
+            assert "0 of them tenant ben's" in why and "held" not in why, why
+        for lease in leases:
+            ann.release(lease.lease_id)
+        holds = echo_lock_holds(k.sim)
+        held = in_background(lambda: ann.call("echo", LOCKHOLD, timeout=60))
+        try:
+            wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold ann's Call")
+            queued = in_background(lambda: ann.call("echo", b"queued", timeout=60))
+            with Client(k.admin_socket) as whole:
+                wait_until(lambda: _calls(whole)[1] == 1, what="ann's Call queued")
+            with pytest.raises(errors.ResourceExhausted) as ei:
+                ben.call("echo", b"no room")
+            why = str(ei.value)
+            assert "limit max_queued_calls=1" in why and "0 of tenant ben's" in why, why
+            assert "1 calls" not in why, why
+        finally:
+            _let_go(k)
+        for c in (held, queued):
+            assert isinstance(c.outcome(60), Message)
