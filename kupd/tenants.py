@@ -491,8 +491,9 @@ class SocketSet:
         #: socket's inode, tenant, uid, gid, mode) as they were, restored by
         #: discard()
         self._undo: list[tuple[str, tuple[int, int] | None, str, int, int, int]] = []
-        #: servers a reload removed, finishing their Calls (see commit)
-        self._retiring: set[asyncio.Task[None]] = set()
+        #: servers a reload removed, finishing their Calls (see commit): the
+        #: task stopping each, and the server (stop() cuts its grace short)
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Server] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -751,17 +752,24 @@ class SocketSet:
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
         task = asyncio.ensure_future(server.stop(grace))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = server
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     async def start(self, wanted: list[Endpoint]) -> None:
         for ep in wanted:
             await self.start_one(ep)
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop every server, each given ``grace`` -- a removed socket's
+        server still in its own grace (call_timeout) too: kupd's stop must
+        not wait that out (docs/gateway.md: a stop's worst case), and gRPC
+        cuts a stopping server's calls at the end of whichever grace ends
+        first."""
+        retiring = list(self._retiring.items())
         await asyncio.gather(
             *(self.stop_one(k, grace) for k in list(self.servers)),
-            *list(self._retiring),  # a removed tenant's last Calls
+            *(server.stop(grace) for _, server in retiring),
+            *(task for task, _ in retiring),
         )
 
     def unlink_all(self) -> None:
