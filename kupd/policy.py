@@ -36,6 +36,7 @@ Without any ``[[tenant]]`` kupd serves one socket as the tenant
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import grp
 import math
@@ -66,6 +67,9 @@ __all__ = [
     "parse_channels",
     "parse_tenants",
     "sendable",
+    "socket_moved",
+    "socket_removed",
+    "socket_retired",
     "tenant_key",
     "use_tenant",
 ]
@@ -148,8 +152,44 @@ def current_tenant() -> Tenant:
     return _CURRENT.get()
 
 
-def use_tenant(t: Tenant) -> contextvars.Token[Tenant]:
+_RETIRED: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "kupd_socket_retired", default=None
+)
+
+
+def use_tenant(
+    t: Tenant, retired: asyncio.Future[None] | None = None
+) -> contextvars.Token[Tenant]:
+    """Serve the current request as ``t``, which came in on the socket
+    whose server's retirement is ``retired`` (see :func:`socket_retired`)."""
+    _RETIRED.set(retired)
     return _CURRENT.set(t)
+
+
+def socket_retired() -> asyncio.Future[None] | None:
+    """The retirement of the socket the request being served came in on
+    (set per socket by kupd.tenants): a future that fails with
+    :class:`kupd.errors.Unavailable` -- :func:`socket_moved` or
+    :func:`socket_removed` -- when a reload moves or removes that socket.
+    Whatever such a request waits for (a message, a pool channel, its
+    lease's turn, the next event) ends then, with that error.  None: not
+    served through a tenant socket (the service alone, in tests)."""
+    return _RETIRED.get()
+
+
+def socket_moved(tenant: str, old: str, new: str) -> errors.Unavailable:
+    """What a request gets on ``tenant``'s socket ``old`` once a reload
+    moved it to ``new``."""
+    return errors.Unavailable(
+        f"tenant {tenant}: a reload moved its socket from {old} to {new}: connect there"
+    )
+
+
+def socket_removed(tenant: str, path: str, now: str = "") -> errors.Unavailable:
+    """What a request gets on ``tenant``'s socket ``path`` once a reload
+    removed it (``now``: the tenant the path serves since, if any)."""
+    since = f"; the path now serves tenant {now}" if now else ""
+    return errors.Unavailable(f"tenant {tenant}: a reload removed its socket {path}{since}")
 
 
 # ---------------------------------------------------------------- parsing

@@ -32,7 +32,7 @@ from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.notify import notifier_from_env
-from kupd.policy import Guard, Policy, Tenant, current_tenant
+from kupd.policy import Guard, Policy, Tenant, current_tenant, socket_moved
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
 from kupd.tenants import SocketSet, check_path, endpoints_for, open_regular, write_replacing
@@ -504,7 +504,9 @@ class Server:
         stops, which would cut them after call_timeout with gRPC's bare
         "Cancelling all calls" and count them nowhere.  They end now with
         Unavailable naming the new socket, counted in sessions_ended.  An
-        Attach lease stays: its id works through the new socket."""
+        Attach lease stays: its id works through the new socket.  (The old
+        socket's other RPCs that wait end as its server is retired:
+        SocketSet.commit.)"""
         was = {t.name: t.socket for t in old.tenants}
         moved = {t.name: t.socket for t in cfg.tenants if was.get(t.name, t.socket) != t.socket}
         ended: list[str] = []
@@ -514,12 +516,7 @@ class Server:
                 continue
             ended.append(lease.id)
             self.leases.end(
-                lease,
-                "socket moved by reload",
-                errors.Unavailable(
-                    f"tenant {lease.tenant}: a reload moved its socket from {lease.via} to "
-                    f"{new}: connect there"
-                ),
+                lease, "socket moved by reload", socket_moved(lease.tenant, lease.via, new)
             )
         return ended
 

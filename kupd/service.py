@@ -45,6 +45,8 @@ from kupd.policy import (
     Tenant,
     current_tenant,
     sendable,
+    socket_moved,
+    socket_retired,
     use_tenant,
 )
 from kupd.sessions import Lease, LeaseTable, no_lease
@@ -113,6 +115,15 @@ def error_pb(exc: errors.KupError) -> kup_pb2.Error:
     return kup_pb2.Error(
         grpc_code=code.value[0], message=details, kind=type(exc).__name__, kup_code=exc.code
     )
+
+
+def _fresh(fut: asyncio.Future[None]) -> errors.KupError:
+    """A fresh copy of the KupError a done future failed with (one per
+    request that reports it), Shutdown if none."""
+    exc = None if fut.cancelled() else fut.exception()
+    if isinstance(exc, errors.KupError):
+        return type(exc)(exc.message)
+    return errors.Shutdown("kupd is shutting down")
 
 
 def _message_pb(m: Message) -> kup_pb2.Message:
@@ -386,10 +397,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         ``via``, the one this request came in on: the old socket's server is
         on its way out, and a Session it served would be cut with it."""
         if via and t.socket and via != t.socket:
-            raise errors.Unavailable(
-                f"tenant {t.name}: a reload moved its socket from {via} to {t.socket}: "
-                "connect there"
-            )
+            raise socket_moved(t.name, via, t.socket)
 
     def _owner_of(self, lease_id: str) -> str:
         """The tenant of ``lease_id``: an open lease's own, else what the
@@ -413,8 +421,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.metrics.errors.labels(device, channel, code.name).inc()
 
     def _check_open(self) -> None:
+        """Shutdown when kupd drains; Unavailable (where it went) when a
+        reload retired the socket this request came in on."""
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
+        retired = socket_retired()
+        if retired is not None and retired.done():
+            raise _fresh(retired)
 
     @staticmethod
     def _deadline_cap(context: grpc.aio.ServicerContext, timeout: float | None) -> float | None:
@@ -685,16 +698,18 @@ class KupService(kup_pb2_grpc.KupServicer):
         request: kup_pb2.SendRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
+        retired: asyncio.Future[None] | None = None,
     ) -> kup_pb2.SendResponse:
         # Not @_unary (as Call): a Send that succeeds logs nothing, so the log
         # context (a clear and five contextvars) is bound only when it fails,
         # with the same keys as before.  ``tenant``: TenantKup binds it here
-        # instead of through a coroutine of its own.
+        # instead of through a coroutine of its own (and its socket's
+        # retirement, kupd.policy.socket_retired).
         if tenant is not None:
-            use_tenant(tenant)
+            use_tenant(tenant, retired)
         where: dict[str, Any] = {}
         try:
-            return await self._send(request, context, where)
+            return await self._send(request, context, where, retired)
         except errors.KupError as exc:
             await self._abort_unbound(context, exc, "Send", where)
             raise AssertionError("unreachable") from None
@@ -704,13 +719,14 @@ class KupService(kup_pb2_grpc.KupServicer):
         request: kup_pb2.SendRequest,
         context: grpc.aio.ServicerContext,
         where: dict[str, Any],
+        retired: asyncio.Future[None] | None,
     ) -> kup_pb2.SendResponse:
         lease, t = self._lease_t(request.lease_id, where)
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
         if not request.wait_reply:
-            await self.leases.send(lease, data)
+            await self.leases.send(lease, data, retired)
             return kup_pb2.SendResponse()
         mode = request.reply_mode
         if mode == kup_pb2.RECEIVE_MODE_BLOCK:
@@ -724,6 +740,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             self._deadline_cap(context, timeout),
             nonblocking=nonblocking,
             abort=self.drain,
+            retired=retired,
         )
         resp = kup_pb2.SendResponse()
         fill_receive(resp.reply, msg)
@@ -733,7 +750,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Pass(
         self, request: kup_pb2.PassRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.PassResponse:
-        await self.leases.pass_(self._lease(request.lease_id))
+        await self.leases.pass_(self._lease(request.lease_id), socket_retired())
         return kup_pb2.PassResponse()
 
     @staticmethod
@@ -762,6 +779,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             self._deadline_cap(context, timeout),
             nonblocking=nonblocking,
             abort=self.drain,
+            retired=socket_retired(),
         )
         return _receive_pb(msg)
 
@@ -770,6 +788,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.ReceiveRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReceiveResponse:
         lease = self._lease(request.lease_id)
+        # nothing awaited from here to the wait for the kernel's message
+        # (or for the lease's turn, another operation under way on it)
+        log.debug("receive", mode=request.mode, timeout_ms=request.timeout_ms)
         return await self._receive(lease, request.mode, request.timeout_ms, context)
 
     # ---------------------------------------------------------------- sessions
@@ -861,13 +882,15 @@ class KupService(kup_pb2_grpc.KupServicer):
         request_iterator: AsyncIterator[kup_pb2.SessionRequest | WireRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
+        retired: asyncio.Future[None] | None = None,
     ) -> AsyncIterator[kup_pb2.SessionResponse | bytes]:
         """One async generator for the whole stream: what ``_stream`` does
         for the other streams (log context, KupError -> status) and the
-        tenant's context (``TenantKup`` passes ``tenant``) are inlined, since
-        every extra generator layer costs a resume per response."""
+        tenant's context (``TenantKup`` passes ``tenant`` and its socket's
+        ``retired``) are inlined, since every extra generator layer costs a
+        resume per response."""
         if tenant is not None:
-            use_tenant(tenant)  # this RPC's own task (it iterates us)
+            use_tenant(tenant, retired)  # this RPC's own task (it iterates us)
         structlog.contextvars.clear_contextvars()
         bind(request=next(_request_ids), rpc="Session")
         reader = request_iterator.__aiter__()
@@ -934,15 +957,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         request: kup_pb2.CallRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
+        retired: asyncio.Future[None] | None = None,
     ) -> kup_pb2.CallResponse:
         # Not @_unary: binding the log context (structlog contextvars: a clear
         # and five keys) costs about a third of kupd's own Python work per
         # Call, and a Call that succeeds logs nothing.  A failed Call binds
         # the same keys as before (request, rpc; device, caller, tenant once
         # the device was ready) before its status is logged and counted.
-        # ``tenant``: TenantKup binds it here, as for Send.
+        # ``tenant``: TenantKup binds it here, as for Send (and ``retired``,
+        # its socket's retirement).
         if tenant is not None:
-            use_tenant(tenant)
+            use_tenant(tenant, retired)
         where: dict[str, Any] = {}
         dev: ManagedDevice | None = None
         try:

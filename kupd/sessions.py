@@ -66,20 +66,33 @@ class OpLock:
         self.held = True
         return True
 
-    async def take(self) -> None:
+    async def take(self, abort: asyncio.Future[None] | None = None) -> None:
+        """Wait for the lock; when ``abort`` fails first, raise (a fresh
+        copy of) its error instead, the lock not taken."""
         if self.try_take():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+
+        def aborted(a: asyncio.Future[None]) -> None:
+            exc = None if a.cancelled() else a.exception()
+            if not fut.done() and isinstance(exc, errors.KupError):
+                fut.set_exception(type(exc)(exc.message))
+
+        if abort is not None:
+            abort.add_done_callback(aborted)
         try:
             await fut  # release() hands the lock over: held stays True
         except BaseException:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release()  # handed over, then cancelled: pass it on
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
             raise
+        finally:
+            if abort is not None:
+                abort.remove_done_callback(aborted)
 
     def release(self) -> None:
         while self._waiters:
@@ -382,7 +395,11 @@ class LeaseTable:
             self._reaper.cancel()
 
     # -- operations ------------------------------------------------------------------
-    async def _enter(self, lease: Lease) -> None:
+    async def _enter(self, lease: Lease, retired: asyncio.Future[None] | None = None) -> None:
+        """Take the lease for one operation (they run one at a time).
+        ``retired``: the retirement of the socket the operation came in on
+        (kupd.policy.socket_retired): a wait for the lease's turn ends with
+        its error, nothing done."""
         if not lease.active:
             raise self._ended_error(lease)
         if not lease.lock.try_take():
@@ -391,7 +408,12 @@ class LeaseTable:
                     f"lease {lease.id}: {lease.lock.waiting} operations already wait for "
                     f"it (they run one at a time; at most {MAX_WAITING_OPS} wait)"
                 )
-            await lease.lock.take()
+            try:
+                await lease.lock.take(retired)
+            except errors.Unavailable as exc:
+                raise errors.Unavailable(
+                    f"{exc.message} (it waited for lease {lease.id}'s turn: nothing was done)"
+                ) from None
         if not lease.active:
             lease.lock.release()
             raise self._ended_error(lease)
@@ -419,17 +441,22 @@ class LeaseTable:
                 f"device {lease.dev.name} ({lease.max_msg} bytes)"
             )
 
-    async def send(self, lease: Lease, data: bytes | memoryview) -> None:
+    async def send(
+        self,
+        lease: Lease,
+        data: bytes | memoryview,
+        retired: asyncio.Future[None] | None = None,
+    ) -> None:
         self._check_size(lease, len(data))
-        await self._enter(lease)
+        await self._enter(lease, retired)
         try:
             lease.ch.send(data)
             lease.m.sent(len(data))
         finally:
             self._leave(lease)
 
-    async def pass_(self, lease: Lease) -> None:
-        await self._enter(lease)
+    async def pass_(self, lease: Lease, retired: asyncio.Future[None] | None = None) -> None:
+        await self._enter(lease, retired)
         try:
             lease.ch.pass_()
             lease.m.sent(0)
@@ -442,16 +469,20 @@ class LeaseTable:
         timeout: float | None,
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,
+        retired: asyncio.Future[None] | None = None,
     ) -> Message | None:
         """The kernel's message; None for a non-blocking receive with nothing
         there -- or with another operation on the lease under way (a
-        blocking receive would take what comes first): it does not wait."""
+        blocking receive would take what comes first): it does not wait.
+        ``abort`` (kupd's drain) or ``retired`` (the retirement of the
+        socket it came in on) failing first ends the wait with its error,
+        the message left for the next receive."""
         if nonblocking and (lease.lock.held or lease.lock.waiting) and lease.active:
             lease.last_used = time.monotonic()  # a use all the same (idle timeout)
             return None
-        await self._enter(lease)
+        await self._enter(lease, retired)
         try:
-            return await self._receive_entered(lease, timeout, nonblocking, abort)
+            return await self._receive_entered(lease, timeout, nonblocking, abort, retired)
         finally:
             self._leave(lease)
 
@@ -462,12 +493,14 @@ class LeaseTable:
         timeout: float | None,
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,
+        retired: asyncio.Future[None] | None = None,
     ) -> Message | None:
         """``send(data)`` then ``receive(...)`` as one operation (one lock
         hold).  A failed send sent nothing; a failed receive leaves the data
-        sent and the reply owed to a later receive."""
+        sent and the reply owed to a later receive (``retired`` failing
+        while the reply is awaited says so)."""
         self._check_size(lease, len(data))
-        await self._enter(lease)
+        await self._enter(lease, retired)
         try:
             if nonblocking:
                 lease.ch.send(data)
@@ -480,7 +513,19 @@ class LeaseTable:
             msg = lease.ch.try_exchange(data)
             lease.m.sent(len(data))
             if msg is None:
-                return await self._receive_entered(lease, timeout, nonblocking, abort)
+                if retired is None:
+                    return await self._receive_entered(lease, timeout, nonblocking, abort)
+                try:
+                    return await self._receive_entered(
+                        lease, timeout, nonblocking, abort, retired
+                    )
+                except errors.Unavailable as exc:
+                    if not retired.done() or not lease.active:
+                        raise
+                    raise errors.Unavailable(
+                        f"{exc.message} (the request was sent: the next receive on lease "
+                        f"{lease.id} gets its reply)"
+                    ) from None
             lease.m.turn_wait.observe(time.monotonic() - t0)
             lease.m.received(len(msg.data))
             return msg
@@ -493,6 +538,7 @@ class LeaseTable:
         timeout: float | None,
         nonblocking: bool,
         abort: asyncio.Future[None] | None,
+        retired: asyncio.Future[None] | None = None,
     ) -> Message | None:
         if nonblocking:
             msg = lease.ch.try_receive()
@@ -501,7 +547,9 @@ class LeaseTable:
             w = lease.waiter
             if w is None:
                 w = lease.waiter = ChannelWaiter(lease.ch, lease.rx_what)
-            msg = await w.wait(timeout, (lease.ended, abort))
+            # an abort is seen before the channel is read: the message a
+            # wait ended so leaves stays for the next receive
+            msg = await w.wait(timeout, (lease.ended, abort, retired))
             lease.m.turn_wait.observe(time.monotonic() - t0)
         if msg is not None:
             lease.m.received(len(msg.data))

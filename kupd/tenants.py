@@ -43,7 +43,15 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
 from kupd.log import get_logger
-from kupd.policy import ADMIN, DEFAULT, Tenant, sendable, use_tenant
+from kupd.policy import (
+    ADMIN,
+    DEFAULT,
+    Tenant,
+    sendable,
+    socket_moved,
+    socket_removed,
+    use_tenant,
+)
 from kupd.wire import add_kup_servicer
 
 __all__ = [
@@ -69,17 +77,20 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """kupd's health service as seen through one tenant's socket (per-device
     health only for the devices the tenant may see)."""
 
-    def __init__(self, inner: Any, tenant: Tenant, kup: Any) -> None:
+    def __init__(
+        self, inner: Any, tenant: Tenant, kup: Any, retired: asyncio.Future[None] | None = None
+    ) -> None:
         self.inner = inner
         self.tenant = tenant
         self.kup = kup  # KupService: the tenant's watch streams are counted there
+        self.retired = retired  # this socket's (kupd.policy.socket_retired)
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        use_tenant(self.tenant)
+        use_tenant(self.tenant, self.retired)
         return await self.inner.Check(request, context)
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        use_tenant(self.tenant)
+        use_tenant(self.tenant, self.retired)
         try:
             with self.kup.watch_slot(self.tenant):
                 await self.inner.Watch(request, context)
@@ -90,20 +101,26 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 class TenantKup(kup_pb2_grpc.KupServicer):
     """The Kup service as seen through one tenant's socket."""
 
-    def __init__(self, inner: Any, tenant: Tenant) -> None:
+    def __init__(
+        self, inner: Any, tenant: Tenant, retired: asyncio.Future[None] | None = None
+    ) -> None:
         self.inner = inner
         self.tenant = tenant
+        #: this socket's server's retirement (kupd.policy.socket_retired)
+        self.retired = retired
         # Session: the service's own generator with the tenant bound, instead
         # of a generator re-yielding every response of another (a resume per
         # message).  grpc.aio sees through the partial (inspect unwraps it).
-        self.__dict__["Session"] = functools.partial(inner.Session, tenant=tenant)
+        self.__dict__["Session"] = functools.partial(
+            inner.Session, tenant=tenant, retired=retired
+        )
         # Send (the unary exchange) and Call: the same, one coroutine instead
         # of two.
-        self.__dict__["Send"] = functools.partial(inner.Send, tenant=tenant)
-        self.__dict__["Call"] = functools.partial(inner.Call, tenant=tenant)
+        self.__dict__["Send"] = functools.partial(inner.Send, tenant=tenant, retired=retired)
+        self.__dict__["Call"] = functools.partial(inner.Call, tenant=tenant, retired=retired)
 
     async def _unary(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        use_tenant(self.tenant)  # this RPC's own task: no reset needed
+        use_tenant(self.tenant, self.retired)  # this RPC's own task: no reset needed
         return await getattr(self.inner, name)(request, context)
 
     async def ListDevices(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -117,7 +134,7 @@ class TenantKup(kup_pb2_grpc.KupServicer):
 
     async def Send(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         # Shadowed per instance in __init__, as Session.
-        return await self.inner.Send(request, context, tenant=self.tenant)
+        return await self.inner.Send(request, context, tenant=self.tenant, retired=self.retired)
 
     async def Receive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("Receive", request, context)
@@ -127,18 +144,20 @@ class TenantKup(kup_pb2_grpc.KupServicer):
 
     async def Call(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         # Shadowed per instance in __init__, as Session.
-        return await self.inner.Call(request, context, tenant=self.tenant)
+        return await self.inner.Call(request, context, tenant=self.tenant, retired=self.retired)
 
     async def Session(
         self, request_iterator: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         # Shadowed per instance in __init__ (what grpc.aio calls); this is
         # the same thing spelled as a method, for the servicer's type.
-        async for item in self.inner.Session(request_iterator, context, tenant=self.tenant):
+        async for item in self.inner.Session(
+            request_iterator, context, tenant=self.tenant, retired=self.retired
+        ):
             yield item
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        use_tenant(self.tenant)
+        use_tenant(self.tenant, self.retired)
         async for item in self.inner.Watch(request, context):
             yield item
 
@@ -494,6 +513,9 @@ class SocketSet:
         #: servers a reload removed, finishing their Calls (see commit): the
         #: task stopping each, and the server (stop() cuts its grace short)
         self._retiring: dict[asyncio.Task[None], grpc.aio.Server] = {}
+        #: each server's retirement (kupd.policy.socket_retired), failed by
+        #: _retire: what its RPCs wait for ends then
+        self._retired: dict[grpc.aio.Server, asyncio.Future[None]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -553,13 +575,17 @@ class SocketSet:
         if ep.max_connections:
             options.append(("grpc.max_allowed_incoming_connections", ep.max_connections))
         server = grpc.aio.server(options=options)
+        retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._retired[server] = retired
         # kupd.wire: the Session by hand; a request protobuf cannot parse
         # answered INVALID_ARGUMENT by the service edge
         add_kup_servicer(
-            TenantKup(self.kup, ep.tenant), server, getattr(self.kup, "refuse_malformed", None)
+            TenantKup(self.kup, ep.tenant, retired),
+            server,
+            getattr(self.kup, "refuse_malformed", None),
         )
         health_pb2_grpc.add_HealthServicer_to_server(
-            TenantHealth(self.health, ep.tenant, self.kup), server
+            TenantHealth(self.health, ep.tenant, self.kup, retired), server
         )
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:
@@ -589,6 +615,7 @@ class SocketSet:
                         follow_symlinks=follow,
                     )
         except OSError as exc:
+            self._retired.pop(server, None)
             await server.stop(None)
             if exc.strerror is None:  # _not_ours
                 raise
@@ -632,6 +659,7 @@ class SocketSet:
         ep, server = self.servers.pop(key)
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
+        self._retired.pop(server, None)
         await server.stop(grace)
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
@@ -711,6 +739,7 @@ class SocketSet:
         self._undo = []
         for _ep, server, name in started:
             self._born.pop(name, None)
+            self._retired.pop(server, None)
             await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
@@ -725,7 +754,9 @@ class SocketSet:
         server's socket goes at once; the server itself stops in the
         background, its Calls in flight (admitted before the reload) given
         up to ``calls_grace`` seconds to finish -- not cut off with gRPC's
-        "Cancelling all calls"."""
+        "Cancelling all calls" -- while its RPCs that wait (for a message,
+        a pool channel, an event) end at once with Unavailable saying
+        where the tenant's socket went (:meth:`_retire`)."""
         want = {ep.key: ep for ep in wanted}
         added = [ep.path for ep, _, _ in started]
         for st in started:
@@ -733,8 +764,8 @@ class SocketSet:
         removed: list[str] = []
         for key in list(self.servers):
             if key not in want:
-                path = self.servers[key][0].path
-                self._retire(key, calls_grace)
+                path, name = key
+                self._retire(key, calls_grace, _retired_why(name, path, wanted))
                 if path not in added:
                     removed.append(path)
         self._undo = []
@@ -742,15 +773,22 @@ class SocketSet:
             self.servers[key] = (ep, self.servers[key][1])
         return added, removed
 
-    def _retire(self, key: tuple[str, str], grace: float) -> None:
+    def _retire(self, key: tuple[str, str], grace: float, why: errors.Unavailable) -> None:
         """Take a removed server out of service: its socket file goes now
         (no new connection reaches it; gRPC itself refuses new RPCs on the
-        ones open), the server stops in the background with ``grace``."""
+        ones open), the server stops in the background with ``grace``.
+        Its retirement fails with ``why``: every RPC of it that waits ends
+        now with that (kupd.policy.socket_retired), logged and counted as
+        any failed RPC; a Call already on a pool channel runs on."""
         ep, server = self.servers.pop(key)
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
         self._unlink_if(ep.path, fid)
-        log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
+        retired = self._retired.pop(server, None)
+        if retired is not None and not retired.done():
+            retired.set_exception(why)
+            retired.exception()  # retrieved: no "never retrieved" warning
+        log.info("socket removed", socket=ep.path, tenant=ep.tenant.name, why=why.message)
         task = asyncio.ensure_future(server.stop(grace))
         self._retiring[task] = server
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
@@ -775,6 +813,17 @@ class SocketSet:
     def unlink_all(self) -> None:
         for key, (ep, _) in self.servers.items():
             self._unlink_if(ep.path, self._bound.get(key))
+
+
+def _retired_why(tenant: str, path: str, wanted: list[Endpoint]) -> errors.Unavailable:
+    """What the RPCs of ``tenant``'s server at ``path`` get when a reload
+    that serves ``wanted`` retires it: where the tenant's socket went, or
+    that it was removed (and which tenant the path serves now, if any)."""
+    for ep in wanted:
+        if ep.tenant.name == tenant and ep.path != path:
+            return socket_moved(tenant, path, ep.path)
+    now = next((ep.tenant.name for ep in wanted if ep.path == path), "")
+    return socket_removed(tenant, path, now)
 
 
 def scope_device_pb(

@@ -6,13 +6,22 @@ loses nothing; kupd's stop stays within its documented bound."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tenancy_helpers import DEVICES, TENANTS, StartTenants
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
-from kupd.testing import wait_until
+from kupclient import Client
+from kupd import errors
+from kupd.testing import echo_lock_holds, in_background, wait_until
 
 MOVED = TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock")
+#: the old socket's server would be given an hour: what waits there and is
+#: not ended by the reload is seen to hang (each wait here is bounded), and
+#: "receive" debug lines say when a Receive waits in kupd
+SLOW = 'call_timeout = 3600\nlog_level = "debug"\n'
 
 
 def test_a_stop_is_not_held_by_a_retired_sockets_health_watch(
@@ -36,3 +45,109 @@ def test_a_stop_is_not_held_by_a_retired_sockets_health_watch(
         assert k.kupd.terminate(timeout=30) == 0, k.log()[-4000:]
     finally:
         chan.close()
+
+
+def _log_records(k: TenantKupd, event: str) -> list[dict[str, Any]]:
+    recs = [json.loads(x) for x in k.log().splitlines() if x.startswith("{")]
+    return [r for r in recs if r.get("event") == event]
+
+
+def _metric(k: TenantKupd, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels``, over the admin socket."""
+    with k.admin() as adm:
+        text = adm.metrics(name)
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{key}="{v}"' in head for key, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def _moved_unavailable(k: TenantKupd) -> float:
+    return _metric(k, "kupd_errors_total", code="UNAVAILABLE")
+
+
+def test_a_blocked_receive_on_a_moved_socket_ends_and_loses_nothing(
+    start_tenants: StartTenants,
+) -> None:
+    """alice's Attach lease owes a reply (echo holds it); on her socket a
+    Receive waits for it and another Receive waits for the lease's turn.
+    A reload moves her socket: both end at once with UNAVAILABLE naming the
+    new socket -- logged and counted as failed RPCs -- and the reply is
+    still there for a Receive through the new socket (the lease is not
+    left locked, nothing was consumed)."""
+    k = start_tenants(SLOW + DEVICES + TENANTS)
+    old, new = k.sock("alice"), k.sock("alice2")
+    with k.client("alice") as a:
+        lease = a.attach("echo", 10)
+        assert a.lease_receive(lease.lease_id, timeout=10).kind.name == "PASS"
+        holds = echo_lock_holds(k.sim)
+        a.lease_send(lease.lease_id, LOCKHOLD)
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold the reply")
+        before = len(_log_records(k, "receive"))
+        first = in_background(lambda: a.lease_receive(lease.lease_id))
+        wait_until(
+            lambda: len(_log_records(k, "receive")) == before + 1, what="the Receive waiting"
+        )
+        second = in_background(lambda: a.lease_receive(lease.lease_id))
+        wait_until(
+            lambda: len(_log_records(k, "receive")) == before + 2, what="the next one waiting"
+        )
+        unavailable = _moved_unavailable(k)
+        k.write_config(SLOW + DEVICES + MOVED)
+        with k.admin() as adm:
+            assert adm.reload().sessions_ended == ()
+        ended = [first.outcome(30), second.outcome(30)]
+    for exc in ended:
+        assert isinstance(exc, errors.Unavailable), ended
+        assert f"moved its socket from {old} to {new}: connect there" in str(exc), ended
+    assert f"it waited for lease {lease.lease_id}'s turn: nothing was done" in str(ended[1])
+    with Client(new) as a2:
+        with a2.open("echo").channel(8) as ch:  # echo lets go of the reply
+            ch.receive(timeout=10)
+            assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+        assert a2.lease_receive(lease.lease_id, timeout=30).data.lower() == LOCKHOLD
+        a2.lease_send(lease.lease_id, b"again")
+        assert a2.lease_receive(lease.lease_id, timeout=10).data == b"again"
+        a2.release(lease.lease_id)
+    failed = [r for r in _log_records(k, "rpc failed") if r.get("rpc") == "Receive"]
+    assert len(failed) == 2 and all(r["code"] == "UNAVAILABLE" for r in failed), failed
+    assert all(f"moved its socket from {old} to {new}" in r["error"] for r in failed), failed
+    assert all(r["lease"] == lease.lease_id for r in failed), failed
+    assert _moved_unavailable(k) == unavailable + 2
+    (removed,) = [r for r in _log_records(k, "socket removed") if r["socket"] == old]
+    assert f"moved its socket from {old} to {new}" in removed["why"], removed
+
+
+def test_a_waiting_exchange_on_a_moved_socket_ends_saying_the_request_was_sent(
+    start_tenants: StartTenants,
+) -> None:
+    """A Send with wait_reply (lease_exchange) on alice's socket, its
+    request sent, waits for the reply when a reload moves the socket: it
+    ends at once with UNAVAILABLE naming the new socket and saying the
+    reply waits for the next Receive -- which gets it there."""
+    k = start_tenants(SLOW + DEVICES + TENANTS)
+    old, new = k.sock("alice"), k.sock("alice2")
+    with k.client("alice") as a:
+        lease = a.attach("echo", 11)
+        assert a.lease_receive(lease.lease_id, timeout=10).kind.name == "PASS"
+        holds = echo_lock_holds(k.sim)
+        waiting = in_background(lambda: a.lease_exchange(lease.lease_id, LOCKHOLD))
+        # echo has the request: kupd sent it, then waits (no await between)
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold the reply")
+        k.write_config(SLOW + DEVICES + MOVED)
+        with k.admin() as adm:
+            adm.reload()
+        exc = waiting.outcome(30)
+    assert isinstance(exc, errors.Unavailable), exc
+    assert f"moved its socket from {old} to {new}: connect there" in str(exc), exc
+    assert "the request was sent: the next receive" in str(exc), exc
+    with Client(new) as a2:
+        with a2.open("echo").channel(8) as ch:
+            ch.receive(timeout=10)
+            assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+        assert a2.lease_receive(lease.lease_id, timeout=30).data.lower() == LOCKHOLD
+        a2.release(lease.lease_id)
