@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -357,7 +358,13 @@ class CallPool:
         return None if pc is None else pc.state
 
     # -- the call ---------------------------------------------------------------
-    async def _acquire(self, caller: str, timeout: float, share: int = 0) -> PoolChannel:
+    async def _acquire(
+        self,
+        caller: str,
+        timeout: float,
+        share: int = 0,
+        retired: asyncio.Future[None] | None = None,
+    ) -> PoolChannel:
         group = caller.split("\x1f", 1)[0]
         if self._free and not (share and self._at_share(group)):
             # A channel free while callers queue is one every queued group
@@ -394,6 +401,13 @@ class CallPool:
         # asyncio.timeout scope per queued Call); a future granted first
         # keeps its channel, and _dispatch skips futures already done.
         timer = fut.get_loop().call_later(timeout, _expire, fut)
+        refuse = None
+        if retired is not None:
+            # the socket it came in on retired by a reload: out of the
+            # queue now, with where the socket went, instead of cut
+            # call_timeout later by gRPC (a grant first keeps its channel)
+            refuse = functools.partial(self._refuse_retired, fut)
+            retired.add_done_callback(refuse)
         try:
             return await fut
         except BaseException as exc:
@@ -454,9 +468,23 @@ class CallPool:
             raise
         finally:
             timer.cancel()
+            if refuse is not None and retired is not None:
+                retired.remove_done_callback(refuse)
             self._queued -= 1
             _down(self._group_queued, group)
             self._queued_gauge.dec()
+
+    def _refuse_retired(
+        self, fut: asyncio.Future[PoolChannel], retired: asyncio.Future[None]
+    ) -> None:
+        exc = None if retired.cancelled() else retired.exception()
+        if not fut.done() and isinstance(exc, errors.KupError):
+            fut.set_exception(
+                type(exc)(
+                    f"{exc.message} (the Call waited for a pool channel of device "
+                    f"{self.device}: it was not sent)"
+                )
+            )
 
     async def call(
         self,
@@ -466,6 +494,7 @@ class CallPool:
         limit: int,
         held: list[Callable[[], None]] | None = None,
         share: int = 0,
+        retired: asyncio.Future[None] | None = None,
     ) -> tuple[Message, int]:
         """Send ``data`` on a free pool channel; the kernel's reply and the channel id.
         ``limit`` is the device's max message.  While the pool is (re)filling,
@@ -474,7 +503,9 @@ class CallPool:
         quarantined takes it out of the list and runs it only once the
         quarantine settles -- the caller runs what is left, if anything.
         ``share``: the most pool channels the caller's group may hold at
-        once (0: no limit)."""
+        once (0: no limit).  ``retired``: the retirement of the socket the
+        Call came in on (kupd.policy.socket_retired): one still queued then
+        is refused with its error, not sent; one on a channel runs on."""
         if self.closed:
             raise errors.Shutdown(f"device {self.device} is going away")
         if self.size == 0:
@@ -506,7 +537,7 @@ class CallPool:
                     self._shares.pop(group, None)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            pc = await self._acquire(caller, timeout, share)
+            pc = await self._acquire(caller, timeout, share, retired)
             left = deadline - loop.time()
             if left < _SEND_MIN_LEFT:
                 # granted at its deadline: sending now would only leave the

@@ -965,7 +965,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         # the same keys as before (request, rpc; device, caller, tenant once
         # the device was ready) before its status is logged and counted.
         # ``tenant``: TenantKup binds it here, as for Send (and ``retired``,
-        # its socket's retirement).
+        # its socket's retirement: a queued Call ends with it, not sent).
         if tenant is not None:
             use_tenant(tenant, retired)
         where: dict[str, Any] = {}
@@ -988,7 +988,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             held: list[Callable[[], None]] = [slot]
             try:
                 self.guard.check_drained(dev.name)
-                return await self._call(request, context, dev, t, where, held)
+                return await self._call(request, context, dev, t, where, held, retired)
             finally:
                 if held:
                     for let_go in held:
@@ -1016,6 +1016,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         t: Tenant,
         where: dict[str, Any],
         held: list[Callable[[], None]],
+        retired: asyncio.Future[None] | None = None,
     ) -> kup_pb2.CallResponse:
         where["tenant"] = t.name
         _, info = dev.require()
@@ -1037,6 +1038,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 info.max_msg,
                 held,
                 t.max_pool_channels,
+                retired,
             )
         except errors.KupError as exc:
             code = status_for(exc)[0].name

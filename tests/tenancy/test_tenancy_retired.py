@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
-from kupclient import Client
+from kupclient import Client, Message
 from kupd import errors
 from kupd.testing import echo_lock_holds, in_background, wait_until
 
@@ -151,3 +151,60 @@ def test_a_waiting_exchange_on_a_moved_socket_ends_saying_the_request_was_sent(
             assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
         assert a2.lease_receive(lease.lease_id, timeout=30).data.lower() == LOCKHOLD
         a2.release(lease.lease_id)
+
+
+ONE_POOL_CHANNEL = """
+[[device]]
+name = "echo"
+call_channels = 1
+
+[[tenant]]
+name = "alice"
+socket = "@DIR@/alice.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+def _to_kernel(k: TenantKupd) -> float:
+    """Messages kupd has sent to echo, on any channel."""
+    return _metric(k, "kupd_messages_total", device="echo", direction="to_kernel")
+
+
+def test_a_queued_call_on_a_moved_socket_is_refused_unsent(
+    start_tenants: StartTenants,
+) -> None:
+    """echo's one pool channel runs alice's first Call (echo holds its
+    reply); her second waits in the queue.  A reload moves her socket: the
+    queued Call ends at once with UNAVAILABLE naming the new socket, and
+    was never sent to the module; the one on the channel runs on and gets
+    its reply; the pool serves Calls through the new socket."""
+    k = start_tenants(SLOW + ONE_POOL_CHANNEL)
+    old, new = k.sock("alice"), k.sock("alice2")
+    with k.client("alice") as a:
+        holds = echo_lock_holds(k.sim)
+        running = in_background(lambda: a.call("echo", LOCKHOLD, timeout=60))
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold the Call")
+        queued = in_background(lambda: a.call("echo", b"queued", timeout=600))
+        wait_until(lambda: a.devices("echo")[0].calls_queued == 1, what="the Call queued")
+        sent = _to_kernel(k)
+        k.write_config(SLOW + ONE_POOL_CHANNEL.replace("alice.sock", "alice2.sock"))
+        with k.admin() as adm:
+            adm.reload()
+        refused = queued.outcome(30)
+        assert isinstance(refused, errors.Unavailable), refused
+        assert f"moved its socket from {old} to {new}: connect there" in str(refused)
+        assert "it was not sent" in str(refused), refused
+        with Client(new) as a2:
+            with a2.open("echo").channel(8) as ch:
+                ch.receive(timeout=10)
+                assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+            reply = running.outcome(30)
+            assert isinstance(reply, Message) and reply.data.lower() == LOCKHOLD, reply
+            assert a2.call("echo", b"after").data.lower() == b"after"
+    # the "!lockfree" and the last Call: nothing else reached echo
+    assert _to_kernel(k) == sent + 2
+    failed = [r for r in _log_records(k, "rpc failed") if r.get("rpc") == "Call"]
+    assert [r["code"] for r in failed] == ["UNAVAILABLE"], failed
+    assert failed[0]["tenant"] == "alice" and failed[0]["device"] == "echo", failed
+
