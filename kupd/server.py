@@ -460,8 +460,6 @@ class Server:
                             ),
                         )
                 d.pool.set_shares(shares)
-            self.bus.recheck()  # open Watches re-check their permission now
-            self._health_changed()  # a tenant's view of kupd's health: its new grants
             ended: list[str] = []
             for lease in list(self.leases.leases.values()):
                 rule = self.guard.still_allowed(
@@ -486,6 +484,12 @@ class Server:
                 )
             else:
                 added, removed = [], []
+            # Open Watches re-check their permission now (the events above
+            # re-check it too, before they are delivered), and one on a
+            # socket commit retired ends here, after those events (its
+            # tenant's Sessions' LEASE_RELEASED).  No await since the swap.
+            self.bus.recheck()
+            self._health_changed()  # a tenant's view of kupd's health: its new grants
             names = [t.name for t in cfg.tenants] or ["default"]
             log.info(
                 "config reloaded",

@@ -429,6 +429,27 @@ class KupService(kup_pb2_grpc.KupServicer):
         if retired is not None and retired.done():
             raise _fresh(retired)
 
+    async def until_retired(self, aw: Awaitable[None]) -> None:
+        """Await ``aw`` (a stream that only ends when its client goes, as
+        the health service's Watch); when a reload retires the socket the
+        request came in on meanwhile, it is cancelled and the retirement's
+        Unavailable raised instead (kupd.policy.socket_retired)."""
+        retired = socket_retired()
+        if retired is None:
+            await aw
+            return
+        guard = _StreamGuard(retired)
+        guard.waiting = True
+        try:
+            await aw
+        except asyncio.CancelledError:
+            if not guard.take_cancel():
+                raise  # not ours: the client went away
+            raise _fresh(retired) from None
+        finally:
+            guard.waiting = False
+            guard.close()
+
     @staticmethod
     def _deadline_cap(context: grpc.aio.ServicerContext, timeout: float | None) -> float | None:
         remaining: float | None = context.time_remaining()
@@ -798,23 +819,29 @@ class KupService(kup_pb2_grpc.KupServicer):
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
 
-    def _raise_if_ended(self, lease: Lease | None) -> None:
+    def _raise_if_ended(
+        self, lease: Lease | None, retired: asyncio.Future[None] | None = None
+    ) -> None:
         if lease is not None and lease.ended.done():
             exc = lease.ended.exception()
             if isinstance(exc, errors.KupError):
                 raise type(exc)(exc.message)
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
+        if retired is not None and retired.done():
+            raise _fresh(retired)
 
     async def _next(
         self,
         reader: AsyncIterator[kup_pb2.SessionRequest | WireRequest | MalformedRequest],
         lease: Lease | None,
         guard: _StreamGuard,
+        retired: asyncio.Future[None] | None = None,
     ) -> kup_pb2.SessionRequest | WireRequest | MalformedRequest | None:
         """The next request, or None at the end of the stream; raises when
-        kupd drains or the lease is ended first (``guard`` cancels the wait)."""
-        self._raise_if_ended(lease)
+        kupd drains, the lease is ended or the stream's socket is retired
+        (``retired``) first (``guard`` cancels the wait)."""
+        self._raise_if_ended(lease, retired)
         guard.waiting = True
         try:
             return await reader.__anext__()
@@ -823,7 +850,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         except asyncio.CancelledError:
             if not guard.take_cancel():
                 raise  # not ours: the client went away
-            self._raise_if_ended(lease)
+            self._raise_if_ended(lease, retired)
             raise errors.Shutdown("kupd is shutting down") from None
         finally:
             guard.waiting = False
@@ -901,9 +928,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         try:
             self._check_open()
             guard = _StreamGuard(self.drain)
+            if retired is not None:
+                # a reload that retires this socket ends the stream's wait
+                # (attached, its lease ends first: socket moved by reload)
+                guard.watch(retired)
             counted = self._unattached()
             try:
-                first = await self._next(reader, None, guard)
+                first = await self._next(reader, None, guard, retired)
             finally:
                 self.leases.unattached_leave(counted)
             if first is None:
@@ -921,7 +952,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 request_id=first.request_id, attached=self._attach_pb(lease, 0)
             )
             while True:
-                req = await self._next(reader, lease, guard)
+                req = await self._next(reader, lease, guard, retired)
                 if req is None:
                     return
                 try:
@@ -1113,7 +1144,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         if request.device:
             self.mgr.get(request.device)
         with self.watch_slot(t, request.device):
-            async for event in self._watch(request, t):
+            async for event in self._watch(request, t, socket_retired()):
                 yield event
         raise errors.Shutdown("kupd is shutting down")
 
@@ -1142,7 +1173,10 @@ class KupService(kup_pb2_grpc.KupServicer):
             self.watches[t.name] -= 1
 
     async def _watch(
-        self, request: kup_pb2.WatchRequest, t: Tenant
+        self,
+        request: kup_pb2.WatchRequest,
+        t: Tenant,
+        retired: asyncio.Future[None] | None = None,
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
         initial = self._initial_events(request.device) if request.initial_state else []
         scoped = not (t.admin or t.grants is None)
@@ -1156,6 +1190,11 @@ class KupService(kup_pb2_grpc.KupServicer):
             return now is not None and now.may_see(ev.device, ev.channel if ev.lease_id else None)
 
         async for ev in self.bus.subscribe(request.device, initial, visible if scoped else None):
+            if ev is RECHECK and retired is not None and retired.done():
+                # a reload retired the socket it came in on: the events
+                # before it were delivered (Server._reload hands every
+                # Watch RECHECK after it retired sockets)
+                raise _fresh(retired)
             lease_id, reason = ev.lease_id, ev.reason
             if scoped:
                 # A reload may have removed the tenant or its watch since

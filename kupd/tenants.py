@@ -36,13 +36,14 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
-from kupd.log import get_logger
+from kupd.log import bind, get_logger
 from kupd.policy import (
     ADMIN,
     DEFAULT,
@@ -91,10 +92,14 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         use_tenant(self.tenant, self.retired)
+        structlog.contextvars.clear_contextvars()
+        bind(rpc="Health.Watch")  # what its failure is logged with
         try:
             with self.kup.watch_slot(self.tenant):
-                await self.inner.Watch(request, context)
-        except errors.KupError as exc:  # past the tenant's watch streams
+                # it never ends by itself: a reload that retires this
+                # socket ends it (Unavailable, where the socket went)
+                await self.kup.until_retired(self.inner.Watch(request, context))
+        except errors.KupError as exc:  # past the tenant's watch streams, or retired
             await self.kup._abort(context, exc)
 
 

@@ -205,7 +205,8 @@ def test_hint_when_kupd_closed_the_connection() -> None:
     assert unavailable_hint(goaway, "/x.sock") == hint
     cancelled = "GOAWAY received; Error code: 2; Debug Text: Cancelling all calls"
     assert unavailable_hint(cancelled, "/x.sock") == (
-        " (kupd closed the connection: it is stopping, or a reload moved or removed this socket)"
+        " (kupd closed the connection: it is stopping -- or a reload moved or removed this "
+        "socket and this request ran on there past call_timeout)"
     )
     # written to after kupd closed it: kupd stopped, or dropped this client
     broken = unavailable_hint("Stream removed (sendmsg: Broken pipe (32))", "/x.sock")

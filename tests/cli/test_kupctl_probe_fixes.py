@@ -117,8 +117,9 @@ def test_permission_hint_names_the_socket_owner_and_group(tmp_path: Path) -> Non
 
 def test_watch_cut_by_a_reload_that_moved_its_socket() -> None:
     """A reload moves tenant alice's socket: kupd stops the old socket's gRPC
-    server, which cuts the watch on it with gRPC's bare "Cancelling all
-    calls".  kupd is not shutting down, so the hint must not say it is."""
+    server, which cut the watch on it with gRPC's bare "Cancelling all
+    calls" (and a hint that had to say kupd may be stopping).  kupd ends it
+    itself now, saying where the socket went."""
     d = Path(tempfile.mkdtemp(prefix="kupctl-mv-"))
     try:
         with kupsim("echo", check_exit=False) as sim:
@@ -158,6 +159,6 @@ def test_watch_cut_by_a_reload_that_moved_its_socket() -> None:
     why = f"rc={watch.returncode} stdout={out!r} stderr={err!r}"
     assert watch.returncode == EXIT_UNAVAILABLE, why
     assert err == (
-        "kupctl: Unavailable: Cancelling all calls (kupd closed the connection: it is "
-        "stopping, or a reload moved or removed this socket)\n"
+        f"kupctl: Unavailable: tenant alice: a reload moved its socket from {d}/t/alice.sock "
+        f"to {d}/t/alice-new.sock: connect there\n"
     ), why

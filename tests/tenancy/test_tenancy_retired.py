@@ -7,9 +7,12 @@ loses nothing; kupd's stop stays within its documented bound."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
@@ -208,3 +211,99 @@ def test_a_queued_call_on_a_moved_socket_is_refused_unsent(
     assert [r["code"] for r in failed] == ["UNAVAILABLE"], failed
     assert failed[0]["tenant"] == "alice" and failed[0]["device"] == "echo", failed
 
+
+def _unattached_sessions(k: TenantKupd) -> float:
+    return _metric(k, "kupd_sessions_unattached")
+
+
+def test_streams_waiting_on_a_moved_socket_end_saying_where(
+    start_tenants: StartTenants,
+) -> None:
+    """On alice's socket: a Watch, a Health Watch and a Session stream
+    that has not sent its attach.  A reload moves the socket: each ends at
+    once with UNAVAILABLE naming the new one -- the Watch after the events
+    before the reload's end (its Session's LEASE_RELEASED) -- and each is
+    logged as a failed RPC."""
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    k = start_tenants(SLOW + DEVICES + TENANTS)
+    old, new = k.sock("alice"), k.sock("alice2")
+    chan = grpc.insecure_channel("unix:" + old)
+    never = threading.Event()
+
+    def no_requests() -> Iterator[kup_pb2.SessionRequest]:
+        never.wait()
+        return
+        yield
+
+    try:
+        with k.client("alice") as a:
+            session = a.open("echo").channel(8)
+            session.receive(timeout=10)
+            events = a.watch("echo", initial_state=True)
+            assert next(events).initial  # the stream is open in kupd
+            health = health_pb2_grpc.HealthStub(chan).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+            assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+            stream = kup_pb2_grpc.KupStub(chan).Session(no_requests(), timeout=60)
+            wait_until(lambda: _unattached_sessions(k) == 1, what="kupd counting the stream")
+            k.write_config(SLOW + DEVICES + MOVED)
+            with k.admin() as adm:
+                assert adm.reload().sessions_ended == (session.lease.lease_id,)
+            seen: list[Any] = []
+            with pytest.raises(errors.Unavailable) as ended:
+                for ev in events:
+                    seen.append(ev)
+            assert f"moved its socket from {old} to {new}: connect there" in str(ended.value)
+            released = [e for e in seen if e.type.name == "LEASE_RELEASED"]
+            assert [e.reason for e in released] == ["socket moved by reload"], seen
+            for rpc in (health, stream):
+                with pytest.raises(grpc.RpcError) as e:
+                    next(rpc)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+                assert f"moved its socket from {old} to {new}" in str(e.value.details())
+            session.close()
+    finally:
+        never.set()
+        chan.close()
+    wait_until(lambda: _unattached_sessions(k) == 0, what="the stream gone")
+    failed = {r.get("rpc"): r for r in _log_records(k, "rpc failed")}
+    for rpc in ("Watch", "Health.Watch", "Session"):
+        assert failed[rpc]["code"] == "UNAVAILABLE", failed
+        assert f"moved its socket from {old} to {new}" in failed[rpc]["error"], failed
+
+
+def test_a_removed_tenants_health_watch_is_told_its_socket_was_removed(
+    start_tenants: StartTenants,
+) -> None:
+    """A reload removes carol, her socket with her: her Health Watch ends
+    at once with UNAVAILABLE saying so; and a renamed tenant's (the path
+    kept, served to the new name) says whom the path serves now."""
+    k = start_tenants(SLOW + DEVICES + TENANTS)
+    carol, alice = k.sock("carol"), k.sock("alice")
+    chans = [grpc.insecure_channel("unix:" + p) for p in (carol, alice)]
+    try:
+        watches = [
+            health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            for c in chans
+        ]
+        for w in watches:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        body = TENANTS[: TENANTS.index('[[tenant]]\nname = "carol"')]
+        k.write_config(SLOW + DEVICES + body.replace('name = "alice"', 'name = "alicia"'))
+        with k.admin() as adm:
+            assert adm.reload().tenants == ("alicia", "bob")
+        details = []
+        for w in watches:
+            with pytest.raises(grpc.RpcError) as e:
+                next(w)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+            details.append(e.value.details())
+    finally:
+        for c in chans:
+            c.close()
+    assert details == [
+        f"tenant carol: a reload removed its socket {carol}",
+        f"tenant alice: a reload removed its socket {alice}; the path now serves tenant alicia",
+    ], details

@@ -1089,11 +1089,13 @@ def unavailable_hint(
         return f" (kupd closed the connection: it stopped, or it dropped this client: {keepalive})"
     if "Cancelling all calls" in message:
         # gRPC's status for the calls a server being stopped cuts (bare, or as
-        # the GOAWAY's debug text): kupd stopping, but also a reload stopping
-        # the server of a socket it moved or removed -- gRPC does not say which
+        # the GOAWAY's debug text): kupd stopping.  A reload that moves or
+        # removes a socket ends what waits there with kupd's own UNAVAILABLE
+        # saying where the socket went; only a request that ran on there
+        # (a Call on a pool channel) past call_timeout is cut so
         return (
-            " (kupd closed the connection: it is stopping, or a reload moved or removed "
-            "this socket)"
+            " (kupd closed the connection: it is stopping -- or a reload moved or removed "
+            "this socket and this request ran on there past call_timeout)"
         )
     if "GOAWAY" in message:
         return " (kupd closed the connection)"
