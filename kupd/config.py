@@ -487,14 +487,28 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     # connection cap is fixed when it is built (a gRPC option): the running
     # value stays, reported like a restart-only key.  A tenant with a new
     # socket gets a new server, built with the new value.
+    # The same for the gRPC receive limit that follows max_message_bytes
+    # (kupd.tenants.receive_limit): lowering it is applied (kupd refuses
+    # what the socket still lets through), raising it is not.  The socket's
+    # RPC cap (tenant_rpc_bound) is a margin above max_sessions and
+    # max_calls_in_flight: raising those is applied, and named too.
     served = {(t.name, t.socket): t for t in running.tenants}
     tenants = list(new.tenants)
     kept_caps: list[str] = []
     for i, t in enumerate(tenants):
         old = served.get((t.name, t.socket))
-        if old is not None and old.max_connections != t.max_connections:
-            tenants[i] = replace(t, max_connections=old.max_connections)
+        if old is None:
+            continue
+        if old.max_connections != t.max_connections:
+            tenants[i] = replace(tenants[i], max_connections=old.max_connections)
             kept_caps.append(tenant_key(i, t.name) + ".max_connections")
+        if old.max_message_bytes and not 0 < t.max_message_bytes <= old.max_message_bytes:
+            tenants[i] = replace(tenants[i], max_message_bytes=old.max_message_bytes)
+            kept_caps.append(tenant_key(i, t.name) + ".max_message_bytes")
+        for key in ("max_sessions", "max_calls_in_flight"):
+            was, now = getattr(old, key), getattr(t, key)
+            if was and (not now or now > was):
+                kept_caps.append(tenant_key(i, t.name) + f".{key}")
     new = replace(new, tenants=tuple(tenants))
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
     # with [[tenant]] tables the top-level socket is not served: a changed

@@ -40,7 +40,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kupapi import kup_pb2, kup_pb2_grpc
+from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
 from kupd.log import bind, get_logger
@@ -185,6 +185,16 @@ class Endpoint:
     #: the one cap grpcio offers on connections, and why each tenant's
     #: socket has a server of its own is what makes it a per-tenant cap.
     max_connections: int = 0
+    #: RPCs (streams included) open at once on this socket's server, all
+    #: its connections together (0: no cap): grpcio's
+    #: maximum_concurrent_rpcs, which counts an RPC from its headers on,
+    #: before its request has arrived -- what kupd's own limits cannot
+    #: see (tenant_rpc_bound)
+    max_rpcs: int = 0
+    #: gRPC's receive limit on this socket (0: kupd's, MAX_GRPC_MESSAGE):
+    #: a request whose declared length is above it is refused before it is
+    #: buffered (receive_limit)
+    max_receive: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -207,11 +217,59 @@ def endpoints_for(config: Any) -> list[Endpoint]:
         )
     for t in config.tenants:
         eps.append(
-            Endpoint(t.socket, t, t.owner, t.group, t.mode, max_connections=t.max_connections)
+            Endpoint(
+                t.socket,
+                t,
+                t.owner,
+                t.group,
+                t.mode,
+                max_connections=t.max_connections,
+                max_rpcs=tenant_rpc_bound(config, t),
+                max_receive=receive_limit(t),
+            )
         )
     if config.admin_socket:
         eps.append(Endpoint(os.path.abspath(config.admin_socket), ADMIN, os.geteuid(), None, 0o600))
     return eps
+
+
+#: What a request may carry besides its payload (device name, caller,
+#: framing) on a socket whose tenant has a max_message_bytes: requests a
+#: little over the limit still reach kupd, which answers TooBig naming it.
+RECEIVE_HEADROOM = 16 * 1024
+
+#: RPCs a tenant may have open beyond its own limits (unary operations
+#: waiting on its leases, Checks, ListDevices...) before gRPC refuses more.
+RPC_SLACK = 1024
+
+
+def receive_limit(t: Tenant) -> int:
+    """gRPC's receive limit on ``t``'s socket: its max_message_bytes plus
+    RECEIVE_HEADROOM (0: kupd's own limit, for a tenant without one).
+
+    Why: gRPC buffers a request until the whole message is there, before
+    kupd sees anything.  A client that starts thousands of RPCs and never
+    finishes their 4 MiB requests made kupd hold gigabytes; with this limit
+    a request declared larger is refused as its length arrives."""
+    if not t.max_message_bytes:
+        return 0
+    return min(t.max_message_bytes + RECEIVE_HEADROOM, MAX_GRPC_MESSAGE)
+
+
+def tenant_rpc_bound(config: Any, t: Tenant) -> int:
+    """The RPCs ``t``'s socket serves at once: its sessions (max_sessions,
+    else kupd's), its Calls (max_calls_in_flight, else kupd's
+    max_queued_calls), its watch streams, and RPC_SLACK -- above what kupd's
+    own limits let through, so that those refuse first, naming themselves;
+    gRPC's refusal (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded")
+    meets only RPCs that never got as far as kupd.  Together with
+    receive_limit it bounds the memory a tenant can tie up in requests that
+    never arrive whole."""
+    from kupd.service import WATCHES_PER_TENANT
+
+    sessions = t.max_sessions or config.max_sessions
+    calls = t.max_calls_in_flight or config.max_queued_calls
+    return sessions + calls + WATCHES_PER_TENANT + RPC_SLACK
 
 
 #: Symbolic links followed by hand on the way to one path, at most (the
@@ -579,7 +637,10 @@ class SocketSet:
         options = list(self.options)
         if ep.max_connections:
             options.append(("grpc.max_allowed_incoming_connections", ep.max_connections))
-        server = grpc.aio.server(options=options)
+        if ep.max_receive:
+            options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+            options.append(("grpc.max_receive_message_length", ep.max_receive))
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=ep.max_rpcs or None)
         retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._retired[server] = retired
         # kupd.wire: the Session by hand; a request protobuf cannot parse

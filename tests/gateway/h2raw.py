@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["DATA", "HEADERS", "Frame", "H2Conn"]
+__all__ = ["DATA", "HEADERS", "RST_STREAM", "Frame", "H2Conn"]
 
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
 _END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
@@ -102,9 +102,9 @@ class H2Conn:
         except (EOFError, OSError):
             self.closed = True
 
-    def grpc_request(self, method: str, message: bytes) -> int:
-        """Open a stream calling ``method`` (/package.Service/Method) with
-        one whole message; the stream's id."""
+    def grpc_open(self, method: str) -> int:
+        """Open a stream calling ``method`` (/package.Service/Method): its
+        headers only, no request yet; the stream's id."""
         stream = self._next_stream
         self._next_stream += 2
         headers = [
@@ -116,9 +116,28 @@ class H2Conn:
             ("te", "trailers"),
         ]
         self._send(_frame(HEADERS, _END_HEADERS, stream, _hpack(headers)))
-        body = b"\x00" + struct.pack(">I", len(message)) + message
-        self._send(_frame(DATA, _END_STREAM, stream, body))
         return stream
+
+    def grpc_send(self, stream: int, declared: int, part: bytes, end: bool = False) -> None:
+        """The start of one gRPC message on ``stream``: a length prefix of
+        ``declared`` bytes, then ``part`` (all of it, or less: a message
+        that never arrives whole)."""
+        body = b"\x00" + struct.pack(">I", declared) + part
+        self._send(_frame(DATA, _END_STREAM if end else 0, stream, body))
+
+    def grpc_request(self, method: str, message: bytes) -> int:
+        """Open a stream calling ``method`` with one whole message."""
+        stream = self.grpc_open(method)
+        self.grpc_send(stream, len(message), message, end=True)
+        return stream
+
+    def ended(self, stream: int) -> bool:
+        """Whether the server ended ``stream``: trailers, or RST_STREAM."""
+        return any(
+            f.stream == stream
+            and (f.type == RST_STREAM or (f.type == HEADERS and f.flags & _END_STREAM))
+            for f in list(self.frames)
+        )
 
     def wait_for(self, ftype: int, stream: int, timeout: float = 30.0) -> Frame:
         """The first frame of ``ftype`` on ``stream`` (AssertionError if

@@ -23,6 +23,7 @@ NEW_TENANTS = """
 name = "alice"
 socket = "@DIR@/alice.sock"
 max_sessions = 2
+max_message_bytes = 64
 ops = ["session", "lease", "call"]
 [[tenant.grant]]
 device = "echo"

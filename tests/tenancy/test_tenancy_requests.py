@@ -1,0 +1,153 @@
+"""Requests that never arrive whole are bounded per tenant.  gRPC holds an
+RPC, and buffers its request, from its headers on -- before kupd sees
+anything, so none of kupd's own limits counted them: a tenant that opened
+thousands of RPCs and never finished their requests made kupd hold
+gigabytes.  A tenant's socket now caps the RPCs open at once
+(kupd.tenants.tenant_rpc_bound, above the tenant's own limits) and, when
+the tenant has a max_message_bytes, refuses a request declared larger than
+that (plus a little headroom) as its length arrives
+(kupd.tenants.receive_limit).  Real kupd, kupsim and a hand-framed HTTP/2
+client."""
+
+from __future__ import annotations
+
+import sys
+import time
+import tomllib
+
+import grpc
+import pytest
+from tenancy_helpers import StartTenants
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import errors
+from kupd.config import parse_config, reloaded
+from kupd.service import WATCHES_PER_TENANT
+from kupd.tenants import RECEIVE_HEADROOM, RPC_SLACK
+from kupd.testing import REPO_ROOT, wait_until
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+
+from h2raw import H2Conn
+
+__all__: list[str] = []
+
+BODY = """
+[[device]]
+name = "echo"
+call_channels = 2
+
+[[tenant]]
+name = "small"
+socket = "@DIR@/small.sock"
+max_sessions = 1
+max_calls_in_flight = 1
+max_pool_channels = 1
+max_message_bytes = 64
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "other"
+socket = "@DIR@/other.sock"
+max_pool_channels = 1
+[[tenant.grant]]
+device = "echo"
+"""
+
+#: small's cap: its sessions, its Calls, its watch streams and the slack
+SMALL_RPCS = 1 + 1 + WATCHES_PER_TENANT + RPC_SLACK
+
+
+def test_rpcs_whose_requests_never_come_are_capped_per_tenant(
+    start_tenants: StartTenants,
+) -> None:
+    k = start_tenants(BODY)
+    raw = H2Conn(k.sock("small"))
+    try:
+        for _ in range(SMALL_RPCS):
+            raw.grpc_open("/kup.v1.Kup/ListDevices")  # headers, and never a request
+        with k.client("small") as c:
+
+            def refused() -> bool:
+                try:
+                    c.devices()
+                except errors.ResourceExhausted:
+                    return True
+                return False
+
+            # the raw streams reach kupd's server in order: once the cap is
+            # taken, one more RPC is refused by gRPC
+            wait_until(refused, timeout=60, what="small's socket to be at its RPC cap")
+        with k.client("other") as c:
+            assert [d.name for d in c.devices()] == ["echo"]  # another socket: not capped
+    finally:
+        raw.close()
+    with k.client("small") as c:
+
+        def served() -> bool:
+            try:
+                return [d.name for d in c.devices()] == ["echo"]
+            except errors.ResourceExhausted:
+                return False
+
+        wait_until(served, timeout=60, what="small's RPCs again once the raw connection is gone")
+
+
+def test_a_request_over_the_receive_limit_is_refused_before_it_arrives(
+    start_tenants: StartTenants,
+) -> None:
+    k = start_tenants(BODY)
+    raw = H2Conn(k.sock("small"))
+    try:
+        # a Call declaring 4 MiB, of which a few bytes arrive: refused as
+        # its length arrives, not held open waiting for the rest
+        stream = raw.grpc_open("/kup.v1.Kup/Call")
+        raw.grpc_send(stream, 4 * 1024 * 1024, b"\x0a\x04echo")
+        deadline = time.monotonic() + 30
+        while not raw.ended(stream):
+            assert time.monotonic() < deadline, f"kupd waits for the rest: {raw.frames}"
+            time.sleep(0.01)
+    finally:
+        raw.close()
+    with grpc.insecure_channel("unix:" + k.sock("small")) as chan:
+        stub = kup_pb2_grpc.KupStub(chan)
+        # a little over max_message_bytes: kupd's own answer, naming the rule
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Call(kup_pb2.CallRequest(device="echo", data=b"x" * 65), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_message_bytes=64" in (ei.value.details() or "")
+        # far over it: gRPC's, before kupd sees it
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Call(
+                kup_pb2.CallRequest(device="echo", data=b"x" * (64 + RECEIVE_HEADROOM)),
+                timeout=30,
+            )
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in (ei.value.details() or "")
+        # within it: served
+        reply = stub.Call(kup_pb2.CallRequest(device="echo", data=b"y" * 64), timeout=30)
+        assert reply.reply.data.lower() == b"y" * 64
+
+
+def test_a_reload_may_lower_the_receive_limit_of_a_kept_socket_not_raise_it() -> None:
+    running = parse_config(tomllib.loads(BODY.replace("@DIR@", "/run/t")))
+
+    def reload(old: str, new: str) -> tuple[int, list[str]]:
+        cfg, _, needs = reloaded(running, parse_config(tomllib.loads(
+            BODY.replace(old, new).replace("@DIR@", "/run/t")
+        )))  # fmt: skip
+        (small,) = [t for t in cfg.tenants if t.name == "small"]
+        return small.max_message_bytes, needs
+
+    assert reload("max_message_bytes = 64", "max_message_bytes = 32") == (32, [])
+    # the socket's server, and its receive limit, stay: so does the limit
+    raised = (64, ["tenant[name=small].max_message_bytes"])
+    assert reload("max_message_bytes = 64", "max_message_bytes = 128") == raised
+    assert reload("max_message_bytes = 64", "max_message_bytes = 0") == raised
+    # the RPC cap is a margin over max_sessions: a raise applies, and is named
+    cfg, _, needs = reloaded(running, parse_config(tomllib.loads(
+        BODY.replace("max_sessions = 1", "max_sessions = 8").replace("@DIR@", "/run/t")
+    )))  # fmt: skip
+    assert [t.max_sessions for t in cfg.tenants if t.name == "small"] == [8]
+    assert needs == ["tenant[name=small].max_sessions"]
