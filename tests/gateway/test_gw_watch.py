@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from gateway_helpers import StartKupd, child_env, echo_sim
+from gateway_helpers import StartKupd, child_env, echo_sim, live_watch
 
 from kupclient import EventType, WatchEvent
 from kupd import errors
@@ -95,7 +95,7 @@ def test_an_unload_is_announced_before_the_leases_it_ends(start_kupd: StartKupd)
     with echo_sim() as sim:
         k = start_kupd(sim)
         with k.client() as c:
-            events = c.watch("echo")
+            events = live_watch(c)
             seen: list[WatchEvent] = []
             ch = c.open("echo").channel(12)
             until(events, EventType.LEASE_TAKEN, seen)

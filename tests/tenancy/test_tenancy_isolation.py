@@ -154,9 +154,11 @@ def test_watch_tells_nothing_of_why_another_tenants_lease_ended(
         k.client("alice") as a,
         k.client("carol") as c,
         k.admin() as adm,
-        a.watch("echo") as aw,
-        c.watch("echo") as cw,
+        a.watch("echo", initial_state=True) as aw,
+        c.watch("echo", initial_state=True) as cw,
     ):
+        # subscribed: the replay comes only once kupd registered the stream
+        assert next(iter(aw)).initial and next(iter(cw)).initial
         revoked = c.attach("echo", 9)
         adm.revoke(revoked.lease_id, "the operator's own words")
         released = c.attach("echo", 10)

@@ -296,7 +296,9 @@ def test_a_reload_that_moves_a_tenants_socket_ends_its_sessions_saying_where(
         session.receive(timeout=10)
         lease = a.attach("echo", 10)
         assert a.lease_receive(lease.lease_id, timeout=10).kind.name == "PASS"
-        events = a.watch("echo")
+        events = a.watch("echo", initial_state=True)
+        # subscribed: the replay comes only once kupd registered the stream
+        assert next(events).initial
         k.write_config(DEVICES + TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock"))
         with k.admin() as adm:
             r = adm.reload()
