@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kupclient import Client
-from kupd.testing import KupSim, kupd_env, start_kupd, wait_until
+from kupd.testing import Kupd, KupSim, kupd_env, start_kupd, wait_until
 
 __all__: list[str] = []
 
@@ -58,6 +58,14 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
     m = Manager(str(tmp_path / "notify"))
     yield m
     m.close()
+
+
+def _kupd_with(sim: KupSim, tmp_path: Path, **env: str) -> Kupd:
+    """kupd serving echo on tmp_path/k.sock, ``env`` added to its environment."""
+    return start_kupd(
+        "--pid-file", "-", log=tmp_path / "kupd.log", socket=tmp_path / "k.sock", sim=sim,
+        devices=["echo"], env=kupd_env(sim) | env,
+    )  # fmt: skip
 
 
 def _serving(sock: Path) -> bool:
@@ -135,12 +143,7 @@ def test_watchdog_pings_at_half_the_period_on_an_abstract_socket(
     sim: KupSim, tmp_path: Path
 ) -> None:
     manager = Manager(f"@kupd-test-{uuid.uuid4().hex}")
-    sock = tmp_path / "k.sock"
-    env = kupd_env(sim) | {"NOTIFY_SOCKET": manager.address, "WATCHDOG_USEC": "400000"}
-    k = start_kupd(
-        "--pid-file", "-", log=tmp_path / "kupd.log", socket=sock, sim=sim, devices=["echo"],
-        env=env,
-    )  # fmt: skip
+    k = _kupd_with(sim, tmp_path, NOTIFY_SOCKET=manager.address, WATCHDOG_USEC="400000")
     try:
         manager.next("READY")
         for _ in range(3):
@@ -156,16 +159,9 @@ def test_watchdog_for_another_pid_is_not_kupds(
 ) -> None:
     """WATCHDOG_PID names the process systemd watches; a kupd started by
     that process (a wrapper script) must not ping in its name."""
-    sock = tmp_path / "k.sock"
-    env = kupd_env(sim) | {
-        "NOTIFY_SOCKET": manager.address,
-        "WATCHDOG_USEC": "200000",
-        "WATCHDOG_PID": "1",
-    }
-    k = start_kupd(
-        "--pid-file", "-", log=tmp_path / "kupd.log", socket=sock, sim=sim, devices=["echo"],
-        env=env,
-    )  # fmt: skip
+    k = _kupd_with(
+        sim, tmp_path, NOTIFY_SOCKET=manager.address, WATCHDOG_USEC="200000", WATCHDOG_PID="1"
+    )
     try:
         manager.next("READY")
         # ten periods' worth of chances to ping
@@ -177,16 +173,12 @@ def test_watchdog_for_another_pid_is_not_kupds(
 
 
 def test_an_address_kupd_cannot_use_is_logged_and_ignored(sim: KupSim, tmp_path: Path) -> None:
-    sock = tmp_path / "k.sock"
     for address in ("vsock:2:1234", str(tmp_path / "nobody-listens")):
-        env = kupd_env(sim) | {"NOTIFY_SOCKET": address}
-        k = start_kupd(
-            "--pid-file", "-", log=tmp_path / "kupd.log", socket=sock, sim=sim,
-            devices=["echo"], env=env,
-        )  # fmt: skip
+        k = _kupd_with(sim, tmp_path, NOTIFY_SOCKET=address)
         try:
-            assert _serving(sock)
-            wait_until(lambda k=k: "NOTIFY_SOCKET" in k.log(), what="the notify warning")
+            assert _serving(tmp_path / "k.sock")
+            log = k.log
+            wait_until(lambda: "NOTIFY_SOCKET" in log(), what="the notify warning")  # noqa: B023
             assert address in k.log()
             assert k.terminate() == 0, k.log()
         finally:
