@@ -86,7 +86,14 @@ class HealthStatuses(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             ev = self._changed.get(service)
             if ev is None:
                 ev = self._changed[service] = asyncio.Event()
-            status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            # a service set for the first time after the shutdown began
+            # (never, now) is NOT_SERVING like every other
+            unknown = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if self._shutting_down
+                else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            status = self._status.get(service, unknown)
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status

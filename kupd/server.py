@@ -125,10 +125,21 @@ class _Health(HealthStatuses):
         super().__init__()
         self._kupd = server
 
+    def _tenant(self) -> Tenant:
+        """The caller's tenant under the running policy.  A socket a reload
+        kept keeps the Tenant it was built with (current_tenant()); its
+        grants are the reloaded ones, and a tenant the reload removed sees
+        no device."""
+        t = current_tenant()
+        if t.admin or t.grants is None:
+            return t
+        now = self._kupd.guard.policy.tenant(t.name)
+        return now if now is not None else dataclasses.replace(t, grants=())
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        t = current_tenant()
+        t = self._tenant()
         known = self._kupd.health_services(t)
         if request.service in known:
             # only what the tenant may see is probed: how long a device it
@@ -156,14 +167,14 @@ class _Health(HealthStatuses):
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        if request.service not in self._kupd.health_services(current_tenant()):
+        t = self._tenant()
+        if request.service not in self._kupd.health_services(t):
             # a device the tenant may not see is a service it cannot know:
             # answered as gRPC answers one nobody reports (SERVICE_UNKNOWN,
             # then nothing)
             unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
             await context.write(health_pb2.HealthCheckResponse(status=unknown))
             await asyncio.Event().wait()
-        t = current_tenant()
         if request.service in ("", SERVICE_NAME) and self._kupd.sees_part(t):
             # kupd as a whole for a tenant that sees only some devices, as
             # its Check: a status of its own, which kupd keeps up to date
@@ -589,9 +600,10 @@ class Server:
         self.health.set(SERVICE_NAME, overall)
         for t in self.guard.policy.tenants:
             # the status a tenant that sees only some devices Watches for ""
-            # and kup.v1.Kup (_Health.Watch): under the policy as it is now
-            if self.sees_part(t):
-                self.health.set(tenant_health_key(t.name), self.tenant_status(t))
+            # and kup.v1.Kup (_Health.Watch): under the policy as it is now,
+            # and for every tenant -- a Watch opened while it saw only some
+            # devices goes on after a reload granted it all of them
+            self.health.set(tenant_health_key(t.name), self.tenant_status(t))
         drained = self.guard.drained
         for d in self.mgr.devices.values():
             # a drained device refuses every new session, lease and Call: a

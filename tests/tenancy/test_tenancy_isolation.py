@@ -302,3 +302,28 @@ def test_kupds_shared_limits_tell_a_tenant_its_own_share(start_tenants: StartTen
             _let_go(k)
         for c in (held, queued):
             assert isinstance(c.outcome(60), Message)
+
+
+def test_health_follows_a_reload_on_a_kept_socket(start_tenants: StartTenants) -> None:
+    """A socket a reload keeps keeps the Tenant its server was built with;
+    health answered by those old grants: carol, her rot13 grant taken
+    away, was still told rot13's health (and kupd probed it for her), and
+    alice, granted rot13 by the reload, was told it did not exist."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("carol") as c, k.client("alice") as a:
+        assert c.health("kup.v1.Kup/rot13") == "SERVING"
+        with pytest.raises(errors.NotFound):
+            a.health("kup.v1.Kup/rot13")
+        swapped = TENANTS.replace(
+            '[[tenant.grant]]\ndevice = "rot13"\n', ""
+        ).replace(
+            'channels = "8-15"\n', 'channels = "8-15"\n[[tenant.grant]]\ndevice = "rot13"\n'
+        )
+        assert swapped.count('device = "rot13"') == 1
+        k.write_config(DEVICES + swapped)
+        with k.admin() as adm:
+            adm.reload()
+        assert [d.name for d in c.devices()] == ["echo"]
+        with pytest.raises(errors.NotFound):
+            c.health("kup.v1.Kup/rot13")
+        assert a.health("kup.v1.Kup/rot13") == "SERVING"
