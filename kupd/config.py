@@ -440,7 +440,8 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
         }
         whole = False
         for i, t in callers:
-            if holds[t.name] < d.call_channels:
+            # one tenant alone holding the whole pool starves nobody else
+            if len(callers) < 2 or holds[t.name] < d.call_channels:
                 continue
             whole = True
             if t.max_pool_channels:
@@ -504,6 +505,10 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
             kept_caps.append(tenant_key(i, t.name) + ".max_connections")
         if old.max_message_bytes and not 0 < t.max_message_bytes <= old.max_message_bytes:
             tenants[i] = replace(tenants[i], max_message_bytes=old.max_message_bytes)
+            kept_caps.append(tenant_key(i, t.name) + ".max_message_bytes")
+        elif not old.max_message_bytes and t.max_message_bytes:
+            # applied as kupd's check, but gRPC's receive limit on the kept
+            # socket stays kupd's 4 MiB until a restart
             kept_caps.append(tenant_key(i, t.name) + ".max_message_bytes")
         for key in ("max_sessions", "max_calls_in_flight"):
             was, now = getattr(old, key), getattr(t, key)

@@ -257,8 +257,9 @@ def receive_limit(t: Tenant) -> int:
 
 
 def tenant_rpc_bound(config: Any, t: Tenant) -> int:
-    """The RPCs ``t``'s socket serves at once: its sessions (max_sessions,
-    else kupd's), its Calls (max_calls_in_flight, else kupd's
+    """The RPCs ``t``'s socket serves at once: its sessions and leases
+    (max_sessions, else kupd's; each with the unary operations that may wait
+    on a lease), its Calls (max_calls_in_flight, else kupd's
     max_queued_calls), its watch streams, and RPC_SLACK -- above what kupd's
     own limits let through, so that those refuse first, naming themselves;
     gRPC's refusal (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded")
@@ -266,9 +267,14 @@ def tenant_rpc_bound(config: Any, t: Tenant) -> int:
     receive_limit it bounds the memory a tenant can tie up in requests that
     never arrive whole."""
     from kupd.service import WATCHES_PER_TENANT
+    from kupd.sessions import MAX_WAITING_OPS
 
-    sessions = t.max_sessions or config.max_sessions
-    calls = t.max_calls_in_flight or config.max_queued_calls
+    # each session or lease: its stream, or its unary operation and those
+    # that may wait behind it
+    sessions = 0
+    if {"session", "lease"} & set(t.ops):
+        sessions = (t.max_sessions or config.max_sessions) * (1 + MAX_WAITING_OPS)
+    calls = (t.max_calls_in_flight or config.max_queued_calls) if "call" in t.ops else 0
     return sessions + calls + WATCHES_PER_TENANT + RPC_SLACK
 
 

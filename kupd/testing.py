@@ -335,6 +335,10 @@ def kupd_env(sim: KupSim | None = None, base: Mapping[str, str] | None = None) -
     repository and the Python client are on ``PYTHONPATH``; with ``sim``,
     ``$KUPSIM_DIR`` points at its devices."""
     env = sim.env(base) if sim is not None else dict(os.environ if base is None else base)
+    # a test run under a service manager: its kupd children are not the
+    # service, and must not tell the manager they are (kupd.notify)
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(var, None)
     parts = [str(REPO_ROOT), str(_CLIENTS), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
     return env

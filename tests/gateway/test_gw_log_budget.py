@@ -13,7 +13,7 @@ import time
 from gateway_helpers import Kupd
 
 from kupclient import Client
-from kupd.sessions import LEASE_LINES_BURST
+from kupd.sessions import LEASE_LINES_BURST, LEASE_LINES_PER_SECOND
 
 __all__: list[str] = []
 
@@ -30,8 +30,10 @@ def test_lease_lines_are_budgeted_and_account_for_every_lease(
     kupd: Kupd, client: Client
 ) -> None:
     n = int(LEASE_LINES_BURST) * 2  # twice the burst in leases: four times in lines
+    t0 = time.monotonic()
     for _ in range(n):
         client.release(client.attach("echo").lease_id)
+    elapsed = time.monotonic() - t0
     time.sleep(0.5)  # the budget refills: the next lines are written
     client.release(client.attach("echo").lease_id)
     want = 2 * (n + 1)
@@ -42,7 +44,9 @@ def test_lease_lines_are_budgeted_and_account_for_every_lease(
         if len(lines) + left_out >= want or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert left_out > 0, "no line was left out: the loop was not budgeted"
+    if 2 * n > LEASE_LINES_BURST + LEASE_LINES_PER_SECOND * elapsed + 1:
+        # more lines than the budget allowed in that time
+        assert left_out > 0, "no line was left out: the loop was not budgeted"
     assert len(lines) < want
     # every lease's two lines: written, or counted in a later line's unlogged_before
     assert len(lines) + left_out == want, (len(lines), left_out)

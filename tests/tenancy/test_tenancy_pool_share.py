@@ -230,6 +230,17 @@ def test_a_tenant_without_a_pool_limit_is_named() -> None:
     assert advisories(parse_config(tomllib.loads(no_calls))) == []
 
 
+def test_a_lone_caller_is_not_warned_about() -> None:
+    """One tenant that may Call a device can hold its whole pool without
+    starving anybody: nothing to say (nor could any value silence it with
+    call_channels = 1)."""
+    lone = BODY.replace(
+        'name = "other"\nsocket = "@DIR@/other.sock"\n',
+        'name = "other"\nsocket = "@DIR@/other.sock"\nops = ["session"]\n',
+    ).replace("max_pool_channels = 2", "").replace(f"call_channels = {POOL}", "call_channels = 1")
+    assert advisories(parse_config(tomllib.loads(lone.replace("@DIR@", "/run/t")))) == []
+
+
 def test_the_sample_config_keeps_a_channel_for_others() -> None:
     """deploy/kupd.sample.toml says its Calling tenants' limits leave the
     others a channel: no advisory may contradict it."""

@@ -23,6 +23,7 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import errors
 from kupd.config import parse_config, reloaded
 from kupd.service import WATCHES_PER_TENANT
+from kupd.sessions import MAX_WAITING_OPS
 from kupd.tenants import RECEIVE_HEADROOM, RPC_SLACK
 from kupd.testing import REPO_ROOT, wait_until
 
@@ -55,8 +56,9 @@ max_pool_channels = 1
 device = "echo"
 """
 
-#: small's cap: its sessions, its Calls, its watch streams and the slack
-SMALL_RPCS = 1 + 1 + WATCHES_PER_TENANT + RPC_SLACK
+#: small's cap: its session with the operations that may wait on it, its
+#: Call, its watch streams and the slack
+SMALL_RPCS = 1 * (1 + MAX_WAITING_OPS) + 1 + WATCHES_PER_TENANT + RPC_SLACK
 
 
 def test_rpcs_whose_requests_never_come_are_capped_per_tenant(
@@ -145,6 +147,14 @@ def test_a_reload_may_lower_the_receive_limit_of_a_kept_socket_not_raise_it() ->
     raised = (64, ["tenant[name=small].max_message_bytes"])
     assert reload("max_message_bytes = 64", "max_message_bytes = 128") == raised
     assert reload("max_message_bytes = 64", "max_message_bytes = 0") == raised
+    # a limit where there was none: applied (kupd's check), and named (the
+    # socket's receive limit stays 4 MiB until a restart)
+    cfg, _, needs = reloaded(running, parse_config(tomllib.loads(
+        BODY.replace('name = "other"\n', 'name = "other"\nmax_message_bytes = 32\n')
+        .replace("@DIR@", "/run/t")
+    )))  # fmt: skip
+    assert [t.max_message_bytes for t in cfg.tenants if t.name == "other"] == [32]
+    assert needs == ["tenant[name=other].max_message_bytes"]
     # the RPC cap is a margin over max_sessions: a raise applies, and is named
     cfg, _, needs = reloaded(running, parse_config(tomllib.loads(
         BODY.replace("max_sessions = 1", "max_sessions = 8").replace("@DIR@", "/run/t")
