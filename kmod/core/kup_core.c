@@ -6,19 +6,34 @@
  * the primitives of kup_os.h.
  *
  * Locking (outer to inner: ch->lock before sc->lock, kup_reg_lock before
- * sc->lock, ch->lock before kup_reg_lock -- a module thread that holds a
- * channel from its receive may call kupdev_notify or _wait_channel, which
- * look sc up in the registry; the core never takes ch->lock under
- * kup_reg_lock):
- *   ch->lock      sleepable; serialises kernel callers of one channel and
- *                 is held from a successful receive to kupdev_unlock_channel
+ * sc->lock, ch->lock before kup_reg_lock; the core never takes ch->lock
+ * under kup_reg_lock, and never takes one channel's lock while holding
+ * another's):
+ *   ch->lock      sleepable; serialises kernel callers of one channel for
+ *                 short sections only: never held across a sleep, a wait
+ *                 for the user or module code (below)
  *   kup_reg_lock  the device registry
  *   sc->lock      device state: attachment flags, announce, refs, shutdown
  * Host callbacks that may sleep (kup_os_chan_sleep, kup_os_dev_sleep) are
- * never called with sc->lock held.  Each of the three is initialised with
- * its role (kup_os.h, enum kup_lock_role), so that a kernel's lock checker
- * sees three classes and checks this order instead of reporting the
- * nesting as recursion.
+ * never called with a core lock held.  Each of the three is initialised
+ * with its role (kup_os.h, enum kup_lock_role), so that a kernel's lock
+ * checker sees three classes and checks this order instead of reporting
+ * the nesting as recursion.
+ *
+ * Who is in a channel.  A module thread is "in" a channel while it waits in
+ * its receive (ch->rx_waiter) and from a successful receive until
+ * kupdev_unlock_channel (ch->holder): states, not a held lock.  Why: a lock
+ * held for those spells made every other caller of the channel wait for
+ * the user (a send from a second thread while a worker waited in its
+ * receive blocked until the user acted, though the answer is -EAGAIN) or
+ * for module code -- and a zero-copy relay (the holder of channel A sends
+ * on B while B's holder sends on A) deadlocked for good, unkillably.  Now
+ * no call waits for another thread's use of a channel: it gets its answer
+ * at once (kup_chan_busy: -EAGAIN for a send or pass while a receive
+ * waits, -EBUSY otherwise, the user's departure or the shutdown first), so
+ * no cycle of waits through channels can form.  The attach, and a host's
+ * exclusive section (kup_core_chan_exclusive_try), take a channel only
+ * when no module thread is in it, as they took its lock before.
  *
  * A kernel-side operation is valid only for the attachment the module has
  * been told about by kupdev_wait_channel(): once the user side detaches, or
@@ -325,6 +340,15 @@ kup_chan_lookup(struct kupdev_softc *sc, int chan_id)
 	if (sc == NULL || chan_id < 0 || (size_t)chan_id >= sc->chan_cnt)
 		return NULL;
 	return &sc->chans[chan_id];
+}
+
+/* Under ch->lock: is a module thread in the channel (waiting in its
+ * receive, or holding the message it received)? */
+static int
+kup_chan_in_use(const struct kup_chan *ch)
+{
+	return KUP_READ_ONCE64(&ch->holder) != 0 ||
+	    KUP_READ_ONCE64(&ch->rx_waiter) != 0;
 }
 
 /* Page state bits are written under sc->lock only, from the private copy:
@@ -790,17 +814,31 @@ kupdev_wait_channel(struct kupdev_softc *sc)
 #define KUP_ATTACH_LETGO_MS 500U
 #endif
 
+/* Take ch->lock if no module thread is in the channel: 1 (locked), else 0.
+ * Never waits (a try: callable under sc->lock). */
+static int
+kup_chan_take_free(struct kup_chan *ch)
+{
+	if (!KUP_LOCK_TRY(&ch->lock))
+		return 0;
+	if (!kup_chan_in_use(ch))
+		return 1;
+	kup_unlock(&ch->lock);
+	return 0;
+}
+
 /*
- * Take ch->lock for an attach.  Why not kup_lock(): a module holds the lock
- * of a channel from its receive to kupdev_unlock_channel -- for as long as
- * it computes, seconds if it likes -- and goes on holding it after its user
- * has left until it next calls into the core.  An attach waiting in the
- * sleepable lock would sleep unkillably for that long (Linux: D state).  A
- * worker asleep in its receive lets go within microseconds of the detach,
- * which covers a user re-attaching the channel it has just left; so the
- * attach tries the lock for up to KUP_ATTACH_LETGO_MS, pausing
- * interruptibly, then gives up with -EINPROGRESS (KUP_E_RELEASING: retry
- * later), or -EINTR on a signal.
+ * Take ch->lock for an attach, with no module thread in the channel.  Why
+ * not wait for that: a module thread is in a channel from its receive to
+ * kupdev_unlock_channel -- for as long as it computes, seconds if it likes
+ * -- and a thread holding the message of a user who has left goes on
+ * holding it until it next calls into the core.  An attach waiting for
+ * that would sleep unkillably for that long (Linux: D state).  A worker
+ * asleep in its receive leaves within microseconds of the detach, which
+ * covers a user re-attaching the channel it has just left; so the attach
+ * tries for up to KUP_ATTACH_LETGO_MS, pausing interruptibly, then gives
+ * up with -EINPROGRESS (KUP_E_RELEASING: retry later), or -EINTR on a
+ * signal.
  */
 static int
 kup_attach_lock(struct kup_chan *ch)
@@ -814,7 +852,7 @@ kup_attach_lock(struct kup_chan *ch)
 	uint64_t deadline = 0;
 #endif
 
-	for (paused = 0; !KUP_LOCK_TRY(&ch->lock); paused++) {
+	for (paused = 0; !kup_chan_take_free(ch); paused++) {
 #ifdef KUP_NOW_NS
 		uint64_t now = KUP_NOW_NS();
 
@@ -858,18 +896,19 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 		}
 		struct kup_chan *releasing = NULL;
 
-		/* The first free channel whose lock is free now.  Why try the
-		 * lock: a channel whose last user left while its module still
-		 * holds it (computing) would make this attach wait and give up
-		 * with RELEASING while others are free -- and a retry would pick
-		 * it again.  Such a channel is the fallback when it is the only
-		 * free one.  (A try under sc->lock cannot deadlock.) */
+		/* The first free channel no module thread is in now.  Why
+		 * look: a channel whose last user left while its module still
+		 * holds its message (computing) would make this attach wait and
+		 * give up with RELEASING while others are free -- and a retry
+		 * would pick it again.  Such a channel is the fallback when it
+		 * is the only free one.  (A try under sc->lock cannot
+		 * deadlock.) */
 		for (i = 0; i < sc->announced; i++) {
 			struct kup_chan *c = &sc->chans[i];
 
 			if (c->attached)
 				continue;
-			if (KUP_LOCK_TRY(&c->lock)) {
+			if (kup_chan_take_free(c)) {
 				kup_unlock(&c->lock);
 				ch = c;
 				break;
@@ -978,30 +1017,16 @@ kup_core_user_wake(struct kup_chan *ch)
 }
 
 int
-kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *))
-{
-	int r;
-
-	if (ch == NULL || fn == NULL)
-		return -EINVAL;
-	kup_lock(&ch->lock);
-	kup_lock(&ch->sc->lock);   /* kupdev_shutdown writes every page */
-	r = fn(ch);
-	kup_unlock(&ch->sc->lock);
-	kup_unlock(&ch->lock);
-	return r;
-}
-
-int
 kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 {
 	int r;
 
 	if (ch == NULL || fn == NULL)
 		return -EINVAL;
-	if (!KUP_LOCK_TRY(&ch->lock))
+	if (!kup_chan_take_free(ch))
 		return -EBUSY;
-	kup_lock(&ch->sc->lock);   /* ch before sc, as in the waiting one */
+	/* ch before sc; kupdev_shutdown writes every page under sc->lock */
+	kup_lock(&ch->sc->lock);
 	r = fn(ch);
 	kup_unlock(&ch->sc->lock);
 	kup_unlock(&ch->lock);
@@ -1156,7 +1181,8 @@ kup_recv_cond(struct kup_chan *ch)
 }
 
 #ifdef KUP_NOW_NS
-/* Spin for the channel's budget (under ch->lock).  1 when cond held. */
+/* Spin for the channel's budget (the receiving thread: ch->rx_waiter).
+ * 1 when cond held. */
 static int
 kup_spin(struct kup_chan *ch, uint64_t t0)
 {
@@ -1207,7 +1233,11 @@ kup_spin_learn(struct kup_chan *ch, uint64_t t0)
 }
 #endif
 
-/* Wait, under ch->lock, until the page turn is no longer USER. */
+/* Wait until the page turn is no longer USER (or the channel's state
+ * changed: kup_recv_cond).  The caller is ch->rx_waiter and does NOT hold
+ * ch->lock: no other kernel-side call of the channel touches its session
+ * state meanwhile (kup_chan_busy), and no attach or host section resets
+ * or replaces its page (kup_chan_take_free). */
 static int
 kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 {
@@ -1248,16 +1278,15 @@ kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 
 /*
  * A module thread that still holds the channel from its own receive and
- * calls receive, send or pass on it again would block forever on ch->lock
- * (not recursive) -- on a real kernel an unkillable thread that also keeps
- * the module from unloading.  Refuse with -EDEADLK instead, and log it
- * (each time, within the device's misuse budget: KUP_MISUSE): it is a bug
- * in the module (unlock first: the payload
- * it received lives in the area the user writes next, so it must not
- * stay in use across the hand-over anyway).  Only the holder writes
- * ch->holder, under ch->lock, so a thread reads its own identity there
- * only while it is the holder; any other thread reads 0 or someone
- * else's, takes the lock and waits its turn as before.
+ * calls receive, send or pass on it again is a bug in the module (unlock
+ * first: the payload it received lives in the area the user writes next,
+ * so it must not stay in use across the hand-over anyway).  Refuse with
+ * -EDEADLK (the answer since the hold was a held lock that the call would
+ * have waited for forever), and log it (each time, within the device's
+ * misuse budget: KUP_MISUSE).  Only the holder writes its identity into
+ * ch->holder, so a thread reads its own identity there only while it is
+ * the holder; any other thread reads 0 or someone else's and goes on to
+ * kup_chan_busy.
  */
 static uint64_t
 kup_self(void)
@@ -1274,6 +1303,34 @@ kup_reentered(struct kup_chan *ch, const char *op)
 	    "from its receive: call kupdev_unlock_channel first (-EDEADLK)",
 	    ch->id, op);
 	return 1;
+}
+
+/*
+ * Under ch->lock: is another module thread in the channel (kup_core.c's
+ * header, "Who is in a channel")?  Then this call neither waits for it nor
+ * touches the session it is part of.  Its answer, at once: the shutdown
+ * (-ESHUTDOWN) or the user's departure (-EPIPE), which every call reports
+ * first; else -EAGAIN for a send or pass while a receive waits (the turn
+ * is the user's, or on its way back to that receive: what a send gets
+ * while the user holds the turn), -EBUSY otherwise (a receive while
+ * another waits; any call while another thread holds its message).
+ * 0: nobody else is in the channel.
+ */
+static int
+kup_chan_busy(struct kup_chan *ch, int sending)
+{
+	uint64_t kgen;
+
+	if (!kup_chan_in_use(ch))
+		return 0;
+	if (KUP_READ_ONCE32(&ch->sc->shutdown))
+		return -ESHUTDOWN;
+	kgen = KUP_READ_ONCE64(&ch->kgen);
+	if (!KUP_READ_ONCE32(&ch->attached) ||
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0)
+		return -EPIPE;
+	return sending && KUP_READ_ONCE64(&ch->rx_waiter) != 0 ? -EAGAIN :
+	    -EBUSY;
 }
 
 int
@@ -1299,6 +1356,9 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	if (kup_reentered(ch, "receive"))
 		return -EDEADLK;
 	kup_lock(&ch->lock);
+	r = kup_chan_busy(ch, 0);
+	if (r != 0)
+		goto out;
 	r = kup_chan_enter(ch);
 	if (r != 0)
 		goto out;
@@ -1306,10 +1366,21 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		r = -EAGAIN;
 		goto out;
 	}
-	r = kup_wait_turn(ch, timeout_ms);
-	if (r != 0)
-		goto out;
-	r = kup_chan_enter(ch);   /* shutdown / departure while waiting */
+	if (!kup_recv_cond(ch)) {
+		/* Wait for the user with the lock released (kup_core.c's
+		 * header says why); rx_waiter keeps everyone else out of the
+		 * session meanwhile. */
+		KUP_WRITE_ONCE64(&ch->rx_waiter, kup_self());
+		kup_unlock(&ch->lock);
+		r = kup_wait_turn(ch, timeout_ms);
+		kup_lock(&ch->lock);
+		KUP_WRITE_ONCE64(&ch->rx_waiter, 0);
+		if (r != 0)
+			goto out;
+	}
+	/* shutdown / departure while waiting, or since the first look: a
+	 * condition that held for those reasons says nothing of the turn */
+	r = kup_chan_enter(ch);
 	if (r != 0)
 		goto out;
 	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
@@ -1324,8 +1395,8 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	ch->active = 1;
 	if (msg->kind == KUP_KIND_CLOSE)
 		ch->over = 1;   /* the user said goodbye */
+	/* the module holds the message until kupdev_unlock_channel */
 	KUP_WRITE_ONCE64(&ch->holder, kup_self());
-	return 0;   /* locked until kupdev_unlock_channel */
 out:
 	kup_chan_unlock(ch);
 	return r;
@@ -1348,14 +1419,15 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 
 	if (ch == NULL)
 		return;
-	/* holder is only ever set by the thread holding ch->lock; only that
-	 * thread may release it (a kernel mutex belongs to its
-	 * owner: unlocking someone else's is undefined, or a panic) */
+	/* only the thread that received may let go of the message: another
+	 * thread's unlock would let the user overwrite the payload under the
+	 * holder's feet */
 	if (KUP_READ_ONCE64(&ch->holder) != kup_self()) {
 		KUP_MISUSE(sc, "chan %d: kupdev_unlock_channel: unlock without a "
 		    "receive by this thread", chan_id);
 		return;
 	}
+	kup_lock(&ch->lock);
 	KUP_WRITE_ONCE64(&ch->holder, 0);
 	kup_chan_unlock(ch);
 }
@@ -1429,6 +1501,9 @@ kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
 	if (kup_reentered(ch, kind == KUP_KIND_PASS ? "pass" : "send"))
 		return -EDEADLK;
 	kup_lock(&ch->lock);
+	r = kup_chan_busy(ch, 1);
+	if (r != 0)
+		goto out;
 	r = kup_chan_enter(ch);
 	if (r != 0)
 		goto out;
@@ -1467,7 +1542,9 @@ kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
 	if (ch == NULL)
 		return -EINVAL;
 	kup_lock(&ch->lock);
-	r = kup_chan_enter(ch);
+	r = kup_chan_busy(ch, 1);
+	if (r == 0)
+		r = kup_chan_enter(ch);
 	if (r == 0)
 		r = kup_own_turn(ch, "test hand-over");
 	if (r == 0) {

@@ -17,10 +17,17 @@
 struct kup_chan {
 	struct kupdev_softc *sc;
 	uint32_t id;
-	kup_lock_t lock;          /* kernel callers; held receive..unlock */
-	uint64_t holder;          /* KUP_CURTHREAD() of the receive that holds
-	                           * lock until kupdev_unlock_channel, else 0;
-	                           * written under lock, read without it */
+	kup_lock_t lock;          /* kernel callers: held for short sections
+	                           * only, never across a sleep or module code
+	                           * (kup_core.c, "Who is in a channel") */
+	uint64_t holder;          /* KUP_CURTHREAD() of the thread that holds
+	                           * the message it received, from its receive
+	                           * to kupdev_unlock_channel, else 0; written
+	                           * under lock, read without it */
+	uint64_t rx_waiter;       /* KUP_CURTHREAD() of a receive that waits
+	                           * for the user with lock released, else 0;
+	                           * written under lock.  Its fields below
+	                           * (spin_*) are that thread's meanwhile */
 
 	void    *mem;             /* channel mapping, kernel address */
 	size_t   bytes;           /* private copy: never read from the page */
@@ -47,9 +54,9 @@ struct kup_chan {
 	uint32_t peer_bad;        /* user broke the protocol: -EPROTO */
 	uint64_t k2u_seq;         /* last seq sent */
 	uint64_t u2k_seq;         /* last seq received */
-	uint32_t spin_avg_ns;     /* under lock: running average of waits a
-	                           * spin could catch (KUP_NOW_NS hosts) */
-	int      spin_yield_now;  /* under lock: the last yield let another
+	uint32_t spin_avg_ns;     /* the receiving thread's: running average of
+	                           * waits a spin could catch (KUP_NOW_NS hosts) */
+	int      spin_yield_now;  /* the receiving thread's: the last yield let another
 	                           * thread run (it shares our CPU): yield at
 	                           * once in the next spin */
 

@@ -15,8 +15,9 @@
  * that must define, before this file's prototypes are used:
  *
  *   types
- *     kup_lock_t            a SLEEPABLE mutex (held across module code
- *                           between kupdev_receive and kupdev_unlock_channel);
+ *     kup_lock_t            a SLEEPABLE mutex (held for short sections,
+ *                           which may copy a whole message or fault in
+ *                           pages, never across module code or a wait);
  *                           kup_lock_init gives it its role's lock class
  *                           (below, "locks")
  *     struct kup_os_dev     host state embedded in every device
@@ -39,9 +40,9 @@
  *     KUP_LOCK_TRY(l)       take kup_lock_t *l only if that needs no
  *                           wait: non-zero when taken (pthread trylock,
  *                           mutex_trylock, sx_try_xlock).  An attach
- *                           never waits for ch->lock in the lock itself
- *                           (kup_core_attach says why), and it lets the
- *                           core offer kup_core_chan_exclusive_try
+ *                           never waits for a channel a module thread is
+ *                           in (kup_core_attach says why), and it lets
+ *                           the core offer kup_core_chan_exclusive_try
  *   optionally
  *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
  *                           when defined, kernel-side waits spin for an
@@ -50,8 +51,8 @@
  *     KUP_SPIN_YIELD()      let another runnable thread have this CPU
  *                           (kupsim: sched_yield(); a kernel: its
  *                           cond_resched()/maybe_yield()); called from
- *                           inside that spin (ch->lock held, a sleepable
- *                           lock) at most every KUP_SPIN_YIELD_NS, so that
+ *                           inside that spin (no core lock held) at
+ *                           most every KUP_SPIN_YIELD_NS, so that
  *                           a spinning module thread does not keep the
  *                           user it waits for off a shared CPU
  *     KUP_ATTACH_LETGO_MS   how long, in ms, an attach waits for the module
@@ -66,11 +67,12 @@
  *                           call of ch (a module thread's receive, send,
  *                           pass or kupdev_unlock_channel) lets go of
  *                           ch->lock, with no core lock held; must not
- *                           sleep.  For a host that waits for that lock
- *                           without blocking (kupsim's server retries a
- *                           channel renewal kup_core_chan_exclusive_try
- *                           found held): a cheap hint, not a guarantee
- *                           (no fence orders it with the try)
+ *                           sleep.  For a host that waits for a module
+ *                           thread to leave a channel without blocking
+ *                           (kupsim's server retries a channel renewal
+ *                           kup_core_chan_exclusive_try found busy): a
+ *                           cheap hint, not a guarantee (no fence orders
+ *                           it with the try)
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
  *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK EINPROGRESS.
@@ -94,20 +96,20 @@ struct kup_chan;
  *
  * Lock order, outer to inner (kup_core.c's header says where each is
  * taken):
- *     KUP_LOCK_CHANNEL   ch->lock: one channel's kernel callers; held by a
- *                        module thread from its receive to
- *                        kupdev_unlock_channel, across module code
+ *     KUP_LOCK_CHANNEL   ch->lock: one channel's kernel callers, for short
+ *                        sections (a module thread waiting in its receive
+ *                        or holding the message it received is "in" the
+ *                        channel without holding its lock: kup_core.c)
  *     KUP_LOCK_REGISTRY  kup_reg_lock: the device registry
- *     KUP_LOCK_DEVICE    sc->lock: device state; held only for short
- *                        sections, never across a sleep or module code
- * A lock is never taken while one of a later role is held, except with
- * KUP_LOCK_TRY (which cannot deadlock: an attach tries a channel's lock
- * under sc->lock).  Two channel locks may be held at once by a module
- * thread (a relay receiving on a second channel): same role, no order
- * between them (FreeBSD: DUPOK); Linux lockdep, where a kernel has it,
- * reports that as recursive locking of the channel class -- a relay
- * module would need mutex_lock_nested, which the core does not do.
- * kupsim checks this order at run time (kupsim_glue.c). */
+ *     KUP_LOCK_DEVICE    sc->lock: device state
+ * None is held across a sleep or module code.  A lock is never taken
+ * while one of a later role is held, except with KUP_LOCK_TRY (which
+ * cannot deadlock: an attach tries a channel's lock under sc->lock), and
+ * never while another lock of the same role is held: two channel locks are
+ * never held at once (a module thread relaying between two channels holds
+ * neither lock), so FreeBSD's WITNESS and Linux lockdep may report any
+ * such nesting as the bug it is.  kupsim checks this order at run time
+ * (kupsim_glue.c). */
 enum kup_lock_role {
 	KUP_LOCK_CHANNEL = 0,
 	KUP_LOCK_REGISTRY,
@@ -142,7 +144,9 @@ uint32_t kup_os_page_size(void);
  * evaluate cond after arming its wake-up (prepare_to_wait / under the
  * sleep mutex / after draining the eventfd), so that a kup_os_chan_wake
  * issued between the caller's last check and the sleep is never lost.
- * The core calls this only after setting kernel_waiting and fencing. */
+ * The core calls this only after setting kernel_waiting and fencing, with
+ * no core lock held, and for one thread per channel at a time (the one
+ * receive that waits: kup_core.c's ch->rx_waiter). */
 int  kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
          int timeout_ms);
 /* Wake every kernel-side sleeper of ch (user asked for a wake-up, user
@@ -230,21 +234,18 @@ void kup_core_detach(struct kup_chan *ch);
  * saw kernel_waiting set). */
 void kup_core_user_wake(struct kup_chan *ch);
 /* Run fn(ch) with ch's channel lock and its device's lock held and return
- * its result: no kernel-side operation of ch runs meanwhile (one in
- * progress, e.g. a module thread between its receive and
- * kupdev_unlock_channel, is waited for), and no attach, detach or
- * shutdown writes ch's page.  For a host whose user-visible objects
- * outlive an attachment (kupsim: memfd and eventfds) and that gives a
- * detached channel fresh ones, so that nothing of the previous attachment
- * touches them half-way.  fn must not call into the core.  May sleep:
- * call it with no core lock held, never from a module thread. */
-int  kup_core_chan_exclusive(struct kup_chan *ch, int (*fn)(struct kup_chan *));
-/* The same without waiting for ch->lock: -EBUSY (fn not run) when a
- * kernel-side caller holds it -- e.g. a module thread between its receive
- * and kupdev_unlock_channel, for as long as the module computes.  Waits
- * only for sc->lock, which no one holds across module code.  For a host
- * whose one service thread must not stall on a single channel (kupsim);
- * fn must not return -EBUSY itself. */
+ * its result, if no module thread is in ch: no kernel-side operation of ch
+ * runs meanwhile, and no attach, detach or shutdown writes ch's page.  For
+ * a host whose user-visible objects outlive an attachment (kupsim: memfd
+ * and eventfds) and that gives a detached channel fresh ones, so that
+ * nothing of the previous attachment touches them half-way.  Never waits
+ * for the module: -EBUSY (fn not run) when a kernel-side call holds
+ * ch->lock or a module thread is in the channel -- waiting in its receive,
+ * or between its receive and kupdev_unlock_channel, for as long as the
+ * module computes.  Waits only for sc->lock, which no one holds across
+ * module code.  For a host whose one service thread must not stall on a
+ * single channel (kupsim); fn must not call into the core nor return
+ * -EBUSY itself. */
 int  kup_core_chan_exclusive_try(struct kup_chan *ch,
          int (*fn)(struct kup_chan *));
 

@@ -148,9 +148,9 @@ static struct filterops kup_fb_read_filtops = {
 
 /* WITNESS classes locks by name: one name per role (kup_os.h), so that it
  * checks the core's order (channel, then registry, then device) instead
- * of seeing one class.  Only channel locks are DUPOK: a module may
- * legitimately hold two channels at once (a relay), while two device
- * locks or two registry locks held together would be a core bug that
+ * of seeing one class.  None is DUPOK: the core never holds two locks of
+ * one role (a module thread relaying between two channels holds neither
+ * channel's lock: kup_core.c), so two held together are a core bug that
  * WITNESS should report. */
 static const char *const kup_lock_names[KUP_LOCK_NROLES] = {
 	[KUP_LOCK_CHANNEL]  = "kup channel",
@@ -163,8 +163,7 @@ kup_lock_init(kup_lock_t *l, enum kup_lock_role role)
 {
 	if ((unsigned int)role >= KUP_LOCK_NROLES)
 		role = KUP_LOCK_DEVICE;   /* never: the core passes its enum */
-	sx_init_flags(l, kup_lock_names[role],
-	    role == KUP_LOCK_CHANNEL ? SX_DUPOK : 0);
+	sx_init_flags(l, kup_lock_names[role], 0);
 }
 
 void

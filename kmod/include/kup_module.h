@@ -141,9 +141,9 @@ int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
  * naming the mutex; kupsim also tells the next locker of a mutex whose
  * holder thread exited without unlocking it, and hands it over (a kernel
  * hangs that locker; Linux at least never takes a later thread that got
- * the dead holder's memory for the holder: kup_linux.c, struct kup_mutex).  Never hold one across a
- * call that waits for a user (kupdev_receive with a timeout, a blocking
- * send) that another thread needs the same mutex to answer: that is a
+ * the dead holder's memory for the holder: kup_linux.c, struct kup_mutex).
+ * Never hold one across a call that waits for a user (kupdev_receive with
+ * a timeout) that another thread needs the same mutex to answer: that is a
  * deadlock no host detects.
  *   kup_os_mutex_new: NULL when out of memory; name (copied, at most 31
  *     bytes kept) shows in the kernel's lock debugging;

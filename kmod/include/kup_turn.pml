@@ -31,8 +31,11 @@
  *           kupdev_receive_msg, until it receives CLOSE or an error; after an
  *           error it sends once more and must be refused.  Like kup_core.c
  *           it trusts only PRIVATE state for ownership (kturn), shutdown
- *           (kshut), attachment (kattached, kgen): never the page.  It holds
- *           the channel lock for a whole receive, sleep included.
+ *           (kshut), attachment (kattached, kgen): never the page.  A
+ *           receive whose turn has not come back waits with the channel
+ *           lock released, marked as the channel's receiver (krx:
+ *           ch->rx_waiter), and takes the lock again to look at the
+ *           result.
  *   User    libkup: receive, answer (DATA or PASS), and after NMSG messages
  *           send CLOSE (it holds the turn) and leave.
  *   Host    the host's release path, kup_core_detach: once the user's
@@ -42,8 +45,9 @@
  *           half-way through writing a message.
  *   Attach  (-DREATTACH) after the detach, a new user attaches the channel
  *           (kup_core_attach): reserve it (attached = 1, generation 2), then
- *           under the channel lock reset the control page for generation 2;
- *           or, while the kernel side still holds the lock, give up
+ *           under the channel lock, with no receive waiting (krx), reset
+ *           the control page for generation 2; or, while the kernel side
+ *           still holds the lock or waits in its receive, give up
  *           (KUP_ATTACH_LETGO_MS passed: -EINPROGRESS): attached = 0 again,
  *           the generation stays bumped.
  *   Unload  (-DSHUTDOWN) kupdev_unload at an arbitrary point: shutdown in
@@ -171,6 +175,8 @@ bit  uwake;                            /* user side: the eventfd is readable */
 
 /* ---- kernel private state (struct kup_chan, sc->shutdown) ---------------- */
 bit  chan_lock;                        /* ch->lock */
+bit  krx;                              /* ch->rx_waiter: a receive waits,
+                                        * lock released */
 bit  kshut;                            /* sc->shutdown */
 bit  kattached = 1;                    /* ch->attached */
 byte kgen = SESSION;                   /* ch->gen (the module was told SESSION) */
@@ -429,8 +435,17 @@ inline k_receive(r)
 	if
 	:: r == R_OK ->
 		assert(kturn == KT_USER);          /* else -EAGAIN: never here */
-		k_wait_turn();
-		k_enter(r);                        /* shutdown / departure while waiting */
+		if
+		:: K_COND -> skip                  /* the turn is back already */
+		:: else ->
+			/* wait with the lock released, marked as the receiver */
+			krx = 1;  /* @reach:krx_wait */
+			unlock();
+			k_wait_turn();
+			lock();
+			krx = 0
+		fi;
+		k_enter(r);                        /* shutdown / departure meanwhile */
 		if
 		:: r == R_OK ->
 			t = turn;                      /* LOAD-ACQUIRE */
@@ -758,8 +773,8 @@ proctype User()
 proctype Host()
 {
 	u_left;
-	/* under sc->lock (not the channel lock: a kernel receive sleeps
-	 * holding that one) */
+	/* under sc->lock (not the channel lock: the detach must not wait for
+	 * a kernel-side call) */
 	atomic { kattached = 0; state = state & ~KUP_STATE_ATTACHED };
 	/* KUP_FENCE(), then wake every kernel-side waiter */
 	atomic {
@@ -787,9 +802,11 @@ proctype Attach()
 	:: atomic { !kshut -> kattached = 1; kgen = SESSION + 1 };   /* reserve, sc->lock */
 #ifndef BROKEN_ATTACH_NO_LOCK
 		if
-		:: lock()            /* the previous session's caller has left */
-		/* it still holds the lock: give up (-EINPROGRESS), under sc->lock */
-		:: atomic { chan_lock == 1 -> kattached = 0 };
+		/* kup_chan_take_free: the lock, and no receive waiting */
+		:: atomic { chan_lock == 0 && krx == 0 -> chan_lock = 1 }
+		/* the previous session's caller is still in the channel: give
+		 * up (-EINPROGRESS), under sc->lock */
+		:: atomic { (chan_lock == 1 || krx == 1) -> kattached = 0 };
 			attach_done = 1;   /* @reach:attach_gave_up */
 			goto attach_end
 		fi;

@@ -18,12 +18,29 @@
  *     any other negative timeout is refused with -EINVAL (and a log line),
  *     never taken as "forever";
  *   - a channel is used by one kernel thread at a time per direction of
- *     the turn; the core serialises callers with a per-channel lock.  A
- *     successful receive keeps that lock until kupdev_unlock_channel(),
- *     which only the receiving thread may call; that thread's own
- *     receive, send or pass on the channel before it unlocks fails with
- *     -EDEADLK (and a log line, each time, within the budget below)
- *     instead of blocking it forever;
+ *     the turn.  A thread is "in" a channel while it waits in its receive,
+ *     and from a successful receive until its kupdev_unlock_channel() (it
+ *     holds the message; only that thread may unlock).  No call waits for
+ *     another thread's use of a channel; it gets its answer at once:
+ *       - while a thread waits in its receive, another thread's send or
+ *         pass fails with -EAGAIN (the turn is the user's, or on its way
+ *         back to that receive: the answer to any send while the user
+ *         holds the turn) and its receive with -EBUSY;
+ *       - while a thread holds a message, every other thread's receive,
+ *         send or pass on that channel fails with -EBUSY;
+ *       - the holder's own receive, send or pass on the channel before it
+ *         unlocks fails with -EDEADLK (and a log line, each time, within
+ *         the budget below);
+ *     the user's departure (-EPIPE) and the shutdown (-ESHUTDOWN) are
+ *     reported before -EAGAIN and -EBUSY.  Relaying between channels: a
+ *     module thread may hold messages of several channels, and sending
+ *     on channel B what it still holds from channel A (zero copy:
+ *     kupdev_send(sc, m.data, m.len, B) before unlocking A) is allowed --
+ *     but it fails with -EBUSY (or -EAGAIN) whenever another thread is in
+ *     B, e.g. B's worker holding B's message while forwarding it to A:
+ *     two such relays both get -EBUSY, never wait for each other.  Copy
+ *     the payload, unlock, then send (retrying on -EAGAIN / -EBUSY), or
+ *     forward only from a thread that holds nothing;
  *   - misuse of the API is logged so that the module's author can see
  *     which call was wrong: the line names the device, the channel, the
  *     call and the offending value or limit ("kup: <dev>: chan 0:
@@ -33,7 +50,7 @@
  *     -EDEADLK, an unlock without a receive, a call on a device that is not
  *     live (below), and an unread user message dropped by a send or pass
  *     (below).  Not logged: what happens in normal operation (-EPIPE,
- *     -EAGAIN, -ETIMEDOUT, -ESHUTDOWN; -EPROTO is logged as the USER's
+ *     -EAGAIN, -EBUSY, -ETIMEDOUT, -ESHUTDOWN; -EPROTO is logged as the USER's
  *     error, rate-limited).  The volume is bounded: at most 16 such lines
  *     per device in 10 s, then one line saying further misuse is not
  *     logged for the rest of those 10 s; the first line after that counts
@@ -156,8 +173,11 @@ void kupdev_notify(struct kupdev_softc *sc);
 int  kupdev_announce(struct kupdev_softc *sc, size_t count);
 
 /* Copy len bytes into the kernel->user area and hand the turn to user
- * space.  Requires the kernel to hold the turn (-EAGAIN otherwise) and
- * len <= the data area (-EMSGSIZE, nothing sent, logged).  -EPIPE if no
+ * space.  Requires the kernel to hold the turn (-EAGAIN otherwise, also
+ * while another thread waits in its receive on the channel), no other
+ * thread holding a message it received on the channel (-EBUSY; see
+ * "Conventions"), and len <= the data area (-EMSGSIZE, nothing sent,
+ * logged).  -EPIPE if no
  * user side is attached, -ESHUTDOWN during unload, -EINVAL (logged) for a
  * channel out of range or data == NULL with len != 0.
  * DROPS an unread user message (see "Turn semantics" above; logged). */
@@ -175,7 +195,9 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
  * -EPIPE (user side left or died; the channel is free again), -EPROTO
  * (bad length, kind or sequence in the control area: nothing was read
  * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the
- * turn and has consumed the last message: send or pass first).  The user's
+ * turn and has consumed the last message: send or pass first), -EBUSY
+ * (another thread waits in its receive on the channel, or holds a message
+ * it received there: "Conventions").  The user's
  * departure and the device's shutdown are reported before -EAGAIN, so a
  * module holding the turn for long (computing a reply, waiting on
  * something else) learns that its user left with a 0 ms receive: -EPIPE
@@ -183,8 +205,9 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms);
 
-/* Release the lock taken by a successful receive.  A channel out of range,
- * or a thread that does not hold the channel, is a logged no-op. */
+/* Let go of the message a successful receive took (its payload must not
+ * be used afterwards: the user writes the area next).  A channel out of
+ * range, or a thread that does not hold the channel, is a logged no-op. */
 void kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id);
 
 /* Hand the turn to user space without data (the seed's dummy token).

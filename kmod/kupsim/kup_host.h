@@ -93,8 +93,9 @@ kupsim_curthread(void)
 #define KUP_CURTHREAD()        kupsim_curthread()
 
 /* kup_os.h: the server thread renews a detached channel only if it can
- * take the channel lock at once (it serves every device and must not wait
- * for a module thread that holds a channel: kupsim.h). */
+ * take the channel lock at once and no module thread is in the channel
+ * (it serves every device and must not wait for a module thread:
+ * kupsim.h). */
 #define KUP_LOCK_TRY(l)        kupsim_lock_try(l)
 /* kup_os.h: an attach never waits in the server thread, which serves every
  * device.  It attaches only channels it has renewed and parks an ATTACH of

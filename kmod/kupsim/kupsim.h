@@ -22,10 +22,10 @@ void kupsim_server_release(struct kupdev_softc *sc);
  * kernel side at the same address, zeroed) and new kernel->user and
  * user->kernel eventfds, so that whoever held the previous ones can
  * neither touch nor observe the next attachment.  Never waits for the
- * channel lock: -EBUSY when a kernel-side operation holds it (a module
- * thread between its receive and kupdev_unlock_channel); until a later
- * call has run, a module thread letting go of the lock calls
- * kupsim_server_kick().  0, or -errno (-EBUSY included): the channel keeps
+ * module: -EBUSY when a kernel-side operation holds the channel lock or a
+ * module thread is in the channel (waiting in its receive, or between its
+ * receive and kupdev_unlock_channel); until a later call has run, a
+ * module thread letting go of the channel calls kupsim_server_kick().  0, or -errno (-EBUSY included): the channel keeps
  * objects a previous user may hold and must not be handed out again until
  * a later call succeeds. */
 struct kup_chan;

@@ -11,8 +11,8 @@
  * sleeper drains both eventfds FIRST, then evaluates cond, then polls; a
  * wake-up written after the drain leaves the eventfd readable, one
  * written before it follows the state change cond looks at.  The core
- * sleeps on a channel only under that channel's lock, so there is one
- * sleeper per channel and draining cannot steal another sleeper's
+ * lets one receive at a time wait on a channel (kup_os.h), so there is
+ * one sleeper per channel and draining cannot steal another sleeper's
  * wake-up.  Device sleeps (kupdev_wait_channel) use a mutex + condition
  * variable: kup_os_dev_wake takes the mutex before broadcasting and the
  * sleeper evaluates cond under the same mutex.  User-side wake-ups: a
@@ -52,9 +52,12 @@
  * which the kernels the tests boot lack, and an inversion is a deadlock
  * waiting for the right interleaving.  Per thread, how many locks of each
  * role it holds; a waiting lock of a role while holding one of the same or
- * a later role is reported and aborts kupsim (a core bug; two channel
- * locks at once are allowed: a relay module holds two channels).  A try
- * cannot deadlock and is not checked, but counts as held.
+ * a later role is reported and aborts kupsim (a core bug).  That includes
+ * a channel lock under another channel's: the core never nests them (a
+ * module thread relaying between two channels holds neither lock), and
+ * two channels' locks taken in opposite orders by two threads are the
+ * deadlock a zero-copy relay once hit.  A try cannot deadlock and is not
+ * checked, but counts as held.
  */
 static __thread int kupsim_held[KUP_LOCK_NROLES];
 
@@ -81,12 +84,12 @@ kupsim_lock_order(const kup_lock_t *l)
 	int want = kupsim_role(l), r;
 
 	for (r = want; r < KUP_LOCK_NROLES; r++) {
-		if (kupsim_held[r] == 0 ||
-		    (r == want && want == KUP_LOCK_CHANNEL))
+		if (kupsim_held[r] == 0)
 			continue;
 		kup_os_log("kupsim: lock order: taking a %s lock while holding "
-		    "a %s lock (kup_os.h: channel, then registry, then device)",
-		    kupsim_lock_names[want], kupsim_lock_names[r]);
+		    "a %s lock (kup_os.h: channel, then registry, then device; "
+		    "never two of one role)", kupsim_lock_names[want],
+		    kupsim_lock_names[r]);
 		abort();
 	}
 }
@@ -275,8 +278,9 @@ fd_replace(int newfd, int oldfd)
  * progress and any that starts sees the channel detached (-EPIPE) before
  * it touches the page, so nothing of the previous session reaches the
  * new objects, and no module thread is asleep in poll() on the old u2k
- * eventfd (the sleeper holds the channel lock; the detach woke it through
- * kwake_efd).
+ * eventfd or spinning on the old page (a receive that waits is in the
+ * channel, and kup_core_chan_exclusive_try does not run us then; the
+ * detach woke it through kwake_efd).
  *
  * The objects change behind the same numbers and the same address:
  *   - the new memfd is mapped with MAP_FIXED over the old mapping (which
@@ -367,12 +371,12 @@ chan_renew_locked(struct kup_chan *ch)
 }
 
 /*
- * The server's one thread must not wait for a channel lock a module thread
- * holds (the module may compute for seconds between its receive and
+ * The server's one thread must not wait for a module thread to leave a
+ * channel (the module may compute for seconds between its receive and
  * kupdev_unlock_channel; every device's attach, detach and info would
- * wait with it), so the renewal only tries the lock.  renew_wanted is set
+ * wait with it), so the renewal only tries.  renew_wanted is set
  * first and cleared once the renewal ran: while it is set, a module thread
- * letting go of the lock kicks the server (KUP_CHAN_UNLOCKED, kup_host.h),
+ * letting go of the channel kicks the server (KUP_CHAN_UNLOCKED, kup_host.h),
  * which tries again at once.  No fence pairs the flag with the try: a kick
  * missed that way costs the server's retry period (kupsim_server.c), not
  * the renewal.

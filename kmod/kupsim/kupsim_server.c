@@ -15,14 +15,15 @@
  * sleeping on a channel polls that eventfd itself (kupsim_glue.c), so a
  * user's wake-up is one hop.
  *
- * This thread never waits for a channel lock.  It serves every device, and
- * a module thread holds its channel's lock from its receive until
- * kupdev_unlock_channel -- for as long as the module computes, seconds if
- * it likes.  Waiting there (as the renewal once did) stalled every attach,
- * detach and info of every device for that long.  So a renewal only tries
- * the lock, and a channel it found held is "pending renewal" (struct
- * listener's renew[]): it is never handed out with the old objects, and
- *   - the renewal is tried again whenever the module lets go of the lock
+ * This thread never waits for a module thread.  It serves every device, and
+ * a module thread is in its channel while it waits in its receive and from
+ * its receive until kupdev_unlock_channel -- for as long as the module
+ * computes, seconds if it likes.  Waiting there (as the renewal once did)
+ * stalled every attach, detach and info of every device for that long.  So
+ * a renewal only tries, and a channel it found in use is "pending renewal"
+ * (struct listener's renew[]): it is never handed out with the old
+ * objects, and
+ *   - the renewal is tried again whenever the module lets go of the channel
  *     (the core's KUP_CHAN_UNLOCKED hook kicks ctl_efd while a renewal
  *     waits: usually microseconds after the detach, the time a worker
  *     asleep in its receive takes to see -EPIPE) and every RENEW_RETRY_MS

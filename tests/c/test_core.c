@@ -163,6 +163,37 @@ kloser_main(void *p)
 	}
 }
 
+/* Run fn(arg) on a thread of its own and wait for it, up to 20 s: for
+ * calls that must not block (a core that made them wait for the user, or
+ * for another thread's hold, blocked them forever; the test then fails
+ * here, naming the call, instead of hanging). */
+static void
+run_bounded(const char *what, void *(*fn)(void *), void *arg)
+{
+	struct timespec dl;
+	pthread_t t;
+
+	CHECK_EQ(pthread_create(&t, NULL, fn, arg), 0);
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += 20;
+	if (pthread_timedjoin_np(t, NULL, &dl) != 0) {
+		fprintf(stderr, "%s: still blocked after 20 s\n", what);
+		exit(1);
+	}
+}
+
+/* Wait (bounded) until the page says a kernel-side receive sleeps. */
+static void
+wait_kernel_waiting(struct user *u)
+{
+	int i;
+
+	for (i = 0; i < 20000 &&
+	    !__atomic_load_n(&u->k->kernel_waiting, __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&u->k->kernel_waiting, __ATOMIC_ACQUIRE), 1);
+}
+
 /* ---- tests -------------------------------------------------------------- */
 
 static void
@@ -580,7 +611,7 @@ kholder_main(void *p)
 	struct kholder *a = p;
 	struct kupdev_msg m;
 
-	a->ret = kupdev_receive_msg(a->sc, 0, &m, 10000);
+	a->ret = kupdev_receive_msg(a->sc, 0, &m, 60000);
 	if (a->ret != 0)
 		return NULL;
 	__atomic_store_n(&a->holding, 1, __ATOMIC_RELEASE);
@@ -649,6 +680,185 @@ test_chan_exclusive_try(void)
 	kup_core_detach(ch);
 	CHECK_EQ(kupdev_unload(sc), 0);
 	printf("ok chan_exclusive_try\n");
+}
+
+/* What another thread's calls on channel 0 return (run_bounded). */
+struct kothers {
+	struct kupdev_softc *sc;
+	int send, pass, recv0, recv_wait;
+};
+
+static void *
+kothers_main(void *p)
+{
+	struct kothers *a = p;
+	struct kupdev_msg m;
+
+	a->send = kupdev_send(a->sc, "push", 4, 0);
+	a->pass = kupdev_pass(a->sc, 0);
+	a->recv0 = kupdev_receive_msg(a->sc, 0, &m, 0);
+	a->recv_wait = kupdev_receive_msg(a->sc, 0, &m, 100);
+	return NULL;
+}
+
+/*
+ * kupdev.h: one thread at a time per direction of the turn, and a send
+ * while the user holds the turn is refused with -EAGAIN.  A second thread's
+ * calls on a channel whose worker waits in its receive (the user holds the
+ * turn) must get that answer at once -- the core used to hold the channel
+ * lock for the whole wait, so that send waited for the user -- and while
+ * the worker holds the message it received, -EBUSY at once.  Neither
+ * disturbs the worker's session.
+ */
+static void
+test_second_thread(void)
+{
+	struct kupdev_softc *sc = kupdev_create("second", 1, 1);
+	struct kothers o;
+	struct kholder h;
+	struct kup_chan *ch;
+	struct user u;
+	pthread_t t;
+	int i;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	/* the worker waits in its receive: the user holds the turn */
+	memset(&h, 0, sizeof(h));
+	h.sc = sc;
+	CHECK_EQ(pthread_create(&t, NULL, kholder_main, &h), 0);
+	wait_kernel_waiting(&u);
+	memset(&o, 0, sizeof(o));
+	o.sc = sc;
+	run_bounded("a send while another thread waits in its receive",
+	    kothers_main, &o);
+	CHECK_EQ(o.send, -EAGAIN);
+	CHECK_EQ(o.pass, -EAGAIN);
+	CHECK_EQ(o.recv0, -EBUSY);
+	CHECK_EQ(o.recv_wait, -EBUSY);
+	/* nothing reached the user, and the worker still gets its message */
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_USER);
+	CHECK_EQ(u.k->k2u.seq, 1);
+	user_send(&u, "req", 3);
+	for (i = 0; i < 20000 && !__atomic_load_n(&h.holding, __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&h.holding, __ATOMIC_ACQUIRE), 1);
+	/* it holds the message: everyone else is refused, at once */
+	memset(&o, 0, sizeof(o));
+	o.sc = sc;
+	run_bounded("a send while another thread holds its message",
+	    kothers_main, &o);
+	CHECK_EQ(o.send, -EBUSY);
+	CHECK_EQ(o.pass, -EBUSY);
+	CHECK_EQ(o.recv0, -EBUSY);
+	CHECK_EQ(o.recv_wait, -EBUSY);
+	__atomic_store_n(&h.release, 1, __ATOMIC_RELEASE);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(h.ret, 0);
+	/* let go: the next call goes through, whoever makes it */
+	CHECK_EQ(kupdev_send(sc, "reply", 5, 0), 0);
+	user_expect(&u, KUP_KIND_DATA, "reply", 5);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok second_thread\n");
+}
+
+/* A zero-copy relay's worker: receive on its channel and, still holding
+ * that message, forward it on the other channel; record what the forward
+ * returned. */
+struct krelay {
+	struct kupdev_softc *sc;
+	pthread_barrier_t *both_hold;
+	int from, to;
+	int recv, fwd;
+};
+
+static void *
+krelay_main(void *p)
+{
+	struct krelay *a = p;
+	struct kupdev_msg m;
+
+	a->recv = kupdev_receive_msg(a->sc, a->from, &m, 20000);
+	pthread_barrier_wait(a->both_hold);
+	if (a->recv != 0) {
+		pthread_barrier_wait(a->both_hold);
+		return NULL;
+	}
+	a->fwd = kupdev_send(a->sc, m.data, m.len, a->to);
+	pthread_barrier_wait(a->both_hold);   /* both forwarded, holding */
+	kupdev_unlock_channel(a->sc, a->from);
+	return NULL;
+}
+
+static void *
+krelay_pair_main(void *p)
+{
+	struct krelay *r = p;
+	pthread_t t0, t1;
+
+	CHECK_EQ(pthread_create(&t0, NULL, krelay_main, &r[0]), 0);
+	CHECK_EQ(pthread_create(&t1, NULL, krelay_main, &r[1]), 0);
+	CHECK_EQ(pthread_join(t0, NULL), 0);
+	CHECK_EQ(pthread_join(t1, NULL), 0);
+	return NULL;
+}
+
+/*
+ * The zero-copy relay: the holder of channel 0's message sends it on
+ * channel 1 while channel 1's holder sends its message on channel 0.  With
+ * a hold that was a held channel lock, each waited for the other's lock
+ * for good (an unkillable deadlock on Linux).  Now neither waits: both
+ * forwards are refused with -EBUSY (kupdev.h: copy, unlock, then send),
+ * and both channels stay usable.
+ */
+static void
+test_relay_no_deadlock(void)
+{
+	struct kupdev_softc *sc = kupdev_create("relay", 1, 2);
+	struct kup_chan *ch0, *ch1;
+	struct user u0, u1;
+	struct krelay r[2];
+	pthread_barrier_t both;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch0), 0);
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch1), 0);
+	CHECK(kupdev_wait_channel_timeout(sc, 0) >= 0);
+	CHECK(kupdev_wait_channel_timeout(sc, 0) >= 0);
+	user_init(&u0, ch0);
+	user_init(&u1, ch1);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	CHECK_EQ(kupdev_pass(sc, 1), 0);
+	user_expect(&u0, KUP_KIND_PASS, NULL, 0);
+	user_expect(&u1, KUP_KIND_PASS, NULL, 0);
+	user_send(&u0, "to one", 6);
+	user_send(&u1, "to zero", 7);
+	CHECK_EQ(pthread_barrier_init(&both, NULL, 2), 0);
+	memset(r, 0, sizeof(r));
+	r[0] = (struct krelay){ .sc = sc, .both_hold = &both, .from = 0, .to = 1 };
+	r[1] = (struct krelay){ .sc = sc, .both_hold = &both, .from = 1, .to = 0 };
+	run_bounded("two relays forwarding to each other", krelay_pair_main, r);
+	CHECK_EQ(pthread_barrier_destroy(&both), 0);
+	CHECK_EQ(r[0].recv, 0);
+	CHECK_EQ(r[1].recv, 0);
+	CHECK_EQ(r[0].fwd, -EBUSY);
+	CHECK_EQ(r[1].fwd, -EBUSY);
+	/* both let go: a forward now goes through */
+	CHECK_EQ(kupdev_send(sc, "to one", 6, 1), 0);
+	user_expect(&u1, KUP_KIND_DATA, "to one", 6);
+	CHECK_EQ(kupdev_send(sc, "to zero", 7, 0), 0);
+	user_expect(&u0, KUP_KIND_DATA, "to zero", 7);
+	kup_core_detach(ch0);
+	kup_core_detach(ch1);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok relay_no_deadlock\n");
 }
 
 static void
@@ -949,14 +1159,12 @@ test_lock_roles(void)
 	kup_lock_init(&reg, KUP_LOCK_REGISTRY);
 	kup_lock_init(&ch1, KUP_LOCK_CHANNEL);
 	kup_lock_init(&ch2, KUP_LOCK_CHANNEL);
-	/* the order, and two channels at once (a relay module): allowed */
+	/* the order: allowed */
 	kup_lock(&ch1);
-	kup_lock(&ch2);
 	kup_lock(&reg);
 	kup_lock(&dev);
 	kup_unlock(&dev);
 	kup_unlock(&reg);
-	kup_unlock(&ch2);
 	kup_unlock(&ch1);
 	/* a try under a later role cannot deadlock: allowed (kup_core_attach) */
 	kup_lock(&dev);
@@ -970,6 +1178,19 @@ test_lock_roles(void)
 	if (pid == 0) {
 		kup_lock(&dev);
 		kup_lock(&ch1);   /* channel under device: aborts here */
+		_exit(0);
+	}
+	CHECK_EQ(waitpid(pid, &st, 0), pid);
+	CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT);
+	/* so does a channel lock under another channel's: the core never
+	 * nests them, and two threads nesting them in opposite orders are
+	 * the zero-copy relay's deadlock */
+	fflush(NULL);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		kup_lock(&ch1);
+		kup_lock(&ch2);   /* aborts here */
 		_exit(0);
 	}
 	CHECK_EQ(waitpid(pid, &st, 0), pid);
@@ -996,6 +1217,8 @@ main(void)
 	test_wait_timeout_kept();
 	test_sessions();
 	test_chan_exclusive_try();
+	test_second_thread();
+	test_relay_no_deadlock();
 	test_shutdown();
 	test_unload_twice();
 	test_misuse();

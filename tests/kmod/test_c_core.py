@@ -48,6 +48,8 @@ def test_core_unit(variant_out: Path) -> None:
         "proto_flood",
         "wait_timeout_kept",
         "sessions",
+        "second_thread",
+        "relay_no_deadlock",
         "shutdown",
         "unload_twice",
         "misuse",

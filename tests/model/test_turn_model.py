@@ -269,7 +269,7 @@ SHUTDOWN = ("-DSHUTDOWN",)
 BOTH = ("-DDEATH", "-DREATTACH", "-DSHUTDOWN")
 POLL = ("-DPOLL_MODE",)
 
-KERNEL_HS = ("wake", "krecheck", "ksleep")
+KERNEL_HS = ("wake", "krecheck", "ksleep", "krx_wait")
 USER_HS = ("wake", "urecheck", "usleep")
 
 SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
