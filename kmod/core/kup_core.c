@@ -245,7 +245,8 @@ kup_nodev_admit(int *last)
  * per device or per session.
  */
 static int
-kup_dev_live(struct kupdev_softc *sc, const char *op, const char *hint)
+kup_dev_find(struct kupdev_softc *sc, const char *op, const char *hint,
+    int take_ref)
 {
 	struct kupdev_softc *it;
 
@@ -258,10 +259,35 @@ kup_dev_live(struct kupdev_softc *sc, const char *op, const char *hint)
 	kup_lock(&kup_reg_lock);
 	for (it = kup_reg_head; it != NULL && it != sc; it = it->next)
 		;
+	if (it != NULL && take_ref) {
+		kup_lock(&sc->lock);   /* registry before device */
+		sc->refs++;
+		kup_unlock(&sc->lock);
+	}
 	kup_unlock(&kup_reg_lock);
 	if (it == NULL)
 		KUP_NODEV_MISUSE("%s: not a live device (%s)", op, hint);
 	return it != NULL;
+}
+
+static int
+kup_dev_live(struct kupdev_softc *sc, const char *op, const char *hint)
+{
+	return kup_dev_find(sc, op, hint, 0);
+}
+
+/*
+ * The same, and on success a reference on sc, taken while the registry
+ * still holds sc (kup_core_dev_put drops it).  For the calls that sleep on
+ * the device (kupdev_wait_channel): a module that unloads while its
+ * threads wait there -- kupdev_unload wakes them with -ESHUTDOWN, but
+ * frees sc at once when no user holds it -- must not have them wake up in
+ * freed memory.  The last of them frees sc instead.
+ */
+static int
+kup_dev_live_ref(struct kupdev_softc *sc, const char *op, const char *hint)
+{
+	return kup_dev_find(sc, op, hint, 1);
 }
 
 /* Look up chan_id for a call named op; logs the misuse when it is none. */
@@ -751,7 +777,7 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 	    KUP_NOW_NS() + (uint64_t)timeout_ms * 1000000ULL : 0;
 #endif
 
-	if (!kup_dev_live(sc, "kupdev_wait_channel",
+	if (!kup_dev_live_ref(sc, "kupdev_wait_channel",
 	    "called after kupdev_unload?"))
 		return -EINVAL;
 	if (timeout_ms < KUPDEV_FOREVER) {
@@ -759,7 +785,8 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 		 * a computed timeout that went negative would wait forever */
 		KUP_MISUSE(sc, "kupdev_wait_channel_timeout: timeout %d ms "
 		    "(0 or more, or KUPDEV_FOREVER = -1)", timeout_ms);
-		return -EINVAL;
+		r = -EINVAL;
+		goto out;
 	}
 	for (;;) {
 		size_t k;
@@ -767,7 +794,8 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 		kup_lock(&sc->lock);
 		if (sc->shutdown) {
 			kup_unlock(&sc->lock);
-			return -ESHUTDOWN;
+			r = -ESHUTDOWN;
+			goto out;
 		}
 		for (k = 0; k < sc->chan_cnt && sc->npending != 0; k++) {
 			size_t i = (sc->rr + k) % sc->chan_cnt;
@@ -781,15 +809,18 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 				kup_unlock(&sc->lock);
 				/* a thread of the previous attachment may sleep */
 				kup_os_chan_wake(ch);
-				return (int)i;
+				r = (int)i;
+				goto out;
 			}
 		}
 		kup_unlock(&sc->lock);
-		if (left == 0)
-			return -ETIMEDOUT;
+		if (left == 0) {
+			r = -ETIMEDOUT;
+			goto out;
+		}
 		r = kup_os_dev_sleep(sc, kup_dev_wait_cond, left);
 		if (r != 0)
-			return r;
+			goto out;
 #ifdef KUP_NOW_NS
 		if (timeout_ms > 0) {
 			uint64_t now = KUP_NOW_NS();
@@ -800,6 +831,9 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 		}
 #endif
 	}
+out:
+	kup_core_dev_put(sc);   /* may free sc: the module unloaded meanwhile */
+	return r;
 }
 
 int
@@ -1339,7 +1373,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 {
 	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_receive_msg");
 	uint32_t turn;
-	int r;
+	int r, waited = 0;
 
 	if (ch == NULL)
 		return -EINVAL;
@@ -1371,6 +1405,8 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		 * header says why); rx_waiter keeps everyone else out of the
 		 * session meanwhile. */
 		KUP_WRITE_ONCE64(&ch->rx_waiter, kup_self());
+		kup_core_dev_ref(sc);   /* kup_dev_live_ref says why */
+		waited = 1;
 		kup_unlock(&ch->lock);
 		r = kup_wait_turn(ch, timeout_ms);
 		kup_lock(&ch->lock);
@@ -1399,6 +1435,8 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	KUP_WRITE_ONCE64(&ch->holder, kup_self());
 out:
 	kup_chan_unlock(ch);
+	if (waited)
+		kup_core_dev_put(sc);   /* may free sc (and ch) */
 	return r;
 }
 

@@ -219,9 +219,15 @@ int kupdev_pass(struct kupdev_softc *sc, int chan_id);
  * waiter on both sides (user space sees EKU_SHUTDOWN, kernel callers
  * -ESHUTDOWN), remove the device node and free it once the last user
  * mapping is gone.  Returns 0, or -EBUSY where the host cannot force
- * users off (never leaves the device half torn down).  sc must not be used
- * afterwards: it may already be freed.  A second kupdev_unload of the same
- * pointer is refused with -EINVAL and a log line (see "live" above). */
+ * users off (never leaves the device half torn down).  A module thread
+ * still asleep in kupdev_wait_channel(_timeout) or in a receive's wait
+ * when this is called keeps the device alive until it has returned
+ * (-ESHUTDOWN): it does not wake up in freed memory.  That is a safety
+ * net, not the way to unload (kup_module.h: shutdown, join, unload): sc
+ * must not be used after kupdev_unload returns -- not by any thread, and
+ * not for the call that follows a wait (it may already be freed).  A
+ * second kupdev_unload of the same pointer is refused with -EINVAL and a
+ * log line (see "live" above). */
 int kupdev_unload(struct kupdev_softc *sc);
 
 /* First half of kupdev_unload, for modules with threads: mark every channel

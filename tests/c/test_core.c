@@ -928,6 +928,122 @@ test_shutdown(void)
 	printf("ok shutdown\n");
 }
 
+/* SIGUSR1 handler that parks the thread it interrupts (a module thread
+ * asleep in the core) until hold_release is set: the thread stays inside
+ * its kupdev_* call, unable to run, for as long as the test likes. */
+static int hold_count, hold_release;
+
+static void
+hold_handler(int sig)
+{
+	struct timespec ts = { 0, 1000000 };
+
+	(void)sig;
+	__atomic_add_fetch(&hold_count, 1, __ATOMIC_ACQ_REL);
+	while (!__atomic_load_n(&hold_release, __ATOMIC_ACQUIRE))
+		nanosleep(&ts, NULL);
+}
+
+/* Park the n threads t[] in hold_handler (bounded wait until all are). */
+static void
+hold_threads(const pthread_t *t, int n)
+{
+	int i;
+
+	__atomic_store_n(&hold_count, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&hold_release, 0, __ATOMIC_RELEASE);
+	for (i = 0; i < n; i++)
+		CHECK_EQ(pthread_kill(t[i], SIGUSR1), 0);
+	for (i = 0; i < 20000 &&
+	    __atomic_load_n(&hold_count, __ATOMIC_ACQUIRE) != n; i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&hold_count, __ATOMIC_ACQUIRE), n);
+}
+
+static void *
+kunload_main(void *p)
+{
+	CHECK_EQ(kupdev_unload(p), 0);
+	return NULL;
+}
+
+/*
+ * kupdev_unload while module threads are still inside a receive's wait or
+ * inside kupdev_wait_channel (a module that unloads before joining its
+ * threads).  unload wakes them with -ESHUTDOWN, and with no host reference
+ * left it used to free the device at once, under their feet (ASan: a use
+ * after free in kup_dev_wait_cond).  Each wait holds a reference now; the
+ * last thread out frees the device (ASan checks both).  The threads are
+ * parked in a signal handler across the unload, so that none can leave
+ * before the device would be freed:
+ *   - a receive asleep: its next look after the free read the freed
+ *     channel (ASan);
+ *   - threads in kupdev_wait_channel: the free destroyed the condition
+ *     variable they wait on, which glibc's pthread_cond_destroy waits for
+ *     -- the unload itself stalled (bounded here: 20 s).
+ */
+static void
+test_unload_with_waiters(void)
+{
+	struct kupdev_softc *sc = kupdev_create("waiters", 1, 1);
+	struct sigaction sa, old;
+	struct kwait kw[8];
+	struct krecv kr;
+	struct kup_chan *ch;
+	struct user u;
+	pthread_t tw[8], trecv;
+	size_t i;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = hold_handler;
+	sigemptyset(&sa.sa_mask);
+	CHECK_EQ(sigaction(SIGUSR1, &sa, &old), 0);
+
+	/* a receive asleep on channel 0: the user holds the turn */
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = KUPDEV_FOREVER;
+	CHECK_EQ(pthread_create(&trecv, NULL, krecv_main, &kr), 0);
+	wait_kernel_waiting(&u);
+	hold_threads(&trecv, 1);
+	/* no kupdev_shutdown, no join first: the module's mistake */
+	run_bounded("kupdev_unload with a receive asleep", kunload_main, sc);
+	__atomic_store_n(&hold_release, 1, __ATOMIC_RELEASE);
+	CHECK_EQ(pthread_join(trecv, NULL), 0);
+	CHECK_EQ(kr.ret, -ESHUTDOWN);
+
+	/* eight threads in kupdev_wait_channel (nothing pending) */
+	sc = kupdev_create("waiters", 1, 1);
+	CHECK(sc != NULL);
+	for (i = 0; i < 8; i++) {
+		kw[i].sc = sc;
+		kw[i].ret = 1;
+		CHECK_EQ(pthread_create(&tw[i], NULL, kwait_main, &kw[i]), 0);
+	}
+	usleep(200000);   /* let them get to sleep */
+	hold_threads(tw, 8);
+	run_bounded("kupdev_unload with threads in kupdev_wait_channel",
+	    kunload_main, sc);
+	__atomic_store_n(&hold_release, 1, __ATOMIC_RELEASE);
+	for (i = 0; i < 8; i++) {
+		CHECK_EQ(pthread_join(tw[i], NULL), 0);
+		CHECK_EQ(kw[i].ret, -ESHUTDOWN);
+	}
+	CHECK_EQ(sigaction(SIGUSR1, &old, NULL), 0);
+	/* the last one out freed sc: the name is free again */
+	sc = kupdev_create("waiters", 1, 1);
+	CHECK(sc != NULL);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok unload_with_waiters\n");
+}
+
 /*
  * kupdev_unload twice on a device no user holds: the first one frees the
  * softc, the second must be refused from the registry alone, without
@@ -1220,6 +1336,7 @@ main(void)
 	test_second_thread();
 	test_relay_no_deadlock();
 	test_shutdown();
+	test_unload_with_waiters();
 	test_unload_twice();
 	test_misuse();
 	test_dropped_request();
