@@ -1006,6 +1006,7 @@ kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
 #endif
 	kup_lock(&sc->lock);
 	kup_page_reset(ch, gen);
+	ch->page_gen = gen;
 	kup_unlock(&ch->lock);   /* sc->lock stays: ch before sc, as ever */
 	if (sc->shutdown) {
 		kup_state_set(ch, KUP_STATE_SHUTDOWN, KUP_STATE_ATTACHED);
@@ -1050,8 +1051,11 @@ kup_core_user_wake(struct kup_chan *ch)
 		kup_os_chan_wake(ch);
 }
 
+static int kup_chan_left_msg(struct kup_chan *ch);
+
 int
-kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
+kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *),
+    unsigned int flags)
 {
 	int r;
 
@@ -1059,6 +1063,13 @@ kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 		return -EINVAL;
 	if (!kup_chan_take_free(ch))
 		return -EBUSY;
+	if ((flags & KUP_EXCL_KEEP_LEFT) && kup_chan_left_msg(ch)) {
+		kup_unlock(&ch->lock);
+		return -EAGAIN;
+	}
+	/* fn may replace the memory: the page no longer holds what the last
+	 * user left there */
+	ch->page_gen = 0;
 	/* ch before sc; kupdev_shutdown writes every page under sc->lock */
 	kup_lock(&ch->sc->lock);
 	r = fn(ch);
@@ -1069,9 +1080,32 @@ kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *))
 
 /* ---- kernel-side protocol ---------------------------------------------- */
 
-/* Is the channel usable by the module right now?  Under ch->lock. */
+/*
+ * Under ch->lock: did the user of the module's session hand over a message
+ * that the module has not received yet, in a page still that session's?
+ * Then a receive delivers it even though the user has left since (or a
+ * new user is attaching): a user that sends its last request, or its
+ * CLOSE, and leaves at once must not lose it to the race with its own
+ * detach.  Not once the module has been told of a newer attachment, nor
+ * once the page has been reset for one (or replaced by the host), nor
+ * after a call of the module saw the session end (over: -EPIPE, CLOSE,
+ * -EPROTO).
+ */
 static int
-kup_chan_enter(struct kup_chan *ch)
+kup_chan_left_msg(struct kup_chan *ch)
+{
+	uint64_t kgen = KUP_READ_ONCE64(&ch->kgen);
+
+	return ch->pgen != 0 && ch->pgen == kgen && ch->page_gen == ch->pgen &&
+	    ch->kturn == KUP_KT_USER && !ch->over && !ch->peer_bad &&
+	    KUP_LOAD_ACQ32(&ch->ctrl->turn) == KUP_TURN_KERNEL;
+}
+
+/* Is the channel usable by the module right now?  Under ch->lock.
+ * receiving: a receive, which may still take what the departed user left
+ * (kup_chan_left_msg). */
+static int
+kup_chan_enter(struct kup_chan *ch, int receiving)
 {
 	uint64_t kgen;
 
@@ -1080,6 +1114,8 @@ kup_chan_enter(struct kup_chan *ch)
 	kgen = KUP_READ_ONCE64(&ch->kgen);
 	if (!KUP_READ_ONCE32(&ch->attached) ||
 	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0) {
+		if (receiving && kup_chan_left_msg(ch))
+			return 0;
 		ch->over = 1;   /* the session in progress (pgen) has ended */
 		return -EPIPE;
 	}
@@ -1393,7 +1429,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	r = kup_chan_busy(ch, 0);
 	if (r != 0)
 		goto out;
-	r = kup_chan_enter(ch);
+	r = kup_chan_enter(ch, 1);
 	if (r != 0)
 		goto out;
 	if (ch->kturn == KUP_KT_KERNEL_CONSUMED) {
@@ -1416,7 +1452,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	}
 	/* shutdown / departure while waiting, or since the first look: a
 	 * condition that held for those reasons says nothing of the turn */
-	r = kup_chan_enter(ch);
+	r = kup_chan_enter(ch, 1);
 	if (r != 0)
 		goto out;
 	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
@@ -1542,7 +1578,7 @@ kup_send_common(struct kupdev_softc *sc, int chan_id, const void *data,
 	r = kup_chan_busy(ch, 1);
 	if (r != 0)
 		goto out;
-	r = kup_chan_enter(ch);
+	r = kup_chan_enter(ch, 0);
 	if (r != 0)
 		goto out;
 	r = kup_own_turn(ch, op);
@@ -1582,7 +1618,7 @@ kup_core_test_handover(struct kupdev_softc *sc, int chan_id, uint32_t len,
 	kup_lock(&ch->lock);
 	r = kup_chan_busy(ch, 1);
 	if (r == 0)
-		r = kup_chan_enter(ch);
+		r = kup_chan_enter(ch, 0);
 	if (r == 0)
 		r = kup_own_turn(ch, "test hand-over");
 	if (r == 0) {

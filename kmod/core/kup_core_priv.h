@@ -44,6 +44,10 @@ struct kup_chan {
 	uint32_t state;           /* what ctrl->state was last set to: the page
 	                           * is user-writable, so the core never reads
 	                           * it back (kup_state_set) */
+	uint64_t page_gen;        /* under lock: the attachment the page was
+	                           * last reset for; 0 when the host may have
+	                           * replaced the memory since
+	                           * (kup_core_chan_exclusive_try) */
 
 	/* kernel-side protocol state, under lock */
 	uint64_t pgen;            /* generation this state belongs to */

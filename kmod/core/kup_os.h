@@ -245,9 +245,16 @@ void kup_core_user_wake(struct kup_chan *ch);
  * module computes.  Waits only for sc->lock, which no one holds across
  * module code.  For a host whose one service thread must not stall on a
  * single channel (kupsim); fn must not call into the core nor return
- * -EBUSY itself. */
+ * -EBUSY or -EAGAIN itself. */
 int  kup_core_chan_exclusive_try(struct kup_chan *ch,
-         int (*fn)(struct kup_chan *));
+         int (*fn)(struct kup_chan *), unsigned int flags);
+/* flags: KUP_EXCL_KEEP_LEFT -- do not run fn (-EAGAIN) while the channel's
+ * page still holds a message its departed user handed over that the
+ * module has not received yet (kupdev.h: the next receive delivers it;
+ * fn is taken to replace the channel's memory, which would lose it).  A
+ * host that renews a channel at its detach passes it, and renews without
+ * it when a new attachment needs the channel. */
+#define KUP_EXCL_KEEP_LEFT 0x1U
 
 /* Geometry and facts the host needs for mmap bounds and ioctl replies. */
 size_t   kup_core_chan_bytes(const struct kup_chan *ch);

@@ -35,7 +35,9 @@
  *           receive whose turn has not come back waits with the channel
  *           lock released, marked as the channel's receiver (krx:
  *           ch->rx_waiter), and takes the lock again to look at the
- *           result.
+ *           result.  A message the user handed over before it left is
+ *           still received (kup_chan_left_msg), unless the page has been
+ *           reset for a newer attachment since (kpage: ch->page_gen).
  *   User    libkup: receive, answer (DATA or PASS), and after NMSG messages
  *           send CLOSE (it holds the turn) and leave.
  *   Host    the host's release path, kup_core_detach: once the user's
@@ -119,6 +121,9 @@
  *   BROKEN_DETACH_NO_WAKE    detach does not wake kernel-side waiters
  *   BROKEN_ATTACH_NO_LOCK    attach resets the page without the channel lock
  *   BROKEN_NO_GEN_CHECK      the kernel ignores the attach generation
+ *   BROKEN_LEFT_IGNORES_RESET the kernel takes a message the departed user
+ *                            left without checking that the page was not
+ *                            reset for a new attachment since
  *   BROKEN_POLL_NO_SELF_WAKE poll mode: kernproxy_fd() without self wake-up
  *   BROKEN_POLL_LATE_DRAIN   poll mode: drain after looking at the turn
  *   BROKEN_QUIET_NO_UNQUIET  QUIET_SPIN: a spin that missed goes to the poll
@@ -181,6 +186,7 @@ bit  kshut;                            /* sc->shutdown */
 bit  kattached = 1;                    /* ch->attached */
 byte kgen = SESSION;                   /* ch->gen (the module was told SESSION) */
 byte kturn = KT_KERNEL;                /* ch->kturn */
+byte kpage = SESSION;                  /* ch->page_gen: the page's attachment */
 
 /* ---- ghosts for the properties ----------------------------------------- */
 bit  k_cs;                             /* kernel inside a data area */
@@ -356,13 +362,24 @@ inline hand_over(PEER, PEER_WAITING, W, SENT)
 /* kup_recv_cond: the page turn is no longer USER, or shutdown, or departure */
 #define K_COND (turn != KUP_TURN_USER || kshut || K_GONE)
 
-/* kup_chan_enter, under the channel lock */
-inline k_enter(r)
+/* kup_chan_left_msg: the departed user handed over a message the kernel
+ * has not taken, in a page not reset since (kpage: ch->page_gen, private) */
+#ifdef BROKEN_LEFT_IGNORES_RESET
+#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL)
+#else
+#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL && kpage == SESSION)
+#endif
+
+/* kup_chan_enter, under the channel lock; a send (RX 0) or a receive
+ * (RX 1), which may still take what the departed user left */
+inline k_enter(r, RX)
 {
 	if
 	:: kshut ->
 		r = R_SHUTDOWN  /* @reach:enter_shutdown */
-	:: !kshut && K_GONE ->
+	:: !kshut && K_GONE && RX && K_LEFT ->
+		r = R_OK  /* @reach:left_msg */
+	:: !kshut && K_GONE && !(RX && K_LEFT) ->
 		r = R_PEER  /* @reach:enter_peer */
 	:: else -> r = R_OK
 	fi
@@ -400,7 +417,7 @@ inline k_wait_turn()
 inline k_send(KIND, r)
 {
 	lock();
-	k_enter(r);
+	k_enter(r, 0);
 	if
 	:: r == R_OK && kturn != KT_KERNEL -> r = R_NOTTURN   /* never here */
 	:: r == R_OK && kturn == KT_KERNEL ->
@@ -431,7 +448,7 @@ inline k_send(KIND, r)
 inline k_receive(r)
 {
 	lock();
-	k_enter(r);
+	k_enter(r, 1);
 	if
 	:: r == R_OK ->
 		assert(kturn == KT_USER);          /* else -EAGAIN: never here */
@@ -445,7 +462,7 @@ inline k_receive(r)
 			lock();
 			krx = 0
 		fi;
-		k_enter(r);                        /* shutdown / departure meanwhile */
+		k_enter(r, 1);                     /* shutdown / departure meanwhile */
 		if
 		:: r == R_OK ->
 			t = turn;                      /* LOAD-ACQUIRE */
@@ -521,10 +538,13 @@ proctype Kernel()
 		assert(r2 == R_SHUTDOWN || r2 == R_PEER)
 	:: else -> skip
 	fi;
-#if !defined(DEATH) && !defined(SHUTDOWN)
-	/* normal run: every message before CLOSE was received; the CLOSE
-	 * itself may be reported as the departure (-EPIPE) when the detach
-	 * came first: KUP_E_PEER means "the peer left (CLOSE, died, detached)" */
+#if !defined(DEATH) && !defined(SHUTDOWN) && !defined(REATTACH)
+	/* normal run: every message was received, the CLOSE included: the
+	 * user's departure right after it does not hide it (kup_chan_left_msg) */
+	assert(klast == NMSG && r == R_OK);
+#elif !defined(DEATH) && !defined(SHUTDOWN)
+	/* ... unless a new user attached before the kernel looked: the page
+	 * was reset, the CLOSE is gone and the departure (-EPIPE) says it */
 	assert(klast >= NMSG - 1);
 	assert(r == R_OK || r == R_PEER);
 #endif
@@ -817,6 +837,7 @@ proctype Attach()
 			kernel_waiting = 0;
 			user_waiting = 0;
 			attach_gen = SESSION + 1;
+			kpage = SESSION + 1;
 			state = KUP_STATE_ATTACHED;
 			turn = KUP_TURN_KERNEL
 		};

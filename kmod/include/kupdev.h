@@ -190,8 +190,16 @@ int kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_
 void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 
 /* Wait up to timeout_ms (>= 0, or KUPDEV_FOREVER; anything else: -EINVAL,
- * logged) for user space's next message.  On success the channel is
- * locked until kupdev_unlock_channel().  Errors: -ETIMEDOUT,
+ * logged) for user space's next message.  On success the thread holds the
+ * message until kupdev_unlock_channel().
+ * Nothing the user handed over is lost to its departure: a message it
+ * handed over before it left (its last request, or the CLOSE libkup sends
+ * when it leaves holding the turn) is still returned by this receive, and
+ * the call after it gets -EPIPE -- unless a call of the module saw the
+ * departure first (a send or pass then returned -EPIPE and ended the
+ * session), or the next user attached the channel before the module
+ * looked (its page is reset for that user: -EPIPE).
+ * Errors: -ETIMEDOUT,
  * -EPIPE (user side left or died; the channel is free again), -EPROTO
  * (bad length, kind or sequence in the control area: nothing was read
  * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the

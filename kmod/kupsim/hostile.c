@@ -16,6 +16,12 @@
  *              takes 3 s to end after kupdev_shutdown, so the device
  *              stays in its shutting-down state that long (a user can
  *              watch it there; a slow module's unload does the same)
+ *   "nap"      echoed; then the worker sleeps 500 ms before its next
+ *              receive, neither in a receive nor holding anything: a user
+ *              that hands over a message and leaves meanwhile leaves it
+ *              for that receive (kupdev.h; kupsim must keep it)
+ *   "tell..."  echoed, and logged: "hostile: chan N: told <the rest>"
+ *              (what the worker received, for a test to see)
  *   anything else: echoed unchanged
  * PASS is answered with PASS.  Uses the core's private test hook, so it is
  * built against kmod/core (never a model for a real module).
@@ -74,6 +80,8 @@ h_serve(int c, unsigned char *buf, size_t max, int again)
 	struct kupdev_msg m;
 	int r;
 
+	int nap = 0;
+
 	r = kupdev_pass(h_sc, c);
 	if (again && r == -EPIPE)
 		return r;
@@ -81,6 +89,10 @@ h_serve(int c, unsigned char *buf, size_t max, int again)
 		size_t len;
 		int bad = 1;
 
+		if (nap) {
+			kup_os_msleep(500);
+			nap = 0;
+		}
 		r = kupdev_receive_msg(h_sc, c, &m, KUPDEV_FOREVER);
 		if (r != 0)
 			break;
@@ -98,6 +110,13 @@ h_serve(int c, unsigned char *buf, size_t max, int again)
 		}
 		if (h_is(&m, "slowexit"))
 			__atomic_store_n(&h_slowexit, 1, __ATOMIC_RELEASE);
+		nap = h_is(&m, "nap");
+		if (m.len >= 4 && memcmp(m.data, "tell", 4) == 0) {
+			len = m.len - 4 < 64 ? m.len - 4 : 64;
+			memcpy(buf, (const unsigned char *)m.data + 4, len);
+			kup_os_log("hostile: chan %d: told %.*s", c, (int)len,
+			    (const char *)buf);
+		}
 		if (h_is(&m, "seqgap")) {
 			kupdev_unlock_channel(h_sc, c);
 			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 1,

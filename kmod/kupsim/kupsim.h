@@ -24,12 +24,16 @@ void kupsim_server_release(struct kupdev_softc *sc);
  * neither touch nor observe the next attachment.  Never waits for the
  * module: -EBUSY when a kernel-side operation holds the channel lock or a
  * module thread is in the channel (waiting in its receive, or between its
- * receive and kupdev_unlock_channel); until a later call has run, a
- * module thread letting go of the channel calls kupsim_server_kick().  0, or -errno (-EBUSY included): the channel keeps
- * objects a previous user may hold and must not be handed out again until
- * a later call succeeds. */
+ * receive and kupdev_unlock_channel); -EAGAIN (deferred) when force is 0
+ * and the departed user left a message the module has not received yet
+ * (kupdev.h: its next receive delivers it; fresh memory would lose it).
+ * Until a later call has run, a module thread letting go of the channel
+ * calls kupsim_server_kick().  force: renew even then (a new attachment
+ * needs the channel).  0, or -errno (-EBUSY and -EAGAIN included): the
+ * channel keeps objects a previous user may hold and must not be handed
+ * out again until a later call succeeds. */
 struct kup_chan;
-int  kupsim_chan_renew_try(struct kup_chan *ch);
+int  kupsim_chan_renew_try(struct kup_chan *ch, int force);
 /* A parked ATTACH waits for ch->lock (the core's -EINPROGRESS): a module
  * thread letting go of it kicks the server, which asks again at once. */
 void kupsim_chan_want_lock(struct kup_chan *ch);

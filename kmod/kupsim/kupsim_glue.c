@@ -365,9 +365,10 @@ chan_renew_locked(struct kup_chan *ch)
 {
 	int r = chan_renew_objects(ch);
 
-	/* -EBUSY means "lock held" to kupsim_chan_renew_try's caller; a
-	 * failure that happens to be EBUSY is still a failure */
-	return r == -EBUSY ? -EIO : r;
+	/* -EBUSY and -EAGAIN mean "in use" and "deferred" to
+	 * kupsim_chan_renew_try's caller; a failure that happens to be one of
+	 * them is still a failure */
+	return r == -EBUSY || r == -EAGAIN ? -EIO : r;
 }
 
 /*
@@ -382,14 +383,17 @@ chan_renew_locked(struct kup_chan *ch)
  * the renewal.
  */
 int
-kupsim_chan_renew_try(struct kup_chan *ch)
+kupsim_chan_renew_try(struct kup_chan *ch, int force)
 {
 	struct kup_os_chan *os = kup_core_chan_os(ch);
 	int r;
 
 	__atomic_store_n(&os->renew_wanted, 1, __ATOMIC_RELAXED);
-	r = kup_core_chan_exclusive_try(ch, chan_renew_locked);
-	if (r != -EBUSY)
+	r = kup_core_chan_exclusive_try(ch, chan_renew_locked,
+	    force ? 0U : KUP_EXCL_KEEP_LEFT);
+	/* -EAGAIN (deferred): the module's receive of what the user left
+	 * lets go of the channel and kicks us, as a busy channel does */
+	if (r != -EBUSY && r != -EAGAIN)
 		__atomic_store_n(&os->renew_wanted, 0, __ATOMIC_RELAXED);
 	return r;
 }

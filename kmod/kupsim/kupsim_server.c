@@ -36,6 +36,13 @@
  *     the answer for a channel the module genuinely still holds (a
  *     channel another user holds is KUP_E_BUSY at once);
  *   - an ATTACH of any channel gets a free, renewed one if there is one.
+ * A channel whose departed user handed over a message the module has not
+ * received yet is "deferred" instead (kupdev.h: the module's next receive
+ * still delivers it, and fresh memory would lose it): it keeps its objects
+ * until the module has taken it (the receive's let-go kicks us, as for a
+ * pending one) or an ATTACH needs the channel -- that one renews it at once
+ * (the message is then lost, as on the kernel hosts when the next user
+ * attaches first); ANY prefers a renewed channel to a deferred one.
  * kup_core_attach itself takes the channel lock too (to reset the page),
  * which is why a pending channel is never passed to it: a channel whose
  * renewal ran was detached while we held its lock, so any module call on
@@ -92,6 +99,7 @@ struct listener {
 	uint8_t renew[KUP_MAX_CHANNELS];
 	uint32_t npending;         /* renew[] entries RENEW_PENDING */
 	uint32_t nfailed;          /* renew[] entries RENEW_FAILED */
+	uint32_t ndeferred;        /* renew[] entries RENEW_DEFERRED */
 	struct etag t_lis, t_ev;
 	char name[KUP_NAME_MAX];
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -102,6 +110,9 @@ struct listener {
 #define RENEW_PENDING 1   /* a module thread held the lock: retried here */
 #define RENEW_FAILED  2   /* the renewal failed (e.g. EMFILE): tried again
                            * by the next ATTACH that wants the channel */
+#define RENEW_DEFERRED 3  /* the module has yet to receive what the user
+                           * left: retried when it lets go (no timer),
+                           * forced by an ATTACH that wants the channel */
 
 /* How often a pending renewal is retried without a kick (ms), and how long
  * an ATTACH waits for one before it is refused with KUP_E_BUSY (ms). */
@@ -412,51 +423,61 @@ renew_set(struct listener *l, uint32_t id, uint8_t st)
 		l->npending--;
 	else if (l->renew[id] == RENEW_FAILED)
 		l->nfailed--;
+	else if (l->renew[id] == RENEW_DEFERRED)
+		l->ndeferred--;
 	if (st == RENEW_PENDING)
 		l->npending++;
 	else if (st == RENEW_FAILED)
 		l->nfailed++;
+	else if (st == RENEW_DEFERRED)
+		l->ndeferred++;
 	l->renew[id] = st;
 }
 
 /* Under S.mu, ch detached: try to give it fresh objects for its next
- * attachment (never waiting for the channel lock) and remember the
- * outcome in l (NULL: the device is withdrawn, no attach can succeed any
- * more).  0 when the channel is fresh, -EBUSY when a module thread holds
- * it (pending), another -errno when the renewal failed. */
+ * attachment (never waiting for the module) and remember the outcome in l
+ * (NULL: the device is withdrawn, no attach can succeed any more).  0 when
+ * the channel is fresh, -EBUSY when a module thread is in it (pending),
+ * -EAGAIN when its departed user left a message for the module (deferred;
+ * never when force: an ATTACH needs the channel), another -errno when the
+ * renewal failed. */
 static int
-chan_renew_in(struct listener *l, struct kup_chan *ch)
+chan_renew_in(struct listener *l, struct kup_chan *ch, int force)
 {
-	int r = kupsim_chan_renew_try(ch);
+	int r = kupsim_chan_renew_try(ch, force);
 
 	if (l != NULL)
 		renew_set(l, kup_core_chan_id(ch), r == 0 ? RENEW_DONE :
-		    r == -EBUSY ? RENEW_PENDING : RENEW_FAILED);
+		    r == -EBUSY ? RENEW_PENDING :
+		    r == -EAGAIN ? RENEW_DEFERRED : RENEW_FAILED);
 	return r;
 }
 
 static int
 chan_renew(struct kupdev_softc *sc, struct kup_chan *ch)
 {
-	return chan_renew_in(listener_of(sc), ch);
+	return chan_renew_in(listener_of(sc), ch, 0);
 }
 
-/* Under S.mu: try the pending renewals of l again (l not withdrawn, so
- * l->sc holds the module's reference).  The lock tries cost nothing when
- * the module still holds; a renewal that runs takes what a detach took. */
+/* Under S.mu: try the pending and deferred renewals of l again (l not
+ * withdrawn, so l->sc holds the module's reference).  The tries cost
+ * nothing when the module is still in the channel or has not received
+ * what was left; a renewal that runs takes what a detach took. */
 static void
 renew_retry(struct listener *l)
 {
 	uint32_t id;
 
-	for (id = 0; id < KUP_MAX_CHANNELS && l->npending != 0; id++) {
+	for (id = 0; id < KUP_MAX_CHANNELS &&
+	    l->npending + l->ndeferred != 0; id++) {
 		struct kup_chan *ch;
 
-		if (l->renew[id] != RENEW_PENDING)
+		if (l->renew[id] != RENEW_PENDING &&
+		    l->renew[id] != RENEW_DEFERRED)
 			continue;
 		ch = kup_core_chan_at(l->sc, id);
 		if (ch != NULL)
-			(void)chan_renew_in(l, ch);
+			(void)chan_renew_in(l, ch, 0);
 		else
 			renew_set(l, id, RENEW_DONE);   /* no such channel */
 	}
@@ -627,19 +648,20 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 {
 	struct kup_chan *ch;
 	uint32_t i, n = info->announced;
-	int waiting = 0, failed = 0, r;
+	int waiting = 0, failed = 0, deferred = 0, r;
 
 	*id = want;
-	if (l->npending == 0 && l->nfailed == 0)
+	if (l->npending == 0 && l->nfailed == 0 && l->ndeferred == 0)
 		return PICK_OK;   /* every free channel is fresh */
 	if (want != KUP_CHAN_ANY) {
 		if (want >= KUP_MAX_CHANNELS || (info->attached[want] & KUP_INFO_ATTACHED))
 			return PICK_OK;   /* the core says what is wrong */
 		if (l->renew[want] == RENEW_PENDING)
 			return PICK_WAIT;
-		if (l->renew[want] == RENEW_FAILED) {
+		if (l->renew[want] == RENEW_FAILED ||
+		    l->renew[want] == RENEW_DEFERRED) {
 			ch = kup_core_chan_at(l->sc, want);
-			r = ch != NULL ? chan_renew_in(l, ch) : 0;
+			r = ch != NULL ? chan_renew_in(l, ch, 1) : 0;
 			if (r == -EBUSY)
 				return PICK_WAIT;
 			if (r != 0)
@@ -662,15 +684,34 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 		}
 		if (l->renew[i] == RENEW_PENDING)
 			waiting = 1;
+		else if (l->renew[i] == RENEW_DEFERRED)
+			deferred = 1;
 		else
 			failed = 1;
 	}
-	/* no fresh free channel: one whose renewal failed may renew now */
+	/* no fresh free channel: one whose user left a message the module
+	 * has not taken renews now (losing it: the next user comes first) */
+	for (i = 0; deferred && i < n; i++) {
+		if ((info->attached[i] & KUP_INFO_ATTACHED) ||
+		    l->renew[i] != RENEW_DEFERRED)
+			continue;
+		ch = kup_core_chan_at(l->sc, i);
+		r = ch != NULL ? chan_renew_in(l, ch, 1) : -ENOENT;
+		if (r == 0) {
+			*id = i;
+			return PICK_OK;
+		}
+		if (r == -EBUSY)
+			waiting = 1;
+		else
+			failed = 1;
+	}
+	/* one whose renewal failed may renew now */
 	for (i = 0; failed && i < n; i++) {
 		if ((info->attached[i] & KUP_INFO_ATTACHED) || l->renew[i] != RENEW_FAILED)
 			continue;
 		ch = kup_core_chan_at(l->sc, i);
-		r = ch != NULL ? chan_renew_in(l, ch) : -ENOENT;
+		r = ch != NULL ? chan_renew_in(l, ch, 1) : -ENOENT;
 		if (r == 0) {
 			*id = i;
 			return PICK_OK;
@@ -768,7 +809,7 @@ do_attach(struct conn *c, const struct kupsim_req *q, int may_wait)
 		kup_os_log("kupsim: %s/%u: attached before its renewal; undone",
 		    l->name, kup_core_chan_id(ch));
 		kup_core_detach(ch);
-		(void)chan_renew_in(l, ch);
+		(void)chan_renew_in(l, ch, 1);
 		return reply_status(c, KUPSIM_OP_ATTACH, KUP_E_SYS);
 	}
 	os = kup_core_chan_os(ch);
@@ -841,7 +882,7 @@ renew_service(void)
 	int waiting = 0, r;
 
 	for (l = S.ls; l != NULL; l = l->next)
-		if (!l->withdrawn && l->npending != 0)
+		if (!l->withdrawn && l->npending + l->ndeferred != 0)
 			renew_retry(l);
 	if (S.nparked != 0) {
 		now = now_ms();

@@ -50,6 +50,7 @@ def test_core_unit(variant_out: Path) -> None:
         "sessions",
         "second_thread",
         "relay_no_deadlock",
+        "left_message",
         "shutdown",
         "unload_with_waiters",
         "unload_twice",

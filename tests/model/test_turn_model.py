@@ -273,7 +273,7 @@ KERNEL_HS = ("wake", "krecheck", "ksleep", "krx_wait")
 USER_HS = ("wake", "urecheck", "usleep")
 
 SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
-    "base": (BASE, {"Kernel": (*KERNEL_HS, "close"), "User": USER_HS}),
+    "base": (BASE, {"Kernel": (*KERNEL_HS, "close", "left_msg"), "User": USER_HS}),
     "deeper": (("-DNMSG=4", "-DSPINS=2"), {"Kernel": (*KERNEL_HS, "close"), "User": USER_HS}),
     "no_spin": (("-DSPINS=0",), {"Kernel": KERNEL_HS, "User": USER_HS}),
     "anykind": (("-DANYKIND",), {"Kernel": KERNEL_HS, "User": USER_HS}),
@@ -281,7 +281,10 @@ SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "spurious": (("-DSPURIOUS",), {"Kernel": ("ksleep",), "User": ("usleep",)}),
     "reattach": (
         ("-DREATTACH",),
-        {"Kernel": ("enter_peer",), "Attach": ("attach_reset", "attach_gave_up")},
+        {
+            "Kernel": ("enter_peer", "left_msg"),
+            "Attach": ("attach_reset", "attach_gave_up"),
+        },
     ),
     "death": (
         DEATH,
@@ -421,6 +424,13 @@ def test_broken_fence_violates_liveness(pan: PanBuilder, case: str) -> None:
         (
             "no_gen_check",
             ("-DREATTACH", "-DBROKEN_NO_GEN_CHECK"),
+            r"assertion violated\s+\(attach_gen==1\)",
+        ),
+        # taking what the departed user left from a page reset for the next
+        # user: the kernel reads the new attachment's page
+        (
+            "left_ignores_reset",
+            ("-DREATTACH", "-DBROKEN_LEFT_IGNORES_RESET"),
             r"assertion violated\s+\(attach_gen==1\)",
         ),
     ],
