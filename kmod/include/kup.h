@@ -108,7 +108,10 @@ void *kernproxy_receive(void *chan, int flags);
  * EKU_NOTTURN (it would wait forever: send or pass first).  A wake-up the
  * last send or pass could not make is made first; when it fails again,
  * the receive fails with its error, the message still the kernel's
- * (kernproxy_send, "Delivery"). */
+ * (kernproxy_send, "Delivery").  A message the kernel handed over before
+ * its device began shutting down is still returned (whatever
+ * kernproxy_unread() says is there can be read); the receive after it is
+ * EKU_SHUTDOWN. */
 int kernproxy_receive_msg(void *chan, struct kernproxy_msg *msg, int timeout_ms);
 
 /* Like kernproxy_receive_msg(chan, msg, 0), but first spins for up to the

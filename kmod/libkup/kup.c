@@ -662,6 +662,18 @@ pay_owed_wake(struct kp_chan *c)
 	return KUP_E_OK;
 }
 
+/* The kernel side handed us a message that we have not taken yet, on this
+ * attachment's page: readable even once the device is shutting down (the
+ * kernel sent it before its unload; nothing sent is lost).  The page stays
+ * mapped until we close the channel. */
+static int
+unread_after_shutdown(struct kp_chan *c)
+{
+	return c->uturn == UT_KERNEL && !c->broken &&
+	    READ64(&c->ctrl->attach_gen) == c->gen &&
+	    LOAD_ACQ32(&c->ctrl->turn) == KUP_TURN_USER;
+}
+
 static int
 receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
     int spin_only)
@@ -684,7 +696,8 @@ receive_common(void *chan, struct kernproxy_msg *msg, int timeout_ms,
 	 * this call answers (an event loop would spin otherwise) */
 	if (c->poll_mode)
 		woke = c->ops->drain(&c->b);
-	if ((r = chan_state(c)) != KUP_E_OK) {
+	if ((r = chan_state(c)) != KUP_E_OK &&
+	    !(r == KUP_E_SHUTDOWN && unread_after_shutdown(c))) {
 		if (quiet)
 			unquiet(c);
 		return fail(&c->h, r);

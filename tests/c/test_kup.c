@@ -760,6 +760,51 @@ sc_shutdown_wait(void)
 	return 0;
 }
 
+/* The kernel's last message arrives, then the device shuts down before we
+ * read it (the driver SIGTERMs kupsim after READY): the message is still
+ * ours to read -- libkup used to look at the shutdown first and answer
+ * EKU_SHUTDOWN while kernproxy_unread() said a DATA message was there --
+ * and the receive after it is EKU_SHUTDOWN. */
+static int
+sc_shutdown_unread(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 62);
+	struct kernproxy_msg m;
+	struct kernproxy_info info;
+	int i, r = 0;
+
+	expect_pass(c);
+	CHECK_EQ(kernproxy_send(c, "last", 4, 0), 0);
+	for (i = 0; i < 30000 && kernproxy_unread(c) != KUP_KIND_DATA; i++)
+		usleep(1000);
+	CHECK_EQ(kernproxy_unread(c), KUP_KIND_DATA);
+	printf("READY\n");
+	fflush(stdout);
+	/* until the device says it is shutting down (bounded) */
+	for (i = 0; i < 600; i++) {
+		r = kernproxy_info(d, &info);
+		if (r != 0 || info.shutting_down)
+			break;
+		usleep(50000);
+	}
+	CHECK(r != 0 || info.shutting_down);
+	CHECK_EQ(kernproxy_unread(c), KUP_KIND_DATA);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), 0);
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	CHECK_EQ(m.len, 4);
+	CHECK(memcmp(m.data, "last", 4) == 0);
+	CHECK_EQ(kernproxy_unread(c), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_SHUTDOWN);
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_SHUTDOWN);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK shutdown_unread\n");
+	return 0;
+}
+
 /* A receiver blocked on an idle channel must sleep, not spin. */
 static int
 sc_idle(void)
@@ -1121,6 +1166,8 @@ main(int argc, char **argv)
 		return sc_hostile_kernel();
 	if (strcmp(s, "shutdown_wait") == 0)
 		return sc_shutdown_wait();
+	if (strcmp(s, "shutdown_unread") == 0)
+		return sc_shutdown_unread();
 	if (strcmp(s, "idle") == 0)
 		return sc_idle();
 	if (strcmp(s, "notready") == 0)

@@ -108,6 +108,31 @@ def test_idle_receiver_sleeps(variant_out: Path, record_property: Callable[..., 
         print(f"idle receiver: {m.group(1)} us CPU over {m.group(2)} ms ({m.group(3)})")
 
 
+def test_message_sent_before_shutdown_is_readable(variant_out: Path) -> None:
+    """echo answers; the device shuts down (SIGTERM to kupsim) before the
+    user reads the answer: the answer is still read, then EKU_SHUTDOWN."""
+    with variant_kupsim(variant_out, *MODULES) as sim:
+        proc = subprocess.Popen(
+            [str(variant_out / "test_kup"), "shutdown_unread"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sim.env(sanitizer_env()),
+        )
+        try:
+            read_line(proc, "READY")
+            sim.signal(signal.SIGTERM)
+            out, err = finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, f"{out}\n{err}"
+        assert "OK shutdown_unread" in out
+        assert_clean("test_kup", err)
+        assert sim.wait(timeout=60.0) == 0, sim.output()
+
+
 def test_shutdown_wakes_receiver(variant_out: Path, record_property: Callable[..., None]) -> None:
     """SIGTERM to kupsim unloads the modules; a user blocked in receive gets
     EKU_SHUTDOWN promptly (the issue asks for 100 ms; the bound asserted here
