@@ -1304,7 +1304,8 @@ kup_spin_learn(struct kup_chan *ch, uint64_t t0)
 #endif
 
 /* Wait until the page turn is no longer USER (or the channel's state
- * changed: kup_recv_cond).  The caller is ch->rx_waiter and does NOT hold
+ * changed: kup_recv_cond), timeout_ms != 0.  Spins first (the budget
+ * above), then sleeps.  The caller is ch->rx_waiter and does NOT hold
  * ch->lock: no other kernel-side call of the channel touches its session
  * state meanwhile (kup_chan_busy), and no attach or host section resets
  * or replaces its page (kup_chan_take_free). */
@@ -1315,6 +1316,7 @@ kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 #ifdef KUP_NOW_NS
 	uint64_t t0 = KUP_NOW_NS();
 
+	ch->spin_waits++;
 	if (kup_spin(ch, t0)) {
 		kup_spin_learn(ch, t0);
 		return 0;
@@ -1322,14 +1324,13 @@ kup_wait_turn(struct kup_chan *ch, int timeout_ms)
 #else
 	int i;
 
+	ch->spin_waits++;
 	for (i = 0; i < KUP_SPIN_LOOPS; i++) {
 		if (kup_recv_cond(ch))
 			return 0;
 		KUP_CPU_RELAX();
 	}
 #endif
-	if (timeout_ms == 0)
-		return -ETIMEDOUT;
 	KUP_WRITE_ONCE32(&ch->ctrl->kernel_waiting, 1);
 	KUP_FENCE();
 	if (kup_recv_cond(ch)) {
@@ -1437,6 +1438,15 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		goto out;
 	}
 	if (!kup_recv_cond(ch)) {
+		/* A 0 ms receive is a poll: one look, no spin.  The spin is
+		 * there to spare a sleep and its wake-up when the user answers
+		 * within microseconds; a poll never sleeps, and a module that
+		 * polls many channels (or polls while it holds the turn)
+		 * would pay the whole budget on each one. */
+		if (timeout_ms == 0) {
+			r = -ETIMEDOUT;
+			goto out;
+		}
 		/* Wait for the user with the lock released (kup_core.c's
 		 * header says why); rx_waiter keeps everyone else out of the
 		 * session meanwhile. */

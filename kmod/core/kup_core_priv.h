@@ -60,6 +60,9 @@ struct kup_chan {
 	uint64_t u2k_seq;         /* last seq received */
 	uint32_t spin_avg_ns;     /* the receiving thread's: running average of
 	                           * waits a spin could catch (KUP_NOW_NS hosts) */
+	uint32_t spin_waits;      /* the receiving thread's: waits that spun
+	                           * before sleeping (statistics; the tests
+	                           * read it: a 0 ms receive never spins) */
 	int      spin_yield_now;  /* the receiving thread's: the last yield let another
 	                           * thread run (it shares our CPU): yield at
 	                           * once in the next spin */

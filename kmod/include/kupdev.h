@@ -191,7 +191,12 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 
 /* Wait up to timeout_ms (>= 0, or KUPDEV_FOREVER; anything else: -EINVAL,
  * logged) for user space's next message.  On success the thread holds the
- * message until kupdev_unlock_channel().
+ * message until kupdev_unlock_channel().  timeout_ms 0 is a poll: one
+ * look, -ETIMEDOUT at once if the user has not answered (no spin, no
+ * sleep: a module may poll many channels in a loop).  Any other timeout
+ * first spins for an adaptive budget of a few microseconds (at most
+ * 10 us; it learns how fast this channel's user answers) and then sleeps:
+ * a user that answers within the spin costs no wake-up.
  * Nothing the user handed over is lost to its departure: a message it
  * handed over before it left (its last request, or the CLOSE libkup sends
  * when it leaves holding the turn) is still returned by this receive, and

@@ -792,6 +792,48 @@ test_left_message(void)
 	printf("ok left_message\n");
 }
 
+/*
+ * A 0 ms receive is a poll: one look at the turn, no spin (the core used to
+ * spin its adaptive budget first, ~14 us a call on kupsim, before
+ * -ETIMEDOUT: a module polling many channels paid it on each).  Counted,
+ * not timed: the channel's spin_waits counts the waits that spun.
+ */
+static void
+test_poll_no_spin(void)
+{
+	struct kupdev_softc *sc = kupdev_create("poll", 1, 1);
+	struct kupdev_msg m;
+	struct kup_chan *ch;
+	struct user u;
+	uint32_t spun;
+	int i;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	spun = ch->spin_waits;
+	for (i = 0; i < 100; i++)
+		CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -ETIMEDOUT);
+	CHECK_EQ(ch->spin_waits, spun);
+	CHECK_EQ(u.k->kernel_waiting, 0);   /* nor asked for a wake-up */
+	/* a wait, however short, spins first (the counter counts) */
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1), -ETIMEDOUT);
+	CHECK_EQ(ch->spin_waits, spun + 1);
+	/* and a poll takes what is there */
+	user_send(&u, "now", 3);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), 0);
+	CHECK(memcmp(m.data, "now", 3) == 0);
+	kupdev_unlock_channel(sc, 0);
+	CHECK_EQ(ch->spin_waits, spun + 1);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok poll_no_spin\n");
+}
+
 /* What another thread's calls on channel 0 return (run_bounded). */
 struct kothers {
 	struct kupdev_softc *sc;
@@ -1446,6 +1488,7 @@ main(void)
 	test_second_thread();
 	test_relay_no_deadlock();
 	test_left_message();
+	test_poll_no_spin();
 	test_shutdown();
 	test_unload_with_waiters();
 	test_unload_twice();

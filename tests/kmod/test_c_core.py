@@ -51,6 +51,7 @@ def test_core_unit(variant_out: Path) -> None:
         "second_thread",
         "relay_no_deadlock",
         "left_message",
+        "poll_no_spin",
         "shutdown",
         "unload_with_waiters",
         "unload_twice",
