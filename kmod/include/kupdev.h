@@ -72,11 +72,22 @@
  *
  * Turn semantics (see kup_abi.h): the kernel side owns a fresh channel.
  * kupdev_send / kupdev_pass hand the turn to user space.  kupdev_receive
- * waits until user space hands it back and returns the user's message with
- * the channel locked; the payload stays valid until kupdev_unlock_channel
- * (user space cannot write while the kernel owns the turn).  Sending while
- * user space owns the turn is refused with -EAGAIN: it would overwrite
- * nothing, but it would silently drop the message user space is writing.
+ * waits until user space hands it back and returns the user's message,
+ * which the receiving thread holds until kupdev_unlock_channel.  Sending
+ * while user space owns the turn is refused with -EAGAIN: it would
+ * overwrite nothing, but it would silently drop the message user space is
+ * writing.
+ *
+ * !! The payload is NOT stable while you hold it.  m.data points into the
+ * !! user->kernel area, which the user has mapped writable: an honest user
+ * !! (libkup) does not write it while the kernel holds the turn, but a
+ * !! hostile or buggy one can, at any moment -- also between your check of
+ * !! a byte and your use of it.  The core reads the descriptor (length,
+ * !! kind, sequence) once and checks it; the payload bytes it cannot
+ * !! protect.  Copy what you need out of m.data first (at most m.len
+ * !! bytes), then validate and use the copy; never validate in place and
+ * !! read again (a length, an index, a pointer read twice from the shared
+ * !! area is a time-of-check-to-time-of-use hole in your module).
  *
  * !! A send or pass while an unread user message is waiting DROPS that
  * !! message.  The turn is one token: once user space has handed it back
@@ -105,7 +116,8 @@ struct kupdev_softc;
 
 /* A received message, filled by kupdev_receive_msg(). */
 struct kupdev_msg {
-	const void *data;   /* payload in the channel's user->kernel area */
+	const void *data;   /* payload in the channel's user->kernel area:
+	                     * user-writable, copy before validating (above) */
 	size_t      len;    /* payload bytes, already bounds-checked */
 	uint32_t    kind;   /* KUP_KIND_DATA, KUP_KIND_PASS or KUP_KIND_CLOSE */
 	uint64_t    seq;    /* sequence number, already checked */
@@ -121,11 +133,25 @@ struct kupdev_softc *kupdev_create(const char *name, size_t size, size_t chan_cn
 /* Sessions.  Calls on a channel are valid for the attachment the module
  * was last told about by kupdev_wait_channel().  A module thread that
  * served the previous user may still be between two calls when the next
- * user arrives; its next call gets -EPIPE instead of reaching the new user
- * (it must then stop using the channel), and the call after that starts
- * the new session.  So stop serving a channel only once a call said the
- * session is over (-EPIPE, -EPROTO, a CLOSE message, -ESHUTDOWN): a
- * session dropped silently costs the next user's first call an -EPIPE.
+ * user arrives; its next call gets -EPIPE instead of reaching the new user,
+ * and the call after that -- by that thread or any other -- starts the new
+ * session (fresh sequences, the kernel holds the turn).
+ *
+ * -EPIPE ends a session, not the channel.  After it, the module's
+ * session on the channel is over; the channel itself is attachable again,
+ * and may already be attached: the next user waits for the module's first
+ * call of its session (the kernel holds a fresh channel's turn: typically a
+ * kupdev_pass or a greeting kupdev_send), and its first receive times out
+ * if nobody makes it.  So whoever serves the channel must make that call
+ * for every attachment kupdev_wait_channel reports -- the thread that got
+ * the -EPIPE (at once, if it knows of a new attachment: a second -EPIPE
+ * then only means that user has come and gone too) or the one the
+ * module's acceptor gives the channel to -- and a thread that got -EPIPE
+ * must not keep the channel to itself and stop.  Likewise stop serving a
+ * channel only once a call said the session is over (-EPIPE, -EPROTO, a
+ * CLOSE message, -ESHUTDOWN): a session dropped silently costs the next
+ * session's first call an -EPIPE (the core cannot tell a straggler from
+ * the next session's thread: call again).
  *
  * A module cannot always end a session that way: a call that fails with
  * anything else (a reply that does not fit, -EMSGSIZE; a bug's -EDEADLK or
@@ -177,9 +203,13 @@ int  kupdev_announce(struct kupdev_softc *sc, size_t count);
  * while another thread waits in its receive on the channel), no other
  * thread holding a message it received on the channel (-EBUSY; see
  * "Conventions"), and len <= the data area (-EMSGSIZE, nothing sent,
- * logged).  -EPIPE if no
- * user side is attached, -ESHUTDOWN during unload, -EINVAL (logged) for a
- * channel out of range or data == NULL with len != 0.
+ * logged).  -EPIPE when the module has no session with a user on the
+ * channel: the user left or died; or no user is attached; or a user is
+ * attached that kupdev_wait_channel has not reported yet (the attachment
+ * is pending: take it with kupdev_wait_channel first -- a fresh user is
+ * never reached before that); or this call ended a straggler's session
+ * ("Sessions": call again).  -ESHUTDOWN during unload, -EINVAL (logged)
+ * for a channel out of range or data == NULL with len != 0.
  * DROPS an unread user message (see "Turn semantics" above; logged). */
 int kupdev_send(struct kupdev_softc *sc, const void *data, size_t len, int chan_id);
 
@@ -205,7 +235,7 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
  * session), or the next user attached the channel before the module
  * looked (its page is reset for that user: -EPIPE).
  * Errors: -ETIMEDOUT,
- * -EPIPE (user side left or died; the channel is free again), -EPROTO
+ * -EPIPE (no session with a user: as for kupdev_send), -EPROTO
  * (bad length, kind or sequence in the control area: nothing was read
  * from the data area), -ESHUTDOWN, -EAGAIN (the kernel already holds the
  * turn and has consumed the last message: send or pass first), -EBUSY
