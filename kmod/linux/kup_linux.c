@@ -308,6 +308,11 @@ static int kup_param_lookup(const char *p, const char *module,
 		const char *end = strchrnul(p, ',');
 		size_t len = (size_t)(end - p);
 
+		/* `echo ... > /sys/module/kup/parameters/params` stores the
+		 * newline echo appends: it ends the string, not the value */
+		while (*end == '\0' && len > 0 && p[len - 1] == '\n')
+			len--;
+
 		if (len >= ml + nl + 2 && strncmp(p, module, ml) == 0 &&
 		    p[ml] == '.' && strncmp(p + ml + 1, name, nl) == 0 &&
 		    p[ml + 1 + nl] == '=')
