@@ -431,3 +431,109 @@ def test_the_next_user_is_served_after_a_session_given_up(echo: Device) -> None:
     _wait_dmesg("echo: chan 66: oversize reply: -90")
     _next_served(echo, 64)
     _next_served(echo, 66)
+
+
+def test_params_written_with_a_trailing_newline() -> None:
+    """`echo "rot13.channels=48" > /sys/module/kup/parameters/params`
+    stores the newline echo appends; the last value used to be refused
+    ("48?" is not a decimal integer) and the module got its default."""
+    with open("/sys/module/kup/parameters/params") as f:
+        saved = f.read().strip()
+    _reload_rot13("echo.channels=128,rot13.channels=48\n")
+    try:
+        with Device.open("rot13") as dev:
+            assert dev.info().chan_count == 48
+    finally:
+        _reload_rot13(saved)
+    with Device.open("rot13") as dev:
+        assert dev.info().chan_count == 64
+
+
+def _dmesg_has(text: str) -> bool:
+    return text in subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+
+
+def test_relay_never_waits_for_another_channel(echo: Device) -> None:
+    """echo's "!relayC" forwards the message its worker still holds to
+    channel C (a zero-copy relay).  kup.ko used to hold a channel's lock for
+    a worker's whole receive and until its unlock: the forward waited for
+    C's user (a hung task in kup_send_common) or for C's worker to let go.
+    Now it is refused at once: -EAGAIN while C's worker waits in its
+    receive, -EBUSY while it holds a message (kupdev.h, "Conventions")."""
+    with echo.channel(96) as c, echo.channel(98) as a:
+        opened(c)  # C's worker now waits in its receive
+        opened(a)
+        assert a.exchange(b"!relay96", T).data == b"!relay -11"
+        assert c.exchange(b"still mine", T) == Message(b"still mine", Kind.DATA, 2)
+        c.send(b"!lockhold60000")  # C's worker holds its message
+        deadline = time.monotonic() + T
+        while not _dmesg_has("echo: chan 96: holding the channel locked"):
+            assert time.monotonic() < deadline, "channel 96's hold never started"
+            time.sleep(0.05)
+        assert a.exchange(b"!relay96", T).data == b"!relay -16"
+        a.exchange(b"!lockfree", T)  # ends C's hold
+        assert c.receive(timeout=T).data == b"!lockhold60000"
+
+
+def _relay(go: threading.Barrier, got: dict[str, bytes], name: str, ch: Channel, to: int) -> None:
+    go.wait(timeout=T)
+    ch.send(b"!relay%d" % to)
+    got[name] = ch.receive(timeout=T).data
+
+
+def test_relays_forwarding_to_each_other_never_hang(echo: Device) -> None:
+    """Two workers, each holding its channel's message, forward it to the
+    other's channel at the same moment: the zero-copy relay that left both
+    in D state for good and rmmod hanging.  Every answer comes (the forward
+    went through, or was refused at once).  A fresh pair of channels each
+    round (a worker whose own answer was refused ends its session without
+    a word, which costs that channel's next session a first call)."""
+    for i in range(10):
+        cx, cy = 100 + 2 * i, 101 + 2 * i
+        with echo.channel(cx) as x, echo.channel(cy) as y:
+            opened(x)
+            opened(y)
+            got: dict[str, bytes] = {}
+            go = threading.Barrier(2)
+            ts = [
+                threading.Thread(target=_relay, args=(go, got, "x", x, cy)),
+                threading.Thread(target=_relay, args=(go, got, "y", y, cx)),
+            ]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(timeout=2 * T)
+                assert not t.is_alive(), "a relay hangs"
+            answers = {b"!relay 0", b"!relay -11", b"!relay -16"}
+            assert got.get("x") in answers | {b"!relay%d" % cx}, got
+            assert got.get("y") in answers | {b"!relay%d" % cy}, got
+
+
+def test_fire_and_forget_requests_reach_the_module(echo: Device) -> None:
+    """A user sends one request and closes at once: kup.ko delivers it to
+    the module's receive anyway (it used to report the departure first,
+    and the request was lost to the race with the user's own detach)."""
+    fired = range(120, 127)
+    with echo.channel(127) as probe:
+        opened(probe)
+
+        def count() -> int:
+            word, n, _, _ = probe.exchange(b"!count", T).data.decode().split()
+            assert word == "!count"
+            return int(n)
+
+        start = count()
+        for c in fired:
+            with echo.channel(c) as ch:
+                opened(ch)
+                ch.send(b"!count")
+        asked = 0
+        deadline = time.monotonic() + T
+        while True:
+            asked += 1
+            got = count() - start - asked
+            if got == len(fired):
+                break
+            assert got < len(fired), got
+            assert time.monotonic() < deadline, f"{got} of {len(fired)} requests counted"
+            time.sleep(0.05)

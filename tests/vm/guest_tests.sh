@@ -175,6 +175,18 @@ stage_libkup_c() {
 	cat "$out"
 	[ $rc -eq 0 ]
 	grep -q "OK shutdown_wait" "$out"
+	insmod "$KMODDIR/kup_echo.ko"
+	wait_dev echo
+	# the module answers, then unloads before the user has read the
+	# answer: it is still read, then EKU_SHUTDOWN
+	"$T" shutdown_unread > "$out" 2>&1 &
+	pid=$!
+	wait_for "READY" "$out" $pid
+	rmmod kup_echo
+	rc=0; wait $pid || rc=$?
+	cat "$out"
+	[ $rc -eq 0 ]
+	grep -q "OK shutdown_unread" "$out"
 	insmod "$KMODDIR/kup_echo.ko"    # the later stages need it back
 	wait_dev echo
 }

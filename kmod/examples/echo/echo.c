@@ -50,6 +50,14 @@
  *     (host byte order) read just before the hand-over: the user's clock
  *     at its receive minus that stamp is how long a message arriving on
  *     an idle channel takes to reach it (the benchmark's wake-up figure);
+ *     a message starting with "!relay" and decimal digits C makes the
+ *     worker forward that very message, still holding it (zero copy), to
+ *     channel C of the device, then unlock and answer "!relay R", R what
+ *     kupdev_send returned: 0 when C's user got it, -EAGAIN / -EBUSY at
+ *     once when another thread is in channel C (its worker waiting in its
+ *     receive, or holding a message -- e.g. relaying to this channel:
+ *     kupdev.h, "Conventions"), -EPIPE when C has no session, -EINVAL
+ *     (logged) for no such channel;
  *     a message starting with "!count" and optional decimal digits N
  *     (milliseconds, default 0, at most 100) is answered with the text
  *     "!count K prev C" (not the same length): K counts the "!count"
@@ -375,6 +383,31 @@ echo_reenter(struct echo_slot *s)
 	return sizeof(bad) - 1;
 }
 
+/* "!relayC": forward the message the worker holds, as it is, to channel
+ * C before unlocking it (what a zero-copy relay does), then unlock; the
+ * reply text "!relay R" (R: kupdev_send's result) goes into the slot's
+ * buffer, its length is returned.  Never waits for C's worker: the core
+ * answers at once when another thread is in C, so two relays forwarding
+ * to each other cannot deadlock. */
+static size_t
+echo_relay(struct echo_slot *s, const struct kupdev_msg *m)
+{
+	const unsigned char *p = m->data;
+	size_t i = sizeof("!relay") - 1;
+	int to = 0, digits = 0, r, len;
+
+	for (; i < m->len && p[i] >= '0' && p[i] <= '9' && to < 100000; i++) {
+		to = to * 10 + (p[i] - '0');
+		digits++;
+	}
+	r = digits != 0 ? kupdev_send(echo_sc, m->data, m->len, to) : -EINVAL;
+	kupdev_unlock_channel(echo_sc, s->chan);
+	len = kup_os_snprintf((char *)s->buf, echo_max, "!relay %d", r);
+	if (len < 0)
+		return 0;
+	return (size_t)len < echo_max ? (size_t)len : echo_max - 1;
+}
+
 /* Hold the turn for ms milliseconds, looking every 20 ms whether the user
  * left or the device is unloading (then that error, as echo_hold). */
 static int
@@ -469,6 +502,11 @@ echo_serve(struct echo_slot *s, int again)
 		case KUP_KIND_DATA:
 			if (echo_has_prefix(m.data, m.len, "!reenter")) {
 				n = echo_reenter(s);   /* unlocks */
+				r = kupdev_send(echo_sc, s->buf, n, s->chan);
+				break;
+			}
+			if (echo_has_prefix(m.data, m.len, "!relay")) {
+				n = echo_relay(s, &m);   /* unlocks */
 				r = kupdev_send(echo_sc, s->buf, n, s->chan);
 				break;
 			}
