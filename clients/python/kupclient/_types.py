@@ -16,6 +16,8 @@ __all__ = [
     "KEEPALIVE_TIMEOUT_MS",
     "KEEPALIVE_TIME_MS",
     "KUPD_GRACE",
+    "RECONNECT_INITIAL_MS",
+    "RECONNECT_MAX_MS",
     "ChannelInfo",
     "Data",
     "DeviceInfo",
@@ -258,6 +260,17 @@ KEEPALIVE_TIME_MS = 30_000
 #: instead of waiting as long as kupd does.
 KEEPALIVE_TIMEOUT_MS = 10_000
 
+#: After a failed connect, gRPC waits this long before the next attempt,
+#: growing the wait (x1.6, +-20 % jitter) up to RECONNECT_MAX_MS.  gRPC's own
+#: defaults (1 s growing to 120 s) are for remote servers: with them a client
+#: whose kupd was down for 20 s kept failing "connect failed ... No such file
+#: or directory" for up to 13 s after kupd served again -- and so did a new
+#: Client in the same process, as gRPC shares the connection between
+#: channels of the same target and options.  A local socket costs nothing to
+#: retry, so the next call after a restart connects within about a second.
+RECONNECT_INITIAL_MS = 100
+RECONNECT_MAX_MS = 1_000
+
 
 def channel_options() -> list[tuple[str, int]]:
     return [
@@ -271,6 +284,10 @@ def channel_options() -> list[tuple[str, int]]:
         # flows: a receive that waits long would be unguarded after that
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.max_pings_without_data", 0),
+        # (grpc.min_reconnect_backoff_ms is left alone: despite its name it is
+        # how long a connection attempt may take, which a busy kupd needs)
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
     ]
 
 
