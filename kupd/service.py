@@ -87,10 +87,23 @@ def status_for(exc: errors.KupError) -> tuple[grpc.StatusCode, str]:
         if cls in _CODES:
             code = _CODES[cls]
             break
-    details = exc.message
-    if exc.seed_name and exc.seed_name not in details:
-        details = f"{exc.seed_name}: {details}"
-    return code, details
+    return code, seed_first(exc.seed_name, exc.message)
+
+
+def seed_first(name: str, details: str) -> str:
+    """``details`` starting with the seed's ``name`` (as the API promises),
+    once: libkup's text names it after the context ("receive on channel 72
+    of device echo: EKU_SHUTDOWN: the device is shutting down"), and that
+    inner one moves to the front ("EKU_SHUTDOWN: receive on channel 72 of
+    device echo: the device is shutting down")."""
+    if not name or details.startswith(name):
+        return details
+    inner = f": {name}: "
+    if inner in details:
+        details = details.replace(inner, ": ", 1)
+    elif details.endswith(f": {name}"):
+        details = details[: -len(name) - 2]
+    return f"{name}: {details}"
 
 
 def call_timeout(requested_ms: int, default: float, remaining: float | None) -> float:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import AsyncClient, Client, Kind
 from kupd import errors
+from kupd.service import seed_first
 from kupd.testing import KupSim, wait_until
 
 
@@ -203,7 +204,10 @@ def test_grpc_status_codes_and_metadata(sim: KupSim, kupd: Kupd) -> None:
         with pytest.raises(grpc.RpcError) as ei:  # the kernel holds the turn until the unlock
             stub.Send(kup_pb2.SendRequest(lease_id=a.lease_id, data=b"x"), timeout=10)
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "EKU_NOTTURN" in ei.value.details()
+        # the seed's name first (as the API says), once -- libkup's text has
+        # it after the context
+        details = ei.value.details()
+        assert details.startswith("EKU_NOTTURN: ") and details.count("EKU_") == 1, details
         r = stub.Receive(
             kup_pb2.ReceiveRequest(lease_id=a.lease_id, mode=kup_pb2.RECEIVE_MODE_NONBLOCK),
             timeout=10,
@@ -280,7 +284,11 @@ def test_device_shutdown_is_unavailable_with_eku_shutdown(sim: KupSim, kupd: Kup
         with pytest.raises((errors.Shutdown, errors.Unavailable)) as ei2:
             c.call("echo", b"x", timeout=5)
     assert isinstance(ei.value, errors.Shutdown), ei.value
-    assert "EKU_SHUTDOWN" in str(ei.value)
+    # "message starts with EKU_SHUTDOWN" (kup.proto), once: libkup says
+    # "receive on channel N of device echo: EKU_SHUTDOWN: ..."
+    msg = str(ei.value)
+    assert msg.startswith("EKU_SHUTDOWN: ") and msg.count("EKU_SHUTDOWN") == 1, msg
+    assert "of device echo" in msg, msg  # the context stays
     assert ei2.value is not None
 
 
@@ -367,3 +375,21 @@ def test_session_must_start_with_attach(kupd: Kupd) -> None:
         assert "attach" in ei.value.details()
     finally:
         ch.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "message", "details"),
+    [
+        ("EKU_SHUTDOWN", "device echo is going away", "EKU_SHUTDOWN: device echo is going away"),
+        (
+            "EKU_SHUTDOWN",
+            "receive on channel 72 of device echo: EKU_SHUTDOWN: the device is shutting down",
+            "EKU_SHUTDOWN: receive on channel 72 of device echo: the device is shutting down",
+        ),
+        ("EKU_BUSY", "EKU_BUSY: channel 3 is held", "EKU_BUSY: channel 3 is held"),
+        ("EKU_PEER", "send on channel 1: EKU_PEER", "EKU_PEER: send on channel 1"),
+        ("", "no seed name", "no seed name"),
+    ],
+)
+def test_error_details_start_with_the_seed_name_once(name: str, message: str, details: str) -> None:
+    assert seed_first(name, message) == details
