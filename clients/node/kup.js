@@ -93,6 +93,8 @@ const MAX_UINT32 = 0xffffffff;
 
 // Deadline of the short unary RPCs (ListDevices, Attach, Send, ...), as Python's.
 const UNARY_DEADLINE_MS = 30000;
+// How long a Session's TooBig waits for ListDevices to tell which limit it is.
+const SIZE_LOOKUP_MS = 2000;
 // A timeout given to kupd gets that much more on the RPC's own deadline, so
 // kupd answers DEADLINE_EXCEEDED itself, with its error attached.
 const DEADLINE_SLACK_MS = 5000;
@@ -292,6 +294,22 @@ function checkPayload(buf, name = 'data') {
       + `(${MAX_PAYLOAD} bytes, gRPC's limit)`);
   }
   return buf;
+}
+
+// A Session's TooBig text for n bytes over its max_message_bytes `limit`
+// (as kupclient._args.check_size words it): `channelBytes` is the channel's
+// data area where known (0: not), and a lower limit is the tenant's rule.
+function sizeRefusal(n, limit, channel, device, channelBytes) {
+  const where = `channel ${channel} of device ${device}`;
+  if (channelBytes && limit < channelBytes) {
+    return `rule max_message_bytes: message of ${n} bytes exceeds max_message_bytes=${limit} `
+      + `(this tenant's limit; ${where} itself carries ${channelBytes} bytes)`;
+  }
+  if (channelBytes) {
+    return `message of ${n} bytes exceeds max_message_bytes=${limit} of ${where} (the channel's data area)`;
+  }
+  return `message of ${n} bytes exceeds max_message_bytes=${limit} of ${where} `
+    + '(its data area, or the tenant\'s own limit if lower)';
 }
 
 function dataArg(data, name = 'data') {
@@ -638,20 +656,32 @@ class Session {
 
   // TooBig (nothing sent, the session goes on) when data is larger than the
   // session's max_message_bytes (the channel's data area, or the tenant's own
-  // limit if lower): over gRPC's own limit it would end the stream.
-  _payload(data) {
-    const buf = toBuffer(data);
-    const max = this.lease ? this.lease.max_message_bytes : 0;
-    if (max && buf.length > max) {
-      throw new TooBig(`message of ${buf.length} bytes exceeds max_message_bytes=${max} of `
-        + `channel ${this.lease.channel} of device ${this.lease.device} `
-        + '(its data area, or the tenant\'s own limit if lower)');
+  // limit if lower): over gRPC's own limit it would end the stream.  The
+  // error says which limit it is when the client can tell: it compares with
+  // the channel's data area (ListDevices' pages_per_channel x page_size, as
+  // the client last saw it, or asked for then), as kupclient does.
+  async _refuse(buf) {
+    const { device, channel } = this.lease;
+    if (!this.client._channelBytes.has(device)) {
+      try {
+        await this.client._listDevices(device, SIZE_LOOKUP_MS);
+      } catch {
+        // not known then: the error says both limits
+      }
     }
-    return checkPayload(buf);
+    return new TooBig(sizeRefusal(buf.length, this.lease.max_message_bytes, channel, device,
+      this.client._channelBytes.get(device) || 0));
+  }
+
+  _over(buf) {
+    const max = this.lease ? this.lease.max_message_bytes : 0;
+    return max && buf.length > max;
   }
 
   async send(data) {
-    await this._core.op({ send: { data: this._payload(data) } });
+    const buf = toBuffer(data);
+    if (this._over(buf)) throw await this._refuse(buf);
+    await this._core.op({ send: { data: checkPayload(buf) } });
   }
 
   async pass() {
@@ -671,7 +701,9 @@ class Session {
   // data was sent and the reply is still owed: receive() gets it.
   async exchange(data, timeoutMs) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
-    const buf = this._payload(data);
+    const raw = toBuffer(data);
+    if (this._over(raw)) throw await this._refuse(raw);
+    const buf = checkPayload(raw);
     const wait = mode === 'RECEIVE_MODE_BLOCK' ? undefined : timeout_ms;
     return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }, wait));
   }
@@ -820,6 +852,7 @@ class Client {
       'grpc.keepalive_timeout_ms': 10000,
     });
     this._health = null;
+    this._channelBytes = new Map();  // device -> its channel data area (ListDevices)
   }
 
   checkOpen() {
@@ -867,9 +900,20 @@ class Client {
 
   // Devices kupd serves (or only `device`), with channel states.
   async listDevices(device) {
+    return this._listDevices(device, UNARY_DEADLINE_MS);
+  }
+
+  async _listDevices(device, deadlineMs) {
     const request = { device: deviceFilterArg(device) };
-    const resp = await this._unary('ListDevices', request, UNARY_DEADLINE_MS);
-    return resp.devices.map(toDevice);
+    const resp = await this._unary('ListDevices', request, deadlineMs);
+    const devices = resp.devices.map(toDevice);
+    for (const d of devices) {
+      // each device's channel data area: a Session's TooBig names the limit
+      if (d.reachable && d.pages_per_channel && d.page_size) {
+        this._channelBytes.set(d.name, d.pages_per_channel * d.page_size);
+      }
+    }
+    return devices;
   }
 
   // Request/reply without holding a channel.  Resolves to {data, kind, seq, channel}.

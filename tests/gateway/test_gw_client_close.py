@@ -218,7 +218,9 @@ def test_sync_session_send_too_big_is_refused_before_the_wire(kupd: Kupd, size: 
         n = ch.max_msg + 1 if size == "max_msg + 1" else MAX_GRPC_MESSAGE + 1
         for op in (ch.send, lambda d: ch.exchange(d, timeout=10)):
             with pytest.raises(
-                errors.TooBig, match=rf"{n} bytes exceeds max_message_bytes={ch.max_msg} "
+                errors.TooBig,
+                match=rf"^message of {n} bytes exceeds max_message_bytes={ch.max_msg} of "
+                r"channel 26 of device echo \(the channel's data area\)$",
             ):
                 op(b"." * n)
         # nothing was sent and the session goes on

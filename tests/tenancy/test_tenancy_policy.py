@@ -4,11 +4,16 @@ three tenants over real unix sockets (tenancy_helpers.TENANTS is the policy)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import importlib.util
 import json
 import os
+import re
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +33,22 @@ from tenancy_helpers import (
 )
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import Client, EventType, Message
+from kupclient import AsyncClient, Client, EventType, Message
 from kupd import errors
-from kupd.testing import echo_lock_holds, in_background, wait_until
+from kupd.testing import REPO_ROOT, echo_lock_holds, in_background, wait_until
+
+NODE_DIR = REPO_ROOT / "clients" / "node"
+
+
+def ensure_node_deps() -> None:
+    """tests/node's npm install of kup.js's dependencies (shared by path)."""
+    path = REPO_ROOT / "tests" / "node" / "test_node_client.py"
+    spec = importlib.util.spec_from_file_location("kup_node_client_tests", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    mod.ensure_node_deps()
 
 
 def _connect_as(uid: int, paths: list[str], gid: int | None = None) -> list[int]:
@@ -429,6 +447,62 @@ def test_sessions_not_attached_yet_count_against_the_tenants_max_sessions(
     assert _audit_has(tk, tenant="alice", op="session", rule="max_sessions")
 
 
+#: A Session's refusal of a message over alice's max_message_bytes (64),
+#: made by the client (kupclient, kup.js) before it is sent.
+TENANT_RULE = (
+    r"^rule max_message_bytes: message of 65 bytes exceeds max_message_bytes=64 "
+    r"\(this tenant's limit; channel %d of device echo itself carries 4096 bytes\)$"
+)
+
+
+def test_async_and_node_sessions_name_the_tenants_size_rule(tk: TenantKupd) -> None:
+    """As the sync client: a Session's TooBig over the tenant's limit says
+    it is the tenant's rule, in kupclient's asyncio client and in kup.js
+    (which looks the channel's size up when refusing: no ListDevices came
+    before, unlike kupclient's open())."""
+
+    async def main() -> None:
+        async with AsyncClient(tk.sock("alice")) as c:
+            async with await (await c.open("echo")).channel() as ch:
+                await ch.receive(timeout=10)
+                with pytest.raises(errors.TooBig, match=TENANT_RULE % ch.id):
+                    await ch.send(b"x" * 65)
+                with pytest.raises(errors.TooBig, match=TENANT_RULE % ch.id):
+                    await ch.exchange(b"x" * 65, timeout=10)
+                assert (await ch.exchange(b"y" * 64, timeout=10)).data == b"y" * 64
+
+    asyncio.run(main())
+    script = """
+const kup = require(process.argv[1]);
+(async () => {
+  const c = kup.connect(process.argv[2]);
+  const s = await c.openSession('echo');
+  await s.receive(10000);
+  for (const op of [(d) => s.send(d), (d) => s.exchange(d, 10000)]) {
+    try { await op(Buffer.alloc(65)); console.log('sent'); }
+    catch (err) { console.log(`${s.lease.channel} ${err.kupError} ${err.message}`); }
+  }
+  console.log((await s.exchange(Buffer.alloc(64, 0x79), 10000)).data.length);
+  await s.close();
+  c.close();
+})().catch((err) => { console.error(err); process.exit(1); });
+"""
+    ensure_node_deps()
+    proc = subprocess.run(
+        ["node", "-e", script, str(NODE_DIR / "kup.js"), tk.sock("alice")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    *refused, after = proc.stdout.splitlines()
+    assert len(refused) == 2 and after == "64", proc.stdout
+    for line in refused:
+        chan, kind, message = line.split(" ", 2)
+        assert kind == "TooBig" and re.match(TENANT_RULE % int(chan), message), line
+
+
 def test_limits_are_resource_exhausted_and_size_is_too_big(tk: TenantKupd) -> None:
     with tk.client("alice") as c:
         dev = c.open("echo")
@@ -444,8 +518,11 @@ def test_limits_are_resource_exhausted_and_size_is_too_big(tk: TenantKupd) -> No
             # size: the client refuses more before sending it
             assert ch.max_msg == 64
             ch.receive()
-            with pytest.raises(errors.TooBig, match="max_message_bytes=64"):
+            # and says it is the tenant's rule (as kupd does), not the channel
+            with pytest.raises(errors.TooBig, match=TENANT_RULE % ch.id):
                 ch.send(b"x" * 65)
+            with pytest.raises(errors.TooBig, match=TENANT_RULE % ch.id):
+                ch.exchange(b"x" * 65)
             assert ch.exchange(b"y" * 64).data == b"y" * 64  # the session goes on
         lease = c.attach("echo")
         assert lease.max_message_bytes == 64

@@ -14,6 +14,7 @@ kupctl) can tell a refused argument from any other ValueError / TypeError.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from kupapi import MAX_GRPC_MESSAGE
 from kupclient.errors import ArgumentError, ArgumentTypeError, ArgumentValueError
@@ -144,14 +145,36 @@ def call_timeout_ms(timeout: object) -> int:
     return 0 if t is None else max(1, round(t * 1000))
 
 
-def check_size(data: object, limit: int, chan: int, device: str) -> None:
+def check_size(
+    data: object, limit: int, chan: int, device: str, sizes: Mapping[str, int] | None = None
+) -> None:
     """TooBig when ``data`` is larger than ``limit``, the session's
     max_message_bytes (the channel's data area, or the tenant's own limit if
     lower): refused before it is sent, so the session goes on (a message
-    over gRPC's own limit would otherwise end the stream)."""
+    over gRPC's own limit would otherwise end the stream).
+
+    ``sizes``: each device's channel data area, where the client knows it
+    (pages_per_channel x page_size, from ListDevices): a ``limit`` lower
+    than the channel's is the tenant's rule, named as kupd names it when it
+    refuses the same message ("rule max_message_bytes")."""
     n = memoryview(data).nbytes if isinstance(data, (bytes, bytearray, memoryview)) else 0
-    if limit and n > limit:
-        raise errors.TooBig(
-            f"message of {n} bytes exceeds max_message_bytes={limit} of channel {chan} of "
-            f"device {device} (its data area, or the tenant's own limit if lower)"
+    if not limit or n <= limit:
+        return
+    channel_bytes = (sizes or {}).get(device, 0)
+    where = f"channel {chan} of device {device}"
+    if channel_bytes and limit < channel_bytes:
+        why = (
+            f"rule max_message_bytes: message of {n} bytes exceeds max_message_bytes={limit} "
+            f"(this tenant's limit; {where} itself carries {channel_bytes} bytes)"
         )
+    elif channel_bytes:
+        why = (
+            f"message of {n} bytes exceeds max_message_bytes={limit} of {where} "
+            "(the channel's data area)"
+        )
+    else:
+        why = (
+            f"message of {n} bytes exceeds max_message_bytes={limit} of {where} "
+            "(its data area, or the tenant's own limit if lower)"
+        )
+    raise errors.TooBig(why)

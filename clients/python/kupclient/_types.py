@@ -31,6 +31,7 @@ __all__ = [
     "deadline",
     "default_caller",
     "message_from_pb",
+    "note_channel_bytes",
     "receive_mode",
     "target_for",
 ]
@@ -173,6 +174,15 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
             ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],
     )
+
+
+def note_channel_bytes(sizes: dict[str, int], devices: list[DeviceInfo]) -> None:
+    """Keep each device's channel data area (pages_per_channel x page_size)
+    in ``sizes``: a Session's TooBig then tells the channel's limit from a
+    tenant's lower one (kupclient._args.check_size)."""
+    for d in devices:
+        if d.reachable and d.pages_per_channel and d.page_size:
+            sizes[d.name] = d.pages_per_channel * d.page_size
 
 
 def lease_from_pb(a: kup_pb2.AttachResponse) -> Lease:

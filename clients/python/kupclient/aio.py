@@ -46,6 +46,7 @@ from kupclient._types import (
     device_from_pb,
     lease_from_pb,
     message_from_pb,
+    note_channel_bytes,
     receive_mode,
     target_for,
 )
@@ -78,6 +79,8 @@ class AsyncClient:
         self._closed = False  # close(), or a fork (then _forked too)
         self._forked = False
         self._pid = os.getpid()
+        #: each device's channel data area, as ListDevices last said (TooBig's text)
+        self._channel_bytes: dict[str, int] = {}
         self._sessions: weakref.WeakSet[AsyncChannel] = weakref.WeakSet()
         # gRPC's aio channel belongs to the event loop it is made in, so it is
         # made on first use, in the loop that uses it: an AsyncClient built
@@ -178,7 +181,9 @@ class AsyncClient:
     async def devices(self, device: str = "") -> list[DeviceInfo]:
         req = kup_pb2.ListDevicesRequest(device=device_filter_arg(device))
         resp = await self._unary("ListDevices", req, 30.0)
-        return [device_from_pb(d) for d in resp.devices]
+        devs = [device_from_pb(d) for d in resp.devices]
+        note_channel_bytes(self._channel_bytes, devs)
+        return devs
 
     async def open(self, device: str) -> AsyncDeviceHandle:
         await self.devices(device_arg(device))
@@ -531,7 +536,7 @@ class AsyncChannel(Sampled):
 
     async def send(self, data: Data) -> None:
         """Send ``data`` (TooBig, and nothing sent, over the channel's ``max_msg``)."""
-        check_size(data, self.max_msg, self.id, self.device)
+        check_size(data, self.max_msg, self.id, self.device, self._client._channel_bytes)
         await self._op(_wire.WireOp.send(data))
 
     async def pass_(self) -> None:
@@ -553,7 +558,7 @@ class AsyncChannel(Sampled):
         """``send(data)`` then ``receive(timeout)`` as one request on the
         stream (see :meth:`kupclient.Channel.exchange`)."""
         mode, ms = receive_mode(timeout)
-        check_size(data, self.max_msg, self.id, self.device)
+        check_size(data, self.max_msg, self.id, self.device, self._client._channel_bytes)
         not_ready, msg = _wire.reply_of(
             await self._op(_wire.WireOp.exchange(data, mode, ms), deadline(timeout)), "exchanged"
         )

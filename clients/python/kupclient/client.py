@@ -46,6 +46,7 @@ from kupclient._types import (
     device_from_pb,
     lease_from_pb,
     message_from_pb,
+    note_channel_bytes,
     receive_mode,
     target_for,
 )
@@ -124,6 +125,8 @@ class Client:
         self._forked = False
         self._pid = os.getpid()
         self._lock = threading.Lock()  # close() against a Channel being opened
+        #: each device's channel data area, as ListDevices last said (TooBig's text)
+        self._channel_bytes: dict[str, int] = {}
         self._sessions: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._channel = grpc.insecure_channel(target_for(path), options=channel_options())
         self._stub = kup_pb2_grpc.KupStub(self._channel)
@@ -226,7 +229,9 @@ class Client:
         """Devices kupd serves (or only ``device``), with channel states."""
         req = kup_pb2.ListDevicesRequest(device=device_filter_arg(device))
         resp = self._unary("ListDevices", req, 30.0)
-        return [device_from_pb(d) for d in resp.devices]
+        devs = [device_from_pb(d) for d in resp.devices]
+        note_channel_bytes(self._channel_bytes, devs)
+        return devs
 
     def open(self, device: str) -> DeviceHandle:
         """A handle on ``device`` (checked to exist: NotFound otherwise)."""
@@ -522,7 +527,7 @@ class Channel(Sampled):
     def send(self, data: Data) -> None:
         """Send ``data`` and hand the turn to the kernel (TooBig, and nothing
         sent, when it is larger than the channel's ``max_msg``)."""
-        check_size(data, self.max_msg, self.id, self.device)
+        check_size(data, self.max_msg, self.id, self.device, self._client._channel_bytes)
         self._op(_wire.WireOp.send(data))
 
     def pass_(self) -> None:
@@ -548,7 +553,7 @@ class Channel(Sampled):
         fails (e.g. DeadlineExceeded) the data was sent and the reply is still
         owed: :meth:`receive` gets it."""
         mode, ms = receive_mode(timeout)
-        check_size(data, self.max_msg, self.id, self.device)
+        check_size(data, self.max_msg, self.id, self.device, self._client._channel_bytes)
         resp = self._op(_wire.WireOp.exchange(data, mode, ms), deadline(timeout))
         not_ready, msg = _wire.reply_of(resp, "exchanged")
         if not_ready:
