@@ -17,6 +17,7 @@ from gateway_helpers import Kupd
 
 from kupclient import AsyncClient, Client
 from kupclient._args import MAX_PAYLOAD, ArgumentError
+from kupclient.admin import AdminClient
 from kupd import errors
 
 # (what, the call on a client, the exception, a regex of its message)
@@ -98,6 +99,23 @@ def test_refusals_are_argument_errors(tmp_path: Path) -> None:
         for _, op, _, _ in BAD:
             with pytest.raises(ArgumentError):
                 op(c)
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient, AdminClient])
+def test_an_empty_socket_path_is_refused_at_once(cls: Any) -> None:
+    """"" was taken for the current directory: the client was made, and its
+    first call failed "connect failed ... " naming no argument."""
+    for path in ("", "unix:"):
+        with pytest.raises(ArgumentError, match="socket path must not be empty"):
+            cls(path)
+    with pytest.raises(TypeError, match="socket path must be a str, not NoneType"):
+        cls(None)
+
+
+def test_a_path_object_is_a_socket_path(kupd: Kupd) -> None:
+    with Client(Path(kupd.socket)) as c:
+        assert c.path == kupd.socket
+        assert c.call("echo", b"x", timeout=10).data.lower() == b"x"
 
 
 def test_sync_watch_checks_its_device(tmp_path: Path) -> None:

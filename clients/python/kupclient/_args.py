@@ -14,6 +14,7 @@ kupctl) can tell a refused argument from any other ValueError / TypeError.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 from kupapi import MAX_GRPC_MESSAGE
@@ -34,6 +35,7 @@ __all__ = [
     "device_filter_arg",
     "lease_arg",
     "seconds_arg",
+    "socket_arg",
 ]
 
 #: Channel ids are uint32 on the wire (SessionAttach.channel, AttachRequest.channel).
@@ -74,6 +76,20 @@ def _text_arg(value: object, name: str) -> str:
     except UnicodeEncodeError:
         raise ArgumentValueError(f"{name} must be valid UTF-8 text, not {value!r}") from None
     return value
+
+
+def socket_arg(path: object) -> str:
+    """kupd's socket path: a non-empty str or os.PathLike (``unix:PATH`` as
+    well).  "" used to be taken for the current directory, which fails only
+    at the first call and then with a connect error naming no argument."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    name = _text_arg(path, "socket path")
+    if not name or name == "unix:":
+        raise ArgumentValueError(
+            "socket path must not be empty (kupd's unix socket, e.g. /run/kupd/kupd.sock)"
+        )
+    return name
 
 
 def device_arg(device: object) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient._args import device_arg, lease_arg
+from kupclient._args import device_arg, lease_arg, socket_arg
 from kupclient._errors import error_from_rpc
 from kupclient._types import channel_options, target_for
 
@@ -83,9 +83,9 @@ def reload_summary(r: ReloadResult) -> str:
 
 
 class AdminClient:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._channel = grpc.insecure_channel(target_for(path), options=channel_options())
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = socket_arg(path)
+        self._channel = grpc.insecure_channel(target_for(self.path), options=channel_options())
         self._stub = kup_pb2_grpc.AdminStub(self._channel)
 
     def _unary(self, method: str, request: Any, timeout: float | None = 30.0) -> Any:

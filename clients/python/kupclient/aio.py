@@ -23,6 +23,7 @@ from kupclient._args import (
     device_arg,
     device_filter_arg,
     lease_arg,
+    socket_arg,
 )
 from kupclient._errors import (
     channel_closed,
@@ -73,8 +74,8 @@ def _cancelled() -> bool:
 class AsyncClient:
     """``async with AsyncClient(path) as c: await c.call("echo", b"hi")``."""
 
-    def __init__(self, path: str, *, caller: str | None = None) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, caller: str | None = None) -> None:
+        self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
         self._forked = False

@@ -24,6 +24,7 @@ from kupclient._args import (
     device_arg,
     device_filter_arg,
     lease_arg,
+    socket_arg,
 )
 from kupclient._errors import (
     channel_closed,
@@ -118,8 +119,8 @@ class Client:
     :mod:`kupd.errors` exceptions.  Use as a context manager or ``close()``.
     """
 
-    def __init__(self, path: str, *, caller: str | None = None) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, caller: str | None = None) -> None:
+        self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
         self._forked = False
@@ -128,7 +129,7 @@ class Client:
         #: each device's channel data area, as ListDevices last said (TooBig's text)
         self._channel_bytes: dict[str, int] = {}
         self._sessions: weakref.WeakSet[Channel] = weakref.WeakSet()
-        self._channel = grpc.insecure_channel(target_for(path), options=channel_options())
+        self._channel = grpc.insecure_channel(target_for(self.path), options=channel_options())
         self._stub = kup_pb2_grpc.KupStub(self._channel)
         _fork.track(self)
 
