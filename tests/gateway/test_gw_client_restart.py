@@ -1,5 +1,7 @@
-"""A client outlives a kupd restart: once a new kupd serves its socket, the
-next call connects within about a second, however long kupd was away.
+"""A client outlives a kupd restart: a Session kupd ended raises the error
+that ended it again on every later operation, and once a new kupd serves
+the socket the next call connects within about a second, however long
+kupd was away.
 
 gRPC's default reconnect backoff (1 s growing x1.6 up to 120 s) left a
 Client -- and a new Client in the same process, gRPC sharing the
@@ -31,16 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gateway_helpers import StartKupd
 
 from kupclient import AsyncClient, Client
+from kupclient.errors import is_connection_failure
 from kupd import errors
 from kupd.testing import KupSim, wait_until
 
@@ -167,3 +172,78 @@ def test_an_async_client_reconnects_soon_after_kupd_restarts(
             _recovered(_restart_and_time(sim, start_kupd, tmp_path, call))
         finally:
             runner.run(c.close())
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_session_kupd_ended_raises_that_error_again(
+    sim: KupSim, start_kupd: StartKupd, how: str
+) -> None:
+    """Every operation after kupd ended a Session -- draining (SIGTERM:
+    Shutdown) or dying (SIGKILL: Unavailable, a connection failure) --
+    raises the error that ended it again: its class, saying the session
+    already ended, sync and asyncio alike, and as kup.js does.  It was an
+    InvalidArgument "channel N of DEV is closed: the session ended with
+    ...", which an ``except Shutdown`` did not see."""
+    k = start_kupd(sim)
+    want = errors.Shutdown if how == "SIGTERM" else errors.Unavailable
+    again = rf"^channel \d+ of echo is closed: the session already ended with {want.__name__}: "
+
+    def check(first: BaseException, later: list[BaseException]) -> None:
+        assert isinstance(first, want), repr(first)
+        if want is errors.Shutdown:
+            assert str(first).startswith("EKU_SHUTDOWN: "), first
+        for exc in later:
+            assert type(exc) is want, repr(exc)
+            assert re.match(again, str(exc)), exc
+            assert str(first) in str(exc)
+            assert is_connection_failure(exc) == is_connection_failure(first)
+
+    with k.client() as c, asyncio.Runner() as runner:
+        ac = AsyncClient(k.socket)
+        ch = c.open("echo").channel()
+        ch.receive(timeout=10)
+
+        async def opened() -> Any:
+            ach = await (await ac.open("echo")).channel()
+            await ach.receive(timeout=10)
+            return ach
+
+        ach = runner.run(opened())
+        if how == "SIGTERM":
+            assert k.terminate() == 0
+        else:
+            k.kill()
+
+        # sync
+        with pytest.raises(errors.KupError) as first:
+            ch.exchange(b"x", timeout=10)
+        later = []
+        for op in (lambda: ch.send(b"y"), ch.pass_, lambda: ch.receive(0), "close", ch.pass_):
+            if op == "close":
+                ch.close()  # closing it changes nothing: the session was over
+                continue
+            assert callable(op)
+            with pytest.raises(errors.KupError) as exc:
+                op()
+            later.append(exc.value)
+        check(first.value, later)
+
+        # asyncio: once gRPC has kupd's status (a write racing it may lose it)
+        async def run() -> None:
+            for _ in range(1000):
+                if ach._call.done():
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(errors.KupError) as first:
+                await ach.exchange(b"x", timeout=10)
+            later = []
+            for i in range(3):
+                if i == 2:
+                    await ach.close()
+                with pytest.raises(errors.KupError) as exc:
+                    await ach.send(b"y")
+                later.append(exc.value)
+            check(first.value, later)
+            await ac.close()
+
+        runner.run(run())

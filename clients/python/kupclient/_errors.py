@@ -34,6 +34,7 @@ __all__ = [
     "error_from_status",
     "is_connection_failure",
     "kupd_not_answering",
+    "session_ended",
 ]
 
 _BY_STATUS: dict[grpc.StatusCode, type[errors.KupError]] = {
@@ -138,6 +139,20 @@ def channel_closed(what: str, pending: bool = False, cause: str = "") -> errors.
     if cause:
         return errors.InvalidArgument(f"{what} is closed: {cause}")
     return errors.InvalidArgument(f"{what} is closed")
+
+
+def session_ended(what: str, exc: errors.KupError) -> errors.KupError:
+    """The error of an operation on a Session channel whose session ``exc``
+    ended (kupd's answer -- a device or kupd shutting down, a revocation,
+    a drain -- or the connection breaking): the same class, saying the
+    session already ended, so ``except Shutdown`` sees every operation
+    after it, not only the one that met it."""
+    again = type(exc)(
+        f"{what} is closed: the session already ended with {type(exc).__name__}: {exc.message}"
+    )
+    if exc in _NOT_FROM_KUPD:  # is_connection_failure() answers as for exc
+        _NOT_FROM_KUPD.add(again)
+    return again
 
 
 def kupd_not_answering(what: str, bound: float) -> errors.KupError:

@@ -33,6 +33,7 @@ from kupclient._errors import (
     error_from_rpc,
     error_from_status,
     kupd_not_answering,
+    session_ended,
 )
 from kupclient._types import (
     Data,
@@ -386,6 +387,9 @@ class AsyncChannel(Sampled):
         self._closed = False
         self._closing = False  # close() cancelled the stream under a waiting operation
         self._cause = ""  # why the client ended the session itself (the next op says)
+        #: the error that ended the session (kupd's, the connection's): raised
+        #: again, as session_ended says, by every later operation
+        self._ended_by: errors.KupError | None = None
         self._late = 0.0  # the watchdog ended it: kupd did not answer within this bound
         self._owed = False  # a request is out whose reply has not been read
         self._bound: float | None = None  # the waiting operation's timeout + grace
@@ -418,12 +422,16 @@ class AsyncChannel(Sampled):
             return client_forked(f"{self._what} (client of {c.path})", c._pid, "AsyncClient")
         if self._late and pending:
             return kupd_not_answering(self._what, self._late)
+        if self._ended_by is not None and not (pending and self._closing):
+            return session_ended(self._what, self._ended_by)
         return channel_closed(self._what, pending and self._closing, self._cause)
 
     def _ended(self, exc: errors.KupError) -> errors.KupError:
-        """``exc`` ended the stream: later operations say so (the admin's
-        reason of a revocation, a device shutting down), not only "closed"."""
-        self._cause = f"the session ended with {type(exc).__name__}: {exc.message}"
+        """``exc`` ended the stream: later operations raise it again (its
+        class, "... the session already ended with ..."), as kup.js does --
+        the admin's reason of a revocation, a device shutting down -- not an
+        InvalidArgument "closed" that hides it."""
+        self._ended_by = exc
         return exc
 
     def _abort(self) -> None:
@@ -498,13 +506,17 @@ class AsyncChannel(Sampled):
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
                 code = await self._call.code()
-                if not self._cause and code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                if (
+                    self._ended_by is None
+                    and not self._cause
+                    and code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+                ):
                     raise self._ended(
                         error_from_status(
                             code, await self._call.details(), await self._call.trailing_metadata()
                         )
                     ) from None
-                raise channel_closed(self._what, cause=self._cause) from None
+                raise self._gone() from None
             except asyncio.CancelledError:
                 # gRPC cancels the whole stream with the read: the session is over
                 self._call.cancel()

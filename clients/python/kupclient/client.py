@@ -33,6 +33,7 @@ from kupclient._errors import (
     error_from_pb,
     error_from_rpc,
     kupd_not_answering,
+    session_ended,
 )
 from kupclient._types import (
     Data,
@@ -396,6 +397,9 @@ class Channel(Sampled):
         self._closed = False
         self._closing = False  # close() cancelled the stream under a waiting operation
         self._cause = ""  # why the client ended the session itself (the next op says)
+        #: the error that ended the session (kupd's, the connection's): raised
+        #: again, as session_ended says, by every later operation
+        self._ended_by: errors.KupError | None = None
         self._late = 0.0  # the watchdog ended it: kupd did not answer within this bound
         self._owed = False  # a request is out whose reply has not been read
         self._bound: float | None = None  # the waiting operation's timeout + grace
@@ -442,12 +446,16 @@ class Channel(Sampled):
             return client_forked(f"{self._what} (client of {c.path})", c._pid)
         if self._late and pending:
             return kupd_not_answering(self._what, self._late)
+        if self._ended_by is not None and not (pending and self._closing):
+            return session_ended(self._what, self._ended_by)
         return channel_closed(self._what, pending and self._closing, self._cause)
 
     def _ended(self, exc: errors.KupError) -> errors.KupError:
-        """``exc`` ended the stream: later operations say so (the admin's
-        reason of a revocation, a device shutting down), not only "closed"."""
-        self._cause = f"the session ended with {type(exc).__name__}: {exc.message}"
+        """``exc`` ended the stream: later operations raise it again (its
+        class, "... the session already ended with ..."), as kup.js does --
+        the admin's reason of a revocation, a device shutting down -- not an
+        InvalidArgument "closed" that hides it."""
+        self._ended_by = exc
         return exc
 
     def _abort(self) -> None:
