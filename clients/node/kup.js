@@ -66,7 +66,8 @@
 //   InvalidArgument "... is closed" (one still waiting: "... was closed while
 //   the operation waited"); after the stream ended otherwise, with the error
 //   that ended it.  After client.close() every method rejects with
-//   InvalidArgument "client of PATH is closed".
+//   InvalidArgument "client of PATH is closed" (a Watch being iterated,
+//   and an RPC under way: "... was closed while the operation waited").
 'use strict';
 
 const path = require('node:path');
@@ -723,8 +724,9 @@ class Session {
 }
 
 // An async iterator of watch events ({type, device, channel, lease_id,
-// ...}); ends when cancel()led (or the client closed); a kupd shutdown ends
-// it by throwing Shutdown after the SERVER_SHUTTING_DOWN event.
+// ...}); ends when cancel()led; a kupd shutdown ends it by throwing
+// Shutdown after the SERVER_SHUTTING_DOWN event, client.close() by throwing
+// InvalidArgument "client of PATH was closed while the operation waited".
 class WatchCore {
   constructor(client, request) {
     this.client = client;
@@ -792,8 +794,16 @@ class WatchCore {
     this.end();
   }
 
+  // client.close(): the iteration rejects with InvalidArgument "client of
+  // PATH was closed while the operation waited", as any other operation
+  // under way then (it used to end as if cancel()led)
   abort() {
-    this.cancel();
+    if (this.over) return;
+    this.cancelled = true;
+    this.queue.length = 0;
+    this.error = clientClosed(this.client.path, true);
+    this.stream.cancel();
+    this.end();
   }
 
   abandon() {

@@ -185,6 +185,89 @@ def test_sync_client_close_gives_one_error_to_every_thread(kupd: Kupd) -> None:
             assert re.search(_closed_msg(kupd.socket), str(exc)), str(exc)
 
 
+def test_sync_watch_and_lease_receive_fail_as_the_client_closes(kupd: Kupd) -> None:
+    """A Watch being iterated (and one not, and a lease_receive waiting)
+    when another thread closes the client raises the same InvalidArgument
+    as every other operation under way; the Watch used to end as if
+    cancelled, its loop finishing silently.  cancel() still ends it quietly."""
+    c = Client(kupd.socket)
+    lease = c.attach("echo", 100)
+    c.lease_receive(lease.lease_id, timeout=10)
+    c.lease_send(lease.lease_id, b"!hold")  # the receive below waits
+    quiet = c.watch("echo", initial_state=True)
+    next(quiet)
+    quiet.cancel()
+    assert list(quiet) == []
+    idle = c.watch("echo", initial_state=True)
+    next(idle)  # open, and not being iterated when the client closes
+    iterated = c.watch("echo", initial_state=True)
+    got: dict[str, BaseException | str] = {}
+
+    def run(name: str, op: Any) -> None:
+        try:
+            op()
+            got[name] = "returned"
+        except BaseException as exc:
+            got[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("watch", lambda: list(iterated)), daemon=True),
+        threading.Thread(
+            target=run, args=("lease", lambda: c.lease_receive(lease.lease_id)), daemon=True
+        ),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    c.close()
+    for t in threads:
+        t.join(BOUND)
+        assert not t.is_alive()
+    for exc in (got["watch"], got["lease"]):
+        assert isinstance(exc, errors.InvalidArgument), repr(exc)
+        assert re.search(r"was closed while the operation waited$", str(exc)), exc
+    with pytest.raises(errors.InvalidArgument, match=_closed_msg(kupd.socket)):
+        next(idle)
+    with Client(kupd.socket) as other:
+        other.release(lease.lease_id)
+
+
+def test_async_watch_fails_as_the_client_closes(kupd: Kupd) -> None:
+    """asyncio: the loop over a watch gets the same InvalidArgument when
+    another task closes the client (it got a bare CancelledError, its task
+    never having been cancelled)."""
+
+    async def main() -> None:
+        c = AsyncClient(kupd.socket)
+        started = asyncio.Event()
+
+        async def loop() -> None:
+            async for _ in c.watch("echo", initial_state=True):
+                started.set()
+
+        task = asyncio.create_task(loop())
+        await asyncio.wait_for(started.wait(), BOUND)
+        await c.close()
+        with pytest.raises(errors.InvalidArgument, match=r"was closed while the operation waited$"):
+            await asyncio.wait_for(task, BOUND)
+        # a task that is itself cancelled still gets CancelledError
+        c2 = AsyncClient(kupd.socket)
+        started.clear()
+
+        async def loop2() -> None:
+            async for _ in c2.watch("echo", initial_state=True):
+                started.set()
+
+        task = asyncio.create_task(loop2())
+        await asyncio.wait_for(started.wait(), BOUND)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await c2.close()
+
+    asyncio.run(main())
+
+
 def test_sync_channel_used_after_or_during_its_client_close(kupd: Kupd) -> None:
     c = Client(kupd.socket)
     idle = c.open("echo").channel(32)

@@ -47,13 +47,21 @@ test('client.close() ends its open sessions, watches and RPCs under way', async 
   const leaseWait = c2.leaseReceive(lease.lease_id); // a unary RPC under way
   const w = c2.watch(device);
   const events = (async () => { const got = []; for await (const ev of w) got.push(ev); return got; })();
+  const w2 = c2.watch(device, { initialState: true }); // not iterated when the client closes
+  const first = await w2.next(); // (one event, so the stream is surely open)
   await sleep(300);
   c2.close();
   await assert.rejects(pending, kupErr(kup.InvalidArgument,
     new RegExp(`^channel ${id} of ${device} was closed while the operation waited$`), IA));
   await assert.rejects(leaseWait, kupErr(kup.InvalidArgument,
     new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA));
-  await events; // the watch ended
+  // a watch ends as every operation under way does (it used to end quietly)
+  const whileWaited = kupErr(kup.InvalidArgument,
+    new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA);
+  await assert.rejects(events, whileWaited);
+  await assert.rejects(w2.next(), whileWaited);
+  assert.deepEqual(await w2.next(), { value: undefined, done: true }); // then it is over
+  assert.equal(first.done, false);
   await assert.rejects(s.send('x'), kupErr(kup.InvalidArgument, /^channel \d+ of .* is closed$/, IA));
   await assert.rejects(idle.receive(0), kupErr(kup.InvalidArgument, /is closed$/, IA));
   // kupd released both sessions' channels (the stream was cancelled)

@@ -229,7 +229,9 @@ class AsyncClient:
     async def watch(
         self, device: str | None = None, *, initial_state: bool = False
     ) -> AsyncIterator[WatchEvent]:
-        """Device and lease events; kupd's shutdown raises Shutdown at the end."""
+        """Device and lease events; kupd's shutdown raises Shutdown at the end,
+        the client's close() InvalidArgument "... was closed while the
+        operation waited" (as for any operation under way)."""
         req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
         call = self._stub.Watch(req)
         try:
@@ -238,6 +240,14 @@ class AsyncClient:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise error_from_rpc(exc) from None
+            if self._closed:
+                raise self._gone(pending=True) from None
+        except asyncio.CancelledError:
+            # close() cancelled the stream (a CancelledError reached the
+            # loop of a task nobody cancelled), unless this task is cancelled
+            if self._closed and not _cancelled():
+                raise self._gone(pending=True) from None
+            raise
         finally:
             call.cancel()
 

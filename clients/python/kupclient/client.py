@@ -275,7 +275,7 @@ class Client:
         req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
         self._check_open()
         try:
-            return Watch(self._stub.Watch(req))
+            return Watch(self._stub.Watch(req), self)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
@@ -632,11 +632,15 @@ class Watch:
     """An iterator of :class:`WatchEvent`; ends when cancelled or kupd stops.
 
     A kupd shutdown ends the iteration by raising :class:`kupd.errors.Shutdown`
-    (after the SERVER_SHUTTING_DOWN event).
+    (after the SERVER_SHUTTING_DOWN event); the client's ``close()`` by
+    raising InvalidArgument "client of PATH was closed while the operation
+    waited", as any other operation under way then.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, client: Client | None = None) -> None:
         self._call = call
+        self._client = client
+        self._cancelled = False  # cancel(): the iteration ends quietly
 
     def __iter__(self) -> Iterator[WatchEvent]:
         return self
@@ -646,10 +650,15 @@ class Watch:
             return WatchEvent.from_pb(next(self._call))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
+                c = self._client
+                if c is not None and c._closed and not self._cancelled:
+                    # close() cancelled it (it used to end the loop silently)
+                    raise c._gone(pending=True) from None
                 raise StopIteration from None
             raise error_from_rpc(exc) from None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     def __enter__(self) -> Watch:
