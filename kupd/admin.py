@@ -142,6 +142,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         if request.undo:
             if dev.name not in guard.drained:  # nothing changes: no event, no audit line
                 log.info("undrain: device was not drained", device=dev.name)
+                out.unchanged = True
                 return out
             guard.drained.discard(dev.name)
             log.info("device undrained", device=dev.name)
@@ -151,6 +152,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             return out
         if dev.name in guard.drained:  # drained already: its leases ended then
             log.info("drain: device is drained already", device=dev.name)
+            out.unchanged = True
             return out
         guard.drained.add(dev.name)
         self.server.health_changed()  # its health: NOT_SERVING

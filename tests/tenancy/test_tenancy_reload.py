@@ -160,6 +160,33 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
         }, (good.stdout, k.log()[-6000:])
 
 
+def test_kupctl_drain_says_when_nothing_changed(start_tenants: StartTenants) -> None:
+    """`kupctl drain` of a device drained already (or `--undo` of one that
+    is not) says nothing changed, where it said "drained (0 leases ended)"
+    as if it had just drained it; --json and AdminClient.drain_device say
+    `changed`."""
+    k = start_tenants(DEVICES + TENANTS)
+
+    def kupctl(*args: str) -> str:
+        out = run_module("kupclient.kupctl", *args, "--admin-socket", k.admin_socket)
+        assert out.returncode == 0, out
+        return out.stdout
+
+    assert kupctl("drain", "rot13") == "rot13: drained (0 leases ended)\n"
+    assert kupctl("drain", "rot13") == (
+        "rot13: is drained already (its leases ended then); nothing changed\n"
+    )
+    assert json.loads(kupctl("drain", "rot13", "--json")) == {
+        "device": "rot13", "undo": False, "leases_ended": [], "changed": False,
+    }  # fmt: skip
+    assert kupctl("drain", "rot13", "--undo") == "rot13: undrained\n"
+    assert kupctl("drain", "rot13", "--undo") == "rot13: was not drained; nothing changed\n"
+    with k.admin() as adm:
+        assert adm.drain_device("rot13").changed
+        assert not adm.drain_device("rot13").changed
+        assert adm.drain_device("rot13", undo=True).changed
+
+
 def test_reload_names_the_keys_only_a_restart_applies(start_tenants: StartTenants) -> None:
     """A reload applies the tenants and the Call timeout and says so; the
     changed devices (their Call pools) wait for a restart and are named as

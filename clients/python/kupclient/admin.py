@@ -39,6 +39,7 @@ from kupclient._types import channel_options, target_for
 __all__ = [
     "DEFAULT_ADMIN_SOCKET",
     "AdminClient",
+    "DrainResult",
     "LeaseInfo",
     "ReloadResult",
     "main",
@@ -66,6 +67,16 @@ class ReloadResult:
     needs_restart: tuple[str, ...] = ()
     #: changed keys the reload applied (the tenants, call_timeout, log_level, ...)
     applied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    #: the leases the drain ended
+    leases_ended: tuple[str, ...]
+    #: False when nothing changed: the device was drained already (its
+    #: leases ended then) or, undoing, it was not drained (a kupd older
+    #: than this field always says True)
+    changed: bool = True
 
 
 def reload_summary(r: ReloadResult) -> str:
@@ -115,9 +126,15 @@ class AdminClient:
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:
+        """Drain ``device`` (``undo``: undrain it); the ids of the leases ended."""
+        return list(self.drain_device(device, undo).leases_ended)
+
+    def drain_device(self, device: str, undo: bool = False) -> DrainResult:
+        """:meth:`drain`, also telling whether anything changed (a device
+        drained already, or undrained while not drained, is not)."""
         req = kup_pb2.DrainDeviceRequest(device=device_arg(device), undo=undo)
         resp = self._unary("DrainDevice", req)
-        return list(resp.leases_ended)
+        return DrainResult(tuple(resp.leases_ended), not resp.unchanged)
 
     def metrics(self, prefix: str = "") -> str:
         """kupd's metrics in Prometheus text format (what the metrics

@@ -793,9 +793,15 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_drain(args: argparse.Namespace, out: Output) -> int:
     with _admin(args) as a:
-        ended = a.drain(args.device, args.undo)
+        r = a.drain_device(args.device, args.undo)
+    ended = list(r.leases_ended)
     if args.json:
-        print(json.dumps({"device": args.device, "undo": args.undo, "leases_ended": ended}))
+        print(json.dumps({
+            "device": args.device, "undo": args.undo, "leases_ended": ended, "changed": r.changed,
+        }))  # fmt: skip
+    elif not r.changed:
+        what = "was not drained" if args.undo else "is drained already (its leases ended then)"
+        print(f"{args.device}: {what}; nothing changed")
     else:
         what = "undrained" if args.undo else f"drained ({len(ended)} leases ended)"
         print(f"{args.device}: {what}")
