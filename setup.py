@@ -100,7 +100,15 @@ kupchan = Extension(
 
 cmdclass = {"build_py": BuildPyWithStubs}
 
-if libkup_sources:
+#: KUPD_CLIENT_ONLY=1: leave the C extension out -- an install for client
+#: programs (kupclient, kupctl, the stubs kupapi and the pure-Python kupd
+#: modules kupclient imports) on a machine without a C compiler; kupd itself
+#: cannot run from it (kupd._kupchan is missing).  docs/gateway.md.
+CLIENT_ONLY = os.environ.get("KUPD_CLIENT_ONLY", "") not in ("", "0")
+
+if CLIENT_ONLY:
+    setup(cmdclass=cmdclass)
+elif libkup_sources:
     setup(ext_modules=[kupchan], cmdclass=cmdclass)
 else:
     # Only while the native tree is being written: metadata-only installs

@@ -41,8 +41,8 @@ def _fresh_checkout(dest: Path) -> None:
         dst.chmod(src.stat().st_mode & 0o777)
 
 
-@pytest.mark.timeout(180)
-def test_pip_install_of_a_fresh_checkout_runs(tmp_path: Path) -> None:
+def _install(tmp_path: Path, extra_env: dict[str, str] | None = None) -> tuple[Path, str]:
+    """``pip install`` a fresh checkout into a new venv: (venv, its site-packages)."""
     src = tmp_path / "src"
     _fresh_checkout(src)
     assert not (src / "clients/python/kupapi/kup").exists()  # as git has it
@@ -58,12 +58,20 @@ def test_pip_install_of_a_fresh_checkout_runs(tmp_path: Path) -> None:
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
+    env.update(extra_env or {})
     res = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
          "--no-build-isolation", "--no-index", str(src)],
         capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
+    return env_dir, site
+
+
+@pytest.mark.timeout(180)
+def test_pip_install_of_a_fresh_checkout_runs(tmp_path: Path) -> None:
+    env_dir, site = _install(tmp_path)
+    py = env_dir / "bin" / "python"
     pkg = Path(site, "kupapi/kup/v1")
     for name in ("kup_pb2.py", "kup_pb2_grpc.py", "kup_pb2.pyi", "kup.proto"):
         assert (pkg / name).is_file(), f"{name} not installed"
@@ -82,3 +90,39 @@ def test_pip_install_of_a_fresh_checkout_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith(str(pkg)), res.stdout
+
+
+@pytest.mark.timeout(240)
+def test_a_client_only_install_needs_no_compiler_and_talks_to_kupd(tmp_path: Path) -> None:
+    """KUPD_CLIENT_ONLY=1 (docs/gateway.md, "Installing the Python client"):
+    no C extension is built -- a compiler that always fails is not called --
+    and the installed kupclient and kupctl work against a real kupd."""
+    from kupd.testing import kupd, kupsim
+
+    env_dir, site = _install(
+        tmp_path, {"KUPD_CLIENT_ONLY": "1", "CC": "/bin/false", "LDSHARED": "/bin/false"}
+    )
+    assert not list(Path(site, "kupd").glob("_kupchan*.so")), "the C extension was built"
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with kupsim("echo", check_exit=False, ready_timeout=60.0) as sim, kupd(
+        sim=sim, devices=("echo:2",), start_timeout=60.0
+    ) as gw:
+        res = subprocess.run(
+            [env_dir / "bin" / "python", "-c",
+             "import sys, kupclient; from kupclient import Client\n"
+             "with Client(sys.argv[1]) as c: print(kupclient.__file__, "
+             "c.call('echo', b'hi', timeout=10).data.lower())", gw.socket],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=run_env,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.startswith(site) and res.stdout.endswith(" b'hi'\n"), res.stdout
+        res = subprocess.run(
+            [env_dir / "bin" / "kupctl", "--socket", gw.socket, "call", "echo", "hi"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=run_env,
+        )  # fmt: skip
+        assert res.returncode == 0 and "hi" in res.stdout.lower(), res.stdout + res.stderr
+    res = subprocess.run(
+        [env_dir / "bin" / "python", "-c", "import kupd.channel"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=run_env,
+    )  # fmt: skip
+    assert "_kupchan" in res.stderr, res.stderr  # the daemon's part is not there
