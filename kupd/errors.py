@@ -17,7 +17,10 @@ is the ``KUP_E_*`` value of ``kmod/include/kup_abi.h`` (mirrored in
 from __future__ import annotations
 
 import errno
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:  # the client's attribute only: kupd.errors imports nothing
+    import grpc
 
 __all__ = [
     "Busy",
@@ -48,6 +51,10 @@ class KupError(Exception):
     code: ClassVar[int] = 0
     #: The seed's name of the condition, when it has one (e.g. ``EKU_SHUTDOWN``).
     seed_name: ClassVar[str] = ""
+    #: The gRPC status code the client received this error as (set by
+    #: kupclient: kupd's answer, or gRPC's own failure); None for an error
+    #: no status came with (the client's own refusals, kupd's internals).
+    grpc_code: grpc.StatusCode | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

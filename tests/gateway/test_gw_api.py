@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import AsyncClient, Client, Kind
+from kupclient.admin import AdminClient
+from kupclient.errors import is_connection_failure
 from kupd import errors
 from kupd.service import seed_first
 from kupd.testing import KupSim, wait_until
@@ -393,3 +396,28 @@ def test_session_must_start_with_attach(kupd: Kupd) -> None:
 )
 def test_error_details_start_with_the_seed_name_once(name: str, message: str, details: str) -> None:
     assert seed_first(name, message) == details
+
+
+def test_errors_carry_their_grpc_code(client: Client, tmp_path: Path) -> None:
+    """Every KupError the client raises from a status has ``grpc_code`` (as
+    Node's ``.code``) besides ``code`` (KUP_E_*), ``seed_name`` and
+    ``message``; one the client made itself has None."""
+    with pytest.raises(errors.NotFound) as nf:
+        client.open("no-such-device")
+    e = nf.value
+    assert e.grpc_code == grpc.StatusCode.NOT_FOUND
+    assert (e.code, e.seed_name) == (1009, "EKU_NOENT") and e.message == str(e)
+    with client.open("echo").channel() as ch:
+        ch.receive(timeout=10)
+        with pytest.raises(errors.NotYourTurn) as nyt:  # in-band on the Session
+            ch.receive(timeout=1)
+        assert nyt.value.grpc_code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(errors.TooBig) as big:  # refused by the client
+            ch.send(b"x" * (ch.max_msg + 1))
+        assert big.value.grpc_code is None
+    with AdminClient(client.path) as adm, pytest.raises(errors.NotFound) as unimpl:
+        adm.list_leases()  # gRPC's own UNIMPLEMENTED: no Admin service here
+    assert unimpl.value.grpc_code == grpc.StatusCode.UNIMPLEMENTED
+    with Client(str(tmp_path / "nobody.sock")) as nobody, pytest.raises(errors.Unavailable) as un:
+        nobody.devices()
+    assert un.value.grpc_code == grpc.StatusCode.UNAVAILABLE and is_connection_failure(un.value)

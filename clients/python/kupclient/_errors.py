@@ -108,6 +108,7 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
         )
     fallback = _BY_STATUS.get(code, errors.SystemFailure)
     exc = _build(kind, details, fallback)
+    exc.grpc_code = code
     if not kind:
         _NOT_FROM_KUPD.add(exc)
     return exc
@@ -152,6 +153,7 @@ def session_ended(what: str, exc: errors.KupError) -> errors.KupError:
     )
     if exc in _NOT_FROM_KUPD:  # is_connection_failure() answers as for exc
         _NOT_FROM_KUPD.add(again)
+    again.grpc_code = exc.grpc_code
     return again
 
 
@@ -171,4 +173,6 @@ def error_from_pb(err: kup_pb2.Error) -> errors.KupError:
         status = next(c for c in grpc.StatusCode if c.value[0] == err.grpc_code)
     except StopIteration:
         status = grpc.StatusCode.UNKNOWN
-    return _build(err.kind, err.message, _BY_STATUS.get(status, errors.SystemFailure))
+    exc = _build(err.kind, err.message, _BY_STATUS.get(status, errors.SystemFailure))
+    exc.grpc_code = status
+    return exc
