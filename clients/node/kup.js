@@ -53,7 +53,8 @@
 // * Calls carry caller `${os.hostname()}:${process.pid}` unless
 //   connect(path, {caller}) or call(..., {caller}) names another.
 // * Result objects use the .proto's snake_case field names (the same as the
-//   Python client's DeviceInfo, ChannelInfo, Lease and WatchEvent); channel
+//   Python client's DeviceInfo, ChannelInfo, Lease and WatchEvent, except
+//   a device's not_answering_ms, in seconds there as not_answering_s); channel
 //   states and watch event types are Python's strings ('free', 'session',
 //   'lease', 'calls', 'quarantined', 'external', 'module', 'not_announced';
 //   'LEASE_TAKEN', ...), message kinds 'data' | 'pass' | 'close'.
@@ -454,6 +455,8 @@ function toDevice(d) {
       id: c.id, state: STATE_NAMES[c.state] || 'unknown', lease_id: c.lease_id,
     })),
     drained: d.drained,
+    // milliseconds, as in the .proto (Python's DeviceInfo: not_answering_s)
+    not_answering_ms: d.not_answering_ms || 0,
   };
 }
 
