@@ -73,6 +73,47 @@ def test_bad_arguments_are_usage_errors(
     assert needle in one_line(p), p.stderr
 
 
+def test_json_errors_are_json_objects(gw: Gateway, tmp_path: Path) -> None:
+    """With --json a failure is one JSON object on stderr (it was the plain
+    line, which a script reading JSON had to parse apart); the exit code is
+    the same.  Without --json it is the plain line still."""
+
+    def run(*args: str) -> tuple[int, dict[str, object]]:
+        p = subprocess.run(
+            [str(console_script("kupctl")), *args],
+            capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert p.stderr.count("\n") == 1, p.stderr
+        doc = json.loads(p.stderr)
+        assert doc["exit_code"] == p.returncode, doc
+        return p.returncode, doc
+
+    code, doc = run("--json", "devices", "no-such-device")
+    assert code == EXIT_NOT_FOUND
+    assert doc == {
+        "error": "NotFound", "message": doc["message"], "exit_code": EXIT_NOT_FOUND,
+        "command": "devices", "kup_code": 1009, "grpc_code": "NOT_FOUND",
+        "connection_failure": False,
+    }, doc  # fmt: skip
+    assert str(doc["message"]).startswith("EKU_NOENT: ") and "no-such-device" in str(doc["message"])
+    code, doc = run("call", "", "hi", "--json")
+    assert (code, doc) == (EXIT_USAGE, {
+        "error": "usage", "message": "device name is required", "exit_code": EXIT_USAGE,
+        "command": "call",
+    }), doc  # fmt: skip
+    code, doc = run("--json", "--socket", str(tmp_path / "nobody.sock"), "health")
+    assert code == EXIT_UNAVAILABLE and doc["error"] == "Unavailable", doc
+    assert doc["connection_failure"] is True and doc["grpc_code"] == "UNAVAILABLE", doc
+    assert "is kupd running" in str(doc["message"]), doc  # the hint too
+    code, doc = run("--json", "send", "no-lease", "@" + str(tmp_path / "no-such-file"))
+    assert code == 1 and doc["error"] == "failure" and "no-such-file" in str(doc["message"]), doc
+    p = subprocess.run(
+        [str(console_script("kupctl")), "devices", "no-such-device"],
+        capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert one_line(p).startswith("kupctl: NotFound: EKU_NOENT: "), p.stderr
+
+
 @pytest.mark.parametrize(
     ("var", "args"),
     [

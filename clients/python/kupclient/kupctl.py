@@ -1179,14 +1179,32 @@ def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error("argument --metrics: must not be empty")
 
 
+def _error(args: argparse.Namespace, text: str, code: int, **fields: Any) -> int:
+    """Report a failure on stderr -- ``kupctl: TEXT``, or with ``--json`` one
+    JSON object: ``error`` (the class, or "usage" / "failure"), ``message``,
+    ``exit_code``, ``command`` and ``fields`` -- and return its exit code."""
+    prefix = fields.pop("prefix", "")  # the text's "Kind: " / "COMMAND: "
+    if getattr(args, "json", False):
+        doc = {
+            "error": fields.pop("error"),
+            "message": text,
+            "exit_code": code,
+            "command": args.command,
+            **fields,
+        }
+        sys.stderr.write(json.dumps(doc) + "\n")
+    else:
+        sys.stderr.write(f"kupctl: {prefix}{text}\n")
+    return code
+
+
 def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
     """One command, its failures turned into kupctl's exit codes."""
     try:
         return handler(args, out)
     except ArgumentError as exc:
         # the client library refused an argument before sending anything
-        sys.stderr.write(f"kupctl: {args.command}: {exc}\n")
-        return EXIT_USAGE
+        return _error(args, str(exc), EXIT_USAGE, error="usage", prefix=f"{args.command}: ")
     except kerr.KupError as exc:
         code = exit_code_for(exc)
         hint = ""
@@ -1201,11 +1219,18 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
                 )
             else:
                 hint = unavailable_hint(exc.message, args.socket)
-        sys.stderr.write(f"kupctl: {type(exc).__name__}: {exc.message}{hint}\n")
-        return code
+        return _error(
+            args,
+            f"{exc.message}{hint}",
+            code,
+            error=type(exc).__name__,
+            prefix=f"{type(exc).__name__}: ",
+            kup_code=exc.code,
+            grpc_code=exc.grpc_code.name if exc.grpc_code is not None else None,
+            connection_failure=is_connection_failure(exc),
+        )
     except CliError as exc:
-        sys.stderr.write(f"kupctl: {exc.message}\n")
-        return exc.exit_code
+        return _error(args, exc.message, exc.exit_code, error="failure")
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
