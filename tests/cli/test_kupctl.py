@@ -160,6 +160,9 @@ def test_call_text_and_json(kupctl: Kupctl) -> None:
     assert msg["data_hex"] == msg["data"].encode().hex()
     assert msg["size"] == 3
     assert msg["seq"] >= 2
+    # the pool channel that carried it: odd channels upper-case (echo)
+    assert isinstance(doc["channel"], int)
+    assert msg["data"] == ("ABC" if doc["channel"] % 2 else "abc"), doc
 
 
 def test_call_data_sources_and_output_forms(kupctl: Kupctl, tmp_path: Path) -> None:

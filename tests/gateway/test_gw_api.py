@@ -13,7 +13,7 @@ from gateway_helpers import LOCKHOLD, Kupd, StartKupd, unlock, wait_locked
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import AsyncClient, Client, Kind
+from kupclient import AsyncClient, CallReply, Client, Kind, Message
 from kupclient.admin import AdminClient
 from kupclient.errors import is_connection_failure
 from kupd import errors
@@ -421,3 +421,28 @@ def test_errors_carry_their_grpc_code(client: Client, tmp_path: Path) -> None:
     with Client(str(tmp_path / "nobody.sock")) as nobody, pytest.raises(errors.Unavailable) as un:
         nobody.devices()
     assert un.value.grpc_code == grpc.StatusCode.UNAVAILABLE and is_connection_failure(un.value)
+
+
+def test_call_says_which_pool_channel_answered(client: Client) -> None:
+    """call() gives the pool channel (as Node's call does): a CallReply, a
+    Message with ``channel``; echo upper-cases on odd channels."""
+    pool = {x.id for x in client.devices("echo")[0].channels if x.state == "calls"}
+    for _ in range(8):
+        r = client.call("echo", b"abc", timeout=10)
+        assert isinstance(r, Message) and isinstance(r, CallReply)
+        assert r.channel in pool, (r, pool)
+        assert r.data == (b"ABC" if r.channel % 2 else b"abc"), r
+        # still equal to the Message it carries (call() returned one before)
+        plain = Message(r.data, r.kind, r.seq)
+        assert r == plain and plain == r and hash(r) == hash(plain)
+        assert r != CallReply(r.data, r.kind, r.seq, r.channel + 1)
+    h = client.open("echo")
+    assert h.call(b"x", timeout=10).channel in pool
+
+    async def main() -> None:
+        async with AsyncClient(client.path) as ac:
+            r = await ac.call("echo", b"abc", timeout=10)
+            assert isinstance(r, CallReply) and r.channel in pool
+            assert (await (await ac.open("echo")).call(b"x", timeout=10)).channel in pool
+
+    asyncio.run(main())

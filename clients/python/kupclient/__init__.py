@@ -29,6 +29,7 @@ from kupclient import errors
 
 if TYPE_CHECKING:
     from kupclient._types import (
+        CallReply,
         ChannelInfo,
         DeviceInfo,
         EventType,
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncChannel",
     "AsyncClient",
     "AsyncDeviceHandle",
+    "CallReply",
     "Channel",
     "ChannelInfo",
     "Client",
@@ -61,7 +63,16 @@ __all__ = [
 #: Where each public name lives (loaded on first use: see the module docstring).
 _LAZY = {
     **dict.fromkeys(
-        ("ChannelInfo", "DeviceInfo", "EventType", "Kind", "Lease", "Message", "WatchEvent"),
+        (
+            "CallReply",
+            "ChannelInfo",
+            "DeviceInfo",
+            "EventType",
+            "Kind",
+            "Lease",
+            "Message",
+            "WatchEvent",
+        ),
         "kupclient._types",
     ),
     **dict.fromkeys(("AsyncChannel", "AsyncClient", "AsyncDeviceHandle"), "kupclient.aio"),

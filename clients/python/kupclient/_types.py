@@ -18,6 +18,7 @@ __all__ = [
     "KUPD_GRACE",
     "RECONNECT_INITIAL_MS",
     "RECONNECT_MAX_MS",
+    "CallReply",
     "ChannelInfo",
     "Data",
     "DeviceInfo",
@@ -27,6 +28,7 @@ __all__ = [
     "Message",
     "Sampled",
     "WatchEvent",
+    "call_reply_from_pb",
     "channel_options",
     "deadline",
     "default_caller",
@@ -49,6 +51,33 @@ class Message:
     data: bytes
     kind: Kind
     seq: int
+
+
+@dataclass(frozen=True, eq=False)
+class CallReply(Message):
+    """A Call's reply (``call()``): the :class:`Message`, and the pool
+    ``channel`` of the device that carried it (as Node's ``call`` gives).
+
+    It compares equal to a plain Message of the same data, kind and seq
+    (call() returned a Message before), and to a CallReply only with the
+    same channel too."""
+
+    channel: int = 0
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CallReply):
+            return (self.data, self.kind, self.seq, self.channel) == (
+                other.data,
+                other.kind,
+                other.seq,
+                other.channel,
+            )
+        if type(other) is Message:
+            return (self.data, self.kind, self.seq) == (other.data, other.kind, other.seq)
+        return NotImplemented
+
+    def __hash__(self) -> int:  # as the Message's: equal ones hash alike
+        return hash((self.data, self.kind, self.seq))
 
 
 @dataclass(frozen=True)
@@ -192,6 +221,19 @@ def lease_from_pb(a: kup_pb2.AttachResponse) -> Lease:
 _KINDS: dict[int, Kind] = {int(k): k for k in Kind}
 _new_message = object.__new__
 _set = object.__setattr__
+
+
+def call_reply_from_pb(resp: kup_pb2.CallResponse) -> CallReply:
+    """The CallReply of a CallResponse (the fast path of message_from_pb)."""
+    m = resp.reply
+    kind = m.kind
+    k = _KINDS.get(kind)
+    reply = _new_message(CallReply)
+    _set(reply, "data", bytes(m.data))
+    _set(reply, "kind", Kind(kind) if k is None else k)
+    _set(reply, "seq", m.seq)
+    _set(reply, "channel", resp.channel)
+    return reply
 
 
 def message_from_pb(m: kup_pb2.Message) -> Message:

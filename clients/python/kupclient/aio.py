@@ -36,12 +36,14 @@ from kupclient._errors import (
     session_ended,
 )
 from kupclient._types import (
+    CallReply,
     Data,
     DeviceInfo,
     Lease,
     Message,
     Sampled,
     WatchEvent,
+    call_reply_from_pb,
     channel_options,
     deadline,
     default_caller,
@@ -206,7 +208,7 @@ class AsyncClient:
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return name
 
-    async def call(self, device: str, data: Data, timeout: float | None = None) -> Message:
+    async def call(self, device: str, data: Data, timeout: float | None = None) -> CallReply:
         req = kup_pb2.CallRequest(
             device=device_arg(device),
             data=data_arg(data),
@@ -224,7 +226,7 @@ class AsyncClient:
             if self._closed and not _cancelled():  # close(), not this task cancelled
                 raise self._gone(pending=True) from None
             raise
-        return message_from_pb(resp.reply)
+        return call_reply_from_pb(resp)
 
     async def watch(
         self, device: str | None = None, *, initial_state: bool = False
@@ -316,7 +318,7 @@ class AsyncDeviceHandle:
         await ch._attach(chan_id)
         return ch
 
-    async def call(self, data: Data, timeout: float | None = None) -> Message:
+    async def call(self, data: Data, timeout: float | None = None) -> CallReply:
         return await self.client.call(self.name, data, timeout)
 
     async def close(self) -> None:

@@ -36,12 +36,14 @@ from kupclient._errors import (
     session_ended,
 )
 from kupclient._types import (
+    CallReply,
     Data,
     DeviceInfo,
     Lease,
     Message,
     Sampled,
     WatchEvent,
+    call_reply_from_pb,
     channel_options,
     deadline,
     default_caller,
@@ -258,7 +260,7 @@ class Client:
         return name
 
     # -- calls ------------------------------------------------------------
-    def call(self, device: str, data: Data, timeout: float | None = None) -> Message:
+    def call(self, device: str, data: Data, timeout: float | None = None) -> CallReply:
         """Send ``data`` on a pooled channel of ``device`` and return the reply."""
         req = kup_pb2.CallRequest(
             device=device_arg(device),
@@ -267,7 +269,7 @@ class Client:
             caller=self.caller,
         )
         resp = self._unary("Call", req, deadline(timeout))
-        return message_from_pb(resp.reply)
+        return call_reply_from_pb(resp)
 
     # -- watch ------------------------------------------------------------
     def watch(self, device: str | None = None, *, initial_state: bool = False) -> Watch:
@@ -344,7 +346,7 @@ class DeviceHandle:
         """Open a Session holding channel ``chan_id`` (None: any free one)."""
         return Channel(self.client, self.name, channel_arg(chan_id))
 
-    def call(self, data: Data, timeout: float | None = None) -> Message:
+    def call(self, data: Data, timeout: float | None = None) -> CallReply:
         return self.client.call(self.name, data, timeout)
 
     def close(self) -> None:

@@ -404,7 +404,9 @@ def cmd_call(args: argparse.Namespace, out: Output) -> int:
     data = read_data(args.data, hex_in=args.hex_in)
     with _client(args) as c:
         reply = c.call(args.device, data, timeout=args.timeout)
-    return _print_message(reply, args, out, extra={"device": args.device})
+    return _print_message(
+        reply, args, out, extra={"device": args.device, "channel": reply.channel}
+    )
 
 
 def _print_message(
