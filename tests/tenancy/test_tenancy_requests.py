@@ -130,6 +130,10 @@ def test_a_request_over_the_receive_limit_is_refused_before_it_arrives(
         # within it: served
         reply = stub.Call(kup_pb2.CallRequest(device="echo", data=b"y" * 64), timeout=30)
         assert reply.reply.data.lower() == b"y" * 64
+    # kupclient: one size error whoever refuses it, TooBig
+    with k.client("small") as c:
+        with pytest.raises(errors.TooBig, match="larger than max"):
+            c.call("echo", b"x" * (64 + RECEIVE_HEADROOM))
 
 
 def test_a_reload_may_lower_the_receive_limit_of_a_kept_socket_not_raise_it() -> None:

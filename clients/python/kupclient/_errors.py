@@ -106,6 +106,15 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             f"the server on this socket does not serve that method ({details}): an Admin "
             "call needs kupd's admin_socket; otherwise the kupd is older than this client"
         )
+    if not kind and code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's receive limit, met before kupd saw the request (a tenant's
+        # max_message_bytes + 16 KiB, or kupd's 4 MiB): the one size error
+        # the API has, TooBig, as kupd's own answer a little over the limit
+        kind = "TooBig"
+        details = (
+            f"the message is larger than this socket accepts ({details}): the tenant's "
+            "max_message_bytes (ListDevices, the lease) is the limit to keep to"
+        )
     fallback = _BY_STATUS.get(code, errors.SystemFailure)
     exc = _build(kind, details, fallback)
     exc.grpc_code = code
