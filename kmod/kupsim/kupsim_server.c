@@ -642,6 +642,34 @@ out:
  * thread attaches or detaches, so its attached[] is current.  A failed
  * renewal is tried again here, for the channel the request would get.
  */
+/* pick_channel's last resort: renew the first free channel of the first n
+ * whose renewal state is ``state`` (*id, 1), else 0; a channel still busy
+ * sets *waiting, one that cannot be renewed sets *failed. */
+static int
+renew_one(struct listener *l, const struct kup_ioc_info *info, uint32_t n,
+    int state, uint32_t *id, int *waiting, int *failed)
+{
+	struct kup_chan *ch;
+	uint32_t i;
+	int r;
+
+	for (i = 0; i < n; i++) {
+		if ((info->attached[i] & KUP_INFO_ATTACHED) || l->renew[i] != state)
+			continue;
+		ch = kup_core_chan_at(l->sc, i);
+		r = ch != NULL ? chan_renew_in(l, ch, 1) : -ENOENT;
+		if (r == 0) {
+			*id = i;
+			return 1;
+		}
+		if (r == -EBUSY)
+			*waiting = 1;
+		else
+			*failed = 1;
+	}
+	return 0;
+}
+
 static int
 pick_channel(struct listener *l, const struct kup_ioc_info *info,
     uint32_t want, uint32_t *id)
@@ -691,34 +719,11 @@ pick_channel(struct listener *l, const struct kup_ioc_info *info,
 	}
 	/* no fresh free channel: one whose user left a message the module
 	 * has not taken renews now (losing it: the next user comes first) */
-	for (i = 0; deferred && i < n; i++) {
-		if ((info->attached[i] & KUP_INFO_ATTACHED) ||
-		    l->renew[i] != RENEW_DEFERRED)
-			continue;
-		ch = kup_core_chan_at(l->sc, i);
-		r = ch != NULL ? chan_renew_in(l, ch, 1) : -ENOENT;
-		if (r == 0) {
-			*id = i;
-			return PICK_OK;
-		}
-		if (r == -EBUSY)
-			waiting = 1;
-		else
-			failed = 1;
-	}
+	if (deferred && renew_one(l, info, n, RENEW_DEFERRED, id, &waiting, &failed))
+		return PICK_OK;
 	/* one whose renewal failed may renew now */
-	for (i = 0; failed && i < n; i++) {
-		if ((info->attached[i] & KUP_INFO_ATTACHED) || l->renew[i] != RENEW_FAILED)
-			continue;
-		ch = kup_core_chan_at(l->sc, i);
-		r = ch != NULL ? chan_renew_in(l, ch, 1) : -ENOENT;
-		if (r == 0) {
-			*id = i;
-			return PICK_OK;
-		}
-		if (r == -EBUSY)
-			waiting = 1;
-	}
+	if (failed && renew_one(l, info, n, RENEW_FAILED, id, &waiting, &failed))
+		return PICK_OK;
 	return waiting ? PICK_WAIT : failed ? PICK_SYS : PICK_BUSY;
 }
 
