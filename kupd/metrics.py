@@ -152,7 +152,10 @@ class TenantCollector(Collector):
       and Attach leases (``lease``);
     * ``kupd_tenant_calls_in_flight{tenant}``;
     * ``kupd_tenant_denials_total{tenant, rule}``: PERMISSION_DENIED /
-      RESOURCE_EXHAUSTED answers by the rule that refused (as the audit log).
+      RESOURCE_EXHAUSTED answers by the rule that refused (as the audit log);
+    * ``kupd_tenant_paced_total{tenant}`` and
+      ``kupd_tenant_paced_seconds_total{tenant}``: channel operations that
+      waited for their turn under channel_ops_per_second, and how long.
     """
 
     def __init__(
@@ -160,10 +163,12 @@ class TenantCollector(Collector):
         holders: Callable[[], Iterable[tuple[str, str]]],
         in_flight: Callable[[], Mapping[str, int]],
         denials: Callable[[], Mapping[tuple[str, str], int]],
+        paced: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None,
     ) -> None:
         self._holders = holders
         self._in_flight = in_flight
         self._denials = denials
+        self._paced = paced
 
     def collect(self) -> Iterator[Metric]:
         leases = GaugeMetricFamily(
@@ -194,6 +199,24 @@ class TenantCollector(Collector):
         for (tenant, rule), n in sorted(dict(self._denials()).items()):
             denied.add_metric([tenant, rule], n)
         yield denied
+        if self._paced is None:
+            return
+        counts_p, seconds_p = self._paced()
+        paced = CounterMetricFamily(
+            "kupd_tenant_paced",
+            "Channel operations that waited for their turn under channel_ops_per_second",
+            labels=["tenant"],
+        )
+        waited = CounterMetricFamily(
+            "kupd_tenant_paced_seconds",
+            "Seconds channel operations waited under channel_ops_per_second",
+            labels=["tenant"],
+        )
+        for tenant, n in sorted(dict(counts_p).items()):
+            paced.add_metric([tenant], n)
+            waited.add_metric([tenant], dict(seconds_p).get(tenant, 0.0))
+        yield paced
+        yield waited
 
 
 

@@ -16,6 +16,8 @@ A tenant is identified by the unix socket its requests arrive on (see
     max_pool_channels = 3      # a device's Call pool channels its Calls hold at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
     calls_per_second = 100.0   # token bucket, burst = one second's worth, >= 1 (0: no limit)
+    channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
+                               # and leases: paced beyond it, burst = one second's worth
     max_connections = 8        # connections at once on its socket (0: no limit)
 
     [[tenant.grant]]
@@ -57,6 +59,7 @@ __all__ = [
     "AUDIT_DENIALS_PER_SECOND",
     "DEFAULT",
     "OPS",
+    "PACE_LIMIT",
     "TENANT_KEYS",
     "Budget",
     "Grant",
@@ -118,6 +121,9 @@ class Tenant:
     max_pool_channels: int = 0
     max_message_bytes: int = 0
     calls_per_second: float = 0.0
+    #: send / exchange / receive / pass operations on the tenant's Sessions
+    #: and leases per second, all together (0: no limit); see Guard.pace
+    channel_ops_per_second: float = 0.0
     #: connections at once on the tenant's socket (0: no limit): a gRPC
     #: option of its server, so a reload changes it only with the socket
     max_connections: int = 0
@@ -260,6 +266,7 @@ TENANT_KEYS = frozenset({
     "max_pool_channels",
     "max_message_bytes",
     "calls_per_second",
+    "channel_ops_per_second",
     "max_connections",
 })
 
@@ -287,6 +294,18 @@ def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise _config_error(prefix + k, f"must be an integer >= 0, not {v!r}")
     return v
+
+
+def _rate(raw: dict[str, Any], k: str, prefix: str) -> float:
+    v = raw.get(k, 0.0)
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or not math.isfinite(v)  # nan and inf both read as "no limit"
+        or v < 0
+    ):
+        raise _config_error(prefix + k, f"must be a finite number >= 0, not {v!r}")
+    return float(v)
 
 
 def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
@@ -353,16 +372,6 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
             grants.append(Grant(dev, chans, text))
         else:
             grants.append(Grant(dev))
-    cps = raw.get("calls_per_second", 0.0)
-    if (
-        isinstance(cps, bool)
-        or not isinstance(cps, int | float)
-        or not math.isfinite(cps)  # nan and inf both read as "no limit"
-        or cps < 0
-    ):
-        raise _config_error(
-            prefix + "calls_per_second", f"must be a finite number >= 0, not {cps!r}"
-        )
     return Tenant(
         name=name,
         socket=sock,
@@ -375,7 +384,8 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         max_calls_in_flight=_int(raw, "max_calls_in_flight", prefix),
         max_pool_channels=_int(raw, "max_pool_channels", prefix),
         max_message_bytes=_int(raw, "max_message_bytes", prefix),
-        calls_per_second=float(cps),
+        calls_per_second=_rate(raw, "calls_per_second", prefix),
+        channel_ops_per_second=_rate(raw, "channel_ops_per_second", prefix),
         max_connections=_connections(raw, prefix),
     )
 
@@ -440,6 +450,10 @@ class Policy:
         return None
 
 
+#: The longest a channel operation waits for its turn under its tenant's
+#: channel_ops_per_second (Guard.pace); beyond it, it is refused.
+PACE_LIMIT = 5.0
+
 #: Denial lines one tenant gets in the audit log (and kupd's log): this
 #: many per second, after a burst of AUDIT_DENIALS_BURST.
 AUDIT_DENIALS_PER_SECOND = 10.0
@@ -499,6 +513,13 @@ class Guard:
     #: (kept for released leases too, bounded).
     lease_owner: dict[str, str] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    #: per tenant: when its next channel operation is due at the sustained
+    #: rate (channel_ops_per_second; see pace)
+    _due: dict[str, float] = field(default_factory=dict)
+    #: per tenant: channel operations paced, and the seconds they waited
+    #: (metrics: kupd_tenant_paced_total, kupd_tenant_paced_seconds_total)
+    paced: dict[str, int] = field(default_factory=dict)
+    paced_seconds: dict[str, float] = field(default_factory=dict)
     #: (tenant, rule) -> denials so far (metrics: kupd_tenant_denials_total)
     denials: dict[tuple[str, str], int] = field(default_factory=dict)
     #: per tenant: its budget of denial lines (AUDIT_DENIALS_*)
@@ -600,6 +621,54 @@ class Guard:
                 f"tenant {t.name}: rule max_message_bytes: message of {n} bytes exceeds "
                 f"max_message_bytes={t.max_message_bytes}"
             )
+
+    def pace(
+        self, t: Tenant, op: str, device: str, chan: int, limit: float | None = None
+    ) -> float:
+        """Seconds the tenant's next channel operation waits under its
+        channel_ops_per_second (0.0 at once), its place taken now.
+
+        Why pace and not refuse, as calls_per_second does: a Session is one
+        stream whose operations run in order, so a refusal would break a
+        conversation in the middle, while a wait is the flow control a
+        stream already has (its client's sends queue behind it).  Why at
+        all: kupd serves every tenant from one event loop, and one tenant's
+        busy Sessions otherwise take the time of every other's Calls.
+
+        A generic cell rate: a burst of one second's worth (at least one),
+        then one operation per 1/rate s, in the order they asked; each
+        waiter holds its slot, so many Sessions share the rate fairly.
+        Waiting longer than ``limit`` (the RPC's deadline) or PACE_LIMIT is
+        RESOURCE_EXHAUSTED (rule channel_ops_per_second), which takes no
+        slot: a client with a deadline learns at once it would miss it."""
+        rate = t.channel_ops_per_second
+        now = time.monotonic()
+        interval = 1.0 / rate
+        due = max(self._due.get(t.name, now), now)
+        wait = due - now - (max(1.0, rate) - 1.0) * interval
+        if wait <= 0.0:
+            self._due[t.name] = due + interval
+            return 0.0
+        cap = PACE_LIMIT if limit is None else min(limit, PACE_LIMIT)
+        if wait > cap:
+            self.exhaust(
+                t,
+                op,
+                device,
+                chan,
+                "channel_ops_per_second",
+                f"more than channel_ops_per_second={t.channel_ops_per_second:g}: this "
+                f"operation would wait {wait:.3g} s for its turn, "
+                + (
+                    f"more than its deadline or timeout allows ({cap:.3g} s)"
+                    if cap < PACE_LIMIT
+                    else f"more than kupd's limit of {PACE_LIMIT:g} s"
+                ),
+            )
+        self._due[t.name] = due + interval
+        self.paced[t.name] = self.paced.get(t.name, 0) + 1
+        self.paced_seconds[t.name] = self.paced_seconds.get(t.name, 0.0) + wait
+        return wait
 
     def begin_call(self, t: Tenant, device: str, n: int) -> None:
         """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""

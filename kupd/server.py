@@ -210,6 +210,7 @@ class Server:
                 lambda: [(le.tenant, le.holder) for le in list(self.leases.leases.values())],
                 self._calls_in_flight,
                 lambda: self.guard.denials.copy(),
+                lambda: (self.guard.paced.copy(), self.guard.paced_seconds.copy()),
             )
         )
         self.service = KupService(

@@ -272,12 +272,17 @@ class _SessionState:
             return timeout
         return remaining if timeout is None else min(timeout, remaining)
 
-    def check_size(self, guard: Guard, lease: Lease, n: int) -> None:
-        """The tenant's max_message_bytes (``Guard.check_size``)."""
+    def tenant(self, guard: Guard) -> Tenant:
+        """The stream's tenant under the running policy (looked up again
+        only after a reload)."""
         if guard.policy is not self._policy:
             self._tenant = guard.tenant()  # PermissionDenied if it was removed
             self._policy = guard.policy
-        t = self._tenant
+        return self._tenant
+
+    def check_size(self, guard: Guard, lease: Lease, n: int) -> None:
+        """The tenant's max_message_bytes (``Guard.check_size``)."""
+        t = self.tenant(guard)
         if t.max_message_bytes and n > t.max_message_bytes:
             guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
 
@@ -462,6 +467,29 @@ class KupService(kup_pb2_grpc.KupServicer):
         finally:
             guard.waiting = False
             guard.close()
+
+    async def _pace(self, t: Tenant, holder: str, lease: Lease, limit: float | None) -> float:
+        """Wait for the operation's turn under the tenant's
+        channel_ops_per_second (``Guard.pace``: refused past ``limit``, the
+        RPC's deadline or the operation's own timeout); the seconds waited.
+        A drain ends the wait early: the operation then meets the drain as
+        any other does."""
+        wait = self.guard.pace(t, holder, lease.dev.name, lease.ch.id, limit)
+        if wait > 0.0:
+            await asyncio.wait((self.drain,), timeout=wait)
+        return wait
+
+    async def _paced(
+        self, t: Tenant, holder: str, lease: Lease, timeout: float | None
+    ) -> float | None:
+        """:meth:`_pace` for an operation that waits up to ``timeout`` for
+        the kernel: the wait for its turn is part of that time, and what is
+        left of it is returned (a timeout of 2 s never takes 2 s plus the
+        wait for its turn)."""
+        wait = await self._pace(t, holder, lease, timeout)
+        if timeout is None:
+            return None
+        return max(timeout - wait, 0.001)
 
     @staticmethod
     def _deadline_cap(context: grpc.aio.ServicerContext, timeout: float | None) -> float | None:
@@ -760,6 +788,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
         if not request.wait_reply:
+            if t.channel_ops_per_second:
+                await self._pace(t, "lease", lease, self._deadline_cap(context, None))
             await self.leases.send(lease, data, retired)
             return kup_pb2.SendResponse()
         mode = request.reply_mode
@@ -768,6 +798,8 @@ class KupService(kup_pb2_grpc.KupServicer):
             nonblocking = False
         else:
             timeout, nonblocking = self._receive_args(mode, request.reply_timeout_ms)
+        if t.channel_ops_per_second:
+            timeout = await self._paced(t, "lease", lease, self._deadline_cap(context, timeout))
         msg = await self.leases.exchange(
             lease,
             data,
@@ -784,7 +816,10 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Pass(
         self, request: kup_pb2.PassRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.PassResponse:
-        await self.leases.pass_(self._lease(request.lease_id), socket_retired())
+        lease, t = self._lease_t(request.lease_id)
+        if t.channel_ops_per_second:
+            await self._pace(t, "lease", lease, self._deadline_cap(context, None))
+        await self.leases.pass_(lease, socket_retired())
         return kup_pb2.PassResponse()
 
     @staticmethod
@@ -821,11 +856,29 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Receive(
         self, request: kup_pb2.ReceiveRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReceiveResponse:
-        lease = self._lease(request.lease_id)
+        lease, t = self._lease_t(request.lease_id)
+        if t.channel_ops_per_second:
+            return await self._paced_receive(lease, t, request.mode, request.timeout_ms, context)
         # nothing awaited from here to the wait for the kernel's message
         # (or for the lease's turn, another operation under way on it)
         log.debug("receive", mode=request.mode, timeout_ms=request.timeout_ms)
         return await self._receive(lease, request.mode, request.timeout_ms, context)
+
+    async def _paced_receive(
+        self,
+        lease: Lease,
+        t: Tenant,
+        mode: int,
+        timeout_ms: int,
+        context: grpc.aio.ServicerContext,
+    ) -> kup_pb2.ReceiveResponse:
+        """Receive, after its turn under channel_ops_per_second."""
+        timeout, nonblocking = self._receive_args(mode, timeout_ms)
+        timeout = await self._paced(t, "lease", lease, self._deadline_cap(context, timeout))
+        msg = await self.leases.receive(
+            lease, timeout, nonblocking=nonblocking, abort=self.drain, retired=socket_retired()
+        )
+        return _receive_pb(msg)
 
     # ---------------------------------------------------------------- sessions
     def _raise_if_draining(self) -> None:
@@ -882,6 +935,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             raise errors.InvalidArgument(req.describe())  # in-band: the stream goes on
         rid = req.request_id
         op = req.WhichOneof("op")
+        paced = st.tenant(self.guard).channel_ops_per_second != 0.0
         if op == "exchange":
             x = req.exchange
             data = x.data
@@ -892,23 +946,33 @@ class KupService(kup_pb2_grpc.KupServicer):
                 nonblocking = False
             else:
                 timeout, nonblocking = self._receive_args(mode, x.timeout_ms)
+            timeout = st.cap(timeout)
+            if paced:
+                timeout = await self._paced(st.tenant(self.guard), "session", lease, timeout)
             msg = await self.leases.exchange(
-                lease, data, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
+                lease, data, timeout, nonblocking=nonblocking, abort=self.drain
             )
             return encode_reply(rid, True, msg)
         if op == "send":
             data = req.send.data
             st.check_size(self.guard, lease, len(data))
+            if paced:
+                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None))
             await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
         assert isinstance(req, kup_pb2.SessionRequest)  # kupd.wire reads send / exchange only
         if op == "receive":
             timeout, nonblocking = self._receive_args(req.receive.mode, req.receive.timeout_ms)
+            timeout = st.cap(timeout)
+            if paced:
+                timeout = await self._paced(st.tenant(self.guard), "session", lease, timeout)
             msg = await self.leases.receive(
-                lease, st.cap(timeout), nonblocking=nonblocking, abort=self.drain
+                lease, timeout, nonblocking=nonblocking, abort=self.drain
             )
             return encode_reply(rid, False, msg)
         if op == "pass_turn":
+            if paced:
+                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None))
             await self.leases.pass_(lease)
             return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
         if op == "attach":

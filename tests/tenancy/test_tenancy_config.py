@@ -33,6 +33,12 @@ def _tenant(**kw: object) -> dict[str, object]:
         # TOML has nan and inf: both read as no limit at all
         (_tenant(calls_per_second=float("nan")), "tenant[name=t].calls_per_second"),
         (_tenant(calls_per_second=float("inf")), "tenant[name=t].calls_per_second"),
+        (_tenant(channel_ops_per_second=-2), "tenant[name=t].channel_ops_per_second"),
+        (_tenant(channel_ops_per_second=True), "tenant[name=t].channel_ops_per_second"),
+        (
+            _tenant(channel_ops_per_second=float("nan")),
+            "tenant[name=t].channel_ops_per_second",
+        ),
         (_tenant(grant=[{"device": "nope"}]), "tenant[name=t].grant[0].device"),
         (
             _tenant(grant=[{"device": "echo", "channels": "9-3"}]),

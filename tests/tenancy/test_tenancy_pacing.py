@@ -1,0 +1,181 @@
+"""channel_ops_per_second: a tenant's send / exchange / receive / pass
+operations on its Sessions and leases wait for their turn beyond the rate
+(kupd.policy.Guard.pace), so that one tenant's busy Sessions cannot take the
+event loop from every other tenant; a wait beyond the RPC's deadline (or
+kupd's PACE_LIMIT) is refused instead, in-band on a Session."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from tenancy_helpers import DEVICES, OWNER, StartTenants, TenantKupd
+
+from kupd import errors
+from kupd.policy import PACE_LIMIT
+from kupd.testing import wait_until, with_metrics_port
+
+#: dave: 20 operations a second (a burst of 20); erin: one each 10 s, so
+#: that her second operation would wait beyond any deadline a test uses;
+#: frank: no rate.  Each on channels of his own.
+PACED = f"""
+[[tenant]]
+name = "dave"
+socket = "@DIR@/dave.sock"
+owner = {OWNER}
+channel_ops_per_second = 20
+[[tenant.grant]]
+device = "echo"
+channels = "4-7"
+
+[[tenant]]
+name = "erin"
+socket = "@DIR@/erin.sock"
+owner = {OWNER}
+channel_ops_per_second = 0.1
+[[tenant.grant]]
+device = "echo"
+channels = "8-11"
+
+[[tenant]]
+name = "frank"
+socket = "@DIR@/frank.sock"
+owner = {OWNER}
+[[tenant.grant]]
+device = "echo"
+channels = "12-15"
+"""
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        body: bytes = r.read()
+    return body.decode()
+
+
+def _sample(body: str, name: str) -> float | None:
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _session_ops(k: TenantKupd, tenant: str, n: int) -> float:
+    """``n`` operations on a Session of ``tenant`` (a receive, then
+    exchanges); the seconds they took."""
+    with k.client(tenant) as c, c.open("echo").channel() as ch:
+        t0 = time.monotonic()
+        ch.receive(timeout=30)
+        for i in range(n - 1):
+            assert ch.exchange(b"m%d" % i, timeout=30).data.lower() == b"m%d" % i
+        return time.monotonic() - t0
+
+
+def test_a_tenants_session_operations_are_paced_and_counted(start_tenants: StartTenants) -> None:
+    ports: list[int] = []
+
+    def start(port: int) -> TenantKupd:
+        ports.append(port)
+        return start_tenants(f"metrics_port = {port}\n" + DEVICES + PACED)
+
+    k = with_metrics_port(start)
+    port = ports[-1]
+    # 50 operations at 20 a second after a burst of 20: the 50th is due 1.5 s
+    # after the first, however fast kupd and the module are (a lower bound,
+    # which a slow machine can only exceed)
+    took = _session_ops(k, "dave", 50)
+    assert took >= 1.4, took
+    body = _scrape(port)
+    paced = _sample(body, 'kupd_tenant_paced_total{tenant="dave"}')
+    waited = _sample(body, 'kupd_tenant_paced_seconds_total{tenant="dave"}')
+    assert paced is not None and paced >= 1, body
+    assert waited is not None and waited > 0.5, body
+    # another tenant, without a rate, is not paced: no series of his
+    _session_ops(k, "frank", 50)
+    assert 'tenant="frank"' not in "".join(
+        line for line in _scrape(port).splitlines() if "kupd_tenant_paced" in line
+    )
+
+
+def test_a_wait_beyond_the_deadline_is_refused_and_audited(start_tenants: StartTenants) -> None:
+    k = start_tenants(DEVICES + PACED)
+    with k.client("erin") as e:
+        lease = e.attach("echo")
+        e.lease_receive(lease.lease_id, timeout=30)  # her one operation of the next 10 s
+        t0 = time.monotonic()
+        with pytest.raises(errors.ResourceExhausted) as info:
+            e.lease_exchange(lease.lease_id, b"late", timeout=0.5)
+        # refused at once, not after waiting out its deadline
+        assert time.monotonic() - t0 < 5.0
+        msg = str(info.value)
+        assert "tenant erin: rule channel_ops_per_second" in msg, msg
+        assert "channel_ops_per_second=0.1" in msg, msg
+        assert "more than its deadline or timeout allows (0.5 s)" in msg, msg
+        # without a deadline of its own a unary Send has the client's 30 s;
+        # kupd waits at most PACE_LIMIT
+        kupds = f"more than kupd's limit of {PACE_LIMIT:g} s"
+        with pytest.raises(errors.ResourceExhausted, match=kupds):
+            e.lease_send(lease.lease_id, b"later")
+        e.release(lease.lease_id)
+    audited = [a for a in k.audit_lines() if a.get("rule") == "channel_ops_per_second"]
+    assert len(audited) == 2 and all(a["tenant"] == "erin" for a in audited), audited
+
+
+def test_a_refusal_on_a_session_is_in_band_and_a_reload_lifts_the_rate(
+    start_tenants: StartTenants,
+) -> None:
+    k = start_tenants(DEVICES + PACED)
+    with k.client("erin") as e, e.open("echo").channel() as ch:
+        ch.receive(timeout=30)
+        with pytest.raises(errors.ResourceExhausted, match="rule channel_ops_per_second"):
+            ch.exchange(b"too soon", timeout=30)
+        # the Session goes on: with the rate lifted by a reload, the same
+        # stream exchanges at once (its tenant is looked up again)
+        k.write_config(DEVICES + PACED.replace("channel_ops_per_second = 0.1\n", ""))
+        with k.admin() as adm:
+            adm.reload()
+        wait_until(lambda: "config reloaded" in k.log(), what="the reload")
+        for i in range(5):
+            assert ch.exchange(b"n%d" % i, timeout=30).data.lower() == b"n%d" % i
+
+
+def _guard(rate: float) -> tuple[Any, Any]:
+    from kupd.config import parse_config
+    from kupd.policy import Guard, Policy
+
+    t = {"name": "dave", "socket": "/run/kupd/dave.sock", "channel_ops_per_second": rate}
+    cfg = parse_config({"device": [{"name": "echo"}], "tenant": [t]})
+    (tenant,) = cfg.tenants
+    return Guard(Policy(cfg.tenants)), tenant
+
+
+def test_pace_a_burst_then_one_each_interval_in_order() -> None:
+    guard, dave = _guard(4.0)  # a burst of 4, then one each 0.25 s
+    waits = [guard.pace(dave, "session", "echo", 0) for _ in range(7)]
+    assert waits[:4] == [0.0] * 4
+    # each later one waits a quarter second longer than the one before: the
+    # waiters hold their slots in the order they asked
+    steps = [b - a for a, b in itertools.pairwise(waits[3:])]
+    assert all(0.2 < s <= 0.25 for s in steps), waits
+    assert guard.paced == {"dave": 3}
+
+
+def test_pace_refusal_takes_no_slot() -> None:
+    guard, dave = _guard(1.0)  # a burst of one, then one a second
+    assert guard.pace(dave, "lease", "echo", 0) == 0.0
+    for _ in range(3):
+        with pytest.raises(errors.ResourceExhausted, match="its deadline or timeout allows"):
+            guard.pace(dave, "lease", "echo", 0, limit=0.1)
+    # the refused ones did not push the next one back: its wait is still
+    # under a second, as if they had never asked
+    assert 0.0 < guard.pace(dave, "lease", "echo", 0, limit=2.0) <= 1.0
+    assert guard.denials == {("dave", "channel_ops_per_second"): 3}
+
+
+def test_pace_below_one_a_second_has_a_burst_of_one() -> None:
+    guard, dave = _guard(0.5)
+    assert guard.pace(dave, "lease", "echo", 0) == 0.0
+    assert 1.9 < guard.pace(dave, "lease", "echo", 0) <= 2.0
