@@ -723,7 +723,18 @@ class KupService(kup_pb2_grpc.KupServicer):
         if len(lease_id) > LEASE_ID_MAX:  # kupd's are 16 hex digits
             raise errors.InvalidArgument(f"lease_id of {len(lease_id)} characters: not a lease id")
         t = self.guard.tenant()
-        lease = self.leases.get(lease_id, None if t.admin else t.name)
+        try:
+            lease = self.leases.get(lease_id, None if t.admin else t.name)
+        except errors.NotFound:
+            # An ENDED lease of another tenant's gets the same NotFound as an
+            # unknown id (below), and its attempt the same audit line: a
+            # tenant guessing at ids is seen whether the id is live or not.
+            owner = "" if t.admin else self.guard.owner_of(lease_id)
+            if owner and owner != t.name:
+                self.guard.record(
+                    t.name, "lease", "", None, "lease-owner", lease=lease_id, owner=owner
+                )
+            raise
         if lease.tenant != t.name and not t.admin:
             # Another tenant's lease is answered as one that does not exist
             # (the same NotFound, word for word): any other answer would

@@ -634,14 +634,30 @@ def test_another_tenants_lease_id_reads_as_no_lease(tk: TenantKupd) -> None:
                 a.lease_receive(live, timeout=10)  # still alice's, untouched
             finally:
                 a.release(live)
+        probes = _probes_of(tk, live)
         for name, got in _lease_rpcs(stub, live):  # ended: the same again
             code, details, meta = nothing[name]
             assert got == (code, details.replace(unknown, live), meta), (name, got)
+        # ... and each attempt on the ended lease is audited as one on the
+        # live lease was: a tenant guessing at ids is seen either way
+        wait_until(
+            lambda: _probes_of(tk, live) == probes + len(nothing),
+            timeout=10,
+            what="the attempts on alice's ended lease audited",
+        )
     finally:
         chan.close()
     assert _audit_has(
         tk, tenant="carol", op="lease", rule="lease-owner", lease=live, owner="alice"
     ), tk.audit_lines()
+
+
+def _probes_of(tk: TenantKupd, lease_id: str) -> int:
+    return sum(
+        1
+        for line in tk.audit_lines()
+        if line.get("rule") == "lease-owner" and line.get("lease") == lease_id
+    )
 
 
 def test_list_devices_shows_only_what_the_tenant_may_use(tk: TenantKupd) -> None:
