@@ -68,6 +68,7 @@ RESTART_KEYS: dict[str, str] = {
     "socket": "bound at start, next to its lock; clients connect by this path",
     "lock_file": "held from start to exit: moving it would let a second kupd start",
     "pid_file": "written at start and removed at exit (service managers read it)",
+    "ready_file": "written once kupd serves, removed at its stop (rc.d/kupd's start waits for it)",
     "devices": "each device's handle, Call pool, health and metrics are built at start",
     "kupsim_dir": "the devices are found through it when kupd opens them",
     "metrics_port": "the metrics HTTP listener is bound once, at start",
@@ -104,6 +105,10 @@ class Config:
     #: Lock file: a second kupd on the same socket refuses to start.
     lock_file: str = ""  # default: <socket>.lock
     pid_file: str = ""  # default: <socket>.pid ; "-" for none
+    #: Written ("PID ready") once kupd serves, removed when its stop begins
+    #: ("" : none): a service manager's readiness check that does not depend
+    #: on log_level (deploy/freebsd/rc.d/kupd).
+    ready_file: str = ""
     #: Permission bits of the socket (clients need read+write).
     socket_mode: int = 0o660
     devices: tuple[DeviceConfig, ...] = ()
@@ -230,6 +235,7 @@ _TOP = {
     "socket": str,
     "lock_file": str,
     "pid_file": str,
+    "ready_file": str,
     "socket_mode": str,
     "kupsim_dir": str,
     "lease_idle_timeout": float,
@@ -337,11 +343,20 @@ def _check_paths(cfg: Config) -> None:
     sockets += [(tenant_key(i, t.name) + ".socket", t.socket) for i, t in enumerate(cfg.tenants)]
     if cfg.admin_socket:
         sockets.append(("admin_socket", cfg.admin_socket))
-    files = [("lock_file", cfg.lock_path), ("pid_file", cfg.pid_path), ("audit_log", cfg.audit_log)]
+    files = [
+        ("lock_file", cfg.lock_path),
+        ("pid_file", cfg.pid_path),
+        ("ready_file", cfg.ready_file),
+        ("audit_log", cfg.audit_log),
+    ]
     for i, (key, path) in enumerate(sockets):
         for other_key, other in [*sockets[:i], *files]:
             if other and _same_path(path, other):
                 raise ConfigError(key, f"{path} is also {other_key} ({other})")
+    # the ready file is replaced and removed: never the lock or the pid file
+    for other_key, other in files[:2]:
+        if cfg.ready_file and other and _same_path(cfg.ready_file, other):
+            raise ConfigError("ready_file", f"{cfg.ready_file} is also {other_key} ({other})")
 
 
 def validate(cfg: Config) -> Config:

@@ -88,6 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kupsim-dir", help="where kupsim publishes devices ($KUPSIM_DIR)")
     p.add_argument("--lock-file", help="lock file (default: SOCKET.lock)")
     p.add_argument("--pid-file", help="pid file (default: SOCKET.pid; '-' for none)")
+    p.add_argument(
+        "--ready-file",
+        help="written ('PID ready') once kupd serves, removed when it stops (default: none)",
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on loopback:PORT")
     p.add_argument("--lease-idle-timeout", type=float, help="seconds before an idle lease ends")
     p.add_argument("--call-timeout", type=float, help="default Call deadline, seconds")
@@ -133,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "kupsim_dir": args.kupsim_dir,
         "lock_file": args.lock_file,
         "pid_file": args.pid_file,
+        "ready_file": args.ready_file,
         "metrics_port": args.metrics_port,
         "lease_idle_timeout": args.lease_idle_timeout,
         "call_timeout": args.call_timeout,
@@ -186,8 +191,11 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         _hup_pending = False
         log.info("SIGHUP during start-up: reloading now")
         server.mgr.spawn(server.reload_logged())
-    # systemd's Type=notify: started now, not at exec (kupd.notify)
+    # systemd's Type=notify: started now, not at exec (kupd.notify); rc.d:
+    # the ready file (both after the signal handlers: a reload or stop sent
+    # the moment the service manager sees kupd started is handled)
     server.notify.ready(server.status_line())
+    server.write_ready_file()
     pings = (
         asyncio.ensure_future(_watchdog(server))
         if server.notify.enabled and server.notify.watchdog_usec

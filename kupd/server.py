@@ -196,6 +196,8 @@ class Server:
         self._lock_fd = -1
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: ready_file written by this process (and not removed since)
+        self._ready_written = False
         self._drain_task: asyncio.Task[None] | None = None
         self.drain: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.mgr = DeviceManager(
@@ -272,6 +274,13 @@ class Server:
     async def _start_locked(self) -> None:
         cfg = self.config
         _raise_nofile()
+        # A ready file left by a kupd that did not stop cleanly (killed,
+        # crashed) is not this kupd's readiness: gone before anything else,
+        # by the lock's holder only.  Its directory is checked as the pid
+        # file's is: an unsafe one refuses the start.
+        if cfg.ready_file:
+            check_path(os.path.abspath(cfg.ready_file), "ready_file", private=False)
+            self._remove_ready_file(only_ours=False)
         if cfg.pid_path:
             try:
                 # a new file renamed into place: nothing planted at the name
@@ -307,6 +316,50 @@ class Server:
             metrics_port=self.metrics_port,
         )
         self.mgr.spawn(self._watch_fds())
+
+    def write_ready_file(self) -> None:
+        """``ready_file``: "PID ready", once kupd serves (after "kupd ready"
+        and the signal handlers).  A service manager that cannot read kupd's
+        log (log_level above info) or does not trust it learns from it that
+        this process -- the pid, compared with the one it started -- is up.
+        Replaced atomically (renamed into place): a reader sees the whole
+        line or no file.  One that cannot be written is logged, not fatal:
+        kupd serves anyway, and rc.d/kupd's start check falls back to the
+        log and, in the end, to "still starting"."""
+        path = self.config.ready_file
+        if not path or self._stopping:
+            return
+        try:
+            write_replacing(path, f"{os.getpid()} ready\n".encode(), 0o644, "ready_file")
+        except OSError as exc:
+            log.error(
+                "cannot write ready_file: a service manager waiting for it will not see "
+                "kupd ready",
+                ready_file=path,
+                error=exc.strerror or str(exc),
+            )
+            return
+        self._ready_written = True
+
+    def _remove_ready_file(self, only_ours: bool = True) -> None:
+        """Remove ``ready_file`` (``only_ours``: if it names this process:
+        another kupd's, written after ours at a shared path, stays)."""
+        path = self.config.ready_file
+        if not path:
+            return
+        if only_ours:
+            if not self._ready_written:
+                return
+            self._ready_written = False
+            try:
+                with open(path, "rb") as f:
+                    pid = f.read(64).split()[:1]
+            except OSError:
+                return
+            if pid != [str(os.getpid()).encode()]:
+                return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     async def _watch_fds(self) -> None:
         """Say so before kupd runs out of file descriptors.  At the limit
@@ -639,6 +692,9 @@ class Server:
     def request_stop(self) -> None:
         if not self._stopping:
             self._stopping = True
+            # not ready any more: a start check or a "status" that reads the
+            # file must not take a draining kupd for one that serves
+            self._remove_ready_file()
             self.notify.stopping(f"draining: Calls get {self.config.drain_grace:g} s to finish")
             self._drain_task = asyncio.ensure_future(self._drain_and_stop())
 
@@ -711,6 +767,7 @@ class Server:
         self.metrics.close()
         cfg = self.config
         self.audit.close()
+        self._remove_ready_file()
         if cfg.pid_path and self._lock_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.pid_path)
