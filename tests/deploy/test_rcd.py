@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,7 +126,7 @@ def _start_line(rc: RcEnv, *extra: str) -> str:
             "-f", "-H", "-o", str(rc.dir / "kupd.log"),
             "-p", str(rc.pidfile), "-P", str(rc.dir / "kupd.daemon.pid"),
             "-t", "kupd", str(rc.binary), "--config", str(rc.config),
-            "--pid-file", "-", *extra,
+            "--pid-file", "-", "--ready-file", str(rc.rundir / "kupd.ready"), *extra,
         ]
     )
 
@@ -299,9 +300,11 @@ def test_unknown_command_is_refused(rc: RcEnv) -> None:
 # -- start checks that kupd came up --------------------------------------------
 def _as_daemon(rc: RcEnv) -> str:
     """What daemon(8) does at start, as the stand-in's RC_SPAWN: kupd
-    detached, its output appended to the log, its pid in the pid file."""
+    detached (with the arguments the script gives it), its output appended
+    to the log, its pid in the pid file."""
     return (
-        f"'{rc.binary}' --config '{rc.config}' >> '{rc.dir / 'kupd.log'}' 2>&1 "
+        f"'{rc.binary}' --config '{rc.config}' --pid-file - "
+        f"--ready-file '{rc.rundir / 'kupd.ready'}' >> '{rc.dir / 'kupd.log'}' 2>&1 "
         f"< /dev/null & echo $! > '{rc.pidfile}'"
     )
 
@@ -360,14 +363,125 @@ def test_start_succeeds_once_kupd_is_ready(rc: RcEnv) -> None:
 
 
 def test_start_succeeds_while_kupd_still_starts(rc: RcEnv) -> None:
-    """No ready line (yet) when kupd_start_check is up, but kupd runs: success."""
+    """Not ready (yet) when kupd_start_check is up, but kupd runs: success,
+    with a warning.  A ready file a crashed kupd left does not count: start
+    removes it before kupd runs (the new kupd may have the old one's pid)."""
+    rc.rundir.mkdir()
+    stale = rc.rundir / "kupd.ready"
+    stale.write_text("1 ready\n")
     rc.write_conf(kupd_start_check="1")
     try:
         res = rc.run("start", spawn=_as_daemon(rc))
         assert res.returncode == 0, res.stdout + res.stderr
         assert "exited" not in res.stderr
+        pid = rc.pidfile.read_text().split()[0]
+        assert f"kupd (pid {pid}) is not ready after 1 s" in res.stderr
+        assert not stale.exists()
     finally:
         _reap(rc)
+
+
+# -- the real kupd, quiet (log_level warning): no "kupd ready" line ----------
+def _real_kupd(rc: RcEnv, config: str) -> None:
+    """rc.binary runs this tree's kupd (a Python console script as pip makes
+    it); rc.config is ``config`` plus a device it will not find (kupd serves
+    all the same, the device unhealthy)."""
+    rc.binary.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "from kupd.daemon import main\nsys.exit(main())\n"
+    )
+    sim = rc.dir / "sim"
+    sim.mkdir()
+    rc.config.write_text(
+        f'socket = "{rc.rundir / "kupd.sock"}"\nkupsim_dir = "{sim}"\n'
+        f'log_level = "warning"\n{config}\n[[device]]\nname = "echo"\n'
+    )
+    rc.rundir.mkdir()  # install(1) is only recorded by the stand-in
+
+
+def _stop_kupd(rc: RcEnv, pid: int) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and not _zombie(pid):
+        assert time.monotonic() < deadline, "kupd did not stop"
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, not reaped yet (the stand-in's spawn does not wait for it)."""
+    try:
+        return b") Z " in Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+
+
+def test_start_waits_for_a_quiet_kupds_ready_file(rc: RcEnv) -> None:
+    """log_level warning: kupd logs no "kupd ready" line, yet start returns
+    as soon as it serves -- its ready file names its pid -- not after
+    kupd_start_check; the file is gone once kupd stops."""
+    _real_kupd(rc, "")
+    rc.write_conf(kupd_start_check="30")
+    ready = rc.rundir / "kupd.ready"
+    try:
+        t0 = time.monotonic()
+        res = rc.run("start", spawn=_as_daemon(rc))
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "not ready" not in res.stderr
+        pid = int(rc.pidfile.read_text().split()[0])
+        assert ready.read_text() == f"{pid} ready\n"
+        assert "kupd ready" not in (rc.dir / "kupd.log").read_text()
+        assert took < 20, took  # at readiness, not after kupd_start_check
+        assert (rc.rundir / "kupd.sock").exists()
+        res = rc.run("status")
+        assert f"kupd is running as pid {pid}." in res.stdout
+        _stop_kupd(rc, pid)
+        assert not ready.exists()
+    finally:
+        _reap(rc)
+
+
+def test_start_fails_fast_when_a_quiet_kupd_exits(rc: RcEnv) -> None:
+    """log_level warning, and kupd exits during start-up after taking its
+    lock (metrics_port taken): start fails at once, with kupd's words --
+    and the ready file a killed kupd left is gone (kupd removes it too,
+    once it holds the lock)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _real_kupd(rc, f"metrics_port = {port}")
+        rc.write_conf(kupd_start_check="30")
+        try:
+            t0 = time.monotonic()
+            res = rc.run("start", spawn=_as_daemon(rc))
+            took = time.monotonic() - t0
+        finally:
+            _reap(rc)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "kupd exited during start-up" in res.stderr
+    assert "Address already in use" in res.stderr, res.stderr
+    assert took < 20, took
+    assert not (rc.rundir / "kupd.ready").exists()
+
+
+def test_quiet_kupd_removes_a_stale_ready_file_at_start(rc: RcEnv) -> None:
+    """kupd itself (started without rc.d's prestart) does not leave a ready
+    file of a crashed kupd in place: one that fails after taking its lock
+    removes it, so nothing reads it as this kupd's readiness."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _real_kupd(rc, f"metrics_port = {port}")
+        ready = rc.rundir / "kupd.ready"
+        ready.write_text("1 ready\n")
+        res = subprocess.run(
+            [str(rc.binary), "--config", str(rc.config), "--ready-file", str(ready)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert res.returncode == 1, res.stderr
+    assert not ready.exists()
 
 
 def test_start_refused_without_kupd_or_its_interpreter(rc: RcEnv) -> None:
