@@ -127,6 +127,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             sessions_ended=done.sessions_ended,
             needs_restart=done.needs_restart,
             applied=done.applied,
+            rpcs_ended=done.rpcs_ended,
         )
 
     async def DrainDevice(

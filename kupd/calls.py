@@ -37,6 +37,7 @@ from kupd import errors
 from kupd.channel import Channel, Message
 from kupd.log import get_logger
 from kupd.metrics import CallCount, Metrics
+from kupd.retirement import waiting_on
 from kupd.waiting import ChannelWaiter
 
 __all__ = ["CALLER_MAX", "TENANT_GROUP", "CallPool", "PoolChannel", "caller_arg"]
@@ -409,7 +410,10 @@ class CallPool:
             refuse = functools.partial(self._refuse_retired, fut)
             retired.add_done_callback(refuse)
         try:
-            return await fut
+            # counted as a Call the socket's retirement ends, unless it was
+            # granted (or timed out) first
+            with waiting_on(retired, "Call", fut):
+                return await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._put_back(fut.result())  # granted just as we gave up: hand it on

@@ -61,6 +61,9 @@ class Reloaded:
     #: changed keys that only a restart applies (kupd.config.RESTART_KEYS), and
     #: max_queued_calls / max_sessions raised past the gRPC bound built at start
     needs_restart: list[str]
+    #: RPCs that waited on a socket the reload moved or removed, ended by it,
+    #: by RPC ("Receive", "Call", "Watch", ...: kupd.retirement); none: {}
+    rpcs_ended: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _advise(cfg: Config) -> None:
@@ -426,6 +429,7 @@ class Server:
             ok=True,
             tenants=done.tenants,
             sessions_ended=done.sessions_ended,
+            rpcs_ended=done.rpcs_ended,
             applied=done.applied,
             needs_restart=done.needs_restart,
         )
@@ -543,8 +547,9 @@ class Server:
                         ),
                     )
             ended += self._end_moved_sessions(old, cfg)
+            rpcs_ended: dict[str, int] = {}
             if self.sockets is not None:
-                added, removed = await self.sockets.commit(
+                added, removed, rpcs_ended = await self.sockets.commit(
                     endpoints, started, calls_grace=cfg.call_timeout
                 )
             else:
@@ -562,10 +567,11 @@ class Server:
                 needs_restart=needs_restart,
                 tenants=names,
                 sessions_ended=len(ended),
+                rpcs_ended=rpcs_ended,
                 sockets_added=added,
                 sockets_removed=removed,
             )
-            return Reloaded(names, ended, applied, needs_restart)
+            return Reloaded(names, ended, applied, needs_restart, rpcs_ended)
 
     def _end_moved_sessions(self, old: Config, cfg: Config) -> list[str]:
         """End the Sessions served by a tenant socket this reload moves

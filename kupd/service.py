@@ -49,6 +49,7 @@ from kupd.policy import (
     socket_retired,
     use_tenant,
 )
+from kupd.retirement import waiting_on
 from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
@@ -459,7 +460,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         guard = _StreamGuard(retired)
         guard.waiting = True
         try:
-            await aw
+            with waiting_on(retired, "Health.Watch"):
+                await aw
         except asyncio.CancelledError:
             if not guard.take_cancel():
                 raise  # not ours: the client went away
@@ -798,10 +800,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
+        # what waits below (the lease's turn, the reply) ends when a reload
+        # retires the socket: counted in its reply (kupd.retirement)
         if not request.wait_reply:
             if t.channel_ops_per_second:
                 await self._pace(t, "lease", lease, self._deadline_cap(context, None))
-            await self.leases.send(lease, data, retired)
+            with waiting_on(retired, "Send", lease.ended):
+                await self.leases.send(lease, data, retired)
             return kup_pb2.SendResponse()
         mode = request.reply_mode
         if mode == kup_pb2.RECEIVE_MODE_BLOCK:
@@ -811,14 +816,15 @@ class KupService(kup_pb2_grpc.KupServicer):
             timeout, nonblocking = self._receive_args(mode, request.reply_timeout_ms)
         if t.channel_ops_per_second:
             timeout = await self._paced(t, "lease", lease, self._deadline_cap(context, timeout))
-        msg = await self.leases.exchange(
-            lease,
-            data,
-            self._deadline_cap(context, timeout),
-            nonblocking=nonblocking,
-            abort=self.drain,
-            retired=retired,
-        )
+        with waiting_on(retired, "Send", lease.ended):
+            msg = await self.leases.exchange(
+                lease,
+                data,
+                self._deadline_cap(context, timeout),
+                nonblocking=nonblocking,
+                abort=self.drain,
+                retired=retired,
+            )
         resp = kup_pb2.SendResponse()
         fill_receive(resp.reply, msg)
         return resp
@@ -830,7 +836,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         lease, t = self._lease_t(request.lease_id)
         if t.channel_ops_per_second:
             await self._pace(t, "lease", lease, self._deadline_cap(context, None))
-        await self.leases.pass_(lease, socket_retired())
+        retired = socket_retired()
+        with waiting_on(retired, "Pass", lease.ended):  # for its turn
+            await self.leases.pass_(lease, retired)
         return kup_pb2.PassResponse()
 
     @staticmethod
@@ -852,15 +860,19 @@ class KupService(kup_pb2_grpc.KupServicer):
         mode: int,
         timeout_ms: int,
         context: grpc.aio.ServicerContext,
+        t: Tenant | None = None,
     ) -> kup_pb2.ReceiveResponse:
+        """A unary Receive; ``t``: the caller's tenant, when it has a
+        channel_ops_per_second to wait under first."""
         timeout, nonblocking = self._receive_args(mode, timeout_ms)
-        msg = await self.leases.receive(
-            lease,
-            self._deadline_cap(context, timeout),
-            nonblocking=nonblocking,
-            abort=self.drain,
-            retired=socket_retired(),
-        )
+        timeout = self._deadline_cap(context, timeout)
+        if t is not None:
+            timeout = await self._paced(t, "lease", lease, timeout)
+        retired = socket_retired()
+        with waiting_on(retired, "Receive", lease.ended):
+            msg = await self.leases.receive(
+                lease, timeout, nonblocking=nonblocking, abort=self.drain, retired=retired
+            )
         return _receive_pb(msg)
 
     @_unary
@@ -868,28 +880,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.ReceiveRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReceiveResponse:
         lease, t = self._lease_t(request.lease_id)
-        if t.channel_ops_per_second:
-            return await self._paced_receive(lease, t, request.mode, request.timeout_ms, context)
         # nothing awaited from here to the wait for the kernel's message
-        # (or for the lease's turn, another operation under way on it)
+        # (or for the lease's turn, another operation under way on it),
+        # unless the tenant's channel_ops_per_second makes it wait its turn
         log.debug("receive", mode=request.mode, timeout_ms=request.timeout_ms)
-        return await self._receive(lease, request.mode, request.timeout_ms, context)
-
-    async def _paced_receive(
-        self,
-        lease: Lease,
-        t: Tenant,
-        mode: int,
-        timeout_ms: int,
-        context: grpc.aio.ServicerContext,
-    ) -> kup_pb2.ReceiveResponse:
-        """Receive, after its turn under channel_ops_per_second."""
-        timeout, nonblocking = self._receive_args(mode, timeout_ms)
-        timeout = await self._paced(t, "lease", lease, self._deadline_cap(context, timeout))
-        msg = await self.leases.receive(
-            lease, timeout, nonblocking=nonblocking, abort=self.drain, retired=socket_retired()
-        )
-        return _receive_pb(msg)
+        paced = t if t.channel_ops_per_second else None
+        return await self._receive(lease, request.mode, request.timeout_ms, context, paced)
 
     # ---------------------------------------------------------------- sessions
     def _raise_if_draining(self) -> None:
@@ -1022,7 +1018,10 @@ class KupService(kup_pb2_grpc.KupServicer):
                 guard.watch(retired)
             counted = self._unattached()
             try:
-                first = await self._next(reader, None, guard, retired)
+                # not attached yet: no lease a reload could end, so counted
+                # as a Session the socket's retirement ends
+                with waiting_on(retired, "Session"):
+                    first = await self._next(reader, None, guard, retired)
             finally:
                 self.leases.unattached_leave(counted)
             if first is None:
@@ -1231,8 +1230,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.guard.check_op(t, "watch", request.device)  # before the lookup
         if request.device:
             self.mgr.get(request.device)
-        with self.watch_slot(t, request.device):
-            async for event in self._watch(request, t, socket_retired()):
+        retired = socket_retired()
+        with self.watch_slot(t, request.device), waiting_on(retired, "Watch"):
+            async for event in self._watch(request, t, retired):
                 yield event
         raise errors.Shutdown("kupd is shutting down")
 

@@ -53,6 +53,7 @@ from kupd.policy import (
     socket_removed,
     use_tenant,
 )
+from kupd.retirement import waiting_now
 from kupd.wire import add_kup_servicer
 
 __all__ = [
@@ -816,9 +817,10 @@ class SocketSet:
 
     async def commit(
         self, wanted: list[Endpoint], started: list[Started], calls_grace: float = 1.0
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], dict[str, int]]:
         """Make the running sockets match ``wanted`` (prepared by
-        :meth:`prepare`): (added, removed) paths.  A new server's socket is
+        :meth:`prepare`): (added, removed) paths, and the RPCs that waited on
+        the sockets it retired, ended now, by kind (kupd.retirement).  A new server's socket is
         renamed to its path (atomic: a client connecting meanwhile reaches
         the old server or the new one, never nothing).  A tenant that keeps
         its socket path keeps its server (its open sessions are untouched;
@@ -834,36 +836,53 @@ class SocketSet:
         for st in started:
             self._install(st)
         removed: list[str] = []
+        ended: dict[str, int] = {}
         for key in list(self.servers):
             if key not in want:
                 path, name = key
-                self._retire(key, calls_grace, _retired_why(name, path, wanted))
+                for kind, n in self._retire(
+                    key, calls_grace, _retired_why(name, path, wanted)
+                ).items():
+                    ended[kind] = ended.get(kind, 0) + n
                 if path not in added:
                     removed.append(path)
         self._undo = []
         for key, ep in want.items():
             self.servers[key] = (ep, self.servers[key][1])
-        return added, removed
+        return added, removed, ended
 
-    def _retire(self, key: tuple[str, str], grace: float, why: errors.Unavailable) -> None:
+    def _retire(
+        self, key: tuple[str, str], grace: float, why: errors.Unavailable
+    ) -> dict[str, int]:
         """Take a removed server out of service: its socket file goes now
         (no new connection reaches it; gRPC itself refuses new RPCs on the
         ones open), the server stops in the background with ``grace``.
         Its retirement fails with ``why``: every RPC of it that waits ends
         now with that (kupd.policy.socket_retired), logged and counted as
-        any failed RPC; a Call already on a pool channel runs on."""
+        any failed RPC; a Call already on a pool channel runs on.  Returns
+        those RPCs, by kind (kupd.retirement: counted as the retirement
+        fires, before they run)."""
         ep, server = self.servers.pop(key)
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
         self._unlink_if(ep.path, fid)
         retired = self._retired.pop(server, None)
+        ended: dict[str, int] = {}
         if retired is not None and not retired.done():
+            ended = waiting_now(retired)
             retired.set_exception(why)
             retired.exception()  # retrieved: no "never retrieved" warning
-        log.info("socket removed", socket=ep.path, tenant=ep.tenant.name, why=why.message)
+        log.info(
+            "socket removed",
+            socket=ep.path,
+            tenant=ep.tenant.name,
+            why=why.message,
+            rpcs_ended=ended,
+        )
         task = asyncio.ensure_future(server.stop(grace))
         self._retiring[task] = server
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
+        return ended
 
     async def start(self, wanted: list[Endpoint]) -> None:
         for ep in wanted:
