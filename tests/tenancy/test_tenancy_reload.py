@@ -155,6 +155,7 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
         assert json.loads(good.stdout) == {
             "tenants": ["alice", "dave"],
             "sessions_ended": [ch.lease.lease_id],
+            "rpcs_ended": {},
             "applied": ["tenants"],
             "needs_restart": [],
         }, (good.stdout, k.log()[-6000:])

@@ -1,6 +1,6 @@
 """What a reload's reply counts of the RPCs it ends by moving or removing a
 socket (kupd.retirement): ``rpcs_ended`` of Admin.Reload, the ``config
-reloaded`` log line and the audit line -- against
+reloaded`` log line, the audit line and kupctl's reload output -- against
 real RPCs waiting in kupd on the socket, each seen to end."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd
+from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
 
 from kupclient import Client, Message
 from kupd import errors
@@ -163,6 +163,38 @@ def test_reload_counts_the_rpcs_it_ends_on_a_moved_socket(start_tenants: StartTe
     assert line["rpcs_ended"] == r.rpcs_ended, line
     (audit,) = [x for x in k.audit_lines() if x.get("action") == "reload"]
     assert audit["rpcs_ended"] == r.rpcs_ended, audit
+
+
+def test_kupctl_reload_shows_the_rpcs_ended(start_tenants: StartTenants) -> None:
+    """kupctl's reload line names the RPCs a reload ended on a moved socket
+    (here a Health Watch and a Watch), --json gives the map; a reload that
+    ends none says nothing of them."""
+    k = start_tenants(SLOW + ALICE)
+    chan = grpc.insecure_channel("unix:" + k.sock("alice"))
+    try:
+        health = health_pb2_grpc.HealthStub(chan).Watch(
+            health_pb2.HealthCheckRequest(), timeout=60
+        )
+        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+        with k.client("alice") as a:
+            events = a.watch("echo", initial_state=True)
+            assert next(events).initial
+            k.write_config(SLOW + MOVED)
+            res = run_module("kupclient.kupctl", "reload", "--admin-socket", k.admin_socket)
+            assert res.returncode == 0, res.stderr
+            assert (
+                "2 RPCs ended on moved or removed sockets (Health.Watch 1, Watch 1)"
+                in res.stdout
+            ), res.stdout
+            events.cancel()
+    finally:
+        chan.close()
+    k.write_config(SLOW + ALICE)  # back, with nothing waiting on alice2.sock
+    res = run_module("kupclient.kupctl", "--json", "reload", "--admin-socket", k.admin_socket)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["rpcs_ended"] == {}, res.stdout
+    res = run_module("kupclient.kupctl", "reload", "--admin-socket", k.admin_socket)
+    assert res.returncode == 0 and "RPC" not in res.stdout, res.stdout
 
 
 def test_reload_that_removes_a_tenant_counts_its_streams_not_its_leases(

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -67,6 +67,10 @@ class ReloadResult:
     needs_restart: tuple[str, ...] = ()
     #: changed keys the reload applied (the tenants, call_timeout, log_level, ...)
     applied: tuple[str, ...] = ()
+    #: RPCs that waited on a socket the reload moved or removed, ended by it,
+    #: by RPC ("Receive", "Send", "Pass", "Call", "Watch", "Health.Watch",
+    #: "Session": a stream not attached yet); a kupd older than this: {}
+    rpcs_ended: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ def reload_summary(r: ReloadResult) -> str:
         f"reloaded: tenants {', '.join(r.tenants)}; "
         f"{len(r.sessions_ended)} sessions ended by the new policy"
     )
+    n = sum(r.rpcs_ended.values())
+    if n:
+        each = ", ".join(f"{k} {v}" for k, v in sorted(r.rpcs_ended.items()))
+        line += f"; {n} RPC{'s' if n != 1 else ''} ended on moved or removed sockets ({each})"
     if r.applied:
         line += f"; applied: {', '.join(r.applied)}"
     if r.needs_restart:
@@ -123,6 +131,7 @@ class AdminClient:
             tuple(resp.sessions_ended),
             tuple(resp.needs_restart),
             tuple(resp.applied),
+            dict(resp.rpcs_ended),
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:

@@ -743,6 +743,7 @@ def cmd_reload(args: argparse.Namespace, out: Output) -> int:
         print(json.dumps({
             "tenants": list(r.tenants),
             "sessions_ended": list(r.sessions_ended),
+            "rpcs_ended": r.rpcs_ended,
             "applied": list(r.applied),
             "needs_restart": list(r.needs_restart),
         }))
