@@ -301,6 +301,22 @@ class Metrics:
         self.calls_queued = Gauge(
             "kupd_calls_queued", "Calls waiting for a pool channel", ["device"], registry=r
         )
+        self.connections = Gauge(
+            "kupd_connections",
+            "Connections open on each socket kupd serves (by its tenant: default for the "
+            "plain socket, admin for the admin socket), as gRPC's channelz counts them "
+            "every few seconds",
+            ["tenant"],
+            registry=r,
+        )
+        self.connections_max = Gauge(
+            "kupd_connections_max",
+            "Each socket's max_connections (sockets without one are not listed): at "
+            "kupd_connections >= kupd_connections_max gRPC closes every further "
+            "connection as it is accepted, which kupd cannot count",
+            ["tenant"],
+            registry=r,
+        )
         self.errors = Counter(
             "kupd_errors",
             "RPC errors by gRPC code, per device and channel ('' where not known)",

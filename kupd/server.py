@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import resource
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -319,6 +320,81 @@ class Server:
             metrics_port=self.metrics_port,
         )
         self.mgr.spawn(self._watch_fds())
+        self.mgr.spawn(self._watch_connections())
+
+    async def _watch_connections(self) -> None:
+        """Say when a socket is at its max_connections.  gRPC closes a
+        connection over the cap as it is accepted and tells kupd nothing
+        (kupd.connections: the refusals cannot be counted), so kupd looks
+        at what it can see, every CONN_WATCH_S: the connections open on
+        each socket.  A socket that has reached its cap refuses whatever
+        connects next: a warning when it gets there (again at most every
+        CONN_REPEAT_S while it stays there), a line when it is under it
+        again; kupd_connections / kupd_connections_max carry the counts.
+        A socket that reaches its cap and drops back between two looks is
+        not seen."""
+        at_cap: dict[tuple[str, str], float] = {}  # key -> when last said
+        listed: set[str] = set()  # tenants in kupd_connections
+        capped: set[str] = set()  # tenants in kupd_connections_max
+        unreadable = False
+        while not self._stopping:
+            await asyncio.sleep(CONN_WATCH_S)
+            if self.sockets is None or self._stopping:
+                continue
+            seen = self.sockets.connections()
+            if seen is None:
+                if not unreadable:
+                    unreadable = True
+                    log.warning(
+                        "cannot read gRPC's channelz: connections per socket are not "
+                        "watched (a socket at its max_connections is not reported)"
+                    )
+                continue
+            unreadable = False
+            now = time.monotonic()
+            tenants: set[str] = set()
+            caps: set[str] = set()
+            for ep, n in seen:
+                name = ep.tenant.name
+                tenants.add(name)
+                self.metrics.connections.labels(name).set(n)
+                cap = ep.max_connections
+                if not cap:
+                    continue
+                caps.add(name)
+                self.metrics.connections_max.labels(name).set(cap)
+                if n >= cap:
+                    said = at_cap.get(ep.key)
+                    if said is None or now - said >= CONN_REPEAT_S:
+                        log.warning(
+                            "socket at max_connections: gRPC closes every further "
+                            "connection as it is accepted (kupd cannot count those)"
+                            if said is None
+                            else "socket still at max_connections",
+                            socket=ep.path,
+                            tenant=name,
+                            connections=n,
+                            max_connections=cap,
+                        )
+                        at_cap[ep.key] = now
+                elif ep.key in at_cap:
+                    del at_cap[ep.key]
+                    log.info(
+                        "socket under max_connections again",
+                        socket=ep.path,
+                        tenant=name,
+                        connections=n,
+                        max_connections=cap,
+                    )
+            keys = {ep.key for ep, _ in seen}
+            for key in [k for k in at_cap if k not in keys]:
+                del at_cap[key]  # a socket a reload took away
+            # tenants (or caps) a reload took away: out of the metrics
+            for name in listed - tenants:
+                self.metrics.connections.remove(name)
+            for name in capped - caps:
+                self.metrics.connections_max.remove(name)
+            listed, capped = tenants, caps
 
     def write_ready_file(self) -> None:
         """``ready_file``: "PID ready", once kupd serves (after "kupd ready"
@@ -790,6 +866,11 @@ class Server:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+
+#: How often kupd counts the connections on its sockets (seconds), and how
+#: often at most it repeats that a socket is still at its max_connections
+CONN_WATCH_S = 2.0
+CONN_REPEAT_S = 60.0
 
 #: How often kupd counts its file descriptors (seconds), and the shares of
 #: its RLIMIT_NOFILE at which it warns and says it is clear again.

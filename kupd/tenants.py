@@ -43,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
+from kupd.connections import open_connections
 from kupd.log import bind, get_logger
 from kupd.policy import (
     ADMIN,
@@ -586,6 +587,9 @@ class SocketSet:
         #: each server's retirement (kupd.policy.socket_retired), failed by
         #: _retire: what its RPCs wait for ends then
         self._retired: dict[grpc.aio.Server, asyncio.Future[None]] = {}
+        #: the path each server's socket was bound at (channelz's name for
+        #: it, kept after the rename: kupd.connections)
+        self._bound_at: dict[grpc.aio.Server, str] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -689,6 +693,7 @@ class SocketSet:
                     )
         except OSError as exc:
             self._retired.pop(server, None)
+            self._bound_at.pop(server, None)
             await server.stop(None)
             if exc.strerror is None:  # _not_ours
                 raise
@@ -697,6 +702,7 @@ class SocketSet:
                 f"{ep.owner} / group {ep.group}: {exc.strerror} (chown needs CAP_CHOWN)"
             ) from None
         self._born[path] = (st.st_dev, st.st_ino)
+        self._bound_at[server] = path
         return ep, server, path
 
     def _install(self, started: Started) -> None:
@@ -733,6 +739,7 @@ class SocketSet:
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
         self._retired.pop(server, None)
+        self._bound_at.pop(server, None)
         await server.stop(grace)
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
@@ -813,6 +820,7 @@ class SocketSet:
         for _ep, server, name in started:
             self._born.pop(name, None)
             self._retired.pop(server, None)
+            self._bound_at.pop(server, None)
             await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
@@ -867,6 +875,7 @@ class SocketSet:
         self._direct.discard(key)
         self._unlink_if(ep.path, fid)
         retired = self._retired.pop(server, None)
+        self._bound_at.pop(server, None)
         ended: dict[str, int] = {}
         if retired is not None and not retired.done():
             ended = waiting_now(retired)
@@ -900,6 +909,15 @@ class SocketSet:
             *(server.stop(grace) for _, server in retiring),
             *(task for task, _ in retiring),
         )
+
+    def connections(self) -> list[tuple[Endpoint, int]] | None:
+        """(endpoint, connections open on it) for each socket served now
+        (kupd.connections: gRPC's channelz); None when that cannot be read."""
+        served = [(ep, self._bound_at.get(server, ep.path)) for ep, server in self.servers.values()]
+        counts = open_connections(path for _, path in served)
+        if counts is None:
+            return None
+        return [(ep, counts.get(path, 0)) for ep, path in served]
 
     def unlink_all(self) -> None:
         for key, (ep, _) in self.servers.items():
