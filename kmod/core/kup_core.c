@@ -763,7 +763,8 @@ static int
 kup_dev_wait_cond(struct kupdev_softc *sc)
 {
 	return KUP_READ_ONCE32(&sc->npending) != 0 ||
-	    KUP_READ_ONCE32(&sc->shutdown) != 0;
+	    KUP_READ_ONCE32(&sc->shutdown) != 0 ||
+	    KUP_READ_ONCE32(&sc->wakes) != 0;
 }
 
 int
@@ -795,6 +796,14 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 		if (sc->shutdown) {
 			kup_unlock(&sc->lock);
 			r = -ESHUTDOWN;
+			goto out;
+		}
+		if (sc->wakes != 0) {
+			/* kupdev_wake: before taking an attachment, which a
+			 * thread told to stop would not serve */
+			KUP_WRITE_ONCE32(&sc->wakes, sc->wakes - 1);
+			kup_unlock(&sc->lock);
+			r = -ECANCELED;
 			goto out;
 		}
 		for (k = 0; k < sc->chan_cnt && sc->npending != 0; k++) {
@@ -1089,7 +1098,8 @@ kup_core_chan_exclusive_try(struct kup_chan *ch, int (*fn)(struct kup_chan *),
  * detach.  Not once the module has been told of a newer attachment, nor
  * once the page has been reset for one (or replaced by the host), nor
  * after a call of the module saw the session end (over: -EPIPE, CLOSE,
- * -EPROTO).
+ * -EPROTO), nor after the module ended it with kupdev_disconnect (it said
+ * it wants nothing more from that user).
  */
 static int
 kup_chan_left_msg(struct kup_chan *ch)
@@ -1097,6 +1107,7 @@ kup_chan_left_msg(struct kup_chan *ch)
 	uint64_t kgen = KUP_READ_ONCE64(&ch->kgen);
 
 	return ch->pgen != 0 && ch->pgen == kgen && ch->page_gen == ch->pgen &&
+	    KUP_READ_ONCE64(&ch->ended_gen) != kgen &&
 	    ch->kturn == KUP_KT_USER && !ch->over && !ch->peer_bad &&
 	    KUP_LOAD_ACQ32(&ch->ctrl->turn) == KUP_TURN_KERNEL;
 }
@@ -1113,7 +1124,9 @@ kup_chan_enter(struct kup_chan *ch, int receiving)
 		return -ESHUTDOWN;
 	kgen = KUP_READ_ONCE64(&ch->kgen);
 	if (!KUP_READ_ONCE32(&ch->attached) ||
-	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0) {
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0 ||
+	    KUP_READ_ONCE64(&ch->ended_gen) == kgen) {
+		/* (kup_chan_left_msg is 0 once kupdev_disconnect ended kgen) */
 		if (receiving && kup_chan_left_msg(ch))
 			return 0;
 		ch->over = 1;   /* the session in progress (pgen) has ended */
@@ -1247,7 +1260,9 @@ kup_recv_cond(struct kup_chan *ch)
 	return KUP_LOAD_ACQ32(&ch->ctrl->turn) != KUP_TURN_USER ||
 	    KUP_READ_ONCE32(&ch->sc->shutdown) != 0 ||
 	    KUP_READ_ONCE32(&ch->attached) == 0 ||
-	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen != ch->pgen;
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen != ch->pgen ||
+	    KUP_READ_ONCE64(&ch->ended_gen) == kgen ||
+	    KUP_READ_ONCE32(&ch->wakes) != 0;
 }
 
 #ifdef KUP_NOW_NS
@@ -1398,10 +1413,30 @@ kup_chan_busy(struct kup_chan *ch, int sending)
 		return -ESHUTDOWN;
 	kgen = KUP_READ_ONCE64(&ch->kgen);
 	if (!KUP_READ_ONCE32(&ch->attached) ||
-	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0)
+	    KUP_READ_ONCE64(&ch->gen) != kgen || kgen == 0 ||
+	    KUP_READ_ONCE64(&ch->ended_gen) == kgen)
 		return -EPIPE;
 	return sending && KUP_READ_ONCE64(&ch->rx_waiter) != 0 ? -EAGAIN :
 	    -EBUSY;
+}
+
+/*
+ * Under ch->lock, for the thread that is to receive (nobody else is in the
+ * channel): answer a kupdev_wake_channel with -ECANCELED, taking it.  The
+ * shutdown comes first (-ESHUTDOWN: the wake is moot then, and kept).
+ * Taken before the receive looks at the session or the turn: a thread told
+ * to stop stops, whatever its user did meanwhile (a message waiting stays
+ * for the receive after).
+ */
+static int
+kup_take_wake(struct kup_chan *ch)
+{
+	if (ch->wakes == 0)
+		return 0;
+	if (KUP_READ_ONCE32(&ch->sc->shutdown))
+		return -ESHUTDOWN;
+	KUP_WRITE_ONCE32(&ch->wakes, ch->wakes - 1);
+	return -ECANCELED;
 }
 
 int
@@ -1428,6 +1463,9 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		return -EDEADLK;
 	kup_lock(&ch->lock);
 	r = kup_chan_busy(ch, 0);
+	if (r != 0)
+		goto out;
+	r = kup_take_wake(ch);
 	if (r != 0)
 		goto out;
 	r = kup_chan_enter(ch, 1);
@@ -1457,6 +1495,12 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		r = kup_wait_turn(ch, timeout_ms);
 		kup_lock(&ch->lock);
 		KUP_WRITE_ONCE64(&ch->rx_waiter, 0);
+		/* a kupdev_wake_channel meanwhile is this wait's answer, also
+		 * when the timeout ran out at the same time */
+		if (ch->wakes != 0) {
+			r = kup_take_wake(ch);   /* or -ESHUTDOWN */
+			goto out;
+		}
 		if (r != 0)
 			goto out;
 	}
@@ -1614,6 +1658,101 @@ int
 kupdev_pass(struct kupdev_softc *sc, int chan_id)
 {
 	return kup_send_common(sc, chan_id, NULL, 0, KUP_KIND_PASS);
+}
+
+/*
+ * kupdev_disconnect: end the user's session from the kernel side.  Why
+ * the user keeps the channel until it lets go: on Linux and FreeBSD its
+ * mapping IS the channel's memory (one vmalloc area / VM object for every
+ * attachment), so handing the channel to the next user while the ended
+ * one still maps it would let it read and write the next user's pages --
+ * the very thing kupsim's fresh memfds and the attach's page reset
+ * exist to prevent.  So the core does what it does for a user that broke
+ * the protocol: KUP_STATE_PEER_GONE on the page ("kernel side gave up on
+ * this user", in ABI version 1 from the start: every libkup already
+ * reports it as EKU_PEER, so no new state, no new ABI version), a
+ * wake-up of the user (a blocked receive, a poller: Linux POLLERR), and
+ * ended_gen, which makes every module call of that session -EPIPE and
+ * wakes a module receive waiting for that user.  The user's next or
+ * blocked operation fails with EKU_PEER, libkup's close then detaches
+ * without a CLOSE (the state is not OK), and the channel is free for the
+ * next attach.  Not under the turn protocol: the turn word is not
+ * touched, so neither side's view of the turn changes (kup_turn.pml's
+ * PEER_GONE path, the same as a protocol error's).
+ */
+int
+kupdev_disconnect(struct kupdev_softc *sc, int chan_id)
+{
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_disconnect");
+	uint64_t kgen;
+	int r;
+
+	if (ch == NULL)
+		return -EINVAL;
+	kup_lock(&ch->lock);
+	if (KUP_READ_ONCE32(&sc->shutdown)) {
+		r = -ESHUTDOWN;
+		goto out;
+	}
+	kgen = KUP_READ_ONCE64(&ch->kgen);
+	kup_lock(&sc->lock);   /* ch before sc; the page state under sc */
+	if (!ch->attached || ch->gen != kgen || kgen == 0 ||
+	    ch->ended_gen == kgen) {
+		/* no session with a user: it left, or it has not been
+		 * reported by kupdev_wait_channel yet, or it was ended
+		 * already */
+		kup_unlock(&sc->lock);
+		r = -EPIPE;
+		goto out;
+	}
+	KUP_WRITE_ONCE64(&ch->ended_gen, kgen);
+	kup_state_set(ch, KUP_STATE_PEER_GONE, 0);
+	kup_unlock(&sc->lock);
+	KUP_FENCE();
+	kup_os_chan_wake_user(ch);   /* under ch->lock: as kup_chan_poison */
+	r = 0;
+out:
+	kup_chan_unlock(ch);
+	if (r == 0)
+		kup_os_chan_wake(ch);   /* a module receive waiting for it */
+	return r;
+}
+
+int
+kupdev_wake_channel(struct kupdev_softc *sc, int chan_id)
+{
+	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_wake_channel");
+	int r = 0;
+
+	if (ch == NULL)
+		return -EINVAL;
+	kup_lock(&ch->lock);
+	if (KUP_READ_ONCE32(&sc->shutdown))
+		r = -ESHUTDOWN;   /* every receive answers that now */
+	else if (ch->wakes != 0xffffffffU)
+		KUP_WRITE_ONCE32(&ch->wakes, ch->wakes + 1);
+	kup_chan_unlock(ch);
+	if (r == 0)
+		kup_os_chan_wake(ch);
+	return r;
+}
+
+int
+kupdev_wake(struct kupdev_softc *sc)
+{
+	int r = 0;
+
+	if (!kup_dev_live(sc, "kupdev_wake", "called after kupdev_unload?"))
+		return -EINVAL;
+	kup_lock(&sc->lock);
+	if (sc->shutdown)
+		r = -ESHUTDOWN;
+	else if (sc->wakes != 0xffffffffU)
+		KUP_WRITE_ONCE32(&sc->wakes, sc->wakes + 1);
+	kup_unlock(&sc->lock);
+	if (r == 0)
+		kup_os_dev_wake(sc);
+	return r;
 }
 
 int

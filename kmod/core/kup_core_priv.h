@@ -56,6 +56,16 @@ struct kup_chan {
 	uint32_t over;            /* session pgen ended for the module: it got
 	                           * -EPIPE/-EPROTO or the user's CLOSE */
 	uint32_t peer_bad;        /* user broke the protocol: -EPROTO */
+	uint64_t ended_gen;       /* the attachment kupdev_disconnect ended
+	                           * (0: none); written under lock, read with
+	                           * READ_ONCE by a waiting receive's condition.
+	                           * A generation, not a flag: it ends exactly
+	                           * that user's session, and the next
+	                           * attachment (a new generation) is not
+	                           * touched by it */
+	uint32_t wakes;           /* kupdev_wake_channel calls not yet answered
+	                           * by a receive (-ECANCELED); under lock, read
+	                           * with READ_ONCE by the waiting receive */
 	uint64_t k2u_seq;         /* last seq sent */
 	uint64_t u2k_seq;         /* last seq received */
 	uint32_t spin_avg_ns;     /* the receiving thread's: running average of
@@ -86,6 +96,10 @@ struct kupdev_softc {
 	uint32_t announced;
 	uint64_t notify_gen;
 	uint32_t rr;              /* wait_channel round robin start */
+	uint32_t wakes;           /* kupdev_wake calls not yet answered by a
+	                           * kupdev_wait_channel (-ECANCELED); also
+	                           * read with READ_ONCE by its sleep's
+	                           * condition */
 	/* protocol-error log lines: a hostile user must not flood the log */
 	uint64_t perr_window;     /* start of the current window (ns, or count) */
 	uint32_t perr_lines;      /* lines logged in it */

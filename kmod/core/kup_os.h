@@ -75,7 +75,8 @@
  *                           it with the try)
  *   plus memcpy, memset, strlen/strnlen, size_t, uint32_t/uint64_t and the
  *   errno names EINVAL EAGAIN EBUSY ENOENT ENOMEM EPIPE EPROTO EMSGSIZE
- *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK EINPROGRESS.
+ *   ETIMEDOUT ESHUTDOWN EINTR EEXIST EPROTONOSUPPORT EDEADLK EINPROGRESS
+ *   ECANCELED.
  */
 #ifndef KUP_OS_H
 #define KUP_OS_H

@@ -12,7 +12,7 @@
  *   - functions returning int return 0 (or a channel id) on success and a
  *     NEGATIVE errno value on failure (-EINVAL, -ETIMEDOUT, -ESHUTDOWN,
  *     -EPIPE, -EPROTO, -EMSGSIZE, -EBUSY, -EAGAIN, -ENOENT, -EINTR,
- *     -EDEADLK);
+ *     -EDEADLK, -ECANCELED: kupdev_wake);
  *   - timeouts are in milliseconds; KUPDEV_FOREVER (-1) waits without
  *     bound (still interruptible by kupdev_unload and by peer departure);
  *     any other negative timeout is refused with -EINVAL (and a log line),
@@ -257,6 +257,57 @@ void kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id);
  * Same errors as kupdev_send.  DROPS an unread user message (see "Turn
  * semantics" above; a dropped DATA message is logged). */
 int kupdev_pass(struct kupdev_softc *sc, int chan_id);
+
+/* End the session of the user attached to chan_id, from the kernel side
+ * (the module is done with it, or will not serve it: an idle user, a
+ * policy, a user that asked for something it must not have).  The user's
+ * next operation on the channel, and one it is blocked in, fails with
+ * EKU_PEER (libkup; kupd: PeerGone, gRPC ABORTED) -- the channel's page
+ * says KUP_STATE_PEER_GONE, as when the user broke the protocol, and the
+ * user is woken (Linux: its fd polls POLLERR).  For the module the session
+ * is over at once, as after -EPIPE: every call of it on the channel gets
+ * -EPIPE (a thread waiting in its receive there wakes with it; a message
+ * the user handed over and the module has not received is dropped) until
+ * kupdev_wait_channel reports the next attachment, whose session starts
+ * as usual (the kernel holds a fresh channel's turn).  The channel is
+ * attachable again once the ended user lets go of it -- libkup's close,
+ * which kupd makes at once, or the user's death.  Why not at once: on
+ * Linux and FreeBSD a user's mapping is the channel's own memory, and a
+ * user that keeps it after being disconnected must not see (or write) the
+ * next user's messages; a user that keeps a disconnected channel keeps
+ * only that, with nothing to do on it but close.
+ * Returns 0, -EPIPE (no user session to end: none attached, an attachment
+ * kupdev_wait_channel has not reported yet, or already disconnected),
+ * -ESHUTDOWN, -EINVAL (logged: a channel out of range).  Any thread may
+ * call it, also one that holds the channel from its receive (it still
+ * unlocks afterwards) or another channel's. */
+int kupdev_disconnect(struct kupdev_softc *sc, int chan_id);
+
+/* Wake a module thread out of its wait, so that it can stop without the
+ * device being unloaded: the call it waits in returns -ECANCELED.
+ * -ECANCELED and not -EINTR, because -EINTR is what a host's sleep answers
+ * when it is interrupted otherwise (a signal sent to a kernel thread that
+ * allows them): a module can tell "I was asked to stop" from that.
+ *   kupdev_wake_channel: the thread waiting in kupdev_receive_msg (or
+ *     kupdev_receive) on chan_id returns -ECANCELED; the channel is not
+ *     held, the session goes on (a message the user handed over stays for
+ *     the next receive).
+ *   kupdev_wake: a thread waiting in kupdev_wait_channel(_timeout) on sc
+ *     returns -ECANCELED (before taking an attachment: it stays for the
+ *     next wait).
+ * Each call is answered by exactly one such call: the one waiting now, or,
+ * when none is, the next one (which returns -ECANCELED at once, also a 0 ms
+ * poll) -- so a module that sets its own "stop" flag and then calls this
+ * cannot lose the wake-up to a thread that checked the flag just before
+ * it began to wait.  N calls answer N waits (on a device, one each for N
+ * acceptor threads).  Returns 0, -ESHUTDOWN (the device is shutting down:
+ * every wait answers -ESHUTDOWN already; nothing is kept), -EINVAL
+ * (logged: a channel out of range; for kupdev_wake a device that is not
+ * live).  Never waits.  The shutdown is reported before -ECANCELED; for a
+ * receive, -EBUSY / -EAGAIN (another thread is in the channel: the wake
+ * is that thread's) before it, -EPIPE and everything else after it. */
+int kupdev_wake_channel(struct kupdev_softc *sc, int chan_id);
+int kupdev_wake(struct kupdev_softc *sc);
 
 /* Shut the device down: mark every channel KUP_STATE_SHUTDOWN, wake every
  * waiter on both sides (user space sees EKU_SHUTDOWN, kernel callers

@@ -1066,6 +1066,9 @@ EXPORT_SYMBOL_GPL(kupdev_unload);
 EXPORT_SYMBOL_GPL(kupdev_channel_count);
 EXPORT_SYMBOL_GPL(kupdev_data_size);
 EXPORT_SYMBOL_GPL(kupdev_channel_attached);
+EXPORT_SYMBOL_GPL(kupdev_disconnect);
+EXPORT_SYMBOL_GPL(kupdev_wake);
+EXPORT_SYMBOL_GPL(kupdev_wake_channel);
 EXPORT_SYMBOL_GPL(kup_ratelimit_admit);
 
 static int __init kup_linux_init(void)

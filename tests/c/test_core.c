@@ -1080,6 +1080,239 @@ test_shutdown(void)
 	printf("ok shutdown\n");
 }
 
+/* Drain the user's wake-up eventfd; 1 when a wake-up was pending. */
+static int
+user_woken(struct kup_chan *ch)
+{
+	struct kup_os_chan *os = kup_core_chan_os(ch);
+	uint64_t v;
+	int got = 0;
+
+	while (read(os->k2u_efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+		got = 1;
+	return got;
+}
+
+/*
+ * kupdev_disconnect: the module ends its user's session.  The user is told
+ * (KUP_STATE_PEER_GONE on its page, a wake-up on its fd: libkup's blocked
+ * receive returns EKU_PEER), every call of the module on that session is
+ * -EPIPE (a receive waiting for that user wakes with it, a message the
+ * user left is not delivered), and once the user lets go the channel is
+ * attached and served afresh.
+ */
+static void
+test_disconnect(void)
+{
+	struct kupdev_softc *sc = kupdev_create("disc", 1, 2);
+	struct kup_chan *ch, *ch1, *other;
+	struct kupdev_msg m;
+	struct krecv kr;
+	struct user u;
+	pthread_t t;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kupdev_disconnect(sc, 2), -EINVAL);   /* logged */
+	CHECK_EQ(kupdev_disconnect(NULL, 0), -EINVAL);
+	CHECK_EQ(kupdev_disconnect(sc, 0), -EPIPE);    /* nobody attached */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	/* attached but not reported yet: not the module's to end */
+	CHECK_EQ(kupdev_disconnect(sc, 0), -EPIPE);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	(void)user_woken(ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	user_send(&u, "req", 3);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	kupdev_unlock_channel(sc, 0);
+	/* the user now waits for the answer, asleep (libkup: user_waiting
+	 * set, polling its fd); the module ends the session instead */
+	__atomic_store_n(&u.k->user_waiting, 1, __ATOMIC_SEQ_CST);
+	(void)user_woken(ch);
+	CHECK_EQ(kupdev_disconnect(sc, 0), 0);
+	CHECK(user_woken(ch));
+	CHECK_EQ(u.k->state, KUP_STATE_ATTACHED | KUP_STATE_PEER_GONE);
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
+	CHECK_EQ(kupdev_disconnect(sc, 0), -EPIPE);   /* once */
+	CHECK_EQ(kupdev_send(sc, "ans", 3, 0), -EPIPE);
+	CHECK_EQ(kupdev_pass(sc, 0), -EPIPE);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EPIPE);
+	CHECK_EQ(__atomic_load_n(&u.k->turn, __ATOMIC_ACQUIRE), KUP_TURN_KERNEL);
+	/* the ended user still holds the channel (its mapping is the
+	 * channel's memory on Linux and FreeBSD) until it lets go */
+	CHECK_EQ(kupdev_channel_attached(sc, 0), 1);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &other), -EBUSY);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_send(sc, "ans", 3, 0), -EPIPE);
+	/* free again: the next user gets a clean page and a fresh session */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(u.k->state, KUP_STATE_ATTACHED);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	CHECK_EQ(u.k->k2u.seq, 1);
+	user_send(&u, "two", 3);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	CHECK_EQ(m.len, 3);
+	CHECK(memcmp(m.data, "two", 3) == 0);
+	kupdev_unlock_channel(sc, 0);
+	/* a module receive asleep waiting for that user wakes with -EPIPE */
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = KUPDEV_FOREVER;
+	CHECK_EQ(pthread_create(&t, NULL, krecv_main, &kr), 0);
+	wait_kernel_waiting(&u);
+	CHECK_EQ(kupdev_disconnect(sc, 0), 0);
+	pthread_join(t, NULL);
+	CHECK_EQ(kr.ret, -EPIPE);
+	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);
+	kup_core_detach(ch);
+	/* a message the user handed over before the disconnect is dropped:
+	 * the module said it wants nothing more from that user */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	user_send(&u, "late", 4);
+	CHECK_EQ(kupdev_disconnect(sc, 0), 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EPIPE);
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EPIPE);
+	/* the other channel is untouched by all this */
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch1), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 1);
+	user_init(&u, ch1);
+	CHECK_EQ(kupdev_pass(sc, 1), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	/* after shutdown there is nothing to end */
+	CHECK_EQ(kupdev_shutdown(sc), 0);
+	CHECK_EQ(kupdev_disconnect(sc, 1), -ESHUTDOWN);
+	kup_core_detach(ch1);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok disconnect\n");
+}
+
+/*
+ * kupdev_wake_channel / kupdev_wake: a module thread waiting in a receive
+ * or in kupdev_wait_channel returns -ECANCELED (so it can be stopped
+ * without unloading the device); a wake with no waiter answers the next
+ * such call, each call answers one, and nothing is held afterwards.
+ */
+static void
+test_wake(void)
+{
+	struct kupdev_softc *sc = kupdev_create("wake", 1, 2);
+	struct kwait kw1 = { 0 }, kw2 = { 0 };
+	struct kup_chan *ch, *ch1;
+	struct kupdev_msg m;
+	struct krecv kr;
+	struct user u;
+	pthread_t t, t2;
+	long long t0;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kupdev_wake_channel(sc, 2), -EINVAL);   /* logged */
+	CHECK_EQ(kupdev_wake_channel(NULL, 0), -EINVAL);
+	CHECK_EQ(kupdev_wake(NULL), -EINVAL);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	/* a receive asleep without bound: woken, -ECANCELED */
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = KUPDEV_FOREVER;
+	CHECK_EQ(pthread_create(&t, NULL, krecv_main, &kr), 0);
+	wait_kernel_waiting(&u);
+	CHECK_EQ(kupdev_wake_channel(sc, 0), 0);
+	pthread_join(t, NULL);
+	CHECK_EQ(kr.ret, -ECANCELED);
+	/* nothing held, nothing waiting, the session goes on */
+	CHECK_EQ(__atomic_load_n(&ch->holder, __ATOMIC_RELAXED), 0);
+	CHECK_EQ(__atomic_load_n(&ch->rx_waiter, __ATOMIC_RELAXED), 0);
+	CHECK_EQ(__atomic_load_n(&u.k->kernel_waiting, __ATOMIC_RELAXED), 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -ETIMEDOUT);
+	user_send(&u, "hi", 2);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	CHECK_EQ(m.len, 2);
+	kupdev_unlock_channel(sc, 0);
+	/* a bounded receive too, long before its timeout */
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = 10000;
+	t0 = mono_ns();
+	CHECK_EQ(pthread_create(&t, NULL, krecv_main, &kr), 0);
+	wait_kernel_waiting(&u);
+	CHECK_EQ(kupdev_wake_channel(sc, 0), 0);
+	pthread_join(t, NULL);
+	CHECK_EQ(kr.ret, -ECANCELED);
+	CHECK(mono_ns() - t0 < 5000000000LL);
+	/* no waiter: each wake answers the next receive, before it looks at
+	 * the message (which stays for the receive after) */
+	CHECK_EQ(kupdev_wake_channel(sc, 0), 0);
+	CHECK_EQ(kupdev_wake_channel(sc, 0), 0);
+	user_send(&u, "kept", 4);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -ECANCELED);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, KUPDEV_FOREVER), -ECANCELED);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 1000), 0);
+	CHECK_EQ(m.len, 4);
+	CHECK(memcmp(m.data, "kept", 4) == 0);
+	kupdev_unlock_channel(sc, 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 0, &m, 0), -EAGAIN);   /* no wake left */
+	/* kupdev_wait_channel: two waiters, two wakes */
+	kw1.sc = sc;
+	kw2.sc = sc;
+	CHECK_EQ(pthread_create(&t, NULL, kwait_main, &kw1), 0);
+	CHECK_EQ(pthread_create(&t2, NULL, kwait_main, &kw2), 0);
+	usleep(30000);
+	CHECK_EQ(kupdev_wake(sc), 0);
+	CHECK_EQ(kupdev_wake(sc), 0);
+	pthread_join(t, NULL);
+	pthread_join(t2, NULL);
+	CHECK_EQ(kw1.ret, -ECANCELED);
+	CHECK_EQ(kw2.ret, -ECANCELED);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ETIMEDOUT);
+	/* no waiter: the next wait answers it, before an attachment waiting
+	 * to be reported (that one stays for the wait after) */
+	CHECK_EQ(kup_core_attach(sc, 1, KUP_ABI_VERSION, &ch1), 0);
+	CHECK_EQ(kupdev_wake(sc), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 1000), -ECANCELED);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 1);
+	/* a device wake is not a channel's, and the reverse */
+	CHECK_EQ(kupdev_wake(sc), 0);
+	user_init(&u, ch1);
+	CHECK_EQ(kupdev_pass(sc, 1), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 1, &m, 0), -ETIMEDOUT);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ECANCELED);
+	CHECK_EQ(kupdev_wake_channel(sc, 1), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ETIMEDOUT);
+	CHECK_EQ(kupdev_receive_msg(sc, 1, &m, 0), -ECANCELED);
+	/* shutdown answers first, and nothing is kept after it */
+	CHECK_EQ(kupdev_wake_channel(sc, 1), 0);
+	CHECK_EQ(kupdev_wake(sc), 0);
+	CHECK_EQ(kupdev_shutdown(sc), 0);
+	CHECK_EQ(kupdev_receive_msg(sc, 1, &m, 0), -ESHUTDOWN);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ESHUTDOWN);
+	CHECK_EQ(kupdev_wake_channel(sc, 1), -ESHUTDOWN);
+	CHECK_EQ(kupdev_wake(sc), -ESHUTDOWN);
+	kup_core_detach(ch);
+	kup_core_detach(ch1);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	CHECK_EQ(kupdev_wake(sc), -EINVAL);   /* not live (logged) */
+	printf("ok wake\n");
+}
+
 /* SIGUSR1 handler that parks the thread it interrupts (a module thread
  * asleep in the core) until hold_release is set: the thread stays inside
  * its kupdev_* call, unable to run, for as long as the test likes. */
@@ -1490,6 +1723,8 @@ main(void)
 	test_left_message();
 	test_poll_no_spin();
 	test_shutdown();
+	test_disconnect();
+	test_wake();
 	test_unload_with_waiters();
 	test_unload_twice();
 	test_misuse();

@@ -53,6 +53,8 @@ def test_core_unit(variant_out: Path) -> None:
         "left_message",
         "poll_no_spin",
         "shutdown",
+        "disconnect",
+        "wake",
         "unload_with_waiters",
         "unload_twice",
         "misuse",
