@@ -1132,6 +1132,107 @@ sc_wakefail(void)
 	return 0;
 }
 
+/* echo's "!kick": the module ends the session with kupdev_disconnect while
+ * the user waits for its answer.  The blocked receive returns EKU_PEER
+ * (well before its timeout), so does every later call, the close detaches,
+ * and the channel serves the next user afresh; in poll mode the fd turns
+ * readable for it. */
+static int
+sc_kick(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 14);
+	struct kernproxy_msg m;
+	struct pollfd pf;
+	long long t0;
+	int fd, i;
+
+	expect_pass(c);
+	round_trip(c, "hello", 5, NULL);
+	CHECK_EQ(kernproxy_send(c, "!kick200", 8, 0), 0);
+	t0 = mono_ns();
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 30000), -1);
+	CHECK_EQ(kernproxy_errno, EKU_PEER);
+	CHECK(mono_ns() - t0 < 20000000000LL);
+	CHECK_EQ(kernproxy_error(c), EKU_PEER);
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_PEER);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
+	CHECK_EQ(kernproxy_errno, EKU_PEER);
+	kernproxy_close(c);
+	/* free for the next user, whose session starts afresh */
+	c = attach(d, 14);
+	expect_pass(c);
+	round_trip(c, "again", 5, NULL);
+	/* poll mode */
+	fd = kernproxy_fd(c);
+	CHECK(fd >= 0);
+	CHECK_EQ(kernproxy_send(c, "!kick", 5, 0), 0);
+	for (i = 0;; i++) {
+		CHECK(i < 1000);
+		pf = (struct pollfd){ .fd = fd, .events = POLLIN };
+		CHECK_EQ(poll(&pf, 1, 20000), 1);
+		if (kernproxy_receive_msg(c, &m, 0) == -1 &&
+		    kernproxy_errno == EKU_PEER)
+			break;
+		CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
+	}
+	kernproxy_close(c);
+	c = attach(d, 14);
+	expect_pass(c);
+	round_trip(c, "third", 5, NULL);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK kick\n");
+	return 0;
+}
+
+/* receive the DATA message text (exactly) */
+static void
+expect_text(void *c, const char *text)
+{
+	struct kernproxy_msg m;
+
+	if (kernproxy_receive_msg(c, &m, 30000) != 0) {
+		fprintf(stderr, "receive %s: %s\n", text,
+		    kernproxy_strerror(kernproxy_errno));
+		exit(1);
+	}
+	CHECK_EQ(m.kind, KUP_KIND_DATA);
+	if (m.len != strlen(text) || memcmp(m.data, text, m.len) != 0) {
+		fprintf(stderr, "got '%.*s', want '%s'\n", (int)m.len,
+		    (const char *)m.data, text);
+		exit(1);
+	}
+}
+
+/* echo's "!wake": a module thread waiting in its receive (the user holds
+ * the turn) is woken by kupdev_wake_channel from another thread: -ECANCELED
+ * (-125), and the session goes on; a wake that comes after the user's
+ * message is answered by the receive after it. */
+static int
+sc_wake(void)
+{
+	void *d = open_dev("echo");
+	void *c = attach(d, 16);
+
+	expect_pass(c);
+	CHECK_EQ(kernproxy_send(c, "!wake50", 7, 0), 0);
+	expect_text(c, "!wake armed");
+	usleep(600000);   /* the worker waits, then is woken */
+	CHECK_EQ(kernproxy_send(c, "x", 1, 0), 0);
+	expect_text(c, "!wake -125");
+	CHECK_EQ(kernproxy_send(c, "!wake1500", 9, 0), 0);
+	expect_text(c, "!wake armed");
+	CHECK_EQ(kernproxy_send(c, "y", 1, 0), 0);   /* before the wake */
+	expect_text(c, "!wake -125");
+	round_trip(c, "after", 5, NULL);
+	kernproxy_close(c);
+	kernproxy_close(d);
+	printf("OK wake\n");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1180,6 +1281,10 @@ main(int argc, char **argv)
 		return sc_badtimeout();
 	if (strcmp(s, "wakefail") == 0)
 		return sc_wakefail();
+	if (strcmp(s, "kick") == 0)
+		return sc_kick();
+	if (strcmp(s, "wake") == 0)
+		return sc_wake();
 	fprintf(stderr, "usage: test_kup <scenario> [args]\n");
 	return 2;
 }

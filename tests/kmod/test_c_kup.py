@@ -96,6 +96,32 @@ def test_scenario(variant_out: Path, scenario: str) -> None:
         assert f"OK {scenario}" in stdout
 
 
+def test_module_disconnects_blocked_user(variant_out: Path) -> None:
+    """echo's "!kick": kupdev_disconnect ends the session of a user blocked in
+    its receive (EKU_PEER, in blocking and in poll mode), and the channel is
+    served afresh to the next user (tests/c/test_kup.c sc_kick)."""
+    with variant_kupsim(variant_out, *MODULES) as sim:
+        stdout = run_scenario(variant_out, sim, "kick")
+        assert "OK kick" in stdout
+        wait_for(
+            lambda: sim.stderr().count("echo: chan 14: disconnected the user (0)") == 2,
+            "echo's two disconnect lines",
+        )
+
+
+def test_module_wakes_its_receive(variant_out: Path) -> None:
+    """echo's "!wake": a module thread asleep in kupdev_receive_msg is woken by
+    kupdev_wake_channel from another thread (-ECANCELED), and one whose user
+    answered first gets it from its next receive (tests/c/test_kup.c
+    sc_wake)."""
+    with variant_kupsim(variant_out, *MODULES) as sim:
+        stdout = run_scenario(variant_out, sim, "wake")
+        assert "OK wake" in stdout
+        log = sim.stderr()
+        assert "echo: chan 16: receive woken (-125) while waiting" in log, log
+        assert "echo: chan 16: receive woken (-125) after a message" in log, log
+
+
 def test_idle_receiver_sleeps(variant_out: Path, record_property: Callable[..., None]) -> None:
     """A receive blocked ~1 s on a channel whose kernel keeps the turn uses
     (almost) no CPU: the C program asserts < 5 % of the interval."""

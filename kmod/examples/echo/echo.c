@@ -78,6 +78,23 @@
  *     N ms" once it has taken the message (so that a test knows when the
  *     user may leave) and "echo: chan N: oversize reply: -90" (what the
  *     send returned) after, on a log budget of their own;
+ *     a message starting with "!kick" and optional decimal digits N
+ *     (milliseconds, default 0, at most 10000) is never answered: N ms
+ *     later (slept, so that the user is by then waiting for the answer)
+ *     the worker ends the user's session with kupdev_disconnect -- the
+ *     user's receive fails with EKU_PEER (kupd: PeerGone) and the channel
+ *     is attachable again once it lets go; logs "echo: chan N:
+ *     disconnected the user (R)", R what kupdev_disconnect returned (0);
+ *     a message starting with "!wake" and optional decimal digits N
+ *     (milliseconds, default 50, at most 10000) is answered at once with
+ *     "!wake armed"; then a helper thread calls kupdev_wake_channel on the
+ *     channel N ms later, while the worker waits in its receive for the
+ *     user's next message: that receive returns -ECANCELED (logged:
+ *     "echo: chan N: receive woken (-125) while waiting"), the worker
+ *     waits again, and answers the user's next message, whatever it is,
+ *     with "!wake R" (R: -125 when the wake reached a waiting receive or,
+ *     when the user's message came first, the receive after it: "echo:
+ *     chan N: receive woken (-125) after a message");
  *   - PASS is answered with PASS;
  *   - CLOSE: the user is leaving; the worker stops;
  *   - -EPIPE (user left or died), -EPROTO (user broke the protocol): the
@@ -89,6 +106,8 @@
  *     worker logs it and gives up on the session, which the core does not
  *     count as ended; the channel's next session starts all the same
  *     (echo_serve);
+ *   - -ECANCELED (a kupdev_wake_channel nobody asked for, which echo
+ *     never makes but for "!wake"): the worker waits again;
  *   - -ESHUTDOWN: module unload, everything stops.
  * Log lines (kupsim: stderr) "echo: chan N: ..." make the kernel side
  * observable to tests.  The ones a user can cause at will (a session's
@@ -142,6 +161,7 @@ struct echo_slot {
 	struct kup_thread *thr;      /* the acceptor's (and fini's) only */
 	int               running;   /* echo_slot_mtx: thr has not decided to exit */
 	int               again;     /* echo_slot_mtx: an attach came while running */
+	unsigned int      wake_ms;   /* "!wake": the helper's delay */
 };
 
 /* Per-session log lines (a session's end, a failed first pass, ...) and the
@@ -408,6 +428,84 @@ echo_relay(struct echo_slot *s, const struct kupdev_msg *m)
 	return (size_t)len < echo_max ? (size_t)len : echo_max - 1;
 }
 
+/* "!wake": the helper thread.  Sleeps, then wakes the worker's receive. */
+static int
+echo_waker(void *arg)
+{
+	struct echo_slot *s = arg;
+
+	kup_os_msleep(s->wake_ms);
+	return kupdev_wake_channel(echo_sc, s->chan);
+}
+
+#define ECHO_WAKE_DEFAULT_MS 50U
+#define ECHO_WAKE_MAX_MS     10000U
+#define ECHO_KICK_MAX_MS     10000U
+
+/* "!wake[N]" (the message already unlocked): answer "!wake armed", let a
+ * helper thread wake this worker's receive N ms later, and answer the
+ * user's next message with "!wake R", R what the wake made a receive
+ * return.  Returns what the last call returned (0: answered). */
+static int
+echo_wake(struct echo_slot *s, unsigned int ms)
+{
+	static const char armed[] = "!wake armed";
+	struct kup_thread *t;
+	struct kupdev_msg m;
+	int r, woke = 0, len, got = 0;
+
+	ECHO_MEMCPY(s->buf, armed, sizeof(armed) - 1);
+	r = kupdev_send(echo_sc, s->buf, sizeof(armed) - 1, s->chan);
+	if (r != 0)
+		return r;
+	s->wake_ms = ms;
+	t = kup_os_thread_start(echo_waker, s, ECHO_NAME "-wk");
+	if (t == NULL) {
+		kup_log_limited(&echo_session_rl,
+		    "echo: chan %d: cannot start a waker", s->chan);
+		woke = -ENOMEM;
+	}
+	while (t != NULL) {
+		r = kupdev_receive_msg(echo_sc, s->chan, &m, KUPDEV_FOREVER);
+		if (r == -ECANCELED && woke == 0) {
+			woke = r;
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: receive woken (%d) while waiting",
+			    s->chan, r);
+			continue;
+		}
+		if (r == 0) {
+			kupdev_unlock_channel(echo_sc, s->chan);
+			got = 1;
+		}
+		break;
+	}
+	if (t != NULL)
+		(void)kup_os_thread_join(t);   /* it has woken us, or will not */
+	if (r != 0 && r != -ECANCELED)
+		return r;   /* the session is over (-EPIPE, -ESHUTDOWN, ...) */
+	if (woke == 0 && t != NULL) {
+		/* the user's message came first: the wake is kept for the
+		 * next receive, which takes it before anything else */
+		woke = kupdev_receive_msg(echo_sc, s->chan, &m, 0);
+		kup_log_limited(&echo_session_rl,
+		    "echo: chan %d: receive woken (%d) after a message",
+		    s->chan, woke);
+	}
+	if (!got) {
+		r = kupdev_receive_msg(echo_sc, s->chan, &m, KUPDEV_FOREVER);
+		if (r != 0)
+			return r;
+		kupdev_unlock_channel(echo_sc, s->chan);
+	}
+	len = kup_os_snprintf((char *)s->buf, echo_max, "!wake %d", woke);
+	if (len < 0)
+		len = 0;
+	if ((size_t)len >= echo_max)
+		len = (int)echo_max - 1;
+	return kupdev_send(echo_sc, s->buf, (size_t)len, s->chan);
+}
+
 /* Hold the turn for ms milliseconds, looking every 20 ms whether the user
  * left or the device is unloading (then that error, as echo_hold). */
 static int
@@ -479,7 +577,7 @@ echo_serve(struct echo_slot *s, int again)
 	}
 	for (;;) {
 		r = kupdev_receive_msg(echo_sc, s->chan, &m, KUPDEV_FOREVER);
-		if (r == -EINTR || r == -ETIMEDOUT)
+		if (r == -EINTR || r == -ETIMEDOUT || r == -ECANCELED)
 			continue;
 		if (r == -EPIPE) {
 			kup_log_limited(&echo_session_rl,
@@ -538,6 +636,29 @@ echo_serve(struct echo_slot *s, int again)
 				kup_log_limited(&echo_oversize_rl,
 				    "echo: chan %d: oversize reply: %d", s->chan,
 				    r);
+				break;
+			}
+			if (echo_has_prefix(m.data, m.len, "!kick")) {
+				unsigned int ms = echo_ms_arg(m.data,
+				    sizeof("!kick") - 1, m.len, 0,
+				    ECHO_KICK_MAX_MS);
+
+				kupdev_unlock_channel(echo_sc, s->chan);
+				if (ms != 0)
+					kup_os_msleep(ms);
+				r = kupdev_disconnect(echo_sc, s->chan);
+				kup_log_limited(&echo_session_rl,
+				    "echo: chan %d: disconnected the user (%d)",
+				    s->chan, r);
+				return r == -ESHUTDOWN ? r : 0;   /* over */
+			}
+			if (echo_has_prefix(m.data, m.len, "!wake")) {
+				unsigned int ms = echo_ms_arg(m.data,
+				    sizeof("!wake") - 1, m.len,
+				    ECHO_WAKE_DEFAULT_MS, ECHO_WAKE_MAX_MS);
+
+				kupdev_unlock_channel(echo_sc, s->chan);
+				r = echo_wake(s, ms);
 				break;
 			}
 			if (echo_has_prefix(m.data, m.len, "!hold")) {

@@ -1,0 +1,40 @@
+"""A module that ends a user's session from the kernel side (kupdev_disconnect,
+echo's b"!kick[N]"), seen by a kupd client: the session ends with PeerGone
+(gRPC ABORTED, EKU_PEER), kupd lets go of the channel, and the channel serves
+the next session afresh."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from kupclient import Client, Kind
+from kupd import errors
+from kupd.testing import KupSim, wait_until
+
+
+def _state(client: Client, chan: int) -> str:
+    return {c.id: c.state for c in client.devices("echo")[0].channels}[chan]
+
+
+def test_module_disconnect_ends_the_session_with_peergone(sim: KupSim, client: Client) -> None:
+    with client.open("echo").channel(30) as ch:
+        assert ch.receive(timeout=10).kind == Kind.PASS
+        ch.send(b"ping")
+        assert ch.receive(timeout=10).data == b"ping"
+        ch.send(b"!kick200")  # never answered: the module disconnects the session
+        with pytest.raises(errors.PeerGone) as ei:
+            ch.receive(timeout=30)
+    assert ei.value.grpc_code == grpc.StatusCode.ABORTED, ei.value
+    assert "EKU_PEER" in str(ei.value), ei.value
+    wait_until(
+        lambda: "echo: chan 30: disconnected the user (0)" in sim.stderr(),
+        what="echo's disconnect line",
+    )
+    # kupd let go of the channel: free, and the next session is served afresh
+    wait_until(lambda: _state(client, 30) == "free", what="channel 30 free again")
+    with client.open("echo").channel(30) as ch:
+        first = ch.receive(timeout=10)
+        assert first.kind == Kind.PASS and first.seq == 1
+        ch.send(b"again")
+        assert ch.receive(timeout=10).data == b"again"
