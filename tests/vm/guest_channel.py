@@ -28,6 +28,7 @@ from kupd.errors import (
     NotFound,
     NotReady,
     NotYourTurn,
+    PeerGone,
     Releasing,
     Shutdown,
     TooBig,
@@ -537,3 +538,52 @@ def test_fire_and_forget_requests_reach_the_module(echo: Device) -> None:
             assert got < len(fired), got
             assert time.monotonic() < deadline, f"{got} of {len(fired)} requests counted"
             time.sleep(0.05)
+
+
+def test_module_disconnect_ends_a_blocked_receive(echo: Device) -> None:
+    """echo's "!kick": kup.ko's kupdev_disconnect ends the session of a user
+    blocked in its receive -- PeerGone (EKU_PEER), well before its timeout,
+    then for every call -- and once the user lets go the channel serves the
+    next one afresh.  In poll mode the fd turns readable for it (POLLERR)."""
+    with echo.channel(70) as ch:
+        opened(ch)
+        ch.send(b"!kick300")
+        t0 = time.monotonic()
+        with pytest.raises(PeerGone):
+            ch.receive(timeout=3 * T)
+        assert time.monotonic() - t0 < 2 * T
+        with pytest.raises(PeerGone):
+            ch.send(b"x")
+    _wait_dmesg("echo: chan 70: disconnected the user (0)")
+    with _attach(echo, 70) as ch:
+        opened(ch)
+        fd = ch.fileno()
+        ch.send(b"!kick")
+        deadline = time.monotonic() + T
+        while True:
+            r, _, _ = select.select([fd], [], [], T)
+            assert r, "the fd never turned readable"
+            try:
+                assert ch.try_receive() is None, "echo answered a !kick"
+            except PeerGone:
+                break
+            assert time.monotonic() < deadline
+    with _attach(echo, 70) as ch:
+        opened(ch)
+        assert ch.exchange(b"again", timeout=T).data == b"again"
+
+
+def test_module_wakes_its_own_receive(echo: Device) -> None:
+    """echo's "!wake": a kthread asleep in kupdev_receive_msg is woken by
+    kupdev_wake_channel from another kthread (-ECANCELED, -125) and the
+    session goes on; a wake after the user's message is answered by the
+    worker's next receive."""
+    with echo.channel(72) as ch:
+        opened(ch)
+        assert ch.exchange(b"!wake50", timeout=T).data == b"!wake armed"
+        _wait_dmesg("echo: chan 72: receive woken (-125) while waiting")
+        assert ch.exchange(b"x", timeout=T).data == b"!wake -125"
+        assert ch.exchange(b"!wake1500", timeout=T).data == b"!wake armed"
+        assert ch.exchange(b"y", timeout=T).data == b"!wake -125"
+        assert ch.exchange(b"on", timeout=T).data == b"on"
+    _wait_dmesg("echo: chan 72: receive woken (-125) after a message")

@@ -97,6 +97,29 @@ def scenario(sock: str, moddir: str) -> None:
             assert again.kind is Kind.PASS and again.seq == 1, again
         print("session: ok", flush=True)
 
+        # the module ends a session (echo's "!kick": kupdev_disconnect):
+        # PeerGone (ABORTED, EKU_PEER), then the channel serves anew
+        with c.open("echo").channel(8) as ch:
+            assert ch.receive(timeout=T).kind is Kind.PASS
+            ch.send(b"!kick200")
+            try:
+                ch.receive(timeout=3 * T)
+                raise AssertionError("echo answered a !kick")
+            except errors.PeerGone as exc:
+                assert "EKU_PEER" in str(exc), exc
+        deadline = time.monotonic() + T
+        while True:
+            try:
+                with c.open("echo").channel(8) as ch:
+                    again = ch.receive(timeout=T)
+                    assert again.kind is Kind.PASS and again.seq == 1, again
+                break
+            except errors.Busy:  # kupd's detach is on its way to the kernel
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        print("disconnect: ok", flush=True)
+
         # payloads without a-z: the pool may use odd (upper-casing) channels
         for payload in (b"1234", b"\x00\x01\x02 #42 \xff"):
             got = c.call("echo", payload, timeout=T)
