@@ -1521,7 +1521,12 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 	ch->active = 1;
 	if (msg->kind == KUP_KIND_CLOSE)
 		ch->over = 1;   /* the user said goodbye */
-	/* the module holds the message until kupdev_unlock_channel */
+	/* the module holds the message until kupdev_unlock_channel; the
+	 * identity stays valid (not reused by another thread) until then,
+	 * even if this thread exits holding it (kup_os.h, KUP_CURTHREAD) */
+#ifdef KUP_CURTHREAD_PIN
+	KUP_CURTHREAD_PIN();
+#endif
 	KUP_WRITE_ONCE64(&ch->holder, kup_self());
 out:
 	kup_chan_unlock(ch);
@@ -1557,6 +1562,9 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 	}
 	kup_lock(&ch->lock);
 	KUP_WRITE_ONCE64(&ch->holder, 0);
+#ifdef KUP_CURTHREAD_UNPIN
+	KUP_CURTHREAD_UNPIN();   /* never the last reference: this thread runs */
+#endif
 	kup_chan_unlock(ch);
 }
 

@@ -32,11 +32,23 @@
  *     KUP_FENCE()           full (seq_cst) fence
  *     KUP_CPU_RELAX()       spin-loop hint
  *     KUP_CURTHREAD()       the calling thread's identity, a non-NULL
- *                           pointer that no other live thread shares
- *                           (Linux: current; FreeBSD: curthread): lets
- *                           the core refuse, instead of deadlocking, a
- *                           module thread that calls back into a channel
- *                           it still holds from its own receive
+ *                           pointer (or a number cast to one) that no
+ *                           other thread shares: lets the core refuse,
+ *                           instead of deadlocking, a module thread that
+ *                           calls back into a channel it still holds from
+ *                           its own receive, and lets only that thread
+ *                           unlock it.  Not reused by a thread created
+ *                           after this one exits, as long as ch->holder
+ *                           keeps it: a module thread that exits holding
+ *                           a channel (a module bug) leaves its identity
+ *                           there, and a new thread that got it would
+ *                           have its receive refused as re-entry and its
+ *                           unlock taken for the dead holder's.  kupsim
+ *                           and FreeBSD hand every thread a serial number
+ *                           that is never reused (thread-local / osd(9));
+ *                           a host whose identity is the thread's memory
+ *                           (Linux: current) pins it for as long as the
+ *                           core keeps it (KUP_CURTHREAD_PIN below)
  *     KUP_LOCK_TRY(l)       take kup_lock_t *l only if that needs no
  *                           wait: non-zero when taken (pthread trylock,
  *                           mutex_trylock, sx_try_xlock).  An attach
@@ -44,6 +56,15 @@
  *                           in (kup_core_attach says why), and it lets
  *                           the core offer kup_core_chan_exclusive_try
  *   optionally
+ *     KUP_CURTHREAD_PIN()   keep the calling thread's identity from being
+ *     KUP_CURTHREAD_UNPIN() reused until the matching UNPIN, which the
+ *                           same thread calls (Linux: get_task_struct /
+ *                           put_task_struct of current); the core pins
+ *                           when it stores the identity in ch->holder and
+ *                           unpins when the holder unlocks.  A holder that
+ *                           exits holding the channel stays pinned (one
+ *                           task_struct kept, with the channel the module
+ *                           lost: kupdev_unload names it)
  *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
  *                           when defined, kernel-side waits spin for an
  *                           adaptive time budget before sleeping; when

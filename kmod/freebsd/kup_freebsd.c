@@ -57,6 +57,7 @@
 #include <sys/rwlock.h>
 #include <sys/proc.h>
 #include <sys/kthread.h>
+#include <sys/osd.h>
 #include <sys/poll.h>
 #include <sys/selinfo.h>
 #include <sys/event.h>
@@ -659,10 +660,58 @@ kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
 	return (n);
 }
 
+/* ---- thread identity (kup_host.h, KUP_CURTHREAD) ----------------------
+ *
+ * A serial number per thread, in an osd(9) thread slot: the thread's first
+ * call takes the next number; thread_dtor's osd_thread_exit clears the
+ * slot before the struct thread's memory can be another thread's, so a
+ * number names one thread only, for ever (64 bits do not wrap).  The core
+ * keeps it in ch->holder, kup_mutex in its owner, after the thread may
+ * have exited. */
+static u_int kup_fb_td_slot;      /* OSD_THREAD slot: MOD_LOAD to MOD_UNLOAD */
+static uint64_t kup_fb_td_serial; /* the last number handed out */
+
+const void *
+kup_fb_curthread(void)
+{
+	struct thread *td = curthread;
+	void *v, **rsv;
+	uint64_t id;
+
+	v = osd_thread_get(td, kup_fb_td_slot);
+	if (v != NULL)
+		return (v);
+	id = atomic_fetchadd_64(&kup_fb_td_serial, 1) + 1;
+	/* reserved first (M_WAITOK: every caller may sleep), so the set
+	 * cannot fail for want of memory */
+	rsv = osd_reserve(kup_fb_td_slot);
+	(void)osd_thread_set_reserved(td, kup_fb_td_slot, rsv,
+	    (void *)(uintptr_t)id);
+	return ((const void *)(uintptr_t)id);
+}
+
+static uint64_t
+kup_fb_self(void)
+{
+	return ((uint64_t)(uintptr_t)kup_fb_curthread());
+}
+
 /* sx(9): a sleepable lock (its holder may sleep, as kup_module.h allows;
- * a mtx(9) holder may not).  sx_init keeps the name pointer: a copy. */
+ * a mtx(9) holder may not).  sx_init keeps the name pointer: a copy.
+ *
+ * owner: the holder's kup_fb_curthread number, 0 when unlocked; set after
+ * sx_xlock and cleared before sx_xunlock, by the holder.  Why not
+ * sx_xlocked() (sx_xholder(sx) == curthread): a holder that exits without
+ * unlocking (a module bug) leaves its struct thread's address in the lock
+ * word, and the next thread created in that memory was taken for the
+ * holder -- its unlock released the dead holder's lock, its lock was
+ * refused as a double lock and it went on without the lock.  A number is
+ * never reused, so owner == kup_fb_self() holds only for the thread that
+ * locked it and has not unlocked it, even when read without the lock
+ * (kup_linux.c pins the task_struct for the same reason). */
 struct kup_mutex {
 	struct sx sx;
+	uint64_t  owner;
 	char      name[32];
 };
 
@@ -679,26 +728,30 @@ kup_os_mutex_new(const char *name)
 
 /* sx(9) checks its holder only under INVARIANTS (a release kernel would
  * hang on a double lock, or release another thread's hold): check here,
- * say so, and leave the lock as it is. */
+ * by owner (above), say so, and leave the lock as it is. */
 void
 kup_os_mutex_lock(struct kup_mutex *m)
 {
-	if (sx_xlocked(&m->sx)) {
+	uint64_t self = kup_fb_self();
+
+	if (atomic_load_acq_64(&m->owner) == self) {
 		kup_os_log("kup: mutex %s: lock: already held by this thread "
 		    "(a module bug: not recursive)", m->name);
 		return;
 	}
 	sx_xlock(&m->sx);
+	atomic_store_rel_64(&m->owner, self);
 }
 
 void
 kup_os_mutex_unlock(struct kup_mutex *m)
 {
-	if (!sx_xlocked(&m->sx)) {
+	if (atomic_load_acq_64(&m->owner) != kup_fb_self()) {
 		kup_os_log("kup: mutex %s: unlock: not held by this thread "
 		    "(a module bug; left as it is)", m->name);
 		return;
 	}
+	atomic_store_rel_64(&m->owner, 0);
 	sx_xunlock(&m->sx);
 }
 
@@ -707,7 +760,8 @@ kup_os_mutex_free(struct kup_mutex *m)
 {
 	if (m == NULL)
 		return;
-	if (sx_xholder(&m->sx) != NULL) {
+	if (atomic_load_acq_64(&m->owner) != 0 ||
+	    sx_xholder(&m->sx) != NULL) {
 		/* left allocated: sx_destroy of a held lock panics an
 		 * INVARIANTS kernel, and its holder may still unlock it */
 		kup_os_log("kup: mutex %s: free: still locked (a module bug; not freed)",
@@ -1324,12 +1378,17 @@ kupdev_modevent(module_t mod, int what, void *arg)
 	(void)arg;
 	switch (what) {
 	case MOD_LOAD:
+		/* no destructor: the slot holds a number, nothing to free */
+		kup_fb_td_slot = osd_thread_register(NULL);
+		if (kup_fb_td_slot == 0)
+			return (ENOMEM);
 		mtx_init(&kup_fb_thr_mtx, "kupthr", NULL, MTX_DEF);
 		sx_init(&kup_fb_map_sx, "kupmap");
 		rc = kup_core_init();
 		if (rc != 0) {
 			sx_destroy(&kup_fb_map_sx);
 			mtx_destroy(&kup_fb_thr_mtx);
+			osd_thread_deregister(kup_fb_td_slot);
 			return (-rc);
 		}
 		return (0);
@@ -1350,6 +1409,7 @@ kupdev_modevent(module_t mod, int what, void *arg)
 		kup_core_fini();
 		sx_destroy(&kup_fb_map_sx);
 		mtx_destroy(&kup_fb_thr_mtx);
+		osd_thread_deregister(kup_fb_td_slot);
 		return (0);
 	case MOD_SHUTDOWN:
 		return (0);

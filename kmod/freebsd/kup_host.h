@@ -91,8 +91,17 @@ struct kup_os_chan {
  */
 #define KUP_NOW_NS()           ((uint64_t)sbttons(sbinuptime()))
 #define KUP_SPIN_YIELD()       maybe_yield()
-/* kup_os.h: the calling thread's identity */
-#define KUP_CURTHREAD()        ((const void *)curthread)
+/* kup_os.h: the calling thread's identity -- a serial number kept in the
+ * thread's osd(9) slot (kup_freebsd.c, kup_fb_curthread), never reused.
+ * Not curthread: FreeBSD cannot pin a struct thread, whose memory goes
+ * back to the thread zone at exit and is handed to the next thread
+ * created, so a holder that exited holding a channel (a module bug) left
+ * an identity a new thread could have: its receive was refused as
+ * re-entry and its unlock taken for the dead holder's.  The slot is
+ * cleared when the thread is freed (thread_dtor's osd_thread_exit), so a
+ * new thread in the same memory gets a new number. */
+const void *kup_fb_curthread(void);
+#define KUP_CURTHREAD()        kup_fb_curthread()
 /* kup_os.h: take a kup_lock_t (an sx lock) only if free; an attach tries
  * ch->lock with it rather than sleeping uninterruptibly in sx_xlock */
 #define KUP_LOCK_TRY(l)        (sx_try_xlock(l) != 0)

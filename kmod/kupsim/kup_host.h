@@ -81,14 +81,24 @@ kupsim_now_ns(void)
  * (kupsim echo pinned to one CPU with its C user, same run: round trip
  * 6.5 us without yields, 4.1 us with). */
 #define KUP_SPIN_YIELD()       ((void)sched_yield())
-/* kup_os.h: the calling thread's identity.  The address of a thread-local
- * byte: distinct for every live thread, never NULL. */
+/* kup_os.h: the calling thread's identity.  A serial number, taken on the
+ * thread's first call from one counter (kupsim_glue.c) and kept in a
+ * thread-local word: never 0, never reused.  Not the address of a
+ * thread-local byte, as it was: glibc hands an exited thread's stack, and
+ * its thread-local block with it, to the next thread it creates, so a
+ * module thread that exited holding a channel left an identity a new
+ * thread then had -- its receive was refused as re-entry (-EDEADLK) and
+ * its unlock taken for the dead holder's. */
+extern uint64_t kupsim_thread_serial;
+
 static inline const void *
 kupsim_curthread(void)
 {
-	static __thread char tag;
+	static __thread uint64_t id;
 
-	return &tag;
+	if (id == 0)
+		id = __atomic_add_fetch(&kupsim_thread_serial, 1, __ATOMIC_RELAXED);
+	return (const void *)(uintptr_t)id;
 }
 #define KUP_CURTHREAD()        kupsim_curthread()
 

@@ -59,6 +59,9 @@
  * deadlock a zero-copy relay once hit.  A try cannot deadlock and is not
  * checked, but counts as held.
  */
+/* kup_host.h, kupsim_curthread: the last thread serial handed out */
+uint64_t kupsim_thread_serial;
+
 static __thread int kupsim_held[KUP_LOCK_NROLES];
 
 static const char *const kupsim_lock_names[KUP_LOCK_NROLES] = {

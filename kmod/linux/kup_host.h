@@ -12,6 +12,7 @@
 #include <linux/string.h>
 #include <linux/mutex.h>
 #include <linux/sched.h>
+#include <linux/sched/task.h>
 #include <linux/wait.h>
 #include <linux/compiler.h>
 #include <linux/atomic.h>
@@ -61,8 +62,14 @@ struct kup_os_chan {
  * for its answer; the spin runs under ch->lock, a mutex, where
  * cond_resched() is allowed */
 #define KUP_SPIN_YIELD()       cond_resched()
-/* kup_os.h: the calling thread's identity */
+/* kup_os.h: the calling thread's identity: its task_struct, pinned while
+ * ch->holder keeps it -- a holder that exits without unlocking (a module
+ * bug) would otherwise leave freed memory there, which the next task may
+ * get, and that task's receive was refused as re-entry and its unlock
+ * taken for the dead holder's (kup_mutex in kup_linux.c: the same fix) */
 #define KUP_CURTHREAD()        ((const void *)current)
+#define KUP_CURTHREAD_PIN()    get_task_struct(current)
+#define KUP_CURTHREAD_UNPIN()  put_task_struct(current)
 /* kup_os.h: take a kup_lock_t (a mutex) only if free; an attach tries
  * ch->lock with it rather than sleeping unkillably in mutex_lock */
 #define KUP_LOCK_TRY(l)        (mutex_trylock(l) != 0)

@@ -1313,6 +1313,83 @@ test_wake(void)
 	printf("ok wake\n");
 }
 
+/* A module thread that receives and exits holding the message (a module
+ * bug: no kupdev_unlock_channel). */
+static void *
+kexit_holding_main(void *p)
+{
+	struct krecv *a = p;
+
+	a->ret = kupdev_receive_msg(a->sc, a->chan, &a->m, a->timeout);
+	return NULL;
+}
+
+/* A thread created after the holder exited: its unlock and its receive. */
+struct kafter {
+	struct kupdev_softc *sc;
+	int ret;
+};
+
+static void *
+kafter_main(void *p)
+{
+	struct kafter *a = p;
+	struct kupdev_msg m;
+
+	kupdev_unlock_channel(a->sc, 0);   /* not its hold: refused (logged) */
+	a->ret = kupdev_receive_msg(a->sc, 0, &m, 0);
+	return NULL;
+}
+
+/*
+ * ch->holder keeps the identity of a thread that exited holding the
+ * channel.  Threads created after it must not be taken for it: their
+ * unlock is refused (it would let the user overwrite a payload the core
+ * counts as held) and their receive is -EBUSY, another thread's hold, not
+ * -EDEADLK, a re-entry.  kupsim's identity was the address of a
+ * thread-local byte, and glibc gives the next thread the exited one's
+ * stack and thread-local block: the very next thread had that identity.
+ */
+static void
+test_holder_exits(void)
+{
+	struct kupdev_softc *sc = kupdev_create("exits", 1, 1);
+	struct kafter ka;
+	struct kup_chan *ch;
+	struct krecv kr;
+	struct user u;
+	pthread_t t;
+	int i;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	user_send(&u, "m", 1);
+	memset(&kr, 0, sizeof(kr));
+	kr.sc = sc;
+	kr.timeout = 1000;
+	CHECK_EQ(pthread_create(&t, NULL, kexit_holding_main, &kr), 0);
+	pthread_join(t, NULL);
+	CHECK_EQ(kr.ret, 0);
+	CHECK(__atomic_load_n(&ch->holder, __ATOMIC_RELAXED) != 0);
+	for (i = 0; i < 16; i++) {
+		memset(&ka, 0, sizeof(ka));
+		ka.sc = sc;
+		CHECK_EQ(pthread_create(&t, NULL, kafter_main, &ka), 0);
+		pthread_join(t, NULL);
+		CHECK_EQ(ka.ret, -EBUSY);
+		CHECK(__atomic_load_n(&ch->holder, __ATOMIC_RELAXED) != 0);
+	}
+	/* the channel is lost to the module bug; the unload names it */
+	kup_core_detach(ch);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok holder_exits\n");
+}
+
 /* SIGUSR1 handler that parks the thread it interrupts (a module thread
  * asleep in the core) until hold_release is set: the thread stays inside
  * its kupdev_* call, unable to run, for as long as the test likes. */
@@ -1725,6 +1802,7 @@ main(void)
 	test_shutdown();
 	test_disconnect();
 	test_wake();
+	test_holder_exits();
 	test_unload_with_waiters();
 	test_unload_twice();
 	test_misuse();

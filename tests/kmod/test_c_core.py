@@ -55,6 +55,7 @@ def test_core_unit(variant_out: Path) -> None:
         "shutdown",
         "disconnect",
         "wake",
+        "holder_exits",
         "unload_with_waiters",
         "unload_twice",
         "misuse",
