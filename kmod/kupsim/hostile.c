@@ -22,6 +22,11 @@
  *              for that receive (kupdev.h; kupsim must keep it)
  *   "tell..."  echoed, and logged: "hostile: chan N: told <the rest>"
  *              (what the worker received, for a test to see)
+ *   "oversize" answered with one byte more than the channel holds:
+ *              kupdev_send refuses it (-EMSGSIZE) and the worker gives up
+ *              on the session, which the core still counts as in progress
+ *              (logged: "hostile: chan N: worker ends (-90)"); the next
+ *              session's first pass ends it (h_serve)
  *   anything else: echoed unchanged
  * PASS is answered with PASS.  Uses the core's private test hook, so it is
  * built against kmod/core (never a model for a real module).
@@ -83,6 +88,17 @@ h_serve(int c, unsigned char *buf, size_t max, int again)
 	int nap = 0;
 
 	r = kupdev_pass(h_sc, c);
+	if (r == -EPIPE) {
+		/* Maybe no user, maybe the end of an earlier session: one that
+		 * ended on an error other than -EPIPE, -EPROTO or CLOSE
+		 * ("oversize") is still in progress for the core, and the next
+		 * call on the channel answers -EPIPE for it (kupdev.h,
+		 * "Sessions"), which ends it.  The call after it starts the
+		 * session of the user the accept thread was told about, who
+		 * would otherwise wait for its first PASS for ever (echo.c's
+		 * echo_serve: the same).  A second -EPIPE: nobody there. */
+		r = kupdev_pass(h_sc, c);
+	}
 	if (again && r == -EPIPE)
 		return r;
 	while (r == 0) {
@@ -117,7 +133,12 @@ h_serve(int c, unsigned char *buf, size_t max, int again)
 			kup_os_log("hostile: chan %d: told %.*s", c, (int)len,
 			    (const char *)buf);
 		}
-		if (h_is(&m, "seqgap")) {
+		if (h_is(&m, "oversize")) {
+			bad = 0;
+			kupdev_unlock_channel(h_sc, c);
+			/* refused before a byte is read: buf is big enough */
+			r = kupdev_send(h_sc, buf, max + 1, c);
+		} else if (h_is(&m, "seqgap")) {
 			kupdev_unlock_channel(h_sc, c);
 			r = kup_core_test_handover(h_sc, c, 0, KUP_KIND_PASS, 1,
 			    KUP_TURN_USER);
