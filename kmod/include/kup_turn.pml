@@ -55,6 +55,14 @@
  *   Unload  (-DSHUTDOWN) kupdev_unload at an arbitrary point: shutdown in
  *           the private state and KUP_STATE_SHUTDOWN in ctrl->state, fence,
  *           wake the user side unconditionally and kernel-side waiters.
+ *   Disconnect (-DDISCONNECT) kupdev_disconnect at an arbitrary point: under
+ *           the channel lock, if the session is the module's and not ended
+ *           yet, mark it ended in the private state (kended:
+ *           ch->ended_gen) and KUP_STATE_PEER_GONE in ctrl->state, fence,
+ *           wake the user side unconditionally; after the lock, wake
+ *           kernel-side waiters.  The turn word is not touched: the user
+ *           learns it from the state (EKU_PEER), the kernel from its
+ *           private state (-EPIPE, nothing the user left is taken).
  *
  * Memory model.  Promela statements are sequentially consistent, so a full
  * fence (KUP_FENCE) is modelled by statement order, and a release/acquire
@@ -99,6 +107,7 @@
  *   DEATH         the user process may die at any point
  *   REATTACH      a new user attaches the channel after the detach
  *   SHUTDOWN      the device may be unloaded at any point
+ *   DISCONNECT    the module may end the user's session at any point
  *   SPURIOUS      sleeps may return without a wake-up (2 in all)
  *   ANYKIND       each message is DATA or PASS at random (default:
  *                 alternating, kernel starts with DATA, user with PASS)
@@ -119,6 +128,7 @@
  *   BROKEN_NO_RELEASE        turn store visible before payload/descriptor
  *   BROKEN_SHUTDOWN_NO_WAKE  unload does not wake the user side
  *   BROKEN_DETACH_NO_WAKE    detach does not wake kernel-side waiters
+ *   BROKEN_DISCONNECT_NO_WAKE kupdev_disconnect does not wake the user side
  *   BROKEN_ATTACH_NO_LOCK    attach resets the page without the channel lock
  *   BROKEN_NO_GEN_CHECK      the kernel ignores the attach generation
  *   BROKEN_LEFT_IGNORES_RESET the kernel takes a message the departed user
@@ -187,6 +197,8 @@ bit  kattached = 1;                    /* ch->attached */
 byte kgen = SESSION;                   /* ch->gen (the module was told SESSION) */
 byte kturn = KT_KERNEL;                /* ch->kturn */
 byte kpage = SESSION;                  /* ch->page_gen: the page's attachment */
+bit  kended;                           /* ch->ended_gen == SESSION:
+                                        * kupdev_disconnect ended it */
 
 /* ---- ghosts for the properties ----------------------------------------- */
 bit  k_cs;                             /* kernel inside a data area */
@@ -206,6 +218,11 @@ bit  attach_done;
 #else
 bit  attach_done = 1;
 #endif
+#ifdef DISCONNECT
+bit  disc_done;
+#else
+bit  disc_done = 1;
+#endif
 #ifdef SPURIOUS
 byte spurious = 2;                     /* early returns from sleeps, in all */
 #endif
@@ -219,7 +236,7 @@ byte spurious = 2;                     /* early returns from sleeps, in all */
 #define CS_ASSERT(c) assert(c)
 #endif
 
-#define ALL_DONE (k_done && u_left && host_done && unload_done && attach_done)
+#define ALL_DONE (k_done && u_left && host_done && unload_done && attach_done && disc_done)
 
 /* ---- properties --------------------------------------------------------- */
 /* (1) the two sides never touch the data areas at the same time */
@@ -355,9 +372,9 @@ inline hand_over(PEER, PEER_WAITING, W, SENT)
 /* ---- kernel side (kup_core.c) ------------------------------------------- */
 
 #ifdef BROKEN_NO_GEN_CHECK
-#define K_GONE (!kattached)
+#define K_GONE (!kattached || kended)
 #else
-#define K_GONE (!kattached || kgen != SESSION)
+#define K_GONE (!kattached || kgen != SESSION || kended)
 #endif
 /* kup_recv_cond: the page turn is no longer USER, or shutdown, or departure */
 #define K_COND (turn != KUP_TURN_USER || kshut || K_GONE)
@@ -365,9 +382,9 @@ inline hand_over(PEER, PEER_WAITING, W, SENT)
 /* kup_chan_left_msg: the departed user handed over a message the kernel
  * has not taken, in a page not reset since (kpage: ch->page_gen, private) */
 #ifdef BROKEN_LEFT_IGNORES_RESET
-#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL)
+#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL && !kended)
 #else
-#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL && kpage == SESSION)
+#define K_LEFT (kturn == KT_USER && turn == KUP_TURN_KERNEL && kpage == SESSION && !kended)
 #endif
 
 /* kup_chan_enter, under the channel lock; a send (RX 0) or a receive
@@ -538,14 +555,17 @@ proctype Kernel()
 		assert(r2 == R_SHUTDOWN || r2 == R_PEER)
 	:: else -> skip
 	fi;
-#if !defined(DEATH) && !defined(SHUTDOWN) && !defined(REATTACH)
+#if !defined(DEATH) && !defined(SHUTDOWN) && !defined(REATTACH) && !defined(DISCONNECT)
 	/* normal run: every message was received, the CLOSE included: the
 	 * user's departure right after it does not hide it (kup_chan_left_msg) */
 	assert(klast == NMSG && r == R_OK);
-#elif !defined(DEATH) && !defined(SHUTDOWN)
+#elif !defined(DEATH) && !defined(SHUTDOWN) && !defined(DISCONNECT)
 	/* ... unless a new user attached before the kernel looked: the page
 	 * was reset, the CLOSE is gone and the departure (-EPIPE) says it */
 	assert(klast >= NMSG - 1);
+	assert(r == R_OK || r == R_PEER);
+#elif !defined(DEATH) && !defined(SHUTDOWN)
+	/* the module ended the session (or the user closed it first) */
 	assert(r == R_OK || r == R_PEER);
 #endif
 	k_done = 1
@@ -783,7 +803,7 @@ proctype User()
 		u_cs = 0;  /* @reach:death */
 		u_stopped = 1
 	};
-#if !defined(DEATH) && !defined(SHUTDOWN)
+#if !defined(DEATH) && !defined(SHUTDOWN) && !defined(DISCONNECT)
 	assert(!u_stopped && ulast == NMSG);
 #endif
 	u_left = 1                                     /* descriptor closed */
@@ -864,6 +884,30 @@ proctype Unload()
 }
 #endif
 
+#ifdef DISCONNECT
+#ifdef BROKEN_DISCONNECT_NO_WAKE
+#define DISC_WAKE_USER()  skip
+#else
+#define DISC_WAKE_USER()  wake(uwake)
+#endif
+/* kupdev_disconnect */
+proctype Disconnect()
+{
+	lock();
+	if
+	:: atomic { !kshut && kattached && kgen == SESSION && !kended ->
+		kended = 1; state = state | KUP_STATE_PEER_GONE };   /* sc->lock */
+		skip;  /* @reach:disconnect */
+		/* KUP_FENCE(), then wake the user side unconditionally */
+		DISC_WAKE_USER();
+		unlock();
+		wake(kwake)
+	:: else -> unlock()     /* -EPIPE / -ESHUTDOWN: no session to end */
+	fi;
+	disc_done = 1
+}
+#endif
+
 init
 {
 	atomic {
@@ -878,6 +922,9 @@ init
 #endif
 #ifdef SHUTDOWN
 		run Unload();
+#endif
+#ifdef DISCONNECT
+		run Disconnect();
 #endif
 	}
 }

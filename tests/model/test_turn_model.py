@@ -268,6 +268,7 @@ DEATH = ("-DDEATH", "-DREATTACH")
 SHUTDOWN = ("-DSHUTDOWN",)
 BOTH = ("-DDEATH", "-DREATTACH", "-DSHUTDOWN")
 POLL = ("-DPOLL_MODE",)
+DISCONNECT = ("-DDISCONNECT",)
 
 KERNEL_HS = ("wake", "krecheck", "ksleep", "krx_wait")
 USER_HS = ("wake", "urecheck", "usleep")
@@ -319,6 +320,22 @@ SAFETY_CASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
         (*POLL, *SHUTDOWN),
         {"Kernel": ("enter_shutdown",), "User": ("upoll", "user_wait_stop", "user_send_shutdown")},
     ),
+    "disconnect": (
+        DISCONNECT,
+        {
+            "Kernel": ("ksleep", "enter_peer"),
+            "User": ("usleep", "user_wait_stop"),
+            "Disconnect": ("disconnect", "wake"),
+        },
+    ),
+    "poll_mode_disconnect": (
+        (*POLL, *DISCONNECT),
+        {"Kernel": ("enter_peer",), "User": ("upoll", "user_wait_stop")},
+    ),
+    "disconnect_reattach": (
+        (*DISCONNECT, "-DREATTACH"),
+        {"Kernel": ("enter_peer",), "Attach": ("attach_reset",)},
+    ),
     "death_and_shutdown": (
         BOTH,
         {
@@ -346,6 +363,8 @@ LTL_CASES: list[tuple[str, tuple[str, ...], str]] = [
     ("spurious", ("-DSPURIOUS",), "terminate"),
     *(("poll_mode", POLL, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     ("poll_mode_shutdown", (*POLL, *SHUTDOWN), "terminate"),
+    *(("disconnect", DISCONNECT, f) for f in ("k2u_recv", "u2k_recv", "terminate")),
+    ("poll_mode_disconnect", (*POLL, *DISCONNECT), "terminate"),
     *(("poll_quiet", (*POLL, "-DQUIET_SPIN"), f) for f in ("k2u_recv", "u2k_recv", "terminate")),
     # NMSG=2 (one full round, then CLOSE) keeps this, the largest run, short
     ("death_and_shutdown", (*BOTH, "-DNMSG=2"), "terminate"),
@@ -387,6 +406,7 @@ LOST_WAKEUP_CASES: dict[str, tuple[str, ...]] = {
     "early_wake_lost": ("-DBROKEN_EARLY_WAKE_LOST",),
     "shutdown_no_wake": ("-DSHUTDOWN", "-DBROKEN_SHUTDOWN_NO_WAKE"),
     "detach_no_wake": ("-DDEATH", "-DBROKEN_DETACH_NO_WAKE"),
+    "disconnect_no_wake": (*DISCONNECT, "-DBROKEN_DISCONNECT_NO_WAKE"),
     "poll_no_self_wake": (*POLL, "-DBROKEN_POLL_NO_SELF_WAKE"),
     "poll_late_drain": (*POLL, "-DBROKEN_POLL_LATE_DRAIN"),
     "quiet_no_unquiet": (*POLL, "-DQUIET_SPIN", "-DBROKEN_QUIET_NO_UNQUIET"),
