@@ -137,7 +137,8 @@ class NotFound(KupError):
 
 
 class PeerGone(KupError):
-    """The other side left the channel (closed, died or was detached)."""
+    """The other side left the channel (closed, died or was detached), or the
+    kernel module ended the session (kupdev_disconnect)."""
 
     code = 1010
     seed_name = "EKU_PEER"

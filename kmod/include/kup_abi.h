@@ -116,7 +116,12 @@
 /* Channel state bits (ctrl->state), written by the kernel side only. */
 #define KUP_STATE_ATTACHED  0x1U   /* a user side holds the channel */
 #define KUP_STATE_SHUTDOWN  0x2U   /* device is going away: EKU_SHUTDOWN */
-#define KUP_STATE_PEER_GONE 0x4U   /* kernel side gave up on this user */
+#define KUP_STATE_PEER_GONE 0x4U   /* kernel side gave up on this user: it
+                                    * broke the protocol, or the module
+                                    * ended its session (kupdev_disconnect;
+                                    * in version 1 from the start, so a
+                                    * libkup of any version reports it as
+                                    * KUP_E_PEER) */
 
 /*
  * Error codes shared by every layer above the kernel API: libkup's
@@ -138,7 +143,8 @@
 #define KUP_E_VERSION    1007  /* ABI magic/version mismatch at attach */
 #define KUP_E_BUSY       1008  /* channel held by another user side */
 #define KUP_E_NOENT      1009  /* no such device or channel */
-#define KUP_E_PEER       1010  /* the peer left (CLOSE, died, detached) */
+#define KUP_E_PEER       1010  /* the peer left (CLOSE, died, detached) or
+                                * the kernel side ended the session */
 #define KUP_E_INVAL      1011  /* bad argument */
 #define KUP_E_SYS        1012  /* a system call failed: see errno */
 #define KUP_E_RELEASING  1013  /* attach: the channel's last user has left,

@@ -994,7 +994,7 @@ kernproxy_strerror(int code)
 	case KUP_E_VERSION:  return "EKU_VERSION: ABI version mismatch";
 	case KUP_E_BUSY:     return "EKU_BUSY: channel held by another user";
 	case KUP_E_NOENT:    return "EKU_NOENT: no such device or channel";
-	case KUP_E_PEER:     return "EKU_PEER: the peer left";
+	case KUP_E_PEER:     return "EKU_PEER: the peer left or ended the session";
 	case KUP_E_INVAL:    return "EKU_INVAL: bad argument";
 	case KUP_E_SYS:      return "EKU_SYS: system call failed (see errno)";
 	case KUP_E_RELEASING:
