@@ -186,6 +186,11 @@ static struct kup_ratelimit echo_lockhold_rl =
 static struct kup_ratelimit echo_oversize_rl =
     KUP_RATELIMIT_INIT("echo (oversize replies)", ECHO_LOCKHOLD_LOG_BURST,
 	ECHO_LOG_WINDOW_MS);
+/* "!kick" and "!wake": tests wait for their lines too, whatever the
+ * sessions before them logged -- a budget of their own */
+static struct kup_ratelimit echo_trigger_rl =
+    KUP_RATELIMIT_INIT("echo (kick and wake)", ECHO_LOCKHOLD_LOG_BURST,
+	ECHO_LOG_WINDOW_MS);
 
 static struct kupdev_softc *echo_sc;
 static struct kup_mutex *echo_slot_mtx;   /* every slot's running/again */
@@ -461,7 +466,7 @@ echo_wake(struct echo_slot *s, unsigned int ms)
 	s->wake_ms = ms;
 	t = kup_os_thread_start(echo_waker, s, ECHO_NAME "-wk");
 	if (t == NULL) {
-		kup_log_limited(&echo_session_rl,
+		kup_log_limited(&echo_trigger_rl,
 		    "echo: chan %d: cannot start a waker", s->chan);
 		woke = -ENOMEM;
 	}
@@ -469,7 +474,7 @@ echo_wake(struct echo_slot *s, unsigned int ms)
 		r = kupdev_receive_msg(echo_sc, s->chan, &m, KUPDEV_FOREVER);
 		if (r == -ECANCELED && woke == 0) {
 			woke = r;
-			kup_log_limited(&echo_session_rl,
+			kup_log_limited(&echo_trigger_rl,
 			    "echo: chan %d: receive woken (%d) while waiting",
 			    s->chan, r);
 			continue;
@@ -488,7 +493,7 @@ echo_wake(struct echo_slot *s, unsigned int ms)
 		/* the user's message came first: the wake is kept for the
 		 * next receive, which takes it before anything else */
 		woke = kupdev_receive_msg(echo_sc, s->chan, &m, 0);
-		kup_log_limited(&echo_session_rl,
+		kup_log_limited(&echo_trigger_rl,
 		    "echo: chan %d: receive woken (%d) after a message",
 		    s->chan, woke);
 	}
@@ -647,7 +652,7 @@ echo_serve(struct echo_slot *s, int again)
 				if (ms != 0)
 					kup_os_msleep(ms);
 				r = kupdev_disconnect(echo_sc, s->chan);
-				kup_log_limited(&echo_session_rl,
+				kup_log_limited(&echo_trigger_rl,
 				    "echo: chan %d: disconnected the user (%d)",
 				    s->chan, r);
 				return r == -ESHUTDOWN ? r : 0;   /* over */
