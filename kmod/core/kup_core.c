@@ -1716,6 +1716,11 @@ kupdev_disconnect(struct kupdev_softc *sc, int chan_id)
 	KUP_WRITE_ONCE64(&ch->ended_gen, kgen);
 	kup_state_set(ch, KUP_STATE_PEER_GONE, 0);
 	kup_unlock(&sc->lock);
+	/* over for the core too, as after an -EPIPE the module got: the next
+	 * attachment's first call must not be taken for a straggler's (the
+	 * module said it is done; it need not call again to end it) */
+	if (ch->pgen == kgen)
+		ch->over = 1;
 	KUP_FENCE();
 	kup_os_chan_wake_user(ch);   /* under ch->lock: as kup_chan_poison */
 	r = 0;

@@ -1172,6 +1172,23 @@ test_disconnect(void)
 	CHECK_EQ(kr.ret, -EPIPE);
 	CHECK_EQ(kupdev_send(sc, "x", 1, 0), -EPIPE);
 	kup_core_detach(ch);
+	/* the disconnect ends the session for the core as well: the next
+	 * user's first call is not refused as a straggler's (-EPIPE), though
+	 * the module made no call after it */
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	CHECK_EQ(kupdev_disconnect(sc, 0), 0);
+	kup_core_detach(ch);
+	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), 0);
+	user_init(&u, ch);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&u, KUP_KIND_PASS, NULL, 0);
+	CHECK_EQ(kupdev_disconnect(sc, 0), 0);
+	kup_core_detach(ch);
 	/* a message the user handed over before the disconnect is dropped:
 	 * the module said it wants nothing more from that user */
 	CHECK_EQ(kup_core_attach(sc, 0, KUP_ABI_VERSION, &ch), 0);
