@@ -1685,8 +1685,9 @@ kupdev_pass(struct kupdev_softc *sc, int chan_id)
  * blocked operation fails with EKU_PEER, libkup's close then detaches
  * without a CLOSE (the state is not OK), and the channel is free for the
  * next attach.  Not under the turn protocol: the turn word is not
- * touched, so neither side's view of the turn changes (kup_turn.pml's
- * PEER_GONE path, the same as a protocol error's).
+ * touched, so neither side's view of the turn changes; kup_turn.pml
+ * -DDISCONNECT checks that nobody sleeps for ever and nothing is read
+ * from the other side's area meanwhile.
  */
 int
 kupdev_disconnect(struct kupdev_softc *sc, int chan_id)
