@@ -420,6 +420,15 @@ class LeaseTable:
         lease.ops += 1
         lease.last_used = time.monotonic()
 
+    def _peer_gone(self, lease: Lease, exc: errors.PeerGone) -> None:
+        """The kernel side ended this user's session (kupdev_disconnect, or
+        it gave up on a user that broke the protocol): the channel is of no
+        more use to the lease, so the lease ends now and its channel is let
+        go (the module frees it for the next user once kupd closes it).
+        Sessions end on the same error in the service; an Attach lease kept
+        the dead channel until its client released it or it idled out."""
+        self.end(lease, f"ended by the module ({exc.message})", errors.PeerGone(exc.message))
+
     def _leave(self, lease: Lease) -> None:
         lease.ops -= 1
         lease.last_used = time.monotonic()
@@ -452,6 +461,9 @@ class LeaseTable:
         try:
             lease.ch.send(data)
             lease.m.sent(len(data))
+        except errors.PeerGone as exc:
+            self._peer_gone(lease, exc)
+            raise
         finally:
             self._leave(lease)
 
@@ -460,6 +472,9 @@ class LeaseTable:
         try:
             lease.ch.pass_()
             lease.m.sent(0)
+        except errors.PeerGone as exc:
+            self._peer_gone(lease, exc)
+            raise
         finally:
             self._leave(lease)
 
@@ -483,6 +498,9 @@ class LeaseTable:
         await self._enter(lease, retired)
         try:
             return await self._receive_entered(lease, timeout, nonblocking, abort, retired)
+        except errors.PeerGone as exc:
+            self._peer_gone(lease, exc)
+            raise
         finally:
             self._leave(lease)
 
@@ -529,6 +547,9 @@ class LeaseTable:
             lease.m.turn_wait.observe(time.monotonic() - t0)
             lease.m.received(len(msg.data))
             return msg
+        except errors.PeerGone as exc:
+            self._peer_gone(lease, exc)
+            raise
         finally:
             self._leave(lease)
 

@@ -38,3 +38,23 @@ def test_module_disconnect_ends_the_session_with_peergone(sim: KupSim, client: C
         assert first.kind == Kind.PASS and first.seq == 1
         ch.send(b"again")
         assert ch.receive(timeout=10).data == b"again"
+
+
+def test_module_disconnect_ends_an_attach_lease_and_frees_its_channel(
+    sim: KupSim, client: Client
+) -> None:
+    """The same for an Attach lease: the operation that meets the disconnect
+    gets PeerGone, and kupd ends the lease at once -- before, it kept the
+    channel, useless to everyone, until the client released it or the lease
+    idled out.  Later uses of the lease id say how it ended."""
+    lease = client.attach("echo", 31)
+    lid = lease.lease_id
+    assert client.lease_receive(lid, timeout=10).kind == Kind.PASS
+    with pytest.raises(errors.PeerGone, match="EKU_PEER"):
+        client.lease_exchange(lid, b"!kick200", timeout=30)
+    wait_until(lambda: _state(client, 31) == "free", what="channel 31 free again")
+    with pytest.raises(errors.NotFound, match=f"lease {lid} has ended .*module"):
+        client.lease_send(lid, b"more")
+    with client.open("echo").channel(31) as ch:
+        first = ch.receive(timeout=10)
+        assert first.kind == Kind.PASS and first.seq == 1
