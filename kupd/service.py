@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -714,6 +715,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         lease = await self._take(request.device, chan, "lease")
         return self._attach_pb(lease, round(lease.idle_timeout * 1000))
 
+    def undelivered(self, resp: kup_pb2.AttachResponse) -> None:
+        """The reply of an Attach could not be written: its caller had gone
+        (its client interrupted, dead, past its deadline, or it cancelled)
+        by the time the lease was granted.  No one knows the lease's id, to
+        use or release it: it ends now, reason ``caller gone``, instead of
+        holding the channel until it idles out (kupd.wire serves Attach so
+        that a reply not written is seen: add_kup_servicer)."""
+        lease = self.leases.leases.get(resp.lease_id)
+        if lease is not None and lease.holder == "lease":
+            self.leases.abandoned(lease, "its Attach reply could not be delivered")
+
     def _lease(self, lease_id: str) -> Lease:
         return self._lease_t(lease_id)[0]
 
@@ -1033,6 +1045,11 @@ class KupService(kup_pb2_grpc.KupServicer):
             a = first.attach
             chan = a.channel if a.HasField("channel") else None
             lease = await self._take(a.device, chan, "session")
+            # A stream cancelled while kupd writes to it leaves this
+            # generator where it was (gRPC does not close it): the lease
+            # would end only when the generator is collected.  It ends when
+            # the RPC does (a no-op when the stream ended by the code below).
+            context.add_done_callback(functools.partial(self._stream_gone, lease))
             guard.watch(lease.ended)
             st = _SessionState(context, self.guard)
             yield kup_pb2.SessionResponse(
@@ -1059,7 +1076,9 @@ class KupService(kup_pb2_grpc.KupServicer):
                     await lease.dev.refresh()
                 self.leases.end(lease, f"error: {type(exc).__name__}")
             await self._abort(context, exc)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: gRPC left the generator (a write to the stream
+            # failed: its client had cancelled or gone) and it is collected
             reason = "stream cancelled"
             raise
         finally:
@@ -1068,6 +1087,10 @@ class KupService(kup_pb2_grpc.KupServicer):
             if guard is not None:
                 guard.close()
             self._stream_ended()
+
+    def _stream_gone(self, lease: Lease, _: object) -> None:
+        """A Session RPC is over: its lease ends, if it has not yet."""
+        self.leases.end(lease, "stream cancelled")
 
     # ---------------------------------------------------------------- calls
     async def Call(

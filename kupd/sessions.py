@@ -25,7 +25,7 @@ from kupd.policy import ADMIN, DEFAULT, Budget
 from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
-__all__ = ["Lease", "LeaseTable", "OpLock", "no_lease"]
+__all__ = ["CALLER_GONE", "Lease", "LeaseTable", "OpLock", "no_lease"]
 
 log = get_logger("kupd.sessions")
 
@@ -41,6 +41,10 @@ MAX_WAITING_OPS = 64
 #: then a rate per second (the rest counted: ``unlogged_before``)
 LEASE_LINES_BURST = 200.0
 LEASE_LINES_PER_SECOND = 20.0
+
+#: The reason a lease ends when its Attach's caller went away before the
+#: reply reached it (the RPC cancelled, its deadline passed).
+CALLER_GONE = "caller gone"
 
 
 class OpLock:
@@ -256,6 +260,23 @@ class LeaseTable:
         self._taking += 1
         try:
             ch = await dev.attach(chan_id, wait_releasing=wait_releasing, tenant=tenant)
+        except asyncio.CancelledError:
+            # the RPC was cancelled while the channel was being attached (its
+            # client interrupted, gone, or past its deadline): no lease is
+            # taken, and a channel the host attaches meanwhile is closed
+            # (ManagedDevice.attach)
+            unlogged = self._line_budget.take(tenant)
+            if unlogged is not None:
+                log.info(
+                    "attach abandoned",
+                    device=device,
+                    channel="any" if chan_id is None else chan_id,
+                    holder=holder,
+                    tenant=tenant,
+                    reason=CALLER_GONE,
+                    **({"unlogged_before": unlogged} if unlogged else {}),
+                )
+            raise
         finally:
             self._taking -= 1
         if dev.dev is None or self.mgr.closing:
@@ -344,6 +365,16 @@ class LeaseTable:
                 holder=lease.holder,
                 reason=reason,
             )
+        )
+
+    def abandoned(self, lease: Lease, why: str) -> None:
+        """End ``lease``, just granted to an Attach whose caller has gone
+        (``why``): no one knows its id to use or release it.  Reason
+        ``caller gone``; a later use of the id is told why."""
+        self.end(
+            lease,
+            CALLER_GONE,
+            errors.NotFound(f"lease {lease.id} ended at once: its caller had gone ({why})"),
         )
 
     @staticmethod

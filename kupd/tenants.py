@@ -136,6 +136,10 @@ class TenantKup(kup_pb2_grpc.KupServicer):
     async def Attach(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("Attach", request, context)
 
+    def undelivered(self, reply: Any) -> None:
+        # an Attach reply its caller was gone for (kupd.wire._reply_watched)
+        self.inner.undelivered(reply)
+
     async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("Release", request, context)
 

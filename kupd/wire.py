@@ -333,6 +333,39 @@ def _refusing(method: str, handler: Any, on_malformed: Any) -> Any:
     return handler
 
 
+def _reply_watched(handler: Any, undelivered: Callable[[Any], object]) -> Any:
+    """A unary handler served as a server stream of its one reply: the same
+    on the wire (headers, the message, the status: a unary client sees no
+    difference), but the reply is written by a batch of its own, after
+    which the handler resumes.  gRPC writes a unary reply and its status in
+    one batch whose failure it keeps to itself, and does not cancel a
+    handler that has returned; here a reply that could not be written --
+    the caller had cancelled, passed its deadline or gone by the time the
+    handler answered -- is seen, and ``undelivered(reply)`` undoes what the
+    caller will never learn of (Attach: the lease)."""
+    inner = handler.unary_unary
+
+    async def one_reply(request: Any, context: Any) -> AsyncIterator[Any]:
+        reply = await inner(request, context)
+        written = False
+
+        def done(_: object) -> None:
+            if not written:
+                undelivered(reply)
+
+        # run when the RPC is over, whichever way: the write failed, or the
+        # task was cancelled during it (the generator is not resumed then)
+        context.add_done_callback(done)
+        yield reply
+        written = True
+
+    return grpc.unary_stream_rpc_method_handler(
+        one_reply,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def add_kup_servicer(
     servicer: Any, server: grpc.aio.Server, on_malformed: Any = None
 ) -> None:
@@ -340,7 +373,9 @@ def add_kup_servicer(
     requests read by :func:`deserialize_request` and its replies written by
     :func:`serialize_response`; every other method as generated, except that
     a request protobuf cannot parse goes to ``on_malformed(request,
-    context)`` -- kupd's service edge, which aborts INVALID_ARGUMENT."""
+    context)`` -- kupd's service edge, which aborts INVALID_ARGUMENT -- and
+    that Attach, when the servicer has ``undelivered(reply)``, is served so
+    that a reply its caller was gone for is seen (:func:`_reply_watched`)."""
     cap = _Capture()
     kup_pb2_grpc.add_KupServicer_to_server(servicer, cap)
     handlers = dict(cap.handlers)
@@ -350,6 +385,9 @@ def add_kup_servicer(
         for name, h in list(handlers.items()):
             if name != "Session":
                 handlers[name] = _refusing(name, h, on_malformed)
+    undelivered = getattr(servicer, "undelivered", None)
+    if undelivered is not None:
+        handlers["Attach"] = _reply_watched(handlers["Attach"], undelivered)
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(
         servicer.Session,
         request_deserializer=deserialize_request,

@@ -131,6 +131,11 @@ class H2Conn:
         self.grpc_send(stream, len(message), message, end=True)
         return stream
 
+    def cancel(self, stream: int) -> None:
+        """RST_STREAM ``stream`` with CANCEL (0x8): what a gRPC client's
+        cancel sends."""
+        self._send(_frame(RST_STREAM, 0, stream, struct.pack(">I", 0x8)))
+
     def ended(self, stream: int) -> bool:
         """Whether the server ended ``stream``: trailers, or RST_STREAM."""
         return any(
