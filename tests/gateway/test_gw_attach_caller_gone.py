@@ -126,6 +126,18 @@ def _interrupted(child: subprocess.Popen[bytes]) -> str:
     return out.decode()
 
 
+SYNC_ATTACH = """
+import sys
+from kupclient import Client
+c = Client(sys.argv[1])
+print("attaching", flush=True)
+try:
+    c.attach("echo", int(sys.argv[2]))
+    print("attached", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
 ASYNC_ATTACH = """
 import asyncio, sys
 from kupclient.aio import AsyncClient
@@ -176,8 +188,8 @@ def _attaching(kupd: Kupd, program: str, chan: int) -> Iterator[subprocess.Popen
 
 @pytest.mark.parametrize(
     ("program", "holder"),
-    [(ASYNC_ATTACH, "lease"), (SESSION_ATTACH, "session")],
-    ids=["asyncio", "session"],
+    [(SYNC_ATTACH, "lease"), (ASYNC_ATTACH, "lease"), (SESSION_ATTACH, "session")],
+    ids=["sync", "asyncio", "session"],
 )
 def test_an_attach_interrupted_while_it_waits_leaves_no_lease(
     sim: KupSim, kupd: Kupd, client: Client, program: str, holder: str
@@ -231,6 +243,63 @@ def test_an_attach_reply_that_cannot_be_delivered_ends_its_lease(
     lease = _attach_at_once(client, chan)
     client.release(lease.lease_id)
     assert _why_gone(kupd, chan, "lease", 0, lease.lease_id) == ["released: caller gone"]
+
+
+#: A client whose interrupt comes as the reply does: its SIGINT handler
+#: waits (for the test's go, on stdin) before it raises KeyboardInterrupt,
+#: and the reply comes in meanwhile.
+SYNC_ATTACH_LATE = """
+import signal, sys
+from kupclient import Client
+
+def interrupt(signum, frame):
+    print("interrupting", flush=True)
+    sys.stdin.readline()
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, interrupt)
+c = Client(sys.argv[1])
+print("attaching", flush=True)
+try:
+    c.attach("echo", int(sys.argv[2]))
+    print("attached", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_sync_attach_interrupted_as_its_reply_comes_releases_the_lease(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    chan = 44
+    _leave_locked(sim, client, chan)
+    since = len(_records(kupd))
+    child = subprocess.Popen(
+        [sys.executable, "-c", SYNC_ATTACH_LATE, kupd.socket, str(chan)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline().strip() == b"attaching"
+        wait_until(lambda: _waits(kupd, chan), what=f"kupd to retry the attach of {chan}")
+        child.send_signal(signal.SIGINT)
+        assert child.stdout.readline().strip() == b"interrupting"
+        unlock(client)  # the channel comes: kupd grants it and replies
+        wait_until(lambda: _taken(kupd, chan, since), what=f"kupd to grant channel {chan}")
+        time.sleep(0.5)  # the reply reaches the client (nothing says when)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        _interrupted(child)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    lease = _attach_at_once(client, chan)
+    client.release(lease.lease_id)
+    # kupd delivered the reply: the client released the lease itself
+    assert _why_gone(kupd, chan, "lease", since, lease.lease_id) == ["released: released"]
 
 
 def _taken(kupd: Kupd, chan: int, since: int = 0) -> bool:

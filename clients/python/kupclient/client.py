@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -161,7 +162,13 @@ class Client:
                 raise self._gone(pending=True) from None
             raise
 
-    def _unary_owed(self, method: str, request: Any, timeout: float | None) -> Any:
+    def _unary_owed(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        answered_late: Callable[[Any], object] | None = None,
+    ) -> Any:
         """:meth:`_unary` for an RPC that waits for the kernel's message
         (lease_receive, lease_exchange): one interrupted must leave it owed.
 
@@ -174,7 +181,12 @@ class Client:
         receive, as with the asyncio client.  (Not for every RPC: gRPC
         starts a thread for a future when none is in flight, which costs a
         sync call() about 0.7 ms.  An interrupt that lands during that start,
-        before the future exists, still leaves the RPC running.)"""
+        before the future exists, still leaves the RPC running.)
+
+        ``answered_late(response)``: the RPC had already succeeded when the
+        interrupt came (its answer arrived as the caller gave up), and the
+        caller will never see the answer: undo what it did (attach: release
+        the lease no one knows the id of)."""
         self._check_open()
         try:
             fut = getattr(self._stub, method).future(request, timeout=timeout)
@@ -193,8 +205,17 @@ class Client:
                 raise self._gone(pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
         except BaseException:
-            fut.cancel()
+            if not fut.cancel() and answered_late is not None:  # it had completed
+                with contextlib.suppress(grpc.RpcError, grpc.FutureCancelledError):
+                    answered_late(fut.result(timeout=0))
             raise
+
+    def _release_quietly(self, resp: kup_pb2.AttachResponse) -> None:
+        """Release the lease of an Attach whose caller was interrupted as its
+        reply came in (best effort: kupd's idle timeout ends it otherwise)."""
+        req = kup_pb2.ReleaseRequest(lease_id=resp.lease_id)
+        with contextlib.suppress(grpc.RpcError, ValueError):
+            self._stub.Release(req, timeout=_types.KUPD_GRACE)
 
     def _after_fork(self) -> None:
         """In a child process (see kupclient._fork): nothing of gRPC's is
@@ -285,12 +306,18 @@ class Client:
 
     # -- leases -----------------------------------------------------------
     def attach(self, device: str, chan_id: int | None = None) -> Lease:
-        """Take a lease on a channel (any free one if ``chan_id`` is None)."""
+        """Take a lease on a channel (any free one if ``chan_id`` is None).
+
+        Interrupted (KeyboardInterrupt, an exception a signal handler
+        raises) while it waits for its channel, it leaves no lease behind:
+        the RPC is cancelled at once, before kupd grants the lease (kupd
+        ends one it granted to a caller already gone, reason ``caller
+        gone``), and a lease whose reply had just come in is released."""
         req = kup_pb2.AttachRequest(device=device_arg(device))
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
-        return lease_from_pb(self._unary("Attach", req, 30.0))
+        return lease_from_pb(self._unary_owed("Attach", req, 30.0, self._release_quietly))
 
     def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
