@@ -26,6 +26,7 @@ last user left ("!lockhold"), so that an attach of it waits in kupd
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -33,13 +34,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from gateway_helpers import LOCKHOLD, Kupd, StartKupd, child_env, unlock, wait_locked
 from h2raw import H2Conn
 
 from kupapi import kup_pb2
-from kupclient import Client, Kind, Lease
+from kupclient import AsyncClient, Client, Kind, Lease
 from kupd import errors
 from kupd.testing import KupSim, wait_until
 
@@ -340,3 +342,41 @@ def test_a_session_whose_attached_reply_cannot_be_delivered_ends_its_lease(
     finally:
         stalled.close()
     assert _why_gone(kupd, chan, "session", 0) == ["released: stream cancelled"]
+
+
+def test_an_asyncio_attach_cancelled_as_its_reply_comes_releases_the_lease(
+    kupd: Kupd, client: Client
+) -> None:
+    """The task of an asyncio attach is cancelled when its RPC has just
+    succeeded, before it resumed: the reply is in, the task will never see
+    it.  The client releases the lease.  (The moment is made exact with a
+    task factory: gRPC runs each RPC in a task of its own, and a callback
+    added to that task when it is made runs before the caller's task
+    resumes.)"""
+    chan = 48
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        caller: list[asyncio.Task[Lease]] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            task = asyncio.Task(coro, loop=loop, **kw)
+            if caller and getattr(coro, "__qualname__", "").endswith("Call._invoke"):
+                task.add_done_callback(lambda _: caller[0].cancel())
+            return task
+
+        async with AsyncClient(kupd.socket) as c:
+            await c.devices()  # the channel is up before the factory is in place
+            loop.set_task_factory(factory)
+            caller.append(asyncio.ensure_future(c.attach("echo", chan)))
+            with pytest.raises(asyncio.CancelledError):
+                await caller[0]
+            loop.set_task_factory(None)
+            until = time.monotonic() + FREE_WITHIN
+            while (await c.devices("echo"))[0].channels[chan].state != "free":
+                assert time.monotonic() < until, f"channel {chan} still held"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert _taken(kupd, chan)  # kupd did grant it
+    assert _why_gone(kupd, chan, "lease", 0) == ["released: released"]

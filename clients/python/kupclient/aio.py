@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -86,6 +87,8 @@ class AsyncClient:
         #: each device's channel data area, as ListDevices last said (TooBig's text)
         self._channel_bytes: dict[str, int] = {}
         self._sessions: weakref.WeakSet[AsyncChannel] = weakref.WeakSet()
+        #: releases of leases whose attach was cancelled as its reply came in
+        self._undoing: set[asyncio.Future[None]] = set()
         # gRPC's aio channel belongs to the event loop it is made in, so it is
         # made on first use, in the loop that uses it: an AsyncClient built
         # outside a loop and then used under asyncio.run() works (it failed
@@ -146,18 +149,48 @@ class AsyncClient:
         assert self._stub_ is not None
         return self._stub_
 
-    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    async def _unary(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        answered_late: Callable[[Any], Awaitable[object]] | None = None,
+    ) -> Any:
+        """One unary RPC.  ``answered_late(response)``: the task was
+        cancelled just as the RPC succeeded (its answer in, the task not
+        resumed yet), so the caller never sees the answer: a task of its own
+        undoes what the RPC did (attach: releases the lease)."""
         stub = self._stub
+        call = getattr(stub, method)(request, timeout=timeout)
         try:
-            return await getattr(stub, method)(request, timeout=timeout)
+            return await call
         except grpc.RpcError as exc:
             if self._closed:  # close() in another task cancelled it
                 raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
         except asyncio.CancelledError:
+            if answered_late is not None and call.done() and not call.cancelled():
+                task = asyncio.ensure_future(self._undo(call, answered_late))
+                self._undoing.add(task)
+                task.add_done_callback(self._undoing.discard)
             if self._closed and not _cancelled():  # close(), not this task cancelled
                 raise self._gone(pending=True) from None
             raise
+
+    @staticmethod
+    async def _undo(call: Any, undo: Callable[[Any], Awaitable[object]]) -> None:
+        try:
+            resp = await call  # done: at once
+        except (grpc.RpcError, asyncio.CancelledError):
+            return  # it failed after all: nothing to undo
+        await undo(resp)
+
+    async def _release_quietly(self, resp: kup_pb2.AttachResponse) -> None:
+        """Release the lease of an Attach whose task was cancelled as its
+        reply came in (best effort: kupd's idle timeout ends it otherwise)."""
+        req = kup_pb2.ReleaseRequest(lease_id=resp.lease_id)
+        with contextlib.suppress(grpc.RpcError, errors.KupError):
+            await self._stub.Release(req, timeout=_types.KUPD_GRACE)
 
     async def close(self) -> None:
         """Close the connection and end the client's open sessions: their
@@ -254,11 +287,16 @@ class AsyncClient:
             call.cancel()
 
     async def attach(self, device: str, chan_id: int | None = None) -> Lease:
+        """Take a lease on a channel (any free one if ``chan_id`` is None).
+        Cancelled while it waits, it leaves no lease behind: the RPC is
+        cancelled (kupd takes none, or ends one it granted, reason ``caller
+        gone``), and a lease whose reply came in just as the task was
+        cancelled is released."""
         req = kup_pb2.AttachRequest(device=device_arg(device))
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
-        return lease_from_pb(await self._unary("Attach", req, 30.0))
+        return lease_from_pb(await self._unary("Attach", req, 30.0, self._release_quietly))
 
     async def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
