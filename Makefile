@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .stamp
 
-.PHONY: all apt setup build native python test demo lint bench vm-test kmod-freebsd-check clean load-test
+.PHONY: all apt setup build native python test demo lint bench vm-test kmod-freebsd-check clean load-test client-dist
 
 all: build
 
@@ -47,6 +47,13 @@ proto: setup
 	@if [ -f scripts/gen-proto.sh ]; then bash scripts/gen-proto.sh $(PY); fi
 
 build: native python
+
+# The client-only distribution (clients/python/pyproject.toml): a kupclient
+# wheel in dist/ -- kupclient, kupctl, the kup.v1 stubs and the few kupd
+# modules the client imports, with only the client's dependencies (no C
+# extension, no structlog).  `pip install ./clients/python` is the same.
+client-dist: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist clients/python
 
 test: build
 	KUPD_REQUIRE_VM=1 $(PY) -m pytest tests

@@ -103,7 +103,10 @@ cmdclass = {"build_py": BuildPyWithStubs}
 #: KUPD_CLIENT_ONLY=1: leave the C extension out -- an install for client
 #: programs (kupclient, kupctl, the stubs kupapi and the pure-Python kupd
 #: modules kupclient imports) on a machine without a C compiler; kupd itself
-#: cannot run from it (kupd._kupchan is missing).  docs/gateway.md.
+#: cannot run from it (kupd._kupchan is missing), and all of kupd's
+#: dependencies come with it: clients/python/pyproject.toml builds the
+#: client-only distribution "kupclient", with the client's alone.
+#: docs/gateway.md.
 CLIENT_ONLY = os.environ.get("KUPD_CLIENT_ONLY", "") not in ("", "0")
 
 if CLIENT_ONLY:
