@@ -296,7 +296,13 @@ def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
     return v
 
 
-def _rate(raw: dict[str, Any], k: str, prefix: str) -> float:
+#: The lowest channel_ops_per_second (but 0, no limit): one operation in
+#: about 17 minutes.  Guard.pace divides by the rate, and a tiny one (1e-310)
+#: made 1/rate infinite and every wait NaN -- no pacing at all.
+MIN_RATE = 0.001
+
+
+def _rate(raw: dict[str, Any], k: str, prefix: str, least: float = 0.0) -> float:
     v = raw.get(k, 0.0)
     if (
         isinstance(v, bool)
@@ -305,6 +311,8 @@ def _rate(raw: dict[str, Any], k: str, prefix: str) -> float:
         or v < 0
     ):
         raise _config_error(prefix + k, f"must be a finite number >= 0, not {v!r}")
+    if 0 < v < least:
+        raise _config_error(prefix + k, f"must be 0 (no limit) or at least {least:g}, not {v!r}")
     return float(v)
 
 
@@ -385,7 +393,7 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         max_pool_channels=_int(raw, "max_pool_channels", prefix),
         max_message_bytes=_int(raw, "max_message_bytes", prefix),
         calls_per_second=_rate(raw, "calls_per_second", prefix),
-        channel_ops_per_second=_rate(raw, "channel_ops_per_second", prefix),
+        channel_ops_per_second=_rate(raw, "channel_ops_per_second", prefix, MIN_RATE),
         max_connections=_connections(raw, prefix),
     )
 
@@ -660,7 +668,9 @@ class Guard:
                 f"more than channel_ops_per_second={t.channel_ops_per_second:g}: this "
                 f"operation would wait {wait:.3g} s for its turn, "
                 + (
-                    f"more than its deadline or timeout allows ({cap:.3g} s)"
+                    "and a non-blocking one does not wait"
+                    if cap <= 0.0
+                    else f"more than its deadline or timeout allows ({cap:.3g} s)"
                     if cap < PACE_LIMIT
                     else f"more than kupd's limit of {PACE_LIMIT:g} s"
                 ),

@@ -471,25 +471,53 @@ class KupService(kup_pb2_grpc.KupServicer):
             guard.waiting = False
             guard.close()
 
-    async def _pace(self, t: Tenant, holder: str, lease: Lease, limit: float | None) -> float:
+    async def _pace(
+        self,
+        t: Tenant,
+        holder: str,
+        lease: Lease,
+        limit: float | None,
+        kind: str,
+        retired: asyncio.Future[None] | None = None,
+        nonblocking: bool = False,
+    ) -> float:
         """Wait for the operation's turn under the tenant's
         channel_ops_per_second (``Guard.pace``: refused past ``limit``, the
-        RPC's deadline or the operation's own timeout); the seconds waited.
-        A drain ends the wait early: the operation then meets the drain as
-        any other does."""
-        wait = self.guard.pace(t, holder, lease.dev.name, lease.ch.id, limit)
+        RPC's deadline or the operation's own timeout; a ``nonblocking``
+        one is refused rather than made to wait); the seconds waited.
+
+        The wait is a wait like any other of the RPC's: the lease ending,
+        the socket ``retired`` by a reload (counted in its reply as ``kind``)
+        or kupd draining ends it with that error, the operation not done.
+        A lease that has ended already takes no slot."""
+        self._raise_if_ended(lease, retired)
+        wait = self.guard.pace(
+            t, holder, lease.dev.name, lease.ch.id, 0.0 if nonblocking else limit
+        )
         if wait > 0.0:
-            await asyncio.wait((self.drain,), timeout=wait)
+            ends: list[asyncio.Future[Any]] = [self.drain, lease.ended]
+            if retired is not None:
+                ends.append(retired)
+            with waiting_on(retired, kind, lease.ended):
+                await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_if_ended(lease, retired)
         return wait
 
     async def _paced(
-        self, t: Tenant, holder: str, lease: Lease, timeout: float | None
+        self,
+        t: Tenant,
+        holder: str,
+        lease: Lease,
+        timeout: float | None,
+        kind: str,
+        retired: asyncio.Future[None] | None = None,
+        nonblocking: bool = False,
     ) -> float | None:
         """:meth:`_pace` for an operation that waits up to ``timeout`` for
         the kernel: the wait for its turn is part of that time, and what is
         left of it is returned (a timeout of 2 s never takes 2 s plus the
         wait for its turn)."""
-        wait = await self._pace(t, holder, lease, timeout)
+        wait = await self._pace(t, holder, lease, timeout, kind, retired, nonblocking)
         if timeout is None:
             return None
         return max(timeout - wait, 0.001)
@@ -816,7 +844,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         # retires the socket: counted in its reply (kupd.retirement)
         if not request.wait_reply:
             if t.channel_ops_per_second:
-                await self._pace(t, "lease", lease, self._deadline_cap(context, None))
+                limit = self._deadline_cap(context, None)
+                await self._pace(t, "lease", lease, limit, "Send", retired)
             with waiting_on(retired, "Send", lease.ended):
                 await self.leases.send(lease, data, retired)
             return kup_pb2.SendResponse()
@@ -827,7 +856,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         else:
             timeout, nonblocking = self._receive_args(mode, request.reply_timeout_ms)
         if t.channel_ops_per_second:
-            timeout = await self._paced(t, "lease", lease, self._deadline_cap(context, timeout))
+            limit = self._deadline_cap(context, timeout)
+            timeout = await self._paced(t, "lease", lease, limit, "Send", retired, nonblocking)
         with waiting_on(retired, "Send", lease.ended):
             msg = await self.leases.exchange(
                 lease,
@@ -846,9 +876,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.PassRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.PassResponse:
         lease, t = self._lease_t(request.lease_id)
-        if t.channel_ops_per_second:
-            await self._pace(t, "lease", lease, self._deadline_cap(context, None))
         retired = socket_retired()
+        if t.channel_ops_per_second:
+            await self._pace(t, "lease", lease, self._deadline_cap(context, None), "Pass", retired)
         with waiting_on(retired, "Pass", lease.ended):  # for its turn
             await self.leases.pass_(lease, retired)
         return kup_pb2.PassResponse()
@@ -878,9 +908,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         channel_ops_per_second to wait under first."""
         timeout, nonblocking = self._receive_args(mode, timeout_ms)
         timeout = self._deadline_cap(context, timeout)
-        if t is not None:
-            timeout = await self._paced(t, "lease", lease, timeout)
         retired = socket_retired()
+        if t is not None:
+            timeout = await self._paced(
+                t, "lease", lease, timeout, "Receive", retired, nonblocking
+            )
         with waiting_on(retired, "Receive", lease.ended):
             msg = await self.leases.receive(
                 lease, timeout, nonblocking=nonblocking, abort=self.drain, retired=retired
@@ -967,7 +999,10 @@ class KupService(kup_pb2_grpc.KupServicer):
                 timeout, nonblocking = self._receive_args(mode, x.timeout_ms)
             timeout = st.cap(timeout)
             if paced:
-                timeout = await self._paced(st.tenant(self.guard), "session", lease, timeout)
+                timeout = await self._paced(
+                    st.tenant(self.guard), "session", lease, timeout, "Session",
+                    nonblocking=nonblocking,
+                )
             msg = await self.leases.exchange(
                 lease, data, timeout, nonblocking=nonblocking, abort=self.drain
             )
@@ -976,7 +1011,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             data = req.send.data
             st.check_size(self.guard, lease, len(data))
             if paced:
-                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None))
+                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None), "Session")
             await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
         assert isinstance(req, kup_pb2.SessionRequest)  # kupd.wire reads send / exchange only
@@ -984,14 +1019,17 @@ class KupService(kup_pb2_grpc.KupServicer):
             timeout, nonblocking = self._receive_args(req.receive.mode, req.receive.timeout_ms)
             timeout = st.cap(timeout)
             if paced:
-                timeout = await self._paced(st.tenant(self.guard), "session", lease, timeout)
+                timeout = await self._paced(
+                    st.tenant(self.guard), "session", lease, timeout, "Session",
+                    nonblocking=nonblocking,
+                )
             msg = await self.leases.receive(
                 lease, timeout, nonblocking=nonblocking, abort=self.drain
             )
             return encode_reply(rid, False, msg)
         if op == "pass_turn":
             if paced:
-                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None))
+                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None), "Session")
             await self.leases.pass_(lease)
             return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
         if op == "attach":

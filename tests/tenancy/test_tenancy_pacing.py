@@ -16,7 +16,7 @@ from tenancy_helpers import DEVICES, OWNER, StartTenants, TenantKupd
 
 from kupd import errors
 from kupd.policy import PACE_LIMIT
-from kupd.testing import wait_until, with_metrics_port
+from kupd.testing import in_background, wait_until, with_metrics_port
 
 #: dave: 20 operations a second (a burst of 20); erin: one each 10 s, so
 #: that her second operation would wait beyond any deadline a test uses;
@@ -175,7 +175,101 @@ def test_pace_refusal_takes_no_slot() -> None:
     assert guard.denials == {("dave", "channel_ops_per_second"): 3}
 
 
+def test_a_rate_too_small_to_divide_by_is_refused() -> None:
+    from kupd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"channel_ops_per_second.*at least 0\.001"):
+        _guard(1e-310)
+
+
 def test_pace_below_one_a_second_has_a_burst_of_one() -> None:
     guard, dave = _guard(0.5)
     assert guard.pace(dave, "lease", "echo", 0) == 0.0
     assert 1.9 < guard.pace(dave, "lease", "echo", 0) <= 2.0
+
+
+#: grace: one operation each 2 s (a burst of one); each wait for a turn stays
+#: under PACE_LIMIT, so it is waited, not refused
+GRACE = f"""
+[[device]]
+name = "echo"
+call_channels = 1
+
+[[tenant]]
+name = "grace"
+socket = "@DIR@/grace.sock"
+owner = {OWNER}
+channel_ops_per_second = 0.5
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+def test_a_wait_for_a_turn_ends_when_a_reload_moves_the_socket(
+    start_tenants: StartTenants,
+) -> None:
+    """A reload that moves the socket ends every RPC waiting there at once,
+    and counts it: one waiting for its turn too (it used to carry on, on
+    the retired socket, once its turn came)."""
+    k = start_tenants(GRACE)
+    with k.client("grace") as g:
+        lease = g.attach("echo", 8)
+        g.lease_receive(lease.lease_id, timeout=10)  # the burst
+        send = in_background(lambda: g.lease_send(lease.lease_id, b"after the move"))
+        wait_until(
+            lambda: _paced_count(k, "grace") >= 1, what="the Send waiting for its turn"
+        )
+        k.write_config(GRACE.replace("grace.sock", "grace2.sock"))
+        with k.admin() as adm:
+            r = adm.reload()
+        assert r.rpcs_ended == {"Send": 1}, r.rpcs_ended
+        out = send.outcome(30)
+        assert isinstance(out, errors.Unavailable), out
+        assert "grace2.sock" in str(out), out
+
+
+def test_a_non_blocking_operation_over_the_rate_is_refused_not_made_to_wait(
+    start_tenants: StartTenants,
+) -> None:
+    k = start_tenants(GRACE)
+    with k.client("grace") as g:
+        lease = g.attach("echo", 8)
+        g.lease_receive(lease.lease_id, timeout=10)  # the burst
+        with pytest.raises(errors.ResourceExhausted, match="a non-blocking one does not wait"):
+            g.lease_receive(lease.lease_id, timeout=0)  # RECEIVE_MODE_NONBLOCK
+
+
+def test_an_ended_lease_takes_no_turn_and_ends_a_wait_for_one(
+    start_tenants: StartTenants,
+) -> None:
+    """The admin revokes a lease whose Send waits for its turn: the Send
+    ends with the revocation, and the ended lease's later operations get
+    its error without spending the tenant's rate."""
+    # one operation each 4.8 s: the Send's turn is that far off, under PACE_LIMIT
+    k = start_tenants(GRACE.replace("= 0.5", "= 0.21"))
+    with k.client("grace") as g:
+        lease = g.attach("echo", 8)
+        g.lease_receive(lease.lease_id, timeout=10)  # the burst
+        turn = time.monotonic() + 1 / 0.21
+        send = in_background(lambda: g.lease_send(lease.lease_id, b"x"))
+        wait_until(lambda: _paced_count(k, "grace") >= 1, what="the Send waiting")
+        with k.admin() as adm:
+            adm.revoke(lease.lease_id, "test")
+        out = send.outcome(30)
+        # ended by the revocation, before its turn came (it used to wait
+        # for its turn, then fail on the ended lease)
+        assert time.monotonic() < turn, "the Send waited for its turn"
+        assert isinstance(out, errors.PermissionDenied), out
+        for _ in range(3):  # no turn taken: each is answered, none waits or is refused
+            with pytest.raises(errors.PermissionDenied):
+                g.lease_send(lease.lease_id, b"y")
+        assert _paced_count(k, "grace") == 1
+
+
+def _paced_count(k: TenantKupd, tenant: str) -> int:
+    """Operations of ``tenant`` paced so far, from kupd's audit-free
+    counters as the admin's metrics show them."""
+    with k.admin() as adm:
+        body = adm.metrics("kupd_tenant_paced_total")
+    n = _sample(body, f'kupd_tenant_paced_total{{tenant="{tenant}"}}')
+    return int(n or 0)
