@@ -1122,6 +1122,22 @@ channel_unread(ChannelObject *c, PyObject *unused)
 }
 
 static PyObject *
+channel_state(ChannelObject *c, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (c->h == NULL || c->close_requested)
+		return raise_kup(KUP_E_INVAL, 0, "state of channel %u of device %U: channel is closed",
+		    (unsigned)c->id, c->dev->name);
+	r = kernproxy_state(c->h);
+	if (r < 0)
+		return raise_kup(kernproxy_errno ? kernproxy_errno : KUP_E_SYS, errno,
+		    "state of channel %u of device %U", (unsigned)c->id, c->dev->name);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *
 channel_keep_unread(ChannelObject *c, PyObject *arg)
 {
 	int rc, on = PyObject_IsTrue(arg);
@@ -1214,6 +1230,8 @@ static PyMethodDef channel_methods[] = {
 	{"try_receive_message", (PyCFunction)channel_try_receive_message, METH_NOARGS,
 	 "try_receive_message() -> Message | None, never blocks"},
 	{"my_turn", (PyCFunction)channel_my_turn, METH_NOARGS, "my_turn() -> bool"},
+	{"state", (PyCFunction)channel_state, METH_NOARGS,
+	 "state() -> int: 0 while usable, else the EKU_* code its next operation would fail with"},
 	{"unread", (PyCFunction)channel_unread, METH_NOARGS,
 	 "unread() -> int: kind of the kernel's message not yet received, 0 if none"},
 	{"keep_unread", (PyCFunction)channel_keep_unread, METH_O,

@@ -227,6 +227,14 @@ class Channel:
         """True if this side holds the turn right now."""
         return self._c.my_turn()
 
+    def state(self) -> int:
+        """0 while the channel is usable, else the ``KUP_E_*`` code its next
+        operation would fail with (``KUP_E_PEER``: the kernel side ended
+        this user's session), read from its page: never waits.  How a holder
+        that is not using the channel learns that the kernel is done with
+        it (only a waiting user is woken)."""
+        return self._c.state()
+
     def unread(self) -> Kind | None:
         """The kind of the kernel's message this side holds the turn with
         and has not received yet; None when there is none."""

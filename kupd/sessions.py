@@ -17,6 +17,7 @@ import secrets
 import time
 
 from kupd import errors
+from kupd.abi import KUP_E_PEER
 from kupd.channel import Channel, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
@@ -408,6 +409,8 @@ class LeaseTable:
             now = time.monotonic()
             shortest = self.idle_timeout
             for lease in list(self.leases.values()):
+                if lease.ops == 0 and self._ended_by_module(lease):
+                    continue
                 if lease.holder != "lease":
                     continue
                 if lease.ops == 0 and now - lease.last_used > lease.idle_timeout:
@@ -450,6 +453,30 @@ class LeaseTable:
             raise self._ended_error(lease)
         lease.ops += 1
         lease.last_used = time.monotonic()
+
+    def _ended_by_module(self, lease: Lease) -> bool:
+        """End an idle ``lease`` whose channel the kernel side is done with
+        (its page says EKU_PEER: kupdev_disconnect, say of an idle user);
+        True if it did.  The kernel wakes only a user that waits, so a
+        Session or lease that holds its channel without using it would keep
+        it -- from every other user -- until its stream ended or it idled
+        out; the reaper reads each idle lease's page once a round instead
+        (a read of shared memory, no call to the host)."""
+        try:
+            state = lease.ch.state()
+        except errors.KupError:
+            return False  # closed under us: its own path ends the lease
+        if state != KUP_E_PEER:
+            return False
+        self.end(
+            lease,
+            "ended by the module",
+            errors.PeerGone(
+                f"EKU_PEER: channel {lease.ch.id} of device {lease.dev.name}: the kernel "
+                "side ended the session while it was idle"
+            ),
+        )
+        return True
 
     def _peer_gone(self, lease: Lease, exc: errors.PeerGone) -> None:
         """The kernel side ended this user's session (kupdev_disconnect, or

@@ -169,6 +169,15 @@ int kernproxy_my_turn(void *chan);
  * Never waits. */
 int kernproxy_unread(void *chan);
 
+/* What the channel's next operation would fail with, read from its page
+ * without waiting or changing anything: 0 (KUP_E_OK) while it is usable,
+ * else EKU_SHUTDOWN, EKU_PROTO or EKU_PEER (the kernel side ended this
+ * user's session: kupdev_disconnect, or it gave up on the user).  For a
+ * gateway holding idle channels: the kernel's end of a session wakes only
+ * a user that waits, and one that holds a channel without using it learns
+ * of it here.  -1 (EKU_INVAL) for a bad handle. */
+int kernproxy_state(void *chan);
+
 /* A send or pass while the kernel's last message is unread drops that
  * message (the caller chose to answer without reading it).  With on != 0,
  * one that would drop a DATA message fails with EKU_NOTTURN instead and

@@ -916,6 +916,16 @@ kernproxy_unread(void *chan)
 }
 
 int
+kernproxy_state(void *chan)
+{
+	struct kp_chan *c = as_chan(chan);
+
+	if (c == NULL)
+		return -1;
+	return chan_state(c);
+}
+
+int
 kernproxy_keep_unread(void *chan, int on)
 {
 	struct kp_chan *c = as_chan(chan);

@@ -1149,12 +1149,14 @@ sc_kick(void)
 
 	expect_pass(c);
 	round_trip(c, "hello", 5, NULL);
+	CHECK_EQ(kernproxy_state(c), 0);
 	CHECK_EQ(kernproxy_send(c, "!kick200", 8, 0), 0);
 	t0 = mono_ns();
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 30000), -1);
 	CHECK_EQ(kernproxy_errno, EKU_PEER);
 	CHECK(mono_ns() - t0 < 20000000000LL);
 	CHECK_EQ(kernproxy_error(c), EKU_PEER);
+	CHECK_EQ(kernproxy_state(c), EKU_PEER);
 	CHECK_EQ(kernproxy_send(c, "x", 1, 0), -1);
 	CHECK_EQ(kernproxy_errno, EKU_PEER);
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
@@ -1177,6 +1179,17 @@ sc_kick(void)
 			break;
 		CHECK_EQ(kernproxy_errno, EKU_NOTREADY);
 	}
+	kernproxy_close(c);
+	/* an idle user learns of the kick from its page, without waiting: the
+	 * module disconnects 100 ms after the send returns */
+	c = attach(d, 14);
+	expect_pass(c);
+	CHECK_EQ(kernproxy_send(c, "!kick100", 8, 0), 0);
+	for (i = 0; kernproxy_state(c) == 0; i++) {
+		CHECK(i < 2000);
+		usleep(10000);
+	}
+	CHECK_EQ(kernproxy_state(c), EKU_PEER);
 	kernproxy_close(c);
 	c = attach(d, 14);
 	expect_pass(c);

@@ -58,3 +58,35 @@ def test_module_disconnect_ends_an_attach_lease_and_frees_its_channel(
     with client.open("echo").channel(31) as ch:
         first = ch.receive(timeout=10)
         assert first.kind == Kind.PASS and first.seq == 1
+
+
+def test_an_idle_session_and_lease_let_go_of_a_channel_the_module_disconnected(
+    sim: KupSim, client: Client
+) -> None:
+    """kupdev_disconnect of a user that is not waiting (echo's "!kick100"
+    fires 100 ms after the send returns): nothing wakes kupd, yet it must
+    not keep the dead channel from everyone for the Session's life or the
+    lease's idle timeout.  Its reaper reads the idle channels' pages: the
+    channels are free again, the Session's next request fails with
+    PeerGone, and the lease id says the module ended it."""
+    ch = client.open("echo").channel(40)
+    assert ch.receive(timeout=10).kind == Kind.PASS
+    ch.send(b"!kick100")
+    lease = client.attach("echo", 41)
+    assert client.lease_receive(lease.lease_id, timeout=10).kind == Kind.PASS
+    client.lease_send(lease.lease_id, b"!kick100")
+    for chan in (40, 41):
+        wait_until(
+            lambda chan=chan: f"echo: chan {chan}: disconnected the user (0)" in sim.stderr(),
+            what=f"echo's disconnect line for channel {chan}",
+        )
+    wait_until(
+        lambda: _state(client, 40) == "free" and _state(client, 41) == "free",
+        timeout=20,
+        what="both channels free again",
+    )
+    with pytest.raises(errors.PeerGone, match="EKU_PEER"):
+        ch.receive(timeout=10)
+    ch.close()
+    with pytest.raises(errors.NotFound, match="ended by the module"):
+        client.lease_send(lease.lease_id, b"more")
