@@ -90,15 +90,18 @@ kupsim_now_ns(void)
  * thread then had -- its receive was refused as re-entry (-EDEADLK) and
  * its unlock taken for the dead holder's. */
 extern uint64_t kupsim_thread_serial;
+/* One word per thread for the whole program (kupsim_glue.c), not a static
+ * in this inline function: that would be one per file including this
+ * header, and a thread would have another identity in each. */
+extern __thread uint64_t kupsim_thread_id;
 
 static inline const void *
 kupsim_curthread(void)
 {
-	static __thread uint64_t id;
-
-	if (id == 0)
-		id = __atomic_add_fetch(&kupsim_thread_serial, 1, __ATOMIC_RELAXED);
-	return (const void *)(uintptr_t)id;
+	if (kupsim_thread_id == 0)
+		kupsim_thread_id =
+		    __atomic_add_fetch(&kupsim_thread_serial, 1, __ATOMIC_RELAXED);
+	return (const void *)(uintptr_t)kupsim_thread_id;
 }
 #define KUP_CURTHREAD()        kupsim_curthread()
 

@@ -59,8 +59,10 @@
  * deadlock a zero-copy relay once hit.  A try cannot deadlock and is not
  * checked, but counts as held.
  */
-/* kup_host.h, kupsim_curthread: the last thread serial handed out */
+/* kup_host.h, kupsim_curthread: the last thread serial handed out, and
+ * the calling thread's (0 until its first call) */
 uint64_t kupsim_thread_serial;
+__thread uint64_t kupsim_thread_id;
 
 static __thread int kupsim_held[KUP_LOCK_NROLES];
 
