@@ -1383,7 +1383,11 @@ kup_self(void)
 static int
 kup_reentered(struct kup_chan *ch, const char *op)
 {
-	if (KUP_READ_ONCE64(&ch->holder) != kup_self())
+	uint64_t holder = KUP_READ_ONCE64(&ch->holder);
+
+	/* no holder, the common case: no need to know who we are (on FreeBSD
+	 * that is an osd(9) lookup, on every send, receive and pass) */
+	if (holder == 0 || holder != kup_self())
 		return 0;
 	KUP_MISUSE(ch->sc, "chan %u: %s while this thread holds the channel "
 	    "from its receive: call kupdev_unlock_channel first (-EDEADLK)",
