@@ -299,7 +299,10 @@ int kupdev_disconnect(struct kupdev_softc *sc, int chan_id);
  * when none is, the next one (which returns -ECANCELED at once, also a 0 ms
  * poll) -- so a module that sets its own "stop" flag and then calls this
  * cannot lose the wake-up to a thread that checked the flag just before
- * it began to wait.  N calls answer N waits (on a device, one each for N
+ * it began to wait.  A pending wake belongs to the channel (or device), not
+ * to a user's session: one left unanswered when a session ends is the
+ * first receive's of the next session on that channel.  N calls answer N
+ * waits (on a device, one each for N
  * acceptor threads).  Returns 0, -ESHUTDOWN (the device is shutting down:
  * every wait answers -ESHUTDOWN already; nothing is kept), -EINVAL
  * (logged: a channel out of range; for kupdev_wake a device that is not

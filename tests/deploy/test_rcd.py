@@ -452,6 +452,8 @@ def test_start_fails_fast_when_a_quiet_kupd_exits(rc: RcEnv) -> None:
         port = taken.getsockname()[1]
         _real_kupd(rc, f"metrics_port = {port}")
         rc.write_conf(kupd_start_check="30")
+        rc.rundir.mkdir(parents=True, exist_ok=True)
+        (rc.rundir / "kupd.ready").write_text("1 ready\n")  # a killed kupd's
         try:
             t0 = time.monotonic()
             res = rc.run("start", spawn=_as_daemon(rc))
