@@ -405,8 +405,21 @@ class LeaseTable:
         shortest = self.idle_timeout
         while True:
             # a quarter of the shortest timeout in use (leases keep theirs)
-            await asyncio.sleep(max(0.05, min(1.0, shortest / 4)))
+            pause = max(0.05, min(1.0, shortest / 4))
+            before = time.monotonic()
+            await asyncio.sleep(pause)
             now = time.monotonic()
+            # Time this loop did not run (kupd stopped -- SIGSTOP, a
+            # suspended VM -- or its event loop blocked) is not idle time of
+            # the leases: no request could be taken meanwhile, and one that
+            # was waiting in the socket would find its lease expired the
+            # moment kupd runs again.  What the sleep overran by is credited
+            # to every lease before it is judged: a lease expires after
+            # idle_timeout of kupd running without it being used.
+            stalled = now - before - pause
+            if stalled > 0:
+                for lease in self.leases.values():
+                    lease.last_used = min(now, lease.last_used + stalled)
             shortest = self.idle_timeout
             for lease in list(self.leases.values()):
                 if lease.ops == 0 and self._ended_by_module(lease):
