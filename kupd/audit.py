@@ -8,9 +8,11 @@
     {"time": "...", "event": "admin", "action": "revoke", "lease": "...",
      "tenant": "bob", "device": "echo", "channel": 40, "reason": "..."}
 
-Records that could not be written (a full disk) are counted; the next
-line that can be written before them says how many are missing and since
-when: ``{"time": "...", "event": "lost", "lost": 12, "since": "..."}``.
+Records that could not be written (a full disk), or not to a file anyone
+can read (the file, or its directory, was removed: kupd does not write on
+into a file with no name), are counted; the next line that can be written
+-- after a re-open, for a removed file -- says how many are missing and
+since when: ``{"time": "...", "event": "lost", "lost": 12, "since": "..."}``.
 A line a full disk cut short is cut off the file again, so the file holds
 whole JSON lines only.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Mapping
 
@@ -51,6 +54,13 @@ from kupd.tenants import open_regular
 __all__ = ["AuditLog"]
 
 log = get_logger("kupd.audit")
+
+#: _error's cause for a file that has no name left (not an errno)
+UNREACHABLE = -1
+REMOVED = (
+    "the audit file was removed (no name left): lines are counted as lost, not "
+    "written, until it is re-opened (SIGUSR1 or a reload)"
+)
 
 
 class AuditLog:
@@ -82,10 +92,32 @@ class AuditLog:
 
     def use(self, path: str, fd: int) -> None:
         """Write to ``fd`` (from :meth:`open_file` of ``path``) from now on;
-        the previous file is closed."""
+        the previous file is closed.  Lines lost meanwhile (a full disk, a
+        removed file) are said in the log now, and in the file before the
+        next line written to it."""
         old, self._fd, self.path = self._fd, fd, path
         if old >= 0:
             os.close(old)
+        if self.lost and fd >= 0:
+            log.warning(
+                "audit log re-opened after lines were lost: the next line written says "
+                "how many",
+                path=path,
+                lost=self.lost,
+                since=self._lost_since,
+            )
+        self._write_errno = None
+
+    def reachable(self) -> bool:
+        """Whether the file written to still has a name (True: no file, or
+        not a regular one)."""
+        if self._fd < 0:
+            return True
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return False
+        return not (stat.S_ISREG(st.st_mode) and st.st_nlink == 0)
 
     def denial(
         self,
@@ -156,10 +188,19 @@ class AuditLog:
         JSON lines only and the next one does not run on from a fragment."""
         data = line.encode()
         try:
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+                # the file was removed (its directory too, perhaps): a line
+                # written there is one nobody can read -- counted as lost,
+                # and said so in the file a re-open (SIGUSR1, a reload)
+                # gets to, as for a full disk
+                self._error(UNREACHABLE, REMOVED)
+                return False
             if self._cut is not None:  # a fragment that could not be removed
                 os.write(self._fd, b"\n")
                 self._cut = None
-            end = os.fstat(self._fd).st_size
+                st = os.fstat(self._fd)
+            end = st.st_size
             n = os.write(self._fd, data)
         except OSError as exc:
             self._error(exc.errno, exc.strerror or str(exc))

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
-from kupd.config import Config, advisories, load_config, reloaded
+from kupd.config import Config, ConfigError, advisories, load_config, reloaded
 from kupd.devices import DeviceManager, shown
 from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
@@ -65,6 +65,9 @@ class Reloaded:
     #: RPCs that waited on a socket the reload moved or removed, ended by it,
     #: by RPC ("Receive", "Call", "Watch", ...: kupd.retirement); none: {}
     rpcs_ended: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: why audit_log (unchanged) was not re-opened ("": it was): the reload
+    #: was applied all the same (Server._reload)
+    audit_error: str = ""
 
 
 def _advise(cfg: Config) -> None:
@@ -498,7 +501,9 @@ class Server:
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
             self._notify_after_reload(f"last reload refused: {exc}")
             raise
-        self._notify_after_reload("")
+        note = f"audit log not re-opened: {done.audit_error}" if done.audit_error else ""
+        self._notify_after_reload(note)
+        extra = {"audit_error": done.audit_error} if done.audit_error else {}
         self.audit.admin(
             "reload",
             via=via,
@@ -508,6 +513,7 @@ class Server:
             rpcs_ended=done.rpcs_ended,
             applied=done.applied,
             needs_restart=done.needs_restart,
+            **extra,
         )
         return done
 
@@ -533,7 +539,19 @@ class Server:
             new = self.reload_source()
             cfg, applied, needs_restart = reloaded(self.config, new)
             policy = Policy(cfg.tenants)
-            audit_fd = self.audit.open_file(cfg.audit_log)
+            audit_kept = ""  # why the audit file was not re-opened ("": it was)
+            try:
+                audit_fd = self.audit.open_file(cfg.audit_log)
+            except ConfigError as exc:
+                if cfg.audit_log != self.audit.path:
+                    raise  # a new path that cannot be opened: refused
+                # The same path, not openable right now (its directory
+                # removed, say): refusing would keep the operator from
+                # applying any other change until it is back.  The reload
+                # goes on with the file kupd has (a removed one: its lines
+                # counted as lost, kupd.audit), and says so.
+                audit_fd = -1
+                audit_kept = str(exc)
             # The new tenants' sockets are bound and served before anything
             # is applied, the last check: one that cannot be bound refuses
             # the reload.  A request on one of them while the next is being
@@ -553,7 +571,15 @@ class Server:
             self.config = self.service.config = self.mgr.config = cfg
             if cfg.log_level != old.log_level:
                 set_level(cfg.log_level)
-            self.audit.use(cfg.audit_log, audit_fd)
+            if audit_kept:
+                log.error(
+                    "reload: audit log not re-opened; the reload goes on with the file kupd "
+                    "had" + ("" if self.audit.reachable() else
+                             " (removed: its lines are counted as lost until a re-open)"),
+                    error=audit_kept,
+                )
+            else:
+                self.audit.use(cfg.audit_log, audit_fd)
             if cfg.health_interval != old.health_interval:
                 self.mgr.reschedule()
             self.leases.idle_timeout = cfg.lease_idle_timeout
@@ -647,7 +673,7 @@ class Server:
                 sockets_added=added,
                 sockets_removed=removed,
             )
-            return Reloaded(names, ended, applied, needs_restart, rpcs_ended)
+            return Reloaded(names, ended, applied, needs_restart, rpcs_ended, audit_kept)
 
     def _end_moved_sessions(self, old: Config, cfg: Config) -> list[str]:
         """End the Sessions served by a tenant socket this reload moves
@@ -683,7 +709,15 @@ class Server:
         try:
             fd = self.audit.open_file(path)
         except (OSError, ValueError) as exc:
-            log.error("audit log not re-opened; writing on to the old file", error=str(exc))
+            if self.audit.reachable():
+                log.error("audit log not re-opened; writing on to the old file", error=str(exc))
+            else:
+                log.error(
+                    "audit log not re-opened, and its old file was removed: lines are "
+                    "counted as lost until a re-open succeeds (then the file says how many)",
+                    error=str(exc),
+                    lost=self.audit.lost,
+                )
             return
         self.audit.use(path, fd)
         log.info("audit log re-opened", audit_log=path)
