@@ -201,6 +201,8 @@ class Server:
         self.metrics_port = 0
         self.bus = EventBus()
         self._lock_fd = -1
+        #: the pid file this process wrote: (path, (st_dev, st_ino)), or None
+        self._pid_written: tuple[str, tuple[int, int]] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         #: ready_file written by this process (and not removed since)
@@ -262,6 +264,41 @@ class Server:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def _write_pid_file(self) -> None:
+        """``pid_file``: this process's pid, as a new file renamed into place
+        (nothing planted at the name is written through).  Its inode is
+        kept: only that file, still naming this pid, is removed at exit."""
+        path = self.config.pid_path
+        if not path:
+            return
+        try:
+            write_replacing(path, f"{os.getpid()}\n".encode(), 0o644, "pid_file")
+            st = os.lstat(path)
+        except OSError as exc:
+            raise OSError(f"cannot write pid_file {path}: {exc.strerror or exc}") from None
+        self._pid_written = (path, (st.st_dev, st.st_ino))
+
+    def _remove_pid_file(self) -> None:
+        """Remove the pid file this process wrote, if it is still that file
+        (same inode) and still names this process: another kupd's, written
+        at the same path since (a second instance once the run directory or
+        lock was removed, say), stays where it is."""
+        written, self._pid_written = self._pid_written, None
+        if written is None:
+            return
+        path, fid = written
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) != fid:
+                return
+            with open(path, "rb") as f:
+                pid = f.read(64).split()[:1]
+        except OSError:
+            return
+        if pid == [str(os.getpid()).encode()]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     async def start(self) -> None:
         cfg = self.config
         # The socket's directory (made if missing; the lock is there by
@@ -289,10 +326,11 @@ class Server:
             check_path(os.path.abspath(cfg.ready_file), "ready_file", private=False)
             self._remove_ready_file(only_ours=False)
         if cfg.pid_path:
+            # its directory checked now (an unsafe one refuses the start
+            # before any device is opened); the file is written once this
+            # instance owns its sockets (_write_pid_file)
             try:
-                # a new file renamed into place: nothing planted at the name
-                # is written through
-                write_replacing(cfg.pid_path, f"{os.getpid()}\n".encode(), 0o644, "pid_file")
+                check_path(os.path.abspath(cfg.pid_path), "pid_file", private=False)
             except OSError as exc:
                 raise OSError(
                     f"cannot write pid_file {cfg.pid_path}: {exc.strerror or exc}"
@@ -310,6 +348,12 @@ class Server:
         self.built_pending_bound = pending_bound(cfg)
         self.built_config = cfg
         await self.sockets.start(endpoints_for(cfg))
+        # The pid file only now, when this instance holds the lock AND
+        # serves its sockets: one that fails before (another kupd serves
+        # the socket, a device cannot be opened) never names itself there,
+        # so it never replaces -- nor, exiting, removes -- the pid file of
+        # the kupd that does serve.
+        self._write_pid_file()
         await self._update_health()
         _advise(cfg)
         log.info(
@@ -881,12 +925,9 @@ class Server:
         self.leases.close()
         await self.mgr.close()
         self.metrics.close()
-        cfg = self.config
         self.audit.close()
         self._remove_ready_file()
-        if cfg.pid_path and self._lock_fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.pid_path)
+        self._remove_pid_file()
         if self._lock_fd >= 0:
             # The lock file stays: unlinking it would let two instances lock
             # different inodes of the same path.
