@@ -7,7 +7,9 @@ Flags override the config file (at start and at every reload: SIGHUP
 re-reads the file, see kupd.config.RELOADED_KEYS for what it applies).
 Exit status: 0 after a clean SIGTERM /
 SIGINT drain, 1 when another kupd already serves the socket or start-up
-fails, 2 for a bad configuration (the message names the key).
+fails -- or when kupd stopped itself because its socket was removed or
+replaced under it (kupd.server.Server._check_paths) --, 2 for a bad
+configuration (the message names the key).
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
         if pings is not None:
             pings.cancel()
         server.notify.close()
-    # Drained.  Closing the loop would put SIGTERM and SIGHUP back to their
+    # Drained (exit_status 1: kupd stopped itself, its socket gone).
+    # Closing the loop would put SIGTERM and SIGHUP back to their
     # defaults: one of them while the interpreter and gRPC's threads wind
     # down (a service manager's or a test's second stop, a late reload)
     # would turn this clean exit into death by signal.  Ignored from here
@@ -215,7 +218,7 @@ async def serve(config: Config, args: argparse.Namespace | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
-    return 0
+    return server.exit_status
 
 
 async def _watchdog(server: Server) -> None:

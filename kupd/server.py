@@ -201,10 +201,22 @@ class Server:
         self.metrics_port = 0
         self.bus = EventBus()
         self._lock_fd = -1
+        #: lock_file's path as taken (a reload does not change it)
+        self._lock_path = ""
+        #: the last reason the lock could not be taken again (said once)
+        self._lock_said = ""
         #: the pid file this process wrote: (path, (st_dev, st_ino)), or None
         self._pid_written: tuple[str, tuple[int, int]] | None = None
+        #: each socket served, with the file it bound: (st_dev, st_ino) by
+        #: path (_note_paths, after the start and each reload)
+        self._socket_ids: dict[str, tuple[int, int] | None] = {}
+        #: kupd's exit status once stopped: 0 after SIGTERM, 1 when it
+        #: stopped itself because its socket went (_check_paths)
+        self.exit_status = 0
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: why the stop began (SERVER_SHUTTING_DOWN's reason)
+        self._stop_why = "SIGTERM"
         #: ready_file written by this process (and not removed since)
         self._ready_written = False
         self._drain_task: asyncio.Task[None] | None = None
@@ -262,7 +274,10 @@ class Server:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the lock of a file no longer at the path
         self._lock_fd = fd
+        self._lock_path = path
 
     def _write_pid_file(self) -> None:
         """``pid_file``: this process's pid, as a new file renamed into place
@@ -354,6 +369,7 @@ class Server:
         # so it never replaces -- nor, exiting, removes -- the pid file of
         # the kupd that does serve.
         self._write_pid_file()
+        self._note_paths()
         await self._update_health()
         _advise(cfg)
         log.info(
@@ -487,18 +503,86 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
+    def _note_paths(self) -> None:
+        """Remember the file each served socket is now (after the start and
+        after each reload's commit): :meth:`_check_paths` compares."""
+        if self.sockets is None:
+            return
+        self._socket_ids = {ep.path: _file_id(ep.path) for ep, _ in self.sockets.servers.values()}
+
+    def _check_paths(self) -> None:
+        """Whether kupd's socket(s) and lock are still the files it made (a
+        run directory removed or emptied under it: tmpfiles cleaning, an
+        operator's ``rm -rf``, a second kupd's start on the same config).
+
+        * A socket gone or replaced: no client can reach this kupd there any
+          more, and a second kupd may be serving the path -- both holding
+          the devices.  kupd logs an error naming the path and stops itself
+          (the SIGTERM drain: clients are told, every channel is released,
+          nothing another instance made at these paths is removed) with exit
+          status 1, so that a supervisor (systemd ``Restart=on-failure``)
+          starts it afresh: directories, socket, lock and pid file made
+          again the ordinary way.  Re-binding in place is not done: a gRPC
+          server cannot bind again once started, and the path may now be
+          another kupd's.
+        * The lock file alone gone or replaced (the sockets still ours): the
+          lock is taken again at the path, so that a second kupd started
+          now is refused by the lock, as ever.  If another process holds the
+          new lock it is a kupd starting on this config: it either finds
+          these sockets served and exits, or finds one gone -- which the
+          first rule catches on the next look.  Tried again on each look.
+        """
+        if self._stopping or self.sockets is None or self._reload_lock.locked():
+            return  # a reload moves sockets: looked at once it is done
+        gone = [p for p, fid in self._socket_ids.items() if fid is None or _file_id(p) != fid]
+        if gone:
+            log.error(
+                "socket removed or replaced under kupd: clients cannot reach it there "
+                "(another kupd may serve the path now); stopping, exit status 1, for a "
+                "supervisor to start kupd afresh",
+                sockets=gone,
+            )
+            self.exit_status = 1
+            self.request_stop(f"socket {gone[0]} removed or replaced")
+            return
+        if self._lock_fd < 0 or not self._lock_path:
+            return
+        mine = os.fstat(self._lock_fd)
+        if _file_id(self._lock_path) == (mine.st_dev, mine.st_ino):
+            return
+        try:
+            self._take_lock()
+        except (AlreadyRunning, OSError) as exc:
+            if str(exc) != self._lock_said:  # once per cause, not every look
+                self._lock_said = str(exc)
+                log.error(
+                    "lock_file removed or replaced under kupd, and not taken again: "
+                    "another kupd may start on this config",
+                    lock_file=self._lock_path,
+                    error=str(exc),
+                )
+            return
+        self._lock_said = ""
+        log.error(
+            "lock_file was removed or replaced under kupd: taken again",
+            lock_file=self._lock_path,
+        )
+
     async def _watch_fds(self) -> None:
         """Say so before kupd runs out of file descriptors.  At the limit
         nothing connects any more -- the admin socket included -- and new
         channels cannot be received; what gRPC logs then is one plain line a
         second.  A warning at FD_WARN of the limit (and a line when usage is
         back under FD_CLEAR of it) tells the operator in time, in kupd's own
-        log."""
+        log.  Each look also checks kupd's socket and lock paths
+        (:meth:`_check_paths`)."""
         high = False
-        if None in fd_usage():
-            return  # no way to count them here (no /proc/self/fd, /dev/fd), or no limit
+        countable = None not in fd_usage()  # /proc/self/fd or /dev/fd, and a limit
         while not self._stopping:
             await asyncio.sleep(FD_WATCH_S)
+            self._check_paths()
+            if not countable:
+                continue
             used, limit = fd_usage()
             if used is None or limit is None:
                 continue
@@ -700,6 +784,7 @@ class Server:
                 )
             else:
                 added, removed = [], []
+            self._note_paths()  # the sockets served now (no await since the commit)
             # Open Watches re-check their permission now (the events above
             # re-check it too, before they are delivered), and one on a
             # socket commit retired ends here, after those events (its
@@ -849,8 +934,9 @@ class Server:
         """SIGTERM's drain (or a stop) has begun: nothing is SERVING."""
         return self._stopping
 
-    def request_stop(self) -> None:
+    def request_stop(self, why: str = "SIGTERM") -> None:
         if not self._stopping:
+            self._stop_why = why
             self._stopping = True
             # not ready any more: a start check or a "status" that reads the
             # file must not take a draining kupd for one that serves
@@ -870,7 +956,7 @@ class Server:
             self.health.enter_graceful_shutdown()
             self.drain.set_exception(errors.Shutdown("kupd is shutting down"))
             self.drain.exception()
-            self.bus.publish(Event(EventType.SERVER_SHUTTING_DOWN, reason="SIGTERM"))
+            self.bus.publish(Event(EventType.SERVER_SHUTTING_DOWN, reason=self._stop_why))
             try:
                 async with asyncio.timeout(cfg.drain_grace):
                     await self.service.calls_idle.wait()
@@ -952,6 +1038,16 @@ CONN_REPEAT_S = 60.0
 FD_WATCH_S = 5.0
 FD_WARN = 0.9
 FD_CLEAR = 0.8
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path``; None when there is none
+    (or it cannot be looked at)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def fd_usage() -> tuple[int | None, int | None]:
