@@ -543,7 +543,9 @@ class Server:
                 sockets=gone,
             )
             self.exit_status = 1
-            self.request_stop(f"socket {gone[0]} removed or replaced")
+            # the event's reason names no path: tenants watch it, and a
+            # socket may be another tenant's
+            self.request_stop("kupd's socket was removed or replaced")
             return
         if self._lock_fd < 0 or not self._lock_path:
             return

@@ -7,14 +7,17 @@ go on serving one config.  Real kupd processes and kupsim."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
-from gateway_helpers import StartKupd
+from gateway_helpers import StartKupd, live_watch
 
+from kupclient import EventType
+from kupd import errors
 from kupd.testing import KupSim, wait_until
 
 #: bounds for what kupd's periodic look (every 5 s) must have found
@@ -93,11 +96,20 @@ def test_run_dir_removed_kupd_stops_and_a_new_one_keeps_its_files(
     sock = str(run / "kupd.sock")
     first = start_kupd(sim, socket=sock)
     with first.client() as c:
+        events = live_watch(c)
         ch = c.open("echo").channel()
         ch.receive()
         shutil.rmtree(run)
         second = start_kupd(sim, socket=sock)
         assert first.proc.wait(NOTICE_TIMEOUT) == 1, first.log()[-3000:]
+        # a client still connected (its connection outlives the name) was
+        # told why kupd stopped -- without the path (it may be another
+        # tenant's socket)
+        seen = []
+        with contextlib.suppress(errors.KupError):
+            seen.extend(events)
+        stop = [e for e in seen if e.type == EventType.SERVER_SHUTTING_DOWN]
+        assert stop and stop[0].reason == "kupd's socket was removed or replaced", seen
     gone = _records(first.log(), "socket removed or replaced under kupd: clients cannot reach "
                     "it there (another kupd may serve the path now); stopping, exit status 1, "
                     "for a supervisor to start kupd afresh")
