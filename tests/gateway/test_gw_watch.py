@@ -156,7 +156,9 @@ def test_a_watch_started_during_an_unload_replays_the_shutdown(start_kupd: Start
             with c.open("hostile").channel(0) as ch:
                 ch.receive(timeout=10)  # hostile passes the turn first
                 assert ch.exchange(b"slowexit", timeout=10).data == b"slowexit"
-            live = c.watch("hostile")
+            # subscribed before the unload starts: a plain watch() could be
+            # registered after the live DEVICE_SHUTTING_DOWN went out
+            live = live_watch(c, "hostile")
             seen: list[WatchEvent] = []
             sim.signal(15)
             shutting = until(live, EventType.DEVICE_SHUTTING_DOWN, seen)
