@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
 
 from kupd import errors
 from kupd.calls import CallPool
@@ -70,15 +72,99 @@ def shown(name: str) -> str:
         return repr(name)
     return f"{name[:SHOWN_MAX]!r}... ({len(name.encode())} bytes)"
 T = TypeVar("T")
+P = ParamSpec("P")
 
-#: Threads for attaching channels on the host (an attach may wait there up
-#: to half a second for a module to let go of its channel): bounded.
+#: Threads for attaching channels on a device's host (an attach may wait
+#: there up to half a second for a module to let go of its channel), per
+#: device: a host that hangs ties up its own device's attach threads, never
+#: another device's (one shared pool let six attaches to a hung host hold
+#: up every device's for libkup's whole RPC timeout).  Started on demand.
 BLOCKING_THREADS = 4
 
-#: Attaches one tenant may have under way on the host at once: a tenant
-#: that keeps asking for channels its module still holds (each attempt
-#: parked by the host) takes at most these threads, not every tenant's.
+#: Attaches one tenant may have under way on one device's host at once: a
+#: tenant that keeps asking for channels its module still holds (each
+#: attempt parked by the host) takes at most these of the device's
+#: threads, not every tenant's.
 ATTACHES_PER_TENANT = BLOCKING_THREADS // 2
+
+
+class HostThreads(Executor):
+    """At most ``n`` threads, started on demand, for calls into a device
+    host: ``loop.run_in_executor(HostThreads(...), fn, ...)``.
+
+    Unlike ThreadPoolExecutor's, they are daemon threads: the interpreter
+    does not join them at exit.  A call into a hung host (stopped, not
+    dead) returns only at libkup's RPC timeout, 30 s with kupsim; joined at
+    exit, a thread inside one held kupd's exit that long after its drain
+    had finished.  At exit the OS takes back the connection and memory
+    such a call holds; a daemon thread that comes back from the extension
+    after the interpreter began to finalize is ended as it takes the GIL,
+    without touching Python objects."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self._n = n
+        self._name = name
+        self._work: queue.SimpleQueue[
+            tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._work.put((fut, fn, args, kwargs))
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._n:
+                t = threading.Thread(
+                    target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            fut, fn, args, kwargs = item
+            del item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    del exc
+                else:
+                    fut.set_result(result)
+                    del result
+            del fut, fn, args, kwargs
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            threads = list(self._threads)
+        if cancel_futures:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._work.get_nowait()
+                    if item is not None:
+                        item[0].cancel()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for t in threads:
+                t.join()
 
 
 #: How long the "no free channel" answer waits for a fresh INFO to count
@@ -118,7 +204,13 @@ class ManagedDevice:
         #: a device's info and event fd anyway), and attaches -- which may
         #: wait on the host for a module to let go -- run elsewhere
         #: (DeviceManager.attaching).
-        self.monitor = ThreadPoolExecutor(1, thread_name_prefix=f"kupd-mon-{cfg.name[:8]}")
+        self.monitor = HostThreads(1, f"kupd-mon-{cfg.name[:8]}")
+        #: the threads its attaches run on (see BLOCKING_THREADS), and the
+        #: slots that bound them: the device's, and per tenant ("" for
+        #: kupd's own Call pool) ATTACHES_PER_TENANT of them
+        self.attacher = HostThreads(BLOCKING_THREADS, f"kupd-att-{cfg.name[:8]}")
+        self._attach_threads = asyncio.Semaphore(BLOCKING_THREADS)
+        self._attach_slots: dict[str, asyncio.Semaphore] = {}
         self.dev: Device | None = None
         self.info: DeviceInfo | None = None
         self.error = "not opened yet"
@@ -137,6 +229,8 @@ class ManagedDevice:
         #: since when (monotonic) a probe has waited PROBE_WAIT in vain for
         #: the host, None while it answers
         self.stalled_since: float | None = None
+        #: set while stalled_since is: attaches waiting for a slot give up
+        self._stalled = asyncio.Event()
         self._announced_seen = -1
         self._shutdown_seen = False
         self._pool_filling = False
@@ -187,6 +281,7 @@ class ManagedDevice:
         except TimeoutError:
             if self.stalled_since is None and not work.done():
                 self.stalled_since = time.monotonic()
+                self._stalled.set()
                 log.warning("device not answering", device=self.name, waited_s=limit)
                 self.mgr.health_changed()
 
@@ -203,6 +298,7 @@ class ManagedDevice:
                 after_s=round(time.monotonic() - self.stalled_since, 1),
             )
             self.stalled_since = None
+            self._stalled.clear()
             self.mgr.health_changed()
 
     async def try_open(self) -> None:
@@ -436,6 +532,10 @@ class ManagedDevice:
         started: float | None = None
         while True:
             dev, info = self.require()
+            if self.stalled_since is not None:
+                # it would wait on a host known not to answer, for up to
+                # libkup's RPC timeout, holding one of the device's threads
+                raise self.not_answering()
             if chan_id is not None:
                 if chan_id >= info.chan_count:
                     raise errors.NotFound(
@@ -449,7 +549,7 @@ class ManagedDevice:
                     raise errors.Busy(
                         f"channel {chan_id} of device {self.name} is held by {what}"
                     )
-            fut = asyncio.ensure_future(self.mgr.attaching(tenant, dev.channel, chan_id))
+            fut = asyncio.ensure_future(self._on_host(tenant, dev.channel, chan_id))
             try:
                 return await asyncio.shield(fut)
             except asyncio.CancelledError:
@@ -485,6 +585,60 @@ class ManagedDevice:
                 raise errors.Busy(
                     self._none_free(info.chan_count, info.announced, module)
                 ) from exc
+
+    def silence(self) -> str | None:
+        """What to tell a request the device cannot serve because its host
+        has stopped answering (None while it answers)."""
+        if self.stalled_since is None:
+            return None
+        silent_s = time.monotonic() - self.stalled_since + PROBE_WAIT
+        return (
+            f"device {self.name}: its host has not answered for {silent_s:.1f} s (hung or "
+            "stopped, not unloaded); try again when it answers"
+        )
+
+    def not_answering(self) -> errors.Unavailable:
+        why = self.silence() or f"device {self.name}: its host is not answering"
+        return errors.Unavailable(why)
+
+    async def _on_host(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a host attach) on one of this device's attach
+        threads, with one of ``tenant``'s ATTACHES_PER_TENANT slots on it
+        ("default", every client of a kupd without [[tenant]] tables: all
+        of them).  A wait for a slot ends with :meth:`not_answering` once
+        the device is known stalled: the slots are held by attaches that
+        wait on its host, and would be for up to libkup's RPC timeout."""
+        slots = self._attach_slots.get(tenant)
+        if slots is None:
+            n = BLOCKING_THREADS if tenant == "default" else ATTACHES_PER_TENANT
+            slots = self._attach_slots[tenant] = asyncio.Semaphore(n)
+        async with self._slot(slots), self._slot(self._attach_threads):
+            if self.stalled_since is not None:
+                raise self.not_answering()
+            return await asyncio.get_running_loop().run_in_executor(self.attacher, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, sem: asyncio.Semaphore) -> AsyncIterator[None]:
+        """Hold one of ``sem``'s slots; Unavailable instead if the device is
+        found stalled first."""
+        if not sem.locked():
+            await sem.acquire()
+        else:
+            acq = asyncio.ensure_future(sem.acquire())
+            stall = asyncio.ensure_future(self._stalled.wait())
+            try:
+                await asyncio.wait((acq, stall), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stall.cancel()
+                got = acq.done() and not acq.cancelled() and acq.exception() is None
+                if not got:
+                    acq.cancel()  # a cancelled acquire holds no slot
+            if not got:
+                raise self.not_answering()
+        try:
+            yield
+        finally:
+            sem.release()
 
     async def _module_held(self, dev: Device) -> int:
         """Channels no user holds that their module still holds locked,
@@ -615,9 +769,6 @@ class DeviceManager:
         self.max_grpc_message = max_grpc_message
         self.on_health = on_health
         self.closing = False
-        self.executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="kupd-dev")
-        #: per tenant ("" for kupd's own Call pool): ATTACHES_PER_TENANT slots
-        self._attach_slots: dict[str, asyncio.Semaphore] = {}
         self.devices = {d.name: ManagedDevice(self, d) for d in config.devices}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -635,18 +786,6 @@ class DeviceManager:
             raise errors.NotFound(f"unknown device {shown(name)} (kupd serves: {served})")
         return dev
 
-
-    async def attaching(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` (a host attach) on an attach thread, with one of
-        ``tenant``'s ATTACHES_PER_TENANT slots."""
-        slots = self._attach_slots.get(tenant)
-        if slots is None:
-            # without [[tenant]] tables every client is "default": no one
-            # to keep apart, every attach thread is theirs
-            n = BLOCKING_THREADS if tenant == "default" else ATTACHES_PER_TENANT
-            slots = self._attach_slots[tenant] = asyncio.Semaphore(n)
-        async with slots:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def spawn(self, coro: Any) -> asyncio.Future[Any]:
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)
@@ -698,6 +837,9 @@ class DeviceManager:
             task.cancel()
         for d in self.devices.values():
             d.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
         for d in self.devices.values():
+            # not waited for: a thread inside a call to a hung host comes
+            # back only at libkup's RPC timeout (HostThreads: nor does the
+            # exit wait for it)
+            d.attacher.shutdown(wait=False, cancel_futures=True)
             d.monitor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,114 @@
+"""One device host that hangs (stopped, not dead; or slow to answer, behind
+tests/faults/simproxy.py) must tie up only its own device: attaches to the
+other devices, kupd's start and its stop must not wait for it -- a hung
+kupsim answers nothing until libkup's RPC timeout (30 s) -- and what its
+own device's clients are told must say that its host is not answering."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gateway_helpers import Kupd, StartKupd
+from simproxy import OP_ATTACH, OP_INFO, SimProxy
+
+from kupd import errors
+from kupd.testing import KupSim, kupsim, wait_until
+
+#: Far below libkup's RPC timeout (30 s), which is what each of these used
+#: to wait for: a correctness bound ("did not wait for the hung host"), not
+#: a speed target.
+NOT_THE_RPC_TIMEOUT = 20.0
+
+
+@pytest.fixture
+def two_hosts(tmp_path: Path) -> Iterator[tuple[KupSim, dict[str, SimProxy], Path]]:
+    """kupsim with echo and rot13, each device behind a proxy of its own
+    (a test delays one op of one device's host)."""
+    with kupsim("echo", "rot13", check_exit=False, ready_timeout=60.0) as sim:
+        pdir = tmp_path / "proxy"
+        pdir.mkdir()
+        px = {n: SimProxy(str(sim.rundir / f"{n}.sock"), str(pdir / f"{n}.sock"))
+              for n in ("echo", "rot13")}
+        try:
+            yield sim, px, pdir
+        finally:
+            for p in px.values():
+                p.delay.clear()
+                p.close()
+
+
+def _start_behind(
+    start_kupd: StartKupd, sim: KupSim, pdir: Path, *args: str, wait: bool = True,
+    devices: tuple[str, ...] = ("echo:0", "rot13:0"),
+) -> Kupd:
+    real = sim.rundir
+    sim.rundir = pdir  # kupd's --kupsim-dir: the proxies'
+    try:
+        return start_kupd(sim, "--health-interval", "0.5", *args, devices=devices, wait=wait)
+    finally:
+        sim.rundir = real
+
+
+def test_attaches_waiting_on_a_hung_host_leave_other_devices_attachable(
+    two_hosts: tuple[KupSim, dict[str, SimProxy], Path], start_kupd: StartKupd
+) -> None:
+    """Six attaches to rot13, whose host holds every ATTACH: an attach of
+    echo completes while they all still wait (with one pool of attach
+    threads for every device they took it, and echo's waited 30 s)."""
+    sim, px, pdir = two_hosts
+    k = _start_behind(start_kupd, sim, pdir)
+    with k.client() as c:
+        px["rot13"].delay[OP_ATTACH] = 60.0
+        out: list[object] = []
+
+        def attach() -> None:
+            try:
+                out.append(c.attach("rot13"))
+            except errors.KupError as exc:
+                out.append(exc)
+
+        hung = [threading.Thread(target=attach) for _ in range(6)]
+        for t in hung:
+            t.start()
+        wait_until(lambda: px["rot13"].count(OP_ATTACH) >= 4, timeout=30,
+                   what="rot13's attaches reaching its host")
+        done = threading.Event()
+        got: list[object] = []
+
+        def healthy() -> None:
+            try:
+                got.append(c.attach("echo"))
+            except errors.KupError as exc:
+                got.append(exc)
+            done.set()
+
+        threading.Thread(target=healthy, daemon=True).start()
+        assert done.wait(NOT_THE_RPC_TIMEOUT), "echo's attach waited for rot13's hung host"
+        assert not out, f"rot13's attaches answered before echo's: {out}"
+        assert len(got) == 1 and not isinstance(got[0], BaseException), got
+        px["rot13"].close()  # the held attaches fail now
+        for t in hung:
+            t.join(60)
+
+
+def test_an_attach_to_a_device_known_stalled_is_unavailable_at_once(
+    two_hosts: tuple[KupSim, dict[str, SimProxy], Path], start_kupd: StartKupd
+) -> None:
+    """A device whose host has stopped answering (its INFO held) is not
+    sent attaches, which would wait there: Unavailable, naming the device
+    and how long its host has been silent; the other device attaches."""
+    sim, px, pdir = two_hosts
+    k = _start_behind(start_kupd, sim, pdir)
+    with k.client() as c:
+        px["rot13"].delay[OP_INFO] = 60.0
+        wait_until(lambda: c.devices("rot13")[0].not_answering_s > 0, timeout=30,
+                   what="rot13 seen not answering")
+        attaches = px["rot13"].count(OP_ATTACH)
+        with pytest.raises(errors.Unavailable) as ei:
+            c.attach("rot13")
+        assert "rot13" in str(ei.value) and "has not answered for" in str(ei.value)
+        assert px["rot13"].count(OP_ATTACH) == attaches  # the host was not asked
+        c.attach("echo")
