@@ -146,6 +146,8 @@ typedef struct {
 	PyObject *name;          /* str, as given to open() */
 	Py_ssize_t nchannels;    /* channel objects not yet closed */
 	Py_ssize_t attaching;    /* channel() calls inside libkup (GIL-protected) */
+	Py_ssize_t calling;      /* info() / event_fd() calls inside libkup, under
+	                          * the lock (GIL-protected) */
 	int closed;              /* close() was called */
 } DeviceObject;
 
@@ -169,12 +171,22 @@ device_release_handle(DeviceObject *d)
 	void *h;
 
 	/* an attach in flight uses the handle without the device lock: the
-	 * last of them releases it (device_channel) */
-	if (d->attaching > 0)
+	 * last of them releases it (device_channel); an info() or event_fd()
+	 * in flight uses it under the lock: it releases it on its way out
+	 * (device_call_done).  Not waited for here: with a hung host such a
+	 * call returns only at libkup's RPC timeout (30 s with kupsim), and
+	 * close() runs on kupd's event loop.  Waiting was the only thing
+	 * that kept the handle alive under that call; the count does it now,
+	 * checked and changed with the GIL held, so exactly one thread --
+	 * the last one out -- calls kernproxy_close, after every other use
+	 * has returned: no use-after-free of the handle.  The DeviceObject
+	 * itself cannot go away under the call either: the thread making it
+	 * holds a reference to it (the bound method's self). */
+	if (d->attaching > 0 || d->calling > 0)
 		return;
-	/* under the device lock: the last channel's deferred close may come
-	 * while another thread is inside info() or event_fd() on the handle
-	 * (with the GIL released) -- it must not be freed under that call */
+	/* Under the device lock all the same: a thread that has taken it for
+	 * an info() but not yet the GIL back has not counted itself yet; it
+	 * then finds the handle gone and fails (device_lock). */
 	if (d->lock != NULL && !PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
 		Py_BEGIN_ALLOW_THREADS
 		PyThread_acquire_lock(d->lock, WAIT_LOCK);
@@ -191,6 +203,17 @@ device_release_handle(DeviceObject *d)
 	}
 }
 
+/* The end of an info() or event_fd(), GIL held, lock still held: a
+ * close() that came meanwhile left the handle to this call (device_close). */
+static void
+device_call_done(DeviceObject *d)
+{
+	d->calling--;
+	PyThread_release_lock(d->lock);
+	if (d->closed && d->calling == 0 && d->attaching == 0 && d->nchannels == 0)
+		device_release_handle(d);
+}
+
 static int
 device_lock(DeviceObject *d)
 {
@@ -204,6 +227,7 @@ device_lock(DeviceObject *d)
 		raise_kup(KUP_E_INVAL, 0, "device %U is closed", d->name);
 		return -1;
 	}
+	d->calling++;
 	return 0;
 }
 
@@ -242,6 +266,7 @@ kupchan_open(PyObject *mod, PyObject *arg)
 	d->name = Py_NewRef(arg);
 	d->nchannels = 0;
 	d->attaching = 0;
+	d->calling = 0;
 	d->closed = 0;
 	d->lock = PyThread_allocate_lock();
 	if (d->lock == NULL) {
@@ -284,7 +309,7 @@ device_info(DeviceObject *d, PyObject *unused)
 	code = kernproxy_errno;
 	sys_errno = errno;
 	Py_END_ALLOW_THREADS
-	PyThread_release_lock(d->lock);
+	device_call_done(d);
 	if (rc != 0) {
 		raise_kup(code ? code : KUP_E_SYS, sys_errno, "info on device %U", d->name);
 		goto out;
@@ -380,7 +405,7 @@ device_event_fd(DeviceObject *d, PyObject *unused)
 	code = kernproxy_errno;
 	sys_errno = errno;
 	Py_END_ALLOW_THREADS
-	PyThread_release_lock(d->lock);
+	device_call_done(d);
 	if (fd < 0)
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno, "event fd of device %U", d->name);
 	return PyLong_FromLong(fd);
@@ -393,15 +418,9 @@ device_close(DeviceObject *d, PyObject *unused)
 	if (d->closed)
 		Py_RETURN_NONE;
 	d->closed = 1;
-	/* Wait for an info() or event_fd() in flight, then release the
-	 * handle unless channels or attaches in flight still use it (the
-	 * last of them releases it). */
-	if (!PyThread_acquire_lock(d->lock, NOWAIT_LOCK)) {
-		Py_BEGIN_ALLOW_THREADS
-		PyThread_acquire_lock(d->lock, WAIT_LOCK);
-		Py_END_ALLOW_THREADS
-	}
-	PyThread_release_lock(d->lock);
+	/* Release the handle unless channels, attaches, or an info() or
+	 * event_fd() in flight still use it: the last of them releases it.
+	 * Never waits for a call in flight (device_release_handle says why). */
 	if (d->nchannels == 0)
 		device_release_handle(d);
 	Py_RETURN_NONE;
