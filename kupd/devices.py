@@ -328,6 +328,9 @@ class ManagedDevice:
                 log.info("device not reachable", device=self.name, error=str(exc))
             self.error = str(exc)
             return
+        if self.mgr.closing:  # kupd stopped while the host answered the open
+            dev.close()
+            return
         try:
             info = await self.blocking(dev.info)
             # its first call connects (kupsim: a WATCH round trip the host
@@ -809,10 +812,16 @@ class DeviceManager:
         return all(d.healthy for d in self.devices.values())
 
     async def start(self) -> None:
-        await asyncio.gather(*(d.try_open() for d in self.devices.values()))
-        # Ready means ready: the Call pools of the devices present are filled.
+        # Each device's open waits at most PROBE_WAIT: one whose host does
+        # not answer by then (stopped, hung: libkup waits 30 s for it) is
+        # shown not answering while its open goes on, and the sockets are
+        # served meanwhile -- it held up every device's service for 30 s.
+        await asyncio.gather(*(d.probe() for d in self.devices.values()))
+        # Ready means ready: the Call pools of the devices present are
+        # filled -- bounded the same way (a fill goes on in the background).
         fills = [d.fill_task for d in self.devices.values() if d.fill_task is not None]
-        await asyncio.gather(*fills, return_exceptions=True)
+        if fills:
+            await asyncio.wait(fills, timeout=PROBE_WAIT)
         self._monitor = asyncio.ensure_future(self._monitor_loop())
 
     def reschedule(self) -> None:

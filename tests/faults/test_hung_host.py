@@ -141,3 +141,28 @@ def test_stop_does_not_wait_for_a_stopped_host(
                 assert time.monotonic() - t0 < NOT_THE_RPC_TIMEOUT
             finally:
                 sim.signal(signal.SIGCONT)
+
+
+def test_start_serves_while_a_host_does_not_answer(
+    two_hosts: tuple[KupSim, dict[str, SimProxy], Path], start_kupd: StartKupd
+) -> None:
+    """kupd started while rot13's host holds every INFO: it serves echo
+    without waiting for rot13 (whose open is held for libkup's 30 s),
+    shows rot13 not answering, and picks it up once its host answers."""
+    sim, px, pdir = two_hosts
+    px["rot13"].delay[OP_INFO] = 20.0
+    held = time.monotonic()
+    k = _start_behind(start_kupd, sim, pdir, wait=False, devices=("echo:2", "rot13:2"))
+    assert k.wait_up(NOT_THE_RPC_TIMEOUT) == "NOT_SERVING"
+    with k.client() as c:
+        assert c.call("echo", b"hi", timeout=10).data.lower() == b"hi"
+        rot = c.devices("rot13")[0]
+        infos = px["rot13"].count(OP_INFO)
+        # still within the first held INFO: served before rot13 answered
+        assert time.monotonic() - held < 20.0 and infos <= 1, (rot, infos)
+        assert not rot.reachable or rot.not_answering_s > 0, rot
+        assert c.health("kup.v1.Kup/rot13") == "NOT_SERVING"
+        assert c.health("kup.v1.Kup/echo") == "SERVING"
+        px["rot13"].delay.clear()
+        wait_until(lambda: c.health() == "SERVING", timeout=60, what="rot13 picked up")
+        assert c.call("rot13", b"abc", timeout=10).data
