@@ -153,6 +153,9 @@ class CallPool:
         self.closed = False
         self._abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change: Callable[[], None] = lambda: None
+        #: why the device's host is not answering (None while it answers):
+        #: its queue's Calls could only wait for it (kupd.devices sets it)
+        self.silence: Callable[[], str | None] = lambda: None
         self._counted: dict[str, CallCount] = {}
         self._queued_gauge = metrics.calls_queued.labels(device)
 
@@ -374,6 +377,11 @@ class CallPool:
             # the queue limit, or such a group's waiting Calls, filling the
             # queue, would lock every other tenant out of free channels.
             return self._take(self._free.popleft(), group, share)
+        silent = self.silence()
+        if silent is not None:
+            # no channel free, and none will come back from a host that does
+            # not answer (nor be attached on it): not a wait until the deadline
+            raise errors.Unavailable(f"call: {silent}")
         if self._queued >= self.max_queued:
             if group.startswith(TENANT_GROUP):  # its own share: see _queued_text
                 raise errors.ResourceExhausted(
@@ -432,6 +440,11 @@ class CallPool:
                         # that all time out would leave one entry each
                         self._forget(caller, group)
             if isinstance(exc, _QueueTimeout):
+                silent = self.silence()
+                if silent is not None:  # it stopped answering while the Call waited
+                    raise errors.Unavailable(
+                        f"call: no pool channel became free within {timeout:.3f}s: {silent}"
+                    ) from None
                 if share and self._at_share(group):
                     mine = [pc for pc in self.channels.values() if pc.group == group]
                     n_q = sum(1 for pc in mine if pc.state == "quarantined")

@@ -694,6 +694,7 @@ class ManagedDevice:
                 self._fill_pool()
 
         pool.on_change = changed
+        pool.silence = self.silence
         return pool
 
     def _fill_pool(self) -> None:

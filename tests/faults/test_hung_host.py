@@ -166,3 +166,23 @@ def test_start_serves_while_a_host_does_not_answer(
         px["rot13"].delay.clear()
         wait_until(lambda: c.health() == "SERVING", timeout=60, what="rot13 picked up")
         assert c.call("rot13", b"abc", timeout=10).data
+
+
+def test_a_call_on_a_stalled_device_says_its_host_is_not_answering(
+    two_hosts: tuple[KupSim, dict[str, SimProxy], Path], start_kupd: StartKupd
+) -> None:
+    """A Call that would queue for a pool channel of a device whose host has
+    stopped answering is Unavailable at once, saying so -- not a wait for its
+    deadline ending "no pool channel became free" / "got no channel"."""
+    sim, px, pdir = two_hosts
+    k = _start_behind(start_kupd, sim, pdir, "--call-quarantine", "120",
+                      devices=("echo:1", "rot13:0"))
+    with k.client() as c:
+        with pytest.raises(errors.DeadlineExceeded):
+            c.call("echo", b"!hold", timeout=0.5)  # its one channel now owes a reply
+        px["echo"].delay[OP_INFO] = 60.0
+        wait_until(lambda: c.devices("echo")[0].not_answering_s > 0, timeout=30,
+                   what="echo seen not answering")
+        with pytest.raises(errors.Unavailable) as ei:
+            c.call("echo", b"x", timeout=NOT_THE_RPC_TIMEOUT)
+        assert "echo" in str(ei.value) and "has not answered for" in str(ei.value)
