@@ -441,6 +441,13 @@ class ManagedDevice:
                 self._shutting_down(
                     Event(EventType.DEVICE_SHUTTING_DOWN, self.name, reason=SHUTDOWN_REASON)
                 )
+            if isinstance(exc, errors.DeadlineExceeded):
+                # libkup's RPC timeout: the host is there but silent (stopped,
+                # hung), its module not unloaded.  The handle is closed all the
+                # same (a late answer would be read as the next request's), but
+                # what ends with it is told to try again, not that it is over.
+                silent = self.silence() or f"device {self.name}: its host is not answering"
+                exc = errors.Unavailable(f"{silent} ({exc})")
             self.gone(exc)
             return
         if self.dev is not dev:

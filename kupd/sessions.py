@@ -386,8 +386,11 @@ class LeaseTable:
             lease.ch.close()
 
     def _device_gone(self, dev: ManagedDevice, why: errors.KupError) -> None:
+        # Unavailable: its host stopped answering, the module did not unload
+        # (kupd.devices): a client may try again, which Shutdown says it may not
+        cls = errors.Unavailable if isinstance(why, errors.Unavailable) else errors.Shutdown
         for lease in [le for le in self.leases.values() if le.dev is dev]:
-            self.end(lease, "device gone", errors.Shutdown(f"device {dev.name} went away: {why}"))
+            self.end(lease, "device gone", cls(f"device {dev.name} went away: {why}"))
 
     def _device_shutting_down(self, dev: ManagedDevice) -> None:
         for lease in [le for le in self.leases.values() if le.dev is dev]:

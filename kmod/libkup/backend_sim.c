@@ -37,11 +37,35 @@ struct sim_chan {
 	                            * (kup_sim_test_fail_wakes) */
 };
 
+/* How long a request waits for kupsim's answer: SIM_RPC_TIMEOUT_S, or
+ * less for a test (KUP_TEST_SIM_RPC_TIMEOUT_MS: what kupd does when a
+ * host stops answering, without waiting 30 s for it). */
+static struct timeval
+sim_rpc_timeout(void)
+{
+	struct timeval tv = { .tv_sec = SIM_RPC_TIMEOUT_S };
+	const char *v = getenv("KUP_TEST_SIM_RPC_TIMEOUT_MS");
+	char *end;
+	long ms;
+	int e = errno;
+
+	if (v != NULL && *v != '\0') {
+		errno = 0;
+		ms = strtol(v, &end, 10);
+		if (errno == 0 && *end == '\0' && ms > 0 && ms < SIM_RPC_TIMEOUT_S * 1000L) {
+			tv.tv_sec = ms / 1000;
+			tv.tv_usec = (ms % 1000) * 1000;
+		}
+	}
+	errno = e;
+	return tv;
+}
+
 static int
 sim_connect(const char *path, int *out)
 {
 	struct sockaddr_un sa;
-	struct timeval tv = { .tv_sec = SIM_RPC_TIMEOUT_S };
+	struct timeval tv = sim_rpc_timeout();
 	int fd, e;
 
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);

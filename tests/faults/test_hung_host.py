@@ -186,3 +186,33 @@ def test_a_call_on_a_stalled_device_says_its_host_is_not_answering(
         with pytest.raises(errors.Unavailable) as ei:
             c.call("echo", b"x", timeout=NOT_THE_RPC_TIMEOUT)
         assert "echo" in str(ei.value) and "has not answered for" in str(ei.value)
+
+
+def test_a_host_silent_past_the_rpc_timeout_ends_sessions_unavailable_not_shutdown(
+    two_hosts: tuple[KupSim, dict[str, SimProxy], Path], start_kupd: StartKupd
+) -> None:
+    """The host does not answer an INFO within libkup's RPC timeout (3 s
+    here): kupd closes the device and opens it again, ending its sessions --
+    with Unavailable (try again), naming the host's silence: its module did
+    not unload, which is what Shutdown says."""
+    sim, px, pdir = two_hosts
+    real = sim.rundir
+    sim.rundir = pdir
+    try:
+        env = {**sim.env(), "KUP_TEST_SIM_RPC_TIMEOUT_MS": "3000"}
+        k = start_kupd(sim, "--health-interval", "0.5", devices=("echo:0", "rot13:0"), env=env)
+    finally:
+        sim.rundir = real
+    with k.client() as c:
+        ch = c.open("echo").channel(2)
+        ch.receive(timeout=10)
+        assert ch.exchange(b"a", timeout=10).data == b"a"
+        px["echo"].delay[OP_INFO] = 60.0
+        wait_until(lambda: not c.devices("echo")[0].reachable, timeout=60,
+                   what="echo closed after its INFO timed out")
+        with pytest.raises(errors.KupError) as ei:
+            ch.exchange(b"b", timeout=10)
+        assert isinstance(ei.value, errors.Unavailable), repr(ei.value)
+        assert "has not answered for" in str(ei.value), str(ei.value)
+        with pytest.raises(errors.Unavailable):
+            c.attach("echo")
