@@ -231,6 +231,9 @@ class ManagedDevice:
         self.stalled_since: float | None = None
         #: set while stalled_since is: attaches waiting for a slot give up
         self._stalled = asyncio.Event()
+        #: why new attaches cannot reach the device although it answers and
+        #: its module runs (its node was removed: see _refused), else None
+        self.node_gone: str | None = None
         self._announced_seen = -1
         self._shutdown_seen = False
         self._pool_filling = False
@@ -252,6 +255,7 @@ class ManagedDevice:
             and self.info is not None
             and not self.info.shutting_down
             and self.stalled_since is None
+            and self.node_gone is None
         )
 
     def require(self) -> tuple[Device, DeviceInfo]:
@@ -345,6 +349,7 @@ class ManagedDevice:
             dev.close()
             return
         self.dev, self.info, self.error = dev, info, ""
+        self.node_gone = None
         self._event_fd = fd
         self._announced_seen = info.announced
         self._shutdown_seen = info.shutting_down
@@ -453,6 +458,11 @@ class ManagedDevice:
         if self.dev is not dev:
             return
         self.info = info
+        if self.node_gone is not None and await self.blocking(self._reaches_node):
+            log.info("device can be attached again", device=self.name)
+            self.node_gone = None
+            self.mgr.health_changed()
+            self._fill_pool()
         if info.announced != self._announced_seen:
             self._announced_seen = info.announced
             self.mgr.publish(
@@ -516,6 +526,7 @@ class ManagedDevice:
                 asyncio.get_running_loop().remove_reader(self._event_fd)
             self._event_fd = -1
         self.dev, self.info, self.error = None, None, str(why)
+        self.node_gone = None
         for cb in list(self.on_gone):
             cb(self, why)
         self.pool.close()
@@ -546,6 +557,8 @@ class ManagedDevice:
                 # it would wait on a host known not to answer, for up to
                 # libkup's RPC timeout, holding one of the device's threads
                 raise self.not_answering()
+            if self.node_gone is not None:
+                raise errors.Unavailable(self.node_gone)
             if chan_id is not None:
                 if chan_id >= info.chan_count:
                     raise errors.NotFound(
@@ -586,6 +599,11 @@ class ManagedDevice:
                         "to let go); retry later"
                     ) from exc
                 await asyncio.sleep(REATTACH_PAUSE)
+            except errors.Shutdown as exc:
+                err = await self._refused(dev, exc)
+                if err is exc:
+                    raise
+                raise err from exc
             except errors.Busy as exc:  # after Releasing, a Busy of its own
                 if chan_id is not None:
                     raise
@@ -595,6 +613,49 @@ class ManagedDevice:
                 raise errors.Busy(
                     self._none_free(info.chan_count, info.announced, module)
                 ) from exc
+
+    async def _refused(self, dev: Device, exc: errors.Shutdown) -> errors.KupError:
+        """What an attach the host refused with Shutdown gets.
+
+        libkup's sim backend says Shutdown when the device's socket is not
+        there (kupsim removes it as its module starts unloading), so the
+        same answer comes when something else removed it (a run directory
+        cleaned) while kupsim and its module run on: every attach then
+        failed as Shutdown -- final, for a client -- while health and
+        ListDevices, asked over kupd's open connection, said all was well.
+        kupd reads the device's state again: shutting down, it is Shutdown
+        (the refresh ends what holds its channels); still running and
+        answering, the device cannot be attached until its node is back --
+        Unavailable, and the device not healthy (ListDevices says why)
+        until a fresh open of it works (each health round tries one)."""
+        if self.dev is not dev or self._shutdown_seen:
+            return exc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.refresh()), PROBE_WAIT)
+        if (
+            self.dev is not dev
+            or self.info is None
+            or self.info.shutting_down
+            or self.stalled_since is not None
+        ):
+            return exc
+        if self.node_gone is None:
+            self.node_gone = (
+                f"device {self.name} cannot be attached: its host refuses new attaches as "
+                f"if it were gone ({exc}), yet it answers and its module runs -- was its "
+                "device node (kupsim: socket) removed? Sessions already attached go on"
+            )
+            log.warning("device cannot be attached", device=self.name, error=str(exc))
+            self.mgr.health_changed()
+        return errors.Unavailable(self.node_gone)
+
+    def _reaches_node(self) -> bool:
+        """Whether the device can be opened afresh (on the device's thread)."""
+        try:
+            Device.open(self.name).close()
+        except errors.KupError:
+            return False
+        return True
 
     def silence(self) -> str | None:
         """What to tell a request the device cannot serve because its host

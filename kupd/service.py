@@ -559,7 +559,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             shutting_down=info.shutting_down,
             call_channels=len(d.pool.channels),
             drained=drained,
-            error=stalled,
+            error=stalled or d.node_gone or "",
             not_answering_ms=min(int(silent_s * 1000), 2**32 - 1),
         )
         pool = d.pool

@@ -6,6 +6,7 @@ own device's clients are told must say that its host is not answering."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -215,4 +216,37 @@ def test_a_host_silent_past_the_rpc_timeout_ends_sessions_unavailable_not_shutdo
         assert isinstance(ei.value, errors.Unavailable), repr(ei.value)
         assert "has not answered for" in str(ei.value), str(ei.value)
         with pytest.raises(errors.Unavailable):
+            c.attach("echo")
+
+
+def test_a_removed_device_socket_reads_unavailable_everywhere_until_it_is_back(
+    tmp_path: Path, start_kupd: StartKupd
+) -> None:
+    """kupsim's device socket removed while kupsim and its module run on:
+    attaches get Unavailable saying the device cannot be attached (not
+    Shutdown, which a client takes as final, while health said SERVING),
+    health and ListDevices say so too, sessions already attached go on,
+    and all is well again once the socket is back."""
+    with echo_sim() as sim:
+        k = start_kupd(sim, "--health-interval", "0.5", devices=("echo:0",))
+        sock = sim.rundir / "echo.sock"
+        keep = sim.rundir / "echo.keep"
+        with k.client() as c:
+            ch = c.open("echo").channel(2)
+            ch.receive(timeout=10)
+            os.link(sock, keep)  # the same socket under another name
+            os.unlink(sock)
+            try:
+                with pytest.raises(errors.Unavailable) as ei:
+                    c.attach("echo")
+                assert "cannot be attached" in str(ei.value), str(ei.value)
+                assert c.health("kup.v1.Kup/echo") == "NOT_SERVING"
+                dev = c.devices("echo")[0]
+                assert dev.reachable and "cannot be attached" in dev.error, dev
+                assert ch.exchange(b"a", timeout=10).data == b"a"  # goes on
+            finally:
+                os.rename(keep, sock)
+            wait_until(lambda: c.health("kup.v1.Kup/echo") == "SERVING", timeout=30,
+                       what="echo attachable again")
+            assert not c.devices("echo")[0].error
             c.attach("echo")
