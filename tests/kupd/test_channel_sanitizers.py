@@ -148,7 +148,8 @@ SCENARIO = textwrap.dedent(
 
 #: The last channel's deferred close while another thread is inside info()
 #: on a host that does not answer (kupsim stopped): the device handle was
-#: freed under that info() call.  argv: device path, kupsim's pid.
+#: freed under that info() call; and close() itself returns at once, the
+#: handle left to that info().  argv: device path, kupsim's pid.
 SCENARIO_HOST_STOPPED = textwrap.dedent(
     """
     import os, signal, sys, threading, time
@@ -176,6 +177,12 @@ SCENARIO_HOST_STOPPED = textwrap.dedent(
         closer = threading.Thread(target=dev.close)
         closer.start()
         time.sleep(0.6)               # the receiver ends: the last channel goes
+        # close() does not wait for the info() in flight (it held kupd's
+        # stop for libkup's 30 s RPC timeout): that info() releases the
+        # handle on its way out
+        closer.join(10)
+        assert not closer.is_alive(), "close() waited for the info() in flight"
+        assert p.is_alive(), "info() returned while kupsim was stopped"
     finally:
         os.kill(sim, signal.SIGCONT)
     for t in (p, closer, r):
