@@ -699,12 +699,16 @@ class ManagedDevice:
             stall = asyncio.ensure_future(self._stalled.wait())
             try:
                 await asyncio.wait((acq, stall), return_when=asyncio.FIRST_COMPLETED)
-            finally:
+            except BaseException:  # the requester went away: no slot kept
                 stall.cancel()
-                got = acq.done() and not acq.cancelled() and acq.exception() is None
-                if not got:
-                    acq.cancel()  # a cancelled acquire holds no slot
-            if not got:
+                if acq.done() and not acq.cancelled() and acq.exception() is None:
+                    sem.release()
+                else:
+                    acq.cancel()
+                raise
+            stall.cancel()
+            if not (acq.done() and not acq.cancelled() and acq.exception() is None):
+                acq.cancel()  # a cancelled acquire holds no slot
                 raise self.not_answering()
         try:
             yield
