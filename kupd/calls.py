@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from kupd import errors
+from kupd.abi import KUP_E_PEER
 from kupd.channel import Channel, Message
 from kupd.log import get_logger
 from kupd.metrics import CallCount, Metrics
@@ -215,6 +216,18 @@ class CallPool:
         if why == "quarantined":
             log.info("pool channel back from quarantine", device=self.device, channel=pc.ch.id)
         self._put_back(pc)
+
+    def _ended_by_module(self, pc: PoolChannel) -> bool:
+        """Drop ``pc``, just taken for a Call, if the kernel side has ended
+        its session (kupdev_disconnect of an idle pool channel: nothing
+        woke kupd) -- True then, and the Call takes another channel, nothing
+        sent: the Call is not the one that failed.  One read of the
+        channel's page (kernproxy_state), no call to the host."""
+        if pc.ch.state() != KUP_E_PEER:
+            return False
+        log.info("pool channel ended by the module", device=self.device, channel=pc.ch.id)
+        self._drop(pc)
+        return True
 
     def _drop(self, pc: PoolChannel) -> None:
         # not "busy" any more: the Call that dropped it must not put it back
@@ -546,7 +559,8 @@ class CallPool:
                 # the usual case: no wait, no deadline sums
                 pc = self._free.popleft()
                 pc.state = "busy"
-                return await self._exchange(pc, data, timeout, held)
+                if not self._ended_by_module(pc):
+                    return await self._exchange(pc, data, timeout, held)
             if share or self._shares:  # the group's share as it is now (a reload)
                 if share:
                     self._shares[group] = share
@@ -554,17 +568,19 @@ class CallPool:
                     self._shares.pop(group, None)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            pc = await self._acquire(caller, timeout, share, retired)
-            left = deadline - loop.time()
-            if left < _SEND_MIN_LEFT:
-                # granted at its deadline: sending now would only leave the
-                # channel quarantined, owing a reply nobody waits for
-                self._put_back(pc)
-                raise errors.DeadlineExceeded(
-                    f"device {self.device}: a pool channel became free only at the "
-                    f"Call's deadline ({timeout:.3f}s); nothing was sent"
-                )
-            return await self._exchange(pc, data, left, held)
+            while True:
+                pc = await self._acquire(caller, deadline - loop.time(), share, retired)
+                left = deadline - loop.time()
+                if left < _SEND_MIN_LEFT:
+                    # granted at its deadline: sending now would only leave the
+                    # channel quarantined, owing a reply nobody waits for
+                    self._put_back(pc)
+                    raise errors.DeadlineExceeded(
+                        f"device {self.device}: a pool channel became free only at the "
+                        f"Call's deadline ({timeout:.3f}s); nothing was sent"
+                    )
+                if not self._ended_by_module(pc):
+                    return await self._exchange(pc, data, left, held)
         finally:
             _down(mine, group)
             self._in_flight -= 1

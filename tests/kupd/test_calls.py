@@ -15,6 +15,7 @@ import random
 import pytest
 
 from kupd import errors
+from kupd.abi import KUP_E_PEER
 from kupd.calls import CallPool
 from kupd.channel import Kind, Message
 from kupd.metrics import Metrics
@@ -57,8 +58,16 @@ class FakeChannel:
             return msg
         return None
 
+    def state(self) -> int:
+        """What libkup's kernproxy_state reads: "kicked" is a channel whose
+        session the module ended (kupdev_disconnect) while it sat idle."""
+        self._open()
+        return KUP_E_PEER if self.mode == "kicked" else 0
+
     def try_exchange(self, data: bytes) -> Message | None:
         self._open()
+        if self.mode == "kicked":
+            raise errors.PeerGone(f"EKU_PEER: channel {self.id}: the peer ended the session")
         if self.mode == "broken":
             raise errors.ProtocolError(f"channel {self.id}: garbage")
         if self.mode == "hold":
@@ -173,6 +182,24 @@ def test_a_broken_channel_leaves_the_pool_for_good() -> None:
         assert outcomes.count((-1, b"")) == 1, outcomes
         assert [c for c, _ in outcomes if c != -1] == [1] * 5, outcomes
         assert 0 not in pool.channels and chans[0].closed
+        pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_channel_the_module_disconnected_while_idle_is_dropped_not_failed() -> None:
+    """kupdev_disconnect of an idle pool channel wakes nobody: the next Call
+    to take it found out by failing with PeerGone (ABORTED), though it sent
+    nothing.  Now the Call drops that channel and takes another, through
+    the fast path and through the queue alike."""
+
+    async def main() -> None:
+        pool, chans = await _pool(3)
+        chans[0].mode = chans[1].mode = "kicked"
+        for i in range(4):  # the first meets both dead channels on its way
+            msg, chan = await pool.call(f"c{i}".encode(), 1.0, "k", 100)
+            assert (chan, msg.data) == (2, f"c{i}".encode())
+        assert sorted(pool.channels) == [2] and chans[0].closed and chans[1].closed
         pool.close()
 
     asyncio.run(main())
