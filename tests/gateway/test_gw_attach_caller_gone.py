@@ -129,6 +129,10 @@ def _interrupted(child: subprocess.Popen[bytes]) -> str:
 
 
 SYNC_ATTACH = """
+import signal
+# Ctrl-C raises KeyboardInterrupt even when this process was started
+# with SIGINT ignored (a job started in the background by a shell)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import sys
 from kupclient import Client
 c = Client(sys.argv[1])
@@ -141,6 +145,10 @@ except KeyboardInterrupt:
 """
 
 ASYNC_ATTACH = """
+import signal
+# Ctrl-C raises KeyboardInterrupt even when this process was started
+# with SIGINT ignored (a job started in the background by a shell)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import asyncio, sys
 from kupclient.aio import AsyncClient
 
@@ -157,6 +165,10 @@ except KeyboardInterrupt:
 """
 
 SESSION_ATTACH = """
+import signal
+# Ctrl-C raises KeyboardInterrupt even when this process was started
+# with SIGINT ignored (a job started in the background by a shell)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import sys
 from kupclient import Client
 c = Client(sys.argv[1])
