@@ -52,6 +52,7 @@ __all__ = [
     "KupdError",
     "channel_when_free",
     "echo_lock_holds",
+    "fresh_checkout",
     "in_background",
     "kmod_out",
     "kupd",
@@ -79,6 +80,29 @@ class KupSimError(RuntimeError):
     def __init__(self, message: str, output: str = "") -> None:
         super().__init__(f"{message}\n--- kupsim output ---\n{output}" if output else message)
         self.output = output
+
+
+def fresh_checkout(dest: Path) -> None:
+    """Copy this tree's files into ``dest`` as a fresh clone has them: the
+    tracked ones and new ones git does not ignore, as they are in the work
+    tree (so uncommitted changes are tested), without build products or the
+    virtualenv -- what a test of building or installing from a checkout
+    starts from."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO_ROOT / os.fsdecode(name)
+        if not src.is_file():  # deleted in the work tree
+            continue
+        dst = dest / os.fsdecode(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+        dst.chmod(src.stat().st_mode & 0o777)
 
 
 def kmod_out() -> Path:

@@ -21,30 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from kupd.testing import fresh_checkout
+
 __all__: list[str] = []
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _fresh_checkout(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True, timeout=60,
-    ).stdout.split(b"\0")  # fmt: skip
-    for name in filter(None, files):
-        src = REPO / os.fsdecode(name)
-        if not src.is_file():  # deleted in the work tree
-            continue
-        dst = dest / os.fsdecode(name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(src.read_bytes())
-        dst.chmod(src.stat().st_mode & 0o777)
 
 
 def _install(tmp_path: Path, extra_env: dict[str, str] | None = None) -> tuple[Path, str]:
     """``pip install`` a fresh checkout into a new venv: (venv, its site-packages)."""
     src = tmp_path / "src"
-    _fresh_checkout(src)
+    fresh_checkout(src)
     assert not (src / "clients/python/kupapi/kup").exists()  # as git has it
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)

@@ -25,30 +25,16 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from kupd.testing import fresh_checkout
+
 __all__: list[str] = []
 
-REPO = Path(__file__).resolve().parents[2]
 
 #: What the client needs, and nothing more (clients/python/pyproject.toml).
 DEPENDENCIES = {"grpcio", "grpcio-health-checking", "protobuf", "prometheus-client"}
 
 #: kupd's modules in the client distribution (clients/python/setup.py SHARED).
 KUPD_PART = {"__init__.py", "abi.py", "config.py", "errors.py", "py.typed", "wire.py"}
-
-
-def _fresh_checkout(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True, timeout=60,
-    ).stdout.split(b"\0")  # fmt: skip
-    for name in filter(None, files):
-        src = REPO / os.fsdecode(name)
-        if not src.is_file():  # deleted in the work tree
-            continue
-        dst = dest / os.fsdecode(name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(src.read_bytes())
-        dst.chmod(src.stat().st_mode & 0o777)
 
 
 def _build_env() -> dict[str, str]:
@@ -74,7 +60,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
     """(the wheel built from a fresh checkout, the one built from its sdist)."""
     tmp = tmp_path_factory.mktemp("client-dist")
     src = tmp / "src"
-    _fresh_checkout(src)
+    fresh_checkout(src)
     assert not (src / "clients/python/kupapi/kup").exists()  # as git has it
     wheel = _pip_wheel(src / "clients/python", tmp / "wheel", tmp)
     res = subprocess.run(
