@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -175,3 +176,29 @@ StartTenants = Callable[[str], TenantKupd]
 #: window a loaded machine can miss.
 LOCKHOLD = b"!lockhold20000"
 
+
+def hold_connection(path: str) -> socket.socket:
+    """One connection to ``path``, held open: a raw one, as a client that
+    connects over and over would hold (gRPC clients of one process share
+    their connections).  Returned once kupd has accepted it: its gRPC
+    server has sent its first HTTP/2 frame (SETTINGS)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(30)
+        s.connect(path)
+        assert s.recv(9), f"{path} closed the connection at once"
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def hold_refused(path: str) -> bool:
+    """A raw connection to ``path`` is closed as it is accepted."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        try:
+            return s.recv(9) == b""
+        except ConnectionResetError:
+            return True

@@ -8,13 +8,18 @@ limit.  A reload keeps a kept socket's cap (its server is kept) and says so."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tenancy_helpers import StartTenants, TenantKupd, child_env
+from tenancy_helpers import (
+    StartTenants,
+    TenantKupd,
+    child_env,
+    hold_connection,
+    hold_refused,
+)
 
 from kupclient import Client, errors
 from kupd.config import ConfigError, parse_config, reloaded
@@ -47,33 +52,6 @@ max_connections = 1
 [[tenant.grant]]
 device = "echo"
 """
-
-
-def _hold(path: str) -> socket.socket:
-    """One connection to ``path``, held open: a raw one, as a client that
-    connects over and over would hold (gRPC clients of one process share
-    their connections).  Returned once kupd has accepted it: its gRPC
-    server has sent its first HTTP/2 frame (SETTINGS)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(30)
-        s.connect(path)
-        assert s.recv(9), f"{path} closed the connection at once"
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _hold_refused(path: str) -> bool:
-    """A raw connection to ``path`` is closed as it is accepted."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(path)
-        try:
-            return s.recv(9) == b""
-        except ConnectionResetError:
-            return True
 
 
 def _refused(path: str) -> errors.KupError:
@@ -115,7 +93,7 @@ def _kupctl(k: TenantKupd, path: str) -> subprocess.CompletedProcess[str]:
 def test_a_tenant_at_its_cap_is_refused_and_nobody_else_is(start_tenants: StartTenants) -> None:
     k = start_tenants(BODY)
     capped = k.sock("capped")
-    held = [_hold(capped), _hold(capped)]
+    held = [hold_connection(capped), hold_connection(capped)]
     try:
         exc = _refused(capped)
         # gRPC's words depend on which side wrote first
@@ -129,7 +107,7 @@ def test_a_tenant_at_its_cap_is_refused_and_nobody_else_is(start_tenants: StartT
         assert p.returncode == 17, p.stderr
         assert f"{capped} is likely at its max_connections limit" in p.stderr, p.stderr
         # the other tenant, with no cap, and the admin socket: as before
-        others = [_hold(k.sock("open")) for _ in range(4)]
+        others = [hold_connection(k.sock("open")) for _ in range(4)]
         try:
             with Client(k.sock("open")) as c:
                 assert c.call("echo", b"still served").data.lower() == b"still served"
@@ -157,11 +135,11 @@ def test_reload_keeps_a_kept_sockets_cap_and_applies_a_new_ones(
     # the kept tenant's new cap waits for a restart (its server stays)
     assert r.needs_restart == ("tenant[name=capped].max_connections",), r
     assert "tenants" in r.applied and "late" in r.tenants, r
-    held = [_hold(capped), _hold(capped)]
+    held = [hold_connection(capped), hold_connection(capped)]
     try:
         _refused(capped)
         # the tenant the reload added has a server of its own, with its cap
-        late = _hold(k.sock("late"))
+        late = hold_connection(k.sock("late"))
         try:
             _refused(k.sock("late"))
         finally:
@@ -196,7 +174,7 @@ def test_the_plain_socket_cap(tmp_path: Path) -> None:
             with found[0] as c:
                 assert c.call("echo", b"one").data.lower() == b"one"
                 # this process's one connection holds the place
-                held = _hold_refused(str(sock))
+                held = hold_refused(str(sock))
                 assert held, "a second connection was accepted"
                 assert c.call("echo", b"two").data.lower() == b"two"
         finally:

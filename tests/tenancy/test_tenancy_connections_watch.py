@@ -7,10 +7,9 @@ kupd_connections / kupd_connections_max metrics."""
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
-from tenancy_helpers import StartTenants, TenantKupd
+from tenancy_helpers import StartTenants, TenantKupd, hold_connection, hold_refused
 
 from kupd.testing import wait_until
 
@@ -36,30 +35,6 @@ device = "echo"
 """
 
 
-def _hold(path: str) -> socket.socket:
-    """A raw connection to ``path``, held open, once kupd's gRPC server
-    has accepted it (its first HTTP/2 frame has come)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(30)
-        s.connect(path)
-        assert s.recv(9), f"{path} closed the connection at once"
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _refused(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(path)
-        try:
-            return s.recv(9) == b""
-        except ConnectionResetError:
-            return True
-
-
 def _lines(k: TenantKupd, event: str) -> list[dict[str, Any]]:
     recs = [json.loads(x) for x in k.log().splitlines() if x.startswith("{")]
     return [r for r in recs if str(r.get("event", "")).startswith(event)]
@@ -73,8 +48,8 @@ def _metrics(k: TenantKupd) -> str:
 def test_a_socket_at_its_max_connections_is_reported(start_tenants: StartTenants) -> None:
     k = start_tenants(BODY)
     capped = k.sock("capped")
-    held = [_hold(capped), _hold(capped)]
-    others = [_hold(k.sock("open")) for _ in range(3)]  # no cap: nothing to say
+    held = [hold_connection(capped), hold_connection(capped)]
+    others = [hold_connection(k.sock("open")) for _ in range(3)]  # no cap: nothing to say
     try:
         wait_until(
             lambda: bool(_lines(k, "socket at max_connections")), what="the warning"
@@ -84,7 +59,7 @@ def test_a_socket_at_its_max_connections_is_reported(start_tenants: StartTenants
         assert line["tenant"] == "capped" and line["socket"] == capped, line
         assert (line["connections"], line["max_connections"]) == (2, 2), line
         assert "kupd cannot count those" in line["event"], line
-        assert _refused(capped)  # what the warning is about
+        assert hold_refused(capped)  # what the warning is about
         text = _metrics(k)
         assert 'kupd_connections{tenant="capped"} 2.0' in text, text
         assert 'kupd_connections_max{tenant="capped"} 2.0' in text, text
