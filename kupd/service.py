@@ -561,6 +561,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             drained=drained,
             error=stalled or d.node_gone or "",
             not_answering_ms=min(int(silent_s * 1000), 2**32 - 1),
+            cannot_attach=d.node_gone is not None and not stalled,
         )
         pool = d.pool
         if t.admin or t is DEFAULT:  # every Call is the caller's business

@@ -457,6 +457,8 @@ function toDevice(d) {
     drained: d.drained,
     // milliseconds, as in the .proto (Python's DeviceInfo: not_answering_s)
     not_answering_ms: d.not_answering_ms || 0,
+    // answering, but new attaches cannot reach it (its node was removed)
+    cannot_attach: Boolean(d.cannot_attach),
   };
 }
 

@@ -59,6 +59,45 @@ def test_devices_state_says_the_host_is_not_answering() -> None:
         )
 
 
+def test_devices_state_says_a_removed_node_is_unattachable() -> None:
+    """echo's kupsim socket removed while kupsim and its module run on, and
+    nobody attaching: the health round's fresh open finds it, so kupctl
+    shows the device ``unattachable`` (not ``ok`` until some attach meets
+    the removal, nor ``not answering``: its host answers), the JSON says
+    ``cannot_attach``, health says NOT_SERVING; back to ``ok`` once the
+    socket is back."""
+    with gateway(("echo:2",)) as gw:
+        env = gw.env()
+        sock = gw.sim.rundir / "echo.sock"
+        keep = gw.sim.rundir / "echo.keep"
+        os.link(sock, keep)  # the same socket under another name
+        os.unlink(sock)
+        try:
+            wait_until(
+                lambda: _kupctl(env, "devices").stdout.splitlines()[1].split()[:2]
+                == ["echo", "unattachable"],
+                what="echo seen unattachable",
+            )
+            p = _kupctl(env, "devices")
+            j = _kupctl(env, "--json", "devices")
+            h = _kupctl(env, "health", "--service", "kup.v1.Kup/echo")
+        finally:
+            os.rename(keep, sock)
+        why = f"{p.stdout!r} {j.stdout!r} {h.stdout!r} {h.stderr!r}"
+        dev = json.loads(j.stdout)["devices"][0]
+        assert dev["reachable"] is True and dev["cannot_attach"] is True, why
+        assert dev["not_answering_s"] == 0.0 and "cannot be attached" in dev["error"], why
+        assert "echo: device echo cannot be attached" in p.stdout, why
+        assert h.returncode == 18 and "NOT_SERVING" in h.stdout, why
+        wait_until(
+            lambda: _kupctl(env, "devices").stdout.splitlines()[1].split()[:2] == ["echo", "ok"],
+            what="echo attachable again",
+        )
+        assert json.loads(_kupctl(env, "--json", "devices").stdout)["devices"][0][
+            "cannot_attach"
+        ] is False
+
+
 def _kupctl_without_dac_override(sim_env: dict[str, str], sock: str) -> CompletedProcess:
     """``kupctl --socket SOCK health`` as root without CAP_DAC_OVERRIDE (and
     _READ_SEARCH): the kernel checks the socket's mode against uid 0 and

@@ -18,10 +18,11 @@ test('listDevices: plain objects with the Python client\'s field names and state
   assert.ok(dev, `device ${device}`);
   assert.deepEqual(Object.keys(dev).sort(), [
     'abi_version', 'announced', 'call_channels', 'calls_in_flight', 'calls_queued', 'calls_tenant',
-    'channel_count', 'channels', 'drained', 'error', 'max_message_bytes', 'name', 'not_answering_ms',
+    'cannot_attach', 'channel_count', 'channels', 'drained', 'error', 'max_message_bytes', 'name', 'not_answering_ms',
     'notify_gen', 'page_size', 'pages_per_channel', 'reachable', 'shutting_down',
   ]);
   assert.equal(dev.not_answering_ms, 0); // its host answers
+  assert.equal(dev.cannot_attach, false); // and its node is there
   assert.equal(typeof dev.max_message_bytes, 'number');
   assert.equal(typeof dev.notify_gen, 'number');
   assert.equal(dev.drained, false);

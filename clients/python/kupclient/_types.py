@@ -116,6 +116,9 @@ class DeviceInfo:
     not_answering_s: float = 0.0
     #: the tenant whose Calls calls_in_flight / calls_queued count ("": all)
     calls_tenant: str = ""
+    #: reachable and answering, but new attaches cannot reach it (its node,
+    #: kupsim: socket, was removed); those attached go on; error says why
+    cannot_attach: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ def device_from_pb(d: kup_pb2.DeviceInfo) -> DeviceInfo:
         drained=d.drained,
         not_answering_s=d.not_answering_ms / 1000,
         calls_tenant=d.calls_tenant,
+        cannot_attach=d.cannot_attach,
         channels=[
             ChannelInfo(c.id, _STATE_NAMES.get(c.state, "unknown"), c.lease_id) for c in d.channels
         ],

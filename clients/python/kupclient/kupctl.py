@@ -290,9 +290,14 @@ def _device_state(d: DeviceInfo) -> str:
     A host that stopped answering leaves the rest of the info at the last
     state it gave -- so that state (ok, shutting-down, drained) must not be
     shown as if it were current.  (A kupd before ``not_answering_ms`` set
-    ``error`` on a *reachable* device only then.)"""
+    ``error`` on a *reachable* device only then; one before ``cannot_attach``
+    set it for a removed node too, which reads "not answering".)  A device
+    that answers but whose node is gone is "unattachable": the sessions
+    attached go on, new attaches fail."""
     if not d.reachable:
         return "unreachable"
+    if d.cannot_attach and not d.not_answering_s:
+        return "unattachable"
     if d.not_answering_s or d.error:
         return "not answering"
     if d.shutting_down:
