@@ -880,6 +880,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         retired = socket_retired()
         if t.channel_ops_per_second:
             await self._pace(t, "lease", lease, self._deadline_cap(context, None), "Pass", retired)
+        log.debug("pass")  # nothing awaited from here to the wait for the lease
         with waiting_on(retired, "Pass", lease.ended):  # for its turn
             await self.leases.pass_(lease, retired)
         return kup_pb2.PassResponse()

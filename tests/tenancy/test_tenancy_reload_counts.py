@@ -165,6 +165,36 @@ def test_reload_counts_the_rpcs_it_ends_on_a_moved_socket(start_tenants: StartTe
     assert audit["rpcs_ended"] == r.rpcs_ended, audit
 
 
+def test_reload_counts_a_pass_waiting_for_the_lease(start_tenants: StartTenants) -> None:
+    """A Pass queued behind a Receive that waits on the same lease (echo
+    holds its reply) is counted in rpcs_ended as "Pass" when a reload
+    moves the socket, and ends UNAVAILABLE saying where the socket went."""
+    k = start_tenants(SLOW + ALICE)
+    old, new = k.sock("alice"), k.sock("alice2")
+    with k.client("alice") as a:
+        lease = a.attach("echo", 8)
+        assert a.lease_receive(lease.lease_id, timeout=10).kind.name == "PASS"
+        holds = echo_lock_holds(k.sim)
+        a.lease_send(lease.lease_id, LOCKHOLD)
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold the reply")
+        before = len(_log_records(k, "receive"))
+        receive = in_background(lambda: a.lease_receive(lease.lease_id))
+        wait_until(lambda: len(_log_records(k, "receive")) == before + 1, what="a Receive waiting")
+        passes = len(_log_records(k, "pass"))
+        pass_ = in_background(lambda: a.lease_pass(lease.lease_id))
+        wait_until(lambda: len(_log_records(k, "pass")) == passes + 1, what="the Pass waiting")
+        k.write_config(SLOW + MOVED)
+        with k.admin() as adm:
+            r = adm.reload()
+        assert r.rpcs_ended == {"Receive": 1, "Pass": 1}, r
+        for exc in (receive.outcome(30), pass_.outcome(30)):
+            assert isinstance(exc, errors.Unavailable), exc
+            assert f"moved its socket from {old} to {new}" in str(exc), exc
+    with Client(new) as a2, a2.open("echo").channel(12) as ch:
+        ch.receive(timeout=10)
+        assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+
+
 def test_kupctl_reload_shows_the_rpcs_ended(start_tenants: StartTenants) -> None:
     """kupctl's reload line names the RPCs a reload ended on a moved socket
     (here a Health Watch and a Watch), --json gives the map; a reload that
