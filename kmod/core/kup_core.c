@@ -420,6 +420,13 @@ kup_dev_free(struct kupdev_softc *sc)
 		struct kup_chan *ch = &sc->chans[i];
 		if (ch->mem != NULL)
 			kup_os_chan_mem_free(sc, ch);
+#ifdef KUP_THREAD_UNPIN
+		/* a module thread that exited holding the channel (a module
+		 * bug: kup_unload_report_held named it) left its identity
+		 * pinned there; it goes with the channel, not with nothing */
+		if (ch->holder != 0)
+			KUP_THREAD_UNPIN(ch->holder);
+#endif
 		kup_lock_destroy(&ch->lock);
 	}
 	kup_os_free(sc->chans, sc->chan_cnt * sizeof(*sc->chans));
@@ -1566,8 +1573,8 @@ kupdev_unlock_channel(struct kupdev_softc *sc, int chan_id)
 	}
 	kup_lock(&ch->lock);
 	KUP_WRITE_ONCE64(&ch->holder, 0);
-#ifdef KUP_CURTHREAD_UNPIN
-	KUP_CURTHREAD_UNPIN();   /* never the last reference: this thread runs */
+#ifdef KUP_THREAD_UNPIN
+	KUP_THREAD_UNPIN(kup_self());   /* never the last reference: this thread runs */
 #endif
 	kup_chan_unlock(ch);
 }

@@ -57,14 +57,17 @@
  *                           the core offer kup_core_chan_exclusive_try
  *   optionally
  *     KUP_CURTHREAD_PIN()   keep the calling thread's identity from being
- *     KUP_CURTHREAD_UNPIN() reused until the matching UNPIN, which the
- *                           same thread calls (Linux: get_task_struct /
- *                           put_task_struct of current); the core pins
- *                           when it stores the identity in ch->holder and
- *                           unpins when the holder unlocks.  A holder that
- *                           exits holding the channel stays pinned (one
- *                           task_struct kept, with the channel the module
- *                           lost: kupdev_unload names it)
+ *     KUP_THREAD_UNPIN(id)  reused until the matching UNPIN of that
+ *                           identity (a KUP_CURTHREAD() value; Linux:
+ *                           get_task_struct of current / put_task_struct
+ *                           of id); the core pins when it stores the
+ *                           identity in ch->holder and unpins when the
+ *                           holder unlocks.  A holder that exits holding
+ *                           the channel stays pinned (one task_struct
+ *                           kept, with the channel the module lost:
+ *                           kupdev_unload names it) until the channel is
+ *                           freed with its device, which unpins it from
+ *                           whichever thread drops the last reference
  *     KUP_NOW_NS()          cheap monotonic clock, uint64_t nanoseconds:
  *                           when defined, kernel-side waits spin for an
  *                           adaptive time budget before sleeping; when

@@ -66,10 +66,12 @@ struct kup_os_chan {
  * ch->holder keeps it -- a holder that exits without unlocking (a module
  * bug) would otherwise leave freed memory there, which the next task may
  * get, and that task's receive was refused as re-entry and its unlock
- * taken for the dead holder's (kup_mutex in kup_linux.c: the same fix) */
+ * taken for the dead holder's (kup_mutex in kup_linux.c: the same fix).
+ * Unpinned by the holder's unlock, or, for a holder that exited holding
+ * it, when the channel is freed with its device. */
 #define KUP_CURTHREAD()        ((const void *)current)
 #define KUP_CURTHREAD_PIN()    get_task_struct(current)
-#define KUP_CURTHREAD_UNPIN()  put_task_struct(current)
+#define KUP_THREAD_UNPIN(id)   put_task_struct((struct task_struct *)(uintptr_t)(id))
 /* kup_os.h: take a kup_lock_t (a mutex) only if free; an attach tries
  * ch->lock with it rather than sleeping unkillably in mutex_lock */
 #define KUP_LOCK_TRY(l)        (mutex_trylock(l) != 0)

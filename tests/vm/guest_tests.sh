@@ -2,7 +2,7 @@
 # Runs INSIDE the test VM (scripts/vm/init chroots into the host tree and
 # runs the job that tests/vm/test_vm.py writes, which execs this script).
 # Environment: REPO (the repo root), KMODDIR (kup.ko, kup_echo.ko),
-# TESTKMODDIR (kup_mtxtest.ko, built by test_vm.py), BINDIR
+# TESTKMODDIR (kup_holdtest.ko, built by test_vm.py), BINDIR
 # (host-built test programs), KVER (the kernel release the VM was meant to
 # boot and KMODDIR was built for; test_vm.py runs one VM per kernel).  Prints "=== STAGE <name>" before and
 # "=== RESULT <name> <rc>" after every stage; test_vm.py turns each stage
@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex libkup_c python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -121,24 +121,66 @@ stage_kfault_hostile() {
 stage_kfault_release() { "$BINDIR/kup_kfault" release; }
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
-# kup_mtxtest.ko (tests/vm/kup_mtxtest.c) makes threads that may run in the
-# dead holder's task_struct memory unlock it; every unlock must be refused
-# and the final free must find it still locked.  (It used to keep a bare
-# task pointer: a thread in the reused memory passed for the holder.)
+# kup_holdtest.ko test=mutex (tests/vm/kup_holdtest.c) makes threads that
+# may run in the dead holder's task_struct memory unlock it; every unlock
+# must be refused and the final free must find it still locked.  (It used
+# to keep a bare task pointer: a thread in the reused memory passed for the
+# holder.)
 stage_kmutex() {
-	insmod "${TESTKMODDIR:?}/kup_mtxtest.ko"
-	rmmod kup_mtxtest
-	dmesg | grep 'kup_mtxtest:'
-	line=$(dmesg | grep 'kup_mtxtest: .* unlocks by other threads' | tail -1)
-	n=$(echo "$line" | sed -E 's/.*kup_mtxtest: ([0-9]+) unlocks.*/\1/')
+	insmod "${TESTKMODDIR:?}/kup_holdtest.ko" test=mutex
+	rmmod kup_holdtest
+	dmesg | grep 'kup_holdtest: mutex:'
+	line=$(dmesg | grep 'kup_holdtest: mutex: .* unlocks by other threads' | tail -1)
+	n=$(echo "$line" | sed -E 's/.*kup_holdtest: mutex: ([0-9]+) unlocks.*/\1/')
 	case $n in
-	''|*[!0-9]*|0) echo "kup_mtxtest did not report"; return 1 ;;
+	''|*[!0-9]*|0) echo "kup_holdtest did not report"; return 1 ;;
 	esac
-	refused=$(dmesg | grep -c 'kup: mutex kup-mtxtest: unlock: not held by this thread' || true)
-	echo "kup_mtxtest: $refused of $n unlocks refused"
+	refused=$(dmesg | grep -c 'kup: mutex kup-holdtest: unlock: not held by this thread' || true)
+	echo "kup_holdtest: $refused of $n unlocks refused"
 	[ "$refused" -eq "$n" ] || { echo "an unlock by a thread that did not hold the mutex released it"; return 1; }
-	dmesg | grep -q 'kup: mutex kup-mtxtest: free: still locked' \
+	dmesg | grep -q 'kup: mutex kup-holdtest: free: still locked' \
 		|| { echo "the dead holder's mutex was not locked any more at the free"; return 1; }
+}
+
+# The same for a channel: kup_holdtest.ko test=channel makes device
+# "holdtest", whose holder threads each receive a message of its user
+# (kup_kfault deadholder) and exit without kupdev_unlock_channel.  kup.ko
+# pins a holder's task_struct while ch->holder names it, so the module's
+# other threads -- some of them, unpinned, in the dead holder's memory --
+# are strangers to channel 0: -EBUSY from receive and send, never
+# -EDEADLK (taken for the holder re-entering), and their unlock refused
+# (the hold stays: the user sees it in INFO, and a new user cannot attach
+# the channel).  Channel 1's holder shows the pin in the module's count of
+# references to its task_struct: 2 (the module's own and the pin) while
+# the channel names it and 1 once the unload freed the device: not
+# leaked.  insmod returns once the module's threads are done.
+stage_kholder() {
+	d=$(mktemp -d)
+	"$BINDIR/kup_kfault" deadholder "$d" > "$d/out" 2>&1 &
+	pid=$!
+	insmod "${TESTKMODDIR:?}/kup_holdtest.ko" test=channel \
+		|| { cat "$d/out"; dmesg | grep 'kup_holdtest:'; return 1; }
+	touch "$d/go"
+	rc=0; wait $pid || rc=$?
+	cat "$d/out"
+	[ $rc -eq 0 ] || { dmesg | grep 'kup_holdtest: channel:'; echo "the user of the held channel failed ($rc)"; return 1; }
+	rmmod kup_holdtest
+	dmesg | grep -E 'kup_holdtest: channel:|kup: holdtest:'
+	dmesg | grep -q 'kup_holdtest: channel: holder task_struct references once it exited: 2 ' \
+		|| { echo "the exited holder's task_struct is not pinned (want 2 references)"; return 1; }
+	line=$(dmesg | grep 'kup_holdtest: channel: .* other threads' | tail -1)
+	n=$(echo "$line" | sed -E 's/.*kup_holdtest: channel: ([0-9]+) other threads.*/\1/')
+	case $n in
+	''|*[!0-9]*|0) echo "kup_holdtest did not report its other threads"; return 1 ;;
+	esac
+	echo "$line" | grep -q ' 0 answered wrong' \
+		|| { echo "a thread that never received on the channel was taken for its dead holder"; return 1; }
+	for ch in 0 1; do
+		dmesg | grep -q "kup: holdtest: chan $ch: still held by a module thread at unload" \
+			|| { echo "the unload did not name channel $ch, which a dead holder held"; return 1; }
+	done
+	dmesg | grep -q 'kup_holdtest: channel: holder task_struct references after unload: 1 ' \
+		|| { echo "the dead holder's task_struct stayed pinned after its device was freed (leaked)"; return 1; }
 }
 
 # libkup's C scenarios (tests/c/test_kup.c, the same program the kupsim

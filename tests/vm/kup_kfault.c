@@ -6,7 +6,7 @@
  * protocol, so it can also break the protocol on purpose.
  *
  *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR |
- *              traffic DIR CHAN | chans NAME
+ *              traffic DIR CHAN | chans NAME | deadholder DIR
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -36,6 +36,7 @@
 #define WAIT_MS 20000   /* generous: the VM runs under TCG */
 
 static const char *g_test = "?";
+static const char *g_dev = DEV;   /* what open_dev opens */
 
 static void __attribute__((noreturn, format(printf, 1, 2)))
 fail(const char *fmt, ...)
@@ -64,9 +65,9 @@ struct chan {
 static int
 open_dev(void)
 {
-	int fd = open(DEV, O_RDWR | O_CLOEXEC);
+	int fd = open(g_dev, O_RDWR | O_CLOEXEC);
 
-	CHECK(fd >= 0, "open %s", DEV);
+	CHECK(fd >= 0, "open %s", g_dev);
 	return fd;
 }
 
@@ -882,6 +883,71 @@ test_release(void)
 	printf("release: ok\n");
 }
 
+/* The user of tests/vm/kup_holdtest.c's test=channel (the kholder stage):
+ * once the module made /dev/kup/holdtest, attaches its channels 0 and 1 in
+ * turn, takes each one's PASS and sends the message the module's holder
+ * thread receives and never lets go of (it exits holding it); says "sent"
+ * in DIR and stays attached until DIR/go (the module's other threads
+ * meanwhile find channel 0 held by someone else).  Then the device still
+ * reports both channels held by its module, and after this user closed,
+ * channel 0 is not handed to a new one: an attach gives up with
+ * EINPROGRESS (the holder never lets go).  Closes everything before it
+ * exits, so that the module's rmmod frees the device. */
+static void
+test_deadholder(const char *dir)
+{
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	struct kup_ioc_attach a;
+	char path[512], buf[64];
+	struct chan c[2];
+	int fd, i;
+
+	g_test = "deadholder";
+	g_dev = KUP_DEV_DIR "/holdtest";
+	CHECK(ii != NULL, "calloc");
+	for (i = 0; i < 1200 && access(g_dev, F_OK) != 0; i++)
+		usleep(50 * 1000);
+	for (i = 0; i < 2; i++) {
+		chan_open(&c[i], (uint32_t)i);
+		CHECK(recv_msg(&c[i], buf, sizeof(buf), NULL) == KUP_KIND_PASS,
+		    "PASS on %d", i);
+		send_msg(&c[i], KUP_KIND_DATA, "hold this", 9);
+	}
+	snprintf(path, sizeof(path), "%s/sent", dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	CHECK(fd >= 0, "create %s", path);
+	close(fd);
+	printf("deadholder: sent\n");
+
+	snprintf(path, sizeof(path), "%s/go", dir);
+	for (i = 0; i < 3000 && access(path, F_OK) != 0; i++)
+		usleep(100000);
+	CHECK(access(path, F_OK) == 0, "the script never said go");
+	CHECK(ioctl(c[0].fd, KUP_IOC_INFO, ii) == 0, "INFO");
+	for (i = 0; i < 2; i++) {
+		CHECK(turn(&c[i]) == KUP_TURN_KERNEL,
+		    "the turn of %d came back (%u): the hold was let go", i, turn(&c[i]));
+		CHECK(ii->attached[i] == (KUP_INFO_ATTACHED | KUP_INFO_MODULE_HOLDS),
+		    "channel %d is 0x%x in INFO, not attached and held by its module",
+		    i, ii->attached[i]);
+	}
+	chan_close(&c[0]);
+	chan_close(&c[1]);
+
+	fd = open_dev();
+	errno = 0;
+	CHECK(attach_raw(fd, 0, KUP_ABI_VERSION, &a) == -1 && errno == EINPROGRESS,
+	    "an attach of the channel its dead holder holds did not give up "
+	    "with EINPROGRESS");
+	CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+	CHECK(ii->attached[0] == KUP_INFO_MODULE_HOLDS,
+	    "channel 0 is 0x%x in INFO after its user left, not held by its module",
+	    ii->attached[0]);
+	close(fd);
+	free(ii);
+	printf("deadholder: ok\n");
+}
+
 int
 main(int argc, char **argv)
 {
@@ -914,10 +980,12 @@ main(int argc, char **argv)
 		free(ii);
 	} else if (argc == 4 && strcmp(argv[1], "traffic") == 0)
 		test_traffic(argv[2], (uint32_t)strtoul(argv[3], NULL, 10));
+	else if (argc == 3 && strcmp(argv[1], "deadholder") == 0)
+		test_deadholder(argv[2]);
 	else {
 		fprintf(stderr,
 		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|unload-hold DIR|"
-		    "traffic DIR CHAN|chans NAME\n");
+		    "traffic DIR CHAN|chans NAME|deadholder DIR\n");
 		return 2;
 	}
 	return 0;

@@ -3,8 +3,9 @@ kernel series in KERNELS: Debian bookworm's 6.1 and bookworm-backports' 6.12.
 
 Per kernel, one VM boot runs every in-guest stage of tests/vm/guest_tests.sh
 (module load, the device nodes on kup.ko's own character major, kernel-side
-fault tests, libkup C scenarios, Python channel scenarios, kupd with a
-client, unload while attached, kernel-log check) against kup.ko/kup_echo.ko
+fault tests, a module thread that exits holding a kup_mutex or a channel
+(tests/vm/kup_holdtest.c), libkup C scenarios, Python channel scenarios,
+kupd with a client, unload while attached, kernel-log check) against kup.ko/kup_echo.ko
 built for that kernel; each stage is one test here (``test_stage[6.12-load]``),
 failing with the stage's own output, and the whole guest kernel log is
 checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
@@ -59,6 +60,7 @@ STAGES = [
     "kfault_hostile",
     "kfault_release",
     "kmutex",
+    "kholder",
     "libkup_c",
     "python_channel",
     "kupd",
@@ -159,25 +161,25 @@ def _test_module_dir(kver: str) -> Path:
 
 
 def _build_test_module(kernel: Any, moddir: Path) -> None:
-    """tests/vm/kup_mtxtest.c (the kmutex stage's module), built as a module
+    """tests/vm/kup_holdtest.c (the kmutex and kholder stages' module), built as a module
     of one's own is (docs/linux.md): out of tree, against that kernel's
     headers and kup.ko's Module.symvers, in a directory of symlinks."""
     kver: str = kernel.kver
     d = _test_module_dir(kver)
     d.mkdir(parents=True, exist_ok=True)
-    src = d / "kup_mtxtest.c"
+    src = d / "kup_holdtest.c"
     if src.is_symlink() or src.exists():
         src.unlink()
-    src.symlink_to(REPO / "tests" / "vm" / "kup_mtxtest.c")
+    src.symlink_to(REPO / "tests" / "vm" / "kup_holdtest.c")
     (d / "Kbuild").write_text(
-        f"obj-m := kup_mtxtest.o\nccflags-y := -Werror -I{REPO / 'kmod' / 'include'}\n"
+        f"obj-m := kup_holdtest.o\nccflags-y := -Werror -I{REPO / 'kmod' / 'include'}\n"
     )
     _run(
         ["make", "-s", "-C", str(kernel.headers), f"M={d}",
          f"KBUILD_EXTRA_SYMBOLS={moddir / 'Module.symvers'}", "modules"],
-        f"building tests/vm/kup_mtxtest.c for {kver}",
+        f"building tests/vm/kup_holdtest.c for {kver}",
     )  # fmt: skip
-    assert (d / "kup_mtxtest.ko").is_file(), f"kup_mtxtest.ko was not built in {d}"
+    assert (d / "kup_holdtest.ko").is_file(), f"kup_holdtest.ko was not built in {d}"
 
 
 def _build_programs() -> None:
