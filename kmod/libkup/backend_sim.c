@@ -35,6 +35,7 @@ struct sim_chan {
 	int u2k_efd;
 	unsigned int fail_wakes;   /* test hook: wake-ups still to fail
 	                            * (kup_sim_test_fail_wakes) */
+	int fail_wakes_errno;      /* ... with this errno */
 };
 
 /* How long a request waits for kupsim's answer: SIM_RPC_TIMEOUT_S, or
@@ -328,7 +329,7 @@ sim_wake(struct kup_backend_chan *ch)
 	if (sc->fail_wakes > 0) {
 		/* injected: the eventfd write "failed", nothing written */
 		sc->fail_wakes--;
-		errno = EIO;
+		errno = sc->fail_wakes_errno;
 		return KUP_E_SYS;
 	}
 	if (write(sc->u2k_efd, &one, sizeof(one)) == (ssize_t)sizeof(one) ||
@@ -339,11 +340,12 @@ sim_wake(struct kup_backend_chan *ch)
 
 /* kup_backend.h: the channel's next n wake-ups of the kernel side fail */
 void
-kup_sim_test_fail_wakes(struct kup_backend_chan *ch, unsigned int n)
+kup_sim_test_fail_wakes(struct kup_backend_chan *ch, unsigned int n, int err)
 {
 	struct sim_chan *sc = ch->priv;
 
 	sc->fail_wakes = n;
+	sc->fail_wakes_errno = err;
 }
 
 static int

@@ -1039,12 +1039,12 @@ kup_test_raw_wake(void *chan)
 }
 
 int
-kup_test_fail_wakes(void *chan, unsigned int n)
+kup_test_fail_wakes(void *chan, unsigned int n, int err)
 {
 	struct kp_chan *c = as_chan(chan);
 
 	if (c == NULL || c->ops != &kup_backend_sim)
 		return -1;
-	kup_sim_test_fail_wakes(&c->b, n);
+	kup_sim_test_fail_wakes(&c->b, n, err);
 	return 0;
 }

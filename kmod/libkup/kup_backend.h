@@ -91,9 +91,12 @@ extern const struct kup_backend_ops kup_backend_freebsd;
 void *kup_test_raw_mapping(void *chan, size_t *bytes);
 int   kup_test_raw_wake(void *chan);
 /* The channel's next n wake-ups of the kernel side (ops->wake) fail with
- * KUP_E_SYS, errno EIO, writing nothing: the sim backend only (0; -1 for
- * another backend).  kup_sim_test_fail_wakes is its backend half. */
-int   kup_test_fail_wakes(void *chan, unsigned int n);
-void  kup_sim_test_fail_wakes(struct kup_backend_chan *ch, unsigned int n);
+ * KUP_E_SYS, errno err (EINTR: as a wake-up a signal interrupted),
+ * writing nothing: the sim backend only (0; -1 for another backend, whose
+ * wake-up a test makes fail in the kernel's call itself: tests/c/test_kup.c
+ * fail_wakes).  kup_sim_test_fail_wakes is its backend half. */
+int   kup_test_fail_wakes(void *chan, unsigned int n, int err);
+void  kup_sim_test_fail_wakes(struct kup_backend_chan *ch, unsigned int n,
+          int err);
 
 #endif /* KUP_BACKEND_H */

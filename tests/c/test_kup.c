@@ -21,6 +21,16 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <stddef.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include "kup_ioctl.h"
+#endif
 
 #include "kup.h"
 #include "kup_backend.h"
@@ -1061,14 +1071,155 @@ expect_echo(void *c, const char *text, uint64_t seq)
 	CHECK_EQ(m.seq, seq);
 }
 
-/* A hand-over whose wake-up of the sleeping kernel side fails (injected in
- * the sim backend: kup_test_fail_wakes).  The message is the kernel's
- * from the hand-over on, so the send succeeds (it used to fail with
- * EKU_SYS: a caller sending again got EKU_NOTTURN, or, once the kernel
- * had answered, sent the message twice); the next receive makes the owed
- * wake-up and gets the one answer; a wake-up that fails again is that
- * receive's error, and a later receive makes it again.  In poll mode the
- * fd turns readable for the receive that makes it. */
+/*
+ * Make the channel's next n wake-ups of the kernel side fail with errno
+ * err (n = UINT_MAX: until told otherwise; fail_wakes(c, 0, 0) ends it).
+ * kupsim: libkup's sim backend fails them (kup_test_fail_wakes).  A kernel
+ * device (Linux kup.ko, libkup's kdev backend): the real KUP_IOC_WAKE
+ * ioctl fails, in the kernel -- a seccomp filter on this thread hands every
+ * KUP_IOC_WAKE to a supervisor thread (SECCOMP_RET_USER_NOTIF), which
+ * answers the next n with -err and lets the others through to kup.ko
+ * (SECCOMP_USER_NOTIF_FLAG_CONTINUE), counting both.
+ */
+#if defined(__linux__) && (defined(__x86_64__) || defined(__aarch64__))
+#define KDEV_FAIL_WAKES 1
+#if defined(__x86_64__)
+#define KDEV_AUDIT_ARCH AUDIT_ARCH_X86_64
+#else
+#define KDEV_AUDIT_ARCH AUDIT_ARCH_AARCH64
+#endif
+
+static pthread_mutex_t kdev_fw_lock = PTHREAD_MUTEX_INITIALIZER;
+static int kdev_fw_listener = -1;
+static unsigned int kdev_fw_left;      /* wake-ups still to fail */
+static int kdev_fw_errno;
+static unsigned long kdev_fw_failed;   /* KUP_IOC_WAKEs answered -errno */
+static unsigned long kdev_fw_passed;   /* KUP_IOC_WAKEs that reached kup.ko */
+
+static void *
+kdev_fw_supervise(void *arg)
+{
+	struct seccomp_notif req;
+	struct seccomp_notif_resp resp;
+
+	(void)arg;
+	for (;;) {
+		memset(&req, 0, sizeof(req));
+		if (ioctl(kdev_fw_listener, SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
+			if (errno == EINTR || errno == ENOENT)
+				continue;
+			perror("SECCOMP_IOCTL_NOTIF_RECV");
+			exit(1);
+		}
+		memset(&resp, 0, sizeof(resp));
+		resp.id = req.id;
+		pthread_mutex_lock(&kdev_fw_lock);
+		if (kdev_fw_left > 0) {
+			if (kdev_fw_left != UINT_MAX)
+				kdev_fw_left--;
+			resp.error = -kdev_fw_errno;
+			kdev_fw_failed++;
+		} else {
+			resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+			kdev_fw_passed++;
+		}
+		pthread_mutex_unlock(&kdev_fw_lock);
+		/* ENOENT: the caller is gone meanwhile (nothing to answer) */
+		if (ioctl(kdev_fw_listener, SECCOMP_IOCTL_NOTIF_SEND, &resp) != 0 &&
+		    errno != ENOENT) {
+			perror("SECCOMP_IOCTL_NOTIF_SEND");
+			exit(1);
+		}
+	}
+	return NULL;
+}
+
+/* Install the filter on the calling thread (once) and start the supervisor
+ * (after it: the filter is inherited, but the supervisor makes no
+ * KUP_IOC_WAKE). */
+static void
+kdev_fw_install(void)
+{
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, KDEV_AUDIT_ARCH, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_ioctl, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		/* the request: an unsigned int to the kernel, the low word of
+		 * args[1] (little-endian) */
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    offsetof(struct seccomp_data, args[1])),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)KUP_IOC_WAKE, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+	};
+	struct sock_fprog prog = {
+		.len = (unsigned short)(sizeof(f) / sizeof(f[0])),
+		.filter = f,
+	};
+	pthread_t t;
+	long fd;
+
+	if (kdev_fw_listener >= 0)
+		return;
+	CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+	fd = syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER,
+	    SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+	if (fd < 0) {
+		perror("seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER)");
+		exit(1);
+	}
+	kdev_fw_listener = (int)fd;
+	CHECK_EQ(pthread_create(&t, NULL, kdev_fw_supervise, NULL), 0);
+	CHECK_EQ(pthread_detach(t), 0);
+}
+
+/* KUP_IOC_WAKEs that reached kup.ko so far */
+static unsigned long
+kdev_wakes_passed(void)
+{
+	unsigned long n;
+
+	pthread_mutex_lock(&kdev_fw_lock);
+	n = kdev_fw_passed;
+	pthread_mutex_unlock(&kdev_fw_lock);
+	return n;
+}
+#endif
+
+/* 1: the channel's wake-ups fail in the kernel (kdev), 0: in libkup (sim) */
+static int
+fail_wakes(void *c, unsigned int n, int err)
+{
+	if (kup_test_fail_wakes(c, n, err) == 0)
+		return 0;
+#ifdef KDEV_FAIL_WAKES
+	kdev_fw_install();
+	pthread_mutex_lock(&kdev_fw_lock);
+	kdev_fw_left = n;
+	kdev_fw_errno = err;
+	pthread_mutex_unlock(&kdev_fw_lock);
+	return 1;
+#else
+	fprintf(stderr, "no way to make this backend's wake-ups fail\n");
+	exit(1);
+#endif
+}
+
+/* A hand-over whose wake-up of the sleeping kernel side fails (fail_wakes:
+ * in libkup's sim backend on kupsim, in the KUP_IOC_WAKE ioctl itself on
+ * Linux).  The message is the kernel's from the hand-over on, so the send
+ * succeeds (it used to fail with EKU_SYS: a caller sending again got
+ * EKU_NOTTURN, or, once the kernel had answered, sent the message twice);
+ * the next receive makes the owed wake-up and gets the one answer; a
+ * wake-up that fails again is that receive's error, and a later receive
+ * makes it again.  A wake-up a signal interrupted (EINTR) is made again at
+ * once; one interrupted every time is owed the same way.  In poll mode the
+ * fd turns readable for the receive that makes it.  Every message is
+ * answered once, in sequence.  The kernel side waits without a bound (echo:
+ * KUPDEV_FOREVER), so only the owed wake-up can wake it. */
 static int
 sc_wakefail(void)
 {
@@ -1076,20 +1227,31 @@ sc_wakefail(void)
 	void *c = attach(d, 12);
 	struct kernproxy_msg m;
 	struct pollfd pf;
-	int i, fd;
+	int i, fd, kdev;
+#ifdef KDEV_FAIL_WAKES
+	unsigned long passed = 0;
+#define KDEV_PASSED_MARK() (passed = kdev ? kdev_wakes_passed() : 0)
+	/* (kdev) the call just made sent the kernel a wake-up of its own */
+#define KDEV_PASSED_MORE() CHECK(!kdev || kdev_wakes_passed() > passed)
+#else
+#define KDEV_PASSED_MARK() ((void)0)
+#define KDEV_PASSED_MORE() ((void)0)
+#endif
 
 	expect_pass(c);
 	/* one failed wake-up: owed, made by the receive */
 	wait_kernel_waiting(c);
-	CHECK_EQ(kup_test_fail_wakes(c, 1), 0);
+	kdev = fail_wakes(c, 1, EIO);
 	CHECK_EQ(kernproxy_send(c, "one", 3, 0), 0);
 	CHECK_EQ(kernproxy_error(c), KUP_E_OK);
 	CHECK_EQ(kernproxy_my_turn(c), 0);
+	KDEV_PASSED_MARK();
 	expect_echo(c, "one", 2);
+	KDEV_PASSED_MORE();
 
 	/* it fails at the receive too: reported there, not a lost message */
 	wait_kernel_waiting(c);
-	CHECK_EQ(kup_test_fail_wakes(c, 2), 0);
+	fail_wakes(c, 2, EIO);
 	CHECK_EQ(kernproxy_pass(c), 0);
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), -1);
 	CHECK_EQ(kernproxy_errno, EKU_SYS);
@@ -1098,9 +1260,30 @@ sc_wakefail(void)
 	/* the PASS is the kernel's: nothing to send again */
 	CHECK_EQ(kernproxy_send(c, "dup", 3, 0), -1);
 	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
+	KDEV_PASSED_MARK();
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), 0);
+	KDEV_PASSED_MORE();
 	CHECK_EQ(m.kind, KUP_KIND_PASS);
 	CHECK_EQ(m.seq, 3);
+
+	/* EINTR, a signal during the wake-up: made again at once */
+	wait_kernel_waiting(c);
+	fail_wakes(c, 1, EINTR);
+	CHECK_EQ(kernproxy_send(c, "int1", 4, 0), 0);
+	expect_echo(c, "int1", 4);
+	/* interrupted every time: owed, the receive's error while it still
+	 * fails, made by the next receive */
+	wait_kernel_waiting(c);
+	fail_wakes(c, UINT_MAX, EINTR);
+	CHECK_EQ(kernproxy_send(c, "int2", 4, 0), 0);
+	CHECK_EQ(kernproxy_receive_msg(c, &m, 10000), -1);
+	CHECK_EQ(kernproxy_errno, EKU_SYS);
+	CHECK_EQ(errno, EINTR);
+	CHECK_EQ(kernproxy_my_turn(c), 0);
+	fail_wakes(c, 0, 0);
+	KDEV_PASSED_MARK();
+	expect_echo(c, "int2", 5);
+	KDEV_PASSED_MORE();
 
 	/* poll mode: an event loop hears of the owed wake-up */
 	fd = kernproxy_fd(c);
@@ -1109,7 +1292,7 @@ sc_wakefail(void)
 	CHECK_EQ(kernproxy_receive_msg(c, &m, 0), -1);
 	CHECK_EQ(kernproxy_errno, EKU_NOTTURN);
 	wait_kernel_waiting(c);
-	CHECK_EQ(kup_test_fail_wakes(c, 1), 0);
+	fail_wakes(c, 1, EIO);
 	CHECK_EQ(kernproxy_send(c, "three", 5, 0), 0);
 	for (i = 0;; i++) {
 		CHECK(i < 1000);
@@ -1122,14 +1305,16 @@ sc_wakefail(void)
 	CHECK_EQ(m.kind, KUP_KIND_DATA);
 	CHECK_EQ(m.len, 5);
 	CHECK(memcmp(m.data, "three", 5) == 0);
-	CHECK_EQ(m.seq, 4);
+	CHECK_EQ(m.seq, 6);
 	/* and the channel goes on as ever: every message once */
 	CHECK_EQ(kernproxy_send(c, "four", 4, 0), 0);
-	expect_echo(c, "four", 5);
+	expect_echo(c, "four", 7);
 	kernproxy_close(c);
 	kernproxy_close(d);
-	printf("OK wakefail\n");
+	printf("OK wakefail%s\n", kdev ? " (kernel device: KUP_IOC_WAKE failed in the kernel)" : "");
 	return 0;
+#undef KDEV_PASSED_MARK
+#undef KDEV_PASSED_MORE
 }
 
 /* echo's "!kick": the module ends the session with kupdev_disconnect while
