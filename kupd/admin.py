@@ -128,6 +128,10 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             needs_restart=done.needs_restart,
             applied=done.applied,
             rpcs_ended=done.rpcs_ended,
+            audit_log_error=done.audit_error,
+            warnings=[kup_pb2.ConfigWarning(key=k, why=w) for k, w in done.warnings],
+            sockets_added=done.sockets_added,
+            sockets_removed=done.sockets_removed,
         )
 
     async def DrainDevice(

@@ -68,14 +68,22 @@ class Reloaded:
     #: why audit_log (unchanged) was not re-opened ("": it was): the reload
     #: was applied all the same (Server._reload)
     audit_error: str = ""
+    #: (key, why) of each setting that has no effect as set (_advise)
+    warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: socket paths the reload started serving / stopped serving
+    sockets_added: list[str] = dataclasses.field(default_factory=list)
+    sockets_removed: list[str] = dataclasses.field(default_factory=list)
 
 
-def _advise(cfg: Config) -> None:
+def _advise(cfg: Config) -> list[tuple[str, str]]:
     """A warning per setting that is valid but does not do what its key
     suggests (kupd.config.advisories): an operator would otherwise learn it
-    only when the protection it meant is not there."""
-    for key, why in advisories(cfg):
+    only when the protection it meant is not there.  Returns them (a
+    reload's reply names them too)."""
+    found = advisories(cfg)
+    for key, why in found:
         log.warning("config key has no effect as set", key=key, why=why)
+    return found
 
 
 #: gRPC's own int options are int32
@@ -740,7 +748,7 @@ class Server:
                 )
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
-            _advise(cfg)
+            warnings = _advise(cfg)
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             for d in self.mgr.devices.values():
@@ -804,7 +812,10 @@ class Server:
                 sockets_added=added,
                 sockets_removed=removed,
             )
-            return Reloaded(names, ended, applied, needs_restart, rpcs_ended, audit_kept)
+            return Reloaded(
+                names, ended, applied, needs_restart, rpcs_ended, audit_kept,
+                warnings=warnings, sockets_added=added, sockets_removed=removed,
+            )  # fmt: skip
 
     def _end_moved_sessions(self, old: Config, cfg: Config) -> list[str]:
         """End the Sessions served by a tenant socket this reload moves

@@ -71,6 +71,17 @@ class ReloadResult:
     #: by RPC ("Receive", "Send", "Pass", "Call", "Watch", "Health.Watch",
     #: "Session": a stream not attached yet); a kupd older than this: {}
     rpcs_ended: dict[str, int] = field(default_factory=dict)
+    #: why audit_log, which the reload left as it was, could not be opened
+    #: again (the reload was applied all the same: kupd writes on to the
+    #: file it had, or counts the lines as lost if that file was removed);
+    #: "": it was (or there is no audit_log, or the kupd is older than this)
+    audit_log_error: str = ""
+    #: (key, why) of each setting of the reloaded config that has no effect
+    #: as set (kupd logs them as "config key has no effect as set")
+    warnings: tuple[tuple[str, str], ...] = ()
+    #: socket paths the reload started serving, and stopped serving
+    sockets_added: tuple[str, ...] = ()
+    sockets_removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,10 @@ class DrainResult:
 
 
 def reload_summary(r: ReloadResult) -> str:
-    """One line for an operator: what the reload applied, and what waits for
-    a restart."""
+    """For an operator: one line saying what the reload applied and what
+    waits for a restart, then a ``warning:`` line for each thing that did
+    not go as the file says although the reload was applied (an audit log
+    not re-opened, a setting with no effect)."""
     line = (
         f"reloaded: tenants {', '.join(r.tenants)}; "
         f"{len(r.sessions_ended)} sessions ended by the new policy"
@@ -98,7 +111,18 @@ def reload_summary(r: ReloadResult) -> str:
         line += f"; applied: {', '.join(r.applied)}"
     if r.needs_restart:
         line += f"; changed but applied only at restart: {', '.join(r.needs_restart)}"
-    return line
+    if r.sockets_added:
+        line += f"; sockets added: {', '.join(r.sockets_added)}"
+    if r.sockets_removed:
+        line += f"; sockets removed: {', '.join(r.sockets_removed)}"
+    lines = [line]
+    if r.audit_log_error:
+        lines.append(
+            "warning: audit log not re-opened (the reload was applied all the same; kupd "
+            f"writes on to the file it had, or counts lines as lost): {r.audit_log_error}"
+        )
+    lines += [f"warning: config key {k!r} has no effect as set: {why}" for k, why in r.warnings]
+    return "\n".join(lines)
 
 
 class AdminClient:
@@ -132,6 +156,10 @@ class AdminClient:
             tuple(resp.needs_restart),
             tuple(resp.applied),
             dict(resp.rpcs_ended),
+            resp.audit_log_error,
+            tuple((w.key, w.why) for w in resp.warnings),
+            tuple(resp.sockets_added),
+            tuple(resp.sockets_removed),
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:

@@ -751,6 +751,10 @@ def cmd_reload(args: argparse.Namespace, out: Output) -> int:
             "rpcs_ended": r.rpcs_ended,
             "applied": list(r.applied),
             "needs_restart": list(r.needs_restart),
+            "audit_log_error": r.audit_log_error,
+            "warnings": [{"key": k, "why": why} for k, why in r.warnings],
+            "sockets_added": list(r.sockets_added),
+            "sockets_removed": list(r.sockets_removed),
         }))
     else:
         print(reload_summary(r))
@@ -990,6 +994,13 @@ def build_parser() -> argparse.ArgumentParser:
     admin_opts(sp)
 
     sp = add("reload", cmd_reload, "admin: re-read kupd's config, apply what can change live")
+    sp.epilog = (
+        "Prints what the reload applied and which changed keys need a restart, then a "
+        "'warning:' line for an audit_log kupd could not open again and for each setting "
+        "that has no effect as set (--json: audit_log_error, warnings).  Exit 0 whenever "
+        "the reload was applied, these included; 8 when kupd refused the file (nothing "
+        "changed)."
+    )
     admin_opts(sp)
     sp = add("leases", cmd_leases, "admin: every lease of every tenant")
     sp.add_argument("--tenant", metavar="NAME", help="only this tenant's")

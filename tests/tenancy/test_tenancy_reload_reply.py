@@ -1,0 +1,91 @@
+"""What a reload that was applied tells the operator who asked for it: an
+audit_log it could not open again, the settings that have no effect as
+set, the sockets it added and removed -- each until now only in kupd's log
+(and the audit line, the service manager's status) -- are in Admin.Reload's
+reply and in ``kupctl reload``'s output, text and --json.  A real kupd,
+reloaded by real kupctl processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tenancy_helpers import StartTenants, TenantKupd, run_module
+
+__all__: list[str] = []
+
+ALICE = """
+[[device]]
+name = "echo"
+call_channels = 1
+
+[[tenant]]
+name = "alice"
+socket = "@DIR@/alice.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+
+#: bob joins (his socket is added); either tenant's Calls can now hold
+#: echo's whole one-channel pool, the other's then finding none: valid, but
+#: kupd's advisory says to set max_pool_channels below call_channels
+BOB = (
+    ALICE
+    + """
+[[tenant]]
+name = "bob"
+socket = "@DIR@/bob.sock"
+[[tenant.grant]]
+device = "echo"
+"""
+)
+POOL = [f"tenant[name={t}].max_pool_channels" for t in ("alice", "bob")]
+
+
+def _reload(k: TenantKupd, *opts: str) -> Any:
+    res = run_module("kupclient.kupctl", *opts, "reload", "--admin-socket", k.admin_socket)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    return json.loads(res.stdout) if "--json" in opts else res.stdout
+
+
+def test_kupctl_reload_says_what_was_applied_with_a_caveat(start_tenants: StartTenants) -> None:
+    k = start_tenants(ALICE)
+    assert k.audit.is_file()
+    # The audit file's name taken by something kupd cannot open: a reload
+    # that keeps audit_log is applied all the same -- and says so.
+    k.audit.unlink()
+    k.audit.mkdir()
+    k.write_config(BOB)
+    out = _reload(k)
+    lines = out.splitlines()
+    (audit,) = [x for x in lines if x.startswith("warning: audit log not re-opened")]
+    assert f"cannot open {k.audit}" in audit, out
+    assert lines[0].startswith("reloaded: tenants alice, bob;"), out
+    assert f"sockets added: {k.sock('bob')}" in lines[0], out
+    adv = [x for x in lines if x.startswith("warning: config key ")]
+    assert [x.split("'")[1] for x in adv] == POOL, out
+    assert "can hold all of device echo's call_channels=1" in adv[0], out
+    assert os.path.exists(k.sock("bob"))
+
+    # --json: the same, as fields; a reload that changes nothing still
+    # says the audit log was not re-opened, and the advisory stands
+    got = _reload(k, "--json")
+    assert got["applied"] == [] and got["sessions_ended"] == [], got
+    assert f"cannot open {k.audit}" in got["audit_log_error"], got
+    assert [w["key"] for w in got["warnings"]] == POOL, got
+    assert "set it below call_channels" in got["warnings"][1]["why"], got
+    assert got["sockets_added"] == [] and got["sockets_removed"] == [], got
+
+    # The file can be opened again, bob leaves: nothing to warn of
+    k.audit.rmdir()
+    k.write_config(ALICE)
+    got = _reload(k, "--json")
+    assert got["audit_log_error"] == "" and got["warnings"] == [], got
+    assert got["sockets_removed"] == [k.sock("bob")], got
+    assert got["applied"] == ["tenants"], got
+    out = _reload(k)
+    assert "warning" not in out and "sockets" not in out, out
+    assert k.audit.is_file()
+    (last,) = [x for x in k.audit_lines() if x.get("action") == "reload"][-1:]
+    assert last["ok"] is True and "audit_error" not in last, last
