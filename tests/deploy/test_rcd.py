@@ -1,16 +1,22 @@
 """deploy/freebsd/rc.d/kupd run against a stand-in for FreeBSD's rc.subr
 (tests/deploy/rc.subr), which records what it would execute: the start
-command line, module loads, signals for stop / reload, and status.
+command line, module loads, the reload signal, and status.  The script's
+own stop (kupd_stop) signals for real.
 
 The stand-in follows rc.subr(8)'s rules (rcvar checks, ${name}_flags,
 required_files / required_modules, precmd, pidfile + procname +
 command_interpreter); a real process plays the running kupd so that the
-pid lookup is exercised for real.
+pid lookup is exercised for real.  The supervised tests run start's
+command line for real too, with a stand-in for daemon(8)
+(tests/deploy/daemon: it supervises, restarts, forwards SIGTERM and keeps
+SIGHUP as FreeBSD 14's daemon(8) does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +34,8 @@ __all__: list[str] = []
 REPO = Path(__file__).resolve().parents[2]
 RC_SCRIPT = REPO / "deploy/freebsd/rc.d/kupd"
 STAND_IN = REPO / "tests/deploy/rc.subr"
+#: a stand-in for daemon(8) that supervises as FreeBSD's does (its docstring)
+DAEMON = REPO / "tests/deploy/daemon"
 SH = shutil.which("sh") or "/bin/sh"
 
 
@@ -41,6 +49,9 @@ class RcEnv:
     binary: Path
     pidfile: Path
     rundir: Path
+    #: "": daemon(8) is not run (RC_SPAWN plays it, or nothing); else the
+    #: stand-in daemon(8) that start runs (the shim's $RC_DAEMON)
+    daemon: str = ""
 
     def write_conf(self, **overrides: str) -> None:
         values = {
@@ -66,6 +77,8 @@ class RcEnv:
         env = dict(os.environ, RC_RECORD=str(self.record), RC_CONF=str(self.rc_conf))
         if spawn:
             env["RC_SPAWN"] = spawn
+        if self.daemon:
+            env["RC_DAEMON"] = self.daemon
         return subprocess.run(
             [SH, str(self.script), command], env=env, capture_output=True, text=True,
             timeout=60,
@@ -119,12 +132,12 @@ def running_kupd(rc: RcEnv) -> Iterator[int]:
         proc.wait(timeout=30)
 
 
-def _start_line(rc: RcEnv, *extra: str) -> str:
+def _start_line(rc: RcEnv, *extra: str, restart: tuple[str, ...] = ("-R", "2")) -> str:
     return " ".join(
         [
             "run: limits -C daemon /usr/sbin/daemon",
             "-f", "-H", "-o", str(rc.dir / "kupd.log"),
-            "-p", str(rc.pidfile), "-P", str(rc.dir / "kupd.daemon.pid"),
+            "-p", str(rc.pidfile), "-P", str(rc.dir / "kupd.daemon.pid"), *restart,
             "-t", "kupd", str(rc.binary), "--config", str(rc.config),
             "--pid-file", "-", "--ready-file", str(rc.rundir / "kupd.ready"), *extra,
         ]
@@ -209,15 +222,18 @@ def test_status_stop_reload_of_running_kupd(rc: RcEnv, running_kupd: int) -> Non
     assert res.returncode == 0, res.stderr
     assert rc.recorded() == [f"kill -HUP {pid}"]
 
-    res = rc.run("stop")
-    assert res.returncode == 0, res.stderr
-    assert "Stopping kupd." in res.stdout
-    assert rc.recorded() == [f"kill -TERM {pid}", f"wait_for_pids {pid}"]
-
     res = rc.run("start")
     assert res.returncode == 1
     assert f"kupd already running? (pid={pid})." in res.stderr
     assert rc.recorded() == []
+
+    # no daemon(8) supervises this kupd (its pid file names none): stop
+    # sends kupd itself SIGTERM
+    res = rc.run("stop")
+    assert res.returncode == 0, res.stderr
+    assert "Stopping kupd." in res.stdout
+    assert rc.recorded() == [f"wait_for_pids {pid}"]
+    assert _exited(pid)
 
 
 def test_pid_of_another_program_is_not_kupd(rc: RcEnv) -> None:
@@ -407,6 +423,16 @@ def _stop_kupd(rc: RcEnv, pid: int) -> None:
         time.sleep(0.05)
 
 
+def _exited(pid: int) -> bool:
+    """``pid`` (a child of this test) ends within a generous bound."""
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and not _zombie(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _zombie(pid: int) -> bool:
     """Exited, not reaped yet (the stand-in's spawn does not wait for it)."""
     try:
@@ -516,3 +542,235 @@ def test_interpreter_from_pips_sh_trampoline(rc: RcEnv) -> None:
         [str(rc.binary), "--config", str(rc.config)],
         lambda cmd: cmd.startswith(os.fsencode(pydir)),
     )
+
+
+# -- supervised: kupd_restart (daemon(8) -R), the stand-in daemon(8) ---------
+@pytest.fixture
+def supervised(rc: RcEnv) -> Iterator[RcEnv]:
+    """``rc`` whose start runs the stand-in daemon(8) (tests/deploy/daemon)
+    with the script's own arguments; whatever is left is killed at the end,
+    daemon(8) first (it would restart kupd)."""
+    rc.daemon = str(DAEMON)
+    try:
+        yield rc
+    finally:
+        for path in (rc.dir / "kupd.daemon.pid", rc.pidfile):
+            pid = _pid_in(path)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _pid_in(path: Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    return pid > 0 and Path(f"/proc/{pid}").exists() and not _zombie(pid)
+
+
+def _supervisor(rc: RcEnv) -> int:
+    return _pid_in(rc.dir / "kupd.daemon.pid")
+
+
+def _running(rc: RcEnv) -> tuple[int, int]:
+    """(kupd, daemon(8)) once both pid files name a live process (start
+    returns before, with kupd_start_check=0)."""
+    _wait(lambda: _alive(_pid_in(rc.pidfile)) and _alive(_supervisor(rc)), "kupd to run")
+    return _pid_in(rc.pidfile), _supervisor(rc)
+
+
+def _log_has(rc: RcEnv, text: str) -> bool:
+    log = rc.dir / "kupd.log"
+    return log.exists() and text in log.read_text()
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _new_ready_kupd(rc: RcEnv, old: int) -> int:
+    """The pid of the kupd daemon(8) started after ``old``, once it serves."""
+    ready = rc.rundir / "kupd.ready"
+
+    def up() -> bool:
+        pid = _pid_in(rc.pidfile)
+        return pid not in (0, old) and _alive(pid) and (
+            ready.exists() and ready.read_text() == f"{pid} ready\n"
+        )
+
+    _wait(up, "daemon(8) to start kupd again, and that kupd to serve")
+    return _pid_in(rc.pidfile)
+
+
+def _gone(rc: RcEnv, *pids: int) -> None:
+    """Stopped for good: the processes ended, daemon(8)'s pid files removed
+    -- no daemon(8) is left to start kupd again."""
+    for pid in pids:
+        assert _exited(pid), pid
+    assert not rc.pidfile.exists()
+    assert not (rc.dir / "kupd.daemon.pid").exists()
+    assert _kupds(rc) == []
+
+
+def _kupds(rc: RcEnv) -> list[int]:
+    """Every live process running this test's kupd (rc.binary)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(rc.binary) in argv[:2] and _alive(int(d.name)):
+            found.append(int(d.name))
+    return found
+
+
+def test_restart_defaults_match_the_systemd_unit() -> None:
+    """rc.d restarts kupd by default, after the systemd unit's RestartSec."""
+    unit = (REPO / "deploy/linux/kupd.service").read_text()
+    (sec,) = re.findall(r"^RestartSec=(\d+)$", unit, re.M)
+    text = RC_SCRIPT.read_text()
+    assert ': "${kupd_restart:=YES}"' in text
+    assert f': "${{kupd_restart_delay:={sec}}}"' in text
+
+
+def test_start_line_restarts_by_default_and_not_with_kupd_restart_no(rc: RcEnv) -> None:
+    rc.write_conf(kupd_restart_delay="7")
+    assert rc.run("start").returncode == 0
+    assert _normalise(rc.recorded()[-1]) == _start_line(rc, restart=("-R", "7"))
+    rc.write_conf(kupd_restart="NO", kupd_restart_delay="junk")  # unused: not checked
+    assert rc.run("start").returncode == 0
+    assert _normalise(rc.recorded()[-1]) == _start_line(rc, restart=())
+
+
+@pytest.mark.parametrize("delay", ["0", "1.5", "-1", "05", "31536001"])
+def test_start_refuses_a_bad_kupd_restart_delay(rc: RcEnv, delay: str) -> None:
+    rc.write_conf(kupd_restart_delay=delay)
+    res = rc.run("start")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "kupd_restart_delay must be" in res.stderr, res.stderr
+    assert not [x for x in rc.recorded() if x.startswith("run:")]
+
+
+def test_supervised_kupd_that_stops_itself_is_restarted(supervised: RcEnv) -> None:
+    """The real kupd under daemon(8) -R: its socket removed, it stops itself
+    (exit 1) and daemon(8) starts it afresh; reload reaches the new kupd;
+    newsyslog's SIGHUP to daemon(8) re-opens the log and reaches no kupd;
+    stop ends kupd and daemon(8) both, and nothing starts kupd again."""
+    rc = supervised
+    _real_kupd(rc, "")
+    rc.write_conf(kupd_start_check="60", kupd_restart_delay="1")
+    res = rc.run("start")
+    assert res.returncode == 0, res.stdout + res.stderr
+    first = _pid_in(rc.pidfile)
+    sup = _supervisor(rc)
+    assert _alive(first) and _alive(sup), (first, sup)
+    (rc.rundir / "kupd.sock").unlink()
+    pid = _new_ready_kupd(rc, first)
+    assert _exited(first)
+    assert _supervisor(rc) == sup
+    res = rc.run("status")
+    assert f"kupd is running as pid {pid}." in res.stdout, res.stdout
+
+    # reload signals the kupd running now, not daemon(8) (which would only
+    # re-open its log): what rc.subr records, delivered as it would
+    cfg = rc.config.read_text()
+    rc.config.write_text("keepalive_time = 3\n" + cfg)
+    res = rc.run("reload")
+    assert res.returncode == 0, res.stderr
+    assert rc.recorded() == [f"kill -HUP {pid}"]
+    os.kill(pid, signal.SIGHUP)
+    _wait(lambda: _log_has(rc, '"keys": ["keepalive_time"]'), "kupd to reload")
+
+    # newsyslog: the log renamed, SIGHUP to daemon(8): a new file, the
+    # same kupd (not signalled, not restarted)
+    (rc.dir / "kupd.log").rename(rc.dir / "kupd.log.0")
+    os.kill(sup, signal.SIGHUP)
+    _wait(lambda: (rc.dir / "kupd.log").exists(), "daemon(8) to re-open its log")
+    rc.config.write_text("keepalive_time = 4\n" + cfg)
+    os.kill(pid, signal.SIGHUP)
+    _wait(lambda: _log_has(rc, '"keys": ["keepalive_time"]'), "the reload's line, new log")
+    assert _pid_in(rc.pidfile) == pid and _alive(pid)
+
+    res = rc.run("stop")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Stopping kupd." in res.stdout
+    _gone(rc, pid, sup)
+    assert not (rc.rundir / "kupd.ready").exists()
+    assert "kupd is not running." in rc.run("status").stdout
+
+
+def test_sigterm_to_kupd_alone_is_followed_by_a_restart(supervised: RcEnv) -> None:
+    """daemon(8) -R restarts whatever the exit status -- also a kupd that
+    drained on SIGTERM and exited 0 -- which is why stop signals daemon(8)
+    instead."""
+    rc = supervised
+    rc.write_conf(kupd_restart_delay="1")
+    assert rc.run("start").returncode == 0
+    first, sup = _running(rc)
+    os.kill(first, signal.SIGTERM)
+    _wait(lambda: _pid_in(rc.pidfile) not in (0, first) and _alive(_pid_in(rc.pidfile)),
+          "daemon(8) to start kupd again")  # fmt: skip
+    again = _pid_in(rc.pidfile)
+    assert _supervisor(rc) == sup
+    assert rc.run("stop").returncode == 0
+    _gone(rc, again, sup)
+
+
+def test_stop_while_daemon_waits_to_restart_kupd(supervised: RcEnv) -> None:
+    """kupd gone, daemon(8) sleeping before it restarts it (a SIGTERM then
+    is lost): stop still ends daemon(8), and no kupd is left."""
+    rc = supervised
+    rc.write_conf(kupd_restart_delay="6")
+    assert rc.run("start").returncode == 0
+    first, sup = _running(rc)
+    os.kill(first, signal.SIGKILL)
+    _wait(lambda: not Path(f"/proc/{first}").exists(), "daemon(8) to reap kupd")
+    # not a second daemon(8) (a loaded machine may have let daemon(8)
+    # start kupd again already: then the usual refusal)
+    res = rc.run("start")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "is being restarted by daemon(8)" in res.stderr or (
+        "kupd already running?" in res.stderr
+    ), res.stderr
+    res = rc.run("stop")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Stopping kupd." in res.stdout
+    _gone(rc, sup)
+
+
+def test_start_failure_stops_the_restarts(supervised: RcEnv) -> None:
+    """A kupd that cannot start (exit 2, a bad config) fails the start, and
+    daemon(8) is stopped with it instead of starting it again and again."""
+    rc = supervised
+    rc.binary.write_text(
+        f"#!{sys.executable}\nimport sys, time\ntime.sleep(0.3)\n"
+        "print(\"kupd: config key 'call_timeout': must be > 0\", file=sys.stderr)\n"
+        "sys.exit(2)\n"
+    )
+    rc.write_conf(kupd_start_check="30", kupd_restart_delay="1")
+    res = rc.run("start")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "kupd exited during start-up" in res.stderr
+    assert "config key 'call_timeout'" in res.stderr
+    assert not (rc.dir / "kupd.daemon.pid").exists()
+    assert _kupds(rc) == []
+    assert "kupd not running?" in rc.run("stop").stderr
+
+
+def test_no_restart_when_kupd_restart_is_no(supervised: RcEnv) -> None:
+    rc = supervised
+    rc.write_conf(kupd_restart="NO")
+    assert rc.run("start").returncode == 0
+    first, sup = _running(rc)
+    os.kill(first, signal.SIGTERM)
+    _gone(rc, first, sup)  # daemon(8) exits with kupd

@@ -61,6 +61,8 @@ def test_unit_has_the_keys_kupd_relies_on() -> None:
     assert "/usr/local/bin/kupctl reload --admin-socket /run/kupd/admin.sock" in svc["ExecReload"]
     assert svc["Restart"] == "on-failure"
     assert svc["RestartPreventExitStatus"].split() == ["2"]
+    # rc.d/kupd's kupd_restart_delay defaults to the same (test_rcd.py)
+    assert svc["RestartSec"] == "2"
     assert svc["KillSignal"] == "SIGTERM"
     # sandboxing that still lets kupd open /dev/kup/*: kup.ko's own major
     # ("kup" in /proc/devices), and no other character device
