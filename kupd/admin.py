@@ -132,6 +132,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
             warnings=[kup_pb2.ConfigWarning(key=k, why=w) for k, w in done.warnings],
             sockets_added=done.sockets_added,
             sockets_removed=done.sockets_removed,
+            calls_refused=done.calls_refused,
         )
 
     async def DrainDevice(

@@ -73,6 +73,8 @@ class Reloaded:
     #: socket paths the reload started serving / stopped serving
     sockets_added: list[str] = dataclasses.field(default_factory=list)
     sockets_removed: list[str] = dataclasses.field(default_factory=list)
+    #: queued Calls the new policy refused (PERMISSION_DENIED, not sent)
+    calls_refused: int = 0
 
 
 def _advise(cfg: Config) -> list[tuple[str, str]]:
@@ -751,6 +753,7 @@ class Server:
             warnings = _advise(cfg)
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
+            calls_refused = 0
             for d in self.mgr.devices.values():
                 # Calls already queued are judged by the new shares too --
                 # and by the new grants: a tenant the reload took Calls on
@@ -761,7 +764,7 @@ class Server:
                     if rule:
                         name = group.removeprefix("tenant:")
                         self.guard.record(name, "call", d.name, None, rule)
-                        d.pool.refuse_group(
+                        calls_refused += d.pool.refuse_group(
                             group,
                             errors.PermissionDenied(
                                 f"tenant {name}: rule {rule}: the reloaded policy no longer "
@@ -809,12 +812,14 @@ class Server:
                 tenants=names,
                 sessions_ended=len(ended),
                 rpcs_ended=rpcs_ended,
+                calls_refused=calls_refused,
                 sockets_added=added,
                 sockets_removed=removed,
             )
             return Reloaded(
                 names, ended, applied, needs_restart, rpcs_ended, audit_kept,
                 warnings=warnings, sockets_added=added, sockets_removed=removed,
+                calls_refused=calls_refused,
             )  # fmt: skip
 
     def _end_moved_sessions(self, old: Config, cfg: Config) -> list[str]:

@@ -159,6 +159,7 @@ def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:
             "tenants": ["alice", "dave"],
             "sessions_ended": [ch.lease.lease_id],
             "rpcs_ended": {},
+            "calls_refused": 0,
             "applied": ["tenants"],
             "needs_restart": [],
             "audit_log_error": "",

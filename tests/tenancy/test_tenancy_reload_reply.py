@@ -2,7 +2,8 @@
 audit_log it could not open again, the settings that have no effect as
 set, the sockets it added and removed -- each until now only in kupd's log
 (and the audit line, the service manager's status) -- are in Admin.Reload's
-reply and in ``kupctl reload``'s output, text and --json.  A real kupd,
+reply and in ``kupctl reload``'s output, text and --json; so are the queued
+Calls a new policy refuses (each got PERMISSION_DENIED; only audited).  A real kupd,
 reloaded by real kupctl processes."""
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import json
 import os
 from typing import Any
 
-from tenancy_helpers import StartTenants, TenantKupd, run_module
+from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
+
+from kupd import errors
+from kupd.testing import echo_lock_holds, in_background, wait_until
 
 __all__: list[str] = []
 
@@ -89,3 +93,55 @@ def test_kupctl_reload_says_what_was_applied_with_a_caveat(start_tenants: StartT
     assert k.audit.is_file()
     (last,) = [x for x in k.audit_lines() if x.get("action") == "reload"][-1:]
     assert last["ok"] is True and "audit_error" not in last, last
+
+
+#: bob may Call echo (one pool channel); alice holds sessions too, to free
+#: the channel echo keeps locked
+CALLERS = """
+call_timeout = 3600
+
+[[device]]
+name = "echo"
+call_channels = 1
+
+[[tenant]]
+name = "alice"
+socket = "@DIR@/alice.sock"
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "bob"
+socket = "@DIR@/bob.sock"
+ops = ["call"]
+[[tenant.grant]]
+device = "echo"
+"""
+
+
+def test_kupctl_reload_counts_the_queued_calls_the_new_policy_refuses(
+    start_tenants: StartTenants,
+) -> None:
+    """bob's Call runs on echo's one pool channel, his next waits for it;
+    a reload takes bob's call op away: the queued Call is refused
+    (PERMISSION_DENIED, never sent), the running one runs on -- and the
+    reply (kupctl reload) counts the refused one."""
+    k = start_tenants(CALLERS)
+    with k.client("bob") as b, k.client("alice") as a:
+        holds = echo_lock_holds(k.sim)
+        running = in_background(lambda: b.call("echo", LOCKHOLD, timeout=600))
+        wait_until(lambda: echo_lock_holds(k.sim) > holds, what="echo to hold the Call")
+        queued = in_background(lambda: b.call("echo", b"queued", timeout=600))
+        wait_until(lambda: b.devices("echo")[0].calls_queued == 1, what="the Call queued")
+        k.write_config(CALLERS.replace('ops = ["call"]', 'ops = ["session"]'))
+        out = _reload(k)
+        assert "; 1 queued Call refused by the new policy" in out, out
+        refused = queued.outcome(30)
+        assert isinstance(refused, errors.PermissionDenied), refused
+        assert "the reloaded policy no longer allows call on device echo" in str(refused)
+        with a.open("echo").channel(12) as ch:
+            ch.receive(timeout=30)
+            assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+        assert running.outcome(30).data == LOCKHOLD
+    got = _reload(k, "--json")
+    assert got["calls_refused"] == 0 and got["rpcs_ended"] == {}, got

@@ -82,6 +82,9 @@ class ReloadResult:
     #: socket paths the reload started serving, and stopped serving
     sockets_added: tuple[str, ...] = ()
     sockets_removed: tuple[str, ...] = ()
+    #: queued Calls the new policy no longer allows, refused
+    #: (PERMISSION_DENIED) before they were sent
+    calls_refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ def reload_summary(r: ReloadResult) -> str:
     if n:
         each = ", ".join(f"{k} {v}" for k, v in sorted(r.rpcs_ended.items()))
         line += f"; {n} RPC{'s' if n != 1 else ''} ended on moved or removed sockets ({each})"
+    if r.calls_refused:
+        n = r.calls_refused
+        line += f"; {n} queued Call{'s' if n != 1 else ''} refused by the new policy"
     if r.applied:
         line += f"; applied: {', '.join(r.applied)}"
     if r.needs_restart:
@@ -160,6 +166,7 @@ class AdminClient:
             tuple((w.key, w.why) for w in resp.warnings),
             tuple(resp.sockets_added),
             tuple(resp.sockets_removed),
+            resp.calls_refused,
         )
 
     def drain(self, device: str, undo: bool = False) -> list[str]:

@@ -749,6 +749,7 @@ def cmd_reload(args: argparse.Namespace, out: Output) -> int:
             "tenants": list(r.tenants),
             "sessions_ended": list(r.sessions_ended),
             "rpcs_ended": r.rpcs_ended,
+            "calls_refused": r.calls_refused,
             "applied": list(r.applied),
             "needs_restart": list(r.needs_restart),
             "audit_log_error": r.audit_log_error,
