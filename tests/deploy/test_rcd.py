@@ -662,8 +662,9 @@ def test_start_refuses_a_bad_kupd_restart_delay(rc: RcEnv, delay: str) -> None:
 
 
 def test_supervised_kupd_that_stops_itself_is_restarted(supervised: RcEnv) -> None:
-    """The real kupd under daemon(8) -R: its socket removed, it stops itself
-    (exit 1) and daemon(8) starts it afresh; reload reaches the new kupd;
+    """The real kupd under daemon(8) -R: its run directory removed, it stops
+    itself (exit 1) and daemon(8) starts it afresh, which makes the
+    directory, socket and ready file again; reload reaches the new kupd;
     newsyslog's SIGHUP to daemon(8) re-opens the log and reaches no kupd;
     stop ends kupd and daemon(8) both, and nothing starts kupd again."""
     rc = supervised
@@ -674,8 +675,9 @@ def test_supervised_kupd_that_stops_itself_is_restarted(supervised: RcEnv) -> No
     first = _pid_in(rc.pidfile)
     sup = _supervisor(rc)
     assert _alive(first) and _alive(sup), (first, sup)
-    (rc.rundir / "kupd.sock").unlink()
+    shutil.rmtree(rc.rundir)
     pid = _new_ready_kupd(rc, first)
+    assert (rc.rundir / "kupd.sock").exists()
     assert _exited(first)
     assert _supervisor(rc) == sup
     res = rc.run("status")
