@@ -1450,12 +1450,47 @@ kup_take_wake(struct kup_chan *ch)
 	return -ECANCELED;
 }
 
+/*
+ * Under ch->lock, for the receiving thread, once kup_recv_cond held (or
+ * the first look found the turn back): take the user's message and hold
+ * it, or report why there is none.
+ */
+static int
+kup_recv_take(struct kup_chan *ch, struct kupdev_msg *msg)
+{
+	uint32_t turn;
+	int r;
+
+	/* shutdown / departure while waiting, or since the first look: a
+	 * condition that held for those reasons says nothing of the turn */
+	r = kup_chan_enter(ch, 1);
+	if (r != 0)
+		return r;
+	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
+	if (turn != KUP_TURN_KERNEL)
+		return kup_chan_poison(ch, "garbage in the turn word", turn,
+		    KUP_TURN_KERNEL);
+	r = kup_take_user_msg(ch, msg);
+	if (r != 0)
+		return r;
+	ch->active = 1;
+	if (msg->kind == KUP_KIND_CLOSE)
+		ch->over = 1;   /* the user said goodbye */
+	/* the module holds the message until kupdev_unlock_channel; the
+	 * identity stays valid (not reused by another thread) until then,
+	 * even if this thread exits holding it (kup_os.h, KUP_CURTHREAD) */
+#ifdef KUP_CURTHREAD_PIN
+	KUP_CURTHREAD_PIN();
+#endif
+	KUP_WRITE_ONCE64(&ch->holder, kup_self());
+	return 0;
+}
+
 int
 kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms)
 {
 	struct kup_chan *ch = kup_chan_arg(sc, chan_id, "kupdev_receive_msg");
-	uint32_t turn;
 	int r, waited = 0;
 
 	if (ch == NULL)
@@ -1515,30 +1550,7 @@ kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
 		if (r != 0)
 			goto out;
 	}
-	/* shutdown / departure while waiting, or since the first look: a
-	 * condition that held for those reasons says nothing of the turn */
-	r = kup_chan_enter(ch, 1);
-	if (r != 0)
-		goto out;
-	turn = KUP_LOAD_ACQ32(&ch->ctrl->turn);
-	if (turn != KUP_TURN_KERNEL) {
-		r = kup_chan_poison(ch, "garbage in the turn word", turn,
-		    KUP_TURN_KERNEL);
-		goto out;
-	}
-	r = kup_take_user_msg(ch, msg);
-	if (r != 0)
-		goto out;
-	ch->active = 1;
-	if (msg->kind == KUP_KIND_CLOSE)
-		ch->over = 1;   /* the user said goodbye */
-	/* the module holds the message until kupdev_unlock_channel; the
-	 * identity stays valid (not reused by another thread) until then,
-	 * even if this thread exits holding it (kup_os.h, KUP_CURTHREAD) */
-#ifdef KUP_CURTHREAD_PIN
-	KUP_CURTHREAD_PIN();
-#endif
-	KUP_WRITE_ONCE64(&ch->holder, kup_self());
+	r = kup_recv_take(ch, msg);
 out:
 	kup_chan_unlock(ch);
 	if (waited)
@@ -1554,6 +1566,332 @@ kupdev_receive(struct kupdev_softc *sc, int chan_id)
 	if (kupdev_receive_msg(sc, chan_id, &m, KUPDEV_FOREVER) != 0)
 		return NULL;
 	return (void *)(uintptr_t)m.data;
+}
+
+/* ---- kupdev_receive_any: one thread, several channels ------------------
+ *
+ * The thread is in every channel of its set while it waits (ch->rx_waiter
+ * on each, as a waiting kupdev_receive_msg is in its one), so every other
+ * thread's call on those channels gets the answers of "Conventions" at
+ * once and nobody else touches their sessions.  A round (kup_any_look)
+ * takes each channel's lock in turn -- never two at once -- and does there
+ * what a 0 ms kupdev_receive_msg does: the first channel, in round-robin
+ * order, whose answer is anything but "nothing yet" ends the call, with
+ * that answer; every other channel keeps the thread as its rx_waiter.
+ * When no channel answered, the thread waits for all of them at once:
+ * kernel_waiting set on each page, one full fence, every channel looked at
+ * again, then one sleep (kup_os_any_sleep) that every channel's wake-up
+ * reaches -- the single-channel handshake of kup_abi.h, once per channel:
+ * a user handing over on any of them either is seen by the second look or
+ * sees its kernel_waiting and wakes the host's channel object, whose wake
+ * the host passes on to the device-level sleeper.  After the sleep every
+ * channel is let go (kup_any_release) and the next round takes whatever
+ * woke it.
+ */
+
+struct kup_any {
+	struct kupdev_softc *sc;
+	const int *ids;
+	int n;
+};
+
+static int
+kup_any_cond(void *arg)
+{
+	const struct kup_any *a = arg;
+	int i;
+
+	if (KUP_READ_ONCE32(&a->sc->any_wakes) != 0)
+		return 1;
+	for (i = 0; i < a->n; i++)
+		if (kup_recv_cond(&a->sc->chans[a->ids[i]]))
+			return 1;
+	return 0;
+}
+
+/* Where the round robin starts: after the channel of the set that was
+ * answered for last (by any receive_any on this device), so that a busy
+ * channel cannot keep the others waiting: with an unchanged set, a
+ * channel that has something is answered for within n calls. */
+static int
+kup_any_start(struct kupdev_softc *sc, const int *ids, int n)
+{
+	uint64_t best = 0, st;
+	int i, at = -1;
+
+	for (i = 0; i < n; i++) {
+		st = KUP_READ_ONCE64(&sc->chans[ids[i]].any_stamp);
+		if (st > best) {
+			best = st;
+			at = i;
+		}
+	}
+	return (at + 1) % n;
+}
+
+/* The thread leaves the first `cnt` channels of the round (from start)
+ * that it waits in. */
+static void
+kup_any_release(struct kupdev_softc *sc, const int *ids, int n, int start,
+    int cnt)
+{
+	int k;
+
+	for (k = 0; k < cnt; k++) {
+		struct kup_chan *ch = &sc->chans[ids[(start + k) % n]];
+
+		kup_lock(&ch->lock);
+		if (KUP_READ_ONCE64(&ch->rx_waiter) == kup_self())
+			KUP_WRITE_ONCE64(&ch->rx_waiter, 0);
+		kup_chan_unlock(ch);
+	}
+}
+
+/* A device-level kupdev_wake_any waiting: take it (-ECANCELED); the
+ * shutdown first (-ESHUTDOWN); else 0. */
+static int
+kup_any_take_dev_wake(struct kupdev_softc *sc)
+{
+	int r = 0;
+
+	if (KUP_READ_ONCE32(&sc->shutdown))
+		return -ESHUTDOWN;
+	if (KUP_READ_ONCE32(&sc->any_wakes) == 0)
+		return 0;
+	kup_lock(&sc->lock);
+	if (sc->shutdown) {
+		r = -ESHUTDOWN;
+	} else if (sc->any_wakes != 0) {
+		KUP_WRITE_ONCE32(&sc->any_wakes, sc->any_wakes - 1);
+		r = -ECANCELED;
+	}
+	kup_unlock(&sc->lock);
+	return r;
+}
+
+#define KUP_ANY_NONE 1   /* kup_any_look: no channel has an answer */
+
+/*
+ * One round over the set, from start: for each channel, under its lock,
+ * the answer of a 0 ms kupdev_receive_msg.  The first answer ends the
+ * round (*which: its channel, or -1 for -ESHUTDOWN / a kupdev_wake_any);
+ * the channels before it are let go.  KUP_ANY_NONE: no channel had one,
+ * and the thread now waits in every channel of the set (rx_waiter).
+ */
+static int
+kup_any_look(struct kupdev_softc *sc, const int *ids, int n, int start,
+    struct kupdev_msg *msg, int *which)
+{
+	int k, r;
+
+	r = kup_any_take_dev_wake(sc);
+	if (r != 0) {
+		*which = -1;
+		return r;
+	}
+	for (k = 0; k < n; k++) {
+		struct kup_chan *ch = &sc->chans[ids[(start + k) % n]];
+
+		if (kup_reentered(ch, "receive_any")) {
+			r = -EDEADLK;
+			goto answer_unlocked;
+		}
+		kup_lock(&ch->lock);
+		r = kup_chan_busy(ch, 0);
+		if (r == 0)
+			r = kup_take_wake(ch);
+		if (r == 0)
+			r = kup_chan_enter(ch, 1);
+		if (r == 0 && ch->kturn == KUP_KT_KERNEL_CONSUMED)
+			r = -EAGAIN;
+		if (r == 0) {
+			if (kup_recv_cond(ch)) {
+				r = kup_recv_take(ch, msg);
+			} else {
+				KUP_WRITE_ONCE64(&ch->rx_waiter, kup_self());
+				kup_chan_unlock(ch);
+				continue;
+			}
+		}
+		KUP_WRITE_ONCE64(&ch->any_stamp,
+		    __atomic_add_fetch(&sc->any_clock, 1, __ATOMIC_RELAXED));
+		kup_chan_unlock(ch);
+answer_unlocked:
+		kup_any_release(sc, ids, n, start, k);
+		*which = r == -ESHUTDOWN ? -1 : (int)ch->id;
+		return r;
+	}
+	return KUP_ANY_NONE;
+}
+
+/* Every channel of the set has this thread as its rx_waiter and no
+ * answer: wait for one (timeout_ms != 0).  Spins a little first, then
+ * the handshake of kup_abi.h on every page, then one sleep. */
+static int
+kup_any_wait(struct kup_any *a, int timeout_ms)
+{
+	int i, r;
+#ifdef KUP_NOW_NS
+	uint64_t t0 = KUP_NOW_NS();
+
+	do {
+		for (i = 0; i < KUP_SPIN_CHECK; i++) {
+			if (kup_any_cond(a))
+				return 0;
+			KUP_CPU_RELAX();
+		}
+	} while (KUP_NOW_NS() - t0 < KUP_SPIN_INIT_NS);
+#else
+	for (i = 0; i < KUP_SPIN_LOOPS; i++) {
+		if (kup_any_cond(a))
+			return 0;
+		KUP_CPU_RELAX();
+	}
+#endif
+	for (i = 0; i < a->n; i++)
+		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 1);
+	KUP_FENCE();
+	if (kup_any_cond(a))
+		r = 0;
+	else
+		r = kup_os_any_sleep(a->sc, a->ids, a->n, kup_any_cond, a,
+		    timeout_ms);
+	for (i = 0; i < a->n; i++)
+		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 0);
+	return r;
+}
+
+/* The set is usable: 1..channels ids, each in range, none twice.  Logs
+ * what is wrong (misuse) and returns 0 otherwise. */
+static int
+kup_any_args_ok(struct kupdev_softc *sc, const int *ids, int n)
+{
+	uint8_t seen[KUP_MAX_CHANNELS / 8];
+	int i;
+
+	if (ids == NULL) {
+		KUP_MISUSE(sc, "kupdev_receive_any: NULL channel list");
+		return 0;
+	}
+	if (n < 1 || (size_t)n > sc->chan_cnt) {
+		KUP_MISUSE(sc, "kupdev_receive_any: %d channels (1..%zu, the "
+		    "device's)", n, sc->chan_cnt);
+		return 0;
+	}
+	memset(seen, 0, sizeof(seen));
+	for (i = 0; i < n; i++) {
+		int id = ids[i];
+
+		if (id < 0 || (size_t)id >= sc->chan_cnt) {
+			KUP_MISUSE(sc, "kupdev_receive_any: channel %d (entry %d) "
+			    "out of range 0..%zu", id, i, sc->chan_cnt - 1);
+			return 0;
+		}
+		if (seen[id / 8] & (1U << (id % 8))) {
+			KUP_MISUSE(sc, "kupdev_receive_any: channel %d twice (entry "
+			    "%d)", id, i);
+			return 0;
+		}
+		seen[id / 8] |= (uint8_t)(1U << (id % 8));
+	}
+	return 1;
+}
+
+int
+kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
+    struct kupdev_msg *msg, int timeout_ms, int *chan_out)
+{
+	struct kup_any a = { sc, chans, n };
+	int r, start, which = -1, left = timeout_ms, refd = 0;
+#ifdef KUP_NOW_NS
+	uint64_t deadline = 0;
+#endif
+
+	if (chan_out != NULL)
+		*chan_out = -1;
+	if (sc == NULL) {
+		KUP_NODEV_MISUSE("kupdev_receive_any: NULL device");
+		return -EINVAL;
+	}
+	if (msg == NULL || chan_out == NULL) {
+		KUP_MISUSE(sc, "kupdev_receive_any: NULL %s", msg == NULL ?
+		    "msg" : "chan_out");
+		return -EINVAL;
+	}
+	if (timeout_ms < KUPDEV_FOREVER) {
+		KUP_MISUSE(sc, "kupdev_receive_any: timeout %d ms (0 or more, or "
+		    "KUPDEV_FOREVER = -1)", timeout_ms);
+		return -EINVAL;
+	}
+	if (!kup_any_args_ok(sc, chans, n))
+		return -EINVAL;
+	start = kup_any_start(sc, chans, n);
+	for (;;) {
+		r = kup_any_look(sc, chans, n, start, msg, &which);
+		if (r != KUP_ANY_NONE)
+			break;
+		/* the thread is in every channel now */
+		if (left == 0) {
+			kup_any_release(sc, chans, n, start, n);
+			r = -ETIMEDOUT;
+			break;
+		}
+		if (!refd) {
+			kup_core_dev_ref(sc);   /* kup_dev_live_ref says why */
+			refd = 1;
+#ifdef KUP_NOW_NS
+			if (timeout_ms > 0)
+				deadline = KUP_NOW_NS() +
+				    (uint64_t)timeout_ms * 1000000ULL;
+#endif
+		}
+		r = kup_any_wait(&a, left);
+		kup_any_release(sc, chans, n, start, n);
+		if (r == -EINTR)
+			break;
+		/* r == 0: the next round takes what woke us; -ETIMEDOUT: one
+		 * last round (a wake or a message at the deadline is the
+		 * answer, as for kupdev_receive_msg) */
+		if (r == -ETIMEDOUT) {
+			left = 0;
+			continue;
+		}
+#ifdef KUP_NOW_NS
+		if (timeout_ms > 0) {
+			uint64_t now = KUP_NOW_NS();
+
+			left = now >= deadline ? 0 :
+			    (int)((deadline - now + 999999ULL) / 1000000ULL);
+		}
+#endif
+	}
+	*chan_out = which;
+	if (refd)
+		kup_core_dev_put(sc);   /* may free sc */
+	return r == 0 ? which : r;
+}
+
+int
+kupdev_wake_any(struct kupdev_softc *sc)
+{
+	size_t i;
+	int r = 0;
+
+	if (!kup_dev_live(sc, "kupdev_wake_any", "called after kupdev_unload?"))
+		return -EINVAL;
+	kup_lock(&sc->lock);
+	if (sc->shutdown)
+		r = -ESHUTDOWN;
+	else if (sc->any_wakes != 0xffffffffU)
+		KUP_WRITE_ONCE32(&sc->any_wakes, sc->any_wakes + 1);
+	kup_unlock(&sc->lock);
+	/* a receive_any sleeps until a wake of one of its channels: wake
+	 * them all (rare; a spurious wake of a single receive only makes it
+	 * look again) */
+	if (r == 0)
+		for (i = 0; i < sc->chan_cnt; i++)
+			kup_os_chan_wake(&sc->chans[i]);
+	return r;
 }
 
 void

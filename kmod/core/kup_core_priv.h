@@ -76,6 +76,11 @@ struct kup_chan {
 	int      spin_yield_now;  /* the receiving thread's: the last yield let another
 	                           * thread run (it shares our CPU): yield at
 	                           * once in the next spin */
+	uint64_t any_stamp;       /* when kupdev_receive_any last answered for
+	                           * this channel (sc->any_clock), 0: never;
+	                           * written under lock, read with READ_ONCE:
+	                           * its round robin starts after the channel
+	                           * of its set answered for last */
 
 	struct kup_os_chan os;
 };
@@ -100,6 +105,11 @@ struct kupdev_softc {
 	                           * kupdev_wait_channel (-ECANCELED); also
 	                           * read with READ_ONCE by its sleep's
 	                           * condition */
+	uint32_t any_wakes;       /* kupdev_wake_any calls not yet answered by
+	                           * a kupdev_receive_any (-ECANCELED); under
+	                           * lock, read with READ_ONCE by its sleep */
+	uint64_t any_clock;       /* kupdev_receive_any answers so far
+	                           * (__atomic): the source of ch->any_stamp */
 	/* protocol-error log lines: a hostile user must not flood the log */
 	uint64_t perr_window;     /* start of the current window (ns, or count) */
 	uint32_t perr_lines;      /* lines logged in it */

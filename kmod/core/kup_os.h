@@ -175,8 +175,25 @@ uint32_t kup_os_page_size(void);
 int  kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
          int timeout_ms);
 /* Wake every kernel-side sleeper of ch (user asked for a wake-up, user
- * detached, device shutting down). */
+ * detached, device shutting down) -- also a kup_os_any_sleep whose set
+ * holds ch. */
 void kup_os_chan_wake(struct kup_chan *ch);
+/* kupdev_receive_any's sleep: until cond(arg) returns non-zero, the
+ * timeout expires (-ETIMEDOUT) or the sleep is interrupted (-EINTR); 0
+ * when cond held.  ids[0..n) are channels of sc, each with the calling
+ * thread as its one kernel-side waiter (kup_core.c's ch->rx_waiter),
+ * their kernel_waiting flags set.  Every wake-up of any of them must end
+ * the sleep: kup_os_chan_wake(ch), and on a host whose user side wakes
+ * the kernel without the core (kupsim: the user writes its channel's
+ * eventfd), that wake-up too.  Armed before cond is evaluated, as for
+ * kup_os_chan_sleep, so that no wake-up between the caller's last look
+ * and the sleep is lost.  A host may sleep on one device-level object
+ * that every kup_os_chan_wake of the device also wakes (Linux, FreeBSD:
+ * every receive_any of the device then wakes and looks, a harmless
+ * spurious wake-up for all but one); kupsim waits on the channels' own
+ * eventfds.  Called with no core lock held; cond takes none. */
+int  kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
+         int (*cond)(void *), void *arg, int timeout_ms);
 /* Wake the user side of ch: make its pollable fd readable (eventfd write,
  * wake_up of the poll queue, selwakeup + KNOTE).  Both wakes must not
  * sleep: the core may call them with ch->lock or sc->lock held. */

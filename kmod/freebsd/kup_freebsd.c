@@ -463,16 +463,52 @@ kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 	    kup_fb_chan_cond_call, &c, timeout_ms));
 }
 
+/* Also the device's receive_any sleepers (kup_os_any_sleep): a wake of
+ * any channel may be for one of them.  Under the device mutex, which the
+ * sleeper holds from its look at the condition until msleep drops it:
+ * no wake-up between the two is lost. */
 void
 kup_os_chan_wake(struct kup_chan *ch)
 {
 	struct kup_os_chan *oc = kup_core_chan_os(ch);
+	struct kup_os_dev *od = kup_core_dev_os(kup_core_chan_dev(ch));
 
 	if (!oc->inited)
 		return;
 	mtx_lock(&oc->mtx);
 	wakeup(&oc->wchan);
 	mtx_unlock(&oc->mtx);
+	if (od->inited) {
+		mtx_lock(&od->mtx);
+		if (od->any_sleepers != 0)
+			wakeup(&od->any_wchan);
+		mtx_unlock(&od->mtx);
+	}
+}
+
+/* kupdev_receive_any sleeps on the device (kup_os.h): every channel's
+ * wake-up -- the user's KUP_IOC_WAKE included, which the core turns into
+ * kup_os_chan_wake -- reaches it. */
+int
+kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
+    int (*cond)(void *), void *arg, int timeout_ms)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	int rc;
+
+	(void)ids;
+	(void)n;
+	if (!od->inited)
+		return (cond(arg) ? 0 : -ETIMEDOUT);
+	mtx_lock(&od->mtx);
+	od->any_sleepers++;
+	mtx_unlock(&od->mtx);
+	rc = kup_fb_sleep(&od->mtx, &od->any_wchan, "kupany", cond, arg,
+	    timeout_ms);
+	mtx_lock(&od->mtx);
+	od->any_sleepers--;
+	mtx_unlock(&od->mtx);
+	return (rc);
 }
 
 /* Tell poll(2)/kqueue(2) waiters of one open file; its mutex is held. */

@@ -248,6 +248,46 @@ void *kupdev_receive(struct kupdev_softc *sc, int chan_id);
 int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
     struct kupdev_msg *msg, int timeout_ms);
 
+/* One thread, several channels: wait up to timeout_ms (as for
+ * kupdev_receive_msg) for the first of the n channels chans[0..n) that
+ * has an answer, and give it.  Returns that channel's id (>= 0, also in
+ * *chan_out) when it is a message: the thread holds it, as after
+ * kupdev_receive_msg, until kupdev_unlock_channel(sc, id).  Otherwise a
+ * negative errno, and *chan_out says whose:
+ *   - a channel's own answer, *chan_out = that channel: exactly what a
+ *     0 ms kupdev_receive_msg on it would have answered -- -EPIPE (its
+ *     session is over: its user left, or none), -EPROTO, -EAGAIN (the
+ *     kernel holds its turn: send or pass first), -EBUSY (another thread
+ *     is in it), -EDEADLK (this thread holds its message; logged),
+ *     -ECANCELED (kupdev_wake_channel on it).  The set is the module's to
+ *     keep: a channel whose session is over answers -EPIPE again at once
+ *     in every call, so take it out until kupdev_wait_channel reports it
+ *     again, and put a channel in only once the user holds its turn
+ *     (after the session's first pass or a reply);
+ *   - *chan_out = -1: -ETIMEDOUT, -ESHUTDOWN, -ECANCELED from
+ *     kupdev_wake_any (below), -EINTR (the host's sleep was interrupted),
+ *     -EINVAL (logged, nothing looked at: chans or msg or chan_out NULL,
+ *     n outside 1..kupdev_channel_count(sc), a channel id out of range or
+ *     twice, a timeout below KUPDEV_FOREVER).
+ * Order: the shutdown first, then a kupdev_wake_any, then the channels
+ * in round-robin order -- starting after the channel of the set that was
+ * answered for last, so that with an unchanged set a channel that has an
+ * answer is given one within n calls, however busy the others are.  The
+ * first channel with an answer ends the look; the others' answers wait
+ * for the next call (nothing is lost: a message stays in its page).
+ * While the thread waits it is "in" every channel of the set, as a
+ * receive waiting on one ("Conventions"): another thread's send or pass
+ * on one of them fails with -EAGAIN, its receive (or receive_any) with
+ * -EBUSY.  Waiting costs what a receive's wait costs, once for all: a
+ * short spin, then the kernel_waiting flag of kup_abi.h set on every
+ * channel of the set and one sleep that a hand-over on ANY of them ends
+ * -- while it sleeps, each of its users pays the wake-up syscall, as
+ * with a sleeping receive; none loses its hand-over.  timeout_ms 0 is a
+ * poll of every channel (no spin, no sleep).  A message the user handed
+ * over before it left is returned, as by kupdev_receive_msg. */
+int kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
+    struct kupdev_msg *msg, int timeout_ms, int *chan_out);
+
 /* Let go of the message a successful receive took (its payload must not
  * be used afterwards: the user writes the area next).  A channel out of
  * range, or a thread that does not hold the channel, is a logged no-op. */
@@ -285,6 +325,8 @@ int kupdev_disconnect(struct kupdev_softc *sc, int chan_id);
 
 /* Wake a module thread out of its wait, so that it can stop without the
  * device being unloaded: the call it waits in returns -ECANCELED.
+ * (kupdev_receive_any: kupdev_wake_channel of a channel of its set, or
+ * kupdev_wake_any below.)
  * -ECANCELED and not -EINTR, because -EINTR is what a host's sleep answers
  * when it is interrupted otherwise (a signal sent to a kernel thread that
  * allows them): a module can tell "I was asked to stop" from that.
@@ -311,6 +353,18 @@ int kupdev_disconnect(struct kupdev_softc *sc, int chan_id);
  * is that thread's) before it, -EPIPE and everything else after it. */
 int kupdev_wake_channel(struct kupdev_softc *sc, int chan_id);
 int kupdev_wake(struct kupdev_softc *sc);
+/*   kupdev_wake_any: a thread waiting in kupdev_receive_any on sc returns
+ *     -ECANCELED with *chan_out = -1 (before any channel's answer), with
+ *     the same rules: one call answers one such wait, the one waiting now
+ *     or else the next (also a 0 ms one); not kupdev_wait_channel's (and
+ *     kupdev_wake is not receive_any's).  For a thread that must learn
+ *     that its set changed (the acceptor has a new channel for it: echo.c,
+ *     "any" mode) or must stop.  With several receive_any threads on one
+ *     device it reaches whichever waits (or calls) first; to reach a
+ *     given one, kupdev_wake_channel a channel of its set: its
+ *     receive_any returns -ECANCELED with *chan_out = that channel.
+ *   Returns 0, -ESHUTDOWN, -EINVAL (logged: not a live device). */
+int kupdev_wake_any(struct kupdev_softc *sc);
 
 /* Shut the device down: mark every channel KUP_STATE_SHUTDOWN, wake every
  * waiter on both sides (user space sees EKU_SHUTDOWN, kernel callers

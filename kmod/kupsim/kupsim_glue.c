@@ -480,6 +480,68 @@ kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 	}
 }
 
+/* kupdev_receive_any: the same sleep on every channel of the set at once
+ * -- each channel's user->kernel eventfd (the user writes it itself) and
+ * its kwake eventfd, drained first, then cond, then one poll of them all.
+ * The thread is every one of these channels' only kernel-side waiter
+ * (kup_os.h), so draining takes no other sleeper's wake-up. */
+int
+kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
+    int (*cond)(void *), void *arg, int timeout_ms)
+{
+	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+	struct pollfd *pf;
+	int i, r;
+
+	if (n < 1)
+		return -EINVAL;
+	pf = calloc((size_t)n * 2, sizeof(*pf));
+	if (pf == NULL) {
+		kup_os_log("kupsim: kupdev_receive_any: no memory to poll %d "
+		    "channels", n);
+		return -EINTR;
+	}
+	for (;;) {
+		int slice = -1;
+
+		for (i = 0; i < n; i++) {
+			struct kup_os_chan *os =
+			    kup_core_chan_os(kup_core_chan_at(sc, (uint32_t)ids[i]));
+
+			efd_drain(os->u2k_efd);
+			efd_drain(os->kwake_efd);
+			pf[2 * i] = (struct pollfd){ .fd = os->u2k_efd,
+			    .events = POLLIN };
+			pf[2 * i + 1] = (struct pollfd){ .fd = os->kwake_efd,
+			    .events = POLLIN };
+		}
+		if (cond(arg)) {
+			r = 0;
+			break;
+		}
+		if (timeout_ms == 0) {
+			r = -ETIMEDOUT;
+			break;
+		}
+		if (timeout_ms > 0) {
+			int64_t left = deadline - now_ms();
+
+			if (left <= 0) {
+				r = -ETIMEDOUT;
+				break;
+			}
+			slice = left > 0x7fffffff ? 0x7fffffff : (int)left;
+		}
+		if (poll(pf, (nfds_t)n * 2, slice) < 0 && errno != EINTR) {
+			kup_os_log("kupsim: kernel-side poll: %s", strerror(errno));
+			r = -EINTR;
+			break;
+		}
+	}
+	free(pf);
+	return r;
+}
+
 void
 kup_os_chan_wake(struct kup_chan *ch)
 {

@@ -32,6 +32,8 @@ struct kup_os_dev {
 	int withdrawn;                /* unload began: no new opens */
 	int wq_ready;                 /* the wait queues below are initialised */
 	wait_queue_head_t wq;         /* kernel-side sleepers (wait_channel) */
+	wait_queue_head_t any_wq;     /* kernel-side sleepers (receive_any):
+	                               * woken by every channel's wake */
 	wait_queue_head_t poll_wq;    /* user space: device events */
 };
 

@@ -178,9 +178,36 @@ int kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 	return kup_sleep_result(r);
 }
 
+/* Also the device's receive_any sleepers (kup_os_any_sleep): a wake of
+ * any channel may be for one of them.  wq_has_sleeper's full barrier
+ * pairs with the one prepare_to_wait_event puts between queueing the
+ * sleeper and its look at the condition: either the sleeper sees the
+ * change the caller made before this wake, or it is on the queue here. */
 void kup_os_chan_wake(struct kup_chan *ch)
 {
+	struct kup_os_dev *od = kup_core_dev_os(kup_core_chan_dev(ch));
+
 	wake_up_all(&kup_core_chan_os(ch)->wq);
+	if (od->wq_ready && wq_has_sleeper(&od->any_wq))
+		wake_up_all(&od->any_wq);
+}
+
+/* kupdev_receive_any sleeps on the device (kup_os.h): every channel's
+ * wake-up -- the user's KUP_IOC_WAKE included, which the core turns into
+ * kup_os_chan_wake -- reaches it. */
+int kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
+    int (*cond)(void *), void *arg, int timeout_ms)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+	long r;
+
+	(void)ids;
+	(void)n;
+	if (timeout_ms == 0 || !od->wq_ready)
+		return cond(arg) ? 0 : -ETIMEDOUT;
+	r = wait_event_interruptible_timeout(od->any_wq, cond(arg),
+	    kup_timeout_jiffies(timeout_ms));
+	return kup_sleep_result(r);
 }
 
 /* Like an eventfd: the wake-up stays pending (the fd polls readable) until
@@ -219,6 +246,7 @@ static void kup_os_dev_init_wq(struct kup_os_dev *od)
 	if (!od->wq_ready) {
 		init_waitqueue_head(&od->wq);
 		init_waitqueue_head(&od->poll_wq);
+		init_waitqueue_head(&od->any_wq);
 		od->wq_ready = 1;
 	}
 }
@@ -1059,6 +1087,7 @@ EXPORT_SYMBOL_GPL(kupdev_announce);
 EXPORT_SYMBOL_GPL(kupdev_send);
 EXPORT_SYMBOL_GPL(kupdev_receive);
 EXPORT_SYMBOL_GPL(kupdev_receive_msg);
+EXPORT_SYMBOL_GPL(kupdev_receive_any);
 EXPORT_SYMBOL_GPL(kupdev_unlock_channel);
 EXPORT_SYMBOL_GPL(kupdev_pass);
 EXPORT_SYMBOL_GPL(kupdev_shutdown);
@@ -1069,6 +1098,7 @@ EXPORT_SYMBOL_GPL(kupdev_channel_attached);
 EXPORT_SYMBOL_GPL(kupdev_disconnect);
 EXPORT_SYMBOL_GPL(kupdev_wake);
 EXPORT_SYMBOL_GPL(kupdev_wake_channel);
+EXPORT_SYMBOL_GPL(kupdev_wake_any);
 EXPORT_SYMBOL_GPL(kup_ratelimit_admit);
 
 static int __init kup_linux_init(void)

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -1330,6 +1331,473 @@ test_wake(void)
 	printf("ok wake\n");
 }
 
+/* ---- kupdev_receive_any ------------------------------------------------- */
+
+/* A module thread in kupdev_receive_any over a set; holds what it got
+ * until `release` (then unlocks). */
+struct kany {
+	struct kupdev_softc *sc;
+	const int *ids;
+	int n;
+	int timeout;
+	int ret, which;
+	struct kupdev_msg m;
+	char copy[64];
+	int release;
+};
+
+static void *
+kany_main(void *p)
+{
+	struct kany *a = p;
+
+	a->ret = kupdev_receive_any(a->sc, a->ids, a->n, &a->m, a->timeout,
+	    &a->which);
+	if (a->ret >= 0) {
+		size_t n = a->m.len < sizeof(a->copy) ? a->m.len : sizeof(a->copy);
+
+		memcpy(a->copy, a->m.data, n);
+		kupdev_unlock_channel(a->sc, a->ret);
+	}
+	return NULL;
+}
+
+static void
+kany_start(struct kany *a, pthread_t *t, struct kupdev_softc *sc,
+    const int *ids, int n, int timeout)
+{
+	memset(a, 0, sizeof(*a));
+	a->sc = sc;
+	a->ids = ids;
+	a->n = n;
+	a->timeout = timeout;
+	a->ret = 1;
+	CHECK_EQ(pthread_create(t, NULL, kany_main, a), 0);
+}
+
+/* Wait (bounded) until a receive_any waits in every channel of us[]:
+ * every page says the kernel sleeps. */
+static void
+wait_all_waiting(struct user *us, int n)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		wait_kernel_waiting(&us[i]);
+}
+
+/* The user's wake-up as libkup gives it on kupsim: a write to the
+ * channel's user->kernel eventfd, not through the core. */
+static void
+user_send_efd(struct user *u, const void *data, uint32_t len)
+{
+	uint64_t one = 1;
+
+	memcpy(u->u2k, data, len);
+	u->k->u2k.len = len;
+	u->k->u2k.kind = KUP_KIND_DATA;
+	u->k->u2k.seq = ++u->u2k_seq;
+	__atomic_store_n(&u->k->turn, KUP_TURN_KERNEL, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&u->k->kernel_waiting, __ATOMIC_RELAXED))
+		CHECK_EQ(write(kup_core_chan_os(u->ch)->u2k_efd, &one,
+		    sizeof(one)), (ssize_t)sizeof(one));
+}
+
+/* Another thread's calls on a channel a receive_any waits in. */
+struct kany_other {
+	struct kupdev_softc *sc;
+	int chan;
+	int send, recv;
+};
+
+static void *
+kany_other_main(void *p)
+{
+	struct kany_other *a = p;
+	struct kupdev_msg m;
+
+	a->send = kupdev_send(a->sc, "push", 4, a->chan);
+	a->recv = kupdev_receive_msg(a->sc, a->chan, &m, 100);
+	return NULL;
+}
+
+static void
+test_receive_any(void)
+{
+	static const int all[3] = { 0, 1, 2 };
+	static const int dup[2] = { 1, 1 };
+	static const int bad[2] = { 0, 4 };
+	struct kupdev_softc *sc = kupdev_create("any", 1, 4);
+	struct kup_chan *ch[3];
+	struct user us[3];
+	struct kupdev_msg m;
+	struct kany ka;
+	struct kany_other ko;
+	pthread_t t;
+	int i, r, which, got[3];
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	/* misuse: -EINVAL, logged, chan_out -1 */
+	CHECK_EQ(kupdev_receive_any(sc, all, 0, &m, 0, &which), -EINVAL);
+	CHECK_EQ(which, -1);
+	CHECK_EQ(kupdev_receive_any(sc, all, 5, &m, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, dup, 2, &m, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, bad, 2, &m, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, NULL, 2, &m, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, NULL, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, NULL), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, -2, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(NULL, all, 3, &m, 0, &which), -EINVAL);
+	/* no session on a channel: -EPIPE, naming it */
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -EPIPE);
+	CHECK(which >= 0 && which <= 2);
+	for (i = 0; i < 3; i++) {
+		CHECK_EQ(kup_core_attach(sc, (uint32_t)i, KUP_ABI_VERSION, &ch[i]), 0);
+		CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), i);
+		user_init(&us[i], ch[i]);
+		CHECK_EQ(kupdev_pass(sc, i), 0);
+		user_expect(&us[i], KUP_KIND_PASS, NULL, 0);
+	}
+	/* nothing yet: a poll says so at once and leaves every channel */
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -ETIMEDOUT);
+	CHECK_EQ(which, -1);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 30, &which), -ETIMEDOUT);
+	for (i = 0; i < 3; i++) {
+		CHECK_EQ(__atomic_load_n(&ch[i]->rx_waiter, __ATOMIC_RELAXED), 0);
+		CHECK_EQ(__atomic_load_n(&us[i].k->kernel_waiting,
+		    __ATOMIC_RELAXED), 0);
+	}
+	/* a message waiting: returned, held, its channel named */
+	user_send(&us[1], "one", 3);
+	r = kupdev_receive_any(sc, all, 3, &m, 0, &which);
+	CHECK_EQ(r, 1);
+	CHECK_EQ(which, 1);
+	CHECK_EQ(m.len, 3);
+	CHECK(memcmp(m.data, "one", 3) == 0);
+	/* the holder's own receive_any on it: -EDEADLK (logged) */
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -EDEADLK);
+	CHECK_EQ(which, 1);
+	kupdev_unlock_channel(sc, 1);
+	/* the kernel holds channel 1's turn: -EAGAIN for it (send first) */
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -EAGAIN);
+	CHECK_EQ(which, 1);
+	CHECK_EQ(kupdev_pass(sc, 1), 0);
+	user_expect(&us[1], KUP_KIND_PASS, NULL, 0);
+
+	/* asleep on three channels: each one's hand-over wakes it, by the
+	 * core's wake (Linux, FreeBSD: KUP_IOC_WAKE) or the channel's eventfd
+	 * (kupsim's users) */
+	for (i = 0; i < 3; i++) {
+		char txt[16];
+
+		kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
+		wait_all_waiting(us, 3);
+		if (i == 0) {
+			/* meanwhile the thread is in every channel: another
+			 * thread's send -EAGAIN, receive -EBUSY, at once */
+			memset(&ko, 0, sizeof(ko));
+			ko.sc = sc;
+			ko.chan = 2;
+			run_bounded("calls on a channel a receive_any waits in",
+			    kany_other_main, &ko);
+			CHECK_EQ(ko.send, -EAGAIN);
+			CHECK_EQ(ko.recv, -EBUSY);
+		}
+		snprintf(txt, sizeof(txt), "w%d", i);
+		if (i == 1)
+			user_send_efd(&us[i], txt, 2);
+		else
+			user_send(&us[i], txt, 2);
+		CHECK_EQ(pthread_join(t, NULL), 0);
+		CHECK_EQ(ka.ret, i);
+		CHECK_EQ(ka.which, i);
+		CHECK(memcmp(ka.copy, txt, 2) == 0);
+		for (r = 0; r < 3; r++) {
+			CHECK_EQ(__atomic_load_n(&ch[r]->rx_waiter,
+			    __ATOMIC_RELAXED), 0);
+			CHECK_EQ(__atomic_load_n(&us[r].k->kernel_waiting,
+			    __ATOMIC_RELAXED), 0);
+		}
+		CHECK_EQ(kupdev_pass(sc, i), 0);
+		user_expect(&us[i], KUP_KIND_PASS, NULL, 0);
+	}
+
+	/* round robin: three channels always ready, thirty calls, ten each */
+	memset(got, 0, sizeof(got));
+	for (i = 0; i < 3; i++)
+		user_send(&us[i], "rr", 2);
+	for (i = 0; i < 30; i++) {
+		r = kupdev_receive_any(sc, all, 3, &m, 1000, &which);
+		CHECK(r >= 0 && r < 3);
+		got[r]++;
+		kupdev_unlock_channel(sc, r);
+		CHECK_EQ(kupdev_pass(sc, r), 0);
+		user_expect(&us[r], KUP_KIND_PASS, NULL, 0);
+		user_send(&us[r], "rr", 2);
+	}
+	CHECK_EQ(got[0], 10);
+	CHECK_EQ(got[1], 10);
+	CHECK_EQ(got[2], 10);
+	for (i = 0; i < 3; i++) {
+		CHECK(kupdev_receive_msg(sc, i, &m, 1000) == 0);
+		kupdev_unlock_channel(sc, i);
+		CHECK_EQ(kupdev_pass(sc, i), 0);
+		user_expect(&us[i], KUP_KIND_PASS, NULL, 0);
+	}
+
+	/* kupdev_wake_channel of one of its channels: -ECANCELED, that one */
+	kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
+	wait_all_waiting(us, 3);
+	CHECK_EQ(kupdev_wake_channel(sc, 2), 0);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(ka.ret, -ECANCELED);
+	CHECK_EQ(ka.which, 2);
+	/* kupdev_wake_any: -ECANCELED, no channel; also a bounded wait */
+	kany_start(&ka, &t, sc, all, 3, 20000);
+	wait_all_waiting(us, 3);
+	CHECK_EQ(kupdev_wake_any(sc), 0);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(ka.ret, -ECANCELED);
+	CHECK_EQ(ka.which, -1);
+	/* no waiter: each wake answers the next call, before a message (kept
+	 * for the call after), also a poll; and not a wait_channel's */
+	CHECK_EQ(kupdev_wake_any(sc), 0);
+	CHECK_EQ(kupdev_wake_any(sc), 0);
+	user_send(&us[0], "kept", 4);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ETIMEDOUT);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -ECANCELED);
+	CHECK_EQ(which, -1);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 1000, &which), -ECANCELED);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 1000, &which), 0);
+	CHECK(memcmp(m.data, "kept", 4) == 0);
+	kupdev_unlock_channel(sc, 0);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&us[0], KUP_KIND_PASS, NULL, 0);
+
+	/* a user leaves while the thread waits: -EPIPE, naming its channel;
+	 * the others go on */
+	kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
+	wait_all_waiting(us, 3);
+	kup_core_detach(ch[2]);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(ka.ret, -EPIPE);
+	CHECK_EQ(ka.which, 2);
+	/* the shutdown wakes it: -ESHUTDOWN, no channel */
+	kany_start(&ka, &t, sc, all, 2, KUPDEV_FOREVER);
+	wait_all_waiting(us, 2);
+	CHECK_EQ(kupdev_shutdown(sc), 0);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(ka.ret, -ESHUTDOWN);
+	CHECK_EQ(ka.which, -1);
+	CHECK_EQ(kupdev_receive_any(sc, all, 2, &m, 0, &which), -ESHUTDOWN);
+	CHECK_EQ(kupdev_wake_any(sc), -ESHUTDOWN);
+	kup_core_detach(ch[0]);
+	kup_core_detach(ch[1]);
+	CHECK_EQ(kupdev_unload(sc), 0);
+	CHECK_EQ(kupdev_wake_any(sc), -EINVAL);   /* not live (logged) */
+	printf("ok receive_any\n");
+}
+
+/*
+ * No lost and no duplicated message: ANY_USERS user threads, each handing
+ * over on its ANY_PER_USER channels at once and then waiting for every
+ * reply, against one module thread in kupdev_receive_any over all of them.
+ * Each message carries its channel's running number; the module checks it
+ * is the next one and echoes it, the user checks the echo.  Half of the
+ * users wake the kernel through the core, half through the channel's
+ * eventfd; both sleep for their answers as libkup does (user_waiting, the
+ * kernel->user eventfd).  A lost wake-up leaves the module asleep with a
+ * message waiting: its bounded wait then fails the test.
+ */
+#define ANY_USERS    8
+#define ANY_PER_USER 4
+#define ANY_CHANS    (ANY_USERS * ANY_PER_USER)
+#define ANY_ROUNDS   400
+#define ANY_SEQ_ROUNDS 4
+
+struct any_user {
+	struct kupdev_softc *sc;
+	struct user u[ANY_PER_USER];
+	int efd_wake;
+	int ok;
+};
+
+static int any_users_done;   /* __atomic: phase one's users that finished */
+
+/* the user's side of a hand-over back: spin a little, then the sleep of
+ * kup_abi.h on the kernel->user eventfd */
+static void
+any_user_wait(struct user *u)
+{
+	int efd = kup_core_chan_os(u->ch)->k2u_efd, i;
+	uint64_t v;
+
+	for (i = 0; i < 200; i++) {
+		if (__atomic_load_n(&u->k->turn, __ATOMIC_ACQUIRE) == KUP_TURN_USER)
+			return;
+		sched_yield();
+	}
+	for (;;) {
+		struct pollfd pf = { .fd = efd, .events = POLLIN };
+
+		__atomic_store_n(&u->k->user_waiting, 1, __ATOMIC_RELAXED);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&u->k->turn, __ATOMIC_ACQUIRE) == KUP_TURN_USER)
+			break;
+		if (poll(&pf, 1, 20000) != 1) {
+			fprintf(stderr, "chan %u: no answer within 20 s (a lost "
+			    "wake-up of the module?)\n", u->k->chan_id);
+			exit(1);
+		}
+		(void)read(efd, &v, sizeof(v));
+	}
+	__atomic_store_n(&u->k->user_waiting, 0, __ATOMIC_RELAXED);
+}
+
+static void *
+any_user_main(void *p)
+{
+	struct any_user *a = p;
+	uint64_t n;
+	int round, j;
+
+	for (round = 1; round <= ANY_ROUNDS; round++) {
+		for (j = 0; j < ANY_PER_USER; j++) {
+			n = (uint64_t)round;
+			if (a->efd_wake)
+				user_send_efd(&a->u[j], &n, sizeof(n));
+			else
+				user_send(&a->u[j], &n, sizeof(n));
+		}
+		for (j = 0; j < ANY_PER_USER; j++) {
+			struct user *u = &a->u[j];
+
+			any_user_wait(u);
+			CHECK_EQ(u->k->k2u.kind, KUP_KIND_DATA);
+			CHECK_EQ(u->k->k2u.seq, u->k2u_seq + 1);
+			u->k2u_seq++;
+			CHECK_EQ(u->k->k2u.len, sizeof(n));
+			memcpy(&n, u->k2u, sizeof(n));
+			CHECK_EQ(n, (uint64_t)round);
+		}
+	}
+	a->ok = 1;
+	__atomic_add_fetch(&any_users_done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+/* Phase two: one hand-over at a time, each while the module sleeps (some
+ * page of the set says kernel_waiting): every channel's hand-over alone,
+ * by either wake-up path, must wake it. */
+static void *
+any_seq_main(void *p)
+{
+	struct any_user *users = p;
+	uint64_t n;
+	int round, c, i, k;
+
+	while (__atomic_load_n(&any_users_done, __ATOMIC_ACQUIRE) < ANY_USERS)
+		usleep(1000);
+	for (round = 1; round <= ANY_SEQ_ROUNDS; round++) {
+		for (c = 0; c < ANY_CHANS; c++) {
+			struct user *u = &users[c / ANY_PER_USER].u[c % ANY_PER_USER];
+			int asleep = 0;
+
+			for (k = 0; k < 20000 && !asleep; k++) {
+				for (i = 0; i < ANY_CHANS && !asleep; i++)
+					asleep = __atomic_load_n(&users[i /
+					    ANY_PER_USER].u[i % ANY_PER_USER].k->
+					    kernel_waiting, __ATOMIC_ACQUIRE) != 0;
+				if (!asleep)
+					usleep(1000);
+			}
+			CHECK(asleep);
+			n = (uint64_t)(ANY_ROUNDS + round);
+			if ((c + round) & 1)
+				user_send_efd(u, &n, sizeof(n));
+			else
+				user_send(u, &n, sizeof(n));
+			any_user_wait(u);
+			CHECK_EQ(u->k->k2u.seq, u->k2u_seq + 1);
+			u->k2u_seq++;
+			memcpy(&n, u->k2u, sizeof(n));
+			CHECK_EQ(n, (uint64_t)(ANY_ROUNDS + round));
+		}
+	}
+	return NULL;
+}
+
+static void
+test_receive_any_stress(void)
+{
+	struct kupdev_softc *sc = kupdev_create("anystress", 1, ANY_CHANS);
+	static struct any_user users[ANY_USERS];
+	pthread_t t[ANY_USERS], tseq;
+	int ids[ANY_CHANS], i, j, r, which;
+	uint64_t next[ANY_CHANS], n;
+	long total = 0;
+	struct kupdev_msg m;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	for (i = 0; i < ANY_CHANS; i++) {
+		struct kup_chan *ch;
+
+		/* the set in an order of its own, not the ids' */
+		ids[i] = (i * 7) % ANY_CHANS;
+		next[i] = 1;
+		CHECK_EQ(kup_core_attach(sc, (uint32_t)i, KUP_ABI_VERSION, &ch), 0);
+		CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), i);
+		users[i / ANY_PER_USER].sc = sc;
+		user_init(&users[i / ANY_PER_USER].u[i % ANY_PER_USER], ch);
+		CHECK_EQ(kupdev_pass(sc, i), 0);
+		user_expect(&users[i / ANY_PER_USER].u[i % ANY_PER_USER],
+		    KUP_KIND_PASS, NULL, 0);
+	}
+	for (i = 0; i < ANY_USERS; i++) {
+		users[i].efd_wake = i & 1;
+		CHECK_EQ(pthread_create(&t[i], NULL, any_user_main, &users[i]), 0);
+	}
+	CHECK_EQ(pthread_create(&tseq, NULL, any_seq_main, users), 0);
+	while (total < (long)ANY_CHANS * (ANY_ROUNDS + ANY_SEQ_ROUNDS)) {
+		/* without bound: a bounded wait's last look would take a
+		 * message whose wake-up was lost; the users' bounded waits
+		 * for their answers catch that instead */
+		r = kupdev_receive_any(sc, ids, ANY_CHANS, &m, KUPDEV_FOREVER,
+		    &which);
+		if (r < 0) {
+			fprintf(stderr, "receive_any: %d (chan %d) after %ld "
+			    "messages\n", r, which, total);
+			exit(1);
+		}
+		CHECK_EQ(which, r);
+		CHECK_EQ(m.kind, KUP_KIND_DATA);
+		CHECK_EQ(m.len, sizeof(n));
+		memcpy(&n, m.data, sizeof(n));
+		CHECK_EQ(n, next[r]);
+		next[r]++;
+		kupdev_unlock_channel(sc, r);
+		CHECK_EQ(kupdev_send(sc, &n, sizeof(n), r), 0);
+		total++;
+	}
+	for (i = 0; i < ANY_USERS; i++) {
+		CHECK_EQ(pthread_join(t[i], NULL), 0);
+		CHECK(users[i].ok);
+	}
+	CHECK_EQ(pthread_join(tseq, NULL), 0);
+	for (i = 0; i < ANY_CHANS; i++)
+		CHECK_EQ(next[i], ANY_ROUNDS + ANY_SEQ_ROUNDS + 1);
+	/* nothing more: every user holds the turn the last replies gave it */
+	CHECK_EQ(kupdev_receive_any(sc, ids, ANY_CHANS, &m, 0, &which),
+	    -ETIMEDOUT);
+	for (j = 0; j < ANY_CHANS; j++)
+		kup_core_detach(kup_core_chan_at(sc, (uint32_t)j));
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok receive_any_stress %ld messages\n", total);
+}
+
 /* A module thread that receives and exits holding the message (a module
  * bug: no kupdev_unlock_channel). */
 static void *
@@ -1819,6 +2287,8 @@ main(void)
 	test_shutdown();
 	test_disconnect();
 	test_wake();
+	test_receive_any();
+	test_receive_any_stress();
 	test_holder_exits();
 	test_unload_with_waiters();
 	test_unload_twice();

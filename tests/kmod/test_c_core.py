@@ -55,6 +55,8 @@ def test_core_unit(variant_out: Path) -> None:
         "shutdown",
         "disconnect",
         "wake",
+        "receive_any",
+        "receive_any_stress",
         "holder_exits",
         "unload_with_waiters",
         "unload_twice",
@@ -161,4 +163,23 @@ def test_core_unit(variant_out: Path) -> None:
         "(an int: -2147483648 to 2147483647): using the default 77"
     ) in err
     assert 'parameter p (TEST) = "bad?value" is not a decimal integer' in proc.stderr
+    # kupdev_receive_any's misuse names what is wrong with the set
+    any_lines = [ln for ln in err if ln.startswith("kup: any: ")]
+    assert any_lines == [
+        f"kup: any: {ln}"
+        for ln in (
+            "kupdev_receive_any: 0 channels (1..4, the device's)",
+            "kupdev_receive_any: 5 channels (1..4, the device's)",
+            "kupdev_receive_any: channel 1 twice (entry 1)",
+            "kupdev_receive_any: channel 4 (entry 1) out of range 0..3",
+            "kupdev_receive_any: NULL channel list",
+            "kupdev_receive_any: NULL msg",
+            "kupdev_receive_any: NULL chan_out",
+            "kupdev_receive_any: timeout -2 ms (0 or more, or KUPDEV_FOREVER = -1)",
+            "chan 1: receive_any while this thread holds the channel from its receive: "
+            "call kupdev_unlock_channel first (-EDEADLK)",
+        )
+    ], any_lines
+    assert "kup: kupdev_receive_any: NULL device" in err
+    assert "kup: kupdev_wake_any: not a live device (called after kupdev_unload?)" in err
     assert proc.stdout.rstrip().endswith("OK core")
