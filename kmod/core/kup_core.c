@@ -576,6 +576,7 @@ kup_dev_shutdown(struct kupdev_softc *sc)
 	}
 	kup_unlock(&sc->lock);
 	kup_os_dev_wake(sc);
+	kup_os_any_wake(sc);   /* a receive_any on no channel */
 	kup_os_dev_wake_user(sc);
 }
 
@@ -1601,7 +1602,8 @@ kup_any_cond(void *arg)
 	const struct kup_any *a = arg;
 	int i;
 
-	if (KUP_READ_ONCE32(&a->sc->any_wakes) != 0)
+	if (KUP_READ_ONCE32(&a->sc->any_wakes) != 0 ||
+	    KUP_READ_ONCE32(&a->sc->shutdown) != 0)   /* also with no channel */
 		return 1;
 	for (i = 0; i < a->n; i++)
 		if (kup_recv_cond(&a->sc->chans[a->ids[i]]))
@@ -1619,6 +1621,8 @@ kup_any_start(struct kupdev_softc *sc, const int *ids, int n)
 	uint64_t best = 0, st;
 	int i, at = -1;
 
+	if (n == 0)
+		return 0;
 	for (i = 0; i < n; i++) {
 		st = KUP_READ_ONCE64(&sc->chans[ids[i]].any_stamp);
 		if (st > best) {
@@ -1761,7 +1765,7 @@ kup_any_wait(struct kup_any *a, int timeout_ms)
 	return r;
 }
 
-/* The set is usable: 1..channels ids, each in range, none twice.  Logs
+/* The set is usable: 0..channels ids, each in range, none twice.  Logs
  * what is wrong (misuse) and returns 0 otherwise. */
 static int
 kup_any_args_ok(struct kupdev_softc *sc, const int *ids, int n)
@@ -1769,13 +1773,13 @@ kup_any_args_ok(struct kupdev_softc *sc, const int *ids, int n)
 	uint8_t seen[KUP_MAX_CHANNELS / 8];
 	int i;
 
-	if (ids == NULL) {
-		KUP_MISUSE(sc, "kupdev_receive_any: NULL channel list");
+	if (n < 0 || (size_t)n > sc->chan_cnt) {
+		KUP_MISUSE(sc, "kupdev_receive_any: %d channels (0..%zu, the "
+		    "device's)", n, sc->chan_cnt);
 		return 0;
 	}
-	if (n < 1 || (size_t)n > sc->chan_cnt) {
-		KUP_MISUSE(sc, "kupdev_receive_any: %d channels (1..%zu, the "
-		    "device's)", n, sc->chan_cnt);
+	if (ids == NULL && n != 0) {
+		KUP_MISUSE(sc, "kupdev_receive_any: NULL channel list");
 		return 0;
 	}
 	memset(seen, 0, sizeof(seen));
@@ -1874,7 +1878,6 @@ kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
 int
 kupdev_wake_any(struct kupdev_softc *sc)
 {
-	size_t i;
 	int r = 0;
 
 	if (!kup_dev_live(sc, "kupdev_wake_any", "called after kupdev_unload?"))
@@ -1885,12 +1888,8 @@ kupdev_wake_any(struct kupdev_softc *sc)
 	else if (sc->any_wakes != 0xffffffffU)
 		KUP_WRITE_ONCE32(&sc->any_wakes, sc->any_wakes + 1);
 	kup_unlock(&sc->lock);
-	/* a receive_any sleeps until a wake of one of its channels: wake
-	 * them all (rare; a spurious wake of a single receive only makes it
-	 * look again) */
 	if (r == 0)
-		for (i = 0; i < sc->chan_cnt; i++)
-			kup_os_chan_wake(&sc->chans[i]);
+		kup_os_any_wake(sc);
 	return r;
 }
 

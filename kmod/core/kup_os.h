@@ -191,9 +191,13 @@ void kup_os_chan_wake(struct kup_chan *ch);
  * that every kup_os_chan_wake of the device also wakes (Linux, FreeBSD:
  * every receive_any of the device then wakes and looks, a harmless
  * spurious wake-up for all but one); kupsim waits on the channels' own
- * eventfds.  Called with no core lock held; cond takes none. */
+ * eventfds.  kup_os_any_wake(sc) must end it too (n may be 0: then only
+ * that does).  Called with no core lock held; cond takes none. */
 int  kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
          int (*cond)(void *), void *arg, int timeout_ms);
+/* Wake every kup_os_any_sleep of sc (kupdev_wake_any, shutdown).  Must
+ * not sleep. */
+void kup_os_any_wake(struct kupdev_softc *sc);
 /* Wake the user side of ch: make its pollable fd readable (eventfd write,
  * wake_up of the poll queue, selwakeup + KNOTE).  Both wakes must not
  * sleep: the core may call them with ch->lock or sc->lock held. */

@@ -511,6 +511,18 @@ kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
 	return (rc);
 }
 
+void
+kup_os_any_wake(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (!od->inited)
+		return;
+	mtx_lock(&od->mtx);
+	wakeup(&od->any_wchan);
+	mtx_unlock(&od->mtx);
+}
+
 /* Tell poll(2)/kqueue(2) waiters of one open file; its mutex is held. */
 static void
 kup_fb_file_notify_locked(struct kup_fb_file *f)

@@ -266,9 +266,12 @@ int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
  *     (after the session's first pass or a reply);
  *   - *chan_out = -1: -ETIMEDOUT, -ESHUTDOWN, -ECANCELED from
  *     kupdev_wake_any (below), -EINTR (the host's sleep was interrupted),
- *     -EINVAL (logged, nothing looked at: chans or msg or chan_out NULL,
- *     n outside 1..kupdev_channel_count(sc), a channel id out of range or
- *     twice, a timeout below KUPDEV_FOREVER).
+ *     -EINVAL (logged, nothing looked at: msg or chan_out NULL, chans
+ *     NULL with n > 0, n outside 0..kupdev_channel_count(sc), a channel
+ *     id out of range or twice, a timeout below KUPDEV_FOREVER).
+ * n == 0 (chans may be NULL) waits for kupdev_wake_any alone (or the
+ * shutdown, or the timeout): what a serving thread whose set is empty
+ * does until its acceptor gives it a channel.
  * Order: the shutdown first, then a kupdev_wake_any, then the channels
  * in round-robin order -- starting after the channel of the set that was
  * answered for last, so that with an unchanged set a channel that has an

@@ -29,6 +29,9 @@ struct kup_os_dev {
 	pthread_mutex_t m;      /* sleep mutex for kupdev_wait_channel */
 	pthread_cond_t  cv;
 	int             ready;  /* m/cv initialised (by publish) */
+	struct kupsim_any_sleeper *any_sleepers;/* m: kupdev_receive_any
+	                         * sleepers, each with an eventfd of its own
+	                         * that kup_os_any_wake writes */
 	int             ev_fd;  /* eventfd: device event for the server */
 	void           *srv;    /* kupsim server's listener record */
 };

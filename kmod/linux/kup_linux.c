@@ -210,6 +210,14 @@ int kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
 	return kup_sleep_result(r);
 }
 
+void kup_os_any_wake(struct kupdev_softc *sc)
+{
+	struct kup_os_dev *od = kup_core_dev_os(sc);
+
+	if (od->wq_ready)
+		wake_up_all(&od->any_wq);
+}
+
 /* Like an eventfd: the wake-up stays pending (the fd polls readable) until
  * user space consumes it with read(2) -- libkup's drain.  Pending before
  * the wake_up, so a poller that wakes always sees it.  The pollers wait on

@@ -1432,15 +1432,15 @@ test_receive_any(void)
 	struct kup_chan *ch[3];
 	struct user us[3];
 	struct kupdev_msg m;
-	struct kany ka;
+	struct kany ka, ka0;
 	struct kany_other ko;
-	pthread_t t;
+	pthread_t t, t0;
 	int i, r, which, got[3];
 
 	CHECK(sc != NULL);
 	kupdev_notify(sc);
 	/* misuse: -EINVAL, logged, chan_out -1 */
-	CHECK_EQ(kupdev_receive_any(sc, all, 0, &m, 0, &which), -EINVAL);
+	CHECK_EQ(kupdev_receive_any(sc, all, -1, &m, 0, &which), -EINVAL);
 	CHECK_EQ(which, -1);
 	CHECK_EQ(kupdev_receive_any(sc, all, 5, &m, 0, &which), -EINVAL);
 	CHECK_EQ(kupdev_receive_any(sc, dup, 2, &m, 0, &which), -EINVAL);
@@ -1450,6 +1450,15 @@ test_receive_any(void)
 	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, NULL), -EINVAL);
 	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, -2, &which), -EINVAL);
 	CHECK_EQ(kupdev_receive_any(NULL, all, 3, &m, 0, &which), -EINVAL);
+	/* no channel: only a kupdev_wake_any (or the shutdown, below) can
+	 * answer -- what a thread whose set is empty waits for */
+	CHECK_EQ(kupdev_receive_any(sc, NULL, 0, &m, 0, &which), -ETIMEDOUT);
+	CHECK_EQ(kupdev_receive_any(sc, NULL, 0, &m, 20, &which), -ETIMEDOUT);
+	kany_start(&ka, &t, sc, NULL, 0, KUPDEV_FOREVER);
+	CHECK_EQ(kupdev_wake_any(sc), 0);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(ka.ret, -ECANCELED);
+	CHECK_EQ(ka.which, -1);
 	/* no session on a channel: -EPIPE, naming it */
 	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 0, &which), -EPIPE);
 	CHECK(which >= 0 && which <= 2);
@@ -1584,13 +1593,17 @@ test_receive_any(void)
 	CHECK_EQ(pthread_join(t, NULL), 0);
 	CHECK_EQ(ka.ret, -EPIPE);
 	CHECK_EQ(ka.which, 2);
-	/* the shutdown wakes it: -ESHUTDOWN, no channel */
+	/* the shutdown wakes it, and one waiting on no channel: -ESHUTDOWN,
+	 * no channel */
 	kany_start(&ka, &t, sc, all, 2, KUPDEV_FOREVER);
+	kany_start(&ka0, &t0, sc, NULL, 0, KUPDEV_FOREVER);
 	wait_all_waiting(us, 2);
 	CHECK_EQ(kupdev_shutdown(sc), 0);
 	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(pthread_join(t0, NULL), 0);
 	CHECK_EQ(ka.ret, -ESHUTDOWN);
 	CHECK_EQ(ka.which, -1);
+	CHECK_EQ(ka0.ret, -ESHUTDOWN);
 	CHECK_EQ(kupdev_receive_any(sc, all, 2, &m, 0, &which), -ESHUTDOWN);
 	CHECK_EQ(kupdev_wake_any(sc), -ESHUTDOWN);
 	kup_core_detach(ch[0]);

@@ -168,8 +168,8 @@ def test_core_unit(variant_out: Path) -> None:
     assert any_lines == [
         f"kup: any: {ln}"
         for ln in (
-            "kupdev_receive_any: 0 channels (1..4, the device's)",
-            "kupdev_receive_any: 5 channels (1..4, the device's)",
+            "kupdev_receive_any: -1 channels (0..4, the device's)",
+            "kupdev_receive_any: 5 channels (0..4, the device's)",
             "kupdev_receive_any: channel 1 twice (entry 1)",
             "kupdev_receive_any: channel 4 (entry 1) out of range 0..3",
             "kupdev_receive_any: NULL channel list",
