@@ -1000,6 +1000,109 @@ sc_stress(void)
 	return 0;
 }
 
+/*
+ * echo in "any" mode (KUP_PARAM_ECHO_ANY=1): ONE module thread serves
+ * every channel with kupdev_receive_any.  ANYS_USERS threads, each with
+ * ANYS_PER_USER channels: hand over on all of them at once, then take
+ * every answer (a lost hand-over fails the 10 s receive; a duplicated or
+ * reordered one, the content check), leaving and re-attaching one of
+ * their channels now and then (the server's set shrinks and grows).
+ * Then one hand-over at a time on every channel, after a pause in which
+ * the server goes to sleep: each channel's wake-up alone must reach it.
+ */
+#define ANYS_USERS    8
+#define ANYS_PER_USER 4
+#define ANYS_ROUNDS   300
+
+struct anys_arg {
+	void *d;
+	int first;
+	void *c[ANYS_PER_USER];
+	int ok;
+};
+
+static void *
+anys_main(void *p)
+{
+	struct anys_arg *a = p;
+	struct kernproxy_msg m;
+	char buf[ANYS_PER_USER][64];
+	int len[ANYS_PER_USER];
+	int i, j, k;
+
+	for (j = 0; j < ANYS_PER_USER; j++) {
+		a->c[j] = attach(a->d, (size_t)(a->first + j));
+		expect_pass(a->c[j]);
+	}
+	for (i = 0; i < ANYS_ROUNDS; i++) {
+		if (i % 50 == 49) {
+			j = (i / 50) % ANYS_PER_USER;
+			kernproxy_close(a->c[j]);
+			a->c[j] = attach(a->d, (size_t)(a->first + j));
+			expect_pass(a->c[j]);
+		}
+		for (j = 0; j < ANYS_PER_USER; j++) {
+			len[j] = snprintf(buf[j], sizeof(buf[j]), "any c%d r%d",
+			    a->first + j, i);
+			CHECK_EQ(kernproxy_send(a->c[j], buf[j], (size_t)len[j], 0), 0);
+		}
+		for (j = 0; j < ANYS_PER_USER; j++) {
+			int odd = (a->first + j) & 1;
+
+			if (kernproxy_receive_msg(a->c[j], &m, 10000) != 0) {
+				fprintf(stderr, "chan %d round %d: %s\n",
+				    a->first + j, i,
+				    kernproxy_strerror(kernproxy_errno));
+				exit(1);
+			}
+			CHECK_EQ(m.kind, KUP_KIND_DATA);
+			CHECK_EQ(m.len, (size_t)len[j]);
+			for (k = 0; k < len[j]; k++)
+				CHECK_EQ(((const char *)m.data)[k],
+				    odd ? upper(buf[j][k]) : buf[j][k]);
+		}
+	}
+	a->ok = 1;
+	return NULL;
+}
+
+static int
+sc_anystress(void)
+{
+	struct anys_arg a[ANYS_USERS];
+	pthread_t t[ANYS_USERS];
+	void *d = open_dev("echo");
+	char buf[32];
+	int i, j, n;
+
+	for (i = 0; i < ANYS_USERS; i++) {
+		a[i].d = d;
+		a[i].first = i * ANYS_PER_USER;
+		a[i].ok = 0;
+		CHECK_EQ(pthread_create(&t[i], NULL, anys_main, &a[i]), 0);
+	}
+	for (i = 0; i < ANYS_USERS; i++) {
+		pthread_join(t[i], NULL);
+		CHECK(a[i].ok);
+	}
+	for (i = 0; i < ANYS_USERS * ANYS_PER_USER; i++) {
+		void *c = a[i / ANYS_PER_USER].c[i % ANYS_PER_USER];
+
+		for (j = 0; j < 2; j++) {
+			usleep(5000);   /* the server sleeps (not asserted) */
+			n = snprintf(buf, sizeof(buf), "alone %d.%d", i, j);
+			round_trip(c, buf, (size_t)n, (i & 1) ? upper : NULL);
+		}
+	}
+	for (i = 0; i < ANYS_USERS; i++)
+		for (j = 0; j < ANYS_PER_USER; j++)
+			kernproxy_close(a[i].c[j]);
+	kernproxy_close(d);
+	printf("OK anystress %d messages\n",
+	    ANYS_USERS * ANYS_PER_USER * (ANYS_ROUNDS + 2));
+	return 0;
+}
+
 /* A timeout below -1 is EKU_INVAL at once (kup.h: -1 forever, 0 do not
  * wait, > 0 ms), whether or not a message is waiting, and consumes
  * nothing: it used to mean "forever" (or take what was there). */
@@ -1473,6 +1576,8 @@ main(int argc, char **argv)
 		return sc_notready();
 	if (strcmp(s, "churn") == 0)
 		return sc_churn();
+	if (strcmp(s, "anystress") == 0)
+		return sc_anystress();
 	if (strcmp(s, "stress") == 0)
 		return sc_stress();
 	if (strcmp(s, "badtimeout") == 0)

@@ -118,6 +118,19 @@
  *
  * Threads: one acceptor in kupdev_wait_channel(), at most one worker per
  * channel, serving its sessions one after the other.  Only kupdev.h and kup_module.h are used.
+ *
+ * "any" mode (parameter `any` = 1; kupsim: KUP_PARAM_ECHO_ANY=1, Linux:
+ * kup.params=echo.any=1): no worker threads; ONE thread serves every
+ * channel with kupdev_receive_any (echo_any_server).  The acceptor only
+ * flags the channel it was told about ("fresh") and calls
+ * kupdev_wake_any; the server makes each fresh channel's first pass (with
+ * the one retry of kupdev.h, "Sessions") and adds it to its set, answers
+ * DATA and PASS as above (plain echo / upper-case / rot13: none of the
+ * "!" commands, which sleep or hold the channel, and would stall every
+ * other channel of a one-thread server), and takes a channel out of its
+ * set when its session ends (-EPIPE, -EPROTO, CLOSE, a failed reply).
+ * Log lines: "echo: any: serving N channels" when the set grows, and the
+ * session lines of the worker mode ("echo: chan N: peer gone (-EPIPE)").
  */
 #include "kup_module.h"
 
@@ -162,6 +175,9 @@ struct echo_slot {
 	int               running;   /* echo_slot_mtx: thr has not decided to exit */
 	int               again;     /* echo_slot_mtx: an attach came while running */
 	unsigned int      wake_ms;   /* "!wake": the helper's delay */
+	int               fresh;     /* "any" mode, echo_slot_mtx: an attachment
+	                              * the server has not started yet */
+	int               in_set;    /* "any" mode, the server's: in its set */
 };
 
 /* Per-session log lines (a session's end, a failed first pass, ...) and the
@@ -199,6 +215,9 @@ static size_t echo_nchan;
 static size_t echo_max;
 static struct kup_thread *echo_acceptor;
 static struct kup_thread *echo_announcer;
+static int echo_any_mode;                 /* parameter `any` */
+static int echo_any_fresh;                /* echo_slot_mtx: some slot is fresh */
+static struct kup_thread *echo_any_thr;  /* "any" mode: the one server */
 static int echo_announce_delay;
 static unsigned int echo_start_delay;   /* ms; start_delay_ms */
 
@@ -747,6 +766,164 @@ echo_worker(void *arg)
 	}
 }
 
+/* "any" mode: the server's set.  set[0..n) are channels whose user holds
+ * the turn (the server passed or replied last); s->in_set says who. */
+struct echo_any_set {
+	int   *ids;
+	int    n;
+};
+
+static void
+echo_any_add(struct echo_any_set *set, int c)
+{
+	if (echo_slots[c].in_set)
+		return;
+	echo_slots[c].in_set = 1;
+	set->ids[set->n++] = c;
+	kup_log_limited(&echo_session_rl, "echo: any: serving %d channels",
+	    set->n);
+}
+
+static void
+echo_any_remove(struct echo_any_set *set, int c)
+{
+	int i;
+
+	if (!echo_slots[c].in_set)
+		return;
+	echo_slots[c].in_set = 0;
+	for (i = 0; i < set->n; i++) {
+		if (set->ids[i] == c) {
+			set->ids[i] = set->ids[--set->n];
+			return;
+		}
+	}
+}
+
+/* Start the session of every channel the acceptor flagged: its first
+ * pass, called once more on -EPIPE (kupdev.h, "Sessions": that -EPIPE may
+ * end an earlier session of the channel, still in the set or not). */
+static int
+echo_any_take_fresh(struct echo_any_set *set)
+{
+	size_t i;
+	int r, any;
+
+	/* one look per message while no channel is new */
+	kup_os_mutex_lock(echo_slot_mtx);
+	any = echo_any_fresh;
+	echo_any_fresh = 0;
+	kup_os_mutex_unlock(echo_slot_mtx);
+	for (i = 0; any && i < echo_nchan; i++) {
+		struct echo_slot *s = &echo_slots[i];
+		int fresh;
+
+		kup_os_mutex_lock(echo_slot_mtx);
+		fresh = s->fresh;
+		s->fresh = 0;
+		kup_os_mutex_unlock(echo_slot_mtx);
+		if (!fresh)
+			continue;
+		r = kupdev_pass(echo_sc, s->chan);
+		if (r == -EPIPE)
+			r = kupdev_pass(echo_sc, s->chan);
+		if (r == -ESHUTDOWN)
+			return r;
+		if (r == 0) {
+			echo_any_add(set, s->chan);
+			continue;
+		}
+		echo_any_remove(set, s->chan);
+		if (r != -EPIPE)
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: first pass failed (%d)", s->chan, r);
+	}
+	return 0;
+}
+
+/* Answer the message the server holds on channel c (and let go of it);
+ * 0, or the error that ends the channel's session (logged). */
+static int
+echo_any_answer(struct echo_slot *s, const struct kupdev_msg *m)
+{
+	size_t n;
+	int r;
+
+	switch (m->kind) {
+	case KUP_KIND_DATA:
+		n = m->len < echo_max ? m->len : echo_max;
+		echo_transform(s->chan, s->buf, m->data, n);
+		kupdev_unlock_channel(echo_sc, s->chan);
+		r = kupdev_send(echo_sc, s->buf, n, s->chan);
+		break;
+	case KUP_KIND_PASS:
+		kupdev_unlock_channel(echo_sc, s->chan);
+		r = kupdev_pass(echo_sc, s->chan);
+		break;
+	default:
+		kupdev_unlock_channel(echo_sc, s->chan);
+		kup_log_limited(&echo_session_rl, "echo: chan %d: user closed",
+		    s->chan);
+		return -EPIPE;
+	}
+	if (r == -EPIPE)
+		kup_log_limited(&echo_session_rl,
+		    "echo: chan %d: peer gone (-EPIPE)", s->chan);
+	else if (r != 0 && r != -ESHUTDOWN)
+		kup_log_limited(&echo_session_rl,
+		    "echo: chan %d: reply failed (%d)", s->chan, r);
+	return r;
+}
+
+/* "any" mode: one thread, every channel.  Waits in kupdev_receive_any on
+ * its set (on no channel while it has none: then only the acceptor's
+ * kupdev_wake_any ends the wait). */
+static int
+echo_any_server(void *arg)
+{
+	struct echo_any_set set;
+	struct kupdev_msg m;
+	int r, c;
+
+	(void)arg;
+	set.n = 0;
+	set.ids = kup_os_zalloc(echo_nchan * sizeof(*set.ids));
+	if (set.ids == NULL) {
+		kup_os_log("echo: any: no memory for the set");
+		return -ENOMEM;
+	}
+	for (;;) {
+		if (echo_any_take_fresh(&set) == -ESHUTDOWN)
+			break;
+		r = kupdev_receive_any(echo_sc, set.ids, set.n, &m,
+		    KUPDEV_FOREVER, &c);
+		if (r == -ESHUTDOWN)
+			break;
+		if (r >= 0) {
+			r = echo_any_answer(&echo_slots[r], &m);
+			if (r == -ESHUTDOWN)
+				break;
+			if (r != 0)
+				echo_any_remove(&set, c);
+			continue;
+		}
+		if (c < 0 || r == -ECANCELED)
+			continue;   /* a wake (fresh channels), -EINTR, -ETIMEDOUT */
+		/* that channel's session is over (-EPIPE, -EPROTO) or it is
+		 * not usable (a bug: -EAGAIN, -EBUSY): out of the set */
+		if (r == -EPIPE || r == -EPROTO)
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: %s", c, r == -EPIPE ?
+			    "peer gone (-EPIPE)" : "protocol error (-EPROTO)");
+		else
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: receive failed (%d)", c, r);
+		echo_any_remove(&set, c);
+	}
+	kup_os_free(set.ids, echo_nchan * sizeof(*set.ids));
+	return 0;
+}
+
 static int
 echo_accept(void *arg)
 {
@@ -763,6 +940,15 @@ echo_accept(void *arg)
 		if ((size_t)c >= echo_nchan)
 			continue;
 		s = &echo_slots[c];
+		if (echo_any_mode) {
+			/* the server starts it: flag it, wake the server */
+			kup_os_mutex_lock(echo_slot_mtx);
+			s->fresh = 1;
+			echo_any_fresh = 1;
+			kup_os_mutex_unlock(echo_slot_mtx);
+			(void)kupdev_wake_any(echo_sc);
+			continue;
+		}
 		kup_os_mutex_lock(echo_slot_mtx);
 		if (s->running) {
 			/* never join a running worker: it may be serving
@@ -831,6 +1017,7 @@ kup_module_init(void)
 	size_t i;
 
 	echo_announce_delay = kup_os_param_int(ECHO_PARAM, "announce_delay_ms", 0);
+	echo_any_mode = kup_os_param_int(ECHO_PARAM, "any", 0) != 0;
 	echo_start_delay = start_delay < 0 ? 0U :
 	    start_delay > 10000 ? 10000U : (unsigned int)start_delay;
 
@@ -860,9 +1047,15 @@ kup_module_init(void)
 		if (echo_slots[i].buf == NULL)
 			goto fail_slots;
 	}
+	if (echo_any_mode) {
+		echo_any_thr = kup_os_thread_start(echo_any_server, NULL,
+		    ECHO_NAME "-any");
+		if (echo_any_thr == NULL)
+			goto fail_slots;
+	}
 	echo_acceptor = kup_os_thread_start(echo_accept, NULL, ECHO_NAME "-acc");
 	if (echo_acceptor == NULL)
-		goto fail_slots;
+		goto fail_any;
 	if (echo_announce_delay > 0) {
 		echo_announcer = kup_os_thread_start(echo_announce, NULL,
 		    ECHO_NAME "-ann");
@@ -871,13 +1064,19 @@ kup_module_init(void)
 	} else {
 		kupdev_notify(echo_sc);
 	}
-	kup_os_log("echo: device %s ready (%d channels, %d pages)", ECHO_NAME,
-	    nchan, pages);
+	kup_os_log("echo: device %s ready (%d channels, %d pages%s)", ECHO_NAME,
+	    nchan, pages, echo_any_mode ? ", one receive_any thread" : "");
 	return 0;
 
 fail_acceptor:
 	kupdev_shutdown(echo_sc);
 	kup_os_thread_join(echo_acceptor);
+fail_any:
+	if (echo_any_thr != NULL) {
+		kupdev_shutdown(echo_sc);
+		kup_os_thread_join(echo_any_thr);
+		echo_any_thr = NULL;
+	}
 
 fail_slots:
 	echo_free_slots();
@@ -906,6 +1105,9 @@ kup_module_fini(void)
 	if (echo_announcer != NULL)
 		kup_os_thread_join(echo_announcer);
 	echo_announcer = NULL;
+	if (echo_any_thr != NULL)
+		kup_os_thread_join(echo_any_thr);
+	echo_any_thr = NULL;
 	for (i = 0; i < echo_nchan; i++) {
 		if (echo_slots[i].thr != NULL)
 			kup_os_thread_join(echo_slots[i].thr);
