@@ -90,6 +90,8 @@
  * (slice expiry, spurious wake-ups).  Not modelled: hostile peers
  * (tests/c and kupsim's hostile module cover those), several kernel
  * threads on one channel, and the new user's own session after a re-attach.
+ * One kernel thread on several channels (kupdev_receive_any) is
+ * kup_any.pml's, next to this file.
  *
  * A statement tagged @reach:<name> stands alone on its line (not on the
  * line of an if's first option, which SPIN also gives the if's guards):
