@@ -1434,6 +1434,7 @@ test_receive_any(void)
 	struct kupdev_msg m;
 	struct kany ka, ka0;
 	struct kany_other ko;
+	struct kholder kh;
 	pthread_t t, t0;
 	int i, r, which, got[3];
 
@@ -1555,6 +1556,22 @@ test_receive_any(void)
 		CHECK_EQ(kupdev_pass(sc, i), 0);
 		user_expect(&us[i], KUP_KIND_PASS, NULL, 0);
 	}
+
+	/* another thread holds channel 0's message: -EBUSY for it, at once */
+	memset(&kh, 0, sizeof(kh));
+	kh.sc = sc;
+	user_send(&us[0], "held", 4);
+	CHECK_EQ(pthread_create(&t, NULL, kholder_main, &kh), 0);
+	for (i = 0; i < 20000 && !__atomic_load_n(&kh.holding, __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK_EQ(__atomic_load_n(&kh.holding, __ATOMIC_ACQUIRE), 1);
+	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 1000, &which), -EBUSY);
+	CHECK_EQ(which, 0);
+	__atomic_store_n(&kh.release, 1, __ATOMIC_RELEASE);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(kh.ret, 0);
+	CHECK_EQ(kupdev_pass(sc, 0), 0);
+	user_expect(&us[0], KUP_KIND_PASS, NULL, 0);
 
 	/* kupdev_wake_channel of one of its channels: -ECANCELED, that one */
 	kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
