@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c receive_any python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -239,6 +239,38 @@ stage_libkup_c() {
 	grep -q "OK shutdown_unread" "$out"
 	insmod "$KMODDIR/kup_echo.ko"    # the later stages need it back
 	wait_dev echo
+}
+
+# kupdev_receive_any on the real kernel: echo reloaded in its "any" mode
+# (kup.params echo.any=1), where one module thread serves every channel;
+# libkup users hand over on 32 channels at once and one at a time (the
+# user's KUP_IOC_WAKE must reach the thread asleep on the device's
+# receive_any queue), then echo goes back to its workers.
+stage_receive_any() {
+	P=/sys/module/kup/parameters/params
+	old=$(cat "$P")
+	n0=$(dmesg | wc -l)
+	rmmod kup_echo
+	echo "$old,echo.any=1" > "$P"
+	insmod "$KMODDIR/kup_echo.ko"
+	wait_dev echo
+	rc=0
+	"$BINDIR/test_kup" anystress || rc=$?
+	log=$(dmesg | tail -n +$((n0 + 1)))
+	# echo with its workers again for the later stages, whatever happened
+	rmmod kup_echo           # the server thread joins at unload
+	echo "$old" > "$P"
+	insmod "$KMODDIR/kup_echo.ko"
+	wait_dev echo
+	echo "$log" | grep -q 'echo: device echo ready (128 channels, 1 pages, one receive_any thread)' \
+		|| { echo "echo did not start in its any mode"; echo "$log" | tail -5; return 1; }
+	[ $rc -eq 0 ] || { echo "test_kup anystress failed ($rc)"; return 1; }
+	if echo "$log" | grep -E 'echo: chan [0-9]+: (receive failed|reply failed|first pass failed)'; then
+		echo "the receive_any server failed a call"
+		return 1
+	fi
+	echo "$log" | grep -q 'echo: device echo unloaded' \
+		|| { echo "echo in its any mode did not unload"; return 1; }
 }
 
 stage_python_channel() {

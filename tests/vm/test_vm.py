@@ -62,6 +62,7 @@ STAGES = [
     "kmutex",
     "kholder",
     "libkup_c",
+    "receive_any",
     "python_channel",
     "kupd",
     "unload",
