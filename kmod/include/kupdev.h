@@ -18,9 +18,10 @@
  *     any other negative timeout is refused with -EINVAL (and a log line),
  *     never taken as "forever";
  *   - a channel is used by one kernel thread at a time per direction of
- *     the turn.  A thread is "in" a channel while it waits in its receive,
- *     and from a successful receive until its kupdev_unlock_channel() (it
- *     holds the message; only that thread may unlock).  No call waits for
+ *     the turn.  A thread is "in" a channel while it waits in its receive
+ *     (or in a kupdev_receive_any whose set holds the channel), and from
+ *     a successful receive until its kupdev_unlock_channel() (it holds
+ *     the message; only that thread may unlock).  No call waits for
  *     another thread's use of a channel; it gets its answer at once:
  *       - while a thread waits in its receive, another thread's send or
  *         pass fails with -EAGAIN (the turn is the user's, or on its way

@@ -1598,6 +1598,10 @@ test_receive_any(void)
 	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 1000, &which), -ECANCELED);
 	CHECK_EQ(kupdev_receive_any(sc, all, 3, &m, 1000, &which), 0);
 	CHECK(memcmp(m.data, "kept", 4) == 0);
+	/* and kupdev_wake is the acceptor's, not receive_any's */
+	CHECK_EQ(kupdev_wake(sc), 0);
+	CHECK_EQ(kupdev_receive_any(sc, all + 1, 2, &m, 0, &which), -ETIMEDOUT);
+	CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), -ECANCELED);
 	kupdev_unlock_channel(sc, 0);
 	CHECK_EQ(kupdev_pass(sc, 0), 0);
 	user_expect(&us[0], KUP_KIND_PASS, NULL, 0);
