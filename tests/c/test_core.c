@@ -1375,6 +1375,21 @@ kany_start(struct kany *a, pthread_t *t, struct kupdev_softc *sc,
 	CHECK_EQ(pthread_create(t, NULL, kany_main, a), 0);
 }
 
+/* Join a kany thread, bounded: a wake-up that never reaches it fails the
+ * test here, naming the step, instead of hanging it. */
+static void
+kany_join(pthread_t t, const char *what)
+{
+	struct timespec dl;
+
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += 20;
+	if (pthread_timedjoin_np(t, NULL, &dl) != 0) {
+		fprintf(stderr, "receive_any: %s: still waiting after 20 s\n", what);
+		exit(1);
+	}
+}
+
 /* Wait (bounded) until a receive_any waits in every channel of us[]:
  * every page says the kernel sleeps. */
 static void
@@ -1457,7 +1472,7 @@ test_receive_any(void)
 	CHECK_EQ(kupdev_receive_any(sc, NULL, 0, &m, 20, &which), -ETIMEDOUT);
 	kany_start(&ka, &t, sc, NULL, 0, KUPDEV_FOREVER);
 	CHECK_EQ(kupdev_wake_any(sc), 0);
-	CHECK_EQ(pthread_join(t, NULL), 0);
+	kany_join(t, "kupdev_wake_any, no channel");
 	CHECK_EQ(ka.ret, -ECANCELED);
 	CHECK_EQ(ka.which, -1);
 	/* no session on a channel: -EPIPE, naming it */
@@ -1520,7 +1535,7 @@ test_receive_any(void)
 			user_send_efd(&us[i], txt, 2);
 		else
 			user_send(&us[i], txt, 2);
-		CHECK_EQ(pthread_join(t, NULL), 0);
+		kany_join(t, "a hand-over on one of its channels");
 		CHECK_EQ(ka.ret, i);
 		CHECK_EQ(ka.which, i);
 		CHECK(memcmp(ka.copy, txt, 2) == 0);
@@ -1577,14 +1592,14 @@ test_receive_any(void)
 	kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
 	wait_all_waiting(us, 3);
 	CHECK_EQ(kupdev_wake_channel(sc, 2), 0);
-	CHECK_EQ(pthread_join(t, NULL), 0);
+	kany_join(t, "kupdev_wake_channel");
 	CHECK_EQ(ka.ret, -ECANCELED);
 	CHECK_EQ(ka.which, 2);
 	/* kupdev_wake_any: -ECANCELED, no channel; also a bounded wait */
 	kany_start(&ka, &t, sc, all, 3, 20000);
 	wait_all_waiting(us, 3);
 	CHECK_EQ(kupdev_wake_any(sc), 0);
-	CHECK_EQ(pthread_join(t, NULL), 0);
+	kany_join(t, "kupdev_wake_any");
 	CHECK_EQ(ka.ret, -ECANCELED);
 	CHECK_EQ(ka.which, -1);
 	/* no waiter: each wake answers the next call, before a message (kept
@@ -1611,7 +1626,7 @@ test_receive_any(void)
 	kany_start(&ka, &t, sc, all, 3, KUPDEV_FOREVER);
 	wait_all_waiting(us, 3);
 	kup_core_detach(ch[2]);
-	CHECK_EQ(pthread_join(t, NULL), 0);
+	kany_join(t, "a detach");
 	CHECK_EQ(ka.ret, -EPIPE);
 	CHECK_EQ(ka.which, 2);
 	/* the shutdown wakes it, and one waiting on no channel: -ESHUTDOWN,
@@ -1620,8 +1635,8 @@ test_receive_any(void)
 	kany_start(&ka0, &t0, sc, NULL, 0, KUPDEV_FOREVER);
 	wait_all_waiting(us, 2);
 	CHECK_EQ(kupdev_shutdown(sc), 0);
-	CHECK_EQ(pthread_join(t, NULL), 0);
-	CHECK_EQ(pthread_join(t0, NULL), 0);
+	kany_join(t, "the shutdown");
+	kany_join(t0, "the shutdown, no channel");
 	CHECK_EQ(ka.ret, -ESHUTDOWN);
 	CHECK_EQ(ka.which, -1);
 	CHECK_EQ(ka0.ret, -ESHUTDOWN);
