@@ -1585,9 +1585,14 @@ kupdev_receive(struct kupdev_softc *sc, int chan_id)
  * reaches -- the single-channel handshake of kup_abi.h, once per channel:
  * a user handing over on any of them either is seen by the second look or
  * sees its kernel_waiting and wakes the host's channel object, whose wake
- * the host passes on to the device-level sleeper.  After the sleep every
- * channel is let go (kup_any_release) and the next round takes whatever
- * woke it.
+ * the host passes on to the device-level sleeper (kupsim: the sleeper
+ * polls every channel's objects).  After the sleep every channel is let
+ * go (kup_any_release) and the next round takes whatever woke it.  A set
+ * of no channel waits for kupdev_wake_any (sc->any_wakes, taken before
+ * any channel's answer) or the shutdown alone: kup_os_any_wake reaches
+ * every such sleeper.  The round robin's memory is per channel
+ * (ch->any_stamp), so threads serving disjoint sets do not disturb each
+ * other's.
  */
 
 struct kup_any {
