@@ -155,7 +155,9 @@ class TenantCollector(Collector):
       RESOURCE_EXHAUSTED answers by the rule that refused (as the audit log);
     * ``kupd_tenant_paced_total{tenant}`` and
       ``kupd_tenant_paced_seconds_total{tenant}``: channel operations that
-      waited for their turn under channel_ops_per_second, and how long.
+      waited for their turn under channel_ops_per_second (counted as their
+      wait begins), and the seconds they waited (as each wait ends: one
+      cancelled before its turn counts what it waited).
     """
 
     def __init__(

@@ -648,7 +648,11 @@ class Guard:
         waiter holds its slot, so many Sessions share the rate fairly.
         Waiting longer than ``limit`` (the RPC's deadline) or PACE_LIMIT is
         RESOURCE_EXHAUSTED (rule channel_ops_per_second), which takes no
-        slot: a client with a deadline learns at once it would miss it."""
+        slot: a client with a deadline learns at once it would miss it.
+
+        A wait of more than 0 is counted as paced here; its seconds are
+        counted by :meth:`turn_over`, which every such wait must end with
+        (and which gives the slot back if the operation does not run)."""
         rate = t.channel_ops_per_second
         now = time.monotonic()
         interval = 1.0 / rate
@@ -677,8 +681,25 @@ class Guard:
             )
         self._due[t.name] = due + interval
         self.paced[t.name] = self.paced.get(t.name, 0) + 1
-        self.paced_seconds[t.name] = self.paced_seconds.get(t.name, 0.0) + wait
         return wait
+
+    def turn_over(self, t: Tenant, waited: float, used: bool) -> None:
+        """The wait of an operation :meth:`pace` made wait is over, after
+        ``waited`` seconds (counted in paced_seconds: what was waited, not
+        what was due); ``used``: the operation runs now.
+
+        One that does not run (its RPC cancelled, its Session stream or its
+        lease ended, its socket retired) gives its slot back: the tenant's
+        next slot, the one the next operation to ask takes, comes one
+        interval earlier -- as if it had never asked.  Operations waiting
+        already keep the slots they hold, in their order: the one that asks
+        next may then be due with the last of them, never sooner, so the
+        tenant never runs more operations by any moment than it would have
+        had the unused one never asked (``t``: the tenant as ``pace`` saw
+        it, whose rate made the slot)."""
+        self.paced_seconds[t.name] = self.paced_seconds.get(t.name, 0.0) + waited
+        if not used and t.name in self._due:
+            self._due[t.name] -= 1.0 / t.channel_ops_per_second
 
     def begin_call(self, t: Tenant, device: str, n: int) -> None:
         """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""

@@ -489,7 +489,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         The wait is a wait like any other of the RPC's: the lease ending,
         the socket ``retired`` by a reload (counted in its reply as ``kind``)
         or kupd draining ends it with that error, the operation not done.
-        A lease that has ended already takes no slot."""
+        A lease that has ended already takes no slot, and a wait that ends
+        so, or is cancelled (its RPC or Session stream), gives its slot
+        back (``Guard.turn_over``): the tenant's next operation is not
+        made to wait for a turn nobody used."""
         self._raise_if_ended(lease, retired)
         wait = self.guard.pace(
             t, holder, lease.dev.name, lease.ch.id, 0.0 if nonblocking else limit
@@ -498,9 +501,15 @@ class KupService(kup_pb2_grpc.KupServicer):
             ends: list[asyncio.Future[Any]] = [self.drain, lease.ended]
             if retired is not None:
                 ends.append(retired)
-            with waiting_on(retired, kind, lease.ended):
-                await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            self._raise_if_ended(lease, retired)
+            start = time.monotonic()
+            used = False
+            try:
+                with waiting_on(retired, kind, lease.ended):
+                    await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                self._raise_if_ended(lease, retired)
+                used = True
+            finally:
+                self.guard.turn_over(t, min(time.monotonic() - start, wait), used)
         return wait
 
     async def _paced(

@@ -7,6 +7,8 @@ kupd's PACE_LIMIT) is refused instead, in-band on a Session."""
 from __future__ import annotations
 
 import itertools
+import re
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -273,3 +275,102 @@ def _paced_count(k: TenantKupd, tenant: str) -> int:
         body = adm.metrics("kupd_tenant_paced_total")
     n = _sample(body, f'kupd_tenant_paced_total{{tenant="{tenant}"}}')
     return int(n or 0)
+
+
+def test_an_unused_turn_goes_to_the_next_arrival_and_waiters_keep_theirs() -> None:
+    guard, dave = _guard(4.0)  # a burst of 4, then one each 0.25 s
+    for _ in range(4):
+        assert guard.pace(dave, "session", "echo", 0) == 0.0
+    first, second = (guard.pace(dave, "session", "echo", 0) for _ in range(2))
+    # the first waiter gives its turn back (not the last one: the second
+    # still waits, its slot its own)
+    guard.turn_over(dave, 0.01, used=False)
+    third = guard.pace(dave, "session", "echo", 0)
+    # the next to ask takes the slot the second would have had without the
+    # first: not before the second (no waiter is overtaken), not a quarter
+    # second after it (the turn is not lost)
+    assert second - 0.05 < third <= second, (first, second, third)
+    # then the rate goes on from there
+    assert 0.2 < guard.pace(dave, "session", "echo", 0) - third <= 0.25
+    # the seconds counted are those waited: the unused wait's 0.01, and
+    # nothing yet for the waits not over
+    assert guard.paced_seconds == {"dave": 0.01}
+    assert guard.paced == {"dave": 4}
+
+
+def _told_wait(exc: BaseException) -> float:
+    """The wait for its turn a refusal under channel_ops_per_second names."""
+    m = re.search(r"would wait ([0-9.e+-]+) s for its turn", str(exc))
+    assert m, exc
+    return float(m.group(1))
+
+
+def _probe(g: Any, lease_id: str) -> float | None:
+    """The wait grace's next operation would have (a non-blocking Receive,
+    refused when it would wait, taking no turn); None: none, it ran."""
+    try:
+        g.lease_receive(lease_id, timeout=0)
+    except errors.ResourceExhausted as exc:
+        return _told_wait(exc)
+    except errors.KupError:  # ran: no message there
+        return None
+    return None
+
+
+def _paced_seconds(k: TenantKupd, tenant: str) -> float:
+    with k.admin() as adm:
+        body = adm.metrics("kupd_tenant_paced_seconds_total")
+    return _sample(body, f'kupd_tenant_paced_seconds_total{{tenant="{tenant}"}}') or 0.0
+
+
+@pytest.mark.parametrize("how", ["unary Send cancelled", "Session stream cancelled"])
+def test_a_cancelled_wait_gives_its_turn_to_the_next_operation(
+    start_tenants: StartTenants, how: str
+) -> None:
+    """An operation cancelled while it waits for its turn gives the turn
+    back: the tenant's next operation is told a wait one interval shorter
+    than before the cancel (it used to wait for the turn nobody used)."""
+    import grpc
+
+    from kupapi import kup_pb2, kup_pb2_grpc
+
+    rate = 0.21  # one operation each 4.76 s: the cancelled one's wait is under PACE_LIMIT
+    k = start_tenants(GRACE.replace("= 0.5", f"= {rate}"))
+    with (
+        k.client("grace") as g,
+        grpc.insecure_channel(f"unix:{k.sock('grace')}") as raw,
+    ):
+        lease = g.attach("echo", 8)
+        g.lease_receive(lease.lease_id, timeout=10)  # the burst
+        stub = kup_pb2_grpc.KupStub(raw)
+        hold = threading.Event()
+        call: Any
+        if how == "unary Send cancelled":
+            req = kup_pb2.SendRequest(lease_id=lease.lease_id, data=b"never")
+            call = stub.Send.future(req, timeout=60)
+        else:
+
+            def requests() -> Any:
+                yield kup_pb2.SessionRequest(
+                    request_id=1, attach=kup_pb2.SessionAttach(device="echo", channel=9)
+                )
+                yield kup_pb2.SessionRequest(
+                    request_id=2, send=kup_pb2.SessionSend(data=b"never")
+                )
+                hold.wait(60)
+
+            call = stub.Session(requests(), timeout=60)
+            assert next(call).HasField("attached")
+        wait_until(lambda: _paced_count(k, "grace") >= 1, what="the operation waiting")
+        before = _probe(g, lease.lease_id)  # the turn after the waiting one's
+        assert before is not None
+        assert _paced_seconds(k, "grace") == 0.0  # no wait over yet
+        call.cancel()
+        hold.set()
+        wait_until(lambda: _paced_seconds(k, "grace") > 0.0, what="the wait to end")
+        after = _probe(g, lease.lease_id)
+        # the cancelled one's turn: one interval sooner than before (less
+        # the time between the two probes); or, if that has come, none
+        assert after is None or after <= before - 1 / rate + 0.02, (before, after)
+        assert _paced_seconds(k, "grace") < 1 / rate  # counted: what it waited
+        g.release(lease.lease_id)
