@@ -46,7 +46,10 @@ __all__ = [
 #: stay; the gRPC max_concurrent_streams option, a per-connection cap set
 #: from max_sessions at start, stays), the log level and the audit log
 #: (re-opened, at the new path if it changed -- so a rotated file is let go
-#: at each reload).
+#: at each reload).  A socket whose own server settings change -- its
+#: max_connections, the receive limit that follows its tenant's
+#: max_message_bytes, the RPC cap above its tenant's limits -- gets a new
+#: server, swapped in at its path (kupd.tenants.SocketSet.commit).
 RELOADED_KEYS = (
     "tenants",
     "socket_mode",
@@ -57,6 +60,7 @@ RELOADED_KEYS = (
     "drain_grace",
     "health_interval",
     "max_sessions",
+    "max_connections",
     "log_level",
     "audit_log",
 )
@@ -76,7 +80,6 @@ RESTART_KEYS: dict[str, str] = {
     "keepalive_time": "a gRPC server option, fixed when the servers are built",
     "keepalive_timeout": "a gRPC server option, fixed when the servers are built",
     "admin_socket": "a Reload may arrive on it: moving it would cut that very call",
-    "max_connections": "a gRPC server option of the socket's server, fixed when it is built",
 }
 
 
@@ -497,45 +500,16 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     ones), the live keys that changed (applied) and the restart-only keys
     that changed (not applied).  ConfigError: the result breaks a rule (a
     tenant granted a device the running kupd does not serve, ...)."""
-    from kupd.policy import tenant_key
-
-    # A tenant that keeps its socket keeps its server, and a server's
-    # connection cap is fixed when it is built (a gRPC option): the running
-    # value stays, reported like a restart-only key.  A tenant with a new
-    # socket gets a new server, built with the new value.
-    # The same for the gRPC receive limit that follows max_message_bytes
-    # (kupd.tenants.receive_limit): lowering it is applied (kupd refuses
-    # what the socket still lets through), raising it is not.  The socket's
-    # RPC cap (tenant_rpc_bound) is a margin above max_sessions and
-    # max_calls_in_flight: raising those is applied, and named too.
-    served = {(t.name, t.socket): t for t in running.tenants}
-    tenants = list(new.tenants)
-    kept_caps: list[str] = []
-    for i, t in enumerate(tenants):
-        old = served.get((t.name, t.socket))
-        if old is None:
-            continue
-        if old.max_connections != t.max_connections:
-            tenants[i] = replace(tenants[i], max_connections=old.max_connections)
-            kept_caps.append(tenant_key(i, t.name) + ".max_connections")
-        if old.max_message_bytes and not 0 < t.max_message_bytes <= old.max_message_bytes:
-            tenants[i] = replace(tenants[i], max_message_bytes=old.max_message_bytes)
-            kept_caps.append(tenant_key(i, t.name) + ".max_message_bytes")
-        elif not old.max_message_bytes and t.max_message_bytes:
-            # applied as kupd's check, but gRPC's receive limit on the kept
-            # socket stays kupd's 4 MiB until a restart
-            kept_caps.append(tenant_key(i, t.name) + ".max_message_bytes")
-        for key in ("max_sessions", "max_calls_in_flight"):
-            was, now = getattr(old, key), getattr(t, key)
-            if was and (not now or now > was):
-                kept_caps.append(tenant_key(i, t.name) + f".{key}")
-    new = replace(new, tenants=tuple(tenants))
+    # The settings a socket's gRPC server is built with (max_connections,
+    # the receive limit that follows max_message_bytes, the RPC cap above
+    # max_sessions and max_calls_in_flight) are applied too: the socket
+    # gets a new server (kupd.tenants.SocketSet.commit).
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
     # with [[tenant]] tables the top-level socket is not served: a changed
     # socket_mode or max_connections changes nothing, and is not reported
     inert = {"socket_mode", "max_connections"} if new.tenants else set()
     applied = [k for k in changed if k in RELOADED_KEYS and k not in inert]
-    needs_restart = [k for k in changed if k in RESTART_KEYS and k not in inert] + kept_caps
+    needs_restart = [k for k in changed if k in RESTART_KEYS and k not in inert]
     live = {k: getattr(new, k) for k in RELOADED_KEYS}
     try:
         cfg = validate(replace(running, **live))

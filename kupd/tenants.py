@@ -206,6 +206,13 @@ class Endpoint:
     def key(self) -> tuple[str, str]:
         return (self.path, self.tenant.name)
 
+    @property
+    def transport(self) -> tuple[int, int, int]:
+        """What this socket's gRPC server is built with beyond the options
+        every server shares, and cannot change once built: a reload that
+        changes it gives the socket a new server (SocketSet.commit)."""
+        return (self.max_connections, self.max_rpcs, self.max_receive)
+
 
 def endpoints_for(config: Any) -> list[Endpoint]:
     """The sockets a config asks for: ``socket`` as tenant "default" when no
@@ -594,6 +601,10 @@ class SocketSet:
         #: the path each server's socket was bound at (channelz's name for
         #: it, kept after the rename: kupd.connections)
         self._bound_at: dict[grpc.aio.Server, str] = {}
+        #: by key: the retirements of the servers _swap replaced there that
+        #: still finish RPCs of theirs (a later _retire of the key ends
+        #: their waits too)
+        self._replaced: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -726,6 +737,84 @@ class SocketSet:
             max_connections=ep.max_connections or None,
         )
 
+    def _swap(self, started: Started) -> None:
+        """A started server takes the path of the running one of the same
+        key, whose connection cap, RPC cap or receive limit a reload
+        changed (gRPC fixes them when it builds a server).
+
+        The new socket is renamed over the old one (rename(2): a client
+        connecting meanwhile reaches the old server or the new one, never
+        nothing; its mode and owner were set at its private name).  The
+        old server serves on what it has: the connections it accepted and
+        their RPCs -- a reload that keeps a tenant's socket leaves its
+        Sessions and waiting RPCs alone -- while gRPC refuses it new RPCs
+        (GOAWAY: clients open a new connection for them, to the new
+        server); it stops once those RPCs are over (:meth:`_drain`)."""
+        ep = started[0]
+        old_ep, old = self.servers[ep.key]
+        fid = self._bound.get(ep.key)
+        # The old socket keeps a second name until its server has accepted
+        # the connections that reached it before the rename: stopping it
+        # closes its listening socket, and one still in its backlog would
+        # be reset, not served.
+        marker = self._private_name(ep)
+        try:
+            if marker == ep.path or fid is None or _file_id(ep.path) != fid:
+                raise OSError("no second name")
+            os.link(ep.path, marker, follow_symlinks=False)
+            if _file_id(marker) != fid:  # not the socket it was a moment ago
+                self._unlink_if(marker, _file_id(marker))
+                marker = ""
+        except OSError:
+            marker = ""
+        self._install(started)
+        retired = self._retired.pop(old, None)
+        if retired is not None:
+            self._replaced.setdefault(ep.key, []).append(retired)
+        self._bound_at.pop(old, None)
+        log.info(
+            "socket server rebuilt",
+            socket=ep.path,
+            tenant=ep.tenant.name,
+            was=_transport_text(old_ep),
+            now=_transport_text(ep),
+        )
+        task = asyncio.ensure_future(self._drain(ep.key, old, retired, marker, fid))
+        self._retiring[task] = old
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    async def _drain(
+        self,
+        key: tuple[str, str],
+        server: grpc.aio.Server,
+        retired: asyncio.Future[None] | None,
+        marker: str,
+        fid: tuple[int, int] | None,
+    ) -> None:
+        """Stop a server :meth:`_swap` replaced, once it has accepted every
+        connection that reached it before the swap, and once what it
+        serves is over (no deadline: kupd's stop cuts it short, as it
+        does a removed socket's grace: :meth:`stop`)."""
+        try:
+            await _accepted_through(marker)
+        finally:
+            if marker:
+                self._unlink_if(marker, fid)
+        try:
+            await server.stop(float("inf"))
+        finally:
+            waits = self._replaced.get(key, [])
+            if retired in waits:
+                waits.remove(retired)
+            if not waits:
+                self._replaced.pop(key, None)
+        log.info(
+            "replaced socket server stopped: what it served is over",
+            socket=key[0],
+            tenant=key[1],
+            second_name=bool(marker),
+        )
+
     @staticmethod
     def _unlink_if(path: str, fid: tuple[int, int] | None) -> None:
         """Remove ``path`` if it is still the file ``fid`` (not a socket
@@ -761,8 +850,23 @@ class SocketSet:
         self._undo = []
         try:
             for ep in wanted:
-                if ep.key in self.servers:
-                    self._set_permissions(ep, self.servers[ep.key][0], self._bound.get(ep.key))
+                running = self.servers.get(ep.key)
+                if running is not None and running[0].transport == ep.transport:
+                    self._set_permissions(ep, running[0], self._bound.get(ep.key))
+                    continue
+                if running is not None:
+                    # its server's connection cap, RPC cap or receive limit
+                    # changed: a new server, swapped in by commit (the old
+                    # socket's permissions are not touched: it is replaced)
+                    if ep.key in self._direct:
+                        raise OSError(
+                            f"cannot rebuild the server of socket {ep.path} (tenant "
+                            f"{ep.tenant.name}) for its new max_connections, "
+                            "max_message_bytes or RPC cap: it is bound at the path itself "
+                            "(no room for a private name next to it in sun_path); restart "
+                            "kupd instead, or use a shorter path"
+                        )
+                    started.append(await self._serve(ep, handover=True))
                     continue
                 holder = self._serving(ep.path)
                 if holder is None:
@@ -836,7 +940,10 @@ class SocketSet:
         renamed to its path (atomic: a client connecting meanwhile reaches
         the old server or the new one, never nothing).  A tenant that keeps
         its socket path keeps its server (its open sessions are untouched;
-        a changed owner/group/mode was applied by prepare).  A removed
+        a changed owner/group/mode was applied by prepare) -- unless that
+        server's own settings changed (:attr:`Endpoint.transport`): the
+        new server prepare started then takes the path (:meth:`_swap`),
+        and the old one finishes what it serves.  A removed
         server's socket goes at once; the server itself stops in the
         background, its Calls in flight (admitted before the reload) given
         up to ``calls_grace`` seconds to finish -- not cut off with gRPC's
@@ -844,9 +951,12 @@ class SocketSet:
         a pool channel, an event) end at once with Unavailable saying
         where the tenant's socket went (:meth:`_retire`)."""
         want = {ep.key: ep for ep in wanted}
-        added = [ep.path for ep, _, _ in started]
+        added = [ep.path for ep, _, _ in started if ep.key not in self.servers]
         for st in started:
-            self._install(st)
+            if st[0].key in self.servers:
+                self._swap(st)
+            else:
+                self._install(st)
         removed: list[str] = []
         ended: dict[str, int] = {}
         for key in list(self.servers):
@@ -881,10 +991,14 @@ class SocketSet:
         retired = self._retired.pop(server, None)
         self._bound_at.pop(server, None)
         ended: dict[str, int] = {}
-        if retired is not None and not retired.done():
-            ended = waiting_now(retired)
-            retired.set_exception(why)
-            retired.exception()  # retrieved: no "never retrieved" warning
+        # and the retirements of the servers it replaced (_swap) that still
+        # finish RPCs of theirs: those RPCs came in on this socket too
+        for r in [retired, *self._replaced.pop(key, [])]:
+            if r is not None and not r.done():
+                for kind, n in waiting_now(r).items():
+                    ended[kind] = ended.get(kind, 0) + n
+                r.set_exception(why)
+                r.exception()  # retrieved: no "never retrieved" warning
         log.info(
             "socket removed",
             socket=ep.path,
@@ -926,6 +1040,41 @@ class SocketSet:
     def unlink_all(self) -> None:
         for key, (ep, _) in self.servers.items():
             self._unlink_if(ep.path, self._bound.get(key))
+
+
+#: How long a replaced server is given to accept a connection of kupd's
+#: own made behind those that reached it before the swap
+#: (SocketSet._drain), and, without a second name to reach it by, how long
+#: it is given instead: it accepts connections as they come, so either is
+#: a bound, not a wait that is expected to run out.
+SWAP_SETTLE = 10.0
+SWAP_SETTLE_BLIND = 1.0
+
+
+async def _accepted_through(marker: str) -> None:
+    """Return once the server listening at ``marker`` (a second name of a
+    socket a swap replaced) has accepted a connection made now -- and so
+    every connection queued before it: a listening socket hands them out
+    in order --, as its first HTTP/2 frame shows; SWAP_SETTLE seconds at
+    most.  No ``marker``: after SWAP_SETTLE_BLIND seconds."""
+    if not marker:
+        await asyncio.sleep(SWAP_SETTLE_BLIND)
+        return
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(SWAP_SETTLE):
+                await loop.sock_connect(s, marker)
+                await loop.sock_recv(s, 9)
+
+
+def _transport_text(ep: Endpoint) -> str:
+    """An endpoint's own server settings, for the log."""
+    return (
+        f"max_connections={ep.max_connections or 'none'} rpc_cap={ep.max_rpcs or 'none'} "
+        f"receive_limit={ep.max_receive or MAX_GRPC_MESSAGE}"
+    )
 
 
 def _retired_why(tenant: str, path: str, wanted: list[Endpoint]) -> errors.Unavailable:

@@ -4,7 +4,8 @@ a tenant cannot use up kupd's file descriptors by connecting over and over;
 the other tenants and the admin socket are untouched.  gRPC closes the one
 too many as it is accepted (grpc.max_allowed_incoming_connections on the
 socket's own server): the client gets UNAVAILABLE, and kupctl says which
-limit.  A reload keeps a kept socket's cap (its server is kept) and says so."""
+limit.  A reload applies a new cap at once, to the connections made after
+it: the socket gets a new server (kupd.tenants.SocketSet._swap)."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_a_tenant_at_its_cap_is_refused_and_nobody_else_is(start_tenants: StartT
             c.close()
 
 
-def test_reload_keeps_a_kept_sockets_cap_and_applies_a_new_ones(
+def test_reload_applies_a_kept_sockets_new_cap_and_a_new_ones(
     start_tenants: StartTenants,
 ) -> None:
     k = start_tenants(BODY)
@@ -132,10 +133,10 @@ def test_reload_keeps_a_kept_sockets_cap_and_applies_a_new_ones(
     k.write_config(BODY.replace("max_connections = 2", "max_connections = 3") + LATE)
     with k.admin() as adm:
         r = adm.reload()
-    # the kept tenant's new cap waits for a restart (its server stays)
-    assert r.needs_restart == ("tenant[name=capped].max_connections",), r
+    # the kept tenant's new cap applies now (its socket has a new server)
+    assert r.needs_restart == (), r
     assert "tenants" in r.applied and "late" in r.tenants, r
-    held = [hold_connection(capped), hold_connection(capped)]
+    held = [hold_connection(capped), hold_connection(capped), hold_connection(capped)]
     try:
         _refused(capped)
         # the tenant the reload added has a server of its own, with its cap
@@ -150,8 +151,7 @@ def test_reload_keeps_a_kept_sockets_cap_and_applies_a_new_ones(
     # a reload changing nothing else does not claim to apply the tenants
     with k.admin() as adm:
         again = adm.reload()
-    assert again.applied == (), again
-    assert again.needs_restart == ("tenant[name=capped].max_connections",), again
+    assert (again.applied, again.needs_restart) == ((), ()), again
 
 
 def test_the_plain_socket_cap(tmp_path: Path) -> None:
@@ -208,20 +208,20 @@ def test_bad_values_name_their_key(doc: dict[str, object], key: str) -> None:
 
 
 def test_reloaded_reports_caps() -> None:
-    """kupd.config.reloaded, by itself: the plain socket's cap is restart-only
-    (and inert with tenants); a kept tenant keeps its running cap; a tenant
-    whose socket moved takes the new one."""
+    """kupd.config.reloaded, by itself: the plain socket's cap is applied
+    (and inert with tenants); so is a kept tenant's, and that of a tenant
+    whose socket moved."""
     plain = {"device": [{"name": "echo"}]}
     cfg, applied, needs = reloaded(
         parse_config(plain), parse_config({**plain, "max_connections": 5})
     )
-    assert (applied, needs, cfg.max_connections) == ([], ["max_connections"], 0)
+    assert (applied, needs, cfg.max_connections) == (["max_connections"], [], 5)
     t = {"name": "t", "socket": "/run/t.sock", "max_connections": 2}
     running = parse_config({**plain, "tenant": [t]})
-    new = {**plain, "max_connections": 9, "tenant": [{**t, "max_connections": 4}]}
+    new = {**plain, "tenant": [{**t, "max_connections": 4}]}
     cfg, applied, needs = reloaded(running, parse_config(new))
-    assert (applied, needs) == ([], ["tenant[name=t].max_connections"])
-    assert cfg.tenants[0].max_connections == 2
+    assert (applied, needs) == (["tenants"], [])
+    assert cfg.tenants[0].max_connections == 4
     moved = {**t, "socket": "/run/t2.sock", "max_connections": 4}
     cfg, applied, needs = reloaded(running, parse_config({**plain, "tenant": [moved]}))
     assert (applied, needs, cfg.tenants[0].max_connections) == (["tenants"], [], 4)
