@@ -36,7 +36,14 @@ from kupd.notify import notifier_from_env
 from kupd.policy import Guard, Policy, Tenant, current_tenant, socket_moved
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
-from kupd.tenants import SocketSet, check_path, endpoints_for, open_regular, write_replacing
+from kupd.tenants import (
+    CONNECTION_IDLE,
+    SocketSet,
+    check_path,
+    endpoints_for,
+    open_regular,
+    write_replacing,
+)
 from kupd.watch import Event, EventBus, EventType
 
 __all__ = ["AlreadyRunning", "Reloaded", "Server", "pending_bound", "server_options"]
@@ -120,6 +127,10 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         # Clients may ping us (kupclient: every 30 s) without being sent GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.http2.min_time_between_pings_ms", 5000),
+        # An idle connection is closed (a GOAWAY, which gRPC clients follow
+        # by connecting again for their next RPC): what moves the clients of
+        # a socket server a reload replaced (kupd.tenants.SocketSet._drain).
+        ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE * 1000)),
         ("grpc.max_concurrent_streams", config.max_sessions + 1024),
         ("grpc.server.max_pending_requests", pending),
         ("grpc.server.max_pending_requests_hard_limit", pending),

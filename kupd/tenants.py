@@ -605,6 +605,8 @@ class SocketSet:
         #: still finish RPCs of theirs (a later _retire of the key ends
         #: their waits too)
         self._replaced: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        #: set by stop(): what waits for a replaced server to empty ends
+        self._stopping = asyncio.Event()
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -747,9 +749,11 @@ class SocketSet:
         nothing; its mode and owner were set at its private name).  The
         old server serves on what it has: the connections it accepted and
         their RPCs -- a reload that keeps a tenant's socket leaves its
-        Sessions and waiting RPCs alone -- while gRPC refuses it new RPCs
-        (GOAWAY: clients open a new connection for them, to the new
-        server); it stops once those RPCs are over (:meth:`_drain`)."""
+        Sessions and waiting RPCs alone --, each connection until it has
+        been idle for CONNECTION_IDLE (gRPC then closes it: its client's
+        next RPC goes to the new server); a connection still open after
+        SWAP_DRAIN is told to go (GOAWAY) as the server stops, its RPCs
+        left to end (:meth:`_drain`)."""
         ep = started[0]
         old_ep, old = self.servers[ep.key]
         fid = self._bound.get(ep.key)
@@ -771,7 +775,6 @@ class SocketSet:
         retired = self._retired.pop(old, None)
         if retired is not None:
             self._replaced.setdefault(ep.key, []).append(retired)
-        self._bound_at.pop(old, None)
         log.info(
             "socket server rebuilt",
             socket=ep.path,
@@ -779,7 +782,10 @@ class SocketSet:
             was=_transport_text(old_ep),
             now=_transport_text(ep),
         )
-        task = asyncio.ensure_future(self._drain(ep.key, old, retired, marker, fid))
+        bound_at = self._bound_at.get(old, ep.path)
+        task = asyncio.ensure_future(
+            self._drain(ep.key, old, bound_at, retired, marker, fid)
+        )
         self._retiring[task] = old
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
@@ -787,6 +793,7 @@ class SocketSet:
         self,
         key: tuple[str, str],
         server: grpc.aio.Server,
+        bound_at: str,
         retired: asyncio.Future[None] | None,
         marker: str,
         fid: tuple[int, int] | None,
@@ -794,12 +801,30 @@ class SocketSet:
         """Stop a server :meth:`_swap` replaced, once it has accepted every
         connection that reached it before the swap, and once what it
         serves is over (no deadline: kupd's stop cuts it short, as it
-        does a removed socket's grace: :meth:`stop`)."""
+        does a removed socket's grace: :meth:`stop`).
+
+        Why not stop it at once: a stopping gRPC server cancels every RPC
+        that reaches it after the stop began -- those a client sent on
+        its connection before it read the server's GOAWAY --, without
+        running them (CANCELLED).  A connection gRPC closes because it is
+        idle (CONNECTION_IDLE) is closed without that race.  So the stop
+        waits until the server's connections are gone, SWAP_DRAIN at
+        most: only a connection busy all that time meets the race."""
         try:
             await _accepted_through(marker)
         finally:
             if marker:
                 self._unlink_if(marker, fid)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SWAP_DRAIN
+        while loop.time() < until and not self._stopping.is_set():
+            counts = open_connections([bound_at])
+            if counts is None or not counts.get(bound_at, 0):
+                break  # none left (or channelz cannot say: stop now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SWAP_POLL):
+                    await self._stopping.wait()
+        self._bound_at.pop(server, None)
         try:
             await server.stop(float("inf"))
         finally:
@@ -1021,6 +1046,7 @@ class SocketSet:
         not wait that out (docs/gateway.md: a stop's worst case), and gRPC
         cuts a stopping server's calls at the end of whichever grace ends
         first."""
+        self._stopping.set()  # a replaced server waiting for idle connections stops now
         retiring = list(self._retiring.items())
         await asyncio.gather(
             *(self.stop_one(k, grace) for k in list(self.servers)),
@@ -1049,6 +1075,16 @@ class SocketSet:
 #: a bound, not a wait that is expected to run out.
 SWAP_SETTLE = 10.0
 SWAP_SETTLE_BLIND = 1.0
+
+#: A connection without an RPC for this long is closed by gRPC on every
+#: socket (grpc.max_connection_idle_ms, kupd.server.server_options): its
+#: client makes its next RPC on a new one.  What moves a replaced server's
+#: clients to the new server without a stop's race (SocketSet._drain).
+CONNECTION_IDLE = 60.0
+#: How long a replaced server's connections are given to go idle before it
+#: stops all the same, and how often it looks (channelz) meanwhile.
+SWAP_DRAIN = 5 * CONNECTION_IDLE
+SWAP_POLL = 1.0
 
 
 async def _accepted_through(marker: str) -> None:

@@ -82,6 +82,33 @@ class _ConnectLoop:
         self._thread.join(60)
 
 
+class _RpcLoop:
+    """ListDevices over and over on one client (one connection, made
+    before the reload) in a thread: every failure is kept."""
+
+    def __init__(self, k: TenantKupd, tenant: str) -> None:
+        self.served = 0
+        self.failures: list[str] = []
+        self._client = k.client(tenant)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._client.devices()
+            except errors.KupError as exc:
+                self.failures.append(repr(exc))
+                continue
+            self.served += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        self._client.close()
+
+
 def _big_call(path: str, size: int) -> grpc.RpcError | None:
     """A Call of ``size`` bytes on a connection of its own to ``path``:
     None when served, else its error (gRPC's receive limit, or kupd's)."""
@@ -108,16 +135,23 @@ def test_a_raised_receive_limit_applies_at_once_and_nobody_finds_the_socket_gone
         ch.receive(timeout=30)
         assert ch.exchange(b"before", timeout=30).data.lower() == b"before"
         loop = _ConnectLoop(path)
+        rpcs = _RpcLoop(k, "alice")
         try:
             wait_until(lambda: loop.served >= 20, what="connections before the reload")
+            wait_until(lambda: rpcs.served >= 20, what="RPCs before the reload")
             k.write_config(DEVICES + RAISED)
             with k.admin() as adm:
                 r = adm.reload()
-            counted = loop.served
+            counted, done = loop.served, rpcs.served
             wait_until(lambda: loop.served >= counted + 50, what="connections after it")
+            wait_until(lambda: rpcs.served >= done + 50, what="RPCs after it")
         finally:
             loop.stop()
+            rpcs.stop()
+        # nobody found the socket missing or refusing, and the client busy
+        # on its connection all along was answered every time
         assert loop.failures == [], loop.failures[:5]
+        assert rpcs.failures == [], rpcs.failures[:5]
         # applied, not waiting for a restart; the Session open across the
         # reload goes on, on the connection it has
         assert r.needs_restart == () and "tenants" in r.applied, r
@@ -247,3 +281,53 @@ def test_a_stop_is_not_held_by_a_replaced_servers_health_watch(
         assert k.kupd.terminate(timeout=30) == 0, k.log()[-4000:]
     finally:
         chan.close()
+
+
+def test_busy_clients_are_answered_all_through_a_reload_that_rebuilds_their_server(
+    start_tenants: StartTenants,
+) -> None:
+    """Clients calling over and over on connections made before a reload
+    that rebuilds their socket's server: every RPC is answered.  (A server
+    stopped at once cancels, unrun, the RPCs that reach it as it stops --
+    those sent before their client read its GOAWAY; the old server is
+    stopped only once its connections are idle and closed.)"""
+    k = start_tenants(DEVICES + TENANTS)
+    opts = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    chans = [grpc.insecure_channel("unix:" + k.sock("alice"), options=opts) for _ in range(4)]
+    served = [0] * len(chans)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def busy(i: int) -> None:
+        stub = kup_pb2_grpc.KupStub(chans[i])
+        while not stop.is_set():
+            try:
+                stub.ListDevices(kup_pb2.ListDevicesRequest(), timeout=30)
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()} {exc.details()}")
+                continue
+            served[i] += 1
+
+    threads = [threading.Thread(target=busy, args=(i,), daemon=True) for i in range(len(chans))]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: min(served) >= 10, what="every client served")
+        for n in range(3):  # each reload rebuilds the server: 64 / 65536 / 64 ...
+            k.write_config(DEVICES + (RAISED if n % 2 == 0 else TENANTS))
+            with k.admin() as adm:
+                assert adm.reload().needs_restart == ()
+            wait_until(
+                lambda was=list(served): all(
+                    a >= b + 20 for a, b in zip(served, was, strict=True)
+                ),
+                what="every client served after the reload",
+            )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        for c in chans:
+            c.close()
+    assert failures == [], failures[:5]
+    assert len(_log_records(k, "socket server rebuilt")) == 3
