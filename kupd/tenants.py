@@ -219,6 +219,8 @@ def endpoints_for(config: Any) -> list[Endpoint]:
     tenants are configured, each tenant's socket, and the admin socket."""
     eps: list[Endpoint] = []
     if not config.tenants:
+        # the plain socket: the same RPC cap as a tenant's, derived from
+        # kupd's own limits (its tenant "default" has none of its own)
         eps.append(
             Endpoint(
                 os.path.abspath(config.socket),
@@ -226,6 +228,7 @@ def endpoints_for(config: Any) -> list[Endpoint]:
                 mode=config.socket_mode,
                 check_dir=False,
                 max_connections=config.max_connections,
+                max_rpcs=tenant_rpc_bound(config, DEFAULT),
             )
         )
     for t in config.tenants:
@@ -242,6 +245,8 @@ def endpoints_for(config: Any) -> list[Endpoint]:
             )
         )
     if config.admin_socket:
+        # no RPC cap: only kupd's own user reaches it, and a cap there could
+        # keep the operator out just when a client misbehaves
         eps.append(Endpoint(os.path.abspath(config.admin_socket), ADMIN, os.geteuid(), None, 0o600))
     return eps
 
@@ -272,8 +277,9 @@ def receive_limit(t: Tenant) -> int:
 def tenant_rpc_bound(config: Any, t: Tenant) -> int:
     """The RPCs ``t``'s socket serves at once: its sessions and leases
     (max_sessions, else kupd's; each with the unary operations that may wait
-    on a lease), its Calls (max_calls_in_flight, else kupd's
-    max_queued_calls), its watch streams, and RPC_SLACK -- above what kupd's
+    on a lease), its Calls (max_calls_in_flight, else, on each device it may
+    use, kupd's max_queued_calls queued and one on each pool channel), its
+    watch streams, and RPC_SLACK -- above what kupd's
     own limits let through, so that those refuse first, naming themselves;
     gRPC's refusal (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded")
     meets only RPCs that never got as far as kupd.  Together with
@@ -287,7 +293,13 @@ def tenant_rpc_bound(config: Any, t: Tenant) -> int:
     sessions = 0
     if {"session", "lease"} & set(t.ops):
         sessions = (t.max_sessions or config.max_sessions) * (1 + MAX_WAITING_OPS)
-    calls = (t.max_calls_in_flight or config.max_queued_calls) if "call" in t.ops else 0
+    calls = 0
+    if "call" in t.ops:
+        calls = t.max_calls_in_flight or sum(
+            config.max_queued_calls + d.call_channels
+            for d in config.devices
+            if t.may_see(d.name)
+        )
     return sessions + calls + WATCHES_PER_TENANT + RPC_SLACK
 
 

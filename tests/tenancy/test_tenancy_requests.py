@@ -165,3 +165,73 @@ def test_a_reload_applies_a_kept_sockets_receive_limit_and_rpc_cap() -> None:
     )))  # fmt: skip
     assert [t.max_sessions for t in cfg.tenants if t.name == "small"] == [8]
     assert needs == []
+
+
+#: the plain socket (no [[tenant]] tables), with small limits of kupd's own
+PLAIN = """
+max_sessions = 1
+max_queued_calls = 1
+
+[[device]]
+name = "echo"
+call_channels = 2
+"""
+#: its cap, as a tenant's without limits of its own: kupd's max_sessions,
+#: with the operations that may wait on each; on each device, the Calls
+#: kupd queues and those on its pool channels; watch streams; the slack
+PLAIN_RPCS = 1 * (1 + MAX_WAITING_OPS) + (1 + 2) + WATCHES_PER_TENANT + RPC_SLACK
+
+
+def test_the_plain_socket_caps_its_rpcs_as_a_tenants_socket_does(
+    start_tenants: StartTenants,
+) -> None:
+    """It had no cap: any local user its mode lets in could tie up kupd's
+    memory with RPCs that never send their request."""
+    k = start_tenants(PLAIN)
+    path = k.sock("kupd")
+    # gRPC lets one connection open max_sessions + 1024 streams at once
+    per_conn = 1 + 1024
+    raws = [H2Conn(path), H2Conn(path)]
+    try:
+        for i in range(PLAIN_RPCS):
+            raws[i // per_conn].grpc_open("/kup.v1.Kup/ListDevices")
+        with k.client("kupd") as c:
+
+            def refused() -> bool:
+                try:
+                    c.devices()
+                except errors.ResourceExhausted as exc:
+                    assert "Concurrent RPC limit exceeded" in str(exc), exc
+                    return True
+                return False
+
+            wait_until(refused, timeout=60, what="the plain socket to be at its RPC cap")
+    finally:
+        for raw in raws:
+            raw.close()
+    with k.client("kupd") as c:
+
+        def served() -> bool:
+            try:
+                return [d.name for d in c.devices()] == ["echo"]
+            except errors.ResourceExhausted:
+                return False
+
+        wait_until(served, timeout=60, what="RPCs again once the raw connections are gone")
+
+
+def test_a_cap_counts_the_calls_of_every_device_its_tenant_may_use() -> None:
+    """Without max_calls_in_flight, a tenant's Calls are bounded per device
+    (max_queued_calls queued, one on each pool channel): the cap counts
+    each device it may use, so that kupd's own limits still refuse first."""
+    from kupd.policy import DEFAULT
+    from kupd.tenants import tenant_rpc_bound
+
+    devices = [{"name": "echo", "call_channels": 2}, {"name": "rot13", "call_channels": 3}]
+    base = {"max_sessions": 1, "max_queued_calls": 10, "device": devices}
+    one = {"name": "t", "socket": "/run/t.sock", "grant": [{"device": "rot13"}]}
+    cfg = parse_config({**base, "tenant": [one]})
+    fixed = 1 + MAX_WAITING_OPS + WATCHES_PER_TENANT + RPC_SLACK
+    assert tenant_rpc_bound(cfg, cfg.tenants[0]) == fixed + 10 + 3
+    plain = parse_config(base)
+    assert tenant_rpc_bound(plain, DEFAULT) == fixed + (10 + 2) + (10 + 3)
