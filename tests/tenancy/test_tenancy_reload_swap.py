@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 from typing import Any
 
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenancy_helpers import (
     DEVICES,
     LOCKHOLD,
+    OWNER,
     TENANTS,
     StartTenants,
     TenantKupd,
@@ -162,6 +164,9 @@ def test_a_raised_receive_limit_applies_at_once_and_nobody_finds_the_socket_gone
         new = _big_call(path, BIG)
         assert new is not None and new.code() == grpc.StatusCode.INVALID_ARGUMENT, new
         assert "exceeds device echo's max message" in (new.details() or ""), new
+    # the new socket is alice's as the old one was: her owner, her mode
+    st = os.stat(path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (OWNER, 0o600), st
     (rebuilt,) = _log_records(k, "socket server rebuilt")
     assert rebuilt["socket"] == path and rebuilt["tenant"] == "alice", rebuilt
     assert f"receive_limit={64 + RECEIVE_HEADROOM}" in rebuilt["was"], rebuilt
