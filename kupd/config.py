@@ -43,12 +43,12 @@ __all__ = [
 #: by it), the Call pools' quarantine and queue limit (every pool at once),
 #: the drain grace, the health loop's interval (at once: the wait under way
 #: ends), kupd's session limit (leases already open over a lowered limit
-#: stay; the gRPC max_concurrent_streams option, a per-connection cap set
-#: from max_sessions at start, stays), the log level and the audit log
-#: (re-opened, at the new path if it changed -- so a rotated file is let go
-#: at each reload).  A socket whose own server settings change -- its
-#: max_connections, the receive limit that follows its tenant's
-#: max_message_bytes, the RPC cap above its tenant's limits -- gets a new
+#: stay), the log level and the audit log (re-opened, at the new path if it
+#: changed -- so a rotated file is let go at each reload).  A socket whose
+#: gRPC server settings change -- its max_connections, the receive limit
+#: that follows its tenant's max_message_bytes, the RPC cap above its
+#: tenant's limits, or the options every server shares (keepalive_*, and
+#: the bounds derived from max_sessions and max_queued_calls) -- gets a new
 #: server, swapped in at its path (kupd.tenants.SocketSet.commit).
 RELOADED_KEYS = (
     "tenants",
@@ -61,6 +61,8 @@ RELOADED_KEYS = (
     "health_interval",
     "max_sessions",
     "max_connections",
+    "keepalive_time",
+    "keepalive_timeout",
     "log_level",
     "audit_log",
 )
@@ -77,8 +79,6 @@ RESTART_KEYS: dict[str, str] = {
     "kupsim_dir": "the devices are found through it when kupd opens them",
     "metrics_port": "the metrics HTTP listener is bound once, at start",
     "metrics_address": "the metrics HTTP listener is bound once, at start",
-    "keepalive_time": "a gRPC server option, fixed when the servers are built",
-    "keepalive_timeout": "a gRPC server option, fixed when the servers are built",
     "admin_socket": "a Reload may arrive on it: moving it would cut that very call",
 }
 

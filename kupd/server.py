@@ -66,8 +66,7 @@ class Reloaded:
     sessions_ended: list[str]
     #: changed keys now in effect (kupd.config.RELOADED_KEYS)
     applied: list[str]
-    #: changed keys that only a restart applies (kupd.config.RESTART_KEYS), and
-    #: max_queued_calls / max_sessions raised past the gRPC bound built at start
+    #: changed keys that only a restart applies (kupd.config.RESTART_KEYS)
     needs_restart: list[str]
     #: RPCs that waited on a socket the reload moved or removed, ended by it,
     #: by RPC ("Receive", "Call", "Watch", ...: kupd.retirement); none: {}
@@ -106,9 +105,10 @@ def pending_bound(config: Config) -> int:
 
 
 def server_options(config: Config) -> list[tuple[str, Any]]:
-    """The gRPC server options, fixed when a server is built: a reload does
-    not change them (keepalive_* are restart-only; max_concurrent_streams is
-    a per-connection cap derived from max_sessions at start)."""
+    """The gRPC server options, fixed when a server is built: a reload that
+    changes them builds every socket a new server (kupd.tenants.SocketSet:
+    keepalive_*, and max_concurrent_streams and the pending bound derived
+    from max_sessions and max_queued_calls)."""
     # gRPC's core cancels new RPCs that wait for the application beyond
     # 1000 (at random, then all beyond 3000): a burst of a few thousand
     # Calls on one connection came back partly CANCELLED, with no reason
@@ -262,10 +262,6 @@ class Server:
         )
         self.health = _Health(self)
         self.sockets: SocketSet | None = None
-        #: pending_bound() the servers were built with (a reload keeps it)
-        self.built_pending_bound = 0
-        #: the config the servers were built with (their gRPC options)
-        self.built_config = config
         self._reload_lock = asyncio.Lock()
         #: Re-reads the configuration for a reload (the daemon sets one that
         #: re-applies its command-line flags); default: the same file.
@@ -381,8 +377,6 @@ class Server:
         self.sockets = SocketSet(
             server_options(cfg), self.service, self.health, lambda: AdminService(self)
         )
-        self.built_pending_bound = pending_bound(cfg)
-        self.built_config = cfg
         await self.sockets.start(endpoints_for(cfg))
         # The pid file only now, when this instance holds the lock AND
         # serves its sockets: one that fails before (another kupd serves
@@ -709,9 +703,17 @@ class Server:
             # started is judged by its tenant's own grants (TenantKup binds
             # the new Tenant); after the last, no handler runs before the
             # swap below (no await in between).
+            # Every socket whose server was built with other gRPC options
+            # (keepalive_*, and the bounds derived from max_sessions and
+            # max_queued_calls: server_options) gets a new one, as one whose
+            # own cap or limit changed (kupd.tenants.SocketSet._swap).
             endpoints = endpoints_for(cfg)
             try:
-                started = await self.sockets.prepare(endpoints) if self.sockets else []
+                started = (
+                    await self.sockets.prepare(endpoints, server_options(cfg))
+                    if self.sockets
+                    else []
+                )
             except BaseException:
                 if audit_fd >= 0:
                     os.close(audit_fd)
@@ -739,26 +741,6 @@ class Server:
                 # A pool made later (a device re-opened) reads mgr.config.
                 d.pool.quarantine = cfg.call_quarantine
                 d.pool.max_queued = cfg.max_queued_calls
-            if self.built_pending_bound and pending_bound(cfg) > self.built_pending_bound:
-                # max_queued_calls / max_sessions apply at once, but gRPC's
-                # own bound in front of them was fixed when the servers were
-                # built: a burst beyond it is cut (CANCELLED) before kupd's
-                # limits, which name themselves, are reached.  So a key
-                # raised past its value at start is in effect and needs a
-                # restart, both: needs_restart names it (applied too, when
-                # this reload changed it).
-                raised = [
-                    k for k in ("max_queued_calls", "max_sessions")
-                    if getattr(cfg, k) > getattr(self.built_config, k)
-                ]
-                needs_restart = needs_restart + [k for k in raised if k not in needs_restart]
-                log.warning(
-                    "reload: gRPC's bound on RPCs waiting for kupd stays as started "
-                    "until a restart",
-                    bound=self.built_pending_bound,
-                    wanted=pending_bound(cfg),
-                    keys=raised,
-                )
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
             warnings = _advise(cfg)

@@ -619,6 +619,8 @@ class SocketSet:
         self._replaced: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         #: set by stop(): what waits for a replaced server to empty ends
         self._stopping = asyncio.Event()
+        #: the shared options (``options``) each server was built with
+        self._built_with: dict[grpc.aio.Server, tuple[tuple[str, Any], ...]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -681,6 +683,7 @@ class SocketSet:
             options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
             options.append(("grpc.max_receive_message_length", ep.max_receive))
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=ep.max_rpcs or None)
+        self._built_with[server] = tuple(self.options)
         retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._retired[server] = retired
         # kupd.wire: the Session by hand; a request protobuf cannot parse
@@ -722,6 +725,7 @@ class SocketSet:
                     )
         except OSError as exc:
             self._retired.pop(server, None)
+            self._built_with.pop(server, None)
             self._bound_at.pop(server, None)
             await server.stop(None)
             if exc.strerror is None:  # _not_ours
@@ -793,6 +797,7 @@ class SocketSet:
             tenant=ep.tenant.name,
             was=_transport_text(old_ep),
             now=_transport_text(ep),
+            options_changed=self._built_with.get(old) != tuple(self.options),
         )
         bound_at = self._bound_at.get(old, ep.path)
         task = asyncio.ensure_future(
@@ -837,6 +842,7 @@ class SocketSet:
                 async with asyncio.timeout(SWAP_POLL):
                     await self._stopping.wait()
         self._bound_at.pop(server, None)
+        self._built_with.pop(server, None)
         try:
             await server.stop(float("inf"))
         finally:
@@ -869,12 +875,15 @@ class SocketSet:
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
         self._retired.pop(server, None)
+        self._built_with.pop(server, None)
         self._bound_at.pop(server, None)
         await server.stop(grace)
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
 
-    async def prepare(self, wanted: list[Endpoint]) -> list[Started]:
+    async def prepare(
+        self, wanted: list[Endpoint], options: list[tuple[str, Any]] | None = None
+    ) -> list[Started]:
         """The first half of a reload's socket change, the half that can fail:
         start the servers of ``wanted``'s new endpoints, all or none -- a
         socket that cannot be bound or handed over stops the ones already
@@ -882,26 +891,40 @@ class SocketSet:
         changed.  The owner/group/mode of kept sockets is changed here too
         (the step that may be refused: EPERM), and put back should the rest
         fail.  They take effect with :meth:`commit` (or go with
-        :meth:`discard`); no handler runs before the caller next awaits."""
+        :meth:`discard`); no handler runs before the caller next awaits.
+
+        ``options``: the gRPC options every server is to be built with from
+        now on (kupd.server.server_options of the new config); a kept
+        socket whose server was built with others gets a new one, as one
+        whose own settings changed (:meth:`_swap`)."""
         started: list[Started] = []
         self._undo = []
+        was = self.options
+        if options is not None:
+            self.options = options
         try:
             for ep in wanted:
                 running = self.servers.get(ep.key)
-                if running is not None and running[0].transport == ep.transport:
+                if (
+                    running is not None
+                    and running[0].transport == ep.transport
+                    and self._built_with.get(running[1]) == tuple(self.options)
+                ):
                     self._set_permissions(ep, running[0], self._bound.get(ep.key))
                     continue
                 if running is not None:
-                    # its server's connection cap, RPC cap or receive limit
-                    # changed: a new server, swapped in by commit (the old
-                    # socket's permissions are not touched: it is replaced)
+                    # its server's connection cap, RPC cap, receive limit or
+                    # shared options changed: a new server, swapped in by
+                    # commit (the old socket's permissions are not touched:
+                    # it is replaced)
                     if ep.key in self._direct:
                         raise OSError(
                             f"cannot rebuild the server of socket {ep.path} (tenant "
-                            f"{ep.tenant.name}) for its new max_connections, "
-                            "max_message_bytes or RPC cap: it is bound at the path itself "
-                            "(no room for a private name next to it in sun_path); restart "
-                            "kupd instead, or use a shorter path"
+                            f"{ep.tenant.name}) for its new settings (max_connections, "
+                            "max_message_bytes, RPC cap, keepalive_*, max_sessions, "
+                            "max_queued_calls): it is bound at the path itself (no room "
+                            "for a private name next to it in sun_path); restart kupd "
+                            "instead, or use a shorter path"
                         )
                     started.append(await self._serve(ep, handover=True))
                     continue
@@ -916,6 +939,7 @@ class SocketSet:
                     )
                 started.append(await self._serve(ep, handover=holder is not None))
         except BaseException:
+            self.options = was
             await self.discard(started)
             raise
         return started
@@ -965,6 +989,7 @@ class SocketSet:
         for _ep, server, name in started:
             self._born.pop(name, None)
             self._retired.pop(server, None)
+            self._built_with.pop(server, None)
             self._bound_at.pop(server, None)
             await server.stop(None)  # gRPC removes the socket it bound
 
@@ -1026,6 +1051,7 @@ class SocketSet:
         self._direct.discard(key)
         self._unlink_if(ep.path, fid)
         retired = self._retired.pop(server, None)
+        self._built_with.pop(server, None)
         self._bound_at.pop(server, None)
         ended: dict[str, int] = {}
         # and the retirements of the servers it replaced (_swap) that still

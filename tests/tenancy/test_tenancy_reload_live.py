@@ -69,13 +69,13 @@ def test_the_running_config_keeps_restart_only_values() -> None:
         {
             "socket": "/run/b.sock",
             "call_timeout": 2.5,
-            "keepalive_time": 9.0,
+            "metrics_port": 9999,
             "device": [{"name": "echo"}, {"name": "rot13"}],
         }
     )
     cfg, applied, needs_restart = reloaded(running, new)
-    assert (applied, needs_restart) == (["call_timeout"], ["socket", "devices", "keepalive_time"])
-    assert (cfg.call_timeout, cfg.socket, cfg.keepalive_time) == (2.5, "/run/a.sock", 2.0)
+    assert (applied, needs_restart) == (["call_timeout"], ["socket", "devices", "metrics_port"])
+    assert (cfg.call_timeout, cfg.socket, cfg.metrics_port) == (2.5, "/run/a.sock", 0)
     assert [d.name for d in cfg.devices] == ["echo"]
 
 
@@ -429,29 +429,36 @@ def test_a_socket_that_cannot_be_served_refuses_the_whole_reload(
         shutil.rmtree(unsafe, ignore_errors=True)
 
 
-def test_a_reload_past_grpcs_pending_bound_says_it_stays(start_tenants: StartTenants) -> None:
-    """max_queued_calls applies at once, but gRPC's bound on RPCs waiting
-    for kupd (max_queued_calls + max_sessions + 1024) was fixed when the
-    servers were built: a reload that raises it past that is told so in
-    the log and in the reply's needs_restart (the key is applied as well);
-    one that stays below it is not, and a later reload that leaves the
-    raised key as it is still names it."""
-    head = "max_queued_calls = 100\n"
-    k = start_tenants(head + DEVICES)
-    event = "reload: gRPC's bound on RPCs waiting for kupd stays as started until a restart"
-    with k.admin() as adm:
-        k.write_config("max_queued_calls = 50\n" + DEVICES)  # lower: nothing to say
-        r = adm.reload()
-        assert (r.applied, r.needs_restart) == (("max_queued_calls",), ()), r
-        assert log_records(k, event) == []
-        k.write_config("max_queued_calls = 5000\n" + DEVICES)
-        r = adm.reload()
-        assert (r.applied, r.needs_restart) == (("max_queued_calls",), ("max_queued_calls",)), r
-        (rec,) = log_records(k, event)
-        k.write_config("max_queued_calls = 5000\ncall_timeout = 20\n" + DEVICES)
-        r = adm.reload()
-        assert (r.applied, r.needs_restart) == (("call_timeout",), ("max_queued_calls",)), r
-        assert len(log_records(k, event)) == 2
-    assert rec["bound"] < rec["wanted"], rec
-    assert rec["wanted"] - rec["bound"] == 5000 - 100, rec
-    assert rec["keys"] == ["max_queued_calls"], rec
+def test_a_reload_of_grpcs_server_options_rebuilds_every_sockets_server(
+    start_tenants: StartTenants,
+) -> None:
+    """keepalive_* and the bounds gRPC takes from max_sessions and
+    max_queued_calls (max_concurrent_streams, the RPCs waiting for kupd)
+    are options every socket's server is built with: a reload that changes
+    them gives every socket a new server -- the plain one and the admin one
+    this very Reload came in on -- and needs no restart (it used to keep
+    the bound as started, and say so in needs_restart).  A client connected
+    before goes on being answered; a reload that changes none of them
+    rebuilds nothing."""
+    k = start_tenants("max_queued_calls = 100\n" + DEVICES)
+    event = "socket server rebuilt"
+    with k.client("kupd") as c, k.admin() as adm:
+        assert [d.name for d in c.devices()] == ["echo", "rot13"]
+        for n, (body, key) in enumerate(
+            [("max_queued_calls = 5000\n", "max_queued_calls"), ("keepalive_time = 5\n", "")]
+        ):
+            k.write_config(body + DEVICES)
+            r = adm.reload()
+            applied = (key,) if key else ("max_queued_calls", "keepalive_time")
+            assert (r.applied, r.needs_restart) == (applied, ()), r
+            recs = log_records(k, event)
+            assert len(recs) == 2 * (n + 1), recs
+            new = recs[2 * n:]
+            assert {x["socket"] for x in new} == {str(k.socket), k.admin_socket}, new
+            assert all(x["options_changed"] for x in new), new
+            assert [d.name for d in c.devices()] == ["echo", "rot13"]
+        k.write_config("keepalive_time = 5\ncall_timeout = 20\n" + DEVICES)
+        assert adm.reload().applied == ("call_timeout",)
+        assert len(log_records(k, event)) == 4
+    with k.client("kupd") as c2:
+        assert [d.name for d in c2.devices()] == ["echo", "rot13"]
