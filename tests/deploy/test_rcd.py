@@ -686,21 +686,22 @@ def test_supervised_kupd_that_stops_itself_is_restarted(supervised: RcEnv) -> No
     # reload signals the kupd running now, not daemon(8) (which would only
     # re-open its log): what rc.subr records, delivered as it would
     cfg = rc.config.read_text()
-    rc.config.write_text("keepalive_time = 3\n" + cfg)
+    # (a key only a restart applies: the reload logs it at log_level warning)
+    rc.config.write_text("metrics_port = 9464\n" + cfg)
     res = rc.run("reload")
     assert res.returncode == 0, res.stderr
     assert rc.recorded() == [f"kill -HUP {pid}"]
     os.kill(pid, signal.SIGHUP)
-    _wait(lambda: _log_has(rc, '"keys": ["keepalive_time"]'), "kupd to reload")
+    _wait(lambda: _log_has(rc, '"keys": ["metrics_port"]'), "kupd to reload")
 
     # newsyslog: the log renamed, SIGHUP to daemon(8): a new file, the
     # same kupd (not signalled, not restarted)
     (rc.dir / "kupd.log").rename(rc.dir / "kupd.log.0")
     os.kill(sup, signal.SIGHUP)
     _wait(lambda: (rc.dir / "kupd.log").exists(), "daemon(8) to re-open its log")
-    rc.config.write_text("keepalive_time = 4\n" + cfg)
+    rc.config.write_text("metrics_port = 9465\n" + cfg)
     os.kill(pid, signal.SIGHUP)
-    _wait(lambda: _log_has(rc, '"keys": ["keepalive_time"]'), "the reload's line, new log")
+    _wait(lambda: _log_has(rc, '"keys": ["metrics_port"]'), "the reload's line, new log")
     assert _pid_in(rc.pidfile) == pid and _alive(pid)
 
     res = rc.run("stop")
