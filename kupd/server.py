@@ -658,6 +658,12 @@ class Server:
             rpcs_ended=done.rpcs_ended,
             applied=done.applied,
             needs_restart=done.needs_restart,
+            # what the reply says too: the audit log is the record of what
+            # a reload did, whoever asked and whether or not they looked
+            sockets_added=done.sockets_added,
+            sockets_removed=done.sockets_removed,
+            calls_refused=done.calls_refused,
+            warnings=[{"key": k, "why": why} for k, why in done.warnings],
             **extra,
         )
         return done

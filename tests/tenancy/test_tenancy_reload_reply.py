@@ -91,8 +91,13 @@ def test_kupctl_reload_says_what_was_applied_with_a_caveat(start_tenants: StartT
     out = _reload(k)
     assert "warning" not in out and "sockets" not in out, out
     assert k.audit.is_file()
-    (last,) = [x for x in k.audit_lines() if x.get("action") == "reload"][-1:]
+    (gone, last) = [x for x in k.audit_lines() if x.get("action") == "reload"][-2:]
     assert last["ok"] is True and "audit_error" not in last, last
+    # the audit lines record what the replies said: bob's socket removed,
+    # then nothing
+    assert gone["sockets_removed"] == [k.sock("bob")] and gone["sockets_added"] == [], gone
+    assert gone["warnings"] == [] and gone["calls_refused"] == 0, gone
+    assert last["sockets_removed"] == [] and last["warnings"] == [], last
 
 
 #: bob may Call echo (one pool channel); alice holds sessions too, to free
@@ -145,3 +150,5 @@ def test_kupctl_reload_counts_the_queued_calls_the_new_policy_refuses(
         assert running.outcome(30).data == LOCKHOLD
     got = _reload(k, "--json")
     assert got["calls_refused"] == 0 and got["rpcs_ended"] == {}, got
+    audited = [x for x in k.audit_lines() if x.get("action") == "reload"]
+    assert [x["calls_refused"] for x in audited] == [1, 0], audited
