@@ -1880,19 +1880,31 @@ kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
 	return r == 0 ? which : r;
 }
 
-int
-kupdev_wake_any(struct kupdev_softc *sc)
+/* One more device-level wake owed (kupdev_wake's sc->wakes, kupdev_wake_any's
+ * sc->any_wakes), saturating: 0, or -ESHUTDOWN (nothing owed: every wait
+ * answers that anyway).  The caller then wakes the sleepers it concerns. */
+static int
+kup_dev_count_wake(struct kupdev_softc *sc, uint32_t *owed)
 {
 	int r = 0;
 
-	if (!kup_dev_live(sc, "kupdev_wake_any", "called after kupdev_unload?"))
-		return -EINVAL;
 	kup_lock(&sc->lock);
 	if (sc->shutdown)
 		r = -ESHUTDOWN;
-	else if (sc->any_wakes != 0xffffffffU)
-		KUP_WRITE_ONCE32(&sc->any_wakes, sc->any_wakes + 1);
+	else if (*owed != 0xffffffffU)
+		KUP_WRITE_ONCE32(owed, *owed + 1);
 	kup_unlock(&sc->lock);
+	return r;
+}
+
+int
+kupdev_wake_any(struct kupdev_softc *sc)
+{
+	int r;
+
+	if (!kup_dev_live(sc, "kupdev_wake_any", "called after kupdev_unload?"))
+		return -EINVAL;
+	r = kup_dev_count_wake(sc, &sc->any_wakes);
 	if (r == 0)
 		kup_os_any_wake(sc);
 	return r;
@@ -2107,16 +2119,11 @@ kupdev_wake_channel(struct kupdev_softc *sc, int chan_id)
 int
 kupdev_wake(struct kupdev_softc *sc)
 {
-	int r = 0;
+	int r;
 
 	if (!kup_dev_live(sc, "kupdev_wake", "called after kupdev_unload?"))
 		return -EINVAL;
-	kup_lock(&sc->lock);
-	if (sc->shutdown)
-		r = -ESHUTDOWN;
-	else if (sc->wakes != 0xffffffffU)
-		KUP_WRITE_ONCE32(&sc->wakes, sc->wakes + 1);
-	kup_unlock(&sc->lock);
+	r = kup_dev_count_wake(sc, &sc->wakes);
 	if (r == 0)
 		kup_os_dev_wake(sc);
 	return r;
