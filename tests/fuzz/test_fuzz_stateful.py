@@ -1,0 +1,952 @@
+"""A stateful random probe of kupd through the public client library
+(kupclient's sync Client): hypothesis drives random interleavings of
+Sessions and Attach leases on a real kupd serving two tenants from a real
+kupsim with the echo module, and checks every answer against a small
+reference model:
+
+* a channel someone holds is Busy to everyone else, one released is
+  attachable again, a channel outside a tenant's grant is refused;
+* the turn: a fresh channel's first hand-over is the kernel's PASS, a send
+  needs the turn (NotYourTurn otherwise, nothing sent), every DATA message
+  is answered by exactly one reply -- echo's transform of it (even
+  channels: unchanged, odd ones: ASCII a-z upper-cased) -- received once,
+  whatever timeouts and non-blocking receives came between (nothing lost,
+  nothing duplicated), and a Call's reply is its own request transformed
+  by the pool channel that carried it;
+* a lease id works for its tenant only (another tenant gets the answer of
+  an id that never existed), and after its release only says it ended;
+* closing a Session, or releasing a lease, while an operation waits on it
+  ends that operation with an error and frees the channel;
+* an admin drain ends every lease, a reload that narrows a tenant's grant
+  ends the leases outside it (and says which);
+* every error is a class of the taxonomy with a message, never gRPC's
+  UNKNOWN nor INTERNAL;
+* after each example, everything closed: no lease listed by the admin, no
+  channel held (ListDevices), kupd's gauges of held things back to zero,
+  and every lease a tenant's Watch saw taken also seen released.
+
+Bounded for the suite (a few dozen short examples, < 60 s);
+KUPD_FUZZ_EXAMPLES=N runs N examples (KUPD_FUZZ_STEPS: steps each) for a
+longer exploration by hand."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from tenancy_helpers import TenantKupd, socket_dir
+
+from kupclient import Channel, Client, Kind, Watch
+from kupd import errors
+from kupd.testing import KupSim, in_background, kupsim, wait_until
+
+T = TypeVar("T")
+
+CHANNELS = 16  # echo's channels here (KUP_PARAM_ECHO_CHANNELS)
+POOL = 2  # of them the Call pool's
+NARROW = frozenset(range(8, 16))  # tenant t2's grant in the narrowed config
+
+DEVICES = f"""
+[[device]]
+name = "echo"
+call_channels = {POOL}
+"""
+
+
+def t2_socket(moved: bool) -> str:
+    """The name of tenant t2's socket (a reload may move it)."""
+    return "t2m" if moved else "t2"
+
+
+def tenants(narrow: bool, moved: bool = False) -> str:
+    t2 = '\nchannels = "8-15"' if narrow else ""
+    return (
+        '[[tenant]]\nname = "t1"\nsocket = "@DIR@/t1.sock"\n'
+        '[[tenant.grant]]\ndevice = "echo"\n\n'
+        f'[[tenant]]\nname = "t2"\nsocket = "@DIR@/{t2_socket(moved)}.sock"\n'
+        f'[[tenant.grant]]\ndevice = "echo"{t2}\n'
+    )
+
+
+#: the clients of an example: two of tenant t1, one of t2
+CLIENT_TENANTS = ("t1", "t1", "t2")
+
+#: gauges of things held, all back to zero once everything is closed
+HELD_GAUGES = (
+    "kupd_sessions",
+    "kupd_leases",
+    "kupd_sessions_unattached",
+    "kupd_calls_queued",
+    "kupd_tenant_leases",
+    "kupd_tenant_calls_in_flight",
+)
+
+EXAMPLES = int(os.environ.get("KUPD_FUZZ_EXAMPLES", "40"))
+STEPS = int(os.environ.get("KUPD_FUZZ_STEPS", "20"))
+
+
+def echoed(chan: int, data: bytes) -> bytes:
+    """What echo answers ``data`` with on channel ``chan``."""
+    return data if chan % 2 == 0 else data.upper()
+
+
+def check_error(exc: errors.KupError) -> None:
+    """An error of the taxonomy, with a message; never gRPC's UNKNOWN (an
+    unmapped exception) nor INTERNAL (nothing here breaks the protocol)."""
+    assert type(exc) is not errors.KupError, exc
+    assert exc.message.strip(), type(exc)
+    assert exc.grpc_code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (
+        type(exc).__name__,
+        exc.grpc_code,
+        exc.message,
+    )
+
+
+#: (operation, outcome) -> how many times: what the examples exercised
+#: (printed at the end: pytest -s)
+SEEN: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def attempt(fn: Callable[[], T]) -> tuple[T | None, errors.KupError | None]:
+    op = sys._getframe(1).f_code.co_name
+    try:
+        got = fn()
+    except errors.KupError as exc:
+        check_error(exc)
+        SEEN[op, type(exc).__name__] += 1
+        return None, exc
+    SEEN[op, "ok"] += 1
+    return got, None
+
+
+#: a reply is late: a timed-out or non-blocking wait, nothing lost
+LATE = (errors.NotReady, errors.DeadlineExceeded)
+
+
+State = tuple[tuple[Kind, bytes] | None, bool]  # Holding.owed, Holding.hold
+
+
+def lease_step(chan: int, state: State, op: tuple[str, bytes, float], res: Any) -> list[State]:
+    """The states a lease in ``state`` may be in after ``op`` (kind, data,
+    timeout) gave ``res`` ((value, None) or (None, error)), alongside another
+    operation on it; [] when that outcome is impossible from ``state``."""
+    owed, hold = state
+    kind, data, timeout = op
+    got, exc = res
+    no_turn = hold or (owed is not None and owed[0] is Kind.DATA)
+    if timeout == 0 and kind in ("recv", "exch") and isinstance(exc, errors.NotReady):
+        if kind == "recv":  # nothing there, or another operation under way
+            return [state]
+    if kind in ("send", "pass", "exch"):
+        if exc is not None and isinstance(exc, errors.NotYourTurn):
+            return [state] if (no_turn or owed is not None) else []
+        if no_turn:
+            return []
+        if kind == "pass":
+            return [((Kind.PASS, b""), False)] if exc is None else []
+        after: State = (
+            (None, True) if data.startswith(b"!hold") else ((Kind.DATA, echoed(chan, data)), False)
+        )
+        if kind == "send":
+            return [after] if exc is None else []
+        if exc is not None:  # sent; the reply is owed
+            return [after] if isinstance(exc, LATE) else []
+        return lease_step(chan, after, ("recv", b"", timeout), res)
+    if exc is None:
+        return [(None, False)] if not hold and owed == (got.kind, got.data) else []
+    if isinstance(exc, LATE):
+        return [state] if (hold or owed is not None) else []
+    if isinstance(exc, errors.NotYourTurn):
+        return [state] if (owed is None and not hold) else []
+    return []
+
+
+@dataclass
+class Holding:
+    """A channel held through a Session or an Attach lease, as the model sees it."""
+
+    kind: str  # "session" | "lease"
+    tenant: str
+    client: int
+    channel: int
+    lease_id: str
+    session: Channel | None = None
+    #: the kernel's hand-over not yet received: (kind, data); None when this
+    #: side holds the turn and has read it
+    owed: tuple[Kind, bytes] | None = (Kind.PASS, b"")
+    hold: bool = False  # "!hold" sent: the kernel keeps the turn for good
+    dead: str = ""  # why kupd ended it (drain, reload)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.lease_id} ch {self.channel} of {self.tenant}"
+
+
+@dataclass
+class Model:
+    narrow: bool = False
+    moved: bool = False  # t2's socket moved by a reload
+    drained: bool = False
+    pool: frozenset[int] = frozenset()
+    holdings: list[Holding] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (lease id, tenant)
+    seq: int = 0
+
+    def alive(self) -> list[Holding]:
+        return [h for h in self.holdings if not h.dead]
+
+    def held(self) -> set[int]:
+        return {h.channel for h in self.alive()}
+
+    def allowed(self, tenant: str, chan: int) -> bool:
+        return not (self.narrow and tenant == "t2" and chan not in NARROW)
+
+
+class Watcher:
+    """A tenant's Watch, collecting LEASE_TAKEN / LEASE_RELEASED in a thread."""
+
+    def __init__(self, client: Client) -> None:
+        self.taken: set[str] = set()
+        self.released: set[str] = set()
+        self.error: BaseException | None = None
+        self.watch: Watch = client.watch("echo")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self.watch:
+                if ev.type.name == "LEASE_TAKEN":
+                    self.taken.add(ev.lease_id)
+                elif ev.type.name == "LEASE_RELEASED":
+                    self.released.add(ev.lease_id)
+        except BaseException as exc:  # looked at by the teardown
+            self.error = exc
+
+
+payload_kinds = st.sampled_from(["plain", "plain", "plain", "delay", "hold", "big"])
+receive_timeouts = st.sampled_from([0, 0, 0.05, 2.0, 10.0])
+picks = st.integers(0, 1000)
+#: operations of lease_race: (op, payload kind or timeout, timeout)
+lease_ops = st.one_of(
+    st.tuples(st.just("send"), st.sampled_from(["plain", "delay", "hold"]), st.just(0)),
+    st.tuples(st.just("pass"), st.just(""), st.just(0)),
+    st.tuples(st.just("recv"), st.just(""), st.sampled_from([0, 0.3, 2.0])),
+    st.tuples(st.just("exch"), st.sampled_from(["plain", "delay"]), st.sampled_from([0, 2.0])),
+)
+
+#: the admin's actions end what the tenants hold: one draw in four acts
+rare = st.integers(0, 3).map(lambda n: n == 0)
+
+
+class KupdMachine(RuleBasedStateMachine):
+    def __init__(self, k: TenantKupd, pool: frozenset[int]) -> None:
+        super().__init__()
+        self.k = k
+        self.m = Model(pool=pool)
+        self.rng = random.Random(0)
+        self.clients = [k.client(t) for t in CLIENT_TENANTS]
+        self.devs = [c.open("echo") for c in self.clients]
+        self.admin = k.admin()
+        # t1's Watch, on a client of its own (the examples close theirs)
+        self.watch_client = k.client("t1")
+        self.watcher = Watcher(self.watch_client)
+        # the Watch is subscribed once it sees a lease taken after it started
+        wait_until(self._watch_subscribed, what="the Watch subscribed")
+
+    def _watch_subscribed(self) -> bool:
+        lid = self.clients[0].attach("echo").lease_id
+        self.clients[0].release(lid)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            if lid in self.watcher.released:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # -- helpers -------------------------------------------------------------------
+    def payload(self, kind: str) -> bytes:
+        self.m.seq += 1
+        n = self.m.seq
+        if kind == "delay":
+            return b"!delay %d abc" % n
+        if kind == "hold":
+            return b"!hold %d" % n
+        if kind == "big":
+            return b"b" * 5000
+        letters = "".join(self.rng.choice("aBcxYz09 -") for _ in range(self.rng.randint(0, 40)))
+        return b"m%d:%s" % (n, letters.encode())
+
+    def pick(self, i: int, alive: bool = True) -> Holding:
+        hs = self.m.alive() if alive else self.m.holdings
+        return hs[i % len(hs)]
+
+    def client_of(self, h: Holding, i: int) -> Client:
+        """A client of the holding's tenant (for a lease: any of them)."""
+        if h.kind == "session":
+            return self.clients[h.client]
+        mine = [c for c, t in zip(self.clients, CLIENT_TENANTS, strict=True) if t == h.tenant]
+        return mine[i % len(mine)]
+
+    def foreign(self, h: Holding) -> Client:
+        return next(c for c, t in zip(self.clients, CLIENT_TENANTS, strict=True) if t != h.tenant)
+
+    def gone(self, h: Holding) -> None:
+        self.m.holdings.remove(h)
+        self.m.ended.append((h.lease_id, h.tenant))
+
+    def expect_attach(self, tenant: str, chan: int | None) -> type[errors.KupError] | None:
+        """The error an attach must get (None: it must succeed)."""
+        if self.m.drained:
+            return errors.KupError
+        if chan is None:
+            free = [
+                c
+                for c in range(CHANNELS)
+                if c not in self.m.held() and c not in self.m.pool and self.m.allowed(tenant, c)
+            ]
+            return None if free else errors.KupError
+        if not self.m.allowed(tenant, chan):
+            return errors.PermissionDenied
+        if chan in self.m.held() or chan in self.m.pool:
+            return errors.Busy
+        return None
+
+    def take(self, ci: int, chan: int | None, session: bool) -> Holding | errors.KupError:
+        tenant = CLIENT_TENANTS[ci]
+        if session:
+            ch, exc = attempt(lambda: self.devs[ci].channel(chan))
+            if ch is None:
+                assert exc is not None
+                return exc
+            return Holding("session", tenant, ci, ch.id, ch.lease.lease_id, session=ch)
+        lease, exc = attempt(lambda: self.clients[ci].attach("echo", chan))
+        if lease is None:
+            assert exc is not None
+            return exc
+        return Holding("lease", tenant, ci, lease.channel, lease.lease_id)
+
+    def settle_attach(
+        self, ci: int, chan: int | None, got: Holding | errors.KupError, want: Any
+    ) -> None:
+        tenant = CLIENT_TENANTS[ci]
+        what = f"attach of {'any' if chan is None else chan} by {tenant}"
+        if want is None:
+            assert isinstance(got, Holding), f"{what}: {type(got).__name__}: {got}"
+        elif isinstance(got, Holding):
+            raise AssertionError(f"{what} got {got}, wanted {want.__name__}")
+        else:
+            assert isinstance(got, want), f"{what}: {type(got).__name__}: {got}"
+            if want is errors.Busy:
+                assert not isinstance(got, errors.Releasing), f"{what}: {got}"
+            return
+        assert isinstance(got, Holding)
+        if chan is not None:
+            assert got.channel == chan, (what, got)
+        assert got.channel not in self.m.held(), (what, got, self.m.holdings)
+        assert got.channel not in self.m.pool, (what, got, self.m.pool)
+        assert self.m.allowed(tenant, got.channel), (what, got)
+        self.m.holdings.append(got)
+
+    # -- the operations ------------------------------------------------------------
+    def do_receive(self, h: Holding, ci: int, timeout: float) -> Any:
+        if h.kind == "session":
+            assert h.session is not None
+            s = h.session
+            return attempt(lambda: s.receive(timeout))
+        c = self.client_of(h, ci)
+        return attempt(lambda: c.lease_receive(h.lease_id, timeout))
+
+    def settle_receive(self, h: Holding, got: Any, exc: errors.KupError | None) -> None:
+        what = f"receive on {h}"
+        if h.dead:
+            assert exc is not None, f"{what}: ended ({h.dead}) but got {got}"
+            return
+        if h.hold:
+            assert isinstance(exc, LATE), f"{what} (held by the kernel): {got} {exc!r}"
+        elif h.owed is None:
+            assert isinstance(exc, errors.NotYourTurn), f"{what} (turn here, read): {got} {exc!r}"
+        elif exc is None:
+            assert (got.kind, got.data) == h.owed, f"{what}: got {got}, owed {h.owed}"
+            h.owed = None
+        else:
+            assert isinstance(exc, LATE), f"{what}: {exc!r}"
+
+    def settle_send(self, h: Holding, data: bytes, exc: errors.KupError | None) -> bool:
+        """Whether the send went out (the model updated)."""
+        what = f"send of {data[:20]!r} on {h}"
+        if h.dead:
+            assert exc is not None, f"{what}: ended ({h.dead}) but sent"
+            return False
+        if len(data) > 4096:
+            assert isinstance(exc, errors.TooBig), f"{what}: {exc!r}"
+            return False
+        if h.hold or (h.owed is not None and h.owed[0] is Kind.DATA):
+            assert isinstance(exc, errors.NotYourTurn), f"{what} (no turn / unread): {exc!r}"
+            return False
+        if h.owed is not None and exc is not None:  # the PASS not back yet
+            assert isinstance(exc, errors.NotYourTurn), f"{what}: {exc!r}"
+            return False
+        assert exc is None, f"{what}: {exc!r}"
+        if data.startswith(b"!hold"):
+            h.hold, h.owed = True, None
+        else:
+            h.owed = (Kind.DATA, echoed(h.channel, data))
+        return True
+
+    @rule(
+        ci=st.integers(0, len(CLIENT_TENANTS) - 1),
+        chan=st.one_of(st.none(), st.integers(0, CHANNELS - 1)),
+        session=st.booleans(),
+    )
+    def attach(self, ci: int, chan: int | None, session: bool) -> None:
+        if len(self.m.alive()) >= 8:
+            return
+        want = self.expect_attach(CLIENT_TENANTS[ci], chan)
+        self.settle_attach(ci, chan, self.take(ci, chan, session), want)
+
+    @rule(i=picks, ci=picks, timeout=receive_timeouts)
+    def receive(self, i: int, ci: int, timeout: float) -> None:
+        if not self.m.holdings:
+            return
+        h = self.pick(i, alive=False)
+        if h.hold and timeout > 1:
+            timeout = 0.05  # it would wait its whole timeout
+        got, exc = self.do_receive(h, ci, timeout)
+        self.settle_receive(h, got, exc)
+
+    @rule(i=picks, ci=picks, kind=payload_kinds)
+    def send(self, i: int, ci: int, kind: str) -> None:
+        if not self.m.holdings:
+            return
+        h = self.pick(i, alive=False)
+        data = self.payload(kind)
+        if h.kind == "session":
+            assert h.session is not None
+            s = h.session
+            _, exc = attempt(lambda: s.send(data))
+        else:
+            c = self.client_of(h, ci)
+            _, exc = attempt(lambda: c.lease_send(h.lease_id, data))
+        self.settle_send(h, data, exc)
+
+    @rule(i=picks, ci=picks, kind=payload_kinds, timeout=receive_timeouts)
+    def exchange(self, i: int, ci: int, kind: str, timeout: float) -> None:
+        if not self.m.holdings:
+            return
+        h = self.pick(i, alive=False)
+        data = self.payload(kind)
+        if kind == "hold" and timeout > 1:
+            timeout = 0.05
+        if h.kind == "session":
+            assert h.session is not None
+            s = h.session
+            got, exc = attempt(lambda: s.exchange(data, timeout))
+        else:
+            c = self.client_of(h, ci)
+            got, exc = attempt(lambda: c.lease_exchange(h.lease_id, data, timeout))
+        what = f"exchange of {data[:20]!r} on {h}"
+        if h.dead:
+            assert exc is not None, f"{what}: ended ({h.dead}) but got {got}"
+            return
+        # the send half: refused (nothing sent), or out, and then its reply
+        # came (got), or is owed (a late error)
+        sent_exc = exc if isinstance(exc, (errors.NotYourTurn, errors.TooBig)) else None
+        before = (h.owed, h.hold)
+        if not self.settle_send(h, data, sent_exc):
+            return
+        if exc is None:
+            assert before != (None, True)
+            self.settle_receive(h, got, None)
+        else:
+            assert isinstance(exc, LATE), f"{what}: {exc!r}"
+
+    @rule(i=picks, ci=picks)
+    def pass_turn(self, i: int, ci: int) -> None:
+        if not self.m.holdings:
+            return
+        h = self.pick(i, alive=False)
+        if h.kind == "session":
+            assert h.session is not None
+            s = h.session
+            _, exc = attempt(s.pass_)
+        else:
+            c = self.client_of(h, ci)
+            _, exc = attempt(lambda: c.lease_pass(h.lease_id))
+        what = f"pass on {h}"
+        if h.dead:
+            assert exc is not None, f"{what}: ended ({h.dead}) but passed"
+        elif h.hold or (h.owed is not None and h.owed[0] is Kind.DATA):
+            assert isinstance(exc, errors.NotYourTurn), f"{what}: {exc!r}"
+        elif h.owed is not None and exc is not None:
+            assert isinstance(exc, errors.NotYourTurn), f"{what}: {exc!r}"
+        else:
+            assert exc is None, f"{what}: {exc!r}"
+            h.owed = (Kind.PASS, b"")
+
+    @rule(i=picks, ci=picks)
+    def release(self, i: int, ci: int) -> None:
+        if not self.m.holdings:
+            return
+        h = self.pick(i, alive=False)
+        if h.kind == "session":
+            assert h.session is not None
+            h.session.close()  # never raises
+        else:
+            c = self.client_of(h, ci)
+            _, exc = attempt(lambda: c.release(h.lease_id))
+            if h.dead:
+                # "has ended (drained)"; a reload's end names the rule
+                want = errors.PermissionDenied if h.dead == "policy reload" else errors.NotFound
+                assert isinstance(exc, want), f"release of {h} ({h.dead}): {exc!r}"
+            else:
+                assert exc is None, f"release of {h}: {exc!r}"
+        self.gone(h)
+
+    @rule(i=picks, op=st.sampled_from(["send", "receive", "pass", "release", "exchange"]))
+    def foreign_lease_id(self, i: int, op: str) -> None:
+        """Another tenant's use of a lease id: the answer of an unknown id, no effect."""
+        leases = [h for h in self.m.holdings if h.kind == "lease"]
+        if not leases:
+            return
+        h = leases[i % len(leases)]
+        c = self.foreign(h)
+        fns: dict[str, Callable[[], object]] = {
+            "send": lambda: c.lease_send(h.lease_id, b"x"),
+            "receive": lambda: c.lease_receive(h.lease_id, 0),
+            "pass": lambda: c.lease_pass(h.lease_id),
+            "release": lambda: c.release(h.lease_id),
+            "exchange": lambda: c.lease_exchange(h.lease_id, b"x", 0.05),
+        }
+        _, exc = attempt(fns[op])
+        assert isinstance(exc, errors.NotFound), f"{op} of {h} by the other tenant: {exc!r}"
+        assert "released, expired, or never taken" in exc.message, exc.message
+
+    @rule(i=picks, foreign=st.booleans())
+    def ended_lease_id(self, i: int, foreign: bool) -> None:
+        if not self.m.ended:
+            return
+        lid, tenant = self.m.ended[i % len(self.m.ended)]
+        ci = next(j for j, t in enumerate(CLIENT_TENANTS) if (t == tenant) != foreign)
+        _, exc = attempt(lambda: self.clients[ci].lease_receive(lid, 0))
+        assert isinstance(exc, errors.NotFound), f"receive on ended {lid}: {exc!r}"
+
+    @rule(
+        i=picks,
+        ci=picks,
+        how=st.sampled_from(["close", "close", "client", "drain", "revoke", "reload", "move"]),
+        pause=st.sampled_from([0.0, 0.05, 0.3]),
+        exchange=st.booleans(),
+    )
+    def end_while_waiting(self, i: int, ci: int, how: str, pause: float, exchange: bool) -> None:
+        """End a Session or a lease while a receive (or an exchange) waits on
+        it: its close or release, its client's close, an admin drain or
+        revocation, a reload that takes its channel or moves its socket."""
+        hs = [h for h in self.m.alive() if h.owed is None or h.hold]
+        if not hs:
+            return
+        h = hs[i % len(hs)]
+        if how == "reload" and (h.tenant != "t2" or self.m.narrow or h.channel in NARROW):
+            how = "close"
+        if how == "move" and h.tenant != "t2":
+            how = "close"
+        data = self.payload("hold")
+        c = self.client_of(h, ci)
+        s = h.session
+        wait: Callable[[], object]
+        if h.hold or not exchange:
+            if not h.hold:
+                if s is not None:
+                    s.send(data)
+                else:
+                    c.lease_send(h.lease_id, data)
+            wait = (lambda: s.receive()) if s is not None else (lambda: c.lease_receive(h.lease_id))
+        else:
+            wait = (
+                (lambda: s.exchange(data))
+                if s is not None
+                else (lambda: c.lease_exchange(h.lease_id, data))
+            )
+        h.hold, h.owed = True, None
+        waiting = in_background(wait)
+        time.sleep(pause)
+        want: tuple[type[errors.KupError], ...]
+        ends = True  # the holding ends (a lease outlives its client and socket)
+        if how == "close":
+            if s is not None:
+                s.close()
+                want = (errors.InvalidArgument,)
+            else:
+                _, exc = attempt(lambda: self.client_of(h, ci + 1).release(h.lease_id))
+                assert exc is None, f"release of {h} under a receive: {exc!r}"
+                want = (errors.NotFound,)
+        elif how == "client":
+            idx = h.client if s is not None else self.clients.index(c)
+            self.renew_client(idx)
+            want = (errors.InvalidArgument,)
+            ends = s is not None
+        elif how == "drain":
+            self.drain(False, True)
+            want = (errors.Shutdown, errors.NotFound)
+        elif how == "revoke":
+            self.admin.revoke(h.lease_id, "fuzz revoke")
+            h.dead = "revoked"
+            want = (errors.PermissionDenied,)
+        elif how == "reload":
+            self.reload(True, self.m.moved, True)
+            want = (errors.PermissionDenied,)
+        else:  # move t2's socket
+            self.reload(self.m.narrow, not self.m.moved, True, renew=False)
+            want = (errors.Unavailable,)
+            ends = s is not None
+        out = waiting.outcome(timeout=60)
+        if how == "move":
+            self.renew_t2()
+        assert isinstance(out, errors.KupError), f"wait under {how} of {h}: {out!r}"
+        check_error(out)
+        assert isinstance(out, want), f"wait under {how} of {h}: {out!r}"
+        if how == "revoke":
+            assert "fuzz revoke" in out.message, out.message
+        if ends:
+            self.gone(h)
+
+    def renew_client(self, idx: int) -> None:
+        """Close client ``idx`` and put a new one of its tenant in its place:
+        its Sessions end with it, its tenant's leases live on."""
+        old = self.clients[idx]
+        tenant = CLIENT_TENANTS[idx]
+        path = self.k.sock(t2_socket(self.m.moved) if tenant == "t2" else tenant)
+        self.clients[idx] = Client(path)
+        self.devs[idx] = self.clients[idx].open("echo")
+        old.close()
+        closed = set()
+        for h in self.m.alive():
+            if h.kind == "session" and h.client == idx:
+                h.dead = "client closed"
+                closed.add(h.lease_id)
+        # kupd sees the streams cancelled on its own time: their channels
+        # are the model's free ones once it has let go of them
+        wait_until(
+            lambda: not closed & {x.lease_id for x in self.admin.list_leases()},
+            what="the closed client's Sessions ended",
+        )
+
+    @rule(chan=st.integers(0, CHANNELS - 1), sessions=st.tuples(st.booleans(), st.booleans()))
+    def attach_race(self, chan: int, sessions: tuple[bool, bool]) -> None:
+        """Two tenants attach the same channel at once: one wins at most."""
+        if len(self.m.alive()) >= 7:
+            return
+        wants = [self.expect_attach(CLIENT_TENANTS[ci], chan) for ci in (0, 2)]
+        start = threading.Barrier(2)
+
+        def go(ci: int, session: bool) -> Callable[[], Holding | errors.KupError]:
+            def run() -> Holding | errors.KupError:
+                start.wait(10)
+                return self.take(ci, chan, session)
+
+            return run
+
+        runs = [in_background(go(ci, s)) for ci, s in zip((0, 2), sessions, strict=True)]
+        got = [r.outcome(timeout=60) for r in runs]
+        for g in got:
+            assert isinstance(g, (Holding, errors.KupError)), repr(g)
+        won = [g for g in got if isinstance(g, Holding)]
+        assert len(won) <= 1, f"both attaches of channel {chan} won: {won}"
+        if wants == [None, None]:
+            assert won, f"neither attach of free channel {chan} won: {got}"
+            loser = next(g for g in got if not isinstance(g, Holding))
+            assert type(loser) is errors.Busy, f"the loser for channel {chan}: {loser!r}"
+        for ci, g, want in zip((0, 2), got, wants, strict=True):
+            if wants == [None, None] and not isinstance(g, Holding):
+                continue
+            self.settle_attach(ci, chan, g, want)
+
+    @rule(i=picks, kind=st.sampled_from(["plain", "delay"]))
+    def receive_race(self, i: int, kind: str) -> None:
+        """Two clients of the lease's tenant receive its reply at once: one gets it."""
+        hs = [h for h in self.m.alive() if h.kind == "lease" and h.tenant == "t1"]
+        if not hs:
+            return
+        h = hs[i % len(hs)]
+        if h.owed is None and not h.hold:
+            data = self.payload(kind)
+            _, exc = attempt(lambda: self.clients[0].lease_send(h.lease_id, data))
+            assert self.settle_send(h, data, exc)
+        start = threading.Barrier(2)
+
+        def go(c: Client) -> Callable[[], Any]:
+            def run() -> Any:
+                start.wait(10)
+                return attempt(lambda: c.lease_receive(h.lease_id, 1.0))
+
+            return run
+
+        runs = [in_background(go(c)) for c in self.clients[:2]]
+        results = [r.outcome(timeout=60) for r in runs]
+        got = [g for g, _ in results if g is not None]
+        assert len(got) <= 1, f"both receives on {h} got a message: {got}"
+        for g, _ in results:
+            if g is not None:
+                self.settle_receive(h, g, None)
+        for g, exc in results:
+            if g is None:
+                assert isinstance(exc, (*LATE, errors.NotYourTurn)), f"{h}: {exc!r}"
+
+    @rule(i=picks, ops=st.tuples(lease_ops, lease_ops))
+    def lease_race(self, i: int, ops: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
+        """Two operations at once on one lease, from two clients of its
+        tenant: the outcomes are those of one order or the other."""
+        hs = [h for h in self.m.alive() if h.kind == "lease"]
+        if not hs:
+            return
+        h = hs[i % len(hs)]
+        mine = [c for c, t in zip(self.clients, CLIENT_TENANTS, strict=True) if t == h.tenant]
+        start = threading.Barrier(2)
+        datas = [self.payload(op[1]) if op[0] in ("send", "exch") else b"" for op in ops]
+
+        def go(j: int) -> Callable[[], Any]:
+            c = mine[j % len(mine)]
+            op, data = ops[j], datas[j]
+
+            def run() -> Any:
+                start.wait(10)
+                if op[0] == "send":
+                    return attempt(lambda: c.lease_send(h.lease_id, data))
+                if op[0] == "pass":
+                    return attempt(lambda: c.lease_pass(h.lease_id))
+                if op[0] == "recv":
+                    return attempt(lambda: c.lease_receive(h.lease_id, op[2]))
+                return attempt(lambda: c.lease_exchange(h.lease_id, data, op[2]))
+
+            return run
+
+        runs = [in_background(go(j)) for j in (0, 1)]
+        res = [r.outcome(timeout=60) for r in runs]
+        steps = [(ops[j][0], datas[j], ops[j][-1]) for j in (0, 1)]
+        state = (h.owed, h.hold)
+        ends = set()
+        for a, b in ((0, 1), (1, 0)):
+            for s1 in lease_step(h.channel, state, steps[a], res[a]):
+                ends.update(lease_step(h.channel, s1, steps[b], res[b]))
+        assert ends, f"{h} from {state}: {steps} gave {res}: no order explains it"
+        if len(ends) == 1:
+            h.owed, h.hold = ends.pop()
+        else:  # the outcomes do not tell the order: the model lets go of it
+            self.clients[h.client].release(h.lease_id)
+            self.gone(h)
+
+    @rule(
+        i=picks, op=st.sampled_from(["send", "receive", "pass", "release"]), foreign=st.booleans()
+    )
+    def session_id_as_lease(self, i: int, op: str, foreign: bool) -> None:
+        """A Session's lease id in the lease RPCs: Busy to its tenant (it
+        belongs to a stream), the answer of an unknown id to the other."""
+        hs = [h for h in self.m.alive() if h.kind == "session"]
+        if not hs:
+            return
+        h = hs[i % len(hs)]
+        c = self.foreign(h) if foreign else self.clients[h.client]
+        fns: dict[str, Callable[[], object]] = {
+            "send": lambda: c.lease_send(h.lease_id, b"x"),
+            "receive": lambda: c.lease_receive(h.lease_id, 0),
+            "pass": lambda: c.lease_pass(h.lease_id),
+            "release": lambda: c.release(h.lease_id),
+        }
+        _, exc = attempt(fns[op])
+        want = errors.NotFound if foreign else errors.Busy
+        assert type(exc) is want, f"{op} with the id of {h} (foreign {foreign}): {exc!r}"
+
+    @rule(ci=st.integers(0, len(CLIENT_TENANTS) - 1))
+    def list_devices(self, ci: int) -> None:
+        """ListDevices, as a tenant sees it, says what the model holds."""
+        tenant = CLIENT_TENANTS[ci]
+        (dev,) = self.clients[ci].devices("echo")
+        seen = {ch.id: (ch.state, ch.lease_id) for ch in dev.channels}
+        visible = [c for c in range(CHANNELS) if self.m.allowed(tenant, c)]
+        assert sorted(seen) == visible, (tenant, sorted(seen))
+        assert dev.drained == self.m.drained, dev
+        held = {h.channel: h for h in self.m.alive()}
+        for c in visible:
+            state, lid = seen[c]
+            h = held.get(c)
+            if h is not None:
+                want = (h.kind, h.lease_id if h.tenant == tenant else "")
+                assert (state, lid) == want, (tenant, c, state, lid, h)
+            elif c in self.m.pool:
+                assert state in ("calls", "quarantined"), (tenant, c, state)
+            else:
+                # its last user gone, its module may not have let go yet
+                assert state in ("free", "module"), (tenant, c, state, lid)
+
+    @rule(ci=st.integers(0, len(CLIENT_TENANTS) - 1), kind=st.sampled_from(["plain", "late"]))
+    def call(self, ci: int, kind: str) -> None:
+        data = self.payload("delay" if kind == "late" else "plain")
+        timeout = 0.05 if kind == "late" else 20.0
+        got, exc = attempt(lambda: self.clients[ci].call("echo", data, timeout))
+        what = f"call of {data!r} by {CLIENT_TENANTS[ci]}"
+        if self.m.drained:
+            assert exc is not None, f"{what} on a drained device: {got}"
+        elif kind == "late":
+            assert isinstance(exc, errors.DeadlineExceeded), f"{what}: {got} {exc!r}"
+        else:
+            assert got is not None, f"{what}: {exc!r}"
+            assert got.channel in self.m.pool, (what, got)
+            assert got.data == echoed(got.channel, data), (what, got)
+
+    @rule(narrow=st.booleans(), moved=st.booleans(), now=rare)
+    def reload(self, narrow: bool, moved: bool, now: bool, renew: bool = True) -> None:
+        """``renew``: replace the clients of a moved socket at once."""
+        if not now:
+            return
+        self.k.write_config(DEVICES + tenants(narrow, moved))
+        r = self.admin.reload()
+        move = moved != self.m.moved
+        self.m.narrow, self.m.moved = narrow, moved
+        doomed = {h.lease_id for h in self.m.alive() if not self.m.allowed(h.tenant, h.channel)}
+        for h in self.m.alive():
+            if h.lease_id in doomed:
+                h.dead = "policy reload"
+        # Sessions on the moved socket end with it; leases live on
+        moved_away = {
+            h.lease_id for h in self.m.alive() if move and h.tenant == "t2" and h.kind == "session"
+        }
+        assert set(r.sessions_ended) == doomed | moved_away, (r, doomed, moved_away)
+        for h in self.m.alive():
+            if h.lease_id in moved_away:
+                h.dead = "socket moved"
+        if move and renew:
+            self.renew_t2()
+
+    def renew_t2(self) -> None:
+        for idx, t in enumerate(CLIENT_TENANTS):
+            if t == "t2":
+                self.renew_client(idx)
+
+    @rule(undo=st.booleans(), now=rare)
+    def drain(self, undo: bool, now: bool) -> None:
+        if not now and not (undo and self.m.drained):
+            return
+        ended = self.admin.drain("echo", undo)
+        if undo:
+            assert ended == [], ended
+            self.m.drained = False
+            return
+        want = set() if self.m.drained else {h.lease_id for h in self.m.alive()}
+        assert set(ended) == want, (ended, want)
+        for h in self.m.alive():
+            h.dead = "drained"
+        self.m.drained = True
+
+    # -- the end of an example ------------------------------------------------------
+    def teardown(self) -> None:
+        try:
+            for h in list(self.m.holdings):
+                if h.kind == "session":
+                    assert h.session is not None
+                    h.session.close()
+                elif not h.dead:
+                    self.clients[h.client].release(h.lease_id)
+                self.gone(h)
+            self.admin.drain("echo", undo=True)
+            if self.m.narrow or self.m.moved:
+                self.k.write_config(DEVICES + tenants(False))
+                self.admin.reload()
+            self.check_all_free()
+        finally:
+            self.watcher.watch.cancel()
+            for c in (*self.clients, self.watch_client):
+                c.close()
+            self.admin.close()
+        assert self.watcher.error is None, repr(self.watcher.error)
+
+    def check_all_free(self) -> None:
+        assert self.k.proc.poll() is None, self.k.log()
+        wait_until(lambda: self.admin.list_leases() == [], what="no lease listed")
+        with Client(self.k.admin_socket) as c:
+
+            def channels_free() -> bool:
+                (dev,) = c.devices("echo")
+                states = {ch.id: ch.state for ch in dev.channels}
+                return (
+                    all(s == ("calls" if i in self.m.pool else "free") for i, s in states.items())
+                    and dev.calls_in_flight == 0
+                    and dev.calls_queued == 0
+                )
+
+            wait_until(channels_free, what="every channel free (ListDevices)")
+        wait_until(self.gauges_zero, what="kupd's gauges of held things at zero")
+        lost = set()
+
+        def every_release_seen() -> bool:
+            nonlocal lost
+            lost = self.watcher.taken - self.watcher.released
+            return not lost and self.watcher.error is None
+
+        wait_until(every_release_seen, what="a LEASE_RELEASED for every LEASE_TAKEN")
+
+    def gauges_zero(self) -> bool:
+        text = self.admin.metrics()
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in HELD_GAUGES and float(line.rsplit(" ", 1)[1]) != 0:
+                return False
+        return True
+
+
+# -- fixtures --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ssim() -> Iterator[KupSim]:
+    env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS=str(CHANNELS))
+    with kupsim("echo", env=env, check_exit=False, ready_timeout=60.0) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sk(ssim: KupSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantKupd]:
+    log = tmp_path_factory.mktemp("fuzz-stateful") / "kupd.log"
+    k = TenantKupd(socket_dir(), ssim, DEVICES + tenants(False), log)
+    yield k
+    k.stop()
+    shutil.rmtree(k.dir, ignore_errors=True)
+
+
+def pool_channels(k: TenantKupd) -> frozenset[int]:
+    with Client(k.admin_socket) as c:
+        wait_until(
+            lambda: sum(ch.state == "calls" for ch in c.devices("echo")[0].channels) == POOL,
+            what="the Call pool",
+        )
+        return frozenset(ch.id for ch in c.devices("echo")[0].channels if ch.state == "calls")
+
+
+def test_stateful_probe(sk: TenantKupd) -> None:
+    pool = pool_channels(sk)
+    run_state_machine_as_test(
+        lambda: KupdMachine(sk, pool),
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    for (op, outcome), n in sorted(SEEN.items()):
+        print(f"seen: {op} {outcome} {n}")
+    assert sk.proc.poll() is None, sk.log()
+    # the pool was never replaced: the model's pool channels stayed right
+    assert pool_channels(sk) == pool
