@@ -136,14 +136,16 @@ def attempt(fn: Callable[[], T]) -> tuple[T | None, errors.KupError | None]:
 LATE = (errors.NotReady, errors.DeadlineExceeded)
 
 
-State = tuple[tuple[Kind, bytes] | None, bool]  # Holding.owed, Holding.hold
+#: the kernel hand-over owed: (kind, data, its sequence number)
+Owed = tuple[Kind, bytes, int]
+State = tuple[Owed | None, bool, int]  # Holding.owed, .hold, .n
 
 
 def lease_step(chan: int, state: State, op: tuple[str, bytes, float], res: Any) -> list[State]:
     """The states a lease in ``state`` may be in after ``op`` (kind, data,
     timeout) gave ``res`` ((value, None) or (None, error)), alongside another
     operation on it; [] when that outcome is impossible from ``state``."""
-    owed, hold = state
+    owed, hold, n = state
     kind, data, timeout = op
     got, exc = res
     no_turn = hold or (owed is not None and owed[0] is Kind.DATA)
@@ -156,9 +158,11 @@ def lease_step(chan: int, state: State, op: tuple[str, bytes, float], res: Any) 
         if no_turn:
             return []
         if kind == "pass":
-            return [((Kind.PASS, b""), False)] if exc is None else []
+            return [((Kind.PASS, b"", n + 1), False, n + 1)] if exc is None else []
         after: State = (
-            (None, True) if data.startswith(b"!hold") else ((Kind.DATA, echoed(chan, data)), False)
+            (None, True, n + 1)
+            if data.startswith(b"!hold")
+            else ((Kind.DATA, echoed(chan, data), n + 1), False, n + 1)
         )
         if kind == "send":
             return [after] if exc is None else []
@@ -166,7 +170,7 @@ def lease_step(chan: int, state: State, op: tuple[str, bytes, float], res: Any) 
             return [after] if isinstance(exc, LATE) else []
         return lease_step(chan, after, ("recv", b"", timeout), res)
     if exc is None:
-        return [(None, False)] if not hold and owed == (got.kind, got.data) else []
+        return [(None, False, n)] if not hold and owed == (got.kind, got.data, got.seq) else []
     if isinstance(exc, LATE):
         return [state] if (hold or owed is not None) else []
     if isinstance(exc, errors.NotYourTurn):
@@ -186,7 +190,9 @@ class Holding:
     session: Channel | None = None
     #: the kernel's hand-over not yet received: (kind, data); None when this
     #: side holds the turn and has read it
-    owed: tuple[Kind, bytes] | None = (Kind.PASS, b"")
+    owed: Owed | None = (Kind.PASS, b"", 1)
+    #: the kernel's hand-overs so far, counting those owed (their seq)
+    n: int = 1
     hold: bool = False  # "!hold" sent: the kernel keeps the turn for good
     dead: str = ""  # why kupd ended it (drain, reload)
 
@@ -201,7 +207,8 @@ class Model:
     drained: bool = False
     pool: frozenset[int] = frozenset()
     holdings: list[Holding] = field(default_factory=list)
-    ended: list[tuple[str, str]] = field(default_factory=list)  # (lease id, tenant)
+    #: (lease id, tenant, the reason it ended)
+    ended: list[tuple[str, str, str]] = field(default_factory=list)
     seq: int = 0
 
     def alive(self) -> list[Holding]:
@@ -219,7 +226,7 @@ class Watcher:
 
     def __init__(self, client: Client) -> None:
         self.taken: set[str] = set()
-        self.released: set[str] = set()
+        self.released: dict[str, str] = {}  # lease id -> the reason it ended
         self.error: BaseException | None = None
         self.watch: Watch = client.watch("echo")
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -231,7 +238,7 @@ class Watcher:
                 if ev.type.name == "LEASE_TAKEN":
                     self.taken.add(ev.lease_id)
                 elif ev.type.name == "LEASE_RELEASED":
-                    self.released.add(ev.lease_id)
+                    self.released[ev.lease_id] = ev.reason
         except BaseException as exc:  # looked at by the teardown
             self.error = exc
 
@@ -256,6 +263,8 @@ class KupdMachine(RuleBasedStateMachine):
         super().__init__()
         self.k = k
         self.m = Model(pool=pool)
+        #: t1's ended leases: the reason their LEASE_RELEASED must give
+        self.reasons: dict[str, str] = {}
         self.rng = random.Random(0)
         self.clients = [k.client(t) for t in CLIENT_TENANTS]
         self.devs = [c.open("echo") for c in self.clients]
@@ -303,9 +312,14 @@ class KupdMachine(RuleBasedStateMachine):
     def foreign(self, h: Holding) -> Client:
         return next(c for c, t in zip(self.clients, CLIENT_TENANTS, strict=True) if t != h.tenant)
 
-    def gone(self, h: Holding) -> None:
+    def gone(self, h: Holding, reason: str = "") -> None:
+        """``h`` ended: ``reason``, the reason its LEASE_RELEASED gives, unless
+        kupd ended it before (h.dead) -- by default its release's or close's."""
         self.m.holdings.remove(h)
-        self.m.ended.append((h.lease_id, h.tenant))
+        why = h.dead or reason or ("stream ended" if h.kind == "session" else "released")
+        self.m.ended.append((h.lease_id, h.tenant, why))
+        if h.tenant == "t1":
+            self.reasons[h.lease_id] = why
 
     def expect_attach(self, tenant: str, chan: int | None) -> type[errors.KupError] | None:
         """The error an attach must get (None: it must succeed)."""
@@ -379,7 +393,7 @@ class KupdMachine(RuleBasedStateMachine):
         elif h.owed is None:
             assert isinstance(exc, errors.NotYourTurn), f"{what} (turn here, read): {got} {exc!r}"
         elif exc is None:
-            assert (got.kind, got.data) == h.owed, f"{what}: got {got}, owed {h.owed}"
+            assert (got.kind, got.data, got.seq) == h.owed, f"{what}: got {got}, owed {h.owed}"
             h.owed = None
         else:
             assert isinstance(exc, LATE), f"{what}: {exc!r}"
@@ -400,10 +414,11 @@ class KupdMachine(RuleBasedStateMachine):
             assert isinstance(exc, errors.NotYourTurn), f"{what}: {exc!r}"
             return False
         assert exc is None, f"{what}: {exc!r}"
+        h.n += 1
         if data.startswith(b"!hold"):
             h.hold, h.owed = True, None
         else:
-            h.owed = (Kind.DATA, echoed(h.channel, data))
+            h.owed = (Kind.DATA, echoed(h.channel, data), h.n)
         return True
 
     @rule(
@@ -494,7 +509,8 @@ class KupdMachine(RuleBasedStateMachine):
             assert isinstance(exc, errors.NotYourTurn), f"{what}: {exc!r}"
         else:
             assert exc is None, f"{what}: {exc!r}"
-            h.owed = (Kind.PASS, b"")
+            h.n += 1
+            h.owed = (Kind.PASS, b"", h.n)
 
     @rule(i=picks, ci=picks)
     def release(self, i: int, ci: int) -> None:
@@ -538,10 +554,14 @@ class KupdMachine(RuleBasedStateMachine):
     def ended_lease_id(self, i: int, foreign: bool) -> None:
         if not self.m.ended:
             return
-        lid, tenant = self.m.ended[i % len(self.m.ended)]
+        lid, tenant, why = self.m.ended[i % len(self.m.ended)]
         ci = next(j for j, t in enumerate(CLIENT_TENANTS) if (t == tenant) != foreign)
         _, exc = attempt(lambda: self.clients[ci].lease_receive(lid, 0))
-        assert isinstance(exc, errors.NotFound), f"receive on ended {lid}: {exc!r}"
+        # its own tenant is told how it ended: the policy's or the admin's
+        # refusal, or that it has ended; another tenant as for any unknown id
+        denied = not foreign and why in ("policy reload", "revoked")
+        want = errors.PermissionDenied if denied else errors.NotFound
+        assert type(exc) is want, f"receive on {lid}, ended ({why}), foreign {foreign}: {exc!r}"
 
     @rule(
         i=picks,
@@ -579,6 +599,8 @@ class KupdMachine(RuleBasedStateMachine):
                 if s is not None
                 else (lambda: c.lease_exchange(h.lease_id, data))
             )
+        if not h.hold:
+            h.n += 1
         h.hold, h.owed = True, None
         waiting = in_background(wait)
         time.sleep(pause)
@@ -586,7 +608,8 @@ class KupdMachine(RuleBasedStateMachine):
         ends = True  # the holding ends (a lease outlives its client and socket)
         if how == "close":
             if s is not None:
-                s.close()
+                s.close()  # cancels the stream under the waiting operation
+                h.dead = "stream cancelled"
                 want = (errors.InvalidArgument,)
             else:
                 _, exc = attempt(lambda: self.client_of(h, ci + 1).release(h.lease_id))
@@ -634,7 +657,7 @@ class KupdMachine(RuleBasedStateMachine):
         closed = set()
         for h in self.m.alive():
             if h.kind == "session" and h.client == idx:
-                h.dead = "client closed"
+                h.dead = "stream cancelled"
                 closed.add(h.lease_id)
         # kupd sees the streams cancelled on its own time: their channels
         # are the model's free ones once it has let go of them
@@ -735,14 +758,14 @@ class KupdMachine(RuleBasedStateMachine):
         runs = [in_background(go(j)) for j in (0, 1)]
         res = [r.outcome(timeout=60) for r in runs]
         steps = [(ops[j][0], datas[j], ops[j][-1]) for j in (0, 1)]
-        state = (h.owed, h.hold)
+        state = (h.owed, h.hold, h.n)
         ends = set()
         for a, b in ((0, 1), (1, 0)):
             for s1 in lease_step(h.channel, state, steps[a], res[a]):
                 ends.update(lease_step(h.channel, s1, steps[b], res[b]))
         assert ends, f"{h} from {state}: {steps} gave {res}: no order explains it"
         if len(ends) == 1:
-            h.owed, h.hold = ends.pop()
+            h.owed, h.hold, h.n = ends.pop()
         else:  # the outcomes do not tell the order: the model lets go of it
             self.clients[h.client].release(h.lease_id)
             self.gone(h)
@@ -825,7 +848,7 @@ class KupdMachine(RuleBasedStateMachine):
         assert set(r.sessions_ended) == doomed | moved_away, (r, doomed, moved_away)
         for h in self.m.alive():
             if h.lease_id in moved_away:
-                h.dead = "socket moved"
+                h.dead = "socket moved by reload"
         if move and renew:
             self.renew_t2()
 
@@ -891,10 +914,14 @@ class KupdMachine(RuleBasedStateMachine):
 
         def every_release_seen() -> bool:
             nonlocal lost
-            lost = self.watcher.taken - self.watcher.released
+            lost = self.watcher.taken - set(self.watcher.released)
             return not lost and self.watcher.error is None
 
         wait_until(every_release_seen, what="a LEASE_RELEASED for every LEASE_TAKEN")
+        # t1's Watch tells t1 why each of its leases ended
+        for lid, reason in self.reasons.items():
+            got = self.watcher.released.get(lid)
+            assert got == reason, f"{lid} ended with reason {got!r}, not {reason!r}"
 
     def gauges_zero(self) -> bool:
         text = self.admin.metrics()
