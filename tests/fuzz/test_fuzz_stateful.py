@@ -71,12 +71,21 @@ def t2_socket(moved: bool) -> str:
     return "t2m" if moved else "t2"
 
 
-def tenants(narrow: bool, moved: bool = False) -> str:
+#: with limits: tenant t1's max_sessions, tenant t2's max_message_bytes
+T1_MAX_SESSIONS = 3
+T2_MAX_BYTES = 64
+
+
+def tenants(narrow: bool, moved: bool = False, limits: bool = False) -> str:
+    """The tenants table: t2 ``narrow``ed to channels 8-15, its socket
+    ``moved``, and ``limits`` on both."""
     t2 = '\nchannels = "8-15"' if narrow else ""
+    t1_limit = f"max_sessions = {T1_MAX_SESSIONS}\n" if limits else ""
+    t2_limit = f"max_message_bytes = {T2_MAX_BYTES}\n" if limits else ""
     return (
-        '[[tenant]]\nname = "t1"\nsocket = "@DIR@/t1.sock"\n'
+        f'[[tenant]]\nname = "t1"\nsocket = "@DIR@/t1.sock"\n{t1_limit}'
         '[[tenant.grant]]\ndevice = "echo"\n\n'
-        f'[[tenant]]\nname = "t2"\nsocket = "@DIR@/{t2_socket(moved)}.sock"\n'
+        f'[[tenant]]\nname = "t2"\nsocket = "@DIR@/{t2_socket(moved)}.sock"\n{t2_limit}'
         f'[[tenant.grant]]\ndevice = "echo"{t2}\n'
     )
 
@@ -131,6 +140,10 @@ def attempt(fn: Callable[[], T]) -> tuple[T | None, errors.KupError | None]:
     SEEN[op, "ok"] += 1
     return got, None
 
+
+#: the reason a Session its client cancels ends with: the client half-closes
+#: the stream as it cancels it, and kupd may see either first
+CANCELLED = "stream cancelled|stream ended"
 
 #: a reply is late: a timed-out or non-blocking wait, nothing lost
 LATE = (errors.NotReady, errors.DeadlineExceeded)
@@ -204,6 +217,10 @@ class Holding:
 class Model:
     narrow: bool = False
     moved: bool = False  # t2's socket moved by a reload
+    limits: bool = False  # the config file's limits (T1_MAX_SESSIONS, T2_MAX_BYTES)
+    #: t2's max_message_bytes in force (0: none): a reload that keeps its
+    #: socket does not raise it (docs/gateway.md, "Reload"), a new socket does
+    t2_bytes: int = 0
     drained: bool = False
     pool: frozenset[int] = frozenset()
     holdings: list[Holding] = field(default_factory=list)
@@ -216,6 +233,14 @@ class Model:
 
     def held(self) -> set[int]:
         return {h.channel for h in self.alive()}
+
+    def max_bytes(self, tenant: str) -> int:
+        return (self.t2_bytes or 4096) if tenant == "t2" else 4096
+
+    def at_limit(self, tenant: str, more: int = 0) -> bool:
+        """``tenant`` has (with ``more`` being taken) all its max_sessions."""
+        mine = sum(1 for h in self.alive() if h.tenant == tenant) + more
+        return self.limits and tenant == "t1" and mine >= T1_MAX_SESSIONS
 
     def allowed(self, tenant: str, chan: int) -> bool:
         return not (self.narrow and tenant == "t2" and chan not in NARROW)
@@ -243,7 +268,7 @@ class Watcher:
             self.error = exc
 
 
-payload_kinds = st.sampled_from(["plain", "plain", "plain", "delay", "hold", "big"])
+payload_kinds = st.sampled_from(["plain", "plain", "plain", "delay", "hold", "mid", "big"])
 receive_timeouts = st.sampled_from([0, 0, 0.05, 2.0, 10.0])
 picks = st.integers(0, 1000)
 #: operations of lease_race: (op, payload kind or timeout, timeout)
@@ -259,6 +284,10 @@ rare = st.integers(0, 3).map(lambda n: n == 0)
 
 
 class KupdMachine(RuleBasedStateMachine):
+    #: an example set t2's max_message_bytes on its socket: the next starts
+    #: from a socket without it
+    t2_limited = False
+
     def __init__(self, k: TenantKupd, pool: frozenset[int]) -> None:
         super().__init__()
         self.k = k
@@ -266,9 +295,21 @@ class KupdMachine(RuleBasedStateMachine):
         #: t1's ended leases: the reason their LEASE_RELEASED must give
         self.reasons: dict[str, str] = {}
         self.rng = random.Random(0)
+        self.admin = k.admin()
+        # each example starts from the configuration the model assumes,
+        # whatever the one before left (a failed example's teardown may not
+        # have got as far as restoring it)
+        if KupdMachine.t2_limited:
+            # t2's socket keeps a max_message_bytes through a reload that
+            # lifts it: a new socket for t2 (moved there and back) has none
+            k.write_config(DEVICES + tenants(False, moved=True))
+            self.admin.reload()
+            KupdMachine.t2_limited = False
+        k.write_config(DEVICES + tenants(False))
+        self.admin.reload()
+        self.admin.drain("echo", undo=True)
         self.clients = [k.client(t) for t in CLIENT_TENANTS]
         self.devs = [c.open("echo") for c in self.clients]
-        self.admin = k.admin()
         # t1's Watch, on a client of its own (the examples close theirs)
         self.watch_client = k.client("t1")
         self.watcher = Watcher(self.watch_client)
@@ -295,6 +336,8 @@ class KupdMachine(RuleBasedStateMachine):
             return b"!hold %d" % n
         if kind == "big":
             return b"b" * 5000
+        if kind == "mid":  # over T2_MAX_BYTES
+            return b"q%d:" % n + b"q" * 100
         letters = "".join(self.rng.choice("aBcxYz09 -") for _ in range(self.rng.randint(0, 40)))
         return b"m%d:%s" % (n, letters.encode())
 
@@ -325,6 +368,10 @@ class KupdMachine(RuleBasedStateMachine):
         """The error an attach must get (None: it must succeed)."""
         if self.m.drained:
             return errors.KupError
+        if chan is not None and not self.m.allowed(tenant, chan):
+            return errors.PermissionDenied
+        if self.m.at_limit(tenant):
+            return errors.ResourceExhausted
         if chan is None:
             free = [
                 c
@@ -404,8 +451,11 @@ class KupdMachine(RuleBasedStateMachine):
         if h.dead:
             assert exc is not None, f"{what}: ended ({h.dead}) but sent"
             return False
-        if len(data) > 4096:
-            assert isinstance(exc, errors.TooBig), f"{what}: {exc!r}"
+        limit = self.m.max_bytes(h.tenant)
+        if h.session is not None:  # the client's own check: the limit at its attach
+            limit = min(limit, h.session.max_msg)
+        if len(data) > limit:
+            assert isinstance(exc, errors.TooBig), f"{what} (limit {limit}): {exc!r}"
             return False
         if h.hold or (h.owed is not None and h.owed[0] is Kind.DATA):
             assert isinstance(exc, errors.NotYourTurn), f"{what} (no turn / unread): {exc!r}"
@@ -609,7 +659,7 @@ class KupdMachine(RuleBasedStateMachine):
         if how == "close":
             if s is not None:
                 s.close()  # cancels the stream under the waiting operation
-                h.dead = "stream cancelled"
+                h.dead = CANCELLED
                 want = (errors.InvalidArgument,)
             else:
                 _, exc = attempt(lambda: self.client_of(h, ci + 1).release(h.lease_id))
@@ -628,10 +678,10 @@ class KupdMachine(RuleBasedStateMachine):
             h.dead = "revoked"
             want = (errors.PermissionDenied,)
         elif how == "reload":
-            self.reload(True, self.m.moved, True)
+            self.reload(True, self.m.moved, self.m.limits, True)
             want = (errors.PermissionDenied,)
         else:  # move t2's socket
-            self.reload(self.m.narrow, not self.m.moved, True, renew=False)
+            self.reload(self.m.narrow, not self.m.moved, self.m.limits, True, renew=False)
             want = (errors.Unavailable,)
             ends = s is not None
         out = waiting.outcome(timeout=60)
@@ -657,7 +707,7 @@ class KupdMachine(RuleBasedStateMachine):
         closed = set()
         for h in self.m.alive():
             if h.kind == "session" and h.client == idx:
-                h.dead = "stream cancelled"
+                h.dead = CANCELLED
                 closed.add(h.lease_id)
         # kupd sees the streams cancelled on its own time: their channels
         # are the model's free ones once it has let go of them
@@ -666,12 +716,18 @@ class KupdMachine(RuleBasedStateMachine):
             what="the closed client's Sessions ended",
         )
 
-    @rule(chan=st.integers(0, CHANNELS - 1), sessions=st.tuples(st.booleans(), st.booleans()))
-    def attach_race(self, chan: int, sessions: tuple[bool, bool]) -> None:
-        """Two tenants attach the same channel at once: one wins at most."""
+    @rule(
+        chan=st.one_of(st.none(), st.integers(0, CHANNELS - 1)),
+        sessions=st.tuples(st.booleans(), st.booleans()),
+        same=st.booleans(),
+    )
+    def attach_race(self, chan: int | None, sessions: tuple[bool, bool], same: bool) -> None:
+        """Two clients -- of both tenants, or two of t1 -- attach the same
+        channel (or any) at once: one wins at most (any: both, if they can)."""
         if len(self.m.alive()) >= 7:
             return
-        wants = [self.expect_attach(CLIENT_TENANTS[ci], chan) for ci in (0, 2)]
+        who = (0, 1) if same else (0, 2)
+        wants = [self.expect_attach(CLIENT_TENANTS[ci], chan) for ci in who]
         start = threading.Barrier(2)
 
         def go(ci: int, session: bool) -> Callable[[], Holding | errors.KupError]:
@@ -681,17 +737,41 @@ class KupdMachine(RuleBasedStateMachine):
 
             return run
 
-        runs = [in_background(go(ci, s)) for ci, s in zip((0, 2), sessions, strict=True)]
+        runs = [in_background(go(ci, s)) for ci, s in zip(who, sessions, strict=True)]
         got = [r.outcome(timeout=60) for r in runs]
         for g in got:
             assert isinstance(g, (Holding, errors.KupError)), repr(g)
         won = [g for g in got if isinstance(g, Holding)]
-        assert len(won) <= 1, f"both attaches of channel {chan} won: {won}"
+        free = min(
+            sum(
+                1
+                for c in range(CHANNELS)
+                if c not in self.m.held() and c not in self.m.pool and self.m.allowed(t, c)
+            )
+            for t in (CLIENT_TENANTS[ci] for ci in who)
+        )
+        if chan is None and len(won) == 2:
+            assert won[0].channel != won[1].channel, f"both attaches got the same channel: {won}"
+            for ci, g, want in zip(who, got, wants, strict=True):
+                self.settle_attach(ci, chan, g, want)
+            # the second must have been allowed too
+            assert not self.m.at_limit(CLIENT_TENANTS[who[1]], -1), won
+            return
+        assert len(won) <= 1 or chan is None, f"both attaches of channel {chan} won: {won}"
         if wants == [None, None]:
             assert won, f"neither attach of free channel {chan} won: {got}"
             loser = next(g for g in got if not isinstance(g, Holding))
-            assert type(loser) is errors.Busy, f"the loser for channel {chan}: {loser!r}"
-        for ci, g, want in zip((0, 2), got, wants, strict=True):
+            # Busy for the channel taken; at a tenant's max_sessions, that
+            # limit (the other attach counted as it was under way)
+            limited = same and self.m.at_limit(CLIENT_TENANTS[who[0]], 1)
+            if chan is None:
+                assert limited or free < 2, f"any attach lost to the other: {loser!r}"
+            if limited or chan is None:
+                assert isinstance(loser, (errors.Busy, errors.ResourceExhausted)), repr(loser)
+                assert not isinstance(loser, errors.Releasing), repr(loser)
+            else:
+                assert type(loser) is errors.Busy, f"the loser for channel {chan}: {loser!r}"
+        for ci, g, want in zip(who, got, wants, strict=True):
             if wants == [None, None] and not isinstance(g, Holding):
                 continue
             self.settle_attach(ci, chan, g, want)
@@ -813,14 +893,18 @@ class KupdMachine(RuleBasedStateMachine):
                 # its last user gone, its module may not have let go yet
                 assert state in ("free", "module"), (tenant, c, state, lid)
 
-    @rule(ci=st.integers(0, len(CLIENT_TENANTS) - 1), kind=st.sampled_from(["plain", "late"]))
+    @rule(
+        ci=st.integers(0, len(CLIENT_TENANTS) - 1), kind=st.sampled_from(["plain", "late", "mid"])
+    )
     def call(self, ci: int, kind: str) -> None:
-        data = self.payload("delay" if kind == "late" else "plain")
+        data = self.payload({"late": "delay"}.get(kind, kind))
         timeout = 0.05 if kind == "late" else 20.0
         got, exc = attempt(lambda: self.clients[ci].call("echo", data, timeout))
         what = f"call of {data!r} by {CLIENT_TENANTS[ci]}"
         if self.m.drained:
             assert exc is not None, f"{what} on a drained device: {got}"
+        elif len(data) > self.m.max_bytes(CLIENT_TENANTS[ci]):
+            assert isinstance(exc, errors.TooBig), f"{what}: {got} {exc!r}"
         elif kind == "late":
             assert isinstance(exc, errors.DeadlineExceeded), f"{what}: {got} {exc!r}"
         else:
@@ -828,15 +912,20 @@ class KupdMachine(RuleBasedStateMachine):
             assert got.channel in self.m.pool, (what, got)
             assert got.data == echoed(got.channel, data), (what, got)
 
-    @rule(narrow=st.booleans(), moved=st.booleans(), now=rare)
-    def reload(self, narrow: bool, moved: bool, now: bool, renew: bool = True) -> None:
+    @rule(narrow=st.booleans(), moved=st.booleans(), limits=st.booleans(), now=rare)
+    def reload(
+        self, narrow: bool, moved: bool, limits: bool, now: bool, renew: bool = True
+    ) -> None:
         """``renew``: replace the clients of a moved socket at once."""
         if not now:
             return
-        self.k.write_config(DEVICES + tenants(narrow, moved))
+        self.k.write_config(DEVICES + tenants(narrow, moved, limits))
         r = self.admin.reload()
         move = moved != self.m.moved
-        self.m.narrow, self.m.moved = narrow, moved
+        self.m.narrow, self.m.moved, self.m.limits = narrow, moved, limits
+        if limits or move:
+            self.m.t2_bytes = T2_MAX_BYTES if limits else 0
+        KupdMachine.t2_limited |= limits
         doomed = {h.lease_id for h in self.m.alive() if not self.m.allowed(h.tenant, h.channel)}
         for h in self.m.alive():
             if h.lease_id in doomed:
@@ -883,7 +972,7 @@ class KupdMachine(RuleBasedStateMachine):
                     self.clients[h.client].release(h.lease_id)
                 self.gone(h)
             self.admin.drain("echo", undo=True)
-            if self.m.narrow or self.m.moved:
+            if self.m.narrow or self.m.moved or self.m.limits:
                 self.k.write_config(DEVICES + tenants(False))
                 self.admin.reload()
             self.check_all_free()
@@ -921,7 +1010,7 @@ class KupdMachine(RuleBasedStateMachine):
         # t1's Watch tells t1 why each of its leases ended
         for lid, reason in self.reasons.items():
             got = self.watcher.released.get(lid)
-            assert got == reason, f"{lid} ended with reason {got!r}, not {reason!r}"
+            assert got in reason.split("|"), f"{lid} ended with reason {got!r}, not {reason!r}"
 
     def gauges_zero(self) -> bool:
         text = self.admin.metrics()
