@@ -268,7 +268,9 @@ class Watcher:
             self.error = exc
 
 
-payload_kinds = st.sampled_from(["plain", "plain", "plain", "delay", "hold", "mid", "big"])
+payload_kinds = st.sampled_from(
+    ["plain", "plain", "plain", "delay", "locked", "hold", "mid", "big"]
+)
 receive_timeouts = st.sampled_from([0, 0, 0.05, 2.0, 10.0])
 picks = st.integers(0, 1000)
 #: operations of lease_race: (op, payload kind or timeout, timeout)
@@ -334,6 +336,8 @@ class KupdMachine(RuleBasedStateMachine):
             return b"!delay %d abc" % n
         if kind == "hold":
             return b"!hold %d" % n
+        if kind == "locked":  # answered once the module held it locked 200 ms
+            return b"!lockhold200 %d" % n
         if kind == "big":
             return b"b" * 5000
         if kind == "mid":  # over T2_MAX_BYTES
@@ -661,6 +665,8 @@ class KupdMachine(RuleBasedStateMachine):
                 s.close()  # cancels the stream under the waiting operation
                 h.dead = CANCELLED
                 want = (errors.InvalidArgument,)
+                # close() does not wait for kupd then (kupclient.Channel.close)
+                self.wait_ended({h.lease_id}, f"the end of {h}, closed under a receive")
             else:
                 _, exc = attempt(lambda: self.client_of(h, ci + 1).release(h.lease_id))
                 assert exc is None, f"release of {h} under a receive: {exc!r}"
@@ -711,10 +717,11 @@ class KupdMachine(RuleBasedStateMachine):
                 closed.add(h.lease_id)
         # kupd sees the streams cancelled on its own time: their channels
         # are the model's free ones once it has let go of them
-        wait_until(
-            lambda: not closed & {x.lease_id for x in self.admin.list_leases()},
-            what="the closed client's Sessions ended",
-        )
+        self.wait_ended(closed, "the closed client's Sessions ended")
+
+    def wait_ended(self, ids: set[str], what: str) -> None:
+        """Wait until kupd holds none of the leases ``ids`` (bounded)."""
+        wait_until(lambda: not ids & {x.lease_id for x in self.admin.list_leases()}, what=what)
 
     @rule(
         chan=st.one_of(st.none(), st.integers(0, CHANNELS - 1)),
@@ -807,7 +814,27 @@ class KupdMachine(RuleBasedStateMachine):
             if g is None:
                 assert isinstance(exc, (*LATE, errors.NotYourTurn)), f"{h}: {exc!r}"
 
-    @rule(i=picks, ops=st.tuples(lease_ops, lease_ops))
+    @rule(i=picks, ci=picks)
+    def kicked(self, i: int, ci: int) -> None:
+        """The module ends a session or lease itself (echo's "!kick"): kupd
+        lets go of the channel, and the holder is told so."""
+        hs = [h for h in self.m.alive() if h.owed is None and not h.hold]
+        if not hs:
+            return
+        h = hs[i % len(hs)]
+        s = h.session
+        if s is not None:
+            _, exc = attempt(lambda: s.send(b"!kick"))
+        else:
+            c = self.client_of(h, ci)
+            _, exc = attempt(lambda: c.lease_send(h.lease_id, b"!kick"))
+        assert exc is None, f"!kick on {h}: {exc!r}"
+        h.n += 1
+        h.hold = True
+        # an idle holder's page is read once a round (docs/gateway.md, Errors)
+        self.wait_ended({h.lease_id}, f"the end of {h}, which the module disconnected")
+        h.dead = "ended by the module"
+
     def lease_race(self, i: int, ops: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
         """Two operations at once on one lease, from two clients of its
         tenant: the outcomes are those of one order or the other."""
