@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 from tenancy_helpers import TenantKupd, socket_dir
@@ -106,6 +106,9 @@ HELD_GAUGES = (
 
 EXAMPLES = int(os.environ.get("KUPD_FUZZ_EXAMPLES", "40"))
 STEPS = int(os.environ.get("KUPD_FUZZ_STEPS", "20"))
+PHASES = (
+    (Phase.explicit, Phase.generate) if os.environ.get("KUPD_FUZZ_SHRINK") == "0" else tuple(Phase)
+)
 
 
 def echoed(chan: int, data: bytes) -> bytes:
@@ -305,15 +308,7 @@ class KupdMachine(RuleBasedStateMachine):
         # each example starts from the configuration the model assumes,
         # whatever the one before left (a failed example's teardown may not
         # have got as far as restoring it)
-        if KupdMachine.t2_limited:
-            # t2's socket keeps a max_message_bytes through a reload that
-            # lifts it: a new socket for t2 (moved there and back) has none
-            k.write_config(DEVICES + tenants(False, moved=True))
-            self.admin.reload()
-            KupdMachine.t2_limited = False
-        k.write_config(DEVICES + tenants(False))
-        self.admin.reload()
-        self.admin.drain("echo", undo=True)
+        self.reset_config()
         self.clients = [k.client(t) for t in CLIENT_TENANTS]
         self.devs = [c.open("echo") for c in self.clients]
         # t1's Watch, on a client of its own (the examples close theirs)
@@ -321,6 +316,18 @@ class KupdMachine(RuleBasedStateMachine):
         self.watcher = Watcher(self.watch_client)
         # the Watch is subscribed once it sees a lease taken after it started
         wait_until(self._watch_subscribed, what="the Watch subscribed")
+
+    def reset_config(self) -> None:
+        """Back to the first configuration, undrained."""
+        if KupdMachine.t2_limited:
+            # t2's socket keeps a max_message_bytes through a reload that
+            # lifts it: a new socket for t2 (moved there and back) has none
+            self.k.write_config(DEVICES + tenants(False, moved=True))
+            self.admin.reload()
+            KupdMachine.t2_limited = False
+        self.k.write_config(DEVICES + tenants(False))
+        self.admin.reload()
+        self.admin.drain("echo", undo=True)
 
     def _watch_subscribed(self) -> bool:
         lid = self.clients[0].attach("echo").lease_id
@@ -619,6 +626,9 @@ class KupdMachine(RuleBasedStateMachine):
         # refusal, or that it has ended; another tenant as for any unknown id
         denied = not foreign and why in ("policy reload", "revoked")
         want = errors.PermissionDenied if denied else errors.NotFound
+        if why == ANY_REASON and not foreign:  # the chaos may have revoked it
+            assert isinstance(exc, (errors.NotFound, errors.PermissionDenied)), repr(exc)
+            return
         assert type(exc) is want, f"receive on {lid}, ended ({why}), foreign {foreign}: {exc!r}"
 
     @rule(
@@ -1022,6 +1032,16 @@ class KupdMachine(RuleBasedStateMachine):
         no channel, no gauge above zero (check_all_free)."""
         if not now:
             return
+        # one reload at most: the config file is written once
+        reloads = [i for i, a in enumerate(acts) if a[0] == "reload"]
+        acts = [a for i, a in enumerate(acts) if a[0] != "reload" or i == reloads[0]]
+        # an Attach whose client is closed as kupd's reply arrives leaves a
+        # lease no one knows until it idles out: a documented window
+        # (docs/gateway.md, "Python client"), not raced here
+        closed = {a[1] for a in acts if a[0] == "client"}
+        acts = [a for a in acts if not (a[0] == "attach" and a[1] in closed)]
+        if len(acts) < 2:
+            return
         holdings = list(self.m.holdings)
         taken: list[Holding] = []
         start = threading.Barrier(len(acts))
@@ -1039,9 +1059,7 @@ class KupdMachine(RuleBasedStateMachine):
             assert out is None, f"chaos {acts}: {out!r}"
         # back to the first configuration, with fresh clients (the chaos may
         # have closed one, or moved t2's socket)
-        self.admin.drain("echo", undo=True)
-        self.k.write_config(DEVICES + tenants(False))
-        self.admin.reload()
+        self.reset_config()
         self.m.drained = self.m.narrow = self.m.moved = self.m.limits = False
         self.m.t2_bytes = 0
         old = list(self.clients)
@@ -1192,6 +1210,9 @@ def test_stateful_probe(sk: TenantKupd) -> None:
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
+            # KUPD_FUZZ_SHRINK=0: report a failure as found (a long run's
+            # shrinking replays examples whose timing differs, for minutes)
+            phases=PHASES,
         ),
     )
     for (op, outcome), n in sorted(SEEN.items()):
