@@ -835,6 +835,14 @@ class SocketSet:
         loop = asyncio.get_running_loop()
         until = loop.time() + SWAP_DRAIN
         while loop.time() < until and not self._stopping.is_set():
+            if retired is not None and retired.done():
+                # a later reload moved or removed the socket (_retire): the
+                # old server's connections must go now, as the retired
+                # server's do.  Kept, every RPC on them would keep meeting
+                # the move's "connect there" -- a new client too (gRPC
+                # shares connections by target), even after the socket
+                # moved back to this path.
+                break
             counts = open_connections([bound_at])
             if counts is None or not counts.get(bound_at, 0):
                 break  # none left (or channelz cannot say: stop now)

@@ -248,6 +248,41 @@ def test_a_receive_waiting_on_the_old_server_waits_on_and_a_later_move_ends_it(
         assert moved in str(out), out
 
 
+def test_a_client_of_a_replaced_server_is_not_stuck_on_it_after_a_move_and_back(
+    start_tenants: StartTenants,
+) -> None:
+    """alice's client stays connected to the server a reload replaced
+    (its connection never idle long enough to be closed); a later reload
+    moves alice's socket away, the next one moves it back.  A client made
+    now -- gRPC hands it the same connection (its subchannels are shared
+    by target) -- must reach the server at alice's path, not keep meeting
+    the replaced one's "moved ... connect there" naming a socket that is
+    gone.  (Found by the stateful probe.)"""
+    k = start_tenants(DEVICES + TENANTS)
+    moved = TENANTS.replace("@DIR@/alice.sock", "@DIR@/alice2.sock")
+    with k.client("alice") as a:
+        assert a.devices("echo")
+        k.write_config(DEVICES + RAISED)  # alice's server rebuilt: a's is the old one
+        with k.admin() as adm:
+            adm.reload()
+            assert a.devices("echo")  # still on the old server, as promised
+            k.write_config(DEVICES + moved)
+            adm.reload()
+            k.write_config(DEVICES + TENANTS)
+            adm.reload()
+
+        def attaches() -> bool:
+            with k.client("alice") as b:
+                try:
+                    b.release(b.attach("echo", 11).lease_id)
+                except errors.Unavailable as exc:
+                    assert "connect there" in str(exc), exc
+                    return False
+            return True
+
+        wait_until(attaches, timeout=20, what="a new client of alice's socket served there")
+
+
 def test_the_plain_sockets_new_cap_applies_at_once(start_tenants: StartTenants) -> None:
     """Without [[tenant]] tables: the top-level max_connections of the one
     socket kupd serves, applied the same way."""
