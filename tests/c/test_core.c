@@ -1956,6 +1956,19 @@ hold_threads(const pthread_t *t, int n)
 	CHECK_EQ(__atomic_load_n(&hold_count, __ATOMIC_ACQUIRE), n);
 }
 
+/* the device's references: one per thread inside a core call, and the
+ * module's and hosts' own */
+static uint32_t
+dev_refs(struct kupdev_softc *sc)
+{
+	uint32_t n;
+
+	kup_lock(&sc->lock);
+	n = sc->refs;
+	kup_unlock(&sc->lock);
+	return n;
+}
+
 static void *
 kunload_main(void *p)
 {
@@ -1988,6 +2001,7 @@ test_unload_with_waiters(void)
 	struct kup_chan *ch;
 	struct user u;
 	pthread_t tw[8], trecv;
+	uint32_t refs;
 	size_t i;
 
 	memset(&sa, 0, sizeof(sa));
@@ -2018,12 +2032,19 @@ test_unload_with_waiters(void)
 	/* eight threads in kupdev_wait_channel (nothing pending) */
 	sc = kupdev_create("waiters", 1, 1);
 	CHECK(sc != NULL);
+	refs = dev_refs(sc);
 	for (i = 0; i < 8; i++) {
 		kw[i].sc = sc;
 		kw[i].ret = 1;
 		CHECK_EQ(pthread_create(&tw[i], NULL, kwait_main, &kw[i]), 0);
 	}
-	usleep(200000);   /* let them get to sleep */
+	/* every one of them in the call (it holds a reference from its start
+	 * on): a thread still on its way in when the unload frees sc would
+	 * get -EINVAL ("called after kupdev_unload?"), not -ESHUTDOWN */
+	for (i = 0; i < 20000 && dev_refs(sc) != refs + 8; i++)
+		usleep(1000);
+	CHECK_EQ(dev_refs(sc), refs + 8);
+	usleep(20000);   /* and, all but always, asleep (not asserted) */
 	hold_threads(tw, 8);
 	run_bounded("kupdev_unload with threads in kupdev_wait_channel",
 	    kunload_main, sc);
