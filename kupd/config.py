@@ -49,7 +49,8 @@ __all__ = [
 #: that follows its tenant's max_message_bytes, the RPC cap above its
 #: tenant's limits, or the options every server shares (keepalive_*, and
 #: the bounds derived from max_sessions and max_queued_calls) -- gets a new
-#: server, swapped in at its path (kupd.tenants.SocketSet.commit).
+#: server, swapped in at its path (kupd.tenants.SocketSet.commit); the
+#: plain socket's receive limit follows the top-level max_message_bytes.
 RELOADED_KEYS = (
     "tenants",
     "socket_mode",
@@ -61,6 +62,7 @@ RELOADED_KEYS = (
     "health_interval",
     "max_sessions",
     "max_connections",
+    "max_message_bytes",
     "keepalive_time",
     "keepalive_timeout",
     "log_level",
@@ -130,6 +132,10 @@ class Config:
     #: Connections at once on ``socket`` (0: no limit); one more is closed
     #: as it is made.  Tenants' sockets: each tenant's own max_connections.
     max_connections: int = 0
+    #: The largest send / Call payload on ``socket`` (0: the channel's
+    #: limit), as a tenant's max_message_bytes on its socket.  Tenants'
+    #: sockets: each tenant's own max_message_bytes.
+    max_message_bytes: int = 0
     #: 0: metrics off; otherwise served on metrics_address:metrics_port.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
@@ -249,6 +255,7 @@ _TOP = {
     "max_sessions": int,
     "max_queued_calls": int,
     "max_connections": int,
+    "max_message_bytes": int,
     "metrics_port": int,
     "metrics_address": str,
     "keepalive_time": float,
@@ -276,8 +283,13 @@ def _build(data: dict[str, Any]) -> Config:
         raise ConfigError(key, f"unknown key here ({where})" if where else "unknown key")
     values: dict[str, Any] = {}
     for key, kind in _TOP.items():
-        if key in data:
+        if key in data and key != "max_message_bytes":
             values[key] = _typed(data, key, "", kind, None)
+    if "max_message_bytes" in data:
+        from kupd.policy import message_bytes
+
+        # the tenant key's rule and message, word for word
+        values["max_message_bytes"] = message_bytes(data)
     if "socket_mode" in values:
         text = values["socket_mode"]
         try:
@@ -391,6 +403,10 @@ def validate(cfg: Config) -> Config:
             "max_connections",
             f"must be 0..{MAX_CONNECTIONS_MAX} (0: no limit), not {cfg.max_connections}",
         )
+    if cfg.max_message_bytes < 0:  # a flag's or a replace()'s value
+        raise ConfigError(
+            "max_message_bytes", f"must be an integer >= 0, not {cfg.max_message_bytes!r}"
+        )
     if cfg.max_queued_calls < 1:
         raise ConfigError("max_queued_calls", f"must be >= 1, not {cfg.max_queued_calls}")
     if not 0 <= cfg.metrics_port <= 65535:
@@ -436,6 +452,12 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             "max_connections",
             "unused with [[tenant]] tables (the plain socket is not served): "
             "each tenant's own max_connections caps its socket",
+        ))
+    if cfg.tenants and cfg.max_message_bytes:
+        out.append((
+            "max_message_bytes",
+            "unused with [[tenant]] tables (the plain socket is not served): "
+            "each tenant's own max_message_bytes limits its messages",
         ))
     for d in cfg.devices:
         if not d.call_channels:
@@ -506,8 +528,9 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
     # gets a new server (kupd.tenants.SocketSet.commit).
     changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(running, f.name)]
     # with [[tenant]] tables the top-level socket is not served: a changed
-    # socket_mode or max_connections changes nothing, and is not reported
-    inert = {"socket_mode", "max_connections"} if new.tenants else set()
+    # socket_mode, max_connections or max_message_bytes changes nothing,
+    # and is not reported
+    inert = {"socket_mode", "max_connections", "max_message_bytes"} if new.tenants else set()
     applied = [k for k in changed if k in RELOADED_KEYS and k not in inert]
     needs_restart = [k for k in changed if k in RESTART_KEYS and k not in inert]
     live = {k: getattr(new, k) for k in RELOADED_KEYS}

@@ -45,7 +45,7 @@ import math
 import pwd
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kupd import errors
@@ -129,6 +129,12 @@ class Tenant:
     max_connections: int = 0
     admin: bool = False
 
+    @property
+    def plain(self) -> bool:
+        """The tenant of the plain socket (no [[tenant]] tables): "default",
+        a name no [[tenant]] may take."""
+        return self.name == DEFAULT_NAME and not self.admin
+
     def grant(self, device: str) -> Grant | None:
         if self.grants is None:
             return Grant(device)
@@ -145,7 +151,8 @@ class Tenant:
 #: A tenant's Call pool group: the GROUP of Guard.fair_key's keys.
 _GROUP = TENANT_GROUP
 
-#: The tenant of a kupd without [[tenant]] tables: everything allowed.
+#: The tenant of a kupd without [[tenant]] tables: everything allowed
+#: (plain_tenant: with the top-level max_message_bytes, when set).
 DEFAULT = Tenant(DEFAULT_NAME)
 #: The tenant of the admin socket: everything allowed, plus the Admin service.
 ADMIN = Tenant(ADMIN_NAME, admin=True)
@@ -391,11 +398,25 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         max_sessions=_int(raw, "max_sessions", prefix),
         max_calls_in_flight=_int(raw, "max_calls_in_flight", prefix),
         max_pool_channels=_int(raw, "max_pool_channels", prefix),
-        max_message_bytes=_int(raw, "max_message_bytes", prefix),
+        max_message_bytes=message_bytes(raw, prefix),
         calls_per_second=_rate(raw, "calls_per_second", prefix),
         channel_ops_per_second=_rate(raw, "channel_ops_per_second", prefix, MIN_RATE),
         max_connections=_connections(raw, prefix),
     )
+
+
+def message_bytes(raw: dict[str, Any], prefix: str = "") -> int:
+    """``max_message_bytes`` of a [[tenant]] table (``prefix``: its key) or
+    of the top level (the plain socket's): one rule, one message."""
+    return _int(raw, "max_message_bytes", prefix)
+
+
+def plain_tenant(config: Any) -> Tenant:
+    """The plain socket's tenant "default" under ``config`` (a kupd.config.
+    Config): everything allowed, and the top-level max_message_bytes."""
+    if not config.max_message_bytes:
+        return DEFAULT
+    return replace(DEFAULT, max_message_bytes=config.max_message_bytes)
 
 
 def _connections(raw: dict[str, Any], prefix: str) -> int:
@@ -442,6 +463,8 @@ class Policy:
     """An immutable snapshot: swapped as a whole on reload."""
 
     tenants: tuple[Tenant, ...] = ()
+    #: the plain socket's tenant when there are no tenants (plain_tenant)
+    default: Tenant = DEFAULT
 
     @property
     def multi(self) -> bool:
@@ -451,7 +474,7 @@ class Policy:
         if name == ADMIN.name:
             return ADMIN
         if not self.tenants and name == DEFAULT.name:
-            return DEFAULT
+            return self.default
         for t in self.tenants:
             if t.name == name:
                 return t
@@ -540,8 +563,11 @@ class Guard:
         """The caller's tenant under the CURRENT policy (a reload may have
         changed or removed it: a removed tenant is denied everything)."""
         t = current_tenant()
-        if t.admin or (t is DEFAULT and not self.policy.multi):
+        if t.admin:
             return t
+        if t.plain and not self.policy.multi:
+            # the running one: a reload's max_message_bytes applies at once
+            return self.policy.default
         now = self.policy.tenant(t.name)
         if now is None:
             self.deny(t, "any", "", None, "tenant", "tenant removed by a reload")
@@ -788,7 +814,7 @@ class Guard:
         caller names), then across the tenant's callers.  Without tenants
         the caller alone (the behaviour before tenants)."""
         caller = (caller or "anonymous").replace("\x1f", " ")
-        if t is DEFAULT:
+        if t.plain:
             return caller
         return f"{self.pool_group(t)}\x1f{caller}"
 

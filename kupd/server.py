@@ -33,7 +33,7 @@ from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.notify import notifier_from_env
-from kupd.policy import Guard, Policy, Tenant, current_tenant, socket_moved
+from kupd.policy import Guard, Policy, Tenant, current_tenant, plain_tenant, socket_moved
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
 from kupd.tenants import (
@@ -247,7 +247,7 @@ class Server:
         )
         self.leases = LeaseTable(self.mgr, config.lease_idle_timeout, config.max_sessions)
         self.audit = AuditLog(config.audit_log)
-        self.guard = Guard(Policy(config.tenants), self.audit)
+        self.guard = Guard(Policy(config.tenants, plain_tenant(config)), self.audit)
         self.metrics.registry.register(
             TenantCollector(
                 # read from the scrape thread: list() copies under the GIL
@@ -689,7 +689,7 @@ class Server:
                 raise errors.Shutdown("kupd is shutting down: reload refused")
             new = self.reload_source()
             cfg, applied, needs_restart = reloaded(self.config, new)
-            policy = Policy(cfg.tenants)
+            policy = Policy(cfg.tenants, plain_tenant(cfg))
             audit_kept = ""  # why the audit file was not re-opened ("": it was)
             try:
                 audit_fd = self.audit.open_file(cfg.audit_log)

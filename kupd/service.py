@@ -40,7 +40,6 @@ from kupd.devices import (
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
 from kupd.policy import (
-    DEFAULT,
     Budget,
     Guard,
     Tenant,
@@ -573,7 +572,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             cannot_attach=d.node_gone is not None and not stalled,
         )
         pool = d.pool
-        if t.admin or t is DEFAULT:  # every Call is the caller's business
+        if t.admin or t.plain:  # every Call is the caller's business
             out.calls_in_flight, out.calls_queued = pool.in_flight, pool.queued
         else:  # other tenants' Calls are not: its own only, and it is told so
             group = self.guard.pool_group(t)

@@ -47,8 +47,8 @@ from kupd.connections import open_connections
 from kupd.log import bind, get_logger
 from kupd.policy import (
     ADMIN,
-    DEFAULT,
     Tenant,
+    plain_tenant,
     sendable,
     socket_moved,
     socket_removed,
@@ -220,15 +220,18 @@ def endpoints_for(config: Any) -> list[Endpoint]:
     eps: list[Endpoint] = []
     if not config.tenants:
         # the plain socket: the same RPC cap as a tenant's, derived from
-        # kupd's own limits (its tenant "default" has none of its own)
+        # kupd's own limits (its tenant "default" has none of its own), and
+        # the receive limit that follows the top-level max_message_bytes
+        plain = plain_tenant(config)
         eps.append(
             Endpoint(
                 os.path.abspath(config.socket),
-                DEFAULT,
+                plain,
                 mode=config.socket_mode,
                 check_dir=False,
                 max_connections=config.max_connections,
-                max_rpcs=tenant_rpc_bound(config, DEFAULT),
+                max_rpcs=tenant_rpc_bound(config, plain),
+                max_receive=receive_limit(plain),
             )
         )
     for t in config.tenants:
@@ -1176,9 +1179,11 @@ def scope_device_pb(
     """Trim a DeviceInfo to what ``t`` may see: its granted channels only,
     lease ids of other tenants' leases blanked, and the largest message it
     may send (:func:`sendable`)."""
-    if t.admin or t is DEFAULT:
+    if t.admin:
         return pb
     pb.max_message_bytes = sendable(pb.max_message_bytes, t)
+    if t.plain:  # every channel and lease id
+        return pb
     g = t.grant(pb.name)
     keep = [c for c in pb.channels if g is not None and g.allows(c.id)]
     del pb.channels[:]
