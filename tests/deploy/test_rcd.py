@@ -751,6 +751,35 @@ def test_stop_while_daemon_waits_to_restart_kupd(supervised: RcEnv) -> None:
     _gone(rc, sup)
 
 
+def test_status_while_daemon_waits_to_restart_kupd(supervised: RcEnv) -> None:
+    """kupd gone, daemon(8) waiting kupd_restart_delay to start it again:
+    status tells the truth -- the service runs (exit 0, rc.subr's status of
+    a running service) and kupd is restarting, naming daemon(8)'s pid --
+    then names the new kupd once daemon(8) has started it."""
+    rc = supervised
+    # long enough that the status below falls into the wait on a loaded machine
+    rc.write_conf(kupd_restart_delay="20")
+    assert rc.run("start").returncode == 0
+    first, sup = _running(rc)
+    assert f"kupd is running as pid {first}." in rc.run("status").stdout
+    os.kill(first, signal.SIGKILL)
+    _wait(lambda: not Path(f"/proc/{first}").exists(), "daemon(8) to reap kupd")
+    res = rc.run("status")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"kupd is restarting (daemon pid {sup})" in res.stdout, res.stdout
+    assert "20 s after it exited" in res.stdout, res.stdout
+    assert "not running" not in res.stdout, res.stdout
+    _wait(lambda: _alive(_pid_in(rc.pidfile)) and _pid_in(rc.pidfile) != first,
+          "daemon(8) to start kupd again")  # fmt: skip
+    again = _pid_in(rc.pidfile)
+    res = rc.run("status")
+    assert res.returncode == 0 and f"kupd is running as pid {again}." in res.stdout, res.stdout
+    assert rc.run("stop").returncode == 0
+    _gone(rc, again, sup)
+    res = rc.run("status")
+    assert res.returncode == 1 and "kupd is not running." in res.stdout, res.stdout
+
+
 def test_start_failure_stops_the_restarts(supervised: RcEnv) -> None:
     """A kupd that cannot start (exit 2, a bad config) fails the start, and
     daemon(8) is stopped with it instead of starting it again and again."""
