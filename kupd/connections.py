@@ -26,7 +26,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["open_connections"]
+__all__ = ["open_connections", "open_rpcs"]
 
 #: channelz's name of a listening socket: "chttp2 listener unix:PATH"
 _LISTENER = "chttp2 listener unix:"
@@ -63,24 +63,49 @@ def _count_sockets(cz: Any, server_id: int) -> int:
         start = max(int(r["socketId"]) for r in refs) + 1
 
 
+def _by_path(cz: Any, wanted: set[str]) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(path, channelz server) for each server listening at a path of
+    ``wanted``."""
+    for s in _servers(cz):
+        paths = [
+            ls.get("name", "")[len(_LISTENER):]
+            for ls in s.get("listenSocket", [])
+            if ls.get("name", "").startswith(_LISTENER)
+        ]
+        mine = [p for p in paths if p in wanted]
+        if mine:
+            yield mine[0], s
+
+
 def open_connections(bound_at: Iterable[str]) -> dict[str, int] | None:
     """The connections open on the servers listening at each path of
     ``bound_at`` (the path a server's socket was *bound* at: channelz keeps
     that name after kupd renamed the socket into place).  None when
     channelz cannot be read."""
-    wanted = set(bound_at)
+    try:
+        cz = _cygrpc()
+        return {
+            path: _count_sockets(cz, int(s["ref"]["serverId"]))
+            for path, s in _by_path(cz, set(bound_at))
+        }
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def open_rpcs(bound_at: Iterable[str]) -> dict[str, int] | None:
+    """The RPCs under way on the servers listening at each path of
+    ``bound_at`` (as :func:`open_connections`): those gRPC counts as
+    started and not yet over.  gRPC counts an RPC over (succeeded or
+    failed) when it has closed the stream both ways: its status handed to
+    the connection -- or the RPC cancelled.  None when channelz cannot be
+    read."""
     try:
         cz = _cygrpc()
         out: dict[str, int] = {}
-        for s in _servers(cz):
-            paths = [
-                ls.get("name", "")[len(_LISTENER):]
-                for ls in s.get("listenSocket", [])
-                if ls.get("name", "").startswith(_LISTENER)
-            ]
-            mine = [p for p in paths if p in wanted]
-            if mine:
-                out[mine[0]] = _count_sockets(cz, int(s["ref"]["serverId"]))
+        for path, s in _by_path(cz, set(bound_at)):
+            data = s.get("data", {})
+            ended = int(data.get("callsSucceeded", 0)) + int(data.get("callsFailed", 0))
+            out[path] = int(data.get("callsStarted", 0)) - ended
         return out
     except (ImportError, AttributeError, KeyError, TypeError, ValueError):
         return None

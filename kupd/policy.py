@@ -69,6 +69,7 @@ __all__ = [
     "current_tenant",
     "parse_channels",
     "parse_tenants",
+    "refuse_retired",
     "sendable",
     "socket_moved",
     "socket_removed",
@@ -188,6 +189,23 @@ def socket_retired() -> asyncio.Future[None] | None:
     lease's turn, the next event) ends then, with that error.  None: not
     served through a tenant socket (the service alone, in tests)."""
     return _RETIRED.get()
+
+
+def refuse_retired() -> None:
+    """Refuse the request being served if a reload has retired (moved or
+    removed) the socket it came in on: a fresh copy of the retirement's
+    Unavailable -- what the RPCs that waited there when it fired got.  The
+    retired socket's server stays up until what it was serving has ended
+    (kupd.tenants.SocketSet._retire), and its clients' open connections
+    reach it meanwhile: no RPC may start there with the tenant the socket
+    served.  Called where an RPC resolves its caller (:meth:`Guard.caller`,
+    the health service), not mid-stream: a stream's own waits end with the
+    retirement, after what came before it (a Watch's events)."""
+    r = _RETIRED.get()
+    if r is not None and r.done():
+        exc = None if r.cancelled() else r.exception()
+        if isinstance(exc, errors.KupError):
+            raise type(exc)(exc.message)
 
 
 def socket_moved(tenant: str, old: str, new: str) -> errors.Unavailable:
@@ -559,6 +577,14 @@ class Guard:
     )
 
     # -- current view ---------------------------------------------------------
+    def caller(self) -> Tenant:
+        """The caller's tenant as its RPC starts (every RPC of kupd.service
+        resolves it here first): refused with its socket's retirement if a
+        reload moved or removed that socket (:func:`refuse_retired`), then
+        :meth:`tenant`."""
+        refuse_retired()
+        return self.tenant()
+
     def tenant(self) -> Tenant:
         """The caller's tenant under the CURRENT policy (a reload may have
         changed or removed it: a removed tenant is denied everything)."""

@@ -33,7 +33,15 @@ from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
 from kupd.notify import notifier_from_env
-from kupd.policy import Guard, Policy, Tenant, current_tenant, plain_tenant, socket_moved
+from kupd.policy import (
+    Guard,
+    Policy,
+    Tenant,
+    current_tenant,
+    plain_tenant,
+    refuse_retired,
+    socket_moved,
+)
 from kupd.service import KupService
 from kupd.sessions import LeaseTable
 from kupd.tenants import (
@@ -154,10 +162,12 @@ class _Health(HealthStatuses):
         self._kupd = server
 
     def _tenant(self) -> Tenant:
-        """The caller's tenant under the running policy.  A socket a reload
-        kept keeps the Tenant it was built with (current_tenant()); its
-        grants are the reloaded ones, and a tenant the reload removed sees
-        no device."""
+        """The caller's tenant under the running policy, refused on a socket
+        a reload retired (as every RPC is: kupd.policy.refuse_retired).  A
+        socket a reload kept keeps the Tenant it was built with
+        (current_tenant()); its grants are the reloaded ones, and a tenant
+        the reload removed sees no device."""
+        refuse_retired()
         t = current_tenant()
         if t.admin or t.grants is None:
             return t

@@ -394,7 +394,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         LeaseTable.unattached), refused (ResourceExhausted) when kupd's or
         its tenant's max_sessions is reached.  Returns the tenant's name,
         for LeaseTable.unattached_leave."""
-        t = self.guard.tenant()
+        t = self.guard.caller()
         # a tenant not allowed Sessions at all holds no stream open (and
         # takes no room from the others): refused now, not at its attach
         self.guard.check_op(t, "session")
@@ -438,15 +438,6 @@ class KupService(kup_pb2_grpc.KupServicer):
         device = str(ctx.get("device", ""))
         channel = str(ctx.get("channel", ""))
         self.metrics.errors.labels(device, channel, code.name).inc()
-
-    def _check_open(self) -> None:
-        """Shutdown when kupd drains; Unavailable (where it went) when a
-        reload retired the socket this request came in on."""
-        if self.drain.done():
-            raise errors.Shutdown("kupd is shutting down")
-        retired = socket_retired()
-        if retired is not None and retired.done():
-            raise _fresh(retired)
 
     async def until_retired(self, aw: Awaitable[None]) -> None:
         """Await ``aw`` (a stream that only ends when its client goes, as
@@ -610,7 +601,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.ListDevicesResponse:
         from kupd.tenants import scope_device_pb
 
-        t = self.guard.tenant()
+        t = self.guard.caller()
         if request.device:
             device = device_arg(request.device)
             # the grant first: a tenant learns nothing of devices it may not
@@ -642,7 +633,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         )
 
     async def _take(self, device: str, chan: int | None, holder: str) -> Lease:
-        self._check_open()
+        self._raise_if_draining()
+        t = self.guard.caller()
         if not device:
             raise errors.InvalidArgument("attach: device is required")
         device = device_arg(device)
@@ -654,7 +646,6 @@ class KupService(kup_pb2_grpc.KupServicer):
             bind(device=device)
             if chan is not None and md.info is not None and chan < md.info.chan_count:
                 bind(channel=chan)
-        t = self.guard.tenant()
         # the socket this request came in on: the tenant's own under the
         # policy it was served by (a reload may have moved it since)
         via = current_tenant().socket
@@ -685,9 +676,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         # moved the tenant's socket, may have come meanwhile and found no
         # lease to end.
         try:
-            self._check_open()
+            self._raise_if_draining()
             self.guard.check_drained(device)
-            self._check_socket(self.guard.tenant(), via)
+            self._check_socket(self.guard.caller(), via)
             rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
             if rule:
                 self.guard.record(t.name, holder, device, lease.ch.id, rule)
@@ -769,11 +760,11 @@ class KupService(kup_pb2_grpc.KupServicer):
     def _lease_t(self, lease_id: str, where: dict[str, Any] | None = None) -> tuple[Lease, Tenant]:
         """The caller's Attach lease ``lease_id`` and the caller's tenant; its
         device, channel and id go into the log context, or into ``where``."""
+        t = self.guard.caller()
         if not lease_id:
             raise errors.InvalidArgument("lease_id is required")
         if len(lease_id) > LEASE_ID_MAX:  # kupd's are 16 hex digits
             raise errors.InvalidArgument(f"lease_id of {len(lease_id)} characters: not a lease id")
-        t = self.guard.tenant()
         try:
             lease = self.leases.get(lease_id, None if t.admin else t.name)
         except errors.NotFound:
@@ -1070,7 +1061,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         reason = "stream ended"
         self._stream_started()
         try:
-            self._check_open()
+            self._raise_if_draining()
             guard = _StreamGuard(self.drain)
             if retired is not None:
                 # a reload that retires this socket ends the stream's wait
@@ -1160,10 +1151,10 @@ class KupService(kup_pb2_grpc.KupServicer):
         where: dict[str, Any] = {}
         dev: ManagedDevice | None = None
         try:
-            self._check_open()
+            self._raise_if_draining()
+            t = self.guard.caller()
             if not request.device:
                 raise errors.InvalidArgument("call: device is required")
-            t = self.guard.tenant()
             device = device_arg(request.device)
             if not t.may_see(device):  # before the lookup: see ListDevices
                 self.guard.check_op(t, "call", device)
@@ -1294,8 +1285,8 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Watch(
         self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
-        self._check_open()
-        t = self.guard.tenant()
+        self._raise_if_draining()
+        t = self.guard.caller()
         if request.device:
             device_arg(request.device)
         self.guard.check_op(t, "watch", request.device)  # before the lookup

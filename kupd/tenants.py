@@ -43,7 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupd import errors
 from kupd.config import SUN_PATH_MAX
-from kupd.connections import open_connections
+from kupd.connections import open_connections, open_rpcs
 from kupd.log import bind, get_logger
 from kupd.policy import (
     ADMIN,
@@ -90,7 +90,13 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant, self.retired)
-        return await self.inner.Check(request, context)
+        try:
+            return await self.inner.Check(request, context)
+        except errors.KupError as exc:  # its socket retired (kupd.policy.refuse_retired)
+            structlog.contextvars.clear_contextvars()
+            bind(rpc="Health.Check")  # what its failure is logged with
+            await self.kup._abort(context, exc)
+            raise AssertionError("unreachable") from None
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         use_tenant(self.tenant, self.retired)
@@ -622,6 +628,9 @@ class SocketSet:
         self._replaced: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         #: set by stop(): what waits for a replaced server to empty ends
         self._stopping = asyncio.Event()
+        #: what a retired server's RPCs are given to end (commit's
+        #: calls_grace, the running call_timeout: _stop_retired)
+        self.calls_grace = 1.0
         #: the shared options (``options``) each server was built with
         self._built_with: dict[grpc.aio.Server, tuple[tuple[str, Any], ...]] = {}
 
@@ -837,14 +846,17 @@ class SocketSet:
                 self._unlink_if(marker, fid)
         loop = asyncio.get_running_loop()
         until = loop.time() + SWAP_DRAIN
+        retiring = False
         while loop.time() < until and not self._stopping.is_set():
             if retired is not None and retired.done():
                 # a later reload moved or removed the socket (_retire): the
                 # old server's connections must go now, as the retired
-                # server's do.  Kept, every RPC on them would keep meeting
-                # the move's "connect there" -- a new client too (gRPC
-                # shares connections by target), even after the socket
-                # moved back to this path.
+                # server's do (once their RPCs are over: _stop_retired).
+                # Kept, every RPC on them would keep meeting the move's
+                # "connect there" -- a new client too (gRPC shares
+                # connections by target), even after the socket moved back
+                # to this path.
+                retiring = True
                 break
             counts = open_connections([bound_at])
             if counts is None or not counts.get(bound_at, 0):
@@ -855,7 +867,10 @@ class SocketSet:
         self._bound_at.pop(server, None)
         self._built_with.pop(server, None)
         try:
-            await server.stop(float("inf"))
+            if retiring:
+                await self._stop_retired(key, server, bound_at, self.calls_grace)
+            else:
+                await server.stop(float("inf"))
         finally:
             waits = self._replaced.get(key, [])
             if retired in waits:
@@ -1017,13 +1032,16 @@ class SocketSet:
         server's own settings changed (:attr:`Endpoint.transport`): the
         new server prepare started then takes the path (:meth:`_swap`),
         and the old one finishes what it serves.  A removed
-        server's socket goes at once; the server itself stops in the
-        background, its Calls in flight (admitted before the reload) given
-        up to ``calls_grace`` seconds to finish -- not cut off with gRPC's
-        "Cancelling all calls" -- while its RPCs that wait (for a message,
+        server's socket goes at once; its RPCs that wait (for a message,
         a pool channel, an event) end at once with Unavailable saying
-        where the tenant's socket went (:meth:`_retire`)."""
+        where the tenant's socket went, and those that start on its open
+        connections are refused with it (:meth:`_retire`); the server
+        itself stops in the background once its RPCs are over and their
+        statuses written, its Calls in flight (admitted before the reload)
+        given up to ``calls_grace`` seconds to finish -- not cut off with
+        gRPC's "Cancelling all calls" (:meth:`_stop_retired`)."""
         want = {ep.key: ep for ep in wanted}
+        self.calls_grace = calls_grace
         added = [ep.path for ep, _, _ in started if ep.key not in self.servers]
         for st in started:
             if st[0].key in self.servers:
@@ -1050,20 +1068,22 @@ class SocketSet:
         self, key: tuple[str, str], grace: float, why: errors.Unavailable
     ) -> dict[str, int]:
         """Take a removed server out of service: its socket file goes now
-        (no new connection reaches it; gRPC itself refuses new RPCs on the
-        ones open), the server stops in the background with ``grace``.
-        Its retirement fails with ``why``: every RPC of it that waits ends
-        now with that (kupd.policy.socket_retired), logged and counted as
-        any failed RPC; a Call already on a pool channel runs on.  Returns
-        those RPCs, by kind (kupd.retirement: counted as the retirement
-        fires, before they run)."""
+        (no new connection reaches it), and its retirement fails with
+        ``why``: every RPC of it that waits ends now with that
+        (kupd.policy.socket_retired), and every RPC that starts on the
+        connections it has is refused with it (kupd.policy.refuse_retired),
+        each logged and counted as any failed RPC; a Call already on a pool
+        channel runs on.  The server stops in the background once what it
+        serves is over, ``grace`` seconds at most (:meth:`_stop_retired`).
+        Returns the RPCs ended, by kind (kupd.retirement: counted as the
+        retirement fires, before they run)."""
         ep, server = self.servers.pop(key)
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
         self._unlink_if(ep.path, fid)
         retired = self._retired.pop(server, None)
         self._built_with.pop(server, None)
-        self._bound_at.pop(server, None)
+        bound_at = self._bound_at.pop(server, ep.path)
         ended: dict[str, int] = {}
         # and the retirements of the servers it replaced (_swap) that still
         # finish RPCs of theirs: those RPCs came in on this socket too
@@ -1080,10 +1100,71 @@ class SocketSet:
             why=why.message,
             rpcs_ended=ended,
         )
-        task = asyncio.ensure_future(server.stop(grace))
+        task = asyncio.ensure_future(self._stop_retired(key, server, bound_at, grace))
         self._retiring[task] = server
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
         return ended
+
+    async def _stop_retired(
+        self, key: tuple[str, str], server: grpc.aio.Server, bound_at: str, grace: float
+    ) -> None:
+        """Stop a server whose socket a reload retired (:meth:`_retire`; or
+        one a swap had replaced there, :meth:`_drain`) once every RPC it
+        serves is over and its status written to its connection --
+        ``grace`` seconds at most.
+
+        Why wait: a stopping gRPC server tells its connections to go (a
+        GOAWAY and a ping) and closes each once its last RPC is over.
+        Stopped in the same turn as the retirement ended its RPCs, it did
+        so before their statuses were written, and a client could lose its
+        status to the closing connection (kupctl watch: "Stream removed
+        (sendmsg: Broken pipe)" instead of "moved its socket ... connect
+        there").  Written first, each status is ahead of the GOAWAY's ping
+        on the connection, and gRPC closes the connection only once the
+        client has answered that ping: after it read the status.  Waiting
+        is safe: an RPC that starts meanwhile on the server's connections
+        is refused at its start (kupd.policy.refuse_retired), never run
+        with the tenant the socket served.
+
+        Why ``grace`` (call_timeout) is enough: the retirement ends every
+        RPC of the server that waits, and refuses every one that starts;
+        what is left ends by its own bound -- a Call already on a pool
+        channel within call_timeout (unless it asked for longer), an Attach
+        waiting for a channel its module still holds within REATTACH_GRACE,
+        a ListDevices' probe within PROBE_WAIT.  Past it only an RPC whose
+        client stopped reading (its handler blocked in a write) or a longer
+        Call is left: gRPC cuts it as the server stops ("Cancelling all
+        calls").  kupd's stop cuts the wait short (:meth:`stop`)."""
+        left = await self._until_rpcs_over(bound_at, grace)
+        await server.stop(RETIRED_STOP_GRACE)
+        log.info(
+            "retired socket server stopped",
+            socket=key[0],
+            tenant=key[1],
+            rpcs_cut=left or None,
+        )
+
+    async def _until_rpcs_over(self, bound_at: str, bound: float) -> int:
+        """Return once the server listening at ``bound_at`` has no RPC under
+        way (kupd.connections.open_rpcs) -- or after ``bound`` seconds, or
+        when kupd stops --: how many it still had (0: none, or channelz
+        cannot say).  Looked at every RETIRE_POLL at first, then less
+        often, up to every SWAP_POLL: the RPCs a retirement ended are over
+        within a few turns of the loop, a Call on a pool channel may take
+        call_timeout."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + bound
+        pause = RETIRE_POLL
+        while True:
+            counts = open_rpcs([bound_at])
+            left = 0 if counts is None else counts.get(bound_at, 0)
+            remaining = until - loop.time()
+            if not left or remaining <= 0 or self._stopping.is_set():
+                return left
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(pause, remaining)):
+                    await self._stopping.wait()
+            pause = min(2 * pause, SWAP_POLL)
 
     async def start(self, wanted: list[Endpoint]) -> None:
         for ep in wanted:
@@ -1134,6 +1215,11 @@ CONNECTION_IDLE = 60.0
 #: stops all the same, and how often it looks (channelz) meanwhile.
 SWAP_DRAIN = 5 * CONNECTION_IDLE
 SWAP_POLL = 1.0
+#: How often a retired server is first looked at for RPCs still under way
+#: (SocketSet._until_rpcs_over), and the grace its stop then gives an RPC
+#: that reached it in the meantime (refused at its start: it ends at once).
+RETIRE_POLL = 0.05
+RETIRED_STOP_GRACE = 1.0
 
 
 async def _accepted_through(marker: str) -> None:
