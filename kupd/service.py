@@ -1183,7 +1183,10 @@ class KupService(kup_pb2_grpc.KupServicer):
                 where["device"] = dev.name
                 c = request.caller  # refused above when too long: then shortened
                 where["caller"] = c if len(c.encode()) <= CALLER_MAX else shown(c)
-                where["tenant"] = self.guard.tenant().name
+                # the tenant the Call started with (dev is set after t): the
+                # current policy's may have been removed by a reload meanwhile,
+                # and asking for it here would raise inside this handler
+                where["tenant"] = t.name
                 dev.pool.count(status_for(exc)[0].name)
             await self._abort_unbound(context, exc, "Call", where)
             raise AssertionError("unreachable") from None
