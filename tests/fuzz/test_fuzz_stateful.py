@@ -27,7 +27,15 @@ reference model:
 
 Bounded for the suite (a few dozen short examples, < 60 s);
 KUPD_FUZZ_EXAMPLES=N runs N examples (KUPD_FUZZ_STEPS: steps each) for a
-longer exploration by hand."""
+longer exploration by hand, KUPD_FUZZ_SHRINK=0 without shrinking.
+
+Each failing example's first report -- its exception and traceback, the
+steps it ran (with their arguments and times), the model's state, and the
+tails of kupd's and kupsim's logs -- is appended to a file (KUPD_FUZZ_REPORT,
+else first-reports.txt in the pytest tmp dir; the path is printed and noted
+on the failure) as it happens, before hypothesis replays the example: a
+replay that goes differently (hypothesis's Flaky / FlakyStrategyDefinition)
+cannot hide the failure it replays."""
 
 from __future__ import annotations
 
@@ -39,8 +47,10 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -109,6 +119,12 @@ STEPS = int(os.environ.get("KUPD_FUZZ_STEPS", "20"))
 PHASES = (
     (Phase.explicit, Phase.generate) if os.environ.get("KUPD_FUZZ_SHRINK") == "0" else tuple(Phase)
 )
+#: where failing examples' first reports go ("": the pytest tmp dir's)
+REPORT = os.environ.get("KUPD_FUZZ_REPORT", "")
+#: lines of kupd's and kupsim's logs in a report
+LOG_TAIL = 120
+#: failures reported in full; later ones (a shrink's replays) in one line
+FULL_REPORTS = 5
 
 
 def echoed(chan: int, data: bytes) -> bytes:
@@ -292,27 +308,103 @@ lease_ops = st.one_of(
 rare = st.integers(0, 3).map(lambda n: n == 0)
 
 
+def tail(text: str, lines: int = LOG_TAIL) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class FirstReports:
+    """Writes each failing example's report to ``path`` the moment it fails:
+    hypothesis prints a failure only from its replay of the example, and a
+    replay whose timing differs may fail elsewhere or not at all."""
+
+    def __init__(self, path: Path, k: TenantKupd) -> None:
+        self.path = path
+        self.k = k
+        self.examples = 0  # examples started
+        self.failures = 0
+        path.write_text("")
+
+    def record(self, where: str, exc: BaseException, trace: list[str], model: object) -> None:
+        self.failures += 1
+        head = f"=== failure {self.failures}: example {self.examples}, in {where}: {exc!r:.300}"
+        with self.path.open("a") as f:
+            if self.failures > FULL_REPORTS:
+                f.write(head + "\n")
+                return
+            kupd_log, sim_log = self.k.log(), self.k.sim.output()
+            f.write(
+                f"{head}\n--- traceback\n{''.join(traceback.format_exception(exc))}"
+                f"--- steps ({len(trace)})\n" + "\n".join(trace) + "\n"
+                f"--- model\n{model}\n"
+                f"--- kupd log (last {LOG_TAIL} lines)\n{tail(kupd_log)}\n"
+                f"--- kupsim output (last {LOG_TAIL} lines)\n{tail(sim_log)}\n\n"
+            )
+
+
+def step(**arguments: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """hypothesis's ``@rule(**arguments)``, the step written to the
+    example's trace before it runs and its failure reported as it happens
+    (:class:`FirstReports`)."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(self: KupdMachine, *a: Any, **kw: Any) -> None:
+            # (a rule may call another: end_while_waiting its drain, reload)
+            args = ", ".join([*map(repr, a), *(f"{k}={v!r}" for k, v in kw.items())])
+            self.trace.append(f"{time.monotonic() - self.t0:8.3f}s {fn.__name__}({args})")
+            try:
+                fn(self, *a, **kw)
+            except BaseException as exc:
+                self.report(fn.__name__, exc)
+                raise
+
+        return rule(**arguments)(run)
+
+    return decorate
+
+
 class KupdMachine(RuleBasedStateMachine):
     #: an example set t2's max_message_bytes on its socket: the next starts
     #: from a socket without it
     t2_limited = False
 
-    def __init__(self, k: TenantKupd, pool: frozenset[int]) -> None:
+    def __init__(self, k: TenantKupd, pool: frozenset[int], reports: FirstReports) -> None:
         super().__init__()
         self.k = k
+        self.reports = reports
+        reports.examples += 1
+        self.t0 = time.monotonic()
+        #: the steps run so far, for the first report (step)
+        self.trace: list[str]
+        start = time.strftime("%H:%M:%S", time.gmtime())
+        self.trace = [f"example {reports.examples}, started {start} UTC (step times from then)"]
+        self.reported = False
         self.m = Model(pool=pool)
+        try:
+            self._start()
+        except BaseException as exc:
+            self.report("__init__", exc)
+            raise
+
+    def report(self, where: str, exc: BaseException) -> None:
+        """Record ``exc``, the example's first failure, before hypothesis replays it."""
+        if not self.reported:
+            self.reported = True
+            self.reports.record(where, exc, self.trace, self.m)
+
+    def _start(self) -> None:
         #: t1's ended leases: the reason their LEASE_RELEASED must give
         self.reasons: dict[str, str] = {}
         self.rng = random.Random(0)
-        self.admin = k.admin()
+        self.admin = self.k.admin()
         # each example starts from the configuration the model assumes,
         # whatever the one before left (a failed example's teardown may not
         # have got as far as restoring it)
         self.reset_config()
-        self.clients = [k.client(t) for t in CLIENT_TENANTS]
+        self.clients = [self.k.client(t) for t in CLIENT_TENANTS]
         self.devs = [c.open("echo") for c in self.clients]
         # t1's Watch, on a client of its own (the examples close theirs)
-        self.watch_client = k.client("t1")
+        self.watch_client = self.k.client("t1")
         self.watcher = Watcher(self.watch_client)
         # the Watch is subscribed once it sees a lease taken after it started
         wait_until(self._watch_subscribed, what="the Watch subscribed")
@@ -486,7 +578,7 @@ class KupdMachine(RuleBasedStateMachine):
             h.owed = (Kind.DATA, echoed(h.channel, data), h.n)
         return True
 
-    @rule(
+    @step(
         ci=st.integers(0, len(CLIENT_TENANTS) - 1),
         chan=st.one_of(st.none(), st.integers(0, CHANNELS - 1)),
         session=st.booleans(),
@@ -497,7 +589,7 @@ class KupdMachine(RuleBasedStateMachine):
         want = self.expect_attach(CLIENT_TENANTS[ci], chan)
         self.settle_attach(ci, chan, self.take(ci, chan, session), want)
 
-    @rule(i=picks, ci=picks, timeout=receive_timeouts)
+    @step(i=picks, ci=picks, timeout=receive_timeouts)
     def receive(self, i: int, ci: int, timeout: float) -> None:
         if not self.m.holdings:
             return
@@ -507,7 +599,7 @@ class KupdMachine(RuleBasedStateMachine):
         got, exc = self.do_receive(h, ci, timeout)
         self.settle_receive(h, got, exc)
 
-    @rule(i=picks, ci=picks, kind=payload_kinds)
+    @step(i=picks, ci=picks, kind=payload_kinds)
     def send(self, i: int, ci: int, kind: str) -> None:
         if not self.m.holdings:
             return
@@ -522,7 +614,7 @@ class KupdMachine(RuleBasedStateMachine):
             _, exc = attempt(lambda: c.lease_send(h.lease_id, data))
         self.settle_send(h, data, exc)
 
-    @rule(i=picks, ci=picks, kind=payload_kinds, timeout=receive_timeouts)
+    @step(i=picks, ci=picks, kind=payload_kinds, timeout=receive_timeouts)
     def exchange(self, i: int, ci: int, kind: str, timeout: float) -> None:
         if not self.m.holdings:
             return
@@ -553,7 +645,7 @@ class KupdMachine(RuleBasedStateMachine):
         else:
             assert isinstance(exc, LATE), f"{what}: {exc!r}"
 
-    @rule(i=picks, ci=picks)
+    @step(i=picks, ci=picks)
     def pass_turn(self, i: int, ci: int) -> None:
         if not self.m.holdings:
             return
@@ -577,7 +669,7 @@ class KupdMachine(RuleBasedStateMachine):
             h.n += 1
             h.owed = (Kind.PASS, b"", h.n)
 
-    @rule(i=picks, ci=picks)
+    @step(i=picks, ci=picks)
     def release(self, i: int, ci: int) -> None:
         if not self.m.holdings:
             return
@@ -596,7 +688,7 @@ class KupdMachine(RuleBasedStateMachine):
                 assert exc is None, f"release of {h}: {exc!r}"
         self.gone(h)
 
-    @rule(i=picks, op=st.sampled_from(["send", "receive", "pass", "release", "exchange"]))
+    @step(i=picks, op=st.sampled_from(["send", "receive", "pass", "release", "exchange"]))
     def foreign_lease_id(self, i: int, op: str) -> None:
         """Another tenant's use of a lease id: the answer of an unknown id, no effect."""
         leases = [h for h in self.m.holdings if h.kind == "lease"]
@@ -615,7 +707,7 @@ class KupdMachine(RuleBasedStateMachine):
         assert isinstance(exc, errors.NotFound), f"{op} of {h} by the other tenant: {exc!r}"
         assert "released, expired, or never taken" in exc.message, exc.message
 
-    @rule(i=picks, foreign=st.booleans())
+    @step(i=picks, foreign=st.booleans())
     def ended_lease_id(self, i: int, foreign: bool) -> None:
         if not self.m.ended:
             return
@@ -631,7 +723,7 @@ class KupdMachine(RuleBasedStateMachine):
             return
         assert type(exc) is want, f"receive on {lid}, ended ({why}), foreign {foreign}: {exc!r}"
 
-    @rule(
+    @step(
         i=picks,
         ci=picks,
         how=st.sampled_from(["close", "close", "client", "drain", "revoke", "reload", "move"]),
@@ -737,7 +829,7 @@ class KupdMachine(RuleBasedStateMachine):
         """Wait until kupd holds none of the leases ``ids`` (bounded)."""
         wait_until(lambda: not ids & {x.lease_id for x in self.admin.list_leases()}, what=what)
 
-    @rule(
+    @step(
         chan=st.one_of(st.none(), st.integers(0, CHANNELS - 1)),
         sessions=st.tuples(st.booleans(), st.booleans()),
         same=st.booleans(),
@@ -797,7 +889,7 @@ class KupdMachine(RuleBasedStateMachine):
                 continue
             self.settle_attach(ci, chan, g, want)
 
-    @rule(i=picks, kind=st.sampled_from(["plain", "delay"]))
+    @step(i=picks, kind=st.sampled_from(["plain", "delay"]))
     def receive_race(self, i: int, kind: str) -> None:
         """Two clients of the lease's tenant receive its reply at once: one gets it."""
         hs = [h for h in self.m.alive() if h.kind == "lease" and h.tenant == "t1"]
@@ -828,7 +920,7 @@ class KupdMachine(RuleBasedStateMachine):
             if g is None:
                 assert isinstance(exc, (*LATE, errors.NotYourTurn)), f"{h}: {exc!r}"
 
-    @rule(i=picks, ci=picks)
+    @step(i=picks, ci=picks)
     def kicked(self, i: int, ci: int) -> None:
         """The module ends a session or lease itself (echo's "!kick"): kupd
         lets go of the channel, and the holder is told so."""
@@ -891,7 +983,7 @@ class KupdMachine(RuleBasedStateMachine):
             self.clients[h.client].release(h.lease_id)
             self.gone(h)
 
-    @rule(
+    @step(
         i=picks, op=st.sampled_from(["send", "receive", "pass", "release"]), foreign=st.booleans()
     )
     def session_id_as_lease(self, i: int, op: str, foreign: bool) -> None:
@@ -912,7 +1004,7 @@ class KupdMachine(RuleBasedStateMachine):
         want = errors.NotFound if foreign else errors.Busy
         assert type(exc) is want, f"{op} with the id of {h} (foreign {foreign}): {exc!r}"
 
-    @rule(ci=st.integers(0, len(CLIENT_TENANTS) - 1))
+    @step(ci=st.integers(0, len(CLIENT_TENANTS) - 1))
     def list_devices(self, ci: int) -> None:
         """ListDevices, as a tenant sees it, says what the model holds."""
         tenant = CLIENT_TENANTS[ci]
@@ -934,7 +1026,7 @@ class KupdMachine(RuleBasedStateMachine):
                 # its last user gone, its module may not have let go yet
                 assert state in ("free", "module"), (tenant, c, state, lid)
 
-    @rule(
+    @step(
         ci=st.integers(0, len(CLIENT_TENANTS) - 1), kind=st.sampled_from(["plain", "late", "mid"])
     )
     def call(self, ci: int, kind: str) -> None:
@@ -953,7 +1045,7 @@ class KupdMachine(RuleBasedStateMachine):
             assert got.channel in self.m.pool, (what, got)
             assert got.data == echoed(got.channel, data), (what, got)
 
-    @rule(narrow=st.booleans(), moved=st.booleans(), limits=st.booleans(), now=rare)
+    @step(narrow=st.booleans(), moved=st.booleans(), limits=st.booleans(), now=rare)
     def reload(
         self, narrow: bool, moved: bool, limits: bool, now: bool, renew: bool = True
     ) -> None:
@@ -987,7 +1079,7 @@ class KupdMachine(RuleBasedStateMachine):
             if t == "t2":
                 self.renew_client(idx)
 
-    @rule(undo=st.booleans(), now=rare)
+    @step(undo=st.booleans(), now=rare)
     def drain(self, undo: bool, now: bool) -> None:
         if not now and not (undo and self.m.drained):
             return
@@ -1002,7 +1094,7 @@ class KupdMachine(RuleBasedStateMachine):
             h.dead = "drained"
         self.m.drained = True
 
-    @rule(
+    @step(
         acts=st.lists(
             st.one_of(
                 st.tuples(
@@ -1113,6 +1205,14 @@ class KupdMachine(RuleBasedStateMachine):
 
     # -- the end of an example ------------------------------------------------------
     def teardown(self) -> None:
+        self.trace.append(f"{time.monotonic() - self.t0:8.3f}s teardown()")
+        try:
+            self._teardown()
+        except BaseException as exc:
+            self.report("teardown", exc)
+            raise
+
+    def _teardown(self) -> None:
         try:
             for h in list(self.m.holdings):
                 if h.kind == "session":
@@ -1202,19 +1302,25 @@ def pool_channels(k: TenantKupd) -> frozenset[int]:
 
 def test_stateful_probe(sk: TenantKupd) -> None:
     pool = pool_channels(sk)
-    run_state_machine_as_test(
-        lambda: KupdMachine(sk, pool),
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            # KUPD_FUZZ_SHRINK=0: report a failure as found (a long run's
-            # shrinking replays examples whose timing differs, for minutes)
-            phases=PHASES,
-        ),
-    )
+    reports = FirstReports(Path(REPORT) if REPORT else sk.log_path.parent / "first-reports.txt", sk)
+    print(f"first reports of failing examples: {reports.path}")
+    try:
+        run_state_machine_as_test(
+            lambda: KupdMachine(sk, pool, reports),
+            settings=settings(
+                max_examples=EXAMPLES,
+                stateful_step_count=STEPS,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                # KUPD_FUZZ_SHRINK=0: report a failure as found (a long run's
+                # shrinking replays examples whose timing differs, for minutes)
+                phases=PHASES,
+            ),
+        )
+    except BaseException as exc:
+        exc.add_note(f"{reports.failures} failing examples' first reports: {reports.path}")
+        raise
     for (op, outcome), n in sorted(SEEN.items()):
         print(f"seen: {op} {outcome} {n}")
     assert sk.proc.poll() is None, sk.log()
