@@ -60,7 +60,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 from tenancy_helpers import TenantKupd, socket_dir
 
-from kupclient import Channel, Client, Kind, Watch
+from kupclient import Channel, Client, DeviceHandle, Kind, Watch
 from kupd import errors
 from kupd.testing import KupSim, in_background, kupsim, wait_until
 
@@ -401,13 +401,43 @@ class KupdMachine(RuleBasedStateMachine):
         # whatever the one before left (a failed example's teardown may not
         # have got as far as restoring it)
         self.reset_config()
-        self.clients = [self.k.client(t) for t in CLIENT_TENANTS]
-        self.devs = [c.open("echo") for c in self.clients]
+        self.clients, self.devs = self.connect_all()
         # t1's Watch, on a client of its own (the examples close theirs)
         self.watch_client = self.k.client("t1")
         self.watcher = Watcher(self.watch_client)
         # the Watch is subscribed once it sees a lease taken after it started
         wait_until(self._watch_subscribed, what="the Watch subscribed")
+
+    def connect(self, path: str) -> tuple[Client, DeviceHandle]:
+        """A new client of the socket at ``path``, with echo opened.
+
+        Its first RPC may fail to connect, for a while: gRPC shares a
+        connection between the channels of one target, and when a reload
+        moved the socket away under a client still open (an old one of the
+        tenant's), that connection failed its reconnect and waits out a
+        backoff -- at most kupclient's RECONNECT_MAX_MS -- before the next
+        try, even though the socket is back.  kupd promises a reconnect
+        to the path (docs/gateway.md, "Reload"), not one at once; so only
+        that failure, gRPC's connect failure, is retried, bounded."""
+        c = Client(path)
+        dev: list[DeviceHandle] = []
+
+        def opened() -> bool:
+            try:
+                dev.append(c.open("echo"))
+            except errors.Unavailable as exc:
+                if "failed to connect" not in exc.message:
+                    raise
+                return False
+            return True
+
+        wait_until(opened, what=f"a new client of {path} connected")
+        return c, dev[0]
+
+    def connect_all(self) -> tuple[list[Client], list[DeviceHandle]]:
+        """New clients of CLIENT_TENANTS, on their first configuration's sockets."""
+        pairs = [self.connect(self.k.sock(t)) for t in CLIENT_TENANTS]
+        return [c for c, _ in pairs], [d for _, d in pairs]
 
     def reset_config(self) -> None:
         """Back to the first configuration, undrained."""
@@ -813,8 +843,7 @@ class KupdMachine(RuleBasedStateMachine):
         old = self.clients[idx]
         tenant = CLIENT_TENANTS[idx]
         path = self.k.sock(t2_socket(self.m.moved) if tenant == "t2" else tenant)
-        self.clients[idx] = Client(path)
-        self.devs[idx] = self.clients[idx].open("echo")
+        self.clients[idx], self.devs[idx] = self.connect(path)
         old.close()
         closed = set()
         for h in self.m.alive():
@@ -1155,8 +1184,7 @@ class KupdMachine(RuleBasedStateMachine):
         self.m.drained = self.m.narrow = self.m.moved = self.m.limits = False
         self.m.t2_bytes = 0
         old = list(self.clients)
-        self.clients = [self.k.client(t) for t in CLIENT_TENANTS]
-        self.devs = [c.open("echo") for c in self.clients]
+        self.clients, self.devs = self.connect_all()
         # let go of everything, whatever happened to it
         self.m.holdings.extend(h for h in taken if h not in self.m.holdings)
         for h in list(self.m.holdings):
