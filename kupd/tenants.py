@@ -30,7 +30,7 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -840,7 +840,7 @@ class SocketSet:
         waits until the server's connections are gone, SWAP_DRAIN at
         most: only a connection busy all that time meets the race."""
         try:
-            await _accepted_through(marker)
+            await self._unless_retired(_accepted_through(marker), retired)
         finally:
             if marker:
                 self._unlink_if(marker, fid)
@@ -861,9 +861,7 @@ class SocketSet:
             counts = open_connections([bound_at])
             if counts is None or not counts.get(bound_at, 0):
                 break  # none left (or channelz cannot say: stop now)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SWAP_POLL):
-                    await self._stopping.wait()
+            await self._unless_retired(asyncio.sleep(SWAP_POLL), retired)
         self._bound_at.pop(server, None)
         self._built_with.pop(server, None)
         try:
@@ -883,6 +881,27 @@ class SocketSet:
             tenant=key[1],
             second_name=bool(marker),
         )
+
+    async def _unless_retired(
+        self, aw: Coroutine[Any, Any, None], retired: asyncio.Future[None] | None
+    ) -> None:
+        """Await ``aw`` (:meth:`_drain`'s waits), cut short the moment the
+        server's retirement fires (_retire: a reload moved or removed the
+        socket) or kupd stops: a replaced server must not go on serving a
+        socket that is gone -- polled instead, it answered its clients "moved
+        ... connect there" for up to a poll's length, after the socket was
+        back even (found by the stateful probe)."""
+        work = asyncio.ensure_future(aw)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        waits: set[asyncio.Future[Any]] = {work, stopping}
+        if retired is not None:
+            waits.add(retired)  # awaited, never cancelled: it is the server's
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (work, stopping):
+                f.cancel()
+            await asyncio.gather(work, stopping, return_exceptions=True)
 
     @staticmethod
     def _unlink_if(path: str, fid: tuple[int, int] | None) -> None:
