@@ -980,6 +980,7 @@ class KupdMachine(RuleBasedStateMachine):
         self.wait_ended({h.lease_id}, f"the end of {h}, which the module disconnected")
         h.dead = "ended by the module"
 
+    @step(i=picks, ops=st.tuples(lease_ops, lease_ops))
     def lease_race(self, i: int, ops: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
         """Two operations at once on one lease, from two clients of its
         tenant: the outcomes are those of one order or the other."""
