@@ -27,7 +27,8 @@ reference model:
 
 Bounded for the suite (a few dozen short examples, < 60 s);
 KUPD_FUZZ_EXAMPLES=N runs N examples (KUPD_FUZZ_STEPS: steps each) for a
-longer exploration by hand, KUPD_FUZZ_SHRINK=0 without shrinking.
+longer exploration by hand (its pytest timeout grows with it: TIMEOUT),
+KUPD_FUZZ_SHRINK=0 without shrinking.
 
 Each failing example's first report -- its exception and traceback, the
 steps it ran (with their arguments and times), the model's state, and the
@@ -119,6 +120,14 @@ STEPS = int(os.environ.get("KUPD_FUZZ_STEPS", "20"))
 PHASES = (
     (Phase.explicit, Phase.generate) if os.environ.get("KUPD_FUZZ_SHRINK") == "0" else tuple(Phase)
 )
+#: pytest-timeout's bound on the whole probe: the suite's 300 s
+#: (pyproject.toml), or 0.1 s a step for a long exploration (about ten
+#: times what one takes on a loaded 2-core machine).  Under the suite's
+#: bound a long run was cut off mid-example, and hypothesis's replay of
+#: that example then ended FlakyStrategyDefinition (the second run stopped
+#: drawing earlier).  What hangs is caught by the probe's own bounded
+#: waits, each naming what it waited for.
+TIMEOUT = max(300.0, EXAMPLES * STEPS * 0.1)
 #: where failing examples' first reports go ("": the pytest tmp dir's)
 REPORT = os.environ.get("KUPD_FUZZ_REPORT", "")
 #: lines of kupd's and kupsim's logs in a report
@@ -1339,6 +1348,7 @@ def pool_channels(k: TenantKupd) -> frozenset[int]:
         return frozenset(ch.id for ch in c.devices("echo")[0].channels if ch.state == "calls")
 
 
+@pytest.mark.timeout(TIMEOUT)
 def test_stateful_probe(sk: TenantKupd) -> None:
     pool = pool_channels(sk)
     reports = FirstReports(Path(REPORT) if REPORT else sk.log_path.parent / "first-reports.txt", sk)
