@@ -1,13 +1,14 @@
 """kupd: KUP channels (kernel-user proxy) served to unprivileged clients.
 
 Subpackages and modules are imported explicitly (``from kupd.channel import
-Device``); importing ``kupd`` itself loads nothing else, so that tools which
-need only :mod:`kupd.errors` or :mod:`kupd.abi` work before the C extension
-``kupd._kupchan`` has been built.
+Device``); importing ``kupd`` itself loads nothing else but ``kupapi``'s
+package (the version is kupapi's: the distributions kupd and kupclient are
+released together), so that tools which need only :mod:`kupd.errors` or
+:mod:`kupd.abi` work before the C extension ``kupd._kupchan`` has been built.
 """
 
 from __future__ import annotations
 
-__all__ = ["__version__"]
+from kupapi import __version__
 
-__version__ = "0.1.0"
+__all__ = ["__version__"]

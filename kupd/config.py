@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kupd.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
+from kupapi.abi import KUP_MAX_CHANNELS, KUP_NAME_MAX
+from kupapi.defaults import DEFAULT_SOCKET
 
 __all__ = [
     "RELOADED_KEYS",
@@ -106,7 +107,8 @@ class DeviceConfig:
 
 @dataclass(frozen=True)
 class Config:
-    socket: str = "/run/kupd/kupd.sock"
+    #: kupctl's default too (kupapi.defaults: one value for both)
+    socket: str = DEFAULT_SOCKET
     #: Lock file: a second kupd on the same socket refuses to start.
     lock_file: str = ""  # default: <socket>.lock
     pid_file: str = ""  # default: <socket>.pid ; "-" for none

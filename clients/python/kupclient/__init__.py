@@ -11,9 +11,9 @@ Synchronous::
         print(c.call("echo", b"ping").data)
 
 asyncio: :class:`AsyncClient` with the same methods, awaitable.
-Errors are the classes of :mod:`kupd.errors`, re-exported by
-:mod:`kupclient.errors` with the client's argument errors (ArgumentTypeError,
-ArgumentValueError) and ``is_connection_failure``.
+Errors are the classes of :mod:`kupapi.errors` (= :mod:`kupd.errors`),
+re-exported by :mod:`kupclient.errors` with the client's argument errors
+(ArgumentTypeError, ArgumentValueError) and ``is_connection_failure``.
 
 Importing the package loads only :mod:`kupclient.errors`; the names below
 (and with them grpc) are loaded when first used.  kupctl relies on that: it

@@ -17,9 +17,8 @@ import math
 import os
 from collections.abc import Mapping
 
-from kupapi import MAX_GRPC_MESSAGE
+from kupapi import MAX_GRPC_MESSAGE, errors
 from kupclient.errors import ArgumentError, ArgumentTypeError, ArgumentValueError
-from kupd import errors
 
 __all__ = [
     "MAX_CHANNEL",

@@ -1,16 +1,17 @@
-"""gRPC status -> kupd.errors exception: the client's ONE mapping.
+"""gRPC status -> kupapi.errors exception: the client's ONE mapping.
 
 The server attaches trailing metadata ``kup-error`` (the class name in
-:mod:`kupd.errors`) to every error it raises, and the same fields appear in
-a Session's in-band ``Error``; both are turned back into that class here.
+:mod:`kupapi.errors`, which kupd.errors re-exports) to every error it
+raises, and the same fields appear in a Session's in-band ``Error``; both
+are turned back into that class here.
 Statuses without it (gRPC's own: connection refused, client-side deadline)
 are mapped by code.
 
-The client imports the taxonomy from :mod:`kupd.errors` rather than keeping
-its own copy: the daemon and the client ship in one distribution, the module
-has no dependencies (importing ``kupd`` loads nothing else), and one set of
-classes means ``except kupd.errors.NotFound`` works the same whether code
-talks to a channel directly or through kupd.
+The client imports the taxonomy from :mod:`kupapi.errors` rather than
+keeping its own copy: kupd raises the same classes (kupd.errors re-exports
+them; kupapi ships with kupclient, which kupd depends on), the module has no
+dependencies, and one set of classes means ``except kupd.errors.NotFound``
+works the same whether code talks to a channel directly or through kupd.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from typing import Any
 
 import grpc
 
-from kupapi import kup_pb2
+from kupapi import errors, kup_pb2
 from kupclient.errors import _NOT_FROM_KUPD, is_connection_failure
-from kupd import errors
 
 __all__ = [
     "CLOSED_AS_MADE",

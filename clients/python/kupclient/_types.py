@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from kupapi import MAX_GRPC_MESSAGE, kup_pb2
+from kupapi.abi import Kind
 from kupclient._args import seconds_arg
-from kupd.abi import Kind
 
 __all__ = [
     "KEEPALIVE_TIMEOUT_MS",

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from kupapi import kup_pb2
+from kupapi.wire import LEN, Unexpected, fields, scalar, span, varint
 from kupclient._types import Data, Kind, Message, message_from_pb
 from kupclient.errors import ArgumentTypeError
-from kupd.wire import LEN, Unexpected, fields, scalar, span, varint
 
 #: From these sizes up the hand path is the faster one (below, the generated
 #: classes' C beats a few microseconds of interpreter): writing a request

@@ -201,7 +201,7 @@ class AdminClient:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kupd import errors
+    from kupapi import errors
 
     p = argparse.ArgumentParser(prog="kupclient.admin", description="kupd's Admin service")
     p.add_argument(

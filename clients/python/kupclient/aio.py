@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kupapi import kup_pb2, kup_pb2_grpc
+from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _fork, _types, _wire
 from kupclient._args import (
     call_timeout_ms,
@@ -55,7 +55,6 @@ from kupclient._types import (
     receive_mode,
     target_for,
 )
-from kupd import errors
 
 __all__ = ["AsyncChannel", "AsyncClient", "AsyncDeviceHandle"]
 

@@ -1,6 +1,6 @@
-"""The error classes raised by the client: exactly those of :mod:`kupd.errors`
-(re-exported so client code need not know the daemon's package name), the
-client's own argument errors, and :func:`is_connection_failure`.
+"""The error classes raised by the client: exactly those of :mod:`kupapi.errors`
+(the ones kupd raises too, as :mod:`kupd.errors`), the client's own
+argument errors, and :func:`is_connection_failure`.
 
 This module imports neither grpc nor the generated stubs (see the package
 docstring): the argument errors and the record of gRPC's own errors live
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 
-from kupd.errors import (
+from kupapi.errors import (
     Busy,
     DeadlineExceeded,
     InvalidArgument,

@@ -53,12 +53,13 @@ if __name__ == "__main__" or Path((getattr(sys, "argv", None) or [""])[0]).stem 
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kupapi import __version__ as kupd_version
+from kupapi.defaults import DEFAULT_SOCKET
 from kupclient import Client, DeviceInfo, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient._args import ArgumentError, channel_arg, seconds_arg
 from kupclient._errors import closed_as_made, is_connection_failure
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
-from kupd import __version__ as kupd_version
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -129,9 +130,7 @@ def default_socket() -> str:
     env = os.environ.get("KUPD_SOCKET")
     if env:
         return env
-    from kupd.config import Config  # the daemon's own default, not a copy
-
-    return Config().socket
+    return DEFAULT_SOCKET  # the daemon's own default (kupd.config's), not a copy
 
 
 # --------------------------------------------------------------------------
