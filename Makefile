@@ -21,13 +21,16 @@ $(STAMP):
 apt:
 	bash scripts/setup-apt.sh
 
-$(STAMP)/venv: pyproject.toml | $(STAMP)
+# Both distributions, editable: kupclient (clients/python: kupclient, kupctl,
+# kupapi) first, then kupd, which requires it.
+$(STAMP)/venv: pyproject.toml clients/python/pyproject.toml | $(STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ./clients/python
 	$(PY) -m pip install -q -e '.[dev]'
-	# setuptools' editable install finds kupd and kupclient with an import
+	# setuptools' editable install finds kupd, kupclient and kupapi with an import
 	# hook, which mypy cannot follow: a program type-checked against this
-	# venv (mypy --python-executable .venv/bin/python) saw neither.  Plain
+	# venv (mypy --python-executable .venv/bin/python) saw none.  Plain
 	# path entries, as a compat-mode install would write, let it.
 	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "kupd-typing-paths.pth").write_text("$(CURDIR)\n$(CURDIR)/clients/python\n")'
 	touch $@
@@ -48,10 +51,11 @@ proto: setup
 
 build: native python
 
-# The client-only distribution (clients/python/pyproject.toml): a kupclient
-# wheel in dist/ -- kupclient, kupctl, the kup.v1 stubs and the few kupd
-# modules the client imports, with only the client's dependencies (no C
-# extension, no structlog).  `pip install ./clients/python` is the same.
+# The client's distribution (clients/python/pyproject.toml): a kupclient
+# wheel in dist/ -- kupclient, kupctl and kupapi (the kup.v1 stubs, the
+# error taxonomy and the rest of the API kupd shares with its clients), with
+# only the client's dependencies (no C extension, no structlog).  `pip
+# install ./clients/python` is the same.  kupd's own distribution requires it.
 client-dist: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist clients/python
 
