@@ -33,7 +33,8 @@
  *
  * Errors: every KUP_E_* code is turned into an exception by ONE function,
  * kupd.errors.error_for_code (imported at module init); this file only
- * builds the message.  The code -> class mapping lives in kupd/errors.py.
+ * builds the message.  The code -> class mapping lives in kupapi/errors.py
+ * (clients/python; kupd.errors re-exports it).
  *
  * Concurrency: libkup allows one thread per channel handle at a time.  A
  * channel object is marked busy (under the GIL) for the duration of each

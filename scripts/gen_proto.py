@@ -3,12 +3,14 @@ into the package clients/python/kupapi/ (files ignored by git).
 
 One generator for both ways the stubs get made: ``make proto`` / ``make
 build`` (scripts/gen-proto.sh runs this with the venv's Python) and every
-``pip install .`` / wheel build (setup.py's build_py runs :func:`generate`
-before it copies the packages), so that an installed kupd never lacks
-``kupapi.kup.v1``.  Needs grpcio-tools (``python -m grpc_tools.protoc``);
-the mypy stubs (.pyi) need mypy-protobuf's protoc-gen-mypy on PATH or next
-to the interpreter -- required for development (mypy checks kupd against
-them), optional for an install (the running daemon does not read them).
+``pip install ./clients/python`` / wheel build of the kupclient
+distribution, which ships kupapi (clients/python/setup.py's build_py runs
+:func:`generate` before it copies the packages), so that an installed
+kupclient, and so kupd, never lacks ``kupapi.kup.v1``.  Needs grpcio-tools
+(``python -m grpc_tools.protoc``); the mypy stubs (.pyi) need
+mypy-protobuf's protoc-gen-mypy on PATH or next to the interpreter --
+required for development (mypy checks kupd against them), optional for an
+install (the running daemon does not read them).
 
 Plain Python, no bash or GNU sed: it runs on FreeBSD's base system too.
 

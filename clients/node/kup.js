@@ -146,7 +146,7 @@ function loadHealth() {
 
 const S = grpc.status;
 
-// kupd's error classes (kupd/errors.py): name -> [KUP_E_* code, the gRPC
+// kupd's error classes (kupapi/errors.py): name -> [KUP_E_* code, the gRPC
 // code kupd answers it with (kupd/service.py), parent].
 class KupError extends Error {
   // fromKupd: true only for kupd's answers (errorFromGrpc with kupd's
