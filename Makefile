@@ -26,6 +26,10 @@ apt:
 $(STAMP)/venv: pyproject.toml clients/python/pyproject.toml | $(STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# a kupd installed before kupclient had its own distribution owned
+	# kupclient's files (bin/kupctl): reinstalling it after kupclient would
+	# take them away, so it goes first
+	$(PY) -m pip uninstall -q -y kupd 2>/dev/null || true
 	$(PY) -m pip install -q -e ./clients/python
 	$(PY) -m pip install -q -e '.[dev]'
 	# setuptools' editable install finds kupd, kupclient and kupapi with an import
