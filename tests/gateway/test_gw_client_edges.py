@@ -661,10 +661,14 @@ def wrong(c: Client) -> None:
 def test_py_typed_ships_and_mypy_strict_sees_the_annotations(tmp_path: Path) -> None:
     pkg = REPO_ROOT / "clients" / "python" / "kupclient"
     assert (pkg / "py.typed").is_file()
+    with open(REPO_ROOT / "clients" / "python" / "pyproject.toml", "rb") as f:
+        client_setuptools = tomllib.load(f)["tool"]["setuptools"]
+    assert "py.typed" in client_setuptools["package-data"]["kupclient"]
+    # kupclient.errors re-exports kupapi.errors' classes: kupapi is typed too
+    assert (REPO_ROOT / "clients" / "python" / "kupapi" / "py.typed").is_file()
+    assert "py.typed" in client_setuptools["package-data"]["kupapi"]
     with open(REPO_ROOT / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
-    assert "py.typed" in setuptools["package-data"]["kupclient"]
-    # kupclient.errors re-exports kupd.errors' classes: kupd is typed too
     assert (REPO_ROOT / "kupd" / "py.typed").is_file()
     assert "py.typed" in setuptools["package-data"]["kupd"]
     # an installed-like layout: a venv whose site-packages holds the packages
