@@ -379,6 +379,27 @@ def test_both_installed_raise_the_same_errors(both: Path, tmp_path: Path) -> Non
         assert res.returncode == 0, f"{prog} --help: {res.stdout}{res.stderr}"
 
 
+def test_importing_kupd_or_the_client_loads_no_grpc(both: Path, tmp_path: Path) -> None:
+    """kupapi loads its stubs when first used: ``import kupd`` (the version),
+    kupd.errors (the C extension imports it) and kupclient (kupctl sets
+    gRPC's logging up before anything imports grpc) load neither grpc nor
+    protobuf."""
+    probe = (
+        "import sys\n"
+        "import kupd, kupd.errors, kupd.abi, kupapi.defaults, kupclient, kupclient.errors\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google'))\n"
+        "assert not loaded, loaded\n"
+        "from kupapi import kup_pb2, kup_pb2_grpc\n"
+        "import kupapi\n"
+        "assert kupapi.kup_pb2 is kup_pb2 and kup_pb2_grpc.KupStub and 'grpc' in sys.modules\n"
+    )
+    res = subprocess.run(
+        [both / "bin" / "python", "-c", probe],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=_run_env(),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_uninstalling_kupclient_leaves_kupds_files(
     built: tuple[Path, Path], kupd_wheel: Path, tmp_path: Path
 ) -> None:
