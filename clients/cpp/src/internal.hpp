@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: BSD-2-Clause
+//
+// Internals of the C++ client shared by its sources (not installed).
+#pragma once
+
+#include <exception>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "kupclient.hpp"
+
+namespace grpc {
+class ClientContext;
+class Status;
+}  // namespace grpc
+
+namespace kup::detail {
+
+// THE mapping of a status to kupd's taxonomy (as kupclient/_errors.py's
+// error_from_status): `kind` is the kup-error trailing metadata (or an
+// in-band Error's kind), "" when the status did not carry it (gRPC's own
+// failure), which is then mapped by code.
+std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind);
+// A status of an RPC on `ctx`: its trailing metadata names the class.
+[[noreturn]] void throw_status(const grpc::Status& status, const grpc::ClientContext& ctx);
+// The error of class `kind` (kupd's class name); std::nullopt for a name
+// the client does not know.
+std::exception_ptr error_of_kind(std::string_view kind, const std::string& message,
+                                 std::optional<StatusCode> code, bool from_kupd);
+// The client's own errors (no status: grpc_code std::nullopt).
+[[noreturn]] void throw_invalid(const std::string& message);
+[[noreturn]] void throw_too_big(const std::string& message);
+// `exc` again, its class and code, with message "`what` is closed: the
+// session already ended with CLASS: MESSAGE" (Python's session_ended).
+std::exception_ptr session_ended(const std::string& what, const std::exception_ptr& exc);
+
+}  // namespace kup::detail
