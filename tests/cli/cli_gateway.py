@@ -1,10 +1,10 @@
-"""A real kupsim (echo module) + a real kupd for the kupctl and Node tests.
+"""A real kupsim (echo module) + a real kupd for the kupctl, Node and C++ tests.
 
 kupd runs as the installed ``kupd`` console script (``.venv/bin/kupd``) on
 a unix socket in a temporary directory, optionally with its Prometheus
 metrics on a free loopback port.  Everything is stopped on the way out and
-kupd's clean SIGTERM exit (status 0) is checked.  tests/node/ loads this file
-by path, so it depends on nothing but the repository.
+kupd's clean SIGTERM exit (status 0) is checked.  tests/node/ and tests/cpp/
+load this file by path, so it depends on nothing but the repository.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kupd.testing import REPO_ROOT, Kupd, kupd, kupsim
@@ -49,15 +49,24 @@ Gateway = Kupd
 
 
 @contextlib.contextmanager
-def gateway(devices: Sequence[str] = ("echo:2",), *, metrics: bool = False) -> Iterator[Gateway]:
+def gateway(
+    devices: Sequence[str] = ("echo:2",),
+    *,
+    metrics: bool = False,
+    args: Sequence[str] = (),
+    sim_env: Mapping[str, str] | None = None,
+) -> Iterator[Gateway]:
     """kupsim with echo and kupd serving ``devices`` (NAME[:CALL_CHANNELS]),
-    run as the installed console script; its clean SIGTERM exit is checked."""
+    run as the installed console script with ``args`` (more kupd flags);
+    its clean SIGTERM exit is checked.  ``sim_env``: kupsim's environment
+    (echo's parameters, ``KUP_PARAM_ECHO_PAGES`` ...)."""
     kupd_exe = console_script("kupd")
     with (
-        kupsim("echo", check_exit=False) as sim,
+        kupsim("echo", check_exit=False, env=sim_env) as sim,
         kupd(
             "--pid-file",
             "-",
+            *args,
             sim=sim,
             devices=devices,
             metrics=metrics,

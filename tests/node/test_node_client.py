@@ -26,7 +26,7 @@ from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT, kupd, kupsim
+from kupd.testing import REPO_ROOT
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
@@ -94,23 +94,8 @@ NODE_TESTS = {"run.js": 11, "lifecycle.js": 7, "api.js": 6, "errors.js": 8}
 @pytest.fixture(scope="module")
 def kupd_socket(node_deps: None) -> Iterator[tuple[str, int]]:
     cli_gateway = _load_cli_gateway()
-    with (
-        kupsim("echo", check_exit=False) as sim,
-        kupd(
-            "--pid-file",
-            "-",
-            "--call-timeout",
-            CALL_TIMEOUT,
-            "--call-quarantine",
-            "1",
-            sim=sim,
-            devices=("echo:2",),
-            command=[str(cli_gateway.console_script("kupd"))],
-            env=sim.env(),
-            start_timeout=cli_gateway.START_TIMEOUT,
-            stop_timeout=cli_gateway.STOP_TIMEOUT,
-        ) as gw,
-    ):
+    args = ("--call-timeout", CALL_TIMEOUT, "--call-quarantine", "1")
+    with cli_gateway.gateway(("echo:2",), args=args) as gw:
         yield gw.socket, gw.pid
 
 

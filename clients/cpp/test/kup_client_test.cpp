@@ -1,0 +1,748 @@
+// SPDX-License-Identifier: BSD-2-Clause
+//
+// Tests of the C++ client against a running kupd serving the echo module
+// (even channels echo, odd channels upper-case):
+//
+//   kup_client_test /path/to/kupd.sock [DEVICE] [TEST-NAME...]
+//
+// tests/cpp/test_cpp_client.py builds this (plain and under ASan + UBSan)
+// and runs it against a real kupsim + kupd with call_timeout 2 s.  Each
+// test prints "ok NAME" or "not ok NAME: why"; the summary lines are
+// "# pass N" and "# fail N", and the exit status is 1 when any failed.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../src/internal.hpp"
+#include "kupclient.hpp"
+
+namespace {
+
+std::string g_socket;
+std::string g_device = "echo";
+
+struct Failure {
+    std::string why;
+};
+
+#define CHECK(cond)                                                                             \
+    do {                                                                                        \
+        if (!(cond)) throw Failure{std::string(__FILE__ ":") + std::to_string(__LINE__) +       \
+                                   ": CHECK(" #cond ") failed"};                                \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                                          \
+    do {                                                                                        \
+        auto va_ = (a);                                                                         \
+        auto vb_ = (b);                                                                         \
+        if (!(va_ == vb_))                                                                      \
+            throw Failure{std::string(__FILE__ ":") + std::to_string(__LINE__) + ": " #a " == " \
+                          #b " failed: " + show(va_) + " != " + show(vb_)};                     \
+    } while (0)
+
+std::string show(const std::string& s) { return "\"" + s + "\""; }
+std::string show(const char* s) { return show(std::string(s)); }
+template <class T>
+std::string show(const T& v) {
+    if constexpr (std::is_enum_v<T>)
+        return std::to_string(static_cast<long long>(v));
+    else
+        return std::to_string(v);
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// Run `fn`, which must throw E; then `check(e)`.
+template <class E, class Fn>
+void expect_throw(Fn fn, const std::function<void(const E&)>& check, const char* where) {
+    try {
+        fn();
+    } catch (const E& e) {
+        check(e);
+        return;
+    } catch (const kup::Error& e) {
+        throw Failure{std::string(where) + ": threw " + e.kind() + ": " + e.what()};
+    } catch (const std::exception& e) {
+        throw Failure{std::string(where) + ": threw another exception: " + e.what()};
+    }
+    throw Failure{std::string(where) + ": did not throw"};
+}
+
+#define STR2(x) #x
+#define STR(x) STR2(x)
+#define WHERE __FILE__ ":" STR(__LINE__)
+
+// A kup::Error of exactly class E (its kind() named so), with the gRPC code,
+// from kupd or not, and a message containing `part`.
+template <class E>
+std::function<void(const E&)> is_error(std::optional<kup::StatusCode> code, bool from_kupd,
+                                        std::string part = "") {
+    return [=](const E& e) {
+        CHECK_EQ(e.kind(), std::string(E("", std::nullopt, false).kind()));
+        CHECK(e.grpc_code() == code);
+        CHECK_EQ(e.from_kupd(), from_kupd);
+        if (!part.empty() && !contains(e.what(), part))
+            throw Failure{"message \"" + std::string(e.what()) + "\" lacks \"" + part + "\""};
+    };
+}
+
+std::function<void(const kup::ArgumentError&)> arg_error(std::string part) {
+    return [=](const kup::ArgumentError& e) {
+        if (!contains(e.what(), part))
+            throw Failure{"message \"" + std::string(e.what()) + "\" lacks \"" + part + "\""};
+    };
+}
+
+std::string expected_echo(std::uint32_t channel, std::string text) {
+    if (channel % 2 == 1)
+        for (auto& c : text)
+            if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
+    return text;
+}
+
+std::string channel_state(kup::Client& c, std::uint32_t id) {
+    auto devs = c.list_devices(g_device);  // (kept: the loop refers into it)
+    for (const auto& ch : devs.at(0).channels)
+        if (ch.id == id) return ch.state;
+    return "missing";
+}
+
+// Wait (generously: the machine is shared) until channel `id` is in `want`.
+void wait_state(kup::Client& c, std::uint32_t id, const std::string& want) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    std::string st;
+    while ((st = channel_state(c, id)) != want) {
+        if (std::chrono::steady_clock::now() > until)
+            throw Failure{"channel " + std::to_string(id) + " still " + st + " (want " + want + ")"};
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+}
+
+const kup::ms T{10000};  // a generous wait for echo's answers
+
+// Cancels `w` should it still be waited on after `limit`: a next() waiting
+// for an event that never comes then ends (the test fails, instead of
+// hanging).
+class CancelAfter {
+public:
+    CancelAfter(kup::Watch& w, std::chrono::seconds limit)
+        : thread_([&w, limit, done = done_.get_future()] {
+              if (done.wait_for(limit) == std::future_status::timeout) w.cancel();
+          }) {}
+    ~CancelAfter() {
+        done_.set_value();
+        thread_.join();
+    }
+
+private:
+    std::promise<void> done_;
+    std::thread thread_;
+};
+
+// ---------------------------------------------------------------- the tests
+
+void test_devices_and_health() {
+    kup::Client c(g_socket);
+    auto devs = c.list_devices();
+    const kup::DeviceInfo* dev = nullptr;
+    for (const auto& d : devs)
+        if (d.name == g_device) dev = &d;
+    CHECK(dev != nullptr);
+    CHECK(dev->reachable);
+    CHECK(dev->channel_count > 0);
+    CHECK_EQ(dev->channels.size(), static_cast<std::size_t>(dev->channel_count));
+    CHECK(dev->max_message_bytes > 0);
+    CHECK_EQ(dev->max_message_bytes, std::uint64_t(dev->pages_per_channel) * dev->page_size);
+    CHECK_EQ(c.list_devices(g_device).size(), std::size_t(1));
+    CHECK_EQ(c.health(), std::string("SERVING"));
+    CHECK_EQ(c.health("kup.v1.Kup"), std::string("SERVING"));
+    CHECK(contains(c.caller(), ":" + std::to_string(getpid())));
+    kup::Client named(g_socket, std::string("worker 3"));
+    CHECK_EQ(named.caller(), std::string("worker 3"));
+}
+
+void test_session_round_trip() {
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    CHECK_EQ(s.lease().device, g_device);
+    CHECK(!s.lease().lease_id.empty());
+    CHECK(s.max_message_bytes() > 0);
+    CHECK_EQ(channel_state(c, s.channel()), std::string("session"));
+    // a fresh channel: the kernel hands the turn over with a PASS (seq 1)
+    auto first = s.receive();
+    CHECK(first.has_value());
+    CHECK(first->kind == kup::Kind::Pass);
+    CHECK_EQ(first->seq, std::uint64_t(1));
+    s.send("hello from c++");
+    auto reply = s.receive();
+    CHECK(reply && reply->kind == kup::Kind::Data);
+    CHECK_EQ(reply->seq, std::uint64_t(2));
+    CHECK_EQ(reply->data, expected_echo(s.channel(), "hello from c++"));
+    // the reply taken, this side holds the turn: NotYourTurn, in-band
+    expect_throw<kup::NotYourTurn>([&] { s.receive(); },
+                                   [](const kup::NotYourTurn& e) {
+                                       is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION,
+                                                                  true, "EKU_NOTTURN")(e);
+                                       CHECK_EQ(e.kup_code(), 1003);
+                                   },
+                                   WHERE);
+    s.pass();
+    auto back = s.receive(T);
+    CHECK(back && back->kind == kup::Kind::Pass);
+    CHECK_EQ(back->seq, std::uint64_t(3));
+    // binary data, NUL bytes included, unchanged
+    const std::string bin("\x00\x01\x02\xfe\xff", 5);
+    s.send(bin);
+    CHECK_EQ(s.receive(T)->data, bin);
+    // exchange: send + receive as one request
+    for (int i = 0; i < 5; ++i) {
+        std::string text = "exchange " + std::to_string(i);
+        auto x = s.exchange(text, T);
+        CHECK(x.has_value());
+        CHECK_EQ(x->data, expected_echo(s.channel(), text));
+        CHECK_EQ(x->seq, std::uint64_t(5 + i));
+    }
+    s.close();
+    s.close();  // twice: nothing more
+}
+
+void test_odd_channel_and_busy() {
+    kup::Client c(g_socket);
+    std::optional<std::uint32_t> odd;
+    auto devs = c.list_devices(g_device);
+    for (const auto& ch : devs.at(0).channels)
+        if (ch.state == "free" && ch.id % 2 == 1) {
+            odd = ch.id;
+            break;
+        }
+    CHECK(odd.has_value());
+    kup::Session s = c.open(g_device, *odd);
+    CHECK_EQ(s.channel(), *odd);
+    s.receive(T);
+    CHECK_EQ(s.exchange("mixed Case", T)->data, std::string("MIXED CASE"));
+    // a second session on it: Busy, which kupd answers FAILED_PRECONDITION
+    expect_throw<kup::Busy>([&] { c.open(g_device, *odd); },
+                            [](const kup::Busy& e) {
+                                is_error<kup::Busy>(kup::StatusCode::FAILED_PRECONDITION, true)(e);
+                                CHECK_EQ(e.kup_code(), 1008);
+                            },
+                            WHERE);
+    // and an Attach lease on it too
+    expect_throw<kup::Busy>([&] { c.attach(g_device, *odd); },
+                            is_error<kup::Busy>(kup::StatusCode::FAILED_PRECONDITION, true), WHERE);
+    // the session goes on
+    CHECK_EQ(s.exchange("again", T)->data, std::string("AGAIN"));
+}
+
+void test_nonblocking_receive_and_deadline() {
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    s.receive(T);
+    // a message on its way: poll with timeout 0 until it is there
+    s.send("polled");
+    std::optional<kup::Message> m;
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!(m = s.receive(kup::ms(0)))) {
+        CHECK(std::chrono::steady_clock::now() < until);
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    CHECK_EQ(m->data, expected_echo(s.channel(), "polled"));
+    // echo never answers !hold: non-blocking finds nothing, a timeout is
+    // kupd's DeadlineExceeded, and the session goes on
+    s.send("!hold");
+    CHECK(!s.receive(kup::ms(0)).has_value());
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { s.receive(kup::ms(200)); },
+        [](const kup::DeadlineExceeded& e) {
+            is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, true)(e);
+            CHECK_EQ(e.kup_code(), 1005);
+        },
+        WHERE);
+    CHECK(!s.receive(kup::ms(0)).has_value());
+    // not your turn: the kernel holds it
+    expect_throw<kup::NotYourTurn>(
+        [&] { s.send("x"); },
+        is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true), WHERE);
+}
+
+void test_leases() {
+    kup::Client c(g_socket);
+    kup::Lease l = c.attach(g_device);
+    CHECK(!l.lease_id.empty());
+    CHECK_EQ(l.device, g_device);
+    CHECK(l.max_message_bytes > 0);
+    CHECK(l.idle_timeout_ms > 0);
+    CHECK_EQ(channel_state(c, l.channel), std::string("lease"));
+    auto first = c.lease_receive(l.lease_id, T);
+    CHECK(first && first->kind == kup::Kind::Pass);
+    c.lease_send(l.lease_id, "lease data");
+    auto r = c.lease_receive(l.lease_id, T);
+    CHECK(r && r->seq == 2);
+    CHECK_EQ(r->data, expected_echo(l.channel, "lease data"));
+    auto x = c.lease_exchange(l.lease_id, "one rpc", T);
+    CHECK(x && x->seq == 3);
+    CHECK_EQ(x->data, expected_echo(l.channel, "one rpc"));
+    c.lease_pass(l.lease_id);
+    auto p = c.lease_receive(l.lease_id, T);
+    CHECK(p && p->kind == kup::Kind::Pass && p->seq == 4);
+    // sending twice: the kernel's turn (or its reply unread): NotYourTurn
+    c.lease_send(l.lease_id, "!hold");
+    CHECK(!c.lease_receive(l.lease_id, kup::ms(0)).has_value());
+    expect_throw<kup::NotYourTurn>(
+        [&] { c.lease_send(l.lease_id, "y"); },
+        is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true), WHERE);
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.lease_receive(l.lease_id, kup::ms(200)); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, true), WHERE);
+    c.release(l.lease_id);
+    expect_throw<kup::NotFound>([&] { c.lease_receive(l.lease_id, kup::ms(0)); },
+                                is_error<kup::NotFound>(kup::StatusCode::NOT_FOUND, true, l.lease_id),
+                                WHERE);
+    expect_throw<kup::NotFound>([&] { c.release("no-such-lease"); },
+                                is_error<kup::NotFound>(kup::StatusCode::NOT_FOUND, true), WHERE);
+    wait_state(c, l.channel, "free");
+}
+
+void test_calls() {
+    kup::Client c(g_socket);
+    auto r = c.call(g_device, "ping from c++");
+    CHECK(r.kind == kup::Kind::Data);
+    CHECK_EQ(r.data, expected_echo(r.channel, "ping from c++"));
+    // parallel Calls from threads, each answered correctly
+    std::vector<std::future<std::string>> futs;
+    for (int i = 0; i < 8; ++i)
+        futs.push_back(std::async(std::launch::async, [&c, i] {
+            std::string text = "call number " + std::to_string(i);
+            auto rep = c.call(g_device, text, kup::ms(20000));
+            return rep.data == expected_echo(rep.channel, text) ? std::string() : rep.data;
+        }));
+    for (auto& f : futs) CHECK_EQ(f.get(), std::string());
+    // a full-size message; one byte more is kupd's TooBig naming the limit
+    auto max = c.list_devices(g_device).at(0).max_message_bytes;
+    std::string full(max, '.');
+    CHECK_EQ(c.call(g_device, full).data, full);
+    expect_throw<kup::TooBig>([&] { c.call(g_device, std::string(max + 1, '.')); },
+                              [&](const kup::TooBig& e) {
+                                  is_error<kup::TooBig>(kup::StatusCode::INVALID_ARGUMENT, true,
+                                                        std::to_string(max))(e);
+                                  CHECK_EQ(e.kup_code(), 1004);
+                              },
+                              WHERE);
+    // kupd's deadline: a Call whose reply does not come
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.call(g_device, "!hold", kup::ms(300)); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, true), WHERE);
+    // without a timeout: kupd's call_timeout (2 s in the test's kupd)
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.call(g_device, "!hold"); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, true), WHERE);
+}
+
+void test_unknown_device() {
+    kup::Client c(g_socket);
+    auto nf = [](const kup::NotFound& e) {
+        is_error<kup::NotFound>(kup::StatusCode::NOT_FOUND, true, "no-such-device")(e);
+        CHECK_EQ(e.kup_code(), 1009);
+    };
+    expect_throw<kup::NotFound>([&] { c.call("no-such-device", "x"); }, nf, WHERE);
+    expect_throw<kup::NotFound>([&] { c.open("no-such-device"); }, nf, WHERE);
+    expect_throw<kup::NotFound>([&] { c.attach("no-such-device"); }, nf, WHERE);
+    expect_throw<kup::NotFound>([&] { c.list_devices("no-such-device"); }, nf, WHERE);
+}
+
+void test_watch() {
+    kup::Client c(g_socket);
+    kup::Watch init = c.watch(g_device, true);
+    auto ev0 = init.next();
+    CHECK(ev0 && ev0->initial);
+    CHECK_EQ(ev0->device, g_device);
+    init.cancel();
+    // cancel() ends it: the events already there may still come, then none
+    int left = 0;
+    while (init.next()) CHECK(++left < 10000);
+    CHECK(!init.next().has_value());
+
+    kup::Watch w = c.watch(g_device);
+    CancelAfter limit(w, std::chrono::seconds(60));
+    std::uint32_t id;
+    std::string lease;
+    {
+        kup::Session s = c.open(g_device);
+        id = s.channel();
+        lease = s.lease().lease_id;
+    }
+    auto taken = w.next();
+    while (taken && !(taken->type == kup::EventType::LEASE_TAKEN && taken->lease_id == lease))
+        taken = w.next();
+    CHECK(taken.has_value());
+    CHECK_EQ(taken->channel, id);
+    CHECK_EQ(taken->holder, std::string("session"));
+    CHECK_EQ(std::string(kup::event_name(taken->type)), std::string("LEASE_TAKEN"));
+    auto released = w.next();
+    while (released && !(released->type == kup::EventType::LEASE_RELEASED && released->lease_id == lease))
+        released = w.next();
+    CHECK(released.has_value());
+    CHECK_EQ(released->reason, std::string("stream ended"));
+    // cancel() from another thread ends a next() that waits
+    auto waiting = std::async(std::launch::async, [&w] {
+        int n = 0;
+        while (w.next()) ++n;
+        return n;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    w.cancel();
+    waiting.get();
+    CHECK(!w.next().has_value());
+}
+
+void test_too_big() {
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    s.receive(T);
+    auto max = s.max_message_bytes();
+    for (std::size_t n : {std::size_t(max + 1), kup::MAX_PAYLOAD + 1}) {
+        std::string big(n, '.');
+        for (int op = 0; op < 2; ++op)
+            expect_throw<kup::TooBig>(
+                [&] {
+                    if (op)
+                        s.exchange(big, T);
+                    else
+                        s.send(big);
+                },
+                [&](const kup::TooBig& e) {
+                    // the client's own refusal: no status, kupd never saw it
+                    is_error<kup::TooBig>(std::nullopt, false)(e);
+                    CHECK_EQ(e.kup_code(), 1004);
+                    CHECK(contains(e.what(), std::to_string(n) + " bytes"));
+                },
+                WHERE);
+    }
+    // the limit is named (the channel's data area)
+    expect_throw<kup::TooBig>(
+        [&] { s.send(std::string(max + 1, '.')); },
+        is_error<kup::TooBig>(std::nullopt, false,
+                              std::to_string(max + 1) + " bytes exceeds max_message_bytes=" +
+                                  std::to_string(max) + " of channel " + std::to_string(s.channel()) +
+                                  " of device " + g_device + " (the channel's data area)"),
+        WHERE);
+    // nothing was sent: the next message is seq 2
+    auto m = s.exchange("..", T);
+    CHECK_EQ(m->data, std::string(".."));
+    CHECK_EQ(m->seq, std::uint64_t(2));
+    // over any message kupd carries: TooBig before the wire, for every RPC
+    std::string huge(kup::MAX_PAYLOAD + 1, '.');
+    auto own = is_error<kup::TooBig>(std::nullopt, false,
+                                     "data of " + std::to_string(kup::MAX_PAYLOAD + 1) +
+                                         " bytes is larger than any message kupd carries");
+    expect_throw<kup::TooBig>([&] { c.call(g_device, huge); }, own, WHERE);
+    kup::Lease l = c.attach(g_device);
+    c.lease_receive(l.lease_id, T);
+    expect_throw<kup::TooBig>([&] { c.lease_send(l.lease_id, huge); }, own, WHERE);
+    expect_throw<kup::TooBig>([&] { c.lease_exchange(l.lease_id, huge, T); }, own, WHERE);
+    auto r = c.lease_exchange(l.lease_id, "..", T);
+    CHECK(r && r->seq == 2);
+    c.release(l.lease_id);
+}
+
+void test_bad_arguments() {
+    expect_throw<kup::ArgumentError>([] { kup::Client bad(""); }, arg_error("socket path must not be empty"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([] { kup::Client bad("unix:"); },
+                                     arg_error("socket path must not be empty"), WHERE);
+    kup::Client c(g_socket);
+    expect_throw<kup::ArgumentError>([&] { c.call("", "x"); }, arg_error("device name is required"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.call("\xff", "x"); },
+                                     arg_error("device must be valid UTF-8"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.call(g_device, "x", kup::ms(0)); },
+                                     arg_error("timeout must be std::nullopt or > 0 ms, not 0"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.call(g_device, "x", kup::ms(-1)); },
+                                     arg_error("> 0 ms, not -1"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.call(g_device, "x", kup::ms(4294967296LL)); },
+                                     arg_error("at most 4294967295 ms (uint32 milliseconds on the wire), not 4294967296"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.open(""); }, arg_error("device name is required"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.attach(""); }, arg_error("device name is required"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_send("", "x"); }, arg_error("lease id is required"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("", kup::ms(0)); },
+                                     arg_error("lease id is required"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(-3)); },
+                                     arg_error(">= 0 ms, not -3"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_pass(""); }, arg_error("lease id is required"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.release(""); }, arg_error("lease id is required"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.list_devices("\xc0\xaf"); },
+                                     arg_error("device must be valid UTF-8"), WHERE);
+    // on an open session, which goes on afterwards (nothing was sent)
+    kup::Session s = c.open(g_device);
+    s.receive(T);
+    expect_throw<kup::ArgumentError>([&] { s.receive(kup::ms(-5)); }, arg_error(">= 0 ms, not -5"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { s.exchange("x", kup::ms(-5)); }, arg_error(">= 0 ms, not -5"),
+                                     WHERE);
+    auto m = s.exchange("..", T);
+    CHECK_EQ(m->data, std::string(".."));
+    CHECK_EQ(m->seq, std::uint64_t(2));
+}
+
+void test_destructor_releases() {
+    kup::Client c(g_socket);
+    std::uint32_t id;
+    {
+        kup::Session s = c.open(g_device);
+        id = s.channel();
+        s.receive(T);
+        CHECK_EQ(channel_state(c, id), std::string("session"));
+    }  // dropped without close(): the destructor ends the stream and the lease
+    CHECK_EQ(channel_state(c, id), std::string("free"));
+    {
+        kup::Session again = c.open(g_device, id);
+        CHECK_EQ(again.channel(), id);
+        again.receive(T);
+        again.send("!hold");  // the kernel keeps the turn: dropped all the same
+    }
+    // attachable again (kupd waits for the module to let go)
+    kup::Session third = c.open(g_device, id);
+    CHECK_EQ(third.channel(), id);
+    // a moved-from Session owns nothing; the moved-to one holds the channel
+    kup::Session moved = std::move(third);
+    CHECK_EQ(moved.channel(), id);
+    moved = c.open(g_device);  // assigning over it ends the old session
+    CHECK(moved.channel() != id);
+    wait_state(c, id, "free");
+}
+
+void test_close_while_waiting() {
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    auto id = s.channel();
+    s.receive(T);
+    s.send("!hold");
+    auto pending = std::async(std::launch::async, [&s] { s.receive(); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    s.close();
+    std::string what = "channel " + std::to_string(id) + " of " + g_device;
+    expect_throw<kup::InvalidArgument>([&] { pending.get(); },
+                                       is_error<kup::InvalidArgument>(
+                                           std::nullopt, false, what + " was closed while the operation waited"),
+                                       WHERE);
+    expect_throw<kup::InvalidArgument>([&] { s.receive(kup::ms(0)); },
+                                       is_error<kup::InvalidArgument>(std::nullopt, false, what + " is closed"),
+                                       WHERE);
+    wait_state(c, id, "free");
+}
+
+void test_client_close() {
+    kup::Client c(g_socket);
+    kup::Client c2(g_socket);
+    kup::Session s = c2.open(g_device);
+    kup::Session idle = c2.open(g_device);
+    s.receive(T);
+    s.send("!hold");
+    auto pending = std::async(std::launch::async, [&s] { s.receive(); });
+    kup::Lease l = c2.attach(g_device);
+    c2.lease_receive(l.lease_id, T);
+    c2.lease_send(l.lease_id, "!hold");
+    auto lease_wait = std::async(std::launch::async, [&] { c2.lease_receive(l.lease_id); });
+    kup::Watch w = c2.watch(g_device);
+    auto watching = std::async(std::launch::async, [&w] {
+        while (w.next()) {
+        }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    c2.close();
+    auto waited = " was closed while the operation waited";
+    expect_throw<kup::InvalidArgument>(
+        [&] { pending.get(); },
+        is_error<kup::InvalidArgument>(std::nullopt, false,
+                                       "channel " + std::to_string(s.channel()) + " of " + g_device + waited),
+        WHERE);
+    expect_throw<kup::InvalidArgument>(
+        [&] { lease_wait.get(); },
+        is_error<kup::InvalidArgument>(std::nullopt, false, "client of " + g_socket + waited), WHERE);
+    expect_throw<kup::InvalidArgument>(
+        [&] { watching.get(); },
+        is_error<kup::InvalidArgument>(std::nullopt, false, "client of " + g_socket + waited), WHERE);
+    expect_throw<kup::InvalidArgument>([&] { idle.receive(kup::ms(0)); },
+                                       is_error<kup::InvalidArgument>(std::nullopt, false, " is closed"),
+                                       WHERE);
+    auto closed = is_error<kup::InvalidArgument>(std::nullopt, false, "client of " + g_socket + " is closed");
+    expect_throw<kup::InvalidArgument>([&] { c2.call(g_device, "x"); }, closed, WHERE);
+    expect_throw<kup::InvalidArgument>([&] { c2.list_devices(); }, closed, WHERE);
+    expect_throw<kup::InvalidArgument>([&] { c2.open(g_device); }, closed, WHERE);
+    expect_throw<kup::InvalidArgument>([&] { c2.watch(); }, closed, WHERE);
+    expect_throw<kup::InvalidArgument>([&] { c2.health(); }, closed, WHERE);
+    c2.close();  // twice: nothing more
+    wait_state(c, s.channel(), "free");
+    wait_state(c, idle.channel(), "free");
+    c.release(l.lease_id);
+}
+
+void test_unreachable() {
+    kup::Client nowhere("/nonexistent-kupd-dir/missing.sock");
+    auto unreachable = [](const kup::Unavailable& e) {
+        is_error<kup::Unavailable>(kup::StatusCode::UNAVAILABLE, false)(e);
+        CHECK(e.is_connection_failure());
+        CHECK_EQ(e.kup_code(), 0);
+    };
+    expect_throw<kup::Unavailable>([&] { nowhere.call(g_device, "x"); }, unreachable, WHERE);
+    expect_throw<kup::Unavailable>([&] { nowhere.list_devices(); }, unreachable, WHERE);
+    expect_throw<kup::Unavailable>([&] { nowhere.attach(g_device); }, unreachable, WHERE);
+    expect_throw<kup::Unavailable>([&] { nowhere.health(); }, unreachable, WHERE);
+}
+
+void test_session_ended_by_module() {
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    s.receive(T);
+    // echo's !kick: the module ends the session (kupdev_disconnect)
+    s.send("!kick");
+    expect_throw<kup::PeerGone>([&] { s.receive(kup::ms(30000)); },
+                                [](const kup::PeerGone& e) {
+                                    is_error<kup::PeerGone>(kup::StatusCode::ABORTED, true, "EKU_PEER")(e);
+                                    CHECK_EQ(e.kup_code(), 1010);
+                                },
+                                WHERE);
+}
+
+// The one mapping of statuses kupd never sends (no kup-error metadata), as
+// gRPC's own failures come, and of kupd's class names.
+void test_status_mapping() {
+    using kup::StatusCode;
+    auto check = [](StatusCode code, const std::string& details, const std::string& kind,
+                    const std::string& want, const std::string& part, bool from_kupd) {
+        try {
+            std::rethrow_exception(kup::detail::error_from_status(code, details, kind));
+        } catch (const kup::Error& e) {
+            CHECK_EQ(std::string(e.kind()), want);
+            CHECK(e.grpc_code() == code);
+            CHECK_EQ(e.from_kupd(), from_kupd);
+            if (!contains(e.what(), part))
+                throw Failure{"message \"" + std::string(e.what()) + "\" lacks \"" + part + "\""};
+        }
+    };
+    check(StatusCode::UNAVAILABLE, "EKU_SHUTDOWN: device echo is shutting down", "", "Shutdown",
+          "EKU_SHUTDOWN: device echo", false);
+    check(StatusCode::UNAVAILABLE, "Connection dropped", "", "Unavailable", "Connection dropped", false);
+    check(StatusCode::INTERNAL, "boom", "", "SystemFailure", "boom", false);
+    check(StatusCode::CANCELLED, "Cancelled", "", "SystemFailure", "Cancelled", false);
+    check(StatusCode::UNIMPLEMENTED, "Method not found!", "", "NotFound", "does not serve that method",
+          false);
+    check(StatusCode::RESOURCE_EXHAUSTED, "Received message larger than max (5000000 vs. 4259840)", "",
+          "TooBig", "larger than this socket accepts", false);
+    check(StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded", "", "DeadlineExceeded",
+          "kupd did not answer within the RPC's deadline", false);
+    check(StatusCode::UNAVAILABLE, "failed to connect to all addresses; Connection reset by peer", "",
+          "Unavailable", "max_connections", false);
+    check(StatusCode::FAILED_PRECONDITION, "still releasing", "", "NotYourTurn", "still releasing", false);
+    // with kup-error: that class, whatever the code; Releasing is a Busy
+    check(StatusCode::FAILED_PRECONDITION, "channel 3 of echo: still releasing", "Releasing", "Releasing",
+          "still releasing", true);
+    try {
+        std::rethrow_exception(kup::detail::error_from_status(StatusCode::FAILED_PRECONDITION, "r", "Releasing"));
+    } catch (const kup::Busy& e) {
+        CHECK_EQ(e.kup_code(), 1013);
+        CHECK(!e.is_connection_failure());
+    }
+    check(StatusCode::UNAVAILABLE, "device rot13 is not reachable", "Unavailable", "Unavailable",
+          "not reachable", true);
+    check(StatusCode::PERMISSION_DENIED, "revoked", "PermissionDenied", "PermissionDenied", "revoked", true);
+    check(StatusCode::RESOURCE_EXHAUSTED, "limit", "ResourceExhausted", "ResourceExhausted", "limit", true);
+    // an unknown class name: by code
+    check(StatusCode::NOT_FOUND, "x", "NoSuchClass", "NotFound", "x", true);
+    check(StatusCode::DATA_LOSS, "", "", "SystemFailure", "DATA_LOSS", false);
+}
+
+// Messages of KUP's largest size (4 MiB) both ways: run by name, against a
+// kupd whose echo has 1024 pages per channel (tests/cpp does).  gRPC's
+// default receive limit (4 MiB) is below such a reply with its envelope:
+// the client raises it as kupd does (MAX_GRPC_MESSAGE).
+void test_big_messages() {
+    kup::Client c(g_socket);
+    auto max = c.list_devices(g_device).at(0).max_message_bytes;
+    CHECK_EQ(max, std::uint64_t(4 * 1024 * 1024));
+    const std::string big(max, '.');  // '.' is the same on every channel
+    CHECK_EQ(c.call(g_device, big, kup::ms(60000)).data, big);
+    kup::Session s = c.open(g_device);
+    s.receive(kup::ms(60000));
+    auto m = s.exchange(big, kup::ms(60000));
+    CHECK(m.has_value());
+    CHECK_EQ(m->data.size(), big.size());
+    CHECK(m->data == big);
+    kup::Lease l = c.attach(g_device);
+    c.lease_receive(l.lease_id, kup::ms(60000));
+    auto r = c.lease_exchange(l.lease_id, big, kup::ms(60000));
+    CHECK(r && r->data == big);
+    c.release(l.lease_id);
+}
+
+struct Test {
+    const char* name;
+    void (*fn)();
+    bool by_name_only = false;  // needs a kupd of its own: run only when named
+};
+
+const Test TESTS[] = {
+    {"status_mapping", test_status_mapping},
+    {"devices_and_health", test_devices_and_health},
+    {"session_round_trip", test_session_round_trip},
+    {"odd_channel_and_busy", test_odd_channel_and_busy},
+    {"nonblocking_receive_and_deadline", test_nonblocking_receive_and_deadline},
+    {"leases", test_leases},
+    {"calls", test_calls},
+    {"unknown_device", test_unknown_device},
+    {"watch", test_watch},
+    {"too_big", test_too_big},
+    {"bad_arguments", test_bad_arguments},
+    {"destructor_releases", test_destructor_releases},
+    {"close_while_waiting", test_close_while_waiting},
+    {"client_close", test_client_close},
+    {"unreachable", test_unreachable},
+    {"session_ended_by_module", test_session_ended_by_module},
+    {"big_messages", test_big_messages, true},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: %s KUPD_SOCKET [DEVICE] [TEST...]\n", argv[0]);
+        return 2;
+    }
+    g_socket = argv[1];
+    if (argc > 2) g_device = argv[2];
+    std::vector<std::string> only(argv + std::min(argc, 3), argv + argc);
+    int pass = 0, fail = 0;
+    for (const Test& t : TESTS) {
+        bool named = std::find(only.begin(), only.end(), t.name) != only.end();
+        if (only.empty() ? t.by_name_only : !named) continue;
+        std::string why;
+        try {
+            t.fn();
+        } catch (const Failure& f) {
+            why = f.why;
+        } catch (const kup::Error& e) {
+            why = std::string("unexpected ") + e.kind() + ": " + e.what();
+        } catch (const std::exception& e) {
+            why = std::string("unexpected exception: ") + e.what();
+        }
+        if (why.empty()) {
+            ++pass;
+            std::printf("ok %s\n", t.name);
+        } else {
+            ++fail;
+            std::printf("not ok %s: %s\n", t.name, why.c_str());
+        }
+        std::fflush(stdout);
+    }
+    std::printf("# pass %d\n# fail %d\n", pass, fail);
+    return fail ? 1 : 0;
+}

@@ -1,0 +1,174 @@
+"""The C++ client (clients/cpp: kupclient.hpp, libkupclient.a) against a real
+kupd + kupsim.
+
+clients/cpp is built once per run (``make -C clients/cpp all asan``: the
+library, the example, and the test program plain and under AddressSanitizer
++ UBSan; make skips what is up to date).  Debian's grpc++ / protobuf
+packages are installed by scripts/setup-apt.sh (``make test`` runs it); a
+machine without them fails here, naming them -- never a skip.
+
+The test program (clients/cpp/test/kup_client_test.cpp) runs its tests in
+turn against one kupd with call_timeout 2 s (a Call without a timeout
+gets kupd's) and call_quarantine 1 s (the Calls it leaves unanswered give
+their pool channel back soon), once per build; its big_messages test
+runs against a second kupd, whose echo has 4 MiB channels.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from kupd.testing import REPO_ROOT
+
+CPP_DIR = REPO_ROOT / "clients" / "cpp"
+BUILD_TIMEOUT = 1200.0
+RUN_TIMEOUT = 300.0
+
+# The first test pays for the build (several minutes on a busy 2-core
+# machine) inside its own time.
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + RUN_TIMEOUT + 120)
+
+#: The test program's tests (its TESTS table): each must have passed.
+CPP_TESTS = 16
+
+#: The builds of the test program: plain, and under ASan + UBSan.
+BINARIES = {
+    "plain": CPP_DIR / "build" / "kup_client_test",
+    "asan": CPP_DIR / "build" / "asan" / "kup_client_test",
+}
+
+
+def _load_cli_gateway() -> ModuleType:
+    """tests/cli/cli_gateway.py (kupsim + kupd runner), shared by path."""
+    path = REPO_ROOT / "tests" / "cli" / "cli_gateway.py"
+    spec = importlib.util.spec_from_file_location("kup_cli_gateway", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cpp_build() -> None:
+    """``make -C clients/cpp all asan`` (serialised by a lock file against
+    parallel runs; clients/cpp/Makefile names a missing package)."""
+    (CPP_DIR / "build").mkdir(exist_ok=True)
+    with open(CPP_DIR / "build" / ".make.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(
+            ["make", "-C", str(CPP_DIR), "-j2", "all", "asan"],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+            check=False,
+        )
+    assert proc.returncode == 0, f"building clients/cpp failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def kupd_socket(cpp_build: None) -> Iterator[str]:
+    cli_gateway = _load_cli_gateway()
+    args = ("--call-timeout", "2", "--call-quarantine", "1")
+    with cli_gateway.gateway(("echo:2",), args=args) as gw:
+        yield gw.socket
+
+
+def _run(
+    argv: list[str | Path], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def big_kupd_socket(cpp_build: None) -> Iterator[str]:
+    """kupd over an echo with 4 MiB channels (KUP_MAX_PAGES pages of 4 KiB)."""
+    cli_gateway = _load_cli_gateway()
+    sim_env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "4", "KUP_PARAM_ECHO_PAGES": "1024"}
+    with cli_gateway.gateway(("echo:2",), sim_env=sim_env) as gw:
+        yield gw.socket
+
+
+def _run_tests(build: str, socket: str, *names: str) -> str:
+    """The test program of ``build`` against ``socket``: its stdout, every
+    test passed (``names``: only those)."""
+    # ASan's leak check at exit included; UBSan stops at its first finding
+    env = {
+        "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    }
+    proc = _run([BINARIES[build], socket, "echo", *names], env)
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert "# fail 0" in proc.stdout, report
+    passed = re.search(r"^# pass (\d+)$", proc.stdout, re.M)
+    assert passed and int(passed.group(1)) == (len(names) or CPP_TESTS), report
+    assert "Sanitizer" not in proc.stderr, report
+    return proc.stdout
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client(kupd_socket: str, build: str) -> None:
+    _run_tests(build, kupd_socket)
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_big_messages(big_kupd_socket: str, build: str) -> None:
+    _run_tests(build, big_kupd_socket, "big_messages")
+
+
+def test_cpp_example(kupd_socket: str) -> None:
+    proc = _run([CPP_DIR / "build" / "kup_example", kupd_socket, "echo"])
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert re.search(r"^device echo: \d+ channels", proc.stdout, re.M), report
+    # echo: even channels echo, odd ones upper-case
+    call = re.search(r"^call: (\S+) \(pool channel (\d+)\)$", proc.stdout, re.M)
+    assert call and call.group(1) == ("ping" if int(call.group(2)) % 2 == 0 else "PING"), report
+    session = re.search(r"^session on channel (\d+)$", proc.stdout, re.M)
+    assert session, report
+    hello = "hello" if int(session.group(1)) % 2 == 0 else "HELLO"
+    assert f"hello -> {hello} (seq 2)" in proc.stdout, report
+
+
+def test_missing_packages_are_named() -> None:
+    """Without protoc and grpc_cpp_plugin the build fails naming the Debian
+    packages (and what installs them) before compiling anything."""
+    proc = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(CPP_DIR),
+            "check-deps",
+            "PROTOC=/nonexistent/protoc",
+            "GRPC_CPP_PLUGIN=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert (
+        "missing: protobuf-compiler(protoc) protobuf-compiler-grpc(grpc_cpp_plugin)" in proc.stderr
+    )
+    for pkg in ("libgrpc++-dev", "protobuf-compiler-grpc", "libprotobuf-dev", "pkg-config"):
+        assert pkg in proc.stderr, proc.stderr
+    assert "scripts/setup-apt.sh" in proc.stderr
