@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .stamp
 
-.PHONY: all apt setup build native python test demo lint bench vm-test kmod-freebsd-check clean load-test client-dist
+.PHONY: all apt setup build native python test demo lint bench vm-test kmod-freebsd-check clean load-test client-dist cpp-client
 
 all: build
 
@@ -63,6 +63,12 @@ build: native python
 client-dist: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist clients/python
 
+# The C++ client (clients/cpp/Makefile): libkupclient.a, the example and
+# the test program, plain and under ASan + UBSan, in clients/cpp/build
+# (tests/cpp builds it too).
+cpp-client: apt
+	$(MAKE) -C clients/cpp -j2 all asan
+
 test: build
 	KUPD_REQUIRE_VM=1 $(PY) -m pytest tests
 
@@ -105,4 +111,5 @@ demo: build
 
 clean:
 	$(MAKE) -C kmod clean
+	$(MAKE) -C clients/cpp clean
 	rm -rf $(STAMP) build

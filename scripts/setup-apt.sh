@@ -13,6 +13,9 @@ pkgs=(
   qemu-system-x86   # Linux module tests in a VM (-accel tcg)
   linux-image-amd64 linux-headers-amd64 busybox-static cpio
   kmod              # depmod, for the unpacked 6.12 kernel's module index
+  # the C++ client (clients/cpp, tests/cpp): grpc++ and protobuf, protoc
+  # and its gRPC plugin for the code generated from protos/, pkg-config
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler pkg-config
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
