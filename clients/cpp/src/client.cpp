@@ -455,7 +455,8 @@ struct SessionCore {
     // One request and its response.  In-band errors are thrown and the
     // session goes on; a stream that ends closes the session.
     pb::SessionResponse op(pb::SessionRequest& req, std::optional<ms> bound) {
-        if (closed) std::rethrow_exception(gone(false));
+        // (under the lock: what gone() reads is the operation's to write; an
+        // operation that close() cancelled gives it up promptly)
         std::lock_guard<std::mutex> g(op_mu);
         if (closed) std::rethrow_exception(gone(false));
         req.set_request_id(++next_id);
