@@ -11,7 +11,8 @@ The test program (clients/cpp/test/kup_client_test.cpp) runs its tests in
 turn against one kupd with call_timeout 2 s (a Call without a timeout
 gets kupd's) and call_quarantine 1 s (the Calls it leaves unanswered give
 their pool channel back soon), once per build; its big_messages test
-runs against a second kupd, whose echo has 4 MiB channels.
+runs against a second kupd, whose echo has 4 MiB channels, and its
+kupd_not_answering test stops the first kupd (SIGSTOP) for a few seconds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT
+from kupd.testing import REPO_ROOT, Kupd
 
 CPP_DIR = REPO_ROOT / "clients" / "cpp"
 BUILD_TIMEOUT = 1200.0
@@ -77,11 +78,16 @@ def cpp_build() -> None:
 
 
 @pytest.fixture(scope="module")
-def kupd_socket(cpp_build: None) -> Iterator[str]:
+def kupd_gw(cpp_build: None) -> Iterator[Kupd]:
     cli_gateway = _load_cli_gateway()
     args = ("--call-timeout", "2", "--call-quarantine", "1")
     with cli_gateway.gateway(("echo:2",), args=args) as gw:
-        yield gw.socket
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def kupd_socket(kupd_gw: Kupd) -> str:
+    return kupd_gw.socket
 
 
 def _run(
@@ -106,13 +112,14 @@ def big_kupd_socket(cpp_build: None) -> Iterator[str]:
         yield gw.socket
 
 
-def _run_tests(build: str, socket: str, *names: str) -> str:
+def _run_tests(build: str, socket: str, *names: str, env: dict[str, str] | None = None) -> str:
     """The test program of ``build`` against ``socket``: its stdout, every
     test passed (``names``: only those)."""
     # ASan's leak check at exit included; UBSan stops at its first finding
     env = {
         "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        **(env or {}),
     }
     proc = _run([BINARIES[build], socket, "echo", *names], env)
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -127,6 +134,13 @@ def _run_tests(build: str, socket: str, *names: str) -> str:
 @pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client(kupd_socket: str, build: str) -> None:
     _run_tests(build, kupd_socket)
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_kupd_not_answering(kupd_gw: Kupd, build: str) -> None:
+    """A Session operation kupd leaves unanswered (the test stops kupd for
+    about 5 s) fails after its timeout + KUPD_GRACE and ends the session."""
+    _run_tests(build, kupd_gw.socket, "kupd_not_answering", env={"KUPD_PID": str(kupd_gw.pid)})
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))

@@ -9,6 +9,7 @@
 // and runs it against a real kupsim + kupd with call_timeout 2 s.  Each
 // test prints "ok NAME" or "not ok NAME: why"; the summary lines are
 // "# pass N" and "# fail N", and the exit status is 1 when any failed.
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -684,6 +685,50 @@ void test_big_messages() {
     c.release(l.lease_id);
 }
 
+// A Session operation kupd does not answer (kupd stopped: SIGSTOP) fails
+// after its timeout plus KUPD_GRACE and ends the session.  Run by name,
+// with KUPD_PID naming kupd's process (tests/cpp does).
+void test_kupd_not_answering() {
+    const char* pid_text = std::getenv("KUPD_PID");
+    CHECK(pid_text != nullptr);
+    const pid_t pid = static_cast<pid_t>(std::atol(pid_text));
+    CHECK(pid > 1);
+    kup::Client c(g_socket);
+    kup::Session s = c.open(g_device);
+    const std::string what = "channel " + std::to_string(s.channel()) + " of " + g_device;
+    s.receive(T);
+    // kupd runs again however the test ends, and after 30 s at the latest
+    // (a client that waited for ever would then get kupd's answer and fail)
+    std::promise<void> done;
+    std::thread resume([pid, ended = done.get_future()] {
+        ended.wait_for(std::chrono::seconds(30));
+        kill(pid, SIGCONT);
+    });
+    struct Join {
+        std::promise<void>& done;
+        std::thread& t;
+        ~Join() {
+            done.set_value();
+            t.join();
+        }
+    } join{done, resume};
+    CHECK_EQ(kill(pid, SIGSTOP), 0);
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { s.exchange("x", kup::ms(100)); },
+        is_error<kup::DeadlineExceeded>(std::nullopt, false,
+                                        what + ": kupd did not answer within 5.1 s (the operation's "
+                                               "timeout plus the client's grace); the session was ended"),
+        WHERE);
+    CHECK_EQ(kill(pid, SIGCONT), 0);
+    expect_throw<kup::InvalidArgument>(
+        [&] { s.receive(kup::ms(0)); },
+        is_error<kup::InvalidArgument>(
+            std::nullopt, false,
+            what + " is closed: kupd did not answer an operation within its timeout plus the grace"),
+        WHERE);
+    wait_state(c, s.channel(), "free");
+}
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -708,6 +753,7 @@ const Test TESTS[] = {
     {"unreachable", test_unreachable},
     {"session_ended_by_module", test_session_ended_by_module},
     {"big_messages", test_big_messages, true},
+    {"kupd_not_answering", test_kupd_not_answering, true},
 };
 
 }  // namespace
