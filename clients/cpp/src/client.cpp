@@ -377,6 +377,9 @@ struct SessionCore {
             std::lock_guard<std::mutex> g(client->mu);
             client->sessions.erase(this);
         }
+        // an operation close() just cancelled (from another thread) ends
+        // its call first
+        std::lock_guard<std::mutex> g(op_mu);
         teardown();
         cq.Shutdown();
         void* tag;

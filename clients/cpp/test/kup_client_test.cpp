@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <future>
 #include <string>
 #include <thread>
@@ -539,6 +540,20 @@ void test_close_while_waiting() {
                                        is_error<kup::InvalidArgument>(std::nullopt, false, what + " is closed"),
                                        WHERE);
     wait_state(c, id, "free");
+    // the destructor, while another thread's receive waits: that receive
+    // fails the same way, and ends its call before the Session is gone
+    auto owned = std::make_unique<kup::Session>(c.open(g_device));
+    kup::Session* raw = owned.get();
+    auto id2 = raw->channel();
+    raw->receive(T);
+    raw->send("!hold");
+    auto waiting = std::async(std::launch::async, [raw] { raw->receive(); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    owned.reset();
+    expect_throw<kup::InvalidArgument>(
+        [&] { waiting.get(); },
+        is_error<kup::InvalidArgument>(std::nullopt, false, " was closed while the operation waited"), WHERE);
+    wait_state(c, id2, "free");
 }
 
 void test_client_close() {
