@@ -554,11 +554,12 @@ struct WatchCore {
             std::lock_guard<std::mutex> g(client->mu);
             client->watches.erase(this);
         }
+        // cancelled before the lock: a next() waiting in another thread
+        // holds it until its Read ends (then returns std::nullopt)
+        cancelled = true;
+        ctx.TryCancel();
         std::lock_guard<std::mutex> g(mu);
-        if (reader && !done) {
-            ctx.TryCancel();
-            reader->Finish();
-        }
+        if (reader && !done) reader->Finish();
     }
 };
 

@@ -403,6 +403,16 @@ void test_watch() {
     w.cancel();
     waiting.get();
     CHECK(!w.next().has_value());
+    // so does destroying the Watch (the waiting next() returns std::nullopt)
+    auto owned = std::make_unique<kup::Watch>(c.watch(g_device));
+    kup::Watch* raw = owned.get();
+    auto ended = std::async(std::launch::async, [raw] {
+        while (raw->next()) {
+        }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    owned.reset();
+    ended.get();
 }
 
 void test_too_big() {
