@@ -7,12 +7,13 @@ distribution ships it; ``kupd`` depends on that).
   ``kup_pb2_grpc`` are re-exported here, loaded on first use.
 - :mod:`kupapi.errors`: the one error taxonomy (``kupd.errors`` re-exports it).
 - :mod:`kupapi.abi`: the KUP shared-page ABI's constants (``kupd.abi``).
-- :mod:`kupapi.wire`: kup.v1's Session messages by hand (``kupd.wire``).
+- :mod:`kupapi.wire`: protobuf wire-format readers and writers, which the
+  Session codecs of kupd (``kupd.wire``) and kupclient share.
 - :mod:`kupapi.defaults`: what kupd and its clients must agree on without
   a configuration (the default socket path).
 
 Importing ``kupapi`` or those modules loads no stubs (and so no protobuf)
-until ``kup_pb2`` / ``kup_pb2_grpc`` or :mod:`kupapi.wire` is used: kupd's
+until ``kup_pb2`` / ``kup_pb2_grpc`` is used: kupd's
 C extension imports the errors at load, and ``import kupd`` takes the version
 from here.
 """
