@@ -12,7 +12,7 @@ import pytest
 
 from kupd.channel import Channel, Device, Kind, Message
 from kupd.errors import PeerGone
-from kupd.testing import KupSim, channel_when_free
+from kupd.testing import KupSim, channel_when_free, wait_until
 
 T = 10.0
 
@@ -72,11 +72,20 @@ def test_disconnect_reaches_an_event_loop(echo_sim: KupSim) -> None:
         asyncio.run(run(ch))
 
 
+WOKEN_WAITING = "echo: chan 24: receive woken (-125) while waiting"
+
+
 def test_module_wake_of_its_receive_keeps_the_session(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(24) as ch:
         opened(ch)
         assert ch.exchange(b"!wake50", timeout=T).data == b"!wake armed"
-        time.sleep(0.6)  # the module's receive waits for us, and is woken
+        # the module's receive waits for us, and is woken: echo logs it
+        # before it waits again (a message sent before that would be the
+        # one the receive gets, and the wake kept for the receive after)
+        wait_until(
+            lambda: WOKEN_WAITING in echo_sim.stderr(), what="echo's receive woken while waiting"
+        )
         assert ch.exchange(b"x", timeout=T).data == b"!wake -125"
         assert ch.exchange(b"on", timeout=T).data == b"on"
-    assert "echo: chan 24: receive woken (-125) while waiting" in echo_sim.stderr()
+    assert echo_sim.stderr().count(WOKEN_WAITING) == 1
+    assert "after a message" not in echo_sim.stderr()
