@@ -1549,17 +1549,24 @@ expect_text(void *c, const char *text)
 /* echo's "!wake": a module thread waiting in its receive (the user holds
  * the turn) is woken by kupdev_wake_channel from another thread: -ECANCELED
  * (-125), and the session goes on; a wake that comes after the user's
- * message is answered by the receive after it. */
+ * message is answered by the receive after it.  Once the first wake is
+ * armed it prints "ARMED" and waits for a line on stdin before it sends:
+ * the caller sends that line once echo has logged its receive woken while
+ * waiting (a message sent before that would be the one the receive gets,
+ * the wake kept for the receive after). */
 static int
 sc_wake(void)
 {
 	void *d = open_dev("echo");
 	void *c = attach(d, 16);
+	char line[16];
 
 	expect_pass(c);
 	CHECK_EQ(kernproxy_send(c, "!wake50", 7, 0), 0);
 	expect_text(c, "!wake armed");
-	usleep(600000);   /* the worker waits, then is woken */
+	printf("ARMED\n");
+	fflush(stdout);
+	CHECK(fgets(line, sizeof(line), stdin) != NULL);
 	CHECK_EQ(kernproxy_send(c, "x", 1, 0), 0);
 	expect_text(c, "!wake -125");
 	CHECK_EQ(kernproxy_send(c, "!wake1500", 9, 0), 0);
