@@ -260,15 +260,26 @@ def test_an_attach_reply_that_cannot_be_delivered_ends_its_lease(
 
 
 #: A client whose interrupt comes as the reply does: its SIGINT handler
-#: waits (for the test's go, on stdin) before it raises KeyboardInterrupt,
-#: and the reply comes in meanwhile.
+#: waits (for the test's go, on stdin, once kupd granted the lease) and
+#: then until the reply is in -- the Attach's future (kupclient's
+#: _unary_owed, the frame the signal interrupted) is done -- before it
+#: raises KeyboardInterrupt.
 SYNC_ATTACH_LATE = """
-import signal, sys
+import signal, sys, time
 from kupclient import Client
 
 def interrupt(signum, frame):
     print("interrupting", flush=True)
     sys.stdin.readline()
+    while frame is not None and frame.f_code.co_name != "_unary_owed":
+        frame = frame.f_back
+    if frame is None:
+        print("no _unary_owed frame", flush=True)
+        sys.exit(3)
+    fut, deadline = frame.f_locals["fut"], time.monotonic() + 60
+    while not fut.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("reply in" if fut.done() else "no reply", flush=True)
     raise KeyboardInterrupt
 
 signal.signal(signal.SIGINT, interrupt)
@@ -302,10 +313,9 @@ def test_a_sync_attach_interrupted_as_its_reply_comes_releases_the_lease(
         assert child.stdout.readline().strip() == b"interrupting"
         unlock(client)  # the channel comes: kupd grants it and replies
         wait_until(lambda: _taken(kupd, chan, since), what=f"kupd to grant channel {chan}")
-        time.sleep(0.5)  # the reply reaches the client (nothing says when)
-        child.stdin.write(b"go\n")
+        child.stdin.write(b"go\n")  # the child waits for the reply to be in
         child.stdin.flush()
-        _interrupted(child)
+        assert "reply in" in _interrupted(child).split("\n")
     finally:
         if child.poll() is None:
             child.kill()
