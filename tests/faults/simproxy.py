@@ -1,6 +1,7 @@
 """A SOCK_SEQPACKET proxy in front of a real kupsim device socket: every
 packet (and the fds it carries) is forwarded as is, both ways.  A test can
-delay the requests of one op (a host slow to answer WATCH or ATTACH),
+delay the requests of one op (a host slow to answer WATCH or ATTACH), or
+hold them until it lets them go (a host that answers when the test says),
 send a device event on the WATCH connections, and drop every connection
 (kupd then sees the device gone and opens it again through the proxy).
 The ops and the event's layout are kupsim's (kmod/kupsim/kupsim_proto.h)."""
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 OP_INFO, OP_ATTACH, OP_WATCH = 1, 2, 3
+#: the longest a held request waits for its release (a bound, not a timing)
+HOLD_MAX = 120.0
 
 
 class SimProxy:
@@ -23,6 +26,8 @@ class SimProxy:
         self.upstream = upstream
         self.path = path
         self.delay: dict[int, float] = {}  # op -> seconds
+        #: op -> event: its requests wait (at most HOLD_MAX s) until it is set
+        self.hold: dict[int, threading.Event] = {}
         self.seen: list[tuple[float, int]] = []  # (monotonic, op) of requests
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -69,6 +74,9 @@ class SimProxy:
                     d = self.delay.get(op, 0.0)
                     if d:
                         time.sleep(d)
+                    held = self.hold.get(op)
+                    if held is not None:
+                        held.wait(HOLD_MAX)
                 try:
                     socket.send_fds(dst, [data], fds) if fds else dst.send(data)
                 finally:

@@ -124,12 +124,14 @@ def test_an_attach_in_flight_when_kupd_drains_gets_no_lease(
     tmp_path: Path, start_kupd: StartKupd
 ) -> None:
     """SIGTERM while an Attach waits for the host: the Attach ends with
-    Shutdown (the lease it would have had is ended, not handed out)."""
+    Shutdown (the lease it would have had is ended, not handed out).  The
+    host's answer is held until kupd says it drains: an answer that came
+    first would rightly grant the lease before the drain ended it."""
     with echo_sim() as sim:
         proxy, k = _behind_proxy(start_kupd, sim, tmp_path)
         try:
             with k.client() as c:
-                proxy.delay[OP_ATTACH] = 0.8
+                release = proxy.hold[OP_ATTACH] = threading.Event()
                 attaches = proxy.count(OP_ATTACH)
                 out: list[object] = []
 
@@ -143,6 +145,10 @@ def test_an_attach_in_flight_when_kupd_drains_gets_no_lease(
                 t.start()
                 wait_until(lambda: proxy.count(OP_ATTACH) > attaches, what="the host's ATTACH")
                 k.proc.send_signal(signal.SIGTERM)
+                try:
+                    wait_until(lambda: '"kupd draining"' in k.log(), what="kupd to drain")
+                finally:
+                    release.set()
                 t.join(30)
                 assert len(out) == 1
                 assert isinstance(out[0], errors.Shutdown), out[0]
