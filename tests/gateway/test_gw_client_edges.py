@@ -47,6 +47,18 @@ def _state(c: Client, chan: int) -> str:
     return c.devices("echo")[0].channels[chan].state
 
 
+def _in_rpc(t: threading.Thread) -> bool:
+    """Whether thread ``t`` waits in an RPC of kupclient's Client._unary_owed
+    (lease_receive, lease_exchange, attach) that it has started (its future
+    exists): past the check that would call the client closed already."""
+    frame = sys._current_frames().get(t.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "_unary_owed" and "fut" in frame.f_locals:
+            return True
+        frame = frame.f_back
+    return False
+
+
 # -- 1. AsyncClient.close() under operations in flight -------------------------
 
 
@@ -218,7 +230,8 @@ def test_sync_watch_and_lease_receive_fail_as_the_client_closes(kupd: Kupd) -> N
     ]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # both under way when the client closes (the watch is, once made)
+    wait_until(lambda: _in_rpc(threads[1]), what="the lease_receive to wait in kupd")
     c.close()
     for t in threads:
         t.join(BOUND)
@@ -284,7 +297,8 @@ def test_sync_channel_used_after_or_during_its_client_close(kupd: Kupd) -> None:
 
     t = threading.Thread(target=waiting, daemon=True)
     t.start()
-    time.sleep(0.3)
+    # under way (a reply owed to it) when the client closes
+    wait_until(lambda: busy._owed, what="the exchange on channel 33 to wait")
     c.close()
     t.join(BOUND)
     assert not t.is_alive()
