@@ -50,6 +50,7 @@ __all__ = [
     "KupSimError",
     "Kupd",
     "KupdError",
+    "all_stopped",
     "channel_when_free",
     "echo_lock_holds",
     "fresh_checkout",
@@ -630,6 +631,18 @@ def kupd(
         if k is not None:
             k.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is in the stopped state (T).
+    A SIGSTOP takes effect as each thread next runs (the thread that takes
+    the signal first tells the others): until then a thread of the process
+    may still serve a request sent after the kill() returned."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(st == "T" for st in states)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -6,31 +6,20 @@ kupsim processes."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from gateway_helpers import StartKupd, live_watch
 
 from kupclient import EventType, Kind
 from kupd import errors
-from kupd.testing import Background, KupSim, wait_until
+from kupd.testing import Background, KupSim, all_stopped, wait_until
 
 IDLE = 2.0
 #: how long kupd is kept stopped: well past IDLE
 STALL = 2.5 * IDLE
-
-
-def _all_stopped(pid: int) -> bool:
-    """Every thread of ``pid`` in the stopped state (T)."""
-    states = []
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        with contextlib.suppress(OSError):
-            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-    return bool(states) and all(st == "T" for st in states)
 
 
 def test_a_lease_in_use_survives_a_stall_of_kupd(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -42,7 +31,7 @@ def test_a_lease_in_use_survives_a_stall_of_kupd(sim: KupSim, start_kupd: StartK
         assert c.lease_exchange(lease.lease_id, b"before", timeout=10).data == b"before"
         os.kill(k.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: _all_stopped(k.pid), what="kupd stopped")
+            wait_until(lambda: all_stopped(k.pid), what="kupd stopped")
             # the next request is sent while kupd is stopped: it waits in
             # the socket, its lease last used before the stall
             reply = Background(lambda: c.lease_exchange(lease.lease_id, b"during", timeout=60))

@@ -37,7 +37,14 @@ from kupclient import Client, EventType, Kind
 from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
-from kupd.testing import KupdError, KupSim, echo_lock_holds, wait_until, with_metrics_port
+from kupd.testing import (
+    KupdError,
+    KupSim,
+    all_stopped,
+    echo_lock_holds,
+    wait_until,
+    with_metrics_port,
+)
 
 
 def test_sigkilled_client_frees_its_channel(sim: KupSim, start_kupd: StartKupd) -> None:
@@ -499,7 +506,7 @@ def test_a_hung_host_makes_its_device_not_serving_in_time(
             try:
                 # a stop takes effect as each of kupsim's threads next runs:
                 # one may still answer a request sent just before it
-                wait_until(lambda: _all_stopped(sim.pid), what="kupsim stopped")
+                wait_until(lambda: all_stopped(sim.pid), what="kupsim stopped")
                 t0 = time.monotonic()
                 assert c.health() == "NOT_SERVING"
                 assert c.health(f"kup.v1.Kup/{rot13}") == "SERVING"
@@ -524,15 +531,6 @@ def test_a_hung_host_makes_its_device_not_serving_in_time(
             assert c.call("echo", b"back", timeout=10).data.lower() == b"back"
         log = k.log()
         assert "device not answering" in log and "device answering again" in log, log[-3000:]
-
-
-def _all_stopped(pid: int) -> bool:
-    """Every thread of ``pid`` in the stopped state (T)."""
-    states = []
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        with contextlib.suppress(OSError):
-            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-    return bool(states) and all(st == "T" for st in states)
 
 
 def test_a_call_pool_as_large_as_the_device_is_warned_about(start_kupd: StartKupd) -> None:

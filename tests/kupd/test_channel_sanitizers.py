@@ -149,13 +149,23 @@ SCENARIO = textwrap.dedent(
 #: The last channel's deferred close while another thread is inside info()
 #: on a host that does not answer (kupsim stopped): the device handle was
 #: freed under that info() call; and close() itself returns at once, the
-#: handle left to that info().  argv: device path, kupsim's pid.
+#: handle left to that info().  argv: device path, kupsim's pid.  The
+#: info() starts once every kupsim thread is stopped (one not stopped yet
+#: can still answer it), and the close once info() is under way.
 SCENARIO_HOST_STOPPED = textwrap.dedent(
     """
     import os, signal, sys, threading, time
     from kupd.channel import Device
     from kupd.errors import KupError
+    from kupd.testing import all_stopped, wait_until
     path, sim = sys.argv[1], int(sys.argv[2])
+    def in_info(t):
+        f = sys._current_frames().get(t.ident)
+        while f is not None and not (
+            f.f_code.co_name == "info" and f.f_code.co_filename.endswith("channel.py")
+        ):
+            f = f.f_back
+        return f is not None
     dev = Device.open(path)
     ch = dev.channel(3)
     ch.receive(timeout=10)
@@ -170,8 +180,10 @@ SCENARIO_HOST_STOPPED = textwrap.dedent(
     time.sleep(0.3)
     os.kill(sim, signal.SIGSTOP)      # info() now waits for kupsim
     try:
+        wait_until(lambda: all_stopped(sim), what="kupsim stopped")
         p = threading.Thread(target=lambda: dev.info())
         p.start()
+        wait_until(lambda: in_info(p), what="the info() call")
         time.sleep(0.3)               # inside info(), the device lock held
         ch.close()                    # deferred to the receiver
         closer = threading.Thread(target=dev.close)
