@@ -16,7 +16,7 @@ from subprocess import CompletedProcess
 import pytest
 from cli_gateway import console_script, gateway
 
-from kupd.testing import kupd, kupsim, wait_until
+from kupd.testing import all_stopped, kupd, kupsim, wait_until
 
 TIMEOUT = 60.0
 EXIT_UNAVAILABLE = 17
@@ -40,6 +40,8 @@ def test_devices_state_says_the_host_is_not_answering() -> None:
         assert p.stdout.splitlines()[1].split()[:2] == ["echo", "ok"], p.stdout
         gw.sim.signal(signal.SIGSTOP)
         try:
+            # every thread: one not stopped yet could still answer kupd's INFO
+            wait_until(lambda: all_stopped(gw.sim.pid), what="kupsim stopped")
             p = _kupctl(env, "devices")
             j = _kupctl(env, "--json", "devices")
         finally:

@@ -31,7 +31,7 @@ import kupclient
 from kupclient import AsyncClient, Client, _types
 from kupclient import errors as kerrors
 from kupd import errors
-from kupd.testing import REPO_ROOT, wait_until
+from kupd.testing import REPO_ROOT, all_stopped, wait_until
 
 BOUND = 5.0  # what must be prompt ends far below this
 #: the grace past an operation's timeout, made short for the tests (a hung
@@ -348,6 +348,8 @@ def stopped(kupd: Kupd, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     def stop() -> None:
         os.kill(kupd.pid, signal.SIGSTOP)
         halted.append(True)
+        # stopped for good: a thread not stopped yet could still answer
+        wait_until(lambda: all_stopped(kupd.pid), what="kupd stopped")
 
     yield stop
     if halted:
