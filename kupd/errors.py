@@ -9,46 +9,6 @@ This module defines nothing of its own.
 
 from __future__ import annotations
 
-from kupapi.errors import (
-    Busy,
-    DeadlineExceeded,
-    InvalidArgument,
-    KupError,
-    NotFound,
-    NotReady,
-    NotYourTurn,
-    PeerGone,
-    PermissionDenied,
-    ProtocolError,
-    Releasing,
-    ResourceExhausted,
-    Shutdown,
-    SystemFailure,
-    TooBig,
-    Unavailable,
-    VersionMismatch,
-    error_class,
-    error_for_code,
-)
-
-__all__ = [
-    "Busy",
-    "DeadlineExceeded",
-    "InvalidArgument",
-    "KupError",
-    "NotFound",
-    "NotReady",
-    "NotYourTurn",
-    "PeerGone",
-    "PermissionDenied",
-    "ProtocolError",
-    "Releasing",
-    "ResourceExhausted",
-    "Shutdown",
-    "SystemFailure",
-    "TooBig",
-    "Unavailable",
-    "VersionMismatch",
-    "error_class",
-    "error_for_code",
-]
+# every public name of kupapi.errors (its __all__), as the same objects
+from kupapi.errors import *  # noqa: F403
+from kupapi.errors import __all__ as __all__
