@@ -18,11 +18,9 @@ kupd_not_answering test stops the first kupd (SIGSTOP) for a few seconds.
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -49,17 +47,6 @@ BINARIES = {
 }
 
 
-def _load_cli_gateway() -> ModuleType:
-    """tests/cli/cli_gateway.py (kupsim + kupd runner), shared by path."""
-    path = REPO_ROOT / "tests" / "cli" / "cli_gateway.py"
-    spec = importlib.util.spec_from_file_location("kup_cli_gateway", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def cpp_build() -> None:
     """``make -C clients/cpp all asan`` (serialised by a lock file against
@@ -78,8 +65,7 @@ def cpp_build() -> None:
 
 
 @pytest.fixture(scope="module")
-def kupd_gw(cpp_build: None) -> Iterator[Kupd]:
-    cli_gateway = _load_cli_gateway()
+def kupd_gw(cpp_build: None, cli_gateway: ModuleType) -> Iterator[Kupd]:
     args = ("--call-timeout", "2", "--call-quarantine", "1")
     with cli_gateway.gateway(("echo:2",), args=args) as gw:
         yield gw
@@ -104,9 +90,8 @@ def _run(
 
 
 @pytest.fixture(scope="module")
-def big_kupd_socket(cpp_build: None) -> Iterator[str]:
+def big_kupd_socket(cpp_build: None, cli_gateway: ModuleType) -> Iterator[str]:
     """kupd over an echo with 4 MiB channels (KUP_MAX_PAGES pages of 4 KiB)."""
-    cli_gateway = _load_cli_gateway()
     sim_env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "4", "KUP_PARAM_ECHO_PAGES": "1024"}
     with cli_gateway.gateway(("echo:2",), sim_env=sim_env) as gw:
         yield gw.socket

@@ -16,11 +16,9 @@ reinstall work offline after the first one.
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -36,17 +34,6 @@ RUN_TIMEOUT = 180.0
 # kupsim + kupd's start-up inside its own time; pytest's default 300 s would
 # cut short the 600 s this file allows npm on a slow network.
 pytestmark = pytest.mark.timeout(NPM_TIMEOUT + RUN_TIMEOUT + 120)
-
-
-def _load_cli_gateway() -> ModuleType:
-    """tests/cli/cli_gateway.py (kupsim + kupd runner), shared by path."""
-    path = REPO_ROOT / "tests" / "cli" / "cli_gateway.py"
-    spec = importlib.util.spec_from_file_location("kup_cli_gateway", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _deps_current() -> bool:
@@ -92,8 +79,7 @@ NODE_TESTS = {"run.js": 11, "lifecycle.js": 7, "api.js": 6, "errors.js": 8}
 
 
 @pytest.fixture(scope="module")
-def kupd_socket(node_deps: None) -> Iterator[tuple[str, int]]:
-    cli_gateway = _load_cli_gateway()
+def kupd_socket(node_deps: None, cli_gateway: ModuleType) -> Iterator[tuple[str, int]]:
     args = ("--call-timeout", CALL_TIMEOUT, "--call-quarantine", "1")
     with cli_gateway.gateway(("echo:2",), args=args) as gw:
         yield gw.socket, gw.pid
