@@ -370,7 +370,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def refuse_malformed(
         self, request: MalformedRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        """A unary request protobuf could not parse (kupapi.wire.add_kup_servicer):
+        """A unary request protobuf could not parse (kupd.wire.add_kup_servicer):
         INVALID_ARGUMENT naming it, counted and logged as any other."""
         await self._abort_unbound(
             context, errors.InvalidArgument(request.describe()), request.method, {}

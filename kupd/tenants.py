@@ -143,7 +143,7 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         return await self._unary("Attach", request, context)
 
     def undelivered(self, reply: Any) -> None:
-        # an Attach reply its caller was gone for (kupapi.wire._reply_watched)
+        # an Attach reply its caller was gone for (kupd.wire._reply_watched)
         self.inner.undelivered(reply)
 
     async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
