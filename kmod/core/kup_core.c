@@ -1599,6 +1599,7 @@ struct kup_any {
 	struct kupdev_softc *sc;
 	const int *ids;
 	int n;
+	int looks;          /* kup_any_sleep_cond's calls in this sleep */
 };
 
 static int
@@ -1613,6 +1614,28 @@ kup_any_cond(void *arg)
 	for (i = 0; i < a->n; i++)
 		if (kup_recv_cond(&a->sc->chans[a->ids[i]]))
 			return 1;
+	return 0;
+}
+
+/* The condition of the host's sleep (kup_os_any_sleep): as kup_any_cond,
+ * and a look after the first that finds nothing -- the sleep was woken
+ * for no channel of the set -- is counted on every channel of it
+ * (ch->any_idle_wakes). */
+static int
+kup_any_sleep_cond(void *arg)
+{
+	struct kup_any *a = arg;
+	int i;
+
+	if (kup_any_cond(a))
+		return 1;
+	if (a->looks++ > 0)
+		for (i = 0; i < a->n; i++) {
+			struct kup_chan *ch = &a->sc->chans[a->ids[i]];
+
+			KUP_WRITE_ONCE32(&ch->any_idle_wakes,
+			    ch->any_idle_wakes + 1);
+		}
 	return 0;
 }
 
@@ -1760,11 +1783,13 @@ kup_any_wait(struct kup_any *a, int timeout_ms)
 	for (i = 0; i < a->n; i++)
 		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 1);
 	KUP_FENCE();
-	if (kup_any_cond(a))
+	if (kup_any_cond(a)) {
 		r = 0;
-	else
-		r = kup_os_any_sleep(a->sc, a->ids, a->n, kup_any_cond, a,
-		    timeout_ms);
+	} else {
+		a->looks = 0;
+		r = kup_os_any_sleep(a->sc, a->ids, a->n, kup_any_sleep_cond,
+		    a, timeout_ms);
+	}
 	for (i = 0; i < a->n; i++)
 		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 0);
 	return r;
@@ -1810,7 +1835,7 @@ int
 kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
     struct kupdev_msg *msg, int timeout_ms, int *chan_out)
 {
-	struct kup_any a = { sc, chans, n };
+	struct kup_any a = { sc, chans, n, 0 };
 	int r, start, which = -1, left = timeout_ms, refd = 0;
 #ifdef KUP_NOW_NS
 	uint64_t deadline = 0;

@@ -81,6 +81,14 @@ struct kup_chan {
 	                           * written under lock, read with READ_ONCE:
 	                           * its round robin starts after the channel
 	                           * of its set answered for last */
+	uint32_t any_idle_wakes;  /* wake-ups of a kupdev_receive_any asleep
+	                           * on this channel (among its set) after which
+	                           * no channel of its set had changed: each
+	                           * look of its sleep after the first that found
+	                           * nothing (a timer or a signal counts too).
+	                           * Written (WRITE_ONCE) by that waiter while it
+	                           * is in the channel (rx_waiter); statistics,
+	                           * the tests read it */
 
 	struct kup_os_chan os;
 };

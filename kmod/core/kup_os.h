@@ -192,7 +192,9 @@ void kup_os_chan_wake(struct kup_chan *ch);
  * every receive_any of the device then wakes and looks, a harmless
  * spurious wake-up for all but one); kupsim waits on the channels' own
  * eventfds.  kup_os_any_wake(sc) must end it too (n may be 0: then only
- * that does).  Called with no core lock held; cond takes none. */
+ * that does).  cond is evaluated once after arming and once after every
+ * wake-up (the core counts the looks that find nothing: kup_core_priv.h,
+ * ch->any_idle_wakes).  Called with no core lock held; cond takes none. */
 int  kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
          int (*cond)(void *), void *arg, int timeout_ms);
 /* Wake every kup_os_any_sleep of sc (kupdev_wake_any, shutdown).  Must

@@ -192,6 +192,39 @@ void kup_os_chan_wake(struct kup_chan *ch)
 		wake_up_all(&od->any_wq);
 }
 
+/* wait_event_interruptible_timeout's loop (queue, look, sleep), written
+ * out so that cond is evaluated once after queueing and once per wake-up
+ * -- not also before queueing, as the macro does: kup_os.h's contract
+ * for kup_os_any_sleep, whose looks the core counts. */
+static int kup_wait_looks(wait_queue_head_t *wq, int (*cond)(void *),
+    void *arg, int timeout_ms)
+{
+	struct wait_queue_entry wait;
+	long left = kup_timeout_jiffies(timeout_ms);
+	int r;
+
+	init_wait_entry(&wait, 0);
+	for (;;) {
+		long intr = prepare_to_wait_event(wq, &wait, TASK_INTERRUPTIBLE);
+
+		if (cond(arg)) {
+			r = 0;
+			break;
+		}
+		if (intr) {
+			r = -EINTR;
+			break;
+		}
+		left = schedule_timeout(left);
+		if (left == 0) {
+			r = -ETIMEDOUT;
+			break;
+		}
+	}
+	finish_wait(wq, &wait);
+	return r;
+}
+
 /* kupdev_receive_any sleeps on the device (kup_os.h): every channel's
  * wake-up -- the user's KUP_IOC_WAKE included, which the core turns into
  * kup_os_chan_wake -- reaches it. */
@@ -199,15 +232,12 @@ int kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
     int (*cond)(void *), void *arg, int timeout_ms)
 {
 	struct kup_os_dev *od = kup_core_dev_os(sc);
-	long r;
 
 	(void)ids;
 	(void)n;
 	if (timeout_ms == 0 || !od->wq_ready)
 		return cond(arg) ? 0 : -ETIMEDOUT;
-	r = wait_event_interruptible_timeout(od->any_wq, cond(arg),
-	    kup_timeout_jiffies(timeout_ms));
-	return kup_sleep_result(r);
+	return kup_wait_looks(&od->any_wq, cond, arg, timeout_ms);
 }
 
 void kup_os_any_wake(struct kupdev_softc *sc)
