@@ -550,6 +550,11 @@ fail:
 	return NULL;
 }
 
+static void kup_any_wake_all_locked(struct kupdev_softc *sc);
+
+/* kup_chan_wake: wake ch's kernel-side waiter (the receive_any section) */
+static void kup_chan_wake(struct kup_chan *ch);
+
 /* kupdev_shutdown on a device known to be alive (registered, or held by a
  * reference) */
 static void
@@ -574,9 +579,9 @@ kup_dev_shutdown(struct kupdev_softc *sc)
 		kup_os_chan_wake_user(&sc->chans[i]);
 		kup_os_chan_wake(&sc->chans[i]);
 	}
+	kup_any_wake_all_locked(sc);   /* also one on no channel */
 	kup_unlock(&sc->lock);
 	kup_os_dev_wake(sc);
-	kup_os_any_wake(sc);   /* a receive_any on no channel */
 	kup_os_dev_wake_user(sc);
 }
 
@@ -825,7 +830,7 @@ kupdev_wait_channel_timeout(struct kupdev_softc *sc, int timeout_ms)
 				sc->rr = (uint32_t)((i + 1) % sc->chan_cnt);
 				kup_unlock(&sc->lock);
 				/* a thread of the previous attachment may sleep */
-				kup_os_chan_wake(ch);
+				kup_chan_wake(ch);
 				r = (int)i;
 				goto out;
 			}
@@ -1058,14 +1063,14 @@ kup_core_detach(struct kup_chan *ch)
 	}
 	kup_unlock(&sc->lock);
 	KUP_FENCE();
-	kup_os_chan_wake(ch);
+	kup_chan_wake(ch);
 }
 
 void
 kup_core_user_wake(struct kup_chan *ch)
 {
 	if (ch != NULL)
-		kup_os_chan_wake(ch);
+		kup_chan_wake(ch);
 }
 
 static int kup_chan_left_msg(struct kup_chan *ch);
@@ -1579,18 +1584,24 @@ kupdev_receive(struct kupdev_softc *sc, int chan_id)
  * what a 0 ms kupdev_receive_msg does: the first channel, in round-robin
  * order, whose answer is anything but "nothing yet" ends the call, with
  * that answer; every other channel keeps the thread as its rx_waiter.
- * When no channel answered, the thread waits for all of them at once:
- * kernel_waiting set on each page, one full fence, every channel looked at
- * again, then one sleep (kup_os_any_sleep) that every channel's wake-up
- * reaches -- the single-channel handshake of kup_abi.h, once per channel:
- * a user handing over on any of them either is seen by the second look or
- * sees its kernel_waiting and wakes the host's channel object, whose wake
- * the host passes on to the device-level sleeper (kupsim: the sleeper
- * polls every channel's objects).  After the sleep every channel is let
- * go (kup_any_release) and the next round takes whatever woke it.  A set
- * of no channel waits for kupdev_wake_any (sc->any_wakes, taken before
- * any channel's answer) or the shutdown alone: kup_os_any_wake reaches
- * every such sleeper.  The round robin's memory is per channel
+ * When no channel answered, the thread waits for all of them at once.
+ * Before its first sleep it gets a wake-up object of its own
+ * (kup_any_arm: struct kup_os_any, on the device's list) and every
+ * channel it waits in names it (ch->any_w, under the channel's lock; the
+ * looks after that name it as they go).  Then a fence, kernel_waiting set
+ * on each page, one full fence, every channel looked at again, then one
+ * sleep on that object (kup_os_any_sleep) -- the single-channel handshake
+ * of kup_abi.h, once per channel: a user handing over on any of them
+ * either is seen by the second look or sees its kernel_waiting and asks
+ * for its wake-up, which wakes the object its channel names
+ * (kup_chan_wake; kupsim's users write the channel's eventfd, which the
+ * sleeper polls too) -- that thread's alone: threads serving disjoint
+ * sets of a device do not wake each other for nothing (ch->any_idle_wakes
+ * counts such wake-ups).  After the sleep every channel is let go
+ * (kup_any_release) and the next round takes whatever woke it.  A set of
+ * no channel waits for kupdev_wake_any (sc->any_wakes, taken before any
+ * channel's answer) or the shutdown alone: both wake every object on the
+ * device's list.  The round robin's memory is per channel
  * (ch->any_stamp), so threads serving disjoint sets do not disturb each
  * other's.
  */
@@ -1600,7 +1611,42 @@ struct kup_any {
 	const int *ids;
 	int n;
 	int looks;          /* kup_any_sleep_cond's calls in this sleep */
+	int armed;          /* os is live, on sc->any_waiters, named by
+	                     * ch->any_w of every channel the call waits in;
+	                     * it holds a reference on sc */
+	struct kup_any *next;   /* sc->any_waiters, under sc->lock */
+	struct kup_os_any os;   /* this sleeper's own wake-up object */
 };
+
+/*
+ * Wake ch's kernel-side waiter, after a change kup_recv_cond looks at
+ * (the user's hand-over, a detach, a new attachment reported, a
+ * disconnect, a kupdev_wake_channel): a receive asleep on it (the host's
+ * channel object) or the kupdev_receive_any whose set holds it -- that
+ * one thread, on its own object (ch->any_w), not every receive_any of the
+ * device, which would each wake, look at their sets, find nothing and
+ * sleep again.  No core lock held.  No lost wake-up: the waiter names
+ * itself in ch->any_w, then fences, then sets kernel_waiting and fences
+ * again before its last look (kup_any_wait); a user that saw the flag,
+ * or a caller whose change that look missed, fences here and so finds
+ * it.  ch->lock, under which the waiter also lets go of ch, keeps its
+ * object alive while it is woken (kup_any_disarm comes after).
+ */
+static void
+kup_chan_wake(struct kup_chan *ch)
+{
+	struct kup_any *w;
+
+	kup_os_chan_wake(ch);
+	KUP_FENCE();
+	if (KUP_READ_ONCE64(&ch->any_w) == 0)
+		return;
+	kup_lock(&ch->lock);
+	w = (struct kup_any *)(uintptr_t)KUP_READ_ONCE64(&ch->any_w);
+	if (w != NULL)
+		kup_os_any_wake(ch->sc, &w->os);
+	kup_chan_unlock(ch);
+}
 
 static int
 kup_any_cond(void *arg)
@@ -1673,8 +1719,10 @@ kup_any_release(struct kupdev_softc *sc, const int *ids, int n, int start,
 		struct kup_chan *ch = &sc->chans[ids[(start + k) % n]];
 
 		kup_lock(&ch->lock);
-		if (KUP_READ_ONCE64(&ch->rx_waiter) == kup_self())
+		if (KUP_READ_ONCE64(&ch->rx_waiter) == kup_self()) {
 			KUP_WRITE_ONCE64(&ch->rx_waiter, 0);
+			KUP_WRITE_ONCE64(&ch->any_w, 0);
+		}
 		kup_chan_unlock(ch);
 	}
 }
@@ -1711,10 +1759,12 @@ kup_any_take_dev_wake(struct kupdev_softc *sc)
  * and the thread now waits in every channel of the set (rx_waiter).
  */
 static int
-kup_any_look(struct kupdev_softc *sc, const int *ids, int n, int start,
-    struct kupdev_msg *msg, int *which)
+kup_any_look(struct kup_any *a, int start, struct kupdev_msg *msg,
+    int *which)
 {
-	int k, r;
+	struct kupdev_softc *sc = a->sc;
+	const int *ids = a->ids;
+	int k, r, n = a->n;
 
 	r = kup_any_take_dev_wake(sc);
 	if (r != 0) {
@@ -1741,6 +1791,9 @@ kup_any_look(struct kupdev_softc *sc, const int *ids, int n, int start,
 				r = kup_recv_take(ch, msg);
 			} else {
 				KUP_WRITE_ONCE64(&ch->rx_waiter, kup_self());
+				if (a->armed)
+					KUP_WRITE_ONCE64(&ch->any_w,
+					    (uintptr_t)a);
 				kup_chan_unlock(ch);
 				continue;
 			}
@@ -1780,6 +1833,10 @@ kup_any_wait(struct kup_any *a, int timeout_ms)
 		KUP_CPU_RELAX();
 	}
 #endif
+	/* ch->any_w (kup_any_look, kup_any_arm) before any flag: a user
+	 * that sees a flag and asks for its wake-up must find this sleeper
+	 * there (kup_chan_wake's fence pairs with this one) */
+	KUP_FENCE();
 	for (i = 0; i < a->n; i++)
 		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 1);
 	KUP_FENCE();
@@ -1787,12 +1844,75 @@ kup_any_wait(struct kup_any *a, int timeout_ms)
 		r = 0;
 	} else {
 		a->looks = 0;
-		r = kup_os_any_sleep(a->sc, a->ids, a->n, kup_any_sleep_cond,
-		    a, timeout_ms);
+		r = kup_os_any_sleep(a->sc, &a->os, a->ids, a->n,
+		    kup_any_sleep_cond, a, timeout_ms);
 	}
 	for (i = 0; i < a->n; i++)
 		KUP_WRITE_ONCE32(&a->sc->chans[a->ids[i]].ctrl->kernel_waiting, 0);
 	return r;
+}
+
+/* Before the call's first sleep: its own wake-up object, on the device's
+ * list (kupdev_wake_any, the shutdown) and named by every channel of the
+ * set, in all of which it waits now (kup_any_look found nothing): from
+ * here on a wake-up of one of them reaches this thread, and no other
+ * receive_any of the device.  A reference on sc too (kup_dev_live_ref
+ * says why).  0, or the host's error (the channels are the caller's to
+ * let go). */
+static int
+kup_any_arm(struct kup_any *a)
+{
+	struct kupdev_softc *sc = a->sc;
+	int i, r;
+
+	r = kup_os_any_init(sc, &a->os);
+	if (r != 0)
+		return r;
+	kup_lock(&sc->lock);
+	sc->refs++;
+	a->next = sc->any_waiters;
+	sc->any_waiters = a;
+	kup_unlock(&sc->lock);
+	a->armed = 1;
+	for (i = 0; i < a->n; i++) {
+		struct kup_chan *ch = &sc->chans[a->ids[i]];
+
+		kup_lock(&ch->lock);
+		if (KUP_READ_ONCE64(&ch->rx_waiter) == kup_self())
+			KUP_WRITE_ONCE64(&ch->any_w, (uintptr_t)a);
+		kup_chan_unlock(ch);
+	}
+	return 0;
+}
+
+/* After the call let go of every channel (no ch->any_w names it): off the
+ * device's list, so no waker can reach the object any more; then the
+ * object and the reference go.  May free sc. */
+static void
+kup_any_disarm(struct kup_any *a)
+{
+	struct kupdev_softc *sc = a->sc;
+	struct kup_any **pp;
+
+	kup_lock(&sc->lock);
+	for (pp = &sc->any_waiters; *pp != a; pp = &(*pp)->next)
+		;
+	*pp = a->next;
+	kup_unlock(&sc->lock);
+	kup_os_any_fini(sc, &a->os);
+	a->armed = 0;
+	kup_core_dev_put(sc);
+}
+
+/* Under sc->lock: wake every receive_any of sc that may sleep
+ * (kupdev_wake_any, the shutdown: each looks, one takes a wake_any). */
+static void
+kup_any_wake_all_locked(struct kupdev_softc *sc)
+{
+	struct kup_any *w;
+
+	for (w = sc->any_waiters; w != NULL; w = w->next)
+		kup_os_any_wake(sc, &w->os);
 }
 
 /* The set is usable: 0..channels ids, each in range, none twice.  Logs
@@ -1835,8 +1955,8 @@ int
 kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
     struct kupdev_msg *msg, int timeout_ms, int *chan_out)
 {
-	struct kup_any a = { sc, chans, n, 0 };
-	int r, start, which = -1, left = timeout_ms, refd = 0;
+	struct kup_any a;
+	int r, start, which = -1, left = timeout_ms;
 #ifdef KUP_NOW_NS
 	uint64_t deadline = 0;
 #endif
@@ -1859,9 +1979,13 @@ kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
 	}
 	if (!kup_any_args_ok(sc, chans, n))
 		return -EINVAL;
+	memset(&a, 0, sizeof(a));
+	a.sc = sc;
+	a.ids = chans;
+	a.n = n;
 	start = kup_any_start(sc, chans, n);
 	for (;;) {
-		r = kup_any_look(sc, chans, n, start, msg, &which);
+		r = kup_any_look(&a, start, msg, &which);
 		if (r != KUP_ANY_NONE)
 			break;
 		/* the thread is in every channel now */
@@ -1870,9 +1994,13 @@ kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
 			r = -ETIMEDOUT;
 			break;
 		}
-		if (!refd) {
-			kup_core_dev_ref(sc);   /* kup_dev_live_ref says why */
-			refd = 1;
+		if (!a.armed) {
+			r = kup_any_arm(&a);
+			if (r != 0) {
+				kup_any_release(sc, chans, n, start, n);
+				which = -1;
+				break;
+			}
 #ifdef KUP_NOW_NS
 			if (timeout_ms > 0)
 				deadline = KUP_NOW_NS() +
@@ -1900,8 +2028,8 @@ kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,
 #endif
 	}
 	*chan_out = which;
-	if (refd)
-		kup_core_dev_put(sc);   /* may free sc */
+	if (a.armed)
+		kup_any_disarm(&a);   /* may free sc */
 	return r == 0 ? which : r;
 }
 
@@ -1930,8 +2058,11 @@ kupdev_wake_any(struct kupdev_softc *sc)
 	if (!kup_dev_live(sc, "kupdev_wake_any", "called after kupdev_unload?"))
 		return -EINVAL;
 	r = kup_dev_count_wake(sc, &sc->any_wakes);
-	if (r == 0)
-		kup_os_any_wake(sc);
+	if (r == 0) {
+		kup_lock(&sc->lock);
+		kup_any_wake_all_locked(sc);
+		kup_unlock(&sc->lock);
+	}
 	return r;
 }
 
@@ -2118,7 +2249,7 @@ kupdev_disconnect(struct kupdev_softc *sc, int chan_id)
 out:
 	kup_chan_unlock(ch);
 	if (r == 0)
-		kup_os_chan_wake(ch);   /* a module receive waiting for it */
+		kup_chan_wake(ch);   /* a module receive waiting for it */
 	return r;
 }
 
@@ -2137,7 +2268,7 @@ kupdev_wake_channel(struct kupdev_softc *sc, int chan_id)
 		KUP_WRITE_ONCE32(&ch->wakes, ch->wakes + 1);
 	kup_chan_unlock(ch);
 	if (r == 0)
-		kup_os_chan_wake(ch);
+		kup_chan_wake(ch);
 	return r;
 }
 

@@ -14,6 +14,8 @@
 #define KUP_KT_USER            1U  /* handed to user space (page turn USER,
                                     * until the page says KERNEL again) */
 
+struct kup_any;
+
 struct kup_chan {
 	struct kupdev_softc *sc;
 	uint32_t id;
@@ -81,6 +83,13 @@ struct kup_chan {
 	                           * written under lock, read with READ_ONCE:
 	                           * its round robin starts after the channel
 	                           * of its set answered for last */
+	uint64_t any_w;           /* (uintptr_t) the struct kup_any of the
+	                           * kupdev_receive_any that waits in the
+	                           * channel (it is rx_waiter) and may sleep,
+	                           * else 0: the one sleeper a wake-up of this
+	                           * channel is for (kup_chan_wake).  Written
+	                           * under lock, read with READ_ONCE (and
+	                           * again under lock to use it) */
 	uint32_t any_idle_wakes;  /* wake-ups of a kupdev_receive_any asleep
 	                           * on this channel (among its set) after which
 	                           * no channel of its set had changed: each
@@ -88,7 +97,9 @@ struct kup_chan {
 	                           * nothing (a timer or a signal counts too).
 	                           * Written (WRITE_ONCE) by that waiter while it
 	                           * is in the channel (rx_waiter); statistics,
-	                           * the tests read it */
+	                           * the tests read it: a waiter is woken for its own
+	                           * channels only, so on disjoint sets with no
+	                           * timeout it stays 0 */
 
 	struct kup_os_chan os;
 };
@@ -118,6 +129,10 @@ struct kupdev_softc {
 	                           * lock, read with READ_ONCE by its sleep */
 	uint64_t any_clock;       /* kupdev_receive_any answers so far
 	                           * (__atomic): the source of ch->any_stamp */
+	struct kup_any *any_waiters; /* the kupdev_receive_any calls that may
+	                           * sleep (their wake-up objects are live):
+	                           * kupdev_wake_any and the shutdown wake
+	                           * each one */
 	/* protocol-error log lines: a hostile user must not flood the log */
 	uint64_t perr_window;     /* start of the current window (ns, or count) */
 	uint32_t perr_lines;      /* lines logged in it */

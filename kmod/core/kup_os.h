@@ -22,6 +22,8 @@
  *                           (below, "locks")
  *     struct kup_os_dev     host state embedded in every device
  *     struct kup_os_chan    host state embedded in every channel
+ *     struct kup_os_any     the wake-up object of one kupdev_receive_any
+ *                           sleeper (kup_os_any_sleep below)
  *   memory ordering on shared-memory words (uint32_t / uint64_t *)
  *     KUP_LOAD_ACQ32(p)     load-acquire
  *     KUP_STORE_REL32(p,v)  store-release
@@ -174,32 +176,46 @@ uint32_t kup_os_page_size(void);
  * receive that waits: kup_core.c's ch->rx_waiter). */
 int  kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
          int timeout_ms);
-/* Wake every kernel-side sleeper of ch (user asked for a wake-up, user
- * detached, device shutting down) -- also a kup_os_any_sleep whose set
- * holds ch. */
+/* Wake every kernel-side sleeper of ch in kup_os_chan_sleep (user asked
+ * for a wake-up, user detached, device shutting down).  A
+ * kupdev_receive_any whose set holds ch is the core's to wake: it calls
+ * kup_os_any_wake on that sleeper's own object (kup_core.c, ch->any_w). */
 void kup_os_chan_wake(struct kup_chan *ch);
-/* kupdev_receive_any's sleep: until cond(arg) returns non-zero, the
- * timeout expires (-ETIMEDOUT) or the sleep is interrupted (-EINTR); 0
- * when cond held.  ids[0..n) are channels of sc, each with the calling
- * thread as its one kernel-side waiter (kup_core.c's ch->rx_waiter),
- * their kernel_waiting flags set.  Every wake-up of any of them must end
- * the sleep: kup_os_chan_wake(ch), and on a host whose user side wakes
- * the kernel without the core (kupsim: the user writes its channel's
- * eventfd), that wake-up too.  Armed before cond is evaluated, as for
- * kup_os_chan_sleep, so that no wake-up between the caller's last look
- * and the sleep is lost.  A host may sleep on one device-level object
- * that every kup_os_chan_wake of the device also wakes (Linux, FreeBSD:
- * every receive_any of the device then wakes and looks, a harmless
- * spurious wake-up for all but one); kupsim waits on the channels' own
- * eventfds.  kup_os_any_wake(sc) must end it too (n may be 0: then only
- * that does).  cond is evaluated once after arming and once after every
- * wake-up (the core counts the looks that find nothing: kup_core_priv.h,
- * ch->any_idle_wakes).  Called with no core lock held; cond takes none. */
-int  kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
-         int (*cond)(void *), void *arg, int timeout_ms);
-/* Wake every kup_os_any_sleep of sc (kupdev_wake_any, shutdown).  Must
- * not sleep. */
-void kup_os_any_wake(struct kupdev_softc *sc);
+/* kupdev_receive_any's sleep.  One sleeper, one wake-up object: the core
+ * embeds a struct kup_os_any (the host's type, in kup_host.h) in each
+ * kupdev_receive_any call that may sleep and brackets its use with
+ * kup_os_any_init (0, or a negative errno the call then returns: -EINTR
+ * when the host could not make one, logged) and kup_os_any_fini, which
+ * the core calls only once no waker can reach the object any more.
+ * Between the two the core records the object on every channel of the
+ * caller's set (ch->any_w, under ch->lock) and on the device's list
+ * (under sc->lock), and kup_os_any_wake(sc, w) is how it wakes that
+ * sleeper alone: on a hand-over, detach, wake_channel... of one of its
+ * channels (under ch->lock), and every sleeper of the device on
+ * kupdev_wake_any or the shutdown (under sc->lock).  So a wake-up of one
+ * channel reaches the one thread whose set holds it, not every
+ * receive_any of the device.  kup_os_any_wake must not sleep (its
+ * caller holds a core lock).
+ *
+ * kup_os_any_sleep(sc, w, ids, n, cond, arg, timeout_ms): sleep on w
+ * until cond(arg) returns non-zero (0), the timeout expires (-ETIMEDOUT)
+ * or the sleep is interrupted (-EINTR).  ids[0..n) are channels of sc,
+ * each with the calling thread as its one kernel-side waiter (kup_core.c's
+ * ch->rx_waiter), their kernel_waiting flags set.  Armed before cond is
+ * evaluated, as for kup_os_chan_sleep, so that no kup_os_any_wake between
+ * the caller's last look and the sleep is lost.  cond is evaluated once
+ * after arming and once after every wake-up (the core counts the looks
+ * that find nothing: kup_core_priv.h, ch->any_idle_wakes).  A host whose
+ * user side wakes the kernel without the core (kupsim: the user writes
+ * its channel's eventfd) must also end the sleep on that wake-up of any of
+ * ids (kupsim polls those eventfds too: one sleeper per channel, so that
+ * is no herd either).  Called with no core lock held; cond takes none. */
+int  kup_os_any_init(struct kupdev_softc *sc, struct kup_os_any *w);
+void kup_os_any_fini(struct kupdev_softc *sc, struct kup_os_any *w);
+int  kup_os_any_sleep(struct kupdev_softc *sc, struct kup_os_any *w,
+         const int *ids, int n, int (*cond)(void *), void *arg,
+         int timeout_ms);
+void kup_os_any_wake(struct kupdev_softc *sc, struct kup_os_any *w);
 /* Wake the user side of ch: make its pollable fd readable (eventfd write,
  * wake_up of the poll queue, selwakeup + KNOTE).  Both wakes must not
  * sleep: the core may call them with ch->lock or sc->lock held. */
@@ -276,10 +292,14 @@ int  kup_core_attach(struct kupdev_softc *sc, uint32_t chan_id,
          uint32_t abi_version, struct kup_chan **out);
 /* The user side is gone (fd closed, process died): the channel is marked
  * free, kernel-side waiters are woken and get -EPIPE.  Safe to call from
- * the host's release/close path; never fails. */
+ * the host's release/close path; never fails.  Takes sc->lock and, when a
+ * kupdev_receive_any waits on ch, ch->lock: call it holding no core lock
+ * (as kup_core_user_wake). */
 void kup_core_detach(struct kup_chan *ch);
 /* The user side asks the kernel side to wake (it handed over the turn and
- * saw kernel_waiting set). */
+ * saw kernel_waiting set): the thread waiting on ch, and no other.  No
+ * core lock held (it takes ch->lock when a kupdev_receive_any waits on
+ * ch). */
 void kup_core_user_wake(struct kup_chan *ch);
 /* Run fn(ch) with ch's channel lock and its device's lock held and return
  * its result, if no module thread is in ch: no kernel-side operation of ch

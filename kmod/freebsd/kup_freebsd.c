@@ -463,63 +463,64 @@ kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 	    kup_fb_chan_cond_call, &c, timeout_ms));
 }
 
-/* Also the device's receive_any sleepers (kup_os_any_sleep): a wake of
- * any channel may be for one of them.  Under the device mutex, which the
- * sleeper holds from its look at the condition until msleep drops it:
- * no wake-up between the two is lost. */
+/* A kupdev_receive_any asleep on ch is the core's to wake (its own wait
+ * channel: kup_os_any_wake). */
 void
 kup_os_chan_wake(struct kup_chan *ch)
 {
 	struct kup_os_chan *oc = kup_core_chan_os(ch);
-	struct kup_os_dev *od = kup_core_dev_os(kup_core_chan_dev(ch));
 
 	if (!oc->inited)
 		return;
 	mtx_lock(&oc->mtx);
 	wakeup(&oc->wchan);
 	mtx_unlock(&oc->mtx);
-	if (od->inited) {
-		mtx_lock(&od->mtx);
-		if (od->any_sleepers != 0)
-			wakeup(&od->any_wchan);
-		mtx_unlock(&od->mtx);
-	}
 }
 
-/* kupdev_receive_any sleeps on the device (kup_os.h): every channel's
- * wake-up -- the user's KUP_IOC_WAKE included, which the core turns into
- * kup_os_chan_wake -- reaches it. */
+/* kupdev_receive_any sleeps on a wait channel of its own (kup_os.h): the
+ * address of its struct kup_os_any, with the device mutex as interlock,
+ * which the sleeper holds from its look at the condition until msleep
+ * drops it and kup_os_any_wake takes: no wake-up between the two is lost.
+ * The core wakes it for the channels of its set only -- the user's
+ * KUP_IOC_WAKE included -- and for kupdev_wake_any and the shutdown. */
 int
-kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
-    int (*cond)(void *), void *arg, int timeout_ms)
+kup_os_any_init(struct kupdev_softc *sc, struct kup_os_any *w)
+{
+	(void)sc;
+	w->wchan = 0;
+	return (0);
+}
+
+void
+kup_os_any_fini(struct kupdev_softc *sc, struct kup_os_any *w)
+{
+	(void)sc;
+	(void)w;
+}
+
+int
+kup_os_any_sleep(struct kupdev_softc *sc, struct kup_os_any *w,
+    const int *ids, int n, int (*cond)(void *), void *arg, int timeout_ms)
 {
 	struct kup_os_dev *od = kup_core_dev_os(sc);
-	int rc;
 
 	(void)ids;
 	(void)n;
 	if (!od->inited)
 		return (cond(arg) ? 0 : -ETIMEDOUT);
-	mtx_lock(&od->mtx);
-	od->any_sleepers++;
-	mtx_unlock(&od->mtx);
-	rc = kup_fb_sleep(&od->mtx, &od->any_wchan, "kupany", cond, arg,
-	    timeout_ms);
-	mtx_lock(&od->mtx);
-	od->any_sleepers--;
-	mtx_unlock(&od->mtx);
-	return (rc);
+	return (kup_fb_sleep(&od->mtx, &w->wchan, "kupany", cond, arg,
+	    timeout_ms));
 }
 
 void
-kup_os_any_wake(struct kupdev_softc *sc)
+kup_os_any_wake(struct kupdev_softc *sc, struct kup_os_any *w)
 {
 	struct kup_os_dev *od = kup_core_dev_os(sc);
 
 	if (!od->inited)
 		return;
 	mtx_lock(&od->mtx);
-	wakeup(&od->any_wchan);
+	wakeup(&w->wchan);
 	mtx_unlock(&od->mtx);
 }
 

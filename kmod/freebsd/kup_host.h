@@ -48,14 +48,17 @@ struct kup_os_dev {
 	struct mtx               mtx;       /* files list, dev sleep interlock */
 	struct kup_fb_file_list  files;     /* every open file of this device */
 	int                      wchan;     /* address slept on by wait_channel */
-	int                      any_wchan; /* ... by receive_any (every
-	                                     * channel's wake wakes it) */
-	u_int                    any_sleepers; /* mtx: threads asleep there */
 	int                      inited;    /* mtx initialised (publish ran) */
 	/* copies for poll/kqueue filters, which run under a mutex and so
 	 * cannot take the core's sx lock; refreshed by kup_os_dev_wake_user */
 	volatile uint64_t        notify_gen;
 	volatile u_int           shutdown;
+};
+
+/* kup_os.h: one kupdev_receive_any sleeper's wake-up object: its address
+ * is the wait channel it sleeps on (the device mutex interlocks) */
+struct kup_os_any {
+	int                      wchan;
 };
 
 struct kup_os_chan {

@@ -286,7 +286,11 @@ int kupdev_receive_msg(struct kupdev_softc *sc, int chan_id,
  * short spin, then the kernel_waiting flag of kup_abi.h set on every
  * channel of the set and one sleep that a hand-over on ANY of them ends
  * -- while it sleeps, each of its users pays the wake-up syscall, as
- * with a sleeping receive; none loses its hand-over.  timeout_ms 0 is a
+ * with a sleeping receive; none loses its hand-over.  That wake-up, like
+ * a detach or a kupdev_wake_channel of the channel, reaches only the
+ * thread whose set holds the channel: threads serving disjoint sets of
+ * one device sleep undisturbed by each other's traffic (kupdev_wake_any
+ * and the shutdown reach them all).  timeout_ms 0 is a
  * poll of every channel (no spin, no sleep).  A message the user handed
  * over before it left is returned, as by kupdev_receive_msg. */
 int kupdev_receive_any(struct kupdev_softc *sc, const int *chans, int n,

@@ -29,9 +29,6 @@ struct kup_os_dev {
 	pthread_mutex_t m;      /* sleep mutex for kupdev_wait_channel */
 	pthread_cond_t  cv;
 	int             ready;  /* m/cv initialised (by publish) */
-	struct kupsim_any_sleeper *any_sleepers;/* m: kupdev_receive_any
-	                         * sleepers, each with an eventfd of its own
-	                         * that kup_os_any_wake writes */
 	int             ev_fd;  /* eventfd: device event for the server */
 	void           *srv;    /* kupsim server's listener record */
 };
@@ -50,6 +47,12 @@ struct kup_os_chan {
 	                         * held) or to attach it (kupsim_chan_want_lock:
 	                         * a parked ATTACH): a module thread letting go
 	                         * of it kicks the server (__atomic) */
+};
+
+/* kup_os.h: one kupdev_receive_any sleeper's wake-up object, an eventfd
+ * of its own (kupsim_glue.c, kup_os_any_sleep) */
+struct kup_os_any {
+	int             efd;
 };
 
 #define KUP_LOAD_ACQ32(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)

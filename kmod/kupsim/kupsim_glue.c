@@ -481,58 +481,61 @@ kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 }
 
 /* kupdev_receive_any: the same sleep on every channel of the set at once
- * -- each channel's user->kernel eventfd (the user writes it itself) and
- * its kwake eventfd, drained first, then cond, then one poll of them all.
- * The thread is every one of these channels' only kernel-side waiter
- * (kup_os.h), so draining takes no other sleeper's wake-up.  Plus an
- * eventfd of the sleeper's own, listed on the device for kup_os_any_wake
- * (one per sleeper: a device-wide one drained by one sleeper would take
- * another's wake-up). */
-struct kupsim_any_sleeper {
-	int efd;
-	struct kupsim_any_sleeper *next;
-};
+ * -- each channel's user->kernel eventfd (the user writes it itself,
+ * without the core) and the sleeper's own eventfd (kup_os_any_wake: the
+ * core's wake-ups of its channels, kupdev_wake_any, the shutdown), drained
+ * first, then cond, then one poll of them all.  The thread is every one of
+ * these channels' only kernel-side waiter (kup_os.h), so draining takes no
+ * other sleeper's wake-up, and a wake-up of one channel reaches only the
+ * thread whose set holds it. */
+int
+kup_os_any_init(struct kupdev_softc *sc, struct kup_os_any *w)
+{
+	(void)sc;
+	w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (w->efd < 0) {
+		kup_os_log("kupsim: kupdev_receive_any: no eventfd to sleep on "
+		    "(%s)", strerror(errno));
+		return -EINTR;
+	}
+	return 0;
+}
+
+void
+kup_os_any_fini(struct kupdev_softc *sc, struct kup_os_any *w)
+{
+	(void)sc;
+	close(w->efd);
+	w->efd = -1;
+}
 
 int
-kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
-    int (*cond)(void *), void *arg, int timeout_ms)
+kup_os_any_sleep(struct kupdev_softc *sc, struct kup_os_any *w,
+    const int *ids, int n, int (*cond)(void *), void *arg, int timeout_ms)
 {
 	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-	struct kup_os_dev *dos = kup_core_dev_os(sc);
-	struct kupsim_any_sleeper me, **pp;
 	struct pollfd *pf;
 	int i, r;
 
 	if (n < 0)
 		return -EINVAL;
-	me.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	pf = calloc((size_t)n * 2 + 1, sizeof(*pf));
-	if (pf == NULL || me.efd < 0) {
+	pf = calloc((size_t)n + 1, sizeof(*pf));
+	if (pf == NULL) {
 		kup_os_log("kupsim: kupdev_receive_any: cannot sleep on %d "
-		    "channels (%s)", n, pf == NULL ? "no memory" : "eventfd");
-		free(pf);
-		if (me.efd >= 0)
-			close(me.efd);
+		    "channels (no memory)", n);
 		return -EINTR;
 	}
-	pthread_mutex_lock(&dos->m);
-	me.next = dos->any_sleepers;
-	dos->any_sleepers = &me;
-	pthread_mutex_unlock(&dos->m);
 	for (;;) {
 		int slice = -1;
 
-		efd_drain(me.efd);
-		pf[2 * n] = (struct pollfd){ .fd = me.efd, .events = POLLIN };
+		efd_drain(w->efd);
+		pf[n] = (struct pollfd){ .fd = w->efd, .events = POLLIN };
 		for (i = 0; i < n; i++) {
 			struct kup_os_chan *os =
 			    kup_core_chan_os(kup_core_chan_at(sc, (uint32_t)ids[i]));
 
 			efd_drain(os->u2k_efd);
-			efd_drain(os->kwake_efd);
-			pf[2 * i] = (struct pollfd){ .fd = os->u2k_efd,
-			    .events = POLLIN };
-			pf[2 * i + 1] = (struct pollfd){ .fd = os->kwake_efd,
+			pf[i] = (struct pollfd){ .fd = os->u2k_efd,
 			    .events = POLLIN };
 		}
 		if (cond(arg)) {
@@ -552,34 +555,21 @@ kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
 			}
 			slice = left > 0x7fffffff ? 0x7fffffff : (int)left;
 		}
-		if (poll(pf, (nfds_t)n * 2 + 1, slice) < 0 && errno != EINTR) {
+		if (poll(pf, (nfds_t)n + 1, slice) < 0 && errno != EINTR) {
 			kup_os_log("kupsim: kernel-side poll: %s", strerror(errno));
 			r = -EINTR;
 			break;
 		}
 	}
-	pthread_mutex_lock(&dos->m);
-	for (pp = &dos->any_sleepers; *pp != &me; pp = &(*pp)->next)
-		;
-	*pp = me.next;
-	pthread_mutex_unlock(&dos->m);
-	close(me.efd);
 	free(pf);
 	return r;
 }
 
 void
-kup_os_any_wake(struct kupdev_softc *sc)
+kup_os_any_wake(struct kupdev_softc *sc, struct kup_os_any *w)
 {
-	struct kup_os_dev *dos = kup_core_dev_os(sc);
-	struct kupsim_any_sleeper *s;
-
-	if (!dos->ready)
-		return;
-	pthread_mutex_lock(&dos->m);
-	for (s = dos->any_sleepers; s != NULL; s = s->next)
-		efd_kick(s->efd);
-	pthread_mutex_unlock(&dos->m);
+	(void)sc;
+	efd_kick(w->efd);
 }
 
 void

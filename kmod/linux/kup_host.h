@@ -32,9 +32,12 @@ struct kup_os_dev {
 	int withdrawn;                /* unload began: no new opens */
 	int wq_ready;                 /* the wait queues below are initialised */
 	wait_queue_head_t wq;         /* kernel-side sleepers (wait_channel) */
-	wait_queue_head_t any_wq;     /* kernel-side sleepers (receive_any):
-	                               * woken by every channel's wake */
 	wait_queue_head_t poll_wq;    /* user space: device events */
+};
+
+/* kup_os.h: one kupdev_receive_any sleeper's wake-up object */
+struct kup_os_any {
+	wait_queue_head_t wq;
 };
 
 /* Host state embedded in every channel (struct kup_chan). */

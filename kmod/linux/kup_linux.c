@@ -178,18 +178,11 @@ int kup_os_chan_sleep(struct kup_chan *ch, int (*cond)(struct kup_chan *),
 	return kup_sleep_result(r);
 }
 
-/* Also the device's receive_any sleepers (kup_os_any_sleep): a wake of
- * any channel may be for one of them.  wq_has_sleeper's full barrier
- * pairs with the one prepare_to_wait_event puts between queueing the
- * sleeper and its look at the condition: either the sleeper sees the
- * change the caller made before this wake, or it is on the queue here. */
+/* A kupdev_receive_any asleep on ch is the core's to wake (its own
+ * queue: kup_os_any_wake). */
 void kup_os_chan_wake(struct kup_chan *ch)
 {
-	struct kup_os_dev *od = kup_core_dev_os(kup_core_chan_dev(ch));
-
 	wake_up_all(&kup_core_chan_os(ch)->wq);
-	if (od->wq_ready && wq_has_sleeper(&od->any_wq))
-		wake_up_all(&od->any_wq);
 }
 
 /* wait_event_interruptible_timeout's loop (queue, look, sleep), written
@@ -225,27 +218,39 @@ static int kup_wait_looks(wait_queue_head_t *wq, int (*cond)(void *),
 	return r;
 }
 
-/* kupdev_receive_any sleeps on the device (kup_os.h): every channel's
- * wake-up -- the user's KUP_IOC_WAKE included, which the core turns into
- * kup_os_chan_wake -- reaches it. */
-int kup_os_any_sleep(struct kupdev_softc *sc, const int *ids, int n,
-    int (*cond)(void *), void *arg, int timeout_ms)
+/* kupdev_receive_any sleeps on a wait queue of its own (kup_os.h), which
+ * the core wakes for the channels of its set only -- the user's
+ * KUP_IOC_WAKE included -- and for kupdev_wake_any and the shutdown.  The
+ * queue lives in the core's frame of the call; the core wakes it only
+ * while it is live (kup_os_any_fini comes after the last waker). */
+int kup_os_any_init(struct kupdev_softc *sc, struct kup_os_any *w)
 {
-	struct kup_os_dev *od = kup_core_dev_os(sc);
-
-	(void)ids;
-	(void)n;
-	if (timeout_ms == 0 || !od->wq_ready)
-		return cond(arg) ? 0 : -ETIMEDOUT;
-	return kup_wait_looks(&od->any_wq, cond, arg, timeout_ms);
+	(void)sc;
+	init_waitqueue_head(&w->wq);
+	return 0;
 }
 
-void kup_os_any_wake(struct kupdev_softc *sc)
+void kup_os_any_fini(struct kupdev_softc *sc, struct kup_os_any *w)
 {
-	struct kup_os_dev *od = kup_core_dev_os(sc);
+	(void)sc;
+	(void)w;
+}
 
-	if (od->wq_ready)
-		wake_up_all(&od->any_wq);
+int kup_os_any_sleep(struct kupdev_softc *sc, struct kup_os_any *w,
+    const int *ids, int n, int (*cond)(void *), void *arg, int timeout_ms)
+{
+	(void)sc;
+	(void)ids;
+	(void)n;
+	if (timeout_ms == 0)
+		return cond(arg) ? 0 : -ETIMEDOUT;
+	return kup_wait_looks(&w->wq, cond, arg, timeout_ms);
+}
+
+void kup_os_any_wake(struct kupdev_softc *sc, struct kup_os_any *w)
+{
+	(void)sc;
+	wake_up_all(&w->wq);
 }
 
 /* Like an eventfd: the wake-up stays pending (the fd polls readable) until
@@ -284,7 +289,6 @@ static void kup_os_dev_init_wq(struct kup_os_dev *od)
 	if (!od->wq_ready) {
 		init_waitqueue_head(&od->wq);
 		init_waitqueue_head(&od->poll_wq);
-		init_waitqueue_head(&od->any_wq);
 		od->wq_ready = 1;
 	}
 }

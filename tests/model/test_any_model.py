@@ -1,13 +1,18 @@
 """Model-check kupdev_receive_any's wait (kmod/include/kup_any.pml) with SPIN.
 
-One kernel thread waits on several channels; each channel's user hands the
-turn back with kup_abi.h's handshake.  The correct model must verify
-(every hand-over received once and in order, no one asleep for ever: no
-invalid end state), with the sleep and the re-check both reached; each
-seeded bug -- no re-check after the flags, a flag set on one channel only,
-a user's wake-up that does not reach the device-level sleeper, a drain
-after the look -- must be found by SPIN as a kernel asleep for ever with a
-message waiting.  A missing spin or gcc is a failure, never a skip.
+Kernel threads each wait on a set of channels (one thread on two or three
+channels, or two threads on sets of their own); each channel's user hands
+the turn back with kup_abi.h's handshake, and its wake-up reaches the one
+waiter the channel names (ch->any_w), not every waiter of the device.  The
+correct model must verify (every hand-over received once and in order, no
+one asleep for ever: no invalid end state), with the sleep, the re-check
+and the users' wake-up all reached; each seeded bug -- no re-check after
+the flags, a flag set on one channel only, a user's wake-up that reaches
+only its channel's object and not the waiter's, a drain after the look,
+a first sleep whose object the channels do not name, an object named only
+after the flags and the look -- must be found by SPIN as a kernel asleep
+for ever with a message waiting.  A missing spin or gcc is a failure,
+never a skip.
 """
 
 from __future__ import annotations
@@ -68,8 +73,8 @@ def _tag_line(tag: str) -> int:
 
 @pytest.mark.parametrize(
     "defines",
-    [(), ("-DNMSG=3",), ("-DNCHAN=3",)],
-    ids=["two_channels", "three_messages", "three_channels"],
+    [(), ("-DNMSG=3",), ("-DNCHAN=3",), ("-DNWAIT=2", "-DNCHAN=1", "-DNMSG=3")],
+    ids=["two_channels", "three_messages", "three_channels", "two_waiters"],
 )
 def test_receive_any_loses_no_handover(tmp_path: Path, defines: tuple[str, ...]) -> None:
     _work, out = _pan(tmp_path, *defines)
@@ -92,6 +97,8 @@ def test_receive_any_loses_no_handover(tmp_path: Path, defines: tuple[str, ...])
         "BROKEN_ANY_ONE_FLAG",
         "BROKEN_ANY_CHAN_WAKE_ONLY",
         "BROKEN_ANY_LATE_DRAIN",
+        "BROKEN_ANY_NO_ARM",
+        "BROKEN_ANY_LATE_NAME",
     ],
 )
 def test_seeded_lost_wakeup_is_found(tmp_path: Path, broken: str) -> None:
@@ -100,7 +107,7 @@ def test_seeded_lost_wakeup_is_found(tmp_path: Path, broken: str) -> None:
     assert "invalid end state" in out, out
     # the counter-example ends with the kernel asleep and a message waiting
     trail = _run([_tool("spin"), f"-D{broken}", "-t", "-p", "-g", MODEL.name], work)
-    asleep = re.findall(r"asleep = (\d)", trail)
+    asleep = re.findall(r"asleep\[\d\] = (\d)", trail)
     assert asleep and asleep[-1] == "1", trail[-3000:]
     assert re.search(rf"{re.escape(MODEL.name)}:{_tag_line('ksleep')}\b", trail), trail[-3000:]
 
