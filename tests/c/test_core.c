@@ -1847,6 +1847,146 @@ test_receive_any_stress(void)
 	printf("ok receive_any_stress %ld messages\n", total);
 }
 
+/*
+ * No thundering herd: HERD_THREADS module threads in kupdev_receive_any on
+ * disjoint sets of HERD_PER channels (the documented way to serve many
+ * channels with a few threads), a user talking to thread 0 alone, each
+ * message handed over while it sleeps -- half woken through the core
+ * (kup_core_user_wake, the Linux and FreeBSD path), half through the
+ * channel's eventfd (kupsim's users).  The other threads must not have
+ * been woken once: the core counts every wake-up of a receive_any that
+ * found nothing on its set (ch->any_idle_wakes).  A kupdev_wake_channel
+ * reaches the one thread whose set holds the channel; an overlapping set
+ * gets -EBUSY for the channel another thread waits in, at once; and
+ * kupdev_wake_any still reaches every sleeper (one call, one of them).
+ */
+#define HERD_THREADS 4
+#define HERD_PER     2
+#define HERD_CHANS   (HERD_THREADS * HERD_PER)
+#define HERD_ROUNDS  16
+
+struct kherd {
+	struct kupdev_softc *sc;
+	int ids[HERD_PER];
+	int served;
+	int ret, which;
+};
+
+static void *
+kherd_main(void *p)
+{
+	struct kherd *a = p;
+	struct kupdev_msg m;
+	char buf[32];
+	int r, which = -1;
+
+	for (;;) {
+		r = kupdev_receive_any(a->sc, a->ids, HERD_PER, &m,
+		    KUPDEV_FOREVER, &which);
+		if (r < 0)
+			break;
+		CHECK(m.len <= sizeof(buf));
+		memcpy(buf, m.data, m.len);
+		kupdev_unlock_channel(a->sc, r);
+		CHECK_EQ(kupdev_send(a->sc, buf, m.len, r), 0);
+		a->served++;
+	}
+	a->ret = r;
+	a->which = which;
+	return NULL;
+}
+
+static uint32_t
+idle_wakes(struct kupdev_softc *sc, int chan)
+{
+	return __atomic_load_n(&sc->chans[chan].any_idle_wakes,
+	    __ATOMIC_RELAXED);
+}
+
+static void
+test_receive_any_herd(void)
+{
+	static const int overlap[2] = { 4, 2 };
+	struct kupdev_softc *sc = kupdev_create("herd", 1, HERD_CHANS);
+	struct kherd kh[HERD_THREADS];
+	struct user us[HERD_CHANS];
+	pthread_t t[HERD_THREADS];
+	struct kupdev_msg m;
+	int i, c, which;
+
+	CHECK(sc != NULL);
+	kupdev_notify(sc);
+	for (i = 0; i < HERD_CHANS; i++) {
+		struct kup_chan *ch;
+
+		CHECK_EQ(kup_core_attach(sc, (uint32_t)i, KUP_ABI_VERSION, &ch), 0);
+		CHECK_EQ(kupdev_wait_channel_timeout(sc, 0), i);
+		user_init(&us[i], ch);
+		CHECK_EQ(kupdev_pass(sc, i), 0);
+		user_expect(&us[i], KUP_KIND_PASS, NULL, 0);
+	}
+	memset(kh, 0, sizeof(kh));
+	for (i = 0; i < HERD_THREADS; i++) {
+		kh[i].sc = sc;
+		for (c = 0; c < HERD_PER; c++)
+			kh[i].ids[c] = i * HERD_PER + c;
+		CHECK_EQ(pthread_create(&t[i], NULL, kherd_main, &kh[i]), 0);
+	}
+	wait_all_waiting(us, HERD_CHANS);
+	for (i = 0; i < HERD_ROUNDS; i++) {
+		struct user *u = &us[i % HERD_PER];
+		char txt[16];
+
+		wait_kernel_waiting(u);
+		snprintf(txt, sizeof(txt), "h%d", i);
+		if ((i / HERD_PER) % 2)
+			user_send_efd(u, txt, (uint32_t)strlen(txt));
+		else
+			user_send(u, txt, (uint32_t)strlen(txt));
+		user_expect(u, KUP_KIND_DATA, txt, (uint32_t)strlen(txt));
+	}
+	/* thread 2 alone, by a channel of its set */
+	CHECK_EQ(kupdev_wake_channel(sc, 5), 0);
+	kany_join(t[2], "kupdev_wake_channel of its channel");
+	CHECK_EQ(kh[2].ret, -ECANCELED);
+	CHECK_EQ(kh[2].which, 5);
+	/* no other thread was woken by any of it, nor the served one's
+	 * hand-overs (thread 0's own count is not asserted: a user's wake-up
+	 * that comes after the module took its message, the page said it
+	 * slept, is a legitimate one that finds nothing) */
+	for (i = 1; i < HERD_THREADS; i++)
+		for (c = 0; c < HERD_PER; c++)
+			if (idle_wakes(sc, i * HERD_PER + c) != 0) {
+				fprintf(stderr, "receive_any: thread %d (chan %d) "
+				    "woke %u times for other threads' channels\n",
+				    i, i * HERD_PER + c,
+				    idle_wakes(sc, i * HERD_PER + c));
+				exit(1);
+			}
+	CHECK_EQ(kh[0].served, HERD_ROUNDS);
+	/* an overlapping set: the channel thread 1 waits in is -EBUSY, at
+	 * once; thread 1 sleeps on */
+	CHECK_EQ(kupdev_receive_any(sc, overlap, 2, &m, 1000, &which), -EBUSY);
+	CHECK_EQ(which, 2);
+	CHECK_EQ(idle_wakes(sc, 2), 0);
+	/* kupdev_wake_any reaches every sleeper: three calls, three threads */
+	wait_all_waiting(us, 4);
+	wait_kernel_waiting(&us[6]);
+	for (i = 0; i < 3; i++)
+		CHECK_EQ(kupdev_wake_any(sc), 0);
+	for (i = 0; i < HERD_THREADS; i++) {
+		if (i == 2)
+			continue;
+		kany_join(t[i], "kupdev_wake_any, one of several sleepers");
+		CHECK_EQ(kh[i].ret, -ECANCELED);
+		CHECK_EQ(kh[i].which, -1);
+	}
+	for (i = 0; i < HERD_CHANS; i++)
+		kup_core_detach(kup_core_chan_at(sc, (uint32_t)i));
+	CHECK_EQ(kupdev_unload(sc), 0);
+	printf("ok receive_any_herd\n");
+}
+
 /* A module thread that receives and exits holding the message (a module
  * bug: no kupdev_unlock_channel). */
 static void *
@@ -2359,6 +2499,7 @@ main(void)
 	test_wake();
 	test_receive_any();
 	test_receive_any_stress();
+	test_receive_any_herd();
 	test_holder_exits();
 	test_unload_with_waiters();
 	test_unload_twice();

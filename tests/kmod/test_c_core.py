@@ -57,6 +57,7 @@ def test_core_unit(variant_out: Path) -> None:
         "wake",
         "receive_any",
         "receive_any_stress",
+        "receive_any_herd",
         "holder_exits",
         "unload_with_waiters",
         "unload_twice",

@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c receive_any python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -271,6 +271,28 @@ stage_receive_any() {
 	fi
 	echo "$log" | grep -q 'echo: device echo unloaded' \
 		|| { echo "echo in its any mode did not unload"; return 1; }
+}
+
+# Threads in kupdev_receive_any on disjoint sets (kup_anyherd.ko,
+# tests/vm/kup_anyherd.c): a user talks to one of them only, each message
+# handed over while it sleeps; every other thread must have been woken
+# zero times (the core's count of its wake-ups that found nothing: no
+# thundering herd on the device's channel wake-ups).
+stage_anyherd() {
+	n0=$(dmesg | wc -l)
+	insmod "${TESTKMODDIR:?}/kup_anyherd.ko"
+	rc=0
+	"$BINDIR/kup_kfault" anyherd || rc=$?
+	rmmod kup_anyherd
+	log=$(dmesg | tail -n +$((n0 + 1)) | grep 'kup_anyherd:')
+	echo "$log"
+	[ $rc -eq 0 ] || { echo "kup_kfault anyherd failed ($rc)"; return 1; }
+	echo "$log" | grep -q 'kup_anyherd: thread 0: served 24, ' \
+		|| { echo "thread 0 did not serve the 24 messages"; return 1; }
+	for t in 1 2 3; do
+		echo "$log" | grep -q "kup_anyherd: thread $t: served 0, idle wake-ups 0, " \
+			|| { echo "thread $t was woken for another thread's channels"; return 1; }
+	done
 }
 
 stage_python_channel() {

@@ -6,7 +6,7 @@
  * protocol, so it can also break the protocol on purpose.
  *
  *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR |
- *              traffic DIR CHAN | chans NAME | deadholder DIR
+ *              traffic DIR CHAN | chans NAME | deadholder DIR | anyherd
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -948,6 +948,63 @@ test_deadholder(const char *dir)
 	printf("deadholder: ok\n");
 }
 
+/* Bounded wait until the kernel side says it sleeps on c's page. */
+static void
+wait_kernel_waiting(struct chan *c)
+{
+	int i;
+
+	for (i = 0; i < WAIT_MS && !__atomic_load_n(&c->ctrl->kernel_waiting,
+	    __ATOMIC_ACQUIRE); i++)
+		usleep(1000);
+	CHECK(__atomic_load_n(&c->ctrl->kernel_waiting, __ATOMIC_ACQUIRE),
+	    "the module never slept on chan %u", c->a.chan_id);
+}
+
+/* anyherd: the user of kup_anyherd.ko (tests/vm/kup_anyherd.c), whose
+ * threads wait in kupdev_receive_any on disjoint sets of AH_PER channels.
+ * Attaches every channel, takes each first pass, waits until every
+ * thread sleeps, then talks to thread 0 alone (channels 0 and 1): each
+ * message handed over while thread 0 sleeps, so that each makes its
+ * KUP_IOC_WAKE.  The other threads must not have been woken by any of
+ * it: the module logs their counts at rmmod. */
+#define AH_CHANS  8
+#define AH_ROUNDS 24
+static void
+test_anyherd(void)
+{
+	struct chan c[AH_CHANS];
+	char buf[64], msg[32];
+	size_t len;
+	int i;
+
+	g_test = "anyherd";
+	g_dev = KUP_DEV_DIR "/anyherd";
+	for (i = 0; i < 1200 && access(g_dev, F_OK) != 0; i++)
+		usleep(50 * 1000);
+	for (i = 0; i < AH_CHANS; i++) {
+		chan_open(&c[i], (uint32_t)i);
+		CHECK(recv_msg(&c[i], buf, sizeof(buf), NULL) == KUP_KIND_PASS,
+		    "PASS on %d", i);
+	}
+	for (i = 0; i < AH_CHANS; i++)
+		wait_kernel_waiting(&c[i]);
+	for (i = 0; i < AH_ROUNDS; i++) {
+		struct chan *t = &c[i % 2];
+
+		wait_kernel_waiting(t);
+		snprintf(msg, sizeof(msg), "herd %d", i);
+		send_msg(t, KUP_KIND_DATA, msg, (uint32_t)strlen(msg));
+		CHECK(recv_msg(t, buf, sizeof(buf), &len) == KUP_KIND_DATA,
+		    "reply %d is not DATA", i);
+		CHECK(len == strlen(msg) && memcmp(buf, msg, len) == 0,
+		    "reply %d is '%.*s'", i, (int)len, buf);
+	}
+	for (i = 0; i < AH_CHANS; i++)
+		chan_close(&c[i]);
+	printf("anyherd: ok %d messages to thread 0\n", AH_ROUNDS);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -982,10 +1039,12 @@ main(int argc, char **argv)
 		test_traffic(argv[2], (uint32_t)strtoul(argv[3], NULL, 10));
 	else if (argc == 3 && strcmp(argv[1], "deadholder") == 0)
 		test_deadholder(argv[2]);
+	else if (argc == 2 && strcmp(argv[1], "anyherd") == 0)
+		test_anyherd();
 	else {
 		fprintf(stderr,
 		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|unload-hold DIR|"
-		    "traffic DIR CHAN|chans NAME|deadholder DIR\n");
+		    "traffic DIR CHAN|chans NAME|deadholder DIR|anyherd\n");
 		return 2;
 	}
 	return 0;

@@ -4,7 +4,9 @@ kernel series in KERNELS: Debian bookworm's 6.1 and bookworm-backports' 6.12.
 Per kernel, one VM boot runs every in-guest stage of tests/vm/guest_tests.sh
 (module load, the device nodes on kup.ko's own character major, kernel-side
 fault tests, a module thread that exits holding a kup_mutex or a channel
-(tests/vm/kup_holdtest.c), libkup C scenarios, Python channel scenarios,
+(tests/vm/kup_holdtest.c), libkup C scenarios, receive_any threads on
+disjoint sets that must not wake each other (tests/vm/kup_anyherd.c),
+Python channel scenarios,
 kupd with a client, unload while attached, kernel-log check) against kup.ko/kup_echo.ko
 built for that kernel; each stage is one test here (``test_stage[6.12-load]``),
 failing with the stage's own output, and the whole guest kernel log is
@@ -63,6 +65,7 @@ STAGES = [
     "kholder",
     "libkup_c",
     "receive_any",
+    "anyherd",
     "python_channel",
     "kupd",
     "unload",
@@ -161,26 +164,34 @@ def _test_module_dir(kver: str) -> Path:
     return OUT / f"testmod-{kver}"
 
 
+TEST_MODULES = ("kup_holdtest", "kup_anyherd")
+
+
 def _build_test_module(kernel: Any, moddir: Path) -> None:
-    """tests/vm/kup_holdtest.c (the kmutex and kholder stages' module), built as a module
-    of one's own is (docs/linux.md): out of tree, against that kernel's
-    headers and kup.ko's Module.symvers, in a directory of symlinks."""
+    """tests/vm/kup_holdtest.c (the kmutex and kholder stages' module) and
+    tests/vm/kup_anyherd.c (the anyherd stage's), built as a module of
+    one's own is (docs/linux.md): out of tree, against that kernel's
+    headers and kup.ko's Module.symvers, in a directory of symlinks.
+    kup_anyherd reads a statistic of the core's private structures, so the
+    core's and the Linux host's headers are on the path too."""
     kver: str = kernel.kver
     d = _test_module_dir(kver)
     d.mkdir(parents=True, exist_ok=True)
-    src = d / "kup_holdtest.c"
-    if src.is_symlink() or src.exists():
-        src.unlink()
-    src.symlink_to(REPO / "tests" / "vm" / "kup_holdtest.c")
-    (d / "Kbuild").write_text(
-        f"obj-m := kup_holdtest.o\nccflags-y := -Werror -I{REPO / 'kmod' / 'include'}\n"
-    )
+    for name in TEST_MODULES:
+        src = d / f"{name}.c"
+        if src.is_symlink() or src.exists():
+            src.unlink()
+        src.symlink_to(REPO / "tests" / "vm" / f"{name}.c")
+    incs = " ".join(f"-I{REPO / 'kmod' / sub}" for sub in ("include", "core", "linux"))
+    objs = " ".join(f"{name}.o" for name in TEST_MODULES)
+    (d / "Kbuild").write_text(f"obj-m := {objs}\nccflags-y := -Werror {incs}\n")
     _run(
         ["make", "-s", "-C", str(kernel.headers), f"M={d}",
          f"KBUILD_EXTRA_SYMBOLS={moddir / 'Module.symvers'}", "modules"],
-        f"building tests/vm/kup_holdtest.c for {kver}",
+        f"building tests/vm/{', '.join(TEST_MODULES)} for {kver}",
     )  # fmt: skip
-    assert (d / "kup_holdtest.ko").is_file(), f"kup_holdtest.ko was not built in {d}"
+    for name in TEST_MODULES:
+        assert (d / f"{name}.ko").is_file(), f"{name}.ko was not built in {d}"
 
 
 def _build_programs() -> None:
