@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,7 @@ __all__ = [
     "KupdError",
     "all_stopped",
     "channel_when_free",
+    "doc_block",
     "echo_lock_holds",
     "fresh_checkout",
     "in_background",
@@ -104,6 +106,18 @@ def fresh_checkout(dest: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
         dst.chmod(src.stat().st_mode & 0o777)
+
+
+def doc_block(doc: str, lang: str, marker: str) -> str:
+    """The one fenced ```lang block of the document ``doc`` (a path under
+    the repository's root) that holds ``marker``: a sample the tests run as
+    the document shows it."""
+    text = (REPO_ROOT / doc).read_text()
+    blocks = re.findall(rf"^```{re.escape(lang)}\n(.*?)^```", text, re.S | re.M)
+    found = [b for b in blocks if marker in b]
+    if len(found) != 1:
+        raise AssertionError(f"{doc}: {len(found)} ```{lang} blocks hold {marker!r}, not 1")
+    return str(found[0])
 
 
 def kmod_out() -> Path:

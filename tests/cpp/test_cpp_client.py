@@ -27,7 +27,7 @@ from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT, Kupd
+from kupd.testing import REPO_ROOT, Kupd, doc_block
 
 CPP_DIR = REPO_ROOT / "clients" / "cpp"
 BUILD_TIMEOUT = 1200.0
@@ -171,3 +171,28 @@ def test_missing_packages_are_named() -> None:
     for pkg in ("libgrpc++-dev", "protobuf-compiler-grpc", "libprotobuf-dev", "pkg-config"):
         assert pkg in proc.stderr, proc.stderr
     assert "scripts/setup-apt.sh" in proc.stderr
+
+
+def test_gateway_md_sample_compiles_with_its_command_and_runs(
+    kupd_socket: str, tmp_path: Path
+) -> None:
+    """docs/gateway.md's C++ sample (my_program.cpp), built with the
+    document's own command line from the repository's root, runs against
+    kupd to its end: a Call, a Session, a lease, a watch event, health."""
+    source = doc_block("docs/gateway.md", "cpp", '#include "kupclient.hpp"')
+    assert source.count('"/run/kupd/kupd.sock"') == 1
+    (tmp_path / "my_program.cpp").write_text(source.replace("/run/kupd/kupd.sock", kupd_socket))
+    command = doc_block("docs/gateway.md", "sh", "libkupclient.a").replace("\\\n", " ")
+    [line] = [ln.split("#", 1)[0] for ln in command.splitlines() if ln.startswith("c++ ")]
+    line = line.replace("my_program.cpp", str(tmp_path / "my_program.cpp"))
+    built = subprocess.run(
+        ["bash", "-c", f"{line} -o {tmp_path / 'my_program'}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    assert built.returncode == 0, f"{line}\n{built.stdout}\n{built.stderr}"
+    proc = _run([tmp_path / "my_program"])
+    assert proc.returncode == 0 and proc.stdout == "SERVING\n", proc

@@ -18,19 +18,11 @@ from typing import Any
 
 import pytest
 
-from kupd.testing import REPO_ROOT, kupd, kupsim
+from kupd.testing import REPO_ROOT, doc_block, kupd, kupsim
 
-__all__ = ["doc_block"]
+__all__: list[str] = []
 
 TIMEOUT = 120.0
-
-
-def doc_block(doc: str, lang: str, marker: str) -> str:
-    """The one fenced ```lang block of REPO/doc that contains ``marker``."""
-    text = (REPO_ROOT / doc).read_text()
-    found = [b for b in re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M) if marker in b]
-    assert len(found) == 1, f"{doc}: {len(found)} ```{lang} blocks hold {marker!r}, want 1"
-    return found[0]
 
 
 def doc_line(doc: str, lang: str, marker: str, start: str) -> str:

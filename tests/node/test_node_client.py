@@ -20,11 +20,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT
+from kupd.testing import REPO_ROOT, doc_block
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
@@ -104,3 +105,20 @@ def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
     assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report
+
+
+def test_gateway_md_sample_runs(kupd_socket: tuple[str, int], tmp_path: Path) -> None:
+    """docs/gateway.md's Node.js sample, from the repository's root as it
+    says, runs against kupd to its end (the watch included)."""
+    socket, _ = kupd_socket
+    source = doc_block("docs/gateway.md", "js", "kup.connect(")
+    assert source.count("'/run/kupd/kupd.sock'") == 1
+    source = source.replace("/run/kupd/kupd.sock", socket)
+    kup_js = f"require({str(NODE_DIR / 'kup')!r})"
+    sample = tmp_path / "sample.js"
+    sample.write_text(source.replace("require('./clients/node/kup')", kup_js))
+    proc = subprocess.run(
+        ["node", str(sample)], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc
