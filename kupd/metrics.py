@@ -268,6 +268,11 @@ class _MetricsServer6(_MetricsServer):
     address_family = socket.AF_INET6
 
 
+#: what the Prometheus text format appends to a family's name in its
+#: # HELP / # TYPE lines (prometheus_client's generate_latest)
+_PRINTED_SUFFIX = {"counter": "_total", "info": "_info"}
+
+
 class _Families:
     """A registry's families whose name starts with a prefix (what
     ``generate_latest`` needs: ``collect()``)."""
@@ -279,8 +284,10 @@ class _Families:
         p = self._prefix
         for family in self._registry.collect():
             # by the name the text shows too: a counter family "kupd_calls"
-            # is printed as kupd_calls_total
-            if family.name.startswith(p) or any(s.name.startswith(p) for s in family.samples):
+            # is printed as kupd_calls_total -- in its # HELP and # TYPE
+            # lines as well, which are all it prints before its first sample
+            shown = family.name + _PRINTED_SUFFIX.get(family.type, "")
+            if shown.startswith(p) or any(s.name.startswith(p) for s in family.samples):
                 yield family
 
 

@@ -115,6 +115,25 @@ def test_prefix_keeps_only_matching_families(kupd_admin: tuple[Kupd, str]) -> No
     assert "kupd_calls" in got and got <= {"kupd_calls", "kupd_calls_created"}, got
 
 
+def test_prefix_selects_a_counter_with_no_samples_by_its_printed_name(
+    kupd_admin: tuple[Kupd, str],
+) -> None:
+    """A counter nothing has counted yet prints only its ``# HELP`` and
+    ``# TYPE kupd_tenant_paced_total counter`` lines: the name those lines
+    show selects it as well (it was "no metric family starting with ...",
+    exit 3, until the first sample)."""
+    k, admin = kupd_admin
+    with AdminClient(admin) as a:
+        text = a.metrics("kupd_tenant_paced_total")  # no channel_ops_per_second: never paced
+    assert text.splitlines() == [
+        "# HELP kupd_tenant_paced_total Channel operations that waited for their turn "
+        "under channel_ops_per_second",
+        "# TYPE kupd_tenant_paced_total counter",
+    ], text
+    p = _kupctl(k, "metrics", "--admin-socket", admin, "--prefix", "kupd_tenant_paced_total")
+    assert p.returncode == 0 and p.stdout.startswith("# HELP kupd_tenant_paced_total "), p
+
+
 def test_kupctl_metrics(kupd_admin: tuple[Kupd, str]) -> None:
     k, admin = kupd_admin
     _kupctl(k, "call", "echo", "kupctl metrics")
