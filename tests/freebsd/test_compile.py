@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kupd.testing import doc_block
+
 __all__: list[str] = []
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,6 +240,23 @@ def test_check_fails_on_a_warning(tmp_path: Path) -> None:
     assert f"FAIL  x86_64 kernel {bad}" in proc.stderr
     # -Wmissing-prototypes and -Wunused-variable are both errors here
     assert "-Werror" in proc.stderr
+
+
+def test_readme_module_passes_the_documented_check(tmp_path: Path) -> None:
+    """README's whole module (mymod.c), compile-checked for FreeBSD as
+    docs/freebsd.md tells a module author to: KUP_FREEBSD_CHECK_EXTRA."""
+    mod = tmp_path / "mymod.c"
+    mod.write_text(doc_block("README.md", "c", "int kup_module_init(void)"))
+    env = dict(os.environ, KUP_FREEBSD_CHECK_EXTRA=str(mod))
+    env.setdefault("ZIG_GLOBAL_CACHE_DIR", str(REPO / ".stamp" / "zig-cache"))
+    proc = subprocess.run(
+        ["nice", "bash", "scripts/freebsd-check.sh"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=CHECK_TIMEOUT,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for arch in ("x86_64", "aarch64"):
+        assert f"ok    {arch} kernel {mod}" in out, out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
