@@ -144,7 +144,9 @@ def test_kupctl_md_demo_steps_by_hand_run_as_a_script() -> None:
     block = doc_block("docs/kupctl.md", "sh", "RUN=$(mktemp -d)")
     port = str(_free_port())
     assert block.count("9464") == 2
-    script = "set -euo pipefail\n" + block.replace("9464", port)
+    # a failing step must not leave kupsim and kupd running
+    script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+    script += block.replace("9464", port)
     p = subprocess.run(
         ["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=TIMEOUT, check=False, env={**os.environ, "KUPD_SOCKET": ""},
