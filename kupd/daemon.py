@@ -116,7 +116,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keepalive-timeout", type=float, help="drop a client whose ping is unanswered for N s"
     )
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="the least severe record logged: debug, info (default), warning or error",
+    )
     return p.parse_args(argv)
 
 
