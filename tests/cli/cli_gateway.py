@@ -55,11 +55,13 @@ def gateway(
     metrics: bool = False,
     args: Sequence[str] = (),
     sim_env: Mapping[str, str] | None = None,
+    check_exit: bool = True,
 ) -> Iterator[Gateway]:
     """kupsim with echo and kupd serving ``devices`` (NAME[:CALL_CHANNELS]),
     run as the installed console script with ``args`` (more kupd flags);
-    its clean SIGTERM exit is checked.  ``sim_env``: kupsim's environment
-    (echo's parameters, ``KUP_PARAM_ECHO_PAGES`` ...)."""
+    its clean SIGTERM exit is checked (not with ``check_exit`` False: a test
+    that kills kupd itself).  ``sim_env``: kupsim's environment (echo's
+    parameters, ``KUP_PARAM_ECHO_PAGES`` ...)."""
     kupd_exe = console_script("kupd")
     with (
         kupsim("echo", check_exit=False, env=sim_env) as sim,
@@ -72,6 +74,7 @@ def gateway(
             metrics=metrics,
             command=[str(kupd_exe)],
             env=sim.env(),
+            check_exit=check_exit,
             start_timeout=START_TIMEOUT,
             stop_timeout=STOP_TIMEOUT,
         ) as gw,

@@ -11,8 +11,10 @@ The test program (clients/cpp/test/kup_client_test.cpp) runs its tests in
 turn against one kupd with call_timeout 2 s (a Call without a timeout
 gets kupd's) and call_quarantine 1 s (the Calls it leaves unanswered give
 their pool channel back soon), once per build; its big_messages test
-runs against a second kupd, whose echo has 4 MiB channels, and its
-kupd_not_answering test stops the first kupd (SIGSTOP) for a few seconds.
+runs against a second kupd, whose echo has 4 MiB channels, its
+kupd_not_answering test stops the first kupd (SIGSTOP) for a few seconds,
+and its kupd_shutdown and kupd_killed tests each end a kupd of their own
+(SIGTERM, SIGKILL) under a waiting Watch and Session.
 """
 
 from __future__ import annotations
@@ -126,6 +128,21 @@ def test_cpp_client_kupd_not_answering(kupd_gw: Kupd, build: str) -> None:
     """A Session operation kupd leaves unanswered (the test stops kupd for
     about 5 s) fails after its timeout + KUPD_GRACE and ends the session."""
     _run_tests(build, kupd_gw.socket, "kupd_not_answering", env={"KUPD_PID": str(kupd_gw.pid)})
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+@pytest.mark.parametrize("name", ["kupd_shutdown", "kupd_killed"])
+def test_cpp_client_kupd_goes_away(
+    cpp_build: None, cli_gateway: ModuleType, build: str, name: str
+) -> None:
+    """kupd stopping (SIGTERM: Shutdown after SERVER_SHUTTING_DOWN) or dying
+    (SIGKILL: Unavailable, a connection failure) under a Watch waiting in
+    next(), a Watch nobody waits on and a Session's waiting receive: each
+    ends with that class, and again on the next call; none hangs."""
+    # the kupd is the test's own: the program ends it (its SIGTERM exit is
+    # still checked)
+    with cli_gateway.gateway(("echo:2",), check_exit=name == "kupd_shutdown") as gw:
+        _run_tests(build, gw.socket, name, env={"KUPD_PID": str(gw.pid)})
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))

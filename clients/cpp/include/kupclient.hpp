@@ -323,9 +323,13 @@ private:
 };
 
 // A stream of WatchEvents.  next() blocks for the next one and returns
-// std::nullopt once cancel() ended the stream; kupd ending it (shutdown:
-// Shutdown after SERVER_SHUTTING_DOWN) throws.  cancel() may be called from
-// another thread.  The destructor cancels.
+// std::nullopt once cancel() ended the stream.  kupd ending it throws: its
+// shutdown Shutdown (after the SERVER_SHUTTING_DOWN event), kupd dying or
+// unreachable Unavailable (is_connection_failure()); every later next()
+// throws that error again.  The client's close() ends it with
+// InvalidArgument ("client of PATH was closed while the operation waited",
+// then "... is closed").  cancel() may be called from another thread.  The
+// destructor cancels.
 class Watch {
 public:
     ~Watch();

@@ -546,6 +546,7 @@ struct WatchCore {
     std::atomic<bool> cancelled{false};
     std::mutex mu;  // next() against the destructor
     bool done = false;
+    std::exception_ptr ended_by;  // the error that ended the stream (next() throws it again)
 
     explicit WatchCore(std::shared_ptr<ClientCore> c) : client(std::move(c)) {}
 
@@ -874,7 +875,12 @@ std::optional<WatchEvent> Watch::next() {
     if (!core_) detail::throw_invalid("kup::Watch was moved from");
     auto& w = *core_;
     std::lock_guard<std::mutex> g(w.mu);
-    if (w.done) return std::nullopt;
+    if (w.done) {
+        // ended: as Python's iterator, the error that ended it, every time
+        if (w.ended_by) std::rethrow_exception(w.ended_by);
+        if (!w.cancelled && w.client->closed) w.client->gone(false);
+        return std::nullopt;
+    }
     pb::WatchEvent ev;
     if (w.reader->Read(&ev)) {
         WatchEvent out;
@@ -898,7 +904,12 @@ std::optional<WatchEvent> Watch::next() {
         return std::nullopt;
     }
     if (st.ok()) return std::nullopt;
-    detail::throw_status(st, w.ctx);
+    try {
+        detail::throw_status(st, w.ctx);
+    } catch (const Error&) {
+        w.ended_by = std::current_exception();
+        throw;
+    }
 }
 
 void Watch::cancel() {

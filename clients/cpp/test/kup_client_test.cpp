@@ -605,6 +605,7 @@ void test_client_close() {
     expect_throw<kup::InvalidArgument>([&] { c2.list_devices(); }, closed, WHERE);
     expect_throw<kup::InvalidArgument>([&] { c2.open(g_device); }, closed, WHERE);
     expect_throw<kup::InvalidArgument>([&] { c2.watch(); }, closed, WHERE);
+    expect_throw<kup::InvalidArgument>([&] { w.next(); }, closed, WHERE);  // (and stays so)
     expect_throw<kup::InvalidArgument>([&] { c2.health(); }, closed, WHERE);
     c2.close();  // twice: nothing more
     wait_state(c, s.channel(), "free");
@@ -754,6 +755,139 @@ void test_kupd_not_answering() {
     wait_state(c, s.channel(), "free");
 }
 
+// How a Watch, a Session and the unary RPCs end when kupd goes away under
+// them: `sig` SIGTERM (kupd's shutdown: Shutdown, kupd's answer, after the
+// SERVER_SHUTTING_DOWN event) or SIGKILL (the connection breaks:
+// Unavailable, a connection failure).  Run by name, with KUPD_PID naming a
+// kupd of the test's own (tests/cpp does): kupd is gone afterwards.
+struct Ending {
+    bool saw_server_shutting_down = false;
+    int events = 0;
+    std::string kind;  // the class next() threw ("" if it returned std::nullopt)
+    std::optional<kup::StatusCode> code;
+    bool from_kupd = false;
+    bool connection_failure = false;
+    std::string what;
+};
+
+Ending watch_until_end(kup::Watch& w) {
+    Ending out;
+    try {
+        while (auto ev = w.next()) {
+            ++out.events;
+            if (ev->type == kup::EventType::SERVER_SHUTTING_DOWN) out.saw_server_shutting_down = true;
+        }
+    } catch (const kup::Error& e) {
+        out.kind = e.kind();
+        out.code = e.grpc_code();
+        out.from_kupd = e.from_kupd();
+        out.connection_failure = e.is_connection_failure();
+        out.what = e.what();
+    }
+    return out;
+}
+
+pid_t kupd_pid() {
+    const char* pid_text = std::getenv("KUPD_PID");
+    if (!pid_text) throw Failure{"KUPD_PID is not set"};
+    const pid_t pid = static_cast<pid_t>(std::atol(pid_text));
+    if (pid <= 1) throw Failure{"KUPD_PID is not a process id"};
+    return pid;
+}
+
+void kupd_goes_away(int sig) {
+    const pid_t pid = kupd_pid();
+    const bool killed = sig == SIGKILL;
+    kup::Client c(g_socket);
+    // a Watch whose next() waits as kupd goes, and one nobody waits on then
+    kup::Watch waited = c.watch(g_device, true);
+    kup::Watch idle = c.watch("", true);
+    CHECK(waited.next().has_value());  // (the streams are up: the initial state came)
+    CHECK(idle.next().has_value());
+    // a Session whose receive waits (echo never answers !hold)
+    kup::Session s = c.open(g_device);
+    const std::string what = "channel " + std::to_string(s.channel()) + " of " + g_device;
+    s.receive(T);
+    s.send("!hold");
+    // (bounded: should kupd's end not reach them, the test fails instead of hanging)
+    CancelAfter limit_waited(waited, std::chrono::seconds(120));
+    CancelAfter limit_idle(idle, std::chrono::seconds(120));
+    auto watching = std::async(std::launch::async, [&waited] { return watch_until_end(waited); });
+    auto receiving = std::async(std::launch::async, [&s] { s.receive(kup::ms(60000)); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    CHECK_EQ(kill(pid, sig), 0);
+
+    // kupd's answer, or gRPC's own (the connection broke); `first`: the
+    // stream's events came before it (not again once it ended)
+    auto expected = [&](const char* which, const Ending& e, bool first) {
+        std::string got = std::string(which) + " ended with \"" + e.kind + "\" (" + e.what +
+                          "), code " + (e.code ? show(*e.code) : "none") + ", from_kupd " +
+                          show(e.from_kupd) + ", after " + show(e.events) + " events";
+        bool ok = killed ? e.kind == "Unavailable" && e.code == kup::StatusCode::UNAVAILABLE &&
+                               !e.from_kupd && e.connection_failure
+                         : e.kind == "Shutdown" && e.code == kup::StatusCode::UNAVAILABLE &&
+                               e.from_kupd && contains(e.what, "EKU_SHUTDOWN") &&
+                               (e.saw_server_shutting_down || !first);
+        if (!ok) throw Failure{got};
+    };
+    Ending ended = watching.get();
+    expected("the waited Watch", ended, true);
+    Ending ended_idle = watch_until_end(idle);
+    expected("the idle Watch", ended_idle, true);
+    // the stream stays ended: next() throws the same again
+    Ending again = watch_until_end(waited);
+    expected("the waited Watch's next() again", again, false);
+    CHECK_EQ(again.events, 0);
+    CHECK_EQ(again.what, ended.what);
+    // the Session's waiting receive: the same class; later operations too
+    if (killed)
+        expect_throw<kup::Unavailable>([&] { receiving.get(); },
+                                       [](const kup::Unavailable& e) {
+                                           is_error<kup::Unavailable>(kup::StatusCode::UNAVAILABLE,
+                                                                      false)(e);
+                                           CHECK(e.is_connection_failure());
+                                       },
+                                       WHERE);
+    else
+        expect_throw<kup::Shutdown>([&] { receiving.get(); },
+                                    is_error<kup::Shutdown>(kup::StatusCode::UNAVAILABLE, true,
+                                                            "EKU_SHUTDOWN"),
+                                    WHERE);
+    auto later = what + " is closed: the session already ended with ";
+    if (killed)
+        expect_throw<kup::Unavailable>([&] { s.receive(kup::ms(0)); },
+                                       is_error<kup::Unavailable>(kup::StatusCode::UNAVAILABLE, false,
+                                                                  later + "Unavailable: "),
+                                       WHERE);
+    else
+        expect_throw<kup::Shutdown>([&] { s.receive(kup::ms(0)); },
+                                    is_error<kup::Shutdown>(kup::StatusCode::UNAVAILABLE, true,
+                                                            later + "Shutdown: EKU_SHUTDOWN"),
+                                    WHERE);
+    // kupd is gone (once it has exited; a SIGTERMed kupd takes a moment):
+    // an RPC, and a new Watch, cannot connect
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+        try {
+            c.list_devices();
+        } catch (const kup::Unavailable& e) {
+            if (e.is_connection_failure()) break;
+        } catch (const kup::Error&) {
+        }
+        if (std::chrono::steady_clock::now() > until) throw Failure{"kupd still answers"};
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    auto unreachable = [](const kup::Unavailable& e) {
+        is_error<kup::Unavailable>(kup::StatusCode::UNAVAILABLE, false)(e);
+        CHECK(e.is_connection_failure());
+    };
+    kup::Watch after = c.watch();
+    expect_throw<kup::Unavailable>([&] { after.next(); }, unreachable, WHERE);
+}
+
+void test_kupd_shutdown() { kupd_goes_away(SIGTERM); }
+void test_kupd_killed() { kupd_goes_away(SIGKILL); }
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -779,6 +913,8 @@ const Test TESTS[] = {
     {"session_ended_by_module", test_session_ended_by_module},
     {"big_messages", test_big_messages, true},
     {"kupd_not_answering", test_kupd_not_answering, true},
+    {"kupd_shutdown", test_kupd_shutdown, true},
+    {"kupd_killed", test_kupd_killed, true},
 };
 
 }  // namespace
