@@ -232,6 +232,15 @@ class Watch;
 // Sessions and Watches too: an operation waiting on one fails with
 // InvalidArgument "... was closed while the operation waited", a later one
 // with "client of PATH is closed" / "channel N of DEV is closed".
+//
+// fork(): gRPC C++ does not support it (a child shares the parent's
+// connection and gRPC's poller: any gRPC use there takes the parent's
+// traffic).  The parent's objects go on unaffected.  In the child, a
+// Client, Session or Watch made before the fork refuses every operation
+// with InvalidArgument "... was created in process N and cannot be used
+// after fork(); ...", and so does making a new Client; close(), cancel()
+// and the destructors do nothing there (the objects are left undestroyed).
+// A child may exec (its program makes its own Client) or _exit.
 class Client {
 public:
     // path: kupd's socket (non-empty; "unix:PATH" as well).  caller: the Call

@@ -4,6 +4,7 @@
 // (include/kupclient.hpp).  clients/python/kupclient/client.py is the
 // reference; where this differs, the comment says why.
 #include <grpcpp/grpcpp.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <set>
 #include <utility>
+#include <vector>
 
 #include "health.grpc.pb.h"
 #include "internal.hpp"
@@ -264,6 +266,58 @@ std::string closed_text(const std::string& what, bool pending, const std::string
     return what + " is closed";
 }
 
+// ---------------------------------------------------------------- fork()
+
+// gRPC C++ has no fork support (grpc's doc/fork_support.md: Python only):
+// a child process shares the parent's connections and gRPC's epoll set, so
+// any gRPC use there -- the inherited client's, or a new client's, which
+// gRPC would put on the same connection -- takes the parent's traffic (the
+// parent's next RPC hung, or failed "Broken pipe" once the child's
+// destructors ran).  A child may only exec or _exit; the client's objects
+// refuse every operation there before touching gRPC (or a lock a parent's
+// thread may hold for ever), and are left undestroyed.
+
+// Counts fork()s in this process's line (pthread_atfork's child handler).
+std::atomic<unsigned> fork_generation{0};
+// A kup::Client was made in this process, or in an ancestor before the fork.
+// The fork generation the first kup::Client of this process's line was made
+// in (-1: none yet): a later generation is a child forked after it.
+std::atomic<int> first_client_generation{-1};
+std::once_flag at_fork_once;
+
+void in_forked_child() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+
+constexpr const char* FORK_ADVICE =
+    "gRPC C++ does not support fork(): exec a program in the child (or fork before making "
+    "any kup::Client)";
+
+// Called as a Client is made: InvalidArgument in a child forked after a
+// kup::Client was made (gRPC ran there: a new client would share its state).
+void check_new_client() {
+    std::call_once(at_fork_once, [] { pthread_atfork(nullptr, nullptr, in_forked_child); });
+    int gen = static_cast<int>(fork_generation.load(std::memory_order_relaxed));
+    int first = -1;
+    if (first_client_generation.compare_exchange_strong(first, gen) || first == gen) return;
+    throw_invalid("kup::Client cannot be made in process " + std::to_string(getpid()) +
+                  ": it was forked from process " + std::to_string(getppid()) +
+                  " after a kup::Client was made there; " + FORK_ADVICE);
+}
+
+std::string forked_text(const std::string& what, pid_t pid) {
+    return what + " was created in process " + std::to_string(pid) +
+           " and cannot be used after fork(); " + FORK_ADVICE;
+}
+
+// Keep `obj` (a Client's, Session's or Watch's core in a forked child) for
+// good: destroying it would work the parent's connection.  Held reachable,
+// so that a leak checker does not count it.
+void abandon(std::shared_ptr<void> obj) {
+    static std::mutex mu;  // (taken in forked children only)
+    static auto* kept = new std::vector<std::shared_ptr<void>>;
+    std::lock_guard<std::mutex> g(mu);
+    kept->push_back(std::move(obj));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- client core
@@ -274,6 +328,8 @@ struct WatchCore;
 struct ClientCore {
     std::string path;
     std::string caller;
+    pid_t pid = getpid();  // (as fork_gen: made here)
+    unsigned fork_gen = fork_generation.load(std::memory_order_relaxed);
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<pb::Kup::Stub> stub;
     std::unique_ptr<grpc::health::v1::Health::Stub> health;
@@ -286,17 +342,28 @@ struct ClientCore {
     // each device's channel data area, as ListDevices last said (TooBig's text)
     std::map<std::string, std::uint64_t, std::less<>> channel_bytes;
 
+    // In a child process forked after this client was made.
+    bool forked() const { return fork_gen != fork_generation.load(std::memory_order_relaxed); }
+
+    // InvalidArgument naming the fork when forked() (`what` the object used).
+    void check_fork(const std::string& what) const {
+        if (forked()) throw_invalid(forked_text(what, pid));
+    }
+
     [[noreturn]] void gone(bool pending) const {
+        check_fork("client of " + path);
         throw_invalid(closed_text("client of " + path, pending));
     }
 
     void check_open() {
+        check_fork("client of " + path);  // (before the lock: a parent's thread may hold it)
         std::lock_guard<std::mutex> g(mu);
         if (closed) gone(false);
     }
 
     // Register `ctx` as an RPC under way (close() cancels it).
     void begin(grpc::ClientContext* ctx) {
+        check_fork("client of " + path);
         std::lock_guard<std::mutex> g(mu);
         if (closed) gone(false);
         unary.insert(ctx);
@@ -442,7 +509,11 @@ struct SessionCore {
             InvalidArgument(closed_text(what, pending_op && closing, cause), std::nullopt, false));
     }
 
+    // (before any lock: a parent's thread may hold it for ever)
+    void check_fork() const { client->check_fork(what + " (client of " + client->path + ")"); }
+
     void start() {
+        check_fork();
         {
             std::lock_guard<std::mutex> g(client->mu);
             if (client->closed) client->gone(false);
@@ -460,6 +531,7 @@ struct SessionCore {
     pb::SessionResponse op(pb::SessionRequest& req, std::optional<ms> bound) {
         // (under the lock: what gone() reads is the operation's to write; an
         // operation that close() cancelled gives it up promptly)
+        check_fork();
         std::lock_guard<std::mutex> g(op_mu);
         if (closed) std::rethrow_exception(gone(false));
         req.set_request_id(++next_id);
@@ -505,6 +577,7 @@ struct SessionCore {
     // close(): half-close, and wait (at most KUPD_GRACE) for kupd to end the
     // stream once it let go of the lease, so the channel is free on return.
     void close() {
+        if (client->forked()) return;  // the stream is the parent's
         std::unique_lock<std::mutex> g(op_mu, std::try_to_lock);
         if (!g.owns_lock()) {
             // an operation waits: cancel the stream under it
@@ -565,8 +638,7 @@ struct WatchCore {
 };
 
 void ClientCore::close() {
-    std::set<SessionCore*> ss;
-    std::set<WatchCore*> ws;
+    if (forked()) return;  // the connection is the parent's
     {
         std::lock_guard<std::mutex> g(mu);
         if (closed) return;
@@ -591,9 +663,11 @@ void ClientCore::close() {
 
 using detail::ClientCore;
 
-Client::Client(const std::string& path, std::optional<std::string> caller)
-    : core_(std::make_shared<ClientCore>()) {
-    core_->path = detail::socket_arg(path);
+Client::Client(const std::string& path, std::optional<std::string> caller) {
+    std::string p = detail::socket_arg(path);
+    detail::check_new_client();
+    core_ = std::make_shared<ClientCore>();
+    core_->path = std::move(p);
     core_->caller = caller ? *caller : detail::default_caller();
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(static_cast<int>(MAX_GRPC_MESSAGE));
@@ -610,15 +684,28 @@ Client::Client(const std::string& path, std::optional<std::string> caller)
     core_->health = grpc::health::v1::Health::NewStub(core_->channel);
 }
 
-Client::~Client() {
-    if (core_) core_->close();
+namespace detail {
+namespace {
+// Close `core` (the object owning it is going); in a forked child leave it
+// alone and undestroyed instead.
+template <class Core, class Owner>
+void let_go(Owner& core, bool forked) {
+    if (!core) return;
+    if (forked)
+        abandon(std::shared_ptr<Core>(std::move(core)));
+    else
+        core->close();
 }
+}  // namespace
+}  // namespace detail
+
+Client::~Client() { detail::let_go<ClientCore>(core_, core_ && core_->forked()); }
 
 Client::Client(Client&&) noexcept = default;
 
 Client& Client::operator=(Client&& other) noexcept {
     if (this != &other) {
-        if (core_) core_->close();
+        detail::let_go<ClientCore>(core_, core_ && core_->forked());
         core_ = std::move(other.core_);
     }
     return *this;
@@ -781,6 +868,7 @@ Watch Client::watch(std::string_view device, bool initial_state) {
     pb::WatchRequest req;
     req.set_device(detail::text_arg(device, "device"));
     req.set_initial_state(initial_state);
+    c.check_fork("client of " + c.path);  // (before the lock)
     auto core = std::make_unique<detail::WatchCore>(core_);
     {
         std::lock_guard<std::mutex> g(c.mu);
@@ -795,12 +883,12 @@ Watch Client::watch(std::string_view device, bool initial_state) {
 
 Session::Session(std::unique_ptr<detail::SessionCore> core) : core_(std::move(core)) {}
 Session::~Session() {
-    if (core_) core_->close();
+    detail::let_go<detail::SessionCore>(core_, core_ && core_->client->forked());
 }
 Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&& other) noexcept {
     if (this != &other) {
-        if (core_) core_->close();
+        detail::let_go<detail::SessionCore>(core_, core_ && core_->client->forked());
         core_ = std::move(other.core_);
     }
     return *this;
@@ -867,13 +955,28 @@ void Session::close() {
 // ---------------------------------------------------------------- Watch
 
 Watch::Watch(std::unique_ptr<detail::WatchCore> core) : core_(std::move(core)) {}
-Watch::~Watch() = default;
+namespace {
+// (the core's destructor cancels the stream: not in a forked child)
+void let_go(std::unique_ptr<detail::WatchCore>& core) {
+    if (core && core->client->forked())
+        detail::abandon(std::shared_ptr<detail::WatchCore>(std::move(core)));
+}
+}  // namespace
+
+Watch::~Watch() { let_go(core_); }
 Watch::Watch(Watch&&) noexcept = default;
-Watch& Watch::operator=(Watch&&) noexcept = default;
+Watch& Watch::operator=(Watch&& other) noexcept {
+    if (this != &other) {
+        let_go(core_);
+        core_ = std::move(other.core_);
+    }
+    return *this;
+}
 
 std::optional<WatchEvent> Watch::next() {
     if (!core_) detail::throw_invalid("kup::Watch was moved from");
     auto& w = *core_;
+    w.client->check_fork("watch (client of " + w.client->path + ")");  // (before the lock)
     std::lock_guard<std::mutex> g(w.mu);
     if (w.done) {
         // ended: as Python's iterator, the error that ended it, every time
@@ -913,7 +1016,7 @@ std::optional<WatchEvent> Watch::next() {
 }
 
 void Watch::cancel() {
-    if (!core_) return;
+    if (!core_ || core_->client->forked()) return;  // the stream is the parent's
     core_->cancelled = true;
     core_->ctx.TryCancel();
 }

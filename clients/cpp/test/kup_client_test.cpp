@@ -9,10 +9,13 @@
 // and runs it against a real kupsim + kupd with call_timeout 2 s.  Each
 // test prints "ok NAME" or "not ok NAME: why"; the summary lines are
 // "# pass N" and "# fail N", and the exit status is 1 when any failed.
+#include <poll.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -888,6 +891,125 @@ void kupd_goes_away(int sig) {
 void test_kupd_shutdown() { kupd_goes_away(SIGTERM); }
 void test_kupd_killed() { kupd_goes_away(SIGKILL); }
 
+// fork() with a client open: gRPC C++ does not support it, so the child's
+// copies refuse every operation (and a new Client) naming the fork, and
+// their destructors leave the parent's connection alone; the child then
+// execs this program, whose own client works.  The parent -- a Call, a
+// Session and a Watch it had -- goes on unaffected.
+void test_fork() {
+    auto c = std::make_unique<kup::Client>(g_socket);
+    CHECK_EQ(c->call(g_device, "before", T).data.size(), std::size_t(6));
+    auto s = std::make_unique<kup::Session>(c->open(g_device));
+    s->receive(T);
+    const std::uint32_t chan = s->channel();
+    auto w = std::make_unique<kup::Watch>(c->watch(g_device));
+    const pid_t parent = getpid();
+    int out[2];
+    CHECK_EQ(pipe(out), 0);
+    std::fflush(stdout);
+    const pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+        // The child: nothing here may touch the parent's gRPC (so no CHECK
+        // that throws out of here: every outcome is written to the pipe).
+        close(out[0]);
+        std::string report;
+        auto refused = [&](const char* what, const std::function<void()>& fn,
+                           const std::string& part) {
+            try {
+                fn();
+                report += std::string("FAIL ") + what + ": did not throw\n";
+            } catch (const kup::InvalidArgument& e) {
+                if (!contains(e.what(), part))
+                    report += std::string("FAIL ") + what + ": " + e.what() + "\n";
+                else
+                    report += std::string("refused ") + what + "\n";
+            } catch (const std::exception& e) {
+                report += std::string("FAIL ") + what + ": threw " + e.what() + "\n";
+            }
+        };
+        const std::string created =
+            " was created in process " + std::to_string(parent) +
+            " and cannot be used after fork(); gRPC C++ does not support fork()";
+        refused("call", [&] { c->call(g_device, "x"); }, "client of " + g_socket + created);
+        refused("list_devices", [&] { c->list_devices(); }, "client of " + g_socket + created);
+        refused("open", [&] { c->open(g_device); }, "client of " + g_socket + created);
+        refused("watch", [&] { c->watch(); }, "client of " + g_socket + created);
+        refused("session", [&] { s->receive(kup::ms(0)); },
+                "channel " + std::to_string(chan) + " of " + g_device + " (client of " + g_socket +
+                    ")" + created);
+        refused("watch next", [&] { w->next(); }, "watch (client of " + g_socket + ")" + created);
+        refused("new client", [&] { kup::Client fresh(g_socket); },
+                "kup::Client cannot be made in process " + std::to_string(getpid()) +
+                    ": it was forked from process " + std::to_string(parent) +
+                    " after a kup::Client was made there");
+        // closing and destroying them does nothing to the parent's connection
+        w->cancel();
+        s->close();
+        c->close();
+        w.reset();
+        s.reset();
+        c.reset();
+        report += "destroyed\n";
+        if (write(out[1], report.data(), report.size()) != static_cast<ssize_t>(report.size()))
+            _exit(3);
+        // exec: a program of its own, with a client of its own
+        if (dup2(out[1], 1) < 0) _exit(4);
+        close(out[1]);
+        char exe[PATH_MAX] = {0};
+        if (readlink("/proc/self/exe", exe, sizeof exe - 1) <= 0) _exit(5);
+        execl(exe, exe, g_socket.c_str(), g_device.c_str(), "session_round_trip", (char*)nullptr);
+        _exit(6);
+    }
+    close(out[1]);
+    // the parent meanwhile: its Call, Session and Watch go on (bounded: a
+    // connection the child took hangs them)
+    CHECK_EQ(c->call(g_device, "during", T).data.size(), std::size_t(6));
+    CHECK_EQ(s->exchange("sess", T)->data, expected_echo(chan, "sess"));
+    // the child's output, until it (and the program it execs) ends
+    std::string got;
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    for (;;) {
+        pollfd pfd{out[0], POLLIN, 0};
+        int n = poll(&pfd, 1, 1000);
+        if (n > 0) {
+            char buf[4096];
+            ssize_t r = read(out[0], buf, sizeof buf);
+            if (r <= 0) break;
+            got.append(buf, static_cast<std::size_t>(r));
+        }
+        if (std::chrono::steady_clock::now() > until) {
+            kill(child, SIGKILL);
+            break;
+        }
+    }
+    close(out[0]);
+    int status = 0;
+    CHECK_EQ(waitpid(child, &status, 0), child);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || contains(got, "FAIL") ||
+        !contains(got, "destroyed\n") ||
+        !contains(got, "ok session_round_trip\n# pass 1\n# fail 0"))
+        throw Failure{"the child (status " + std::to_string(status) + ") said:\n" + got};
+    for (const char* what :
+         {"call", "list_devices", "open", "watch", "session", "watch next", "new client"})
+        CHECK(contains(got, std::string("refused ") + what + "\n"));
+    // after the child's destructors and exit: all still works
+    CHECK_EQ(c->call(g_device, "after", T).data.size(), std::size_t(5));
+    CHECK_EQ(s->exchange("again", T)->data, expected_echo(chan, "again"));
+    std::string lease;
+    {
+        kup::Session other = c->open(g_device);
+        lease = other.lease().lease_id;
+    }
+    CancelAfter limit(*w, std::chrono::seconds(60));
+    auto ev = w->next();
+    while (ev && !(ev->type == kup::EventType::LEASE_TAKEN && ev->lease_id == lease))
+        ev = w->next();
+    CHECK(ev.has_value());
+    kup::Client fresh(g_socket);
+    CHECK_EQ(fresh.health(), std::string("SERVING"));
+}
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -911,6 +1033,7 @@ const Test TESTS[] = {
     {"client_close", test_client_close},
     {"unreachable", test_unreachable},
     {"session_ended_by_module", test_session_ended_by_module},
+    {"fork", test_fork},
     {"big_messages", test_big_messages, true},
     {"kupd_not_answering", test_kupd_not_answering, true},
     {"kupd_shutdown", test_kupd_shutdown, true},
