@@ -40,7 +40,7 @@ RUN_TIMEOUT = 300.0
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + RUN_TIMEOUT + 120)
 
 #: The test program's tests (its TESTS table): each must have passed.
-CPP_TESTS = 17
+CPP_TESTS = 18
 
 #: The builds of the test program: plain, and under ASan + UBSan.
 BINARIES = {

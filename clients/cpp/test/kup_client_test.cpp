@@ -21,6 +21,8 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <future>
 #include <string>
 #include <thread>
@@ -1010,6 +1012,86 @@ void test_fork() {
     CHECK_EQ(fresh.health(), std::string("SERVING"));
 }
 
+// One Client shared by threads at once: Calls from several, a Session per
+// thread, an Attach lease's operations, ListDevices, and a Watch seeing every
+// Session's lease taken -- each answer checked, none mixed up with another
+// thread's.
+void test_threads() {
+    constexpr int SESSIONS = 4, CALLERS = 4, ROUNDS = 50;
+    kup::Client c(g_socket);
+    kup::Watch w = c.watch(g_device);
+    std::mutex seen_mu;
+    std::set<std::string> taken;  // the leases the Watch saw taken
+    auto watcher = std::async(std::launch::async, [&] {
+        while (auto ev = w.next())
+            if (ev->type == kup::EventType::LEASE_TAKEN) {
+                std::lock_guard<std::mutex> g(seen_mu);
+                taken.insert(ev->lease_id);
+            }
+    });
+    CancelAfter limit(w, std::chrono::seconds(300));
+    // each job: "" or what went wrong
+    std::vector<std::future<std::string>> sessions, others;
+    for (int i = 0; i < SESSIONS; ++i)
+        sessions.push_back(std::async(std::launch::async, [&c, i]() -> std::string {
+            kup::Session s = c.open(g_device);
+            auto first = s.receive(T);
+            if (!first || first->kind != kup::Kind::Pass) return "session " + std::to_string(i) + ": no PASS";
+            for (int r = 0; r < ROUNDS; ++r) {
+                std::string text = "session " + std::to_string(i) + " round " + std::to_string(r);
+                auto m = s.exchange(text, T);
+                if (!m || m->data != expected_echo(s.channel(), text) ||
+                    m->seq != std::uint64_t(2 + r))
+                    return text + ": got " + (m ? m->data + " seq " + std::to_string(m->seq) : "none");
+            }
+            std::string lease = s.lease().lease_id;
+            s.close();
+            return "lease " + lease;
+        }));
+    for (int i = 0; i < CALLERS; ++i)
+        others.push_back(std::async(std::launch::async, [&c, i]() -> std::string {
+            for (int r = 0; r < ROUNDS; ++r) {
+                std::string text = "caller " + std::to_string(i) + " call " + std::to_string(r);
+                auto rep = c.call(g_device, text, kup::ms(60000));
+                if (rep.data != expected_echo(rep.channel, text)) return text + ": got " + rep.data;
+            }
+            return "";
+        }));
+    others.push_back(std::async(std::launch::async, [&c]() -> std::string {
+        for (int r = 0; r < ROUNDS / 5; ++r) {
+            if (c.list_devices(g_device).at(0).name != g_device) return "list_devices: another device";
+            kup::Lease l = c.attach(g_device);
+            c.lease_receive(l.lease_id, T);
+            std::string text = "lease round " + std::to_string(r);
+            auto m = c.lease_exchange(l.lease_id, text, T);
+            c.release(l.lease_id);
+            if (!m || m->data != expected_echo(l.channel, text)) return text + ": wrong reply";
+        }
+        return "";
+    }));
+    std::vector<std::string> leases;
+    for (auto& f : sessions) {
+        std::string got = f.get();
+        if (got.rfind("lease ", 0) != 0) throw Failure{got};
+        leases.push_back(got.substr(6));
+    }
+    for (auto& f : others) CHECK_EQ(f.get(), std::string());
+    // the Watch saw every Session's lease taken (its events may trail)
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+        {
+            std::lock_guard<std::mutex> g(seen_mu);
+            if (std::all_of(leases.begin(), leases.end(),
+                            [&](const std::string& l) { return taken.count(l) > 0; }))
+                break;
+        }
+        if (std::chrono::steady_clock::now() > until) throw Failure{"the Watch missed a lease taken"};
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    w.cancel();
+    watcher.get();
+}
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -1034,6 +1116,7 @@ const Test TESTS[] = {
     {"unreachable", test_unreachable},
     {"session_ended_by_module", test_session_ended_by_module},
     {"fork", test_fork},
+    {"threads", test_threads},
     {"big_messages", test_big_messages, true},
     {"kupd_not_answering", test_kupd_not_answering, true},
     {"kupd_shutdown", test_kupd_shutdown, true},
