@@ -279,7 +279,6 @@ std::string closed_text(const std::string& what, bool pending, const std::string
 
 // Counts fork()s in this process's line (pthread_atfork's child handler).
 std::atomic<unsigned> fork_generation{0};
-// A kup::Client was made in this process, or in an ancestor before the fork.
 // The fork generation the first kup::Client of this process's line was made
 // in (-1: none yet): a later generation is a child forked after it.
 std::atomic<int> first_client_generation{-1};
@@ -328,7 +327,7 @@ struct WatchCore;
 struct ClientCore {
     std::string path;
     std::string caller;
-    pid_t pid = getpid();  // (as fork_gen: made here)
+    pid_t pid = getpid();  // the process it was made in
     unsigned fork_gen = fork_generation.load(std::memory_order_relaxed);
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<pb::Kup::Stub> stub;
@@ -345,25 +344,29 @@ struct ClientCore {
     // In a child process forked after this client was made.
     bool forked() const { return fork_gen != fork_generation.load(std::memory_order_relaxed); }
 
-    // InvalidArgument naming the fork when forked() (`what` the object used).
-    void check_fork(const std::string& what) const {
-        if (forked()) throw_invalid(forked_text(what, pid));
+    // InvalidArgument naming the fork (`what`: the object used).
+    [[noreturn]] void refuse_forked(const std::string& what) const {
+        throw_invalid(forked_text(what, pid));
+    }
+    // That, for the client itself, when forked().
+    void check_fork() const {
+        if (forked()) refuse_forked("client of " + path);
     }
 
     [[noreturn]] void gone(bool pending) const {
-        check_fork("client of " + path);
+        check_fork();
         throw_invalid(closed_text("client of " + path, pending));
     }
 
     void check_open() {
-        check_fork("client of " + path);  // (before the lock: a parent's thread may hold it)
+        check_fork();  // (before the lock: a parent's thread may hold it for ever)
         std::lock_guard<std::mutex> g(mu);
         if (closed) gone(false);
     }
 
     // Register `ctx` as an RPC under way (close() cancels it).
     void begin(grpc::ClientContext* ctx) {
-        check_fork("client of " + path);
+        check_fork();
         std::lock_guard<std::mutex> g(mu);
         if (closed) gone(false);
         unary.insert(ctx);
@@ -510,7 +513,9 @@ struct SessionCore {
     }
 
     // (before any lock: a parent's thread may hold it for ever)
-    void check_fork() const { client->check_fork(what + " (client of " + client->path + ")"); }
+    void check_fork() const {
+        if (client->forked()) client->refuse_forked(what + " (client of " + client->path + ")");
+    }
 
     void start() {
         check_fork();
@@ -868,7 +873,7 @@ Watch Client::watch(std::string_view device, bool initial_state) {
     pb::WatchRequest req;
     req.set_device(detail::text_arg(device, "device"));
     req.set_initial_state(initial_state);
-    c.check_fork("client of " + c.path);  // (before the lock)
+    c.check_fork();  // (before the lock)
     auto core = std::make_unique<detail::WatchCore>(core_);
     {
         std::lock_guard<std::mutex> g(c.mu);
@@ -976,7 +981,8 @@ Watch& Watch::operator=(Watch&& other) noexcept {
 std::optional<WatchEvent> Watch::next() {
     if (!core_) detail::throw_invalid("kup::Watch was moved from");
     auto& w = *core_;
-    w.client->check_fork("watch (client of " + w.client->path + ")");  // (before the lock)
+    if (w.client->forked())  // (before the lock)
+        w.client->refuse_forked("watch (client of " + w.client->path + ")");
     std::lock_guard<std::mutex> g(w.mu);
     if (w.done) {
         // ended: as Python's iterator, the error that ended it, every time
