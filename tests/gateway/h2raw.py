@@ -102,9 +102,10 @@ class H2Conn:
         except (EOFError, OSError):
             self.closed = True
 
-    def grpc_open(self, method: str) -> int:
+    def grpc_open(self, method: str, extra: list[tuple[str, str]] | None = None) -> int:
         """Open a stream calling ``method`` (/package.Service/Method): its
-        headers only, no request yet; the stream's id."""
+        headers (and ``extra`` ones, e.g. grpc-encoding) only, no request
+        yet; the stream's id."""
         stream = self._next_stream
         self._next_stream += 2
         headers = [
@@ -114,6 +115,7 @@ class H2Conn:
             (":authority", "localhost"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
+            *(extra or []),
         ]
         self._send(_frame(HEADERS, _END_HEADERS, stream, _hpack(headers)))
         return stream
@@ -124,6 +126,11 @@ class H2Conn:
         that never arrives whole)."""
         body = b"\x00" + struct.pack(">I", declared) + part
         self._send(_frame(DATA, _END_STREAM if end else 0, stream, body))
+
+    def data(self, stream: int, payload: bytes, end: bool = False) -> None:
+        """One DATA frame of ``payload`` (at most 16 KiB, the frame size
+        limit) on ``stream``, as it is: a gRPC message's bytes in pieces."""
+        self._send(_frame(DATA, _END_STREAM if end else 0, stream, payload))
 
     def grpc_request(self, method: str, message: bytes) -> int:
         """Open a stream calling ``method`` with one whole message."""

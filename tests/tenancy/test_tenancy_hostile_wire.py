@@ -1,0 +1,226 @@
+"""A hostile tenant on the wire: what gRPC's core does for kupd before any
+of kupd's code runs, pinned so that a change of server options cannot undo
+it unnoticed.  Compressed requests (grpc-encoding gzip / deflate) are
+accepted, and a tenant's receive limit (kupd.tenants.receive_limit)
+applies to the size a request *inflates* to: a small deflate bomb is
+refused as it inflates, not inflated whole.  A flood of Calls each reset
+(RST_STREAM) as it is sent -- HTTP/2 "rapid reset" -- leaves no Call slot,
+pool channel or descriptor behind.  Real kupd, kupsim, gRPC and a
+hand-framed HTTP/2 client; memory and descriptors read from /proc."""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+from tenancy_helpers import StartTenants, TenantKupd
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import Client
+from kupd.tenants import RECEIVE_HEADROOM
+from kupd.testing import REPO_ROOT, wait_until
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+
+from h2raw import H2Conn
+
+__all__: list[str] = []
+
+POOL = 2
+BODY = f"""
+[[device]]
+name = "echo"
+call_channels = {POOL}
+
+[[tenant]]
+name = "small"
+socket = "@DIR@/small.sock"
+max_calls_in_flight = 1
+max_pool_channels = 1
+max_message_bytes = 64
+[[tenant.grant]]
+device = "echo"
+
+[[tenant]]
+name = "other"
+socket = "@DIR@/other.sock"
+max_pool_channels = 1
+[[tenant.grant]]
+device = "echo"
+"""
+
+#: what the bomb sent to "other" (no max_message_bytes) inflates to: far
+#: over the receive limit of every socket (kupapi.MAX_GRPC_MESSAGE), while
+#: deflated (~49 KiB) it fits HTTP/2's initial flow-control window, which
+#: this bare client does not track
+BOMB = 48 * 1024 * 1024
+#: the reset flood: batches of Calls per tenant, each batch reset after
+#: one of these pauses (seconds)
+BATCHES, BATCH = 40, 25
+PAUSES = (0.0, 0.001, 0.005, 0.02, 0.05)
+#: HTTP/2's initial window, stream and connection (RFC 9113 6.9.2)
+WINDOW = 65535
+
+
+def _status(pid: int, key: str) -> int:
+    """A kB figure of /proc/PID/status (VmHWM: the peak resident size)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def _calls_counted(k: TenantKupd) -> dict[str, float]:
+    """kupd_calls_total by code, read on the admin socket."""
+    out: dict[str, float] = {}
+    for line in k.admin().metrics("kupd_calls_total").splitlines():
+        if line.startswith("kupd_calls_total{"):
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            out[code] = out.get(code, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _reset_batch(raws: list[H2Conn], req: bytes, pause: float, rng: random.Random) -> int:
+    """BATCH Calls on each connection still open, all reset after ``pause``
+    (back to back, gRPC's core drops Calls reset at once before kupd sees
+    them: a pause lets kupd take them -- refused, queued, or on a channel
+    waiting for echo's reply); how many were sent."""
+    streams: list[tuple[H2Conn, int]] = []
+    try:
+        for raw in raws:
+            for _ in range(BATCH if not raw.closed else 0):
+                streams.append((raw, raw.grpc_request("/kup.v1.Kup/Call", req)))
+        time.sleep(pause)
+        rng.shuffle(streams)
+        for raw, stream in streams:
+            if not raw.closed:
+                raw.cancel(stream)
+    except OSError:
+        pass  # kupd closed a connection under the flood: those Calls are gone
+    return len(streams)
+
+
+def _fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def _bomb(inflated: int) -> bytes:
+    """A CallRequest for echo whose ``data`` is ``inflated`` zero bytes,
+    deflated: a few KiB per MiB."""
+    head = kup_pb2.CallRequest(device="echo").SerializeToString() + b"\x12"
+    n = inflated
+    while n > 0x7F:
+        head += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    head += bytes([n])
+    co = zlib.compressobj(9)
+    parts = [co.compress(head)]
+    chunk = bytes(1 << 20)
+    for _ in range(inflated >> 20):
+        parts.append(co.compress(chunk))
+    parts.append(co.compress(bytes(inflated & ((1 << 20) - 1))))
+    parts.append(co.flush())
+    return b"".join(parts)
+
+
+def _refused_inflating(k: TenantKupd, tenant: str, inflated: int) -> None:
+    """A deflate bomb of ``inflated`` bytes on ``tenant``'s socket, framed by
+    hand (a compressed message, grpc-encoding deflate): refused by gRPC as
+    it inflates past the socket's receive limit."""
+    bomb = _bomb(inflated)
+    assert len(bomb) < inflated // 500  # a bomb indeed
+    raw = H2Conn(k.sock(tenant))
+    try:
+        stream = raw.grpc_open("/kup.v1.Kup/Call", [("grpc-encoding", "deflate")])
+        body = b"\x01" + struct.pack(">I", len(bomb)) + bomb
+        assert len(body) <= WINDOW, "more than kupd's gRPC takes before it opens its window"
+        for i in range(0, len(body), 16384):
+            raw.data(stream, body[i : i + 16384], end=i + 16384 >= len(body))
+        wait_until(lambda: raw.ended(stream), timeout=60, what=f"kupd to answer {tenant}'s bomb")
+        trailers = b"".join(f.payload for f in raw.frames if f.stream == stream)
+        # literal HPACK fields, as gRPC's core writes its own errors: status 8
+        assert b"grpc-status\x018" in trailers, trailers  # RESOURCE_EXHAUSTED
+        assert b"Decompressed message larger than max" in trailers, trailers
+    finally:
+        raw.close()
+
+
+def test_a_compressed_request_is_limited_by_what_it_inflates_to(
+    start_tenants: StartTenants,
+) -> None:
+    k = start_tenants(BODY)
+    pid = k.proc.pid
+    # a compressed request within the limit is served as any other
+    with grpc.insecure_channel(
+        "unix:" + k.sock("small"), compression=grpc.Compression.Gzip
+    ) as chan:
+        reply = kup_pb2_grpc.KupStub(chan).Call(
+            kup_pb2.CallRequest(device="echo", data=b"zipped"), timeout=60
+        )
+        assert reply.reply.data.lower() == b"zipped"
+    before = _status(pid, "VmHWM")
+    # 1 MiB inflated from about a KiB, to a tenant of max_message_bytes=64:
+    # its receive limit (64 + RECEIVE_HEADROOM), not gRPC's 4 MiB, refuses it
+    assert 64 + RECEIVE_HEADROOM < 1 << 20
+    _refused_inflating(k, "small", 1 << 20)
+    # 48 MiB from 49 KiB, to a tenant without a limit of its own
+    _refused_inflating(k, "other", BOMB)
+    # inflated only as far as the limit: kupd's peak memory grew by far
+    # less than one bomb (measured: ~3 MiB, for a 64 MiB or a 1 GiB one)
+    grown = _status(pid, "VmHWM") - before
+    assert grown < BOMB // 1024 // 3, f"kupd's peak resident size grew {grown} kB"
+    for tenant in ("small", "other"):
+        with k.client(tenant) as c:
+            assert c.call("echo", b"still").data.lower() == b"still"
+
+
+def test_a_flood_of_reset_calls_leaves_nothing_behind(start_tenants: StartTenants) -> None:
+    """Calls sent and reset at once, thousands of them on one connection
+    per tenant ("rapid reset"): each is reset while kupd refuses it, queues
+    it or waits for its reply (echo answers "!delay" 300 ms later), or
+    before kupd sees it; gRPC may also end the connection (GOAWAY).  Either
+    way every Call kupd began lets go of its slot, its place in the queue
+    and its pool channel, and the connections' descriptors are closed."""
+    k = start_tenants(BODY)
+    pid = k.proc.pid
+    with k.client("small") as c:  # every socket's server is up, with its descriptors
+        assert c.call("echo", b"warm").data.lower() == b"warm"
+    fds = _fds(pid)
+    req = kup_pb2.CallRequest(device="echo", data=b"!delay").SerializeToString()
+    raws = [H2Conn(k.sock("small")), H2Conn(k.sock("other"))]
+    rng = random.Random(7)
+    sent = batches = 0
+    try:
+        # a loaded machine may take no Call in its pauses: then more batches
+        # with longer ones, until kupd has had Calls reset under it
+        while batches < BATCHES or (
+            batches < 10 * BATCHES and _calls_counted(k).get("CANCELLED", 0) == 0
+        ):
+            pause = rng.choice(PAUSES) if batches < BATCHES else 0.2
+            sent += _reset_batch(raws, req, pause, rng)
+            batches += 1
+    finally:
+        for raw in raws:
+            raw.close()
+    assert sent >= BATCH * 2, "the flood never got going"
+    calls = _calls_counted(k)
+    assert calls.get("CANCELLED", 0) > 0, f"no Call was reset while kupd ran it: {calls}"
+
+    def settled() -> bool:
+        with Client(k.admin_socket) as whole:
+            (d,) = whole.devices("echo")
+        pool = [ch.state for ch in d.channels if ch.state in ("calls", "quarantined")]
+        return d.calls_in_flight == 0 and d.calls_queued == 0 and pool == ["calls"] * POOL
+
+    wait_until(settled, timeout=60, what="every pool channel free, no Call in flight or queued")
+    # small may have one Call in flight (max_calls_in_flight = 1): its slot
+    # is back, so is other's pool share
+    for tenant in ("small", "other"):
+        with k.client(tenant) as c:
+            assert c.call("echo", b"after").data.lower() == b"after"
+    wait_until(lambda: _fds(pid) <= fds, timeout=60, what=f"kupd back to {fds} descriptors")
