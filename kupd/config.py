@@ -461,6 +461,7 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             "unused with [[tenant]] tables (the plain socket is not served): "
             "each tenant's own max_message_bytes limits its messages",
         ))
+    out += _held_advisories(cfg)
     for d in cfg.devices:
         if not d.call_channels:
             continue
@@ -515,6 +516,47 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
                 f"({names}) add up to {total}: together their Calls can hold the whole "
                 "pool, and another tenant's Call then finds no channel",
             ))
+    return out
+
+
+def _held_advisories(cfg: Config) -> list[tuple[str, str]]:
+    """A tenant whose requests that never arrive whole can tie up more than
+    HELD_WARN_BYTES of kupd's memory (kupd.tenants.held_bound: a tenant
+    without max_message_bytes, or with neither max_sessions nor
+    max_calls_in_flight): named by the first of those keys it lacks."""
+    from kupd.policy import tenant_key
+    from kupd.tenants import HELD_WARN_BYTES, RPC_HELD_BYTES, held_bound, tenant_rpc_bound
+
+    out: list[tuple[str, str]] = []
+    for i, t in enumerate(cfg.tenants):
+        held = held_bound(cfg, t)
+        if held <= HELD_WARN_BYTES:
+            continue
+        missing = [
+            k
+            for k, unset in (
+                ("max_message_bytes", not t.max_message_bytes),
+                ("max_sessions", not t.max_sessions and bool({"session", "lease"} & set(t.ops))),
+                ("max_calls_in_flight", not t.max_calls_in_flight and "call" in t.ops),
+            )
+            if unset
+        ]
+        if not missing:
+            continue  # its own limits, set high: what it asked for
+        size = (
+            "up to max_message_bytes + 16 KiB"
+            if t.max_message_bytes
+            else "up to 4 MiB without max_message_bytes"
+        )
+        out.append((
+            f"{tenant_key(i, t.name)}.{missing[0]}",
+            f"not set ({', '.join(missing)}): tenant {t.name}'s socket admits "
+            f"{tenant_rpc_bound(cfg, t)} RPCs at once, and requests that never "
+            f"arrive whole can hold up to {held / (1 << 30):.1f} GiB of kupd's memory "
+            f"(each RPC its request -- {size} -- plus ~{RPC_HELD_BYTES // 1024} KiB "
+            "of gRPC's own); set "
+            f"{' and '.join(missing)} to bound it",
+        ))
     return out
 
 

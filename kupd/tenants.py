@@ -283,6 +283,28 @@ def receive_limit(t: Tenant) -> int:
     return min(t.max_message_bytes + RECEIVE_HEADROOM, MAX_GRPC_MESSAGE)
 
 
+#: What each RPC gRPC holds open for a tenant costs kupd besides its
+#: request's bytes -- gRPC's call and stream state and grpc.aio's task and
+#: context for it -- rounded up from what was measured: RPCs opened with
+#: their headers alone, and never a request, grew kupd's resident size by
+#: 18-21 KiB each (3 000 on one connection: 21 KiB each; 20 000 on five
+#: connections: 364 MB).
+RPC_HELD_BYTES = 24 * 1024
+
+#: The memory a tenant's unfinished requests may tie up (held_bound) above
+#: which kupd warns at start and reload (kupd.config.advisories).
+HELD_WARN_BYTES = 1 << 30
+
+
+def held_bound(config: Any, t: Tenant) -> int:
+    """The most memory ``t`` can make kupd hold in RPCs whose requests
+    never arrive whole: its socket's RPC cap (tenant_rpc_bound) times what
+    each may hold, its receive limit (else gRPC's whole message) plus
+    RPC_HELD_BYTES."""
+    per_rpc = (receive_limit(t) or MAX_GRPC_MESSAGE) + RPC_HELD_BYTES
+    return tenant_rpc_bound(config, t) * per_rpc
+
+
 def tenant_rpc_bound(config: Any, t: Tenant) -> int:
     """The RPCs ``t``'s socket serves at once: its sessions and leases
     (max_sessions, else kupd's; each with the unary operations that may wait

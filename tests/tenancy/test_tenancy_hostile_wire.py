@@ -14,6 +14,7 @@ import random
 import struct
 import sys
 import time
+import tomllib
 import zlib
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from tenancy_helpers import StartTenants, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client
-from kupd.tenants import RECEIVE_HEADROOM
+from kupd.config import advisories, parse_config
+from kupd.tenants import (
+    HELD_WARN_BYTES,
+    RECEIVE_HEADROOM,
+    RPC_HELD_BYTES,
+    held_bound,
+    tenant_rpc_bound,
+)
 from kupd.testing import REPO_ROOT, wait_until
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
@@ -224,3 +232,83 @@ def test_a_flood_of_reset_calls_leaves_nothing_behind(start_tenants: StartTenant
         with k.client(tenant) as c:
             assert c.call("echo", b"after").data.lower() == b"after"
     wait_until(lambda: _fds(pid) <= fds, timeout=60, what=f"kupd back to {fds} descriptors")
+
+
+#: RPCs opened with their headers alone for the measurement below
+HELD_RPCS = 3000
+
+
+def test_an_rpc_held_open_costs_kupd_what_the_advisory_counts(
+    start_tenants: StartTenants,
+) -> None:
+    """What one RPC whose request never comes costs kupd, besides the
+    request's bytes, is at most RPC_HELD_BYTES (with a margin for the
+    allocator): the figure kupd's advisory multiplies by the socket's RPC
+    cap.  Measured as a hostile tenant would spend it: thousands of RPCs
+    on one connection, headers and never a request."""
+    k = start_tenants(BODY)
+    pid = k.proc.pid
+    raw = H2Conn(k.sock("other"))
+    try:
+        with k.client("other") as c:  # kupd's first RPC on the socket is behind it
+            assert [d.name for d in c.devices()] == ["echo"]
+        before = _status(pid, "VmRSS")
+        for _ in range(HELD_RPCS):
+            raw.grpc_open("/kup.v1.Kup/ListDevices")
+        # one whole request after them on the same connection: once it is
+        # answered, gRPC has taken every RPC before it
+        last = raw.grpc_request(
+            "/kup.v1.Kup/ListDevices", kup_pb2.ListDevicesRequest().SerializeToString()
+        )
+        wait_until(lambda: raw.ended(last), timeout=120, what="the request after the held RPCs")
+        assert not any(raw.ended(s) for s in range(1, 2 * HELD_RPCS, 2)), "RPCs refused"
+        grown = (_status(pid, "VmRSS") - before) * 1024
+    finally:
+        raw.close()
+    assert grown <= HELD_RPCS * RPC_HELD_BYTES * 3 // 2, (
+        f"{HELD_RPCS} RPCs held open grew kupd by {grown // HELD_RPCS} bytes each: "
+        f"more than RPC_HELD_BYTES={RPC_HELD_BYTES} counts"
+    )
+
+
+def test_a_tenant_whose_unfinished_requests_can_hold_gigabytes_is_named() -> None:
+    """A tenant whose socket's RPC cap times what each RPC may hold (its
+    receive limit, else 4 MiB, + RPC_HELD_BYTES) passes HELD_WARN_BYTES is
+    advised of at start and reload, naming the first of max_message_bytes,
+    max_sessions, max_calls_in_flight it lacks.  Before, only the message
+    size counted (the docs), and a tenant with a small max_message_bytes
+    but no max_sessions -- a cap of some 280 000 RPCs from kupd's own
+    max_sessions, ~20 KiB each -- looked bounded: 20 000 such RPCs held
+    364 MB of kupd's memory."""
+
+    def held(tenant: str) -> list[tuple[str, str]]:
+        doc = tomllib.loads(
+            '[[device]]\nname = "echo"\ncall_channels = 2\n'
+            f'[[tenant]]\nname = "t"\nsocket = "/run/t/t.sock"\n{tenant}\n'
+            '[[tenant.grant]]\ndevice = "echo"\n'
+        )
+        return [(k, why) for k, why in advisories(parse_config(doc)) if ".max_pool" not in k]
+
+    ((key, why),) = held("")
+    assert key == "tenant[name=t].max_message_bytes", key
+    assert "not set (max_message_bytes, max_sessions, max_calls_in_flight)" in why, why
+    ((key, why),) = held("max_message_bytes = 64")
+    assert key == "tenant[name=t].max_sessions", key
+    cfg = parse_config(
+        tomllib.loads(
+            '[[device]]\nname = "echo"\ncall_channels = 2\n[[tenant]]\nname = "t"\n'
+            'socket = "/run/t/t.sock"\nmax_message_bytes = 64\n'
+            '[[tenant.grant]]\ndevice = "echo"\n'
+        )
+    )
+    (t,) = cfg.tenants
+    assert f"admits {tenant_rpc_bound(cfg, t)} RPCs at once" in why, why
+    assert f"{held_bound(cfg, t) / (1 << 30):.1f} GiB" in why, why
+    assert held_bound(cfg, t) > HELD_WARN_BYTES
+    # sessions and Calls bounded too: a few MiB, nothing to say
+    assert held("max_message_bytes = 64\nmax_sessions = 2\nmax_calls_in_flight = 1") == []
+    # a tenant that can only Call, one at a time, still needs a size limit
+    ((key, _),) = held('ops = ["call"]\nmax_calls_in_flight = 1')
+    assert key == "tenant[name=t].max_message_bytes", key
+    # its own limits set high, whatever they add up to, are what it asked for
+    assert held("max_message_bytes = 4096\nmax_sessions = 4096\nmax_calls_in_flight = 9") == []
