@@ -32,6 +32,8 @@ channels = "8"
 [[tenant]]
 name = "dave"
 socket = "@DIR@/dave.sock"
+max_sessions = 4
+max_message_bytes = 4096
 [[tenant.grant]]
 device = "echo"
 """

@@ -27,6 +27,8 @@ call_channels = 1
 [[tenant]]
 name = "alice"
 socket = "@DIR@/alice.sock"
+max_sessions = 4          # with max_message_bytes: no advisory of what
+max_message_bytes = 4096  # unfinished requests may hold, only the pool's
 [[tenant.grant]]
 device = "echo"
 """
@@ -40,6 +42,8 @@ BOB = (
 [[tenant]]
 name = "bob"
 socket = "@DIR@/bob.sock"
+max_sessions = 4          # with max_message_bytes: no advisory of what
+max_message_bytes = 4096  # unfinished requests may hold, only the pool's
 [[tenant.grant]]
 device = "echo"
 """
@@ -112,6 +116,8 @@ call_channels = 1
 [[tenant]]
 name = "alice"
 socket = "@DIR@/alice.sock"
+max_sessions = 4          # with max_message_bytes: no advisory of what
+max_message_bytes = 4096  # unfinished requests may hold, only the pool's
 [[tenant.grant]]
 device = "echo"
 
