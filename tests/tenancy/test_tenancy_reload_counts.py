@@ -35,6 +35,7 @@ call_channels = 1
 name = "alice"
 socket = "@DIR@/alice.sock"
 max_sessions = 8
+max_message_bytes = 4096  # with max_sessions: nothing to advise of
 [[tenant.grant]]
 device = "echo"
 """
