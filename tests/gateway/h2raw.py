@@ -163,6 +163,13 @@ class H2Conn:
         raise AssertionError(f"no frame of type {ftype} on stream {stream}: {self.frames}")
 
     def close(self) -> None:
+        # shutdown first: close() alone leaves the connection open while the
+        # reader thread is blocked in recv() on it (the syscall holds the
+        # socket), until kupd happens to send something -- a keepalive ping
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
