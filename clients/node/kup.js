@@ -730,14 +730,17 @@ class Session {
 
 // An async iterator of watch events ({type, device, channel, lease_id,
 // ...}); ends when cancel()led; a kupd shutdown ends it by throwing
-// Shutdown after the SERVER_SHUTTING_DOWN event, client.close() by throwing
-// InvalidArgument "client of PATH was closed while the operation waited".
+// Shutdown after the SERVER_SHUTTING_DOWN event (kupd dying: Unavailable),
+// and every later next() throws that again; client.close() ends it by
+// throwing InvalidArgument "client of PATH was closed while the operation
+// waited", then "client of PATH is closed".
 class WatchCore {
   constructor(client, request) {
     this.client = client;
     this.queue = [];
     this.waiters = [];
-    this.error = null;
+    this.error = null;      // what ended the stream (null: cancel() or a quiet end)
+    this.later = null;      // after client.close(): the error of next() calls after the first
     this.over = false;
     this.cancelled = false;
     this.stream = openStream(() => client.stub.Watch(request));
@@ -760,17 +763,27 @@ class WatchCore {
     else this.queue.push(item);
   }
 
+  // The stream is over: the waiting next() calls get its error (or the
+  // end), and so does every later one -- the error is kept, an ended Watch
+  // never turns into a quiet end.  client.close() gives the first next()
+  // (waiting or not) "... was closed while the operation waited" and the
+  // later ones "... is closed", as with any other operation.
   end() {
     if (this.over) return;
     this.over = true;
     this.client.live.delete(this);
-    for (const w of this.waiters.splice(0)) {
-      if (this.error) {
-        w.reject(this.error);
-        this.error = null;
-      } else {
-        w.resolve({ value: undefined, done: true });
-      }
+    for (const w of this.waiters.splice(0)) this.settle(w);
+  }
+
+  settle(w) {
+    if (!this.error) {
+      w.resolve({ value: undefined, done: true });
+      return;
+    }
+    w.reject(this.error);
+    if (this.later) {
+      this.error = this.later;
+      this.later = null;
     }
   }
 
@@ -780,14 +793,7 @@ class WatchCore {
       if (this.queue.length < 256 && !this.over) this.stream.resume();
       return Promise.resolve(item);
     }
-    if (this.over) {
-      if (this.error) {
-        const e = this.error;
-        this.error = null;
-        return Promise.reject(e);
-      }
-      return Promise.resolve({ value: undefined, done: true });
-    }
+    if (this.over) return new Promise((resolve, reject) => this.settle({ resolve, reject }));
     return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
@@ -807,6 +813,7 @@ class WatchCore {
     this.cancelled = true;
     this.queue.length = 0;
     this.error = clientClosed(this.client.path, true);
+    this.later = clientClosed(this.client.path, false);
     this.stream.cancel();
     this.end();
   }

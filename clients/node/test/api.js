@@ -154,8 +154,11 @@ test('watch: initial state, lease events, cancel() and break end it', async () =
 
 test('watch on an unknown device fails through the same errors', async () => {
   const w = client.watch('no-such-device');
-  await assert.rejects(w.next(), kupErr(kup.NotFound, /no-such-device/, kup.grpc.status.NOT_FOUND));
-  assert.deepEqual(await w.next(), { value: undefined, done: true });
+  const notFound = kupErr(kup.NotFound, /no-such-device/, kup.grpc.status.NOT_FOUND);
+  await assert.rejects(w.next(), notFound);
+  // ended by that error: every later next() rejects with it too, never a quiet end
+  await assert.rejects(w.next(), notFound);
+  await assert.rejects(w.next(), notFound);
 });
 
 test('health: SERVING for kupd and its device, NotFound for an unknown service', async () => {

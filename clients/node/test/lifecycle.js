@@ -60,7 +60,10 @@ test('client.close() ends its open sessions, watches and RPCs under way', async 
     new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA);
   await assert.rejects(events, whileWaited);
   await assert.rejects(w2.next(), whileWaited);
-  assert.deepEqual(await w2.next(), { value: undefined, done: true }); // then it is over
+  // then it is closed, as every method of the client
+  const closed = kupErr(kup.InvalidArgument, new RegExp(`^client of ${socketPath} is closed$`), IA);
+  await assert.rejects(w2.next(), closed);
+  await assert.rejects(w2.next(), closed);
   assert.equal(first.done, false);
   await assert.rejects(s.send('x'), kupErr(kup.InvalidArgument, /^channel \d+ of .* is closed$/, IA));
   await assert.rejects(idle.receive(0), kupErr(kup.InvalidArgument, /is closed$/, IA));
