@@ -93,6 +93,14 @@ const MAX_PAYLOAD = MAX_MESSAGE - 64 * 1024;
 // wrap (channel 2**32 + 40 attached channel 40).
 const MAX_UINT32 = 0xffffffff;
 
+// After a failed connect gRPC waits this long before the next attempt,
+// growing the wait up to RECONNECT_MAX_MS (kupclient._types'
+// RECONNECT_INITIAL_MS / RECONNECT_MAX_MS).  gRPC's defaults (1 s growing to
+// 2 minutes) are for remote servers: with them a client whose kupd was away
+// 15 s kept failing Unavailable for 13 s after a new kupd served the socket.
+const RECONNECT_INITIAL_MS = 100;
+const RECONNECT_MAX_MS = 1000;
+
 // Deadline of the short unary RPCs (ListDevices, Attach, Send, ...), as Python's.
 const UNARY_DEADLINE_MS = 30000;
 // How long a Session's TooBig waits for ListDevices to tell which limit it is.
@@ -872,6 +880,8 @@ class Client {
       'grpc.max_receive_message_length': MAX_MESSAGE,
       'grpc.keepalive_time_ms': 30000,
       'grpc.keepalive_timeout_ms': 10000,
+      'grpc.initial_reconnect_backoff_ms': RECONNECT_INITIAL_MS,
+      'grpc.max_reconnect_backoff_ms': RECONNECT_MAX_MS,
     });
     this._health = null;
     this._channelBytes = new Map();  // device -> its channel data area (ListDevices)

@@ -7,6 +7,10 @@ one kupd with a short call_timeout (errors.js checks that a Call without a
 timeout gets kupd's) and call_quarantine (the Calls left unanswered there
 give their pool channel back soon).
 
+gone.js runs on its own, once per signal, against a kupd of its own that it
+ends (SIGTERM, SIGKILL) under a waiting Watch and Session; a new kupd then
+serves the same socket and the same client must reach it soon.
+
 The npm dependencies are installed into clients/node/node_modules (ignored by
 git) from the committed package-lock.json with ``npm ci`` the first time, and
 again only when package.json or the lock file changed; npm's cache makes the
@@ -22,10 +26,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import pytest
 
-from kupd.testing import REPO_ROOT, doc_block
+from kupd.testing import REPO_ROOT, doc_block, kupd
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
@@ -105,6 +110,74 @@ def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
     assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report
+
+
+def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
+    """Read ``stream``'s lines into ``seen`` up to the line ``marker``
+    (``out``: the program's stdout, for the report)."""
+    for line in stream:
+        seen.append(line)
+        if line.rstrip("\n") == marker:
+            return
+    report = f"stdout:\n{out.read_text()}\nstderr:\n{''.join(seen)}"
+    raise AssertionError(f"no line {marker!r}\n{report}")
+
+
+@pytest.mark.parametrize("signal", ["SIGTERM", "SIGKILL"])
+def test_node_client_kupd_goes_away(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path, signal: str
+) -> None:
+    """gone.js: kupd stopping (SIGTERM: Shutdown after SERVER_SHUTTING_DOWN)
+    or dying (SIGKILL: Unavailable, a connection failure) under a Watch
+    waiting in next(), a Watch nobody waits on and a Session's waiting
+    receive: each ends with that class, and again on the next call; none
+    hangs.  Then a new kupd serves the same socket (started on another path
+    and linked in its place), and the same client
+    reaches it within one short reconnect back-off."""
+    with cli_gateway.gateway(("echo:2",), check_exit=signal == "SIGTERM") as gw:
+        out = tmp_path / "stdout"
+        with open(out, "w") as stdout:
+            proc = subprocess.Popen(
+                ["node", str(NODE_DIR / "test" / "gone.js"), gw.socket, "echo"],
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "KUPD_PID": str(gw.pid), "KUPD_SIGNAL": signal},
+            )
+        assert proc.stdin is not None and proc.stderr is not None
+        seen: list[str] = []
+        try:
+            _read_until(proc.stderr, "kupd gone", seen, out)
+            new = tmp_path / "new.sock"
+            with kupd(
+                "--pid-file",
+                "-",
+                sim=gw.sim,
+                devices=("echo:2",),
+                socket=new,
+                command=[str(cli_gateway.console_script("kupd"))],
+                env=gw.sim.env(),
+                start_timeout=cli_gateway.START_TIMEOUT,
+                stop_timeout=cli_gateway.STOP_TIMEOUT,
+            ):
+                proc.stdin.write("ready\n")
+                proc.stdin.flush()
+                _read_until(proc.stderr, "rename", seen, out)
+                # the new kupd serves the client's path from now on (a link: kupd stops
+                # when its own path is removed or replaced)
+                os.link(new, gw.socket)
+                proc.stdin.write("back\n")
+                proc.stdin.close()
+                seen.append(proc.stderr.read())
+                proc.wait(RUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        report = f"stdout:\n{out.read_text()}\nstderr:\n{''.join(seen)}"
+        assert proc.returncode == 0, report
+        assert "# fail 0" in out.read_text() and "# pass 1" in out.read_text(), report
 
 
 def test_gateway_md_sample_runs(kupd_socket: tuple[str, int], tmp_path: Path) -> None:
