@@ -516,6 +516,29 @@ function openStream(make) {
   }
 }
 
+// Node's timers fire at once for a delay over 2**31 - 1 ms (about 24.8
+// days; timeouts are uint32 ms, up to 49.7 days).
+const MAX_TIMER_MS = 0x7fffffff;
+
+// An unref()ed timer calling fn after ms, however long (re-armed in steps
+// of at most MAX_TIMER_MS); returns the function that stops it.
+function longTimeout(fn, ms) {
+  const due = Date.now() + ms;
+  let t = null;
+  const arm = () => {
+    const left = due - Date.now();
+    if (left <= 0) {
+      fn();
+      return;
+    }
+    t = setTimeout(arm, Math.min(left, MAX_TIMER_MS));
+    t.unref();
+  };
+  t = setTimeout(arm, Math.min(ms, MAX_TIMER_MS));
+  t.unref();
+  return () => clearTimeout(t);
+}
+
 // The state of a Session stream, apart from the Session object.
 class SessionCore {
   constructor(client) {
@@ -581,10 +604,9 @@ class SessionCore {
       const p = { id, resolve, reject };
       if (waitMs !== undefined) {
         const bound = waitMs + DEADLINE_SLACK_MS;
-        const t = setTimeout(() => this.noAnswer(p, bound), bound);
-        t.unref();
-        p.resolve = (v) => { clearTimeout(t); resolve(v); };
-        p.reject = (e) => { clearTimeout(t); reject(e); };
+        const stop = longTimeout(() => this.noAnswer(p, bound), bound);
+        p.resolve = (v) => { stop(); resolve(v); };
+        p.reject = (e) => { stop(); reject(e); };
       }
       this.pending.push(p);
       this.stream.write({ request_id: id, ...op });

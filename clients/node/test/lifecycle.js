@@ -165,3 +165,28 @@ test('a session operation kupd does not answer fails after its timeout plus 5 s'
   await s.close();
   await waitState(client, id, 'free', 10000);
 });
+
+test('a session wait longer than Node\'s longest timer (2**31 - 1 ms) still waits', async () => {
+  // the client bounds each wait by its timeout plus 5 s; a setTimeout of
+  // more than 2**31 - 1 ms fires at once, which ended the session with
+  // DeadlineExceeded "kupd did not answer" a millisecond into the wait
+  const s = await client.openSession(device);
+  const id = s.lease.channel;
+  try {
+    await s.receive(10000);
+    await s.send('!hold'); // never answered
+    let settled = null;
+    const long = s.receive(2 ** 32 - 1).then(() => 'resolved', (err) => { settled = err; return err; });
+    const longer = s.exchange('x', 3e9).then(() => 'resolved', (err) => err);
+    await sleep(500);
+    assert.equal(settled, null, `${settled}`);
+    await s.close();
+    const whileWaited = kupErr(kup.InvalidArgument,
+      new RegExp(`^channel ${id} of ${device} was closed while the operation waited$`), IA);
+    whileWaited(await long);
+    whileWaited(await longer);
+  } finally {
+    await s.close();
+  }
+  await waitState(client, id, 'free', 10000);
+});
