@@ -168,3 +168,44 @@ test('health: SERVING for kupd and its device, NotFound for an unknown service',
   await assert.rejects(client.health('no.such.Service'), kupErr(kup.NotFound));
   await assert.rejects(client.health(5), { name: 'TypeError', message: /service must be a string/ });
 });
+
+test('hundreds of Calls and Sessions at once from one client: every reply is its request\'s', async () => {
+  const [dev] = await client.listDevices(device);
+  const calls = Array.from({ length: 400 }, (_, i) => `call ${i} of many`);
+  // (generous timeouts: 400 Calls queue for kupd's few pool channels)
+  const replies = await Promise.all(calls.map((t) => client.call(device, t, { timeoutMs: 120000 })));
+  replies.forEach((r, i) => {
+    assert.equal(r.kind, 'data', `call ${i}`);
+    assert.equal(r.data.toString(), expectedEcho(r.channel, calls[i]), `call ${i} on channel ${r.channel}`);
+  });
+  // sessions on most free channels at once (the pool's are not free), each a few exchanges
+  const n = Math.min(100, dev.channels.filter((c) => c.state === 'free').length - 2);
+  assert.ok(n >= 50, `${n} free channels`);
+  const rounds = 5;
+  const sessions = await Promise.all(Array.from({ length: n }, () => client.openSession(device)));
+  try {
+    assert.equal(new Set(sessions.map((s) => s.lease.channel)).size, n, 'each session its own channel');
+    const results = await Promise.all(sessions.map(async (s, i) => {
+      const got = [await s.receive(60000)];
+      for (let r = 0; r < rounds; r += 1) got.push(await s.exchange(`session ${i} round ${r}`, 60000));
+      return got;
+    }));
+    results.forEach((got, i) => {
+      const ch = sessions[i].lease.channel;
+      assert.equal(got[0].kind, 'pass', `session ${i}`);
+      for (let r = 0; r < rounds; r += 1) {
+        const m = got[r + 1];
+        assert.deepEqual([m.kind, m.seq, m.data.toString()],
+          ['data', r + 2, expectedEcho(ch, `session ${i} round ${r}`)], `session ${i} round ${r}`);
+      }
+    });
+    // and the calls still go on while the sessions hold their channels
+    const more = await Promise.all(calls.slice(0, 50).map((t) => client.call(device, t, { timeoutMs: 120000 })));
+    more.forEach((r, i) => assert.equal(r.data.toString(), expectedEcho(r.channel, calls[i])));
+  } finally {
+    await Promise.all(sessions.map((s) => s.close()));
+  }
+  const [after] = await client.listDevices(device);
+  assert.equal(after.channels.filter((c) => c.state === 'session').length, 0);
+  assert.equal(after.calls_in_flight, 0);
+});
