@@ -7,7 +7,7 @@
 const test = require('node:test');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
-const { assert, channelState, connectForTests, device, kup, kupErr, sleep, socketPath, waitState } = require('./common');
+const { assert, channelState, connectForTests, device, expectedEcho, kup, kupErr, sleep, socketPath, waitState } = require('./common');
 
 const client = connectForTests();
 
@@ -189,4 +189,43 @@ test('a session wait longer than Node\'s longest timer (2**31 - 1 ms) still wait
     await s.close();
   }
   await waitState(client, id, 'free', 10000);
+});
+
+test('client.close() under Calls in the pool and in its queue and a blocked lease receive: kupd frees them all', async () => {
+  const c2 = kup.connect(socketPath);
+  const [dev] = await client.listDevices(device);
+  const pool = dev.channels.filter((c) => c.state === 'calls').map((c) => c.id);
+  assert.ok(pool.length >= 1, 'a Call pool');
+  // echo never answers !hold: these hold every pool channel, the rest queue
+  const held = pool.map(() => c2.call(device, '!hold', { timeoutMs: 120000 }));
+  const queued = [0, 1, 2].map((i) => c2.call(device, `queued ${i}`, { timeoutMs: 120000 }));
+  const lease = await c2.attach(device);
+  await c2.leaseReceive(lease.lease_id, 10000);
+  await c2.leaseSend(lease.lease_id, '!hold');
+  const receiving = c2.leaseReceive(lease.lease_id); // blocks in kupd
+  for (const t0 = Date.now(); ; await sleep(50)) {
+    const [d] = await client.listDevices(device);
+    if (d.calls_queued >= queued.length && d.calls_in_flight >= pool.length + queued.length) break;
+    assert.ok(Date.now() - t0 < 30000, `calls not queued: ${d.calls_in_flight} in flight, ${d.calls_queued} queued`);
+  }
+  c2.close();
+  const whileWaited = kupErr(kup.InvalidArgument,
+    new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA);
+  for (const p of [...held, ...queued, receiving]) await assert.rejects(p, whileWaited);
+  // kupd let go of every one: no Call in flight or queued, the pool's
+  // channels back (after their quarantine), the lease's receive ended
+  for (const t0 = Date.now(); ; await sleep(100)) {
+    const [d] = await client.listDevices(device);
+    const states = pool.map((id) => d.channels.find((c) => c.id === id).state);
+    if (d.calls_in_flight === 0 && d.calls_queued === 0 && states.every((s) => s === 'calls')) break;
+    assert.ok(Date.now() - t0 < 60000,
+      `after 60 s: ${d.calls_in_flight} Calls in flight, ${d.calls_queued} queued, pool ${states}`);
+  }
+  const r = await client.call(device, 'after', { timeoutMs: 30000 });
+  assert.equal(r.data.toString(), expectedEcho(r.channel, 'after'));
+  // the lease is the one thing that outlives its client (kupd's idle
+  // timeout ends it); its cancelled receive no longer waits there
+  assert.equal(await client.leaseReceive(lease.lease_id, 0), null);
+  await client.release(lease.lease_id);
+  await waitState(client, lease.channel, 'free', 30000);
 });
