@@ -7,6 +7,7 @@ one kupd with a short call_timeout (errors.js checks that a Call without a
 timeout gets kupd's) and call_quarantine (the Calls left unanswered there
 give their pool channel back soon).
 
+big.js runs against a second kupd, whose echo has 4 MiB channels.
 gone.js runs on its own, once per signal, against a kupd of its own that it
 ends (SIGTERM, SIGKILL) under a waiting Watch and Session; a new kupd then
 serves the same socket and the same client must reach it soon.
@@ -110,6 +111,29 @@ def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
     assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report
+
+
+@pytest.fixture(scope="module")
+def big_kupd_socket(node_deps: None, cli_gateway: ModuleType) -> Iterator[str]:
+    """kupd over an echo with 4 MiB channels (KUP_MAX_PAGES pages of 4 KiB)."""
+    sim_env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "4", "KUP_PARAM_ECHO_PAGES": "1024"}
+    with cli_gateway.gateway(("echo:2",), sim_env=sim_env) as gw:
+        yield gw.socket
+
+
+def test_node_client_big_messages(big_kupd_socket: str) -> None:
+    """big.js: messages of 4 MiB (a channel's largest, past gRPC's default
+    limit with the envelope) through a Call, a Session and a lease."""
+    proc = subprocess.run(
+        ["node", str(NODE_DIR / "test" / "big.js"), big_kupd_socket, "echo"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert "# fail 0" in proc.stdout and "# pass 1" in proc.stdout, report
 
 
 def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
