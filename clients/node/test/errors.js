@@ -264,3 +264,36 @@ test('argument checks: device filters, options, bigint / symbol values, buffers 
     await s.close();
   }
 });
+
+test('the lease API refuses bad arguments before anything is sent, naming them', async () => {
+  // against the fake server, which serves no lease method: an argument that
+  // reached the wire would come back NotFound ("does not serve that method")
+  const refused = [
+    [fakeClient.attach(device, -1), RangeError, /^channel must be an integer in 0\.\.4294967295 \(uint32\), not -1$/],
+    [fakeClient.attach(device, 2 ** 32 + 1), RangeError, /not 4294967297$/],
+    [fakeClient.attach(''), TypeError, /^device must be a non-empty string, not ""$/],
+    [fakeClient.leaseSend(undefined, 'x'), TypeError, /^lease id must be a non-empty string, not undefined$/],
+    [fakeClient.leaseSend('L1', undefined), TypeError, /^data must be a Buffer, .* not undefined$/],
+    [fakeClient.leaseSend('L1', Buffer.alloc(kup.MAX_PAYLOAD + 1)), kup.TooBig, /larger than any message kupd carries/],
+    [fakeClient.leaseReceive('L1', -5), RangeError, /^timeoutMs must be .* >= 0, not -5$/],
+    [fakeClient.leaseReceive('L1', '100'), TypeError, /^timeoutMs must be a number of milliseconds, not string "100"$/],
+    [fakeClient.leaseReceive('L1', 2 ** 32), RangeError, /not 4294967296$/],
+    [fakeClient.leaseExchange('L1', 'x', NaN), RangeError, /not NaN$/],
+    [fakeClient.leaseExchange('L1', null, 100), TypeError, /^data must be a Buffer, .* not null$/],
+    [fakeClient.leaseExchange(5, 'x', 100), TypeError, /^lease id must be a non-empty string, not 5$/],
+    [fakeClient.leasePass({}), TypeError, /^lease id must be a non-empty string, not object$/],
+    [fakeClient.release(''), TypeError, /^lease id must be a non-empty string, not ""$/],
+    [fakeClient.release('\ud800'), RangeError, /^lease id must be valid UTF-8/],
+  ];
+  for (const [promise, cls, re] of refused) {
+    await assert.rejects(promise, (err) => {
+      assert.ok(err instanceof cls, `${err} is a ${cls.name}`);
+      assert.match(err.message, re);
+      return true;
+    });
+  }
+  assert.throws(() => fakeClient.watch(device, { initialState: 'yes' }),
+    { name: 'TypeError', message: /^initialState must be a boolean, not string "yes"$/ });
+  // (and a good one does reach it)
+  await assert.rejects(fakeClient.leasePass('L1'), kupErr(kup.NotFound, /does not serve that method/));
+});
