@@ -229,3 +229,29 @@ test('client.close() under Calls in the pool and in its queue and a blocked leas
   await client.release(lease.lease_id);
   await waitState(client, lease.channel, 'free', 30000);
 });
+
+test('client.close() under an attach and a session attach waiting for their channel: kupd takes no lease', async () => {
+  // a channel echo's worker keeps locked after its user left: attaching it
+  // waits in kupd (up to 10 s) until "!lockfree"
+  const s = await client.openSession(device);
+  const id = s.lease.channel;
+  await s.receive(10000);
+  await s.send('!lockhold60000');
+  await s.close();
+  await waitState(client, id, 'module', 30000);
+  const c2 = kup.connect(socketPath);
+  const attaching = c2.attach(device, id);
+  const opening = c2.openSession(device, id);
+  await sleep(300); // (both on their way to kupd, or waiting there)
+  c2.close();
+  await assert.rejects(attaching, kupErr(kup.InvalidArgument,
+    new RegExp(`^client of ${socketPath} was closed while the operation waited$`), IA));
+  await assert.rejects(opening, kupErr(kup.InvalidArgument,
+    new RegExp(`^session on ${device} was closed while the operation waited$`), IA));
+  const r = await client.call(device, '!lockfree', { timeoutMs: 30000 });
+  assert.equal(r.data.toString().toLowerCase(), '!lockfree');
+  // the channel comes free, and no lease is left on it: it attaches at once
+  await waitState(client, id, 'free', 30000);
+  const lease = await client.attach(device, id);
+  await client.release(lease.lease_id);
+});
