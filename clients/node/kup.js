@@ -50,6 +50,9 @@
 //   Session's stream is then ended).  A Call without timeoutMs sends
 //   timeout_ms 0 (kupd's call_timeout) with no RPC deadline; with one, the
 //   RPC's deadline is that plus 5 s, so kupd answers the deadline itself.
+// * No AbortSignal option: an operation under way ends by its timeout,
+//   Session.close(), Watch.cancel() or client.close(), and kupd lets go of
+//   what it held or waited for (an Attach lease lives on until release()).
 // * Calls carry caller `${os.hostname()}:${process.pid}` unless
 //   connect(path, {caller}) or call(..., {caller}) names another.
 // * Result objects use the .proto's snake_case field names (the same as the
