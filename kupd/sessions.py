@@ -6,6 +6,12 @@ A lease ends when its Session stream ends, on Release, after
 goes away, or when kupd shuts down.  Ending a lease that has an operation
 in flight (a blocked receive) wakes that operation with the reason first;
 the channel is closed once it has left the channel.
+
+A unary receive (or exchange) that takes the kernel's message stays the
+lease's operation until its reply is written (``handover``): one whose
+reply could not be written -- its caller cancelled or went away as kupd
+took the message -- leaves the message on the lease (:attr:`Lease.held`),
+and the lease's next receive returns it before looking at the channel.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 
 from kupd import errors
 from kupd.abi import KUP_E_PEER
-from kupd.channel import Channel, Message
+from kupd.channel import Channel, Kind, Message
 from kupd.devices import DeviceManager, ManagedDevice
 from kupd.log import get_logger
 from kupd.metrics import ChannelMetrics
@@ -143,6 +149,10 @@ class Lease:
         #: Waits for the kernel's messages (made at the first wait: it puts
         #: the channel in poll mode).
         self.waiter: ChannelWaiter | None = None
+        #: The kernel's message a unary receive took but could not deliver
+        #: (its caller had gone before the reply was written): the next
+        #: receive returns it first (LeaseTable.settle).
+        self.held: Message | None = None
 
     @property
     def active(self) -> bool:
@@ -510,6 +520,47 @@ class LeaseTable:
         if not lease.active and lease.ops == 0:
             self._close_channel(lease)
 
+    def settle(self, lease: Lease, msg: Message, delivered: bool) -> None:
+        """End the operation that took ``msg`` with ``handover`` (see
+        :meth:`receive`): its reply was written (``delivered``), or its
+        caller had gone first -- cancelled, past its deadline, its
+        connection lost -- and the message stays the lease's unread one,
+        for its next receive (a lease that ended meanwhile took it along).
+        Being held back is a use of the lease (idle timeout)."""
+        if not delivered:
+            kept = lease.active
+            if kept:
+                lease.held = msg
+            log.debug(
+                "reply not delivered",
+                device=lease.dev.name,
+                channel=lease.ch.id,
+                lease=lease.id,
+                kind=msg.kind.name,
+                seq=msg.seq,
+                outcome="held back for the next receive" if kept else "gone with the lease",
+            )
+        self._leave(lease)
+
+    @staticmethod
+    def _over_held(lease: Lease, what: str) -> None:
+        """Before a send or pass: a held-back DATA message (:meth:`settle`)
+        is the lease's unread message, which a send or pass would answer
+        without reading -- NotYourTurn, as the channel's keep_unread refuses
+        one over the kernel's unread message; a held PASS or CLOSE carries
+        nothing and is dropped, as libkup drops an unread PASS."""
+        held = lease.held
+        if held is None:
+            return
+        if held.kind == Kind.DATA:
+            raise errors.NotYourTurn(
+                f"{what}: channel {lease.ch.id} of device {lease.dev.name}: the kernel's "
+                f"message is unread (this side holds the turn; a receive whose caller had "
+                f"gone took it, and kept it for the next one); receive it first: "
+                f"{'sending' if what == 'send' else 'passing'} now would drop it"
+            )
+        lease.held = None
+
     @staticmethod
     def _ended_error(lease: Lease) -> errors.KupError:
         exc = lease.ended.exception()
@@ -533,6 +584,7 @@ class LeaseTable:
         self._check_size(lease, len(data))
         await self._enter(lease, retired)
         try:
+            self._over_held(lease, "send")
             lease.ch.send(data)
             lease.m.sent(len(data))
         except errors.PeerGone as exc:
@@ -544,6 +596,7 @@ class LeaseTable:
     async def pass_(self, lease: Lease, retired: asyncio.Future[None] | None = None) -> None:
         await self._enter(lease, retired)
         try:
+            self._over_held(lease, "pass")
             lease.ch.pass_()
             lease.m.sent(0)
         except errors.PeerGone as exc:
@@ -559,24 +612,33 @@ class LeaseTable:
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,
         retired: asyncio.Future[None] | None = None,
+        handover: bool = False,
     ) -> Message | None:
         """The kernel's message; None for a non-blocking receive with nothing
         there -- or with another operation on the lease under way (a
         blocking receive would take what comes first): it does not wait.
         ``abort`` (kupd's drain) or ``retired`` (the retirement of the
         socket it came in on) failing first ends the wait with its error,
-        the message left for the next receive."""
+        the message left for the next receive.
+
+        ``handover``: a message returned is not delivered yet (a unary
+        RPC's reply still to be written): the operation stays the lease's
+        -- the next one waits for its turn -- until :meth:`settle` says
+        whether it reached its caller."""
         if nonblocking and (lease.lock.held or lease.lock.waiting) and lease.active:
             lease.last_used = time.monotonic()  # a use all the same (idle timeout)
             return None
         await self._enter(lease, retired)
+        msg = None
         try:
-            return await self._receive_entered(lease, timeout, nonblocking, abort, retired)
+            msg = await self._receive_entered(lease, timeout, nonblocking, abort, retired)
+            return msg
         except errors.PeerGone as exc:
             self._peer_gone(lease, exc)
             raise
         finally:
-            self._leave(lease)
+            if msg is None or not handover:
+                self._leave(lease)
 
     async def exchange(
         self,
@@ -586,46 +648,63 @@ class LeaseTable:
         nonblocking: bool,
         abort: asyncio.Future[None] | None = None,
         retired: asyncio.Future[None] | None = None,
+        handover: bool = False,
     ) -> Message | None:
         """``send(data)`` then ``receive(...)`` as one operation (one lock
         hold).  A failed send sent nothing; a failed receive leaves the data
         sent and the reply owed to a later receive (``retired`` failing
-        while the reply is awaited says so)."""
+        while the reply is awaited says so).  ``handover``: as
+        :meth:`receive`'s, for the reply."""
         self._check_size(lease, len(data))
         await self._enter(lease, retired)
+        msg = None
         try:
-            if nonblocking:
-                lease.ch.send(data)
-                lease.m.sent(len(data))
-                return await self._receive_entered(lease, timeout, nonblocking, abort)
-            # The fast path: send, then spin (GIL released) for the channel's
-            # short adaptive budget; a kernel that answers within it needs no
-            # fd wake-up, future or event-loop round.  None: sent, reply owed.
-            t0 = time.monotonic()
-            msg = lease.ch.try_exchange(data)
-            lease.m.sent(len(data))
-            if msg is None:
-                if retired is None:
-                    return await self._receive_entered(lease, timeout, nonblocking, abort)
-                try:
-                    return await self._receive_entered(
-                        lease, timeout, nonblocking, abort, retired
-                    )
-                except errors.Unavailable as exc:
-                    if not retired.done() or not lease.active:
-                        raise
-                    raise errors.Unavailable(
-                        f"{exc.message} (the request was sent: the next receive on lease "
-                        f"{lease.id} gets its reply)"
-                    ) from None
-            lease.m.turn_wait.observe(time.monotonic() - t0)
-            lease.m.received(len(msg.data))
+            msg = await self._exchange_entered(lease, data, timeout, nonblocking, abort, retired)
             return msg
         except errors.PeerGone as exc:
             self._peer_gone(lease, exc)
             raise
         finally:
-            self._leave(lease)
+            if msg is None or not handover:
+                self._leave(lease)
+
+    async def _exchange_entered(
+        self,
+        lease: Lease,
+        data: bytes | memoryview,
+        timeout: float | None,
+        nonblocking: bool,
+        abort: asyncio.Future[None] | None,
+        retired: asyncio.Future[None] | None,
+    ) -> Message | None:
+        self._over_held(lease, "send")
+        if nonblocking:
+            lease.ch.send(data)
+            lease.m.sent(len(data))
+            return await self._receive_entered(lease, timeout, nonblocking, abort)
+        # The fast path: send, then spin (GIL released) for the channel's
+        # short adaptive budget; a kernel that answers within it needs no
+        # fd wake-up, future or event-loop round.  None: sent, reply owed.
+        t0 = time.monotonic()
+        msg = lease.ch.try_exchange(data)
+        lease.m.sent(len(data))
+        if msg is None:
+            if retired is None:
+                return await self._receive_entered(lease, timeout, nonblocking, abort)
+            try:
+                return await self._receive_entered(
+                    lease, timeout, nonblocking, abort, retired
+                )
+            except errors.Unavailable as exc:
+                if not retired.done() or not lease.active:
+                    raise
+                raise errors.Unavailable(
+                    f"{exc.message} (the request was sent: the next receive on lease "
+                    f"{lease.id} gets its reply)"
+                ) from None
+        lease.m.turn_wait.observe(time.monotonic() - t0)
+        lease.m.received(len(msg.data))
+        return msg
 
     async def _receive_entered(
         self,
@@ -635,6 +714,10 @@ class LeaseTable:
         abort: asyncio.Future[None] | None,
         retired: asyncio.Future[None] | None = None,
     ) -> Message | None:
+        held = lease.held
+        if held is not None:  # taken before, its reply not delivered: first
+            lease.held = None
+            return held
         if nonblocking:
             msg = lease.ch.try_receive()
         else:
