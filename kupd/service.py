@@ -52,7 +52,7 @@ from kupd.policy import (
 from kupd.retirement import waiting_on
 from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
-from kupd.wire import MalformedRequest, WireRequest, encode_reply, fill_receive
+from kupd.wire import Handover, MalformedRequest, WireRequest, encode_reply, fill_receive
 
 __all__ = ["KupService", "call_timeout", "error_pb", "status_for"]
 
@@ -808,13 +808,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.leases.end(self._lease(request.lease_id), "released")
         return kup_pb2.ReleaseResponse()
 
-    async def Send(
+    async def Send(  # type: ignore[override]  # a Handover: kupd.wire serves it
         self,
         request: kup_pb2.SendRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant | None = None,
         retired: asyncio.Future[None] | None = None,
-    ) -> kup_pb2.SendResponse:
+    ) -> kup_pb2.SendResponse | Handover:
         # Not @_unary (as Call): a Send that succeeds logs nothing, so the log
         # context (a clear and five contextvars) is bound only when it fails,
         # with the same keys as before.  ``tenant``: TenantKup binds it here
@@ -835,7 +835,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         context: grpc.aio.ServicerContext,
         where: dict[str, Any],
         retired: asyncio.Future[None] | None,
-    ) -> kup_pb2.SendResponse:
+    ) -> kup_pb2.SendResponse | Handover:
         lease, t = self._lease_t(request.lease_id, where)
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
@@ -866,10 +866,11 @@ class KupService(kup_pb2_grpc.KupServicer):
                 nonblocking=nonblocking,
                 abort=self.drain,
                 retired=retired,
+                handover=True,
             )
         resp = kup_pb2.SendResponse()
         fill_receive(resp.reply, msg)
-        return resp
+        return resp if msg is None else self._handover(lease, msg, resp)
 
     @_unary
     async def Pass(
@@ -904,7 +905,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         timeout_ms: int,
         context: grpc.aio.ServicerContext,
         t: Tenant | None = None,
-    ) -> kup_pb2.ReceiveResponse:
+    ) -> kup_pb2.ReceiveResponse | Handover:
         """A unary Receive; ``t``: the caller's tenant, when it has a
         channel_ops_per_second to wait under first."""
         timeout, nonblocking = self._receive_args(mode, timeout_ms)
@@ -916,14 +917,28 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         with waiting_on(retired, "Receive", lease.ended):
             msg = await self.leases.receive(
-                lease, timeout, nonblocking=nonblocking, abort=self.drain, retired=retired
+                lease,
+                timeout,
+                nonblocking=nonblocking,
+                abort=self.drain,
+                retired=retired,
+                handover=True,
             )
-        return _receive_pb(msg)
+        resp = _receive_pb(msg)
+        return resp if msg is None else self._handover(lease, msg, resp)
+
+    def _handover(self, lease: Lease, msg: Message, reply: Any) -> Handover:
+        """``reply`` carrying the kernel's ``msg``, taken by a unary Receive
+        or Send on ``lease`` whose operation stays the lease's until the
+        reply is written (kupd.wire serves them so that one not written is
+        seen): one whose caller had gone leaves ``msg`` for the lease's
+        next receive instead of losing it (LeaseTable.settle)."""
+        return Handover(reply, functools.partial(self.leases.settle, lease, msg))
 
     @_unary
-    async def Receive(
+    async def Receive(  # type: ignore[override]  # a Handover: kupd.wire serves it
         self, request: kup_pb2.ReceiveRequest, context: grpc.aio.ServicerContext
-    ) -> kup_pb2.ReceiveResponse:
+    ) -> kup_pb2.ReceiveResponse | Handover:
         lease, t = self._lease_t(request.lease_id)
         # nothing awaited from here to the wait for the kernel's message
         # (or for the lease's turn, another operation under way on it),

@@ -41,6 +41,7 @@ __all__ = [
     "LEN",
     "VARINT",
     "WIRE_MIN_BYTES",
+    "Handover",
     "MalformedRequest",
     "ReceivedMessage",
     "Unexpected",
@@ -276,24 +277,50 @@ def _refusing(method: str, handler: Any, on_malformed: Any) -> Any:
     return handler
 
 
-def _reply_watched(handler: Any, undelivered: Callable[[Any], object]) -> Any:
+class Handover:
+    """What a unary handler served by :func:`_reply_watched` returns when
+    its reply carries something taken for the caller (a lease's Receive and
+    Send: the kernel's message): ``reply``, then ``settle(True)`` once it is
+    written, or ``settle(False)`` when it cannot be -- the caller had gone
+    -- exactly once either way."""
+
+    __slots__ = ("reply", "settle")
+
+    def __init__(self, reply: Any, settle: Callable[[bool], object]) -> None:
+        self.reply = reply
+        self.settle = settle
+
+
+def _reply_watched(handler: Any, undelivered: Callable[[Any], object] | None = None) -> Any:
     """A unary handler served as a server stream of its one reply: the same
     on the wire (headers, the message, the status: a unary client sees no
     difference), but the reply is written by a batch of its own, after
     which the handler resumes.  gRPC writes a unary reply and its status in
     one batch whose failure it keeps to itself, and does not cancel a
-    handler that has returned; here a reply that could not be written --
-    the caller had cancelled, passed its deadline or gone by the time the
-    handler answered -- is seen, and ``undelivered(reply)`` undoes what the
-    caller will never learn of (Attach: the lease)."""
+    handler that has returned; nor does its ``context.cancelled()`` say
+    that a client cancelled (it is true only for a status CANCELLED the
+    server set itself: grpc.aio's _ServicerContext).  Here a reply that
+    could not be written -- the caller had cancelled, passed its deadline
+    or gone by the time the handler answered -- is seen, and
+    ``undelivered(reply)`` undoes what the caller will never learn of
+    (Attach: the lease); a :class:`Handover` is settled, written or not.
+    A reply once written counts as delivered: a cancel that comes after it
+    (before the status) does not take it back."""
     inner = handler.unary_unary
 
     async def one_reply(request: Any, context: Any) -> AsyncIterator[Any]:
         reply = await inner(request, context)
+        settle = None
+        if type(reply) is Handover:
+            reply, settle = reply.reply, reply.settle
         written = False
 
         def done(_: object) -> None:
-            if not written:
+            if written:
+                return
+            if settle is not None:
+                settle(False)
+            elif undelivered is not None:
                 undelivered(reply)
 
         # run when the RPC is over, whichever way: the write failed, or the
@@ -301,6 +328,8 @@ def _reply_watched(handler: Any, undelivered: Callable[[Any], object]) -> Any:
         context.add_done_callback(done)
         yield reply
         written = True
+        if settle is not None:
+            settle(True)
 
     return grpc.unary_stream_rpc_method_handler(
         one_reply,
@@ -317,8 +346,10 @@ def add_kup_servicer(
     :func:`serialize_response`; every other method as generated, except that
     a request protobuf cannot parse goes to ``on_malformed(request,
     context)`` -- kupd's service edge, which aborts INVALID_ARGUMENT -- and
-    that Attach, when the servicer has ``undelivered(reply)``, is served so
-    that a reply its caller was gone for is seen (:func:`_reply_watched`)."""
+    that Attach, when the servicer has ``undelivered(reply)``, and Receive
+    and Send (which return a :class:`Handover` when their reply carries the
+    kernel's message) are served so that a reply its caller was gone for
+    is seen (:func:`_reply_watched`)."""
     cap = _Capture()
     kup_pb2_grpc.add_KupServicer_to_server(servicer, cap)
     handlers = dict(cap.handlers)
@@ -331,6 +362,8 @@ def add_kup_servicer(
     undelivered = getattr(servicer, "undelivered", None)
     if undelivered is not None:
         handlers["Attach"] = _reply_watched(handlers["Attach"], undelivered)
+    for name in ("Receive", "Send"):
+        handlers[name] = _reply_watched(handlers[name])
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(
         servicer.Session,
         request_deserializer=deserialize_request,
