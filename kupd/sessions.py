@@ -659,7 +659,36 @@ class LeaseTable:
         await self._enter(lease, retired)
         msg = None
         try:
-            msg = await self._exchange_entered(lease, data, timeout, nonblocking, abort, retired)
+            self._over_held(lease, "send")
+            if nonblocking:
+                lease.ch.send(data)
+                lease.m.sent(len(data))
+                msg = await self._receive_entered(lease, timeout, nonblocking, abort)
+                return msg
+            # The fast path: send, then spin (GIL released) for the channel's
+            # short adaptive budget; a kernel that answers within it needs no
+            # fd wake-up, future or event-loop round.  None: sent, reply owed.
+            t0 = time.monotonic()
+            msg = lease.ch.try_exchange(data)
+            lease.m.sent(len(data))
+            if msg is None:
+                if retired is None:
+                    msg = await self._receive_entered(lease, timeout, nonblocking, abort)
+                    return msg
+                try:
+                    msg = await self._receive_entered(
+                        lease, timeout, nonblocking, abort, retired
+                    )
+                    return msg
+                except errors.Unavailable as exc:
+                    if not retired.done() or not lease.active:
+                        raise
+                    raise errors.Unavailable(
+                        f"{exc.message} (the request was sent: the next receive on lease "
+                        f"{lease.id} gets its reply)"
+                    ) from None
+            lease.m.turn_wait.observe(time.monotonic() - t0)
+            lease.m.received(len(msg.data))
             return msg
         except errors.PeerGone as exc:
             self._peer_gone(lease, exc)
@@ -667,44 +696,6 @@ class LeaseTable:
         finally:
             if msg is None or not handover:
                 self._leave(lease)
-
-    async def _exchange_entered(
-        self,
-        lease: Lease,
-        data: bytes | memoryview,
-        timeout: float | None,
-        nonblocking: bool,
-        abort: asyncio.Future[None] | None,
-        retired: asyncio.Future[None] | None,
-    ) -> Message | None:
-        self._over_held(lease, "send")
-        if nonblocking:
-            lease.ch.send(data)
-            lease.m.sent(len(data))
-            return await self._receive_entered(lease, timeout, nonblocking, abort)
-        # The fast path: send, then spin (GIL released) for the channel's
-        # short adaptive budget; a kernel that answers within it needs no
-        # fd wake-up, future or event-loop round.  None: sent, reply owed.
-        t0 = time.monotonic()
-        msg = lease.ch.try_exchange(data)
-        lease.m.sent(len(data))
-        if msg is None:
-            if retired is None:
-                return await self._receive_entered(lease, timeout, nonblocking, abort)
-            try:
-                return await self._receive_entered(
-                    lease, timeout, nonblocking, abort, retired
-                )
-            except errors.Unavailable as exc:
-                if not retired.done() or not lease.active:
-                    raise
-                raise errors.Unavailable(
-                    f"{exc.message} (the request was sent: the next receive on lease "
-                    f"{lease.id} gets its reply)"
-                ) from None
-        lease.m.turn_wait.observe(time.monotonic() - t0)
-        lease.m.received(len(msg.data))
-        return msg
 
     async def _receive_entered(
         self,
