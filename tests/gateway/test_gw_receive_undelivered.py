@@ -18,16 +18,19 @@ the RPC or drops the connection.  Real kupsim (echo) and kupd throughout.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from gateway_helpers import Kupd, StartKupd
 from h2raw import HEADERS, H2Conn
 
-from kupapi import kup_pb2
+from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, Kind, Message
 from kupd import errors
-from kupd.testing import KupSim, wait_until
+from kupd.testing import KupSim, all_stopped, wait_until
 
 #: far beyond the test: the lease must not idle out under it
 IDLE_TIMEOUT = 300.0
@@ -174,3 +177,68 @@ def test_a_message_not_delivered_after_its_lease_ended_goes_with_it(
         timeout=60.0,
         what=f"channel {chan} to be free",
     )
+
+
+#: echo answers this after holding the channel locked for 1.5 s: long
+#: enough for the test to stop kupd while its Receive waits, short enough
+#: to repeat
+SLOW = b"!lockhold1500"
+#: tries at most (each one ~2 s); the test ends at the first that shows the
+#: race won by the message
+TRIES = 40
+
+
+def _holds_ended(sim: KupSim, chan: int) -> int:
+    return sim.stderr().count(f"echo: chan {chan}: lock hold ended")
+
+
+def _receives(kupd: Kupd) -> int:
+    """Receive RPCs kupd has begun to serve (its debug line for each)."""
+    return kupd.log().count('"event": "receive"')
+
+
+def test_a_grpc_receive_cancelled_as_the_message_arrives_keeps_it(
+    sim: KupSim, kupd: Kupd, client: Client, lease_id: str
+) -> None:
+    """A real gRPC client's Receive, cancelled while kupd is stopped and
+    the module's reply has just arrived: when kupd runs again, both the
+    cancel and the channel's wake-up are pending, and kupd may take the
+    message for the RPC the client has already given up on.  Repeated until
+    kupd is seen to have done so; every time, the next Receive gets exactly
+    the message."""
+    chan = next(c.id for c in client.devices("echo")[0].channels if c.lease_id == lease_id)
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as gch:
+        tries = _cancel_as_it_arrives(sim, kupd, client, lease_id, chan, gch)
+    assert _undelivered(kupd, lease_id) == ["held back for the next receive"], (
+        f"kupd did not take the message for a cancelled Receive in {TRIES} tries"
+    )
+    print(f"kupd took the message for a cancelled Receive at try {tries}")
+
+
+def _cancel_as_it_arrives(
+    sim: KupSim, kupd: Kupd, client: Client, lease_id: str, chan: int, gch: grpc.Channel
+) -> int:
+    """Receive, cancelled as the message arrives, until kupd logs that it
+    took one for a cancelled Receive (or TRIES); the next Receive must get
+    each message.  The number of tries."""
+    stub = kup_pb2_grpc.KupStub(gch)
+    req = kup_pb2.ReceiveRequest(lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_BLOCK)
+    for i in range(TRIES):
+        ended = _holds_ended(sim, chan)
+        receives = _receives(kupd)
+        client.lease_send(lease_id, SLOW + b" %d" % i)
+        fut = stub.Receive.future(req)
+        wait_until(lambda n=receives: _receives(kupd) > n, what="kupd to take the Receive")
+        os.kill(kupd.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: all_stopped(kupd.pid), what="kupd to stop")
+            # the module answers while kupd is stopped; then the cancel
+            wait_until(lambda n=ended: _holds_ended(sim, chan) > n, what="echo to answer")
+            fut.cancel()
+        finally:
+            os.kill(kupd.pid, signal.SIGCONT)
+        got = client.lease_receive(lease_id, timeout=30)
+        assert got.data == SLOW + b" %d" % i, (i, got)
+        if _undelivered(kupd, lease_id):
+            return i + 1
+    return TRIES
