@@ -12,7 +12,9 @@ Receive gets exactly that message, once.
 The window is made to last with a bare HTTP/2 client (h2raw) that
 advertises a stream window of 0: kupd takes the message and answers, but
 can send the reply's headers only, never its data, until the test cancels
-the RPC or drops the connection.  Real kupsim (echo) and kupd throughout.
+the RPC or drops the connection; and the race itself is run with a gRPC
+client whose Receive is cancelled while kupd is stopped (SIGSTOP) and the
+module's reply arrives.  Real kupsim (echo) and kupd throughout.
 """
 
 from __future__ import annotations
