@@ -119,6 +119,20 @@ def test_kupctl_devices_says_whose_calls_and_admin_shows_the_pool(
     assert text.returncode == 0 and "count tenant" not in text.stdout, text
 
 
+def test_kupctl_devices_admin_refuses_a_tenants_socket(busy_pool: BusyPool) -> None:
+    """--admin-socket naming a tenant's socket (a slip: both are kupd's
+    sockets) was shown as the admin view, with that tenant's Calls as the
+    whole pool's.  kupctl refuses it, naming the socket and its tenant."""
+    k, _ = busy_pool
+    for fmt in ((), ("--json",)):
+        res = run_module(
+            "kupclient.kupctl", *fmt, "devices", "--admin-socket", k.sock("ben"),
+        )
+        assert res.returncode == 2, res
+        assert res.stdout == "", res.stdout
+        assert f"--admin-socket {k.sock('ben')} is tenant ben's socket" in res.stderr, res
+
+
 def test_a_calls_deadline_counts_its_own_tenants_queue(busy_pool: BusyPool) -> None:
     """A Call that found no free pool channel was told how many Calls were
     queued on the device -- every tenant's.  It is told its tenant's (this

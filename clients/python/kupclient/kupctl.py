@@ -308,6 +308,16 @@ def cmd_devices(args: argparse.Namespace, out: Output) -> int:
     # --admin: the admin socket's view, which counts every tenant's Calls
     with Client(args.admin_socket) if args.admin else _client(args) as c:
         devs = c.devices(args.device or "")
+    tenant = next((d.calls_tenant for d in devs if d.calls_tenant), "")
+    if args.admin and tenant:
+        # a tenant's socket counts only that tenant's Calls: shown as the
+        # admin view, its CALLS and QUEUED would read as the whole pool's
+        raise CliError(
+            f"--admin-socket {args.admin_socket} is tenant {tenant}'s socket, not kupd's "
+            "admin socket: its CALLS and QUEUED count that tenant's Calls only "
+            "(the admin socket is kupd's admin_socket setting)",
+            EXIT_USAGE,
+        )
     if out.as_json:
         out.json({"devices": [asdict(d) for d in devs]})
         return EXIT_OK
