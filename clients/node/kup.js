@@ -23,6 +23,7 @@
 //   for await (const ev of client.watch('echo', { initialState: true })) ...  // watch.cancel()
 //   await client.health();                         // 'SERVING'
 //   client.close();                                // ends its open sessions and watches too
+//   await s.receive(undefined, { signal });        // any operation: an AbortSignal ends its wait
 //
 // kup.call(client, ...), kup.listDevices(client, ...) and
 // kup.openSession(client, ...) are the same methods as functions; the raw
@@ -50,9 +51,26 @@
 //   Session's stream is then ended).  A Call without timeoutMs sends
 //   timeout_ms 0 (kupd's call_timeout) with no RPC deadline; with one, the
 //   RPC's deadline is that plus 5 s, so kupd answers the deadline itself.
-// * No AbortSignal option: an operation under way ends by its timeout,
-//   Session.close(), Watch.cancel() or client.close(), and kupd lets go of
-//   what it held or waited for (an Attach lease lives on until release()).
+// * Every operation that can wait takes an AbortSignal, as fetch() does:
+//   {signal} in its options object, the last argument (call(device, data,
+//   {timeoutMs, caller, signal}), s.receive(timeoutMs, {signal}),
+//   leaseExchange(id, data, timeoutMs, {signal}), watch(device,
+//   {initialState, signal}), watch.next({signal}), ...).  A signal already
+//   aborted rejects at once (watch() throws), nothing sent; one aborted
+//   while the operation waits rejects it with kup.AbortError (a KupError:
+//   .name 'AbortError', .code CANCELLED, .cause the signal's reason) and
+//   cancels it, and kupd lets go of what it held or waited for: a Call's
+//   pool channel or place in the queue; an attach takes no lease; a
+//   leaseReceive / leaseExchange leaves the lease as it was, a message kupd
+//   took for it kept for the next receive; a Session operation ends the
+//   session (the stream is cancelled; a timeoutMs keeps it, as in Python);
+//   a Watch's signal ends the Watch, next({signal}) only that wait.  A
+//   reply that reached the client before the abort is not thrown away: the
+//   operation resolves with it.  No listener stays on the signal once the
+//   operation settled.  Otherwise an operation under way ends by its
+//   timeout, Session.close(), Watch.cancel() or client.close(), and kupd
+//   lets go of what it held or waited for (an Attach lease lives on until
+//   release()).
 // * Calls carry caller `${os.hostname()}:${process.pid}` unless
 //   connect(path, {caller}) or call(..., {caller}) names another.
 // * Result objects use the .proto's snake_case field names (the same as the
@@ -206,6 +224,12 @@ const ERRORS = {
   PermissionDenied, ResourceExhausted, Unavailable,
 };
 
+// The client's own, never kupd's (not in ERRORS: no kup-error names it): an
+// operation ended by its AbortSignal.  .name 'AbortError', as the errors of
+// fetch() and of Node's own APIs; .cause the signal's reason (a DOMException
+// 'AbortError' unless abort(reason) gave one); .code CANCELLED.
+const AbortError = errorClass('AbortError', KupError, 0, S.CANCELLED);
+
 // A status kupd did not send (no kup-error metadata) is mapped by its code
 // (kupclient._errors._BY_STATUS).
 const BY_STATUS = {
@@ -263,6 +287,26 @@ function clientClosed(where, pending) {
   return new InvalidArgument(pending
     ? `client of ${where} was closed while the operation waited`
     : `client of ${where} is closed`);
+}
+
+// The AbortError of `what` (e.g. "call to echo") ended by `signal`; its
+// reason is named when it is not the default one.
+function abortError(what, signal) {
+  const reason = signal.reason;
+  let why = '';
+  if (reason instanceof Error && reason.name !== 'AbortError') why = `: ${reason.name}: ${reason.message}`;
+  else if (!(reason instanceof Error) && reason !== undefined) why = `: ${describe(reason)}`;
+  const err = new AbortError(`${what} was aborted${why}`);
+  err.cause = reason;
+  return err;
+}
+
+// Calls fn once when `signal` aborts; returns the function that stops
+// listening (called as the operation settles: a long-lived signal used for
+// many operations keeps no listener of a finished one).
+function onAbort(signal, fn) {
+  signal.addEventListener('abort', fn, { once: true });
+  return () => signal.removeEventListener('abort', fn);
 }
 
 function channelClosed(what, pending) {
@@ -402,6 +446,37 @@ function optionsArg(opts, known, what) {
     }
   }
   return opts;
+}
+
+// A grpc-js interceptor of one unary call: entry.replied once kupd's reply
+// message reached the client (its status comes after it).
+function replyWatch(entry) {
+  return (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      next(metadata, {
+        onReceiveMessage(message, nextMessage) {
+          if (message !== null) entry.replied = true;
+          nextMessage(message);
+        },
+      });
+    },
+  });
+}
+
+// An AbortSignal option (duck-typed, as Node's own APIs check one), or
+// null for none.
+function signalArg(signal) {
+  if (signal === undefined || signal === null) return null;
+  if (typeof signal !== 'object' || typeof signal.aborted !== 'boolean'
+      || typeof signal.addEventListener !== 'function' || typeof signal.removeEventListener !== 'function') {
+    throw new TypeError(`signal must be an AbortSignal, not ${describe(signal)}`);
+  }
+  return signal;
+}
+
+// The signal of an operation's options ({signal}), checked.
+function signalOf(opts, what) {
+  return signalArg(optionsArg(opts, ['signal'], what).signal);
 }
 
 // {mode, timeout_ms} of a receive: undefined / null blocks, 0 does not wait.
@@ -599,21 +674,41 @@ class SessionCore {
   // DEADLINE_SLACK_MS (hung, stopped), the operation fails with
   // DeadlineExceeded and the session is ended (its state is unknown), as
   // the Python client does.
-  op(op, waitMs) {
+  //
+  // signal (an AbortSignal or null): already aborted, the operation rejects
+  // with AbortError and nothing is sent; aborted while kupd has not
+  // answered, it rejects with AbortError and the session ends (the stream
+  // is cancelled, kupd releases the lease), as a cancelled operation ends a
+  // Python asyncio session: kupd answers a session's requests in order, so
+  // its late answer would otherwise answer the next request.  `name`
+  // ('receive', ...) is the operation's, for the error.
+  op(op, waitMs, signal = null, name = Object.keys(op)[0]) {
+    if (signal && signal.aborted) return Promise.reject(abortError(`${this.what}: ${name}`, signal));
     if (this.ended) return Promise.reject(this.ended);
     this.nextId += 1;
     const id = this.nextId;
     return new Promise((resolve, reject) => {
-      const p = { id, resolve, reject };
+      const stops = [];
+      const stop = () => { for (const f of stops.splice(0)) f(); };
+      const p = { id, resolve: (v) => { stop(); resolve(v); }, reject: (e) => { stop(); reject(e); } };
       if (waitMs !== undefined) {
         const bound = waitMs + DEADLINE_SLACK_MS;
-        const stop = longTimeout(() => this.noAnswer(p, bound), bound);
-        p.resolve = (v) => { stop(); resolve(v); };
-        p.reject = (e) => { stop(); reject(e); };
+        stops.push(longTimeout(() => this.noAnswer(p, bound), bound));
       }
+      if (signal) stops.push(onAbort(signal, () => this.aborted(p, name, signal)));
       this.pending.push(p);
       this.stream.write({ request_id: id, ...op });
     });
+  }
+
+  aborted(p, name, signal) {
+    const i = this.pending.indexOf(p);
+    if (i < 0) return;
+    this.pending.splice(i, 1);
+    p.reject(abortError(`${this.what}: ${name}`, signal));
+    this.fail(new InvalidArgument(`${this.what} is closed: an operation on it was aborted `
+      + '(use timeoutMs to keep the session)'));
+    if (!this.finished) this.stream.cancel();
   }
 
   noAnswer(p, bound) {
@@ -684,11 +779,11 @@ class Session {
     return this.lease ? this.lease.channel : null;
   }
 
-  async attach(device, channel) {
+  async attach(device, channel, signal = null) {
     const attach = { device: deviceArg(device) };
     if (channelArg(channel) !== null) attach.channel = channel;
     this._core.what = `session on ${device}`;
-    this.lease = toLease(await this._core.op({ attach }));
+    this.lease = toLease(await this._core.op({ attach }, undefined, signalArg(signal)));
     this._core.what = `channel ${this.lease.channel} of ${this.lease.device}`;
     return this.lease;
   }
@@ -717,34 +812,42 @@ class Session {
     return max && buf.length > max;
   }
 
-  async send(data) {
+  // opts: {signal}, an AbortSignal, for every operation below: already
+  // aborted, the operation rejects with AbortError, nothing sent, and the
+  // session goes on; aborted before kupd answered, it rejects with
+  // AbortError and ends the session (SessionCore.op) -- pass timeoutMs
+  // instead to keep it.
+  async send(data, opts) {
+    const signal = signalOf(opts, 'send');
     const buf = toBuffer(data);
     if (this._over(buf)) throw await this._refuse(buf);
-    await this._core.op({ send: { data: checkPayload(buf) } });
+    await this._core.op({ send: { data: checkPayload(buf) } }, undefined, signal);
   }
 
-  async pass() {
-    await this._core.op({ pass_turn: {} });
+  async pass(opts) {
+    await this._core.op({ pass_turn: {} }, undefined, signalOf(opts, 'pass'), 'pass');
   }
 
   // timeoutMs: undefined blocks, 0 does not wait (resolves null when not
   // ready), > 0 waits at most that long (DeadlineExceeded after).
-  async receive(timeoutMs) {
+  async receive(timeoutMs, opts) {
     const receive = receiveMode(timeoutMs);
+    const signal = signalOf(opts, 'receive');
     const wait = receive.mode === 'RECEIVE_MODE_BLOCK' ? undefined : receive.timeout_ms;
-    return fromReceived(await this._core.op({ receive }, wait));
+    return fromReceived(await this._core.op({ receive }, wait, signal));
   }
 
   // send(data) then receive(timeoutMs) as one request on the stream.  A
   // refused send sent nothing; when the wait fails (DeadlineExceeded) the
   // data was sent and the reply is still owed: receive() gets it.
-  async exchange(data, timeoutMs) {
+  async exchange(data, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
+    const signal = signalOf(opts, 'exchange');
     const raw = toBuffer(data);
     if (this._over(raw)) throw await this._refuse(raw);
     const buf = checkPayload(raw);
     const wait = mode === 'RECEIVE_MODE_BLOCK' ? undefined : timeout_ms;
-    return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }, wait));
+    return fromReceived(await this._core.op({ exchange: { data: buf, mode, timeout_ms } }, wait, signal));
   }
 
   // Ends the session (kupd releases the lease); resolves once the stream is
@@ -766,10 +869,15 @@ class Session {
 // Shutdown after the SERVER_SHUTTING_DOWN event (kupd dying: Unavailable),
 // and every later next() throws that again; client.close() ends it by
 // throwing InvalidArgument "client of PATH was closed while the operation
-// waited", then "client of PATH is closed".
+// waited", then "client of PATH is closed".  Its signal (watch(device,
+// {signal})) aborted ends it too: the waiting next() and every later one
+// reject with that AbortError.  next({signal}) gives up one wait only: that
+// next() rejects with AbortError, the Watch goes on and keeps its events for
+// the next next().
 class WatchCore {
-  constructor(client, request) {
+  constructor(client, request, signal) {
     this.client = client;
+    this.device = request.device;
     this.queue = [];
     this.waiters = [];
     this.error = null;      // what ended the stream (null: cancel() or a quiet end)
@@ -788,6 +896,7 @@ class WatchCore {
     this.stream.on('end', () => this.end());
     this.stream.on('status', () => this.end());
     client.live.add(this);
+    this.unlisten = signal ? onAbort(signal, () => this.aborted(signal)) : null;
   }
 
   push(item) {
@@ -805,6 +914,7 @@ class WatchCore {
     if (this.over) return;
     this.over = true;
     this.client.live.delete(this);
+    if (this.unlisten) this.unlisten();
     for (const w of this.waiters.splice(0)) this.settle(w);
   }
 
@@ -820,14 +930,43 @@ class WatchCore {
     }
   }
 
-  next() {
+  next(signal) {
+    if (signal && signal.aborted) return Promise.reject(abortError('watch next()', signal));
     if (this.queue.length) {
       const item = this.queue.shift();
       if (this.queue.length < 256 && !this.over) this.stream.resume();
       return Promise.resolve(item);
     }
     if (this.over) return new Promise((resolve, reject) => this.settle({ resolve, reject }));
-    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+    return new Promise((resolve, reject) => {
+      if (!signal) {
+        this.waiters.push({ resolve, reject });
+        return;
+      }
+      let unlisten = null;
+      const w = {
+        resolve: (v) => { unlisten(); resolve(v); },
+        reject: (e) => { unlisten(); reject(e); },
+      };
+      unlisten = onAbort(signal, () => {
+        const i = this.waiters.indexOf(w);
+        if (i < 0) return;
+        this.waiters.splice(i, 1);
+        w.reject(abortError('watch next()', signal));
+      });
+      this.waiters.push(w);
+    });
+  }
+
+  // the Watch's own signal aborted: ended as by client.close(), with its
+  // AbortError for the waiting next() and every later one
+  aborted(signal) {
+    if (this.over) return;
+    this.cancelled = true;
+    this.queue.length = 0;
+    this.error = abortError(`watch of ${this.device || 'every device'}`, signal);
+    this.stream.cancel();
+    this.end();
   }
 
   cancel() {
@@ -857,8 +996,8 @@ class WatchCore {
 }
 
 class Watch {
-  constructor(client, request) {
-    this._core = new WatchCore(client, request);
+  constructor(client, request, signal = null) {
+    this._core = new WatchCore(client, request, signal);
     dropped.register(this, this._core, this._core);
   }
 
@@ -866,8 +1005,15 @@ class Watch {
     return this._core.stream;
   }
 
-  next() {
-    return this._core.next();
+  // opts: {signal} ends this wait only (for await passes none)
+  next(opts) {
+    let signal;
+    try {
+      signal = signalOf(opts, 'next');
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this._core.next(signal);
   }
 
   // for await ... break
@@ -916,22 +1062,42 @@ class Client {
     if (this.closed) throw clientClosed(this.path, false);
   }
 
-  // A unary RPC; deadlineMs null: none.
-  _unary(method, request, deadlineMs, stub = this.stub) {
+  // A unary RPC; deadlineMs null: none.  signal (an AbortSignal or null):
+  // already aborted, the RPC rejects with AbortError (`what` names it) and
+  // nothing is sent; aborted while the RPC is under way, it rejects with
+  // AbortError and the RPC is cancelled (kupd lets go of what it held or
+  // waited for: docs/gateway.md) -- unless kupd's reply has already reached
+  // the client: that one is not thrown away (a received message, a granted
+  // lease), the RPC resolves with it.
+  _unary(method, request, deadlineMs, { stub = this.stub, signal = null, what = method } = {}) {
+    if (signal && signal.aborted) return Promise.reject(abortError(what, signal));
     this.checkOpen();
     return new Promise((resolve, reject) => {
       const opts = deadlineMs === null ? {} : { deadline: new Date(Date.now() + deadlineMs) };
-      const entry = { reject, call: null };
+      let unlisten = null;
+      const settle = (f) => (v) => {
+        this.inflight.delete(entry);
+        if (unlisten) unlisten();
+        f(v);
+      };
+      const entry = { reject: settle(reject), call: null, replied: false };
+      if (signal) opts.interceptors = [replyWatch(entry)];
       this.inflight.add(entry);
       try {
         entry.call = stub[method](request, opts, (err, resp) => {
-          this.inflight.delete(entry);
-          if (err) reject(errorFromGrpc(err));
-          else resolve(resp);
+          if (err) entry.reject(errorFromGrpc(err));
+          else settle(resolve)(resp);
         });
       } catch (err) {
         this.inflight.delete(entry);
         throw err;
+      }
+      if (signal) {
+        unlisten = onAbort(signal, () => {
+          if (entry.replied) return;
+          entry.reject(abortError(what, signal));
+          entry.call.cancel();
+        });
       }
     });
   }
@@ -955,14 +1121,15 @@ class Client {
     this.stub.close();
   }
 
-  // Devices kupd serves (or only `device`), with channel states.
-  async listDevices(device) {
-    return this._listDevices(device, UNARY_DEADLINE_MS);
+  // Devices kupd serves (or only `device`), with channel states.  Every
+  // method below takes opts {signal} (an AbortSignal) last: see _unary.
+  async listDevices(device, opts) {
+    return this._listDevices(device, UNARY_DEADLINE_MS, signalOf(opts, 'listDevices'));
   }
 
-  async _listDevices(device, deadlineMs) {
+  async _listDevices(device, deadlineMs, signal = null) {
     const request = { device: deviceFilterArg(device) };
-    const resp = await this._unary('ListDevices', request, deadlineMs);
+    const resp = await this._unary('ListDevices', request, deadlineMs, { signal, what: 'listDevices' });
     const devices = resp.devices.map(toDevice);
     for (const d of devices) {
       // each device's channel data area: a Session's TooBig names the limit
@@ -974,8 +1141,11 @@ class Client {
   }
 
   // Request/reply without holding a channel.  Resolves to {data, kind, seq, channel}.
+  // An aborted Call is cancelled: kupd takes it out of the pool's queue, or
+  // gives its pool channel back once the module answered or the channel's
+  // quarantine is over (as for a Call past its deadline).
   async call(device, data, opts) {
-    const { timeoutMs, caller } = optionsArg(opts, ['timeoutMs', 'caller'], 'call');
+    const { timeoutMs, caller, signal } = optionsArg(opts, ['timeoutMs', 'caller', 'signal'], 'call');
     const none = timeoutMs === undefined || timeoutMs === null;
     const request = {
       device: deviceArg(device),
@@ -983,20 +1153,25 @@ class Client {
       timeout_ms: none ? 0 : msArg(timeoutMs, false, 'timeoutMs'),
       caller: caller === undefined || caller === null ? this.caller : callerArg(caller),
     };
-    const resp = await this._unary('Call', request, none ? null : request.timeout_ms + DEADLINE_SLACK_MS);
+    const resp = await this._unary('Call', request, none ? null : request.timeout_ms + DEADLINE_SLACK_MS,
+      { signal: signalArg(signal), what: `call to ${device}` });
     return { ...toMessage(resp.reply), channel: resp.channel };
   }
 
   // A Session holding channel `channel` of `device` (null: any free one).
-  async openSession(device, channel) {
+  // opts {signal}: aborted while kupd attaches, the stream is cancelled and
+  // kupd keeps no lease (see docs/gateway.md).
+  async openSession(device, channel, opts) {
     // checked before the stream exists: a stream opened and cancelled unused
     // kept node from exiting
     deviceArg(device);
     channelArg(channel);
+    const signal = signalOf(opts, 'openSession');
+    if (signal && signal.aborted) throw abortError(`session on ${device}: attach`, signal);
     this.checkOpen();
     const s = new Session(this);
     try {
-      await s.attach(device, channel);
+      await s.attach(device, channel, signal);
     } catch (err) {
       s.closed = true;
       dropped.unregister(s._core);
@@ -1008,56 +1183,77 @@ class Client {
 
   // Device and lease events of `device` (null / '': every device); with
   // initialState the current state first, as events with initial = true.
+  // signal: ends the Watch when aborted (see WatchCore); one already
+  // aborted throws its AbortError here, nothing sent.
   watch(device, opts) {
-    const { initialState = false } = optionsArg(opts, ['initialState'], 'watch');
+    const { initialState = false, signal } = optionsArg(opts, ['initialState', 'signal'], 'watch');
     if (typeof initialState !== 'boolean') {
       throw new TypeError(`initialState must be a boolean, not ${describe(initialState)}`);
     }
     const request = { device: deviceFilterArg(device), initial_state: initialState };
+    const sig = signalArg(signal);
+    if (sig && sig.aborted) throw abortError(`watch of ${request.device || 'every device'}`, sig);
     this.checkOpen();
-    return new Watch(this, request);
+    return new Watch(this, request, sig);
   }
 
   // The health status name ('SERVING', 'NOT_SERVING', ...) of `service`
   // ('' or 'kup.v1.Kup': kupd as a whole; 'kup.v1.Kup/DEVICE': one device).
-  async health(service = '') {
+  async health(service = '', opts) {
     textArg(service, 'service');
+    const signal = signalOf(opts, 'health');
+    if (signal && signal.aborted) throw abortError('health', signal);
     this.checkOpen();
     if (!this._health) {
       const Health = loadHealth();
       this._health = new Health('unused', grpc.credentials.createInsecure(),
         { channelOverride: this.stub.getChannel() });
     }
-    const resp = await this._unary('Check', { service }, UNARY_DEADLINE_MS, this._health);
+    const resp = await this._unary('Check', { service }, UNARY_DEADLINE_MS,
+      { stub: this._health, signal, what: 'health' });
     return String(resp.status);
   }
 
   // -- leases: Attach / Send / Receive / Pass / Release -------------------
 
   // A lease on a channel (any free one when channel is null / undefined).
-  async attach(device, channel) {
+  // Aborted while kupd waits for the channel, kupd takes no lease; one it
+  // granted as the abort came ends at once (reason "caller gone"), and one
+  // whose reply had reached the client is returned (see _unary).
+  async attach(device, channel, opts) {
     const request = { device: deviceArg(device) };
     if (channelArg(channel) !== null) request.channel = channel;
-    return toLease(await this._unary('Attach', request, UNARY_DEADLINE_MS));
+    const signal = signalOf(opts, 'attach');
+    return toLease(await this._unary('Attach', request, UNARY_DEADLINE_MS,
+      { signal, what: `attach to ${device}` }));
   }
 
-  async leaseSend(leaseId, data) {
+  // An aborted leaseSend / leasePass / release may or may not have reached
+  // kupd: the lease's next operation tells (NotYourTurn, NotFound, ...).
+  async leaseSend(leaseId, data, opts) {
     const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
-    await this._unary('Send', request, UNARY_DEADLINE_MS);
+    const signal = signalOf(opts, 'leaseSend');
+    await this._unary('Send', request, UNARY_DEADLINE_MS, { signal, what: `leaseSend on lease ${leaseId}` });
   }
 
   // timeoutMs as Session.receive: undefined blocks, 0 resolves null when
-  // nothing is there, > 0 waits at most that long.
-  async leaseReceive(leaseId, timeoutMs) {
+  // nothing is there, > 0 waits at most that long.  Aborted, the lease
+  // stays and loses nothing: a message kupd took for the aborted receive
+  // is kept for the lease's next receive.
+  async leaseReceive(leaseId, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const request = { lease_id: leaseArg(leaseId), mode, timeout_ms };
-    return fromReceived(await this._unary('Receive', request, deadlineFor(timeoutMs)));
+    const signal = signalOf(opts, 'leaseReceive');
+    return fromReceived(await this._unary('Receive', request, deadlineFor(timeoutMs),
+      { signal, what: `leaseReceive on lease ${leaseId}` }));
   }
 
   // Send with wait_reply: the data and the wait for the reply in one RPC.
   // When the wait fails (DeadlineExceeded) the data was sent and the reply
-  // is still owed: leaseReceive gets it.
-  async leaseExchange(leaseId, data, timeoutMs) {
+  // is still owed: leaseReceive gets it.  Aborted, the same once kupd had
+  // sent the data; an abort that came first sent nothing, and leaseReceive
+  // is then NotYourTurn (the turn is still this side's: send again).
+  async leaseExchange(leaseId, data, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const request = {
       lease_id: leaseArg(leaseId),
@@ -1066,17 +1262,24 @@ class Client {
       reply_mode: mode,
       reply_timeout_ms: timeout_ms,
     };
-    const resp = await this._unary('Send', request, deadlineFor(timeoutMs));
-    if (!resp.reply) return this.leaseReceive(leaseId, timeoutMs); // a kupd without wait_reply
+    const signal = signalOf(opts, 'leaseExchange');
+    const resp = await this._unary('Send', request, deadlineFor(timeoutMs),
+      { signal, what: `leaseExchange on lease ${leaseId}` });
+    // a kupd without wait_reply
+    if (!resp.reply) return this.leaseReceive(leaseId, timeoutMs, { signal });
     return fromReceived(resp.reply);
   }
 
-  async leasePass(leaseId) {
-    await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS);
+  async leasePass(leaseId, opts) {
+    const signal = signalOf(opts, 'leasePass');
+    await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
+      { signal, what: `leasePass on lease ${leaseId}` });
   }
 
-  async release(leaseId) {
-    await this._unary('Release', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS);
+  async release(leaseId, opts) {
+    const signal = signalOf(opts, 'release');
+    await this._unary('Release', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
+      { signal, what: `release of lease ${leaseId}` });
   }
 }
 
@@ -1102,16 +1305,17 @@ async function call(client, device, data, opts) {
   return clientArg(client).call(device, data, opts);
 }
 
-async function listDevices(client, device) {
-  return clientArg(client).listDevices(device);
+async function listDevices(client, device, opts) {
+  return clientArg(client).listDevices(device, opts);
 }
 
-async function openSession(client, device, channel) {
-  return clientArg(client).openSession(device, channel);
+async function openSession(client, device, channel, opts) {
+  return clientArg(client).openSession(device, channel, opts);
 }
 
 module.exports = {
   ...ERRORS,
+  AbortError,
   Client,
   MAX_MESSAGE,
   MAX_PAYLOAD,

@@ -1,11 +1,11 @@
 """The Node.js client (clients/node/kup.js, @grpc/grpc-js + @grpc/proto-loader
 loading protos/kup/v1/kup.proto) against a real kupd + kupsim.
 
-Each file of clients/node/test/ (run.js, lifecycle.js, api.js, errors.js;
-node:test files taking the socket path) runs as one test, in turn, against
-one kupd with a short call_timeout (errors.js checks that a Call without a
-timeout gets kupd's) and call_quarantine (the Calls left unanswered there
-give their pool channel back soon).
+Each file of clients/node/test/ (run.js, lifecycle.js, api.js, errors.js,
+abort.js; node:test files taking the socket path) runs as one test, in turn,
+against one kupd with a short call_timeout (errors.js checks that a Call
+without a timeout gets kupd's) and call_quarantine (the Calls left
+unanswered or aborted there give their pool channel back soon).
 
 big.js runs against a second kupd, whose echo has 4 MiB channels.
 gone.js runs on its own, once per signal, against a kupd of its own that it
@@ -82,7 +82,7 @@ def node_deps() -> None:
 CALL_TIMEOUT = "2"
 
 #: The test files and the least number of tests each must pass.
-NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 9}
+NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 9, "abort.js": 11}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def kupd_socket(node_deps: None, cli_gateway: ModuleType) -> Iterator[tuple[str,
 def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     socket, pid = kupd_socket
     # --expose-gc: lifecycle.js checks that a dropped Session is released
-    # when it is collected; KUPD_PID: it stops kupd (SIGSTOP) for a moment
+    # when it is collected; KUPD_PID: it and abort.js stop kupd (SIGSTOP)
+    # for a moment
     proc = subprocess.run(
         ["node", "--expose-gc", str(NODE_DIR / "test" / name), socket, "echo"],
         capture_output=True,

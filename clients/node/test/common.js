@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: BSD-2-Clause
 //
 // Shared by the Node client's test files (run.js, lifecycle.js, api.js,
-// errors.js, big.js, gone.js): each is run as
+// errors.js, abort.js, big.js, gone.js): each is run as
 //
 //   node --expose-gc clients/node/test/FILE.js /path/to/kupd.sock [DEVICE]
 //
 // against a kupd serving the echo module (tests/node starts kupsim + kupd
-// with call_timeout 2 s and runs the first four files against it; big.js
+// with call_timeout 2 s and runs the first five files against it; big.js
 // against a kupd whose echo has 4 MiB channels, gone.js against a kupd of
 // its own, which it ends).
 'use strict';
