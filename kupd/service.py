@@ -740,8 +740,40 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.AttachResponse:
         chan = request.channel if request.HasField("channel") else None
+        attach_id = _attach_id_arg(request.attach_id)
+        if attach_id:
+            self._check_attach_id(attach_id)
         lease = await self._take(request.device, chan, "lease")
+        if attach_id:
+            # the attach may have waited for its channel: its client may
+            # have withdrawn it, or another attach taken the name, meanwhile
+            try:
+                self._check_attach_id(attach_id)
+            except errors.KupError as exc:
+                if isinstance(exc, errors.NotFound):
+                    self.leases.abandoned(lease, f"its attach {attach_id} was withdrawn")
+                else:
+                    self.leases.end(lease, "refused after its attach", exc)
+                raise
+            self.leases.named(lease, attach_id)
         return self._attach_pb(lease, round(lease.idle_timeout * 1000))
+
+    def _check_attach_id(self, attach_id: str) -> None:
+        """An Attach named ``attach_id``: NotFound when its client withdrew
+        it (Release by attach_id), InvalidArgument when a live lease of the
+        tenant has the name already."""
+        t = self.guard.caller()
+        if self.leases.attach_withdrawn(t.name, attach_id):
+            raise errors.NotFound(
+                f"attach {attach_id} was withdrawn by its client (Release by attach_id) "
+                "before kupd granted it: no lease taken"
+            )
+        held = self.leases.attach_in_use(t.name, attach_id)
+        if held is not None:
+            raise errors.InvalidArgument(
+                f"attach_id {attach_id} is in use by lease {held.id}: one attach_id names "
+                "one attach"
+            )
 
     def undelivered(self, resp: kup_pb2.AttachResponse) -> None:
         """The reply of an Attach could not be written: its caller had gone
@@ -805,7 +837,19 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Release(
         self, request: kup_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReleaseResponse:
-        self.leases.end(self._lease(request.lease_id), "released")
+        attach_id = _attach_id_arg(request.attach_id)
+        if not attach_id:
+            self.leases.end(self._lease(request.lease_id), "released")
+            return kup_pb2.ReleaseResponse()
+        if request.lease_id:
+            raise errors.InvalidArgument(
+                "release: lease_id and attach_id are both set (one names the lease)"
+            )
+        # the client gave up on that attach: its lease, if kupd granted it,
+        # ends as one whose reply could not be delivered would
+        lease = self.leases.withdraw(self.guard.caller().name, attach_id)
+        if lease is not None:
+            self.leases.abandoned(self._lease(lease.id), f"its client withdrew attach {attach_id}")
         return kup_pb2.ReleaseResponse()
 
     async def Send(  # type: ignore[override]  # a Handover: kupd.wire serves it
@@ -1405,6 +1449,23 @@ DEVICE_REASONS = frozenset({"device gone", "device shutting down", "shutdown", "
 #: the longest lease_id a request may carry (kupd's are 16 hex digits;
 #: a longer one is refused before it is looked up or quoted)
 LEASE_ID_MAX = 64
+
+#: An Attach's attach_id: what a client may name it (kupclient: 32 hex digits)
+ATTACH_ID_MAX = 64
+_ATTACH_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _attach_id_arg(attach_id: str) -> str:
+    """``attach_id`` of an AttachRequest / ReleaseRequest, checked ("" when none)."""
+    if len(attach_id) > ATTACH_ID_MAX:
+        raise errors.InvalidArgument(
+            f"attach_id of {len(attach_id)} characters: at most {ATTACH_ID_MAX}"
+        )
+    if not _ATTACH_ID_CHARS.issuperset(attach_id):
+        raise errors.InvalidArgument(
+            f"attach_id {attach_id[:ATTACH_ID_MAX]!r}: only letters, digits, '_' and '-'"
+        )
+    return attach_id
 
 #: "rpc failed" lines one tenant gets in kupd's log: a burst, then this many
 #: per second (the rest are counted, and the next line says how many)

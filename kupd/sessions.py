@@ -39,6 +39,11 @@ log = get_logger("kupd.sessions")
 #: how many ended leases get() still explains (~200 bytes each)
 ENDED_KEPT = 4096
 
+#: how many withdrawn attach ids (Release by attach_id before the grant)
+#: kupd keeps per tenant, the oldest dropped: one matters only until its
+#: Attach reaches kupd, moments later
+WITHDRAWN_KEPT = 256
+
 #: how many operations (unary RPCs on an Attach lease) may wait for a
 #: lease's one running operation: each waiting RPC costs kupd memory, and
 #: nothing else bounds how many a client starts on one lease
@@ -153,6 +158,9 @@ class Lease:
         #: (its caller had gone before the reply was written): the next
         #: receive returns it first (LeaseTable.settle).
         self.held: Message | None = None
+        #: The name its client gave the Attach ("" when none): Release by
+        #: attach_id ends it (LeaseTable.withdraw).
+        self.attach_id = ""
 
     @property
     def active(self) -> bool:
@@ -196,6 +204,11 @@ class LeaseTable:
         self._ended: collections.OrderedDict[str, tuple[str, errors.KupError]] = (
             collections.OrderedDict()
         )
+        #: live Attach leases by (tenant, attach_id), and per tenant the
+        #: attaches withdrawn before kupd granted them (the oldest dropped
+        #: past WITHDRAWN_KEPT): see :meth:`withdraw`
+        self._by_attach: dict[tuple[str, str], Lease] = {}
+        self._withdrawn: dict[str, collections.OrderedDict[str, None]] = {}
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
@@ -341,6 +354,8 @@ class LeaseTable:
         lease.ended.set_exception(error or errors.NotFound(f"lease {lease.id} {reason}"))
         lease.ended.exception()  # retrieved: no "never retrieved" warning
         self.leases.pop(lease.id, None)
+        if lease.attach_id:
+            self._by_attach.pop((lease.tenant, lease.attach_id), None)
         later: errors.KupError = (
             errors.PermissionDenied(error.message)
             if isinstance(error, errors.PermissionDenied)
@@ -387,6 +402,43 @@ class LeaseTable:
             CALLER_GONE,
             errors.NotFound(f"lease {lease.id} ended at once: its caller had gone ({why})"),
         )
+
+    # -- attach ids: undoing an attach its client gave up on -------------------
+    def attach_in_use(self, tenant: str, attach_id: str) -> Lease | None:
+        """The live lease of ``tenant`` granted to the Attach ``attach_id``."""
+        return self._by_attach.get((tenant, attach_id))
+
+    def attach_withdrawn(self, tenant: str, attach_id: str) -> bool:
+        """Whether ``tenant`` withdrew the Attach ``attach_id`` before it
+        was granted (then forgotten: an attach id names one attach)."""
+        ids = self._withdrawn.get(tenant)
+        if ids is None or attach_id not in ids:
+            return False
+        del ids[attach_id]
+        if not ids:
+            del self._withdrawn[tenant]
+        return True
+
+    def named(self, lease: Lease, attach_id: str) -> None:
+        """``lease`` was granted to the Attach ``attach_id``."""
+        lease.attach_id = attach_id
+        self._by_attach[(lease.tenant, attach_id)] = lease
+
+    def withdraw(self, tenant: str, attach_id: str) -> Lease | None:
+        """``tenant``'s client gave up on its Attach ``attach_id`` (Release
+        by attach_id): the lease granted to it, which the caller ends; or,
+        when there is none yet (the Attach still waits for its channel, or
+        has not reached kupd), None, and the Attach grants none when it
+        comes to it (:meth:`attach_withdrawn`)."""
+        lease = self._by_attach.get((tenant, attach_id))
+        if lease is not None and lease.active:
+            return lease
+        ids = self._withdrawn.setdefault(tenant, collections.OrderedDict())
+        ids[attach_id] = None
+        ids.move_to_end(attach_id)
+        if len(ids) > WITHDRAWN_KEPT:
+            ids.popitem(last=False)
+        return None
 
     @staticmethod
     def _close_channel(lease: Lease) -> None:

@@ -1,0 +1,115 @@
+"""Release{attach_id}: undoing an Attach its client gave up on.
+
+An Attach may carry an ``attach_id`` its client chose; Release with that
+attach_id (instead of a lease_id) ends the lease kupd granted to it, or,
+when kupd has not granted it yet -- the Release went first, or the attach
+waits for its channel -- makes the Attach take none.  The clients send it
+when they gave up on an attach whose reply they may never see
+(test_gw_attach_reply_dropped.py).  Real kupsim (echo) and kupd; the RPCs by
+the generated stub, names chosen by the test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from gateway_helpers import LOCKHOLD, Kupd, unlock, wait_locked
+
+from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import Client, Kind
+from kupd import errors
+from kupd.testing import KupSim, wait_until
+
+
+def _state(client: Client, chan: int) -> str:
+    return client.devices("echo")[0].channels[chan].state
+
+
+def test_a_release_by_attach_id_before_the_grant_makes_kupd_take_none(
+    kupd: Kupd, client: Client
+) -> None:
+    """Release{attach_id} that reaches kupd before its Attach (it went by
+    another connection, or the attach waited for its channel): the attach
+    takes no lease, and says why."""
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as ch:
+        stub = kup_pb2_grpc.KupStub(ch)
+        stub.Release(kup_pb2.ReleaseRequest(attach_id="early-1"), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Attach(kup_pb2.AttachRequest(device="echo", channel=13, attach_id="early-1"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "attach early-1 was withdrawn" in (err.value.details() or "")
+        assert _state(client, 13) == "free"
+        # the name was used up by that attach: the next one with it attaches
+        got = stub.Attach(kup_pb2.AttachRequest(device="echo", channel=13, attach_id="early-1"))
+        assert got.channel == 13
+        # ... and one live lease per name
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Attach(kup_pb2.AttachRequest(device="echo", channel=14, attach_id="early-1"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"in use by lease {got.lease_id}" in (err.value.details() or "")
+        # Release by the name ends it (OK again once it is gone)
+        for _ in range(2):
+            stub.Release(kup_pb2.ReleaseRequest(attach_id="early-1"), timeout=30)
+        assert _state(client, 13) == "free"
+    with pytest.raises(errors.NotFound, match=r"has ended \(caller gone\)"):
+        client.lease_send(got.lease_id, b"x")
+
+
+def test_a_release_by_attach_id_while_the_attach_waits_makes_it_take_none(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """The attach waits for a channel its module has not let go of; its
+    Release{attach_id} comes meanwhile: when the channel comes, kupd ends
+    the lease it just took (reason ``caller gone``) and the attach fails."""
+    chan = 20
+    with client.open("echo").channel(chan) as ch:
+        assert ch.receive(timeout=30).kind == Kind.PASS
+        ch.send(LOCKHOLD)  # echo keeps the channel locked after we leave
+        wait_locked(sim, chan)
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as gch:
+        stub = kup_pb2_grpc.KupStub(gch)
+        req = kup_pb2.AttachRequest(device="echo", channel=chan, attach_id="waiting-1")
+        fut = stub.Attach.future(req, timeout=60)
+        wait_until(
+            lambda: "attach waits for the module to let go" in kupd.log(),
+            what=f"the attach of channel {chan} to wait in kupd",
+        )
+        stub.Release(kup_pb2.ReleaseRequest(attach_id="waiting-1"), timeout=30)
+        unlock(client)
+        with pytest.raises(grpc.RpcError) as err:
+            fut.result(timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "attach waiting-1 was withdrawn" in (err.value.details() or "")
+    assert _state(client, chan) == "free"
+    # kupd took the channel for it, and ended that lease at once
+    ended = [
+        r.get("reason")
+        for r in map(json.loads, filter(lambda line: line.startswith("{"), kupd.log().splitlines()))
+        if r.get("event") == "lease released" and r.get("channel") == chan
+    ]
+    assert ended[-1:] == ["caller gone"], ended
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (kup_pb2.AttachRequest(device="echo", attach_id="a" * 65), "attach_id of 65 characters"),
+        (kup_pb2.AttachRequest(device="echo", attach_id="a b"), "attach_id 'a b': only"),
+        (kup_pb2.ReleaseRequest(attach_id="x/y"), "attach_id 'x/y': only"),
+        (
+            kup_pb2.ReleaseRequest(lease_id="0123456789abcdef", attach_id="x"),
+            "lease_id and attach_id are both set",
+        ),
+    ],
+    ids=["long", "space", "slash", "both"],
+)
+def test_bad_attach_ids_are_refused_by_name(kupd: Kupd, request_: object, says: str) -> None:
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as ch:
+        stub = kup_pb2_grpc.KupStub(ch)
+        method = stub.Attach if isinstance(request_, kup_pb2.AttachRequest) else stub.Release
+        with pytest.raises(grpc.RpcError) as err:
+            method(request_, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in (err.value.details() or "")
