@@ -13,6 +13,7 @@ from kupapi.abi import Kind
 from kupclient._args import seconds_arg
 
 __all__ = [
+    "ATTACH_DEADLINE",
     "KEEPALIVE_TIMEOUT_MS",
     "KEEPALIVE_TIME_MS",
     "KUPD_GRACE",
@@ -259,6 +260,10 @@ def message_from_pb(m: kup_pb2.Message) -> Message:
 #: does the client give up, after timeout + KUPD_GRACE.  The gRPC deadline
 #: of a unary RPC with a timeout, and the bound of a Session operation.
 KUPD_GRACE = 5.0
+
+#: The gRPC deadline of an Attach (seconds): kupd itself waits up to 10 s
+#: for a channel its module has not let go of, then answers Releasing.
+ATTACH_DEADLINE = 30.0
 
 
 def deadline(timeout: float | None) -> float | None:

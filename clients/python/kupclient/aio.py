@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -86,8 +88,9 @@ class AsyncClient:
         #: each device's channel data area, as ListDevices last said (TooBig's text)
         self._channel_bytes: dict[str, int] = {}
         self._sessions: weakref.WeakSet[AsyncChannel] = weakref.WeakSet()
-        #: releases of leases whose attach was cancelled as its reply came in
-        self._undoing: set[asyncio.Future[None]] = set()
+        #: releases of leases whose attach was given up on (cancelled, past
+        #: its deadline), running: a task is only weakly held by the loop
+        self._undoing: set[asyncio.Future[object]] = set()
         # gRPC's aio channel belongs to the event loop it is made in, so it is
         # made on first use, in the loop that uses it: an AsyncClient built
         # outside a loop and then used under asyncio.run() works (it failed
@@ -153,12 +156,16 @@ class AsyncClient:
         method: str,
         request: Any,
         timeout: float | None = None,
-        answered_late: Callable[[Any], Awaitable[object]] | None = None,
+        given_up: Callable[[Any], Awaitable[object]] | None = None,
     ) -> Any:
-        """One unary RPC.  ``answered_late(response)``: the task was
-        cancelled just as the RPC succeeded (its answer in, the task not
-        resumed yet), so the caller never sees the answer: a task of its own
-        undoes what the RPC did (attach: releases the lease)."""
+        """One unary RPC.  ``given_up(response)``: the caller gave up on an
+        RPC that may have done something it will never learn of (attach:
+        taken a lease no one knows the id of) -- its task cancelled, or
+        past the deadline -- to be undone before the cancellation (or
+        DeadlineExceeded) propagates: with its ``response`` when it had
+        already succeeded (its answer in, the task not resumed yet), None
+        when it may have (gRPC drops the answer of a cancelled call even
+        when kupd had written it).  Not for an RPC that failed."""
         stub = self._stub
         call = getattr(stub, method)(request, timeout=timeout)
         try:
@@ -166,28 +173,37 @@ class AsyncClient:
         except grpc.RpcError as exc:
             if self._closed:  # close() in another task cancelled it
                 raise self._gone(pending=True) from None
+            if given_up is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self._undo(None, given_up)  # kupd may have answered as it passed
             raise error_from_rpc(exc) from None
         except asyncio.CancelledError:
-            if answered_late is not None and call.done() and not call.cancelled():
-                task = asyncio.ensure_future(self._undo(call, answered_late))
-                self._undoing.add(task)
-                task.add_done_callback(self._undoing.discard)
             if self._closed and not _cancelled():  # close(), not this task cancelled
                 raise self._gone(pending=True) from None
+            if given_up is not None and not self._closed:
+                if not call.done() or call.cancelled():
+                    await self._undo(None, given_up)
+                elif await call.code() == grpc.StatusCode.OK:  # done: at once
+                    await self._undo(await call, given_up)
             raise
 
-    @staticmethod
-    async def _undo(call: Any, undo: Callable[[Any], Awaitable[object]]) -> None:
-        try:
-            resp = await call  # done: at once
-        except (grpc.RpcError, asyncio.CancelledError):
-            return  # it failed after all: nothing to undo
-        await undo(resp)
+    async def _undo(self, resp: Any, given_up: Callable[[Any], Awaitable[object]]) -> None:
+        """``given_up(resp)`` in a task of its own, awaited unless the
+        caller's task is cancelled again: then it goes on without it."""
+        task = asyncio.ensure_future(given_up(resp))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
 
-    async def _release_quietly(self, resp: kup_pb2.AttachResponse) -> None:
-        """Release the lease of an Attach whose task was cancelled as its
-        reply came in (best effort: kupd's idle timeout ends it otherwise)."""
-        req = kup_pb2.ReleaseRequest(lease_id=resp.lease_id)
+    async def _attach_given_up(self, attach_id: str, resp: kup_pb2.AttachResponse | None) -> None:
+        """Undo an Attach whose caller gave up on it: release its lease (see
+        :meth:`kupclient.Client._attach_given_up`), within KUPD_GRACE, best
+        effort."""
+        req = kup_pb2.ReleaseRequest()
+        if resp is not None:
+            req.lease_id = resp.lease_id
+        else:
+            req.attach_id = attach_id
         with contextlib.suppress(grpc.RpcError, errors.KupError):
             await self._stub.Release(req, timeout=_types.KUPD_GRACE)
 
@@ -287,15 +303,20 @@ class AsyncClient:
 
     async def attach(self, device: str, chan_id: int | None = None) -> Lease:
         """Take a lease on a channel (any free one if ``chan_id`` is None).
-        Cancelled while it waits, it leaves no lease behind: the RPC is
-        cancelled (kupd takes none, or ends one it granted, reason ``caller
-        gone``), and a lease whose reply came in just as the task was
-        cancelled is released."""
-        req = kup_pb2.AttachRequest(device=device_arg(device))
+        Cancelled while it waits (or past its deadline), it leaves no lease
+        behind: the RPC is cancelled (kupd takes none, or ends one it
+        granted, reason ``caller gone``), and the client releases the lease
+        kupd may have granted meanwhile -- by its id when the reply came in
+        just as the task was cancelled, else by the attach's own random
+        ``attach_id`` -- waiting at most KUPD_GRACE for kupd (not at all if
+        the task is cancelled again) before the CancelledError propagates."""
+        attach_id = secrets.token_hex(16)
+        req = kup_pb2.AttachRequest(device=device_arg(device), attach_id=attach_id)
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
-        return lease_from_pb(await self._unary("Attach", req, 30.0, self._release_quietly))
+        given_up = functools.partial(self._attach_given_up, attach_id)
+        return lease_from_pb(await self._unary("Attach", req, _types.ATTACH_DEADLINE, given_up))
 
     async def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))

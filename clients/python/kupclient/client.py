@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
+import secrets
 import threading
 import time
 import weakref
@@ -166,7 +168,7 @@ class Client:
         method: str,
         request: Any,
         timeout: float | None,
-        answered_late: Callable[[Any], object] | None = None,
+        given_up: Callable[[Any], object] | None = None,
     ) -> Any:
         """:meth:`_unary` for an RPC that waits for the kernel's message
         (lease_receive, lease_exchange): one interrupted must leave it owed.
@@ -180,12 +182,17 @@ class Client:
         receive, as with the asyncio client.  (Not for every RPC: gRPC
         starts a thread for a future when none is in flight, which costs a
         sync call() about 0.7 ms.  An interrupt that lands during that start,
-        before the future exists, still leaves the RPC running.)
+        before the future exists, still leaves the RPC running: undone by
+        ``given_up`` when there is one.)
 
-        ``answered_late(response)``: the RPC had already succeeded when the
-        interrupt came (its answer arrived as the caller gave up), and the
-        caller will never see the answer: undo what it did (attach: release
-        the lease no one knows the id of)."""
+        ``given_up(response)``: the caller gave up on an RPC that may have
+        done something it will never learn of (attach: taken a lease no one
+        knows the id of), to be undone -- interrupted, or past the deadline
+        -- with its ``response`` when it had already succeeded (its answer
+        arrived as the caller gave up), None when it may have: gRPC drops
+        the answer of a cancelled call even when kupd had written it (it
+        came in before the status, or was on its way).  Not for an RPC that
+        failed: it did nothing."""
         self._check_open()
         try:
             fut = getattr(self._stub, method).future(request, timeout=timeout)
@@ -193,26 +200,48 @@ class Client:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
             raise
+        except BaseException:
+            # interrupted while gRPC started the RPC: it may run all the same
+            if given_up is not None and not self._closed:
+                given_up(None)
+            raise
         try:
             return fut.result()
         except grpc.RpcError as exc:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
+            if given_up is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                given_up(None)  # gRPC's own deadline: kupd may have answered as it passed
             raise error_from_rpc(exc) from None
         except grpc.FutureCancelledError:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
         except BaseException:
-            if not fut.cancel() and answered_late is not None:  # it had completed
-                with contextlib.suppress(grpc.RpcError, grpc.FutureCancelledError):
-                    answered_late(fut.result(timeout=0))
+            if fut.cancel():  # not completed: kupd may have answered all the same
+                if given_up is not None and not self._closed:
+                    given_up(None)
+            elif given_up is not None:  # it had completed
+                try:
+                    resp = fut.result(timeout=0)
+                except (grpc.RpcError, grpc.FutureCancelledError):
+                    pass  # it failed: nothing to undo
+                else:
+                    given_up(resp)
             raise
 
-    def _release_quietly(self, resp: kup_pb2.AttachResponse) -> None:
-        """Release the lease of an Attach whose caller was interrupted as its
-        reply came in (best effort: kupd's idle timeout ends it otherwise)."""
-        req = kup_pb2.ReleaseRequest(lease_id=resp.lease_id)
+    def _attach_given_up(self, attach_id: str, resp: kup_pb2.AttachResponse | None) -> None:
+        """Undo an Attach whose caller gave up on it (interrupted, past its
+        deadline): release its lease -- by its id when the reply had come
+        in, else by the Attach's ``attach_id``, which also ends a lease kupd
+        granted and wrote the reply of that gRPC then dropped, and makes
+        kupd grant none when it has not yet.  Within KUPD_GRACE, best effort
+        (kupd not answering, gone: its idle timeout ends the lease)."""
+        req = kup_pb2.ReleaseRequest()
+        if resp is not None:
+            req.lease_id = resp.lease_id
+        else:
+            req.attach_id = attach_id
         with contextlib.suppress(grpc.RpcError, ValueError):
             self._stub.Release(req, timeout=_types.KUPD_GRACE)
 
@@ -308,15 +337,24 @@ class Client:
         """Take a lease on a channel (any free one if ``chan_id`` is None).
 
         Interrupted (KeyboardInterrupt, an exception a signal handler
-        raises) while it waits for its channel, it leaves no lease behind:
-        the RPC is cancelled at once, before kupd grants the lease (kupd
-        ends one it granted to a caller already gone, reason ``caller
-        gone``), and a lease whose reply had just come in is released."""
-        req = kup_pb2.AttachRequest(device=device_arg(device))
+        raises) or past its deadline, it leaves no lease behind: the RPC is
+        cancelled at once (kupd takes no lease for it, or ends the one it
+        granted, reason ``caller gone``), and the client releases the lease
+        kupd may have granted meanwhile -- by its id when the reply had come
+        in, else by the attach's own random ``attach_id`` -- waiting at most
+        KUPD_GRACE for kupd, before the interrupt propagates."""
+        attach_id = secrets.token_hex(16)
+        req = kup_pb2.AttachRequest(device=device_arg(device), attach_id=attach_id)
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
-        return lease_from_pb(self._unary_owed("Attach", req, 30.0, self._release_quietly))
+        given_up = functools.partial(self._attach_given_up, attach_id)
+        resp = self._unary_owed("Attach", req, _types.ATTACH_DEADLINE, given_up)
+        try:
+            return lease_from_pb(resp)
+        except BaseException:  # interrupted before the caller has the lease
+            self._attach_given_up(attach_id, resp)
+            raise
 
     def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
