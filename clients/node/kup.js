@@ -92,6 +92,7 @@
 //   and an RPC under way: "... was closed while the operation waited").
 'use strict';
 
+const crypto = require('node:crypto');
 const path = require('node:path');
 const fs = require('node:fs');
 const os = require('node:os');
@@ -1217,15 +1218,31 @@ class Client {
   // -- leases: Attach / Send / Receive / Pass / Release -------------------
 
   // A lease on a channel (any free one when channel is null / undefined).
-  // Aborted while kupd waits for the channel, kupd takes no lease; one it
-  // granted as the abort came ends at once (reason "caller gone"), and one
-  // whose reply had reached the client is returned (see _unary).
+  // Aborted while kupd waits for the channel, kupd takes no lease; one
+  // whose reply had reached the client is returned (see _unary).  One given
+  // up on -- aborted, or past its deadline -- leaves no lease behind: kupd
+  // may have granted it and written the reply as the abort or the deadline
+  // came (gRPC then drops the reply), so the attach names itself with a
+  // random attach_id and, given up on, releases by that name
+  // (Release{attach_id}: kupd ends the lease it granted, or grants none)
+  // before it rejects -- within DEADLINE_SLACK_MS, best effort.  A signal
+  // aborted before the attach sends nothing at all.
   async attach(device, channel, opts) {
-    const request = { device: deviceArg(device) };
+    const request = { device: deviceArg(device), attach_id: crypto.randomBytes(16).toString('hex') };
     if (channelArg(channel) !== null) request.channel = channel;
     const signal = signalOf(opts, 'attach');
-    return toLease(await this._unary('Attach', request, UNARY_DEADLINE_MS,
-      { signal, what: `attach to ${device}` }));
+    const sent = !(signal && signal.aborted);
+    try {
+      return toLease(await this._unary('Attach', request, module.exports.ATTACH_DEADLINE_MS,
+        { signal, what: `attach to ${device}` }));
+    } catch (err) {
+      const gaveUp = err instanceof AbortError ||
+        (err.code === S.DEADLINE_EXCEEDED && !err.fromKupd);
+      if (gaveUp && sent && !this.closed) {
+        await this._unary('Release', { attach_id: request.attach_id }, DEADLINE_SLACK_MS).catch(() => {});
+      }
+      throw err;
+    }
   }
 
   // An aborted leaseSend / leasePass / release may or may not have reached
@@ -1316,6 +1333,9 @@ async function openSession(client, device, channel, opts) {
 module.exports = {
   ...ERRORS,
   AbortError,
+  // The deadline of an Attach, ms (kupd itself waits up to 10 s for a
+  // channel its module has not let go of): read at each attach.
+  ATTACH_DEADLINE_MS: UNARY_DEADLINE_MS,
   Client,
   MAX_MESSAGE,
   MAX_PAYLOAD,

@@ -24,6 +24,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +32,11 @@ from typing import IO
 
 import pytest
 
+from kupclient import Client
 from kupd.testing import REPO_ROOT, doc_block, kupd
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+from h2stall import StallProxy  # tests/gateway's
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 NPM_TIMEOUT = 600.0
@@ -135,6 +140,48 @@ def test_node_client_big_messages(big_kupd_socket: str) -> None:
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
     assert "# fail 0" in proc.stdout and "# pass 1" in proc.stdout, report
+
+
+#: The Node attach past its deadline: kupd's reply goes through the proxy,
+#: its status is held, and the deadline (shortened, as the Python test
+#: does: below gRPC's ping timeout) passes.
+ATTACH_PAST_DEADLINE = """
+const kup = require(process.argv[1]);
+kup.ATTACH_DEADLINE_MS = 8000;
+const client = kup.connect(process.argv[2]);
+client.attach('echo', Number(process.argv[3])).then(
+  (lease) => { console.log('attached', lease.lease_id); client.close(); },
+  (err) => { console.log(err.constructor.name); client.close(); },
+);
+"""
+
+
+def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """An attach past its deadline after kupd wrote its reply (for kupd:
+    delivered) -- gRPC drops the reply -- leaves no lease: the client
+    releases by its attach_id before it rejects (see
+    tests/gateway/test_gw_attach_reply_dropped.py for the Python client)."""
+    chan = 5
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", ATTACH_PAST_DEADLINE, str(NODE_DIR / "kup.js"), proxy.path,
+                 str(chan)],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+        report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert proc.stdout.split() == ["DeadlineExceeded"], report
+        assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
+        with Client(gw.socket) as c:
+            assert c.devices("echo")[0].channels[chan].state == "free"
 
 
 def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
