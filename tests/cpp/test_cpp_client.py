@@ -23,6 +23,7 @@ import fcntl
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,9 @@ from types import ModuleType
 import pytest
 
 from kupd.testing import REPO_ROOT, Kupd, doc_block
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+from h2stall import StallProxy  # tests/gateway's
 
 CPP_DIR = REPO_ROOT / "clients" / "cpp"
 BUILD_TIMEOUT = 1200.0
@@ -143,6 +147,23 @@ def test_cpp_client_kupd_goes_away(
     # still checked)
     with cli_gateway.gateway(("echo:2",), check_exit=name == "kupd_shutdown") as gw:
         _run_tests(build, gw.socket, name, env={"KUPD_PID": str(gw.pid)})
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_attach_past_deadline(
+    cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
+) -> None:
+    """An attach past its deadline (30 s) after kupd wrote its reply (for
+    kupd: delivered) -- a proxy passes the reply and holds kupd's status,
+    and gRPC drops the reply with the call -- leaves no lease: the client
+    releases by its attach_id before it throws."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            _run_tests(build, proxy.path, "attach_past_deadline")
+        finally:
+            proxy.close()
+        assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))

@@ -13,6 +13,7 @@
 #include <limits.h>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <utility>
 #include <vector>
@@ -774,15 +775,50 @@ CallReply Client::call(std::string_view device, std::string_view data, std::opti
     return out;
 }
 
+namespace {
+// A random attach_id: 32 hex digits.
+std::string new_attach_id() {
+    static thread_local std::mt19937_64 gen{std::random_device{}()};
+    static const char hex[] = "0123456789abcdef";
+    std::string id;
+    for (int i = 0; i < 2; ++i) {
+        std::uint64_t v = gen();
+        for (int j = 0; j < 16; ++j, v >>= 4) id += hex[v & 0xf];
+    }
+    return id;
+}
+}  // namespace
+
 Lease Client::attach(std::string_view device, std::optional<std::uint32_t> channel) {
     auto& c = core_of(core_);
     pb::AttachRequest req;
     req.set_device(detail::device_arg(device));
     if (channel) req.set_channel(*channel);
-    auto resp = c.call_unary<pb::AttachResponse>(
-        [&](grpc::ClientContext* ctx, pb::AttachResponse* r) { return c.stub->Attach(ctx, req, r); },
-        detail::SHORT_RPC);
-    return detail::lease_of(resp);
+    // kupd may grant the lease and write its reply as the deadline passes:
+    // gRPC then drops the reply, and the lease is known to no one.  The
+    // attach names itself, and past its deadline releases by that name
+    // (kupd ends the lease it granted, or grants none) before it throws.
+    req.set_attach_id(new_attach_id());
+    try {
+        auto resp = c.call_unary<pb::AttachResponse>(
+            [&](grpc::ClientContext* ctx, pb::AttachResponse* r) {
+                return c.stub->Attach(ctx, req, r);
+            },
+            detail::SHORT_RPC);
+        return detail::lease_of(resp);
+    } catch (const DeadlineExceeded&) {
+        pb::ReleaseRequest rel;
+        rel.set_attach_id(req.attach_id());
+        try {  // best effort, within KUPD_GRACE
+            c.call_unary<pb::ReleaseResponse>(
+                [&](grpc::ClientContext* ctx, pb::ReleaseResponse* r) {
+                    return c.stub->Release(ctx, rel, r);
+                },
+                KUPD_GRACE);
+        } catch (const Error&) {
+        }
+        throw;
+    }
 }
 
 void Client::lease_send(std::string_view lease_id, std::string_view data) {

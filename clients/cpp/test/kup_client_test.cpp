@@ -318,6 +318,19 @@ void test_leases() {
     wait_state(c, l.channel, "free");
 }
 
+// Run against a proxy (tests/gateway/h2stall.py) that passes kupd's reply
+// to the first RPC and holds its status: the attach's deadline (30 s)
+// passes after kupd wrote the reply, which gRPC then drops.  The client
+// releases by its attach_id: the channel is free at once.
+void test_attach_past_deadline() {
+    kup::Client c(g_socket);
+    const std::uint32_t chan = 5;  // (not one of the Call pool's)
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.attach(g_device, chan); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    CHECK_EQ(channel_state(c, chan), std::string("free"));
+}
+
 void test_calls() {
     kup::Client c(g_socket);
     auto r = c.call(g_device, "ping from c++");
@@ -1121,6 +1134,7 @@ const Test TESTS[] = {
     {"kupd_not_answering", test_kupd_not_answering, true},
     {"kupd_shutdown", test_kupd_shutdown, true},
     {"kupd_killed", test_kupd_killed, true},
+    {"attach_past_deadline", test_attach_past_deadline, true},
 };
 
 }  // namespace
