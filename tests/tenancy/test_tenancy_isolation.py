@@ -25,7 +25,7 @@ from tenancy_helpers import (
 )
 
 from kupapi import kup_pb2, kup_pb2_grpc
-from kupclient import Client, EventType, Message, WatchEvent, errors
+from kupclient import Client, EventType, Kind, Message, WatchEvent, errors
 from kupd.testing import Background, echo_lock_holds, in_background, kupsim, wait_until
 
 BODY = """
@@ -341,3 +341,27 @@ def test_health_follows_a_reload_on_a_kept_socket(start_tenants: StartTenants) -
         with pytest.raises(errors.NotFound):
             c.health("kup.v1.Kup/rot13")
         assert a.health("kup.v1.Kup/rot13") == "SERVING"
+
+
+def test_an_attach_id_is_its_tenants_own(start_tenants: StartTenants) -> None:
+    """Two tenants naming their attaches alike neither conflict nor reach
+    each other's lease: ben's Release{attach_id} of the name ann used ends
+    only ben's own, and answers OK as for a name never used."""
+    k = start_tenants(BODY)
+    with (
+        grpc.insecure_channel("unix:" + k.sock("ann")) as ann_ch,
+        grpc.insecure_channel("unix:" + k.sock("ben")) as ben_ch,
+        k.client("ann") as ann,
+    ):
+        ann_stub, ben_stub = kup_pb2_grpc.KupStub(ann_ch), kup_pb2_grpc.KupStub(ben_ch)
+        same = kup_pb2.AttachRequest(device="echo", attach_id="same-name")
+        mine = ann_stub.Attach(same, timeout=30)
+        theirs = ben_stub.Attach(same, timeout=30)  # no "in use": another tenant's
+        for _ in range(2):  # ends ben's; then none of ben's has the name
+            ben_stub.Release(kup_pb2.ReleaseRequest(attach_id="same-name"), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            ben_stub.Pass(kup_pb2.PassRequest(lease_id=theirs.lease_id), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # ann's lease lives on
+        assert ann.lease_receive(mine.lease_id, timeout=30).kind == Kind.PASS
+        ann.release(mine.lease_id)
