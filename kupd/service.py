@@ -881,6 +881,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         retired: asyncio.Future[None] | None,
     ) -> kup_pb2.SendResponse | Handover:
         lease, t = self._lease_t(request.lease_id, where)
+        receive_id = _attach_id_arg(request.receive_id, "receive_id")
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
@@ -914,7 +915,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         resp = kup_pb2.SendResponse()
         fill_receive(resp.reply, msg)
-        return resp if msg is None else self._handover(lease, msg, resp)
+        return resp if msg is None else self._handover(lease, msg, resp, receive_id)
 
     @_unary
     async def Pass(
@@ -949,9 +950,12 @@ class KupService(kup_pb2_grpc.KupServicer):
         timeout_ms: int,
         context: grpc.aio.ServicerContext,
         t: Tenant | None = None,
+        receive_id: str = "",
+        again_of: str = "",
     ) -> kup_pb2.ReceiveResponse | Handover:
         """A unary Receive; ``t``: the caller's tenant, when it has a
-        channel_ops_per_second to wait under first."""
+        channel_ops_per_second to wait under first.  ``receive_id`` /
+        ``again_of``: the ReceiveRequest's (LeaseTable.settle, .receive)."""
         timeout, nonblocking = self._receive_args(mode, timeout_ms)
         timeout = self._deadline_cap(context, timeout)
         retired = socket_retired()
@@ -967,17 +971,20 @@ class KupService(kup_pb2_grpc.KupServicer):
                 abort=self.drain,
                 retired=retired,
                 handover=True,
+                again_of=again_of,
             )
         resp = _receive_pb(msg)
-        return resp if msg is None else self._handover(lease, msg, resp)
+        return resp if msg is None else self._handover(lease, msg, resp, receive_id)
 
-    def _handover(self, lease: Lease, msg: Message, reply: Any) -> Handover:
+    def _handover(self, lease: Lease, msg: Message, reply: Any, receive_id: str) -> Handover:
         """``reply`` carrying the kernel's ``msg``, taken by a unary Receive
         or Send on ``lease`` whose operation stays the lease's until the
         reply is written (kupd.wire serves them so that one not written is
         seen): one whose caller had gone leaves ``msg`` for the lease's
-        next receive instead of losing it (LeaseTable.settle)."""
-        return Handover(reply, functools.partial(self.leases.settle, lease, msg))
+        next receive instead of losing it, and one written for a named
+        receive (``receive_id``) is kept until the lease's next operation,
+        for a client that gave up on it all the same (LeaseTable.settle)."""
+        return Handover(reply, functools.partial(self.leases.settle, lease, msg, receive_id))
 
     @_unary
     async def Receive(  # type: ignore[override]  # a Handover: kupd.wire serves it
@@ -989,7 +996,11 @@ class KupService(kup_pb2_grpc.KupServicer):
         # unless the tenant's channel_ops_per_second makes it wait its turn
         log.debug("receive", mode=request.mode, timeout_ms=request.timeout_ms)
         paced = t if t.channel_ops_per_second else None
-        return await self._receive(lease, request.mode, request.timeout_ms, context, paced)
+        receive_id = _attach_id_arg(request.receive_id, "receive_id")
+        again_of = _attach_id_arg(request.again_of, "again_of")
+        return await self._receive(
+            lease, request.mode, request.timeout_ms, context, paced, receive_id, again_of
+        )
 
     # ---------------------------------------------------------------- sessions
     def _raise_if_draining(self) -> None:
@@ -1450,20 +1461,22 @@ DEVICE_REASONS = frozenset({"device gone", "device shutting down", "shutdown", "
 #: a longer one is refused before it is looked up or quoted)
 LEASE_ID_MAX = 64
 
-#: An Attach's attach_id: what a client may name it (kupclient: 32 hex digits)
+#: An Attach's attach_id, a receive's receive_id: what a client may name
+#: them (kupclient: 32 hex digits)
 ATTACH_ID_MAX = 64
 _ATTACH_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-def _attach_id_arg(attach_id: str) -> str:
-    """``attach_id`` of an AttachRequest / ReleaseRequest, checked ("" when none)."""
+def _attach_id_arg(attach_id: str, field: str = "attach_id") -> str:
+    """``attach_id`` of an AttachRequest / ReleaseRequest -- or another name
+    a client gives its request, ``field`` -- checked ("" when none)."""
     if len(attach_id) > ATTACH_ID_MAX:
         raise errors.InvalidArgument(
-            f"attach_id of {len(attach_id)} characters: at most {ATTACH_ID_MAX}"
+            f"{field} of {len(attach_id)} characters: at most {ATTACH_ID_MAX}"
         )
     if not _ATTACH_ID_CHARS.issuperset(attach_id):
         raise errors.InvalidArgument(
-            f"attach_id {attach_id[:ATTACH_ID_MAX]!r}: only letters, digits, '_' and '-'"
+            f"{field} {attach_id[:ATTACH_ID_MAX]!r}: only letters, digits, '_' and '-'"
         )
     return attach_id
 

@@ -158,6 +158,11 @@ class Lease:
         #: (its caller had gone before the reply was written): the next
         #: receive returns it first (LeaseTable.settle).
         self.held: Message | None = None
+        #: (receive_id, message) of the unary receive whose reply was written
+        #: last, until the lease's next operation: a client that gave up on
+        #: that reply -- its gRPC library drops a reply that comes after the
+        #: cancel -- gets the message again by naming it (again_of).
+        self.delivered: tuple[str, Message] | None = None
         #: The name its client gave the Attach ("" when none): Release by
         #: attach_id ends it (LeaseTable.withdraw).
         self.attach_id = ""
@@ -507,11 +512,14 @@ class LeaseTable:
             self._reaper.cancel()
 
     # -- operations ------------------------------------------------------------------
-    async def _enter(self, lease: Lease, retired: asyncio.Future[None] | None = None) -> None:
+    async def _enter(
+        self, lease: Lease, retired: asyncio.Future[None] | None = None
+    ) -> tuple[str, Message] | None:
         """Take the lease for one operation (they run one at a time).
         ``retired``: the retirement of the socket the operation came in on
         (kupd.policy.socket_retired): a wait for the lease's turn ends with
-        its error, nothing done."""
+        its error, nothing done.  Returns the previous operation's
+        :attr:`Lease.delivered`, which no later operation may take."""
         if not lease.active:
             raise self._ended_error(lease)
         if not lease.lock.try_take():
@@ -531,6 +539,8 @@ class LeaseTable:
             raise self._ended_error(lease)
         lease.ops += 1
         lease.last_used = time.monotonic()
+        delivered, lease.delivered = lease.delivered, None
+        return delivered
 
     def _ended_by_module(self, lease: Lease) -> bool:
         """End an idle ``lease`` whose channel the kernel side is done with
@@ -572,13 +582,19 @@ class LeaseTable:
         if not lease.active and lease.ops == 0:
             self._close_channel(lease)
 
-    def settle(self, lease: Lease, msg: Message, delivered: bool) -> None:
+    def settle(self, lease: Lease, msg: Message, receive_id: str, delivered: bool) -> None:
         """End the operation that took ``msg`` with ``handover`` (see
         :meth:`receive`): its reply was written (``delivered``), or its
         caller had gone first -- cancelled, past its deadline, its
         connection lost -- and the message stays the lease's unread one,
         for its next receive (a lease that ended meanwhile took it along).
-        Being held back is a use of the lease (idle timeout)."""
+        Being held back is a use of the lease (idle timeout).  A reply
+        written for a receive its client named (``receive_id``) is kept
+        until the lease's next operation (:attr:`Lease.delivered`): a
+        written reply may still not reach its client, which then asks for
+        it again (:meth:`receive`'s ``again_of``)."""
+        if delivered and receive_id and lease.active:
+            lease.delivered = (receive_id, msg)
         if not delivered:
             kept = lease.active
             if kept:
@@ -665,6 +681,7 @@ class LeaseTable:
         abort: asyncio.Future[None] | None = None,
         retired: asyncio.Future[None] | None = None,
         handover: bool = False,
+        again_of: str = "",
     ) -> Message | None:
         """The kernel's message; None for a non-blocking receive with nothing
         there -- or with another operation on the lease under way (a
@@ -676,13 +693,31 @@ class LeaseTable:
         ``handover``: a message returned is not delivered yet (a unary
         RPC's reply still to be written): the operation stays the lease's
         -- the next one waits for its turn -- until :meth:`settle` says
-        whether it reached its caller."""
+        whether it reached its caller.
+
+        ``again_of``: the receive_id of the lease's previous operation,
+        which its client gave up on: if that operation's reply was written
+        (:attr:`Lease.delivered`), its message is returned again -- the
+        lease still holds the turn it came with -- instead of waiting for
+        another."""
         if nonblocking and (lease.lock.held or lease.lock.waiting) and lease.active:
             lease.last_used = time.monotonic()  # a use all the same (idle timeout)
             return None
-        await self._enter(lease, retired)
+        delivered = await self._enter(lease, retired)
         msg = None
         try:
+            if again_of and delivered is not None and delivered[0] == again_of:
+                msg = delivered[1]
+                log.debug(
+                    "reply delivered again",
+                    device=lease.dev.name,
+                    channel=lease.ch.id,
+                    lease=lease.id,
+                    kind=msg.kind.name,
+                    seq=msg.seq,
+                    receive_id=again_of,
+                )
+                return msg
             msg = await self._receive_entered(lease, timeout, nonblocking, abort, retired)
             return msg
         except errors.PeerGone as exc:

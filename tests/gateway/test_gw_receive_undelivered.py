@@ -205,9 +205,13 @@ def test_a_grpc_receive_cancelled_as_the_message_arrives_keeps_it(
     """A real gRPC client's Receive, cancelled while kupd is stopped and
     the module's reply has just arrived: when kupd runs again, both the
     cancel and the channel's wake-up are pending, and kupd may take the
-    message for the RPC the client has already given up on.  Repeated until
-    kupd is seen to have done so; every time, the next Receive gets exactly
-    the message."""
+    message for the RPC the client has already given up on -- and either
+    find the reply cannot be written (the message stays the lease's), or
+    write it before it reads the cancel (gRPC drops it on the client's
+    side; the next Receive names the cancelled one, again_of, and kupd
+    answers it with the same message: test_gw_receive_reply_dropped.py).
+    Repeated until kupd is seen to have taken one it could not write;
+    every time, the next Receive gets exactly the message."""
     chan = next(c.id for c in client.devices("echo")[0].channels if c.lease_id == lease_id)
     with grpc.insecure_channel(f"unix:{kupd.socket}") as gch:
         tries = _cancel_as_it_arrives(sim, kupd, client, lease_id, chan, gch)
@@ -224,11 +228,15 @@ def _cancel_as_it_arrives(
     took one for a cancelled Receive (or TRIES); the next Receive must get
     each message.  The number of tries."""
     stub = kup_pb2_grpc.KupStub(gch)
-    req = kup_pb2.ReceiveRequest(lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_BLOCK)
     for i in range(TRIES):
         ended = _holds_ended(sim, chan)
         receives = _receives(kupd)
         client.lease_send(lease_id, SLOW + b" %d" % i)
+        # named: kupd may also have written the reply before it read the
+        # cancel (gRPC then drops it), and the next receive asks for it
+        req = kup_pb2.ReceiveRequest(
+            lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_BLOCK, receive_id=f"r{i}"
+        )
         fut = stub.Receive.future(req)
         wait_until(lambda n=receives: _receives(kupd) > n, what="kupd to take the Receive")
         os.kill(kupd.pid, signal.SIGSTOP)
@@ -239,8 +247,11 @@ def _cancel_as_it_arrives(
             fut.cancel()
         finally:
             os.kill(kupd.pid, signal.SIGCONT)
-        got = client.lease_receive(lease_id, timeout=30)
-        assert got.data == SLOW + b" %d" % i, (i, got)
+        again = kup_pb2.ReceiveRequest(
+            lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_BLOCK, again_of=f"r{i}"
+        )
+        got = stub.Receive(again, timeout=30)
+        assert got.message.data == SLOW + b" %d" % i, (i, got)
         if _undelivered(kupd, lease_id):
             return i + 1
     return TRIES

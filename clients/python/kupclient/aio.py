@@ -83,6 +83,9 @@ class AsyncClient:
         self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
+        #: lease id -> the receive_id of its last receive the caller gave up on
+        #: (see kupclient.Client._receive_given_up)
+        self._again: dict[str, str] = {}
         self._forked = False
         self._pid = os.getpid()
         #: each device's channel data area, as ListDevices last said (TooBig's text)
@@ -320,15 +323,31 @@ class AsyncClient:
 
     async def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        self._again.pop(lease_id, None)  # any operation ends what again_of could name
         await self._unary("Send", req, 30.0)
 
     async def lease_pass(self, lease_id: str) -> None:
+        self._again.pop(lease_id, None)
         await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
 
+    async def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
+        """See :meth:`kupclient.Client._receive_given_up`."""
+        self._again[lease_id] = receive_id
+
     async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
+        """Receive on a lease (see :meth:`kupclient.Client.lease_receive`:
+        one whose task is cancelled, or past its deadline, loses nothing)."""
         mode, ms = receive_mode(timeout)
-        req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
-        resp = await self._unary("Receive", req, deadline(timeout))
+        receive_id = secrets.token_hex(16)
+        req = kup_pb2.ReceiveRequest(
+            lease_id=lease_arg(lease_id),
+            mode=mode,
+            timeout_ms=ms,
+            receive_id=receive_id,
+            again_of=self._again.pop(lease_id, ""),
+        )
+        given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
+        resp = await self._unary("Receive", req, deadline(timeout), given_up)
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
@@ -339,14 +358,18 @@ class AsyncClient:
         """Send ``data`` on a lease and wait for the reply, in one RPC (see
         :meth:`kupclient.Client.lease_exchange`)."""
         mode, ms = receive_mode(timeout)
+        receive_id = secrets.token_hex(16)
         req = kup_pb2.SendRequest(
             lease_id=lease_arg(lease_id),
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
             reply_timeout_ms=ms,
+            receive_id=receive_id,
         )
-        resp = await self._unary("Send", req, deadline(timeout))
+        self._again.pop(lease_id, None)
+        given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
+        resp = await self._unary("Send", req, deadline(timeout), given_up)
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return await self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -354,6 +377,7 @@ class AsyncClient:
         return message_from_pb(resp.reply.message)
 
     async def release(self, lease_id: str) -> None:
+        self._again.pop(lease_id, None)
         await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 

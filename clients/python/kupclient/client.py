@@ -128,6 +128,9 @@ class Client:
         self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
+        #: lease id -> the receive_id of its last receive the caller gave up on
+        #: (named by the lease's next receive: again_of)
+        self._again: dict[str, str] = {}
         self._forked = False
         self._pid = os.getpid()
         self._lock = threading.Lock()  # close() against a Channel being opened
@@ -358,16 +361,39 @@ class Client:
 
     def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        self._again.pop(lease_id, None)  # any operation ends what again_of could name
         self._unary("Send", req, 30.0)
 
     def lease_pass(self, lease_id: str) -> None:
+        self._again.pop(lease_id, None)
         self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
 
+    def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
+        """A receive (or exchange) on ``lease_id`` its caller gave up on --
+        interrupted, past its deadline: kupd may have written its reply,
+        which gRPC then dropped.  The lease's next receive names it
+        (again_of), and kupd answers that with the same message if so."""
+        self._again[lease_id] = receive_id
+
     def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
-        """Receive on a lease: None blocks, 0 raises NotReady when nothing is there."""
+        """Receive on a lease: None blocks, 0 raises NotReady when nothing is there.
+
+        One given up on (interrupted, past its deadline) loses nothing: a
+        message kupd took for it is this lease's next receive's -- also
+        one whose reply kupd had written when gRPC dropped it (each receive
+        has a random ``receive_id``, and the next one asks for that one's
+        message again: ``again_of``)."""
         mode, ms = receive_mode(timeout)
-        req = kup_pb2.ReceiveRequest(lease_id=lease_arg(lease_id), mode=mode, timeout_ms=ms)
-        resp = self._unary_owed("Receive", req, deadline(timeout))
+        receive_id = secrets.token_hex(16)
+        req = kup_pb2.ReceiveRequest(
+            lease_id=lease_arg(lease_id),
+            mode=mode,
+            timeout_ms=ms,
+            receive_id=receive_id,
+            again_of=self._again.pop(lease_id, ""),
+        )
+        given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
+        resp = self._unary_owed("Receive", req, deadline(timeout), given_up)
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
@@ -376,16 +402,21 @@ class Client:
         """Send ``data`` on a lease and wait for the reply, in one RPC (Send
         with wait_reply).  ``timeout`` as for :meth:`lease_receive`; when the
         wait fails (e.g. DeadlineExceeded) the data was sent and the reply is
-        still owed: :meth:`lease_receive` gets it."""
+        still owed: :meth:`lease_receive` gets it -- also when it was given
+        up on (interrupted) as kupd wrote the reply (``receive_id``)."""
         mode, ms = receive_mode(timeout)
+        receive_id = secrets.token_hex(16)
         req = kup_pb2.SendRequest(
             lease_id=lease_arg(lease_id),
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
             reply_timeout_ms=ms,
+            receive_id=receive_id,
         )
-        resp = self._unary_owed("Send", req, deadline(timeout))
+        self._again.pop(lease_id, None)
+        given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
+        resp = self._unary_owed("Send", req, deadline(timeout), given_up)
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -393,6 +424,7 @@ class Client:
         return message_from_pb(resp.reply.message)
 
     def release(self, lease_id: str) -> None:
+        self._again.pop(lease_id, None)
         self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 
