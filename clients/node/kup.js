@@ -1044,6 +1044,8 @@ class Client {
     this.closed = false;
     this.live = new Set();      // open stream cores (Sessions, Watches)
     this.inflight = new Set();  // unary RPCs under way: {call, reject}
+    // lease id -> receive_id of its last receive given up on (_leaseReply)
+    this.again = new Map();
     const kup = loadKup();
     const target = socketPath.startsWith('unix:') ? socketPath : `unix:${path.resolve(socketPath)}`;
     // the raw grpc-js stub (kup.v1.Kup)
@@ -1250,19 +1252,46 @@ class Client {
   async leaseSend(leaseId, data, opts) {
     const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
     const signal = signalOf(opts, 'leaseSend');
+    if (!(signal && signal.aborted)) this.again.delete(leaseId);
     await this._unary('Send', request, UNARY_DEADLINE_MS, { signal, what: `leaseSend on lease ${leaseId}` });
+  }
+
+  // A lease Receive, or Send with wait_reply, named by a random receive_id:
+  // kupd keeps the message it answers with until the lease's next
+  // operation.  Given up on -- aborted, past its deadline -- its reply may
+  // have been written all the same (grpc-js drops a reply that comes after
+  // the cancel): the lease's next leaseReceive names it (again_of) and kupd
+  // answers that with the same message.  A signal aborted before sends
+  // nothing and changes nothing.
+  async _leaseReply(method, request, leaseId, deadlineMs, opts) {
+    const receiveId = crypto.randomBytes(16).toString('hex');
+    request.receive_id = receiveId;
+    const sent = !(opts.signal && opts.signal.aborted);
+    if (sent) {
+      if (method === 'Receive') request.again_of = this.again.get(leaseId) || '';
+      this.again.delete(leaseId);
+    }
+    try {
+      return await this._unary(method, request, deadlineMs, opts);
+    } catch (err) {
+      const gaveUp = err instanceof AbortError ||
+        (err.code === S.DEADLINE_EXCEEDED && !err.fromKupd);
+      if (gaveUp && sent) this.again.set(leaseId, receiveId);
+      throw err;
+    }
   }
 
   // timeoutMs as Session.receive: undefined blocks, 0 resolves null when
   // nothing is there, > 0 waits at most that long.  Aborted, the lease
   // stays and loses nothing: a message kupd took for the aborted receive
-  // is kept for the lease's next receive.
+  // is kept for the lease's next receive, and one whose reply kupd wrote
+  // as the abort came is that receive's again (_leaseReply).
   async leaseReceive(leaseId, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const request = { lease_id: leaseArg(leaseId), mode, timeout_ms };
     const signal = signalOf(opts, 'leaseReceive');
-    return fromReceived(await this._unary('Receive', request, deadlineFor(timeoutMs),
-      { signal, what: `leaseReceive on lease ${leaseId}` }));
+    return fromReceived(await this._leaseReply('Receive', request, leaseId,
+      deadlineFor(timeoutMs), { signal, what: `leaseReceive on lease ${leaseId}` }));
   }
 
   // Send with wait_reply: the data and the wait for the reply in one RPC.
@@ -1280,7 +1309,7 @@ class Client {
       reply_timeout_ms: timeout_ms,
     };
     const signal = signalOf(opts, 'leaseExchange');
-    const resp = await this._unary('Send', request, deadlineFor(timeoutMs),
+    const resp = await this._leaseReply('Send', request, leaseId, deadlineFor(timeoutMs),
       { signal, what: `leaseExchange on lease ${leaseId}` });
     // a kupd without wait_reply
     if (!resp.reply) return this.leaseReceive(leaseId, timeoutMs, { signal });
@@ -1289,12 +1318,14 @@ class Client {
 
   async leasePass(leaseId, opts) {
     const signal = signalOf(opts, 'leasePass');
+    if (!(signal && signal.aborted)) this.again.delete(leaseId);
     await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
       { signal, what: `leasePass on lease ${leaseId}` });
   }
 
   async release(leaseId, opts) {
     const signal = signalOf(opts, 'release');
+    if (!(signal && signal.aborted)) this.again.delete(leaseId);
     await this._unary('Release', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
       { signal, what: `release of lease ${leaseId}` });
   }

@@ -184,6 +184,60 @@ def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
             assert c.devices("echo")[0].channels[chan].state == "free"
 
 
+#: A lease receive past its deadline after kupd wrote its reply: the lease
+#: is taken directly, the receive goes through the proxy (kupd's reply goes
+#: through, its status is held), and the next receive gets the message.
+RECEIVE_PAST_DEADLINE = """
+const kup = require(process.argv[1]);
+const direct = kup.connect(process.argv[2]);
+const stalled = kup.connect(process.argv[3]);
+(async () => {
+  const lease = await direct.attach('echo', Number(process.argv[4]));
+  await direct.leaseReceive(lease.lease_id, 30000);  // echo's greeting (a PASS)
+  await direct.leaseSend(lease.lease_id, 'the one message');
+  try {
+    await stalled.leaseReceive(lease.lease_id, 1000);
+    console.log('received');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  const got = await stalled.leaseReceive(lease.lease_id, 30000);
+  console.log(`again ${got.kind} ${got.data.toString()}`);
+  await direct.release(lease.lease_id);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  direct.close();
+  stalled.close();
+});
+"""
+
+
+def test_node_client_receive_past_its_deadline_after_kupd_wrote_its_reply(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """A leaseReceive past its deadline after kupd wrote its reply -- gRPC
+    drops the reply -- loses nothing: the next leaseReceive names it
+    (again_of) and gets the same message (see
+    tests/gateway/test_gw_receive_reply_dropped.py for the Python client)."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", RECEIVE_PAST_DEADLINE, str(NODE_DIR / "kup.js"), gw.socket,
+                 proxy.path, "6"],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    assert proc.stdout.split("\n")[:2] == ["DeadlineExceeded", "again data the one message"], (
+        report
+    )
+
+
 def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
     """Read ``stream``'s lines into ``seen`` up to the line ``marker``
     (``out``: the program's stdout, for the report)."""
