@@ -150,6 +150,22 @@ def test_cpp_client_kupd_goes_away(
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_receive_past_deadline(
+    cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
+) -> None:
+    """A lease_receive past its deadline after kupd wrote its reply -- gRPC
+    drops the reply -- loses nothing: the next lease_receive names it
+    (again_of) and gets the same message."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            _run_tests(build, proxy.path, "receive_past_deadline", env={"KUPD_DIRECT": gw.socket})
+        finally:
+            proxy.close()
+        assert proxy.status_held.is_set(), "kupd did not answer the receive within its deadline"
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client_attach_past_deadline(
     cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
 ) -> None:

@@ -341,6 +341,23 @@ struct ClientCore {
     std::set<WatchCore*> watches;
     // each device's channel data area, as ListDevices last said (TooBig's text)
     std::map<std::string, std::uint64_t, std::less<>> channel_bytes;
+    // lease id -> the receive_id of its last lease_receive / lease_exchange
+    // given up on (past its deadline), named by the next lease_receive
+    std::map<std::string, std::string, std::less<>> again;
+
+    // What again_of the lease's next receive names ("" when none), taken.
+    std::string take_again(std::string_view lease_id) {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = again.find(lease_id);
+        if (it == again.end()) return {};
+        std::string id = std::move(it->second);
+        again.erase(it);
+        return id;
+    }
+    void set_again(std::string_view lease_id, std::string receive_id) {
+        std::lock_guard<std::mutex> lock(mu);
+        again[std::string(lease_id)] = std::move(receive_id);
+    }
 
     // In a child process forked after this client was made.
     bool forked() const { return fork_gen != fork_generation.load(std::memory_order_relaxed); }
@@ -776,7 +793,7 @@ CallReply Client::call(std::string_view device, std::string_view data, std::opti
 }
 
 namespace {
-// A random attach_id: 32 hex digits.
+// A random attach_id (or receive_id): 32 hex digits.
 std::string new_attach_id() {
     static thread_local std::mt19937_64 gen{std::random_device{}()};
     static const char hex[] = "0123456789abcdef";
@@ -826,6 +843,7 @@ void Client::lease_send(std::string_view lease_id, std::string_view data) {
     pb::SendRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
     req.set_data(detail::data_arg(data));
+    c.take_again(lease_id);  // any operation ends what again_of could name
     c.call_unary<pb::SendResponse>(
         [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
         detail::SHORT_RPC);
@@ -835,6 +853,7 @@ void Client::lease_pass(std::string_view lease_id) {
     auto& c = core_of(core_);
     pb::PassRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
+    c.take_again(lease_id);
     c.call_unary<pb::PassResponse>(
         [&](grpc::ClientContext* ctx, pb::PassResponse* r) { return c.stub->Pass(ctx, req, r); },
         detail::SHORT_RPC);
@@ -847,9 +866,23 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
     auto [mode, t] = detail::receive_mode(timeout);
     req.set_mode(mode);
     req.set_timeout_ms(t);
-    auto resp = c.call_unary<pb::ReceiveResponse>(
-        [&](grpc::ClientContext* ctx, pb::ReceiveResponse* r) { return c.stub->Receive(ctx, req, r); },
-        detail::bound_of(timeout));
+    // kupd may write the reply as the deadline passes: gRPC then drops it.
+    // The receive names itself, kupd keeps the message it answered with
+    // until the lease's next operation, and the next lease_receive after
+    // one past its deadline names that one (again_of): the same message.
+    req.set_receive_id(new_attach_id());
+    req.set_again_of(c.take_again(lease_id));
+    pb::ReceiveResponse resp;
+    try {
+        resp = c.call_unary<pb::ReceiveResponse>(
+            [&](grpc::ClientContext* ctx, pb::ReceiveResponse* r) {
+                return c.stub->Receive(ctx, req, r);
+            },
+            detail::bound_of(timeout));
+    } catch (const DeadlineExceeded&) {
+        c.set_again(lease_id, req.receive_id());
+        throw;
+    }
     if (resp.not_ready()) return std::nullopt;
     return detail::message_of(resp.message());
 }
@@ -864,9 +897,17 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
     req.set_wait_reply(true);
     req.set_reply_mode(mode);
     req.set_reply_timeout_ms(t);
-    auto resp = c.call_unary<pb::SendResponse>(
-        [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
-        detail::bound_of(timeout));
+    req.set_receive_id(new_attach_id());  // as lease_receive's
+    c.take_again(lease_id);
+    pb::SendResponse resp;
+    try {
+        resp = c.call_unary<pb::SendResponse>(
+            [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
+            detail::bound_of(timeout));
+    } catch (const DeadlineExceeded&) {
+        c.set_again(lease_id, req.receive_id());
+        throw;
+    }
     if (!resp.has_reply()) return lease_receive(lease_id, timeout);  // a kupd without wait_reply
     if (resp.reply().not_ready()) return std::nullopt;
     return detail::message_of(resp.reply().message());
@@ -876,6 +917,7 @@ void Client::release(std::string_view lease_id) {
     auto& c = core_of(core_);
     pb::ReleaseRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
+    c.take_again(lease_id);
     c.call_unary<pb::ReleaseResponse>(
         [&](grpc::ClientContext* ctx, pb::ReleaseResponse* r) { return c.stub->Release(ctx, req, r); },
         detail::SHORT_RPC);

@@ -331,6 +331,30 @@ void test_attach_past_deadline() {
     CHECK_EQ(channel_state(c, chan), std::string("free"));
 }
 
+// Run against the same proxy, kupd's direct socket in KUPD_DIRECT: the
+// lease is taken and its message sent directly, and the receive through
+// the proxy is the proxy's first RPC.  Its deadline (1 s + KUPD_GRACE)
+// passes after kupd wrote the reply, which gRPC then drops; the next
+// lease_receive names it (again_of) and gets the same message.
+void test_receive_past_deadline() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    kup::Client d(direct);
+    const std::uint32_t chan = 6;  // (not one of the Call pool's)
+    kup::Lease l = d.attach(g_device, chan);
+    auto hello = d.lease_receive(l.lease_id, T);
+    CHECK(hello && hello->kind == kup::Kind::Pass);
+    d.lease_send(l.lease_id, "the one message");
+    kup::Client c(g_socket);
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    auto got = c.lease_receive(l.lease_id, T);
+    CHECK(got && got->kind == kup::Kind::Data);
+    CHECK_EQ(got->data, expected_echo(chan, "the one message"));
+    d.release(l.lease_id);
+}
+
 void test_calls() {
     kup::Client c(g_socket);
     auto r = c.call(g_device, "ping from c++");
@@ -1135,6 +1159,7 @@ const Test TESTS[] = {
     {"kupd_shutdown", test_kupd_shutdown, true},
     {"kupd_killed", test_kupd_killed, true},
     {"attach_past_deadline", test_attach_past_deadline, true},
+    {"receive_past_deadline", test_receive_past_deadline, true},
 };
 
 }  // namespace
