@@ -11,6 +11,7 @@ meet each other.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import tomllib
@@ -258,6 +259,28 @@ def test_attach_json(kupctl: Kupctl) -> None:
             "lease_id": doc["lease_id"],
             "released": True,
         }
+
+
+def test_attach_whose_id_cannot_be_shown_releases_its_lease(
+    kupctl: Kupctl, gw: Gateway
+) -> None:
+    """kupctl attach whose output goes nowhere (its reader gone before the
+    lease id was written; or Ctrl-C just then) left a lease no one knew the
+    id of, holding its channel until it idled out.  It releases it."""
+    exe = str(console_script("kupctl"))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before kupctl writes
+    try:
+        p = subprocess.run(
+            [exe, "attach", "echo", "--channel", "12"],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr, p.stderr
+    devs = json.loads(ok(kupctl("devices", "echo", "--json")))["devices"]
+    assert devs[0]["channels"][12]["state"] == "free", devs[0]["channels"][12]
 
 
 def test_lease_errors(kupctl: Kupctl) -> None:

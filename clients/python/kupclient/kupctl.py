@@ -440,10 +440,18 @@ def _print_message(
 def cmd_attach(args: argparse.Namespace, out: Output) -> int:
     with _client(args) as c:
         lease = c.attach(args.device, args.channel)
-    if out.as_json:
-        out.json(lease_json(lease))
-    else:
-        out.line(lease.lease_id)
+        try:
+            if out.as_json:
+                out.json(lease_json(lease))
+            else:
+                out.line(lease.lease_id)
+        except BaseException:
+            # its id not shown (Ctrl-C, the reader gone): no one could use
+            # or release the lease, which would hold its channel until it
+            # idled out -- released here, best effort
+            with contextlib.suppress(Exception):
+                c.release(lease.lease_id)
+            raise
     return EXIT_OK
 
 
