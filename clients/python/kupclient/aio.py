@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _fork, _types, _wire
+from kupclient._again import ReceiveNames
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -83,9 +84,8 @@ class AsyncClient:
         self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
-        #: lease id -> the receive_id of its last receive the caller gave up on
-        #: (see kupclient.Client._receive_given_up)
-        self._again: dict[str, str] = {}
+        #: per lease, the name of its receive the caller gave up on (again_of)
+        self._again = ReceiveNames()
         self._forked = False
         self._pid = os.getpid()
         #: each device's channel data area, as ListDevices last said (TooBig's text)
@@ -323,31 +323,35 @@ class AsyncClient:
 
     async def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
-        self._again.pop(lease_id, None)  # any operation ends what again_of could name
+        pending = self._again.pending(lease_id)
         await self._unary("Send", req, 30.0)
+        self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
     async def lease_pass(self, lease_id: str) -> None:
-        self._again.pop(lease_id, None)
+        pending = self._again.pending(lease_id)
         await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
+        self._again.succeeded(lease_id, pending)
 
     async def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
         """See :meth:`kupclient.Client._receive_given_up`."""
-        self._again[lease_id] = receive_id
+        self._again.given_up(lease_id, receive_id)
 
     async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
         """Receive on a lease (see :meth:`kupclient.Client.lease_receive`:
         one whose task is cancelled, or past its deadline, loses nothing)."""
         mode, ms = receive_mode(timeout)
-        receive_id = secrets.token_hex(16)
+        pending = self._again.pending(lease_id)
+        receive_id = pending or self._again.fresh()
         req = kup_pb2.ReceiveRequest(
             lease_id=lease_arg(lease_id),
             mode=mode,
             timeout_ms=ms,
             receive_id=receive_id,
-            again_of=self._again.pop(lease_id, ""),
+            again_of=pending,
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = await self._unary("Receive", req, deadline(timeout), given_up)
+        self._again.succeeded(lease_id, pending)
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
@@ -358,7 +362,8 @@ class AsyncClient:
         """Send ``data`` on a lease and wait for the reply, in one RPC (see
         :meth:`kupclient.Client.lease_exchange`)."""
         mode, ms = receive_mode(timeout)
-        receive_id = secrets.token_hex(16)
+        pending = self._again.pending(lease_id)
+        receive_id = pending or self._again.fresh()
         req = kup_pb2.SendRequest(
             lease_id=lease_arg(lease_id),
             data=data_arg(data),
@@ -367,9 +372,9 @@ class AsyncClient:
             reply_timeout_ms=ms,
             receive_id=receive_id,
         )
-        self._again.pop(lease_id, None)
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = await self._unary("Send", req, deadline(timeout), given_up)
+        self._again.succeeded(lease_id, pending)
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return await self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -377,7 +382,7 @@ class AsyncClient:
         return message_from_pb(resp.reply.message)
 
     async def release(self, lease_id: str) -> None:
-        self._again.pop(lease_id, None)
+        self._again.forget(lease_id)
         await self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 

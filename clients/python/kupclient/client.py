@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _fork, _types, _wire
+from kupclient._again import ReceiveNames
 from kupclient._args import (
     call_timeout_ms,
     channel_arg,
@@ -128,9 +129,8 @@ class Client:
         self.path = socket_arg(path)
         self.caller = caller if caller is not None else default_caller()
         self._closed = False  # close(), or a fork (then _forked too)
-        #: lease id -> the receive_id of its last receive the caller gave up on
-        #: (named by the lease's next receive: again_of)
-        self._again: dict[str, str] = {}
+        #: per lease, the name of its receive the caller gave up on (again_of)
+        self._again = ReceiveNames()
         self._forked = False
         self._pid = os.getpid()
         self._lock = threading.Lock()  # close() against a Channel being opened
@@ -361,19 +361,22 @@ class Client:
 
     def lease_send(self, lease_id: str, data: Data) -> None:
         req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
-        self._again.pop(lease_id, None)  # any operation ends what again_of could name
+        pending = self._again.pending(lease_id)
         self._unary("Send", req, 30.0)
+        self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
     def lease_pass(self, lease_id: str) -> None:
-        self._again.pop(lease_id, None)
+        pending = self._again.pending(lease_id)
         self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
+        self._again.succeeded(lease_id, pending)
 
     def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
         """A receive (or exchange) on ``lease_id`` its caller gave up on --
         interrupted, past its deadline: kupd may have written its reply,
         which gRPC then dropped.  The lease's next receive names it
-        (again_of), and kupd answers that with the same message if so."""
-        self._again[lease_id] = receive_id
+        (again_of), and kupd answers that with the same message if so
+        (kupclient._again)."""
+        self._again.given_up(lease_id, receive_id)
 
     def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
         """Receive on a lease: None blocks, 0 raises NotReady when nothing is there.
@@ -382,18 +385,22 @@ class Client:
         message kupd took for it is this lease's next receive's -- also
         one whose reply kupd had written when gRPC dropped it (each receive
         has a random ``receive_id``, and the next one asks for that one's
-        message again: ``again_of``)."""
+        message again: ``again_of``, until a receive succeeds: see
+        kupclient._again).  Receives on one lease from several threads at
+        once race for its messages, and so for this too."""
         mode, ms = receive_mode(timeout)
-        receive_id = secrets.token_hex(16)
+        pending = self._again.pending(lease_id)
+        receive_id = pending or self._again.fresh()
         req = kup_pb2.ReceiveRequest(
             lease_id=lease_arg(lease_id),
             mode=mode,
             timeout_ms=ms,
             receive_id=receive_id,
-            again_of=self._again.pop(lease_id, ""),
+            again_of=pending,
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Receive", req, deadline(timeout), given_up)
+        self._again.succeeded(lease_id, pending)
         if resp.not_ready:
             raise errors.NotReady(f"lease {lease_id}: no message yet")
         return message_from_pb(resp.message)
@@ -405,7 +412,8 @@ class Client:
         still owed: :meth:`lease_receive` gets it -- also when it was given
         up on (interrupted) as kupd wrote the reply (``receive_id``)."""
         mode, ms = receive_mode(timeout)
-        receive_id = secrets.token_hex(16)
+        pending = self._again.pending(lease_id)
+        receive_id = pending or self._again.fresh()
         req = kup_pb2.SendRequest(
             lease_id=lease_arg(lease_id),
             data=data_arg(data),
@@ -414,9 +422,9 @@ class Client:
             reply_timeout_ms=ms,
             receive_id=receive_id,
         )
-        self._again.pop(lease_id, None)
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Send", req, deadline(timeout), given_up)
+        self._again.succeeded(lease_id, pending)
         if not resp.HasField("reply"):  # a kupd without wait_reply: it only sent
             return self.lease_receive(lease_id, timeout)
         if resp.reply.not_ready:
@@ -424,7 +432,7 @@ class Client:
         return message_from_pb(resp.reply.message)
 
     def release(self, lease_id: str) -> None:
-        self._again.pop(lease_id, None)
+        self._again.forget(lease_id)
         self._unary("Release", kup_pb2.ReleaseRequest(lease_id=lease_arg(lease_id)), 30.0)
 
 
