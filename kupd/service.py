@@ -839,15 +839,21 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.ReleaseResponse:
         attach_id = _attach_id_arg(request.attach_id)
         if not attach_id:
+            if not request.lease_id:
+                raise errors.InvalidArgument("release: lease_id or attach_id is required")
             self.leases.end(self._lease(request.lease_id), "released")
             return kup_pb2.ReleaseResponse()
         if request.lease_id:
             raise errors.InvalidArgument(
                 "release: lease_id and attach_id are both set (one names the lease)"
             )
+        # as an Attach: a tenant without the 'lease' operation has no
+        # attach to withdraw (nor a table of withdrawn names to fill)
+        t = self.guard.caller()
+        self.guard.check_op(t, "lease")
         # the client gave up on that attach: its lease, if kupd granted it,
         # ends as one whose reply could not be delivered would
-        lease = self.leases.withdraw(self.guard.caller().name, attach_id)
+        lease = self.leases.withdraw(t.name, attach_id)
         if lease is not None:
             self.leases.abandoned(self._lease(lease.id), f"its client withdrew attach {attach_id}")
         return kup_pb2.ReleaseResponse()

@@ -102,8 +102,9 @@ def test_a_release_by_attach_id_while_the_attach_waits_makes_it_take_none(
             kup_pb2.ReleaseRequest(lease_id="0123456789abcdef", attach_id="x"),
             "lease_id and attach_id are both set",
         ),
+        (kup_pb2.ReleaseRequest(), "release: lease_id or attach_id is required"),
     ],
-    ids=["long", "space", "slash", "both"],
+    ids=["long", "space", "slash", "both", "neither"],
 )
 def test_bad_attach_ids_are_refused_by_name(kupd: Kupd, request_: object, says: str) -> None:
     with grpc.insecure_channel(f"unix:{kupd.socket}") as ch:

@@ -365,3 +365,29 @@ def test_an_attach_id_is_its_tenants_own(start_tenants: StartTenants) -> None:
         # ann's lease lives on
         assert ann.lease_receive(mine.lease_id, timeout=30).kind == Kind.PASS
         ann.release(mine.lease_id)
+
+
+def test_release_by_attach_id_needs_the_lease_operation(start_tenants: StartTenants) -> None:
+    """bob may only Call: his Release{attach_id} is refused as his Attach
+    is (PERMISSION_DENIED naming the operation, audited), not answered OK
+    after filling a table of withdrawn names he has no attach to use."""
+    k = start_tenants(DEVICES + TENANTS)
+    with grpc.insecure_channel("unix:" + k.sock("bob")) as ch:
+        stub = kup_pb2_grpc.KupStub(ch)
+        for req in (
+            kup_pb2.AttachRequest(device="echo", attach_id="bobs"),
+            kup_pb2.ReleaseRequest(attach_id="bobs"),
+        ):
+            method = stub.Attach if isinstance(req, kup_pb2.AttachRequest) else stub.Release
+            with pytest.raises(grpc.RpcError) as err:
+                method(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, req
+            assert "operation 'lease' is not allowed" in (err.value.details() or ""), req
+    wait_until(
+        lambda: sum(
+            1 for a in k.audit_lines() if a.get("tenant") == "bob" and a.get("op") == "lease"
+        )
+        >= 2,
+        timeout=30,
+        what="bob's two refusals in the audit log",
+    )
