@@ -741,38 +741,42 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.AttachResponse:
         chan = request.channel if request.HasField("channel") else None
         attach_id = _attach_id_arg(request.attach_id)
-        if attach_id:
-            self._check_attach_id(attach_id)
-        lease = await self._take(request.device, chan, "lease")
-        if attach_id:
-            # the attach may have waited for its channel: its client may
-            # have withdrawn it, or another attach taken the name, meanwhile
-            try:
-                self._check_attach_id(attach_id)
-            except errors.KupError as exc:
-                if isinstance(exc, errors.NotFound):
-                    self.leases.abandoned(lease, f"its attach {attach_id} was withdrawn")
-                else:
-                    self.leases.end(lease, "refused after its attach", exc)
-                raise
-            self.leases.named(lease, attach_id)
+        if not attach_id:
+            lease = await self._take(request.device, chan, "lease")
+            return self._attach_pb(lease, round(lease.idle_timeout * 1000))
+        tenant = self.guard.caller().name
+        self._check_attach_id(tenant, attach_id)
+        # the attach may wait for its channel: its client may withdraw it
+        # meanwhile (Release by attach_id), which marks it here
+        self.leases.attaching(tenant, attach_id)
+        try:
+            lease = await self._take(request.device, chan, "lease")
+        finally:
+            withdrawn = self.leases.attached(tenant, attach_id)
+        if withdrawn:
+            self.leases.abandoned(lease, f"its attach {attach_id} was withdrawn")
+            raise self._withdrawn(attach_id)
+        self.leases.named(lease, attach_id)
         return self._attach_pb(lease, round(lease.idle_timeout * 1000))
 
-    def _check_attach_id(self, attach_id: str) -> None:
+    @staticmethod
+    def _withdrawn(attach_id: str) -> errors.NotFound:
+        return errors.NotFound(
+            f"attach {attach_id} was withdrawn by its client (Release by attach_id) "
+            "before kupd granted it: no lease taken"
+        )
+
+    def _check_attach_id(self, tenant: str, attach_id: str) -> None:
         """An Attach named ``attach_id``: NotFound when its client withdrew
-        it (Release by attach_id), InvalidArgument when a live lease of the
-        tenant has the name already."""
-        t = self.guard.caller()
-        if self.leases.attach_withdrawn(t.name, attach_id):
-            raise errors.NotFound(
-                f"attach {attach_id} was withdrawn by its client (Release by attach_id) "
-                "before kupd granted it: no lease taken"
-            )
-        held = self.leases.attach_in_use(t.name, attach_id)
+        it (Release by attach_id) before it came, InvalidArgument when a
+        live lease of the tenant, or an attach of it under way, has the
+        name already."""
+        if self.leases.attach_withdrawn(tenant, attach_id):
+            raise self._withdrawn(attach_id)
+        held = self.leases.attach_in_use(tenant, attach_id)
         if held is not None:
             raise errors.InvalidArgument(
-                f"attach_id {attach_id} is in use by lease {held.id}: one attach_id names "
-                "one attach"
+                f"attach_id {attach_id} is in use by {held}: one attach_id names one attach"
             )
 
     def undelivered(self, resp: kup_pb2.AttachResponse) -> None:

@@ -39,9 +39,11 @@ log = get_logger("kupd.sessions")
 #: how many ended leases get() still explains (~200 bytes each)
 ENDED_KEPT = 4096
 
-#: how many withdrawn attach ids (Release by attach_id before the grant)
-#: kupd keeps per tenant, the oldest dropped: one matters only until its
-#: Attach reaches kupd, moments later
+#: how many withdrawn attach ids (Release by attach_id before its Attach
+#: reached kupd) kupd keeps per tenant, the oldest dropped: one matters only
+#: until its Attach reaches kupd, moments later (one withdrawn while its
+#: Attach waits in kupd is marked on that attach instead, and cannot be
+#: pushed out by other names)
 WITHDRAWN_KEPT = 256
 
 #: how many operations (unary RPCs on an Attach lease) may wait for a
@@ -214,6 +216,9 @@ class LeaseTable:
         #: past WITHDRAWN_KEPT): see :meth:`withdraw`
         self._by_attach: dict[tuple[str, str], Lease] = {}
         self._withdrawn: dict[str, collections.OrderedDict[str, None]] = {}
+        #: named Attaches under way (not granted yet) by (tenant, attach_id):
+        #: whether their client withdrew them meanwhile
+        self._attaching: dict[tuple[str, str], bool] = {}
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
@@ -409,9 +414,26 @@ class LeaseTable:
         )
 
     # -- attach ids: undoing an attach its client gave up on -------------------
-    def attach_in_use(self, tenant: str, attach_id: str) -> Lease | None:
-        """The live lease of ``tenant`` granted to the Attach ``attach_id``."""
-        return self._by_attach.get((tenant, attach_id))
+    def attach_in_use(self, tenant: str, attach_id: str) -> str | None:
+        """What of ``tenant``'s has the name ``attach_id`` already: its live
+        lease granted to it ("lease ID"), or an Attach of it under way."""
+        lease = self._by_attach.get((tenant, attach_id))
+        if lease is not None:
+            return f"lease {lease.id}"
+        if (tenant, attach_id) in self._attaching:
+            return "an attach under way"
+        return None
+
+    def attaching(self, tenant: str, attach_id: str) -> None:
+        """``tenant``'s Attach ``attach_id`` is under way (waiting for its
+        channel): a Release by that name meanwhile marks it withdrawn
+        (:meth:`withdraw`), and :meth:`attached` says so."""
+        self._attaching[(tenant, attach_id)] = False
+
+    def attached(self, tenant: str, attach_id: str) -> bool:
+        """The Attach ``attach_id`` is no longer under way (granted, or
+        failed): whether its client withdrew it meanwhile."""
+        return self._attaching.pop((tenant, attach_id), False)
 
     def attach_withdrawn(self, tenant: str, attach_id: str) -> bool:
         """Whether ``tenant`` withdrew the Attach ``attach_id`` before it
@@ -432,12 +454,16 @@ class LeaseTable:
     def withdraw(self, tenant: str, attach_id: str) -> Lease | None:
         """``tenant``'s client gave up on its Attach ``attach_id`` (Release
         by attach_id): the lease granted to it, which the caller ends; or,
-        when there is none yet (the Attach still waits for its channel, or
-        has not reached kupd), None, and the Attach grants none when it
-        comes to it (:meth:`attach_withdrawn`)."""
+        when there is none yet, None, and the Attach grants none -- one
+        under way (waiting for its channel) is marked (:meth:`attached`),
+        one that has not reached kupd finds the name in the tenant's
+        withdrawn ones when it comes (:meth:`attach_withdrawn`)."""
         lease = self._by_attach.get((tenant, attach_id))
         if lease is not None and lease.active:
             return lease
+        if (tenant, attach_id) in self._attaching:
+            self._attaching[(tenant, attach_id)] = True
+            return None
         ids = self._withdrawn.setdefault(tenant, collections.OrderedDict())
         ids[attach_id] = None
         ids.move_to_end(attach_id)

@@ -92,6 +92,43 @@ def test_a_release_by_attach_id_while_the_attach_waits_makes_it_take_none(
     assert ended[-1:] == ["caller gone"], ended
 
 
+def test_an_attach_withdrawn_while_it_waits_is_not_pushed_out_by_other_names(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """kupd keeps at most 256 withdrawn names per tenant, the oldest
+    dropped.  An attach withdrawn while it waits in kupd is marked on the
+    attach itself: a flood of Release{attach_id} with other names (another
+    client of the same tenant -- on a kupd without tenants, any client)
+    cannot make kupd forget it and grant a lease no one will use.  And a
+    second attach with the name of one under way is refused at once."""
+    chan = 21
+    with client.open("echo").channel(chan) as ch:
+        assert ch.receive(timeout=30).kind == Kind.PASS
+        ch.send(LOCKHOLD)
+        wait_locked(sim, chan)
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as gch:
+        stub = kup_pb2_grpc.KupStub(gch)
+        req = kup_pb2.AttachRequest(device="echo", channel=chan, attach_id="waiting-2")
+        fut = stub.Attach.future(req, timeout=60)
+        wait_until(
+            lambda: "attach waits for the module to let go" in kupd.log(),
+            what=f"the attach of channel {chan} to wait in kupd",
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Attach(kup_pb2.AttachRequest(device="echo", attach_id="waiting-2"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "in use by an attach under way" in (err.value.details() or "")
+        stub.Release(kup_pb2.ReleaseRequest(attach_id="waiting-2"), timeout=30)
+        for i in range(300):
+            stub.Release(kup_pb2.ReleaseRequest(attach_id=f"flood-{i}"), timeout=30)
+        unlock(client)
+        with pytest.raises(grpc.RpcError) as err:
+            fut.result(timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "attach waiting-2 was withdrawn" in (err.value.details() or "")
+    assert _state(client, chan) == "free"
+
+
 @pytest.mark.parametrize(
     ("request_", "says"),
     [
