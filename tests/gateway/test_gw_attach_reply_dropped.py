@@ -20,6 +20,7 @@ stream.  Real kupsim (echo), kupd and client processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -157,4 +158,37 @@ def test_an_attach_past_its_deadline_after_kupd_wrote_its_reply_leaves_no_lease(
 
         asyncio.run(main())
     assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
+    assert _state(client, chan) == "free"
+
+
+def test_an_asyncio_attach_cancelled_while_it_releases_past_its_deadline_is_cancelled(
+    kupd: Kupd, client: Client, proxy: StallProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its deadline, the attach releases by its attach_id before
+    DeadlineExceeded propagates; its task cancelled while that release
+    waits (kupd stopped) gets CancelledError at once -- not DeadlineExceeded,
+    the cancel lost -- and the release goes on without it."""
+    chan = 17
+    monkeypatch.setattr(kupclient._types, "ATTACH_DEADLINE", SHORT_DEADLINE)
+
+    async def main() -> None:
+        async with AsyncClient(proxy.path) as c:
+            task = asyncio.ensure_future(c.attach("echo", chan))
+            while not proxy.status_held.is_set():
+                assert not task.done(), task
+                await asyncio.sleep(0.02)
+            os.kill(kupd.pid, signal.SIGSTOP)  # the release waits for kupd
+            try:
+                while not c._undoing:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.02)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                os.kill(kupd.pid, signal.SIGCONT)
+            while c._undoing:  # the release, on its own
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
     assert _state(client, chan) == "free"

@@ -191,12 +191,15 @@ class AsyncClient:
 
     async def _undo(self, resp: Any, given_up: Callable[[Any], Awaitable[object]]) -> None:
         """``given_up(resp)`` in a task of its own, awaited unless the
-        caller's task is cancelled again: then it goes on without it."""
+        caller's task is cancelled (again): then it goes on without it, and
+        the CancelledError propagates -- also from a call past its deadline,
+        which would otherwise raise DeadlineExceeded and the task's cancel
+        be lost (asyncio.timeout, TaskGroup and task.cancelled() rely on
+        it)."""
         task = asyncio.ensure_future(given_up(resp))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+        await asyncio.shield(task)
 
     async def _attach_given_up(self, attach_id: str, resp: kup_pb2.AttachResponse | None) -> None:
         """Undo an Attach whose caller gave up on it: release its lease (see
