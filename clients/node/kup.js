@@ -130,6 +130,10 @@ const SIZE_LOOKUP_MS = 2000;
 // A timeout given to kupd gets that much more on the RPC's own deadline, so
 // kupd answers DEADLINE_EXCEEDED itself, with its error attached.
 const DEADLINE_SLACK_MS = 5000;
+// How many leases' receive given up on a client keeps the name of (as
+// Python's kupclient._again.AGAIN_KEPT): a lease never used again does not
+// keep its entry for the client's life.
+const AGAIN_KEPT = 1024;
 
 const LOAD_OPTIONS = {
   keepCase: true,      // field names exactly as in the .proto
@@ -1044,7 +1048,8 @@ class Client {
     this.closed = false;
     this.live = new Set();      // open stream cores (Sessions, Watches)
     this.inflight = new Set();  // unary RPCs under way: {call, reject}
-    // lease id -> receive_id of its last receive given up on (_leaseReply)
+    // lease id -> receive_id of its receive given up on (_leaseReply), at
+    // most AGAIN_KEPT leases' (the oldest forgotten)
     this.again = new Map();
     const kup = loadKup();
     const target = socketPath.startsWith('unix:') ? socketPath : `unix:${path.resolve(socketPath)}`;
@@ -1252,8 +1257,24 @@ class Client {
   async leaseSend(leaseId, data, opts) {
     const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
     const signal = signalOf(opts, 'leaseSend');
-    if (!(signal && signal.aborted)) this.again.delete(leaseId);
+    const pending = this.again.get(leaseId) || '';
     await this._unary('Send', request, UNARY_DEADLINE_MS, { signal, what: `leaseSend on lease ${leaseId}` });
+    this._succeeded(leaseId, pending);
+  }
+
+  // The lease's receive given up on (named receiveId): its name is the one
+  // the lease's next receive asks for again (_leaseReply).
+  _gaveUp(leaseId, receiveId) {
+    this.again.delete(leaseId);  // to the end of the Map's order
+    this.again.set(leaseId, receiveId);
+    while (this.again.size > AGAIN_KEPT) this.again.delete(this.again.keys().next().value);
+  }
+
+  // An operation on the lease that started while `pending` was its name
+  // given up on ('' none) succeeded: kupd ran it after that one, whose
+  // message it no longer keeps.  A name given up on meanwhile stays.
+  _succeeded(leaseId, pending) {
+    if ((this.again.get(leaseId) || '') === pending) this.again.delete(leaseId);
   }
 
   // A lease Receive, or Send with wait_reply, named by a random receive_id:
@@ -1261,24 +1282,30 @@ class Client {
   // operation.  Given up on -- aborted, past its deadline -- its reply may
   // have been written all the same (grpc-js drops a reply that comes after
   // the cancel): the lease's next leaseReceive names it (again_of) and kupd
-  // answers that with the same message.  A signal aborted before sends
+  // answers that with the same message.  Until one of the lease's
+  // operations succeeds, its receives and exchanges take the name of the
+  // one given up on as their own: the next one may fail before kupd ran it
+  // (refused by the tenant's channel_ops_per_second, its connection lost),
+  // or run and be given up on in turn, and either way the name kupd kept
+  // is the one the next receive asks for.  A signal aborted before sends
   // nothing and changes nothing.
   async _leaseReply(method, request, leaseId, deadlineMs, opts) {
-    const receiveId = crypto.randomBytes(16).toString('hex');
+    const pending = this.again.get(leaseId) || '';
+    const receiveId = pending || crypto.randomBytes(16).toString('hex');
     request.receive_id = receiveId;
+    if (method === 'Receive') request.again_of = pending;
     const sent = !(opts.signal && opts.signal.aborted);
-    if (sent) {
-      if (method === 'Receive') request.again_of = this.again.get(leaseId) || '';
-      this.again.delete(leaseId);
-    }
+    let resp;
     try {
-      return await this._unary(method, request, deadlineMs, opts);
+      resp = await this._unary(method, request, deadlineMs, opts);
     } catch (err) {
       const gaveUp = err instanceof AbortError ||
         (err.code === S.DEADLINE_EXCEEDED && !err.fromKupd);
-      if (gaveUp && sent) this.again.set(leaseId, receiveId);
+      if (gaveUp && sent) this._gaveUp(leaseId, receiveId);
       throw err;
     }
+    this._succeeded(leaseId, pending);
+    return resp;
   }
 
   // timeoutMs as Session.receive: undefined blocks, 0 resolves null when
@@ -1318,9 +1345,10 @@ class Client {
 
   async leasePass(leaseId, opts) {
     const signal = signalOf(opts, 'leasePass');
-    if (!(signal && signal.aborted)) this.again.delete(leaseId);
+    const pending = this.again.get(leaseId) || '';
     await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
       { signal, what: `leasePass on lease ${leaseId}` });
+    this._succeeded(leaseId, pending);
   }
 
   async release(leaseId, opts) {

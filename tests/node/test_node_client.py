@@ -238,6 +238,74 @@ def test_node_client_receive_past_its_deadline_after_kupd_wrote_its_reply(
     )
 
 
+#: As RECEIVE_PAST_DEADLINE, with a leaseSend between that kupd refuses
+#: before it runs on the lease (too big for the channel): kupd still keeps
+#: the message of the receive given up on, and the next receive must name
+#: that one still.  Then 3000 leases' receives given up on: at most 1024
+#: names kept.
+RECEIVE_PAST_DEADLINE_THEN_REFUSED = """
+const kup = require(process.argv[1]);
+const direct = kup.connect(process.argv[2]);
+const stalled = kup.connect(process.argv[3]);
+(async () => {
+  const lease = await direct.attach('echo', Number(process.argv[4]));
+  await direct.leaseReceive(lease.lease_id, 30000);  // echo's greeting (a PASS)
+  await direct.leaseSend(lease.lease_id, 'the one message');
+  try {
+    await stalled.leaseReceive(lease.lease_id, 1000);
+    console.log('received');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  try {
+    await stalled.leaseSend(lease.lease_id, Buffer.alloc(1 << 16));
+    console.log('sent');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  const got = await stalled.leaseReceive(lease.lease_id, 30000);
+  console.log(`again ${got.kind} ${got.data.toString()}`);
+  await direct.release(lease.lease_id);
+  for (let i = 0; i < 3000; i++) stalled._gaveUp(`lease${i}`, `receive${i}`);
+  console.log(`kept ${stalled.again.size} ${stalled.again.get('lease2999')}`);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  direct.close();
+  stalled.close();
+});
+"""
+
+
+def test_node_client_receive_given_up_then_an_operation_refused_before_it_ran(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """The name of a leaseReceive given up on stays until an operation on
+    the lease succeeds: one refused before it ran (TooBig) left kupd's kept
+    message as it was, and the client forgot the name (NotYourTurn
+    'already received').  And the names kept are bounded."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", RECEIVE_PAST_DEADLINE_THEN_REFUSED, str(NODE_DIR / "kup.js"),
+                 gw.socket, proxy.path, "5"],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    # (echo answers channel 5 in upper case)
+    assert proc.stdout.lower().split("\n")[:4] == [
+        "deadlineexceeded",
+        "toobig",
+        "again data the one message",
+        "kept 1024 receive2999",
+    ], report
+
+
 def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
     """Read ``stream``'s lines into ``seen`` up to the line ``marker``
     (``out``: the program's stdout, for the report)."""
