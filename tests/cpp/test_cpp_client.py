@@ -166,6 +166,28 @@ def test_cpp_client_receive_past_deadline(
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_receive_past_deadline_then_refused(
+    cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
+) -> None:
+    """The name of a lease_receive past its deadline stays until an
+    operation on the lease succeeds: a lease_send refused before it ran
+    (TooBig) left kupd's kept message as it was, and the next lease_receive
+    named nothing (NotYourTurn 'already received')."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            _run_tests(
+                build,
+                proxy.path,
+                "receive_past_deadline_then_refused",
+                env={"KUPD_DIRECT": gw.socket},
+            )
+        finally:
+            proxy.close()
+        assert proxy.status_held.is_set(), "kupd did not answer the receive within its deadline"
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client_attach_past_deadline(
     cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
 ) -> None:

@@ -341,22 +341,47 @@ struct ClientCore {
     std::set<WatchCore*> watches;
     // each device's channel data area, as ListDevices last said (TooBig's text)
     std::map<std::string, std::uint64_t, std::less<>> channel_bytes;
-    // lease id -> the receive_id of its last lease_receive / lease_exchange
-    // given up on (past its deadline), named by the next lease_receive
-    std::map<std::string, std::string, std::less<>> again;
+    // lease id -> the receive_id of its lease_receive / lease_exchange given
+    // up on (past its deadline), and when (the oldest is forgotten past
+    // AGAIN_KEPT leases).  The lease's receives and exchanges take that name
+    // as their own until one of its operations succeeds: the next one may
+    // fail before kupd ran it, or run and be given up on in turn, and either
+    // way the name kupd kept is the one the next receive asks for (again_of).
+    struct Again {
+        std::string receive_id;
+        std::uint64_t seq;
+    };
+    static constexpr std::size_t AGAIN_KEPT = 1024;  // as Python's
+    std::map<std::string, Again, std::less<>> again;
+    std::uint64_t again_seq = 0;
 
-    // What again_of the lease's next receive names ("" when none), taken.
-    std::string take_again(std::string_view lease_id) {
+    // The name of the lease's receive given up on ("" when none).
+    std::string pending_again(std::string_view lease_id) {
         std::lock_guard<std::mutex> lock(mu);
         auto it = again.find(lease_id);
-        if (it == again.end()) return {};
-        std::string id = std::move(it->second);
-        again.erase(it);
-        return id;
+        return it == again.end() ? std::string{} : it->second.receive_id;
     }
     void set_again(std::string_view lease_id, std::string receive_id) {
         std::lock_guard<std::mutex> lock(mu);
-        again[std::string(lease_id)] = std::move(receive_id);
+        again[std::string(lease_id)] = Again{std::move(receive_id), ++again_seq};
+        if (again.size() <= AGAIN_KEPT) return;
+        auto oldest = again.begin();
+        for (auto it = again.begin(); it != again.end(); ++it)
+            if (it->second.seq < oldest->second.seq) oldest = it;
+        again.erase(oldest);
+    }
+    // An operation on the lease that started while `pending` was its name
+    // given up on ("" none) succeeded: kupd ran it after that one, whose
+    // message it no longer keeps.  A name given up on meanwhile stays.
+    void again_succeeded(std::string_view lease_id, const std::string& pending) {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = again.find(lease_id);
+        if (it != again.end() && it->second.receive_id == pending) again.erase(it);
+    }
+    void forget_again(std::string_view lease_id) {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = again.find(lease_id);
+        if (it != again.end()) again.erase(it);
     }
 
     // In a child process forked after this client was made.
@@ -843,20 +868,22 @@ void Client::lease_send(std::string_view lease_id, std::string_view data) {
     pb::SendRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
     req.set_data(detail::data_arg(data));
-    c.take_again(lease_id);  // any operation ends what again_of could name
+    std::string pending = c.pending_again(lease_id);
     c.call_unary<pb::SendResponse>(
         [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
         detail::SHORT_RPC);
+    c.again_succeeded(lease_id, pending);  // it ran: nothing to ask again for
 }
 
 void Client::lease_pass(std::string_view lease_id) {
     auto& c = core_of(core_);
     pb::PassRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
-    c.take_again(lease_id);
+    std::string pending = c.pending_again(lease_id);
     c.call_unary<pb::PassResponse>(
         [&](grpc::ClientContext* ctx, pb::PassResponse* r) { return c.stub->Pass(ctx, req, r); },
         detail::SHORT_RPC);
+    c.again_succeeded(lease_id, pending);
 }
 
 std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout timeout) {
@@ -869,9 +896,11 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
     // kupd may write the reply as the deadline passes: gRPC then drops it.
     // The receive names itself, kupd keeps the message it answered with
     // until the lease's next operation, and the next lease_receive after
-    // one past its deadline names that one (again_of): the same message.
-    req.set_receive_id(new_attach_id());
-    req.set_again_of(c.take_again(lease_id));
+    // one past its deadline names that one (again_of): the same message
+    // (and takes its name as its own: see ClientCore::again).
+    std::string pending = c.pending_again(lease_id);
+    req.set_receive_id(pending.empty() ? new_attach_id() : pending);
+    req.set_again_of(pending);
     pb::ReceiveResponse resp;
     try {
         resp = c.call_unary<pb::ReceiveResponse>(
@@ -883,6 +912,7 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
         c.set_again(lease_id, req.receive_id());
         throw;
     }
+    c.again_succeeded(lease_id, pending);
     if (resp.not_ready()) return std::nullopt;
     return detail::message_of(resp.message());
 }
@@ -897,8 +927,8 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
     req.set_wait_reply(true);
     req.set_reply_mode(mode);
     req.set_reply_timeout_ms(t);
-    req.set_receive_id(new_attach_id());  // as lease_receive's
-    c.take_again(lease_id);
+    std::string pending = c.pending_again(lease_id);  // as lease_receive's
+    req.set_receive_id(pending.empty() ? new_attach_id() : pending);
     pb::SendResponse resp;
     try {
         resp = c.call_unary<pb::SendResponse>(
@@ -908,6 +938,7 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
         c.set_again(lease_id, req.receive_id());
         throw;
     }
+    c.again_succeeded(lease_id, pending);
     if (!resp.has_reply()) return lease_receive(lease_id, timeout);  // a kupd without wait_reply
     if (resp.reply().not_ready()) return std::nullopt;
     return detail::message_of(resp.reply().message());
@@ -917,7 +948,7 @@ void Client::release(std::string_view lease_id) {
     auto& c = core_of(core_);
     pb::ReleaseRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
-    c.take_again(lease_id);
+    c.forget_again(lease_id);
     c.call_unary<pb::ReleaseResponse>(
         [&](grpc::ClientContext* ctx, pb::ReleaseResponse* r) { return c.stub->Release(ctx, req, r); },
         detail::SHORT_RPC);

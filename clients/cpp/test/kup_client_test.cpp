@@ -355,6 +355,32 @@ void test_receive_past_deadline() {
     d.release(l.lease_id);
 }
 
+// As test_receive_past_deadline, with a lease_send between that kupd
+// refuses before it runs on the lease (too big for the channel): kupd still
+// keeps the message of the receive given up on, and the next lease_receive
+// must name that one still (it named none: NotYourTurn).
+void test_receive_past_deadline_then_refused() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    kup::Client d(direct);
+    const std::uint32_t chan = 7;
+    kup::Lease l = d.attach(g_device, chan);
+    auto hello = d.lease_receive(l.lease_id, T);
+    CHECK(hello && hello->kind == kup::Kind::Pass);
+    d.lease_send(l.lease_id, "the one message");
+    kup::Client c(g_socket);
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    expect_throw<kup::TooBig>(
+        [&] { c.lease_send(l.lease_id, std::string(l.max_message_bytes + 1, '.')); },
+        is_error<kup::TooBig>(kup::StatusCode::INVALID_ARGUMENT, true), WHERE);
+    auto got = c.lease_receive(l.lease_id, T);
+    CHECK(got && got->kind == kup::Kind::Data);
+    CHECK_EQ(got->data, expected_echo(chan, "the one message"));
+    d.release(l.lease_id);
+}
+
 void test_calls() {
     kup::Client c(g_socket);
     auto r = c.call(g_device, "ping from c++");
@@ -1160,6 +1186,7 @@ const Test TESTS[] = {
     {"kupd_killed", test_kupd_killed, true},
     {"attach_past_deadline", test_attach_past_deadline, true},
     {"receive_past_deadline", test_receive_past_deadline, true},
+    {"receive_past_deadline_then_refused", test_receive_past_deadline_then_refused, true},
 };
 
 }  // namespace
