@@ -1304,7 +1304,11 @@ class Client {
       if (gaveUp && sent) this._gaveUp(leaseId, receiveId);
       throw err;
     }
-    this._succeeded(leaseId, pending);
+    // A receive that found nothing keeps the name: kupd answers a
+    // non-blocking one at once while another operation holds the lease --
+    // such as the one given up on, still under way in kupd, which may
+    // write yet.  (An exchange always runs: its send did.)
+    if (!(method === 'Receive' && resp.not_ready)) this._succeeded(leaseId, pending);
     return resp;
   }
 

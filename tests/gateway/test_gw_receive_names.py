@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 
-from kupclient import AsyncClient, Client
+import pytest
+
+from kupclient import AsyncClient, Client, Kind
+from kupd import errors
 
 
 def test_the_sync_client_keeps_a_bounded_number_of_names(client: Client) -> None:
@@ -34,3 +37,25 @@ def test_the_asyncio_client_keeps_a_bounded_number_of_names(client: Client) -> N
             assert c._again.pending("lease2999") == "receive2999"
 
     asyncio.run(main())
+
+
+
+def test_a_receive_that_found_nothing_keeps_the_name_given_up_on(client: Client) -> None:
+    """A non-blocking receive answered NotReady may not have run at all
+    (kupd answers one at once while another operation holds the lease --
+    the one given up on, still under way in kupd, may write its reply
+    yet): the name given up on stays for the lease's next receive."""
+    lease = client.attach("echo")
+    try:
+        assert client.lease_receive(lease.lease_id, timeout=30).kind == Kind.PASS
+        client.lease_send(lease.lease_id, b"!hold")  # never answered
+        # given up on (kupd's deadline, here): its name is kept
+        with pytest.raises(errors.DeadlineExceeded):
+            client.lease_receive(lease.lease_id, timeout=0.2)
+        name = client._again.pending(lease.lease_id)
+        assert name
+        with pytest.raises(errors.NotReady):
+            client.lease_receive(lease.lease_id, timeout=0)
+        assert client._again.pending(lease.lease_id) == name
+    finally:
+        client.release(lease.lease_id)

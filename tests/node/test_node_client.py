@@ -306,6 +306,53 @@ def test_node_client_receive_given_up_then_an_operation_refused_before_it_ran(
     ], report
 
 
+#: A leaseReceive aborted (its name kept), then a non-blocking one that
+#: finds nothing: the name stays (kupd answers one at once while another
+#: operation holds the lease, such as the aborted one still under way).
+NOT_READY_KEEPS_THE_NAME = """
+const kup = require(process.argv[1]);
+const c = kup.connect(process.argv[2]);
+(async () => {
+  const lease = await c.attach('echo', Number(process.argv[3]));
+  await c.leaseReceive(lease.lease_id, 30000);  // echo's greeting (a PASS)
+  await c.leaseSend(lease.lease_id, '!hold');  // never answered
+  const ac = new AbortController();
+  const p = c.leaseReceive(lease.lease_id, undefined, { signal: ac.signal });
+  setTimeout(() => ac.abort(), 200);
+  try {
+    await p;
+    console.log('received');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  const name = c.again.get(lease.lease_id);
+  console.log(`named ${Boolean(name)}`);
+  console.log(`got ${await c.leaseReceive(lease.lease_id, 0)}`);
+  console.log(`kept ${c.again.get(lease.lease_id) === name}`);
+  await c.release(lease.lease_id);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => c.close());
+"""
+
+
+def test_node_client_receive_that_found_nothing_keeps_the_name_given_up_on(
+    kupd_socket: tuple[str, int],
+) -> None:
+    proc = subprocess.run(
+        ["node", "-e", NOT_READY_KEEPS_THE_NAME, str(NODE_DIR / "kup.js"), kupd_socket[0], "9"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.stdout.split("\n")[:4] == [
+        "AbortError",
+        "named true",
+        "got null",
+        "kept true",
+    ], report
+
+
 def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> None:
     """Read ``stream``'s lines into ``seen`` up to the line ``marker``
     (``out``: the program's stdout, for the report)."""

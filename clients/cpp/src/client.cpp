@@ -912,8 +912,11 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
         c.set_again(lease_id, req.receive_id());
         throw;
     }
-    c.again_succeeded(lease_id, pending);
+    // one that found nothing keeps the name: kupd answers a non-blocking
+    // receive at once while another operation holds the lease -- such as
+    // the one given up on, still under way in kupd, which may write yet
     if (resp.not_ready()) return std::nullopt;
+    c.again_succeeded(lease_id, pending);
     return detail::message_of(resp.message());
 }
 
@@ -938,7 +941,7 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
         c.set_again(lease_id, req.receive_id());
         throw;
     }
-    c.again_succeeded(lease_id, pending);
+    c.again_succeeded(lease_id, pending);  // it ran (its send did), found something or not
     if (!resp.has_reply()) return lease_receive(lease_id, timeout);  // a kupd without wait_reply
     if (resp.reply().not_ready()) return std::nullopt;
     return detail::message_of(resp.reply().message());

@@ -13,6 +13,9 @@ replaced it.  So the lease's receives and exchanges after one given up on
 take that one's name as their own (``receive_id``, and ``again_of`` for a
 receive) until one of the lease's operations succeeds: whichever of them
 kupd ran last, the name kupd kept is the one the next receive asks for.
+A non-blocking receive that found nothing does not count: kupd answers
+one at once when another operation holds the lease -- such as the one
+given up on, still under way in kupd, which may write its reply yet.
 """
 
 from __future__ import annotations

@@ -400,9 +400,11 @@ class Client:
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Receive", req, deadline(timeout), given_up)
-        self._again.succeeded(lease_id, pending)
         if resp.not_ready:
+            # kept: kupd may not have run it (another operation held the
+            # lease), and the one given up on may write its reply yet
             raise errors.NotReady(f"lease {lease_id}: no message yet")
+        self._again.succeeded(lease_id, pending)
         return message_from_pb(resp.message)
 
     def lease_exchange(self, lease_id: str, data: Data, timeout: float | None = None) -> Message:
