@@ -391,3 +391,37 @@ def test_release_by_attach_id_needs_the_lease_operation(start_tenants: StartTena
         timeout=30,
         what="bob's two refusals in the audit log",
     )
+
+
+def test_another_tenants_again_of_neither_gets_nor_spoils_a_kept_message(
+    start_tenants: StartTenants,
+) -> None:
+    """kupd keeps the message a named receive of ann's was answered with
+    (Lease.delivered).  ben naming that receive in again_of on ann's lease
+    id -- from his own socket -- is told there is no such lease, and the
+    message stays ann's to ask for again."""
+    k = start_tenants(BODY)
+    with (
+        grpc.insecure_channel("unix:" + k.sock("ann")) as ann_ch,
+        grpc.insecure_channel("unix:" + k.sock("ben")) as ben_ch,
+    ):
+        ann_stub, ben_stub = kup_pb2_grpc.KupStub(ann_ch), kup_pb2_grpc.KupStub(ben_ch)
+        lease = ann_stub.Attach(kup_pb2.AttachRequest(device="echo"), timeout=30)
+        block = kup_pb2.RECEIVE_MODE_BLOCK
+        first = ann_stub.Receive(
+            kup_pb2.ReceiveRequest(lease_id=lease.lease_id, mode=block, receive_id="r1"),
+            timeout=30,
+        )
+        assert first.message.kind == kup_pb2.MESSAGE_KIND_PASS
+        with pytest.raises(grpc.RpcError) as err:
+            ben_stub.Receive(
+                kup_pb2.ReceiveRequest(lease_id=lease.lease_id, mode=block, again_of="r1"),
+                timeout=30,
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        again = ann_stub.Receive(
+            kup_pb2.ReceiveRequest(lease_id=lease.lease_id, mode=block, again_of="r1"),
+            timeout=30,
+        )
+        assert again.message == first.message
+        ann_stub.Release(kup_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=30)
