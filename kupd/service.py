@@ -22,6 +22,7 @@ import grpc.aio
 import structlog
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupapi.defaults import request_name_error
 from kupd import errors
 from kupd.abi import Kind
 from kupd.calls import CALLER_MAX, caller_arg
@@ -1471,24 +1472,17 @@ DEVICE_REASONS = frozenset({"device gone", "device shutting down", "shutdown", "
 #: a longer one is refused before it is looked up or quoted)
 LEASE_ID_MAX = 64
 
-#: An Attach's attach_id, a receive's receive_id: what a client may name
-#: them (kupclient: 32 hex digits)
-ATTACH_ID_MAX = 64
-_ATTACH_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
 
 def _attach_id_arg(attach_id: str, field: str = "attach_id") -> str:
     """``attach_id`` of an AttachRequest / ReleaseRequest -- or another name
-    a client gives its request, ``field`` -- checked ("" when none)."""
-    if len(attach_id) > ATTACH_ID_MAX:
-        raise errors.InvalidArgument(
-            f"{field} of {len(attach_id)} characters: at most {ATTACH_ID_MAX}"
-        )
-    if not _ATTACH_ID_CHARS.issuperset(attach_id):
-        raise errors.InvalidArgument(
-            f"{field} {attach_id[:ATTACH_ID_MAX]!r}: only letters, digits, '_' and '-'"
-        )
+    a client gives its request, ``field`` -- checked ("" when none) by
+    kupapi's rule, which the clients check too (kupclient names its
+    requests with 32 hex digits)."""
+    why = request_name_error(attach_id, field)
+    if why is not None:
+        raise errors.InvalidArgument(why)
     return attach_id
+
 
 #: "rpc failed" lines one tenant gets in kupd's log: a burst, then this many
 #: per second (the rest are counted, and the next line says how many)

@@ -10,7 +10,8 @@ distribution ships it; ``kupd`` depends on that).
 - :mod:`kupapi.wire`: protobuf wire-format readers and writers, which the
   Session codecs of kupd (``kupd.wire``) and kupclient share.
 - :mod:`kupapi.defaults`: what kupd and its clients must agree on without
-  a configuration (the default socket path).
+  a configuration (the default socket path, what a request's name --
+  attach_id, receive_id, again_of -- may be).
 
 Importing ``kupapi`` or those modules loads no stubs (and so no protobuf)
 until ``kup_pb2`` / ``kup_pb2_grpc`` is used: kupd's
