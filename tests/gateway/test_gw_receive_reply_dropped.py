@@ -15,6 +15,9 @@ message it answered with until the lease's next operation, and the next
 receive of a client that gave up names the one it gave up on
 (``again_of``): kupd answers it with the same message.
 
+A program whose receives outlive their client (kupctl: a process per
+receive) names them itself: ``lease_receive(receive_id=, again_of=)``.
+
 The window is held open by a proxy (h2stall) between the client and kupd
 that passes kupd's reply and holds its status until the client resets the
 stream.  Real kupsim (echo), kupd and clients.
@@ -23,6 +26,7 @@ stream.  Real kupsim (echo), kupd and clients.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -30,7 +34,8 @@ from gateway_helpers import Kupd, StartKupd
 from h2stall import StallProxy
 
 from kupapi import kup_pb2
-from kupclient import AsyncClient, Client, Kind
+from kupclient import AsyncClient, Client, Kind, Message
+from kupclient.errors import ArgumentError
 from kupd import errors
 from kupd.testing import KupSim
 
@@ -161,3 +166,61 @@ def test_again_of_names_only_the_previous_operation(client: Client, lease_id: st
                 kup_pb2.ReceiveRequest(lease_id=lease_id, **{field: bad}),
                 30.0,
             )
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_receive_given_up_on_in_one_client_is_asked_again_from_another(
+    kupd: Kupd, proxy: StallProxy, lease_id: str, flavour: str
+) -> None:
+    """A program whose receives outlive their client (kupctl recv: a new
+    process each time) names them itself: ``receive_id`` for the one given
+    up on, ``again_of`` in the next client's receive, which gets the same
+    message.  The first client had no way to name its receive, the next
+    none to ask for it: the message was lost."""
+    with Client(kupd.socket) as c:
+        c.lease_send(lease_id, b"outlives its client")
+    if flavour == "sync":
+        with Client(proxy.path) as c:
+            with pytest.raises(errors.DeadlineExceeded):
+                c.lease_receive(lease_id, timeout=SHORT, receive_id="given-up_1")
+        with Client(kupd.socket) as c:
+            got = c.lease_receive(lease_id, timeout=30, again_of="given-up_1")
+    else:
+
+        async def main() -> Message:
+            async with AsyncClient(proxy.path) as c:
+                with pytest.raises(errors.DeadlineExceeded):
+                    await c.lease_receive(lease_id, timeout=SHORT, receive_id="given-up_1")
+            async with AsyncClient(kupd.socket) as c:
+                return await c.lease_receive(lease_id, timeout=30, again_of="given-up_1")
+
+        got = asyncio.run(main())
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline"
+    assert (got.kind, got.data) == (Kind.DATA, b"outlives its client")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"receive_id": "no spaces"}, "receive_id 'no spaces': only letters"),
+        ({"again_of": "x" * 65}, "again_of of 65 characters: at most 64"),
+        ({"again_of": ""}, "again_of must not be empty"),
+        ({"receive_id": 7}, "receive_id must be a str, not int"),
+    ],
+)
+def test_a_receive_name_kupd_would_refuse_is_refused_before_it_is_sent(
+    client: Client, lease_id: str, kwargs: dict[str, object], needle: str
+) -> None:
+    """Refused by the client, naming the argument; nothing sent: the lease's
+    turn is as it was (the message still to be received)."""
+    client.lease_send(lease_id, b"still here")
+    with pytest.raises(ArgumentError, match=re.escape(needle)):
+        client.lease_receive(lease_id, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with AsyncClient(client.path) as c:
+            with pytest.raises(ArgumentError, match=re.escape(needle)):
+                await c.lease_receive(lease_id, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert client.lease_receive(lease_id, timeout=30).data == b"still here"

@@ -16,6 +16,11 @@ kupd ran last, the name kupd kept is the one the next receive asks for.
 A non-blocking receive that found nothing does not count: kupd answers
 one at once when another operation holds the lease -- such as the one
 given up on, still under way in kupd, which may write its reply yet.
+
+A caller that keeps the names itself -- across processes, as kupctl does:
+each ``kupctl recv`` is a client of its own -- passes them to
+``lease_receive`` (``receive_id=``, ``again_of=``): they take the place of
+the client's own (:meth:`ReceiveNames.names`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,20 @@ class ReceiveNames:
     def fresh() -> str:
         """A new receive_id: 32 random hex digits."""
         return secrets.token_hex(16)
+
+    def names(
+        self, lease_id: str, receive_id: str | None, again_of: str | None
+    ) -> tuple[str, str, str]:
+        """(pending, receive_id, again_of) of a receive on ``lease_id``:
+        the name of the lease's receive given up on (see :meth:`pending`),
+        and the names the request carries.  The caller's ``again_of``
+        (checked, not None) takes the place of that pending name, and is
+        the receive's own name too unless it gives ``receive_id``: should
+        this receive be given up on as well, the name kupd keeps is the one
+        the next asks for, whichever of the two kupd ran last."""
+        pending = self.pending(lease_id)
+        ask = pending if again_of is None else again_of
+        return pending, receive_id or ask or self.fresh(), ask
 
     def given_up(self, lease_id: str, receive_id: str) -> None:
         """A receive or exchange named ``receive_id`` was given up on."""

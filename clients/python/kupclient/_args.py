@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 
 from kupapi import MAX_GRPC_MESSAGE, errors
+from kupapi.defaults import request_name_error
 from kupclient.errors import ArgumentError, ArgumentTypeError, ArgumentValueError
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "device_arg",
     "device_filter_arg",
     "lease_arg",
+    "receive_name_arg",
     "seconds_arg",
     "socket_arg",
 ]
@@ -112,6 +114,22 @@ def lease_arg(lease_id: object) -> str:
     if not lease:
         raise ArgumentValueError("lease id is required")
     return lease
+
+
+def receive_name_arg(value: object, name: str) -> str | None:
+    """A receive's ``receive_id`` or ``again_of`` given by the caller: None
+    (the client's own), or up to 64 of [A-Za-z0-9_-] -- what kupd takes
+    (kupapi.defaults), checked here so a bad one is refused before it is
+    sent, naming the argument."""
+    if value is None:
+        return None
+    text = _text_arg(value, name)
+    if not text:
+        raise ArgumentValueError(f"{name} must not be empty (leave it out: None)")
+    why = request_name_error(text, name)
+    if why is not None:
+        raise ArgumentValueError(why)
+    return text
 
 
 def channel_arg(chan_id: object) -> int | None:

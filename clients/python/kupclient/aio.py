@@ -27,6 +27,7 @@ from kupclient._args import (
     device_arg,
     device_filter_arg,
     lease_arg,
+    receive_name_arg,
     socket_arg,
 )
 from kupclient._errors import (
@@ -339,18 +340,26 @@ class AsyncClient:
         """See :meth:`kupclient.Client._receive_given_up`."""
         self._again.given_up(lease_id, receive_id)
 
-    async def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
+    async def lease_receive(
+        self,
+        lease_id: str,
+        timeout: float | None = None,
+        *,
+        receive_id: str | None = None,
+        again_of: str | None = None,
+    ) -> Message:
         """Receive on a lease (see :meth:`kupclient.Client.lease_receive`:
-        one whose task is cancelled, or past its deadline, loses nothing)."""
+        one whose task is cancelled, or past its deadline, loses nothing;
+        ``receive_id`` and ``again_of`` as there)."""
         mode, ms = receive_mode(timeout)
-        pending = self._again.pending(lease_id)
-        receive_id = pending or self._again.fresh()
+        lease = lease_arg(lease_id)
+        pending, receive_id, ask = self._again.names(
+            lease,
+            receive_name_arg(receive_id, "receive_id"),
+            receive_name_arg(again_of, "again_of"),
+        )
         req = kup_pb2.ReceiveRequest(
-            lease_id=lease_arg(lease_id),
-            mode=mode,
-            timeout_ms=ms,
-            receive_id=receive_id,
-            again_of=pending,
+            lease_id=lease, mode=mode, timeout_ms=ms, receive_id=receive_id, again_of=ask
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = await self._unary("Receive", req, deadline(timeout), given_up)

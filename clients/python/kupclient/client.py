@@ -28,6 +28,7 @@ from kupclient._args import (
     device_arg,
     device_filter_arg,
     lease_arg,
+    receive_name_arg,
     socket_arg,
 )
 from kupclient._errors import (
@@ -378,7 +379,14 @@ class Client:
         (kupclient._again)."""
         self._again.given_up(lease_id, receive_id)
 
-    def lease_receive(self, lease_id: str, timeout: float | None = None) -> Message:
+    def lease_receive(
+        self,
+        lease_id: str,
+        timeout: float | None = None,
+        *,
+        receive_id: str | None = None,
+        again_of: str | None = None,
+    ) -> Message:
         """Receive on a lease: None blocks, 0 raises NotReady when nothing is there.
 
         One given up on (interrupted, past its deadline) loses nothing: a
@@ -387,16 +395,27 @@ class Client:
         has a random ``receive_id``, and the next one asks for that one's
         message again: ``again_of``, until a receive succeeds: see
         kupclient._again).  Receives on one lease from several threads at
-        once race for its messages, and so for this too."""
+        once race for its messages, and so for this too.
+
+        Within one client, leave ``receive_id`` and ``again_of`` out.  A
+        program whose receives outlive the client (a new process each
+        time, like ``kupctl recv``) gives them itself: ``receive_id``, the
+        name this receive carries (up to 64 of [A-Za-z0-9_-]); ``again_of``,
+        the name of the lease's receive given up on -- kupd answers with
+        the message it wrote for that one, if it did, else this is a
+        receive like any other; this receive then carries that name too,
+        unless ``receive_id`` is given.  Either takes the place of the name
+        the client would have used.  A bad one is an ArgumentError, before
+        anything is sent."""
         mode, ms = receive_mode(timeout)
-        pending = self._again.pending(lease_id)
-        receive_id = pending or self._again.fresh()
+        lease = lease_arg(lease_id)
+        pending, receive_id, ask = self._again.names(
+            lease,
+            receive_name_arg(receive_id, "receive_id"),
+            receive_name_arg(again_of, "again_of"),
+        )
         req = kup_pb2.ReceiveRequest(
-            lease_id=lease_arg(lease_id),
-            mode=mode,
-            timeout_ms=ms,
-            receive_id=receive_id,
-            again_of=pending,
+            lease_id=lease, mode=mode, timeout_ms=ms, receive_id=receive_id, again_of=ask
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Receive", req, deadline(timeout), given_up)
