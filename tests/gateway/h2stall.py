@@ -10,6 +10,8 @@ client's HPACK state stays kupd's) until the client resets that stream
 (RST_STREAM: it cancelled the call) or :meth:`StallProxy.close` -- but for
 PINGs, which carry no state: kupd's answers to the client's pings go
 through, or the client would drop the connection as dead within seconds.
+:meth:`StallProxy.resume` ends the hold for good (a later client then
+connects through), :meth:`StallProxy.cut` breaks the connection too.
 ``stalled`` is set once the reply went through and ``status_held`` once
 kupd's status (a HEADERS frame ending that stream) is held: kupd is done
 with the RPC.  One client connection at a time.
@@ -122,6 +124,24 @@ class StallProxy:
                 with contextlib.suppress(OSError):
                     down.sendall(raw)
             self._held.clear()
+
+    def resume(self) -> None:
+        """Hold nothing more: from now on the proxy forwards everything, for
+        a later connection too (a client that went away without resetting
+        the stream -- a process that exited -- never releases the hold).
+        What was held is dropped: its connection is gone."""
+        with self._lock:
+            self._resume.set()
+            self._held.clear()
+
+    def cut(self) -> None:
+        """Break the connections open now, both ways (as a network would:
+        shut down, so a thread blocked on them wakes), and :meth:`resume`:
+        a later client connects through."""
+        self.resume()
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._resume.set()

@@ -31,6 +31,8 @@ import grp
 import json
 import os
 import pwd
+import secrets
+import shlex
 import stat
 import sys
 import threading
@@ -54,7 +56,7 @@ if __name__ == "__main__" or Path((getattr(sys, "argv", None) or [""])[0]).stem 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kupapi import __version__ as kupd_version
-from kupapi.defaults import DEFAULT_SOCKET
+from kupapi.defaults import DEFAULT_SOCKET, REQUEST_NAME_MAX, request_name_error
 from kupclient import Client, DeviceInfo, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient._args import ArgumentError, channel_arg, seconds_arg
@@ -69,6 +71,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "CliError",
+    "again_command",
     "build_parser",
     "default_socket",
     "exit_code_for",
@@ -261,6 +264,21 @@ def _channel_id(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
     assert checked is not None
     return checked
+
+
+def _receive_name(value: str) -> str:
+    """--again-of: a receive's name, as kupd takes it (kupapi's rule)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty (the NAME a recv that gave up printed)")
+    if request_name_error(value, "NAME") is not None:
+        shown = repr(value) if len(value) <= 2 * REQUEST_NAME_MAX else f"{value[:80]!r}..."
+        if len(value) > REQUEST_NAME_MAX:
+            shown += f" ({len(value)} characters)"
+        raise argparse.ArgumentTypeError(
+            f"not a receive name: {shown} (up to {REQUEST_NAME_MAX} letters, digits, '_' "
+            "and '-': the NAME a recv that gave up printed)"
+        )
+    return value
 
 
 def _event_count(value: str) -> int:
@@ -468,10 +486,20 @@ def cmd_send(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_recv(args: argparse.Namespace, out: Output) -> int:
     timeout: float | None = 0.0 if args.nb else args.timeout
+    # Named (receive_id), so that one given up on -- ^C, past --timeout,
+    # the connection lost -- can be asked for again by the next kupctl, a
+    # process of its own: kupd keeps the message it wrote for this name
+    # until the lease's next operation.  Given up on while args.receiving
+    # is set, kupctl prints how (_again_hint); one that asks again
+    # (--again-of) carries that name on, for the same reason.
+    name = args.again_of or secrets.token_hex(16)
+    args.receiving = name
     with _client(args) as c:
         try:
-            msg = c.lease_receive(args.lease, timeout)
+            msg = c.lease_receive(args.lease, timeout, receive_id=name, again_of=args.again_of)
         except kerr.NotReady:
+            # kupd found nothing and kept nothing for this name
+            args.receiving = None
             # Not an error on the wire (a reply marked not-ready), but a
             # script needs to know: exit code 10 with a readable result.
             if out.as_json:
@@ -479,7 +507,60 @@ def cmd_recv(args: argparse.Namespace, out: Output) -> int:
             else:
                 out.line("not ready: the kernel still holds the turn")
             return exit_code_for(kerr.NotReady(""))
-    return _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
+        except kerr.KupError as exc:
+            if not _gave_up(exc):  # kupd refused it: nothing to ask again for
+                args.receiving = None
+            raise
+    code = _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
+    args.receiving = None  # shown: a ^C now loses nothing
+    return code
+
+
+def _gave_up(exc: kerr.KupError) -> bool:
+    """Whether a receive that failed with ``exc`` was given up on while
+    kupd may have written its reply: past its deadline (kupctl's, or
+    kupd's own: a message taken then is the lease's next receive's
+    anyway), or its connection broke -- not one that never connected."""
+    if isinstance(exc, kerr.DeadlineExceeded):
+        return True
+    return is_connection_failure(exc) and "failed to connect" not in exc.message
+
+
+def again_command(args: argparse.Namespace, name: str) -> str:
+    """The shell command that asks again for the message of the receive
+    ``name`` of ``kupctl recv`` ARGS: the same command, its socket spelled
+    out, with ``--again-of NAME``."""
+    prog = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "kupctl" else "kupctl"
+    argv = [prog, "--socket", args.socket]
+    if args.json:
+        argv.append("--json")
+    argv += ["recv", args.lease]
+    if args.nb:
+        argv.append("--nb")
+    elif args.timeout is not None:
+        argv += ["--timeout", str(args.timeout)]
+    if args.hex:
+        argv.append("--hex")
+    if args.raw:
+        argv.append("--raw")
+    argv += ["--again-of", name]
+    return shlex.join(argv)
+
+
+def _again_hint(args: argparse.Namespace, why: str) -> tuple[str, str, dict[str, str]] | None:
+    """For a recv given up on (``why``: how), what to tell the user: the
+    text, the command that asks again, and the fields of its JSON error;
+    None when no receive was under way."""
+    name = getattr(args, "receiving", None)
+    if not name:
+        return None
+    command = again_command(args, name)
+    text = (
+        f"recv {why} (receive {name}): a message kupd had already sent for it is kept "
+        "until the lease's next operation; to get it (or, if none was sent, the lease's "
+        "next message), run"
+    )
+    return text, command, {"again_of": name, "again_command": command}
 
 
 def cmd_pass(args: argparse.Namespace, out: Output) -> int:
@@ -973,6 +1054,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_timeout, metavar="S", help="wait at most S seconds")
     g.add_argument("--nb", action="store_true", help="do not wait (exit 10 if not ready)")
     out_opts(sp)
+    sp.add_argument(
+        "--again-of",
+        type=_receive_name,
+        metavar="NAME",
+        help="ask again for the message of the recv NAME that gave up (it printed this "
+        "command); a recv like any other when kupd kept nothing for NAME",
+    )
 
     sp = add("pass", cmd_pass, "hand the turn to the kernel without data")
     sp.add_argument("lease", metavar="LEASE")
@@ -1166,9 +1254,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         while worker.is_alive():
             worker.join(0.25)
     except KeyboardInterrupt:
-        for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        again = _again_hint(args, "interrupted")
+        if again is not None:  # a recv under way: say how to ask again
+            text, command, fields = again
             with contextlib.suppress(OSError, ValueError):
-                stream.flush()
+                if args.json:
+                    _error(args, f"{text}: {command}", 130, error="interrupted", **fields)
+                else:
+                    sys.stderr.write(f"kupctl: {text}:\n{command}\n")
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
         os._exit(130)
     return done[0] if done else EXIT_FAILURE
 
@@ -1256,7 +1353,9 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
                 )
             else:
                 hint = unavailable_hint(exc.message, args.socket)
-        return _error(
+        again = _again_hint(args, "gave up")
+        fields: dict[str, Any] = again[2] if again is not None else {}
+        code = _error(
             args,
             f"{exc.message}{hint}",
             code,
@@ -1265,7 +1364,11 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
             kup_code=exc.code,
             grpc_code=exc.grpc_code.name if exc.grpc_code is not None else None,
             connection_failure=is_connection_failure(exc),
+            **fields,
         )
+        if again is not None and not args.json:
+            sys.stderr.write(f"kupctl: {again[0]}:\n{again[1]}\n")
+        return code
     except CliError as exc:
         return _error(args, exc.message, exc.exit_code, error="failure")
     except KeyboardInterrupt:

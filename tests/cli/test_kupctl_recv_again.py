@@ -1,0 +1,235 @@
+"""``kupctl recv`` given up on after kupd wrote its reply loses nothing.
+
+Each ``kupctl recv`` is a process of its own, so the Python client's own
+memory of a receive given up on (``again_of``) ended with it: a ``kupctl
+recv`` interrupted (^C), past its ``--timeout`` or cut off from kupd after
+kupd had written the kernel's message lost that message for good -- the
+next ``kupctl recv`` was refused "this side holds the turn (the kernel's
+message was already received)".  Now kupctl names each receive and, when
+it gives up, prints the command that asks again (``--again-of NAME``; in
+``--json`` mode the name and the command are fields of the error object),
+which gets the same message.
+
+The window -- kupd has written the reply, kupctl has not got it -- is held
+open by tests/gateway's h2stall proxy between kupctl and kupd.  Real
+kupsim (echo), kupd (the console script) and kupctl processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from cli_gateway import Gateway, console_script, spawn_kupctl
+
+from kupclient import Client, Kind
+from kupd.testing import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+from h2stall import StallProxy  # tests/gateway's
+
+EXIT_USAGE = 2
+EXIT_NOT_YOUR_TURN = 5
+EXIT_DEADLINE = 9
+EXIT_UNAVAILABLE = 17
+EXIT_INTERRUPTED = 130
+#: bounds a hang only (the machine is shared)
+TIMEOUT = 60.0
+#: kupctl recv --timeout: kupd answers at once (the message is there) and
+#: the proxy holds its status; kupctl's gRPC deadline (this + the client's
+#: 5 s grace) then passes -- below the client's 10 s ping timeout, as the
+#: proxy holds kupd's answer to the ping gRPC sends as the reply comes in
+SHORT = "1"
+MESSAGE = "the one message"
+
+
+@pytest.fixture
+def proxy(gw: Gateway) -> Iterator[StallProxy]:
+    p = StallProxy(gw.socket + ".stall", gw.socket)
+    yield p
+    p.close()
+
+
+def _lease(gw: Gateway, channel: int) -> Iterator[str]:
+    """An Attach lease on echo's (even: echoing unchanged) ``channel``,
+    taken directly, its greeting received and MESSAGE sent: the kernel's
+    answer is the lease's next message."""
+    with Client(gw.socket) as c:
+        lease = c.attach("echo", channel).lease_id
+        try:
+            assert c.lease_receive(lease, timeout=30).kind == Kind.PASS
+            c.lease_send(lease, MESSAGE.encode())
+            yield lease
+        finally:
+            c.release(lease)
+
+
+#: a channel of its own per test (the module's kupd is shared)
+_CHANNELS = itertools.count(60, 2)
+
+
+@pytest.fixture
+def lease(gw: Gateway) -> Iterator[str]:
+    yield from _lease(gw, next(_CHANNELS))
+
+
+def _hint(stderr: str, name_in: int) -> list[str]:
+    """The command of a plain-text hint (its last line), checked: line
+    ``name_in`` says why, naming the receive the command names."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    command = shlex.split(lines[-1])
+    assert command[-2] == "--again-of", lines
+    name = command[-1]
+    assert f"(receive {name})" in lines[name_in], lines
+    assert lines[-2].endswith("run:"), lines
+    return command
+
+
+def _ask_again(command: list[str], gw: Gateway) -> subprocess.CompletedProcess[str]:
+    """The hinted command, run as printed."""
+    return subprocess.run(
+        command, capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False
+    )
+
+
+def _exactly_once(gw: Gateway, lease: str) -> None:
+    """The message was received: the turn is this side's (a plain recv is
+    refused), and the lease goes on."""
+    p = subprocess.run(
+        [str(console_script("kupctl")), "--socket", gw.socket, "recv", lease, "--nb"],
+        capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert p.returncode == EXIT_NOT_YOUR_TURN, (p.returncode, p.stderr)
+    assert "already received" in p.stderr, p.stderr
+    with Client(gw.socket) as c:
+        assert c.lease_exchange(lease, b"next", timeout=30).data == b"next"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_interrupted_recv_tells_how_to_ask_again(
+    gw: Gateway, proxy: StallProxy, lease: str, as_json: bool
+) -> None:
+    opts = ["--json"] if as_json else []
+    p = spawn_kupctl(gw, "--socket", proxy.path, *opts, "recv", lease)
+    try:
+        assert proxy.status_held.wait(TIMEOUT), "kupd never answered the receive"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == EXIT_INTERRUPTED, (p.returncode, err)
+    assert out == "", out
+    if as_json:
+        doc = json.loads(err)
+        assert doc["error"] == "interrupted" and doc["exit_code"] == EXIT_INTERRUPTED, doc
+        assert doc["command"] == "recv", doc
+        command = shlex.split(doc["again_command"])
+        assert command[-2:] == ["--again-of", doc["again_of"]], doc
+        assert doc["again_command"] in doc["message"], doc
+    else:
+        assert err.startswith("kupctl: recv interrupted (receive "), err
+        command = _hint(err, 0)
+    # the same socket (the proxy, now letting everything through), lease
+    # and output options
+    assert command[1:3] == ["--socket", proxy.path], command
+    assert ("--json" in command) == as_json, command
+    proxy.resume()
+    again = _ask_again(command, gw)
+    assert again.returncode == 0, (again.returncode, again.stderr)
+    if as_json:
+        doc = json.loads(again.stdout)
+        assert doc["message"]["kind"] == "data" and doc["message"]["data"] == MESSAGE, doc
+    else:
+        assert again.stdout.strip().endswith(f"DATA ({len(MESSAGE)} bytes): {MESSAGE}"), again
+    _exactly_once(gw, lease)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_recv_past_its_timeout_tells_how_to_ask_again(
+    gw: Gateway, proxy: StallProxy, lease: str, as_json: bool
+) -> None:
+    opts = ["--json"] if as_json else []
+    p = _ask_again(
+        [str(console_script("kupctl")), "--socket", proxy.path, *opts, "recv", lease,
+         "--timeout", SHORT, "--hex"],
+        gw,
+    )  # fmt: skip
+    assert proxy.status_held.is_set(), "kupd did not answer the receive within its deadline"
+    assert p.returncode == EXIT_DEADLINE, (p.returncode, p.stderr)
+    if as_json:
+        doc = json.loads(p.stderr)
+        assert doc["error"] == "DeadlineExceeded" and doc["exit_code"] == EXIT_DEADLINE, doc
+        command = shlex.split(doc["again_command"])
+        assert command[-2:] == ["--again-of", doc["again_of"]], doc
+    else:
+        lines = p.stderr.strip().splitlines()
+        assert lines[0].startswith("kupctl: DeadlineExceeded: "), lines
+        assert lines[1].startswith("kupctl: recv gave up (receive "), lines
+        command = _hint(p.stderr, 1)
+    assert command[1:3] == ["--socket", proxy.path], command
+    assert "--hex" in command and "--timeout" in command, command
+    again = _ask_again(command, gw)  # the proxy let go when kupctl cancelled
+    assert again.returncode == 0, (again.returncode, again.stderr)
+    if as_json:
+        assert json.loads(again.stdout)["message"]["data"] == MESSAGE, again.stdout
+    else:
+        assert again.stdout.strip().endswith(MESSAGE.encode().hex()), again.stdout
+    _exactly_once(gw, lease)
+
+
+def test_recv_whose_connection_broke_tells_how_to_ask_again(
+    gw: Gateway, proxy: StallProxy, lease: str
+) -> None:
+    p = spawn_kupctl(gw, "--socket", proxy.path, "recv", lease)
+    try:
+        assert proxy.status_held.wait(TIMEOUT), "kupd never answered the receive"
+        proxy.cut()
+        _, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == EXIT_UNAVAILABLE, (p.returncode, err)
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("kupctl: Unavailable: "), lines
+    command = _hint(err, 1)
+    again = _ask_again(command, gw)
+    assert again.returncode == 0, (again.returncode, again.stderr)
+    assert again.stdout.strip().endswith(MESSAGE), again.stdout
+    _exactly_once(gw, lease)
+
+
+def test_again_of_a_name_kupd_kept_nothing_for_is_a_plain_recv(gw: Gateway, lease: str) -> None:
+    kupctl = str(console_script("kupctl"))
+    p = _ask_again([kupctl, "recv", lease, "--again-of", "never-given-up_0"], gw)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert p.stdout.strip().endswith(MESSAGE) and p.stderr == "", p
+    _exactly_once(gw, lease)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("two words", "not a receive name: 'two words'"),
+        ("", "must not be empty"),
+        ("x" * 65, f"not a receive name: '{'x' * 65}' (65 characters)"),
+        ("naïve", "not a receive name: 'naïve'"),
+        ("semi;colon", "not a receive name: 'semi;colon'"),
+    ],
+)
+def test_a_bad_again_of_is_a_usage_error(gw: Gateway, value: str, needle: str) -> None:
+    p = _ask_again([str(console_script("kupctl")), "recv", "somelease", "--again-of", value], gw)
+    assert p.returncode == EXIT_USAGE, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("kupctl recv: error: argument --again-of: "), last
+    assert needle in last, last
