@@ -507,8 +507,10 @@ def cmd_recv(args: argparse.Namespace, out: Output) -> int:
             else:
                 out.line("not ready: the kernel still holds the turn")
             return exit_code_for(kerr.NotReady(""))
-        except kerr.KupError as exc:
-            if not _gave_up(exc):  # kupd refused it: nothing to ask again for
+        except Exception as exc:
+            # refused (by kupd, or an argument before it was sent): nothing
+            # to ask again for
+            if not (isinstance(exc, kerr.KupError) and _gave_up(exc)):
                 args.receiving = None
             raise
     code = _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
