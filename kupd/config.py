@@ -525,7 +525,13 @@ def _held_advisories(cfg: Config) -> list[tuple[str, str]]:
     without max_message_bytes, or with neither max_sessions nor
     max_calls_in_flight): named by the first of those keys it lacks."""
     from kupd.policy import tenant_key
-    from kupd.tenants import HELD_WARN_BYTES, RPC_HELD_BYTES, held_bound, tenant_rpc_bound
+    from kupd.tenants import (
+        HELD_WARN_BYTES,
+        RPC_HELD_BYTES,
+        held_bound,
+        stream_window,
+        tenant_rpc_bound,
+    )
 
     out: list[tuple[str, str]] = []
     for i, t in enumerate(cfg.tenants):
@@ -543,10 +549,10 @@ def _held_advisories(cfg: Config) -> list[tuple[str, str]]:
         ]
         if not missing:
             continue  # its own limits, set high: what it asked for
-        size = (
-            "up to max_message_bytes + 16 KiB"
+        size = f"up to {stream_window(t) // 1024} KiB" + (
+            " (max_message_bytes + 16 KiB, at least 64 KiB)"
             if t.max_message_bytes
-            else "up to 4 MiB without max_message_bytes"
+            else " without max_message_bytes"
         )
         out.append((
             f"{tenant_key(i, t.name)}.{missing[0]}",

@@ -131,6 +131,17 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
         ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Flow control: a fixed stream window in place of gRPC's BDP probe.
+        # The probe pings a client several times a second while its data
+        # arrives, and gRPC times every ping kupd sends by ping_timeout_ms
+        # (keepalive_timeout, above: the one setting that drops a hung
+        # client): a live client busy sending, slow to answer one such
+        # ping, lost its whole connection (GOAWAY ENHANCE_YOUR_CALM
+        # "ping_timeout").  Without the probe, keepalive pings only a
+        # connection that has gone quiet.  The window: each socket's
+        # (kupd.tenants.stream_window), this one's where none is set.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", MAX_GRPC_MESSAGE // 2),
         ("grpc.http2.max_pings_without_data", 0),
         # Clients may ping us (kupclient: every 30 s) without being sent GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),

@@ -283,6 +283,43 @@ def receive_limit(t: Tenant) -> int:
     return min(t.max_message_bytes + RECEIVE_HEADROOM, MAX_GRPC_MESSAGE)
 
 
+#: The least a stream may hold of what its client sent ahead: what gRPC's
+#: default window lets it send.
+MIN_STREAM_WINDOW = 64 * 1024
+
+
+def window_for(max_receive: int) -> int:
+    """What a stream on a socket whose receive limit is ``max_receive``
+    (0: kupd's, MAX_GRPC_MESSAGE) may hold of requests kupd has not read:
+    that limit, at least MIN_STREAM_WINDOW.  See stream_window."""
+    return max(max_receive or MAX_GRPC_MESSAGE, MIN_STREAM_WINDOW)
+
+
+def lookahead_for(max_receive: int) -> int:
+    """gRPC's ``grpc.http2.lookahead_bytes`` on that socket: half its
+    window_for.  gRPC lets a client send up to about twice the lookahead
+    ahead of what the server has read -- measured: twice for 64 KiB, 1.5
+    to 1.75 times for 4 MiB (tests/tenancy/test_tenancy_hostile_wire.py)."""
+    return window_for(max_receive) // 2
+
+
+def stream_window(t: Tenant) -> int:
+    """What a stream of ``t``'s socket may hold of requests kupd has not
+    read yet: its receive limit, at least MIN_STREAM_WINDOW (HTTP/2 flow
+    control, the window fixed: lookahead_for).
+
+    Why: gRPC holds what a client sends on a stream before kupd reads it
+    -- a Session's next operations, sent ahead while kupd waits in one --
+    up to the window it announces.  gRPC's flow-control probe, which kupd
+    turns off (kupd.server.server_options), grew that window as it
+    measured the connection, to 8 MiB and more whatever the tenant's
+    max_message_bytes; fixed, a stream holds no more than one whole
+    request could, which is what held_bound counts per RPC.  A request
+    larger than the window still comes through: gRPC opens the window
+    for the message kupd is reading."""
+    return window_for(receive_limit(t))
+
+
 #: What each RPC gRPC holds open for a tenant costs kupd besides its
 #: request's bytes -- gRPC's call and stream state and grpc.aio's task and
 #: context for it -- rounded up from what was measured: RPCs opened with
@@ -298,10 +335,11 @@ HELD_WARN_BYTES = 1 << 30
 
 def held_bound(config: Any, t: Tenant) -> int:
     """The most memory ``t`` can make kupd hold in RPCs whose requests
-    never arrive whole: its socket's RPC cap (tenant_rpc_bound) times what
-    each may hold, its receive limit (else gRPC's whole message) plus
-    RPC_HELD_BYTES."""
-    per_rpc = (receive_limit(t) or MAX_GRPC_MESSAGE) + RPC_HELD_BYTES
+    never arrive whole, or that kupd has not read yet: its socket's RPC cap
+    (tenant_rpc_bound) times what each may hold, its stream window
+    (stream_window: its receive limit, else gRPC's whole message, at least
+    64 KiB) plus RPC_HELD_BYTES."""
+    per_rpc = stream_window(t) + RPC_HELD_BYTES
     return tenant_rpc_bound(config, t) * per_rpc
 
 
@@ -716,6 +754,8 @@ class SocketSet:
         if ep.max_receive:
             options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
             options.append(("grpc.max_receive_message_length", ep.max_receive))
+        options = [o for o in options if o[0] != "grpc.http2.lookahead_bytes"]
+        options.append(("grpc.http2.lookahead_bytes", lookahead_for(ep.max_receive)))
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=ep.max_rpcs or None)
         self._built_with[server] = tuple(self.options)
         retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()

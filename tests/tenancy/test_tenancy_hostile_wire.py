@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from tenancy_helpers import StartTenants, TenantKupd
 
-from kupapi import kup_pb2, kup_pb2_grpc
+from kupapi import MAX_GRPC_MESSAGE, kup_pb2, kup_pb2_grpc
 from kupclient import Client
 from kupd.config import advisories, parse_config
 from kupd.tenants import (
@@ -29,13 +29,14 @@ from kupd.tenants import (
     RECEIVE_HEADROOM,
     RPC_HELD_BYTES,
     held_bound,
+    stream_window,
     tenant_rpc_bound,
 )
 from kupd.testing import REPO_ROOT, wait_until
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
 
-from h2raw import H2Conn
+from h2raw import DATA, H2Conn
 
 __all__: list[str] = []
 
@@ -312,3 +313,155 @@ def test_a_tenant_whose_unfinished_requests_can_hold_gigabytes_is_named() -> Non
     assert key == "tenant[name=t].max_message_bytes", key
     # its own limits set high, whatever they add up to, are what it asked for
     assert held("max_message_bytes = 4096\nmax_sessions = 4096\nmax_calls_in_flight = 9") == []
+
+
+#: Session streams per tenant that send ahead below
+AHEAD_STREAMS = 3
+_SETTINGS, _WINDOW_UPDATE = 4, 8
+_SETTINGS_INITIAL_WINDOW_SIZE = 4
+
+
+def _windows(raw: H2Conn, stream: int) -> tuple[int, int]:
+    """What kupd has let this client send so far (RFC 9113 6.9), on the
+    connection and on ``stream``: the initial windows, the stream's as
+    kupd's SETTINGS set it, plus every WINDOW_UPDATE."""
+    conn = strm = WINDOW
+    for f in list(raw.frames):
+        if f.type == _SETTINGS and not f.flags & 0x1:
+            for i in range(0, len(f.payload), 6):
+                ident, value = struct.unpack(">HI", f.payload[i : i + 6])
+                if ident == _SETTINGS_INITIAL_WINDOW_SIZE:
+                    strm = value
+        elif f.type == _WINDOW_UPDATE:
+            inc = struct.unpack(">I", f.payload)[0] & 0x7FFFFFFF
+            if f.stream == 0:
+                conn += inc
+            elif f.stream == stream:
+                strm += inc
+    return conn, strm
+
+
+def _replies(raw: H2Conn, stream: int) -> int:
+    """The whole gRPC messages kupd sent on ``stream`` (its DATA frames'
+    bytes, each message a 5-byte prefix and its length)."""
+    data = b"".join(f.payload for f in list(raw.frames) if f.type == DATA and f.stream == stream)
+    n = pos = 0
+    while pos + 5 <= len(data):
+        pos += 5 + struct.unpack(">I", data[pos + 1 : pos + 5])[0]
+        n += pos <= len(data)
+    return n
+
+
+def _send_ahead(
+    raw: H2Conn, stream: int, message: bytes, stream_used: int, conn_used: int
+) -> int:
+    """Send copies of the gRPC ``message`` on ``stream`` as far as kupd's
+    flow-control windows let this client (``stream_used``, ``conn_used``:
+    what was sent before on the stream, on the connection's other
+    streams), until kupd has not
+    opened them further for 2 s; how many bytes went on the stream.  Far
+    more is on offer than any window kupd should announce."""
+    body = (b"\x00" + struct.pack(">I", len(message)) + message) * (
+        64 * (1 << 20) // len(message)
+    )
+    sent, pos, idle = 0, 0, time.monotonic()
+    while pos < len(body) and time.monotonic() - idle < 2.0:
+        conn, strm = _windows(raw, stream)
+        room = min(
+            conn - conn_used - stream_used - sent, strm - stream_used - sent, 16384, len(body) - pos
+        )
+        if room <= 0:
+            time.sleep(0.01)
+            continue
+        raw.data(stream, body[pos : pos + room])
+        pos += room
+        sent += room
+        idle = time.monotonic()
+    assert pos < len(body), "kupd kept opening its window: 64 MiB went ahead"
+    return sent
+
+
+def test_requests_sent_ahead_on_a_session_are_held_up_to_the_stream_window(
+    start_tenants: StartTenants,
+) -> None:
+    """A Session's client may send its next operations before kupd reads
+    them -- kupd reads one at a time, and here it waits in an exchange echo
+    never answers ("!hold") -- and gRPC holds them for kupd, as far as the
+    receive window kupd announces on the stream lets the client send
+    (HTTP/2 flow control): kupd.tenants.stream_window, the socket's receive
+    limit (at least 64 KiB), fixed.  Before, gRPC's flow-control probe grew
+    each stream's window as it measured the connection (8 MiB and more,
+    pinging the client as data came: kupd.server.server_options), and a
+    tenant could make kupd hold that much per Session whatever its
+    max_message_bytes.  Sent ahead on three Sessions of each tenant, far
+    more than the windows, hand-framed: each stream took at most its window
+    (gRPC lets a client send about twice the lookahead kupd sets: half the
+    window, kupd.tenants.lookahead_for), and kupd grew by about as much as
+    they took."""
+    k = start_tenants(BODY)
+    pid = k.proc.pid
+    cfg = parse_config(tomllib.loads(k.config.read_text()))
+    window = {t.name: stream_window(t) for t in cfg.tenants}
+    assert window["small"] == 64 * 1024 and window["other"] == MAX_GRPC_MESSAGE
+    sizes = {"small": 1024, "other": 1 << 20}  # each tenant's receive limit allows
+    raws = {t: H2Conn(k.sock(t)) for t in window}
+    try:
+        with k.client("other") as c:  # every socket's server is up
+            assert c.call("echo", b"warm").data.lower() == b"warm"
+        before = _status(pid, "VmRSS")
+        taken = 0
+        chan = POOL  # channels below POOL are the Call pool's
+        for tenant, raw in raws.items():
+            used = most = 0
+            for _ in range(AHEAD_STREAMS):
+                stream = raw.grpc_open("/kup.v1.Kup/Session")
+                opening = b"".join(
+                    b"\x00" + struct.pack(">I", len(m)) + m
+                    for m in (
+                        kup_pb2.SessionRequest(
+                            request_id=1, attach=kup_pb2.SessionAttach(device="echo", channel=chan)
+                        ).SerializeToString(),
+                        # echo's opening PASS: the turn is the client's
+                        kup_pb2.SessionRequest(
+                            request_id=2, receive=kup_pb2.SessionReceive(timeout_ms=60_000)
+                        ).SerializeToString(),
+                        kup_pb2.SessionRequest(
+                            request_id=3,
+                            exchange=kup_pb2.SessionExchange(data=b"!hold", timeout_ms=600_000),
+                        ).SerializeToString(),
+                    )
+                )
+                raw.data(stream, opening)
+                chan += 1
+                # attached, and the PASS received (kupd's two replies);
+                # kupd reads the exchange next and
+                # waits in it, reading nothing more
+                wait_until(
+                    lambda r=raw, st=stream: _replies(r, st) >= 2,
+                    timeout=60,
+                    what=f"{tenant}'s Session attached and handed the turn",
+                )
+                message = kup_pb2.SessionRequest(
+                    request_id=4, send=kup_pb2.SessionSend(data=b"x" * sizes[tenant])
+                ).SerializeToString()
+                sent = _send_ahead(raw, stream, message, len(opening), used)
+                used += len(opening) + sent
+                assert not raw.closed and not raw.ended(stream), (
+                    f"{tenant}: stream ended: {[f for f in raw.frames if f.stream == stream]}"
+                )
+                # what the stream took: its window (and what kupd read of it)
+                assert sent <= window[tenant] + len(opening), f"{tenant}: {sent} bytes sent ahead"
+                most = max(most, sent)
+                taken += sent
+            # a window's worth went ahead, as far as the connection's own
+            # window (gRPC's) let it
+            assert most >= window[tenant] // 2, (
+                f"{tenant}: only {most} bytes of a {window[tenant]}-byte window"
+            )
+        grown = (_status(pid, "VmRSS") - before) * 1024
+        assert grown <= taken * 3 // 2 + (8 << 20), (
+            f"{taken} bytes sent ahead grew kupd by {grown}"
+        )
+    finally:
+        for raw in raws.values():
+            raw.close()

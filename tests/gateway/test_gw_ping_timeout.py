@@ -1,0 +1,89 @@
+"""A live client that answers kupd's pings late keeps its connection while
+its requests flow; one that is silent and does not answer is still dropped.
+
+kupd drops hung clients fast (``keepalive_timeout``, 2 s by default): gRPC
+times every ping kupd sends by ``grpc.http2.ping_timeout_ms``, the only
+setting that makes grpcio's server drop a client that stops answering
+(``keepalive_timeout_ms`` alone did not: a SIGSTOPped client went after
+gRPC's default minute).  gRPC's flow control also pings, to measure the
+connection (its BDP probe), several times a second while data arrives: a
+client busy sending, slow to answer one of those, lost its whole
+connection with GOAWAY ENHANCE_YOUR_CALM "ping_timeout" -- grpc-js reports
+it as RESOURCE_EXHAUSTED "Bandwidth exhausted or memory limit exceeded".
+kupd turns the probe off (kupd.server.server_options) and announces a
+fixed stream window in its place; what that window lets a hostile client
+make kupd hold is pinned in tests/tenancy/test_tenancy_hostile_wire.py.
+
+Real kupd and kupsim; the client's ping answers are delayed by a proxy
+(h2slowping) past kupd's 1 s keepalive timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+from gateway_helpers import Kupd, StartKupd, echo_sim, holding_client
+from h2slowping import SlowPingProxy
+
+from kupclient import Client
+from kupd import errors
+from kupd.testing import KupSim, wait_until
+
+__all__: list[str] = []
+
+#: past kupd's keepalive timeout below (1 s), far below gRPC's default (60 s)
+ACK_DELAY = 2.5
+
+
+@pytest.fixture
+def big_sim() -> Iterator[KupSim]:
+    """echo with 256 KiB channels: room for the 64 KiB exchanges below."""
+    env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="64", KUP_PARAM_ECHO_PAGES="64")
+    with echo_sim(env=env) as sim:
+        yield sim
+
+
+@pytest.fixture
+def kupd(big_sim: KupSim, start_kupd: StartKupd) -> Kupd:
+    return start_kupd(big_sim, "--keepalive-time", "1", "--keepalive-timeout", "1")
+
+
+@pytest.fixture
+def proxy(kupd: Kupd) -> Iterator[SlowPingProxy]:
+    p = SlowPingProxy(kupd.socket + ".slowping", kupd.socket, ACK_DELAY)
+    yield p
+    p.close()
+
+
+def test_a_busy_client_slow_to_answer_pings_keeps_its_connection(
+    kupd: Kupd, proxy: SlowPingProxy
+) -> None:
+    """A Session pumping 64 KiB exchanges for a few seconds through a proxy
+    that answers every ping 2.5 s late: every exchange comes back, and kupd
+    never sends a GOAWAY."""
+    payload = bytes(range(256)) * 256
+    with Client(proxy.path) as c, c.open("echo").channel(44) as ch:
+        for i in range(3000):
+            data = i.to_bytes(4, "big") + payload
+            assert ch.exchange(data, timeout=30).data == data
+    assert proxy.goaways == [], f"kupd closed the connection: {proxy.goaways}"
+
+
+def test_a_silent_client_that_does_not_answer_is_still_dropped(kupd: Kupd) -> None:
+    """The other side of the same settings: a client holding a Session that
+    sends nothing and answers nothing (SIGSTOP) is dropped by keepalive and
+    its channel freed, with the flow-control probe off."""
+    with holding_client(kupd.socket, 45) as child, kupd.client() as c:
+        child.send_signal(signal.SIGSTOP)
+
+        def free() -> bool:
+            try:
+                c.open("echo").channel(45).close()
+                return True
+            except errors.Busy:
+                return False
+
+        wait_until(free, timeout=60, what="the hung client dropped by keepalive")
+
