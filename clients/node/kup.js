@@ -259,6 +259,11 @@ function metadataValue(metadata, key) {
   return v && v.length ? String(v[0]) : '';
 }
 
+// Why kupd closes a client's connection with ENHANCE_YOUR_CALM.
+const PING_TIMEOUT = 'a keepalive ping went unanswered: kupd drops a client that does not '
+  + 'answer within its keepalive_timeout while the connection is quiet -- a stopped process, '
+  + 'or an event loop too busy to answer -- (or one that pings kupd more often than every 5 s)';
+
 // The KupError of a failed RPC (a grpc-js ServiceError: code, details,
 // metadata = the trailers).  Anything else is returned as it is.
 function errorFromGrpc(err) {
@@ -271,9 +276,16 @@ function errorFromGrpc(err) {
     details = `the server on this socket does not serve that method (${details}): an Admin `
       + 'call needs kupd\'s admin_socket; otherwise the kupd is older than this client';
   }
-  const cls = classOf(kind) || BY_STATUS[err.code] || SystemFailure;
+  let code = err.code;
+  if (!kind && code === S.RESOURCE_EXHAUSTED && details.includes('Bandwidth exhausted')) {
+    // grpc-js's words for a stream ended by HTTP/2 ENHANCE_YOUR_CALM: kupd
+    // closed the connection -- not a quota of kupd's, which names its key
+    code = S.UNAVAILABLE;
+    details = `kupd closed the connection (${details}): ${PING_TIMEOUT}`;
+  }
+  const cls = classOf(kind) || BY_STATUS[code] || SystemFailure;
   const kupCode = Number(metadataValue(err.metadata, 'kup-code')) || cls.kupCode;
-  return new cls(details, { code: err.code, kupCode, fromKupd });
+  return new cls(details, { code, kupCode, fromKupd });
 }
 
 // A Session's in-band error (the session goes on).

@@ -87,3 +87,18 @@ def test_a_silent_client_that_does_not_answer_is_still_dropped(kupd: Kupd) -> No
 
         wait_until(free, timeout=60, what="the hung client dropped by keepalive")
 
+
+def test_a_quiet_client_slow_to_answer_is_dropped_and_told_why(
+    kupd: Kupd, proxy: SlowPingProxy
+) -> None:
+    """A client holding a Session and sending nothing, whose ping answers
+    come 2.5 s late, is dropped as hung (kupd cannot tell it from a stopped
+    one); its next operation fails Unavailable saying what happened, not
+    gRPC's bare "ping timeout"."""
+    with Client(proxy.path) as c:
+        ch = c.open("echo").channel(46)
+        wait_until(lambda: proxy.goaways, timeout=60, what="kupd to give up on the quiet client")
+        assert proxy.goaways[0].startswith(b"ping_timeout"), proxy.goaways
+        with pytest.raises(errors.Unavailable, match="keepalive ping went unanswered"):
+            ch.exchange(b"late", timeout=30)
+        assert c.open("echo").channel(46).exchange(b"again", timeout=30).data == b"again"

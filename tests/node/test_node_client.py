@@ -33,9 +33,10 @@ from typing import IO
 import pytest
 
 from kupclient import Client
-from kupd.testing import REPO_ROOT, doc_block, kupd
+from kupd.testing import REPO_ROOT, doc_block, kupd, wait_until
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+from h2slowping import SlowPingProxy  # tests/gateway's
 from h2stall import StallProxy  # tests/gateway's
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
@@ -362,6 +363,70 @@ def _read_until(stream: IO[str], marker: str, seen: list[str], out: Path) -> Non
             return
     report = f"stdout:\n{out.read_text()}\nstderr:\n{''.join(seen)}"
     raise AssertionError(f"no line {marker!r}\n{report}")
+
+
+#: A Session that goes quiet while its ping answers come late (the proxy):
+#: kupd drops the connection as hung; the next operation's error is printed.
+QUIET_SESSION = """
+const kup = require(process.argv[1]);
+const client = kup.connect(process.argv[2]);
+(async () => {
+  const s = await kup.openSession(client, 'echo', Number(process.argv[3]));
+  await s.receive(30000);  // echo's greeting (a PASS)
+  console.log('quiet');
+  await new Promise((resolve) => process.stdin.once('data', resolve));
+  try {
+    await s.exchange(Buffer.from('late'), 30000);
+    console.log('exchanged');
+  } catch (err) {
+    console.log(err.constructor.name);
+    console.log(err.message);
+  }
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  client.close();
+  process.stdin.destroy();
+});
+"""
+
+
+def test_node_client_dropped_as_hung_is_told_why(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """A Session quiet while its ping answers come 2.5 s late, past kupd's
+    1 s keepalive timeout: kupd drops the connection (GOAWAY
+    ENHANCE_YOUR_CALM "ping_timeout"), and the next operation fails
+    Unavailable saying so -- grpc-js alone says RESOURCE_EXHAUSTED
+    "Bandwidth exhausted or memory limit exceeded", which reads as a quota
+    (see tests/gateway/test_gw_ping_timeout.py for the Python client)."""
+    args = ("--keepalive-time", "1", "--keepalive-timeout", "1")
+    with cli_gateway.gateway(("echo:2",), args=args) as gw:
+        proxy = SlowPingProxy(str(tmp_path / "slowping.sock"), gw.socket, 2.5)
+        try:
+            proc = subprocess.Popen(
+                ["node", "-e", QUIET_SESSION, str(NODE_DIR / "kup.js"), proxy.path, "6"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert proc.stdout is not None and proc.stdin is not None
+                assert proc.stdout.readline().strip() == "quiet"
+                wait_until(lambda: proxy.goaways, timeout=60, what="kupd to drop the client")
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            proxy.close()
+    report = f"stdout:\n{out}\nstderr:\n{err}\ngoaways: {proxy.goaways}"
+    assert proxy.goaways[0].startswith(b"ping_timeout"), report
+    lines = out.splitlines()
+    assert lines[0] == "Unavailable", report
+    assert "keepalive ping" in lines[1], report
 
 
 @pytest.mark.parametrize("signal", ["SIGTERM", "SIGKILL"])

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from kupapi import errors, kup_pb2
+from kupclient._types import KEEPALIVE_TIMEOUT_MS
 from kupclient.errors import _NOT_FROM_KUPD, is_connection_failure
 
 __all__ = [
@@ -73,6 +74,17 @@ CLOSED_AS_MADE = (
 )
 
 
+#: What gRPC's bare "ping timeout" means: an HTTP/2 ping on the connection
+#: went unanswered too long, and the connection was closed with every RPC
+#: on it.  Either side may have sent the ping.
+PING_TIMEOUT = (
+    "the connection was closed because a keepalive ping went unanswered: kupd drops a "
+    "client that does not answer within its keepalive_timeout while the connection is "
+    "quiet -- a stopped process, or one too busy to answer -- and this client drops a kupd "
+    f"that does not answer within {KEEPALIVE_TIMEOUT_MS // 1000} s"
+)
+
+
 def closed_as_made(details: str) -> bool:
     """Whether gRPC's text says the connection was closed as it was made
     (before any HTTP/2): gRPC words it three ways, depending on which side
@@ -93,6 +105,8 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
         kind = "Shutdown"
     if not kind and code == grpc.StatusCode.UNAVAILABLE and closed_as_made(details):
         details += f" ({CLOSED_AS_MADE})"
+    if not kind and code == grpc.StatusCode.UNAVAILABLE and details == "ping timeout":
+        details += f" ({PING_TIMEOUT})"
     if not kind and code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
         # gRPC's own deadline, not kupd's answer: kupd gets the timeout
         # and answers DEADLINE_EXCEEDED itself, so kupd did not answer

@@ -60,7 +60,7 @@ from kupapi.defaults import DEFAULT_SOCKET, REQUEST_NAME_MAX, request_name_error
 from kupclient import Client, DeviceInfo, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
 from kupclient._args import ArgumentError, channel_arg, seconds_arg
-from kupclient._errors import closed_as_made, is_connection_failure
+from kupclient._errors import PING_TIMEOUT, closed_as_made, is_connection_failure
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
 
 __all__ = [
@@ -1211,6 +1211,8 @@ def unavailable_hint(
             f" ({socket} exists but nobody accepts on it: kupd is not running there, "
             "or it is not a kupd socket)"
         )
+    if message.startswith(f"ping timeout ({PING_TIMEOUT})"):
+        return ""  # the client's own words say it
     # kupd ended the connection itself: the status kupd's gRPC sends on the
     # streams it cuts ("ping timeout"), or the GOAWAY frame's own text
     keepalive = "keepalive ping not answered in time (client too slow or stopped)"
