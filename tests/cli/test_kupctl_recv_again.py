@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from kupd.testing import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
 from h2stall import StallProxy  # tests/gateway's
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_YOUR_TURN = 5
 EXIT_DEADLINE = 9
@@ -233,3 +235,27 @@ def test_a_bad_again_of_is_a_usage_error(gw: Gateway, value: str, needle: str) -
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("kupctl recv: error: argument --again-of: "), last
     assert needle in last, last
+
+
+def test_recv_whose_output_is_closed_tells_how_to_ask_again(gw: Gateway, lease: str) -> None:
+    """kupctl recv got the message but could not write it: its reader was
+    gone (``kupctl recv L | program-that-exited``).  kupctl took the
+    message, so it was lost, and kupctl said nothing and exited 0 -- as a
+    ``watch | head`` rightly does.  It now exits 1 with the hint, whose
+    command gets the message."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before kupctl writes
+    try:
+        p = subprocess.run(
+            [str(console_script("kupctl")), "--socket", gw.socket, "recv", lease],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    assert "output was closed" in p.stderr, p.stderr
+    again = _ask_again(_hint(p.stderr, 0), gw)
+    assert again.returncode == 0, again.stderr
+    assert MESSAGE in again.stdout, again.stdout
+    _exactly_once(gw, lease)

@@ -1381,7 +1381,15 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
         # The reader went away (kupctl watch | head): not an error of ours.
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
-        return EXIT_OK
+        # -- but for a recv whose message it took: kupd keeps it for its
+        # name until the lease's next operation, so say how to get it
+        again = _again_hint(args, "could not write its message (its output was closed)")
+        if again is None:
+            return EXIT_OK
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"kupctl: {again[0]}:\n{again[1]}\n")
+            sys.stderr.flush()
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
