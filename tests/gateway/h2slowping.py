@@ -13,11 +13,10 @@ b"ping_timeout").  One client connection at a time.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 
-from h2stall import PING, _frames, _read_exact
+from h2stall import PING, FrameProxy, _frames, _read_exact
 
 __all__ = ["SlowPingProxy"]
 
@@ -26,34 +25,14 @@ _ACK = 0x1
 _PREFACE_LEN = 24
 
 
-class SlowPingProxy:
+class SlowPingProxy(FrameProxy):
     def __init__(self, path: str, upstream: str, delay: float) -> None:
-        self.path = path
-        self.upstream = upstream
         self.delay = delay
         self.acks_delayed = 0
         self.goaways: list[bytes] = []
         self._send_lock = threading.Lock()
-        self._socks: list[socket.socket] = []
         self._timers: list[threading.Timer] = []
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._listener.bind(path)
-        self._listener.listen(4)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self._listener.accept()
-            except OSError:
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.upstream)
-            self._socks += [down, up]
-            threading.Thread(target=self._from_client, args=(down, up), daemon=True).start()
-            threading.Thread(target=self._from_kupd, args=(up, down), daemon=True).start()
+        super().__init__(path, upstream)
 
     def _send_up(self, up: socket.socket, raw: bytes) -> None:
         # the ack timers and the forwarding thread write to the same socket:
@@ -90,9 +69,4 @@ class SlowPingProxy:
     def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        self._listener.close()
-        for s in self._socks:
-            with contextlib.suppress(OSError):
-                s.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        super().close()

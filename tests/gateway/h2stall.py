@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Iterator
 
-__all__ = ["StallProxy"]
+__all__ = ["FrameProxy", "StallProxy"]
 
 DATA, HEADERS, RST_STREAM, PING = 0, 1, 3, 6
 _END_STREAM = 0x1
@@ -55,17 +55,17 @@ def _frames(sock: socket.socket) -> Iterator[tuple[int, int, int, bytes]]:
         yield head[3], head[4], stream, head + payload
 
 
-class StallProxy:
+class FrameProxy:
+    """A unix-socket proxy at ``path`` in front of ``upstream`` (kupd's
+    socket): for each client connection, one to kupd and a thread each
+    way running :meth:`_from_client` and :meth:`_from_kupd`, which a
+    subclass defines (over :func:`_frames`).  A subclass sets its own
+    state before calling this ``__init__``: connections are accepted as
+    soon as it returns."""
+
     def __init__(self, path: str, upstream: str) -> None:
         self.path = path
         self.upstream = upstream
-        self.stalled = threading.Event()
-        self.status_held = threading.Event()
-        self.reset_seen = threading.Event()
-        self._resume = threading.Event()
-        self._stream = 0
-        self._held: list[bytes] = []
-        self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -85,6 +85,32 @@ class StallProxy:
             self._socks += [down, up]
             threading.Thread(target=self._from_client, args=(down, up), daemon=True).start()
             threading.Thread(target=self._from_kupd, args=(up, down), daemon=True).start()
+
+    def _from_client(self, down: socket.socket, up: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _from_kupd(self, up: socket.socket, down: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class StallProxy(FrameProxy):
+    def __init__(self, path: str, upstream: str) -> None:
+        self.stalled = threading.Event()
+        self.status_held = threading.Event()
+        self.reset_seen = threading.Event()
+        self._resume = threading.Event()
+        self._stream = 0
+        self._held: list[bytes] = []
+        self._lock = threading.Lock()
+        super().__init__(path, upstream)
 
     def _from_client(self, down: socket.socket, up: socket.socket) -> None:
         try:
@@ -145,9 +171,4 @@ class StallProxy:
 
     def close(self) -> None:
         self._resume.set()
-        self._listener.close()
-        for s in self._socks:
-            with contextlib.suppress(OSError):
-                s.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        super().close()
