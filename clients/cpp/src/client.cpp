@@ -63,9 +63,8 @@ gpr_timespec after(ms t) {
 constexpr ms SHORT_RPC{30000};
 // Channel ids and timeouts travel as uint32 (milliseconds).
 constexpr std::int64_t MAX_TIMEOUT_MS = 0xFFFFFFFFLL;
-// kupclient._types: keepalive and reconnect settings (why: see there).
-constexpr int KEEPALIVE_TIME_MS = 30000;
-constexpr int KEEPALIVE_TIMEOUT_MS = 10000;
+// kupclient._types: reconnect settings (why: see there); the keepalive
+// ones are in internal.hpp.
 constexpr int RECONNECT_INITIAL_MS = 100;
 constexpr int RECONNECT_MAX_MS = 1000;
 

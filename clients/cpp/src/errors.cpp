@@ -104,6 +104,14 @@ std::exception_ptr error_from_status(StatusCode code, std::string details, const
             details += " (the connection was closed as it was made: a kupd socket with "
                        "max_connections set closes connections beyond it -- other clients of it "
                        "must close theirs first)";
+        } else if (code == StatusCode::UNAVAILABLE && details == "ping timeout") {
+            // gRPC's bare words when either side dropped the connection for
+            // a ping not answered in time (kupclient._errors.PING_TIMEOUT)
+            details += " (the connection was closed because a keepalive ping went unanswered: "
+                       "kupd drops a client that does not answer within its keepalive_timeout "
+                       "while the connection is quiet -- a stopped process, or one too busy to "
+                       "answer -- and this client drops a kupd that does not answer within " +
+                       std::to_string(KEEPALIVE_TIMEOUT_MS / 1000) + " s)";
         } else if (code == StatusCode::DEADLINE_EXCEEDED && details == "Deadline Exceeded") {
             // gRPC's own deadline: kupd gets the timeout and answers it itself
             details = "kupd did not answer within the RPC's deadline (the operation's timeout "

@@ -17,6 +17,11 @@ class Status;
 
 namespace kup::detail {
 
+// kupclient._types: keepalive settings (why: see there).  The timeout is
+// also named by the error of a connection dropped for an unanswered ping.
+constexpr int KEEPALIVE_TIME_MS = 30000;
+constexpr int KEEPALIVE_TIMEOUT_MS = 10000;
+
 // THE mapping of a status to kupd's taxonomy (as kupclient/_errors.py's
 // error_from_status): `kind` is the kup-error trailing metadata (or an
 // in-band Error's kind), "" when the status did not carry it (gRPC's own

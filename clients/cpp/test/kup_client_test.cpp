@@ -727,6 +727,8 @@ void test_status_mapping() {
     check(StatusCode::UNAVAILABLE, "EKU_SHUTDOWN: device echo is shutting down", "", "Shutdown",
           "EKU_SHUTDOWN: device echo", false);
     check(StatusCode::UNAVAILABLE, "Connection dropped", "", "Unavailable", "Connection dropped", false);
+    check(StatusCode::UNAVAILABLE, "ping timeout", "", "Unavailable", "keepalive ping went unanswered",
+          false);
     check(StatusCode::INTERNAL, "boom", "", "SystemFailure", "boom", false);
     check(StatusCode::CANCELLED, "Cancelled", "", "SystemFailure", "Cancelled", false);
     check(StatusCode::UNIMPLEMENTED, "Method not found!", "", "NotFound", "does not serve that method",
