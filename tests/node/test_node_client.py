@@ -91,10 +91,14 @@ CALL_TIMEOUT = "2"
 NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 9, "abort.js": 11}
 
 
+#: The flags of the kupd the test files run against (docs/kupctl.md names
+#: them for a run by hand).
+KUPD_ARGS = ("--call-timeout", CALL_TIMEOUT, "--call-quarantine", "1")
+
+
 @pytest.fixture(scope="module")
 def kupd_socket(node_deps: None, cli_gateway: ModuleType) -> Iterator[tuple[str, int]]:
-    args = ("--call-timeout", CALL_TIMEOUT, "--call-quarantine", "1")
-    with cli_gateway.gateway(("echo:2",), args=args) as gw:
+    with cli_gateway.gateway(("echo:2",), args=KUPD_ARGS) as gw:
         yield gw.socket, gw.pid
 
 
@@ -484,6 +488,20 @@ def test_node_client_kupd_goes_away(
         report = f"stdout:\n{out.read_text()}\nstderr:\n{''.join(seen)}"
         assert proc.returncode == 0, report
         assert "# fail 0" in out.read_text() and "# pass 1" in out.read_text(), report
+
+
+def test_kupctl_md_runs_the_test_files_as_tests_node_does() -> None:
+    """docs/kupctl.md's Node tests by hand: its loop runs the files this
+    file runs against one kupd, with KUPD_PID set, and its text names the
+    kupd flags they need (without them errors.js fails)."""
+    block = doc_block("docs/kupctl.md", "sh", "clients/node/test/$t.js")
+    loop = [ln for ln in block.splitlines() if ln.startswith("for t in ")]
+    assert len(loop) == 1, block
+    names = loop[0].removeprefix("for t in ").split(";", 1)[0].split()
+    assert sorted(f"{n}.js" for n in names) == sorted(NODE_TESTS), loop
+    assert 'KUPD_PID=$(cat "$RUN/kupd.sock.pid")' in block, block
+    text = " ".join((REPO_ROOT / "docs" / "kupctl.md").read_text().split())
+    assert f"`{' '.join(KUPD_ARGS)}` added" in text
 
 
 def test_gateway_md_sample_runs(kupd_socket: tuple[str, int], tmp_path: Path) -> None:
