@@ -316,6 +316,9 @@ def _build(data: dict[str, Any]) -> Config:
     return Config(**values)
 
 
+#: The addresses metrics_address may be: loopback ones every host has.
+METRICS_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
 #: sockaddr_un's sun_path, the terminating NUL included: 108 bytes on
 #: Linux, 104 on FreeBSD.  A longer path cannot be bound at all (gRPC only
 #: says "Failed to bind").
@@ -413,9 +416,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("max_queued_calls", f"must be >= 1, not {cfg.max_queued_calls}")
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port", f"must be 0..65535, not {cfg.metrics_port}")
-    if cfg.metrics_address not in ("127.0.0.1", "::1", "localhost"):
+    if cfg.metrics_address not in METRICS_ADDRESSES:
+        # not "a loopback address": 127.0.0.2 is one, and is refused too (a
+        # FreeBSD lo0 has only 127.0.0.1 unless configured)
+        allowed = ", ".join(METRICS_ADDRESSES)
         raise ConfigError(
-            "metrics_address", f"must be a loopback address, not {cfg.metrics_address!r}"
+            "metrics_address",
+            f"must be one of the loopback addresses {allowed}, not {cfg.metrics_address!r}",
         )
     if cfg.log_level not in _LEVELS:
         levels = ", ".join(_LEVELS)

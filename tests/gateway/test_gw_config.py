@@ -58,6 +58,18 @@ def test_invalid_values_name_their_key(doc: dict[str, object], key: str) -> None
     assert f"'{key}'" in str(ei.value)
 
 
+@pytest.mark.parametrize("address", ["127.0.0.2", "0.0.0.0", "10.0.0.1"])
+def test_metrics_address_refusal_names_the_accepted_addresses(address: str) -> None:
+    """127.0.0.2 is a loopback address: the refusal must not say it is
+    not one, but name the addresses kupd accepts."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"metrics_address": address, **DEV})
+    assert ei.value.key == "metrics_address"
+    assert ei.value.problem == (
+        f"must be one of the loopback addresses 127.0.0.1, ::1, localhost, not {address!r}"
+    )
+
+
 def test_defaults_and_overrides(tmp_path: Path) -> None:
     cfg = parse_config(DEV)
     assert cfg.socket == "/run/kupd/kupd.sock" and cfg.lock_path == cfg.socket + ".lock"
