@@ -22,7 +22,7 @@ from kupclient import Client
 from kupclient import errors as kerr
 from kupclient.admin import AdminClient
 from kupclient.admin import main as admin_main
-from kupd.testing import Kupd, kupsim, start_kupd, with_metrics_port
+from kupd.testing import REPO_ROOT, Kupd, kupsim, start_kupd, with_metrics_port
 
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
@@ -91,6 +91,25 @@ def test_admin_metrics_are_the_endpoints(kupd_admin: tuple[Kupd, str]) -> None:
     calls = {key: v for key, v in ours.items() if key[0] == "kupd_calls_total"}
     assert sum(calls.values()) >= 3, calls
     assert any(dict(key[1]).get("device") == "echo" for key in calls), calls
+
+
+def test_every_family_is_named_in_gateway_md(kupd_admin: tuple[Kupd, str]) -> None:
+    """docs/gateway.md's Metrics section names every metric family kupd
+    serves (but the ``_created`` timestamps prometheus_client adds), by the
+    name a sample is printed with."""
+    _, admin = kupd_admin
+    with AdminClient(admin) as a:
+        text = a.metrics()
+    doc = (REPO_ROOT / "docs" / "gateway.md").read_text()
+    section = doc.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    printed = {
+        f.name + "_total" if f.type == "counter" else f.name
+        for f in text_string_to_metric_families(text)
+        if not f.name.endswith("_created")
+    }
+    assert "kupd_calls_total" in printed and "kupd_tenant_paced_total" in printed, printed
+    missing = sorted(name for name in printed if f"`{name}`" not in section)
+    assert not missing, f"metric families not in docs/gateway.md's Metrics section: {missing}"
 
 
 def test_prefix_keeps_only_matching_families(kupd_admin: tuple[Kupd, str]) -> None:
