@@ -17,7 +17,7 @@ from kupclient import AsyncClient, CallReply, Client, Kind, Message
 from kupclient.admin import AdminClient
 from kupclient.errors import is_connection_failure
 from kupd import errors
-from kupd.service import seed_first
+from kupd.service import _CODES, seed_first
 from kupd.testing import KupSim, wait_until
 
 
@@ -399,6 +399,24 @@ def test_session_must_start_with_attach(kupd: Kupd) -> None:
 )
 def test_error_details_start_with_the_seed_name_once(name: str, message: str, details: str) -> None:
     assert seed_first(name, message) == details
+
+
+def test_gateway_md_error_table_is_the_mapping() -> None:
+    """docs/gateway.md's Errors table gives every class kupd maps
+    (kupd/service.py's one mapping) the gRPC code kupd answers it with."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    section = doc.split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for row in re.findall(r"^\|(.*)\|$", section, re.M):
+        cells = [c.strip() for c in row.split(" | ")]
+        if len(cells) != 3 or not cells[2].startswith("`"):
+            continue  # the header and its rule
+        code = re.match(r"`([A-Z_]+)`", cells[2])
+        assert code, row
+        for name in re.findall(r"`([A-Za-z]+)`", cells[1]):
+            documented[name] = code.group(1)
+    mapped = {cls.__name__: code.name for cls, code in _CODES.items()}
+    assert documented == mapped
 
 
 def test_errors_carry_their_grpc_code(client: Client, tmp_path: Path) -> None:
