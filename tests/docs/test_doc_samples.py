@@ -1,7 +1,7 @@
 """The documentation's samples, run as written: the code a reader copies
 out of README.md and docs/*.md compiles and runs against a real kupsim and
-a real kupd, and the demo's steps by hand (docs/kupctl.md) run as a shell
-script.  Each sample is taken from the document itself (a fenced block
+a real kupd, and the demo's steps and a lease by hand (docs/kupctl.md) run
+as shell scripts.  Each sample is taken from the document itself (a fenced block
 found by a line it holds), so a sample edited out of step with the code
 fails here.  The Node and C++ client samples are run by tests/node and
 tests/cpp, which build those clients."""
@@ -159,3 +159,28 @@ def test_kupctl_md_demo_steps_by_hand_run_as_a_script() -> None:
     assert re.search(r"^#2 DATA \(5 bytes\): (hello|HELLO)$", out, re.M), report
     assert "#2 DATA (5 bytes): HELLO\npassed the turn\n#3 PASS\n" in out, report
     assert re.search(r"^echo +3 +2 +3 +5 +5 +0$", out, re.M), report  # stats: channel 3
+
+
+def test_kupctl_md_lease_by_hand_prints_what_its_comments_say() -> None:
+    """docs/kupctl.md's "A lease by hand", as a bash script with kupctl on
+    PATH and $KUPD_SOCKET at a real kupd: each command prints what its
+    comment says."""
+    block = doc_block("docs/kupctl.md", "sh", 'L=$(kupctl attach echo --channel 4)')
+    expected = [
+        ln.split("#", 1)[1].strip()
+        for ln in block.splitlines()
+        if ln.startswith("kupctl ") and "#" in ln
+    ]
+    assert expected, block
+    venv_bin = Path(sys.executable).parent
+    with kupsim("echo") as sim, kupd(sim=sim, devices=("echo:2",)) as k:
+        env = {**os.environ, "KUPD_SOCKET": k.socket, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+        p = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + block], capture_output=True, text=True,
+            timeout=TIMEOUT, check=False, env=env,
+        )  # fmt: skip
+    report = f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert p.returncode == 0, report
+    out = p.stdout.splitlines()
+    assert out[: len(expected)] == expected, report
+    assert len(out) == len(expected) + 1 and out[-1].startswith("released "), report
