@@ -15,7 +15,8 @@ A tenant is identified by the unix socket its requests arrive on (see
     max_calls_in_flight = 64   # Calls running or queued at once (0: no limit)
     max_pool_channels = 3      # a device's Call pool channels its Calls hold at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
-    calls_per_second = 100.0   # token bucket, burst = one second's worth, >= 1 (0: no limit)
+    calls_per_second = 100.0   # token bucket (> 0; 0: no limit), burst = one second's
+                               # worth, at least 1 call
     channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
                                # and leases: paced beyond it, burst = one second's worth
     max_connections = 8        # connections at once on its socket (0: no limit)

@@ -131,7 +131,7 @@ def test_admin_command_line(start_tenants: StartTenants) -> None:
         k.write_config(DEVICES + NEW_TENANTS)
         good = admin("reload")
         assert good.returncode == 0, good
-        assert "tenants alice, dave; 1 sessions ended" in good.stdout, good.stdout
+        assert "tenants alice, dave; 1 session ended" in good.stdout, good.stdout
 
 
 def test_kupctl_reload_and_leases(start_tenants: StartTenants) -> None:

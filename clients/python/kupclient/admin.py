@@ -102,9 +102,10 @@ def reload_summary(r: ReloadResult) -> str:
     waits for a restart, then a ``warning:`` line for each thing that did
     not go as the file says although the reload was applied (an audit log
     not re-opened, a setting with no effect)."""
+    ended = len(r.sessions_ended)
     line = (
         f"reloaded: tenants {', '.join(r.tenants)}; "
-        f"{len(r.sessions_ended)} sessions ended by the new policy"
+        f"{ended} session{'s' if ended != 1 else ''} ended by the new policy"
     )
     n = sum(r.rpcs_ended.values())
     if n:
