@@ -259,3 +259,32 @@ def test_recv_whose_output_is_closed_tells_how_to_ask_again(gw: Gateway, lease: 
     assert again.returncode == 0, again.stderr
     assert MESSAGE in again.stdout, again.stdout
     _exactly_once(gw, lease)
+
+
+def test_recv_whose_output_is_closed_tells_how_to_ask_again_in_json(
+    gw: Gateway, lease: str
+) -> None:
+    """The same with ``--json``: the hint is the JSON error object every
+    other failure of a ``--json`` kupctl is (``again_of``,
+    ``again_command``), not two lines of text a script cannot parse."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run(
+            [str(console_script("kupctl")), "--socket", gw.socket, "--json", "recv", lease],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    doc = json.loads(p.stderr)
+    assert doc["error"] == "failure" and doc["exit_code"] == EXIT_FAILURE, doc
+    assert doc["command"] == "recv" and "output was closed" in doc["message"], doc
+    command = shlex.split(doc["again_command"])
+    assert command[-2:] == ["--again-of", doc["again_of"]] and "--json" in command, doc
+    again = _ask_again(command, gw)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["message"]["data"] == MESSAGE, again.stdout
+    _exactly_once(gw, lease)
+

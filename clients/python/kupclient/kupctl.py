@@ -1386,10 +1386,22 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
         again = _again_hint(args, "could not write its message (its output was closed)")
         if again is None:
             return EXIT_OK
-        with contextlib.suppress(OSError):
-            sys.stderr.write(f"kupctl: {again[0]}:\n{again[1]}\n")
-            sys.stderr.flush()
-        return EXIT_FAILURE
+        return _output_failed(args, again)
+
+
+def _output_failed(args: argparse.Namespace, again: tuple[str, str, dict[str, str]]) -> int:
+    """A recv that took its message and could not write it: say how to get
+    it (``again``, from _again_hint) as every failure is said -- with
+    ``--json`` the JSON error object, with ``again_of`` and
+    ``again_command`` -- and exit 1."""
+    text, command, fields = again
+    with contextlib.suppress(OSError, ValueError):
+        if args.json:
+            _error(args, f"{text}: {command}", EXIT_FAILURE, error="failure", **fields)
+        else:
+            sys.stderr.write(f"kupctl: {text}:\n{command}\n")
+        sys.stderr.flush()
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":
