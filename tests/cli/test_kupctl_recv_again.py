@@ -288,3 +288,35 @@ def test_recv_whose_output_is_closed_tells_how_to_ask_again_in_json(
     assert json.loads(again.stdout)["message"]["data"] == MESSAGE, again.stdout
     _exactly_once(gw, lease)
 
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_recv_whose_output_fails_tells_how_to_ask_again(
+    gw: Gateway, lease: str, as_json: bool
+) -> None:
+    """kupctl recv got the message but writing it failed otherwise than a
+    closed pipe -- ``kupctl recv L > /dev/full`` (a full disk), an I/O
+    error: kupctl died with a traceback, and the message it took was lost
+    with no word of how to get it.  It now exits 1 with the hint, whose
+    command gets the message."""
+    opts = ["--json"] if as_json else []
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [str(console_script("kupctl")), "--socket", gw.socket, *opts, "recv", lease],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    if as_json:
+        doc = json.loads(p.stderr)
+        assert doc["error"] == "failure" and "No space left" in doc["message"], doc
+        command = shlex.split(doc["again_command"])
+        assert command[-2:] == ["--again-of", doc["again_of"]], doc
+    else:
+        assert "could not write its message (No space left on device)" in p.stderr, p.stderr
+        command = _hint(p.stderr, 0)
+    again = _ask_again(command, gw)
+    assert again.returncode == 0, again.stderr
+    assert MESSAGE in again.stdout, again.stdout
+    _exactly_once(gw, lease)

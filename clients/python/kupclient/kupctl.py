@@ -1387,6 +1387,18 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
         if again is None:
             return EXIT_OK
         return _output_failed(args, again)
+    except OSError as exc:
+        # Any other failure to write (kupctl recv L > a full disk, an I/O
+        # error): a recv that took its message says how to get it, as for
+        # a closed output.  Only a recv's output can fail so while a
+        # receive is named (cmd_recv forgets the name on any other failure)
+        again = _again_hint(args, f"could not write its message ({exc.strerror or exc})")
+        if again is None:
+            raise
+        # what is left in stdout's buffer would fail again at exit
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        return _output_failed(args, again)
 
 
 def _output_failed(args: argparse.Namespace, again: tuple[str, str, dict[str, str]]) -> int:
