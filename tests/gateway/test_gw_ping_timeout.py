@@ -28,7 +28,7 @@ import pytest
 from gateway_helpers import Kupd, StartKupd, echo_sim
 from h2slowping import SlowPingProxy
 
-from kupclient import Client
+from kupclient import Channel, Client, Kind
 from kupd import errors
 from kupd.testing import KupSim, wait_until
 
@@ -40,8 +40,17 @@ ACK_DELAY = 2.5
 
 @pytest.fixture
 def big_sim() -> Iterator[KupSim]:
-    """echo with 256 KiB channels: room for the 64 KiB exchanges below."""
-    env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS="64", KUP_PARAM_ECHO_PAGES="64")
+    """echo with 256 KiB channels: room for the 64 KiB exchanges below.
+    Its workers start 300 ms late (start_delay_ms): echo hands a fresh
+    session the turn (its greeting PASS) from a thread of its own, which a
+    loaded machine may start late -- made certain here, so that no test
+    races it."""
+    env = dict(
+        os.environ,
+        KUP_PARAM_ECHO_CHANNELS="64",
+        KUP_PARAM_ECHO_PAGES="64",
+        KUP_PARAM_ECHO_START_DELAY_MS="300",
+    )
     with echo_sim(env=env) as sim:
         yield sim
 
@@ -66,6 +75,8 @@ def test_a_busy_client_slow_to_answer_pings_keeps_its_connection(
     never sends a GOAWAY."""
     payload = bytes(range(256)) * 256
     with Client(proxy.path) as c, c.open("echo").channel(44) as ch:
+        # echo's greeting first: an exchange sent before it is NotYourTurn
+        assert ch.receive(timeout=30).kind == Kind.PASS
         for i in range(3000):
             data = i.to_bytes(4, "big") + payload
             assert ch.exchange(data, timeout=30).data == data
@@ -85,4 +96,17 @@ def test_a_quiet_client_slow_to_answer_is_dropped_and_told_why(
         assert proxy.goaways[0].startswith(b"ping_timeout"), proxy.goaways
         with pytest.raises(errors.Unavailable, match="keepalive ping went unanswered"):
             ch.exchange(b"late", timeout=30)
-        assert c.open("echo").channel(46).exchange(b"again", timeout=30).data == b"again"
+        # the client goes on: a new connection, and the channel again once
+        # kupd has ended the dropped one's session (it may not have yet)
+        again: list[Channel] = []
+
+        def reopened() -> bool:
+            try:
+                again.append(c.open("echo").channel(46))
+                return True
+            except errors.Busy:
+                return False
+
+        wait_until(reopened, timeout=60, what="channel 46 free again")
+        assert again[0].receive(timeout=30).kind == Kind.PASS
+        assert again[0].exchange(b"again", timeout=30).data == b"again"
