@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cli_gateway import Gateway, console_script, spawn_kupctl
@@ -318,5 +319,36 @@ def test_recv_whose_output_fails_tells_how_to_ask_again(
         command = _hint(p.stderr, 0)
     again = _ask_again(command, gw)
     assert again.returncode == 0, again.stderr
+    assert MESSAGE in again.stdout, again.stdout
+    _exactly_once(gw, lease)
+
+
+def test_the_hinted_command_works_from_another_directory(
+    gw: Gateway, lease: str, tmp_path: Path
+) -> None:
+    """kupctl run by a relative path (``.venv/bin/kupctl``) with a relative
+    ``--socket``: the printed command named both as given, so it worked
+    only from the directory kupctl ran in -- not from another terminal, or
+    a script's again_command run elsewhere ("nothing at kupd.sock").  It
+    now names kupctl and the socket by the absolute paths kupctl used."""
+    socket_dir = os.path.dirname(gw.socket)
+    kupctl = os.path.relpath(console_script("kupctl"), socket_dir)
+    r, w = os.pipe()
+    os.close(r)  # a closed output: a recv that took its message, and hints
+    try:
+        p = subprocess.run(
+            [kupctl, "--socket", os.path.basename(gw.socket), "recv", lease],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False, cwd=socket_dir,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    command = _hint(p.stderr, 0)
+    again = subprocess.run(
+        command, capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, (command, again.returncode, again.stderr)
     assert MESSAGE in again.stdout, again.stdout
     _exactly_once(gw, lease)

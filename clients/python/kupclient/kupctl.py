@@ -531,9 +531,16 @@ def _gave_up(exc: kerr.KupError) -> bool:
 def again_command(args: argparse.Namespace, name: str) -> str:
     """The shell command that asks again for the message of the receive
     ``name`` of ``kupctl recv`` ARGS: the same command, its socket spelled
-    out, with ``--again-of NAME``."""
+    out, with ``--again-of NAME``.  kupctl and the socket are named by the
+    absolute paths this kupctl used (a relative one as given would work
+    only from this directory); kupctl found on $PATH stays "kupctl"."""
     prog = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "kupctl" else "kupctl"
-    argv = [prog, "--socket", args.socket]
+    if os.sep in prog:
+        prog = os.path.abspath(prog)
+    # the client's own rule (kupclient._types.target_for): a plain path is
+    # taken from the current directory, a unix: target as it is
+    socket = args.socket if args.socket.startswith("unix:") else os.path.abspath(args.socket)
+    argv = [prog, "--socket", socket]
     if args.json:
         argv.append("--json")
     argv += ["recv", args.lease]
