@@ -277,6 +277,14 @@ function errorFromGrpc(err) {
       + 'call needs kupd\'s admin_socket; otherwise the kupd is older than this client';
   }
   let code = err.code;
+  if (!kind && code === S.RESOURCE_EXHAUSTED && details.includes('larger than max')) {
+    // gRPC's receive limit, met before kupd saw the request (a tenant's
+    // max_message_bytes + 16 KiB, or kupd's 4 MiB): the one size error the
+    // API has, TooBig, as kupd's own answer a little over the limit
+    kind = 'TooBig';
+    details = `the message is larger than this socket accepts (${details}): the tenant's `
+      + 'max_message_bytes (listDevices, the lease) is the limit to keep to';
+  }
   if (!kind && code === S.RESOURCE_EXHAUSTED && details.includes('Bandwidth exhausted')) {
     // grpc-js's words for a stream ended by HTTP/2 ENHANCE_YOUR_CALM: kupd
     // closed the connection -- not a quota of kupd's, which names its key

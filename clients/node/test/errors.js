@@ -39,6 +39,8 @@ function startFake() {
         gone: { code: S.UNAVAILABLE, details: 'Connection dropped' },
         internal: { code: S.INTERNAL, details: 'boom' },
         cancelled: { code: S.CANCELLED, details: 'Cancelled' },
+        toolarge: { code: S.RESOURCE_EXHAUSTED, details: 'Received message larger than max (5000000 vs. 4259840)' },
+        calm: { code: S.RESOURCE_EXHAUSTED, details: 'Bandwidth exhausted or memory limit exceeded' },
         releasing: { code: S.FAILED_PRECONDITION, details: 'channel 3 of echo: still releasing', metadata: md('Releasing') },
       };
       if (answers[text]) cb(answers[text]);
@@ -118,6 +120,12 @@ test('statuses without kup-error metadata are mapped by code', async () => {
     ['gone', kup.Unavailable, S.UNAVAILABLE, /^Connection dropped$/],
     ['internal', kup.SystemFailure, S.INTERNAL, /^boom$/],
     ['cancelled', kup.SystemFailure, S.CANCELLED, /^Cancelled$/],
+    // gRPC's receive limit, met before kupd saw the request: TooBig, as in
+    // Python and C++ (one taxonomy)
+    ['toolarge', kup.TooBig, S.RESOURCE_EXHAUSTED, /larger than this socket accepts .*max_message_bytes/],
+    // grpc-js's words for a stream cut by ENHANCE_YOUR_CALM: kupd closed
+    // the connection (an unanswered keepalive ping), not a quota
+    ['calm', kup.Unavailable, S.UNAVAILABLE, /^kupd closed the connection \(Bandwidth exhausted.*keepalive ping/],
   ];
   for (const [text, cls, code, re] of cases) {
     await assert.rejects(fakeClient.call(device, text), (err) => {
