@@ -557,7 +557,7 @@ def _held_advisories(cfg: Config) -> list[tuple[str, str]]:
         if not missing:
             continue  # its own limits, set high: what it asked for
         size = f"up to {stream_window(t) // 1024} KiB" + (
-            " (max_message_bytes + 16 KiB, at least 64 KiB)"
+            " (max_message_bytes + 16 KiB, at least 64 KiB and at most gRPC's whole message)"
             if t.max_message_bytes
             else " without max_message_bytes"
         )
