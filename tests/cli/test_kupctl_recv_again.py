@@ -352,3 +352,21 @@ def test_the_hinted_command_works_from_another_directory(
     assert again.returncode == 0, (command, again.returncode, again.stderr)
     assert MESSAGE in again.stdout, again.stdout
     _exactly_once(gw, lease)
+
+
+def test_recv_with_its_output_closed_takes_nothing(gw: Gateway, lease: str) -> None:
+    """kupctl recv started with its standard output closed (``>&-``): it
+    took the message and then failed with a traceback (Python has no
+    sys.stdout then).  It now refuses before asking kupd, and the message
+    stays for the next recv."""
+    exe = shlex.quote(str(console_script("kupctl")))
+    p = subprocess.run(
+        ["sh", "-c", f"exec {exe} --socket {shlex.quote(gw.socket)} recv {lease} >&-"],
+        capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "standard output is closed" in p.stderr, p.stderr
+    with Client(gw.socket) as c:
+        assert c.lease_receive(lease, timeout=30).data == MESSAGE.encode()
+    _exactly_once(gw, lease)

@@ -492,6 +492,10 @@ def cmd_recv(args: argparse.Namespace, out: Output) -> int:
     # until the lease's next operation.  Given up on while args.receiving
     # is set, kupctl prints how (_again_hint); one that asks again
     # (--again-of) carries that name on, for the same reason.
+    if sys.stdout is None:
+        # started with its standard output closed (`>&-`): the message it
+        # took could not be shown to anyone -- take none
+        raise CliError("recv: standard output is closed: the message would have nowhere to go")
     name = args.again_of or secrets.token_hex(16)
     args.receiving = name
     with _client(args) as c:
