@@ -138,10 +138,9 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         # client): a live client busy sending, slow to answer one such
         # ping, lost its whole connection (GOAWAY ENHANCE_YOUR_CALM
         # "ping_timeout").  Without the probe, keepalive pings only a
-        # connection that has gone quiet.  The window: each socket's
-        # (kupd.tenants.stream_window), this one's where none is set.
+        # connection that has gone quiet.  The window is each socket's own
+        # (kupd.tenants.stream_window), set where SocketSet builds its server.
         ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", MAX_GRPC_MESSAGE // 2),
         ("grpc.http2.max_pings_without_data", 0),
         # Clients may ping us (kupclient: every 30 s) without being sent GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
