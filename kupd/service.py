@@ -893,6 +893,9 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.SendResponse | Handover:
         lease, t = self._lease_t(request.lease_id, where)
         receive_id = _attach_id_arg(request.receive_id, "receive_id")
+        # the receive its client gave up on: a Send over its kept message
+        # is refused (LeaseTable._over_held)
+        again_of = _attach_id_arg(request.again_of, "again_of")
         data = request.data  # each read of a bytes field is a copy: once
         if t.max_message_bytes and len(data) > t.max_message_bytes:
             self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
@@ -903,7 +906,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 limit = self._deadline_cap(context, None)
                 await self._pace(t, "lease", lease, limit, "Send", retired)
             with waiting_on(retired, "Send", lease.ended):
-                await self.leases.send(lease, data, retired)
+                await self.leases.send(lease, data, retired, again_of)
             return kup_pb2.SendResponse()
         mode = request.reply_mode
         if mode == kup_pb2.RECEIVE_MODE_BLOCK:
@@ -923,6 +926,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 abort=self.drain,
                 retired=retired,
                 handover=True,
+                again_of=again_of,
             )
         resp = kup_pb2.SendResponse()
         fill_receive(resp.reply, msg)
@@ -933,12 +937,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.PassRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.PassResponse:
         lease, t = self._lease_t(request.lease_id)
+        again_of = _attach_id_arg(request.again_of, "again_of")  # as Send's
         retired = socket_retired()
         if t.channel_ops_per_second:
             await self._pace(t, "lease", lease, self._deadline_cap(context, None), "Pass", retired)
         log.debug("pass")  # nothing awaited from here to the wait for the lease
         with waiting_on(retired, "Pass", lease.ended):  # for its turn
-            await self.leases.pass_(lease, retired)
+            await self.leases.pass_(lease, retired, again_of)
         return kup_pb2.PassResponse()
 
     @staticmethod

@@ -163,7 +163,9 @@ class Lease:
         #: (receive_id, message) of the unary receive whose reply was written
         #: last, until the lease's next operation: a client that gave up on
         #: that reply -- its gRPC library drops a reply that comes after the
-        #: cancel -- gets the message again by naming it (again_of).
+        #: cancel -- gets the message again by naming it (again_of); a send
+        #: or pass naming it is refused and leaves it kept
+        #: (LeaseTable._over_held).
         self.delivered: tuple[str, Message] | None = None
         #: The name its client gave the Attach ("" when none): Release by
         #: attach_id ends it (LeaseTable.withdraw).
@@ -545,7 +547,9 @@ class LeaseTable:
         ``retired``: the retirement of the socket the operation came in on
         (kupd.policy.socket_retired): a wait for the lease's turn ends with
         its error, nothing done.  Returns the previous operation's
-        :attr:`Lease.delivered`, which no later operation may take."""
+        :attr:`Lease.delivered`, which no later operation may take (but
+        this one puts back when it is refused over it, see
+        :meth:`_over_held`)."""
         if not lease.active:
             raise self._ended_error(lease)
         if not lease.lock.try_take():
@@ -637,12 +641,35 @@ class LeaseTable:
         self._leave(lease)
 
     @staticmethod
-    def _over_held(lease: Lease, what: str) -> None:
+    def _over_held(
+        lease: Lease,
+        what: str,
+        delivered: tuple[str, Message] | None = None,
+        again_of: str = "",
+    ) -> None:
         """Before a send or pass: a held-back DATA message (:meth:`settle`)
         is the lease's unread message, which a send or pass would answer
         without reading -- NotYourTurn, as the channel's keep_unread refuses
         one over the kernel's unread message; a held PASS or CLOSE carries
-        nothing and is dropped, as libkup drops an unread PASS."""
+        nothing and is dropped, as libkup drops an unread PASS.
+
+        So is the DATA message kupd wrote for the receive its client gave up
+        on: ``delivered`` (what :meth:`_enter` took from the lease) named by
+        ``again_of``, the operation's.  Its client never got it; it stays
+        kept (:attr:`Lease.delivered`) for the receive that asks again."""
+        if (
+            again_of
+            and delivered is not None
+            and delivered[0] == again_of
+            and delivered[1].kind == Kind.DATA
+        ):
+            lease.delivered = delivered
+            raise errors.NotYourTurn(
+                f"{what}: channel {lease.ch.id} of device {lease.dev.name}: the client has "
+                f"not received the message of its receive {again_of} (kupd wrote the reply, "
+                f"the client gave up on it); receive it first (again_of): "
+                f"{'sending' if what == 'send' else 'passing'} now would drop it"
+            )
         held = lease.held
         if held is None:
             return
@@ -674,11 +701,14 @@ class LeaseTable:
         lease: Lease,
         data: bytes | memoryview,
         retired: asyncio.Future[None] | None = None,
+        again_of: str = "",
     ) -> None:
+        """``again_of``: the receive its client gave up on (see
+        :meth:`_over_held`)."""
         self._check_size(lease, len(data))
-        await self._enter(lease, retired)
+        delivered = await self._enter(lease, retired)
         try:
-            self._over_held(lease, "send")
+            self._over_held(lease, "send", delivered, again_of)
             lease.ch.send(data)
             lease.m.sent(len(data))
         except errors.PeerGone as exc:
@@ -687,10 +717,13 @@ class LeaseTable:
         finally:
             self._leave(lease)
 
-    async def pass_(self, lease: Lease, retired: asyncio.Future[None] | None = None) -> None:
-        await self._enter(lease, retired)
+    async def pass_(
+        self, lease: Lease, retired: asyncio.Future[None] | None = None, again_of: str = ""
+    ) -> None:
+        """``again_of``: as :meth:`send`'s."""
+        delivered = await self._enter(lease, retired)
         try:
-            self._over_held(lease, "pass")
+            self._over_held(lease, "pass", delivered, again_of)
             lease.ch.pass_()
             lease.m.sent(0)
         except errors.PeerGone as exc:
@@ -762,17 +795,18 @@ class LeaseTable:
         abort: asyncio.Future[None] | None = None,
         retired: asyncio.Future[None] | None = None,
         handover: bool = False,
+        again_of: str = "",
     ) -> Message | None:
         """``send(data)`` then ``receive(...)`` as one operation (one lock
         hold).  A failed send sent nothing; a failed receive leaves the data
         sent and the reply owed to a later receive (``retired`` failing
         while the reply is awaited says so).  ``handover``: as
-        :meth:`receive`'s, for the reply."""
+        :meth:`receive`'s, for the reply; ``again_of``: as :meth:`send`'s."""
         self._check_size(lease, len(data))
-        await self._enter(lease, retired)
+        delivered = await self._enter(lease, retired)
         msg = None
         try:
-            self._over_held(lease, "send")
+            self._over_held(lease, "send", delivered, again_of)
             if nonblocking:
                 lease.ch.send(data)
                 lease.m.sent(len(data))

@@ -1,0 +1,162 @@
+"""A Send or Pass after a lease receive given up on loses nothing.
+
+kupd keeps the message it answered a named receive with until the lease's
+next operation (Lease.delivered), for a client that gave up on the reply
+after kupd wrote it (its gRPC library drops it): its next Receive names
+that receive (``again_of``) and gets the message (test_gw_receive_reply_
+dropped.py).  But when the lease's next operation was a Send, a Pass or an
+exchange -- the same thread sending anyway after its receive timed out, or
+another thread sharing the lease -- kupd dropped the kept message and the
+Send succeeded: the kernel's message was gone and nobody was told.  (One
+kupd had taken but not written, Lease.held, was refused NotYourTurn
+already.)
+
+Now Send and Pass carry ``again_of`` too (the clients send the name they
+would ask again for): one over the kept DATA message it names is refused
+NotYourTurn, nothing sent, and the message stays kept for the Receive that
+asks again.  Real kupsim (echo), kupd and clients; the window in which kupd
+has written the reply and the client gives up on it is held open by the
+h2stall proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from gateway_helpers import Kupd, StartKupd
+
+from kupapi import kup_pb2
+from kupclient import Client, Kind
+from kupd import errors
+from kupd.testing import KupSim
+
+#: far beyond the test: the lease must not idle out under it
+IDLE_TIMEOUT = 600.0
+#: what the refusal says
+REFUSED = r"has not received the message of its receive {}.*receive it first \(again_of\)"
+
+
+@pytest.fixture
+def kupd(sim: KupSim, start_kupd: StartKupd) -> Kupd:
+    return start_kupd(sim, "--lease-idle-timeout", str(IDLE_TIMEOUT))
+
+
+@pytest.fixture
+def lease_id(client: Client) -> Iterator[str]:
+    """An Attach lease on echo, its greeting (a PASS) received."""
+    lease = client.attach("echo")
+    assert client.lease_receive(lease.lease_id, timeout=30).kind == Kind.PASS
+    yield lease.lease_id
+    try:
+        client.release(lease.lease_id)
+    except errors.NotFound:
+        pass
+
+
+def _named_receive(client: Client, lease_id: str, receive_id: str) -> kup_pb2.ReceiveResponse:
+    """A Receive named ``receive_id`` (raw): kupd writes its reply and keeps
+    the message -- to kupd, one whose client then dropped it looks the same."""
+    resp: kup_pb2.ReceiveResponse = client._unary(
+        "Receive",
+        kup_pb2.ReceiveRequest(
+            lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_BLOCK, receive_id=receive_id
+        ),
+        30.0,
+    )
+    return resp
+
+
+def _raw_ops(client: Client, lease_id: str) -> dict[str, Callable[[str], object]]:
+    """Send, Pass and exchange (Send with wait_reply) carrying ``again_of``,
+    through the client's error mapping."""
+    return {
+        "send": lambda again_of: client._unary(
+            "Send", kup_pb2.SendRequest(lease_id=lease_id, data=b"x", again_of=again_of), 30.0
+        ),
+        "pass": lambda again_of: client._unary(
+            "Pass", kup_pb2.PassRequest(lease_id=lease_id, again_of=again_of), 30.0
+        ),
+        "exchange": lambda again_of: client._unary(
+            "Send",
+            kup_pb2.SendRequest(
+                lease_id=lease_id,
+                data=b"x",
+                wait_reply=True,
+                reply_mode=kup_pb2.RECEIVE_MODE_BLOCK,
+                receive_id="the-exchange",
+                again_of=again_of,
+            ),
+            30.0,
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", ["send", "pass", "exchange"])
+def test_an_operation_over_the_kept_message_it_names_is_refused(
+    client: Client, lease_id: str, op: str
+) -> None:
+    """Refused NotYourTurn as often as it comes, nothing sent; the message
+    stays kept and the Receive that asks again gets it, once."""
+    client.lease_send(lease_id, b"the kernel's message")
+    assert _named_receive(client, lease_id, "given-up").message.data == b"the kernel's message"
+    do = _raw_ops(client, lease_id)[op]
+    for _ in range(2):
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format("given-up")):
+            do("given-up")
+    again = client._unary(
+        "Receive",
+        kup_pb2.ReceiveRequest(
+            lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_NONBLOCK, again_of="given-up"
+        ),
+        30.0,
+    )
+    assert (again.message.kind, again.message.data) == (
+        kup_pb2.MESSAGE_KIND_DATA,
+        b"the kernel's message",
+    )
+    # nothing was sent (echo would have answered it) and nothing left
+    # locked: the turn is this side's, and the lease goes on
+    with pytest.raises(errors.NotYourTurn, match="already received"):
+        client.lease_receive(lease_id, timeout=0)
+    assert client.lease_exchange(lease_id, b"next", timeout=30).data == b"next"
+
+
+@pytest.mark.parametrize("op", ["send", "pass", "exchange"])
+def test_again_of_naming_anything_else_lets_the_operation_run(
+    client: Client, lease_id: str, op: str
+) -> None:
+    """A name that is not the kept message's -- an older receive, another
+    client's -- changes nothing: the operation runs as before (over the
+    kept message, which its client said it has)."""
+    client.lease_send(lease_id, b"received")
+    assert _named_receive(client, lease_id, "this-one").message.data == b"received"
+    _raw_ops(client, lease_id)[op]("another-one")
+    if op != "exchange":
+        got = client.lease_receive(lease_id, timeout=30)
+        assert (got.kind, got.data) == ((Kind.PASS, b"") if op == "pass" else (Kind.DATA, b"x"))
+
+
+def test_a_kept_pass_is_not_in_the_way(client: Client, lease_id: str) -> None:
+    """The kernel's PASS carries nothing: as one kupd held back (and as
+    libkup drops an unread PASS), a kept one does not refuse a Send."""
+    client.lease_pass(lease_id)
+    assert _named_receive(client, lease_id, "a-pass").message.kind == kup_pb2.MESSAGE_KIND_PASS
+    _raw_ops(client, lease_id)["send"]("a-pass")
+    assert client.lease_receive(lease_id, timeout=30).data == b"x"
+
+
+@pytest.mark.parametrize("op", ["send", "pass", "exchange"])
+def test_a_bad_again_of_is_refused_naming_the_field(
+    client: Client, lease_id: str, op: str
+) -> None:
+    """As a Receive's: INVALID_ARGUMENT naming again_of, nothing done (the
+    kept message is still asked for by its name)."""
+    client.lease_send(lease_id, b"kept")
+    _named_receive(client, lease_id, "kept-one")
+    do = _raw_ops(client, lease_id)[op]
+    for bad, needle in (("x" * 65, "again_of of 65 characters"), ("no spaces", "again_of 'no")):
+        with pytest.raises(errors.InvalidArgument, match=needle):
+            do(bad)
+    with pytest.raises(errors.NotYourTurn, match=REFUSED.format("kept-one")):
+        do("kept-one")
