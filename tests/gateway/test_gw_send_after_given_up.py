@@ -21,18 +21,24 @@ h2stall proxy.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 import pytest
 from gateway_helpers import Kupd, StartKupd
+from h2stall import StallProxy
 
 from kupapi import kup_pb2
-from kupclient import Client, Kind
+from kupclient import AsyncClient, Client, Kind
 from kupd import errors
 from kupd.testing import KupSim
 
 #: far beyond the test: the lease must not idle out under it
 IDLE_TIMEOUT = 600.0
+#: a receive's timeout through the proxy: kupd answers at once (the message
+#: is there), the proxy holds its status, the client's deadline (this +
+#: KUPD_GRACE) passes (see test_gw_receive_reply_dropped.py's SHORT)
+SHORT = 1.0
 #: what the refusal says
 REFUSED = r"has not received the message of its receive {}.*receive it first \(again_of\)"
 
@@ -160,3 +166,74 @@ def test_a_bad_again_of_is_refused_naming_the_field(
             do(bad)
     with pytest.raises(errors.NotYourTurn, match=REFUSED.format("kept-one")):
         do("kept-one")
+
+
+# -- the Python clients: the name given up on goes with Send, Pass, exchange
+
+
+@pytest.fixture
+def proxy(kupd: Kupd) -> Iterator[StallProxy]:
+    p = StallProxy(kupd.socket + ".stall", kupd.socket)
+    yield p
+    p.close()
+
+
+def test_the_sync_client_sends_after_a_receive_past_its_deadline_without_loss(
+    client: Client, proxy: StallProxy, lease_id: str
+) -> None:
+    """The program sends anyway after its receive timed out: lease_send,
+    lease_pass and lease_exchange are NotYourTurn (the message lost
+    before), the name stays, and lease_receive gets the message."""
+    client.lease_send(lease_id, b"not lost")
+    with Client(proxy.path) as c:
+        with pytest.raises(errors.DeadlineExceeded):
+            c.lease_receive(lease_id, timeout=SHORT)
+        assert proxy.status_held.is_set(), "kupd did not answer within the deadline"
+        name = c._again.pending(lease_id)
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format(name)):
+            c.lease_send(lease_id, b"sent anyway")
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format(name)):
+            c.lease_pass(lease_id)
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format(name)):
+            c.lease_exchange(lease_id, b"exchanged anyway", timeout=30)
+        assert c._again.pending(lease_id) == name
+        got = c.lease_receive(lease_id, timeout=30)
+        assert (got.kind, got.data) == (Kind.DATA, b"not lost")
+        assert c._again.pending(lease_id) == ""
+        c.lease_send(lease_id, b"now")
+        assert c.lease_receive(lease_id, timeout=30).data == b"now"
+
+
+def test_another_asyncio_task_sends_after_a_receive_was_cancelled_without_loss(
+    client: Client, proxy: StallProxy, lease_id: str
+) -> None:
+    """One task's receive is cancelled after kupd wrote its reply; another
+    task sharing the lease sends: NotYourTurn (the message lost before),
+    and the next receive gets it."""
+    client.lease_send(lease_id, b"not lost either")
+
+    async def main() -> None:
+        async with AsyncClient(proxy.path) as c:
+            task = asyncio.ensure_future(c.lease_receive(lease_id, timeout=30))
+            while not proxy.status_held.is_set():
+                assert not task.done(), task
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await asyncio.to_thread(proxy.reset_seen.wait, 60)
+            name = c._again.pending(lease_id)
+            for other in (
+                c.lease_send(lease_id, b"sent anyway"),
+                c.lease_pass(lease_id),
+                c.lease_exchange(lease_id, b"exchanged anyway", timeout=30),
+            ):
+                with pytest.raises(errors.NotYourTurn, match=REFUSED.format(name)):
+                    await asyncio.ensure_future(other)
+            assert c._again.pending(lease_id) == name
+            got = await c.lease_receive(lease_id, timeout=30)
+            assert (got.kind, got.data) == (Kind.DATA, b"not lost either")
+            await c.lease_send(lease_id, b"now")
+            assert (await c.lease_receive(lease_id, timeout=30)).data == b"now"
+
+    asyncio.run(main())

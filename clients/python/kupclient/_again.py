@@ -13,6 +13,10 @@ replaced it.  So the lease's receives and exchanges after one given up on
 take that one's name as their own (``receive_id``, and ``again_of`` for a
 receive) until one of the lease's operations succeeds: whichever of them
 kupd ran last, the name kupd kept is the one the next receive asks for.
+The lease's sends and passes (and exchanges) carry that name in
+``again_of`` too: kupd refuses one over the message it kept for it
+(NotYourTurn: the client never got that message, and a send now would
+answer it unread), and the name stays for the receive that asks again.
 A non-blocking receive that found nothing does not count: kupd answers
 one at once when another operation holds the lease -- such as the one
 given up on, still under way in kupd, which may write its reply yet.

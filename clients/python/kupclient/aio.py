@@ -326,14 +326,21 @@ class AsyncClient:
         return lease_from_pb(await self._unary("Attach", req, _types.ATTACH_DEADLINE, given_up))
 
     async def lease_send(self, lease_id: str, data: Data) -> None:
-        req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        """Send ``data`` on a lease (see :meth:`kupclient.Client.lease_send`:
+        after a receive given up on whose message kupd had written, it is
+        NotYourTurn and the next receive gets the message)."""
+        lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        await self._unary("Send", req, 30.0)
+        req = kup_pb2.SendRequest(lease_id=lease, data=data_arg(data), again_of=pending)
+        await self._unary("Send", req, 30.0)  # NotYourTurn over that message: pending stays
         self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
     async def lease_pass(self, lease_id: str) -> None:
+        """Pass the turn on a lease without data (see
+        :meth:`kupclient.Client.lease_pass`)."""
+        lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
+        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease, again_of=pending), 30.0)
         self._again.succeeded(lease_id, pending)
 
     async def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
@@ -385,6 +392,7 @@ class AsyncClient:
             reply_mode=mode,
             reply_timeout_ms=ms,
             receive_id=receive_id,
+            again_of=pending,  # as lease_send's
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = await self._unary("Send", req, deadline(timeout), given_up)

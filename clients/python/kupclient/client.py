@@ -361,14 +361,25 @@ class Client:
             raise
 
     def lease_send(self, lease_id: str, data: Data) -> None:
-        req = kup_pb2.SendRequest(lease_id=lease_arg(lease_id), data=data_arg(data))
+        """Send ``data`` on a lease.  After a receive on the lease given up
+        on (interrupted, past its deadline) it carries that receive's name
+        (``again_of``): when kupd had written that receive's message, which
+        this client then never got, the send is refused -- NotYourTurn,
+        nothing sent -- and the next :meth:`lease_receive` gets the message
+        (the name stays until then).  :meth:`lease_pass` and
+        :meth:`lease_exchange` do the same."""
+        lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        self._unary("Send", req, 30.0)
+        req = kup_pb2.SendRequest(lease_id=lease, data=data_arg(data), again_of=pending)
+        self._unary("Send", req, 30.0)  # NotYourTurn over that message: pending stays
         self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
     def lease_pass(self, lease_id: str) -> None:
+        """Pass the turn on a lease without data (``again_of`` as
+        :meth:`lease_send`'s)."""
+        lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        self._unary("Pass", kup_pb2.PassRequest(lease_id=lease_arg(lease_id)), 30.0)
+        self._unary("Pass", kup_pb2.PassRequest(lease_id=lease, again_of=pending), 30.0)
         self._again.succeeded(lease_id, pending)
 
     def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
@@ -442,6 +453,7 @@ class Client:
             reply_mode=mode,
             reply_timeout_ms=ms,
             receive_id=receive_id,
+            again_of=pending,  # as lease_send's
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Send", req, deadline(timeout), given_up)
