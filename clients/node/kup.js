@@ -1274,10 +1274,16 @@ class Client {
 
   // An aborted leaseSend / leasePass / release may or may not have reached
   // kupd: the lease's next operation tells (NotYourTurn, NotFound, ...).
+  // After a receive on the lease given up on, leaseSend and leasePass (and
+  // leaseExchange) carry its name (again_of): kupd refuses one over the
+  // message it wrote for that receive, which this client never got --
+  // NotYourTurn, nothing sent -- and the name stays for the leaseReceive
+  // that gets the message.
   async leaseSend(leaseId, data, opts) {
     const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
     const signal = signalOf(opts, 'leaseSend');
     const pending = this.again.get(leaseId) || '';
+    request.again_of = pending;
     await this._unary('Send', request, UNARY_DEADLINE_MS, { signal, what: `leaseSend on lease ${leaseId}` });
     this._succeeded(leaseId, pending);
   }
@@ -1308,12 +1314,13 @@ class Client {
   // (refused by the tenant's channel_ops_per_second, its connection lost),
   // or run and be given up on in turn, and either way the name kupd kept
   // is the one the next receive asks for.  A signal aborted before sends
-  // nothing and changes nothing.
+  // nothing and changes nothing.  An exchange names it too (again_of, as
+  // leaseSend): refused NotYourTurn over the message kupd kept for it.
   async _leaseReply(method, request, leaseId, deadlineMs, opts) {
     const pending = this.again.get(leaseId) || '';
     const receiveId = pending || crypto.randomBytes(16).toString('hex');
     request.receive_id = receiveId;
-    if (method === 'Receive') request.again_of = pending;
+    request.again_of = pending;
     const sent = !(opts.signal && opts.signal.aborted);
     let resp;
     try {
@@ -1369,8 +1376,10 @@ class Client {
 
   async leasePass(leaseId, opts) {
     const signal = signalOf(opts, 'leasePass');
+    const request = { lease_id: leaseArg(leaseId) };
     const pending = this.again.get(leaseId) || '';
-    await this._unary('Pass', { lease_id: leaseArg(leaseId) }, UNARY_DEADLINE_MS,
+    request.again_of = pending;  // as leaseSend's
+    await this._unary('Pass', request, UNARY_DEADLINE_MS,
       { signal, what: `leasePass on lease ${leaseId}` });
     this._succeeded(leaseId, pending);
   }

@@ -311,6 +311,79 @@ def test_node_client_receive_given_up_then_an_operation_refused_before_it_ran(
     ], report
 
 
+#: A leaseReceive past its deadline after kupd wrote its reply, then the
+#: program sends anyway (leaseSend, leasePass, leaseExchange): each names
+#: the receive given up on (again_of) and kupd refuses it, NotYourTurn,
+#: over the message it kept; the next leaseReceive gets the message.
+SEND_AFTER_RECEIVE_GIVEN_UP = """
+const kup = require(process.argv[1]);
+const direct = kup.connect(process.argv[2]);
+const stalled = kup.connect(process.argv[3]);
+(async () => {
+  const lease = await direct.attach('echo', Number(process.argv[4]));
+  const id = lease.lease_id;
+  await direct.leaseReceive(id, 30000);  // echo's greeting (a PASS)
+  await direct.leaseSend(id, 'not lost');
+  try {
+    await stalled.leaseReceive(id, 1000);
+    console.log('received');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  const name = stalled.again.get(id);
+  for (const op of [() => stalled.leaseSend(id, 'sent anyway'), () => stalled.leasePass(id),
+    () => stalled.leaseExchange(id, 'exchanged anyway', 30000)]) {
+    try {
+      await op();
+      console.log('ran');
+    } catch (err) {
+      const named = err.message.includes(`its receive ${name}`);
+      console.log(`${err.constructor.name} ${named}`);
+    }
+  }
+  const got = await stalled.leaseReceive(id, 30000);
+  console.log(`again ${got.kind} ${got.data.toString()}`);
+  console.log(`forgotten ${stalled.again.get(id) === undefined}`);
+  await direct.release(id);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  direct.close();
+  stalled.close();
+});
+"""
+
+
+def test_node_client_send_after_a_receive_given_up_on_loses_nothing(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """A leaseSend, leasePass or leaseExchange after a leaseReceive given
+    up on whose reply kupd had written is refused NotYourTurn -- before,
+    it ran and the message was lost -- and the next leaseReceive gets it
+    (see tests/gateway/test_gw_send_after_given_up.py for Python)."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", SEND_AFTER_RECEIVE_GIVEN_UP, str(NODE_DIR / "kup.js"), gw.socket,
+                 proxy.path, "6"],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    assert proc.stdout.split("\n")[:6] == [
+        "DeadlineExceeded",
+        "NotYourTurn true",
+        "NotYourTurn true",
+        "NotYourTurn true",
+        "again data not lost",
+        "forgotten true",
+    ], report
+
+
 #: A leaseReceive aborted (its name kept), then a non-blocking one that
 #: finds nothing: the name stays (kupd answers one at once while another
 #: operation holds the lease, such as the aborted one still under way).
