@@ -188,6 +188,28 @@ def test_cpp_client_receive_past_deadline_then_refused(
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_send_after_receive_past_deadline(
+    cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
+) -> None:
+    """A lease_send, lease_pass or lease_exchange after a lease_receive past
+    its deadline whose reply kupd had written is refused NotYourTurn (it
+    names that receive: again_of) -- before, it ran and the message was
+    lost -- and the next lease_receive gets the message."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            _run_tests(
+                build,
+                proxy.path,
+                "send_after_receive_past_deadline",
+                env={"KUPD_DIRECT": gw.socket},
+            )
+        finally:
+            proxy.close()
+        assert proxy.status_held.is_set(), "kupd did not answer the receive within its deadline"
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client_attach_past_deadline(
     cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
 ) -> None:

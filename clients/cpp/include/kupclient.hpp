@@ -274,6 +274,10 @@ public:
     Watch watch(std::string_view device = "", bool initial_state = false);
 
     // Leases: an Attach lease on a channel, used by id with the unary RPCs.
+    // After a lease_receive / lease_exchange past its deadline whose reply
+    // kupd had written (gRPC drops it), the lease's next lease_receive gets
+    // that message; a lease_send, lease_pass or lease_exchange before it is
+    // NotYourTurn, nothing sent, instead of dropping it.
     Lease attach(std::string_view device, std::optional<std::uint32_t> channel = std::nullopt);
     void lease_send(std::string_view lease_id, std::string_view data);
     void lease_pass(std::string_view lease_id);

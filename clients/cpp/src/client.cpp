@@ -867,7 +867,12 @@ void Client::lease_send(std::string_view lease_id, std::string_view data) {
     pb::SendRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
     req.set_data(detail::data_arg(data));
+    // After a receive on the lease given up on, its name (again_of): kupd
+    // refuses the send over the message it wrote for that receive, which
+    // this client never got -- NotYourTurn, nothing sent -- and the name
+    // stays for the lease_receive that gets the message.
     std::string pending = c.pending_again(lease_id);
+    req.set_again_of(pending);
     c.call_unary<pb::SendResponse>(
         [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
         detail::SHORT_RPC);
@@ -879,6 +884,7 @@ void Client::lease_pass(std::string_view lease_id) {
     pb::PassRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
     std::string pending = c.pending_again(lease_id);
+    req.set_again_of(pending);  // as lease_send's
     c.call_unary<pb::PassResponse>(
         [&](grpc::ClientContext* ctx, pb::PassResponse* r) { return c.stub->Pass(ctx, req, r); },
         detail::SHORT_RPC);
@@ -931,6 +937,7 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
     req.set_reply_timeout_ms(t);
     std::string pending = c.pending_again(lease_id);  // as lease_receive's
     req.set_receive_id(pending.empty() ? new_attach_id() : pending);
+    req.set_again_of(pending);  // as lease_send's
     pb::SendResponse resp;
     try {
         resp = c.call_unary<pb::SendResponse>(

@@ -381,6 +381,38 @@ void test_receive_past_deadline_then_refused() {
     d.release(l.lease_id);
 }
 
+// As test_receive_past_deadline, then the program sends anyway: lease_send,
+// lease_pass and lease_exchange name the receive given up on (again_of) and
+// kupd refuses each, NotYourTurn, over the message it kept for it (before,
+// the send ran and the message was lost); the next lease_receive gets it.
+void test_send_after_receive_past_deadline() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    kup::Client d(direct);
+    const std::uint32_t chan = 6;  // (not one of the Call pool's)
+    kup::Lease l = d.attach(g_device, chan);
+    auto hello = d.lease_receive(l.lease_id, T);
+    CHECK(hello && hello->kind == kup::Kind::Pass);
+    d.lease_send(l.lease_id, "not lost");
+    kup::Client c(g_socket);
+    expect_throw<kup::DeadlineExceeded>(
+        [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
+        is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    auto refused = is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true,
+                                              "receive it first (again_of)");
+    expect_throw<kup::NotYourTurn>([&] { c.lease_send(l.lease_id, "sent anyway"); }, refused,
+                                   WHERE);
+    expect_throw<kup::NotYourTurn>([&] { c.lease_pass(l.lease_id); }, refused, WHERE);
+    expect_throw<kup::NotYourTurn>([&] { c.lease_exchange(l.lease_id, "exchanged", T); },
+                                   refused, WHERE);
+    auto got = c.lease_receive(l.lease_id, T);
+    CHECK(got && got->kind == kup::Kind::Data);
+    CHECK_EQ(got->data, expected_echo(chan, "not lost"));
+    c.lease_send(l.lease_id, "now");
+    CHECK_EQ(c.lease_receive(l.lease_id, T)->data, expected_echo(chan, "now"));
+    d.release(l.lease_id);
+}
+
 void test_calls() {
     kup::Client c(g_socket);
     auto r = c.call(g_device, "ping from c++");
@@ -1189,6 +1221,7 @@ const Test TESTS[] = {
     {"attach_past_deadline", test_attach_past_deadline, true},
     {"receive_past_deadline", test_receive_past_deadline, true},
     {"receive_past_deadline_then_refused", test_receive_past_deadline_then_refused, true},
+    {"send_after_receive_past_deadline", test_send_after_receive_past_deadline, true},
 };
 
 }  // namespace
