@@ -13,7 +13,8 @@ __all__ = ["DEFAULT_SOCKET", "REQUEST_NAME_CHARS", "REQUEST_NAME_MAX", "request_
 DEFAULT_SOCKET = "/run/kupd/kupd.sock"
 
 #: A name a client gives its request -- an Attach's ``attach_id``, a
-#: Receive's ``receive_id`` and ``again_of`` -- is at most this many of
+#: Receive's ``receive_id`` and ``again_of`` (a Send's and a Pass's
+#: ``again_of`` too) -- is at most this many of
 #: REQUEST_NAME_CHARS: kupd refuses any other (INVALID_ARGUMENT naming the
 #: field), and the clients check it before sending.
 REQUEST_NAME_MAX = 64
