@@ -22,6 +22,8 @@ h2stall proxy.
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -31,7 +33,7 @@ from h2stall import StallProxy
 from kupapi import kup_pb2
 from kupclient import AsyncClient, Client, Kind
 from kupd import errors
-from kupd.testing import KupSim
+from kupd.testing import KupSim, with_metrics_port
 
 #: far beyond the test: the lease must not idle out under it
 IDLE_TIMEOUT = 600.0
@@ -45,7 +47,22 @@ REFUSED = r"has not received the message of its receive {}.*receive it first \(a
 
 @pytest.fixture
 def kupd(sim: KupSim, start_kupd: StartKupd) -> Kupd:
-    return start_kupd(sim, "--lease-idle-timeout", str(IDLE_TIMEOUT))
+    return with_metrics_port(
+        lambda port: start_kupd(
+            sim, "--lease-idle-timeout", str(IDLE_TIMEOUT), "--metrics-port", str(port)
+        )
+    )
+
+
+def _sent_to_kernel(kupd: Kupd) -> float:
+    """kupd_messages_total to the kernel, over echo's channels."""
+    assert kupd.metrics_url is not None
+    text = urllib.request.urlopen(kupd.metrics_url, timeout=10).read().decode()
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(r'^kupd_messages_total\{(?=[^}]*direction="to_kernel")[^}]*\} (\S+)$',
+                             text, re.M)
+    )
 
 
 @pytest.fixture
@@ -100,16 +117,20 @@ def _raw_ops(client: Client, lease_id: str) -> dict[str, Callable[[str], object]
 
 @pytest.mark.parametrize("op", ["send", "pass", "exchange"])
 def test_an_operation_over_the_kept_message_it_names_is_refused(
-    client: Client, lease_id: str, op: str
+    kupd: Kupd, client: Client, lease_id: str, op: str
 ) -> None:
-    """Refused NotYourTurn as often as it comes, nothing sent; the message
-    stays kept and the Receive that asks again gets it, once."""
+    """Refused NotYourTurn as often as it comes, nothing sent (nor counted
+    as sent); the message stays kept and the Receive that asks again gets
+    it, once."""
     client.lease_send(lease_id, b"the kernel's message")
     assert _named_receive(client, lease_id, "given-up").message.data == b"the kernel's message"
+    sent = _sent_to_kernel(kupd)
+    assert sent >= 1
     do = _raw_ops(client, lease_id)[op]
     for _ in range(2):
         with pytest.raises(errors.NotYourTurn, match=REFUSED.format("given-up")):
             do("given-up")
+    assert _sent_to_kernel(kupd) == sent
     again = client._unary(
         "Receive",
         kup_pb2.ReceiveRequest(
