@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -369,4 +370,43 @@ def test_recv_with_its_output_closed_takes_nothing(gw: Gateway, lease: str) -> N
     assert "standard output is closed" in p.stderr, p.stderr
     with Client(gw.socket) as c:
         assert c.lease_receive(lease, timeout=30).data == MESSAGE.encode()
+    _exactly_once(gw, lease)
+
+
+def test_the_hinted_command_of_kupctl_run_as_a_module_runs_it_so(
+    gw: Gateway, lease: str, tmp_path: Path
+) -> None:
+    """``python -m kupclient.kupctl`` (kupctl not on $PATH): the printed
+    command began with a bare ``kupctl``, which the shell then did not find.
+    It now runs kupctl as it was run: the interpreter by its absolute path,
+    ``-m kupclient.kupctl``.  Run as printed, by a shell with no kupctl on
+    its $PATH, from another directory, it gets the message; the socket is
+    named by a path with a space and a quote, so the quoting counts."""
+    env = gw.env()
+    env["PATH"] = os.defpath  # no virtualenv's bin: no kupctl
+    assert shutil.which("kupctl", path=env["PATH"]) is None
+    odd = tmp_path / "kupd's socket dir"
+    odd.mkdir()
+    (odd / "kupd sock").symlink_to(gw.socket)
+    r, w = os.pipe()
+    os.close(r)  # a closed output: a recv that took its message, and hints
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "kupclient.kupctl", "--socket", "kupd sock", "recv", lease],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=env, timeout=TIMEOUT,
+            check=False, cwd=odd,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    command = _hint(p.stderr, 0)
+    line = p.stderr.strip().splitlines()[-1]
+    again = subprocess.run(
+        ["/bin/sh", "-c", line], capture_output=True, text=True, env=env, timeout=TIMEOUT,
+        check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, (line, again.returncode, again.stderr)
+    assert MESSAGE in again.stdout, again.stdout
+    assert command[:3] == [os.path.abspath(sys.executable), "-m", "kupclient.kupctl"], command
+    assert command[3:5] == ["--socket", str(odd / "kupd sock")], command
     _exactly_once(gw, lease)

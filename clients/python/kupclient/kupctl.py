@@ -535,16 +535,14 @@ def _gave_up(exc: kerr.KupError) -> bool:
 def again_command(args: argparse.Namespace, name: str) -> str:
     """The shell command that asks again for the message of the receive
     ``name`` of ``kupctl recv`` ARGS: the same command, its socket spelled
-    out, with ``--again-of NAME``.  kupctl and the socket are named by the
-    absolute paths this kupctl used (a relative one as given would work
-    only from this directory); kupctl found on $PATH stays "kupctl"."""
-    prog = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "kupctl" else "kupctl"
-    if os.sep in prog:
-        prog = os.path.abspath(prog)
+    out, with ``--again-of NAME``.  kupctl is run as this one was
+    (_kupctl_argv); it and the socket are named by the absolute paths this
+    kupctl used (a relative one as given would work only from this
+    directory)."""
     # the client's own rule (kupclient._types.target_for): a plain path is
     # taken from the current directory, a unix: target as it is
     socket = args.socket if args.socket.startswith("unix:") else os.path.abspath(args.socket)
-    argv = [prog, "--socket", socket]
+    argv = [*_kupctl_argv(), "--socket", socket]
     if args.json:
         argv.append("--json")
     argv += ["recv", args.lease]
@@ -558,6 +556,20 @@ def again_command(args: argparse.Namespace, name: str) -> str:
         argv.append("--raw")
     argv += ["--again-of", name]
     return shlex.join(argv)
+
+
+def _kupctl_argv() -> list[str]:
+    """The words that run kupctl as this process was run: ``python -m
+    kupclient.kupctl`` (this module is ``__main__``) as the interpreter by
+    its absolute path and ``-m kupclient.kupctl`` -- "kupctl" may not be on
+    $PATH, the reason to run it so; the ``kupctl`` script by the absolute
+    path it was run by, "kupctl" when found on $PATH or run otherwise
+    (main() called by a program of its own)."""
+    # run as a script (python .../kupctl.py) there is no module to name
+    if __name__ == "__main__" and __spec__ is not None and sys.executable:
+        return [os.path.abspath(sys.executable), "-m", __spec__.name]
+    prog = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "kupctl" else "kupctl"
+    return [os.path.abspath(prog) if os.sep in prog else prog]
 
 
 def _again_hint(args: argparse.Namespace, why: str) -> tuple[str, str, dict[str, str]] | None:
