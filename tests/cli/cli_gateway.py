@@ -88,17 +88,20 @@ _SIGINT_DEFAULT = (
 )
 
 
-def spawn_kupctl(gw: Gateway, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+def spawn_kupctl(
+    gw: Gateway, *args: str, stdin: bool = False, stdout: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
     """A long-running ``kupctl ARGS`` (watch, session) against ``gw``, its
-    stdout and stderr piped as text; with ``stdin`` its input is a pipe too.
-    The caller reaps it."""
+    stdout (unless ``stdout`` says where: a file descriptor) and stderr
+    piped as text; with ``stdin`` its input is a pipe too.  The caller
+    reaps it."""
     # ^C must reach it as a terminal's would: a test runner started in the
     # background (nohup, "&") has SIGINT ignored, and an ignored SIGINT is
     # inherited across exec -- reset it on the way in
     return subprocess.Popen(
         [sys.executable, "-c", _SIGINT_DEFAULT, str(console_script("kupctl")), *args],
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         env=gw.env(),

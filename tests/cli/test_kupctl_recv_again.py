@@ -17,9 +17,11 @@ kupsim (echo), kupd (the console script) and kupctl processes.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -51,6 +53,8 @@ TIMEOUT = 60.0
 #: proxy holds kupd's answer to the ping gRPC sends as the reply comes in
 SHORT = "1"
 MESSAGE = "the one message"
+#: the smallest pipe buffer Linux sets (F_SETPIPE_SZ rounds up to a page)
+PIPE_PAGE = 4096
 
 
 @pytest.fixture
@@ -410,3 +414,117 @@ def test_the_hinted_command_of_kupctl_run_as_a_module_runs_it_so(
     assert command[:3] == [os.path.abspath(sys.executable), "-m", "kupclient.kupctl"], command
     assert command[3:5] == ["--socket", str(odd / "kupd sock")], command
     _exactly_once(gw, lease)
+
+
+#: a message as long as echo's data area, whose line is longer than the
+#: pipe kupctl writes it to (its size set to one page): kupctl, having
+#: received it, is left blocked writing the rest
+BIG = "y" * PIPE_PAGE
+BIG_LINE = f"DATA ({len(BIG)} bytes): {BIG}\n"
+
+
+@pytest.fixture
+def big_lease(gw: Gateway) -> Iterator[str]:
+    """A lease whose next message is BIG."""
+    with Client(gw.socket) as c:
+        lease = c.attach("echo", next(_CHANNELS)).lease_id
+        try:
+            assert c.lease_receive(lease, timeout=30).kind == Kind.PASS
+            c.lease_send(lease, BIG.encode())
+            yield lease
+        finally:
+            c.release(lease)
+
+
+def _recv_blocked_writing(gw: Gateway, lease: str) -> tuple[subprocess.Popen[str], int]:
+    """``kupctl recv LEASE`` into a one-page pipe, returned with the pipe's
+    read end once the message's first page is in it: kupctl has received
+    the message and is blocked writing the rest (until the pipe is read)."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_PAGE)
+        p = spawn_kupctl(gw, "--socket", gw.socket, "recv", lease, stdout=w)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    readable, _, _ = select.select([r], [], [], TIMEOUT)
+    assert readable, "kupctl never wrote the message"
+    return p, r
+
+
+def _read_all(fd: int) -> str:
+    """What is in the pipe ``fd`` until its writer (kupctl) has exited."""
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def _stderr_line(p: subprocess.Popen[str]) -> str:
+    """kupctl's next line on stderr (bounded: a hang fails the test), read
+    a byte at a time from the pipe itself: communicate() reads the rest
+    from there, past the file object's buffer."""
+    assert p.stderr is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        readable, _, _ = select.select([p.stderr], [], [], TIMEOUT)
+        assert readable, f"kupctl said nothing more on stderr: {line!r}"
+        byte = os.read(p.stderr.fileno(), 1)
+        assert byte, f"kupctl closed its stderr: {line!r}"
+        line += byte
+    return line.decode()
+
+
+def test_interrupted_recv_whose_message_gets_written_prints_no_hint(
+    gw: Gateway, big_lease: str
+) -> None:
+    """A ^C while recv writes the message it received: kupctl now waits
+    for the write to end (saying so), and a message written and flushed is
+    delivered -- no hint.  It printed the hint whenever the ^C came before
+    it had noted the message delivered, also once the message was out, and
+    the hinted command then printed the same message a second time."""
+    p, r = _recv_blocked_writing(gw, big_lease)
+    try:
+        p.send_signal(signal.SIGINT)
+        waiting = _stderr_line(p)
+        assert "waiting for the write" in waiting, waiting
+        out = _read_all(r)  # the write goes on, and ends
+        _, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        os.close(r)
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == EXIT_INTERRUPTED, (p.returncode, err)
+    assert out.endswith(BIG_LINE) and out.count(BIG) == 1, out[:200]
+    assert "--again-of" not in err and "Traceback" not in err, err
+    _exactly_once(gw, big_lease)
+
+
+def test_recv_interrupted_twice_while_writing_tells_how_to_ask_again(
+    gw: Gateway, big_lease: str
+) -> None:
+    """A second ^C while kupctl waits for the message's write to end stops
+    it there: the message is not delivered (a part of it, at most), so the
+    hint stays, and its command gets the whole message."""
+    p, r = _recv_blocked_writing(gw, big_lease)
+    try:
+        p.send_signal(signal.SIGINT)
+        assert "waiting for the write" in _stderr_line(p)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=TIMEOUT)
+        out = _read_all(r)
+    finally:
+        os.close(r)
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == EXIT_INTERRUPTED, (p.returncode, err)
+    assert not out.endswith(BIG_LINE), out[:200]  # the first page of it, at most
+    assert err.startswith("kupctl: recv interrupted (receive "), err
+    again = _ask_again(_hint(err, 0), gw)
+    assert again.returncode == 0, (again.returncode, again.stderr)
+    assert again.stdout.endswith(BIG_LINE), again.stdout[:200]
+    _exactly_once(gw, big_lease)

@@ -33,6 +33,7 @@ import os
 import pwd
 import secrets
 import shlex
+import signal
 import stat
 import sys
 import threading
@@ -42,7 +43,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, NoReturn, TextIO
 
 # gRPC's core logs to stderr on its own ("I1127 ... chttp2_transport.cc:1403]
 # ...: Got goaway [2] ..." when kupd drops or drains a connection), where
@@ -517,8 +518,15 @@ def cmd_recv(args: argparse.Namespace, out: Output) -> int:
             if not (isinstance(exc, kerr.KupError) and _gave_up(exc)):
                 args.receiving = None
             raise
-    code = _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
-    args.receiving = None  # shown: a ^C now loses nothing
+    with _OUTPUT:
+        # written and flushed, and the hint forgotten, as one: a ^C waits
+        # for both (main), so no hint offers a message already shown
+        args.writing = True
+        try:
+            code = _print_message(msg, args, out, extra={"lease_id": args.lease, "ready": True})
+        finally:
+            args.writing = False
+        args.receiving = None  # shown: a ^C now loses nothing
     return code
 
 
@@ -558,6 +566,14 @@ def again_command(args: argparse.Namespace, name: str) -> str:
     return shlex.join(argv)
 
 
+#: Held by the thread that runs the command while a recv writes the message
+#: it received (until it has forgotten its receive's name) and while it
+#: prints a hint; by the main thread from a ^C on (main).  So the message
+#: written and the hint that says how to get it again are never both
+#: shown, and a hint is printed once.
+_OUTPUT = threading.Lock()
+
+
 def _kupctl_argv() -> list[str]:
     """The words that run kupctl as this process was run: ``python -m
     kupclient.kupctl`` (this module is ``__main__``) as the interpreter by
@@ -575,10 +591,12 @@ def _kupctl_argv() -> list[str]:
 def _again_hint(args: argparse.Namespace, why: str) -> tuple[str, str, dict[str, str]] | None:
     """For a recv given up on (``why``: how), what to tell the user: the
     text, the command that asks again, and the fields of its JSON error;
-    None when no receive was under way."""
+    None when no receive was under way -- or its hint was given already:
+    it is given once (the caller holds _OUTPUT and prints it)."""
     name = getattr(args, "receiving", None)
     if not name:
         return None
+    args.receiving = None
     command = again_command(args, name)
     text = (
         f"recv {why} (receive {name}): a message kupd had already sent for it is kept "
@@ -1281,20 +1299,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         while worker.is_alive():
             worker.join(0.25)
     except KeyboardInterrupt:
+        _interrupted(args)
+    return done[0] if done else EXIT_FAILURE
+
+
+def _interrupted(args: argparse.Namespace) -> NoReturn:
+    """A ^C: the command given up on, exit 130 -- for a recv under way,
+    with the hint that says how to get its message.  A recv writing the
+    message it received is waited for: once written, the message is
+    delivered and no hint is printed (it would show it a second time); a
+    second ^C stops the wait -- the message is not delivered (a part of
+    it, at most), and the hint is printed."""
+    stuck = False
+    try:
+        if not _OUTPUT.acquire(blocking=False):  # and held until the exit
+            if getattr(args, "writing", False) and not args.json:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(
+                        "kupctl: interrupted while writing the message it received: "
+                        "waiting for the write to end (^C again to stop now)\n"
+                    )
+                    sys.stderr.flush()
+            _OUTPUT.acquire()
+    except KeyboardInterrupt:
+        stuck = True  # in the write: a flush of stdout would wait as well
+    # decided: a ^C from now on ends kupctl where it is
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not stuck:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
-        again = _again_hint(args, "interrupted")
-        if again is not None:  # a recv under way: say how to ask again
-            text, command, fields = again
-            with contextlib.suppress(OSError, ValueError):
-                if args.json:
-                    _error(args, f"{text}: {command}", 130, error="interrupted", **fields)
-                else:
-                    sys.stderr.write(f"kupctl: {text}:\n{command}\n")
+    again = _again_hint(args, "interrupted")
+    if again is not None:  # a recv under way: say how to ask again
+        text, command, fields = again
         with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-        os._exit(130)
-    return done[0] if done else EXIT_FAILURE
+            if args.json:
+                _error(args, f"{text}: {command}", 130, error="interrupted", **fields)
+            else:
+                sys.stderr.write(f"kupctl: {text}:\n{command}\n")
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(130)
 
 
 def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -1380,22 +1424,23 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
                 )
             else:
                 hint = unavailable_hint(exc.message, args.socket)
-        again = _again_hint(args, "gave up")
-        fields: dict[str, Any] = again[2] if again is not None else {}
-        code = _error(
-            args,
-            f"{exc.message}{hint}",
-            code,
-            error=type(exc).__name__,
-            prefix=f"{type(exc).__name__}: ",
-            kup_code=exc.code,
-            grpc_code=exc.grpc_code.name if exc.grpc_code is not None else None,
-            connection_failure=is_connection_failure(exc),
-            **fields,
-        )
-        if again is not None and not args.json:
-            sys.stderr.write(f"kupctl: {again[0]}:\n{again[1]}\n")
-        return code
+        with _OUTPUT:  # a hint is the ^C's or this one's
+            again = _again_hint(args, "gave up")
+            fields: dict[str, Any] = again[2] if again is not None else {}
+            code = _error(
+                args,
+                f"{exc.message}{hint}",
+                code,
+                error=type(exc).__name__,
+                prefix=f"{type(exc).__name__}: ",
+                kup_code=exc.code,
+                grpc_code=exc.grpc_code.name if exc.grpc_code is not None else None,
+                connection_failure=is_connection_failure(exc),
+                **fields,
+            )
+            if again is not None and not args.json:
+                sys.stderr.write(f"kupctl: {again[0]}:\n{again[1]}\n")
+            return code
     except CliError as exc:
         return _error(args, exc.message, exc.exit_code, error="failure")
     except KeyboardInterrupt:
@@ -1406,22 +1451,24 @@ def _run(args: argparse.Namespace, out: Output, handler: Handler) -> int:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
         # -- but for a recv whose message it took: kupd keeps it for its
         # name until the lease's next operation, so say how to get it
-        again = _again_hint(args, "could not write its message (its output was closed)")
-        if again is None:
-            return EXIT_OK
-        return _output_failed(args, again)
+        with _OUTPUT:
+            again = _again_hint(args, "could not write its message (its output was closed)")
+            if again is None:
+                return EXIT_OK
+            return _output_failed(args, again)
     except OSError as exc:
         # Any other failure to write (kupctl recv L > a full disk, an I/O
         # error): a recv that took its message says how to get it, as for
         # a closed output.  Only a recv's output can fail so while a
         # receive is named (cmd_recv forgets the name on any other failure)
-        again = _again_hint(args, f"could not write its message ({exc.strerror or exc})")
-        if again is None:
-            raise
-        # what is left in stdout's buffer would fail again at exit
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), sys.stdout.fileno())
-        return _output_failed(args, again)
+        with _OUTPUT:
+            again = _again_hint(args, f"could not write its message ({exc.strerror or exc})")
+            if again is None:
+                raise
+            # what is left in stdout's buffer would fail again at exit
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), sys.stdout.fileno())
+            return _output_failed(args, again)
 
 
 def _output_failed(args: argparse.Namespace, again: tuple[str, str, dict[str, str]]) -> int:
