@@ -572,8 +572,10 @@ def test_kupctl_md_runs_the_test_files_as_tests_node_does() -> None:
     loop = [ln for ln in block.splitlines() if ln.startswith("for t in ")]
     assert len(loop) == 1, block
     names = loop[0].removeprefix("for t in ").split(";", 1)[0].split()
-    # in test_node_client's order: a file's checks of the channels' states
-    # can meet what the one before left settling (abort.js after errors.js)
+    # in test_node_client's order, so that a run by hand is the run
+    # tests/node does (no file needs its place any more: abort.js's first
+    # test, which met a pool channel errors.js left quarantined, looks for
+    # leases of its own now, not at every channel's state)
     assert [f"{n}.js" for n in names] == sorted(NODE_TESTS), loop
     assert 'KUPD_PID=$(cat "$RUN/kupd.sock.pid")' in block, block
     text = " ".join((REPO_ROOT / "docs" / "kupctl.md").read_text().split())
