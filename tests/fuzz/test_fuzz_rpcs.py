@@ -1,5 +1,6 @@
 """Hypothesis-driven fuzz of every kup.v1 RPC (Kup and Admin) against a real kupd: random
-fields, sizes, orders and cancels.  After each example: kupd is alive and
+fields (the requests' own names too: attach_id, receive_id, again_of), sizes,
+orders and cancels.  After each example: kupd is alive and
 SERVING, no lease is left behind (Admin.ListLeases, after the example
 released what it took), and every status is one of the taxonomy's codes --
 never UNKNOWN (an unmapped exception) nor INTERNAL from a healthy device.
@@ -51,6 +52,15 @@ data = st.one_of(
 modes = st.integers(0, 5)
 timeouts = st.integers(0, 300)
 lease_refs = st.one_of(st.integers(0, 3), st.text(max_size=20))
+# a request's own names (attach_id, receive_id, again_of): none, a few valid
+# ones that repeat (so that an again_of can name a receive kupd kept and an
+# attach_id can be withdrawn before or after its Attach), or anything
+names = st.one_of(
+    st.just(""),
+    st.sampled_from(["n1", "n2", "n3"]),
+    st.text(max_size=70),
+    st.text(alphabet="ab-_", min_size=60, max_size=70),
+)
 
 
 @st.composite
@@ -79,10 +89,12 @@ def session_request(draw: Any) -> kup_pb2.SessionRequest:
 ops = st.one_of(
     st.tuples(st.just("list"), devices),
     st.tuples(st.just("attach"), devices, channels),
+    st.tuples(st.just("attach_named"), devices, channels, names),
     st.tuples(st.just("release"), lease_refs),
-    st.tuples(st.just("send"), lease_refs, data, st.booleans(), modes, timeouts),
-    st.tuples(st.just("receive"), lease_refs, modes, timeouts),
-    st.tuples(st.just("pass"), lease_refs),
+    st.tuples(st.just("release_named"), names),
+    st.tuples(st.just("send"), lease_refs, data, st.booleans(), modes, timeouts, names, names),
+    st.tuples(st.just("receive"), lease_refs, modes, timeouts, names, names),
+    st.tuples(st.just("pass"), lease_refs, names),
     st.tuples(st.just("call"), devices, data, timeouts, st.text(max_size=30)),
     st.tuples(
         st.just("session"),
@@ -138,8 +150,15 @@ class Runner:
             if op[2] is not None:
                 req.channel = op[2]
             self.leases.append(s.Attach(req, timeout=DEADLINE).lease_id)
+        elif name == "attach_named":
+            req = kup_pb2.AttachRequest(device=op[1], attach_id=op[3])
+            if op[2] is not None:
+                req.channel = op[2]
+            self.leases.append(s.Attach(req, timeout=DEADLINE).lease_id)
         elif name == "release":
             s.Release(kup_pb2.ReleaseRequest(lease_id=self.lease(op[1])), timeout=DEADLINE)
+        elif name == "release_named":
+            s.Release(kup_pb2.ReleaseRequest(attach_id=op[1]), timeout=DEADLINE)
         elif name == "send":
             s.Send(
                 kup_pb2.SendRequest(
@@ -148,16 +167,25 @@ class Runner:
                     wait_reply=op[3],
                     reply_mode=op[4],
                     reply_timeout_ms=op[5],
+                    receive_id=op[6],
+                    again_of=op[7],
                 ),
                 timeout=DEADLINE,
             )
         elif name == "receive":
             s.Receive(
-                kup_pb2.ReceiveRequest(lease_id=self.lease(op[1]), mode=op[2], timeout_ms=op[3]),
+                kup_pb2.ReceiveRequest(
+                    lease_id=self.lease(op[1]),
+                    mode=op[2],
+                    timeout_ms=op[3],
+                    receive_id=op[4],
+                    again_of=op[5],
+                ),
                 timeout=DEADLINE,
             )
         elif name == "pass":
-            s.Pass(kup_pb2.PassRequest(lease_id=self.lease(op[1])), timeout=DEADLINE)
+            req_p = kup_pb2.PassRequest(lease_id=self.lease(op[1]), again_of=op[2])
+            s.Pass(req_p, timeout=DEADLINE)
         elif name == "call":
             s.Call(
                 kup_pb2.CallRequest(device=op[1], data=op[2], timeout_ms=op[3], caller=op[4]),
@@ -255,6 +283,19 @@ def test_fuzz_every_rpc(fk: TenantKupd) -> None:
     @also_run(seq=[("attach", "echo", None), ("revoke", 0, "")])
     # and (a CI run) the example's own Release of it
     @also_run(seq=[("attach", "echo", None), ("revoke", 0, ""), ("release", 0)])
+    # a named receive's message kept, then named by a Send, a Receive, a Pass
+    @also_run(
+        seq=[
+            ("attach_named", "echo", None, "n1"),
+            ("send", 0, b"x", False, 0, 0, "", ""),
+            ("receive", 0, 2, 300, "n2", ""),
+            ("send", 0, b"y", True, 2, 300, "n3", "n2"),
+            ("receive", 0, 2, 300, "", "n2"),
+            ("pass", 0, "n2"),
+            ("release_named", "n1"),
+            ("release_named", "n2"),
+        ]
+    )
     def example(seq: list[tuple[Any, ...]]) -> None:
         ran.append(len(seq))
         r = Runner(stub, admin)
