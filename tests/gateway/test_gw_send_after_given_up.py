@@ -32,6 +32,7 @@ from h2stall import StallProxy
 
 from kupapi import kup_pb2
 from kupclient import AsyncClient, Client, Kind
+from kupclient.errors import ArgumentError
 from kupd import errors
 from kupd.testing import KupSim, with_metrics_port
 
@@ -258,3 +259,44 @@ def test_another_asyncio_task_sends_after_a_receive_was_cancelled_without_loss(
             assert (await c.lease_receive(lease_id, timeout=30)).data == b"now"
 
     asyncio.run(main())
+
+
+# -- a program that keeps the names itself (a new client for each operation)
+
+
+def test_a_send_or_pass_given_the_name_itself_is_refused_over_its_message(
+    kupd: Kupd, client: Client, lease_id: str
+) -> None:
+    """A program whose receives outlive the client (a new process each, as
+    kupctl) names its receives itself (lease_receive's receive_id and
+    again_of) -- but lease_send and lease_pass took no name: a fresh client
+    sending after such a receive given up on ran over the message kupd had
+    kept for it, and it was gone.  Now they take ``again_of`` too (sync and
+    asyncio): NotYourTurn, nothing sent, and the message stays for the
+    receive that asks again; a bad name is refused before it is sent."""
+    client.lease_send(lease_id, b"kept for the named one")
+    assert _named_receive(client, lease_id, "named-1").message.data == b"kept for the named one"
+    with Client(kupd.socket) as fresh:
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format("named-1")):
+            fresh.lease_send(lease_id, b"sent anyway", again_of="named-1")
+        with pytest.raises(errors.NotYourTurn, match=REFUSED.format("named-1")):
+            fresh.lease_pass(lease_id, again_of="named-1")
+        with pytest.raises(ArgumentError, match="again_of"):
+            fresh.lease_send(lease_id, b"x", again_of="no spaces")
+
+    async def refused() -> None:
+        async with AsyncClient(kupd.socket) as c:
+            with pytest.raises(errors.NotYourTurn, match=REFUSED.format("named-1")):
+                await c.lease_send(lease_id, b"sent anyway", again_of="named-1")
+            with pytest.raises(errors.NotYourTurn, match=REFUSED.format("named-1")):
+                await c.lease_pass(lease_id, again_of="named-1")
+            with pytest.raises(ArgumentError, match="again_of"):
+                await c.lease_pass(lease_id, again_of="x" * 65)
+
+    asyncio.run(refused())
+    with Client(kupd.socket) as fresh:
+        got = fresh.lease_receive(lease_id, timeout=0, again_of="named-1")
+        assert (got.kind, got.data) == (Kind.DATA, b"kept for the named one")
+        # a name that is not the kept one's lets it run
+        fresh.lease_send(lease_id, b"then", again_of="named-1-other")
+        assert fresh.lease_receive(lease_id, timeout=30).data == b"then"

@@ -325,22 +325,30 @@ class AsyncClient:
         given_up = functools.partial(self._attach_given_up, attach_id)
         return lease_from_pb(await self._unary("Attach", req, _types.ATTACH_DEADLINE, given_up))
 
-    async def lease_send(self, lease_id: str, data: Data) -> None:
+    async def lease_send(
+        self, lease_id: str, data: Data, *, again_of: str | None = None
+    ) -> None:
         """Send ``data`` on a lease (see :meth:`kupclient.Client.lease_send`:
         after a receive given up on whose message kupd had written, it is
-        NotYourTurn and the next receive gets the message)."""
+        NotYourTurn and the next receive gets the message; ``again_of`` as
+        there)."""
         lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        req = kup_pb2.SendRequest(lease_id=lease, data=data_arg(data), again_of=pending)
+        ask = receive_name_arg(again_of, "again_of")
+        req = kup_pb2.SendRequest(
+            lease_id=lease, data=data_arg(data), again_of=pending if ask is None else ask
+        )
         await self._unary("Send", req, 30.0)  # NotYourTurn over that message: pending stays
         self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
-    async def lease_pass(self, lease_id: str) -> None:
+    async def lease_pass(self, lease_id: str, *, again_of: str | None = None) -> None:
         """Pass the turn on a lease without data (see
         :meth:`kupclient.Client.lease_pass`)."""
         lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        await self._unary("Pass", kup_pb2.PassRequest(lease_id=lease, again_of=pending), 30.0)
+        ask = receive_name_arg(again_of, "again_of")
+        req = kup_pb2.PassRequest(lease_id=lease, again_of=pending if ask is None else ask)
+        await self._unary("Pass", req, 30.0)
         self._again.succeeded(lease_id, pending)
 
     async def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:

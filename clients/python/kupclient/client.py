@@ -360,26 +360,36 @@ class Client:
             self._attach_given_up(attach_id, resp)
             raise
 
-    def lease_send(self, lease_id: str, data: Data) -> None:
+    def lease_send(self, lease_id: str, data: Data, *, again_of: str | None = None) -> None:
         """Send ``data`` on a lease.  After a receive on the lease given up
         on (interrupted, past its deadline) it carries that receive's name
         (``again_of``): when kupd had written that receive's message, which
         this client then never got, the send is refused -- NotYourTurn,
         nothing sent -- and the next :meth:`lease_receive` gets the message
         (the name stays until then).  :meth:`lease_pass` and
-        :meth:`lease_exchange` do the same."""
+        :meth:`lease_exchange` do the same.
+
+        A program whose receives outlive the client (see
+        :meth:`lease_receive`) gives that name itself: ``again_of``, the
+        name of the lease's receive given up on, in place of the client's
+        own (a bad one is an ArgumentError, before anything is sent)."""
         lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        req = kup_pb2.SendRequest(lease_id=lease, data=data_arg(data), again_of=pending)
+        ask = receive_name_arg(again_of, "again_of")
+        req = kup_pb2.SendRequest(
+            lease_id=lease, data=data_arg(data), again_of=pending if ask is None else ask
+        )
         self._unary("Send", req, 30.0)  # NotYourTurn over that message: pending stays
         self._again.succeeded(lease_id, pending)  # it ran: nothing to ask again for
 
-    def lease_pass(self, lease_id: str) -> None:
+    def lease_pass(self, lease_id: str, *, again_of: str | None = None) -> None:
         """Pass the turn on a lease without data (``again_of`` as
         :meth:`lease_send`'s)."""
         lease = lease_arg(lease_id)
         pending = self._again.pending(lease_id)
-        self._unary("Pass", kup_pb2.PassRequest(lease_id=lease, again_of=pending), 30.0)
+        ask = receive_name_arg(again_of, "again_of")
+        req = kup_pb2.PassRequest(lease_id=lease, again_of=pending if ask is None else ask)
+        self._unary("Pass", req, 30.0)
         self._again.succeeded(lease_id, pending)
 
     def _receive_given_up(self, lease_id: str, receive_id: str, _resp: object) -> None:
