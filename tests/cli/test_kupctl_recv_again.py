@@ -528,3 +528,53 @@ def test_recv_interrupted_twice_while_writing_tells_how_to_ask_again(
     assert again.returncode == 0, (again.returncode, again.stderr)
     assert again.stdout.endswith(BIG_LINE), again.stdout[:200]
     _exactly_once(gw, big_lease)
+
+
+@pytest.mark.parametrize("op", ["send", "pass"])
+def test_send_or_pass_again_of_a_recv_that_gave_up_is_refused(
+    gw: Gateway, lease: str, op: str
+) -> None:
+    """``kupctl send`` / ``pass`` after a recv that gave up, its message
+    not yet asked for again: kupd kept the message for the recv's NAME, and
+    the send or pass ran over it -- the message was gone, unseen (the
+    clients' own sends name the receive given up on, kupctl's could not:
+    each kupctl is a client of its own).  Given ``--again-of NAME`` it is
+    refused, NotYourTurn (exit 5), nothing sent, and the hinted recv still
+    gets the message; a name kupd kept nothing for lets it run."""
+    r, w = os.pipe()
+    os.close(r)  # a closed output: a recv that took its message, and hints
+    try:
+        p = subprocess.run(
+            [str(console_script("kupctl")), "--socket", gw.socket, "recv", lease],
+            stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    command = _hint(p.stderr, 0)
+    name = command[-1]
+    data = ["sent anyway"] if op == "send" else []
+    refused = _ask_again(
+        [str(console_script("kupctl")), "--socket", gw.socket, op, lease, *data,
+         "--again-of", name],
+        gw,
+    )  # fmt: skip
+    assert refused.returncode == EXIT_NOT_YOUR_TURN, (refused.returncode, refused.stderr)
+    assert f"has not received the message of its receive {name}" in refused.stderr, refused
+    assert refused.stdout == "", refused.stdout
+    again = _ask_again(command, gw)
+    assert again.returncode == 0, (again.returncode, again.stderr)
+    assert again.stdout.strip().endswith(MESSAGE), again.stdout
+    # kept for NAME still (the recv that asked again is named so): a send
+    # naming another recv runs
+    ran = _ask_again(
+        [str(console_script("kupctl")), "--socket", gw.socket, op, lease, *data,
+         "--again-of", "another-recv"],
+        gw,
+    )  # fmt: skip
+    assert ran.returncode == 0, (ran.returncode, ran.stderr)
+    with Client(gw.socket) as c:
+        got = c.lease_receive(lease, timeout=30)
+        sent = (Kind.DATA, b"sent anyway") if op == "send" else (Kind.PASS, b"")
+        assert (got.kind, got.data) == sent

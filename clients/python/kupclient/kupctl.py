@@ -477,7 +477,7 @@ def cmd_attach(args: argparse.Namespace, out: Output) -> int:
 def cmd_send(args: argparse.Namespace, out: Output) -> int:
     data = read_data(args.data, hex_in=args.hex_in)
     with _client(args) as c:
-        c.lease_send(args.lease, data)
+        c.lease_send(args.lease, data, again_of=args.again_of)
     if out.as_json:
         out.json({"lease_id": args.lease, "sent": len(data)})
     else:
@@ -608,7 +608,7 @@ def _again_hint(args: argparse.Namespace, why: str) -> tuple[str, str, dict[str,
 
 def cmd_pass(args: argparse.Namespace, out: Output) -> int:
     with _client(args) as c:
-        c.lease_pass(args.lease)
+        c.lease_pass(args.lease, again_of=args.again_of)
     if out.as_json:
         out.json({"lease_id": args.lease, "passed": True})
     else:
@@ -1087,9 +1087,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("device", metavar="DEVICE")
     sp.add_argument("--channel", type=_channel_id, metavar="N", help="channel id (default: any)")
 
+    def after_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--again-of",
+            type=_receive_name,
+            metavar="NAME",
+            help="the recv NAME gave up (it printed NAME): refused, exit 5 and nothing "
+            "done, while the message kupd kept for it is not received (recv --again-of "
+            "NAME gets it); done as without it otherwise",
+        )
+
     sp = add("send", cmd_send, "send DATA on a lease (hands the turn to the kernel)")
     sp.add_argument("lease", metavar="LEASE")
     data_opts(sp)
+    after_opts(sp)
 
     sp = add("recv", cmd_recv, "receive the kernel's message on a lease")
     sp.add_argument("lease", metavar="LEASE")
@@ -1107,6 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("pass", cmd_pass, "hand the turn to the kernel without data")
     sp.add_argument("lease", metavar="LEASE")
+    after_opts(sp)
 
     sp = add("release", cmd_release, "end a lease")
     sp.add_argument("lease", metavar="LEASE")
