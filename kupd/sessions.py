@@ -165,7 +165,8 @@ class Lease:
         #: that reply -- its gRPC library drops a reply that comes after the
         #: cancel -- gets the message again by naming it (again_of); a send
         #: or pass naming it is refused and leaves it kept
-        #: (LeaseTable._over_held).
+        #: (LeaseTable._over_held), as does a receive not naming it
+        #: (refused: this side holds the turn).
         self.delivered: tuple[str, Message] | None = None
         #: The name its client gave the Attach ("" when none): Release by
         #: attach_id ends it (LeaseTable.withdraw).
@@ -777,7 +778,21 @@ class LeaseTable:
                     receive_id=again_of,
                 )
                 return msg
-            msg = await self._receive_entered(lease, timeout, nonblocking, abort, retired)
+            try:
+                msg = await self._receive_entered(lease, timeout, nonblocking, abort, retired)
+            except errors.NotYourTurn as exc:
+                if delivered is None:
+                    raise
+                # this side holds the turn with the message kupd wrote for
+                # the receive ``delivered`` names, which did not name it:
+                # refused, nothing done -- so the message stays kept for
+                # the receive that does (as a send's refusal leaves it)
+                lease.delivered = delivered
+                raise errors.NotYourTurn(
+                    f"{exc.message} -- it was the reply kupd wrote for receive "
+                    f"{delivered[0]}, kept for a receive that names it (again_of) in case "
+                    "its client gave up on the reply"
+                ) from None
             return msg
         except errors.PeerGone as exc:
             self._peer_gone(lease, exc)

@@ -578,3 +578,33 @@ def test_send_or_pass_again_of_a_recv_that_gave_up_is_refused(
         got = c.lease_receive(lease, timeout=30)
         sent = (Kind.DATA, b"sent anyway") if op == "send" else (Kind.PASS, b"")
         assert (got.kind, got.data) == sent
+
+
+def test_recv_run_again_without_again_of_leaves_the_message_for_the_hint(
+    gw: Gateway, lease: str
+) -> None:
+    """The same ``kupctl recv L`` run again (the shell's history) instead
+    of the printed command: refused, exit 5 "already received" -- and that
+    refusal dropped the message kupd kept, so the printed command, run
+    next, was refused too and the message was gone.  Now the refusal names
+    the receive the message is kept for and leaves it, and the printed
+    command gets it."""
+    r, w = os.pipe()
+    os.close(r)  # a closed output: a recv that took its message, and hints
+    plain = [str(console_script("kupctl")), "--socket", gw.socket, "recv", lease]
+    try:
+        p = subprocess.run(
+            plain, stdout=w, stderr=subprocess.PIPE, text=True, env=gw.env(), timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == EXIT_FAILURE, (p.returncode, p.stderr)
+    command = _hint(p.stderr, 0)
+    again = _ask_again(plain, gw)
+    assert again.returncode == EXIT_NOT_YOUR_TURN, (again.returncode, again.stderr)
+    assert f"reply kupd wrote for receive {command[-1]}" in again.stderr, again.stderr
+    got = _ask_again(command, gw)
+    assert got.returncode == 0, (got.returncode, got.stderr)
+    assert got.stdout.strip().endswith(MESSAGE), got.stdout
+    _exactly_once(gw, lease)

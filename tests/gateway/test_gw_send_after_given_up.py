@@ -300,3 +300,33 @@ def test_a_send_or_pass_given_the_name_itself_is_refused_over_its_message(
         # a name that is not the kept one's lets it run
         fresh.lease_send(lease_id, b"then", again_of="named-1-other")
         assert fresh.lease_receive(lease_id, timeout=30).data == b"then"
+
+
+def test_a_receive_not_naming_the_kept_message_leaves_it_kept(
+    kupd: Kupd, client: Client, lease_id: str
+) -> None:
+    """A Receive that does not name the kept message -- ``kupctl recv L``
+    run again (the shell's history) instead of the command it printed,
+    another client sharing the lease -- is refused NotYourTurn "already
+    received", nothing done: as for a Send, the message now stays kept
+    (before, the refusal dropped it, and the receive that then named it got
+    "already received" too: the message was gone), and the error says
+    which receive it is kept for."""
+    client.lease_send(lease_id, b"still there")
+    assert _named_receive(client, lease_id, "written-1").message.data == b"still there"
+    refused = "already received.*for receive written-1, kept for a receive that names it"
+    with Client(kupd.socket) as other:
+        for timeout in (0.0, 30.0, 0.0):
+            with pytest.raises(errors.NotYourTurn, match=refused):
+                other.lease_receive(lease_id, timeout=timeout)
+        got = other.lease_receive(lease_id, timeout=0, again_of="written-1")
+        assert (got.kind, got.data) == (Kind.DATA, b"still there")
+    # kept for that name still (that receive carried it): refused so again
+    with pytest.raises(errors.NotYourTurn, match=refused):
+        client._unary(
+            "Receive",
+            kup_pb2.ReceiveRequest(lease_id=lease_id, mode=kup_pb2.RECEIVE_MODE_NONBLOCK),
+            30.0,
+        )
+    # a send not naming it runs over it (its client said it has it)
+    assert client.lease_exchange(lease_id, b"on", timeout=30).data == b"on"
