@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,3 +368,63 @@ def test_hint_for_a_connection_closed_as_it_was_made() -> None:
         ), why
         admin = unavailable_hint(msg, "/a.sock", "--admin-socket", capped=False)
         assert "max_connections" not in admin, admin
+
+
+# ---------------------------------------------------------------- closed standard descriptors
+
+#: run argv[2:] with the descriptors listed in argv[1] closed (as a shell's
+#: `2>&-` does), SIGINT at its default as a terminal's
+_CLOSED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "[os.close(int(fd)) for fd in sys.argv[1].split(',')]; "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _with_closed(fds: str, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-c", _CLOSED, fds, str(console_script("kupctl")), *args], **kw
+    )
+
+
+def test_closed_stderr_keeps_the_exit_code(gw: Gateway, tmp_path: Path) -> None:
+    """Started with its stderr closed, kupctl exits with the error's own
+    code: it exited 1 (an AttributeError writing to a None sys.stderr)."""
+    p = _with_closed("2", "--socket", str(tmp_path / "nothing.sock"), "devices")
+    assert p.wait(TIMEOUT) == EXIT_UNAVAILABLE
+    p = _with_closed("2", "--socket", gw.socket, "recv", "no-such-lease", "--nb")
+    assert p.wait(TIMEOUT) == EXIT_NOT_FOUND
+    # and what it prints still goes where it should
+    out = tmp_path / "out"
+    with out.open("wb") as f:
+        p = _with_closed("2", "--socket", gw.socket, "devices", stdout=f)
+        assert p.wait(TIMEOUT) == 0
+    assert "echo" in out.read_text()
+
+
+def test_interrupt_with_stderr_closed_exits_130(gw: Gateway) -> None:
+    """A ^C of a recv waiting in kupd, its stderr closed: exit 130 (it
+    exited 1), and the lease goes on."""
+    with Client(gw.socket) as c:
+        lease = c.attach("echo")
+        try:
+            assert c.lease_receive(lease.lease_id, 10).kind.name == "PASS"
+            c.lease_send(lease.lease_id, b"!hold")  # echo never answers it
+            p = _with_closed("2", "--socket", gw.socket, "recv", lease.lease_id)
+            try:
+                # past Python's start-up (a ^C at any point from there on
+                # exits 130), likely waiting in kupd
+                wait_until(lambda: _loading_grpc(p.pid) or p.poll() is not None, what="kupctl")
+                time.sleep(0.5)
+                assert p.poll() is None, p.returncode
+                p.send_signal(signal.SIGINT)
+                assert p.wait(TIMEOUT) == 130
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            # still the lease's: the next receive waits for the owed reply
+            with pytest.raises(kerr.NotReady):
+                c.lease_receive(lease.lease_id, 0)
+        finally:
+            c.release(lease.lease_id)

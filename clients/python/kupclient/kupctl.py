@@ -1290,7 +1290,28 @@ def unavailable_hint(
     return f" (is kupd running on {socket}?)"
 
 
+def _standard_fds() -> None:
+    """Started with a standard descriptor closed (``2>&-``, a daemon's
+    ``<&-``): put /dev/null there.  Else the first file kupctl opens -- the
+    socket to kupd -- takes that number, and gRPC's own log lines (on
+    descriptor 2) would be written into it; and Python leaves
+    ``sys.stderr`` None, on which every error message (and a ^C's exit)
+    failed with an AttributeError, exit 1 instead of the error's code.
+    ``sys.stdout`` stays None: a recv refuses then (cmd_recv)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # for the life of kupctl
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_fds()
     parser = build_parser()
     args = parser.parse_args(argv)
     _fill_defaults(parser, args)
