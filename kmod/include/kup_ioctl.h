@@ -44,7 +44,9 @@
  *   read(fd, &u64, 8)                       consume pending wake-ups (attached
  *                                           fd) / the device event (unattached
  *                                           fd): 8 bytes, or EAGAIN if none;
- *                                           never blocks
+ *                                           never blocks; EFAULT (a bad
+ *                                           buffer) consumes nothing: the
+ *                                           wake-up / event stays pending
  *   write(fd, &u64, 8)                      attached fd, u64 != 0: make the
  *                                           user's own wake-up pending (poll
  *                                           readable now), as on an eventfd

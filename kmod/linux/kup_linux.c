@@ -741,9 +741,22 @@ out:
 	return r;
 }
 
+/* A device event that an INFO or a read(2) took but could not copy out
+ * (a bad buffer: EFAULT) is given back -- unless a newer look has moved
+ * seen_gen on meanwhile, which reported the event. */
+static void kup_file_unsee_gen(struct kup_file *kf, uint64_t old_gen,
+    uint64_t new_gen)
+{
+	mutex_lock(&kf->lock);
+	if (kf->seen_gen == new_gen)
+		kf->seen_gen = old_gen;
+	mutex_unlock(&kf->lock);
+}
+
 static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 {
 	struct kup_ioc_info *ui;
+	uint64_t old_gen;
 	long r = 0;
 
 	/* Unloaded (node withdrawn): the device is gone, as for kupsim's closed
@@ -758,10 +771,14 @@ static long kup_ioc_info(struct kup_file *kf, void __user *uarg)
 	mutex_lock(&kf->lock);
 	if (kf->ch != NULL)
 		ui->attached_chan = kup_core_chan_id(kf->ch);
+	old_gen = kf->seen_gen;
 	kf->seen_gen = ui->notify_gen;
 	mutex_unlock(&kf->lock);
-	if (copy_to_user(uarg, ui, sizeof(*ui)))
+	if (copy_to_user(uarg, ui, sizeof(*ui))) {
+		if (old_gen != ui->notify_gen)
+			kup_file_unsee_gen(kf, old_gen, ui->notify_gen);
 		r = -EFAULT;
+	}
 	kfree(ui);
 	return r;
 }
@@ -916,14 +933,16 @@ static ssize_t kup_fop_read(struct file *file, char __user *buf, size_t count,
 {
 	struct kup_file *kf = file->private_data;
 	struct kup_ioc_info *ci = NULL;
-	uint64_t v = 0;
+	struct kup_chan *ch;
+	uint64_t v = 0, old_gen = 0, new_gen = 0;
 
 	(void)ppos;
 	if (count < sizeof(v))
 		return -EINVAL;
 	mutex_lock(&kf->lock);
-	if (kf->ch != NULL) {
-		v = atomic_xchg(&kup_core_chan_os(kf->ch)->wake_pending, 0) ? 1 : 0;
+	ch = kf->ch;   /* set once; stays until release, which cannot run now */
+	if (ch != NULL) {
+		v = atomic_xchg(&kup_core_chan_os(ch)->wake_pending, 0) ? 1 : 0;
 	} else {
 		ci = kmalloc(sizeof(*ci), GFP_KERNEL);
 		if (ci == NULL) {
@@ -932,7 +951,9 @@ static ssize_t kup_fop_read(struct file *file, char __user *buf, size_t count,
 		}
 		kup_core_info(kf->sc, ci);
 		if (ci->notify_gen != kf->seen_gen) {
-			kf->seen_gen = ci->notify_gen;
+			old_gen = kf->seen_gen;
+			new_gen = ci->notify_gen;
+			kf->seen_gen = new_gen;
 			v = 1;
 		}
 	}
@@ -940,8 +961,16 @@ static ssize_t kup_fop_read(struct file *file, char __user *buf, size_t count,
 	kfree(ci);
 	if (v == 0)
 		return -EAGAIN;
-	if (copy_to_user(buf, &v, sizeof(v)))
+	if (copy_to_user(buf, &v, sizeof(v))) {
+		/* the caller never got it: the wake-up (or the device event)
+		 * stays pending, so poll still says readable.  At worst one
+		 * spurious wake-up, never a lost one. */
+		if (ch != NULL)
+			kup_os_chan_wake_user(ch);
+		else
+			kup_file_unsee_gen(kf, old_gen, new_gen);
 		return -EFAULT;
+	}
 	return sizeof(v);
 }
 

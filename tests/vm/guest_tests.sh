@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -119,6 +119,10 @@ stage_kfault_hostile() {
 }
 
 stage_kfault_release() { "$BINDIR/kup_kfault" release; }
+
+# a hostile user's other tools (kup_kfault.c, "abuse"): bad buffers; the
+# dmesg stage checks that none of it made the kernel warn
+stage_kfault_abuse() { "$BINDIR/kup_kfault" abuse; }
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
 # kup_holdtest.ko test=mutex (tests/vm/kup_holdtest.c) makes threads that

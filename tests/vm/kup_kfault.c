@@ -5,7 +5,7 @@
  * ioctl ABI (kup_ioctl.h) and its own minimal user side of the turn
  * protocol, so it can also break the protocol on purpose.
  *
- *   kup_kfault basic | mmap | sigkill | hostile | unload-hold DIR |
+ *   kup_kfault basic | mmap | sigkill | hostile | abuse | unload-hold DIR |
  *              traffic DIR CHAN | chans NAME | deadholder DIR | anyherd
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
@@ -648,6 +648,84 @@ test_hostile(void)
 	printf("hostile: ok\n");
 }
 
+/* ------------------------------------------------------------------ */
+/* abuse: what a hostile user of a channel fd can do besides scribbling on
+ * the descriptor (hostile).  Every case ends by checking that the channel
+ * still works. */
+
+static int
+fd_readable(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+
+	return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+/* An address nothing is mapped at (volatile: the compiler must not see
+ * through it and refuse the call). */
+static void *volatile g_bad_addr = (void *)16;
+
+/* A page mapped read-only: a buffer the kernel can read but not write. */
+static void *
+ro_page(const void *content, size_t n)
+{
+	void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	CHECK(p != MAP_FAILED, "mmap anonymous");
+	memcpy(p, content, n);
+	CHECK(mprotect(p, 4096, PROT_READ) == 0, "mprotect read-only");
+	return p;
+}
+
+/* read(2) into a bad buffer is EFAULT, and the wake-up it could not
+ * deliver stays pending: poll still says readable, a good read gets it. */
+static void
+abuse_read_efault(void)
+{
+	struct chan c;
+	uint64_t v = 1;
+	void *ro;
+
+	chan_open(&c, 60);
+	CHECK(write(c.fd, &v, sizeof(v)) == sizeof(v), "self-wake write");
+	CHECK(fd_readable(c.fd), "not readable after a self-wake");
+	errno = 0;
+	CHECK(read(c.fd, g_bad_addr, sizeof(v)) == -1 && errno == EFAULT,
+	    "read into a bad address");
+	CHECK(fd_readable(c.fd), "a read that failed with EFAULT consumed the "
+	    "pending wake-up");
+	ro = ro_page("x", 1);
+	errno = 0;
+	CHECK(read(c.fd, ro, sizeof(v)) == -1 && errno == EFAULT,
+	    "read into a read-only page");
+	CHECK(fd_readable(c.fd), "a read into a read-only page consumed the "
+	    "pending wake-up");
+	v = 0;
+	CHECK(read(c.fd, &v, sizeof(v)) == sizeof(v) && v == 1, "good read");
+	CHECK(!fd_readable(c.fd), "still readable after the good read");
+	/* a write from a bad buffer or of a zero count is refused and wakes
+	 * nobody */
+	errno = 0;
+	CHECK(write(c.fd, g_bad_addr, 8) == -1 && errno == EFAULT, "write bad address");
+	v = 0;
+	errno = 0;
+	CHECK(write(c.fd, &v, sizeof(v)) == -1 && errno == EINVAL, "write of 0");
+	CHECK(!fd_readable(c.fd), "a refused write made the fd readable");
+	echo_round(&c, "after efault", "after efault");
+	chan_close(&c);
+	munmap(ro, 4096);
+	printf("abuse read-efault: ok\n");
+}
+
+static void
+test_abuse(void)
+{
+	g_test = "abuse";
+	abuse_read_efault();
+	printf("abuse: ok\n");
+}
+
 /* Attach, take the PASS (the kernel now waits for us), create DIR/attached
  * and wait: the test script unloads kup_echo.ko meanwhile.  We must see
  * POLLHUP and KUP_STATE_SHUTDOWN, the pages must stay usable (no fault),
@@ -1019,6 +1097,8 @@ main(int argc, char **argv)
 		test_hostile();
 	else if (argc == 2 && strcmp(argv[1], "release") == 0)
 		test_release();
+	else if (argc == 2 && strcmp(argv[1], "abuse") == 0)
+		test_abuse();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
@@ -1043,7 +1123,7 @@ main(int argc, char **argv)
 		test_anyherd();
 	else {
 		fprintf(stderr,
-		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|unload-hold DIR|"
+		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|abuse|unload-hold DIR|"
 		    "traffic DIR CHAN|chans NAME|deadholder DIR|anyherd\n");
 		return 2;
 	}

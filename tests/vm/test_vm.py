@@ -61,6 +61,7 @@ STAGES = [
     "kfault_sigkill",
     "kfault_hostile",
     "kfault_release",
+    "kfault_abuse",
     "kmutex",
     "kholder",
     "libkup_c",
