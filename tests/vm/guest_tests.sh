@@ -120,8 +120,11 @@ stage_kfault_hostile() {
 
 stage_kfault_release() { "$BINDIR/kup_kfault" release; }
 
-# a hostile user's other tools (kup_kfault.c, "abuse"): bad buffers; the
-# dmesg stage checks that none of it made the kernel warn
+# a hostile user's other tools (kup_kfault.c, "abuse"): bad buffers,
+# ATTACH races on one fd, the fd and mapping handed on by fork and
+# SCM_RIGHTS, madvise/mremap/munmap/process_vm_readv on the mapping,
+# wake-up storms, a descriptor flipped while the kernel reads it, close
+# during poll; the dmesg stage checks that none of it made the kernel warn
 stage_kfault_abuse() { "$BINDIR/kup_kfault" abuse; }
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):

@@ -21,9 +21,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -650,8 +652,44 @@ test_hostile(void)
 
 /* ------------------------------------------------------------------ */
 /* abuse: what a hostile user of a channel fd can do besides scribbling on
- * the descriptor (hostile).  Every case ends by checking that the channel
- * still works. */
+ * the descriptor (hostile): bad buffers, races on one fd, the fd and the
+ * mapping handed to other processes, memory-management calls on the
+ * mapping, wake-up storms, a descriptor that changes while the kernel
+ * reads it, close during poll.  Every case ends by checking that the
+ * channel still works. */
+
+/* Bounded wait until INFO no longer shows chan_id attached. */
+static void
+wait_chan_free(uint32_t chan_id, const char *what)
+{
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	int fd = open_dev(), i;
+
+	CHECK(ii != NULL, "calloc");
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+		if (!(ii->attached[chan_id] & KUP_INFO_ATTACHED))
+			break;
+		usleep(10000);
+	}
+	CHECK(!(ii->attached[chan_id] & KUP_INFO_ATTACHED),
+	    "%s: channel %u still attached (0x%x)", what, chan_id,
+	    ii->attached[chan_id]);
+	close(fd);
+	free(ii);
+}
+
+/* The channel is free and serves a new user. */
+static void
+chan_usable(uint32_t chan_id, const char *what)
+{
+	struct chan c;
+
+	wait_chan_free(chan_id, what);
+	chan_open(&c, chan_id);
+	echo_round(&c, "still usable", chan_id & 1 ? "STILL USABLE" : "still usable");
+	chan_close(&c);
+}
 
 static int
 fd_readable(int fd)
@@ -718,11 +756,548 @@ abuse_read_efault(void)
 	printf("abuse read-efault: ok\n");
 }
 
+/* ATTACH whose answer cannot be copied out (the argument lies in a
+ * read-only page: copied in fine, copied out EFAULT) must not leave the
+ * channel taken by nobody: the fd stays unattached, the channel free. */
+static void
+abuse_attach_efault(void)
+{
+	struct kup_ioc_attach a;
+	void *ro;
+	int fd;
+
+	memset(&a, 0, sizeof(a));
+	a.abi_version = KUP_ABI_VERSION;
+	a.chan_id = 62;
+	ro = ro_page(&a, sizeof(a));
+	fd = open_dev();
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_ATTACH, ro) == -1 && errno == EFAULT,
+	    "ATTACH with a read-only argument");
+	errno = 0;
+	CHECK(ioctl(fd, KUP_IOC_WAKE) == -1 && errno == EINVAL,
+	    "the fd is attached after a failed ATTACH");
+	wait_chan_free(62, "attach-efault");
+	/* the same fd may try again */
+	CHECK(attach_raw(fd, 62, KUP_ABI_VERSION, &a) == 0 && a.chan_id == 62,
+	    "ATTACH again on the same fd");
+	close(fd);
+	chan_usable(62, "attach-efault");
+	errno = 0;
+	fd = open_dev();
+	{
+		struct kup_ioc_info *ii = ro_page("", 0);
+
+		CHECK(ioctl(fd, KUP_IOC_INFO, ii) == -1 && errno == EFAULT,
+		    "INFO into a read-only page");
+		munmap(ii, 4096);
+	}
+	close(fd);
+	munmap(ro, 4096);
+	printf("abuse attach-efault: ok\n");
+}
+
+/* Several threads ATTACH on one fd at once: exactly one gets a channel,
+ * every other EBUSY; the winner's channel works. */
+#define AB_THREADS 4
+struct ab_attach {
+	int fd;
+	uint32_t chan;
+	int r, err;
+	struct kup_ioc_attach a;
+	pthread_barrier_t *go;
+};
+
+static void *
+ab_attach_main(void *p)
+{
+	struct ab_attach *t = p;
+
+	pthread_barrier_wait(t->go);
+	t->r = attach_raw(t->fd, t->chan, KUP_ABI_VERSION, &t->a);
+	t->err = errno;
+	return NULL;
+}
+
+static void
+abuse_attach_race(void)
+{
+	struct ab_attach t[AB_THREADS];
+	pthread_t th[AB_THREADS];
+	pthread_barrier_t go;
+	struct chan c;
+	int fd, i, won = -1, round;
+
+	for (round = 0; round < 20; round++) {
+		fd = open_dev();
+		CHECK(pthread_barrier_init(&go, NULL, AB_THREADS) == 0, "barrier");
+		for (i = 0; i < AB_THREADS; i++) {
+			t[i].fd = fd;
+			t[i].chan = 64 + (uint32_t)(i % 2) * 2;   /* 64 or 66 */
+			t[i].go = &go;
+			CHECK(pthread_create(&th[i], NULL, ab_attach_main, &t[i]) == 0,
+			    "pthread_create");
+		}
+		won = -1;
+		for (i = 0; i < AB_THREADS; i++) {
+			CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+			if (t[i].r == 0) {
+				CHECK(won < 0, "round %d: two ATTACHes on one fd succeeded",
+				    round);
+				won = i;
+			} else {
+				CHECK(t[i].err == EBUSY, "round %d: a losing ATTACH failed "
+				    "with %d, not EBUSY", round, t[i].err);
+			}
+		}
+		pthread_barrier_destroy(&go);
+		CHECK(won >= 0, "round %d: no ATTACH succeeded", round);
+		memset(&c, 0, sizeof(c));
+		c.fd = fd;
+		c.a = t[won].a;
+		c.mem = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+		    fd, 0);
+		CHECK(c.mem != MAP_FAILED, "mmap");
+		c.ctrl = (struct kup_ctrl *)c.mem;
+		CHECK(c.ctrl->chan_id == t[won].chan, "page says chan %u, ATTACH %u",
+		    c.ctrl->chan_id, t[won].chan);
+		echo_round(&c, "race", "race");
+		chan_close(&c);
+		/* the loser's channel was never taken */
+		wait_chan_free(t[won].chan == 64 ? 66 : 64, "attach-race");
+		wait_chan_free(t[won].chan, "attach-race");
+	}
+	printf("abuse attach-race: ok\n");
+}
+
+/* Continue a conversation in c from another process (its page, its fd). */
+static void
+echo_continue(struct chan *c, const char *msg)
+{
+	char buf[64];
+	size_t len;
+
+	send_msg(c, KUP_KIND_DATA, msg, (uint32_t)strlen(msg));
+	CHECK(recv_msg(c, buf, sizeof(buf), &len) == KUP_KIND_DATA &&
+	    len == strlen(msg) && memcmp(buf, msg, len) == 0,
+	    "reply to '%s'", msg);
+}
+
+/* The mapping inherited by fork, the fd handed over SCM_RIGHTS, dup: the
+ * channel stays attached while any fd or mapping of the file is left,
+ * and is free once the last one is gone. */
+static void
+abuse_fork_pass(void)
+{
+	struct chan c;
+	char buf[64];
+	int sv[2], st, dupfd;
+	pid_t pid;
+
+	/* fork: the parent lets go at once, the child goes on talking */
+	chan_open(&c, 68);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		/* the parent unmaps and closes: the child's copies of the
+		 * mapping and the fd hold the file */
+		echo_continue(&c, "child of fork");
+		_exit(0);
+	}
+	chan_close(&c);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	    "fork child failed (status 0x%x)", st);
+	chan_usable(68, "fork");
+
+	/* SCM_RIGHTS: the fd goes to a process that maps it itself */
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		char cm[CMSG_SPACE(sizeof(int))];
+		struct msghdr mh;
+		struct iovec iov;
+		struct cmsghdr *h;
+		uint64_t seqs[4];   /* u2k_seq, k2u_seq, page size, map size */
+
+		close(sv[0]);
+		memset(&mh, 0, sizeof(mh));
+		iov.iov_base = seqs;
+		iov.iov_len = sizeof(seqs);
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cm;
+		mh.msg_controllen = sizeof(cm);
+		CHECK(recvmsg(sv[1], &mh, 0) == sizeof(seqs), "recvmsg");
+		h = CMSG_FIRSTHDR(&mh);
+		CHECK(h != NULL && h->cmsg_type == SCM_RIGHTS, "no fd passed");
+		memset(&c, 0, sizeof(c));
+		memcpy(&c.fd, CMSG_DATA(h), sizeof(int));
+		c.u2k_seq = seqs[0];
+		c.k2u_seq = seqs[1];
+		c.a.page_size = (uint32_t)seqs[2];
+		c.a.map_size = seqs[3];
+		c.mem = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+		    c.fd, 0);
+		CHECK(c.mem != MAP_FAILED, "mmap of a passed fd");
+		c.ctrl = (struct kup_ctrl *)c.mem;
+		CHECK(c.ctrl->chan_id == 70, "passed fd maps chan %u", c.ctrl->chan_id);
+		echo_continue(&c, "passed over a socket");
+		_exit(0);
+	}
+	close(sv[1]);
+	chan_open(&c, 70);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	{
+		char cm[CMSG_SPACE(sizeof(int))];
+		uint64_t seqs[4] = { c.u2k_seq, c.k2u_seq, c.a.page_size, c.a.map_size };
+		struct iovec iov = { .iov_base = seqs, .iov_len = sizeof(seqs) };
+		struct msghdr mh;
+		struct cmsghdr *h;
+
+		memset(&mh, 0, sizeof(mh));
+		memset(cm, 0, sizeof(cm));
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cm;
+		mh.msg_controllen = sizeof(cm);
+		h = CMSG_FIRSTHDR(&mh);
+		h->cmsg_level = SOL_SOCKET;
+		h->cmsg_type = SCM_RIGHTS;
+		h->cmsg_len = CMSG_LEN(sizeof(int));
+		/* a dup goes, the original is closed: the file is the same */
+		dupfd = dup(c.fd);
+		CHECK(dupfd >= 0, "dup");
+		memcpy(CMSG_DATA(h), &dupfd, sizeof(int));
+		CHECK(sendmsg(sv[0], &mh, 0) == sizeof(seqs), "sendmsg");
+		close(dupfd);
+	}
+	chan_close(&c);
+	close(sv[0]);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	    "SCM_RIGHTS child failed (status 0x%x)", st);
+	chan_usable(70, "scm_rights");
+	printf("abuse fork-pass: ok\n");
+}
+
+/* Memory-management calls on the mapping: none may pin, drop or expose
+ * the channel's pages, and the channel goes on working. */
+static void
+abuse_mm(void)
+{
+	struct chan c;
+	size_t pg, bytes;
+	uint8_t *p;
+	int fd;
+	char buf[64];
+
+	chan_open(&c, 72);
+	pg = c.a.page_size;
+	bytes = c.a.map_size;
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	memset(c.mem + c.ctrl->u2k_off, 0x77, 64);
+
+	/* a page of raw frames cannot be dropped, freed or given to KSM */
+	errno = 0;
+	CHECK(madvise(c.mem, bytes, MADV_DONTNEED) == -1 && errno == EINVAL,
+	    "madvise(MADV_DONTNEED) on the channel");
+	errno = 0;
+	CHECK(madvise(c.mem, bytes, MADV_FREE) == -1 && errno == EINVAL,
+	    "madvise(MADV_FREE) on the channel");
+	errno = 0;
+	CHECK(madvise(c.mem, bytes, MADV_REMOVE) == -1,
+	    "madvise(MADV_REMOVE) on the channel");
+	CHECK(c.ctrl->magic == KUP_MAGIC && c.mem[c.ctrl->u2k_off + 63] == 0x77,
+	    "the page changed under madvise");
+
+	/* nobody reads the pages through the process's memory file or
+	 * process_vm_readv (both pin pages, which a PFNMAP mapping refuses) */
+	{
+		struct iovec local = { .iov_base = buf, .iov_len = 16 };
+		struct iovec remote = { .iov_base = c.mem, .iov_len = 16 };
+		ssize_t n;
+
+		errno = 0;
+		n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+		CHECK(n == -1 && errno == EFAULT,
+		    "process_vm_readv read the channel (%zd)", n);
+		fd = open("/proc/self/mem", O_RDONLY);
+		CHECK(fd >= 0, "open /proc/self/mem");
+		errno = 0;
+		n = pread(fd, buf, 16, (off_t)(uintptr_t)c.mem);
+		CHECK(n <= 0, "/proc/self/mem read the channel (%zd)", n);
+		close(fd);
+	}
+
+	/* moving the mapping is fine (same pages); keeping the old range
+	 * mapped as well (MREMAP_DONTUNMAP) is not, nor is growing it */
+	errno = 0;
+	p = mremap(c.mem, bytes, bytes, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
+	CHECK(p == MAP_FAILED, "mremap(MREMAP_DONTUNMAP) kept the channel twice");
+	{
+		uint8_t *hole = mmap(NULL, 2 * bytes, PROT_NONE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		CHECK(hole != MAP_FAILED, "mmap a hole");
+		p = mremap(c.mem, bytes, bytes, MREMAP_MAYMOVE | MREMAP_FIXED,
+		    hole + bytes);
+		CHECK(p == hole + bytes, "mremap move of the channel");
+		munmap(hole, bytes);
+		c.mem = p;
+		c.ctrl = (struct kup_ctrl *)p;
+	}
+	CHECK(c.ctrl->magic == KUP_MAGIC && c.mem[c.ctrl->u2k_off + 63] == 0x77,
+	    "the moved mapping shows other pages");
+	echo_continue(&c, "moved");
+	memset(c.mem + c.ctrl->u2k_off, 0x77, 64);
+
+	/* a second mapping of the same fd; the first one and the fd go: the
+	 * second still holds the attachment */
+	p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, 0);
+	CHECK(p != MAP_FAILED, "second mmap of the fd");
+	/* punch the middle out of the first: the rest stays mapped */
+	CHECK(munmap(c.mem + pg, pg) == 0, "munmap of one page of the channel");
+	CHECK(c.ctrl->magic == KUP_MAGIC, "the control page went with the hole");
+	munmap(c.mem, pg);
+	munmap(c.mem + 2 * pg, bytes - 2 * pg);
+	close(c.fd);
+	c.fd = -1;
+	c.mem = p;
+	c.ctrl = (struct kup_ctrl *)p;
+	/* (no hand-over without an fd: a kernel side asleep in its receive
+	 * is woken by KUP_IOC_WAKE only) */
+	CHECK(c.ctrl->magic == KUP_MAGIC && c.mem[c.ctrl->u2k_off + 63] == 0x77,
+	    "the second mapping shows other pages");
+	{
+		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+
+		fd = open_dev();
+		CHECK(ii != NULL && ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+		CHECK(ii->attached[72] & KUP_INFO_ATTACHED,
+		    "the channel was let go while a mapping is left");
+		close(fd);
+		free(ii);
+	}
+	munmap(p, bytes);
+	chan_usable(72, "mm");
+	printf("abuse mm: ok\n");
+}
+
+/* KUP_IOC_WAKE and write(2) storms from other threads while the channel
+ * carries traffic: wake-ups are hints, the conversation stays exact. */
+struct ab_storm {
+	int fd;
+	volatile int stop;
+	unsigned long n;
+};
+
+static void *
+ab_storm_main(void *p)
+{
+	struct ab_storm *s = p;
+	uint64_t v = 1;
+
+	while (!__atomic_load_n(&s->stop, __ATOMIC_RELAXED)) {
+		CHECK(ioctl(s->fd, KUP_IOC_WAKE) == 0, "WAKE in the storm");
+		CHECK(write(s->fd, &v, sizeof(v)) == sizeof(v), "write in the storm");
+		s->n++;
+	}
+	return NULL;
+}
+
+static void
+abuse_wake_storm(void)
+{
+	struct ab_storm s[2];
+	pthread_t th[2];
+	struct chan c;
+	char msg[32];
+	int i;
+
+	chan_open(&c, 74);
+	echo_round(&c, "storm", "storm");
+	for (i = 0; i < 2; i++) {
+		memset(&s[i], 0, sizeof(s[i]));
+		s[i].fd = c.fd;
+		CHECK(pthread_create(&th[i], NULL, ab_storm_main, &s[i]) == 0,
+		    "pthread_create");
+	}
+	for (i = 0; i < 300; i++) {
+		snprintf(msg, sizeof(msg), "storm %d", i);
+		echo_continue(&c, msg);
+	}
+	for (i = 0; i < 2; i++) {
+		__atomic_store_n(&s[i].stop, 1, __ATOMIC_RELAXED);
+		CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+	}
+	chan_close(&c);
+	chan_usable(74, "wake storm");
+	printf("abuse wake-storm: ok (%lu + %lu wakes)\n", s[0].n, s[1].n);
+}
+
+/* A thread flips the descriptor while the kernel takes it: the length
+ * between a small one and one far past the data area, the kind between
+ * DATA and garbage.  The kernel reads each word once: it either takes a
+ * consistent message (the echo comes back with the length it read, which
+ * must be the small one) or refuses the user (POLLERR); it never reads
+ * past the area (that would oops on the vmalloc guard page). */
+struct ab_flip {
+	struct kup_ctrl *ctrl;
+	volatile int stop;
+	int what;     /* 0: len, 1: kind */
+};
+
+static void *
+ab_flip_main(void *p)
+{
+	struct ab_flip *f = p;
+	unsigned long i;
+
+	for (i = 0; !__atomic_load_n(&f->stop, __ATOMIC_RELAXED); i++) {
+		if (f->what == 0)
+			__atomic_store_n(&f->ctrl->u2k.len, i & 1 ? 0xfffff000U : 4U,
+			    __ATOMIC_RELAXED);
+		else
+			__atomic_store_n(&f->ctrl->u2k.kind, i & 1 ? 77U : KUP_KIND_DATA,
+			    __ATOMIC_RELAXED);
+	}
+	return NULL;
+}
+
+static void
+abuse_flip(int what)
+{
+	struct ab_flip f;
+	pthread_t th;
+	struct chan c;
+	char buf[64];
+	int round, took = 0, refused = 0;
+
+	for (round = 0; round < 40; round++) {
+		struct pollfd p;
+		short ev;
+
+		chan_open(&c, 76);
+		CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+		memcpy(c.mem + c.ctrl->u2k_off, "flip", 4);
+		c.ctrl->u2k.len = 4;
+		c.ctrl->u2k.kind = KUP_KIND_DATA;
+		c.ctrl->u2k.seq = ++c.u2k_seq;
+		memset(&f, 0, sizeof(f));
+		f.ctrl = c.ctrl;
+		f.what = what;
+		CHECK(pthread_create(&th, NULL, ab_flip_main, &f) == 0, "pthread_create");
+		handover(&c);
+		/* the reply, or the refusal */
+		ev = wait_user_turn(&c);
+		__atomic_store_n(&f.stop, 1, __ATOMIC_RELAXED);
+		CHECK(pthread_join(th, NULL) == 0, "pthread_join");
+		if (ev & POLLERR) {
+			CHECK(c.ctrl->state & KUP_STATE_PEER_GONE, "POLLERR without PEER_GONE");
+			refused++;
+		} else {
+			CHECK(ev == POLLIN, "poll events 0x%x", ev);
+			CHECK(c.ctrl->k2u.kind == KUP_KIND_DATA && c.ctrl->k2u.len == 4 &&
+			    memcmp(c.mem + c.a.page_size, "flip", 4) == 0,
+			    "round %d: the kernel took a message it should not have "
+			    "(kind %u len %u)", round, c.ctrl->k2u.kind, c.ctrl->k2u.len);
+			took++;
+		}
+		(void)p;
+		chan_close(&c);
+		wait_chan_free(76, "flip");
+	}
+	chan_usable(76, "flip");
+	printf("abuse flip-%s: ok (%d taken, %d refused)\n", what ? "kind" : "len",
+	    took, refused);
+}
+
+/* close(2) and munmap while another thread sleeps in poll on the fd: the
+ * poll's wait entries hold the file (and its wait queue), the reply still
+ * wakes the poller, and the channel is let go when the poll is over. */
+struct ab_poll {
+	int fd;
+	int n;
+	short revents;
+	pid_t tid;
+};
+
+static void *
+ab_poll_main(void *p)
+{
+	struct ab_poll *a = p;
+	struct pollfd pf = { .fd = a->fd, .events = POLLIN };
+
+	__atomic_store_n(&a->tid, gettid(), __ATOMIC_RELEASE);
+
+	a->n = poll(&pf, 1, WAIT_MS);
+	a->revents = pf.revents;
+	return NULL;
+}
+
+static void
+abuse_close_in_poll(void)
+{
+	struct ab_poll a;
+	pthread_t th;
+	struct chan c;
+	char buf[64];
+	int i;
+
+	chan_open(&c, 78);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	send_msg(&c, KUP_KIND_DATA, "!delay", 6);   /* answered 300 ms later */
+	__atomic_store_n(&c.ctrl->user_waiting, 1, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	drain(&c);
+	memset(&a, 0, sizeof(a));
+	a.fd = c.fd;
+	CHECK(pthread_create(&th, NULL, ab_poll_main, &a) == 0, "pthread_create");
+	/* bounded wait until the thread sleeps in its poll (the kernel
+	 * names the function it sleeps in) */
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		char path[64], wchan[64] = "";
+		pid_t tid = __atomic_load_n(&a.tid, __ATOMIC_ACQUIRE);
+		FILE *f;
+
+		if (tid != 0) {
+			snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", (int)tid);
+			f = fopen(path, "r");
+			CHECK(f != NULL, "open %s", path);
+			if (fgets(wchan, sizeof(wchan), f) == NULL)
+				wchan[0] = '\0';
+			fclose(f);
+			if (strstr(wchan, "poll") != NULL)
+				break;
+		}
+		usleep(10000);
+	}
+	CHECK(i < WAIT_MS / 10, "the thread never slept in poll");
+	chan_close(&c);
+	CHECK(pthread_join(th, NULL) == 0, "pthread_join");
+	/* the poll's wait entries hold the file across the close: the reply
+	 * still woke it (a closed fd never does), and its second look found
+	 * the fd gone (POLLNVAL: poll looks fds up again after each wake-up) */
+	CHECK(a.n == 1 && (a.revents & (POLLIN | POLLNVAL)),
+	    "poll across the close: n %d revents 0x%x", a.n, a.revents);
+	chan_usable(78, "close-in-poll");
+	printf("abuse close-in-poll: ok (revents 0x%x)\n", a.revents);
+}
+
 static void
 test_abuse(void)
 {
 	g_test = "abuse";
 	abuse_read_efault();
+	abuse_attach_efault();
+	abuse_attach_race();
+	abuse_fork_pass();
+	abuse_mm();
+	abuse_wake_storm();
+	abuse_flip(0);
+	abuse_flip(1);
+	abuse_close_in_poll();
 	printf("abuse: ok\n");
 }
 
