@@ -1281,8 +1281,8 @@ kup_fb_read(struct cdev *cdev, struct uio *uio, int ioflag)
 {
 	struct kup_fb_file *f;
 	struct kup_os_dev *od;
-	uint64_t v = 0;
-	int error;
+	uint64_t v = 0, old_gen = 0, new_gen = 0;
+	int error, chan = 0;
 
 	(void)cdev;
 	(void)ioflag;             /* never blocks, O_NONBLOCK or not */
@@ -1295,16 +1295,33 @@ kup_fb_read(struct cdev *cdev, struct uio *uio, int ioflag)
 	mtx_lock(&f->mtx);
 	if (kup_fb_file_pending(f)) {
 		v = 1;
-		if (f->ch != NULL)
+		if (f->ch != NULL) {
+			chan = 1;
 			f->wake_pending = 0;
-		else
-			f->seen_gen = atomic_load_64(&od->notify_gen);
+		} else {
+			old_gen = f->seen_gen;
+			new_gen = atomic_load_64(&od->notify_gen);
+			f->seen_gen = new_gen;
+		}
 	}
 	mtx_unlock(&f->mtx);
 	if (v == 0)
 		return (EAGAIN);
 	/* outside the mutex: copyout may fault */
-	return (uiomove(&v, sizeof(v), uio));
+	error = uiomove(&v, sizeof(v), uio);
+	if (error != 0) {
+		/* the caller never got it (a bad buffer): it stays pending, as
+		 * on Linux -- at worst one spurious wake-up, never a lost one */
+		mtx_lock(&f->mtx);
+		if (chan) {
+			f->wake_pending = 1;
+			kup_fb_file_notify_locked(f);
+		} else if (f->seen_gen == new_gen) {
+			f->seen_gen = old_gen;
+		}
+		mtx_unlock(&f->mtx);
+	}
+	return (error);
 }
 
 /* libkup's self_wake: poll mode started while the turn was already the
