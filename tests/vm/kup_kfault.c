@@ -1312,9 +1312,10 @@ test_unload_hold(const char *dir)
 	char path[512], buf[64];
 	struct pollfd p;
 	struct chan c;
-	int fd, n, i;
+	int fd, n, i, spare;
 
 	g_test = "unload-hold";
+	spare = open_dev();   /* opened before the unload, never attached */
 	chan_open(&c, 0);
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
 	send_msg(&c, KUP_KIND_PASS, NULL, 0);   /* kernel passes back, then waits */
@@ -1361,6 +1362,31 @@ test_unload_hold(const char *dir)
 		free(ii);
 	}
 	CHECK(c.mem[c.ctrl->u2k_off + 63] == 0xa5, "mapping after unload");
+	/* what the files can still do: a fd opened before the unload cannot
+	 * attach and polls HUP; the attached one may WAKE (nobody listens),
+	 * self-wake, and map its channel again (the pages live on) */
+	{
+		struct kup_ioc_attach a;
+		struct pollfd sp = { .fd = spare, .events = POLLIN };
+		uint64_t v = 1;
+		uint8_t *m2;
+
+		errno = 0;
+		CHECK(attach_raw(spare, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &a) == -1 &&
+		    errno == ESHUTDOWN, "ATTACH after the unload");
+		CHECK(poll(&sp, 1, 0) == 1 && (sp.revents & POLLHUP),
+		    "unattached fd after the unload: revents 0x%x", sp.revents);
+		CHECK(ioctl(c.fd, KUP_IOC_WAKE) == 0, "WAKE after the unload");
+		CHECK(write(c.fd, &v, sizeof(v)) == sizeof(v), "self-wake after the unload");
+		drain(&c);
+		m2 = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, 0);
+		CHECK(m2 != MAP_FAILED, "mmap again after the unload");
+		CHECK(m2[c.ctrl->u2k_off + 63] == 0xa5 &&
+		    (((struct kup_ctrl *)m2)->state & KUP_STATE_SHUTDOWN),
+		    "a new mapping after the unload shows other pages");
+		munmap(m2, c.a.map_size);
+		close(spare);
+	}
 	chan_close(&c);
 	printf("unload-hold: ok\n");
 }
