@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -82,12 +83,25 @@ attach_raw(int fd, uint32_t chan_id, uint32_t abi, struct kup_ioc_attach *a)
 	return ioctl(fd, KUP_IOC_ATTACH, a);
 }
 
+/* retry: a channel its last user has just left may still have its
+ * module's worker in it, on its way out (EINPROGRESS after the attach's
+ * 500 ms); wait for it, bounded, instead of failing -- under a loaded TCG
+ * host the worker's way out can take that long. */
 static void
-chan_open(struct chan *c, uint32_t chan_id)
+chan_open_how(struct chan *c, uint32_t chan_id, int retry)
 {
+	int i;
+
 	memset(c, 0, sizeof(*c));
 	c->fd = open_dev();
-	CHECK(attach_raw(c->fd, chan_id, KUP_ABI_VERSION, &c->a) == 0,
+	for (i = 0; retry && i < WAIT_MS / 50; i++) {
+		if (attach_raw(c->fd, chan_id, KUP_ABI_VERSION, &c->a) == 0)
+			break;
+		CHECK(errno == EINPROGRESS, "attach chan %u", chan_id);
+		usleep(50 * 1000);
+	}
+	CHECK(retry ? i < WAIT_MS / 50 :
+	    attach_raw(c->fd, chan_id, KUP_ABI_VERSION, &c->a) == 0,
 	    "attach chan %u", chan_id);
 	CHECK(c->a.chan_id == chan_id, "attach returned chan %u", c->a.chan_id);
 	c->mem = mmap(NULL, c->a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -100,6 +114,12 @@ chan_open(struct chan *c, uint32_t chan_id)
 	CHECK(c->ctrl->chan_id == chan_id, "control page chan_id %u", c->ctrl->chan_id);
 	CHECK((uint64_t)c->ctrl->u2k_off + c->ctrl->u2k_size <= c->a.map_size,
 	    "u2k area inside the mapping");
+}
+
+static void
+chan_open(struct chan *c, uint32_t chan_id)
+{
+	chan_open_how(c, chan_id, 0);
 }
 
 static void
@@ -686,7 +706,7 @@ chan_usable(uint32_t chan_id, const char *what)
 	struct chan c;
 
 	wait_chan_free(chan_id, what);
-	chan_open(&c, chan_id);
+	chan_open_how(&c, chan_id, 1);
 	echo_round(&c, "still usable", chan_id & 1 ? "STILL USABLE" : "still usable");
 	chan_close(&c);
 }
@@ -725,7 +745,7 @@ abuse_read_efault(void)
 	uint64_t v = 1;
 	void *ro;
 
-	chan_open(&c, 60);
+	chan_open_how(&c, 60, 1);
 	CHECK(write(c.fd, &v, sizeof(v)) == sizeof(v), "self-wake write");
 	CHECK(fd_readable(c.fd), "not readable after a self-wake");
 	errno = 0;
@@ -764,7 +784,7 @@ abuse_attach_efault(void)
 {
 	struct kup_ioc_attach a;
 	void *ro;
-	int fd;
+	int fd, i;
 
 	memset(&a, 0, sizeof(a));
 	a.abi_version = KUP_ABI_VERSION;
@@ -778,9 +798,15 @@ abuse_attach_efault(void)
 	CHECK(ioctl(fd, KUP_IOC_WAKE) == -1 && errno == EINVAL,
 	    "the fd is attached after a failed ATTACH");
 	wait_chan_free(62, "attach-efault");
-	/* the same fd may try again */
-	CHECK(attach_raw(fd, 62, KUP_ABI_VERSION, &a) == 0 && a.chan_id == 62,
-	    "ATTACH again on the same fd");
+	/* the same fd may try again (EINPROGRESS: the worker the failed
+	 * ATTACH started is on its way out) */
+	for (i = 0; i < WAIT_MS / 50; i++) {
+		if (attach_raw(fd, 62, KUP_ABI_VERSION, &a) == 0)
+			break;
+		CHECK(errno == EINPROGRESS, "ATTACH again on the same fd");
+		usleep(50 * 1000);
+	}
+	CHECK(i < WAIT_MS / 50 && a.chan_id == 62, "ATTACH again on the same fd");
 	close(fd);
 	chan_usable(62, "attach-efault");
 	errno = 0;
@@ -826,7 +852,7 @@ abuse_attach_race(void)
 	pthread_t th[AB_THREADS];
 	pthread_barrier_t go;
 	struct chan c;
-	int fd, i, won = -1, round;
+	int fd, i, won = -1, round, retries = 0;
 
 	for (round = 0; round < 20; round++) {
 		fd = open_dev();
@@ -846,12 +872,23 @@ abuse_attach_race(void)
 				    round);
 				won = i;
 			} else {
-				CHECK(t[i].err == EBUSY, "round %d: a losing ATTACH failed "
-				    "with %d, not EBUSY", round, t[i].err);
+				/* EBUSY: the fd was taken, or being taken;
+				 * EINPROGRESS: this one got to try, but the
+				 * channel's previous worker was still in it */
+				CHECK(t[i].err == EBUSY || t[i].err == EINPROGRESS,
+				    "round %d: a losing ATTACH failed with %d", round,
+				    t[i].err);
 			}
 		}
 		pthread_barrier_destroy(&go);
-		CHECK(won >= 0, "round %d: no ATTACH succeeded", round);
+		if (won < 0) {
+			/* every try met a worker on its way out: again */
+			CHECK(++retries < 100, "round %d: no ATTACH ever succeeded",
+			    round);
+			close(fd);
+			round--;
+			continue;
+		}
 		memset(&c, 0, sizeof(c));
 		c.fd = fd;
 		c.a = t[won].a;
@@ -895,7 +932,7 @@ abuse_fork_pass(void)
 	pid_t pid;
 
 	/* fork: the parent lets go at once, the child goes on talking */
-	chan_open(&c, 68);
+	chan_open_how(&c, 68, 1);
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
 	pid = fork();
 	CHECK(pid >= 0, "fork");
@@ -947,7 +984,7 @@ abuse_fork_pass(void)
 		_exit(0);
 	}
 	close(sv[1]);
-	chan_open(&c, 70);
+	chan_open_how(&c, 70, 1);
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
 	{
 		char cm[CMSG_SPACE(sizeof(int))];
@@ -992,7 +1029,7 @@ abuse_mm(void)
 	int fd;
 	char buf[64];
 
-	chan_open(&c, 72);
+	chan_open_how(&c, 72, 1);
 	pg = c.a.page_size;
 	bytes = c.a.map_size;
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
@@ -1101,7 +1138,7 @@ ab_storm_main(void *p)
 	while (!__atomic_load_n(&s->stop, __ATOMIC_RELAXED)) {
 		CHECK(ioctl(s->fd, KUP_IOC_WAKE) == 0, "WAKE in the storm");
 		CHECK(write(s->fd, &v, sizeof(v)) == sizeof(v), "write in the storm");
-		s->n++;
+		__atomic_add_fetch(&s->n, 1, __ATOMIC_RELAXED);
 	}
 	return NULL;
 }
@@ -1113,9 +1150,9 @@ abuse_wake_storm(void)
 	pthread_t th[2];
 	struct chan c;
 	char msg[32];
-	int i;
+	int i, rounds;
 
-	chan_open(&c, 74);
+	chan_open_how(&c, 74, 1);
 	echo_round(&c, "storm", "storm");
 	for (i = 0; i < 2; i++) {
 		memset(&s[i], 0, sizeof(s[i]));
@@ -1123,17 +1160,23 @@ abuse_wake_storm(void)
 		CHECK(pthread_create(&th[i], NULL, ab_storm_main, &s[i]) == 0,
 		    "pthread_create");
 	}
-	for (i = 0; i < 300; i++) {
+	/* at least 300 round trips, and on until each storm thread has made
+	 * 2000 wake-ups meanwhile (a scheduler may starve them at first) */
+	for (i = 0; i < 300 || __atomic_load_n(&s[0].n, __ATOMIC_RELAXED) < 2000 ||
+	    __atomic_load_n(&s[1].n, __ATOMIC_RELAXED) < 2000; i++) {
+		CHECK(i < 1000000, "the storm threads never ran");
 		snprintf(msg, sizeof(msg), "storm %d", i);
 		echo_continue(&c, msg);
 	}
+	rounds = i;
 	for (i = 0; i < 2; i++) {
 		__atomic_store_n(&s[i].stop, 1, __ATOMIC_RELAXED);
 		CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
 	}
 	chan_close(&c);
 	chan_usable(74, "wake storm");
-	printf("abuse wake-storm: ok (%lu + %lu wakes)\n", s[0].n, s[1].n);
+	printf("abuse wake-storm: ok (%d round trips, %lu + %lu wakes)\n", rounds,
+	    s[0].n, s[1].n);
 }
 
 /* A thread flips the descriptor while the kernel takes it: the length
@@ -1146,6 +1189,7 @@ struct ab_flip {
 	struct kup_ctrl *ctrl;
 	volatile int stop;
 	int what;     /* 0: len, 1: kind */
+	unsigned long n;   /* flips so far */
 };
 
 static void *
@@ -1161,6 +1205,7 @@ ab_flip_main(void *p)
 		else
 			__atomic_store_n(&f->ctrl->u2k.kind, i & 1 ? 77U : KUP_KIND_DATA,
 			    __ATOMIC_RELAXED);
+		__atomic_store_n(&f->n, i + 1, __ATOMIC_RELAXED);
 	}
 	return NULL;
 }
@@ -1172,13 +1217,13 @@ abuse_flip(int what)
 	pthread_t th;
 	struct chan c;
 	char buf[64];
-	int round, took = 0, refused = 0;
+	int round, took = 0, refused = 0, i;
 
-	for (round = 0; round < 40; round++) {
+	for (round = 0; round < 300; round++) {
 		struct pollfd p;
 		short ev;
 
-		chan_open(&c, 76);
+		chan_open_how(&c, 76, 1);
 		CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
 		memcpy(c.mem + c.ctrl->u2k_off, "flip", 4);
 		c.ctrl->u2k.len = 4;
@@ -1188,6 +1233,12 @@ abuse_flip(int what)
 		f.ctrl = c.ctrl;
 		f.what = what;
 		CHECK(pthread_create(&th, NULL, ab_flip_main, &f) == 0, "pthread_create");
+		/* hand over only once the flipper is flipping (bounded) */
+		for (i = 0; i < 1000000 &&
+		    __atomic_load_n(&f.n, __ATOMIC_RELAXED) < 1000; i++)
+			sched_yield();
+		CHECK(__atomic_load_n(&f.n, __ATOMIC_RELAXED) >= 1000,
+		    "the flipper never ran");
 		handover(&c);
 		/* the reply, or the refusal */
 		ev = wait_user_turn(&c);
@@ -1245,7 +1296,7 @@ abuse_close_in_poll(void)
 	char buf[64];
 	int i;
 
-	chan_open(&c, 78);
+	chan_open_how(&c, 78, 1);
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
 	send_msg(&c, KUP_KIND_DATA, "!delay", 6);   /* answered 300 ms later */
 	__atomic_store_n(&c.ctrl->user_waiting, 1, __ATOMIC_SEQ_CST);
