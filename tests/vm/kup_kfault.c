@@ -920,79 +920,76 @@ echo_continue(struct chan *c, const char *msg)
 	    "reply to '%s'", msg);
 }
 
-/* The mapping inherited by fork, the fd handed over SCM_RIGHTS, dup: the
- * channel stays attached while any fd or mapping of the file is left,
+/* INFO's bits for one channel of the echo device. */
+static uint8_t
+chan_info_bits(uint32_t chan_id)
+{
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	int fd = open_dev();
+	uint8_t bits;
+
+	CHECK(ii != NULL && ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+	bits = ii->attached[chan_id];
+	close(fd);
+	free(ii);
+	return bits;
+}
+
+/* The mapping inherited by fork, the fd dup'ed and handed over
+ * SCM_RIGHTS: the channel stays attached while any fd or mapping of the
+ * file is left -- also after the process that attached it has exited --
  * and is free once the last one is gone. */
 static void
 abuse_fork_pass(void)
 {
 	struct chan c;
-	char buf[64];
-	int sv[2], st, dupfd;
+	char buf[64], b;
+	int sv[2], pfd[2], st;
 	pid_t pid;
 
-	/* fork: the parent lets go at once, the child goes on talking */
+	/* fork: the parent lets go first, then the child goes on talking */
 	chan_open_how(&c, 68, 1);
 	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	CHECK(pipe(pfd) == 0, "pipe");
 	pid = fork();
 	CHECK(pid >= 0, "fork");
 	if (pid == 0) {
-		/* the parent unmaps and closes: the child's copies of the
-		 * mapping and the fd hold the file */
+		close(pfd[1]);
+		CHECK(read(pfd[0], &b, 1) == 1, "the parent never let go");
+		/* the child's copies of the mapping and the fd hold the file */
 		echo_continue(&c, "child of fork");
 		_exit(0);
 	}
+	close(pfd[0]);
 	chan_close(&c);
+	CHECK(chan_info_bits(68) & KUP_INFO_ATTACHED,
+	    "the parent's close let go of a channel its child still maps");
+	CHECK(write(pfd[1], "g", 1) == 1, "write");
+	close(pfd[1]);
 	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
 	    "fork child failed (status 0x%x)", st);
 	chan_usable(68, "fork");
 
-	/* SCM_RIGHTS: the fd goes to a process that maps it itself */
+	/* SCM_RIGHTS: a child attaches, passes a dup of its fd and exits;
+	 * the fd in flight holds the file, and its receiver maps it */
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
 	pid = fork();
 	CHECK(pid >= 0, "fork");
 	if (pid == 0) {
 		char cm[CMSG_SPACE(sizeof(int))];
-		struct msghdr mh;
-		struct iovec iov;
-		struct cmsghdr *h;
 		uint64_t seqs[4];   /* u2k_seq, k2u_seq, page size, map size */
-
-		close(sv[0]);
-		memset(&mh, 0, sizeof(mh));
-		iov.iov_base = seqs;
-		iov.iov_len = sizeof(seqs);
-		mh.msg_iov = &iov;
-		mh.msg_iovlen = 1;
-		mh.msg_control = cm;
-		mh.msg_controllen = sizeof(cm);
-		CHECK(recvmsg(sv[1], &mh, 0) == sizeof(seqs), "recvmsg");
-		h = CMSG_FIRSTHDR(&mh);
-		CHECK(h != NULL && h->cmsg_type == SCM_RIGHTS, "no fd passed");
-		memset(&c, 0, sizeof(c));
-		memcpy(&c.fd, CMSG_DATA(h), sizeof(int));
-		c.u2k_seq = seqs[0];
-		c.k2u_seq = seqs[1];
-		c.a.page_size = (uint32_t)seqs[2];
-		c.a.map_size = seqs[3];
-		c.mem = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
-		    c.fd, 0);
-		CHECK(c.mem != MAP_FAILED, "mmap of a passed fd");
-		c.ctrl = (struct kup_ctrl *)c.mem;
-		CHECK(c.ctrl->chan_id == 70, "passed fd maps chan %u", c.ctrl->chan_id);
-		echo_continue(&c, "passed over a socket");
-		_exit(0);
-	}
-	close(sv[1]);
-	chan_open_how(&c, 70, 1);
-	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
-	{
-		char cm[CMSG_SPACE(sizeof(int))];
-		uint64_t seqs[4] = { c.u2k_seq, c.k2u_seq, c.a.page_size, c.a.map_size };
 		struct iovec iov = { .iov_base = seqs, .iov_len = sizeof(seqs) };
 		struct msghdr mh;
 		struct cmsghdr *h;
+		int dupfd;
 
+		close(sv[0]);
+		chan_open_how(&c, 70, 1);
+		CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+		seqs[0] = c.u2k_seq;
+		seqs[1] = c.k2u_seq;
+		seqs[2] = c.a.page_size;
+		seqs[3] = c.a.map_size;
 		memset(&mh, 0, sizeof(mh));
 		memset(cm, 0, sizeof(cm));
 		mh.msg_iov = &iov;
@@ -1003,17 +1000,46 @@ abuse_fork_pass(void)
 		h->cmsg_level = SOL_SOCKET;
 		h->cmsg_type = SCM_RIGHTS;
 		h->cmsg_len = CMSG_LEN(sizeof(int));
-		/* a dup goes, the original is closed: the file is the same */
 		dupfd = dup(c.fd);
 		CHECK(dupfd >= 0, "dup");
 		memcpy(CMSG_DATA(h), &dupfd, sizeof(int));
-		CHECK(sendmsg(sv[0], &mh, 0) == sizeof(seqs), "sendmsg");
-		close(dupfd);
+		CHECK(sendmsg(sv[1], &mh, 0) == sizeof(seqs), "sendmsg");
+		_exit(0);   /* its fds and mapping go with it */
 	}
-	chan_close(&c);
-	close(sv[0]);
+	close(sv[1]);
 	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
 	    "SCM_RIGHTS child failed (status 0x%x)", st);
+	CHECK(chan_info_bits(70) & KUP_INFO_ATTACHED,
+	    "the channel was let go while its fd was in flight");
+	{
+		char cm[CMSG_SPACE(sizeof(int))];
+		uint64_t seqs[4];
+		struct iovec iov = { .iov_base = seqs, .iov_len = sizeof(seqs) };
+		struct msghdr mh;
+		struct cmsghdr *h;
+
+		memset(&mh, 0, sizeof(mh));
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cm;
+		mh.msg_controllen = sizeof(cm);
+		CHECK(recvmsg(sv[0], &mh, 0) == sizeof(seqs), "recvmsg");
+		h = CMSG_FIRSTHDR(&mh);
+		CHECK(h != NULL && h->cmsg_type == SCM_RIGHTS, "no fd passed");
+		memset(&c, 0, sizeof(c));
+		memcpy(&c.fd, CMSG_DATA(h), sizeof(int));
+		c.u2k_seq = seqs[0];
+		c.k2u_seq = seqs[1];
+		c.a.page_size = (uint32_t)seqs[2];
+		c.a.map_size = seqs[3];
+	}
+	close(sv[0]);
+	c.mem = mmap(NULL, c.a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, 0);
+	CHECK(c.mem != MAP_FAILED, "mmap of a passed fd");
+	c.ctrl = (struct kup_ctrl *)c.mem;
+	CHECK(c.ctrl->chan_id == 70, "passed fd maps chan %u", c.ctrl->chan_id);
+	echo_continue(&c, "passed over a socket");
+	chan_close(&c);
 	chan_usable(70, "scm_rights");
 	printf("abuse fork-pass: ok\n");
 }
@@ -1106,16 +1132,8 @@ abuse_mm(void)
 	 * is woken by KUP_IOC_WAKE only) */
 	CHECK(c.ctrl->magic == KUP_MAGIC && c.mem[c.ctrl->u2k_off + 63] == 0x77,
 	    "the second mapping shows other pages");
-	{
-		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
-
-		fd = open_dev();
-		CHECK(ii != NULL && ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
-		CHECK(ii->attached[72] & KUP_INFO_ATTACHED,
-		    "the channel was let go while a mapping is left");
-		close(fd);
-		free(ii);
-	}
+	CHECK(chan_info_bits(72) & KUP_INFO_ATTACHED,
+	    "the channel was let go while a mapping is left");
 	munmap(p, bytes);
 	chan_usable(72, "mm");
 	printf("abuse mm: ok\n");
