@@ -301,18 +301,29 @@ echo_has_prefix(const unsigned char *p, size_t len, const char *tag)
 #define ECHO_STAMP_DEFAULT  1000U
 #define ECHO_STAMP_MAX_MS   10000U
 
+/* How many bytes of a number a command's argument may have: the digits
+ * are parsed from a copy of at most this many (kupdev.h: the user may
+ * rewrite the payload while the module holds it, so a byte checked as a
+ * digit in place could be another byte when it is used). */
+#define ECHO_ARG_MAX 24
+
 /* The decimal milliseconds at p[from..to) (digits only, stopping at the
- * first other byte): dflt when there are none or they say 0, at most max. */
+ * first other byte, at most ECHO_ARG_MAX of them): dflt when there are
+ * none or they say 0, at most max. */
 static unsigned int
 echo_ms_arg(const unsigned char *p, size_t from, size_t to, unsigned int dflt,
     unsigned int max)
 {
+	unsigned char d[ECHO_ARG_MAX];
 	unsigned int ms = 0;
-	size_t i;
+	size_t i, n = to > from ? to - from : 0;
 
-	for (i = from; i < to && p[i] >= '0' && p[i] <= '9'; i++)
+	if (n > sizeof(d))
+		n = sizeof(d);
+	ECHO_MEMCPY(d, p + from, n);
+	for (i = 0; i < n && d[i] >= '0' && d[i] <= '9'; i++)
 		if (ms <= max)
-			ms = ms * 10U + (unsigned int)(p[i] - '0');
+			ms = ms * 10U + (unsigned int)(d[i] - '0');
 	if (ms == 0)
 		ms = dflt;
 	return ms > max ? max : ms;
@@ -436,12 +447,16 @@ echo_reenter(struct echo_slot *s)
 static size_t
 echo_relay(struct echo_slot *s, const struct kupdev_msg *m)
 {
-	const unsigned char *p = m->data;
-	size_t i = sizeof("!relay") - 1;
+	unsigned char d[ECHO_ARG_MAX];
+	size_t i, n = m->len - (sizeof("!relay") - 1);   /* the caller saw the tag */
 	int to = 0, digits = 0, r, len;
 
-	for (; i < m->len && p[i] >= '0' && p[i] <= '9' && to < 100000; i++) {
-		to = to * 10 + (p[i] - '0');
+	/* parsed from a copy, as echo_ms_arg's */
+	if (n > sizeof(d))
+		n = sizeof(d);
+	ECHO_MEMCPY(d, (const unsigned char *)m->data + sizeof("!relay") - 1, n);
+	for (i = 0; i < n && d[i] >= '0' && d[i] <= '9' && to < 100000; i++) {
+		to = to * 10 + (d[i] - '0');
 		digits++;
 	}
 	r = digits != 0 ? kupdev_send(echo_sc, m->data, m->len, to) : -EINVAL;
