@@ -118,6 +118,7 @@ class StallProxy(FrameProxy):
         except (EOFError, OSError):
             return
         for ftype, _, stream, raw in _frames(down):
+            self._client_frame(ftype, stream)
             with contextlib.suppress(OSError):
                 up.sendall(raw)
             if ftype == RST_STREAM and stream == self._stream:
@@ -136,11 +137,21 @@ class StallProxy(FrameProxy):
                     continue
                 with contextlib.suppress(OSError):
                     down.sendall(raw)
-                if ftype == DATA and len(raw) > 9 and not self._stream:
+                if not self._stream and self._stalls_on(ftype, stream, raw):
                     self._stream = stream
                     self.stalled.set()
         with contextlib.suppress(OSError):
             down.shutdown(socket.SHUT_WR)
+
+    def _client_frame(self, ftype: int, stream: int) -> None:
+        """Each frame from the client, before it is forwarded (for a
+        subclass that follows the client's streams)."""
+
+    def _stalls_on(self, ftype: int, stream: int, raw: bytes) -> bool:
+        """Whether this frame from kupd, forwarded, starts the hold (of
+        what follows on its stream): kupd's first DATA frame with a
+        payload -- a reply."""
+        return ftype == DATA and len(raw) > 9
 
     def _release(self, down: socket.socket) -> None:
         """Forward what was held, and everything from now on."""

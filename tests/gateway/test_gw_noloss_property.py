@@ -55,7 +55,6 @@ import os
 import random
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -67,15 +66,8 @@ from typing import Any
 import pytest
 from gateway_helpers import StartKupd
 from h2stall import (
-    _END_STREAM,
-    _PREFACE_LEN,
-    DATA,
     HEADERS,
-    PING,
-    RST_STREAM,
     StallProxy,
-    _frames,
-    _read_exact,
 )
 
 from kupclient import AsyncClient, Client, Kind, Message
@@ -167,44 +159,18 @@ class ArmedStall(StallProxy):
                 ev.clear()
             self._resume.clear()
 
-    def _from_client(self, down: socket.socket, up: socket.socket) -> None:
-        try:
-            up.sendall(_read_exact(down, _PREFACE_LEN))
-        except (EOFError, OSError):
-            return
-        for ftype, _, stream, raw in _frames(down):
-            if ftype == HEADERS:
-                with self._lock:
-                    self._newest = max(self._newest, stream)
-            with contextlib.suppress(OSError):
-                up.sendall(raw)
-            if ftype == RST_STREAM and stream == self._stream:
-                self.reset_seen.set()
-                self._release(down)
-        with contextlib.suppress(OSError):
-            up.shutdown(socket.SHUT_WR)
-
-    def _from_kupd(self, up: socket.socket, down: socket.socket) -> None:
-        for ftype, flags, stream, raw in _frames(up):
+    def _client_frame(self, ftype: int, stream: int) -> None:
+        if ftype == HEADERS:
             with self._lock:
-                if self._stream and not self._resume.is_set() and ftype != PING:
-                    self._held.append(raw)
-                    if ftype == HEADERS and stream == self._stream and flags & _END_STREAM:
-                        self.status_held.set()
-                    continue
-                with contextlib.suppress(OSError):
-                    down.sendall(raw)
-                if (
-                    not self._resume.is_set()
-                    and not self._stream
-                    and ftype == DATA
-                    and len(raw) > 9
-                    and stream > self._armed_after
-                ):
-                    self._stream = stream
-                    self.stalled.set()
-        with contextlib.suppress(OSError):
-            down.shutdown(socket.SHUT_WR)
+                self._newest = max(self._newest, stream)
+
+    def _stalls_on(self, ftype: int, stream: int, raw: bytes) -> bool:
+        # armed, and a call started after the arm
+        return (
+            not self._resume.is_set()
+            and super()._stalls_on(ftype, stream, raw)
+            and stream > self._armed_after
+        )
 
 
 @pytest.fixture
