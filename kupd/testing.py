@@ -32,6 +32,7 @@ why kupsim died.  Nothing here depends on pytest.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, Generic, TypeVar
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "kupsim",
     "module_path",
     "start_kupd",
+    "thread_frame",
     "wait_until",
     "with_metrics_port",
 ]
@@ -658,6 +661,25 @@ def all_stopped(pid: int) -> bool:
             states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
     return bool(states) and all(st == "T" for st in states)
 
+
+
+def thread_frame(thread: threading.Thread) -> FrameType | None:
+    """The frame ``thread`` runs now (None when it is not running), for a
+    test that waits until a thread is inside some function.
+
+    ``sys._current_frames()`` with the garbage collector off: CPython builds
+    its answer while it holds the interpreter's list of threads, and a
+    collection that starts there runs finalizers under that lock -- gRPC's
+    asyncio layer, when its last object goes, joins its poller thread, which
+    needs that very lock to take the GIL back: a deadlock (a CI run hung in
+    test_gw_client_edges that way, inside ``_current_frames``)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames().get(thread.ident or 0)
+    finally:
+        if enabled:
+            gc.enable()
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     """Poll ``cond`` until it is true; :class:`TimeoutError` naming ``what``

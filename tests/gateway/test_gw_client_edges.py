@@ -31,7 +31,7 @@ import kupclient
 from kupclient import AsyncClient, Client, _types
 from kupclient import errors as kerrors
 from kupd import errors
-from kupd.testing import REPO_ROOT, all_stopped, wait_until
+from kupd.testing import REPO_ROOT, all_stopped, thread_frame, wait_until
 
 BOUND = 5.0  # what must be prompt ends far below this
 #: the grace past an operation's timeout, made short for the tests (a hung
@@ -51,7 +51,7 @@ def _in_rpc(t: threading.Thread) -> bool:
     """Whether thread ``t`` waits in an RPC of kupclient's Client._unary_owed
     (lease_receive, lease_exchange, attach) that it has started (its future
     exists): past the check that would call the client closed already."""
-    frame = sys._current_frames().get(t.ident or 0)
+    frame = thread_frame(t)
     while frame is not None:
         if frame.f_code.co_name == "_unary_owed" and "fut" in frame.f_locals:
             return True

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import pytest
 from gateway_helpers import LOCKHOLD, unlock, wait_locked
 
 from kupclient import Client
-from kupd.testing import KupSim, wait_until
+from kupd.testing import KupSim, thread_frame, wait_until
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -85,7 +84,7 @@ def _waiting_for_the_answer() -> bool:
     blocking call's wait or a future's, not still starting the RPC (gRPC
     starts a thread for a future, and an interrupt there finds no future
     to cancel yet -- a window this test leaves alone)."""
-    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    frame = thread_frame(threading.main_thread())
     while frame is not None:
         code = frame.f_code
         if code.co_name in ("_blocking", "_wait_once") and f"{os.sep}grpc{os.sep}" in (

@@ -157,10 +157,10 @@ SCENARIO_HOST_STOPPED = textwrap.dedent(
     import os, signal, sys, threading, time
     from kupd.channel import Device
     from kupd.errors import KupError
-    from kupd.testing import all_stopped, wait_until
+    from kupd.testing import all_stopped, thread_frame, wait_until
     path, sim = sys.argv[1], int(sys.argv[2])
     def in_info(t):
-        f = sys._current_frames().get(t.ident)
+        f = thread_frame(t)
         while f is not None and not (
             f.f_code.co_name == "info" and f.f_code.co_filename.endswith("channel.py")
         ):
