@@ -25,8 +25,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from attach_recorder import AttachRecorder
 from gateway_helpers import Kupd, StartKupd, child_env
 from h2stall import StallProxy
 
@@ -131,49 +133,83 @@ def test_an_asyncio_attach_cancelled_after_kupd_wrote_its_reply_leaves_no_lease(
     assert _state(client, chan) == "free"
 
 
-#: The attach's gRPC deadline in the deadline test: kupd answers an attach
-#: of a free channel at once, so its reply is in (and its status held) long
-#: before; the deadline then passes while the status is held.  Below the
-#: client's ping timeout (KEEPALIVE_TIMEOUT_MS, 10 s): gRPC pings as the
-#: reply comes in, the proxy holds kupd's answer too, and the client drops
-#: a connection whose ping is not answered in time (Unavailable).
-SHORT_DEADLINE = 8.0
+#: The attach's timeout (its gRPC deadline) in the deadline tests: kupd
+#: answers an attach of a free channel at once, so its reply is in (and its
+#: status held) long before; the deadline then passes while the status is
+#: held.  Below the client's ping timeout (KEEPALIVE_TIMEOUT_MS, 10 s):
+#: gRPC pings as the reply comes in, the proxy holds kupd's answer too, and
+#: the client drops a connection whose ping is not answered in time
+#: (Unavailable).
+SHORT_DEADLINE = 2.0
 
 
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 def test_an_attach_past_its_deadline_after_kupd_wrote_its_reply_leaves_no_lease(
-    client: Client, proxy: StallProxy, monkeypatch: pytest.MonkeyPatch, flavour: str
+    client: Client, proxy: StallProxy, flavour: str
 ) -> None:
+    """The caller's ``timeout`` given up on as the default deadline (30 s)
+    is: the client releases by its attach_id before DeadlineExceeded
+    propagates."""
     chan = 15 if flavour == "sync" else 16
-    monkeypatch.setattr(kupclient._types, "ATTACH_DEADLINE", SHORT_DEADLINE)
     if flavour == "sync":
         with Client(proxy.path) as c, pytest.raises(errors.DeadlineExceeded):
-            c.attach("echo", chan)
+            c.attach("echo", chan, timeout=SHORT_DEADLINE)
     else:
 
         async def main() -> None:
             async with AsyncClient(proxy.path) as c:
                 with pytest.raises(errors.DeadlineExceeded):
-                    await c.attach("echo", chan)
+                    await c.attach("echo", chan, timeout=SHORT_DEADLINE)
 
         asyncio.run(main())
     assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
     assert _state(client, chan) == "free"
 
 
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_attach_carries_its_timeout_or_the_default_30_s(
+    tmp_path: Path, flavour: str
+) -> None:
+    """Without ``timeout`` an attach's deadline is still the documented
+    30 s (kupclient._types.ATTACH_DEADLINE); with one, that one.  Seen by
+    the server (attach_recorder: the deadline each Attach carried as it
+    came in), not waited out."""
+    recorder = AttachRecorder(str(tmp_path / "recorder.sock"))
+    try:
+        if flavour == "sync":
+            with Client(recorder.path) as c:
+                c.attach("echo", 3)
+                c.attach("echo", 3, timeout=2.5)
+        else:
+
+            async def main() -> None:
+                async with AsyncClient(recorder.path) as c:
+                    await c.attach("echo", 3)
+                    await c.attach("echo", 3, timeout=2.5)
+
+            asyncio.run(main())
+    finally:
+        recorder.close()
+    assert kupclient._types.ATTACH_DEADLINE == 30.0
+    default, given = recorder.deadlines
+    # (gRPC's grpc-timeout header rounds up a little; the rest is the
+    # time the call took to arrive)
+    assert default is not None and 20.0 < default <= 30.5, recorder.deadlines
+    assert given is not None and 0.0 < given <= 3.0, recorder.deadlines
+
+
 def test_an_asyncio_attach_cancelled_while_it_releases_past_its_deadline_is_cancelled(
-    kupd: Kupd, client: Client, proxy: StallProxy, monkeypatch: pytest.MonkeyPatch
+    kupd: Kupd, client: Client, proxy: StallProxy
 ) -> None:
     """Past its deadline, the attach releases by its attach_id before
     DeadlineExceeded propagates; its task cancelled while that release
     waits (kupd stopped) gets CancelledError at once -- not DeadlineExceeded,
     the cancel lost -- and the release goes on without it."""
     chan = 17
-    monkeypatch.setattr(kupclient._types, "ATTACH_DEADLINE", SHORT_DEADLINE)
 
     async def main() -> None:
         async with AsyncClient(proxy.path) as c:
-            task = asyncio.ensure_future(c.attach("echo", chan))
+            task = asyncio.ensure_future(c.attach("echo", chan, timeout=SHORT_DEADLINE))
             while not proxy.status_held.is_set():
                 assert not task.done(), task
                 await asyncio.sleep(0.02)

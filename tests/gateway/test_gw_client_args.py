@@ -69,6 +69,16 @@ BAD: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
      "lease id must be valid UTF-8 text"),
     ("attach device not UTF-8", lambda c: c.attach("\udcff"), ValueError,
      "device must be valid UTF-8 text"),
+    # attach(timeout=): the RPC's deadline, > 0 (kupd has no attach timeout of its own)
+    ("attach timeout < 0", lambda c: c.attach("echo", timeout=-2), ValueError,
+     r"timeout must be None or a finite number > 0 seconds, not -2"),
+    ("attach timeout 0", lambda c: c.attach("echo", timeout=0), ValueError,
+     r"> 0 seconds, not 0"),
+    ("attach timeout nan", lambda c: c.attach("echo", timeout=math.nan), ValueError, "not nan"),
+    ("attach timeout 1e10", lambda c: c.attach("echo", timeout=1e10), ValueError,
+     r"timeout must be at most 4294967.295 seconds"),
+    ("attach timeout str", lambda c: c.attach("echo", timeout="2"), TypeError,
+     "timeout must be a number of seconds or None, not str"),
 ]
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "Message",
     "Sampled",
     "WatchEvent",
+    "attach_deadline",
     "call_reply_from_pb",
     "channel_options",
     "deadline",
@@ -261,9 +262,19 @@ def message_from_pb(m: kup_pb2.Message) -> Message:
 #: of a unary RPC with a timeout, and the bound of a Session operation.
 KUPD_GRACE = 5.0
 
-#: The gRPC deadline of an Attach (seconds): kupd itself waits up to 10 s
-#: for a channel its module has not let go of, then answers Releasing.
+#: The gRPC deadline of an Attach (seconds) unless its caller gives one
+#: (``attach(timeout=)``): kupd itself waits up to 10 s for a channel its
+#: module has not let go of, then answers Releasing.
 ATTACH_DEADLINE = 30.0
+
+
+def attach_deadline(timeout: object) -> float:
+    """The gRPC deadline of an Attach whose caller gave ``timeout``
+    (seconds, a finite number > 0; None: ATTACH_DEADLINE, read at each
+    attach).  kupd has no timeout of its own for an Attach: the deadline is
+    all of it, and an attach past it is given up on as an interrupted one."""
+    t = seconds_arg(timeout, zero_ok=False)
+    return ATTACH_DEADLINE if t is None else t
 
 
 def deadline(timeout: float | None) -> float | None:

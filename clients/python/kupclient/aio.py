@@ -48,6 +48,7 @@ from kupclient._types import (
     Message,
     Sampled,
     WatchEvent,
+    attach_deadline,
     call_reply_from_pb,
     channel_options,
     deadline,
@@ -308,22 +309,27 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def attach(self, device: str, chan_id: int | None = None) -> Lease:
-        """Take a lease on a channel (any free one if ``chan_id`` is None).
-        Cancelled while it waits (or past its deadline), it leaves no lease
-        behind: the RPC is cancelled (kupd takes none, or ends one it
-        granted, reason ``caller gone``), and the client releases the lease
-        kupd may have granted meanwhile -- by its id when the reply came in
-        just as the task was cancelled, else by the attach's own random
-        ``attach_id`` -- waiting at most KUPD_GRACE for kupd (not at all if
-        the task is cancelled again) before the CancelledError propagates."""
+    async def attach(
+        self, device: str, chan_id: int | None = None, *, timeout: float | None = None
+    ) -> Lease:
+        """Take a lease on a channel (any free one if ``chan_id`` is None),
+        waiting at most ``timeout`` seconds (None: 30 s; see
+        :meth:`kupclient.Client.attach`).  Cancelled while it waits (or
+        past its deadline), it leaves no lease behind: the RPC is
+        cancelled (kupd takes none, or ends one it granted, reason ``caller
+        gone``), and the client releases the lease kupd may have granted
+        meanwhile -- by its id when the reply came in just as the task was
+        cancelled, else by the attach's own random ``attach_id`` -- waiting
+        at most KUPD_GRACE for kupd (not at all if the task is cancelled
+        again) before the CancelledError propagates."""
         attach_id = secrets.token_hex(16)
         req = kup_pb2.AttachRequest(device=device_arg(device), attach_id=attach_id)
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
+        wait = attach_deadline(timeout)
         given_up = functools.partial(self._attach_given_up, attach_id)
-        return lease_from_pb(await self._unary("Attach", req, _types.ATTACH_DEADLINE, given_up))
+        return lease_from_pb(await self._unary("Attach", req, wait, given_up))
 
     async def lease_send(
         self, lease_id: str, data: Data, *, again_of: str | None = None

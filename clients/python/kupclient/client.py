@@ -48,6 +48,7 @@ from kupclient._types import (
     Message,
     Sampled,
     WatchEvent,
+    attach_deadline,
     call_reply_from_pb,
     channel_options,
     deadline,
@@ -337,8 +338,14 @@ class Client:
             raise
 
     # -- leases -----------------------------------------------------------
-    def attach(self, device: str, chan_id: int | None = None) -> Lease:
+    def attach(
+        self, device: str, chan_id: int | None = None, *, timeout: float | None = None
+    ) -> Lease:
         """Take a lease on a channel (any free one if ``chan_id`` is None).
+
+        ``timeout``: how long to wait for it, seconds (a finite number > 0;
+        None: ATTACH_DEADLINE, 30 s) -- the RPC's deadline, past which it
+        fails DeadlineExceeded.
 
         Interrupted (KeyboardInterrupt, an exception a signal handler
         raises) or past its deadline, it leaves no lease behind: the RPC is
@@ -352,8 +359,9 @@ class Client:
         chan = channel_arg(chan_id)
         if chan is not None:
             req.channel = chan
+        wait = attach_deadline(timeout)
         given_up = functools.partial(self._attach_given_up, attach_id)
-        resp = self._unary_owed("Attach", req, _types.ATTACH_DEADLINE, given_up)
+        resp = self._unary_owed("Attach", req, wait, given_up)
         try:
             return lease_from_pb(resp)
         except BaseException:  # interrupted before the caller has the lease

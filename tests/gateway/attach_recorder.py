@@ -1,0 +1,54 @@
+"""A stand-in for kupd that answers Attach alone and records the deadline
+each Attach carried: how long the client gave it (gRPC's ``grpc-timeout``,
+as the server sees it: ``time_remaining()`` when the call came in).
+
+Every client's attach has a default deadline (30 s) and a caller's
+``timeout``; a test checks which one reached the wire without waiting it
+out.  A real gRPC server on a unix socket (kup.v1.Kup, every other method
+UNIMPLEMENTED); its replies are leases of no kupd (``lease_id``
+"recorded").
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+
+from kupapi import kup_pb2, kup_pb2_grpc
+
+__all__ = ["AttachRecorder"]
+
+
+class _Servicer(kup_pb2_grpc.KupServicer):
+    def __init__(self, recorder: AttachRecorder) -> None:
+        self._recorder = recorder
+
+    def Attach(
+        self, request: kup_pb2.AttachRequest, context: grpc.ServicerContext
+    ) -> kup_pb2.AttachResponse:
+        remaining = context.time_remaining()
+        with self._recorder.lock:
+            self._recorder.deadlines.append(remaining)
+        return kup_pb2.AttachResponse(
+            lease_id="recorded", device=request.device, channel=request.channel
+        )
+
+
+class AttachRecorder:
+    """``AttachRecorder(path)``: serves at ``path`` until :meth:`close`;
+    ``deadlines`` the seconds each Attach had left as it came in (None:
+    it carried no deadline)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.deadlines: list[float | None] = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        kup_pb2_grpc.add_KupServicer_to_server(_Servicer(self), self._server)
+        self._server.add_insecure_port(f"unix:{path}")
+        self._server.start()
+
+    def close(self) -> None:
+        self._server.stop(None)
