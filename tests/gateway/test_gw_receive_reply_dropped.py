@@ -199,6 +199,56 @@ def test_a_receive_given_up_on_in_one_client_is_asked_again_from_another(
     assert (got.kind, got.data) == (Kind.DATA, b"outlives its client")
 
 
+#: what kupd says refusing an operation over the message it kept for NAME
+REFUSED = r"has not received the message of its receive {}.*receive it first \(again_of\)"
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_exchange_given_up_on_in_one_client_is_asked_again_from_another(
+    kupd: Kupd, proxy: StallProxy, lease_id: str, flavour: str
+) -> None:
+    """lease_exchange names itself as lease_receive does: ``receive_id``
+    for the one given up on, whose reply kupd wrote (the proxy holds its
+    status, the client's deadline passes); a fresh client's exchange naming
+    it (``again_of``) is refused NotYourTurn, nothing sent, and its
+    ``lease_receive(again_of=)`` gets the reply.  Before, lease_exchange
+    took no names: its reply was lost with the client, and a fresh
+    client's exchange ran over it."""
+    refused = REFUSED.format("xchg-1")
+    if flavour == "sync":
+        with Client(proxy.path) as c:
+            with pytest.raises(errors.DeadlineExceeded):
+                c.lease_exchange(lease_id, b"request", timeout=SHORT, receive_id="xchg-1")
+        with Client(kupd.socket) as c:
+            with pytest.raises(errors.NotYourTurn, match=refused):
+                c.lease_exchange(lease_id, b"sent anyway", timeout=30, again_of="xchg-1")
+            got = c.lease_receive(lease_id, timeout=30, again_of="xchg-1")
+            # the turn is this side's: the refused exchange sent nothing
+            with pytest.raises(errors.NotYourTurn, match="already received"):
+                c.lease_receive(lease_id, timeout=0)
+    else:
+
+        async def main() -> Message:
+            async with AsyncClient(proxy.path) as c:
+                with pytest.raises(errors.DeadlineExceeded):
+                    await c.lease_exchange(
+                        lease_id, b"request", timeout=SHORT, receive_id="xchg-1"
+                    )
+            async with AsyncClient(kupd.socket) as c:
+                with pytest.raises(errors.NotYourTurn, match=refused):
+                    await c.lease_exchange(
+                        lease_id, b"sent anyway", timeout=30, again_of="xchg-1"
+                    )
+                got = await c.lease_receive(lease_id, timeout=30, again_of="xchg-1")
+                with pytest.raises(errors.NotYourTurn, match="already received"):
+                    await c.lease_receive(lease_id, timeout=0)
+                return got
+
+        got = asyncio.run(main())
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline"
+    assert (got.kind, got.data) == (Kind.DATA, b"request")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
@@ -216,11 +266,18 @@ def test_a_receive_name_kupd_would_refuse_is_refused_before_it_is_sent(
     client.lease_send(lease_id, b"still here")
     with pytest.raises(ArgumentError, match=re.escape(needle)):
         client.lease_receive(lease_id, timeout=30, **kwargs)  # type: ignore[arg-type]
+    # lease_exchange's are checked the same way (and its data not sent)
+    with pytest.raises(ArgumentError, match=re.escape(needle)):
+        client.lease_exchange(lease_id, b"x", timeout=30, **kwargs)  # type: ignore[arg-type]
 
     async def main() -> None:
         async with AsyncClient(client.path) as c:
             with pytest.raises(ArgumentError, match=re.escape(needle)):
                 await c.lease_receive(lease_id, timeout=30, **kwargs)  # type: ignore[arg-type]
+            with pytest.raises(ArgumentError, match=re.escape(needle)):
+                await c.lease_exchange(
+                    lease_id, b"x", timeout=30, **kwargs  # type: ignore[arg-type]
+                )
 
     asyncio.run(main())
     assert client.lease_receive(lease_id, timeout=30).data == b"still here"

@@ -392,21 +392,32 @@ class AsyncClient:
         return message_from_pb(resp.message)
 
     async def lease_exchange(
-        self, lease_id: str, data: Data, timeout: float | None = None
+        self,
+        lease_id: str,
+        data: Data,
+        timeout: float | None = None,
+        *,
+        receive_id: str | None = None,
+        again_of: str | None = None,
     ) -> Message:
         """Send ``data`` on a lease and wait for the reply, in one RPC (see
-        :meth:`kupclient.Client.lease_exchange`)."""
+        :meth:`kupclient.Client.lease_exchange`; ``receive_id`` and
+        ``again_of`` as there)."""
         mode, ms = receive_mode(timeout)
-        pending = self._again.pending(lease_id)
-        receive_id = pending or self._again.fresh()
+        lease = lease_arg(lease_id)
+        pending, receive_id, ask = self._again.names(
+            lease,
+            receive_name_arg(receive_id, "receive_id"),
+            receive_name_arg(again_of, "again_of"),
+        )
         req = kup_pb2.SendRequest(
-            lease_id=lease_arg(lease_id),
+            lease_id=lease,
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
             reply_timeout_ms=ms,
             receive_id=receive_id,
-            again_of=pending,  # as lease_send's
+            again_of=ask,  # as lease_send's
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = await self._unary("Send", req, deadline(timeout), given_up)

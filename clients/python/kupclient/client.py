@@ -455,23 +455,46 @@ class Client:
         self._again.succeeded(lease_id, pending)
         return message_from_pb(resp.message)
 
-    def lease_exchange(self, lease_id: str, data: Data, timeout: float | None = None) -> Message:
+    def lease_exchange(
+        self,
+        lease_id: str,
+        data: Data,
+        timeout: float | None = None,
+        *,
+        receive_id: str | None = None,
+        again_of: str | None = None,
+    ) -> Message:
         """Send ``data`` on a lease and wait for the reply, in one RPC (Send
         with wait_reply).  ``timeout`` as for :meth:`lease_receive`; when the
         wait fails (e.g. DeadlineExceeded) the data was sent and the reply is
         still owed: :meth:`lease_receive` gets it -- also when it was given
-        up on (interrupted) as kupd wrote the reply (``receive_id``)."""
+        up on (interrupted) as kupd wrote the reply (``receive_id``).
+
+        ``receive_id`` and ``again_of`` (keyword-only; within one client,
+        leave them out) as :meth:`lease_receive`'s, for a program whose
+        receives outlive the client: ``receive_id`` names the reply this
+        exchange waits for, so that the next process's ``lease_receive(...,
+        again_of=NAME)`` gets it should this one be given up on after kupd
+        wrote it; ``again_of`` names the lease's receive (or exchange) given
+        up on -- as in :meth:`lease_send`, the exchange is then refused
+        NotYourTurn, nothing sent, while kupd keeps that one's DATA message
+        -- and is this exchange's own name too unless ``receive_id`` is
+        given.  A bad one is an ArgumentError, before anything is sent."""
         mode, ms = receive_mode(timeout)
-        pending = self._again.pending(lease_id)
-        receive_id = pending or self._again.fresh()
+        lease = lease_arg(lease_id)
+        pending, receive_id, ask = self._again.names(
+            lease,
+            receive_name_arg(receive_id, "receive_id"),
+            receive_name_arg(again_of, "again_of"),
+        )
         req = kup_pb2.SendRequest(
-            lease_id=lease_arg(lease_id),
+            lease_id=lease,
             data=data_arg(data),
             wait_reply=True,
             reply_mode=mode,
             reply_timeout_ms=ms,
             receive_id=receive_id,
-            again_of=pending,  # as lease_send's
+            again_of=ask,  # as lease_send's
         )
         given_up = functools.partial(self._receive_given_up, lease_id, receive_id)
         resp = self._unary_owed("Send", req, deadline(timeout), given_up)
