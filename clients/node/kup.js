@@ -18,7 +18,7 @@
 //   await s.pass();
 //   await s.close();                               // resolves once kupd let go of the lease
 //   const r = await client.call('echo', 'ping');   // {data, kind, seq, channel}
-//   const lease = await client.attach('echo');     // leaseSend / leaseReceive /
+//   const lease = await client.attach('echo', null, { timeoutMs: 2000 });  // leaseSend / leaseReceive /
 //   //   leaseExchange / leasePass / release(lease.lease_id)
 //   for await (const ev of client.watch('echo', { initialState: true })) ...  // watch.cancel()
 //   await client.health();                         // 'SERVING'
@@ -71,6 +71,12 @@
 //   timeout, Session.close(), Watch.cancel() or client.close(), and kupd
 //   lets go of what it held or waited for (an Attach lease lives on until
 //   release()).
+// * attach(device, channel, {timeoutMs}) gives up after timeoutMs (the RPC's
+//   deadline; default ATTACH_DEADLINE_MS, 30 s), releasing by its attach_id.
+// * A program whose lease receives outlive the client names them itself:
+//   {receiveId, againOf} of leaseReceive / leaseExchange, {againOf} of
+//   leaseSend / leasePass (up to 64 of [A-Za-z0-9_-], as kupd takes; see
+//   leaseReceive).  Within one client, leave them out.
 // * Calls carry caller `${os.hostname()}:${process.pid}` unless
 //   connect(path, {caller}) or call(..., {caller}) names another.
 // * Result objects use the .proto's snake_case field names (the same as the
@@ -428,6 +434,29 @@ function leaseArg(leaseId) {
     throw new TypeError(`lease id must be a non-empty string, not ${what}`);
   }
   return textArg(leaseId, 'lease id');
+}
+
+// A name a client gives its request (receiveId, againOf: a Receive's
+// receive_id / again_of, a Send's and a Pass's again_of): up to
+// REQUEST_NAME_MAX of [A-Za-z0-9_-], what kupd takes
+// (kupapi.defaults.request_name_error); undefined / null for the client's
+// own.  Checked before it is sent, naming the option.
+const REQUEST_NAME_MAX = 64;
+const REQUEST_NAME = /^[A-Za-z0-9_-]*$/;
+
+function receiveNameArg(value, name) {
+  if (value === undefined || value === null) return null;
+  if (typeof value !== 'string') {
+    throw new TypeError(`${name} must be a string, not ${describe(value)}`);
+  }
+  if (value === '') throw new RangeError(`${name} must not be empty (leave it out: undefined)`);
+  if (value.length > REQUEST_NAME_MAX) {
+    throw new RangeError(`${name} of ${value.length} characters: at most ${REQUEST_NAME_MAX}`);
+  }
+  if (!REQUEST_NAME.test(value)) {
+    throw new RangeError(`${name} ${JSON.stringify(value)}: only letters, digits, '_' and '-'`);
+  }
+  return value;
 }
 
 function callerArg(caller) {
@@ -1253,14 +1282,20 @@ class Client {
   // random attach_id and, given up on, releases by that name
   // (Release{attach_id}: kupd ends the lease it granted, or grants none)
   // before it rejects -- within DEADLINE_SLACK_MS, best effort.  A signal
-  // aborted before the attach sends nothing at all.
+  // aborted before the attach sends nothing at all.  opts.timeoutMs: how
+  // long to wait for the lease, ms (> 0; undefined / null:
+  // ATTACH_DEADLINE_MS, 30 s) -- the RPC's deadline (kupd has no attach
+  // timeout of its own), given up on as the default one is.
   async attach(device, channel, opts) {
     const request = { device: deviceArg(device), attach_id: crypto.randomBytes(16).toString('hex') };
     if (channelArg(channel) !== null) request.channel = channel;
-    const signal = signalOf(opts, 'attach');
+    const { signal: sig, timeoutMs } = optionsArg(opts, ['signal', 'timeoutMs'], 'attach');
+    const signal = signalArg(sig);
+    const deadlineMs = timeoutMs === undefined || timeoutMs === null
+      ? module.exports.ATTACH_DEADLINE_MS : msArg(timeoutMs, false, 'timeoutMs');
     const sent = !(signal && signal.aborted);
     try {
-      return toLease(await this._unary('Attach', request, module.exports.ATTACH_DEADLINE_MS,
+      return toLease(await this._unary('Attach', request, deadlineMs,
         { signal, what: `attach to ${device}` }));
     } catch (err) {
       const gaveUp = err instanceof AbortError ||
@@ -1278,14 +1313,33 @@ class Client {
   // leaseExchange) carry its name (again_of): kupd refuses one over the
   // message it wrote for that receive, which this client never got --
   // NotYourTurn, nothing sent -- and the name stays for the leaseReceive
-  // that gets the message.
+  // that gets the message.  opts.againOf: that name, given by a program
+  // whose receives outlive the client (see leaseReceive), in place of the
+  // client's own.
   async leaseSend(leaseId, data, opts) {
     const request = { lease_id: leaseArg(leaseId), data: dataArg(data) };
-    const signal = signalOf(opts, 'leaseSend');
+    const { signal, againOf } = this._afterOpts(opts, 'leaseSend');
     const pending = this.again.get(leaseId) || '';
-    request.again_of = pending;
+    request.again_of = againOf === null ? pending : againOf;
     await this._unary('Send', request, UNARY_DEADLINE_MS, { signal, what: `leaseSend on lease ${leaseId}` });
     this._succeeded(leaseId, pending);
+  }
+
+  // {signal, againOf} of leaseSend's and leasePass's options, checked.
+  _afterOpts(opts, what) {
+    const { signal, againOf } = optionsArg(opts, ['signal', 'againOf'], what);
+    return { signal: signalArg(signal), againOf: receiveNameArg(againOf, 'againOf') };
+  }
+
+  // {signal, receiveId, againOf} of leaseReceive's and leaseExchange's
+  // options, checked.
+  _receiveOpts(opts, what) {
+    const { signal, receiveId, againOf } = optionsArg(opts, ['signal', 'receiveId', 'againOf'], what);
+    return {
+      signal: signalArg(signal),
+      receiveId: receiveNameArg(receiveId, 'receiveId'),
+      againOf: receiveNameArg(againOf, 'againOf'),
+    };
   }
 
   // The lease's receive given up on (named receiveId): its name is the one
@@ -1316,11 +1370,15 @@ class Client {
   // is the one the next receive asks for.  A signal aborted before sends
   // nothing and changes nothing.  An exchange names it too (again_of, as
   // leaseSend): refused NotYourTurn over the message kupd kept for it.
-  async _leaseReply(method, request, leaseId, deadlineMs, opts) {
+  // names {receiveId, againOf} (null: the client's own) take the place of
+  // those, as Python's ReceiveNames.names: the caller's againOf is this
+  // one's own name too unless it gives receiveId.
+  async _leaseReply(method, request, leaseId, deadlineMs, opts, names) {
     const pending = this.again.get(leaseId) || '';
-    const receiveId = pending || crypto.randomBytes(16).toString('hex');
+    const ask = names.againOf === null ? pending : names.againOf;
+    const receiveId = names.receiveId || ask || crypto.randomBytes(16).toString('hex');
     request.receive_id = receiveId;
-    request.again_of = pending;
+    request.again_of = ask;
     const sent = !(opts.signal && opts.signal.aborted);
     let resp;
     try {
@@ -1344,12 +1402,21 @@ class Client {
   // stays and loses nothing: a message kupd took for the aborted receive
   // is kept for the lease's next receive, and one whose reply kupd wrote
   // as the abort came is that receive's again (_leaseReply).
+  //
+  // Within one client, leave opts.receiveId and opts.againOf out.  A
+  // program whose receives outlive the client (a new process each time,
+  // as `kupctl recv`) gives them itself: receiveId, the name this receive
+  // carries; againOf, the name of the lease's receive given up on -- kupd
+  // answers with the message it wrote for that one, if it did, else this
+  // is a receive like any other; this receive then carries that name too,
+  // unless receiveId is given.  Up to 64 of [A-Za-z0-9_-]; a bad one is a
+  // TypeError / RangeError naming it, nothing sent.
   async leaseReceive(leaseId, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const request = { lease_id: leaseArg(leaseId), mode, timeout_ms };
-    const signal = signalOf(opts, 'leaseReceive');
+    const { signal, ...names } = this._receiveOpts(opts, 'leaseReceive');
     return fromReceived(await this._leaseReply('Receive', request, leaseId,
-      deadlineFor(timeoutMs), { signal, what: `leaseReceive on lease ${leaseId}` }));
+      deadlineFor(timeoutMs), { signal, what: `leaseReceive on lease ${leaseId}` }, names));
   }
 
   // Send with wait_reply: the data and the wait for the reply in one RPC.
@@ -1357,6 +1424,9 @@ class Client {
   // is still owed: leaseReceive gets it.  Aborted, the same once kupd had
   // sent the data; an abort that came first sent nothing, and leaseReceive
   // is then NotYourTurn (the turn is still this side's: send again).
+  // opts.receiveId / opts.againOf as leaseReceive's (its Send carries
+  // both): againOf refuses it, NotYourTurn and nothing sent, over the
+  // message kupd kept for that name, as leaseSend's does.
   async leaseExchange(leaseId, data, timeoutMs, opts) {
     const { mode, timeout_ms } = receiveMode(timeoutMs);
     const request = {
@@ -1366,19 +1436,20 @@ class Client {
       reply_mode: mode,
       reply_timeout_ms: timeout_ms,
     };
-    const signal = signalOf(opts, 'leaseExchange');
+    const { signal, ...names } = this._receiveOpts(opts, 'leaseExchange');
     const resp = await this._leaseReply('Send', request, leaseId, deadlineFor(timeoutMs),
-      { signal, what: `leaseExchange on lease ${leaseId}` });
+      { signal, what: `leaseExchange on lease ${leaseId}` }, names);
     // a kupd without wait_reply
     if (!resp.reply) return this.leaseReceive(leaseId, timeoutMs, { signal });
     return fromReceived(resp.reply);
   }
 
+  // opts.againOf as leaseSend's.
   async leasePass(leaseId, opts) {
-    const signal = signalOf(opts, 'leasePass');
+    const { signal, againOf } = this._afterOpts(opts, 'leasePass');
     const request = { lease_id: leaseArg(leaseId) };
     const pending = this.again.get(leaseId) || '';
-    request.again_of = pending;  // as leaseSend's
+    request.again_of = againOf === null ? pending : againOf;  // as leaseSend's
     await this._unary('Pass', request, UNARY_DEADLINE_MS,
       { signal, what: `leasePass on lease ${leaseId}` });
     this._succeeded(leaseId, pending);

@@ -88,7 +88,7 @@ def node_deps() -> None:
 CALL_TIMEOUT = "2"
 
 #: The test files and the least number of tests each must pass.
-NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 9, "abort.js": 11}
+NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 10, "abort.js": 11}
 
 
 #: The flags of the kupd the test files run against (docs/kupctl.md names
@@ -148,13 +148,12 @@ def test_node_client_big_messages(big_kupd_socket: str) -> None:
 
 
 #: The Node attach past its deadline: kupd's reply goes through the proxy,
-#: its status is held, and the deadline (shortened, as the Python test
-#: does: below gRPC's ping timeout) passes.
+#: its status is held, and the attach's timeoutMs (short, as the Python
+#: test's: below gRPC's ping timeout) passes.
 ATTACH_PAST_DEADLINE = """
 const kup = require(process.argv[1]);
-kup.ATTACH_DEADLINE_MS = 8000;
 const client = kup.connect(process.argv[2]);
-client.attach('echo', Number(process.argv[3])).then(
+client.attach('echo', Number(process.argv[3]), { timeoutMs: 2000 }).then(
   (lease) => { console.log('attached', lease.lease_id); client.close(); },
   (err) => { console.log(err.constructor.name); client.close(); },
 );
@@ -164,9 +163,9 @@ client.attach('echo', Number(process.argv[3])).then(
 def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
     node_deps: None, cli_gateway: ModuleType, tmp_path: Path
 ) -> None:
-    """An attach past its deadline after kupd wrote its reply (for kupd:
-    delivered) -- gRPC drops the reply -- leaves no lease: the client
-    releases by its attach_id before it rejects (see
+    """An attach past its deadline (its timeoutMs) after kupd wrote its
+    reply (for kupd: delivered) -- gRPC drops the reply -- leaves no
+    lease: the client releases by its attach_id before it rejects (see
     tests/gateway/test_gw_attach_reply_dropped.py for the Python client)."""
     chan = 5
     with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
@@ -381,6 +380,157 @@ def test_node_client_send_after_a_receive_given_up_on_loses_nothing(
         "NotYourTurn true",
         "again data not lost",
         "forgotten true",
+    ], report
+
+
+#: A program whose receives outlive their client names them itself: the
+#: receive given up on (through the proxy: kupd's reply goes through, its
+#: status is held, the deadline passes) names itself (receiveId); a second,
+#: fresh client's leaseSend, leasePass and leaseExchange naming it
+#: (againOf) are refused NotYourTurn, nothing sent, and its leaseReceive
+#: naming it gets the message.
+NAMED_RECEIVE_ACROSS_CLIENTS = """
+const kup = require(process.argv[1]);
+const direct = kup.connect(process.argv[2]);
+const stalled = kup.connect(process.argv[3]);
+let fresh = null;
+(async () => {
+  const lease = await direct.attach('echo', Number(process.argv[4]));
+  const id = lease.lease_id;
+  await direct.leaseReceive(id, 30000);  // echo's greeting (a PASS)
+  await direct.leaseSend(id, 'outlives its client');
+  direct.close();
+  try {
+    await stalled.leaseReceive(id, 1000, { receiveId: 'given-up_1' });
+    console.log('received');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  stalled.close();
+  fresh = kup.connect(process.argv[2]);
+  const againOf = 'given-up_1';
+  for (const op of [() => fresh.leaseSend(id, 'sent anyway', { againOf }),
+    () => fresh.leasePass(id, { againOf }),
+    () => fresh.leaseExchange(id, 'exchanged anyway', 30000, { againOf })]) {
+    try {
+      await op();
+      console.log('ran');
+    } catch (err) {
+      console.log(`${err.constructor.name} ${err.message.includes('its receive given-up_1')}`);
+    }
+  }
+  const got = await fresh.leaseReceive(id, 30000, { againOf });
+  console.log(`again ${got.kind} ${got.data.toString()}`);
+  try {  // nothing was sent: the turn is this side's
+    await fresh.leaseReceive(id, 0);
+    console.log('received');
+  } catch (err) {
+    console.log(`${err.constructor.name} ${err.message.includes('already received')}`);
+  }
+  await fresh.release(id);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  direct.close();
+  stalled.close();
+  if (fresh) fresh.close();
+});
+"""
+
+
+def test_node_client_receive_given_up_in_one_client_is_named_by_another(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """leaseReceive's receiveId / againOf and leaseSend's, leasePass's and
+    leaseExchange's againOf, for a program whose receives outlive the
+    client (see tests/gateway/test_gw_receive_reply_dropped.py and
+    test_gw_send_after_given_up.py for Python).  Before, the names lived
+    in the client that gave up: a fresh client's send ran over the message
+    kupd kept, and its receive could not ask for it."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", NAMED_RECEIVE_ACROSS_CLIENTS, str(NODE_DIR / "kup.js"), gw.socket,
+                 proxy.path, "6"],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    assert proc.stdout.split("\n")[:6] == [
+        "DeadlineExceeded",
+        "NotYourTurn true",
+        "NotYourTurn true",
+        "NotYourTurn true",
+        "again data outlives its client",
+        "NotYourTurn true",
+    ], report
+
+
+#: As NAMED_RECEIVE_ACROSS_CLIENTS for an exchange: the one given up on
+#: names its reply (receiveId); the fresh client's exchange naming it is
+#: refused, and its leaseReceive naming it gets the reply.
+NAMED_EXCHANGE_ACROSS_CLIENTS = """
+const kup = require(process.argv[1]);
+const direct = kup.connect(process.argv[2]);
+const stalled = kup.connect(process.argv[3]);
+let fresh = null;
+(async () => {
+  const lease = await direct.attach('echo', Number(process.argv[4]));
+  const id = lease.lease_id;
+  await direct.leaseReceive(id, 30000);  // echo's greeting (a PASS)
+  direct.close();
+  try {
+    await stalled.leaseExchange(id, 'request', 1000, { receiveId: 'xchg-1' });
+    console.log('exchanged');
+  } catch (err) {
+    console.log(err.constructor.name);
+  }
+  stalled.close();
+  fresh = kup.connect(process.argv[2]);
+  try {
+    await fresh.leaseExchange(id, 'sent anyway', 30000, { againOf: 'xchg-1' });
+    console.log('ran');
+  } catch (err) {
+    console.log(`${err.constructor.name} ${err.message.includes('its receive xchg-1')}`);
+  }
+  const got = await fresh.leaseReceive(id, 30000, { againOf: 'xchg-1' });
+  console.log(`again ${got.kind} ${got.data.toString()}`);
+  await fresh.release(id);
+})().catch((err) => console.log(`error ${err.message}`)).finally(() => {
+  direct.close();
+  stalled.close();
+  if (fresh) fresh.close();
+});
+"""
+
+
+def test_node_client_exchange_given_up_in_one_client_is_named_by_another(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """leaseExchange's receiveId and againOf (its Send carries both)."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            proc = subprocess.run(
+                ["node", "-e", NAMED_EXCHANGE_ACROSS_CLIENTS, str(NODE_DIR / "kup.js"),
+                 gw.socket, proxy.path, "6"],
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            proxy.close()
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    assert proc.stdout.split("\n")[:3] == [
+        "DeadlineExceeded",
+        "NotYourTurn true",
+        "again data request",
     ], report
 
 

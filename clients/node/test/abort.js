@@ -134,7 +134,7 @@ test('a bad signal or option is refused before anything is sent, naming it', asy
     [client.call(device, 'x', { signal: {} }), TypeError, /^signal must be an AbortSignal, not object$/],
     [client.listDevices(device, { signal: 'stop' }), TypeError, /^signal must be an AbortSignal, not string "stop"$/],
     [client.leaseReceive('L1', 0, { signal: true }), TypeError, /^signal must be an AbortSignal, not boolean$/],
-    [client.attach(device, null, { sginal: null }), TypeError, /^attach: unknown option "sginal" \(known: signal\)$/],
+    [client.attach(device, null, { sginal: null }), TypeError, /^attach: unknown option "sginal" \(known: signal, timeoutMs\)$/],
     [client.openSession(device, null, 5), TypeError, /^openSession options must be an object, not 5$/],
     [client.health('', []), TypeError, /^health options must be an object, not array$/],
   ];

@@ -28,9 +28,14 @@ function startFake() {
     m.set('kup-error', kind);
     return m;
   };
-  // Attach and the rest are not implemented: UNIMPLEMENTED, as an Admin
-  // method on a tenant's socket
+  // Attach records the deadline it came with and grants a lease of no
+  // kupd; the rest are not implemented: UNIMPLEMENTED, as an Admin method
+  // on a tenant's socket
   server.addService(kup.loadKup().Kup.service, {
+    Attach(call, cb) {
+      calls.push({ request: call.request, deadline: call.getDeadline() });
+      cb(null, { lease_id: 'recorded', device: call.request.device, channel: call.request.channel });
+    },
     Call(call, cb) {
       const text = call.request.data.toString();
       calls.push({ request: call.request, deadline: call.getDeadline() });
@@ -103,6 +108,18 @@ test('a Call without timeoutMs sends timeout_ms 0 (kupd\'s call_timeout) and has
   assert.ok(left > 6000 && left < 7000, `deadline ${left} ms away`);
 });
 
+test('an attach without timeoutMs has the documented 30 s deadline; with one, that one', async () => {
+  assert.equal(kup.ATTACH_DEADLINE_MS, 30000);
+  let t0 = Date.now();
+  await fakeClient.attach(device, 3);
+  let left = Number(fake.calls[fake.calls.length - 1].deadline) - t0;
+  assert.ok(left > 29000 && left <= 30000 + 1000, `deadline ${left} ms away`);
+  t0 = Date.now();
+  await fakeClient.attach(device, 3, { timeoutMs: 2500 });
+  left = Number(fake.calls[fake.calls.length - 1].deadline) - t0;
+  assert.ok(left > 1500 && left <= 2500 + 1000, `deadline ${left} ms away`);
+});
+
 test('against kupd, a Call without timeoutMs waits kupd\'s call_timeout (2 s here), not a client default', async () => {
   const t0 = Date.now();
   await assert.rejects(client.call(device, '!hold'),
@@ -136,7 +153,7 @@ test('statuses without kup-error metadata are mapped by code', async () => {
   }
   await assert.rejects(fakeClient.call(device, 'gone'), (err) => kup.isConnectionFailure(err));
   // gRPC's own UNIMPLEMENTED: not served on this socket
-  await assert.rejects(fakeClient.attach(device), (err) => {
+  await assert.rejects(fakeClient.release('L1'), (err) => {
     kupErr(kup.NotFound, /does not serve that method/, S.UNIMPLEMENTED)(err);
     assert.equal(err.fromKupd, false);
     return true;
@@ -292,6 +309,22 @@ test('the lease API refuses bad arguments before anything is sent, naming them',
     [fakeClient.leasePass({}), TypeError, /^lease id must be a non-empty string, not object$/],
     [fakeClient.release(''), TypeError, /^lease id must be a non-empty string, not ""$/],
     [fakeClient.release('\ud800'), RangeError, /^lease id must be valid UTF-8/],
+    // attach's timeoutMs: the RPC's deadline, > 0
+    [fakeClient.attach(device, 3, { timeoutMs: -1 }), RangeError, /^timeoutMs must be .* > 0, not -1$/],
+    [fakeClient.attach(device, 3, { timeoutMs: 0 }), RangeError, /> 0, not 0$/],
+    [fakeClient.attach(device, 3, { timeoutMs: NaN }), RangeError, /not NaN$/],
+    [fakeClient.attach(device, 3, { timeoutMs: 2 ** 32 }), RangeError, /<= 4294967295 .* not 4294967296$/],
+    [fakeClient.attach(device, 3, { timeoutMs: '2000' }), TypeError, /^timeoutMs must be a number of milliseconds, not string "2000"$/],
+    // receive names: up to 64 of [A-Za-z0-9_-], as kupd and every client
+    [fakeClient.leaseReceive('L1', 0, { receiveId: 'no spaces' }), RangeError, /^receiveId "no spaces": only letters, digits, '_' and '-'$/],
+    [fakeClient.leaseReceive('L1', 0, { againOf: 'x'.repeat(65) }), RangeError, /^againOf of 65 characters: at most 64$/],
+    [fakeClient.leaseReceive('L1', 0, { againOf: '' }), RangeError, /^againOf must not be empty/],
+    [fakeClient.leaseReceive('L1', 0, { receiveId: 7 }), TypeError, /^receiveId must be a string, not 7$/],
+    [fakeClient.leaseExchange('L1', 'x', 100, { receiveId: 'a/b' }), RangeError, /^receiveId "a\/b": only letters/],
+    [fakeClient.leaseExchange('L1', 'x', 100, { againOf: 'x'.repeat(65) }), RangeError, /^againOf of 65 characters/],
+    [fakeClient.leaseSend('L1', 'x', { againOf: 'no spaces' }), RangeError, /^againOf "no spaces": only letters/],
+    [fakeClient.leaseSend('L1', 'x', { receiveId: 'x' }), TypeError, /^leaseSend: unknown option "receiveId" \(known: signal, againOf\)$/],
+    [fakeClient.leasePass('L1', { againOf: '' }), RangeError, /^againOf must not be empty/],
   ];
   for (const [promise, cls, re] of refused) {
     await assert.rejects(promise, (err) => {
