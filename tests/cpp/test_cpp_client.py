@@ -33,6 +33,7 @@ import pytest
 from kupd.testing import REPO_ROOT, Kupd, doc_block
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
+from attach_recorder import AttachRecorder  # tests/gateway's
 from h2stall import StallProxy  # tests/gateway's
 
 CPP_DIR = REPO_ROOT / "clients" / "cpp"
@@ -213,10 +214,11 @@ def test_cpp_client_send_after_receive_past_deadline(
 def test_cpp_client_attach_past_deadline(
     cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str
 ) -> None:
-    """An attach past its deadline (30 s) after kupd wrote its reply (for
-    kupd: delivered) -- a proxy passes the reply and holds kupd's status,
-    and gRPC drops the reply with the call -- leaves no lease: the client
-    releases by its attach_id before it throws."""
+    """An attach past its deadline (its timeout, 2 s: given up on as the
+    default 30 s is) after kupd wrote its reply (for kupd: delivered) -- a
+    proxy passes the reply and holds kupd's status, and gRPC drops the
+    reply with the call -- leaves no lease: the client releases by its
+    attach_id before it throws."""
     with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
         proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
         try:
@@ -224,6 +226,45 @@ def test_cpp_client_attach_past_deadline(
         finally:
             proxy.close()
         assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_attach_deadline(cpp_build: None, tmp_path: Path, build: str) -> None:
+    """An attach without a timeout still carries the documented 30 s
+    (kup::ATTACH_DEADLINE); with one, that one -- as the server sees them
+    (attach_recorder), not waited out."""
+    recorder = AttachRecorder(str(tmp_path / "recorder.sock"))
+    try:
+        _run_tests(build, recorder.path, "attach_deadline")
+    finally:
+        recorder.close()
+    default, given = recorder.deadlines
+    # (gRPC's grpc-timeout header rounds up a little; the rest is the
+    # time the call took to arrive)
+    assert default is not None and 20.0 < default <= 30.5, recorder.deadlines
+    assert given is not None and 0.0 < given <= 3.0, recorder.deadlines
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
+@pytest.mark.parametrize(
+    "name", ["named_receive_across_clients", "named_exchange_across_clients"]
+)
+def test_cpp_client_receive_named_across_clients(
+    cpp_build: None, cli_gateway: ModuleType, tmp_path: Path, build: str, name: str
+) -> None:
+    """kup::ReceiveNames, for a program whose receives outlive the client:
+    a lease_receive (or lease_exchange) given up on after kupd wrote its
+    reply names itself (receive_id); a second, fresh client's lease_send,
+    lease_pass and lease_exchange naming it (again_of) are NotYourTurn,
+    nothing sent, and its lease_receive naming it gets the message (see
+    tests/gateway/test_gw_receive_reply_dropped.py for Python)."""
+    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
+        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        try:
+            _run_tests(build, proxy.path, name, env={"KUPD_DIRECT": gw.socket})
+        finally:
+            proxy.close()
+        assert proxy.status_held.is_set(), "kupd did not answer within the deadline"
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))

@@ -136,6 +136,9 @@ constexpr std::size_t MAX_PAYLOAD = MAX_GRPC_MESSAGE - 64 * 1024;
 // How long past an operation's own timeout the client waits for kupd's
 // answer (kupd applies the timeout itself): Python's KUPD_GRACE.
 constexpr ms KUPD_GRACE{5000};
+// How long an attach waits for its lease unless its caller says (attach's
+// timeout): Python's ATTACH_DEADLINE, Node's ATTACH_DEADLINE_MS.
+constexpr ms ATTACH_DEADLINE{30000};
 
 enum class Kind : int { Data = 1, Pass = 2, Close = 3 };
 const char* kind_name(Kind k) noexcept;  // "data", "pass", "close"
@@ -179,6 +182,28 @@ struct DeviceInfo {
     std::uint32_t not_answering_ms = 0;
     std::string calls_tenant;
     bool cannot_attach = false;
+};
+
+// The names of a lease receive, for a program whose receives outlive the
+// client (a new process each time, as `kupctl recv`); within one client,
+// leave them out (the client names its receives itself).  Each is
+// std::nullopt (the client's own) or up to 64 of [A-Za-z0-9_-], what kupd
+// takes; anything else, "" included, is an ArgumentError naming it,
+// nothing sent.
+//   receive_id: the name this lease_receive / lease_exchange carries: kupd
+//     keeps the message it answers with, and the next process's receive
+//     naming it (again_of) gets it should this one be given up on.
+//   again_of: the name of the lease's receive (or exchange) given up on.
+//     A lease_receive naming it gets the message kupd kept for it (else it
+//     is a receive like any other); a lease_send, lease_pass or
+//     lease_exchange naming it is NotYourTurn, nothing sent, while that
+//     message is a DATA one.  A receive or exchange with again_of and no
+//     receive_id carries that name on.
+// Either takes the place of the name the client would have used.
+// lease_send and lease_pass take again_of only.
+struct ReceiveNames {
+    std::optional<std::string> receive_id;
+    std::optional<std::string> again_of;
 };
 
 struct Lease {
@@ -278,15 +303,29 @@ public:
     // kupd had written (gRPC drops it), the lease's next lease_receive gets
     // that message; a lease_send, lease_pass or lease_exchange before it is
     // NotYourTurn, nothing sent, instead of dropping it.
-    Lease attach(std::string_view device, std::optional<std::uint32_t> channel = std::nullopt);
+    //
+    // attach's timeout: how long to wait for the lease (> 0; std::nullopt:
+    // ATTACH_DEADLINE, 30 s) -- the RPC's deadline (kupd has no attach
+    // timeout of its own).  Past it, DeadlineExceeded, and the client
+    // releases by the attach's random attach_id (within KUPD_GRACE, best
+    // effort) before it throws: a lease kupd granted as it passed does not
+    // stay.
+    Lease attach(std::string_view device, std::optional<std::uint32_t> channel = std::nullopt,
+                 std::optional<ms> timeout = std::nullopt);
     void lease_send(std::string_view lease_id, std::string_view data);
+    void lease_send(std::string_view lease_id, std::string_view data, const ReceiveNames& names);
     void lease_pass(std::string_view lease_id);
+    void lease_pass(std::string_view lease_id, const ReceiveNames& names);
     // std::nullopt only when timeout is 0 and nothing is there yet.
     std::optional<Message> lease_receive(std::string_view lease_id, Timeout timeout = std::nullopt);
+    std::optional<Message> lease_receive(std::string_view lease_id, Timeout timeout,
+                                         const ReceiveNames& names);
     // Send and wait for the reply in one RPC; a failed wait leaves the data
     // sent and the reply owed (lease_receive gets it).
     std::optional<Message> lease_exchange(std::string_view lease_id, std::string_view data,
                                           Timeout timeout = std::nullopt);
+    std::optional<Message> lease_exchange(std::string_view lease_id, std::string_view data,
+                                          Timeout timeout, const ReceiveNames& names);
     void release(std::string_view lease_id);
 
 private:

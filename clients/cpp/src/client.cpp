@@ -141,6 +141,27 @@ std::string lease_arg(std::string_view lease_id) {
     return l;
 }
 
+// A request name the caller gave (ReceiveNames): std::nullopt, or up to
+// 64 of [A-Za-z0-9_-] (kupapi.defaults.request_name_error, kupd's rule).
+std::optional<std::string> name_arg(const std::optional<std::string>& value, const char* name) {
+    if (!value) return std::nullopt;
+    const std::string& v = *value;
+    constexpr std::size_t MAX = 64;
+    if (v.empty())
+        throw ArgumentError(std::string(name) + " must not be empty (leave it out: std::nullopt)");
+    if (v.size() > MAX)
+        throw ArgumentError(std::string(name) + " of " + std::to_string(v.size()) +
+                            " characters: at most " + std::to_string(MAX));
+    for (char ch : v) {
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                  ch == '_' || ch == '-';
+        if (!ok)
+            throw ArgumentError(std::string(name) + " '" + v.substr(0, MAX) +
+                                "': only letters, digits, '_' and '-'");
+    }
+    return v;
+}
+
 std::string data_arg(std::string_view data, const char* name = "data") {
     if (data.size() > MAX_PAYLOAD)
         throw_too_big(std::string(name) + " of " + std::to_string(data.size()) +
@@ -830,11 +851,14 @@ std::string new_attach_id() {
 }
 }  // namespace
 
-Lease Client::attach(std::string_view device, std::optional<std::uint32_t> channel) {
+Lease Client::attach(std::string_view device, std::optional<std::uint32_t> channel,
+                     std::optional<ms> timeout) {
     auto& c = core_of(core_);
     pb::AttachRequest req;
     req.set_device(detail::device_arg(device));
     if (channel) req.set_channel(*channel);
+    detail::timeout_arg(timeout, false);
+    const ms deadline = timeout ? *timeout : ATTACH_DEADLINE;
     // kupd may grant the lease and write its reply as the deadline passes:
     // gRPC then drops the reply, and the lease is known to no one.  The
     // attach names itself, and past its deadline releases by that name
@@ -845,7 +869,7 @@ Lease Client::attach(std::string_view device, std::optional<std::uint32_t> chann
             [&](grpc::ClientContext* ctx, pb::AttachResponse* r) {
                 return c.stub->Attach(ctx, req, r);
             },
-            detail::SHORT_RPC);
+            deadline);
         return detail::lease_of(resp);
     } catch (const DeadlineExceeded&) {
         pb::ReleaseRequest rel;
@@ -862,36 +886,81 @@ Lease Client::attach(std::string_view device, std::optional<std::uint32_t> chann
     }
 }
 
+namespace {
+// The again_of of a lease_send / lease_pass's names (which take no receive_id).
+std::optional<std::string> again_only(const ReceiveNames& names, const char* what) {
+    if (names.receive_id)
+        throw ArgumentError(std::string(what) + " takes no receive_id (again_of only)");
+    return detail::name_arg(names.again_of, "again_of");
+}
+}  // namespace
+
 void Client::lease_send(std::string_view lease_id, std::string_view data) {
+    lease_send(lease_id, data, ReceiveNames{});
+}
+
+void Client::lease_send(std::string_view lease_id, std::string_view data,
+                        const ReceiveNames& names) {
     auto& c = core_of(core_);
     pb::SendRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
     req.set_data(detail::data_arg(data));
+    auto again_of = again_only(names, "lease_send");
     // After a receive on the lease given up on, its name (again_of): kupd
     // refuses the send over the message it wrote for that receive, which
     // this client never got -- NotYourTurn, nothing sent -- and the name
-    // stays for the lease_receive that gets the message.
+    // stays for the lease_receive that gets the message.  The caller's
+    // again_of takes its place.
     std::string pending = c.pending_again(lease_id);
-    req.set_again_of(pending);
+    req.set_again_of(again_of ? *again_of : pending);
     c.call_unary<pb::SendResponse>(
         [&](grpc::ClientContext* ctx, pb::SendResponse* r) { return c.stub->Send(ctx, req, r); },
         detail::SHORT_RPC);
     c.again_succeeded(lease_id, pending);  // it ran: nothing to ask again for
 }
 
-void Client::lease_pass(std::string_view lease_id) {
+void Client::lease_pass(std::string_view lease_id) { lease_pass(lease_id, ReceiveNames{}); }
+
+void Client::lease_pass(std::string_view lease_id, const ReceiveNames& names) {
     auto& c = core_of(core_);
     pb::PassRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
+    auto again_of = again_only(names, "lease_pass");
     std::string pending = c.pending_again(lease_id);
-    req.set_again_of(pending);  // as lease_send's
+    req.set_again_of(again_of ? *again_of : pending);  // as lease_send's
     c.call_unary<pb::PassResponse>(
         [&](grpc::ClientContext* ctx, pb::PassResponse* r) { return c.stub->Pass(ctx, req, r); },
         detail::SHORT_RPC);
     c.again_succeeded(lease_id, pending);
 }
 
+namespace {
+// (pending, receive_id, again_of) of a lease receive or exchange: the name
+// of the lease's receive given up on ("" none), and the names the request
+// carries -- the caller's (checked) in place of the client's own, its
+// again_of this one's own name too unless it gives receive_id (Python's
+// ReceiveNames.names: should this one be given up on as well, the name
+// kupd keeps is the one the next asks for).
+struct Named {
+    std::string pending, receive_id, again_of;
+};
+Named names_of(detail::ClientCore& c, std::string_view lease_id, const ReceiveNames& names) {
+    auto receive_id = detail::name_arg(names.receive_id, "receive_id");
+    auto again_of = detail::name_arg(names.again_of, "again_of");
+    Named n;
+    n.pending = c.pending_again(lease_id);
+    n.again_of = again_of ? *again_of : n.pending;
+    n.receive_id = receive_id ? *receive_id : n.again_of.empty() ? new_attach_id() : n.again_of;
+    return n;
+}
+}  // namespace
+
 std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout timeout) {
+    return lease_receive(lease_id, timeout, ReceiveNames{});
+}
+
+std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout timeout,
+                                             const ReceiveNames& names) {
     auto& c = core_of(core_);
     pb::ReceiveRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
@@ -903,9 +972,10 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
     // until the lease's next operation, and the next lease_receive after
     // one past its deadline names that one (again_of): the same message
     // (and takes its name as its own: see ClientCore::again).
-    std::string pending = c.pending_again(lease_id);
-    req.set_receive_id(pending.empty() ? new_attach_id() : pending);
-    req.set_again_of(pending);
+    Named n = names_of(c, lease_id, names);
+    const std::string& pending = n.pending;
+    req.set_receive_id(n.receive_id);
+    req.set_again_of(n.again_of);
     pb::ReceiveResponse resp;
     try {
         resp = c.call_unary<pb::ReceiveResponse>(
@@ -927,6 +997,11 @@ std::optional<Message> Client::lease_receive(std::string_view lease_id, Timeout 
 
 std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::string_view data,
                                               Timeout timeout) {
+    return lease_exchange(lease_id, data, timeout, ReceiveNames{});
+}
+
+std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::string_view data,
+                                              Timeout timeout, const ReceiveNames& names) {
     auto& c = core_of(core_);
     pb::SendRequest req;
     req.set_lease_id(detail::lease_arg(lease_id));
@@ -935,9 +1010,10 @@ std::optional<Message> Client::lease_exchange(std::string_view lease_id, std::st
     req.set_wait_reply(true);
     req.set_reply_mode(mode);
     req.set_reply_timeout_ms(t);
-    std::string pending = c.pending_again(lease_id);  // as lease_receive's
-    req.set_receive_id(pending.empty() ? new_attach_id() : pending);
-    req.set_again_of(pending);  // as lease_send's
+    Named n = names_of(c, lease_id, names);  // as lease_receive's
+    const std::string& pending = n.pending;
+    req.set_receive_id(n.receive_id);
+    req.set_again_of(n.again_of);  // as lease_send's
     pb::SendResponse resp;
     try {
         resp = c.call_unary<pb::SendResponse>(

@@ -319,16 +319,107 @@ void test_leases() {
 }
 
 // Run against a proxy (tests/gateway/h2stall.py) that passes kupd's reply
-// to the first RPC and holds its status: the attach's deadline (30 s)
-// passes after kupd wrote the reply, which gRPC then drops.  The client
-// releases by its attach_id: the channel is free at once.
+// to the first RPC and holds its status: the attach's deadline (its
+// timeout, 2 s; the default one, 30 s, is given up on the same way) passes
+// after kupd wrote the reply, which gRPC then drops.  The client releases
+// by its attach_id: the channel is free at once.
 void test_attach_past_deadline() {
     kup::Client c(g_socket);
     const std::uint32_t chan = 5;  // (not one of the Call pool's)
     expect_throw<kup::DeadlineExceeded>(
-        [&] { c.attach(g_device, chan); },
+        [&] { c.attach(g_device, chan, kup::ms(2000)); },
         is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
     CHECK_EQ(channel_state(c, chan), std::string("free"));
+}
+
+// Run against tests/gateway/attach_recorder.py, a server that grants every
+// Attach a lease "recorded" and records the deadline it came with (the
+// Python side checks those: 30 s, then 2.5 s).
+void test_attach_deadline() {
+    CHECK(kup::ATTACH_DEADLINE == kup::ms(30000));
+    kup::Client c(g_socket);
+    CHECK_EQ(c.attach(g_device, 3).lease_id, std::string("recorded"));
+    CHECK_EQ(c.attach(g_device, 3, kup::ms(2500)).lease_id, std::string("recorded"));
+}
+
+// A program whose receives outlive the client names them itself
+// (kup::ReceiveNames).  Against the proxy, kupd's direct socket in
+// KUPD_DIRECT: the lease_receive through the proxy, named, is given up on
+// after kupd wrote its reply; a second, fresh client's lease_send,
+// lease_pass and lease_exchange naming it (again_of) are NotYourTurn,
+// nothing sent, and its lease_receive naming it gets the message.
+void test_named_receive_across_clients() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    const std::uint32_t chan = 6;  // (not one of the Call pool's)
+    std::string lease_id;
+    {
+        kup::Client d(direct);
+        kup::Lease l = d.attach(g_device, chan);
+        lease_id = l.lease_id;
+        auto hello = d.lease_receive(lease_id, T);
+        CHECK(hello && hello->kind == kup::Kind::Pass);
+        d.lease_send(lease_id, "outlives its client");
+    }
+    {
+        kup::Client c(g_socket);
+        expect_throw<kup::DeadlineExceeded>(
+            [&] { c.lease_receive(lease_id, kup::ms{1000}, {"given-up_1", std::nullopt}); },
+            is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    }
+    kup::Client fresh(direct);
+    kup::ReceiveNames again;
+    again.again_of = "given-up_1";
+    auto refused = is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true,
+                                              "its receive given-up_1");
+    expect_throw<kup::NotYourTurn>([&] { fresh.lease_send(lease_id, "sent anyway", again); },
+                                   refused, WHERE);
+    expect_throw<kup::NotYourTurn>([&] { fresh.lease_pass(lease_id, again); }, refused, WHERE);
+    expect_throw<kup::NotYourTurn>(
+        [&] { fresh.lease_exchange(lease_id, "exchanged anyway", T, again); }, refused, WHERE);
+    auto got = fresh.lease_receive(lease_id, T, again);
+    CHECK(got && got->kind == kup::Kind::Data);
+    CHECK_EQ(got->data, expected_echo(chan, "outlives its client"));
+    // nothing was sent: the turn is this side's
+    expect_throw<kup::NotYourTurn>(
+        [&] { fresh.lease_receive(lease_id, kup::ms(0)); },
+        is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true, "already received"),
+        WHERE);
+    fresh.release(lease_id);
+}
+
+// As test_named_receive_across_clients for an exchange: the one given up
+// on names its reply (receive_id); a fresh client's exchange naming it is
+// NotYourTurn, and its lease_receive naming it gets the reply.
+void test_named_exchange_across_clients() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    const std::uint32_t chan = 6;
+    std::string lease_id;
+    {
+        kup::Client d(direct);
+        kup::Lease l = d.attach(g_device, chan);
+        lease_id = l.lease_id;
+        auto hello = d.lease_receive(lease_id, T);
+        CHECK(hello && hello->kind == kup::Kind::Pass);
+    }
+    {
+        kup::Client c(g_socket);
+        expect_throw<kup::DeadlineExceeded>(
+            [&] { c.lease_exchange(lease_id, "request", kup::ms{1000}, {"xchg-1", std::nullopt}); },
+            is_error<kup::DeadlineExceeded>(kup::StatusCode::DEADLINE_EXCEEDED, false), WHERE);
+    }
+    kup::Client fresh(direct);
+    kup::ReceiveNames again;
+    again.again_of = "xchg-1";
+    expect_throw<kup::NotYourTurn>(
+        [&] { fresh.lease_exchange(lease_id, "sent anyway", T, again); },
+        is_error<kup::NotYourTurn>(kup::StatusCode::FAILED_PRECONDITION, true, "its receive xchg-1"),
+        WHERE);
+    auto got = fresh.lease_receive(lease_id, T, again);
+    CHECK(got && got->kind == kup::Kind::Data);
+    CHECK_EQ(got->data, expected_echo(chan, "request"));
+    fresh.release(lease_id);
 }
 
 // Run against the same proxy, kupd's direct socket in KUPD_DIRECT: the
@@ -594,6 +685,35 @@ void test_bad_arguments() {
     expect_throw<kup::ArgumentError>([&] { c.release(""); }, arg_error("lease id is required"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.list_devices("\xc0\xaf"); },
                                      arg_error("device must be valid UTF-8"), WHERE);
+    // attach's timeout: the RPC's deadline, > 0, what uint32 ms hold
+    expect_throw<kup::ArgumentError>([&] { c.attach(g_device, 3, kup::ms(-1)); },
+                                     arg_error("timeout must be std::nullopt or > 0 ms, not -1"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.attach(g_device, 3, kup::ms(0)); },
+                                     arg_error("> 0 ms, not 0"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.attach(g_device, 3, kup::ms(4294967296LL)); },
+                                     arg_error("at most 4294967295 ms"), WHERE);
+    // receive names: up to 64 of [A-Za-z0-9_-], as kupd and every client
+    kup::ReceiveNames spaces{"no spaces", std::nullopt};
+    kup::ReceiveNames long_again{std::nullopt, std::string(65, 'x')};
+    kup::ReceiveNames empty_again{std::nullopt, std::string()};
+    kup::ReceiveNames just_id{"an-id", std::nullopt};
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), spaces); },
+                                     arg_error("receive_id 'no spaces': only letters, digits, '_' and '-'"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), long_again); },
+                                     arg_error("again_of of 65 characters: at most 64"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), empty_again); },
+                                     arg_error("again_of must not be empty"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_exchange("l", "x", T, spaces); },
+                                     arg_error("receive_id 'no spaces'"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_exchange("l", "x", T, long_again); },
+                                     arg_error("again_of of 65 characters"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_send("l", "x", long_again); },
+                                     arg_error("again_of of 65 characters"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_pass("l", empty_again); },
+                                     arg_error("again_of must not be empty"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_send("l", "x", just_id); },
+                                     arg_error("lease_send takes no receive_id (again_of only)"), WHERE);
     // on an open session, which goes on afterwards (nothing was sent)
     kup::Session s = c.open(g_device);
     s.receive(T);
@@ -1219,6 +1339,9 @@ const Test TESTS[] = {
     {"kupd_shutdown", test_kupd_shutdown, true},
     {"kupd_killed", test_kupd_killed, true},
     {"attach_past_deadline", test_attach_past_deadline, true},
+    {"attach_deadline", test_attach_deadline, true},
+    {"named_receive_across_clients", test_named_receive_across_clients, true},
+    {"named_exchange_across_clients", test_named_exchange_across_clients, true},
     {"receive_past_deadline", test_receive_past_deadline, true},
     {"receive_past_deadline_then_refused", test_receive_past_deadline_then_refused, true},
     {"send_after_receive_past_deadline", test_send_after_receive_past_deadline, true},
