@@ -608,3 +608,23 @@ def test_recv_run_again_without_again_of_leaves_the_message_for_the_hint(
     assert got.returncode == 0, (got.returncode, got.stderr)
     assert got.stdout.strip().endswith(MESSAGE), got.stdout
     _exactly_once(gw, lease)
+
+
+def test_attach_past_its_timeout_leaves_no_lease(gw: Gateway, proxy: StallProxy) -> None:
+    """``kupctl attach --timeout S``: the attach's deadline is S (the proxy
+    passes kupd's reply and holds its status, so gRPC drops the reply as S
+    passes); it exits DeadlineExceeded and the lease kupd granted is
+    released by the attach's name, not left to idle out."""
+    channel = next(_CHANNELS)
+    p = subprocess.run(
+        [str(console_script("kupctl")), "--socket", proxy.path, "attach", "echo",
+         "--channel", str(channel), "--timeout", SHORT],
+        capture_output=True, text=True, env=gw.env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
+    assert p.returncode == EXIT_DEADLINE, (p.returncode, p.stderr)
+    assert p.stderr.startswith("kupctl: DeadlineExceeded: "), p.stderr
+    assert p.stdout == "", p.stdout
+    with Client(gw.socket) as c:
+        (dev,) = c.devices("echo")
+        assert dev.channels[channel].state == "free", dev.channels[channel]

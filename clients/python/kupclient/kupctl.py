@@ -458,7 +458,7 @@ def _print_message(
 
 def cmd_attach(args: argparse.Namespace, out: Output) -> int:
     with _client(args) as c:
-        lease = c.attach(args.device, args.channel)
+        lease = c.attach(args.device, args.channel, timeout=args.timeout)
         try:
             if out.as_json:
                 out.json(lease_json(lease))
@@ -1086,6 +1086,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("attach", cmd_attach, "take a lease on a channel; prints the lease id")
     sp.add_argument("device", metavar="DEVICE")
     sp.add_argument("--channel", type=_channel_id, metavar="N", help="channel id (default: any)")
+    sp.add_argument(
+        "--timeout",
+        type=_timeout,
+        metavar="S",
+        help="give up after S seconds (default 30), leaving no lease behind",
+    )
 
     def after_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
