@@ -160,20 +160,29 @@ client.attach('echo', Number(process.argv[3]), { timeoutMs: 2000 }).then(
 """
 
 
-def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
-    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
-) -> None:
-    """An attach past its deadline (its timeoutMs) after kupd wrote its
-    reply (for kupd: delivered) -- gRPC drops the reply -- leaves no
-    lease: the client releases by its attach_id before it rejects (see
-    tests/gateway/test_gw_attach_reply_dropped.py for the Python client)."""
-    chan = 5
+def _through_stall(
+    cli_gateway: ModuleType,
+    tmp_path: Path,
+    script: str,
+    channel: int,
+    *,
+    direct: bool = True,
+    free_after: bool = False,
+) -> tuple[list[str], str]:
+    """Run ``script`` (node -e) against a kupd of its own through
+    tests/gateway's StallProxy, which passes kupd's reply to the first RPC
+    and holds its status, so that the RPC's deadline passes after kupd wrote
+    its reply: the script's arguments are kup.js, kupd's own socket
+    (``direct``), the proxy's and ``channel``.  Returns its stdout lines and
+    a report for assertions; checks that the proxy held kupd's status (kupd
+    answered within the deadline) and, with ``free_after``, that
+    ``channel`` is free once the script is done."""
     with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
         proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
+        sockets = [gw.socket, proxy.path] if direct else [proxy.path]
         try:
             proc = subprocess.run(
-                ["node", "-e", ATTACH_PAST_DEADLINE, str(NODE_DIR / "kup.js"), proxy.path,
-                 str(chan)],
+                ["node", "-e", script, str(NODE_DIR / "kup.js"), *sockets, str(channel)],
                 capture_output=True,
                 text=True,
                 timeout=RUN_TIMEOUT,
@@ -182,10 +191,25 @@ def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
         finally:
             proxy.close()
         report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        assert proc.stdout.split() == ["DeadlineExceeded"], report
-        assert proxy.status_held.is_set(), "kupd did not answer the attach within its deadline"
-        with Client(gw.socket) as c:
-            assert c.devices("echo")[0].channels[chan].state == "free"
+        assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+        if free_after:
+            with Client(gw.socket) as c:
+                state = c.devices("echo")[0].channels[channel].state
+            assert state == "free", state + "\n" + report
+    return proc.stdout.split("\n"), report
+
+
+def test_node_client_attach_past_its_deadline_after_kupd_wrote_its_reply(
+    node_deps: None, cli_gateway: ModuleType, tmp_path: Path
+) -> None:
+    """An attach past its deadline (its timeoutMs) after kupd wrote its
+    reply (for kupd: delivered) -- gRPC drops the reply -- leaves no
+    lease: the client releases by its attach_id before it rejects (see
+    tests/gateway/test_gw_attach_reply_dropped.py for the Python client)."""
+    lines, report = _through_stall(
+        cli_gateway, tmp_path, ATTACH_PAST_DEADLINE, 5, direct=False, free_after=True
+    )
+    assert [line for line in lines if line] == ["DeadlineExceeded"], report
 
 
 #: A lease receive past its deadline after kupd wrote its reply: the lease
@@ -222,24 +246,8 @@ def test_node_client_receive_past_its_deadline_after_kupd_wrote_its_reply(
     drops the reply -- loses nothing: the next leaseReceive names it
     (again_of) and gets the same message (see
     tests/gateway/test_gw_receive_reply_dropped.py for the Python client)."""
-    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
-        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
-        try:
-            proc = subprocess.run(
-                ["node", "-e", RECEIVE_PAST_DEADLINE, str(NODE_DIR / "kup.js"), gw.socket,
-                 proxy.path, "6"],
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT,
-                check=False,
-            )
-        finally:
-            proxy.close()
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
-    assert proc.stdout.split("\n")[:2] == ["DeadlineExceeded", "again data the one message"], (
-        report
-    )
+    lines, report = _through_stall(cli_gateway, tmp_path, RECEIVE_PAST_DEADLINE, 6)
+    assert lines[:2] == ["DeadlineExceeded", "again data the one message"], report
 
 
 #: As RECEIVE_PAST_DEADLINE, with a leaseSend between that kupd refuses
@@ -286,23 +294,9 @@ def test_node_client_receive_given_up_then_an_operation_refused_before_it_ran(
     the lease succeeds: one refused before it ran (TooBig) left kupd's kept
     message as it was, and the client forgot the name (NotYourTurn
     'already received').  And the names kept are bounded."""
-    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
-        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
-        try:
-            proc = subprocess.run(
-                ["node", "-e", RECEIVE_PAST_DEADLINE_THEN_REFUSED, str(NODE_DIR / "kup.js"),
-                 gw.socket, proxy.path, "5"],
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT,
-                check=False,
-            )
-        finally:
-            proxy.close()
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
+    lines, report = _through_stall(cli_gateway, tmp_path, RECEIVE_PAST_DEADLINE_THEN_REFUSED, 5)
     # (echo answers channel 5 in upper case)
-    assert proc.stdout.lower().split("\n")[:4] == [
+    assert [line.lower() for line in lines[:4]] == [
         "deadlineexceeded",
         "toobig",
         "again data the one message",
@@ -358,22 +352,8 @@ def test_node_client_send_after_a_receive_given_up_on_loses_nothing(
     up on whose reply kupd had written is refused NotYourTurn -- before,
     it ran and the message was lost -- and the next leaseReceive gets it
     (see tests/gateway/test_gw_send_after_given_up.py for Python)."""
-    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
-        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
-        try:
-            proc = subprocess.run(
-                ["node", "-e", SEND_AFTER_RECEIVE_GIVEN_UP, str(NODE_DIR / "kup.js"), gw.socket,
-                 proxy.path, "6"],
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT,
-                check=False,
-            )
-        finally:
-            proxy.close()
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
-    assert proc.stdout.split("\n")[:6] == [
+    lines, report = _through_stall(cli_gateway, tmp_path, SEND_AFTER_RECEIVE_GIVEN_UP, 6)
+    assert lines[:6] == [
         "DeadlineExceeded",
         "NotYourTurn true",
         "NotYourTurn true",
@@ -445,22 +425,8 @@ def test_node_client_receive_given_up_in_one_client_is_named_by_another(
     test_gw_send_after_given_up.py for Python).  Before, the names lived
     in the client that gave up: a fresh client's send ran over the message
     kupd kept, and its receive could not ask for it."""
-    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
-        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
-        try:
-            proc = subprocess.run(
-                ["node", "-e", NAMED_RECEIVE_ACROSS_CLIENTS, str(NODE_DIR / "kup.js"), gw.socket,
-                 proxy.path, "6"],
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT,
-                check=False,
-            )
-        finally:
-            proxy.close()
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
-    assert proc.stdout.split("\n")[:6] == [
+    lines, report = _through_stall(cli_gateway, tmp_path, NAMED_RECEIVE_ACROSS_CLIENTS, 6)
+    assert lines[:6] == [
         "DeadlineExceeded",
         "NotYourTurn true",
         "NotYourTurn true",
@@ -512,22 +478,8 @@ def test_node_client_exchange_given_up_in_one_client_is_named_by_another(
     node_deps: None, cli_gateway: ModuleType, tmp_path: Path
 ) -> None:
     """leaseExchange's receiveId and againOf (its Send carries both)."""
-    with cli_gateway.gateway(("echo:2",), args=("--lease-idle-timeout", "600")) as gw:
-        proxy = StallProxy(str(tmp_path / "stall.sock"), gw.socket)
-        try:
-            proc = subprocess.run(
-                ["node", "-e", NAMED_EXCHANGE_ACROSS_CLIENTS, str(NODE_DIR / "kup.js"),
-                 gw.socket, proxy.path, "6"],
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT,
-                check=False,
-            )
-        finally:
-            proxy.close()
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proxy.status_held.is_set(), "kupd did not answer within the deadline\n" + report
-    assert proc.stdout.split("\n")[:3] == [
+    lines, report = _through_stall(cli_gateway, tmp_path, NAMED_EXCHANGE_ACROSS_CLIENTS, 6)
+    assert lines[:3] == [
         "DeadlineExceeded",
         "NotYourTurn true",
         "again data request",
