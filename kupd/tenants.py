@@ -88,6 +88,11 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self.kup = kup  # KupService: the tenant's watch streams are counted there
         self.retired = retired  # this socket's (kupd.policy.socket_retired)
 
+    def rebind(self, retired: asyncio.Future[None]) -> None:
+        """The retirement the RPCs that start from now on are served with
+        (:meth:`TenantKup.rebind`)."""
+        self.retired = retired
+
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant, self.retired)
         try:
@@ -131,6 +136,20 @@ class TenantKup(kup_pb2_grpc.KupServicer):
         # of two.
         self.__dict__["Send"] = functools.partial(inner.Send, tenant=tenant, retired=retired)
         self.__dict__["Call"] = functools.partial(inner.Call, tenant=tenant, retired=retired)
+
+    def rebind(self, retired: asyncio.Future[None]) -> None:
+        """The retirement (kupd.policy.socket_retired) that the RPCs of this
+        socket's server starting from now on are served with; those under
+        way keep theirs.  A new one when a retired server serves its
+        tenant's socket again, or a failed one that says where the tenant's
+        socket is now (SocketSet._reinstate, SocketSet._reword).
+
+        The server's handlers are the partials above, taken as it was
+        built (kupd.wire.add_kup_servicer): their keywords are changed in
+        place, which the next call of each uses."""
+        self.retired = retired
+        for name in ("Session", "Send", "Call"):
+            self.__dict__[name].keywords["retired"] = retired
 
     async def _unary(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant, self.retired)  # this RPC's own task: no reset needed
@@ -693,6 +712,19 @@ class SocketSet:
         self.calls_grace = 1.0
         #: the shared options (``options``) each server was built with
         self._built_with: dict[grpc.aio.Server, tuple[tuple[str, Any], ...]] = {}
+        #: each server's tenant services, until it stops: what _reinstate
+        #: and _reword give a new retirement
+        self._wrappers: dict[grpc.aio.Server, tuple[TenantKup, TenantHealth]] = {}
+        #: by key: the retired servers waiting for their RPCs to end before
+        #: they stop (_stop_retired), each with the future _reinstate
+        #: fulfils -- with the server's new retirement -- when a reload
+        #: gives that tenant its socket at that path back
+        self._awaiting: dict[
+            tuple[str, str], dict[grpc.aio.Server, asyncio.Future[asyncio.Future[None]]]
+        ] = {}
+        #: by key: the retired servers stopping now (_stop_retired: their
+        #: RETIRED_STOP_GRACE), which _reinstate and _reword rebind too
+        self._ending: dict[tuple[str, str], set[grpc.aio.Server]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -762,14 +794,11 @@ class SocketSet:
         self._retired[server] = retired
         # kupd.wire: the Session by hand; a request protobuf cannot parse
         # answered INVALID_ARGUMENT by the service edge
-        add_kup_servicer(
-            TenantKup(self.kup, ep.tenant, retired),
-            server,
-            getattr(self.kup, "refuse_malformed", None),
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(
-            TenantHealth(self.health, ep.tenant, self.kup, retired), server
-        )
+        kup = TenantKup(self.kup, ep.tenant, retired)
+        health = TenantHealth(self.health, ep.tenant, self.kup, retired)
+        self._wrappers[server] = (kup, health)
+        add_kup_servicer(kup, server, getattr(self.kup, "refuse_malformed", None))
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names = [KUP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if ep.tenant.admin:
             kup_pb2_grpc.add_AdminServicer_to_server(self.admin(), server)
@@ -801,6 +830,7 @@ class SocketSet:
             self._retired.pop(server, None)
             self._built_with.pop(server, None)
             self._bound_at.pop(server, None)
+            self._wrappers.pop(server, None)
             await server.stop(None)
             if exc.strerror is None:  # _not_ours
                 raise
@@ -906,24 +936,7 @@ class SocketSet:
         finally:
             if marker:
                 self._unlink_if(marker, fid)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + SWAP_DRAIN
-        retiring = False
-        while loop.time() < until and not self._stopping.is_set():
-            if retired is not None and retired.done():
-                # a later reload moved or removed the socket (_retire): the
-                # old server's connections must go now, as the retired
-                # server's do (once their RPCs are over: _stop_retired).
-                # Kept, every RPC on them would keep meeting the move's
-                # "connect there" -- a new client too (gRPC shares
-                # connections by target), even after the socket moved back
-                # to this path.
-                retiring = True
-                break
-            counts = open_connections([bound_at])
-            if counts is None or not counts.get(bound_at, 0):
-                break  # none left (or channelz cannot say: stop now)
-            await self._unless_retired(asyncio.sleep(SWAP_POLL), retired)
+        retiring = await self._until_idle(bound_at, retired)
         self._bound_at.pop(server, None)
         self._built_with.pop(server, None)
         try:
@@ -931,12 +944,9 @@ class SocketSet:
                 await self._stop_retired(key, server, bound_at, self.calls_grace)
             else:
                 await server.stop(float("inf"))
+                self._wrappers.pop(server, None)
         finally:
-            waits = self._replaced.get(key, [])
-            if retired in waits:
-                waits.remove(retired)
-            if not waits:
-                self._replaced.pop(key, None)
+            self._forget_replaced(key, retired)
         log.info(
             "replaced socket server stopped: what it served is over",
             socket=key[0],
@@ -944,8 +954,39 @@ class SocketSet:
             second_name=bool(marker),
         )
 
+    async def _until_idle(self, bound_at: str, retired: asyncio.Future[None] | None) -> bool:
+        """Return once the server a swap replaced (:meth:`_drain`), or a
+        retired one whose socket a reload gave back (:meth:`_stop_retired`),
+        listening at ``bound_at``, has no connection left -- SWAP_DRAIN at
+        most, or until kupd stops --: False; True, at once, when its
+        retirement ``retired`` fires meanwhile (a later reload moved or
+        removed the socket: _retire).  Then the server's connections must
+        go now, as a retired server's do (once their RPCs are over:
+        _stop_retired); kept, every RPC on them would keep meeting the
+        move's "connect there", a new client's too (gRPC shares
+        connections by target)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SWAP_DRAIN
+        while loop.time() < until and not self._stopping.is_set():
+            if retired is not None and retired.done():
+                return True
+            counts = open_connections([bound_at])
+            if counts is None or not counts.get(bound_at, 0):
+                break  # none left (or channelz cannot say: stop now)
+            await self._unless_retired(asyncio.sleep(SWAP_POLL), retired)
+        return False
+
+    def _forget_replaced(self, key: tuple[str, str], retired: asyncio.Future[None] | None) -> None:
+        """A replaced server's retirement, its server stopped: no longer one
+        that a _retire of ``key`` fails."""
+        waits = self._replaced.get(key, [])
+        if retired in waits:
+            waits.remove(retired)
+        if not waits:
+            self._replaced.pop(key, None)
+
     async def _unless_retired(
-        self, aw: Coroutine[Any, Any, None], retired: asyncio.Future[None] | None
+        self, aw: Coroutine[Any, Any, None], retired: asyncio.Future[Any] | None
     ) -> None:
         """Await ``aw`` (:meth:`_drain`'s waits), cut short the moment the
         server's retirement fires (_retire: a reload moved or removed the
@@ -984,6 +1025,7 @@ class SocketSet:
         self._retired.pop(server, None)
         self._built_with.pop(server, None)
         self._bound_at.pop(server, None)
+        self._wrappers.pop(server, None)
         await server.stop(grace)
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
@@ -1098,6 +1140,7 @@ class SocketSet:
             self._retired.pop(server, None)
             self._built_with.pop(server, None)
             self._bound_at.pop(server, None)
+            self._wrappers.pop(server, None)
             await server.stop(None)  # gRPC removes the socket it bound
 
     async def commit(
@@ -1129,6 +1172,7 @@ class SocketSet:
                 self._swap(st)
             else:
                 self._install(st)
+                self._reinstate(st[0].key)
         removed: list[str] = []
         ended: dict[str, int] = {}
         for key in list(self.servers):
@@ -1143,7 +1187,71 @@ class SocketSet:
         self._undo = []
         for key, ep in want.items():
             self.servers[key] = (ep, self.servers[key][1])
+        self._reword(wanted)
         return added, removed, ended
+
+    def _reinstate(self, key: tuple[str, str]) -> None:
+        """A reload gave tenant ``key[1]`` its socket at ``key[0]`` back
+        while the server retired there (moved or removed by an earlier
+        reload) still waits for its RPCs to end before it stops
+        (:meth:`_stop_retired`): that server serves the tenant's socket
+        again -- as a server a swap replaced does (:meth:`_swap`): what
+        starts on the connections it has is served, until each has been
+        idle for CONNECTION_IDLE (:meth:`_until_idle`); the new server
+        has the path, and every new connection.
+
+        Why: its connections are still open, and gRPC hands a process's
+        open connection to every channel of it to the same path -- a new
+        client's too.  Refused as the retirement said, their RPCs were
+        told to connect to the path the socket had moved to, which serves
+        nobody now (found by the stateful fuzz); stopped at once, the
+        server would cancel, unrun, what its clients send before they read
+        its GOAWAY (see _drain) and cut the Calls it still runs."""
+        loop = asyncio.get_running_loop()
+        for server, back in self._awaiting.pop(key, {}).items():
+            if back.done():
+                continue
+            retired: asyncio.Future[None] = loop.create_future()
+            for w in self._wrappers.get(server, ()):
+                w.rebind(retired)
+            self._replaced.setdefault(key, []).append(retired)
+            back.set_result(retired)
+            log.info("retired socket server serves again", socket=key[0], tenant=key[1])
+        # one stopping already has told its connections to go; what its
+        # clients sent before they read that is served too, not refused
+        for server in self._ending.get(key, set()):
+            wrappers = self._wrappers.get(server, ())
+            if wrappers and wrappers[0].retired is not None and wrappers[0].retired.done():
+                retired = loop.create_future()
+                for w in wrappers:
+                    w.rebind(retired)
+                self._replaced.setdefault(key, []).append(retired)
+
+    def _reword(self, wanted: list[Endpoint]) -> None:
+        """After a reload that serves ``wanted``: the retired servers still
+        waiting for their RPCs to end (:meth:`_stop_retired`) refuse what
+        starts on their connections saying where their tenant's socket is
+        now -- not where an earlier reload had moved it, a path that may
+        serve nobody since (or another tenant)."""
+        loop = asyncio.get_running_loop()
+        retired = [(key, set(waiting)) for key, waiting in self._awaiting.items()]
+        for (path, tenant), servers in [*retired, *self._ending.items()]:
+            why = _retired_why(tenant, path, wanted)
+            for server in servers:
+                wrappers = self._wrappers.get(server, ())
+                r = wrappers[0].retired if wrappers else None
+                if r is None or not r.done():
+                    continue  # serving again (_reinstate)
+                said = None if r.cancelled() else r.exception()
+                if isinstance(said, errors.KupError) and said.message == why.message:
+                    continue
+                now: asyncio.Future[None] = loop.create_future()
+                now.set_exception(why)
+                now.exception()  # retrieved: no "never retrieved" warning
+                for w in wrappers:
+                    w.rebind(now)
+                log.info("retired socket server refuses anew", socket=path, tenant=tenant,
+                         why=why.message)  # fmt: skip
 
     def _retire(
         self, key: tuple[str, str], grace: float, why: errors.Unavailable
@@ -1215,9 +1323,54 @@ class SocketSet:
         a ListDevices' probe within PROBE_WAIT.  Past it only an RPC whose
         client stopped reading (its handler blocked in a write) or a longer
         Call is left: gRPC cuts it as the server stops ("Cancelling all
-        calls").  kupd's stop cuts the wait short (:meth:`stop`)."""
-        left = await self._until_rpcs_over(bound_at, grace)
-        await server.stop(RETIRED_STOP_GRACE)
+        calls").  kupd's stop cuts the wait short (:meth:`stop`).
+
+        Unless a reload gives the socket back to its tenant meanwhile
+        (:meth:`_reinstate`): the server then serves what starts on its
+        connections again until they are idle (:meth:`_until_idle`), and
+        stops as a replaced server does -- or as this, should a later
+        reload retire the socket again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            back: asyncio.Future[asyncio.Future[None]] = loop.create_future()
+            self._awaiting.setdefault(key, {})[server] = back
+            try:
+                left = await self._until_rpcs_over(bound_at, grace, back)
+            finally:
+                waiting = self._awaiting.get(key, {})
+                if waiting.get(server) is back:
+                    del waiting[server]
+                    if not waiting:
+                        self._awaiting.pop(key, None)
+            if not back.done() or self._stopping.is_set():
+                break
+            retired = back.result()
+            try:
+                if await self._until_idle(bound_at, retired):
+                    grace = self.calls_grace
+                    continue  # retired again (its retirement failed by _retire)
+                await server.stop(float("inf"))
+            finally:
+                self._forget_replaced(key, retired)
+            self._wrappers.pop(server, None)
+            log.info(
+                "replaced socket server stopped: what it served is over",
+                socket=key[0],
+                tenant=key[1],
+                second_name=False,
+            )
+            return
+        ending = self._ending.setdefault(key, set())
+        ending.add(server)
+        try:
+            await server.stop(RETIRED_STOP_GRACE)
+        finally:
+            ending.discard(server)
+            if not ending and self._ending.get(key) is ending:
+                del self._ending[key]
+            wrappers = self._wrappers.pop(server, ())
+            if wrappers:
+                self._forget_replaced(key, wrappers[0].retired)
         log.info(
             "retired socket server stopped",
             socket=key[0],
@@ -1225,26 +1378,28 @@ class SocketSet:
             rpcs_cut=left or None,
         )
 
-    async def _until_rpcs_over(self, bound_at: str, bound: float) -> int:
+    async def _until_rpcs_over(
+        self, bound_at: str, bound: float, back: asyncio.Future[Any] | None = None
+    ) -> int:
         """Return once the server listening at ``bound_at`` has no RPC under
         way (kupd.connections.open_rpcs) -- or after ``bound`` seconds, or
-        when kupd stops --: how many it still had (0: none, or channelz
-        cannot say).  Looked at every RETIRE_POLL at first, then less
-        often, up to every SWAP_POLL: the RPCs a retirement ended are over
-        within a few turns of the loop, a Call on a pool channel may take
-        call_timeout."""
+        when kupd stops, or when ``back`` is done (:meth:`_reinstate`) --:
+        how many it still had (0: none, or channelz cannot say, or back).
+        Looked at every RETIRE_POLL at first, then less often, up to every
+        SWAP_POLL: the RPCs a retirement ended are over within a few turns
+        of the loop, a Call on a pool channel may take call_timeout."""
         loop = asyncio.get_running_loop()
         until = loop.time() + bound
         pause = RETIRE_POLL
         while True:
+            if back is not None and back.done():
+                return 0
             counts = open_rpcs([bound_at])
             left = 0 if counts is None else counts.get(bound_at, 0)
             remaining = until - loop.time()
             if not left or remaining <= 0 or self._stopping.is_set():
                 return left
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(pause, remaining)):
-                    await self._stopping.wait()
+            await self._unless_retired(asyncio.sleep(min(pause, remaining)), back)
             pause = min(2 * pause, SWAP_POLL)
 
     async def start(self, wanted: list[Endpoint]) -> None:

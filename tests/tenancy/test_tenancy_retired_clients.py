@@ -4,7 +4,11 @@ was under way there ends with it, and an RPC that starts afterwards on a
 connection the retired server still serves is refused with it -- never run
 with the tenant the socket served, never cut by the connection closing
 (gRPC's "Stream removed").  The retired server stops once what it serves
-is over: its statuses go out before it tells its connections to go."""
+is over: its statuses go out before it tells its connections to go.
+Meanwhile what it refuses with follows its tenant's socket (a later
+reload moving it on, or removing the tenant), and a reload that gives the
+tenant its socket back at that path makes the old server serve it again:
+no client is told to connect to a path that no longer serves the tenant."""
 
 from __future__ import annotations
 
@@ -271,3 +275,104 @@ def test_a_retired_servers_statuses_go_out_before_it_tells_its_connection_to_go(
     goaways = [i for i, f in enumerate(frames) if f.type == GOAWAY]
     assert goaways, kinds
     assert trailers < goaways[0], kinds
+
+
+def test_a_socket_moved_and_back_serves_the_old_servers_connections(
+    start_tenants: StartTenants,
+) -> None:
+    """A reload moves alice's socket, the next moves it back at once, while
+    the first socket's retired server still serves a Call echo holds: its
+    connection is still open, and gRPC hands it to every channel of this
+    process to alice.sock -- a new client object's too.  Their RPCs are
+    served there as alice's (the retired server is alice's socket's again,
+    as a server a reload replaced: kupd.tenants.SocketSet._reinstate) --
+    never refused with the first move's "connect there", which names a path
+    that no longer serves her."""
+    k = start_tenants(HEAD + BODY)
+    stale = f"to {k.sock('alice2')}: connect there"
+    with k.client("alice") as a, _freeing_echo(k):
+        running = _hold_a_call(k, a)
+        events = a.watch("echo", initial_state=True)
+        assert next(events).initial  # the stream is open in kupd
+        watched = in_background(lambda: list(events))
+        _reload(k, "moved")
+        moved = watched.outcome(30)
+        assert isinstance(moved, errors.Unavailable) and str(moved).endswith(stale), moved
+        k.write_config(HEAD + BODY)
+        with k.admin() as adm:
+            adm.reload()
+        with Client(k.sock("alice")) as fresh:
+            assert [d.name for d in fresh.devices("echo")] == ["echo"]
+            # a Session (served by a handler built with the server: the
+            # retirement it is given is the new one too)
+            with fresh.open("echo").channel(12) as ch:
+                ch.receive(timeout=10)
+                assert ch.exchange(b"ping", timeout=30).data.lower() == b"ping"
+        assert [d.name for d in a.devices("echo")] == ["echo"]
+        _free_echo(k)
+        reply = running.outcome(30)
+    assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
+    back = _records(k, "retired socket server serves again")
+    assert [r.get("socket") for r in back] == [k.sock("alice")], back
+
+
+@pytest.mark.parametrize("then", ["moved on", "removed"])
+def test_a_retired_servers_refusal_follows_its_tenants_socket(
+    start_tenants: StartTenants, then: str
+) -> None:
+    """A reload moves alice's socket to alice2.sock; while the retired
+    server of alice.sock still runs a Call echo holds, the next reload
+    moves her socket on to alice3.sock (or removes her).  What starts on
+    the old connection is refused saying where her socket is now -- never
+    the first move's alice2.sock, which serves nobody since."""
+    k = start_tenants(HEAD + BODY)
+    old = k.sock("alice")
+    with k.client("alice") as a, _freeing_echo(k):
+        running = _hold_a_call(k, a)
+        _reload(k, "moved")
+        if then == "moved on":
+            k.write_config(HEAD + BODY.replace("alice.sock", "alice3.sock"))
+            why = f"tenant alice: a reload moved its socket from {old} to {k.sock('alice3')}: " \
+                "connect there"  # fmt: skip
+        else:
+            k.write_config(HEAD + REMOVED)
+            why = f"tenant alice: a reload removed its socket {old}"
+        with k.admin() as adm:
+            adm.reload()
+        with pytest.raises(errors.Unavailable) as refused:
+            a.devices("echo")
+        assert str(refused.value).endswith(why), refused.value
+        _free_echo(k)
+        reply = running.outcome(30)
+    assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
+
+
+def test_a_socket_moved_back_and_away_again_retires_the_old_server_again(
+    start_tenants: StartTenants,
+) -> None:
+    """Moved, moved back (its retired server serving alice's connections
+    again), moved away again: the old server is retired with the new
+    server of alice.sock -- what starts on its connection is refused with
+    the last move's status -- and stops once its Call is over."""
+    k = start_tenants(HEAD + BODY)
+    with k.client("alice") as a, _freeing_echo(k):
+        running = _hold_a_call(k, a)
+        _reload(k, "moved")
+        k.write_config(HEAD + BODY)
+        with k.admin() as adm:
+            adm.reload()
+        assert [d.name for d in a.devices("echo")] == ["echo"]  # served again
+        why = _reload(k, "moved")
+        with pytest.raises(errors.Unavailable) as refused:
+            a.devices("echo")
+        assert str(refused.value).endswith(why), refused.value
+        _free_echo(k)
+        reply = running.outcome(30)
+    assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
+
+    def stopped() -> list[str]:
+        recs = _records(k, "retired socket server stopped")
+        return [r["socket"] for r in recs if r.get("socket") == k.sock("alice")]
+
+    # the new server of alice.sock, and the old one once its Call is over
+    wait_until(lambda: len(stopped()) == 2, timeout=60, what="alice.sock's servers to stop")
