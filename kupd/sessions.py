@@ -32,19 +32,29 @@ from kupd.policy import ADMIN, DEFAULT, Budget
 from kupd.waiting import ChannelWaiter
 from kupd.watch import Event, EventType
 
-__all__ = ["CALLER_GONE", "Lease", "LeaseTable", "OpLock", "no_lease"]
+__all__ = ["CALLER_GONE", "Lease", "LeaseTable", "OpLock", "Withdrawn", "no_lease"]
 
 log = get_logger("kupd.sessions")
 
 #: how many ended leases get() still explains (~200 bytes each)
 ENDED_KEPT = 4096
 
-#: how many withdrawn attach ids (Release by attach_id before its Attach
-#: reached kupd) kupd keeps per tenant, the oldest dropped: one matters only
-#: until its Attach reaches kupd, moments later (one withdrawn while its
-#: Attach waits in kupd is marked on that attach instead, and cannot be
-#: pushed out by other names)
-WITHDRAWN_KEPT = 256
+#: How long kupd keeps an attach id withdrawn before its Attach reached it
+#: (Release by attach_id first): a name matters only until its Attach
+#: reaches kupd, and an Attach reaches it within moments of being sent --
+#: gRPC runs it no later than its own deadline after its headers came
+#: (the clients' Attach deadline: 30 s) -- or never (lost with its
+#: connection, or refused).  Ten times that: a name older is forgotten.
+#: (One withdrawn while its Attach waits in kupd is marked on that attach
+#: instead: :meth:`LeaseTable.attaching`.)
+WITHDRAWN_FOR = 300.0
+
+#: How many such names a tenant may have kupd keep at once (younger than
+#: WITHDRAWN_FOR): a quota, not a window -- a Release by attach_id past
+#: it is refused RESOURCE_EXHAUSTED, the name not withdrawn, instead of
+#: pushing out an older name whose Attach may still come (which then took
+#: a lease nobody knew of).  ~100 bytes each.
+WITHDRAWN_KEPT = 1024
 
 #: how many operations (unary RPCs on an Attach lease) may wait for a
 #: lease's one running operation: each waiting RPC costs kupd memory, and
@@ -59,6 +69,46 @@ LEASE_LINES_PER_SECOND = 20.0
 #: The reason a lease ends when its Attach's caller went away before the
 #: reply reached it (the RPC cancelled, its deadline passed).
 CALLER_GONE = "caller gone"
+
+
+class Withdrawn:
+    """One tenant's attach ids withdrawn before their Attach reached kupd
+    (:meth:`LeaseTable.withdraw`): each kept WITHDRAWN_FOR seconds, at most
+    WITHDRAWN_KEPT at once, oldest first.  A name is kept until its Attach
+    comes (:meth:`take`) or it is WITHDRAWN_FOR old and room is needed: a
+    name is never pushed out younger -- a new one is refused instead."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        #: name -> when it was withdrawn (time.monotonic()), oldest first
+        self._names: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def add(self, tenant: str, name: str, now: float) -> None:
+        """Keep ``name`` withdrawn (from ``now``).  ResourceExhausted, the
+        name not kept, when ``tenant`` has WITHDRAWN_KEPT names younger than
+        WITHDRAWN_FOR already."""
+        names = self._names
+        while names and now - next(iter(names.values())) >= WITHDRAWN_FOR:
+            names.popitem(last=False)
+        if name not in names and len(names) >= WITHDRAWN_KEPT:
+            raise errors.ResourceExhausted(
+                f"tenant {tenant}: {len(names)} attaches withdrawn before they reached "
+                f"kupd in the last {WITHDRAWN_FOR:g} s (Release by attach_id), the most "
+                f"kupd keeps: attach {name} is not withdrawn; release it again later "
+                "(an Attach of that name that comes meanwhile takes a lease, which "
+                "that Release ends)"
+            )
+        names[name] = now
+        names.move_to_end(name)
+
+    def take(self, name: str) -> bool:
+        """Whether ``name`` is withdrawn (then forgotten: an attach id names
+        one attach)."""
+        return self._names.pop(name, None) is not None
 
 
 class OpLock:
@@ -218,7 +268,7 @@ class LeaseTable:
         #: attaches withdrawn before kupd granted them (the oldest dropped
         #: past WITHDRAWN_KEPT): see :meth:`withdraw`
         self._by_attach: dict[tuple[str, str], Lease] = {}
-        self._withdrawn: dict[str, collections.OrderedDict[str, None]] = {}
+        self._withdrawn: dict[str, Withdrawn] = {}
         #: named Attaches under way (not granted yet) by (tenant, attach_id):
         #: whether their client withdrew them meanwhile
         self._attaching: dict[tuple[str, str], bool] = {}
@@ -442,9 +492,8 @@ class LeaseTable:
         """Whether ``tenant`` withdrew the Attach ``attach_id`` before it
         was granted (then forgotten: an attach id names one attach)."""
         ids = self._withdrawn.get(tenant)
-        if ids is None or attach_id not in ids:
+        if ids is None or not ids.take(attach_id):
             return False
-        del ids[attach_id]
         if not ids:
             del self._withdrawn[tenant]
         return True
@@ -460,18 +509,21 @@ class LeaseTable:
         when there is none yet, None, and the Attach grants none -- one
         under way (waiting for its channel) is marked (:meth:`attached`),
         one that has not reached kupd finds the name in the tenant's
-        withdrawn ones when it comes (:meth:`attach_withdrawn`)."""
+        withdrawn ones when it comes (:meth:`attach_withdrawn`) --
+        ResourceExhausted when the tenant has too many of those already
+        (:class:`Withdrawn`)."""
         lease = self._by_attach.get((tenant, attach_id))
         if lease is not None and lease.active:
             return lease
         if (tenant, attach_id) in self._attaching:
             self._attaching[(tenant, attach_id)] = True
             return None
-        ids = self._withdrawn.setdefault(tenant, collections.OrderedDict())
-        ids[attach_id] = None
-        ids.move_to_end(attach_id)
-        if len(ids) > WITHDRAWN_KEPT:
-            ids.popitem(last=False)
+        ids = self._withdrawn.setdefault(tenant, Withdrawn())
+        try:
+            ids.add(tenant, attach_id, time.monotonic())
+        finally:
+            if not ids:
+                del self._withdrawn[tenant]
         return None
 
     @staticmethod

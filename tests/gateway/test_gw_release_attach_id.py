@@ -11,6 +11,7 @@ the generated stub, names chosen by the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import grpc
@@ -20,6 +21,7 @@ from gateway_helpers import LOCKHOLD, Kupd, unlock, wait_locked
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, Kind
 from kupd import errors
+from kupd.sessions import WITHDRAWN_FOR, WITHDRAWN_KEPT, Withdrawn
 from kupd.testing import KupSim, wait_until
 
 
@@ -95,12 +97,13 @@ def test_a_release_by_attach_id_while_the_attach_waits_makes_it_take_none(
 def test_an_attach_withdrawn_while_it_waits_is_not_pushed_out_by_other_names(
     sim: KupSim, kupd: Kupd, client: Client
 ) -> None:
-    """kupd keeps at most 256 withdrawn names per tenant, the oldest
-    dropped.  An attach withdrawn while it waits in kupd is marked on the
-    attach itself: a flood of Release{attach_id} with other names (another
-    client of the same tenant -- on a kupd without tenants, any client)
-    cannot make kupd forget it and grant a lease no one will use.  And a
-    second attach with the name of one under way is refused at once."""
+    """An attach withdrawn while it waits in kupd is marked on the attach
+    itself, not among the names withdrawn before their Attach came: a flood
+    of Release{attach_id} with other names (another client of the same
+    tenant -- on a kupd without tenants, any client), more than those
+    names' quota, cannot make kupd forget it and grant a lease no one will
+    use.  And a second attach with the name of one under way is refused at
+    once."""
     chan = 21
     with client.open("echo").channel(chan) as ch:
         assert ch.receive(timeout=30).kind == Kind.PASS
@@ -119,14 +122,68 @@ def test_an_attach_withdrawn_while_it_waits_is_not_pushed_out_by_other_names(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "in use by an attach under way" in (err.value.details() or "")
         stub.Release(kup_pb2.ReleaseRequest(attach_id="waiting-2"), timeout=30)
-        for i in range(300):
-            stub.Release(kup_pb2.ReleaseRequest(attach_id=f"flood-{i}"), timeout=30)
+        for i in range(WITHDRAWN_KEPT + 1):
+            with contextlib.suppress(grpc.RpcError):  # the last one: the quota
+                stub.Release(kup_pb2.ReleaseRequest(attach_id=f"flood-{i}"), timeout=30)
         unlock(client)
         with pytest.raises(grpc.RpcError) as err:
             fut.result(timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "attach waiting-2 was withdrawn" in (err.value.details() or "")
     assert _state(client, chan) == "free"
+
+
+def test_an_early_withdrawal_is_not_pushed_out_past_the_quota(kupd: Kupd, client: Client) -> None:
+    """A name withdrawn before its Attach came (Release{attach_id} first),
+    then WITHDRAWN_KEPT more names withdrawn the same way -- the one past
+    the tenant's quota (with 256 kept: the 257th) is refused
+    RESOURCE_EXHAUSTED, that name not withdrawn, instead of pushing the
+    first out: the first one's late Attach still takes no lease (it took
+    one nobody knew of, until its idle timeout)."""
+    with grpc.insecure_channel(f"unix:{kupd.socket}") as ch:
+        stub = kup_pb2_grpc.KupStub(ch)
+        stub.Release(kup_pb2.ReleaseRequest(attach_id="early-first"), timeout=30)
+        for i in range(WITHDRAWN_KEPT - 1):
+            stub.Release(kup_pb2.ReleaseRequest(attach_id=f"early-{i}"), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Release(kup_pb2.ReleaseRequest(attach_id="early-past"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        assert f"{WITHDRAWN_KEPT} attaches withdrawn before they reached kupd" in (
+            err.value.details() or ""
+        ), err.value
+        assert "attach early-past is not withdrawn" in (err.value.details() or ""), err.value
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Attach(kup_pb2.AttachRequest(device="echo", channel=15, attach_id="early-first"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
+        assert "attach early-first was withdrawn" in (err.value.details() or "")
+        assert _state(client, 15) == "free"
+        # the refused name was not withdrawn: its Attach takes a lease, and
+        # the Release by its name (room again: early-first's came) ends it
+        got = stub.Attach(kup_pb2.AttachRequest(device="echo", channel=15, attach_id="early-past"))
+        assert got.channel == 15
+        stub.Release(kup_pb2.ReleaseRequest(attach_id="early-past"), timeout=30)
+        assert _state(client, 15) == "free"
+
+
+def test_withdrawn_names_make_room_only_once_they_are_old() -> None:
+    """The quota's names go by age: a full table refuses a new name until
+    its oldest is WITHDRAWN_FOR old, then that one (only) makes room; a
+    name taken by its Attach makes room at once."""
+    w = Withdrawn()
+    for i in range(WITHDRAWN_KEPT):
+        w.add("t", f"n{i}", now=i / 1000)
+    with pytest.raises(errors.ResourceExhausted, match=r"tenant t: .* attach late is not"):
+        w.add("t", "late", now=WITHDRAWN_FOR - 0.5)
+    w.add("t", "late", now=WITHDRAWN_FOR)  # n0 is that old now: it goes
+    assert len(w) == WITHDRAWN_KEPT
+    assert not w.take("n0")
+    assert w.take("n1")  # its Attach came
+    w.add("t", "again", now=WITHDRAWN_FOR)  # n1's room
+    with pytest.raises(errors.ResourceExhausted):
+        w.add("t", "more", now=WITHDRAWN_FOR)
+    w.add("t", "n2", now=WITHDRAWN_FOR)  # one it has: withdrawn anew, no room needed
+    assert len(w) == WITHDRAWN_KEPT
+    assert w.take("late") and w.take("again") and w.take("n2")
 
 
 @pytest.mark.parametrize(
