@@ -722,9 +722,6 @@ class SocketSet:
         self._awaiting: dict[
             tuple[str, str], dict[grpc.aio.Server, asyncio.Future[asyncio.Future[None]]]
         ] = {}
-        #: by key: the retired servers stopping now (_stop_retired: their
-        #: RETIRED_STOP_GRACE), which _reinstate and _reword rebind too
-        self._ending: dict[tuple[str, str], set[grpc.aio.Server]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -1217,15 +1214,6 @@ class SocketSet:
             self._replaced.setdefault(key, []).append(retired)
             back.set_result(retired)
             log.info("retired socket server serves again", socket=key[0], tenant=key[1])
-        # one stopping already has told its connections to go; what its
-        # clients sent before they read that is served too, not refused
-        for server in self._ending.get(key, set()):
-            wrappers = self._wrappers.get(server, ())
-            if wrappers and wrappers[0].retired is not None and wrappers[0].retired.done():
-                retired = loop.create_future()
-                for w in wrappers:
-                    w.rebind(retired)
-                self._replaced.setdefault(key, []).append(retired)
 
     def _reword(self, wanted: list[Endpoint]) -> None:
         """After a reload that serves ``wanted``: the retired servers still
@@ -1234,10 +1222,9 @@ class SocketSet:
         now -- not where an earlier reload had moved it, a path that may
         serve nobody since (or another tenant)."""
         loop = asyncio.get_running_loop()
-        retired = [(key, set(waiting)) for key, waiting in self._awaiting.items()]
-        for (path, tenant), servers in [*retired, *self._ending.items()]:
+        for (path, tenant), waiting in self._awaiting.items():
             why = _retired_why(tenant, path, wanted)
-            for server in servers:
+            for server in waiting:
                 wrappers = self._wrappers.get(server, ())
                 r = wrappers[0].retired if wrappers else None
                 if r is None or not r.done():
@@ -1250,8 +1237,12 @@ class SocketSet:
                 now.exception()  # retrieved: no "never retrieved" warning
                 for w in wrappers:
                     w.rebind(now)
-                log.info("retired socket server refuses anew", socket=path, tenant=tenant,
-                         why=why.message)  # fmt: skip
+                log.info(
+                    "retired socket server refuses anew",
+                    socket=path,
+                    tenant=tenant,
+                    why=why.message,
+                )
 
     def _retire(
         self, key: tuple[str, str], grace: float, why: errors.Unavailable
@@ -1360,17 +1351,8 @@ class SocketSet:
                 second_name=False,
             )
             return
-        ending = self._ending.setdefault(key, set())
-        ending.add(server)
-        try:
-            await server.stop(RETIRED_STOP_GRACE)
-        finally:
-            ending.discard(server)
-            if not ending and self._ending.get(key) is ending:
-                del self._ending[key]
-            wrappers = self._wrappers.pop(server, ())
-            if wrappers:
-                self._forget_replaced(key, wrappers[0].retired)
+        await server.stop(RETIRED_STOP_GRACE)
+        self._wrappers.pop(server, None)
         log.info(
             "retired socket server stopped",
             socket=key[0],
