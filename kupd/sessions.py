@@ -43,8 +43,10 @@ ENDED_KEPT = 4096
 #: (Release by attach_id first): a name matters only until its Attach
 #: reaches kupd, and an Attach reaches it within moments of being sent --
 #: gRPC runs it no later than its own deadline after its headers came
-#: (the clients' Attach deadline: 30 s) -- or never (lost with its
-#: connection, or refused).  Ten times that: a name older is forgotten.
+#: (the clients' default Attach deadline: 30 s) -- or never (lost with
+#: its connection, or refused).  Ten times that: a name older is
+#: forgotten (an Attach given a longer timeout by its caller that comes
+#: later still takes a lease, which lease_idle_timeout ends).
 #: (One withdrawn while its Attach waits in kupd is marked on that attach
 #: instead: :meth:`LeaseTable.attaching`.)
 WITHDRAWN_FOR = 300.0
