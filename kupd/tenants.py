@@ -684,6 +684,10 @@ class SocketSet:
         #: servers bound at their path itself (no room for a private name):
         #: stopping one removes the path, so it cannot be handed over
         self._direct: set[tuple[str, str]] = set()
+        #: every server bound at its path itself, by server, until its stop
+        #: has returned -- a retired one too: gRPC removes that path as the
+        #: server stops, whatever socket is there by then (_direct_busy)
+        self._direct_at: dict[grpc.aio.Server, str] = {}
         self._names = 0
         #: the inode each started server's socket was bound as, by the name
         #: it was bound at (until _install renames it)
@@ -846,6 +850,7 @@ class SocketSet:
             os.rename(path, ep.path)
         else:
             self._direct.add(ep.key)
+            self._direct_at[server] = path
         self.servers[ep.key] = (ep, server)
         self._bound[ep.key] = self._born.pop(path, None) or _file_id(ep.path)
         log.info(
@@ -942,6 +947,7 @@ class SocketSet:
             else:
                 await server.stop(float("inf"))
                 self._wrappers.pop(server, None)
+                self._direct_at.pop(server, None)
         finally:
             self._forget_replaced(key, retired)
         log.info(
@@ -1024,6 +1030,7 @@ class SocketSet:
         self._bound_at.pop(server, None)
         self._wrappers.pop(server, None)
         await server.stop(grace)
+        self._direct_at.pop(server, None)
         self._unlink_if(ep.path, fid)
         log.info("socket removed", socket=ep.path, tenant=ep.tenant.name)
 
@@ -1074,6 +1081,7 @@ class SocketSet:
                         )
                     started.append(await self._serve(ep, handover=True))
                     continue
+                self._direct_busy(ep)
                 holder = self._serving(ep.path)
                 if holder is None:
                     self._check_free(ep)
@@ -1089,6 +1097,23 @@ class SocketSet:
             await self.discard(started)
             raise
         return started
+
+    def _direct_busy(self, ep: Endpoint) -> None:
+        """OSError when a server kupd bound at ep.path itself (no room for a
+        private name there) and retired since is still up, finishing what
+        it serves: as it stops, gRPC removes the path it bound -- any socket
+        there by then, a server bound there now would lose its socket."""
+        running = self.servers.get(self._serving(ep.path) or ("", ""))
+        for server, path in self._direct_at.items():
+            if path == ep.path and (running is None or running[1] is not server):
+                raise OSError(
+                    f"cannot bind socket {ep.path} (tenant {ep.tenant.name}) yet: the "
+                    "server kupd bound at that path before a reload retired it is still "
+                    "finishing its RPCs, and gRPC removes the path as that server stops "
+                    "(bound at the path itself: no room for a private name next to it in "
+                    "sun_path); reload again once it has stopped (log: retired socket "
+                    "server stopped), or use a shorter path"
+                )
 
     def _set_permissions(self, ep: Endpoint, old: Endpoint, fid: tuple[int, int] | None) -> None:
         """A kept socket whose owner/group/mode changed: apply it to the
@@ -1344,6 +1369,7 @@ class SocketSet:
             finally:
                 self._forget_replaced(key, retired)
             self._wrappers.pop(server, None)
+            self._direct_at.pop(server, None)
             log.info(
                 "replaced socket server stopped: what it served is over",
                 socket=key[0],
@@ -1353,6 +1379,7 @@ class SocketSet:
             return
         await server.stop(RETIRED_STOP_GRACE)
         self._wrappers.pop(server, None)
+        self._direct_at.pop(server, None)
         log.info(
             "retired socket server stopped",
             socket=key[0],
