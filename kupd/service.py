@@ -752,8 +752,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.leases.attaching(tenant, attach_id)
         try:
             lease = await self._take(request.device, chan, "lease")
-        finally:
-            withdrawn = self.leases.attached(tenant, attach_id)
+        except BaseException:
+            # cancelled, past its deadline, or failed: no lease; its client
+            # may send Release by this name as it gives up, and finds it done
+            if not self.leases.attached(tenant, attach_id):
+                self.leases.attach_given_up(tenant, attach_id)
+            raise
+        withdrawn = self.leases.attached(tenant, attach_id)
         if withdrawn:
             self.leases.abandoned(lease, f"its attach {attach_id} was withdrawn")
             raise self._withdrawn(attach_id)

@@ -274,6 +274,16 @@ class LeaseTable:
         #: named Attaches under way (not granted yet) by (tenant, attach_id):
         #: whether their client withdrew them meanwhile
         self._attaching: dict[tuple[str, str], bool] = {}
+        #: per tenant, its named Attaches that reached kupd and ended without
+        #: a lease its client knows of (cancelled, past their deadline,
+        #: failed; or granted but their reply not delivered): name -> when,
+        #: oldest first, at most WITHDRAWN_KEPT, none older than
+        #: WITHDRAWN_FOR.  A Release by such a name has nothing to withdraw
+        #: (:meth:`withdraw`): it is what a client sends as it gives up on
+        #: an attach, and must not use up the quota of names whose Attach is
+        #: still on its way.  Pushed out, a name is simply withdrawn as one
+        #: kupd has not seen.
+        self._gave_up: dict[str, collections.OrderedDict[str, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
         for d in mgr.devices.values():
             d.on_gone.append(self._device_gone)
@@ -467,6 +477,8 @@ class LeaseTable:
             CALLER_GONE,
             errors.NotFound(f"lease {lease.id} ended at once: its caller had gone ({why})"),
         )
+        if lease.attach_id:
+            self.attach_given_up(lease.tenant, lease.attach_id)
 
     # -- attach ids: undoing an attach its client gave up on -------------------
     def attach_in_use(self, tenant: str, attach_id: str) -> str | None:
@@ -484,11 +496,27 @@ class LeaseTable:
         channel): a Release by that name meanwhile marks it withdrawn
         (:meth:`withdraw`), and :meth:`attached` says so."""
         self._attaching[(tenant, attach_id)] = False
+        gave_up = self._gave_up.get(tenant)
+        if gave_up is not None and gave_up.pop(attach_id, None) is not None and not gave_up:
+            del self._gave_up[tenant]  # the name is this attach's now
 
     def attached(self, tenant: str, attach_id: str) -> bool:
         """The Attach ``attach_id`` is no longer under way (granted, or
         failed): whether its client withdrew it meanwhile."""
         return self._attaching.pop((tenant, attach_id), False)
+
+    def attach_given_up(self, tenant: str, attach_id: str) -> None:
+        """``tenant``'s Attach ``attach_id`` reached kupd and ended without a
+        lease its client knows of: a Release by that name that follows (its
+        client giving up) finds nothing to withdraw (:meth:`withdraw`)."""
+        names = self._gave_up.setdefault(tenant, collections.OrderedDict())
+        now = time.monotonic()
+        while names and (
+            len(names) >= WITHDRAWN_KEPT or now - next(iter(names.values())) >= WITHDRAWN_FOR
+        ):
+            names.popitem(last=False)
+        names[attach_id] = now
+        names.move_to_end(attach_id)
 
     def attach_withdrawn(self, tenant: str, attach_id: str) -> bool:
         """Whether ``tenant`` withdrew the Attach ``attach_id`` before it
@@ -520,6 +548,11 @@ class LeaseTable:
         if (tenant, attach_id) in self._attaching:
             self._attaching[(tenant, attach_id)] = True
             return None
+        gave_up = self._gave_up.get(tenant)
+        if gave_up is not None and gave_up.pop(attach_id, None) is not None:
+            if not gave_up:
+                del self._gave_up[tenant]
+            return None  # its Attach came, and ended without a lease
         ids = self._withdrawn.setdefault(tenant, Withdrawn())
         try:
             ids.add(tenant, attach_id, time.monotonic())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 
 import grpc
 import pytest
@@ -208,3 +209,56 @@ def test_bad_attach_ids_are_refused_by_name(kupd: Kupd, request_: object, says: 
             method(request_, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert says in (err.value.details() or "")
+
+
+def test_attaches_given_up_in_a_loop_do_not_use_up_the_withdrawn_quota(
+    sim: KupSim, kupd: Kupd, client: Client
+) -> None:
+    """A client that attaches with a short timeout in a loop while its
+    channel is not free yet (the module still holds it): each attach waits
+    in kupd, is past its deadline, and the client sends Release{attach_id}
+    as it gives up.  kupd had seen that Attach, and ended it without a
+    lease: the name is not one "withdrawn before its Attach reached kupd",
+    and must not count against that quota -- past WITHDRAWN_KEPT such
+    attaches, the tenant's Releases were refused RESOURCE_EXHAUSTED (the
+    client ignores it), and one whose Attach really was still on its way
+    then took a lease nobody knew of."""
+    chan = 22
+    with client.open("echo").channel(chan) as ch:
+        assert ch.receive(timeout=30).kind == Kind.PASS
+        ch.send(LOCKHOLD)  # echo keeps the channel locked after we leave
+        wait_locked(sim, chan)
+    given_up = [0]
+    lock = threading.Lock()
+
+    def loop() -> None:
+        while True:
+            with lock:
+                if given_up[0] >= WITHDRAWN_KEPT + 64:
+                    return
+            with pytest.raises(errors.DeadlineExceeded):
+                client.attach("echo", chan, timeout=0.2)
+            with lock:
+                given_up[0] += 1
+
+    try:
+        workers = [threading.Thread(target=loop) for _ in range(16)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        assert not any(w.is_alive() for w in workers)
+        assert given_up[0] >= WITHDRAWN_KEPT + 64
+        with grpc.insecure_channel(f"unix:{kupd.socket}") as gch:
+            stub = kup_pb2_grpc.KupStub(gch)
+            stub.Release(kup_pb2.ReleaseRequest(attach_id="still-on-its-way"), timeout=30)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Attach(
+                    kup_pb2.AttachRequest(device="echo", channel=15, attach_id="still-on-its-way"),
+                    timeout=30,
+                )
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
+    finally:
+        unlock(client)
+    assert "RESOURCE_EXHAUSTED" not in kupd.log()
+    wait_until(lambda: _state(client, chan) == "free", what=f"channel {chan} to be free")
