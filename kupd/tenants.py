@@ -1377,6 +1377,18 @@ class SocketSet:
                 second_name=False,
             )
             return
+        direct = self._direct_at.get(server)
+        if direct is not None and _file_id(direct) is not None:
+            # kupd binds nothing there while this server is up (_direct_busy),
+            # and _retire removed its socket: this file was put there since
+            # by hand, and gRPC removes it as the server stops (the path is
+            # all it knows; no window-free way to keep the file)
+            log.warning(
+                "retired socket server stops: gRPC removes the path it was bound at, "
+                "and with it the file someone put there since",
+                socket=direct,
+                tenant=key[1],
+            )
         await server.stop(RETIRED_STOP_GRACE)
         self._wrappers.pop(server, None)
         self._direct_at.pop(server, None)
