@@ -726,6 +726,11 @@ class SocketSet:
         self._awaiting: dict[
             tuple[str, str], dict[grpc.aio.Server, asyncio.Future[asyncio.Future[None]]]
         ] = {}
+        #: by key: the owner, group and mode the socket had when a reload
+        #: last retired it -- who its servers' open connections were let in
+        #: as (_reinstate serves them again only if the new socket lets in
+        #: the same)
+        self._retired_as: dict[tuple[str, str], tuple[int | None, int | None, int]] = {}
 
     def _serving(self, path: str) -> tuple[str, str] | None:
         """The key of kupd's running server whose socket is at ``path``."""
@@ -1194,7 +1199,7 @@ class SocketSet:
                 self._swap(st)
             else:
                 self._install(st)
-                self._reinstate(st[0].key)
+                self._reinstate(st[0])
         removed: list[str] = []
         ended: dict[str, int] = {}
         for key in list(self.servers):
@@ -1212,7 +1217,7 @@ class SocketSet:
         self._reword(wanted)
         return added, removed, ended
 
-    def _reinstate(self, key: tuple[str, str]) -> None:
+    def _reinstate(self, ep: Endpoint) -> None:
         """A reload gave tenant ``key[1]`` its socket at ``key[0]`` back
         while the server retired there (moved or removed by an earlier
         reload) still waits for its RPCs to end before it stops
@@ -1228,8 +1233,26 @@ class SocketSet:
         told to connect to the path the socket had moved to, which serves
         nobody now (found by the stateful fuzz); stopped at once, the
         server would cancel, unrun, what its clients send before they read
-        its GOAWAY (see _drain) and cut the Calls it still runs."""
+        its GOAWAY (see _drain) and cut the Calls it still runs.
+
+        Not when the new socket's owner, group or mode differ from the
+        retired one's: the old connections were let in by the old ones,
+        and a reload that removed the socket and made it again with others
+        may have meant to shut some of those clients out.  Those servers
+        stay retired, refusing as the tenant's socket now is
+        (:meth:`_reword`), and stop once their RPCs are over."""
+        key = ep.key
         loop = asyncio.get_running_loop()
+        admitted = self._retired_as.pop(key, None)
+        if admitted != (ep.owner, ep.group, ep.mode):
+            if key in self._awaiting:
+                log.info(
+                    "retired socket server not served again: the socket's owner, group "
+                    "or mode changed",
+                    socket=key[0],
+                    tenant=key[1],
+                )
+            return
         for server, back in self._awaiting.pop(key, {}).items():
             if back.done():
                 continue
@@ -1285,6 +1308,7 @@ class SocketSet:
         ep, server = self.servers.pop(key)
         fid = self._bound.pop(key, None)
         self._direct.discard(key)
+        self._retired_as[key] = (ep.owner, ep.group, ep.mode)
         self._unlink_if(ep.path, fid)
         retired = self._retired.pop(server, None)
         self._built_with.pop(server, None)
@@ -1358,6 +1382,7 @@ class SocketSet:
                     del waiting[server]
                     if not waiting:
                         self._awaiting.pop(key, None)
+                        self._retired_as.pop(key, None)
             if not back.done() or self._stopping.is_set():
                 break
             retired = back.result()

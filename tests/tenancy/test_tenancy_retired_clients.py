@@ -316,6 +316,46 @@ def test_a_socket_moved_and_back_serves_the_old_servers_connections(
     assert [r.get("socket") for r in back] == [k.sock("alice")], back
 
 
+def test_a_socket_made_again_with_another_mode_does_not_serve_the_old_connections(
+    start_tenants: StartTenants,
+) -> None:
+    """A reload removes alice, the next adds her back at once at the same
+    path but with another mode, while the removed socket's retired server
+    still serves a Call echo holds.  The old server's connections were let
+    in by the old mode: they are not served again as alice's (what starts
+    there is refused as removed) -- the new socket serves new connections,
+    once the old server has stopped and this process connects afresh."""
+    k = start_tenants(HEAD + BODY)
+    old = k.sock("alice")
+    remade = BODY.replace(
+        'socket = "@DIR@/alice.sock"\n', 'socket = "@DIR@/alice.sock"\nmode = "0660"\n'
+    )
+    assert remade != BODY
+    with k.client("alice") as a, _freeing_echo(k):
+        running = _hold_a_call(k, a)
+        _reload(k, "removed")
+        k.write_config(HEAD + remade)
+        with k.admin() as adm:
+            adm.reload()
+        with Client(old) as fresh, pytest.raises(errors.Unavailable) as refused:
+            fresh.devices("echo")
+        assert f"tenant alice: a reload removed its socket {old}" in str(refused.value), (
+            refused.value
+        )
+        _free_echo(k)
+        reply = running.outcome(30)
+    assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
+    assert not _records(k, "retired socket server serves again")
+    changed = "retired socket server not served again: the socket's owner, group or mode changed"
+    assert _records(k, changed)
+    wait_until(
+        lambda: bool(_records(k, "retired socket server stopped")),
+        what="the retired server to stop",
+    )
+    with Client(old) as later:
+        assert [d.name for d in later.devices("echo")] == ["echo"]
+
+
 @pytest.mark.parametrize("then", ["moved on", "removed"])
 def test_a_retired_servers_refusal_follows_its_tenants_socket(
     start_tenants: StartTenants, then: str
