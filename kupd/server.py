@@ -725,10 +725,13 @@ class Server:
                 audit_kept = str(exc)
             # The new tenants' sockets are bound and served before anything
             # is applied, the last check: one that cannot be bound refuses
-            # the reload.  A request on one of them while the next is being
-            # started is judged by its tenant's own grants (TenantKup binds
-            # the new Tenant); after the last, no handler runs before the
-            # swap below (no await in between).
+            # the reload.  Each is bound at a private name and renamed into
+            # place at the swap below (no await in between), so no client
+            # reaches it before -- except one bound at its path itself (no
+            # room for a private name in sun_path): a request there in the
+            # few milliseconds before the swap is judged under the running
+            # policy, which does not know a tenant this reload adds
+            # (refused "tenant removed by a reload", and audited).
             # Every socket whose server was built with other gRPC options
             # (keepalive_*, and the bounds derived from max_sessions and
             # max_queued_calls: server_options) gets a new one, as one whose
