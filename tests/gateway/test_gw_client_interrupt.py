@@ -80,16 +80,18 @@ def interrupted_when(
 
 
 def _waiting_for_the_answer() -> bool:
-    """Whether the main thread waits in gRPC for an RPC's answer: in the
-    blocking call's wait or a future's, not still starting the RPC (gRPC
-    starts a thread for a future, and an interrupt there finds no future
-    to cancel yet -- a window this test leaves alone)."""
+    """Whether the main thread waits for an RPC's answer: in gRPC's
+    blocking call's wait or a future's, or in kupclient's wait for its
+    future to complete (``_unary_owed`` once it has ``fut``) -- not still
+    starting the RPC (test_gw_client_start_interrupt.py walks that)."""
     frame = thread_frame(threading.main_thread())
     while frame is not None:
         code = frame.f_code
         if code.co_name in ("_blocking", "_wait_once") and f"{os.sep}grpc{os.sep}" in (
             code.co_filename
         ):
+            return True
+        if code.co_name == "_unary_owed" and "fut" in frame.f_locals:
             return True
         frame = frame.f_back
     return False

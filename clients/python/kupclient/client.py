@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
-from kupclient import _fork, _types, _wire
+from kupclient import _fork, _start, _types, _wire
 from kupclient._again import ReceiveNames
 from kupclient._args import (
     call_timeout_ms,
@@ -186,9 +186,13 @@ class Client:
         the RPC is cancelled first: kupd leaves the reply for the next
         receive, as with the asyncio client.  (Not for every RPC: gRPC
         starts a thread for a future when none is in flight, which costs a
-        sync call() about 0.7 ms.  An interrupt that lands during that start,
-        before the future exists, still leaves the RPC running: undone by
-        ``given_up`` when there is one.)
+        sync call() about 0.7 ms.)
+
+        The main thread's RPC is started on kupclient's starter thread
+        (kupclient._start: an interrupt in the middle of gRPC's start left
+        the channel's close(), and later RPCs, waiting for ever).  An
+        interrupt of the wait for that start cancels the RPC once started,
+        and ``given_up`` undoes what it may have done all the same.
 
         ``given_up(response)``: the caller gave up on an RPC that may have
         done something it will never learn of (attach: taken a lease no one
@@ -199,19 +203,34 @@ class Client:
         came in before the status, or was on its way).  Not for an RPC that
         failed: it did nothing."""
         self._check_open()
+        rpc = getattr(self._stub, method)
+        # completed: a bare lock, released by a callback that the starter
+        # registers -- not future.result()'s wait, whose ``with`` on gRPC's
+        # condition, interrupted just as it took the lock, left it held
+        # and gRPC's polling thread waiting on it for ever
+        completed = threading.Lock()
+        completed.acquire()
+
+        def begin() -> Any:
+            fut = rpc.future(request, timeout=timeout)
+            fut.add_done_callback(lambda _: completed.release())
+            return fut
+
         try:
-            fut = getattr(self._stub, method).future(request, timeout=timeout)
+            fut = _start.start(begin, _cancel_future)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
             raise
         except BaseException:
-            # interrupted while gRPC started the RPC: it may run all the same
+            # interrupted while the starter thread started the RPC: it may
+            # run all the same (cancelled once started: kupclient._start)
             if given_up is not None and not self._closed:
                 given_up(None)
             raise
         try:
-            return fut.result()
+            completed.acquire()
+            return fut.result()  # completed: no wait
         except grpc.RpcError as exc:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
@@ -551,6 +570,11 @@ def _requests_of(q: queue.SimpleQueue[object]) -> Iterator[kup_pb2.SessionReques
             return
         assert isinstance(item, (kup_pb2.SessionRequest, _wire.WireOp))
         yield item
+
+
+def _cancel_future(fut: grpc.Future) -> None:
+    """Cancel an RPC whose start was given up on (kupclient._start)."""
+    fut.cancel()
 
 
 def _cancel_session(responses: Any, requests: queue.SimpleQueue[object]) -> None:

@@ -1,0 +1,221 @@
+"""A sync RPC interrupted anywhere in the client -- also while gRPC starts
+it -- loses nothing, leaves no lease behind, and hangs nothing.
+
+An interrupt (a signal handler that raises: Ctrl-C) in the middle of gRPC's
+start of a call it manages (``.future()``: grpc._channel's ``create``
+registers the call with the channel, then counts it and starts the thread
+that polls for it) left a call no thread polled for: the client's
+``close()`` then waited for it for ever (py-spy: ``Channel._close`` in
+``Condition.wait``), and a later RPC's future never completed.  kupclient
+now starts the main thread's RPCs on a thread of its own, where no signal
+handler runs (kupclient._start).
+
+The walk also lands an interrupt just after ``Condition.wait`` let go of
+its lock and before its ``try``/``finally`` (in ``Thread.start``'s wait,
+when the first RPC starts kupclient's starter thread): CPython then raises
+``RuntimeError: release unlocked lock`` from the ``with`` around it, the
+interrupt as its context.  The program must see its KeyboardInterrupt.
+
+The walk also found the next hazard: an interrupt just as ``with`` took
+gRPC's condition in ``future.result()`` (``Condition.__enter__`` returns
+the lock's ``__enter__()``: CPython runs the handler after that call, and
+the ``with`` never calls ``__exit__``) left the lock held by the main
+thread, and gRPC's polling thread waited on it for ever.  kupclient now
+waits for a bare lock that a done-callback releases, and asks the future
+only once it has completed.
+
+Deterministic, no timing: a child process (a fresh client for each point,
+so that each RPC is its channel's first and gRPC starts its polling thread
+for it) walks every point of ``Client._unary_owed`` that the main thread
+runs where CPython 3.11 runs a signal handler -- the start of a Python
+function, the return from a call into C, a lock's blocking acquire --
+counted with ``sys.setprofile`` in ``_unary_owed`` and all it calls, gRPC's
+and CPython's threading code included, and at the Nth signals itself; the
+handler raises KeyboardInterrupt.  For an ``attach``: no lease is left (the
+channel is free once the client has closed); for a ``lease_receive`` of an
+echo: the echo comes back exactly once, from that receive or the next, and
+no other message after it; and either way the client's next RPC and its
+``close()`` return.  Each point prints a line; the test fails, with the
+child's stacks (py-spy), when the child stops making progress, and with its
+output when an interrupt surfaced as anything but KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+from pathlib import Path
+
+from kupclient import Client
+from kupd.testing import Kupd
+
+#: no progress for this long: the child hangs (a bound on a hang, not a timing)
+STUCK = 60.0
+
+CHILD = r'''
+import signal, sys, threading, time
+from kupclient import Client, Kind, client as client_mod
+from kupd import errors
+
+SOCKET, OP = sys.argv[1], sys.argv[2]
+MAIN = threading.get_ident()
+OWED = client_mod.Client._unary_owed.__code__
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def profiler(n, fired):
+    """Signal the main thread at the nth point inside _unary_owed where
+    CPython 3.11 runs a signal handler: a Python function's start (RESUME),
+    just after a call into C returns (CALL), and a lock's acquire that
+    blocks (a signal while it waits: the lock not taken).  (Not any line:
+    between a ``with`` body and its ``__exit__`` a handler never runs.)"""
+    count = [0]
+    depth = [0]
+
+    def prof(frame, event, arg):
+        if frame.f_code is OWED:
+            depth[0] = 1 if event != "return" else 0
+        if not depth[0] or event not in ("call", "c_call", "c_return"):
+            return
+        if event == "c_call" and not getattr(arg, "__name__", "") == "acquire":
+            return
+        count[0] += 1
+        if count[0] == n:
+            what = getattr(arg, "__qualname__", "") if event != "call" else frame.f_code.co_name
+            where = frame.f_code.co_filename.rsplit("/", 1)[-1]
+            fired.append(f"{where}:{frame.f_lineno} {event} {what}")
+            signal.pthread_kill(MAIN, signal.SIGALRM)
+
+    return prof
+
+
+def traced(n, op):
+    """op() with the nth point interrupted: (fired where, outcome)."""
+    fired = []
+    sys.setprofile(profiler(n, fired))
+    try:
+        try:
+            return fired, ("ok", op())
+        finally:
+            sys.setprofile(None)
+    except KeyboardInterrupt:
+        return fired, ("interrupted", None)
+    except BaseException as exc:
+        return fired, ("raised", exc)
+
+
+def channels_busy(direct):
+    return [ch.id for ch in direct.devices("echo")[0].channels if ch.state not in ("free", "calls")]
+
+
+def wait_free(direct):
+    for _ in range(2000):
+        if not channels_busy(direct):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"a lease was left behind: channels {channels_busy(direct)} busy")
+
+
+signal.signal(signal.SIGALRM, interrupt)
+direct = Client(SOCKET)
+lease = None
+if OP == "receive":
+    lease = direct.attach("echo")
+    assert direct.lease_receive(lease.lease_id, timeout=30).kind == Kind.PASS
+n = 0
+while True:
+    n += 1
+    with Client(SOCKET) as c:
+        if OP == "attach":
+            fired, (kind, what) = traced(n, lambda: c.attach("echo"))
+            if kind == "ok":
+                c.release(what.lease_id)
+        else:
+            data = f"!stamp0-msg-{n:04d}-".encode() + bytes(8)
+            c.lease_send(lease.lease_id, data)
+            fired, (kind, what) = traced(n, lambda: c.lease_receive(lease.lease_id, timeout=30))
+            got = what if kind == "ok" else c.lease_receive(lease.lease_id, timeout=30)
+            assert got.data[:-8].upper() == data[:-8].upper(), (n, fired, got)
+            # nothing more: the echo came once
+            try:
+                extra = c.lease_receive(lease.lease_id, timeout=0)
+            except (errors.NotReady, errors.NotYourTurn):
+                pass
+            else:
+                raise AssertionError(f"point {n}: a second message {extra}")
+        c.devices()  # the client's next RPC completes
+    # close() returned: with no lease left over
+    if OP == "attach":
+        wait_free(direct)
+    if kind == "raised":
+        print(f"point {n} {fired}: raised {type(what).__name__}: {what} "
+              f"(context {what.__context__!r})", flush=True)
+        sys.exit(1)
+    print(f"point {n} {fired}: {kind}", flush=True)
+    if not fired:
+        break
+print("done", flush=True)
+'''
+
+
+def _stacks(pid: int) -> str:
+    spy = Path(sys.prefix) / "bin" / "py-spy"
+    out = subprocess.run(
+        [str(spy), "dump", "--native", "--pid", str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout + out.stderr
+
+
+def _walk(kupd: Kupd, op: str) -> list[str]:
+    """Run the child's walk of ``op``; its lines.  Fails with its stacks
+    when it stops making progress, with its output when it fails."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, kupd.socket, op],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
+    assert child.stdout is not None
+    lines: list[str] = []
+    sel = selectors.DefaultSelector()
+    sel.register(child.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            if not sel.select(STUCK):
+                stacks = _stacks(child.pid)
+                raise AssertionError(f"{op}: the client hangs after {lines[-1:]}:\n{stacks}")
+            line = child.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+    finally:
+        sel.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == 0 and lines[-1:] == ["done"], "\n".join(lines[-40:])
+    return lines
+
+
+def test_an_attach_interrupted_at_any_point_leaves_no_lease_and_no_hang(
+    kupd: Kupd, client: Client
+) -> None:
+    lines = _walk(kupd, "attach")
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"
+
+
+def test_a_receive_interrupted_at_any_point_loses_no_message_and_no_hang(kupd: Kupd) -> None:
+    lines = _walk(kupd, "receive")
+    assert any(line.endswith(": interrupted") for line in lines)
