@@ -46,8 +46,13 @@ import os
 import selectors
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from kupapi import kup_pb2
 from kupclient import Client
 from kupd.testing import Kupd
 
@@ -219,3 +224,65 @@ def test_an_attach_interrupted_at_any_point_leaves_no_lease_and_no_hang(
 def test_a_receive_interrupted_at_any_point_loses_no_message_and_no_hang(kupd: Kupd) -> None:
     lines = _walk(kupd, "receive")
     assert any(line.endswith(": interrupted") for line in lines)
+
+
+class _RaisingFuture:
+    """A completed future whose first ``result()`` raises what CPython makes
+    of an interrupt in the window of ``Condition.wait`` (Lib/threading.py
+    3.11, lines 323-325: the lock let go, the ``try`` that takes it back not
+    yet entered; the ``with`` around the wait then fails to release it):
+    ``RuntimeError`` with the interrupt as ``__context__``.  A stand-in, not
+    a real gRPC future, only because the real race cannot be forced on
+    demand: kupclient no longer waits in ``result()`` from the main thread
+    (it asks a completed future), and a thread other than the main one gets
+    no signals.  Later calls return ``answer`` (it had completed)."""
+
+    def __init__(self, context: BaseException, answer: object) -> None:
+        self._context = context
+        self._answer = answer
+        self._raised = False
+
+    def add_done_callback(self, fn: Callable[[object], object]) -> None:
+        fn(self)  # completed
+
+    def cancel(self) -> bool:
+        return False  # completed
+
+    def result(self, timeout: float | None = None) -> object:
+        if self._raised:
+            return self._answer
+        self._raised = True
+        try:
+            raise self._context
+        except BaseException:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904 (as CPython)
+
+
+def _receive_with(tmp_path: Path, fut: _RaisingFuture) -> Client:
+    """A client (never connected) whose Receive RPC is ``fut``."""
+    c = Client(tmp_path / "none.sock")
+    c._stub = SimpleNamespace(Receive=SimpleNamespace(future=lambda req, timeout: fut))
+    return c
+
+
+def test_an_interrupt_turned_into_runtimeerror_in_result_is_raised_as_itself(
+    tmp_path: Path,
+) -> None:
+    interrupt = KeyboardInterrupt()
+    answer = kup_pb2.ReceiveResponse(not_ready=True)
+    with _receive_with(tmp_path, _RaisingFuture(interrupt, answer)) as c:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            c.lease_receive("lease-1", timeout=5)
+        assert raised.value is interrupt
+        assert raised.value.__context__ is None  # not the RuntimeError
+        # given up on as any interrupt: the next receive asks again for it
+        assert c._again.pending("lease-1") != ""
+
+
+def test_a_runtimeerror_from_an_exception_stays_a_runtimeerror(tmp_path: Path) -> None:
+    """Only an interrupt's shape (the context not an Exception) is undone:
+    a RuntimeError in the middle of handling an ordinary error is kept."""
+    answer = kup_pb2.ReceiveResponse(not_ready=True)
+    with _receive_with(tmp_path, _RaisingFuture(ValueError("x"), answer)) as c:
+        with pytest.raises(RuntimeError, match="un-acquired"):
+            c.lease_receive("lease-1", timeout=5)

@@ -241,7 +241,7 @@ class Client:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
-        except BaseException:
+        except BaseException as exc:
             if fut.cancel():  # not completed: kupd may have answered all the same
                 if given_up is not None and not self._closed:
                     given_up(None)
@@ -252,7 +252,14 @@ class Client:
                     pass  # it failed: nothing to undo
                 else:
                     given_up(resp)
-            raise
+            # an interrupt that CPython turned into a RuntimeError inside
+            # fut.result() (Condition.wait's window: kupclient._start.
+            # interrupt_of): given up on as above, and the program gets
+            # its interrupt, not "cannot release un-acquired lock"
+            interrupt = _start.interrupt_of(exc)
+            if interrupt is None:
+                raise
+        raise interrupt  # not in the except: the interrupt has no context
 
     def _attach_given_up(self, attach_id: str, resp: kup_pb2.AttachResponse | None) -> None:
         """Undo an Attach whose caller gave up on it (interrupted, past its
