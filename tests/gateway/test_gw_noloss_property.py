@@ -38,8 +38,9 @@ accepted, and none of them may lose or repeat a message):
 * at the end the lease releases cleanly and ListDevices shows its channel
   free.
 
-The sync client is interrupted only while it waits for an RPC it started
-(see :func:`_interrupt`); the default schedules run in about 15 s per test.
+The sync client is interrupted anywhere in its wait for an owed RPC --
+also while the RPC is being started (see :func:`_interrupt`); the default
+schedules run in about 15 s per test.
 
 A failure prints the seed and the steps run; ``KUP_NOLOSS_SEEDS=a,b,c``
 runs those schedules instead of the default ones (``random:N`` in the list:
@@ -96,8 +97,10 @@ REFUSED_OWED = re.compile(
 REFUSED_IDLE = re.compile(r"already received")
 
 
-class Interrupted(Exception):
-    """What the sync test's SIGALRM handler raises (a Ctrl-C's stand-in)."""
+class Interrupted(BaseException):
+    """What the sync test's SIGALRM handler raises (a Ctrl-C's stand-in: a
+    BaseException, as KeyboardInterrupt, which no ``except Exception``
+    swallows)."""
 
 
 #: set while the operation under way may be interrupted; cleared by the
@@ -106,15 +109,15 @@ _ARMED = threading.Event()
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Raise, once, while the client waits for an RPC it started -- the
-    give-up under test.  A signal that comes before the RPC exists (gRPC
-    still starting it: an RPC may then run with no one waiting, which the
-    docs leave aside), after the operation returned (the program's own
-    code, no library's) or after the one interrupt (the client is handling
-    it) is ignored."""
+    """Raise, once, while the client is in an owed RPC -- waiting for its
+    answer, or still starting it (kupclient starts it on a thread of its
+    own and cancels it once started) -- the give-up under test.  A signal
+    that comes after the operation returned (the program's own code, no
+    library's), in an operation that is not an owed RPC (send, pass) or
+    after the one interrupt (the client is handling it) is ignored."""
     f = frame
     while f is not None and _ARMED.is_set():
-        if f.f_code.co_name == "_unary_owed" and "fut" in f.f_locals:
+        if f.f_code.co_name == "_unary_owed":
             _ARMED.clear()
             raise Interrupted
         f = f.f_back
@@ -122,10 +125,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _interrupt_main(main: int, stop: threading.Event, missed: threading.Event) -> None:
     """Interrupt the main thread's operation, which cannot end otherwise:
-    signal it until the handler raised (a signal before its RPC exists is
-    ignored) or it is over.  ``missed``: none of 10 s of signals landed --
-    the handler looks for the client's wait by name
-    (kupclient.Client._unary_owed and its ``fut``)."""
+    signal it until the handler raised or it is over.  ``missed``: none of
+    10 s of signals landed -- the handler looks for the client's RPC by
+    name (kupclient.Client._unary_owed)."""
     deadline = time.monotonic() + 10
     while _ARMED.is_set() and not stop.is_set():
         if time.monotonic() > deadline:
@@ -527,17 +529,8 @@ def _run_sync(
             if watcher is not None:
                 watcher.join()
     except Interrupted:
-        return ("gaveup", "interrupted")
-    except RuntimeError as exc:
-        # CPython: an exception a signal handler raises just as
-        # threading.Condition.wait has let go of its lock (before its
-        # try/finally) leaves the lock free, and the ``with`` around the
-        # wait -- gRPC's future.result() -- then fails to release it:
-        # "cannot release un-acquired lock", the interrupt its context.
-        # kupclient gave up on the RPC all the same (except BaseException);
-        # to the program, it was interrupted
-        if not isinstance(exc.__context__, Interrupted):
-            raise
+        # also one CPython turned into a RuntimeError in a Condition.wait:
+        # kupclient raises the interrupt itself (kupclient._start)
         return ("gaveup", "interrupted")
     except errors.KupError as exc:
         return _classify(exc)
