@@ -286,3 +286,76 @@ def test_a_runtimeerror_from_an_exception_stays_a_runtimeerror(tmp_path: Path) -
     with _receive_with(tmp_path, _RaisingFuture(ValueError("x"), answer)) as c:
         with pytest.raises(RuntimeError, match="un-acquired"):
             c.lease_receive("lease-1", timeout=5)
+
+
+#: The Session watchdog's thread, started under an interrupt at every point
+#: of ``_Watchdog.track`` where a handler runs; then tracked again, as the
+#: next Channel would be: the thread must be running.
+WATCHDOG_WALK = r"""
+import signal, sys, threading
+from kupclient import client as client_mod
+
+MAIN = threading.get_ident()
+TRACK = client_mod._Watchdog.track.__code__
+
+
+class Chan:
+    def _watch(self, now):
+        pass
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+keep = []
+n = 0
+while True:
+    n += 1
+    dog = client_mod._Watchdog()
+    count = [0]
+    depth = [0]
+
+    def prof(frame, event, arg):
+        if frame.f_code is TRACK:
+            depth[0] = 0 if event == "return" else 1
+        if not depth[0] or event not in ("call", "c_call", "c_return"):
+            return
+        if event == "c_call" and getattr(arg, "__name__", "") != "acquire":
+            return
+        count[0] += 1
+        if count[0] == n:
+            signal.pthread_kill(MAIN, signal.SIGALRM)
+
+    ch = Chan()
+    keep.append(ch)
+    sys.setprofile(prof)
+    try:
+        try:
+            dog.track(ch)
+        finally:
+            sys.setprofile(None)
+    except KeyboardInterrupt:
+        pass
+    dog.track(ch)  # the next Channel
+    t = dog._thread
+    assert t is not None and t.is_alive(), f"point {n}: no watchdog thread runs ({t})"
+    if count[0] < n:
+        break
+print("done", n)
+"""
+
+
+def test_the_watchdog_runs_whatever_interrupts_its_start() -> None:
+    """``_Watchdog.track`` starts its thread in the main thread (a Channel
+    opened there): an interrupt inside ``Thread.start`` before the thread
+    existed left ``_thread`` set and no thread, and no later Channel
+    started one -- no Session operation was bounded in that process."""
+    run = subprocess.run(
+        [sys.executable, "-c", WATCHDOG_WALK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("done"), run.stderr[-2000:]

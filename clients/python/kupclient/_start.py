@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 
 from kupclient import _fork
 
-__all__ = ["interrupt_of", "start"]
+__all__ = ["interrupt_of", "start", "start_thread"]
 
 T = TypeVar("T")
 
@@ -58,6 +58,20 @@ def interrupt_of(exc: BaseException) -> BaseException | None:
     ):
         return ctx
     return None
+
+
+def start_thread(t: threading.Thread) -> None:
+    """``t.start()`` in the main thread: an interrupt that CPython turned
+    into a RuntimeError in its wait for the thread (Event.wait: see
+    :func:`interrupt_of`) is raised as itself."""
+    try:
+        t.start()
+        return
+    except RuntimeError as exc:
+        interrupt = interrupt_of(exc)
+        if interrupt is None:
+            raise
+    raise interrupt  # not in the except: the interrupt has no context
 
 
 class _Job:

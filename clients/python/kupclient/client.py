@@ -90,10 +90,13 @@ class _Watchdog:
         with self._lock:
             self._channels.add(ch)
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="kupclient-watchdog", daemon=True
-                )
-                self._thread.start()
+                # recorded once started: an interrupt inside start() (a
+                # Channel opened in the main thread) may leave no thread,
+                # which the next Channel starts, or one more (harmless:
+                # the samples are idempotent) -- not one never started
+                t = threading.Thread(target=self._run, name="kupclient-watchdog", daemon=True)
+                _start.start_thread(t)
+                self._thread = t
 
     def _run(self) -> None:
         while True:
