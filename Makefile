@@ -92,7 +92,9 @@ kmod-freebsd-check: $(STAMP)/venv
 # tests/vm/guest_tests.sh inside; the two VMs run at once (KUPD_VM_JOBS=1:
 # one after the other).  KUPD_REQUIRE_VM=1 makes a missing kernel fail the
 # run instead of skipping it.  Needs the apt packages of scripts/setup-apt.sh
-# and ~3.5 GiB RAM; takes 3-4 minutes.
+# and ~3.5 GiB RAM; takes 3-4 minutes.  Under `make test` the VMs boot in the
+# background from the start of the session, at niceness 10, while the other
+# tests run (tests/vm/conftest.py, docs/linux.md).
 vm-test: build
 	$(MAKE) -C kmod/linux all-kernels
 	KUPD_REQUIRE_VM=1 $(PY) -m pytest tests/vm

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = [
@@ -263,15 +263,22 @@ def run_job(
     keep_dir: Path | None = None,
     keep_paths: list[Path] | None = None,
     boot_retries: int = 1,
+    nice: int = 0,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> VMResult:
     """Run the shell script text ``job`` in a fresh VM and collect the results.
     The kernel is ``kernel``, else release ``kver``, else the newest usable one.
     A boot that dies before the job starts (:func:`died_before_job`) is tried
     again, up to ``boot_retries`` times; the failed consoles stay in the
-    result (``failed_boots``)."""
+    result (``failed_boots``).  ``nice``: qemu runs at that niceness (a
+    VM booted next to other work should not take its CPU).  ``on_start``
+    is given each qemu process as it starts, for a caller that may have to
+    stop it (a killed qemu ends the run as one that never finished)."""
     failed: list[str] = []
     while True:
-        res = _run_job_once(job, timeout, kver, kernel, mem_mib, smp, keep_dir, keep_paths)
+        res = _run_job_once(
+            job, timeout, kver, kernel, mem_mib, smp, keep_dir, keep_paths, nice, on_start
+        )
         if len(failed) >= boot_retries or not died_before_job(res):
             return dataclasses.replace(res, failed_boots=tuple(failed))
         print(f"vmrun: the guest kernel died before the job started; booting again\n"
@@ -288,6 +295,8 @@ def _run_job_once(
     smp: int,
     keep_dir: Path | None,
     keep_paths: list[Path] | None,
+    nice: int,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None,
 ) -> VMResult:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
@@ -331,8 +340,12 @@ def _run_job_once(
     (outdir / "qemu-cmd").write_text(" ".join(cmd) + "\n")  # which kernel this run booted
     t0 = time.monotonic()
     timed_out = False
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    # nice(1) execs qemu: the process on_start is given is qemu itself
+    niced = ["nice", "-n", str(nice), *cmd] if nice else cmd
+    proc = subprocess.Popen(niced, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
+    if on_start is not None:
+        on_start(proc)
     try:
         qemu_out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

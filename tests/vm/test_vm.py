@@ -13,6 +13,14 @@ failing with the stage's own output, and the whole guest kernel log is
 checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
 at the same time (KUPD_VM_JOBS, default 2; 1 runs them one after the other).
 
+The builds and VMs start in the background as soon as pytest has collected
+the session's tests and some selected test here needs a guest
+(tests/vm/conftest.py): under ``make test`` they run while the rest of the
+suite does, which mostly sleeps on deadlines and restarts, and the tests
+here only wait for their results.  Every build and qemu runs at niceness
+VM_NICE, so the other tests keep the CPU their deadlines count on; what is
+still running when the session ends (Ctrl-C, -x) is killed.
+
 Needs (from scripts/setup-apt.sh, i.e. ``make setup``): qemu-system-x86,
 linux-image-amd64, linux-headers-amd64, bookworm-backports' 6.12 image and
 headers -- unpacked into the kernel cache (KUPD_KERNEL_CACHE, default
@@ -35,6 +43,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +57,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["KERNELS", "available_kernels", "missing_kernel", "vm_jobs"]
+__all__ = ["KERNELS", "available_kernels", "missing_kernel", "start_vm_runs", "vm_jobs"]
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "kmod" / "out" / "vm"
@@ -79,6 +88,11 @@ KERNELS = ("6.1", "6.12")
 REQUIRE_ENV = "KUPD_REQUIRE_VM"  # "1": a missing kernel fails instead of skipping
 JOBS_ENV = "KUPD_VM_JOBS"  # VMs booted at once (default 2)
 VM_TIMEOUT = 900.0  # host-side bound on the whole guest run (generous: shared, loaded hosts)
+# niceness of the VMs and their builds: they run while the rest of the suite
+# does, whose tests wait on deadlines and must get the CPU first; not 19,
+# since the guests have deadlines of their own (a starved TCG guest sees its
+# clock run on while it makes no progress)
+VM_NICE = 10
 
 pytestmark = [
     pytest.mark.skipif(
@@ -102,10 +116,67 @@ def _load_vmrun() -> ModuleType:
 vmrun = _load_vmrun()
 
 
-def _run(cmd: list[str], what: str) -> None:
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise AssertionError(f"{what} failed ({' '.join(cmd)}):\n{p.stdout}\n{p.stderr}")
+class _Stopped(Exception):
+    """The session ended before this VM work could start."""
+
+
+class _Children:
+    """The child processes of the session's VM work (builds, qemu), so that
+    the session's end can stop what is still running: a pytest that exits
+    early (Ctrl-C, -x, a failure elsewhere) leaves no build or VM behind."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen[Any]] = set()
+        self.stopped = False
+
+    def started(self, p: subprocess.Popen[Any]) -> None:
+        with self.lock:
+            if not self.stopped:
+                self.procs.add(p)
+                return
+        _kill(p)
+
+    def run(self, cmd: list[str], what: str) -> None:
+        """Run a build step at niceness VM_NICE, in a process group of its
+        own (make's compilers go with it); AssertionError with its output
+        if it fails."""
+        with self.lock:
+            if self.stopped:
+                raise _Stopped(f"{what}: the test session ended first")
+            p = subprocess.Popen(
+                ["nice", "-n", str(VM_NICE), *cmd], cwd=REPO, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            self.procs.add(p)
+        try:
+            out, err = p.communicate()
+        finally:
+            with self.lock:
+                self.procs.discard(p)
+        if p.returncode != 0:
+            raise AssertionError(f"{what} failed ({' '.join(cmd)}):\n{out}\n{err}")
+
+    def stop(self) -> None:
+        """Kill what runs now and refuse what would start later."""
+        with self.lock:
+            self.stopped = True
+            procs = list(self.procs)
+        for p in procs:
+            _kill(p)
+
+
+def _kill(p: subprocess.Popen[Any]) -> None:
+    if p.poll() is not None:
+        return
+    try:  # a build's whole group (its own session); qemu alone
+        if os.getpgid(p.pid) == p.pid:
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            p.kill()
+    except ProcessLookupError:
+        pass
 
 
 def available_kernels(root: Path = Path("/"), cache: Path | None = None) -> dict[str, Any]:
@@ -147,17 +218,17 @@ def vm_jobs(env: Mapping[str, str]) -> int:
     return int(text)
 
 
-def _build_modules(kernel: Any) -> Path:
+def _build_modules(kernel: Any, children: _Children) -> Path:
     """kup.ko/kup_echo.ko/kup_rot13.ko against that kernel's headers."""
     kver: str = kernel.kver
-    _run(
+    children.run(
         ["make", "-s", "-C", "kmod/linux", f"KVER={kver}", f"KDIR={kernel.headers}"],
         f"building kup.ko/kup_echo.ko for {kver}",
     )
     moddir = REPO / "kmod" / "out" / "linux" / kver
     for ko in ("kup.ko", "kup_echo.ko", "kup_rot13.ko"):
         assert (moddir / ko).is_file(), f"{ko} was not built in {moddir}"
-    _build_test_module(kernel, moddir)
+    _build_test_module(kernel, moddir, children)
     return moddir
 
 
@@ -168,7 +239,7 @@ def _test_module_dir(kver: str) -> Path:
 TEST_MODULES = ("kup_holdtest", "kup_anyherd")
 
 
-def _build_test_module(kernel: Any, moddir: Path) -> None:
+def _build_test_module(kernel: Any, moddir: Path, children: _Children) -> None:
     """tests/vm/kup_holdtest.c (the kmutex and kholder stages' module) and
     tests/vm/kup_anyherd.c (the anyherd stage's), built as a module of
     one's own is (docs/linux.md): out of tree, against that kernel's
@@ -186,7 +257,7 @@ def _build_test_module(kernel: Any, moddir: Path) -> None:
     incs = " ".join(f"-I{REPO / 'kmod' / sub}" for sub in ("include", "core", "linux"))
     objs = " ".join(f"{name}.o" for name in TEST_MODULES)
     (d / "Kbuild").write_text(f"obj-m := {objs}\nccflags-y := -Werror {incs}\n")
-    _run(
+    children.run(
         ["make", "-s", "-C", str(kernel.headers), f"M={d}",
          f"KBUILD_EXTRA_SYMBOLS={moddir / 'Module.symvers'}", "modules"],
         f"building tests/vm/{', '.join(TEST_MODULES)} for {kver}",
@@ -195,7 +266,7 @@ def _build_test_module(kernel: Any, moddir: Path) -> None:
         assert (d / f"{name}.ko").is_file(), f"{name}.ko was not built in {d}"
 
 
-def _build_programs() -> None:
+def _build_programs(children: _Children) -> None:
     """The in-guest test programs (user space: the same for every kernel)."""
     BIN.mkdir(parents=True, exist_ok=True)
     cc = shutil.which(os.environ.get("CC", "gcc")) or "gcc"
@@ -205,13 +276,13 @@ def _build_programs() -> None:
     # each under a private name, then renamed: another session's guest may
     # be running the previous binary right now
     tmp = f".tmp.{os.getpid()}"
-    _run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / f"kup_kfault{tmp}")],
-         "building tests/vm/kup_kfault.c")  # fmt: skip
+    children.run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / f"kup_kfault{tmp}")],
+                 "building tests/vm/kup_kfault.c")  # fmt: skip
     os.replace(BIN / f"kup_kfault{tmp}", BIN / "kup_kfault")
     # libkup as kmod/Makefile builds it on Linux: every source (backend_kdev.c
     # is the Linux backend under -DKUP_HAVE_BACKEND_LINUX)
     libkup = sorted(str(p.relative_to(REPO)) for p in (REPO / "kmod" / "libkup").glob("*.c"))
-    _run(
+    children.run(
         [cc, *flags, "-pthread", "-Ikmod/core", "-Ikmod/kupsim", "-Ikmod/libkup", "-Itests/c",
          "-DKUP_HAVE_BACKEND_LINUX", "tests/c/test_kup.c", *libkup,
          "-o", str(BIN / f"test_kup{tmp}")],
@@ -264,7 +335,7 @@ def _keep_newest(series: str, outdir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _run_guest(series: str, kernel: Any, moddir: Path) -> GuestRun:
+def _run_guest(series: str, kernel: Any, moddir: Path, children: _Children) -> GuestRun:
     kver: str = kernel.kver
     job = (
         f"export REPO={REPO} KMODDIR={moddir} BINDIR={BIN} KVER={kver}\n"
@@ -275,40 +346,64 @@ def _run_guest(series: str, kernel: Any, moddir: Path) -> GuestRun:
     # a private output directory: two test sessions may run at once
     OUT.mkdir(parents=True, exist_ok=True)
     outdir = Path(tempfile.mkdtemp(prefix=f"run-{series}-", dir=OUT))
-    res = vmrun.run_job(job, timeout=VM_TIMEOUT, kernel=kernel, keep_dir=outdir)
+    res = vmrun.run_job(
+        job, timeout=VM_TIMEOUT, kernel=kernel, keep_dir=outdir, nice=VM_NICE,
+        on_start=children.started,
+    )  # fmt: skip
     _keep_newest(series, outdir)
     return GuestRun(kver, kernel.cached, res, _parse_stages(res.log), 0.0)
 
 
 class _Runs:
-    """The session's VMs: on the first request, builds what the guests need
-    and boots one VM per requested kernel series, up to KUPD_VM_JOBS at a
-    time, so the kernels' runs overlap (each is mostly one busy TCG vCPU)."""
+    """The session's VMs: builds what the guests need and boots one VM per
+    requested kernel series, up to KUPD_VM_JOBS at a time, so the kernels'
+    runs overlap (each is mostly one busy TCG vCPU) -- all in the
+    background, from :meth:`start` on; :meth:`get` waits for a kernel's
+    result, :meth:`close` kills what still runs."""
 
     def __init__(self, wanted: list[str]) -> None:
         self.wanted = wanted
         self.kernels = available_kernels()
+        self.children = _Children()
         self.lock = threading.Lock()
-        self.started = False
+        self.thread: threading.Thread | None = None
+        self.ready = threading.Event()  # set once the VMs are submitted, or failed to be
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.futures: dict[str, concurrent.futures.Future[GuestRun]] = {}
         self.build_error: BaseException | None = None
         self.build_seconds = 0.0
 
+    def start(self) -> None:
+        """Begin building and booting in a background thread (once)."""
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._start, name="vm-runs", daemon=True)
+                self.thread.start()
+
     def _start(self) -> None:
-        t0 = time.monotonic()
-        todo = [s for s in self.wanted if s in self.kernels]
         try:
-            moddirs = {s: _build_modules(self.kernels[s]) for s in todo}
-            _build_programs()
-        except Exception as e:  # reported by every kernel's tests
+            t0 = time.monotonic()
+            todo = [s for s in self.wanted if s in self.kernels]
+            if not todo:
+                return
+            jobs = vm_jobs(os.environ)
+            moddirs = {s: _build_modules(self.kernels[s], self.children) for s in todo}
+            _build_programs(self.children)
+            self.build_seconds = time.monotonic() - t0
+            with self.lock:
+                if self.children.stopped:
+                    raise _Stopped("the test session ended before the VMs started")
+                self.pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=jobs, thread_name_prefix="vm"
+                )
+                for s in todo:
+                    self.futures[s] = self.pool.submit(
+                        _run_guest, s, self.kernels[s], moddirs[s], self.children
+                    )
+        except BaseException as e:  # reported by every kernel's tests
             self.build_error = e
-            return
-        self.build_seconds = time.monotonic() - t0
-        jobs = vm_jobs(os.environ)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
-        for s in todo:
-            self.futures[s] = self.pool.submit(_run_guest, s, self.kernels[s], moddirs[s])
+        finally:
+            self.ready.set()
 
     def get(self, series: str) -> GuestRun:
         if series not in self.kernels:
@@ -317,10 +412,8 @@ class _Runs:
             if verdict == "fail":
                 pytest.fail(why)
             pytest.skip(why)
-        with self.lock:
-            if not self.started:
-                self.started = True
-                self._start()
+        self.start()  # already started at collection, unless tests/vm/conftest.py was not seen
+        self.ready.wait()
         if self.build_error is not None:
             raise self.build_error
         run = self.futures[series].result()
@@ -328,19 +421,42 @@ class _Runs:
         return run
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        """Kill the builds and VMs still running (nothing is left when the
+        VM tests have had their results), then wait for their threads."""
+        self.children.stop()
+        with self.lock:
+            thread, pool = self.thread, self.pool
+        if thread is not None:
+            thread.join()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_RUNS = pytest.StashKey[_Runs]()
+
+
+def start_vm_runs(session: pytest.Session) -> _Runs:
+    """The session's VM runs, started in the background (once): for the
+    kernels some selected test asks for (-k 6.12 boots one VM).  Called by
+    tests/vm/conftest.py when collection is done; the caller closes them."""
+    runs = session.config.stash.get(_RUNS, None)
+    if runs is None:
+        wanted = {
+            item.callspec.params["guest"]
+            for item in session.items
+            if isinstance(item, pytest.Function)
+            and hasattr(item, "callspec")
+            and "guest" in item.callspec.params
+        }
+        runs = _Runs([k for k in KERNELS if k in wanted])
+        session.config.stash[_RUNS] = runs
+    runs.start()
+    return runs
 
 
 @pytest.fixture(scope="session")
 def vm_runs(request: pytest.FixtureRequest) -> Iterator[_Runs]:
-    # only the kernels some selected test asks for (-k 6.12 boots one VM)
-    wanted = {
-        item.callspec.params["guest"]
-        for item in request.session.items
-        if hasattr(item, "callspec") and "guest" in item.callspec.params
-    }
-    runs = _Runs([k for k in KERNELS if k in wanted])
+    runs = start_vm_runs(request.session)
     yield runs
     runs.close()
 
@@ -354,7 +470,8 @@ def guest(request: pytest.FixtureRequest, vm_runs: _Runs) -> GuestRun:
         f"\nvm: Linux {series} = {run.kver} from {res.image} "
         f"({'unpacked in the kernel cache' if run.cached else 'installed'}), "
         f"build {run.build_seconds:.1f}s (all kernels), "
-        f"boot {res.boot_seconds}s (guest uptime), guest run {res.wall_seconds:.1f}s wall, "
+        f"boot {res.boot_seconds}s (guest uptime), guest run {res.wall_seconds:.1f}s wall "
+        f"(at niceness {VM_NICE}, next to the rest of the session), "
         f"rc={res.rc}, timed_out={res.timed_out}, files in {OUT / f'last-run-{series}'}"
     )
     return run

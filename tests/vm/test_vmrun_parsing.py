@@ -6,13 +6,17 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import lzma
+import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from kupd.testing import wait_until
 
 __all__: list[str] = []
 
@@ -297,6 +301,68 @@ def _fake_moddir(moddir: Path) -> dict[str, bytes]:
     shutil.which("busybox") is None or shutil.which("cpio") is None,
     reason="needs busybox-static and cpio (scripts/setup-apt.sh)",
 )
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie is left (killed, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_session_end_kills_a_vm_build_with_its_whole_group(tmp_path: Path) -> None:
+    """The VM runs' builds run in the background during the session; its
+    end (Ctrl-C, -x) kills one still going, with what it started (make's
+    compilers), and the build fails naming itself instead of hanging."""
+    children = test_vm._Children()
+    pidfile = tmp_path / "grandchild"
+    out: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            script = f"sleep 300 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"
+            children.run(["sh", "-c", script], "building a test thing")
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=build)
+    t.start()
+    wait_until(pidfile.exists, timeout=30, what="the build's child started")
+    grandchild = int(pidfile.read_text())
+    assert not _gone(grandchild)
+    children.stop()
+    t.join(30)
+    assert not t.is_alive(), "the build still runs after the session's end"
+    assert len(out) == 1 and isinstance(out[0], AssertionError), out
+    assert "building a test thing failed" in str(out[0])
+    wait_until(lambda: _gone(grandchild), timeout=30, what="the build's own child killed")
+
+
+def test_after_the_session_end_no_build_or_vm_starts() -> None:
+    """A build asked for after the end is refused; a qemu that started just
+    then (vmrun's on_start) is killed at once."""
+    children = test_vm._Children()
+    children.stop()
+    with pytest.raises(test_vm._Stopped, match="building x: the test session ended first"):
+        children.run(["true"], "building x")
+    p = subprocess.Popen(["sleep", "300"])
+    try:
+        children.started(p)
+        assert p.wait(30) == -9
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_vm_work_runs_at_low_priority() -> None:
+    """Builds (and qemu: vmrun's nice) run at VM_NICE, below the tests
+    they run next to."""
+    assert test_vm.VM_NICE > 0
+    children = test_vm._Children()
+    # the build step's own niceness, relative to ours
+    children.run(["sh", "-c", f"test $(nice) -eq {min(19, os.nice(0) + test_vm.VM_NICE)}"], "nice")
+
+
 def test_initramfs_takes_the_modules_from_the_kernels_own_tree(tmp_path: Path) -> None:
     # a kernel unpacked in the cache has no /lib/modules/V: the builder reads
     # the tree it is given, dependencies first
