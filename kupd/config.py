@@ -42,9 +42,10 @@ __all__ = [
 #: deadline, the idle timeout of leases taken from now on (a lease already
 #: held keeps the one its Attach reply announced: its holder paces its use
 #: by it), the Call pools' quarantine and queue limit (every pool at once),
-#: the drain grace, the health loop's interval (at once: the wait under way
-#: ends), kupd's session limit (leases already open over a lowered limit
-#: stay), the log level and the audit log (re-opened, at the new path if it
+#: the reattach grace (attaches that start from now on), the drain grace,
+#: the health loop's interval (at once: the wait under way ends), kupd's
+#: session limit (leases already open over a lowered limit stay), the log
+#: level and the audit log (re-opened, at the new path if it
 #: changed -- so a rotated file is let go at each reload).  A socket whose
 #: gRPC server settings change -- its max_connections, the receive limit
 #: that follows its tenant's max_message_bytes, the RPC cap above its
@@ -58,6 +59,7 @@ RELOADED_KEYS = (
     "call_timeout",
     "lease_idle_timeout",
     "call_quarantine",
+    "reattach_grace",
     "max_queued_calls",
     "drain_grace",
     "health_interval",
@@ -126,6 +128,10 @@ class Config:
     #: A Call pool channel whose reply never came is replaced (closed, and a
     #: fresh channel attached) once it has waited this long for it.
     call_quarantine: float = 30.0
+    #: An attach of a channel whose last user left and whose module has not
+    #: let go of it yet (the host answers Releasing) is tried again for this
+    #: many seconds before it fails Releasing (0: not tried again).
+    reattach_grace: float = 10.0
     drain_grace: float = 5.0
     #: How often unreachable devices are retried and reachable ones probed.
     health_interval: float = 1.0
@@ -252,6 +258,7 @@ _TOP = {
     "lease_idle_timeout": float,
     "call_timeout": float,
     "call_quarantine": float,
+    "reattach_grace": float,
     "drain_grace": float,
     "health_interval": float,
     "max_sessions": int,
@@ -398,6 +405,7 @@ def validate(cfg: Config) -> Config:
     # a health loop every microsecond would spin a core
     _positive("health_interval", cfg.health_interval, least=HEALTH_INTERVAL_MIN)
     _positive("drain_grace", cfg.drain_grace, allow_zero=True)
+    _positive("reattach_grace", cfg.reattach_grace, allow_zero=True)
     # max_sessions + 1024 becomes gRPC's int32 max_concurrent_streams
     if not 1 <= cfg.max_sessions <= MAX_SESSIONS_MAX:
         raise ConfigError(

@@ -103,6 +103,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a Call pool channel may owe its reply before it is replaced",
     )
     p.add_argument("--drain-grace", type=float, help="seconds calls get to finish at SIGTERM")
+    p.add_argument(
+        "--reattach-grace",
+        type=float,
+        help="seconds an attach retries a channel its module has not let go of yet",
+    )
     p.add_argument("--health-interval", type=float, help="device probe interval, seconds")
     p.add_argument("--max-sessions", type=int, help="limit on open sessions + leases")
     p.add_argument(
@@ -149,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "call_timeout": args.call_timeout,
         "call_quarantine": args.call_quarantine,
         "drain_grace": args.drain_grace,
+        "reattach_grace": args.reattach_grace,
         "health_interval": args.health_interval,
         "max_sessions": args.max_sessions,
         "max_connections": args.max_connections,

@@ -30,7 +30,6 @@ from kupd.metrics import Metrics
 from kupd.watch import Event, EventBus, EventType
 
 __all__ = [
-    "REATTACH_GRACE",
     "REATTACH_PAUSE",
     "SHOWN_MAX",
     "SHUTDOWN_REASON",
@@ -177,11 +176,10 @@ MODULE_HELD_WAIT = 1.0
 #: The host waits for that for a moment (kupsim parks the ATTACH for 0.5 s,
 #: a kernel tries the lock for KUP_ATTACH_LETGO_MS) and then answers
 #: :class:`~kupd.errors.Releasing` -- not Busy, which is another user
-#: holding it.  kupd tries a Releasing channel again for this many seconds,
-#: so that a client re-attaching the channel it just left (a restarted
-#: client, a reconnecting Session) is not refused because a loaded machine
-#: was slow to wake the module.
-REATTACH_GRACE = 10.0
+#: holding it.  kupd tries a Releasing channel again for the config's
+#: reattach_grace seconds (10 by default), so that a client re-attaching the
+#: channel it just left (a restarted client, a reconnecting Session) is not
+#: refused because a loaded machine was slow to wake the module.
 #: Pause between such tries (the host's own wait covers most of it).
 REATTACH_PAUSE = 0.05
 
@@ -553,10 +551,12 @@ class ManagedDevice:
         using the device directly is :class:`~kupd.errors.Busy` at once.
         One the host answers :class:`~kupd.errors.Releasing` (its last user
         left, its module has not let go of it yet) is tried again, every
-        REATTACH_PAUSE, for up to REATTACH_GRACE seconds -- unless
-        ``wait_releasing`` is False (a caller with other channels to try).
+        REATTACH_PAUSE, for up to the config's reattach_grace seconds (as it
+        was when the attach began) -- unless ``wait_releasing`` is False (a
+        caller with other channels to try).
         """
         started: float | None = None
+        grace = self.mgr.config.reattach_grace
         while True:
             dev, info = self.require()
             if self.stalled_since is not None:
@@ -592,12 +592,13 @@ class ManagedDevice:
                 now = time.monotonic()
                 if started is None:
                     started = now
-                    log.info(
-                        "attach waits for the module to let go",
-                        device=self.name,
-                        channel="any" if chan_id is None else chan_id,
-                    )
-                elif now - started >= REATTACH_GRACE:
+                    if grace > 0:
+                        log.info(
+                            "attach waits for the module to let go",
+                            device=self.name,
+                            channel="any" if chan_id is None else chan_id,
+                        )
+                if now - started >= grace:
                     what = "every free channel" if chan_id is None else f"channel {chan_id}"
                     raise errors.Releasing(
                         f"device {self.name}: {what} is still held by the module after "

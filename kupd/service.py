@@ -30,7 +30,6 @@ from kupd.channel import Message
 from kupd.config import Config
 from kupd.devices import (
     PROBE_WAIT,
-    REATTACH_GRACE,
     REATTACH_PAUSE,
     SHUTDOWN_REASON,
     DeviceManager,
@@ -672,7 +671,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         finally:
             self.guard.pending[t.name] -= 1
         # The attach awaited the host (a channel its module had not let go
-        # of: up to REATTACH_GRACE): kupd's own drain (SIGTERM), an admin's
+        # of: up to reattach_grace): kupd's own drain (SIGTERM), an admin's
         # drain of the device, or a reload that took the grant away or
         # moved the tenant's socket, may have come meanwhile and found no
         # lease to end.
@@ -701,6 +700,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         its module still holds (Releasing) is waited for only when no other
         granted channel is free: the host's own "any" passes over it too."""
         dev = self.mgr.get(device)
+        grace = self.config.reattach_grace
         waited_since: float | None = None
         while True:
             _, info = dev.require()
@@ -725,7 +725,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             now = asyncio.get_running_loop().time()
             if waited_since is None:
                 waited_since = now
-            elif now - waited_since >= REATTACH_GRACE:
+            if now - waited_since >= grace:
                 raise errors.Releasing(
                     f"tenant {t.name}: every free granted channel of device {device} is "
                     f"still held by its module after its last user left (kupd waited "

@@ -1359,7 +1359,7 @@ class SocketSet:
         RPC of the server that waits, and refuses every one that starts;
         what is left ends by its own bound -- a Call already on a pool
         channel within call_timeout (unless it asked for longer), an Attach
-        waiting for a channel its module still holds within REATTACH_GRACE,
+        waiting for a channel its module still holds within reattach_grace,
         a ListDevices' probe within PROBE_WAIT.  Past it only an RPC whose
         client stopped reading (its handler blocked in a write) or a longer
         Call is left: gRPC cuts it as the server stops ("Cancelling all

@@ -14,6 +14,18 @@ from kupd.config import ConfigError, load_config, parse_config
 DEV = {"device": [{"name": "echo"}]}
 
 
+def test_reattach_grace_is_seconds_zero_included() -> None:
+    """reattach_grace: 10 s unless set; 0 (no retry) is a value, a negative
+    or non-finite one is refused naming the key."""
+    assert parse_config(DEV).reattach_grace == 10.0
+    assert parse_config({"reattach_grace": 0, **DEV}).reattach_grace == 0.0
+    assert parse_config({"reattach_grace": 2.5, **DEV}).reattach_grace == 2.5
+    with pytest.raises(ConfigError, match=r"'reattach_grace': must be >= 0, not -0\.5"):
+        parse_config({"reattach_grace": -0.5, **DEV})
+    with pytest.raises(ConfigError, match="'reattach_grace': must be a finite number"):
+        parse_config({"reattach_grace": float("nan"), **DEV})
+
+
 @pytest.mark.parametrize(
     ("doc", "key"),
     [

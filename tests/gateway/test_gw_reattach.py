@@ -4,7 +4,7 @@
 The module lets go of a channel only when its worker sees the user gone;
 kupsim parks an ATTACH 0.5 s for that, then answers Releasing -- distinct
 from Busy, another user holding the channel.  kupd tries a Releasing
-channel again for up to REATTACH_GRACE, whoever its last user was, and
+channel again for up to reattach_grace, whoever its last user was, and
 gives up on a Busy one at once.  echo's "!lockhold" makes the module keep
 the channel locked after the user left for as long as the test likes, far
 beyond kupsim's park."""
@@ -12,18 +12,36 @@ beyond kupsim's park."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
-from gateway_helpers import LOCKHOLD, Kupd, unlock, wait_locked
+from gateway_helpers import LOCKHOLD, Kupd, StartKupd, unlock, wait_locked
 
 from kupclient import Client, Kind, Lease
 from kupd import errors
 from kupd.channel import Device
 from kupd.channel import Kind as ChannelKind
-from kupd.devices import REATTACH_GRACE
+from kupd.config import Config
 from kupd.testing import KupSim, channel_when_free, in_background, wait_until
 
 WAITS = "attach waits for the module to let go"
+#: kupd's reattach_grace when the test does not set it
+REATTACH_GRACE = Config().reattach_grace
+#: reattach_grace for the tests that wait for kupd to give up (waiting out
+#: the default's 10 s showed nothing more)
+SHORT_GRACE = 2.0
+
+
+@pytest.fixture
+def impatient(sim: KupSim, start_kupd: StartKupd) -> Kupd:
+    """kupd giving up on a channel its module still holds after SHORT_GRACE."""
+    return start_kupd(sim, "--reattach-grace", str(SHORT_GRACE))
+
+
+@pytest.fixture
+def impatient_client(impatient: Kupd) -> Iterator[Client]:
+    with impatient.client() as c:
+        yield c
 
 
 def _waits(kupd: Kupd, chan: int) -> int:
@@ -61,7 +79,8 @@ def test_reattach_waits_for_the_module_to_let_go(
     assert _waits(kupd, 20) == 1  # one log record per attach, not one per try
 
 
-def test_reattach_gives_up_after_the_grace(sim: KupSim, kupd: Kupd, client: Client) -> None:
+def test_reattach_gives_up_after_the_grace(sim: KupSim, impatient_client: Client) -> None:
+    client = impatient_client
     _leave_locked(sim, client, 22)
     released = time.monotonic()
     gave_up = (
@@ -71,12 +90,26 @@ def test_reattach_gives_up_after_the_grace(sim: KupSim, kupd: Kupd, client: Clie
     with pytest.raises(errors.Releasing, match=gave_up) as info:
         client.attach("echo", 22)
     assert isinstance(info.value, errors.Busy)  # what callers that retry catch
-    assert time.monotonic() - released >= REATTACH_GRACE  # it did keep trying
+    assert time.monotonic() - released >= SHORT_GRACE  # it did keep trying
     unlock(client)
     # and the channel is not left attached to anybody: it can be taken
     wait_until(lambda: _free(client, 22), what="channel 22 free after the module let go")
     with client.open("echo").channel(22) as ch:
         assert ch.receive(timeout=10).kind == Kind.PASS
+
+
+def test_a_grace_of_zero_gives_up_at_the_first_releasing(
+    sim: KupSim, start_kupd: StartKupd
+) -> None:
+    """reattach_grace 0: the host's first Releasing is the answer, with no
+    retry and no "waits" log record."""
+    k = start_kupd(sim, "--reattach-grace", "0")
+    with k.client() as client:
+        _leave_locked(sim, client, 24)
+        with pytest.raises(errors.Releasing, match=r"channel 24 .*\(kupd waited 0\.0 s"):
+            client.attach("echo", 24)
+        unlock(client)
+    assert _waits(k, 24) == 0
 
 
 def _free(client: Client, chan: int) -> bool:
@@ -148,7 +181,7 @@ def _state(client: Client, chan: int) -> str:
 
 
 def test_a_channel_its_module_still_holds_shows_as_module(
-    sim: KupSim, kupd: Kupd, client: Client
+    sim: KupSim, impatient_client: Client
 ) -> None:
     """A channel whose user left while its module's worker keeps it locked
     (echo "!lockhold": as a worker that exited or hangs between its receive
@@ -156,6 +189,7 @@ def test_a_channel_its_module_still_holds_shows_as_module(
     attachable: INFO says so (KUP_INFO_MODULE_HOLDS) and ListDevices shows
     it as "module" -- it used to show "free" while every attach of it
     failed -- until the module lets go."""
+    client = impatient_client
     _leave_locked(sim, client, 36)
     with Device.open(sim.device_path("echo")) as dev:
         wait_until(

@@ -186,7 +186,7 @@ def test_one_tenants_parked_attaches_do_not_hold_up_another_tenant(
 ) -> None:
     """flood leaves its channels held by the module (echo's "!lockhold")
     and keeps attaching them from many threads: the host parks each such
-    attach for half a second, and kupd retries it for REATTACH_GRACE.
+    attach for half a second, and kupd retries it for reattach_grace.
     meek, on channels of its own, must still attach at once, and the
     device must not look hung -- those retries used to take every one of
     kupd's blocking threads, queueing meek's attaches and the health

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -17,11 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import DEVICES, TENANTS, StartTenants, TenantKupd
+from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
+from kupclient import Kind
 from kupd import errors
 from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config, parse_config, reloaded
-from kupd.testing import kupd_env, kupsim, start_kupd, wait_until
+from kupd.testing import (
+    echo_lock_holds,
+    in_background,
+    kupd_env,
+    kupsim,
+    start_kupd,
+    wait_until,
+)
 
 #: echo with a single Call pool channel: one held Call fills the pool.
 ONE_POOL_CHANNEL = """
@@ -266,6 +275,29 @@ def test_call_pool_limits(start_tenants: StartTenants) -> None:
         # the held Call timed out; its channel was replaced and served the queued one
         assert len(results) == 2 and isinstance(results[0], errors.DeadlineExceeded), results
         assert isinstance(results[1], bytes) and results[1].lower() == b"queued", results
+
+
+def test_reattach_grace(start_tenants: StartTenants) -> None:
+    """An attach of a channel whose user left while its module keeps it
+    locked gives up after the reloaded reattach_grace, not the 600 s kupd
+    started with: Releasing, saying how long kupd waited."""
+    k = start_tenants("reattach_grace = 600\n" + DEVICES)
+    chan = 10  # not one of echo's 4 Call pool channels
+    with k.client("kupd") as c, k.admin() as adm:
+        k.write_config("reattach_grace = 0.5\n" + DEVICES)
+        assert adm.reload().applied == ("reattach_grace",)
+        with c.open("echo").channel(chan) as ch:
+            assert ch.receive(timeout=10).kind is Kind.PASS
+            ch.send(LOCKHOLD)
+            wait_until(lambda: echo_lock_holds(k.sim, chan) > 0, what="echo holding it locked")
+        attach = in_background(lambda: c.attach("echo", chan))
+        try:
+            got = attach.outcome(60)  # a bound far below 600 s
+            assert isinstance(got, errors.Releasing), got
+            m = re.search(r"channel 10 is still held by the module .*waited ([0-9.]+) s", str(got))
+            assert m is not None and float(m.group(1)) >= 0.5, got
+        finally:
+            assert c.call("echo", b"!lockfree", timeout=30).data.lower() == b"!lockfree"
 
 
 def test_drain_grace(start_tenants: StartTenants) -> None:
