@@ -363,7 +363,12 @@ class _Runs:
 
     def __init__(self, wanted: list[str]) -> None:
         self.wanted = wanted
-        self.kernels = available_kernels()
+        # a bad KUPD_KERNEL_CACHE fails the VM tests, not the session's collection
+        self.setup_error: Exception | None = None
+        try:
+            self.kernels = available_kernels()
+        except vmrun.VMError as e:
+            self.kernels, self.setup_error = {}, e
         self.children = _Children()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -406,6 +411,8 @@ class _Runs:
             self.ready.set()
 
     def get(self, series: str) -> GuestRun:
+        if self.setup_error is not None:
+            raise self.setup_error
         if series not in self.kernels:
             found = {s: k.kver for s, k in self.kernels.items()}
             verdict, why = missing_kernel(series, found, os.environ)
