@@ -45,6 +45,7 @@ __all__ = [
     "kernel_cache",
     "kernel_problems",
     "run_job",
+    "start_qemu",
     "version_key",
 ]
 
@@ -286,6 +287,22 @@ def run_job(
         failed.append(res.console)
 
 
+def start_qemu(cmd: list[str], nice: int = 0) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (qemu) at niceness ``nice``, its output piped, to be
+    killed when the thread that started it dies -- the process killed, by
+    SIGKILL or by a SIGTERM that skips its clean-up (pytest's session-end
+    hooks, which stop the VMs, do not run then): a qemu left behind keeps
+    a vCPU busy until its own timeout.  (setpriv(1), util-linux, sets the
+    parent-death signal; nice(1) and setpriv exec: the process returned is
+    qemu itself.)"""
+    cmd = ["nice", "-n", str(nice), *cmd] if nice else cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+
+
 def _run_job_once(
     job: str,
     timeout: float,
@@ -340,10 +357,7 @@ def _run_job_once(
     (outdir / "qemu-cmd").write_text(" ".join(cmd) + "\n")  # which kernel this run booted
     t0 = time.monotonic()
     timed_out = False
-    # nice(1) execs qemu: the process on_start is given is qemu itself
-    niced = ["nice", "-n", str(nice), *cmd] if nice else cmd
-    proc = subprocess.Popen(niced, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = start_qemu(cmd, nice)
     if on_start is not None:
         on_start(proc)
     try:

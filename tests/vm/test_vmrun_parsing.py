@@ -363,6 +363,36 @@ def test_vm_work_runs_at_low_priority() -> None:
     children.run(["sh", "-c", f"test $(nice) -eq {min(19, os.nice(0) + test_vm.VM_NICE)}"], "nice")
 
 
+def test_a_qemu_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A pytest killed outright (SIGKILL, or a SIGTERM that skips its
+    session-end hooks) leaves no qemu behind: vmrun starts it with a
+    parent-death signal.  A process standing in for pytest starts a
+    stand-in qemu the way vmrun starts qemu, and is killed."""
+    pidfile = tmp_path / "qemu.pid"
+    starter = subprocess.Popen(
+        [sys.executable, "-c",
+         "import importlib.util, sys, time\n"
+         "spec = importlib.util.spec_from_file_location('vmrun', sys.argv[1])\n"
+         "m = sys.modules['vmrun'] = importlib.util.module_from_spec(spec)\n"
+         "spec.loader.exec_module(m)\n"
+         "p = m.start_qemu(['sleep', '300'], nice=5)\n"
+         "open(sys.argv[2] + '.tmp', 'w').write(str(p.pid))\n"
+         "import os; os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+         "time.sleep(300)\n",
+         str(REPO / "scripts" / "vm" / "vmrun.py"), str(pidfile)],
+    )  # fmt: skip
+    try:
+        wait_until(pidfile.exists, timeout=30, what="the stand-in qemu started")
+        qemu = int(pidfile.read_text())
+        assert not _gone(qemu)
+        # nice and setpriv exec'd it: the process is the command itself
+        assert Path(f"/proc/{qemu}/comm").read_text().strip() == "sleep"
+    finally:
+        starter.kill()
+        starter.wait()
+    wait_until(lambda: _gone(qemu), timeout=30, what="the stand-in qemu killed with its starter")
+
+
 def test_initramfs_takes_the_modules_from_the_kernels_own_tree(tmp_path: Path) -> None:
     # a kernel unpacked in the cache has no /lib/modules/V: the builder reads
     # the tree it is given, dependencies first
