@@ -342,6 +342,24 @@ void test_attach_deadline() {
     CHECK_EQ(c.attach(g_device, 3, kup::ms(2500)).lease_id, std::string("recorded"));
 }
 
+// kupd's own socket (KUPD_DIRECT), for the tests run against the stall
+// proxy (tests/gateway/h2stall.py): what must not go through the proxy.
+const char* direct_socket() {
+    const char* direct = std::getenv("KUPD_DIRECT");
+    CHECK(direct != nullptr);
+    return direct;
+}
+
+// A lease on `chan` taken through `c`, echo's greeting (a PASS) received,
+// and `first` sent unless empty: echo's answer is the lease's next message.
+kup::Lease greeted_lease(kup::Client& c, std::uint32_t chan, std::string_view first = {}) {
+    kup::Lease l = c.attach(g_device, chan);
+    auto hello = c.lease_receive(l.lease_id, T);
+    CHECK(hello && hello->kind == kup::Kind::Pass);
+    if (!first.empty()) c.lease_send(l.lease_id, first);
+    return l;
+}
+
 // A program whose receives outlive the client names them itself
 // (kup::ReceiveNames).  Against the proxy, kupd's direct socket in
 // KUPD_DIRECT: the lease_receive through the proxy, named, is given up on
@@ -349,17 +367,12 @@ void test_attach_deadline() {
 // lease_pass and lease_exchange naming it (again_of) are NotYourTurn,
 // nothing sent, and its lease_receive naming it gets the message.
 void test_named_receive_across_clients() {
-    const char* direct = std::getenv("KUPD_DIRECT");
-    CHECK(direct != nullptr);
+    const char* direct = direct_socket();
     const std::uint32_t chan = 6;  // (not one of the Call pool's)
     std::string lease_id;
     {
         kup::Client d(direct);
-        kup::Lease l = d.attach(g_device, chan);
-        lease_id = l.lease_id;
-        auto hello = d.lease_receive(lease_id, T);
-        CHECK(hello && hello->kind == kup::Kind::Pass);
-        d.lease_send(lease_id, "outlives its client");
+        lease_id = greeted_lease(d, chan, "outlives its client").lease_id;
     }
     {
         kup::Client c(g_socket);
@@ -392,16 +405,12 @@ void test_named_receive_across_clients() {
 // on names its reply (receive_id); a fresh client's exchange naming it is
 // NotYourTurn, and its lease_receive naming it gets the reply.
 void test_named_exchange_across_clients() {
-    const char* direct = std::getenv("KUPD_DIRECT");
-    CHECK(direct != nullptr);
+    const char* direct = direct_socket();
     const std::uint32_t chan = 6;
     std::string lease_id;
     {
         kup::Client d(direct);
-        kup::Lease l = d.attach(g_device, chan);
-        lease_id = l.lease_id;
-        auto hello = d.lease_receive(lease_id, T);
-        CHECK(hello && hello->kind == kup::Kind::Pass);
+        lease_id = greeted_lease(d, chan).lease_id;
     }
     {
         kup::Client c(g_socket);
@@ -428,14 +437,9 @@ void test_named_exchange_across_clients() {
 // passes after kupd wrote the reply, which gRPC then drops; the next
 // lease_receive names it (again_of) and gets the same message.
 void test_receive_past_deadline() {
-    const char* direct = std::getenv("KUPD_DIRECT");
-    CHECK(direct != nullptr);
-    kup::Client d(direct);
+    kup::Client d(direct_socket());
     const std::uint32_t chan = 6;  // (not one of the Call pool's)
-    kup::Lease l = d.attach(g_device, chan);
-    auto hello = d.lease_receive(l.lease_id, T);
-    CHECK(hello && hello->kind == kup::Kind::Pass);
-    d.lease_send(l.lease_id, "the one message");
+    kup::Lease l = greeted_lease(d, chan, "the one message");
     kup::Client c(g_socket);
     expect_throw<kup::DeadlineExceeded>(
         [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
@@ -451,14 +455,9 @@ void test_receive_past_deadline() {
 // keeps the message of the receive given up on, and the next lease_receive
 // must name that one still (it named none: NotYourTurn).
 void test_receive_past_deadline_then_refused() {
-    const char* direct = std::getenv("KUPD_DIRECT");
-    CHECK(direct != nullptr);
-    kup::Client d(direct);
+    kup::Client d(direct_socket());
     const std::uint32_t chan = 7;
-    kup::Lease l = d.attach(g_device, chan);
-    auto hello = d.lease_receive(l.lease_id, T);
-    CHECK(hello && hello->kind == kup::Kind::Pass);
-    d.lease_send(l.lease_id, "the one message");
+    kup::Lease l = greeted_lease(d, chan, "the one message");
     kup::Client c(g_socket);
     expect_throw<kup::DeadlineExceeded>(
         [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
@@ -477,14 +476,9 @@ void test_receive_past_deadline_then_refused() {
 // kupd refuses each, NotYourTurn, over the message it kept for it (before,
 // the send ran and the message was lost); the next lease_receive gets it.
 void test_send_after_receive_past_deadline() {
-    const char* direct = std::getenv("KUPD_DIRECT");
-    CHECK(direct != nullptr);
-    kup::Client d(direct);
+    kup::Client d(direct_socket());
     const std::uint32_t chan = 6;  // (not one of the Call pool's)
-    kup::Lease l = d.attach(g_device, chan);
-    auto hello = d.lease_receive(l.lease_id, T);
-    CHECK(hello && hello->kind == kup::Kind::Pass);
-    d.lease_send(l.lease_id, "not lost");
+    kup::Lease l = greeted_lease(d, chan, "not lost");
     kup::Client c(g_socket);
     expect_throw<kup::DeadlineExceeded>(
         [&] { c.lease_receive(l.lease_id, kup::ms{1000}); },
