@@ -34,8 +34,10 @@ and CPython's threading code included, and at the Nth signals itself; the
 handler raises KeyboardInterrupt.  For an ``attach``: no lease is left (the
 channel is free once the client has closed); for a ``lease_receive`` of an
 echo: the echo comes back exactly once, from that receive or the next, and
-no other message after it; and either way the client's next RPC and its
-``close()`` return.  Each point prints a line; the test fails, with the
+no other message after it; for ``devices()`` and a ``lease_send`` (gRPC's
+blocking unary call, before): no lease left; and every time the client's
+next RPCs -- one that gRPC's polling thread completes among them -- and
+its ``close()`` return.  Each point prints a line; the test fails, with the
 child's stacks (py-spy), when the child stops making progress, and with its
 output when an interrupt surfaced as anything but KeyboardInterrupt.
 """
@@ -66,7 +68,13 @@ from kupd import errors
 
 SOCKET, OP = sys.argv[1], sys.argv[2]
 MAIN = threading.get_ident()
-OWED = client_mod.Client._unary_owed.__code__
+#: the client's function whose points (and all it calls) are walked
+WALKED = {
+    "attach": client_mod.Client._unary_owed,
+    "receive": client_mod.Client._unary_owed,
+    "devices": client_mod.Client._unary,  # gRPC's blocking unary call
+    "send": client_mod.Client._unary,
+}[OP].__code__
 
 
 def interrupt(signum, frame):
@@ -74,7 +82,7 @@ def interrupt(signum, frame):
 
 
 def profiler(n, fired):
-    """Signal the main thread at the nth point inside _unary_owed where
+    """Signal the main thread at the nth point inside WALKED where
     CPython 3.11 runs a signal handler: a Python function's start (RESUME),
     just after a call into C returns (CALL), and a lock's acquire that
     blocks (a signal while it waits: the lock not taken).  (Not any line:
@@ -83,7 +91,7 @@ def profiler(n, fired):
     depth = [0]
 
     def prof(frame, event, arg):
-        if frame.f_code is OWED:
+        if frame.f_code is WALKED:
             depth[0] = 1 if event != "return" else 0
         if not depth[0] or event not in ("call", "c_call", "c_return"):
             return
@@ -140,6 +148,14 @@ while True:
             fired, (kind, what) = traced(n, lambda: c.attach("echo"))
             if kind == "ok":
                 c.release(what.lease_id)
+        elif OP == "devices":
+            fired, (kind, what) = traced(n, lambda: c.devices("echo"))
+        elif OP == "send":
+            # a lease of its own for each point: whether an interrupted
+            # send went out is not asked, only that nothing hangs
+            held = direct.attach("echo")
+            fired, (kind, what) = traced(n, lambda: c.lease_send(held.lease_id, b"x"))
+            direct.release(held.lease_id)
         else:
             data = f"!stamp0-msg-{n:04d}-".encode() + bytes(8)
             c.lease_send(lease.lease_id, data)
@@ -154,8 +170,11 @@ while True:
             else:
                 raise AssertionError(f"point {n}: a second message {extra}")
         c.devices()  # the client's next RPC completes
+        # and so does one that gRPC's polling thread completes (an
+        # interrupt that left gRPC's channel lock held blocks that thread)
+        c.release(c.attach("echo").lease_id)
     # close() returned: with no lease left over
-    if OP == "attach":
+    if OP in ("attach", "send"):
         wait_free(direct)
     if kind == "raised":
         print(f"point {n} {fired}: raised {type(what).__name__}: {what} "
@@ -359,3 +378,25 @@ def test_the_watchdog_runs_whatever_interrupts_its_start() -> None:
         timeout=120,
     )
     assert run.returncode == 0 and run.stdout.startswith("done"), run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("op", ["devices", "send"])
+def test_a_blocking_unary_call_interrupted_at_any_point_hangs_nothing(
+    kupd: Kupd, client: Client, op: str
+) -> None:
+    """A unary call (``devices()``, ``lease_send`` and the others through
+    ``Client._unary``) interrupted anywhere leaves nothing that hangs.
+
+    gRPC's blocking call (a ``segregated_call``, its completion queue
+    polled by the caller) registers its call inside cygrpc's ``with`` on
+    the channel's condition; interrupted just as ``Condition.__enter__``
+    took the lock, the ``with`` never released it: the main thread held
+    it for good, and the next call completed by gRPC's polling thread (the
+    attach after the traced call) waited for ever (py-spy: the starter in
+    ``_channel_managed_call_management.create``, in ``Condition.__enter__``).
+    The main thread's unary calls now go as ``_unary_owed``'s."""
+    lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"
+

@@ -158,10 +158,25 @@ class Client:
         if self._closed:
             raise self._gone()
 
-    def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _unary(
+        self, method: str, request: Any, timeout: float | None = None, stub: Any = None
+    ) -> Any:
+        """A unary RPC (of ``stub``, the client's kupd stub by default).
+
+        From the main thread, through :meth:`_unary_owed`, not gRPC's
+        blocking call: that one registers its call with the channel in a
+        ``with`` on the channel's condition (cygrpc ``_segregated_call``),
+        and an interrupt just as it took the lock (CPython runs a handler
+        as ``Condition.__enter__``'s call into C returns) left the lock
+        held by the main thread for good: the next call that gRPC's
+        polling thread completes -- an attach, a Session -- waited for ever.
+        Other threads, where no signal handler runs, keep the blocking call
+        (cheaper: no polling thread to start)."""
+        if threading.current_thread() is threading.main_thread():
+            return self._unary_owed(method, request, timeout, stub=stub)
         self._check_open()
         try:
-            return getattr(self._stub, method)(request, timeout=timeout)
+            return getattr(stub or self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
@@ -177,6 +192,7 @@ class Client:
         request: Any,
         timeout: float | None,
         given_up: Callable[[Any], object] | None = None,
+        stub: Any = None,
     ) -> Any:
         """:meth:`_unary` for an RPC that waits for the kernel's message
         (lease_receive, lease_exchange): one interrupted must leave it owed.
@@ -187,9 +203,11 @@ class Client:
         late -- and a reply that came meanwhile was taken by kupd for the
         RPC and lost with it.  Here the interrupt propagates at once, and
         the RPC is cancelled first: kupd leaves the reply for the next
-        receive, as with the asyncio client.  (Not for every RPC: gRPC
-        starts a thread for a future when none is in flight, which costs a
-        sync call() about 0.7 ms.)
+        receive, as with the asyncio client.  (Every RPC from the main
+        thread goes this way -- see :meth:`_unary` -- other threads' only
+        when they wait for the kernel: gRPC starts a polling thread for a
+        future when none is in flight, which with the hand-off to the
+        starter thread costs a sync call() about 0.1 ms.)
 
         The main thread's RPC is started on kupclient's starter thread
         (kupclient._start: an interrupt in the middle of gRPC's start left
@@ -206,7 +224,7 @@ class Client:
         came in before the status, or was on its way).  Not for an RPC that
         failed: it did nothing."""
         self._check_open()
-        rpc = getattr(self._stub, method)
+        rpc = getattr(stub or self._stub, method)
         # completed: a bare lock, released by a callback that the starter
         # registers -- not future.result()'s wait, whose ``with`` on gRPC's
         # condition, interrupted just as it took the lock, left it held
@@ -276,8 +294,8 @@ class Client:
             req.lease_id = resp.lease_id
         else:
             req.attach_id = attach_id
-        with contextlib.suppress(grpc.RpcError, ValueError):
-            self._stub.Release(req, timeout=_types.KUPD_GRACE)
+        with contextlib.suppress(errors.KupError, grpc.RpcError, ValueError):
+            self._unary("Release", req, _types.KUPD_GRACE)
 
     def _after_fork(self) -> None:
         """In a child process (see kupclient._fork): nothing of gRPC's is
@@ -329,16 +347,8 @@ class Client:
         """The health status name ("SERVING", "NOT_SERVING", ...) of ``service``."""
         self._check_open()
         stub = health_pb2_grpc.HealthStub(self._channel)
-        try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
-        except grpc.RpcError as exc:
-            if self._closed:
-                raise self._gone(pending=True) from None
-            raise error_from_rpc(exc) from None
-        except ValueError:
-            if self._closed:
-                raise self._gone(pending=True) from None
-            raise
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = self._unary("Check", req, 30.0, stub=stub)
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return name
 
