@@ -370,7 +370,9 @@ class Client:
         req = kup_pb2.WatchRequest(device=device_filter_arg(device), initial_state=initial_state)
         self._check_open()
         try:
-            return Watch(self._stub.Watch(req), self)
+            # started on the starter thread, as a Session's stream
+            # (_start_session): gRPC manages it
+            return Watch(_start.start(lambda: self._stub.Watch(req), _cancel_call), self)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
@@ -592,6 +594,32 @@ def _requests_of(q: queue.SimpleQueue[object]) -> Iterator[kup_pb2.SessionReques
         yield item
 
 
+def _start_session(
+    channel: grpc.Channel, requests: queue.SimpleQueue[object]
+) -> Iterator[kup_pb2.SessionResponse | _wire.WireReply]:
+    """Start a Session stream whose requests are what is put on
+    ``requests``: gRPC manages it (its polling thread), so the main
+    thread's is started on kupclient's starter thread (kupclient._start:
+    interrupted in the middle of gRPC's start, a call no thread polled for
+    left the client's close() waiting for ever).  Interrupted, the stream
+    is cancelled once started.  Its data path has its own wire codec
+    (kupclient._wire), not the stub's."""
+    rpc = channel.stream_stream(
+        _wire.SESSION_METHOD,
+        request_serializer=_wire.serialize,
+        response_deserializer=_wire.deserialize,
+    )
+    return _start.start(
+        lambda: rpc(_requests_of(requests)),
+        lambda responses: _cancel_session(responses, requests),
+    )
+
+
+def _cancel_call(call: Any) -> None:
+    """Cancel a stream whose start was given up on (kupclient._start)."""
+    call.cancel()
+
+
 def _cancel_future(fut: grpc.Future) -> None:
     """Cancel an RPC whose start was given up on (kupclient._start)."""
     fut.cancel()
@@ -633,13 +661,8 @@ class Channel(Sampled):
         self.max_msg = 0
         with client._lock:  # not opened on a client being closed
             client._check_open()
-            # the data path's own wire codec (kupclient._wire), not the stub's
             self._responses: Iterator[kup_pb2.SessionResponse | _wire.WireReply] = (
-                client._channel.stream_stream(
-                    _wire.SESSION_METHOD,
-                    request_serializer=_wire.serialize,
-                    response_deserializer=_wire.deserialize,
-                )(_requests_of(self._requests))
+                _start_session(client._channel, self._requests)
             )
             # A Channel dropped without close() cancels its stream (nothing
             # else refers to the Channel: see _requests_of).
