@@ -24,6 +24,13 @@ thread, and gRPC's polling thread waited on it for ever.  kupclient now
 waits for a bare lock that a done-callback releases, and asks the future
 only once it has completed.
 
+The same walk covers gRPC's blocking unary call (it took the channel's
+lock in a ``with``: the main thread's unary calls now go as the owed ones),
+the start of a Session's stream and of a watch (managed calls, as a
+future), a Session operation's wait for its reply (gRPC's ``next()``: the
+responses are now read by a thread of their own) and the main thread's
+cancel of a live stream (through the starter thread).
+
 Deterministic, no timing: a child process (a fresh client for each point,
 so that each RPC is its channel's first and gRPC starts its polling thread
 for it) walks every point of ``Client._unary_owed`` that the main thread
@@ -76,6 +83,9 @@ WALKED = {
     "send": client_mod.Client._unary,
     "session": client_mod._start_session,  # a Session stream's start
     "watch": client_mod.Client.watch,
+    "exchange": client_mod.Channel._op,  # a Session operation, its wait included
+    "close": client_mod.Channel.close,  # its end
+    "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
 }[OP].__code__
 
 
@@ -163,6 +173,24 @@ while True:
             if kind == "ok":
                 assert what.receive(timeout=30).kind == Kind.PASS, what  # it runs
                 what.close()
+        elif OP == "exchange":
+            ch = c.open("echo").channel()
+            assert ch.receive(timeout=30).kind == Kind.PASS
+            data = f"!stamp0-msg-{n:04d}-".encode() + bytes(8)
+            fired, (kind, what) = traced(n, lambda: ch.exchange(data, timeout=30))
+            if kind == "ok":
+                assert what.data[:-8].upper() == data[:-8].upper(), (n, fired, what)
+            ch.close()  # interrupted: the session had ended (its reply owed)
+        elif OP == "close":
+            ch = c.open("echo").channel()
+            assert ch.receive(timeout=30).kind == Kind.PASS
+            fired, (kind, what) = traced(n, ch.close)
+            ch.close()  # whatever the interrupt left
+        elif OP == "abort":
+            ch = c.open("echo").channel()
+            assert ch.receive(timeout=30).kind == Kind.PASS
+            fired, (kind, what) = traced(n, ch._abort)
+            ch.close()  # whatever the interrupt left
         elif OP == "watch":
             fired, (kind, what) = traced(n, lambda: c.watch("echo", initial_state=True))
             if kind == "ok":
@@ -186,7 +214,7 @@ while True:
         # interrupt that left gRPC's channel lock held blocks that thread)
         c.release(c.attach("echo").lease_id)
     # close() returned: with no lease left over
-    if OP in ("attach", "send", "session"):
+    if OP in ("attach", "send", "session", "exchange", "close", "abort"):
         wait_free(direct)
     if kind == "raised":
         print(f"point {n} {fired}: raised {type(what).__name__}: {what} "
@@ -425,6 +453,26 @@ def test_a_stream_interrupted_at_any_point_of_its_start_hangs_nothing(
     ever; they are now started on the starter thread.  (Only the start is
     walked: waiting for a stream's next response still happens in gRPC,
     see docs/gateway.md.)"""
+    lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"
+
+
+@pytest.mark.parametrize("op", ["exchange", "close", "abort"])
+def test_a_session_operation_interrupted_at_any_point_hangs_nothing(
+    kupd: Kupd, client: Client, op: str
+) -> None:
+    """A Session operation interrupted anywhere -- its wait for the reply
+    included -- ends the session and leaves no lease and nothing that
+    hangs.  Its wait used to be gRPC's ``next()`` on the stream, whose
+    ``with`` on the call's condition, interrupted just as it took the
+    lock, left the lock held by the main thread: gRPC's polling thread
+    then waited on it for ever, and every call after it with it.  The
+    responses are now read by a thread of their own (``_Responses``).
+    The same ``with`` is in gRPC's cancel of the stream (the end of
+    ``close()``, of an interrupted operation): the main thread's cancel
+    goes through the starter thread."""
     lines = _walk(kupd, op)
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
