@@ -138,6 +138,27 @@ def channels_busy(direct):
     return [ch.id for ch in direct.devices("echo")[0].channels if ch.state not in ("free", "calls")]
 
 
+def request_threads():
+    """Threads waiting in a Session's request stream (gRPC's, for each
+    stream not yet ended)."""
+    code = client_mod._requests_of.__code__
+    found = []
+    for ident, frame in sys._current_frames().items():
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        if frame is not None:
+            found.append(ident)
+    return found
+
+
+def wait_no_request_thread():
+    for _ in range(2000):
+        if not request_threads():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"a Session's request thread was left waiting: {request_threads()}")
+
+
 def wait_free(direct):
     for _ in range(2000):
         if not channels_busy(direct):
@@ -186,11 +207,19 @@ while True:
             assert ch.receive(timeout=30).kind == Kind.PASS
             fired, (kind, what) = traced(n, ch.close)
             ch.close()  # whatever the interrupt left
+            # done by then, the client still open: its close() would cancel
+            # every stream
+            wait_free(direct)
+            wait_no_request_thread()
         elif OP == "abort":
             ch = c.open("echo").channel()
             assert ch.receive(timeout=30).kind == Kind.PASS
             fired, (kind, what) = traced(n, ch._abort)
             ch.close()  # whatever the interrupt left
+            # done by then, the client still open: its close() would cancel
+            # every stream
+            wait_free(direct)
+            wait_no_request_thread()
         elif OP == "watch":
             fired, (kind, what) = traced(n, lambda: c.watch("echo", initial_state=True))
             if kind == "ok":
@@ -472,7 +501,15 @@ def test_a_session_operation_interrupted_at_any_point_hangs_nothing(
     responses are now read by a thread of their own (``_Responses``).
     The same ``with`` is in gRPC's cancel of the stream (the end of
     ``close()``, of an interrupted operation): the main thread's cancel
-    goes through the starter thread."""
+    goes through the starter thread.
+
+    A channel's ``close()`` and its cancel, interrupted and the channel
+    closed again, leave no lease and no request thread while the client
+    stays open: the stream's cancel is a ``weakref.finalize``, which runs
+    once -- it takes itself off weakref's registry first -- so an interrupt
+    just after that left the stream open, the lease held until the
+    client's close(), and the later close() did nothing (walk of
+    ``Channel._abort``: point 3, the registry's ``dict.pop``)."""
     lines = _walk(kupd, op)
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]

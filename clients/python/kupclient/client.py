@@ -687,14 +687,19 @@ def _cancel_future(fut: grpc.Future) -> None:
     fut.cancel()
 
 
-def _cancel_session(responses: Any, requests: queue.SimpleQueue[object]) -> None:
+def _cancel_session(
+    responses: Any, requests: queue.SimpleQueue[object], done: list[bool] | None = None
+) -> None:
     """Cancel a Session stream (kupd then releases its lease) and end its
     request thread.  close() of a channel with an operation waiting, and the
-    finalizer of a channel dropped without close()."""
+    finalizer of a channel dropped without close().  ``done[0]`` is set
+    once it has all been done (see Channel._end_stream)."""
     requests.put(_END)
     cancel = getattr(responses, "cancel", None)
     if cancel is not None:
         cancel()
+    if done is not None:
+        done[0] = True
 
 
 class Channel(Sampled):
@@ -724,10 +729,12 @@ class Channel(Sampled):
         with client._lock:  # not opened on a client being closed
             client._check_open()
             self._responses = _start_session(client._channel, self._requests)
+            #: set once the stream's cancel has run to its end (_end_stream)
+            self._stream_ended = [False]
             # A Channel dropped without close() cancels its stream (nothing
             # else refers to the Channel: see _requests_of).
             self._cancel = weakref.finalize(
-                self, _cancel_session, self._responses, self._requests
+                self, _cancel_session, self._responses, self._requests, self._stream_ended
             )
             self._cancel.atexit = False
             client._sessions.add(self)
@@ -765,18 +772,29 @@ class Channel(Sampled):
         self._ended_by = exc
         return exc
 
+    def _end_stream(self) -> None:
+        """Cancel the stream (kupd releases the lease), also when an earlier
+        cancel was interrupted: the finalizer runs only once -- it takes
+        itself off weakref's registry before it calls _cancel_session -- so
+        an interrupt in between left the stream open for good, and a later
+        close() did nothing.  Done again here until it has run to its end."""
+        self._cancel()
+        if not self._stream_ended[0]:
+            _cancel_session(self._responses, self._requests, self._stream_ended)
+
     def _abort(self) -> None:
         """Client.close(): end the session; an operation waiting fails with
         "... was closed while the operation waited"."""
         if not self._closed:
             self._closing = True
             self._closed = True
-        self._cancel()
+        self._end_stream()
 
     def _after_fork(self) -> None:
         """In a child process: the stream is the parent's (not cancelled here)."""
         self._closed = True
         self._cancel.detach()
+        self._stream_ended[0] = True  # nor by _end_stream
 
     def _watch(self, now: float) -> None:
         """The watchdog's sample (see _Watchdog): end the session when the
@@ -786,13 +804,13 @@ class Channel(Sampled):
             # answering; cancel (close() returns, the lease goes with the
             # stream once kupd runs again)
             self._drain_until = None
-            self._cancel()
+            self._end_stream()
             return
         if not self._closed and self._overdue(now):
             self._late = self._bound or 0.0
             self._cause = CAUSE_NO_ANSWER
             self._closed = True
-            self._cancel()
+            self._end_stream()
 
     def _op(
         self, req: kup_pb2.SessionRequest | _wire.WireOp, bound: float | None = None
@@ -815,13 +833,13 @@ class Channel(Sampled):
                 self._owed = False
             except StopIteration:
                 self._closed = True
-                self._cancel()
+                self._end_stream()
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
                 raise self._ended(errors.PeerGone(f"{self._what}: session ended")) from None
             except grpc.RpcError as exc:
                 self._closed = True
-                self._cancel()  # the stream is over: end its request thread too
+                self._end_stream()  # the stream is over: end its request thread too
                 if self._closing or self._late:
                     raise self._gone(pending=True) from None
                 raise self._ended(error_from_rpc(exc)) from None
@@ -832,7 +850,7 @@ class Channel(Sampled):
                 if not self._closed:
                     self._cause = CAUSE_INTERRUPTED
                 self._closed = True
-                self._cancel()
+                self._end_stream()
                 raise
         if isinstance(resp, _wire.WireReply):
             return resp
@@ -894,13 +912,13 @@ class Channel(Sampled):
             self._closed = True
             return  # the stream is the parent's
         if self._closed:
-            self._cancel()  # no-op unless the stream is still open
+            self._end_stream()  # no-op unless the stream is still open
             return
         if not self._lock.acquire(blocking=False):
             # an operation holds the stream: cancel it under the operation
             self._closing = True
             self._closed = True
-            self._cancel()
+            self._end_stream()
             return
         try:
             if self._closed:
@@ -923,7 +941,7 @@ class Channel(Sampled):
             except grpc.RpcError:
                 pass
         finally:
-            self._cancel()
+            self._end_stream()
             self._lock.release()
 
     def __enter__(self) -> Channel:
