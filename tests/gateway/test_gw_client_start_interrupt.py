@@ -28,8 +28,11 @@ The same walk covers gRPC's blocking unary call (it took the channel's
 lock in a ``with``: the main thread's unary calls now go as the owed ones),
 the start of a Session's stream and of a watch (managed calls, as a
 future), a Session operation's wait for its reply (gRPC's ``next()``: the
-responses are now read by a thread of their own) and the main thread's
-cancel of a live stream (through the starter thread).
+responses are now read by a thread of their own), the main thread's
+cancel of a live stream (through the starter thread) and the client's
+``close()`` with a Session open, called again after the interrupt (it
+finishes what the first began; gRPC's close of its channel runs on the
+starter thread).
 
 Deterministic, no timing: a child process (a fresh client for each point,
 so that each RPC is its channel's first and gRPC starts its polling thread
@@ -86,6 +89,7 @@ WALKED = {
     "exchange": client_mod.Channel._op,  # a Session operation, its wait included
     "close": client_mod.Channel.close,  # its end
     "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
+    "client-close": client_mod.Client.close,  # the client's end, a Session open
 }[OP].__code__
 
 
@@ -173,6 +177,8 @@ lease = None
 if OP == "receive":
     lease = direct.attach("echo")
     assert direct.lease_receive(lease.lease_id, timeout=30).kind == Kind.PASS
+#: the Session's channel in the walk of Client.close: one not in the Call pool
+CLOSE_CHANNEL = [ch.id for ch in direct.devices("echo")[0].channels if ch.state == "free"][0]
 n = 0
 while True:
     n += 1
@@ -220,6 +226,23 @@ while True:
             # every stream
             wait_free(direct)
             wait_no_request_thread()
+        elif OP == "client-close":
+            ch = c.open("echo").channel(CLOSE_CHANNEL)
+            assert ch.receive(timeout=30).kind == Kind.PASS
+            fired, (kind, what) = traced(n, c.close)
+            c.close()  # again: it finishes what the interrupted one began
+            # free while the Channel is still referenced (ch: its finalizer
+            # does not run) and the process lives on; and the stream's
+            # request thread has ended
+            wait_free(direct)
+            wait_no_request_thread()
+            if kind == "raised":
+                print(f"point {n} {fired}: raised {what!r}", flush=True)
+                sys.exit(1)
+            print(f"point {n} {fired}: {kind}", flush=True)
+            if not fired:
+                break
+            continue
         elif OP == "watch":
             fired, (kind, what) = traced(n, lambda: c.watch("echo", initial_state=True))
             if kind == "ok":
@@ -511,6 +534,27 @@ def test_a_session_operation_interrupted_at_any_point_hangs_nothing(
     client's close(), and the later close() did nothing (walk of
     ``Channel._abort``: point 3, the registry's ``dict.pop``)."""
     lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"
+
+
+def test_a_client_close_interrupted_at_any_point_is_finished_by_the_next(
+    kupd: Kupd, client: Client
+) -> None:
+    """``Client.close()`` with a Session open, interrupted anywhere, then
+    called again: the second one finishes what the first began -- the
+    Session's stream cancelled, gRPC's channel closed -- so the channel is
+    free while the program (and the Channel object) live on, and no
+    Session request thread is left waiting.  The first close() used to
+    mark the client closed before anything else, and the second then
+    returned at once: interrupted before its sessions were cancelled
+    (point 2 on), the lease stayed until the process ended.  And gRPC's
+    close of its channel, run by the main thread, takes the channel's
+    condition in a ``with``: interrupted just as the lock was taken
+    (point 45, ``Condition.__enter__``), the next close() waited for ever;
+    it is now run on the starter thread."""
+    lines = _walk(kupd, "client-close")
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"

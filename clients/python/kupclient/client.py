@@ -309,17 +309,28 @@ class Client:
         """Close the connection and end the client's open sessions: their
         waiting operations, and the client's, fail with InvalidArgument
         "... was closed while the operation waited"; later ones with
-        "client of PATH is closed" / "channel N of DEV is closed"."""
+        "client of PATH is closed" / "channel N of DEV is closed".
+
+        Resumable: each call does all of it again (each step is a no-op
+        once done), so a close() interrupted anywhere (Ctrl-C) and called
+        again -- by ``with``, by the program -- finishes what the first
+        began.  It used to return at once when the client was already
+        marked closed, and an interrupt after the mark and before the
+        sessions were cancelled left their leases held for as long as the
+        process lived."""
         if self._forked:
             return  # gRPC's channel belongs to the parent
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
             sessions = list(self._sessions)
         for ch in sessions:
             ch._abort()
-        self._channel.close()
+        # gRPC's close takes the channel's condition in a ``with``: from the
+        # main thread, an interrupt just as the lock was taken left it held,
+        # and the next close() waited for ever -- so on the starter thread
+        # (kupclient._start), which goes on with it when the main thread is
+        # interrupted; a close() after it waits for it there
+        _start.start(self._channel.close, _ignore)
 
     def __enter__(self) -> Client:
         return self
