@@ -208,19 +208,10 @@ while True:
             if kind == "ok":
                 assert what.data[:-8].upper() == data[:-8].upper(), (n, fired, what)
             ch.close()  # interrupted: the session had ended (its reply owed)
-        elif OP == "close":
+        elif OP in ("close", "abort"):
             ch = c.open("echo").channel()
             assert ch.receive(timeout=30).kind == Kind.PASS
-            fired, (kind, what) = traced(n, ch.close)
-            ch.close()  # whatever the interrupt left
-            # done by then, the client still open: its close() would cancel
-            # every stream
-            wait_free(direct)
-            wait_no_request_thread()
-        elif OP == "abort":
-            ch = c.open("echo").channel()
-            assert ch.receive(timeout=30).kind == Kind.PASS
-            fired, (kind, what) = traced(n, ch._abort)
+            fired, (kind, what) = traced(n, ch.close if OP == "close" else ch._abort)
             ch.close()  # whatever the interrupt left
             # done by then, the client still open: its close() would cancel
             # every stream

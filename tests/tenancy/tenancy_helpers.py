@@ -177,6 +177,14 @@ StartTenants = Callable[[str], TenantKupd]
 LOCKHOLD = b"!lockhold20000"
 
 
+def free_echo(k: TenantKupd, tenant: str = "bob", channel: int = 8) -> None:
+    """Let echo answer what it holds (LOCKHOLD and the like): "!lockfree"
+    on ``channel``, through ``tenant``'s socket."""
+    with Client(k.sock(tenant)) as c, c.open("echo").channel(channel) as ch:
+        ch.receive(timeout=10)
+        assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
+
+
 def hold_connection(path: str) -> socket.socket:
     """One connection to ``path``, held open: a raw one, as a client that
     connects over and over would hold (gRPC clients of one process share

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import StartTenants, TenantKupd
+from tenancy_helpers import StartTenants, TenantKupd, free_echo
 
 from kupclient import Client, Message
 from kupd import errors
@@ -79,12 +79,6 @@ def _records(k: TenantKupd, event: str) -> list[dict[str, Any]]:
     return [r for r in recs if r.get("event") == event]
 
 
-def _free_echo(k: TenantKupd) -> None:
-    with Client(k.sock("bob")) as b, b.open("echo").channel(8) as ch:
-        ch.receive(timeout=10)
-        assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
-
-
 def _serves(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
@@ -135,7 +129,7 @@ def test_a_socket_at_its_path_itself_is_not_reused_while_its_old_server_is_up(
             assert deep in str(refused.value) and "still" in str(refused.value), refused.value
             assert not os.path.exists(deep)  # nothing changed
         finally:
-            _free_echo(k)
+            free_echo(k)
         reply = running.outcome(30)
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
     wait_until(
@@ -177,7 +171,7 @@ def test_a_file_put_by_hand_where_a_retired_direct_server_was_is_named_as_it_goe
                 mine.bind(deep)
                 mine.listen()
             finally:
-                _free_echo(k)
+                free_echo(k)
             reply = running.outcome(30)
             assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
             wait_until(

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tenancy_helpers import StartTenants, TenantKupd
+from tenancy_helpers import StartTenants, TenantKupd, free_echo
 
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, Message
@@ -78,13 +78,6 @@ def _reload(k: TenantKupd, how: str) -> str:
     return f"tenant alice: a reload removed its socket {old}"
 
 
-def _free_echo(k: TenantKupd) -> None:
-    """Let echo answer the Call it holds ("!lockfree", through bob)."""
-    with Client(k.sock("bob")) as b, b.open("echo").channel(8) as ch:
-        ch.receive(timeout=10)
-        assert ch.exchange(b"!lockfree", timeout=30).data == b"!lockfree"
-
-
 @contextlib.contextmanager
 def _freeing_echo(k: TenantKupd) -> Iterator[None]:
     """Whatever happens in the block, echo holds nothing after it: the next
@@ -92,7 +85,7 @@ def _freeing_echo(k: TenantKupd) -> Iterator[None]:
     try:
         yield
     finally:
-        _free_echo(k)
+        free_echo(k)
 
 
 def _hold_a_call(k: TenantKupd, a: Client) -> Any:
@@ -154,7 +147,7 @@ def test_what_waits_on_a_retired_socket_gets_kupds_status(
         with pytest.raises(errors.Unavailable) as next_rpc:
             a.devices("echo")
         assert str(next_rpc.value).endswith(why), next_rpc.value
-        _free_echo(k)
+        free_echo(k)
         reply = running.outcome(30)
         session.close()
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
@@ -223,7 +216,7 @@ def test_rpcs_that_start_on_a_retired_socket_are_refused(
                 _refused(why, rpc, req, 30)
             attach = kup_pb2.SessionRequest(attach=kup_pb2.SessionAttach(device="echo"))
             _refused(why, kup.Session, iter([attach]), 30)
-            _free_echo(k)
+            free_echo(k)
             reply = running.outcome(30)
         assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
     finally:
@@ -309,7 +302,7 @@ def test_a_socket_moved_and_back_serves_the_old_servers_connections(
                 ch.receive(timeout=10)
                 assert ch.exchange(b"ping", timeout=30).data.lower() == b"ping"
         assert [d.name for d in a.devices("echo")] == ["echo"]
-        _free_echo(k)
+        free_echo(k)
         reply = running.outcome(30)
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
     back = _records(k, "retired socket server serves again")
@@ -342,7 +335,7 @@ def test_a_socket_made_again_with_another_mode_does_not_serve_the_old_connection
         assert f"tenant alice: a reload removed its socket {old}" in str(refused.value), (
             refused.value
         )
-        _free_echo(k)
+        free_echo(k)
         reply = running.outcome(30)
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
     assert not _records(k, "retired socket server serves again")
@@ -382,7 +375,7 @@ def test_a_retired_servers_refusal_follows_its_tenants_socket(
         with pytest.raises(errors.Unavailable) as refused:
             a.devices("echo")
         assert str(refused.value).endswith(why), refused.value
-        _free_echo(k)
+        free_echo(k)
         reply = running.outcome(30)
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
 
@@ -406,7 +399,7 @@ def test_a_socket_moved_back_and_away_again_retires_the_old_server_again(
         with pytest.raises(errors.Unavailable) as refused:
             a.devices("echo")
         assert str(refused.value).endswith(why), refused.value
-        _free_echo(k)
+        free_echo(k)
         reply = running.outcome(30)
     assert isinstance(reply, Message) and reply.data.lower() == HOLD, reply
 
