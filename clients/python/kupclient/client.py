@@ -238,7 +238,7 @@ class Client:
             return fut
 
         try:
-            fut = _start.start(begin, _cancel_future)
+            fut = _start.start(begin, _cancel_call)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
@@ -689,13 +689,9 @@ def _start_session(channel: grpc.Channel, requests: queue.SimpleQueue[object]) -
 
 
 def _cancel_call(call: Any) -> None:
-    """Cancel a stream whose start was given up on (kupclient._start)."""
+    """Cancel an RPC (a future, a stream) whose start was given up on
+    (kupclient._start)."""
     call.cancel()
-
-
-def _cancel_future(fut: grpc.Future) -> None:
-    """Cancel an RPC whose start was given up on (kupclient._start)."""
-    fut.cancel()
 
 
 def _cancel_session(
