@@ -89,12 +89,20 @@ RESTART_KEYS: dict[str, str] = {
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
+    """The configuration is invalid; the message names the key, and where
+    its value came from when kupd knows (``source``: the config file's path,
+    or ``flag --NAME``)."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config key {key!r}: {problem}")
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config key {key!r}: {problem}")
         self.key = key
         self.problem = problem
+        self.source = source
+
+    def sourced(self, source: str) -> ConfigError:
+        """The same error, naming where the key's value came from."""
+        return ConfigError(self.key, self.problem, source)
 
 
 @dataclass(frozen=True)
@@ -608,6 +616,7 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]
             exc.key,
             f"{exc.problem} (checked against the running {', '.join(needs_restart)}: "
             "the file's new value applies only at a restart)",
+            exc.source or _source(exc.key, new),
         ) from None
     return cfg, applied, needs_restart
 
@@ -630,16 +639,41 @@ def load_config(
             raise ConfigError("--config", f"{path} is not UTF-8 text (TOML): {exc}") from None
         except OSError as exc:  # a directory, no permission, ...
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-    cfg = _build(data)
+    try:
+        cfg = _build(data)
+    except ConfigError as exc:  # the file's own keys: name the file
+        raise exc.sourced(str(path)) from None
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key == "devices":
-            value = tuple(
-                _device(v, i) if isinstance(v, dict) else DeviceConfig(str(v))
-                for i, v in enumerate(value)
-            )
+            try:
+                value = tuple(
+                    _device(v, i) if isinstance(v, dict) else DeviceConfig(str(v))
+                    for i, v in enumerate(value)
+                )
+            except ConfigError as exc:
+                raise exc.sourced("flag --device") from None
         cfg = replace(cfg, **{key: value})
-    if path is not None:
-        cfg = replace(cfg, extra={"path": str(Path(path))})
-    return validate(cfg)
+    if path is not None or overrides:
+        cfg = replace(
+            cfg,
+            extra={
+                **({"path": str(Path(path))} if path is not None else {}),
+                "flags": sorted(k for k, v in (overrides or {}).items() if v is not None),
+            },
+        )
+    try:
+        return validate(cfg)
+    except ConfigError as exc:
+        raise exc.sourced(exc.source or _source(exc.key, cfg)) from None
+
+
+def _source(key: str, cfg: Config) -> str:
+    """Where ``key``'s value came from: ``flag --NAME`` when a command-line
+    flag set it, else the config file's path ("": neither is known)."""
+    top = re.split(r"[.\[]", key, maxsplit=1)[0]
+    field_name = "devices" if top == "device" else top
+    if field_name in cfg.extra.get("flags", ()):
+        return f"flag --{top.replace('_', '-')}"
+    return str(cfg.extra.get("path", ""))

@@ -144,3 +144,47 @@ def test_an_unknown_kup_backend_is_named_at_start(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc
     assert "KUP_BACKEND='linx': not a libkup backend (sim, linux, freebsd" in proc.stderr
     assert not Path(sock).exists()
+
+
+def test_an_error_names_the_file_or_the_flag_its_value_came_from(tmp_path: Path) -> None:
+    """An operator with a file and flags (a unit's ExecStart adds some) is
+    told which of them holds the bad value, not only the key's name."""
+    f = tmp_path / "k.toml"
+    f.write_text('call_timout = 1\n[[device]]\nname = "echo"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(f)  # a key of the file itself (built from the file alone)
+    assert str(ei.value) == f"{f}: config key 'call_timout': unknown key"
+    assert ei.value.key == "call_timout" and ei.value.source == str(f)
+    f.write_text('lease_idle_timeout = -1\n[[device]]\nname = "echo"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(f)  # a rule checked once flags are applied: still the file's
+    assert str(ei.value).startswith(f"{f}: config key 'lease_idle_timeout': must be > 0")
+    f.write_text('[[device]]\nname = "echo"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, {"lease_idle_timeout": -2.0})
+    assert str(ei.value).startswith("flag --lease-idle-timeout: config key 'lease_idle_timeout'")
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, {"devices": ["echo", "echo"]})
+    assert str(ei.value).startswith("flag --device: config key 'device[1].name': duplicate")
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, {"devices": [{"name": "bad name"}]})
+    assert str(ei.value).startswith("flag --device: config key 'device[0].name'")
+    # no file and no flag (a dict): as before, the key alone
+    with pytest.raises(ConfigError) as ei:
+        parse_config({**DEV, "call_timeout": -1})
+    assert str(ei.value).startswith("config key 'call_timeout'")
+
+
+def test_kupd_names_the_config_file_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "kupd.toml"
+    bad.write_text('log_level = "verbose"\n[[device]]\nname = "echo"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "kupd.daemon", "--config", str(bad),
+         "--socket", str(tmp_path / "k.sock")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 2, proc
+    assert proc.stderr == (
+        f"kupd: {bad}: config key 'log_level': must be one of debug, info, warning, "
+        "error, not 'verbose'\n"
+    )
