@@ -478,6 +478,12 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             "unused with [[tenant]] tables (the plain socket is not served): "
             "each tenant's own max_connections caps its socket",
         ))
+    if cfg.tenants and cfg.socket_mode != Config.socket_mode:
+        out.append((
+            "socket_mode",
+            f"{cfg.socket_mode:04o} is unused with [[tenant]] tables (the plain socket is "
+            "not served): each tenant's own mode is its socket's",
+        ))
     if cfg.tenants and cfg.max_message_bytes:
         out.append((
             "max_message_bytes",

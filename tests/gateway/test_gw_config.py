@@ -188,3 +188,20 @@ def test_kupd_names_the_config_file_at_start(tmp_path: Path) -> None:
         f"kupd: {bad}: config key 'log_level': must be one of debug, info, warning, "
         "error, not 'verbose'\n"
     )
+
+
+def test_socket_mode_with_tenants_is_said_to_have_no_effect() -> None:
+    """With [[tenant]] tables the plain socket is not served: a socket_mode
+    set there (meant for the tenants' sockets, say) changes nothing, which
+    kupd says at start and at a reload, as for max_connections."""
+    from kupd.config import advisories
+
+    tenant = {"name": "t", "socket": "/run/k/t/t.sock", "grant": [{"device": "echo"}],
+              "max_sessions": 4, "max_calls_in_flight": 4}
+    cfg = parse_config({**DEV, "socket_mode": "0600", "tenant": [tenant]})
+    said = dict(advisories(cfg))
+    assert said.get("socket_mode", "").startswith("0600 is unused with [[tenant]] tables"), said
+    # the default (the sample sets it, next to its tenants): nothing to say
+    assert "socket_mode" not in dict(advisories(parse_config({**DEV, "tenant": [tenant]})))
+    # without tenants it is the plain socket's mode: nothing to say
+    assert "socket_mode" not in dict(advisories(parse_config({**DEV, "socket_mode": "0600"})))
