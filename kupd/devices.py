@@ -36,6 +36,7 @@ __all__ = [
     "DeviceManager",
     "ManagedDevice",
     "device_arg",
+    "looked_for",
     "shown",
 ]
 
@@ -62,6 +63,23 @@ def device_arg(name: str) -> str:
     if "\x00" in name:
         raise errors.InvalidArgument(f"device name {shown(name)} contains a NUL")
     return name
+
+
+def looked_for(name: str) -> str:
+    """Where libkup's ``kernproxy_open`` looks for device ``name``, as
+    kupd runs it (``$KUP_BACKEND``, ``$KUPSIM_DIR`` from ``kupsim_dir``):
+    for the log line of a device that is not reachable, so that a wrong
+    ``kupsim_dir`` or a module not loaded shows as the path it is."""
+    if "/" in name:
+        return name
+    sim = os.path.join(os.environ.get("KUPSIM_DIR") or "/run/kupsim", f"{name}.sock")
+    kdev = f"/dev/kup/{name}"
+    backend = os.environ.get("KUP_BACKEND", "")
+    if backend == "sim":
+        return f"{sim} (kupsim)"
+    if backend in ("linux", "freebsd"):
+        return kdev
+    return f"{kdev}, then {sim} (kupsim)"
 
 
 def shown(name: str) -> str:
@@ -333,7 +351,12 @@ class ManagedDevice:
             dev = await self.blocking(Device.open, self.name)
         except errors.KupError as exc:
             if str(exc) != self.error:
-                log.info("device not reachable", device=self.name, error=str(exc))
+                log.info(
+                    "device not reachable",
+                    device=self.name,
+                    error=str(exc),
+                    looked_for=looked_for(self.name),
+                )
             self.error = str(exc)
             return
         if self.mgr.closing:  # kupd stopped while the host answered the open

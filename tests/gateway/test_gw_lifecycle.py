@@ -548,3 +548,19 @@ def test_a_call_pool_as_large_as_the_device_is_warned_about(start_kupd: StartKup
     recs = [json.loads(x) for x in k.log().splitlines() if x.startswith("{")]
     (warned,) = [r for r in recs if r["event"].startswith("call_channels is not below")]
     assert (warned["call_channels"], warned["channels"], warned["level"]) == (1000, 8, "warning")
+
+
+def test_an_unreachable_device_is_logged_with_where_kupd_looked(
+    tmp_path: Path, start_kupd: StartKupd
+) -> None:
+    """A kupsim_dir with a typo (or a module not loaded) showed only as
+    'EKU_NOENT: no such device or channel': the log line now names the
+    paths libkup tried, so the operator sees the wrong one."""
+    missing = tmp_path / "no-such-sim"
+    k = start_kupd(None, "--kupsim-dir", str(missing), wait=False)  # never SERVING
+    wait_until(lambda: '"device not reachable"' in k.log(), what="the unreachable device logged")
+    (line,) = [
+        json.loads(x) for x in k.log().splitlines() if '"device not reachable"' in x
+    ]
+    assert line["device"] == "echo", line
+    assert line["looked_for"] == f"/dev/kup/echo, then {missing}/echo.sock (kupsim)", line
