@@ -36,6 +36,7 @@ __all__ = [
     "DeviceManager",
     "ManagedDevice",
     "device_arg",
+    "grants_past_device",
     "looked_for",
     "shown",
 ]
@@ -80,6 +81,30 @@ def looked_for(name: str) -> str:
     if backend in ("linux", "freebsd"):
         return kdev
     return f"{kdev}, then {sim} (kupsim)"
+
+
+def grants_past_device(cfg: Config, device: str, chan_count: int) -> list[tuple[str, str]]:
+    """The tenants' grants on ``device`` that name channels it does not
+    have (``chan_count`` of them): (key, why), for the warning logged when
+    the device appears -- only then is its size known.  A typo such as
+    "8-630" for "8-63" would otherwise grant every channel from 8 on,
+    unseen."""
+    from kupd.policy import tenant_key
+
+    out: list[tuple[str, str]] = []
+    for i, t in enumerate(cfg.tenants):
+        for j, g in enumerate(t.grants or ()):
+            if g.device != device or g.channels is None:
+                continue
+            past = [c for c in g.channels if c >= chan_count]
+            if past:
+                out.append((
+                    f"{tenant_key(i, t.name)}.grant[{j}].channels",
+                    f"{g.text!r} names {len(past)} channel{'s' if len(past) != 1 else ''} "
+                    f"from {min(past)} on, but device {device} has {chan_count} "
+                    f"(0-{chan_count - 1}): tenant {t.name} can use none of them",
+                ))
+    return out
 
 
 def shown(name: str) -> str:
@@ -389,6 +414,8 @@ class ManagedDevice:
             announced=info.announced,
             max_msg=info.max_msg,
         )
+        for key, why in grants_past_device(self.mgr.config, self.name, info.chan_count):
+            log.warning("config key has no effect as set", key=key, why=why)
         self.mgr.publish(
             Event(
                 EventType.DEVICE_APPEARED,

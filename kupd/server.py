@@ -28,7 +28,7 @@ from kupapi import MAX_GRPC_MESSAGE, kup_pb2
 from kupd import errors
 from kupd.audit import AuditLog
 from kupd.config import Config, ConfigError, advisories, load_config, reloaded
-from kupd.devices import DeviceManager, shown
+from kupd.devices import DeviceManager, grants_past_device, shown
 from kupd.health import HealthStatuses
 from kupd.log import get_logger, set_level
 from kupd.metrics import Metrics, TenantCollector
@@ -773,6 +773,13 @@ class Server:
             if needs_restart:
                 log.warning("reload: these keys need a restart", keys=needs_restart)
             warnings = _advise(cfg)
+            # grants past a present device's channels: known only now that
+            # it is there (a device that appears later is checked then)
+            for d in self.mgr.devices.values():
+                if d.info is not None:
+                    for key, why in grants_past_device(cfg, d.name, d.info.chan_count):
+                        log.warning("config key has no effect as set", key=key, why=why)
+                        warnings.append((key, why))
             self.guard.policy = policy  # one assignment: the swap
             shares = self.guard.pool_shares()
             calls_refused = 0

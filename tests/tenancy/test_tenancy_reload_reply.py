@@ -158,3 +158,25 @@ def test_kupctl_reload_counts_the_queued_calls_the_new_policy_refuses(
     assert got["calls_refused"] == 0 and got["rpcs_ended"] == {}, got
     audited = [x for x in k.audit_lines() if x.get("action") == "reload"]
     assert [x["calls_refused"] for x in audited] == [1, 0], audited
+
+
+def test_a_grant_past_the_devices_channels_is_warned_of(start_tenants: StartTenants) -> None:
+    """Channel ranges are checked against 0-1023 when the file is read; the
+    device's own size is known only once it is there.  "8-200" on echo's
+    128 channels (a typo for "8-20", say) is warned of when the device
+    appears and in the reply of a reload that keeps it; a reload that
+    fixes it says nothing more."""
+    past = ALICE.replace('device = "echo"\n', 'device = "echo"\nchannels = "8-200"\n')
+    k = start_tenants(past)
+    key = "tenant[name=alice].grant[0].channels"
+    wait_until(lambda: key in k.log(), what="the grant warned of at the device's appearance")
+    (line,) = [json.loads(x) for x in k.log().splitlines() if key in x]
+    assert line["event"] == "config key has no effect as set", line
+    assert line["why"] == (
+        "'8-200' names 73 channels from 128 on, but device echo has 128 (0-127): "
+        "tenant alice can use none of them"
+    ), line
+    got = _reload(k, "--json")
+    assert [w["key"] for w in got["warnings"]] == [key], got
+    k.write_config(past.replace("8-200", "8-20"))
+    assert _reload(k, "--json")["warnings"] == []
