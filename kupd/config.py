@@ -288,7 +288,10 @@ def parse_config(data: dict[str, Any]) -> Config:
     return validate(_build(data))
 
 
-def _build(data: dict[str, Any]) -> Config:
+def _build(data: dict[str, Any], devices_from_flags: bool = False) -> Config:
+    """The file's config; ``devices_from_flags``: --device replaces its
+    device list, so its tenants' grants are checked against that one, by
+    validate(), not against the file's."""
     unknown = set(data) - set(_TOP) - {"device", "tenant"}
     if unknown:
         from kupd.policy import TENANT_KEYS  # policy imports ConfigError from here
@@ -327,7 +330,7 @@ def _build(data: dict[str, Any]) -> Config:
     if "tenant" in data:
         from kupd.policy import parse_tenants  # policy imports ConfigError from here
 
-        values["tenants"] = parse_tenants(data["tenant"], names)
+        values["tenants"] = parse_tenants(data["tenant"], [] if devices_from_flags else names)
     return Config(**values)
 
 
@@ -457,10 +460,11 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(
                     tenant_key(i, t.name) + ".socket", f"{t.socket} is kupd's own {key}"
                 )
-        for g in t.grants or ():
+        for j, g in enumerate(t.grants or ()):
             if cfg.device(g.device) is None:
                 raise ConfigError(
-                    tenant_key(i, t.name) + ".grant", f"no [[device]] named {g.device!r}"
+                    f"{tenant_key(i, t.name)}.grant[{j}].device",
+                    f"no [[device]] named {g.device!r} (kupd serves {', '.join(names)})",
                 )
     _check_paths(cfg)
     return cfg
@@ -646,7 +650,7 @@ def load_config(
         except OSError as exc:  # a directory, no permission, ...
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     try:
-        cfg = _build(data)
+        cfg = _build(data, devices_from_flags=(overrides or {}).get("devices") is not None)
     except ConfigError as exc:  # the file's own keys: name the file
         raise exc.sourced(str(path)) from None
     for key, value in (overrides or {}).items():

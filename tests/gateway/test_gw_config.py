@@ -205,3 +205,28 @@ def test_socket_mode_with_tenants_is_said_to_have_no_effect() -> None:
     assert "socket_mode" not in dict(advisories(parse_config({**DEV, "tenant": [tenant]})))
     # without tenants it is the plain socket's mode: nothing to say
     assert "socket_mode" not in dict(advisories(parse_config({**DEV, "socket_mode": "0600"})))
+
+
+def test_grants_are_checked_against_the_devices_flag_when_it_replaces_the_files(
+    tmp_path: Path,
+) -> None:
+    """--device replaces the file's device list: a tenant granted a device
+    only the flag names is accepted (it was refused against the file's
+    list), and one granted a device the flag dropped is refused naming
+    what kupd serves."""
+    f = tmp_path / "k.toml"
+    f.write_text(
+        '[[device]]\nname = "echo"\n'
+        '[[tenant]]\nname = "t"\nsocket = "/run/k/t/t.sock"\n'
+        '[[tenant.grant]]\ndevice = "rot13"\n'
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(f)
+    assert ei.value.key == "tenant[name=t].grant[0].device"
+    cfg = load_config(f, {"devices": ["rot13"]})
+    assert [d.name for d in cfg.devices] == ["rot13"]
+    assert cfg.tenants[0].grants is not None and cfg.tenants[0].grants[0].device == "rot13"
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, {"devices": ["echo", "other"]})
+    assert ei.value.key == "tenant[name=t].grant[0].device"
+    assert ei.value.problem == "no [[device]] named 'rot13' (kupd serves echo, other)"
