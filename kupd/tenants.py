@@ -279,6 +279,15 @@ def endpoints_for(config: Any) -> list[Endpoint]:
     return eps
 
 
+def endpoint_key(ep: Endpoint) -> str:
+    """The config key that names ``ep``'s socket, for its errors."""
+    if ep.tenant.admin:
+        return "admin_socket"
+    if not ep.check_dir:
+        return "socket"  # the plain socket: served only without tenants
+    return f"tenant[name={ep.tenant.name}].socket"
+
+
 #: What a request may carry besides its payload (device name, caller,
 #: framing) on a socket whose tenant has a max_message_bytes: requests a
 #: little over the limit still reach kupd, which answers TooBig naming it.
@@ -775,7 +784,12 @@ class SocketSet:
         """A started server of ep, bound at a private name (not yet at
         ep.path, not registered in servers).  ``handover``: another of
         kupd's servers is at ep.path now."""
-        check_path(ep.path, "socket", private=ep.check_dir, create=True)
+        try:
+            check_path(ep.path, "socket", private=ep.check_dir, create=True)
+        except OSError as exc:
+            # an unsafe or unusable directory: the message names the path;
+            # the operator edits a config key, so name that too
+            raise OSError(f"config key {endpoint_key(ep)!r}: {exc}") from None
         path = self._private_name(ep)
         if path == ep.path and handover:
             raise OSError(

@@ -98,6 +98,9 @@ def test_unsafe_socket_directory_is_refused(tmp_path: Path) -> None:
         out = run_module("kupd.daemon", "--config", str(_one_tenant(tmp_path, f"{d}/t.sock")))
         assert out.returncode == 1, out
         assert "writable by nobody else" in out.stderr, out.stderr
+        # the key to edit, not only the path (a directory several keys share)
+        last = out.stderr.splitlines()[-1]  # after kupd's log lines
+        assert last.startswith("kupd: config key 'tenant[name=t].socket': socket directory"), last
         assert not (d / "t.sock").exists()
     finally:
         shutil.rmtree(d, ignore_errors=True)

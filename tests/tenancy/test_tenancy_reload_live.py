@@ -445,7 +445,10 @@ def test_a_socket_that_cannot_be_served_refuses_the_whole_reload(
         with k.admin() as adm:
             k.write_config(head.replace("30", "0.5") + DEVICES + TENANTS + dave)
             # refused like a bad value: InvalidArgument (kupctl exit 8), not INTERNAL
-            refused_re = r"reload refused: .*writable by nobody else"
+            refused_re = (
+                r"reload refused: config key 'tenant\[name=dave\]\.socket': "
+                r".*writable by nobody else"
+            )
             with pytest.raises(errors.InvalidArgument, match=refused_re):
                 adm.reload()
             assert not (unsafe / "dave.sock").exists()
