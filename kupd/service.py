@@ -356,11 +356,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         # A failed request costs its client nothing: its log line is within
         # a budget per tenant (the rest counted, in kupd_errors_total, and
         # said by the next line)
-        unlogged = self._log_budget.take(current_tenant().name)
+        tenant = current_tenant().name
+        unlogged = self._log_budget.take(tenant)
+        # the tenant on every line, not only once a lease bound it: an
+        # operator filters the log by tenant to see why it was refused
         if unlogged:
-            log.info("rpc failed", code=code.name, error=details, unlogged_before=unlogged)
+            log.info(
+                "rpc failed", code=code.name, error=details, tenant=tenant,
+                unlogged_before=unlogged,
+            )
         elif unlogged is not None:
-            log.info("rpc failed", code=code.name, error=details)
+            log.info("rpc failed", code=code.name, error=details, tenant=tenant)
         await context.abort(
             code,
             details,

@@ -1002,3 +1002,22 @@ def test_a_tenants_health_while_kupd_drains_is_not_serving(start_tenants: StartT
         }
     t.join(30)
     assert set(got.values()) == {"NOT_SERVING"}, got
+
+
+def test_a_failed_rpcs_log_line_names_its_tenant(start_tenants: StartTenants) -> None:
+    """An operator reading why a tenant was refused filters kupd's log by
+    tenant: a refused Attach's "rpc failed" line said only the RPC and the
+    error (the tenant was bound only once a lease was taken)."""
+    k = start_tenants(DEVICES + TENANTS)
+    with k.client("alice") as a:
+        held = [a.attach("echo"), a.attach("echo")]
+        with pytest.raises(errors.ResourceExhausted, match="max_sessions=2"):
+            a.attach("echo")
+        for lease in held:
+            a.release(lease.lease_id)
+    with k.client("carol") as c, pytest.raises(errors.NotFound):
+        c.lease_send("feedfacefeedface", b"x")
+    failed = [json.loads(ln) for ln in k.log().splitlines() if '"rpc failed"' in ln]
+    got = {(r["rpc"], r["code"]): r.get("tenant") for r in failed}
+    want = {("Attach", "RESOURCE_EXHAUSTED"): "alice", ("Send", "NOT_FOUND"): "carol"}
+    assert got == want, failed
