@@ -95,7 +95,11 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, problem: str, source: str = "") -> None:
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}config key {key!r}: {problem}")
+        # a flag's own value (--config's file, --device's text): the flag
+        if key.startswith("--"):
+            super().__init__(f"{where}flag {key}: {problem}")
+        else:
+            super().__init__(f"{where}config key {key!r}: {problem}")
         self.key = key
         self.problem = problem
         self.source = source

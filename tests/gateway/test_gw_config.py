@@ -106,11 +106,11 @@ def test_duplicate_device_flags_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_config_that_cannot_be_read_as_toml_text_names_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'--config'.*cannot read .*: Is a directory"):
+    with pytest.raises(ConfigError, match=r"^flag --config: cannot read .*: Is a directory"):
         load_config(tmp_path)
     binary = tmp_path / "k.toml"
     binary.write_bytes(b"socket = \"\xff\xfe\"\n")
-    with pytest.raises(ConfigError, match=r"'--config'.*is not UTF-8 text"):
+    with pytest.raises(ConfigError, match=r"^flag --config: .* is not UTF-8 text"):
         load_config(binary)
 
 
@@ -230,3 +230,17 @@ def test_grants_are_checked_against_the_devices_flag_when_it_replaces_the_files(
         load_config(f, {"devices": ["echo", "other"]})
     assert ei.value.key == "tenant[name=t].grant[0].device"
     assert ei.value.problem == "no [[device]] named 'rot13' (kupd serves echo, other)"
+
+
+def test_a_config_file_that_cannot_be_read_is_named_as_the_flags(tmp_path: Path) -> None:
+    """Not "config key '--config'" (no such key): the flag and its file."""
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as ei:
+        load_config(missing)
+    assert str(ei.value) == f"flag --config: no such file: {missing}"
+    broken = tmp_path / "k.toml"
+    broken.write_text('[[device]]\nname = "echo\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(broken)
+    assert str(ei.value).startswith(f"flag --config: {broken} is not valid TOML: ")
+    assert "(at line 2, column 13)" in str(ei.value), ei.value
