@@ -498,6 +498,21 @@ def advisories(cfg: Config) -> list[tuple[str, str]]:
             "unused with [[tenant]] tables (the plain socket is not served): "
             "each tenant's own max_message_bytes limits its messages",
         ))
+    for i, t in enumerate(cfg.tenants):
+        # default deny: valid, but a socket that serves nothing at all
+        if t.grants is not None and not t.grants:
+            out.append((
+                tenant_key(i, t.name) + ".grant",
+                f"none: tenant {t.name} may use no device (everything is denied unless "
+                "granted; ListDevices and Watch show it nothing): add a [[tenant.grant]] "
+                "per device it may use",
+            ))
+        if not t.ops:
+            out.append((
+                tenant_key(i, t.name) + ".ops",
+                f"empty: tenant {t.name} may do nothing (session, lease, call, watch: "
+                "the default is all four)",
+            ))
     out += _held_advisories(cfg)
     for d in cfg.devices:
         if not d.call_channels:

@@ -359,6 +359,9 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         )
     assert isinstance(name, str)
     sock = raw.get("socket")
+    if sock is None:
+        # identity is the socket: a tenant has one of its own, never a default
+        raise _config_error(prefix + "socket", "is required: the absolute path of its socket")
     if not isinstance(sock, str) or not sock.startswith("/"):
         raise _config_error(prefix + "socket", f"must be an absolute path, not {sock!r}")
     owner = _uid(raw["owner"], prefix + "owner") if "owner" in raw else None

@@ -244,3 +244,25 @@ def test_a_config_file_that_cannot_be_read_is_named_as_the_flags(tmp_path: Path)
         load_config(broken)
     assert str(ei.value).startswith(f"flag --config: {broken} is not valid TOML: ")
     assert "(at line 2, column 13)" in str(ei.value), ei.value
+
+
+def test_a_tenant_that_may_do_nothing_is_warned_of_and_a_missing_socket_named() -> None:
+    """Default deny is right, but a tenant whose [[tenant.grant]] the
+    operator forgot (or whose ops list is empty) gets a socket that serves
+    nothing at all, and said nothing of it; a tenant without a socket was
+    'must be an absolute path, not None'."""
+    from kupd.config import advisories
+
+    base = {"name": "t", "socket": "/run/k/t/t.sock", "max_sessions": 4,
+            "max_calls_in_flight": 4, "max_message_bytes": 4096}
+    said = dict(advisories(parse_config({**DEV, "tenant": [base]})))
+    assert said.get("tenant[name=t].grant", "").startswith("none: tenant t may use no device")
+    granted = {**base, "grant": [{"device": "echo"}]}
+    assert advisories(parse_config({**DEV, "tenant": [granted]})) == []
+    said = dict(advisories(parse_config({**DEV, "tenant": [{**granted, "ops": []}]})))
+    assert said.get("tenant[name=t].ops", "").startswith("empty: tenant t may do nothing")
+    with pytest.raises(ConfigError) as ei:
+        parse_config({**DEV, "tenant": [{"name": "t"}]})
+    assert str(ei.value) == (
+        "config key 'tenant[name=t].socket': is required: the absolute path of its socket"
+    )
