@@ -671,7 +671,7 @@ def load_config(
     try:
         cfg = _build(data, devices_from_flags=(overrides or {}).get("devices") is not None)
     except ConfigError as exc:  # the file's own keys: name the file
-        raise exc.sourced(str(path)) from None
+        raise exc.sourced(_in_file(str(path), exc.key)) from None
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -705,4 +705,82 @@ def _source(key: str, cfg: Config) -> str:
     field_name = "devices" if top == "device" else top
     if field_name in cfg.extra.get("flags", ()):
         return f"flag --{top.replace('_', '-')}"
-    return str(cfg.extra.get("path", ""))
+    path = cfg.extra.get("path")
+    return _in_file(str(path), key) if path else ""
+
+
+def _in_file(path: str, key: str) -> str:
+    """``path``, or ``path:LINE`` when the line that sets ``key`` can be
+    told (best effort: a key set in an inline table or a dotted key, or
+    one the file lacks, gets no line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            line = key_line(f.read(), key)
+    except OSError:
+        return path
+    return f"{path}:{line}" if line else path
+
+
+_KEY_PATH = re.compile(
+    r"(?:(tenant|device)\[(?:name=([A-Za-z0-9_-]+)|(\d+))\]\.)?(?:grant\[(\d+)\]\.)?"
+    r"([A-Za-z0-9_]+)"
+)
+_TABLE_HEADER = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_.\s-]+?)\s*\]\]?\s*(?:#.*)?")
+
+
+def key_line(text: str, key: str) -> int | None:
+    """The 1-based line of ``text`` (a config file) that sets ``key`` as a
+    ConfigError names it (``call_timeout``, ``device[1].name``,
+    ``tenant[name=alice].mode``, ``tenant[name=alice].grant[0].channels``),
+    or None when it cannot be told for sure: exactly one ``KEY =`` line in
+    the table the key belongs to, tables found by their ``[[...]]``
+    headers."""
+    m = _KEY_PATH.fullmatch(key)
+    if m is None:
+        return None
+    table, tenant_name, index, grant, leaf = m.groups()
+    lines = text.splitlines()
+    # (header, first line index, end line index) of every table, "" for the
+    # top level before the first header
+    starts: list[tuple[str, int]] = [("", 0)]
+    for i, ln in enumerate(lines):
+        h = _TABLE_HEADER.fullmatch(ln)
+        if h is not None:
+            starts.append((re.sub(r"\s+", "", h.group(1)), i + 1))
+    tables = [
+        (name, start, starts[k + 1][1] - 1 if k + 1 < len(starts) else len(lines))
+        for k, (name, start) in enumerate(starts)
+    ]
+
+    def setting(start: int, end: int, name: str) -> list[int]:
+        pattern = re.compile(rf"\s*{re.escape(name)}\s*=")
+        return [i for i in range(start, end) if pattern.match(lines[i])]
+
+    if table is None:
+        candidates = [tables[0]]
+    else:
+        own = [(k, t) for k, t in enumerate(tables) if t[0] == table]
+        if index is not None:
+            own = own[int(index):int(index) + 1]
+        else:  # a tenant by name: the table with that name = "..." line
+            quoted = rf"[\"']{re.escape(tenant_name or '')}[\"']"
+            named = re.compile(rf"\s*name\s*=\s*{quoted}\s*(?:#.*)?")
+            own = [
+                (k, t) for k, t in own
+                if any(named.fullmatch(lines[i]) for i in range(t[1], t[2]))
+            ]
+        if len(own) != 1:
+            return None
+        k, found = own[0]
+        candidates = [found]
+        if grant is not None:
+            # its [[tenant.grant]] tables: those after it, before the next tenant
+            grants = []
+            for t in tables[k + 1:]:
+                if t[0] == "tenant":
+                    break
+                if t[0] == "tenant.grant":
+                    grants.append(t)
+            candidates = grants[int(grant):int(grant) + 1]
+    hits = [i for _, start, end in candidates for i in setting(start, end, leaf)]
+    return hits[0] + 1 if len(hits) == 1 else None

@@ -153,12 +153,12 @@ def test_an_error_names_the_file_or_the_flag_its_value_came_from(tmp_path: Path)
     f.write_text('call_timout = 1\n[[device]]\nname = "echo"\n')
     with pytest.raises(ConfigError) as ei:
         load_config(f)  # a key of the file itself (built from the file alone)
-    assert str(ei.value) == f"{f}: config key 'call_timout': unknown key"
-    assert ei.value.key == "call_timout" and ei.value.source == str(f)
+    assert str(ei.value) == f"{f}:1: config key 'call_timout': unknown key"
+    assert ei.value.key == "call_timout" and ei.value.source == f"{f}:1"
     f.write_text('lease_idle_timeout = -1\n[[device]]\nname = "echo"\n')
     with pytest.raises(ConfigError) as ei:
         load_config(f)  # a rule checked once flags are applied: still the file's
-    assert str(ei.value).startswith(f"{f}: config key 'lease_idle_timeout': must be > 0")
+    assert str(ei.value).startswith(f"{f}:1: config key 'lease_idle_timeout': must be > 0")
     f.write_text('[[device]]\nname = "echo"\n')
     with pytest.raises(ConfigError) as ei:
         load_config(f, {"lease_idle_timeout": -2.0})
@@ -185,7 +185,7 @@ def test_kupd_names_the_config_file_at_start(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc
     assert proc.stderr == (
-        f"kupd: {bad}: config key 'log_level': must be one of debug, info, warning, "
+        f"kupd: {bad}:1: config key 'log_level': must be one of debug, info, warning, "
         "error, not 'verbose'\n"
     )
 
@@ -266,3 +266,48 @@ def test_a_tenant_that_may_do_nothing_is_warned_of_and_a_missing_socket_named() 
     assert str(ei.value) == (
         "config key 'tenant[name=t].socket': is required: the absolute path of its socket"
     )
+
+
+def test_the_line_of_a_key_is_found_in_its_table() -> None:
+    """key_line: the line an error's key is set on, in the table the key
+    names (a tenant by its name, a device or grant by its place); none when
+    it cannot be told for sure."""
+    from kupd.config import key_line
+
+    text = (
+        "# kupd\n"                                      # 1
+        "call_timeout = 5\n"                            # 2
+        "[[device]]\n"                                  # 3
+        'name = "echo"\n'                               # 4
+        "[[device]]\n"                                  # 5
+        'name = "rot13"   # the other\n'                # 6
+        "call_channels = 2\n"                           # 7
+        "[[tenant]]\n"                                  # 8
+        'name = "alice"\n'                              # 9
+        'mode = "0600"\n'                               # 10
+        "[[tenant.grant]]\n"                            # 11
+        'device = "echo"\n'                             # 12
+        "[[tenant.grant]]\n"                            # 13
+        'device = "rot13"\n'                            # 14
+        'channels = "1-2"\n'                            # 15
+        "[[ tenant ]]\n"                                # 16
+        "name = 'bob'\n"                                # 17
+        'mode = "0660"\n'                               # 18
+        "[[tenant.grant]]\n"                            # 19
+        'device = "echo"\n'                             # 20
+        'channels = "3"\n'                              # 21
+    )
+    assert key_line(text, "call_timeout") == 2
+    assert key_line(text, "device[1].name") == 6
+    assert key_line(text, "device[1].call_channels") == 7
+    assert key_line(text, "tenant[name=alice].mode") == 10
+    assert key_line(text, "tenant[name=bob].mode") == 18
+    assert key_line(text, "tenant[1].name") == 17
+    assert key_line(text, "tenant[name=alice].grant[1].channels") == 15
+    assert key_line(text, "tenant[name=bob].grant[0].channels") == 21
+    # not in the file, or not told for sure: no line rather than a wrong one
+    assert key_line(text, "device[0].call_channels") is None
+    assert key_line(text, "tenant[name=carol].mode") is None
+    assert key_line(text, "tenant[name=alice].grant[2].device") is None
+    assert key_line(text, "log_level") is None
+    assert key_line('a = { call_timeout = 1 }\n', "call_timeout") is None
