@@ -246,3 +246,22 @@ def test_stop_timeout_outlasts_the_longest_drain() -> None:
     assert drain.count("asyncio.timeout(cfg.drain_grace)") == 2
     assert drain.count("asyncio.timeout(1.0)") == 1 and "sockets.stop(grace=1.0)" in drain
     assert "2 x drain_grace + 2 s" in UNIT.read_text()
+
+
+def test_the_config_error_the_docs_show_is_the_samples_own(tmp_path: Path) -> None:
+    """README, gateway.md and the sample show the error of the sample
+    installed as /etc/kupd/kupd.toml with call_channels = -1: file, line,
+    key and words as kupd prints them."""
+    from kupd.config import ConfigError, load_config
+
+    shown = "/etc/kupd/kupd.toml:130: config key 'device[0].call_channels': must be 0..1024, not -1"
+    for doc in ("README.md", "docs/gateway.md", "deploy/kupd.sample.toml"):
+        text = re.sub(r"\s*\n[#\s]*", " ", (REPO / doc).read_text())
+        assert shown in text, doc  # as written, line breaks aside
+    sample = (REPO / "deploy/kupd.sample.toml").read_text()
+    assert sample.count("\ncall_channels = 4\n") == 1
+    cfg = tmp_path / "kupd.toml"
+    cfg.write_text(sample.replace("\ncall_channels = 4\n", "\ncall_channels = -1\n"))
+    with pytest.raises(ConfigError) as ei:
+        load_config(cfg)
+    assert str(ei.value) == shown.replace("/etc/kupd/kupd.toml", str(cfg))
