@@ -261,20 +261,20 @@ def test_an_attach_reply_that_cannot_be_delivered_ends_its_lease(
 
 #: A client whose interrupt comes as the reply does: its SIGINT handler
 #: waits (for the test's go, on stdin, once kupd granted the lease) and
-#: then until the reply is in -- the Attach's future (kupclient's
-#: _unary_owed, the frame the signal interrupted) is done -- before it
+#: then until the reply is in -- the Attach's future (kupclient._start's
+#: unary, the frame the signal interrupted) is done -- before it
 #: raises KeyboardInterrupt.
 SYNC_ATTACH_LATE = """
 import signal, sys, time
-from kupclient import Client
+from kupclient import Client, _start
 
 def interrupt(signum, frame):
     print("interrupting", flush=True)
     sys.stdin.readline()
-    while frame is not None and frame.f_code.co_name != "_unary_owed":
+    while frame is not None and frame.f_code is not _start.unary.__code__:
         frame = frame.f_back
     if frame is None:
-        print("no _unary_owed frame", flush=True)
+        print("no kupclient._start.unary frame", flush=True)
         sys.exit(3)
     fut, deadline = frame.f_locals["fut"], time.monotonic() + 60
     while not fut.done() and time.monotonic() < deadline:

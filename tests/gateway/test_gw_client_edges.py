@@ -28,7 +28,7 @@ import pytest
 from gateway_helpers import Kupd, child_env
 
 import kupclient
-from kupclient import AsyncClient, Client, _types
+from kupclient import AsyncClient, Client, _start, _types
 from kupclient import errors as kerrors
 from kupd import errors
 from kupd.testing import REPO_ROOT, all_stopped, thread_frame, wait_until
@@ -49,11 +49,12 @@ def _state(c: Client, chan: int) -> str:
 
 def _in_rpc(t: threading.Thread) -> bool:
     """Whether thread ``t`` waits in an RPC of kupclient's Client._unary_owed
-    (lease_receive, lease_exchange, attach) that it has started (its future
-    exists): past the check that would call the client closed already."""
+    (lease_receive, lease_exchange, attach; the wait is kupclient._start's
+    ``unary``) that it has started (its future exists): past the check that
+    would call the client closed already."""
     frame = thread_frame(t)
     while frame is not None:
-        if frame.f_code.co_name == "_unary_owed" and "fut" in frame.f_locals:
+        if frame.f_code is _start.unary.__code__ and "fut" in frame.f_locals:
             return True
         frame = frame.f_back
     return False

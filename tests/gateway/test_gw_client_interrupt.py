@@ -31,7 +31,7 @@ from types import FrameType
 import pytest
 from gateway_helpers import LOCKHOLD, unlock, wait_locked
 
-from kupclient import Client
+from kupclient import Client, _start
 from kupd.testing import KupSim, thread_frame, wait_until
 
 
@@ -82,7 +82,7 @@ def interrupted_when(
 def _waiting_for_the_answer() -> bool:
     """Whether the main thread waits for an RPC's answer: in gRPC's
     blocking call's wait or a future's, or in kupclient's wait for its
-    future to complete (``_unary_owed`` once it has ``fut``) -- not still
+    future to complete (``kupclient._start.unary`` once it has ``fut``) -- not still
     starting the RPC (test_gw_client_start_interrupt.py walks that)."""
     frame = thread_frame(threading.main_thread())
     while frame is not None:
@@ -91,7 +91,7 @@ def _waiting_for_the_answer() -> bool:
             code.co_filename
         ):
             return True
-        if code.co_name == "_unary_owed" and "fut" in frame.f_locals:
+        if code is _start.unary.__code__ and "fut" in frame.f_locals:
             return True
         frame = frame.f_back
     return False

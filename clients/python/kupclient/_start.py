@@ -29,9 +29,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import grpc
+
 from kupclient import _fork
 
-__all__ = ["interrupt_of", "start", "start_thread"]
+__all__ = ["cancel_call", "ignore", "interrupt_of", "start", "start_thread", "unary"]
 
 T = TypeVar("T")
 
@@ -175,3 +177,82 @@ def start(make: Callable[[], T], abandon: Callable[[T], object]) -> T:
     if job.error is not None:
         raise job.error
     return cast(T, job.result)
+
+
+def ignore(_: object) -> None:
+    """Nothing to undo (:func:`start`'s ``abandon`` of a call that is not
+    one: a cancel, a close)."""
+
+
+def cancel_call(call: Any) -> None:
+    """Cancel an RPC (a future, a stream) whose start was given up on
+    (:func:`start`'s ``abandon``)."""
+    call.cancel()
+
+
+def unary(
+    rpc: Any,
+    request: Any,
+    timeout: float | None,
+    given_up: Callable[[Any], object] | None = None,
+) -> Any:
+    """``rpc(request, timeout=timeout)`` -- a gRPC unary callable -- made
+    safe against an interrupt anywhere in the main thread: through
+    ``rpc.future()``, started by :func:`start`, and waited for on a bare
+    lock that the future's done-callback releases.
+
+    gRPC's blocking call registers its call with the channel in a ``with``
+    on the channel's condition, and ``future.result()`` waits in a ``with``
+    on the call's: an interrupt just as either lock was taken (CPython runs
+    a handler as ``Condition.__enter__``'s call into C returns) left it
+    held by the main thread, and gRPC's polling thread -- every call that
+    thread completes -- waited on it for ever.  Here the future is asked
+    only once it has completed (no wait).
+
+    Raises what ``future.result()`` raises (``grpc.RpcError``,
+    ``grpc.FutureCancelledError``), and ``ValueError`` from the start
+    (gRPC's "Cannot invoke RPC on closed channel!").  Interrupted, the RPC
+    is cancelled (once started) and ``given_up`` -- for an RPC that may have
+    done something its caller will never learn of -- is called with its
+    response when it had already succeeded, else None (it may have run:
+    gRPC drops the answer of a cancelled call even when the server had
+    written it); then the interrupt propagates, as itself also when CPython
+    turned it into a RuntimeError (:func:`interrupt_of`)."""
+    completed = threading.Lock()
+    completed.acquire()
+
+    def begin() -> Any:
+        fut = rpc.future(request, timeout=timeout)
+        fut.add_done_callback(lambda _: completed.release())
+        return fut
+
+    try:
+        fut = start(begin, cancel_call)
+    except ValueError:
+        raise
+    except BaseException:
+        # interrupted while the starter thread started the RPC: it may run
+        # all the same (cancelled once started, above)
+        if given_up is not None:
+            given_up(None)
+        raise
+    try:
+        completed.acquire()
+        return fut.result()  # completed: no wait
+    except (grpc.RpcError, grpc.FutureCancelledError):
+        raise
+    except BaseException as exc:
+        if fut.cancel():  # not completed: the server may have run it all the same
+            if given_up is not None:
+                given_up(None)
+        elif given_up is not None:  # it had completed
+            try:
+                resp = fut.result(timeout=0)
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                pass  # it failed: nothing to undo
+            else:
+                given_up(resp)
+        interrupt = interrupt_of(exc)
+        if interrupt is None:
+            raise
+    raise interrupt  # not in the except: the interrupt has no context

@@ -225,33 +225,13 @@ class Client:
         failed: it did nothing."""
         self._check_open()
         rpc = getattr(stub or self._stub, method)
-        # completed: a bare lock, released by a callback that the starter
-        # registers -- not future.result()'s wait, whose ``with`` on gRPC's
-        # condition, interrupted just as it took the lock, left it held
-        # and gRPC's polling thread waiting on it for ever
-        completed = threading.Lock()
-        completed.acquire()
-
-        def begin() -> Any:
-            fut = rpc.future(request, timeout=timeout)
-            fut.add_done_callback(lambda _: completed.release())
-            return fut
-
+        undo = None if given_up is None else functools.partial(self._given_up, given_up)
         try:
-            fut = _start.start(begin, _cancel_call)
+            return _start.unary(rpc, request, timeout, undo)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
             raise
-        except BaseException:
-            # interrupted while the starter thread started the RPC: it may
-            # run all the same (cancelled once started: kupclient._start)
-            if given_up is not None and not self._closed:
-                given_up(None)
-            raise
-        try:
-            completed.acquire()
-            return fut.result()  # completed: no wait
         except grpc.RpcError as exc:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
@@ -262,25 +242,13 @@ class Client:
             if self._closed:  # close() in another thread cancelled it
                 raise self._gone(pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
-        except BaseException as exc:
-            if fut.cancel():  # not completed: kupd may have answered all the same
-                if given_up is not None and not self._closed:
-                    given_up(None)
-            elif given_up is not None:  # it had completed
-                try:
-                    resp = fut.result(timeout=0)
-                except (grpc.RpcError, grpc.FutureCancelledError):
-                    pass  # it failed: nothing to undo
-                else:
-                    given_up(resp)
-            # an interrupt that CPython turned into a RuntimeError inside
-            # fut.result() (Condition.wait's window: kupclient._start.
-            # interrupt_of): given up on as above, and the program gets
-            # its interrupt, not "cannot release un-acquired lock"
-            interrupt = _start.interrupt_of(exc)
-            if interrupt is None:
-                raise
-        raise interrupt  # not in the except: the interrupt has no context
+
+    def _given_up(self, given_up: Callable[[Any], object], resp: Any) -> None:
+        """``given_up(resp)`` of an RPC interrupted (:func:`kupclient._start.
+        unary`) -- unless it may not have run (None) and close() cancelled
+        it: the connection is gone, nothing to undo with."""
+        if resp is not None or not self._closed:
+            given_up(resp)
 
     def _attach_given_up(self, attach_id: str, resp: kup_pb2.AttachResponse | None) -> None:
         """Undo an Attach whose caller gave up on it (interrupted, past its
@@ -330,7 +298,7 @@ class Client:
         # and the next close() waited for ever -- so on the starter thread
         # (kupclient._start), which goes on with it when the main thread is
         # interrupted; a close() after it waits for it there
-        _start.start(self._channel.close, _ignore)
+        _start.start(self._channel.close, _start.ignore)
 
     def __enter__(self) -> Client:
         return self
@@ -383,7 +351,7 @@ class Client:
         try:
             # started on the starter thread, as a Session's stream
             # (_start_session): gRPC manages it
-            return Watch(_start.start(lambda: self._stub.Watch(req), _cancel_call), self)
+            return Watch(_start.start(lambda: self._stub.Watch(req), _start.cancel_call), self)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
@@ -656,13 +624,9 @@ class _Responses:
 
     def cancel(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            _start.start(self._call.cancel, _ignore)
+            _start.start(self._call.cancel, _start.ignore)
         else:
             self._call.cancel()
-
-
-def _ignore(_: object) -> None:
-    """Nothing to undo (kupclient._start's abandon)."""
 
 
 def _start_session(channel: grpc.Channel, requests: queue.SimpleQueue[object]) -> _Responses:
@@ -686,12 +650,6 @@ def _start_session(channel: grpc.Channel, requests: queue.SimpleQueue[object]) -
         return responses
 
     return _start.start(begin, lambda responses: _cancel_session(responses, requests))
-
-
-def _cancel_call(call: Any) -> None:
-    """Cancel an RPC (a future, a stream) whose start was given up on
-    (kupclient._start)."""
-    call.cancel()
 
 
 def _cancel_session(
