@@ -25,7 +25,9 @@ waits for a bare lock that a done-callback releases, and asks the future
 only once it has completed.
 
 The same walk covers gRPC's blocking unary call (it took the channel's
-lock in a ``with``: the main thread's unary calls now go as the owed ones),
+lock in a ``with``: the main thread's unary calls now go as the owed ones,
+kupclient._start.unary; so do kupclient.admin's, whose next call from
+another thread hung after one such interrupt),
 the start of a Session's stream and of a watch (managed calls, as a
 future), a Session operation's wait for its reply (gRPC's ``next()``: the
 responses are now read by a thread of their own), the main thread's
@@ -63,20 +65,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gateway_helpers import StartKupd
 
 from kupapi import kup_pb2
 from kupclient import Client
-from kupd.testing import Kupd
+from kupd.testing import Kupd, KupSim
 
 #: no progress for this long: the child hangs (a bound on a hang, not a timing)
 STUCK = 60.0
 
 CHILD = r'''
 import signal, sys, threading, time
-from kupclient import Client, Kind, client as client_mod
+from kupclient import Client, Kind, admin as admin_mod, client as client_mod
 from kupd import errors
 
 SOCKET, OP = sys.argv[1], sys.argv[2]
+ADMIN = sys.argv[3] if len(sys.argv) > 3 else ""
 MAIN = threading.get_ident()
 #: the client's function whose points (and all it calls) are walked
 WALKED = {
@@ -90,6 +94,7 @@ WALKED = {
     "close": client_mod.Channel.close,  # its end
     "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
     "client-close": client_mod.Client.close,  # the client's end, a Session open
+    "admin": admin_mod.AdminClient._unary,  # an admin call (gRPC's blocking call, before)
 }[OP].__code__
 
 
@@ -234,6 +239,17 @@ while True:
             if not fired:
                 break
             continue
+        elif OP == "admin":
+            with admin_mod.AdminClient(ADMIN) as a:
+                fired, (kind, what) = traced(n, lambda: a.metrics("kupd_"))
+                # the admin client's next call from another thread: gRPC's
+                # blocking call there takes the channel's lock
+                other = []
+                t = threading.Thread(target=lambda: other.append(a.list_leases()))
+                t.start()
+                t.join()
+                assert other, f"point {n}: the other thread's list_leases failed"
+                a.list_leases()  # and the main thread's
         elif OP == "watch":
             fired, (kind, what) = traced(n, lambda: c.watch("echo", initial_state=True))
             if kind == "ok":
@@ -281,11 +297,12 @@ def _stacks(pid: int) -> str:
     return out.stdout + out.stderr
 
 
-def _walk(kupd: Kupd, op: str) -> list[str]:
-    """Run the child's walk of ``op``; its lines.  Fails with its stacks
-    when it stops making progress, with its output when it fails."""
+def _walk(kupd: Kupd, op: str, *args: str) -> list[str]:
+    """Run the child's walk of ``op`` (``args``: the admin socket); its
+    lines.  Fails with its stacks when it stops making progress, with its
+    output when it fails."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, kupd.socket, op],
+        [sys.executable, "-c", CHILD, kupd.socket, op, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -549,3 +566,27 @@ def test_a_client_close_interrupted_at_any_point_is_finished_by_the_next(
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"
+
+
+def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
+    sim: KupSim, start_kupd: StartKupd, tmp_path: Path
+) -> None:
+    """An AdminClient call (``metrics()``, as kupctl's ``metrics`` and
+    ``top`` make) interrupted anywhere leaves nothing that hangs.  It was
+    gRPC's blocking call, as the Client's unary calls were (see
+    :func:`test_a_blocking_unary_call_interrupted_at_any_point_hangs_nothing`):
+    interrupted just as it took the channel's lock in a ``with``, the main
+    thread held the lock for good, and the admin client's next call from
+    another thread waited for ever.  It now goes through
+    ``kupclient._start.unary`` as the Client's do."""
+    admin = tmp_path / "admin.sock"
+    cfg = tmp_path / "kupd-admin.toml"
+    cfg.write_text(
+        f'socket = "{tmp_path}/kupd.sock"\n'
+        f'admin_socket = "{admin}"\n'
+        f'kupsim_dir = "{sim.rundir}"\n'
+        '[[device]]\nname = "echo"\ncall_channels = 4\n'
+    )
+    k = start_kupd(sim, "--config", str(cfg), devices=())
+    lines = _walk(k, "admin", str(admin))
+    assert any(line.endswith(": interrupted") for line in lines)

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
@@ -31,7 +32,8 @@ from typing import Any
 
 import grpc
 
-from kupapi import kup_pb2, kup_pb2_grpc
+from kupapi import errors, kup_pb2, kup_pb2_grpc
+from kupclient import _start
 from kupclient._args import device_arg, lease_arg, socket_arg
 from kupclient._errors import error_from_rpc
 from kupclient._types import channel_options, target_for
@@ -139,10 +141,22 @@ class AdminClient:
         self._stub = kup_pb2_grpc.AdminStub(self._channel)
 
     def _unary(self, method: str, request: Any, timeout: float | None = 30.0) -> Any:
+        """One RPC.  From the main thread through :func:`kupclient._start.
+        unary`, as :class:`kupclient.Client`'s: gRPC's blocking call takes
+        the channel's lock in a ``with``, and an interrupt (Ctrl-C) just as
+        it was taken left it held by the main thread -- the next call from
+        another thread, or completed by gRPC's polling thread, waited for
+        ever.  Other threads, where no signal handler runs, keep the
+        blocking call."""
+        rpc = getattr(self._stub, method)
         try:
-            return getattr(self._stub, method)(request, timeout=timeout)
+            if threading.current_thread() is threading.main_thread():
+                return _start.unary(rpc, request, timeout)
+            return rpc(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+        except grpc.FutureCancelledError:  # close() in another thread
+            raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
 
     def list_leases(self, tenant: str = "") -> list[LeaseInfo]:
         resp = self._unary("ListLeases", kup_pb2.ListLeasesRequest(tenant=tenant))
@@ -190,7 +204,11 @@ class AdminClient:
         return text
 
     def close(self) -> None:
-        self._channel.close()
+        """Close the connection.  gRPC's close takes the channel's lock in
+        a ``with`` (see :meth:`_unary`): the main thread's runs on
+        kupclient's starter thread, which finishes it when the main thread
+        is interrupted; called again, it is a no-op once done."""
+        _start.start(self._channel.close, _start.ignore)
 
     def __enter__(self) -> AdminClient:
         return self
@@ -202,8 +220,6 @@ class AdminClient:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kupapi import errors
-
     p = argparse.ArgumentParser(prog="kupclient.admin", description="kupd's Admin service")
     p.add_argument(
         "--socket",
