@@ -29,7 +29,10 @@ lock in a ``with``: the main thread's unary calls now go as the owed ones,
 kupclient._start.unary; so do kupclient.admin's, whose next call from
 another thread hung after one such interrupt),
 the start of a Session's stream and of a watch (managed calls, as a
-future), a Session operation's wait for its reply (gRPC's ``next()``: the
+future), the whole of a Session channel's open (the stream's cancel was
+registered only after the stream had started: an interrupt in between
+left it and its request thread for the life of the process), a
+Session operation's wait for its reply (gRPC's ``next()``: the
 responses are now read by a thread of their own), the main thread's
 cancel of a live stream (through the starter thread) and the client's
 ``close()`` with a Session open, called again after the interrupt (it
@@ -75,7 +78,7 @@ from kupd.testing import Kupd, KupSim
 STUCK = 60.0
 
 CHILD = r'''
-import signal, sys, threading, time
+import gc, signal, sys, threading, time
 from kupclient import Client, Kind, admin as admin_mod, client as client_mod
 from kupd import errors
 
@@ -89,6 +92,7 @@ WALKED = {
     "devices": client_mod.Client._unary,  # gRPC's blocking unary call
     "send": client_mod.Client._unary,
     "session": client_mod._start_session,  # a Session stream's start
+    "open": client_mod.Channel.__init__,  # a Session channel's open, all of it
     "watch": client_mod.Client.watch,
     "exchange": client_mod.Channel._op,  # a Session operation, its wait included
     "close": client_mod.Channel.close,  # its end
@@ -182,6 +186,18 @@ lease = None
 if OP == "receive":
     lease = direct.attach("echo")
     assert direct.lease_receive(lease.lease_id, timeout=30).kind == Kind.PASS
+if OP == "open":
+    # the Session watchdog's thread kept running through the walk of a
+    # channel's open: one that ended between two points (its last channel
+    # gone) would make the next open start it, and so the points move
+    # under the walk (test_the_watchdog_runs_whatever_interrupts_its_start
+    # walks that start)
+    class Idle:
+        def _watch(self, now):
+            pass
+
+    idle = Idle()
+    client_mod._WATCHDOG.track(idle)
 #: the Session's channel in the walk of Client.close: one not in the Call pool
 CLOSE_CHANNEL = [ch.id for ch in direct.devices("echo")[0].channels if ch.state == "free"][0]
 n = 0
@@ -205,6 +221,18 @@ while True:
             if kind == "ok":
                 assert what.receive(timeout=30).kind == Kind.PASS, what  # it runs
                 what.close()
+        elif OP == "open":
+            h = c.open("echo")
+            fired, (kind, what) = traced(n, lambda: h.channel())
+            if kind == "ok":
+                assert what.receive(timeout=30).kind == Kind.PASS
+                what.close()
+            what = None
+            # the client still open: an open interrupted anywhere leaves no
+            # stream behind once its Channel, never returned, is collected
+            gc.collect()
+            wait_free(direct)
+            wait_no_request_thread()
         elif OP == "exchange":
             ch = c.open("echo").channel()
             assert ch.receive(timeout=30).kind == Kind.PASS
@@ -273,7 +301,7 @@ while True:
         # interrupt that left gRPC's channel lock held blocks that thread)
         c.release(c.attach("echo").lease_id)
     # close() returned: with no lease left over
-    if OP in ("attach", "send", "session", "exchange", "close", "abort"):
+    if OP in ("attach", "send", "session", "open", "exchange", "close", "abort"):
         wait_free(direct)
     if kind == "raised":
         print(f"point {n} {fired}: raised {type(what).__name__}: {what} "
@@ -496,6 +524,23 @@ def test_a_blocking_unary_call_interrupted_at_any_point_hangs_nothing(
     ``_channel_managed_call_management.create``, in ``Condition.__enter__``).
     The main thread's unary calls now go as ``_unary_owed``'s."""
     lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"
+
+
+def test_a_channel_open_interrupted_at_any_point_leaves_no_stream(
+    kupd: Kupd, client: Client
+) -> None:
+    """``open(...).channel()`` interrupted anywhere in ``Channel.__init__``
+    -- the stream's start, the Session's attach and what comes between --
+    leaves no lease and no Session request thread once the Channel, never
+    returned to the caller, is collected, while the client stays open.  The
+    stream's cancel (a ``weakref.finalize``) was registered only after the
+    stream had started: interrupted in between, nothing cancelled that
+    stream, and its request thread waited until the process ended (gRPC's
+    close of the channel, the client's close(), does not end it)."""
+    lines = _walk(kupd, "open")
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"

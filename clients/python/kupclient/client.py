@@ -629,15 +629,46 @@ class _Responses:
             self._call.cancel()
 
 
-def _start_session(channel: grpc.Channel, requests: queue.SimpleQueue[object]) -> _Responses:
+class _Stream:
+    """A Session channel's stream as its cancel sees it: made, and the
+    cancel registered (the Channel's finalizer), before the stream is
+    started; :func:`_start_session` sets ``responses`` on the starter
+    thread -- where no signal handler runs -- before the start returns, so
+    an interrupt anywhere in the main thread after that finds the stream
+    there to cancel.  (The finalizer used to be registered with the stream
+    once started: interrupted in between, nothing cancelled it.)"""
+
+    __slots__ = ("ended", "requests", "responses")
+
+    def __init__(self) -> None:
+        #: what the stream's request thread sends (:func:`_requests_of`)
+        self.requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.responses: _Responses | None = None  # once started
+        self.ended = False  # end() has run to its end on a started stream
+
+    def end(self) -> None:
+        """Cancel the stream (kupd then releases its lease) and end its
+        request thread.  close() of a channel with an operation waiting,
+        and the finalizer of a channel dropped without close().  Before the
+        stream has started -- an interrupt of the wait for its start -- only
+        the request thread is told to end: the starter cancels the stream
+        once started (kupclient._start's abandon)."""
+        self.requests.put(_END)
+        responses = self.responses
+        if responses is not None:
+            responses.cancel()
+            self.ended = True
+
+
+def _start_session(channel: grpc.Channel, stream: _Stream) -> _Responses:
     """Start a Session stream whose requests are what is put on
-    ``requests``: gRPC manages it (its polling thread), so the main
+    ``stream.requests``: gRPC manages it (its polling thread), so the main
     thread's is started on kupclient's starter thread (kupclient._start:
     interrupted in the middle of gRPC's start, a call no thread polled for
     left the client's close() waiting for ever), and so is the thread that
-    reads its responses (:class:`_Responses`).  Interrupted, the stream is
-    cancelled once started.  Its data path has its own wire codec
-    (kupclient._wire), not the stub's."""
+    reads its responses (:class:`_Responses`).  ``stream.responses`` is
+    set there.  Interrupted, the stream is cancelled once started.  Its
+    data path has its own wire codec (kupclient._wire), not the stub's."""
     rpc = channel.stream_stream(
         _wire.SESSION_METHOD,
         request_serializer=_wire.serialize,
@@ -645,26 +676,12 @@ def _start_session(channel: grpc.Channel, requests: queue.SimpleQueue[object]) -
     )
 
     def begin() -> _Responses:
-        responses = _Responses(rpc(_requests_of(requests)))
+        responses = _Responses(rpc(_requests_of(stream.requests)))
+        stream.responses = responses
         threading.Thread(target=responses.read, name="kupclient-session", daemon=True).start()
         return responses
 
-    return _start.start(begin, lambda responses: _cancel_session(responses, requests))
-
-
-def _cancel_session(
-    responses: Any, requests: queue.SimpleQueue[object], done: list[bool] | None = None
-) -> None:
-    """Cancel a Session stream (kupd then releases its lease) and end its
-    request thread.  close() of a channel with an operation waiting, and the
-    finalizer of a channel dropped without close().  ``done[0]`` is set
-    once it has all been done (see Channel._end_stream)."""
-    requests.put(_END)
-    cancel = getattr(responses, "cancel", None)
-    if cancel is not None:
-        cancel()
-    if done is not None:
-        done[0] = True
+    return _start.start(begin, lambda _: stream.end())
 
 
 class Channel(Sampled):
@@ -675,7 +692,6 @@ class Channel(Sampled):
         self.device = device
         self._client = client
         self._what = f"session on {device}"
-        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._next_id = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -691,18 +707,18 @@ class Channel(Sampled):
         self._drain_until: float | None = None  # close() waits for kupd until then
         self._seen_at = 0.0
         self.max_msg = 0
+        self._stream = _Stream()
+        self._requests = self._stream.requests
+        # A Channel dropped without close() cancels its stream (nothing
+        # else refers to the Channel: see _requests_of) -- registered
+        # before the stream starts, so that an interrupt anywhere after the
+        # start leaves it to this (the Channel never returned is dropped)
+        self._cancel = weakref.finalize(self, self._stream.end)
+        self._cancel.atexit = False
         with client._lock:  # not opened on a client being closed
             client._check_open()
-            self._responses = _start_session(client._channel, self._requests)
-            #: set once the stream's cancel has run to its end (_end_stream)
-            self._stream_ended = [False]
-            # A Channel dropped without close() cancels its stream (nothing
-            # else refers to the Channel: see _requests_of).
-            self._cancel = weakref.finalize(
-                self, _cancel_session, self._responses, self._requests, self._stream_ended
-            )
-            self._cancel.atexit = False
-            client._sessions.add(self)
+            client._sessions.add(self)  # its close() reaches the stream too
+            self._responses = _start_session(client._channel, self._stream)
         _WATCHDOG.track(self)
         attach = kup_pb2.SessionAttach(device=device)
         if chan_id is not None:
@@ -740,12 +756,13 @@ class Channel(Sampled):
     def _end_stream(self) -> None:
         """Cancel the stream (kupd releases the lease), also when an earlier
         cancel was interrupted: the finalizer runs only once -- it takes
-        itself off weakref's registry before it calls _cancel_session -- so
-        an interrupt in between left the stream open for good, and a later
-        close() did nothing.  Done again here until it has run to its end."""
+        itself off weakref's registry before it calls the stream's end --
+        so an interrupt in between left the stream open for good, and a
+        later close() did nothing.  Done again here until it has run to its
+        end."""
         self._cancel()
-        if not self._stream_ended[0]:
-            _cancel_session(self._responses, self._requests, self._stream_ended)
+        if not self._stream.ended:
+            self._stream.end()
 
     def _abort(self) -> None:
         """Client.close(): end the session; an operation waiting fails with
@@ -759,7 +776,7 @@ class Channel(Sampled):
         """In a child process: the stream is the parent's (not cancelled here)."""
         self._closed = True
         self._cancel.detach()
-        self._stream_ended[0] = True  # nor by _end_stream
+        self._stream.ended = True  # nor by _end_stream
 
     def _watch(self, now: float) -> None:
         """The watchdog's sample (see _Watchdog): end the session when the
