@@ -37,7 +37,8 @@ responses are now read by a thread of their own), the main thread's
 cancel of a live stream (through the starter thread) and the client's
 ``close()`` with a Session open, called again after the interrupt (it
 finishes what the first began; gRPC's close of its channel runs on the
-starter thread).
+starter thread), and the asyncio client's ``close()`` likewise (its loop
+run by ``run_until_complete``, which an interrupt leaves open).
 
 Deterministic, no timing: a child process (a fresh client for each point,
 so that each RPC is its channel's first and gRPC starts its polling thread
@@ -78,8 +79,9 @@ from kupd.testing import Kupd, KupSim
 STUCK = 60.0
 
 CHILD = r'''
-import gc, signal, sys, threading, time
-from kupclient import Client, Kind, admin as admin_mod, client as client_mod
+import asyncio, gc, signal, sys, threading, time
+from kupclient import AsyncClient, Client, Kind
+from kupclient import admin as admin_mod, aio as aio_mod, client as client_mod
 from kupd import errors
 
 SOCKET, OP = sys.argv[1], sys.argv[2]
@@ -99,6 +101,7 @@ WALKED = {
     "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
     "client-close": client_mod.Client.close,  # the client's end, a Session open
     "admin": admin_mod.AdminClient._unary,  # an admin call (gRPC's blocking call, before)
+    "aio-close": aio_mod.AsyncClient.close,  # the asyncio client's end, a Session open
 }[OP].__code__
 
 
@@ -198,6 +201,7 @@ if OP == "open":
 
     idle = Idle()
     client_mod._WATCHDOG.track(idle)
+LOOP = asyncio.new_event_loop()
 #: the Session's channel in the walk of Client.close: one not in the Call pool
 CLOSE_CHANNEL = [ch.id for ch in direct.devices("echo")[0].channels if ch.state == "free"][0]
 n = 0
@@ -260,6 +264,33 @@ while True:
             # request thread has ended
             wait_free(direct)
             wait_no_request_thread()
+            if kind == "raised":
+                print(f"point {n} {fired}: raised {what!r}", flush=True)
+                sys.exit(1)
+            print(f"point {n} {fired}: {kind}", flush=True)
+            if not fired:
+                break
+            continue
+        elif OP == "aio-close":
+            # in a loop that the interrupt leaves open (asyncio.run closes
+            # its loop on one; run_until_complete lets it propagate)
+            ac = AsyncClient(SOCKET)
+
+            async def opened():
+                ch = await (await ac.open("echo")).channel(CLOSE_CHANNEL)
+                assert (await ch.receive(timeout=30)).kind == Kind.PASS
+                return ch
+
+            ach = LOOP.run_until_complete(opened())
+            grpc_channel = ac._grpc
+            fired, (kind, what) = traced(n, lambda: LOOP.run_until_complete(ac.close()))
+            # again: it finishes what the interrupted one began
+            LOOP.run_until_complete(ac.close())
+            # free while the AsyncChannel is still referenced (ach: its
+            # finalizer does not run) and the process lives on; and gRPC's
+            # channel closed, not left to the collector
+            wait_free(direct)
+            assert grpc_channel._channel.closed(), f"point {n}: gRPC's channel is open"
             if kind == "raised":
                 print(f"point {n} {fired}: raised {what!r}", flush=True)
                 sys.exit(1)
@@ -635,3 +666,22 @@ def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
     k = start_kupd(sim, "--config", str(cfg), devices=())
     lines = _walk(k, "admin", str(admin))
     assert any(line.endswith(": interrupted") for line in lines)
+
+
+def test_an_async_client_close_interrupted_at_any_point_is_finished_by_the_next(
+    kupd: Kupd, client: Client
+) -> None:
+    """``AsyncClient.close()`` with a Session open, interrupted anywhere (a
+    KeyboardInterrupt that a signal handler raises in the loop's thread: a
+    program's own handler, a second Ctrl-C), then called again: the second
+    one finishes what the first began -- the Session's stream cancelled,
+    gRPC's channel closed -- so the channel is free while the program (and
+    the AsyncChannel object) live on.  The first close() used to mark the
+    client closed before anything else and drop gRPC's channel before
+    closing it, and the second then returned at once: interrupted before
+    its sessions were cancelled, the lease stayed until the process ended;
+    inside gRPC's close, the channel was left to the collector."""
+    lines = _walk(kupd, "aio-close")
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"

@@ -219,16 +219,27 @@ class AsyncClient:
         """Close the connection and end the client's open sessions: their
         waiting operations, and the client's, fail with InvalidArgument
         "... was closed while the operation waited"; later ones with
-        "client of PATH is closed" / "channel N of DEV is closed"."""
-        if self._closed:
-            return  # (after a fork: gRPC's channel belongs to the parent)
+        "client of PATH is closed" / "channel N of DEV is closed".
+
+        Resumable, as :meth:`kupclient.Client.close`: each call does all of
+        it again (each step a no-op once done), so one interrupted anywhere
+        -- a KeyboardInterrupt a signal handler raises in the loop's thread,
+        a cancel -- and called again finishes what the first began.  It
+        used to return at once when the client was already marked closed,
+        and to drop gRPC's channel before closing it: an interrupt after
+        the mark and before the sessions were cancelled left their leases
+        held for as long as the process lived, and one inside gRPC's close
+        left the channel to the collector."""
+        if self._forked:
+            return  # gRPC's channel belongs to the parent
         self._closed = True
         for session in list(self._sessions):
             session._abort()
-        ch, self._grpc, self._stub_ = self._grpc, None, None
+        ch = self._grpc
         if ch is not None and self._loop is asyncio.get_running_loop():
-            await ch.close()
+            await ch.close()  # again after an interrupt: it goes on from there
         # else: never used, or its loop is gone (and the channel with it)
+        self._grpc = self._stub_ = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -469,8 +480,9 @@ class AsyncDeviceHandle:
 
 def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEventLoop) -> None:
     """Cancel the stream of an AsyncChannel collected without close(), in its
-    own loop (a collection can run in any thread)."""
-    if call.done() or loop.is_closed():
+    own loop (a collection can run in any thread).  In that loop, also a
+    call that looks done (see :func:`_cancel_under`)."""
+    if loop.is_closed():
         return
     try:
         running = asyncio.get_running_loop()
@@ -478,8 +490,12 @@ def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEvent
         running = None
     if running is loop:
         _cancel_under(call)
-    else:
+    elif not call.done():
         loop.call_soon_threadsafe(_cancel_under, call)
+
+
+#: the details of the cancel that kupclient gives again (_cancel_under)
+_CANCELLED_AGAIN = "Locally cancelled by application (again: the first cancel was interrupted)"
 
 
 def _cancel_under(call: grpc.aio.StreamStreamCall) -> None:
@@ -488,8 +504,22 @@ def _cancel_under(call: grpc.aio.StreamStreamCall) -> None:
     gRPC's write() first waits for the call's metadata to be sent, on an
     event that a cancel() does not set: an operation in that wait (the
     attach of a channel just opened) hung for good.  Setting it lets the
-    write see the call done and raise (CancelledError)."""
-    call.cancel()
+    write see the call done and raise (CancelledError).
+
+    Again on a call cancelled before: gRPC's cancel marks the call done
+    -- its status set, its done-callbacks (Python code) run -- before it
+    cancels the call in gRPC's core, so an interrupt in between (a
+    KeyboardInterrupt a signal handler raises in the loop's thread) left a
+    call that looks done while its stream goes on, kupd holding the lease,
+    and every later cancel() a no-op (AsyncClient.close(), called again,
+    did nothing).  The core's cancel is asked for again then (a no-op in
+    the core once done)."""
+    if not call.done():
+        call.cancel()
+    else:
+        cy = getattr(call, "_cython_call", None)
+        if cy is not None and cy.is_locally_cancelled():
+            cy.cancel(_CANCELLED_AGAIN)
     sent = getattr(call, "_metadata_sent", None)
     if isinstance(sent, asyncio.Event):
         sent.set()
