@@ -101,6 +101,7 @@ WALKED = {
     "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
     "client-close": client_mod.Client.close,  # the client's end, a Session open
     "admin": admin_mod.AdminClient._unary,  # an admin call (gRPC's blocking call, before)
+    "admin-close": admin_mod.AdminClient.close,  # the admin client's end
     "aio-close": aio_mod.AsyncClient.close,  # the asyncio client's end, a Session open
 }[OP].__code__
 
@@ -298,6 +299,25 @@ while True:
             if not fired:
                 break
             continue
+        elif OP == "admin-close":
+            a = admin_mod.AdminClient(ADMIN)
+            a.list_leases()
+            fired, (kind, what) = traced(n, a.close)
+            a.close()  # again: it returns, gRPC's channel closed
+            # and a call from another thread fails at once (gRPC's blocking
+            # call takes the channel's lock to see it closed)
+            other = []
+
+            def late():
+                try:
+                    a.list_leases()
+                except ValueError as exc:
+                    other.append(exc)
+
+            t = threading.Thread(target=late)
+            t.start()
+            t.join()
+            assert other, f"point {n}: a call after close() did not fail"
         elif OP == "admin":
             with admin_mod.AdminClient(ADMIN) as a:
                 fired, (kind, what) = traced(n, lambda: a.metrics("kupd_"))
@@ -644,8 +664,9 @@ def test_a_client_close_interrupted_at_any_point_is_finished_by_the_next(
     assert not busy, f"channels {busy} still held"
 
 
+@pytest.mark.parametrize("op", ["admin", "admin-close"])
 def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
-    sim: KupSim, start_kupd: StartKupd, tmp_path: Path
+    sim: KupSim, start_kupd: StartKupd, tmp_path: Path, op: str
 ) -> None:
     """An AdminClient call (``metrics()``, as kupctl's ``metrics`` and
     ``top`` make) interrupted anywhere leaves nothing that hangs.  It was
@@ -654,7 +675,12 @@ def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
     interrupted just as it took the channel's lock in a ``with``, the main
     thread held the lock for good, and the admin client's next call from
     another thread waited for ever.  It now goes through
-    ``kupclient._start.unary`` as the Client's do."""
+    ``kupclient._start.unary`` as the Client's do.
+
+    The same for its ``close()``, which is gRPC's close of its channel,
+    also taking that lock in a ``with`` (point 7): a call from another
+    thread after it waited for ever instead of failing ("Cannot invoke RPC
+    on closed channel!").  It now runs on the starter thread."""
     admin = tmp_path / "admin.sock"
     cfg = tmp_path / "kupd-admin.toml"
     cfg.write_text(
@@ -664,7 +690,7 @@ def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
         '[[device]]\nname = "echo"\ncall_channels = 4\n'
     )
     k = start_kupd(sim, "--config", str(cfg), devices=())
-    lines = _walk(k, "admin", str(admin))
+    lines = _walk(k, op, str(admin))
     assert any(line.endswith(": interrupted") for line in lines)
 
 
@@ -685,3 +711,4 @@ def test_an_async_client_close_interrupted_at_any_point_is_finished_by_the_next(
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"
+
