@@ -89,16 +89,23 @@ def test_linux_md_builds_readme_module_out_of_tree(tmp_path: Path) -> None:
 
 
 def test_readme_libkup_sample_talks_to_echo(tmp_path: Path) -> None:
-    """README's libkup calls, in a main() of their own, against kupsim's echo."""
+    """README's libkup calls, in a main() of their own, built with README's
+    command line for a libkup program, against kupsim's echo."""
     body = doc_block("README.md", "c", "kernproxy_open(")
     (tmp_path / "sample.c").write_text(
         '#include <stdio.h>\n#include "kup.h"\nint main(void)\n{\n'
         + body
         + 'printf("%u %zu %d %d\\n", m.kind, m.len, p == NULL, fd >= 0);\nreturn 0;\n}\n'
     )
-    out = REPO_ROOT / "kmod" / "out"
-    _run(["cc", "-std=gnu11", "-Wall", "-Wextra", "-Werror", f"-I{REPO_ROOT / 'kmod/include'}",
-          "-o", "sample", "sample.c", str(out / "libkup.a"), "-pthread"], cwd=tmp_path)  # fmt: skip
+    # README's own command line (plus warnings), a sample of its own named
+    cc = doc_line("README.md", "sh", "build a libkup program", "cc ").split()
+    cc = [
+        a.replace("-Ikmod/include", f"-I{REPO_ROOT / 'kmod' / 'include'}")
+        .replace("kmod/out/", f"{REPO_ROOT / 'kmod' / 'out'}/")
+        .replace("my-program", "sample")
+        for a in cc
+    ]
+    _run([*cc, "-Wall", "-Wextra", "-Werror"], cwd=tmp_path)
     with kupsim("echo") as sim:
         p = _run([str(tmp_path / "sample")], env=sim.env())
     # the reply to "hello" on channel 0: DATA (1), 5 bytes; the seed's
