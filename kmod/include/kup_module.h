@@ -37,7 +37,9 @@
 int  kup_module_init(void);
 void kup_module_fini(void);
 
-/* Zeroed memory, may sleep; NULL on failure.  Free with the same size. */
+/* Zeroed memory, may sleep; NULL on failure.  Free with the same size;
+ * kup_os_free(NULL, n) does nothing (on every host), so an init that
+ * failed half way may free all it allocated without checking each. */
 void *kup_os_zalloc(size_t bytes);
 void  kup_os_free(void *p, size_t bytes);
 
