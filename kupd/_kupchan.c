@@ -95,6 +95,20 @@ turn_why(int code, int receiving, void *h)
 	return ": the kernel holds the turn; receive its message first";
 }
 
+/* Why an attach got KUP_E_NOTREADY (kup_core_attach): libkup's "not
+ * ready" alone does not say that it is the module's move. */
+static const char *
+attach_why(int code, long long want)
+{
+	if (code != KUP_E_NOTREADY)
+		return "";
+	if (want < 0)
+		return ": the module has announced no channel yet "
+		    "(kupdev_notify / kupdev_announce)";
+	return ": the module has not announced this channel yet "
+	    "(kupdev_notify / kupdev_announce)";
+}
+
 /* Raise the kupd.errors class for code with a message naming what failed.
  * Always returns NULL. */
 static PyObject *
@@ -371,9 +385,11 @@ device_channel(DeviceObject *d, PyObject *args)
 	if (h == NULL) {
 		if (want < 0)
 			return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-			    "attach any channel of device %U", d->name);
+			    "attach any channel of device %U%s", d->name,
+			    attach_why(code, want));
 		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "attach channel %lld of device %U", want, d->name);
+		    "attach channel %lld of device %U%s", want, d->name,
+		    attach_why(code, want));
 	}
 	c = PyObject_New(ChannelObject, &ChannelType);
 	if (c == NULL) {

@@ -342,6 +342,25 @@ def test_bad_arguments(echo_sim: KupSim) -> None:
         dev.channel()
 
 
+def test_attach_before_the_announce_says_it_is_the_modules_move() -> None:
+    """EKU_NOTREADY at attach means the module has not announced the channel
+    (kupdev_notify / kupdev_announce): the error says so, not only "not
+    ready" (a module author who forgot kupdev_notify saw nothing else)."""
+    env = {"KUP_PARAM_ECHO_ANNOUNCE_DELAY_MS": "600000", "KUP_PARAM_ECHO_CHANNELS": "4"}
+    with kupsim("echo", env=env) as sim, Device.open(sim.device_path("echo")) as dev:
+        assert dev.info().announced == 0
+        with pytest.raises(NotReady) as one:
+            dev.channel(3)
+        assert "channel 3 of device" in str(one.value)
+        assert "the module has not announced this channel yet (kupdev_notify" in str(one.value)
+        with pytest.raises(NotReady) as anyone:
+            dev.channel(None)
+        assert "the module has announced no channel yet (kupdev_notify" in str(anyone.value)
+        with pytest.raises(NotFound) as beyond:  # not a channel at all: no such hint
+            dev.channel(4)
+        assert "announce" not in str(beyond.value)
+
+
 def test_specific_channel_busy(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         assert ch.id == 0
