@@ -190,8 +190,9 @@ class CallPool:
                 # hand-over) has no limit, on purpose: a module that is slow
                 # to take up a channel would get every replacement dropped
                 # too, and the pool would never fill; one that is truly hung
-                # would not serve a replacement either.  It shows as
-                # "warming" in ListDevices, and the pool works one short.
+                # would not serve a replacement either.  ListDevices shows
+                # it as "calls"; the pool works one short, and a Call that
+                # finds no channel in time says how many are warming.
                 limit = self.quarantine if why == "quarantined" else None
                 await pc.waiter.wait(limit, aborts=(self._abort,))
             else:
@@ -491,6 +492,15 @@ class CallPool:
                     if n_q
                     else ""
                 )
+                # and so are channels whose module never made the session's
+                # first call: to its author the pool looks merely busy
+                n_w = sum(1 for pc in self.channels.values() if pc.state == "warming")
+                if n_w:
+                    held += (
+                        f", {n_w} of them still waiting for the module's first hand-over "
+                        "since kupd attached it: a module starts each session with "
+                        "kupdev_pass or a greeting"
+                    )
                 raise errors.DeadlineExceeded(
                     f"device {self.device}: no pool channel became free within {timeout:.3f}s "
                     f"({len(self.channels)} channels{held}; {self._queued_text(group)})"

@@ -224,6 +224,33 @@ def test_a_call_before_the_module_announces_waits_and_says_why(start_kupd: Start
     assert k.terminate() == 0
 
 
+def test_a_call_whose_pool_waits_for_the_modules_first_pass_says_so(
+    start_kupd: StartKupd,
+) -> None:
+    """Pool channels whose module has not made the session's first call
+    (kupdev_pass) serve no Call: at its deadline the error counts them and
+    names the call the module owes, where it used to say only that no pool
+    channel became free -- a module that forgot its first pass looked busy.
+    (echo's start_delay_ms: each worker sleeps before its first pass.)"""
+    env = dict(os.environ, KUP_PARAM_ECHO_START_DELAY_MS="5000", KUP_PARAM_ECHO_CHANNELS="4")
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim, devices=("echo:2",))
+        with k.client() as c:
+            wait_until(
+                lambda: sum(ch.state == "calls" for ch in c.devices("echo")[0].channels) == 2,
+                what="the Call pool attached its 2 channels",
+            )
+            with pytest.raises(errors.DeadlineExceeded) as exc:
+                c.call("echo", b"early", timeout=0.5)
+            assert "(2 channels, 2 of them still waiting for the module's first hand-over" in str(
+                exc.value
+            ), exc.value
+            assert "kupdev_pass" in str(exc.value), exc.value
+            # once the workers pass, the same call works
+            assert c.call("echo", b"later", timeout=30).data.lower() == b"later"
+    assert k.terminate() == 0
+
+
 def test_a_call_with_an_overlong_caller_is_refused_and_logged_short(
     sim: KupSim, start_kupd: StartKupd
 ) -> None:
