@@ -4,7 +4,7 @@
 #
 # We cannot boot FreeBSD here, so this is the check that keeps the FreeBSD
 # host honest on every run: the kernel sources (kmod/freebsd glue, the
-# shared core, the echo example and its module wrapper) are compiled as a
+# shared core, the echo and tally examples and their module wrapper) are compiled as a
 # kernel module would be (-D_KERNEL -DKLD_MODULE, -nostdinc with only the
 # FreeBSD system headers, the kernel's code-model flags and kern.mk's
 # warning set), and libkup with its FreeBSD backend is compiled as
@@ -62,7 +62,8 @@ warn=(-Wall -Wextra -Werror -Wredundant-decls -Wnested-externs
 	-Wundef -Wno-pointer-sign -Wmissing-include-dirs -Wswitch
 	-Wno-unknown-pragmas)
 
-# Kernel sources: the glue, the shared core, the echo example + wrapper.
+# Kernel sources: the glue, the shared core, the examples (echo, tally) +
+# their wrapper.
 kernel_common=(-std=gnu99 -O2 -nostdinc -D_KERNEL -DKLD_MODULE
 	-ffreestanding -fno-common -fno-strict-aliasing -fno-omit-frame-pointer
 	-D__printf__=__freebsd_kprintf__
@@ -75,6 +76,8 @@ kernel_sources=(
 	"kup_echo:kmod/freebsd/kup_client_mod.c"
 	"kup_rot13:kmod/examples/echo/echo.c"
 	"kup_rot13:kmod/freebsd/kup_client_mod.c"
+	"kup_tally:kmod/examples/tally/tally.c"
+	"kup_tally:kmod/freebsd/kup_client_mod.c"
 )
 # One more kernel file to compile the same way (the test suite uses it to
 # prove that a warning fails the check).
@@ -162,6 +165,10 @@ for arch in $ARCHS; do
 				'-DECHO_NAME="rot13"' '-DECHO_PARAM="rot13"')
 			obj="$outdir/$arch-kern-rot13-$(basename "${src%.c}").o"
 			label="$arch kernel $src (rot13)" ;;
+		kup_tally)
+			modflags=(-DKUP_CLIENT_MODNAME=kup_tally)
+			obj="$outdir/$arch-kern-tally-$(basename "${src%.c}").o"
+			label="$arch kernel $src (tally)" ;;
 		esac
 		if compile "$label" "$arch-freebsd-none" "$obj" \
 			"${kernel_common[@]}" "${march[@]}" "${kinc[@]}" \

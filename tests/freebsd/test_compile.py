@@ -150,7 +150,9 @@ def objdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             assert f"ok    {arch} kernel {src}" in proc.stdout, proc.stdout
         for src in ("kmod/examples/echo/echo.c", "kmod/freebsd/kup_client_mod.c"):
             assert f"ok    {arch} kernel {src} (rot13)" in proc.stdout, proc.stdout
-        for mod in ("kupdev", "kup_echo", "kup_rot13"):
+        for src in ("kmod/examples/tally/tally.c", "kmod/freebsd/kup_client_mod.c"):
+            assert f"ok    {arch} kernel {src} (tally)" in proc.stdout, proc.stdout
+        for mod in ("kupdev", "kup_echo", "kup_rot13", "kup_tally"):
             assert f"ok    {arch} {mod}.ko (ld -r)" in proc.stdout, proc.stdout
         for src in USER_SOURCES:
             assert f"ok    {arch} user {src}" in proc.stdout, proc.stdout
@@ -206,11 +208,18 @@ def test_kupdev_defines_every_export_and_its_module(objdir: Path, arch: str) -> 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(("module", "kind"), [("kup_echo", "kern"), ("kup_rot13", "kern-rot13")])
+@pytest.mark.parametrize(
+    ("module", "kind", "src"),
+    [
+        ("kup_echo", "kern", "kmod/examples/echo/echo.c"),
+        ("kup_rot13", "kern-rot13", "kmod/examples/echo/echo.c"),
+        ("kup_tally", "kern-tally", "kmod/examples/tally/tally.c"),
+    ],
+)
 def test_client_module_depends_on_kupdev_and_uses_only_its_api(
-    objdir: Path, arch: str, module: str, kind: str
+    objdir: Path, arch: str, module: str, kind: str, src: str
 ) -> None:
-    echo = _symbols(_obj(objdir, arch, kind, "kmod/examples/echo/echo.c"))
+    echo = _symbols(_obj(objdir, arch, kind, src))
     wrap = _symbols(_obj(objdir, arch, kind, "kmod/freebsd/kup_client_mod.c"))
     assert echo.get("kup_module_init") == "T"
     assert echo.get("kup_module_fini") == "T"
