@@ -48,6 +48,15 @@ def test_channels_share_the_total_and_a_watch_is_answered_by_the_next_change(
                 b"error: adding 1 to 1000000000000000 would pass +-10^15"
             )
             assert b.exchange(b"-999999999999997", timeout=T).data == b"total 3"
+            # the longest reply there is, whole (and within its buffer: ASan)
+            assert b.exchange(b"-999999999999999", timeout=T).data == b"total -999999999999996"
+            assert b.exchange(b"-4", timeout=T).data == b"total -1000000000000000"
+            assert b.exchange(b"-999999999999999", timeout=T).data == (
+                b"error: adding -999999999999999 to -1000000000000000 would pass +-10^15"
+            )
+            assert b.exchange(b"+1000000000000003", timeout=T).data.startswith(b"error: not")
+            assert b.exchange(b"+999999999999999", timeout=T).data == b"total -1"
+            assert b.exchange(b"4", timeout=T).data == b"total 3"
 
             # "watch 3": the module keeps the turn while the total is 3; the
             # answer comes with the change, made on another channel

@@ -8,8 +8,12 @@
  * than echo.c, which is also the test bench of the core):
  *   - several channels, one serving thread: an acceptor thread hears of
  *     each new user (kupdev_wait_channel) and hands the channel over with
- *     kupdev_wake_any; the server starts the session (its first pass) and
- *     keeps the set of channels whose user holds the turn;
+ *     kupdev_wake_any; the server starts the session (its first pass,
+ *     once more on -EPIPE: kupdev.h, "Sessions") and keeps the set of
+ *     channels whose user holds the turn.  The acceptor does not pass
+ *     itself: the waiting server is "in" every channel of its set -- also
+ *     one whose last user just left -- and another thread's pass there
+ *     fails with -EAGAIN (kupdev.h, "Conventions");
  *   - state every channel shares without a lock: only the server touches
  *     the total, so only the acceptor's hand-over needs a mutex;
  *   - an asynchronous answer: "watch T" is not answered while the total
@@ -37,7 +41,7 @@
  * otherwise).
  *
  * Parameter `channels` (default 4; kupsim: KUP_PARAM_TALLY_CHANNELS,
- * Linux: kup.params=tally.channels=N).  Only kupdev.h and kup_module.h are
+ * Linux: kup.params=tally.channels=N, FreeBSD: kup.tally.channels).  Only kupdev.h and kup_module.h are
  * used: the same source builds for kupsim, Linux and FreeBSD.
  * Tested by tests/kmod/test_kupsim_tally.py.
  */
@@ -88,13 +92,16 @@ set_del(int c)
 	}
 }
 
-/* Send text on c.  On success the user holds the turn: receive from it
- * again.  Anything else ends what the module does with that session
- * (-EPIPE: its user left; -ESHUTDOWN: unloading). */
+/* Send the text kup_os_snprintf(buf, size, ...) made, which returned len
+ * -- the length the whole text NEEDS: never send past the buffer on a cut.
+ * On success the user holds the turn: receive from it again.  Anything
+ * else ends what the module does with that session (-EPIPE: its user
+ * left; -ESHUTDOWN: unloading). */
 static int
-reply(int c, const char *text, int len)
+reply(int c, const char *buf, size_t size, int len)
 {
-	int r = kupdev_send(tally_sc, text, (size_t)len, c);
+	size_t n = len < 0 ? 0 : (size_t)len < size ? (size_t)len : size - 1;
+	int r = kupdev_send(tally_sc, buf, n, c);
 
 	if (r == 0)
 		set_add(c);
@@ -108,8 +115,8 @@ reply_total(int c)
 {
 	char buf[32];
 
-	return reply(c, buf, kup_os_snprintf(buf, sizeof(buf), "total %lld",
-	    tally_total));
+	return reply(c, buf, sizeof(buf), kup_os_snprintf(buf, sizeof(buf),
+	    "total %lld", tally_total));
 }
 
 /* "+N", "-N", "N": 0 and *out, or -1 */
@@ -152,7 +159,7 @@ notify_watchers(void)
 static int
 answer(int c, const struct kupdev_msg *m)
 {
-	char in[TALLY_MAX_IN], buf[64];
+	char in[TALLY_MAX_IN], buf[96];   /* the longest reply is 70 bytes */
 	size_t len = m->len, n = len < sizeof(in) ? len : sizeof(in);
 	uint32_t kind = m->kind;
 	long long v;
@@ -186,11 +193,11 @@ answer(int c, const struct kupdev_msg *m)
 	if (len == 1 && in[0] == '?')
 		r = reply_total(c);
 	else if (len > sizeof(in) || parse_number(in, n, &v) != 0)
-		r = reply(c, buf, kup_os_snprintf(buf, sizeof(buf),
+		r = reply(c, buf, sizeof(buf), kup_os_snprintf(buf, sizeof(buf),
 		    "error: not a number, ? or watch N (%zu bytes)", len));
 	else if ((v > 0 && tally_total > TALLY_LIMIT - v) ||
 	    (v < 0 && tally_total < -TALLY_LIMIT - v))
-		r = reply(c, buf, kup_os_snprintf(buf, sizeof(buf),
+		r = reply(c, buf, sizeof(buf), kup_os_snprintf(buf, sizeof(buf),
 		    "error: adding %lld to %lld would pass +-10^15", v,
 		    tally_total));
 	else {
