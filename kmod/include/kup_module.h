@@ -129,7 +129,9 @@ int kup_ratelimit_admit(struct kup_ratelimit *rl);
  * %%, with the l, ll and z length modifiers, widths and precisions; no
  * floating point (kernels have none), and no j (Linux's printf warns and
  * stops there).  Always NUL-terminates when size >
- * 0; returns the length the whole text needs (>= size: it was cut). */
+ * 0; returns the length the whole text needs (>= size: it was cut --
+ * then buf holds size - 1 bytes of it: a reply sent with the returned
+ * length would read past buf; kmod/examples/tally/tally.c, reply()). */
 int kup_os_snprintf(char *buf, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
