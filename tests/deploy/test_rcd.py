@@ -99,8 +99,17 @@ def rc(tmp_path: Path) -> RcEnv:
     # a stand-in kupd: a Python console script like the installed one
     binary = tmp_path / "bin" / "kupd"
     binary.parent.mkdir()
+    # (a SIGHUP -- reload without an admin socket -- is written down in
+    # "hups", one line each, instead of ending it)
     binary.write_text(
-        f"#!{sys.executable}\nimport time\nwhile True:\n    time.sleep(1)\n"
+        f"#!{sys.executable}\nimport os, signal, time\n"
+        "def hup(*_):\n"
+        f"    with open({str(tmp_path / 'hups')!r}, 'a') as f:\n"
+        "        f.write('HUP\\n')\n"
+        "signal.signal(signal.SIGHUP, hup)\n"
+        f"with open({str(tmp_path / 'up')!r}, 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "while True:\n    time.sleep(1)\n"
     )
     binary.chmod(0o755)
     config = tmp_path / "kupd.toml"
@@ -117,12 +126,13 @@ def rc(tmp_path: Path) -> RcEnv:
 @pytest.fixture
 def running_kupd(rc: RcEnv) -> Iterator[int]:
     """A live process that looks like kupd to rc.subr (interpreter + script),
-    its pid in kupd_pidfile as daemon(8) -p would write it."""
+    its pid in kupd_pidfile as daemon(8) -p would write it -- once it has
+    its SIGHUP handler (it says so in "up")."""
     proc = subprocess.Popen([str(rc.binary), "--config", str(rc.config)])
+    up = rc.dir / "up"
     try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline")
         deadline = time.monotonic() + 30
-        while str(rc.binary) not in cmdline.read_bytes().decode(errors="replace"):
+        while not (up.exists() and str(proc.pid) in up.read_text().split()):
             assert time.monotonic() < deadline, "stand-in kupd did not start"
             time.sleep(0.05)
         rc.pidfile.write_text(f"{proc.pid}\n")
@@ -218,9 +228,12 @@ def test_status_stop_reload_of_running_kupd(rc: RcEnv, running_kupd: int) -> Non
     assert res.returncode == 0, res.stderr
     assert f"kupd is running as pid {pid}." in res.stdout
 
+    # no admin socket (kupd_admin_socket): reload is a SIGHUP, and says so
     res = rc.run("reload")
     assert res.returncode == 0, res.stderr
-    assert rc.recorded() == [f"kill -HUP {pid}"]
+    assert "Reloading kupd: SIGHUP (no admin socket at" in res.stdout, res.stdout
+    assert rc.recorded() == []
+    _wait(lambda: _hups(rc) == 1, "the stand-in kupd to get the SIGHUP")
 
     res = rc.run("start")
     assert res.returncode == 1
@@ -291,6 +304,7 @@ def test_rc_script_declares_rc_subr_conventions() -> None:
         'load_rc_config "$name"',
         'extra_commands="reload"',
         'sig_reload="HUP"',
+        'reload_cmd="kupd_reload"',
         'required_modules="kupdev ${kupd_modules}"',
         'run_rc_command "$1"',
         'start_postcmd="kupd_poststart"',
@@ -512,6 +526,94 @@ def test_quiet_kupd_removes_a_stale_ready_file_at_start(rc: RcEnv) -> None:
     assert not ready.exists()
 
 
+# -- reload over the admin socket (kupctl reload) ----------------------------
+def _hups(rc: RcEnv) -> int:
+    """SIGHUPs the stand-in kupd (the ``rc`` fixture's) has had."""
+    hups = rc.dir / "hups"
+    return len(hups.read_text().splitlines()) if hups.exists() else 0
+
+
+def _kupctl(rc: RcEnv) -> Path:
+    """This tree's kupctl, installed beside rc.binary as pip puts it (where
+    kupd_kupctl looks by default)."""
+    kupctl = rc.binary.parent / "kupctl"
+    kupctl.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        f"sys.path[:0] = [{str(REPO / 'clients/python')!r}, {str(REPO)!r}]\n"
+        "from kupclient._cli import main\nsys.exit(main())\n"
+    )
+    kupctl.chmod(0o755)
+    return kupctl
+
+
+def test_reload_asks_kupd_over_its_admin_socket(rc: RcEnv) -> None:
+    """With admin_socket at kupd_admin_socket's default, reload runs
+    "kupctl reload" on it: a good file is applied and said so (exit 0); a
+    refused one fails the reload with kupd's words naming the key, and kupd
+    runs on with the config it had.  No SIGHUP either time."""
+    admin = rc.rundir / "admin.sock"
+    _real_kupd(rc, f'admin_socket = "{admin}"')
+    _kupctl(rc)
+    rc.write_conf(kupd_start_check="30")
+    try:
+        res = rc.run("start", spawn=_as_daemon(rc))
+        assert res.returncode == 0, res.stdout + res.stderr
+        pid = int(rc.pidfile.read_text().split()[0])
+        assert admin.is_socket()
+        good = rc.config.read_text()
+
+        rc.config.write_text("call_timeout = 7\n" + good)
+        res = rc.run("reload")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "Reloading kupd." in res.stdout, res.stdout
+        assert "reloaded: tenants default" in res.stdout, res.stdout
+        assert "applied: call_timeout" in res.stdout, res.stdout
+        assert rc.recorded() == []
+
+        rc.config.write_text("call_timeout = -1\n" + good)
+        res = rc.run("reload")
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "'call_timeout'" in res.stderr, res.stderr  # kupd's refusal, via kupctl
+        assert "kupd refused" in res.stderr and "the running config stays" in res.stderr
+        assert str(rc.config) in res.stderr, res.stderr
+        assert rc.recorded() == []
+        assert f"kupd is running as pid {pid}." in rc.run("status").stdout
+        _stop_kupd(rc, pid)
+    finally:
+        _reap(rc)
+
+
+def test_reload_fails_when_the_admin_socket_does_not_answer(
+    rc: RcEnv, running_kupd: int
+) -> None:
+    """A socket file at kupd_admin_socket that nothing serves (admin_socket
+    moved, a kupd killed): the reload fails saying kupd did not confirm it,
+    and sends no SIGHUP."""
+    _kupctl(rc)
+    rc.rundir.mkdir()
+    stale = rc.rundir / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    res = rc.run("reload")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "kupd did not confirm the reload (kupctl reload exit 17" in res.stderr, res.stderr
+    assert str(stale) in res.stderr, res.stderr  # kupctl's own words name it
+    assert _hups(rc) == 0
+
+
+def test_reload_without_kupctl_falls_back_to_sighup(rc: RcEnv, running_kupd: int) -> None:
+    """An admin socket but no kupctl at kupd_kupctl: a warning saying the
+    result will not be reported, and the SIGHUP (the reload is not lost)."""
+    rc.rundir.mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(rc.rundir / "admin.sock"))
+        res = rc.run("reload")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"no kupctl at {rc.binary.parent / 'kupctl'} (kupd_kupctl)" in res.stderr
+    assert "a refused file shows only in" in res.stderr
+    _wait(lambda: _hups(rc) == 1, "the stand-in kupd to get the SIGHUP")
+
+
 def test_start_refused_without_kupd_or_its_interpreter(rc: RcEnv) -> None:
     interp = rc.dir / "no-such-python3.11"
     rc.binary.write_text(f"#!{interp}\n")
@@ -683,15 +785,14 @@ def test_supervised_kupd_that_stops_itself_is_restarted(supervised: RcEnv) -> No
     res = rc.run("status")
     assert f"kupd is running as pid {pid}." in res.stdout, res.stdout
 
-    # reload signals the kupd running now, not daemon(8) (which would only
-    # re-open its log): what rc.subr records, delivered as it would
+    # reload signals the kupd running now (no admin socket), not daemon(8)
+    # (which would only re-open its log)
     cfg = rc.config.read_text()
     # (a key only a restart applies: the reload logs it at log_level warning)
     rc.config.write_text("metrics_port = 9464\n" + cfg)
     res = rc.run("reload")
     assert res.returncode == 0, res.stderr
-    assert rc.recorded() == [f"kill -HUP {pid}"]
-    os.kill(pid, signal.SIGHUP)
+    assert "SIGHUP" in res.stdout, res.stdout
     _wait(lambda: _log_has(rc, '"keys": ["metrics_port"]'), "kupd to reload")
 
     # newsyslog: the log renamed, SIGHUP to daemon(8): a new file, the

@@ -195,6 +195,11 @@ def test_freebsd_config_sample_is_valid_for_kupd() -> None:
     assert cfg.socket == "/var/run/kupd/kupd.sock"
     assert cfg.pid_path == ""            # rc.d/kupd's daemon(8) owns the pid file
     assert [d.name for d in cfg.devices] == ["echo"]
+    # where rc.d/kupd's reload looks by default (kupd_rundir/admin.sock)
+    assert cfg.admin_socket == "/var/run/kupd/admin.sock"
+    rcd = (REPO / "deploy/freebsd/rc.d/kupd").read_text()
+    assert ': "${kupd_rundir:=/var/run/kupd}"' in rcd
+    assert ': "${kupd_admin_socket:=${kupd_rundir}/admin.sock}"' in rcd
 
 
 def test_the_docs_the_unit_names_exist() -> None:
