@@ -86,7 +86,9 @@ def looked_for(name: str) -> str:
 def grants_past_device(cfg: Config, device: str, chan_count: int) -> list[tuple[str, str]]:
     """The tenants' grants on ``device`` that name channels it does not
     have (``chan_count`` of them): (key, why), for the warning logged when
-    the device appears -- only then is its size known.  A typo such as
+    the device appears -- only then is its size known, and at each
+    appearance anew (a module loaded again may have another channel
+    count; tests/tenancy/test_tenancy_reload_reply.py).  A typo such as
     "8-630" for "8-63" would otherwise grant every channel from 8 on,
     unseen."""
     from kupd.policy import tenant_key

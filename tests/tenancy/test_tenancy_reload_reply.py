@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module
+from tenancy_helpers import LOCKHOLD, StartTenants, TenantKupd, run_module, socket_dir
 
 from kupd import errors
-from kupd.testing import echo_lock_holds, in_background, wait_until
+from kupd.testing import (
+    echo_lock_holds,
+    in_background,
+    kupd_env,
+    kupsim,
+    start_kupd,
+    wait_until,
+)
 
 __all__: list[str] = []
 
@@ -180,3 +190,55 @@ def test_a_grant_past_the_devices_channels_is_warned_of(start_tenants: StartTena
     assert [w["key"] for w in got["warnings"]] == [key], got
     k.write_config(past.replace("8-200", "8-20"))
     assert _reload(k, "--json")["warnings"] == []
+
+
+def test_a_grant_is_warned_of_again_when_its_device_comes_back_smaller(
+    tmp_path: Path,
+) -> None:
+    """The device's size may change from one appearance to the next (its
+    module unloaded and loaded again with another channel count): each
+    appearance checks the grants against the size it has then -- echo with
+    128 channels, "0-100" is fine; back with 64, it is warned of, once;
+    back with 128, not again."""
+    rundir = Path(tempfile.mkdtemp(prefix="kupsim-"))
+    sockets = socket_dir()
+    conf = tmp_path / "kupd.toml"
+    conf.write_text(
+        f'socket = "{sockets}/kupd.sock"\nkupsim_dir = "{rundir}"\nhealth_interval = 0.2\n'
+        'log_level = "info"\n[[device]]\nname = "echo"\ncall_channels = 1\n'
+        f'[[tenant]]\nname = "alice"\nsocket = "{sockets}/alice.sock"\n'
+        'max_sessions = 4\nmax_message_bytes = 4096\n'
+        '[[tenant.grant]]\ndevice = "echo"\nchannels = "0-100"\n'
+    )
+    key = "tenant[name=alice].grant[0].channels"
+    k = start_kupd(config=conf, log=tmp_path / "kupd.log", env=kupd_env(None),
+                   health_interval=None, wait=False)  # fmt: skip
+
+    def appeared(n: int, channels: str) -> None:
+        env = dict(os.environ, KUP_PARAM_ECHO_CHANNELS=channels)
+        with kupsim("echo", rundir=rundir, env=env, check_exit=False, ready_timeout=60.0):
+            # the warning is logged right after "device appeared", in order
+            wait_until(lambda: k.log().count('"device appeared"') == n, timeout=60,
+                       what=f"echo's appearance {n}")  # fmt: skip
+        wait_until(lambda: k.log().count('"device gone"') == n, timeout=60,
+                   what=f"echo gone {n}")  # fmt: skip
+
+    def warned() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in k.log().splitlines() if key in x]
+
+    try:
+        appeared(1, "128")
+        assert warned() == []
+        appeared(2, "64")
+        (line,) = warned()
+        assert line["event"] == "config key has no effect as set", line
+        assert line["why"] == (
+            "'0-100' names 37 channels from 64 on, but device echo has 64 (0-63): "
+            "tenant alice can use none of them"
+        ), line
+        appeared(3, "128")
+        assert len(warned()) == 1
+    finally:
+        k.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
