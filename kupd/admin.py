@@ -41,14 +41,10 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self.server = server
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
-        from kupd.service import status_for
+        from kupd.service import status_for, trailing_for
 
         code, details = status_for(exc)
-        await context.abort(
-            code,
-            details,
-            trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
-        )
+        await context.abort(code, details, trailing_metadata=trailing_for(exc))
 
     async def ListLeases(
         self, request: kup_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext

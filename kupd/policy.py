@@ -16,7 +16,8 @@ A tenant is identified by the unix socket its requests arrive on (see
     max_pool_channels = 3      # a device's Call pool channels its Calls hold at once (0: no limit)
     max_message_bytes = 4096   # largest send / Call payload (0: the channel's limit)
     calls_per_second = 100.0   # token bucket (> 0; 0: no limit), burst = one second's
-                               # worth, at least 1 call
+                               # worth, at least 1 call; a refusal says when the
+                               # next token is due (retry_after_ms)
     channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
                                # and leases: paced beyond it, burst = one second's worth
     max_connections = 8        # connections at once on its socket (0: no limit)
@@ -71,7 +72,9 @@ __all__ = [
     "parse_channels",
     "parse_tenants",
     "refuse_retired",
+    "retry_after_ms",
     "sendable",
+    "shown_ms",
     "socket_moved",
     "socket_removed",
     "socket_retired",
@@ -634,10 +637,19 @@ class Guard:
         raise errors.PermissionDenied(f"tenant {t.name}: rule {rule}: {why}")
 
     def exhaust(
-        self, t: Tenant, op: str, device: str, chan: int | None, rule: str, why: str
+        self,
+        t: Tenant,
+        op: str,
+        device: str,
+        chan: int | None,
+        rule: str,
+        why: str,
+        retry_after_ms: int | None = None,
     ) -> None:
         self._record(t, op, device, chan, rule)
-        raise errors.ResourceExhausted(f"tenant {t.name}: rule {rule}: {why}")
+        raise errors.ResourceExhausted(
+            f"tenant {t.name}: rule {rule}: {why}", retry_after_ms=retry_after_ms
+        )
 
     # -- checks ------------------------------------------------------------------
     def check_op(self, t: Tenant, op: str, device: str = "", chan: int | None = None) -> None:
@@ -771,13 +783,20 @@ class Guard:
             b.tokens = min(burst, b.tokens + (now - b.stamp) * t.calls_per_second)
             b.stamp = now
             if b.tokens < 1.0:
+                # when the bucket holds a whole token again, rounded up:
+                # no Call of the tenant's is admitted sooner -- but another
+                # of its clients may take that token first
+                ms = retry_after_ms((1.0 - b.tokens) / t.calls_per_second)
                 self.exhaust(
                     t,
                     "call",
                     device,
                     None,
                     "calls_per_second",
-                    f"more than calls_per_second={t.calls_per_second:g}",
+                    f"more than calls_per_second={t.calls_per_second:g}: retry in "
+                    f"{shown_ms(ms)} at the earliest (no promise: another Call of the "
+                    "tenant's may take that turn)",
+                    retry_after_ms=ms,
                 )
         n_in = self.in_flight.get(t.name, 0)
         if t.max_calls_in_flight and n_in >= t.max_calls_in_flight:
@@ -893,6 +912,21 @@ class Guard:
         if not g.allows(chan):
             return "channels"
         return ""
+
+
+def retry_after_ms(seconds: float) -> int:
+    """``seconds`` (> 0) as whole milliseconds, rounded up, at least 1: the
+    wait a client is told, never less than the real one (at most
+    RETRY_AFTER_MAX_MS: a rate so small waits longer than anyone retries)."""
+    return min(max(1, math.ceil(seconds * 1000.0)), errors.RETRY_AFTER_MAX_MS)
+
+
+def shown_ms(ms: int) -> str:
+    """``ms`` for a message: "340 ms"; from a second on, seconds rounded up
+    to a tenth ("99.8 s")."""
+    if ms < 1000:
+        return f"{ms} ms"
+    return f"{math.ceil(ms / 100) / 10:g} s"
 
 
 def sendable(channel_max: int, t: Tenant) -> int:

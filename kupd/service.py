@@ -3,7 +3,9 @@ call / watch machinery, encode the answer -- and map :mod:`kupd.errors` to
 gRPC status codes, in ONE place (:func:`status_for`).
 
 Every error status carries trailing metadata ``kup-error`` (the class name)
-and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class.
+and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class;
+a refusal kupd knows the end of (calls_per_second) adds
+``kup-retry-after-ms`` (:func:`trailing_for`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import Handover, MalformedRequest, WireRequest, encode_reply, fill_receive
 
-__all__ = ["KupService", "call_timeout", "error_pb", "status_for"]
+__all__ = ["KupService", "call_timeout", "error_pb", "status_for", "trailing_for"]
 
 log = get_logger("kupd.service")
 R = TypeVar("R")
@@ -89,6 +91,19 @@ def status_for(exc: errors.KupError) -> tuple[grpc.StatusCode, str]:
             code = _CODES[cls]
             break
     return code, seed_first(exc.seed_name, exc.message)
+
+
+def trailing_for(exc: errors.KupError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a kupd error's status: its class name and
+    KUP_E_* code, and, when kupd knows it, the milliseconds until the
+    request may be admitted again (``kup-retry-after-ms``)."""
+    md: tuple[tuple[str, str], ...] = (
+        ("kup-error", type(exc).__name__),
+        ("kup-code", str(exc.code)),
+    )
+    if exc.retry_after_ms is not None:
+        md += (("kup-retry-after-ms", str(exc.retry_after_ms)),)
+    return md
 
 
 def seed_first(name: str, details: str) -> str:
@@ -367,11 +382,7 @@ class KupService(kup_pb2_grpc.KupServicer):
             )
         elif unlogged is not None:
             log.info("rpc failed", code=code.name, error=details, tenant=tenant)
-        await context.abort(
-            code,
-            details,
-            trailing_metadata=(("kup-error", type(exc).__name__), ("kup-code", str(exc.code))),
-        )
+        await context.abort(code, details, trailing_metadata=trailing_for(exc))
 
     async def refuse_malformed(
         self, request: MalformedRequest, context: grpc.aio.ServicerContext

@@ -8,6 +8,7 @@ import asyncio
 import errno
 import importlib.util
 import json
+import math
 import os
 import re
 import socket
@@ -553,8 +554,13 @@ def test_limits_are_resource_exhausted_and_size_is_too_big(tk: TenantKupd) -> No
         assert len(c.call("echo", b"x" * 64).data) == 64
     with tk.client("carol") as c:
         c.call("echo", b"one")  # the bucket holds one token, refilled every 100 s
-        with pytest.raises(errors.ResourceExhausted, match="calls_per_second"):
+        with pytest.raises(errors.ResourceExhausted, match="calls_per_second") as ei:
             c.call("echo", b"two")
+        # when she may retry: the refill's time, rounded up, in the message
+        # and in the error's field (trailing metadata kup-retry-after-ms)
+        ms = ei.value.retry_after_ms
+        assert ms is not None and 0 < ms <= 100_000, ms
+        assert f"retry in {math.ceil(ms / 100) / 10:g} s at the earliest" in str(ei.value)
     assert _audit_has(tk, tenant="alice", rule="max_sessions")
     assert _audit_has(tk, tenant="alice", op="call", rule="max_message_bytes")
     assert _audit_has(tk, tenant="carol", op="call", rule="calls_per_second")
@@ -923,6 +929,59 @@ def test_a_call_refused_for_its_in_flight_limit_spends_no_rate() -> None:
     guard.end_call(bob)
     with pytest.raises(errors.ResourceExhausted, match="calls_per_second"):
         guard.begin_call(bob, "echo", 1)
+
+
+def test_a_calls_per_second_refusal_says_when_to_retry() -> None:
+    """The refusal names the time until the bucket holds a token again,
+    rounded up to a millisecond: at most one token's refill (1/rate), more
+    than 0 -- and a Call admitted then is within the rate.  Other refusals
+    carry no such figure."""
+    from kupd.policy import retry_after_ms, shown_ms
+
+    guard, bob = _guard_of_bob(calls_per_second=4, max_calls_in_flight=0)  # a burst of 4
+    for _ in range(4):
+        guard.begin_call(bob, "echo", 1)
+    with pytest.raises(errors.ResourceExhausted, match="calls_per_second=4: retry in ") as ei:
+        guard.begin_call(bob, "echo", 1)
+    ms = ei.value.retry_after_ms
+    assert ms is not None and 0 < ms <= 250, ms
+    assert f"retry in {ms} ms at the earliest" in ei.value.message
+    guard, bob = _guard_of_bob()
+    guard.begin_call(bob, "echo", 1)
+    with pytest.raises(errors.ResourceExhausted, match="max_calls_in_flight") as ei:
+        guard.begin_call(bob, "echo", 1)
+    assert ei.value.retry_after_ms is None
+    # rounded up, never to 0; shown in seconds (a tenth, rounded up) from 1 s
+    assert [retry_after_ms(s) for s in (1e-9, 0.25, 0.2501, 99.7121)] == [1, 250, 251, 99713]
+    assert retry_after_ms(1e300) == errors.RETRY_AFTER_MAX_MS
+    assert [shown_ms(m) for m in (1, 999, 1000, 1001, 99713)] == [
+        "1 ms", "999 ms", "1 s", "1.1 s", "99.8 s",
+    ]
+
+
+def test_the_client_reads_kup_retry_after_ms() -> None:
+    """kupclient's one mapping: kup-retry-after-ms on a kupd error is its
+    retry_after_ms; a value that is not a whole number of milliseconds
+    (> 0, within RETRY_AFTER_MAX_MS) is ignored, as is one on a status kupd
+    did not send (no kup-error)."""
+    from kupclient._errors import error_from_status
+
+    def got(value: str | bytes, kind: str = "ResourceExhausted") -> int | None:
+        md = [("kup-retry-after-ms", value)] + ([("kup-error", kind)] if kind else [])
+        exc = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "limit", md)
+        assert isinstance(exc, errors.ResourceExhausted)
+        return exc.retry_after_ms
+
+    assert got("340") == 340
+    assert got(b"7") == 7
+    assert got(str(errors.RETRY_AFTER_MAX_MS)) == errors.RETRY_AFTER_MAX_MS
+    for bad in ("0", "-5", "1.5", "1e3", "", " 3", "٣", str(errors.RETRY_AFTER_MAX_MS + 1)):
+        assert got(bad) is None, bad
+    assert got("340", kind="") is None
+    plain = error_from_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "limit", [("kup-error", "ResourceExhausted")]
+    )
+    assert plain.retry_after_ms is None
 
 
 def test_a_tenants_health_is_that_of_its_own_devices(tmp_path: Path) -> None:

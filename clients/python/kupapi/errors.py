@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the client's attribute only: kupapi.errors imports nothing
     import grpc
 
 __all__ = [
+    "RETRY_AFTER_MAX_MS",
     "Busy",
     "DeadlineExceeded",
     "InvalidArgument",
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 
+#: The largest ``retry_after_ms`` kupd sends (a longer wait is said as
+#: this): 2**53 - 1, the largest integer every client holds exactly.
+RETRY_AFTER_MAX_MS = 2**53 - 1
+
+
 class KupError(Exception):
     """Base of every kupd error.  ``code`` is the KUP_E_* value or 0."""
 
@@ -56,10 +62,18 @@ class KupError(Exception):
     #: kupclient: kupd's answer, or gRPC's own failure); None for an error
     #: no status came with (the client's own refusals, kupd's internals).
     grpc_code: grpc.StatusCode | None = None
+    #: Milliseconds until kupd may admit the refused request again, when
+    #: kupd knows (a ResourceExhausted of calls_per_second), rounded up:
+    #: no sooner, but no promise either (another client of the tenant may
+    #: take that turn).  Carried as the status's trailing metadata
+    #: ``kup-retry-after-ms``; None when it came without one.
+    retry_after_ms: int | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after_ms is not None:
+            self.retry_after_ms = retry_after_ms
 
 
 class Shutdown(KupError):

@@ -26,6 +26,7 @@ from kupclient.errors import _NOT_FROM_KUPD, is_connection_failure
 
 __all__ = [
     "CLOSED_AS_MADE",
+    "RETRY_AFTER_KEY",
     "channel_closed",
     "client_closed",
     "client_forked",
@@ -35,6 +36,7 @@ __all__ = [
     "error_from_status",
     "is_connection_failure",
     "kupd_not_answering",
+    "retry_after_ms",
     "session_ended",
 ]
 
@@ -98,9 +100,12 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
     """The kupd.errors exception for a status (code, details, trailing metadata)."""
     details = details or str(code)
     kind = ""
+    retry_after: int | None = None
     for key, value in trailing or ():
         if key == "kup-error":
             kind = value if isinstance(value, str) else value.decode()
+        elif key == RETRY_AFTER_KEY:
+            retry_after = retry_after_ms(value)
     if not kind and code == grpc.StatusCode.UNAVAILABLE and "EKU_SHUTDOWN" in details:
         kind = "Shutdown"
     if not kind and code == grpc.StatusCode.UNAVAILABLE and closed_as_made(details):
@@ -132,9 +137,30 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
     fallback = _BY_STATUS.get(code, errors.SystemFailure)
     exc = _build(kind, details, fallback)
     exc.grpc_code = code
+    if kind and retry_after is not None:
+        exc.retry_after_ms = retry_after
     if not kind:
         _NOT_FROM_KUPD.add(exc)
     return exc
+
+
+#: The trailing metadata of a refusal kupd knows the end of: whole
+#: milliseconds until it may admit the request again (kupd.service.trailing_for).
+RETRY_AFTER_KEY = "kup-retry-after-ms"
+#: The most kupd says (kupapi.errors.RETRY_AFTER_MAX_MS: what every client,
+#: JavaScript's numbers included, holds exactly); a larger value is not
+#: kupd's, and is ignored.
+_RETRY_AFTER_MAX = errors.RETRY_AFTER_MAX_MS
+
+
+def retry_after_ms(value: str | bytes) -> int | None:
+    """A ``kup-retry-after-ms`` value as an int (> 0), None for anything
+    else (ignored, as an unknown key would be: the error stays as it is)."""
+    text = value if isinstance(value, str) else value.decode(errors="replace")
+    if not text.isascii() or not text.isdigit():
+        return None
+    ms = int(text)
+    return ms if 0 < ms <= _RETRY_AFTER_MAX else None
 
 
 def client_closed(path: str, pending: bool = False) -> errors.KupError:
