@@ -35,7 +35,9 @@
 //   (kup.NotFound, kup.Busy, kup.Releasing (a Busy), kup.NotYourTurn,
 //   kup.Shutdown, kup.TooBig, kup.InvalidArgument, kup.DeadlineExceeded, ...)
 //   with .name and .kupError the class name, .code the gRPC status code,
-//   .kupCode the KUP_E_* number (or 0), .details (= .message) kupd's text and
+//   .kupCode the KUP_E_* number (or 0), .details (= .message) kupd's text,
+//   .retryAfterMs the ms until kupd may admit a refused Call again, rounded
+//   up (a calls_per_second refusal's; null otherwise), and
 //   .fromKupd true for kupd's answers, false when gRPC itself failed (kupd
 //   not reachable, connection broken) or the client refused on its own: gRPC's
 //   failures are mapped by status code (UNAVAILABLE -> Unavailable, or
@@ -191,8 +193,11 @@ const S = grpc.status;
 class KupError extends Error {
   // fromKupd: true only for kupd's answers (errorFromGrpc with kupd's
   // trailers, a Session's in-band error); the client's own refusals (TooBig
-  // before sending, "... is closed") and gRPC's failures are false
-  constructor(message, { code, kupCode, fromKupd = false } = {}) {
+  // before sending, "... is closed") and gRPC's failures are false.
+  // retryAfterMs: milliseconds until kupd may admit the refused request
+  // again, rounded up (kup-retry-after-ms: a calls_per_second refusal's),
+  // no sooner but no promise; null when kupd did not say.
+  constructor(message, { code, kupCode, fromKupd = false, retryAfterMs = null } = {}) {
     super(message);
     this.name = new.target.name;
     this.kupError = new.target.name;
@@ -200,6 +205,7 @@ class KupError extends Error {
     this.kupCode = kupCode !== undefined ? kupCode : new.target.kupCode;
     this.details = message;
     this.fromKupd = fromKupd;
+    this.retryAfterMs = retryAfterMs;
   }
 }
 KupError.grpcCode = S.UNKNOWN;
@@ -260,6 +266,18 @@ function classOf(kind) {
   return Object.prototype.hasOwnProperty.call(ERRORS, kind) ? ERRORS[kind] : null;
 }
 
+// The largest kup-retry-after-ms kupd sends (kupapi.errors.RETRY_AFTER_MAX_MS):
+// what a Number holds exactly.
+const RETRY_AFTER_MAX_MS = Number.MAX_SAFE_INTEGER;
+
+// A kup-retry-after-ms value ('340') as a Number of ms (> 0), null for
+// anything else (ignored, as kupclient._errors.retry_after_ms does).
+function retryAfterOf(text) {
+  if (!/^[0-9]+$/.test(text)) return null;
+  const ms = Number(text);
+  return ms > 0 && ms <= RETRY_AFTER_MAX_MS ? ms : null;
+}
+
 function metadataValue(metadata, key) {
   const v = metadata && typeof metadata.get === 'function' ? metadata.get(key) : [];
   return v && v.length ? String(v[0]) : '';
@@ -299,7 +317,8 @@ function errorFromGrpc(err) {
   }
   const cls = classOf(kind) || BY_STATUS[code] || SystemFailure;
   const kupCode = Number(metadataValue(err.metadata, 'kup-code')) || cls.kupCode;
-  return new cls(details, { code, kupCode, fromKupd });
+  const retryAfterMs = fromKupd ? retryAfterOf(metadataValue(err.metadata, 'kup-retry-after-ms')) : null;
+  return new cls(details, { code, kupCode, fromKupd, retryAfterMs });
 }
 
 // A Session's in-band error (the session goes on).

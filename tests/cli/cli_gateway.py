@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kupd.testing import REPO_ROOT, Kupd, kupd, kupsim
 
-__all__ = ["Gateway", "Kupctl", "console_script", "gateway", "spawn_kupctl"]
+__all__ = [
+    "Gateway",
+    "Kupctl",
+    "console_script",
+    "gateway",
+    "rate_limited_gateway",
+    "spawn_kupctl",
+]
 
 #: The kupctl fixture: kupctl(*args, input=None, env=None) -> CompletedProcess.
 Kupctl = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -80,6 +89,42 @@ def gateway(
         ) as gw,
     ):
         yield gw
+
+
+@contextlib.contextmanager
+def rate_limited_gateway(calls_per_second: float) -> Iterator[tuple[Gateway, str]]:
+    """kupsim with echo and kupd serving one tenant, "limited", whose Calls
+    are held to ``calls_per_second`` (a burst of one second's worth, at
+    least one): the gateway and the tenant's socket."""
+    sockets = Path(tempfile.mkdtemp(prefix="kupd-rl-"))
+    sockets.chmod(0o755)
+    sock = str(sockets / "limited.sock")
+    config = sockets / "kupd.toml"
+    config.write_text(
+        '[[device]]\nname = "echo"\ncall_channels = 2\n'
+        f'[[tenant]]\nname = "limited"\nsocket = "{sock}"\n'
+        f"calls_per_second = {calls_per_second!r}\n"
+        "max_sessions = 4\nmax_message_bytes = 4096\n"
+        '[[tenant.grant]]\ndevice = "echo"\n'
+    )
+    try:
+        with (
+            kupsim("echo", check_exit=False) as sim,
+            kupd(
+                "--pid-file",
+                "-",
+                sim=sim,
+                config=config,
+                health_socket=sock,
+                command=[str(console_script("kupd"))],
+                env=sim.env(),
+                start_timeout=START_TIMEOUT,
+                stop_timeout=STOP_TIMEOUT,
+            ) as gw,
+        ):
+            yield gw, sock
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 _SIGINT_DEFAULT = (

@@ -7,7 +7,8 @@ against one kupd with a short call_timeout (errors.js checks that a Call
 without a timeout gets kupd's) and call_quarantine (the Calls left
 unanswered or aborted there give their pool channel back soon).
 
-big.js runs against a second kupd, whose echo has 4 MiB channels.
+big.js runs against a second kupd, whose echo has 4 MiB channels;
+ratelimit.js against one whose only tenant has a small calls_per_second.
 gone.js runs on its own, once per signal, against a kupd of its own that it
 ends (SIGTERM, SIGKILL) under a waiting Watch and Session; a new kupd then
 serves the same socket and the same client must reach it soon.
@@ -88,7 +89,7 @@ def node_deps() -> None:
 CALL_TIMEOUT = "2"
 
 #: The test files and the least number of tests each must pass.
-NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 10, "abort.js": 11}
+NODE_TESTS = {"run.js": 11, "lifecycle.js": 10, "api.js": 7, "errors.js": 11, "abort.js": 11}
 
 
 #: The flags of the kupd the test files run against (docs/kupctl.md names
@@ -122,6 +123,23 @@ def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     assert "# fail 0" in proc.stdout, report
     passed = [line for line in proc.stdout.splitlines() if line.startswith("# pass ")]
     assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report
+
+
+def test_node_client_calls_per_second(node_deps: None, cli_gateway: ModuleType) -> None:
+    """ratelimit.js, against a kupd whose one tenant may make a Call every
+    2 s: the refused second Call's .retryAfterMs (kup-retry-after-ms)."""
+    with cli_gateway.rate_limited_gateway(0.5) as (_, sock):
+        proc = subprocess.run(
+            ["node", str(NODE_DIR / "test" / "ratelimit.js"), sock, "echo"],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+            env={**os.environ, "KUPD_RATE": "0.5"},
+        )
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert "# fail 0" in proc.stdout and "# pass 1" in proc.stdout, report
 
 
 @pytest.fixture(scope="module")

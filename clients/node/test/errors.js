@@ -23,11 +23,17 @@ function startFake() {
   const socket = path.join(dir, 'fake.sock');
   const calls = [];
   const server = new kup.grpc.Server();
-  const md = (kind) => {
+  const md = (kind, more = {}) => {
     const m = new kup.grpc.Metadata();
-    m.set('kup-error', kind);
+    if (kind) m.set('kup-error', kind);
+    for (const [k, v] of Object.entries(more)) m.set(k, v);
     return m;
   };
+  const limited = (ms, kind = 'ResourceExhausted') => ({
+    code: S.RESOURCE_EXHAUSTED,
+    details: 'tenant t: rule calls_per_second: more than calls_per_second=2',
+    metadata: md(kind, { 'kup-retry-after-ms': ms }),
+  });
   // Attach records the deadline it came with and grants a lease of no
   // kupd; the rest are not implemented: UNIMPLEMENTED, as an Admin method
   // on a tenant's socket
@@ -47,6 +53,15 @@ function startFake() {
         toolarge: { code: S.RESOURCE_EXHAUSTED, details: 'Received message larger than max (5000000 vs. 4259840)' },
         calm: { code: S.RESOURCE_EXHAUSTED, details: 'Bandwidth exhausted or memory limit exceeded' },
         releasing: { code: S.FAILED_PRECONDITION, details: 'channel 3 of echo: still releasing', metadata: md('Releasing') },
+        limited: limited('340'),
+        limitedmax: limited(String(Number.MAX_SAFE_INTEGER)),
+        limitedzero: limited('0'),
+        limitedneg: limited('-5'),
+        limitedfrac: limited('1.5'),
+        limitedexp: limited('1e3'),
+        limitedbig: limited(String(Number.MAX_SAFE_INTEGER + 2)),
+        limitednokind: limited('340', ''),
+        limitednone: { code: S.RESOURCE_EXHAUSTED, details: 'limit', metadata: md('ResourceExhausted') },
       };
       if (answers[text]) cb(answers[text]);
       else cb(null, { reply: { data: call.request.data, kind: 'MESSAGE_KIND_DATA', seq: 1 }, channel: 0 });
@@ -129,6 +144,26 @@ test('against kupd, a Call without timeoutMs waits kupd\'s call_timeout (2 s her
   const t1 = Date.now();
   await assert.rejects(client.call(device, '!hold', { timeoutMs: 300 }), (err) => err.fromKupd && err instanceof kup.DeadlineExceeded);
   assert.ok(Date.now() - t1 < 1500);
+});
+
+test('kup-retry-after-ms on a kupd error is .retryAfterMs; anything else is null', async () => {
+  const got = async (text) => {
+    try {
+      await fakeClient.call(device, text);
+    } catch (err) {
+      assert.ok(err instanceof kup.ResourceExhausted, `${text}: ${err}`);
+      return err.retryAfterMs;
+    }
+    throw new Error(`${text} was not refused`);
+  };
+  assert.equal(await got('limited'), 340);
+  assert.equal(await got('limitedmax'), Number.MAX_SAFE_INTEGER);
+  for (const text of ['limitedzero', 'limitedneg', 'limitedfrac', 'limitedexp', 'limitedbig',
+    'limitednokind', 'limitednone']) {
+    assert.equal(await got(text), null, text);
+  }
+  // the client's own errors carry none either
+  assert.equal(new kup.TooBig('x').retryAfterMs, null);
 });
 
 test('statuses without kup-error metadata are mapped by code', async () => {
