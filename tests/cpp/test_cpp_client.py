@@ -268,6 +268,16 @@ def test_cpp_client_receive_named_across_clients(
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_calls_per_second(
+    cpp_build: None, cli_gateway: ModuleType, build: str
+) -> None:
+    """A kupd whose one tenant may make a Call every 2 s: the refused second
+    Call's retry_after() (kup-retry-after-ms)."""
+    with cli_gateway.rate_limited_gateway(0.5) as (_, sock):
+        _run_tests(build, sock, "calls_per_second", env={"KUPD_RATE": "0.5"})
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client_big_messages(big_kupd_socket: str, build: str) -> None:
     _run_tests(build, big_kupd_socket, "big_messages")
 

@@ -71,14 +71,20 @@ enum class StatusCode : int {
 // std::nullopt for an error the client raised itself with no status (a
 // TooBig refused before sending, a closed client or session).  from_kupd()
 // is true for kupd's answers (the status carried kup-error), false for
-// gRPC's own failures and the client's own refusals.
+// gRPC's own failures and the client's own refusals.  retry_after() is how
+// long until kupd may admit a request it refused, rounded up, when kupd
+// said (kup-retry-after-ms: a Call over the tenant's calls_per_second) --
+// no sooner, but no promise: another client of the tenant may take that
+// turn; std::nullopt otherwise.
 class Error : public std::runtime_error {
 public:
-    Error(const std::string& message, std::optional<StatusCode> grpc_code, bool from_kupd);
+    Error(const std::string& message, std::optional<StatusCode> grpc_code, bool from_kupd,
+          std::optional<std::chrono::milliseconds> retry_after = std::nullopt);
     virtual const char* kind() const noexcept { return "KupError"; }
     virtual int kup_code() const noexcept { return 0; }
     std::optional<StatusCode> grpc_code() const noexcept { return grpc_code_; }
     bool from_kupd() const noexcept { return from_kupd_; }
+    std::optional<std::chrono::milliseconds> retry_after() const noexcept { return retry_after_; }
     // An Unavailable that gRPC itself raised: kupd could not be reached, or
     // the connection to it broke (Python's is_connection_failure).
     bool is_connection_failure() const noexcept;
@@ -86,6 +92,7 @@ public:
 private:
     std::optional<StatusCode> grpc_code_;
     bool from_kupd_;
+    std::optional<std::chrono::milliseconds> retry_after_;
 };
 
 #define KUP_ERROR_CLASS(NAME, BASE, CODE)                                                       \

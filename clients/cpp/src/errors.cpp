@@ -10,8 +10,10 @@
 
 namespace kup {
 
-Error::Error(const std::string& message, std::optional<StatusCode> grpc_code, bool from_kupd)
-    : std::runtime_error(message), grpc_code_(grpc_code), from_kupd_(from_kupd) {}
+Error::Error(const std::string& message, std::optional<StatusCode> grpc_code, bool from_kupd,
+             std::optional<std::chrono::milliseconds> retry_after)
+    : std::runtime_error(message), grpc_code_(grpc_code), from_kupd_(from_kupd),
+      retry_after_(retry_after) {}
 
 bool Error::is_connection_failure() const noexcept {
     return dynamic_cast<const Unavailable*>(this) != nullptr && !from_kupd_ &&
@@ -21,11 +23,13 @@ bool Error::is_connection_failure() const noexcept {
 namespace detail {
 namespace {
 
-using Make = std::exception_ptr (*)(const std::string&, std::optional<StatusCode>, bool);
+using Make = std::exception_ptr (*)(const std::string&, std::optional<StatusCode>, bool,
+                                    std::optional<ms>);
 
 template <class E>
-std::exception_ptr make(const std::string& m, std::optional<StatusCode> c, bool k) {
-    return std::make_exception_ptr(E(m, c, k));
+std::exception_ptr make(const std::string& m, std::optional<StatusCode> c, bool k,
+                        std::optional<ms> r) {
+    return std::make_exception_ptr(E(m, c, k, r));
 }
 
 // Every class by its name on the wire (kupd.errors.error_class).
@@ -84,13 +88,26 @@ bool contains(const std::string& s, const char* what) { return s.find(what) != s
 }  // namespace
 
 std::exception_ptr error_of_kind(std::string_view kind, const std::string& message,
-                                 std::optional<StatusCode> code, bool from_kupd) {
+                                 std::optional<StatusCode> code, bool from_kupd,
+                                 std::optional<ms> retry_after) {
     auto it = by_name().find(kind);
     if (it == by_name().end()) return nullptr;
-    return it->second(message, code, from_kupd);
+    return it->second(message, code, from_kupd, retry_after);
 }
 
-std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind_in) {
+std::optional<ms> retry_after_of(std::string_view value) {
+    if (value.empty() || value.size() > 16) return std::nullopt;  // 2^53 - 1 has 16 digits
+    std::int64_t n = 0;
+    for (char ch : value) {
+        if (ch < '0' || ch > '9') return std::nullopt;
+        n = n * 10 + (ch - '0');
+    }
+    if (n <= 0 || n > RETRY_AFTER_MAX_MS) return std::nullopt;
+    return ms(n);
+}
+
+std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind_in,
+                                     std::optional<ms> retry_after) {
     std::string kind = kind_in;
     const bool from_kupd = !kind.empty();
     if (details.empty()) details = status_name(code);
@@ -129,19 +146,24 @@ std::exception_ptr error_from_status(StatusCode code, std::string details, const
                       "to keep to";
         }
     }
+    // only kupd's own answer says when to retry
+    if (!from_kupd) retry_after.reset();
     std::exception_ptr e;
-    if (!kind.empty()) e = error_of_kind(kind, details, code, from_kupd);
-    if (!e) e = error_of_kind(kind_by_status(code), details, code, from_kupd);
+    if (!kind.empty()) e = error_of_kind(kind, details, code, from_kupd, retry_after);
+    if (!e) e = error_of_kind(kind_by_status(code), details, code, from_kupd, retry_after);
     return e;
 }
 
 void throw_status(const grpc::Status& status, const grpc::ClientContext& ctx) {
     std::string kind;
+    std::optional<ms> retry_after;
     const auto& trailing = ctx.GetServerTrailingMetadata();
     auto it = trailing.find("kup-error");
     if (it != trailing.end()) kind.assign(it->second.data(), it->second.size());
+    auto ra = trailing.find("kup-retry-after-ms");
+    if (ra != trailing.end()) retry_after = retry_after_of({ra->second.data(), ra->second.size()});
     std::rethrow_exception(error_from_status(static_cast<StatusCode>(status.error_code()),
-                                             status.error_message(), kind));
+                                             status.error_message(), kind, retry_after));
 }
 
 void throw_invalid(const std::string& message) {
@@ -156,7 +178,7 @@ std::exception_ptr session_ended(const std::string& what, const std::exception_p
     } catch (const Error& e) {
         std::string msg = what + " is closed: the session already ended with " + e.kind() +
                           ": " + e.what();
-        return error_of_kind(e.kind(), msg, e.grpc_code(), e.from_kupd());
+        return error_of_kind(e.kind(), msg, e.grpc_code(), e.from_kupd(), e.retry_after());
     } catch (...) {
         return std::current_exception();
     }

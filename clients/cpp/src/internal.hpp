@@ -3,6 +3,7 @@
 // Internals of the C++ client shared by its sources (not installed).
 #pragma once
 
+#include <cstdint>
 #include <exception>
 #include <optional>
 #include <string>
@@ -22,17 +23,27 @@ namespace kup::detail {
 constexpr int KEEPALIVE_TIME_MS = 30000;
 constexpr int KEEPALIVE_TIMEOUT_MS = 10000;
 
+// The largest kup-retry-after-ms kupd sends (kupapi.errors.RETRY_AFTER_MAX_MS).
+constexpr std::int64_t RETRY_AFTER_MAX_MS = (std::int64_t{1} << 53) - 1;
+
 // THE mapping of a status to kupd's taxonomy (as kupclient/_errors.py's
 // error_from_status): `kind` is the kup-error trailing metadata (or an
 // in-band Error's kind), "" when the status did not carry it (gRPC's own
-// failure), which is then mapped by code.
-std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind);
+// failure), which is then mapped by code; `retry_after` the
+// kup-retry-after-ms metadata (retry_after_of), kept for kupd's answers only.
+std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind,
+                                     std::optional<ms> retry_after = std::nullopt);
+// A kup-retry-after-ms value ("340") as milliseconds (> 0, at most
+// RETRY_AFTER_MAX_MS); std::nullopt for anything else (ignored, as
+// kupclient._errors.retry_after_ms does).
+std::optional<ms> retry_after_of(std::string_view value);
 // A status of an RPC on `ctx`: its trailing metadata names the class.
 [[noreturn]] void throw_status(const grpc::Status& status, const grpc::ClientContext& ctx);
 // The error of class `kind` (kupd's class name); std::nullopt for a name
 // the client does not know.
 std::exception_ptr error_of_kind(std::string_view kind, const std::string& message,
-                                 std::optional<StatusCode> code, bool from_kupd);
+                                 std::optional<StatusCode> code, bool from_kupd,
+                                 std::optional<ms> retry_after = std::nullopt);
 // The client's own errors (no status: grpc_code std::nullopt).
 [[noreturn]] void throw_invalid(const std::string& message);
 [[noreturn]] void throw_too_big(const std::string& message);

@@ -898,6 +898,26 @@ void test_status_mapping() {
     check(StatusCode::UNAVAILABLE, "device rot13 is not reachable", "Unavailable", "Unavailable",
           "not reachable", true);
     check(StatusCode::PERMISSION_DENIED, "revoked", "PermissionDenied", "PermissionDenied", "revoked", true);
+    // kup-retry-after-ms: whole ms > 0 (at most 2^53 - 1), anything else ignored
+    using kup::detail::retry_after_of;
+    CHECK(retry_after_of("340") == kup::ms(340));
+    CHECK(retry_after_of("9007199254740991") == kup::ms(9007199254740991LL));
+    for (const char* bad : {"", "0", "-5", "1.5", "1e3", " 3", "9007199254740992",
+                            "99999999999999999999"})
+        if (retry_after_of(bad)) throw Failure{std::string("retry_after_of(\"") + bad + "\") is set"};
+    // kept on kupd's answer, whatever its class; not on gRPC's own failure
+    try {
+        std::rethrow_exception(kup::detail::error_from_status(
+            StatusCode::RESOURCE_EXHAUSTED, "calls_per_second", "ResourceExhausted", kup::ms(340)));
+    } catch (const kup::ResourceExhausted& e) {
+        CHECK(e.retry_after() == kup::ms(340));
+    }
+    try {
+        std::rethrow_exception(kup::detail::error_from_status(StatusCode::RESOURCE_EXHAUSTED, "limit", "",
+                                                              kup::ms(340)));
+    } catch (const kup::ResourceExhausted& e) {
+        CHECK(!e.retry_after().has_value());
+    }
     check(StatusCode::RESOURCE_EXHAUSTED, "limit", "ResourceExhausted", "ResourceExhausted", "limit", true);
     // an unknown class name: by code
     check(StatusCode::NOT_FOUND, "x", "NoSuchClass", "NotFound", "x", true);
@@ -1303,6 +1323,30 @@ void test_threads() {
     watcher.get();
 }
 
+// A Call over the tenant's calls_per_second (KUPD_RATE, at most 1 a
+// second: a burst of one) -- kupd's refusal says when to retry: retry_after()
+// more than 0 and at most one token's refill, and the message says it too.
+void test_calls_per_second() {
+    const char* rate_env = std::getenv("KUPD_RATE");
+    double rate = rate_env ? std::atof(rate_env) : 0.0;
+    if (!(rate > 0.0 && rate <= 1.0)) throw Failure{"KUPD_RATE must be in (0, 1]"};
+    kup::Client c(g_socket);
+    c.call(g_device, "one");  // the burst's one token
+    expect_throw<kup::ResourceExhausted>(
+        [&] { c.call(g_device, "two"); },
+        [&](const kup::ResourceExhausted& e) {
+            is_error<kup::ResourceExhausted>(kup::StatusCode::RESOURCE_EXHAUSTED, true,
+                                             "rule calls_per_second")(e);
+            CHECK(e.retry_after().has_value());
+            auto most = static_cast<std::int64_t>(1000.0 / rate) + 1;
+            CHECK(e.retry_after()->count() > 0);
+            CHECK(e.retry_after()->count() <= most);
+            if (!contains(e.what(), "at the earliest"))
+                throw Failure{"message \"" + std::string(e.what()) + "\" does not say when"};
+        },
+        WHERE);
+}
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -1339,6 +1383,7 @@ const Test TESTS[] = {
     {"receive_past_deadline", test_receive_past_deadline, true},
     {"receive_past_deadline_then_refused", test_receive_past_deadline_then_refused, true},
     {"send_after_receive_past_deadline", test_send_after_receive_past_deadline, true},
+    {"calls_per_second", test_calls_per_second, true},
 };
 
 }  // namespace
