@@ -103,6 +103,9 @@ WALKED = {
     "admin": admin_mod.AdminClient._unary,  # an admin call (gRPC's blocking call, before)
     "admin-close": admin_mod.AdminClient.close,  # the admin client's end
     "aio-close": aio_mod.AsyncClient.close,  # the asyncio client's end, a Session open
+    # an AsyncChannel's close(), idle and with an operation waiting on it
+    "aio-channel-close": aio_mod.AsyncChannel.close,
+    "aio-channel-close-busy": aio_mod.AsyncChannel.close,
 }[OP].__code__
 
 
@@ -182,6 +185,18 @@ def wait_free(direct):
             return
         time.sleep(0.01)
     raise AssertionError(f"a lease was left behind: channels {channels_busy(direct)} busy")
+
+
+def exchange_written(task):
+    """Whether ``task`` (an AsyncChannel's exchange) has written its
+    request and waits for the reply (its ``_op``'s ``written``)."""
+    coro = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and frame.f_code is aio_mod.AsyncChannel._op.__code__:
+            return frame.f_locals.get("written", False)
+        coro = getattr(coro, "cr_await", None)
+    return False
 
 
 signal.signal(signal.SIGALRM, interrupt)
@@ -292,6 +307,40 @@ while True:
             # channel closed, not left to the collector
             wait_free(direct)
             assert grpc_channel._channel.closed(), f"point {n}: gRPC's channel is open"
+            if kind == "raised":
+                print(f"point {n} {fired}: raised {what!r}", flush=True)
+                sys.exit(1)
+            print(f"point {n} {fired}: {kind}", flush=True)
+            if not fired:
+                break
+            continue
+        elif OP in ("aio-channel-close", "aio-channel-close-busy"):
+            ac = AsyncClient(SOCKET)
+
+            async def opened():
+                ch = await (await ac.open("echo")).channel(CLOSE_CHANNEL)
+                assert (await ch.receive(timeout=30)).kind == Kind.PASS
+                return ch
+
+            ach = LOOP.run_until_complete(opened())
+            waiter = None
+            if OP == "aio-channel-close-busy":
+                # an exchange kupd never answers, its request written: the
+                # close() cancels the stream under it
+                waiter = LOOP.create_task(ach.exchange(b"!hold", timeout=30))
+                while not exchange_written(waiter):
+                    LOOP.run_until_complete(asyncio.sleep(0.01))
+            fired, (kind, what) = traced(n, lambda: LOOP.run_until_complete(ach.close()))
+            # again: it finishes what the interrupted one began
+            LOOP.run_until_complete(ach.close())
+            # free while the client and the AsyncChannel (ach: its finalizer
+            # does not run) are still there and the process lives on
+            wait_free(direct)
+            if waiter is not None:
+                LOOP.run_until_complete(asyncio.wait([waiter]))
+                exc = waiter.exception()
+                assert isinstance(exc, errors.InvalidArgument), f"point {n}: {exc!r}"
+            LOOP.run_until_complete(ac.close())
             if kind == "raised":
                 print(f"point {n} {fired}: raised {what!r}", flush=True)
                 sys.exit(1)
@@ -712,3 +761,24 @@ def test_an_async_client_close_interrupted_at_any_point_is_finished_by_the_next(
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"
 
+
+
+@pytest.mark.parametrize("op", ["aio-channel-close", "aio-channel-close-busy"])
+def test_an_async_channel_close_interrupted_at_any_point_is_finished_by_the_next(
+    kupd: Kupd, client: Client, op: str
+) -> None:
+    """``AsyncChannel.close()`` interrupted anywhere (a KeyboardInterrupt a
+    signal handler raises in the loop's thread), idle or with an exchange
+    waiting on the channel in another task, then called again: the channel
+    is free at kupd while the client, the AsyncChannel and the process live
+    on, and the waiting exchange fails "... was closed while the operation
+    waited".  With an operation waiting, close() cancels the stream under
+    it, and gRPC's cancel marks the call done before it cancels the call in
+    gRPC's core: interrupted in between, the second close() -- seeing the
+    channel closed -- called gRPC's cancel(), a no-op on a call marked done,
+    and the stream went on, kupd holding the lease, for the life of the
+    process.  It now asks the core's cancel again (``_cancel_under``)."""
+    lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
+    busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
+    assert not busy, f"channels {busy} still held"

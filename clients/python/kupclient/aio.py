@@ -778,8 +778,12 @@ class AsyncChannel(Sampled):
             _cancel_dropped(self._call, self._loop)
             return
         if self._closed or self._call.done():
+            # closed before (or the stream is over): cancel it again, as
+            # _cancel_under does -- an earlier cancel interrupted in gRPC's
+            # window (the call marked done, the core not told) left the
+            # stream open at kupd, and gRPC's cancel() does nothing more
             self._closed = True
-            self._call.cancel()
+            _cancel_under(self._call)
             return
         if self._lock.locked():
             # an operation holds the stream: cancel it under the operation
