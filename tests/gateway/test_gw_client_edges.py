@@ -22,16 +22,18 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import pytest
-from gateway_helpers import Kupd, child_env
+from gateway_helpers import Kupd, StartKupd, child_env
 
 import kupclient
 from kupclient import AsyncClient, Client, _start, _types
 from kupclient import errors as kerrors
+from kupclient.admin import AdminClient
 from kupd import errors
-from kupd.testing import REPO_ROOT, all_stopped, thread_frame, wait_until
+from kupd.testing import REPO_ROOT, Background, KupSim, all_stopped, thread_frame, wait_until
 
 BOUND = 5.0  # what must be prompt ends far below this
 #: the grace past an operation's timeout, made short for the tests (a hung
@@ -314,6 +316,112 @@ def test_sync_channel_used_after_or_during_its_client_close(kupd: Kupd) -> None:
     busy.close()
     with kupd.client() as c2:
         wait_until(lambda: _state(c2, 32) == _state(c2, 33) == "free", what="released")
+
+
+# -- 3b. AdminClient.close(): the same error as Client's ----------------------------
+
+
+@pytest.fixture
+def admin_kupd(sim: KupSim, start_kupd: StartKupd, tmp_path: Path) -> tuple[Kupd, str]:
+    """kupd with an admin socket: (kupd, the admin socket's path)."""
+    admin = tmp_path / "admin.sock"
+    cfg = tmp_path / "kupd-admin.toml"
+    cfg.write_text(
+        f'socket = "{tmp_path}/kupd.sock"\n'
+        f'admin_socket = "{admin}"\n'
+        f'kupsim_dir = "{sim.rundir}"\n'
+        '[[device]]\nname = "echo"\ncall_channels = 4\n'
+    )
+    return start_kupd(sim, "--config", str(cfg), devices=()), str(admin)
+
+
+def test_an_admin_call_after_close_says_the_client_is_closed(
+    admin_kupd: tuple[Kupd, str],
+) -> None:
+    """From the main thread and from another, an AdminClient call after
+    close() raises what a Client's does -- InvalidArgument "client of PATH
+    is closed" -- not gRPC's raw ValueError ("Cannot invoke RPC: Channel
+    closed!" from the main thread, "... on closed channel!" from another),
+    which no ``except KupError`` caught (kupctl, the admin module's command
+    line)."""
+    k, admin = admin_kupd
+    closed = rf"client of {re.escape(admin)} is closed$"
+    a = AdminClient(admin)
+    assert a.list_leases() == []
+    a.close()
+    with pytest.raises(errors.InvalidArgument, match=closed):
+        a.metrics("kupd_")
+    got = Background(a.list_leases).outcome(BOUND)
+    assert isinstance(got, errors.InvalidArgument), repr(got)
+    assert re.search(closed, str(got)), got
+    # one never used
+    never = AdminClient(admin)
+    never.close()
+    with pytest.raises(errors.InvalidArgument, match=closed):
+        never.reload()
+    # as a Client's
+    c = Client(k.socket)
+    c.close()
+    with pytest.raises(errors.InvalidArgument, match=_closed_msg(k.socket)):
+        c.devices()
+
+
+def _in_admin_rpc(t: threading.Thread) -> bool:
+    """Whether thread ``t`` waits in an AdminClient RPC it has started: the
+    main thread's in kupclient._start's ``unary`` (its future made), another
+    thread's in gRPC's blocking call (its call made)."""
+    blocking = grpc._channel._UnaryUnaryMultiCallable._blocking.__code__
+    frame = thread_frame(t)
+    while frame is not None:
+        if frame.f_code is _start.unary.__code__ and "fut" in frame.f_locals:
+            return True
+        if frame.f_code is blocking and "call" in frame.f_locals:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("caller", ["main", "other"])
+def test_an_admin_call_under_way_fails_as_another_thread_closes_the_client(
+    admin_kupd: tuple[Kupd, str], caller: str
+) -> None:
+    """An AdminClient call waiting for kupd (stopped) when another thread
+    closes the client fails as a Client's does, InvalidArgument "client of
+    PATH was closed while the operation waited"; it was SystemFailure
+    "Channel closed!" (gRPC's CANCELLED, mapped as a failure of kupd's)."""
+    k, admin = admin_kupd
+    a = AdminClient(admin)
+    a.list_leases()  # connected
+    os.kill(k.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_stopped(k.pid), what="kupd stopped")
+        got: list[BaseException] = []
+        if caller == "main":
+            main = threading.main_thread()
+
+            def closer() -> None:
+                wait_until(lambda: _in_admin_rpc(main), what="the admin call to wait")
+                a.close()
+
+            t = threading.Thread(target=closer, daemon=True)
+            t.start()
+            try:
+                a.metrics()
+            except BaseException as exc:
+                got.append(exc)
+            t.join(BOUND)
+            assert not t.is_alive()
+        else:
+            call = Background(a.metrics)
+            wait_until(lambda: _in_admin_rpc(call.thread), what="the admin call to wait")
+            a.close()
+            got.append(cast(BaseException, call.outcome(BOUND)))
+    finally:
+        os.kill(k.pid, signal.SIGCONT)
+    (exc,) = got
+    assert isinstance(exc, errors.InvalidArgument), repr(exc)
+    waited = rf"client of {re.escape(admin)} was closed while the operation waited$"
+    assert re.search(waited, str(exc)), exc
 
 
 # -- 4. a cancelled operation ends its session, and the next op says why ---------

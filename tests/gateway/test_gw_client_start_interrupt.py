@@ -80,6 +80,7 @@ STUCK = 60.0
 
 CHILD = r'''
 import asyncio, gc, signal, sys, threading, time
+from kupapi import kup_pb2
 from kupclient import AsyncClient, Client, Kind
 from kupclient import admin as admin_mod, aio as aio_mod, client as client_mod
 from kupd import errors
@@ -353,20 +354,27 @@ while True:
             a.list_leases()
             fired, (kind, what) = traced(n, a.close)
             a.close()  # again: it returns, gRPC's channel closed
-            # and a call from another thread fails at once (gRPC's blocking
-            # call takes the channel's lock to see it closed)
+            # and a call from another thread fails at once, as a closed
+            # Client's; so does gRPC's blocking call there, which the
+            # client no longer reaches once closed: it takes the channel's
+            # lock to see it closed (an interrupt that left it held hung it)
             other = []
 
             def late():
                 try:
                     a.list_leases()
+                except errors.InvalidArgument as exc:
+                    other.append(exc)
+                try:
+                    a._stub.ListLeases(kup_pb2.ListLeasesRequest(), timeout=30)
                 except ValueError as exc:
                     other.append(exc)
 
             t = threading.Thread(target=late)
             t.start()
             t.join()
-            assert other, f"point {n}: a call after close() did not fail"
+            assert len(other) == 2, f"point {n}: a call after close() did not fail: {other}"
+            assert str(other[0]) == f"client of {ADMIN} is closed", other[0]
         elif OP == "admin":
             with admin_mod.AdminClient(ADMIN) as a:
                 fired, (kind, what) = traced(n, lambda: a.metrics("kupd_"))
@@ -729,7 +737,10 @@ def test_an_admin_call_interrupted_at_any_point_hangs_nothing(
     The same for its ``close()``, which is gRPC's close of its channel,
     also taking that lock in a ``with`` (point 7): a call from another
     thread after it waited for ever instead of failing ("Cannot invoke RPC
-    on closed channel!").  It now runs on the starter thread."""
+    on closed channel!").  It now runs on the starter thread.  (A call on
+    the closed client now fails before gRPC, as a Client's, InvalidArgument
+    "client of PATH is closed": the walk also makes gRPC's own blocking
+    call from that thread, to see the lock free.)"""
     admin = tmp_path / "admin.sock"
     cfg = tmp_path / "kupd-admin.toml"
     cfg.write_text(

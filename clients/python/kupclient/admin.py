@@ -35,7 +35,7 @@ import grpc
 from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _start
 from kupclient._args import device_arg, lease_arg, socket_arg
-from kupclient._errors import error_from_rpc
+from kupclient._errors import client_closed, error_from_rpc
 from kupclient._types import channel_options, target_for
 
 __all__ = [
@@ -137,6 +137,7 @@ def reload_summary(r: ReloadResult) -> str:
 class AdminClient:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = socket_arg(path)
+        self._closed = False
         self._channel = grpc.insecure_channel(target_for(self.path), options=channel_options())
         self._stub = kup_pb2_grpc.AdminStub(self._channel)
 
@@ -147,15 +148,32 @@ class AdminClient:
         it was taken left it held by the main thread -- the next call from
         another thread, or completed by gRPC's polling thread, waited for
         ever.  Other threads, where no signal handler runs, keep the
-        blocking call."""
+        blocking call.
+
+        After :meth:`close` it fails as :class:`kupclient.Client`'s
+        operations do, with the same error: InvalidArgument "client of PATH
+        is closed", or "... was closed while the operation waited" for a
+        call under way when another thread closed it (before: gRPC's raw
+        ``ValueError`` "Cannot invoke RPC ...", and SystemFailure "Channel
+        closed!" for one under way)."""
+        if self._closed:
+            raise client_closed(self.path)
         rpc = getattr(self._stub, method)
         try:
             if threading.current_thread() is threading.main_thread():
                 return _start.unary(rpc, request, timeout)
             return rpc(request, timeout=timeout)
+        except ValueError:
+            if self._closed:  # gRPC's "Cannot invoke RPC ...": closed meanwhile
+                raise client_closed(self.path, pending=True) from None
+            raise
         except grpc.RpcError as exc:
+            if self._closed:  # close() in another thread cancelled it
+                raise client_closed(self.path, pending=True) from None
             raise error_from_rpc(exc) from None
-        except grpc.FutureCancelledError:  # close() in another thread
+        except grpc.FutureCancelledError:
+            if self._closed:  # close() in another thread cancelled it
+                raise client_closed(self.path, pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
 
     def list_leases(self, tenant: str = "") -> list[LeaseInfo]:
@@ -207,7 +225,9 @@ class AdminClient:
         """Close the connection.  gRPC's close takes the channel's lock in
         a ``with`` (see :meth:`_unary`): the main thread's runs on
         kupclient's starter thread, which finishes it when the main thread
-        is interrupted; called again, it is a no-op once done."""
+        is interrupted; called again, it is a no-op once done.  Calls after
+        it (and those it ends) fail InvalidArgument, see :meth:`_unary`."""
+        self._closed = True
         _start.start(self._channel.close, _start.ignore)
 
     def __enter__(self) -> AdminClient:
