@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -483,6 +484,23 @@ def test_version_of_both_commands_is_the_project_version() -> None:
         )
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == text
+
+
+def test_both_programs_run_as_modules_are_the_console_scripts() -> None:
+    # `python -m kupd` and `python -m kupclient.kupctl` are the same programs
+    # as the console scripts: the same --version and --help, exit status 0
+    for name, module in (("kupd", "kupd"), ("kupctl", "kupclient.kupctl")):
+        for flag in ("--version", "--help"):
+            script = subprocess.run(
+                [str(console_script(name)), flag], capture_output=True, text=True, timeout=60
+            )
+            as_module = subprocess.run(
+                [sys.executable, "-m", module, flag], capture_output=True, text=True, timeout=60
+            )
+            assert script.returncode == 0, script.stderr
+            assert as_module.returncode == 0, (module, flag, as_module.stderr)
+            assert as_module.stdout == script.stdout, (module, flag)
+            assert as_module.stdout.startswith(f"{name} " if flag == "--version" else "usage: ")
 
 
 def test_reload_on_the_wrong_socket_says_which(kupctl: Kupctl, gw: Gateway, tmp_path: Path) -> None:
