@@ -1,7 +1,8 @@
 """The README's example client, kmod/examples/client/kup_client.c (built by
 kmod/Makefile against libkup.a, as a third party would), against kupsim's
 echo, under ASan+UBSan and TSan: a conversation, a channel id past the
-device's named with the range, an unknown device, bad arguments."""
+device's named with the range, an unknown device, bad arguments, a
+message that starts with '-' (after "--")."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def test_kup_client_talks_and_names_what_is_wrong(variant_out: Path) -> None:
         assert p.returncode == 2 and "-c x: channel must be 0.." in p.stderr, p
         p = kup_client(variant_out, run)
         assert p.returncode == 2 and p.stderr.startswith("usage: kup_client"), p
+        # a message that looks like an option: the usage says to put "--"
+        # before it, and with it the message is sent as it is
+        p = kup_client(variant_out, run, "-c", "2", "echo", "-2")
+        assert p.returncode == 2 and p.stdout == "", p
+        assert "usage: kup_client [-c CHAN] [-t TIMEOUT_MS] [--] DEVICE MESSAGE..." in p.stderr
+        assert "needs \"--\" before it: kup_client echo -- -2" in p.stderr, p
+        p = kup_client(variant_out, run, "-c", "2", "--", "echo", "-2", "-x")
+        assert p.returncode == 0, p
+        assert p.stdout.splitlines() == [
+            "attached echo channel 2 max_msg 4096",
+            'recv PASS seq 1 len 0 ""',
+            'send len 2 "-2"',
+            'recv DATA seq 2 len 2 "-2"',
+            'send len 2 "-x"',
+            'recv DATA seq 3 len 2 "-x"',  # even channel: unchanged
+        ], p.stdout

@@ -3,7 +3,11 @@
  * kup_client.c -- a minimal libkup client: the seed's user-side API used
  * the way a C program would use it.  Used by `make demo` (kupd/demo.py).
  *
- *   kup_client [-c CHAN] [-t TIMEOUT_MS] DEVICE MESSAGE...
+ *   kup_client [-c CHAN] [-t TIMEOUT_MS] [--] DEVICE MESSAGE...
+ *
+ * Options are read with getopt(3): a MESSAGE (or DEVICE) that starts with
+ * '-', such as "-2", needs "--" before it -- glibc's getopt takes an
+ * argument that looks like an option wherever it is, even after DEVICE.
  *
  * Opens DEVICE (a name, or a path containing '/'), attaches channel CHAN
  * (default: any free one), takes the kernel's opening hand-over, then for
@@ -173,6 +177,8 @@ out:
 	fflush(stdout);
 	return rc;
 usage:
-	fprintf(stderr, "usage: kup_client [-c CHAN] [-t TIMEOUT_MS] DEVICE MESSAGE...\n");
+	fprintf(stderr, "usage: kup_client [-c CHAN] [-t TIMEOUT_MS] [--] DEVICE MESSAGE...\n"
+	    "  a MESSAGE that starts with '-' (\"-2\") needs \"--\" before it: "
+	    "kup_client echo -- -2\n");
 	return 2;
 }
