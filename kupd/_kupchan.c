@@ -96,10 +96,16 @@ turn_why(int code, int receiving, void *h)
 }
 
 /* Why an attach got KUP_E_NOTREADY (kup_core_attach): libkup's "not
- * ready" alone does not say that it is the module's move. */
+ * ready" alone does not say that it is the module's move.  KUP_E_NOENT
+ * for a channel id: libkup's "no such device or channel" alone leaves
+ * open which of the two, and the device is open; how many channels it
+ * has would take another round trip to the host (Device.info()). */
 static const char *
 attach_why(int code, long long want)
 {
+	if (code == KUP_E_NOENT && want >= 0)
+		return ": the device has no channel with this id "
+		    "(Device.info().chan_count: how many it has)";
 	if (code != KUP_E_NOTREADY)
 		return "";
 	if (want < 0)

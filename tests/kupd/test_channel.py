@@ -361,6 +361,23 @@ def test_attach_before_the_announce_says_it_is_the_modules_move() -> None:
         assert "announce" not in str(beyond.value)
 
 
+def test_attach_past_the_last_channel_names_the_channel_and_device() -> None:
+    """EKU_NOENT at attach ("no such device or channel") on a device that
+    is open: the error names the device and the channel asked for, says
+    that it is the channel the device does not have, and where its count
+    is."""
+    env = {"KUP_PARAM_ECHO_CHANNELS": "4"}
+    with kupsim("echo", env=env) as sim, Device.open(sim.device_path("echo")) as dev:
+        with pytest.raises(NotFound) as beyond:
+            dev.channel(4)
+        assert str(beyond.value) == (
+            f"attach channel 4 of device {sim.device_path('echo')}: the device has no "
+            "channel with this id (Device.info().chan_count: how many it has): "
+            "EKU_NOENT: no such device or channel"
+        )
+        assert dev.info().chan_count == 4
+
+
 def test_specific_channel_busy(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel(0) as ch:
         assert ch.id == 0
