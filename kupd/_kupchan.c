@@ -79,20 +79,26 @@ static PyObject *str_data, *str_kind, *str_seq, *str_timeout;
 
 /* Why a KUP_E_NOTTURN happened, in the caller's terms: libkup's one code
  * covers both wrong sides of the turn, and "not your turn" alone reads as
- * the opposite of the truth for a receive (there it is this side's turn). */
+ * the opposite of the truth for a receive (there it is this side's turn).
+ * op: 'r' receive, 's' send (exchange's too), 'p' pass.  NULL for any
+ * other code.  It takes the place of libkup's own text ("the turn is on the
+ * wrong side for this operation"), which would only say it again. */
 static const char *
-turn_why(int code, int receiving, void *h)
+turn_why(int code, int op, void *h)
 {
 	if (code != KUP_E_NOTTURN)
-		return "";
-	if (receiving)
-		return ": this side holds the turn (the kernel's message was "
+		return NULL;
+	if (op == 'r')
+		return "this side holds the turn (the kernel's message was "
 		    "already received); send or pass first";
 	/* a channel that keeps unread messages (keep_unread) */
 	if (h != NULL && kernproxy_unread(h) == KUP_KIND_DATA)
-		return ": the kernel's message is unread (this side holds the turn); "
+		return op == 'p' ?
+		    "the kernel's message is unread (this side holds the turn); "
+		    "receive it first: passing now would drop it" :
+		    "the kernel's message is unread (this side holds the turn); "
 		    "receive it first: sending now would drop it";
-	return ": the kernel holds the turn; receive its message first";
+	return "the kernel holds the turn; receive its message first";
 }
 
 /* Why an attach got KUP_E_NOTREADY (kup_core_attach): libkup's "not
@@ -115,24 +121,30 @@ attach_why(int code, long long want)
 	    "(kupdev_notify / kupdev_announce)";
 }
 
-/* Raise the kupd.errors class for code with a message naming what failed.
- * Always returns NULL. */
+/* Raise the kupd.errors class for code with a message naming what failed
+ * ("what: EKU_NAME: libkup's text"); a non-NULL why replaces libkup's text
+ * ("what: EKU_NAME: why").  Always returns NULL. */
 static PyObject *
-raise_kup(int code, int sys_errno, const char *fmt, ...)
+raise_kup_va(int code, int sys_errno, const char *why, const char *fmt, va_list ap)
 {
-	va_list ap;
 	PyObject *what, *msg = NULL, *exc = NULL;
+	const char *text = kernproxy_strerror(code), *colon;
+	char name[32];
 
-	va_start(ap, fmt);
 	what = PyUnicode_FromFormatV(fmt, ap);
-	va_end(ap);
 	if (what == NULL)
 		return NULL;
-	if (code == KUP_E_SYS && sys_errno != 0)
-		msg = PyUnicode_FromFormat("%U: %s (%s)", what, kernproxy_strerror(code),
-		    strerror(sys_errno));
+	/* libkup's text is "EKU_NAME: explanation" (PyUnicode_FromFormat
+	 * takes no "%.*s" before Python 3.12) */
+	colon = why != NULL ? strchr(text, ':') : NULL;
+	if (colon != NULL && (size_t)(colon - text) < sizeof(name)) {
+		memcpy(name, text, (size_t)(colon - text));
+		name[colon - text] = '\0';
+		msg = PyUnicode_FromFormat("%U: %s: %s", what, name, why);
+	} else if (code == KUP_E_SYS && sys_errno != 0)
+		msg = PyUnicode_FromFormat("%U: %s (%s)", what, text, strerror(sys_errno));
 	else
-		msg = PyUnicode_FromFormat("%U: %s", what, kernproxy_strerror(code));
+		msg = PyUnicode_FromFormat("%U: %s", what, text);
 	if (msg == NULL)
 		goto out;
 	exc = PyObject_CallFunction(error_for_code, "iOi", code, msg,
@@ -144,6 +156,29 @@ out:
 	Py_XDECREF(exc);
 	Py_XDECREF(msg);
 	Py_DECREF(what);
+	return NULL;
+}
+
+static PyObject *
+raise_kup(int code, int sys_errno, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	(void)raise_kup_va(code, sys_errno, NULL, fmt, ap);
+	va_end(ap);
+	return NULL;
+}
+
+/* raise_kup with why (turn_why) in place of libkup's text when not NULL. */
+static PyObject *
+raise_kup_why(int code, int sys_errno, const char *why, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	(void)raise_kup_va(code, sys_errno, why, fmt, ap);
+	va_end(ap);
 	return NULL;
 }
 
@@ -587,9 +622,10 @@ channel_send(ChannelObject *c, PyObject *arg)
 	if (channel_leave(c) && rc == 0)
 		Py_RETURN_NONE; /* sent, then closed as asked */
 	if (rc != 0)
-		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "send of %zd bytes on channel %u of device %U%s", view.len, (unsigned)c->id,
-		    c->dev->name, turn_why(code, 0, c->h));
+		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
+		    turn_why(code, 's', c->h),
+		    "send of %zd bytes on channel %u of device %U", view.len, (unsigned)c->id,
+		    c->dev->name);
 	Py_RETURN_NONE;
 }
 
@@ -610,9 +646,9 @@ channel_pass(ChannelObject *c, PyObject *unused)
 	Py_END_ALLOW_THREADS
 	channel_leave(c);
 	if (rc != 0)
-		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "pass on channel %u of device %U%s", (unsigned)c->id, c->dev->name,
-		    turn_why(code, 0, c->h));
+		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
+		    turn_why(code, 'p', c->h),
+		    "pass on channel %u of device %U", (unsigned)c->id, c->dev->name);
 	Py_RETURN_NONE;
 }
 
@@ -784,8 +820,8 @@ channel_receive_wait(ChannelObject *c, long long timeout_ms, build_fn build)
 	if (code == KUP_E_TIMEDOUT)
 		return raise_kup(code, 0, "receive on channel %u of device %U: no message within %lld ms",
 		    (unsigned)c->id, c->dev->name, timeout_ms);
-	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
-	    (unsigned)c->id, c->dev->name, turn_why(code, 1, NULL));
+	return raise_kup_why(code ? code : KUP_E_SYS, sys_errno, turn_why(code, 'r', NULL),
+	    "receive on channel %u of device %U", (unsigned)c->id, c->dev->name);
 closed:
 	return raise_kup(KUP_E_INVAL, 0,
 	    "receive on channel %u of device %U: channel was closed by another thread",
@@ -827,8 +863,8 @@ channel_receive_now(ChannelObject *c, int raise_notready, build_fn build)
 	if (code == KUP_E_NOTREADY)
 		return raise_kup(code, 0, "receive on channel %u of device %U: the kernel holds the turn",
 		    (unsigned)c->id, c->dev->name);
-	return raise_kup(code ? code : KUP_E_SYS, sys_errno, "receive on channel %u of device %U%s",
-	    (unsigned)c->id, c->dev->name, turn_why(code, 1, NULL));
+	return raise_kup_why(code ? code : KUP_E_SYS, sys_errno, turn_why(code, 'r', NULL),
+	    "receive on channel %u of device %U", (unsigned)c->id, c->dev->name);
 }
 
 static PyObject *
@@ -1006,9 +1042,10 @@ channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
 	PyBuffer_Release(&view);
 	if (src != 0) {
 		(void)channel_leave(c);
-		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "exchange: send of %zd bytes on channel %u of device %U%s", len, (unsigned)c->id,
-		    c->dev->name, turn_why(code, 0, c->h));
+		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
+		    turn_why(code, 's', c->h),
+		    "exchange: send of %zd bytes on channel %u of device %U", len, (unsigned)c->id,
+		    c->dev->name);
 	}
 	if (timeout_ms != 0)
 		rc = wait_message(c, timeout_ms, deadline, rc, &code, &sys_errno, &m);
@@ -1075,9 +1112,10 @@ channel_try_exchange(ChannelObject *c, PyObject *arg)
 	PyBuffer_Release(&view);
 	if (src != 0) {
 		(void)channel_leave(c);
-		return raise_kup(code ? code : KUP_E_SYS, sys_errno,
-		    "try_exchange: send of %zd bytes on channel %u of device %U%s", len,
-		    (unsigned)c->id, c->dev->name, turn_why(code, 0, c->h));
+		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
+		    turn_why(code, 's', c->h),
+		    "try_exchange: send of %zd bytes on channel %u of device %U", len,
+		    (unsigned)c->id, c->dev->name);
 	}
 	if (rc == 0) {
 		res = message_object(c, &m);

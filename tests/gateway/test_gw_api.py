@@ -238,8 +238,13 @@ def test_session_errors_in_band_keep_the_session(sim: KupSim, client: Client) ->
             ch.send(b"x" * (ch.max_msg + 1))
         ch.send(LOCKHOLD)
         wait_locked(sim, ch.id)
-        with pytest.raises(errors.NotYourTurn, match="the kernel holds the turn; receive"):
+        with pytest.raises(errors.NotYourTurn) as early:
             ch.send(b"too early")  # the kernel holds the turn until unlock()
+        # whose turn it is, said once (not again as "the turn is on the wrong side")
+        assert str(early.value) == (
+            f"EKU_NOTTURN: send of 9 bytes on channel {ch.id} of device echo: "
+            "the kernel holds the turn; receive its message first"
+        )
         with pytest.raises(errors.DeadlineExceeded):
             ch.receive(timeout=0.02)
         unlock(client)

@@ -272,7 +272,7 @@ def test_unread_and_keep_unread(echo_sim: KupSim) -> None:
         assert _wait_unread(ch) is Kind.DATA
         unread = "the kernel's message is unread .this side holds the turn.; receive it first"
         sent = "send of 4 bytes on channel 0 of device .*"
-        with pytest.raises(NotYourTurn, match=f"{sent}: {unread}"):
+        with pytest.raises(NotYourTurn, match=f"{sent}: EKU_NOTTURN: {unread}"):
             ch.send(b"four")
         with pytest.raises(NotYourTurn, match=unread):
             ch.pass_()
@@ -287,6 +287,41 @@ def test_unread_and_keep_unread(echo_sim: KupSim) -> None:
         ch.keep_unread()
         assert _wait_unread(ch) is Kind.PASS
         assert roundtrip(ch, b"x").data == b"x"  # the opening PASS: dropped, not refused
+
+
+def test_not_your_turn_says_whose_turn_it_is_once(echo_sim: KupSim) -> None:
+    """A NotYourTurn names the operation, the channel and the device, then
+    the code and the reason once: the reason takes the place of libkup's
+    own "the turn is on the wrong side for this operation", which said the
+    same again after it."""
+    path = echo_sim.device_path("echo")
+    kernel = "EKU_NOTTURN: the kernel holds the turn; receive its message first"
+    with Device.open(path) as dev, dev.channel(0) as held, dev.channel(2) as ch:
+        opened(held)
+        held.send(HOLD)  # echo keeps the turn
+        with pytest.raises(NotYourTurn) as e:
+            held.send(b"now")
+        assert str(e.value) == f"send of 3 bytes on channel 0 of device {path}: {kernel}"
+        with pytest.raises(NotYourTurn) as e:
+            held.pass_()
+        assert str(e.value) == f"pass on channel 0 of device {path}: {kernel}"
+        opened(ch)
+        ch.keep_unread()
+        ch.send(b"x")
+        assert _wait_unread(ch) is Kind.DATA
+        with pytest.raises(NotYourTurn) as e:
+            ch.pass_()
+        assert str(e.value) == (
+            f"pass on channel 2 of device {path}: EKU_NOTTURN: the kernel's message is "
+            "unread (this side holds the turn); receive it first: passing now would drop it"
+        )
+        assert ch.receive(timeout=T).data == b"x"
+        with pytest.raises(NotYourTurn) as e:
+            ch.receive(timeout=1)
+        assert str(e.value) == (
+            f"receive on channel 2 of device {path}: EKU_NOTTURN: this side holds the turn "
+            "(the kernel's message was already received); send or pass first"
+        )
 
 
 def test_receive_when_holding_turn_is_notyourturn(echo_sim: KupSim) -> None:
