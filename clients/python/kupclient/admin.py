@@ -33,9 +33,9 @@ from typing import Any
 import grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
-from kupclient import _start
+from kupclient import _fork, _start
 from kupclient._args import device_arg, lease_arg, socket_arg
-from kupclient._errors import client_closed, error_from_rpc
+from kupclient._errors import client_closed, client_forked, error_from_rpc
 from kupclient._types import channel_options, target_for
 
 __all__ = [
@@ -137,9 +137,25 @@ def reload_summary(r: ReloadResult) -> str:
 class AdminClient:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = socket_arg(path)
-        self._closed = False
+        self._closed = False  # close(), or a fork (then _forked too)
+        self._forked = False
+        self._pid = os.getpid()
         self._channel = grpc.insecure_channel(target_for(self.path), options=channel_options())
         self._stub = kup_pb2_grpc.AdminStub(self._channel)
+        _fork.track(self)
+
+    def _gone(self, pending: bool = False) -> errors.KupError:
+        """The error of a call once ``_closed`` is set, as a Client's:
+        closed (while it waited: ``pending``), or inherited across fork()."""
+        if self._forked:
+            return client_forked(f"client of {self.path}", self._pid, "AdminClient")
+        return client_closed(self.path, pending)
+
+    def _after_fork(self) -> None:
+        """In a child process (see kupclient._fork): nothing of gRPC's is
+        touched, every call fails naming the fork, as a Client's does."""
+        self._forked = True
+        self._closed = True
 
     def _unary(self, method: str, request: Any, timeout: float | None = 30.0) -> Any:
         """One RPC.  From the main thread through :func:`kupclient._start.
@@ -155,9 +171,12 @@ class AdminClient:
         is closed", or "... was closed while the operation waited" for a
         call under way when another thread closed it (before: gRPC's raw
         ``ValueError`` "Cannot invoke RPC ...", and SystemFailure "Channel
-        closed!" for one under way)."""
+        closed!" for one under way).  In a child process forked after it
+        was made, as a Client's: InvalidArgument "client of PATH was created
+        in process PID and cannot be used after fork(); ..." (gRPC's channel
+        does not survive the fork)."""
         if self._closed:
-            raise client_closed(self.path)
+            raise self._gone()
         rpc = getattr(self._stub, method)
         try:
             if threading.current_thread() is threading.main_thread():
@@ -165,15 +184,15 @@ class AdminClient:
             return rpc(request, timeout=timeout)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC ...": closed meanwhile
-                raise client_closed(self.path, pending=True) from None
+                raise self._gone(pending=True) from None
             raise
         except grpc.RpcError as exc:
             if self._closed:  # close() in another thread cancelled it
-                raise client_closed(self.path, pending=True) from None
+                raise self._gone(pending=True) from None
             raise error_from_rpc(exc) from None
         except grpc.FutureCancelledError:
             if self._closed:  # close() in another thread cancelled it
-                raise client_closed(self.path, pending=True) from None
+                raise self._gone(pending=True) from None
             raise errors.SystemFailure(f"{method}: the RPC was cancelled by gRPC") from None
 
     def list_leases(self, tenant: str = "") -> list[LeaseInfo]:
@@ -226,7 +245,10 @@ class AdminClient:
         a ``with`` (see :meth:`_unary`): the main thread's runs on
         kupclient's starter thread, which finishes it when the main thread
         is interrupted; called again, it is a no-op once done.  Calls after
-        it (and those it ends) fail InvalidArgument, see :meth:`_unary`."""
+        it (and those it ends) fail InvalidArgument, see :meth:`_unary`.
+        In a forked child it does nothing: the channel is the parent's."""
+        if self._forked:
+            return
         self._closed = True
         _start.start(self._channel.close, _start.ignore)
 
