@@ -1,7 +1,8 @@
 """kupclient's Session channels end cleanly: close() from another thread or
 task while a receive waits cancels the stream (kupd releases the lease),
 returns at once and fails the receive with a kupd.errors error saying the
-channel was closed; a Channel or AsyncChannel dropped without close() is
+channel was closed (an AsyncChannel's close() from another event loop
+too); a Channel or AsyncChannel dropped without close() is
 released; an AsyncClient serves whichever event loop uses it, one at a time; a send
 larger than the channel is TooBig before anything is sent (over gRPC's
 own message limit it used to kill the session); a closed Client says so."""
@@ -19,6 +20,7 @@ from gateway_helpers import Kupd
 
 from kupapi import MAX_GRPC_MESSAGE
 from kupclient import AsyncClient, Client
+from kupclient import aio as aio_mod
 from kupd import errors
 from kupd.testing import wait_until
 
@@ -209,6 +211,56 @@ def test_an_async_client_made_outside_a_loop_serves_each_loop_in_turn(kupd: Kupd
         loop.close()
     with kupd.client() as sync:
         assert _state(sync, 27) == "free"
+
+
+def _in_written_op(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` (an AsyncChannel operation) has written its request
+    and waits for the reply (its ``_op``'s ``written``)."""
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and frame.f_code is aio_mod.AsyncChannel._op.__code__:
+            return bool(frame.f_locals.get("written", False))
+        coro = getattr(coro, "cr_await", None)
+    return False
+
+
+def test_an_async_channel_closed_from_another_loop_ends_its_waiting_operation(
+    kupd: Kupd,
+) -> None:
+    """close() from another event loop, a receive waiting on the channel in
+    its own loop: the receive fails "... was closed while the operation
+    waited", as with AsyncClient.close() -- not with gRPC's bare
+    CancelledError (the stream cancelled under it, unannounced) -- and the
+    cancel, handed to the channel's loop, releases the lease."""
+    c = AsyncClient(kupd.socket)
+
+    async def open_channel() -> Any:
+        ch = await (await c.open("echo")).channel(29)
+        await ch.receive(timeout=10)
+        await ch.send(b"!hold")  # never answered: the receive below waits in kupd
+        return ch
+
+    loop = asyncio.new_event_loop()
+    try:
+        ch = loop.run_until_complete(open_channel())
+        waiter = loop.create_task(ch.receive(timeout=30))
+        while not _in_written_op(waiter):
+            loop.run_until_complete(asyncio.sleep(0.01))
+        other = asyncio.new_event_loop()
+        try:
+            other.run_until_complete(ch.close())
+        finally:
+            other.close()
+        loop.run_until_complete(asyncio.wait([waiter]))
+        exc = waiter.exception()
+        assert isinstance(exc, errors.InvalidArgument), repr(exc)
+        assert str(exc) == "channel 29 of echo was closed while the operation waited"
+        with kupd.client() as sync:
+            _wait_free(sync, 29)
+        loop.run_until_complete(c.close())
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("size", ["max_msg + 1", "over gRPC's limit"])

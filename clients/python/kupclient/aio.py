@@ -773,9 +773,10 @@ class AsyncChannel(Sampled):
             return  # the stream is the parent's
         if self._loop is not asyncio.get_running_loop():
             # closed from another loop: the stream can only be cancelled
-            # (in its own loop, if that still runs)
-            self._closed = True
-            _cancel_dropped(self._call, self._loop)
+            # (in its own loop, if that still runs), as AsyncClient.close()
+            # does -- an operation waiting fails "... was closed while the
+            # operation waited", not with gRPC's bare CancelledError
+            self._abort()
             return
         if self._closed or self._call.done():
             # closed before (or the stream is over): cancel it again, as
