@@ -38,7 +38,8 @@ cancel of a live stream (through the starter thread) and the client's
 ``close()`` with a Session open, called again after the interrupt (it
 finishes what the first began; gRPC's close of its channel runs on the
 starter thread), and the asyncio client's ``close()`` likewise (its loop
-run by ``run_until_complete``, which an interrupt leaves open).
+run by ``run_until_complete``, which an interrupt leaves open), and an
+``AsyncChannel``'s, called again from its own loop or from another.
 
 Deterministic, no timing: a child process (a fresh client for each point,
 so that each RPC is its channel's first and gRPC starts its polling thread
@@ -107,6 +108,8 @@ WALKED = {
     # an AsyncChannel's close(), idle and with an operation waiting on it
     "aio-channel-close": aio_mod.AsyncChannel.close,
     "aio-channel-close-busy": aio_mod.AsyncChannel.close,
+    # the same, closed again from another event loop (_cancel_dropped)
+    "aio-channel-close-busy-elsewhere": aio_mod.AsyncChannel.close,
 }[OP].__code__
 
 
@@ -219,6 +222,8 @@ if OP == "open":
     idle = Idle()
     client_mod._WATCHDOG.track(idle)
 LOOP = asyncio.new_event_loop()
+#: another event loop, of this thread: an AsyncChannel's close() from there
+ELSEWHERE = asyncio.new_event_loop()
 #: the Session's channel in the walk of Client.close: one not in the Call pool
 CLOSE_CHANNEL = [ch.id for ch in direct.devices("echo")[0].channels if ch.state == "free"][0]
 n = 0
@@ -315,7 +320,8 @@ while True:
             if not fired:
                 break
             continue
-        elif OP in ("aio-channel-close", "aio-channel-close-busy"):
+        elif OP in ("aio-channel-close", "aio-channel-close-busy",
+                    "aio-channel-close-busy-elsewhere"):
             ac = AsyncClient(SOCKET)
 
             async def opened():
@@ -325,7 +331,7 @@ while True:
 
             ach = LOOP.run_until_complete(opened())
             waiter = None
-            if OP == "aio-channel-close-busy":
+            if OP != "aio-channel-close":
                 # an exchange kupd never answers, its request written: the
                 # close() cancels the stream under it
                 waiter = LOOP.create_task(ach.exchange(b"!hold", timeout=30))
@@ -333,7 +339,13 @@ while True:
                     LOOP.run_until_complete(asyncio.sleep(0.01))
             fired, (kind, what) = traced(n, lambda: LOOP.run_until_complete(ach.close()))
             # again: it finishes what the interrupted one began
-            LOOP.run_until_complete(ach.close())
+            if OP == "aio-channel-close-busy-elsewhere":
+                # from another loop: the cancel is handed to the channel's
+                # loop, which runs on
+                ELSEWHERE.run_until_complete(ach.close())
+                LOOP.run_until_complete(asyncio.sleep(0))
+            else:
+                LOOP.run_until_complete(ach.close())
             # free while the client and the AsyncChannel (ach: its finalizer
             # does not run) are still there and the process lives on
             wait_free(direct)
@@ -774,7 +786,9 @@ def test_an_async_client_close_interrupted_at_any_point_is_finished_by_the_next(
 
 
 
-@pytest.mark.parametrize("op", ["aio-channel-close", "aio-channel-close-busy"])
+@pytest.mark.parametrize(
+    "op", ["aio-channel-close", "aio-channel-close-busy", "aio-channel-close-busy-elsewhere"]
+)
 def test_an_async_channel_close_interrupted_at_any_point_is_finished_by_the_next(
     kupd: Kupd, client: Client, op: str
 ) -> None:
@@ -788,7 +802,11 @@ def test_an_async_channel_close_interrupted_at_any_point_is_finished_by_the_next
     gRPC's core: interrupted in between, the second close() -- seeing the
     channel closed -- called gRPC's cancel(), a no-op on a call marked done,
     and the stream went on, kupd holding the lease, for the life of the
-    process.  It now asks the core's cancel again (``_cancel_under``)."""
+    process.  It now asks the core's cancel again (``_cancel_under``).
+    Called again from another event loop, close() hands the cancel to the
+    channel's loop (``_cancel_dropped``), which skipped a call that looked
+    done -- the same window, still open on that path; it hands over a call
+    cancelled locally too."""
     lines = _walk(kupd, op)
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]

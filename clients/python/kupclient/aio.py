@@ -479,9 +479,13 @@ class AsyncDeviceHandle:
 
 
 def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the stream of an AsyncChannel collected without close(), in its
-    own loop (a collection can run in any thread).  In that loop, also a
-    call that looks done (see :func:`_cancel_under`)."""
+    """Cancel the stream of an AsyncChannel collected without close(), or
+    closed from another loop, in its own loop (a collection can run in any
+    thread).  In that loop, also a call that looks done (see
+    :func:`_cancel_under`); from elsewhere, one that looks done because it
+    was cancelled here -- gRPC's cancel interrupted in its window may have
+    left the core's stream going -- is handed to that loop too: only a call
+    that ended by itself is left alone."""
     if loop.is_closed():
         return
     try:
@@ -490,8 +494,16 @@ def _cancel_dropped(call: grpc.aio.StreamStreamCall, loop: asyncio.AbstractEvent
         running = None
     if running is loop:
         _cancel_under(call)
-    elif not call.done():
-        loop.call_soon_threadsafe(_cancel_under, call)
+    elif not call.done() or _locally_cancelled(call):
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(_cancel_under, call)
+
+
+def _locally_cancelled(call: grpc.aio.StreamStreamCall) -> bool:
+    """Whether this process cancelled ``call`` (gRPC's flag, set by its
+    cancel() before the core is told; a read, safe from any thread)."""
+    cy = getattr(call, "_cython_call", None)
+    return cy is not None and bool(cy.is_locally_cancelled())
 
 
 #: the details of the cancel that kupclient gives again (_cancel_under)
