@@ -19,7 +19,8 @@ A tenant is identified by the unix socket its requests arrive on (see
                                # worth, at least 1 call; a refusal says when the
                                # next token is due (retry_after_ms)
     channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
-                               # and leases: paced beyond it, burst = one second's worth
+                               # and leases: paced beyond it, burst = one second's worth;
+                               # a refusal (a wait too long) says when to retry
     max_connections = 8        # connections at once on its socket (0: no limit)
 
     [[tenant.grant]]
@@ -716,7 +717,10 @@ class Guard:
         waiter holds its slot, so many Sessions share the rate fairly.
         Waiting longer than ``limit`` (the RPC's deadline) or PACE_LIMIT is
         RESOURCE_EXHAUSTED (rule channel_ops_per_second), which takes no
-        slot: a client with a deadline learns at once it would miss it.
+        slot: a client with a deadline learns at once it would miss it --
+        and when the same operation, asked again with the same time to
+        wait, would have its turn within it (``retry_after_ms``: the wait
+        less what it may wait, rounded up as calls_per_second's).
 
         A wait of more than 0 is counted as paced here; its seconds are
         counted by :meth:`turn_over`, which every such wait must end with
@@ -731,6 +735,9 @@ class Guard:
             return 0.0
         cap = PACE_LIMIT if limit is None else min(limit, PACE_LIMIT)
         if wait > cap:
+            # no sooner than this would the same operation's turn come
+            # within what it may wait (a non-blocking one: its whole wait)
+            ms = retry_after_ms(wait - cap)
             self.exhaust(
                 t,
                 op,
@@ -745,7 +752,10 @@ class Guard:
                     else f"more than its deadline or timeout allows ({cap:.3g} s)"
                     if cap < PACE_LIMIT
                     else f"more than kupd's limit of {PACE_LIMIT:g} s"
-                ),
+                )
+                + f"; retry in {shown_ms(ms)} at the earliest (no promise: another "
+                "operation of the tenant's may take that turn)",
+                retry_after_ms=ms,
             )
         self._due[t.name] = due + interval
         self.paced[t.name] = self.paced.get(t.name, 0) + 1

@@ -4,7 +4,7 @@ gRPC status codes, in ONE place (:func:`status_for`).
 
 Every error status carries trailing metadata ``kup-error`` (the class name)
 and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class;
-a refusal kupd knows the end of (calls_per_second) adds
+a refusal kupd knows the end of (calls_per_second, channel_ops_per_second) adds
 ``kup-retry-after-ms`` (:func:`trailing_for`).
 """
 
@@ -139,10 +139,15 @@ def call_timeout(requested_ms: int, default: float, remaining: float | None) -> 
 
 
 def error_pb(exc: errors.KupError) -> kup_pb2.Error:
-    """A Session's in-band error (same mapping)."""
+    """A Session's in-band error (same mapping; ``retry_after_ms`` set
+    when, and as, :func:`trailing_for` would add kup-retry-after-ms)."""
     code, details = status_for(exc)
     return kup_pb2.Error(
-        grpc_code=code.value[0], message=details, kind=type(exc).__name__, kup_code=exc.code
+        grpc_code=code.value[0],
+        message=details,
+        kind=type(exc).__name__,
+        kup_code=exc.code,
+        retry_after_ms=exc.retry_after_ms,
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 from tenancy_helpers import DEVICES, OWNER, StartTenants, TenantKupd
 
 from kupd import errors
-from kupd.policy import PACE_LIMIT
+from kupd.policy import PACE_LIMIT, shown_ms
 from kupd.testing import in_background, wait_until, with_metrics_port
 
 #: dave: 20 operations a second (a burst of 20); erin: one each 10 s, so
@@ -142,6 +142,97 @@ def test_a_refusal_on_a_session_is_in_band_and_a_reload_lifts_the_rate(
         wait_until(lambda: "config reloaded" in k.log(), what="the reload")
         for i in range(5):
             assert ch.exchange(b"n%d" % i, timeout=30).data.lower() == b"n%d" % i
+
+
+def test_a_refusal_says_when_to_retry_on_a_session_and_a_lease(
+    start_tenants: StartTenants,
+) -> None:
+    """erin may run one operation each 10 s: an operation refused for
+    channel_ops_per_second carries when the same one would have its turn
+    within what it may wait -- in-band on a Session (Error.retry_after_ms),
+    as trailing metadata on a unary lease RPC (kup-retry-after-ms) -- both
+    ending in the error's retry_after_ms, which the message says too."""
+    k = start_tenants(DEVICES + PACED)
+
+    def told(exc: errors.KupError, most: int) -> int:
+        ms = exc.retry_after_ms
+        assert ms is not None and 0 < ms <= most, (ms, str(exc))
+        assert f"retry in {shown_ms(ms)} at the earliest" in str(exc), str(exc)
+        return ms
+
+    with k.client("erin") as e:
+        with e.open("echo").channel() as ch:
+            ch.receive(timeout=30)  # her one operation of the next 10 s
+            # non-blocking: its whole wait; blocking: that less PACE_LIMIT
+            with pytest.raises(errors.ResourceExhausted) as info:
+                ch.receive(timeout=0)
+            told(info.value, 10_000)
+            with pytest.raises(errors.ResourceExhausted) as info:
+                ch.exchange(b"too soon", timeout=30)
+            told(info.value, 10_000 - int(PACE_LIMIT * 1000))
+        lease = e.attach("echo")
+        with pytest.raises(errors.ResourceExhausted) as info:
+            e.lease_exchange(lease.lease_id, b"late", timeout=0.5)
+        told(info.value, 9_500)
+        with pytest.raises(errors.ResourceExhausted) as info:
+            e.lease_receive(lease.lease_id, timeout=0)
+        told(info.value, 10_000)
+        e.release(lease.lease_id)
+
+
+def test_a_pace_refusal_names_the_wait_less_what_it_may_wait() -> None:
+    """Guard.pace's refusal: retry_after_ms is the wait for the turn less
+    the time the operation may wait (its limit, at most PACE_LIMIT),
+    rounded up as calls_per_second's, and the message says it."""
+    guard, dave = _guard(0.1)  # a burst of one, then one each 10 s
+    assert guard.pace(dave, "lease", "echo", 0) == 0.0
+    for limit, most in ((0.0, 10_000), (2.5, 7_500), (None, 10_000 - int(PACE_LIMIT * 1000))):
+        with pytest.raises(errors.ResourceExhausted) as info:
+            guard.pace(dave, "lease", "echo", 0, limit=limit)
+        wait = _told_wait(info.value)
+        ms = info.value.retry_after_ms
+        assert ms is not None and 0 < ms <= most, (limit, ms)
+        # the told wait is rounded to 3 digits: within its rounding of ms
+        cap = PACE_LIMIT if limit is None else limit
+        assert abs(ms - (wait - cap) * 1000) <= 50 + 1, (limit, wait, ms)
+        assert f"; retry in {shown_ms(ms)} at the earliest" in info.value.message
+
+
+def test_the_client_reads_an_in_band_retry_after_ms() -> None:
+    """kupclient's in-band mapping ends where the status mapping does: an
+    Error's retry_after_ms is the exception's, as kup-retry-after-ms would
+    be; one out of range (0, more than RETRY_AFTER_MAX_MS) is ignored, and
+    none is None."""
+    import grpc
+
+    from kupapi import kup_pb2
+    from kupclient._errors import error_from_pb, error_from_status
+
+    def pb(**kw: Any) -> errors.KupError:
+        return error_from_pb(
+            kup_pb2.Error(
+                grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                message="limit",
+                kind="ResourceExhausted",
+                **kw,
+            )
+        )
+
+    got = pb(retry_after_ms=340)
+    st = error_from_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limit",
+        [("kup-error", "ResourceExhausted"), ("kup-retry-after-ms", "340")],
+    )
+    assert type(got) is type(st) is errors.ResourceExhausted
+    assert (got.retry_after_ms, got.grpc_code) == (st.retry_after_ms, st.grpc_code) == (
+        340,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert pb(retry_after_ms=errors.RETRY_AFTER_MAX_MS).retry_after_ms == errors.RETRY_AFTER_MAX_MS
+    for bad in (0, errors.RETRY_AFTER_MAX_MS + 1):
+        assert pb(retry_after_ms=bad).retry_after_ms is None, bad
+    assert pb().retry_after_ms is None
 
 
 def _guard(rate: float) -> tuple[Any, Any]:

@@ -134,13 +134,23 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing: Any)
             f"the message is larger than this socket accepts ({details}): the tenant's "
             "max_message_bytes (ListDevices, the lease) is the limit to keep to"
         )
-    fallback = _BY_STATUS.get(code, errors.SystemFailure)
-    exc = _build(kind, details, fallback)
-    exc.grpc_code = code
-    if kind and retry_after is not None:
-        exc.retry_after_ms = retry_after
+    # only kupd's own answer (kup-error) says when to retry
+    exc = _answer(kind, details, code, retry_after if kind else None)
     if not kind:
         _NOT_FROM_KUPD.add(exc)
+    return exc
+
+
+def _answer(
+    kind: str, details: str, code: grpc.StatusCode, retry_after: int | None
+) -> errors.KupError:
+    """The error a status or a Session's in-band Error ends in, both
+    mapped here: the class ``kind`` names (else ``code``'s), its
+    ``grpc_code`` and, when kupd said, its ``retry_after_ms``."""
+    exc = _build(kind, details, _BY_STATUS.get(code, errors.SystemFailure))
+    exc.grpc_code = code
+    if retry_after is not None:
+        exc.retry_after_ms = retry_after
     return exc
 
 
@@ -153,13 +163,17 @@ RETRY_AFTER_KEY = "kup-retry-after-ms"
 _RETRY_AFTER_MAX = errors.RETRY_AFTER_MAX_MS
 
 
-def retry_after_ms(value: str | bytes) -> int | None:
-    """A ``kup-retry-after-ms`` value as an int (> 0), None for anything
-    else (ignored, as an unknown key would be: the error stays as it is)."""
-    text = value if isinstance(value, str) else value.decode(errors="replace")
-    if not text.isascii() or not text.isdigit():
-        return None
-    ms = int(text)
+def retry_after_ms(value: str | bytes | int) -> int | None:
+    """A ``kup-retry-after-ms`` value (or an in-band Error's
+    ``retry_after_ms``) as an int (> 0), None for anything else (ignored,
+    as an unknown key would be: the error stays as it is)."""
+    if isinstance(value, int):
+        ms = value
+    else:
+        text = value if isinstance(value, str) else value.decode(errors="replace")
+        if not text.isascii() or not text.isdigit():
+            return None
+        ms = int(text)
     return ms if 0 < ms <= _RETRY_AFTER_MAX else None
 
 
@@ -217,11 +231,12 @@ def kupd_not_answering(what: str, bound: float) -> errors.KupError:
 
 
 def error_from_pb(err: kup_pb2.Error) -> errors.KupError:
-    """The exception for a Session's in-band error."""
+    """The exception for a Session's in-band error: as a status with the
+    same code, class and retry figure (``retry_after_ms``, the in-band
+    ``kup-retry-after-ms``) would be."""
     try:
         status = next(c for c in grpc.StatusCode if c.value[0] == err.grpc_code)
     except StopIteration:
         status = grpc.StatusCode.UNKNOWN
-    exc = _build(err.kind, err.message, _BY_STATUS.get(status, errors.SystemFailure))
-    exc.grpc_code = status
-    return exc
+    retry_after = retry_after_ms(err.retry_after_ms) if err.HasField("retry_after_ms") else None
+    return _answer(err.kind, err.message, status, retry_after)
