@@ -36,8 +36,10 @@
 //   kup.Shutdown, kup.TooBig, kup.InvalidArgument, kup.DeadlineExceeded, ...)
 //   with .name and .kupError the class name, .code the gRPC status code,
 //   .kupCode the KUP_E_* number (or 0), .details (= .message) kupd's text,
-//   .retryAfterMs the ms until kupd may admit a refused Call again, rounded
-//   up (a calls_per_second refusal's; null otherwise), and
+//   .retryAfterMs the ms until kupd may admit a refused request again,
+//   rounded up (a calls_per_second or channel_ops_per_second refusal's, from
+//   a status's kup-retry-after-ms or a Session's in-band retry_after_ms
+//   alike; null otherwise), and
 //   .fromKupd true for kupd's answers, false when gRPC itself failed (kupd
 //   not reachable, connection broken) or the client refused on its own: gRPC's
 //   failures are mapped by status code (UNAVAILABLE -> Unavailable, or
@@ -195,8 +197,9 @@ class KupError extends Error {
   // trailers, a Session's in-band error); the client's own refusals (TooBig
   // before sending, "... is closed") and gRPC's failures are false.
   // retryAfterMs: milliseconds until kupd may admit the refused request
-  // again, rounded up (kup-retry-after-ms: a calls_per_second refusal's),
-  // no sooner but no promise; null when kupd did not say.
+  // again, rounded up (kup-retry-after-ms, or a Session's in-band
+  // retry_after_ms: a calls_per_second or channel_ops_per_second
+  // refusal's), no sooner but no promise; null when kupd did not say.
   constructor(message, { code, kupCode, fromKupd = false, retryAfterMs = null } = {}) {
     super(message);
     this.name = new.target.name;
@@ -270,9 +273,12 @@ function classOf(kind) {
 // what a Number holds exactly.
 const RETRY_AFTER_MAX_MS = Number.MAX_SAFE_INTEGER;
 
-// A kup-retry-after-ms value ('340') as a Number of ms (> 0), null for
+// A kup-retry-after-ms value ('340'), or an in-band Error's retry_after_ms
+// (a Number; undefined when not set), as a Number of ms (> 0), null for
 // anything else (ignored, as kupclient._errors.retry_after_ms does).
-function retryAfterOf(text) {
+function retryAfterOf(value) {
+  if (value === undefined || value === null) return null;
+  const text = String(value);
   if (!/^[0-9]+$/.test(text)) return null;
   const ms = Number(text);
   return ms > 0 && ms <= RETRY_AFTER_MAX_MS ? ms : null;
@@ -321,10 +327,16 @@ function errorFromGrpc(err) {
   return new cls(details, { code, kupCode, fromKupd, retryAfterMs });
 }
 
-// A Session's in-band error (the session goes on).
+// A Session's in-band error (the session goes on): as errorFromGrpc maps
+// kupd's status of the same code, class and retry figure.
 function errorFromPb(err) {
   const cls = classOf(err.kind) || BY_STATUS[err.grpc_code] || SystemFailure;
-  return new cls(err.message, { code: err.grpc_code, kupCode: err.kup_code || cls.kupCode, fromKupd: true });
+  return new cls(err.message, {
+    code: err.grpc_code,
+    kupCode: err.kup_code || cls.kupCode,
+    fromKupd: true,
+    retryAfterMs: retryAfterOf(err.retry_after_ms),
+  });
 }
 
 // True for an Unavailable that gRPC itself raised (kupd could not be

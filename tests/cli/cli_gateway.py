@@ -92,10 +92,14 @@ def gateway(
 
 
 @contextlib.contextmanager
-def rate_limited_gateway(calls_per_second: float) -> Iterator[tuple[Gateway, str]]:
+def rate_limited_gateway(
+    calls_per_second: float, channel_ops_per_second: float = 0.0
+) -> Iterator[tuple[Gateway, str]]:
     """kupsim with echo and kupd serving one tenant, "limited", whose Calls
     are held to ``calls_per_second`` (a burst of one second's worth, at
-    least one): the gateway and the tenant's socket."""
+    least one) and its Session and lease operations to
+    ``channel_ops_per_second`` (0: no limit): the gateway and the tenant's
+    socket."""
     sockets = Path(tempfile.mkdtemp(prefix="kupd-rl-"))
     sockets.chmod(0o755)
     sock = str(sockets / "limited.sock")
@@ -104,6 +108,7 @@ def rate_limited_gateway(calls_per_second: float) -> Iterator[tuple[Gateway, str
         '[[device]]\nname = "echo"\ncall_channels = 2\n'
         f'[[tenant]]\nname = "limited"\nsocket = "{sock}"\n'
         f"calls_per_second = {calls_per_second!r}\n"
+        f"channel_ops_per_second = {channel_ops_per_second!r}\n"
         "max_sessions = 4\nmax_message_bytes = 4096\n"
         '[[tenant.grant]]\ndevice = "echo"\n'
     )

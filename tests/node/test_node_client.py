@@ -8,7 +8,8 @@ without a timeout gets kupd's) and call_quarantine (the Calls left
 unanswered or aborted there give their pool channel back soon).
 
 big.js runs against a second kupd, whose echo has 4 MiB channels;
-ratelimit.js against one whose only tenant has a small calls_per_second.
+ratelimit.js against one whose only tenant has a small calls_per_second
+and channel_ops_per_second.
 gone.js runs on its own, once per signal, against a kupd of its own that it
 ends (SIGTERM, SIGKILL) under a waiting Watch and Session; a new kupd then
 serves the same socket and the same client must reach it soon.
@@ -125,21 +126,23 @@ def test_node_client(kupd_socket: tuple[str, int], name: str) -> None:
     assert passed and int(passed[0].split()[2]) >= NODE_TESTS[name], report
 
 
-def test_node_client_calls_per_second(node_deps: None, cli_gateway: ModuleType) -> None:
+def test_node_client_rate_limits(node_deps: None, cli_gateway: ModuleType) -> None:
     """ratelimit.js, against a kupd whose one tenant may make a Call every
-    2 s: the refused second Call's .retryAfterMs (kup-retry-after-ms)."""
-    with cli_gateway.rate_limited_gateway(0.5) as (_, sock):
+    2 s and a Session or lease operation every 10 s: the refused second
+    Call's .retryAfterMs (kup-retry-after-ms), and a refused operation's,
+    in-band on a Session (Error.retry_after_ms) as in a lease RPC's status."""
+    with cli_gateway.rate_limited_gateway(0.5, channel_ops_per_second=0.1) as (_, sock):
         proc = subprocess.run(
             ["node", str(NODE_DIR / "test" / "ratelimit.js"), sock, "echo"],
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT,
             check=False,
-            env={**os.environ, "KUPD_RATE": "0.5"},
+            env={**os.environ, "KUPD_RATE": "0.5", "KUPD_OPS_RATE": "0.1"},
         )
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
-    assert "# fail 0" in proc.stdout and "# pass 1" in proc.stdout, report
+    assert "# fail 0" in proc.stdout and "# pass 2" in proc.stdout, report
 
 
 @pytest.fixture(scope="module")
