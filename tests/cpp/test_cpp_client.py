@@ -278,6 +278,17 @@ def test_cpp_client_calls_per_second(
 
 
 @pytest.mark.parametrize("build", sorted(BINARIES))
+def test_cpp_client_channel_ops_per_second(
+    cpp_build: None, cli_gateway: ModuleType, build: str
+) -> None:
+    """A kupd whose one tenant may run a Session or lease operation every
+    10 s: a refused one's retry_after(), in-band on a Session
+    (Error.retry_after_ms) as in a lease RPC's status (kup-retry-after-ms)."""
+    with cli_gateway.rate_limited_gateway(0.5, channel_ops_per_second=0.1) as (_, sock):
+        _run_tests(build, sock, "channel_ops_per_second", env={"KUPD_OPS_RATE": "0.1"})
+
+
+@pytest.mark.parametrize("build", sorted(BINARIES))
 def test_cpp_client_big_messages(big_kupd_socket: str, build: str) -> None:
     _run_tests(build, big_kupd_socket, "big_messages")
 

@@ -73,9 +73,10 @@ enum class StatusCode : int {
 // is true for kupd's answers (the status carried kup-error), false for
 // gRPC's own failures and the client's own refusals.  retry_after() is how
 // long until kupd may admit a request it refused, rounded up, when kupd
-// said (kup-retry-after-ms: a Call over the tenant's calls_per_second) --
-// no sooner, but no promise: another client of the tenant may take that
-// turn; std::nullopt otherwise.
+// said (kup-retry-after-ms, or a Session's in-band retry_after_ms: a Call
+// over the tenant's calls_per_second, an operation over its
+// channel_ops_per_second) -- no sooner, but no promise: another client of
+// the tenant may take that turn; std::nullopt otherwise.
 class Error : public std::runtime_error {
 public:
     Error(const std::string& message, std::optional<StatusCode> grpc_code, bool from_kupd,

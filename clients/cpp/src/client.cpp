@@ -635,9 +635,13 @@ struct SessionCore {
             std::rethrow_exception(ended_by);
         }
         if (resp.result_case() == pb::SessionResponse::kError) {
+            // mapped as the status it stands for: the same class, and the
+            // same retry_after() as kup-retry-after-ms would give
             const auto& e = resp.error();
-            std::rethrow_exception(
-                error_from_status(static_cast<StatusCode>(e.grpc_code()), e.message(), e.kind()));
+            std::optional<ms> retry_after;
+            if (e.has_retry_after_ms()) retry_after = retry_after_of(e.retry_after_ms());
+            std::rethrow_exception(error_from_status(static_cast<StatusCode>(e.grpc_code()),
+                                                     e.message(), e.kind(), retry_after));
         }
         return resp;
     }

@@ -97,13 +97,17 @@ std::exception_ptr error_of_kind(std::string_view kind, const std::string& messa
 
 std::optional<ms> retry_after_of(std::string_view value) {
     if (value.empty() || value.size() > 16) return std::nullopt;  // 2^53 - 1 has 16 digits
-    std::int64_t n = 0;
+    std::uint64_t n = 0;
     for (char ch : value) {
         if (ch < '0' || ch > '9') return std::nullopt;
-        n = n * 10 + (ch - '0');
+        n = n * 10 + static_cast<std::uint64_t>(ch - '0');
     }
-    if (n <= 0 || n > RETRY_AFTER_MAX_MS) return std::nullopt;
-    return ms(n);
+    return retry_after_of(n);
+}
+
+std::optional<ms> retry_after_of(std::uint64_t value) {
+    if (value == 0 || value > static_cast<std::uint64_t>(RETRY_AFTER_MAX_MS)) return std::nullopt;
+    return ms(static_cast<std::int64_t>(value));
 }
 
 std::exception_ptr error_from_status(StatusCode code, std::string details, const std::string& kind_in,

@@ -37,6 +37,9 @@ std::exception_ptr error_from_status(StatusCode code, std::string details, const
 // RETRY_AFTER_MAX_MS); std::nullopt for anything else (ignored, as
 // kupclient._errors.retry_after_ms does).
 std::optional<ms> retry_after_of(std::string_view value);
+// The same for a Session's in-band Error.retry_after_ms (the number kupd
+// would have sent as kup-retry-after-ms).
+std::optional<ms> retry_after_of(std::uint64_t value);
 // A status of an RPC on `ctx`: its trailing metadata names the class.
 [[noreturn]] void throw_status(const grpc::Status& status, const grpc::ClientContext& ctx);
 // The error of class `kind` (kupd's class name); std::nullopt for a name

@@ -905,6 +905,11 @@ void test_status_mapping() {
     for (const char* bad : {"", "0", "-5", "1.5", "1e3", " 3", "9007199254740992",
                             "99999999999999999999"})
         if (retry_after_of(bad)) throw Failure{std::string("retry_after_of(\"") + bad + "\") is set"};
+    // a Session's in-band Error.retry_after_ms: the same range
+    CHECK(retry_after_of(std::uint64_t{340}) == kup::ms(340));
+    CHECK(retry_after_of(std::uint64_t{9007199254740991ULL}) == kup::ms(9007199254740991LL));
+    CHECK(!retry_after_of(std::uint64_t{0}));
+    CHECK(!retry_after_of(std::uint64_t{9007199254740992ULL}));
     // kept on kupd's answer, whatever its class; not on gRPC's own failure
     try {
         std::rethrow_exception(kup::detail::error_from_status(
@@ -1347,6 +1352,47 @@ void test_calls_per_second() {
         WHERE);
 }
 
+// The tenant's Session and lease operations are held to KUPD_OPS_RATE (one
+// each 10 s or fewer: a burst of one, the next turn past kupd's PACE_LIMIT
+// of 5 s) -- an operation refused for it says when to retry, in-band on a
+// Session (Error.retry_after_ms) as in a lease RPC's status
+// (kup-retry-after-ms): retry_after() more than 0, at most the wait for the
+// turn less what the operation may wait, and the message says it too.
+void test_channel_ops_per_second() {
+    constexpr std::int64_t PACE_LIMIT_MS = 5000;  // kupd.policy.PACE_LIMIT
+    const char* rate_env = std::getenv("KUPD_OPS_RATE");
+    double rate = rate_env ? std::atof(rate_env) : 0.0;
+    if (!(rate > 0.0 && rate <= 0.1)) throw Failure{"KUPD_OPS_RATE must be in (0, 0.1]"};
+    const auto turn = static_cast<std::int64_t>(1000.0 / rate) + 1;
+    auto told = [](std::int64_t most) {
+        return [most](const kup::ResourceExhausted& e) {
+            is_error<kup::ResourceExhausted>(kup::StatusCode::RESOURCE_EXHAUSTED, true,
+                                             "rule channel_ops_per_second")(e);
+            CHECK(e.retry_after().has_value());
+            CHECK(e.retry_after()->count() > 0);
+            if (e.retry_after()->count() > most)
+                throw Failure{"retry_after " + std::to_string(e.retry_after()->count()) + " > " +
+                              std::to_string(most)};
+            if (!contains(e.what(), "at the earliest"))
+                throw Failure{"message \"" + std::string(e.what()) + "\" does not say when"};
+        };
+    };
+    kup::Client c(g_socket);
+    {
+        auto s = c.open(g_device);
+        s.receive(kup::ms(0));  // the burst's one operation
+        // a non-blocking one: its whole wait; a blocking one: that less
+        // what it may wait (kupd's limit, its timeout being longer)
+        expect_throw<kup::ResourceExhausted>([&] { s.receive(kup::ms(0)); }, told(turn), WHERE);
+        expect_throw<kup::ResourceExhausted>([&] { s.exchange("soon", kup::ms(30000)); },
+                                             told(turn - PACE_LIMIT_MS), WHERE);
+    }
+    kup::Lease l = c.attach(g_device);
+    expect_throw<kup::ResourceExhausted>([&] { c.lease_receive(l.lease_id, kup::ms(0)); },
+                                         told(turn), WHERE);
+    c.release(l.lease_id);
+}
+
 struct Test {
     const char* name;
     void (*fn)();
@@ -1384,6 +1430,7 @@ const Test TESTS[] = {
     {"receive_past_deadline_then_refused", test_receive_past_deadline_then_refused, true},
     {"send_after_receive_past_deadline", test_send_after_receive_past_deadline, true},
     {"calls_per_second", test_calls_per_second, true},
+    {"channel_ops_per_second", test_channel_ops_per_second, true},
 };
 
 }  // namespace
