@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
+import pytest
 from cli_gateway import Gateway, Kupctl, console_script, spawn_kupctl
 
 from kupclient import errors as kerr
 from kupclient import kupctl as kupctl_mod
-from kupd.testing import REPO_ROOT
+from kupd.testing import REPO_ROOT, kupd, kupsim
 
 EXIT_NOT_FOUND = 3
 EXIT_BUSY = 4
@@ -516,3 +520,66 @@ def test_reload_on_the_wrong_socket_says_which(kupctl: Kupctl, gw: Gateway, tmp_
         assert p.returncode == EXIT_NOT_FOUND, (cmd, p.stderr)
         line = one_error_line(p, "does not serve that method", "admin_socket")
         assert line.startswith("kupctl: NotFound: the server on this socket "), line
+
+
+def test_reload_timeout_is_checked_as_attachs(kupctl: Kupctl) -> None:
+    """reload --timeout S takes what attach --timeout takes: a bad S is a
+    usage error naming it (exit 2), nothing sent."""
+    for bad, why in (
+        ("0", "must be > 0 seconds"),
+        ("-1", "must be > 0 seconds"),
+        ("soon", "not a number of seconds: 'soon'"),
+        ("inf", "finite"),
+        ("5000000", "at most"),
+    ):
+        p = kupctl("reload", "--admin-socket", "/nonexistent/admin.sock", "--timeout", bad)
+        assert p.returncode == 2, (bad, p.stderr)
+        assert "argument --timeout" in p.stderr and why in p.stderr, (bad, p.stderr)
+
+
+def test_reload_of_a_stopped_kupd_fails_at_its_timeout() -> None:
+    """kupd SIGSTOPped: its admin socket still takes the connection, and
+    nothing answers.  reload --timeout 1 fails then -- exit 9, one line
+    saying kupd did not answer the reload within 1 s and what that means --
+    rather than after the 30 s it used to wait (service kupd reload too)."""
+    d = Path(tempfile.mkdtemp(prefix="kupd-rs-"))  # short: a unix socket's path
+    try:
+        config = d / "kupd.toml"
+        admin = d / "admin.sock"
+        with kupsim("echo", check_exit=False) as sim:
+            config.write_text(
+                f'socket = "{d}/kupd.sock"\nadmin_socket = "{admin}"\n'
+                f'kupsim_dir = "{sim.rundir}"\npid_file = "-"\n[[device]]\nname = "echo"\n'
+            )
+            with kupd(
+                config=config, health_socket=d / "kupd.sock", env=sim.env(), start_timeout=60.0
+            ) as k:
+                os.kill(k.pid, signal.SIGSTOP)
+                try:
+                    p = subprocess.run(
+                        [str(console_script("kupctl")), "reload", "--admin-socket", str(admin),
+                         "--timeout", "1"],
+                        capture_output=True, text=True, timeout=60, env=sim.env(),
+                    )  # fmt: skip
+                finally:
+                    os.kill(k.pid, signal.SIGCONT)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert p.returncode == 9, p.stderr
+    line = one_error_line(
+        p, "kupd did not answer the reload within 1 s", "stopped or hung", "--timeout"
+    )
+    assert line.startswith("kupctl: DeadlineExceeded: "), line
+
+
+def test_admin_client_reload_timeout_is_checked() -> None:
+    """AdminClient.reload(timeout=) is checked as every timeout of the
+    client's: not a finite number > 0 -- an ArgumentError, nothing sent."""
+    from kupclient.admin import AdminClient
+
+    with AdminClient("/nonexistent/admin.sock") as a:
+        for bad in (0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(kerr.ArgumentValueError, match="timeout must be"):
+                a.reload(timeout=bad)
+        with pytest.raises(kerr.ArgumentTypeError, match="timeout must be a number"):
+            a.reload(timeout="10")  # type: ignore[arg-type]

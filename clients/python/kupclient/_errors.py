@@ -35,7 +35,9 @@ __all__ = [
     "error_from_rpc",
     "error_from_status",
     "is_connection_failure",
+    "is_from_kupd",
     "kupd_not_answering",
+    "reload_unanswered",
     "retry_after_ms",
     "session_ended",
 ]
@@ -228,6 +230,26 @@ def kupd_not_answering(what: str, bound: float) -> errors.KupError:
         f"{what}: kupd did not answer within {bound:g} s (the operation's timeout plus "
         "the client's grace); the session was ended"
     )
+
+
+def is_from_kupd(exc: errors.KupError) -> bool:
+    """Whether ``exc`` is kupd's answer, not gRPC's own failure (a status
+    without kup-error) -- nor a refusal of the client's own."""
+    return exc.grpc_code is not None and exc not in _NOT_FROM_KUPD
+
+
+def reload_unanswered(exc: errors.KupError, wait: float) -> errors.KupError:
+    """The error of a Reload kupd did not answer within ``wait`` seconds
+    (``exc``: gRPC's DEADLINE_EXCEEDED): for the operator who ran
+    ``kupctl reload`` or ``service kupd reload``, what it means."""
+    again = errors.DeadlineExceeded(
+        f"kupd did not answer the reload within {wait:g} s (the reload's timeout, kupctl "
+        "reload --timeout): it may be stopped or hung, and whether it reloaded is not "
+        "known -- its log and audit log say"
+    )
+    again.grpc_code = exc.grpc_code
+    _NOT_FROM_KUPD.add(again)
+    return again
 
 
 def error_from_pb(err: kup_pb2.Error) -> errors.KupError:

@@ -34,12 +34,19 @@ import grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _fork, _start
-from kupclient._args import device_arg, lease_arg, socket_arg
-from kupclient._errors import client_closed, client_forked, error_from_rpc
+from kupclient._args import device_arg, lease_arg, seconds_arg, socket_arg
+from kupclient._errors import (
+    client_closed,
+    client_forked,
+    error_from_rpc,
+    is_from_kupd,
+    reload_unanswered,
+)
 from kupclient._types import channel_options, target_for
 
 __all__ = [
     "DEFAULT_ADMIN_SOCKET",
+    "RELOAD_TIMEOUT",
     "AdminClient",
     "DrainResult",
     "LeaseInfo",
@@ -49,6 +56,10 @@ __all__ = [
 ]
 
 DEFAULT_ADMIN_SOCKET = "/run/kupd/admin.sock"
+
+#: How long :meth:`AdminClient.reload` waits for kupd's answer (seconds)
+#: unless told (``timeout``).
+RELOAD_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -206,8 +217,22 @@ class AdminClient:
         req = kup_pb2.RevokeLeaseRequest(lease_id=lease_arg(lease_id), reason=reason)
         self._unary("RevokeLease", req)
 
-    def reload(self) -> ReloadResult:
-        resp = self._unary("Reload", kup_pb2.ReloadRequest())
+    def reload(self, timeout: float | None = None) -> ReloadResult:
+        """Have kupd re-read its config and apply what can change live.
+
+        ``timeout``: seconds to wait for kupd's answer (a finite number > 0;
+        None: RELOAD_TIMEOUT); past it, DeadlineExceeded saying kupd did
+        not answer -- stopped or hung -- and that whether it reloaded is
+        not known (its log and audit log say).  A bad ``timeout`` is an
+        ArgumentError, nothing sent."""
+        t = seconds_arg(timeout, zero_ok=False)
+        wait = RELOAD_TIMEOUT if t is None else t
+        try:
+            resp = self._unary("Reload", kup_pb2.ReloadRequest(), wait)
+        except errors.DeadlineExceeded as exc:
+            if is_from_kupd(exc):
+                raise
+            raise reload_unanswered(exc, wait) from None
         return ReloadResult(
             tuple(resp.tenants),
             tuple(resp.sessions_ended),

@@ -884,7 +884,7 @@ def _admin(args: argparse.Namespace) -> AdminClient:
 
 def cmd_reload(args: argparse.Namespace, out: Output) -> int:
     with _admin(args) as a:
-        r = a.reload()
+        r = a.reload(timeout=args.timeout)
     if args.json:
         print(json.dumps({
             "tenants": list(r.tenants),
@@ -1166,7 +1166,15 @@ def build_parser() -> argparse.ArgumentParser:
         "'warning:' line for an audit_log kupd could not open again and for each setting "
         "that has no effect as set (--json: audit_log_error, warnings).  Exit 0 whenever "
         "the reload was applied, these included; 8 when kupd refused the file (nothing "
-        "changed)."
+        "changed); 9 when kupd did not answer within --timeout (whether it reloaded is "
+        "then not known)."
+    )
+    sp.add_argument(
+        "--timeout",
+        type=_timeout,
+        metavar="S",
+        help="wait at most S seconds for kupd's answer (default 30): a stopped or hung "
+        "kupd fails it then, exit 9",
     )
     admin_opts(sp)
     sp = add("leases", cmd_leases, "admin: every lease of every tenant")
