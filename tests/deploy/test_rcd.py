@@ -601,6 +601,54 @@ def test_reload_fails_when_the_admin_socket_does_not_answer(
     assert _hups(rc) == 0
 
 
+def test_reload_waits_kupd_reload_timeout_for_kupd(rc: RcEnv, running_kupd: int) -> None:
+    """reload passes kupd_reload_timeout (default 10) to kupctl reload
+    --timeout: a kupd that takes the connection but never answers (stopped,
+    hung: a socket that listens and accepts nothing) fails the reload then,
+    with kupctl's words and exit 9 -- not after kupctl's own 30 s."""
+    # what reload runs, by default and as set
+    args = rc.dir / "kupctl-args"
+    fake = rc.dir / "fake-kupctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {args}\n')
+    fake.chmod(0o755)
+    rc.rundir.mkdir()
+    admin = rc.rundir / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(admin))
+        s.listen(8)  # takes connections into its backlog; nothing accepts them
+        for conf, want in (({}, "10"), ({"kupd_reload_timeout": "2.5"}, "2.5")):
+            rc.write_conf(kupd_kupctl=str(fake), **conf)
+            res = rc.run("reload")
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert args.read_text().splitlines()[-1] == (
+                f"reload --admin-socket {admin} --timeout {want}"
+            )
+        # the real kupctl against it: past the timeout, kupd did not answer
+        _kupctl(rc)
+        rc.write_conf(kupd_reload_timeout="1")
+        res = rc.run("reload")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "kupctl: DeadlineExceeded: kupd did not answer the reload within 1 s" in res.stderr
+    assert "kupd did not confirm the reload (kupctl reload exit 9" in res.stderr, res.stderr
+    assert _hups(rc) == 0
+
+
+def test_reload_with_a_bad_kupd_reload_timeout_names_it(rc: RcEnv, running_kupd: int) -> None:
+    """kupd_reload_timeout that kupctl refuses (exit 2, its words naming
+    --timeout): the reload fails naming the rc.conf variable, nothing sent."""
+    _kupctl(rc)
+    rc.rundir.mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(rc.rundir / "admin.sock"))
+        for bad in ("soon", "0", "-3"):
+            rc.write_conf(kupd_reload_timeout=bad)
+            res = rc.run("reload")
+            assert res.returncode == 1, res.stdout + res.stderr
+            assert "argument --timeout" in res.stderr, res.stderr
+            assert f"check kupd_reload_timeout ('{bad}': seconds > 0)" in res.stderr
+    assert _hups(rc) == 0
+
+
 def test_reload_without_kupctl_falls_back_to_sighup(rc: RcEnv, running_kupd: int) -> None:
     """An admin socket but no kupctl at kupd_kupctl: a warning saying the
     result will not be reported, and the SIGHUP (the reload is not lost)."""

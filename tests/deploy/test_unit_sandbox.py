@@ -177,7 +177,8 @@ def test_exec_reload_uses_the_samples_admin_socket() -> None:
 
 
 def test_exec_reload_reports_kupctls_answer(tmp_path: Path) -> None:
-    """With the admin socket: kupctl reload on it, and its exit status
+    """With the admin socket: kupctl reload on it, waiting at most 10 s
+    for kupd's answer (a stopped kupd fails it then), and its exit status
     (8: kupd refused the file) is the reload's."""
     record = tmp_path / "argv"
     kupctl = tmp_path / "kupctl"
@@ -190,7 +191,9 @@ def test_exec_reload_reports_kupctls_answer(tmp_path: Path) -> None:
             _reload_command(admin, kupctl, 1), capture_output=True, text=True, timeout=60
         )
     assert res.returncode == 8, res.stderr
-    assert record.read_text().split() == ["reload", "--admin-socket", str(admin)]
+    assert record.read_text().split() == [
+        "reload", "--admin-socket", str(admin), "--timeout", "10",
+    ]
 
 
 def test_exec_reload_falls_back_to_sighup(tmp_path: Path) -> None:
