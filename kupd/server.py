@@ -283,6 +283,8 @@ class Server:
         self.health = _Health(self)
         self.sockets: SocketSet | None = None
         self._reload_lock = asyncio.Lock()
+        #: reloads under way, each its own task (reload): a stop waits for them
+        self._reloads: set[asyncio.Task[Reloaded]] = set()
         #: Re-reads the configuration for a reload (the daemon sets one that
         #: re-applies its command-line flags); default: the same file.
         self.reload_source: Callable[[], Config] = self._read_config_again
@@ -651,6 +653,45 @@ class Server:
         return {**dict.fromkeys(names, 0), **self.guard.in_flight}
 
     async def reload(self, via: str = "SIGHUP") -> Reloaded:
+        """Reload (:meth:`_reload_framed`), run to its end whatever happens
+        to the one who asked: the work is a task of its own, kept by the
+        server, and awaited shielded.  A requester that leaves before the
+        answer (an Admin.Reload whose client's deadline passed, or that
+        cancelled: grpc.aio cancels its handler) gets its CancelledError;
+        the reload goes on -- applied or refused, audited, the service
+        manager told READY -- and its outcome is logged, since nobody else
+        would see a refusal (:meth:`_reload_outcome`).  Cancelled at one
+        of its awaits, the reload would have stopped half-way: new sockets
+        bound at private names and never served nor stopped, no audit
+        line, the service manager left at RELOADING.  kupd's stop waits
+        for a reload under way (:meth:`_drain_and_stop`)."""
+        work = asyncio.ensure_future(self._reload_framed(via))
+        self._reloads.add(work)
+        work.add_done_callback(self._reloads.discard)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda t: self._reload_outcome(via, t))
+            raise
+
+    def _reload_outcome(self, via: str, work: asyncio.Task[Reloaded]) -> None:
+        """Log how a reload whose requester left ended (its exception
+        retrieved: no "Task exception was never retrieved")."""
+        if work.cancelled():  # not done by kupd: said all the same
+            log.error("reload cancelled; its requester had left", via=via)
+            return
+        exc = work.exception()
+        if exc is None:
+            log.info("reload applied; its requester had left before the answer", via=via)
+        else:
+            log.error(
+                "reload refused; its requester had left before the answer, "
+                "the running config stays",
+                via=via,
+                error=str(exc),
+            )
+
+    async def _reload_framed(self, via: str) -> Reloaded:
         """Re-read the config and apply every key a running kupd can change
         (kupd.config.RELOADED_KEYS) at once: the tenant policy and sockets,
         the timeouts and limits, the log level and the audit log.  All of
@@ -662,7 +703,7 @@ class Server:
         self.notify.reloading()
         try:
             done = await self._reload()
-        except (ValueError, OSError, errors.KupError) as exc:  # ConfigError: ValueError
+        except Exception as exc:  # ConfigError: ValueError; OSError; KupError; or a fault
             self.audit.admin("reload", via=via, ok=False, error=str(exc))
             self._notify_after_reload(f"last reload refused: {exc}")
             raise
@@ -1000,6 +1041,12 @@ class Server:
             leases=len(self.leases.leases),
         )
         try:
+            # A reload under way ends first, applied or refused (one that
+            # starts now is refused: _reload).  It is short -- a re-read, and
+            # its new sockets bound --, and, let run alongside, it could
+            # install a socket server after this drain stopped them all.
+            if self._reloads:
+                await asyncio.wait(set(self._reloads))
             self.health.enter_graceful_shutdown()
             self.drain.set_exception(errors.Shutdown("kupd is shutting down"))
             self.drain.exception()
