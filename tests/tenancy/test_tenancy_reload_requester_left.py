@@ -18,17 +18,19 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import socket_dir
+from tenancy_helpers import DEVICES, StartTenants, child_env, socket_dir
 
 from kupclient import Client
 from kupd.config import load_config
 from kupd.log import configure
 from kupd.notify import Notifier
-from kupd.testing import KupSim
+from kupd.testing import KupSim, wait_until
 
 BEFORE = """
 [[tenant]]
@@ -308,3 +310,47 @@ def test_stop_during_reload_waits_for_it(tsim: KupSim, monkeypatch: pytest.Monke
             break
     # the stop began inside a reload at least once
     assert applied > 0
+
+
+def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenants) -> None:
+    """A real kupd, a real ``kupctl reload --timeout``: kupd is slow to
+    read its config file (a FIFO stands in for a slow file system: the
+    read blocks until the test writes it, long after kupctl gave up), so
+    grpc.aio cancels the Reload handler as the reload goes on to bind its
+    new sockets.  kupd applies the reload all the same: every new socket
+    served, none left bound at a private name, audited, and its log says
+    the requester had left."""
+    k = start_tenants(DEVICES + BEFORE)
+    fifo = k.dir / "kupd.fifo"
+    os.mkfifo(fifo, 0o600)
+    os.replace(fifo, k.config)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kupclient.kupctl", "reload", "--timeout", "0.5",
+         "--admin-socket", k.admin_socket],
+        env=child_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 9, err  # kupctl gave up: whether kupd reloaded is not known
+    assert "did not answer the reload within 0.5 s" in err, err
+    # kupd reads the file only now
+    with open(k.config, "w") as f:
+        f.write(k.head() + DEVICES + AFTER.replace("@DIR@", str(k.dir)))
+    wait_until(
+        lambda: any(x.get("action") == "reload" for x in k.audit_lines()), what="the reload's audit"
+    )
+    (line,) = [x for x in k.audit_lines() if x.get("action") == "reload"]
+    assert line["ok"] and line["tenants"] == ["alice", "bob", "dave"], line
+    assert line["via"] == "admin", line
+    for name in ("alice2", "bob", "dave"):
+        assert _health(k.sock(name)) == "SERVING", name
+    assert not os.path.exists(k.sock("alice"))
+    assert not [f for f in os.listdir(k.dir) if f.startswith(".k")], os.listdir(k.dir)
+    wait_until(lambda: "requester had left" in k.log(), what="the log's word on the reload")
+    (said,) = [
+        json.loads(x) for x in k.log().splitlines() if "requester had left" in x
+    ]
+    assert said["level"] == "info" and "applied" in said["event"], said
