@@ -824,40 +824,54 @@ class SocketSet:
             kup_pb2_grpc.add_AdminServicer_to_server(self.admin(), server)
             names.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(names, server)
-        old = os.umask(0o777 & ~ep.mode)  # born with exactly ep.mode
         try:
+            old = os.umask(0o777 & ~ep.mode)  # born with exactly ep.mode
             try:
-                port = server.add_insecure_port("unix:" + path)
-            except RuntimeError:  # grpcio's "Failed to bind", without the reason
-                port = 0
-            if port == 0:
-                raise OSError(f"cannot bind unix socket {ep.path} (tenant {ep.tenant.name})")
-            await server.start()
-        finally:
-            os.umask(old)
-        try:
-            # The socket just bound, pinned: a file renamed to its name
-            # meanwhile is refused, never chown'ed.
-            with _the_socket(path, None, ep.tenant.name) as (name, st, follow):
-                if ep.owner is not None or ep.group is not None:
-                    os.chown(
-                        name,
-                        -1 if ep.owner is None else ep.owner,
-                        -1 if ep.group is None else ep.group,
-                        follow_symlinks=follow,
-                    )
-        except OSError as exc:
+                try:
+                    port = server.add_insecure_port("unix:" + path)
+                except RuntimeError:  # grpcio's "Failed to bind", without the reason
+                    port = 0
+                if port == 0:
+                    raise OSError(f"cannot bind unix socket {ep.path} (tenant {ep.tenant.name})")
+                starting = asyncio.ensure_future(server.start())
+                try:
+                    await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    # grpc.aio's start cancelled half-way leaves a server
+                    # whose stop fails (InvalidStateError), its socket
+                    # bound: it finishes first, and is stopped below
+                    await asyncio.wait({starting})
+                    raise
+            finally:
+                os.umask(old)
+            try:
+                # The socket just bound, pinned: a file renamed to its name
+                # meanwhile is refused, never chown'ed.
+                with _the_socket(path, None, ep.tenant.name) as (name, st, follow):
+                    if ep.owner is not None or ep.group is not None:
+                        os.chown(
+                            name,
+                            -1 if ep.owner is None else ep.owner,
+                            -1 if ep.group is None else ep.group,
+                            follow_symlinks=follow,
+                        )
+            except OSError as exc:
+                if exc.strerror is None:  # _not_ours
+                    raise
+                raise OSError(
+                    f"cannot give socket {ep.path} (tenant {ep.tenant.name}) to owner "
+                    f"{ep.owner} / group {ep.group}: {exc.strerror} (chown needs CAP_CHOWN)"
+                ) from None
+        except BaseException:
+            # Not bound, or bound and not handed out (a cancel at the start
+            # included: prepare's caller went away): stopped, which removes
+            # the socket gRPC bound at the private name, and forgotten.
             self._retired.pop(server, None)
             self._built_with.pop(server, None)
             self._bound_at.pop(server, None)
             self._wrappers.pop(server, None)
             await server.stop(None)
-            if exc.strerror is None:  # _not_ours
-                raise
-            raise OSError(
-                f"cannot give socket {ep.path} (tenant {ep.tenant.name}) to owner "
-                f"{ep.owner} / group {ep.group}: {exc.strerror} (chown needs CAP_CHOWN)"
-            ) from None
+            raise
         self._born[path] = (st.st_dev, st.st_ino)
         self._bound_at[server] = path
         return ep, server, path

@@ -354,3 +354,59 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
         json.loads(x) for x in k.log().splitlines() if "requester had left" in x
     ]
     assert said["level"] == "info" and "applied" in said["event"], said
+
+
+async def _prepare_cancelled_at(sim: KupSim, steps: int) -> tuple[bool, list[str]]:
+    """Start a Server on BEFORE, prepare AFTER's sockets (SocketSet.prepare,
+    a reload's first half) and cancel it once the loop has run ``steps``
+    steps; whether it was still under way then, and the socket files in
+    the directory once it has ended (a finished prepare discarded)."""
+    from kupd.server import Server, server_options  # needs the C extension
+    from kupd.tenants import endpoints_for
+
+    d = socket_dir()
+    try:
+        server = Server(load_config(_write(d, sim, BEFORE)))
+        await server.start()
+        try:
+            assert server.sockets is not None
+            cfg = load_config(_write(d, sim, AFTER))
+            work = asyncio.ensure_future(
+                server.sockets.prepare(endpoints_for(cfg), server_options(cfg))
+            )
+            for _ in range(steps):
+                if work.done():
+                    break
+                await asyncio.sleep(0)
+            under_way = not work.done()
+            work.cancel()
+            try:
+                started = await work
+            except asyncio.CancelledError:
+                pass
+            else:
+                await server.sockets.discard(started)
+            files = os.listdir(d)
+            return under_way, sorted(f for f in files if f.startswith(".k") or f.endswith(".sock"))
+        finally:
+            await server.stop()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_prepare_cancelled_leaves_nothing_bound(
+    tsim: KupSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SocketSet.prepare is all or none even when cancelled (kupd does not
+    cancel a reload, but its loop's end may): a cancel at any of its awaits
+    stops the servers it had started -- the one starting then too -- and
+    nothing is left bound at a private name (.kN)."""
+    monkeypatch.delenv("KUPSIM_DIR", raising=False)
+    left = 0
+    for n in range(500):
+        under_way, files = asyncio.run(_prepare_cancelled_at(tsim, n))
+        assert files == ["alice.sock", "bob.sock"], f"after {n} steps"
+        if not under_way:
+            break
+        left += 1
+    assert left > 0
