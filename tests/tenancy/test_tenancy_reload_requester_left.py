@@ -13,6 +13,7 @@ an uncancelled reload leaves."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
@@ -336,8 +337,22 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
             p.kill()
     assert p.returncode == 9, err  # kupctl gave up: whether kupd reloaded is not known
     assert "did not answer the reload within 0.5 s" in err, err
-    # kupd reads the file only now
-    with open(k.config, "w") as f:
+    # kupd, blocked opening the file for its read, reads it only now (the
+    # open fails with ENXIO until a reader is there: never a hang here)
+    fd = -1
+
+    def reader_there() -> bool:
+        nonlocal fd
+        try:
+            fd = os.open(k.config, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return False
+        return True
+
+    wait_until(reader_there, what="kupd reading its config file")
+    with open(fd, "w") as f:
         f.write(k.head() + DEVICES + AFTER.replace("@DIR@", str(k.dir)))
     wait_until(
         lambda: any(x.get("action") == "reload" for x in k.audit_lines()), what="the reload's audit"
