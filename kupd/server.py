@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -256,6 +257,7 @@ class Server:
         self.exit_status = 0
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._stop_began = asyncio.Event()  # _stopping, for a wait (_read_new_config)
         #: why the stop began (SERVER_SHUTTING_DOWN's reason)
         self._stop_why = "SIGTERM"
         #: ready_file written by this process (and not removed since)
@@ -742,13 +744,58 @@ class Server:
         n = len(cfg.devices)
         return f"serving {n} device{'s' if n != 1 else ''} on {where}"
 
+    async def _read_new_config(self) -> Config:
+        """``reload_source()`` -- the config file read and checked -- off
+        the event loop.  A read that blocks (a config file on a hung
+        network mount, a FIFO nobody writes) froze all of kupd: every RPC,
+        health check and timer.  It runs in a daemon thread, not the loop's
+        executor, because such a read may never return and the executor's
+        threads are joined at exit.  The reload lock stays held meanwhile
+        (a later reload waits its turn); kupd's stop does not wait for the
+        read: the reload is refused as shutting down, nothing applied."""
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[Config] = loop.create_future()
+
+        def settle(cfg: Config | None, exc: BaseException | None) -> None:
+            if got.done():  # the stop came first
+                return
+            if exc is not None:
+                got.set_exception(exc)
+            else:
+                assert cfg is not None
+                got.set_result(cfg)
+
+        def read() -> None:
+            cfg: Config | None = None
+            exc: BaseException | None = None
+            try:
+                cfg = self.reload_source()
+            except BaseException as e:  # handed to the reload, which says it
+                exc = e
+            with contextlib.suppress(RuntimeError):  # the loop is gone: kupd ended
+                loop.call_soon_threadsafe(settle, cfg, exc)
+
+        threading.Thread(target=read, name="kupd-config-read", daemon=True).start()
+        stop = asyncio.ensure_future(self._stop_began.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {got, stop}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not got.done():
+            got.cancel()
+            raise errors.Shutdown(
+                "kupd is shutting down: reload refused (its config file was still being read)"
+            )
+        return got.result()
+
     async def _reload(self) -> Reloaded:
         async with self._reload_lock:
             # -- check: a refusal here leaves everything as it was
             if self._stopping:
                 # its sockets would be bound only to answer EKU_SHUTDOWN
                 raise errors.Shutdown("kupd is shutting down: reload refused")
-            new = self.reload_source()
+            new = await self._read_new_config()
             cfg, applied, needs_restart = reloaded(self.config, new)
             policy = Policy(cfg.tenants, plain_tenant(cfg))
             audit_kept = ""  # why the audit file was not re-opened ("": it was)
@@ -1026,6 +1073,7 @@ class Server:
         if not self._stopping:
             self._stop_why = why
             self._stopping = True
+            self._stop_began.set()
             # not ready any more: a start check or a "status" that reads the
             # file must not take a draining kupd for one that serves
             self._remove_ready_file()

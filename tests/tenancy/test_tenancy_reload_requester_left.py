@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -317,8 +318,8 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
     """A real kupd, a real ``kupctl reload --timeout``: kupd is slow to
     read its config file (a FIFO stands in for a slow file system: the
     read blocks until the test writes it, long after kupctl gave up), so
-    grpc.aio cancels the Reload handler as the reload goes on to bind its
-    new sockets.  kupd applies the reload all the same: every new socket
+    grpc.aio cancels the Reload handler while the reload waits for the
+    file.  kupd applies the reload all the same: every new socket
     served, none left bound at a private name, audited, and its log says
     the requester had left."""
     k = start_tenants(DEVICES + BEFORE)
@@ -425,3 +426,46 @@ def test_prepare_cancelled_leaves_nothing_bound(
             break
         left += 1
     assert left > 0
+
+
+def test_a_config_read_that_blocks_neither_freezes_kupd_nor_holds_its_stop(
+    start_tenants: StartTenants,
+) -> None:
+    """kupd reads its config for a reload off its event loop: while the
+    read blocks (a FIFO nobody writes stands in for a hung network mount),
+    every socket still answers, and SIGTERM stops kupd at once -- the
+    reload refused as shutting down and audited, nothing applied.  The
+    read used to run on the loop: kupd answered nothing, and its stop
+    waited for the read."""
+    k = start_tenants(DEVICES + BEFORE)
+    fifo = k.dir / "kupd.fifo"
+    os.mkfifo(fifo, 0o600)
+    os.replace(fifo, k.config)
+    k.hup()
+    # kupd's open of the FIFO returns once a writer is there; the writer
+    # held open and never writing, kupd's read then blocks on no data
+    fd = -1
+
+    def reading() -> bool:
+        nonlocal fd
+        try:
+            fd = os.open(k.config, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return False
+        return True
+
+    wait_until(reading, what="kupd reading its config file")
+    try:
+        for name in ("alice", "bob"):
+            assert _health(k.sock(name)) == "SERVING", name
+        with k.admin() as admin:
+            assert "kupd_" in admin.metrics()
+        k.proc.send_signal(signal.SIGTERM)
+        assert k.proc.wait(timeout=60) == 0
+    finally:
+        os.close(fd)
+    (line,) = [x for x in k.audit_lines() if x.get("action") == "reload"]
+    assert not line["ok"], line
+    assert "config file was still being read" in line["error"], line
