@@ -307,6 +307,22 @@ def test_cpp_example(kupd_socket: str) -> None:
     assert f"hello -> {hello} (seq 2)" in proc.stdout, report
 
 
+def test_earlier_signatures_still_compile() -> None:
+    """A program written against an earlier kupclient.hpp compiles against
+    this one (clients/cpp/test/api_compat.cpp takes every public member
+    function's address with the type it had): a new parameter came as an
+    overload, not a defaulted one, so ``&kup::Client::attach`` as the
+    two-argument pointer it was still compiles."""
+    proc = subprocess.run(
+        ["make", "-s", "-C", str(CPP_DIR), "api-compat"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+
+
 def test_missing_packages_are_named() -> None:
     """Without protoc and grpc_cpp_plugin the build fails naming the Debian
     packages (and what installs them) before compiling anything."""

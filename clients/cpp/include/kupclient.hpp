@@ -317,9 +317,11 @@ public:
     // timeout of its own).  Past it, DeadlineExceeded, and the client
     // releases by the attach's random attach_id (within KUPD_GRACE, best
     // effort) before it throws: a lease kupd granted as it passed does not
-    // stay.
-    Lease attach(std::string_view device, std::optional<std::uint32_t> channel = std::nullopt,
-                 std::optional<ms> timeout = std::nullopt);
+    // stay.  (An overload, not a defaulted parameter, so that the two-
+    // argument attach keeps its type: test/api_compat.cpp.)
+    Lease attach(std::string_view device, std::optional<std::uint32_t> channel = std::nullopt);
+    Lease attach(std::string_view device, std::optional<std::uint32_t> channel,
+                 std::optional<ms> timeout);
     void lease_send(std::string_view lease_id, std::string_view data);
     void lease_send(std::string_view lease_id, std::string_view data, const ReceiveNames& names);
     void lease_pass(std::string_view lease_id);

@@ -855,6 +855,10 @@ std::string new_attach_id() {
 }
 }  // namespace
 
+Lease Client::attach(std::string_view device, std::optional<std::uint32_t> channel) {
+    return attach(device, channel, std::nullopt);
+}
+
 Lease Client::attach(std::string_view device, std::optional<std::uint32_t> channel,
                      std::optional<ms> timeout) {
     auto& c = core_of(core_);
