@@ -381,9 +381,34 @@ function channelClosed(what, pending) {
 // Python): a bad one is named instead of reaching kupd as something else
 // (a negative timeout_ms becomes a huge uint32, undefined data an empty
 // message).
+
+// A string as an error message quotes it: as Python's repr() of a str
+// (the Python client's messages say {value!r}, the C++ client's '...'), so
+// that the three clients word a bad name alike -- single quotes, double
+// ones when the text has a ' and no ", and backslash escapes for the
+// backslash, the quote, and what is not printable (control characters,
+// separators other than ' ', lone surrogates: \xNN, \uNNNN, \UNNNNNNNN).
+const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}]/u;
+const ESCAPES = new Map([['\\', '\\\\'], ['\t', '\\t'], ['\n', '\\n'], ['\r', '\\r']]);
+
+function quote(text) {
+  const q = text.includes("'") && !text.includes('"') ? '"' : "'";
+  let out = q;
+  for (const ch of text) {  // by code point; a lone surrogate is one
+    const cp = ch.codePointAt(0);
+    if (ESCAPES.has(ch)) out += ESCAPES.get(ch);
+    else if (ch === q) out += `\\${q}`;
+    else if (ch === ' ' || !NOT_PRINTABLE.test(ch)) out += ch;
+    else if (cp < 0x100) out += `\\x${cp.toString(16).padStart(2, '0')}`;
+    else if (cp < 0x10000) out += `\\u${cp.toString(16).padStart(4, '0')}`;
+    else out += `\\U${cp.toString(16).padStart(8, '0')}`;
+  }
+  return out + q;
+}
+
 function describe(value) {
   if (value === null) return 'null';
-  if (typeof value === 'string') return `string ${JSON.stringify(value)}`;
+  if (typeof value === 'string') return `string ${quote(value)}`;
   if (typeof value === 'number') return String(value);
   if (typeof value === 'bigint') return `bigint ${value}n`;
   if (typeof value === 'symbol') return `symbol ${String(value)}`;
@@ -440,14 +465,14 @@ function textArg(value, name) {
     throw new TypeError(`${name} must be a string, not ${describe(value)}`);
   }
   if (Buffer.from(value, 'utf8').toString('utf8') !== value) {
-    throw new RangeError(`${name} must be valid UTF-8 text (no lone surrogates), not ${JSON.stringify(value)}`);
+    throw new RangeError(`${name} must be valid UTF-8 text (no lone surrogates), not ${quote(value)}`);
   }
   return value;
 }
 
 function deviceArg(device) {
   if (typeof device !== 'string' || device === '') {
-    const what = device === '' ? '""' : describe(device);
+    const what = device === '' ? "''" : describe(device);
     throw new TypeError(`device must be a non-empty string, not ${what}`);
   }
   return textArg(device, 'device');
@@ -461,7 +486,7 @@ function deviceFilterArg(device) {
 
 function leaseArg(leaseId) {
   if (typeof leaseId !== 'string' || leaseId === '') {
-    const what = leaseId === '' ? '""' : describe(leaseId);
+    const what = leaseId === '' ? "''" : describe(leaseId);
     throw new TypeError(`lease id must be a non-empty string, not ${what}`);
   }
   return textArg(leaseId, 'lease id');
@@ -485,7 +510,7 @@ function receiveNameArg(value, name) {
     throw new RangeError(`${name} of ${value.length} characters: at most ${REQUEST_NAME_MAX}`);
   }
   if (!REQUEST_NAME.test(value)) {
-    throw new RangeError(`${name} ${JSON.stringify(value)}: only letters, digits, '_' and '-'`);
+    throw new RangeError(`${name} ${quote(value)}: only letters, digits, '_' and '-'`);
   }
   return value;
 }
@@ -527,7 +552,7 @@ function optionsArg(opts, known, what) {
   }
   for (const key of Object.keys(opts)) {
     if (!known.includes(key)) {
-      throw new TypeError(`${what}: unknown option ${JSON.stringify(key)} (known: ${known.join(', ')})`);
+      throw new TypeError(`${what}: unknown option ${quote(key)} (known: ${known.join(', ')})`);
     }
   }
   return opts;
@@ -1505,7 +1530,7 @@ function clientArg(client) {
 // Calls' fairness key (default `${os.hostname()}:${process.pid}`).
 function connect(socketPath, opts) {
   if (typeof socketPath !== 'string' || socketPath === '') {
-    const what = typeof socketPath === 'string' ? '""' : describe(socketPath);
+    const what = typeof socketPath === 'string' ? "''" : describe(socketPath);
     throw new TypeError(`socketPath must be a non-empty string, not ${what}`);
   }
   return new Client(socketPath, optionsArg(opts, ['caller'], 'connect'));

@@ -122,7 +122,7 @@ test('a signal already aborted rejects at once with AbortError and its reason; n
     abortErr(withReason, /^call to echo was aborted: Error: the user left$/));
   const text = abortedSignal('shutting down');
   await assert.rejects(client.listDevices(undefined, { signal: text }),
-    abortErr(text, /^listDevices was aborted: string "shutting down"$/));
+    abortErr(text, /^listDevices was aborted: string 'shutting down'$/));
   const timedOut = AbortSignal.timeout(1);
   while (!timedOut.aborted) await sleep(10); // (its timer does not keep node running)
   await assert.rejects(client.health('', { signal: timedOut }),
@@ -132,9 +132,9 @@ test('a signal already aborted rejects at once with AbortError and its reason; n
 test('a bad signal or option is refused before anything is sent, naming it', async () => {
   const refused = [
     [client.call(device, 'x', { signal: {} }), TypeError, /^signal must be an AbortSignal, not object$/],
-    [client.listDevices(device, { signal: 'stop' }), TypeError, /^signal must be an AbortSignal, not string "stop"$/],
+    [client.listDevices(device, { signal: 'stop' }), TypeError, /^signal must be an AbortSignal, not string 'stop'$/],
     [client.leaseReceive('L1', 0, { signal: true }), TypeError, /^signal must be an AbortSignal, not boolean$/],
-    [client.attach(device, null, { sginal: null }), TypeError, /^attach: unknown option "sginal" \(known: signal, timeoutMs\)$/],
+    [client.attach(device, null, { sginal: null }), TypeError, /^attach: unknown option 'sginal' \(known: signal, timeoutMs\)$/],
     [client.openSession(device, null, 5), TypeError, /^openSession options must be an object, not 5$/],
     [client.health('', []), TypeError, /^health options must be an object, not array$/],
   ];
@@ -152,10 +152,10 @@ test('a bad signal or option is refused before anything is sent, naming it', asy
     await assert.rejects(s.receive(0, { signal: {} }),
       { name: 'TypeError', message: /^signal must be an AbortSignal, not object$/ });
     await assert.rejects(s.send('x', { timeoutMs: 5 }),
-      { name: 'TypeError', message: /^send: unknown option "timeoutMs" \(known: signal\)$/ });
+      { name: 'TypeError', message: /^send: unknown option 'timeoutMs' \(known: signal\)$/ });
     const w = client.watch(device);
     await assert.rejects(w.next({ signal: 'x' }),
-      { name: 'TypeError', message: /^signal must be an AbortSignal, not string "x"$/ });
+      { name: 'TypeError', message: /^signal must be an AbortSignal, not string 'x'$/ });
     w.cancel();
     // (the session goes on: nothing was sent)
     const r = await s.exchange('ok', 10000);

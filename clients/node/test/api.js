@@ -108,7 +108,7 @@ test('leases: attach, leaseReceive, leaseSend, leaseExchange, leasePass, release
   await assert.rejects(client.leaseSend(id, 'x'), kupErr(kup.NotFound, new RegExp(id), kup.grpc.status.NOT_FOUND));
   await assert.rejects(client.release(id), kupErr(kup.NotFound));
   // arguments
-  await assert.rejects(client.leaseSend('', 'x'), { name: 'TypeError', message: /lease id must be a non-empty string, not ""/ });
+  await assert.rejects(client.leaseSend('', 'x'), { name: 'TypeError', message: /lease id must be a non-empty string, not ''/ });
   await assert.rejects(client.leasePass(7), { name: 'TypeError', message: /lease id must be a non-empty string, not 7/ });
   await assert.rejects(client.leaseReceive(id, 'soon'), { name: 'TypeError', message: /timeoutMs/ });
   await assert.rejects(client.attach(device, -1), { name: 'RangeError' });
@@ -147,7 +147,7 @@ test('watch: initial state, lease events, cancel() and break end it', async () =
     break;
   }
   assert.deepEqual(await w2.next(), { value: undefined, done: true });
-  assert.throws(() => client.watch(device, { initial_state: true }), /unknown option "initial_state"/);
+  assert.throws(() => client.watch(device, { initial_state: true }), /unknown option 'initial_state'/);
   assert.throws(() => client.watch(5), /device must be a string, not 5/);
   assert.throws(() => client.watch(device, { initialState: 1 }), /initialState must be a boolean/);
 });

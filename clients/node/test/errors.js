@@ -275,8 +275,8 @@ test('argument checks: device filters, options, bigint / symbol values, buffers 
     [client.listDevices(5), TypeError, /^device must be a string, not 5$/],
     [client.listDevices({}), TypeError, /^device must be a string, not object$/],
     [kup.listDevices(client, 5n), TypeError, /^device must be a string, not bigint 5n$/],
-    [client.call(device, 'x', 'fast'), TypeError, /^call options must be an object, not string "fast"$/],
-    [client.call(device, 'x', { timeout: 5 }), TypeError, /unknown option "timeout"/],
+    [client.call(device, 'x', 'fast'), TypeError, /^call options must be an object, not string 'fast'$/],
+    [client.call(device, 'x', { timeout: 5 }), TypeError, /unknown option 'timeout'/],
     [client.call(Symbol('x'), 'x'), TypeError, /^device must be a non-empty string, not symbol Symbol\(x\)$/],
     [client.call(5n, 'x'), TypeError, /not bigint 5n$/],
     [client.call('\ud800', 'x'), RangeError, /device must be valid UTF-8/],
@@ -331,34 +331,38 @@ test('the lease API refuses bad arguments before anything is sent, naming them',
   const refused = [
     [fakeClient.attach(device, -1), RangeError, /^channel must be an integer in 0\.\.4294967295 \(uint32\), not -1$/],
     [fakeClient.attach(device, 2 ** 32 + 1), RangeError, /not 4294967297$/],
-    [fakeClient.attach(''), TypeError, /^device must be a non-empty string, not ""$/],
+    [fakeClient.attach(''), TypeError, /^device must be a non-empty string, not ''$/],
     [fakeClient.leaseSend(undefined, 'x'), TypeError, /^lease id must be a non-empty string, not undefined$/],
     [fakeClient.leaseSend('L1', undefined), TypeError, /^data must be a Buffer, .* not undefined$/],
     [fakeClient.leaseSend('L1', Buffer.alloc(kup.MAX_PAYLOAD + 1)), kup.TooBig, /larger than any message kupd carries/],
     [fakeClient.leaseReceive('L1', -5), RangeError, /^timeoutMs must be .* >= 0, not -5$/],
-    [fakeClient.leaseReceive('L1', '100'), TypeError, /^timeoutMs must be a number of milliseconds, not string "100"$/],
+    [fakeClient.leaseReceive('L1', '100'), TypeError, /^timeoutMs must be a number of milliseconds, not string '100'$/],
     [fakeClient.leaseReceive('L1', 2 ** 32), RangeError, /not 4294967296$/],
     [fakeClient.leaseExchange('L1', 'x', NaN), RangeError, /not NaN$/],
     [fakeClient.leaseExchange('L1', null, 100), TypeError, /^data must be a Buffer, .* not null$/],
     [fakeClient.leaseExchange(5, 'x', 100), TypeError, /^lease id must be a non-empty string, not 5$/],
     [fakeClient.leasePass({}), TypeError, /^lease id must be a non-empty string, not object$/],
-    [fakeClient.release(''), TypeError, /^lease id must be a non-empty string, not ""$/],
-    [fakeClient.release('\ud800'), RangeError, /^lease id must be valid UTF-8/],
+    [fakeClient.release(''), TypeError, /^lease id must be a non-empty string, not ''$/],
+    [fakeClient.release('\ud800'), RangeError, /^lease id must be valid UTF-8 text \(no lone surrogates\), not '\\ud800'$/],
     // attach's timeoutMs: the RPC's deadline, > 0
     [fakeClient.attach(device, 3, { timeoutMs: -1 }), RangeError, /^timeoutMs must be .* > 0, not -1$/],
     [fakeClient.attach(device, 3, { timeoutMs: 0 }), RangeError, /> 0, not 0$/],
     [fakeClient.attach(device, 3, { timeoutMs: NaN }), RangeError, /not NaN$/],
     [fakeClient.attach(device, 3, { timeoutMs: 2 ** 32 }), RangeError, /<= 4294967295 .* not 4294967296$/],
-    [fakeClient.attach(device, 3, { timeoutMs: '2000' }), TypeError, /^timeoutMs must be a number of milliseconds, not string "2000"$/],
-    // receive names: up to 64 of [A-Za-z0-9_-], as kupd and every client
-    [fakeClient.leaseReceive('L1', 0, { receiveId: 'no spaces' }), RangeError, /^receiveId "no spaces": only letters, digits, '_' and '-'$/],
+    [fakeClient.attach(device, 3, { timeoutMs: '2000' }), TypeError, /^timeoutMs must be a number of milliseconds, not string '2000'$/],
+    // receive names: up to 64 of [A-Za-z0-9_-], as kupd and every client;
+    // a bad one quoted as Python's repr() and the C++ client quote it
+    [fakeClient.leaseReceive('L1', 0, { receiveId: 'no spaces' }), RangeError, /^receiveId 'no spaces': only letters, digits, '_' and '-'$/],
+    [fakeClient.leaseReceive('L1', 0, { receiveId: 'tab\there\\' }), RangeError, /^receiveId 'tab\\there\\\\': only letters/],
+    [fakeClient.leaseReceive('L1', 0, { againOf: "it's" }), RangeError, /^againOf "it's": only letters/],
+    [fakeClient.leaseReceive('L1', 0, { againOf: `it's "x"` }), RangeError, /^againOf 'it\\'s "x"': only letters/],
     [fakeClient.leaseReceive('L1', 0, { againOf: 'x'.repeat(65) }), RangeError, /^againOf of 65 characters: at most 64$/],
     [fakeClient.leaseReceive('L1', 0, { againOf: '' }), RangeError, /^againOf must not be empty/],
     [fakeClient.leaseReceive('L1', 0, { receiveId: 7 }), TypeError, /^receiveId must be a string, not 7$/],
-    [fakeClient.leaseExchange('L1', 'x', 100, { receiveId: 'a/b' }), RangeError, /^receiveId "a\/b": only letters/],
+    [fakeClient.leaseExchange('L1', 'x', 100, { receiveId: 'a/b' }), RangeError, /^receiveId 'a\/b': only letters/],
     [fakeClient.leaseExchange('L1', 'x', 100, { againOf: 'x'.repeat(65) }), RangeError, /^againOf of 65 characters/],
-    [fakeClient.leaseSend('L1', 'x', { againOf: 'no spaces' }), RangeError, /^againOf "no spaces": only letters/],
-    [fakeClient.leaseSend('L1', 'x', { receiveId: 'x' }), TypeError, /^leaseSend: unknown option "receiveId" \(known: signal, againOf\)$/],
+    [fakeClient.leaseSend('L1', 'x', { againOf: 'no spaces' }), RangeError, /^againOf 'no spaces': only letters/],
+    [fakeClient.leaseSend('L1', 'x', { receiveId: 'x' }), TypeError, /^leaseSend: unknown option 'receiveId' \(known: signal, againOf\)$/],
     [fakeClient.leasePass('L1', { againOf: '' }), RangeError, /^againOf must not be empty/],
   ];
   for (const [promise, cls, re] of refused) {
@@ -369,7 +373,7 @@ test('the lease API refuses bad arguments before anything is sent, naming them',
     });
   }
   assert.throws(() => fakeClient.watch(device, { initialState: 'yes' }),
-    { name: 'TypeError', message: /^initialState must be a boolean, not string "yes"$/ });
+    { name: 'TypeError', message: /^initialState must be a boolean, not string 'yes'$/ });
   // (and a good one does reach it)
   await assert.rejects(fakeClient.leasePass('L1'), kupErr(kup.NotFound, /does not serve that method/));
 });

@@ -135,9 +135,9 @@ test('bad arguments are refused before the wire, naming them', async () => {
     // a channel id past uint32 wrapped on the wire (2**32 + 40 attached channel 40)
     [kup.openSession(client, device, 2 ** 32 + 40), RangeError, /0\.\.4294967295 .*not 4294967336/],
     [kup.openSession(client, device, 2 ** 32), RangeError, /not 4294967296/],
-    [kup.openSession(client, device, '3'), TypeError, /channel must be an integer or null, not string "3"/],
+    [kup.openSession(client, device, '3'), TypeError, /channel must be an integer or null, not string '3'/],
     [kup.call(client, device, 'x', { timeoutMs: '1000' }), TypeError,
-      /timeoutMs must be a number of milliseconds, not string "1000"/],
+      /timeoutMs must be a number of milliseconds, not string '1000'/],
     [kup.call(client, device, 'x', { timeoutMs: 2 ** 32 }), RangeError, /<= 4294967295 .*not 4294967296/],
     [kup.openSession(client, device, 1.5), RangeError, /not 1.5/],
   ];
@@ -164,7 +164,7 @@ test('bad arguments are refused before the wire, naming them', async () => {
 
 test('connect refuses a socket path that is not a non-empty string', () => {
   assert.throws(() => kup.connect(5), { name: 'TypeError', message: /socketPath must be a non-empty string, not 5/ });
-  assert.throws(() => kup.connect(''), { name: 'TypeError', message: /socketPath must be a non-empty string, not ""/ });
+  assert.throws(() => kup.connect(''), { name: 'TypeError', message: /socketPath must be a non-empty string, not ''/ });
   assert.throws(() => kup.connect(undefined), /socketPath must be a non-empty string, not undefined/);
 });
 
