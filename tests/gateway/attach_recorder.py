@@ -7,6 +7,24 @@ Every client's attach has a default deadline (30 s) and a caller's
 out.  A real gRPC server on a unix socket (kup.v1.Kup, every other method
 UNIMPLEMENTED); its replies are leases of no kupd (``lease_id``
 "recorded").
+
+Why its users check a range (e.g. 20 < default <= 30.5) and not the value
+itself: the configured timeout never reaches the wire.  Each client turns
+it into an absolute deadline as it starts the call (Python's grpc from
+``timeout=``, C++'s ``ClientContext::set_deadline(now + timeout)``, Node's
+``{deadline: new Date(Date.now() + ms)}``), and gRPC writes
+``grpc-timeout`` as that deadline less the time it writes the headers
+(grpc core rounding up into its coarse units, grpc-js to the ms);
+``time_remaining()`` also loses the time until the handler runs.  Reading
+the header itself would take only the last part away: the server's gRPC
+consumes it (it is not in ``invocation_metadata()``), so it would take an
+HTTP/2 proxy with an HPACK decoder (h2stall.py reads frame headers only;
+the ``hpack`` package is not installed), and what it read would still be
+the timeout less the client's own elapsed time.  An exact check needs a
+seam in each client that reports the timeout it handed to gRPC -- a test
+hook in three clients, not something on the wire.  So the checks stay
+bounds: at most the configured value (plus gRPC's rounding), and far from
+any other candidate (the other timeout, no deadline at all).
 """
 
 from __future__ import annotations
