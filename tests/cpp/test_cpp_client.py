@@ -3,9 +3,13 @@ kupd + kupsim.
 
 clients/cpp is built once per run (``make -C clients/cpp all asan``: the
 library, the example, and the test program plain and under AddressSanitizer
-+ UBSan; make skips what is up to date).  Debian's grpc++ / protobuf
-packages are installed by scripts/setup-apt.sh (``make test`` runs it); a
-machine without them fails here, naming them -- never a skip.
++ UBSan; make skips what is up to date), in the background from the end of
+collection on when a selected test needs it (tests/cpp/conftest.py, as
+tests/vm's VM runs): in a fresh clone that is a minute or more of compiling
+the rest of the session's tests, which mostly sleep on deadlines, run
+beside.  Debian's grpc++ / protobuf packages are installed by
+scripts/setup-apt.sh (``make test`` runs it); a machine without them fails
+the tests that need the build, naming them -- never a skip.
 
 The test program (clients/cpp/test/kup_client_test.cpp) runs its tests in
 turn against one kupd with call_timeout 2 s (a Call without a timeout
@@ -19,18 +23,21 @@ and its kupd_shutdown and kupd_killed tests each end a kupd of their own
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from kupd.testing import REPO_ROOT, Kupd, doc_block
+from kupd.testing import REPO_ROOT, Kupd, doc_block, wait_until
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
 from attach_recorder import AttachRecorder  # tests/gateway's
@@ -40,9 +47,15 @@ CPP_DIR = REPO_ROOT / "clients" / "cpp"
 BUILD_TIMEOUT = 1200.0
 RUN_TIMEOUT = 300.0
 
-# The first test pays for the build (several minutes on a busy 2-core
-# machine) inside its own time.
+# The first test that needs the build may wait for it (several minutes on
+# a busy 2-core machine) inside its own time.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + RUN_TIMEOUT + 120)
+#: The build's niceness: it runs beside the session's other tests, whose
+#: deadlines must get the CPU first (tests/vm's VM_NICE).
+BUILD_NICE = 10
+#: How long a build being stopped (the session's end) has, after SIGTERM,
+#: to delete what it was writing (make and gcc do) before SIGKILL.
+STOP_GRACE = 10.0
 
 #: The test program's tests (its TESTS table): each must have passed.
 CPP_TESTS = 18
@@ -54,21 +67,150 @@ BINARIES = {
 }
 
 
+#: The build, and the lock file that serialises it against other sessions'.
+MAKE_ARGV = ("make", "-C", str(CPP_DIR), "-j2", "all", "asan")
+MAKE_LOCK = CPP_DIR / "build" / ".make.lock"
+
+
+class CppBuild:
+    """``argv`` (``make -C clients/cpp -j2 all asan``) in a background
+    thread, from :meth:`start` on (once), at niceness BUILD_NICE in a
+    process group of its own, holding the lock file ``lock`` (flock(1):
+    two sessions' builds take turns, and one waiting for the lock is
+    stopped as one building).  :meth:`wait` returns once it succeeded and raises
+    AssertionError with make's output if it failed -- in the fixture of the
+    tests that need it, so a failed build fails them, not the collection.
+    :meth:`close` stops it (SIGTERM to the group, so make deletes the
+    target it was writing, then SIGKILL) and waits for the thread."""
+
+    def __init__(self, argv: Sequence[str] = MAKE_ARGV, lock: Path = MAKE_LOCK) -> None:
+        self._cmd = ["nice", "-n", str(BUILD_NICE), "flock", str(lock), *argv]
+        self._lock_file = lock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._stopped = False
+        self._done = threading.Event()
+        self._error: str | None = None
+        #: the build's wall time, seconds (once done)
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="cpp-build", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        cmd = self._cmd
+        try:
+            self._lock_file.parent.mkdir(exist_ok=True)
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError("the test session ended before it started")
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                )  # fmt: skip
+            t0 = time.monotonic()
+            try:
+                out, err = self._proc.communicate(timeout=BUILD_TIMEOUT)
+                self.seconds = time.monotonic() - t0
+            except subprocess.TimeoutExpired:
+                _stop_group(self._proc)
+                out, err = self._proc.communicate()
+                raise RuntimeError(f"not done in {BUILD_TIMEOUT:.0f} s:\n{out}\n{err}") from None
+            if self._proc.returncode != 0:
+                stopped = " (stopped: the test session ended)" if self._stopped else ""
+                raise RuntimeError(f"exit status {self._proc.returncode}{stopped}:\n{out}\n{err}")
+        except Exception as e:  # reported by every test that needs the build
+            self._error = f"building clients/cpp ({' '.join(cmd)}) failed: {e}"
+        finally:
+            self._done.set()
+
+    def wait(self) -> float:
+        """Seconds waited for it."""
+        self.start()
+        t0 = time.monotonic()
+        self._done.wait()
+        if self._error is not None:
+            raise AssertionError(self._error)
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            proc, thread = self._proc, self._thread
+        if proc is not None:
+            _stop_group(proc)
+        if thread is not None:
+            thread.join()
+        elif not self._done.is_set():  # never started: nothing to wait for
+            self._error = "clients/cpp was not built: the test session ended first"
+            self._done.set()
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the build's process group (make deletes a target it was
+    writing, gcc its output), then SIGKILL to what is left of it after
+    STOP_GRACE."""
+    pgid = proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        proc.poll()  # (the leader's zombie is ours to reap)
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie does not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and ")"
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+_BUILD = pytest.StashKey[CppBuild]()
+
+
+def start_cpp_build(session: pytest.Session) -> CppBuild:
+    """The session's build of clients/cpp, started (once).  Called by
+    tests/cpp/conftest.py when collection is done and some selected test
+    needs it; the caller closes it."""
+    build = session.config.stash.get(_BUILD, None)
+    if build is None:
+        build = session.config.stash[_BUILD] = CppBuild()
+    build.start()
+    return build
+
+
+@pytest.fixture(scope="session")
+def _cpp_builder(request: pytest.FixtureRequest) -> Iterator[CppBuild]:
+    # (closed here too when tests/cpp/conftest.py did not start it)
+    build = start_cpp_build(request.session)
+    yield build
+    build.close()
+
+
 @pytest.fixture(scope="module")
-def cpp_build() -> None:
-    """``make -C clients/cpp all asan`` (serialised by a lock file against
-    parallel runs; clients/cpp/Makefile names a missing package)."""
-    (CPP_DIR / "build").mkdir(exist_ok=True)
-    with open(CPP_DIR / "build" / ".make.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.run(
-            ["make", "-C", str(CPP_DIR), "-j2", "all", "asan"],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-            check=False,
-        )
-    assert proc.returncode == 0, f"building clients/cpp failed:\n{proc.stdout}\n{proc.stderr}"
+def cpp_build(_cpp_builder: CppBuild) -> None:
+    """clients/cpp built: waits for the session's build (started in the
+    background at collection's end); its failure fails the test, with
+    make's output (clients/cpp/Makefile names a missing package)."""
+    waited = _cpp_builder.wait()
+    print(
+        f"\nclients/cpp: make all asan took {_cpp_builder.seconds:.1f}s at niceness "
+        f"{BUILD_NICE} (from the end of collection on, beside the session's other tests); "
+        f"the tests waited {waited:.1f}s of it"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +447,97 @@ def test_cpp_example(kupd_socket: str) -> None:
     assert session, report
     hello = "hello" if int(session.group(1)) % 2 == 0 else "HELLO"
     assert f"hello -> {hello} (seq 2)" in proc.stdout, report
+
+
+# ---- the background build (CppBuild), with commands of the tests' own
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_cpp_build_failing_fails_every_wait_with_its_output(tmp_path: Path) -> None:
+    """A failed build is an AssertionError with its output, for each test
+    that waits for it (not the collection's error: nothing is raised before
+    a wait)."""
+    build = CppBuild(["sh", "-c", "echo compiling; echo 'no such header' >&2; exit 2"],
+                     tmp_path / "lock")  # fmt: skip
+    try:
+        for _ in range(2):
+            with pytest.raises(AssertionError) as e:
+                build.wait()
+            assert "failed: exit status 2:\ncompiling\n\nno such header" in str(e.value)
+    finally:
+        build.close()
+
+
+def test_cpp_build_runs_at_its_niceness(tmp_path: Path) -> None:
+    """The build runs at BUILD_NICE above the session's own niceness."""
+    out = tmp_path / "nice"
+    build = CppBuild(["sh", "-c", f"ps -o ni= -p $$ > {out}"], tmp_path / "lock")
+    try:
+        build.wait()
+    finally:
+        build.close()
+    assert int(out.read_text()) == os.nice(0) + BUILD_NICE
+
+
+def test_cpp_build_close_stops_its_whole_process_group(tmp_path: Path) -> None:
+    """The session's end stops the build's children too (make's compilers),
+    and a test waiting for it then fails saying so."""
+    pids = tmp_path / "pids"
+    build = CppBuild(["sh", "-c", f"sleep 600 & echo $$ $! > {pids}; wait"], tmp_path / "lock")
+    try:
+        build.start()
+        wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, what="the build")
+        shell, child = (int(p) for p in pids.read_text().split())
+    finally:
+        build.close()
+    assert not _alive(shell) and not _alive(child)
+    with pytest.raises(AssertionError, match=r"\(stopped: the test session ended\)"):
+        build.wait()
+
+
+def _lock_waiters(lock: Path) -> int:
+    """How many are blocked waiting for an flock of ``lock`` (/proc/locks:
+    a waiter's line has "->" before its type; the inode is field 6's
+    third part)."""
+    if not lock.exists():
+        return 0
+    ino = lock.stat().st_ino
+    n = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        if len(f) > 6 and f[1] == "->" and f[2] == "FLOCK" and int(f[6].split(":")[2]) == ino:
+            n += 1
+    return n
+
+
+def test_cpp_builds_take_turns_on_the_lock(tmp_path: Path) -> None:
+    """A second build (another session's) waits for the first to finish:
+    it finds what the first made.  The first is held until the second is
+    seen blocked on the lock."""
+    lock, go = tmp_path / "lock", tmp_path / "go"
+    os.mkfifo(go)
+    first = CppBuild(["sh", "-c", f"touch {tmp_path}/started; read x < {go}; "
+                      f"touch {tmp_path}/finished"], lock)  # fmt: skip
+    second = CppBuild(["test", "-e", str(tmp_path / "finished")], lock)
+    try:
+        first.start()
+        wait_until(lambda: (tmp_path / "started").exists(), what="the first build")
+        second.start()
+        wait_until(lambda: _lock_waiters(lock) == 1, what="the second build waiting for the lock")
+        with open(go, "w") as release:
+            release.write("go\n")
+        first.wait()
+        second.wait()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_earlier_signatures_still_compile() -> None:
