@@ -121,6 +121,13 @@ attach_why(int code, long long want)
 	    "(kupdev_notify / kupdev_announce)";
 }
 
+/* "byte" or "bytes" after a count of n: "send of 1 byte", "of 2 bytes". */
+static const char *
+bytes_word(Py_ssize_t n)
+{
+	return n == 1 ? "byte" : "bytes";
+}
+
 /* Raise the kupd.errors class for code with a message naming what failed
  * ("what: EKU_NAME: libkup's text"); a non-NULL why replaces libkup's text
  * ("what: EKU_NAME: why").  Always returns NULL. */
@@ -608,8 +615,8 @@ channel_send(ChannelObject *c, PyObject *arg)
 		c->busy = 0;
 		PyBuffer_Release(&view);
 		return raise_kup(KUP_E_TOOBIG, 0,
-		    "send of %zd bytes on channel %u of device %U (max_msg %zu)", view.len,
-		    (unsigned)c->id, c->dev->name, c->max_msg);
+		    "send of %zd %s on channel %u of device %U (max_msg %zu)", view.len,
+		    bytes_word(view.len), (unsigned)c->id, c->dev->name, c->max_msg);
 	}
 	Py_BEGIN_ALLOW_THREADS
 	rc = kernproxy_send(c->h, view.buf, (size_t)view.len, 0);
@@ -624,7 +631,8 @@ channel_send(ChannelObject *c, PyObject *arg)
 	if (rc != 0)
 		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
 		    turn_why(code, 's', c->h),
-		    "send of %zd bytes on channel %u of device %U", view.len, (unsigned)c->id,
+		    "send of %zd %s on channel %u of device %U", view.len,
+		    bytes_word(view.len), (unsigned)c->id,
 		    c->dev->name);
 	Py_RETURN_NONE;
 }
@@ -971,8 +979,8 @@ exchange_begin(ChannelObject *c, PyObject *data, Py_buffer *view, const char *op
 		/* leave first: raising may run Python code, and so let a
 		 * close() from another thread in while the channel is claimed */
 		(void)channel_leave(c);
-		raise_kup(KUP_E_TOOBIG, 0, "%s: send of %zd bytes on channel %u of device %U (max_msg %zu)",
-		    op, view->len, (unsigned)c->id, c->dev->name, c->max_msg);
+		raise_kup(KUP_E_TOOBIG, 0, "%s: send of %zd %s on channel %u of device %U (max_msg %zu)",
+		    op, view->len, bytes_word(view->len), (unsigned)c->id, c->dev->name, c->max_msg);
 		PyBuffer_Release(view);
 		return -1;
 	}
@@ -1044,7 +1052,8 @@ channel_exchange(ChannelObject *c, PyObject *const *args, Py_ssize_t nargs,
 		(void)channel_leave(c);
 		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
 		    turn_why(code, 's', c->h),
-		    "exchange: send of %zd bytes on channel %u of device %U", len, (unsigned)c->id,
+		    "exchange: send of %zd %s on channel %u of device %U", len,
+		    bytes_word(len), (unsigned)c->id,
 		    c->dev->name);
 	}
 	if (timeout_ms != 0)
@@ -1114,8 +1123,8 @@ channel_try_exchange(ChannelObject *c, PyObject *arg)
 		(void)channel_leave(c);
 		return raise_kup_why(code ? code : KUP_E_SYS, sys_errno,
 		    turn_why(code, 's', c->h),
-		    "try_exchange: send of %zd bytes on channel %u of device %U", len,
-		    (unsigned)c->id, c->dev->name);
+		    "try_exchange: send of %zd %s on channel %u of device %U", len,
+		    bytes_word(len), (unsigned)c->id, c->dev->name);
 	}
 	if (rc == 0) {
 		res = message_object(c, &m);

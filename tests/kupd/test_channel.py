@@ -324,6 +324,28 @@ def test_not_your_turn_says_whose_turn_it_is_once(echo_sim: KupSim) -> None:
         )
 
 
+def test_a_send_of_one_byte_says_byte(echo_sim: KupSim) -> None:
+    """The channel layer's messages count a payload of one in the singular
+    ("send of 1 byte"), every operation that sends."""
+    path = echo_sim.device_path("echo")
+    with Device.open(path) as dev, dev.channel(0) as ch:
+        opened(ch)
+        ch.send(HOLD)  # echo keeps the turn
+        where = f"on channel 0 of device {path}: EKU_NOTTURN"
+        with pytest.raises(NotYourTurn) as e:
+            ch.send(b"!")
+        assert str(e.value).startswith(f"send of 1 byte {where}"), str(e.value)
+        with pytest.raises(NotYourTurn) as e:
+            ch.exchange(b"!", T)
+        assert str(e.value).startswith(f"exchange: send of 1 byte {where}"), str(e.value)
+        with pytest.raises(NotYourTurn) as e:
+            ch.try_exchange(b"!")
+        assert str(e.value).startswith(f"try_exchange: send of 1 byte {where}"), str(e.value)
+        with pytest.raises(NotYourTurn) as e:
+            ch.send(b"")
+        assert str(e.value).startswith(f"send of 0 bytes {where}"), str(e.value)
+
+
 def test_receive_when_holding_turn_is_notyourturn(echo_sim: KupSim) -> None:
     with Device.open(echo_sim.device_path("echo")) as dev, dev.channel() as ch:
         opened(ch)
