@@ -46,6 +46,7 @@
 #include <sys/stat.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,6 +206,25 @@ kd_info(void *dev, struct kernproxy_info *out)
 	return KUP_E_OK;
 }
 
+/* The device handle's device is gone or going (module unloaded or
+ * unloading): its descriptor polls POLLHUP for good -- Linux kup.ko's poll
+ * on an unattached file once the device is shutting down or gone; FreeBSD
+ * kupdev.ko's the same while shutting down, and devfs's own (POLLHUP, or
+ * POLLNVAL from our d_poll without cdevpriv) once destroy_dev ran.  Poll
+ * has no side effect, unlike INFO (which takes the handle's device event).
+ * An attach asks this because it opens the node by path again: after an
+ * unload the path names nothing (ENOENT, "no such channel" to the caller)
+ * or, once the module is loaded again, ANOTHER device -- neither is this
+ * handle's, which says EKU_SHUTDOWN for good, as kupsim's does
+ * (backend_sim.c, sim_dev_gone); the caller opens the device again. */
+static int
+kd_dev_gone(const struct kd_dev *d)
+{
+	struct pollfd p = { .fd = d->fd, .events = POLLIN };
+
+	return poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLNVAL)) != 0;
+}
+
 /* How long an attach asks again after signals interrupted the kernel's
  * wait for a module to let go of the channel: twice that wait (500 ms). */
 #define KD_ATTACH_RETRY_MS 1000
@@ -226,12 +246,21 @@ kd_attach(void *dev, uint32_t chan_id, uint32_t abi_version, uint32_t pages,
 	/* OS: a core dump of the process leaves the channel pages out */
 	map_flags |= MAP_NOCORE;
 #endif
+	if (kd_dev_gone(d))
+		return KUP_E_SHUTDOWN;
 	c = calloc(1, sizeof(*c));
 	if (c == NULL)
 		return KUP_E_SYS;
 	r = kd_open_path(d->path, &fd);
-	if (r != KUP_E_OK)
+	if (r != KUP_E_OK) {
+		/* the node went between the look above and the open: the
+		 * unload it came from has made the handle hang up by now
+		 * (Linux withdraws the node after marking the device gone;
+		 * FreeBSD's destroy_dev does both) */
+		if (r == KUP_E_NOENT && kd_dev_gone(d))
+			r = KUP_E_SHUTDOWN;
 		goto fail;
+	}
 	memset(&a, 0, sizeof(a));
 	a.abi_version = abi_version;
 	a.chan_id = chan_id == KUP_CHAN_ANY_WIRE ? KUP_IOC_CHAN_ANY : chan_id;

@@ -342,6 +342,41 @@ def test_unload_while_blocked_raises_shutdown() -> None:
     subprocess.run(["insmod", f"{moddir}/kup_rot13.ko"], check=True, timeout=T)
 
 
+def test_attach_on_a_device_unloaded_since_it_was_opened_raises_shutdown() -> None:
+    """A device opened, then rmmod kup_rot13: an attach through the open
+    device is Shutdown (the device went away), not NotFound's "the device
+    has no channel with this id" -- its node has vanished, which is what
+    libkup's attach, opening the node by path again, used to report.  Once
+    the module is loaded again the old device still says Shutdown: the path
+    names another device now, not the one this handle opened."""
+    moddir = os.environ["KMODDIR"]
+    dev = Device.open("rot13")
+    try:
+        subprocess.run(["rmmod", "kup_rot13"], check=True, timeout=T)
+        assert not os.path.exists("/dev/kup/rot13")
+        for chan in (5, None):
+            with pytest.raises(Shutdown) as exc:
+                dev.channel(chan)
+            assert "EKU_SHUTDOWN" in str(exc.value) and "no channel" not in str(exc.value)
+        _insmod_rot13(moddir)
+        with pytest.raises(Shutdown):
+            dev.channel(5)
+    finally:
+        dev.close()
+        if not os.path.exists("/sys/module/kup_rot13"):
+            _insmod_rot13(moddir)
+    with Device.open("rot13") as fresh, _attach(fresh, 5) as ch:  # the new device works
+        opened(ch)
+
+
+def _insmod_rot13(moddir: str) -> None:
+    subprocess.run(["insmod", f"{moddir}/kup_rot13.ko"], check=True, timeout=T)
+    deadline = time.monotonic() + T
+    while not os.path.exists("/dev/kup/rot13"):
+        assert time.monotonic() < deadline, "/dev/kup/rot13 did not come back"
+        time.sleep(0.05)
+
+
 def _reload_rot13(params: str) -> None:
     """rmmod kup_rot13, set kup.ko's params, insmod it again (its
     kup_os_param_int reads them at init) and wait for its node."""
