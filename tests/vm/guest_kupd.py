@@ -1,9 +1,10 @@
 """kupd with a Python client against the real Linux module (run INSIDE the VM).
 
-tests/vm/guest_tests.sh runs this as a program after kup.ko, kup_echo.ko and
-kup_rot13.ko are loaded (KUP_BACKEND=linux, KMODDIR = the built modules).
-It starts the kupd daemon on a unix socket serving /dev/kup/echo (with a
-Call pool) and /dev/kup/rot13, then, through kupclient:
+tests/vm/guest_tests.sh runs this as a program after kup.ko, kup_echo.ko,
+kup_rot13.ko and kup_tally.ko are loaded (KUP_BACKEND=linux, KMODDIR = the
+built modules).  It starts the kupd daemon on a unix socket serving
+/dev/kup/echo (with a Call pool), /dev/kup/rot13 and /dev/kup/tally (a
+Call pool of one channel), then, through kupclient:
 
   * ListDevices reports the module's geometry;
   * a Session on echo channel 7: the kernel's opening PASS, a DATA round trip
@@ -11,7 +12,14 @@ Call pool) and /dev/kup/rot13, then, through kupclient:
     then channel 7 again at once, a fresh attachment;
   * a Call through the pool;
   * a Watch on rot13 sees the device shut down when kup_rot13.ko is unloaded
-    and reappear when it is loaded again, after which a Session works.
+    and reappear when it is loaded again, after which a Session works;
+  * kmod/examples/tally (kup_tally.ko, its default 4 channels): Sessions on
+    the three channels the pool leaves and Calls share the module's one
+    total, a Session's "watch T" is answered only when another channel
+    changes the total (a receive with a timeout first ends DeadlineExceeded:
+    the answer is still owed), and unloading the module while a watch waits
+    ends that receive with Shutdown.  (In this kupd, not one of its own: a
+    second kupd start cost the guest 12-80 s under TCG.)
 
 Exit status 0 on success; on failure the kupd log is printed.
 """
@@ -162,6 +170,54 @@ def scenario(sock: str, moddir: str) -> None:
         print("session after reload: ok", flush=True)
 
 
+def tally_scenario(c: Client) -> None:
+    (tally,) = [d for d in c.devices() if d.name == "tally"]
+    assert tally.reachable and tally.channel_count == 4, tally
+    dev = c.open("tally")
+    with dev.channel() as a, dev.channel() as b, dev.channel() as w:
+        assert len({a.id, b.id, w.id}) == 3, (a.id, b.id, w.id)
+        for ch in (a, b, w):
+            assert ch.receive(timeout=T).kind is Kind.PASS  # the module's opening
+        assert a.exchange(b"+5", timeout=T).data == b"total 5"
+        assert b.exchange(b"-2", timeout=T).data == b"total 3"
+        assert c.call("tally", b"+1", timeout=T).data == b"total 4"
+        assert a.exchange(b"?", timeout=T).data == b"total 4"
+        assert b.exchange(b"12x", timeout=T).data == b"error: not a number, ? or watch N (3 bytes)"
+        print("tally: shared total: ok", flush=True)
+
+        # "watch 4": no answer while the total stays 4; another channel's
+        # change answers it
+        w.send(b"watch 4")
+        try:
+            w.receive(timeout=0.2)
+            raise AssertionError("tally answered a watch of the current total")
+        except errors.DeadlineExceeded:
+            pass
+        assert a.exchange(b"+0", timeout=T).data == b"total 4"  # no change
+        assert c.call("tally", b"+3", timeout=T).data == b"total 7"
+        assert w.receive(timeout=T).data == b"total 7"
+        assert w.exchange(b"watch 4", timeout=T).data == b"total 7"  # seen: at once
+        print("tally: watch: ok", flush=True)
+
+        # the module unloads while a watch waits: Shutdown
+        w.send(b"watch 7")
+        outcome: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                w.receive(timeout=T)
+                outcome.append(None)
+            except BaseException as e:  # checked below
+                outcome.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        subprocess.run(["rmmod", "kup_tally"], check=True, timeout=T)
+        t.join(T)
+        assert len(outcome) == 1 and isinstance(outcome[0], errors.Shutdown), outcome
+        print("tally: unload during a watch: ok", flush=True)
+
+
 def main() -> int:
     moddir = os.environ["KMODDIR"]
     tmp = Path(tempfile.mkdtemp(prefix="kupd-vm-"))
@@ -170,13 +226,16 @@ def main() -> int:
     env = dict(os.environ, KUP_BACKEND="linux")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), CLIENTS])
     argv = [sys.executable, "-m", "kupd.daemon", "--socket", sock, "--device", "echo:2",
-            "--device", "rot13", "--health-interval", "0.2", "--pid-file", "-"]  # fmt: skip
+            "--device", "rot13", "--device", "tally:1", "--health-interval", "0.2",
+            "--pid-file", "-"]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     ok = False
     try:
         wait_serving(sock, proc)
         scenario(sock, moddir)
+        with Client(sock) as c:
+            tally_scenario(c)
         ok = True
     finally:
         if proc.poll() is None:

@@ -309,9 +309,23 @@ stage_python_channel() {
 	lsmod | grep -q '^kup_rot13 '   # the unload scenario reloaded it
 }
 
+# kupd serves echo, rot13 and kmod/examples/tally (kup_tally.ko, its
+# default 4 channels), which guest_kupd.py unloads at its end
 stage_kupd() {
+	n0=$(dmesg | wc -l)
+	insmod "$KMODDIR/kup_tally.ko"
+	wait_dev tally
 	cd "$REPO"
-	"$PY" tests/vm/guest_kupd.py
+	rc=0
+	"$PY" tests/vm/guest_kupd.py || rc=$?
+	if grep -q '^kup_tally ' /proc/modules; then rmmod kup_tally; fi
+	log=$(dmesg | tail -n +$((n0 + 1)) | grep 'tally:' || true)
+	echo "$log"
+	[ $rc -eq 0 ] || return 1
+	echo "$log" | grep -q 'tally: device tally ready (4 channels)' \
+		|| { echo "kup_tally did not start with its 4 channels"; return 1; }
+	echo "$log" | grep -q 'tally: device tally unloaded' \
+		|| { echo "kup_tally did not unload"; return 1; }
 }
 
 stage_unload() {

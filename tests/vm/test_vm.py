@@ -7,7 +7,8 @@ fault tests, a module thread that exits holding a kup_mutex or a channel
 (tests/vm/kup_holdtest.c), libkup C scenarios, receive_any threads on
 disjoint sets that must not wake each other (tests/vm/kup_anyherd.c),
 Python channel scenarios,
-kupd with a client, unload while attached, kernel-log check) against kup.ko/kup_echo.ko
+kupd with a client (serving the tally example module too), unload while attached,
+kernel-log check) against kup.ko/kup_echo.ko/kup_tally.ko
 built for that kernel; each stage is one test here (``test_stage[6.12-load]``),
 failing with the stage's own output, and the whole guest kernel log is
 checked for warnings, oopses and sanitizer reports.  The kernels' VMs run
@@ -219,14 +220,14 @@ def vm_jobs(env: Mapping[str, str]) -> int:
 
 
 def _build_modules(kernel: Any, children: _Children) -> Path:
-    """kup.ko/kup_echo.ko/kup_rot13.ko against that kernel's headers."""
+    """kup.ko/kup_echo.ko/kup_rot13.ko/kup_tally.ko against that kernel's headers."""
     kver: str = kernel.kver
     children.run(
         ["make", "-s", "-C", "kmod/linux", f"KVER={kver}", f"KDIR={kernel.headers}"],
         f"building kup.ko/kup_echo.ko for {kver}",
     )
     moddir = REPO / "kmod" / "out" / "linux" / kver
-    for ko in ("kup.ko", "kup_echo.ko", "kup_rot13.ko"):
+    for ko in ("kup.ko", "kup_echo.ko", "kup_rot13.ko", "kup_tally.ko"):
         assert (moddir / ko).is_file(), f"{ko} was not built in {moddir}"
     _build_test_module(kernel, moddir, children)
     return moddir

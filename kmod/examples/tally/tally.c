@@ -43,7 +43,8 @@
  * Parameter `channels` (default 4; kupsim: KUP_PARAM_TALLY_CHANNELS,
  * Linux: kup.params=tally.channels=N, FreeBSD: kup.tally.channels).  Only kupdev.h and kup_module.h are
  * used: the same source builds for kupsim, Linux and FreeBSD.
- * Tested by tests/kmod/test_kupsim_tally.py.
+ * Tested by tests/kmod/test_kupsim_tally.py, and on Linux (kup_tally.ko,
+ * through kupd) by tests/vm/guest_kupd.py.
  */
 #include "kup_module.h"
 
