@@ -326,6 +326,8 @@ def test_session_interactive(kupctl: Kupctl) -> None:
             ":recv",
             ":hex 00ff",
             ":recv",
+            ":hex 01",  # one byte: "1 byte", not "1 bytes"
+            ":recv",
             ":quit",
             "never sent",
         ]
@@ -345,6 +347,8 @@ def test_session_interactive(kupctl: Kupctl) -> None:
         "#4 DATA (6 bytes): :COLON",
         "sent 2 bytes",
         "#5 DATA (2 bytes): hex:00ff",
+        "sent 1 byte",
+        "#6 DATA (1 byte): hex:01",
         "session ended",
     ]
     assert "channel 11" in lines[4]

@@ -182,11 +182,16 @@ def render_data(data: bytes, as_hex: bool) -> str:
     return "hex:" + data.hex()
 
 
+def count_bytes(n: int) -> str:
+    """``"1 byte"``, ``"2 bytes"``: a byte count as kupctl prints it."""
+    return f"{n} byte{'s' if n != 1 else ''}"
+
+
 def describe(msg: Message, as_hex: bool) -> str:
     """One line for a received message: ``#SEQ KIND (N bytes): payload``."""
     kind = msg.kind.name
     if msg.kind == Kind.DATA:
-        return f"#{msg.seq} {kind} ({len(msg.data)} bytes): {render_data(msg.data, as_hex)}"
+        return f"#{msg.seq} {kind} ({count_bytes(len(msg.data))}): {render_data(msg.data, as_hex)}"
     return f"#{msg.seq} {kind}"
 
 
@@ -481,7 +486,7 @@ def cmd_send(args: argparse.Namespace, out: Output) -> int:
     if out.as_json:
         out.json({"lease_id": args.lease, "sent": len(data)})
     else:
-        out.line(f"sent {len(data)} bytes")
+        out.line(f"sent {count_bytes(len(data))}")
     return EXIT_OK
 
 
@@ -766,7 +771,7 @@ def _session_send(ch: Any, data: bytes, out: Output) -> bool:
     if out.as_json:
         out.json({"op": "send", "size": len(data)})
     else:
-        out.line(f"sent {len(data)} bytes")
+        out.line(f"sent {count_bytes(len(data))}")
     return True
 
 
