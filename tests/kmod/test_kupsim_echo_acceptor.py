@@ -71,7 +71,8 @@ def test_a_held_reattach_does_not_stall_other_channels(variant_out: Path) -> Non
                 assert ch.exchange(b"x%d" % c, PROMPT).data.lower() == b"x%d" % c
                 ch.close()
         # the worker's re-pass after the held user left finds nobody: an
-        # expected -EPIPE, not logged as a failure
+        # expected -EPIPE, not logged as a failure (and on a loaded machine
+        # a worker may wake after its user came and went: "user gone")
         assert "first pass failed" not in sim.stderr(), sim.stderr()[-3000:]
 
 

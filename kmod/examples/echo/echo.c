@@ -584,7 +584,8 @@ echo_hold(struct echo_slot *s)
  * call that says it is over.  again: this worker already served a session
  * and was asked for another; a first pass that finds no user (-EPIPE) is
  * then expected (the attach it was asked for may be the one it has just
- * served, or one whose user has come and gone) and not logged.  A session
+ * served, or one whose user has come and gone) and not logged.  Otherwise
+ * it is logged as a user gone, never as a failure.  A session
  * may also end on an error that does not end it for the core (returned
  * as is, non-zero); the first pass of the next one takes care of that. */
 static int
@@ -609,9 +610,17 @@ echo_serve(struct echo_slot *s, int again)
 		r = kupdev_pass(echo_sc, s->chan);
 	}
 	if (r != 0) {
-		if (!(again && r == -EPIPE))
+		/* -EPIPE twice: the user the acceptor was told of came and
+		 * went before this pass (a worker slow to start, a loaded
+		 * machine), not a failure; said only when it was not the
+		 * worker's own last session (again) */
+		if (r != -EPIPE)
 			kup_log_limited(&echo_session_rl,
 			    "echo: chan %d: first pass failed (%d)", s->chan, r);
+		else if (!again)
+			kup_log_limited(&echo_session_rl,
+			    "echo: chan %d: user gone before its first pass",
+			    s->chan);
 		return r;
 	}
 	for (;;) {
