@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import DEVICES, StartTenants, child_env, socket_dir
+from tenancy_helpers import DEVICES, StartTenants, TenantKupd, child_env, socket_dir
 
 from kupclient import Client
 from kupd.config import load_config
@@ -314,32 +314,18 @@ def test_stop_during_reload_waits_for_it(tsim: KupSim, monkeypatch: pytest.Monke
     assert applied > 0
 
 
-def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenants) -> None:
-    """A real kupd, a real ``kupctl reload --timeout``: kupd is slow to
-    read its config file (a FIFO stands in for a slow file system: the
-    read blocks until the test writes it, long after kupctl gave up), so
-    grpc.aio cancels the Reload handler while the reload waits for the
-    file.  kupd applies the reload all the same: every new socket
-    served, none left bound at a private name, audited, and its log says
-    the requester had left."""
-    k = start_tenants(DEVICES + BEFORE)
+def _fifo_config(k: TenantKupd) -> None:
+    """Make ``k``'s config file a FIFO: kupd's next read of it blocks in
+    the open until :func:`_fifo_writer` opens its other end."""
     fifo = k.dir / "kupd.fifo"
     os.mkfifo(fifo, 0o600)
     os.replace(fifo, k.config)
-    p = subprocess.Popen(
-        [sys.executable, "-m", "kupclient.kupctl", "reload", "--timeout", "0.5",
-         "--admin-socket", k.admin_socket],
-        env=child_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 9, err  # kupctl gave up: whether kupd reloaded is not known
-    assert "did not answer the reload within 0.5 s" in err, err
-    # kupd, blocked opening the file for its read, reads it only now (the
-    # open fails with ENXIO until a reader is there: never a hang here)
+
+
+def _fifo_writer(k: TenantKupd) -> int:
+    """The write end of ``k``'s FIFO config, opened once kupd is reading
+    it (until a reader is there the open fails with ENXIO: never a hang
+    here)."""
     fd = -1
 
     def reader_there() -> bool:
@@ -353,7 +339,33 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
         return True
 
     wait_until(reader_there, what="kupd reading its config file")
-    with open(fd, "w") as f:
+    return fd
+
+
+def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenants) -> None:
+    """A real kupd, a real ``kupctl reload --timeout``: kupd is slow to
+    read its config file (a FIFO stands in for a slow file system: the
+    read blocks until the test writes it, long after kupctl gave up), so
+    grpc.aio cancels the Reload handler while the reload waits for the
+    file.  kupd applies the reload all the same: every new socket
+    served, none left bound at a private name, audited, and its log says
+    the requester had left."""
+    k = start_tenants(DEVICES + BEFORE)
+    _fifo_config(k)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kupclient.kupctl", "reload", "--timeout", "0.5",
+         "--admin-socket", k.admin_socket],
+        env=child_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 9, err  # kupctl gave up: whether kupd reloaded is not known
+    assert "did not answer the reload within 0.5 s" in err, err
+    # kupd, blocked opening the file for its read, reads it only now
+    with open(_fifo_writer(k), "w") as f:
         f.write(k.head() + DEVICES + AFTER.replace("@DIR@", str(k.dir)))
     wait_until(
         lambda: any(x.get("action") == "reload" for x in k.audit_lines()), what="the reload's audit"
@@ -438,25 +450,11 @@ def test_a_config_read_that_blocks_neither_freezes_kupd_nor_holds_its_stop(
     read used to run on the loop: kupd answered nothing, and its stop
     waited for the read."""
     k = start_tenants(DEVICES + BEFORE)
-    fifo = k.dir / "kupd.fifo"
-    os.mkfifo(fifo, 0o600)
-    os.replace(fifo, k.config)
+    _fifo_config(k)
     k.hup()
     # kupd's open of the FIFO returns once a writer is there; the writer
     # held open and never writing, kupd's read then blocks on no data
-    fd = -1
-
-    def reading() -> bool:
-        nonlocal fd
-        try:
-            fd = os.open(k.config, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            return False
-        return True
-
-    wait_until(reading, what="kupd reading its config file")
+    fd = _fifo_writer(k)
     try:
         for name in ("alice", "bob"):
             assert _health(k.sock(name)) == "SERVING", name
