@@ -14,7 +14,9 @@ task of its own, so the variable is per request.
 Who may connect to a socket is decided by the kernel: the socket file's
 owner, group and mode (``connect(2)`` needs write permission on it).  A
 socket is created under a umask that gives it exactly the configured mode
-at ``bind(2)`` (never wider, never chmod'ed open later) inside a directory
+at ``bind(2)`` (never wider, never chmod'ed open later; the umask is the
+whole process's, so it is set around grpcio's synchronous bind alone, see
+:func:`_bind_with_mode`) inside a directory
 owned by kupd's user and writable by nobody else; then it is chown'ed to
 the configured owner/group.  Between bind and chown the socket is owned by
 kupd's user and group, which only narrows access.
@@ -592,6 +594,30 @@ def write_replacing(path: str, data: bytes, mode: int, what: str) -> None:
         raise
 
 
+def _bind_with_mode(server: grpc.aio.Server, path: str, mode: int) -> int:
+    """Bind ``server`` at unix socket ``path``, born with exactly ``mode``;
+    gRPC's port number (0, or RuntimeError turned into 0: not bound).
+
+    The umask is the whole process's: a file any other code of kupd's
+    creates while it is changed (the audit log re-opened by SIGUSR1 or a
+    reload, a socket directory, the pid file) would be born under the
+    socket's umask.  So it is changed around this one synchronous call and
+    nothing else: grpcio creates, binds and listens on a unix socket inside
+    ``add_insecure_port``, on the calling thread (seen with strace; grpc.aio's
+    ``start`` only begins accepting), and the call has no await, so no other
+    task of the event loop runs inside the window.  kupd's own threads (the
+    device hosts' calls, the config-read thread, the metrics endpoint)
+    create no files."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        port: int = server.add_insecure_port("unix:" + path)
+        return port
+    except RuntimeError:  # grpcio's "Failed to bind", without the reason
+        return 0
+    finally:
+        os.umask(old)
+
+
 #: A server started by :meth:`SocketSet.prepare`: its endpoint, the server,
 #: and the name it is bound at until :meth:`SocketSet.commit` renames it to
 #: ``ep.path``.
@@ -825,25 +851,18 @@ class SocketSet:
             names.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(names, server)
         try:
-            old = os.umask(0o777 & ~ep.mode)  # born with exactly ep.mode
+            port = _bind_with_mode(server, path, ep.mode)
+            if port == 0:
+                raise OSError(f"cannot bind unix socket {ep.path} (tenant {ep.tenant.name})")
+            starting = asyncio.ensure_future(server.start())
             try:
-                try:
-                    port = server.add_insecure_port("unix:" + path)
-                except RuntimeError:  # grpcio's "Failed to bind", without the reason
-                    port = 0
-                if port == 0:
-                    raise OSError(f"cannot bind unix socket {ep.path} (tenant {ep.tenant.name})")
-                starting = asyncio.ensure_future(server.start())
-                try:
-                    await asyncio.shield(starting)
-                except asyncio.CancelledError:
-                    # grpc.aio's start cancelled half-way leaves a server
-                    # whose stop fails (InvalidStateError), its socket
-                    # bound: it finishes first, and is stopped below
-                    await asyncio.wait({starting})
-                    raise
-            finally:
-                os.umask(old)
+                await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # grpc.aio's start cancelled half-way leaves a server
+                # whose stop fails (InvalidStateError), its socket
+                # bound: it finishes first, and is stopped below
+                await asyncio.wait({starting})
+                raise
             try:
                 # The socket just bound, pinned: a file renamed to its name
                 # meanwhile is refused, never chown'ed.
