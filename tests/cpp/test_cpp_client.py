@@ -58,7 +58,7 @@ BUILD_NICE = 10
 STOP_GRACE = 10.0
 
 #: The test program's tests (its TESTS table): each must have passed.
-CPP_TESTS = 18
+CPP_TESTS = 19
 
 #: The builds of the test program: plain, and under ASan + UBSan.
 BINARIES = {

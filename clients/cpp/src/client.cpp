@@ -70,44 +70,6 @@ constexpr int RECONNECT_MAX_MS = 1000;
 
 // ---------------------------------------------------------------- arguments
 
-bool valid_utf8(std::string_view s) {
-    std::size_t i = 0;
-    const std::size_t n = s.size();
-    while (i < n) {
-        auto c = static_cast<unsigned char>(s[i]);
-        if (c < 0x80) {
-            ++i;
-            continue;
-        }
-        std::size_t len;
-        std::uint32_t cp;
-        if ((c & 0xE0) == 0xC0) {
-            len = 2;
-            cp = c & 0x1F;
-        } else if ((c & 0xF0) == 0xE0) {
-            len = 3;
-            cp = c & 0x0F;
-        } else if ((c & 0xF8) == 0xF0) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return false;
-        }
-        if (n - i < len) return false;
-        for (std::size_t k = 1; k < len; ++k) {
-            auto d = static_cast<unsigned char>(s[i + k]);
-            if ((d & 0xC0) != 0x80) return false;
-            cp = (cp << 6) | (d & 0x3F);
-        }
-        // overlong forms, surrogates, beyond U+10FFFF
-        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-            (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
-            return false;
-        i += len;
-    }
-    return true;
-}
-
 // Seconds as a short decimal ("5", "5.3").
 std::string seconds_text(ms t) {
     char buf[32];
@@ -117,7 +79,7 @@ std::string seconds_text(ms t) {
 
 std::string text_arg(std::string_view value, const char* name) {
     if (!valid_utf8(value))
-        throw ArgumentError(std::string(name) + " must be valid UTF-8 text");
+        throw ArgumentError(std::string(name) + " must be valid UTF-8 text, not " + quote(value));
     return std::string(value);
 }
 
@@ -149,15 +111,17 @@ std::optional<std::string> name_arg(const std::optional<std::string>& value, con
     constexpr std::size_t MAX = 64;
     if (v.empty())
         throw ArgumentError(std::string(name) + " must not be empty (leave it out: std::nullopt)");
-    if (v.size() > MAX)
-        throw ArgumentError(std::string(name) + " of " + std::to_string(v.size()) +
+    // (characters, not bytes: a name of 64 characters of which one is not
+    // ASCII is too long for nothing but that character, as in Python)
+    if (std::size_t n = characters(v); n > MAX)
+        throw ArgumentError(std::string(name) + " of " + std::to_string(n) +
                             " characters: at most " + std::to_string(MAX));
     for (char ch : v) {
         bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
                   ch == '_' || ch == '-';
         if (!ok)
-            throw ArgumentError(std::string(name) + " '" + v.substr(0, MAX) +
-                                "': only letters, digits, '_' and '-'");
+            throw ArgumentError(std::string(name) + " " + quote(v) +
+                                ": only letters, digits, '_' and '-'");
     }
     return v;
 }

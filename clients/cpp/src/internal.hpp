@@ -50,6 +50,28 @@ std::exception_ptr error_of_kind(std::string_view kind, const std::string& messa
 // The client's own errors (no status: grpc_code std::nullopt).
 [[noreturn]] void throw_invalid(const std::string& message);
 [[noreturn]] void throw_too_big(const std::string& message);
+
+// ---- text (text.cpp)
+// The code point of the UTF-8 character at s[i] and its length in bytes;
+// len 0 when no character starts there (a byte that starts none, one cut
+// short, an overlong form, a surrogate, past U+10FFFF).
+struct Utf8Char {
+    char32_t cp;
+    std::size_t len;
+};
+Utf8Char utf8_at(std::string_view s, std::size_t i);
+bool valid_utf8(std::string_view s);
+// How many characters `s` has: code points, and one for each byte that is
+// no UTF-8 character (as Python's len() of it decoded with surrogateescape).
+std::size_t characters(std::string_view s);
+// `s` quoted for an error message as Python's repr() of a str (and the
+// Node client's quote()): in single quotes, double ones when it has a '
+// and no "; \\, \t, \n, \r, the quote, and what is not printable
+// escaped (\xNN, \uNNNN, \UNNNNNNNN).  A byte of no UTF-8 character is
+// \udcNN, as Python shows it decoded with surrogateescape (sys.argv,
+// os.fsdecode).  docs/gateway.md, "C++ client", says where it differs.
+std::string quote(std::string_view s);
+
 // `exc` again, its class and code, with message "`what` is closed: the
 // session already ended with CLASS: MESSAGE" (Python's session_ended).
 std::exception_ptr session_ended(const std::string& what, const std::exception_ptr& exc);

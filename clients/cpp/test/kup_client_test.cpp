@@ -659,7 +659,7 @@ void test_bad_arguments() {
     expect_throw<kup::ArgumentError>([&] { c.call("", "x"); }, arg_error("device name is required"),
                                      WHERE);
     expect_throw<kup::ArgumentError>([&] { c.call("\xff", "x"); },
-                                     arg_error("device must be valid UTF-8"), WHERE);
+                                     arg_error(R"(device must be valid UTF-8 text, not '\udcff')"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.call(g_device, "x", kup::ms(0)); },
                                      arg_error("timeout must be std::nullopt or > 0 ms, not 0"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.call(g_device, "x", kup::ms(-1)); },
@@ -678,7 +678,12 @@ void test_bad_arguments() {
     expect_throw<kup::ArgumentError>([&] { c.lease_pass(""); }, arg_error("lease id is required"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.release(""); }, arg_error("lease id is required"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.list_devices("\xc0\xaf"); },
-                                     arg_error("device must be valid UTF-8"), WHERE);
+                                     arg_error(R"(device must be valid UTF-8 text, not '\udcc0\udcaf')"),
+                                     WHERE);
+    // (an encoded surrogate is no UTF-8: Python's and Node's '\ud800')
+    expect_throw<kup::ArgumentError>([&] { c.release("\xed\xa0\x80"); },
+                                     arg_error(R"(lease id must be valid UTF-8 text, not '\udced\udca0\udc80')"),
+                                     WHERE);
     // attach's timeout: the RPC's deadline, > 0, what uint32 ms hold
     expect_throw<kup::ArgumentError>([&] { c.attach(g_device, 3, kup::ms(-1)); },
                                      arg_error("timeout must be std::nullopt or > 0 ms, not -1"), WHERE);
@@ -695,6 +700,28 @@ void test_bad_arguments() {
                                      arg_error("receive_id 'no spaces': only letters, digits, '_' and '-'"),
                                      WHERE);
     expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), long_again); },
+                                     arg_error("again_of of 65 characters: at most 64"), WHERE);
+    // a bad name quoted as Python's repr() and Node's quote() quote it
+    // (clients/node/test/errors.js's cases), its length in characters
+    kup::ReceiveNames tab{"tab\there\\", std::nullopt};
+    kup::ReceiveNames apostrophe{std::nullopt, "it's"};
+    kup::ReceiveNames both{std::nullopt, "it's \"x\""};
+    kup::ReceiveNames accented{std::string(63, 'a') + "\u00e9", std::nullopt};
+    kup::ReceiveNames not_utf8{std::nullopt, "x\xff"};
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), tab); },
+                                     arg_error(R"(receive_id 'tab\there\\': only letters)"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), apostrophe); },
+                                     arg_error(R"(again_of "it's": only letters)"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), both); },
+                                     arg_error(R"(again_of 'it\'s "x"': only letters)"), WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), accented); },
+                                     arg_error("receive_id '" + std::string(63, 'a') +
+                                               "\u00e9': only letters"),
+                                     WHERE);
+    expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), not_utf8); },
+                                     arg_error(R"(again_of 'x\udcff': only letters)"), WHERE);
+    kup::ReceiveNames long_accented{std::nullopt, std::string(64, 'a') + "\u00e9"};
+    expect_throw<kup::ArgumentError>([&] { c.lease_pass("l", long_accented); },
                                      arg_error("again_of of 65 characters: at most 64"), WHERE);
     expect_throw<kup::ArgumentError>([&] { c.lease_receive("l", kup::ms(0), empty_again); },
                                      arg_error("again_of must not be empty"), WHERE);
@@ -717,6 +744,48 @@ void test_bad_arguments() {
     auto m = s.exchange("..", T);
     CHECK_EQ(m->data, std::string(".."));
     CHECK_EQ(m->seq, std::uint64_t(2));
+}
+
+// kup::detail::quote, which every quoted value of an argument error goes
+// through, as Python's repr() of the text (decoded with surrogateescape:
+// what Python's own sys.argv shows for those bytes) and the Node client's
+// quote(): clients/node/test/errors.js's cases and more, each checked
+// against repr().  And characters(), the length such errors give.
+void test_quoting() {
+    using kup::detail::quote;
+    const std::pair<std::string, std::string> cases[] = {
+        {"no spaces", R"('no spaces')"},
+        {"", R"('')"},
+        {"tab\there\\", R"('tab\there\\')"},
+        {"it's", R"("it's")"},
+        {"it's \"x\"", R"('it\'s "x"')"},
+        {"say \"hi\"", R"('say "hi"')"},
+        {"\x01\x1b[0m\x7f", R"('\x01\x1b[0m\x7f')"},
+        {"line\r\n", R"('line\r\n')"},
+        // NEL, no-break space, soft hyphen (Cc, Zs, Cf); é is printable
+        {"\u0085\u00a0\u00ad\u00e9", "'\\x85\\xa0\\xad\u00e9'"},
+        // zero-width space, line separator, ideographic space, BOM
+        {"\u200b\u2028\u3000\ufeff", R"('\u200b\u2028\u3000\ufeff')"},
+        {"\U0001F600", "'\U0001F600'"},
+        // a tag, private use in and past the BMP
+        {"\U000E0001\ue000\U000F0000", R"('\U000e0001\ue000\U000f0000')"},
+        // noncharacters; U+13439 (Cf since Unicode 15, unassigned before)
+        {"\uffff\ufdd0\U0001FFFE\U00013439", R"('\uffff\ufdd0\U0001fffe\U00013439')"},
+        // bytes of no UTF-8 character: each one \udcNN
+        {"\xff", R"('\udcff')"},
+        {"a\xc0\xaf" "b", R"('a\udcc0\udcafb')"},
+        {"\xed\xa0\x80", R"('\udced\udca0\udc80')"},  // an encoded surrogate
+        {"\xe2\x82", R"('\udce2\udc82')"},             // cut short
+        {"\xe2\x82" "A", R"('\udce2\udc82A')"},
+        {"\xf4\x90\x80\x80", R"('\udcf4\udc90\udc80\udc80')"},  // past U+10FFFF
+        {"\u00fc\xfc", "'\u00fc\\udcfc'"},
+    };
+    for (const auto& [text, want] : cases) CHECK_EQ(quote(text), want);
+    using kup::detail::characters;
+    CHECK_EQ(characters(""), std::size_t(0));
+    CHECK_EQ(characters("\u00e9\U0001F600x"), std::size_t(3));
+    CHECK_EQ(characters("\xe2\x82" "A"), std::size_t(3));
+    CHECK_EQ(characters("\xed\xa0\x80"), std::size_t(3));
 }
 
 void test_destructor_releases() {
@@ -1411,6 +1480,7 @@ const Test TESTS[] = {
     {"watch", test_watch},
     {"too_big", test_too_big},
     {"bad_arguments", test_bad_arguments},
+    {"quoting", test_quoting},
     {"destructor_releases", test_destructor_releases},
     {"close_while_waiting", test_close_while_waiting},
     {"client_close", test_client_close},
