@@ -506,8 +506,12 @@ function receiveNameArg(value, name) {
     throw new TypeError(`${name} must be a string, not ${describe(value)}`);
   }
   if (value === '') throw new RangeError(`${name} must not be empty (leave it out: undefined)`);
-  if (value.length > REQUEST_NAME_MAX) {
-    throw new RangeError(`${name} of ${value.length} characters: at most ${REQUEST_NAME_MAX}`);
+  // characters are code points, as Python's len() and the C++ client count
+  // them: a string's length counts UTF-16 units (an emoji is 2), and is
+  // never fewer, so only a string over the limit in units is counted again
+  const characters = value.length > REQUEST_NAME_MAX ? [...value].length : value.length;
+  if (characters > REQUEST_NAME_MAX) {
+    throw new RangeError(`${name} of ${characters} characters: at most ${REQUEST_NAME_MAX}`);
   }
   if (!REQUEST_NAME.test(value)) {
     throw new RangeError(`${name} ${quote(value)}: only letters, digits, '_' and '-'`);

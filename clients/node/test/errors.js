@@ -357,6 +357,12 @@ test('the lease API refuses bad arguments before anything is sent, naming them',
     [fakeClient.leaseReceive('L1', 0, { againOf: "it's" }), RangeError, /^againOf "it's": only letters/],
     [fakeClient.leaseReceive('L1', 0, { againOf: `it's "x"` }), RangeError, /^againOf 'it\\'s "x"': only letters/],
     [fakeClient.leaseReceive('L1', 0, { againOf: 'x'.repeat(65) }), RangeError, /^againOf of 65 characters: at most 64$/],
+    // its length in characters (code points), as Python and C++ count it:
+    // 64 emoji are 128 UTF-16 units, 'x' * 64 and one emoji 65 characters
+    [fakeClient.leaseReceive('L1', 0, { receiveId: '\u{1F600}'.repeat(64) }), RangeError,
+      new RegExp(`^receiveId '${'\u{1F600}'.repeat(64)}': only letters`, 'u')],
+    [fakeClient.leaseSend('L1', 'x', { againOf: `${'x'.repeat(64)}\u{1F600}` }), RangeError,
+      /^againOf of 65 characters: at most 64$/],
     [fakeClient.leaseReceive('L1', 0, { againOf: '' }), RangeError, /^againOf must not be empty/],
     [fakeClient.leaseReceive('L1', 0, { receiveId: 7 }), TypeError, /^receiveId must be a string, not 7$/],
     [fakeClient.leaseExchange('L1', 'x', 100, { receiveId: 'a/b' }), RangeError, /^receiveId 'a\/b': only letters/],
