@@ -449,6 +449,20 @@ def test_cpp_example(kupd_socket: str) -> None:
     assert f"hello -> {hello} (seq 2)" in proc.stdout, report
 
 
+def test_cpp_example_counts_one_channel_in_the_singular(
+    cpp_build: None, cli_gateway: ModuleType
+) -> None:
+    """kup_example's device line says "1 channel" (as kupctl counts one
+    byte), not "1 channels", for echo with one channel.  (That channel is
+    the Call pool's: the example's Call gets it, its Session then finds
+    none free, and it ends there with an error.)"""
+    sim_env = {"KUP_PARAM_ECHO_CHANNELS": "1"}
+    with cli_gateway.gateway(("echo:1",), sim_env=sim_env) as gw:
+        proc = _run([CPP_DIR / "build" / "kup_example", gw.socket, "echo"])
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert re.search(r"^device echo: 1 channel, \d+ bytes per message$", proc.stdout, re.M), report
+
+
 # ---- the background build (CppBuild), with commands of the tests' own
 
 

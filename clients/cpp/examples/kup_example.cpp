@@ -8,8 +8,14 @@
 // DEVICE (default echo) and exchanges a few messages.
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "kupclient.hpp"
+
+// "1 channel", "2 channels": a count and its noun, as kupctl prints them.
+static std::string count(unsigned long long n, const char* noun) {
+    return std::to_string(n) + " " + noun + (n == 1 ? "" : "s");
+}
 
 int main(int argc, char** argv) {
     if (argc < 2) {
@@ -20,8 +26,9 @@ int main(int argc, char** argv) {
     try {
         kup::Client client(argv[1]);
         for (const kup::DeviceInfo& d : client.list_devices())
-            std::printf("device %s: %u channels, %llu bytes per message%s\n", d.name.c_str(),
-                        d.channel_count, static_cast<unsigned long long>(d.max_message_bytes),
+            std::printf("device %s: %s, %s per message%s\n", d.name.c_str(),
+                        count(d.channel_count, "channel").c_str(),
+                        count(d.max_message_bytes, "byte").c_str(),
                         d.reachable ? "" : " (not reachable)");
         kup::CallReply r = client.call(device, "ping", kup::ms(5000));
         std::printf("call: %s (pool channel %u)\n", r.data.c_str(), r.channel);
