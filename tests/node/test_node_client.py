@@ -85,8 +85,8 @@ def node_deps() -> None:
     ensure_node_deps()
 
 
-#: kupd's call_timeout here, seconds (errors.js expects a Call without
-#: timeoutMs to fail after about this long).
+#: kupd's call_timeout here, seconds (errors.js expects kupd's
+#: DeadlineExceeded for a Call without timeoutMs to name it: "within 2.000s").
 CALL_TIMEOUT = "2"
 
 #: The test files and the least number of tests each must pass.

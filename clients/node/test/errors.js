@@ -119,31 +119,41 @@ test('a Call without timeoutMs sends timeout_ms 0 (kupd\'s call_timeout) and has
   await fakeClient.call(device, 'x', { timeoutMs: 1500 });
   last = fake.calls[fake.calls.length - 1];
   assert.equal(last.request.timeout_ms, 1500);
+  // (the deadline as the server reads it, t0 + 6500 ms plus the time the
+  // call took to start and arrive: not exact, see
+  // tests/gateway/attach_recorder.py.  The bounds tell 6.5 s from 1.5 s
+  // -- no grace -- and from the grace counted twice or a 30 s default, and
+  // leave seconds for a loaded machine: not a check of how fast it is)
   const left = Number(last.deadline) - t0;
-  assert.ok(left > 6000 && left < 7000, `deadline ${left} ms away`);
+  assert.ok(left > 6000 && left < 1500 + 2 * 5000, `deadline ${left} ms away`);
 });
 
 test('an attach without timeoutMs has the documented 30 s deadline; with one, that one', async () => {
   assert.equal(kup.ATTACH_DEADLINE_MS, 30000);
+  // (as above, the deadline less t0 is the timeout plus the time the call
+  // took to start and arrive.  Each window runs from a second under the
+  // timeout to the timeout plus the 5 s grace -- a deadline that wrongly
+  // added it: that tells it from the other timeout, from milliseconds
+  // taken for seconds and from none, and leaves a loaded machine seconds)
   let t0 = Date.now();
   await fakeClient.attach(device, 3);
   let left = Number(fake.calls[fake.calls.length - 1].deadline) - t0;
-  assert.ok(left > 29000 && left <= 30000 + 1000, `deadline ${left} ms away`);
+  assert.ok(left > 29000 && left < 30000 + 5000, `deadline ${left} ms away`);
   t0 = Date.now();
   await fakeClient.attach(device, 3, { timeoutMs: 2500 });
   left = Number(fake.calls[fake.calls.length - 1].deadline) - t0;
-  assert.ok(left > 1500 && left <= 2500 + 1000, `deadline ${left} ms away`);
+  assert.ok(left > 1500 && left < 2500 + 5000, `deadline ${left} ms away`);
 });
 
 test('against kupd, a Call without timeoutMs waits kupd\'s call_timeout (2 s here), not a client default', async () => {
-  const t0 = Date.now();
+  // kupd's DeadlineExceeded names the timeout it applied ("no message
+  // within 2.000s", or "no pool channel became free within ..."): no clock
+  // is read (a check of the time taken, under 1.5 s for 300 ms against
+  // kupd's 2 s, had a window a loaded machine could miss)
   await assert.rejects(client.call(device, '!hold'),
-    kupErr(kup.DeadlineExceeded, null, S.DEADLINE_EXCEEDED));
-  const ms = Date.now() - t0;
-  assert.ok(ms >= 1500 && ms < 6000, `DeadlineExceeded after ${ms} ms`);
-  const t1 = Date.now();
-  await assert.rejects(client.call(device, '!hold', { timeoutMs: 300 }), (err) => err.fromKupd && err instanceof kup.DeadlineExceeded);
-  assert.ok(Date.now() - t1 < 1500);
+    kupErr(kup.DeadlineExceeded, /within 2\.000s/, S.DEADLINE_EXCEEDED));
+  await assert.rejects(client.call(device, '!hold', { timeoutMs: 300 }),
+    (err) => kupErr(kup.DeadlineExceeded, /within 0\.300s/, S.DEADLINE_EXCEEDED)(err) && err.fromKupd);
 });
 
 test('kup-retry-after-ms on a kupd error is .retryAfterMs; anything else is null', async () => {
