@@ -825,8 +825,9 @@ class ManagedDevice:
             # kupdev_unlock_channel keeps its channel for good
             held.append(f"{module} by the module itself, with no user (not let go)")
         unannounced = f", {count - announced} not announced yet" if count > announced else ""
+        channels = f"{count} channel{'s' if count != 1 else ''}"
         return (
-            f"device {self.name} has no free channel: of its {count} channels, "
+            f"device {self.name} has no free channel: of its {channels}, "
             f"{', '.join(held) or 'all are held'}{unannounced}"
         )
 

@@ -221,6 +221,21 @@ def test_no_free_channel_says_who_holds_them(start_kupd: StartKupd) -> None:
             c.open("echo").channel().close()  # free again
 
 
+def test_no_free_channel_of_a_one_channel_device_says_channel(start_kupd: StartKupd) -> None:
+    """The count in the Busy text is a count: "of its 1 channel"."""
+    env = {**os.environ, "KUP_PARAM_ECHO_CHANNELS": "1"}
+    with echo_sim(env=env) as sim:
+        k = start_kupd(sim, devices=("echo:0",))
+        with k.client() as c:
+            held = c.open("echo").channel()
+            with pytest.raises(errors.Busy) as ei:
+                c.open("echo").channel()
+            assert str(ei.value).endswith(
+                "device echo has no free channel: of its 1 channel, 1 by sessions"
+            ), ei.value
+            held.close()
+
+
 def test_running_out_of_descriptors_is_warned_of_and_named(sim: KupSim, tmp_path: Path) -> None:
     """kupd under a small RLIMIT_NOFILE: its log warns when 90 % of the
     descriptors are in use (at the limit nobody connects, the admin socket

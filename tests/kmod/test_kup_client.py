@@ -68,3 +68,11 @@ def test_kup_client_talks_and_names_what_is_wrong(variant_out: Path) -> None:
             'send len 2 "-x"',
             'recv DATA seq 3 len 2 "-x"',  # even channel: unchanged
         ], p.stdout
+        # a message past the 200 bytes shown: how many more, "1 byte" for one
+        p = kup_client(variant_out, run, "-c", "2", "echo", "a" * 201)
+        assert p.returncode == 0, p
+        shown = '"' + "a" * 200 + '"...(+1 byte)'
+        assert p.stdout.splitlines()[2:4] == [
+            f"send len 201 {shown}",
+            f"recv DATA seq 2 len 201 {shown}",
+        ], p.stdout

@@ -42,6 +42,9 @@ def test_channels_share_the_total_and_a_watch_is_answered_by_the_next_change(
             assert b.exchange(b"12x", timeout=T).data == (
                 b"error: not a number, ? or watch N (3 bytes)"
             )
+            assert b.exchange(b"x", timeout=T).data == (
+                b"error: not a number, ? or watch N (1 byte)"
+            )
             assert b.exchange(b"9" * 16, timeout=T).data.startswith(b"error: not a number")
             assert b.exchange(b"+999999999999997", timeout=T).data == b"total 1000000000000000"
             assert b.exchange(b"+1", timeout=T).data == (

@@ -55,7 +55,8 @@ print_payload(const void *data, size_t len)
 	}
 	putchar('"');
 	if (shown < len)
-		printf("...(+%zu bytes)", len - shown);
+		printf("...(+%zu byte%s)", len - shown,
+		    len - shown == 1 ? "" : "s");
 }
 
 static int

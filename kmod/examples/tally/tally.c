@@ -195,7 +195,8 @@ answer(int c, const struct kupdev_msg *m)
 		r = reply_total(c);
 	else if (len > sizeof(in) || parse_number(in, n, &v) != 0)
 		r = reply(c, buf, sizeof(buf), kup_os_snprintf(buf, sizeof(buf),
-		    "error: not a number, ? or watch N (%zu bytes)", len));
+		    "error: not a number, ? or watch N (%zu byte%s)", len,
+		    len == 1 ? "" : "s"));
 	else if ((v > 0 && tally_total > TALLY_LIMIT - v) ||
 	    (v < 0 && tally_total < -TALLY_LIMIT - v))
 		r = reply(c, buf, sizeof(buf), kup_os_snprintf(buf, sizeof(buf),
