@@ -80,9 +80,9 @@ from kupd.testing import Kupd, KupSim
 STUCK = 60.0
 
 CHILD = r'''
-import asyncio, gc, signal, sys, threading, time
+import asyncio, gc, linecache, signal, sys, threading, time
 from kupapi import kup_pb2
-from kupclient import AsyncClient, Client, Kind
+from kupclient import AsyncClient, Client, EventType, Kind
 from kupclient import admin as admin_mod, aio as aio_mod, client as client_mod
 from kupd import errors
 
@@ -98,6 +98,8 @@ WALKED = {
     "session": client_mod._start_session,  # a Session stream's start
     "open": client_mod.Channel.__init__,  # a Session channel's open, all of it
     "watch": client_mod.Client.watch,
+    "watch-next": client_mod.Watch.__next__,  # iterating a watch, its event there
+    "watch-wait": client_mod.Watch.__next__,  # the same, waiting for its event
     "exchange": client_mod.Channel._op,  # a Session operation, its wait included
     "close": client_mod.Channel.close,  # its end
     "abort": client_mod.Channel._abort,  # a live stream cancelled (Client.close)
@@ -181,6 +183,25 @@ def wait_no_request_thread():
             return
         time.sleep(0.01)
     raise AssertionError(f"a Session's request thread was left waiting: {request_threads()}")
+
+
+def watch_threads():
+    return [t for t in threading.enumerate() if t.name == "kupclient-watch"]
+
+
+def wait_no_watch_thread():
+    for _ in range(2000):
+        if not watch_threads():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"a watch's reader thread was left: {watch_threads()}")
+
+
+def waiting_for_event():
+    """Whether the main thread waits in a watch's next() for its event."""
+    frame = sys._current_frames().get(MAIN)
+    return frame is not None and frame.f_code is client_mod._Responses.__next__.__code__ and (
+        "acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
 
 
 def wait_free(direct):
@@ -403,6 +424,42 @@ while True:
             if kind == "ok":
                 assert next(what).initial  # it runs
                 what.cancel()
+        elif OP in ("watch-next", "watch-wait"):
+            w = c.watch("echo", initial_state=True)
+            assert next(w).initial  # subscribed: every later event comes
+            if OP == "watch-next":
+                held = direct.attach("echo")  # the event there before next()
+                fired, (kind, what) = traced(n, lambda: next(w))
+            else:
+                # the event made once next() waits for it (or was interrupted
+                # before it got there)
+                made, walked = [], threading.Event()
+
+                def make():
+                    while not walked.is_set() and not waiting_for_event():
+                        time.sleep(0.001)
+                    made.append(direct.attach("echo"))
+
+                t = threading.Thread(target=make)
+                t.start()
+                fired, (kind, what) = traced(n, lambda: next(w))
+                walked.set()
+                t.join()
+                held = made[0]
+            got = what if kind == "ok" else next(w)
+            while got.initial:
+                got = next(w)
+            # the event the interrupt landed on is not lost, and comes once
+            taken = (EventType.LEASE_TAKEN, held.lease_id)
+            assert (got.type, got.lease_id) == taken, (n, fired, got)
+            direct.release(held.lease_id)
+            got = next(w)  # the watch goes on
+            released = (EventType.LEASE_RELEASED, held.lease_id)
+            assert (got.type, got.lease_id) == released, (n, fired, got)
+            w.cancel()
+            for _ in w:  # it ends, quietly
+                pass
+            wait_no_watch_thread()  # its reader ended with it
         else:
             data = f"!stamp0-msg-{n:04d}-".encode() + bytes(8)
             c.lease_send(lease.lease_id, data)
@@ -682,6 +739,23 @@ def test_a_stream_interrupted_at_any_point_of_its_start_hangs_nothing(
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
     assert not busy, f"channels {busy} still held"
+
+
+@pytest.mark.parametrize("op", ["watch-next", "watch-wait"])
+def test_iterating_a_watch_interrupted_at_any_point_loses_no_event_and_hangs_nothing(
+    kupd: Kupd, op: str
+) -> None:
+    """``next()`` of a watch in the main thread, interrupted anywhere --
+    its wait for the event included: the event comes with the next
+    ``next()``, once, the watch goes on, and nothing hangs.  It used to
+    wait in gRPC's ``next()`` on the stream, whose ``with`` on the call's
+    condition, interrupted just as it took the lock, left the lock held
+    by the main thread: gRPC's polling thread, and every call of the
+    client after it, waited for ever.  The events are now read by a
+    thread of their own (``_Responses``, bounded), which ends with the
+    watch's ``cancel()``."""
+    lines = _walk(kupd, op)
+    assert any(line.endswith(": interrupted") for line in lines)
 
 
 @pytest.mark.parametrize("op", ["exchange", "close", "abort"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -12,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -351,7 +352,9 @@ class Client:
         try:
             # started on the starter thread, as a Session's stream
             # (_start_session): gRPC manages it
-            return Watch(_start.start(lambda: self._stub.Watch(req), _start.cancel_call), self)
+            if threading.current_thread() is not threading.main_thread():
+                return Watch(self._stub.Watch(req), self)
+            return _start.start(lambda: _main_watch(self, req), Watch.cancel)
         except ValueError:
             if self._closed:  # gRPC's "Cannot invoke RPC on closed channel!"
                 raise self._gone(pending=True) from None
@@ -576,57 +579,140 @@ def _requests_of(q: queue.SimpleQueue[object]) -> Iterator[kup_pb2.SessionReques
 _Response = kup_pb2.SessionResponse | _wire.WireReply
 
 
+#: How often a response reader waiting for room looks whether its stream
+#: was closed (seconds): a bound on how long the thread outlives it.
+_ROOM_POLL = 0.1
+
+#: :attr:`_Responses._taken` when nothing is taken
+_NOTHING = object()
+
+
+def _wake(lock: threading.Lock) -> None:
+    """Release ``lock`` -- a wake-up signal, not a count: one still
+    pending is enough."""
+    try:
+        lock.release()
+    except RuntimeError:  # not taken: the other side is awake already
+        pass
+
+
 class _Responses:
-    """A Session stream's responses, read by a thread of their own
-    ("kupclient-session") and handed over through a queue, so that no
-    operation waits for one inside gRPC: its ``next()`` on the stream takes
-    the call's condition in a ``with``, and an interrupt just as the lock
-    was taken left it held by the main thread -- gRPC's polling thread, and
-    with it every call of the client, then waited for ever.  A bare
-    ``SimpleQueue.get`` has no such window (an interrupt there may cost the
-    response: the session is ended by it anyway, see ``Channel._op``).  The
-    hand-off costs nothing measurable (a scratch measurement: a sync
-    exchange 3 % faster than with the main thread waiting in gRPC).  At
-    most one response is owed at a time, so the queue stays small.
+    """A stream's responses, read by a thread of their own
+    ("kupclient-session", "kupclient-watch") and handed over through a
+    buffer, so that no consumer waits for one inside gRPC: its ``next()``
+    on the stream takes the call's condition in a ``with``, and an
+    interrupt just as the lock was taken left it held by the main thread
+    -- gRPC's polling thread, and with it every call of the client, then
+    waited for ever.  The consumer waits on a bare lock the reader
+    releases (a wake-up: the buffer is looked at again), and takes a
+    response off the buffer with no point in between where a signal
+    handler runs (``del`` of an item, a store: no call), keeping it in
+    ``_taken`` until it is returned: an interrupt anywhere costs no
+    response, the next ``next()`` returns it.
+
+    ``bound``: at most that many responses wait in the buffer, the reader
+    blocked with one more in hand -- so it reads no faster than the
+    consumer, and gRPC's flow control backs up behind it as it did behind
+    a consumer reading the stream itself (kupd ends a watch whose reader
+    falls behind).  None: no bound (a Session: at most one response is
+    owed at a time).  The hand-off costs nothing measurable for a Session
+    (a scratch measurement: a sync exchange 3 % faster than with the main
+    thread waiting in gRPC); for a watch see docs/gateway.md.
 
     Cancelling from the main thread goes through the starter thread
     (kupclient._start): gRPC's cancel takes the same lock in a ``with``."""
 
-    __slots__ = ("_call", "_items")
+    __slots__ = (
+        "_bound",
+        "_buf",
+        "_call",
+        "_closed",
+        "_convert",
+        "_end",
+        "_ended",
+        "_ready",
+        "_room",
+        "_taken",
+    )
 
-    def __init__(self, call: Any) -> None:
+    def __init__(
+        self,
+        call: Any,
+        bound: int | None = None,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
         self._call = call
-        #: (True, response) or, once at the end, (False, the exception
-        #: that ended it: None for the stream's end)
-        self._items: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._bound = bound
+        #: applied to each response by the reader: the consumer does
+        #: nothing between taking it and returning it
+        self._convert = convert
+        self._buf: collections.deque[Any] = collections.deque()
+        #: what ended the stream (None: its end), once ``_ended``
+        self._end: BaseException | None = None
+        self._ended = False  # the reader has put its last response
+        self._closed = False  # close(): the reader stops waiting for room
+        self._ready = threading.Lock()  # released: something to look at
+        self._ready.acquire()
+        self._room = threading.Lock()  # released: the consumer took one
+        self._room.acquire()
+        self._taken: Any = _NOTHING
 
     def read(self) -> None:
         """The reader thread: every response of the stream, then its end."""
         try:
             for resp in self._call:
-                self._items.put((True, resp))
+                if self._bound is not None and not self._wait_room():
+                    continue  # closed: dropped, and gRPC's next() ends it
+                self._buf.append(resp if self._convert is None else self._convert(resp))
+                _wake(self._ready)
         except BaseException as exc:
-            self._items.put((False, exc))
-        else:
-            self._items.put((False, None))
+            self._end = exc
+        self._ended = True
+        _wake(self._ready)
 
-    def __iter__(self) -> Iterator[_Response]:
+    def _wait_room(self) -> bool:
+        """Until the buffer has room: True; False once the stream is
+        closed (``close()``, or cancelled: the client's ``close()``)."""
+        assert self._bound is not None
+        while len(self._buf) >= self._bound:
+            if self._closed or (
+                self._call.done() and self._call.code() == grpc.StatusCode.CANCELLED
+            ):
+                return False
+            self._room.acquire(timeout=_ROOM_POLL)
+        return True
+
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> _Response:
-        ok, item = self._items.get()
-        if ok:
-            return cast(_Response, item)
-        self._items.put((ok, item))  # the end, again for the next one
-        if item is None:
-            raise StopIteration
-        raise item
+    def __next__(self) -> Any:
+        item = self._taken
+        if item is _NOTHING:
+            while not self._buf:
+                if self._ended and not self._buf:  # appended before it ended
+                    if self._end is None:
+                        raise StopIteration
+                    raise self._end
+                self._ready.acquire()
+            item = self._buf[0]
+            # no call between these two: no signal handler runs there
+            self._taken = item
+            del self._buf[0]
+            _wake(self._room)
+        self._taken = _NOTHING
+        return item
 
     def cancel(self) -> None:
         if threading.current_thread() is threading.main_thread():
             _start.start(self._call.cancel, _start.ignore)
         else:
             self._call.cancel()
+
+    def close(self) -> None:
+        """Cancel the stream, and end a reader waiting for room."""
+        self._closed = True
+        _wake(self._room)
+        self.cancel()
 
 
 class _Stream:
@@ -811,7 +897,7 @@ class Channel(Sampled):
             self._owed = True
             self._requests.put(req)
             try:
-                resp = next(self._responses)
+                resp: _Response = next(self._responses)
                 self._owed = False
             except StopIteration:
                 self._closed = True
@@ -935,6 +1021,19 @@ class Channel(Sampled):
         self.close()
 
 
+def _main_watch(client: Client, req: kup_pb2.WatchRequest) -> Watch:
+    """A watch for the main thread, started on the starter thread
+    (kupclient._start), with the thread that reads its events
+    ("kupclient-watch"), one event at a time ahead of the consumer at most
+    (:class:`_Responses`): the main thread never waits inside gRPC, where
+    an interrupt could leave the call's lock held."""
+    call = client._stub.Watch(req)
+    responses = _Responses(call, bound=1, convert=WatchEvent.from_pb)
+    w = Watch(call, client, responses)
+    threading.Thread(target=responses.read, name="kupclient-watch", daemon=True).start()
+    return w
+
+
 class Watch:
     """An iterator of :class:`WatchEvent`; ends when cancelled or kupd stops.
 
@@ -942,18 +1041,35 @@ class Watch:
     (after the SERVER_SHUTTING_DOWN event); the client's ``close()`` by
     raising InvalidArgument "client of PATH was closed while the operation
     waited", as any other operation under way then.
+
+    One made in the main thread has its events read by a thread of its own
+    (:class:`_Responses`, bounded: it reads ahead of the consumer one event
+    at most), ended by ``cancel()``, the client's ``close()``, or the
+    Watch dropped unended.
     """
 
-    def __init__(self, call: Any, client: Client | None = None) -> None:
+    def __init__(
+        self, call: Any, client: Client | None = None, responses: _Responses | None = None
+    ) -> None:
         self._call = call
         self._client = client
         self._cancelled = False  # cancel(): the iteration ends quietly
+        self._responses = responses
+        if responses is not None:
+            # dropped unended: its reader thread ends too
+            weakref.finalize(self, responses.close)
 
     def __iter__(self) -> Iterator[WatchEvent]:
         return self
 
     def __next__(self) -> WatchEvent:
         try:
+            if self._responses is not None:
+                # a call of a Python function, not the builtin next(): a
+                # signal handler runs as a call into C returns, and there
+                # the event would be lost (the walk's point after next())
+                ev: WatchEvent = self._responses.__next__()
+                return ev
             return WatchEvent.from_pb(next(self._call))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
@@ -966,7 +1082,10 @@ class Watch:
 
     def cancel(self) -> None:
         self._cancelled = True
-        self._call.cancel()
+        if self._responses is not None:
+            self._responses.close()  # the main thread's through the starter
+        else:
+            self._call.cancel()
 
     def __enter__(self) -> Watch:
         return self
