@@ -733,8 +733,8 @@ def test_a_stream_interrupted_at_any_point_of_its_start_hangs_nothing(
     interrupt between the call's registration and its count left a call
     no thread polled for, and the client's ``close()`` waited for it for
     ever; they are now started on the starter thread.  (Only the start is
-    walked: waiting for a stream's next response still happens in gRPC,
-    see docs/gateway.md.)"""
+    walked here: a watch's ``next()`` is walked by
+    test_iterating_a_watch_interrupted_at_any_point_loses_no_event_and_hangs_nothing.)"""
     lines = _walk(kupd, op)
     assert any(line.endswith(": interrupted") for line in lines)
     busy = [c.id for c in client.devices("echo")[0].channels if c.state not in ("free", "calls")]
