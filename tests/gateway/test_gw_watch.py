@@ -3,16 +3,18 @@ device shutting down and gone, against a real kupsim started after kupd."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from gateway_helpers import StartKupd, child_env, echo_sim, live_watch
 
-from kupclient import EventType, WatchEvent
+from kupclient import Client, EventType, WatchEvent
 from kupd import errors
-from kupd.testing import kupsim
+from kupd.testing import Kupd, kupsim, wait_until
 
 
 def until(events: object, want: EventType, seen: list[WatchEvent]) -> WatchEvent:
@@ -172,3 +174,38 @@ def test_a_watch_started_during_an_unload_replays_the_shutdown(start_kupd: Start
             assert replayed.reason == shutting.reason == "module shutting down", (replayed, seen)
             sim.wait()
         assert k.terminate() == 0
+
+
+
+def _watch_readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kupclient-watch"]
+
+
+@pytest.mark.parametrize("end", ["drop", "client-close"])
+def test_a_main_thread_watchs_reader_ends_with_it_while_waiting_for_room(
+    kupd: Kupd, client: Client, end: str
+) -> None:
+    """A main-thread watch's reader thread, blocked with an event in hand
+    while the program does not read, ends when the Watch is dropped
+    unended or its client closed -- not left waiting for room for the
+    life of the process."""
+    with Client(kupd.socket) as watcher:
+        w = watcher.watch("echo", initial_state=True)
+        assert next(w).initial  # subscribed
+        assert len(_watch_readers()) == 1
+        for _ in range(3):  # more than the buffer and the reader's hand
+            client.release(client.attach("echo").lease_id)
+        reader = w._responses
+        assert reader is not None
+        wait_until(lambda: len(reader._buf) == 1, what="the reader's buffer full")
+        if end == "drop":
+            del w
+            gc.collect()
+        else:
+            watcher.close()  # the program not reading
+        wait_until(lambda: not _watch_readers(), what="the watch's reader thread ended")
+        if end == "client-close":
+            # what it had read comes, then the close
+            with pytest.raises(errors.InvalidArgument, match="was closed while"):
+                for _ in w:
+                    pass
