@@ -205,7 +205,7 @@ def test_a_main_thread_watchs_reader_ends_with_it_while_waiting_for_room(
             watcher.close()  # the program not reading
         wait_until(lambda: not _watch_readers(), what="the watch's reader thread ended")
         if end == "client-close":
-            # what it had read comes, then the close
+            # the close, not what the reader had read
             with pytest.raises(errors.InvalidArgument, match="was closed while"):
                 for _ in w:
                     pass

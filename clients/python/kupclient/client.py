@@ -1065,6 +1065,14 @@ class Watch:
     def __next__(self) -> WatchEvent:
         try:
             if self._responses is not None:
+                # what the reader had read is dropped once the watch is
+                # ended here, as gRPC drops what it had (attributes read:
+                # no point where a signal handler runs)
+                if self._cancelled:
+                    raise StopIteration
+                c = self._client
+                if c is not None and c._closed:
+                    raise c._gone(pending=True)
                 # a call of a Python function, not the builtin next(): a
                 # signal handler runs as a call into C returns, and there
                 # the event would be lost (the walk's point after next())
