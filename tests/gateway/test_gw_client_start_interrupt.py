@@ -177,12 +177,16 @@ def request_threads():
     return found
 
 
-def wait_no_request_thread():
+def _wait_none(threads, what):
     for _ in range(2000):
-        if not request_threads():
+        if not threads():
             return
         time.sleep(0.01)
-    raise AssertionError(f"a Session's request thread was left waiting: {request_threads()}")
+    raise AssertionError(f"{what}: {threads()}")
+
+
+def wait_no_request_thread():
+    _wait_none(request_threads, "a Session's request thread was left waiting")
 
 
 def watch_threads():
@@ -190,11 +194,7 @@ def watch_threads():
 
 
 def wait_no_watch_thread():
-    for _ in range(2000):
-        if not watch_threads():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"a watch's reader thread was left: {watch_threads()}")
+    _wait_none(watch_threads, "a watch's reader thread was left")
 
 
 def waiting_for_event():

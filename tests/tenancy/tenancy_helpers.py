@@ -58,6 +58,26 @@ def socket_dir() -> Path:
     return d
 
 
+def write_server_config(d: Path, sim: KupSim, body: str, head: str = "") -> Path:
+    """``d``/kupd.toml for a kupd Server run in the test's own process:
+    its plain socket and audit log in ``d``, ``sim``'s echo and rot13, then
+    ``head`` (top-level keys) and ``body`` (tenants, "@DIR@" standing for
+    ``d``).  Replaced whole (a rename), as an operator's edit would be, so
+    a reload never reads half a file."""
+    path = d / "kupd.toml"
+    tmp = d / "kupd.tmp"
+    tmp.write_text(
+        f'socket = "{d}/kupd.sock"\n'
+        f'audit_log = "{d}/audit.log"\n'
+        f'kupsim_dir = "{sim.rundir}"\n'
+        + head
+        + '[[device]]\nname = "echo"\n[[device]]\nname = "rot13"\n'
+        + body.replace("@DIR@", str(d))
+    )
+    os.replace(tmp, path)
+    return path
+
+
 class TenantKupd:
     def __init__(self, sockdir: Path, sim: KupSim, body: str, log: Path) -> None:
         self.dir = sockdir

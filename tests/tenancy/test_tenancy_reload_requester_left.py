@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import DEVICES, StartTenants, TenantKupd, child_env, socket_dir
+from tenancy_helpers import (
+    DEVICES,
+    StartTenants,
+    TenantKupd,
+    child_env,
+    socket_dir,
+    write_server_config,
+)
 
 from kupclient import Client
 from kupd.config import load_config
@@ -104,20 +111,6 @@ def _health(path: str) -> str:
         return str(c.health())
 
 
-def _write(d: Path, sim: KupSim, body: str, head: str = "") -> Path:
-    path = d / "kupd.toml"
-    tmp = d / "kupd.tmp"
-    tmp.write_text(
-        f'socket = "{d}/kupd.sock"\n'
-        f'audit_log = "{d}/audit.log"\n'
-        f'kupsim_dir = "{sim.rundir}"\n'
-        + head
-        + '[[device]]\nname = "echo"\n[[device]]\nname = "rot13"\n'
-        + body.replace("@DIR@", str(d))
-    )
-    os.replace(tmp, path)
-    return path
-
 
 async def _reload_cancelled_at(sim: KupSim, steps: int | None) -> dict[str, Any]:
     """Start a Server on BEFORE, ask for a reload to AFTER, cancel the
@@ -129,11 +122,11 @@ async def _reload_cancelled_at(sim: KupSim, steps: int | None) -> dict[str, Any]
     d = socket_dir()
     manager = Manager(d / "notify")
     try:
-        server = Server(load_config(_write(d, sim, BEFORE)))
+        server = Server(load_config(write_server_config(d, sim, BEFORE)))
         server.notify = Notifier(str(d / "notify"))
         await server.start()
         try:
-            _write(d, sim, AFTER)
+            write_server_config(d, sim, AFTER)
             requester = asyncio.ensure_future(server.reload(via="test"))
             await asyncio.sleep(0)  # the request is made: the requester's first step
             for _ in range(steps or 0):
@@ -223,13 +216,14 @@ def test_refused_reload_whose_requester_left_is_logged(
         d = socket_dir()
         manager = Manager(d / "notify")
         try:
-            server = Server(load_config(_write(d, tsim, BEFORE)))
+            server = Server(load_config(write_server_config(d, tsim, BEFORE)))
             server.notify = Notifier(str(d / "notify"))
             await server.start()
             try:
                 # dave's socket directory is a file: binding it is refused
                 (d / "notadir").write_text("")
-                _write(d, tsim, AFTER.replace("@DIR@/dave.sock", "@DIR@/notadir/dave.sock"))
+                bad = AFTER.replace("@DIR@/dave.sock", "@DIR@/notadir/dave.sock")
+                write_server_config(d, tsim, bad)
                 requester = asyncio.ensure_future(server.reload(via="test"))
                 await asyncio.sleep(0)
                 requester.cancel()
@@ -272,9 +266,9 @@ async def _stop_during_reload(
 
     d = socket_dir()
     try:
-        server = Server(load_config(_write(d, sim, BEFORE)))
+        server = Server(load_config(write_server_config(d, sim, BEFORE)))
         await server.start()
-        _write(d, sim, AFTER)
+        write_server_config(d, sim, AFTER)
         requester = asyncio.ensure_future(server.reload(via="test"))
         await asyncio.sleep(0)
         for _ in range(steps):
@@ -394,11 +388,11 @@ async def _prepare_cancelled_at(sim: KupSim, steps: int) -> tuple[bool, list[str
 
     d = socket_dir()
     try:
-        server = Server(load_config(_write(d, sim, BEFORE)))
+        server = Server(load_config(write_server_config(d, sim, BEFORE)))
         await server.start()
         try:
             assert server.sockets is not None
-            cfg = load_config(_write(d, sim, AFTER))
+            cfg = load_config(write_server_config(d, sim, AFTER))
             work = asyncio.ensure_future(
                 server.sockets.prepare(endpoints_for(cfg), server_options(cfg))
             )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tenancy_helpers import socket_dir
+from tenancy_helpers import socket_dir, write_server_config
 
 from kupd.config import load_config
 from kupd.tenants import check_path
@@ -65,19 +65,6 @@ device = "rot13"
 UMASK = 0o022
 
 
-def _write(d: Path, sim: KupSim, body: str) -> Path:
-    path = d / "kupd.toml"
-    tmp = d / "kupd.tmp"
-    tmp.write_text(
-        f'socket = "{d}/kupd.sock"\n'
-        f'audit_log = "{d}/audit.log"\n'
-        f'kupsim_dir = "{sim.rundir}"\n'
-        '[[device]]\nname = "echo"\n[[device]]\nname = "rot13"\n'
-        + body.replace("@DIR@", str(d))
-    )
-    os.replace(tmp, path)
-    return path
-
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
@@ -94,10 +81,10 @@ async def _reload_walked(sim: KupSim) -> dict[str, Any]:
     dirs = d / "dirs"
     dirs.mkdir()
     try:
-        server = Server(load_config(_write(d, sim, BEFORE)))
+        server = Server(load_config(write_server_config(d, sim, BEFORE)))
         await server.start()
         try:
-            _write(d, sim, AFTER)
+            write_server_config(d, sim, AFTER)
             reload = asyncio.ensure_future(server.reload(via="test"))
             steps = 0
             while not reload.done():
