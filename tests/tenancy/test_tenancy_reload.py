@@ -135,8 +135,10 @@ def test_admin_command_line(start_tenants: StartTenants) -> None:
         )
         bad = admin("reload")
         assert bad.returncode == 1 and "tenant[name=carol].calls_per_second" in bad.stderr, bad
+        zero = admin("reload", "--timeout", "0")  # refused before anything is asked
+        assert zero.returncode == 2 and "--timeout: must be > 0 seconds, not '0'" in zero.stderr
         k.write_config(DEVICES + NEW_TENANTS)
-        good = admin("reload")
+        good = admin("reload", "--timeout", "20")
         assert good.returncode == 0, good
         assert "tenants alice, dave; 1 session ended" in good.stdout, good.stdout
 

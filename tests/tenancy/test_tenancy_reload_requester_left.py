@@ -336,8 +336,18 @@ def _fifo_writer(k: TenantKupd) -> int:
     return fd
 
 
-def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenants) -> None:
-    """A real kupd, a real ``kupctl reload --timeout``: kupd is slow to
+@pytest.mark.parametrize(
+    ("command", "gave_up"),
+    [
+        ("-m kupclient.kupctl reload --timeout 0.5 --admin-socket SOCK", 9),
+        ("-m kupclient.admin --socket SOCK reload --timeout 0.5", 1),
+    ],
+)
+def test_kupctl_reload_gives_up_kupd_applies_it_whole(
+    start_tenants: StartTenants, command: str, gave_up: int
+) -> None:
+    """A real kupd, a real ``kupctl reload --timeout`` (and the same through
+    ``python -m kupclient.admin reload --timeout``): kupd is slow to
     read its config file (a FIFO stands in for a slow file system: the
     read blocks until the test writes it, long after kupctl gave up), so
     grpc.aio cancels the Reload handler while the reload waits for the
@@ -347,8 +357,7 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
     k = start_tenants(DEVICES + BEFORE)
     _fifo_config(k)
     p = subprocess.Popen(
-        [sys.executable, "-m", "kupclient.kupctl", "reload", "--timeout", "0.5",
-         "--admin-socket", k.admin_socket],
+        [sys.executable, *(k.admin_socket if w == "SOCK" else w for w in command.split())],
         env=child_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -356,7 +365,7 @@ def test_kupctl_reload_gives_up_kupd_applies_it_whole(start_tenants: StartTenant
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 9, err  # kupctl gave up: whether kupd reloaded is not known
+    assert p.returncode == gave_up, err  # the command gave up: whether kupd reloaded is not known
     assert "did not answer the reload within 0.5 s" in err, err
     # kupd, blocked opening the file for its read, reads it only now
     with open(_fifo_writer(k), "w") as f:

@@ -13,6 +13,7 @@ kupctl) can tell a refused argument from any other ValueError / TypeError.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "lease_arg",
     "receive_name_arg",
     "seconds_arg",
+    "seconds_option",
     "socket_arg",
 ]
 
@@ -170,6 +172,24 @@ def seconds_arg(timeout: object, zero_ok: bool) -> float | None:
             f"the wire), not {timeout!r}"
         )
     return t
+
+
+def seconds_option(value: str) -> float:
+    """argparse ``type=`` for a command line's timeout in seconds (kupctl,
+    ``python -m kupclient.admin``): a number > 0 within :func:`seconds_arg`'s
+    bounds, else argparse's usage error naming the option."""
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not t > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value!r}")
+    try:  # the client's own bounds: finite, and what the wire's uint32 ms holds
+        checked = seconds_arg(t, zero_ok=False)
+    except ArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert checked is not None
+    return checked
 
 
 def call_timeout_ms(timeout: object) -> int:

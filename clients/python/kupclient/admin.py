@@ -10,7 +10,7 @@ Also a small command line (``python -m kupclient.admin``)::
 
     python -m kupclient.admin [--socket PATH] leases [--tenant T] [--json]
     python -m kupclient.admin [--socket PATH] revoke LEASE_ID [--reason TEXT]
-    python -m kupclient.admin [--socket PATH] reload
+    python -m kupclient.admin [--socket PATH] reload [--timeout S]
     python -m kupclient.admin [--socket PATH] drain DEVICE [--undo]
     python -m kupclient.admin [--socket PATH] metrics [--prefix NAME]
 
@@ -34,7 +34,7 @@ import grpc
 
 from kupapi import errors, kup_pb2, kup_pb2_grpc
 from kupclient import _fork, _start
-from kupclient._args import device_arg, lease_arg, seconds_arg, socket_arg
+from kupclient._args import device_arg, lease_arg, seconds_arg, seconds_option, socket_arg
 from kupclient._errors import (
     client_closed,
     client_forked,
@@ -300,7 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rv = sub.add_parser("revoke", help="end a lease (its session gets PERMISSION_DENIED)")
     rv.add_argument("lease_id")
     rv.add_argument("--reason", default="")
-    sub.add_parser("reload", help="re-read the config, apply what can change live")
+    rl = sub.add_parser("reload", help="re-read the config, apply what can change live")
+    rl.add_argument(
+        "--timeout",
+        type=seconds_option,
+        metavar="S",
+        help=f"wait at most S seconds for kupd's answer (default {RELOAD_TIMEOUT:g}); "
+        "whether a kupd that did not answer reloaded is then not known",
+    )
     dr = sub.add_parser("drain", help="refuse new work on a device and end its leases")
     dr.add_argument("device")
     dr.add_argument("--undo", action="store_true")
@@ -326,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 a.revoke(args.lease_id, args.reason)
                 print(f"revoked {args.lease_id}")
             elif args.cmd == "reload":
-                print(reload_summary(a.reload()))
+                print(reload_summary(a.reload(args.timeout)))
             elif args.cmd == "metrics":
                 sys.stdout.write(a.metrics(args.prefix))
             else:

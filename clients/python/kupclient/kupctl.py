@@ -60,7 +60,7 @@ from kupapi import __version__ as kupd_version
 from kupapi.defaults import DEFAULT_SOCKET, REQUEST_NAME_MAX, request_name_error
 from kupclient import Client, DeviceInfo, Kind, Lease, Message, WatchEvent
 from kupclient import errors as kerr
-from kupclient._args import ArgumentError, channel_arg, seconds_arg
+from kupclient._args import ArgumentError, channel_arg, seconds_option
 from kupclient._errors import PING_TIMEOUT, closed_as_made, is_connection_failure
 from kupclient.admin import DEFAULT_ADMIN_SOCKET, AdminClient, reload_summary
 
@@ -242,21 +242,6 @@ class Output:
     def line(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
-
-
-def _timeout(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not t > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value!r}")
-    try:  # the client's own bounds: finite, and what the wire's uint32 ms holds
-        checked = seconds_arg(t, zero_ok=False)
-    except ArgumentError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    assert checked is not None
-    return checked
 
 
 def _channel_id(value: str) -> int:
@@ -747,7 +732,7 @@ def _session_line(ch: Any, raw: bytes, args: argparse.Namespace, out: Output) ->
             timeout: float | None = 0.0
         elif rest:
             try:
-                timeout = _timeout(rest)
+                timeout = seconds_option(rest)
             except argparse.ArgumentTypeError as e:
                 raise CliError(f":recv {e}") from None
         else:
@@ -1086,14 +1071,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("device", metavar="DEVICE")
     data_opts(sp)
     out_opts(sp)
-    sp.add_argument("--timeout", type=_timeout, metavar="S", help="give up after S seconds")
+    sp.add_argument("--timeout", type=seconds_option, metavar="S", help="give up after S seconds")
 
     sp = add("attach", cmd_attach, "take a lease on a channel; prints the lease id")
     sp.add_argument("device", metavar="DEVICE")
     sp.add_argument("--channel", type=_channel_id, metavar="N", help="channel id (default: any)")
     sp.add_argument(
         "--timeout",
-        type=_timeout,
+        type=seconds_option,
         metavar="S",
         help="give up after S seconds (default 30), leaving no lease behind",
     )
@@ -1116,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("recv", cmd_recv, "receive the kernel's message on a lease")
     sp.add_argument("lease", metavar="LEASE")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--timeout", type=_timeout, metavar="S", help="wait at most S seconds")
+    g.add_argument("--timeout", type=seconds_option, metavar="S", help="wait at most S seconds")
     g.add_argument("--nb", action="store_true", help="do not wait (exit 10 if not ready)")
     out_opts(sp)
     sp.add_argument(
@@ -1176,7 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--timeout",
-        type=_timeout,
+        type=seconds_option,
         metavar="S",
         help="wait at most S seconds for kupd's answer (default 30): a stopped or hung "
         "kupd fails it then, exit 9",
