@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kfault_siege kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -126,6 +126,17 @@ stage_kfault_release() { "$BINDIR/kup_kfault" release; }
 # wake-up storms, a descriptor flipped while the kernel reads it, close
 # during poll; the dmesg stage checks that none of it made the kernel warn
 stage_kfault_abuse() { "$BINDIR/kup_kfault" abuse; }
+
+# more of them (kup_kfault.c, "siege"): close(2) racing ATTACH/mmap/INFO/
+# poll on one fd, the mapping as the buffer of other system calls (pipes,
+# the fd's own read/write/ioctls, futexes, process_vm_writev, an io_uring
+# fixed buffer, userfaultfd), the rarer mm calls on it (a one-page window
+# forked and mremap'd, remap_file_pages, MAP_FIXED, madvise/mlock/msync/
+# mincore), a user the module disconnected that goes on handing over and
+# leaves its mapping to a child, a signal storm at an ATTACH pausing for a
+# channel its module holds, and eight processes taking every channel and
+# being SIGKILLed at once; dmesg must stay clean
+stage_kfault_siege() { "$BINDIR/kup_kfault" siege; }
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
 # kup_holdtest.ko test=mutex (tests/vm/kup_holdtest.c) makes threads that

@@ -5,8 +5,9 @@
  * ioctl ABI (kup_ioctl.h) and its own minimal user side of the turn
  * protocol, so it can also break the protocol on purpose.
  *
- *   kup_kfault basic | mmap | sigkill | hostile | abuse | unload-hold DIR |
- *              traffic DIR CHAN | chans NAME | deadholder DIR | anyherd
+ *   kup_kfault basic | mmap | sigkill | hostile | abuse | siege |
+ *              unload-hold DIR | traffic DIR CHAN | chans NAME |
+ *              deadholder DIR | anyherd
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -26,11 +27,16 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/futex.h>
+#include <linux/io_uring.h>
+#include <linux/userfaultfd.h>
 
 #include "kup_abi.h"
 #include "kup_ioctl.h"
@@ -1370,6 +1376,739 @@ test_abuse(void)
 	printf("abuse: ok\n");
 }
 
+/* ------------------------------------------------------------------ */
+/* siege: more of a hostile user's tools, beyond abuse -- close racing
+ * ATTACH on one fd, the mapping as the buffer of other system calls and
+ * under the rarer memory-management calls, a user the module ended that
+ * goes on handing over, a signal storm at an ATTACH
+ * that waits for a channel its module still holds, and many processes
+ * taking every channel and dying at once.  Each case ends by checking that
+ * what it touched still works; the dmesg stage checks that none of it
+ * made the kernel warn. */
+
+/* close(2) of the fd while other threads ATTACH, mmap, INFO and poll on
+ * it: the file lives until the last of them returns, and its release
+ * lets go of whatever the ATTACH took -- the channel is free afterwards,
+ * whoever won. */
+struct sg_race {
+	int fd;
+	int what;                 /* 0 ATTACH, 1 mmap, 2 INFO, 3 poll */
+	uint32_t chan;
+	pthread_barrier_t *go;
+};
+
+static void *
+sg_race_main(void *p)
+{
+	struct sg_race *t = p;
+	struct kup_ioc_attach a;
+	struct kup_ioc_info *ii;
+	struct pollfd pf;
+	void *m;
+	int i;
+
+	pthread_barrier_wait(t->go);
+	for (i = 0; i < 50; i++) {
+		switch (t->what) {
+		case 0:
+			(void)attach_raw(t->fd, t->chan, KUP_ABI_VERSION, &a);
+			break;
+		case 1:
+			m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, t->fd, 0);
+			if (m != MAP_FAILED)
+				munmap(m, 4096);
+			break;
+		case 2:
+			ii = malloc(sizeof(*ii));
+			CHECK(ii != NULL, "malloc");
+			(void)ioctl(t->fd, KUP_IOC_INFO, ii);
+			free(ii);
+			break;
+		default:
+			pf.fd = t->fd;
+			pf.events = POLLIN;
+			(void)poll(&pf, 1, 0);
+			break;
+		}
+	}
+	return NULL;
+}
+
+static void
+siege_close_race(void)
+{
+	struct sg_race t[4];
+	pthread_t th[4];
+	pthread_barrier_t go;
+	int round, i, fd;
+
+	for (round = 0; round < 40; round++) {
+		fd = open_dev();
+		CHECK(pthread_barrier_init(&go, NULL, 5) == 0, "barrier");
+		for (i = 0; i < 4; i++) {
+			t[i].fd = fd;
+			t[i].what = i;
+			t[i].chan = 100;
+			t[i].go = &go;
+			CHECK(pthread_create(&th[i], NULL, sg_race_main, &t[i]) == 0,
+			    "pthread_create");
+		}
+		pthread_barrier_wait(&go);
+		if (round & 1)
+			sched_yield();
+		close(fd);       /* the threads' calls hold the file meanwhile */
+		for (i = 0; i < 4; i++)
+			CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+		pthread_barrier_destroy(&go);
+		wait_chan_free(100, "close-race");
+	}
+	chan_usable(100, "close-race");
+	printf("siege close-race: ok\n");
+}
+
+/* The channel mapping as the buffer of other system calls: plain copies
+ * (read/write of a pipe, readv, the kup fd's own read/write and ioctls
+ * with their arguments in the mapping) work as on any memory; anything
+ * that would pin a page (a shared futex, process_vm_writev, an io_uring
+ * fixed buffer) fails instead, as does a userfaultfd registration;
+ * splice/sendfile/lseek on the kup fd are refused. */
+static void
+siege_buffers(void)
+{
+	struct chan c, d;
+	size_t pg, bytes;
+	uint8_t *u2k, *k2u;
+	int pfd[2];
+	ssize_t n;
+	uint64_t v;
+	char buf[64];
+
+	chan_open_how(&c, 102, 1);
+	pg = c.a.page_size;
+	bytes = c.a.map_size;
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	u2k = c.mem + c.ctrl->u2k_off;
+	k2u = c.mem + pg;
+
+	/* a pipe's bytes into the u2k area, and out of it again */
+	CHECK(pipe(pfd) == 0, "pipe");
+	CHECK(write(pfd[1], "from a pipe", 11) == 11, "write pipe");
+	CHECK(read(pfd[0], u2k, 11) == 11, "read(pipe) into the channel mapping");
+	CHECK(write(pfd[1], u2k, 11) == 11, "write(pipe) from the channel mapping");
+	CHECK(read(pfd[0], buf, 11) == 11 && memcmp(buf, "from a pipe", 11) == 0,
+	    "the pipe round trip through the mapping");
+	/* vmsplice from the mapping would pin: refused (mmap checks it
+	 * too); splice from the kup fd: it has no splice_read */
+	errno = 0;
+	n = splice(c.fd, NULL, pfd[1], NULL, 8, SPLICE_F_NONBLOCK);
+	CHECK(n == -1, "splice from the kup fd returned %zd", n);
+	errno = 0;
+	n = sendfile(pfd[1], c.fd, NULL, 8);
+	CHECK(n == -1, "sendfile from the kup fd returned %zd", n);
+	errno = 0;
+	CHECK(lseek(c.fd, 0, SEEK_SET) == -1 && errno == ESPIPE, "lseek on the kup fd");
+	errno = 0;
+	CHECK(pread(c.fd, buf, 8, 0) == -1 && errno == ESPIPE, "pread on the kup fd");
+	close(pfd[0]);
+	close(pfd[1]);
+
+	/* the kup fd's own read/write with the buffer in its own mapping */
+	v = 1;
+	memcpy(k2u + pg - 8, &v, 8);
+	CHECK(write(c.fd, k2u + pg - 8, 8) == 8, "self-wake from the mapping");
+	CHECK(read(c.fd, k2u + pg - 16, 8) == 8, "read into the mapping");
+	memcpy(&v, k2u + pg - 16, 8);
+	CHECK(v == 1, "read into the mapping gave %llu", (unsigned long long)v);
+	/* INFO with its answer in the mapping (it fits in the data area) */
+	if (sizeof(struct kup_ioc_info) <= c.ctrl->u2k_size) {
+		CHECK(ioctl(c.fd, KUP_IOC_INFO, u2k) == 0, "INFO into the mapping");
+		CHECK(((struct kup_ioc_info *)u2k)->attached_chan == 102,
+		    "INFO in the mapping names chan %u",
+		    ((struct kup_ioc_info *)u2k)->attached_chan);
+	}
+	/* another fd's ATTACH with its argument in this channel's mapping */
+	{
+		struct kup_ioc_attach *a = (struct kup_ioc_attach *)(u2k + 512);
+		int i;
+
+		memset(&d, 0, sizeof(d));
+		d.fd = open_dev();
+		for (i = 0; i < WAIT_MS / 50; i++) {
+			memset(a, 0, sizeof(*a));
+			a->abi_version = KUP_ABI_VERSION;
+			a->chan_id = 104;
+			if (ioctl(d.fd, KUP_IOC_ATTACH, a) == 0)
+				break;
+			CHECK(errno == EINPROGRESS, "ATTACH with its argument in a mapping");
+			usleep(50 * 1000);
+		}
+		CHECK(i < WAIT_MS / 50 && a->chan_id == 104 && a->map_size == bytes,
+		    "ATTACH with its argument in a mapping");
+		d.a = *a;
+		d.mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, d.fd, 0);
+		CHECK(d.mem != MAP_FAILED, "mmap");
+		d.ctrl = (struct kup_ctrl *)d.mem;
+		echo_round(&d, "arg in a mapping", "arg in a mapping");
+		chan_close(&d);
+	}
+
+	/* a shared futex keys on the page, so it pins: refused; a private
+	 * one keys on the address: a plain wait that times out */
+	{
+		struct timespec ts = { 0, 1000 * 1000 };
+		uint32_t *word = (uint32_t *)(k2u + 64);
+		long r;
+
+		*word = 7;
+		errno = 0;
+		r = syscall(SYS_futex, word, FUTEX_WAIT, 7, &ts, NULL, 0);
+		CHECK(r == -1 && (errno == EFAULT || errno == ETIMEDOUT),
+		    "shared futex on the mapping: %ld", r);
+		errno = 0;
+		r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, 7, &ts, NULL, 0);
+		CHECK(r == -1 && (errno == ETIMEDOUT || errno == EFAULT),
+		    "private futex on the mapping: %ld", r);
+		(void)syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
+	}
+	/* nobody writes into the channel from outside by process_vm_writev */
+	{
+		struct iovec local = { .iov_base = buf, .iov_len = 16 };
+		struct iovec remote = { .iov_base = u2k, .iov_len = 16 };
+
+		memset(u2k, 0x11, 16);
+		memset(buf, 0x22, 16);
+		errno = 0;
+		n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+		CHECK(n == -1 && errno == EFAULT, "process_vm_writev wrote the channel (%zd)", n);
+		CHECK(u2k[15] == 0x11, "process_vm_writev changed the channel");
+	}
+	/* an io_uring fixed buffer is a long-term pin: refused (EFAULT);
+	 * a kernel without io_uring (or with it disabled) has nothing to pin */
+	{
+		struct io_uring_params up;
+		struct iovec iov = { .iov_base = u2k, .iov_len = pg };
+		int ring;
+
+		memset(&up, 0, sizeof(up));
+		ring = (int)syscall(SYS_io_uring_setup, 4, &up);
+		if (ring >= 0) {
+			errno = 0;
+			n = syscall(SYS_io_uring_register, ring, IORING_REGISTER_BUFFERS,
+			    &iov, 1);
+			CHECK(n == -1 && errno == EFAULT,
+			    "io_uring registered the channel as a fixed buffer (%zd)", n);
+			close(ring);
+			printf("siege buffers: io_uring fixed buffer refused\n");
+		} else {
+			CHECK(errno == ENOSYS || errno == EPERM, "io_uring_setup");
+			printf("siege buffers: no io_uring here (errno %d)\n", errno);
+		}
+	}
+	/* userfaultfd cannot take over the channel's page faults */
+	{
+		struct uffdio_api api = { .api = UFFD_API };
+		struct uffdio_register reg;
+		int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+
+		if (uffd >= 0) {
+			CHECK(ioctl(uffd, UFFDIO_API, &api) == 0, "UFFDIO_API");
+			memset(&reg, 0, sizeof(reg));
+			reg.range.start = (uintptr_t)c.mem;
+			reg.range.len = bytes;
+			reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+			errno = 0;
+			CHECK(ioctl(uffd, UFFDIO_REGISTER, &reg) == -1 && errno == EINVAL,
+			    "userfaultfd registered the channel mapping");
+			close(uffd);
+			printf("siege buffers: userfaultfd registration refused\n");
+		} else {
+			CHECK(errno == ENOSYS || errno == EPERM, "userfaultfd");
+			printf("siege buffers: no userfaultfd here (errno %d)\n", errno);
+		}
+	}
+	echo_continue(&c, "after the buffers");
+	chan_close(&c);
+	chan_usable(102, "buffers");
+	printf("siege buffers: ok\n");
+}
+
+/* The rarer memory-management calls on the mapping: each is refused or
+ * harmless, the pages stay the channel's.  A window of one page (one
+ * remap_pfn_range covers the whole VMA) inherited by fork and moved by
+ * mremap in both processes; remap_file_pages to an offset past the
+ * channel (its mmap bounds apply) and inside it; MAP_FIXED over part of
+ * the mapping from the same fd; madvise's populate/cold/pageout; mlock,
+ * msync, mincore. */
+static void
+siege_mm(void)
+{
+	struct chan c;
+	size_t pg, bytes;
+	uint8_t *w, *p, *hole;
+	unsigned char vec[64];
+	int st;
+	pid_t pid;
+	char buf[64];
+
+	chan_open_how(&c, 106, 1);
+	pg = c.a.page_size;
+	bytes = c.a.map_size;
+	CHECK(bytes / pg <= sizeof(vec), "channel of %zu pages", bytes / pg);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	memset(c.mem + c.ctrl->u2k_off, 0x66, 64);
+
+	/* the u2k page alone, forked, then moved in parent and child */
+	w = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd,
+	    (off_t)c.ctrl->u2k_off);
+	CHECK(w != MAP_FAILED, "mmap of the u2k page alone");
+	CHECK(w[63] == 0x66, "the window shows other bytes");
+	hole = mmap(NULL, 4 * pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(hole != MAP_FAILED, "mmap a hole");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		p = mremap(w, pg, pg, MREMAP_MAYMOVE | MREMAP_FIXED, hole + pg);
+		if (p != hole + pg || p[63] != 0x66)
+			_exit(3);
+		p[62] = 0x67;
+		_exit(0);
+	}
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	    "forked window child (status 0x%x)", st);
+	CHECK(w[62] == 0x67, "the child's write through its moved window is lost");
+	p = mremap(w, pg, pg, MREMAP_MAYMOVE | MREMAP_FIXED, hole + 2 * pg);
+	CHECK(p == hole + 2 * pg, "mremap of the one-page window");
+	errno = 0;
+	CHECK(mremap(p, pg, 2 * pg, 0) == MAP_FAILED, "the window grew in place");
+	munmap(hole, 4 * pg);
+
+	/* remap_file_pages: its mmap of the same file is bounds-checked too */
+	p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, 0);
+	CHECK(p != MAP_FAILED, "second mapping");
+	if (remap_file_pages(p, pg, 0, c.ctrl->u2k_off / pg, 0) == 0)
+		CHECK(p[63] == 0x66, "remap_file_pages shows another page");
+	/* (a refused one leaves a hole: its MAP_FIXED unmapped the page) */
+	errno = 0;
+	CHECK(remap_file_pages(p, pg, 0, bytes / pg + 5, 0) == -1,
+	    "remap_file_pages to a page past the channel");
+	/* MAP_FIXED over the middle of the mapping, from the same fd at a
+	 * bad and at a good offset */
+	errno = 0;
+	w = mmap(p + pg, pg, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c.fd,
+	    (off_t)bytes);
+	CHECK(w == MAP_FAILED, "MAP_FIXED past the channel");
+	w = mmap(p + pg, pg, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c.fd,
+	    (off_t)c.ctrl->u2k_off);
+	CHECK(w == p + pg && w[63] == 0x66, "MAP_FIXED over the mapping");
+	munmap(p, bytes);
+
+	/* advice that would fault in, page out or age the pages: refused or
+	 * nothing to do on raw frames */
+#ifndef MADV_COLD
+#define MADV_COLD 20
+#endif
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+	(void)madvise(c.mem, bytes, MADV_COLD);
+	(void)madvise(c.mem, bytes, MADV_PAGEOUT);
+	(void)madvise(c.mem, bytes, MADV_POPULATE_READ);
+	(void)madvise(c.mem, bytes, MADV_POPULATE_WRITE);
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+	(void)madvise(c.mem, bytes, MADV_HUGEPAGE);
+	(void)madvise(c.mem, bytes, MADV_COLLAPSE);
+	(void)madvise(c.mem, bytes, MADV_MERGEABLE);
+	(void)madvise(c.mem, bytes, MADV_UNMERGEABLE);
+	(void)madvise(c.mem, bytes, MADV_WILLNEED);
+	(void)madvise(c.mem, bytes, MADV_SEQUENTIAL);
+	/* MADV_DONTFORK on a window: a child does not get it (and, the
+	 * mapping being VM_IO, MADV_DOFORK cannot undo it) */
+	w = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, 0);
+	CHECK(w != MAP_FAILED, "mmap of the control page alone");
+	CHECK(madvise(w, pg, MADV_DONTFORK) == 0, "MADV_DONTFORK");
+	errno = 0;
+	CHECK(madvise(w, pg, MADV_DOFORK) == -1 && errno == EINVAL, "MADV_DOFORK");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0)
+		_exit(mincore(w, pg, vec) == -1 && errno == ENOMEM ? 0 : 3);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	    "a MADV_DONTFORK window was inherited (status 0x%x)", st);
+	munmap(w, pg);
+	(void)mlock(c.mem, bytes);
+	(void)munlock(c.mem, bytes);
+	(void)msync(c.mem, bytes, MS_SYNC);
+	(void)msync(c.mem, bytes, MS_INVALIDATE | MS_ASYNC);
+	CHECK(mincore(c.mem, bytes, vec) == 0 || errno == ENOMEM || errno == EINVAL,
+	    "mincore");
+	CHECK(c.ctrl->magic == KUP_MAGIC && c.mem[c.ctrl->u2k_off + 63] == 0x66,
+	    "the pages changed under madvise/mlock/msync");
+	echo_continue(&c, "after mm");
+	chan_close(&c);
+	chan_usable(106, "siege mm");
+	printf("siege mm: ok\n");
+}
+
+/* A user the module ended (echo's "!kick": kupdev_disconnect) that
+ * goes on as if nothing happened: hands over message after message with
+ * KUP_IOC_WAKE, polls, and hands its mapping to a child before closing.
+ * The kernel takes nothing more from it (POLLERR stays, the turn is never
+ * handed back), and the channel is attached by nobody else until the
+ * last mapping of the ended user is gone -- its pages are the next
+ * user's too. */
+static void
+siege_kicked(void)
+{
+	struct chan c;
+	struct pollfd p;
+	struct kup_ioc_attach a;
+	char buf[64];
+	int i, fd, st, pfd[2];
+	pid_t pid;
+	char b;
+
+	chan_open_how(&c, 112, 1);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	send_msg(&c, KUP_KIND_DATA, "!kick", 5);
+	CHECK((wait_user_turn(&c) & POLLERR) && (c.ctrl->state & KUP_STATE_PEER_GONE),
+	    "no POLLERR after the module ended the session (state 0x%x)",
+	    c.ctrl->state);
+	/* hand over anyway, with and without sense */
+	for (i = 0; i < 200; i++) {
+		c.ctrl->u2k.len = (uint32_t)(i & 1 ? 4 : 0xffffffffU);
+		c.ctrl->u2k.kind = KUP_KIND_DATA;
+		c.ctrl->u2k.seq = ++c.u2k_seq;
+		memcpy(c.mem + c.ctrl->u2k_off, "more", 4);
+		__atomic_store_n(&c.ctrl->turn, i % 3 ? KUP_TURN_KERNEL : 0x5a5a5a5aU,
+		    __ATOMIC_RELEASE);
+		CHECK(ioctl(c.fd, KUP_IOC_WAKE) == 0, "WAKE after the disconnect");
+	}
+	__atomic_store_n(&c.ctrl->turn, KUP_TURN_KERNEL, __ATOMIC_RELEASE);
+	CHECK(ioctl(c.fd, KUP_IOC_WAKE) == 0, "WAKE after the disconnect");
+	p.fd = c.fd;
+	p.events = POLLIN;
+	CHECK(poll(&p, 1, 0) == 1 && (p.revents & POLLERR), "POLLERR is final "
+	    "(revents 0x%x)", p.revents);
+	CHECK(c.ctrl->k2u.seq == c.k2u_seq, "the kernel answered an ended user "
+	    "(k2u seq %llu after %llu)", (unsigned long long)c.ctrl->k2u.seq,
+	    (unsigned long long)c.k2u_seq);
+	/* a child keeps the mapping; the parent closes: still attached */
+	CHECK(pipe(pfd) == 0, "pipe");
+	pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		close(pfd[1]);
+		close(c.fd);
+		CHECK(read(pfd[0], &b, 1) == 1, "the parent never said go");
+		memset(c.mem + c.ctrl->u2k_off, 0x42, 64);   /* still its pages */
+		_exit(0);
+	}
+	close(pfd[0]);
+	chan_close(&c);
+	CHECK(chan_info_bits(112) & KUP_INFO_ATTACHED,
+	    "an ended user's child maps the channel, yet it was let go");
+	fd = open_dev();
+	errno = 0;
+	CHECK(attach_raw(fd, 112, KUP_ABI_VERSION, &a) == -1 && errno == EBUSY,
+	    "a channel still mapped by an ended user's child was attached");
+	close(fd);
+	CHECK(write(pfd[1], "g", 1) == 1, "write");
+	close(pfd[1]);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	    "child (status 0x%x)", st);
+	chan_usable(112, "kicked");
+	printf("siege kicked: ok\n");
+}
+
+/* An ATTACH that waits for a channel its module still holds (echo's
+ * "!lockhold": the last user left while its worker keeps the channel
+ * locked) pauses interruptibly: under a storm of signals every ATTACH
+ * returns, EINTR or EINPROGRESS, and gives its reservation back (INFO
+ * never shows the channel attached meanwhile); once the module lets go
+ * the channel attaches and serves. */
+static volatile sig_atomic_t g_sigs;
+
+static void
+sg_on_sig(int sig)
+{
+	(void)sig;
+	g_sigs++;
+}
+
+struct sg_storm {
+	pid_t tid;
+	volatile int stop;
+	unsigned long sent;
+};
+
+static void *
+sg_storm_main(void *p)
+{
+	struct sg_storm *s = p;
+
+	while (!__atomic_load_n(&s->stop, __ATOMIC_RELAXED)) {
+		CHECK(syscall(SYS_tgkill, getpid(), s->tid, SIGUSR1) == 0, "tgkill");
+		s->sent++;
+		usleep(200);
+	}
+	return NULL;
+}
+
+/* Hold chan_id: a user leaves it while its worker keeps it locked. */
+static void
+sg_lockhold(uint32_t chan_id, const char *msg)
+{
+	struct chan c;
+	char buf[64];
+	int i;
+
+	chan_open_how(&c, chan_id, 1);
+	CHECK(recv_msg(&c, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	send_msg(&c, KUP_KIND_DATA, msg, (uint32_t)strlen(msg));
+	/* the worker has taken it once the turn is no longer the user's
+	 * page-wise and INFO shows the module's hold */
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		if (chan_info_bits(chan_id) & KUP_INFO_MODULE_HOLDS)
+			break;
+		usleep(10000);
+	}
+	CHECK(i < WAIT_MS / 10, "chan %u: the worker never held the channel", chan_id);
+	chan_close(&c);
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		if (chan_info_bits(chan_id) == KUP_INFO_MODULE_HOLDS)
+			break;
+		usleep(10000);
+	}
+	CHECK(chan_info_bits(chan_id) == KUP_INFO_MODULE_HOLDS,
+	    "chan %u: not held by the module alone (0x%x)", chan_id,
+	    chan_info_bits(chan_id));
+}
+
+/* Make every "!lockhold" of echo let go: "!lockfree" on another channel. */
+static void
+sg_lockfree(uint32_t chan_id)
+{
+	struct chan c;
+
+	chan_open_how(&c, chan_id, 1);
+	echo_round(&c, "!lockfree", chan_id & 1 ? "!LOCKFREE" : "!lockfree");
+	chan_close(&c);
+}
+
+static void
+siege_sigstorm(void)
+{
+	struct sigaction sa;
+	struct sg_storm s;
+	pthread_t th;
+	struct kup_ioc_attach a;
+	unsigned long eintr = 0, eprog = 0, tries;
+	uint8_t bits;
+	int fd, r;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = sg_on_sig;   /* no SA_RESTART: EINTR reaches us */
+	CHECK(sigaction(SIGUSR1, &sa, NULL) == 0, "sigaction");
+	sg_lockhold(108, "!lockhold60000");
+	memset(&s, 0, sizeof(s));
+	s.tid = gettid();
+	CHECK(pthread_create(&th, NULL, sg_storm_main, &s) == 0, "pthread_create");
+	fd = open_dev();
+	/* bounded by tries, not by time: 20 interrupted ATTACHes of at most
+	 * 100 (each pause is a signal away from its end; an ATTACH that did
+	 * not hear the signals would sit out its 500 ms instead) */
+	for (tries = 0; tries < 100 && eintr < 20; tries++) {
+		errno = 0;
+		r = attach_raw(fd, 108, KUP_ABI_VERSION, &a);
+		CHECK(r == -1 && (errno == EINTR || errno == EINPROGRESS),
+		    "ATTACH of a held channel under signals: %d", r);
+		if (errno == EINTR)
+			eintr++;
+		else
+			eprog++;
+		bits = chan_info_bits(108);
+		CHECK(bits == KUP_INFO_MODULE_HOLDS,
+		    "after a failed ATTACH the channel shows 0x%x", bits);
+	}
+	__atomic_store_n(&s.stop, 1, __ATOMIC_RELAXED);
+	CHECK(pthread_join(th, NULL) == 0, "pthread_join");
+	CHECK(eintr >= 20, "only %lu of %lu ATTACHes were interrupted (%lu signals)",
+	    eintr, tries, s.sent);
+	/* the same fd attaches once the module lets go */
+	sg_lockfree(110);
+	for (tries = 0; tries < WAIT_MS / 50; tries++) {
+		if (attach_raw(fd, 108, KUP_ABI_VERSION, &a) == 0)
+			break;
+		CHECK(errno == EINPROGRESS || errno == EINTR, "ATTACH after the hold");
+		usleep(50 * 1000);
+	}
+	CHECK(tries < WAIT_MS / 50, "chan 108 never came back");
+	close(fd);
+	signal(SIGUSR1, SIG_DFL);
+	chan_usable(108, "sigstorm");
+	printf("siege sigstorm: ok (%lu EINTR, %lu EINPROGRESS, %lu signals)\n",
+	    eintr, eprog, s.sent);
+}
+
+/* Many processes take every channel of the device (ATTACH of any
+ * channel until EBUSY), each channel left in another state -- the
+ * worker's PASS unread, a message handed over and not answered yet, a
+ * "!delay" being computed, a poller asleep -- and all of them are
+ * SIGKILLed at once.  Every channel comes back and serves a new user;
+ * nothing was attached twice. */
+#define SG_PROCS 8
+
+static void
+sg_taker(int out, int ready_fd)
+{
+	struct chan c[KUP_MAX_CHANNELS];
+	uint32_t ids[KUP_MAX_CHANNELS];
+	int n = 0, i, r;
+	char buf[64];
+
+	g_test = "mass-death child";
+	for (;;) {
+		memset(&c[n], 0, sizeof(c[n]));
+		c[n].fd = open_dev();
+		r = attach_raw(c[n].fd, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &c[n].a);
+		if (r != 0) {
+			CHECK(errno == EBUSY || errno == EINPROGRESS, "ATTACH any");
+			close(c[n].fd);
+			if (errno == EBUSY)
+				break;
+			usleep(10000);
+			continue;
+		}
+		c[n].mem = mmap(NULL, c[n].a.map_size, PROT_READ | PROT_WRITE,
+		    MAP_SHARED, c[n].fd, 0);
+		CHECK(c[n].mem != MAP_FAILED, "mmap");
+		c[n].ctrl = (struct kup_ctrl *)c[n].mem;
+		ids[n] = c[n].a.chan_id;
+		n++;
+		CHECK(n < (int)KUP_MAX_CHANNELS, "more channels than a device has");
+	}
+	/* leave each channel in a state of its own */
+	for (i = 0; i < n; i++) {
+		switch (i % 4) {
+		case 0:
+			break;                        /* PASS unread */
+		case 1:
+			CHECK(recv_msg(&c[i], buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+			send_msg(&c[i], KUP_KIND_DATA, "unanswered", 10);
+			break;
+		case 2:
+			CHECK(recv_msg(&c[i], buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+			send_msg(&c[i], KUP_KIND_DATA, "!delay", 6);
+			break;
+		default:
+			CHECK(recv_msg(&c[i], buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+			send_msg(&c[i], KUP_KIND_DATA, "!hold", 5);  /* never answered */
+			break;
+		}
+	}
+	CHECK(write(out, &n, sizeof(n)) == sizeof(n), "report");
+	CHECK(write(out, ids, (size_t)n * sizeof(ids[0])) ==
+	    (ssize_t)((size_t)n * sizeof(ids[0])), "report");
+	/* sleep in poll on the last channel until killed */
+	{
+		struct pollfd p = { .fd = n > 0 ? c[n - 1].fd : ready_fd, .events = POLLIN };
+
+		for (;;)
+			(void)poll(&p, 1, -1);
+	}
+}
+
+static void
+siege_mass_death(void)
+{
+	pid_t pids[SG_PROCS];
+	uint8_t seen[KUP_MAX_CHANNELS];
+	struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
+	struct kup_ioc_attach a;
+	struct chan *c;
+	uint32_t ids[KUP_MAX_CHANNELS], chans, i;
+	int pfd[2], k, n, total = 0, st, fd;
+
+	CHECK(ii != NULL, "calloc");
+	fd = open_dev();
+	CHECK(ioctl(fd, KUP_IOC_INFO, ii) == 0, "INFO");
+	chans = ii->announced;
+	for (i = 0; i < chans; i++)
+		CHECK(!(ii->attached[i] & KUP_INFO_ATTACHED),
+		    "channel %u attached before the siege", i);
+	memset(seen, 0, sizeof(seen));
+	CHECK(pipe(pfd) == 0, "pipe");
+	for (k = 0; k < SG_PROCS; k++) {
+		pids[k] = fork();
+		CHECK(pids[k] >= 0, "fork");
+		if (pids[k] == 0) {
+			close(pfd[0]);
+			sg_taker(pfd[1], fd);
+		}
+	}
+	close(pfd[1]);
+	for (k = 0; k < SG_PROCS; k++) {
+		CHECK(read(pfd[0], &n, sizeof(n)) == sizeof(n), "a taker never reported");
+		CHECK(n >= 0 && n <= (int)chans, "a taker took %d channels", n);
+		CHECK(read(pfd[0], ids, (size_t)n * sizeof(ids[0])) ==
+		    (ssize_t)((size_t)n * sizeof(ids[0])), "a taker's list");
+		for (i = 0; i < (uint32_t)n; i++) {
+			CHECK(ids[i] < chans && !seen[ids[i]],
+			    "channel %u attached twice (or out of range)", ids[i]);
+			seen[ids[i]] = 1;
+		}
+		total += n;
+	}
+	close(pfd[0]);
+	CHECK(total == (int)chans, "the takers hold %d of %u channels", total, chans);
+	errno = 0;
+	CHECK(attach_raw(fd, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &a) == -1 &&
+	    errno == EBUSY, "ATTACH any with every channel taken");
+	for (k = 0; k < SG_PROCS; k++)
+		CHECK(kill(pids[k], SIGKILL) == 0, "kill");
+	for (k = 0; k < SG_PROCS; k++)
+		CHECK(waitpid(pids[k], &st, 0) == pids[k] && WIFSIGNALED(st),
+		    "taker %d (status 0x%x)", k, st);
+	close(fd);
+	for (i = 0; i < chans; i++)
+		wait_chan_free(i, "mass-death");
+	/* every channel serves again: all at once, from one process */
+	c = calloc(chans, sizeof(*c));
+	CHECK(c != NULL, "calloc");
+	for (i = 0; i < chans; i++)
+		chan_open_how(&c[i], i, 1);
+	for (i = 0; i < chans; i++)
+		echo_round(&c[i], "back", i & 1 ? "BACK" : "back");
+	for (i = 0; i < chans; i++)
+		chan_close(&c[i]);
+	free(c);
+	free(ii);
+	printf("siege mass-death: ok (%d processes held all %u channels)\n",
+	    SG_PROCS, chans);
+}
+
+static void
+test_siege(void)
+{
+	g_test = "siege";
+	siege_close_race();
+	siege_buffers();
+	siege_mm();
+	siege_kicked();
+	siege_sigstorm();
+	siege_mass_death();
+	printf("siege: ok\n");
+}
+
+
 /* Attach, take the PASS (the kernel now waits for us), create DIR/attached
  * and wait: the test script unloads kup_echo.ko meanwhile.  We must see
  * POLLHUP and KUP_STATE_SHUTDOWN, the pages must stay usable (no fault),
@@ -1769,6 +2508,8 @@ main(int argc, char **argv)
 		test_release();
 	else if (argc == 2 && strcmp(argv[1], "abuse") == 0)
 		test_abuse();
+	else if (argc == 2 && strcmp(argv[1], "siege") == 0)
+		test_siege();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
@@ -1793,7 +2534,7 @@ main(int argc, char **argv)
 		test_anyherd();
 	else {
 		fprintf(stderr,
-		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|abuse|unload-hold DIR|"
+		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|abuse|siege|unload-hold DIR|"
 		    "traffic DIR CHAN|chans NAME|deadholder DIR|anyherd\n");
 		return 2;
 	}

@@ -72,6 +72,7 @@ STAGES = [
     "kfault_hostile",
     "kfault_release",
     "kfault_abuse",
+    "kfault_siege",
     "kmutex",
     "kholder",
     "libkup_c",
