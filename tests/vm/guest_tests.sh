@@ -360,6 +360,17 @@ stage_unload() {
 		while [ ! -f "$d/running-$ch" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 		[ -f "$d/running-$ch" ] || { cat "$d/traffic-$ch"; echo "no traffic on $ch"; return 1; }
 	done
+	# and users blocked in every other kind of wait (kup_kfault.c,
+	# unload-waiters): poll and epoll, an ATTACH pausing for a channel
+	# its module holds, every other call in a loop; each must end by itself
+	"$BINDIR/kup_kfault" unload-waiters "$d" > "$d/waiters" 2>&1 &
+	wpid=$!
+	i=0
+	while [ ! -f "$d/waiting" ] && [ $i -lt 600 ]; do
+		kill -0 $wpid 2>/dev/null || break
+		sleep 0.1; i=$((i+1))
+	done
+	[ -f "$d/waiting" ] || { cat "$d/waiters"; echo "the waiters never got in place"; return 1; }
 	# a node of echo's numbers outside devtmpfs, held open on fd 3: its
 	# inode keeps pointing at the cdev after the device is gone
 	stale=$d/stale-echo
@@ -384,6 +395,9 @@ stage_unload() {
 		[ $rc -eq 0 ] || { cat "$d"/traffic-*; echo "a traffic process failed ($rc)"; return 1; }
 	done
 	cat "$d"/traffic-*
+	rc=0; wait $wpid || rc=$?
+	cat "$d/waiters"
+	[ $rc -eq 0 ] || { echo "a waiter did not end well across the unload ($rc)"; return 1; }
 	# No new open reaches the unloaded device, not even through an inode
 	# that still holds its cdev, and not even once a new device of the same
 	# name exists (it gets another minor: the old one lives while fd 3 does)

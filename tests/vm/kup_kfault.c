@@ -6,8 +6,8 @@
  * protocol, so it can also break the protocol on purpose.
  *
  *   kup_kfault basic | mmap | sigkill | hostile | abuse | siege |
- *              unload-hold DIR | traffic DIR CHAN | chans NAME |
- *              deadholder DIR | anyherd
+ *              unload-hold DIR | unload-waiters DIR | traffic DIR CHAN |
+ *              chans NAME | deadholder DIR | anyherd
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -2108,6 +2108,237 @@ test_siege(void)
 	printf("siege: ok\n");
 }
 
+/* unload-waiters DIR: users blocked in every kind of wait while the
+ * script unloads kup_echo.ko (the unload stage): poll on an unattached
+ * device fd; epoll on an unattached fd and on a channel whose kernel
+ * keeps the turn ("!hold"); an ATTACH pausing for a channel its module
+ * holds ("!lockhold" after its user left); a thread running every other
+ * call on an attached fd in a loop.  DIR/waiting says they are in place;
+ * then each must end by itself: POLLHUP / EPOLLHUP, ESHUTDOWN, and the
+ * calls' answers after the unload (INFO ESHUTDOWN, the others harmless). */
+struct uw {
+	int fd;                 /* poll: unattached; attach: its fd */
+	int ep;                 /* epoll, watching fds[0] and fds[1] */
+	int fds[2];
+	struct chan *c;         /* ops: the attached channel */
+	pid_t tid;
+	unsigned long n;        /* attach tries / op rounds */
+	int ok;
+};
+
+/* How long a waiter sleeps at most: the unload must wake it well before
+ * (a sleep that runs out means nobody woke it). */
+#define UW_SLEEP_MS (3 * WAIT_MS)
+
+static void *
+uw_poll_main(void *p)
+{
+	struct uw *u = p;
+	struct pollfd pf = { .fd = u->fd, .events = POLLIN };
+	int n;
+
+	__atomic_store_n(&u->tid, gettid(), __ATOMIC_RELEASE);
+	do {
+		pf.revents = 0;
+		n = poll(&pf, 1, UW_SLEEP_MS);
+		CHECK(n >= 0, "poll on the device fd");
+		CHECK(n == 1, "nothing woke the poll on an unattached fd");
+		CHECK(!(pf.revents & POLLIN) || (pf.revents & POLLHUP) ||
+		    read(u->fd, &(uint64_t){ 0 }, 8) == 8,
+		    "readable, with nothing to read");
+	} while (!(pf.revents & POLLHUP));
+	u->ok = 1;
+	return NULL;
+}
+
+static void *
+uw_epoll_main(void *p)
+{
+	struct uw *u = p;
+	struct epoll_event ev[4];
+	int i, j, n, hups = 0, seen[2] = { 0, 0 };
+
+	__atomic_store_n(&u->tid, gettid(), __ATOMIC_RELEASE);
+	for (i = 0; i < 100 && hups < 2; i++) {
+		n = epoll_wait(u->ep, ev, 4, UW_SLEEP_MS);
+		CHECK(n >= 0, "epoll_wait");
+		CHECK(n > 0, "nothing woke the epoll_wait");
+		for (j = 0; j < n; j++) {
+			uint32_t k = ev[j].data.u32;
+
+			CHECK(k < 2, "epoll data %u", k);
+			if ((ev[j].events & EPOLLHUP) && !seen[k]) {
+				/* reported: out of the set, or level-triggered
+				 * HUP would end every later wait at once */
+				CHECK(epoll_ctl(u->ep, EPOLL_CTL_DEL, u->fds[k], NULL) == 0,
+				    "EPOLL_CTL_DEL");
+				seen[k] = 1;
+				hups++;
+			}
+		}
+	}
+	u->ok = hups == 2;
+	return NULL;
+}
+
+static void *
+uw_attach_main(void *p)
+{
+	struct uw *u = p;
+	struct kup_ioc_attach a;
+	int r;
+
+	__atomic_store_n(&u->tid, gettid(), __ATOMIC_RELEASE);
+	for (u->n = 0; u->n < 600; ) {
+		errno = 0;
+		r = attach_raw(u->fd, 45, KUP_ABI_VERSION, &a);
+		CHECK(r == -1, "ATTACH of a channel its module holds succeeded");
+		__atomic_add_fetch(&u->n, 1, __ATOMIC_RELEASE);
+		if (errno == ESHUTDOWN)
+			break;
+		CHECK(errno == EINPROGRESS || errno == EINTR,
+		    "ATTACH of a held channel during the unload");
+	}
+	u->ok = errno == ESHUTDOWN;
+	return NULL;
+}
+
+static void *
+uw_ops_main(void *p)
+{
+	struct uw *u = p;
+	struct kup_ioc_info *ii = malloc(sizeof(*ii));
+	struct pollfd pf = { .fd = u->c->fd, .events = POLLIN };
+	unsigned long after = 0;
+	uint64_t v = 1;
+	void *m;
+
+	CHECK(ii != NULL, "malloc");
+	__atomic_store_n(&u->tid, gettid(), __ATOMIC_RELEASE);
+	/* every call until INFO says the device is gone, then 100 more
+	 * rounds of them */
+	for (;;) {
+		errno = 0;
+		if (ioctl(u->c->fd, KUP_IOC_INFO, ii) != 0) {
+			CHECK(errno == ESHUTDOWN, "INFO during the unload");
+			if (++after > 100)
+				break;
+		}
+		CHECK(ioctl(u->c->fd, KUP_IOC_WAKE) == 0, "WAKE during the unload");
+		CHECK(write(u->c->fd, &v, sizeof(v)) == sizeof(v), "write during the unload");
+		drain(u->c);
+		CHECK(poll(&pf, 1, 0) >= 0, "poll during the unload");
+		m = mmap(NULL, u->c->a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+		    u->c->fd, 0);
+		CHECK(m != MAP_FAILED, "mmap during the unload");
+		munmap(m, u->c->a.map_size);
+		__atomic_add_fetch(&u->n, 1, __ATOMIC_RELEASE);
+		CHECK(__atomic_load_n(&u->n, __ATOMIC_RELAXED) < 100000000UL,
+		    "the device never went away");
+	}
+	u->ok = 1;
+	free(ii);
+	return NULL;
+}
+
+/* Bounded wait until thread tid sleeps in a function whose name holds
+ * what (/proc/self/task/TID/wchan). */
+static void
+wait_wchan(struct uw *u, const char *what)
+{
+	char path[64], wchan[64];
+	pid_t tid;
+	FILE *f;
+	int i;
+
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		tid = __atomic_load_n(&u->tid, __ATOMIC_ACQUIRE);
+		if (tid != 0) {
+			snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", (int)tid);
+			f = fopen(path, "r");
+			CHECK(f != NULL, "open %s", path);
+			if (fgets(wchan, sizeof(wchan), f) == NULL)
+				wchan[0] = '\0';
+			fclose(f);
+			if (strstr(wchan, what) != NULL)
+				return;
+		}
+		usleep(10000);
+	}
+	fail("a waiter never slept in %s", what);
+}
+
+static void
+test_unload_waiters(const char *dir)
+{
+	struct uw u[4];
+	pthread_t th[4];
+	struct chan hold, ops;
+	struct epoll_event ev;
+	char path[512], buf[64];
+	int i, fd;
+
+	g_test = "unload-waiters";
+	memset(u, 0, sizeof(u));
+	/* 0: poll on an unattached fd */
+	u[0].fd = open_dev();
+	/* 1: epoll on an unattached fd and on chan 44, whose kernel keeps
+	 * the turn */
+	chan_open_how(&hold, 44, 1);
+	CHECK(recv_msg(&hold, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	send_msg(&hold, KUP_KIND_DATA, "!hold", 5);
+	drain(&hold);
+	u[1].fd = open_dev();
+	u[1].ep = epoll_create1(EPOLL_CLOEXEC);
+	CHECK(u[1].ep >= 0, "epoll_create1");
+	ev.events = EPOLLIN;
+	ev.data.u64 = 0;
+	ev.data.u32 = 0;
+	CHECK(epoll_ctl(u[1].ep, EPOLL_CTL_ADD, u[1].fd, &ev) == 0, "epoll_ctl");
+	ev.data.u32 = 1;
+	CHECK(epoll_ctl(u[1].ep, EPOLL_CTL_ADD, hold.fd, &ev) == 0, "epoll_ctl");
+	u[1].fds[0] = u[1].fd;
+	u[1].fds[1] = hold.fd;
+	/* 2: ATTACH of chan 45, which its module holds */
+	sg_lockhold(45, "!lockhold60000");
+	u[2].fd = open_dev();
+	/* 3: the other calls on attached chan 46 */
+	chan_open_how(&ops, 46, 1);
+	CHECK(recv_msg(&ops, buf, sizeof(buf), NULL) == KUP_KIND_PASS, "PASS");
+	u[3].c = &ops;
+	CHECK(pthread_create(&th[0], NULL, uw_poll_main, &u[0]) == 0, "pthread_create");
+	CHECK(pthread_create(&th[1], NULL, uw_epoll_main, &u[1]) == 0, "pthread_create");
+	CHECK(pthread_create(&th[2], NULL, uw_attach_main, &u[2]) == 0, "pthread_create");
+	CHECK(pthread_create(&th[3], NULL, uw_ops_main, &u[3]) == 0, "pthread_create");
+	wait_wchan(&u[0], "poll");
+	wait_wchan(&u[1], "poll");
+	for (i = 0; i < WAIT_MS / 10; i++) {
+		if (__atomic_load_n(&u[2].n, __ATOMIC_ACQUIRE) >= 1 &&
+		    __atomic_load_n(&u[3].n, __ATOMIC_ACQUIRE) >= 100)
+			break;
+		usleep(10000);
+	}
+	CHECK(i < WAIT_MS / 10, "the ATTACH and the calls never got going");
+	snprintf(path, sizeof(path), "%s/waiting", dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	CHECK(fd >= 0, "create %s", path);
+	close(fd);
+	printf("unload-waiters: waiting\n");
+	for (i = 0; i < 4; i++)
+		CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+	CHECK(u[0].ok, "poll on an unattached fd never saw POLLHUP");
+	CHECK(u[1].ok, "epoll never saw EPOLLHUP on both fds");
+	CHECK(u[2].ok, "the ATTACH pausing for a held channel never got ESHUTDOWN");
+	CHECK(u[3].ok, "the calls during the unload");
+	CHECK(hold.ctrl->state & KUP_STATE_SHUTDOWN, "chan 44 state 0x%x", hold.ctrl->state);
+	close(u[1].ep);
+	close(u[0].fd);
+	close(u[1].fd);
+	close(u[2].fd);
+	chan_close(&hold);
+	chan_close(&ops);
+	printf("unload-waiters: ok (%lu ATTACH tries, %lu call rounds)\n", u[2].n, u[3].n);
+}
 
 /* Attach, take the PASS (the kernel now waits for us), create DIR/attached
  * and wait: the test script unloads kup_echo.ko meanwhile.  We must see
@@ -2512,6 +2743,8 @@ main(int argc, char **argv)
 		test_siege();
 	else if (argc == 3 && strcmp(argv[1], "unload-hold") == 0)
 		test_unload_hold(argv[2]);
+	else if (argc == 3 && strcmp(argv[1], "unload-waiters") == 0)
+		test_unload_waiters(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
 		/* print a device's channel count (the load stage checks params) */
 		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
@@ -2535,6 +2768,7 @@ main(int argc, char **argv)
 	else {
 		fprintf(stderr,
 		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|abuse|siege|unload-hold DIR|"
+		    "unload-waiters DIR|"
 		    "traffic DIR CHAN|chans NAME|deadholder DIR|anyherd\n");
 		return 2;
 	}
