@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kfault_siege kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kfault_siege kfault_reload kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -137,6 +137,33 @@ stage_kfault_abuse() { "$BINDIR/kup_kfault" abuse; }
 # channel its module holds, and eight processes taking every channel and
 # being SIGKILLed at once; dmesg must stay clean
 stage_kfault_siege() { "$BINDIR/kup_kfault" siege; }
+
+# opens racing the node's withdrawal and publication: kup_kfault
+# reload-race's threads open /dev/kup/echo, ask INFO, attach any channel,
+# map it and talk, while kup_echo.ko is unloaded and loaded five times
+# under them; every answer must be one the ABI names, dmesg stay clean
+stage_kfault_reload() {
+	d=$(mktemp -d)
+	"$BINDIR/kup_kfault" reload-race "$d" > "$d/out" 2>&1 &
+	pid=$!
+	i=0
+	while [ ! -f "$d/running" ] && [ $i -lt 600 ]; do
+		kill -0 $pid 2>/dev/null || break
+		sleep 0.1; i=$((i+1))
+	done
+	[ -f "$d/running" ] || { cat "$d/out"; echo "reload-race never ran"; return 1; }
+	for n in 1 2 3 4 5; do
+		sleep 0.5       # let the users get going on this load
+		rmmod kup_echo
+		insmod "$KMODDIR/kup_echo.ko"
+		wait_dev echo
+	done
+	sleep 0.5
+	touch "$d/stop"
+	rc=0; wait $pid || rc=$?
+	cat "$d/out"
+	[ $rc -eq 0 ] || { echo "reload-race failed ($rc)"; return 1; }
+}
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
 # kup_holdtest.ko test=mutex (tests/vm/kup_holdtest.c) makes threads that

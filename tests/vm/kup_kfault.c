@@ -6,8 +6,8 @@
  * protocol, so it can also break the protocol on purpose.
  *
  *   kup_kfault basic | mmap | sigkill | hostile | abuse | siege |
- *              unload-hold DIR | unload-waiters DIR | traffic DIR CHAN |
- *              chans NAME | deadholder DIR | anyherd
+ *              unload-hold DIR | unload-waiters DIR | reload-race DIR |
+ *              traffic DIR CHAN | chans NAME | deadholder DIR | anyherd
  *
  * Exit status 0 = pass; every failure prints "FAIL: <what>" and exits 1.
  * Every wait is bounded (poll with a timeout); nothing asserts on time.
@@ -2108,6 +2108,119 @@ test_siege(void)
 	printf("siege: ok\n");
 }
 
+/* reload-race DIR: threads open /dev/kup/echo and use what they got --
+ * INFO, ATTACH of any channel, mmap, a round trip, poll, close -- in a
+ * loop while the script unloads and reloads kup_echo.ko again and again,
+ * so opens race the node's withdrawal and publication, and every call
+ * races the shutdown.  Each call's answer must be one the ABI names for
+ * it; DIR/running says the loops run, DIR/stop ends them. */
+#define RR_THREADS 3
+
+struct rr {
+	const char *dir;
+	unsigned long opens, attaches, rounds, gone;
+};
+
+static int
+rr_stopped(const char *dir)
+{
+	char path[512];
+
+	snprintf(path, sizeof(path), "%s/stop", dir);
+	return access(path, F_OK) == 0;
+}
+
+static void *
+rr_main(void *p)
+{
+	struct rr *r = p;
+	struct kup_ioc_info *ii = malloc(sizeof(*ii));
+	struct kup_ioc_attach a;
+	unsigned long i;
+
+	CHECK(ii != NULL, "malloc");
+	for (i = 0; !rr_stopped(r->dir); i++) {
+		struct pollfd pf;
+		struct chan c;
+		int fd = open(DEV, O_RDWR | O_CLOEXEC);
+
+		if (fd < 0) {
+			/* between the unload and the reload: no node, or a
+			 * node whose device is gone */
+			CHECK(errno == ENOENT || errno == ENODEV || errno == ENXIO,
+			    "open %s", DEV);
+			r->gone++;
+			usleep(1000);
+			continue;
+		}
+		r->opens++;
+		if (ioctl(fd, KUP_IOC_INFO, ii) != 0)
+			CHECK(errno == ESHUTDOWN, "INFO");
+		if (attach_raw(fd, KUP_IOC_CHAN_ANY, KUP_ABI_VERSION, &a) != 0) {
+			CHECK(errno == ESHUTDOWN || errno == EBUSY || errno == EAGAIN ||
+			    errno == EINPROGRESS, "ATTACH any");
+			close(fd);
+			continue;
+		}
+		r->attaches++;
+		memset(&c, 0, sizeof(c));
+		c.fd = fd;
+		c.a = a;
+		c.mem = mmap(NULL, a.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		CHECK(c.mem != MAP_FAILED, "mmap of an attached channel");
+		c.ctrl = (struct kup_ctrl *)c.mem;
+		pf.fd = fd;
+		pf.events = POLLIN;
+		/* one round trip unless the device goes meanwhile: the
+		 * worker's PASS, then the echo (every 4th: leave at once) */
+		if (i % 4 != 0 && wait_user_turn(&c) == POLLIN &&
+		    c.ctrl->k2u.kind == KUP_KIND_PASS) {
+			c.k2u_seq = c.ctrl->k2u.seq;
+			send_msg(&c, KUP_KIND_DATA, "race", 4);
+			if (wait_user_turn(&c) == POLLIN) {
+				CHECK(c.ctrl->k2u.kind == KUP_KIND_DATA &&
+				    c.ctrl->k2u.len == 4, "the echo of 'race'");
+				r->rounds++;
+			}
+		}
+		CHECK(poll(&pf, 1, 0) >= 0, "poll");
+		chan_close(&c);
+	}
+	free(ii);
+	return NULL;
+}
+
+static void
+test_reload_race(const char *dir)
+{
+	struct rr r[RR_THREADS];
+	pthread_t th[RR_THREADS];
+	unsigned long opens = 0, attaches = 0, rounds = 0, gone = 0;
+	char path[512];
+	int i, fd;
+
+	g_test = "reload-race";
+	for (i = 0; i < RR_THREADS; i++) {
+		memset(&r[i], 0, sizeof(r[i]));
+		r[i].dir = dir;
+		CHECK(pthread_create(&th[i], NULL, rr_main, &r[i]) == 0, "pthread_create");
+	}
+	snprintf(path, sizeof(path), "%s/running", dir);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	CHECK(fd >= 0, "create %s", path);
+	close(fd);
+	for (i = 0; i < RR_THREADS; i++) {
+		CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+		opens += r[i].opens;
+		attaches += r[i].attaches;
+		rounds += r[i].rounds;
+		gone += r[i].gone;
+	}
+	CHECK(attaches > 0 && rounds > 0, "no channel was ever used (%lu opens)", opens);
+	printf("reload-race: ok (%lu opens, %lu attaches, %lu round trips, "
+	    "%lu opens with no device)\n", opens, attaches, rounds, gone);
+}
+
 /* unload-waiters DIR: users blocked in every kind of wait while the
  * script unloads kup_echo.ko (the unload stage): poll on an unattached
  * device fd; epoll on an unattached fd and on a channel whose kernel
@@ -2745,6 +2858,8 @@ main(int argc, char **argv)
 		test_unload_hold(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "unload-waiters") == 0)
 		test_unload_waiters(argv[2]);
+	else if (argc == 3 && strcmp(argv[1], "reload-race") == 0)
+		test_reload_race(argv[2]);
 	else if (argc == 3 && strcmp(argv[1], "chans") == 0) {
 		/* print a device's channel count (the load stage checks params) */
 		struct kup_ioc_info *ii = calloc(1, sizeof(*ii));
@@ -2768,7 +2883,7 @@ main(int argc, char **argv)
 	else {
 		fprintf(stderr,
 		    "usage: kup_kfault basic|mmap|sigkill|hostile|release|abuse|siege|unload-hold DIR|"
-		    "unload-waiters DIR|"
+		    "unload-waiters DIR|reload-race DIR|"
 		    "traffic DIR CHAN|chans NAME|deadholder DIR|anyherd\n");
 		return 2;
 	}

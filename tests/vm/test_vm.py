@@ -73,6 +73,7 @@ STAGES = [
     "kfault_release",
     "kfault_abuse",
     "kfault_siege",
+    "kfault_reload",
     "kmutex",
     "kholder",
     "libkup_c",
