@@ -15,7 +15,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=24
 SELF=$(readlink -f "$0")
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
-STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kfault_siege kfault_reload kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
+STAGES=${STAGES:-"load devnode kfault_basic kfault_mmap kfault_sigkill kfault_hostile kfault_release kfault_abuse kfault_siege kfault_reload kfault_compat kmutex kholder libkup_c receive_any anyherd python_channel kupd unload dmesg"}
 
 stage() {  # stage NAME: run stage_NAME, report its status
 	echo "=== STAGE $1"
@@ -164,6 +164,11 @@ stage_kfault_reload() {
 	cat "$d/out"
 	[ $rc -eq 0 ] || { echo "reload-race failed ($rc)"; return 1; }
 }
+
+# a 32-bit (i386) process on the device (tests/vm/kup_compat32.c): INFO,
+# ATTACH and bad pointers through kup.ko's compat_ioctl, the channel
+# through mmap2, one round trip
+stage_kfault_compat() { "$BINDIR/kup_compat32"; }
 
 # kup.ko's kup_mutex when its holder thread exits holding it (a module bug):
 # kup_holdtest.ko test=mutex (tests/vm/kup_holdtest.c) makes threads that

@@ -74,6 +74,7 @@ STAGES = [
     "kfault_abuse",
     "kfault_siege",
     "kfault_reload",
+    "kfault_compat",
     "kmutex",
     "kholder",
     "libkup_c",
@@ -282,6 +283,16 @@ def _build_programs(children: _Children) -> None:
     children.run([cc, *flags, "tests/vm/kup_kfault.c", "-o", str(BIN / f"kup_kfault{tmp}")],
                  "building tests/vm/kup_kfault.c")  # fmt: skip
     os.replace(BIN / f"kup_kfault{tmp}", BIN / "kup_kfault")
+    # an i386 user of the device (kup.ko's compat ioctl and mmap2 paths),
+    # with no C library: the host has no 32-bit one
+    children.run(
+        [cc, "-m32", "-static", "-nostdlib", "-ffreestanding", "-fno-pic", "-no-pie",
+         "-fno-stack-protector", "-fno-builtin", "-march=i686", "-O1", "-Wall", "-Wextra",
+         "-Werror", "-Itests/vm/compat32", "-Ikmod/include", "tests/vm/kup_compat32.c",
+         "-o", str(BIN / f"kup_compat32{tmp}")],
+        "building tests/vm/kup_compat32.c (i386, freestanding)",
+    )  # fmt: skip
+    os.replace(BIN / f"kup_compat32{tmp}", BIN / "kup_compat32")
     # libkup as kmod/Makefile builds it on Linux: every source (backend_kdev.c
     # is the Linux backend under -DKUP_HAVE_BACKEND_LINUX)
     libkup = sorted(str(p.relative_to(REPO)) for p in (REPO / "kmod" / "libkup").glob("*.c"))
