@@ -157,7 +157,11 @@ class TenantCollector(Collector):
       ``kupd_tenant_paced_seconds_total{tenant}``: channel operations that
       waited for their turn under channel_ops_per_second (counted as their
       wait begins), and the seconds they waited (as each wait ends: one
-      cancelled before its turn counts what it waited).
+      cancelled before its turn counts what it waited);
+    * ``kupd_tenant_requests_paced_total{tenant}`` and
+      ``kupd_tenant_requests_paced_seconds_total{tenant}``: the same for the
+      requests paced under requests_per_second (ListDevices, Attach,
+      Release, opening a Session or a Watch, health checks).
     """
 
     def __init__(
@@ -166,11 +170,13 @@ class TenantCollector(Collector):
         in_flight: Callable[[], Mapping[str, int]],
         denials: Callable[[], Mapping[tuple[str, str], int]],
         paced: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None,
+        requests_paced: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None,
     ) -> None:
         self._holders = holders
         self._in_flight = in_flight
         self._denials = denials
         self._paced = paced
+        self._requests_paced = requests_paced
 
     def collect(self) -> Iterator[Metric]:
         leases = GaugeMetricFamily(
@@ -201,24 +207,34 @@ class TenantCollector(Collector):
         for (tenant, rule), n in sorted(dict(self._denials()).items()):
             denied.add_metric([tenant, rule], n)
         yield denied
-        if self._paced is None:
-            return
-        counts_p, seconds_p = self._paced()
-        paced = CounterMetricFamily(
-            "kupd_tenant_paced",
-            "Channel operations that waited for their turn under channel_ops_per_second",
-            labels=["tenant"],
-        )
-        waited = CounterMetricFamily(
-            "kupd_tenant_paced_seconds",
-            "Seconds channel operations waited under channel_ops_per_second",
-            labels=["tenant"],
-        )
-        for tenant, n in sorted(dict(counts_p).items()):
-            paced.add_metric([tenant], n)
-            waited.add_metric([tenant], dict(seconds_p).get(tenant, 0.0))
-        yield paced
-        yield waited
+        if self._paced is not None:
+            yield from _paced_families(
+                "kupd_tenant_paced", "Channel operations", "channel_ops_per_second", self._paced()
+            )
+        if self._requests_paced is not None:
+            yield from _paced_families(
+                "kupd_tenant_requests_paced", "Requests", "requests_per_second",
+                self._requests_paced(),
+            )
+
+
+def _paced_families(
+    name: str, what: str, rule: str, counted: tuple[Mapping[str, int], Mapping[str, float]]
+) -> Iterator[Metric]:
+    """The two per-tenant counters of a pace (``Guard.pace``'s ``rule``):
+    ``what`` waited for its turn, and the seconds they waited."""
+    counts_p, seconds_p = counted
+    paced = CounterMetricFamily(
+        name, f"{what} that waited for their turn under {rule}", labels=["tenant"]
+    )
+    waited = CounterMetricFamily(
+        f"{name}_seconds", f"Seconds {what.lower()} waited under {rule}", labels=["tenant"]
+    )
+    for tenant, n in sorted(dict(counts_p).items()):
+        paced.add_metric([tenant], n)
+        waited.add_metric([tenant], dict(seconds_p).get(tenant, 0.0))
+    yield paced
+    yield waited
 
 
 

@@ -21,6 +21,10 @@ A tenant is identified by the unix socket its requests arrive on (see
     channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
                                # and leases: paced beyond it, burst = one second's worth;
                                # a refusal (a wait too long) says when to retry
+    requests_per_second = 200.0   # ListDevices, Attach, Release, opening a Session or
+                               # a Watch, health checks: the RPCs no rate above covers,
+                               # all together; paced beyond it as channel_ops_per_second,
+                               # burst = one second's worth (default 200; 0: no limit)
     max_connections = 8        # connections at once on its socket (0: no limit)
 
     [[tenant.grant]]
@@ -55,6 +59,7 @@ from kupd import errors
 from kupd.abi import KUP_MAX_CHANNELS
 from kupd.calls import TENANT_GROUP
 from kupd.devices import SHOWN_MAX, shown
+from kupd.retirement import waiting_on
 
 __all__ = [
     "ADMIN",
@@ -63,6 +68,7 @@ __all__ = [
     "DEFAULT",
     "OPS",
     "PACE_LIMIT",
+    "REQUESTS_PER_SECOND",
     "TENANT_KEYS",
     "Budget",
     "Grant",
@@ -110,6 +116,16 @@ class Grant:
         return self.channels is None or chan in self.channels
 
 
+#: A tenant's requests_per_second unless its [[tenant]] table sets one: no
+#: legitimate client notices it -- its burst (one second's worth) lets a
+#: client starting up attach 64 channels, list the devices and open its
+#: watches at once, with room to spare, and a client that keeps 200 such
+#: RPCs a second going is one re-attaching in a loop, not using its
+#: channels -- while a tenant flooding kupd with them gets no more than
+#: that share of its one event loop, whatever its connections allow.
+REQUESTS_PER_SECOND = 200.0
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
@@ -130,6 +146,12 @@ class Tenant:
     #: send / exchange / receive / pass operations on the tenant's Sessions
     #: and leases per second, all together (0: no limit); see Guard.pace
     channel_ops_per_second: float = 0.0
+    #: the tenant's other RPCs per second, all together (0: no limit):
+    #: ListDevices, Attach, Release, opening a Session or a Watch, the
+    #: health service's Check and Watch -- paced as channel operations are
+    #: (Guard.request_turn).  kupd's own tenants (admin, the plain socket's
+    #: default) are not paced: the operator's, and one no other shares kupd with
+    requests_per_second: float = REQUESTS_PER_SECOND
     #: connections at once on the tenant's socket (0: no limit): a gRPC
     #: option of its server, so a reload changes it only with the socket
     max_connections: int = 0
@@ -159,9 +181,9 @@ _GROUP = TENANT_GROUP
 
 #: The tenant of a kupd without [[tenant]] tables: everything allowed
 #: (plain_tenant: with the top-level max_message_bytes, when set).
-DEFAULT = Tenant(DEFAULT_NAME)
+DEFAULT = Tenant(DEFAULT_NAME, requests_per_second=0.0)
 #: The tenant of the admin socket: everything allowed, plus the Admin service.
-ADMIN = Tenant(ADMIN_NAME, admin=True)
+ADMIN = Tenant(ADMIN_NAME, admin=True, requests_per_second=0.0)
 
 _CURRENT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("kupd_tenant", default=DEFAULT)
 
@@ -297,6 +319,7 @@ TENANT_KEYS = frozenset({
     "max_message_bytes",
     "calls_per_second",
     "channel_ops_per_second",
+    "requests_per_second",
     "max_connections",
 })
 
@@ -326,14 +349,16 @@ def _int(raw: dict[str, Any], k: str, prefix: str) -> int:
     return v
 
 
-#: The lowest channel_ops_per_second (but 0, no limit): one operation in
+#: The lowest channel_ops_per_second or requests_per_second (but 0, no limit): one operation in
 #: about 17 minutes.  Guard.pace divides by the rate, and a tiny one (1e-310)
 #: made 1/rate infinite and every wait NaN -- no pacing at all.
 MIN_RATE = 0.001
 
 
-def _rate(raw: dict[str, Any], k: str, prefix: str, least: float = 0.0) -> float:
-    v = raw.get(k, 0.0)
+def _rate(
+    raw: dict[str, Any], k: str, prefix: str, least: float = 0.0, default: float = 0.0
+) -> float:
+    v = raw.get(k, default)
     if (
         isinstance(v, bool)
         or not isinstance(v, int | float)
@@ -427,6 +452,9 @@ def _tenant(raw: Any, i: int, devices: Iterable[str]) -> Tenant:
         max_message_bytes=message_bytes(raw, prefix),
         calls_per_second=_rate(raw, "calls_per_second", prefix),
         channel_ops_per_second=_rate(raw, "channel_ops_per_second", prefix, MIN_RATE),
+        requests_per_second=_rate(
+            raw, "requests_per_second", prefix, MIN_RATE, REQUESTS_PER_SECOND
+        ),
         max_connections=_connections(raw, prefix),
     )
 
@@ -507,8 +535,13 @@ class Policy:
         return None
 
 
-#: The longest a channel operation waits for its turn under its tenant's
-#: channel_ops_per_second (Guard.pace); beyond it, it is refused.
+#: The rules Guard.pace paces by: the Tenant fields of their rates.
+CHANNEL_OPS = "channel_ops_per_second"
+REQUESTS = "requests_per_second"
+
+#: The longest a channel operation (a request) waits for its turn under its
+#: tenant's channel_ops_per_second (requests_per_second; Guard.pace);
+#: beyond it, it is refused.
 PACE_LIMIT = 5.0
 
 #: Denial lines one tenant gets in the audit log (and kupd's log): this
@@ -570,13 +603,18 @@ class Guard:
     #: (kept for released leases too, bounded).
     lease_owner: dict[str, str] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    #: per tenant: when its next channel operation is due at the sustained
-    #: rate (channel_ops_per_second; see pace)
-    _due: dict[str, float] = field(default_factory=dict)
+    #: per (rate, tenant): when its next channel operation (request) is due
+    #: at the sustained rate (channel_ops_per_second, requests_per_second;
+    #: see pace), and that rate
+    _due: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     #: per tenant: channel operations paced, and the seconds they waited
     #: (metrics: kupd_tenant_paced_total, kupd_tenant_paced_seconds_total)
     paced: dict[str, int] = field(default_factory=dict)
     paced_seconds: dict[str, float] = field(default_factory=dict)
+    #: the same for requests paced under requests_per_second (metrics:
+    #: kupd_tenant_requests_paced_total, ..._seconds_total)
+    requests_paced: dict[str, int] = field(default_factory=dict)
+    requests_paced_seconds: dict[str, float] = field(default_factory=dict)
     #: (tenant, rule) -> denials so far (metrics: kupd_tenant_denials_total)
     denials: dict[tuple[str, str], int] = field(default_factory=dict)
     #: per tenant: its budget of denial lines (AUDIT_DENIALS_*)
@@ -700,10 +738,18 @@ class Guard:
             )
 
     def pace(
-        self, t: Tenant, op: str, device: str, chan: int, limit: float | None = None
+        self,
+        t: Tenant,
+        op: str,
+        device: str,
+        chan: int | None,
+        limit: float | None = None,
+        rule: str = CHANNEL_OPS,
     ) -> float:
         """Seconds the tenant's next channel operation waits under its
-        channel_ops_per_second (0.0 at once), its place taken now.
+        channel_ops_per_second (0.0 at once), its place taken now; with
+        ``rule`` REQUESTS, its next request under its requests_per_second
+        (each rate its own slots, its own counts).
 
         Why pace and not refuse, as calls_per_second does: a Session is one
         stream whose operations run in order, so a refusal would break a
@@ -725,13 +771,25 @@ class Guard:
         A wait of more than 0 is counted as paced here; its seconds are
         counted by :meth:`turn_over`, which every such wait must end with
         (and which gives the slot back if the operation does not run)."""
-        rate = t.channel_ops_per_second
+        rate: float = getattr(t, rule)
+        key = (rule, t.name)
+        what = "operation" if rule == CHANNEL_OPS else "request"
         now = time.monotonic()
         interval = 1.0 / rate
-        due = max(self._due.get(t.name, now), now)
+        due, was = self._due.get(key, (now, rate))
+        if was != rate and due > now:
+            # a reload changed the rate: the tokens the tenant has left
+            # (below 0: the slots of its operations waiting) are kept, at
+            # most the new burst -- a raise applies at once, not once the
+            # old rate's slots have run out, and a cut does not turn a
+            # burst spent at the old rate into minutes of waiting
+            burst = max(1.0, rate)
+            left = min(max(1.0, was) - (due - now) * was, burst)
+            due = now + (burst - left) / rate
+        due = max(due, now)
         wait = due - now - (max(1.0, rate) - 1.0) * interval
         if wait <= 0.0:
-            self._due[t.name] = due + interval
+            self._due[key] = (due + interval, rate)
             return 0.0
         cap = PACE_LIMIT if limit is None else min(limit, PACE_LIMIT)
         if wait > cap:
@@ -743,25 +801,26 @@ class Guard:
                 op,
                 device,
                 chan,
-                "channel_ops_per_second",
-                f"more than channel_ops_per_second={t.channel_ops_per_second:g}: this "
-                f"operation would wait {wait:.3g} s for its turn, "
+                rule,
+                f"more than {rule}={rate:g}: this {what} would wait {wait:.3g} s for "
+                "its turn, "
                 + (
                     "and a non-blocking one does not wait"
-                    if cap <= 0.0
-                    else f"more than its deadline or timeout allows ({cap:.3g} s)"
+                    if cap <= 0.0 and rule == CHANNEL_OPS
+                    else f"more than its deadline or timeout allows ({max(cap, 0.0):.3g} s)"
                     if cap < PACE_LIMIT
                     else f"more than kupd's limit of {PACE_LIMIT:g} s"
                 )
                 + f"; retry in {shown_ms(ms)} at the earliest (no promise: another "
-                "operation of the tenant's may take that turn)",
+                f"{what} of the tenant's may take that turn)",
                 retry_after_ms=ms,
             )
-        self._due[t.name] = due + interval
-        self.paced[t.name] = self.paced.get(t.name, 0) + 1
+        self._due[key] = (due + interval, rate)
+        counts = self.paced if rule == CHANNEL_OPS else self.requests_paced
+        counts[t.name] = counts.get(t.name, 0) + 1
         return wait
 
-    def turn_over(self, t: Tenant, waited: float, used: bool) -> None:
+    def turn_over(self, t: Tenant, waited: float, used: bool, rule: str = CHANNEL_OPS) -> None:
         """The wait of an operation :meth:`pace` made wait is over, after
         ``waited`` seconds (counted in paced_seconds: what was waited, not
         what was due); ``used``: the operation runs now.
@@ -773,11 +832,53 @@ class Guard:
         already keep the slots they hold, in their order: the one that asks
         next may then be due with the last of them, never sooner, so the
         tenant never runs more operations by any moment than it would have
-        had the unused one never asked (``t``: the tenant as ``pace`` saw
-        it, whose rate made the slot)."""
-        self.paced_seconds[t.name] = self.paced_seconds.get(t.name, 0.0) + waited
-        if not used and t.name in self._due:
-            self._due[t.name] -= 1.0 / t.channel_ops_per_second
+        had the unused one never asked (a slot of the rate the tenant's
+        slots are at now: a reload may have changed it meanwhile)."""
+        seconds = self.paced_seconds if rule == CHANNEL_OPS else self.requests_paced_seconds
+        seconds[t.name] = seconds.get(t.name, 0.0) + waited
+        key = (rule, t.name)
+        if not used and key in self._due:
+            due, rate = self._due[key]
+            self._due[key] = (due - 1.0 / rate, rate)
+
+    async def request_turn(
+        self, op: str, limit: float | None, drain: asyncio.Future[None], device: str = ""
+    ) -> None:
+        """Wait for the turn of the request being served (an RPC of ``op``,
+        on ``device`` if it names one) under its tenant's requests_per_second:
+        the hook every RPC no other rate covers starts with (ListDevices,
+        Attach, Release, opening a Session or a Watch, the health service's).
+
+        Why pace and not refuse: refusing a request costs kupd about what
+        serving it does, while one that waits for its turn costs nothing
+        meanwhile, and how many a tenant can have waiting is bounded by its
+        connections and their streams.  :meth:`pace` with the rule
+        requests_per_second: a burst of one second's worth, then one per
+        1/rate s; one that would wait longer than ``limit`` (the RPC's
+        deadline) or PACE_LIMIT is refused at once, RESOURCE_EXHAUSTED with
+        retry_after_ms.  The wait ends early, the request not served, when
+        kupd drains (``drain``) or a reload retires the request's socket;
+        then, or when the RPC is cancelled, its slot is given back
+        (:meth:`turn_over`)."""
+        t = self.caller()
+        if not t.requests_per_second:
+            return
+        wait = self.pace(t, op, device, None, limit, REQUESTS)
+        if wait <= 0.0:
+            return
+        retired = socket_retired()
+        ends = [drain] if retired is None else [drain, retired]
+        start = time.monotonic()
+        used = False
+        try:
+            with waiting_on(retired, op):
+                await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if drain.done():
+                raise errors.Shutdown("kupd is shutting down")
+            refuse_retired()
+            used = True
+        finally:
+            self.turn_over(t, min(time.monotonic() - start, wait), used, REQUESTS)
 
     def begin_call(self, t: Tenant, device: str, n: int) -> None:
         """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""

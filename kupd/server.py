@@ -277,6 +277,10 @@ class Server:
                 self._calls_in_flight,
                 lambda: self.guard.denials.copy(),
                 lambda: (self.guard.paced.copy(), self.guard.paced_seconds.copy()),
+                lambda: (
+                    self.guard.requests_paced.copy(),
+                    self.guard.requests_paced_seconds.copy(),
+                ),
             )
         )
         self.service = KupService(

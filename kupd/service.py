@@ -4,7 +4,8 @@ gRPC status codes, in ONE place (:func:`status_for`).
 
 Every error status carries trailing metadata ``kup-error`` (the class name)
 and ``kup-code`` (KUP_E_* or 0), so clients map it back to the same class;
-a refusal kupd knows the end of (calls_per_second, channel_ops_per_second) adds
+a refusal kupd knows the end of (calls_per_second, channel_ops_per_second,
+requests_per_second) adds
 ``kup-retry-after-ms`` (:func:`trailing_for`).
 """
 
@@ -623,6 +624,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     ) -> kup_pb2.ListDevicesResponse:
         from kupd.tenants import scope_device_pb
 
+        await self.guard.request_turn("list", context.time_remaining(), self.drain, request.device)
         t = self.guard.caller()
         if request.device:
             device = device_arg(request.device)
@@ -762,6 +764,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Attach(
         self, request: kup_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.AttachResponse:
+        await self.guard.request_turn("lease", context.time_remaining(), self.drain, request.device)
         chan = request.channel if request.HasField("channel") else None
         attach_id = _attach_id_arg(request.attach_id)
         if not attach_id:
@@ -869,6 +872,7 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Release(
         self, request: kup_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.ReleaseResponse:
+        await self.guard.request_turn("lease", context.time_remaining(), self.drain)
         attach_id = _attach_id_arg(request.attach_id)
         if not attach_id:
             if not request.lease_id:
@@ -1196,6 +1200,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 raise errors.InvalidArgument("the first Session request must be attach")
             a = first.attach
             chan = a.channel if a.HasField("channel") else None
+            await self.guard.request_turn("session", context.time_remaining(), self.drain, a.device)
             lease = await self._take(a.device, chan, "session")
             # A stream cancelled while kupd writes to it leaves this
             # generator where it was (gRPC does not close it): the lease
@@ -1402,6 +1407,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
         self._raise_if_draining()
+        await self.guard.request_turn("watch", context.time_remaining(), self.drain, request.device)
         t = self.guard.caller()
         if request.device:
             device_arg(request.device)

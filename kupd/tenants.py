@@ -98,6 +98,7 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         use_tenant(self.tenant, self.retired)
         try:
+            await self.kup.guard.request_turn("health", context.time_remaining(), self.kup.drain)
             return await self.inner.Check(request, context)
         except errors.KupError as exc:  # its socket retired (kupd.policy.refuse_retired)
             structlog.contextvars.clear_contextvars()
@@ -110,6 +111,7 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         structlog.contextvars.clear_contextvars()
         bind(rpc="Health.Watch")  # what its failure is logged with
         try:
+            await self.kup.guard.request_turn("health", context.time_remaining(), self.kup.drain)
             with self.kup.watch_slot(self.tenant):
                 # it never ends by itself: a reload that retires this
                 # socket ends it (Unavailable, where the socket went)
