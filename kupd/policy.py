@@ -21,7 +21,7 @@ A tenant is identified by the unix socket its requests arrive on (see
     channel_ops_per_second = 1000.0   # send / exchange / receive / pass on its Sessions
                                # and leases: paced beyond it, burst = one second's worth;
                                # a refusal (a wait too long) says when to retry
-    requests_per_second = 200.0   # ListDevices, Attach, Release, opening a Session or
+    requests_per_second = 200.0   # ListDevices, Attach, opening a Session or
                                # a Watch, health checks: the RPCs no rate above covers,
                                # all together; paced beyond it as channel_ops_per_second,
                                # burst = one second's worth (default 200; 0: no limit)

@@ -1,6 +1,6 @@
 """requests_per_second: a tenant's RPCs that no other rate covers
-(ListDevices, Attach, Release, opening a Session or a Watch, the health
-service's) wait for their turn beyond the rate (kupd.policy.Guard.
+(ListDevices, Attach, opening a Session or a Watch, the health
+service's; not Release, which gives back) wait for their turn beyond the rate (kupd.policy.Guard.
 request_turn), so that one tenant's flood of them cannot slow every other
 tenant's round trips; a wait beyond the RPC's deadline (or PACE_LIMIT) is
 refused RESOURCE_EXHAUSTED with kup-retry-after-ms.
@@ -155,16 +155,16 @@ def test_every_rpc_no_other_rate_covers_is_paced(
     start_tenants: StartTenants, stubs: dict[str, Any]
 ) -> None:
     """cat's one request of the next 10 s is an Attach; then ListDevices,
-    Attach, Release, a Watch, a Session and a health check are each refused
-    (a deadline of 1 s) -- while a Call and her lease's Receive, which
-    their own rates cover, are not; her lease is still hers."""
+    Attach, a Watch, a Session and a health check are each refused (a
+    deadline of 1 s) -- while a Call and her lease's Receive, which their
+    own rates cover, are not; her lease is still hers, and her Release,
+    which gives back and is never paced, ends it."""
     k = start_tenants(DEVICES + PACED)
     kup = stubs["stub"](k, "cat")
     lease = kup.Attach(kup_pb2.AttachRequest(device="echo"), timeout=30)
     tries: dict[str, Any] = {
         "ListDevices": lambda: kup.ListDevices(kup_pb2.ListDevicesRequest(), timeout=1),
         "Attach": lambda: kup.Attach(kup_pb2.AttachRequest(device="echo"), timeout=1),
-        "Release": lambda: kup.Release(kup_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=1),
         "Watch": lambda: next(kup.Watch(kup_pb2.WatchRequest(), timeout=1)),
         "Session": lambda: next(
             kup.Session(
@@ -186,6 +186,8 @@ def test_every_rpc_no_other_rate_covers_is_paced(
     assert got.HasField("message"), got
     with k.admin() as adm:
         assert [le.lease_id for le in adm.list_leases("cat")] == [lease.lease_id]
+        kup.Release(kup_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=1)
+        assert adm.list_leases("cat") == []
 
 
 def test_a_reload_changes_the_rate_live(start_tenants: StartTenants, stubs: dict[str, Any]) -> None:
