@@ -62,6 +62,7 @@ from kupd import __version__  # noqa: E402  (after _hold_sighup: see there)
 from kupd.abi import KUP_ABI_VERSION  # noqa: E402
 from kupd.config import Config, ConfigError, load_config  # noqa: E402
 from kupd.log import configure, get_logger  # noqa: E402
+from kupd.nativelog import NativeStderr  # noqa: E402
 
 if TYPE_CHECKING:
     from kupd.server import Server
@@ -264,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # gRPC core's own log lines (a client can cause one per request) under
+    # a budget, as kupd's own are; before configure(): the JSON log is
+    # written to the stream kupd was started with, not through the budget
+    native = NativeStderr()
+    native.start()
     configure(config.log_level)
     try:
         return asyncio.run(serve(config, args))
@@ -273,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"kupd: {exc}", file=sys.stderr)
         return 1
+    finally:
+        native.stop()
 
 
 if __name__ == "__main__":
