@@ -353,12 +353,17 @@ def stream_window(t: Tenant) -> int:
 
 
 #: What each RPC gRPC holds open for a tenant costs kupd besides its
-#: request's bytes -- gRPC's call and stream state and grpc.aio's task and
-#: context for it -- rounded up from what was measured: RPCs opened with
-#: their headers alone, and never a request, grew kupd's resident size by
-#: 18-21 KiB each (3 000 on one connection: 21 KiB each; 20 000 on five
-#: connections: 364 MB).
-RPC_HELD_BYTES = 24 * 1024
+#: request's bytes -- gRPC's call and stream state, its metadata, and
+#: grpc.aio's task and context for it -- rounded up from what was
+#: measured: RPCs opened with their headers alone, and never a request,
+#: grew kupd's resident size by 18-21 KiB each (3 000 on one connection:
+#: 21 KiB each; 20 000 on five connections: 364 MB).  Their metadata
+#: counts too, which a client chooses: gRPC lets in up to 8 KiB of it
+#: always, and up to 16 KiB at random (the further past 8 KiB, the fewer):
+#: 3 000 RPCs with 7 000 bytes of it each held 29 KiB each; with 12 000
+#: bytes, the half gRPC let in held ~36 KiB each.  (This was 24 KiB, from
+#: the headers alone: kupd's advisory under-counted such a tenant.)
+RPC_HELD_BYTES = 40 * 1024
 
 #: The memory a tenant's unfinished requests may tie up (held_bound) above
 #: which kupd warns at start and reload (kupd.config.advisories).
