@@ -82,8 +82,16 @@ class NativeStderr:
         original stream); start the thread."""
         if self._thread is not None:
             return
+        if sys.stderr is None:
+            # Python started without a descriptor 2: nothing to pass lines
+            # on to, and what holds descriptor 2 by now is something kupd
+            # opened since (a socket, a file), not to be replaced
+            return
         _flush(sys.stderr)
-        self._out = os.dup(2)
+        try:
+            self._out = os.dup(2)
+        except OSError:
+            return  # closed since: nothing to pass lines on to
         read, write = os.pipe()
         os.dup2(write, 2)
         os.close(write)
@@ -126,7 +134,8 @@ class NativeStderr:
 
     def _write(self, data: bytes) -> None:
         try:
-            os.write(self._out, data)
+            while data:
+                data = data[os.write(self._out, data) :]
         except OSError:
             pass  # nowhere left to write (kupd.log._Sink: the same)
 
