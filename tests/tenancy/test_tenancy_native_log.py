@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from tenancy_helpers import StartTenants
+from tenancy_helpers import StartTenants, TenantKupd
 
 from kupapi import kup_pb2
 from kupd.nativelog import NATIVE_LINES_BURST, NATIVE_LINES_PER_SECOND
@@ -80,23 +80,25 @@ def _bomb() -> bytes:
     )
 
 
-def _ended(frames: bytes, stream: int) -> bool:
-    """Whether ``frames`` (what kupd sent, whole frames) end ``stream``."""
+def _ended(frames: bytes) -> set[int]:
+    """The streams ``frames`` (what kupd sent, whole frames) end."""
+    ended = set()
     pos = 0
     while pos + 9 <= len(frames):
         length = int.from_bytes(frames[pos : pos + 3], "big")
         ftype, flags = frames[pos + 3], frames[pos + 4]
         sid = struct.unpack(">I", frames[pos + 5 : pos + 9])[0] & 0x7FFFFFFF
-        if sid == stream and ftype == HEADERS and flags & 0x1:
-            return True
+        if ftype == HEADERS and flags & 0x1:
+            ended.add(sid)
         pos += 9 + length
-    return False
+    return ended
 
 
-def test_grpc_core_lines_a_tenant_causes_are_budgeted(start_tenants: StartTenants) -> None:
-    k = start_tenants(BODY)
-    with k.client("quiet") as c:  # up, and the quiet tenant served
-        assert [d.name for d in c.devices()] == ["echo"]
+def send_bombs(k: TenantKupd, n: int) -> float:
+    """``n`` requests on the noisy tenant's socket that each make gRPC core
+    log one line, then an ordinary one; returns once all are answered --
+    gRPC writes its line as it encodes a refusal, before sending it --
+    with the seconds it took."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(k.sock("noisy"))
     got = bytearray()
@@ -113,27 +115,40 @@ def test_grpc_core_lines_a_tenant_causes_are_budgeted(start_tenants: StartTenant
     try:
         start = time.monotonic()
         s.sendall(_PREFACE + _frame(4, 0, 0))
-        for i in range(BOMBS):
+        for i in range(n):
             s.sendall(_frame(HEADERS, 0x5, 1 + 2 * i, _bomb()))  # END_STREAM | END_HEADERS
-        # one ordinary request after them: once it is answered, gRPC has
-        # parsed (and refused) every bomb before it on the connection
-        last = 1 + 2 * BOMBS
+        # and one ordinary request after them: kupd serves on
+        last = 1 + 2 * n
         msg = kup_pb2.ListDevicesRequest().SerializeToString()
         s.sendall(
             _frame(HEADERS, 0x4, last, _hpack(_HEADERS))
             + _frame(0, 0x1, last, b"\x00" + struct.pack(">I", len(msg)) + msg)
         )
-        wait_until(lambda: _ended(bytes(got), last), timeout=120, what="the request after them")
-        elapsed = time.monotonic() - start
+        streams = {1 + 2 * i for i in range(n + 1)}
+        wait_until(lambda: streams <= _ended(bytes(got)), timeout=120, what="the answers")
+        return time.monotonic() - start
     finally:
         s.close()
 
+
+def left_out_lines(log: str) -> list[dict[str, int]]:
+    """The "native log lines left out" lines in kupd's log ``log``."""
+    return [
+        json.loads(line)
+        for line in log.splitlines()
+        if line.startswith("{") and '"native log lines left out"' in line
+    ]
+
+
+def test_grpc_core_lines_a_tenant_causes_are_budgeted(start_tenants: StartTenants) -> None:
+    k = start_tenants(BODY)
+    with k.client("quiet") as c:  # up, and the quiet tenant served
+        assert [d.name for d in c.devices()] == ["echo"]
+    start = time.monotonic()
+    elapsed = send_bombs(k, BOMBS)
+
     def left_out() -> int:
-        return sum(
-            json.loads(line)["left_out"]
-            for line in k.log().splitlines()
-            if line.startswith("{") and '"native log lines left out"' in line
-        )
+        return sum(x["left_out"] for x in left_out_lines(k.log()))
 
     def passed() -> int:
         return sum(GRPC_LINE in line for line in k.log().splitlines())
