@@ -266,11 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     # gRPC core's own log lines (a client can cause one per request) under
-    # a budget, as kupd's own are; before configure(): the JSON log is
+    # a budget, as kupd's own are, by a helper process; before configure(): the JSON log is
     # written to the stream kupd was started with, not through the budget
     native = NativeStderr()
     native.start()
     configure(config.log_level)
+    if native.failed:
+        # kupd serves on; native lines go to the log unbudgeted, as before
+        get_logger("kupd.nativelog").warning(
+            "native log lines not budgeted: helper not started", error=native.failed
+        )
     try:
         return asyncio.run(serve(config, args))
     except ConfigError as exc:  # found only at start (audit_log cannot be opened)
