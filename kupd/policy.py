@@ -53,13 +53,16 @@ import pwd
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kupd import errors
 from kupd.abi import KUP_MAX_CHANNELS
 from kupd.calls import TENANT_GROUP
-from kupd.devices import SHOWN_MAX, shown
-from kupd.retirement import waiting_on
+from kupd.devices import SHOWN_MAX, DeviceManager, ManagedDevice, device_arg, shown
+from kupd.retirement import fresh_error, waiting_on
+
+if TYPE_CHECKING:
+    from kupd.sessions import Lease
 
 __all__ = [
     "ADMIN",
@@ -75,9 +78,11 @@ __all__ = [
     "Guard",
     "Policy",
     "Tenant",
+    "check_socket",
     "current_tenant",
     "parse_channels",
     "parse_tenants",
+    "raise_if_ended",
     "refuse_retired",
     "retry_after_ms",
     "sendable",
@@ -241,6 +246,32 @@ def socket_moved(tenant: str, old: str, new: str) -> errors.Unavailable:
     return errors.Unavailable(
         f"tenant {tenant}: a reload moved its socket from {old} to {new}: connect there"
     )
+
+
+def check_socket(t: Tenant, via: str) -> None:
+    """Unavailable when a reload moved the tenant's socket away from
+    ``via``, the one this request came in on: the old socket's server is
+    on its way out, and a Session it served would be cut with it."""
+    if via and t.socket and via != t.socket:
+        raise socket_moved(t.name, via, t.socket)
+
+
+def raise_if_ended(
+    lease: Lease | None,
+    drain: asyncio.Future[None],
+    retired: asyncio.Future[None] | None = None,
+) -> None:
+    """Raise what ends an operation before it starts: (a fresh copy of) the
+    error ``lease`` ended with, Shutdown once kupd drains (``drain``), or
+    the retirement of the request's socket (``retired``)."""
+    if lease is not None and lease.ended.done():
+        exc = lease.ended.exception()
+        if isinstance(exc, errors.KupError):
+            raise type(exc)(exc.message)
+    if drain.done():
+        raise errors.Shutdown("kupd is shutting down")
+    if retired is not None and retired.done():
+        raise fresh_error(retired)
 
 
 def socket_removed(tenant: str, path: str, now: str = "") -> errors.Unavailable:
@@ -880,6 +911,66 @@ class Guard:
         finally:
             self.turn_over(t, min(time.monotonic() - start, wait), used, REQUESTS)
 
+    async def take_turn(
+        self,
+        t: Tenant,
+        holder: str,
+        lease: Lease,
+        drain: asyncio.Future[None],
+        limit: float | None,
+        kind: str,
+        retired: asyncio.Future[None] | None = None,
+        nonblocking: bool = False,
+    ) -> float:
+        """Wait for the operation's turn under the tenant's
+        channel_ops_per_second (:meth:`pace`: refused past ``limit``, the
+        RPC's deadline or the operation's own timeout; a ``nonblocking``
+        one is refused rather than made to wait); the seconds waited.
+
+        The wait is a wait like any other of the RPC's: the lease ending,
+        the socket ``retired`` by a reload (counted in its reply as ``kind``)
+        or kupd draining (``drain``) ends it with that error, the operation
+        not done.  A lease that has ended already takes no slot, and a wait
+        that ends so, or is cancelled (its RPC or Session stream), gives its
+        slot back (:meth:`turn_over`): the tenant's next operation is not
+        made to wait for a turn nobody used."""
+        raise_if_ended(lease, drain, retired)
+        wait = self.pace(t, holder, lease.dev.name, lease.ch.id, 0.0 if nonblocking else limit)
+        if wait > 0.0:
+            ends: list[asyncio.Future[Any]] = [drain, lease.ended]
+            if retired is not None:
+                ends.append(retired)
+            start = time.monotonic()
+            used = False
+            try:
+                with waiting_on(retired, kind, lease.ended):
+                    await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                raise_if_ended(lease, drain, retired)
+                used = True
+            finally:
+                self.turn_over(t, min(time.monotonic() - start, wait), used)
+        return wait
+
+    async def take_turn_within(
+        self,
+        t: Tenant,
+        holder: str,
+        lease: Lease,
+        drain: asyncio.Future[None],
+        timeout: float | None,
+        kind: str,
+        retired: asyncio.Future[None] | None = None,
+        nonblocking: bool = False,
+    ) -> float | None:
+        """:meth:`take_turn` for an operation that waits up to ``timeout``
+        for the kernel: the wait for its turn is part of that time, and what
+        is left of it is returned (a timeout of 2 s never takes 2 s plus the
+        wait for its turn)."""
+        wait = await self.take_turn(t, holder, lease, drain, timeout, kind, retired, nonblocking)
+        if timeout is None:
+            return None
+        return max(timeout - wait, 0.001)
+
     def begin_call(self, t: Tenant, device: str, n: int) -> None:
         """Admit a Call (ops, grant, size, rate, in-flight); pair with end_call."""
         self.check_op(t, "call", device)
@@ -963,6 +1054,23 @@ class Guard:
 
     def owner_of(self, lease_id: str) -> str:
         return self.lease_owner.get(lease_id, "")
+
+    def devices_seen(
+        self, mgr: DeviceManager, device: str = ""
+    ) -> tuple[Tenant, list[ManagedDevice]]:
+        """The caller's tenant and the devices it may see: ``device`` alone
+        (NotFound if there is none such), or all of them when ""."""
+        t = self.caller()
+        if device:
+            device = device_arg(device)
+            # the grant first: a tenant learns nothing of devices it may not
+            # see, not even whether they exist
+            if not t.may_see(device):
+                self.deny(
+                    t, "list", device, None, "grant", f"device {shown(device)} is not granted"
+                )
+            return t, [mgr.get(device)]
+        return t, [d for d in mgr.devices.values() if t.may_see(d.name)]
 
     def check_drained(self, device: str) -> None:
         if device in self.drained:

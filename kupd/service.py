@@ -46,13 +46,14 @@ from kupd.policy import (
     Budget,
     Guard,
     Tenant,
+    check_socket,
     current_tenant,
+    raise_if_ended,
     sendable,
-    socket_moved,
     socket_retired,
     use_tenant,
 )
-from kupd.retirement import waiting_on
+from kupd.retirement import StreamGuard, fresh_error, waiting_on
 from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import Handover, MalformedRequest, WireRequest, encode_reply, fill_receive
@@ -152,15 +153,6 @@ def error_pb(exc: errors.KupError) -> kup_pb2.Error:
     )
 
 
-def _fresh(fut: asyncio.Future[None]) -> errors.KupError:
-    """A fresh copy of the KupError a done future failed with (one per
-    request that reports it), Shutdown if none."""
-    exc = None if fut.cancelled() else fut.exception()
-    if isinstance(exc, errors.KupError):
-        return type(exc)(exc.message)
-    return errors.Shutdown("kupd is shutting down")
-
-
 def _message_pb(m: Message) -> kup_pb2.Message:
     return kup_pb2.Message(data=m.data, kind=int(m.kind), seq=m.seq)  # type: ignore[arg-type]
 
@@ -227,48 +219,6 @@ _STATE = {
     "session": kup_pb2.CHANNEL_STATE_SESSION,
     "lease": kup_pb2.CHANNEL_STATE_LEASE,
 }
-
-
-class _StreamGuard:
-    """Ends a Session's wait for its next request when its lease ends or kupd
-    drains -- without a Task and an ``asyncio.wait`` per request: a
-    done-callback on those futures cancels the handler's task, but only while
-    it is waiting for a request (``waiting``); operations in flight see the
-    same futures themselves (``wait_message`` aborts)."""
-
-    __slots__ = ("_futs", "_task", "fired", "waiting")
-
-    def __init__(self, *futs: asyncio.Future[None]) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._futs: list[asyncio.Future[None]] = []
-        self.waiting = False
-        self.fired = False
-        for f in futs:
-            self.watch(f)
-
-    def watch(self, fut: asyncio.Future[None]) -> None:
-        self._futs.append(fut)
-        fut.add_done_callback(self._done)
-
-    def _done(self, _: asyncio.Future[None]) -> None:
-        if self.waiting and not self.fired:
-            self.fired = True
-            self._task.cancel()
-
-    def take_cancel(self) -> bool:
-        """After a CancelledError: True when it was this guard's alone (now
-        withdrawn); False when someone else cancelled too."""
-        if not self.fired:
-            return False
-        self.fired = False
-        return self._task.uncancel() == 0
-
-    def close(self) -> None:
-        for f in self._futs:
-            f.remove_done_callback(self._done)
-        self._futs.clear()
 
 
 class _SessionState:
@@ -433,14 +383,6 @@ class KupService(kup_pb2_grpc.KupServicer):
         mine = sum(1 for le in self.leases.leases.values() if le.tenant == tenant)
         return mine + self.guard.pending.get(tenant, 0) + self.leases.unattached.get(tenant, 0)
 
-    @staticmethod
-    def _check_socket(t: Tenant, via: str) -> None:
-        """Unavailable when a reload moved the tenant's socket away from
-        ``via``, the one this request came in on: the old socket's server is
-        on its way out, and a Session it served would be cut with it."""
-        if via and t.socket and via != t.socket:
-            raise socket_moved(t.name, via, t.socket)
-
     def _owner_of(self, lease_id: str) -> str:
         """The tenant of ``lease_id``: an open lease's own, else what the
         guard remembers of an ended one (a bounded record)."""
@@ -461,88 +403,6 @@ class KupService(kup_pb2_grpc.KupServicer):
         device = str(ctx.get("device", ""))
         channel = str(ctx.get("channel", ""))
         self.metrics.errors.labels(device, channel, code.name).inc()
-
-    async def until_retired(self, aw: Awaitable[None]) -> None:
-        """Await ``aw`` (a stream that only ends when its client goes, as
-        the health service's Watch); when a reload retires the socket the
-        request came in on meanwhile, it is cancelled and the retirement's
-        Unavailable raised instead (kupd.policy.socket_retired)."""
-        retired = socket_retired()
-        if retired is None:
-            await aw
-            return
-        guard = _StreamGuard(retired)
-        guard.waiting = True
-        try:
-            with waiting_on(retired, "Health.Watch"):
-                await aw
-        except asyncio.CancelledError:
-            if not guard.take_cancel():
-                raise  # not ours: the client went away
-            raise _fresh(retired) from None
-        finally:
-            guard.waiting = False
-            guard.close()
-
-    async def _pace(
-        self,
-        t: Tenant,
-        holder: str,
-        lease: Lease,
-        limit: float | None,
-        kind: str,
-        retired: asyncio.Future[None] | None = None,
-        nonblocking: bool = False,
-    ) -> float:
-        """Wait for the operation's turn under the tenant's
-        channel_ops_per_second (``Guard.pace``: refused past ``limit``, the
-        RPC's deadline or the operation's own timeout; a ``nonblocking``
-        one is refused rather than made to wait); the seconds waited.
-
-        The wait is a wait like any other of the RPC's: the lease ending,
-        the socket ``retired`` by a reload (counted in its reply as ``kind``)
-        or kupd draining ends it with that error, the operation not done.
-        A lease that has ended already takes no slot, and a wait that ends
-        so, or is cancelled (its RPC or Session stream), gives its slot
-        back (``Guard.turn_over``): the tenant's next operation is not
-        made to wait for a turn nobody used."""
-        self._raise_if_ended(lease, retired)
-        wait = self.guard.pace(
-            t, holder, lease.dev.name, lease.ch.id, 0.0 if nonblocking else limit
-        )
-        if wait > 0.0:
-            ends: list[asyncio.Future[Any]] = [self.drain, lease.ended]
-            if retired is not None:
-                ends.append(retired)
-            start = time.monotonic()
-            used = False
-            try:
-                with waiting_on(retired, kind, lease.ended):
-                    await asyncio.wait(ends, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                self._raise_if_ended(lease, retired)
-                used = True
-            finally:
-                self.guard.turn_over(t, min(time.monotonic() - start, wait), used)
-        return wait
-
-    async def _paced(
-        self,
-        t: Tenant,
-        holder: str,
-        lease: Lease,
-        timeout: float | None,
-        kind: str,
-        retired: asyncio.Future[None] | None = None,
-        nonblocking: bool = False,
-    ) -> float | None:
-        """:meth:`_pace` for an operation that waits up to ``timeout`` for
-        the kernel: the wait for its turn is part of that time, and what is
-        left of it is returned (a timeout of 2 s never takes 2 s plus the
-        wait for its turn)."""
-        wait = await self._pace(t, holder, lease, timeout, kind, retired, nonblocking)
-        if timeout is None:
-            return None
-        return max(timeout - wait, 0.001)
 
     @staticmethod
     def _deadline_cap(context: grpc.aio.ServicerContext, timeout: float | None) -> float | None:
@@ -625,18 +485,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         from kupd.tenants import scope_device_pb
 
         await self.guard.request_turn("list", context.time_remaining(), self.drain, request.device)
-        t = self.guard.caller()
-        if request.device:
-            device = device_arg(request.device)
-            # the grant first: a tenant learns nothing of devices it may not
-            # see, not even whether they exist
-            if not t.may_see(device):
-                self.guard.deny(
-                    t, "list", device, None, "grant", f"device {shown(device)} is not granted"
-                )
-            devs = [self.mgr.get(device)]
-        else:
-            devs = [d for d in self.mgr.devices.values() if t.may_see(d.name)]
+        t, devs = self.guard.devices_seen(self.mgr, request.device)
         # a fresh snapshot (and notices a device gone), each device waited
         # for at most PROBE_WAIT: a hung host shows as such, in time
         await asyncio.gather(*(d.probe() for d in devs))
@@ -675,7 +524,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         via = current_tenant().socket
         self.guard.check_op(t, holder, device, chan)
         self.guard.check_drained(device)
-        self._check_socket(t, via)
+        check_socket(t, via)
         if t.max_sessions:
             self.guard.check_sessions(t, holder, device, self._open_of(t.name))
         allowed = self.guard.channels_for(t, device)
@@ -702,7 +551,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         try:
             self._raise_if_draining()
             self.guard.check_drained(device)
-            self._check_socket(self.guard.caller(), via)
+            check_socket(self.guard.caller(), via)
             rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
             if rule:
                 self.guard.record(t.name, holder, device, lease.ch.id, rule)
@@ -937,7 +786,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         if not request.wait_reply:
             if t.channel_ops_per_second:
                 limit = self._deadline_cap(context, None)
-                await self._pace(t, "lease", lease, limit, "Send", retired)
+                await self.guard.take_turn(t, "lease", lease, self.drain, limit, "Send", retired)
             with waiting_on(retired, "Send", lease.ended):
                 await self.leases.send(lease, data, retired, again_of)
             return kup_pb2.SendResponse()
@@ -949,7 +798,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             timeout, nonblocking = self._receive_args(mode, request.reply_timeout_ms)
         if t.channel_ops_per_second:
             limit = self._deadline_cap(context, timeout)
-            timeout = await self._paced(t, "lease", lease, limit, "Send", retired, nonblocking)
+            timeout = await self.guard.take_turn_within(
+                t, "lease", lease, self.drain, limit, "Send", retired, nonblocking
+            )
         with waiting_on(retired, "Send", lease.ended):
             msg = await self.leases.exchange(
                 lease,
@@ -973,7 +824,9 @@ class KupService(kup_pb2_grpc.KupServicer):
         again_of = _attach_id_arg(request.again_of, "again_of")  # as Send's
         retired = socket_retired()
         if t.channel_ops_per_second:
-            await self._pace(t, "lease", lease, self._deadline_cap(context, None), "Pass", retired)
+            await self.guard.take_turn(
+                t, "lease", lease, self.drain, self._deadline_cap(context, None), "Pass", retired
+            )
         log.debug("pass")  # nothing awaited from here to the wait for the lease
         with waiting_on(retired, "Pass", lease.ended):  # for its turn
             await self.leases.pass_(lease, retired, again_of)
@@ -1009,8 +862,8 @@ class KupService(kup_pb2_grpc.KupServicer):
         timeout = self._deadline_cap(context, timeout)
         retired = socket_retired()
         if t is not None:
-            timeout = await self._paced(
-                t, "lease", lease, timeout, "Receive", retired, nonblocking
+            timeout = await self.guard.take_turn_within(
+                t, "lease", lease, self.drain, timeout, "Receive", retired, nonblocking
             )
         with waiting_on(retired, "Receive", lease.ended):
             msg = await self.leases.receive(
@@ -1056,29 +909,17 @@ class KupService(kup_pb2_grpc.KupServicer):
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
 
-    def _raise_if_ended(
-        self, lease: Lease | None, retired: asyncio.Future[None] | None = None
-    ) -> None:
-        if lease is not None and lease.ended.done():
-            exc = lease.ended.exception()
-            if isinstance(exc, errors.KupError):
-                raise type(exc)(exc.message)
-        if self.drain.done():
-            raise errors.Shutdown("kupd is shutting down")
-        if retired is not None and retired.done():
-            raise _fresh(retired)
-
     async def _next(
         self,
         reader: AsyncIterator[kup_pb2.SessionRequest | WireRequest | MalformedRequest],
         lease: Lease | None,
-        guard: _StreamGuard,
+        guard: StreamGuard,
         retired: asyncio.Future[None] | None = None,
     ) -> kup_pb2.SessionRequest | WireRequest | MalformedRequest | None:
         """The next request, or None at the end of the stream; raises when
         kupd drains, the lease is ended or the stream's socket is retired
         (``retired``) first (``guard`` cancels the wait)."""
-        self._raise_if_ended(lease, retired)
+        raise_if_ended(lease, self.drain, retired)
         guard.waiting = True
         try:
             return await reader.__anext__()
@@ -1087,7 +928,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         except asyncio.CancelledError:
             if not guard.take_cancel():
                 raise  # not ours: the client went away
-            self._raise_if_ended(lease, retired)
+            raise_if_ended(lease, self.drain, retired)
             raise errors.Shutdown("kupd is shutting down") from None
         finally:
             guard.waiting = False
@@ -1119,8 +960,8 @@ class KupService(kup_pb2_grpc.KupServicer):
                 timeout, nonblocking = self._receive_args(mode, x.timeout_ms)
             timeout = st.cap(timeout)
             if paced:
-                timeout = await self._paced(
-                    st.tenant(self.guard), "session", lease, timeout, "Session",
+                timeout = await self.guard.take_turn_within(
+                    st.tenant(self.guard), "session", lease, self.drain, timeout, "Session",
                     nonblocking=nonblocking,
                 )
             msg = await self.leases.exchange(
@@ -1131,7 +972,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             data = req.send.data
             st.check_size(self.guard, lease, len(data))
             if paced:
-                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None), "Session")
+                await self.guard.take_turn(
+                    st.tenant(self.guard), "session", lease, self.drain, st.cap(None), "Session"
+                )
             await self.leases.send(lease, data)
             return kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
         assert isinstance(req, kup_pb2.SessionRequest)  # kupd.wire reads send / exchange only
@@ -1139,8 +982,8 @@ class KupService(kup_pb2_grpc.KupServicer):
             timeout, nonblocking = self._receive_args(req.receive.mode, req.receive.timeout_ms)
             timeout = st.cap(timeout)
             if paced:
-                timeout = await self._paced(
-                    st.tenant(self.guard), "session", lease, timeout, "Session",
+                timeout = await self.guard.take_turn_within(
+                    st.tenant(self.guard), "session", lease, self.drain, timeout, "Session",
                     nonblocking=nonblocking,
                 )
             msg = await self.leases.receive(
@@ -1149,7 +992,9 @@ class KupService(kup_pb2_grpc.KupServicer):
             return encode_reply(rid, False, msg)
         if op == "pass_turn":
             if paced:
-                await self._pace(st.tenant(self.guard), "session", lease, st.cap(None), "Session")
+                await self.guard.take_turn(
+                    st.tenant(self.guard), "session", lease, self.drain, st.cap(None), "Session"
+                )
             await self.leases.pass_(lease)
             return kup_pb2.SessionResponse(request_id=rid, passed=kup_pb2.PassResponse())
         if op == "attach":
@@ -1175,13 +1020,13 @@ class KupService(kup_pb2_grpc.KupServicer):
         structlog.contextvars.clear_contextvars()
         bind(request=next(_request_ids), rpc="Session")
         reader = request_iterator.__aiter__()
-        guard: _StreamGuard | None = None
+        guard: StreamGuard | None = None
         lease: Lease | None = None
         reason = "stream ended"
         self._stream_started()
         try:
             self._raise_if_draining()
-            guard = _StreamGuard(self.drain)
+            guard = StreamGuard(self.drain)
             if retired is not None:
                 # a reload that retires this socket ends the stream's wait
                 # (attached, its lease ends first: socket moved by reload)
@@ -1468,7 +1313,7 @@ class KupService(kup_pb2_grpc.KupServicer):
                 # a reload retired the socket it came in on: the events
                 # before it were delivered (Server._reload hands every
                 # Watch RECHECK after it retired sockets)
-                raise _fresh(retired)
+                raise fresh_error(retired)
             lease_id, reason = ev.lease_id, ev.reason
             if scoped:
                 # A reload may have removed the tenant or its watch since

@@ -54,9 +54,10 @@ from kupd.policy import (
     sendable,
     socket_moved,
     socket_removed,
+    socket_retired,
     use_tenant,
 )
-from kupd.retirement import waiting_now
+from kupd.retirement import until_retired, waiting_now
 from kupd.wire import add_kup_servicer
 
 __all__ = [
@@ -115,7 +116,7 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             with self.kup.watch_slot(self.tenant):
                 # it never ends by itself: a reload that retires this
                 # socket ends it (Unavailable, where the socket went)
-                await self.kup.until_retired(self.inner.Watch(request, context))
+                await until_retired(self.inner.Watch(request, context), socket_retired())
         except errors.KupError as exc:  # past the tenant's watch streams, or retired
             await self.kup._abort(context, exc)
 
