@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kupd import errors
 from kupd.abi import KUP_E_PEER
@@ -39,9 +39,23 @@ from kupd.channel import Channel, Message
 from kupd.log import get_logger
 from kupd.metrics import CallCount, Metrics
 from kupd.retirement import waiting_on
-from kupd.waiting import ChannelWaiter
+from kupd.waiting import ChannelWaiter, Deadline
 
-__all__ = ["CALLER_MAX", "TENANT_GROUP", "CallPool", "PoolChannel", "caller_arg"]
+if TYPE_CHECKING:
+    from kupd.config import Config
+    from kupd.devices import DeviceManager, ManagedDevice
+    from kupd.policy import Guard, Tenant
+
+__all__ = [
+    "CALLER_MAX",
+    "TENANT_GROUP",
+    "CallPool",
+    "CallSlot",
+    "Calls",
+    "PoolChannel",
+    "call_timeout",
+    "caller_arg",
+]
 
 log = get_logger("kupd.calls")
 
@@ -60,6 +74,22 @@ def caller_arg(caller: str) -> str:
             f"is at most {CALLER_MAX} bytes"
         )
     return caller
+
+
+def call_timeout(requested_ms: int, default: float, remaining: float | None) -> float:
+    """How long a Call may wait for its reply, in seconds: the request's
+    ``timeout_ms`` (0: kupd's ``call_timeout``, ``default``), capped by what
+    is left of the RPC's deadline (``remaining``, None: it has none).
+    DeadlineExceeded when none is left: the request must not be sent, since
+    its caller has already been told that the Call failed."""
+    timeout = requested_ms / 1000 if requested_ms else default
+    if remaining is None:
+        return timeout
+    if remaining <= 0:
+        raise errors.DeadlineExceeded(
+            "call: the RPC's deadline passed before kupd could send the request (not sent)"
+        )
+    return min(timeout, remaining)
 
 
 class _Exchanging(Protocol):
@@ -691,3 +721,148 @@ class CallPool:
                 while pc.settled:
                     pc.settled.pop()()
                 self._drop(pc)
+
+
+class CallSlot:
+    """A Call's place in its tenant's ``max_calls_in_flight``: calling it
+    lets the place go (once).  A Call that leaves its pool channel
+    quarantined hands it to the pool, which calls it when the channel
+    settles; :meth:`keep` counts it meanwhile, so that a refusal can say
+    why slots are taken with no Call running."""
+
+    __slots__ = ("_done", "_guard", "_kept", "_tenant")
+
+    def __init__(self, guard: Guard, tenant: Tenant) -> None:
+        self._guard, self._tenant = guard, tenant
+        self._done = self._kept = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._guard.end_call(self._tenant, kept=self._kept)
+
+    def keep(self) -> None:
+        if not self._done and not self._kept:
+            self._kept = True
+            self._guard.keep_call(self._tenant)
+
+
+class Calls:
+    """The Call RPC below its protobuf: the caller's tenant admitted
+    (kupd.policy: grant, size, rate, max_calls_in_flight), the device's
+    pool called, the Call counted (kupd_calls) -- and the Calls in flight,
+    which kupd lets finish before it stops.  ``code_name``: the name of the
+    gRPC code an error is answered with (kupd.service.status_for: the one
+    mapping), which kupd_calls counts it under."""
+
+    def __init__(
+        self,
+        config: Config,
+        guard: Guard,
+        mgr: DeviceManager,
+        drain: asyncio.Future[None],
+        code_name: Callable[[errors.KupError], str],
+    ) -> None:
+        #: The running config (a reload replaces it: call_timeout is read per Call).
+        self.config = config
+        self.guard = guard
+        self.mgr = mgr
+        self.drain = drain
+        self.code_name = code_name
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def call(
+        self,
+        device: str,
+        caller: str,
+        data: bytes,
+        timeout_ms: int,
+        rpc: Deadline,
+        where: dict[str, Any],
+        retired: asyncio.Future[None] | None = None,
+    ) -> tuple[Message, int]:
+        """The reply to ``data`` on a pool channel of ``device`` and the
+        channel's id.  ``where`` gets the log context a failed Call is
+        logged with (tenant, device, caller, once the device was ready, or
+        once it was refused); ``retired``: the retirement of the socket it
+        came in on (a queued Call ends with it, not sent)."""
+        dev: ManagedDevice | None = None
+        try:
+            if self.drain.done():
+                raise errors.Shutdown("kupd is shutting down")
+            t = self.guard.caller()
+            if not device:
+                raise errors.InvalidArgument("call: device is required")
+            device = _devices.device_arg(device)
+            if not t.may_see(device):  # before the lookup: see ListDevices
+                self.guard.check_op(t, "call", device)
+            dev = self.mgr.get(device)
+            caller_arg(caller)
+            self.guard.begin_call(t, dev.name, len(data))
+            # the tenant's slot: let go when the Call ends -- or, when it
+            # leaves its pool channel quarantined, when that settles (the
+            # pool takes it out of the list)
+            slot = CallSlot(self.guard, t)
+            held: list[Callable[[], None]] = [slot]
+            try:
+                self.guard.check_drained(dev.name)
+                where["tenant"] = t.name
+                _, info = dev.require()
+                where["device"] = dev.name  # the log context, should the Call fail
+                where["caller"] = caller
+                timeout = call_timeout(timeout_ms, self.config.call_timeout, rpc.time_remaining())
+                pool = dev.pool
+                self.in_flight += 1
+                if self.in_flight == 1:
+                    self.idle.clear()
+                code = "OK"
+                try:
+                    return await pool.call(
+                        data,
+                        timeout,
+                        self.guard.fair_key(t, caller),
+                        info.max_msg,
+                        held,
+                        t.max_pool_channels,
+                        retired,
+                    )
+                except errors.KupError as exc:
+                    code = self.code_name(exc)
+                    raise
+                except asyncio.CancelledError:
+                    code = "CANCELLED"  # the client went away (or its deadline): not OK
+                    raise
+                finally:
+                    pool.count(code)  # kupd_calls{device, code}, the child cached per code
+                    self.in_flight -= 1
+                    if self.in_flight == 0:
+                        self.idle.set()
+            finally:
+                if held:
+                    for let_go in held:
+                        let_go()
+                else:  # the pool runs it once the channel is back
+                    slot.keep()
+        except errors.KupError as exc:
+            if dev is not None and "device" not in where:
+                # refused before its exchange (policy, device not ready): a
+                # Call of this served device all the same, counted and logged
+                # under it -- an unknown name never becomes a label
+                where["device"] = dev.name
+                # refused above when too long: then shortened
+                where["caller"] = caller if len(caller.encode()) <= CALLER_MAX else (
+                    _devices.shown(caller)
+                )
+                # the tenant the Call started with (dev is set after t): the
+                # current policy's may have been removed by a reload meanwhile,
+                # and asking for it here would raise inside this handler
+                where["tenant"] = t.name
+                dev.pool.count(self.code_name(exc))
+            raise
+
+
+# kupd.devices builds every device's CallPool (it imports this module first):
+# imported last, once what it takes from here is defined
+from kupd import devices as _devices  # noqa: E402

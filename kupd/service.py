@@ -28,7 +28,7 @@ from kupapi import kup_pb2, kup_pb2_grpc
 from kupapi.defaults import request_name_error
 from kupd import errors
 from kupd.abi import Kind
-from kupd.calls import CALLER_MAX, caller_arg
+from kupd.calls import Calls
 from kupd.channel import Message
 from kupd.config import Config
 from kupd.devices import (
@@ -38,7 +38,6 @@ from kupd.devices import (
     DeviceManager,
     ManagedDevice,
     device_arg,
-    shown,
 )
 from kupd.log import bind, get_logger
 from kupd.metrics import Metrics
@@ -58,7 +57,7 @@ from kupd.sessions import Lease, LeaseTable, no_lease
 from kupd.watch import RECHECK, Event, EventBus, EventType
 from kupd.wire import Handover, MalformedRequest, WireRequest, encode_reply, fill_receive
 
-__all__ = ["KupService", "call_timeout", "error_pb", "status_for", "trailing_for"]
+__all__ = ["KupService", "error_pb", "seed_first", "status_for", "trailing_for"]
 
 log = get_logger("kupd.service")
 R = TypeVar("R")
@@ -124,22 +123,6 @@ def seed_first(name: str, details: str) -> str:
     return f"{name}: {details}"
 
 
-def call_timeout(requested_ms: int, default: float, remaining: float | None) -> float:
-    """How long a Call may wait for its reply, in seconds: the request's
-    ``timeout_ms`` (0: kupd's ``call_timeout``, ``default``), capped by what
-    is left of the RPC's deadline (``remaining``, None: it has none).
-    DeadlineExceeded when none is left: the request must not be sent, since
-    its caller has already been told that the Call failed."""
-    timeout = requested_ms / 1000 if requested_ms else default
-    if remaining is None:
-        return timeout
-    if remaining <= 0:
-        raise errors.DeadlineExceeded(
-            "call: the RPC's deadline passed before kupd could send the request (not sent)"
-        )
-    return min(timeout, remaining)
-
-
 def error_pb(exc: errors.KupError) -> kup_pb2.Error:
     """A Session's in-band error (same mapping; ``retry_after_ms`` set
     when, and as, :func:`trailing_for` would add kup-retry-after-ms)."""
@@ -151,6 +134,13 @@ def error_pb(exc: errors.KupError) -> kup_pb2.Error:
         kup_code=exc.code,
         retry_after_ms=exc.retry_after_ms,
     )
+
+
+def _code_name(exc: errors.KupError) -> str:
+    """The name of the gRPC code ``exc`` is answered with (what kupd_calls
+    counts a failed Call under)."""
+    name: str = status_for(exc)[0].name
+    return name
 
 
 def _message_pb(m: Message) -> kup_pb2.Message:
@@ -259,30 +249,6 @@ class _SessionState:
             guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
 
 
-class _CallSlot:
-    """A Call's place in its tenant's ``max_calls_in_flight``: calling it
-    lets the place go (once).  A Call that leaves its pool channel
-    quarantined hands it to the pool, which calls it when the channel
-    settles; :meth:`keep` counts it meanwhile, so that a refusal can say
-    why slots are taken with no Call running."""
-
-    __slots__ = ("_done", "_guard", "_kept", "_tenant")
-
-    def __init__(self, guard: Guard, tenant: Tenant) -> None:
-        self._guard, self._tenant = guard, tenant
-        self._done = self._kept = False
-
-    def __call__(self) -> None:
-        if not self._done:
-            self._done = True
-            self._guard.end_call(self._tenant, kept=self._kept)
-
-    def keep(self) -> None:
-        if not self._done and not self._kept:
-            self._kept = True
-            self._guard.keep_call(self._tenant)
-
-
 class KupService(kup_pb2_grpc.KupServicer):
     def __init__(
         self,
@@ -294,18 +260,15 @@ class KupService(kup_pb2_grpc.KupServicer):
         drain: asyncio.Future[None],
         guard: Guard | None = None,
     ) -> None:
-        #: The running config (a reload replaces it: call_timeout is read per Call).
-        self.config = config
         #: Tenant policy (kupd.policy): every check and denial goes through it.
-        self.guard = guard or Guard()
+        self.guard = guard = guard or Guard()
         self.mgr = mgr
         self.leases = leases
         self.bus = bus
         self.metrics = metrics
         self.drain = drain
-        self.calls_in_flight = 0
-        self.calls_idle = asyncio.Event()
-        self.calls_idle.set()
+        self.calls = Calls(config, guard, mgr, drain, _code_name)
+        self._config = config
         #: Watch streams open per tenant (bounded: WATCHES_PER_TENANT)
         self.watches: dict[str, int] = {}
         self._log_budget = Budget(LOG_FAILURES_PER_SECOND, LOG_FAILURES_BURST)
@@ -318,6 +281,26 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.streams_in_flight = 0
         self.streams_idle = asyncio.Event()
         self.streams_idle.set()
+
+    @property
+    def config(self) -> Config:
+        """The running config (a reload replaces it: call_timeout is read
+        per Call, reattach_grace per attach)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = self.calls.config = config
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls under way (kupd lets them finish before it stops)."""
+        return self.calls.in_flight
+
+    @property
+    def calls_idle(self) -> asyncio.Event:
+        """Set while no Call is under way."""
+        return self.calls.idle
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: errors.KupError) -> None:
         code, details = status_for(exc)
@@ -1114,91 +1097,14 @@ class KupService(kup_pb2_grpc.KupServicer):
         if tenant is not None:
             use_tenant(tenant, retired)
         where: dict[str, Any] = {}
-        dev: ManagedDevice | None = None
         try:
-            self._raise_if_draining()
-            t = self.guard.caller()
-            if not request.device:
-                raise errors.InvalidArgument("call: device is required")
-            device = device_arg(request.device)
-            if not t.may_see(device):  # before the lookup: see ListDevices
-                self.guard.check_op(t, "call", device)
-            dev = self.mgr.get(device)
-            caller_arg(request.caller)
-            self.guard.begin_call(t, dev.name, len(request.data))
-            # the tenant's slot: let go when the Call ends -- or, when it
-            # leaves its pool channel quarantined, when that settles (the
-            # pool takes it out of the list)
-            slot = _CallSlot(self.guard, t)
-            held: list[Callable[[], None]] = [slot]
-            try:
-                self.guard.check_drained(dev.name)
-                return await self._call(request, context, dev, t, where, held, retired)
-            finally:
-                if held:
-                    for let_go in held:
-                        let_go()
-                else:  # the pool runs it once the channel is back
-                    slot.keep()
-        except errors.KupError as exc:
-            if dev is not None and "device" not in where:
-                # refused before its exchange (policy, device not ready): a
-                # Call of this served device all the same, counted and logged
-                # under it -- an unknown name never becomes a label
-                where["device"] = dev.name
-                c = request.caller  # refused above when too long: then shortened
-                where["caller"] = c if len(c.encode()) <= CALLER_MAX else shown(c)
-                # the tenant the Call started with (dev is set after t): the
-                # current policy's may have been removed by a reload meanwhile,
-                # and asking for it here would raise inside this handler
-                where["tenant"] = t.name
-                dev.pool.count(status_for(exc)[0].name)
-            await self._abort_unbound(context, exc, "Call", where)
-            raise AssertionError("unreachable") from None
-
-    async def _call(
-        self,
-        request: kup_pb2.CallRequest,
-        context: grpc.aio.ServicerContext,
-        dev: ManagedDevice,
-        t: Tenant,
-        where: dict[str, Any],
-        held: list[Callable[[], None]],
-        retired: asyncio.Future[None] | None = None,
-    ) -> kup_pb2.CallResponse:
-        where["tenant"] = t.name
-        _, info = dev.require()
-        where["device"] = dev.name  # the log context, should the Call fail (see Call)
-        where["caller"] = request.caller
-        timeout = call_timeout(
-            request.timeout_ms, self.config.call_timeout, context.time_remaining()
-        )
-        pool = dev.pool
-        self.calls_in_flight += 1
-        if self.calls_in_flight == 1:
-            self.calls_idle.clear()
-        code = "OK"
-        try:
-            msg, chan = await pool.call(
-                request.data,
-                timeout,
-                self.guard.fair_key(t, request.caller),
-                info.max_msg,
-                held,
-                t.max_pool_channels,
-                retired,
+            msg, chan = await self.calls.call(
+                request.device, request.caller, request.data, request.timeout_ms, context,
+                where, retired,
             )
         except errors.KupError as exc:
-            code = status_for(exc)[0].name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the client went away (or its deadline): not OK
-            raise
-        finally:
-            pool.count(code)  # kupd_calls{device, code}, the child cached per code
-            self.calls_in_flight -= 1
-            if self.calls_in_flight == 0:
-                self.calls_idle.set()
+            await self._abort_unbound(context, exc, "Call", where)
+            raise AssertionError("unreachable") from None
         resp = kup_pb2.CallResponse(channel=chan)
         reply = resp.reply  # filled in place: no Message built and then copied
         reply.data = msg.data

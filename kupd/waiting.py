@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 from kupd import errors
 from kupd.channel import Channel, Message
 
-__all__ = ["SAFETY_SLICE", "ChannelWaiter", "wait_message"]
+__all__ = ["SAFETY_SLICE", "ChannelWaiter", "Deadline", "wait_message"]
 
 SAFETY_SLICE = 5.0
+
+
+class Deadline(Protocol):
+    """What an operation's waits are bounded by besides their own timeout:
+    its RPC's deadline (a ``grpc.aio.ServicerContext`` is one)."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left (None: no deadline)."""
 
 
 async def wait_message(

@@ -139,7 +139,7 @@ def test_call_timeout_is_the_request_s_capped_by_the_rpc_deadline() -> None:
     the request at all (its caller has been told the Call failed).  A
     deadline left at exactly 0 once meant the full call_timeout, and a
     passed one a negative wait after the request was sent."""
-    from kupd.service import call_timeout
+    from kupd.calls import call_timeout
 
     assert call_timeout(0, 30.0, None) == 30.0
     assert call_timeout(250, 30.0, None) == 0.25

@@ -892,10 +892,10 @@ def _guard_of_bob(**limits: object) -> tuple[Any, Any]:
 
 
 def test_a_kept_call_slot_is_counted_once_and_let_go_once() -> None:
-    """kupd.service._CallSlot with the real Guard: a Call whose pool channel
+    """kupd.calls.CallSlot with the real Guard: a Call whose pool channel
     stays quarantined keeps its slot (the refusal says so), and the slot goes
     back exactly once, whichever of the pool and the Call runs it."""
-    from kupd.service import _CallSlot
+    from kupd.calls import CallSlot as _CallSlot
 
     guard, bob = _guard_of_bob()
     guard.begin_call(bob, "echo", 1)
