@@ -12,11 +12,10 @@ requests_per_second) adds
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -34,7 +33,6 @@ from kupd.config import Config
 from kupd.devices import (
     PROBE_WAIT,
     REATTACH_PAUSE,
-    SHUTDOWN_REASON,
     DeviceManager,
     ManagedDevice,
     device_arg,
@@ -52,9 +50,9 @@ from kupd.policy import (
     socket_retired,
     use_tenant,
 )
-from kupd.retirement import StreamGuard, fresh_error, waiting_on
+from kupd.retirement import StreamGuard, waiting_on
 from kupd.sessions import Lease, LeaseTable, no_lease
-from kupd.watch import RECHECK, Event, EventBus, EventType
+from kupd.watch import EventBus, Watches
 from kupd.wire import Handover, MalformedRequest, WireRequest, encode_reply, fill_receive
 
 __all__ = ["KupService", "error_pb", "seed_first", "status_for", "trailing_for"]
@@ -269,8 +267,7 @@ class KupService(kup_pb2_grpc.KupServicer):
         self.drain = drain
         self.calls = Calls(config, guard, mgr, drain, _code_name)
         self._config = config
-        #: Watch streams open per tenant (bounded: WATCHES_PER_TENANT)
-        self.watches: dict[str, int] = {}
+        self.watches = Watches(guard, mgr, leases, bus, drain, self._owner_of)
         self._log_budget = Budget(LOG_FAILURES_PER_SECOND, LOG_FAILURES_BURST)
         # Streams (Session, Watch) whose handler has not returned yet: at
         # SIGTERM kupd ends them with their status (Shutdown) and waits for
@@ -1113,151 +1110,32 @@ class KupService(kup_pb2_grpc.KupServicer):
         return resp
 
     # ---------------------------------------------------------------- watch
-    def _initial_events(self, device: str) -> list[Event]:
-        out: list[Event] = []
-        for d in self.mgr.devices.values():
-            if device and d.name != device:
-                continue
-            if d.info is not None:
-                out.append(
-                    Event(
-                        EventType.DEVICE_APPEARED,
-                        d.name,
-                        announced=d.info.announced,
-                        notify_gen=d.info.notify_gen,
-                        initial=True,
-                    )
-                )
-                if d.info.shutting_down:
-                    out.append(
-                        Event(
-                            EventType.DEVICE_SHUTTING_DOWN,
-                            d.name,
-                            reason=SHUTDOWN_REASON,
-                            initial=True,
-                        )
-                    )
-            else:
-                out.append(Event(EventType.DEVICE_GONE, d.name, reason=d.error, initial=True))
-            if d.name in self.guard.drained:
-                out.append(Event(EventType.DEVICE_DRAINED, d.name, reason="admin", initial=True))
-        for lease in self.leases.leases.values():
-            if not device or lease.dev.name == device:
-                out.append(
-                    Event(
-                        EventType.LEASE_TAKEN,
-                        lease.dev.name,
-                        channel=lease.ch.id,
-                        lease_id=lease.id,
-                        holder=lease.holder,
-                        initial=True,
-                    )
-                )
-        return out
-
     @_stream
     async def Watch(
         self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
-        self._raise_if_draining()
         await self.guard.request_turn("watch", context.time_remaining(), self.drain, request.device)
-        t = self.guard.caller()
-        if request.device:
-            device_arg(request.device)
-        self.guard.check_op(t, "watch", request.device)  # before the lookup
-        if request.device:
-            self.mgr.get(request.device)
+        watches = self.watches
+        t = watches.start(request.device)
         retired = socket_retired()
-        with self.watch_slot(t, request.device), waiting_on(retired, "Watch"):
-            async for event in self._watch(request, t, retired):
-                yield event
+        with watches.slot(t, request.device), waiting_on(retired, "Watch"):
+            async for ev, lease_id, reason in watches.events(
+                request.device, request.initial_state, t, retired
+            ):
+                yield kup_pb2.WatchEvent(
+                    type=ev.type,  # type: ignore[arg-type]
+                    device=ev.device,
+                    channel=ev.channel,
+                    lease_id=lease_id,
+                    holder=ev.holder,
+                    announced=ev.announced,
+                    notify_gen=ev.notify_gen,
+                    reason=reason,
+                    initial=ev.initial,
+                    time_unix_ms=ev.time_unix_ms,
+                )
         raise errors.Shutdown("kupd is shutting down")
 
-    @contextlib.contextmanager
-    def watch_slot(self, t: Tenant, device: str = "") -> Iterator[None]:
-        """One of the tenant's WATCHES_PER_TENANT watch streams (kup.v1 Watch
-        and the health service's Watch alike), for the block; past the
-        limit ResourceExhausted, rule watches."""
-        if not self.guard.policy.multi or t.admin:
-            yield
-            return
-        open_now = self.watches.get(t.name, 0)
-        if open_now >= WATCHES_PER_TENANT:
-            self.guard.exhaust(
-                t,
-                "watch",
-                device,
-                None,
-                "watches",
-                f"{open_now} watch streams open (limit {WATCHES_PER_TENANT} per tenant)",
-            )
-        self.watches[t.name] = open_now + 1
-        try:
-            yield
-        finally:
-            self.watches[t.name] -= 1
-
-    async def _watch(
-        self,
-        request: kup_pb2.WatchRequest,
-        t: Tenant,
-        retired: asyncio.Future[None] | None = None,
-    ) -> AsyncIterator[kup_pb2.WatchEvent]:
-        initial = self._initial_events(request.device) if request.initial_state else []
-        scoped = not (t.admin or t.grants is None)
-
-        def visible(ev: Event) -> bool:
-            """Whether the tenant may see ``ev`` now: only such events are
-            queued for this stream (and count towards its bound)."""
-            if not ev.device:
-                return True
-            now = self.guard.policy.tenant(t.name)
-            return now is not None and now.may_see(ev.device, ev.channel if ev.lease_id else None)
-
-        async for ev in self.bus.subscribe(request.device, initial, visible if scoped else None):
-            if ev is RECHECK and retired is not None and retired.done():
-                # a reload retired the socket it came in on: the events
-                # before it were delivered (Server._reload hands every
-                # Watch RECHECK after it retired sockets)
-                raise fresh_error(retired)
-            lease_id, reason = ev.lease_id, ev.reason
-            if scoped:
-                # A reload may have removed the tenant or its watch since
-                # (a reload hands every Watch RECHECK, so this runs at once).
-                self.guard.check_op(self.guard.tenant(), "watch", request.device)
-            if ev is RECHECK:
-                continue
-            if scoped and ev.device:
-                now = self.guard.policy.tenant(t.name)
-                chan = ev.channel if ev.lease_id else None
-                if now is None or not now.may_see(ev.device, chan):
-                    continue  # only what this tenant may use
-                if lease_id and self._owner_of(lease_id) != t.name:
-                    # another tenant's lease: that the channel was taken or
-                    # let go, nothing more -- its id, and why it ended
-                    # unless the device itself is why (an admin's revocation,
-                    # a reload of the other's policy, its client's doings
-                    # are the other tenant's business)
-                    lease_id = ""
-                    if reason not in DEVICE_REASONS:
-                        reason = ""
-            yield kup_pb2.WatchEvent(
-                type=ev.type,  # type: ignore[arg-type]
-                device=ev.device,
-                channel=ev.channel,
-                lease_id=lease_id,
-                holder=ev.holder,
-                announced=ev.announced,
-                notify_gen=ev.notify_gen,
-                reason=reason,
-                initial=ev.initial,
-                time_unix_ms=ev.time_unix_ms,
-            )
-
-
-#: LEASE_RELEASED reasons a tenant is told for another tenant's lease: the
-#: device's own fate, which its device events tell it anyway
-DEVICE_REASONS = frozenset({"device gone", "device shutting down", "shutdown", "drained"})
 
 #: the longest lease_id a request may carry (kupd's are 16 hex digits;
 #: a longer one is refused before it is looked up or quoted)
@@ -1282,11 +1160,6 @@ LOG_FAILURES_BURST = 100.0
 #: how much of a failed request's error text goes to its client and into
 #: kupd's log (a client's string may be in it)
 DETAILS_MAX = 1024
-
-#: Watch streams one tenant may hold open at once (with [[tenant]] tables;
-#: not the admin's).  Every event is queued to every Watch: a tenant that
-#: opened 11,000 of them slowed every other tenant's attach 60-fold.
-WATCHES_PER_TENANT = 64
 
 # Kind values are the proto's MessageKind values.
 assert int(Kind.DATA) == kup_pb2.MESSAGE_KIND_DATA

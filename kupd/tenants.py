@@ -113,7 +113,7 @@ class TenantHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         bind(rpc="Health.Watch")  # what its failure is logged with
         try:
             await self.kup.guard.request_turn("health", context.time_remaining(), self.kup.drain)
-            with self.kup.watch_slot(self.tenant):
+            with self.kup.watches.slot(self.tenant):
                 # it never ends by itself: a reload that retires this
                 # socket ends it (Unavailable, where the socket went)
                 await until_retired(self.inner.Watch(request, context), socket_retired())
@@ -392,8 +392,8 @@ def tenant_rpc_bound(config: Any, t: Tenant) -> int:
     meets only RPCs that never got as far as kupd.  Together with
     receive_limit it bounds the memory a tenant can tie up in requests that
     never arrive whole."""
-    from kupd.service import WATCHES_PER_TENANT
     from kupd.sessions import MAX_WAITING_OPS
+    from kupd.watch import WATCHES_PER_TENANT
 
     # each session or lease: its stream, or its unary operation and those
     # that may wait behind it

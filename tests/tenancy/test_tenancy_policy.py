@@ -282,7 +282,7 @@ def test_watch_streams_are_bounded_per_tenant(tk: TenantKupd) -> None:
     """A tenant holds at most WATCHES_PER_TENANT Watch streams; the next is
     ResourceExhausted (audited), another tenant's are not affected, and one
     ended makes room."""
-    from kupd.service import WATCHES_PER_TENANT
+    from kupd.watch import WATCHES_PER_TENANT
 
     with tk.client("carol") as c, tk.client("alice") as a:
         watches = [c.watch("echo", initial_state=True) for _ in range(WATCHES_PER_TENANT)]

@@ -22,10 +22,10 @@ from tenancy_helpers import StartTenants
 from kupapi import kup_pb2, kup_pb2_grpc
 from kupclient import Client, errors
 from kupd.config import parse_config, reloaded
-from kupd.service import WATCHES_PER_TENANT
 from kupd.sessions import MAX_WAITING_OPS
 from kupd.tenants import RECEIVE_HEADROOM, RPC_SLACK
 from kupd.testing import REPO_ROOT, wait_until
+from kupd.watch import WATCHES_PER_TENANT
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "gateway"))
 
