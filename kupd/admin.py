@@ -69,7 +69,7 @@ class AdminService(kup_pb2_grpc.AdminServicer):
         self, request: kup_pb2.RevokeLeaseRequest, context: grpc.aio.ServicerContext
     ) -> kup_pb2.RevokeLeaseResponse:
         try:
-            from kupd.service import LEASE_ID_MAX
+            from kupd.sessions import LEASE_ID_MAX
 
             if len(request.lease_id) > LEASE_ID_MAX:  # refused before it is quoted
                 raise errors.InvalidArgument(

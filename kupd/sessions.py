@@ -21,18 +21,51 @@ import collections
 import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kupd import errors
 from kupd.abi import KUP_E_PEER
 from kupd.channel import Channel, Kind, Message
-from kupd.devices import DeviceManager, ManagedDevice
-from kupd.log import get_logger
+from kupd.devices import REATTACH_PAUSE, DeviceManager, ManagedDevice, device_arg
+from kupd.log import bind, get_logger
 from kupd.metrics import ChannelMetrics
-from kupd.policy import ADMIN, DEFAULT, Budget
-from kupd.waiting import ChannelWaiter
+from kupd.policy import (
+    ADMIN,
+    DEFAULT,
+    Budget,
+    Guard,
+    Tenant,
+    check_socket,
+    current_tenant,
+    raise_if_ended,
+    sendable,
+    socket_retired,
+)
+from kupd.retirement import StreamGuard, waiting_on
+from kupd.waiting import ChannelWaiter, Deadline
 from kupd.watch import Event, EventType
 
-__all__ = ["CALLER_GONE", "Lease", "LeaseTable", "OpLock", "Withdrawn", "no_lease"]
+if TYPE_CHECKING:
+    from kupd.config import Config
+
+__all__ = [
+    "CALLER_GONE",
+    "LEASE_ID_MAX",
+    "RECEIVE_BLOCK",
+    "RECEIVE_DEADLINE",
+    "RECEIVE_NONBLOCK",
+    "Lease",
+    "LeaseTable",
+    "Leasing",
+    "OpLock",
+    "SessionState",
+    "Withdrawn",
+    "no_lease",
+    "receive_args",
+]
+
+Req = TypeVar("Req")
 
 log = get_logger("kupd.sessions")
 
@@ -972,3 +1005,582 @@ class LeaseTable:
         if msg is not None:
             lease.m.received(len(msg.data))
         return msg
+
+
+# ---------------------------------------------------------------- the RPCs' side
+
+#: the longest lease_id a request may carry (kupd's are 16 hex digits;
+#: a longer one is refused before it is looked up or quoted)
+LEASE_ID_MAX = 64
+
+#: How a receive waits (the kup.v1 ReceiveMode values): until the turn
+#: comes back (bounded by the RPC's deadline), not at all, or timeout_ms.
+RECEIVE_BLOCK = 0
+RECEIVE_NONBLOCK = 1
+RECEIVE_DEADLINE = 2
+
+
+def receive_args(mode: int, timeout_ms: int) -> tuple[float | None, bool]:
+    """(timeout in seconds or None, nonblocking) of a receive mode."""
+    if mode == RECEIVE_BLOCK:
+        return None, False
+    if mode == RECEIVE_NONBLOCK:
+        return None, True
+    if mode == RECEIVE_DEADLINE:
+        if timeout_ms <= 0:
+            raise errors.InvalidArgument("RECEIVE_MODE_DEADLINE needs timeout_ms > 0")
+        return timeout_ms / 1000, False
+    raise errors.InvalidArgument(f"unknown receive mode {mode}")
+
+
+def _withdrawn(attach_id: str) -> errors.NotFound:
+    return errors.NotFound(
+        f"attach {attach_id} was withdrawn by its client (Release by attach_id) "
+        "before kupd granted it: no lease taken"
+    )
+
+
+class SessionState:
+    """What a Session's operations look up once per stream rather than once
+    per message: its lease, whether the RPC has a deadline at all, and the
+    tenant's size limit under the policy it was read from (a reload
+    installs a new policy object, which makes the next check look the
+    tenant up again)."""
+
+    __slots__ = ("_deadline", "_guard", "_policy", "_rpc", "_tenant", "lease")
+
+    def __init__(self, rpc: Deadline, guard: Guard, lease: Lease) -> None:
+        self.lease = lease
+        self._rpc = rpc
+        self._deadline = rpc.time_remaining() is not None
+        self._guard = guard
+        self._policy = guard.policy
+        self._tenant = guard.tenant()
+
+    def cap(self, timeout: float | None) -> float | None:
+        """``timeout`` capped by the RPC's deadline."""
+        if not self._deadline:
+            return timeout
+        remaining: float | None = self._rpc.time_remaining()
+        if remaining is None:
+            return timeout
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def tenant(self) -> Tenant:
+        """The stream's tenant under the running policy (looked up again
+        only after a reload)."""
+        guard = self._guard
+        if guard.policy is not self._policy:
+            self._tenant = guard.tenant()  # PermissionDenied if it was removed
+            self._policy = guard.policy
+        return self._tenant
+
+    def paced(self) -> bool:
+        """Whether the next operation waits its turn under the tenant's
+        channel_ops_per_second (PermissionDenied: a reload removed the
+        tenant)."""
+        return self.tenant().channel_ops_per_second != 0.0
+
+    def check_size(self, n: int) -> None:
+        """The tenant's max_message_bytes (``Guard.check_size``)."""
+        t = self.tenant()
+        if t.max_message_bytes and n > t.max_message_bytes:
+            lease = self.lease
+            self._guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
+
+
+class Leasing:
+    """Leases as the RPCs ask for them: the caller's tenant checked
+    (kupd.policy) and paced, ownership of lease ids, Attach / Release by
+    attach_id, the unary operations and a Session's -- over the
+    :class:`LeaseTable`.  Errors are kupd.errors; kupd.service maps them."""
+
+    def __init__(
+        self,
+        config: Config,
+        guard: Guard,
+        mgr: DeviceManager,
+        leases: LeaseTable,
+        drain: asyncio.Future[None],
+    ) -> None:
+        #: The running config (a reload replaces it: reattach_grace).
+        self.config = config
+        self.guard = guard
+        self.mgr = mgr
+        self.leases = leases
+        self.drain = drain
+
+    # -- checks ---------------------------------------------------------------
+    def raise_if_draining(self) -> None:
+        if self.drain.done():
+            raise errors.Shutdown("kupd is shutting down")
+
+    def unattached(self) -> str:
+        """Count a Session stream that has not sent its attach yet (see
+        LeaseTable.unattached), refused (ResourceExhausted) when kupd's or
+        its tenant's max_sessions is reached.  Returns the tenant's name,
+        for LeaseTable.unattached_leave."""
+        t = self.guard.caller()
+        # a tenant not allowed Sessions at all holds no stream open (and
+        # takes no room from the others): refused now, not at its attach
+        self.guard.check_op(t, "session")
+        if t.max_sessions:  # counting walks every lease: only when there is a limit
+            self.guard.check_sessions(t, "session", "", self.open_of(t.name))
+        self.leases.check_room(t.name)
+        self.leases.unattached_enter(t.name)
+        return t.name
+
+    def open_of(self, tenant: str) -> int:
+        """The tenant's leases, attaches under way and Session streams not
+        attached yet: what its max_sessions bounds."""
+        mine = sum(1 for le in self.leases.leases.values() if le.tenant == tenant)
+        return mine + self.guard.pending.get(tenant, 0) + self.leases.unattached.get(tenant, 0)
+
+    def owner_of(self, lease_id: str) -> str:
+        """The tenant of ``lease_id``: an open lease's own, else what the
+        guard remembers of an ended one (a bounded record)."""
+        lease = self.leases.leases.get(lease_id)
+        return lease.tenant if lease is not None else self.guard.owner_of(lease_id)
+
+    def sendable(self, lease: Lease) -> int:
+        """What the caller may send on ``lease``: a client sizing its
+        messages by it must not meet its tenant's lower limit."""
+        return sendable(lease.ch.max_msg, self.guard.tenant())
+
+    # -- taking ---------------------------------------------------------------
+    async def take(self, device: str, chan: int | None, holder: str) -> Lease:
+        """A lease of ``device``'s channel ``chan`` (None: any the tenant may
+        use) for ``holder`` ("lease": an Attach; "session": a Session)."""
+        self.raise_if_draining()
+        t = self.guard.caller()
+        if not device:
+            raise errors.InvalidArgument("attach: device is required")
+        device = device_arg(device)
+        md = self.mgr.devices.get(device)
+        if md is not None:
+            # an attach refused below is counted (kupd_errors_total) and
+            # logged under its device -- and its channel when there is
+            # such a channel: the labels stay bounded by the configuration
+            bind(device=device)
+            if chan is not None and md.info is not None and chan < md.info.chan_count:
+                bind(channel=chan)
+        # the socket this request came in on: the tenant's own under the
+        # policy it was served by (a reload may have moved it since)
+        via = current_tenant().socket
+        self.guard.check_op(t, holder, device, chan)
+        self.guard.check_drained(device)
+        check_socket(t, via)
+        if t.max_sessions:
+            self.guard.check_sessions(t, holder, device, self.open_of(t.name))
+        allowed = self.guard.channels_for(t, device)
+        self.guard.pending[t.name] = self.guard.pending.get(t.name, 0) + 1
+        try:
+            if chan is None and allowed is not None:
+                lease = await self._take_granted(device, allowed, holder, t, via)
+            else:
+                try:
+                    lease = await self.leases.take(device, chan, holder, tenant=t.name, via=via)
+                except errors.Busy as exc:
+                    # the holder's lease id only to its own tenant
+                    held = md.holders.get(chan) if md is not None and chan is not None else None
+                    if held is None or self.owner_of(held[1]) != t.name:
+                        raise
+                    raise type(exc)(f"{exc.message}: your {held[0]} {held[1]}") from None
+        finally:
+            self.guard.pending[t.name] -= 1
+        # The attach awaited the host (a channel its module had not let go
+        # of: up to reattach_grace): kupd's own drain (SIGTERM), an admin's
+        # drain of the device, or a reload that took the grant away or
+        # moved the tenant's socket, may have come meanwhile and found no
+        # lease to end.
+        try:
+            self.raise_if_draining()
+            self.guard.check_drained(device)
+            check_socket(self.guard.caller(), via)
+            rule = self.guard.still_allowed(t.name, holder, device, lease.ch.id)
+            if rule:
+                self.guard.record(t.name, holder, device, lease.ch.id, rule)
+                raise errors.PermissionDenied(
+                    f"tenant {t.name}: rule {rule}: a reload while the attach waited no "
+                    f"longer allows {holder} on device {device} channel {lease.ch.id}"
+                )
+        except errors.KupError as exc:
+            self.leases.end(lease, "refused after its attach", exc)
+            raise
+        self.guard.owned(lease.id, t.name)
+        bind(device=device, channel=lease.ch.id, lease=lease.id, tenant=t.name)
+        return lease
+
+    async def _take_granted(
+        self, device: str, allowed: frozenset[int], holder: str, t: Tenant, via: str
+    ) -> Lease:
+        """ "Any free channel" for a tenant granted only some channels.  One
+        its module still holds (Releasing) is waited for only when no other
+        granted channel is free: the host's own "any" passes over it too."""
+        dev = self.mgr.get(device)
+        grace = self.config.reattach_grace
+        waited_since: float | None = None
+        while True:
+            _, info = dev.require()
+            releasing = False
+            for cid in sorted(allowed):
+                if cid >= info.announced or cid in dev.holders:
+                    continue
+                if dev.pool.state_of(cid) is not None:
+                    continue
+                try:
+                    return await self.leases.take(
+                        device, cid, holder, wait_releasing=False, tenant=t.name, via=via
+                    )
+                except errors.Releasing:
+                    releasing = True
+                except errors.Busy:
+                    continue
+            if not releasing:
+                break
+            # only channels their module still holds are left: try them all
+            # again, for as long as one attach would wait for its channel
+            now = asyncio.get_running_loop().time()
+            if waited_since is None:
+                waited_since = now
+            if now - waited_since >= grace:
+                raise errors.Releasing(
+                    f"tenant {t.name}: every free granted channel of device {device} is "
+                    f"still held by its module after its last user left (kupd waited "
+                    f"{now - waited_since:.1f} s); retry later"
+                )
+            await asyncio.sleep(REATTACH_PAUSE)
+        raise errors.Busy(
+            f"tenant {t.name}: no free channel of device {device} among the granted channels"
+        )
+
+    async def attach(self, device: str, chan: int | None, attach_id: str) -> Lease:
+        """An Attach: a lease of ``device``'s channel ``chan``, named
+        ``attach_id`` by its client ("" none: see :meth:`LeaseTable.withdraw`)."""
+        if not attach_id:
+            return await self.take(device, chan, "lease")
+        tenant = self.guard.caller().name
+        self._check_attach_id(tenant, attach_id)
+        # the attach may wait for its channel: its client may withdraw it
+        # meanwhile (Release by attach_id), which marks it here
+        self.leases.attaching(tenant, attach_id)
+        try:
+            lease = await self.take(device, chan, "lease")
+        except BaseException:
+            # cancelled, past its deadline, or failed: no lease; its client
+            # may send Release by this name as it gives up, and finds it done
+            if not self.leases.attached(tenant, attach_id):
+                self.leases.attach_given_up(tenant, attach_id)
+            raise
+        withdrawn = self.leases.attached(tenant, attach_id)
+        if withdrawn:
+            self.leases.abandoned(lease, f"its attach {attach_id} was withdrawn")
+            raise _withdrawn(attach_id)
+        self.leases.named(lease, attach_id)
+        return lease
+
+    def _check_attach_id(self, tenant: str, attach_id: str) -> None:
+        """An Attach named ``attach_id``: NotFound when its client withdrew
+        it (Release by attach_id) before it came, InvalidArgument when a
+        live lease of the tenant, or an attach of it under way, has the
+        name already."""
+        if self.leases.attach_withdrawn(tenant, attach_id):
+            raise _withdrawn(attach_id)
+        held = self.leases.attach_in_use(tenant, attach_id)
+        if held is not None:
+            raise errors.InvalidArgument(
+                f"attach_id {attach_id} is in use by {held}: one attach_id names one attach"
+            )
+
+    def undelivered(self, lease_id: str) -> None:
+        """The reply of an Attach granting ``lease_id`` could not be written:
+        its caller had gone (its client interrupted, dead, past its
+        deadline, or it cancelled) by the time the lease was granted.  No
+        one knows the lease's id, to use or release it: it ends now, reason
+        ``caller gone``, instead of holding the channel until it idles out."""
+        lease = self.leases.leases.get(lease_id)
+        if lease is not None and lease.holder == "lease":
+            self.leases.abandoned(lease, "its Attach reply could not be delivered")
+
+    # -- Attach leases --------------------------------------------------------
+    def lease_of(self, lease_id: str, where: dict[str, Any] | None = None) -> tuple[Lease, Tenant]:
+        """The caller's Attach lease ``lease_id`` and the caller's tenant; its
+        device, channel and id go into the log context, or into ``where``."""
+        t = self.guard.caller()
+        if not lease_id:
+            raise errors.InvalidArgument("lease_id is required")
+        if len(lease_id) > LEASE_ID_MAX:  # kupd's are 16 hex digits
+            raise errors.InvalidArgument(f"lease_id of {len(lease_id)} characters: not a lease id")
+        try:
+            lease = self.leases.get(lease_id, None if t.admin else t.name)
+        except errors.NotFound:
+            # An ENDED lease of another tenant's gets the same NotFound as an
+            # unknown id (below), and its attempt the same audit line: a
+            # tenant guessing at ids is seen whether the id is live or not.
+            owner = "" if t.admin else self.guard.owner_of(lease_id)
+            if owner and owner != t.name:
+                self.guard.record(
+                    t.name, "lease", "", None, "lease-owner", lease=lease_id, owner=owner
+                )
+            raise
+        if lease.tenant != t.name and not t.admin:
+            # Another tenant's lease is answered as one that does not exist
+            # (the same NotFound, word for word): any other answer would
+            # confirm that the id is live.  The operator's audit log still
+            # records the attempt, as rule lease-owner, naming the owner.
+            self.guard.record(
+                t.name,
+                "lease",
+                lease.dev.name,
+                lease.ch.id,
+                "lease-owner",
+                lease=lease.id,
+                owner=lease.tenant,
+            )
+            raise no_lease(lease_id)
+        self.guard.check_op(t, "lease", lease.dev.name, lease.ch.id)
+        if lease.holder != "lease":
+            raise errors.Busy(f"lease {lease_id} belongs to a Session stream")
+        if where is None:
+            bind(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
+        else:
+            where.update(device=lease.dev.name, channel=lease.ch.id, lease=lease.id)
+        return lease, t
+
+    def release(self, lease_id: str, attach_id: str) -> None:
+        """Release the caller's lease ``lease_id``, or withdraw its attach
+        ``attach_id`` (one of the two)."""
+        if not attach_id:
+            if not lease_id:
+                raise errors.InvalidArgument("release: lease_id or attach_id is required")
+            self.leases.end(self.lease_of(lease_id)[0], "released")
+            return
+        if lease_id:
+            raise errors.InvalidArgument(
+                "release: lease_id and attach_id are both set (one names the lease)"
+            )
+        # as an Attach: a tenant without the 'lease' operation has no
+        # attach to withdraw (nor a table of withdrawn names to fill)
+        t = self.guard.caller()
+        self.guard.check_op(t, "lease")
+        # the client gave up on that attach: its lease, if kupd granted it,
+        # ends as one whose reply could not be delivered would
+        lease = self.leases.withdraw(t.name, attach_id)
+        if lease is not None:
+            self.leases.abandoned(
+                self.lease_of(lease.id)[0], f"its client withdrew attach {attach_id}"
+            )
+
+    def check_size(self, t: Tenant, lease: Lease, data: bytes | memoryview) -> None:
+        """A unary Send's ``data`` under ``t``'s max_message_bytes."""
+        if t.max_message_bytes and len(data) > t.max_message_bytes:
+            self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
+
+    async def send(
+        self,
+        lease: Lease,
+        t: Tenant,
+        data: bytes | memoryview,
+        again_of: str,
+        rpc: Deadline,
+        retired: asyncio.Future[None] | None,
+    ) -> None:
+        """A unary Send that waits for no reply (``t``: the caller's tenant;
+        its size checked by :meth:`check_size`).  What waits (the lease's
+        turn) ends when a reload retires the socket: counted in its reply
+        (kupd.retirement)."""
+        if t.channel_ops_per_second:
+            limit = _deadline_cap(rpc, None)
+            await self.guard.take_turn(t, "lease", lease, self.drain, limit, "Send", retired)
+        with waiting_on(retired, "Send", lease.ended):
+            await self.leases.send(lease, data, retired, again_of)
+
+    async def exchange(
+        self,
+        lease: Lease,
+        t: Tenant,
+        data: bytes | memoryview,
+        again_of: str,
+        mode: int,
+        timeout_ms: int,
+        rpc: Deadline,
+        retired: asyncio.Future[None] | None,
+    ) -> Message | None:
+        """A unary Send that waits for the reply, as ``mode`` / ``timeout_ms``
+        say (None: a non-blocking one found none).  The message taken stays
+        the lease's until its reply is written (``LeaseTable.settle``)."""
+        if mode == RECEIVE_BLOCK:
+            timeout: float | None = None
+            nonblocking = False
+        else:
+            timeout, nonblocking = receive_args(mode, timeout_ms)
+        if t.channel_ops_per_second:
+            limit = _deadline_cap(rpc, timeout)
+            timeout = await self.guard.take_turn_within(
+                t, "lease", lease, self.drain, limit, "Send", retired, nonblocking
+            )
+        with waiting_on(retired, "Send", lease.ended):
+            return await self.leases.exchange(
+                lease,
+                data,
+                _deadline_cap(rpc, timeout),
+                nonblocking=nonblocking,
+                abort=self.drain,
+                retired=retired,
+                handover=True,
+                again_of=again_of,
+            )
+
+    async def pass_(
+        self,
+        lease: Lease,
+        t: Tenant,
+        again_of: str,
+        rpc: Deadline,
+        retired: asyncio.Future[None] | None,
+    ) -> None:
+        """A unary Pass."""
+        if t.channel_ops_per_second:
+            await self.guard.take_turn(
+                t, "lease", lease, self.drain, _deadline_cap(rpc, None), "Pass", retired
+            )
+        log.debug("pass")  # nothing awaited from here to the wait for the lease
+        with waiting_on(retired, "Pass", lease.ended):  # for its turn
+            await self.leases.pass_(lease, retired, again_of)
+
+    async def receive(
+        self,
+        lease: Lease,
+        mode: int,
+        timeout_ms: int,
+        rpc: Deadline,
+        t: Tenant | None,
+        again_of: str,
+    ) -> Message | None:
+        """A unary Receive; ``t``: the caller's tenant, when it has a
+        channel_ops_per_second to wait under first.  ``again_of``: the
+        ReceiveRequest's (LeaseTable.receive).  The message taken stays the
+        lease's until its reply is written (``LeaseTable.settle``)."""
+        timeout, nonblocking = receive_args(mode, timeout_ms)
+        timeout = _deadline_cap(rpc, timeout)
+        retired = socket_retired()
+        if t is not None:
+            timeout = await self.guard.take_turn_within(
+                t, "lease", lease, self.drain, timeout, "Receive", retired, nonblocking
+            )
+        with waiting_on(retired, "Receive", lease.ended):
+            return await self.leases.receive(
+                lease,
+                timeout,
+                nonblocking=nonblocking,
+                abort=self.drain,
+                retired=retired,
+                handover=True,
+                again_of=again_of,
+            )
+
+    # -- Sessions -------------------------------------------------------------
+    async def next_request(
+        self,
+        reader: AsyncIterator[Req],
+        lease: Lease | None,
+        guard: StreamGuard,
+        retired: asyncio.Future[None] | None = None,
+    ) -> Req | None:
+        """A Session's next request, or None at the end of the stream;
+        raises when kupd drains, the lease is ended or the stream's socket
+        is retired (``retired``) first (``guard`` cancels the wait)."""
+        raise_if_ended(lease, self.drain, retired)
+        guard.waiting = True
+        try:
+            return await reader.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not guard.take_cancel():
+                raise  # not ours: the client went away
+            raise_if_ended(lease, self.drain, retired)
+            raise errors.Shutdown("kupd is shutting down") from None
+        finally:
+            guard.waiting = False
+
+    async def session_exchange(
+        self,
+        st: SessionState,
+        data: bytes | memoryview,
+        mode: int,
+        timeout_ms: int,
+        paced: bool,
+    ) -> Message | None:
+        """A Session's exchange (``paced``: :meth:`SessionState.paced`)."""
+        lease = st.lease
+        st.check_size(len(data))
+        if mode == RECEIVE_BLOCK:
+            timeout: float | None = None
+            nonblocking = False
+        else:
+            timeout, nonblocking = receive_args(mode, timeout_ms)
+        timeout = st.cap(timeout)
+        if paced:
+            timeout = await self.guard.take_turn_within(
+                st.tenant(), "session", lease, self.drain, timeout, "Session",
+                nonblocking=nonblocking,
+            )
+        return await self.leases.exchange(
+            lease, data, timeout, nonblocking=nonblocking, abort=self.drain
+        )
+
+    async def session_send(self, st: SessionState, data: bytes | memoryview, paced: bool) -> None:
+        """A Session's send."""
+        lease = st.lease
+        st.check_size(len(data))
+        if paced:
+            await self.guard.take_turn(
+                st.tenant(), "session", lease, self.drain, st.cap(None), "Session"
+            )
+        await self.leases.send(lease, data)
+
+    async def session_receive(
+        self, st: SessionState, mode: int, timeout_ms: int, paced: bool
+    ) -> Message | None:
+        """A Session's receive."""
+        lease = st.lease
+        timeout, nonblocking = receive_args(mode, timeout_ms)
+        timeout = st.cap(timeout)
+        if paced:
+            timeout = await self.guard.take_turn_within(
+                st.tenant(), "session", lease, self.drain, timeout, "Session",
+                nonblocking=nonblocking,
+            )
+        return await self.leases.receive(lease, timeout, nonblocking=nonblocking, abort=self.drain)
+
+    async def session_pass(self, st: SessionState, paced: bool) -> None:
+        """A Session's pass."""
+        lease = st.lease
+        if paced:
+            await self.guard.take_turn(
+                st.tenant(), "session", lease, self.drain, st.cap(None), "Session"
+            )
+        await self.leases.pass_(lease)
+
+    async def session_failed(self, lease: Lease, exc: errors.KupError) -> None:
+        """A Session ends with ``exc``: its lease ends before the status goes out."""
+        if isinstance(exc, errors.Shutdown) and lease.active:
+            # The kernel's SHUTDOWN reached this Session before kupd
+            # read the device's state: read it now, so that watchers
+            # see the device shutting down before this lease ends,
+            # and it ends for the reason its device's other leases do.
+            await lease.dev.refresh()
+        self.leases.end(lease, f"error: {type(exc).__name__}")
+
+    def session_gone(self, lease: Lease, _: object) -> None:
+        """A Session RPC is over: its lease ends, if it has not yet."""
+        self.leases.end(lease, "stream cancelled")
+
+
+def _deadline_cap(rpc: Deadline, timeout: float | None) -> float | None:
+    """``timeout`` capped by what is left of the RPC's deadline."""
+    remaining: float | None = rpc.time_remaining()
+    if remaining is None:
+        return timeout
+    return remaining if timeout is None else min(timeout, remaining)
