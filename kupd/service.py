@@ -451,7 +451,6 @@ class KupService(kup_pb2_grpc.KupServicer):
             # is refused (LeaseTable._over_held)
             again_of = _attach_id_arg(request.again_of, "again_of")
             data = request.data  # each read of a bytes field is a copy: once
-            leasing.check_size(t, lease, data)
             if not request.wait_reply:
                 await leasing.send(lease, t, data, again_of, context, retired)
                 return kup_pb2.SendResponse()
@@ -576,34 +575,32 @@ class KupService(kup_pb2_grpc.KupServicer):
                         raise errors.InvalidArgument(req.describe())  # in-band: the stream goes on
                     rid = req.request_id
                     op = req.WhichOneof("op")
-                    paced = st.paced()
                     if op == "exchange":
                         x = req.exchange
-                        msg = await leasing.session_exchange(
-                            st, x.data, x.mode, x.timeout_ms, paced
-                        )
+                        msg = await leasing.session_exchange(st, x.data, x.mode, x.timeout_ms)
                         resp = encode_reply(rid, True, msg)
                     elif op == "send":
-                        await leasing.session_send(st, req.send.data, paced)
+                        await leasing.session_send(st, req.send.data)
                         resp = kup_pb2.SessionResponse(request_id=rid, sent=kup_pb2.SendResponse())
                     else:
                         # kupd.wire reads send / exchange only
                         assert isinstance(req, kup_pb2.SessionRequest)
                         if op == "receive":
                             r = req.receive
-                            msg = await leasing.session_receive(st, r.mode, r.timeout_ms, paced)
+                            msg = await leasing.session_receive(st, r.mode, r.timeout_ms)
                             resp = encode_reply(rid, False, msg)
                         elif op == "pass_turn":
-                            await leasing.session_pass(st, paced)
+                            await leasing.session_pass(st)
                             resp = kup_pb2.SessionResponse(
                                 request_id=rid, passed=kup_pb2.PassResponse()
                             )
-                        elif op == "attach":
-                            raise errors.InvalidArgument(
-                                f"session already holds channel {lease.ch.id} of device "
-                                f"{lease.dev.name}"
-                            )
                         else:
+                            st.tenant()  # a removed tenant hears so first, as for the others
+                            if op == "attach":
+                                raise errors.InvalidArgument(
+                                    f"session already holds channel {lease.ch.id} of device "
+                                    f"{lease.dev.name}"
+                                )
                             raise errors.InvalidArgument("session request without an operation")
                 except _IN_BAND as exc:
                     self._count_error(status_for(exc)[0])

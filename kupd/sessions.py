@@ -1075,15 +1075,8 @@ class SessionState:
             self._policy = guard.policy
         return self._tenant
 
-    def paced(self) -> bool:
-        """Whether the next operation waits its turn under the tenant's
-        channel_ops_per_second (PermissionDenied: a reload removed the
-        tenant)."""
-        return self.tenant().channel_ops_per_second != 0.0
-
-    def check_size(self, n: int) -> None:
-        """The tenant's max_message_bytes (``Guard.check_size``)."""
-        t = self.tenant()
+    def check_size(self, t: Tenant, n: int) -> None:
+        """``n`` bytes under ``t``'s max_message_bytes (``Guard.check_size``)."""
         if t.max_message_bytes and n > t.max_message_bytes:
             lease = self.lease
             self._guard.check_size(t, "session", lease.dev.name, lease.ch.id, n)
@@ -1371,11 +1364,6 @@ class Leasing:
                 self.lease_of(lease.id)[0], f"its client withdrew attach {attach_id}"
             )
 
-    def check_size(self, t: Tenant, lease: Lease, data: bytes | memoryview) -> None:
-        """A unary Send's ``data`` under ``t``'s max_message_bytes."""
-        if t.max_message_bytes and len(data) > t.max_message_bytes:
-            self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
-
     async def send(
         self,
         lease: Lease,
@@ -1385,10 +1373,11 @@ class Leasing:
         rpc: Deadline,
         retired: asyncio.Future[None] | None,
     ) -> None:
-        """A unary Send that waits for no reply (``t``: the caller's tenant;
-        its size checked by :meth:`check_size`).  What waits (the lease's
-        turn) ends when a reload retires the socket: counted in its reply
-        (kupd.retirement)."""
+        """A unary Send that waits for no reply (``t``: the caller's
+        tenant).  What waits (the lease's turn) ends when a reload retires
+        the socket: counted in its reply (kupd.retirement)."""
+        if t.max_message_bytes and len(data) > t.max_message_bytes:
+            self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
         if t.channel_ops_per_second:
             limit = _deadline_cap(rpc, None)
             await self.guard.take_turn(t, "lease", lease, self.drain, limit, "Send", retired)
@@ -1409,6 +1398,8 @@ class Leasing:
         """A unary Send that waits for the reply, as ``mode`` / ``timeout_ms``
         say (None: a non-blocking one found none).  The message taken stays
         the lease's until its reply is written (``LeaseTable.settle``)."""
+        if t.max_message_bytes and len(data) > t.max_message_bytes:
+            self.guard.check_size(t, "lease", lease.dev.name, lease.ch.id, len(data))
         if mode == RECEIVE_BLOCK:
             timeout: float | None = None
             nonblocking = False
@@ -1504,63 +1495,58 @@ class Leasing:
         finally:
             guard.waiting = False
 
+    # Each Session operation looks its tenant up once (SessionState.tenant:
+    # PermissionDenied once a reload removed it), before anything else.
     async def session_exchange(
-        self,
-        st: SessionState,
-        data: bytes | memoryview,
-        mode: int,
-        timeout_ms: int,
-        paced: bool,
+        self, st: SessionState, data: bytes | memoryview, mode: int, timeout_ms: int
     ) -> Message | None:
-        """A Session's exchange (``paced``: :meth:`SessionState.paced`)."""
+        """A Session's exchange."""
+        t = st.tenant()
         lease = st.lease
-        st.check_size(len(data))
+        if t.max_message_bytes:
+            st.check_size(t, len(data))
         if mode == RECEIVE_BLOCK:
             timeout: float | None = None
             nonblocking = False
         else:
             timeout, nonblocking = receive_args(mode, timeout_ms)
         timeout = st.cap(timeout)
-        if paced:
+        if t.channel_ops_per_second:
             timeout = await self.guard.take_turn_within(
-                st.tenant(), "session", lease, self.drain, timeout, "Session",
-                nonblocking=nonblocking,
+                t, "session", lease, self.drain, timeout, "Session", nonblocking=nonblocking
             )
         return await self.leases.exchange(
             lease, data, timeout, nonblocking=nonblocking, abort=self.drain
         )
 
-    async def session_send(self, st: SessionState, data: bytes | memoryview, paced: bool) -> None:
+    async def session_send(self, st: SessionState, data: bytes | memoryview) -> None:
         """A Session's send."""
+        t = st.tenant()
         lease = st.lease
-        st.check_size(len(data))
-        if paced:
-            await self.guard.take_turn(
-                st.tenant(), "session", lease, self.drain, st.cap(None), "Session"
-            )
+        if t.max_message_bytes:
+            st.check_size(t, len(data))
+        if t.channel_ops_per_second:
+            await self.guard.take_turn(t, "session", lease, self.drain, st.cap(None), "Session")
         await self.leases.send(lease, data)
 
-    async def session_receive(
-        self, st: SessionState, mode: int, timeout_ms: int, paced: bool
-    ) -> Message | None:
+    async def session_receive(self, st: SessionState, mode: int, timeout_ms: int) -> Message | None:
         """A Session's receive."""
+        t = st.tenant()
         lease = st.lease
         timeout, nonblocking = receive_args(mode, timeout_ms)
         timeout = st.cap(timeout)
-        if paced:
+        if t.channel_ops_per_second:
             timeout = await self.guard.take_turn_within(
-                st.tenant(), "session", lease, self.drain, timeout, "Session",
-                nonblocking=nonblocking,
+                t, "session", lease, self.drain, timeout, "Session", nonblocking=nonblocking
             )
         return await self.leases.receive(lease, timeout, nonblocking=nonblocking, abort=self.drain)
 
-    async def session_pass(self, st: SessionState, paced: bool) -> None:
+    async def session_pass(self, st: SessionState) -> None:
         """A Session's pass."""
+        t = st.tenant()
         lease = st.lease
-        if paced:
-            await self.guard.take_turn(
-                st.tenant(), "session", lease, self.drain, st.cap(None), "Session"
-            )
+        if t.channel_ops_per_second:
+            await self.guard.take_turn(t, "session", lease, self.drain, st.cap(None), "Session")
         await self.leases.pass_(lease)
 
     async def session_failed(self, lease: Lease, exc: errors.KupError) -> None:
