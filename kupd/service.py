@@ -661,8 +661,9 @@ class KupService(kup_pb2_grpc.KupServicer):
     async def Watch(
         self, request: kup_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kup_pb2.WatchEvent]:
-        await self.guard.request_turn("watch", context.time_remaining(), self.drain, request.device)
         watches = self.watches
+        watches.raise_if_draining()  # before the turn: Shutdown wins over the pace
+        await self.guard.request_turn("watch", context.time_remaining(), self.drain, request.device)
         t = watches.start(request.device)
         retired = socket_retired()
         with watches.slot(t, request.device), waiting_on(retired, "Watch"):

@@ -171,12 +171,18 @@ class Watches:
         #: Watch streams open per tenant (bounded: WATCHES_PER_TENANT)
         self.open: dict[str, int] = {}
 
-    def start(self, device: str) -> Tenant:
-        """The caller's tenant, allowed to watch ``device`` ("" all)."""
-        from kupd.devices import device_arg
-
+    def raise_if_draining(self) -> None:
+        """Shutdown once kupd drains: the first check of a Watch, before
+        its turn under requests_per_second (a draining kupd says so, not
+        "retry later")."""
         if self.drain.done():
             raise errors.Shutdown("kupd is shutting down")
+
+    def start(self, device: str) -> Tenant:
+        """The caller's tenant, allowed to watch ``device`` ("" all); after
+        :meth:`raise_if_draining` and the request's turn."""
+        from kupd.devices import device_arg
+
         t = self.guard.caller()
         if device:
             device_arg(device)

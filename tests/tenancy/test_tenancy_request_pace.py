@@ -11,6 +11,8 @@ interval on either side of the last one admitted."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import tomllib
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -20,9 +22,11 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tenancy_helpers import DEVICES, OWNER, StartTenants, TenantKupd
+from tenancy_helpers import DEVICES, LOCKHOLD, OWNER, StartTenants, TenantKupd
 
 from kupapi import kup_pb2, kup_pb2_grpc
+from kupclient import Client
+from kupd.channel import Device
 from kupd.config import ConfigError, load_config, parse_config
 from kupd.testing import wait_until
 
@@ -188,6 +192,53 @@ def test_every_rpc_no_other_rate_covers_is_paced(
         assert [le.lease_id for le in adm.list_leases("cat")] == [lease.lease_id]
         kup.Release(kup_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=1)
         assert adm.list_leases("cat") == []
+
+
+def test_a_watch_opened_while_kupd_drains_is_told_so_before_its_pace(
+    start_tenants: StartTenants, stubs: dict[str, Any]
+) -> None:
+    """kupd drains (SIGTERM; ann's Call held by echo keeps the drain going)
+    and cat, her one request of the next 10 s spent, opens a Watch: it is
+    UNAVAILABLE, kupd shutting down -- the drain is checked before the
+    Watch's turn is waited for, as before the Watch's checks moved to
+    kupd.watch -- not RESOURCE_EXHAUSTED with a retry_after_ms that
+    invites a retry of a kupd going away, nor audited as cat's flood."""
+    k = start_tenants("drain_grace = 60\n" + DEVICES + PACED)
+    kup = stubs["stub"](k, "cat")
+    kup.ListDevices(kup_pb2.ListDevicesRequest(), timeout=30)  # her token
+    held: list[object] = []
+
+    def call() -> None:
+        try:
+            held.append(
+                stubs["stub"](k, "ann").Call(
+                    kup_pb2.CallRequest(device="echo", data=LOCKHOLD), timeout=60
+                )
+            )
+        except grpc.RpcError as exc:
+            held.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        with Client(k.admin_socket) as whole:
+            wait_until(lambda: whole.devices("echo")[0].calls_in_flight == 1, what="ann's Call")
+        k.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "kupd draining" in k.log(), what="the drain")
+        with pytest.raises(grpc.RpcError) as info:
+            next(kup.Watch(kup_pb2.WatchRequest(), timeout=30))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "kupd is shutting down" in (info.value.details() or ""), info.value.details()
+        assert _retry_after(info.value) is None
+        paced = [a for a in k.audit_lines() if a.get("rule") == "requests_per_second"]
+        assert paced == [], paced
+    finally:
+        # let ann's Call finish, straight on kupsim (kupd attaches nothing now)
+        with Device.open(k.sim.device_path("echo")) as dev, dev.channel() as free:
+            free.receive(timeout=30)
+            assert free.exchange(b"!lockfree", 30).data.lower() == b"!lockfree"
+        caller.join(60)
+    assert not caller.is_alive()
 
 
 def test_a_reload_changes_the_rate_live(start_tenants: StartTenants, stubs: dict[str, Any]) -> None:
