@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from tenancy_helpers import DEVICES, LOCKHOLD, TENANTS, StartTenants, TenantKupd
 
-from kupclient import Kind
+from kupclient import Client, Kind
 from kupd import errors
 from kupd.config import RELOADED_KEYS, RESTART_KEYS, Config, parse_config, reloaded
 from kupd.testing import (
@@ -253,28 +253,40 @@ def test_call_pool_limits(start_tenants: StartTenants) -> None:
             adm.reload()
         k.write_config(head.replace("600", "1") + "max_queued_calls = 1\n" + ONE_POOL_CHANNEL)
         assert hup_and_wait(k)["applied"] == ["max_queued_calls"]
-        results: list[BaseException | bytes] = []
+        results: dict[bytes, BaseException | bytes] = {}
 
-        def call(data: bytes, timeout: float) -> None:
+        def call(cl: Client, data: bytes) -> None:
             try:
-                results.append(c.call("echo", data, timeout=timeout).data)
+                results[data] = cl.call("echo", data, timeout=60).data
             except errors.KupError as exc:
-                results.append(exc)
+                results[data] = exc
 
-        hold = threading.Thread(target=call, args=(b"!hold", 20.0))
-        hold.start()
-        wait_until(lambda: c.open("echo").info().calls_in_flight == 1, what="the pool busy")
-        queued = threading.Thread(target=call, args=(b"queued", 60.0))
-        queued.start()
-        wait_until(lambda: c.open("echo").info().calls_queued == 1, what="one Call queued")
-        with pytest.raises(errors.ResourceExhausted, match="limit max_queued_calls=1"):
-            c.call("echo", b"one too many", timeout=30)
+        # the held Call is its own client's, so that the test ends it (closing
+        # that client: its caller gone) once the checks below are done, not
+        # after a deadline long enough for them on a loaded machine
+        holder = k.client("kupd")
+        try:
+            hold = threading.Thread(target=call, args=(holder, b"!hold"))
+            hold.start()
+            wait_until(lambda: c.open("echo").info().calls_in_flight == 1, what="the pool busy")
+            queued = threading.Thread(target=call, args=(c, b"queued"))
+            queued.start()
+            wait_until(lambda: c.open("echo").info().calls_queued == 1, what="one Call queued")
+            with pytest.raises(errors.ResourceExhausted, match="limit max_queued_calls=1"):
+                c.call("echo", b"one too many", timeout=30)
+        finally:
+            holder.close()
         hold.join(60)
         queued.join(60)
         assert not hold.is_alive() and not queued.is_alive()
-        # the held Call timed out; its channel was replaced and served the queued one
-        assert len(results) == 2 and isinstance(results[0], errors.DeadlineExceeded), results
-        assert isinstance(results[1], bytes) and results[1].lower() == b"queued", results
+        # the held Call was given up on; its channel, still owing the reply,
+        # was replaced after the reloaded 1 s and served the queued one
+        assert isinstance(results[b"!hold"], errors.InvalidArgument), results
+        assert "closed while the operation waited" in str(results[b"!hold"]), results
+        got = results[b"queued"]
+        assert isinstance(got, bytes) and got.lower() == b"queued", results
+        replaced = log_records(k, "pool channel replaced: its reply did not come")
+        assert [x["waited_s"] for x in replaced] == [1.0, 1.0], replaced
 
 
 def test_reattach_grace(start_tenants: StartTenants) -> None:
