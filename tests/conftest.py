@@ -15,6 +15,32 @@ import pytest
 
 from kupd.testing import REPO_ROOT, KupSim, kupsim
 
+#: Test directories run last, in this order: their tests wait for work that
+#: starts in the background when collection ends -- tests/cpp for clients/cpp's
+#: build (tests/cpp/conftest.py), tests/vm for the VM runs (tests/vm/
+#: conftest.py) -- and the later they come, the more of that work the rest of
+#: the session's tests, which mostly wait on deadlines and restarts, have
+#: run beside.  (tests/cpp's build, a minute or more, came right after
+#: tests/cli and was waited for; the VM runs, the longest, go last.)
+LAST = ("cpp", "vm")
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Move the tests of LAST's directories to the end (a stable sort: each
+    module's tests keep their order)."""
+    tests = Path(__file__).resolve().parent
+
+    def rank(item: pytest.Item) -> int:
+        try:
+            top = item.path.resolve().relative_to(tests).parts[0]
+        except ValueError:
+            return 0
+        return LAST.index(top) + 1 if top in LAST else 0
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
