@@ -9,10 +9,12 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from kupd.testing import REPO_ROOT, KupSim, kupsim
@@ -38,6 +40,7 @@ __all__ = [
     "REQ",
     "SANITIZER_MARKERS",
     "VARIANTS",
+    "VariantBuilds",
     "assert_clean",
     "build_variant",
     "sanitizer_env",
@@ -62,22 +65,108 @@ SANITIZER_MARKERS = (
 )
 
 
-def build_variant(variant: str) -> Path:
+#: Bound on one variant's build.
+BUILD_TIMEOUT = 600.0
+
+
+def build_variant(
+    variant: str, started: Callable[[subprocess.Popen[str]], object] | None = None
+) -> Path:
     """``make -C kmod <variant>``; returns the variant's output directory
-    (``kmod/out/<variant>``, or ``$KUP_KMOD_OUT/<variant>`` when set)."""
+    (``kmod/out/<variant>``, or ``$KUP_KMOD_OUT/<variant>`` when set).
+    ``started(proc)`` sees make once it runs (in a process group of its
+    own), for whoever may have to stop it."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown sanitizer variant {variant!r}; expected one of {VARIANTS}")
     base = Path(os.environ.get("KUP_KMOD_OUT") or KMOD / "out").resolve()
-    proc = subprocess.run(
+    with subprocess.Popen(
         ["nice", "make", "-s", "-C", str(KMOD), variant, f"VARIANT_BASE={base}"],
-        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
-    )
+        start_new_session=True,
+    ) as proc:
+        if started is not None:
+            started(proc)
+        try:
+            out, err = proc.communicate(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            raise AssertionError(
+                f"make -C kmod {variant}: not done in {BUILD_TIMEOUT:.0f} s"
+            ) from None
     if proc.returncode != 0:
-        raise AssertionError(f"make -C kmod {variant} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"make -C kmod {variant} failed:\n{out}\n{err}")
     return base / variant
+
+
+def stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to a build's process group (make deletes the target it was
+    writing), SIGKILL to what is left after 10 s; reaps make."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class VariantBuilds:
+    """The session's sanitizer builds, every variant in turn (asan first, as
+    the tests use them), in a thread of their own from the moment this is
+    made: tests/kmod/conftest.py starts them when collection ends, so they
+    run beside the tests before tests/kmod's, which mostly wait on
+    deadlines, instead of in the first kmod test's setup."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._stopped = False
+        self._done = {v: threading.Event() for v in VARIANTS}
+        self._result: dict[str, Path | str] = {}
+        self._thread = threading.Thread(target=self._run, name="kmod-variants", daemon=True)
+        self._thread.start()
+
+    def _started(self, proc: subprocess.Popen[str]) -> None:
+        with self._lock:
+            self._proc = proc
+            stopped = self._stopped
+        if stopped:
+            stop_group(proc)
+
+    def _run(self) -> None:
+        for v in VARIANTS:
+            try:
+                with self._lock:
+                    if self._stopped:
+                        raise RuntimeError("the test session ended before it started")
+                self._result[v] = build_variant(v, self._started)
+            except Exception as exc:  # reported by each test that needs the build
+                self._result[v] = f"building the {v} variant failed: {exc}"
+            finally:
+                self._done[v].set()
+
+    def wait(self, variant: str) -> Path:
+        """The variant's output directory, once built; AssertionError with
+        make's output if the build failed."""
+        self._done[variant].wait()
+        got = self._result[variant]
+        if isinstance(got, str):
+            raise AssertionError(got)
+        return got
+
+    def close(self) -> None:
+        """Stop what still builds (the session's end) and refuse the rest."""
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            stop_group(proc)
+        self._thread.join()
 
 
 def sanitizer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
