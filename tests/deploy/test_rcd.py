@@ -926,7 +926,10 @@ def test_status_while_daemon_waits_to_restart_kupd(supervised: RcEnv) -> None:
     assert f"kupd is restarting (daemon pid {sup})" in res.stdout, res.stdout
     assert "5 s after it exited" in res.stdout, res.stdout
     assert "not running" not in res.stdout, res.stdout
-    _wait(lambda: _alive(_pid_in(rc.pidfile)) and _pid_in(rc.pidfile) != first,
+    # until the pid file names a process that runs kupd -- what status (rc.subr's
+    # check_pidfile) looks for: daemon(8) writes the child's pid before the
+    # child has exec'd kupd, and a status in between still says restarting
+    _wait(lambda: _pid_in(rc.pidfile) not in (0, first) and _pid_in(rc.pidfile) in _kupds(rc),
           "daemon(8) to start kupd again")  # fmt: skip
     again = _pid_in(rc.pidfile)
     res = rc.run("status")
