@@ -37,8 +37,9 @@ call_channels = 1
 [[tenant]]
 name = "alice"
 socket = "@DIR@/alice.sock"
-max_sessions = 4          # with max_message_bytes: no advisory of what
-max_message_bytes = 4096  # unfinished requests may hold, only the pool's
+max_sessions = 4          # with max_message_bytes and max_calls_in_flight:
+max_message_bytes = 4096  # no advisory of what unfinished requests may
+max_calls_in_flight = 64  # hold (kupd.tenants.held_bound), only the pool's
 [[tenant.grant]]
 device = "echo"
 """
@@ -52,8 +53,9 @@ BOB = (
 [[tenant]]
 name = "bob"
 socket = "@DIR@/bob.sock"
-max_sessions = 4          # with max_message_bytes: no advisory of what
-max_message_bytes = 4096  # unfinished requests may hold, only the pool's
+max_sessions = 4          # with max_message_bytes and max_calls_in_flight:
+max_message_bytes = 4096  # no advisory of what unfinished requests may
+max_calls_in_flight = 64  # hold (kupd.tenants.held_bound), only the pool's
 [[tenant.grant]]
 device = "echo"
 """
