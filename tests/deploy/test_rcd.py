@@ -727,9 +727,13 @@ def _supervisor(rc: RcEnv) -> int:
 
 
 def _running(rc: RcEnv) -> tuple[int, int]:
-    """(kupd, daemon(8)) once both pid files name a live process (start
-    returns before, with kupd_start_check=0)."""
-    _wait(lambda: _alive(_pid_in(rc.pidfile)) and _alive(_supervisor(rc)), "kupd to run")
+    """(kupd, daemon(8)) once both pid files name a live process, kupd's one
+    that runs kupd already (start returns before, with kupd_start_check=0;
+    daemon(8) writes the child's pid before the child has exec'd kupd, and
+    rc.subr's status looks for kupd in that process)."""
+    _wait(
+        lambda: _alive(_supervisor(rc)) and _pid_in(rc.pidfile) in _kupds(rc), "kupd to run"
+    )
     return _pid_in(rc.pidfile), _supervisor(rc)
 
 
