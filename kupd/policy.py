@@ -878,7 +878,8 @@ class Guard:
         """Wait for the turn of the request being served (an RPC of ``op``,
         on ``device`` if it names one) under its tenant's requests_per_second:
         the hook every RPC no other rate covers starts with (ListDevices,
-        Attach, Release, opening a Session or a Watch, the health service's).
+        Attach, opening a Session or a Watch, the health service's; not
+        Release, which gives back).
 
         Why pace and not refuse: refusing a request costs kupd about what
         serving it does, while one that waits for its turn costs nothing
@@ -890,9 +891,12 @@ class Guard:
         retry_after_ms.  The wait ends early, the request not served, when
         kupd drains (``drain``) or a reload retires the request's socket;
         then, or when the RPC is cancelled, its slot is given back
-        (:meth:`turn_over`)."""
+        (:meth:`turn_over`).  While kupd drains nothing is paced: the
+        request's own handler answers it (an attach: kupd shutting down), where
+        the pace would refuse it with a retry hint for a kupd about to be
+        gone, audited as the tenant's flood; a drain lasts drain_grace."""
         t = self.caller()
-        if not t.requests_per_second:
+        if not t.requests_per_second or drain.done():
             return
         wait = self.pace(t, op, device, None, limit, REQUESTS)
         if wait <= 0.0:

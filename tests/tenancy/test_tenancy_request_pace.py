@@ -203,7 +203,9 @@ def test_a_watch_opened_while_kupd_drains_is_told_so_before_its_pace(
     UNAVAILABLE, kupd shutting down -- the drain is checked before the
     Watch's turn is waited for, as before the Watch's checks moved to
     kupd.watch -- not RESOURCE_EXHAUSTED with a retry_after_ms that
-    invites a retry of a kupd going away, nor audited as cat's flood."""
+    invites a retry of a kupd going away, nor audited as cat's flood.  So
+    are her Attach and the attach of a Session, and her ListDevices is
+    answered: nothing is paced while kupd drains."""
     k = start_tenants("drain_grace = 60\n" + DEVICES + PACED)
     kup = stubs["stub"](k, "cat")
     kup.ListDevices(kup_pb2.ListDevicesRequest(), timeout=30)  # her token
@@ -226,11 +228,23 @@ def test_a_watch_opened_while_kupd_drains_is_told_so_before_its_pace(
             wait_until(lambda: whole.devices("echo")[0].calls_in_flight == 1, what="ann's Call")
         k.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "kupd draining" in k.log(), what="the drain")
-        with pytest.raises(grpc.RpcError) as info:
-            next(kup.Watch(kup_pb2.WatchRequest(), timeout=30))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-        assert "kupd is shutting down" in (info.value.details() or ""), info.value.details()
-        assert _retry_after(info.value) is None
+        tries: dict[str, Any] = {
+            "Watch": lambda: next(kup.Watch(kup_pb2.WatchRequest(), timeout=30)),
+            "Attach": lambda: kup.Attach(kup_pb2.AttachRequest(device="echo"), timeout=30),
+            "Session": lambda: next(
+                kup.Session(
+                    iter([kup_pb2.SessionRequest(attach=kup_pb2.SessionAttach(device="echo"))]),
+                    timeout=30,
+                )
+            ),
+        }
+        for name, rpc in tries.items():
+            with pytest.raises(grpc.RpcError) as info:
+                rpc()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (name, info.value.details())
+            assert "kupd is shutting down" in (info.value.details() or ""), name
+            assert _retry_after(info.value) is None, name
+        assert kup.ListDevices(kup_pb2.ListDevicesRequest(), timeout=30).devices
         paced = [a for a in k.audit_lines() if a.get("rule") == "requests_per_second"]
         assert paced == [], paced
     finally:
