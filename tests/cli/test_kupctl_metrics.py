@@ -210,6 +210,21 @@ def test_kupctl_stats_over_the_admin_socket(kupd_admin: tuple[Kupd, str]) -> Non
     ]
 
 
+def test_kupctl_stats_without_tenants(kupd_admin: tuple[Kupd, str]) -> None:
+    """A kupd without [[tenant]] tables: its only tenant is "default" (and
+    the admin socket's "admin", which is none): no TENANT table, one line
+    that says so, and no rows in --json, from either source."""
+    k, admin = kupd_admin
+    _kupctl(k, "call", "echo", "no tenants")
+    for source in (["--admin-socket", admin], ["--metrics", k.metrics_url]):
+        p = _kupctl(k, "stats", *source)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[-1] == "no tenants", p.stdout
+        assert "TENANT" not in p.stdout, p.stdout
+        doc = json.loads(_kupctl(k, "--json", "stats", *source).stdout)
+        assert doc["tenants"] == [], doc
+
+
 def test_kupctl_stats_one_source_only(kupd_admin: tuple[Kupd, str]) -> None:
     k, admin = kupd_admin
     for extra in (["--admin"], ["--admin-socket", admin]):

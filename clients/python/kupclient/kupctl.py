@@ -806,13 +806,38 @@ _DEVICE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def summarize_metrics(text: str) -> dict[str, Any]:
-    """Group kupd's metrics by device and channel.
+#: Per-tenant columns of ``kupctl stats`` summed from one family each:
+#: (column, metric family, label filter).  Denials (by rule) and
+#: connections (of a max) are gathered apart.
+_TENANT_COLUMNS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("sessions", "kupd_tenant_leases", {"holder": "session"}),
+    ("leases", "kupd_tenant_leases", {"holder": "lease"}),
+    ("calls_in_flight", "kupd_tenant_calls_in_flight", {}),
+    ("ops_paced", "kupd_tenant_paced", {}),
+    ("ops_paced_seconds", "kupd_tenant_paced_seconds", {}),
+    ("requests_paced", "kupd_tenant_requests_paced", {}),
+    ("requests_paced_seconds", "kupd_tenant_requests_paced_seconds", {}),
+)
+#: The families that name kupd's tenants (those above, and these).
+_TENANT_FAMILIES = frozenset(
+    {name for _, name, _ in _TENANT_COLUMNS}
+    | {"kupd_tenant_denials", "kupd_connections", "kupd_connections_max"}
+)
+#: Tenant labels that are no [[tenant]]: the plain socket's "default" (a
+#: kupd without tenants has only it) and the admin socket's "admin"
+#: (kupd_connections counts kupctl's own connection there).
+_DEFAULT_TENANT, _ADMIN_TENANT = "default", "admin"
 
-    Returns ``{"channels": [...], "devices": [...], "errors": [...]}``: one
-    row per (device, channel) with message/byte/error counters, one per
-    device with sessions/leases/queued calls/calls, and errors by code.
-    Metric families kupd does not export are simply absent (zero).
+
+def summarize_metrics(text: str) -> dict[str, Any]:
+    """Group kupd's metrics by device and channel, and by tenant.
+
+    Returns ``{"channels": [...], "devices": [...], "errors": [...],
+    "tenants": [...]}``: one row per (device, channel) with message/byte/
+    error counters, one per device with sessions/leases/queued calls/calls,
+    errors by code, and one row per tenant (:func:`_tenant_rows`; none on a
+    kupd without tenants).  Metric families kupd does not export are simply
+    absent (zero).
     """
     samples: list[tuple[str, dict[str, str], float]] = []
     for family in text_string_to_metric_families(text):
@@ -845,6 +870,7 @@ def summarize_metrics(text: str) -> dict[str, Any]:
 
     chan_cols = [c for c, _, _ in _CHANNEL_COLUMNS]
     return {
+        "tenants": _tenant_rows(samples),
         "channels": [
             {"device": d, "channel": ch, **{c: num(row.get(c, 0.0)) for c in chan_cols}}
             for (d, ch), row in sorted(channels.items(), key=lambda kv: (kv[0][0], _ckey(kv[0][1])))
@@ -859,6 +885,94 @@ def summarize_metrics(text: str) -> dict[str, Any]:
             if v
         ],
     }
+
+
+def _num(v: float) -> int | float:
+    return int(v) if v == int(v) else v
+
+
+def _tenant_rows(samples: Iterable[tuple[str, dict[str, str], float]]) -> list[dict[str, Any]]:
+    """One row per tenant the metrics name, by name: its open Sessions and
+    leases, Calls in flight, connections on its socket (``connections_max``:
+    its max_connections, None when it has none), denials (the total, and
+    ``denials_by_rule``) and what its rates paced (channel operations under
+    channel_ops_per_second, requests under requests_per_second: how many,
+    and the seconds they waited).  The admin socket's "admin" is no tenant;
+    a kupd whose only tenant is "default" (no [[tenant]] tables) has no
+    rows: the question "which tenant is limited" does not arise there."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(tenant: str) -> dict[str, Any]:
+        if tenant not in rows:
+            rows[tenant] = {
+                **{c: 0.0 for c, _, _ in _TENANT_COLUMNS},
+                "connections": 0.0,
+                "connections_max": None,
+                "denials_by_rule": {},
+            }
+        return rows[tenant]
+
+    for fam, labels, value in samples:
+        tenant = labels.get("tenant")
+        if fam not in _TENANT_FAMILIES or tenant is None or tenant == _ADMIN_TENANT:
+            continue
+        r = row(tenant)
+        for col, name, match in _TENANT_COLUMNS:
+            if fam == name and all(labels.get(k) == v for k, v in match.items()):
+                r[col] += value
+        if fam == "kupd_tenant_denials":
+            rule = labels.get("rule", "")
+            r["denials_by_rule"][rule] = r["denials_by_rule"].get(rule, 0.0) + value
+        elif fam == "kupd_connections":
+            r["connections"] += value
+        elif fam == "kupd_connections_max":
+            r["connections_max"] = value
+    if set(rows) <= {_DEFAULT_TENANT}:
+        return []
+    out: list[dict[str, Any]] = []
+    for tenant, r in sorted(rows.items()):
+        by_rule = {rule: _num(n) for rule, n in r.pop("denials_by_rule").items() if n}
+        cap = r.pop("connections_max")
+        out.append({
+            "tenant": tenant,
+            **{c: _num(v) for c, v in r.items()},
+            "connections_max": None if cap is None else _num(cap),
+            "denials": _num(sum(by_rule.values())),
+            "denials_by_rule": by_rule,
+        })  # fmt: skip
+    return out
+
+
+def _denied_by(by_rule: dict[str, int | float]) -> str:
+    """``rule=N,...``, the rule that refused most first ("-": none)."""
+    ranked = sorted(by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ",".join(f"{rule}={n}" for rule, n in ranked) or "-"
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.3f}" if v else "0"
+
+
+def tenant_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``kupctl stats``'s TENANT table of :func:`_tenant_rows`' rows."""
+    return table(
+        [
+            "TENANT", "SESSIONS", "LEASES", "CALLS_IN_FLIGHT", "CONNECTIONS", "DENIALS",
+            "DENIED_BY", "OPS_PACED", "OPS_PACED_S", "REQUESTS_PACED", "REQUESTS_PACED_S",
+        ],
+        [
+            (
+                r["tenant"], r["sessions"], r["leases"], r["calls_in_flight"],
+                f"{r['connections']}/{r['connections_max']}"
+                if r["connections_max"] is not None
+                else r["connections"],
+                r["denials"], _denied_by(r["denials_by_rule"]),
+                r["ops_paced"], _seconds(r["ops_paced_seconds"]),
+                r["requests_paced"], _seconds(r["requests_paced_seconds"]),
+            )
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def _ckey(chan: str) -> tuple[int, str]:
@@ -997,6 +1111,8 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
         )
     else:
         out.line("no errors")
+    out.line("")
+    out.line(tenant_table(summary["tenants"]) if summary["tenants"] else "no tenants")
     return EXIT_OK
 
 
