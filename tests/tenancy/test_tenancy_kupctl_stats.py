@@ -2,9 +2,11 @@
 which rule, read from kupd's per-tenant metrics -- over the admin socket
 and from the metrics endpoint, as text and as --json.
 
-A real kupd with two tenants: ann is paced (requests_per_second) and
+A real kupd with three tenants: ann is paced (requests_per_second) and
 refused (a device not granted to her, a request that would wait beyond
-kupd's pace limit); ben does nothing that is limited.
+kupd's pace limit); cid holds a Session and a lease, and her Session's
+operations are paced (channel_ops_per_second: one each 2 s, after a burst
+of one); ben does nothing that is limited.
 
 The counts hold whatever the machine's speed: at 0.2 requests a second
 ann's second request waits its ~5 s turn (not more: paced, served) and
@@ -36,6 +38,15 @@ max_connections = 4
 [[tenant.grant]]
 device = "echo"
 channels = "4-7"
+
+[[tenant]]
+name = "cid"
+socket = "@DIR@/cid.sock"
+owner = {OWNER}
+channel_ops_per_second = 0.5
+[[tenant.grant]]
+device = "echo"
+channels = "12-15"
 
 [[tenant]]
 name = "ben"
@@ -111,8 +122,21 @@ def test_stats_shows_who_is_limited(start_tenants: StartTenants) -> None:
     url = f"http://127.0.0.1:{ports[-1]}/metrics"
     _limit_ann(k)
 
+    with k.client("cid") as c, c.open("echo").channel(12) as ch:
+        lease = c.attach("echo", 13)
+        ch.receive(timeout=30)  # the burst
+        assert ch.exchange(b"cid's", timeout=30).data == b"cid's"  # waits its turn
+        _check(k, url)
+        c.release(lease.lease_id)
+
+
+def _check(k: TenantKupd, url: str) -> None:
     rows = _tenant_table(_stats("--admin-socket", k.admin_socket))
-    assert set(rows) == {"ann", "ben"}, rows  # the admin socket's "admin" is no tenant
+    assert set(rows) == {"ann", "ben", "cid"}, rows  # the admin socket's "admin" is no tenant
+    cid = rows["cid"]
+    assert (cid["SESSIONS"], cid["LEASES"], cid["DENIALS"]) == ("1", "1", "0"), cid
+    assert int(cid["OPS_PACED"]) >= 1 and float(cid["OPS_PACED_S"]) > 0, cid
+    assert (cid["REQUESTS_PACED"], cid["REQUESTS_PACED_S"]) == ("0", "0"), cid
     ann, ben = rows["ann"], rows["ben"]
     assert ann["DENIALS"] == "2", ann
     assert set(ann["DENIED_BY"].split(",")) == {"grant=1", "requests_per_second=1"}, ann
@@ -127,7 +151,10 @@ def test_stats_shows_who_is_limited(start_tenants: StartTenants) -> None:
     for source in (["--admin-socket", k.admin_socket], ["--metrics", url]):
         doc = json.loads(_stats("--json", *source))
         by_name = {r["tenant"]: r for r in doc["tenants"]}
-        assert set(by_name) == {"ann", "ben"}, doc["tenants"]
+        assert set(by_name) == {"ann", "ben", "cid"}, doc["tenants"]
+        c = by_name["cid"]
+        assert (c["sessions"], c["leases"], c["requests_paced"]) == (1, 1, 0), c
+        assert c["ops_paced"] >= 1 and c["ops_paced_seconds"] > 0, c
         a = by_name["ann"]
         assert a["denials"] == 2, a
         assert a["denials_by_rule"] == {"grant": 1, "requests_per_second": 1}, a
@@ -140,6 +167,6 @@ def test_stats_shows_who_is_limited(start_tenants: StartTenants) -> None:
             "requests_paced_seconds": 0,
         }, by_name["ben"]  # fmt: skip
     # the endpoint's text has the same table
-    assert set(_tenant_table(_stats("--metrics", url))) == {"ann", "ben"}
+    assert set(_tenant_table(_stats("--metrics", url))) == {"ann", "ben", "cid"}
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert b'kupd_tenant_requests_paced_total{tenant="ann"} 1.0' in resp.read()
