@@ -865,22 +865,19 @@ def summarize_metrics(text: str) -> dict[str, Any]:
             key = (dev, chan, labels.get("code", ""))
             errors[key] = errors.get(key, 0.0) + value
 
-    def num(v: float) -> int | float:
-        return int(v) if v == int(v) else v
-
     chan_cols = [c for c, _, _ in _CHANNEL_COLUMNS]
     return {
         "tenants": _tenant_rows(samples),
         "channels": [
-            {"device": d, "channel": ch, **{c: num(row.get(c, 0.0)) for c in chan_cols}}
+            {"device": d, "channel": ch, **{c: _num(row.get(c, 0.0)) for c in chan_cols}}
             for (d, ch), row in sorted(channels.items(), key=lambda kv: (kv[0][0], _ckey(kv[0][1])))
         ],
         "devices": [
-            {"device": d, **{c: num(row.get(c, 0.0)) for c, _ in _DEVICE_COLUMNS}}
+            {"device": d, **{c: _num(row.get(c, 0.0)) for c, _ in _DEVICE_COLUMNS}}
             for d, row in sorted(devices.items())
         ],
         "errors": [
-            {"device": d, "channel": ch, "code": code, "count": num(v)}
+            {"device": d, "channel": ch, "code": code, "count": _num(v)}
             for (d, ch, code), v in sorted(errors.items())
             if v
         ],
@@ -888,6 +885,7 @@ def summarize_metrics(text: str) -> dict[str, Any]:
 
 
 def _num(v: float) -> int | float:
+    """A metric's value as JSON shows it: a whole number as an int."""
     return int(v) if v == int(v) else v
 
 
