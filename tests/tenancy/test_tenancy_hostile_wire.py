@@ -239,6 +239,30 @@ def test_a_flood_of_reset_calls_leaves_nothing_behind(start_tenants: StartTenant
 HELD_RPCS = 3000
 
 
+def _held_growth(k: TenantKupd, extra: list[tuple[str, str]] | None = None) -> int:
+    """How many bytes kupd's RSS grew by while HELD_RPCS RPCs were opened
+    on one connection of tenant other's with their headers (and ``extra``
+    metadata) alone, and never a request: what a hostile tenant spends."""
+    pid = k.proc.pid
+    raw = H2Conn(k.sock("other"))
+    try:
+        with k.client("other") as c:  # kupd's first RPC on the socket is behind it
+            assert [d.name for d in c.devices()] == ["echo"]
+        before = _status(pid, "VmRSS")
+        for _ in range(HELD_RPCS):
+            raw.grpc_open("/kup.v1.Kup/ListDevices", extra)
+        # one whole request after them on the same connection: once it is
+        # answered, gRPC has taken every RPC before it
+        last = raw.grpc_request(
+            "/kup.v1.Kup/ListDevices", kup_pb2.ListDevicesRequest().SerializeToString()
+        )
+        wait_until(lambda: raw.ended(last), timeout=120, what="the request after the held RPCs")
+        assert not any(raw.ended(s) for s in range(1, 2 * HELD_RPCS, 2)), "RPCs refused"
+        return (_status(pid, "VmRSS") - before) * 1024
+    finally:
+        raw.close()
+
+
 def test_an_rpc_held_open_costs_kupd_what_the_advisory_counts(
     start_tenants: StartTenants,
 ) -> None:
@@ -247,25 +271,7 @@ def test_an_rpc_held_open_costs_kupd_what_the_advisory_counts(
     allocator): the figure kupd's advisory multiplies by the socket's RPC
     cap.  Measured as a hostile tenant would spend it: thousands of RPCs
     on one connection, headers and never a request."""
-    k = start_tenants(BODY)
-    pid = k.proc.pid
-    raw = H2Conn(k.sock("other"))
-    try:
-        with k.client("other") as c:  # kupd's first RPC on the socket is behind it
-            assert [d.name for d in c.devices()] == ["echo"]
-        before = _status(pid, "VmRSS")
-        for _ in range(HELD_RPCS):
-            raw.grpc_open("/kup.v1.Kup/ListDevices")
-        # one whole request after them on the same connection: once it is
-        # answered, gRPC has taken every RPC before it
-        last = raw.grpc_request(
-            "/kup.v1.Kup/ListDevices", kup_pb2.ListDevicesRequest().SerializeToString()
-        )
-        wait_until(lambda: raw.ended(last), timeout=120, what="the request after the held RPCs")
-        assert not any(raw.ended(s) for s in range(1, 2 * HELD_RPCS, 2)), "RPCs refused"
-        grown = (_status(pid, "VmRSS") - before) * 1024
-    finally:
-        raw.close()
+    grown = _held_growth(start_tenants(BODY))
     assert grown <= HELD_RPCS * RPC_HELD_BYTES * 3 // 2, (
         f"{HELD_RPCS} RPCs held open grew kupd by {grown // HELD_RPCS} bytes each: "
         f"more than RPC_HELD_BYTES={RPC_HELD_BYTES} counts"
@@ -293,24 +299,7 @@ def test_an_rpc_held_open_with_metadata_costs_kupd_what_the_advisory_counts(
     metadata each held 29 KiB each: more than kupd's advisory counted.
     Here without the allocator margin of the test above: what a tenant
     chooses to send must be counted whole."""
-    k = start_tenants(BODY)
-    pid = k.proc.pid
-    raw = H2Conn(k.sock("other"))
-    try:
-        with k.client("other") as c:  # kupd's first RPC on the socket is behind it
-            assert [d.name for d in c.devices()] == ["echo"]
-        before = _status(pid, "VmRSS")
-        extra = _metadata(HELD_METADATA)
-        for _ in range(HELD_RPCS):
-            raw.grpc_open("/kup.v1.Kup/ListDevices", extra)
-        last = raw.grpc_request(
-            "/kup.v1.Kup/ListDevices", kup_pb2.ListDevicesRequest().SerializeToString()
-        )
-        wait_until(lambda: raw.ended(last), timeout=120, what="the request after the held RPCs")
-        assert not any(raw.ended(s) for s in range(1, 2 * HELD_RPCS, 2)), "RPCs refused"
-        grown = (_status(pid, "VmRSS") - before) * 1024
-    finally:
-        raw.close()
+    grown = _held_growth(start_tenants(BODY), _metadata(HELD_METADATA))
     assert grown <= HELD_RPCS * RPC_HELD_BYTES, (
         f"{HELD_RPCS} RPCs held open with {HELD_METADATA} bytes of metadata grew kupd by "
         f"{grown // HELD_RPCS} bytes each: more than RPC_HELD_BYTES={RPC_HELD_BYTES} counts"
